@@ -1,0 +1,148 @@
+"""Capture a causal LM as one FX graph over a flat list of tokens.
+
+    graph(input_ids[T], position_ids[T], logits_indices[N]) -> logits[N, vocab]
+
+T tokens from any number of sequences, concatenated; only attention needs to know where sequences start,
+and it learns that from the metadata that `insert_paged_attention` adds. Logits are computed only for the
+N tokens that need them (hidden states are gathered before the LM head).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch import nn
+
+from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
+from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
+
+GRAPH_INPUTS = ("input_ids", "position_ids", "logits_indices")
+
+
+@dataclass
+class CapturedModel:
+    gm: torch.fx.GraphModule  # plain positional signature: GRAPH_INPUTS, weights as its parameters
+    architecture: str
+    num_layers: int | None  # None for non-HF modules
+    vocab_size: int
+    seconds: float
+
+
+class FlatTokenForward(nn.Module):
+    """Adapts a `[batch, seq]` causal LM to flat tokens: batch 1, explicit positions, selected logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.selects_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids, position_ids, logits_indices):  # [T], [T], [N] -> [N, V]
+        kwargs = {"input_ids": input_ids[None], "position_ids": position_ids[None]}
+        if self.selects_logits:  # HF: gather hidden states before the LM head
+            out = self.model(**kwargs, use_cache=False, logits_to_keep=logits_indices)
+            return out.logits[0]
+        out = self.model(**kwargs)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits[0, logits_indices]
+
+
+def architecture_name(model: nn.Module) -> str:
+    architectures = getattr(getattr(model, "config", None), "architectures", None)
+    return architectures[0] if architectures else type(model).__name__
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise ValueError unless `model` is a decoder-only causal LM we can call with flat tokens."""
+    name = type(model).__name__
+    try:
+        from transformers import PreTrainedModel
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = (), {}
+    if isinstance(model, PreTrainedModel):
+        causal_lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        if getattr(model.config, "is_encoder_decoder", False) or (
+            name not in causal_lm_classes and not name.endswith("ForCausalLM")
+        ):
+            raise ValueError(
+                f"{name} is not a causal language model: compile_model needs a decoder-only *ForCausalLM "
+                "model (e.g. AutoModelForCausalLM.from_pretrained(...))"
+            )
+        return
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module causal LM, got {type(model).__name__}")
+    params = inspect.signature(model.forward).parameters
+    if not {"input_ids", "position_ids"} <= params.keys():
+        raise ValueError(
+            f"{name}.forward must accept `input_ids` and `position_ids` ([batch, seq] each) and return logits "
+            f"to be captured; it takes {list(params)}"
+        )
+
+
+def _culprit(error: BaseException) -> str:
+    """The innermost model module (and source line) the traceback passes through."""
+    for frame, lineno in reversed(list(traceback.walk_tb(error.__traceback__))):
+        module = frame.f_locals.get("self")
+        if isinstance(module, nn.Module) and not isinstance(module, (FlatTokenForward, torch.fx.GraphModule)):
+            where = f"{Path(frame.f_code.co_filename).name}:{lineno}"
+            return f"{type(module).__name__}.{frame.f_code.co_name} ({where})"
+    return "the model's forward"
+
+
+def _plain_graph_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A plain GraphModule over the exported graph, without export's pytree wrapping, input-checking
+    hooks and guard module: passes add inputs, and the runner calls it positionally."""
+    graph = exported.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = torch.fx.graph.CodeGen()
+    return torch.fx.GraphModule(exported, graph)  # shares the model's parameters, copies nothing
+
+
+def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel:
+    """Export `model` (a causal LM) into one aten-level FX graph with flat, dynamic token inputs."""
+    check_causal_lm(model)
+    arch = architecture_name(model)
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    tokens = torch.export.Dim("tokens", min=1, max=max_num_tokens)
+    num_logits = torch.export.Dim("num_logits", min=1, max=max_num_tokens)
+    # 3 tokens, 2 logits: sizes 0 and 1 would be specialized by export.
+    example = (torch.tensor([1, 2, 3], device=device), torch.arange(3, device=device), torch.tensor([1, 2], device=device))
+    was_training = model.training
+    model.eval()
+    try:
+        with route_attention_to_canonical_op(model), torch.no_grad():
+            program = torch.export.export(
+                FlatTokenForward(model), example, dynamic_shapes=({0: tokens}, {0: tokens}, {0: num_logits}), strict=False
+            )
+    except CaptureError as error:
+        raise CaptureError(f"cannot capture {arch}: {error}") from error
+    except Exception as error:  # torch.export reports many kinds; name the module that failed
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CaptureError(
+            f"cannot capture {arch}: torch.export failed in {_culprit(error)}: {type(error).__name__}: {first_line}"
+        ) from error
+    finally:
+        model.train(was_training)
+
+    gm = _plain_graph_module(program.module())
+    sites = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    if num_layers is not None and sites != num_layers:
+        raise CaptureError(
+            f"cannot capture {arch}: found {sites} attention calls for {num_layers} layers; its attention does not "
+            "go through transformers' AttentionInterface"
+        )
+    output = next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0][0]
+    vocab_size = int(output.meta["val"].shape[-1])
+    return CapturedModel(gm, arch, num_layers, vocab_size, time.perf_counter() - start)

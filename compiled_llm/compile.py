@@ -1,0 +1,31 @@
+"""Compile the rewritten graph: TorchInductor with the custom ops opaque, one graph for every step shape."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from compiled_llm.runtime.model_runner import STEP_INPUTS
+
+
+def _mark_unbacked(tensor: torch.Tensor) -> None:
+    # Unbacked, not merely dynamic: a dynamic size would still be specialized at 0 and 1, so a batch-1
+    # decode step (one token, one sequence, one logit) would compile a second graph.
+    torch._dynamo.decorators.mark_unbacked(tensor, 0)
+
+
+class CompiledGraph:
+    """Calls the graph with inputs by name; compiled once, at the first call, for every token count."""
+
+    def __init__(self, gm: torch.fx.GraphModule, backend: str):
+        self.gm = gm
+        self.backend = backend
+        self.input_names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
+        self._fn = torch.compile(gm, backend="inductor", fullgraph=True) if backend == "inductor" else gm
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.backend == "inductor":
+            for name in STEP_INPUTS:
+                _mark_unbacked(inputs[name])
+        with torch.no_grad():
+            return self._fn(*(inputs[name] for name in self.input_names))[0]

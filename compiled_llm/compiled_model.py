@@ -1,0 +1,212 @@
+"""`compile_model()` and `CompiledModel`: a drop-in, compiled replacement for an HF causal LM's forward and
+`generate`, running over a paged KV cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from compiled_llm.capture import capture_model
+from compiled_llm.compile import CompiledGraph
+from compiled_llm.config import CompileConfig
+from compiled_llm.generation import GenerationSettings
+from compiled_llm.prompt_batch import PromptBatch
+from compiled_llm.report import CompileReport
+from compiled_llm.runtime import ModelRunner, PagedKVCache, ScheduledChunk, Sequence, default_num_kv_blocks
+from compiled_llm.sampling import next_tokens
+from fx_passes import run_passes
+
+log = logging.getLogger("compiled_llm")
+
+
+def compile_model(model: nn.Module, config: CompileConfig | None = None, **fields) -> CompiledModel:
+    """Capture, rewrite and compile a causal LM. Keyword arguments are `CompileConfig` fields.
+
+    Example:
+        >>> cm = compile_model(hf_model, max_batch_size=8)
+        >>> cm(input_ids).logits          # [batch, seq, vocab], as hf_model(input_ids, use_cache=False)
+        >>> cm.generate(input_ids, max_new_tokens=32)
+        >>> print(cm.report)
+    """
+    if config is not None and fields:
+        raise ValueError("pass either config=CompileConfig(...) or its fields as keyword arguments, not both")
+    return CompiledModel(model, config or CompileConfig(**fields))
+
+
+class CompiledModel:
+    def __init__(self, model: nn.Module, config: CompileConfig):
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        timings = {}
+        with tqdm(total=3, desc="compile_model", unit="stage", leave=False) as progress:
+            progress.set_postfix_str("capturing")
+            captured = capture_model(model, config.max_num_tokens)
+            timings["capture_s"] = captured.seconds
+            progress.update()
+
+            progress.set_postfix_str("rewriting")
+            start = time.perf_counter()
+            pass_results = run_passes(captured.gm, config)
+            timings["passes_s"] = time.perf_counter() - start
+            progress.update()
+
+            layers = captured.gm.meta["paged_attention"]
+            self.vocab_size = captured.vocab_size
+            self.max_seq_len = config.max_seq_len or _model_max_len(model)
+            num_blocks = config.num_kv_blocks or default_num_kv_blocks(
+                layers, config.block_size, config.max_batch_size, self.max_seq_len,
+                config.kv_cache_memory_fraction, self.device,
+            )  # fmt: skip
+            kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device)
+            self.runner = ModelRunner(CompiledGraph(captured.gm, config.compile_backend), kv_cache, self.max_seq_len, self.device)
+
+            progress.set_postfix_str(f"compiling ({config.compile_backend})")
+            start = time.perf_counter()
+            self._warm_up()
+            timings["compile_s"] = time.perf_counter() - start
+            progress.update()
+
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.report = CompileReport(
+            architecture=captured.architecture,
+            device=str(self.device),
+            dtype=dtype,
+            compile_backend=config.compile_backend,
+            passes=pass_results,
+            attention=layers,
+            kv_cache=f"{len(layers)} layers x {num_blocks} blocks x {config.block_size} tokens "
+            f"({kv_cache.nbytes / 2**20:.1f} MiB), max_seq_len {self.max_seq_len}",
+            timings=timings,
+        )
+        log.info("compiled %s:\n%s", captured.architecture, self.report)
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The rewritten graph (before Inductor)."""
+        return self.runner.graph.gm
+
+    def _warm_up(self) -> None:
+        # Compiles the graph now, so that compile time is reported apart from the first request's latency.
+        seq = Sequence([0, 0])
+        try:
+            self.runner.execute([ScheduledChunk(seq, 2, "last")])
+        finally:
+            self.runner.release(seq)
+
+    def _prefill(self, seqs: list[Sequence], logits: str) -> list[torch.Tensor]:
+        """Compute every pending token of `seqs`, in steps of at most max_num_tokens tokens and
+        max_batch_size sequences (long prompts are split into chunks). Returns each sequence's logits."""
+        per_seq: list[list[torch.Tensor]] = [[] for _ in seqs]
+        queue = [i for i, seq in enumerate(seqs) if seq.num_pending]
+        while queue:
+            chunks, owners, budget = [], [], self.config.max_num_tokens
+            for i in queue[: self.config.max_batch_size]:
+                if budget == 0:
+                    break
+                n = min(seqs[i].num_pending, budget)
+                last_chunk = n == seqs[i].num_pending
+                chunks.append(ScheduledChunk(seqs[i], n, logits if last_chunk or logits == "all" else "none"))
+                owners.append((i, n if chunks[-1].logits == "all" else int(chunks[-1].logits == "last")))
+                budget -= n
+            out = self.runner.execute(chunks)
+            offset = 0
+            for i, count in owners:
+                per_seq[i].append(out[offset : offset + count])
+                offset += count
+            queue = [i for i in queue if seqs[i].num_pending]
+        return [torch.cat(parts) for parts in per_seq]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+        """Logits [batch, seq, vocab] of every position, equal to `model(input_ids, attention_mask,
+        use_cache=False).logits`; positions where `attention_mask` is 0 (padding) get zeros."""
+        batch = PromptBatch.from_inputs(
+            input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size
+        )
+        # HF numbers positions by column, padding included, when a forward gets no position_ids.
+        seqs = [Sequence(row, first_position=start) for row, start in zip(batch.rows, batch.starts)]
+        try:
+            per_seq = self._prefill(seqs, logits="all")
+        finally:
+            for seq in seqs:
+                self.runner.release(seq)
+        dtype = per_seq[0].dtype
+        logits = torch.zeros(*input_ids.shape, self.vocab_size, dtype=dtype, device=self.device)
+        for b, (seq_logits, start) in enumerate(zip(per_seq, batch.starts)):
+            logits[b, start : start + len(seq_logits)] = seq_logits
+        return CausalLMOutputWithPast(logits=logits)
+
+    forward = __call__
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """HF-style generation: returns [batch, prompt_len + generated] token ids (prompt included, left
+        padding kept; rows that hit EOS are filled with `pad_token_id`). Arguments left as None come from
+        the model's `generation_config`, as in HF; greedy results equal HF's `generate`."""
+        settings = GenerationSettings.resolve(
+            getattr(self.model, "generation_config", None), input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
+        batch = PromptBatch.from_inputs(
+            input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size
+        )
+        longest = max(len(row) for row in batch.rows)
+        if longest + settings.max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens={settings.max_new_tokens} with a prompt of {longest} tokens exceeds "
+                f"max_seq_len={self.max_seq_len}"
+            )
+        cache = self.runner.kv_cache
+        needed = sum(cache.blocks_for(len(row) + settings.max_new_tokens) for row in batch.rows)
+        if needed > cache.allocator.num_free:
+            raise ValueError(
+                f"this batch needs {needed} KV blocks but {cache.allocator.num_free} are free; "
+                "lower the batch size or max_new_tokens, or compile with a larger num_kv_blocks"
+            )
+
+        seqs = [Sequence(list(row)) for row in batch.rows]
+        generated: list[list[int]] = [[] for _ in seqs]
+        try:
+            logits = torch.stack([rows[-1] for rows in self._prefill(seqs, logits="last")])
+            active = list(range(len(seqs)))
+            for step in range(settings.max_new_tokens):
+                tokens = next_tokens(logits, settings.do_sample, settings.temperature, settings.top_k, settings.top_p)
+                for i, token in zip(active, tokens.tolist()):
+                    generated[i].append(token)
+                    seqs[i].token_ids.append(token)
+                active = [i for i in active if generated[i][-1] not in settings.eos_token_ids]
+                if not active or step + 1 == settings.max_new_tokens:
+                    break
+                logits = self.runner.execute([ScheduledChunk(seqs[i], 1, "last") for i in active])
+        finally:
+            for seq in seqs:
+                self.runner.release(seq)
+
+        width = max(len(tokens) for tokens in generated)
+        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
+        new = torch.full((len(seqs), width), pad, dtype=torch.long)
+        for i, tokens in enumerate(generated):
+            new[i, : len(tokens)] = torch.tensor(tokens)
+        return torch.cat([input_ids.long(), new.to(input_ids.device)], dim=1)
+
+
+def _model_max_len(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text_config, "max_position_embeddings", None) or 2048)

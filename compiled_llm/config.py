@@ -1,0 +1,114 @@
+"""`CompileConfig`: every knob of `compile_model`, validated in one place.
+
+Fields whose values name features that later milestones add (fp8 weights, fp8 KV cache, tensor
+parallelism, autotuning) already accept the planned names, so user code written against the documented
+API fails with "not supported yet" instead of "unknown value".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Values the field type accepts but this version cannot run yet: field -> values that run today.
+_SUPPORTED_NOW = {
+    "quantization": ("none",),
+    "kv_cache_dtype": ("auto",),
+    "autotune": ("off",),
+}
+
+
+class CompileConfig(BaseModel):
+    """How to capture, rewrite, compile and run a model. Every default works on CPU and GPU.
+
+    Example:
+        >>> CompileConfig(max_batch_size=8, max_seq_len=512).block_size
+        16
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    attention_backend: Literal["auto", "flashinfer", "triton", "reference"] = "auto"
+    """Kernel behind the paged-attention op. `auto` picks the fastest backend that is installed and
+    supports each layer's features (on CPU only `reference` exists); the compile report says which
+    layer got which backend and why."""
+
+    quantization: Literal["none", "fp8", "int8_sq", "int4_awq", "nvfp4"] = "none"
+    """Weight quantization of the linear layers."""
+
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """dtype of the paged KV cache; `auto` uses the dtype of the model's keys and values."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Number of GPUs the model is sharded over."""
+
+    cuda_graphs: bool = True
+    """Replay decode steps as CUDA graphs (no effect on CPU)."""
+
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences in one engine step (a `generate` batch may not exceed it)."""
+
+    max_seq_len: int | None = Field(None, ge=2)
+    """Longest sequence (prompt + generated tokens). None: the model's `max_position_embeddings`."""
+
+    max_num_tokens: int = Field(8192, ge=16)
+    """Most tokens in one engine step; longer prompts are prefilled in chunks of this size."""
+
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV-cache block (page)."""
+
+    num_kv_blocks: int | None = Field(None, ge=1)
+    """KV-cache blocks to allocate. None: enough for `max_batch_size` sequences of `max_seq_len`,
+    capped by `kv_cache_memory_fraction` of free GPU memory (on CPU: of min(4 GiB, half the free RAM))."""
+
+    kv_cache_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
+    """Share of free memory the KV cache may take when `num_kv_blocks` is None."""
+
+    autotune: Literal["off", "cache", "full"] = "off"
+    """Kernel selection: `off` uses defaults, `cache` reads the on-disk kernel cache, `full` tunes."""
+
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "compiled_llm")
+    """Where compiled artifacts and the kernel cache live."""
+
+    passes: tuple[str, ...] | None = None
+    """Graph passes to run, in order. None: `fx_passes.DEFAULT_PIPELINE`."""
+
+    compile_backend: Literal["inductor", "eager"] = "inductor"
+    """`inductor` compiles the rewritten graph with TorchInductor; `eager` runs it uncompiled
+    (for debugging a pass: same numerics as the reference, no compile time)."""
+
+    @field_validator("quantization", "kv_cache_dtype", "autotune")
+    @classmethod
+    def _runs_today(cls, value: str, info) -> str:
+        supported = _SUPPORTED_NOW[info.field_name]
+        if value not in supported:
+            raise ValueError(
+                f"{info.field_name}={value!r} is planned but not supported yet; "
+                f"supported now: {', '.join(repr(v) for v in supported)}"
+            )
+        return value
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _single_gpu(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"tensor_parallel_size={value} is not supported yet; supported now: 1")
+        return value
+
+    @field_validator("passes")
+    @classmethod
+    def _known_passes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        from fx_passes import REQUIRED_PASSES, registered_passes
+
+        known = registered_passes()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown pass(es) {unknown}; registered passes: {sorted(known)}")
+        missing = [name for name in REQUIRED_PASSES if name not in value]
+        if missing:
+            raise ValueError(f"passes must include {missing}: the runtime needs the paged KV cache it adds")
+        return value

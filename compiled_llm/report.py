@@ -1,0 +1,55 @@
+"""`CompileReport`: what capture, the passes and the compiler did, readable with `print(cm.report)`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from fx_passes import PagedLayer, PassResult
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    spans, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            spans.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(spans)
+
+
+@dataclass
+class CompileReport:
+    architecture: str
+    device: str
+    dtype: str
+    compile_backend: str
+    passes: list[PassResult]
+    attention: list[PagedLayer]
+    kv_cache: str  # e.g. "2 layers x 1024 blocks x 16 tokens (4.0 MiB)"
+    timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s
+
+    def pass_sites(self, name: str) -> int:
+        """Sites rewritten by the pass `name` (summed if it ran more than once)."""
+        return sum(result.sites for result in self.passes if result.name == name)
+
+    def __str__(self) -> str:
+        t = self.timings
+        lines = [
+            f"compiled-llm: {self.architecture} on {self.device} ({self.dtype})",
+            f"  capture  {t.get('capture_s', 0):7.2f} s  torch.export, flat tokens",
+            f"  passes   {t.get('passes_s', 0):7.2f} s",
+        ]
+        for result in self.passes:
+            detail = f"  ({result.detail})" if result.detail else ""
+            lines.append(f"    {result.name:<24} {result.sites:5d} sites{detail}")
+        lines.append(f"  compile  {t.get('compile_s', 0):7.2f} s  {self.compile_backend}, first step included")
+        by_backend: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for layer in self.attention:
+            by_backend[(layer.backend, layer.why)].append(layer.layer_idx)
+        for (backend, why), layers in by_backend.items():
+            lines.append(f"  attention {backend} for layers {_ranges(sorted(layers))} ({why})")
+        lines.append(f"  kv cache  {self.kv_cache}")
+        return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The paged KV cache: one block-paged tensor per attention layer and the allocator of their blocks.
+
+Every layer shares the same block ids: block b of a sequence is block b in every layer's tensor, so one
+allocator serves all layers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from fx_passes import PagedLayer
+
+GiB = 1 << 30
+
+
+class OutOfKVBlocks(RuntimeError):
+    """More KV blocks were asked for than are free."""
+
+
+class BlockAllocator:
+    """A free list of block ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfKVBlocks(f"asked for {count} KV blocks, {len(self._free)} of {self.num_blocks} are free")
+        return [self._free.popleft() for _ in range(count)]
+
+    def free(self, blocks: Sequence[int]) -> None:
+        self._free.extend(blocks)
+
+
+class PagedKVCache:
+    """kv_cache_<layer>[num_blocks, 2, block_size, Hkv, D] for each paged layer, plus their allocator."""
+
+    def __init__(self, layers: Sequence[PagedLayer], num_blocks: int, block_size: int, device: torch.device):
+        self.layers = list(layers)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.tensors = {
+            layer.cache_input: torch.empty(
+                num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim, dtype=layer.dtype, device=device
+            )
+            for layer in self.layers
+        }
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(layers: Sequence[PagedLayer], block_size: int) -> int:
+        return sum(2 * block_size * l.num_kv_heads * l.head_dim * l.dtype.itemsize for l in layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block(self.layers, self.block_size)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_num_kv_blocks(
+    layers: Sequence[PagedLayer],
+    block_size: int,
+    max_batch_size: int,
+    max_seq_len: int,
+    memory_fraction: float,
+    device: torch.device,
+) -> int:
+    """Blocks for `max_batch_size` full-length sequences, capped by the memory budget (see CompileConfig)."""
+    wanted = max_batch_size * math.ceil(max_seq_len / block_size)
+    if device.type == "cuda":
+        budget = memory_fraction * torch.cuda.mem_get_info(device)[0]
+    else:
+        budget = memory_fraction * min(4 * GiB, _available_host_memory() // 2)
+    affordable = int(budget // PagedKVCache.bytes_per_block(layers, block_size))
+    one_sequence = math.ceil(max_seq_len / block_size)
+    if affordable < one_sequence:
+        raise ValueError(
+            f"the KV cache budget ({budget / GiB:.2f} GiB) holds {affordable * block_size} tokens, fewer than one "
+            f"sequence of max_seq_len={max_seq_len}: lower max_seq_len or raise kv_cache_memory_fraction/num_kv_blocks"
+        )
+    return min(wanted, affordable)

@@ -1,0 +1,89 @@
+"""`compiled_llm::paged_attention`: attention for a flat, mixed batch over a paged KV cache.
+
+One call serves every sequence of an engine step (prefill chunks and decode tokens mixed): the T new
+tokens of S sequences are concatenated; sequence s owns tokens query_start_loc[s]:query_start_loc[s+1],
+which are its last tokens; seq_lens[s] counts all of its tokens including them. The op first writes the
+new tokens' keys/values into the cache at `slot_mapping`, then each new token attends causally to its
+sequence's cached tokens found through `block_table`.
+
+KV cache layout (FlashInfer's NHD paged layout): kv_cache[num_blocks, 2, block_size, Hkv, D], index 0 of
+dim 1 holds keys, 1 holds values; token p of sequence s lives in block block_table[s, p // block_size]
+at offset p % block_size, i.e. at slot block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from custom_ops.attention_backends import AttentionBackend, get_attention_backend, register_attention_backend
+from custom_ops.attention_math import attend
+
+
+@torch.library.custom_op("compiled_llm::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, Hkv, D], written in place
+    slot_mapping: torch.Tensor,  # [T] int64: cache slot of each new token; < 0 = padding, not written
+    block_table: torch.Tensor,  # [S, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [S + 1] int32
+    seq_lens: torch.Tensor,  # [S] int32
+    layer_idx: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: torch.Tensor | None,  # [Hq]
+    backend: str,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Write this step's K/V into the paged cache, then attend (see the module docstring)."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    get_attention_backend(backend).run(
+        out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
+        layer_idx, scale, sliding_window, softcap, sinks,
+    )  # fmt: skip
+    return out
+
+
+@paged_attention.register_fake
+def _(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, layer_idx, scale,
+      sliding_window, softcap, sinks, backend):  # fmt: skip
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache[slot // B, 0|1, slot % B] = k|v for every token whose slot is >= 0."""
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, 0, offsets] = k[keep].to(kv_cache.dtype)
+    kv_cache[blocks, 1, offsets] = v[keep].to(kv_cache.dtype)
+
+
+def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [S, L, Hkv, D] of the sequences of `block_table`, L >= max_len (garbage past each length)."""
+    blocks = block_table[:, : -(-max_len // kv_cache.shape[2])].long()  # [S, nb]
+    cached = kv_cache[blocks]  # [S, nb, 2, block_size, Hkv, D]
+    return cached[:, :, 0].flatten(1, 2), cached[:, :, 1].flatten(1, 2)
+
+
+def _reference_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
+                               layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
+    write_kv_cache(k, v, kv_cache, slot_mapping)
+    features = (scale, sliding_window, softcap, sinks)
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    # Decode tokens (one query per sequence) are attended together; each prefill chunk on its own.
+    decode = (query_lens == 1).nonzero().flatten()
+    if decode.numel():
+        keys, values = _gather_kv(kv_cache, block_table[decode], int(seq_lens[decode].max()))
+        rows = query_start_loc[decode].long()
+        out[rows] = attend(q[rows][:, None], keys, values, seq_lens[decode], *features)[:, 0]
+    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    for s in (query_lens > 1).nonzero().flatten().tolist():
+        keys, values = _gather_kv(kv_cache, block_table[s : s + 1], lengths[s])
+        rows = slice(starts[s], starts[s + 1])
+        out[rows] = attend(q[rows][None], keys, values, seq_lens[s : s + 1], *features)[0]
+
+
+register_attention_backend(AttentionBackend("reference", _reference_paged_attention, devices=("cpu", "cuda")))

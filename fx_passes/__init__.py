@@ -1,0 +1,23 @@
+"""Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
+
+from fx_passes import graph_cleanup, insert_paged_attention, match_sdpa_attention  # noqa: F401  (registers)
+from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer
+from fx_passes.registry import (
+    DEFAULT_PIPELINE,
+    REQUIRED_PASSES,
+    PassResult,
+    register_pass,
+    registered_passes,
+    run_passes,
+)
+
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "PAGED_INPUTS",
+    "REQUIRED_PASSES",
+    "PagedLayer",
+    "PassResult",
+    "register_pass",
+    "registered_passes",
+    "run_passes",
+]

@@ -1,0 +1,114 @@
+"""insert_paged_attention: swap each canonical attention op for the paged-KV attention op.
+
+    o = compiled_llm.attention(q, k, v, layer, scale, window, softcap, sinks)
+    ->
+    o = compiled_llm.paged_attention(q, k, v, kv_cache_<layer>, slot_mapping, block_table,
+                                     query_start_loc, seq_lens, layer, scale, window, softcap, sinks, backend)
+
+The KV cache of each layer and the step's attention metadata become graph inputs (placeholders named as
+above, in `PAGED_INPUTS` order, then one `kv_cache_<layer>` per layer). The backend of each layer is
+chosen here, once, and recorded in the graph and in `gm.meta["paged_attention"]`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from custom_ops import LayerAttentionFeatures, select_attention_backend
+from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION, SDPA
+from fx_passes.registry import PassResult, register_pass
+
+PAGED_ATTENTION = torch.ops.compiled_llm.paged_attention.default
+
+# Per-step attention metadata, as graph inputs (see custom_ops/paged_attention.py for their meaning).
+PAGED_INPUTS = ("slot_mapping", "block_table", "query_start_loc", "seq_lens")
+
+
+@dataclass(frozen=True)
+class PagedLayer:
+    """One paged attention layer: what its KV cache holds and which backend runs it."""
+
+    layer_idx: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    features: LayerAttentionFeatures
+    backend: str
+    why: str
+
+    @property
+    def cache_input(self) -> str:
+        return f"kv_cache_{self.layer_idx}"
+
+
+def _features(node: torch.fx.Node) -> LayerAttentionFeatures:
+    q, k, v = (arg.meta["val"] for arg in node.args[:3])
+    if k.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"layer {node.args[3]}: key head_dim {k.shape[-1]} != value head_dim {v.shape[-1]}; "
+            "the paged KV cache stores both in one tensor"
+        )
+    _, _, _, _, _, window, softcap, sinks = node.args
+    return LayerAttentionFeatures(
+        head_dim=int(q.shape[-1]),
+        num_q_heads=int(q.shape[1]),
+        num_kv_heads=int(k.shape[1]),
+        sliding_window=int(window),
+        softcap=float(softcap),
+        has_sinks=sinks is not None,
+    )
+
+
+def _add_placeholders(graph: torch.fx.Graph, names: list[str]) -> dict[str, torch.fx.Node]:
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    added = {}
+    with graph.inserting_after(last):
+        for name in reversed(names):  # each insert lands right after `last`
+            added[name] = graph.placeholder(name)
+    return added
+
+
+@register_pass("insert_paged_attention")
+def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
+    graph = gm.graph
+    sites = [n for n in graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION]
+    leftover_sdpa = [n.name for n in graph.nodes if n.op == "call_function" and n.target is SDPA]
+    if leftover_sdpa:
+        raise ValueError(
+            f"the graph still has scaled_dot_product_attention calls the paged cache cannot serve: {leftover_sdpa} "
+            "(only causal SDPA without an explicit mask or dropout is supported)"
+        )
+    if not sites:
+        raise ValueError("found no attention op to page: the captured graph has no compiled_llm.attention call")
+    repeated = [layer for layer, count in Counter(n.args[3] for n in sites).items() if count > 1]
+    if repeated:
+        raise ValueError(f"layer indices {repeated} have several attention calls; each layer needs its own KV cache")
+
+    device_type = sites[0].args[0].meta["val"].device.type
+    layers = []
+    for node in sites:
+        features = _features(node)
+        backend, why = select_attention_backend(config.attention_backend, device_type, features)
+        k = node.args[1].meta["val"]
+        layers.append(PagedLayer(node.args[3], features.num_kv_heads, features.head_dim, k.dtype, features, backend, why))
+
+    inputs = _add_placeholders(graph, [*PAGED_INPUTS, *(layer.cache_input for layer in layers)])
+    for node, layer in zip(sites, layers):
+        q, k, v, layer_idx, scale, window, softcap, sinks = node.args
+        with graph.inserting_before(node):
+            paged = graph.call_function(
+                PAGED_ATTENTION,
+                (q, k, v, inputs[layer.cache_input], *(inputs[name] for name in PAGED_INPUTS),
+                 layer_idx, scale, window, softcap, sinks, layer.backend),
+            )  # fmt: skip
+        paged.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(paged)
+        graph.erase_node(node)
+    gm.meta["paged_attention"] = layers
+    backends = Counter(layer.backend for layer in layers)
+    return PassResult("insert_paged_attention", len(sites), ", ".join(f"{b}: {n} layers" for b, n in backends.items()))

@@ -1,0 +1,29 @@
+"""Fake-tensor metadata for nodes a pass creates, so later passes can read shapes off `meta["val"]`."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_map
+
+
+def set_fake_value(node: torch.fx.Node) -> None:
+    """Compute `node.meta["val"]` by running its target on its inputs' fake values."""
+
+    def fake(arg):
+        return arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg
+
+    args, kwargs = tree_map(fake, (node.args, node.kwargs))
+    fake_mode = detect_fake_mode(args)
+    if fake_mode is None:
+        raise ValueError(f"cannot infer metadata of {node.format_node()}: its inputs carry no fake values")
+    with fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+def insert_call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
+    """`graph.call_function` plus its fake value."""
+    node = graph.call_function(target, args, kwargs or {})
+    set_fake_value(node)
+    return node

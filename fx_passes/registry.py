@@ -1,0 +1,77 @@
+"""Named graph passes and the pipeline that runs them.
+
+A pass is a function `(gm, config) -> PassResult`, registered under a name with `@register_pass`. The
+pipeline is data: a list of names (`CompileConfig.passes`, or `DEFAULT_PIPELINE`). Only this module
+decides the default order; each ordering constraint is commented where the order is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch.fx
+
+if TYPE_CHECKING:
+    from compiled_llm.config import CompileConfig
+
+log = logging.getLogger("compiled_llm.passes")
+
+PassFn = Callable[[torch.fx.GraphModule, "CompileConfig"], "PassResult"]
+
+
+@dataclass
+class PassResult:
+    """What one pass did: `sites` counts the places it rewrote (0 is not an error)."""
+
+    name: str
+    sites: int
+    detail: str = ""
+    seconds: float = field(default=0.0, compare=False)
+
+
+_PASSES: dict[str, PassFn] = {}
+
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    # First: export leaves asserts and no-op casts that would hide patterns from the matchers below.
+    "graph_cleanup",
+    # Before insert_paged_attention: plain SDPA calls must become canonical attention ops to be paged.
+    "match_sdpa_attention",
+    # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
+    "insert_paged_attention",
+)
+
+# The runtime cannot run a graph without these.
+REQUIRED_PASSES: tuple[str, ...] = ("insert_paged_attention",)
+
+
+def register_pass(name: str) -> Callable[[PassFn], PassFn]:
+    def register(fn: PassFn) -> PassFn:
+        if name in _PASSES and _PASSES[name] is not fn:
+            raise ValueError(f"a pass named {name!r} is already registered")
+        _PASSES[name] = fn
+        return fn
+
+    return register
+
+
+def registered_passes() -> dict[str, PassFn]:
+    return dict(_PASSES)
+
+
+def run_passes(gm: torch.fx.GraphModule, config: CompileConfig) -> list[PassResult]:
+    """Run the configured pipeline over `gm` in place; returns one result per pass, in order."""
+    names = config.passes if config.passes is not None else DEFAULT_PIPELINE
+    results = []
+    for name in names:
+        start = time.perf_counter()
+        result = _PASSES[name](gm, config)
+        result.seconds = time.perf_counter() - start
+        gm.graph.lint()
+        log.info("pass %-24s %4d sites  %s", name, result.sites, result.detail)
+        results.append(result)
+    gm.recompile()
+    return results

@@ -1,0 +1,81 @@
+"""Tiny random-weight models of every supported architecture, built from transformers config classes
+(no downloads), and compiled versions of them shared by all tests of a session: compiles are the slow part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+VOCAB = 256
+SLIDING_WINDOW = 8  # shorter than the test prompts, so the window matters
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+ARCHITECTURES = {
+    "llama": lambda: tf.LlamaConfig(**_COMMON, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}),  # fmt: skip
+    "qwen3": lambda: tf.Qwen3Config(**_COMMON, head_dim=16),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+        **_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1
+    ),
+    "mistral": lambda: tf.MistralConfig(**_COMMON, sliding_window=SLIDING_WINDOW),
+    "mixtral": lambda: tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "gemma2": lambda: tf.Gemma2Config(
+        **_COMMON, head_dim=16, sliding_window=SLIDING_WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0
+    ),
+    "gemma3": lambda: tf.Gemma3TextConfig(
+        **_COMMON, head_dim=16, sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"]
+    ),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = ARCHITECTURES[arch]()
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Wider weights than the default init make the logits' top choices clearly separated, so greedy
+    # decoding compares computations, not float rounding between near-tied tokens.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.normal_(0.0, 0.08)
+    return model
+
+
+_COMPILED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    """compiled(arch) -> (hf_model, CompiledModel), compiled once per session."""
+    from compiled_llm import compile_model
+
+    def get(arch: str):
+        if arch not in _COMPILED:
+            model = tiny_model(arch)
+            _COMPILED[arch] = (model, compile_model(model, max_batch_size=8))
+        return _COMPILED[arch]
+
+    return get
+
+
+def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)  # avoid pad/bos/eos ids
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

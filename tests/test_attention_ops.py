@@ -1,0 +1,137 @@
+"""The reference attention ops against a naive float64 computation written here, independently."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+
+ops = torch.ops.compiled_llm
+
+
+def naive_attention(q, k, v, scale, window, softcap, sinks):
+    """float64, one query and one head at a time: q [n, Hq, D] are the last n of the L tokens in k/v."""
+    q, k, v = q.double(), k.double(), v.double()
+    n, num_heads, _ = q.shape
+    length, num_kv_heads, _ = k.shape
+    out = torch.zeros(n, num_heads, v.shape[-1], dtype=torch.float64)
+    for i in range(n):
+        pos = length - n + i
+        for h in range(num_heads):
+            kv_head = h // (num_heads // num_kv_heads)
+            keys = [j for j in range(pos + 1) if window == 0 or pos - j < window]
+            logits = torch.stack([(q[i, h] @ k[j, kv_head]) * scale for j in keys])
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            weights = torch.exp(logits - logits.max())
+            denominator = weights.sum()
+            if sinks is not None:
+                denominator = denominator + torch.exp(sinks[h].double() - logits.max())
+            out[i, h] = sum(w * v[j, kv_head] for w, j in zip(weights / denominator, keys))
+    return out
+
+
+FEATURES = [
+    pytest.param(dict(num_heads=4, num_kv_heads=4, window=0, softcap=0.0, sinks=False), id="mha"),
+    pytest.param(dict(num_heads=4, num_kv_heads=2, window=0, softcap=0.0, sinks=False), id="gqa"),
+    pytest.param(dict(num_heads=4, num_kv_heads=1, window=5, softcap=0.0, sinks=False), id="mqa-window"),
+    pytest.param(dict(num_heads=4, num_kv_heads=2, window=0, softcap=5.0, sinks=False), id="softcap"),
+    pytest.param(dict(num_heads=4, num_kv_heads=2, window=3, softcap=0.0, sinks=True), id="sinks-window"),
+]
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_canonical_attention_matches_naive(features):
+    torch.manual_seed(random.randrange(1 << 30))
+    length, head_dim = 11, 8
+    q = torch.randn(length, features["num_heads"], head_dim)
+    k = torch.randn(length, features["num_kv_heads"], head_dim)
+    v = torch.randn(length, features["num_kv_heads"], head_dim)
+    sinks = torch.randn(features["num_heads"]) if features["sinks"] else None
+    scale = 1 / math.sqrt(head_dim)
+    out = ops.attention(q, k, v, 0, scale, features["window"], features["softcap"], sinks)
+    expected = naive_attention(q, k, v, scale, features["window"], features["softcap"], sinks)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def mixed_batch(rng: random.Random, block_size: int, num_kv_heads: int, head_dim: int):
+    """Sequences with tokens already cached and new tokens to compute: decodes (1 new), prefill chunks
+    (several new after a cached prefix) and fresh prefills (no cached prefix), in random block order."""
+    shapes = [(0, 7), (9, 1), (3, 5), (17, 1), (0, 1), (12, 9)]  # (cached, new)
+    rng.shuffle(shapes)
+    max_blocks = max(math.ceil((c + n) / block_size) for c, n in shapes)
+    pool = list(range(len(shapes) * max_blocks + 3))
+    rng.shuffle(pool)  # blocks of a sequence are scattered over the cache
+    sequences = []
+    for cached, new in shapes:
+        count = math.ceil((cached + new) / block_size)
+        blocks, pool = pool[:count], pool[count:]
+        keys = torch.randn(cached + new, num_kv_heads, head_dim)
+        values = torch.randn(cached + new, num_kv_heads, head_dim)
+        sequences.append(dict(cached=cached, new=new, blocks=blocks, keys=keys, values=values))
+    return sequences, len(pool) + sum(len(s["blocks"]) for s in sequences), max_blocks
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("features", FEATURES)
+def test_paged_attention_mixed_batch_matches_naive(features, block_size):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_heads, num_kv_heads, head_dim = features["num_heads"], features["num_kv_heads"], 8
+    sequences, num_blocks, max_blocks = mixed_batch(rng, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim)  # garbage where unwritten
+
+    def slot(seq, p):
+        return seq["blocks"][p // block_size] * block_size + p % block_size
+
+    for seq in sequences:  # the cached prefix, written by an earlier step
+        for p in range(seq["cached"]):
+            block, offset = divmod(slot(seq, p), block_size)
+            kv_cache[block, 0, offset] = seq["keys"][p]
+            kv_cache[block, 1, offset] = seq["values"][p]
+
+    new = [range(s["cached"], s["cached"] + s["new"]) for s in sequences]
+    q = torch.randn(sum(s["new"] for s in sequences), num_heads, head_dim)
+    k = torch.cat([s["keys"][r.start : r.stop] for s, r in zip(sequences, new)])
+    v = torch.cat([s["values"][r.start : r.stop] for s, r in zip(sequences, new)])
+    slot_mapping = torch.tensor([slot(s, p) for s, r in zip(sequences, new) for p in r])
+    block_table = torch.tensor([s["blocks"] + [0] * (max_blocks - len(s["blocks"])) for s in sequences], dtype=torch.int32)
+    query_start_loc = torch.tensor([0] + [sum(s["new"] for s in sequences[: i + 1]) for i in range(len(sequences))], dtype=torch.int32)
+    seq_lens = torch.tensor([s["cached"] + s["new"] for s in sequences], dtype=torch.int32)
+    sinks = torch.randn(num_heads) if features["sinks"] else None
+    scale = 0.3
+
+    out = ops.paged_attention(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, 0, scale,
+                              features["window"], features["softcap"], sinks, "reference")  # fmt: skip
+
+    for i, seq in enumerate(sequences):
+        start, end = query_start_loc[i].item(), query_start_loc[i + 1].item()
+        expected = naive_attention(q[start:end], seq["keys"], seq["values"], scale, features["window"],
+                                   features["softcap"], sinks)  # fmt: skip
+        torch.testing.assert_close(out[start:end].double(), expected, rtol=1e-5, atol=1e-5, msg=f"seed {seed}, seq {i}")
+        for p in new[i]:  # the step's keys/values landed in the cache
+            block, offset = divmod(slot(seq, p), block_size)
+            assert torch.equal(kv_cache[block, 0, offset], seq["keys"][p])
+            assert torch.equal(kv_cache[block, 1, offset], seq["values"][p])
+
+
+def test_paged_attention_skips_padding_slots_and_passes_opcheck():
+    torch.manual_seed(random.randrange(1 << 30))
+    kv_cache = torch.randn(4, 2, 4, 2, 8)
+    before = kv_cache.clone()
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slot_mapping = torch.tensor([5, 6, -1])  # third token is padding: computed, never stored
+    args = (q[:2], k[:2], v[:2], kv_cache, slot_mapping[:2], torch.tensor([[1, 0]], dtype=torch.int32),
+            torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 0, 0.5, 0, 0.0, None,
+            "reference")  # fmt: skip
+    ops.paged_attention(q, k, v, kv_cache, slot_mapping, *args[5:])
+    changed = (kv_cache != before).flatten(2).any(-1)  # [block, k|v] slots changed
+    assert changed.nonzero().tolist() == [[1, 0], [1, 1]]
+    assert torch.equal(kv_cache[1, 0, 1:3], k[:2]) and torch.equal(kv_cache[1, 1, 1:3], v[:2])
+    torch.library.opcheck(torch.ops.compiled_llm.paged_attention.default, args)
+    torch.library.opcheck(torch.ops.compiled_llm.attention.default, (q, k, v, 0, 0.5, 2, 0.0, torch.randn(4)))

@@ -1,0 +1,155 @@
+"""Bad input gets a clear ValueError naming the argument, before any work starts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+from compiled_llm import CaptureError, CompileConfig, compile_model
+from conftest import VOCAB, random_prompt, tiny_model
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"attention_backend": "cudnn"}, "attention_backend"),
+        ({"quantization": "fp8"}, "quantization='fp8' is planned but not supported yet"),
+        ({"quantization": "int3"}, "quantization"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+        ({"compile_backend": "tvm"}, "compile_backend"),
+        ({"no_such_field": 1}, "no_such_field"),
+    ],
+)
+def test_bad_config_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CompileConfig(**fields)
+
+
+def test_unavailable_attention_backend_is_refused():
+    with pytest.raises(ValueError, match="attention_backend='flashinfer' is not available"):
+        compile_model(tiny_model("llama"), attention_backend="flashinfer", compile_backend="eager")
+
+
+@pytest.fixture
+def cm(compiled):
+    """The shared compiled llama, with a check that a refused call did no work."""
+    _, cm = compiled("llama")
+    free_before = cm.runner.kv_cache.allocator.num_free
+    calls = []
+    original = cm.runner.execute
+    cm.runner.execute = lambda chunks: calls.append(chunks) or original(chunks)
+    yield cm
+    cm.runner.execute = original
+    assert not calls, "the model ran before the error"
+    assert cm.runner.kv_cache.allocator.num_free == free_before
+
+
+def call_and_generate(cm, ids, **kwargs):
+    with pytest.raises(ValueError) as call_error:
+        cm(ids, **kwargs)
+    with pytest.raises(ValueError) as generate_error:
+        cm.generate(ids, max_new_tokens=4, **kwargs)
+    return str(call_error.value), str(generate_error.value)
+
+
+def test_prompt_longer_than_max_seq_len(cm):
+    for message in call_and_generate(cm, random_prompt(cm.max_seq_len + 1)):
+        assert "input_ids" in message and f"max_seq_len={cm.max_seq_len}" in message
+
+
+def test_prompt_plus_new_tokens_longer_than_max_seq_len(cm):
+    with pytest.raises(ValueError, match="max_new_tokens=10 .* exceeds max_seq_len"):
+        cm.generate(random_prompt(cm.max_seq_len - 5), max_new_tokens=10)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_max_new_tokens_below_one_or_not_an_integer(cm, bad):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        cm.generate(random_prompt(4), max_new_tokens=bad)
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.rand(1, 5), "input_ids must hold integer token ids, got dtype torch.float32"),
+        (torch.ones(1, 5, dtype=torch.bool), "input_ids must hold integer token ids"),
+        ([[1, 2, 3]], "input_ids must be a torch.Tensor"),
+        (torch.tensor([[3, 4, VOCAB]]), rf"input_ids holds ids outside the vocabulary \[0, {VOCAB}\): e.g. {VOCAB} at \[0, 2\]"),
+        (torch.tensor([[3, -1, 4]]), "input_ids holds ids outside the vocabulary"),
+        (torch.tensor([3, 4, 5]), r"input_ids must have shape \[batch, seq_len\]"),
+        (torch.zeros(1, 0, dtype=torch.long), r"input_ids must have shape \[batch, seq_len\]"),
+        (random_prompt(4, batch=9), "batch of 9, more than max_batch_size=8"),
+    ],
+)
+def test_bad_input_ids(cm, ids, message):
+    for error in call_and_generate(cm, ids):
+        assert re.search(message, error), error
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.ones(1, 3), "attention_mask must be a tensor of input_ids' shape"),
+        (torch.tensor([[1, 2, 1, 1, 1]]), "only 0 .* and 1"),
+        (torch.tensor([[0, 0, 0, 0, 0]]), "row 0 has no tokens"),
+        (torch.tensor([[1, 0, 1, 1, 1]]), "padding between tokens"),
+    ],
+)
+def test_bad_attention_mask(cm, mask, message):
+    for error in call_and_generate(cm, random_prompt(5), attention_mask=mask):
+        assert re.search(message, error), error
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+        ({"do_sample": True, "top_p": 1.5}, "top_p must be in"),
+        ({"do_sample": True, "top_k": -1}, "top_k must be an integer"),
+    ],
+)
+def test_bad_sampling_arguments(cm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cm.generate(random_prompt(4), max_new_tokens=3, **kwargs)
+
+
+def test_not_a_causal_lm():
+    bert = tf.BertModel(tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))  # fmt: skip
+    with pytest.raises(ValueError, match="BertModel is not a causal language model"):
+        compile_model(bert)
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is not a causal language model"):
+        compile_model(t5)
+    with pytest.raises(ValueError, match="must accept `input_ids` and `position_ids`"):
+        compile_model(nn.Linear(4, 4))
+
+
+class DataDependentGate(nn.Module):
+    def forward(self, x):
+        if x.sum().item() > 0:  # a Python branch on tensor data: cannot be captured
+            return x
+        return -x
+
+
+class GatedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.gate = DataDependentGate()
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, input_ids, position_ids):
+        return self.head(self.gate(self.embed(input_ids)))
+
+
+def test_uncapturable_model_names_the_module():
+    with pytest.raises(CaptureError, match=r"cannot capture GatedLM: torch.export failed in DataDependentGate.forward"):
+        compile_model(GatedLM())

@@ -1,0 +1,130 @@
+"""Graph passes: ops present before and gone after, exact site counts, numerics against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compiled_llm import CompileConfig, compile_model
+from compiled_llm.capture import capture_model
+from conftest import random_prompt, relative_error, tiny_model
+from fx_passes import DEFAULT_PIPELINE, registered_passes, run_passes
+
+aten = torch.ops.aten
+
+
+def count(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+class TinyDecoder(nn.Module):
+    """Not an HF model: a gpt-fast-style decoder calling F.scaled_dot_product_attention directly."""
+
+    def __init__(self, vocab=64, dim=32, heads=4, kv_heads=2, layers=3, masked_layer=None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.masked_layer = masked_layer
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.ModuleList(nn.Linear(dim, dim + 2 * kv_heads * self.head_dim, bias=False) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def rope(self, x, position_ids):  # x [B, H, T, D]
+        freqs = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2) / self.head_dim)
+        angles = position_ids[:, None, :, None].float() * freqs  # [B, 1, T, D/2]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x1 * angles.sin() + x2 * angles.cos()], dim=-1)
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids)
+        batch, length, _ = x.shape
+        for i, (qkv, out) in enumerate(zip(self.qkv, self.out)):
+            q, k, v = qkv(x).split([self.heads * self.head_dim, *(2 * [self.kv_heads * self.head_dim])], dim=-1)
+            q = self.rope(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), position_ids)
+            k = self.rope(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), position_ids)
+            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            if i == self.masked_layer:
+                mask = torch.ones(length, length, dtype=torch.bool).tril()
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + out(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.head(x)
+
+
+def test_graph_cleanup_removes_export_leftovers():
+    captured = capture_model(tiny_model("llama"))
+    gm = captured.gm
+    asserts = count(gm, aten._assert_tensor_metadata.default)
+    assert asserts > 0
+    result = registered_passes()["graph_cleanup"](gm, CompileConfig())
+    assert count(gm, aten._assert_tensor_metadata.default) == 0
+    assert result.sites >= asserts
+    # every remaining dtype cast changes the dtype
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.to.dtype:
+            assert node.args[0].meta["val"].dtype != node.meta["val"].dtype
+
+
+def test_match_sdpa_attention_on_non_hf_module():
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    captured = capture_model(model)
+    assert count(captured.gm, aten.scaled_dot_product_attention.default) == 3
+    config = CompileConfig()
+    results = [registered_passes()[name](captured.gm, config) for name in ("graph_cleanup", "match_sdpa_attention")]
+    assert results[1].sites == 3
+    assert count(captured.gm, aten.scaled_dot_product_attention.default) == 0
+    layers = [n.args[3] for n in captured.gm.graph.nodes if n.target == torch.ops.compiled_llm.attention.default]
+    assert layers == [0, 1, 2]
+    captured.gm.recompile()
+    ids = torch.randint(0, 64, (9,))
+    with torch.no_grad():
+        expected = model(ids[None], torch.arange(9)[None])[0]
+        actual = captured.gm(ids, torch.arange(9), torch.arange(9))[0]
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_compile_model_on_non_hf_module_matches_eager():
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    cm = compile_model(model, max_seq_len=64, max_batch_size=4)
+    assert cm.report.pass_sites("match_sdpa_attention") == 3
+    assert cm.report.pass_sites("insert_paged_attention") == 3
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        expected = model(ids, torch.arange(12).expand(2, -1))
+    assert relative_error(cm(ids).logits, expected) < 1e-4
+
+
+def test_masked_sdpa_is_left_alone_and_refused():
+    model = TinyDecoder(masked_layer=1).eval()
+    with pytest.raises(ValueError, match="scaled_dot_product_attention calls the paged cache cannot serve"):
+        compile_model(model, max_seq_len=64, compile_backend="eager")
+
+
+def test_eager_backend_runs_the_rewritten_graph():
+    model = tiny_model("mistral")
+    cm = compile_model(model, compile_backend="eager", max_batch_size=2)
+    assert count(cm.graph_module, torch.ops.compiled_llm.paged_attention.default) == 2
+    assert count(cm.graph_module, torch.ops.compiled_llm.attention.default) == 0
+    placeholders = [n.target for n in cm.graph_module.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["input_ids", "position_ids", "logits_indices", "slot_mapping", "block_table",
+                            "query_start_loc", "seq_lens", "kv_cache_0", "kv_cache_1"]  # fmt: skip
+    ids = random_prompt(20, seed=5)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert relative_error(cm(ids).logits, expected) < 1e-5
+    assert [r.name for r in cm.report.passes] == list(DEFAULT_PIPELINE)
+
+
+def test_pipeline_config_is_validated():
+    with pytest.raises(ValueError, match="unknown pass"):
+        CompileConfig(passes=("graph_cleanup", "no_such_pass", "insert_paged_attention"))
+    with pytest.raises(ValueError, match="must include"):
+        CompileConfig(passes=("graph_cleanup",))
+    gm = capture_model(tiny_model("qwen3")).gm
+    results = run_passes(gm, CompileConfig(passes=("insert_paged_attention",)))
+    assert [(r.name, r.sites) for r in results] == [("insert_paged_attention", 2)]
