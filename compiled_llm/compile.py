@@ -8,10 +8,11 @@ import torch.fx
 from compiled_llm.runtime.model_runner import STEP_INPUTS
 
 
-def _mark_unbacked(tensor: torch.Tensor) -> None:
+def _mark_unbacked(tensor: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
     # Unbacked, not merely dynamic: a dynamic size would still be specialized at 0 and 1, so a batch-1
     # decode step (one token, one sequence, one logit) would compile a second graph.
-    torch._dynamo.decorators.mark_unbacked(tensor, 0)
+    for dim in dims:
+        torch._dynamo.decorators.mark_unbacked(tensor, dim)
 
 
 class CompiledGraph:
@@ -25,7 +26,11 @@ class CompiledGraph:
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.backend == "inductor":
-            for name in STEP_INPUTS:
-                _mark_unbacked(inputs[name])
+            # The KV cache's block count is unbacked too: the cache is sized after a profiling step.
+            for name in self.input_names:
+                if name == "block_table":  # [sequences, blocks of the longest sequence]
+                    _mark_unbacked(inputs[name], (0, 1))
+                elif name in STEP_INPUTS or name.startswith("kv_cache_"):
+                    _mark_unbacked(inputs[name])
         with torch.no_grad():
             return self._fn(*(inputs[name] for name in self.input_names))[0]

@@ -11,20 +11,29 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from compiled_llm.capture import capture_model
+from compiled_llm.capture import capture_model, text_config
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.config import CompileConfig
 from compiled_llm.generation import GenerationSettings
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
-from compiled_llm.runtime import ModelRunner, PagedKVCache, ScheduledChunk, Sequence, default_num_kv_blocks
-from compiled_llm.sampling import next_tokens
+from compiled_llm.runtime import (
+    DecodeCudaGraphs,
+    ModelRunner,
+    PagedKVCache,
+    ScheduledChunk,
+    Sequence,
+    default_batch_sizes,
+    default_num_kv_blocks,
+)
+from custom_ops import get_attention_backend
+from compiled_llm.sampling import apply_repetition_penalty, next_tokens
 from fx_passes import run_passes
 
 log = logging.getLogger("compiled_llm")
 
 
-def compile_model(model: nn.Module, config: CompileConfig | None = None, **fields) -> CompiledModel:
+def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, **fields) -> CompiledModel:
     """Capture, rewrite and compile a causal LM. Keyword arguments are `CompileConfig` fields.
 
     Example:
@@ -35,6 +44,10 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None, **field
     """
     if config is not None and fields:
         raise ValueError("pass either config=CompileConfig(...) or its fields as keyword arguments, not both")
+    if isinstance(config, dict):
+        config = CompileConfig(**config)
+    elif config is not None and not isinstance(config, CompileConfig):
+        raise ValueError(f"config must be a CompileConfig or a dict of its fields, got {type(config).__name__}")
     return CompiledModel(model, config or CompileConfig(**fields))
 
 
@@ -44,7 +57,7 @@ class CompiledModel:
         self.config = config
         self.device = next(model.parameters()).device
         timings = {}
-        with tqdm(total=3, desc="compile_model", unit="stage", leave=False) as progress:
+        with tqdm(total=4, desc="compile_model", unit="stage", leave=False) as progress:
             progress.set_postfix_str("capturing")
             captured = capture_model(model, config.max_num_tokens)
             timings["capture_s"] = captured.seconds
@@ -59,17 +72,21 @@ class CompiledModel:
             layers = captured.gm.meta["paged_attention"]
             self.vocab_size = captured.vocab_size
             self.max_seq_len = config.max_seq_len or _model_max_len(model)
-            num_blocks = config.num_kv_blocks or default_num_kv_blocks(
-                layers, config.block_size, config.max_batch_size, self.max_seq_len,
-                config.kv_cache_memory_fraction, self.device,
-            )  # fmt: skip
-            kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device)
-            self.runner = ModelRunner(CompiledGraph(captured.gm, config.compile_backend), kv_cache, self.max_seq_len, self.device)
-
             progress.set_postfix_str(f"compiling ({config.compile_backend})")
             start = time.perf_counter()
-            self._warm_up()
+            self.runner, activation_bytes = self._compile_and_profile(captured.gm, layers)
             timings["compile_s"] = time.perf_counter() - start
+            progress.update()
+
+            num_blocks = config.num_kv_blocks or default_num_kv_blocks(
+                layers, config.block_size, config.max_batch_size, self.max_seq_len,
+                config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes,
+            )  # fmt: skip
+            self.runner.kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device)
+            progress.set_postfix_str("capturing CUDA graphs")
+            graphs = self._capture_cuda_graphs(layers)
+            if self.runner.cuda_graphs is not None:
+                timings["cuda_graphs_s"] = self.runner.cuda_graphs.capture_s
             progress.update()
 
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -81,7 +98,8 @@ class CompiledModel:
             passes=pass_results,
             attention=layers,
             kv_cache=f"{len(layers)} layers x {num_blocks} blocks x {config.block_size} tokens "
-            f"({kv_cache.nbytes / 2**20:.1f} MiB), max_seq_len {self.max_seq_len}",
+            f"({self.runner.kv_cache.nbytes / 2**20:.1f} MiB), max_seq_len {self.max_seq_len}",
+            cuda_graphs=graphs,
             timings=timings,
         )
         log.info("compiled %s:\n%s", captured.architecture, self.report)
@@ -91,13 +109,75 @@ class CompiledModel:
         """The rewritten graph (before Inductor)."""
         return self.runner.graph.gm
 
-    def _warm_up(self) -> None:
-        # Compiles the graph now, so that compile time is reported apart from the first request's latency.
-        seq = Sequence([0, 0])
+    def _compile_and_profile(self, gm: torch.fx.GraphModule, layers) -> tuple[ModelRunner, int]:
+        """Compile the graph by running a prefill and a decode step on a small KV cache; on CUDA the
+        prefill is a full step of max_num_tokens, whose peak memory is kept free when sizing the cache.
+        Running both also loads every attention kernel before the first request."""
+        config = self.config
+        planners = {}
+        for backend in {layer.backend for layer in layers}:
+            make_planner = get_attention_backend(backend).make_planner
+            if make_planner is not None:
+                owned = {layer.layer_idx: layer.features for layer in layers if layer.backend == backend}
+                planners[backend] = make_planner(owned, config.block_size, self.device)
+        on_cuda = self.device.type == "cuda"
+        num_tokens = max(2, min(config.max_num_tokens, self.max_seq_len - 1)) if on_cuda else 2
+        blocks = -(-(num_tokens + 1) // config.block_size)
+        runner = ModelRunner(
+            CompiledGraph(gm, config.compile_backend),
+            PagedKVCache(layers, blocks, config.block_size, self.device),
+            planners, self.max_seq_len, self.device,
+        )  # fmt: skip
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            baseline = torch.cuda.memory_allocated(self.device)
+        seq = Sequence([0] * num_tokens)
         try:
-            self.runner.execute([ScheduledChunk(seq, 2, "last")])
+            runner.execute([ScheduledChunk(seq, num_tokens, "last")])
+            seq.token_ids.append(0)
+            runner.execute([ScheduledChunk(seq, 1, "last")])
         finally:
-            self.runner.release(seq)
+            runner.release(seq)
+        activation_bytes = 0
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+            activation_bytes = torch.cuda.max_memory_allocated(self.device) - baseline
+            runner.kv_cache = None  # the real cache replaces it; free this one first
+            torch.cuda.empty_cache()
+        return runner, activation_bytes
+
+    def _capture_cuda_graphs(self, layers) -> str:
+        """Capture decode CUDA graphs when asked and possible; returns what the report should say."""
+        if not self.config.cuda_graphs:
+            return "off (cuda_graphs=False)"
+        if self.device.type != "cuda":
+            return f"off (model on {self.device.type})"
+        unsafe = sorted({l.backend for l in layers if not get_attention_backend(l.backend).cuda_graph_safe})
+        if unsafe:
+            return f"off (attention backend {unsafe} syncs with the host)"
+        if self.config.compile_backend != "inductor":
+            return "off (compile_backend='eager')"
+        sizes = self.config.cuda_graph_batch_sizes or default_batch_sizes(self.config.max_batch_size)
+        graphs = DecodeCudaGraphs(self.runner, sizes)
+        graphs.capture()
+        self.runner.cuda_graphs = graphs
+        return (
+            f"decode batch sizes {list(graphs.batch_sizes)}: captured in {graphs.capture_s:.1f} s, "
+            f"{graphs.memory_bytes / 2**20:.0f} MiB"
+        )
+
+    def _prompt_batch(self, input_ids, attention_mask) -> PromptBatch:
+        return PromptBatch.from_inputs(input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size)
+
+    def _check_kv_capacity(self, token_counts: list[int]) -> None:
+        cache = self.runner.kv_cache
+        needed = sum(cache.blocks_for(n) for n in token_counts)
+        if needed > cache.allocator.num_free:
+            raise ValueError(
+                f"this batch needs {needed} KV blocks but {cache.allocator.num_free} are free; "
+                "lower the batch size or max_new_tokens, or compile with a larger num_kv_blocks"
+            )
 
     def _prefill(self, seqs: list[Sequence], logits: str) -> list[torch.Tensor]:
         """Compute every pending token of `seqs`, in steps of at most max_num_tokens tokens and
@@ -125,9 +205,8 @@ class CompiledModel:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutputWithPast:
         """Logits [batch, seq, vocab] of every position, equal to `model(input_ids, attention_mask,
         use_cache=False).logits`; positions where `attention_mask` is 0 (padding) get zeros."""
-        batch = PromptBatch.from_inputs(
-            input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size
-        )
+        batch = self._prompt_batch(input_ids, attention_mask)
+        self._check_kv_capacity([len(row) for row in batch.rows])
         # HF numbers positions by column, padding included, when a forward gets no position_ids.
         seqs = [Sequence(row, first_position=start) for row, start in zip(batch.rows, batch.starts)]
         try:
@@ -152,6 +231,7 @@ class CompiledModel:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
@@ -161,35 +241,40 @@ class CompiledModel:
         settings = GenerationSettings.resolve(
             getattr(self.model, "generation_config", None), input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0,
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip
-        batch = PromptBatch.from_inputs(
-            input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size
-        )
+        batch = self._prompt_batch(input_ids, attention_mask)
+        if batch.right_padded_rows:
+            raise ValueError(
+                f"attention_mask pads rows {batch.right_padded_rows} on the right; generate() needs left padding "
+                "(tokenizer.padding_side = 'left'), as HF generate does"
+            )
         longest = max(len(row) for row in batch.rows)
         if longest + settings.max_new_tokens > self.max_seq_len:
             raise ValueError(
                 f"max_new_tokens={settings.max_new_tokens} with a prompt of {longest} tokens exceeds "
                 f"max_seq_len={self.max_seq_len}"
             )
-        cache = self.runner.kv_cache
-        needed = sum(cache.blocks_for(len(row) + settings.max_new_tokens) for row in batch.rows)
-        if needed > cache.allocator.num_free:
-            raise ValueError(
-                f"this batch needs {needed} KV blocks but {cache.allocator.num_free} are free; "
-                "lower the batch size or max_new_tokens, or compile with a larger num_kv_blocks"
-            )
+        self._check_kv_capacity([len(row) + settings.max_new_tokens for row in batch.rows])
 
         seqs = [Sequence(list(row)) for row in batch.rows]
         generated: list[list[int]] = [[] for _ in seqs]
+        # HF penalizes every id of the input rows, left padding included, and every generated one.
+        seen = batch.input_ids.detach().long().to(self.device)
         try:
             logits = torch.stack([rows[-1] for rows in self._prefill(seqs, logits="last")])
             active = list(range(len(seqs)))
             for step in range(settings.max_new_tokens):
+                if settings.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, seen[active], settings.repetition_penalty)
                 tokens = next_tokens(logits, settings.do_sample, settings.temperature, settings.top_k, settings.top_p)
                 for i, token in zip(active, tokens.tolist()):
                     generated[i].append(token)
                     seqs[i].token_ids.append(token)
+                if settings.repetition_penalty != 1.0:
+                    column = torch.full((len(seqs), 1), settings.pad_token_id or 0, dtype=torch.long, device=self.device)
+                    column[active, 0] = tokens
+                    seen = torch.cat([seen, column], dim=1)
                 active = [i for i in active if generated[i][-1] not in settings.eos_token_ids]
                 if not active or step + 1 == settings.max_new_tokens:
                     break
@@ -207,6 +292,4 @@ class CompiledModel:
 
 
 def _model_max_len(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text_config, "max_position_embeddings", None) or 2048)
+    return int(getattr(text_config(model), "max_position_embeddings", None) or 2048)

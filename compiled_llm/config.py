@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
@@ -46,6 +46,9 @@ class CompileConfig(BaseModel):
 
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (no effect on CPU)."""
+
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    """Decode batch sizes to capture. None: 1, 2, 4, 8, then multiples of 8 up to `max_batch_size`."""
 
     max_batch_size: int = Field(64, ge=1)
     """Most sequences in one engine step (a `generate` batch may not exceed it)."""
@@ -95,6 +98,22 @@ class CompileConfig(BaseModel):
     def _single_gpu(cls, value: int) -> int:
         if value != 1:
             raise ValueError(f"tensor_parallel_size={value} is not supported yet; supported now: 1")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits_a_step(self) -> CompileConfig:
+        if self.max_batch_size > self.max_num_tokens:
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} exceeds max_num_tokens={self.max_num_tokens}: a decode step "
+                "of every sequence would not fit in one step; raise max_num_tokens or lower max_batch_size"
+            )
+        return self
+
+    @field_validator("cuda_graph_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive batch sizes, got {value}")
         return value
 
     @field_validator("passes")

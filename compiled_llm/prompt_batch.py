@@ -21,6 +21,11 @@ class PromptBatch:
     def batch_size(self) -> int:
         return len(self.rows)
 
+    @property
+    def right_padded_rows(self) -> list[int]:
+        width = self.input_ids.shape[1]
+        return [b for b, (row, start) in enumerate(zip(self.rows, self.starts)) if start + len(row) < width]
+
     @classmethod
     def from_inputs(
         cls, input_ids, attention_mask, vocab_size: int, max_seq_len: int, max_batch_size: int
@@ -29,8 +34,10 @@ class PromptBatch:
             raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape [batch, seq_len] with seq_len >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids must have shape [batch, seq_len] with batch >= 1 and seq_len >= 1, got {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[0] > max_batch_size:
             raise ValueError(
                 f"input_ids has a batch of {input_ids.shape[0]}, more than max_batch_size={max_batch_size}; "

@@ -29,7 +29,8 @@ class CompileReport:
     passes: list[PassResult]
     attention: list[PagedLayer]
     kv_cache: str  # e.g. "2 layers x 1024 blocks x 16 tokens (4.0 MiB)"
-    timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s
+    cuda_graphs: str = "off"
+    timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -52,4 +53,5 @@ class CompileReport:
         for (backend, why), layers in by_backend.items():
             lines.append(f"  attention {backend} for layers {_ranges(sorted(layers))} ({why})")
         lines.append(f"  kv cache  {self.kv_cache}")
+        lines.append(f"  cuda graphs {self.cuda_graphs}")
         return "\n".join(lines)

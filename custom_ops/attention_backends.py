@@ -1,15 +1,21 @@
-"""Registry of paged-attention backends and the rule that picks one per layer.
+"""Registry of paged-attention backends, the rule that picks one per layer, and the per-step plan scope.
 
 A backend is a function with the signature of `compiled_llm::paged_attention` (minus `backend`), the
-devices it runs on, and a check that says which layer features it cannot handle. The choice is made
-once, at compile time, by `insert_paged_attention`, and written into the graph as the op's `backend`
-argument, so the compile report and the graph itself say what runs.
+devices it runs on, a check that says which layer features it cannot handle, and optionally a planner:
+host-side work done once per engine step, before the graph runs (FlashInfer's `plan()`), never inside
+it. The choice is made once, at compile time, by `insert_paged_attention`, and written into the graph
+as the op's `backend` argument, so the compile report and the graph itself say what runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 # Preference order for `attention_backend="auto"`: fastest first; `reference` always works.
 AUTO_ORDER = ("flashinfer", "triton", "reference")
@@ -22,9 +28,27 @@ class LayerAttentionFeatures:
     head_dim: int
     num_q_heads: int
     num_kv_heads: int
+    scale: float
     sliding_window: int
     softcap: float
     has_sinks: bool
+    dtype: torch.dtype
+
+
+@dataclass
+class StepAttentionMetadata:
+    """Host (CPU) copies of the step's attention inputs, for planners; see paged_attention.py."""
+
+    block_table: torch.Tensor  # [S, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    block_size: int
+    is_decode: bool  # every sequence computes exactly one token
+
+
+class AttentionPlanner(Protocol):
+    def plan(self, metadata: StepAttentionMetadata, cuda_graph_batch: int | None = None) -> None:
+        """Prepare the step; `cuda_graph_batch` names the captured batch size whose buffers to fill."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,9 @@ class AttentionBackend:
     devices: tuple[str, ...]  # device types it runs on ("cpu", "cuda")
     unsupported: Callable[[LayerAttentionFeatures], str | None] = lambda features: None
     """Returns why the backend cannot run a layer with these features, or None if it can."""
+    make_planner: Callable[[dict[int, LayerAttentionFeatures], int, torch.device], AttentionPlanner] | None = None
+    """(layers by index, block_size, device) -> planner; None for backends that need no planning."""
+    cuda_graph_safe: bool = False  # no host sync or allocation that depends on the step inside `run`
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -56,7 +83,7 @@ def select_attention_backend(requested: str, device_type: str, features: LayerAt
         backend = _BACKENDS.get(requested)
         if backend is None:
             raise ValueError(
-                f"attention_backend={requested!r} is not available in this installation; "
+                f"attention_backend={requested!r} is not available in this version; "
                 f"available: {sorted(_BACKENDS)} (or 'auto')"
             )
         if device_type not in backend.devices:
@@ -73,11 +100,34 @@ def select_attention_backend(requested: str, device_type: str, features: LayerAt
     for name in AUTO_ORDER:
         backend = _BACKENDS.get(name)
         if backend is None:
-            skipped.append(f"{name}: not installed")
+            skipped.append(f"{name}: not in this version")
         elif device_type not in backend.devices:
             skipped.append(f"{name}: no {device_type} support")
         elif reason := backend.unsupported(features):
             skipped.append(f"{name}: {reason}")
         else:
-            return name, "auto" + (f" ({'; '.join(skipped)})" if skipped else "")
+            return name, "auto" + (f"; {'; '.join(skipped)}" if skipped else "")
     raise ValueError(f"no attention backend can run this layer on {device_type}: {'; '.join(skipped)}")
+
+
+_ACTIVE_PLANNERS: ContextVar[dict[str, AttentionPlanner]] = ContextVar("compiled_llm_attention_planners", default={})
+
+
+@contextlib.contextmanager
+def planned_step(planners: dict[str, AttentionPlanner]) -> Iterator[None]:
+    """Within the block, paged-attention backends find the planners the runner planned for this step."""
+    token = _ACTIVE_PLANNERS.set(planners)
+    try:
+        yield
+    finally:
+        _ACTIVE_PLANNERS.reset(token)
+
+
+def active_planner(backend: str) -> AttentionPlanner:
+    planner = _ACTIVE_PLANNERS.get().get(backend)
+    if planner is None:
+        raise RuntimeError(
+            f"paged_attention(backend={backend!r}) ran outside a planned step: run the graph through "
+            "ModelRunner, which plans each step before running it"
+        )
+    return planner

@@ -35,6 +35,8 @@ def attend(
     if sliding_window > 0:
         allowed &= k_pos > q_pos - sliding_window
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    # Rows past a sequence's length hold whatever the cache held (NaN, say): 0 * NaN would poison the sum.
+    v = v.masked_fill(k_pos[0, 0][None, :, None, None] >= lengths[:, None, None, None], 0)
 
     if sinks is not None:
         sink = sinks.to(compute_dtype).view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, n, 1)

@@ -25,7 +25,7 @@ def paged_attention(
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, Hkv, D], written in place
-    slot_mapping: torch.Tensor,  # [T] int64: cache slot of each new token; < 0 = padding, not written
+    slot_mapping: torch.Tensor,  # [T] int64: cache slot of each new token (padding tokens: a scratch block)
     block_table: torch.Tensor,  # [S, max_blocks_per_seq] int32
     query_start_loc: torch.Tensor,  # [S + 1] int32
     seq_lens: torch.Tensor,  # [S] int32
@@ -52,13 +52,11 @@ def _(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, l
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache[slot // B, 0|1, slot % B] = k|v for every token whose slot is >= 0."""
+    """kv_cache[slot // B, 0|1, slot % B] = k|v for every token (no host sync: safe in CUDA graphs)."""
     block_size = kv_cache.shape[2]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[blocks, 0, offsets] = k[keep].to(kv_cache.dtype)
-    kv_cache[blocks, 1, offsets] = v[keep].to(kv_cache.dtype)
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
+    kv_cache[blocks, 1, offsets] = v.to(kv_cache.dtype)
 
 
 def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,14 +53,16 @@ def _features(node: torch.fx.Node) -> LayerAttentionFeatures:
             f"layer {node.args[3]}: key head_dim {k.shape[-1]} != value head_dim {v.shape[-1]}; "
             "the paged KV cache stores both in one tensor"
         )
-    _, _, _, _, _, window, softcap, sinks = node.args
+    _, _, _, _, scale, window, softcap, sinks = node.args
     return LayerAttentionFeatures(
         head_dim=int(q.shape[-1]),
         num_q_heads=int(q.shape[1]),
         num_kv_heads=int(k.shape[1]),
+        scale=float(scale),
         sliding_window=int(window),
         softcap=float(softcap),
         has_sinks=sinks is not None,
+        dtype=k.dtype,
     )
 
 
@@ -94,8 +96,7 @@ def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     for node in sites:
         features = _features(node)
         backend, why = select_attention_backend(config.attention_backend, device_type, features)
-        k = node.args[1].meta["val"]
-        layers.append(PagedLayer(node.args[3], features.num_kv_heads, features.head_dim, k.dtype, features, backend, why))
+        layers.append(PagedLayer(node.args[3], features.num_kv_heads, features.head_dim, features.dtype, features, backend, why))
 
     inputs = _add_placeholders(graph, [*PAGED_INPUTS, *(layer.cache_input for layer in layers)])
     for node, layer in zip(sites, layers):

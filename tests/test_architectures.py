@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,14 @@ def test_eos_stops_rows_and_pads_them_like_hf(compiled, arch):
     actual = cm.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(actual, expected)
     assert (actual[0, 10:] == eos).nonzero()[0].item() <= 4
+
+
+def test_eos_given_as_tensor_or_numpy_values(compiled):
+    model, cm = compiled("llama")
+    ids = random_prompt(10, seed=4)
+    free_run = cm.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    eos = free_run[0, 13]
+    stopped = cm.generate(ids, max_new_tokens=np.int64(8), do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=int(eos), pad_token_id=0)
+    assert torch.equal(stopped, expected) and stopped.shape[1] < free_run.shape[1]

@@ -46,7 +46,8 @@ FEATURES = [
 
 @pytest.mark.parametrize("features", FEATURES)
 def test_canonical_attention_matches_naive(features):
-    torch.manual_seed(random.randrange(1 << 30))
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
     length, head_dim = 11, 8
     q = torch.randn(length, features["num_heads"], head_dim)
     k = torch.randn(length, features["num_kv_heads"], head_dim)
@@ -55,7 +56,7 @@ def test_canonical_attention_matches_naive(features):
     scale = 1 / math.sqrt(head_dim)
     out = ops.attention(q, k, v, 0, scale, features["window"], features["softcap"], sinks)
     expected = naive_attention(q, k, v, scale, features["window"], features["softcap"], sinks)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
 
 
 def mixed_batch(rng: random.Random, block_size: int, num_kv_heads: int, head_dim: int):
@@ -84,7 +85,7 @@ def test_paged_attention_mixed_batch_matches_naive(features, block_size):
     torch.manual_seed(seed)
     num_heads, num_kv_heads, head_dim = features["num_heads"], features["num_kv_heads"], 8
     sequences, num_blocks, max_blocks = mixed_batch(rng, block_size, num_kv_heads, head_dim)
-    kv_cache = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim)  # garbage where unwritten
+    kv_cache = torch.full((num_blocks, 2, block_size, num_kv_heads, head_dim), float("nan"))  # unwritten: NaN
 
     def slot(seq, p):
         return seq["blocks"][p // block_size] * block_size + p % block_size
@@ -113,25 +114,25 @@ def test_paged_attention_mixed_batch_matches_naive(features, block_size):
         start, end = query_start_loc[i].item(), query_start_loc[i + 1].item()
         expected = naive_attention(q[start:end], seq["keys"], seq["values"], scale, features["window"],
                                    features["softcap"], sinks)  # fmt: skip
-        torch.testing.assert_close(out[start:end].double(), expected, rtol=1e-5, atol=1e-5, msg=f"seed {seed}, seq {i}")
+        torch.testing.assert_close(out[start:end].double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}, seq {i}: {m}")
         for p in new[i]:  # the step's keys/values landed in the cache
             block, offset = divmod(slot(seq, p), block_size)
             assert torch.equal(kv_cache[block, 0, offset], seq["keys"][p])
             assert torch.equal(kv_cache[block, 1, offset], seq["values"][p])
 
 
-def test_paged_attention_skips_padding_slots_and_passes_opcheck():
+def test_paged_attention_writes_only_the_step_slots_and_passes_opcheck():
     torch.manual_seed(random.randrange(1 << 30))
     kv_cache = torch.randn(4, 2, 4, 2, 8)
     before = kv_cache.clone()
-    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
-    slot_mapping = torch.tensor([5, 6, -1])  # third token is padding: computed, never stored
-    args = (q[:2], k[:2], v[:2], kv_cache, slot_mapping[:2], torch.tensor([[1, 0]], dtype=torch.int32),
-            torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 0, 0.5, 0, 0.0, None,
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    args = (q, k, v, kv_cache, torch.tensor([5, 6]), torch.tensor([[1, 0]], dtype=torch.int32),
+            torch.tensor([0, 2], dtype=torch.int32), torch.tensor([3], dtype=torch.int32), 0, 0.5, 0, 0.0, None,
             "reference")  # fmt: skip
-    ops.paged_attention(q, k, v, kv_cache, slot_mapping, *args[5:])
-    changed = (kv_cache != before).flatten(2).any(-1)  # [block, k|v] slots changed
+    ops.paged_attention(*args)
+    changed = (kv_cache != before).flatten(2).any(-1)  # [block, k|v]
     assert changed.nonzero().tolist() == [[1, 0], [1, 1]]
-    assert torch.equal(kv_cache[1, 0, 1:3], k[:2]) and torch.equal(kv_cache[1, 1, 1:3], v[:2])
+    assert torch.equal(kv_cache[1, 0, 1:3], k) and torch.equal(kv_cache[1, 1, 1:3], v)
+    assert torch.equal(kv_cache[1, :, [0, 3]], before[1, :, [0, 3]])
     torch.library.opcheck(torch.ops.compiled_llm.paged_attention.default, args)
     torch.library.opcheck(torch.ops.compiled_llm.attention.default, (q, k, v, 0, 0.5, 2, 0.0, torch.randn(4)))

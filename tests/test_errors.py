@@ -25,6 +25,8 @@ from conftest import VOCAB, random_prompt, tiny_model
         ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
         ({"compile_backend": "tvm"}, "compile_backend"),
         ({"no_such_field": 1}, "no_such_field"),
+        ({"max_batch_size": 64, "max_num_tokens": 32}, "max_batch_size=64 exceeds max_num_tokens=32"),
+        ({"cuda_graph_batch_sizes": (0, 4)}, "cuda_graph_batch_sizes"),
     ],
 )
 def test_bad_config_values(fields, message):
@@ -32,8 +34,17 @@ def test_bad_config_values(fields, message):
         CompileConfig(**fields)
 
 
+def test_config_as_dict_or_object_but_not_both():
+    with pytest.raises(ValueError, match="not both"):
+        compile_model(tiny_model("llama"), config=CompileConfig(), max_batch_size=2)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        compile_model(tiny_model("llama"), config={"max_batch_size": 0})
+
+
 def test_unavailable_attention_backend_is_refused():
-    with pytest.raises(ValueError, match="attention_backend='flashinfer' is not available"):
+    with pytest.raises(ValueError, match="attention_backend='triton' is not available in this version"):
+        compile_model(tiny_model("llama"), attention_backend="triton", compile_backend="eager")
+    with pytest.raises(ValueError, match=r"attention_backend='flashinfer' runs on \['cuda'\], but the model is on 'cpu'"):
         compile_model(tiny_model("llama"), attention_backend="flashinfer", compile_backend="eager")
 
 
@@ -69,10 +80,31 @@ def test_prompt_plus_new_tokens_longer_than_max_seq_len(cm):
         cm.generate(random_prompt(cm.max_seq_len - 5), max_new_tokens=10)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "5"])
 def test_max_new_tokens_below_one_or_not_an_integer(cm, bad):
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         cm.generate(random_prompt(4), max_new_tokens=bad)
+
+
+def test_max_new_tokens_defaults_like_hf_and_says_where_it_came_from(cm):
+    with pytest.raises(ValueError, match=r"generation_config.max_length=20 minus a 24-token prompt\) must be"):
+        cm.generate(random_prompt(24))
+
+
+def test_right_padding_is_refused_by_generate(cm):
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"attention_mask pads rows \[0\] on the right; generate\(\) needs left"):
+        cm.generate(random_prompt(5), attention_mask=mask, max_new_tokens=3)
+
+
+def test_unsupported_generation_config_field_is_refused(cm):
+    model = cm.model
+    model.generation_config.no_repeat_ngram_size = 3
+    try:
+        with pytest.raises(ValueError, match="generation_config sets {'no_repeat_ngram_size': 3}"):
+            cm.generate(random_prompt(4), max_new_tokens=3)
+    finally:
+        model.generation_config.no_repeat_ngram_size = None
 
 
 @pytest.mark.parametrize(
@@ -85,6 +117,7 @@ def test_max_new_tokens_below_one_or_not_an_integer(cm, bad):
         (torch.tensor([[3, -1, 4]]), "input_ids holds ids outside the vocabulary"),
         (torch.tensor([3, 4, 5]), r"input_ids must have shape \[batch, seq_len\]"),
         (torch.zeros(1, 0, dtype=torch.long), r"input_ids must have shape \[batch, seq_len\]"),
+        (torch.zeros(0, 5, dtype=torch.long), r"with batch >= 1 and seq_len >= 1"),
         (random_prompt(4, batch=9), "batch of 9, more than max_batch_size=8"),
     ],
 )
@@ -111,6 +144,10 @@ def test_bad_attention_mask(cm, mask, message):
     "kwargs, message",
     [
         ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+        ({"do_sample": True, "temperature": float("nan")}, "temperature must be a finite number"),
+        ({"do_sample": True, "temperature": "hot"}, "temperature must be a finite number"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty must be > 0"),
+        ({"eos_token_id": "x"}, "eos_token_id must be a token id"),
         ({"do_sample": True, "top_p": 1.5}, "top_p must be in"),
         ({"do_sample": True, "top_k": -1}, "top_k must be an integer"),
     ],

@@ -18,7 +18,25 @@ def test_block_allocator():
     with pytest.raises(OutOfKVBlocks, match="asked for 2 KV blocks, 1 of 4 are free"):
         allocator.allocate(2)
     allocator.free(a)
-    assert sorted(allocator.allocate(4)) == [0, 1, 2, 3]
+    assert sorted(allocator.allocate(4)) == [1, 2, 3, 4]  # block 0 is the scratch block, never handed out
+
+
+@pytest.mark.parametrize("arch, block_size, max_num_tokens", [("mistral", 5, 17), ("gemma2", 3, 16)])
+def test_chunked_prefill_with_misaligned_blocks_and_padding(arch, block_size, max_num_tokens):
+    """Chunk boundaries inside blocks, sliding windows, a left-padded batch: logits and tokens of HF."""
+    model = tiny_model(arch)
+    cm = compile_model(model, block_size=block_size, max_num_tokens=max_num_tokens, max_batch_size=3,
+                       max_seq_len=96, compile_backend="eager")  # fmt: skip
+    ids = random_prompt(30, batch=3, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    mask[2, :4] = 0
+    with torch.no_grad():
+        expected_logits = model(ids, attention_mask=mask, use_cache=False).logits
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    real = mask.bool()
+    assert relative_error(cm(ids, attention_mask=mask).logits[real], expected_logits[real]) < 1e-4
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[]), expected)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +74,36 @@ def test_batch_that_does_not_fit_the_kv_cache_is_refused(small_budget):
     with pytest.raises(ValueError, match=f"this batch needs 16 KV blocks but {free} are free"):
         cm.generate(random_prompt(60, batch=4), max_new_tokens=4)
     assert cm.runner.kv_cache.allocator.num_free == free
+
+
+def test_sampling_keeps_the_tokens_hf_warpers_keep():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from compiled_llm.sampling import next_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3  # continuous values: no ties at the top-k / top-p boundary
+    for temperature, top_k, top_p in [(0.7, 5, None), (1.3, None, 0.8), (1.0, 20, 0.5)]:
+        scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        allowed = torch.isfinite(scores)
+        draws = torch.stack([next_tokens(logits, True, temperature, top_k, top_p) for _ in range(200)], dim=1)
+        assert allowed.gather(1, draws).all()  # never a token HF would drop
+        drawn = torch.zeros_like(allowed).scatter(1, draws, True)
+        assert (drawn <= allowed).all() and drawn.sum() > allowed.shape[0]  # and more than one token per row
+
+
+def test_repetition_penalty_matches_hf(small_budget):
+    model, cm = small_budget
+    ids = random_prompt(8, batch=2, seed=11)
+    args = dict(max_new_tokens=10, do_sample=False, eos_token_id=[], pad_token_id=0, repetition_penalty=1.8)
+    with torch.no_grad():
+        expected = model.generate(ids, **args)
+    assert torch.equal(cm.generate(ids, **args), expected)
+    assert not torch.equal(expected, model.generate(ids, **{**args, "repetition_penalty": 1.0}))
 
 
 def test_sampling_limits_and_seeds(small_budget):

@@ -47,7 +47,9 @@ def canonical_attention_forward(
         raise CaptureError(f"{where} is not causal (bidirectional attention is not supported)")
     if dropout:
         raise CaptureError(f"{where} uses attention dropout={dropout}; call model.eval() first")
-    unknown = sorted(name for name, val in kwargs.items() if name not in _IGNORED_KWARGS and val not in (None, False))
+    unknown = sorted(
+        name for name, val in kwargs.items() if name not in _IGNORED_KWARGS and val is not None and val is not False
+    )
     if unknown:
         raise CaptureError(f"{where} passes attention arguments the canonical op does not carry: {unknown}")
     layer_idx = getattr(module, "layer_idx", None)

@@ -52,6 +52,12 @@ class FlatTokenForward(nn.Module):
         return logits[0, logits_indices]
 
 
+def text_config(model: nn.Module):
+    """The config that describes the decoder (the text config of multimodal models), or None."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def architecture_name(model: nn.Module) -> str:
     architectures = getattr(getattr(model, "config", None), "architectures", None)
     return architectures[0] if architectures else type(model).__name__
@@ -135,9 +141,7 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
 
     gm = _plain_graph_module(program.module())
     sites = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION)
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_layers = getattr(text_config, "num_hidden_layers", None)
+    num_layers = getattr(text_config(model), "num_hidden_layers", None)
     if num_layers is not None and sites != num_layers:
         raise CaptureError(
             f"cannot capture {arch}: found {sites} attention calls for {num_layers} layers; its attention does not "

@@ -1,7 +1,8 @@
 """The paged KV cache: one block-paged tensor per attention layer and the allocator of their blocks.
 
 Every layer shares the same block ids: block b of a sequence is block b in every layer's tensor, so one
-allocator serves all layers.
+allocator serves all layers. Block 0 is never handed out: padding tokens (of CUDA-graph batches) write
+their keys and values there, so the write needs no mask and no host sync.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ class OutOfKVBlocks(RuntimeError):
     """More KV blocks were asked for than are free."""
 
 
+SCRATCH_BLOCK = 0
+
+
 class BlockAllocator:
-    """A free list of block ids."""
+    """A free list of the usable block ids 1..num_blocks (block 0 is the scratch block)."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks))
+        self._free = deque(range(1, num_blocks + 1))
 
     @property
     def num_free(self) -> int:
@@ -43,15 +47,16 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """kv_cache_<layer>[num_blocks, 2, block_size, Hkv, D] for each paged layer, plus their allocator."""
+    """kv_cache_<layer>[1 + num_blocks, 2, block_size, Hkv, D] for each paged layer, plus their allocator
+    (`num_blocks` usable blocks and the scratch block)."""
 
     def __init__(self, layers: Sequence[PagedLayer], num_blocks: int, block_size: int, device: torch.device):
         self.layers = list(layers)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.tensors = {
-            layer.cache_input: torch.empty(
-                num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim, dtype=layer.dtype, device=device
+            layer.cache_input: torch.zeros(
+                1 + num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim, dtype=layer.dtype, device=device
             )
             for layer in self.layers
         }
@@ -63,7 +68,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block(self.layers, self.block_size)
+        return (1 + self.num_blocks) * self.bytes_per_block(self.layers, self.block_size)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -87,11 +92,13 @@ def default_num_kv_blocks(
     max_seq_len: int,
     memory_fraction: float,
     device: torch.device,
+    reserved_bytes: int = 0,
 ) -> int:
-    """Blocks for `max_batch_size` full-length sequences, capped by the memory budget (see CompileConfig)."""
+    """Blocks for `max_batch_size` full-length sequences, capped by the memory budget (see CompileConfig);
+    `reserved_bytes` (peak activations of a step, CUDA graphs) are kept free on top."""
     wanted = max_batch_size * math.ceil(max_seq_len / block_size)
     if device.type == "cuda":
-        budget = memory_fraction * torch.cuda.mem_get_info(device)[0]
+        budget = memory_fraction * torch.cuda.mem_get_info(device)[0] - reserved_bytes
     else:
         budget = memory_fraction * min(4 * GiB, _available_host_memory() // 2)
     affordable = int(budget // PagedKVCache.bytes_per_block(layers, block_size))

@@ -6,30 +6,38 @@ from collections.abc import Callable, Sequence as Seq
 
 import torch
 
-from compiled_llm.runtime.kv_cache import PagedKVCache
+from compiled_llm.capture import GRAPH_INPUTS
+from compiled_llm.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache
 from compiled_llm.runtime.sequence import ScheduledChunk, Sequence
+from custom_ops import AttentionPlanner, StepAttentionMetadata, planned_step
+from fx_passes import PAGED_INPUTS
 
-# Inputs whose first dimension changes from step to step (tokens, logits, or sequences of the step).
-STEP_INPUTS = (
-    "input_ids", "position_ids", "logits_indices", "slot_mapping", "block_table", "query_start_loc", "seq_lens",
-)  # fmt: skip
+# The inputs the runner builds each step (the KV caches are the other graph inputs).
+STEP_INPUTS = GRAPH_INPUTS + PAGED_INPUTS
 
 
 class ModelRunner:
-    """Runs the compiled graph over a `PagedKVCache`; owns block allocation for the sequences it runs."""
+    """Runs the compiled graph over a `PagedKVCache`; owns block allocation for the sequences it runs.
+
+    Each step: build the flat batch and its metadata on the host, let the attention backends plan it
+    (outside the graph), copy the inputs to the device, run the graph (or replay its CUDA graph).
+    """
 
     def __init__(
         self,
         graph: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         kv_cache: PagedKVCache,
+        planners: dict[str, AttentionPlanner],
         max_seq_len: int,
         device: torch.device,
     ):
         self.graph = graph
         self.kv_cache = kv_cache
+        self.planners = planners
         self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = kv_cache.blocks_for(max_seq_len)
         self.device = device
+        self.cuda_graphs = None  # a DecodeCudaGraphs, once captured
 
     def ensure_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Give `seq` enough blocks to hold its first `num_tokens` tokens."""
@@ -42,9 +50,18 @@ class ModelRunner:
         seq.block_ids = []
         seq.num_computed = 0
 
-    def step_inputs(self, chunks: Seq[ScheduledChunk]) -> dict[str, torch.Tensor]:
-        """Host-side flat token batch and attention metadata of one step (allocates blocks as needed)."""
+    def step_inputs(
+        self, chunks: Seq[ScheduledChunk], pad_to_seqs: int = 0
+    ) -> tuple[dict[str, torch.Tensor], StepAttentionMetadata, int]:
+        """Host tensors of one step, its attention metadata and how many logits were asked for.
+
+        Allocates blocks as needed. `pad_to_seqs` appends one-token padding sequences (scratch block,
+        logits computed and ignored) up to that many sequences, for a CUDA graph of that batch size.
+        """
         block_size = self.kv_cache.block_size
+        width = 1  # block-table columns: the step's longest sequence, not max_seq_len
+        for chunk in chunks:
+            width = max(width, self.kv_cache.blocks_for(chunk.seq.num_computed + chunk.num_tokens))
         input_ids, positions, slots, logits_indices = [], [], [], []
         query_start_loc, seq_lens, block_rows = [0], [], []
         for chunk in chunks:
@@ -65,28 +82,53 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
-            block_rows.append(seq.block_ids + [0] * (self.max_blocks_per_seq - len(seq.block_ids)))
+            block_rows.append(seq.block_ids[:width] + [SCRATCH_BLOCK] * (width - len(seq.block_ids)))
+        wanted = len(logits_indices)
+        for _ in range(len(chunks), pad_to_seqs):
+            logits_indices.append(len(input_ids))
+            input_ids.append(0)
+            positions.append(0)
+            slots.append(SCRATCH_BLOCK * block_size)
+            query_start_loc.append(len(input_ids))
+            seq_lens.append(1)
+            block_rows.append([SCRATCH_BLOCK] * width)
+        if not logits_indices:  # e.g. a middle prefill chunk: keep the graph's logits dimension non-empty
+            logits_indices.append(len(input_ids) - 1)
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        return {
-            "input_ids": tensor(input_ids, torch.int64),
-            "position_ids": tensor(positions, torch.int64),
-            "logits_indices": tensor(logits_indices, torch.int64),
-            "slot_mapping": tensor(slots, torch.int64),
-            "block_table": tensor(block_rows, torch.int32),
-            "query_start_loc": tensor(query_start_loc, torch.int32),
-            "seq_lens": tensor(seq_lens, torch.int32),
+        inputs = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.int64),
+            "position_ids": torch.tensor(positions, dtype=torch.int64),
+            "logits_indices": torch.tensor(logits_indices, dtype=torch.int64),
+            "slot_mapping": torch.tensor(slots, dtype=torch.int64),
+            "block_table": torch.tensor(block_rows, dtype=torch.int32),
+            "query_start_loc": torch.tensor(query_start_loc, dtype=torch.int32),
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
         }
+        metadata = StepAttentionMetadata(
+            block_table=inputs["block_table"],
+            query_start_loc=inputs["query_start_loc"],
+            seq_lens=inputs["seq_lens"],
+            block_size=block_size,
+            is_decode=len(input_ids) == len(seq_lens),
+        )
+        return inputs, metadata, wanted
+
+    def run_graph(self, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata) -> torch.Tensor:
+        """Plan the step and run the graph on host `inputs` (copied to the device here)."""
+        for planner in self.planners.values():
+            planner.plan(metadata)
+        device_inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
+        with planned_step(self.planners):
+            return self.graph({**device_inputs, **self.kv_cache.tensors})
 
     def execute(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns logits [N, vocab] of the tokens that asked for them, in chunk order."""
-        inputs = self.step_inputs(chunks)
-        wanted = inputs["logits_indices"].numel()
-        if wanted == 0:  # e.g. a middle prefill chunk: keep the graph's logits dimension non-empty
-            inputs["logits_indices"] = torch.tensor([inputs["input_ids"].numel() - 1], device=self.device)
-        logits = self.graph({**inputs, **self.kv_cache.tensors})
+        graph_batch = self.cuda_graphs.batch_size_for(chunks) if self.cuda_graphs is not None else None
+        inputs, metadata, wanted = self.step_inputs(chunks, pad_to_seqs=graph_batch or 0)
+        if graph_batch is not None:
+            logits = self.cuda_graphs.replay(graph_batch, inputs, metadata)
+        else:
+            logits = self.run_graph(inputs, metadata)
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
         return logits[:wanted]

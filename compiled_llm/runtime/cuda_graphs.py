@@ -1,0 +1,97 @@
+"""Decode steps replayed as CUDA graphs, one graph per captured batch size.
+
+A decode step of b sequences is padded to the smallest captured size >= b (padding tokens write to the
+scratch block) and replayed over static input buffers; the attention backends plan the step into that
+size's fixed buffers first, on the host. Prefill and mixed steps, and batches larger than the largest
+captured size, run the compiled graph directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from compiled_llm.runtime.model_runner import ModelRunner
+from compiled_llm.runtime.sequence import ScheduledChunk
+from custom_ops import StepAttentionMetadata, planned_step
+
+log = logging.getLogger("compiled_llm.cuda_graphs")
+
+
+def default_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_batch_size (and max_batch_size itself)."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch_size] + list(range(8, max_batch_size, 8))
+    return sorted(set(sizes + [max_batch_size]))
+
+
+class DecodeCudaGraphs:
+    def __init__(self, runner: ModelRunner, batch_sizes: Seq[int]):
+        self.runner = runner
+        self.batch_sizes = sorted(set(batch_sizes))
+        largest = self.batch_sizes[-1]
+        device = runner.device
+        self._static = {
+            "input_ids": torch.zeros(largest, dtype=torch.int64, device=device),
+            "position_ids": torch.zeros(largest, dtype=torch.int64, device=device),
+            "logits_indices": torch.zeros(largest, dtype=torch.int64, device=device),
+            "slot_mapping": torch.zeros(largest, dtype=torch.int64, device=device),
+            "block_table": torch.zeros(largest, runner.max_blocks_per_seq, dtype=torch.int32, device=device),
+            "query_start_loc": torch.zeros(largest + 1, dtype=torch.int32, device=device),
+            "seq_lens": torch.zeros(largest, dtype=torch.int32, device=device),
+        }
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_s = 0.0
+        self.memory_bytes = 0
+        self.replays = 0
+
+    def batch_size_for(self, chunks: Seq[ScheduledChunk]) -> int | None:
+        """The captured size to replay for this step, or None if it is not a decode step that fits."""
+        if not chunks or len(chunks) > self.batch_sizes[-1]:
+            return None
+        if any(c.num_tokens != 1 or c.logits != "last" for c in chunks):
+            return None
+        return next(size for size in self.batch_sizes if size >= len(chunks))
+
+    def _views(self, batch_size: int) -> dict[str, torch.Tensor]:
+        views = {name: buffer[:batch_size] for name, buffer in self._static.items()}
+        views["query_start_loc"] = self._static["query_start_loc"][: batch_size + 1]
+        return views
+
+    def _load(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata) -> None:
+        for planner in self.runner.planners.values():
+            planner.plan(metadata, cuda_graph_batch=batch_size)
+        for name, view in self._views(batch_size).items():
+            if name == "block_table":  # the step's table is as wide as its longest sequence needs
+                view = view[:, : inputs[name].shape[1]]
+            view.copy_(inputs[name], non_blocking=True)
+
+    def capture(self) -> None:
+        """Capture every batch size, largest first, into one memory pool."""
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.runner.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        for batch_size in reversed(self.batch_sizes):
+            inputs, metadata, _ = self.runner.step_inputs([], pad_to_seqs=batch_size)  # all padding
+            self._load(batch_size, inputs, metadata)
+            views = {**self._views(batch_size), **self.runner.kv_cache.tensors}
+            with planned_step(self.runner.planners):
+                self.runner.graph(views)  # warm-up outside the capture: lazy initialisation, allocator
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.runner.graph(views)
+            self._graphs[batch_size] = (graph, logits)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - start
+        self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.runner.device)[0])
+        log.info("captured %d CUDA graphs (%s) in %.1f s", len(self.batch_sizes), self.batch_sizes, self.capture_s)
+
+    def replay(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata) -> torch.Tensor:
+        graph, logits = self._graphs[batch_size]
+        self._load(batch_size, inputs, metadata)
+        graph.replay()
+        self.replays += 1
+        return logits

@@ -1,0 +1,140 @@
+"""The `flashinfer` paged-attention backend: FlashInfer's paged prefill and decode kernels.
+
+Host side (`FlashInferPlanner.plan`, once per engine step, outside any graph): turn the step's block table
+into FlashInfer's page layout and plan one wrapper per attention group (layers that share heads, head_dim,
+scale, sliding window and soft-cap). Device side (`_run`, once per layer, graph-safe): write the layer's
+K/V into the cache, then run the planned wrapper. Decode steps replayed as CUDA graphs use wrappers whose
+index buffers are fixed per captured batch size; planning fills those buffers in place.
+
+FlashInfer is imported on first use, so the package is only needed where this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from custom_ops.attention_backends import (
+    AttentionBackend,
+    LayerAttentionFeatures,
+    StepAttentionMetadata,
+    active_planner,
+    register_attention_backend,
+)
+from custom_ops.paged_attention import write_kv_cache
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+WORKSPACE_BYTES = 256 << 20
+
+
+def _unsupported(features: LayerAttentionFeatures) -> str | None:
+    if importlib.util.find_spec("flashinfer") is None:
+        return "flashinfer is not installed (pip install compiled-llm[gpu])"
+    if features.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {features.dtype} (needs bfloat16 or float16)"
+    if features.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {features.head_dim} (supports {SUPPORTED_HEAD_DIMS})"
+    if features.has_sinks:
+        return "attention sinks"
+    return None
+
+
+def paged_kv_layout(metadata: StepAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's (kv_indptr [S+1], kv_indices [pages], kv_last_page_len [S]) from the block table."""
+    block_size = metadata.block_size
+    pages = (metadata.seq_lens + block_size - 1) // block_size  # [S]
+    kv_indptr = torch.zeros(len(pages) + 1, dtype=torch.int32)
+    torch.cumsum(pages, 0, out=kv_indptr[1:])
+    used = torch.arange(metadata.block_table.shape[1])[None, :] < pages[:, None]
+    kv_indices = metadata.block_table[used].to(torch.int32)
+    last_page_len = (metadata.seq_lens - (pages - 1) * block_size).to(torch.int32)
+    return kv_indptr, kv_indices, last_page_len
+
+
+class FlashInferPlanner:
+    """Owns the FlashInfer wrappers of one compiled model and plans them each step."""
+
+    def __init__(self, layers: dict[int, LayerAttentionFeatures], block_size: int, device: torch.device):
+        import flashinfer
+
+        self._flashinfer = flashinfer
+        self.block_size = block_size
+        self.device = device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.groups: dict[LayerAttentionFeatures, list[int]] = {}
+        for layer_idx, features in sorted(layers.items()):
+            self.groups.setdefault(features, []).append(layer_idx)
+        self._prefill = {f: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for f in self.groups}
+        self._decode = {f: self._decode_wrapper(f) for f in self.groups}
+        self._graph_decode: dict[tuple[int, LayerAttentionFeatures], object] = {}
+        self._layer_wrapper: dict[int, object] = {}
+
+    def _decode_wrapper(self, features: LayerAttentionFeatures, graph_batch: int | None = None, max_pages: int = 0):
+        # Tensor cores pay off once several query heads share a KV head (FlashInfer's own advice).
+        tensor_cores = features.num_q_heads // features.num_kv_heads >= 4
+        if graph_batch is None:
+            return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=tensor_cores
+            )
+        int32 = dict(dtype=torch.int32, device=self.device)
+        return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+            paged_kv_indptr_buffer=torch.zeros(graph_batch + 1, **int32),
+            paged_kv_indices_buffer=torch.zeros(max_pages, **int32),
+            paged_kv_last_page_len_buffer=torch.zeros(graph_batch, **int32),
+        )  # fmt: skip
+
+    @staticmethod
+    def _attention_kwargs(features: LayerAttentionFeatures) -> dict:
+        return dict(
+            sm_scale=features.scale,
+            # HF's window counts the query itself; FlashInfer's window_left counts the keys before it.
+            window_left=features.sliding_window - 1 if features.sliding_window > 0 else -1,
+            logits_soft_cap=features.softcap if features.softcap > 0 else None,
+            q_data_type=features.dtype,
+            kv_data_type=features.dtype,
+        )
+
+    def plan(self, metadata: StepAttentionMetadata, cuda_graph_batch: int | None = None) -> None:
+        kv_indptr, kv_indices, last_page_len = paged_kv_layout(metadata)
+        for features, layer_ids in self.groups.items():
+            shape = (features.num_q_heads, features.num_kv_heads, features.head_dim, self.block_size)
+            if metadata.is_decode:
+                if cuda_graph_batch is None:
+                    wrapper = self._decode[features]
+                else:
+                    key = (cuda_graph_batch, features)
+                    if key not in self._graph_decode:
+                        max_pages = cuda_graph_batch * metadata.block_table.shape[1]
+                        self._graph_decode[key] = self._decode_wrapper(features, cuda_graph_batch, max_pages)
+                    wrapper = self._graph_decode[key]
+                wrapper.plan(kv_indptr, kv_indices, last_page_len, *shape, **self._attention_kwargs(features))
+            else:
+                wrapper = self._prefill[features]
+                wrapper.plan(metadata.query_start_loc, kv_indptr, kv_indices, last_page_len, *shape,
+                             causal=True, **self._attention_kwargs(features))  # fmt: skip
+            for layer_idx in layer_ids:
+                self._layer_wrapper[layer_idx] = wrapper
+
+    def run(self, layer_idx: int, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> None:
+        self._layer_wrapper[layer_idx].run(q, kv_cache, out=out)
+
+
+def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
+         layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
+    write_kv_cache(k, v, kv_cache, slot_mapping)
+    active_planner("flashinfer").run(layer_idx, q, kv_cache, out)
+
+
+register_attention_backend(
+    AttentionBackend(
+        "flashinfer",
+        _run,
+        devices=("cuda",),
+        unsupported=_unsupported,
+        make_planner=FlashInferPlanner,
+        cuda_graph_safe=True,
+    )
+)
