@@ -1,6 +1,9 @@
 """`compiled-llm` command line: one entry point with subcommands.
 
-    compiled-llm build MODEL_DIR [--max-batch-size 8 ...]   compile a local HF model, print the report
+    compiled-llm build MODEL [--max-batch-size 8 ...]   compile a model, print the compile report
+    compiled-llm bench MODEL --mode latency ...          decode speed against HF baselines, same process
+
+MODEL is a local Hugging Face directory or a random-weight preset (`random:llama-3.1-8b`, ...).
 
 Every `CompileConfig` field is a flag (`--max-seq-len 2048`, `--passes graph_cleanup,insert_paged_attention`).
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from compiled_llm.config import CompileConfig
 
@@ -30,21 +32,43 @@ def _config_from_args(args: argparse.Namespace) -> CompileConfig:
     return CompileConfig(**fields)
 
 
-def _load_model(model: str):
-    path = Path(model)
-    if not (path.is_dir() and (path / "config.json").exists()):
-        raise ValueError(f"MODEL must be a local Hugging Face model directory with a config.json, got {model!r}")
-    from transformers import AutoModelForCausalLM
+def _dtype(name: str | None):
+    import torch
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"--dtype must name a torch dtype (bfloat16, float16, float32), got {name!r}")
+    return dtype
 
 
 def build(args: argparse.Namespace) -> int:
     from compiled_llm.compiled_model import compile_model
+    from compiled_llm.presets import load_model
 
     config = _config_from_args(args)
-    cm = compile_model(_load_model(args.model), config)
+    cm = compile_model(load_model(args.model, _dtype(args.dtype)), config)
     print(cm.report)
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from compiled_llm.bench.latency import format_table, run_latency_benchmark, write_json
+    from compiled_llm.presets import load_model
+
+    if args.mode != "latency":
+        raise ValueError(f"--mode {args.mode!r} is not available yet; available: latency")
+    config = _config_from_args(args)
+    baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
+    model = load_model(args.model, _dtype(args.dtype))
+    result = run_latency_benchmark(
+        model, args.model, args.batch_size, args.input_len, args.output_len, baselines,
+        repeats=args.repeats, config=config, profile=args.profile,
+    )  # fmt: skip
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
     return 0
 
 
@@ -52,10 +76,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compiled-llm", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "local Hugging Face model directory, or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)"
     build_parser = commands.add_parser("build", help="compile a model and print the compile report")
-    build_parser.add_argument("model", help="local Hugging Face model directory")
+    build_parser.add_argument("model", help=model_help)
+    build_parser.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(build_parser)
     build_parser.set_defaults(run=build)
+
+    bench_parser = commands.add_parser(
+        "bench", help="measure speed against baselines in the same process",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    bench_parser.add_argument("model", help=model_help)
+    bench_parser.add_argument("--mode", default="latency", choices=["latency", "throughput", "serving"])
+    bench_parser.add_argument("--batch-size", type=int, default=1)
+    bench_parser.add_argument("--input-len", type=int, default=128)
+    bench_parser.add_argument("--output-len", type=int, default=128)
+    bench_parser.add_argument("--baselines", default="hf-eager,hf-compile", help="comma-separated, or none")
+    bench_parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    bench_parser.add_argument("--profile", action="store_true", help="add a kernel profile of decode steps")
+    bench_parser.add_argument("--json", help="write the results to this file")
+    bench_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
+    _add_config_flags(bench_parser)
+    bench_parser.set_defaults(run=bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -43,6 +43,7 @@ class StepAttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int32
     seq_lens: torch.Tensor  # [S] int32
     block_size: int
+    max_blocks_per_seq: int  # capacity: the widest block table any step can have
     is_decode: bool  # every sequence computes exactly one token
 
 

@@ -107,7 +107,7 @@ class FlashInferPlanner:
                 else:
                     key = (cuda_graph_batch, features)
                     if key not in self._graph_decode:
-                        max_pages = cuda_graph_batch * metadata.block_table.shape[1]
+                        max_pages = cuda_graph_batch * metadata.max_blocks_per_seq
                         self._graph_decode[key] = self._decode_wrapper(features, cuda_graph_batch, max_pages)
                     wrapper = self._graph_decode[key]
                 wrapper.plan(kv_indptr, kv_indices, last_page_len, *shape, **self._attention_kwargs(features))

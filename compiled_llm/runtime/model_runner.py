@@ -109,6 +109,7 @@ class ModelRunner:
             query_start_loc=inputs["query_start_loc"],
             seq_lens=inputs["seq_lens"],
             block_size=block_size,
+            max_blocks_per_seq=self.max_blocks_per_seq,
             is_decode=len(input_ids) == len(seq_lens),
         )
         return inputs, metadata, wanted

@@ -1,0 +1,178 @@
+"""`compiled-llm bench --mode latency`: batch decode speed, time to first token and compile time of this
+project and of Hugging Face baselines, in one process on the same model and prompts.
+
+For each system: `generate` of 1 token (time to first token, TTFT) and of `output_len` tokens, medians of
+`repeats` runs after a warm-up; decode tokens/s per sequence = (output_len - 1) / (t_full - t_ttft).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from compiled_llm.bench.measure import copy_bandwidth, median_time, timed
+from compiled_llm.config import CompileConfig
+
+log = logging.getLogger("compiled_llm.bench")
+
+BASELINES = ("hf-eager", "hf-compile")
+
+
+@dataclass
+class SystemResult:
+    system: str
+    decode_tokens_per_s: float  # per sequence
+    ttft_s: float
+    compile_s: float | None
+    details: dict = field(default_factory=dict)
+
+
+def _measure(system: str, generate: Callable[[int], object], output_len: int, device, repeats: int,
+             compile_s: float | None) -> SystemResult:  # fmt: skip
+    ttft = median_time(lambda: generate(1), device, repeats)
+    full = median_time(lambda: generate(output_len), device, repeats)
+    decode = (output_len - 1) / (full - ttft)
+    log.info("%s: ttft %.4f s, %d tokens in %.3f s, decode %.1f tokens/s", system, ttft, output_len, full, decode)
+    return SystemResult(system, decode, ttft, compile_s, {"full_generate_s": full})
+
+
+def _hf_generate(model, ids, cache_implementation: str | None):
+    mask = torch.ones_like(ids)
+    extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+
+    def generate(n: int):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0, **extra)  # fmt: skip
+
+    return generate
+
+
+def run_latency_benchmark(
+    model,
+    model_name: str,
+    batch_size: int,
+    input_len: int,
+    output_len: int,
+    baselines: tuple[str, ...] = BASELINES,
+    repeats: int = 3,
+    config: CompileConfig | None = None,
+    profile: bool = False,
+) -> dict:
+    from compiled_llm.compiled_model import compile_model
+
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
+    if batch_size < 1 or input_len < 1 or output_len < 2:
+        raise ValueError("batch_size and input_len must be >= 1 and output_len >= 2")
+    device = next(model.parameters()).device
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, input_len), generator=generator).to(device)
+
+    # Only what this run needs: a KV cache for its sequences, graphs for its batch size.
+    block = 16
+    fields = dict(max_batch_size=batch_size, max_seq_len=input_len + output_len, block_size=block,
+                  num_kv_blocks=batch_size * math.ceil((input_len + output_len) / block) + 1,
+                  max_num_tokens=max(batch_size * input_len, 256), cuda_graph_batch_sizes=(batch_size,))  # fmt: skip
+    if config is not None:
+        fields.update(config.model_dump(exclude_unset=True))
+    start = time.perf_counter()
+    cm = compile_model(model, **fields)
+    compile_s = time.perf_counter() - start
+
+    def ours(n: int):
+        return cm.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
+
+    ours(2)
+    results = [_measure("compiled-llm", ours, output_len, device, repeats, compile_s)]
+    results[0].details["report"] = str(cm.report)
+
+    if profile and device.type == "cuda":
+        results[0].details["profile"] = profile_decode(cm, ids)
+
+    for baseline in baselines:
+        generate = _hf_generate(model, ids, "static" if baseline == "hf-compile" else None)
+        first_call = timed(lambda: generate(output_len), device)  # compiles, for hf-compile
+        result = _measure(baseline, generate, output_len, device, repeats, None)
+        if baseline == "hf-compile":
+            result.compile_s = first_call - result.details["full_generate_s"]
+        results.append(result)
+
+    out = {
+        "model": model_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "input_len": input_len,
+        "output_len": output_len,
+        "weight_bytes": weight_bytes,
+        "torch": torch.__version__,
+        "results": [asdict(r) for r in results],
+    }
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        kv_bytes_per_token = cm.runner.kv_cache.bytes_per_block(cm.runner.kv_cache.layers, 1)
+        average_context = input_len + output_len / 2
+        step_bytes = weight_bytes + batch_size * average_context * kv_bytes_per_token
+        limit = bandwidth / step_bytes  # decode steps (= tokens per sequence) per second
+        out.update(copy_bandwidth_GBps=bandwidth / 1e9, step_bytes=step_bytes, bandwidth_limit_tokens_per_s=limit)
+        ours_result = out["results"][0]
+        ours_result["details"]["fraction_of_bandwidth_limit"] = ours_result["decode_tokens_per_s"] / limit
+        for r in out["results"][1:]:
+            ours_result["details"][f"speedup_vs_{r['system']}"] = ours_result["decode_tokens_per_s"] / r["decode_tokens_per_s"]
+    return out
+
+
+def profile_decode(cm, ids, steps: int = 8) -> dict:
+    """Kernels of `steps` decode steps (torch profiler): count and time per kernel, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = ids[:, :8]
+    cm.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        cm.generate(prompt, max_new_tokens=steps + 1, eos_token_id=[], pad_token_id=0)
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
+    total = sum(sum(t) for t in kernels.values())
+    rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
+    return {
+        "note": f"{steps} decode steps plus one prefill step of {prompt.shape[1]} tokens",
+        "kernels_total": sum(len(t) for t in kernels.values()),
+        "device_time_us": total,
+        "top": [{"kernel": name[:120], "count": len(t), "total_us": sum(t)} for name, t in rows[:25]],
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{result['model']} on {result['device']} ({result['dtype']}): batch {result['batch_size']}, "
+        f"input {result['input_len']}, output {result['output_len']}",
+        f"{'system':<14} {'decode tok/s/seq':>17} {'TTFT s':>9} {'compile s':>10}",
+    ]
+    for r in result["results"]:
+        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
+        lines.append(f"{r['system']:<14} {r['decode_tokens_per_s']:>17.1f} {r['ttft_s']:>9.4f} {compile_s:>10}")
+    if "bandwidth_limit_tokens_per_s" in result:
+        ours = result["results"][0]["details"]
+        lines.append(
+            f"bandwidth limit {result['bandwidth_limit_tokens_per_s']:.1f} tok/s/seq "
+            f"(copy {result['copy_bandwidth_GBps']:.0f} GB/s, {result['step_bytes'] / 1e9:.2f} GB per step); "
+            f"compiled-llm reaches {ours['fraction_of_bandwidth_limit']:.1%}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

@@ -1,0 +1,61 @@
+"""Random-weight models of known architectures (`random:NAME`), for benchmarks without downloads.
+
+Speed does not depend on weight values; these build the exact shapes of real checkpoints, directly on
+the target device.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # fmt: skip
+
+RANDOM_PRESETS = {
+    "llama-3.1-8b": lambda: tf.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
+    ),
+    "qwen3-8b": lambda: tf.Qwen3Config(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "smollm2-135m": lambda: tf.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    ),
+    "tiny-llama": lambda: tf.LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+    ),
+}  # fmt: skip
+
+
+def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"):
+    """A randomly initialised `random:NAME` model, in eval mode, built on `device`."""
+    if name not in RANDOM_PRESETS:
+        raise ValueError(f"unknown preset 'random:{name}'; known: {', '.join('random:' + n for n in RANDOM_PRESETS)}")
+    config = RANDOM_PRESETS[name]()
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """A model from `random:NAME` or a local Hugging Face directory."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("random:"):
+        return random_model(spec.removeprefix("random:"), dtype or torch.bfloat16, device)
+    from pathlib import Path
+
+    path = Path(spec)
+    if not (path.is_dir() and (path / "config.json").exists()):
+        raise ValueError(
+            f"MODEL must be a local Hugging Face model directory with a config.json or a preset "
+            f"({', '.join('random:' + n for n in RANDOM_PRESETS)}), got {spec!r}"
+        )
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()

@@ -1,0 +1,143 @@
+"""GPU attention backends against the reference op, on random mixed batches and random block tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+
+import pytest
+import torch
+
+import custom_ops  # noqa: F401
+from custom_ops import LayerAttentionFeatures, StepAttentionMetadata, planned_step
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="flashinfer is not installed"),
+]
+ops = torch.ops.compiled_llm
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def random_step(rng: random.Random, shapes, block_size, num_heads, num_kv_heads, head_dim, dtype):
+    """A step over sequences with `shapes` = [(cached, new)]: cache filled with NaN except their prefixes."""
+    device = "cuda"
+    widths = [math.ceil((c + n) / block_size) for c, n in shapes]
+    pool = list(range(1, sum(widths) + 8))  # block 0 is the scratch block
+    rng.shuffle(pool)
+    kv_cache = torch.full((len(pool) + 1, 2, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    tables, slots, k_new, v_new = [], [], [], []
+    for (cached, new), width in zip(shapes, widths):
+        blocks, pool = pool[:width], pool[width:]
+        tables.append(blocks + [0] * (max(widths) - width))
+        keys = torch.randn(cached + new, num_kv_heads, head_dim, dtype=dtype, device=device)
+        values = torch.randn(cached + new, num_kv_heads, head_dim, dtype=dtype, device=device)
+        for p in range(cached + new):
+            block, offset = blocks[p // block_size], p % block_size
+            if p < cached:
+                kv_cache[block, 0, offset], kv_cache[block, 1, offset] = keys[p], values[p]
+            else:
+                slots.append(block * block_size + offset)
+        k_new.append(keys[cached:])
+        v_new.append(values[cached:])
+    total = sum(n for _, n in shapes)
+    q = torch.randn(total, num_heads, head_dim, dtype=dtype, device=device)
+    qsl = [0]
+    for _, n in shapes:
+        qsl.append(qsl[-1] + n)
+    host = dict(
+        block_table=torch.tensor(tables, dtype=torch.int32),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor([c + n for c, n in shapes], dtype=torch.int32),
+    )
+    metadata = StepAttentionMetadata(**host, block_size=block_size, max_blocks_per_seq=32,
+                                     is_decode=all(n == 1 for _, n in shapes))  # fmt: skip
+    args = [q, torch.cat(k_new), torch.cat(v_new), kv_cache, torch.tensor(slots, device=device)]
+    args += [host[name].to(device) for name in ("block_table", "query_start_loc", "seq_lens")]
+    return args, metadata
+
+
+SHAPES = {
+    "llama-8b": (32, 8, 128),  # tensor-core decode (4 query heads per KV head)
+    "smollm2": (9, 3, 64),  # CUDA-core decode
+}
+STEPS = {
+    "mixed": [(0, 37), (20, 1), (5, 16), (63, 1), (0, 1), (100, 30)],
+    "decode": [(1, 1), (16, 1), (17, 1), (200, 1), (33, 1)],
+}
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_flashinfer_matches_reference(shape, step, block_size):
+    from custom_ops.flashinfer_attention import FlashInferPlanner
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_heads, num_kv_heads, head_dim = SHAPES[shape]
+    scale = head_dim**-0.5
+    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, scale, 0, 0.0, False, torch.bfloat16)
+    args, metadata = random_step(rng, STEPS[step], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    reference_cache = args[3].clone()
+    expected = ops.paged_attention(*args[:3], reference_cache, *args[4:], 0, scale, 0, 0.0, None, "reference")
+    planner = FlashInferPlanner({0: features}, block_size, torch.device("cuda"))
+    planner.plan(metadata)
+    with planned_step({"flashinfer": planner}):
+        actual = ops.paged_attention(*args, 0, scale, 0, 0.0, None, "flashinfer")
+    torch.cuda.synchronize()
+    assert torch.isfinite(actual).all()
+    assert relative_error(actual, expected) < 1e-2, f"seed {seed}"
+    written = ~torch.isnan(reference_cache)
+    assert torch.equal(args[3][written], reference_cache[written])  # both wrote the same slots
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_flashinfer_decode_replays_in_a_cuda_graph(shape):
+    """Plan into a graph-mode wrapper, capture once, then replay with other lengths and block tables."""
+    from custom_ops.flashinfer_attention import FlashInferPlanner
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_heads, num_kv_heads, head_dim = SHAPES[shape]
+    scale = head_dim**-0.5
+    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, scale, 0, 0.0, False, torch.bfloat16)
+    planner = FlashInferPlanner({0: features}, 16, torch.device("cuda"))
+    batch, width = 4, 16
+    steps = [[(rng.randrange(0, 200), 1) for _ in range(batch)] for _ in range(3)]
+    built = [random_step(rng, s, 16, num_heads, num_kv_heads, head_dim, torch.bfloat16) for s in steps]
+    static = [a.clone() for a in built[0][0][:3]]  # q, k, v
+    cache = torch.zeros_like(max((b[0][3] for b in built), key=lambda c: c.shape[0]))
+    slots = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(static[0])
+
+    def load(args, metadata):
+        for dst, src in zip(static, args[:3]):
+            dst.copy_(src)
+        cache.zero_()
+        cache[: args[3].shape[0]].copy_(args[3].nan_to_num(0.0))
+        slots.copy_(args[4])
+        planner.plan(metadata, cuda_graph_batch=batch)
+
+    load(*built[0])
+    table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    with planned_step({"flashinfer": planner}):
+        run = lambda: out.copy_(ops.paged_attention(*static, cache, slots, table, table[:, 0], table[:, 0], 0, scale,
+                                                    0, 0.0, None, "flashinfer"))  # fmt: skip
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+    for args, metadata in built[1:]:
+        load(args, metadata)
+        graph.replay()
+        expected_cache = args[3].nan_to_num(0.0)
+        expected = ops.paged_attention(*args[:3], expected_cache, *args[4:], 0, scale, 0, 0.0, None, "reference")
+        torch.cuda.synchronize()
+        assert relative_error(out, expected) < 1e-2, f"seed {seed}"
