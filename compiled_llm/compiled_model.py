@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from compiled_llm.capture import capture_model, text_config
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.config import CompileConfig
+from compiled_llm.decode_loop import decode
 from compiled_llm.generation import GenerationSettings
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
@@ -27,7 +28,6 @@ from compiled_llm.runtime import (
     default_num_kv_blocks,
 )
 from custom_ops import get_attention_backend
-from compiled_llm.sampling import apply_repetition_penalty, next_tokens
 from fx_passes import run_passes
 
 log = logging.getLogger("compiled_llm")
@@ -258,27 +258,11 @@ class CompiledModel:
         self._check_kv_capacity([len(row) + settings.max_new_tokens for row in batch.rows])
 
         seqs = [Sequence(list(row)) for row in batch.rows]
-        generated: list[list[int]] = [[] for _ in seqs]
         # HF penalizes every id of the input rows, left padding included, and every generated one.
         seen = batch.input_ids.detach().long().to(self.device)
         try:
             logits = torch.stack([rows[-1] for rows in self._prefill(seqs, logits="last")])
-            active = list(range(len(seqs)))
-            for step in range(settings.max_new_tokens):
-                if settings.repetition_penalty != 1.0:
-                    logits = apply_repetition_penalty(logits, seen[active], settings.repetition_penalty)
-                tokens = next_tokens(logits, settings.do_sample, settings.temperature, settings.top_k, settings.top_p)
-                for i, token in zip(active, tokens.tolist()):
-                    generated[i].append(token)
-                    seqs[i].token_ids.append(token)
-                if settings.repetition_penalty != 1.0:
-                    column = torch.full((len(seqs), 1), settings.pad_token_id or 0, dtype=torch.long, device=self.device)
-                    column[active, 0] = tokens
-                    seen = torch.cat([seen, column], dim=1)
-                active = [i for i in active if generated[i][-1] not in settings.eos_token_ids]
-                if not active or step + 1 == settings.max_new_tokens:
-                    break
-                logits = self.runner.execute([ScheduledChunk(seqs[i], 1, "last") for i in active])
+            generated = decode(self.runner, seqs, logits, settings, seen)
         finally:
             for seq in seqs:
                 self.runner.release(seq)

@@ -10,7 +10,7 @@ as the op's `backend` argument, so the compile report and the graph itself say w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,8 +48,9 @@ class StepAttentionMetadata:
 
 
 class AttentionPlanner(Protocol):
-    def plan(self, metadata: StepAttentionMetadata, cuda_graph_batch: int | None = None) -> None:
-        """Prepare the step; `cuda_graph_batch` names the captured batch size whose buffers to fill."""
+    def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:
+        """Prepare the step. `cuda_graph_key` names the captured CUDA graph that will run it: the planner
+        keeps fixed buffers per key (those the graph was captured with) and fills them in place."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ FlashInfer is imported on first use, so the package is only needed where this ba
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Hashable
 
 import torch
 
@@ -22,7 +23,7 @@ from custom_ops.attention_backends import (
     active_planner,
     register_attention_backend,
 )
-from custom_ops.paged_attention import write_kv_cache
+from custom_ops.kv_cache_write import write_kv_cache_fast
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -41,8 +42,12 @@ def _unsupported(features: LayerAttentionFeatures) -> str | None:
     return None
 
 
-def paged_kv_layout(metadata: StepAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashInfer's (kv_indptr [S+1], kv_indices [pages], kv_last_page_len [S]) from the block table."""
+def paged_kv_layout(
+    metadata: StepAttentionMetadata, pinned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's (kv_indptr [S+1], kv_indices [pages], kv_last_page_len [S]) from the block table, in
+    pinned host memory if asked (plan() copies them to the GPU; from pageable memory that copy would wait
+    for the GPU to drain)."""
     block_size = metadata.block_size
     pages = (metadata.seq_lens + block_size - 1) // block_size  # [S]
     kv_indptr = torch.zeros(len(pages) + 1, dtype=torch.int32)
@@ -50,6 +55,8 @@ def paged_kv_layout(metadata: StepAttentionMetadata) -> tuple[torch.Tensor, torc
     used = torch.arange(metadata.block_table.shape[1])[None, :] < pages[:, None]
     kv_indices = metadata.block_table[used].to(torch.int32)
     last_page_len = (metadata.seq_lens - (pages - 1) * block_size).to(torch.int32)
+    if pinned:
+        return kv_indptr.pin_memory(), kv_indices.pin_memory(), last_page_len.pin_memory()
     return kv_indptr, kv_indices, last_page_len
 
 
@@ -68,7 +75,7 @@ class FlashInferPlanner:
             self.groups.setdefault(features, []).append(layer_idx)
         self._prefill = {f: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for f in self.groups}
         self._decode = {f: self._decode_wrapper(f) for f in self.groups}
-        self._graph_decode: dict[tuple[int, LayerAttentionFeatures], object] = {}
+        self._graph_decode: dict[tuple[Hashable, LayerAttentionFeatures], object] = {}
         self._layer_wrapper: dict[int, object] = {}
 
     def _decode_wrapper(self, features: LayerAttentionFeatures, graph_batch: int | None = None, max_pages: int = 0):
@@ -97,18 +104,22 @@ class FlashInferPlanner:
             kv_data_type=features.dtype,
         )
 
-    def plan(self, metadata: StepAttentionMetadata, cuda_graph_batch: int | None = None) -> None:
-        kv_indptr, kv_indices, last_page_len = paged_kv_layout(metadata)
+    def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:
+        kv_indptr, kv_indices, last_page_len = paged_kv_layout(metadata, pinned=True)
+        # On the device already: a graph-mode plan() copies host indices with a blocking copy, which would
+        # wait for the step still running on the GPU.
+        kv_indices = kv_indices.to(self.device, non_blocking=True)
+        batch = len(metadata.seq_lens)
         for features, layer_ids in self.groups.items():
             shape = (features.num_q_heads, features.num_kv_heads, features.head_dim, self.block_size)
             if metadata.is_decode:
-                if cuda_graph_batch is None:
+                if cuda_graph_key is None:
                     wrapper = self._decode[features]
-                else:
-                    key = (cuda_graph_batch, features)
+                else:  # one wrapper, with its own fixed buffers, per captured graph
+                    key = (cuda_graph_key, features)
                     if key not in self._graph_decode:
-                        max_pages = cuda_graph_batch * metadata.max_blocks_per_seq
-                        self._graph_decode[key] = self._decode_wrapper(features, cuda_graph_batch, max_pages)
+                        max_pages = batch * metadata.max_blocks_per_seq
+                        self._graph_decode[key] = self._decode_wrapper(features, batch, max_pages)
                     wrapper = self._graph_decode[key]
                 wrapper.plan(kv_indptr, kv_indices, last_page_len, *shape, **self._attention_kwargs(features))
             else:
@@ -124,7 +135,7 @@ class FlashInferPlanner:
 
 def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
          layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
-    write_kv_cache(k, v, kv_cache, slot_mapping)
+    write_kv_cache_fast(k, v, kv_cache, slot_mapping)
     active_planner("flashinfer").run(layer_idx, q, kv_cache, out)
 
 

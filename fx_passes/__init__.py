@@ -1,6 +1,11 @@
 """Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
 
-from fx_passes import graph_cleanup, insert_paged_attention, match_sdpa_attention  # noqa: F401  (registers)
+from fx_passes import (  # noqa: F401  (registers the passes)
+    fuse_parallel_linears,
+    graph_cleanup,
+    insert_paged_attention,
+    match_sdpa_attention,
+)
 from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer
 from fx_passes.registry import (
     DEFAULT_PIPELINE,

@@ -22,8 +22,12 @@ def set_fake_value(node: torch.fx.Node) -> None:
         node.meta["val"] = node.target(*args, **kwargs)
 
 
-def insert_call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
-    """`graph.call_function` plus its fake value."""
+def insert_call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None, val=None) -> torch.fx.Node:
+    """`graph.call_function` plus its fake value: `val` if given, else computed by running the target on
+    fake inputs (give `val` for ops whose CUDA fake kernels reject symbolic sizes, such as aten.linear)."""
     node = graph.call_function(target, args, kwargs or {})
-    set_fake_value(node)
+    if val is not None:
+        node.meta["val"] = val
+    else:
+        set_fake_value(node)
     return node

@@ -40,6 +40,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "graph_cleanup",
     # Before insert_paged_attention: plain SDPA calls must become canonical attention ops to be paged.
     "match_sdpa_attention",
+    # After cleanup, which removes the no-op casts between a shared input and its linears.
+    "fuse_parallel_linears",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
     "insert_paged_attention",
 )

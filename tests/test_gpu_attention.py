@@ -123,7 +123,7 @@ def test_flashinfer_decode_replays_in_a_cuda_graph(shape):
         cache.zero_()
         cache[: args[3].shape[0]].copy_(args[3].nan_to_num(0.0))
         slots.copy_(args[4])
-        planner.plan(metadata, cuda_graph_batch=batch)
+        planner.plan(metadata, cuda_graph_key=batch)
 
     load(*built[0])
     table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")

@@ -56,8 +56,8 @@ def test_cuda_graph_decode_matches_a_full_forward(gpu_model):
     step_logits = []
     execute = cm.runner.execute
 
-    def recording(chunks):
-        logits = execute(chunks)
+    def recording(chunks, **kwargs):
+        logits = execute(chunks, **kwargs)
         step_logits.append(logits.float().clone())
         return logits
 
@@ -82,3 +82,19 @@ def test_one_compiled_graph_for_every_step(gpu_model):
         cm(torch.randint(3, 4096, (batch, length), device="cuda"))
     cm.generate(torch.randint(3, 4096, (3, 5), device="cuda"), max_new_tokens=4, eos_token_id=[], pad_token_id=0)
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+def test_pipelined_decode_stops_rows_at_eos(gpu_model):
+    """Steps are launched before the host reads the previous tokens; a row that hits EOS must still stop
+    exactly there and be padded, while the other rows go on unchanged."""
+    _, cm, _ = gpu_model
+    ids = torch.randint(3, 4096, (4, 12), device="cuda")
+    free_run = cm.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=[], pad_token_id=0)[:, 12:]
+    eos = int(free_run[0, 5])
+    stopped = cm.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=0)[:, 12:]
+    for row in range(4):
+        hits = (free_run[row] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else 16
+        assert torch.equal(stopped[row, :end], free_run[row, :end])
+        assert (stopped[row, end:] == 0).all()
+    assert stopped.shape[1] == max(int((r == eos).nonzero()[0]) + 1 if (r == eos).any() else 16 for r in free_run)

@@ -130,3 +130,27 @@ def test_pipeline_config_is_validated():
     gm = capture_model(tiny_model("qwen3")).gm
     results = run_passes(gm, CompileConfig(passes=("insert_paged_attention",)))
     assert [(r.name, r.sites) for r in results] == [("insert_paged_attention", 2)]
+
+
+def test_fuse_parallel_linears_on_llama():
+    model = tiny_model("llama")
+    ids = random_prompt(20, seed=6)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    gm = capture_model(model).gm
+    registered_passes()["graph_cleanup"](gm, CompileConfig())
+    linears = count(gm, aten.linear.default)
+    result = registered_passes()["fuse_parallel_linears"](gm, CompileConfig())
+    layers = model.config.num_hidden_layers
+    assert result.sites == 2 * layers  # q/k/v and gate/up of each layer
+    assert count(gm, aten.linear.default) == linears - 3 * layers  # 7 -> 4 GEMMs per layer
+    # the model's own weights now live inside the fused ones: nothing is stored twice
+    fused = gm.get_parameter("fused_linear_0_weight")
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    with torch.no_grad():
+        assert relative_error(model(ids, use_cache=False).logits, expected) == 0  # the HF model is unchanged
+    gm.recompile()
+    cm = compile_model(model, compile_backend="eager", max_batch_size=2)
+    assert cm.report.pass_sites("fuse_parallel_linears") == 2 * layers
+    assert relative_error(cm(ids).logits, expected) < 1e-5

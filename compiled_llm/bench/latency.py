@@ -132,7 +132,8 @@ def run_latency_benchmark(
 
 
 def profile_decode(cm, ids, steps: int = 8) -> dict:
-    """Kernels of `steps` decode steps (torch profiler): count and time per kernel, per step."""
+    """Kernels of `steps` decode steps (torch profiler): count and device time per kernel, how long the GPU
+    sat idle between kernels, and host time in the runner's annotated phases."""
     from torch.profiler import ProfilerActivity, profile
 
     prompt = ids[:, :8]
@@ -141,15 +142,28 @@ def profile_decode(cm, ids, steps: int = 8) -> dict:
         cm.generate(prompt, max_new_tokens=steps + 1, eos_token_id=[], pad_token_id=0)
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
+    intervals, phases = [], {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
-    total = sum(sum(t) for t in kernels.values())
+            intervals.append((event.time_range.start, event.time_range.end))
+        elif event.name.startswith("compiled_llm."):
+            phases[event.name] = phases.get(event.name, 0.0) + event.cpu_time_total
+    intervals.sort()
+    busy, covered_until = 0.0, float("-inf")
+    for begin, end in intervals:
+        if end > covered_until:
+            busy += end - max(begin, covered_until)
+            covered_until = end
+    span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
     rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
     return {
         "note": f"{steps} decode steps plus one prefill step of {prompt.shape[1]} tokens",
         "kernels_total": sum(len(t) for t in kernels.values()),
-        "device_time_us": total,
+        "device_time_us": sum(sum(t) for t in kernels.values()),
+        "gpu_span_us": span,
+        "gpu_idle_us": span - busy,
+        "host_phases_us": phases,
         "top": [{"kernel": name[:120], "count": len(t), "total_us": sum(t)} for name, t in rows[:25]],
     }
 

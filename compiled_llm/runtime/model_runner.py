@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence as Seq
 
 import torch
+from torch.profiler import record_function
 
 from compiled_llm.capture import GRAPH_INPUTS
 from compiled_llm.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache
@@ -95,14 +96,17 @@ class ModelRunner:
         if not logits_indices:  # e.g. a middle prefill chunk: keep the graph's logits dimension non-empty
             logits_indices.append(len(input_ids) - 1)
 
+        # Pinned, so that copies to the GPU are asynchronous: a copy from pageable memory waits for the
+        # GPU to finish everything queued before it, which would stall the pipelined decode loop.
+        pinned = self.device.type == "cuda"
         inputs = {
-            "input_ids": torch.tensor(input_ids, dtype=torch.int64),
-            "position_ids": torch.tensor(positions, dtype=torch.int64),
-            "logits_indices": torch.tensor(logits_indices, dtype=torch.int64),
-            "slot_mapping": torch.tensor(slots, dtype=torch.int64),
-            "block_table": torch.tensor(block_rows, dtype=torch.int32),
-            "query_start_loc": torch.tensor(query_start_loc, dtype=torch.int32),
-            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+            "input_ids": torch.tensor(input_ids, dtype=torch.int64, pin_memory=pinned),
+            "position_ids": torch.tensor(positions, dtype=torch.int64, pin_memory=pinned),
+            "logits_indices": torch.tensor(logits_indices, dtype=torch.int64, pin_memory=pinned),
+            "slot_mapping": torch.tensor(slots, dtype=torch.int64, pin_memory=pinned),
+            "block_table": torch.tensor(block_rows, dtype=torch.int32, pin_memory=pinned),
+            "query_start_loc": torch.tensor(query_start_loc, dtype=torch.int32, pin_memory=pinned),
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, pin_memory=pinned),
         }
         metadata = StepAttentionMetadata(
             block_table=inputs["block_table"],
@@ -122,14 +126,30 @@ class ModelRunner:
         with planned_step(self.planners):
             return self.graph({**device_inputs, **self.kv_cache.tensors})
 
-    def execute(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns logits [N, vocab] of the tokens that asked for them, in chunk order."""
+    def replays_as_graph(self, chunks: Seq[ScheduledChunk]) -> bool:
+        """Whether this step would replay a CUDA graph (which lets the caller prepare the next step
+        before reading this one's results; see cuda_graphs.py)."""
+        return self.cuda_graphs is not None and self.cuda_graphs.batch_size_for(chunks) is not None
+
+    def execute(self, chunks: Seq[ScheduledChunk], device_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns logits [N, vocab] of the tokens that asked for them, in chunk order.
+
+        Returns without waiting for the device. `device_input_ids` (one token per chunk, on the device)
+        replaces the chunks' last tokens, which may then be placeholders: a decode step can start before
+        the host has read the tokens the previous step sampled.
+        """
+        if device_input_ids is not None and any(c.num_tokens != 1 for c in chunks):
+            raise ValueError("device_input_ids feeds decode steps only (one new token per sequence)")
         graph_batch = self.cuda_graphs.batch_size_for(chunks) if self.cuda_graphs is not None else None
-        inputs, metadata, wanted = self.step_inputs(chunks, pad_to_seqs=graph_batch or 0)
+        with record_function("compiled_llm.step_inputs"):
+            inputs, metadata, wanted = self.step_inputs(chunks, pad_to_seqs=graph_batch or 0)
         if graph_batch is not None:
-            logits = self.cuda_graphs.replay(graph_batch, inputs, metadata)
+            logits = self.cuda_graphs.replay(graph_batch, inputs, metadata, device_input_ids)
         else:
-            logits = self.run_graph(inputs, metadata)
+            with record_function("compiled_llm.run_graph"):
+                if device_input_ids is not None:
+                    inputs["input_ids"] = device_input_ids
+                logits = self.run_graph(inputs, metadata)
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
         return logits[:wanted]

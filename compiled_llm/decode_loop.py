@@ -1,0 +1,92 @@
+"""The decode loop of `CompiledModel.generate`: sample, feed the tokens back, stop at EOS or the limit.
+
+While step n runs on the GPU, the host already prepares and launches step n+1 (when it replays a CUDA
+graph, see runtime/cuda_graphs.py): the sampled tokens go from step n to step n+1 on the device, and the
+host reads them only afterwards, to check for EOS. A sequence that stopped at step n is computed once more
+by step n+1 and that result is dropped. The GPU thus never waits for the host between decode steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import record_function
+
+from compiled_llm.generation import GenerationSettings
+from compiled_llm.runtime import ModelRunner, ScheduledChunk, Sequence
+from compiled_llm.sampling import apply_repetition_penalty, next_tokens
+
+
+def _rows(indices: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices on the device, sent from pinned memory (a copy from pageable memory would wait for the
+    GPU to finish the step that is running ahead)."""
+    rows = torch.tensor(indices, dtype=torch.long, pin_memory=device.type == "cuda")
+    return rows.to(device, non_blocking=True)
+
+
+class _HostCopy:
+    """A device tensor on its way to the host: started now, waited for in `get`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = tensor, None
+
+    def get(self) -> list:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
+def decode(
+    runner: ModelRunner,
+    seqs: list[Sequence],
+    logits: torch.Tensor,  # [len(seqs), vocab]: each sequence's next-token logits after its prompt
+    settings: GenerationSettings,
+    seen: torch.Tensor,  # [len(seqs), L] ids the repetition penalty counts (prompt rows, padding included)
+) -> list[list[int]]:
+    """Generate for every sequence; returns the new tokens of each (up to and including its EOS)."""
+    generated: list[list[int]] = [[] for _ in seqs]
+    active = list(range(len(seqs)))  # sequences whose row of `logits` is next
+    penalize = settings.repetition_penalty != 1.0
+    for step in range(settings.max_new_tokens):
+        with record_function("compiled_llm.sample"):
+            if penalize:
+                active_rows = _rows(active, seen.device)
+                logits = apply_repetition_penalty(logits, seen[active_rows], settings.repetition_penalty)
+            tokens_on_device = next_tokens(logits, settings.do_sample, settings.temperature, settings.top_k, settings.top_p)
+            if penalize:
+                column = torch.full((len(seqs), 1), settings.pad_token_id or 0, dtype=torch.long, device=seen.device)
+                column[active_rows, 0] = tokens_on_device
+                seen = torch.cat([seen, column], dim=1)
+            tokens_to_host = _HostCopy(tokens_on_device)
+
+        last = step + 1 == settings.max_new_tokens
+        launched = None
+        if not last:
+            for i in active:
+                seqs[i].token_ids.append(0)  # placeholder until the host reads the token
+            chunks = [ScheduledChunk(seqs[i], 1, "last") for i in active]
+            if runner.replays_as_graph(chunks):
+                launched = runner.execute(chunks, device_input_ids=tokens_on_device)
+
+        tokens = tokens_to_host.get()
+        for i, token in zip(active, tokens):
+            generated[i].append(token)
+            if not last:
+                seqs[i].token_ids[-1] = token
+        going = [k for k, token in enumerate(tokens) if token not in settings.eos_token_ids]
+        if last or not going:
+            break
+        going_rows = None if len(going) == len(active) else _rows(going, tokens_on_device.device)
+        if launched is not None:
+            logits = launched if going_rows is None else launched[going_rows]
+        else:  # a step that is not a graph replay: run it now, for the sequences still going
+            chunks = [ScheduledChunk(seqs[active[k]], 1, "last") for k in going]
+            fed = tokens_on_device if going_rows is None else tokens_on_device[going_rows]
+            logits = runner.execute(chunks, device_input_ids=fed)
+        active = [active[k] for k in going]
+    return generated
