@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,6 +32,10 @@ from custom_ops import get_attention_backend
 from fx_passes import run_passes
 
 log = logging.getLogger("compiled_llm")
+
+# Memory kept free for decode CUDA graphs and attention planners when the KV cache is sized from free
+# memory: they are captured after the cache exists (the graphs bake its address in).
+CUDA_GRAPH_RESERVE_BYTES = 1 << 30
 
 
 def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, **fields) -> CompiledModel:
@@ -71,6 +76,7 @@ class CompiledModel:
 
             layers = captured.gm.meta["paged_attention"]
             self.vocab_size = captured.vocab_size
+            self.logits_dtype = captured.logits_dtype
             self.max_seq_len = config.max_seq_len or _model_max_len(model)
             progress.set_postfix_str(f"compiling ({config.compile_backend})")
             start = time.perf_counter()
@@ -121,8 +127,11 @@ class CompiledModel:
                 owned = {layer.layer_idx: layer.features for layer in layers if layer.backend == backend}
                 planners[backend] = make_planner(owned, config.block_size, self.device)
         on_cuda = self.device.type == "cuda"
-        num_tokens = max(2, min(config.max_num_tokens, self.max_seq_len - 1)) if on_cuda else 2
-        blocks = -(-(num_tokens + 1) // config.block_size)
+        # On CUDA the largest step there can be: max_num_tokens tokens, every logit asked for (a forward of
+        # the full batch does that), in as few sequences as max_seq_len allows. On CPU: 2 tokens.
+        per_seq = max(2, min(config.max_num_tokens, self.max_seq_len - 1)) if on_cuda else 2
+        num_seqs = -(-config.max_num_tokens // per_seq) if on_cuda else 1
+        blocks = num_seqs * -(-(per_seq + 1) // config.block_size)
         runner = ModelRunner(
             CompiledGraph(gm, config.compile_backend),
             PagedKVCache(layers, blocks, config.block_size, self.device),
@@ -132,17 +141,21 @@ class CompiledModel:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             baseline = torch.cuda.memory_allocated(self.device)
-        seq = Sequence([0] * num_tokens)
+        tokens = [per_seq] * (num_seqs - 1) + [config.max_num_tokens - per_seq * (num_seqs - 1) if on_cuda else per_seq]
+        seqs = [Sequence([0] * n) for n in tokens]
         try:
-            runner.execute([ScheduledChunk(seq, num_tokens, "last")])
-            seq.token_ids.append(0)
-            runner.execute([ScheduledChunk(seq, 1, "last")])
+            runner.execute([ScheduledChunk(seq, len(seq), "all" if on_cuda else "last") for seq in seqs])
+            for seq in seqs:
+                seq.token_ids.append(0)
+            runner.execute([ScheduledChunk(seq, 1, "last") for seq in seqs])
         finally:
-            runner.release(seq)
+            for seq in seqs:
+                runner.release(seq)
         activation_bytes = 0
         if on_cuda:
             torch.cuda.synchronize(self.device)
-            activation_bytes = torch.cuda.max_memory_allocated(self.device) - baseline
+            # + room for the CUDA-graph pool and the attention planners' buffers, captured after the cache
+            activation_bytes = torch.cuda.max_memory_allocated(self.device) - baseline + CUDA_GRAPH_RESERVE_BYTES
             runner.kv_cache = None  # the real cache replaces it; free this one first
             torch.cuda.empty_cache()
         return runner, activation_bytes
@@ -179,28 +192,32 @@ class CompiledModel:
                 "lower the batch size or max_new_tokens, or compile with a larger num_kv_blocks"
             )
 
-    def _prefill(self, seqs: list[Sequence], logits: str) -> list[torch.Tensor]:
+    def _prefill(self, seqs: list[Sequence], logits: str, take: Callable[[int, int, torch.Tensor], None]) -> None:
         """Compute every pending token of `seqs`, in steps of at most max_num_tokens tokens and
-        max_batch_size sequences (long prompts are split into chunks). Returns each sequence's logits."""
-        per_seq: list[list[torch.Tensor]] = [[] for _ in seqs]
+        max_batch_size sequences (long prompts are split into chunks). Each step's logits are handed to
+        `take(sequence index, index of the first token they belong to, logits rows)` before the next
+        step runs (a step's logits may live in a buffer the next step reuses)."""
         queue = [i for i, seq in enumerate(seqs) if seq.num_pending]
         while queue:
             chunks, owners, budget = [], [], self.config.max_num_tokens
             for i in queue[: self.config.max_batch_size]:
                 if budget == 0:
                     break
-                n = min(seqs[i].num_pending, budget)
-                last_chunk = n == seqs[i].num_pending
-                chunks.append(ScheduledChunk(seqs[i], n, logits if last_chunk or logits == "all" else "none"))
-                owners.append((i, n if chunks[-1].logits == "all" else int(chunks[-1].logits == "last")))
+                seq = seqs[i]
+                n = min(seq.num_pending, budget)
+                wanted = logits if n == seq.num_pending or logits == "all" else "none"
+                chunks.append(ScheduledChunk(seq, n, wanted))
+                if wanted == "all":
+                    owners.append((i, seq.num_computed, n))
+                elif wanted == "last":
+                    owners.append((i, seq.num_computed + n - 1, 1))
                 budget -= n
             out = self.runner.execute(chunks)
             offset = 0
-            for i, count in owners:
-                per_seq[i].append(out[offset : offset + count])
+            for i, first, count in owners:
+                take(i, first, out[offset : offset + count])
                 offset += count
             queue = [i for i in queue if seqs[i].num_pending]
-        return [torch.cat(parts) for parts in per_seq]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutputWithPast:
         """Logits [batch, seq, vocab] of every position, equal to `model(input_ids, attention_mask,
@@ -209,15 +226,17 @@ class CompiledModel:
         self._check_kv_capacity([len(row) for row in batch.rows])
         # HF numbers positions by column, padding included, when a forward gets no position_ids.
         seqs = [Sequence(row, first_position=start) for row, start in zip(batch.rows, batch.starts)]
+        logits = torch.zeros(*input_ids.shape, self.vocab_size, dtype=self.logits_dtype, device=self.device)
+
+        def take(b: int, first: int, rows: torch.Tensor) -> None:  # straight into the output: no copies
+            start = batch.starts[b] + first
+            logits[b, start : start + len(rows)] = rows
+
         try:
-            per_seq = self._prefill(seqs, logits="all")
+            self._prefill(seqs, "all", take)
         finally:
             for seq in seqs:
                 self.runner.release(seq)
-        dtype = per_seq[0].dtype
-        logits = torch.zeros(*input_ids.shape, self.vocab_size, dtype=dtype, device=self.device)
-        for b, (seq_logits, start) in enumerate(zip(per_seq, batch.starts)):
-            logits[b, start : start + len(seq_logits)] = seq_logits
         return CausalLMOutputWithPast(logits=logits)
 
     forward = __call__
@@ -260,8 +279,9 @@ class CompiledModel:
         seqs = [Sequence(list(row)) for row in batch.rows]
         # HF penalizes every id of the input rows, left padding included, and every generated one.
         seen = batch.input_ids.detach().long().to(self.device)
+        logits = torch.empty(len(seqs), self.vocab_size, dtype=self.logits_dtype, device=self.device)
         try:
-            logits = torch.stack([rows[-1] for rows in self._prefill(seqs, logits="last")])
+            self._prefill(seqs, "last", lambda i, first, rows: logits[i].copy_(rows[0]))
             generated = decode(self.runner, seqs, logits, settings, seen)
         finally:
             for seq in seqs:

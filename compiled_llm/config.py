@@ -64,7 +64,8 @@ class CompileConfig(BaseModel):
 
     num_kv_blocks: int | None = Field(None, ge=1)
     """KV-cache blocks to allocate. None: enough for `max_batch_size` sequences of `max_seq_len`,
-    capped by `kv_cache_memory_fraction` of free GPU memory (on CPU: of min(4 GiB, half the free RAM))."""
+    capped by `kv_cache_memory_fraction` of the GPU memory left free after a profiling step of
+    `max_num_tokens` tokens, minus 1 GiB for CUDA graphs (on CPU: of min(4 GiB, half the free RAM))."""
 
     kv_cache_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
     """Share of free memory the KV cache may take when `num_kv_blocks` is None."""

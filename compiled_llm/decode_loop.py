@@ -84,9 +84,7 @@ def decode(
         going_rows = None if len(going) == len(active) else _rows(going, tokens_on_device.device)
         if launched is not None:
             logits = launched if going_rows is None else launched[going_rows]
-        else:  # a step that is not a graph replay: run it now, for the sequences still going
-            chunks = [ScheduledChunk(seqs[active[k]], 1, "last") for k in going]
-            fed = tokens_on_device if going_rows is None else tokens_on_device[going_rows]
-            logits = runner.execute(chunks, device_input_ids=fed)
+        else:  # a step that is not a graph replay: run it now (the host has its tokens by now)
+            logits = runner.execute([ScheduledChunk(seqs[active[k]], 1, "last") for k in going])
         active = [active[k] for k in going]
     return generated

@@ -77,6 +77,9 @@ class FlashInferPlanner:
         self._decode = {f: self._decode_wrapper(f) for f in self.groups}
         self._graph_decode: dict[tuple[Hashable, LayerAttentionFeatures], object] = {}
         self._layer_wrapper: dict[int, object] = {}
+        # plan() fills a wrapper's pinned host buffer and queues a copy from it without waiting; planning
+        # the same wrapper again before that copy ran would corrupt the plan of the step in flight.
+        self._plan_copied: dict[int, torch.cuda.Event] = {}
 
     def _decode_wrapper(self, features: LayerAttentionFeatures, graph_batch: int | None = None, max_pages: int = 0):
         # Tensor cores pay off once several query heads share a KV head (FlashInfer's own advice).
@@ -121,13 +124,21 @@ class FlashInferPlanner:
                         max_pages = batch * metadata.max_blocks_per_seq
                         self._graph_decode[key] = self._decode_wrapper(features, batch, max_pages)
                     wrapper = self._graph_decode[key]
+                self._wait_for_last_plan(wrapper)
                 wrapper.plan(kv_indptr, kv_indices, last_page_len, *shape, **self._attention_kwargs(features))
             else:
                 wrapper = self._prefill[features]
+                self._wait_for_last_plan(wrapper)
                 wrapper.plan(metadata.query_start_loc, kv_indptr, kv_indices, last_page_len, *shape,
                              causal=True, **self._attention_kwargs(features))  # fmt: skip
+            self._plan_copied.setdefault(id(wrapper), torch.cuda.Event()).record()
             for layer_idx in layer_ids:
                 self._layer_wrapper[layer_idx] = wrapper
+
+    def _wait_for_last_plan(self, wrapper) -> None:
+        copied = self._plan_copied.get(id(wrapper))
+        if copied is not None:  # the host may run one step ahead of the GPU, not two
+            copied.synchronize()
 
     def run(self, layer_idx: int, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> None:
         self._layer_wrapper[layer_idx].run(q, kv_cache, out=out)

@@ -61,6 +61,15 @@ def random_step(rng: random.Random, shapes, block_size, num_heads, num_kv_heads,
     return args, metadata
 
 
+def seeded_layer(shape: str) -> tuple[int, random.Random, LayerAttentionFeatures]:
+    """A fresh seed (reported on failure), its generators, and a bf16 layer of `shape` without extras."""
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    num_heads, num_kv_heads, head_dim = SHAPES[shape]
+    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, head_dim**-0.5, 0, 0.0, False, torch.bfloat16)
+    return seed, random.Random(seed), features
+
+
 SHAPES = {
     "llama-8b": (32, 8, 128),  # tensor-core decode (4 query heads per KV head)
     "smollm2": (9, 3, 64),  # CUDA-core decode
@@ -77,12 +86,9 @@ STEPS = {
 def test_flashinfer_matches_reference(shape, step, block_size):
     from custom_ops.flashinfer_attention import FlashInferPlanner
 
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    num_heads, num_kv_heads, head_dim = SHAPES[shape]
-    scale = head_dim**-0.5
-    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, scale, 0, 0.0, False, torch.bfloat16)
+    seed, rng, features = seeded_layer(shape)
+    num_heads, num_kv_heads, head_dim, scale = (features.num_q_heads, features.num_kv_heads, features.head_dim,
+                                                features.scale)  # fmt: skip
     args, metadata = random_step(rng, STEPS[step], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16)
     reference_cache = args[3].clone()
     expected = ops.paged_attention(*args[:3], reference_cache, *args[4:], 0, scale, 0, 0.0, None, "reference")
@@ -102,12 +108,9 @@ def test_flashinfer_decode_replays_in_a_cuda_graph(shape):
     """Plan into a graph-mode wrapper, capture once, then replay with other lengths and block tables."""
     from custom_ops.flashinfer_attention import FlashInferPlanner
 
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    num_heads, num_kv_heads, head_dim = SHAPES[shape]
-    scale = head_dim**-0.5
-    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, scale, 0, 0.0, False, torch.bfloat16)
+    seed, rng, features = seeded_layer(shape)
+    num_heads, num_kv_heads, head_dim, scale = (features.num_q_heads, features.num_kv_heads, features.head_dim,
+                                                features.scale)  # fmt: skip
     planner = FlashInferPlanner({0: features}, 16, torch.device("cuda"))
     batch, width = 4, 16
     steps = [[(rng.randrange(0, 200), 1) for _ in range(batch)] for _ in range(3)]
@@ -141,3 +144,25 @@ def test_flashinfer_decode_replays_in_a_cuda_graph(shape):
         expected = ops.paged_attention(*args[:3], expected_cache, *args[4:], 0, scale, 0, 0.0, None, "reference")
         torch.cuda.synchronize()
         assert relative_error(out, expected) < 1e-2, f"seed {seed}"
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_flashinfer_sliding_window_and_softcap_match_reference(step):
+    """Gemma-2-like layers: a window shorter than most sequences, and logit soft-capping. These kernel
+    variants are not in the device kit's prebuilt cache: the first run compiles them (minutes)."""
+    from custom_ops.flashinfer_attention import FlashInferPlanner
+
+    seed, rng, plain = seeded_layer("llama-8b")
+    features = LayerAttentionFeatures(plain.head_dim, plain.num_q_heads, plain.num_kv_heads, plain.scale,
+                                      24, 30.0, False, torch.bfloat16)  # fmt: skip
+    args, metadata = random_step(rng, STEPS[step], 16, plain.num_q_heads, plain.num_kv_heads, plain.head_dim,
+                                 torch.bfloat16)  # fmt: skip
+    reference_cache = args[3].clone()
+    extras = (0, features.scale, features.sliding_window, features.softcap, None)
+    expected = ops.paged_attention(*args[:3], reference_cache, *args[4:], *extras, "reference")
+    planner = FlashInferPlanner({0: features}, 16, torch.device("cuda"))
+    planner.plan(metadata)
+    with planned_step({"flashinfer": planner}):
+        actual = ops.paged_attention(*args, *extras, "flashinfer")
+    torch.cuda.synchronize()
+    assert relative_error(actual, expected) < 1e-2, f"seed {seed}"

@@ -98,3 +98,23 @@ def test_pipelined_decode_stops_rows_at_eos(gpu_model):
         assert torch.equal(stopped[row, :end], free_run[row, :end])
         assert (stopped[row, end:] == 0).all()
     assert stopped.shape[1] == max(int((r == eos).nonzero()[0]) + 1 if (r == eos).any() else 16 for r in free_run)
+
+
+def test_back_to_back_prefill_steps_while_the_gpu_lags():
+    """Chunked prefill runs many steps without waiting for the GPU; each FlashInfer plan must not
+    overwrite the one of a step still queued (seen as wrong results or an illegal memory access)."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    cm = compile_model(model, max_batch_size=8, max_seq_len=512, num_kv_blocks=256, max_num_tokens=16,
+                       cuda_graphs=False)  # fmt: skip
+    ids = torch.randint(3, 4096, (2, 200))  # 400 tokens: 25 steps of 16
+    with torch.no_grad():
+        expected = model(ids.cuda(), use_cache=False).logits.float()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # the GPU starts about a second behind the host
+    actual = cm(ids).logits.float()
+    torch.cuda.synchronize()
+    assert relative_error(actual, expected) < 2e-2

@@ -118,17 +118,37 @@ def run_latency_benchmark(
         "results": [asdict(r) for r in results],
     }
     if device.type == "cuda":
-        bandwidth = copy_bandwidth(device)
-        kv_bytes_per_token = cm.runner.kv_cache.bytes_per_block(cm.runner.kv_cache.layers, 1)
-        average_context = input_len + output_len / 2
-        step_bytes = weight_bytes + batch_size * average_context * kv_bytes_per_token
-        limit = bandwidth / step_bytes  # decode steps (= tokens per sequence) per second
-        out.update(copy_bandwidth_GBps=bandwidth / 1e9, step_bytes=step_bytes, bandwidth_limit_tokens_per_s=limit)
+        out.update(bandwidth_limits(model, cm, batch_size, input_len + output_len / 2, copy_bandwidth(device)))
         ours_result = out["results"][0]
-        ours_result["details"]["fraction_of_bandwidth_limit"] = ours_result["decode_tokens_per_s"] / limit
+        speed = ours_result["decode_tokens_per_s"]
+        ours_result["details"]["fraction_of_bandwidth_limit"] = speed / out["bandwidth_limit_tokens_per_s"]
+        ours_result["details"]["fraction_of_bytes_read_limit"] = speed / out["bytes_read_limit_tokens_per_s"]
         for r in out["results"][1:]:
             ours_result["details"][f"speedup_vs_{r['system']}"] = ours_result["decode_tokens_per_s"] / r["decode_tokens_per_s"]
     return out
+
+
+def bandwidth_limits(model, cm, batch_size: int, average_context: float, bandwidth: float) -> dict:
+    """Decode steps per second if a step only moved bytes at the measured copy bandwidth, two ways:
+    `bandwidth_limit`: all weights + the KV cache read per step (the issue's definition);
+    `bytes_read_limit`: what a step actually reads: the input embedding table contributes only the
+    batch's rows (unless it is tied to the LM head, which reads all of it)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = cm.runner.kv_cache
+    kv_bytes = batch_size * average_context * cache.bytes_per_block(cache.layers, 1)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    read = weight_bytes if tied else weight_bytes - embedding.numel() * embedding.element_size() + (
+        batch_size * embedding.shape[1] * embedding.element_size()
+    )
+    return {
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "step_bytes": weight_bytes + kv_bytes,
+        "bandwidth_limit_tokens_per_s": bandwidth / (weight_bytes + kv_bytes),
+        "step_bytes_read": read + kv_bytes,
+        "bytes_read_limit_tokens_per_s": bandwidth / (read + kv_bytes),
+    }
 
 
 def profile_decode(cm, ids, steps: int = 8) -> dict:
@@ -183,6 +203,10 @@ def format_table(result: dict) -> str:
             f"bandwidth limit {result['bandwidth_limit_tokens_per_s']:.1f} tok/s/seq "
             f"(copy {result['copy_bandwidth_GBps']:.0f} GB/s, {result['step_bytes'] / 1e9:.2f} GB per step); "
             f"compiled-llm reaches {ours['fraction_of_bandwidth_limit']:.1%}"
+        )
+        lines.append(
+            f"counting only bytes a step reads ({result['step_bytes_read'] / 1e9:.2f} GB): limit "
+            f"{result['bytes_read_limit_tokens_per_s']:.1f} tok/s/seq, reached {ours['fraction_of_bytes_read_limit']:.1%}"
         )
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ class CapturedModel:
     architecture: str
     num_layers: int | None  # None for non-HF modules
     vocab_size: int
+    logits_dtype: torch.dtype
     seconds: float
 
 
@@ -148,5 +149,5 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
             "go through transformers' AttentionInterface"
         )
     output = next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0][0]
-    vocab_size = int(output.meta["val"].shape[-1])
-    return CapturedModel(gm, arch, num_layers, vocab_size, time.perf_counter() - start)
+    logits = output.meta["val"]
+    return CapturedModel(gm, arch, num_layers, int(logits.shape[-1]), logits.dtype, time.perf_counter() - start)

@@ -1,11 +1,13 @@
-"""Decode steps replayed as CUDA graphs: two graphs per captured batch size, used in turn.
+"""Decode steps replayed as CUDA graphs, one graph per captured batch size.
 
 A decode step of b sequences is padded to the smallest captured size >= b (padding tokens write to the
 scratch block) and replayed over static input buffers; the attention backends first plan the step into
-the fixed buffers of that graph, on the host. Each size has two graphs with separate buffers, used
-alternately, so the host can prepare step n+1 while the GPU still runs step n; a caller only has to have
-waited for step n before it prepares step n+2. Prefill and mixed steps, and batches larger than the
-largest captured size, run the compiled graph directly.
+the fixed buffers of that graph, on the host. The host may prepare step n+1 while the GPU still runs
+step n: every write into the static buffers is a copy queued on the stream behind step n, from pinned
+memory, and planners wait for their own previous copies (see flashinfer_attention.py). The logits a
+replay returns live in the graph's output buffer: read them before the next replay of that size.
+Prefill and mixed steps, and batches larger than the largest captured size, run the compiled graph
+directly.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from compiled_llm.runtime.sequence import ScheduledChunk
 from custom_ops import StepAttentionMetadata, planned_step
 
 log = logging.getLogger("compiled_llm.cuda_graphs")
-
-COPIES = 2  # graphs per batch size, used in turn
 
 
 def default_batch_sizes(max_batch_size: int) -> list[int]:
@@ -59,9 +59,8 @@ class DecodeCudaGraphs:
     def __init__(self, runner: ModelRunner, batch_sizes: Seq[int]):
         self.runner = runner
         self.batch_sizes = sorted(set(batch_sizes))
-        self._inputs = [_StaticInputs(self.batch_sizes[-1], runner.max_blocks_per_seq, runner.device) for _ in range(COPIES)]
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._next_copy = 0
+        self._inputs = _StaticInputs(self.batch_sizes[-1], runner.max_blocks_per_seq, runner.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
         self.memory_bytes = 0
         self.replays = 0
@@ -74,13 +73,12 @@ class DecodeCudaGraphs:
             return None
         return next(size for size in self.batch_sizes if size >= len(chunks))
 
-    def _load(self, key: tuple[int, int], inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
+    def _load(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
               device_input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-        batch_size, copy = key
         with record_function("compiled_llm.plan"):
             for planner in self.runner.planners.values():
-                planner.plan(metadata, cuda_graph_key=key)
-        views = self._inputs[copy].views(batch_size)
+                planner.plan(metadata, cuda_graph_key=batch_size)
+        views = self._inputs.views(batch_size)
         with record_function("compiled_llm.copy_inputs"):
             for name, view in views.items():
                 if name == "block_table":  # the step's table is as wide as its longest sequence needs
@@ -91,32 +89,29 @@ class DecodeCudaGraphs:
         return views
 
     def capture(self) -> None:
-        """Capture every batch size (each twice), largest first, into one memory pool."""
+        """Capture every batch size, largest first, into one memory pool."""
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.runner.device)[0]
         pool = torch.cuda.graph_pool_handle()
         for batch_size in reversed(self.batch_sizes):
-            for copy in range(COPIES):
-                inputs, metadata, _ = self.runner.step_inputs([], pad_to_seqs=batch_size)  # all padding
-                views = {**self._load((batch_size, copy), inputs, metadata), **self.runner.kv_cache.tensors}
-                with planned_step(self.runner.planners):
-                    self.runner.graph(views)  # warm-up outside the capture: lazy initialisation, allocator
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self.runner.graph(views)
-                self._graphs[(batch_size, copy)] = (graph, logits)
+            inputs, metadata, _ = self.runner.step_inputs([], pad_to_seqs=batch_size)  # all padding
+            views = {**self._load(batch_size, inputs, metadata), **self.runner.kv_cache.tensors}
+            with planned_step(self.runner.planners):
+                self.runner.graph(views)  # warm-up outside the capture: lazy initialisation, allocator
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.runner.graph(views)
+            self._graphs[batch_size] = (graph, logits)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.runner.device)[0])
-        log.info("captured %d CUDA graphs (%s, x%d) in %.1f s", len(self._graphs), self.batch_sizes, COPIES, self.capture_s)
+        log.info("captured %d CUDA graphs (%s) in %.1f s", len(self._graphs), self.batch_sizes, self.capture_s)
 
     def replay(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
                device_input_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        key = (batch_size, self._next_copy)
-        self._next_copy = (self._next_copy + 1) % COPIES
-        graph, logits = self._graphs[key]
-        self._load(key, inputs, metadata, device_input_ids)
+        graph, logits = self._graphs[batch_size]
+        self._load(batch_size, inputs, metadata, device_input_ids)
         with record_function("compiled_llm.replay"):
             graph.replay()
         self.replays += 1

@@ -136,7 +136,8 @@ class ModelRunner:
 
         Returns without waiting for the device. `device_input_ids` (one token per chunk, on the device)
         replaces the chunks' last tokens, which may then be placeholders: a decode step can start before
-        the host has read the tokens the previous step sampled.
+        the host has read the tokens the previous step sampled. A step that replays a CUDA graph returns
+        logits in the graph's output buffer, valid until the next replay of the same batch size.
         """
         if device_input_ids is not None and any(c.num_tokens != 1 for c in chunks):
             raise ValueError("device_input_ids feeds decode steps only (one new token per sequence)")
