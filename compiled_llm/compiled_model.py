@@ -129,9 +129,10 @@ class CompiledModel:
         on_cuda = self.device.type == "cuda"
         # On CUDA the largest step there can be: max_num_tokens tokens, every logit asked for (a forward of
         # the full batch does that), in as few sequences as max_seq_len allows. On CPU: 2 tokens.
-        per_seq = max(2, min(config.max_num_tokens, self.max_seq_len - 1)) if on_cuda else 2
-        num_seqs = -(-config.max_num_tokens // per_seq) if on_cuda else 1
-        blocks = num_seqs * -(-(per_seq + 1) // config.block_size)
+        total = config.max_num_tokens if on_cuda else 2
+        per_seq = max(1, min(total, self.max_seq_len - 1))  # leave room for the decode token
+        tokens = [per_seq] * (total // per_seq) + ([total % per_seq] if total % per_seq else [])
+        blocks = sum(-(-(n + 1) // config.block_size) for n in tokens)
         runner = ModelRunner(
             CompiledGraph(gm, config.compile_backend),
             PagedKVCache(layers, blocks, config.block_size, self.device),
@@ -141,7 +142,6 @@ class CompiledModel:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             baseline = torch.cuda.memory_allocated(self.device)
-        tokens = [per_seq] * (num_seqs - 1) + [config.max_num_tokens - per_seq * (num_seqs - 1) if on_cuda else per_seq]
         seqs = [Sequence([0] * n) for n in tokens]
         try:
             runner.execute([ScheduledChunk(seq, len(seq), "all" if on_cuda else "last") for seq in seqs])

@@ -19,7 +19,7 @@ from collections.abc import Sequence as Seq
 import torch
 from torch.profiler import record_function
 
-from compiled_llm.runtime.model_runner import ModelRunner
+from compiled_llm.runtime.model_runner import STEP_INPUT_DTYPES, ModelRunner
 from compiled_llm.runtime.sequence import ScheduledChunk
 from custom_ops import StepAttentionMetadata, planned_step
 
@@ -36,17 +36,10 @@ class _StaticInputs:
     """Device buffers a graph reads its step inputs from, for up to `largest` sequences."""
 
     def __init__(self, largest: int, max_blocks_per_seq: int, device: torch.device):
-        def zeros(*shape, dtype=torch.int64):
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
+        shapes = {"block_table": (largest, max_blocks_per_seq), "query_start_loc": (largest + 1,)}
         self.buffers = {
-            "input_ids": zeros(largest),
-            "position_ids": zeros(largest),
-            "logits_indices": zeros(largest),
-            "slot_mapping": zeros(largest),
-            "block_table": zeros(largest, max_blocks_per_seq, dtype=torch.int32),
-            "query_start_loc": zeros(largest + 1, dtype=torch.int32),
-            "seq_lens": zeros(largest, dtype=torch.int32),
+            name: torch.zeros(shapes.get(name, (largest,)), dtype=dtype, device=device)
+            for name, dtype in STEP_INPUT_DTYPES.items()
         }
 
     def views(self, batch_size: int) -> dict[str, torch.Tensor]:

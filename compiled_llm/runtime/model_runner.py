@@ -13,8 +13,12 @@ from compiled_llm.runtime.sequence import ScheduledChunk, Sequence
 from custom_ops import AttentionPlanner, StepAttentionMetadata, planned_step
 from fx_passes import PAGED_INPUTS
 
-# The inputs the runner builds each step (the KV caches are the other graph inputs).
+# The inputs the runner builds each step (the KV caches are the other graph inputs), and their dtypes.
 STEP_INPUTS = GRAPH_INPUTS + PAGED_INPUTS
+STEP_INPUT_DTYPES = {
+    "input_ids": torch.int64, "position_ids": torch.int64, "logits_indices": torch.int64,
+    "slot_mapping": torch.int64, "block_table": torch.int32, "query_start_loc": torch.int32, "seq_lens": torch.int32,
+}  # fmt: skip
 
 
 class ModelRunner:
@@ -99,15 +103,11 @@ class ModelRunner:
         # Pinned, so that copies to the GPU are asynchronous: a copy from pageable memory waits for the
         # GPU to finish everything queued before it, which would stall the pipelined decode loop.
         pinned = self.device.type == "cuda"
-        inputs = {
-            "input_ids": torch.tensor(input_ids, dtype=torch.int64, pin_memory=pinned),
-            "position_ids": torch.tensor(positions, dtype=torch.int64, pin_memory=pinned),
-            "logits_indices": torch.tensor(logits_indices, dtype=torch.int64, pin_memory=pinned),
-            "slot_mapping": torch.tensor(slots, dtype=torch.int64, pin_memory=pinned),
-            "block_table": torch.tensor(block_rows, dtype=torch.int32, pin_memory=pinned),
-            "query_start_loc": torch.tensor(query_start_loc, dtype=torch.int32, pin_memory=pinned),
-            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, pin_memory=pinned),
-        }
+        values = {
+            "input_ids": input_ids, "position_ids": positions, "logits_indices": logits_indices, "slot_mapping": slots,
+            "block_table": block_rows, "query_start_loc": query_start_loc, "seq_lens": seq_lens,
+        }  # fmt: skip
+        inputs = {name: torch.tensor(values[name], dtype=STEP_INPUT_DTYPES[name], pin_memory=pinned) for name in STEP_INPUTS}
         metadata = StepAttentionMetadata(
             block_table=inputs["block_table"],
             query_start_loc=inputs["query_start_loc"],
