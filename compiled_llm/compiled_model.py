@@ -103,8 +103,9 @@ class CompiledModel:
             compile_backend=config.compile_backend,
             passes=pass_results,
             attention=layers,
-            kv_cache=f"{len(layers)} layers x {num_blocks} blocks x {config.block_size} tokens "
-            f"({self.runner.kv_cache.nbytes / 2**20:.1f} MiB), max_seq_len {self.max_seq_len}",
+            kv_cache=f"{len(layers)} layers x {num_blocks} blocks x {config.block_size} tokens, "
+            f"{str(layers[0].dtype).removeprefix('torch.')} ({self.runner.kv_cache.nbytes / 2**20:.1f} MiB), "
+            f"max_seq_len {self.max_seq_len}",
             cuda_graphs=graphs,
             timings=timings,
         )

@@ -32,7 +32,8 @@ class LayerAttentionFeatures:
     sliding_window: int
     softcap: float
     has_sinks: bool
-    dtype: torch.dtype
+    dtype: torch.dtype  # of queries, keys and values
+    cache_dtype: torch.dtype  # of the paged KV cache: `dtype`, or float8_e4m3fn (see CompileConfig.kv_cache_dtype)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from custom_ops.kv_cache_write import write_kv_cache_fast
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 WORKSPACE_BYTES = 256 << 20
+# Tensor-core decode pays off once this many query heads share a KV head (FlashInfer's own advice).
+TENSOR_CORE_MIN_GROUP = 4
 
 
 def _unsupported(features: LayerAttentionFeatures) -> str | None:
@@ -39,6 +41,8 @@ def _unsupported(features: LayerAttentionFeatures) -> str | None:
         return f"head_dim {features.head_dim} (supports {SUPPORTED_HEAD_DIMS})"
     if features.has_sinks:
         return "attention sinks"
+    if features.cache_dtype not in (features.dtype, torch.float8_e4m3fn):
+        return f"KV cache dtype {features.cache_dtype}"
     return None
 
 
@@ -82,8 +86,7 @@ class FlashInferPlanner:
         self._plan_copied: dict[int, torch.cuda.Event] = {}
 
     def _decode_wrapper(self, features: LayerAttentionFeatures, graph_batch: int | None = None, max_pages: int = 0):
-        # Tensor cores pay off once several query heads share a KV head (FlashInfer's own advice).
-        tensor_cores = features.num_q_heads // features.num_kv_heads >= 4
+        tensor_cores = features.num_q_heads // features.num_kv_heads >= TENSOR_CORE_MIN_GROUP
         if graph_batch is None:
             return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_tensor_cores=tensor_cores
@@ -104,7 +107,7 @@ class FlashInferPlanner:
             window_left=features.sliding_window - 1 if features.sliding_window > 0 else -1,
             logits_soft_cap=features.softcap if features.softcap > 0 else None,
             q_data_type=features.dtype,
-            kv_data_type=features.dtype,
+            kv_data_type=features.cache_dtype,
         )
 
     def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:

@@ -26,6 +26,7 @@ def _kernel():
         k_token_stride, k_head_stride, v_token_stride, v_head_stride,
         cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride,
         block_size, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK: tl.constexpr,
+        SATURATE_AT: tl.constexpr,
     ):  # fmt: skip
         token = tl.program_id(0)
         slot = tl.load(slot_ptr + token)
@@ -35,6 +36,9 @@ def _kernel():
         head, dim = cols // HEAD_DIM, cols % HEAD_DIM
         k = tl.load(k_ptr + token * k_token_stride + head * k_head_stride + dim, mask=mask)
         v = tl.load(v_ptr + token * v_token_stride + head * v_head_stride + dim, mask=mask)
+        if SATURATE_AT > 0:  # fp8 cache: clamp rather than overflow
+            k = tl.clamp(k.to(tl.float32), -SATURATE_AT, SATURATE_AT)
+            v = tl.clamp(v.to(tl.float32), -SATURATE_AT, SATURATE_AT)
         dst = cache_ptr + block * cache_block_stride + offset * cache_page_stride + head * cache_head_stride + dim
         tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + cache_kv_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -64,4 +68,5 @@ def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[2], HEAD_DIM=head_dim, NUM_HEADS=num_heads,
         BLOCK=triton.next_power_of_2(num_heads * head_dim),
+        SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0,
     )  # fmt: skip

@@ -51,18 +51,28 @@ def _(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, l
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast keys or values for the cache; into fp8, out-of-range values saturate (scale 1)."""
+    if dtype.itemsize == 1:
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
+
+
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache[slot // B, 0|1, slot % B] = k|v for every token (no host sync: safe in CUDA graphs)."""
     block_size = kv_cache.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
-    kv_cache[blocks, 1, offsets] = v.to(kv_cache.dtype)
+    kv_cache[blocks, 0, offsets] = to_cache_dtype(k, kv_cache.dtype)
+    kv_cache[blocks, 1, offsets] = to_cache_dtype(v, kv_cache.dtype)
 
 
 def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [S, L, Hkv, D] of the sequences of `block_table`, L >= max_len (garbage past each length)."""
     blocks = block_table[:, : -(-max_len // kv_cache.shape[2])].long()  # [S, nb]
     cached = kv_cache[blocks]  # [S, nb, 2, block_size, Hkv, D]
+    if cached.dtype.itemsize == 1:  # fp8: exact in float32, which attend() computes in anyway
+        cached = cached.float()
     return cached[:, :, 0].flatten(1, 2), cached[:, :, 1].flatten(1, 2)
 
 

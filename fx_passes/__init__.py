@@ -5,6 +5,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     graph_cleanup,
     insert_paged_attention,
     match_sdpa_attention,
+    token_major_attention_inputs,
 )
 from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer
 from fx_passes.registry import (

@@ -5,7 +5,9 @@
     qkv = linear(x, cat([Wq, Wk, Wv])); q, k, v = (p.contiguous() for p in split(qkv, [nq, nk, nv], -1))
 
 Fewer, larger GEMMs read the same bytes with fewer launches (q/k/v and gate/up of every decoder layer).
-The model's own parameters become views into the fused weight, so no weight is stored twice.
+The model's own parameters become views into the fused weight, so no weight is stored twice. Where the
+model only views an output as [..., heads, head_dim], that view reads the fused output in place
+(`as_strided`) instead of a contiguous copy.
 """
 
 from __future__ import annotations
@@ -68,20 +70,51 @@ def _fuse(gm: torch.fx.GraphModule, group: list[torch.fx.Node], index: int) -> N
         x = group[0].args[0].meta["val"]
         fused = insert_call(graph, LINEAR, args, val=x.new_empty(*x.shape[:-1], sum(sizes)))
         parts = insert_call(graph, aten.split_with_sizes.default, (fused, sizes, -1))
-        # Contiguous copies (which Inductor fuses into their consumers where it can): the model views each
-        # output as [.., heads, head_dim], which a column slice only allows after a check on the token
-        # count that an unbacked size cannot pass.
+        # Contiguous copies: the model views each output as [.., heads, head_dim], which `view` allows on a
+        # column slice only after a check on the token count that an unbacked size cannot pass.
         outputs = [
             insert_call(graph, aten.clone.default, (insert_call(graph, operator.getitem, (parts, i)),),
                         {"memory_format": torch.contiguous_format})
             for i in range(len(group))
         ]  # fmt: skip
-    for node, output in zip(group, outputs):
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for node, output, offset in zip(group, outputs, offsets):
+        for view in list(node.users):
+            _view_in_place(graph, view, fused, offset)
         old_params = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
         node.replace_all_uses_with(output)
         graph.erase_node(node)
         for param_node in old_params:
             graph.erase_node(param_node)
+        if not output.users:  # every use became an in-place view
+            part = output.args[0]
+            graph.erase_node(output)
+            graph.erase_node(part)
+    if not parts.users:
+        graph.erase_node(parts)
+
+
+def _view_in_place(graph: torch.fx.Graph, view: torch.fx.Node, fused: torch.fx.Node, offset: int) -> None:
+    """Replace `view(output, [*lead, H, D])`, which only splits the output's last dimension, by a strided
+    view of the fused output at the output's column `offset`."""
+    if view.op != "call_function" or view.target is not aten.view.default:
+        return
+    out, whole = view.meta["val"], fused.meta["val"]
+    lead = whole.dim() - 1
+    if out.dim() != lead + 2 or [str(d) for d in out.shape[:lead]] != [str(d) for d in whole.shape[:lead]]:
+        return
+    if any(not isinstance(d, int) or d != 1 for d in out.shape[: lead - 1]):
+        return  # only the token dimension may be larger than 1 (flat tokens): its stride is the row width
+    lead_sizes = view.args[1][:lead]  # the view's own (symbolic) leading sizes
+    if any(isinstance(d, int) and d < 0 for d in lead_sizes):
+        return
+    width, head_dim = whole.shape[-1], out.shape[-1]
+    sizes = [*lead_sizes, out.shape[-2], head_dim]
+    strides = [width] * lead + [head_dim, 1]
+    with graph.inserting_before(view):
+        strided = insert_call(graph, aten.as_strided.default, (fused, sizes, strides, offset))
+    view.replace_all_uses_with(strided)
+    graph.erase_node(view)
 
 
 @register_pass("fuse_parallel_linears")

@@ -4,6 +4,9 @@
     _assert_tensor_metadata(x1)       ->   y = relu(x)
     x2 = aten.view(x1, x.shape)
     y = relu(x2)
+
+Identical views of one tensor become one node: every layer's `unsqueeze(cos, 1)` of the shared RoPE
+table, for instance, which Inductor would otherwise materialize once per layer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ aten = torch.ops.aten
 _ASSERTS = (aten._assert_tensor_metadata.default,)
 _CASTS = (aten.to.dtype, aten.type_as.default)
 _VIEWS = (aten.view.default, aten.reshape.default, aten.contiguous.default, aten.alias.default)
+_SHAREABLE_VIEWS = (aten.unsqueeze.default, aten.transpose.int, aten.slice.Tensor, aten.select.int, aten.expand.default)
 
 
 def _val(node) -> torch.Tensor | None:
@@ -45,7 +49,8 @@ def _is_noop(node: torch.fx.Node) -> bool:
 @register_pass("graph_cleanup")
 def graph_cleanup(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
-    removed = {"asserts": 0, "no-op casts/views": 0, "dead": 0}
+    removed = {"asserts": 0, "no-op casts/views": 0, "repeated views": 0, "dead": 0}
+    first_view: dict[tuple, torch.fx.Node] = {}
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS:
             graph.erase_node(node)
@@ -54,6 +59,14 @@ def graph_cleanup(gm: torch.fx.GraphModule, config) -> PassResult:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             removed["no-op casts/views"] += 1
+        elif node.op == "call_function" and node.target in _SHAREABLE_VIEWS and not node.kwargs:
+            key = (node.target, *node.args)
+            if key in first_view:
+                node.replace_all_uses_with(first_view[key])
+                graph.erase_node(node)
+                removed["repeated views"] += 1
+            else:
+                first_view[key] = node
     before = len(graph.nodes)
     graph.eliminate_dead_code()
     removed["dead"] = before - len(graph.nodes)

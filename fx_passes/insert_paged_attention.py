@@ -36,7 +36,7 @@ class PagedLayer:
     layer_idx: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of its KV cache
     features: LayerAttentionFeatures
     backend: str
     why: str
@@ -46,7 +46,10 @@ class PagedLayer:
         return f"kv_cache_{self.layer_idx}"
 
 
-def _features(node: torch.fx.Node) -> LayerAttentionFeatures:
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # CompileConfig.kv_cache_dtype -> dtype; "auto": the keys' dtype
+
+
+def _features(node: torch.fx.Node, kv_cache_dtype: str) -> LayerAttentionFeatures:
     q, k, v = (arg.meta["val"] for arg in node.args[:3])
     if k.shape[-1] != v.shape[-1]:
         raise ValueError(
@@ -63,6 +66,7 @@ def _features(node: torch.fx.Node) -> LayerAttentionFeatures:
         softcap=float(softcap),
         has_sinks=sinks is not None,
         dtype=k.dtype,
+        cache_dtype=KV_CACHE_DTYPES.get(kv_cache_dtype, k.dtype),
     )
 
 
@@ -94,9 +98,10 @@ def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     device_type = sites[0].args[0].meta["val"].device.type
     layers = []
     for node in sites:
-        features = _features(node)
+        features = _features(node, config.kv_cache_dtype)
         backend, why = select_attention_backend(config.attention_backend, device_type, features)
-        layers.append(PagedLayer(node.args[3], features.num_kv_heads, features.head_dim, features.dtype, features, backend, why))
+        cache = (features.num_kv_heads, features.head_dim, features.cache_dtype)
+        layers.append(PagedLayer(node.args[3], *cache, features, backend, why))
 
     inputs = _add_placeholders(graph, [*PAGED_INPUTS, *(layer.cache_input for layer in layers)])
     for node, layer in zip(sites, layers):

@@ -42,6 +42,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "match_sdpa_attention",
     # After cleanup, which removes the no-op casts between a shared input and its linears.
     "fuse_parallel_linears",
+    # After fusion, whose in-place views it rebuilds RoPE on; before paging, which it leaves alone.
+    "token_major_attention_inputs",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
     "insert_paged_attention",
 )

@@ -136,3 +136,28 @@ def test_paged_attention_writes_only_the_step_slots_and_passes_opcheck():
     assert torch.equal(kv_cache[1, :, [0, 3]], before[1, :, [0, 3]])
     torch.library.opcheck(torch.ops.compiled_llm.paged_attention.default, args)
     torch.library.opcheck(torch.ops.compiled_llm.attention.default, (q, k, v, 0, 0.5, 2, 0.0, torch.randn(4)))
+
+
+def test_fp8_cache_rounding_stays_within_its_bound():
+    """With an fp8 (e4m3) cache the reference attends over the rounded keys/values exactly, and the output
+    moves by less than e4m3's largest relative rounding error (2**-4) from the full-precision one."""
+    from tests.paged_steps import random_step
+
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    shapes = [(0, 37), (20, 1), (5, 16), (63, 1), (100, 30)]
+    args, _ = random_step(random.Random(seed), shapes, 16, 8, 2, 64, torch.float32, "cpu")
+    q, k, v, cache, *metadata = args  # cache: float32, NaN where unwritten
+    extras = (0, 0.125, 0, 0.0, None, "reference")
+    exact = ops.paged_attention(q, k, v, cache.clone(), *metadata, *extras)
+    fp8_cache = cache.to(torch.float8_e4m3fn)
+    fp8 = ops.paged_attention(q, k, v, fp8_cache, *metadata, *extras)
+
+    def round_trip(x):  # float32 holding what an fp8 cache holds
+        return x.to(torch.float8_e4m3fn).float()
+
+    rounded = ops.paged_attention(q, round_trip(k), round_trip(v), round_trip(cache), *metadata, *extras)
+    assert fp8_cache.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(fp8, rounded, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    error = ((fp8 - exact).norm() / exact.norm()).item()
+    assert 0 < error < 2**-4, f"seed {seed}: relative error {error}"

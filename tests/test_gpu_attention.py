@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import random
 
 import pytest
 import torch
 
 import custom_ops  # noqa: F401
-from custom_ops import LayerAttentionFeatures, StepAttentionMetadata, planned_step
+from custom_ops import LayerAttentionFeatures, planned_step
+from tests.paged_steps import random_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,50 +23,13 @@ def relative_error(actual, expected) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def random_step(rng: random.Random, shapes, block_size, num_heads, num_kv_heads, head_dim, dtype):
-    """A step over sequences with `shapes` = [(cached, new)]: cache filled with NaN except their prefixes."""
-    device = "cuda"
-    widths = [math.ceil((c + n) / block_size) for c, n in shapes]
-    pool = list(range(1, sum(widths) + 8))  # block 0 is the scratch block
-    rng.shuffle(pool)
-    kv_cache = torch.full((len(pool) + 1, 2, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
-    tables, slots, k_new, v_new = [], [], [], []
-    for (cached, new), width in zip(shapes, widths):
-        blocks, pool = pool[:width], pool[width:]
-        tables.append(blocks + [0] * (max(widths) - width))
-        keys = torch.randn(cached + new, num_kv_heads, head_dim, dtype=dtype, device=device)
-        values = torch.randn(cached + new, num_kv_heads, head_dim, dtype=dtype, device=device)
-        for p in range(cached + new):
-            block, offset = blocks[p // block_size], p % block_size
-            if p < cached:
-                kv_cache[block, 0, offset], kv_cache[block, 1, offset] = keys[p], values[p]
-            else:
-                slots.append(block * block_size + offset)
-        k_new.append(keys[cached:])
-        v_new.append(values[cached:])
-    total = sum(n for _, n in shapes)
-    q = torch.randn(total, num_heads, head_dim, dtype=dtype, device=device)
-    qsl = [0]
-    for _, n in shapes:
-        qsl.append(qsl[-1] + n)
-    host = dict(
-        block_table=torch.tensor(tables, dtype=torch.int32),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-        seq_lens=torch.tensor([c + n for c, n in shapes], dtype=torch.int32),
-    )
-    metadata = StepAttentionMetadata(**host, block_size=block_size, max_blocks_per_seq=32,
-                                     is_decode=all(n == 1 for _, n in shapes))  # fmt: skip
-    args = [q, torch.cat(k_new), torch.cat(v_new), kv_cache, torch.tensor(slots, device=device)]
-    args += [host[name].to(device) for name in ("block_table", "query_start_loc", "seq_lens")]
-    return args, metadata
-
-
-def seeded_layer(shape: str) -> tuple[int, random.Random, LayerAttentionFeatures]:
+def seeded_layer(shape: str, cache_dtype: torch.dtype = torch.bfloat16) -> tuple[int, random.Random, LayerAttentionFeatures]:
     """A fresh seed (reported on failure), its generators, and a bf16 layer of `shape` without extras."""
     seed = random.randrange(1 << 30)
     torch.manual_seed(seed)
     num_heads, num_kv_heads, head_dim = SHAPES[shape]
-    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, head_dim**-0.5, 0, 0.0, False, torch.bfloat16)
+    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, head_dim**-0.5, 0, 0.0, False, torch.bfloat16,
+                                      cache_dtype)  # fmt: skip
     return seed, random.Random(seed), features
 
 
@@ -80,16 +43,14 @@ STEPS = {
 }
 
 
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("step", sorted(STEPS))
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_flashinfer_matches_reference(shape, step, block_size):
+def check_flashinfer(shape: str, step: str, block_size: int, cache_dtype: torch.dtype) -> None:
     from custom_ops.flashinfer_attention import FlashInferPlanner
 
-    seed, rng, features = seeded_layer(shape)
+    seed, rng, features = seeded_layer(shape, cache_dtype)
     num_heads, num_kv_heads, head_dim, scale = (features.num_q_heads, features.num_kv_heads, features.head_dim,
                                                 features.scale)  # fmt: skip
-    args, metadata = random_step(rng, STEPS[step], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    args, metadata = random_step(rng, STEPS[step], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16,
+                                 cache_dtype=cache_dtype)  # fmt: skip
     reference_cache = args[3].clone()
     expected = ops.paged_attention(*args[:3], reference_cache, *args[4:], 0, scale, 0, 0.0, None, "reference")
     planner = FlashInferPlanner({0: features}, block_size, torch.device("cuda"))
@@ -99,8 +60,22 @@ def test_flashinfer_matches_reference(shape, step, block_size):
     torch.cuda.synchronize()
     assert torch.isfinite(actual).all()
     assert relative_error(actual, expected) < 1e-2, f"seed {seed}"
-    written = ~torch.isnan(reference_cache)
-    assert torch.equal(args[3][written], reference_cache[written])  # both wrote the same slots
+    written = ~torch.isnan(reference_cache.float())
+    assert torch.equal(args[3][written].float(), reference_cache[written].float())  # both wrote the same slots
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_flashinfer_matches_reference(shape, step, block_size):
+    check_flashinfer(shape, step, block_size, torch.bfloat16)
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_flashinfer_fp8_cache_matches_reference(step):
+    """fp8 keys/values read by FlashInfer against the reference reading the same fp8 cache (the rounding
+    itself is bounded in test_attention_ops). The fp8 prefill variant is compiled on first use (minutes)."""
+    check_flashinfer("llama-8b", step, 16, torch.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -154,7 +129,7 @@ def test_flashinfer_sliding_window_and_softcap_match_reference(step):
 
     seed, rng, plain = seeded_layer("llama-8b")
     features = LayerAttentionFeatures(plain.head_dim, plain.num_q_heads, plain.num_kv_heads, plain.scale,
-                                      24, 30.0, False, torch.bfloat16)  # fmt: skip
+                                      24, 30.0, False, torch.bfloat16, torch.bfloat16)  # fmt: skip
     args, metadata = random_step(rng, STEPS[step], 16, plain.num_q_heads, plain.num_kv_heads, plain.head_dim,
                                  torch.bfloat16)  # fmt: skip
     reference_cache = args[3].clone()

@@ -144,6 +144,9 @@ def test_fuse_parallel_linears_on_llama():
     layers = model.config.num_hidden_layers
     assert result.sites == 2 * layers  # q/k/v and gate/up of each layer
     assert count(gm, aten.linear.default) == linears - 3 * layers  # 7 -> 4 GEMMs per layer
+    # q, k, v are viewed as [1, T, heads, head_dim] in place; gate and up, used whole, are copied out
+    assert count(gm, aten.as_strided.default) == 3 * layers
+    assert count(gm, aten.clone.default) == 2 * layers
     # the model's own weights now live inside the fused ones: nothing is stored twice
     fused = gm.get_parameter("fused_linear_0_weight")
     q = model.model.layers[0].self_attn.q_proj.weight

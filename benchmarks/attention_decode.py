@@ -1,0 +1,86 @@
+"""Decode attention per layer, by backend: µs per paged_attention call (KV write included), replayed as a
+CUDA graph of 32 calls (one per layer of a Llama-3.1-8B step), for a few batch sizes and context lengths.
+
+    python benchmarks/attention_decode.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+import custom_ops  # noqa: F401
+from custom_ops import LayerAttentionFeatures, StepAttentionMetadata, planned_step
+from custom_ops import flashinfer_attention
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
+
+
+def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = True) -> float:
+    torch.manual_seed(0)
+    width = math.ceil((context + 1) / BLOCK)
+    cache = torch.randn(1 + batch * width, 2, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    table = (1 + torch.arange(batch * width, dtype=torch.int32)).view(batch, width)
+    seq_lens = torch.full((batch,), context + 1, dtype=torch.int32)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
+    slots = (table[:, context // BLOCK].long() * BLOCK + context % BLOCK).cuda()
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    device_args = [table.cuda(), query_start_loc.cuda(), seq_lens.cuda()]
+    planners = {}
+    if backend == "flashinfer":
+        flashinfer_attention.TENSOR_CORE_MIN_GROUP = 4 if tensor_cores else 1 << 30
+        features = LayerAttentionFeatures(HEAD_DIM, HEADS, KV_HEADS, HEAD_DIM**-0.5, 0, 0.0, False, torch.bfloat16,
+                                          torch.bfloat16)  # fmt: skip
+        planner = flashinfer_attention.FlashInferPlanner({i: features for i in range(LAYERS)}, BLOCK,
+                                                         torch.device("cuda"))  # fmt: skip
+        metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, BLOCK, width, True)
+        planner.plan(metadata, cuda_graph_key=batch)
+        planners["flashinfer"] = planner
+
+    def step():
+        for layer in range(LAYERS):
+            torch.ops.compiled_llm.paged_attention(q, k, v, cache, slots, *device_args, layer, HEAD_DIM**-0.5, 0,
+                                                   0.0, None, backend)  # fmt: skip
+
+    with planned_step(planners):
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    flashinfer_attention.TENSOR_CORE_MIN_GROUP = 4
+    return start.elapsed_time(end) * 1e3 / 20 / LAYERS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    variants = {"flashinfer (tensor cores)": ("flashinfer", True), "flashinfer (CUDA cores)": ("flashinfer", False),
+                "triton": ("triton", True)}  # fmt: skip
+    rows = []
+    print(f"{'batch':>5} {'context':>7} " + " ".join(f"{name:>26}" for name in variants))
+    for batch in (1, 8, 32, 64):
+        for context in (256, 2048):
+            times = {name: time_backend(b, batch, context, tc) for name, (b, tc) in variants.items()}
+            rows.append(dict(batch=batch, context=context, us_per_layer=times))
+            print(f"{batch:>5} {context:>7} " + " ".join(f"{t:>26.2f}" for t in times.values()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

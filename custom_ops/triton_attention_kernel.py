@@ -1,0 +1,105 @@
+"""The Triton kernel behind the `triton` paged-attention backend (see triton_attention.py for the
+algorithm). Importing this module needs triton; the backend imports it on first use."""
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+@triton.jit
+def paged_attention_kernel(
+    out_ptr, q_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr,
+    scale, softcap, sliding_window, num_seqs, block_size,
+    q_token_stride, q_head_stride, out_token_stride, out_head_stride,
+    cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride, block_table_stride,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
+):  # fmt: skip
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    local_block = q_block - (q_start // BLOCK_Q + seq)
+    if local_block * BLOCK_Q >= query_len:
+        return
+    context_len = tl.load(seq_lens_ptr + seq) - query_len
+
+    # Row r of the tile is query token local_block * BLOCK_Q + r // GROUP, head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    q_local = local_block * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (q_local < query_len) & (rows < BLOCK_Q * GROUP)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_valid = dims < HEAD_DIM
+    q_rows = (q_start + q_local).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * q_token_stride + head[:, None] * q_head_stride + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
+    )  # fmt: skip
+    q_pos = context_len + q_local  # position of each row's token in its sequence
+
+    if USE_SINKS:  # the sink is a logit with no value: start the softmax from it
+        m = tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")).to(tl.float32)
+        l = tl.where(row_valid, 1.0, 0.0)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
+
+    kv_end = context_len + tl.minimum((local_block + 1) * BLOCK_Q, query_len)  # keys this block may see
+    kv_begin = 0
+    if USE_WINDOW:
+        kv_begin = tl.maximum(context_len + local_block * BLOCK_Q - sliding_window + 1, 0)
+    keys = tl.arange(0, TILE)
+    cache_head = cache_ptr + kv_head * cache_head_stride
+    for tile_start in range((kv_begin // TILE) * TILE, kv_end, TILE):
+        k_pos = tile_start + keys
+        k_valid = k_pos < kv_end
+        block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // block_size, mask=k_valid, other=0)
+        slot = block.to(tl.int64) * cache_block_stride + (k_pos % block_size) * cache_page_stride
+        k = tl.load(cache_head + slot[None, :] + dims[:, None], mask=k_valid[None, :] & dim_valid[:, None], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
+        else:
+            s = tl.dot(q, k.to(q.dtype))
+        s = s * scale
+        if USE_SOFTCAP:
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays at 0
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(
+            cache_head + cache_kv_stride + slot[:, None] + dims[None, :],
+            mask=k_valid[:, None] & dim_valid[None, :], other=0.0,
+        )  # fmt: skip
+        if IEEE_DOT:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    out = acc / l[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :],
+    )  # fmt: skip

@@ -1,0 +1,154 @@
+"""The Triton paged-attention backend against the reference op: on the GPU in bf16, and in Triton's
+interpreter on CPU in float32 (so CI without a GPU still runs the kernel's logic)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import custom_ops  # noqa: F401
+from custom_ops.kv_cache_write import triton_available
+from tests.paged_steps import random_step
+
+ops = torch.ops.compiled_llm
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+STEPS = {
+    "mixed": [(0, 37), (20, 1), (5, 16), (63, 1), (0, 1), (100, 30)],
+    "decode": [(1, 1), (16, 1), (17, 1), (200, 1), (33, 1)],
+    "one-long-prefill": [(40, 90)],
+}
+LAYERS = {  # (heads, kv heads, head_dim, sliding window, softcap, sinks)
+    "llama-8b": (32, 8, 128, 0, 0.0, False),
+    "smollm2": (9, 3, 64, 0, 0.0, False),
+    "gemma2": (8, 4, 256, 24, 30.0, False),
+    "mha-odd-head-dim": (4, 4, 80, 0, 0.0, False),
+    "gpt-oss": (16, 2, 64, 24, 0.0, True),
+}
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def check_against_reference(layer: str, step: str, block_size: int, device: str, dtype: torch.dtype, tolerance: float,
+                            cache_dtype: torch.dtype | None = None):  # fmt: skip
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    heads, kv_heads, head_dim, window, softcap, has_sinks = LAYERS[layer]
+    args, _ = random_step(random.Random(seed), STEPS[step], block_size, heads, kv_heads, head_dim, dtype, device,
+                          cache_dtype)  # fmt: skip
+    sinks = torch.randn(heads, device=device) if has_sinks else None
+    extras = (0, head_dim**-0.5, window, softcap, sinks)
+    reference_cache = args[3].clone()
+    expected = ops.paged_attention(*args[:3], reference_cache, *args[4:], *extras, "reference")
+    actual = ops.paged_attention(*args, *extras, "triton")
+    assert torch.isfinite(actual).all(), f"seed {seed}"
+    error = relative_error(actual, expected)
+    assert error < tolerance, f"seed {seed}: relative error {error:.2e}"
+    written = ~torch.isnan(reference_cache.float())
+    assert torch.equal(args[3][written].float(), reference_cache[written].float()), f"seed {seed}"  # same slots
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("block_size", [16, 32, 5])
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_triton_matches_reference_on_gpu(layer, step, block_size):
+    check_against_reference(layer, step, block_size, "cuda", torch.bfloat16, 1e-2)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("layer", ["llama-8b", "gemma2"])
+def test_triton_fp8_cache_matches_reference_on_gpu(layer, step):
+    """Both read the same fp8 cache; the rounding into fp8 itself is bounded in test_attention_ops."""
+    check_against_reference(layer, step, 16, "cuda", torch.bfloat16, 1e-2, torch.float8_e4m3fn)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_triton_decode_replays_in_a_cuda_graph():
+    """No planning: the graph captured for one step's shapes serves other lengths and block tables."""
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    heads, kv_heads, head_dim = 32, 8, 128
+    steps = [[(rng.randrange(0, 300), 1) for _ in range(4)] for _ in range(3)]
+    built = [random_step(rng, s, 16, heads, kv_heads, head_dim, torch.bfloat16)[0] for s in steps]
+    blocks = max(a[3].shape[0] for a in built)
+    width = max(a[5].shape[1] for a in built)
+    static = [torch.zeros_like(a) for a in built[0][:3]]  # q, k, v
+    cache = torch.zeros(blocks, *built[0][3].shape[1:], dtype=torch.bfloat16, device="cuda")
+    slots = torch.zeros(4, dtype=torch.int64, device="cuda")
+    table = torch.zeros(4, width, dtype=torch.int32, device="cuda")
+    query_start_loc = torch.arange(5, dtype=torch.int32, device="cuda")
+    seq_lens = torch.zeros(4, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(static[0])
+
+    def run():
+        out.copy_(ops.paged_attention(*static, cache, slots, table, query_start_loc, seq_lens, 0, head_dim**-0.5, 0,
+                                      0.0, None, "triton"))  # fmt: skip
+
+    def load(args):
+        for dst, src in zip(static, args[:3]):
+            dst.copy_(src)
+        cache.zero_()
+        cache[: args[3].shape[0]].copy_(args[3].nan_to_num(0.0))
+        slots.copy_(args[4])
+        table.zero_()
+        table[:, : args[5].shape[1]].copy_(args[5])
+        seq_lens.copy_(args[7])
+
+    load(built[0])
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for args in built[1:]:
+        load(args)
+        graph.replay()
+        expected = ops.paged_attention(*args[:3], args[3].nan_to_num(0.0), *args[4:], 0, head_dim**-0.5, 0, 0.0, None,
+                                       "reference")  # fmt: skip
+        torch.cuda.synchronize()
+        assert relative_error(out, expected) < 1e-2, f"seed {seed}"
+
+
+def fix_interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns a loop bound into an int with int(<1-element array>), which NumPy >= 2.4
+    refuses; read the element instead."""
+    import triton.runtime.interpreter as interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+INTERPRETED = [("gpt-oss", "mixed", 5), ("smollm2", "decode", 16), ("mha-odd-head-dim", "one-long-prefill", 16)]
+
+
+@needs_triton
+def test_triton_kernel_in_the_interpreter():
+    """float32 on CPU through TRITON_INTERPRET=1: the same kernel code, checked without a GPU."""
+    code = (
+        "import torch, tests.test_triton_attention as t\n"
+        "t.fix_interpreter_loop_bounds()\n"
+        f"for case in {INTERPRETED!r}: t.check_against_reference(*case, 'cpu', torch.float32, 1e-4)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
