@@ -9,10 +9,15 @@ decode step replays in a CUDA graph as it is.
 Sequence s owns program blocks starting at query_start_loc[s] // BLOCK_Q + s, which leaves room for its
 ceil(query_len / BLOCK_Q) blocks; T // BLOCK_Q + S programs per KV head cover every sequence, and those
 past a sequence's last query exit at once.
+
+Decode steps have one query per sequence, too few programs to fill the GPU: there the keys of each
+sequence are split over NUM_SPLITS programs (a number that depends on the batch size only, so graphs
+stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -22,6 +27,17 @@ from custom_ops.kv_cache_write import write_kv_cache_fast
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
+MAX_SPLITS = 16
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 32
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Key splits per (sequence, KV head) of a decode step: enough programs for two waves of the GPU."""
+    return max(1, min(MAX_SPLITS, -(-2 * _multiprocessors(device) // (num_seqs * num_kv_heads))))
 
 
 def _unsupported(features: LayerAttentionFeatures) -> str | None:
@@ -48,7 +64,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
                            layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
     import triton
 
-    from custom_ops.triton_attention_kernel import paged_attention_kernel
+    from custom_ops.triton_attention_kernel import merge_splits_kernel, paged_attention_kernel
 
     write_kv_cache_fast(k, v, kv_cache, slot_mapping)
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -58,17 +74,28 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         return
     group = num_heads // num_kv_heads
     block_m, block_q = tile_shape(num_tokens, num_seqs, group)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    splits = decode_splits(num_seqs, num_kv_heads, q.device) if num_tokens == num_seqs else 1
+    partial, lse = out, out  # one split: the kernel writes `out` itself
+    if splits > 1:
+        partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     paged_attention_kernel[grid](
-        out, q, kv_cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q,
-        scale, softcap, sliding_window, num_seqs, kv_cache.shape[2],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        partial, lse, q, kv_cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q,
+        scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
+        q.stride(0), q.stride(1), partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
-        IEEE_DOT=q.dtype == torch.float32,
+        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits,
     )  # fmt: skip
+    if splits > 1:
+        merge_splits_kernel[(num_tokens, num_heads)](
+            out, partial, lse, num_heads, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
+            partial.stride(2), NUM_SPLITS=splits, SPLITS_PADDED=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PADDED=triton.next_power_of_2(head_dim),
+        )  # fmt: skip
 
 
 register_attention_backend(

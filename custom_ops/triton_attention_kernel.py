@@ -1,4 +1,4 @@
-"""The Triton kernel behind the `triton` paged-attention backend (see triton_attention.py for the
+"""The Triton kernels behind the `triton` paged-attention backend (see triton_attention.py for the
 algorithm). Importing this module needs triton; the backend imports it on first use."""
 
 import triton
@@ -18,16 +18,18 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
 
 @triton.jit
 def paged_attention_kernel(
-    out_ptr, q_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr,
-    scale, softcap, sliding_window, num_seqs, block_size,
-    q_token_stride, q_head_stride, out_token_stride, out_head_stride,
+    out_ptr, lse_ptr, q_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr,
+    scale, softcap, sliding_window, num_seqs, num_tokens, block_size,
+    q_token_stride, q_head_stride, out_token_stride, out_head_stride, out_split_stride,
     cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride, block_table_stride,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -50,21 +52,25 @@ def paged_attention_kernel(
     )  # fmt: skip
     q_pos = context_len + q_local  # position of each row's token in its sequence
 
-    if USE_SINKS:  # the sink is a logit with no value: start the softmax from it
-        m = tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")).to(tl.float32)
-        l = tl.where(row_valid, 1.0, 0.0)
-    else:
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    if USE_SINKS:
+        if split == 0:  # the sink is a logit with no value: start the softmax from it (in one split only)
+            m = tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")).to(tl.float32)
+            l = tl.where(row_valid, 1.0, 0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
 
     kv_end = context_len + tl.minimum((local_block + 1) * BLOCK_Q, query_len)  # keys this block may see
     kv_begin = 0
     if USE_WINDOW:
         kv_begin = tl.maximum(context_len + local_block * BLOCK_Q - sliding_window + 1, 0)
+    # This program's share of the keys: split `split` of NUM_SPLITS, whole tiles each.
+    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, NUM_SPLITS), TILE) * TILE
+    kv_begin = kv_begin + split * chunk
+    kv_end = tl.minimum(kv_end, kv_begin + chunk)
     keys = tl.arange(0, TILE)
     cache_head = cache_ptr + kv_head * cache_head_stride
-    for tile_start in range((kv_begin // TILE) * TILE, kv_end, TILE):
+    for tile_start in range(kv_begin, kv_end, TILE):
         k_pos = tile_start + keys
         k_valid = k_pos < kv_end
         block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // block_size, mask=k_valid, other=0)
@@ -98,8 +104,33 @@ def paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m = m_new
 
-    out = acc / l[:, None]
-    tl.store(
-        out_ptr + q_rows[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :],
-    )  # fmt: skip
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out_rows = out_ptr + split * out_split_stride + q_rows[:, None] * out_token_stride + head[:, None] * out_head_stride
+    tl.store(out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    if NUM_SPLITS > 1:  # log of this split's softmax mass, for merge_splits_kernel
+        lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (split * num_tokens + q_rows) * (GROUP * tl.num_programs(1)) + head, lse, mask=row_valid)
+
+
+@triton.jit
+def merge_splits_kernel(
+    out_ptr, partial_ptr, lse_ptr, num_heads,
+    out_token_stride, out_head_stride, partial_split_stride, partial_token_stride, partial_head_stride,
+    NUM_SPLITS: tl.constexpr, SPLITS_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+):  # fmt: skip
+    """out[t, h] = the partial outputs of (t, h), weighted by each split's share of the softmax mass."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PADDED)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    lse = tl.load(lse_ptr + (splits * tl.num_programs(0) + token) * num_heads + head, mask=splits < NUM_SPLITS,
+                  other=float("-inf"))  # fmt: skip
+    weights = tl.exp(lse - tl.max(lse, 0))
+    partial = tl.load(
+        partial_ptr + splits[:, None] * partial_split_stride + token * partial_token_stride
+        + head * partial_head_stride + dims[None, :],
+        mask=(splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    out = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(out_ptr + token * out_token_stride + head * out_head_stride + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)  # fmt: skip

@@ -137,7 +137,8 @@ def fix_interpreter_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-INTERPRETED = [("gpt-oss", "mixed", 5), ("smollm2", "decode", 16), ("mha-odd-head-dim", "one-long-prefill", 16)]
+INTERPRETED = [("gpt-oss", "mixed", 5), ("gpt-oss", "decode", 5), ("smollm2", "decode", 16),
+               ("mha-odd-head-dim", "one-long-prefill", 16)]  # decode steps: keys split over programs
 
 
 @needs_triton
