@@ -7,18 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from compiled_llm import compile_model
-from compiled_llm.runtime import BlockAllocator, OutOfKVBlocks
 from conftest import random_prompt, relative_error, tiny_model
-
-
-def test_block_allocator():
-    allocator = BlockAllocator(4)
-    a = allocator.allocate(3)
-    assert len(set(a)) == 3 and allocator.num_free == 1
-    with pytest.raises(OutOfKVBlocks, match="asked for 2 KV blocks, 1 of 4 are free"):
-        allocator.allocate(2)
-    allocator.free(a)
-    assert sorted(allocator.allocate(4)) == [1, 2, 3, 4]  # block 0 is the scratch block, never handed out
 
 
 @pytest.mark.parametrize("arch, block_size, max_num_tokens", [("mistral", 5, 17), ("gemma2", 3, 16)])

@@ -9,41 +9,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections import deque
 from collections.abc import Sequence
 
 import torch
 
+from compiled_llm.runtime.block_pool import BlockPool
 from fx_passes import PagedLayer
 
 GiB = 1 << 30
 
-
-class OutOfKVBlocks(RuntimeError):
-    """More KV blocks were asked for than are free."""
-
-
 SCRATCH_BLOCK = 0
-
-
-class BlockAllocator:
-    """A free list of the usable block ids 1..num_blocks (block 0 is the scratch block)."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = deque(range(1, num_blocks + 1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfKVBlocks(f"asked for {count} KV blocks, {len(self._free)} of {self.num_blocks} are free")
-        return [self._free.popleft() for _ in range(count)]
-
-    def free(self, blocks: Sequence[int]) -> None:
-        self._free.extend(blocks)
 
 
 class PagedKVCache:
@@ -60,7 +35,7 @@ class PagedKVCache:
             )
             for layer in self.layers
         }
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks, block_size)
 
     @staticmethod
     def bytes_per_block(layers: Sequence[PagedLayer], block_size: int) -> int:
