@@ -7,6 +7,7 @@ API fails with "not supported yet" instead of "unknown value".
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -84,6 +85,11 @@ class CompileConfig(BaseModel):
     """`inductor` compiles the rewritten graph with TorchInductor; `eager` runs it uncompiled
     (for debugging a pass: same numerics as the reference, no compile time)."""
 
+    inductor_options: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    """TorchInductor settings for this compile, by their `torch._inductor.config` names (for example
+    `{"coordinate_descent_tuning": true}`), over compiled-llm's own (`compile.DEFAULT_INDUCTOR_OPTIONS`);
+    on the command line, a JSON object."""
+
     @field_validator("quantization", "autotune")
     @classmethod
     def _runs_today(cls, value: str, info) -> str:
@@ -116,6 +122,22 @@ class CompileConfig(BaseModel):
     def _positive_sizes(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         if value is not None and (not value or min(value) < 1):
             raise ValueError(f"cuda_graph_batch_sizes must be positive batch sizes, got {value}")
+        return value
+
+    @field_validator("inductor_options", mode="before")
+    @classmethod
+    def _known_inductor_options(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"inductor_options must be a JSON object, got {value!r}: {error}") from None
+        if isinstance(value, dict):
+            import torch._inductor.config as inductor_config
+
+            unknown = sorted(name for name in value if not hasattr(inductor_config, name))
+            if unknown:
+                raise ValueError(f"inductor_options: {unknown} are not torch._inductor.config settings")
         return value
 
     @field_validator("passes")

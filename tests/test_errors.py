@@ -27,6 +27,8 @@ from conftest import VOCAB, random_prompt, tiny_model
         ({"no_such_field": 1}, "no_such_field"),
         ({"max_batch_size": 64, "max_num_tokens": 32}, "max_batch_size=64 exceeds max_num_tokens=32"),
         ({"cuda_graph_batch_sizes": (0, 4)}, "cuda_graph_batch_sizes"),
+        ({"inductor_options": {"no_such_setting": True}}, r"inductor_options: \['no_such_setting'\]"),
+        ({"inductor_options": "{not json"}, "inductor_options must be a JSON object"),
     ],
 )
 def test_bad_config_values(fields, message):
