@@ -88,7 +88,8 @@ class CompiledModel:
                 layers, config.block_size, config.max_batch_size, self.max_seq_len,
                 config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes,
             )  # fmt: skip
-            self.runner.kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device)
+            self.runner.kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device,
+                                                config.enable_prefix_caching)  # fmt: skip
             progress.set_postfix_str("capturing CUDA graphs")
             graphs = self._capture_cuda_graphs(layers)
             if self.runner.cuda_graphs is not None:

@@ -69,6 +69,10 @@ class CompileConfig(BaseModel):
     capped by `kv_cache_memory_fraction` of the GPU memory left free after a profiling step of
     `max_num_tokens` tokens, minus 1 GiB for CUDA graphs (on CPU: of min(4 GiB, half the free RAM))."""
 
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of earlier requests' identical prompt prefixes (full blocks only; `LLM` and the
+    server). `CompiledModel.__call__`/`generate` compute every token."""
+
     kv_cache_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
     """Share of free memory the KV cache may take when `num_kv_blocks` is None."""
 

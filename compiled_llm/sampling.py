@@ -20,6 +20,7 @@ def next_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # [B] int64
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -34,4 +35,4 @@ def next_tokens(
         probs = sorted_scores.softmax(dim=-1)
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches top_p
         scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(-1)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)

@@ -25,7 +25,8 @@ class PagedKVCache:
     """kv_cache_<layer>[1 + num_blocks, 2, block_size, Hkv, D] for each paged layer, plus their allocator
     (`num_blocks` usable blocks and the scratch block)."""
 
-    def __init__(self, layers: Sequence[PagedLayer], num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, layers: Sequence[PagedLayer], num_blocks: int, block_size: int, device: torch.device,
+                 enable_prefix_caching: bool = False):  # fmt: skip
         self.layers = list(layers)
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -35,7 +36,7 @@ class PagedKVCache:
             )
             for layer in self.layers
         }
-        self.allocator = BlockPool(num_blocks, block_size)
+        self.allocator = BlockPool(num_blocks, block_size, enable_prefix_caching)
 
     @staticmethod
     def bytes_per_block(layers: Sequence[PagedLayer], block_size: int) -> int:

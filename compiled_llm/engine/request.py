@@ -1,0 +1,59 @@
+"""A request in the engine: its prompt, the tokens generated so far, and where it is in its life."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from compiled_llm.engine.sampling_params import SamplingParams
+from compiled_llm.runtime import Sequence
+
+
+class RequestState(Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted (its KV blocks freed, to be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    state: RequestState = RequestState.WAITING
+    seq: Sequence = field(init=False)
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    finish_reason: str | None = None  # "stop" or "length"
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.time)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    generator: torch.Generator | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.seq = Sequence(list(self.prompt_token_ids))
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.token_ids[len(self.prompt_token_ids) :]
+
+    def append(self, token: int, eos_token_ids: frozenset[int]) -> None:
+        """Add a generated token and finish the request if it stops here."""
+        self.seq.token_ids.append(token)
+        now = time.time()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        if token in self.params.stop_token_ids or (token in eos_token_ids and not self.params.ignore_eos):
+            self.finish("stop", now)
+        elif len(self.output_token_ids) >= self.params.max_tokens:
+            self.finish("length", now)
+
+    def finish(self, reason: str, now: float | None = None) -> None:
+        self.state, self.finish_reason = RequestState.FINISHED, reason
+        self.finish_time = now or time.time()

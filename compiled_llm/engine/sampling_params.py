@@ -1,0 +1,48 @@
+"""`SamplingParams`: how one request's tokens are chosen and when it stops."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation settings (vLLM's names and defaults). Unknown fields are an error.
+
+    Example:
+        >>> SamplingParams(max_tokens=32, temperature=0).greedy
+        True
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_tokens: int = Field(16, ge=1)
+    """Most tokens to generate."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    """0 picks the most likely token (greedy); above 0, tokens are sampled from softmax(logits / T)."""
+
+    top_k: int | None = Field(None, ge=1)
+    """Sample among the k most likely tokens only (None: all)."""
+
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Sample among the most likely tokens whose probabilities sum to top_p."""
+
+    seed: int | None = None
+    """Seed of this request's own random generator: the same seed gives the same tokens, whatever else
+    runs in the same batch."""
+
+    stop_token_ids: list[int] = Field(default_factory=list)
+    """Tokens that end the request (kept in the output), besides the model's EOS."""
+
+    ignore_eos: bool = False
+    """Keep generating past the model's EOS token (up to max_tokens)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self) -> SamplingParams:
+        if self.greedy and (self.top_k is not None or self.top_p < 1.0):
+            raise ValueError("top_k/top_p need temperature > 0 (temperature=0 is greedy)")
+        return self
