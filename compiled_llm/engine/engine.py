@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from compiled_llm.compiled_model import CompiledModel
+from compiled_llm.engine.detokenizer import IncrementalDetokenizer
 from compiled_llm.engine.request import Request, RequestState
 from compiled_llm.engine.sampling_params import SamplingParams
 from compiled_llm.engine.scheduler import Scheduler
@@ -14,8 +15,9 @@ from compiled_llm.sampling import next_tokens
 
 
 class Engine:
-    def __init__(self, compiled: CompiledModel, eos_token_ids: frozenset[int]):
+    def __init__(self, compiled: CompiledModel, eos_token_ids: frozenset[int], tokenizer=None):
         self.compiled = compiled
+        self.tokenizer = tokenizer
         self.runner = compiled.runner
         self.eos_token_ids = eos_token_ids
         config = compiled.config
@@ -42,7 +44,11 @@ class Engine:
                 f"prompt of {len(prompt_token_ids)} tokens + max_tokens={params.max_tokens} needs more KV blocks than "
                 f"the cache has ({pool.num_blocks} of {pool.block_size} tokens): raise num_kv_blocks"
             )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (LLM(model, tokenizer)); stop_token_ids do not")
         request = Request(str(next(self._ids)), list(prompt_token_ids), params, prompt)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.scheduler.add(request)
         return request
 

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from compiled_llm.engine.detokenizer import IncrementalDetokenizer
 from compiled_llm.engine.sampling_params import SamplingParams
 from compiled_llm.runtime import Sequence
 
@@ -18,7 +19,7 @@ class RequestState(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: each request is its own
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -33,6 +34,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: torch.Generator | None = field(init=False, default=None)
+    detokenizer: IncrementalDetokenizer | None = None
 
     def __post_init__(self):
         self.seq = Sequence(list(self.prompt_token_ids))
@@ -43,16 +45,25 @@ class Request:
     def output_token_ids(self) -> list[int]:
         return self.seq.token_ids[len(self.prompt_token_ids) :]
 
+    @property
+    def text(self) -> str | None:
+        return self.detokenizer.text if self.detokenizer is not None else None
+
     def append(self, token: int, eos_token_ids: frozenset[int]) -> None:
-        """Add a generated token and finish the request if it stops here."""
+        """Add a generated token, extend the text, and finish the request if it stops here."""
         self.seq.token_ids.append(token)
         now = time.time()
         if self.first_token_time is None:
             self.first_token_time = now
         if token in self.params.stop_token_ids or (token in eos_token_ids and not self.params.ignore_eos):
             self.finish("stop", now)
+        elif self.detokenizer is not None and self.detokenizer.update(self.output_token_ids):
+            self.finish("stop", now)  # a stop string: the text already ends before it
+            return
         elif len(self.output_token_ids) >= self.params.max_tokens:
             self.finish("length", now)
+        if self.state is RequestState.FINISHED and self.detokenizer is not None:
+            self.detokenizer.finish(self.output_token_ids)
 
     def finish(self, reason: str, now: float | None = None) -> None:
         self.state, self.finish_reason = RequestState.FINISHED, reason

@@ -31,6 +31,12 @@ class SamplingParams(BaseModel):
     """Seed of this request's own random generator: the same seed gives the same tokens, whatever else
     runs in the same batch."""
 
+    n: int = Field(1, ge=1)
+    """Completions per prompt (`LLM.generate`); with a seed, completion i uses seed + i."""
+
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end the request; the text stops just before the first one (needs a tokenizer)."""
+
     stop_token_ids: list[int] = Field(default_factory=list)
     """Tokens that end the request (kept in the output), besides the model's EOS."""
 
