@@ -2,6 +2,7 @@
 
     compiled-llm build MODEL [--max-batch-size 8 ...]   compile a model, print the compile report
     compiled-llm bench MODEL --mode latency ...          decode speed against HF baselines, same process
+    compiled-llm bench MODEL --mode throughput ...       many requests through the engine against HF batches
 
 MODEL is a local Hugging Face directory or a random-weight preset (`random:llama-3.1-8b`, ...).
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from compiled_llm.config import CompileConfig
 
@@ -55,13 +57,29 @@ def build(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from compiled_llm.bench.latency import format_table, run_latency_benchmark, write_json
+    from compiled_llm.bench.throughput import format_throughput_table, run_throughput_benchmark
     from compiled_llm.presets import load_model
 
-    if args.mode != "latency":
-        raise ValueError(f"--mode {args.mode!r} is not available yet; available: latency")
+    if args.mode not in ("latency", "throughput"):
+        raise ValueError(f"--mode {args.mode!r} is not available yet; available: latency, throughput")
     config = _config_from_args(args)
-    baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
+    default_baselines = "hf-eager,hf-compile" if args.mode == "latency" else "hf-eager"
+    baselines = tuple(b for b in (args.baselines or default_baselines).split(",") if b and b != "none")
     model = load_model(args.model, _dtype(args.dtype))
+    if args.mode == "throughput":
+        tokenizer = None  # for text prompts of a dataset: the model directory's tokenizer, if it has one
+        if args.dataset and any((Path(args.model) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        result = run_throughput_benchmark(
+            model, args.model, args.num_requests, args.input_len, args.output_len,
+            baselines, config, args.dataset, tokenizer,
+        )  # fmt: skip
+        print(format_throughput_table(result))
+        if args.json:
+            write_json(result, args.json)
+        return 0
     result = run_latency_benchmark(
         model, args.model, args.batch_size, args.input_len, args.output_len, baselines,
         repeats=args.repeats, config=config, profile=args.profile,
@@ -89,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     bench_parser.add_argument("model", help=model_help)
     bench_parser.add_argument("--mode", default="latency", choices=["latency", "throughput", "serving"])
-    bench_parser.add_argument("--batch-size", type=int, default=1)
+    bench_parser.add_argument("--batch-size", type=int, default=1, help="latency: sequences per generate")
+    bench_parser.add_argument("--num-requests", type=int, default=1000, help="throughput: requests submitted at once")
+    bench_parser.add_argument("--dataset", help="throughput: JSONL of prompts ('prompt_token_ids' or 'prompt')")
     bench_parser.add_argument("--input-len", type=int, default=128)
     bench_parser.add_argument("--output-len", type=int, default=128)
-    bench_parser.add_argument("--baselines", default="hf-eager,hf-compile", help="comma-separated, or none")
+    bench_parser.add_argument("--baselines", help="comma-separated, or none (default: latency hf-eager,hf-compile; "
+                              "throughput hf-eager)")
     bench_parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     bench_parser.add_argument("--profile", action="store_true", help="add a kernel profile of decode steps")
     bench_parser.add_argument("--json", help="write the results to this file")

@@ -23,3 +23,30 @@ def test_build_rejects_bad_input(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_bench_throughput_runs_every_request_to_its_length(tmp_path, capsys):
+    import json
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    out_json = tmp_path / "result.json"
+    args = ["bench", str(tmp_path / "model"), "--mode", "throughput", "--num-requests", "6", "--input-len", "9",
+            "--output-len", "5", "--max-batch-size", "4", "--max-seq-len", "64", "--compile-backend", "eager",
+            "--json", str(out_json)]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "compiled-llm / hf-eager" in table
+    result = json.loads(out_json.read_text())
+    ours, hf = result["results"]
+    assert ours["system"] == "compiled-llm" and hf["system"] == "hf-eager"
+    assert ours["output_tokens"] == hf["output_tokens"] == 6 * 5
+    assert ours["ttft_s"]["p50"] <= ours["ttft_s"]["p90"] <= ours["ttft_s"]["p99"]
+    assert ours["prefix_cache_hit_tokens"] == 0  # the warm-up's prompts share no blocks with the measured ones
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("\n".join(json.dumps({"prompt_token_ids": [5 + i, 6, 7]}) for i in range(3)))
+    args = ["bench", str(tmp_path / "model"), "--mode", "throughput", "--num-requests", "3", "--dataset", str(dataset),
+            "--output-len", "2", "--baselines", "none", "--compile-backend", "eager", "--max-seq-len", "64"]  # fmt: skip
+    assert main(args) == 0
+    args[args.index("3")] = "4"
+    assert main(args) == 2
+    assert "has 3 prompts, fewer than --num-requests 4" in capsys.readouterr().err

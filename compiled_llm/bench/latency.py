@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from compiled_llm.bench.measure import copy_bandwidth, median_time, timed
+from compiled_llm.bench.measure import check_baselines, copy_bandwidth, median_time, timed
 from compiled_llm.config import CompileConfig
 
 log = logging.getLogger("compiled_llm.bench")
@@ -67,9 +67,7 @@ def run_latency_benchmark(
 ) -> dict:
     from compiled_llm.compiled_model import compile_model
 
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
+    check_baselines(baselines, BASELINES, "latency")
     if batch_size < 1 or input_len < 1 or output_len < 2:
         raise ValueError("batch_size and input_len must be >= 1 and output_len >= 2")
     device = next(model.parameters()).device

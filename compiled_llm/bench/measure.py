@@ -44,3 +44,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 1
         times.append(start.elapsed_time(end) / 1e3)
     del src, dst
     return 2 * nbytes / statistics.median(times)
+
+
+def check_baselines(requested: tuple[str, ...], known: tuple[str, ...], mode: str) -> None:
+    unknown = [b for b in requested if b not in known]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown} for --mode {mode}; known: {', '.join(known)}")

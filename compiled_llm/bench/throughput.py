@@ -1,0 +1,177 @@
+"""`compiled-llm bench --mode throughput`: many requests submitted at once, run to completion by the
+engine (continuous batching), against HF `generate` in static batches on the same prompts, in one process.
+
+Every request generates exactly `output_len` tokens (EOS ignored), so both systems do the same work.
+Reported: output tokens/s, total (prompt + output) tokens/s, requests/s, and percentiles of time to first
+token (from submission) and of inter-token latency (per request: (finish - first token) / (tokens - 1)).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from compiled_llm.bench.measure import check_baselines, synchronize
+from compiled_llm.config import CompileConfig
+
+BASELINES = ("hf-eager",)
+PERCENTILES = (50, 90, 99)
+
+
+def load_prompts(num_requests: int, input_len: int, vocab_size: int, dataset: str | None = None,
+                 tokenizer=None) -> list[list[int]]:  # fmt: skip
+    """`num_requests` prompts: random tokens of `input_len` (seeded), or the first lines of a JSONL file
+    with `prompt_token_ids` (a list of ids) or `prompt` (text, needs the model's tokenizer)."""
+    if dataset is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(3, vocab_size, (num_requests, input_len), generator=generator).tolist()
+    prompts = []
+    with Path(dataset).open() as lines:
+        for number, line in enumerate(lines, 1):
+            if len(prompts) == num_requests:
+                break
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "prompt_token_ids" in record:
+                prompts.append([int(t) for t in record["prompt_token_ids"]])
+            elif "prompt" in record and tokenizer is not None:
+                prompts.append(tokenizer(record["prompt"])["input_ids"])
+            else:
+                raise ValueError(
+                    f"{dataset}:{number}: each line needs 'prompt_token_ids', or 'prompt' with a model directory "
+                    "that has a tokenizer"
+                )
+    if len(prompts) < num_requests:
+        raise ValueError(f"{dataset} has {len(prompts)} prompts, fewer than --num-requests {num_requests}")
+    return prompts
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        return {f"p{p}": values[0] if values else float("nan") for p in PERCENTILES}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {f"p{p}": cuts[p - 1] for p in PERCENTILES}
+
+
+def _run_engine(llm, prompts: list[list[int]], output_len: int) -> dict:
+    from compiled_llm.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    engine = llm.engine
+    synchronize(llm.compiled.device)
+    start = time.time()
+    requests = [engine.add_request(p, params) for p in prompts]
+    while engine.has_work:
+        engine.step()
+    synchronize(llm.compiled.device)
+    elapsed = time.time() - start
+    outputs = sum(len(r.output_token_ids) for r in requests)
+    ttft = [r.first_token_time - start for r in requests]
+    itl = [(r.finish_time - r.first_token_time) / (len(r.output_token_ids) - 1) for r in requests if output_len > 1]
+    return {
+        "system": "compiled-llm",
+        "elapsed_s": elapsed,
+        "output_tokens": outputs,
+        "output_tokens_per_s": outputs / elapsed,
+        "total_tokens_per_s": (outputs + sum(map(len, prompts))) / elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+        "ttft_s": _percentiles(ttft),
+        "itl_s": _percentiles(itl),
+        "preemptions": engine.scheduler.num_preemptions,
+        "prefix_cache_hit_tokens": engine.scheduler.pool.hit_tokens,
+    }
+
+
+def _run_hf_eager(model, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
+    """HF `generate` over the prompts in static batches (left-padded to the batch's longest prompt)."""
+    device = next(model.parameters()).device
+    synchronize(device)
+    start = time.time()
+    outputs = 0
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first : first + batch_size]
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(batch):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        with torch.no_grad():
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=output_len,
+                                 min_new_tokens=output_len, do_sample=False, pad_token_id=0)  # fmt: skip
+        outputs += (out.shape[1] - width) * len(batch)
+    synchronize(device)
+    elapsed = time.time() - start
+    return {
+        "system": "hf-eager",
+        "batch_size": batch_size,
+        "elapsed_s": elapsed,
+        "output_tokens": outputs,
+        "output_tokens_per_s": outputs / elapsed,
+        "total_tokens_per_s": (outputs + sum(map(len, prompts))) / elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+    }
+
+
+def run_throughput_benchmark(
+    model,
+    model_name: str,
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    baselines: tuple[str, ...] = BASELINES,
+    config: CompileConfig | None = None,
+    dataset: str | None = None,
+    tokenizer=None,
+) -> dict:
+    from compiled_llm.llm import LLM
+
+    check_baselines(baselines, BASELINES, "throughput")
+    if num_requests < 1 or input_len < 1 or output_len < 1:
+        raise ValueError("num_requests, input_len and output_len must be >= 1")
+    config = config or CompileConfig()
+    prompts = load_prompts(num_requests, input_len, model.config.vocab_size, dataset, tokenizer)
+    start = time.perf_counter()
+    llm = LLM(model, **config.model_dump())
+    compile_s = time.perf_counter() - start
+    # Warm-up on reversed prompts: the same shapes, none of the measured prompts' blocks in the prefix cache.
+    _run_engine(llm, [p[::-1] for p in prompts[: config.max_batch_size]], min(output_len, 4))
+    results = [{**_run_engine(llm, prompts, output_len), "compile_s": compile_s}]
+    if "hf-eager" in baselines:
+        _run_hf_eager(model, prompts[:1], min(output_len, 4), 1)  # warm-up
+        results.append(_run_hf_eager(model, prompts, output_len, config.max_batch_size))
+    device = next(model.parameters()).device
+    return {
+        "mode": "throughput",
+        "model": model_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "num_requests": num_requests,
+        "input_len": input_len if dataset is None else None,
+        "output_len": output_len,
+        "dataset": dataset,
+        "torch": torch.__version__,
+        "results": results,
+    }
+
+
+def format_throughput_table(result: dict) -> str:
+    lines = [
+        f"{result['model']} on {result['device']}: {result['num_requests']} requests, "
+        f"input {result['input_len'] or result['dataset']}, output {result['output_len']}",
+        f"{'system':<14}{'output tok/s':>14}{'total tok/s':>13}{'req/s':>9}{'TTFT p50/p90/p99 s':>24}"
+        f"{'ITL p50/p90/p99 ms':>24}",
+    ]
+    for r in result["results"]:
+        ttft = "/".join(f"{r['ttft_s'][f'p{p}']:.3f}" for p in PERCENTILES) if "ttft_s" in r else "-"
+        itl = "/".join(f"{1e3 * r['itl_s'][f'p{p}']:.1f}" for p in PERCENTILES) if "itl_s" in r else "-"
+        lines.append(f"{r['system']:<14}{r['output_tokens_per_s']:>14.1f}{r['total_tokens_per_s']:>13.1f}"
+                     f"{r['requests_per_s']:>9.2f}{ttft:>24}{itl:>24}")  # fmt: skip
+    ours = result["results"][0]["output_tokens_per_s"]
+    for r in result["results"][1:]:
+        lines.append(f"compiled-llm / {r['system']}: {ours / r['output_tokens_per_s']:.2f}x output tokens/s")
+    return "\n".join(lines)
