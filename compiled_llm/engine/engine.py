@@ -11,6 +11,7 @@ from compiled_llm.engine.detokenizer import IncrementalDetokenizer
 from compiled_llm.engine.request import Request, RequestState
 from compiled_llm.engine.sampling_params import SamplingParams
 from compiled_llm.engine.scheduler import Scheduler
+from compiled_llm.runtime.block_pool import extend_block_hashes
 from compiled_llm.sampling import next_tokens
 
 
@@ -71,13 +72,23 @@ class Engine:
         sampling = [request for request, chunk in scheduled if chunk.logits == "last"]
         tokens = self._sample(sampling, logits)
         pool = self.scheduler.pool
-        for request, _ in scheduled:  # blocks now full of computed tokens become findable
-            pool.cache_full_blocks(request.seq.block_ids, request.seq.token_ids[: request.seq.num_computed])
+        if pool.enable_prefix_caching:
+            for request, _ in scheduled:  # blocks now full of computed tokens become findable
+                self._register_full_blocks(request)
         for request, token in zip(sampling, tokens):
             request.append(token, self.eos_token_ids)
             if request.state is RequestState.FINISHED:
                 self.scheduler.finish(request)
         return sampling
+
+    def _register_full_blocks(self, request: Request) -> None:
+        """Hash and register only the blocks this step filled (the chain of earlier ones is kept)."""
+        seq = request.seq
+        extend_block_hashes(request.block_hashes, seq.token_ids[: seq.num_computed], self.scheduler.pool.block_size)
+        full = seq.num_computed // self.scheduler.pool.block_size
+        first = request.num_registered_blocks
+        self.scheduler.pool.register(seq.block_ids[first:full], request.block_hashes[first:full])
+        request.num_registered_blocks = full
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         if not requests:

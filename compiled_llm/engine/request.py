@@ -35,6 +35,8 @@ class Request:
     finish_time: float | None = None
     generator: torch.Generator | None = field(init=False, default=None)
     detokenizer: IncrementalDetokenizer | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks of computed tokens
+    num_registered_blocks: int = 0  # of its blocks, the first ones are findable in the prefix cache
 
     def __post_init__(self):
         self.seq = Sequence(list(self.prompt_token_ids))

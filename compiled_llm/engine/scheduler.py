@@ -41,9 +41,8 @@ class Scheduler:
 
     def release(self, request: Request) -> None:
         """Free a request's blocks (shared prefix blocks stay with their other holders)."""
-        self.pool.free(request.seq.block_ids)
-        request.seq.block_ids = []
-        request.seq.num_computed = 0
+        request.seq.release(self.pool)
+        request.num_registered_blocks = 0
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -84,6 +83,7 @@ class Scheduler:
                 cached = self.pool.match_prefix(request.seq.token_ids)
                 request.seq.block_ids = cached
                 request.seq.num_computed = len(cached) * self.pool.block_size
+                request.num_registered_blocks = len(cached)
                 if request.num_cached_tokens is None:
                     request.num_cached_tokens = request.seq.num_computed
             num_tokens = min(request.seq.num_pending, budget)

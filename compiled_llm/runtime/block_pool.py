@@ -23,12 +23,19 @@ class OutOfKVBlocks(RuntimeError):
     """More KV blocks were asked for than are free."""
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """The chained hash of each full block of `token_ids` (a trailing partial block has none)."""
-    hashes, parent = [], b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int) -> None:
+    """Append to `hashes` (those of the first len(hashes) blocks) the hashes of the further full blocks of
+    `token_ids`: a growing sequence hashes each block once."""
+    parent = hashes[-1] if hashes else b""
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hashlib.sha256(parent + array("q", token_ids[start : start + block_size]).tobytes()).digest()
         hashes.append(parent)
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """The chained hash of each full block of `token_ids` (a trailing partial block has none)."""
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, token_ids, block_size)
     return hashes
 
 
@@ -109,9 +116,14 @@ class BlockPool:
         """Make the full blocks of a sequence findable: `blocks[i]` holds tokens i*B..(i+1)*B of `token_ids`,
         whose keys/values are computed. A block whose content is cached already (under another id) stays
         unregistered; it becomes empty when freed."""
+        if self.enable_prefix_caching:
+            self.register(blocks, block_hashes(token_ids, self.block_size))
+
+    def register(self, blocks: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """`cache_full_blocks` with the blocks' hashes known (`blocks[i]` has `hashes[i]`)."""
         if not self.enable_prefix_caching:
             return
-        for block, digest in zip(blocks, block_hashes(token_ids, self.block_size)):
+        for block, digest in zip(blocks, hashes):
             if block in self._hash_of or digest in self._block_of:
                 continue
             self._hash_of[block] = digest

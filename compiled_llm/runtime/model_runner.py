@@ -51,9 +51,7 @@ class ModelRunner:
             seq.block_ids += self.kv_cache.allocator.allocate(missing)
 
     def release(self, seq: Sequence) -> None:
-        self.kv_cache.allocator.free(seq.block_ids)
-        seq.block_ids = []
-        seq.num_computed = 0
+        seq.release(self.kv_cache.allocator)
 
     def step_inputs(
         self, chunks: Seq[ScheduledChunk], pad_to_seqs: int = 0

@@ -19,6 +19,12 @@ class Sequence:
     def num_pending(self) -> int:
         return len(self.token_ids) - self.num_computed
 
+    def release(self, pool) -> None:
+        """Give the sequence's blocks back to `pool` (a BlockPool); its tokens are to be computed again."""
+        pool.free(self.block_ids)
+        self.block_ids = []
+        self.num_computed = 0
+
 
 @dataclass
 class ScheduledChunk:
