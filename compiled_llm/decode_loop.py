@@ -13,32 +13,8 @@ from torch.profiler import record_function
 
 from compiled_llm.generation import GenerationSettings
 from compiled_llm.runtime import ModelRunner, ScheduledChunk, Sequence
+from compiled_llm.runtime.transfer import HostCopy, to_device
 from compiled_llm.sampling import apply_repetition_penalty, next_tokens
-
-
-def _rows(indices: list[int], device: torch.device) -> torch.Tensor:
-    """Row indices on the device, sent from pinned memory (a copy from pageable memory would wait for the
-    GPU to finish the step that is running ahead)."""
-    rows = torch.tensor(indices, dtype=torch.long, pin_memory=device.type == "cuda")
-    return rows.to(device, non_blocking=True)
-
-
-class _HostCopy:
-    """A device tensor on its way to the host: started now, waited for in `get`."""
-
-    def __init__(self, tensor: torch.Tensor):
-        if tensor.is_cuda:
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record()
-        else:
-            self._host, self._done = tensor, None
-
-    def get(self) -> list:
-        if self._done is not None:
-            self._done.synchronize()
-        return self._host.tolist()
 
 
 def decode(
@@ -55,25 +31,25 @@ def decode(
     for step in range(settings.max_new_tokens):
         with record_function("compiled_llm.sample"):
             if penalize:
-                active_rows = _rows(active, seen.device)
+                active_rows = to_device(active, torch.long, seen.device)
                 logits = apply_repetition_penalty(logits, seen[active_rows], settings.repetition_penalty)
             tokens_on_device = next_tokens(logits, settings.do_sample, settings.temperature, settings.top_k, settings.top_p)
             if penalize:
                 column = torch.full((len(seqs), 1), settings.pad_token_id or 0, dtype=torch.long, device=seen.device)
                 column[active_rows, 0] = tokens_on_device
                 seen = torch.cat([seen, column], dim=1)
-            tokens_to_host = _HostCopy(tokens_on_device)
+            tokens_to_host = HostCopy(tokens_on_device)
 
         last = step + 1 == settings.max_new_tokens
         launched = None
         if not last:
             for i in active:
-                seqs[i].token_ids.append(0)  # placeholder until the host reads the token
-            chunks = [ScheduledChunk(seqs[i], 1, "last") for i in active]
+                seqs[i].token_ids.append(-1)  # placeholder until the host reads the token
+            chunks = [ScheduledChunk(seqs[i], 1, "last", fill_row=row) for row, i in enumerate(active)]
             if runner.replays_as_graph(chunks):
-                launched = runner.execute(chunks, device_input_ids=tokens_on_device)
+                launched = runner.execute(chunks, device_tokens=tokens_on_device)
 
-        tokens = tokens_to_host.get()
+        (tokens,) = tokens_to_host.get()
         for i, token in zip(active, tokens):
             generated[i].append(token)
             if not last:
@@ -81,7 +57,7 @@ def decode(
         going = [k for k, token in enumerate(tokens) if token not in settings.eos_token_ids]
         if last or not going:
             break
-        going_rows = None if len(going) == len(active) else _rows(going, tokens_on_device.device)
+        going_rows = None if len(going) == len(active) else to_device(going, torch.long, tokens_on_device.device)
         if launched is not None:
             logits = launched if going_rows is None else launched[going_rows]
         else:  # a step that is not a graph replay: run it now (the host has its tokens by now)

@@ -25,6 +25,7 @@ class CompletionOutput:
     text: str | None  # None without a tokenizer
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length" or "abort"
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} of it and the top ones
 
 
 @dataclass
@@ -92,7 +93,8 @@ class LLM:
         for i, request in enumerate(requests):
             finished = request.finish_reason is not None
             text = request.detokenizer.streamable_text(finished) if request.detokenizer is not None else None
-            outputs.append(CompletionOutput(i, text, list(request.output_token_ids), request.finish_reason))
+            logprobs = None if request.logprobs is None else list(request.logprobs)
+            outputs.append(CompletionOutput(i, text, list(request.output_token_ids), request.finish_reason, logprobs))
         finish_times = [r.finish_time for r in requests]
         return RequestOutput(
             request_id=first.request_id,

@@ -110,8 +110,10 @@ def test_bad_requests_are_refused_before_any_work(llm):
         llm.generate("hello", use_tqdm=False)
     with pytest.raises(ValueError, match=r"token ids must be ints in \[0, 256\)"):
         llm.generate([[5, 999]], use_tqdm=False)
+    with pytest.raises(ValueError, match="best_of"):
+        SamplingParams(best_of=2)
     with pytest.raises(ValueError, match="presence_penalty"):
-        SamplingParams(presence_penalty=0.5)
-    with pytest.raises(ValueError, match="top_k/top_p need temperature > 0"):
+        SamplingParams(presence_penalty=2.5)
+    with pytest.raises(ValueError, match="top_k/top_p/min_p need temperature > 0"):
         SamplingParams(temperature=0, top_k=5)
     assert not llm.engine.has_work

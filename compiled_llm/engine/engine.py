@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 from compiled_llm.compiled_model import CompiledModel
 from compiled_llm.engine.detokenizer import IncrementalDetokenizer
 from compiled_llm.engine.request import Request, RequestState
 from compiled_llm.engine.sampling_params import SamplingParams
 from compiled_llm.engine.scheduler import Scheduler
+from compiled_llm.engine.sampler import SampledStep
 from compiled_llm.runtime.block_pool import extend_block_hashes
-from compiled_llm.sampling import next_tokens
 
 
 class Engine:
@@ -24,6 +22,7 @@ class Engine:
         config = compiled.config
         self.scheduler = Scheduler(self.runner.kv_cache.allocator, config.max_num_tokens, config.max_batch_size)
         self._ids = itertools.count()
+        self._in_flight: SampledStep | None = None  # the last step's tokens, not read back yet
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; raises ValueError for one that could never run."""
@@ -48,6 +47,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (LLM(model, tokenizer)); stop_token_ids do not")
         request = Request(str(next(self._ids)), list(prompt_token_ids), params, prompt)
+        request.seed_generator(self.compiled.device)
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.scheduler.add(request)
@@ -61,43 +61,62 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        if self.scheduler.has_work:
+            return True
+        in_flight = self._in_flight.requests if self._in_flight is not None else ()
+        return any(r.state is not RequestState.FINISHED for r in in_flight)
 
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that got a token (finished ones included)."""
+        """Run one engine step; returns the requests that got a token (finished ones included).
+
+        Steps overlap: a step is launched first, and only then are the tokens of the previous step read
+        (they are already sampled on the device, and feed this step there). So the host schedules and
+        prepares step n+1 while the GPU runs step n, and each request's newest token is one step late
+        on the host. A request that stopped (EOS, stop string) is computed by one step more, whose token
+        is dropped; one that reaches max_tokens is not scheduled again.
+        """
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        logits = self.runner.execute([chunk for _, chunk in scheduled])
-        sampling = [request for request, chunk in scheduled if chunk.logits == "last"]
-        tokens = self._sample(sampling, logits)
-        pool = self.scheduler.pool
-        if pool.enable_prefix_caching:
-            for request, _ in scheduled:  # blocks now full of computed tokens become findable
-                self._register_full_blocks(request)
-        for request, token in zip(sampling, tokens):
-            request.append(token, self.eos_token_ids)
+        previous, self._in_flight = self._in_flight, None
+        logits = None
+        if scheduled:
+            for request, chunk in scheduled:
+                if request.token_in_flight and chunk.seq.num_computed + chunk.num_tokens == len(chunk.seq):
+                    chunk.fill_row = previous.rows[request]
+            logits = self.runner.execute([chunk for _, chunk in scheduled], previous.tokens if previous else None)
+        updated = self._process(previous) if previous is not None else []
+        if scheduled:
+            if self.scheduler.pool.enable_prefix_caching:
+                for request, _ in scheduled:  # blocks now full of computed tokens become findable
+                    if request.state is not RequestState.FINISHED:
+                        self._register_full_blocks(request)
+            sampling = [request for request, chunk in scheduled if chunk.logits == "last"]
+            if sampling:
+                self._in_flight = SampledStep(sampling, logits, self.compiled.vocab_size)
+                for request in sampling:
+                    if request.state is not RequestState.FINISHED:
+                        request.add_placeholder()
+        return updated
+
+    def _process(self, sampled: SampledStep) -> list[Request]:
+        """Read a step's tokens (waiting for them if needed) and give them to their requests."""
+        updated = []
+        for request, (token, logprobs) in zip(sampled.requests, sampled.results()):
+            if request.state is RequestState.FINISHED:  # stopped or aborted since: the token is dropped
+                continue
+            request.append(token, self.eos_token_ids, logprobs)
             if request.state is RequestState.FINISHED:
                 self.scheduler.finish(request)
-        return sampling
+            updated.append(request)
+        return updated
 
     def _register_full_blocks(self, request: Request) -> None:
-        """Hash and register only the blocks this step filled (the chain of earlier ones is kept)."""
+        """Hash and register only the blocks filled since the last call (the chain of earlier ones is kept)."""
         seq = request.seq
-        extend_block_hashes(request.block_hashes, seq.token_ids[: seq.num_computed], self.scheduler.pool.block_size)
-        full = seq.num_computed // self.scheduler.pool.block_size
+        known = min(seq.num_computed, len(seq) - request.token_in_flight)  # never a placeholder
+        full = known // self.scheduler.pool.block_size
         first = request.num_registered_blocks
+        if full <= first:
+            return
+        extend_block_hashes(request.block_hashes, seq.token_ids[:known], self.scheduler.pool.block_size)
         self.scheduler.pool.register(seq.block_ids[first:full], request.block_hashes[first:full])
         request.num_registered_blocks = full
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        if not requests:
-            return []
-        tokens = logits.argmax(dim=-1).tolist()  # greedy rows, and one sync for the whole step
-        for i, request in enumerate(requests):
-            params = request.params
-            if not params.greedy:  # its own generator: the same seed gives the same tokens in any batch
-                row = logits[i : i + 1].float().cpu()
-                token = next_tokens(row, True, params.temperature, params.top_k, params.top_p, request.generator)
-                tokens[i] = int(token[0])
-        return tokens

@@ -37,23 +37,47 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks of computed tokens
     num_registered_blocks: int = 0  # of its blocks, the first ones are findable in the prefix cache
+    logprobs: list[dict[int, float]] | None = None  # per output token, when params.logprobs is set
+    # The last token is a placeholder: sampled on the device, not read back yet (see engine.py).
+    token_in_flight: bool = False
 
     def __post_init__(self):
         self.seq = Sequence(list(self.prompt_token_ids))
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    def seed_generator(self, device: torch.device) -> None:
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+            self.generator = torch.Generator(device).manual_seed(self.params.seed)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.seq.token_ids[len(self.prompt_token_ids) :]
+        end = len(self.seq.token_ids) - self.token_in_flight
+        return self.seq.token_ids[len(self.prompt_token_ids) : end]
+
+    @property
+    def last_token_in_flight(self) -> bool:
+        """Its token in flight is its last (max_tokens): nothing more to compute."""
+        return self.token_in_flight and len(self.seq) - len(self.prompt_token_ids) >= self.params.max_tokens
+
+    def add_placeholder(self) -> None:
+        self.seq.token_ids.append(-1)
+        self.token_in_flight = True
 
     @property
     def text(self) -> str | None:
         return self.detokenizer.text if self.detokenizer is not None else None
 
-    def append(self, token: int, eos_token_ids: frozenset[int]) -> None:
-        """Add a generated token, extend the text, and finish the request if it stops here."""
-        self.seq.token_ids.append(token)
+    def append(self, token: int, eos_token_ids: frozenset[int], logprobs: dict[int, float] | None = None) -> None:
+        """Add a generated token (in place of the placeholder, if one is in flight), extend the text, and
+        finish the request if it stops here."""
+        if self.token_in_flight:
+            self.seq.token_ids[-1] = token
+            self.token_in_flight = False
+        else:
+            self.seq.token_ids.append(token)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
         now = time.time()
         if self.first_token_time is None:
             self.first_token_time = now
@@ -68,5 +92,8 @@ class Request:
             self.detokenizer.finish(self.output_token_ids)
 
     def finish(self, reason: str, now: float | None = None) -> None:
+        if self.token_in_flight:  # aborted while a token was in flight: it will not be read
+            self.seq.token_ids.pop()
+            self.token_in_flight = False
         self.state, self.finish_reason = RequestState.FINISHED, reason
         self.finish_time = now or time.time()

@@ -27,6 +27,23 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Sample among the most likely tokens whose probabilities sum to top_p."""
 
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    """Drop tokens less likely than min_p times the most likely one (after top-k/top-p; 0: off)."""
+
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    """Divide the positive logits (multiply the negative ones) of tokens already in the prompt or the
+    output by this (HF's and vLLM's); 1: off."""
+
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Subtract this from the logits of tokens already generated (OpenAI's); 0: off."""
+
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Subtract this times its count so far from each generated token's logit (OpenAI's); 0: off."""
+
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Return, for each generated token, its log-probability and those of the `logprobs` most likely
+    tokens (under the model's raw distribution, before penalties and temperature). None: none."""
+
     seed: int | None = None
     """Seed of this request's own random generator: the same seed gives the same tokens, whatever else
     runs in the same batch."""
@@ -47,8 +64,12 @@ class SamplingParams(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     @model_validator(mode="after")
     def _sampling_needs_temperature(self) -> SamplingParams:
-        if self.greedy and (self.top_k is not None or self.top_p < 1.0):
-            raise ValueError("top_k/top_p need temperature > 0 (temperature=0 is greedy)")
+        if self.greedy and (self.top_k is not None or self.top_p < 1.0 or self.min_p > 0.0):
+            raise ValueError("top_k/top_p/min_p need temperature > 0 (temperature=0 is greedy)")
         return self

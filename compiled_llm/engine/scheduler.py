@@ -65,6 +65,8 @@ class Scheduler:
                 break
             if request.state is not RequestState.RUNNING:
                 continue  # preempted below, by an earlier request of this loop
+            if request.last_token_in_flight:
+                continue  # finishes when its token is read: nothing left to compute
             num_tokens = min(request.seq.num_pending, budget)
             while self._blocks_needed(request, num_tokens) > self.pool.num_free:
                 victim = self.running[-1]  # the latest admitted; never one already scheduled this step

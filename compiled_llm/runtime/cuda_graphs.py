@@ -19,7 +19,7 @@ from collections.abc import Sequence as Seq
 import torch
 from torch.profiler import record_function
 
-from compiled_llm.runtime.model_runner import STEP_INPUT_DTYPES, ModelRunner
+from compiled_llm.runtime.model_runner import STEP_INPUT_DTYPES, ModelRunner, TokenFills
 from compiled_llm.runtime.sequence import ScheduledChunk
 from custom_ops import StepAttentionMetadata, planned_step
 
@@ -67,7 +67,7 @@ class DecodeCudaGraphs:
         return next(size for size in self.batch_sizes if size >= len(chunks))
 
     def _load(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
-              device_input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+              fills: TokenFills | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         with record_function("compiled_llm.plan"):
             for planner in self.runner.planners.values():
                 planner.plan(metadata, cuda_graph_key=batch_size)
@@ -77,8 +77,8 @@ class DecodeCudaGraphs:
                 if name == "block_table":  # the step's table is as wide as its longest sequence needs
                     view = view[:, : inputs[name].shape[1]]
                 view.copy_(inputs[name], non_blocking=True)
-            if device_input_ids is not None:  # tokens sampled on the device by the previous step
-                views["input_ids"][: len(device_input_ids)].copy_(device_input_ids, non_blocking=True)
+            if fills is not None:  # tokens sampled on the device by the previous step
+                fills.apply(views["input_ids"])
         return views
 
     def capture(self) -> None:
@@ -102,9 +102,9 @@ class DecodeCudaGraphs:
         log.info("captured %d CUDA graphs (%s) in %.1f s", len(self._graphs), self.batch_sizes, self.capture_s)
 
     def replay(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
-               device_input_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+               fills: TokenFills | None = None) -> torch.Tensor:  # fmt: skip
         graph, logits = self._graphs[batch_size]
-        self._load(batch_size, inputs, metadata, device_input_ids)
+        self._load(batch_size, inputs, metadata, fills)
         with record_function("compiled_llm.replay"):
             graph.replay()
         self.replays += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
@@ -10,6 +11,7 @@ from torch.profiler import record_function
 from compiled_llm.capture import GRAPH_INPUTS
 from compiled_llm.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache
 from compiled_llm.runtime.sequence import ScheduledChunk, Sequence
+from compiled_llm.runtime.transfer import to_device
 from custom_ops import AttentionPlanner, StepAttentionMetadata, planned_step
 from fx_passes import PAGED_INPUTS
 
@@ -19,6 +21,23 @@ STEP_INPUT_DTYPES = {
     "input_ids": torch.int64, "position_ids": torch.int64, "logits_indices": torch.int64,
     "slot_mapping": torch.int64, "block_table": torch.int32, "query_start_loc": torch.int32, "seq_lens": torch.int32,
 }  # fmt: skip
+
+
+@dataclass
+class TokenFills:
+    """Step input tokens that come from the device: input_ids[dst[i]] = tokens[src[i]]."""
+
+    tokens: torch.Tensor
+    dst: list[int]
+    src: list[int]
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        n = len(self.dst)
+        if self.dst == self.src == list(range(n)):  # a decode step fed in order: one plain copy
+            input_ids[:n].copy_(self.tokens[:n], non_blocking=True)
+        else:
+            src = to_device(self.src, torch.long, input_ids.device)
+            input_ids[to_device(self.dst, torch.long, input_ids.device)] = self.tokens[src]
 
 
 class ModelRunner:
@@ -116,11 +135,14 @@ class ModelRunner:
         )
         return inputs, metadata, wanted
 
-    def run_graph(self, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata) -> torch.Tensor:
+    def run_graph(self, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
+                  fills: TokenFills | None = None) -> torch.Tensor:  # fmt: skip
         """Plan the step and run the graph on host `inputs` (copied to the device here)."""
         for planner in self.planners.values():
             planner.plan(metadata)
         device_inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
+        if fills is not None:
+            fills.apply(device_inputs["input_ids"])
         with planned_step(self.planners):
             return self.graph({**device_inputs, **self.kv_cache.tensors})
 
@@ -129,26 +151,40 @@ class ModelRunner:
         before reading this one's results; see cuda_graphs.py)."""
         return self.cuda_graphs is not None and self.cuda_graphs.batch_size_for(chunks) is not None
 
-    def execute(self, chunks: Seq[ScheduledChunk], device_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, chunks: Seq[ScheduledChunk], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; returns logits [N, vocab] of the tokens that asked for them, in chunk order.
 
-        Returns without waiting for the device. `device_input_ids` (one token per chunk, on the device)
-        replaces the chunks' last tokens, which may then be placeholders: a decode step can start before
-        the host has read the tokens the previous step sampled. A step that replays a CUDA graph returns
-        logits in the graph's output buffer, valid until the next replay of the same batch size.
+        Returns without waiting for the device. A chunk with a `fill_row` takes its last token from that
+        row of `device_tokens` (tokens the previous step sampled, still on the device): a step can start
+        before the host has read them. A step that replays a CUDA graph returns logits in the graph's
+        output buffer, valid until the next replay of the same batch size.
         """
-        if device_input_ids is not None and any(c.num_tokens != 1 for c in chunks):
-            raise ValueError("device_input_ids feeds decode steps only (one new token per sequence)")
+        fills = self._fills(chunks, device_tokens)
         graph_batch = self.cuda_graphs.batch_size_for(chunks) if self.cuda_graphs is not None else None
         with record_function("compiled_llm.step_inputs"):
             inputs, metadata, wanted = self.step_inputs(chunks, pad_to_seqs=graph_batch or 0)
         if graph_batch is not None:
-            logits = self.cuda_graphs.replay(graph_batch, inputs, metadata, device_input_ids)
+            logits = self.cuda_graphs.replay(graph_batch, inputs, metadata, fills)
         else:
             with record_function("compiled_llm.run_graph"):
-                if device_input_ids is not None:
-                    inputs["input_ids"] = device_input_ids
-                logits = self.run_graph(inputs, metadata)
+                logits = self.run_graph(inputs, metadata, fills)
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
         return logits[:wanted]
+
+    def _fills(self, chunks: Seq[ScheduledChunk], device_tokens: torch.Tensor | None) -> TokenFills | None:
+        flat, dst, src = 0, [], []
+        for chunk in chunks:
+            flat += chunk.num_tokens
+            if chunk.fill_row is not None:
+                if chunk.seq.num_computed + chunk.num_tokens != len(chunk.seq):
+                    raise ValueError("a chunk with a fill_row must end with the sequence's last token")
+                dst.append(flat - 1)
+                src.append(chunk.fill_row)
+            elif chunk.seq.token_ids[chunk.seq.num_computed + chunk.num_tokens - 1] < 0:
+                raise ValueError("a placeholder token (< 0) is computed without a fill_row to take it from")
+        if not dst:
+            return None
+        if device_tokens is None:
+            raise ValueError("chunks with a fill_row need device_tokens")
+        return TokenFills(device_tokens, dst, src)

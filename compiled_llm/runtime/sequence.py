@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Sequence:
+    """Token ids < 0 are placeholders for tokens not read back from the device yet (always at the end)."""
+
     token_ids: list[int]
     first_position: int = 0  # position id of token 0 (HF gives left-padded rows of a forward offsets)
     block_ids: list[int] = field(default_factory=list)
@@ -33,3 +35,6 @@ class ScheduledChunk:
     seq: Sequence
     num_tokens: int
     logits: str = "last"  # which of these tokens need logits: "none", "last" or "all"
+    # The sequence's last token is still being sampled on the device (a placeholder on the host): this
+    # chunk ends with it, and it is row `fill_row` of the `device_tokens` given to ModelRunner.execute.
+    fill_row: int | None = None
