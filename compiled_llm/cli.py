@@ -74,7 +74,7 @@ def bench(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         result = run_throughput_benchmark(
             model, args.model, args.num_requests, args.input_len, args.output_len,
-            baselines, config, args.dataset, tokenizer,
+            baselines, config, args.dataset, tokenizer, args.baseline_batch_size, args.baseline_num_requests,
         )  # fmt: skip
         print(format_throughput_table(result))
         if args.json:
@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--output-len", type=int, default=128)
     bench_parser.add_argument("--baselines", help="comma-separated, or none (default: latency hf-eager,hf-compile; "
                               "throughput hf-eager)")
+    bench_parser.add_argument("--baseline-batch-size", type=int,
+                              help="throughput: HF generate's static batch (default: --max-batch-size)")
+    bench_parser.add_argument("--baseline-num-requests", type=int,
+                              help="throughput: run the HF baseline on the first N requests only (default: all)")
     bench_parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     bench_parser.add_argument("--profile", action="store_true", help="add a kernel profile of decode steps")
     bench_parser.add_argument("--json", help="write the results to this file")

@@ -1,0 +1,97 @@
+"""Where an engine step's time goes: host time per phase (schedule, build inputs + launch, wait for the
+GPU, sample, bookkeeping) and the steps by kind, over a throughput run.
+
+    python benchmarks/engine_profile.py random:llama-3.1-8b --num-requests 512 --max-batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+from compiled_llm import LLM, SamplingParams
+from compiled_llm.bench.throughput import load_prompts
+
+
+def instrument(engine, totals: collections.Counter, counts: collections.Counter) -> None:
+    """Wrap the engine's parts so that each call adds its host seconds to `totals[name]`."""
+
+    def wrap(owner, attr: str, name: str, sync: bool = False):
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            if sync:
+                torch.cuda.synchronize()
+            totals[name] += time.perf_counter() - start
+            counts[name] += 1
+            return out
+
+        setattr(owner, attr, timed)
+
+    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine.runner, "execute", "execute (inputs + launch)")
+    wrap(engine, "_process", "read previous tokens (incl. wait)")
+    wrap(engine, "step", "step total")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-num-tokens", type=int, default=8192)
+    parser.add_argument("--attention-backend", default="triton")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--trace", action="store_true", help="also profile a short run with torch.profiler")
+    args = parser.parse_args()
+
+    llm = LLM(args.model, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+              max_seq_len=args.input_len + args.output_len + 16, attention_backend=args.attention_backend)  # fmt: skip
+    prompts = load_prompts(args.num_requests, args.input_len, llm.compiled.vocab_size)
+    params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True)
+    llm.generate([p[::-1] for p in prompts[: args.max_batch_size]], params.model_copy(update={"max_tokens": 4}),
+                 use_tqdm=False)  # fmt: skip
+    totals, counts = collections.Counter(), collections.Counter()
+    instrument(llm.engine, totals, counts)
+    kinds = collections.Counter()
+    step = llm.engine.step
+
+    def counting_step():
+        scheduled_before = llm.engine.runner.cuda_graphs.replays if llm.engine.runner.cuda_graphs else 0
+        out = step()
+        replays = llm.engine.runner.cuda_graphs.replays if llm.engine.runner.cuda_graphs else 0
+        kinds["graph replay" if replays > scheduled_before else "compiled (prefill / mixed)"] += 1
+        return out
+
+    llm.engine.step = counting_step
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"{args.num_requests} requests, {tokens} output tokens in {elapsed:.2f} s: {tokens / elapsed:.0f} tok/s")
+    print(f"steps: {dict(kinds)}")
+    for name, seconds in totals.most_common():
+        print(f"  {name:<30} {seconds:8.3f} s  {counts[name]:6d} calls  {1e3 * seconds / counts[name]:7.2f} ms/call")
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        short = params.model_copy(update={"max_tokens": 12})
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate([p[1:] + p[:1] for p in prompts[: args.max_batch_size]], short, use_tqdm=False)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+        print(table)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
