@@ -3,10 +3,14 @@
     compiled-llm build MODEL [--max-batch-size 8 ...]   compile a model, print the compile report
     compiled-llm bench MODEL --mode latency ...          decode speed against HF baselines, same process
     compiled-llm bench MODEL --mode throughput ...       many requests through the engine against HF batches
+    compiled-llm bench --mode serving --url URL ...      drive a running OpenAI-compatible server
+    compiled-llm serve MODEL [--port 8000 --api-key KEY] OpenAI-compatible HTTP server
+    compiled-llm tune MODEL                              kernel autotuning (not available yet)
 
 MODEL is a local Hugging Face directory or a random-weight preset (`random:llama-3.1-8b`, ...).
 
-Every `CompileConfig` field is a flag (`--max-seq-len 2048`, `--passes graph_cleanup,insert_paged_attention`).
+Every `CompileConfig` field is a flag (`--max-seq-len 2048`, `--passes graph_cleanup,insert_paged_attention`),
+and `--config FILE.yaml` gives any of them in a file; flags override the file.
 """
 
 from __future__ import annotations
@@ -21,17 +25,44 @@ from compiled_llm.config import CompileConfig
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compile config (CompileConfig fields)")
+    group.add_argument("--config", metavar="FILE.yaml", help="CompileConfig fields in a YAML mapping (flags override)")
     for name, field in CompileConfig.model_fields.items():
         default = field.get_default(call_default_factory=True)
         help_text = f"{(field.description or '').split('.')[0]} (default: {default})"
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=help_text)
 
 
+def _config_file(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"--config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of CompileConfig fields, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(CompileConfig.model_fields))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown fields {unknown}; CompileConfig fields: {sorted(CompileConfig.model_fields)}")
+    return data
+
+
 def _config_from_args(args: argparse.Namespace) -> CompileConfig:
-    fields = {name: getattr(args, name) for name in CompileConfig.model_fields if getattr(args, name) is not None}
-    if "passes" in fields:
-        fields["passes"] = tuple(p.strip() for p in fields["passes"].split(",") if p.strip())
-    return CompileConfig(**fields)
+    from pydantic import ValidationError
+
+    fields = _config_file(args.config) if getattr(args, "config", None) else {}
+    flags = {name: getattr(args, name) for name in CompileConfig.model_fields if getattr(args, name) is not None}
+    if "passes" in flags:
+        flags["passes"] = tuple(p.strip() for p in flags["passes"].split(",") if p.strip())
+    try:
+        return CompileConfig(**{**fields, **flags})
+    except ValidationError as error:  # one line per bad field, naming it
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"invalid configuration: {problems}") from None
 
 
 def _dtype(name: str | None):
@@ -60,8 +91,10 @@ def bench(args: argparse.Namespace) -> int:
     from compiled_llm.bench.throughput import format_throughput_table, run_throughput_benchmark
     from compiled_llm.presets import load_model
 
-    if args.mode not in ("latency", "throughput"):
-        raise ValueError(f"--mode {args.mode!r} is not available yet; available: latency, throughput")
+    if args.mode == "serving":
+        return bench_serving(args)
+    if args.model is None:
+        raise ValueError(f"--mode {args.mode} needs MODEL")
     config = _config_from_args(args)
     default_baselines = "hf-eager,hf-compile" if args.mode == "latency" else "hf-eager"
     baselines = tuple(b for b in (args.baselines or default_baselines).split(",") if b and b != "none")
@@ -90,9 +123,50 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_serving(args: argparse.Namespace) -> int:
+    from compiled_llm.bench.latency import write_json
+    from compiled_llm.bench.serving import format_serving_table, run_serving_benchmark
+
+    if not args.url:
+        raise ValueError("--mode serving needs --url of a running server (e.g. http://127.0.0.1:8000)")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        raise ValueError(f"--concurrency takes integers, comma-separated; got {args.concurrency!r}") from None
+    results = []
+    for i, concurrency in enumerate(levels):
+        last = i == len(levels) - 1  # the plot shows the last (usually the highest) concurrency
+        result = run_serving_benchmark(args.url, args.model, args.num_requests, args.input_len, args.output_len,
+                                       concurrency, api_key=args.api_key, plot=args.plot if last else None,
+                                       vocab_size=args.vocab_size)  # fmt: skip
+        print(format_serving_table(result))
+        results.append(result)
+    if args.json:
+        write_json(results[0] if len(results) == 1 else {"mode": "serving", "runs": results}, args.json)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from compiled_llm.llm import LLM
+    from compiled_llm.server import serve as run_server
+
+    config = _config_from_args(args)
+    llm = LLM(args.model, dtype=_dtype(args.dtype), **config.model_dump())
+    logging.getLogger("compiled_llm.server").info("compiled:\n%s", llm.compiled.report)
+    run_server(llm, args.served_model_name or args.model, args.host, args.port, args.api_key, args.max_waiting,
+               args.shutdown_timeout)  # fmt: skip
+    return 0
+
+
+def tune(args: argparse.Namespace) -> int:
+    _config_from_args(args)  # a bad flag is still reported as such
+    raise ValueError("kernel autotuning (autotune='cache'/'full') is planned for the next milestone and not "
+                     "available yet; compile with autotune='off' (the default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compiled-llm", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument("--log-level", help="logging level (default: INFO for serve, else WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "local Hugging Face model directory, or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)"
     build_parser = commands.add_parser("build", help="compile a model and print the compile report")
@@ -105,8 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="measure speed against baselines in the same process",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
-    bench_parser.add_argument("model", help=model_help)
+    bench_parser.add_argument("model", nargs="?", help=model_help + "; serving: the served model's name "
+                              "(default: the server's first)")
     bench_parser.add_argument("--mode", default="latency", choices=["latency", "throughput", "serving"])
+    bench_parser.add_argument("--url", help="serving: base URL of a running OpenAI-compatible server")
+    bench_parser.add_argument("--concurrency", default="16", help="serving: requests in flight (comma-separated: "
+                              "one run per value)")
+    bench_parser.add_argument("--api-key", help="serving: the server's API key")
+    bench_parser.add_argument("--plot", help="serving: write a PNG of the latency distributions here")
+    bench_parser.add_argument("--vocab-size", type=int, default=1000,
+                              help="serving: random prompt token ids are drawn below this")
     bench_parser.add_argument("--batch-size", type=int, default=1, help="latency: sequences per generate")
     bench_parser.add_argument("--num-requests", type=int, default=1000, help="throughput: requests submitted at once")
     bench_parser.add_argument("--dataset", help="throughput: JSONL of prompts ('prompt_token_ids' or 'prompt')")
@@ -125,8 +207,31 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(bench_parser)
     bench_parser.set_defaults(run=bench)
 
+    serve_parser = commands.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
+                                       "/v1/chat/completions, /v1/models, /health, /metrics)",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    serve_parser.add_argument("model", help=model_help)
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    serve_parser.add_argument("--served-model-name", help="the model's name in the API (default: MODEL)")
+    serve_parser.add_argument("--max-waiting", type=int, default=1024,
+                              help="queued requests beyond which new ones get 503 with Retry-After")
+    serve_parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                              help="seconds running requests get to finish after SIGTERM before they are aborted")
+    serve_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
+    _add_config_flags(serve_parser)
+    serve_parser.set_defaults(run=serve)
+
+    tune_parser = commands.add_parser("tune", help="tune kernels into the on-disk kernel cache (next milestone)",
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    tune_parser.add_argument("model", help=model_help)
+    _add_config_flags(tune_parser)
+    tune_parser.set_defaults(run=tune)
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except ValueError as error:  # bad input: one clear line, no traceback

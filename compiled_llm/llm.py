@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -55,14 +58,14 @@ def _eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
 
 
 class LLM:
-    def __init__(self, model: nn.Module | str, tokenizer=None, **config_fields):
-        """`model`: a Hugging Face causal LM, or a local HF directory / `random:NAME` preset (loaded, with the
-        directory's tokenizer when there is one). `config_fields`: CompileConfig fields."""
+    def __init__(self, model: nn.Module | str, tokenizer=None, dtype: torch.dtype | None = None, **config_fields):
+        """`model`: a Hugging Face causal LM, or a local HF directory / `random:NAME` preset (loaded in `dtype`,
+        with the directory's tokenizer when there is one). `config_fields`: CompileConfig fields."""
         if isinstance(model, str):
             from compiled_llm.presets import load_model
 
             spec = model
-            model = load_model(spec)
+            model = load_model(spec, dtype)
             if tokenizer is None and not spec.startswith("random:"):
                 from transformers import AutoTokenizer
 
@@ -71,8 +74,14 @@ class LLM:
         self.tokenizer = tokenizer
         self.compiled = compile_model(model, **config_fields)
         self.engine = Engine(self.compiled, _eos_token_ids(model, tokenizer), tokenizer)
-        self._updated: dict[Request, asyncio.Event] = {}  # generate_async: set when a request got tokens
+        # generate_async: an event per request, set when it got tokens; requests to add or abort between
+        # steps; the task that steps the engine, in one worker thread, under a lock.
+        self._updated: dict[Request, asyncio.Event] = {}
+        self._pending_adds: list[Request] = []
+        self._pending_aborts: list[Request] = []
         self._driver: asyncio.Task | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._engine_lock = threading.Lock()
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -83,6 +92,14 @@ class LLM:
             return None, [operator.index(t) for t in prompt]
         except TypeError:
             raise ValueError(f"a prompt is a string or a list of token ids, got {prompt!r:.80}") from None
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ending with the assistant's
+        turn to speak (what `generate` takes to answer it)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat needs a tokenizer with a chat template; this model has none")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote them already
 
     @staticmethod
     def _output(requests: list[Request], streaming: bool = False) -> RequestOutput:
@@ -125,6 +142,8 @@ class LLM:
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        if self._driver is not None and not self._driver.done():
+            raise RuntimeError("generate() cannot run while generate_async requests are running on this LLM")
         parsed = [self._prompt_ids(p) for p in prompts]  # all checked before any is queued
         groups: list[list[Request]] = []
         try:
@@ -144,14 +163,16 @@ class LLM:
     async def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                              streaming: bool = True) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Yields the request's output as it grows (with `streaming`; else once, finished). Requests of
-        concurrent calls share engine steps. Leaving the loop early, or cancelling the task, aborts the
-        request and frees its KV blocks at once."""
+        concurrent calls share engine steps, which run in a worker thread so that the event loop stays free
+        for I/O. Leaving the loop early, or cancelling the task, aborts the request and frees its KV blocks
+        (after the step in progress, if any). A bad request raises ValueError before anything is queued."""
         text, ids = self._prompt_ids(prompt)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if params.n != 1:
             raise ValueError(f"generate_async streams one completion: n must be 1, got n={params.n}")
-        request = self.engine.add_request(ids, params, text)
+        request = self.engine.make_request(ids, params, text)
         updated = self._updated[request] = asyncio.Event()
+        self._pending_adds.append(request)
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
         try:
@@ -163,15 +184,52 @@ class LLM:
             yield self._output([request])
         finally:
             del self._updated[request]
-            self.engine.abort(request)  # no-op once finished
+            if request.finish_reason is None:
+                self._abort_async(request)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not running yet (for a server's admission control)."""
+        return len(self._pending_adds) + len(self.engine.scheduler.waiting)
+
+    def _abort_async(self, request: Request) -> None:
+        if request in self._pending_adds:
+            self._pending_adds.remove(request)
+        elif self._driver is not None and not self._driver.done():
+            self._pending_aborts.append(request)  # the driver applies it between steps
+        else:  # no driver (e.g. the event loop is closing): wait for a step still running in the worker
+            with self._engine_lock:
+                self.engine.abort(request)
+
+    def _apply_pending_aborts(self) -> None:
+        for request in self._pending_aborts:
+            self.engine.abort(request)
+        self._pending_aborts.clear()
+
+    def _step_in_worker(self) -> list[Request]:
+        with self._engine_lock, torch.no_grad():
+            return self.engine.step()
 
     async def _drive(self) -> None:
-        """Steps the engine while any request is unfinished, yielding to the event loop between steps
-        (where consumers read outputs and aborts happen, never in the middle of a step)."""
-        while self.engine.has_work:
-            for request in self.engine.step():
-                if request in self._updated:
-                    self._updated[request].set()
-            await asyncio.sleep(0)
+        """Steps the engine while any request is unfinished. Requests join and aborts happen here, between
+        steps, never while the worker thread runs one."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compiled-llm-engine")
+        try:
+            while True:
+                with self._engine_lock:
+                    for request in self._pending_adds:
+                        self.engine.scheduler.add(request)
+                    self._pending_adds.clear()
+                    self._apply_pending_aborts()
+                    if not self.engine.has_work:
+                        break
+                for request in await loop.run_in_executor(self._worker, self._step_in_worker):
+                    if request in self._updated:
+                        self._updated[request].set()
+        finally:  # also when cancelled (the event loop closing): free what was aborted meanwhile
+            with self._engine_lock:  # waits for a step still running in the worker
+                self._apply_pending_aborts()
         for event in self._updated.values():  # aborted ones see their end
             event.set()

@@ -31,9 +31,14 @@ def byte_level_tokenizer() -> tf.PreTrainedTokenizerFast:
     return tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
-@pytest.fixture(scope="module")
-def llm():
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def text_model() -> tuple[tf.LlamaForCausalLM, tf.PreTrainedTokenizerFast]:
+    """A tiny random Llama over the byte-level tokenizer (which gets a chat template)."""
     tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -43,6 +48,12 @@ def llm():
         for name, param in model.named_parameters():
             if param.dim() >= 2 and "embed" not in name:
                 param.normal_(0.0, 0.08)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm():
+    model, tokenizer = text_model()
     return LLM(model, tokenizer, max_num_tokens=64, max_batch_size=8, max_seq_len=160, num_kv_blocks=64,
                compile_backend="eager")  # fmt: skip
 

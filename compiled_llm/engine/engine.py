@@ -26,6 +26,13 @@ class Engine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; raises ValueError for one that could never run."""
+        request = self.make_request(prompt_token_ids, params, prompt)
+        self.scheduler.add(request)
+        return request
+
+    def make_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
+        """A checked request, not queued yet (`scheduler.add` queues it); raises ValueError for one that
+        could never run. Touches no engine state: callable while a step runs in another thread."""
         vocab = self.compiled.vocab_size
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token")
@@ -50,7 +57,6 @@ class Engine:
         request.seed_generator(self.compiled.device)
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
-        self.scheduler.add(request)
         return request
 
     def abort(self, request: Request) -> None:

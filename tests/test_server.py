@@ -1,0 +1,256 @@
+"""`compiled-llm serve` as a real subprocess on a free port, over a tiny random model saved as an HF directory
+with a locally trained tokenizer and a chat template, talked to with the official `openai` client. Expected
+texts come from `LLM.generate` in this process on the same directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from compiled_llm import LLM, SamplingParams  # noqa: E402
+from tests.test_llm_text import text_model  # noqa: E402
+
+KEY = "test-key"
+FLAGS = ["--compile-backend", "eager", "--max-batch-size", "16", "--max-num-tokens", "256", "--max-seq-len", "160",
+         "--num-kv-blocks", "200"]  # fmt: skip
+PROMPTS = ["The quick brown", "Zwölf Box", "日本語の", "Portez ce vieux", "The lazy dog", "Sylter Deich"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-text-model")
+    model, tokenizer = text_model()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The same model in this process: the reference outputs."""
+    return LLM(str(model_dir), max_batch_size=16, max_seq_len=160, num_kv_blocks=200, compile_backend="eager")
+
+
+def start_server(model_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, str, object]:
+    port = free_port()
+    log = open(tmp_path / f"server-{port}.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compiled_llm.cli", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
+         "--served-model-name", "tiny", *FLAGS, *extra],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url, log
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("server did not start within 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    process, url, log = start_server(model_dir, tmp_path_factory.mktemp("logs"))
+    yield process, url, log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(max_tokens: int = 20, **more) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **more)
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_completion_text_and_usage_are_the_engines(client, local):
+    expected = local.generate(PROMPTS[0], greedy(), use_tqdm=False)[0]
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0,
+                                         extra_body={"ignore_eos": True})  # fmt: skip
+    assert response.choices[0].text == expected.outputs[0].text and response.choices[0].finish_reason == "length"
+    assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert response.usage.completion_tokens == 20 and response.usage.total_tokens == response.usage.prompt_tokens + 20
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_goes_through_the_chat_template(client, local):
+    messages = [{"role": "system", "content": "Portez ce"}, {"role": "user", "content": "The quick brown fox"}]
+    expected = local.generate([local.chat_prompt_ids(messages)], greedy(16), use_tqdm=False)[0].outputs[0].text
+    response = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=16,
+                                              temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert response.choices[0].message.content == expected and response.choices[0].message.role == "assistant"
+    assert response.usage.prompt_tokens == len(local.chat_prompt_ids(messages))
+
+
+def test_streamed_text_equals_the_whole_text(client):
+    whole = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole and len(chunks) > 5
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+    chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                               max_tokens=12, temperature=0, stream=True))  # fmt: skip
+    assert chat[0].choices[0].delta.role == "assistant" and chat[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_seeds_stop_strings_and_logprobs(client, local):
+    two = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=10, n=2, seed=5, temperature=1.0,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    alone = local.generate(PROMPTS[3], SamplingParams(max_tokens=10, seed=6, ignore_eos=True), use_tqdm=False)
+    assert two.choices[1].text == alone[0].outputs[0].text  # completion 1 samples with seed + 1
+    assert two.usage.completion_tokens == 20
+
+    text = local.generate(PROMPTS[4], greedy(30), use_tqdm=False)[0].outputs[0].text
+    stop = text[8:11]
+    cut = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
+    assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+
+    scored = client.completions.create(model="tiny", prompt=PROMPTS[5], max_tokens=4, temperature=0, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs) and lp.token_logprobs[0] == max(lp.top_logprobs[0].values())
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, 400, "max_seq_len=160"),
+        ({"model": "gpt-5", "prompt": "x"}, 400, "does not exist"),
+        ({"model": "tiny", "prompt": "The quick brown fox " * 40, "max_tokens": 4}, 400, "exceeds"),
+        ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+        ({"model": "tiny", "prompt": [[]]}, 400, "empty"),
+    ],
+)
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, status, needle):
+    url = server[1]
+    response = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_malformed_json_and_missing_key(server):
+    url = server[1]
+    bad = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}",
+                                                                               "Content-Type": "application/json"})  # fmt: skip
+    assert bad.status_code == 400 and "error" in bad.json()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        denied = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=headers)
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{url}/health").status_code == 200  # health and metrics need no key
+
+
+def test_64_concurrent_streams_all_get_their_text(server, local):
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(64)]
+    expected = [o.outputs[0].text for o in local.generate(prompts, greedy(16), use_tqdm=False)]
+    client = openai.AsyncOpenAI(base_url=f"{server[1]}/v1", api_key=KEY, max_retries=0)
+
+    async def stream(prompt: str) -> str:
+        chunks = await client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        return "".join([c.choices[0].text async for c in chunks if c.choices])
+
+    async def main():
+        return await asyncio.gather(*(stream(p) for p in prompts))
+
+    assert asyncio.run(main()) == expected
+
+
+def test_a_client_that_disconnects_frees_its_blocks(server):
+    url = server[1]
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 120, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith("data:"):
+            pass
+        assert metric(url, "compiled_llm_kv_blocks_used") > 0
+    deadline = time.time() + 10  # the abort lands after the engine step in progress
+    while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
+    assert metric(url, "compiled_llm_generation_tokens_total") > 0
+    assert "compiled_llm_time_to_first_token_seconds_bucket" in httpx.get(f"{url}/metrics").text
+
+
+def test_a_full_queue_gets_503_with_retry_after(local):
+    from fastapi.testclient import TestClient
+
+    from compiled_llm.server import build_app
+
+    with TestClient(build_app(local, "tiny", max_waiting=0)) as http:
+        response = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "busy" in response.json()["error"]["message"]
+
+
+def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
+    process, url, log = start_server(model_dir, tmp_path)
+    body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 60, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data:")]
+    assert first and rest[-1] == "data: [DONE]"  # the request in flight ran to its end
+    assert process.wait(timeout=60) == 0
+    log.seek(0)
+    text = log.read()
+    assert "prompt tokens" in text and "60 output tokens" in text  # one line per request
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def test_bench_serving_drives_the_server(server, tmp_path):
+    import json
+
+    from compiled_llm.cli import main
+
+    path = tmp_path / "serving.json"
+    argv = ["bench", "--mode", "serving", "--url", server[1], "--api-key", KEY, "--num-requests", "8", "--input-len",
+            "8", "--output-len", "6", "--concurrency", "1,4", "--vocab-size", "300", "--json", str(path)]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert [r["concurrency"] for r in runs] == [1, 4]
+    for run in runs:
+        assert run["completed"] == 8 and run["failed"] == 0 and run["output_tokens"] == 48
+        assert 0 < run["ttft_s"]["p50"] <= run["e2e_s"]["p50"] and run["itl_s"]["p50"] > 0
