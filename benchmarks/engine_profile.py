@@ -39,6 +39,44 @@ def instrument(engine, totals: collections.Counter, counts: collections.Counter)
     wrap(engine, "step", "step total")
 
 
+def staggered(llm, prompts, params, trace_step: int | None = None) -> None:
+    """Requests that arrive one per engine step: steps of every mix of prefill and decode, and of every
+    batch size. Steps over 3x the median are listed with their composition (a lazy compile shows here)."""
+    engine, times = llm.engine, []
+    pending = [p[2:] + p[:2] for p in prompts[: 2 * llm.compiled.config.max_batch_size]]
+    while pending or engine.has_work:
+        if pending:
+            engine.add_request(pending.pop(), params)
+        schedule = engine.scheduler.schedule
+        seen = []
+
+        def recording():
+            out = schedule()
+            seen.append([(chunk.num_tokens, chunk.logits) for _, chunk in out])
+            return out
+
+        engine.scheduler.schedule = recording
+        start = time.perf_counter()
+        if trace_step is not None and len(times) == trace_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
+        else:
+            engine.step()
+        times.append((time.perf_counter() - start, seen[0] if seen else []))
+        engine.scheduler.schedule = schedule
+    median = sorted(t for t, _ in times)[len(times) // 2]
+    print(f"staggered: {len(times)} steps, median {1e3 * median:.1f} ms")
+    for i, (t, chunks) in enumerate(times):
+        if t > 3 * median:
+            tokens = sum(n for n, _ in chunks)
+            print(f"  step {i}: {1e3 * t:.0f} ms, {len(chunks)} sequences, {tokens} tokens, "
+                  f"{sum(n > 1 for n, _ in chunks)} prefill chunks")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -50,6 +88,9 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="triton")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--trace", action="store_true", help="also profile a short run with torch.profiler")
+    parser.add_argument("--trace-step", type=int, help="staggered: profile this step with torch.profiler")
+    parser.add_argument("--staggered", action="store_true",
+                        help="also submit requests one per step, as a server would, and list the slow steps")
     args = parser.parse_args()
 
     llm = LLM(args.model, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
@@ -81,6 +122,8 @@ def main() -> None:
     print(f"steps: {dict(kinds)}")
     for name, seconds in totals.most_common():
         print(f"  {name:<30} {seconds:8.3f} s  {counts[name]:6d} calls  {1e3 * seconds / counts[name]:7.2f} ms/call")
+    if args.staggered:
+        staggered(llm, prompts, params, args.trace_step)
     if args.trace:
         from torch.profiler import ProfilerActivity, profile
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import operator
 import threading
 from collections.abc import AsyncIterator
@@ -73,6 +74,10 @@ class LLM:
         self.model = model
         self.tokenizer = tokenizer
         self.compiled = compile_model(model, **config_fields)
+        # The model, its FX graphs and the compile caches are millions of long-lived objects: keep them out
+        # of the cyclic garbage collector, whose full passes over them stalled serving for ~0.5 s.
+        gc.collect()
+        gc.freeze()
         self.engine = Engine(self.compiled, _eos_token_ids(model, tokenizer), tokenizer)
         # generate_async: an event per request, set when it got tokens; requests to add or abort between
         # steps; the task that steps the engine, in one worker thread, under a lock.

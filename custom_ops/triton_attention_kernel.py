@@ -16,7 +16,10 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
             hi = mid
     return lo - 1
 
-@triton.jit
+# Not specialized on what changes from step to step: the sequence and token counts and the block table's
+# width (Triton would compile a variant for each of "== 1", "divisible by 16" and neither, and a server
+# stalled ~0.9 s on each first such step).
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "block_table_stride"])
 def paged_attention_kernel(
     out_ptr, lse_ptr, q_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr,
     scale, softcap, sliding_window, num_seqs, num_tokens, block_size,

@@ -230,7 +230,9 @@ def run_serving_benchmark(
     model = model or _first_model(base, api_key, timeout_s)
     given_prompts = prompts is not None
     if not given_prompts:
-        prompts = load_prompts(num_requests, input_len, vocab_size)
+        # Seeded by the concurrency: runs at several levels against one server never find each other's
+        # prompts in its prefix cache.
+        prompts = load_prompts(num_requests, input_len, vocab_size, seed=concurrency)
     elif len(prompts) < num_requests:
         raise ValueError(f"{len(prompts)} prompts, fewer than --num-requests {num_requests}")
     prompts = prompts[:num_requests]

@@ -25,11 +25,11 @@ PERCENTILES = (50, 90, 99)
 
 
 def load_prompts(num_requests: int, input_len: int, vocab_size: int, dataset: str | None = None,
-                 tokenizer=None) -> list[list[int]]:  # fmt: skip
-    """`num_requests` prompts: random tokens of `input_len` (seeded), or the first lines of a JSONL file
+                 tokenizer=None, seed: int = 0) -> list[list[int]]:  # fmt: skip
+    """`num_requests` prompts: random tokens of `input_len` (from `seed`), or the first lines of a JSONL file
     with `prompt_token_ids` (a list of ids) or `prompt` (text, needs the model's tokenizer)."""
     if dataset is None:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         return torch.randint(3, vocab_size, (num_requests, input_len), generator=generator).tolist()
     prompts = []
     with Path(dataset).open() as lines:
