@@ -50,3 +50,35 @@ def test_bench_throughput_runs_every_request_to_its_length(tmp_path, capsys):
     args[args.index("3")] = "4"
     assert main(args) == 2
     assert "has 3 prompts, fewer than --num-requests 4" in capsys.readouterr().err
+
+
+def test_config_file_with_flags_over_it(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    config = tmp_path / "config.yaml"
+    config.write_text("compile_backend: eager\nmax_seq_len: 48\nmax_batch_size: 2\n")
+    assert main(["build", str(tmp_path / "model"), "--config", str(config)]) == 0
+    assert "max_seq_len 48" in capsys.readouterr().out
+    assert main(["build", str(tmp_path / "model"), "--config", str(config), "--max-seq-len", "40"]) == 0
+    assert "max_seq_len 40" in capsys.readouterr().out  # the flag wins
+    config.write_text("max_seq_len: 48\nmax_sequence_length: 9\n")
+    assert main(["build", str(tmp_path / "model"), "--config", str(config)]) == 2
+    assert "unknown fields ['max_sequence_length']" in capsys.readouterr().err
+    config.write_text("max_batch_size: -1\n")
+    assert main(["build", str(tmp_path / "model"), "--config", str(config)]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "model"), "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["build", "bench", "serve", "tune"])
+def test_every_subcommand_has_help_with_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config FILE.yaml" in out and "--max-batch-size" in out and "(default: 64)" in out
+
+
+def test_tune_says_it_is_not_available_yet(tmp_path, capsys):
+    assert main(["tune", str(tmp_path)]) == 2
+    assert "next milestone" in capsys.readouterr().err
