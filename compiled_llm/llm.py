@@ -60,17 +60,14 @@ def _eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
 
 class LLM:
     def __init__(self, model: nn.Module | str, tokenizer=None, dtype: torch.dtype | None = None, **config_fields):
-        """`model`: a Hugging Face causal LM, or a local HF directory / `random:NAME` preset (loaded in `dtype`,
-        with the directory's tokenizer when there is one). `config_fields`: CompileConfig fields."""
+        """`model`: a Hugging Face causal LM, or what `model_source.load_model` resolves (a local HF directory,
+        a .gguf file, a hub id, `smollm2-135m-instruct`, `random:NAME`), loaded in `dtype` with its tokenizer.
+        `config_fields`: CompileConfig fields."""
         if isinstance(model, str):
-            from compiled_llm.presets import load_model
+            from compiled_llm.model_source import load_model
 
-            spec = model
-            model = load_model(spec, dtype)
-            if tokenizer is None and not spec.startswith("random:"):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(spec)
+            loaded = load_model(model, dtype)
+            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
         self.model = model
         self.tokenizer = tokenizer
         self.compiled = compile_model(model, **config_fields)

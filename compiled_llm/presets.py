@@ -43,19 +43,3 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | t
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
-
-
-def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """A model from `random:NAME` or a local Hugging Face directory."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("random:"):
-        return random_model(spec.removeprefix("random:"), dtype or torch.bfloat16, device)
-    from pathlib import Path
-
-    path = Path(spec)
-    if not (path.is_dir() and (path / "config.json").exists()):
-        raise ValueError(
-            f"MODEL must be a local Hugging Face model directory with a config.json or a preset "
-            f"({', '.join('random:' + n for n in RANDOM_PRESETS)}), got {spec!r}"
-        )
-    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()

