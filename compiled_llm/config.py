@@ -30,7 +30,7 @@ class CompileConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    attention_backend: Literal["auto", "flashinfer", "triton", "reference"] = "auto"
+    attention_backend: Literal["auto", "flashinfer", "triton", "sdpa", "reference"] = "auto"
     """Kernel behind the paged-attention op. `auto` picks the fastest backend that is installed and
     supports each layer's features (on CPU only `reference` exists); the compile report says which
     layer got which backend and why."""

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 # Preference order for `attention_backend="auto"`: fastest first; `reference` always works.
-AUTO_ORDER = ("flashinfer", "triton", "reference")
+AUTO_ORDER = ("flashinfer", "triton", "sdpa", "reference")
 
 
 @dataclass(frozen=True)

@@ -76,22 +76,27 @@ def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int) 
     return cached[:, :, 0].flatten(1, 2), cached[:, :, 1].flatten(1, 2)
 
 
-def _reference_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
-                               layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
-    write_kv_cache(k, v, kv_cache, slot_mapping)
-    features = (scale, sliding_window, softcap, sinks)
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    # Decode tokens (one query per sequence) are attended together; each prefill chunk on its own.
-    decode = (query_lens == 1).nonzero().flatten()
-    if decode.numel():
-        keys, values = _gather_kv(kv_cache, block_table[decode], int(seq_lens[decode].max()))
-        rows = query_start_loc[decode].long()
-        out[rows] = attend(q[rows][:, None], keys, values, seq_lens[decode], *features)[:, 0]
-    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
-    for s in (query_lens > 1).nonzero().flatten().tolist():
-        keys, values = _gather_kv(kv_cache, block_table[s : s + 1], lengths[s])
-        rows = slice(starts[s], starts[s + 1])
-        out[rows] = attend(q[rows][None], keys, values, seq_lens[s : s + 1], *features)[0]
+def paged_attention_over(attend_fn):
+    """The paged-attention backend function that gathers each sequence's pages and calls `attend_fn`
+    (attend()'s signature): decode tokens (one query per sequence) together, each prefill chunk alone."""
+
+    def run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
+            layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
+        write_kv_cache(k, v, kv_cache, slot_mapping)
+        features = (scale, sliding_window, softcap, sinks)
+        query_lens = query_start_loc[1:] - query_start_loc[:-1]
+        decode = (query_lens == 1).nonzero().flatten()
+        if decode.numel():
+            keys, values = _gather_kv(kv_cache, block_table[decode], int(seq_lens[decode].max()))
+            rows = query_start_loc[decode].long()
+            out[rows] = attend_fn(q[rows][:, None], keys, values, seq_lens[decode], *features)[:, 0]
+        starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+        for s in (query_lens > 1).nonzero().flatten().tolist():
+            keys, values = _gather_kv(kv_cache, block_table[s : s + 1], lengths[s])
+            rows = slice(starts[s], starts[s + 1])
+            out[rows] = attend_fn(q[rows][None], keys, values, seq_lens[s : s + 1], *features)[0]
+
+    return run
 
 
-register_attention_backend(AttentionBackend("reference", _reference_paged_attention, devices=("cpu", "cuda")))
+register_attention_backend(AttentionBackend("reference", paged_attention_over(attend), devices=("cpu", "cuda")))

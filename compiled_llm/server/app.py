@@ -8,7 +8,6 @@ the response, which aborts its requests and frees their KV blocks after the engi
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -18,11 +17,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from compiled_llm.llm import LLM, RequestOutput
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.protocol import ChatCompletionRequest, CompletionRequest
+from compiled_llm.server.responses import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
+    CompletionChoice, CompletionResponse, Usage, chat_logprobs, completion_logprobs,
+)  # fmt: skip
 
 log = logging.getLogger("compiled_llm.server")
 
@@ -125,35 +128,6 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
     def token_text(token: int) -> str:
         return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
-    def top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-        return sorted(entry.items(), key=lambda item: -item[1])[:k]
-
-    def completion_logprobs(token_ids: list[int], entries: list[dict] | None, k: int, offset: int) -> dict | None:
-        if entries is None:
-            return None
-        tokens = [token_text(t) for t in token_ids]
-        offsets = []
-        for text in tokens:
-            offsets.append(offset)
-            offset += len(text)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [entry[t] for t, entry in zip(token_ids, entries)],
-            "top_logprobs": [{token_text(t): v for t, v in top(entry, k)} for entry in entries],
-            "text_offset": offsets,
-        }
-
-    def chat_logprobs(token_ids: list[int], entries: list[dict] | None, k: int) -> dict | None:
-        if entries is None:
-            return None
-
-        def item(token: int, value: float) -> dict:
-            text = token_text(token)
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
-
-        return {"content": [{**item(t, entry[t]), "top_logprobs": [item(*pair) for pair in top(entry, k)]}
-                            for t, entry in zip(token_ids, entries)]}  # fmt: skip
-
     async def run(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output so far) as the engine produces them; the last per choice is finished."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -192,15 +166,14 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         log.info("%s: %d prompt tokens, %d output tokens, TTFT %s, total %.3f s", request_id,
                  usage["prompt_tokens"], usage["completion_tokens"], ttft, time.time() - start)  # fmt: skip
 
-    def sse(payload: dict | str) -> str:
-        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+    def sse(payload: BaseModel | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
 
     async def respond(job: _Job, body, kind: str, logprobs_k: int | None):
         """A JSON response, or a stream of server-sent events; `kind`: "completion" or "chat"."""
-        request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
-        created, start = int(time.time()), time.time()
-        base = {"id": request_id, "object": "text_completion" if kind == "completion" else "chat.completion",
-                "created": created, "model": model_name}  # fmt: skip
+        completion_kind = kind == "completion"
+        base = {"id": f"{'cmpl' if completion_kind else 'chatcmpl'}-{uuid.uuid4().hex}", "model": model_name}
+        start, k = time.time(), logprobs_k or 0
 
         def delta(index: int, output: RequestOutput) -> tuple[str, list[int], list[dict] | None]:
             completion = output.outputs[0]
@@ -218,47 +191,50 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                 async for index, output in run(job, stream=False):
                     delta(index, output)
             finally:
-                finish_log(request_id, job, start)
-            choices = []
-            for index, final in enumerate(job.finals):
-                completion = final.outputs[0]
-                choice = {"index": index, "finish_reason": completion.finish_reason}
-                if kind == "completion":
-                    choice |= {"text": completion.text or "", "token_ids": completion.token_ids,
-                               "logprobs": completion_logprobs(completion.token_ids, completion.logprobs, logprobs_k or 0, 0)}  # fmt: skip
-                else:
-                    choice |= {"message": {"role": "assistant", "content": completion.text or ""},
-                               "logprobs": chat_logprobs(completion.token_ids, completion.logprobs, logprobs_k or 0)}  # fmt: skip
-                choices.append(choice)
-            return {**base, "choices": choices, "usage": job.usage()}
+                finish_log(base["id"], job, start)
+            finals = [(i, final.outputs[0]) for i, final in enumerate(job.finals)]
+            usage = Usage(**job.usage())
+            if completion_kind:
+                return CompletionResponse(**base, usage=usage, choices=[
+                    CompletionChoice(index=i, text=c.text or "", token_ids=c.token_ids, finish_reason=c.finish_reason,
+                                     logprobs=completion_logprobs(c.token_ids, c.logprobs, k, 0, token_text))
+                    for i, c in finals
+                ])  # fmt: skip
+            return ChatCompletionResponse(**base, usage=usage, choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=c.text or ""), finish_reason=c.finish_reason,
+                           logprobs=chat_logprobs(c.token_ids, c.logprobs, k, token_text))
+                for i, c in finals
+            ])  # fmt: skip
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        chunk_base = {**base, "object": "text_completion" if kind == "completion" else "chat.completion.chunk"}
 
         async def events() -> AsyncIterator[str]:
             try:
-                if kind == "chat":
+                if not completion_kind:  # OpenAI's first chunk of each choice: the role
                     for index in range(len(job.params)):
-                        yield sse({**chunk_base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                              "logprobs": None, "finish_reason": None}]})  # fmt: skip
+                        yield sse(ChatCompletionChunk(**base, choices=[
+                            ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))]))  # fmt: skip
                 async for index, output in run(job, stream=True):
                     offset = len(job.sent_text[index])
                     text, tokens, entries = delta(index, output)
                     reason = output.outputs[0].finish_reason if output.finished else None
                     if not text and not tokens and reason is None:
                         continue
-                    if kind == "completion":  # token_ids: vLLM's extension, and all a tokenizer-less model has
-                        choice = {"index": index, "text": text, "token_ids": tokens, "finish_reason": reason,
-                                  "logprobs": completion_logprobs(tokens, entries, logprobs_k or 0, offset)}  # fmt: skip
+                    if completion_kind:
+                        yield sse(CompletionResponse(**base, choices=[CompletionChoice(
+                            index=index, text=text, token_ids=tokens, finish_reason=reason,
+                            logprobs=completion_logprobs(tokens, entries, k, offset, token_text))]))  # fmt: skip
                     else:
-                        choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": reason,
-                                  "logprobs": chat_logprobs(tokens, entries, logprobs_k or 0)}  # fmt: skip
-                    yield sse({**chunk_base, "choices": [choice]})
+                        yield sse(ChatCompletionChunk(**base, choices=[ChatChunkChoice(
+                            index=index, delta=ChatDelta(content=text or None), finish_reason=reason,
+                            logprobs=chat_logprobs(tokens, entries, k, token_text))]))  # fmt: skip
                 if include_usage:
-                    yield sse({**chunk_base, "choices": [], "usage": job.usage()})
+                    usage = Usage(**job.usage())
+                    yield sse(CompletionResponse(**base, choices=[], usage=usage) if completion_kind
+                              else ChatCompletionChunk(**base, choices=[], usage=usage))  # fmt: skip
                 yield sse("[DONE]")
             finally:
-                finish_log(request_id, job, start)
+                finish_log(base["id"], job, start)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
