@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import operator
 import threading
 from collections.abc import AsyncIterator
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from compiled_llm.compiled_model import compile_model
 from compiled_llm.engine import Engine, Request, SamplingParams
+
+log = logging.getLogger("compiled_llm.llm")
 
 
 @dataclass
@@ -82,6 +85,8 @@ class LLM:
         self._pending_adds: list[Request] = []
         self._pending_aborts: list[Request] = []
         self._driver: asyncio.Task | None = None
+        self._snapshots: dict[Request, RequestOutput] = {}  # outputs taken between steps, not yet consumed
+        self._error: Exception | None = None  # what made the driver fail
         self._worker: ThreadPoolExecutor | None = None
         self._engine_lock = threading.Lock()
 
@@ -176,16 +181,29 @@ class LLM:
         updated = self._updated[request] = asyncio.Event()
         self._pending_adds.append(request)
         if self._driver is None or self._driver.done():
+            self._error = None
             self._driver = asyncio.get_running_loop().create_task(self._drive())
         try:
-            while request.finish_reason is None:
+            while True:
                 await updated.wait()
                 updated.clear()
-                if streaming and request.finish_reason is None:
-                    yield self._output([request], streaming=True)
-            yield self._output([request])
+                # Snapshots are taken by the driver while no step runs: the request itself may be changing
+                # now, in the worker thread.
+                snapshot = self._snapshots.pop(request, None)
+                if snapshot is None and (self._driver is None or self._driver.done()):
+                    if self._error is not None:
+                        raise RuntimeError(f"the engine failed: {self._error!r}") from self._error
+                    snapshot = self._output([request])  # the driver ended (aborted): nothing runs now
+                if snapshot is None:
+                    continue
+                if snapshot.finished:
+                    yield snapshot
+                    return
+                if streaming:
+                    yield snapshot
         finally:
             del self._updated[request]
+            self._snapshots.pop(request, None)
             if request.finish_reason is None:
                 self._abort_async(request)
 
@@ -228,8 +246,16 @@ class LLM:
                     if not self.engine.has_work:
                         break
                 for request in await loop.run_in_executor(self._worker, self._step_in_worker):
-                    if request in self._updated:
+                    if request in self._updated:  # the worker is idle until the next iteration
+                        self._snapshots[request] = self._output([request], streaming=request.finish_reason is None)
                         self._updated[request].set()
+        except Exception as error:  # a failed step: fail every request rather than leave them waiting
+            log.exception("engine step failed; aborting all requests")
+            self._error = error
+            with self._engine_lock:
+                for request in [*self.engine.scheduler.running, *self.engine.scheduler.waiting, *self._pending_adds]:
+                    self.engine.abort(request)
+                self._pending_adds.clear()
         finally:  # also when cancelled (the event loop closing): free what was aborted meanwhile
             with self._engine_lock:  # waits for a step still running in the worker
                 self._apply_pending_aborts()

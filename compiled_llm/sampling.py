@@ -25,11 +25,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, scores)
 
 
+# Temperatures below this are greedy: dividing logits by them overflows float32.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingTensors:
     """One step's per-row parameters. A field is None where no row uses it, which skips its work."""
 
-    temperature: torch.Tensor | None  # [B] float; 0 = greedy. None: every row greedy
+    temperature: torch.Tensor | None  # [B] float; < GREEDY_BELOW = greedy. None: every row greedy
     top_k: torch.Tensor | None = None  # [B] int64; >= vocab size = off
     top_p: torch.Tensor | None = None  # [B] float; 1 = off
     min_p: torch.Tensor | None = None  # [B] float; 0 = off
@@ -39,7 +43,7 @@ class SamplingTensors:
     def build(cls, rows: Sequence, device: torch.device, vocab_size: int,
               generators: Sequence[torch.Generator | None] = ()) -> SamplingTensors:  # fmt: skip
         """From per-row objects with `temperature`, `top_k` (None = off), `top_p` and `min_p` attributes."""
-        if all(r.temperature == 0 for r in rows):
+        if all(r.temperature < GREEDY_BELOW for r in rows):
             return cls(None)
 
         def column(values, dtype, neutral):
@@ -67,7 +71,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     distribution for the others."""
     if params.temperature is None:
         return logits.argmax(dim=-1)
-    greedy = params.temperature == 0
+    greedy = params.temperature < GREEDY_BELOW
     scores = logits.float() / torch.where(greedy, 1.0, params.temperature)[:, None]
     if params.top_k is not None or params.top_p is not None:
         sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
@@ -104,7 +108,7 @@ def next_tokens(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # [B] int64
     """The same parameters for every row (`CompiledModel.generate`)."""
-    if not do_sample or temperature == 0:
+    if not do_sample or temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     row = _Uniform(temperature, top_k or None, 1.0 if top_p is None else top_p)
     generators = [generator] * logits.shape[0] if generator is not None else ()

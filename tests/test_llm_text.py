@@ -139,3 +139,30 @@ def test_stop_strings_need_a_tokenizer():
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         bare.generate([[5, 6, 7]], SamplingParams(stop=["x"]), use_tqdm=False)
     assert bare.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].text is None
+
+
+def test_a_failing_step_fails_its_requests_instead_of_hanging(llm, monkeypatch):
+    pool = llm.engine.runner.kv_cache.allocator
+    free_before = pool.num_free
+    step = llm.engine.step
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: out of memory (simulated)")
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+
+    async def consume(prompt):
+        return [o async for o in llm.generate_async(prompt, SamplingParams(max_tokens=30, ignore_eos=True))]
+
+    async def main():
+        return await asyncio.gather(consume("The quick"), consume("Portez ce"), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "the engine failed" in str(r) for r in results)
+    assert pool.num_free == free_before and not llm.engine.has_work
+    monkeypatch.undo()
+    assert len(asyncio.run(consume("The quick"))[-1].outputs[0].token_ids) == 30  # usable again

@@ -212,15 +212,35 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     assert "compiled_llm_time_to_first_token_seconds_bucket" in httpx.get(f"{url}/metrics").text
 
 
+def test_a_non_streaming_client_that_leaves_is_aborted(server):
+    url = server[1]
+    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    deadline = time.time() + 10
+    while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
+    aborted = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith('compiled_llm_requests_total{finish_reason="abort"}')]  # fmt: skip
+    assert aborted and float(aborted[0].split()[1]) >= 1
+
+
 def test_a_full_queue_gets_503_with_retry_after(local):
     from fastapi.testclient import TestClient
 
     from compiled_llm.server import build_app
 
-    with TestClient(build_app(local, "tiny", max_waiting=0)) as http:
-        response = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
-    assert response.status_code == 503 and response.headers["retry-after"] == "1"
-    assert "busy" in response.json()["error"]["message"]
+    queued = local.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))  # waits: nothing steps the engine
+    try:
+        with TestClient(build_app(local, "tiny", max_waiting=1)) as http:
+            busy = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            too_many = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "n": 2})
+    finally:
+        local.engine.abort(queued)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert "busy" in busy.json()["error"]["message"]
+    assert too_many.status_code == 400 and "exceed the server's queue" in too_many.json()["error"]["message"]
 
 
 def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):

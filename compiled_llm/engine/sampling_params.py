@@ -19,7 +19,7 @@ class SamplingParams(BaseModel):
     """Most tokens to generate."""
 
     temperature: float = Field(1.0, ge=0.0)
-    """0 picks the most likely token (greedy); above 0, tokens are sampled from softmax(logits / T)."""
+    """0 (or below 1e-5) picks the most likely token (greedy); above, tokens are sampled from softmax(logits / T)."""
 
     top_k: int | None = Field(None, ge=1)
     """Sample among the k most likely tokens only (None: all)."""
@@ -62,7 +62,9 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        from compiled_llm.sampling import GREEDY_BELOW
+
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

@@ -120,6 +120,9 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             job = _Job(llm, body, prompt_ids, max_tokens, logprobs)
         except (ValueError, ValidationError) as error:
             raise APIError(400, str(error)) from None
+        if len(job.params) > max_waiting:
+            raise APIError(400, f"{len(job.params)} completions (n x prompts) exceed the server's queue of "
+                           f"{max_waiting}", param="n")  # fmt: skip
         if llm.num_waiting + len(job.params) > max_waiting:
             raise APIError(503, f"the server is busy ({llm.num_waiting} requests waiting); retry later",
                            headers={"Retry-After": "1"})  # fmt: skip
@@ -158,8 +161,11 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def finish_log(request_id: str, job: _Job, start: float) -> None:
-        for output in {id(f): f for f in job.finals if f is not None}.values():
-            metrics.finished(output)
+        for index, output in enumerate(job.finals):
+            if output is None:  # the client left (or the engine failed) before it finished
+                metrics.requests.labels("abort").inc()
+            else:  # choices of one prompt share it: its tokens count once
+                metrics.finished(output, count_prompt=index % job.n == 0)
         usage = job.usage()
         firsts = [f.metrics.first_token_time for f in job.finals if f is not None and f.metrics.first_token_time]
         ttft = f"{min(firsts) - start:.3f} s" if firsts else "-"
@@ -169,7 +175,7 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
     def sse(payload: BaseModel | str) -> str:
         return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
 
-    async def respond(job: _Job, body, kind: str, logprobs_k: int | None):
+    async def respond(job: _Job, body, kind: str, logprobs_k: int | None, http: Request):
         """A JSON response, or a stream of server-sent events; `kind`: "completion" or "chat"."""
         completion_kind = kind == "completion"
         base = {"id": f"{'cmpl' if completion_kind else 'chatcmpl'}-{uuid.uuid4().hex}", "model": model_name}
@@ -187,10 +193,20 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             return new_text, new_tokens, entries
 
         if not body.stream:
-            try:
+
+            async def collect() -> None:
                 async for index, output in run(job, stream=False):
                     delta(index, output)
+
+            task = asyncio.ensure_future(collect())
+            try:  # a client gone before its answer: abort (cancelling `run` aborts the requests)
+                while not (await asyncio.wait([task], timeout=0.25))[0]:
+                    if await http.is_disconnected():
+                        task.cancel()
+                        break
+                await task
             finally:
+                task.cancel()
                 finish_log(base["id"], job, start)
             finals = [(i, final.outputs[0]) for i, final in enumerate(job.finals)]
             usage = Usage(**job.usage())
@@ -239,7 +255,7 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         check(body)
         try:
             prompts = body.prompts()
@@ -249,17 +265,19 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             raise APIError(400, "string prompts need a tokenizer; this model has none: send token ids", param="prompt")
         ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
         max_tokens = [body.max_tokens or max(1, max_seq_len - len(p)) for p in ids]
-        return await respond(make_job(body, ids, max_tokens, body.logprobs), body, "completion", body.logprobs)
+        return await respond(make_job(body, ids, max_tokens, body.logprobs), body, "completion", body.logprobs, http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
         check(body)
+        from jinja2 import TemplateError
+
         try:
             ids = llm.chat_prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages])
-        except ValueError as error:
-            raise APIError(400, str(error), param="messages") from None
+        except (ValueError, TemplateError) as error:  # e.g. a template that refuses a role order
+            raise APIError(400, f"messages: {error}", param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens or max(1, max_seq_len - len(ids))
         k = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(make_job(body, [ids], [limit], k), body, "chat", k)
+        return await respond(make_job(body, [ids], [limit], k), body, "chat", k, http)
 
     return app

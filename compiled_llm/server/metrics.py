@@ -50,9 +50,10 @@ class ServerMetrics:
             self.generation_tokens.inc(count)
             self._recent.append((time.monotonic(), count))
 
-    def finished(self, output) -> None:
-        """One prompt's finished RequestOutput (its n completions)."""
-        self.prompt_tokens.inc(len(output.prompt_token_ids))
+    def finished(self, output, count_prompt: bool = True) -> None:
+        """A finished RequestOutput (`count_prompt`: False for the further completions of one prompt)."""
+        if count_prompt:
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
         m = output.metrics
         for completion in output.outputs:
             self.requests.labels(completion.finish_reason or "abort").inc()

@@ -44,8 +44,10 @@ class _Request(BaseModel):
         return ["logit_bias"] if self.logit_bias else []
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        from compiled_llm.sampling import GREEDY_BELOW
+
         temperature = 1.0 if self.temperature is None else self.temperature
-        greedy = temperature == 0  # top-p/top-k/min-p have no effect then: dropped rather than refused
+        greedy = temperature < GREEDY_BELOW  # top-p/top-k/min-p have no effect then: dropped rather than refused
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -95,6 +97,8 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.get("type") != "text":
                 raise ValueError(f"message content parts of type {part.get('type')!r} are not supported, only 'text'")
+            if not isinstance(part.get("text", ""), str):
+                raise ValueError("a text content part's 'text' must be a string")
             parts.append(part.get("text", ""))
         return "".join(parts)
 
