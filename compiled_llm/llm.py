@@ -133,11 +133,7 @@ class LLM:
 
     def _add(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None) -> list[Request]:
         """The n requests of one prompt; with a seed, completion i samples with seed + i."""
-        requests = []
-        for i in range(params.n):
-            child = params if params.seed is None or i == 0 else params.model_copy(update={"seed": params.seed + i})
-            requests.append(self.engine.add_request(prompt_token_ids, child, prompt))
-        return requests
+        return [self.engine.add_request(prompt_token_ids, params.for_completion(i), prompt) for i in range(params.n)]
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:  # fmt: skip

@@ -33,6 +33,15 @@ class Engine:
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """A checked request, not queued yet (`scheduler.add` queues it); raises ValueError for one that
         could never run. Touches no engine state: callable while a step runs in another thread."""
+        self.check_request(prompt_token_ids, params)
+        request = Request(str(next(self._ids)), list(prompt_token_ids), params, prompt)
+        request.seed_generator(self.compiled.device)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+        return request
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request that could never run."""
         vocab = self.compiled.vocab_size
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token")
@@ -53,11 +62,6 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (LLM(model, tokenizer)); stop_token_ids do not")
-        request = Request(str(next(self._ids)), list(prompt_token_ids), params, prompt)
-        request.seed_generator(self.compiled.device)
-        if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
-        return request
 
     def abort(self, request: Request) -> None:
         """Stop a request now and free its KV blocks."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compiled_llm.sampling import GREEDY_BELOW
+
 
 class SamplingParams(BaseModel):
     """Per-request generation settings (vLLM's names and defaults). Unknown fields are an error.
@@ -62,9 +64,11 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        from compiled_llm.sampling import GREEDY_BELOW
-
         return self.temperature < GREEDY_BELOW
+
+    def for_completion(self, index: int) -> SamplingParams:
+        """The parameters of completion `index` of n: with a seed, it samples with seed + index."""
+        return self if self.seed is None or index == 0 else self.model_copy(update={"seed": self.seed + index})
 
     @property
     def penalized(self) -> bool:

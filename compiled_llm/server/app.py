@@ -53,11 +53,9 @@ class _Job:
         self.params = []
         for ids, limit in zip(prompt_ids, max_tokens):
             base = body.sampling_params(limit, logprobs)
-            for j in range(body.n):  # completion j samples with seed + j, as LLM.generate does
-                seed = None if base.seed is None else base.seed + j
-                self.params.append((ids, base.model_copy(update={"seed": seed})))
+            self.params += [(ids, base.for_completion(j)) for j in range(body.n)]
         for ids, params in self.params:
-            llm.engine.make_request(ids, params)  # every check before anything is queued (raises ValueError)
+            llm.engine.check_request(ids, params)  # every check before anything is queued (raises ValueError)
         self.n = body.n
         self.sent_text = [""] * len(self.params)
         self.sent_tokens = [0] * len(self.params)

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from compiled_llm.engine import SamplingParams
+from compiled_llm.sampling import GREEDY_BELOW
 
 
 class StreamOptions(BaseModel):
@@ -44,8 +45,6 @@ class _Request(BaseModel):
         return ["logit_bias"] if self.logit_bias else []
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        from compiled_llm.sampling import GREEDY_BELOW
-
         temperature = 1.0 if self.temperature is None else self.temperature
         greedy = temperature < GREEDY_BELOW  # top-p/top-k/min-p have no effect then: dropped rather than refused
         return SamplingParams(
