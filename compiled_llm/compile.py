@@ -7,10 +7,11 @@ import torch.fx
 
 from compiled_llm.runtime.model_runner import STEP_INPUTS
 
-# Inductor settings compiled-llm sets itself (CompileConfig.inductor_options go over them). None so far:
-# combo_kernels (RoPE of q and k in one kernel) and coordinate_descent_tuning measured within run-to-run
-# noise at batch 1 on an H100 (BENCHMARKS.md).
-DEFAULT_INDUCTOR_OPTIONS: dict = {}
+# Inductor settings compiled-llm sets itself on CUDA (CompileConfig.inductor_options go over them).
+# combo_kernels launches independent kernels as one: RoPE of q and k, one launch fewer per layer, which
+# is what limits batch-1 decode of a small model; the tok/s it gains were within run-to-run spread on an
+# H100 for SmolLM2-135M and Llama-3.1-8B (BENCHMARKS.md), and it costs no compile time there.
+DEFAULT_CUDA_INDUCTOR_OPTIONS: dict = {"combo_kernels": True}
 
 
 def _mark_unbacked(tensor: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
@@ -23,12 +24,13 @@ def _mark_unbacked(tensor: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
 class CompiledGraph:
     """Calls the graph with inputs by name; compiled once, at the first call, for every token count."""
 
-    def __init__(self, gm: torch.fx.GraphModule, backend: str, inductor_options: dict | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, backend: str, inductor_options: dict | None = None, device_type="cpu"):
         self.gm = gm
         self.backend = backend
         self.input_names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
         if backend == "inductor":
-            options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
+            defaults = DEFAULT_CUDA_INDUCTOR_OPTIONS if device_type == "cuda" else {}
+            options = {**defaults, **(inductor_options or {})}
             self._fn = torch.compile(gm, backend="inductor", fullgraph=True, options=options)
         else:
             self._fn = gm

@@ -136,7 +136,7 @@ class CompiledModel:
         tokens = [per_seq] * (total // per_seq) + ([total % per_seq] if total % per_seq else [])
         blocks = sum(-(-(n + 1) // config.block_size) for n in tokens)
         runner = ModelRunner(
-            CompiledGraph(gm, config.compile_backend, config.inductor_options),
+            CompiledGraph(gm, config.compile_backend, config.inductor_options, self.device.type),
             PagedKVCache(layers, blocks, config.block_size, self.device),
             planners, self.max_seq_len, self.device,
         )  # fmt: skip

@@ -35,6 +35,17 @@ class CompileConfig(BaseModel):
     supports each layer's features (on CPU only `reference` exists); the compile report says which
     layer got which backend and why."""
 
+    linear_backend: Literal["auto", "triton", "torch"] = "auto"
+    """Kernel behind the linear layers. `torch` leaves them to Inductor (cuBLAS, or the CPU BLAS);
+    `triton` routes them through the `compiled_llm.linear` op, which runs a Triton GEMV for one-token
+    calls (batch-1 decode) on the shapes where it beats cuBLAS, and cuBLAS for the rest. `auto` is
+    `triton` for a CUDA model when triton is installed, else `torch`."""
+
+    norm_backend: Literal["auto", "triton", "torch"] = "auto"
+    """Kernel behind RMSNorm. `triton` makes each RMSNorm, with the residual add in front of it, one
+    `compiled_llm.add_rms_norm` kernel; `torch` leaves norms to Inductor. `auto` is `triton` for a CUDA
+    model when triton is installed, else `torch`."""
+
     quantization: Literal["none", "fp8", "int8_sq", "int4_awq", "nvfp4"] = "none"
     """Weight quantization of the linear layers."""
 
@@ -91,7 +102,7 @@ class CompileConfig(BaseModel):
 
     inductor_options: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """TorchInductor settings for this compile, by their `torch._inductor.config` names (for example
-    `{"coordinate_descent_tuning": true}`), over compiled-llm's own (`compile.DEFAULT_INDUCTOR_OPTIONS`);
+    `{"coordinate_descent_tuning": true}`), over compiled-llm's own (`compile.DEFAULT_CUDA_INDUCTOR_OPTIONS`);
     on the command line, a JSON object."""
 
     @field_validator("quantization", "autotune")

@@ -1,7 +1,7 @@
 """torch.library ops of compiled-llm: each with a fake implementation, a reference implementation that
 runs on CPU, and GPU backends registered by name. Importing the package registers the ops."""
 
-from custom_ops import attention, flashinfer_attention, paged_attention, sdpa_attention, triton_attention  # noqa: F401  (registers ops, backends)
+from custom_ops import attention, flashinfer_attention, linear, paged_attention, rms_norm, sdpa_attention, triton_attention  # noqa: F401  (registers ops, backends)
 from custom_ops.attention_backends import (
     AttentionBackend,
     AttentionPlanner,

@@ -1,8 +1,11 @@
 """Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
 
 from fx_passes import (  # noqa: F401  (registers the passes)
+    fuse_gated_linear,
     fuse_parallel_linears,
+    fuse_rms_norm,
     graph_cleanup,
+    insert_linear_op,
     insert_paged_attention,
     match_sdpa_attention,
     token_major_attention_inputs,

@@ -44,6 +44,12 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fuse_parallel_linears",
     # After fusion, whose in-place views it rebuilds RoPE on; before paging, which it leaves alone.
     "token_major_attention_inputs",
+    # After cleanup, which removes the no-op casts of float32 models that the matcher allows for.
+    "fuse_rms_norm",
+    # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
+    "insert_linear_op",
+    # On the linears insert_linear_op routed.
+    "fuse_gated_linear",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
     "insert_paged_attention",
 )

@@ -1,0 +1,96 @@
+"""Few-row linears: cuBLAS (`torch.mm`) against the Triton GEMV, per call, as a decode step replays them.
+
+Each figure is the time of one call inside a CUDA graph that calls the linear once for each of enough
+weight copies to overflow L2 (as a decode step streams every layer's weights from memory), divided by
+the number of calls. Shapes: the linears of SmolLM2-135M and Llama-3.1-8B (fused qkv and gate/up).
+
+    python benchmarks/gemv_bench.py [--search] --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from custom_ops.triton_gemv import MAX_ROWS, gemv, gemv_config
+
+SHAPES = {  # name: (N, K)
+    "smollm2.qkv": (960, 576), "smollm2.o": (576, 576), "smollm2.gate_up": (3072, 576),
+    "smollm2.down": (576, 1536), "smollm2.lm_head": (49152, 576),
+    "llama8b.qkv": (6144, 4096), "llama8b.o": (4096, 4096), "llama8b.gate_up": (28672, 4096),
+    "llama8b.down": (4096, 14336), "llama8b.lm_head": (128256, 4096),
+}  # fmt: skip
+
+
+def time_per_call(fn, weights, x, out, repeats: int = 20) -> float:
+    """Microseconds per call of fn(x, w, out) over all `weights`, replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in weights[:2]:
+            fn(x, w, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(x, w, out)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (repeats * len(weights))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--search", action="store_true", help="also time a grid of tile configs (one-row calls)")
+    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    results = []
+    print(f"{'linear':<18} {'M':>2} {'mm us':>8} {'gemv us':>8} {'GB/s mm':>8} {'GB/s gemv':>9}  best config")
+    for (name, (n, k)), m in itertools.product(SHAPES.items(), [int(r) for r in args.rows.split(",")]):
+        if m > MAX_ROWS:
+            continue
+        copies = max(4, -(-400_000_000 // (n * k * 2)))
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+        expected = (x.double() @ weights[0].double().T).float()
+        error = (gemv(x, weights[0]).float() - expected).abs().max().item()
+        assert error < 2e-2, f"{name} M={m}: gemv off by {error}"
+        mm = time_per_call(lambda x, w, o: torch.mm(x, w.t(), out=o), weights, x, out)
+        ours = time_per_call(lambda x, w, o: gemv(x, w, o), weights, x, out)
+        row = {"linear": name, "N": n, "K": k, "M": m, "mm_us": mm, "gemv_us": ours,
+               "config": gemv_config(m, k)}  # fmt: skip
+        if args.search and m == 1:
+            best = (ours, row["config"])
+            for block_n, block_k, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8)):
+                if block_k > max(128, k) or m * block_n * block_k > 16384:
+                    continue
+                config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+                t = time_per_call(lambda x, w, o, c=config: gemv(x, w, o, **dict(c)), weights, x, out, repeats=5)
+                if t < best[0]:
+                    best = (t, config)
+            row["best_us"], row["best_config"] = best
+        results.append(row)
+        gb = n * k * 2 / 1e3
+        best = f"{row['best_us']:.2f} us {row['best_config']}" if "best_us" in row else ""
+        print(f"{name:<18} {m:>2} {mm:>8.2f} {ours:>8.2f} {gb / mm:>8.0f} {gb / ours:>9.0f}  {best}", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

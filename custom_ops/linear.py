@@ -1,0 +1,82 @@
+"""`compiled_llm::linear`: y = x @ W^T (+ b), with the kernel chosen per call by a named backend.
+
+The seam for linear kernels: the `insert_linear_op` pass routes the graph's linears here, and each backend
+decides per call, from the shapes it gets, which kernel runs. `torch` is the reference (F.linear: cuBLAS
+or the CPU BLAS); `triton` runs the GEMV of `triton_gemv.py` for one-token calls on shapes where it beats
+cuBLAS (measured in BENCHMARKS.md) and F.linear otherwise. Quantized linears are further backends.
+
+The op is registered with `torch.library.Library` directly, not `custom_op`: a step that is not replayed
+from a CUDA graph calls it once per linear, and custom_op's Python wrapper costs more than a small GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from custom_ops.triton_gemv import gemv
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+_LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
+_LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias, str backend) -> Tensor")
+# The down projection of a gated MLP: linear(silu(gate) * up, W) with gate_up = [gate | up] on the last dim.
+_LIBRARY.define("gated_linear(Tensor gate_up, Tensor weight, Tensor? bias, str backend) -> Tensor")
+
+
+def gemv_is_faster(n: int, k: int) -> bool:
+    """Whether the one-row GEMV beats cuBLAS for weight [n, k] (H100 measurements, BENCHMARKS.md): it
+    does for every decoder linear; for a wide LM head over a narrow hidden size cuBLAS is faster."""
+    return k >= 1024 or n <= 16384
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows == 1 and on_device and weight.is_contiguous() and x.stride(-1) == 1 and gemv_is_faster(*weight.shape)
+
+
+def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _takes_gemv(x, weight):
+        return gemv(x.reshape(1, -1), weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _triton_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _takes_gemv(gate_up, weight):
+        return gemv(gate_up.reshape(1, -1), weight, bias=bias, gated=True).view(*gate_up.shape[:-1], weight.shape[0])
+    return F.linear(silu_and_mul(gate_up), weight, bias)
+
+
+LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": F.linear, "triton": _triton_linear}
+GATED_LINEAR_BACKENDS: dict[str, LinearFn] = {
+    "torch": lambda gate_up, weight, bias: F.linear(silu_and_mul(gate_up), weight, bias),
+    "triton": _triton_gated_linear,
+}
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return LINEAR_BACKENDS[backend](x, weight, bias)
+
+
+def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return GATED_LINEAR_BACKENDS[backend](gate_up, weight, bias)
+
+
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("linear", _linear, _device)
+    _LIBRARY.impl("gated_linear", _gated_linear, _device)
+torch.library.register_fake("compiled_llm::linear", _linear_fake, lib=_LIBRARY)
+torch.library.register_fake("compiled_llm::gated_linear", _linear_fake, lib=_LIBRARY)

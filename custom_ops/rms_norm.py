@@ -1,0 +1,127 @@
+"""`compiled_llm::rms_norm` and `compiled_llm::add_rms_norm`: RMSNorm, optionally after the residual add.
+
+    rms_norm(x, w)          = w * (x / sqrt(mean(x^2, -1) + eps)).to(x.dtype)       (HF's LlamaRMSNorm)
+    add_rms_norm(x, r, w)   = (rms_norm(h, w), h) with h = x + r in x's dtype
+
+The `triton` backend computes either in one kernel, one program per row. Inductor generates a reduction,
+a pointwise kernel and, for the residual stream, a third kernel per norm of a decoder layer (it does
+not fuse them under the unbacked token count); at batch-1 decode of a small model each launch costs
+about as much as the work. `torch` is the reference. Registered like `compiled_llm::linear`, without
+custom_op's wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
+_LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps, str backend) -> Tensor")
+_LIBRARY.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, str backend) -> (Tensor, Tensor)")
+
+
+def reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h32 = h.float()
+    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return weight * normed
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_kernel(
+        x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_out, stride_sum, eps,
+        N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # issued with x's load, not after the sum
+        h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if ADD:  # the sum is rounded to x's dtype, as the model's own add would be, before the norm reads it
+            h = (h.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+            h = h.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * stride_sum + cols, h, mask=mask)
+        x_dtype = h.dtype
+        h = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        normed = (h * rstd).to(x_dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return rms_norm_kernel
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dtype in (
+        torch.float32, torch.float16, torch.bfloat16
+    )  # fmt: skip
+
+
+def _warps(block: int) -> int:
+    # One warp up to 1024 columns: its shuffles reduce the row without a shared-memory round trip, which
+    # at batch-1 decode of a narrow model (SmolLM2: 576) costs more than the loads.
+    return min(16, max(1, block // 1024))
+
+
+def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Tensor, eps: float, out, total) -> None:
+    import triton
+
+    n = x2d.shape[-1]
+    block = triton.next_power_of_2(n)
+    if x2d.shape[0]:
+        _kernel()[(x2d.shape[0],)](
+            x2d, residual2d if residual2d is not None else x2d, weight, out, total if total is not None else out,
+            x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0, out.stride(0),
+            total.stride(0) if total is not None else 0, eps,
+            N=n, BLOCK=block, ADD=residual2d is not None, num_warps=_warps(block),
+        )  # fmt: skip
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, N] with unit last stride (a copy only where the layout needs one)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    if backend == "torch" or not _triton_usable(x) or not weight.is_contiguous():
+        return reference_rms_norm(x, weight, eps)
+    x2d = _rows(x)
+    out = torch.empty(x2d.shape, dtype=_out_dtype(x, weight), device=x.device)
+    _launch(x2d, None, weight, eps, out, None)
+    return out.view(*x.shape[:-1], x.shape[-1])
+
+
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
+    if backend == "torch" or not _triton_usable(x) or not weight.is_contiguous() or residual.dtype != x.dtype:
+        total = x + residual
+        return reference_rms_norm(total, weight, eps), total
+    x2d, r2d = _rows(x), _rows(residual)
+    out = torch.empty(x2d.shape, dtype=_out_dtype(x, weight), device=x.device)
+    total = torch.empty_like(x2d)
+    _launch(x2d, r2d, weight, eps, out, total)
+    return out.view(x.shape), total.view(x.shape)
+
+
+def _rms_norm_fake(x, weight, eps, backend):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight))
+
+
+def _add_rms_norm_fake(x, residual, weight, eps, backend):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight)), x.new_empty(x.shape)
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("rms_norm", _rms_norm, _device)
+    _LIBRARY.impl("add_rms_norm", _add_rms_norm, _device)
+torch.library.register_fake("compiled_llm::rms_norm", _rms_norm_fake, lib=_LIBRARY)
+torch.library.register_fake("compiled_llm::add_rms_norm", _add_rms_norm_fake, lib=_LIBRARY)

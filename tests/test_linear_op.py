@@ -1,0 +1,107 @@
+"""compiled_llm::linear / gated_linear and their backends against a float64 reference; the linear and
+norm passes in a compiled model against HF. The Triton GEMV runs on the GPU and, on CPU, under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import custom_ops.linear  # noqa: F401  (registers the op)
+from compiled_llm import compile_model
+from conftest import random_prompt, relative_error, tiny_model
+from custom_ops.kv_cache_write import triton_available
+from custom_ops.triton_gemv import MAX_ROWS, gemv
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's norm
+
+
+def check_gemv(device: str, dtype: torch.dtype, cases: int = 6) -> None:
+    """Random shapes (K a multiple of the tile or not, any M up to MAX_ROWS), with and without bias."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for case in range(cases):
+        m, n, k = rng.randint(1, MAX_ROWS), rng.randint(1, 300), rng.choice([64, 512, 576, rng.randint(1, 1500)])
+        x = torch.randn(m, k, device=device).to(dtype)
+        weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+        bias = torch.randn(n, device=device).to(dtype) if case % 2 else None
+        expected = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+        error = relative_error(gemv(x, weight, bias=bias), expected)
+        assert error < TOLERANCE[dtype], f"seed {seed}: M={m} N={n} K={k} bias={bias is not None}: {error}"
+        gate_up = torch.randn(m, 2 * k, device=device).to(dtype)
+        gate, up = gate_up.double().chunk(2, dim=-1)
+        expected = (gate * torch.sigmoid(gate) * up) @ weight.double().T
+        error = relative_error(gemv(gate_up, weight, gated=True), expected)
+        assert error < TOLERANCE[dtype], f"seed {seed}: gated M={m} N={n} K={k}: {error}"
+
+
+def check_linear_op(device: str, dtype: torch.dtype) -> None:
+    """Each backend of the op against float64, on the one-row calls the GEMV takes and on larger ones."""
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    weight = (torch.randn(96, 1100, device=device) / 1100**0.5).to(dtype)
+    bias = torch.randn(96, device=device).to(dtype)
+    for shape in [(1, 1, 1100), (1, 1100), (1, 5, 1100), (7, 1100)]:
+        x = torch.randn(*shape, device=device).to(dtype)
+        expected = x.double() @ weight.double().T + bias.double()
+        for backend in ("torch", "triton"):
+            y = torch.ops.compiled_llm.linear(x, weight, bias, backend)
+            assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
+            assert relative_error(y, expected) < TOLERANCE[dtype], f"seed {seed}: {backend} {shape}"
+            gate_up = torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype)
+            gate, up = gate_up.double().chunk(2, dim=-1)
+            gated_expected = (gate * torch.sigmoid(gate) * up) @ weight.double().T + bias.double()
+            y = torch.ops.compiled_llm.gated_linear(gate_up, weight, bias, backend)
+            assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
+            assert relative_error(y, gated_expected) < TOLERANCE[dtype], f"seed {seed}: gated {backend} {shape}"
+
+
+def run_in_interpreter(code: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_gemv_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_linear_op as t; "
+        "t.check_gemv('cpu', torch.float32); t.check_linear_op('cpu', torch.float32)"
+    )
+
+
+def test_linear_op_backends_on_cpu():
+    check_linear_op("cpu", torch.float32)  # without the interpreter the triton backend runs F.linear
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_and_linear_op_on_gpu(dtype):
+    check_gemv("cuda", dtype, cases=20)
+    check_linear_op("cuda", dtype)
+
+
+def test_triton_ops_in_a_compiled_model():
+    """Inductor over the linear and norm ops (CPU runs their torch code): every linear routed through the
+    op, every norm fused, logits and greedy tokens as HF's; with `torch` the linears stay aten ops."""
+    model = tiny_model("llama", seed=3)
+    ids = random_prompt(12, seed=4)
+    cm = compile_model(model, linear_backend="triton", norm_backend="triton", max_batch_size=2)
+    layers = model.config.num_hidden_layers
+    assert cm.report.pass_sites("insert_linear_op") == 4 * layers + 1  # qkv, o, gate/up, down; the LM head
+    assert cm.report.pass_sites("fuse_rms_norm") == 2 * layers + 1
+    assert cm.report.pass_sites("fuse_gated_linear") == layers
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        assert relative_error(cm(ids).logits, expected) < 1e-5
+        hf = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), hf)
+    plain = compile_model(model, linear_backend="torch", compile_backend="eager", max_batch_size=2)
+    assert plain.report.pass_sites("insert_linear_op") == 0
