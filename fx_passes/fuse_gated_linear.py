@@ -64,7 +64,8 @@ def fuse_gated_linear(gm: torch.fx.GraphModule, config) -> PassResult:
         if node.op != "call_function" or node.target is not torch.ops.compiled_llm.linear.default:
             continue
         gate_up = _gate_up(node.args[0])
-        if gate_up is None or node.args[1].meta["val"].numel() > MAX_WEIGHT_ELEMENTS:
+        weight = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
+        if gate_up is None or weight is None or weight.numel() > MAX_WEIGHT_ELEMENTS:
             continue
         with graph.inserting_before(node):
             fused = graph.call_function(torch.ops.compiled_llm.gated_linear.default, (gate_up, *node.args[1:]))

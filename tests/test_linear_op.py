@@ -88,6 +88,7 @@ def test_gemv_and_linear_op_on_gpu(dtype):
     check_linear_op("cuda", dtype)
 
 
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_ops_in_a_compiled_model():
     """Inductor over the linear and norm ops (CPU runs their torch code): every linear routed through the
     op, every norm fused, logits and greedy tokens as HF's; with `torch` the linears stay aten ops."""

@@ -56,6 +56,7 @@ def test_rms_norm_kernel_on_gpu(dtype):
     check_rms_norm("cuda", dtype, cases=20)
 
 
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("arch, norms", [("llama", 2 * 2 + 1), ("qwen3", 2 * 2 + 1 + 2 * 2), ("gemma3", 0)])
 def test_fuse_rms_norm_pass(arch, norms):
     """Every HF RMSNorm (Qwen3's q/k norms too) becomes the op, residual adds included; Gemma's norm,
