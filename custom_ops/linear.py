@@ -38,22 +38,29 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> bool:
+    """One row, on the device, in the layouts and dtypes the kernel takes (anything else: cuBLAS, which
+    also raises F.linear's errors for bad shapes)."""
+    k = x.shape[-1]
     # Cheapest test first: most calls outside CUDA graphs have many rows and go straight to cuBLAS.
-    if x.numel() != x.shape[-1] or x.stride(-1) != 1:
+    if k == 0 or x.numel() != k or x.stride(-1) != 1:
         return False
     on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and weight.is_contiguous() and gemv_is_faster(*weight.shape)
+    return (
+        on_device and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] * (2 if gated else 1) == k
+        and (bias is None or (bias.is_contiguous() and bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
+        and gemv_is_faster(*weight.shape)
+    )  # fmt: skip
 
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _takes_gemv(x, weight):
+    if _takes_gemv(x, weight, bias):
         return gemv(x.reshape(1, -1), weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
 def _triton_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _takes_gemv(gate_up, weight):
+    if _takes_gemv(gate_up, weight, bias, gated=True):
         return gemv(gate_up.reshape(1, -1), weight, bias=bias, gated=True).view(*gate_up.shape[:-1], weight.shape[0])
     return F.linear(silu_and_mul(gate_up), weight, bias)
 

@@ -92,19 +92,30 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for rows of {x.shape[-1]}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+        )
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    _check(x, weight)
     if backend == "torch" or not _triton_usable(x) or not weight.is_contiguous():
-        return reference_rms_norm(x, weight, eps)
+        return reference_rms_norm(x, weight, eps).contiguous()  # the layout the fake promises
     x2d = _rows(x)
     out = torch.empty(x2d.shape, dtype=_out_dtype(x, weight), device=x.device)
     _launch(x2d, None, weight, eps, out, None)
-    return out.view(*x.shape[:-1], x.shape[-1])
+    return out.view(x.shape)
 
 
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
-    if backend == "torch" or not _triton_usable(x) or not weight.is_contiguous() or residual.dtype != x.dtype:
-        total = x + residual
-        return reference_rms_norm(total, weight, eps), total
+    _check(x, weight, residual)
+    if backend == "torch" or not _triton_usable(x) or not weight.is_contiguous():
+        total = (x + residual).contiguous()
+        return reference_rms_norm(total, weight, eps).contiguous(), total
     x2d, r2d = _rows(x), _rows(residual)
     out = torch.empty(x2d.shape, dtype=_out_dtype(x, weight), device=x.device)
     total = torch.empty_like(x2d)

@@ -48,7 +48,9 @@ def _kernel():
                     up = tl.load(x_ptrs + K, mask=ms[:, None] < M, other=0.0).to(tl.float32)
                 else:
                     up = tl.load(x_ptrs + K, mask=(ms[:, None] < M) & k_mask[None, :], other=0.0).to(tl.float32)
-                x = x * tl.sigmoid(x) * up
+                # rounded where the model's own silu and product round (to x's dtype), as HF computes it
+                x = (x * tl.sigmoid(x)).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (x * up).to(x_ptr.dtype.element_ty).to(tl.float32)
             acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -78,8 +80,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
 
     m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
-    if m > MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous():
-        raise ValueError(f"gemv takes at most {MAX_ROWS} rows with contiguous rows and weight; got x {tuple(x.shape)}")
+    if m > MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k:
+        raise ValueError(
+            f"gemv takes at most {MAX_ROWS} rows with contiguous rows and a contiguous [N, {k}] weight; "
+            f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype or (bias is not None and (bias.shape != (n,) or not bias.is_contiguous())):
+        raise ValueError(f"gemv: weight and bias must have x's dtype {x.dtype}, a contiguous bias [{n}]")
     out = x.new_empty(m, n) if out is None else out
     config = config or gemv_config(m, k)
     num_warps = config.pop("num_warps", 4)

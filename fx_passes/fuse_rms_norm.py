@@ -44,10 +44,14 @@ def _match(rsqrt: torch.fx.Node) -> dict | None:
     mean = add_eps.args[0]
     if not (_is(mean, aten.mean.dim) and len(mean.users) == 1 and len(mean.args) > 2 and mean.args[2]):
         return None
+    if add_eps.kwargs or mean.kwargs or len(mean.args) > 3:  # alpha, a dtype: another computation
+        return None
     square = mean.args[0]
     if not (_is(square, aten.pow.Tensor_Scalar) and square.args[1] == 2 and len(square.users) == 1):
         return None
     h32 = square.args[0]
+    if h32.meta["val"].dtype != torch.float32:  # the kernel computes in float32, as HF's norm does
+        return None
     ndim = h32.meta["val"].dim()
     if list(mean.args[1]) not in ([-1], [ndim - 1]):
         return None

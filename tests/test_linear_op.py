@@ -106,3 +106,18 @@ def test_triton_ops_in_a_compiled_model():
     assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), hf)
     plain = compile_model(model, linear_backend="torch", compile_backend="eager", max_batch_size=2)
     assert plain.report.pass_sites("insert_linear_op") == 0
+
+
+def check_kernels_in_a_model() -> None:
+    """The GEMV (plain and gated) and the norm kernel serving a model's decode steps (one-token linears)."""
+    model = tiny_model("llama", seed=5)
+    ids = random_prompt(10, seed=6)
+    cm = compile_model(model, linear_backend="triton", norm_backend="triton", compile_backend="eager", max_batch_size=1)
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), hf)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_kernels_in_a_model_in_the_interpreter():
+    run_in_interpreter("import sys; sys.path.insert(0, 'tests'); import test_linear_op as t; t.check_kernels_in_a_model()")

@@ -67,3 +67,14 @@ def test_fuse_rms_norm_pass(arch, norms):
     assert cm.report.pass_sites("fuse_rms_norm") == norms
     with torch.no_grad():
         assert relative_error(cm(ids).logits, model(ids, use_cache=False).logits) < 1e-5
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fuse_rms_norm_matches_bfloat16_norms():
+    """In a bf16 model HF's norm casts to float32 and back: the matcher follows the casts."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = random_prompt(12, seed=2)
+    cm = compile_model(model, norm_backend="triton", compile_backend="eager", max_batch_size=2)
+    assert cm.report.pass_sites("fuse_rms_norm") == 2 * 2 + 1
+    with torch.no_grad():
+        assert relative_error(cm(ids).logits, model(ids, use_cache=False).logits) < 1e-2
