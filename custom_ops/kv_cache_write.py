@@ -7,12 +7,11 @@ computations, two index_put); this one takes one launch for keys and values of e
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
 from custom_ops.paged_attention import write_kv_cache
+from custom_ops.triton_runtime import triton_runs_on
 
 
 @functools.cache
@@ -46,16 +45,11 @@ def _kernel():
     return write_kv_kernel
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Same effect as `write_kv_cache`; one Triton launch where the tensors allow it."""
     num_tokens, num_heads, head_dim = k.shape
-    on_device = k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs on CPU tensors
     last_dims_contiguous = k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
-    if not (on_device and last_dims_contiguous and triton_available()):
+    if not (last_dims_contiguous and triton_runs_on(k)):
         write_kv_cache(k, v, kv_cache, slot_mapping)
         return
     if num_tokens == 0:

@@ -11,13 +11,13 @@ from a CUDA graph calls it once per linear, and custom_op's Python wrapper costs
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from custom_ops.triton_gemv import gemv
+from custom_ops.triton_runtime import triton_runs_on
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -33,6 +33,12 @@ def gemv_is_faster(n: int, k: int) -> bool:
     return k >= 1024 or n <= 16384
 
 
+def runs_other_than_torch(backend: str, n: int, k: int) -> bool:
+    """Whether `backend` ever runs something other than F.linear for a weight [n, k]. Where it does not,
+    `insert_linear_op` leaves the aten op, which Inductor calls without Python in between."""
+    return backend == "triton" and gemv_is_faster(n, k)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -45,9 +51,8 @@ def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # Cheapest test first: most calls outside CUDA graphs have many rows and go straight to cuBLAS.
     if k == 0 or x.numel() != k or x.stride(-1) != 1:
         return False
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return (
-        on_device and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] * (2 if gated else 1) == k
+        triton_runs_on(x) and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] * (2 if gated else 1) == k
         and (bias is None or (bias.is_contiguous() and bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
         and gemv_is_faster(*weight.shape)
     )  # fmt: skip
@@ -59,17 +64,18 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x, weight, bias)
 
 
-def _triton_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _takes_gemv(gate_up, weight, bias, gated=True):
-        return gemv(gate_up.reshape(1, -1), weight, bias=bias, gated=True).view(*gate_up.shape[:-1], weight.shape[0])
+def _torch_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(silu_and_mul(gate_up), weight, bias)
 
 
+def _triton_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _takes_gemv(gate_up, weight, bias, gated=True):
+        return gemv(gate_up.reshape(1, -1), weight, bias=bias, gated=True).view(*gate_up.shape[:-1], weight.shape[0])
+    return _torch_gated_linear(gate_up, weight, bias)
+
+
 LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": F.linear, "triton": _triton_linear}
-GATED_LINEAR_BACKENDS: dict[str, LinearFn] = {
-    "torch": lambda gate_up, weight, bias: F.linear(silu_and_mul(gate_up), weight, bias),
-    "triton": _triton_gated_linear,
-}
+GATED_LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": _torch_gated_linear, "triton": _triton_gated_linear}
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:

@@ -13,9 +13,10 @@ custom_op's wrapper.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from custom_ops.triton_runtime import triton_runs_on
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps, str backend) -> Tensor")
@@ -57,7 +58,7 @@ def _kernel():
 
 
 def _triton_usable(x: torch.Tensor) -> bool:
-    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dtype in (
+    return triton_runs_on(x) and x.dtype in (
         torch.float32, torch.float16, torch.bfloat16
     )  # fmt: skip
 

@@ -18,12 +18,12 @@ stay valid), each writes its partial output and log-sum-exp, and a second kernel
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
 from custom_ops.kv_cache_write import write_kv_cache_fast
+from custom_ops.triton_runtime import triton_available
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
@@ -41,7 +41,7 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int
 
 
 def _unsupported(features: LayerAttentionFeatures) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not triton_available():
         return "triton is not installed (pip install compiled-llm[gpu])"
     if features.dtype not in SUPPORTED_DTYPES:
         return f"dtype {features.dtype} (supports {', '.join(str(d) for d in SUPPORTED_DTYPES)})"

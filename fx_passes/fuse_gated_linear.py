@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 import custom_ops.linear  # noqa: F401  (registers the ops)
+from fx_passes.node_match import calls, is_call
 from fx_passes.registry import PassResult, register_pass
 
 aten = torch.ops.aten
@@ -27,7 +28,7 @@ MAX_WEIGHT_ELEMENTS = 8 * 1024 * 1024  # SmolLM2-135M's down projection: 0.9 M; 
 
 
 def _single_use(node, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target and len(node.users) == 1
+    return is_call(node, target) and len(node.users) == 1
 
 
 def _half(node, index: int) -> torch.fx.Node | None:
@@ -37,7 +38,7 @@ def _half(node, index: int) -> torch.fx.Node | None:
     if not (_single_use(node, operator.getitem) and node.args[1] == index):
         return None
     split = node.args[0]
-    if not (isinstance(split, torch.fx.Node) and split.target is aten.split_with_sizes.default):
+    if not is_call(split, aten.split_with_sizes.default):
         return None
     sizes, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
     last = split.args[0].meta["val"].dim() - 1
@@ -60,9 +61,7 @@ def _gate_up(x) -> torch.fx.Node | None:
 def fuse_gated_linear(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
     sites = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.compiled_llm.linear.default:
-            continue
+    for node in calls(graph, torch.ops.compiled_llm.linear.default):
         gate_up = _gate_up(node.args[0])
         weight = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
         if gate_up is None or weight is None or weight.numel() > MAX_WEIGHT_ELEMENTS:

@@ -17,17 +17,10 @@ import torch.fx
 
 import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from fx_passes.kernel_backend import resolve_triton_backend
+from fx_passes.node_match import calls, is_call, only_user
 from fx_passes.registry import PassResult, register_pass
 
 aten = torch.ops.aten
-
-
-def _is(node, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target
-
-
-def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _other(node: torch.fx.Node, arg) -> object:
@@ -39,15 +32,15 @@ def _other(node: torch.fx.Node, arg) -> object:
 def _match(rsqrt: torch.fx.Node) -> dict | None:
     """The RMSNorm around an rsqrt node: its input h, weight, eps, and the node its output replaces."""
     add_eps = rsqrt.args[0]
-    if not (_is(add_eps, aten.add.Tensor) and isinstance(add_eps.args[1], float) and len(add_eps.users) == 1):
+    if not (is_call(add_eps, aten.add.Tensor) and isinstance(add_eps.args[1], float) and len(add_eps.users) == 1):
         return None
     mean = add_eps.args[0]
-    if not (_is(mean, aten.mean.dim) and len(mean.users) == 1 and len(mean.args) > 2 and mean.args[2]):
+    if not (is_call(mean, aten.mean.dim) and len(mean.users) == 1 and len(mean.args) > 2 and mean.args[2]):
         return None
     if add_eps.kwargs or mean.kwargs or len(mean.args) > 3:  # alpha, a dtype: another computation
         return None
     square = mean.args[0]
-    if not (_is(square, aten.pow.Tensor_Scalar) and square.args[1] == 2 and len(square.users) == 1):
+    if not (is_call(square, aten.pow.Tensor_Scalar) and square.args[1] == 2 and len(square.users) == 1):
         return None
     h32 = square.args[0]
     if h32.meta["val"].dtype != torch.float32:  # the kernel computes in float32, as HF's norm does
@@ -55,22 +48,22 @@ def _match(rsqrt: torch.fx.Node) -> dict | None:
     ndim = h32.meta["val"].dim()
     if list(mean.args[1]) not in ([-1], [ndim - 1]):
         return None
-    scaled = _only_user(rsqrt)
-    if not (_is(scaled, aten.mul.Tensor) and _other(scaled, rsqrt) is h32):
+    scaled = only_user(rsqrt)
+    if not (is_call(scaled, aten.mul.Tensor) and _other(scaled, rsqrt) is h32):
         return None
-    h = h32.args[0] if _is(h32, aten.to.dtype) and h32.args[1] == torch.float32 else h32
+    h = h32.args[0] if is_call(h32, aten.to.dtype) and h32.args[1] == torch.float32 else h32
     if h is not h32 and len(h32.users) != 2:  # the float32 copy feeds the norm only
         return None
-    cast = _only_user(scaled)
-    if _is(cast, aten.to.dtype):
+    cast = only_user(scaled)
+    if is_call(cast, aten.to.dtype):
         if cast.args[1] != h.meta["val"].dtype:
             return None
     elif h is h32:
         cast = scaled  # a float32 model: no casts around the norm
     else:
         return None
-    out = _only_user(cast)
-    weight = _other(out, cast) if _is(out, aten.mul.Tensor) else None
+    out = only_user(cast)
+    weight = _other(out, cast) if is_call(out, aten.mul.Tensor) else None
     if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
         return None
     if tuple(weight.meta["val"].shape) != (h.meta["val"].shape[-1],):
@@ -80,7 +73,7 @@ def _match(rsqrt: torch.fx.Node) -> dict | None:
 
 def _residual_add(h: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     """(x, r) if h = x + r over two tensors of h's shape and dtype."""
-    if not _is(h, aten.add.Tensor) or len(h.args) != 2 or h.kwargs:
+    if not is_call(h, aten.add.Tensor) or len(h.args) != 2 or h.kwargs:
         return None
     x, r = h.args
     same = all(
@@ -93,7 +86,7 @@ def _residual_add(h: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | Non
 @register_pass("fuse_rms_norm")
 def fuse_rms_norm(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
-    matches = [m for m in (_match(n) for n in graph.nodes if _is(n, aten.rsqrt.default)) if m]
+    matches = [m for m in map(_match, calls(graph, aten.rsqrt.default)) if m]
     if not matches:
         return PassResult("fuse_rms_norm", 0)
     backend, why = resolve_triton_backend("norm_backend", config.norm_backend, matches[0]["h"].meta["val"].device.type)

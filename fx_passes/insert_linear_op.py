@@ -4,8 +4,9 @@
     ->
     y = compiled_llm.linear(x, W, b, backend)
 
-Only where `CompileConfig.linear_backend` resolves to a backend other than `torch` (see its docstring):
-with `torch` the linears stay aten ops, which Inductor calls without any Python in between.
+Only the linears for which the backend `CompileConfig.linear_backend` resolves to ever runs something
+other than F.linear (none for `torch`; for `triton`, those whose shape the GEMV serves), decided here
+from the weight's shape: the others stay aten ops, which Inductor calls without any Python in between.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-import custom_ops.linear  # noqa: F401  (registers compiled_llm::linear)
+from custom_ops.linear import runs_other_than_torch  # importing it registers compiled_llm::linear
 from fx_passes.kernel_backend import resolve_triton_backend
+from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
 LINEAR = torch.ops.aten.linear.default
@@ -22,12 +24,13 @@ LINEAR = torch.ops.aten.linear.default
 
 @register_pass("insert_linear_op")
 def insert_linear_op(gm: torch.fx.GraphModule, config) -> PassResult:
-    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR]
-    if not sites:
+    linears = calls(gm.graph, LINEAR)
+    if not linears:
         return PassResult("insert_linear_op", 0)
-    device_type = sites[0].args[1].meta["val"].device.type
+    device_type = linears[0].args[1].meta["val"].device.type
     backend, why = resolve_triton_backend("linear_backend", config.linear_backend, device_type)
-    if backend == "torch":
+    sites = [n for n in linears if runs_other_than_torch(backend, *n.args[1].meta["val"].shape)]
+    if not sites:
         return PassResult("insert_linear_op", 0, f"linears left to Inductor ({why})")
     for node in sites:
         x, weight, *rest = node.args
@@ -37,4 +40,4 @@ def insert_linear_op(gm: torch.fx.GraphModule, config) -> PassResult:
         op.meta.update(node.meta)
         node.replace_all_uses_with(op)
         gm.graph.erase_node(node)
-    return PassResult("insert_linear_op", len(sites), f"{len(sites)} linears -> {backend} ({why})")
+    return PassResult("insert_linear_op", len(sites), f"{len(sites)} of {len(linears)} linears -> {backend} ({why})")

@@ -21,6 +21,7 @@ import torch.fx
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
 from custom_ops import LayerAttentionFeatures, select_attention_backend
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION, SDPA
+from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
 PAGED_ATTENTION = torch.ops.compiled_llm.paged_attention.default
@@ -82,8 +83,8 @@ def _add_placeholders(graph: torch.fx.Graph, names: list[str]) -> dict[str, torc
 @register_pass("insert_paged_attention")
 def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
-    sites = [n for n in graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION]
-    leftover_sdpa = [n.name for n in graph.nodes if n.op == "call_function" and n.target is SDPA]
+    sites = calls(graph, CANONICAL_ATTENTION)
+    leftover_sdpa = [n.name for n in calls(graph, SDPA)]
     if leftover_sdpa:
         raise ValueError(
             f"the graph still has scaled_dot_product_attention calls the paged cache cannot serve: {leftover_sdpa} "

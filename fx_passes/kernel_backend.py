@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+from custom_ops.triton_runtime import triton_available
 
 
 def resolve_triton_backend(field: str, requested: str, device_type: str) -> tuple[str, str]:
     """(backend, why): `auto` is `triton` for a CUDA model with triton installed, else `torch`; an explicit
     `triton` needs triton installed (on CPU it runs the torch code, except under TRITON_INTERPRET=1)."""
-    installed = importlib.util.find_spec("triton") is not None
+    installed = triton_available()
     if requested == "auto":
         if device_type == "cuda" and installed:
             return "triton", "auto: CUDA model, triton installed"

@@ -17,6 +17,7 @@ import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from fx_passes.node_match import calls
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -49,7 +50,7 @@ def unsupported_sdpa_reason(args: dict) -> str | None:
 def match_sdpa_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
     next_layer = 1 + max(
-        (n.args[3] for n in graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION), default=-1
+        (n.args[3] for n in calls(graph, CANONICAL_ATTENTION)), default=-1
     )
     matched, skipped = 0, []
     for node in list(graph.nodes):

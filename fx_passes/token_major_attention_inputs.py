@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
+from fx_passes.node_match import calls, is_call
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -36,12 +37,7 @@ def _rank(node) -> int | None:
 
 
 def _is_call(node, target, *args) -> bool:
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_function"
-        and node.target is target
-        and tuple(node.args[1:]) == args
-    )
+    return is_call(node, target) and tuple(node.args[1:]) == args
 
 
 class _SwapHeadsAndTokens:
@@ -95,7 +91,7 @@ def token_major_attention_inputs(gm: torch.fx.GraphModule, config) -> PassResult
     graph = gm.graph
     rewritten = 0
     swap = _SwapHeadsAndTokens(graph)
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION]:
+    for node in calls(graph, CANONICAL_ATTENTION):
         args = list(node.args)
         for i in range(3):  # q, k, v
             if not _is_call(args[i], aten.transpose.int, 0, 1) or not _is_call(args[i].args[0], aten.select.int, 0, 0):

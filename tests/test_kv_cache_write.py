@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from custom_ops.kv_cache_write import triton_available, write_kv_cache_fast
+from custom_ops.kv_cache_write import write_kv_cache_fast
+from custom_ops.triton_runtime import triton_available
 from custom_ops.paged_attention import write_kv_cache
 
 

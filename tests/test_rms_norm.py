@@ -11,7 +11,7 @@ import torch
 import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from compiled_llm import compile_model
 from conftest import random_prompt, relative_error, tiny_model
-from custom_ops.kv_cache_write import triton_available
+from custom_ops.triton_runtime import triton_available
 from test_linear_op import TOLERANCE, run_in_interpreter
 
 

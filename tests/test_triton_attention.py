@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import custom_ops  # noqa: F401
-from custom_ops.kv_cache_write import triton_available
+from custom_ops.triton_runtime import triton_available
 from tests.paged_steps import random_step
 
 ops = torch.ops.compiled_llm
