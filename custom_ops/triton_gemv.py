@@ -76,8 +76,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     """x [M, K] (M <= MAX_ROWS, unit last stride) @ weight[N, K]^T (contiguous) + bias -> [M, N] in x's
     dtype. `gated`: x is [M, 2K] = [gate | up] and the input is silu(gate) * up. `config` overrides the
     tile shape (BLOCK_N, BLOCK_K, num_warps)."""
-    import triton
-
     m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     if m > MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k:
@@ -87,6 +85,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
         )
     if weight.dtype != x.dtype or (bias is not None and (bias.shape != (n,) or not bias.is_contiguous())):
         raise ValueError(f"gemv: weight and bias must have x's dtype {x.dtype}, a contiguous bias [{n}]")
+    import triton
+
     out = x.new_empty(m, n) if out is None else out
     config = config or gemv_config(m, k)
     num_warps = config.pop("num_warps", 4)

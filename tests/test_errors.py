@@ -17,6 +17,8 @@ from conftest import VOCAB, random_prompt, tiny_model
     "fields, message",
     [
         ({"attention_backend": "cudnn"}, "attention_backend"),
+        ({"linear_backend": "cublas"}, "linear_backend"),
+        ({"norm_backend": "apex"}, "norm_backend"),
         ({"quantization": "fp8"}, "quantization='fp8' is planned but not supported yet"),
         ({"quantization": "int3"}, "quantization"),
         ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype"),
@@ -34,6 +36,15 @@ from conftest import VOCAB, random_prompt, tiny_model
 def test_bad_config_values(fields, message):
     with pytest.raises(ValueError, match=message):
         CompileConfig(**fields)
+
+
+def test_triton_backends_need_triton(monkeypatch):
+    import fx_passes.kernel_backend as kernel_backend
+
+    monkeypatch.setattr(kernel_backend, "triton_available", lambda: False)
+    for field in ("linear_backend", "norm_backend"):
+        with pytest.raises(ValueError, match=f"{field}='triton' needs triton"):
+            compile_model(tiny_model("llama"), compile_backend="eager", **{field: "triton"})
 
 
 def test_config_as_dict_or_object_but_not_both():

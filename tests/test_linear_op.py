@@ -76,6 +76,16 @@ def test_gemv_in_the_interpreter():
     )
 
 
+def test_gemv_refuses_what_it_cannot_compute():
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="weight"):
+        gemv(x, torch.randn(8, 32))  # K does not match
+    with pytest.raises(ValueError, match="bias"):
+        gemv(x, torch.randn(16, 64), bias=torch.randn(32)[::2])  # a strided bias
+    with pytest.raises(ValueError, match="rows"):
+        gemv(torch.randn(MAX_ROWS + 1, 64), torch.randn(8, 64))
+
+
 def test_linear_op_backends_on_cpu():
     check_linear_op("cpu", torch.float32)  # without the interpreter the triton backend runs F.linear
 

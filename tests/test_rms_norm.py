@@ -78,3 +78,13 @@ def test_fuse_rms_norm_matches_bfloat16_norms():
     assert cm.report.pass_sites("fuse_rms_norm") == 2 * 2 + 1
     with torch.no_grad():
         assert relative_error(cm(ids).logits, model(ids, use_cache=False).logits) < 1e-2
+
+
+def test_rms_norm_ops_refuse_mismatched_inputs():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight of shape"):
+        torch.ops.compiled_llm.rms_norm(x, torch.randn(4), 1e-6, "triton")
+    with pytest.raises(ValueError, match="residual"):  # broadcasting would read past the residual's rows
+        torch.ops.compiled_llm.add_rms_norm(x, torch.randn(8), torch.randn(8), 1e-6, "triton")
+    with pytest.raises(ValueError, match="residual"):
+        torch.ops.compiled_llm.add_rms_norm(x, torch.randn(3, 8, dtype=torch.float64), torch.randn(8), 1e-6, "torch")
