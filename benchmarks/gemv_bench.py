@@ -5,6 +5,7 @@ weight copies to overflow L2 (as a decode step streams every layer's weights fro
 the number of calls. Shapes: the linears of SmolLM2-135M and Llama-3.1-8B (fused qkv and gate/up).
 
     python benchmarks/gemv_bench.py [--search] --json out.json
+    python benchmarks/gemv_bench.py --silu-mul     # gate/up: GEMV + activation kernel vs the fused epilogue
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import torch
 
 from custom_ops.triton_gemv import MAX_ROWS, gemv, gemv_config
+from custom_ops.triton_silu_mul import triton_silu_mul
 
 SHAPES = {  # name: (N, K)
     "smollm2.qkv": (960, 576), "smollm2.o": (576, 576), "smollm2.gate_up": (3072, 576),
@@ -48,13 +50,46 @@ def time_per_call(fn, weights, x, out, repeats: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (repeats * len(weights))
 
 
+def silu_mul_rows() -> list[dict]:
+    """One-row gate/up projections: the GEMV then the activation kernel (two launches) against the GEMV
+    with the SiLU epilogue, at the rule's tile and the best of a small grid."""
+    rows = []
+    for name in ("smollm2.gate_up", "llama8b.gate_up"):
+        n, k = SHAPES[name]
+        copies = max(4, -(-400_000_000 // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(1, n // 2, device="cuda", dtype=torch.bfloat16)
+        two = time_per_call(lambda x, w, o: triton_silu_mul(gemv(x, w)), weights, x, out)
+        fused = time_per_call(lambda x, w, o: gemv(x, w, o, silu_mul=True), weights, x, out)
+        grid = {}
+        for block_n, block_k, warps in itertools.product((1, 2, 4, 8), (512, 1024), (4, 8)):
+            config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+            grid[str(config)] = time_per_call(
+                lambda x, w, o, c=config: gemv(x, w, o, silu_mul=True, **dict(c)), weights, x, out, repeats=5
+            )  # fmt: skip
+        best = min(grid, key=grid.get)
+        print(f"{name:<18} gemv+act {two:.2f} us  fused {fused:.2f} us  best fused {grid[best]:.2f} us {best}", flush=True)
+        rows.append({"linear": name, "gemv_then_act_us": two, "fused_us": fused, "grid": grid})
+        del weights
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", action="store_true", help="also time a grid of tile configs (one-row calls)")
     parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--silu-mul", action="store_true", help="only the gate/up projections with their activation")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.silu_mul:
+        results = silu_mul_rows()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(device), "silu_mul": results}, f, indent=2)
+        return
     results = []
     print(f"{'linear':<18} {'M':>2} {'mm us':>8} {'gemv us':>8} {'GB/s mm':>8} {'GB/s gemv':>9}  best config")
     for (name, (n, k)), m in itertools.product(SHAPES.items(), [int(r) for r in args.rows.split(",")]):

@@ -11,7 +11,7 @@ import functools
 import torch
 
 from custom_ops.paged_attention import write_kv_cache
-from custom_ops.triton_runtime import triton_runs_on
+from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options, triton_runs_on
 
 
 @functools.cache
@@ -25,8 +25,11 @@ def _kernel():
         k_token_stride, k_head_stride, v_token_stride, v_head_stride,
         cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride,
         block_size, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK: tl.constexpr,
-        SATURATE_AT: tl.constexpr,
+        SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         token = tl.program_id(0)
         slot = tl.load(slot_ptr + token)
         block, offset = slot // block_size, slot % block_size
@@ -63,4 +66,5 @@ def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
         kv_cache.shape[2], HEAD_DIM=head_dim, NUM_HEADS=num_heads,
         BLOCK=triton.next_power_of_2(num_heads * head_dim),
         SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0,
+        **pdl_launch_options(launches_with_pdl(k)),
     )  # fmt: skip

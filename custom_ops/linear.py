@@ -1,4 +1,5 @@
-"""`compiled_llm::linear`: y = x @ W^T (+ b), with the kernel chosen per call by a named backend.
+"""`compiled_llm::linear`: y = x @ W^T (+ b), with the kernel chosen per call by a named backend;
+`compiled_llm::linear_silu_mul`: the same with a gated MLP's activation after it (W = [gate; up]).
 
 The seam for linear kernels: the `insert_linear_op` pass routes the graph's linears here, and each backend
 decides per call, from the shapes it gets, which kernel runs. `torch` is the reference (F.linear: cuBLAS
@@ -18,13 +19,14 @@ import torch.nn.functional as F
 
 from custom_ops.triton_gemv import gemv
 from custom_ops.triton_runtime import triton_runs_on
+from custom_ops.triton_silu_mul import triton_silu_mul
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias, str backend) -> Tensor")
-# The down projection of a gated MLP: linear(silu(gate) * up, W) with gate_up = [gate | up] on the last dim.
-_LIBRARY.define("gated_linear(Tensor gate_up, Tensor weight, Tensor? bias, str backend) -> Tensor")
+# A gated MLP's gate/up projection and activation: silu(x @ gate^T) * (x @ up^T) with weight = [gate; up].
+_LIBRARY.define("linear_silu_mul(Tensor x, Tensor weight, Tensor? bias, str backend) -> Tensor")
 
 
 def gemv_is_faster(n: int, k: int) -> bool:
@@ -44,7 +46,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> bool:
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """One row, on the device, in the layouts and dtypes the kernel takes (anything else: cuBLAS, which
     also raises F.linear's errors for bad shapes)."""
     k = x.shape[-1]
@@ -52,7 +54,7 @@ def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if k == 0 or x.numel() != k or x.stride(-1) != 1:
         return False
     return (
-        triton_runs_on(x) and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] * (2 if gated else 1) == k
+        triton_runs_on(x) and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] == k
         and (bias is None or (bias.is_contiguous() and bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
         and gemv_is_faster(*weight.shape)
     )  # fmt: skip
@@ -64,34 +66,42 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x, weight, bias)
 
 
-def _torch_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(silu_and_mul(gate_up), weight, bias)
+def _torch_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return silu_and_mul(F.linear(x, weight, bias))
 
 
-def _triton_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _takes_gemv(gate_up, weight, bias, gated=True):
-        return gemv(gate_up.reshape(1, -1), weight, bias=bias, gated=True).view(*gate_up.shape[:-1], weight.shape[0])
-    return _torch_gated_linear(gate_up, weight, bias)
+def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out_shape = (*x.shape[:-1], weight.shape[0] // 2)
+    if weight.shape[0] % 2 == 0 and _takes_gemv(x, weight, bias):
+        return gemv(x.reshape(1, -1), weight, bias=bias, silu_mul=True).view(out_shape)
+    gate_up = F.linear(x, weight, bias)
+    if not triton_runs_on(gate_up) or gate_up.shape[-1] % 2:
+        return silu_and_mul(gate_up)
+    return triton_silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(out_shape)
 
 
 LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": F.linear, "triton": _triton_linear}
-GATED_LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": _torch_gated_linear, "triton": _triton_gated_linear}
+LINEAR_SILU_MUL_BACKENDS: dict[str, LinearFn] = {"torch": _torch_linear_silu_mul, "triton": _triton_linear_silu_mul}
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     return LINEAR_BACKENDS[backend](x, weight, bias)
 
 
-def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    return GATED_LINEAR_BACKENDS[backend](gate_up, weight, bias)
+def _linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return LINEAR_SILU_MUL_BACKENDS[backend](x, weight, bias)
 
 
 def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _linear_silu_mul_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
 for _device in ("CPU", "CUDA"):
     _LIBRARY.impl("linear", _linear, _device)
-    _LIBRARY.impl("gated_linear", _gated_linear, _device)
+    _LIBRARY.impl("linear_silu_mul", _linear_silu_mul, _device)
 torch.library.register_fake("compiled_llm::linear", _linear_fake, lib=_LIBRARY)
-torch.library.register_fake("compiled_llm::gated_linear", _linear_fake, lib=_LIBRARY)
+torch.library.register_fake("compiled_llm::linear_silu_mul", _linear_silu_mul_fake, lib=_LIBRARY)

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import triton_runs_on
+from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options, triton_runs_on
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps, str backend) -> Tensor")
@@ -37,12 +37,16 @@ def _kernel():
     @triton.jit
     def rms_norm_kernel(
         x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_out, stride_sum, eps,
-        N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr,
+        N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # issued with x's load, not after the sum
+        if USE_PDL:  # the weight is no kernel's output; x and the residual may be the previous kernel's
+            tl.extra.cuda.gdc_wait()
         h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if ADD:  # the sum is rounded to x's dtype, as the model's own add would be, before the norm reads it
             h = (h.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
@@ -80,6 +84,7 @@ def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Te
             x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0, out.stride(0),
             total.stride(0) if total is not None else 0, eps,
             N=n, BLOCK=block, ADD=residual2d is not None, num_warps=_warps(block),
+            **pdl_launch_options(launches_with_pdl(x2d)),
         )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import torch
 
 from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
 from custom_ops.kv_cache_write import write_kv_cache_fast
-from custom_ops.triton_runtime import triton_available
+from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options, triton_available
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
@@ -80,6 +80,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    pdl = pdl_launch_options(launches_with_pdl(q))
     paged_attention_kernel[grid](
         partial, lse, q, kv_cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q,
         scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
@@ -88,13 +89,13 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
-        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits,
+        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, **pdl,
     )  # fmt: skip
     if splits > 1:
         merge_splits_kernel[(num_tokens, num_heads)](
             out, partial, lse, num_heads, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
             partial.stride(2), NUM_SPLITS=splits, SPLITS_PADDED=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim, HEAD_DIM_PADDED=triton.next_power_of_2(head_dim),
+            HEAD_DIM=head_dim, HEAD_DIM_PADDED=triton.next_power_of_2(head_dim), **pdl,
         )  # fmt: skip
 
 

@@ -1,6 +1,14 @@
 """Whether our Triton kernels can run: triton installed, and a tensor they can read (on CUDA, or anywhere
 under TRITON_INTERPRET=1, whose interpreter runs them on CPU tensors: the CPU tests). Both are asked on
-every call of an op, so both are answered once."""
+every call of an op, so both are answered once.
+
+`launches_with_pdl`: whether our kernels use programmatic dependent launch on this tensor's GPU (Hopper
+and later). Each of them then starts while the kernel before it finishes, loads what does not depend on
+it (a GEMV's first weight tile, a norm's weight), and waits (`gdc_wait`) before reading anything the
+previous kernel may have written; `gdc_launch_dependents` at its start lets the next one do the same.
+At batch-1 decode a layer is ten kernels of a few microseconds, so the gap between two is a real share
+of the step. `COMPILED_LLM_DISABLE_PDL=1` turns it off (to measure it, or to rule it out).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import os
 import torch
 
 _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it at import too
+_PDL_DISABLED = os.environ.get("COMPILED_LLM_DISABLE_PDL") == "1"
 
 
 @functools.cache
@@ -20,3 +29,17 @@ def triton_available() -> bool:
 
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     return (tensor.is_cuda or _INTERPRETER) and triton_available()
+
+
+@functools.cache
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launches_with_pdl(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and not _INTERPRETER and not _PDL_DISABLED and _has_pdl(tensor.device.index or 0)
+
+
+def pdl_launch_options(use_pdl: bool) -> dict:
+    """Launch keywords for a kernel with a USE_PDL constexpr (Triton's `launch_pdl` sets the launch attribute)."""
+    return {"USE_PDL": use_pdl, "launch_pdl": True} if use_pdl else {"USE_PDL": False}

@@ -1,7 +1,7 @@
 """Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
 
 from fx_passes import (  # noqa: F401  (registers the passes)
-    fuse_gated_linear,
+    fuse_linear_silu_mul,
     fuse_parallel_linears,
     fuse_rms_norm,
     graph_cleanup,

@@ -49,7 +49,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
     "insert_linear_op",
     # On the linears insert_linear_op routed.
-    "fuse_gated_linear",
+    "fuse_linear_silu_mul",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
     "insert_paged_attention",
 )

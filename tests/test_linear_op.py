@@ -1,4 +1,4 @@
-"""compiled_llm::linear / gated_linear and their backends against a float64 reference; the linear and
+"""compiled_llm::linear / linear_silu_mul and their backends against a float64 reference; the linear and
 norm passes in a compiled model against HF. The Triton GEMV runs on the GPU and, on CPU, under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from custom_ops.triton_gemv import MAX_ROWS, gemv
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's norm
 
 
+def silu_mul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    gate_up = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up
+
+
 def check_gemv(device: str, dtype: torch.dtype, cases: int = 6) -> None:
-    """Random shapes (K a multiple of the tile or not, any M up to MAX_ROWS), with and without bias."""
+    """Random shapes (K a multiple of the tile or not, any M up to MAX_ROWS, N odd or even), with and
+    without bias; plain and with the SiLU-gated epilogue."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -33,11 +40,11 @@ def check_gemv(device: str, dtype: torch.dtype, cases: int = 6) -> None:
         expected = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
         error = relative_error(gemv(x, weight, bias=bias), expected)
         assert error < TOLERANCE[dtype], f"seed {seed}: M={m} N={n} K={k} bias={bias is not None}: {error}"
-        gate_up = torch.randn(m, 2 * k, device=device).to(dtype)
-        gate, up = gate_up.double().chunk(2, dim=-1)
-        expected = (gate * torch.sigmoid(gate) * up) @ weight.double().T
-        error = relative_error(gemv(gate_up, weight, gated=True), expected)
-        assert error < TOLERANCE[dtype], f"seed {seed}: gated M={m} N={n} K={k}: {error}"
+        gate_up_weight = (torch.randn(2 * n, k, device=device) / k**0.5).to(dtype)
+        gate_up_bias = torch.randn(2 * n, device=device).to(dtype) if case % 2 else None
+        y = gemv(x, gate_up_weight, bias=gate_up_bias, silu_mul=True)
+        error = relative_error(y, silu_mul_reference(x, gate_up_weight, gate_up_bias))
+        assert y.shape == (m, n) and error < TOLERANCE[dtype], f"seed {seed}: silu_mul M={m} N={n} K={k}: {error}"
 
 
 def check_linear_op(device: str, dtype: torch.dtype) -> None:
@@ -53,12 +60,10 @@ def check_linear_op(device: str, dtype: torch.dtype) -> None:
             y = torch.ops.compiled_llm.linear(x, weight, bias, backend)
             assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
             assert relative_error(y, expected) < TOLERANCE[dtype], f"seed {seed}: {backend} {shape}"
-            gate_up = torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype)
-            gate, up = gate_up.double().chunk(2, dim=-1)
-            gated_expected = (gate * torch.sigmoid(gate) * up) @ weight.double().T + bias.double()
-            y = torch.ops.compiled_llm.gated_linear(gate_up, weight, bias, backend)
-            assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
-            assert relative_error(y, gated_expected) < TOLERANCE[dtype], f"seed {seed}: gated {backend} {shape}"
+            y = torch.ops.compiled_llm.linear_silu_mul(x, weight, bias, backend)
+            assert y.shape == (*shape[:-1], 48) and y.dtype == dtype
+            expected_act = silu_mul_reference(x, weight, bias)
+            assert relative_error(y, expected_act) < TOLERANCE[dtype], f"seed {seed}: silu_mul {backend} {shape}"
 
 
 def run_in_interpreter(code: str) -> None:
@@ -84,6 +89,8 @@ def test_gemv_refuses_what_it_cannot_compute():
         gemv(x, torch.randn(16, 64), bias=torch.randn(32)[::2])  # a strided bias
     with pytest.raises(ValueError, match="rows"):
         gemv(torch.randn(MAX_ROWS + 1, 64), torch.randn(8, 64))
+    with pytest.raises(ValueError, match="even"):
+        gemv(x, torch.randn(7, 64), silu_mul=True)  # no [gate; up] halves
 
 
 def test_linear_op_backends_on_cpu():
@@ -108,7 +115,7 @@ def test_triton_ops_in_a_compiled_model():
     layers = model.config.num_hidden_layers
     assert cm.report.pass_sites("insert_linear_op") == 4 * layers + 1  # qkv, o, gate/up, down; the LM head
     assert cm.report.pass_sites("fuse_rms_norm") == 2 * layers + 1
-    assert cm.report.pass_sites("fuse_gated_linear") == layers
+    assert cm.report.pass_sites("fuse_linear_silu_mul") == layers
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
         assert relative_error(cm(ids).logits, expected) < 1e-5
@@ -119,7 +126,7 @@ def test_triton_ops_in_a_compiled_model():
 
 
 def check_kernels_in_a_model() -> None:
-    """The GEMV (plain and gated) and the norm kernel serving a model's decode steps (one-token linears)."""
+    """The GEMV (plain and with the SiLU epilogue) and the norm kernel serving a model's decode steps (one-token linears)."""
     model = tiny_model("llama", seed=5)
     ids = random_prompt(10, seed=6)
     cm = compile_model(model, linear_backend="triton", norm_backend="triton", compile_backend="eager", max_batch_size=1)
