@@ -76,11 +76,14 @@ def test_seeded_rows_do_not_depend_on_their_neighbours(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_penalties_match_a_per_row_loop(device):
     vocab = 30
-    logits = torch.randn(3, vocab, device=device) * 2
-    specs = [  # (prompt, output, repetition, presence, frequency)
+    logits = torch.randn(5, vocab, device=device) * 2
+    original = logits.clone()
+    specs = [  # (prompt, output, repetition, presence, frequency); rows 1 and 4 are not penalized
         ([1, 2, 3], [4, 4, 5], 1.5, 0.0, 0.0),
+        ([6, 7], [8, 9], 1.0, 0.0, 0.0),
         ([7, 7], [7, 8, 8, 8], 1.0, 0.5, 0.3),
         ([9], [], 1.2, -0.4, 1.1),
+        ([1, 2] * 50, [3], 1.0, 0.0, 0.0),
     ]
     requests = [
         SimpleNamespace(prompt_token_ids=p, output_token_ids=o,
@@ -95,6 +98,10 @@ def test_penalties_match_a_per_row_loop(device):
         for token in set(output):
             expected[row, token] -= presence + frequency * output.count(token)
     torch.testing.assert_close(apply_penalties(logits, requests).double().cpu(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits, original)  # the caller's logits (kept for logprobs) are not modified
+    everyone = [requests[i] for i in (0, 2, 3)]
+    torch.testing.assert_close(apply_penalties(logits[[0, 2, 3]], everyone).double().cpu(), expected[[0, 2, 3]],
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
 def test_greedy_repetition_penalty_gives_hf_tokens(llm):  # noqa: F811

@@ -20,24 +20,35 @@ def _padded_rows(lists: list[list[int]], pad: int, device: torch.device) -> torc
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens (HF's and vLLM's), presence and frequency
-    penalties over output tokens (OpenAI's), each row with its request's values."""
-    rows, vocab = logits.shape
-    device = logits.device
+    penalties over output tokens (OpenAI's), each row with its request's values; float32 logits.
+
+    Only the rows of penalized requests are gathered, and only those with a repetition penalty read
+    their prompt: one penalized request among hundreds of long prompts must not pad them all."""
+    logits = logits.float()
+    penalized = [i for i, r in enumerate(requests) if r.params.penalized]
+    if not penalized:
+        return logits
+    everything = len(penalized) == len(requests)
+    index = None if everything else to_device(penalized, torch.long, logits.device)
+    rows = logits if everything else logits[index]
+    chosen = [requests[i] for i in penalized]
+    vocab, device = logits.shape[-1], logits.device
     # Padding scatters into an extra column, dropped after.
-    outputs = _padded_rows([r.output_token_ids for r in requests], vocab, device)
-    counts = torch.zeros(rows, vocab + 1, device=device).scatter_add_(1, outputs, torch.ones(outputs.shape, device=device))
-    counts = counts[:, :vocab]
-    prompts = _padded_rows([r.prompt_token_ids for r in requests], vocab, device)
-    seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device).scatter_(1, prompts, True)[:, :vocab]
-    seen |= counts > 0
+    outputs = _padded_rows([r.output_token_ids for r in chosen], vocab, device)
+    counts = torch.zeros(len(chosen), vocab + 1, device=device)
+    counts = counts.scatter_add_(1, outputs, torch.ones(outputs.shape, device=device))[:, :vocab]
+    seen = counts > 0
+    if any(r.params.repetition_penalty != 1.0 for r in chosen):
+        prompts = _padded_rows([r.prompt_token_ids if r.params.repetition_penalty != 1.0 else [] for r in chosen], vocab, device)
+        seen |= torch.zeros(len(chosen), vocab + 1, dtype=torch.bool, device=device).scatter_(1, prompts, True)[:, :vocab]
 
     def column(name: str) -> torch.Tensor:
-        return to_device([getattr(r.params, name) for r in requests], torch.float32, device)[:, None]
+        return to_device([getattr(r.params, name) for r in chosen], torch.float32, device)[:, None]
 
     repetition = column("repetition_penalty")
-    logits = logits.float()
-    logits = torch.where(seen, torch.where(logits < 0, logits * repetition, logits / repetition), logits)
-    return logits - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+    rows = torch.where(seen, torch.where(rows < 0, rows * repetition, rows / repetition), rows)
+    rows = rows - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+    return rows if everything else logits.index_copy(0, index, rows)  # not in place: the caller keeps `logits`
 
 
 class SampledStep:
