@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from custom_ops.triton_gemv import gemv
+from custom_ops.triton_gemv import KERNEL_DTYPES, gemv
 from custom_ops.triton_runtime import triton_runs_on
 from custom_ops.triton_silu_mul import triton_silu_mul
 
@@ -54,7 +54,8 @@ def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if k == 0 or x.numel() != k or x.stride(-1) != 1:
         return False
     return (
-        triton_runs_on(x) and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] == k
+        triton_runs_on(x) and x.dtype in KERNEL_DTYPES and weight.is_contiguous() and weight.dtype == x.dtype
+        and weight.shape[1] == k
         and (bias is None or (bias.is_contiguous() and bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
         and gemv_is_faster(*weight.shape)
     )  # fmt: skip
@@ -75,7 +76,7 @@ def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if weight.shape[0] % 2 == 0 and _takes_gemv(x, weight, bias):
         return gemv(x.reshape(1, -1), weight, bias=bias, silu_mul=True).view(out_shape)
     gate_up = F.linear(x, weight, bias)
-    if not triton_runs_on(gate_up) or gate_up.shape[-1] % 2:
+    if not triton_runs_on(gate_up) or gate_up.shape[-1] % 2 or gate_up.dtype not in KERNEL_DTYPES:
         return silu_and_mul(gate_up)
     return triton_silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(out_shape)
 

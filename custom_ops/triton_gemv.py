@@ -19,6 +19,7 @@ import torch
 from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options
 
 MAX_ROWS = 8  # x rows this kernel serves; larger batches go to cuBLAS (compute starts to matter)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # it accumulates in float32
 
 
 @functools.cache
@@ -99,13 +100,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     silu(gate) * up, [M, I]. `config` overrides the tile shape (BLOCK_N, BLOCK_K, num_warps)."""
     m, k = x.shape
     rows = weight.shape[0]
-    if m > MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k or (silu_mul and rows % 2):
+    shape_ok = 0 < k == weight.shape[1] and m <= MAX_ROWS and not (silu_mul and rows % 2)
+    if not shape_ok or x.stride(-1) != 1 or not weight.is_contiguous():
         raise ValueError(
-            f"gemv takes at most {MAX_ROWS} rows with contiguous rows and a contiguous [N, {k}] weight "
+            f"gemv takes at most {MAX_ROWS} rows of K > 0 with contiguous rows and a contiguous [N, {k}] weight "
             f"(N even for silu_mul); got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
         )
-    if weight.dtype != x.dtype or (bias is not None and (bias.shape != (rows,) or not bias.is_contiguous())):
-        raise ValueError(f"gemv: weight and bias must have x's dtype {x.dtype}, a contiguous bias [{rows}]")
+    bias_ok = bias is None or (bias.shape == (rows,) and bias.is_contiguous())
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or not bias_ok:
+        raise ValueError(f"gemv: x in {KERNEL_DTYPES}, weight and bias in x's dtype {x.dtype}, a contiguous bias [{rows}]")
     import triton
 
     n = rows // 2 if silu_mul else rows

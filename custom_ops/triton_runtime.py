@@ -7,7 +7,10 @@ and later). Each of them then starts while the kernel before it finishes, loads 
 it (a GEMV's first weight tile, a norm's weight), and waits (`gdc_wait`) before reading anything the
 previous kernel may have written; `gdc_launch_dependents` at its start lets the next one do the same.
 At batch-1 decode a layer is ten kernels of a few microseconds, so the gap between two is a real share
-of the step. `COMPILED_LLM_DISABLE_PDL=1` turns it off (to measure it, or to rule it out).
+of the step. `COMPILED_LLM_DISABLE_PDL=1` (read at import) turns it off (to measure it, or to rule it out).
+
+The rule every kernel launched this way keeps: each program runs `gdc_wait` before any store, any
+early return, and any load of something a kernel writes (only the model's parameters are read before).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def triton_runs_on(tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def launches_with_pdl(tensor: torch.Tensor) -> bool:

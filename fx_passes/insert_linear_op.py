@@ -6,7 +6,8 @@
 
 Only the linears for which the backend `CompileConfig.linear_backend` resolves to ever runs something
 other than F.linear (none for `torch`; for `triton`, those whose shape the GEMV serves), decided here
-from the weight's shape: the others stay aten ops, which Inductor calls without any Python in between.
+from the weight's shape, and only over parameters (weight and bias `get_attr` nodes): the others stay
+aten ops, which Inductor calls without any Python in between.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from fx_passes.registry import PassResult, register_pass
 LINEAR = torch.ops.aten.linear.default
 
 
+def _parameters(linear: torch.fx.Node) -> bool:
+    """Whether weight and bias are the model's parameters. The GEMV loads its weight before waiting for
+    the previous kernel (programmatic dependent launch): a weight computed in the graph could be read
+    before it is written."""
+    return all(arg is None or (isinstance(arg, torch.fx.Node) and arg.op == "get_attr") for arg in linear.args[1:3])
+
+
 @register_pass("insert_linear_op")
 def insert_linear_op(gm: torch.fx.GraphModule, config) -> PassResult:
     linears = calls(gm.graph, LINEAR)
@@ -29,7 +37,7 @@ def insert_linear_op(gm: torch.fx.GraphModule, config) -> PassResult:
         return PassResult("insert_linear_op", 0)
     device_type = linears[0].args[1].meta["val"].device.type
     backend, why = resolve_triton_backend("linear_backend", config.linear_backend, device_type)
-    sites = [n for n in linears if runs_other_than_torch(backend, *n.args[1].meta["val"].shape)]
+    sites = [n for n in linears if _parameters(n) and runs_other_than_torch(backend, *n.args[1].meta["val"].shape)]
     if not sites:
         return PassResult("insert_linear_op", 0, f"linears left to Inductor ({why})")
     for node in sites:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import custom_ops.linear  # noqa: F401  (registers the op)
 from compiled_llm import compile_model
@@ -66,6 +67,16 @@ def check_linear_op(device: str, dtype: torch.dtype) -> None:
             assert relative_error(y, expected_act) < TOLERANCE[dtype], f"seed {seed}: silu_mul {backend} {shape}"
 
 
+def check_float64_is_not_rounded() -> None:
+    """float64 calls of the triton backend leave the float32 kernels to torch: as exact as F.linear."""
+    weight = torch.randn(64, 300, dtype=torch.float64)
+    for rows in (1, 4):  # the GEMV's calls and the cuBLAS + activation kernel ones
+        x = torch.randn(rows, 300, dtype=torch.float64)
+        torch.testing.assert_close(torch.ops.compiled_llm.linear(x, weight, None, "triton"), F.linear(x, weight))
+        expected = silu_mul_reference(x, weight, None)
+        torch.testing.assert_close(torch.ops.compiled_llm.linear_silu_mul(x, weight, None, "triton"), expected)
+
+
 def run_in_interpreter(code: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +88,7 @@ def run_in_interpreter(code: str) -> None:
 def test_gemv_in_the_interpreter():
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_linear_op as t; "
-        "t.check_gemv('cpu', torch.float32); t.check_linear_op('cpu', torch.float32)"
+        "t.check_gemv('cpu', torch.float32); t.check_linear_op('cpu', torch.float32); t.check_float64_is_not_rounded()"
     )
 
 
@@ -91,6 +102,10 @@ def test_gemv_refuses_what_it_cannot_compute():
         gemv(torch.randn(MAX_ROWS + 1, 64), torch.randn(8, 64))
     with pytest.raises(ValueError, match="even"):
         gemv(x, torch.randn(7, 64), silu_mul=True)  # no [gate; up] halves
+    with pytest.raises(ValueError, match="K > 0"):
+        gemv(torch.randn(1, 0), torch.randn(8, 0))  # no loop step, so it would store before waiting (PDL)
+    with pytest.raises(ValueError, match="float32"):
+        gemv(x.double(), torch.randn(8, 64, dtype=torch.float64))  # it accumulates in float32
 
 
 def test_linear_op_backends_on_cpu():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
 from conftest import random_prompt, relative_error, tiny_model
+from custom_ops.triton_runtime import triton_available
 from fx_passes import DEFAULT_PIPELINE, registered_passes, run_passes
 
 aten = torch.ops.aten
@@ -157,3 +160,48 @@ def test_fuse_parallel_linears_on_llama():
     cm = compile_model(model, compile_backend="eager", max_batch_size=2)
     assert cm.report.pass_sites("fuse_parallel_linears") == 2 * layers
     assert relative_error(cm(ids).logits, expected) < 1e-5
+
+
+def _linear_graph(use_gate_up_elsewhere: bool) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """By hand, with meta values: a = silu(gate) * up of linear(x, W_gate_up), a parameter;
+    b = linear(x, w_in), a weight that is a graph input (computed, as far as the graph knows)."""
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.gate_up = nn.Parameter(torch.randn(16, 8), requires_grad=False)
+    graph = torch.fx.Graph()
+    x, w_in = graph.placeholder("x"), graph.placeholder("w_in")
+    x.meta["val"], w_in.meta["val"] = torch.randn(3, 8), torch.randn(5, 8)
+    weight = graph.get_attr("gate_up")
+    weight.meta["val"] = root.gate_up
+
+    def call(target, *args):
+        node = graph.call_function(target, args)
+        node.meta["val"] = target(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
+        return node
+
+    gate_up = call(aten.linear.default, x, weight)
+    split = call(aten.split_with_sizes.default, gate_up, [8, 8], -1)
+    gate, up = call(operator.getitem, split, 0), call(operator.getitem, split, 1)
+    act = call(aten.mul.Tensor, call(aten.silu.default, gate), up)
+    other = call(aten.linear.default, x, w_in)
+    graph.output((act, other, gate_up) if use_gate_up_elsewhere else (act, other))
+    return torch.fx.GraphModule(root, graph), torch.randn(3, 8)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("use_gate_up_elsewhere", [False, True])
+def test_linear_passes_only_over_parameters_and_single_uses(use_gate_up_elsewhere):
+    """insert_linear_op routes the parameter's linear, not the one over a graph input (the GEMV reads its
+    weight before waiting for the previous kernel); fuse_linear_silu_mul fuses only a gate/up output
+    that feeds nothing else. The rewritten graph computes what the original did."""
+    gm, x = _linear_graph(use_gate_up_elsewhere)
+    w_in = torch.randn(5, 8)
+    expected = gm(x, w_in)
+    config = CompileConfig(linear_backend="triton")
+    assert registered_passes()["insert_linear_op"](gm, config).sites == 1
+    assert count(gm, aten.linear.default) == 1 and count(gm, torch.ops.compiled_llm.linear.default) == 1
+    fused = registered_passes()["fuse_linear_silu_mul"](gm, config).sites
+    assert fused == (0 if use_gate_up_elsewhere else 1)
+    gm.recompile()
+    for got, want in zip(gm(x, w_in), expected, strict=True):
+        torch.testing.assert_close(got, want)
