@@ -29,6 +29,7 @@ from compiled_llm.runtime import (
     default_num_kv_blocks,
 )
 from custom_ops import get_attention_backend
+from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
 
 log = logging.getLogger("compiled_llm")
@@ -108,6 +109,7 @@ class CompiledModel:
             f"{str(layers[0].dtype).removeprefix('torch.')} ({self.runner.kv_cache.nbytes / 2**20:.1f} MiB), "
             f"max_seq_len {self.max_seq_len}",
             cuda_graphs=graphs,
+            kernel_launch=kernel_launch_mode(self.device),
             timings=timings,
         )
         log.info("compiled %s:\n%s", captured.architecture, self.report)

@@ -30,6 +30,7 @@ class CompileReport:
     attention: list[PagedLayer]
     kv_cache: str  # e.g. "2 layers x 1024 blocks x 16 tokens (4.0 MiB)"
     cuda_graphs: str = "off"
+    kernel_launch: str = ""  # how our Triton kernels launch (custom_ops.triton_runtime.kernel_launch_mode)
     timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s
 
     def pass_sites(self, name: str) -> int:
@@ -54,4 +55,6 @@ class CompileReport:
             lines.append(f"  attention {backend} for layers {_ranges(sorted(layers))} ({why})")
         lines.append(f"  kv cache  {self.kv_cache}")
         lines.append(f"  cuda graphs {self.cuda_graphs}")
+        if self.kernel_launch:
+            lines.append(f"  triton kernels {self.kernel_launch}")
         return "\n".join(lines)

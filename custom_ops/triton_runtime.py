@@ -43,6 +43,19 @@ def launches_with_pdl(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and not _INTERPRETER and not _PDL_DISABLED and _has_pdl(tensor.device.index or 0)
 
 
+def kernel_launch_mode(device: torch.device) -> str:
+    """How our Triton kernels launch on `device`, and why, for the compile report ("" off CUDA)."""
+    if device.type != "cuda":
+        return ""
+    if not triton_available():
+        return "none (triton is not installed)"
+    if _PDL_DISABLED:
+        return "plain launches (COMPILED_LLM_DISABLE_PDL=1)"
+    if not _has_pdl(device.index or 0):
+        return "plain launches (programmatic dependent launch needs an NVIDIA GPU of compute capability 9.0+)"
+    return "programmatic dependent launch (each kernel loads its weights while the previous one drains)"
+
+
 def pdl_launch_options(use_pdl: bool) -> dict:
     """Launch keywords for a kernel with a USE_PDL constexpr (Triton's `launch_pdl` sets the launch attribute)."""
     return {"USE_PDL": use_pdl, "launch_pdl": True} if use_pdl else {"USE_PDL": False}

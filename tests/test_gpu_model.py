@@ -53,6 +53,7 @@ def test_report_says_what_runs(gpu_model):
     _, cm, _ = gpu_model
     assert {layer.backend for layer in cm.report.attention} == {cm.backend}
     assert cm.report.cuda_graphs.startswith("decode batch sizes [1, 2, 4, 8]")
+    assert "triton kernels" in str(cm.report)  # how they launch (PDL on Hopper)
 
 
 def test_auto_prefers_flashinfer_then_triton():

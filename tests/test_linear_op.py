@@ -153,3 +153,22 @@ def check_kernels_in_a_model() -> None:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_kernels_in_a_model_in_the_interpreter():
     run_in_interpreter("import sys; sys.path.insert(0, 'tests'); import test_linear_op as t; t.check_kernels_in_a_model()")
+
+
+def test_report_says_how_kernels_launch(monkeypatch):
+    """The compile report's line on PDL, for each case (GPU capability and the switch patched: no GPU here)."""
+    import custom_ops.triton_runtime as runtime
+
+    cuda = torch.device("cuda", 0)
+    assert runtime.kernel_launch_mode(torch.device("cpu")) == ""
+    monkeypatch.setattr(runtime, "triton_available", lambda: True)
+    monkeypatch.setattr(runtime, "_has_pdl", lambda index: True)
+    assert runtime.kernel_launch_mode(cuda).startswith("programmatic dependent launch")
+    monkeypatch.setattr(runtime, "_has_pdl", lambda index: False)
+    assert "compute capability 9.0" in runtime.kernel_launch_mode(cuda)
+    monkeypatch.setattr(runtime, "_PDL_DISABLED", True)
+    assert "COMPILED_LLM_DISABLE_PDL=1" in runtime.kernel_launch_mode(cuda)
+    monkeypatch.setattr(runtime, "triton_available", lambda: False)
+    assert "not installed" in runtime.kernel_launch_mode(cuda)
+    cm = compile_model(tiny_model("llama"), compile_backend="eager", max_batch_size=1)
+    assert "triton kernels" not in str(cm.report)  # a CPU model: nothing to say
