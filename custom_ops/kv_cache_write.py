@@ -11,7 +11,7 @@ import functools
 import torch
 
 from custom_ops.paged_attention import write_kv_cache
-from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options, triton_runs_on
+from custom_ops.triton_runtime import pdl_launch_options, triton_runs_on
 
 
 @functools.cache
@@ -66,5 +66,5 @@ def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
         kv_cache.shape[2], HEAD_DIM=head_dim, NUM_HEADS=num_heads,
         BLOCK=triton.next_power_of_2(num_heads * head_dim),
         SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0,
-        **pdl_launch_options(launches_with_pdl(k)),
+        **pdl_launch_options(k),
     )  # fmt: skip

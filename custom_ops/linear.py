@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from custom_ops.triton_gemv import KERNEL_DTYPES, gemv
-from custom_ops.triton_runtime import triton_runs_on
+from custom_ops.triton_gemv import launch_gemv
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
 from custom_ops.triton_silu_mul import triton_silu_mul
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -48,7 +48,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """One row, on the device, in the layouts and dtypes the kernel takes (anything else: cuBLAS, which
-    also raises F.linear's errors for bad shapes)."""
+    also raises F.linear's errors for bad shapes): `gemv`'s checks, so the op launches it without them."""
     k = x.shape[-1]
     # Cheapest test first: most calls outside CUDA graphs have many rows and go straight to cuBLAS.
     if k == 0 or x.numel() != k or x.stride(-1) != 1:
@@ -63,7 +63,7 @@ def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if _takes_gemv(x, weight, bias):
-        return gemv(x.reshape(1, -1), weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+        return launch_gemv(x.reshape(1, -1), weight, None, bias, False).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -73,10 +73,11 @@ def _torch_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out_shape = (*x.shape[:-1], weight.shape[0] // 2)
-    if weight.shape[0] % 2 == 0 and _takes_gemv(x, weight, bias):
-        return gemv(x.reshape(1, -1), weight, bias=bias, silu_mul=True).view(out_shape)
+    halves = weight.shape[0] % 2 == 0  # else F.linear and silu_and_mul raise the shape error
+    if halves and _takes_gemv(x, weight, bias):
+        return launch_gemv(x.reshape(1, -1), weight, None, bias, True).view(out_shape)
     gate_up = F.linear(x, weight, bias)
-    if not triton_runs_on(gate_up) or gate_up.shape[-1] % 2 or gate_up.dtype not in KERNEL_DTYPES:
+    if not (halves and triton_runs_on(gate_up) and gate_up.dtype in KERNEL_DTYPES):
         return silu_and_mul(gate_up)
     return triton_silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(out_shape)
 

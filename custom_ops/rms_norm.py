@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options, triton_runs_on
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_runs_on
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps, str backend) -> Tensor")
@@ -62,9 +62,7 @@ def _kernel():
 
 
 def _triton_usable(x: torch.Tensor) -> bool:
-    return triton_runs_on(x) and x.dtype in (
-        torch.float32, torch.float16, torch.bfloat16
-    )  # fmt: skip
+    return triton_runs_on(x) and x.dtype in KERNEL_DTYPES
 
 
 def _warps(block: int) -> int:
@@ -84,7 +82,7 @@ def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Te
             x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0, out.stride(0),
             total.stride(0) if total is not None else 0, eps,
             N=n, BLOCK=block, ADD=residual2d is not None, num_warps=_warps(block),
-            **pdl_launch_options(launches_with_pdl(x2d)),
+            **pdl_launch_options(x2d),
         )  # fmt: skip
 
 

@@ -23,9 +23,8 @@ import torch
 
 from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
 from custom_ops.kv_cache_write import write_kv_cache_fast
-from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options, triton_available
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
 MAX_SPLITS = 16
 
@@ -43,8 +42,8 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int
 def _unsupported(features: LayerAttentionFeatures) -> str | None:
     if not triton_available():
         return "triton is not installed (pip install compiled-llm[gpu])"
-    if features.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {features.dtype} (supports {', '.join(str(d) for d in SUPPORTED_DTYPES)})"
+    if features.dtype not in KERNEL_DTYPES:
+        return f"dtype {features.dtype} (supports {', '.join(str(d) for d in KERNEL_DTYPES)})"
     if features.cache_dtype not in (features.dtype, torch.float8_e4m3fn):
         return f"KV cache dtype {features.cache_dtype}"
     return None
@@ -80,7 +79,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
-    pdl = pdl_launch_options(launches_with_pdl(q))
+    pdl = pdl_launch_options(q)
     paged_attention_kernel[grid](
         partial, lse, q, kv_cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q,
         scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],

@@ -16,10 +16,9 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options
 
 MAX_ROWS = 8  # x rows this kernel serves; larger batches go to cuBLAS (compute starts to matter)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # it accumulates in float32
 
 
 @functools.cache
@@ -109,9 +108,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     bias_ok = bias is None or (bias.shape == (rows,) and bias.is_contiguous())
     if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or not bias_ok:
         raise ValueError(f"gemv: x in {KERNEL_DTYPES}, weight and bias in x's dtype {x.dtype}, a contiguous bias [{rows}]")
+    return launch_gemv(x, weight, out, bias, silu_mul, **config)
+
+
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None,
+                silu_mul: bool, **config) -> torch.Tensor:  # fmt: skip
+    """`gemv` without its checks, for callers that made them already (the linear ops, once per call)."""
     import triton
 
-    n = rows // 2 if silu_mul else rows
+    m, k = x.shape
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = x.new_empty(m, n) if out is None else out
     config = config or gemv_config(m, k)
     num_warps = config.pop("num_warps", 4)
@@ -119,6 +125,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
         x, weight, bias if bias is not None else weight, out, n, x.stride(0), weight.stride(0), out.stride(0),
         n * weight.stride(0),  # SILU_MUL: where the up rows start
         K=k, M=m, M_PADDED=triton.next_power_of_2(m), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        EVEN_K=k % config["BLOCK_K"] == 0, num_warps=num_warps, **config, **pdl_launch_options(launches_with_pdl(x)),
+        EVEN_K=k % config["BLOCK_K"] == 0, num_warps=num_warps, **config, **pdl_launch_options(x),
     )  # fmt: skip
     return out

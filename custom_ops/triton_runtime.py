@@ -2,7 +2,7 @@
 under TRITON_INTERPRET=1, whose interpreter runs them on CPU tensors: the CPU tests). Both are asked on
 every call of an op, so both are answered once.
 
-`launches_with_pdl`: whether our kernels use programmatic dependent launch on this tensor's GPU (Hopper
+`pdl_launch_options`: whether our kernels use programmatic dependent launch on this tensor's GPU (Hopper
 and later). Each of them then starts while the kernel before it finishes, loads what does not depend on
 it (a GEMV's first weight tile, a norm's weight), and waits (`gdc_wait`) before reading anything the
 previous kernel may have written; `gdc_launch_dependents` at its start lets the next one do the same.
@@ -34,13 +34,24 @@ def triton_runs_on(tensor: torch.Tensor) -> bool:
     return (tensor.is_cuda or _INTERPRETER) and triton_available()
 
 
+# What our kernels take: they compute in float32, so float64 stays with torch.
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 @functools.cache
 def _has_pdl(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def launches_with_pdl(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and not _INTERPRETER and not _PDL_DISABLED and _has_pdl(tensor.device.index or 0)
+def _why_no_pdl(device: torch.device) -> str | None:
+    """None where our kernels launch with PDL on `device`, else why not."""
+    if device.type != "cuda" or _INTERPRETER:
+        return "not a CUDA device"
+    if _PDL_DISABLED:
+        return "COMPILED_LLM_DISABLE_PDL=1"
+    if not _has_pdl(device.index or 0):
+        return "programmatic dependent launch needs an NVIDIA GPU of compute capability 9.0+"
+    return None
 
 
 def kernel_launch_mode(device: torch.device) -> str:
@@ -49,13 +60,14 @@ def kernel_launch_mode(device: torch.device) -> str:
         return ""
     if not triton_available():
         return "none (triton is not installed)"
-    if _PDL_DISABLED:
-        return "plain launches (COMPILED_LLM_DISABLE_PDL=1)"
-    if not _has_pdl(device.index or 0):
-        return "plain launches (programmatic dependent launch needs an NVIDIA GPU of compute capability 9.0+)"
-    return "programmatic dependent launch (each kernel loads its weights while the previous one drains)"
+    why = _why_no_pdl(device)
+    return f"plain launches ({why})" if why else "programmatic dependent launch (each kernel loads its weights while the previous one drains)"
 
 
-def pdl_launch_options(use_pdl: bool) -> dict:
-    """Launch keywords for a kernel with a USE_PDL constexpr (Triton's `launch_pdl` sets the launch attribute)."""
-    return {"USE_PDL": use_pdl, "launch_pdl": True} if use_pdl else {"USE_PDL": False}
+_PLAIN, _PDL = {"USE_PDL": False}, {"USE_PDL": True, "launch_pdl": True}
+
+
+def pdl_launch_options(tensor: torch.Tensor) -> dict:
+    """Launch keywords for a kernel with a USE_PDL constexpr that reads `tensor` (Triton's `launch_pdl`
+    sets the launch attribute)."""
+    return _PDL if _why_no_pdl(tensor.device) is None else _PLAIN

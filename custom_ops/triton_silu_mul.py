@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import launches_with_pdl, pdl_launch_options
+from custom_ops.triton_runtime import pdl_launch_options
 
 BLOCK = 1024
 
@@ -43,6 +43,6 @@ def triton_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(rows, n)
     if rows and n:
         _kernel()[(rows, triton.cdiv(n, BLOCK))](
-            gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=BLOCK, **pdl_launch_options(launches_with_pdl(gate_up))
+            gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=BLOCK, **pdl_launch_options(gate_up)
         )  # fmt: skip
     return out

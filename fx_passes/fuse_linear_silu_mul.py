@@ -18,22 +18,18 @@ import torch
 import torch.fx
 
 import custom_ops.linear  # noqa: F401  (registers the ops)
-from fx_passes.node_match import calls, is_call
+from fx_passes.node_match import calls, is_call, single_use_call
 from fx_passes.registry import PassResult, register_pass
 
 aten = torch.ops.aten
 LINEAR = torch.ops.compiled_llm.linear.default
 
 
-def _single_use(node, target) -> bool:
-    return is_call(node, target) and len(node.users) == 1
-
-
 def _half(node, index: int) -> torch.fx.Node | None:
     """The split node whose `index`-th output `node` is (through an optional contiguous clone)."""
-    if _single_use(node, aten.clone.default):
+    if single_use_call(node, aten.clone.default):
         node = node.args[0]
-    if not (_single_use(node, operator.getitem) and node.args[1] == index):
+    if not (single_use_call(node, operator.getitem) and node.args[1] == index):
         return None
     split = node.args[0]
     if not is_call(split, aten.split_with_sizes.default):
@@ -49,11 +45,11 @@ def _gate_up_linear(product) -> torch.fx.Node | None:
     if not is_call(product, aten.mul.Tensor):
         return None
     for activated, up in (product.args[:2], reversed(product.args[:2])):
-        if _single_use(activated, aten.silu.default):
+        if single_use_call(activated, aten.silu.default):
             split = _half(activated.args[0], 0)
             if split is not None and _half(up, 1) is split and len(split.users) == 2:
                 linear = split.args[0]
-                return linear if _single_use(linear, LINEAR) else None
+                return linear if single_use_call(linear, LINEAR) else None
     return None
 
 

@@ -17,7 +17,8 @@ import torch.fx
 
 import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from fx_passes.kernel_backend import resolve_triton_backend
-from fx_passes.node_match import calls, is_call, only_user
+from fx_passes.node_match import calls, is_call, only_user, single_use_call
+from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
 aten = torch.ops.aten
@@ -32,15 +33,15 @@ def _other(node: torch.fx.Node, arg) -> object:
 def _match(rsqrt: torch.fx.Node) -> dict | None:
     """The RMSNorm around an rsqrt node: its input h, weight, eps, and the node its output replaces."""
     add_eps = rsqrt.args[0]
-    if not (is_call(add_eps, aten.add.Tensor) and isinstance(add_eps.args[1], float) and len(add_eps.users) == 1):
+    if not (single_use_call(add_eps, aten.add.Tensor) and isinstance(add_eps.args[1], float)):
         return None
     mean = add_eps.args[0]
-    if not (is_call(mean, aten.mean.dim) and len(mean.users) == 1 and len(mean.args) > 2 and mean.args[2]):
+    if not (single_use_call(mean, aten.mean.dim) and len(mean.args) > 2 and mean.args[2]):
         return None
     if add_eps.kwargs or mean.kwargs or len(mean.args) > 3:  # alpha, a dtype: another computation
         return None
     square = mean.args[0]
-    if not (is_call(square, aten.pow.Tensor_Scalar) and square.args[1] == 2 and len(square.users) == 1):
+    if not (single_use_call(square, aten.pow.Tensor_Scalar) and square.args[1] == 2):
         return None
     h32 = square.args[0]
     if h32.meta["val"].dtype != torch.float32:  # the kernel computes in float32, as HF's norm does
@@ -102,15 +103,14 @@ def fuse_rms_norm(gm: torch.fx.GraphModule, config) -> PassResult:
             weight = graph.get_attr(m["weight"].target)
             weight.meta["val"] = m["weight"].meta["val"]
             if added:
-                fused = graph.call_function(torch.ops.compiled_llm.add_rms_norm.default, (*added, weight, m["eps"], backend))
-                fused.meta["val"] = (out.meta["val"], h.meta["val"])
-                normed = graph.call_function(operator.getitem, (fused, 0))
-                total = graph.call_function(operator.getitem, (fused, 1))
-                total.meta["val"] = h.meta["val"]
+                fused = insert_call(graph, torch.ops.compiled_llm.add_rms_norm.default, (*added, weight, m["eps"], backend),
+                                    val=(out.meta["val"], h.meta["val"]))  # fmt: skip
+                normed = insert_call(graph, operator.getitem, (fused, 0), val=out.meta["val"])
+                total = insert_call(graph, operator.getitem, (fused, 1), val=h.meta["val"])
                 with_add += 1
             else:
-                normed = graph.call_function(torch.ops.compiled_llm.rms_norm.default, (h, weight, m["eps"], backend))
-        normed.meta["val"] = out.meta["val"]
+                normed = insert_call(graph, torch.ops.compiled_llm.rms_norm.default, (h, weight, m["eps"], backend),
+                                     val=out.meta["val"])  # fmt: skip
         out.replace_all_uses_with(normed)
         if added:
             h.replace_all_uses_with(total)  # the residual stream now reads the op's sum

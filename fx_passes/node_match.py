@@ -15,5 +15,10 @@ def calls(graph: torch.fx.Graph, target) -> list[torch.fx.Node]:
     return [node for node in graph.nodes if is_call(node, target)]
 
 
+def single_use_call(node, target) -> bool:
+    """Whether `node` calls `target` and feeds exactly one node."""
+    return is_call(node, target) and len(node.users) == 1
+
+
 def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
