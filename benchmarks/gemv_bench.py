@@ -6,6 +6,7 @@ the number of calls. Shapes: the linears of SmolLM2-135M and Llama-3.1-8B (fused
 
     python benchmarks/gemv_bench.py [--search] --json out.json
     python benchmarks/gemv_bench.py --silu-mul     # gate/up: GEMV + activation kernel vs the fused epilogue
+    python benchmarks/gemv_bench.py --prefetch     # one row: how many weight columns to load before the PDL wait
 """
 
 from __future__ import annotations
@@ -76,19 +77,55 @@ def silu_mul_rows() -> list[dict]:
     return rows
 
 
+def prefetch_rows() -> list[dict]:
+    """One-row linears (gate/up with its activation) at the rule's tile against loads of each program's
+    weight rows in one piece before the PDL wait (PREFETCH_K = K rounded up to a power of two, K <= 4096),
+    or, for a wider K, in longer tiles."""
+    import triton
+
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        silu = name.endswith("gate_up")
+        copies = max(4, -(-400_000_000 // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(1, n // 2 if silu else n, device="cuda", dtype=torch.bfloat16)
+        configs = [gemv_config(1, k, n // 2 if silu else n)]
+        for block_n, warps, block_k in itertools.product((1, 2, 4), (4, 8), (1024, 2048, 4096)):
+            whole = triton.next_power_of_2(k)
+            if whole <= 4096:
+                configs.append({"BLOCK_N": block_n, "BLOCK_K": whole, "PREFETCH_K": whole, "num_warps": warps})
+            else:
+                configs.append({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH_K": block_k, "num_warps": warps})
+        times = {}
+        for config in {str(c): c for c in configs}.values():
+            times[str(config)] = time_per_call(
+                lambda x, w, o, c=config: gemv(x, w, o, silu_mul=silu, **dict(c)), weights, x, out, repeats=10
+            )  # fmt: skip
+        rule, best = str(configs[0]), min(times, key=times.get)
+        gb = n * k * 2 / 1e3
+        print(f"{name:<16} rule {times[rule]:.2f} us ({gb / times[rule]:.0f} GB/s)  best {times[best]:.2f} us "
+              f"({gb / times[best]:.0f} GB/s) {best}", flush=True)  # fmt: skip
+        rows.append({"linear": name, "N": n, "K": k, "rule": rule, "times_us": times})
+        del weights
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", action="store_true", help="also time a grid of tile configs (one-row calls)")
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--silu-mul", action="store_true", help="only the gate/up projections with their activation")
+    parser.add_argument("--prefetch", action="store_true", help="only one-row calls, by PREFETCH_K")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
-    if args.silu_mul:
-        results = silu_mul_rows()
+    if args.silu_mul or args.prefetch:
+        key, results = ("silu_mul", silu_mul_rows()) if args.silu_mul else ("prefetch", prefetch_rows())
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(device), "silu_mul": results}, f, indent=2)
+                json.dump({"device": torch.cuda.get_device_name(device), key: results}, f, indent=2)
         return
     results = []
     print(f"{'linear':<18} {'M':>2} {'mm us':>8} {'gemv us':>8} {'GB/s mm':>8} {'GB/s gemv':>9}  best config")
@@ -105,7 +142,7 @@ def main() -> None:
         mm = time_per_call(lambda x, w, o: torch.mm(x, w.t(), out=o), weights, x, out)
         ours = time_per_call(lambda x, w, o: gemv(x, w, o), weights, x, out)
         row = {"linear": name, "N": n, "K": k, "M": m, "mm_us": mm, "gemv_us": ours,
-               "config": gemv_config(m, k)}  # fmt: skip
+               "config": gemv_config(m, k, n)}  # fmt: skip
         if args.search and m == 1:
             best = (ours, row["config"])
             for block_n, block_k, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8)):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from compiled_llm.runtime.transfer import to_device
+from custom_ops.triton_argmax import argmax_rows
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -70,7 +71,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """[B, V] logits -> [B] int64 tokens: argmax for greedy rows, a draw from the processed
     distribution for the others."""
     if params.temperature is None:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     greedy = params.temperature < GREEDY_BELOW
     scores = logits.float() / torch.where(greedy, 1.0, params.temperature)[:, None]
     if params.top_k is not None or params.top_p is not None:
@@ -87,8 +88,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     probs = scores.softmax(dim=-1)
     if params.min_p is not None:
         probs = probs.masked_fill(probs < params.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-    sampled = (probs / _exponential_noise(probs, params.generators)).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    sampled = argmax_rows(probs / _exponential_noise(probs, params.generators))
+    return torch.where(greedy, argmax_rows(logits), sampled)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def next_tokens(
 ) -> torch.Tensor:  # [B] int64
     """The same parameters for every row (`CompiledModel.generate`)."""
     if not do_sample or temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     row = _Uniform(temperature, top_k or None, 1.0 if top_p is None else top_p)
     generators = [generator] * logits.shape[0] if generator is not None else ()
     return sample(logits, SamplingTensors.build([row] * logits.shape[0], logits.device, logits.shape[-1], generators))

@@ -4,7 +4,8 @@ With one to a few tokens a linear is a stream over its weight: every byte of W i
 arithmetic is negligible. cuBLAS picks GEMM tiles for these shapes (an 8- or 64-row tile, sometimes
 split-K with a second reduce kernel), which leaves small weights latency-bound and large ones short of
 the copy bandwidth. Here each program owns BLOCK_N rows of W, streams them in BLOCK_K columns at a time
-and dots them with all M rows of x, which it keeps in registers; no split-K, no second kernel.
+(the first PREFETCH_K before it waits for the previous kernel, see gemv_config) and dots them with all
+M rows of x, which it keeps in registers; no split-K, no second kernel.
 
 `silu_mul`: W is a gated MLP's [gate; up] and the output silu(x @ gate^T) * (x @ up^T): each program
 owns BLOCK_N rows of both halves, so the activation costs no kernel of its own.
@@ -30,27 +31,43 @@ def _kernel():
     def gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xm, stride_wn, stride_ym, up_offset,
         K: tl.constexpr, M: tl.constexpr, M_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_K: tl.constexpr, EVEN_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):  # fmt: skip
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, M_PADDED)
-        cols = tl.arange(0, BLOCK_K)
         row_mask = rows < N
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        x_ptrs = x_ptr + ms[:, None] * stride_xm + cols[None, :]
-        acc = tl.zeros((M_PADDED, BLOCK_N), dtype=tl.float32)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+
+        # The first PREFETCH_K columns of the weights: loaded before the wait, since the weights are no
+        # kernel's output (with PDL this load overlaps the end of the previous kernel).
+        pre = tl.arange(0, PREFETCH_K)
+        if PREFETCH_K <= K:  # the rows alone mask (as in the loop's EVEN_K case)
+            w_mask = row_mask[:, None]
+            x_mask = ms[:, None] < M
+        else:
+            w_mask = row_mask[:, None] & (pre < K)[None, :]
+            x_mask = (ms[:, None] < M) & (pre < K)[None, :]
+        w = tl.load(w_rows + pre[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         if SILU_MUL:
-            acc_up = tl.zeros((M_PADDED, BLOCK_N), dtype=tl.float32)
-        for k in tl.static_range(0, K, BLOCK_K):  # K is a model constant: unrolled
+            w_up = tl.load(w_rows + up_offset + pre[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + pre[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if SILU_MUL:
+            acc_up = tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
+
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = w_rows + PREFETCH_K + cols[None, :]
+        x_ptrs = x_ptr + ms[:, None] * stride_xm + PREFETCH_K + cols[None, :]
+        for k in tl.static_range(PREFETCH_K, K, BLOCK_K):  # K is a model constant: unrolled
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
                 if SILU_MUL:
                     w_up = tl.load(w_ptrs + up_offset, mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
-                if USE_PDL:
-                    if k == 0:  # the weights are no kernel's output: only x waits for the previous kernel
-                        tl.extra.cuda.gdc_wait()
                 x = tl.load(x_ptrs, mask=ms[:, None] < M, other=0.0)
             else:
                 k_mask = (k + cols) < K
@@ -58,9 +75,6 @@ def _kernel():
                 w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first")
                 if SILU_MUL:
                     w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0, eviction_policy="evict_first")
-                if USE_PDL:
-                    if k == 0:
-                        tl.extra.cuda.gdc_wait()
                 x = tl.load(x_ptrs, mask=(ms[:, None] < M) & k_mask[None, :], other=0.0)
             x = x.to(tl.float32)
             acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
@@ -82,21 +96,39 @@ def _kernel():
     return gemv_kernel
 
 
-def gemv_config(m: int, k: int) -> dict:
-    """Tile shape. For one row, what a grid search on an H100 (`benchmarks/gemv_bench.py --search`) over
-    the linears of SmolLM2-135M and Llama-3.1-8B found best in most cases: loads of 1024 columns (512 for
-    a narrow K, which 1024 would mostly mask), 2 or 4 rows per program, 4 warps; with `silu_mul` (rows of
-    gate and of up per program) the same. More rows of x share the registers with fewer columns.
+WEIGHTS_PER_LOAD = 4096  # one-row calls: weights each program loads at once (8 KB in bf16)
+MIN_PROGRAMS = 1024  # ~8 per SM of an H100: fewer leave the memory system idle at the start and the end
+
+
+def gemv_config(m: int, k: int, n: int) -> dict:
+    """Tile shape for x [m, k] @ W[n, k]^T (n: output rows, for `silu_mul` each half's).
+
+    One row (every GEMV call of a model): each program loads its rows' first PREFETCH_K weights in one
+    piece before the PDL wait, so they stream in while the previous kernel drains. Found on an H100
+    (`benchmarks/gemv_bench.py --prefetch`, BENCHMARKS.md) over the linears of SmolLM2-135M and
+    Llama-3.1-8B: whole rows for K <= 4096 (each program's weights all in flight at once; 5-50% faster
+    than loads of 512-1024 columns), 2048 columns at a time beyond; about WEIGHTS_PER_LOAD weights per
+    load, but fewer rows per program where that would leave under MIN_PROGRAMS programs; 4 warps.
+    Several rows: the older grid search's tile (x's rows share the registers with fewer columns).
     (Per-shape choice is the kernel cache's job.)"""
+    import triton
+
+    if m == 1:
+        whole = triton.next_power_of_2(k)
+        block_k = whole if whole <= WEIGHTS_PER_LOAD else WEIGHTS_PER_LOAD // 2
+        block_n = max(1, WEIGHTS_PER_LOAD // block_k)
+        while block_n > 1 and n // block_n < MIN_PROGRAMS:
+            block_n //= 2
+        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH_K": block_k, "num_warps": 4}
     block_k = (512 if k < 1024 else 1024) // (1 if m <= 2 else 2 if m <= 4 else 4)
-    return {"BLOCK_N": 2 if k < 1024 else 4, "BLOCK_K": block_k, "num_warps": 4}
+    return {"BLOCK_N": 2 if k < 1024 else 4, "BLOCK_K": block_k, "PREFETCH_K": block_k, "num_warps": 4}
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          silu_mul: bool = False, **config) -> torch.Tensor:  # fmt: skip
     """x [M, K] (M <= MAX_ROWS, unit last stride) @ weight[N, K]^T (contiguous) + bias -> [M, N] in x's
     dtype. `silu_mul`: weight (and bias) hold [gate; up] of 2 * I rows and the result is
-    silu(gate) * up, [M, I]. `config` overrides the tile shape (BLOCK_N, BLOCK_K, num_warps)."""
+    silu(gate) * up, [M, I]. `config` overrides the tile shape (BLOCK_N, BLOCK_K, PREFETCH_K, num_warps)."""
     m, k = x.shape
     rows = weight.shape[0]
     shape_ok = 0 < k == weight.shape[1] and m <= MAX_ROWS and not (silu_mul and rows % 2)
@@ -119,12 +151,13 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     m, k = x.shape
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = x.new_empty(m, n) if out is None else out
-    config = config or gemv_config(m, k)
-    num_warps = config.pop("num_warps", 4)
+    config = {**gemv_config(m, k, n), **config}
+    num_warps = config.pop("num_warps")
+    prefetch = config.setdefault("PREFETCH_K", config["BLOCK_K"])
     _kernel()[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, out, n, x.stride(0), weight.stride(0), out.stride(0),
         n * weight.stride(0),  # SILU_MUL: where the up rows start
         K=k, M=m, M_PADDED=triton.next_power_of_2(m), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        EVEN_K=k % config["BLOCK_K"] == 0, num_warps=num_warps, **config, **pdl_launch_options(x),
+        EVEN_K=max(k - prefetch, 0) % config["BLOCK_K"] == 0, num_warps=num_warps, **config, **pdl_launch_options(x),
     )  # fmt: skip
     return out

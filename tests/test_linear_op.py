@@ -34,7 +34,9 @@ def check_gemv(device: str, dtype: torch.dtype, cases: int = 6) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for case in range(cases):
-        m, n, k = rng.randint(1, MAX_ROWS), rng.randint(1, 300), rng.choice([64, 512, 576, rng.randint(1, 1500)])
+        # One row loads whole rows up to K = 4096 and 2048 columns at a time beyond; more rows, the loop.
+        wide = rng.choice([4096, rng.randint(4097, 6000)])
+        m, n, k = rng.choice([1, rng.randint(2, MAX_ROWS)]), rng.randint(1, 300), rng.choice([64, 576, wide, rng.randint(1, 1500)])
         x = torch.randn(m, k, device=device).to(dtype)
         weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
         bias = torch.randn(n, device=device).to(dtype) if case % 2 else None
@@ -46,6 +48,10 @@ def check_gemv(device: str, dtype: torch.dtype, cases: int = 6) -> None:
         y = gemv(x, gate_up_weight, bias=gate_up_bias, silu_mul=True)
         error = relative_error(y, silu_mul_reference(x, gate_up_weight, gate_up_bias))
         assert y.shape == (m, n) and error < TOLERANCE[dtype], f"seed {seed}: silu_mul M={m} N={n} K={k}: {error}"
+        # A first load shorter than K, then a loop whose last tile is partial.
+        tile = {"BLOCK_N": rng.choice([1, 2, 4]), "BLOCK_K": 256, "PREFETCH_K": 512, "num_warps": 4}
+        error = relative_error(gemv(x, weight, bias=bias, **tile), expected)
+        assert error < TOLERANCE[dtype], f"seed {seed}: {tile} M={m} N={n} K={k}: {error}"
 
 
 def check_linear_op(device: str, dtype: torch.dtype) -> None:
