@@ -1,4 +1,7 @@
 """The `triton` paged-attention backend: one Triton kernel for mixed prefill/decode steps, no FlashInfer.
+It also writes the step's keys and values into the cache: each query tile's program stores those of its
+own tokens, and every program takes this step's keys from k and v rather than from the cache, so the
+write costs no kernel of its own and no program waits for another's.
 
 Each program computes BLOCK_Q query tokens of one sequence against one KV head, for all GROUP query heads
 that read that KV head (so a GQA group shares every key/value load), with an online softmax over tiles
@@ -22,7 +25,6 @@ import functools
 import torch
 
 from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
-from custom_ops.kv_cache_write import write_kv_cache_fast
 from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
@@ -65,8 +67,9 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
 
     from custom_ops.triton_attention_kernel import merge_splits_kernel, paged_attention_kernel
 
-    write_kv_cache_fast(k, v, kv_cache, slot_mapping)
     q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     if num_tokens == 0:
@@ -81,14 +84,16 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     pdl = pdl_launch_options(q)
     paged_attention_kernel[grid](
-        partial, lse, q, kv_cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q,
-        scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
-        q.stride(0), q.stride(1), partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
+        partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
+        sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
-        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, **pdl,
+        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits,
+        SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0, **pdl,
     )  # fmt: skip
     if splits > 1:
         merge_splits_kernel[(num_tokens, num_heads)](

@@ -16,19 +16,28 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
             hi = mid
     return lo - 1
 
+@triton.jit
+def as_cached(x, cache_ptr, SATURATE_AT: tl.constexpr):
+    """x as the cache stores it: in its dtype, saturated for fp8 (to_cache_dtype in paged_attention.py)."""
+    if SATURATE_AT > 0:
+        return tl.clamp(x.to(tl.float32), -SATURATE_AT, SATURATE_AT).to(cache_ptr.dtype.element_ty)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
 # Not specialized on what changes from step to step: the sequence and token counts and the block table's
 # width (Triton would compile a variant for each of "== 1", "divisible by 16" and neither, and a server
 # stalled ~0.9 s on each first such step).
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "block_table_stride"])
 def paged_attention_kernel(
-    out_ptr, lse_ptr, q_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr,
-    scale, softcap, sliding_window, num_seqs, num_tokens, block_size,
-    q_token_stride, q_head_stride, out_token_stride, out_head_stride, out_split_stride,
+    out_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr,
+    seq_lens_ptr, sinks_ptr, scale, softcap, sliding_window, num_seqs, num_tokens, block_size,
+    q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
+    out_token_stride, out_head_stride, out_split_stride,
     cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride, block_table_stride,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # everything this kernel reads may be the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
@@ -58,6 +67,19 @@ def paged_attention_kernel(
     )  # fmt: skip
     q_pos = context_len + q_local  # position of each row's token in its sequence
 
+    # The cache write of this step's keys and values: split 0 writes those of its query tokens, for its
+    # KV head (one row per token). No program of this step reads them back from the cache (the loop
+    # takes this step's keys from k and v), so none waits for another's write.
+    cache_head = cache_ptr + kv_head * cache_head_stride
+    if split == 0:
+        writes = (row_valid & (rows % GROUP == 0))[:, None] & dim_valid[None, :]
+        slot = tl.load(slot_ptr + q_rows, mask=row_valid, other=0)
+        dst = cache_head + (slot // block_size) * cache_block_stride + (slot % block_size) * cache_page_stride
+        new_k = tl.load(k_ptr + q_rows[:, None] * k_token_stride + kv_head * k_head_stride + dims[None, :], mask=writes)
+        new_v = tl.load(v_ptr + q_rows[:, None] * v_token_stride + kv_head * v_head_stride + dims[None, :], mask=writes)
+        tl.store(dst[:, None] + dims[None, :], as_cached(new_k, cache_ptr, SATURATE_AT), mask=writes)
+        tl.store(dst[:, None] + cache_kv_stride + dims[None, :], as_cached(new_v, cache_ptr, SATURATE_AT), mask=writes)
+
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     if USE_SINKS:
@@ -75,13 +97,20 @@ def paged_attention_kernel(
     kv_begin = kv_begin + split * chunk
     kv_end = tl.minimum(kv_end, kv_begin + chunk)
     keys = tl.arange(0, TILE)
-    cache_head = cache_ptr + kv_head * cache_head_stride
     for tile_start in range(kv_begin, kv_end, TILE):
         k_pos = tile_start + keys
         k_valid = k_pos < kv_end
-        block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // block_size, mask=k_valid, other=0)
+        # Keys before this step's tokens come from the cache, this step's from k and v (as the cache
+        # holds them: the masked load of the other source adds 0).
+        cached = k_valid & (k_pos < context_len)
+        fresh = k_valid & (k_pos >= context_len)
+        fresh_rows = (q_start + k_pos - context_len).to(tl.int64)
+        block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // block_size, mask=cached, other=0)
         slot = block.to(tl.int64) * cache_block_stride + (k_pos % block_size) * cache_page_stride
-        k = tl.load(cache_head + slot[None, :] + dims[:, None], mask=k_valid[None, :] & dim_valid[:, None], other=0.0)
+        k = tl.load(cache_head + slot[None, :] + dims[:, None], mask=cached[None, :] & dim_valid[:, None], other=0.0)
+        k_new = tl.load(k_ptr + fresh_rows[None, :] * k_token_stride + kv_head * k_head_stride + dims[:, None],
+                        mask=fresh[None, :] & dim_valid[:, None], other=0.0)  # fmt: skip
+        k = k.to(q.dtype) + as_cached(k_new, cache_ptr, SATURATE_AT).to(q.dtype)
         if IEEE_DOT:
             s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
         else:
@@ -101,12 +130,15 @@ def paged_attention_kernel(
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(
             cache_head + cache_kv_stride + slot[:, None] + dims[None, :],
-            mask=k_valid[:, None] & dim_valid[None, :], other=0.0,
+            mask=cached[:, None] & dim_valid[None, :], other=0.0,
         )  # fmt: skip
+        v_new = tl.load(v_ptr + fresh_rows[:, None] * v_token_stride + kv_head * v_head_stride + dims[None, :],
+                        mask=fresh[:, None] & dim_valid[None, :], other=0.0)  # fmt: skip
+        v = v.to(q.dtype) + as_cached(v_new, cache_ptr, SATURATE_AT).to(q.dtype)
         if IEEE_DOT:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+            pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+            pv = tl.dot(p.to(q.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
 
