@@ -1,7 +1,4 @@
 """The `triton` paged-attention backend: one Triton kernel for mixed prefill/decode steps, no FlashInfer.
-It also writes the step's keys and values into the cache: each query tile's program stores those of its
-own tokens, and every program takes this step's keys from k and v rather than from the cache, so the
-write costs no kernel of its own and no program waits for another's.
 
 Each program computes BLOCK_Q query tokens of one sequence against one KV head, for all GROUP query heads
 that read that KV head (so a GQA group shares every key/value load), with an online softmax over tiles
@@ -15,7 +12,12 @@ past a sequence's last query exit at once.
 
 Decode steps have one query per sequence, too few programs to fill the GPU: there the keys of each
 sequence are split over NUM_SPLITS programs (a number that depends on the batch size only, so graphs
-stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them.
+stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them. Those
+steps' keys and values go into the cache from the attention kernel itself (WRITE_KV): each query tile's
+first split stores its own tokens', and every program takes this step's keys from k and v rather than
+the cache, so no program waits for another's write and the write costs no launch. Elsewhere a kernel
+of its own writes them first: the extra loads in the key loop cost more than the launch once every
+program walks many tiles (a batch of hundreds of sequences, a long prefill).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import functools
 import torch
 
 from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
+from custom_ops.kv_cache_write import write_kv_cache_fast
 from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
@@ -77,6 +80,9 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     group = num_heads // num_kv_heads
     block_m, block_q = tile_shape(num_tokens, num_seqs, group)
     splits = decode_splits(num_seqs, num_kv_heads, q.device) if num_tokens == num_seqs else 1
+    write_kv = splits > 1  # the kernel writes the cache itself (module docstring)
+    if not write_kv:
+        write_kv_cache_fast(k, v, kv_cache, slot_mapping)
     partial, lse = out, out  # one split: the kernel writes `out` itself
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
@@ -92,7 +98,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
-        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits,
+        IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
         SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0, **pdl,
     )  # fmt: skip
     if splits > 1:

@@ -37,7 +37,7 @@ def paged_attention_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, WRITE_KV: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # everything this kernel reads may be the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
@@ -67,11 +67,12 @@ def paged_attention_kernel(
     )  # fmt: skip
     q_pos = context_len + q_local  # position of each row's token in its sequence
 
-    # The cache write of this step's keys and values: split 0 writes those of its query tokens, for its
-    # KV head (one row per token). No program of this step reads them back from the cache (the loop
-    # takes this step's keys from k and v), so none waits for another's write.
+    # WRITE_KV: the cache write of this step's keys and values. Split 0 writes those of its query tokens,
+    # for its KV head (one row per token). No program of this step reads them back from the cache (the
+    # loop takes this step's keys from k and v), so none waits for another's write. Otherwise the caller
+    # wrote them before the launch.
     cache_head = cache_ptr + kv_head * cache_head_stride
-    if split == 0:
+    if WRITE_KV and split == 0:
         writes = (row_valid & (rows % GROUP == 0))[:, None] & dim_valid[None, :]
         slot = tl.load(slot_ptr + q_rows, mask=row_valid, other=0)
         dst = cache_head + (slot // block_size) * cache_block_stride + (slot % block_size) * cache_page_stride
@@ -100,17 +101,19 @@ def paged_attention_kernel(
     for tile_start in range(kv_begin, kv_end, TILE):
         k_pos = tile_start + keys
         k_valid = k_pos < kv_end
-        # Keys before this step's tokens come from the cache, this step's from k and v (as the cache
-        # holds them: the masked load of the other source adds 0).
-        cached = k_valid & (k_pos < context_len)
-        fresh = k_valid & (k_pos >= context_len)
-        fresh_rows = (q_start + k_pos - context_len).to(tl.int64)
+        if WRITE_KV:  # keys before this step's tokens from the cache, this step's from k and v
+            cached = k_valid & (k_pos < context_len)
+            fresh = k_valid & (k_pos >= context_len)
+            fresh_rows = (q_start + k_pos - context_len).to(tl.int64)
+        else:
+            cached = k_valid
         block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // block_size, mask=cached, other=0)
         slot = block.to(tl.int64) * cache_block_stride + (k_pos % block_size) * cache_page_stride
         k = tl.load(cache_head + slot[None, :] + dims[:, None], mask=cached[None, :] & dim_valid[:, None], other=0.0)
-        k_new = tl.load(k_ptr + fresh_rows[None, :] * k_token_stride + kv_head * k_head_stride + dims[:, None],
-                        mask=fresh[None, :] & dim_valid[:, None], other=0.0)  # fmt: skip
-        k = k.to(q.dtype) + as_cached(k_new, cache_ptr, SATURATE_AT).to(q.dtype)
+        if WRITE_KV:  # as the cache holds them; the masked load of the other source adds 0
+            k_new = tl.load(k_ptr + fresh_rows[None, :] * k_token_stride + kv_head * k_head_stride + dims[:, None],
+                            mask=fresh[None, :] & dim_valid[:, None], other=0.0)  # fmt: skip
+            k = k.to(q.dtype) + as_cached(k_new, cache_ptr, SATURATE_AT).to(q.dtype)
         if IEEE_DOT:
             s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
         else:
@@ -132,13 +135,14 @@ def paged_attention_kernel(
             cache_head + cache_kv_stride + slot[:, None] + dims[None, :],
             mask=cached[:, None] & dim_valid[None, :], other=0.0,
         )  # fmt: skip
-        v_new = tl.load(v_ptr + fresh_rows[:, None] * v_token_stride + kv_head * v_head_stride + dims[None, :],
-                        mask=fresh[:, None] & dim_valid[None, :], other=0.0)  # fmt: skip
-        v = v.to(q.dtype) + as_cached(v_new, cache_ptr, SATURATE_AT).to(q.dtype)
+        if WRITE_KV:
+            v_new = tl.load(v_ptr + fresh_rows[:, None] * v_token_stride + kv_head * v_head_stride + dims[None, :],
+                            mask=fresh[:, None] & dim_valid[None, :], other=0.0)  # fmt: skip
+            v = v.to(q.dtype) + as_cached(v_new, cache_ptr, SATURATE_AT).to(q.dtype)
         if IEEE_DOT:
-            pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
         else:
-            pv = tl.dot(p.to(q.dtype), v)
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
         acc = acc * alpha[:, None] + pv
         m = m_new
 
