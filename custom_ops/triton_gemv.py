@@ -151,9 +151,12 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     m, k = x.shape
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = x.new_empty(m, n) if out is None else out
-    config = {**gemv_config(m, k, n), **config}
+    overrides = config
+    config = {**gemv_config(m, k, n), **overrides}
+    if "BLOCK_K" in overrides and "PREFETCH_K" not in overrides:
+        config["PREFETCH_K"] = overrides["BLOCK_K"]  # a caller's tile width holds from the first load on
     num_warps = config.pop("num_warps")
-    prefetch = config.setdefault("PREFETCH_K", config["BLOCK_K"])
+    prefetch = config["PREFETCH_K"]
     _kernel()[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, out, n, x.stride(0), weight.stride(0), out.stride(0),
         n * weight.stride(0),  # SILU_MUL: where the up rows start
