@@ -4,7 +4,7 @@ every call of an op, so both are answered once.
 
 `pdl_launch_options`: whether our kernels use programmatic dependent launch on this tensor's GPU (Hopper
 and later). Each of them then starts while the kernel before it finishes, loads what does not depend on
-it (a GEMV's first weight tile, a norm's weight), and waits (`gdc_wait`) before reading anything the
+it (a GEMV's weights, a norm's weight), and waits (`gdc_wait`) before reading anything the
 previous kernel may have written; `gdc_launch_dependents` at its start lets the next one do the same.
 At batch-1 decode a layer is ten kernels of a few microseconds, so the gap between two is a real share
 of the step. `COMPILED_LLM_DISABLE_PDL=1` (read at import) turns it off (to measure it, or to rule it out).
