@@ -12,28 +12,17 @@ import json
 import torch
 
 from custom_ops.triton_argmax import argmax_rows
+from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 
-def time_per_call(fn, logits, repeats: int = 50, calls: int = 20) -> float:
-    """Microseconds per call of fn(logits), replayed as one CUDA graph of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+def time_per_call(fn, logits, calls: int = 20) -> float:
+    """Microseconds per call of fn(logits), `calls` calls replayed as one CUDA graph."""
+
+    def body():
         for _ in range(calls):
             fn(logits)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (repeats * calls)
+
+    return time_graph(body, calls, repeats=50)
 
 
 def main() -> None:

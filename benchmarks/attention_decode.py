@@ -15,6 +15,7 @@ import torch
 import custom_ops  # noqa: F401
 from custom_ops import LayerAttentionFeatures, StepAttentionMetadata, planned_step
 from custom_ops import flashinfer_attention
+from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
 
@@ -48,20 +49,9 @@ def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = Tr
                                                    0.0, None, backend)  # fmt: skip
 
     with planned_step(planners):
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
+        per_layer = time_graph(step, LAYERS)
     flashinfer_attention.TENSOR_CORE_MIN_GROUP = 4
-    return start.elapsed_time(end) * 1e3 / 20 / LAYERS
+    return per_layer
 
 
 def main() -> None:

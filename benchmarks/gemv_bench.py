@@ -19,6 +19,7 @@ import torch
 
 from custom_ops.triton_gemv import MAX_ROWS, gemv, gemv_config
 from custom_ops.triton_silu_mul import triton_silu_mul
+from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 SHAPES = {  # name: (N, K)
     "smollm2.qkv": (960, 576), "smollm2.o": (576, 576), "smollm2.gate_up": (3072, 576),
@@ -30,25 +31,12 @@ SHAPES = {  # name: (N, K)
 
 def time_per_call(fn, weights, x, out, repeats: int = 20) -> float:
     """Microseconds per call of fn(x, w, out) over all `weights`, replayed as one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for w in weights[:2]:
-            fn(x, w, out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def body():
         for w in weights:
             fn(x, w, out)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (repeats * len(weights))
+
+    return time_graph(body, len(weights), repeats)
 
 
 def silu_mul_rows() -> list[dict]:

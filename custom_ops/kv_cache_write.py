@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from custom_ops.paged_attention import write_kv_cache
+from custom_ops.paged_attention import saturation_limit, write_kv_cache
 from custom_ops.triton_runtime import pdl_launch_options, triton_runs_on
 
 
@@ -65,6 +65,6 @@ def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[2], HEAD_DIM=head_dim, NUM_HEADS=num_heads,
         BLOCK=triton.next_power_of_2(num_heads * head_dim),
-        SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0,
+        SATURATE_AT=saturation_limit(kv_cache.dtype),
         **pdl_launch_options(k),
     )  # fmt: skip

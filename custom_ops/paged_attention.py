@@ -51,10 +51,15 @@ def _(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, l
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
+def saturation_limit(dtype: torch.dtype) -> float:
+    """Where values written into a cache of `dtype` saturate: fp8's largest value; 0.0 (none) otherwise."""
+    return torch.finfo(dtype).max if dtype.itemsize == 1 else 0.0
+
+
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast keys or values for the cache; into fp8, out-of-range values saturate (scale 1)."""
-    if dtype.itemsize == 1:
-        limit = torch.finfo(dtype).max
+    limit = saturation_limit(dtype)
+    if limit:
         x = x.clamp(-limit, limit)
     return x.to(dtype)
 

@@ -56,6 +56,8 @@ def _kernels():
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B] int64: `logits.argmax(dim=-1)`, in the Triton kernels where they run and pay."""
+    if logits.dim() != 2:
+        raise ValueError(f"argmax_rows takes logits [rows, vocab]; got shape {tuple(logits.shape)}")
     rows, vocab = logits.shape
     if not (vocab >= MIN_VOCAB and rows and logits.stride(-1) == 1 and logits.dtype in KERNEL_DTYPES
             and triton_runs_on(logits)):  # fmt: skip

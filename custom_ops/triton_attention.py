@@ -28,6 +28,7 @@ import torch
 
 from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
 from custom_ops.kv_cache_write import write_kv_cache_fast
+from custom_ops.paged_attention import saturation_limit
 from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
@@ -99,7 +100,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
-        SATURATE_AT=torch.finfo(kv_cache.dtype).max if kv_cache.dtype.itemsize == 1 else 0.0, **pdl,
+        SATURATE_AT=saturation_limit(kv_cache.dtype), **pdl,
     )  # fmt: skip
     if splits > 1:
         merge_splits_kernel[(num_tokens, num_heads)](

@@ -18,7 +18,7 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
 
 @triton.jit
 def as_cached(x, cache_ptr, SATURATE_AT: tl.constexpr):
-    """x as the cache stores it: in its dtype, saturated for fp8 (to_cache_dtype in paged_attention.py)."""
+    """x as the cache stores it: in its dtype, saturated at SATURATE_AT for fp8 (`to_cache_dtype`)."""
     if SATURATE_AT > 0:
         return tl.clamp(x.to(tl.float32), -SATURATE_AT, SATURATE_AT).to(cache_ptr.dtype.element_ty)
     return x.to(cache_ptr.dtype.element_ty)

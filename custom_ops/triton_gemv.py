@@ -124,6 +124,12 @@ def gemv_config(m: int, k: int, n: int) -> dict:
     return {"BLOCK_N": 2 if k < 1024 else 4, "BLOCK_K": block_k, "PREFETCH_K": block_k, "num_warps": 4}
 
 
+@functools.cache
+def _tile(m: int, k: int, n: int) -> tuple:
+    """gemv_config, worked out once per shape (the ops launch the GEMV on every call outside CUDA graphs)."""
+    return tuple(gemv_config(m, k, n).items())
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          silu_mul: bool = False, **config) -> torch.Tensor:  # fmt: skip
     """x [M, K] (M <= MAX_ROWS, unit last stride) @ weight[N, K]^T (contiguous) + bias -> [M, N] in x's
@@ -152,7 +158,7 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = x.new_empty(m, n) if out is None else out
     overrides = config
-    config = {**gemv_config(m, k, n), **overrides}
+    config = dict(_tile(m, k, n)) | overrides
     if "BLOCK_K" in overrides and "PREFETCH_K" not in overrides:
         config["PREFETCH_K"] = overrides["BLOCK_K"]  # a caller's tile width holds from the first load on
     num_warps = config.pop("num_warps")

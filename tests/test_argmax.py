@@ -48,3 +48,8 @@ def test_argmax_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_argmax_on_gpu(dtype):
     check_argmax("cuda", dtype, cases=20)
+
+
+def test_argmax_names_the_shape_it_takes():
+    with pytest.raises(ValueError, match=r"logits \[rows, vocab\]; got shape \(2, 3, 4\)"):
+        argmax_rows(torch.randn(2, 3, 4))
