@@ -126,8 +126,13 @@ def planned_step(planners: dict[str, AttentionPlanner]) -> Iterator[None]:
         _ACTIVE_PLANNERS.reset(token)
 
 
+def planner_in_scope(backend: str) -> AttentionPlanner | None:
+    """The planner `planned_step` put in scope for `backend`, if any."""
+    return _ACTIVE_PLANNERS.get().get(backend)
+
+
 def active_planner(backend: str) -> AttentionPlanner:
-    planner = _ACTIVE_PLANNERS.get().get(backend)
+    planner = planner_in_scope(backend)
     if planner is None:
         raise RuntimeError(
             f"paged_attention(backend={backend!r}) ran outside a planned step: run the graph through "

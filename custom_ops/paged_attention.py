@@ -19,7 +19,16 @@ from custom_ops.attention_backends import AttentionBackend, get_attention_backen
 from custom_ops.attention_math import attend
 
 
-@torch.library.custom_op("compiled_llm::paged_attention", mutates_args=("kv_cache",))
+_LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
+# Registered without custom_op's Python wrapper (as compiled_llm::linear is): a step that is not replayed from
+# a CUDA graph calls it once per layer, and on a CPU the wrapper costs as much as a short decode attention.
+_LIBRARY.define(
+    "paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor block_table, "
+    "Tensor query_start_loc, Tensor seq_lens, int layer_idx, float scale, int sliding_window, float softcap, "
+    "Tensor? sinks, str backend) -> Tensor"
+)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hkv, D]
@@ -45,10 +54,14 @@ def paged_attention(
     return out
 
 
-@paged_attention.register_fake
-def _(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, layer_idx, scale,
-      sliding_window, softcap, sinks, backend):  # fmt: skip
+def _paged_attention_fake(q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, layer_idx, scale,
+                          sliding_window, softcap, sinks, backend):  # fmt: skip
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("paged_attention", paged_attention, _device)
+torch.library.register_fake("compiled_llm::paged_attention", _paged_attention_fake, lib=_LIBRARY)
 
 
 def saturation_limit(dtype: torch.dtype) -> float:

@@ -164,3 +164,48 @@ def test_fp8_cache_rounding_stays_within_its_bound():
     torch.testing.assert_close(fp8, rounded, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
     error = ((fp8 - exact).norm() / exact.norm()).item()
     assert 0 < error < 2**-4, f"seed {seed}: relative error {error}"
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("step", ["mixed", "decode", "one-decode", "fresh-prefill"])
+def test_sdpa_planned_once_for_every_layer(step, window):
+    """The sdpa backend as the runner drives it: the step planned once (SdpaPlanner), then several layers
+    (caches of other head counts) attend with that plan, each as the reference does, over a cache whose
+    unwritten slots hold NaN. A plan for another step is refused, not used."""
+    from custom_ops import planned_step
+    from custom_ops.sdpa_attention import SdpaPlanner
+    from tests.paged_steps import random_step
+
+    shapes = {
+        "mixed": [(0, 7), (9, 1), (3, 5), (17, 1), (0, 1), (12, 9)],
+        "decode": [(9, 1), (17, 1), (1, 1), (30, 1)],
+        "one-decode": [(40, 1)],
+        "fresh-prefill": [(0, 13)],
+    }[step]
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    planner = SdpaPlanner({}, 4, torch.device("cpu"))
+    planned = False
+    for num_heads, num_kv_heads, head_dim in [(4, 2, 8), (6, 3, 16), (4, 4, 8)]:
+        args, metadata = random_step(random.Random(seed), shapes, 4, num_heads, num_kv_heads, head_dim, torch.float32,
+                                     "cpu")  # fmt: skip
+        if not planned:  # the same block tables for every layer: one plan
+            planner.plan(metadata)
+            planned = True
+        q, k, v, cache, *rest = args
+        extras = (0, 0.3, window, 0.0, None)
+        reference_cache = cache.clone()
+        expected = ops.paged_attention(q, k, v, reference_cache, *rest, *extras, "reference")
+        with planned_step({"sdpa": planner}):
+            out = ops.paged_attention(q, k, v, cache, *rest, *extras, "sdpa")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+        written = ~torch.isnan(reference_cache)
+        assert torch.equal(cache[written], reference_cache[written]) and torch.isnan(cache[~written]).all()
+
+    other, _ = random_step(random.Random(seed), shapes + [(2, 1)], 4, 4, 2, 8, torch.float32, "cpu")
+    with planned_step({"sdpa": planner}), pytest.raises(RuntimeError, match="other than the one planned"):
+        ops.paged_attention(*other, 0, 0.3, window, 0.0, None, "sdpa")
+    moved = [t.clone() for t in args[5:8]]
+    moved[2][0] += 1  # the same shapes, another length
+    with planned_step({"sdpa": planner}), pytest.raises(RuntimeError, match="other than the one planned"):
+        ops.paged_attention(*args[:5], *moved, 0, 0.3, window, 0.0, None, "sdpa")
