@@ -35,11 +35,12 @@ class CompileConfig(BaseModel):
     supports each layer's features (on CPU only `reference` exists); the compile report says which
     layer got which backend and why."""
 
-    linear_backend: Literal["auto", "triton", "torch"] = "auto"
+    linear_backend: Literal["auto", "triton", "onednn", "torch"] = "auto"
     """Kernel behind the linear layers. `torch` leaves them to Inductor (cuBLAS, or the CPU BLAS);
     `triton` routes them through the `compiled_llm.linear` op, which runs a Triton GEMV for one-token
-    calls (batch-1 decode) on the shapes where it beats cuBLAS, and cuBLAS for the rest. `auto` is
-    `triton` for a CUDA model when triton is installed, else `torch`."""
+    calls (batch-1 decode) on the shapes where it beats cuBLAS, and cuBLAS for the rest; `onednn` runs a
+    CPU model's float32 linears through oneDNN's matmul, faster than the CPU BLAS on few rows. `auto` is
+    `triton` for a CUDA model when triton is installed, `onednn` for a CPU model on x86-64, else `torch`."""
 
     norm_backend: Literal["auto", "triton", "torch"] = "auto"
     """Kernel behind RMSNorm. `triton` makes each RMSNorm, with the residual add in front of it, one

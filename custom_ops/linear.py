@@ -4,7 +4,10 @@
 The seam for linear kernels: the `insert_linear_op` pass routes the graph's linears here, and each backend
 decides per call, from the shapes it gets, which kernel runs. `torch` is the reference (F.linear: cuBLAS
 or the CPU BLAS); `triton` runs the GEMV of `triton_gemv.py` for one-token calls on shapes where it beats
-cuBLAS (measured in BENCHMARKS.md) and F.linear otherwise. Quantized linears are further backends.
+cuBLAS (measured in BENCHMARKS.md) and F.linear otherwise; `onednn` runs float32 linears on a CPU through
+oneDNN's matmul (`mkldnn._linear_pointwise` over the plain weight: no packed copy), 1.2-2.4x faster than
+MKL's on the weight shapes `onednn_is_faster` names (BENCHMARKS.md). Inductor only calls that op on
+weights it froze into constants, hence the op around it. Quantized linears are further backends.
 
 The op is registered with `torch.library.Library` directly, not `custom_op`: a step that is not replayed
 from a CUDA graph calls it once per linear, and custom_op's Python wrapper costs more than a small GEMM.
@@ -35,10 +38,29 @@ def gemv_is_faster(n: int, k: int) -> bool:
     return k >= 1024 or n <= 16384
 
 
-def runs_other_than_torch(backend: str, n: int, k: int) -> bool:
-    """Whether `backend` ever runs something other than F.linear for a weight [n, k]. Where it does not,
-    `insert_linear_op` leaves the aten op, which Inductor calls without Python in between."""
-    return backend == "triton" and gemv_is_faster(n, k)
+def onednn_is_faster(n: int, k: int) -> bool:
+    """Whether oneDNN's matmul beats F.linear (MKL) for a float32 weight [n, k] on a CPU (measured on 2
+    cores, 1 to 128 rows, BENCHMARKS.md): by 1.2-2.4x for weights wider than deep or of 8 MiB and more;
+    on smaller square or deep ones (SmolLM2's o and down projections) its ~40 us a call loses."""
+    return n > k or n * k * 4 >= 8 << 20
+
+
+def onednn_unavailable() -> str | None:
+    """Why the `onednn` backend cannot run in this torch build, or None."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    return None
+
+
+def runs_other_than_torch(backend: str, weight: torch.Tensor) -> bool:
+    """Whether `backend` ever runs something other than F.linear for `weight` ([n, k]; a fake tensor is
+    enough). Where it does not, `insert_linear_op` leaves the aten op, which Inductor calls without Python
+    in between."""
+    if backend == "triton":
+        return gemv_is_faster(*weight.shape)
+    if backend == "onednn":
+        return weight.dtype == torch.float32 and weight.device.type == "cpu" and onednn_is_faster(*weight.shape)
+    return False
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -67,6 +89,17 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x, weight, bias)
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    takes = (
+        x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.dim() == 2
+        and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
+        and (bias is None or (bias.dtype == torch.float32 and bias.shape == (weight.shape[0],)))
+    )  # fmt: skip
+    if not takes:  # oneDNN's float32 path only; F.linear also raises the shape errors, with their usual text
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def _torch_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return silu_and_mul(F.linear(x, weight, bias))
 
@@ -82,8 +115,14 @@ def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return triton_silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(out_shape)
 
 
-LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": F.linear, "triton": _triton_linear}
-LINEAR_SILU_MUL_BACKENDS: dict[str, LinearFn] = {"torch": _torch_linear_silu_mul, "triton": _triton_linear_silu_mul}
+LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": F.linear, "triton": _triton_linear, "onednn": _onednn_linear}
+LINEAR_SILU_MUL_BACKENDS: dict[str, LinearFn] = {
+    "torch": _torch_linear_silu_mul,
+    "triton": _triton_linear_silu_mul,
+    "onednn": lambda x, weight, bias: silu_and_mul(_onednn_linear(x, weight, bias)),
+}
+# Where linear_silu_mul runs fewer kernels than the linear and Inductor's own activation kernel after it.
+FUSED_SILU_MUL_BACKENDS = ("triton",)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:

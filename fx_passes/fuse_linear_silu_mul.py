@@ -6,8 +6,9 @@
 
 For the one-token calls of batch-1 decode the GEMV computes both halves of each output and applies the
 activation before it stores: one kernel, and no [2I] intermediate. Other calls run cuBLAS and one
-activation kernel, as Inductor would. Runs after insert_linear_op, on the linears it routed (none when
-linear_backend is `torch`), and after fuse_parallel_linears, which makes gate and up one linear.
+activation kernel, as Inductor would. Runs after insert_linear_op, on the linears it routed to a backend
+with such a kernel (`triton`; with `onednn` Inductor fuses the activation into one CPU kernel), and after
+fuse_parallel_linears, which makes gate and up one linear.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import operator
 import torch
 import torch.fx
 
-import custom_ops.linear  # noqa: F401  (registers the ops)
+from custom_ops.linear import FUSED_SILU_MUL_BACKENDS  # importing it registers the ops
 from fx_passes.node_match import calls, is_call, single_use_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -49,7 +50,8 @@ def _gate_up_linear(product) -> torch.fx.Node | None:
             split = _half(activated.args[0], 0)
             if split is not None and _half(up, 1) is split and len(split.users) == 2:
                 linear = split.args[0]
-                return linear if single_use_call(linear, LINEAR) else None
+                fusable = single_use_call(linear, LINEAR) and linear.args[3] in FUSED_SILU_MUL_BACKENDS
+                return linear if fusable else None
     return None
 
 

@@ -5,9 +5,9 @@
     y = compiled_llm.linear(x, W, b, backend)
 
 Only the linears for which the backend `CompileConfig.linear_backend` resolves to ever runs something
-other than F.linear (none for `torch`; for `triton`, those whose shape the GEMV serves), decided here
-from the weight's shape, and only over parameters (weight and bias `get_attr` nodes): the others stay
-aten ops, which Inductor calls without any Python in between.
+other than F.linear (none for `torch`; for `triton`, those whose shape the GEMV serves; for `onednn`,
+float32 ones), decided here from the weight's shape and dtype, and only over parameters (weight and bias
+`get_attr` nodes): the others stay aten ops, which Inductor calls without any Python in between.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from custom_ops.linear import runs_other_than_torch  # importing it registers compiled_llm::linear
-from fx_passes.kernel_backend import resolve_triton_backend
+from fx_passes.kernel_backend import resolve_linear_backend
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
@@ -36,8 +36,8 @@ def insert_linear_op(gm: torch.fx.GraphModule, config) -> PassResult:
     if not linears:
         return PassResult("insert_linear_op", 0)
     device_type = linears[0].args[1].meta["val"].device.type
-    backend, why = resolve_triton_backend("linear_backend", config.linear_backend, device_type)
-    sites = [n for n in linears if _parameters(n) and runs_other_than_torch(backend, *n.args[1].meta["val"].shape)]
+    backend, why = resolve_linear_backend(config.linear_backend, device_type)
+    sites = [n for n in linears if _parameters(n) and runs_other_than_torch(backend, n.args[1].meta["val"])]
     if not sites:
         return PassResult("insert_linear_op", 0, f"linears left to Inductor ({why})")
     for node in sites:

@@ -47,6 +47,25 @@ def test_triton_backends_need_triton(monkeypatch):
             compile_model(tiny_model("llama"), compile_backend="eager", **{field: "triton"})
 
 
+def test_onednn_linears_where_onednn_runs(monkeypatch):
+    """`auto` takes oneDNN for a CPU model's linears only where it was measured and is built; asked for
+    where it cannot run, it is refused with the reason."""
+    import platform
+
+    from fx_passes.kernel_backend import resolve_linear_backend
+
+    assert resolve_linear_backend("torch", "cpu") == ("torch", "requested")
+    with pytest.raises(ValueError, match="linear_backend='onednn' runs on CPU models, and this one is on cuda"):
+        resolve_linear_backend("onednn", "cuda")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert resolve_linear_backend("auto", "cpu") == ("torch", "auto: not measured on aarch64 CPUs")
+    assert resolve_linear_backend("onednn", "cpu") == ("onednn", "requested")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert resolve_linear_backend("auto", "cpu") == ("torch", "auto: this torch build has no oneDNN (mkldnn)")
+    with pytest.raises(ValueError, match="linear_backend='onednn' this torch build has no oneDNN"):
+        compile_model(tiny_model("llama"), compile_backend="eager", linear_backend="onednn")
+
+
 def test_config_as_dict_or_object_but_not_both():
     with pytest.raises(ValueError, match="not both"):
         compile_model(tiny_model("llama"), config=CompileConfig(), max_batch_size=2)

@@ -64,7 +64,7 @@ def check_linear_op(device: str, dtype: torch.dtype) -> None:
     for shape in [(1, 1, 1100), (1, 1100), (1, 5, 1100), (7, 1100)]:
         x = torch.randn(*shape, device=device).to(dtype)
         expected = x.double() @ weight.double().T + bias.double()
-        for backend in ("torch", "triton"):
+        for backend in ("torch", "triton", "onednn"):
             y = torch.ops.compiled_llm.linear(x, weight, bias, backend)
             assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
             assert relative_error(y, expected) < TOLERANCE[dtype], f"seed {seed}: {backend} {shape}"
@@ -145,6 +145,36 @@ def test_triton_ops_in_a_compiled_model():
     assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), hf)
     plain = compile_model(model, linear_backend="torch", compile_backend="eager", max_batch_size=2)
     assert plain.report.pass_sites("insert_linear_op") == 0
+
+
+def test_onednn_linears_in_a_compiled_model():
+    """A CPU model's float32 linears of the shapes oneDNN serves faster go to it under `auto` (the activation
+    left to Inductor, which fuses it into one kernel), with HF's logits and greedy tokens; a bfloat16
+    model's stay aten ops."""
+    model = tiny_model("llama", seed=7)
+    ids = random_prompt(12, seed=8)
+    cm = compile_model(model, max_batch_size=2, compile_backend="eager")
+    layers = model.config.num_hidden_layers
+    # Wider than deep: qkv, gate/up and the LM head; o and down ([64, 64], [64, 128]) stay aten ops.
+    assert cm.report.pass_sites("insert_linear_op") == 2 * layers + 1
+    assert cm.report.pass_sites("fuse_linear_silu_mul") == 0
+    assert "-> onednn (auto: CPU model, oneDNN available)" in str(cm.report)
+    with torch.no_grad():
+        assert relative_error(cm(ids).logits, model(ids, use_cache=False).logits) < 1e-5
+        hf = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), hf)
+    half = compile_model(tiny_model("llama").bfloat16(), linear_backend="onednn", compile_backend="eager", max_batch_size=1)
+    assert half.report.pass_sites("insert_linear_op") == 0
+
+
+def test_onednn_backend_leaves_what_it_cannot_run_to_torch():
+    """Calls oneDNN's float32 path does not take run F.linear, with its results and its errors."""
+    x, weight = torch.randn(3, 40, dtype=torch.float64), torch.randn(8, 40, dtype=torch.float64)
+    torch.testing.assert_close(torch.ops.compiled_llm.linear(x, weight, None, "onednn"), F.linear(x, weight))
+    strided = torch.randn(40, 8).T  # not contiguous
+    torch.testing.assert_close(torch.ops.compiled_llm.linear(x.float(), strided, None, "onednn"), F.linear(x.float(), strided))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        torch.ops.compiled_llm.linear(x.float(), torch.randn(8, 41), None, "onednn")
 
 
 def check_kernels_in_a_model() -> None:
