@@ -22,7 +22,18 @@ import logging
 import sys
 from pathlib import Path
 
-from compiled_llm.config import CompileConfig
+from compiled_llm.config import CompileConfig, unknown_fields
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, except where the help text gives the default already (the
+    CompileConfig flags, and defaults that need words) or there is none to give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +58,9 @@ def _config_file(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of CompileConfig fields, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(CompileConfig.model_fields))
-    if unknown:
-        raise ValueError(f"--config {path}: unknown fields {unknown}; CompileConfig fields: {sorted(CompileConfig.model_fields)}")
+    problem = unknown_fields(data)
+    if problem:
+        raise ValueError(f"--config {path}: {problem}")
     return data
 
 
@@ -149,8 +160,7 @@ def serve(args: argparse.Namespace) -> int:
     from compiled_llm.server import serve as run_server
 
     config = _config_from_args(args)
-    llm = LLM(args.model, dtype=_dtype(args.dtype), **config.model_dump())
-    logging.getLogger("compiled_llm.server").info("compiled:\n%s", llm.compiled.report)
+    llm = LLM(args.model, dtype=_dtype(args.dtype), **config.model_dump())  # logs the compile report
     run_server(llm, args.served_model_name or args.model, args.host, args.port, args.api_key, args.max_waiting,
                args.shutdown_timeout)  # fmt: skip
     return 0
@@ -177,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, "
                   "or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)")
-    build_parser = commands.add_parser("build", help="compile a model and print the compile report")
+    build_parser = commands.add_parser("build", help="compile a model and print the compile report",
+                                       formatter_class=_DefaultsFormatter)  # fmt: skip
     build_parser.add_argument("model", help=model_help)
     build_parser.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(build_parser)
@@ -185,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_parser = commands.add_parser(
         "bench", help="measure speed against baselines in the same process",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )  # fmt: skip
     bench_parser.add_argument("model", nargs="?", help=model_help + "; serving: the served model's name "
                               "(default: the server's first)")
-    bench_parser.add_argument("--mode", default="latency", choices=["latency", "throughput", "serving"])
+    bench_parser.add_argument("--mode", default="latency", choices=["latency", "throughput", "serving"],
+                              help="latency: decode speed of a batch; throughput: many requests through the "
+                              "engine; serving: load on a running server")  # fmt: skip
     bench_parser.add_argument("--url", help="serving: base URL of a running OpenAI-compatible server")
     bench_parser.add_argument("--concurrency", default="16", help="serving: requests in flight (comma-separated: "
                               "one run per value)")
@@ -200,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--batch-size", type=int, default=1, help="latency: sequences per generate")
     bench_parser.add_argument("--num-requests", type=int, default=1000, help="throughput: requests submitted at once")
     bench_parser.add_argument("--dataset", help="throughput: JSONL of prompts ('prompt_token_ids' or 'prompt')")
-    bench_parser.add_argument("--input-len", type=int, default=128)
-    bench_parser.add_argument("--output-len", type=int, default=128)
+    bench_parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
+    bench_parser.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence")
     bench_parser.add_argument("--baselines", help="comma-separated, or none (default: latency hf-eager,hf-compile; "
                               "throughput hf-eager)")
     bench_parser.add_argument("--baseline-batch-size", type=int,
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve_parser = commands.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
                                        "/v1/chat/completions, /v1/models, /health, /metrics)",
-                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                       formatter_class=_DefaultsFormatter)  # fmt: skip
     serve_parser.add_argument("model", help=model_help)
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
@@ -232,14 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.set_defaults(run=serve)
 
     convert_parser = commands.add_parser("convert", help="write any MODEL as a plain Hugging Face directory",
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                         formatter_class=_DefaultsFormatter)  # fmt: skip
     convert_parser.add_argument("model", help=model_help)
     convert_parser.add_argument("out_dir", help="a new (or empty) directory")
     convert_parser.add_argument("--dtype", help="weights dtype (default: the source's; GGUF: float32)")
     convert_parser.set_defaults(run=convert)
 
     tune_parser = commands.add_parser("tune", help="tune kernels into the on-disk kernel cache (next milestone)",
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                      formatter_class=_DefaultsFormatter)  # fmt: skip
     tune_parser.add_argument("model", help=model_help)
     _add_config_flags(tune_parser)
     tune_parser.set_defaults(run=tune)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from compiled_llm.capture import capture_model, text_config
@@ -17,6 +16,7 @@ from compiled_llm.compile import CompiledGraph
 from compiled_llm.config import CompileConfig
 from compiled_llm.decode_loop import decode
 from compiled_llm.generation import GenerationSettings
+from compiled_llm.progress import StageProgress
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
 from compiled_llm.runtime import (
@@ -63,39 +63,36 @@ class CompiledModel:
         self.config = config
         self.device = next(model.parameters()).device
         timings = {}
-        with tqdm(total=4, desc="compile_model", unit="stage", leave=False) as progress:
-            progress.set_postfix_str("capturing")
-            captured = capture_model(model, config.max_num_tokens)
+        # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
+        with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
+            with progress.stage("capturing the graph (torch.export)"):
+                captured = capture_model(model, config.max_num_tokens)
             timings["capture_s"] = captured.seconds
-            progress.update()
 
-            progress.set_postfix_str("rewriting")
-            start = time.perf_counter()
-            pass_results = run_passes(captured.gm, config)
-            timings["passes_s"] = time.perf_counter() - start
-            progress.update()
+            with progress.stage("rewriting the graph"):
+                start = time.perf_counter()
+                pass_results = run_passes(captured.gm, config)
+                timings["passes_s"] = time.perf_counter() - start
 
             layers = captured.gm.meta["paged_attention"]
             self.vocab_size = captured.vocab_size
             self.logits_dtype = captured.logits_dtype
             self.max_seq_len = config.max_seq_len or _model_max_len(model)
-            progress.set_postfix_str(f"compiling ({config.compile_backend})")
-            start = time.perf_counter()
-            self.runner, activation_bytes = self._compile_and_profile(captured.gm, layers)
-            timings["compile_s"] = time.perf_counter() - start
-            progress.update()
+            with progress.stage(_compile_label(config.compile_backend, self.device)):
+                start = time.perf_counter()
+                self.runner, activation_bytes = self._compile_and_profile(captured.gm, layers)
+                timings["compile_s"] = time.perf_counter() - start
 
-            num_blocks = config.num_kv_blocks or default_num_kv_blocks(
-                layers, config.block_size, config.max_batch_size, self.max_seq_len,
-                config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes,
-            )  # fmt: skip
+            num_blocks, kv_sizing = self._kv_cache_blocks(layers, activation_bytes)
             self.runner.kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device,
                                                 config.enable_prefix_caching)  # fmt: skip
-            progress.set_postfix_str("capturing CUDA graphs")
-            graphs = self._capture_cuda_graphs(layers)
-            if self.runner.cuda_graphs is not None:
+            graphs = self._cuda_graphs_off(layers)
+            if graphs is None:
+                with progress.stage("capturing CUDA graphs"):
+                    graphs = self._capture_cuda_graphs()
                 timings["cuda_graphs_s"] = self.runner.cuda_graphs.capture_s
-            progress.update()
+            else:
+                progress.set_total(3)
 
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.report = CompileReport(
@@ -107,7 +104,7 @@ class CompiledModel:
             attention=layers,
             kv_cache=f"{len(layers)} layers x {num_blocks} blocks x {config.block_size} tokens, "
             f"{str(layers[0].dtype).removeprefix('torch.')} ({self.runner.kv_cache.nbytes / 2**20:.1f} MiB), "
-            f"max_seq_len {self.max_seq_len}",
+            f"max_seq_len {self.max_seq_len}; {kv_sizing}",
             cuda_graphs=graphs,
             kernel_launch=kernel_launch_mode(self.device),
             timings=timings,
@@ -118,6 +115,14 @@ class CompiledModel:
     def graph_module(self) -> torch.fx.GraphModule:
         """The rewritten graph (before Inductor)."""
         return self.runner.graph.gm
+
+    def _kv_cache_blocks(self, layers, activation_bytes: int) -> tuple[int, str]:
+        """KV-cache blocks and why that many (for the report)."""
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks, "num_kv_blocks"
+        return default_num_kv_blocks(layers, config.block_size, config.max_batch_size, self.max_seq_len,
+                                     config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes)  # fmt: skip
 
     def _compile_and_profile(self, gm: torch.fx.GraphModule, layers) -> tuple[ModelRunner, int]:
         """Compile the graph by running a prefill and a decode step on a small KV cache; on CUDA the
@@ -164,17 +169,22 @@ class CompiledModel:
             torch.cuda.empty_cache()
         return runner, activation_bytes
 
-    def _capture_cuda_graphs(self, layers) -> str:
-        """Capture decode CUDA graphs when asked and possible; returns what the report should say."""
+    def _cuda_graphs_off(self, layers) -> str | None:
+        """Why decode steps will not replay CUDA graphs (what the report says), or None if they will.
+        `layers` None: what can be told before the passes chose the attention backends."""
         if not self.config.cuda_graphs:
             return "off (cuda_graphs=False)"
         if self.device.type != "cuda":
             return f"off (model on {self.device.type})"
-        unsafe = sorted({l.backend for l in layers if not get_attention_backend(l.backend).cuda_graph_safe})
-        if unsafe:
-            return f"off (attention backend {unsafe} syncs with the host)"
         if self.config.compile_backend != "inductor":
             return "off (compile_backend='eager')"
+        unsafe = sorted({l.backend for l in layers or () if not get_attention_backend(l.backend).cuda_graph_safe})
+        if unsafe:
+            return f"off (attention backend {unsafe} syncs with the host)"
+        return None
+
+    def _capture_cuda_graphs(self) -> str:
+        """Capture the decode CUDA graphs; returns what the report should say."""
         sizes = self.config.cuda_graph_batch_sizes or default_batch_sizes(self.config.max_batch_size)
         graphs = DecodeCudaGraphs(self.runner, sizes)
         graphs.capture()
@@ -297,6 +307,13 @@ class CompiledModel:
         for i, tokens in enumerate(generated):
             new[i, : len(tokens)] = torch.tensor(tokens)
         return torch.cat([input_ids.long(), new.to(input_ids.device)], dim=1)
+
+
+def _compile_label(backend: str, device: torch.device) -> str:
+    if backend != "inductor":
+        return "running the graph uncompiled (compile_backend='eager')"
+    kernels = "C++" if device.type == "cpu" else "Triton"
+    return f"compiling with Inductor ({kernels} kernels; cached for later runs)"
 
 
 def _model_max_len(model: nn.Module) -> int:

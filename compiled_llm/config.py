@@ -7,6 +7,7 @@ API fails with "not supported yet" instead of "unknown value".
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,20 @@ _SUPPORTED_NOW = {
 }
 
 
+def unknown_fields(fields) -> str | None:
+    """What is wrong with the names in `fields` that are not CompileConfig fields (each with the closest
+    field, where one is close), or None."""
+    known = CompileConfig.model_fields
+    unknown = sorted(str(name) for name in fields if name not in known)
+    if not unknown:
+        return None
+    guesses = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        guesses.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(guesses)}; CompileConfig fields: {', '.join(known)}"
+
+
 class CompileConfig(BaseModel):
     """How to capture, rewrite, compile and run a model. Every default works on CPU and GPU.
 
@@ -31,16 +46,19 @@ class CompileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     attention_backend: Literal["auto", "flashinfer", "triton", "sdpa", "reference"] = "auto"
-    """Kernel behind the paged-attention op. `auto` picks the fastest backend that is installed and
-    supports each layer's features (on CPU only `reference` exists); the compile report says which
-    layer got which backend and why."""
+    """Kernel behind the paged-attention op. `auto` picks, per layer, the first backend that is installed,
+    runs on the model's device and supports the layer's features, in the order flashinfer, triton (CUDA),
+    sdpa (CUDA and CPU: PyTorch's fused attention; no soft-cap, sinks or fp8 cache), reference (any
+    layer); on a CPU that is `sdpa`, or `reference` for the layers it cannot run. The compile report says
+    which layer got which backend and why."""
 
     linear_backend: Literal["auto", "triton", "onednn", "torch"] = "auto"
     """Kernel behind the linear layers. `torch` leaves them to Inductor (cuBLAS, or the CPU BLAS);
     `triton` routes them through the `compiled_llm.linear` op, which runs a Triton GEMV for one-token
     calls (batch-1 decode) on the shapes where it beats cuBLAS, and cuBLAS for the rest; `onednn` runs a
-    CPU model's float32 linears through oneDNN's matmul, faster than the CPU BLAS on few rows. `auto` is
-    `triton` for a CUDA model when triton is installed, `onednn` for a CPU model on x86-64, else `torch`."""
+    CPU model's float32 linears through oneDNN's matmul where it beats the CPU BLAS (weights wider than
+    deep, or of 8 MiB and more). `auto` is `triton` for a CUDA model when triton is installed, `onednn`
+    for a CPU model on x86-64, else `torch`."""
 
     norm_backend: Literal["auto", "triton", "torch"] = "auto"
     """Kernel behind RMSNorm. `triton` makes each RMSNorm, with the residual add in front of it, one
@@ -79,7 +97,8 @@ class CompileConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1)
     """KV-cache blocks to allocate. None: enough for `max_batch_size` sequences of `max_seq_len`,
     capped by `kv_cache_memory_fraction` of the GPU memory left free after a profiling step of
-    `max_num_tokens` tokens, minus 1 GiB for CUDA graphs (on CPU: of min(4 GiB, half the free RAM))."""
+    `max_num_tokens` tokens, minus 1 GiB for CUDA graphs (on CPU: of min(1 GiB, an eighth of the available
+    RAM), as a CPU decodes few sequences at a time). The compile report says which applied."""
 
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of earlier requests' identical prompt prefixes (full blocks only; `LLM` and the
@@ -105,6 +124,14 @@ class CompileConfig(BaseModel):
     """TorchInductor settings for this compile, by their `torch._inductor.config` names (for example
     `{"coordinate_descent_tuning": true}`), over compiled-llm's own (`compile.DEFAULT_CUDA_INDUCTOR_OPTIONS`);
     on the command line, a JSON object."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        problem = unknown_fields(data) if isinstance(data, dict) else None
+        if problem:  # pydantic's own message would not say which field was meant
+            raise ValueError(problem)
+        return data
 
     @field_validator("quantization", "autotune")
     @classmethod

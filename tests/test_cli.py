@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from compiled_llm.cli import main
@@ -13,6 +15,7 @@ def test_build_prints_the_report(tmp_path, capsys):
     assert main(["build", str(tmp_path), "--compile-backend", "eager", "--max-seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "insert_paged_attention" in out and "max_seq_len 64" in out
+    assert "max_seq_len 64; sized for max_batch_size=64 sequences of max_seq_len" in out
 
 
 def test_build_rejects_bad_input(tmp_path, capsys):
@@ -62,7 +65,7 @@ def test_config_file_with_flags_over_it(tmp_path, capsys):
     assert "max_seq_len 40" in capsys.readouterr().out  # the flag wins
     config.write_text("max_seq_len: 48\nmax_sequence_length: 9\n")
     assert main(["build", str(tmp_path / "model"), "--config", str(config)]) == 2
-    assert "unknown fields ['max_sequence_length']" in capsys.readouterr().err
+    assert "unknown field 'max_sequence_length' (did you mean 'max_seq_len'?)" in capsys.readouterr().err
     config.write_text("max_batch_size: -1\n")
     assert main(["build", str(tmp_path / "model"), "--config", str(config)]) == 2
     assert "max_batch_size" in capsys.readouterr().err
@@ -77,6 +80,10 @@ def test_every_subcommand_has_help_with_defaults(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--config FILE.yaml" in out and "--max-batch-size" in out and "(default: 64)" in out
+    options = re.split(r"\n  (?=-)", out)
+    assert all(option.count("(default") <= 1 for option in options), "a default shown twice"
+    if command == "bench":
+        assert any(option.startswith("--input-len") and "(default: 128)" in option for option in options)
 
 
 def test_tune_says_it_is_not_available_yet(tmp_path, capsys):

@@ -47,6 +47,15 @@ def test_triton_backends_need_triton(monkeypatch):
             compile_model(tiny_model("llama"), compile_backend="eager", **{field: "triton"})
 
 
+def test_a_mistyped_field_gets_the_closest_name():
+    with pytest.raises(ValueError, match=r"unknown field 'max_batch_sise' \(did you mean 'max_batch_size'\?\)"):
+        compile_model(tiny_model("llama"), max_batch_sise=2)
+    with pytest.raises(ValueError) as error:
+        CompileConfig(attention_backnd="sdpa", zzz=1)
+    assert "'attention_backnd' (did you mean 'attention_backend'?)" in str(error.value)
+    assert "'zzz';" in str(error.value)  # nothing close: no guess
+
+
 def test_onednn_linears_where_onednn_runs(monkeypatch):
     """`auto` takes oneDNN for a CPU model's linears only where it was measured and is built; asked for
     where it cannot run, it is refused with the reason."""
@@ -222,3 +231,43 @@ class GatedLM(nn.Module):
 def test_uncapturable_model_names_the_module():
     with pytest.raises(CaptureError, match=r"cannot capture GatedLM: torch.export failed in DataDependentGate.forward"):
         compile_model(GatedLM())
+
+
+def test_hub_id_errors_say_what_was_tried(monkeypatch, tmp_path):
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from compiled_llm.model_source import load_model
+
+    def offline_download(repo, revision=None):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the local cache (no connection)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ValueError) as error:
+        load_model("some-org/some-model")
+    message = str(error.value)
+    assert "downloading it failed: LocalEntryNotFoundError: Cannot find the requested files" in message
+    assert "HF_HUB_OFFLINE" not in message and str(tmp_path) in message and "hf download some-org/some-model" in message
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="is not in the local Hugging Face cache .*, and HF_HUB_OFFLINE is set"):
+        load_model("some-org/some-model")
+
+
+def test_cpu_kv_cache_default_is_capped_and_says_why():
+    from compiled_llm.runtime.kv_cache import CPU_KV_CACHE_BUDGET, PagedKVCache, default_num_kv_blocks
+    from fx_passes import PagedLayer
+
+    cpu = torch.device("cpu")
+    layers = [PagedLayer(i, 8, 128, torch.float32, None, "sdpa", "") for i in range(32)]  # Llama-8B's cache
+    blocks, why = default_num_kv_blocks(layers, 16, 64, 2048, 0.9, cpu)  # 0.5 GiB a sequence
+    assert blocks * PagedKVCache.bytes_per_block(layers, 16) <= 0.9 * CPU_KV_CACHE_BUDGET
+    assert why.startswith("capped at 0.9 of min(1 GiB, available RAM / 8) on CPU") and "num_kv_blocks" in why
+    assert default_num_kv_blocks(layers, 16, 2, 64, 0.9, cpu) == (8, "sized for max_batch_size=2 sequences of max_seq_len")
+    # One sequence needs more than the budget: the cache holds one, where the machine has the memory.
+    blocks, why = default_num_kv_blocks(layers, 16, 64, 4096, 0.9, cpu)  # 1 GiB a sequence
+    assert blocks == 4096 // 16 and why.startswith("capped at one sequence of max_seq_len on CPU")
+    with pytest.raises(ValueError, match="fewer than one sequence of max_seq_len=1048576000"):
+        default_num_kv_blocks(layers, 16, 1, 1048576000, 0.9, cpu)

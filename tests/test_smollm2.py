@@ -5,6 +5,7 @@ through the chat template, text, logits, `convert`, the server's chat, and the r
 from __future__ import annotations
 
 import importlib.util
+import unittest.mock
 
 import pytest
 import torch
@@ -23,12 +24,27 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 NEW_TOKENS = 32
 
 
+GGUF_PARSES = []  # files the fixture's load parsed with gguf.GGUFReader
+
+
 @pytest.fixture(scope="module")
 def smol():
     """One compiled model (Inductor) for every test here."""
+    import gguf
+
     from compiled_llm import LLM
 
-    return LLM("smollm2-135m-instruct", max_batch_size=16, max_seq_len=256, num_kv_blocks=320)
+    def counted(path, *args):
+        GGUF_PARSES.append(str(path))
+        return original(path, *args)
+
+    original = gguf.GGUFReader
+    with unittest.mock.patch.object(gguf, "GGUFReader", counted):
+        return LLM("smollm2-135m-instruct", max_batch_size=16, max_seq_len=256, num_kv_blocks=320)
+
+
+def test_the_gguf_file_is_parsed_once(smol):
+    assert len(GGUF_PARSES) == 1, GGUF_PARSES
 
 
 def hf_greedy(model, ids: list[int]) -> list[int]:

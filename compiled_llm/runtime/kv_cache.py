@@ -61,6 +61,11 @@ def _available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+# A CPU decodes few sequences at a time (each step reads every weight), and the memory a cache does not use
+# is the model's and the user's: the default budget on a CPU, before kv_cache_memory_fraction.
+CPU_KV_CACHE_BUDGET = 1 * GiB
+
+
 def default_num_kv_blocks(
     layers: Sequence[PagedLayer],
     block_size: int,
@@ -69,19 +74,33 @@ def default_num_kv_blocks(
     memory_fraction: float,
     device: torch.device,
     reserved_bytes: int = 0,
-) -> int:
+) -> tuple[int, str]:
     """Blocks for `max_batch_size` full-length sequences, capped by the memory budget (see CompileConfig);
-    `reserved_bytes` (peak activations of a step, CUDA graphs) are kept free on top."""
+    `reserved_bytes` (peak activations of a step, CUDA graphs) are kept free on top. Returns the count and
+    why, for the compile report."""
     wanted = max_batch_size * math.ceil(max_seq_len / block_size)
+    one_sequence = math.ceil(max_seq_len / block_size)
+    block_bytes = PagedKVCache.bytes_per_block(layers, block_size)
     if device.type == "cuda":
         budget = memory_fraction * torch.cuda.mem_get_info(device)[0] - reserved_bytes
+        limit = f"{memory_fraction:g} of free GPU memory"
+        most = budget
     else:
-        budget = memory_fraction * min(4 * GiB, _available_host_memory() // 2)
-    affordable = int(budget // PagedKVCache.bytes_per_block(layers, block_size))
-    one_sequence = math.ceil(max_seq_len / block_size)
+        available = _available_host_memory()
+        budget = memory_fraction * min(CPU_KV_CACHE_BUDGET, available // 8)
+        limit = f"{memory_fraction:g} of min(1 GiB, available RAM / 8) on CPU"
+        most = memory_fraction * available / 2  # what the budget may grow to for one full sequence
+        if budget < one_sequence * block_bytes <= most:
+            budget = one_sequence * block_bytes
+            limit = f"one sequence of max_seq_len on CPU (more than {limit})"
+    affordable = int(budget // block_bytes)
     if affordable < one_sequence:
         raise ValueError(
-            f"the KV cache budget ({budget / GiB:.2f} GiB) holds {affordable * block_size} tokens, fewer than one "
-            f"sequence of max_seq_len={max_seq_len}: lower max_seq_len or raise kv_cache_memory_fraction/num_kv_blocks"
+            f"the KV cache budget ({most / GiB:.2f} GiB: {limit}) holds {int(most // block_bytes) * block_size} "
+            f"tokens, fewer than one sequence of max_seq_len={max_seq_len}: lower max_seq_len, or raise "
+            "kv_cache_memory_fraction or num_kv_blocks"
         )
-    return min(wanted, affordable)
+    if wanted <= affordable:
+        return wanted, f"sized for max_batch_size={max_batch_size} sequences of max_seq_len"
+    return affordable, (f"capped at {limit} ({affordable * block_size} tokens; max_batch_size={max_batch_size} "
+                        f"sequences of max_seq_len would take {wanted * block_size}); num_kv_blocks sets it")  # fmt: skip
