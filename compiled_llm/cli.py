@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--baseline-num-requests", type=int,
                               help="throughput: run the HF baseline on the first N requests only (default: all)")
     bench_parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    bench_parser.add_argument("--profile", action="store_true", help="add a kernel profile of decode steps")
+    bench_parser.add_argument("--profile", action="store_true", help="add a profile of decode steps (GPU: kernels; CPU: ops by host time)")
     bench_parser.add_argument("--json", help="write the results to this file")
     bench_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(bench_parser)

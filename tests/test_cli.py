@@ -55,6 +55,16 @@ def test_bench_throughput_runs_every_request_to_its_length(tmp_path, capsys):
     assert "has 3 prompts, fewer than --num-requests 4" in capsys.readouterr().err
 
 
+def test_bench_latency_on_cpu_with_its_profile(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path)
+    args = ["bench", str(tmp_path), "--mode", "latency", "--input-len", "6", "--output-len", "3", "--repeats", "1",
+            "--baselines", "hf-eager", "--profile", "--compile-backend", "eager", "--max-seq-len", "64"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"compiled-llm / hf-eager: \d+\.\d\dx", out)
+    assert "profile (16 decode steps" in out and "compiled_llm::paged_attention" in out
+
+
 def test_config_file_with_flags_over_it(tmp_path, capsys):
     tiny_model("llama").save_pretrained(tmp_path / "model")
     config = tmp_path / "config.yaml"

@@ -93,8 +93,8 @@ def run_latency_benchmark(
     results = [_measure("compiled-llm", ours, output_len, device, repeats, compile_s)]
     results[0].details["report"] = str(cm.report)
 
-    if profile and device.type == "cuda":
-        results[0].details["profile"] = profile_decode(cm, ids)
+    if profile:
+        results[0].details["profile"] = profile_decode(cm, ids) if device.type == "cuda" else profile_decode_cpu(cm, ids)
 
     for baseline in baselines:
         generate = _hf_generate(model, ids, "static" if baseline == "hf-compile" else None)
@@ -186,6 +186,25 @@ def profile_decode(cm, ids, steps: int = 8) -> dict:
     }
 
 
+def profile_decode_cpu(cm, ids, steps: int = 16) -> dict:
+    """Where the host's time goes in `steps` decode steps on a CPU (torch profiler, ops by self time; with
+    Inductor's generated kernels under their own names where it profiles them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = ids[:, :8]
+    cm.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cm.generate(prompt, max_new_tokens=steps + 1, eos_token_id=[], pad_token_id=0)
+    rows = sorted(prof.key_averages(), key=lambda row: -row.self_cpu_time_total)
+    total = sum(row.self_cpu_time_total for row in rows)
+    return {
+        "note": f"{steps} decode steps plus one prefill step of {prompt.shape[1]} tokens, under the profiler",
+        "host_ms_per_step": total / 1e3 / (steps + 1),
+        "top": [{"op": row.key[:80], "calls": row.count, "self_ms": row.self_cpu_time_total / 1e3,
+                 "share": row.self_cpu_time_total / total} for row in rows[:15]],  # fmt: skip
+    }
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"{result['model']} on {result['device']} ({result['dtype']}): batch {result['batch_size']}, "
@@ -195,6 +214,13 @@ def format_table(result: dict) -> str:
     for r in result["results"]:
         compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
         lines.append(f"{r['system']:<14} {r['decode_tokens_per_s']:>17.1f} {r['ttft_s']:>9.4f} {compile_s:>10}")
+    ours_speed = result["results"][0]["decode_tokens_per_s"]
+    for r in result["results"][1:]:
+        lines.append(f"compiled-llm / {r['system']}: {ours_speed / r['decode_tokens_per_s']:.2f}x")
+    profile = result["results"][0]["details"].get("profile")
+    if profile is not None and "host_ms_per_step" in profile:  # CPU: ops by self time
+        lines.append(f"profile ({profile['note']}; {profile['host_ms_per_step']:.1f} ms a step):")
+        lines += [f"  {row['share']:6.1%} {row['self_ms']:9.1f} ms {row['calls']:7d}x  {row['op']}" for row in profile["top"]]
     if "bandwidth_limit_tokens_per_s" in result:
         ours = result["results"][0]["details"]
         lines.append(
