@@ -89,9 +89,12 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x, weight, bias)
 
 
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     takes = (
-        x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.dim() == 2
+        _HAS_ONEDNN and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.dim() == 2
         and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
         and (bias is None or (bias.dtype == torch.float32 and bias.shape == (weight.shape[0],)))
     )  # fmt: skip

@@ -107,25 +107,14 @@ class SdpaStepPlan:
     num_tokens: int
     block_size: int
     groups: list[AttentionGroup]
-    metadata: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the host block table, query starts, lengths
-    _write_rows: tuple = ()  # (slot_mapping, its version, key rows, value rows) of the last call
-
-    def write_rows(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache rows of the step's new keys and values; worked out once for all layers, which get the same
-        `slot_mapping` tensor (unchanged, as its version says)."""
-        if not self._write_rows or self._write_rows[0] is not slot_mapping or self._write_rows[1] != slot_mapping._version:
-            bs = self.block_size
-            keys = slot_mapping + slot_mapping // bs * bs
-            self._write_rows = (slot_mapping, slot_mapping._version, keys, keys + bs)
-        return self._write_rows[2], self._write_rows[3]
+    metadata: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # block table, query starts, lengths (on the device)
 
     def plans(self, block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> bool:
-        """Whether this plan is for a step with these arguments (compared in full where they are on the host;
-        a plan used for another step would attend to the wrong keys, silently)."""
+        """Whether this plan is for a step with these arguments, compared in full: a plan used for another
+        step would attend to the wrong keys, silently. (On CUDA the comparison waits for the device, one
+        of the reasons this backend is not replayed in CUDA graphs.)"""
         given = (block_table, query_start_loc, seq_lens)
-        if any(a.shape != b.shape for a, b in zip(given, self.metadata)):
-            return False
-        return given[0].device.type != "cpu" or all(torch.equal(a, b) for a, b in zip(given, self.metadata))
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(given, self.metadata))
 
     @classmethod
     def build(cls, block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -146,14 +135,14 @@ class SdpaStepPlan:
             if n > 1:
                 groups.append(AttentionGroup(slice(starts[s], starts[s + 1]), table[s : s + 1], lens[s : s + 1], n,
                                              block_size, device))  # fmt: skip
-        return cls(starts[-1], block_size, groups, (block_table, query_start_loc, seq_lens))
+        on_device = tuple(t.to(device) for t in (block_table, query_start_loc, seq_lens))
+        return cls(starts[-1], block_size, groups, on_device)
 
 
 class SdpaPlanner:
     """Plans each step once for every layer (see the module docstring)."""
 
     def __init__(self, layers: dict[int, LayerAttentionFeatures], block_size: int, device: torch.device):
-        self.block_size = block_size
         self.device = device
         self.step: SdpaStepPlan | None = None
 
@@ -181,10 +170,11 @@ def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq
     step = _step_plan(kv_cache, block_table, query_start_loc, seq_lens)
     if step.num_tokens != q.shape[0]:
         raise RuntimeError(f"paged_attention(backend='sdpa'): {q.shape[0]} queries for a step planned with {step.num_tokens}")
+    bs = step.block_size
     rows = kv_cache.view(-1, *kv_cache.shape[-2:])  # [num_blocks * 2 * block_size, Hkv, D]
-    key_rows, value_rows = step.write_rows(slot_mapping)
+    key_rows = slot_mapping + slot_mapping // bs * bs
     rows.index_copy_(0, key_rows, k)
-    rows.index_copy_(0, value_rows, v)
+    rows.index_copy_(0, key_rows + bs, v)
     for group in step.groups:
         keys = group.keys(sliding_window)
         kv = rows.index_select(0, keys.rows).view(2, -1, keys.length, *rows.shape[1:]).transpose(2, 3)  # [2, B, Hkv, L, D]

@@ -166,9 +166,10 @@ def test_fp8_cache_rounding_stays_within_its_bound():
     assert 0 < error < 2**-4, f"seed {seed}: relative error {error}"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("step", ["mixed", "decode", "one-decode", "fresh-prefill"])
-def test_sdpa_planned_once_for_every_layer(step, window):
+def test_sdpa_planned_once_for_every_layer(step, window, device):
     """The sdpa backend as the runner drives it: the step planned once (SdpaPlanner), then several layers
     (caches of other head counts) attend with that plan, each as the reference does, over a cache whose
     unwritten slots hold NaN. A plan for another step is refused, not used."""
@@ -184,11 +185,11 @@ def test_sdpa_planned_once_for_every_layer(step, window):
     }[step]
     seed = random.randrange(1 << 30)
     torch.manual_seed(seed)
-    planner = SdpaPlanner({}, 4, torch.device("cpu"))
+    planner = SdpaPlanner({}, 4, torch.device(device))
     planned = False
     for num_heads, num_kv_heads, head_dim in [(4, 2, 8), (6, 3, 16), (4, 4, 8)]:
         args, metadata = random_step(random.Random(seed), shapes, 4, num_heads, num_kv_heads, head_dim, torch.float32,
-                                     "cpu")  # fmt: skip
+                                     device)  # fmt: skip
         if not planned:  # the same block tables for every layer: one plan
             planner.plan(metadata)
             planned = True
@@ -202,7 +203,7 @@ def test_sdpa_planned_once_for_every_layer(step, window):
         written = ~torch.isnan(reference_cache)
         assert torch.equal(cache[written], reference_cache[written]) and torch.isnan(cache[~written]).all()
 
-    other, _ = random_step(random.Random(seed), shapes + [(2, 1)], 4, 4, 2, 8, torch.float32, "cpu")
+    other, _ = random_step(random.Random(seed), shapes + [(2, 1)], 4, 4, 2, 8, torch.float32, device)
     with planned_step({"sdpa": planner}), pytest.raises(RuntimeError, match="other than the one planned"):
         ops.paged_attention(*other, 0, 0.3, window, 0.0, None, "sdpa")
     moved = [t.clone() for t in args[5:8]]

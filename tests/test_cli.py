@@ -57,12 +57,13 @@ def test_bench_throughput_runs_every_request_to_its_length(tmp_path, capsys):
 
 def test_bench_latency_on_cpu_with_its_profile(tmp_path, capsys):
     tiny_model("llama").save_pretrained(tmp_path)
-    args = ["bench", str(tmp_path), "--mode", "latency", "--input-len", "6", "--output-len", "3", "--repeats", "1",
+    args = ["bench", str(tmp_path), "--mode", "latency", "--input-len", "6", "--output-len", "6", "--repeats", "1",
             "--baselines", "hf-eager", "--profile", "--compile-backend", "eager", "--max-seq-len", "64"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert re.search(r"compiled-llm / hf-eager: \d+\.\d\dx", out)
-    assert "profile (16 decode steps" in out and "compiled_llm::paged_attention" in out
+    assert re.search(r"compiled-llm / hf-eager: \S+x", out)  # a tiny model's timings: any value
+    profile = out[out.index("profile (16 decode steps") :].splitlines()[1:]
+    assert len(profile) == 15 and all(re.match(r"\s+\d+\.\d%\s+\d+\.\d ms\s+\d+x  \S", row) for row in profile)
 
 
 def test_config_file_with_flags_over_it(tmp_path, capsys):

@@ -56,6 +56,7 @@ def test_a_mistyped_field_gets_the_closest_name():
     assert "'zzz';" in str(error.value)  # nothing close: no guess
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 def test_onednn_linears_where_onednn_runs(monkeypatch):
     """`auto` takes oneDNN for a CPU model's linears only where it was measured and is built; asked for
     where it cannot run, it is refused with the reason."""
@@ -256,9 +257,12 @@ def test_hub_id_errors_say_what_was_tried(monkeypatch, tmp_path):
         load_model("some-org/some-model")
 
 
-def test_cpu_kv_cache_default_is_capped_and_says_why():
+def test_cpu_kv_cache_default_is_capped_and_says_why(monkeypatch):
+    import compiled_llm.runtime.kv_cache as kv_cache
     from compiled_llm.runtime.kv_cache import CPU_KV_CACHE_BUDGET, PagedKVCache, default_num_kv_blocks
     from fx_passes import PagedLayer
+
+    monkeypatch.setattr(kv_cache, "_available_host_memory", lambda: 16 << 30)  # the same on every machine
 
     cpu = torch.device("cpu")
     layers = [PagedLayer(i, 8, 128, torch.float32, None, "sdpa", "") for i in range(32)]  # Llama-8B's cache
@@ -269,5 +273,6 @@ def test_cpu_kv_cache_default_is_capped_and_says_why():
     # One sequence needs more than the budget: the cache holds one, where the machine has the memory.
     blocks, why = default_num_kv_blocks(layers, 16, 64, 4096, 0.9, cpu)  # 1 GiB a sequence
     assert blocks == 4096 // 16 and why.startswith("capped at one sequence of max_seq_len on CPU")
-    with pytest.raises(ValueError, match="fewer than one sequence of max_seq_len=1048576000"):
+    with pytest.raises(ValueError, match=r"\(7\.20 GiB: 0.9 of half the available RAM on CPU\) holds 29488 tokens, "
+                       "fewer than one sequence of max_seq_len=1048576000"):
         default_num_kv_blocks(layers, 16, 1, 1048576000, 0.9, cpu)

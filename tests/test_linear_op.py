@@ -17,6 +17,7 @@ from compiled_llm import compile_model
 from conftest import random_prompt, relative_error, tiny_model
 from custom_ops.triton_runtime import triton_available
 from custom_ops.triton_gemv import MAX_ROWS, gemv
+from fx_passes.kernel_backend import resolve_linear_backend
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's norm
 
@@ -147,6 +148,7 @@ def test_triton_ops_in_a_compiled_model():
     assert plain.report.pass_sites("insert_linear_op") == 0
 
 
+@pytest.mark.skipif(resolve_linear_backend("auto", "cpu")[0] != "onednn", reason="auto takes oneDNN on x86-64 only")
 def test_onednn_linears_in_a_compiled_model():
     """A CPU model's float32 linears of the shapes oneDNN serves faster go to it under `auto` (the activation
     left to Inductor, which fuses it into one kernel), with HF's logits and greedy tokens; a bfloat16

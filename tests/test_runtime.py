@@ -122,3 +122,15 @@ def test_fp8_kv_cache_stays_close_to_hf():
         expected = model(ids, use_cache=False).logits
     error = relative_error(cm(ids).logits, expected)
     assert 0 < error < 2**-4, error
+
+
+def test_generate_under_inference_mode():
+    """Users wrap generation in torch.inference_mode(): its tensors have no version counter, and every op of
+    a step (the CPU attention backend among them) must still run, with HF's tokens."""
+    model = tiny_model("mistral")  # a sliding window, too
+    ids = random_prompt(14, seed=9)
+    cm = compile_model(model, compile_backend="eager", max_batch_size=1)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(cm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)

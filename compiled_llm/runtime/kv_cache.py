@@ -83,20 +83,21 @@ def default_num_kv_blocks(
     block_bytes = PagedKVCache.bytes_per_block(layers, block_size)
     if device.type == "cuda":
         budget = memory_fraction * torch.cuda.mem_get_info(device)[0] - reserved_bytes
-        limit = f"{memory_fraction:g} of free GPU memory"
+        limit = most_limit = f"{memory_fraction:g} of free GPU memory"
         most = budget
     else:
         available = _available_host_memory()
         budget = memory_fraction * min(CPU_KV_CACHE_BUDGET, available // 8)
         limit = f"{memory_fraction:g} of min(1 GiB, available RAM / 8) on CPU"
-        most = memory_fraction * available / 2  # what the budget may grow to for one full sequence
+        # What the budget may grow to, for one full sequence.
+        most, most_limit = memory_fraction * available / 2, f"{memory_fraction:g} of half the available RAM on CPU"
         if budget < one_sequence * block_bytes <= most:
             budget = one_sequence * block_bytes
             limit = f"one sequence of max_seq_len on CPU (more than {limit})"
     affordable = int(budget // block_bytes)
     if affordable < one_sequence:
         raise ValueError(
-            f"the KV cache budget ({most / GiB:.2f} GiB: {limit}) holds {int(most // block_bytes) * block_size} "
+            f"the KV cache budget ({most / GiB:.2f} GiB: {most_limit}) holds {int(most // block_bytes) * block_size} "
             f"tokens, fewer than one sequence of max_seq_len={max_seq_len}: lower max_seq_len, or raise "
             "kv_cache_memory_fraction or num_kv_blocks"
         )
