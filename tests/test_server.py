@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -256,6 +257,7 @@ def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
     log.seek(0)
     text = log.read()
     assert "prompt tokens" in text and "60 output tokens" in text  # one line per request
+    assert len(re.findall(r"compiled-llm: \w+ on cpu", text)) == 1  # the compile report, logged once
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/health", timeout=2)
 
