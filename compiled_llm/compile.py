@@ -31,9 +31,14 @@ class CompiledGraph:
         if backend == "inductor":
             defaults = DEFAULT_CUDA_INDUCTOR_OPTIONS if device_type == "cuda" else {}
             options = {**defaults, **(inductor_options or {})}
-            self._fn = torch.compile(gm, backend="inductor", fullgraph=True, options=options)
+            # gm.forward, not gm: GraphModule.__call__'s exception handler walks the traceback with a
+            # generator, which Dynamo then tries to trace, so any error inside the compiled graph (a CUDA
+            # OOM, an op's own error) reached the user as "Attempt to trace generator".
+            self._fn = torch.compile(gm.forward, backend="inductor", fullgraph=True, options=options)
         else:
             self._fn = gm
+        self.inductor_options = dict(inductor_options or {})
+        self._compiled_once = False
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.backend == "inductor":
@@ -44,4 +49,13 @@ class CompiledGraph:
                 elif name in STEP_INPUTS or name.startswith("kv_cache_"):
                     _mark_unbacked(inputs[name])
         with torch.no_grad():
-            return self._fn(*(inputs[name] for name in self.input_names))[0]
+            if self._compiled_once or not self.inductor_options:
+                return self._fn(*(inputs[name] for name in self.input_names))[0]
+            try:  # the first call compiles: name the user's options if Inductor fails with them
+                out = self._fn(*(inputs[name] for name in self.input_names))[0]
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                raise ValueError(
+                    f"Inductor failed to compile the graph (inductor_options were {self.inductor_options}): {error}"
+                ) from error
+            self._compiled_once = True
+            return out

@@ -25,6 +25,8 @@ from compiled_llm.runtime import (
     PagedKVCache,
     ScheduledChunk,
     Sequence,
+    caused_by_out_of_memory,
+    check_kv_cache_fits,
     default_batch_sizes,
     default_num_kv_blocks,
 )
@@ -62,6 +64,7 @@ class CompiledModel:
         self.model = model
         self.config = config
         self.device = next(model.parameters()).device
+        self.max_seq_len = _max_seq_len(model, config.max_seq_len)
         timings = {}
         # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
         with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
@@ -77,7 +80,6 @@ class CompiledModel:
             layers = captured.gm.meta["paged_attention"]
             self.vocab_size = captured.vocab_size
             self.logits_dtype = captured.logits_dtype
-            self.max_seq_len = config.max_seq_len or _model_max_len(model)
             with progress.stage(_compile_label(config.compile_backend, self.device)):
                 start = time.perf_counter()
                 self.runner, activation_bytes = self._compile_and_profile(captured.gm, layers)
@@ -120,9 +122,16 @@ class CompiledModel:
         """KV-cache blocks and why that many (for the report)."""
         config = self.config
         if config.num_kv_blocks is not None:
+            check_kv_cache_fits(layers, config.num_kv_blocks, config.block_size, self.device, activation_bytes)
             return config.num_kv_blocks, "num_kv_blocks"
-        return default_num_kv_blocks(layers, config.block_size, config.max_batch_size, self.max_seq_len,
-                                     config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes)  # fmt: skip
+        blocks, why = default_num_kv_blocks(layers, config.block_size, config.max_batch_size, self.max_seq_len,
+                                            config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes)  # fmt: skip
+        if blocks < config.max_batch_size:
+            raise ValueError(
+                f"max_batch_size={config.max_batch_size}: the KV cache holds {blocks} blocks ({why}) and each running "
+                f"sequence holds one at least, so the largest max_batch_size that works is {blocks}"
+            )
+        return blocks, why
 
     def _compile_and_profile(self, gm: torch.fx.GraphModule, layers) -> tuple[ModelRunner, int]:
         """Compile the graph by running a prefill and a decode step on a small KV cache; on CUDA the
@@ -157,6 +166,13 @@ class CompiledModel:
             for seq in seqs:
                 seq.token_ids.append(0)
             runner.execute([ScheduledChunk(seq, 1, "last") for seq in seqs])
+        except Exception as error:
+            if not caused_by_out_of_memory(error):
+                raise
+            raise ValueError(
+                f"a step of max_num_tokens={config.max_num_tokens} tokens (every logit asked for, as a forward of "
+                f"the whole batch does) ran out of GPU memory before the KV cache was allocated: lower max_num_tokens"
+            ) from error
         finally:
             for seq in seqs:
                 runner.release(seq)
@@ -189,10 +205,11 @@ class CompiledModel:
         graphs = DecodeCudaGraphs(self.runner, sizes)
         graphs.capture()
         self.runner.cuda_graphs = graphs
-        return (
-            f"decode batch sizes {list(graphs.batch_sizes)}: captured in {graphs.capture_s:.1f} s, "
-            f"{graphs.memory_bytes / 2**20:.0f} MiB"
-        )
+        sizes = graphs.batch_sizes
+        listed = str(sizes)
+        if len(sizes) > 8:
+            listed = f"[{', '.join(map(str, sizes[:4]))}, ..., {sizes[-2]}, {sizes[-1]}] ({len(sizes)} sizes)"
+        return f"decode batch sizes {listed}: captured in {graphs.capture_s:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB"
 
     def _prompt_batch(self, input_ids, attention_mask) -> PromptBatch:
         return PromptBatch.from_inputs(input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size)
@@ -316,5 +333,27 @@ def _compile_label(backend: str, device: torch.device) -> str:
     return f"compiling with Inductor ({kernels} kernels; cached for later runs)"
 
 
-def _model_max_len(model: nn.Module) -> int:
-    return int(getattr(text_config(model), "max_position_embeddings", None) or 2048)
+def _max_seq_len(model: nn.Module, asked: int | None) -> int:
+    """max_seq_len, or the model's context where not given (2048 where its config names none)."""
+    trained = _context_length(text_config(model))
+    if asked is not None and trained is not None and asked > trained:
+        # As vLLM: positions past the trained ones give fluent-looking nonsense, not an error.
+        raise ValueError(
+            f"max_seq_len={asked} exceeds the model's context of {trained} positions (max_position_embeddings, "
+            f"times the factor of a linear, dynamic or YaRN RoPE scaling): the largest max_seq_len that works is {trained}"
+        )
+    return asked or int(trained or 2048)
+
+
+def _context_length(config) -> int | None:
+    """max_position_embeddings, extended by RoPE scaling where the config gives the unscaled length (as vLLM
+    derives max_model_len; llama3 and longrope configs give the extended length already)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not positions or not isinstance(rope, dict):
+        return positions
+    kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+    if kind not in ("linear", "dynamic", "yarn") or not factor:
+        return positions
+    base = rope.get("original_max_position_embeddings") or positions if kind == "yarn" else positions
+    return int(base * factor)

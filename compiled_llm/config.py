@@ -80,10 +80,14 @@ class CompileConfig(BaseModel):
     """Replay decode steps as CUDA graphs (no effect on CPU)."""
 
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
-    """Decode batch sizes to capture. None: 1, 2, 4, 8, then multiples of 8 up to `max_batch_size`."""
+    """Decode batch sizes to capture, each at most `max_batch_size`; a step of b sequences replays the
+    smallest one >= b. None: 1, 2, 4, multiples of 8 up to 256, then 8 sizes per doubling (288, 320, ...,
+    512, 576, ..., 1024, 1152, ...) up to `max_batch_size`: a step pads at most 7 rows up to 256 and at
+    most 1/8 of its batch above."""
 
     max_batch_size: int = Field(64, ge=1)
-    """Most sequences in one engine step (a `generate` batch may not exceed it)."""
+    """Most sequences in one engine step (a `generate` batch may not exceed it); at most `max_num_tokens`
+    and the number of KV-cache blocks (each running sequence holds one at least)."""
 
     max_seq_len: int | None = Field(None, ge=2)
     """Longest sequence (prompt + generated tokens). None: the model's `max_position_embeddings`."""
@@ -158,6 +162,17 @@ class CompileConfig(BaseModel):
                 f"max_batch_size={self.max_batch_size} exceeds max_num_tokens={self.max_num_tokens}: a decode step "
                 "of every sequence would not fit in one step; raise max_num_tokens or lower max_batch_size"
             )
+        if self.num_kv_blocks is not None and self.max_batch_size > self.num_kv_blocks:
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} exceeds num_kv_blocks={self.num_kv_blocks}: each running "
+                f"sequence holds a KV block at least, so the largest max_batch_size that works is {self.num_kv_blocks}"
+            )
+        too_large = [size for size in self.cuda_graph_batch_sizes or () if size > self.max_batch_size]
+        if too_large:
+            raise ValueError(
+                f"cuda_graph_batch_sizes {too_large} exceed max_batch_size={self.max_batch_size}: no step has more "
+                f"sequences, so the largest size that works is {self.max_batch_size}"
+            )
         return self
 
     @field_validator("cuda_graph_batch_sizes")
@@ -181,6 +196,13 @@ class CompileConfig(BaseModel):
             unknown = sorted(name for name in value if not hasattr(inductor_config, name))
             if unknown:
                 raise ValueError(f"inductor_options: {unknown} are not torch._inductor.config settings")
+            for name, setting in value.items():
+                expected = inductor_config.get_type(name)
+                if isinstance(expected, type) and not isinstance(setting, expected):  # as torch.compile checks
+                    raise ValueError(
+                        f"inductor_options: {name}={setting!r} has type {type(setting).__name__}; "
+                        f"torch._inductor.config.{name} takes {expected.__name__} values"
+                    )
         return value
 
     @field_validator("passes")

@@ -3,8 +3,10 @@
 Host side (`FlashInferPlanner.plan`, once per engine step, outside any graph): turn the step's block table
 into FlashInfer's page layout and plan one wrapper per attention group (layers that share heads, head_dim,
 scale, sliding window and soft-cap). Device side (`_run`, once per layer, graph-safe): write the layer's
-K/V into the cache, then run the planned wrapper. Decode steps replayed as CUDA graphs use wrappers whose
-index buffers are fixed per captured batch size; planning fills those buffers in place.
+K/V into the cache, then run the planned wrapper. Decode steps replayed as CUDA graphs use one wrapper per
+captured batch size, all over one set of fixed page-index buffers (prefixes of it) that planning fills in
+place: those copies are queued on the stream behind the step in flight, so the graphs can share them, and
+their memory is that of the largest batch's pages, not the sum over every captured size.
 
 FlashInfer is imported on first use, so the package is only needed where this backend is chosen.
 """
@@ -80,6 +82,7 @@ class FlashInferPlanner:
         self._prefill = {f: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for f in self.groups}
         self._decode = {f: self._decode_wrapper(f) for f in self.groups}
         self._graph_decode: dict[tuple[Hashable, LayerAttentionFeatures], object] = {}
+        self._graph_pages: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # indptr, indices, last len
         self._layer_wrapper: dict[int, object] = {}
         # plan() fills a wrapper's pinned host buffer and queues a copy from it without waiting; planning
         # the same wrapper again before that copy ran would corrupt the plan of the step in flight.
@@ -91,13 +94,21 @@ class FlashInferPlanner:
             return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_tensor_cores=tensor_cores
             )
-        int32 = dict(dtype=torch.int32, device=self.device)
+        indptr, indices, last_page_len = self._graph_page_buffers(graph_batch, max_pages)
         return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-            paged_kv_indptr_buffer=torch.zeros(graph_batch + 1, **int32),
-            paged_kv_indices_buffer=torch.zeros(max_pages, **int32),
-            paged_kv_last_page_len_buffer=torch.zeros(graph_batch, **int32),
+            paged_kv_indptr_buffer=indptr[: graph_batch + 1], paged_kv_indices_buffer=indices,
+            paged_kv_last_page_len_buffer=last_page_len[:graph_batch],
         )  # fmt: skip
+
+    def _graph_page_buffers(self, graph_batch: int, max_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The page-index buffers every graph-mode wrapper uses, grown where a batch needs more (graphs are
+        captured largest first, so that happens once; wrappers made before keep the buffers they have)."""
+        if self._graph_pages is None or len(self._graph_pages[2]) < graph_batch or len(self._graph_pages[1]) < max_pages:
+            int32 = dict(dtype=torch.int32, device=self.device)
+            self._graph_pages = (torch.zeros(graph_batch + 1, **int32), torch.zeros(max_pages, **int32),
+                                 torch.zeros(graph_batch, **int32))  # fmt: skip
+        return self._graph_pages
 
     @staticmethod
     def _attention_kwargs(features: LayerAttentionFeatures) -> dict:

@@ -26,10 +26,31 @@ from custom_ops import StepAttentionMetadata, planned_step
 log = logging.getLogger("compiled_llm.cuda_graphs")
 
 
+# Up to this batch size every multiple of 8 is captured; above it, 8 sizes per doubling.
+FINE_BUCKETS_UP_TO = 256
+
+
 def default_batch_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8 up to max_batch_size (and max_batch_size itself)."""
-    sizes = [s for s in (1, 2, 4) if s < max_batch_size] + list(range(8, max_batch_size, 8))
-    return sorted(set(sizes + [max_batch_size]))
+    """1, 2, 4, every multiple of 8 up to 256, then steps of an eighth of the power of two below (288,
+    320, ..., 512, 576, ..., 1024, 1152, ...), and max_batch_size itself. A step then pads at most 7 rows
+    up to 256 and at most 1/8 of its batch above, and a doubling of max_batch_size costs 8 graphs more,
+    not max_batch_size / 8."""
+    sizes = {size for size in (1, 2, 4) if size < max_batch_size} | {max_batch_size}
+    size = 8
+    while size < max_batch_size:
+        sizes.add(size)
+        size += 8 if size < FINE_BUCKETS_UP_TO else 1 << (size.bit_length() - 4)
+    return sorted(sizes)
+
+
+def caused_by_out_of_memory(error: BaseException | None) -> bool:
+    """Whether `error` is a CUDA OOM, or was raised from or while handling one (ending a graph capture that
+    an OOM broke off raises an error of its own; Inductor wraps one met while autotuning)."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class _StaticInputs:
@@ -87,19 +108,32 @@ class DecodeCudaGraphs:
         free_before = torch.cuda.mem_get_info(self.runner.device)[0]
         pool = torch.cuda.graph_pool_handle()
         for batch_size in reversed(self.batch_sizes):
-            inputs, metadata, _ = self.runner.step_inputs([], pad_to_seqs=batch_size)  # all padding
-            views = {**self._load(batch_size, inputs, metadata), **self.runner.kv_cache.tensors}
-            with planned_step(self.runner.planners):
-                self.runner.graph(views)  # warm-up outside the capture: lazy initialisation, allocator
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.runner.graph(views)
-            self._graphs[batch_size] = (graph, logits)
+            try:
+                self._graphs[batch_size] = self._capture_one(batch_size, pool)
+            except Exception as error:
+                if not caused_by_out_of_memory(error):
+                    raise
+                kv_gib = self.runner.kv_cache.nbytes / 2**30
+                raise ValueError(
+                    f"out of GPU memory capturing the decode CUDA graph of batch size {batch_size} "
+                    f"({len(self._graphs)} of {len(self.batch_sizes)} captured; the KV cache holds {kv_gib:.1f} GiB): "
+                    "lower kv_cache_memory_fraction or num_kv_blocks, or max_batch_size (or cuda_graph_batch_sizes)"
+                ) from error
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.runner.device)[0])
         log.info("captured %d CUDA graphs (%s) in %.1f s", len(self._graphs), self.batch_sizes, self.capture_s)
+
+    def _capture_one(self, batch_size: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        inputs, metadata, _ = self.runner.step_inputs([], pad_to_seqs=batch_size)  # all padding
+        views = {**self._load(batch_size, inputs, metadata), **self.runner.kv_cache.tensors}
+        with planned_step(self.runner.planners):
+            self.runner.graph(views)  # warm-up outside the capture: lazy initialisation, allocator
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.runner.graph(views)
+        return graph, logits
 
     def replay(self, batch_size: int, inputs: dict[str, torch.Tensor], metadata: StepAttentionMetadata,
                fills: TokenFills | None = None) -> torch.Tensor:  # fmt: skip

@@ -66,6 +66,24 @@ def _available_host_memory() -> int:
 CPU_KV_CACHE_BUDGET = 1 * GiB
 
 
+def _free_memory(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
+
+
+def check_kv_cache_fits(layers: Sequence[PagedLayer], num_blocks: int, block_size: int, device: torch.device,
+                        reserved_bytes: int = 0) -> None:  # fmt: skip
+    """Raise ValueError, naming num_kv_blocks and the most that fit, where the cache would not fit in the free
+    memory less `reserved_bytes` (a failed allocation would say neither)."""
+    block_bytes = PagedKVCache.bytes_per_block(layers, block_size)
+    free = _free_memory(device) - reserved_bytes
+    if (1 + num_blocks) * block_bytes > free:
+        where = "GPU memory" if device.type == "cuda" else "available RAM"
+        raise ValueError(
+            f"num_kv_blocks={num_blocks} needs {(1 + num_blocks) * block_bytes / GiB:.2f} GiB, more than the "
+            f"{max(free, 0) / GiB:.2f} GiB of {where} left for it: at most {max(int(free // block_bytes) - 1, 0)} fit"
+        )
+
+
 def default_num_kv_blocks(
     layers: Sequence[PagedLayer],
     block_size: int,
