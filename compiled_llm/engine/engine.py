@@ -90,14 +90,16 @@ class Engine:
         logits = None
         if scheduled:
             for request, chunk in scheduled:
-                if request.token_in_flight and chunk.seq.num_computed + chunk.num_tokens == len(chunk.seq):
+                if request.token_in_flight and chunk.seq.num_computed + chunk.num_tokens == len(chunk.seq.token_ids):
                     chunk.fill_row = previous.rows[request]
             logits = self.runner.execute([chunk for _, chunk in scheduled], previous.tokens if previous else None)
         updated = self._process(previous) if previous is not None else []
         if scheduled:
             if self.scheduler.pool.enable_prefix_caching:
+                block_size = self.scheduler.pool.block_size
                 for request, _ in scheduled:  # blocks now full of computed tokens become findable
-                    if request.state is not RequestState.FINISHED:
+                    filled = request.seq.num_computed >= (request.num_registered_blocks + 1) * block_size
+                    if filled and request.state is not RequestState.FINISHED:
                         self._register_full_blocks(request)
             sampling = [request for request, chunk in scheduled if chunk.logits == "last"]
             if sampling:

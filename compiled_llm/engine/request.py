@@ -56,9 +56,14 @@ class Request:
         return self.seq.token_ids[len(self.prompt_token_ids) : end]
 
     @property
+    def num_output_tokens(self) -> int:
+        """len(output_token_ids), without building the list."""
+        return len(self.seq.token_ids) - len(self.prompt_token_ids) - self.token_in_flight
+
+    @property
     def last_token_in_flight(self) -> bool:
         """Its token in flight is its last (max_tokens): nothing more to compute."""
-        return self.token_in_flight and len(self.seq) - len(self.prompt_token_ids) >= self.params.max_tokens
+        return self.token_in_flight and len(self.seq.token_ids) - len(self.prompt_token_ids) >= self.params.max_tokens
 
     def add_placeholder(self) -> None:
         self.seq.token_ids.append(-1)
@@ -78,16 +83,15 @@ class Request:
             self.seq.token_ids.append(token)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
-        now = time.time()
         if self.first_token_time is None:
-            self.first_token_time = now
+            self.first_token_time = time.time()
         if token in self.params.stop_token_ids or (token in eos_token_ids and not self.params.ignore_eos):
-            self.finish("stop", now)
+            self.finish("stop")
         elif self.detokenizer is not None and self.detokenizer.update(self.output_token_ids):
-            self.finish("stop", now)  # a stop string: the text already ends before it
+            self.finish("stop")  # a stop string: the text already ends before it
             return
-        elif len(self.output_token_ids) >= self.params.max_tokens:
-            self.finish("length", now)
+        elif self.num_output_tokens >= self.params.max_tokens:
+            self.finish("length")
         if self.state is RequestState.FINISHED and self.detokenizer is not None:
             self.detokenizer.finish(self.output_token_ids)
 

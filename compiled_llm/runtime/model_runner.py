@@ -83,37 +83,53 @@ class ModelRunner:
         block_size = self.kv_cache.block_size
         width = 1  # block-table columns: the step's longest sequence, not max_seq_len
         for chunk in chunks:
-            width = max(width, self.kv_cache.blocks_for(chunk.seq.num_computed + chunk.num_tokens))
+            width = max(width, -(-(chunk.seq.num_computed + chunk.num_tokens) // block_size))
         input_ids, positions, slots, logits_indices = [], [], [], []
-        query_start_loc, seq_lens, block_rows = [0], [], []
+        query_start_loc, seq_lens, block_table = [0], [], []  # block_table: row-major, `width` per sequence
+        # Runs for every sequence of every step (a thousand at large batches): one-token chunks (decode)
+        # take a path of plain appends.
         for chunk in chunks:
-            seq, start = chunk.seq, chunk.seq.num_computed
-            end = start + chunk.num_tokens
-            if chunk.num_tokens < 1 or end > len(seq):
-                raise ValueError(f"cannot compute tokens {start}:{end} of a sequence of {len(seq)} tokens")
+            seq, n = chunk.seq, chunk.num_tokens
+            tokens, blocks, start = seq.token_ids, seq.block_ids, seq.num_computed
+            end = start + n
+            if n < 1 or end > len(tokens):
+                raise ValueError(f"cannot compute tokens {start}:{end} of a sequence of {len(tokens)} tokens")
             if end > self.max_seq_len:
                 raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
-            self.ensure_blocks(seq, end)
-            first = len(input_ids)
-            input_ids += seq.token_ids[start:end]
-            positions += range(seq.first_position + start, seq.first_position + end)
-            slots += (seq.block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
-            if chunk.logits == "all":
-                logits_indices += range(first, len(input_ids))
-            elif chunk.logits == "last":
-                logits_indices.append(len(input_ids) - 1)
-            query_start_loc.append(len(input_ids))
+            if len(blocks) * block_size < end:
+                self.ensure_blocks(seq, end)
+                blocks = seq.block_ids
+            if n == 1:
+                input_ids.append(tokens[start])
+                positions.append(seq.first_position + start)
+                slots.append(blocks[start // block_size] * block_size + start % block_size)
+            else:
+                input_ids += tokens[start:end]
+                positions += range(seq.first_position + start, seq.first_position + end)
+                slots += (blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+            total = len(input_ids)
+            if chunk.logits == "last":
+                logits_indices.append(total - 1)
+            elif chunk.logits == "all":
+                logits_indices += range(total - n, total)
+            query_start_loc.append(total)
             seq_lens.append(end)
-            block_rows.append(seq.block_ids[:width] + [SCRATCH_BLOCK] * (width - len(seq.block_ids)))
+            if len(blocks) >= width:
+                block_table += blocks[:width]
+            else:
+                block_table += blocks
+                block_table += [SCRATCH_BLOCK] * (width - len(blocks))
         wanted = len(logits_indices)
-        for _ in range(len(chunks), pad_to_seqs):
-            logits_indices.append(len(input_ids))
-            input_ids.append(0)
-            positions.append(0)
-            slots.append(SCRATCH_BLOCK * block_size)
-            query_start_loc.append(len(input_ids))
-            seq_lens.append(1)
-            block_rows.append([SCRATCH_BLOCK] * width)
+        padding = pad_to_seqs - len(chunks)
+        if padding > 0:
+            first = len(input_ids)
+            logits_indices += range(first, first + padding)
+            input_ids += [0] * padding
+            positions += [0] * padding
+            slots += [SCRATCH_BLOCK * block_size] * padding
+            query_start_loc += range(first + 1, first + padding + 1)
+            seq_lens += [1] * padding
+            block_table += [SCRATCH_BLOCK] * (width * padding)
         if not logits_indices:  # e.g. a middle prefill chunk: keep the graph's logits dimension non-empty
             logits_indices.append(len(input_ids) - 1)
 
@@ -122,9 +138,10 @@ class ModelRunner:
         pinned = self.device.type == "cuda"
         values = {
             "input_ids": input_ids, "position_ids": positions, "logits_indices": logits_indices, "slot_mapping": slots,
-            "block_table": block_rows, "query_start_loc": query_start_loc, "seq_lens": seq_lens,
+            "block_table": block_table, "query_start_loc": query_start_loc, "seq_lens": seq_lens,
         }  # fmt: skip
         inputs = {name: torch.tensor(values[name], dtype=STEP_INPUT_DTYPES[name], pin_memory=pinned) for name in STEP_INPUTS}
+        inputs["block_table"] = inputs["block_table"].view(len(seq_lens), width)
         metadata = StepAttentionMetadata(
             block_table=inputs["block_table"],
             query_start_loc=inputs["query_start_loc"],
@@ -176,12 +193,13 @@ class ModelRunner:
         flat, dst, src = 0, [], []
         for chunk in chunks:
             flat += chunk.num_tokens
+            tokens, end = chunk.seq.token_ids, chunk.seq.num_computed + chunk.num_tokens
             if chunk.fill_row is not None:
-                if chunk.seq.num_computed + chunk.num_tokens != len(chunk.seq):
+                if end != len(tokens):
                     raise ValueError("a chunk with a fill_row must end with the sequence's last token")
                 dst.append(flat - 1)
                 src.append(chunk.fill_row)
-            elif chunk.seq.token_ids[chunk.seq.num_computed + chunk.num_tokens - 1] < 0:
+            elif tokens[end - 1] < 0:
                 raise ValueError("a placeholder token (< 0) is computed without a fill_row to take it from")
         if not dst:
             return None
