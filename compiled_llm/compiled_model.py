@@ -12,6 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from compiled_llm.capture import capture_model, text_config
+from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.config import CompileConfig
 from compiled_llm.decode_loop import decode
@@ -19,6 +20,7 @@ from compiled_llm.generation import GenerationSettings
 from compiled_llm.progress import StageProgress
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
+from compiled_llm.verify import self_check
 from compiled_llm.runtime import (
     DecodeCudaGraphs,
     ModelRunner,
@@ -76,6 +78,7 @@ class CompiledModel:
                 start = time.perf_counter()
                 pass_results = run_passes(captured.gm, config)
                 timings["passes_s"] = time.perf_counter() - start
+            self.max_seq_len = _bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
 
             layers = captured.gm.meta["paged_attention"]
             self.vocab_size = captured.vocab_size
@@ -95,6 +98,11 @@ class CompiledModel:
                 timings["cuda_graphs_s"] = self.runner.cuda_graphs.capture_s
             else:
                 progress.set_total(3)
+
+        if config.verify or (config.verify is None and not _is_hf_model(model)):
+            start = time.perf_counter()
+            self_check(self, model, forward_signature(model))
+            timings["self_check_s"] = time.perf_counter() - start
 
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.report = CompileReport(
@@ -343,6 +351,28 @@ def _max_seq_len(model: nn.Module, asked: int | None) -> int:
             f"times the factor of a linear, dynamic or YaRN RoPE scaling): the largest max_seq_len that works is {trained}"
         )
     return asked or int(trained or 2048)
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def _bounded_by_position_tables(max_seq_len: int, asked: int | None, gm: torch.fx.GraphModule) -> int:
+    """max_seq_len within the rows of the tables positions index (`runtime_positions` records them): a
+    position past a learned table would read outside it."""
+    if gm.meta.get("last_position_only"):
+        raise ValueError("the module returns its last position's logits only: the select_logits_rows pass must run")
+    rows = gm.meta.get("max_positions")
+    if rows is None or max_seq_len <= rows:
+        return max_seq_len
+    if asked is not None:
+        raise ValueError(
+            f"max_seq_len={asked} exceeds the {rows} rows of the model's position table (a learned position "
+            f"embedding or a precomputed RoPE table): the largest max_seq_len that works is {rows}"
+        )
+    return rows
 
 
 def _context_length(config) -> int | None:

@@ -111,6 +111,14 @@ class CompileConfig(BaseModel):
     kv_cache_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
     """Share of free memory the KV cache may take when `num_kv_blocks` is None."""
 
+    verify: bool | None = None
+    """Hold the compiled model against the module itself before `compile_model` returns: two short random
+    prompts, in one step and decoded token by token over the paged KV cache, every position's logits
+    within a tolerance of the module's own forward (1e-3 of the largest logit in float32, 6e-2 in
+    bfloat16, 1e-2 in float16) and the same greedy tokens; a mismatch raises `SelfCheckError` naming
+    where. None: on for modules that are not Hugging Face models (their rewrite relies on recognising
+    their code), off for Hugging Face models (their attention is routed by transformers itself)."""
+
     autotune: Literal["off", "cache", "full"] = "off"
     """Kernel selection: `off` uses defaults, `cache` reads the on-disk kernel cache, `full` tunes."""
 

@@ -31,7 +31,7 @@ class CompileReport:
     kv_cache: str  # e.g. "2 layers x 1024 blocks x 16 tokens (4.0 MiB)"
     cuda_graphs: str = "off"
     kernel_launch: str = ""  # how our Triton kernels launch (custom_ops.triton_runtime.kernel_launch_mode)
-    timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s
+    timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s, self_check_s
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -57,4 +57,6 @@ class CompileReport:
         lines.append(f"  cuda graphs {self.cuda_graphs}")
         if self.kernel_launch:
             lines.append(f"  triton kernels {self.kernel_launch}")
+        if "self_check_s" in t:
+            lines.append(f"  self-check {t['self_check_s']:5.2f} s  logits equal to the module's own (verify)")
         return "\n".join(lines)

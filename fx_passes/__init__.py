@@ -1,13 +1,18 @@
 """Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
 
 from fx_passes import (  # noqa: F401  (registers the passes)
+    explicit_view_sizes,
     fuse_linear_silu_mul,
     fuse_parallel_linears,
     fuse_rms_norm,
     graph_cleanup,
     insert_linear_op,
     insert_paged_attention,
+    match_explicit_attention,
     match_sdpa_attention,
+    module_kv_cache,
+    runtime_positions,
+    select_logits_rows,
     token_major_attention_inputs,
 )
 from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer

@@ -20,7 +20,8 @@ import torch.fx
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
 from custom_ops import LayerAttentionFeatures, select_attention_backend
-from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION, SDPA
+from fx_passes.causal_mask import user_line
+from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION, SDPA, sdpa_arguments, unsupported_sdpa_reason
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
@@ -83,12 +84,21 @@ def _add_placeholders(graph: torch.fx.Graph, names: list[str]) -> dict[str, torc
 @register_pass("insert_paged_attention")
 def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
+    written = [name.removeprefix("model.") for name in gm.meta.get("written_state", ())]
+    if written:
+        raise ValueError(
+            f"the module's forward writes buffers {written}: state kept between calls (a KV cache other than "
+            "gpt-fast's index_put at the positions, a recurrent state) that the paged runtime cannot keep per "
+            "sequence; give it a forward that computes from the token ids and positions alone"
+        )
     sites = calls(graph, CANONICAL_ATTENTION)
-    leftover_sdpa = [n.name for n in calls(graph, SDPA)]
+    leftover_sdpa = [
+        f"{n.name}: {unsupported_sdpa_reason(sdpa_arguments(n)) or 'not matched'} ({user_line(n)})" for n in calls(graph, SDPA)
+    ]
     if leftover_sdpa:
         raise ValueError(
-            f"the graph still has scaled_dot_product_attention calls the paged cache cannot serve: {leftover_sdpa} "
-            "(only causal SDPA without an explicit mask or dropout is supported)"
+            f"the graph still has scaled_dot_product_attention calls the paged cache cannot serve: "
+            f"{'; '.join(leftover_sdpa)} (only causal SDPA without an explicit mask or dropout is supported)"
         )
     if not sites:
         raise ValueError("found no attention op to page: the captured graph has no compiled_llm.attention call")

@@ -38,8 +38,17 @@ _PASSES: dict[str, PassFn] = {}
 DEFAULT_PIPELINE: tuple[str, ...] = (
     # First: export leaves asserts and no-op casts that would hide patterns from the matchers below.
     "graph_cleanup",
+    # Any time before compiling: Dynamo cannot infer a -1 over the unbacked token count.
+    "explicit_view_sizes",
+    # Non-HF modules: positions from the runtime, logits of every row asked for (no-ops for HF models).
+    "runtime_positions",
+    "select_logits_rows",
+    # Before match_sdpa_attention, which pages the causal SDPA calls it leaves.
+    "module_kv_cache",
     # Before insert_paged_attention: plain SDPA calls must become canonical attention ops to be paged.
     "match_sdpa_attention",
+    # After runtime_positions, whose position tables bound the masks it proves causal.
+    "match_explicit_attention",
     # After cleanup, which removes the no-op casts between a shared input and its linears.
     "fuse_parallel_linears",
     # After fusion, whose in-place views it rebuilds RoPE on; before paging, which it leaves alone.

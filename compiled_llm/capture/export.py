@@ -10,6 +10,7 @@ N tokens that need them (hidden states are gathered before the LM head).
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ import torch.fx
 from torch import nn
 
 from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
+from compiled_llm.capture.forward_signature import forward_signature, output_logits
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
 
 GRAPH_INPUTS = ("input_ids", "position_ids", "logits_indices")
+
+log = logging.getLogger("compiled_llm.capture")
 
 
 @dataclass
@@ -41,15 +45,18 @@ class FlatTokenForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.signature = forward_signature(model)
         self.selects_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, position_ids, logits_indices):  # [T], [T], [N] -> [N, V]
-        kwargs = {"input_ids": input_ids[None], "position_ids": position_ids[None]}
         if self.selects_logits:  # HF: gather hidden states before the LM head
-            out = self.model(**kwargs, use_cache=False, logits_to_keep=logits_indices)
+            out = self.signature.call(self.model, input_ids, position_ids, use_cache=False, logits_to_keep=logits_indices)
             return out.logits[0]
-        out = self.model(**kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
+        logits = output_logits(self.signature.call(self.model, input_ids, position_ids), self.model)
+        if isinstance(logits.shape[1], int) and logits.shape[1] == 1:
+            # Logits of the last position only, over T > 1 tokens (nanoGPT at inference): the
+            # select_logits_rows pass makes the graph compute the rows logits_indices asks for instead.
+            return logits[0]
         return logits[0, logits_indices]
 
 
@@ -84,12 +91,7 @@ def check_causal_lm(model: nn.Module) -> None:
         return
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module causal LM, got {type(model).__name__}")
-    params = inspect.signature(model.forward).parameters
-    if not {"input_ids", "position_ids"} <= params.keys():
-        raise ValueError(
-            f"{name}.forward must accept `input_ids` and `position_ids` ([batch, seq] each) and return logits "
-            f"to be captured; it takes {list(params)}"
-        )
+    forward_signature(model)
 
 
 def _culprit(error: BaseException) -> str:
@@ -113,6 +115,37 @@ def _plain_graph_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(exported, graph)  # shares the model's parameters, copies nothing
 
 
+def _written_state(program: torch.export.ExportedProgram) -> list[str]:
+    """The buffers and parameters the forward writes in place (directly or through a view of them)."""
+    signature = program.graph_signature
+    state = {**signature.inputs_to_buffers, **signature.inputs_to_parameters}
+    roots = {}  # node -> the state it is (a view of)
+    written = set(signature.buffers_to_mutate.values())
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in state:
+            roots[node] = state[node.name]
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            schema = node.target._schema
+            for arg, value in zip(schema.arguments, node.args):
+                if isinstance(value, torch.fx.Node) and value in roots:
+                    if arg.alias_info is not None and arg.alias_info.is_write:
+                        written.add(roots[value])
+                    elif arg.alias_info is not None:  # a view of it
+                        roots[node] = roots[value]
+    return sorted(written)
+
+
+def _export_to_the_modules_bound(flat: FlatTokenForward, example: tuple, arch: str) -> torch.export.ExportedProgram:
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(flat, example, dynamic_shapes=({0: auto}, {0: auto}, {0: auto}), strict=False)
+    token_count = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
+    if not isinstance(token_count.shape[0], torch.SymInt):
+        raise CaptureError(f"cannot capture {arch}: its forward works for {token_count.shape[0]} tokens only")
+    bound = program.range_constraints.get(token_count.shape[0].node.expr)
+    log.info("%s bounds a forward to %s tokens: the runtime bounds each sequence instead", arch, bound)
+    return program
+
+
 def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel:
     """Export `model` (a causal LM) into one aten-level FX graph with flat, dynamic token inputs."""
     check_causal_lm(model)
@@ -125,11 +158,20 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
     example = (torch.tensor([1, 2, 3], device=device), torch.arange(3, device=device), torch.tensor([1, 2], device=device))
     was_training = model.training
     model.eval()
+    flat = FlatTokenForward(model)
     try:
         with route_attention_to_canonical_op(model), torch.no_grad():
-            program = torch.export.export(
-                FlatTokenForward(model), example, dynamic_shapes=({0: tokens}, {0: tokens}, {0: num_logits}), strict=False
-            )
+            try:
+                program = torch.export.export(
+                    flat, example, dynamic_shapes=({0: tokens}, {0: tokens}, {0: num_logits}), strict=False
+                )
+            except torch._dynamo.exc.UserError as error:
+                if "Constraints violated" not in str(error):
+                    raise
+                # The forward bounds its sequence length (nanoGPT asserts t <= block_size; a position table has
+                # that many rows). A step's tokens are not one sequence: export to the bound, and bound the
+                # sequences instead (runtime_positions records the tables; the self-check holds the result).
+                program = _export_to_the_modules_bound(flat, example, arch)
     except CaptureError as error:
         raise CaptureError(f"cannot capture {arch}: {error}") from error
     except Exception as error:  # torch.export reports many kinds; name the module that failed
@@ -141,6 +183,9 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
         model.train(was_training)
 
     gm = _plain_graph_module(program.module())
+    # State the forward keeps between calls: the module_kv_cache pass replaces a KV cache it recognises;
+    # insert_paged_attention refuses what is left.
+    gm.meta["written_state"] = _written_state(program)
     sites = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION)
     num_layers = getattr(text_config(model), "num_hidden_layers", None)
     if num_layers is not None and sites != num_layers:
@@ -150,4 +195,7 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
         )
     output = next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0][0]
     logits = output.meta["val"]
+    num_logits = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "logits_indices").meta["val"]
+    # One row whatever logits_indices asks for: the module computes its last position only (see forward).
+    gm.meta["last_position_only"] = str(logits.shape[0]) != str(num_logits.shape[0])
     return CapturedModel(gm, arch, num_layers, int(logits.shape[-1]), logits.dtype, time.perf_counter() - start)

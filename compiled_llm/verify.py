@@ -1,0 +1,129 @@
+"""The self-check of a drop-in compile: the rewritten, compiled graph against the user's own module.
+
+Rewriting a module written outside Hugging Face relies on recognising what its code means (where positions
+come from, which op is attention, which rows become logits); a module that means something else must fail
+here, not answer wrongly later. Two short random prompts run through the paged runtime twice:
+
+- in one step together (one flat batch of two sequences), every position's logits;
+- as prefill of their first tokens, then one token per step (incremental decode over the KV cache);
+
+and every position's logits are held against the module's own forward on that prefix, in its own dtype:
+the largest difference may be `TOLERANCE[dtype]` times the largest logit magnitude (at least 1), and the
+greedy token must be the module's wherever its best two logits are further apart than that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_llm.runtime import ScheduledChunk, Sequence
+
+# Of the largest |logit|: float32 keeps Inductor's reordered sums; 16-bit types round every activation.
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+PROMPT_LENGTHS = (6, 4)
+PREFILL_TOKENS = 2
+
+
+class SelfCheckError(RuntimeError):
+    """The compiled module does not compute what the module computes; the message says where."""
+
+
+@torch.no_grad()
+def reference_logits(model, signature, prompt: list[int], device) -> torch.Tensor:
+    """[len(prompt), V]: the module's logits at each position, from its forward on that prefix."""
+    from compiled_llm.capture.forward_signature import output_logits
+
+    rows = []
+    for end in range(len(prompt), 0, -1):  # the full prompt first: one call when it returns every position
+        ids = torch.tensor(prompt[:end], device=device)
+        logits = output_logits(signature.call(model, ids, torch.arange(end, device=device)), model)[0]
+        if logits.shape[0] == end:
+            return torch.cat([logits] + rows[::-1])
+        rows.append(logits[-1:])
+    return torch.cat(rows[::-1])
+
+
+def _run(runner, prompts: list[list[int]], first_step: int) -> list[torch.Tensor]:
+    """Each prompt's logits at every position: a step of the first `first_step` tokens of each (all logits),
+    then one token of each per step."""
+    seqs = [Sequence(list(p)) for p in prompts]
+    out = [[] for _ in prompts]
+    try:
+        chunks = [ScheduledChunk(s, min(first_step, len(s)), "all") for s in seqs]
+        logits = runner.execute(chunks)
+        offset = 0
+        for i, chunk in enumerate(chunks):
+            out[i].append(logits[offset : offset + chunk.num_tokens].float().cpu())
+            offset += chunk.num_tokens
+        while any(s.num_pending for s in seqs):
+            pending = [i for i, s in enumerate(seqs) if s.num_pending]
+            logits = runner.execute([ScheduledChunk(seqs[i], 1, "last") for i in pending])
+            for row, i in enumerate(pending):
+                out[i].append(logits[row : row + 1].float().cpu())
+    finally:
+        for seq in seqs:
+            runner.release(seq)
+    return [torch.cat(rows) for rows in out]
+
+
+def _mismatch(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """What differs between [L, V] logits, or None."""
+    scale = max(1.0, expected.abs().max().item())
+    allowed = TOLERANCE.get(dtype, 1e-2) * scale
+    diff = (actual - expected).abs().amax(dim=-1)
+    top2 = expected.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * allowed
+    wrong_token = decisive & (actual.argmax(-1) != expected.argmax(-1))
+    bad = (diff > allowed) | wrong_token
+    if not bad.any():
+        return None
+    first = int(bad.nonzero()[0])
+    return (f"position {first}: max |difference| {diff[first].item():.3g} (allowed {allowed:.3g}), greedy token "
+            f"{int(actual[first].argmax())} vs {int(expected[first].argmax())}")  # fmt: skip
+
+
+def position_suspects(gm) -> list[str]:
+    """Ops of the captured graph whose result depends on the number of tokens in a step and that no pass
+    rewrote: where a computation over positions usually hides (a mask, a cumulative sum, an arange)."""
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not any(
+            k in str(node.target) for k in ("arange", "tril", "triu", "cumsum", "ones", "full", "zeros")
+        ):
+            continue
+        line = (node.meta.get("stack_trace") or "").strip().splitlines()[-2:]
+        names.append(f"{node.target} ({' '.join(s.strip() for s in line)})" if line else str(node.target))
+    return names
+
+
+def self_check(compiled, model, signature) -> None:
+    """Raise SelfCheckError if the compiled model's logits differ from the module's (see module docstring)."""
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(0)
+    lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
+    prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
+    runner = compiled.runner
+    together = compiled.config.max_batch_size >= len(prompts) and runner.kv_cache.allocator.num_free >= sum(
+        runner.kv_cache.blocks_for(n) for n in lengths
+    )
+    groups = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+    runs = {
+        "both prompts in one step (a flat batch of two sequences)": max(lengths),
+        f"prefill of {PREFILL_TOKENS} tokens, then one token per step (incremental decode)": PREFILL_TOKENS,
+    }
+    for what, first_step in runs.items():
+        actuals = {}
+        for group in groups:
+            actuals.update(zip(group, _run(runner, [prompts[i] for i in group], first_step)))
+        for i, reference in enumerate(expected):
+            actual = actuals[i]
+            problem = _mismatch(actual, reference, dtype)
+            if problem:
+                suspects = position_suspects(compiled.graph_module)
+                hint = f"; ops over the step's tokens left in the graph: {'; '.join(suspects)}" if suspects else ""
+                raise SelfCheckError(
+                    f"the compiled {type(model).__name__} differs from the module itself ({what}, prompt {i}, "
+                    f"{problem}): compiled-llm does not know how to run this module over a paged KV cache{hint}. "
+                    "compile_model(..., verify=False) skips this check at your own risk"
+                )

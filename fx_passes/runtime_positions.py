@@ -1,0 +1,102 @@
+"""runtime_positions: positions a module derives from the token count become the runtime's positions.
+
+    pos = aten.arange(start, start + T)      # T: the number of tokens (nanoGPT: torch.arange(0, t))
+    ->
+    pos = position_ids + start               # cast to the arange's dtype
+
+A module without a position argument computes position t for its t-th input token. Over the runtime's flat
+tokens (several sequences, each continuing from its cache) the t-th token is not at position t; the
+runtime's `position_ids` say where each one is. The self-check (compiled_llm/verify.py) holds the result
+against the module's own forward, so an arange used otherwise (a mask, say) fails loudly, not silently.
+
+Also records `gm.meta["max_positions"]`: the rows of the smallest table indexed by positions (a learned
+position embedding, a precomputed RoPE table), past which a sequence cannot go.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.fx
+
+from fx_passes.node_meta import insert_call
+from fx_passes.registry import PassResult, register_pass
+
+aten = torch.ops.aten
+ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+# Ops a position index passes through unchanged in meaning on its way to a table lookup.
+_POSITION_VIEWS = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
+                   aten.select.int, aten.to.dtype, aten._to_copy.default, aten.alias.default)  # fmt: skip
+
+
+def _expr(value) -> sympy.Expr | None:
+    if isinstance(value, torch.fx.Node):
+        value = value.meta.get("val")
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    return None
+
+
+def _arange_range(node: torch.fx.Node) -> tuple:
+    """(start, end, step) of an arange node, as written."""
+    args = list(node.args)
+    if node.target is aten.arange.default:
+        return 0, args[0], 1
+    start, end = args[0], args[1]
+    step = args[2] if node.target is aten.arange.start_step else node.kwargs.get("step", 1)
+    return start, end, step
+
+
+def _table_rows(node: torch.fx.Node, seen: set) -> list[int]:
+    """Rows of the tables that positions flowing out of `node` index (embedding weights, indexed buffers)."""
+    rows = []
+    for user in node.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.target is aten.embedding.default and user.args[1] is node:
+            rows.append(int(user.args[0].meta["val"].shape[0]))
+        elif user.target is aten.index.Tensor and user.args[1] and user.args[1][0] is node:
+            rows.append(int(user.args[0].meta["val"].shape[0]))
+        elif user.target in _POSITION_VIEWS:
+            rows += _table_rows(user, seen)
+    return rows
+
+
+@register_pass("runtime_positions")
+def runtime_positions(gm: torch.fx.GraphModule, config) -> PassResult:
+    graph = gm.graph
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    positions = placeholders["position_ids"]
+    tokens = _expr(placeholders["input_ids"].meta["val"].shape[0])
+    replaced, skipped = 0, []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in ARANGES:
+            continue
+        start, end, step = _arange_range(node)
+        start_e, end_e, step_e = _expr(start), _expr(end), _expr(step)
+        if None in (start_e, end_e, step_e) or not isinstance(start, int) or step_e != 1:
+            continue
+        if sympy.simplify(end_e - start_e - tokens) != 0:
+            if tokens in end_e.free_symbols:
+                skipped.append(f"{node.name}: arange({start}, {end_e}, {step}) over the tokens but not one per token")
+            continue
+        dtype = node.kwargs.get("dtype") or torch.int64
+        with graph.inserting_before(node):
+            new = positions if start == 0 else insert_call(graph, aten.add.Tensor, (positions, start))
+            if dtype != torch.int64:
+                new = insert_call(graph, aten.to.dtype, (new, dtype))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        replaced += 1
+    rows = _table_rows(positions, set())
+    if rows:
+        gm.meta["max_positions"] = min(rows)
+    graph.lint()
+    gm.recompile()
+    detail = f"tables of {min(rows)} positions" if rows else ""
+    if skipped:
+        detail += ("; " if detail else "") + f"left {'; '.join(skipped)}"
+    return PassResult("runtime_positions", replaced, detail)
