@@ -4,6 +4,10 @@
     ->
     pos = position_ids + start               # cast to the arange's dtype
 
+    e = aten.slice(table, dim, 0, T)         # a table's first T rows (minGPT: pos_emb[:, :t, :])
+    ->
+    e = aten.index_select(table, dim, position_ids)
+
 A module without a position argument computes position t for its t-th input token. Over the runtime's flat
 tokens (several sequences, each continuing from its cache) the t-th token is not at position t; the
 runtime's `position_ids` say where each one is. The self-check (compiled_llm/verify.py) holds the result
@@ -60,9 +64,22 @@ def _table_rows(node: torch.fx.Node, seen: set) -> list[int]:
             rows.append(int(user.args[0].meta["val"].shape[0]))
         elif user.target is aten.index.Tensor and user.args[1] and user.args[1][0] is node:
             rows.append(int(user.args[0].meta["val"].shape[0]))
+        elif user.target is aten.index_select.default and user.args[2] is node:
+            rows.append(int(user.args[0].meta["val"].shape[user.args[1]]))
         elif user.target in _POSITION_VIEWS:
             rows += _table_rows(user, seen)
     return rows
+
+
+def _table_prefix(node: torch.fx.Node, tokens) -> int | None:
+    """The dimension along which `node` takes a table's first T rows (`table[:, :t]`, minGPT's
+    `pos_emb[:, :t, :]`), T being the step's token count; None if it does not."""
+    if node.target is not aten.slice.Tensor or node.args[0].op != "get_attr":
+        return None
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
+    if start not in (0, None) or step != 1 or _expr(end) is None or sympy.simplify(_expr(end) - tokens) != 0:
+        return None
+    return dim % node.args[0].meta["val"].dim()
 
 
 @register_pass("runtime_positions")
@@ -88,6 +105,15 @@ def runtime_positions(gm: torch.fx.GraphModule, config) -> PassResult:
             new = positions if start == 0 else insert_call(graph, aten.add.Tensor, (positions, start))
             if dtype != torch.int64:
                 new = insert_call(graph, aten.to.dtype, (new, dtype))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        replaced += 1
+    for node in list(graph.nodes):  # a table's first T rows: the rows of the tokens' positions
+        dim = _table_prefix(node, tokens) if node.op == "call_function" else None
+        if dim is None:
+            continue
+        with graph.inserting_before(node):
+            new = insert_call(graph, aten.index_select.default, (node.args[0], dim, positions))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         replaced += 1

@@ -106,6 +106,33 @@ def test_the_self_check_refuses_a_rewrite_that_changes_the_answer():
     assert "self-check" not in str(cm.report)
 
 
+class SlicedPositions(nn.Module):
+    """Learned positions as a parameter sliced to the sequence length (the first minGPT's pos_emb[:, :t, :])."""
+
+    def __init__(self, vocab=48, dim=16, block=32):
+        super().__init__()
+        self.wte, self.qkv, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, vocab)
+        self.pos_emb = nn.Parameter(torch.randn(1, block, dim))
+
+    def forward(self, idx):
+        t = idx.size(1)
+        x = self.wte(idx) + self.pos_emb[:, :t, :]
+        q, k, v = (z.view(1, t, 2, 8).transpose(1, 2) for z in self.qkv(x).split(16, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + y.transpose(1, 2).reshape(1, t, 16))
+
+
+def test_positions_from_a_sliced_table():
+    torch.manual_seed(0)
+    model = SlicedPositions().eval()
+    cm = compile_model(model, max_batch_size=2)
+    assert cm.report.pass_sites("runtime_positions") == 1 and cm.max_seq_len == 32
+    prompt = torch.randint(0, 48, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert (cm(prompt).logits - model(prompt)).abs().max() < 1e-4
+    assert cm.generate(prompt, max_new_tokens=16)[0, 12:].tolist() == naive_greedy(model, prompt[0].tolist(), 16)
+
+
 class Bidirectional(nn.Module):
     def __init__(self):
         super().__init__()
