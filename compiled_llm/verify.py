@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from compiled_llm.runtime import ScheduledChunk, Sequence
+from fx_passes.causal_mask import user_line
 
 # Of the largest |logit|: float32 keeps Inductor's reordered sums; 16-bit types round every activation.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 6e-2, torch.float16: 1e-2}
@@ -91,8 +92,8 @@ def position_suspects(gm) -> list[str]:
             k in str(node.target) for k in ("arange", "tril", "triu", "cumsum", "ones", "full", "zeros")
         ):
             continue
-        line = (node.meta.get("stack_trace") or "").strip().splitlines()[-2:]
-        names.append(f"{node.target} ({' '.join(s.strip() for s in line)})" if line else str(node.target))
+        line = user_line(node)
+        names.append(f"{node.target} ({line})" if line else str(node.target))
     return names
 
 

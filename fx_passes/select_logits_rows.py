@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
+from fx_passes.causal_mask import user_line
 from fx_passes.node_meta import set_fake_value
 from fx_passes.registry import PassResult, register_pass
 
@@ -80,10 +81,9 @@ def select_logits_rows(gm: torch.fx.GraphModule, config) -> PassResult:
             continue
         row_wise = node.target in _ROW_WISE or (node.target is aten.select.int and node.args[1:] == (0, 0))
         if not row_wise:
-            where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or [""]
             raise ValueError(
                 f"the module returns the logits of its last position only, and {node.format_node()} runs on that "
-                f"row before the output ({where[0].strip()}): cannot compute the logits of every sequence of a step"
+                f"row before the output ({user_line(node)}): cannot compute the logits of every sequence of a step"
             )
         downstream.append(node)
         frontier += node.users
