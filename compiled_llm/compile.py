@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from compiled_llm.capture.attention_routing import CaptureError
 from compiled_llm.runtime.model_runner import STEP_INPUTS
+from fx_passes.causal_mask import user_line
 
 # Inductor settings compiled-llm sets itself on CUDA (CompileConfig.inductor_options go over them).
 # combo_kernels launches independent kernels as one: RoPE of q and k, one launch fewer per layer, which
@@ -19,6 +24,35 @@ def _mark_unbacked(tensor: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
     # decode step (one token, one sequence, one logit) would compile a second graph.
     for dim in dims:
         torch._dynamo.decorators.mark_unbacked(tensor, dim)
+
+
+# Dynamo quotes the graph's generated code where it stopped: `name = torch.ops...` under the file FX gives it.
+_GENERATED_LINE = re.compile(r'File "<eval_with_key>[^"]*", line \d+, in forward\n\s+(\w+) = ')
+
+
+def _causes(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    return any(isinstance(e, kind) for e in _causes(error))
+
+
+def _compiler_error(error: BaseException) -> bool:
+    """Whether `error` comes from compiling (Dynamo, Inductor, symbolic shapes), not from running a kernel."""
+    return _caused_by(error, (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode))
+
+
+def _failing_node(gm: torch.fx.GraphModule, error: BaseException) -> torch.fx.Node | None:
+    """The graph's node where compiling stopped, from the generated line Dynamo quotes."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for e in _causes(error):
+        names = [name for name in _GENERATED_LINE.findall(str(e)) if name in nodes]
+        if names:
+            return nodes[names[-1]]
+    return None
 
 
 class CompiledGraph:
@@ -49,13 +83,33 @@ class CompiledGraph:
                 elif name in STEP_INPUTS or name.startswith("kv_cache_"):
                     _mark_unbacked(inputs[name])
         with torch.no_grad():
-            if self._compiled_once or not self.inductor_options:
+            if self._compiled_once:
                 return self._fn(*(inputs[name] for name in self.input_names))[0]
-            try:  # the first call compiles: name the user's options if Inductor fails with them
+            try:  # the first call compiles: name the op and the user's options if it fails
                 out = self._fn(*(inputs[name] for name in self.input_names))[0]
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                raise ValueError(
-                    f"Inductor failed to compile the graph (inductor_options were {self.inductor_options}): {error}"
-                ) from error
+            except Exception as error:
+                if not _compiler_error(error):
+                    raise
+                if self.inductor_options:
+                    raise ValueError(
+                        f"Inductor failed to compile the graph (inductor_options were {self.inductor_options}): {error}"
+                    ) from error
+                raise CaptureError(self._compile_failure(error)) from error
             self._compiled_once = True
             return out
+
+    def _compile_failure(self, error: BaseException) -> str:
+        """What failed to compile, in the user's terms: the op, its line of user code, what to change."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        node = _failing_node(self.gm, error)
+        where = f" at {node.target} ({user_line(node) or node.name})" if node is not None else ""
+        data_dependent = _caused_by(error, GuardOnDataDependentSymNode)
+        advice = (
+            "its sizes depend on the step's token count in a way the compiler cannot decide for every count "
+            "(a -1 in a view over the tokens, a size computed from the data): write the sizes out"
+            if data_dependent else "the op cannot be compiled as written"
+        )  # fmt: skip
+        return (
+            f"TorchInductor could not compile the model's graph{where} ({first_line}): {advice}, or pass "
+            "compile_backend='eager' to run the rewritten graph without Inductor"
+        )

@@ -13,8 +13,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from compiled_llm.capture import capture_model, text_config
 from compiled_llm.capture.forward_signature import forward_signature
+from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.config import CompileConfig
+from compiled_llm.first_difference import captured_copy
 from compiled_llm.decode_loop import decode
 from compiled_llm.generation import GenerationSettings
 from compiled_llm.progress import StageProgress
@@ -41,6 +43,8 @@ log = logging.getLogger("compiled_llm")
 # Memory kept free for decode CUDA graphs and attention planners when the KV cache is sized from free
 # memory: they are captured after the cache exists (the graphs bake its address in).
 CUDA_GRAPH_RESERVE_BYTES = 1 << 30
+# Passes that change how a module computes its positions, which logits it computes or where its KV cache is.
+DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention")
 
 
 def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, **fields) -> CompiledModel:
@@ -75,6 +79,7 @@ class CompiledModel:
             timings["capture_s"] = captured.seconds
 
             with progress.stage("rewriting the graph"):
+                captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
                 start = time.perf_counter()
                 pass_results = run_passes(captured.gm, config)
                 timings["passes_s"] = time.perf_counter() - start
@@ -99,10 +104,16 @@ class CompiledModel:
             else:
                 progress.set_total(3)
 
-        if config.verify or (config.verify is None and not _is_hf_model(model)):
+        # The passes that rewrite how a module computes positions, logits or its cache run on HF graphs too
+        # (where they find nothing to date): whatever they rewrite is checked, whoever wrote the module.
+        rewrote = [r.name for r in pass_results if r.name in DROP_IN_REWRITES and r.sites]
+        if config.verify or (config.verify is None and (rewrote or not _is_hf_model(model))):
             start = time.perf_counter()
-            self_check(self, model, forward_signature(model))
+            self_check(self, model, forward_signature(model), captured_graph)
             timings["self_check_s"] = time.perf_counter() - start
+        # After the self-check, which runs the module with its cache.
+        del captured_graph
+        released_cache = release_replaced_caches(model, captured.gm)
 
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.report = CompileReport(
@@ -118,6 +129,7 @@ class CompiledModel:
             cuda_graphs=graphs,
             kernel_launch=kernel_launch_mode(self.device),
             timings=timings,
+            released_cache=released_cache,
         )
         log.info("compiled %s:\n%s", captured.architecture, self.report)
 

@@ -32,6 +32,7 @@ class CompileReport:
     cuda_graphs: str = "off"
     kernel_launch: str = ""  # how our Triton kernels launch (custom_ops.triton_runtime.kernel_launch_mode)
     timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s, self_check_s
+    released_cache: str | None = None  # the module's own KV cache, freed (module_state.release_replaced_caches)
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -54,6 +55,9 @@ class CompileReport:
         for (backend, why), layers in by_backend.items():
             lines.append(f"  attention {backend} for layers {_ranges(sorted(layers))} ({why})")
         lines.append(f"  kv cache  {self.kv_cache}")
+        if self.released_cache:
+            lines.append(f"  module's own kv cache released ({self.released_cache}): the paged cache replaces it (the module's "
+                         "own forward needs its cache set up again)")
         lines.append(f"  cuda graphs {self.cuda_graphs}")
         if self.kernel_launch:
             lines.append(f"  triton kernels {self.kernel_launch}")

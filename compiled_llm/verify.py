@@ -14,10 +14,14 @@ greedy token must be the module's wherever its best two logits are further apart
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from compiled_llm.runtime import ScheduledChunk, Sequence
 from fx_passes.causal_mask import user_line
+
+log = logging.getLogger("compiled_llm")
 
 # Of the largest |logit|: float32 keeps Inductor's reordered sums; 16-bit types round every activation.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 6e-2, torch.float16: 1e-2}
@@ -97,8 +101,27 @@ def position_suspects(gm) -> list[str]:
     return names
 
 
-def self_check(compiled, model, signature) -> None:
-    """Raise SelfCheckError if the compiled model's logits differ from the module's (see module docstring)."""
+def _first_difference(compiled, captured, prompt, first_step, dtype) -> str | None:
+    """The first op that differs (first_difference.py), in the step shape that failed, else in incremental
+    decode; None if not found or if looking fails (the mismatch is reported either way)."""
+    if captured is None:
+        return None
+    from compiled_llm.first_difference import first_difference
+
+    for step in dict.fromkeys((first_step, PREFILL_TOKENS)):
+        try:
+            where = first_difference(compiled, captured, prompt, step, TOLERANCE.get(dtype, 1e-2))
+        except Exception:  # a diagnosis only: never in the way of the error it explains
+            log.debug("looking for the first op that differs failed", exc_info=True)
+            return None
+        if where:
+            return where
+    return None
+
+
+def self_check(compiled, model, signature, captured=None) -> None:
+    """Raise SelfCheckError if the compiled model's logits differ from the module's (see module docstring).
+    `captured`: the graph as captured, before the passes, to find the first op where they part."""
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
@@ -121,8 +144,10 @@ def self_check(compiled, model, signature) -> None:
             actual = actuals[i]
             problem = _mismatch(actual, reference, dtype)
             if problem:
+                where = _first_difference(compiled, captured, prompts[i], first_step, dtype)
                 suspects = position_suspects(compiled.graph_module)
-                hint = f"; ops over the step's tokens left in the graph: {'; '.join(suspects)}" if suspects else ""
+                hint = f"; first op that differs: {where}" if where else ""
+                hint += f"; ops over the step's tokens left in the graph: {'; '.join(suspects)}" if suspects else ""
                 raise SelfCheckError(
                     f"the compiled {type(model).__name__} differs from the module itself ({what}, prompt {i}, "
                     f"{problem}): compiled-llm does not know how to run this module over a paged KV cache{hint}. "

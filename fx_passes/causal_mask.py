@@ -3,12 +3,14 @@
 The mask's subgraph may read constants, buffers, the number of tokens and the positions; it is evaluated
 with T tokens at positions 0..T-1 for several T and compared, entry by entry, with "key j is seen by query
 i iff j <= i" (over T keys, or over the rows of a module's own cache when it indexes one by position).
-Anything else it reads (token ids, a padding mask) makes it unprovable.
+Anything else it reads (token ids, a padding mask) makes it unprovable. It is evaluated on the CPU (buffers
+copied there, devices asked for replaced), so the model's device does not matter.
 """
 
 from __future__ import annotations
 
 import operator
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -26,11 +28,14 @@ def evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node, tokens: int, memo: d
     token_count = str(next(n for n in gm.graph.nodes if n.target == "input_ids").meta["val"].shape[0])
     value = None
     if node.op == "get_attr":
-        value = operator.attrgetter(node.target)(gm)
+        value = operator.attrgetter(node.target)(gm).cpu()  # evaluated on the CPU, whatever the model's device
     elif node.op == "placeholder" and node.target == "position_ids":
         value = torch.arange(tokens)
     elif node.op == "call_function" and node.target is aten.sym_size.int:
         value = tokens if str(node.meta.get("val")) == token_count else None
+    elif node.op == "call_function" and node.target is aten.type_as.default:  # only the other's dtype is read
+        value = evaluate(gm, node.args[0], tokens, memo)
+        value = None if value is None else value.to(node.args[1].meta["val"].dtype)
     elif node.op == "call_function":
         missing = False
 
@@ -45,7 +50,7 @@ def evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node, tokens: int, memo: d
             return arg
 
         args = [resolve(a) for a in node.args]
-        kwargs = {k: resolve(v) for k, v in node.kwargs.items()}
+        kwargs = {k: "cpu" if k == "device" else resolve(v) for k, v in node.kwargs.items()}
         if not missing:
             value = node.target(*args, **kwargs)
             if isinstance(value, torch.Tensor):
@@ -67,6 +72,7 @@ def causal_mask_problem(gm: torch.fx.GraphModule, mask: torch.fx.Node, kind: Lit
             return f"its mask cannot be built for {tokens} tokens ({type(error).__name__}: {error})"
         if value is None:
             return "its mask depends on more than the number of tokens and their positions (token ids, padding)"
+        value = value.cpu()
         if value.dim() < 2 or any(s != 1 for s in value.shape[:-2]) or value.shape[-2] != tokens:
             return f"its mask has shape {tuple(value.shape)} for {tokens} tokens"
         value = value.reshape(value.shape[-2:])
@@ -83,7 +89,14 @@ def causal_mask_problem(gm: torch.fx.GraphModule, mask: torch.fx.Node, kind: Lit
     return None
 
 
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
 def user_line(node: torch.fx.Node) -> str:
-    """The user's source line that made `node`, from the trace's stack."""
+    """The user's source line that made `node`, from the trace's stack: its innermost frame outside torch
+    (a module's `self.gelu(x)`, not nn.GELU's own forward)."""
     lines = (node.meta.get("stack_trace") or "").strip().splitlines()
-    return " ".join(line.strip() for line in lines[-2:])
+    frames = [(lines[i].strip(), lines[i + 1].strip() if i + 1 < len(lines) else "")
+              for i, line in enumerate(lines) if line.lstrip().startswith("File ")]  # fmt: skip
+    outside = [frame for frame in frames if _TORCH_DIR not in frame[0]]
+    return " ".join((outside or frames or [("", "")])[-1]).strip()

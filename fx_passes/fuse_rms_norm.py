@@ -1,7 +1,7 @@
 """fuse_rms_norm: HF's RMSNorm, with the residual add in front of it, becomes one op (one kernel).
 
     h = add(x, r); h32 = to(h, f32); n = mul(h32, rsqrt(add(mean(pow(h32, 2), [-1]), eps)))
-    y = mul(w, to(n, h.dtype))
+    y = mul(w, to(n, h.dtype))          (gpt-fast and Meta: mul(h32, h32) for the square, type_as(n, h))
     ->
     y, h = compiled_llm.add_rms_norm(x, r, w, eps, backend)      (compiled_llm.rms_norm without the add)
 
@@ -41,9 +41,14 @@ def _match(rsqrt: torch.fx.Node) -> dict | None:
     if add_eps.kwargs or mean.kwargs or len(mean.args) > 3:  # alpha, a dtype: another computation
         return None
     square = mean.args[0]
-    if not (single_use_call(square, aten.pow.Tensor_Scalar) and square.args[1] == 2):
+    if single_use_call(square, aten.pow.Tensor_Scalar) and square.args[1] == 2:
+        h32 = square.args[0]
+    elif single_use_call(square, aten.mul.Tensor) and square.args[0] is square.args[1]:
+        h32 = square.args[0]
+    else:
         return None
-    h32 = square.args[0]
+    if not isinstance(h32, torch.fx.Node):
+        return None
     if h32.meta["val"].dtype != torch.float32:  # the kernel computes in float32, as HF's norm does
         return None
     ndim = h32.meta["val"].dim()
@@ -56,8 +61,9 @@ def _match(rsqrt: torch.fx.Node) -> dict | None:
     if h is not h32 and len(h32.users) != 2:  # the float32 copy feeds the norm only
         return None
     cast = only_user(scaled)
-    if is_call(cast, aten.to.dtype):
-        if cast.args[1] != h.meta["val"].dtype:
+    if is_call(cast, aten.to.dtype) or is_call(cast, aten.type_as.default):
+        to = cast.args[1] if is_call(cast, aten.to.dtype) else cast.args[1].meta["val"].dtype
+        if to != h.meta["val"].dtype:
             return None
     elif h is h32:
         cast = scaled  # a float32 model: no casts around the norm

@@ -4,6 +4,7 @@
     s = aten.mul(s, scale)                           (or div by 1/scale; or none: scale 1)
     s = aten.masked_fill(s, mask, -inf)              (or aten.add(s, additive_mask))
     o = aten.matmul(aten.softmax(s, -1), v[1,H,T,D]) (a dropout of p=0 or a cast around the softmax allowed)
+    (k and v may repeat Hkv heads to H: repeat_interleave, or Meta's and HF's repeat_kv: unsqueeze, expand, reshape)
     ->
     o = compiled_llm.attention(q[0].T(0,1), k[0].T(0,1), v[0].T(0,1), layer, scale, 0, 0.0, None)[None].T(1,2)
 
@@ -35,6 +36,38 @@ def _through(node, targets=_PASS_THROUGH):
             break
         node = node.args[0]
     return node
+
+
+def _unrepeated_heads(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """The key or value heads [1, Hkv, T, D] before GQA repeated them to the query heads (each kv head n times
+    in a row), or `node` itself. Repeats: repeat_interleave over dim 1; unsqueeze, expand, reshape (repeat_kv)
+    over the heads of [1, Hkv, T, D] or, before a transpose(1, 2), of [1, T, Hkv, D]."""
+    if _is(node, aten.repeat_interleave.self_int) and list(node.args[2:3]) == [1]:
+        return node.args[0]
+    transposed = _is(node, aten.transpose.int) and sorted(node.args[1:]) == [1, 2]
+    merged = node.args[0] if transposed else node
+    heads = 2 if transposed else 1  # the axis of heads in `merged`'s layout
+    if not (_is(merged, aten.reshape.default) or _is(merged, aten.view.default)):
+        return node
+    expanded = merged.args[0]
+    if not _is(expanded, aten.expand.default) or not _is(expanded.args[0], aten.unsqueeze.default):
+        return node
+    unsqueezed = expanded.args[0]
+    x = unsqueezed.args[0]
+    shape = list(x.meta["val"].shape)
+    if len(shape) != 4 or unsqueezed.args[1] % 5 != heads + 1:
+        return node
+    repeats = expanded.meta["val"].shape[heads + 1]
+    wanted = [*shape[: heads + 1], repeats, *shape[heads + 1 :]]
+    merged_shape = [*shape[:heads], shape[heads] * repeats, *shape[heads + 1 :]]
+    if [str(d) for d in expanded.meta["val"].shape] != [str(d) for d in wanted] or [
+        str(d) for d in merged.meta["val"].shape
+    ] != [str(d) for d in merged_shape]:
+        return node
+    if not transposed:
+        return x
+    with graph.inserting_after(x):
+        return insert_call(graph, aten.transpose.int, (x, 1, 2))
 
 
 def _is(node, target) -> bool:
@@ -74,10 +107,12 @@ def match_explicit_attention(gm: torch.fx.GraphModule, config) -> PassResult:
         q, key_t, v = scaled.args[0], scaled.args[1], out.args[1]
         if sorted(key_t.args[1:]) not in ([-2, -1], [2, 3]):
             continue
-        k = key_t.args[0]
+        k, v = _unrepeated_heads(graph, key_t.args[0]), _unrepeated_heads(graph, v)
         shapes = [x.meta["val"].shape for x in (q, k, v)]
-        if any(len(s) != 4 or s[0] != 1 for s in shapes) or len({str(s[1]) for s in shapes}) != 1:
-            continue  # not [1, heads, tokens, head_dim] with the same heads (repeated KV heads: refused below)
+        if any(len(s) != 4 or s[0] != 1 for s in shapes) or str(shapes[1][1]) != str(shapes[2][1]):
+            continue  # not [1, heads, tokens, head_dim]: refused below
+        if int(shapes[0][1]) % int(shapes[1][1]):
+            continue
         problem = causal_mask_problem(gm, mask, "additive" if additive else "masked", gm.meta.get("max_positions"))
         if problem:
             raise ValueError(f"attention at {where}: {problem}; only causal attention can be paged")

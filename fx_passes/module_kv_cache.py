@@ -1,9 +1,18 @@
-"""module_kv_cache: a module's own KV cache (gpt-fast's `KVCache.update`) gives way to the paged one.
+"""module_kv_cache: a module's own KV cache gives way to the paged one.
+
+gpt-fast's `KVCache.update`, written at the positions:
 
     k_all = aten.index_put_(k_cache, [None, None, positions], k[1,Hkv,T,D])     # the module's cache write
     o = aten.sdpa(q, repeat_interleave(k_all, n, 1), repeat_interleave(v_all, n, 1), attn_mask=mask)
     ->
     o = aten.sdpa(q, k, v, is_causal=True, enable_gqa=True)     # then match_sdpa_attention pages it
+
+Meta's reference Llama, written and read as slices at start_pos (captured at 0, see forward_signature):
+
+    aten.copy_(slice(slice(cache_k, 0, 0, 1), 1, 0, T), k)      # cache_k[:bsz, start_pos:start_pos+T] = xk
+    keys = slice(slice(cache_k, 0, None, 1), 1, None, T)        # cache_k[:bsz, :start_pos+T]
+    ->
+    keys = k                                                    # the attention over them is matched later
 
 The module writes this step's keys at their positions into a buffer and attends over the whole buffer
 with a mask that lets position p see cache rows <= p; the paged cache holds each sequence's keys and the
@@ -13,12 +22,13 @@ attention op attends causally over them, which is the same thing when the mask i
 
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.fx
 
 from fx_passes.causal_mask import causal_mask_problem, user_line
 from fx_passes.match_sdpa_attention import SDPA, sdpa_arguments
-from fx_passes.node_match import calls, is_call
+from fx_passes.node_match import calls, is_call, through_casts
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -52,10 +62,86 @@ def _cache_write(node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     return node, values
 
 
+def _slice_region(node) -> tuple[torch.fx.Node, tuple] | None:
+    """(the module attribute, the region as ((start, end) per dim)) if `node` is a slice, or slices, of a
+    get_attr; None otherwise."""
+    slices = []
+    while is_call(node, aten.slice.Tensor):
+        slices.append(node)
+        node = node.args[0]
+    node = through_casts(node)
+    if not slices or not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    shape = node.meta["val"].shape
+    region = [(sympy.Integer(0), sympy.Integer(int(size))) for size in shape]
+    for sliced in reversed(slices):
+        dim, start, end, step = (list(sliced.args[1:]) + [0, None, None, 1][len(sliced.args) - 1 :])[:4]
+        if step != 1:
+            return None
+        dim %= len(shape)
+        base_start, base_end = region[dim]
+        start = base_start + _expr(0 if start is None else start)
+        end = base_end if end is None else sympy.Min(base_end, base_start + _expr(end))
+        region[dim] = (start, end)
+    return node, tuple(region)
+
+
+def _expr(value):
+    return value.meta["val"].node.expr if isinstance(value, torch.fx.Node) else sympy.sympify(value)
+
+
+def _same_region(a: tuple, b: tuple, shape) -> bool:
+    def bounded(expr, size):  # a slice's end clamps to the size; the token count is below any cache length
+        return sympy.simplify(sympy.Min(expr, size) if not isinstance(expr, sympy.Integer) else expr)
+
+    return all(
+        sympy.simplify(sa - sb) == 0 and sympy.simplify(bounded(ea, size) - bounded(eb, size)) == 0
+        for (sa, ea), (sb, eb), size in zip(a, b, shape)
+    )
+
+
+def _sliced_cache_reads(gm: torch.fx.GraphModule) -> tuple[int, list[torch.fx.Node]]:
+    """Replace each read of a module attribute's slice that this forward just wrote (copy_) with the values
+    written; the writes returned. A read elsewhere in a written attribute is refused: with the first token
+    at position 0 it can only be stale state."""
+    graph = gm.graph
+    written = {}  # attribute node -> (region, values, copy_ node)
+    replaced, writes = 0, []
+    for node in list(graph.nodes):
+        if is_call(node, aten.copy_.default):
+            found = _slice_region(node.args[0])
+            if found is not None:
+                written[found[0]] = (found[1], node.args[1], node)
+                writes.append(node)
+            continue
+        if not is_call(node, aten.slice.Tensor) or any(is_call(u, aten.slice.Tensor) for u in node.users):
+            continue
+        found = _slice_region(node)
+        if found is None or found[0] not in written or any(is_call(u, aten.copy_.default) for u in node.users):
+            continue
+        attribute, region = found
+        region_written, values, _ = written[attribute]
+        if not _same_region(region, region_written, attribute.meta["val"].shape):
+            raise ValueError(
+                f"{user_line(node)} reads the module's own cache ({attribute.target}) beyond the rows this step "
+                "wrote: pass the positions as input_pos or start_pos, or drop the module's cache"
+            )
+        if values.meta["val"].shape != node.meta["val"].shape:
+            raise ValueError(f"{user_line(node)}: the module's cache write broadcasts its values ({attribute.target})")
+        new = values
+        if values.meta["val"].dtype != node.meta["val"].dtype:  # copy_ casts to the cache's dtype
+            with graph.inserting_before(node):
+                new = insert_call(graph, aten.to.dtype, (values, node.meta["val"].dtype))
+        node.replace_all_uses_with(new)
+        replaced += 1
+    return replaced, writes
+
+
 @register_pass("module_kv_cache")
 def module_kv_cache(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
-    replaced, writes = 0, []
+    sliced, writes = _sliced_cache_reads(gm)
+    replaced = 0
     for sdpa in calls(graph, SDPA):
         args = sdpa_arguments(sdpa)
         key, value = _cache_write(args["key"]), _cache_write(args["value"])
@@ -80,15 +166,28 @@ def module_kv_cache(gm: torch.fx.GraphModule, config) -> PassResult:
         graph.erase_node(sdpa)
         writes += [k_write, v_write]
         replaced += 1
-    written = set(gm.meta.get("written_state", ()))
+    written, replaced_caches = set(gm.meta.get("written_state", ())), set()  # attribute names
     for write in writes:
         for user in list(write.users):  # the repeats, now unused
             if not user.users:
                 graph.erase_node(user)
         if not write.users:
-            written.discard(write.args[0].target)
+            target = write.args[0]
+            while target.op != "get_attr":  # through the slices and casts of a sliced write
+                target = target.args[0]
+            replaced_caches.add(target.target)
             graph.erase_node(write)
-    gm.meta["written_state"] = sorted(written)
     graph.eliminate_dead_code()
+    stale = [n for n in graph.nodes if n.op == "get_attr" and n.target in replaced_caches]
+    if stale:  # its writes are gone, so what is still read of it would be stale
+        lines = "; ".join(user_line(user) for node in stale for user in node.users)
+        raise ValueError(
+            f"the module reads its own KV cache {stale[0].target} other than through the attention the paged cache "
+            f"replaces ({lines}): give the module a forward without its cache (positions as input_pos or start_pos)"
+        )
+    gm.meta["written_state"] = sorted(written - replaced_caches)
+    gm.meta["replaced_caches"] = sorted(replaced_caches)
     gm.recompile()
-    return PassResult("module_kv_cache", replaced)
+    detail = ", ".join(part for part in (f"{replaced} attention calls over index_put caches" if replaced else "",
+                                         f"{sliced} sliced cache reads" if sliced else "") if part)  # fmt: skip
+    return PassResult("module_kv_cache", replaced + sliced, detail)

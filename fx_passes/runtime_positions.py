@@ -23,6 +23,7 @@ import sympy
 import torch
 import torch.fx
 
+from fx_passes.node_match import through_casts
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -71,10 +72,12 @@ def _table_rows(node: torch.fx.Node, seen: set) -> list[int]:
     return rows
 
 
-def _table_prefix(node: torch.fx.Node, tokens) -> int | None:
+def _table_prefix(node: torch.fx.Node, tokens, written: set[str]) -> int | None:
     """The dimension along which `node` takes a table's first T rows (`table[:, :t]`, minGPT's
-    `pos_emb[:, :t, :]`), T being the step's token count; None if it does not."""
-    if node.target is not aten.slice.Tensor or node.args[0].op != "get_attr":
+    `pos_emb[:, :t, :]`), T being the step's token count; None if it does not. A tensor the forward writes
+    is a cache, not a table (Meta's `cache_k[:bsz, start_pos:start_pos+T] = xk`: module_kv_cache's)."""
+    table = through_casts(node.args[0]) if node.target is aten.slice.Tensor else None  # Meta's freqs_cis.to(device)
+    if table is None or table.op != "get_attr" or table.target in written:
         return None
     dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
     if start not in (0, None) or step != 1 or _expr(end) is None or sympy.simplify(_expr(end) - tokens) != 0:
@@ -108,8 +111,9 @@ def runtime_positions(gm: torch.fx.GraphModule, config) -> PassResult:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         replaced += 1
+    written = set(gm.meta.get("written_state", ()))
     for node in list(graph.nodes):  # a table's first T rows: the rows of the tokens' positions
-        dim = _table_prefix(node, tokens) if node.op == "call_function" else None
+        dim = _table_prefix(node, tokens, written) if node.op == "call_function" else None
         if dim is None:
             continue
         with graph.inserting_before(node):

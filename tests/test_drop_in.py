@@ -1,5 +1,5 @@
 """Drop-in acceleration of decoders written outside Hugging Face, as their codebases write them
-(tests/drop_in_models.py): compile_model(module) gives the module's own logits and greedy tokens, refuses
+(tests/drop_in_models/): compile_model(module) gives the module's own logits and greedy tokens, refuses
 what it cannot run, and checks itself against the module before it returns."""
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compiled_llm import compile_model
+from compiled_llm.capture import CaptureError
 from compiled_llm.verify import SelfCheckError
-from drop_in_models import gptfast, gptfast_greedy, mingpt, nanogpt, naive_greedy
+from drop_in_models import gptfast, gptfast_greedy, meta_greedy, meta_llama, mingpt, naive_greedy, nanogpt
 from fx_passes import DEFAULT_PIPELINE
+from fx_passes.node_meta import insert_call
+from fx_passes.registry import PassResult, register_pass
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +76,53 @@ def test_mingpt_explicit_softmax_attention_with_a_tril_buffer():
 
 def test_gptfast_with_its_own_kv_cache_complex_pairs_rope_and_gqa():
     model = gptfast()
-    cm = compile_model(model, max_batch_size=4)
-    assert cm.report.pass_sites("module_kv_cache") == 2 and cm.max_seq_len == 64  # the rows of freqs_cis
-    assert not any(n.op == "get_attr" and "kv_cache" in n.target for n in cm.graph_module.graph.nodes)
     prompt = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        assert (cm(prompt).logits - model(prompt, torch.arange(20))).abs().max() < 1e-4
     generator = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (6, 11)]
-    for prompt in prompts:
-        expected = naive_greedy(model, prompt, 24)
-        assert gptfast_greedy(model, prompt, 24) == expected  # its own cached loop agrees
-        assert cm.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt) :].tolist() == expected
+    with torch.no_grad():  # the module's own answers, before compile_model releases its cache
+        logits = model(prompt, torch.arange(20))
+    expected = [naive_greedy(model, prompt, 24) for prompt in prompts]
+    assert [gptfast_greedy(model, prompt, 24) for prompt in prompts] == expected  # its own cached loop agrees
+    # The paged cache replaces the module's: its buffers are released, from the device it was on.
+    cache = model.layers[0].attention.kv_cache
+    cm = compile_model(model, max_batch_size=4)
+    assert cache.k_cache.numel() == cache.v_cache.numel() == 0 and "module's own kv cache released (4 tensors" in str(cm.report)
+    assert cm.report.pass_sites("module_kv_cache") == 2 and cm.max_seq_len == 64  # the rows of freqs_cis
+    assert not any(n.op == "get_attr" and "kv_cache" in n.target for n in cm.graph_module.graph.nodes)
+    assert (cm(prompt).logits - logits).abs().max() < 1e-4
+    for prompt, tokens in zip(prompts, expected):
+        assert cm.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt) :].tolist() == tokens
+
+
+def test_meta_reference_llama_start_pos_complex_rope_sliced_cache_and_repeat_kv():
+    model = meta_llama(max_batch_size=1)  # its cache's batch slice [:1] is then elided from the graph
+    prompt = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(10))
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (7, 3, 12)]
+    logits = model(prompt, 0)
+    expected = [naive_greedy(model, p, 32) for p in prompts]
+    assert [meta_greedy(model, p, 32) for p in prompts] == expected  # its own cached loop agrees
+    cm = compile_model(model, max_batch_size=4)
+    # start_pos is captured as 0; the cache reads at [0:T] become the keys and values just written.
+    assert cm.report.pass_sites("module_kv_cache") == 4 and cm.report.pass_sites("match_explicit_attention") == 2
+    assert cm.report.pass_sites("runtime_positions") == 1 and cm.max_seq_len == 128  # freqs_cis: 2 x max_seq_len
+    assert model.layers[1].attention.cache_v.numel() == 0 and "released (4 tensors" in str(cm.report)
+    assert (cm(prompt).logits - logits).abs().max() < 1e-4
+    for p, tokens in zip(prompts, expected):
+        assert cm.generate(torch.tensor([p]), max_new_tokens=32)[0, len(p) :].tolist() == tokens
+    width = max(map(len, prompts))
+    ids, mask = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = torch.tensor(p), 1
+    out = cm.generate(ids, attention_mask=mask, max_new_tokens=32)
+    assert [out[row, width:].tolist() for row in range(3)] == expected
 
 
 def test_an_explicit_attention_mask_that_is_not_causal_is_refused():
     model = mingpt()
     for block in model.transformer.h:
         block.attn.bias.fill_(1.0)  # every token sees every other: bidirectional
-    with pytest.raises(ValueError, match=r"attention at .*drop_in_models.py.* att = F.softmax\(att, dim=-1\): its "
+    with pytest.raises(ValueError, match=r"attention at .*drop_in_models/mingpt.py.* att = F.softmax\(att, dim=-1\): its "
                        "mask is not the causal mask for 2 tokens"):  # fmt: skip
         compile_model(model, compile_backend="eager")
 
@@ -99,11 +130,38 @@ def test_an_explicit_attention_mask_that_is_not_causal_is_refused():
 def test_the_self_check_refuses_a_rewrite_that_changes_the_answer():
     """Without runtime_positions nanoGPT's arange numbers the tokens of a step, not of each sequence."""
     passes = tuple(p for p in DEFAULT_PIPELINE if p != "runtime_positions")
-    with pytest.raises(SelfCheckError, match=r"differs from the module itself .* aten.arange.start .*drop_in_models"
-                       r".* pos = torch.arange\(0, t"):  # fmt: skip
+    with pytest.raises(SelfCheckError, match=r"differs from the module itself .* first op that differs: aten.arange.start "
+                       r"\(.*drop_in_models/nanogpt.py.* pos = torch.arange\(0, t.*\), over the tokens at positions 2..2"):  # fmt: skip
         compile_model(nanogpt(), passes=passes, compile_backend="eager")
     cm = compile_model(nanogpt(), passes=passes, compile_backend="eager", verify=False)  # at the user's risk
     assert "self-check" not in str(cm.report)
+
+
+@register_pass("test_scale_second_mlp")
+def _scale_second_mlp(gm, config):
+    """A wrong rewrite inside one layer: the second block's c_fc output, times 1.5."""
+    linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default
+                  and n.args[1].target == "model.transformer.h.1.mlp.c_fc.weight")  # fmt: skip
+    with gm.graph.inserting_after(linear):
+        scaled = insert_call(gm.graph, torch.ops.aten.mul.Tensor, (linear, 1.5))
+    linear.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    gm.recompile()
+    return PassResult("test_scale_second_mlp", 1)
+
+
+def test_the_self_check_names_the_layer_where_a_rewrite_went_wrong():
+    with pytest.raises(SelfCheckError, match=r"first op that differs: aten.gelu.default \(.*nanogpt.py.*self.gelu\(self.c_fc\(x\)\).*\) in "
+                       r"transformer.h.1.mlp.gelu, over the tokens at positions 0..5"):  # fmt: skip
+        compile_model(nanogpt(), passes=("test_scale_second_mlp", *DEFAULT_PIPELINE), compile_backend="eager")
+
+
+def test_a_compiler_error_names_the_op_and_the_users_line():
+    """gpt-fast's RoPE reshape with a -1 over the token count, without the pass that writes the size out."""
+    passes = tuple(p for p in DEFAULT_PIPELINE if p != "explicit_view_sizes")
+    with pytest.raises(CaptureError, match=r"TorchInductor could not compile the model's graph at aten.reshape.default "
+                       r"\(.*drop_in_models/gptfast.py.*\) \(Could not guard on data-dependent expression .*\): its "
+                       r"sizes depend on the step's token count .* compile_backend='eager'"):  # fmt: skip
+        compile_model(gptfast(), passes=passes)
 
 
 class SlicedPositions(nn.Module):
@@ -159,7 +217,30 @@ class Recurrent(nn.Module):
         return self.head(x)
 
 
+class ReadsPastItsWrite(nn.Module):
+    """A cache of its own written at start_pos, as Meta's, but read one row further than the step wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Embedding(32, 16), nn.Linear(16, 48), nn.Linear(16, 32)
+        self.register_buffer("cache_k", torch.zeros(1, 64, 16))
+        self.register_buffer("cache_v", torch.zeros(1, 64, 16))
+
+    def forward(self, tokens, start_pos: int):
+        x = self.embed(tokens)
+        t = x.shape[1]
+        q, k, v = self.qkv(x).split(16, dim=-1)
+        self.cache_k[:, start_pos : start_pos + t] = k
+        self.cache_v[:, start_pos : start_pos + t] = v
+        keys, values = self.cache_k[:, : start_pos + t + 1], self.cache_v[:, : start_pos + t + 1]
+        mask = torch.full((t, t + 1), float("-inf")).triu(1)
+        return self.head(torch.softmax(q @ keys.transpose(1, 2) + mask, dim=-1) @ values)
+
+
 def test_modules_the_runtime_cannot_run_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"self.cache_k\[:, : start_pos \+ t \+ 1\].* reads the module's own cache "
+                       r"\(model.cache_k\) beyond the rows this step wrote"):  # fmt: skip
+        compile_model(ReadsPastItsWrite(), compile_backend="eager")
     with pytest.raises(ValueError, match="is_causal=False"):
         compile_model(Bidirectional(), compile_backend="eager")
     with pytest.raises(ValueError, match=r"the module's forward writes buffers \['state'\]: state kept between calls"):

@@ -12,6 +12,7 @@ import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from compiled_llm import compile_model
 from conftest import random_prompt, relative_error, tiny_model
 from custom_ops.triton_runtime import triton_available
+from drop_in_models import gptfast, meta_llama
 from test_linear_op import TOLERANCE, run_in_interpreter
 
 
@@ -88,3 +89,17 @@ def test_rms_norm_ops_refuse_mismatched_inputs():
         torch.ops.compiled_llm.add_rms_norm(x, torch.randn(8), torch.randn(8), 1e-6, "triton")
     with pytest.raises(ValueError, match="residual"):
         torch.ops.compiled_llm.add_rms_norm(x, torch.randn(3, 8, dtype=torch.float64), torch.randn(8), 1e-6, "torch")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("build", [gptfast, meta_llama], ids=["gptfast", "meta_llama"])
+def test_fuse_rms_norm_matches_gptfast_and_meta_norms(build):
+    """gpt-fast squares with x * x and Meta with pow; both cast back with type_as."""
+    model = build().to(torch.bfloat16)
+    ids = random_prompt(12, seed=2).clamp(max=95)
+    call = (lambda m: m(ids, torch.arange(12))) if build is gptfast else (lambda m: m(ids, 0))
+    with torch.no_grad():
+        expected = call(model).float()
+    cm = compile_model(model, norm_backend="triton", compile_backend="eager", max_batch_size=2)
+    assert cm.report.pass_sites("fuse_rms_norm") == 2 * 2 + 1
+    assert relative_error(cm(ids).logits.float(), expected) < 2e-2

@@ -13,6 +13,7 @@ import inspect
 import logging
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
 from compiled_llm.capture.forward_signature import forward_signature, output_logits
+from compiled_llm.capture.module_state import written_state
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
 
 GRAPH_INPUTS = ("input_ids", "position_ids", "logits_indices")
@@ -115,26 +117,6 @@ def _plain_graph_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(exported, graph)  # shares the model's parameters, copies nothing
 
 
-def _written_state(program: torch.export.ExportedProgram) -> list[str]:
-    """The buffers and parameters the forward writes in place (directly or through a view of them)."""
-    signature = program.graph_signature
-    state = {**signature.inputs_to_buffers, **signature.inputs_to_parameters}
-    roots = {}  # node -> the state it is (a view of)
-    written = set(signature.buffers_to_mutate.values())
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in state:
-            roots[node] = state[node.name]
-        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            schema = node.target._schema
-            for arg, value in zip(schema.arguments, node.args):
-                if isinstance(value, torch.fx.Node) and value in roots:
-                    if arg.alias_info is not None and arg.alias_info.is_write:
-                        written.add(roots[value])
-                    elif arg.alias_info is not None:  # a view of it
-                        roots[node] = roots[value]
-    return sorted(written)
-
-
 def _export_to_the_modules_bound(flat: FlatTokenForward, example: tuple, arch: str) -> torch.export.ExportedProgram:
     auto = torch.export.Dim.AUTO
     program = torch.export.export(flat, example, dynamic_shapes=({0: auto}, {0: auto}, {0: auto}), strict=False)
@@ -160,7 +142,10 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
     model.eval()
     flat = FlatTokenForward(model)
     try:
-        with route_attention_to_canonical_op(model), torch.no_grad():
+        with route_attention_to_canonical_op(model), torch.no_grad(), warnings.catch_warnings():
+            # Tensors a forward assigns to itself (Meta's `self.cache_k = self.cache_k.to(xq)`) are state the
+            # passes handle (module_kv_cache) or refuse (written_state), not something to register as buffers.
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             try:
                 program = torch.export.export(
                     flat, example, dynamic_shapes=({0: tokens}, {0: tokens}, {0: num_logits}), strict=False
@@ -185,7 +170,7 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
     gm = _plain_graph_module(program.module())
     # State the forward keeps between calls: the module_kv_cache pass replaces a KV cache it recognises;
     # insert_paged_attention refuses what is left.
-    gm.meta["written_state"] = _written_state(program)
+    gm.meta["written_state"] = written_state(gm)
     sites = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is CANONICAL_ATTENTION)
     num_layers = getattr(text_config(model), "num_hidden_layers", None)
     if num_layers is not None and sites != num_layers:

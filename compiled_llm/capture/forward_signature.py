@@ -17,21 +17,26 @@ import torch
 from torch import nn
 
 # Names a position argument goes by, and the rank its codebase gives it: HF's position_ids are
-# [batch, seq]; gpt-fast's input_pos is [seq].
-POSITION_ARGUMENTS = {"position_ids": 2, "input_pos": 1}
+# [batch, seq]; gpt-fast's input_pos is [seq]; Meta's reference Llama takes start_pos, the int position of
+# the first token. start_pos is captured as 0, so the graph computes positions 0..T-1 from it (slices of
+# its tables and cache at [0:T]) and the runtime_positions pass makes those the runtime's positions.
+POSITION_ARGUMENTS = {"position_ids": 2, "input_pos": 1, "start_pos": 0}
 
 
 @dataclass(frozen=True)
 class ForwardSignature:
     tokens: str  # the parameter that takes token ids [batch, seq]
     positions: str | None  # the parameter that takes positions, if the forward has one
-    positions_rank: int = 2  # 2: [batch, seq]; 1: [seq]
+    positions_rank: int = 2  # 2: [batch, seq]; 1: [seq]; 0: the int position of the first token
 
     def call(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, **extra):
         """model(...) on one flat sequence: input_ids and position_ids are [T]."""
         kwargs = {self.tokens: input_ids[None], **extra}
         if self.positions is not None:
-            kwargs[self.positions] = position_ids[None] if self.positions_rank == 2 else position_ids
+            if self.positions_rank == 0:  # positions 0..T-1: runtime_positions replaces what they index
+                kwargs[self.positions] = 0
+            else:
+                kwargs[self.positions] = position_ids[None] if self.positions_rank == 2 else position_ids
         return model(**kwargs)
 
 
