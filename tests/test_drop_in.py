@@ -11,11 +11,26 @@ from torch import nn
 
 from compiled_llm import compile_model
 from compiled_llm.capture import CaptureError
+from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.verify import SelfCheckError
 from drop_in_models import gptfast, gptfast_greedy, meta_greedy, meta_llama, mingpt, naive_greedy, nanogpt
 from fx_passes import DEFAULT_PIPELINE
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
+
+
+def assert_greedy_tokens(cm, prompts: list[list[int]], expected: list[list[int]]) -> None:
+    """Each prompt alone, then all together left-padded: each row the tokens of that prompt alone."""
+    new = len(expected[0])
+    for prompt, tokens in zip(prompts, expected):
+        assert cm.generate(torch.tensor([prompt]), max_new_tokens=new)[0, len(prompt) :].tolist() == tokens
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
+    out = cm.generate(ids, attention_mask=mask, max_new_tokens=new)
+    assert [out[row, width:].tolist() for row in range(len(prompts))] == expected
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +54,7 @@ def test_nanogpt_greedy_tokens_are_the_naive_loops(nano):
     model, cm = nano
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (7, 3, 12)]
-    expected = [naive_greedy(model, p, 32) for p in prompts]
-    for prompt, tokens in zip(prompts, expected):  # one at a time
-        assert cm.generate(torch.tensor([prompt]), max_new_tokens=32)[0, len(prompt) :].tolist() == tokens
-    # Together, left-padded: each row as that prompt alone.
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
-    out = cm.generate(ids, attention_mask=mask, max_new_tokens=32)
-    assert [out[row, width:].tolist() for row in range(len(prompts))] == expected
+    assert_greedy_tokens(cm, prompts, [naive_greedy(model, p, 32) for p in prompts])
 
 
 def test_positions_past_the_learned_table_are_refused(nano):
@@ -69,9 +74,8 @@ def test_mingpt_explicit_softmax_attention_with_a_tril_buffer():
     with torch.no_grad():
         assert (cm(prompt).logits - model(prompt)[0]).abs().max() < 1e-4
     generator = torch.Generator().manual_seed(6)
-    for n in (5, 9):
-        prompt = torch.randint(0, 96, (n,), generator=generator).tolist()
-        assert cm.generate(torch.tensor([prompt]), max_new_tokens=32)[0, n:].tolist() == naive_greedy(model, prompt, 32)
+    prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (5, 9)]
+    assert_greedy_tokens(cm, prompts, [naive_greedy(model, p, 32) for p in prompts])
 
 
 def test_gptfast_with_its_own_kv_cache_complex_pairs_rope_and_gqa():
@@ -81,8 +85,8 @@ def test_gptfast_with_its_own_kv_cache_complex_pairs_rope_and_gqa():
     prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (6, 11)]
     with torch.no_grad():  # the module's own answers, before compile_model releases its cache
         logits = model(prompt, torch.arange(20))
-    expected = [naive_greedy(model, prompt, 24) for prompt in prompts]
-    assert [gptfast_greedy(model, prompt, 24) for prompt in prompts] == expected  # its own cached loop agrees
+    expected = [naive_greedy(model, prompt, 32) for prompt in prompts]
+    assert [gptfast_greedy(model, prompt, 32) for prompt in prompts] == expected  # its own cached loop agrees
     # The paged cache replaces the module's: its buffers are released, from the device it was on.
     cache = model.layers[0].attention.kv_cache
     cm = compile_model(model, max_batch_size=4)
@@ -90,8 +94,7 @@ def test_gptfast_with_its_own_kv_cache_complex_pairs_rope_and_gqa():
     assert cm.report.pass_sites("module_kv_cache") == 2 and cm.max_seq_len == 64  # the rows of freqs_cis
     assert not any(n.op == "get_attr" and "kv_cache" in n.target for n in cm.graph_module.graph.nodes)
     assert (cm(prompt).logits - logits).abs().max() < 1e-4
-    for prompt, tokens in zip(prompts, expected):
-        assert cm.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt) :].tolist() == tokens
+    assert_greedy_tokens(cm, prompts, expected)
 
 
 def test_meta_reference_llama_start_pos_complex_rope_sliced_cache_and_repeat_kv():
@@ -108,14 +111,7 @@ def test_meta_reference_llama_start_pos_complex_rope_sliced_cache_and_repeat_kv(
     assert cm.report.pass_sites("runtime_positions") == 1 and cm.max_seq_len == 128  # freqs_cis: 2 x max_seq_len
     assert model.layers[1].attention.cache_v.numel() == 0 and "released (4 tensors" in str(cm.report)
     assert (cm(prompt).logits - logits).abs().max() < 1e-4
-    for p, tokens in zip(prompts, expected):
-        assert cm.generate(torch.tensor([p]), max_new_tokens=32)[0, len(p) :].tolist() == tokens
-    width = max(map(len, prompts))
-    ids, mask = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :], mask[row, width - len(p) :] = torch.tensor(p), 1
-    out = cm.generate(ids, attention_mask=mask, max_new_tokens=32)
-    assert [out[row, width:].tolist() for row in range(3)] == expected
+    assert_greedy_tokens(cm, prompts, expected)
 
 
 def test_an_explicit_attention_mask_that_is_not_causal_is_refused():
@@ -245,3 +241,29 @@ def test_modules_the_runtime_cannot_run_are_refused_by_name():
         compile_model(Bidirectional(), compile_backend="eager")
     with pytest.raises(ValueError, match=r"the module's forward writes buffers \['state'\]: state kept between calls"):
         compile_model(Recurrent(), compile_backend="eager")
+
+
+def test_forward_signatures_by_name_and_annotation():
+    class Forward(nn.Module):
+        def __init__(self, forward):
+            super().__init__()
+            self.forward = forward
+
+    def gpt_fast(idx, input_pos=None): ...
+    def meta(tokens, start_pos: int): ...
+    def offset(tokens, pos: int = 0): ...
+    def indices(tokens, pos=None): ...
+    def nano(idx, targets=None): ...
+
+    found = {f.__name__: forward_signature(Forward(f)) for f in (gpt_fast, meta, offset, indices, nano)}
+    assert {name: (s.tokens, s.positions, s.positions_rank) for name, s in found.items()} == {
+        "gpt_fast": ("idx", "input_pos", 1), "meta": ("tokens", "start_pos", 0), "offset": ("tokens", "pos", 0),
+        "indices": ("tokens", "pos", 1), "nano": ("idx", None, 2),
+    }  # fmt: skip
+
+    def needs_a_mask(tokens, mask): ...
+
+    with pytest.raises(ValueError, match=r"requires \['mask'\] besides the token ids \('tokens'\); a decoder is called "
+                       r"with token ids \[batch, seq\] and, optionally, positions \(position_ids, input_pos, start_pos, "
+                       r"pos\)"):  # fmt: skip
+        forward_signature(Forward(needs_a_mask))

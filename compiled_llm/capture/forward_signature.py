@@ -19,8 +19,9 @@ from torch import nn
 # Names a position argument goes by, and the rank its codebase gives it: HF's position_ids are
 # [batch, seq]; gpt-fast's input_pos is [seq]; Meta's reference Llama takes start_pos, the int position of
 # the first token. start_pos is captured as 0, so the graph computes positions 0..T-1 from it (slices of
-# its tables and cache at [0:T]) and the runtime_positions pass makes those the runtime's positions.
-POSITION_ARGUMENTS = {"position_ids": 2, "input_pos": 1, "start_pos": 0}
+# its tables and cache at [0:T]) and the runtime_positions pass makes those the runtime's positions. A
+# plain `pos` is taken as [seq], or as start_pos where it is annotated `int`.
+POSITION_ARGUMENTS = {"position_ids": 2, "input_pos": 1, "start_pos": 0, "pos": 1}
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,11 @@ def forward_signature(model: nn.Module) -> ForwardSignature:
             f"{type(model).__name__}.forward requires {required} besides the token ids ({tokens!r}); a decoder is "
             f"called with token ids [batch, seq] and, optionally, positions ({', '.join(POSITION_ARGUMENTS)})"
         )
-    return ForwardSignature(tokens, positions, POSITION_ARGUMENTS.get(positions, 2))
+    rank = POSITION_ARGUMENTS.get(positions, 2)
+    annotation = next((p.annotation for p in params if p.name == positions), None)
+    if annotation in (int, "int"):
+        rank = 0
+    return ForwardSignature(tokens, positions, rank)
 
 
 def output_logits(out, model: nn.Module) -> torch.Tensor:
