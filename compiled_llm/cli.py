@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -157,13 +159,52 @@ def bench_serving(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from compiled_llm.llm import LLM
-    from compiled_llm.server import serve as run_server
 
+    try:
+        from compiled_llm.server import serve as run_server
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"serve needs the 'serve' extra ({error.name} is not installed): "
+                         "pip install 'compiled-llm[serve]'") from None  # fmt: skip
+
+    api_key = _api_key(args)  # before the model loads: a missing key file fails at once
     config = _config_from_args(args)
     llm = LLM(args.model, dtype=_dtype(args.dtype), **config.model_dump())  # logs the compile report
-    run_server(llm, args.served_model_name or args.model, args.host, args.port, args.api_key, args.max_waiting,
-               args.shutdown_timeout)  # fmt: skip
+    run_server(llm, args.served_model_name or args.model, args.host, args.port, api_key, args.max_waiting,
+               args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+               metrics_require_key=args.metrics_require_key)  # fmt: skip
     return 0
+
+
+API_KEY_ENV = "COMPILED_LLM_API_KEY"
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $COMPILED_LLM_API_KEY (a key on the command
+    line is visible in the process list)."""
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as file:
+                key = file.readline().strip()
+        except OSError as error:
+            raise SystemExit(f"--api-key-file: cannot read {args.api_key_file}: {error.strerror}") from None
+        if not key:
+            raise SystemExit(f"--api-key-file: {args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """'4194304', '4MiB', '16 MB' -> bytes (argparse type)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with KiB, MiB, GiB, KB, MB or GB")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size < 1:
+        raise argparse.ArgumentTypeError("the size must be at least 1 byte")
+    return size
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -234,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("model", help=model_help)
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    serve_parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes (visible in the "
+                              f"process list: prefer --api-key-file or ${API_KEY_ENV})")  # fmt: skip
+    serve_parser.add_argument("--api-key-file", help="read the API key from the first line of this file")
+    serve_parser.add_argument("--metrics-require-key", action="store_true", help="require the API key on /metrics too")
+    serve_parser.add_argument("--max-request-bytes", type=byte_size, default="4MiB",
+                              help="larger request bodies get 413 (bytes, or with KiB/MiB/GiB)")
     serve_parser.add_argument("--served-model-name", help="the model's name in the API (default: MODEL)")
     serve_parser.add_argument("--max-waiting", type=int, default=1024,
                               help="queued requests beyond which new ones get 503 with Retry-After")

@@ -213,8 +213,16 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     assert "compiled_llm_time_to_first_token_seconds_bucket" in httpx.get(f"{url}/metrics").text
 
 
+def aborted(url: str) -> float:
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+             if line.startswith('compiled_llm_requests_total{finish_reason="abort"}')]  # fmt: skip
+    return float(lines[0].split()[1]) if lines else 0.0
+
+
 def test_a_non_streaming_client_that_leaves_is_aborted(server):
+    """Counted from before the request, so that it holds when run alone (the abort counter is shared)."""
     url = server[1]
+    before = aborted(url)
     body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
@@ -222,9 +230,7 @@ def test_a_non_streaming_client_that_leaves_is_aborted(server):
     while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
         time.sleep(0.05)
     assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
-    aborted = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-               if line.startswith('compiled_llm_requests_total{finish_reason="abort"}')]  # fmt: skip
-    assert aborted and float(aborted[0].split()[1]) >= 1
+    assert aborted(url) == before + 1
 
 
 def test_a_full_queue_gets_503_with_retry_after(local):
@@ -242,6 +248,31 @@ def test_a_full_queue_gets_503_with_retry_after(local):
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert "busy" in busy.json()["error"]["message"]
     assert too_many.status_code == 400 and "exceed the server's queue" in too_many.json()["error"]["message"]
+
+
+def test_a_burst_beyond_max_waiting_gets_503s(model_dir, tmp_path, local):
+    """40 requests at once against --max-waiting 4: accepted ones count as waiting before they reach the
+    engine's queue (all 40 were admitted when only the engine's queue was counted)."""
+    process, url, log = start_server(model_dir, tmp_path, "--max-waiting", "4")
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(40)]
+    expected = [o.outputs[0].text for o in local.generate(prompts, greedy(8), use_tqdm=False)]
+
+    async def burst():
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            bodies = [{"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+                      for p in prompts]  # fmt: skip
+            return await asyncio.gather(*(http.post(f"{url}/v1/completions", json=b) for b in bodies))
+
+    try:
+        responses = asyncio.run(burst())
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    busy = [r for r in responses if r.status_code == 503]
+    done = [(i, r) for i, r in enumerate(responses) if r.status_code == 200]
+    assert len(busy) + len(done) == 40 and busy and done
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "service_unavailable" for r in busy)
+    assert all(r.json()["choices"][0]["text"] == expected[i] for i, r in done)
 
 
 def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):

@@ -8,6 +8,8 @@ the response, which aborts its requests and frees their KV blocks after the engi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 import uuid
@@ -15,12 +17,17 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from compiled_llm.llm import LLM, RequestOutput
 from compiled_llm.server.metrics import ServerMetrics
+from compiled_llm.server.admission import Admission
+from compiled_llm.server.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, error_body, error_response
+from compiled_llm.server.middleware import ApiKeyGuard, RequestSizeLimit
+from compiled_llm.server.prompts import PromptTokenizer
 from compiled_llm.server.protocol import ChatCompletionRequest, CompletionRequest
 from compiled_llm.server.responses import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
@@ -28,20 +35,6 @@ from compiled_llm.server.responses import (
 )  # fmt: skip
 
 log = logging.getLogger("compiled_llm.server")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
-
-
-def _error_response(status: int, message: str, code: str | None = None, param: str | None = None,
-                    headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    kind = {401: "authentication_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class _Job:
@@ -67,29 +60,46 @@ class _Job:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting: int = 1024) -> FastAPI:
-    """The server's app. `max_waiting`: queued requests beyond which new ones get 503 (Retry-After)."""
+def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting: int = 1024,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False) -> FastAPI:  # fmt: skip
+    """The server's app. `max_waiting`: queued requests beyond which new ones get 503 (Retry-After);
+    `max_request_bytes`: larger bodies get 413; `metrics_require_key`: /metrics needs the API key too."""
     app = FastAPI(title="compiled-llm", docs_url=None, redoc_url=None)
-    metrics = ServerMetrics(llm)
+    app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=api_key, guard_metrics=metrics_require_key)  # added last: runs first, before the body is read
     tokenizer = llm.tokenizer
     max_seq_len = llm.compiled.max_seq_len
+    prompts = PromptTokenizer(llm, max_seq_len)
+    admission = Admission(llm, max_waiting)
+    metrics = ServerMetrics(llm, waiting=lambda: llm.num_waiting + admission.accepted)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError):
-        return _error_response(error.status, error.message, error.code, error.param, error.headers)
+        return error_response(error.status, error.message, error.code, error.param, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
         first = error.errors()[0]
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
+                                  "invalid_json")  # fmt: skip
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return _error_response(400, f"{where}: {first.get('msg')}" if where else first.get("msg"), param=where or None)
+        if not where and first.get("type") == "model_attributes_type":
+            return error_response(400, "the body must be a JSON object, sent with Content-Type: application/json",
+                                  "invalid_json")  # fmt: skip
+        return error_response(400, f"{where}: {first.get('msg')}" if where else first.get("msg"), param=where or None)
 
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error_response(401, "invalid or missing API key (Authorization: Bearer KEY)")
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, error: HTTPException):  # 404, 405, a body that cannot be parsed
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return error_response(error.status_code, str(error.detail), code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception):  # logged by the server; the client gets JSON
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return error_response(500, f"internal error: {type(error).__name__}: {error}", "internal_error",
+                              headers={"Connection": "close"})  # fmt: skip
 
     @app.get("/health")
     async def health():
@@ -114,16 +124,15 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             raise APIError(400, f"{', '.join(unsupported)}: not supported by this server", "unsupported", unsupported[0])
 
     def make_job(body, prompt_ids: list[list[int]], max_tokens: list[int], logprobs: int | None) -> _Job:
+        for ids, limit in zip(prompt_ids, max_tokens):
+            if ids and len(ids) + limit > max_seq_len:
+                raise APIError(400, f"prompt of {len(ids)} tokens + max_tokens={limit} exceeds the model's context of "
+                               f"max_seq_len={max_seq_len} tokens", "context_length_exceeded")  # fmt: skip
         try:
             job = _Job(llm, body, prompt_ids, max_tokens, logprobs)
         except (ValueError, ValidationError) as error:
             raise APIError(400, str(error)) from None
-        if len(job.params) > max_waiting:
-            raise APIError(400, f"{len(job.params)} completions (n x prompts) exceed the server's queue of "
-                           f"{max_waiting}", param="n")  # fmt: skip
-        if llm.num_waiting + len(job.params) > max_waiting:
-            raise APIError(503, f"the server is busy ({llm.num_waiting} requests waiting); retry later",
-                           headers={"Retry-After": "1"})  # fmt: skip
+        admission.admit(job, len(job.params))
         return job
 
     def token_text(token: int) -> str:
@@ -134,6 +143,9 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, ids: list[int], params) -> None:
+            # The place is freed and the request queued in one step of this task (no await between: the
+            # generator's first step queues it before it waits), so the two are never both counted.
+            admission.handed_over(job)
             try:
                 async for output in llm.generate_async(ids, params, streaming=stream):
                     queue.put_nowait((index, output))
@@ -223,32 +235,41 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def events() -> AsyncIterator[str]:
-            try:
-                if not completion_kind:  # OpenAI's first chunk of each choice: the role
-                    for index in range(len(job.params)):
-                        yield sse(ChatCompletionChunk(**base, choices=[
-                            ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))]))  # fmt: skip
-                async for index, output in run(job, stream=True):
-                    offset = len(job.sent_text[index])
-                    text, tokens, entries = delta(index, output)
-                    reason = output.outputs[0].finish_reason if output.finished else None
-                    if not text and not tokens and reason is None:
-                        continue
-                    if completion_kind:
-                        yield sse(CompletionResponse(**base, choices=[CompletionChoice(
-                            index=index, text=text, token_ids=tokens, finish_reason=reason,
-                            logprobs=completion_logprobs(tokens, entries, k, offset, token_text))]))  # fmt: skip
-                    else:
-                        yield sse(ChatCompletionChunk(**base, choices=[ChatChunkChoice(
-                            index=index, delta=ChatDelta(content=text or None), finish_reason=reason,
-                            logprobs=chat_logprobs(tokens, entries, k, token_text))]))  # fmt: skip
-                if include_usage:
-                    usage = Usage(**job.usage())
-                    yield sse(CompletionResponse(**base, choices=[], usage=usage) if completion_kind
-                              else ChatCompletionChunk(**base, choices=[], usage=usage))  # fmt: skip
+            try:  # closed explicitly, so that a client who leaves aborts its requests now, not at GC
+                async with contextlib.aclosing(stream_events()) as stream:
+                    async for event in stream:
+                        yield event
+            except Exception as error:  # headers are sent: the failure goes in the stream, then its end
+                log.error("%s failed mid-stream", base["id"], exc_info=error)
+                yield sse(json.dumps(error_body(500, f"internal error: {type(error).__name__}: {error}", "internal_error")))
                 yield sse("[DONE]")
             finally:
                 finish_log(base["id"], job, start)
+
+        async def stream_events() -> AsyncIterator[str]:
+            if not completion_kind:  # OpenAI's first chunk of each choice: the role
+                for index in range(len(job.params)):
+                    yield sse(ChatCompletionChunk(**base, choices=[
+                        ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))]))  # fmt: skip
+            async for index, output in run(job, stream=True):
+                offset = len(job.sent_text[index])
+                text, tokens, entries = delta(index, output)
+                reason = output.outputs[0].finish_reason if output.finished else None
+                if not text and not tokens and reason is None:
+                    continue
+                if completion_kind:
+                    yield sse(CompletionResponse(**base, choices=[CompletionChoice(
+                        index=index, text=text, token_ids=tokens, finish_reason=reason,
+                        logprobs=completion_logprobs(tokens, entries, k, offset, token_text))]))  # fmt: skip
+                else:
+                    yield sse(ChatCompletionChunk(**base, choices=[ChatChunkChoice(
+                        index=index, delta=ChatDelta(content=text or None), finish_reason=reason,
+                        logprobs=chat_logprobs(tokens, entries, k, token_text))]))  # fmt: skip
+            if include_usage:
+                usage = Usage(**job.usage())
+                yield sse(CompletionResponse(**base, choices=[], usage=usage) if completion_kind
+                          else ChatCompletionChunk(**base, choices=[], usage=usage))  # fmt: skip
+            yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -256,24 +277,21 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
     async def completions(body: CompletionRequest, http: Request):
         check(body)
         try:
-            prompts = body.prompts()
+            texts = body.prompts()
         except ValueError as error:
             raise APIError(400, str(error), param="prompt") from None
-        if tokenizer is None and any(isinstance(p, str) for p in prompts):
-            raise APIError(400, "string prompts need a tokenizer; this model has none: send token ids", param="prompt")
-        ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        ids = await prompts.encode(texts)
         max_tokens = [body.max_tokens or max(1, max_seq_len - len(p)) for p in ids]
         return await respond(make_job(body, ids, max_tokens, body.logprobs), body, "completion", body.logprobs, http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         check(body)
-        from jinja2 import TemplateError
-
         try:
-            ids = llm.chat_prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages])
-        except (ValueError, TemplateError) as error:  # e.g. a template that refuses a role order
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as error:
             raise APIError(400, f"messages: {error}", param="messages") from None
+        ids = await prompts.chat(messages)
         limit = body.max_completion_tokens or body.max_tokens or max(1, max_seq_len - len(ids))
         k = (body.top_logprobs or 0) if body.logprobs else None
         return await respond(make_job(body, [ids], [limit], k), body, "chat", k, http)

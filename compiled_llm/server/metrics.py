@@ -12,7 +12,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5
 
 
 class ServerMetrics:
-    def __init__(self, llm, window_s: float = 10.0):
+    def __init__(self, llm, window_s: float = 10.0, waiting=None):
+        """`waiting`: how many requests wait (default: the engine's queue; the server adds those accepted
+        and not yet queued)."""
         self.registry = CollectorRegistry()
         scheduler, pool = llm.engine.scheduler, llm.engine.scheduler.pool
 
@@ -20,7 +22,7 @@ class ServerMetrics:
             Gauge(name, doc, registry=self.registry).set_function(read)
 
         gauge("compiled_llm_requests_running", "Requests being computed", lambda: len(scheduler.running))
-        gauge("compiled_llm_requests_waiting", "Requests queued, not running yet", lambda: llm.num_waiting)
+        gauge("compiled_llm_requests_waiting", "Requests queued, not running yet", waiting or (lambda: llm.num_waiting))
         gauge("compiled_llm_kv_blocks_total", "KV-cache blocks", lambda: pool.num_blocks)
         gauge("compiled_llm_kv_blocks_used", "KV-cache blocks held by requests", lambda: pool.num_blocks - pool.num_free)
         gauge("compiled_llm_prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the prefix cache",

@@ -1,0 +1,71 @@
+"""What every request meets before a route: OpenAI-shaped errors, the API key, the request-size limit.
+
+Both checks are plain ASGI middleware, not `@app.middleware("http")`: that wrapper runs the route behind a
+stream of its own, and a route behind it never saw the client leave (`request.is_disconnected()` stayed
+False), so an abandoned non-streaming request ran to its end.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi.responses import JSONResponse
+
+from compiled_llm.server.errors import error_response
+
+class ApiKeyGuard:
+    """401 for /v1/ requests without `Authorization: Bearer KEY` (compared in constant time); /health and,
+    unless `guard_metrics`, /metrics stay open."""
+
+    def __init__(self, app, api_key: str, guard_metrics: bool = False):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.guard_metrics = guard_metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith("/v1/") or (self.guard_metrics and path == "/metrics"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class RequestSizeLimit:
+    """413 for a request body over `max_bytes`: told by Content-Length at once, else counted as it arrives.
+    The body is read here (up to the limit) and replayed to the route; later messages (a disconnect) pass."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> JSONResponse:
+        return error_response(413, f"the request body ({size}) exceeds the server's limit of {self.max_bytes} bytes "
+                              "(--max-request-bytes)", "request_too_large")  # fmt: skip
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(f"{int(length)} bytes")(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                chunks = [message]
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._too_large(f"over {self.max_bytes} bytes")(scope, receive, send)
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+        replay = [{"type": "http.request", "body": body, "more_body": False}] if chunks[-1]["type"] == "http.request" else chunks
+
+        async def replayed():
+            return replay.pop(0) if replay else await receive()
+
+        await self.app(scope, replayed, send)

@@ -1,0 +1,148 @@
+"""Every way a request can fail gets an OpenAI-shaped JSON error with the right status and code, and the
+server goes on serving (issue 21). The app runs in this process (FastAPI's TestClient) over a tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from compiled_llm import LLM  # noqa: E402
+from compiled_llm.server import build_app  # noqa: E402
+from tests.test_llm_text import text_model  # noqa: E402
+
+KEY = "k-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-text-model")
+    model, tokenizer = text_model()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return LLM(str(path), max_batch_size=4, max_seq_len=96, num_kv_blocks=40, compile_backend="eager")
+
+
+@pytest.fixture(scope="module")
+def http(llm):
+    app = build_app(llm, "tiny", api_key=KEY, max_request_bytes=64 << 10)
+    with TestClient(app, raise_server_exceptions=False) as client:  # a 500 is a response, as over HTTP
+        yield client
+
+
+def error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+def test_unknown_routes_and_methods(http):
+    assert error(http.get("/v1/nothing", headers=AUTH), 404)["code"] == "not_found"
+    assert error(http.get("/v1/completions", headers=AUTH), 405)["code"] == "method_not_allowed"
+
+
+def test_malformed_json_and_invalid_utf8(http):
+    headers = {**AUTH, "Content-Type": "application/json"}
+    bad = error(http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers=headers), 400)
+    assert bad["code"] == "invalid_json" and bad["param"] is None  # not the offset of the error ("1")
+    assert "Expecting value" in bad["message"]
+    unsent_type = error(http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "a"}', headers=AUTH), 400)
+    assert "Content-Type: application/json" in unsent_type["message"]
+    raw = b'{"model": "tiny", "prompt": "\xff\xfe"}'
+    assert error(http.post("/v1/completions", content=raw, headers=headers), 400)["code"] == "invalid_body"
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_seed_outside_int64_is_a_400_streamed_or_not(http, stream):
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 2, "seed": 2**70, "stream": stream}
+    assert error(http.post("/v1/completions", json=body, headers=AUTH), 400)["param"] == "seed"
+
+
+def test_lone_surrogates_are_a_400(http):
+    headers = {**AUTH, "Content-Type": "application/json"}
+    raw = b'{"model": "tiny", "prompt": "ab\\ud800cd", "max_tokens": 2}'
+    assert error(http.post("/v1/completions", content=raw, headers=headers), 400)["code"] == "invalid_text"
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}'
+    assert error(http.post("/v1/chat/completions", content=raw, headers=headers), 400)["code"] == "invalid_text"
+
+
+def test_bodies_over_the_limit_get_413_by_length_or_as_they_arrive(http):
+    body = json.dumps({"model": "tiny", "prompt": "a" * (70 << 10)}).encode()
+    headers = {**AUTH, "Content-Type": "application/json"}
+    assert error(http.post("/v1/completions", content=body, headers=headers), 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for start in range(0, len(body), 8192):
+            yield body[start : start + 8192]
+
+    assert error(http.post("/v1/completions", content=chunks(), headers=headers), 413)["code"] == "request_too_large"
+
+
+def test_prompts_beyond_the_context_are_context_length_exceeded(http, llm, monkeypatch):
+    too_long = {"model": "tiny", "prompt": "ab " * 60, "max_tokens": 8}  # 180 byte tokens > max_seq_len 96
+    assert error(http.post("/v1/completions", json=too_long, headers=AUTH), 400)["code"] == "context_length_exceeded"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "ab " * 60}]}
+    assert error(http.post("/v1/chat/completions", json=chat, headers=AUTH), 400)["code"] == "context_length_exceeded"
+    # Text that cannot fit whatever it tokenizes to is refused without tokenizing it.
+    monkeypatch.setattr(llm.tokenizer.__class__, "__call__", lambda *a, **k: pytest.fail("tokenized"))
+    huge = {"model": "tiny", "prompt": "x" * (60 << 10), "max_tokens": 2}
+    refused = error(http.post("/v1/completions", json=huge, headers=AUTH), 400)
+    assert refused["code"] == "context_length_exceeded" and "characters" in refused["message"]
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_and_done(http, llm, monkeypatch):
+    generate = llm.generate_async
+
+    async def fails_after_the_first_output(*args, **kwargs):
+        async with contextlib.aclosing(generate(*args, **kwargs)) as outputs:
+            async for output in outputs:
+                yield output
+                raise RuntimeError("the engine failed")
+
+    monkeypatch.setattr(llm, "generate_async", fails_after_the_first_output)
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 8, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=AUTH) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "internal_error"
+    assert "error" not in json.loads(events[0])  # the first output was sent before the failure
+    whole = http.post("/v1/completions", json=body, headers=AUTH)
+    assert error(whole, 500)["code"] == "internal_error" and whole.headers["connection"] == "close"
+    monkeypatch.undo()
+    assert http.post("/v1/completions", json=body, headers=AUTH).status_code == 200  # still serving
+
+
+def test_the_api_key_in_constant_time_and_optionally_on_metrics(llm):
+    with TestClient(build_app(llm, "tiny", api_key=KEY, metrics_require_key=True)) as http:
+        assert error(http.get("/v1/models"), 401)["code"] == "invalid_api_key"
+        assert error(http.get("/v1/models", headers={"Authorization": "Bearer k-12"}), 401)["type"] == "authentication_error"
+        assert http.get("/v1/models", headers=AUTH).status_code == 200
+        assert error(http.get("/metrics"), 401)["code"] == "invalid_api_key"
+        assert http.get("/metrics", headers=AUTH).status_code == 200 and http.get("/health").status_code == 200
+
+
+def test_serve_flags_for_the_key_and_the_body_limit(tmp_path, monkeypatch):
+    import argparse
+
+    from compiled_llm.cli import API_KEY_ENV, _api_key, byte_size
+
+    assert byte_size("16MiB") == 16 << 20 and byte_size("4194304") == 4 << 20 and byte_size("2 KB") == 2000
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        byte_size("16 parsecs")
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert _api_key(argparse.Namespace(api_key=None, api_key_file=None)) == "from-env"
+    assert _api_key(argparse.Namespace(api_key=None, api_key_file=str(key_file))) == "from-file"
+    with pytest.raises(SystemExit, match="cannot read"):
+        _api_key(argparse.Namespace(api_key=None, api_key_file=str(tmp_path / "missing")))
