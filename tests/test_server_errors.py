@@ -146,3 +146,45 @@ def test_serve_flags_for_the_key_and_the_body_limit(tmp_path, monkeypatch):
     assert _api_key(argparse.Namespace(api_key=None, api_key_file=str(key_file))) == "from-file"
     with pytest.raises(SystemExit, match="cannot read"):
         _api_key(argparse.Namespace(api_key=None, api_key_file=str(tmp_path / "missing")))
+
+
+def metric_value(http, line_start: str) -> float:
+    lines = [line for line in http.get("/metrics").text.splitlines() if line.startswith(line_start + " ")]
+    return float(lines[0].split()[1]) if lines else 0.0
+
+
+def test_request_ids_the_log_line_and_what_metrics_count(http, llm, monkeypatch, caplog):
+    assert http.get("/health", headers={"X-Request-Id": "ops-42"}).headers["x-request-id"] == "ops-42"
+    denied = http.get("/v1/models")  # answered by the key check, before any route: still carries an id
+    assert denied.status_code == 401 and len(denied.headers["x-request-id"]) == 32
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 3, "ignore_eos": True}
+    with caplog.at_level("INFO", logger="compiled_llm.server"):
+        assert http.post("/v1/completions", json=body, headers={**AUTH, "X-Request-Id": "job-7"}).status_code == 200
+    assert any(r.getMessage().startswith("job-7: ") and r.getMessage().endswith("finish length") for r in caplog.records)
+
+    errors_before = metric_value(http, 'compiled_llm_errors_total{code="invalid_json"}')
+    http.post("/v1/completions", content=b"{", headers={**AUTH, "Content-Type": "application/json"})
+    assert metric_value(http, 'compiled_llm_errors_total{code="invalid_json"}') == errors_before + 1
+    not_found = metric_value(http, 'compiled_llm_http_responses_total{status="404"}')
+    http.get("/v1/none", headers=AUTH)
+    assert metric_value(http, 'compiled_llm_http_responses_total{status="404"}') == not_found + 1
+    assert "compiled_llm_preemptions_total 0.0" in http.get("/metrics").text
+
+    generate = llm.generate_async
+
+    async def fails(*args, **kwargs):
+        async with contextlib.aclosing(generate(*args, **kwargs)) as outputs:
+            async for output in outputs:
+                yield output
+                raise RuntimeError("the engine failed")
+
+    monkeypatch.setattr(llm, "generate_async", fails)
+    failed_before = metric_value(http, 'compiled_llm_requests_total{finish_reason="error"}')
+    aborted_before = metric_value(http, 'compiled_llm_requests_total{finish_reason="abort"}')
+    with caplog.at_level("INFO", logger="compiled_llm.server"):
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True},
+                         headers={**AUTH, "X-Request-Id": "job-8"}) as response:  # fmt: skip
+            list(response.iter_lines())
+    assert any(r.getMessage().startswith("job-8: ") and r.getMessage().endswith("finish error") for r in caplog.records)
+    assert metric_value(http, 'compiled_llm_requests_total{finish_reason="error"}') == failed_before + 1
+    assert metric_value(http, 'compiled_llm_requests_total{finish_reason="abort"}') == aborted_before  # not an abort

@@ -26,7 +26,7 @@ from compiled_llm.llm import LLM, RequestOutput
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.admission import Admission
 from compiled_llm.server.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, error_body, error_response
-from compiled_llm.server.middleware import ApiKeyGuard, RequestSizeLimit
+from compiled_llm.server.middleware import ApiKeyGuard, RequestId, RequestSizeLimit
 from compiled_llm.server.prompts import PromptTokenizer
 from compiled_llm.server.protocol import ChatCompletionRequest, CompletionRequest
 from compiled_llm.server.responses import (
@@ -66,40 +66,46 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
     `max_request_bytes`: larger bodies get 413; `metrics_require_key`: /metrics needs the API key too."""
     app = FastAPI(title="compiled-llm", docs_url=None, redoc_url=None)
     app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
-    if api_key is not None:
-        app.add_middleware(ApiKeyGuard, api_key=api_key, guard_metrics=metrics_require_key)  # added last: runs first, before the body is read
+    if api_key is not None:  # before the body is read
+        app.add_middleware(ApiKeyGuard, api_key=api_key, guard_metrics=metrics_require_key)
     tokenizer = llm.tokenizer
     max_seq_len = llm.compiled.max_seq_len
     prompts = PromptTokenizer(llm, max_seq_len)
     admission = Admission(llm, max_waiting)
     metrics = ServerMetrics(llm, waiting=lambda: llm.num_waiting + admission.accepted)
+    # Added last, so it runs first: every response (a 401, a 413) carries the id and is counted.
+    app.add_middleware(RequestId, on_status=lambda status: metrics.responses.labels(str(status)).inc())
+
+    def failed(status: int, message: str, code: str | None = None, param: str | None = None, headers=None):
+        metrics.errors.labels(code or str(status)).inc()
+        return error_response(status, message, code, param, headers)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError):
-        return error_response(error.status, error.message, error.code, error.param, error.headers)
+        return failed(error.status, error.message, error.code, error.param, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
         first = error.errors()[0]
         if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
-            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
-                                  "invalid_json")  # fmt: skip
+            return failed(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
+                          "invalid_json")  # fmt: skip
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         if not where and first.get("type") == "model_attributes_type":
-            return error_response(400, "the body must be a JSON object, sent with Content-Type: application/json",
-                                  "invalid_json")  # fmt: skip
-        return error_response(400, f"{where}: {first.get('msg')}" if where else first.get("msg"), param=where or None)
+            return failed(400, "the body must be a JSON object, sent with Content-Type: application/json",
+                          "invalid_json")  # fmt: skip
+        return failed(400, f"{where}: {first.get('msg')}" if where else first.get("msg"), param=where or None)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, error: HTTPException):  # 404, 405, a body that cannot be parsed
         code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return error_response(error.status_code, str(error.detail), code, headers=getattr(error, "headers", None))
+        return failed(error.status_code, str(error.detail), code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, error: Exception):  # logged by the server; the client gets JSON
         log.error("%s %s failed", request.method, request.url.path, exc_info=error)
-        return error_response(500, f"internal error: {type(error).__name__}: {error}", "internal_error",
-                              headers={"Connection": "close"})  # fmt: skip
+        return failed(500, f"internal error: {type(error).__name__}: {error}", "internal_error",
+                      headers={"Connection": "close"})  # fmt: skip
 
     @app.get("/health")
     async def health():
@@ -170,17 +176,22 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def finish_log(request_id: str, job: _Job, start: float) -> None:
+    def finish_log(request_id: str, job: _Job, start: float, unfinished: str) -> None:
+        """Count the request's choices and log its line; `unfinished`: what ended those that did not finish
+        ("abort": the client left; "error": the server failed)."""
+        reasons = []
         for index, output in enumerate(job.finals):
-            if output is None:  # the client left (or the engine failed) before it finished
-                metrics.requests.labels("abort").inc()
+            if output is None:
+                metrics.requests.labels(unfinished).inc()
+                reasons.append(unfinished)
             else:  # choices of one prompt share it: its tokens count once
                 metrics.finished(output, count_prompt=index % job.n == 0)
+                reasons.append(output.outputs[0].finish_reason or "abort")
         usage = job.usage()
         firsts = [f.metrics.first_token_time for f in job.finals if f is not None and f.metrics.first_token_time]
         ttft = f"{min(firsts) - start:.3f} s" if firsts else "-"
-        log.info("%s: %d prompt tokens, %d output tokens, TTFT %s, total %.3f s", request_id,
-                 usage["prompt_tokens"], usage["completion_tokens"], ttft, time.time() - start)  # fmt: skip
+        log.info("%s: %d prompt tokens, %d output tokens, TTFT %s, total %.3f s, finish %s", request_id,
+                 usage["prompt_tokens"], usage["completion_tokens"], ttft, time.time() - start, ",".join(reasons))  # fmt: skip
 
     def sse(payload: BaseModel | str) -> str:
         return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
@@ -190,6 +201,8 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         completion_kind = kind == "completion"
         base = {"id": f"{'cmpl' if completion_kind else 'chatcmpl'}-{uuid.uuid4().hex}", "model": model_name}
         start, k = time.time(), logprobs_k or 0
+        request_id = http.state.request_id  # X-Request-Id, or one of ours (middleware.RequestId)
+        unfinished = "abort"  # what ended choices that did not finish: the client leaving, unless set otherwise
 
         def delta(index: int, output: RequestOutput) -> tuple[str, list[int], list[dict] | None]:
             completion = output.outputs[0]
@@ -215,9 +228,12 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                         task.cancel()
                         break
                 await task
+            except Exception:
+                unfinished = "error"
+                raise
             finally:
                 task.cancel()
-                finish_log(base["id"], job, start)
+                finish_log(request_id, job, start, unfinished)
             finals = [(i, final.outputs[0]) for i, final in enumerate(job.finals)]
             usage = Usage(**job.usage())
             if completion_kind:
@@ -240,11 +256,14 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                     async for event in stream:
                         yield event
             except Exception as error:  # headers are sent: the failure goes in the stream, then its end
-                log.error("%s failed mid-stream", base["id"], exc_info=error)
+                nonlocal unfinished
+                unfinished = "error"
+                log.error("%s failed mid-stream", request_id, exc_info=error)
+                metrics.errors.labels("internal_error").inc()
                 yield sse(json.dumps(error_body(500, f"internal error: {type(error).__name__}: {error}", "internal_error")))
                 yield sse("[DONE]")
             finally:
-                finish_log(base["id"], job, start)
+                finish_log(request_id, job, start, unfinished)
 
         async def stream_events() -> AsyncIterator[str]:
             if not completion_kind:  # OpenAI's first chunk of each choice: the role

@@ -7,8 +7,21 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _SchedulerCounters:
+    """The scheduler's own counts, read at scrape time."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def collect(self):
+        preemptions = CounterMetricFamily("compiled_llm_preemptions", "Requests preempted for KV blocks (recomputed)")
+        preemptions.add_metric([], self.scheduler.num_preemptions)
+        yield preemptions
 
 
 class ServerMetrics:
@@ -32,6 +45,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter("compiled_llm_prompt_tokens", "Prompt tokens", registry=self.registry)
         self.generation_tokens = Counter("compiled_llm_generation_tokens", "Output tokens", registry=self.registry)
         self.requests = Counter("compiled_llm_requests", "Finished requests", ["finish_reason"], registry=self.registry)
+        self.responses = Counter("compiled_llm_http_responses", "HTTP responses by status", ["status"],
+                                 registry=self.registry)  # fmt: skip
+        self.errors = Counter("compiled_llm_errors", "Error responses and failed streams by code", ["code"],
+                              registry=self.registry)  # fmt: skip
+        self.registry.register(_SchedulerCounters(scheduler))
         self.ttft = Histogram("compiled_llm_time_to_first_token_seconds", "Time to first token",
                               buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.itl = Histogram("compiled_llm_inter_token_latency_seconds", "Mean time between output tokens, per request",

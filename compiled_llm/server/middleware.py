@@ -1,4 +1,4 @@
-"""What every request meets before a route: OpenAI-shaped errors, the API key, the request-size limit.
+"""What every request meets before a route: its id, the API key, the request-size limit.
 
 Both checks are plain ASGI middleware, not `@app.middleware("http")`: that wrapper runs the route behind a
 stream of its own, and a route behind it never saw the client leave (`request.is_disconnected()` stayed
@@ -8,6 +8,7 @@ False), so an abandoned non-streaming request ran to its end.
 from __future__ import annotations
 
 import hmac
+import uuid
 
 from fastapi.responses import JSONResponse
 
@@ -69,3 +70,28 @@ class RequestSizeLimit:
             return replay.pop(0) if replay else await receive()
 
         await self.app(scope, replayed, send)
+
+
+class RequestId:
+    """X-Request-Id: the client's (printable, at most 128 characters) or a new one, kept in the request's
+    state for the log line and echoed on the response; each response's status is reported to `on_status`."""
+
+    def __init__(self, app, on_status=None):
+        self.app = app
+        self.on_status = on_status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                if self.on_status is not None:
+                    self.on_status(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
