@@ -169,10 +169,10 @@ def serve(args: argparse.Namespace) -> int:
     api_key = _api_key(args)  # before the model loads: a missing key file fails at once
     config = _config_from_args(args)
     llm = LLM(args.model, dtype=_dtype(args.dtype), **config.model_dump())  # logs the compile report
-    run_server(llm, args.served_model_name or args.model, args.host, args.port, api_key, args.max_waiting,
-               args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
-               metrics_require_key=args.metrics_require_key)  # fmt: skip
-    return 0
+    return run_server(llm, args.served_model_name or args.model, args.host, args.port, api_key, args.max_waiting,
+                      args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+                      metrics_require_key=args.metrics_require_key, request_timeout_s=args.request_timeout,
+                      read_timeout_s=args.read_timeout)  # fmt: skip
 
 
 API_KEY_ENV = "COMPILED_LLM_API_KEY"
@@ -285,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--max-waiting", type=int, default=1024,
                               help="queued requests beyond which new ones get 503 with Retry-After")
     serve_parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                              help="seconds running requests get to finish after SIGTERM before they are aborted")
+                              help="seconds running requests get to finish after SIGTERM before they fail with 503 "
+                              "(a second signal exits at once, with status 1)")  # fmt: skip
+    serve_parser.add_argument("--request-timeout", type=float,
+                              help="seconds after which a request still running fails with 408 (default: none)")
+    serve_parser.add_argument("--read-timeout", type=float, default=30.0,
+                              help="seconds a request body may stop arriving before it gets 408")
     serve_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(serve_parser)
     serve_parser.set_defaults(run=serve)

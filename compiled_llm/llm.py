@@ -84,6 +84,7 @@ class LLM:
         # steps; the task that steps the engine, in one worker thread, under a lock.
         self._updated: dict[Request, asyncio.Event] = {}
         self._pending_adds: list[Request] = []
+        self.engine_failure: Exception | None = None  # set when a step fails, never cleared (a server stops on it)
         self._pending_aborts: list[Request] = []
         self._driver: asyncio.Task | None = None
         self._snapshots: dict[Request, RequestOutput] = {}  # outputs taken between steps, not yet consumed
@@ -254,7 +255,7 @@ class LLM:
                         self._updated[request].set()
         except Exception as error:  # a failed step: fail every request rather than leave them waiting
             log.exception("engine step failed; aborting all requests")
-            self._error = error
+            self._error = self.engine_failure = error
             with self._engine_lock:
                 for request in [*self.engine.scheduler.running, *self.engine.scheduler.waiting, *self._pending_adds]:
                     self.engine.abort(request)

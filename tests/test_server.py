@@ -25,7 +25,7 @@ from tests.test_llm_text import text_model  # noqa: E402
 
 KEY = "test-key"
 FLAGS = ["--compile-backend", "eager", "--max-batch-size", "16", "--max-num-tokens", "256", "--max-seq-len", "160",
-         "--num-kv-blocks", "200"]  # fmt: skip
+         "--num-kv-blocks", "200", "--read-timeout", "1"]  # fmt: skip
 PROMPTS = ["The quick brown", "Zwölf Box", "日本語の", "Portez ce vieux", "The lazy dog", "Sylter Deich"]
 
 
@@ -307,3 +307,60 @@ def test_bench_serving_drives_the_server(server, tmp_path):
     for run in runs:
         assert run["completed"] == 8 and run["failed"] == 0 and run["output_tokens"] == 48
         assert 0 < run["ttft_s"]["p50"] <= run["e2e_s"]["p50"] and run["itl_s"]["p50"] > 0
+
+
+def stream_events(url: str, body: dict) -> list[str]:
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:  # fmt: skip
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_past_the_shutdown_timeout_requests_fail_in_the_apis_shape(model_dir, tmp_path):
+    """24 long requests over 16 batch slots, SIGTERM, 0.3 s to finish: the unfinished get 503 or an error event
+    then [DONE]; none is cut; the server exits 0 (it was asked to stop)."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    process, url, log = start_server(model_dir, tmp_path, "--shutdown-timeout", "0.3")
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 150, "ignore_eos": True}
+    with ThreadPoolExecutor(24) as pool:
+        streams = [pool.submit(stream_events, url, body) for _ in range(12)]
+        whole = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60,
+                             headers={"Authorization": f"Bearer {KEY}"}) for _ in range(12)]  # fmt: skip
+        deadline = time.time() + 30
+        while metric(url, "compiled_llm_requests_running") < 16 and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        streams, whole = [f.result() for f in streams], [f.result() for f in whole]
+    assert process.wait(timeout=60) == 0
+    assert all(events[-1] == "[DONE]" for events in streams)
+    failed = [json.loads(e[-2])["error"] for e in streams if "error" in json.loads(e[-2])]
+    refused = [r.json()["error"] for r in whole if r.status_code == 503]
+    assert failed or refused  # 24 x 150 tokens cannot all finish in 0.3 s
+    assert all(e["code"] == "server_shutting_down" for e in failed + refused)
+    assert all(r.status_code in (200, 503) for r in whole)
+
+
+def test_a_second_signal_forces_the_exit_with_status_1(model_dir, tmp_path):
+    process, url, log = start_server(model_dir, tmp_path, "--shutdown-timeout", "60")
+    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response, and the server has no one to wait for
+        while not next(lines).startswith("data:"):
+            pass
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert process.poll() is None  # waiting for the stream
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 1
+
+
+def test_a_stalled_upload_gets_408_after_the_read_timeout(server):
+    url = server[1]
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")  # fmt: skip
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in reply.replace(" ", "")
+    assert httpx.get(f"{url}/health").status_code == 200

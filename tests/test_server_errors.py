@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import pytest
 
@@ -188,3 +189,37 @@ def test_request_ids_the_log_line_and_what_metrics_count(http, llm, monkeypatch,
     assert any(r.getMessage().startswith("job-8: ") and r.getMessage().endswith("finish error") for r in caplog.records)
     assert metric_value(http, 'compiled_llm_requests_total{finish_reason="error"}') == failed_before + 1
     assert metric_value(http, 'compiled_llm_requests_total{finish_reason="abort"}') == aborted_before  # not an abort
+
+
+def test_request_timeout_fails_the_request_in_the_apis_shape(llm):
+    with TestClient(build_app(llm, "tiny", request_timeout_s=0.01), raise_server_exceptions=False) as http:
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 80, "ignore_eos": True}
+        late = error(http.post("/v1/completions", json=body), 408)
+        assert late["code"] == "request_timeout" and "--request-timeout" in late["message"]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+        deadline = time.time() + 10  # aborted: its blocks are freed after the engine step in progress
+        while metric_value(http, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert metric_value(http, "compiled_llm_kv_blocks_used") == 0
+
+
+def test_an_engine_failure_turns_health_to_503_and_stops_the_server(llm, monkeypatch):
+    import asyncio
+
+    import uvicorn
+
+    from compiled_llm.server.http_server import _server_class
+    from compiled_llm.server.shutdown import Drain
+
+    monkeypatch.setattr(llm, "engine_failure", None)  # restored after the test: the fixture's LLM is shared
+    monkeypatch.setattr(llm, "_step_in_worker", lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: boom")))
+    app = build_app(llm, "tiny")
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert http.get("/health").status_code == 200
+        failed = http.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 4})
+        assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+        assert error(http.get("/health"), 503)["code"] == "engine_failed"
+    server = _server_class()(uvicorn.Config(app), llm, Drain())
+    assert asyncio.run(server.on_tick(0)) is True and server.exit_code == 1

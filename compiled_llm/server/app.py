@@ -25,9 +25,12 @@ from pydantic import BaseModel, ValidationError
 from compiled_llm.llm import LLM, RequestOutput
 from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.admission import Admission
-from compiled_llm.server.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, error_body, error_response
+from compiled_llm.server.errors import (
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT_S, APIError, error_body, error_response,
+)  # fmt: skip
 from compiled_llm.server.middleware import ApiKeyGuard, RequestId, RequestSizeLimit
 from compiled_llm.server.prompts import PromptTokenizer
+from compiled_llm.server.shutdown import Drain
 from compiled_llm.server.protocol import ChatCompletionRequest, CompletionRequest
 from compiled_llm.server.responses import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
@@ -61,11 +64,16 @@ class _Job:
 
 
 def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting: int = 1024,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False) -> FastAPI:  # fmt: skip
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False,
+              drain: Drain | None = None, request_timeout_s: float | None = None,
+              read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> FastAPI:  # fmt: skip
     """The server's app. `max_waiting`: queued requests beyond which new ones get 503 (Retry-After);
-    `max_request_bytes`: larger bodies get 413; `metrics_require_key`: /metrics needs the API key too."""
+    `max_request_bytes`: larger bodies get 413; `metrics_require_key`: /metrics needs the API key too;
+    `drain`: the shutdown in progress (shutdown.py); `request_timeout_s`: a request still running then is
+    failed (408); `read_timeout_s`: a body that stops arriving for that long gets 408."""
     app = FastAPI(title="compiled-llm", docs_url=None, redoc_url=None)
-    app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
+    drain = drain or Drain()
+    app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes, read_timeout_s=read_timeout_s, drain=drain)
     if api_key is not None:  # before the body is read
         app.add_middleware(ApiKeyGuard, api_key=api_key, guard_metrics=metrics_require_key)
     tokenizer = llm.tokenizer
@@ -109,6 +117,10 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
 
     @app.get("/health")
     async def health():
+        if llm.engine_failure is not None:
+            return error_response(503, f"the engine failed: {llm.engine_failure!r}", "engine_failed")
+        if drain.draining:
+            return error_response(503, "the server is shutting down", "server_shutting_down")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -138,6 +150,8 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             job = _Job(llm, body, prompt_ids, max_tokens, logprobs)
         except (ValueError, ValidationError) as error:
             raise APIError(400, str(error)) from None
+        if drain.draining:
+            raise drain.error()
         admission.admit(job, len(job.params))
         return job
 
@@ -161,6 +175,12 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             queue.put_nowait((index, None))
 
         tasks = [asyncio.create_task(pump(i, ids, params)) for i, (ids, params) in enumerate(job.params)]
+        drain.track(queue)  # past the shutdown timeout, it fails the job through its queue
+        timeout = None
+        if request_timeout_s is not None:
+            timeout = asyncio.get_running_loop().call_later(request_timeout_s, queue.put_nowait, (-1, APIError(
+                408, f"the request ran past the server's --request-timeout of {request_timeout_s:g} s",
+                "request_timeout")))  # fmt: skip
         try:
             remaining = len(tasks)
             while remaining:
@@ -172,6 +192,9 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                 else:
                     yield index, output
         finally:  # finished, failed or cancelled (client gone): unfinished requests are aborted
+            drain.untrack(queue)
+            if timeout is not None:
+                timeout.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -228,8 +251,8 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                         task.cancel()
                         break
                 await task
-            except Exception:
-                unfinished = "error"
+            except Exception as error:  # APIError: the shutdown's deadline or --request-timeout
+                unfinished = error.code if isinstance(error, APIError) else "error"
                 raise
             finally:
                 task.cancel()
@@ -257,10 +280,14 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                         yield event
             except Exception as error:  # headers are sent: the failure goes in the stream, then its end
                 nonlocal unfinished
-                unfinished = "error"
-                log.error("%s failed mid-stream", request_id, exc_info=error)
-                metrics.errors.labels("internal_error").inc()
-                yield sse(json.dumps(error_body(500, f"internal error: {type(error).__name__}: {error}", "internal_error")))
+                if isinstance(error, APIError):  # the shutdown's deadline or --request-timeout
+                    unfinished, body = error.code, error_body(error.status, error.message, error.code)
+                else:
+                    log.error("%s failed mid-stream", request_id, exc_info=error)
+                    unfinished = "error"
+                    body = error_body(500, f"internal error: {type(error).__name__}: {error}", "internal_error")
+                metrics.errors.labels(body["error"]["code"]).inc()
+                yield sse(json.dumps(body))
                 yield sse("[DONE]")
             finally:
                 finish_log(request_id, job, start, unfinished)

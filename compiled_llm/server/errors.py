@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+DEFAULT_READ_TIMEOUT_S = 30.0  # a request body that stops arriving for this long gets 408
 
 
 class APIError(Exception):
@@ -17,7 +18,7 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
 
-ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 408: "timeout", 413: "invalid_request_error",
                500: "server_error", 503: "service_unavailable"}  # fmt: skip
 
 

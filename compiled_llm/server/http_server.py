@@ -1,33 +1,81 @@
-"""Running the app: uvicorn, with a graceful shutdown on SIGTERM or Ctrl-C."""
+"""Running the app: uvicorn, with a graceful shutdown on SIGTERM or Ctrl-C, and an exit status that says
+how the server ended (0: asked to stop; 1: forced by a second signal, or the engine failed)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 
 from compiled_llm.llm import LLM
-from compiled_llm.server.errors import DEFAULT_MAX_REQUEST_BYTES
+from compiled_llm.server.errors import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT_S
+from compiled_llm.server.shutdown import Drain
 
 log = logging.getLogger("compiled_llm.server")
+
+# uvicorn's own deadline comes this much after ours, so that requests failed at ours get their answers out.
+UVICORN_GRACE_S = 5.0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, draining through `drain` on the first signal, forced out by a second (SIGTERM
+        too, not only SIGINT), and stopped with status 1 if the engine fails."""
+
+        def __init__(self, config, llm: LLM, drain: Drain):
+            super().__init__(config)
+            self.llm, self.drain = llm, drain
+            self.exit_code = 0
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:  # a second signal: stop now, and say so in the exit status
+                self.force_exit = True
+                self.exit_code = 1
+                log.warning("second signal: exiting without waiting for running requests")
+                return
+            super().handle_exit(sig, frame)
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(self.drain.begin)
+            except RuntimeError:  # no loop running yet (a signal during startup)
+                pass
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.llm.engine_failure is not None and not self.should_exit:
+                log.error("the engine failed (%r): stopping the server", self.llm.engine_failure)
+                self.exit_code = 1
+                self.should_exit = True
+                self.drain.begin()
+            return await super().on_tick(counter)
+
+    return Server
 
 
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int = 1024, shutdown_timeout_s: float = 30.0, log_level: str = "info",
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False) -> None:  # fmt: skip
-    """Serve until SIGTERM/SIGINT. Then: stop accepting connections, let running requests finish for up to
-    `shutdown_timeout_s`, cancel (abort) the rest, return."""
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False,
+          request_timeout_s: float | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:  # fmt: skip
+    """Serve until SIGTERM/SIGINT. Then: stop accepting connections, give running requests up to
+    `shutdown_timeout_s` to finish, fail the rest with 503s and stream error events, return the exit
+    status (0, or 1 after a second signal or an engine failure)."""
     import uvicorn
 
     from compiled_llm.server.app import build_app
 
-    app = build_app(llm, model_name, api_key, max_waiting, max_request_bytes, metrics_require_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s)
+    drain = Drain(shutdown_timeout_s)
+    app = build_app(llm, model_name, api_key, max_waiting, max_request_bytes, metrics_require_key, drain,
+                    request_timeout_s, read_timeout_s)  # fmt: skip
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout_s + UVICORN_GRACE_S)  # fmt: skip
+    server = _server_class()(config, llm, drain)
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", model_name, host, port)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on these, then re-raises them to the handlers it found: make those
-        # no-ops, so that a requested shutdown ends the process with status 0 instead of death by signal.
+        # no-ops, so that a requested shutdown ends the process with our status instead of death by signal.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
-    log.info("server stopped")
+    server.run()
+    log.info("server stopped (exit status %d)", server.exit_code)
+    return server.exit_code

@@ -7,6 +7,7 @@ False), so an abandoned non-streaming request ran to its end.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import uuid
 
@@ -34,12 +35,27 @@ class ApiKeyGuard:
 
 
 class RequestSizeLimit:
-    """413 for a request body over `max_bytes`: told by Content-Length at once, else counted as it arrives.
-    The body is read here (up to the limit) and replayed to the route; later messages (a disconnect) pass."""
+    """413 for a request body over `max_bytes`: told by Content-Length at once, else counted as it arrives;
+    408 for a body that stops arriving for `read_timeout_s` (or at all once the server drains: a stalled
+    upload must not hold the shutdown). The body is read here and replayed to the route; later messages (a
+    disconnect) pass."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 30.0, drain=None):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
+        self.drain = drain
+
+    async def _receive(self, receive):
+        """The next message, or None if none came within the read timeout (or the server is draining)."""
+        waited = 0.0
+        while waited < self.read_timeout_s and not (self.drain is not None and self.drain.draining and waited > 0):
+            step = min(1.0, self.read_timeout_s - waited)
+            try:
+                return await asyncio.wait_for(receive(), step)
+            except asyncio.TimeoutError:
+                waited += step
+        return None
 
     def _too_large(self, size: str) -> JSONResponse:
         return error_response(413, f"the request body ({size}) exceeds the server's limit of {self.max_bytes} bytes "
@@ -53,7 +69,12 @@ class RequestSizeLimit:
             return await self._too_large(f"{int(length)} bytes")(scope, receive, send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            message = await self._receive(receive)
+            if message is None:
+                response = error_response(408, f"the request body stopped arriving (nothing for {self.read_timeout_s:g} s, "
+                                          "or the server is shutting down)", "request_timeout",
+                                          headers={"Connection": "close"})  # fmt: skip
+                return await response(scope, receive, send)
             if message["type"] != "http.request":  # the client left while sending
                 chunks = [message]
                 break
