@@ -160,7 +160,11 @@ def bench_serving(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from compiled_llm.llm import LLM
 
-    try:
+    try:  # all of the extra, before the model loads: uvicorn itself is imported only once serving starts
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+
         from compiled_llm.server import serve as run_server
     except ModuleNotFoundError as error:
         raise SystemExit(f"serve needs the 'serve' extra ({error.name} is not installed): "

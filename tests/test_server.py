@@ -5,6 +5,7 @@ texts come from `LLM.generate` in this process on the same directory."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ from tests.test_llm_text import text_model  # noqa: E402
 
 KEY = "test-key"
 FLAGS = ["--compile-backend", "eager", "--max-batch-size", "16", "--max-num-tokens", "256", "--max-seq-len", "160",
-         "--num-kv-blocks", "200", "--read-timeout", "1"]  # fmt: skip
+         "--num-kv-blocks", "200", "--read-timeout", "1", "--max-request-bytes", "16MiB"]  # fmt: skip
 PROMPTS = ["The quick brown", "Zwölf Box", "日本語の", "Portez ce vieux", "The lazy dog", "Sylter Deich"]
 
 
@@ -195,6 +196,60 @@ def test_64_concurrent_streams_all_get_their_text(server, local):
         return await asyncio.gather(*(stream(p) for p in prompts))
 
     assert asyncio.run(main()) == expected
+
+
+def test_bounded_load_keeps_health_answering(server, local):
+    """128 concurrent streams, 16 of whose clients leave after their first token, and one 8 MiB prompt (under
+    --max-request-bytes 16MiB): /health answers within 2 s throughout, the 8 MiB prompt gets
+    context_length_exceeded, every stream that stays gets the text it gets alone."""
+    url = server[1]
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(128)]
+    expected = [o.outputs[0].text for o in local.generate(prompts, greedy(16), use_tqdm=False)]
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def main():
+        async with httpx.AsyncClient(headers=headers, timeout=120,
+                                     limits=httpx.Limits(max_connections=200)) as http:  # fmt: skip
+            done = asyncio.Event()
+            health_s = []
+
+            async def poll_health():
+                while not done.is_set():
+                    start = time.perf_counter()
+                    assert (await http.get(f"{url}/health", timeout=2)).status_code == 200
+                    health_s.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.1)
+
+            async def stream(i: int) -> str | None:
+                body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 16, "temperature": 0, "stream": True,
+                        "ignore_eos": True}  # fmt: skip
+                text = []
+                async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            text.append(json.loads(line[6:])["choices"][0]["text"])
+                            if i % 8 == 0:  # 16 clients leave after their first token
+                                return None
+                return "".join(text)
+
+            async def huge():
+                body = {"model": "tiny", "prompt": "x" * (8 << 20), "max_tokens": 4}
+                return await http.post(f"{url}/v1/completions", json=body)
+
+            poller = asyncio.create_task(poll_health())
+            results = await asyncio.gather(huge(), *(stream(i) for i in range(128)))
+            done.set()
+            await poller
+            return results, health_s
+
+    (big, *texts), health_s = asyncio.run(main())
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+    assert health_s and max(health_s) < 2
+    assert [t for i, t in enumerate(texts) if i % 8] == [e for i, e in enumerate(expected) if i % 8]
+    deadline = time.time() + 10  # the leavers' requests are aborted and free their blocks
+    while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(url, "compiled_llm_kv_blocks_used") == 0
 
 
 def test_a_client_that_disconnects_frees_its_blocks(server):

@@ -223,3 +223,14 @@ def test_an_engine_failure_turns_health_to_503_and_stops_the_server(llm, monkeyp
         assert error(http.get("/health"), 503)["code"] == "engine_failed"
     server = _server_class()(uvicorn.Config(app), llm, Drain())
     assert asyncio.run(server.on_tick(0)) is True and server.exit_code == 1
+
+
+def test_serve_without_the_serve_extra_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['uvicorn'] = None; from compiled_llm.cli import main; "
+            "sys.exit(main(['serve', 'random:tiny-llama']))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "pip install 'compiled-llm[serve]'" in done.stderr and "uvicorn" in done.stderr
