@@ -234,3 +234,38 @@ def test_serve_without_the_serve_extra_says_how_to_install_it():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "pip install 'compiled-llm[serve]'" in done.stderr and "uvicorn" in done.stderr
+
+
+def test_after_a_500_the_same_client_goes_on(llm, monkeypatch):
+    """Over a real socket: a 500 says Connection: close, so a keep-alive client's next request opens a new
+    connection instead of failing on the one the server dropped."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(llm, "tiny"), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+        yield  # an async generator, as generate_async is
+
+    monkeypatch.setattr(llm, "generate_async", broken)
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(8):
+                failed = client.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 2})
+                assert error(failed, 500)["code"] == "internal_error" and failed.headers["connection"] == "close"
+                assert client.get("/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
