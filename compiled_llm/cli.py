@@ -200,6 +200,17 @@ def _api_key(args: argparse.Namespace) -> str | None:
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds > 0")
+    return value
+
+
 def byte_size(text: str) -> int:
     """'4194304', '4MiB', '16 MB' -> bytes (argparse type)."""
     match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
@@ -288,12 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--served-model-name", help="the model's name in the API (default: MODEL)")
     serve_parser.add_argument("--max-waiting", type=int, default=1024,
                               help="queued requests beyond which new ones get 503 with Retry-After")
-    serve_parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+    serve_parser.add_argument("--shutdown-timeout", type=positive_seconds, default=30.0,
                               help="seconds running requests get to finish after SIGTERM before they fail with 503 "
                               "(a second signal exits at once, with status 1)")  # fmt: skip
-    serve_parser.add_argument("--request-timeout", type=float,
+    serve_parser.add_argument("--request-timeout", type=positive_seconds,
                               help="seconds after which a request still running fails with 408 (default: none)")
-    serve_parser.add_argument("--read-timeout", type=float, default=30.0,
+    serve_parser.add_argument("--read-timeout", type=positive_seconds, default=30.0,
                               help="seconds a request body may stop arriving before it gets 408")
     serve_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(serve_parser)

@@ -12,7 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -97,6 +99,12 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def aborted(url: str) -> float:
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+             if line.startswith('compiled_llm_requests_total{finish_reason="abort"}')]  # fmt: skip
+    return float(lines[0].split()[1]) if lines else 0.0
 
 
 def test_completion_text_and_usage_are_the_engines(client, local):
@@ -210,25 +218,18 @@ def test_bounded_load_keeps_health_answering(server, local):
     async def main():
         async with httpx.AsyncClient(headers=headers, timeout=120,
                                      limits=httpx.Limits(max_connections=200)) as http:  # fmt: skip
-            done = asyncio.Event()
-            health_s = []
-
-            async def poll_health():
-                while not done.is_set():
-                    start = time.perf_counter()
-                    assert (await http.get(f"{url}/health", timeout=2)).status_code == 200
-                    health_s.append(time.perf_counter() - start)
-                    await asyncio.sleep(0.1)
 
             async def stream(i: int) -> str | None:
-                body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 16, "temperature": 0, "stream": True,
-                        "ignore_eos": True}  # fmt: skip
+                leaves = i % 8 == 0  # 16 clients leave after their first token, of 120 asked for
+                body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 120 if leaves else 16, "temperature": 0,
+                        "stream": True, "ignore_eos": True}  # fmt: skip
                 text = []
                 async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    assert response.status_code == 200
                     async for line in response.aiter_lines():
                         if line.startswith("data: {"):
                             text.append(json.loads(line[6:])["choices"][0]["text"])
-                            if i % 8 == 0:  # 16 clients leave after their first token
+                            if leaves:
                                 return None
                 return "".join(text)
 
@@ -236,25 +237,37 @@ def test_bounded_load_keeps_health_answering(server, local):
                 body = {"model": "tiny", "prompt": "x" * (8 << 20), "max_tokens": 4}
                 return await http.post(f"{url}/v1/completions", json=body)
 
-            poller = asyncio.create_task(poll_health())
-            results = await asyncio.gather(huge(), *(stream(i) for i in range(128)))
-            done.set()
-            await poller
-            return results, health_s
+            return await asyncio.gather(huge(), *(stream(i) for i in range(128)))
 
-    (big, *texts), health_s = asyncio.run(main())
+    done, health_s = threading.Event(), []
+
+    def poll_health():  # its own thread and client: the streams' parsing must not delay the measurement
+        while not done.is_set():
+            start = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=2).status_code == 200
+            health_s.append(time.perf_counter() - start)
+            time.sleep(0.1)
+
+    aborted_before = aborted(url)
+    poller = ThreadPoolExecutor(1).submit(poll_health)
+    try:
+        big, *texts = asyncio.run(main())
+    finally:
+        done.set()
+    poller.result()
     assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
     assert health_s and max(health_s) < 2
     assert [t for i, t in enumerate(texts) if i % 8] == [e for i, e in enumerate(expected) if i % 8]
-    deadline = time.time() + 10  # the leavers' requests are aborted and free their blocks
-    while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
+    deadline = time.time() + 10  # the leavers' requests are aborted (not run to their 120 tokens): blocks freed
+    while (metric(url, "compiled_llm_kv_blocks_used") > 0 or aborted(url) < aborted_before + 16) and time.time() < deadline:
         time.sleep(0.05)
-    assert metric(url, "compiled_llm_kv_blocks_used") == 0
+    assert metric(url, "compiled_llm_kv_blocks_used") == 0 and aborted(url) == aborted_before + 16
 
 
 def test_a_client_that_disconnects_frees_its_blocks(server):
     url = server[1]
-    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 120, "stream": True, "ignore_eos": True}
+    before = aborted(url)
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 150, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         lines = r.iter_lines()
         while not next(lines).startswith("data:"):
@@ -264,14 +277,9 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
         time.sleep(0.05)
     assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
+    assert aborted(url) == before + 1  # aborted, not run to its 150 tokens
     assert metric(url, "compiled_llm_generation_tokens_total") > 0
     assert "compiled_llm_time_to_first_token_seconds_bucket" in httpx.get(f"{url}/metrics").text
-
-
-def aborted(url: str) -> float:
-    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-             if line.startswith('compiled_llm_requests_total{finish_reason="abort"}')]  # fmt: skip
-    return float(lines[0].split()[1]) if lines else 0.0
 
 
 def test_a_non_streaming_client_that_leaves_is_aborted(server):
@@ -286,6 +294,10 @@ def test_a_non_streaming_client_that_leaves_is_aborted(server):
         time.sleep(0.05)
     assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
     assert aborted(url) == before + 1
+    log = server[2]
+    log.flush()
+    log.seek(0)
+    assert "Exception in ASGI application" not in log.read()  # the abort is not logged as a server error
 
 
 def test_a_full_queue_gets_503_with_retry_after(local):
@@ -373,9 +385,6 @@ def stream_events(url: str, body: dict) -> list[str]:
 def test_past_the_shutdown_timeout_requests_fail_in_the_apis_shape(model_dir, tmp_path):
     """24 long requests over 16 batch slots, SIGTERM, 0.3 s to finish: the unfinished get 503 or an error event
     then [DONE]; none is cut; the server exits 0 (it was asked to stop)."""
-    import json
-    from concurrent.futures import ThreadPoolExecutor
-
     process, url, log = start_server(model_dir, tmp_path, "--shutdown-timeout", "0.3")
     body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 150, "ignore_eos": True}
     with ThreadPoolExecutor(24) as pool:
@@ -416,6 +425,9 @@ def test_a_stalled_upload_gets_408_after_the_read_timeout(server):
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
                      b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")  # fmt: skip
-        reply = conn.recv(65536).decode()
+        reply = b""
+        while chunk := conn.recv(65536):  # to the end: the 408 closes the connection
+            reply += chunk
+        reply = reply.decode()
     assert reply.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in reply.replace(" ", "")
     assert httpx.get(f"{url}/health").status_code == 200

@@ -199,6 +199,7 @@ def test_request_timeout_fails_the_request_in_the_apis_shape(llm):
         with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
             events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+        assert metric_value(http, 'compiled_llm_requests_total{finish_reason="request_timeout"}') == 2
         deadline = time.time() + 10  # aborted: its blocks are freed after the engine step in progress
         while metric_value(http, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
             time.sleep(0.05)
@@ -265,7 +266,22 @@ def test_after_a_500_the_same_client_goes_on(llm, monkeypatch):
             for _ in range(8):
                 failed = client.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 2})
                 assert error(failed, 500)["code"] == "internal_error" and failed.headers["connection"] == "close"
+                assert len(failed.headers["x-request-id"]) == 32
                 assert client.get("/health").status_code == 200
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_the_length_proof_only_where_the_tokenizer_allows_it(llm):
+    """Byte-level BPE without stripping: a bound; a normalizer that strips (or a WordLevel model): none."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from compiled_llm.server.prompts import _max_token_chars
+
+    assert _max_token_chars(llm.tokenizer) == 2 * max(len(t) for t in llm.tokenizer.get_vocab())
+    words = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    words.normalizer = normalizers.Strip()
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert _max_token_chars(PreTrainedTokenizerFast(tokenizer_object=words)) is None

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -38,6 +39,20 @@ from compiled_llm.server.responses import (
 )  # fmt: skip
 
 log = logging.getLogger("compiled_llm.server")
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its event generator when the response ends, however it ends. When the client leaves,
+    Starlette cancels the task that iterates the generator while the generator waits at a `yield`: left to
+    the garbage collector, its requests ran on (a stream of 150 tokens whose client left after one ran to the
+    end) and were never counted or logged."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 class _Job:
@@ -71,6 +86,9 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
     `max_request_bytes`: larger bodies get 413; `metrics_require_key`: /metrics needs the API key too;
     `drain`: the shutdown in progress (shutdown.py); `request_timeout_s`: a request still running then is
     failed (408); `read_timeout_s`: a body that stops arriving for that long gets 408."""
+    for name, value in (("request_timeout_s", request_timeout_s), ("read_timeout_s", read_timeout_s)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value}: give a number of seconds > 0")
     app = FastAPI(title="compiled-llm", docs_url=None, redoc_url=None)
     drain = drain or Drain()
     app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes, read_timeout_s=read_timeout_s, drain=drain)
@@ -111,9 +129,12 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, error: Exception):  # logged by the server; the client gets JSON
-        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        # Starlette runs this outside every middleware: the id and the status count are added here.
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        log.error("%s: %s %s failed", request_id, request.method, request.url.path, exc_info=error)
+        metrics.responses.labels("500").inc()
         return failed(500, f"internal error: {type(error).__name__}: {error}", "internal_error",
-                      headers={"Connection": "close"})  # fmt: skip
+                      headers={"Connection": "close", "X-Request-Id": request_id})  # fmt: skip
 
     @app.get("/health")
     async def health():
@@ -249,13 +270,21 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                 while not (await asyncio.wait([task], timeout=0.25))[0]:
                     if await http.is_disconnected():
                         task.cancel()
-                        break
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+                        # Nobody to answer: an empty response (nginx's 499), not a CancelledError out of the
+                        # route, which uvicorn logs as an error with its traceback. A cancel of this task
+                        # itself still propagates.
+                        if getattr(asyncio.current_task(), "cancelling", lambda: 0)():  # Python >= 3.11
+                            raise asyncio.CancelledError
+                        return Response(status_code=499)
                 await task
             except Exception as error:  # APIError: the shutdown's deadline or --request-timeout
                 unfinished = error.code if isinstance(error, APIError) else "error"
                 raise
             finally:
                 task.cancel()
+                admission.release(job)
                 finish_log(request_id, job, start, unfinished)
             finals = [(i, final.outputs[0]) for i, final in enumerate(job.finals)]
             usage = Usage(**job.usage())
@@ -290,6 +319,7 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                 yield sse(json.dumps(body))
                 yield sse("[DONE]")
             finally:
+                admission.release(job)
                 finish_log(request_id, job, start, unfinished)
 
         async def stream_events() -> AsyncIterator[str]:
@@ -317,7 +347,7 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
                           else ChatCompletionChunk(**base, choices=[], usage=usage))  # fmt: skip
             yield sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _ClosingStreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):

@@ -4,6 +4,7 @@ how the server ended (0: asked to stop; 1: forced by a second signal, or the eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -34,7 +35,11 @@ def _server_class():
             if self.should_exit:  # a second signal: stop now, and say so in the exit status
                 self.force_exit = True
                 self.exit_code = 1
-                log.warning("second signal: exiting without waiting for running requests")
+                log.warning("second signal: failing running requests and exiting")
+                # Fail what runs now (answers, error events): its connections close, which uvicorn still
+                # waits for on Python >= 3.12 (server.wait_closed) even when forced.
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().call_soon_threadsafe(self.drain.expire)
                 return
             super().handle_exit(sig, frame)
             try:
@@ -76,6 +81,11 @@ def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
         # no-ops, so that a requested shutdown ends the process with our status instead of death by signal.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C works again while tearing down
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
     log.info("server stopped (exit status %d)", server.exit_code)
     return server.exit_code

@@ -37,8 +37,8 @@ class ApiKeyGuard:
 class RequestSizeLimit:
     """413 for a request body over `max_bytes`: told by Content-Length at once, else counted as it arrives;
     408 for a body that stops arriving for `read_timeout_s` (or at all once the server drains: a stalled
-    upload must not hold the shutdown). The body is read here and replayed to the route; later messages (a
-    disconnect) pass."""
+    upload must not hold the shutdown); nothing for a client that leaves while sending. The body is read
+    here and replayed to the route; later messages (a disconnect) pass."""
 
     def __init__(self, app, max_bytes: int, read_timeout_s: float = 30.0, drain=None):
         self.app = app
@@ -59,7 +59,7 @@ class RequestSizeLimit:
 
     def _too_large(self, size: str) -> JSONResponse:
         return error_response(413, f"the request body ({size}) exceeds the server's limit of {self.max_bytes} bytes "
-                              "(--max-request-bytes)", "request_too_large")  # fmt: skip
+                              "(--max-request-bytes)", "request_too_large", headers={"Connection": "close"})  # fmt: skip
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,17 +75,15 @@ class RequestSizeLimit:
                                           "or the server is shutting down)", "request_timeout",
                                           headers={"Connection": "close"})  # fmt: skip
                 return await response(scope, receive, send)
-            if message["type"] != "http.request":  # the client left while sending
-                chunks = [message]
-                break
+            if message["type"] != "http.request":  # the client left while sending: nobody to answer
+                return
             size += len(message.get("body", b""))
             if size > self.max_bytes:
                 return await self._too_large(f"over {self.max_bytes} bytes")(scope, receive, send)
             chunks.append(message)
             if not message.get("more_body", False):
                 break
-        body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
-        replay = [{"type": "http.request", "body": body, "more_body": False}] if chunks[-1]["type"] == "http.request" else chunks
+        replay = [{"type": "http.request", "body": b"".join(m.get("body", b"") for m in chunks), "more_body": False}]
 
         async def replayed():
             return replay.pop(0) if replay else await receive()

@@ -1,14 +1,19 @@
 """Requests' prompts to token ids, off the event loop, refusing what cannot fit before tokenizing it.
 
 Tokenizing (and chat templating) a long prompt takes seconds of CPU: on the event loop it stalled every
-stream and /health (a 10 MiB prompt: 33.6 s). It runs in a worker thread instead. A prompt whose characters
-alone prove it longer than the context is refused at once: one token covers at most as many characters as
-the longest token's text, so a text of more than max_seq_len times that many cannot fit.
+stream and /health (a 10 MiB prompt: 33.6 s). It runs in a worker thread instead. A completion prompt whose
+length alone proves it longer than the context is refused at once, where the tokenizer makes that a proof:
+a byte-level BPE (GPT-2's, Llama-3's, Qwen's) with no normalizer that can delete characters and no added
+token that strips whitespace turns every character into at least one byte, and one token covers at most as
+many bytes as the longest token's text has characters; so a text of more than max_seq_len times that many
+characters cannot fit. Other tokenizers (normalizers that strip or collapse, unknown-token fusing) and chat
+templates (which may drop earlier turns' reasoning) are always tokenized; the body limit bounds that work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from compiled_llm.server.errors import APIError
 
@@ -18,19 +23,14 @@ class PromptTokenizer:
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_seq_len = max_seq_len
-        self._max_token_chars: int | None = None
 
-    def max_token_chars(self) -> int:
-        """Characters of text one token can cover, at most (the longest token's text; a byte-level BPE
-        token's characters each stand for one byte, at most one character of text)."""
-        if self._max_token_chars is None:
-            vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
-            self._max_token_chars = max((len(token) for token in vocab), default=1)
-        return self._max_token_chars
+        # Read here, at start-up: the vocabulary is large, and the first request runs on the event loop.
+        self._max_token_chars = _max_token_chars(self.tokenizer)
 
     def check_length(self, chars: int, param: str) -> None:
-        per_token = self.max_token_chars()
-        if chars > self.max_seq_len * per_token:
+        """Refuse a text of `chars` characters that cannot fit (where the tokenizer allows the proof)."""
+        per_token = self._max_token_chars
+        if per_token is not None and chars > self.max_seq_len * per_token:
             raise APIError(
                 400, f"{param} has {chars} characters, so at least {chars // per_token} tokens (a token covers at most "
                 f"{per_token}): more than the model's context of max_seq_len={self.max_seq_len} tokens",
@@ -56,7 +56,6 @@ class PromptTokenizer:
 
     async def chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation through the chat template, in a worker thread."""
-        self.check_length(sum(len(m["content"]) for m in messages), "messages")
         return await asyncio.to_thread(self._chat, messages)
 
     def _chat(self, messages: list[dict]) -> list[int]:
@@ -68,3 +67,23 @@ class PromptTokenizer:
             raise APIError(400, f"messages: {error}", param="messages") from None
         except (TypeError, UnicodeError) as error:
             raise APIError(400, f"messages are not valid Unicode text ({error})", "invalid_text", "messages") from None
+
+
+def _max_token_chars(tokenizer) -> int | None:
+    """The most characters of text one token can stand for, where the tokenizer makes that bound sound (see
+    the module's docstring), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: no way to tell
+        return None
+    state = json.loads(backend.to_str())
+    normalizer, pre_tokenizer, model = state.get("normalizer"), state.get("pre_tokenizer") or {}, state.get("model") or {}
+    normalizers = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
+    byte_level = pre_tokenizer.get("type") == "ByteLevel" or any(
+        p.get("type") == "ByteLevel" for p in pre_tokenizer.get("pretokenizers") or []
+    )
+    if not byte_level or model.get("type") != "BPE" or any(n.get("type") != "NFC" for n in normalizers):
+        return None
+    if any(token.get("lstrip") or token.get("rstrip") for token in state.get("added_tokens") or []):
+        return None
+    # NFC may compose characters (e + combining accent): at most halve them, as a margin.
+    return 2 * max((len(token) for token in tokenizer.get_vocab()), default=1)

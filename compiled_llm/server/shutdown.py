@@ -45,6 +45,9 @@ class Drain:
         asyncio.get_running_loop().call_later(self.timeout_s, self.expire)
 
     def expire(self) -> None:
+        """The deadline (or a second signal): every job still running fails now."""
+        if self.expired:
+            return
         self.expired = True
         if self._jobs:
             log.warning("shutdown timeout: failing %d requests still running", len(self._jobs))
