@@ -80,6 +80,7 @@ class CompiledModel:
 
             with progress.stage("rewriting the graph"):
                 captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
+                captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
                 start = time.perf_counter()
                 pass_results = run_passes(captured.gm, config)
                 timings["passes_s"] = time.perf_counter() - start

@@ -19,6 +19,7 @@ import torch.fx
 aten = torch.ops.aten
 # Token counts checked: 1 and 2 (decode, short prompts) export never sees; larger ones reach into tables.
 CHECKED_COUNTS = (1, 2, 3, 7, 16)
+LARGEST_CHECKED = 8192  # tokens: a float mask of 8192 x 8192 is 256 MiB
 
 
 def evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node, tokens: int, memo: dict):
@@ -62,9 +63,20 @@ def evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node, tokens: int, memo: d
 def causal_mask_problem(gm: torch.fx.GraphModule, mask: torch.fx.Node, kind: Literal["masked", "attend", "additive"],
                         max_positions: int | None = None) -> str | None:  # fmt: skip
     """Why `mask` is not provably causal, or None. `kind`: what its entries mean; "masked": True hides the
-    key (masked_fill); "attend": True shows it (an SDPA bool mask); "additive": 0 shows, -inf hides."""
-    counts = sorted({n for n in CHECKED_COUNTS if max_positions is None or n <= max_positions}
-                    | ({max_positions} if max_positions else set()))  # fmt: skip
+    key (masked_fill); "attend": True shows it (an SDPA bool mask); "additive": 0 shows, -inf hides. Layers
+    usually share one mask: each is proven once."""
+    proofs = gm.meta.setdefault("mask_proofs", {})
+    key = (mask.name, kind, max_positions)
+    if key not in proofs:
+        proofs[key] = _causal_mask_problem(gm, mask, kind, max_positions)
+    return proofs[key]
+
+
+def _causal_mask_problem(gm, mask, kind, max_positions) -> str | None:
+    # Up to the longest sequence there can be: the position table's rows, else the runtime's max_seq_len
+    # (a mask causal at 16 tokens may be a sliding window at 20), within what a mask of that size costs.
+    largest = max_positions or min(gm.meta.get("max_seq_len") or 0, LARGEST_CHECKED) or None
+    counts = sorted({n for n in CHECKED_COUNTS if largest is None or n <= largest} | ({largest} if largest else set()))
     for tokens in counts:
         try:
             value = evaluate(gm, mask, tokens, {})

@@ -100,6 +100,20 @@ def _same_region(a: tuple, b: tuple, shape) -> bool:
     )
 
 
+def _written_in_place(node: torch.fx.Node, seen: set | None = None) -> bool:
+    """Whether an op writes `node`, or a view of it, in place."""
+    seen = set() if seen is None else seen
+    for user in node.users:
+        if user in seen or user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+            continue
+        seen.add(user)
+        for arg, value in zip(user.target._schema.arguments, user.args):
+            if value is node and arg.alias_info is not None:
+                if arg.alias_info.is_write or _written_in_place(user, seen):
+                    return True
+    return False
+
+
 def _sliced_cache_reads(gm: torch.fx.GraphModule) -> tuple[int, list[torch.fx.Node]]:
     """Replace each read of a module attribute's slice that this forward just wrote (copy_) with the values
     written; the writes returned. A read elsewhere in a written attribute is refused: with the first token
@@ -128,6 +142,11 @@ def _sliced_cache_reads(gm: torch.fx.GraphModule) -> tuple[int, list[torch.fx.No
             )
         if values.meta["val"].shape != node.meta["val"].shape:
             raise ValueError(f"{user_line(node)}: the module's cache write broadcasts its values ({attribute.target})")
+        if _written_in_place(values):  # the read would see the values as they are then, the cache as they were
+            raise ValueError(
+                f"{user_line(node)} reads the module's own cache ({attribute.target}) whose values the forward "
+                "changes in place after writing them: copy them before changing them"
+            )
         new = values
         if values.meta["val"].dtype != node.meta["val"].dtype:  # copy_ casts to the cache's dtype
             with graph.inserting_before(node):

@@ -95,6 +95,13 @@ def test_gptfast_with_its_own_kv_cache_complex_pairs_rope_and_gqa():
     assert not any(n.op == "get_attr" and "kv_cache" in n.target for n in cm.graph_module.graph.nodes)
     assert (cm(prompt).logits - logits).abs().max() < 1e-4
     assert_greedy_tokens(cm, prompts, expected)
+    with pytest.raises(ValueError, match=r"own KV cache \(layers.0.attention.kv_cache.k_cache, .*\) was released by an "
+                       r"earlier compile_model.*model.max_seq_length = -1, then model.setup_caches"):  # fmt: skip
+        compile_model(model)
+    model.max_seq_length = -1
+    model.setup_caches(max_batch_size=1, max_seq_length=64)  # set up again: compiles again
+    assert compile_model(model, compile_backend="eager").generate(torch.tensor([prompts[0]]), max_new_tokens=8)[
+        0, len(prompts[0]) :].tolist() == expected[0][:8]  # fmt: skip
 
 
 def test_meta_reference_llama_start_pos_complex_rope_sliced_cache_and_repeat_kv():
@@ -233,7 +240,45 @@ class ReadsPastItsWrite(nn.Module):
         return self.head(torch.softmax(q @ keys.transpose(1, 2) + mask, dim=-1) @ values)
 
 
+class ChangesItsValuesAfterCaching(ReadsPastItsWrite):
+    """Writes k to its cache, then scales k in place before reading the cache back."""
+
+    def forward(self, tokens, start_pos: int):
+        x = self.embed(tokens)
+        t = x.shape[1]
+        q, k, v = self.qkv(x).split(16, dim=-1)
+        k = k.contiguous()
+        self.cache_k[:, start_pos : start_pos + t] = k
+        self.cache_v[:, start_pos : start_pos + t] = v
+        k.mul_(0.5)
+        keys, values = self.cache_k[:, : start_pos + t], self.cache_v[:, : start_pos + t]
+        mask = torch.full((t, t), float("-inf")).triu(1)
+        return self.head(torch.softmax(q @ keys.transpose(1, 2) + mask, dim=-1) @ values + k)
+
+
+class SlidingWindow(nn.Module):
+    """No position table; a mask built from arange that is causal up to 20 tokens, a window beyond."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Embedding(32, 16), nn.Linear(16, 48), nn.Linear(16, 32)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        t = x.shape[1]
+        q, k, v = (z.view(1, t, 2, 8).transpose(1, 2) for z in self.qkv(x).split(16, dim=-1))
+        i = torch.arange(t)
+        seen = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 20)
+        att = (q @ k.transpose(-2, -1) * 0.25).masked_fill(~seen, float("-inf"))
+        return self.head((torch.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(1, t, 16))
+
+
 def test_modules_the_runtime_cannot_run_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"k.mul_\(0.5\).*|changes in place"):
+        compile_model(ChangesItsValuesAfterCaching(), compile_backend="eager")
+    # Proven at max_seq_len, not only at a few short lengths where the window is not reached yet.
+    with pytest.raises(ValueError, match=r"its mask is not the causal mask for 64 tokens"):
+        compile_model(SlidingWindow(), compile_backend="eager", max_seq_len=64)
     with pytest.raises(ValueError, match=r"self.cache_k\[:, : start_pos \+ t \+ 1\].* reads the module's own cache "
                        r"\(model.cache_k\) beyond the rows this step wrote"):  # fmt: skip
         compile_model(ReadsPastItsWrite(), compile_backend="eager")

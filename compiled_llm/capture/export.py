@@ -23,7 +23,7 @@ from torch import nn
 
 from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
 from compiled_llm.capture.forward_signature import forward_signature, output_logits
-from compiled_llm.capture.module_state import written_state
+from compiled_llm.capture.module_state import check_caches_present, written_state
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
 
 GRAPH_INPUTS = ("input_ids", "position_ids", "logits_indices")
@@ -131,6 +131,7 @@ def _export_to_the_modules_bound(flat: FlatTokenForward, example: tuple, arch: s
 def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel:
     """Export `model` (a causal LM) into one aten-level FX graph with flat, dynamic token inputs."""
     check_causal_lm(model)
+    check_caches_present(model)
     arch = architecture_name(model)
     start = time.perf_counter()
     device = next(model.parameters()).device

@@ -62,9 +62,9 @@ def forward_signature(model: nn.Module) -> ForwardSignature:
             f"called with token ids [batch, seq] and, optionally, positions ({', '.join(POSITION_ARGUMENTS)})"
         )
     rank = POSITION_ARGUMENTS.get(positions, 2)
-    annotation = next((p.annotation for p in params if p.name == positions), None)
-    if annotation in (int, "int"):
-        rank = 0
+    param = next((p for p in params if p.name == positions), None)
+    if param is not None and (param.annotation in (int, "int") or type(param.default) is int):
+        rank = 0  # the position of the first token (`pos: int`, `pos=0`)
     return ForwardSignature(tokens, positions, rank)
 
 
