@@ -285,3 +285,16 @@ def test_the_length_proof_only_where_the_tokenizer_allows_it(llm):
     words.normalizer = normalizers.Strip()
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     assert _max_token_chars(PreTrainedTokenizerFast(tokenizer_object=words)) is None
+
+
+def test_a_slow_reader_gets_the_whole_text_in_fewer_chunks(http):
+    """Outputs a slow client has not read yet are merged into the newest (each holds all so far)."""
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    whole = http.post("/v1/completions", json=body, headers=AUTH).json()["choices"][0]["text"]
+    texts = []
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=AUTH) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                texts.append(json.loads(line[6:])["choices"][0]["text"])
+                time.sleep(0.05)  # the engine runs ahead meanwhile
+    assert "".join(texts) == whole and 0 < len(texts) < 40  # one chunk per token before

@@ -41,6 +41,9 @@ from compiled_llm.server.responses import (
 log = logging.getLogger("compiled_llm.server")
 
 
+NEWER = object()  # in a job's queue: its choice has a newer output
+
+
 class _ClosingStreamingResponse(StreamingResponse):
     """Closes its event generator when the response ends, however it ends. When the client leaves,
     Starlette cancels the task that iterates the generator while the generator waits at a `yield`: left to
@@ -180,8 +183,11 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
     async def run(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output so far) as the engine produces them; the last per choice is finished."""
-        queue: asyncio.Queue = asyncio.Queue()
+        """(choice index, output so far) as the engine produces them; the last per choice is finished.
+        Each output holds everything so far, so only a choice's newest unread one is kept: a client that reads
+        slowly skips to it, instead of a queue of copies growing with the square of its length."""
+        queue: asyncio.Queue = asyncio.Queue()  # (index, NEWER | None when done | an error)
+        newest: dict[int, RequestOutput] = {}
 
         async def pump(index: int, ids: list[int], params) -> None:
             # The place is freed and the request queued in one step of this task (no await between: the
@@ -189,7 +195,9 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
             admission.handed_over(job)
             try:
                 async for output in llm.generate_async(ids, params, streaming=stream):
-                    queue.put_nowait((index, output))
+                    if index not in newest:
+                        queue.put_nowait((index, NEWER))
+                    newest[index] = output
             except BaseException as error:  # noqa: BLE001  (handed to the consumer, which re-raises it)
                 queue.put_nowait((index, error))
                 raise
@@ -205,13 +213,13 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
         try:
             remaining = len(tasks)
             while remaining:
-                index, output = await queue.get()
-                if output is None:
+                index, item = await queue.get()
+                if item is None:
                     remaining -= 1
-                elif isinstance(output, BaseException):
-                    raise output
+                elif isinstance(item, BaseException):
+                    raise item
                 else:
-                    yield index, output
+                    yield index, newest.pop(index)
         finally:  # finished, failed or cancelled (client gone): unfinished requests are aborted
             drain.untrack(queue)
             if timeout is not None:
