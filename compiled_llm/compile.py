@@ -107,7 +107,8 @@ class CompiledGraph:
         advice = (
             "its sizes depend on the step's token count in a way the compiler cannot decide for every count "
             "(a -1 in a view over the tokens, a size computed from the data): write the sizes out"
-            if data_dependent else "the op cannot be compiled as written"
+            if data_dependent else "compiling stopped at this op; if the message is about shapes or dtypes, the "
+            "op's inputs are not what it accepts for some token count"
         )  # fmt: skip
         return (
             f"TorchInductor could not compile the model's graph{where} ({first_line}): {advice}, or pass "
