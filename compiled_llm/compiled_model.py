@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from compiled_llm.capture import capture_model, text_config
+from compiled_llm.capture import capture_model
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.compile import CompiledGraph
@@ -22,6 +22,7 @@ from compiled_llm.generation import GenerationSettings
 from compiled_llm.progress import StageProgress
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
+from compiled_llm.sequence_limits import bounded_by_position_tables, max_seq_len_for
 from compiled_llm.verify import self_check
 from compiled_llm.runtime import (
     DecodeCudaGraphs,
@@ -70,7 +71,7 @@ class CompiledModel:
         self.model = model
         self.config = config
         self.device = next(model.parameters()).device
-        self.max_seq_len = _max_seq_len(model, config.max_seq_len)
+        self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
         timings = {}
         # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
         with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
@@ -84,7 +85,7 @@ class CompiledModel:
                 start = time.perf_counter()
                 pass_results = run_passes(captured.gm, config)
                 timings["passes_s"] = time.perf_counter() - start
-            self.max_seq_len = _bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
+            self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
 
             layers = captured.gm.meta["paged_attention"]
             self.vocab_size = captured.vocab_size
@@ -354,49 +355,7 @@ def _compile_label(backend: str, device: torch.device) -> str:
     return f"compiling with Inductor ({kernels} kernels; cached for later runs)"
 
 
-def _max_seq_len(model: nn.Module, asked: int | None) -> int:
-    """max_seq_len, or the model's context where not given (2048 where its config names none)."""
-    trained = _context_length(text_config(model))
-    if asked is not None and trained is not None and asked > trained:
-        # As vLLM: positions past the trained ones give fluent-looking nonsense, not an error.
-        raise ValueError(
-            f"max_seq_len={asked} exceeds the model's context of {trained} positions (max_position_embeddings, "
-            f"times the factor of a linear, dynamic or YaRN RoPE scaling): the largest max_seq_len that works is {trained}"
-        )
-    return asked or int(trained or 2048)
-
-
 def _is_hf_model(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel)
-
-
-def _bounded_by_position_tables(max_seq_len: int, asked: int | None, gm: torch.fx.GraphModule) -> int:
-    """max_seq_len within the rows of the tables positions index (`runtime_positions` records them): a
-    position past a learned table would read outside it."""
-    if gm.meta.get("last_position_only"):
-        raise ValueError("the module returns its last position's logits only: the select_logits_rows pass must run")
-    rows = gm.meta.get("max_positions")
-    if rows is None or max_seq_len <= rows:
-        return max_seq_len
-    if asked is not None:
-        raise ValueError(
-            f"max_seq_len={asked} exceeds the {rows} rows of the model's position table (a learned position "
-            f"embedding or a precomputed RoPE table): the largest max_seq_len that works is {rows}"
-        )
-    return rows
-
-
-def _context_length(config) -> int | None:
-    """max_position_embeddings, extended by RoPE scaling where the config gives the unscaled length (as vLLM
-    derives max_model_len; llama3 and longrope configs give the extended length already)."""
-    positions = getattr(config, "max_position_embeddings", None)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not positions or not isinstance(rope, dict):
-        return positions
-    kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
-    if kind not in ("linear", "dynamic", "yarn") or not factor:
-        return positions
-    base = rope.get("original_max_position_embeddings") or positions if kind == "yarn" else positions
-    return int(base * factor)

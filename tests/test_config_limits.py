@@ -85,7 +85,7 @@ def test_max_seq_len_past_the_models_positions_names_the_largest(model):
 def test_the_models_context_counts_rope_scaling_as_vllm_does(rope, context):
     import transformers as tf
 
-    from compiled_llm.compiled_model import _context_length
+    from compiled_llm.sequence_limits import context_length as _context_length
 
     assert _context_length(tf.LlamaConfig(max_position_embeddings=4096, rope_scaling=rope)) == context
 

@@ -46,6 +46,19 @@ def error(response, status: int) -> dict:
     return body
 
 
+def fail_after_the_first_output(llm, monkeypatch) -> None:
+    """The engine's outputs, then a failure: as a step that raises mid-request."""
+    generate = llm.generate_async
+
+    async def fails(*args, **kwargs):
+        async with contextlib.aclosing(generate(*args, **kwargs)) as outputs:
+            async for output in outputs:
+                yield output
+                raise RuntimeError("the engine failed")
+
+    monkeypatch.setattr(llm, "generate_async", fails)
+
+
 def test_unknown_routes_and_methods(http):
     assert error(http.get("/v1/nothing", headers=AUTH), 404)["code"] == "not_found"
     assert error(http.get("/v1/completions", headers=AUTH), 405)["code"] == "method_not_allowed"
@@ -102,15 +115,7 @@ def test_prompts_beyond_the_context_are_context_length_exceeded(http, llm, monke
 
 
 def test_a_failure_mid_stream_ends_with_an_error_event_and_done(http, llm, monkeypatch):
-    generate = llm.generate_async
-
-    async def fails_after_the_first_output(*args, **kwargs):
-        async with contextlib.aclosing(generate(*args, **kwargs)) as outputs:
-            async for output in outputs:
-                yield output
-                raise RuntimeError("the engine failed")
-
-    monkeypatch.setattr(llm, "generate_async", fails_after_the_first_output)
+    fail_after_the_first_output(llm, monkeypatch)
     body = {"model": "tiny", "prompt": "abc", "max_tokens": 8, "ignore_eos": True}
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=AUTH) as response:
         assert response.status_code == 200
@@ -171,15 +176,7 @@ def test_request_ids_the_log_line_and_what_metrics_count(http, llm, monkeypatch,
     assert metric_value(http, 'compiled_llm_http_responses_total{status="404"}') == not_found + 1
     assert "compiled_llm_preemptions_total 0.0" in http.get("/metrics").text
 
-    generate = llm.generate_async
-
-    async def fails(*args, **kwargs):
-        async with contextlib.aclosing(generate(*args, **kwargs)) as outputs:
-            async for output in outputs:
-                yield output
-                raise RuntimeError("the engine failed")
-
-    monkeypatch.setattr(llm, "generate_async", fails)
+    fail_after_the_first_output(llm, monkeypatch)
     failed_before = metric_value(http, 'compiled_llm_requests_total{finish_reason="error"}')
     aborted_before = metric_value(http, 'compiled_llm_requests_total{finish_reason="abort"}')
     with caplog.at_level("INFO", logger="compiled_llm.server"):
