@@ -140,9 +140,12 @@ def test_the_api_key_in_constant_time_and_optionally_on_metrics(llm):
 def test_serve_flags_for_the_key_and_the_body_limit(tmp_path, monkeypatch):
     import argparse
 
-    from compiled_llm.cli import API_KEY_ENV, _api_key, byte_size
+    from compiled_llm.cli import API_KEY_ENV, _api_key, byte_size, positive_seconds
 
     assert byte_size("16MiB") == 16 << 20 and byte_size("4194304") == 4 << 20 and byte_size("2 KB") == 2000
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError, match="seconds"):
+            positive_seconds(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         byte_size("16 parsecs")
     key_file = tmp_path / "key"
@@ -186,6 +189,12 @@ def test_request_ids_the_log_line_and_what_metrics_count(http, llm, monkeypatch,
     assert any(r.getMessage().startswith("job-8: ") and r.getMessage().endswith("finish error") for r in caplog.records)
     assert metric_value(http, 'compiled_llm_requests_total{finish_reason="error"}') == failed_before + 1
     assert metric_value(http, 'compiled_llm_requests_total{finish_reason="abort"}') == aborted_before  # not an abort
+
+
+def test_timeouts_must_be_positive(llm):
+    for field in ("request_timeout_s", "read_timeout_s"):
+        with pytest.raises(ValueError, match=f"{field}=0: give a number of seconds > 0"):
+            build_app(llm, "tiny", **{field: 0})
 
 
 def test_request_timeout_fails_the_request_in_the_apis_shape(llm):
