@@ -28,7 +28,7 @@ import torch.fx
 
 from fx_passes.causal_mask import causal_mask_problem, user_line
 from fx_passes.match_sdpa_attention import SDPA, sdpa_arguments
-from fx_passes.node_match import calls, is_call, through_casts
+from fx_passes.node_match import calls, is_call, slice_arguments, sym_expr, through_casts
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -75,19 +75,15 @@ def _slice_region(node) -> tuple[torch.fx.Node, tuple] | None:
     shape = node.meta["val"].shape
     region = [(sympy.Integer(0), sympy.Integer(int(size))) for size in shape]
     for sliced in reversed(slices):
-        dim, start, end, step = (list(sliced.args[1:]) + [0, None, None, 1][len(sliced.args) - 1 :])[:4]
+        dim, start, end, step = slice_arguments(sliced)
         if step != 1:
             return None
         dim %= len(shape)
         base_start, base_end = region[dim]
-        start = base_start + _expr(0 if start is None else start)
-        end = base_end if end is None else sympy.Min(base_end, base_start + _expr(end))
+        start = base_start + sym_expr(0 if start is None else start)
+        end = base_end if end is None else sympy.Min(base_end, base_start + sym_expr(end))
         region[dim] = (start, end)
     return node, tuple(region)
-
-
-def _expr(value):
-    return value.meta["val"].node.expr if isinstance(value, torch.fx.Node) else sympy.sympify(value)
 
 
 def _same_region(a: tuple, b: tuple, shape) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.fx
 
@@ -35,3 +36,19 @@ def through_casts(node):
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in CASTS:
         node = node.args[0]
     return node
+
+
+def sym_expr(value) -> sympy.Expr | None:
+    """A size as a sympy expression: an int, a SymInt, or a node whose value is one; None otherwise."""
+    if isinstance(value, torch.fx.Node):
+        value = value.meta.get("val")
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    return None
+
+
+def slice_arguments(node: torch.fx.Node) -> tuple:
+    """(dim, start, end, step) of an aten.slice.Tensor node, defaults filled in."""
+    return tuple((list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4])

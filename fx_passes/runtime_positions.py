@@ -23,7 +23,7 @@ import sympy
 import torch
 import torch.fx
 
-from fx_passes.node_match import through_casts
+from fx_passes.node_match import slice_arguments, sym_expr, through_casts
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -32,16 +32,6 @@ ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 # Ops a position index passes through unchanged in meaning on its way to a table lookup.
 _POSITION_VIEWS = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
                    aten.select.int, aten.to.dtype, aten._to_copy.default, aten.alias.default)  # fmt: skip
-
-
-def _expr(value) -> sympy.Expr | None:
-    if isinstance(value, torch.fx.Node):
-        value = value.meta.get("val")
-    if isinstance(value, torch.SymInt):
-        return value.node.expr
-    if isinstance(value, int):
-        return sympy.Integer(value)
-    return None
 
 
 def _arange_range(node: torch.fx.Node) -> tuple:
@@ -79,8 +69,8 @@ def _table_prefix(node: torch.fx.Node, tokens, written: set[str]) -> int | None:
     table = through_casts(node.args[0]) if node.target is aten.slice.Tensor else None  # Meta's freqs_cis.to(device)
     if table is None or table.op != "get_attr" or table.target in written:
         return None
-    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
-    if start not in (0, None) or step != 1 or _expr(end) is None or sympy.simplify(_expr(end) - tokens) != 0:
+    dim, start, end, step = slice_arguments(node)
+    if start not in (0, None) or step != 1 or sym_expr(end) is None or sympy.simplify(sym_expr(end) - tokens) != 0:
         return None
     return dim % node.args[0].meta["val"].dim()
 
@@ -90,13 +80,13 @@ def runtime_positions(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     positions = placeholders["position_ids"]
-    tokens = _expr(placeholders["input_ids"].meta["val"].shape[0])
+    tokens = sym_expr(placeholders["input_ids"].meta["val"].shape[0])
     replaced, skipped = 0, []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in ARANGES:
             continue
         start, end, step = _arange_range(node)
-        start_e, end_e, step_e = _expr(start), _expr(end), _expr(step)
+        start_e, end_e, step_e = sym_expr(start), sym_expr(end), sym_expr(step)
         if None in (start_e, end_e, step_e) or not isinstance(start, int) or step_e != 1:
             continue
         if sympy.simplify(end_e - start_e - tokens) != 0:
