@@ -158,7 +158,7 @@ def bench_serving(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from compiled_llm.llm import LLM
+    from compiled_llm.engine_core import EngineCoreClient
 
     try:  # all of the extra, before the model loads: uvicorn itself is imported only once serving starts
         import fastapi  # noqa: F401
@@ -172,11 +172,15 @@ def serve(args: argparse.Namespace) -> int:
 
     api_key = _api_key(args)  # before the model loads: a missing key file fails at once
     config = _config_from_args(args)
-    llm = LLM(args.model, dtype=_dtype(args.dtype), **config.model_dump())  # logs the compile report
-    return run_server(llm, args.served_model_name or args.model, args.host, args.port, api_key, args.max_waiting,
-                      args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
-                      metrics_require_key=args.metrics_require_key, request_timeout_s=args.request_timeout,
-                      read_timeout_s=args.read_timeout)  # fmt: skip
+    # The engine runs in its own process (it logs the compile report); this one serves HTTP.
+    engine = EngineCoreClient.start(args.model, _dtype(args.dtype), logging.getLogger().level, **config.model_dump())
+    try:
+        return run_server(engine, args.served_model_name or args.model, args.host, args.port, api_key,
+                          args.max_waiting, args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+                          metrics_require_key=args.metrics_require_key, request_timeout_s=args.request_timeout,
+                          read_timeout_s=args.read_timeout)  # fmt: skip
+    finally:
+        engine.close()
 
 
 API_KEY_ENV = "COMPILED_LLM_API_KEY"

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from compiled_llm.compiled_model import compile_model
 from compiled_llm.engine import Engine, Request, SamplingParams
+from compiled_llm.engine.limits import EngineStats
 
 log = logging.getLogger("compiled_llm.llm")
 
@@ -62,6 +63,26 @@ def _eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
     return frozenset(operator.index(i) for i in ids)
 
 
+def prompt_token_ids(tokenizer, prompt) -> tuple[str | None, list[int]]:
+    """(the prompt's text or None, its token ids) of a string or a list of token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("string prompts need a tokenizer: pass LLM(model, tokenizer) or token id lists")
+        return prompt, tokenizer(prompt)["input_ids"]
+    try:
+        return None, [operator.index(t) for t in prompt]
+    except TypeError:
+        raise ValueError(f"a prompt is a string or a list of token ids, got {prompt!r:.80}") from None
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, ending with the assistant's turn."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat needs a tokenizer with a chat template; this model has none")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote them already
+
+
 class LLM:
     def __init__(self, model: nn.Module | str, tokenizer=None, dtype: torch.dtype | None = None, **config_fields):
         """`model`: a Hugging Face causal LM, or what `model_source.load_model` resolves (a local HF directory,
@@ -93,22 +114,24 @@ class LLM:
         self._engine_lock = threading.Lock()
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer: pass LLM(model, tokenizer) or token id lists")
-            return prompt, self.tokenizer(prompt)["input_ids"]
-        try:
-            return None, [operator.index(t) for t in prompt]
-        except TypeError:
-            raise ValueError(f"a prompt is a string or a list of token ids, got {prompt!r:.80}") from None
+        return prompt_token_ids(self.tokenizer, prompt)
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation through the tokenizer's chat template, ending with the assistant's
         turn to speak (what `generate` takes to answer it)."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("chat needs a tokenizer with a chat template; this model has none")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote them already
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    # What a server needs of its engine (server/app.py), here and in engine_core.EngineCoreClient.
+    @property
+    def max_seq_len(self) -> int:
+        return self.compiled.max_seq_len
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request that could never run."""
+        self.engine.check_request(prompt_token_ids, params)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     @staticmethod
     def _output(requests: list[Request], streaming: bool = False) -> RequestOutput:

@@ -88,3 +88,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """tests/test_llm_text.py's tiny text model with its trained tokenizer and chat template, saved as a Hugging
+    Face directory (what a server or an engine-core process loads)."""
+    from tests.test_llm_text import text_model
+
+    path = tmp_path_factory.mktemp("tiny-text-model")
+    model, tokenizer = text_model()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from compiled_llm import LLM, SamplingParams  # noqa: E402
-from tests.test_llm_text import text_model  # noqa: E402
+from compiled_llm import LLM, SamplingParams
 
 KEY = "test-key"
 FLAGS = ["--compile-backend", "eager", "--max-batch-size", "16", "--max-num-tokens", "256", "--max-seq-len", "160",
@@ -39,27 +36,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-text-model")
-    model, tokenizer = text_model()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
+def local(text_model_dir):
     """The same model in this process: the reference outputs."""
-    return LLM(str(model_dir), max_batch_size=16, max_seq_len=160, num_kv_blocks=200, compile_backend="eager")
+    return LLM(str(text_model_dir), max_batch_size=16, max_seq_len=160, num_kv_blocks=200, compile_backend="eager")
 
 
-def start_server(model_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, str, object]:
+def start_server(text_model_dir, tmp_path, *extra: str, new_session: bool = False) -> tuple[subprocess.Popen, str, object]:
+    """`new_session`: in a process group of its own (as a server started from a terminal is in the terminal's)."""
     port = free_port()
     log = open(tmp_path / f"server-{port}.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "compiled_llm.cli", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
+        [sys.executable, "-m", "compiled_llm.cli", "serve", str(text_model_dir), "--port", str(port), "--api-key", KEY,
          "--served-model-name", "tiny", *FLAGS, *extra],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        start_new_session=new_session,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -77,8 +67,8 @@ def start_server(model_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, st
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    process, url, log = start_server(model_dir, tmp_path_factory.mktemp("logs"))
+def server(text_model_dir, tmp_path_factory):
+    process, url, log = start_server(text_model_dir, tmp_path_factory.mktemp("logs"))
     yield process, url, log
     if process.poll() is None:
         process.kill()
@@ -317,10 +307,10 @@ def test_a_full_queue_gets_503_with_retry_after(local):
     assert too_many.status_code == 400 and "exceed the server's queue" in too_many.json()["error"]["message"]
 
 
-def test_a_burst_beyond_max_waiting_gets_503s(model_dir, tmp_path, local):
+def test_a_burst_beyond_max_waiting_gets_503s(text_model_dir, tmp_path, local):
     """40 requests at once against --max-waiting 4: accepted ones count as waiting before they reach the
     engine's queue (all 40 were admitted when only the engine's queue was counted)."""
-    process, url, log = start_server(model_dir, tmp_path, "--max-waiting", "4")
+    process, url, log = start_server(text_model_dir, tmp_path, "--max-waiting", "4")
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(40)]
     expected = [o.outputs[0].text for o in local.generate(prompts, greedy(8), use_tqdm=False)]
 
@@ -342,24 +332,6 @@ def test_a_burst_beyond_max_waiting_gets_503s(model_dir, tmp_path, local):
     assert all(r.json()["choices"][0]["text"] == expected[i] for i, r in done)
 
 
-def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
-    process, url, log = start_server(model_dir, tmp_path)
-    body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 60, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data:"))
-        process.send_signal(signal.SIGTERM)
-        rest = [line for line in lines if line.startswith("data:")]
-    assert first and rest[-1] == "data: [DONE]"  # the request in flight ran to its end
-    assert process.wait(timeout=60) == 0
-    log.seek(0)
-    text = log.read()
-    assert "prompt tokens" in text and "60 output tokens" in text  # one line per request
-    assert len(re.findall(r"compiled-llm: \w+ on cpu", text)) == 1  # the compile report, logged once
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{url}/health", timeout=2)
-
-
 def test_bench_serving_drives_the_server(server, tmp_path):
     import json
 
@@ -374,49 +346,6 @@ def test_bench_serving_drives_the_server(server, tmp_path):
     for run in runs:
         assert run["completed"] == 8 and run["failed"] == 0 and run["output_tokens"] == 48
         assert 0 < run["ttft_s"]["p50"] <= run["e2e_s"]["p50"] and run["itl_s"]["p50"] > 0
-
-
-def stream_events(url: str, body: dict) -> list[str]:
-    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:  # fmt: skip
-        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-
-
-def test_past_the_shutdown_timeout_requests_fail_in_the_apis_shape(model_dir, tmp_path):
-    """24 long requests over 16 batch slots, SIGTERM, 0.3 s to finish: the unfinished get 503 or an error event
-    then [DONE]; none is cut; the server exits 0 (it was asked to stop)."""
-    process, url, log = start_server(model_dir, tmp_path, "--shutdown-timeout", "0.3")
-    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 150, "ignore_eos": True}
-    with ThreadPoolExecutor(24) as pool:
-        streams = [pool.submit(stream_events, url, body) for _ in range(12)]
-        whole = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60,
-                             headers={"Authorization": f"Bearer {KEY}"}) for _ in range(12)]  # fmt: skip
-        deadline = time.time() + 30
-        while metric(url, "compiled_llm_requests_running") < 16 and time.time() < deadline:
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        streams, whole = [f.result() for f in streams], [f.result() for f in whole]
-    assert process.wait(timeout=60) == 0
-    assert all(events[-1] == "[DONE]" for events in streams)
-    failed = [json.loads(e[-2])["error"] for e in streams if "error" in json.loads(e[-2])]
-    refused = [r.json()["error"] for r in whole if r.status_code == 503]
-    assert failed or refused  # 24 x 150 tokens cannot all finish in 0.3 s
-    assert all(e["code"] == "server_shutting_down" for e in failed + refused)
-    assert all(r.status_code in (200, 503) for r in whole)
-
-
-def test_a_second_signal_forces_the_exit_with_status_1(model_dir, tmp_path):
-    process, url, log = start_server(model_dir, tmp_path, "--shutdown-timeout", "60")
-    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-        lines = r.iter_lines()  # kept: a dropped iterator closes the response, and the server has no one to wait for
-        while not next(lines).startswith("data:"):
-            pass
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert process.poll() is None  # waiting for the stream
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 1
 
 
 def test_a_stalled_upload_gets_408_after_the_read_timeout(server):

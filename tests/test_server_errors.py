@@ -12,23 +12,18 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from compiled_llm import LLM  # noqa: E402
-from compiled_llm.server import build_app  # noqa: E402
-from tests.test_llm_text import text_model  # noqa: E402
+from compiled_llm import LLM
+from compiled_llm.server import build_app
 
 KEY = "k-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-text-model")
-    model, tokenizer = text_model()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return LLM(str(path), max_batch_size=4, max_seq_len=96, num_kv_blocks=40, compile_backend="eager")
+def llm(text_model_dir):
+    return LLM(str(text_model_dir), max_batch_size=4, max_seq_len=96, num_kv_blocks=40, compile_backend="eager")
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import itertools
 
 from compiled_llm.compiled_model import CompiledModel
 from compiled_llm.engine.detokenizer import IncrementalDetokenizer
+from compiled_llm.engine.limits import EngineStats, RequestLimits
 from compiled_llm.engine.request import Request, RequestState
+from compiled_llm.engine.sampler import SampledStep
 from compiled_llm.engine.sampling_params import SamplingParams
 from compiled_llm.engine.scheduler import Scheduler
-from compiled_llm.engine.sampler import SampledStep
 from compiled_llm.runtime.block_pool import extend_block_hashes
 
 
@@ -23,6 +24,9 @@ class Engine:
         self.scheduler = Scheduler(self.runner.kv_cache.allocator, config.max_num_tokens, config.max_batch_size)
         self._ids = itertools.count()
         self._in_flight: SampledStep | None = None  # the last step's tokens, not read back yet
+        pool = self.runner.kv_cache.allocator
+        self.limits = RequestLimits(compiled.vocab_size, compiled.max_seq_len, pool.block_size, pool.num_blocks,
+                                    tokenizer is not None)  # fmt: skip
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; raises ValueError for one that could never run."""
@@ -42,26 +46,13 @@ class Engine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that could never run."""
-        vocab = self.compiled.vocab_size
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.compiled.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(prompt_token_ids)} tokens + max_tokens={params.max_tokens} exceeds the model's "
-                f"context of max_seq_len={self.compiled.max_seq_len} tokens"
-            )
-        pool = self.runner.kv_cache.allocator
-        if -(-total // pool.block_size) > pool.num_blocks:
-            raise ValueError(
-                f"prompt of {len(prompt_token_ids)} tokens + max_tokens={params.max_tokens} needs more KV blocks than "
-                f"the cache has ({pool.num_blocks} of {pool.block_size} tokens): raise num_kv_blocks"
-            )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (LLM(model, tokenizer)); stop_token_ids do not")
+        self.limits.check(prompt_token_ids, params)
+
+    def stats(self) -> EngineStats:
+        pool = self.scheduler.pool
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), pool.num_blocks,
+                           pool.num_blocks - pool.num_free, pool.hit_tokens, pool.queried_tokens,
+                           self.scheduler.num_preemptions)  # fmt: skip
 
     def abort(self, request: Request) -> None:
         """Stop a request now and free its KV blocks."""

@@ -69,7 +69,7 @@ class _Job:
             base = body.sampling_params(limit, logprobs)
             self.params += [(ids, base.for_completion(j)) for j in range(body.n)]
         for ids, params in self.params:
-            llm.engine.check_request(ids, params)  # every check before anything is queued (raises ValueError)
+            llm.check_request(ids, params)  # every check before anything is queued (raises ValueError)
         self.n = body.n
         self.sent_text = [""] * len(self.params)
         self.sent_tokens = [0] * len(self.params)
@@ -98,7 +98,7 @@ def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting
     if api_key is not None:  # before the body is read
         app.add_middleware(ApiKeyGuard, api_key=api_key, guard_metrics=metrics_require_key)
     tokenizer = llm.tokenizer
-    max_seq_len = llm.compiled.max_seq_len
+    max_seq_len = llm.max_seq_len
     prompts = PromptTokenizer(llm, max_seq_len)
     admission = Admission(llm, max_waiting)
     metrics = ServerMetrics(llm, waiting=lambda: llm.num_waiting + admission.accepted)

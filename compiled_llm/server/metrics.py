@@ -12,34 +12,38 @@ from prometheus_client.core import CounterMetricFamily
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class _SchedulerCounters:
-    """The scheduler's own counts, read at scrape time."""
+class _EngineCounters:
+    """The engine's own counts, read at scrape time."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, stats):
+        self.stats = stats
 
     def collect(self):
         preemptions = CounterMetricFamily("compiled_llm_preemptions", "Requests preempted for KV blocks (recomputed)")
-        preemptions.add_metric([], self.scheduler.num_preemptions)
+        preemptions.add_metric([], self.stats().preemptions)
         yield preemptions
+
+
+def _hit_rate(stats) -> float:
+    return stats.prefix_hit_tokens / stats.prefix_queried_tokens if stats.prefix_queried_tokens else 0.0
 
 
 class ServerMetrics:
     def __init__(self, llm, window_s: float = 10.0, waiting=None):
-        """`waiting`: how many requests wait (default: the engine's queue; the server adds those accepted
-        and not yet queued)."""
+        """`llm`: an LLM or an engine_core.EngineCoreClient (their `stats()` and `num_waiting`); `waiting`: how
+        many requests wait (default: the engine's queue; the server adds those accepted and not yet queued)."""
         self.registry = CollectorRegistry()
-        scheduler, pool = llm.engine.scheduler, llm.engine.scheduler.pool
+        stats = llm.stats
 
         def gauge(name: str, doc: str, read) -> None:
             Gauge(name, doc, registry=self.registry).set_function(read)
 
-        gauge("compiled_llm_requests_running", "Requests being computed", lambda: len(scheduler.running))
+        gauge("compiled_llm_requests_running", "Requests being computed", lambda: stats().running)
         gauge("compiled_llm_requests_waiting", "Requests queued, not running yet", waiting or (lambda: llm.num_waiting))
-        gauge("compiled_llm_kv_blocks_total", "KV-cache blocks", lambda: pool.num_blocks)
-        gauge("compiled_llm_kv_blocks_used", "KV-cache blocks held by requests", lambda: pool.num_blocks - pool.num_free)
+        gauge("compiled_llm_kv_blocks_total", "KV-cache blocks", lambda: stats().kv_blocks_total)
+        gauge("compiled_llm_kv_blocks_used", "KV-cache blocks held by requests", lambda: stats().kv_blocks_used)
         gauge("compiled_llm_prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the prefix cache",
-              lambda: pool.hit_tokens / pool.queried_tokens if pool.queried_tokens else 0.0)  # fmt: skip
+              lambda: _hit_rate(stats()))  # fmt: skip
         gauge("compiled_llm_generation_tokens_per_second", f"Output tokens per second over the last {window_s:g} s",
               self._tokens_per_second)  # fmt: skip
         self.prompt_tokens = Counter("compiled_llm_prompt_tokens", "Prompt tokens", registry=self.registry)
@@ -49,7 +53,7 @@ class ServerMetrics:
                                  registry=self.registry)  # fmt: skip
         self.errors = Counter("compiled_llm_errors", "Error responses and failed streams by code", ["code"],
                               registry=self.registry)  # fmt: skip
-        self.registry.register(_SchedulerCounters(scheduler))
+        self.registry.register(_EngineCounters(stats))
         self.ttft = Histogram("compiled_llm_time_to_first_token_seconds", "Time to first token",
                               buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.itl = Histogram("compiled_llm_inter_token_latency_seconds", "Mean time between output tokens, per request",
