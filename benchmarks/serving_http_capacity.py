@@ -22,7 +22,7 @@ from compiled_llm.engine_core.protocol import ABORT, ADD, READY, SHUTDOWN, STEP,
 def fake_core(inbox, outbox, step_s: float, max_batch: int) -> None:
     """The engine core's protocol (engine_core/protocol.py) without an engine: token id 5 every step."""
     outbox.send((READY, EngineInfo(None, RequestLimits(100_000, 1 << 20, 16, 1 << 20, False), EngineStats())))
-    waiting: list[list] = []  # [request id, max_tokens, tokens so far]
+    waiting: list[list] = []  # [request id, max_tokens, tokens so far, first token's time]
     running: dict[int, list] = {}
     received = 0
     while True:
@@ -30,7 +30,7 @@ def fake_core(inbox, outbox, step_s: float, max_batch: int) -> None:
             for message in inbox.recv():
                 if message[0] == ADD:
                     received += 1
-                    waiting.append([message[1], message[3].max_tokens, 0])
+                    waiting.append([message[1], message[3].max_tokens, 0, None])
                 elif message[0] == ABORT:
                     running.pop(message[1], None)
                     waiting[:] = [w for w in waiting if w[0] != message[1]]
@@ -43,8 +43,9 @@ def fake_core(inbox, outbox, step_s: float, max_batch: int) -> None:
         now, deltas = time.time(), []
         for request_id, request in list(running.items()):
             request[2] += 1
+            request[3] = request[3] or now
             done = request[2] >= request[1]
-            deltas.append((request_id, [5], 0, None, None, "length" if done else None, 0, now, now if done else None))
+            deltas.append((request_id, [5], 0, None, None, "length" if done else None, 0, request[3], now if done else None))
             if done:
                 del running[request_id]
         outbox.send((STEP, deltas, EngineStats(len(running), len(waiting)), received))
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--port", type=int, default=8131)
+    parser.add_argument("--log-level", default="warning", help="uvicorn's; info also logs a line per request")
     args = parser.parse_args()
 
     from compiled_llm.engine_core.client import EngineCoreClient
@@ -68,7 +70,7 @@ def main() -> None:
     _, info = from_core.recv()
     client = EngineCoreClient(process, to_core, from_core, info)
     try:
-        serve(client, "fake", port=args.port, log_level="warning")
+        serve(client, "fake", port=args.port, log_level=args.log_level)
     finally:
         client.close()
 

@@ -50,6 +50,30 @@ def test_a_repeated_prompt_reuses_its_cached_blocks(llm):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids == hf_greedy(llm.model, long_prompt, 12)
 
 
+def test_warm_up_leaves_the_engine_as_it_found_it(monkeypatch):
+    """Engine.warm_up (run by a server's engine core before its first request) fills a step with prompt tokens
+    and a batch with sequences, then leaves no request, no held block and no count behind; greedy outputs after
+    it are still HF's."""
+    llm = LLM(tiny_model("llama"), max_num_tokens=32, max_batch_size=8, max_seq_len=128, num_kv_blocks=12,
+              compile_backend="eager")  # fmt: skip
+    shapes, schedule = [], llm.engine.scheduler.schedule
+
+    def recording():
+        scheduled = schedule()
+        shapes.append((len(scheduled), sum(chunk.num_tokens for _, chunk in scheduled)))
+        return scheduled
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", recording)
+    llm.engine.warm_up()
+    pool = llm.engine.scheduler.pool
+    assert max(tokens for _, tokens in shapes) == 32 and max(seqs for seqs, _ in shapes) == 8
+    assert not llm.engine.has_work and pool.num_free == 12
+    assert (pool.hit_tokens, pool.queried_tokens, llm.engine.scheduler.num_preemptions) == (0, 0, 0)
+    batch = prompts(4, seed=9)
+    for prompt, output in zip(batch, llm.generate(batch, GREEDY, use_tqdm=False)):
+        assert output.outputs[0].token_ids == hf_greedy(llm.model, prompt, 12)
+
+
 def test_preemption_when_blocks_run_out_keeps_the_results():
     """12 blocks of 16 tokens for 8 sequences that grow to ~60 tokens each: some must be preempted and
     recomputed, and every one still gets HF's tokens."""

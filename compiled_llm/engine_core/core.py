@@ -171,6 +171,10 @@ def run_engine_core(inbox, outbox, model: str, dtype, config_fields: dict, log_l
             outbox.send((START_FAILED, RuntimeError(f"{type(error).__name__}: {error}")))
         sys.exit(1)
     engine = llm.engine
+    start = time.perf_counter()
+    with torch.no_grad():
+        engine.warm_up()
+    log.info("engine warmed up in %.2f s", time.perf_counter() - start)
     outbox.send((READY, EngineInfo(llm.tokenizer, engine.limits, engine.stats())))
     log.info("engine core ready (pid %d)", os.getpid())
     sys.exit(EngineCore(engine, inbox, outbox).run())
