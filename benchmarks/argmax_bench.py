@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from custom_ops.triton_argmax import argmax_rows
+from custom_ops.argmax import argmax_rows
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 

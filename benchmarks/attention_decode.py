@@ -14,7 +14,7 @@ import torch
 
 import custom_ops  # noqa: F401
 from custom_ops import LayerAttentionFeatures, StepAttentionMetadata, planned_step
-from custom_ops import flashinfer_attention
+from custom_ops.attention import flashinfer as flashinfer_backend
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
@@ -34,11 +34,11 @@ def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = Tr
     device_args = [table.cuda(), query_start_loc.cuda(), seq_lens.cuda()]
     planners = {}
     if backend == "flashinfer":
-        flashinfer_attention.TENSOR_CORE_MIN_GROUP = 4 if tensor_cores else 1 << 30
+        flashinfer_backend.TENSOR_CORE_MIN_GROUP = 4 if tensor_cores else 1 << 30
         features = LayerAttentionFeatures(HEAD_DIM, HEADS, KV_HEADS, HEAD_DIM**-0.5, 0, 0.0, False, torch.bfloat16,
                                           torch.bfloat16)  # fmt: skip
-        planner = flashinfer_attention.FlashInferPlanner({i: features for i in range(LAYERS)}, BLOCK,
-                                                         torch.device("cuda"))  # fmt: skip
+        planner = flashinfer_backend.FlashInferPlanner({i: features for i in range(LAYERS)}, BLOCK,
+                                                       torch.device("cuda"))  # fmt: skip
         metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, BLOCK, width, True)
         planner.plan(metadata, cuda_graph_key=batch)
         planners["flashinfer"] = planner
@@ -50,7 +50,7 @@ def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = Tr
 
     with planned_step(planners):
         per_layer = time_graph(step, LAYERS)
-    flashinfer_attention.TENSOR_CORE_MIN_GROUP = 4
+    flashinfer_backend.TENSOR_CORE_MIN_GROUP = 4
     return per_layer
 
 

@@ -17,8 +17,8 @@ import json
 
 import torch
 
-from custom_ops.triton_gemv import MAX_ROWS, gemv, gemv_config
-from custom_ops.triton_silu_mul import triton_silu_mul
+from custom_ops.linear.triton_gemv import MAX_ROWS, gemv, gemv_config
+from custom_ops.linear.triton_silu_mul import triton_silu_mul
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 SHAPES = {  # name: (N, K)

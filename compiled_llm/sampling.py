@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from compiled_llm.runtime.transfer import to_device
-from custom_ops.triton_argmax import argmax_rows
+from custom_ops.argmax import argmax_rows
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -1,19 +1,21 @@
 """torch.library ops of compiled-llm: each with a fake implementation, a reference implementation that
-runs on CPU, and GPU backends registered by name. Importing the package registers the ops."""
+runs on CPU, and GPU backends registered by name. One folder per op family: attention/, linear/,
+rms_norm/, argmax/; triton_runtime.py holds what every Triton kernel launch shares. Importing the
+package registers the ops."""
 
-from custom_ops import attention, flashinfer_attention, linear, paged_attention, rms_norm, sdpa_attention, triton_attention  # noqa: F401  (registers ops, backends)
-from custom_ops.attention_backends import (
+from custom_ops import attention, linear, rms_norm  # noqa: F401  (registers ops, backends)
+from custom_ops.attention import (
     AttentionBackend,
     AttentionPlanner,
     LayerAttentionFeatures,
     StepAttentionMetadata,
+    attend_one_sequence,
     get_attention_backend,
     planned_step,
     register_attention_backend,
     select_attention_backend,
+    write_kv_cache,
 )
-from custom_ops.attention_math import attend_one_sequence
-from custom_ops.paged_attention import write_kv_cache
 
 __all__ = [
     "AttentionBackend",

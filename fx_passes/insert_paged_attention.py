@@ -27,7 +27,7 @@ from fx_passes.registry import PassResult, register_pass
 
 PAGED_ATTENTION = torch.ops.compiled_llm.paged_attention.default
 
-# Per-step attention metadata, as graph inputs (see custom_ops/paged_attention.py for their meaning).
+# Per-step attention metadata, as graph inputs (see custom_ops/attention/paged.py for their meaning).
 PAGED_INPUTS = ("slot_mapping", "block_table", "query_start_loc", "seq_lens")
 
 

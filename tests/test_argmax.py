@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from custom_ops.triton_argmax import CHUNK, MIN_VOCAB, argmax_rows
+from custom_ops.argmax.triton_argmax import CHUNK, MIN_VOCAB, argmax_rows
 from custom_ops.triton_runtime import triton_available
 from test_linear_op import run_in_interpreter
 

@@ -174,7 +174,7 @@ def test_sdpa_planned_once_for_every_layer(step, window, device):
     (caches of other head counts) attend with that plan, each as the reference does, over a cache whose
     unwritten slots hold NaN. A plan for another step is refused, not used."""
     from custom_ops import planned_step
-    from custom_ops.sdpa_attention import SdpaPlanner
+    from custom_ops.attention.sdpa import SdpaPlanner
     from tests.paged_steps import random_step
 
     shapes = {

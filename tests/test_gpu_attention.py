@@ -44,7 +44,7 @@ STEPS = {
 
 
 def check_flashinfer(shape: str, step: str, block_size: int, cache_dtype: torch.dtype) -> None:
-    from custom_ops.flashinfer_attention import FlashInferPlanner
+    from custom_ops.attention.flashinfer import FlashInferPlanner
 
     seed, rng, features = seeded_layer(shape, cache_dtype)
     num_heads, num_kv_heads, head_dim, scale = (features.num_q_heads, features.num_kv_heads, features.head_dim,
@@ -81,7 +81,7 @@ def test_flashinfer_fp8_cache_matches_reference(step):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_flashinfer_decode_replays_in_a_cuda_graph(shape):
     """Plan into a graph-mode wrapper, capture once, then replay with other lengths and block tables."""
-    from custom_ops.flashinfer_attention import FlashInferPlanner
+    from custom_ops.attention.flashinfer import FlashInferPlanner
 
     seed, rng, features = seeded_layer(shape)
     num_heads, num_kv_heads, head_dim, scale = (features.num_q_heads, features.num_kv_heads, features.head_dim,
@@ -125,7 +125,7 @@ def test_flashinfer_decode_replays_in_a_cuda_graph(shape):
 def test_flashinfer_sliding_window_and_softcap_match_reference(step):
     """Gemma-2-like layers: a window shorter than most sequences, and logit soft-capping. These kernel
     variants are not in the device kit's prebuilt cache: the first run compiles them (minutes)."""
-    from custom_ops.flashinfer_attention import FlashInferPlanner
+    from custom_ops.attention.flashinfer import FlashInferPlanner
 
     seed, rng, plain = seeded_layer("llama-8b")
     features = LayerAttentionFeatures(plain.head_dim, plain.num_q_heads, plain.num_kv_heads, plain.scale,

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from custom_ops.kv_cache_write import write_kv_cache_fast
+from custom_ops.attention.kv_cache_write import write_kv_cache_fast
+from custom_ops.attention.paged import write_kv_cache
 from custom_ops.triton_runtime import triton_available
-from custom_ops.paged_attention import write_kv_cache
 
 
 def check_against_torch(device: str, dtype=torch.bfloat16) -> None:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import custom_ops.linear  # noqa: F401  (registers the op)
 from compiled_llm import compile_model
 from conftest import random_prompt, relative_error, tiny_model
+from custom_ops.linear.triton_gemv import MAX_ROWS, gemv
 from custom_ops.triton_runtime import triton_available
-from custom_ops.triton_gemv import MAX_ROWS, gemv
 from fx_passes.kernel_backend import resolve_linear_backend
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's norm

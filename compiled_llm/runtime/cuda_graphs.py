@@ -4,7 +4,7 @@ A decode step of b sequences is padded to the smallest captured size >= b (paddi
 scratch block) and replayed over static input buffers; the attention backends first plan the step into
 the fixed buffers of that graph, on the host. The host may prepare step n+1 while the GPU still runs
 step n: every write into the static buffers is a copy queued on the stream behind step n, from pinned
-memory, and planners wait for their own previous copies (see flashinfer_attention.py). The logits a
+memory, and planners wait for their own previous copies (see custom_ops/attention/flashinfer.py). The logits a
 replay returns live in the graph's output buffer: read them before the next replay of that size.
 Prefill and mixed steps, and batches larger than the largest captured size, run the compiled graph
 directly.

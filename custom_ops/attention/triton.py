@@ -26,9 +26,9 @@ import functools
 
 import torch
 
-from custom_ops.attention_backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
-from custom_ops.kv_cache_write import write_kv_cache_fast
-from custom_ops.paged_attention import saturation_limit
+from custom_ops.attention.backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
+from custom_ops.attention.kv_cache_write import write_kv_cache_fast
+from custom_ops.attention.paged import saturation_limit
 from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
@@ -69,7 +69,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
                            layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
     import triton
 
-    from custom_ops.triton_attention_kernel import merge_splits_kernel, paged_attention_kernel
+    from custom_ops.attention.triton_kernel import merge_splits_kernel, paged_attention_kernel
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()

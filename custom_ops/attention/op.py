@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from custom_ops.attention_math import attend_one_sequence
+from custom_ops.attention.reference import attend_one_sequence
 
 
 @torch.library.custom_op("compiled_llm::attention", mutates_args=())

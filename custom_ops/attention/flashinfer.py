@@ -18,14 +18,14 @@ from collections.abc import Hashable
 
 import torch
 
-from custom_ops.attention_backends import (
+from custom_ops.attention.backends import (
     AttentionBackend,
     LayerAttentionFeatures,
     StepAttentionMetadata,
     active_planner,
     register_attention_backend,
 )
-from custom_ops.kv_cache_write import write_kv_cache_fast
+from custom_ops.attention.kv_cache_write import write_kv_cache_fast
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)

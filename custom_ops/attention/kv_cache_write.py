@@ -1,6 +1,6 @@
 """Writing a step's keys and values into the paged KV cache: one Triton kernel on CUDA.
 
-The torch version (`paged_attention.write_kv_cache`) takes four kernels per layer (two index
+The torch version (`paged.write_kv_cache`) takes four kernels per layer (two index
 computations, two index_put); this one takes one launch for keys and values of every token.
 """
 
@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from custom_ops.paged_attention import saturation_limit, write_kv_cache
+from custom_ops.attention.paged import saturation_limit, write_kv_cache
 from custom_ops.triton_runtime import pdl_launch_options, triton_runs_on
 
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from custom_ops.triton_gemv import launch_gemv
+from custom_ops.linear.triton_gemv import launch_gemv
+from custom_ops.linear.triton_silu_mul import triton_silu_mul
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
-from custom_ops.triton_silu_mul import triton_silu_mul
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -38,7 +38,7 @@ class LayerAttentionFeatures:
 
 @dataclass
 class StepAttentionMetadata:
-    """Host (CPU) copies of the step's attention inputs, for planners; see paged_attention.py."""
+    """Host (CPU) copies of the step's attention inputs, for planners; see paged.py."""
 
     block_table: torch.Tensor  # [S, max_blocks_per_seq] int32
     query_start_loc: torch.Tensor  # [S + 1] int32

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from custom_ops.attention_backends import AttentionBackend, get_attention_backend, register_attention_backend
-from custom_ops.attention_math import attend
+from custom_ops.attention.backends import AttentionBackend, get_attention_backend, register_attention_backend
+from custom_ops.attention.reference import attend
 
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")

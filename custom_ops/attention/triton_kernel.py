@@ -1,4 +1,4 @@
-"""The Triton kernels behind the `triton` paged-attention backend (see triton_attention.py for the
+"""The Triton kernels behind the `triton` paged-attention backend (see triton.py for the
 algorithm). Importing this module needs triton; the backend imports it on first use."""
 
 import triton

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from custom_ops.attention_backends import (
+from custom_ops.attention.backends import (
     AttentionBackend,
     LayerAttentionFeatures,
     StepAttentionMetadata,
@@ -119,7 +119,7 @@ class SdpaStepPlan:
     @classmethod
     def build(cls, block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
               block_size: int, device: torch.device) -> SdpaStepPlan:  # fmt: skip
-        """From host copies of the step's metadata (see paged_attention.py)."""
+        """From host copies of the step's metadata (see paged.py)."""
         starts = query_start_loc.tolist()
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
         table, lens = block_table.long(), seq_lens.long()

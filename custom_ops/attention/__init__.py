@@ -1,0 +1,33 @@
+"""Attention. `compiled_llm::attention` (op.py): the canonical op capture routes every layer through.
+`compiled_llm::paged_attention` (paged.py): what passes turn it into, a mixed batch over the paged KV cache
+run by a backend chosen per layer. reference.py: the dense math both are checked against. backends.py: the
+backend registry, the per-layer choice, the per-step plan scope. Backends: `reference` (paged.py), `sdpa`
+(sdpa.py), `triton` (triton.py, kernels in triton_kernel.py), `flashinfer` (flashinfer.py); the Triton
+KV-cache write of the GPU ones: kv_cache_write.py. Importing the package registers the ops and backends."""
+
+from custom_ops.attention import flashinfer, op, paged, sdpa, triton  # noqa: F401  (registers the ops, backends)
+from custom_ops.attention.backends import (
+    AttentionBackend,
+    AttentionPlanner,
+    LayerAttentionFeatures,
+    StepAttentionMetadata,
+    get_attention_backend,
+    planned_step,
+    register_attention_backend,
+    select_attention_backend,
+)
+from custom_ops.attention.paged import write_kv_cache
+from custom_ops.attention.reference import attend_one_sequence
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionPlanner",
+    "LayerAttentionFeatures",
+    "StepAttentionMetadata",
+    "attend_one_sequence",
+    "get_attention_backend",
+    "planned_step",
+    "register_attention_backend",
+    "select_attention_backend",
+    "write_kv_cache",
+]
