@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("none",),
+    "quantization": ("none", "fp8"),
+    "activation_scheme": ("dynamic",),
     "autotune": ("off",),
 }
 
@@ -66,7 +67,17 @@ class CompileConfig(BaseModel):
     model when triton is installed, else `torch`."""
 
     quantization: Literal["none", "fp8", "int8_sq", "int4_awq", "nvfp4"] = "none"
-    """Weight quantization of the linear layers."""
+    """Weight quantization of the decoder's linear layers. `fp8`: float8 e4m3 weights with a scale per output
+    channel, converted at compile time, and activations quantized to float8 too (`activation_scheme`);
+    `compiled_llm.fp8_linear` defines the numerics (custom_ops/linear/fp8.py)."""
+
+    activation_scheme: Literal["dynamic", "static"] = "dynamic"
+    """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
+    calibrated scale per linear."""
+
+    quantize_lm_head: bool = False
+    """Quantize the LM head too (the last linear); by default it keeps the model's dtype, as most FP8
+    checkpoints keep it."""
 
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """dtype of the paged KV cache; `auto` uses the dtype of the model's keys and values, `fp8` stores
@@ -145,7 +156,7 @@ class CompileConfig(BaseModel):
             raise ValueError(problem)
         return data
 
-    @field_validator("quantization", "autotune")
+    @field_validator("quantization", "activation_scheme", "autotune")
     @classmethod
     def _runs_today(cls, value: str, info) -> str:
         supported = _SUPPORTED_NOW[info.field_name]

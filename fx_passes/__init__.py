@@ -11,6 +11,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     match_explicit_attention,
     match_sdpa_attention,
     module_kv_cache,
+    quantize_fp8,
     runtime_positions,
     select_logits_rows,
     token_major_attention_inputs,

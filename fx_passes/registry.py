@@ -55,6 +55,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "token_major_attention_inputs",
     # After cleanup, which removes the no-op casts of float32 models that the matcher allows for.
     "fuse_rms_norm",
+    # After fusion (q/k/v and gate/up quantized fused) and the RoPE rebuild over fused outputs; before
+    # insert_linear_op, which then routes only the linears left in the model's dtype (the LM head).
+    "quantize_fp8",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
     "insert_linear_op",
     # On the linears insert_linear_op routed.

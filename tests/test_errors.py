@@ -19,7 +19,7 @@ from conftest import VOCAB, random_prompt, tiny_model
         ({"attention_backend": "cudnn"}, "attention_backend"),
         ({"linear_backend": "cublas"}, "linear_backend"),
         ({"norm_backend": "apex"}, "norm_backend"),
-        ({"quantization": "fp8"}, "quantization='fp8' is planned but not supported yet"),
+        ({"quantization": "int4_awq"}, "quantization='int4_awq' is planned but not supported yet"),
         ({"quantization": "int3"}, "quantization"),
         ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size"),

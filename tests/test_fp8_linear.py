@@ -1,0 +1,76 @@
+"""compiled_llm::fp8_linear's reference backend against float64: the quantization it does (per-channel weights,
+per-token or static activations, e4m3) and the error that bounds, on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import custom_ops  # noqa: F401  (registers the ops)
+from custom_ops.linear.fp8 import FP8, FP8_MAX, quantize_rows, quantize_weight
+
+HALF_ULP = 2.0**-4  # e4m3 keeps 3 mantissa bits: a normal value rounds within 2^-4 of itself, relatively
+SUBNORMAL_STEP = 2.0**-9  # spacing of e4m3's subnormals (and of its smallest normals)
+
+
+def rounding_bound(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """How far e4m3(values / scale) * scale may be from values (float64)."""
+    return HALF_ULP * values.abs() + SUBNORMAL_STEP / 2 * scale
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (7, 256)])
+def test_weights_round_per_output_channel(shape):
+    weight = torch.randn(shape, dtype=torch.float64) * torch.rand(shape[0], 1, dtype=torch.float64) * 3
+    weight8, scale = quantize_weight(weight)
+    assert weight8.dtype == FP8 and scale.shape == (shape[0],) and scale.dtype == torch.float32
+    expected_scale = weight.abs().amax(dim=1) / FP8_MAX
+    torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
+    assert (weight8.double().abs().amax(dim=1) == FP8_MAX).all()  # each channel's largest value is +-448
+    error = (weight8.double() * scale.double()[:, None] - weight).abs()
+    assert (error <= rounding_bound(weight, scale.double()[:, None])).all()
+
+
+def test_activations_round_per_token_or_with_the_static_scale():
+    rows = torch.randn(12, 64) * torch.logspace(-2, 2, 12)[:, None]  # rows of very different sizes
+    rows8, scale = quantize_rows(rows)
+    torch.testing.assert_close(scale.double(), rows.double().abs().amax(dim=1, keepdim=True) / FP8_MAX, rtol=1e-6, atol=0)
+    assert ((rows8.double() * scale.double() - rows.double()).abs() <= rounding_bound(rows.double(), scale.double())).all()
+    static = torch.tensor(rows.abs().max().item() / FP8_MAX)
+    rows8, scale = quantize_rows(rows, static)
+    assert (scale == static).all()
+    assert ((rows8.double() * static.double() - rows.double()).abs() <= rounding_bound(rows.double(), static.double())).all()
+    saturated, _ = quantize_rows(rows, static / 4)  # a static scale too small saturates, never inf or nan
+    assert saturated.double().abs().max() == FP8_MAX and torch.isfinite(saturated.double()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_op_is_within_the_rounding_bound_of_the_float64_product(dtype, bias):
+    """|y - x W^T| <= sum_k |x_k| |W_nk| (2 * 2^-4 + 2^-8) + the output's own rounding: what rounding both operands
+    to e4m3 can cost, checked against the exact product of the unquantized inputs."""
+    x = torch.randn(3, 5, 128).to(dtype)
+    weight = torch.randn(48, 128)
+    b = torch.randn(48).to(dtype) if bias else None
+    weight8, scale = quantize_weight(weight)
+    y = torch.ops.compiled_llm.fp8_linear(x, weight8, scale, None, b, "torch")
+    assert y.shape == (3, 5, 48) and y.dtype == dtype
+    x64 = x.double()
+    exact = x64 @ weight.double().t() + (b.double() if bias else 0)
+    slack = x64.abs() @ weight.double().abs().t() * (2 * HALF_ULP + HALF_ULP**2) + 1e-4
+    output_rounding = exact.abs() * (2.0**-8 if dtype == torch.bfloat16 else 2.0**-23) * 2
+    assert ((y.double() - exact).abs() <= slack + output_rounding).all()
+    # ... and exactly the composition the op defines, computed here in float64 from its quantized operands.
+    rows8, row_scale = quantize_rows(x.reshape(-1, 128))
+    composed = (rows8.double() @ weight8.double().t()) * row_scale.double() * scale.double()
+    composed = (composed + (b.double() if bias else 0)).reshape(3, 5, 48)
+    torch.testing.assert_close(y.double(), composed, rtol=2.0**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_zero_rows_and_channels_give_zeros():
+    x = torch.randn(4, 32)
+    x[1] = 0
+    weight = torch.randn(8, 32)
+    weight[3] = 0
+    weight8, scale = quantize_weight(weight)
+    y = torch.ops.compiled_llm.fp8_linear(x, weight8, scale, None, None, "torch")
+    assert torch.isfinite(y).all() and (y[1] == 0).all() and (y[:, 3] == 0).all()

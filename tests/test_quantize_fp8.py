@@ -1,0 +1,91 @@
+"""quantization="fp8": the quantize_fp8 pass's sites on every architecture, and the compiled model against the
+Hugging Face model whose linears this test fake-quantizes itself, in float64, as the numerics say
+(custom_ops/linear/fp8.py): per-channel weight scales, per-token activation scales, e4m3 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, VOCAB, tiny_model
+
+from compiled_llm import compile_model
+
+FP8_MAX = 448.0
+MOE = ("qwen3_moe", "mixtral")
+
+
+def sites(compiled) -> int:
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_fp8"]
+    return result.sites
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_decoder_linear_is_quantized_but_the_lm_head_and_routers(arch):
+    """Per layer: the fused q/k/v and o projections, and the fused gate/up and down projections of a dense MLP
+    (MoE experts are not linears in the graph; their routers stay in the model's dtype). 2 layers."""
+    compiled = compile_model(tiny_model(arch), compile_backend="eager", quantization="fp8")
+    per_layer = 2 if arch in MOE else 4
+    assert sites(compiled) == 2 * per_layer
+    graph = compiled.graph_module.graph
+    fp8_ops = [n for n in graph.nodes if n.target is torch.ops.compiled_llm.fp8_linear.default]
+    assert len(fp8_ops) == 2 * per_layer
+    assert all(n.args[1].meta["val"].dtype == torch.float8_e4m3fn for n in fp8_ops)
+
+
+def test_quantize_lm_head_quantizes_the_last_linear_too():
+    compiled = compile_model(tiny_model("llama"), compile_backend="eager", quantization="fp8", quantize_lm_head=True)
+    assert sites(compiled) == 9
+
+
+def fake_quantized(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The linear as fp8_linear defines it, written here from the definition, in float64."""
+    weight = module.weight.double()
+    weight_scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    weight8 = (weight / weight_scale).to(torch.float8_e4m3fn).double() * weight_scale
+    rows = x.double()
+    row_scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    rows8 = (rows / row_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).double() * row_scale
+    out = rows8 @ weight8.t()
+    if module.bias is not None:
+        out = out + module.bias.double()
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "qwen3_moe"])
+def test_logits_equal_the_fake_quantized_model(arch, monkeypatch):
+    """The compiled fp8 model's logits equal HF's with every nn.Linear but the LM head fake-quantized, to within
+    float32 summation (a rounding that flips near an e4m3 boundary moves a logit by far less than the 6-10%
+    that quantization itself moves it, which the float model's distance shows)."""
+    model = tiny_model(arch)
+    compiled = compile_model(model, compile_backend="eager", quantization="fp8")
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        float_logits = model(ids).logits
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                monkeypatch.setattr(module, "forward", lambda x, module=module: fake_quantized(module, x))
+        reference = model(ids).logits
+        logits = compiled(ids).logits
+
+    def distance(a):
+        return ((a - reference).norm() / reference.norm()).item()
+
+    assert distance(float_logits) > 0.02  # quantizing moved the logits: the comparison below can tell
+    assert distance(logits) < 2e-3
+    assert distance(logits) < distance(float_logits) / 20
+
+
+def test_fp8_through_inductor():
+    model = tiny_model("llama")
+    eager = compile_model(model, compile_backend="eager", quantization="fp8")
+    inductor = compile_model(tiny_model("llama"), quantization="fp8")
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected, got = eager(ids).logits, inductor(ids).logits
+    assert sites(inductor) == 8
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-3
+
+
+def test_planned_options_are_refused_by_name():
+    with pytest.raises(ValueError, match="activation_scheme='static' is planned but not supported yet"):
+        compile_model(tiny_model("llama"), quantization="fp8", activation_scheme="static")
