@@ -66,6 +66,22 @@ def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, 
     return CompiledModel(model, config or CompileConfig(**fields))
 
 
+def graph_weight_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the parameters and buffers the rewritten graph reads (each storage once): what a step reads of
+    the weights, after the passes (quantized weights at their size, the float ones they replace not at all)."""
+    seen, total = set(), 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen:
+            seen.add(value.untyped_storage().data_ptr())
+            total += value.untyped_storage().nbytes()
+    return total
+
+
 class CompiledModel:
     def __init__(self, model: nn.Module, config: CompileConfig):
         self.model = model
@@ -88,6 +104,7 @@ class CompiledModel:
             self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
 
             layers = captured.gm.meta["paged_attention"]
+            weight_bytes = graph_weight_bytes(captured.gm)
             self.vocab_size = captured.vocab_size
             self.logits_dtype = captured.logits_dtype
             with progress.stage(_compile_label(config.compile_backend, self.device)):
@@ -130,6 +147,7 @@ class CompiledModel:
             f"max_seq_len {self.max_seq_len}; {kv_sizing}",
             cuda_graphs=graphs,
             kernel_launch=kernel_launch_mode(self.device),
+            weight_bytes=weight_bytes,
             timings=timings,
             released_cache=released_cache,
         )

@@ -33,6 +33,7 @@ class CompileReport:
     kernel_launch: str = ""  # how our Triton kernels launch (custom_ops.triton_runtime.kernel_launch_mode)
     timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s, self_check_s
     released_cache: str | None = None  # the module's own KV cache, freed (module_state.release_replaced_caches)
+    weight_bytes: int = 0  # of the weights the compiled graph reads (compiled_model.graph_weight_bytes)
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -49,6 +50,7 @@ class CompileReport:
             detail = f"  ({result.detail})" if result.detail else ""
             lines.append(f"    {result.name:<24} {result.sites:5d} sites{detail}")
         lines.append(f"  compile  {t.get('compile_s', 0):7.2f} s  {self.compile_backend}, first step included")
+        lines.append(f"  weights  {self.weight_bytes / 2**20:.1f} MiB read by the graph")
         by_backend: dict[tuple[str, str], list[int]] = defaultdict(list)
         for layer in self.attention:
             by_backend[(layer.backend, layer.why)].append(layer.layer_idx)

@@ -89,3 +89,18 @@ def test_fp8_through_inductor():
 def test_planned_options_are_refused_by_name():
     with pytest.raises(ValueError, match="activation_scheme='static' is planned but not supported yet"):
         compile_model(tiny_model("llama"), quantization="fp8", activation_scheme="static")
+
+
+def test_the_graph_reads_about_half_the_bytes_of_the_decoder_linears():
+    """report.weight_bytes (bytes of the weights the graph reads): the decoder's bf16 linears at 1 byte a value
+    plus a float32 scale a row, at most 0.55x; everything else (embeddings, norms, the LM head) unchanged."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    linear_bytes = sum(p.nbytes for name, p in model.named_parameters()
+                       if p.dim() == 2 and "embed" not in name and "lm_head" not in name)  # fmt: skip
+    float_bytes = compile_model(model, compile_backend="eager").report.weight_bytes
+    fp8_bytes = compile_model(tiny_model("llama").to(torch.bfloat16), compile_backend="eager",
+                              quantization="fp8").report.weight_bytes  # fmt: skip
+    parameters = sum(p.nbytes for p in model.parameters())
+    assert parameters <= float_bytes <= parameters + sum(b.nbytes for b in model.buffers())  # e.g. RoPE's inv_freq
+    assert fp8_bytes - (float_bytes - linear_bytes) <= 0.55 * linear_bytes
+    assert fp8_bytes - (float_bytes - linear_bytes) >= 0.5 * linear_bytes  # the weights are still all there
