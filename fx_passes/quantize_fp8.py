@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from custom_ops.linear.fp8 import FP8, FP8_LINEAR_BACKENDS, quantize_weight
+from custom_ops.linear.fp8 import FP8, fp8_backend, quantize_weight
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
 LINEAR = torch.ops.aten.linear.default
-BACKEND = "torch"  # the reference; GPU kernels are chosen per shape by later backends
 
 
 def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
@@ -57,7 +56,6 @@ def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
 def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if config.quantization != "fp8":
         return PassResult("quantize_fp8", 0)
-    assert BACKEND in FP8_LINEAR_BACKENDS
     linears = calls(gm.graph, LINEAR)
     sites = [n for n in linears if _weight(gm, n) is not None and _weight(gm, n).dim() == 2]
     kept = []
@@ -67,6 +65,7 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if routers:
         sites = [n for n in sites if n not in routers]
         kept.append(f"{len(routers)} MoE routers")
+    backend, why = fp8_backend(_weight(gm, sites[0]).device) if sites else ("torch", "")
     converted = {}  # a weight read by several linears is converted once
     for node in sites:
         target = node.args[1].target
@@ -83,7 +82,7 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             scale_node = gm.graph.get_attr(scale_name)
             scale_node.meta["val"] = fake.new_empty(fake.shape[0], dtype=torch.float32)
             op = gm.graph.call_function(torch.ops.compiled_llm.fp8_linear.default,
-                                        (x, weight8_node, scale_node, None, bias, BACKEND))  # fmt: skip
+                                        (x, weight8_node, scale_node, None, bias, backend))  # fmt: skip
         op.meta.update(node.meta)
         node.replace_all_uses_with(op)
         gm.graph.erase_node(node)
@@ -91,4 +90,4 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             gm.graph.erase_node(weight_node)
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     return PassResult("quantize_fp8", len(sites), f"{len(sites)} of {len(linears)} linears -> float8 e4m3 "
-                      f"(per-channel weight scales, {config.activation_scheme} activation scales){kept}")  # fmt: skip
+                      f"(per-channel weight scales, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip

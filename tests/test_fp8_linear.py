@@ -74,3 +74,34 @@ def test_zero_rows_and_channels_give_zeros():
     weight8, scale = quantize_weight(weight)
     y = torch.ops.compiled_llm.fp8_linear(x, weight8, scale, None, None, "torch")
     assert torch.isfinite(y).all() and (y[1] == 0).all() and (y[:, 3] == 0).all()
+
+
+def check_backend_against_reference(backend: str, device: str, dtype: torch.dtype, seed: int) -> None:
+    """Fresh random shapes (multiples of 16, which the GEMM takes, and others, which fall back), per-token and
+    static scales, with and without bias: equal to the reference up to summation order and output rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    for rows, k, n in ((1, 64, 48), (5, 128, 32), (64, 256, 128), (3, 40, 24)):
+        x = (torch.randn(rows, k, generator=generator) * 3).to(device, dtype)
+        weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to(device))
+        for input_scale in (None, x.float().abs().max() / FP8_MAX):
+            for bias in (None, torch.randn(n, generator=generator).to(device, dtype)):
+                args = (x, weight8, scale, input_scale, bias)
+                expected = torch.ops.compiled_llm.fp8_linear(*args, "torch")
+                actual = torch.ops.compiled_llm.fp8_linear(*args, backend)
+                assert actual.dtype == dtype and actual.shape == expected.shape
+                # Sums in another order (float32), and the bias added in the output's dtype (bf16).
+                tolerance = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance,
+                                           atol=tolerance * expected.float().abs().max().item())  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_mm_backend_matches_the_reference_on_cpu(dtype):
+    check_backend_against_reference("scaled_mm", "cpu", dtype, seed=torch.seed() % 2**31)
+
+
+@pytest.mark.gpu
+def test_scaled_mm_backend_matches_the_reference_on_gpu():
+    for _ in range(3):  # fresh inputs each run
+        check_backend_against_reference("scaled_mm", "cuda", torch.bfloat16, seed=torch.seed() % 2**31)
+    torch.cuda.synchronize()
