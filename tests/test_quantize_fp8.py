@@ -104,3 +104,28 @@ def test_the_graph_reads_about_half_the_bytes_of_the_decoder_linears():
     assert parameters <= float_bytes <= parameters + sum(b.nbytes for b in model.buffers())  # e.g. RoPE's inv_freq
     assert fp8_bytes - (float_bytes - linear_bytes) <= 0.55 * linear_bytes
     assert fp8_bytes - (float_bytes - linear_bytes) >= 0.5 * linear_bytes  # the weights are still all there
+
+
+@pytest.mark.gpu
+def test_fp8_on_the_gpu_equals_the_fake_quantized_model(monkeypatch):
+    """Inductor, CUDA graphs and the scaled_mm backend (on FP8 tensor cores) in bf16: closer to the fake-quantized
+    model than quantization moves the logits, by far."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    compiled = compile_model(model, quantization="fp8")
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_fp8"]
+    assert result.sites == 8
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert "scaled_mm" in result.detail
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(7)).cuda()
+    with torch.no_grad():
+        float_logits = model(ids).logits.float()
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                monkeypatch.setattr(module, "forward", lambda x, module=module: fake_quantized(module, x))
+        reference = model(ids).logits.float()
+        logits = compiled(ids).logits.float()
+
+    def distance(a):
+        return ((a - reference).norm() / reference.norm()).item()
+
+    assert distance(logits) < distance(float_logits) / 4
