@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -64,6 +65,24 @@ def test_bench_latency_on_cpu_with_its_profile(tmp_path, capsys):
     assert re.search(r"compiled-llm / hf-eager: \S+x", out)  # a tiny model's timings: any value
     profile = out[out.index("profile (16 decode steps") :].splitlines()[1:]
     assert len(profile) == 15 and all(re.match(r"\s+\d+\.\d%\s+\d+\.\d ms\s+\d+x  \S", row) for row in profile)
+
+
+def test_bench_latency_counts_the_weights_as_the_graph_stores_them(tmp_path):
+    """The bandwidth limits' weight bytes are those the compiled graph reads: fp8 linears at a byte a value."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    sizes = {}
+    for quantization in ("none", "fp8"):
+        out = tmp_path / f"{quantization}.json"
+        args = ["bench", str(tmp_path / "model"), "--mode", "latency", "--input-len", "4", "--output-len", "2",
+                "--repeats", "1", "--baselines", "none", "--compile-backend", "eager", "--max-seq-len", "32",
+                "--quantization", quantization, "--json", str(out)]  # fmt: skip
+        assert main(args) == 0
+        sizes[quantization] = json.loads(out.read_text())["weight_bytes"]
+    assert sizes["none"] >= sum(p.nbytes for p in model.parameters())
+    linears = sum(p.nbytes for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name
+                  and "lm_head" not in name)  # fmt: skip
+    assert sizes["none"] - sizes["fp8"] >= 0.7 * linears  # float32 -> float8: a quarter, plus a scale a row
 
 
 def test_config_file_with_flags_over_it(tmp_path, capsys):
