@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +66,22 @@ def start_server(text_model_dir, tmp_path, *extra: str, new_session: bool = Fals
             time.sleep(0.3)
     process.kill()
     raise RuntimeError("server did not start within 120 s")
+
+
+def engine_core(pid: int) -> int:
+    """The engine-core process of the server `pid`: its child spawned by multiprocessing (Linux /proc; the
+    other child is multiprocessing's resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in command:
+                found.append(int(entry.name))
+    (core,) = found
+    return core
 
 
 @pytest.fixture(scope="module")
@@ -273,20 +291,27 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
 
 
 def test_a_non_streaming_client_that_leaves_is_aborted(server):
-    """Counted from before the request, so that it holds when run alone (the abort counter is shared)."""
-    url = server[1]
+    """The engine core is paused (SIGSTOP) while the client leaves, so the request cannot finish first (150
+    tokens of the tiny model take ~0.4 s, as long as the client's wait plus the server's disconnect check).
+    Counted from before the request, so that it holds when run alone (the abort counter is shared)."""
+    process, url, log = server
     before = aborted(url)
+    core = engine_core(process.pid)
     body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "ignore_eos": True}
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
-    # Both, eventually: the cache can read empty before the request even reached the engine (a loaded machine),
-    # and the abort is counted when the server sees the client gone (it looks every 0.25 s).
+    os.kill(core, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+        deadline = time.time() + 10
+        while aborted(url) < before + 1 and time.time() < deadline:  # seen gone within the server's 0.25 s check
+            time.sleep(0.05)
+    finally:
+        os.kill(core, signal.SIGCONT)
     deadline = time.time() + 10
-    while (aborted(url) < before + 1 or metric(url, "compiled_llm_kv_blocks_used") > 0) and time.time() < deadline:
+    while metric(url, "compiled_llm_kv_blocks_used") > 0 and time.time() < deadline:
         time.sleep(0.05)
-    assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
     assert aborted(url) == before + 1
-    log = server[2]
+    assert metric(url, "compiled_llm_kv_blocks_used") == 0 and metric(url, "compiled_llm_requests_running") == 0
     log.flush()
     log.seek(0)
     assert "Exception in ASGI application" not in log.read()  # the abort is not logged as a server error

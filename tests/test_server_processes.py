@@ -15,28 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_server import KEY, PROMPTS, metric, start_server
+from tests.test_server import KEY, PROMPTS, engine_core, metric, start_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def engine_core(pid: int) -> int:
-    """The engine-core process of the server `pid`: its child spawned by multiprocessing (Linux /proc; the
-    other child is multiprocessing's resource tracker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in command:
-                found.append(int(entry.name))
-    (core,) = found
-    return core
 
 
 def alive(pid: int) -> bool:
