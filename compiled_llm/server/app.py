@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over `LLM.generate_async`.
+"""The OpenAI-compatible HTTP server: FastAPI routes over `generate_async` of an engine: an `LLM` in this process,
+or the `EngineCoreClient` of an engine-core process (what `compiled-llm serve` runs).
 
 Each HTTP request becomes one engine request per prompt and per completion (n); their outputs are merged
 into one response, or into server-sent events as they grow. A client that disconnects mid-stream cancels
@@ -14,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import FastAPI, Request
@@ -37,6 +39,9 @@ from compiled_llm.server.responses import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     CompletionChoice, CompletionResponse, Usage, chat_logprobs, completion_logprobs,
 )  # fmt: skip
+
+if TYPE_CHECKING:
+    from compiled_llm.engine_core import EngineCoreClient
 
 log = logging.getLogger("compiled_llm.server")
 
@@ -62,7 +67,7 @@ class _Job:
     """One HTTP request's engine requests (prompt i, completion j -> choice i * n + j), and what has been
     sent of each choice."""
 
-    def __init__(self, llm: LLM, body, prompt_ids: list[list[int]], max_tokens: list[int], logprobs: int | None):
+    def __init__(self, llm: LLM | EngineCoreClient, body, prompt_ids: list[list[int]], max_tokens: list[int], logprobs: int | None):
         self.prompt_ids = prompt_ids
         self.params = []
         for ids, limit in zip(prompt_ids, max_tokens):
@@ -81,7 +86,7 @@ class _Job:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def build_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting: int = 1024,
+def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None = None, max_waiting: int = 1024,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False,
               drain: Drain | None = None, request_timeout_s: float | None = None,
               read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> FastAPI:  # fmt: skip

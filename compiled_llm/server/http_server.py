@@ -8,10 +8,14 @@ import contextlib
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from compiled_llm.llm import LLM
 from compiled_llm.server.errors import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT_S
 from compiled_llm.server.shutdown import Drain
+
+if TYPE_CHECKING:
+    from compiled_llm.engine_core import EngineCoreClient
 
 log = logging.getLogger("compiled_llm.server")
 
@@ -26,7 +30,7 @@ def _server_class():
         """uvicorn's server, draining through `drain` on the first signal, forced out by a second (SIGTERM
         too, not only SIGINT), and stopped with status 1 if the engine fails."""
 
-        def __init__(self, config, llm: LLM, drain: Drain):
+        def __init__(self, config, llm: LLM | EngineCoreClient, drain: Drain):
             super().__init__(config)
             self.llm, self.drain = llm, drain
             self.exit_code = 0
@@ -58,7 +62,7 @@ def _server_class():
     return Server
 
 
-def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(llm: LLM | EngineCoreClient, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int = 1024, shutdown_timeout_s: float = 30.0, log_level: str = "info",
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False,
           request_timeout_s: float | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:  # fmt: skip
