@@ -175,6 +175,13 @@ class CompileConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _quantization_options_need_quantization(self) -> CompileConfig:
+        if self.quantize_lm_head and self.quantization == "none":
+            raise ValueError("quantize_lm_head=True needs a quantization (e.g. quantization='fp8'); with "
+                             "quantization='none' nothing is quantized")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _batch_fits_a_step(self) -> CompileConfig:
         if self.max_batch_size > self.max_num_tokens:
             raise ValueError(

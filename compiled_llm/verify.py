@@ -7,7 +7,8 @@ here, not answer wrongly later. Two short random prompts run through the paged r
 - in one step together (one flat batch of two sequences), every position's logits;
 - as prefill of their first tokens, then one token per step (incremental decode over the KV cache);
 
-and every position's logits are held against the module's own forward on that prefix, in its own dtype:
+and every position's logits are held against the module's own forward on that prefix, in its own dtype (its
+linears rounded to float8 where `quantization="fp8"` rewrote them):
 the largest difference may be `TOLERANCE[dtype]` times the largest logit magnitude (at least 1), and the
 greedy token must be the module's wherever its best two logits are further apart than that.
 """
@@ -20,6 +21,7 @@ import torch
 
 from compiled_llm.runtime import ScheduledChunk, Sequence
 from fx_passes.causal_mask import user_line
+from fx_passes.quantize_fp8 import quantized_module
 
 log = logging.getLogger("compiled_llm")
 
@@ -126,7 +128,9 @@ def self_check(compiled, model, signature, captured=None) -> None:
     generator = torch.Generator().manual_seed(0)
     lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
     prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]
-    expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
+    # With quantization, the module's linears round as the rewrite means them to: the rest is checked exactly.
+    with quantized_module(model, compiled.graph_module.meta.get("fp8_weights", [])):
+        expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
     runner = compiled.runner
     together = compiled.config.max_batch_size >= len(prompts) and runner.kv_cache.allocator.num_free >= sum(
         runner.kv_cache.blocks_for(n) for n in lengths

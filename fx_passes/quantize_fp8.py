@@ -13,10 +13,13 @@ graph module (`<weight>_fp8`, `<weight>_fp8_scale`); the model's own parameters 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.fx
 
-from custom_ops.linear.fp8 import FP8, fp8_backend, quantize_weight
+from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quantize_weight
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
@@ -67,9 +70,11 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         kept.append(f"{len(routers)} MoE routers")
     backend, why = fp8_backend(_weight(gm, sites[0]).device) if sites else ("torch", "")
     converted = {}  # a weight read by several linears is converted once
+    gm.meta["fp8_weights"] = []  # the float weights replaced: the self-check quantizes the module's alike
     for node in sites:
         target = node.args[1].target
         if target not in converted:
+            gm.meta["fp8_weights"].append(_weight(gm, node))
             weight8, scale = quantize_weight(_weight(gm, node))
             converted[target] = (_register(gm, f"{target}_fp8", weight8), _register(gm, f"{target}_fp8_scale", scale))
         weight_name, scale_name = converted[target]
@@ -91,3 +96,31 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     return PassResult("quantize_fp8", len(sites), f"{len(sites)} of {len(linears)} linears -> float8 e4m3 "
                       f"(per-channel weight scales, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
+    """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["fp8_weights"]`; a fused
+    weight's parts share its storage) compute as `fp8_linear`'s reference does, for the self-check's reference
+    logits: the module itself, with the rounding the rewrite means to add. A quantized weight that no nn.Linear
+    reads (an F.linear over a bare parameter) cannot be reproduced: refused, naming its shape."""
+    storages = {w.untyped_storage().data_ptr(): w for w in weights}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and m.weight.untyped_storage().data_ptr() in storages]  # fmt: skip
+    covered = {m.weight.untyped_storage().data_ptr() for m in linears}
+    missing = [tuple(w.shape) for ptr, w in storages.items() if ptr not in covered]
+    if missing:
+        raise ValueError(f"quantization='fp8' rewrote linears over weights {missing} that no nn.Linear of the module "
+                         "reads, so the self-check cannot compute what the rewrite means; compile_model(..., "
+                         "verify=False) accepts it unchecked")  # fmt: skip
+
+    def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_reference(x, *quantize_weight(module.weight), None, module.bias)
+
+    try:
+        for module in linears:
+            module.forward = forward.__get__(module)
+        yield
+    finally:
+        for module in linears:
+            del module.forward

@@ -9,6 +9,10 @@ import torch
 from conftest import ARCHITECTURES, VOCAB, tiny_model
 
 from compiled_llm import compile_model
+from compiled_llm.verify import SelfCheckError
+from drop_in_models import nanogpt
+from fx_passes import DEFAULT_PIPELINE
+from fx_passes.registry import PassResult, register_pass
 
 FP8_MAX = 448.0
 MOE = ("qwen3_moe", "mixtral")
@@ -73,6 +77,25 @@ def test_logits_equal_the_fake_quantized_model(arch, monkeypatch):
     assert distance(float_logits) > 0.02  # quantizing moved the logits: the comparison below can tell
     assert distance(logits) < 2e-3
     assert distance(logits) < distance(float_logits) / 20
+
+
+@register_pass("test_misscale_an_fp8_weight")
+def _misscale_an_fp8_weight(gm, config):
+    """A wrong quantization: one fp8 weight's scales 10% too large."""
+    name = next(n.args[2].target for n in gm.graph.nodes if n.target is torch.ops.compiled_llm.fp8_linear.default)
+    getattr(gm, name).data *= 1.1
+    return PassResult("test_misscale_an_fp8_weight", 1)
+
+
+def test_the_self_check_holds_a_drop_in_module_to_its_quantized_self():
+    """A module written outside HF is self-checked (verify): against its own forward with its nn.Linear layers
+    rounded as fp8_linear rounds them, so a correct fp8 compile passes and a wrongly scaled weight does not."""
+    compiled = compile_model(nanogpt(), compile_backend="eager", quantization="fp8")
+    assert sites(compiled) == 8 and "self_check_s" in compiled.report.timings  # 2 layers x 4; the tied LM head kept
+    after = DEFAULT_PIPELINE.index("quantize_fp8") + 1
+    passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_fp8_weight", *DEFAULT_PIPELINE[after:])
+    with pytest.raises(SelfCheckError, match="differs from the module itself"):
+        compile_model(nanogpt(), compile_backend="eager", quantization="fp8", passes=passes)
 
 
 def test_fp8_through_inductor():
