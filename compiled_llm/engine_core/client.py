@@ -21,16 +21,7 @@ from collections.abc import AsyncIterator
 from compiled_llm.engine import SamplingParams
 from compiled_llm.engine.limits import EngineStats
 from compiled_llm.engine_core.protocol import (
-    ABORT,
-    ADD,
-    FAILED,
-    READY,
-    REJECTED,
-    SHUTDOWN,
-    START_FAILED,
-    STEP,
-    EngineInfo,
-    RequestDelta,
+    ABORT, ADD, FAILED, READY, REJECTED, SHUTDOWN, START_FAILED, STEP, EngineInfo, RequestDelta,
 )  # fmt: skip
 from compiled_llm.llm import CompletionOutput, RequestMetrics, RequestOutput, chat_prompt_ids, prompt_token_ids
 

@@ -20,16 +20,7 @@ import torch
 
 from compiled_llm.engine import Engine, Request
 from compiled_llm.engine_core.protocol import (
-    ABORT,
-    ADD,
-    FAILED,
-    READY,
-    REJECTED,
-    SHUTDOWN,
-    START_FAILED,
-    STEP,
-    EngineInfo,
-    RequestDelta,
+    ABORT, ADD, FAILED, READY, REJECTED, SHUTDOWN, START_FAILED, STEP, EngineInfo, RequestDelta,
 )  # fmt: skip
 
 log = logging.getLogger("compiled_llm.engine_core")
@@ -132,9 +123,10 @@ class EngineCore:
         if request.detokenizer is not None:
             text = request.detokenizer.streamable_text(finished)
             # Running, the text only grows; the final one is decoded anew from every token, and is sent from
-            # where it first differs from what was sent.
-            same = text.startswith(sent.text)
-            text_start = len(sent.text) if same else len(os.path.commonprefix([text, sent.text]))
+            # where it first differs from what was sent (compared once, not at every step).
+            text_start = len(sent.text)
+            if finished and not text.startswith(sent.text):
+                text_start = len(os.path.commonprefix([text, sent.text]))
             new_text, sent.text = text[text_start:], text
         return (sent.request_id, new_tokens, text_start, new_text, new_logprobs, request.finish_reason,
                 request.num_cached_tokens or 0, request.first_token_time, request.finish_time)  # fmt: skip

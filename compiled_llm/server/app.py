@@ -67,7 +67,8 @@ class _Job:
     """One HTTP request's engine requests (prompt i, completion j -> choice i * n + j), and what has been
     sent of each choice."""
 
-    def __init__(self, llm: LLM | EngineCoreClient, body, prompt_ids: list[list[int]], max_tokens: list[int], logprobs: int | None):
+    def __init__(self, llm: LLM | EngineCoreClient, body, prompt_ids: list[list[int]], max_tokens: list[int],
+                 logprobs: int | None):  # fmt: skip
         self.prompt_ids = prompt_ids
         self.params = []
         for ids, limit in zip(prompt_ids, max_tokens):
