@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--attention-backend", default="triton")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--quantization", default="none", help="CompileConfig.quantization (none, fp8)")
     parser.add_argument("--trace", action="store_true", help="also profile a short run with torch.profiler")
     parser.add_argument("--trace-step", type=int, help="staggered: profile this step with torch.profiler")
     parser.add_argument("--staggered", action="store_true",
@@ -94,7 +95,8 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(args.model, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-              max_seq_len=args.input_len + args.output_len + 16, attention_backend=args.attention_backend)  # fmt: skip
+              max_seq_len=args.input_len + args.output_len + 16, attention_backend=args.attention_backend,
+              quantization=args.quantization)  # fmt: skip
     prompts = load_prompts(args.num_requests, args.input_len, llm.compiled.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True)
     llm.generate([p[::-1] for p in prompts[: args.max_batch_size]], params.model_copy(update={"max_tokens": 4}),

@@ -68,7 +68,7 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if routers:
         sites = [n for n in sites if n not in routers]
         kept.append(f"{len(routers)} MoE routers")
-    backend, why = fp8_backend(_weight(gm, sites[0]).device) if sites else ("torch", "")
+    backend, why = fp8_backend(_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
     converted = {}  # a weight read by several linears is converted once
     gm.meta["fp8_weights"] = []  # the float weights replaced: the self-check quantizes the module's alike
     for node in sites:

@@ -105,3 +105,38 @@ def test_scaled_mm_backend_matches_the_reference_on_gpu():
     for _ in range(3):  # fresh inputs each run
         check_backend_against_reference("scaled_mm", "cuda", torch.bfloat16, seed=torch.seed() % 2**31)
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_triton_backend_matches_the_reference_on_gpu():
+    """The FP8 GEMV (one row; its kernel also at up to 8) and the quantizing kernel before cuBLASLt (more rows),
+    per-token and static scales, on fresh inputs."""
+    from custom_ops.linear import triton_fp8
+
+    for _ in range(3):
+        check_backend_against_reference("triton", "cuda", torch.bfloat16, seed=torch.seed() % 2**31)
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for rows, k, n in ((1, 4096, 6144), (1, 14336, 512), (3, 576, 960), (8, 1000, 72), (33, 4096, 256)):
+        x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
+        weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to("cuda"))
+        bias = torch.randn(n, generator=generator).to("cuda", torch.bfloat16)
+        for input_scale in (None, x.float().abs().max() / FP8_MAX):
+            expected = torch.ops.compiled_llm.fp8_linear(x, weight8, scale, input_scale, bias, "torch").float()
+            actual = [torch.ops.compiled_llm.fp8_linear(x, weight8, scale, input_scale, bias, "triton")]
+            if rows <= 8:
+                actual.append(triton_fp8.fp8_gemv(x, weight8, scale, input_scale, bias))
+            for y in actual:
+                torch.testing.assert_close(y.float(), expected, rtol=2.0**-7, atol=2.0**-7 * expected.abs().max().item())
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_triton_quantize_rows_rounds_as_the_reference_bit_for_bit():
+    from custom_ops.linear import triton_fp8
+
+    rows = (torch.randn(37, 4096, device="cuda") * torch.logspace(-3, 3, 37, device="cuda")[:, None]).bfloat16()
+    for input_scale in (None, rows.float().abs().max() / FP8_MAX / 2):  # the static one also saturates
+        quantized, scale = triton_fp8.quantize_rows(rows, input_scale)
+        expected, expected_scale = quantize_rows(rows, input_scale)
+        assert torch.equal(scale, expected_scale)
+        assert torch.equal(quantized.view(torch.uint8), expected.view(torch.uint8))

@@ -1,15 +1,17 @@
 """`compiled_llm::fp8_linear`: y = x @ W^T (+ b) with W stored in float8 e4m3 and x quantized to it too (W8A8).
 
 Numerics, which every backend is held to (tests/test_fp8_linear.py):
-- the weight, once, per output channel: s_w[n] = max|W[n, :]| / 448, W8 = e4m3(W / s_w), rounded to nearest;
-- the activation, per call: per token (row) by default, s_x[t] = max|x[t, :]| / 448 (`activation_scheme
-  ="dynamic"`), or one calibrated scale (`input_scale`, `"static"`); x8 = e4m3(clamp(x / s_x, +-448));
+- the weight, once, per output channel: s_w[n] = max|W[n, :]| * (1/448), W8 = e4m3(W * (1 / s_w)), rounded to
+  nearest (products and a reciprocal rather than quotients: see scale_and_round);
+- the activation, per call: per token (row) by default, s_x[t] = max|x[t, :]| * (1/448) (`activation_scheme
+  ="dynamic"`), or one calibrated scale (`input_scale`, `"static"`); x8 = e4m3(clamp(x * (1 / s_x), +-448));
 - y[t, n] = (sum_k x8[t, k] W8[n, k]) s_x[t] s_w[n] (+ b[n]), products and sums in float32, then the input's
   dtype. A product of two e4m3 values is exact in float32, so backends differ only in summation order.
 
 Backends by name, as `compiled_llm::linear`'s: `torch` is the reference (dequantized float32 matmul, any
 device); `scaled_mm` runs `torch._scaled_mm` (cuBLASLt's FP8 GEMM with a scale per row and per column) where it
-takes the shapes. A Triton kernel for decode rows (the GEMV seam) is next; each is tested against the reference.
+takes the shapes; `triton` runs triton_fp8.py's GEMV for decode rows and its quantizing kernel before cuBLASLt's
+GEMM for more. Each is tested against the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import functools
 from collections.abc import Callable
 
 import torch
+
+from custom_ops.linear import triton_fp8
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -33,21 +38,27 @@ _LIBRARY.define(
 )
 
 
+def scale_and_round(values: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3(clamp(v * (1 / s))), s) with s = max(amax, MIN_AMAX) * (1/448): products and one reciprocal, each
+    IEEE-rounded on every device (torch turns a CUDA division by a Python number into a product, so a quotient
+    would round differently on CPU and GPU), as the Triton kernels compute them."""
+    scale = amax.float().clamp(min=MIN_AMAX) * (1 / FP8_MAX)
+    return (values.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(W8 [n, k] e4m3, s_w [n] float32) of a weight [n, k], on its device."""
-    scale = weight.detach().abs().amax(dim=1).float().clamp(min=MIN_AMAX) / FP8_MAX
-    quantized = (weight.detach().float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return quantized, scale
+    weight = weight.detach()
+    quantized, scale = scale_and_round(weight, weight.abs().amax(dim=1, keepdim=True))
+    return quantized, scale.view(-1)
 
 
 def quantize_rows(rows: torch.Tensor, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8 [t, k] e4m3, s_x [t, 1] float32) of activations [t, k]: a scale per row, or the static one."""
-    rows = rows.float()
     if input_scale is None:
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
-    else:
-        scale = input_scale.float().reshape(1, 1).expand(rows.shape[0], 1)
-    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+        return scale_and_round(rows, rows.abs().amax(dim=-1, keepdim=True))
+    scale = input_scale.float().reshape(1, 1).expand(rows.shape[0], 1)
+    return (rows.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -77,13 +88,14 @@ def _fp8_tensor_cores(device_index: int | None) -> bool:
 
 
 def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """cuBLASLt's FP8 GEMM (on a CPU, oneDNN's) over the activations quantized here; where it does not take
+                      input_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                      quantize=quantize_rows) -> torch.Tensor:  # fmt: skip
+    """cuBLASLt's FP8 GEMM (on a CPU, oneDNN's) over the activations `quantize` rounds; where it does not take
     the shapes, the reference."""
     rows = x.reshape(-1, x.shape[-1])
     if not _takes_scaled_mm(rows, weight):
         return fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
-    quantized, scale = quantize_rows(rows, input_scale)
+    quantized, scale = quantize(rows, input_scale)
     out = torch._scaled_mm(quantized, weight.t(), scale_a=scale.contiguous(), scale_b=weight_scale.view(1, -1),
                            out_dtype=x.dtype)  # fmt: skip
     if bias is not None:
@@ -91,17 +103,50 @@ def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def fp8_backend(device: torch.device) -> tuple[str, str]:
-    """The backend for a model on `device`, and why: `scaled_mm` where FP8 tensor cores run it, else the
-    reference (on a CPU it is the faster: oneDNN's FP8 GEMM took 14 ms against 8 for [64, 1024] x [1024, 1024])."""
+def _takes_triton(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> bool:  # fmt: skip
+    """What triton_fp8.py's kernels read: rows with a unit last stride in a float dtype, a contiguous e4m3 weight
+    with float32 scales, a bias in the rows' dtype."""
+    n, k = weight.shape
+    return (
+        k > 0 and rows.shape[-1] == k and rows.stride(-1) == 1 and triton_runs_on(rows) and rows.dtype in KERNEL_DTYPES
+        and weight.dtype == FP8 and weight.is_contiguous() and weight_scale.dtype == torch.float32
+        and weight_scale.is_contiguous() and weight_scale.numel() == n
+        and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == rows.dtype))
+    )  # fmt: skip
+
+
+def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """One row (batch-1 decode): the FP8 GEMV, one kernel; more rows: one quantizing kernel, then
+    cuBLASLt's GEMM; what the kernels do not take: `scaled_mm`'s path."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not _takes_triton(rows, weight, weight_scale, bias):
+        return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias)
+    if 0 < rows.shape[0] <= triton_fp8.MAX_ROWS:
+        out = triton_fp8.fp8_gemv(rows, weight, weight_scale, input_scale, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias, quantize=triton_fp8.quantize_rows)
+
+
+def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
+    """The backend for a model on `device` under CompileConfig.linear_backend, and why: `triton` (the FP8 GEMV for
+    one row, cuBLASLt's GEMM for more) where FP8 tensor cores and triton are there, unless linear_backend is
+    `torch`, which keeps to torch's ops: `scaled_mm`; on a CPU the reference (the faster there: oneDNN's FP8 GEMM
+    took 14 ms against 8 for [64, 1024] x [1024, 1024])."""
     if device.type == "cuda":
-        if _fp8_tensor_cores(device.index):
-            return "scaled_mm", "cuBLASLt's FP8 GEMM with row and column scales"
-        return "torch", "no FP8 tensor cores before compute capability 8.9: the reference dequantizes"
+        if not _fp8_tensor_cores(device.index):
+            return "torch", "no FP8 tensor cores before compute capability 8.9: the reference dequantizes"
+        if linear_backend == "torch" or not triton_available():
+            why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
+            return "scaled_mm", f"cuBLASLt's FP8 GEMM with row and column scales ({why})"
+        return "triton", "the FP8 GEMV for one row, one quantizing kernel and cuBLASLt's FP8 GEMM for more"
     return "torch", f"the reference on {device.type}"
 
 
-FP8_LINEAR_BACKENDS: dict[str, Fp8LinearFn] = {"torch": fp8_linear_reference, "scaled_mm": _scaled_mm_linear}
+FP8_LINEAR_BACKENDS: dict[str, Fp8LinearFn] = {
+    "torch": fp8_linear_reference, "scaled_mm": _scaled_mm_linear, "triton": _triton_linear,
+}
 
 
 def _fp8_linear(x, weight, weight_scale, input_scale, bias, backend: str) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""FP8 linears against bf16, per call, on the linears of Llama-3.1-8B (fused qkv and gate/up), from decode rows to
+prefill chunks: which `compiled_llm::fp8_linear` backend to run per row count, and what each costs.
+
+Columns (microseconds per call, replayed in a CUDA graph over enough weight copies to overflow L2, as a step
+streams its layers' weights; benchmarks/graph_timing.py):
+  bf16_torch   F.linear (cuBLAS) on the bf16 weight
+  bf16_triton  compiled_llm::linear's triton backend (the bf16 GEMV up to 8 rows)
+  fp8_scaled_mm  fp8_linear's `scaled_mm` backend: torch ops quantize x, then torch._scaled_mm
+  fp8_triton   fp8_linear's `triton` backend: the FP8 GEMV for one row, else one quantizing kernel + _scaled_mm
+  gemm_only    torch._scaled_mm over an x quantized beforehand: what the quantization costs is the difference
+  gemm_tensorwise  the same GEMM with one scale per operand (cuBLASLt's own scaling): what row scales cost
+
+    python benchmarks/fp8_linear_bench.py --json out.json [--search]   # --search: the GEMV's tile grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+from graph_timing import time_graph  # benchmarks/ (the script's own directory)
+
+import custom_ops  # noqa: F401  (registers the ops)
+from custom_ops.linear import triton_fp8
+from custom_ops.linear.fp8 import quantize_rows, quantize_weight
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384)
+L2_OVERFLOW_BYTES = 400_000_000
+
+
+def per_call(fn, operands, repeats: int = 20) -> float:
+    def body():
+        for args in operands:
+            fn(*args)
+
+    return time_graph(body, len(operands), repeats)
+
+
+def bench_shape(name: str, n: int, k: int, search: bool) -> list[dict]:
+    copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k)))
+    bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 2))]
+    fp8 = [quantize_weight(w) for w in bf16]
+    fp8 = (fp8 * (copies // len(fp8) + 1))[:copies]
+    results = []
+    for m in ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x8, sx = quantize_rows(x)
+        row = {"shape": name, "n": n, "k": k, "rows": m}
+        row["bf16_torch"] = per_call(F.linear, [(x, w) for w in bf16])
+        row["bf16_triton"] = per_call(lambda x, w: torch.ops.compiled_llm.linear(x, w, None, "triton"), [(x, w) for w in bf16])
+        for backend in ("scaled_mm", "triton"):
+            row[f"fp8_{backend}"] = per_call(
+                lambda x, w, s, b=backend: torch.ops.compiled_llm.fp8_linear(x, w, s, None, None, b),
+                [(x, w, s) for w, s in fp8],
+            )  # fmt: skip
+        row["gemm_only"] = per_call(
+            lambda w, s, x8=x8, sx=sx: torch._scaled_mm(x8, w.t(), scale_a=sx, scale_b=s.view(1, -1), out_dtype=torch.bfloat16),
+            list(fp8),
+        )  # fmt: skip
+        one = torch.ones((), device="cuda")
+        row["gemm_tensorwise"] = per_call(  # one scale per operand: cuBLASLt's own FP8 scaling, for comparison
+            lambda w, s, x8=x8, one=one: torch._scaled_mm(x8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+            list(fp8),
+        )
+        fp8_bytes = n * k + m * k * 2 + m * n * 2
+        row["fp8_triton_GBps"] = fp8_bytes / row["fp8_triton"] / 1e3
+        if search and m == 1:
+            grid = {}
+            for block_n, block_k, warps in itertools.product((4, 8, 16), (2048, 4096), (4, 8)):
+                config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+                grid[str(config)] = per_call(
+                    lambda x, w, s, c=config: triton_fp8.fp8_gemv(x, w, s, None, None, **c),
+                    [(x, w, s) for w, s in fp8], repeats=5,
+                )  # fmt: skip
+            best = min(grid, key=grid.get)
+            row["gemv_rule"] = triton_fp8.fp8_gemv_config(m, k, n)
+            row["gemv_best"], row["gemv_best_us"] = best, grid[best]
+            row["gemv_grid"] = grid
+        results.append(row)
+        shown = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items() if key != "gemv_grid"}
+        print(json.dumps(shown), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--search", action="store_true", help="the FP8 GEMV's tile grid at one row")
+    args = parser.parse_args()
+    rows = [r for name, (n, k) in SHAPES.items() for r in bench_shape(name, n, k, args.search)]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
