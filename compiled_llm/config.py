@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("none", "fp8"),
+    "quantization": ("none", "fp8", "fp8_block"),
     "activation_scheme": ("dynamic",),
     "autotune": ("off",),
 }
@@ -66,10 +66,12 @@ class CompileConfig(BaseModel):
     `compiled_llm.add_rms_norm` kernel; `torch` leaves norms to Inductor. `auto` is `triton` for a CUDA
     model when triton is installed, else `torch`."""
 
-    quantization: Literal["none", "fp8", "int8_sq", "int4_awq", "nvfp4"] = "none"
+    quantization: Literal["none", "fp8", "fp8_block", "int8_sq", "int4_awq", "nvfp4"] = "none"
     """Weight quantization of the decoder's linear layers. `fp8`: float8 e4m3 weights with a scale per output
     channel, converted at compile time, and activations quantized to float8 too (`activation_scheme`);
-    `compiled_llm.fp8_linear` defines the numerics (custom_ops/linear/fp8.py)."""
+    `compiled_llm.fp8_linear` defines the numerics (custom_ops/linear/fp8.py). `fp8_block`: a scale per 128 x 128
+    weight block and per token and 128 activation columns, as DeepSeek-V3 runs (custom_ops/linear/fp8_block.py);
+    its activation scales are always dynamic."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -179,6 +181,10 @@ class CompileConfig(BaseModel):
         if self.quantize_lm_head and self.quantization == "none":
             raise ValueError("quantize_lm_head=True needs a quantization (e.g. quantization='fp8'); with "
                              "quantization='none' nothing is quantized")  # fmt: skip
+        if self.quantization == "fp8_block" and self.activation_scheme != "dynamic":
+            raise ValueError(f"activation_scheme={self.activation_scheme!r} does not apply to quantization='fp8_block', "
+                             "whose activation scales are per token and 128 columns, computed at run time; allowed: "
+                             "'dynamic'")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -129,7 +129,8 @@ def self_check(compiled, model, signature, captured=None) -> None:
     lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
     prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     # With quantization, the module's linears round as the rewrite means them to: the rest is checked exactly.
-    with quantized_module(model, compiled.graph_module.meta.get("fp8_weights", [])):
+    meta = compiled.graph_module.meta
+    with quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8")):
         expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
     runner = compiled.runner
     together = compiled.config.max_batch_size >= len(prompts) and runner.kv_cache.allocator.num_free >= sum(

@@ -1,10 +1,12 @@
-"""quantize_fp8: the decoder's linears keep their weights in float8 e4m3 and call `compiled_llm.fp8_linear`.
+"""quantize_fp8: the decoder's linears keep their weights in float8 e4m3 and call `compiled_llm.fp8_linear`
+(`quantization="fp8"`) or `compiled_llm.fp8_block_linear` (`"fp8_block"`).
 
     y = linear(x, W, b)
     ->
     y = compiled_llm.fp8_linear(x, W8, s_w, None, b, backend)      # W8 = e4m3(W / s_w), s_w per output channel
+    y = compiled_llm.fp8_block_linear(x, W8, s_w, b, backend)      # s_w per 128 x 128 block (fp8_block)
 
-Runs under `CompileConfig.quantization="fp8"` (a no-op otherwise), after the passes that fuse linears (q/k/v
+Runs under those two quantizations (a no-op otherwise), after the passes that fuse linears (q/k/v
 and gate/up are quantized fused: with a scale per output channel that is the same as quantizing each), over
 linears whose weight is a parameter (a `get_attr`). The LM head, the last linear of the graph, keeps the model's
 dtype unless `quantize_lm_head`, and so do MoE routers. Each weight is converted on its device, one at a time, into buffers of the
@@ -14,16 +16,34 @@ graph module (`<weight>_fp8`, `<weight>_fp8_scale`); the model's own parameters 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.fx
 
 from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quantize_weight
+from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
 LINEAR = torch.ops.aten.linear.default
+
+
+class Fp8Format(NamedTuple):
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # weight -> (W8, scales)
+    op: object
+    backend: Callable[[torch.device, str], tuple[str, str]]
+    reference: Callable  # (x, W8, scales, bias) -> y, for the self-check
+    scales: str  # for the report
+
+
+FORMATS = {
+    "fp8": Fp8Format(quantize_weight, torch.ops.compiled_llm.fp8_linear.default, fp8_backend,
+                     lambda x, w8, s, b: fp8_linear_reference(x, w8, s, None, b), "per-channel weight scales"),
+    "fp8_block": Fp8Format(quantize_weight_blocks, torch.ops.compiled_llm.fp8_block_linear.default, fp8_block_backend,
+                           fp8_block_linear_reference, "128x128 weight blocks, 1x128 activation groups"),
+}  # fmt: skip
 
 
 def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
@@ -57,8 +77,9 @@ def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
 
 @register_pass("quantize_fp8")
 def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
-    if config.quantization != "fp8":
+    if config.quantization not in FORMATS:
         return PassResult("quantize_fp8", 0)
+    form = FORMATS[config.quantization]
     linears = calls(gm.graph, LINEAR)
     sites = [n for n in linears if _weight(gm, n) is not None and _weight(gm, n).dim() == 2]
     kept = []
@@ -68,14 +89,15 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if routers:
         sites = [n for n in sites if n not in routers]
         kept.append(f"{len(routers)} MoE routers")
-    backend, why = fp8_backend(_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
+    backend, why = form.backend(_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
     converted = {}  # a weight read by several linears is converted once
     gm.meta["fp8_weights"] = []  # the float weights replaced: the self-check quantizes the module's alike
+    gm.meta["fp8_format"] = config.quantization
     for node in sites:
         target = node.args[1].target
         if target not in converted:
             gm.meta["fp8_weights"].append(_weight(gm, node))
-            weight8, scale = quantize_weight(_weight(gm, node))
+            weight8, scale = form.quantize(_weight(gm, node))
             converted[target] = (_register(gm, f"{target}_fp8", weight8), _register(gm, f"{target}_fp8_scale", scale))
         weight_name, scale_name = converted[target]
         x, weight_node, *rest = node.args
@@ -85,9 +107,9 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             weight8_node = gm.graph.get_attr(weight_name)
             weight8_node.meta["val"] = fake.new_empty(fake.shape, dtype=FP8)
             scale_node = gm.graph.get_attr(scale_name)
-            scale_node.meta["val"] = fake.new_empty(fake.shape[0], dtype=torch.float32)
-            op = gm.graph.call_function(torch.ops.compiled_llm.fp8_linear.default,
-                                        (x, weight8_node, scale_node, None, bias, backend))  # fmt: skip
+            scale_node.meta["val"] = fake.new_empty(getattr(gm, scale_name).shape, dtype=torch.float32)
+            args = (x, weight8_node, scale_node, None, bias) if config.quantization == "fp8" else (x, weight8_node, scale_node, bias)
+            op = gm.graph.call_function(form.op, (*args, backend))
         op.meta.update(node.meta)
         node.replace_all_uses_with(op)
         gm.graph.erase_node(node)
@@ -95,13 +117,13 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             gm.graph.erase_node(weight_node)
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     return PassResult("quantize_fp8", len(sites), f"{len(sites)} of {len(linears)} linears -> float8 e4m3 "
-                      f"(per-channel weight scales, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+                      f"({form.scales}, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
 
 
 @contextlib.contextmanager
-def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
+def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: str = "fp8") -> Iterator[None]:
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["fp8_weights"]`; a fused
-    weight's parts share its storage) compute as `fp8_linear`'s reference does, for the self-check's reference
+    weight's parts share its storage) compute as the reference of `fmt` (`gm.meta["fp8_format"]`) does, for the self-check's reference
     logits: the module itself, with the rounding the rewrite means to add. A quantized weight that no nn.Linear
     reads (an F.linear over a bare parameter) cannot be reproduced: refused, naming its shape."""
     storages = {w.untyped_storage().data_ptr(): w for w in weights}
@@ -114,8 +136,10 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor]) -> Ite
                          "reads, so the self-check cannot compute what the rewrite means; compile_model(..., "
                          "verify=False) accepts it unchecked")  # fmt: skip
 
+    form = FORMATS[fmt]
+
     def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear_reference(x, *quantize_weight(module.weight), None, module.bias)
+        return form.reference(x, *form.quantize(module.weight), module.bias)
 
     try:
         for module in linears:

@@ -1,6 +1,7 @@
-"""quantization="fp8": the quantize_fp8 pass's sites on every architecture, and the compiled model against the
-Hugging Face model whose linears this test fake-quantizes itself, in float64, as the numerics say
-(custom_ops/linear/fp8.py): per-channel weight scales, per-token activation scales, e4m3 rounding."""
+"""quantization="fp8" and "fp8_block": the quantize_fp8 pass's sites on every architecture, and the compiled model
+against the Hugging Face model whose linears this test fake-quantizes itself, in float64, as the numerics say
+(custom_ops/linear/fp8.py: per-channel weight scales, per-token activation scales, e4m3 rounding; fp8_block.py:
+the same rounding per 128 x 128 weight block and 1 x 128 activation group)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,20 @@ def sites(compiled) -> int:
     return result.sites
 
 
+OPS = {"fp8": torch.ops.compiled_llm.fp8_linear.default, "fp8_block": torch.ops.compiled_llm.fp8_block_linear.default}
+
+
+@pytest.mark.parametrize("quantization", sorted(OPS))
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_decoder_linear_is_quantized_but_the_lm_head_and_routers(arch):
+def test_every_decoder_linear_is_quantized_but_the_lm_head_and_routers(arch, quantization):
     """Per layer: the fused q/k/v and o projections, and the fused gate/up and down projections of a dense MLP
-    (MoE experts are not linears in the graph; their routers stay in the model's dtype). 2 layers."""
-    compiled = compile_model(tiny_model(arch), compile_backend="eager", quantization="fp8")
-    per_layer = 2 if arch in MOE else 4
+    (MoE experts are not linears in the graph; their routers stay in the model's dtype). 2 layers. With fp8_block
+    q, k and v stay three linears: 64, 32 and 32 rows here, so a 128-row block would span two of them."""
+    compiled = compile_model(tiny_model(arch), compile_backend="eager", quantization=quantization)
+    per_layer = (2 if arch in MOE else 4) + (2 if quantization == "fp8_block" else 0)
     assert sites(compiled) == 2 * per_layer
     graph = compiled.graph_module.graph
-    fp8_ops = [n for n in graph.nodes if n.target is torch.ops.compiled_llm.fp8_linear.default]
+    fp8_ops = [n for n in graph.nodes if n.target is OPS[quantization]]
     assert len(fp8_ops) == 2 * per_layer
     assert all(n.args[1].meta["val"].dtype == torch.float8_e4m3fn for n in fp8_ops)
 
@@ -57,19 +63,47 @@ def fake_quantized(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "qwen3_moe"])
+def fake_block_quantized(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The linear as fp8_block_linear defines it, from the definition: the rounding of `fake_quantized` applied to
+    each 128 x 128 block of the weight and each token's 128-column group of x; the groups' partial products, each
+    scaled, summed in float64."""
+
+    def rounded(values: torch.Tensor) -> torch.Tensor:
+        values = values.float()
+        scale = values.abs().amax().clamp(min=1e-12) * torch.tensor(1 / FP8_MAX)
+        quantized = (values * (torch.tensor(1.0) / scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return quantized.double() * scale.double()
+
+    weight, rows = module.weight, x.reshape(-1, x.shape[-1])
+    weight_blocks = torch.zeros(weight.shape, dtype=torch.float64)
+    row_groups = torch.zeros(rows.shape, dtype=torch.float64)
+    for i in range(0, weight.shape[0], 128):
+        for j in range(0, weight.shape[1], 128):
+            weight_blocks[i : i + 128, j : j + 128] = rounded(weight[i : i + 128, j : j + 128])
+    for t in range(rows.shape[0]):
+        for j in range(0, rows.shape[1], 128):
+            row_groups[t, j : j + 128] = rounded(rows[t, j : j + 128])
+    out = row_groups @ weight_blocks.t()
+    if module.bias is not None:
+        out = out + module.bias.double()
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "qwen3_moe", "llama-fp8_block"])
 def test_logits_equal_the_fake_quantized_model(arch, monkeypatch):
     """The compiled fp8 model's logits equal HF's with every nn.Linear but the LM head fake-quantized, to within
     float32 summation (a rounding that flips near an e4m3 boundary moves a logit by far less than the 6-10%
     that quantization itself moves it, which the float model's distance shows)."""
+    arch, _, quantization = arch.partition("-")
+    fake = fake_block_quantized if quantization == "fp8_block" else fake_quantized
     model = tiny_model(arch)
-    compiled = compile_model(model, compile_backend="eager", quantization="fp8")
+    compiled = compile_model(model, compile_backend="eager", quantization=quantization or "fp8")
     ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         float_logits = model(ids).logits
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                monkeypatch.setattr(module, "forward", lambda x, module=module: fake_quantized(module, x))
+                monkeypatch.setattr(module, "forward", lambda x, module=module: fake(module, x))
         reference = model(ids).logits
         logits = compiled(ids).logits
 
@@ -84,30 +118,32 @@ def test_logits_equal_the_fake_quantized_model(arch, monkeypatch):
 @register_pass("test_misscale_an_fp8_weight")
 def _misscale_an_fp8_weight(gm, config):
     """A wrong quantization: one fp8 weight's scales 10% too large."""
-    name = next(n.args[2].target for n in gm.graph.nodes if n.target is torch.ops.compiled_llm.fp8_linear.default)
+    name = next(n.args[2].target for n in gm.graph.nodes if n.target in OPS.values())
     getattr(gm, name).data *= 1.1
     return PassResult("test_misscale_an_fp8_weight", 1)
 
 
-def test_the_self_check_holds_a_drop_in_module_to_its_quantized_self():
+@pytest.mark.parametrize("quantization", sorted(OPS))
+def test_the_self_check_holds_a_drop_in_module_to_its_quantized_self(quantization):
     """A module written outside HF is self-checked (verify): against its own forward with its nn.Linear layers
-    rounded as fp8_linear rounds them, so a correct fp8 compile passes and a wrongly scaled weight does not."""
-    compiled = compile_model(nanogpt(), compile_backend="eager", quantization="fp8")
+    rounded as the format's op rounds them, so a correct compile passes and a wrongly scaled weight does not."""
+    compiled = compile_model(nanogpt(), compile_backend="eager", quantization=quantization)
     assert sites(compiled) == 8 and "self_check_s" in compiled.report.timings  # 2 layers x 4; the tied LM head kept
     after = DEFAULT_PIPELINE.index("quantize_fp8") + 1
     passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_fp8_weight", *DEFAULT_PIPELINE[after:])
     with pytest.raises(SelfCheckError, match="differs from the module itself"):
-        compile_model(nanogpt(), compile_backend="eager", quantization="fp8", passes=passes)
+        compile_model(nanogpt(), compile_backend="eager", quantization=quantization, passes=passes)
 
 
-def test_fp8_through_inductor():
+@pytest.mark.parametrize("quantization", sorted(OPS))
+def test_fp8_through_inductor(quantization):
     model = tiny_model("llama")
-    eager = compile_model(model, compile_backend="eager", quantization="fp8")
-    inductor = compile_model(tiny_model("llama"), quantization="fp8")
+    eager = compile_model(model, compile_backend="eager", quantization=quantization)
+    inductor = compile_model(tiny_model("llama"), quantization=quantization)
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected, got = eager(ids).logits, inductor(ids).logits
-    assert sites(inductor) == 8
+    assert sites(inductor) == (12 if quantization == "fp8_block" else 8)  # 2 layers: see the site-count test
     assert ((got - expected).norm() / expected.norm()).item() < 2e-3
 
 

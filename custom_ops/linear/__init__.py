@@ -1,9 +1,10 @@
 """Linear layers: `compiled_llm::linear` and `compiled_llm::linear_silu_mul` with their backends by name
 (op.py: `torch`, `triton`, `onednn`); the Triton kernels the `triton` backend runs (triton_gemv.py,
 triton_silu_mul.py); quantized linears, an op per weight format with its reference and backends (fp8.py:
-`compiled_llm::fp8_linear`). Importing the package registers the ops."""
+`compiled_llm::fp8_linear`, Triton kernels in triton_fp8.py; fp8_block.py: `compiled_llm::fp8_block_linear`,
+triton_fp8_block.py). Importing the package registers the ops."""
 
-from custom_ops.linear import fp8  # noqa: F401  (registers compiled_llm::fp8_linear)
+from custom_ops.linear import fp8, fp8_block  # noqa: F401  (register compiled_llm::fp8_linear, fp8_block_linear)
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch
 
 __all__ = ["FUSED_SILU_MUL_BACKENDS", "onednn_is_faster", "onednn_unavailable", "runs_other_than_torch"]

@@ -78,12 +78,12 @@ def _takes_scaled_mm(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     if k % 16 or n % 16 or rows.shape[0] == 0 or not weight.is_contiguous():
         return False
     if rows.device.type == "cuda":
-        return rows.dtype == torch.bfloat16 and _fp8_tensor_cores(rows.device.index)
+        return rows.dtype == torch.bfloat16 and fp8_tensor_cores(rows.device.index)
     return rows.device.type == "cpu"
 
 
 @functools.cache
-def _fp8_tensor_cores(device_index: int | None) -> bool:
+def fp8_tensor_cores(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
@@ -135,7 +135,7 @@ def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str
     `torch`, which keeps to torch's ops: `scaled_mm`; on a CPU the reference (the faster there: oneDNN's FP8 GEMM
     took 14 ms against 8 for [64, 1024] x [1024, 1024])."""
     if device.type == "cuda":
-        if not _fp8_tensor_cores(device.index):
+        if not fp8_tensor_cores(device.index):
             return "torch", "no FP8 tensor cores before compute capability 8.9: the reference dequantizes"
         if linear_backend == "torch" or not triton_available():
             why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
