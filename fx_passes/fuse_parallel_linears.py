@@ -56,6 +56,9 @@ def _fuse(gm: torch.fx.GraphModule, group: list[torch.fx.Node], index: int) -> N
         for part in parts:  # the model's parameters now view the fused storage: nothing is stored twice
             part.data = fused.data[start : start + part.shape[0]]
             start += part.shape[0]
+        if all(hasattr(p, "fp8_weight") for p in parts):  # an FP8 checkpoint's tensors, fused alike
+            fused.fp8_weight = torch.cat([p.fp8_weight for p in parts])
+            fused.fp8_scale = torch.cat([p.fp8_scale for p in parts])
         gm.register_parameter(name, fused)
         return name
 
@@ -129,14 +132,17 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, config) -> PassResult:
     fused = [group for group in groups.values() if len(group) > 1]
     # fp8_block scales 128-row blocks of the weight: a block across two parts would quantize them together, which
     # no checkpoint (and not the module the self-check runs) does. Such parts stay apart.
-    apart = [g for g in fused if config.quantization == "fp8_block" and any(_rows(gm, n) % BLOCK_ROWS for n in g[:-1])]
+    # An FP8 checkpoint's linears fuse only with one another.
+    apart = [g for g in fused if (config.quantization == "fp8_block" and any(_rows(gm, n) % BLOCK_ROWS for n in g[:-1]))
+             or len({hasattr(gm.get_parameter(n.args[1].target), "fp8_weight") for n in g}) > 1]  # fmt: skip
     fused = [group for group in fused if group not in apart]
     for index, group in enumerate(fused):
         _fuse(gm, group, index)
     linears = sum(len(group) for group in fused)
     detail = f"{linears} linears into {len(fused)} GEMMs" if fused else ""
     if apart:
-        detail += f"{'; ' if detail else ''}{len(apart)} groups kept apart (parts not multiples of 128 rows, fp8_block)"
+        detail += (f"{'; ' if detail else ''}{len(apart)} groups kept apart (fp8_block parts not multiples of 128 rows, "
+                   "or FP8 checkpoint weights beside float ones)")  # fmt: skip
     return PassResult("fuse_parallel_linears", len(fused), detail)
 
 

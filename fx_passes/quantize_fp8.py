@@ -8,7 +8,8 @@
 
 Runs under those two quantizations (a no-op otherwise), after the passes that fuse linears (q/k/v
 and gate/up are quantized fused: with a scale per output channel that is the same as quantizing each), over
-linears whose weight is a parameter (a `get_attr`). The LM head, the last linear of the graph, keeps the model's
+linears whose weight is a parameter (a `get_attr`). An FP8 checkpoint's weights (marked by fp8_checkpoint.py)
+are taken as stored. The LM head, the last linear of the graph, keeps the model's
 dtype unless `quantize_lm_head`, and so do MoE routers. Each weight is converted on its device, one at a time, into buffers of the
 graph module (`<weight>_fp8`, `<weight>_fp8_scale`); the model's own parameters are left as they are.
 """
@@ -75,6 +76,13 @@ def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
     return name
 
 
+def checkpoint_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W8, scales) an FP8 checkpoint stored for this weight (compiled_llm/fp8_checkpoint.py), taken as they are
+    rather than requantized from the dequantized weight; None for a float weight."""
+    weight8 = getattr(weight, "fp8_weight", None)
+    return None if weight8 is None else (weight8, weight.fp8_scale)
+
+
 @register_pass("quantize_fp8")
 def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if config.quantization not in FORMATS:
@@ -97,7 +105,7 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         target = node.args[1].target
         if target not in converted:
             gm.meta["fp8_weights"].append(_weight(gm, node))
-            weight8, scale = form.quantize(_weight(gm, node))
+            weight8, scale = checkpoint_tensors(_weight(gm, node)) or form.quantize(_weight(gm, node))
             converted[target] = (_register(gm, f"{target}_fp8", weight8), _register(gm, f"{target}_fp8_scale", scale))
         weight_name, scale_name = converted[target]
         x, weight_node, *rest = node.args
@@ -139,7 +147,7 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
     form = FORMATS[fmt]
 
     def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return form.reference(x, *form.quantize(module.weight), module.bias)
+        return form.reference(x, *(checkpoint_tensors(module.weight) or form.quantize(module.weight)), module.bias)
 
     try:
         for module in linears:

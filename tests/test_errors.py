@@ -21,7 +21,7 @@ from conftest import VOCAB, random_prompt, tiny_model
         ({"norm_backend": "apex"}, "norm_backend"),
         ({"quantization": "int4_awq"}, "quantization='int4_awq' is planned but not supported yet"),
         ({"quantization": "int3"}, "quantization"),
-        ({"quantize_lm_head": True}, "quantize_lm_head=True needs a quantization"),
+        ({"quantize_lm_head": True, "quantization": "none"}, "quantize_lm_head=True needs a quantization"),
         ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
         ({"max_batch_size": 0}, "max_batch_size"),

@@ -1,0 +1,202 @@
+"""FP8 checkpoints: which format a Hugging Face directory holds, and its weights loaded without requantizing.
+
+Formats, told apart by config.json's `quantization_config` (or ModelOpt's hf_quant_config.json):
+- compressed-tensors, `format: float-quantized` (llm-compressor): `<linear>.weight` e4m3 and `<linear>.weight_scale`,
+  per output channel [N, 1], per tensor [1] or per 128 x 128 block [N/128, K/128]; `input_scale` when static;
+- ModelOpt FP8 (TensorRT Model Optimizer): e4m3 weights with a per-tensor `weight_scale` and `input_scale`;
+- Hugging Face `fp8` (DeepSeek-V3, Qwen3-FP8): e4m3 weights with `weight_scale_inv` per 128 x 128 block.
+In all three W = W8 * scale. Channel and tensor scales run as `quantization="fp8"` (a tensor's scale repeated per
+channel: q, k and v fuse with their own scales, none requantized), blocks as `"fp8_block"`. Activations are
+quantized per token at run time (the ops' numerics); a checkpoint's static `input_scale` is not used.
+
+Each quantized linear's parameter holds the dequantized weight in the model's dtype, so the module still runs
+as itself, and carries the checkpoint's tensors as attributes (`fp8_weight`, `fp8_scale`) that the quantize_fp8
+pass takes as they are. An unsupported scheme is a ValueError that names it and lists what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("compiled_llm")
+
+FP8 = torch.float8_e4m3fn
+BLOCK = 128
+SUPPORTED = (
+    "compressed-tensors float-quantized FP8 (8-bit float weights per channel, per tensor or in 128x128 blocks), "
+    "ModelOpt FP8 (quant_algo FP8), Hugging Face fp8 (weight_block_size [128, 128])"
+)
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale", ".k_scale", ".v_scale")
+
+
+@dataclass(frozen=True)
+class Fp8Checkpoint:
+    quantization: str  # the CompileConfig.quantization it runs as: "fp8" or "fp8_block"
+    scale_name: str  # the weight scales' tensor suffix
+    description: str  # for logs
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"this checkpoint's quantization ({what}) is not supported; supported: {SUPPORTED}")
+
+
+def _compressed_tensors(config: dict) -> Fp8Checkpoint:
+    if config.get("format") != "float-quantized":
+        raise _unsupported(f"compressed-tensors format {config.get('format')!r}")
+    strategies = set()
+    for name, group in (config.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        if weights.get("type") != "float" or weights.get("num_bits") != 8:
+            raise _unsupported(f"compressed-tensors group {name}: {weights.get('num_bits')}-bit {weights.get('type')} weights")
+        strategy = weights.get("strategy")
+        if strategy == "block" and list(weights.get("block_structure") or ()) != [BLOCK, BLOCK]:
+            raise _unsupported(f"compressed-tensors group {name}: blocks of {weights.get('block_structure')}")
+        if strategy not in ("channel", "tensor", "block"):
+            raise _unsupported(f"compressed-tensors group {name}: weight strategy {strategy!r}")
+        strategies.add(strategy)
+    if not strategies:
+        raise _unsupported("compressed-tensors without config_groups")
+    if "block" in strategies and len(strategies) > 1:
+        raise _unsupported(f"compressed-tensors groups mixing weight strategies {sorted(strategies)}")
+    block = strategies == {"block"}
+    return Fp8Checkpoint("fp8_block" if block else "fp8", "weight_scale",
+                         f"compressed-tensors FP8, {'/'.join(sorted(strategies))} weight scales")  # fmt: skip
+
+
+def checkpoint_format(quantization_config: dict | None) -> Fp8Checkpoint | None:
+    """The FP8 format a `quantization_config` describes; None for none; a ValueError for any other."""
+    if not quantization_config:
+        return None
+    method = quantization_config.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors(quantization_config)
+    if method == "modelopt":
+        algorithm = quantization_config.get("quant_algo")
+        if algorithm != "FP8":
+            raise _unsupported(f"ModelOpt quant_algo {algorithm!r}")
+        return Fp8Checkpoint("fp8", "weight_scale", "ModelOpt FP8, per-tensor weight scales")
+    if method == "fp8":
+        block = quantization_config.get("weight_block_size")
+        if list(block or ()) != [BLOCK, BLOCK]:
+            raise _unsupported(f"Hugging Face fp8 with weight_block_size {block}")
+        return Fp8Checkpoint("fp8_block", "weight_scale_inv", "Hugging Face fp8, 128x128 weight blocks")
+    raise _unsupported(f"quant_method {method!r}")
+
+
+def directory_quantization_config(path: Path) -> dict | None:
+    """config.json's quantization_config, or ModelOpt's hf_quant_config.json as one."""
+    config = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if config:
+        return config
+    modelopt = path / "hf_quant_config.json"
+    if modelopt.exists():
+        return {"quant_method": "modelopt", **json.loads(modelopt.read_text()).get("quantization", {})}
+    return None
+
+
+def _scale_per_row(scale: torch.Tensor, weight: torch.Tensor, checkpoint: Fp8Checkpoint, name: str) -> torch.Tensor:
+    """The checkpoint's weight scale in the op's layout: [N] per channel (a tensor's repeated), or [N/128, K/128]."""
+    n, k = weight.shape
+    scale = scale.float()
+    if checkpoint.quantization == "fp8_block":
+        blocks = (-(-n // BLOCK), -(-k // BLOCK))
+        if tuple(scale.shape) != blocks:
+            raise ValueError(f"{name}: block scales of shape {tuple(scale.shape)} for a [{n}, {k}] weight; expected {blocks}")
+        return scale.contiguous()
+    if scale.numel() == 1:
+        return scale.reshape(1).expand(n).contiguous()
+    if scale.numel() == n:
+        return scale.reshape(n).contiguous()
+    raise ValueError(f"{name}: a weight scale of shape {tuple(scale.shape)} for a [{n}, {k}] weight is neither per tensor "
+                     "nor per output channel")  # fmt: skip
+
+
+def _dequantized(weight8: torch.Tensor, scale: torch.Tensor, quantization: str, dtype: torch.dtype) -> torch.Tensor:
+    if quantization == "fp8_block":
+        n, k = weight8.shape
+        scale = scale.repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
+        return (weight8.float() * scale).to(dtype)
+    return (weight8.float() * scale[:, None]).to(dtype)
+
+
+def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The model of an FP8 checkpoint directory, on `device` in `dtype`, its quantized linears marked (module
+    docstring) and `model.compiled_llm_quantization` set to the CompileConfig.quantization it runs as."""
+    import transformers as tf
+    from safetensors import safe_open
+
+    config = tf.AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the model is built plain; its linears are marked below
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors files (FP8 checkpoints load from safetensors only)")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt", device=device) as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    state, marked, static_inputs = {}, {}, 0
+    for name, tensor in tensors.items():
+        if name.endswith(SCALE_SUFFIXES):
+            static_inputs += name.endswith(".input_scale")
+            continue
+        if tensor.dtype == FP8:
+            prefix = name.removesuffix(".weight")
+            scale = tensors.get(f"{prefix}.{checkpoint.scale_name}")
+            if scale is None or not name.endswith(".weight"):
+                raise ValueError(f"{path}: {name} is float8 but has no {prefix}.{checkpoint.scale_name}")
+            scale = _scale_per_row(scale, tensor, checkpoint, name)
+            marked[name] = (tensor.contiguous(), scale)
+            tensor = _dequantized(tensor, scale, checkpoint.quantization, dtype)
+        elif tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    names = {}  # a tied parameter's names (lm_head.weight and embed_tokens.weight): loaded under any of them
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    missing = [m for m in missing if not any(n in state for n in names.get(id(model.get_parameter(m)), []))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")  # fmt: skip
+    for name, (weight8, scale) in marked.items():
+        parameter = model.get_parameter(name)
+        parameter.fp8_weight, parameter.fp8_scale = weight8, scale
+    if static_inputs:
+        log.info("%s: %d static input scales not used: activations are quantized per token at run time", path,
+                 static_inputs)  # fmt: skip
+    log.info("%s: %s, %d linears loaded as float8 (run as quantization=%r)", path, checkpoint.description, len(marked),
+             checkpoint.quantization)  # fmt: skip
+    model.compiled_llm_quantization = checkpoint.quantization
+    return model.eval()
+
+
+def resolve_quantization(requested: str, model: torch.nn.Module, quantize_lm_head: bool) -> tuple[str, str]:
+    """(quantization, why) for CompileConfig.quantization `requested` and `model`: `auto` is the checkpoint's
+    format (an FP8 checkpoint loaded by load_fp8_directory), `none` for a float one; an explicit value that
+    contradicts the checkpoint is a ValueError naming both."""
+    checkpoint = getattr(model, "compiled_llm_quantization", None)
+    if checkpoint is None and getattr(getattr(model, "config", None), "quantization_config", None):
+        method = model.config.quantization_config
+        method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
+        raise ValueError(f"the model carries a quantization_config ({method}) that transformers applied when loading "
+                         "it; compiled-llm reads quantized checkpoints itself: pass the directory "
+                         "(LLM('path/to/dir') or compiled_llm.model_source.load_model) instead of the loaded model")  # fmt: skip
+    if requested == "auto":
+        resolved = checkpoint or "none"
+        if quantize_lm_head and resolved == "none":
+            raise ValueError("quantize_lm_head=True needs a quantization; quantization='auto' found a float "
+                             "checkpoint: pass quantization='fp8'")  # fmt: skip
+        return resolved, f"auto: {'an FP8 checkpoint' if checkpoint else 'a float checkpoint'}"
+    if checkpoint is not None and requested != checkpoint:
+        raise ValueError(f"quantization={requested!r} contradicts the checkpoint, whose weights are stored as "
+                         f"{checkpoint!r}: leave quantization='auto' (or pass {checkpoint!r})")  # fmt: skip
+    return requested, "requested"
