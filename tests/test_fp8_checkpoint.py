@@ -163,3 +163,23 @@ def test_an_unsupported_scheme_is_named_with_what_is_supported(tmp_path, quantiz
     (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": quantization_config}))
     with pytest.raises(ValueError, match=f"{named}.*is not supported; supported: compressed-tensors"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_a_hugging_face_fp8_block_loads_as_written_by_hand(tmp_path):
+    """Pinned by a hand-worked example of DeepSeek-V3's layout (`weight_scale_inv` [N/128, K/128], W = W8 *
+    weight_scale_inv per block): gate_proj [128, 64] is one block; with every value 0.25 except W[0, 0] = 2 the
+    scale is 2/448 and W8 = W * 224 = 56 (and 448 at [0, 0]), exact."""
+    model = tiny_model("llama")
+    write_checkpoint(model, tmp_path, "hf_fp8")
+    name = "model.layers.1.mlp.gate_proj"
+    tensors = _tensors(tmp_path)
+    assert tensors[f"{name}.weight_scale_inv"].shape == (1, 1)
+    weight8 = torch.full((128, 64), 56.0)
+    weight8[0, 0] = 448.0
+    tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = weight8.to(torch.float8_e4m3fn), torch.tensor([[2 / 448]])
+    save_file(tensors, tmp_path / "model.safetensors")
+    weight = load_model(str(tmp_path), torch.float32, "cpu").model.model.layers[1].mlp.gate_proj.weight
+    expected = torch.full((128, 64), 0.25)
+    expected[0, 0] = 2.0
+    torch.testing.assert_close(weight, expected)
+    assert torch.equal(weight.fp8_weight.float(), weight8) and weight.fp8_scale.shape == (1, 1)
