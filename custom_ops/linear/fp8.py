@@ -36,6 +36,11 @@ _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
     "fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale, Tensor? bias, str backend) -> Tensor"
 )
+# fp8_linear over activations quantized already (by a fused producer: compiled_llm::add_rms_norm_fp8).
+_LIBRARY.define(
+    "fp8_linear_quantized(Tensor x8, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+    "ScalarType out_dtype, str backend) -> Tensor"
+)
 
 
 def scale_and_round(values: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,24 +66,36 @@ def quantize_rows(rows: torch.Tensor, input_scale: torch.Tensor | None = None) -
     return (rows.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    rows = x.reshape(-1, x.shape[-1])
-    quantized, scale = quantize_rows(rows, input_scale)
-    out = (quantized.float() @ weight.float().t()) * scale * weight_scale.float()
+def _scaled_product(rows8: torch.Tensor, row_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    out = (rows8.float() @ weight.float().t()) * row_scale * weight_scale.float()
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return out.to(dtype)
 
 
-def _takes_scaled_mm(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    quantized, scale = quantize_rows(x.reshape(-1, x.shape[-1]), input_scale)
+    return _scaled_product(quantized, scale, weight, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_quantized_reference(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                                   weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                                   out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """`fp8_linear` after its quantization: x8 [..., K] e4m3 with its row scales x_scale [..., 1]."""
+    rows8, row_scale = x8.reshape(-1, x8.shape[-1]), x_scale.reshape(-1, 1).float()
+    return _scaled_product(rows8, row_scale, weight, weight_scale, bias, out_dtype).reshape(*x8.shape[:-1], weight.shape[0])
+
+
+def _takes_scaled_mm(rows: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
     """Shapes and dtypes `torch._scaled_mm` takes with a scale per row and per column: sizes in multiples of
     16 and, on a GPU, FP8 tensor cores (compute capability 8.9: Ada, Hopper and later) and a bf16 output."""
     k, n = weight.shape[1], weight.shape[0]
     if k % 16 or n % 16 or rows.shape[0] == 0 or not weight.is_contiguous():
         return False
     if rows.device.type == "cuda":
-        return rows.dtype == torch.bfloat16 and fp8_tensor_cores(rows.device.index)
+        return (out_dtype or rows.dtype) == torch.bfloat16 and fp8_tensor_cores(rows.device.index)
     return rows.device.type == "cpu"
 
 
@@ -144,6 +161,28 @@ def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str
     return "torch", f"the reference on {device.type}"
 
 
+def _fp8_linear_quantized(x8, x_scale, weight, weight_scale, bias, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The GEMV (`triton`, one row) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over activations a fused producer
+    quantized; the reference where those do not take the shapes."""
+    rows8, row_scale = x8.reshape(-1, x8.shape[-1]), x_scale.reshape(-1, 1)
+    n, k = weight.shape
+    bias_ok = bias is None or (bias.dtype == out_dtype and bias.is_contiguous() and bias.shape == (n,))
+    if backend != "torch" and bias_ok and rows8.shape[-1] == k and x8.dtype == FP8:
+        gemv = (
+            backend == "triton" and rows8.shape[0] == 1 and rows8.stride(-1) == 1 and triton_runs_on(rows8)
+            and out_dtype in KERNEL_DTYPES and weight.dtype == FP8 and weight.is_contiguous()
+            and weight_scale.dtype == torch.float32 and weight_scale.is_contiguous() and weight_scale.numel() == n
+        )  # fmt: skip
+        if gemv:
+            out = triton_fp8.fp8_gemv(rows8, weight, weight_scale, row_scale.float().contiguous(), bias, out_dtype)
+            return out.view(*x8.shape[:-1], n)
+        if _takes_scaled_mm(rows8, weight, out_dtype):
+            out = torch._scaled_mm(rows8, weight.t(), scale_a=row_scale.float().contiguous(),
+                                   scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)  # fmt: skip
+            return (out if bias is None else out + bias).view(*x8.shape[:-1], n)
+    return fp8_linear_quantized_reference(x8, x_scale, weight, weight_scale, bias, out_dtype)
+
+
 FP8_LINEAR_BACKENDS: dict[str, Fp8LinearFn] = {
     "torch": fp8_linear_reference, "scaled_mm": _scaled_mm_linear, "triton": _triton_linear,
 }
@@ -157,6 +196,12 @@ def _fp8_linear_fake(x, weight, weight_scale, input_scale, bias, backend: str) -
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _fp8_linear_quantized_fake(x8, x_scale, weight, weight_scale, bias, out_dtype, backend) -> torch.Tensor:
+    return x8.new_empty(*x8.shape[:-1], weight.shape[0], dtype=out_dtype)
+
+
 for _device in ("CPU", "CUDA"):
     _LIBRARY.impl("fp8_linear", _fp8_linear, _device)
+    _LIBRARY.impl("fp8_linear_quantized", _fp8_linear_quantized, _device)
 torch.library.register_fake("compiled_llm::fp8_linear", _fp8_linear_fake, lib=_LIBRARY)
+torch.library.register_fake("compiled_llm::fp8_linear_quantized", _fp8_linear_quantized_fake, lib=_LIBRARY)

@@ -53,7 +53,7 @@ def _kernels():
     @triton.jit
     def fp8_gemv_kernel(
         x_ptr, w_ptr, w_scale_ptr, input_scale_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
-        K: tl.constexpr, M_PADDED: tl.constexpr, STATIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+        K: tl.constexpr, M_PADDED: tl.constexpr, STATIC: tl.constexpr, PREQUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         if USE_PDL:
@@ -71,7 +71,9 @@ def _kernels():
         w_scale = tl.load(w_scale_ptr + rows, mask=row_mask, other=0.0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
-        if STATIC:
+        if PREQUANTIZED:  # x is e4m3 already (a fused producer's) and input_scale_ptr holds its row scales
+            scale = tl.load(input_scale_ptr + ms, mask=ms < M, other=1.0)
+        elif STATIC:
             scale = tl.zeros([M_PADDED], dtype=tl.float32) + tl.load(input_scale_ptr).to(tl.float32)
         else:
             amax = tl.zeros([M_PADDED], dtype=tl.float32)
@@ -86,7 +88,10 @@ def _kernels():
                 w = tl.load(w_rows + k + cols[None, :], mask=row_mask[:, None] & ((k + cols) < K)[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
             x = tl.load(x_rows + k + cols[None, :], mask=x_mask_m & ((k + cols) < K)[None, :], other=0.0)
-            x8 = tl.clamp(x.to(tl.float32) * inverse[:, None], -448.0, 448.0).to(tl.float8e4nv)
+            if PREQUANTIZED:
+                x8 = x
+            else:
+                x8 = tl.clamp(x.to(tl.float32) * inverse[:, None], -448.0, 448.0).to(tl.float8e4nv)
             acc += tl.sum(x8.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         out = acc * scale[:, None] * w_scale[None, :]
         if HAS_BIAS:
@@ -129,20 +134,22 @@ def _tile(m: int, k: int, n: int) -> tuple:
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
-             bias: torch.Tensor | None, **config) -> torch.Tensor:  # fmt: skip
+             bias: torch.Tensor | None, out_dtype: torch.dtype | None = None, **config) -> torch.Tensor:  # fmt: skip
     """x [M <= 8, K] (unit last stride) against e4m3 weight [N, K] (contiguous) with float32 scales [N] ->
-    [M, N] in x's dtype; the caller checked the shapes (fp8.py). `config` overrides the tile (BLOCK_N, BLOCK_K,
+    [M, N] in x's dtype; the caller checked the shapes (fp8.py). An e4m3 x is quantized already: `input_scale`
+    holds its row scales [M, 1] and `out_dtype` is the output's. `config` overrides the tile (BLOCK_N, BLOCK_K,
     num_warps)."""
     import triton
 
     m, k = x.shape
     n = weight.shape[0]
-    out = x.new_empty(m, n)
+    prequantized = x.dtype == torch.float8_e4m3fn
+    out = x.new_empty(m, n, dtype=out_dtype if prequantized else x.dtype)
     config = dict(_tile(m, k, n)) | config
     _kernels()[1][(triton.cdiv(n, config["BLOCK_N"]),)](
         x, weight, weight_scale, input_scale if input_scale is not None else weight_scale,
         bias if bias is not None else weight_scale, out, m, n, x.stride(0), weight.stride(0), out.stride(0),
-        K=k, M_PADDED=triton.next_power_of_2(m), STATIC=input_scale is not None, HAS_BIAS=bias is not None,
+        K=k, M_PADDED=triton.next_power_of_2(m), STATIC=input_scale is not None and not prequantized, PREQUANTIZED=prequantized, HAS_BIAS=bias is not None,
         **config, **pdl_launch_options(x),
     )  # fmt: skip
     return out

@@ -1,4 +1,5 @@
 """RMSNorm: `compiled_llm::rms_norm` and `compiled_llm::add_rms_norm`, their torch reference and Triton kernel
-(op.py). Importing the package registers the ops."""
+(op.py); `compiled_llm::add_rms_norm_fp8`, the same kernel writing FP8 linears' activations (fp8.py). Importing the
+package registers the ops."""
 
-from custom_ops.rms_norm import op  # noqa: F401  (registers the ops)
+from custom_ops.rms_norm import fp8, op  # noqa: F401  (registers the ops)

@@ -36,8 +36,8 @@ def _kernel():
 
     @triton.jit
     def rms_norm_kernel(
-        x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_out, stride_sum, eps,
-        N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, USE_PDL: tl.constexpr,
+        x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, stride_x, stride_r, stride_out, stride_sum, eps,
+        N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, FP8_OUT: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -56,7 +56,14 @@ def _kernel():
         h = h.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
         normed = (h * rstd).to(x_dtype).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+        if FP8_OUT:  # the output in e4m3 with its row's scale, rounded as fp8.quantize_rows rounds the norm's output
+            y = (w * normed).to(x_dtype).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) * (1.0 / 448.0)
+            y8 = tl.clamp(y * tl.math.div_rn(1.0, scale), -448.0, 448.0).to(tl.float8e4nv)
+            tl.store(out_ptr + row * stride_out + cols, y8, mask=mask)
+            tl.store(scale_ptr + row, scale)
+        else:
+            tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
     return rms_norm_kernel
 
@@ -71,7 +78,9 @@ def _warps(block: int) -> int:
     return min(16, max(1, block // 1024))
 
 
-def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Tensor, eps: float, out, total) -> None:
+def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Tensor, eps: float, out, total,
+            scale: torch.Tensor | None = None) -> None:  # fmt: skip
+    """`scale` given: `out` is e4m3 and the kernel writes each row's scale there (`add_rms_norm_fp8`)."""
     import triton
 
     n = x2d.shape[-1]
@@ -79,9 +88,9 @@ def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Te
     if x2d.shape[0]:
         _kernel()[(x2d.shape[0],)](
             x2d, residual2d if residual2d is not None else x2d, weight, out, total if total is not None else out,
-            x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0, out.stride(0),
-            total.stride(0) if total is not None else 0, eps,
-            N=n, BLOCK=block, ADD=residual2d is not None, num_warps=_warps(block),
+            scale if scale is not None else out, x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0,
+            out.stride(0), total.stride(0) if total is not None else 0, eps,
+            N=n, BLOCK=block, ADD=residual2d is not None, FP8_OUT=scale is not None, num_warps=_warps(block),
             **pdl_launch_options(x2d),
         )  # fmt: skip
 
