@@ -58,8 +58,6 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # After fusion (q/k/v and gate/up quantized fused) and the RoPE rebuild over fused outputs; before
     # insert_linear_op, which then routes only the linears left in the model's dtype (the LM head).
     "quantize_fp8",
-    # On the FP8 linears quantize_fp8 made and the norms fuse_rms_norm made.
-    "fuse_norm_quantize_fp8",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
     "insert_linear_op",
     # On the linears insert_linear_op routed.

@@ -25,9 +25,10 @@ def test_the_norms_feeding_fp8_linears_write_fp8_and_the_logits_do_not_move(arch
     the final norm feeds the bf16 LM head); in the MoE model the post-attention norm feeds the router, kept in
     the model's dtype, so only the input norm of layer 1 fuses."""
     fields = {"compile_backend": "eager", "quantization": "fp8", "norm_backend": "triton"}
-    fused = compile_model(tiny_model(arch), **fields)
-    unfused = compile_model(tiny_model(arch), passes=[p for p in DEFAULT_PIPELINE if p != "fuse_norm_quantize_fp8"],
-                            **fields)  # fmt: skip
+    after = DEFAULT_PIPELINE.index("quantize_fp8") + 1
+    with_fusion = (*DEFAULT_PIPELINE[:after], "fuse_norm_quantize_fp8", *DEFAULT_PIPELINE[after:])
+    fused = compile_model(tiny_model(arch), passes=with_fusion, **fields)
+    unfused = compile_model(tiny_model(arch), **fields)
     assert sites(fused, "fuse_norm_quantize_fp8") == (1 if arch == "qwen3_moe" else 3)
     graph = fused.graph_module.graph
     assert sum(n.target is torch.ops.compiled_llm.fp8_linear_quantized.default for n in graph.nodes) == (
