@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from custom_ops.linear.fp8 import FP8
+from custom_ops.linear.fp8_block import BLOCK
+
 log = logging.getLogger("compiled_llm")
 
-FP8 = torch.float8_e4m3fn
-BLOCK = 128
 SUPPORTED = (
     "compressed-tensors float-quantized FP8 (8-bit float weights per channel, per tensor or in 128x128 blocks), "
     "ModelOpt FP8 (quant_algo FP8), Hugging Face fp8 (weight_block_size [128, 128])"

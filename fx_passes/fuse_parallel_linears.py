@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 import torch.fx
 
+from custom_ops.linear.fp8_block import BLOCK
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -133,7 +134,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, config) -> PassResult:
     # fp8_block scales 128-row blocks of the weight: a block across two parts would quantize them together, which
     # no checkpoint (and not the module the self-check runs) does. Such parts stay apart.
     # An FP8 checkpoint's linears fuse only with one another.
-    apart = [g for g in fused if (config.quantization == "fp8_block" and any(_rows(gm, n) % BLOCK_ROWS for n in g[:-1]))
+    apart = [g for g in fused if (config.quantization == "fp8_block" and any(_rows(gm, n) % BLOCK for n in g[:-1]))
              or len({hasattr(gm.get_parameter(n.args[1].target), "fp8_weight") for n in g}) > 1]  # fmt: skip
     fused = [group for group in fused if group not in apart]
     for index, group in enumerate(fused):
@@ -145,8 +146,6 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, config) -> PassResult:
                    "or FP8 checkpoint weights beside float ones)")  # fmt: skip
     return PassResult("fuse_parallel_linears", len(fused), detail)
 
-
-BLOCK_ROWS = 128  # custom_ops.linear.fp8_block.BLOCK: fx_passes/ reads no op's module here
 
 
 def _rows(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:

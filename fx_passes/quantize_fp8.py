@@ -35,15 +35,19 @@ class Fp8Format(NamedTuple):
     quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # weight -> (W8, scales)
     op: object
     backend: Callable[[torch.device, str], tuple[str, str]]
-    reference: Callable  # (x, W8, scales, bias) -> y, for the self-check
+    reference: Callable  # the op's reference (its arguments but the backend), for the self-check
     scales: str  # for the report
+    input_scale: bool  # whether the op takes a static input scale (None here: scales computed at run time)
+
+    def op_args(self, x, weight8, scale, bias) -> tuple:
+        return (x, weight8, scale, None, bias) if self.input_scale else (x, weight8, scale, bias)
 
 
 FORMATS = {
-    "fp8": Fp8Format(quantize_weight, torch.ops.compiled_llm.fp8_linear.default, fp8_backend,
-                     lambda x, w8, s, b: fp8_linear_reference(x, w8, s, None, b), "per-channel weight scales"),
+    "fp8": Fp8Format(quantize_weight, torch.ops.compiled_llm.fp8_linear.default, fp8_backend, fp8_linear_reference,
+                     "per-channel weight scales", input_scale=True),
     "fp8_block": Fp8Format(quantize_weight_blocks, torch.ops.compiled_llm.fp8_block_linear.default, fp8_block_backend,
-                           fp8_block_linear_reference, "128x128 weight blocks, 1x128 activation groups"),
+                           fp8_block_linear_reference, "128x128 weight blocks, 1x128 activation groups", input_scale=False),
 }  # fmt: skip
 
 
@@ -104,8 +108,9 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     for node in sites:
         target = node.args[1].target
         if target not in converted:
-            gm.meta["fp8_weights"].append(_weight(gm, node))
-            weight8, scale = checkpoint_tensors(_weight(gm, node)) or form.quantize(_weight(gm, node))
+            weight = _weight(gm, node)
+            gm.meta["fp8_weights"].append(weight)
+            weight8, scale = checkpoint_tensors(weight) or form.quantize(weight)
             converted[target] = (_register(gm, f"{target}_fp8", weight8), _register(gm, f"{target}_fp8_scale", scale))
         weight_name, scale_name = converted[target]
         x, weight_node, *rest = node.args
@@ -116,8 +121,7 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             weight8_node.meta["val"] = fake.new_empty(fake.shape, dtype=FP8)
             scale_node = gm.graph.get_attr(scale_name)
             scale_node.meta["val"] = fake.new_empty(getattr(gm, scale_name).shape, dtype=torch.float32)
-            args = (x, weight8_node, scale_node, None, bias) if config.quantization == "fp8" else (x, weight8_node, scale_node, bias)
-            op = gm.graph.call_function(form.op, (*args, backend))
+            op = gm.graph.call_function(form.op, (*form.op_args(x, weight8_node, scale_node, bias), backend))
         op.meta.update(node.meta)
         node.replace_all_uses_with(op)
         gm.graph.erase_node(node)
@@ -140,14 +144,15 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
     covered = {m.weight.untyped_storage().data_ptr() for m in linears}
     missing = [tuple(w.shape) for ptr, w in storages.items() if ptr not in covered]
     if missing:
-        raise ValueError(f"quantization='fp8' rewrote linears over weights {missing} that no nn.Linear of the module "
+        raise ValueError(f"quantization={fmt!r} rewrote linears over weights {missing} that no nn.Linear of the module "
                          "reads, so the self-check cannot compute what the rewrite means; compile_model(..., "
                          "verify=False) accepts it unchecked")  # fmt: skip
 
     form = FORMATS[fmt]
 
     def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return form.reference(x, *(checkpoint_tensors(module.weight) or form.quantize(module.weight)), module.bias)
+        weight8, scale = checkpoint_tensors(module.weight) or form.quantize(module.weight)
+        return form.reference(*form.op_args(x, weight8, scale, module.bias))
 
     try:
         for module in linears:

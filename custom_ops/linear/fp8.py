@@ -43,12 +43,17 @@ _LIBRARY.define(
 )
 
 
+def round_to_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3(clamp(v * (1 / s))): a product and one reciprocal, each IEEE-rounded on every device (torch turns a
+    CUDA division by a Python number into a product, so a quotient would round differently on CPU and GPU), as
+    the Triton kernels compute them."""
+    return (values.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def scale_and_round(values: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3(clamp(v * (1 / s))), s) with s = max(amax, MIN_AMAX) * (1/448): products and one reciprocal, each
-    IEEE-rounded on every device (torch turns a CUDA division by a Python number into a product, so a quotient
-    would round differently on CPU and GPU), as the Triton kernels compute them."""
+    """(round_to_fp8(v, s), s) with s = max(amax, MIN_AMAX) * (1/448)."""
     scale = amax.float().clamp(min=MIN_AMAX) * (1 / FP8_MAX)
-    return (values.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return round_to_fp8(values, scale), scale
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +68,7 @@ def quantize_rows(rows: torch.Tensor, input_scale: torch.Tensor | None = None) -
     if input_scale is None:
         return scale_and_round(rows, rows.abs().amax(dim=-1, keepdim=True))
     scale = input_scale.float().reshape(1, 1).expand(rows.shape[0], 1)
-    return (rows.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return round_to_fp8(rows, scale), scale
 
 
 def _scaled_product(rows8: torch.Tensor, row_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -120,16 +125,18 @@ def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _takes_triton(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> bool:  # fmt: skip
-    """What triton_fp8.py's kernels read: rows with a unit last stride in a float dtype, a contiguous e4m3 weight
-    with float32 scales, a bias in the rows' dtype."""
+def triton_takes(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype, scale_shape: tuple[int, ...]) -> bool:  # fmt: skip
+    """What the FP8 Triton kernels read: rows [M, K] with a unit last stride (in a float dtype, or e4m3 already),
+    a contiguous e4m3 weight [N, K] with contiguous float32 scales of `scale_shape`, an output and bias in a float
+    dtype the kernels write."""
     n, k = weight.shape
     return (
-        k > 0 and rows.shape[-1] == k and rows.stride(-1) == 1 and triton_runs_on(rows) and rows.dtype in KERNEL_DTYPES
+        k > 0 and rows.shape[-1] == k and rows.stride(-1) == 1 and triton_runs_on(rows)
+        and rows.dtype in (*KERNEL_DTYPES, FP8) and out_dtype in KERNEL_DTYPES
         and weight.dtype == FP8 and weight.is_contiguous() and weight_scale.dtype == torch.float32
-        and weight_scale.is_contiguous() and weight_scale.numel() == n
-        and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == rows.dtype))
+        and weight_scale.is_contiguous() and tuple(weight_scale.shape) == scale_shape
+        and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == out_dtype))
     )  # fmt: skip
 
 
@@ -138,7 +145,7 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     """One row (batch-1 decode): the FP8 GEMV, one kernel; more rows: one quantizing kernel, then
     cuBLASLt's GEMM; what the kernels do not take: `scaled_mm`'s path."""
     rows = x.reshape(-1, x.shape[-1])
-    if not _takes_triton(rows, weight, weight_scale, bias):
+    if not triton_takes(rows, weight, weight_scale, bias, x.dtype, (weight.shape[0],)):
         return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias)
     if 0 < rows.shape[0] <= triton_fp8.MAX_ROWS:
         out = triton_fp8.fp8_gemv(rows, weight, weight_scale, input_scale, bias)
@@ -168,12 +175,7 @@ def _fp8_linear_quantized(x8, x_scale, weight, weight_scale, bias, out_dtype: to
     n, k = weight.shape
     bias_ok = bias is None or (bias.dtype == out_dtype and bias.is_contiguous() and bias.shape == (n,))
     if backend != "torch" and bias_ok and rows8.shape[-1] == k and x8.dtype == FP8:
-        gemv = (
-            backend == "triton" and rows8.shape[0] == 1 and rows8.stride(-1) == 1 and triton_runs_on(rows8)
-            and out_dtype in KERNEL_DTYPES and weight.dtype == FP8 and weight.is_contiguous()
-            and weight_scale.dtype == torch.float32 and weight_scale.is_contiguous() and weight_scale.numel() == n
-        )  # fmt: skip
-        if gemv:
+        if backend == "triton" and rows8.shape[0] == 1 and triton_takes(rows8, weight, weight_scale, bias, out_dtype, (n,)):
             out = triton_fp8.fp8_gemv(rows8, weight, weight_scale, row_scale.float().contiguous(), bias, out_dtype)
             return out.view(*x8.shape[:-1], n)
         if _takes_scaled_mm(rows8, weight, out_dtype):

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from custom_ops.linear.fp8 import FP8, fp8_tensor_cores, scale_and_round
-from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
+from custom_ops.linear.fp8 import fp8_tensor_cores, scale_and_round, triton_takes
+from custom_ops.triton_runtime import triton_available
 
 BLOCK = 128  # weight blocks are BLOCK x BLOCK, activation groups 1 x BLOCK
 
@@ -69,22 +69,11 @@ def fp8_block_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_sca
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def _takes_triton(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> bool:  # fmt: skip
-    n, k = weight.shape
-    return (
-        k > 0 and rows.shape[0] > 0 and rows.shape[-1] == k and rows.stride(-1) == 1 and triton_runs_on(rows)
-        and rows.dtype in KERNEL_DTYPES and weight.dtype == FP8 and weight.is_contiguous()
-        and weight_scale.dtype == torch.float32 and weight_scale.shape == (_blocks(n), _blocks(k))
-        and weight_scale.is_contiguous()
-        and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == rows.dtype))
-    )  # fmt: skip
-
-
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     rows = x.reshape(-1, x.shape[-1])
-    if not _takes_triton(rows, weight, weight_scale, bias):
+    n, k = weight.shape
+    if rows.shape[0] == 0 or not triton_takes(rows, weight, weight_scale, bias, x.dtype, (_blocks(n), _blocks(k))):
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
     from custom_ops.linear.triton_fp8_block import fp8_block_gemm
 
