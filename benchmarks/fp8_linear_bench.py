@@ -6,17 +6,17 @@ streams its layers' weights; benchmarks/graph_timing.py):
   bf16_torch   F.linear (cuBLAS) on the bf16 weight
   bf16_triton  compiled_llm::linear's triton backend (the bf16 GEMV up to 8 rows)
   fp8_scaled_mm  fp8_linear's `scaled_mm` backend: torch ops quantize x, then torch._scaled_mm
-  fp8_triton   fp8_linear's `triton` backend: the FP8 GEMV for one row, else one quantizing kernel + _scaled_mm
+  fp8_triton   fp8_linear's `triton` backend: one quantizing kernel, then the decode GEMM (up to 16 rows) or _scaled_mm
   gemm_only    torch._scaled_mm over an x quantized beforehand: what the quantization costs is the difference
   gemm_tensorwise  the same GEMM with one scale per operand (cuBLASLt's own scaling): what row scales cost
 
-    python benchmarks/fp8_linear_bench.py --json out.json [--search]   # --search: the GEMV's tile grid
+    python benchmarks/fp8_linear_bench.py --json out.json            # every row count
+    python benchmarks/fp8_linear_bench.py --decode --json out.json   # decode rows: the decode GEMM's tile grid
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 import torch
@@ -40,7 +40,7 @@ def per_call(fn, operands, repeats: int = 20) -> float:
     return time_graph(body, len(operands), repeats)
 
 
-def bench_shape(name: str, n: int, k: int, search: bool) -> list[dict]:
+def bench_shape(name: str, n: int, k: int) -> list[dict]:
     copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k)))
     bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 2))]
     fp8 = [quantize_weight(w) for w in bf16]
@@ -68,20 +68,64 @@ def bench_shape(name: str, n: int, k: int, search: bool) -> list[dict]:
         )
         fp8_bytes = n * k + m * k * 2 + m * n * 2
         row["fp8_triton_GBps"] = fp8_bytes / row["fp8_triton"] / 1e3
-        if search and m == 1:
-            grid = {}
-            for block_n, block_k, warps in itertools.product((4, 8, 16), (2048, 4096), (4, 8)):
-                config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
-                grid[str(config)] = per_call(
-                    lambda x, w, s, c=config: triton_fp8.fp8_gemv(x, w, s, None, None, **c),
-                    [(x, w, s) for w, s in fp8], repeats=5,
-                )  # fmt: skip
-            best = min(grid, key=grid.get)
-            row["gemv_rule"] = triton_fp8.fp8_gemv_config(m, k, n)
-            row["gemv_best"], row["gemv_best_us"] = best, grid[best]
-            row["gemv_grid"] = grid
         results.append(row)
-        shown = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items() if key != "gemv_grid"}
+        shown = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items()}
+        print(json.dumps(shown), flush=True)
+    return results
+
+
+DECODE_ROWS = (1, 2, 4, 8, 16)
+DECODE_TILES = [
+    {"BLOCK_N": n, "BLOCK_K": k, "num_stages": s, "num_warps": 4}
+    for (n, k) in ((16, 256), (16, 512), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)) for s in (3, 5)
+]
+
+
+def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
+    """Decode rows: triton_fp8.fp8_decode_gemm's tiles over rows quantized beforehand, beside the bf16 GEMV, the whole
+    op (quantizing kernel + decode GEMM) and cuBLASLt."""
+    copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k)))
+    bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 2))]
+    fp8 = [quantize_weight(w) for w in bf16]
+    fp8 = (fp8 * (copies // len(fp8) + 1))[:copies]
+    results = []
+    for m in DECODE_ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x8, sx = quantize_rows(x)
+        row = {"shape": name, "n": n, "k": k, "rows": m}
+        row["bf16_torch"] = per_call(F.linear, [(x, w) for w in bf16])
+        if m <= 8:
+            row["bf16_triton"] = per_call(
+                lambda x, w: torch.ops.compiled_llm.linear(x, w, None, "triton"), [(x, w) for w in bf16]
+            )
+        row["fp8_triton"] = per_call(lambda x, w, s: torch.ops.compiled_llm.fp8_linear(x, w, s, None, None, "triton"),
+                                     [(x, w, s) for w, s in fp8])  # fmt: skip
+        row["quantize_only"] = per_call(lambda x: triton_fp8.quantize_rows(x, None), [(x,)] * 8)
+        row["gemm_only"] = per_call(
+            lambda w, s, x8=x8, sx=sx: torch._scaled_mm(x8, w.t(), scale_a=sx, scale_b=s.view(1, -1), out_dtype=torch.bfloat16),
+            list(fp8),
+        )  # fmt: skip
+        one = torch.ones((), device="cuda")
+        row["gemm_tensorwise"] = per_call(
+            lambda w, s, x8=x8, one=one: torch._scaled_mm(x8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+            list(fp8),
+        )  # fmt: skip
+        grid = {}
+        for tile in DECODE_TILES:
+            try:
+                grid[str(tile)] = per_call(
+                    lambda w, s, tile=tile, x8=x8, sx=sx: triton_fp8.fp8_decode_gemm(x8, sx, w, s, None, torch.bfloat16, **tile),
+                    list(fp8), repeats=5,
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001  (a tile over the shared memory: skipped)
+                grid[str(tile)] = type(error).__name__
+        timed = {key: v for key, v in grid.items() if isinstance(v, float)}
+        best = min(timed, key=timed.get)
+        row["decode_gemm_default"] = grid.get(str(triton_fp8.DECODE_TILE | {"num_warps": 4}))
+        row["decode_gemm_best"], row["decode_gemm_best_tile"], row["decode_gemm_grid"] = timed[best], best, grid
+        row["decode_gemm_GBps"] = (n * k + m * k + m * n * 2) / timed[best] / 1e3
+        results.append(row)
+        shown = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items() if not key.endswith("_grid")}
         print(json.dumps(shown), flush=True)
     return results
 
@@ -89,9 +133,12 @@ def bench_shape(name: str, n: int, k: int, search: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--search", action="store_true", help="the FP8 GEMV's tile grid at one row")
+    parser.add_argument("--decode", action="store_true", help="decode rows: the tensor-core kernel's tile grid")
     args = parser.parse_args()
-    rows = [r for name, (n, k) in SHAPES.items() for r in bench_shape(name, n, k, args.search)]
+    if args.decode:
+        rows = [r for name, (n, k) in SHAPES.items() for r in bench_decode_shape(name, n, k)]
+    else:
+        rows = [r for name, (n, k) in SHAPES.items() for r in bench_shape(name, n, k)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

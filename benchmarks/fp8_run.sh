@@ -10,12 +10,10 @@ shift 2
 mkdir -p "$out"
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     python3 -m pytest -q -m gpu tests/test_fp8_linear.py tests/test_fp8_block_linear.py tests/test_quantize_fp8.py \
-        tests/test_fuse_norm_quantize_fp8.py
+        tests/test_fuse_norm_quantize_fp8.py tests/test_fuse_silu_mul_quantize_fp8.py
 fi
 for quantization in ${LATENCY:-none fp8 fp8_block}; do
     profile=$([[ $quantization != none ]] && echo --profile || true)
-    # fp8_block's Triton GEMM runs only when asked for until its GPU test has passed (custom_ops/linear/fp8_block.py)
-    [[ $quantization == fp8_block ]] && profile="$profile --linear-backend triton"
     python3 -m compiled_llm.cli bench "$model" --mode latency --batch-size 1 --input-len 128 --output-len 128 \
         --baselines none --quantization "$quantization" $profile --json "$out/latency_$quantization.json" "$@"
 done

@@ -6,6 +6,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     fuse_norm_quantize_fp8,
     fuse_parallel_linears,
     fuse_rms_norm,
+    fuse_silu_mul_quantize_fp8,
     graph_cleanup,
     insert_linear_op,
     insert_paged_attention,
@@ -20,15 +21,18 @@ from fx_passes import (  # noqa: F401  (registers the passes)
 from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer
 from fx_passes.registry import (
     DEFAULT_PIPELINE,
+    FP8_PRODUCER_FUSIONS,
     REQUIRED_PASSES,
     PassResult,
     register_pass,
     registered_passes,
     run_passes,
+    with_fp8_fusions,
 )
 
 __all__ = [
     "DEFAULT_PIPELINE",
+    "FP8_PRODUCER_FUSIONS",
     "PAGED_INPUTS",
     "REQUIRED_PASSES",
     "PagedLayer",
@@ -36,4 +40,5 @@ __all__ = [
     "register_pass",
     "registered_passes",
     "run_passes",
+    "with_fp8_fusions",
 ]

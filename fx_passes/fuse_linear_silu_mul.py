@@ -40,19 +40,25 @@ def _half(node, index: int) -> torch.fx.Node | None:
     return split if len(sizes) == 2 and sizes[0] == sizes[1] and dim in (-1, last) else None
 
 
-def _gate_up_linear(product) -> torch.fx.Node | None:
-    """The linear node L if product = silu(gate) * up with gate, up the two halves of L's output, which
-    feeds nothing else."""
+def gated_activation_input(product) -> torch.fx.Node | None:
+    """The node G if product = silu(gate) * up with gate, up the two halves of G (split on the last dim), which
+    feed nothing else; shared with fuse_silu_mul_quantize_fp8."""
     if not is_call(product, aten.mul.Tensor):
         return None
     for activated, up in (product.args[:2], reversed(product.args[:2])):
         if single_use_call(activated, aten.silu.default):
             split = _half(activated.args[0], 0)
             if split is not None and _half(up, 1) is split and len(split.users) == 2:
-                linear = split.args[0]
-                fusable = single_use_call(linear, LINEAR) and linear.args[3] in FUSED_SILU_MUL_BACKENDS
-                return linear if fusable else None
+                return split.args[0]
     return None
+
+
+def _gate_up_linear(product) -> torch.fx.Node | None:
+    """The linear node L if product = silu(gate) * up with gate, up the two halves of L's output, which
+    feeds nothing else."""
+    linear = gated_activation_input(product)
+    fusable = linear is not None and single_use_call(linear, LINEAR) and linear.args[3] in FUSED_SILU_MUL_BACKENDS
+    return linear if fusable else None
 
 
 @register_pass("fuse_linear_silu_mul")

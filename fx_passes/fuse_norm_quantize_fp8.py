@@ -9,8 +9,7 @@
 Exact: the fused op rounds as the two ops did (custom_ops/rms_norm/fp8.py), so the norm writes 1 byte a value and
 a scale a row, and no linear quantizes the same rows again. After quantize_fp8 (dynamic activation scales only:
 a static scale is not the norm's to compute), before the Inductor compile; in a decoder layer the q/k/v and the
-gate/up projections read the two norms. Not in DEFAULT_PIPELINE until its kernels have run on a GPU: name it in
-`CompileConfig.passes` right after quantize_fp8 to use it.
+gate/up projections read the two norms.
 """
 
 from __future__ import annotations

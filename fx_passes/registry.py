@@ -66,6 +66,17 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "insert_paged_attention",
 )
 
+# Exact, and their kernels pass on an H200, but opt-in (CompileConfig.passes, right after quantize_fp8): with both,
+# Inductor (torch 2.11) did not finish compiling the Llama-3.1-8B graph on a GPU (it was stringifying the IR of
+# the chained extern kernels when stopped after 2 minutes; BENCHMARKS.md).
+FP8_PRODUCER_FUSIONS: tuple[str, ...] = ("fuse_norm_quantize_fp8", "fuse_silu_mul_quantize_fp8")
+
+
+def with_fp8_fusions(pipeline: tuple[str, ...], fusions: tuple[str, ...] = FP8_PRODUCER_FUSIONS) -> tuple[str, ...]:
+    """`pipeline` with `fusions` (of FP8_PRODUCER_FUSIONS) right after quantize_fp8, where they must run."""
+    after = pipeline.index("quantize_fp8") + 1
+    return (*pipeline[:after], *fusions, *pipeline[after:])
+
 # The runtime cannot run a graph without these.
 REQUIRED_PASSES: tuple[str, ...] = ("insert_paged_attention",)
 

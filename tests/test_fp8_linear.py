@@ -109,24 +109,19 @@ def test_scaled_mm_backend_matches_the_reference_on_gpu():
 
 @pytest.mark.gpu
 def test_triton_backend_matches_the_reference_on_gpu():
-    """The FP8 GEMV (one row; its kernel also at up to 8) and the quantizing kernel before cuBLASLt (more rows),
-    per-token and static scales, on fresh inputs."""
-    from custom_ops.linear import triton_fp8
-
+    """The quantizing kernel before the decode GEMM (up to 16 rows) or cuBLASLt (more), per-token and static
+    scales, on fresh inputs."""
     for _ in range(3):
         check_backend_against_reference("triton", "cuda", torch.bfloat16, seed=torch.seed() % 2**31)
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    for rows, k, n in ((1, 4096, 6144), (1, 14336, 512), (3, 576, 960), (8, 1000, 72), (33, 4096, 256)):
+    for rows, k, n in ((1, 4096, 6144), (1, 14336, 512), (3, 576, 960), (16, 1000, 72), (33, 4096, 256)):
         x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
         weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to("cuda"))
         bias = torch.randn(n, generator=generator).to("cuda", torch.bfloat16)
         for input_scale in (None, x.float().abs().max() / FP8_MAX):
             expected = torch.ops.compiled_llm.fp8_linear(x, weight8, scale, input_scale, bias, "torch").float()
-            actual = [torch.ops.compiled_llm.fp8_linear(x, weight8, scale, input_scale, bias, "triton")]
-            if rows <= 8:
-                actual.append(triton_fp8.fp8_gemv(x, weight8, scale, input_scale, bias))
-            for y in actual:
-                torch.testing.assert_close(y.float(), expected, rtol=2.0**-7, atol=2.0**-7 * expected.abs().max().item())
+            actual = torch.ops.compiled_llm.fp8_linear(x, weight8, scale, input_scale, bias, "triton")
+            torch.testing.assert_close(actual.float(), expected, rtol=2.0**-7, atol=2.0**-7 * expected.abs().max().item())
     torch.cuda.synchronize()
 
 
@@ -140,3 +135,34 @@ def test_triton_quantize_rows_rounds_as_the_reference_bit_for_bit():
         expected, expected_scale = quantize_rows(rows, input_scale)
         assert torch.equal(scale, expected_scale)
         assert torch.equal(quantized.view(torch.uint8), expected.view(torch.uint8))
+
+
+# Tiles of the decode GEMM beside its default (64 x 256, wgmma): mma.sync tiles (16, 32 rows), deep and shallow
+# pipelines, each with and without a K remainder in the shapes below.
+DECODE_TILES = (
+    {},
+    {"BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 512, "num_stages": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3, "num_warps": 8},
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", DECODE_TILES, ids=lambda t: "default" if not t else f"n{t['BLOCK_N']}k{t['BLOCK_K']}")
+def test_fp8_decode_gemm_matches_the_reference_on_gpu(tile):
+    """The tensor-core decode GEMM from 1 to 16 rows over rows quantized beforehand, with and without a bias,
+    against the reference on fresh inputs."""
+    from custom_ops.linear import triton_fp8
+
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for rows, k, n in ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960)):
+        x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
+        weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to("cuda"))
+        x8, x_scale = quantize_rows(x)
+        for bias in (None, torch.randn(n, generator=generator).to("cuda", torch.bfloat16)):
+            expected = torch.ops.compiled_llm.fp8_linear_quantized(x8, x_scale, weight8, scale, bias, torch.bfloat16, "torch")
+            actual = triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, bias, torch.bfloat16, **tile)
+            assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
+            torch.testing.assert_close(actual.float(), expected.float(), rtol=2.0**-7,
+                                       atol=2.0**-7 * expected.float().abs().max().item())  # fmt: skip
+    torch.cuda.synchronize()

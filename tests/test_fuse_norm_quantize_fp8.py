@@ -11,7 +11,11 @@ from conftest import VOCAB, tiny_model
 import custom_ops  # noqa: F401  (registers the ops)
 from compiled_llm import compile_model
 from custom_ops.linear.fp8 import quantize_rows
-from fx_passes import DEFAULT_PIPELINE
+from fx_passes import DEFAULT_PIPELINE, with_fp8_fusions
+
+
+NO_FUSION = DEFAULT_PIPELINE
+ONLY_NORM_FUSION = with_fp8_fusions(DEFAULT_PIPELINE, ("fuse_norm_quantize_fp8",))
 
 
 def sites(compiled, name: str) -> int:
@@ -25,10 +29,8 @@ def test_the_norms_feeding_fp8_linears_write_fp8_and_the_logits_do_not_move(arch
     the final norm feeds the bf16 LM head); in the MoE model the post-attention norm feeds the router, kept in
     the model's dtype, so only the input norm of layer 1 fuses."""
     fields = {"compile_backend": "eager", "quantization": "fp8", "norm_backend": "triton"}
-    after = DEFAULT_PIPELINE.index("quantize_fp8") + 1
-    with_fusion = (*DEFAULT_PIPELINE[:after], "fuse_norm_quantize_fp8", *DEFAULT_PIPELINE[after:])
-    fused = compile_model(tiny_model(arch), passes=with_fusion, **fields)
-    unfused = compile_model(tiny_model(arch), **fields)
+    fused = compile_model(tiny_model(arch), passes=ONLY_NORM_FUSION, **fields)
+    unfused = compile_model(tiny_model(arch), passes=NO_FUSION, **fields)
     assert sites(fused, "fuse_norm_quantize_fp8") == (1 if arch == "qwen3_moe" else 3)
     graph = fused.graph_module.graph
     assert sum(n.target is torch.ops.compiled_llm.fp8_linear_quantized.default for n in graph.nodes) == (
@@ -52,7 +54,7 @@ def test_the_kernel_equals_the_norm_then_the_quantization_bit_for_bit():
         assert torch.equal(x8.view(torch.uint8), expected8.view(torch.uint8))
         weight8 = torch.randn(64, width, device="cuda").to(torch.float8_e4m3fn)
         weight_scale = torch.rand(64, device="cuda") / 100
-        for backend in ("triton", "scaled_mm"):  # the GEMV (one row) and cuBLASLt over pre-quantized rows
+        for backend in ("triton", "scaled_mm"):  # the decode GEMM (up to 16 rows) and cuBLASLt over pre-quantized rows
             got = torch.ops.compiled_llm.fp8_linear_quantized(x8, scale, weight8, weight_scale, None, torch.bfloat16, backend)
             want = torch.ops.compiled_llm.fp8_linear(normed, weight8, weight_scale, None, None, "torch")
             torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=2.0**-7 * want.float().abs().max().item())

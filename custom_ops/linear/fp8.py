@@ -10,8 +10,8 @@ Numerics, which every backend is held to (tests/test_fp8_linear.py):
 
 Backends by name, as `compiled_llm::linear`'s: `torch` is the reference (dequantized float32 matmul, any
 device); `scaled_mm` runs `torch._scaled_mm` (cuBLASLt's FP8 GEMM with a scale per row and per column) where it
-takes the shapes; `triton` runs triton_fp8.py's GEMV for decode rows and its quantizing kernel before cuBLASLt's
-GEMM for more. Each is tested against the reference.
+takes the shapes; `triton` runs triton_fp8.py's quantizing kernel, then its tensor-core GEMM for decode rows (up to 16)
+or cuBLASLt's for more. Each is tested against the reference.
 """
 
 from __future__ import annotations
@@ -142,20 +142,21 @@ def triton_takes(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """One row (batch-1 decode): the FP8 GEMV, one kernel; more rows: one quantizing kernel, then
-    cuBLASLt's GEMM; what the kernels do not take: `scaled_mm`'s path."""
+    """One quantizing kernel, then the decode GEMM (up to 16 rows) or cuBLASLt's; what the kernels do not take:
+    `scaled_mm`'s path."""
     rows = x.reshape(-1, x.shape[-1])
     if not triton_takes(rows, weight, weight_scale, bias, x.dtype, (weight.shape[0],)):
         return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias)
     if 0 < rows.shape[0] <= triton_fp8.MAX_ROWS:
-        out = triton_fp8.fp8_gemv(rows, weight, weight_scale, input_scale, bias)
+        quantized, scale = triton_fp8.quantize_rows(rows, input_scale)
+        out = triton_fp8.fp8_decode_gemm(quantized, scale, weight, weight_scale, bias, x.dtype)
         return out.view(*x.shape[:-1], weight.shape[0])
     return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias, quantize=triton_fp8.quantize_rows)
 
 
 def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
-    """The backend for a model on `device` under CompileConfig.linear_backend, and why: `triton` (the FP8 GEMV for
-    one row, cuBLASLt's GEMM for more) where FP8 tensor cores and triton are there, unless linear_backend is
+    """The backend for a model on `device` under CompileConfig.linear_backend, and why: `triton` (the Triton FP8
+    GEMM for decode rows, cuBLASLt's for more) where FP8 tensor cores and triton are there, unless linear_backend is
     `torch`, which keeps to torch's ops: `scaled_mm`; on a CPU the reference (the faster there: oneDNN's FP8 GEMM
     took 14 ms against 8 for [64, 1024] x [1024, 1024])."""
     if device.type == "cuda":
@@ -164,23 +165,24 @@ def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str
         if linear_backend == "torch" or not triton_available():
             why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
             return "scaled_mm", f"cuBLASLt's FP8 GEMM with row and column scales ({why})"
-        return "triton", "the FP8 GEMV for one row, one quantizing kernel and cuBLASLt's FP8 GEMM for more"
+        return "triton", "one quantizing kernel, then a Triton FP8 GEMM for up to 16 rows and cuBLASLt's for more"
     return "torch", f"the reference on {device.type}"
 
 
 def _fp8_linear_quantized(x8, x_scale, weight, weight_scale, bias, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """The GEMV (`triton`, one row) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over activations a fused producer
-    quantized; the reference where those do not take the shapes."""
-    rows8, row_scale = x8.reshape(-1, x8.shape[-1]), x_scale.reshape(-1, 1)
+    """The decode GEMM (`triton`, up to 16 rows) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over activations a
+    fused producer quantized; the reference where those do not take the shapes."""
+    rows8, row_scale = x8.reshape(-1, x8.shape[-1]), x_scale.reshape(-1, 1).float().contiguous()
     n, k = weight.shape
     bias_ok = bias is None or (bias.dtype == out_dtype and bias.is_contiguous() and bias.shape == (n,))
     if backend != "torch" and bias_ok and rows8.shape[-1] == k and x8.dtype == FP8:
-        if backend == "triton" and rows8.shape[0] == 1 and triton_takes(rows8, weight, weight_scale, bias, out_dtype, (n,)):
-            out = triton_fp8.fp8_gemv(rows8, weight, weight_scale, row_scale.float().contiguous(), bias, out_dtype)
+        decode_rows = 0 < rows8.shape[0] <= triton_fp8.MAX_ROWS
+        if backend == "triton" and decode_rows and triton_takes(rows8, weight, weight_scale, bias, out_dtype, (n,)):
+            out = triton_fp8.fp8_decode_gemm(rows8, row_scale, weight, weight_scale, bias, out_dtype)
             return out.view(*x8.shape[:-1], n)
         if _takes_scaled_mm(rows8, weight, out_dtype):
-            out = torch._scaled_mm(rows8, weight.t(), scale_a=row_scale.float().contiguous(),
-                                   scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)  # fmt: skip
+            out = torch._scaled_mm(rows8, weight.t(), scale_a=row_scale, scale_b=weight_scale.view(1, -1),
+                                   out_dtype=out_dtype)  # fmt: skip
             return (out if bias is None else out + bias).view(*x8.shape[:-1], n)
     return fp8_linear_quantized_reference(x8, x_scale, weight, weight_scale, bias, out_dtype)
 

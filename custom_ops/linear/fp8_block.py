@@ -82,16 +82,15 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 def fp8_block_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
     """The backend for a model on `device`, and why: the Triton kernel where FP8 tensor cores run it (compute
-    capability 8.9+) and linear_backend allows it; else the reference (torch has no block-scaled FP8 GEMM)."""
+    capability 8.9+) and linear_backend allows it (not `torch`); else the reference (torch has no block-scaled FP8
+    GEMM)."""
     if device.type != "cuda":
         return "torch", f"the reference on {device.type}"
     if not fp8_tensor_cores(device.index):
         return "torch", "no FP8 tensor cores before compute capability 8.9: the reference dequantizes"
-    if linear_backend != "triton" or not triton_available():
-        # The Triton kernel has not run on a GPU yet: until its test has passed there, only an explicit
-        # linear_backend='triton' takes it.
-        why = "triton is not installed" if linear_backend == "triton" else "the Triton kernel is not yet GPU-tested"
-        return "torch", f"the reference ({why}; linear_backend='triton' runs the Triton kernel)"
+    if linear_backend == "torch" or not triton_available():
+        why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
+        return "torch", f"the reference ({why})"
     return "triton", "a block-scaled FP8 GEMM in Triton that quantizes x's 128-column groups as it loads them"
 
 

@@ -1,0 +1,74 @@
+"""fuse_silu_mul_quantize_fp8: a gated MLP's activation read only by an FP8 down projection writes its input.
+
+    gate, up = split(gate_up, [I, I], -1); a = silu(gate) * up
+    y = compiled_llm.fp8_linear(a, W8, s_w, None, b, backend)
+    ->
+    a8, s_a = compiled_llm.silu_mul_fp8(gate_up, backend')
+    y = compiled_llm.fp8_linear_quantized(a8, s_a, W8, s_w, b, dtype, backend)
+
+Exact: the fused op rounds as the activation and the linear's per-token quantization did (custom_ops/linear/
+silu_mul_fp8.py), in one kernel (`triton`, where the down projection runs the Triton backend; else the reference)
+instead of Inductor's activation kernel and the linear's quantizing kernel. After quantize_fp8 (dynamic activation
+scales only) and fuse_parallel_linears (gate and up one linear), before the Inductor compile.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+import custom_ops.linear  # noqa: F401  (registers the ops)
+from fx_passes.fuse_linear_silu_mul import gated_activation_input
+from fx_passes.node_match import calls, only_user
+from fx_passes.node_meta import insert_call
+from fx_passes.registry import PassResult, register_pass
+
+ops = torch.ops.compiled_llm
+
+
+def _down_projection(product: torch.fx.Node) -> torch.fx.Node | None:
+    """The fp8_linear with dynamic activation scales that is the only reader of `product`, if there is one."""
+    linear = only_user(product)
+    fits = linear is not None and linear.target is ops.fp8_linear.default and linear.args[0] is product
+    return linear if fits and linear.args[3] is None else None
+
+
+def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, keep: torch.fx.Node) -> None:
+    """Erase `node` and the nodes between it and `keep` that fed only it (the split, silu and product)."""
+    if node is keep or node.users or node.op != "call_function":
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for source in inputs:
+        _erase_unused(graph, source, keep)
+
+
+@register_pass("fuse_silu_mul_quantize_fp8")
+def fuse_silu_mul_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
+    graph = gm.graph
+    sites = 0
+    for product in calls(graph, torch.ops.aten.mul.Tensor):
+        gate_up = gated_activation_input(product)
+        linear = _down_projection(product) if gate_up is not None else None
+        dtype = product.meta["val"].dtype
+        if linear is None or gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
+            continue
+        _, weight8, weight_scale, _, bias, backend = linear.args
+        with graph.inserting_before(linear):
+            activation = insert_call(
+                graph, ops.silu_mul_fp8.default, (gate_up, "triton" if backend == "triton" else "torch")
+            )  # fmt: skip
+            a8 = insert_call(graph, operator.getitem, (activation, 0), val=activation.meta["val"][0])
+            scale = insert_call(graph, operator.getitem, (activation, 1), val=activation.meta["val"][1])
+            replacement = insert_call(
+                graph, ops.fp8_linear_quantized.default, (a8, scale, weight8, weight_scale, bias, dtype, backend),
+                val=linear.meta["val"],
+            )  # fmt: skip
+        replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
+        linear.replace_all_uses_with(replacement)
+        graph.erase_node(linear)
+        _erase_unused(graph, product, keep=gate_up)
+        sites += 1
+    return PassResult("fuse_silu_mul_quantize_fp8", sites, f"{sites} SiLU gates write FP8 activations" if sites else "")

@@ -1,0 +1,60 @@
+"""fuse_silu_mul_quantize_fp8: the SiLU gate writes the FP8 activations of the down projection it feeds. A pure
+fusion: the logits equal the unfused graph's exactly, and compiled_llm::silu_mul_fp8 equals the activation then the
+per-token quantization (the GPU kernel bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+import custom_ops  # noqa: F401  (registers the ops)
+from compiled_llm import compile_model
+from custom_ops.linear.fp8 import quantize_rows
+from custom_ops.linear.op import silu_and_mul
+from fx_passes import DEFAULT_PIPELINE, with_fp8_fusions
+
+
+def sites(compiled, name: str) -> int:
+    (result,) = [p for p in compiled.report.passes if p.name == name]
+    return result.sites
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("llama", 2), ("qwen3_moe", 0), ("gemma2", 0)])
+def test_each_fp8_down_projection_reads_its_gate_quantized_and_the_logits_do_not_move(arch, expected):
+    """2 layers: a Llama MLP each; the MoE model's experts stay in its dtype; Gemma's gate is GELU, not SiLU."""
+    fields = {"compile_backend": "eager", "quantization": "fp8"}
+    fused = compile_model(tiny_model(arch), passes=with_fp8_fusions(DEFAULT_PIPELINE, ("fuse_silu_mul_quantize_fp8",)), **fields)
+    unfused = compile_model(tiny_model(arch), **fields)
+    assert sites(fused, "fuse_silu_mul_quantize_fp8") == expected
+    graph = fused.graph_module.graph
+    assert sum(n.target is torch.ops.compiled_llm.silu_mul_fp8.default for n in graph.nodes) == expected
+    assert not any(n.target is torch.ops.aten.silu.default for n in graph.nodes) or expected == 0
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, unfused(ids).logits)
+
+
+def test_the_op_is_the_activation_then_the_quantization():
+    gate_up = (torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(6)) * 4).bfloat16()
+    x8, scale = torch.ops.compiled_llm.silu_mul_fp8(gate_up, "triton")  # on a CPU tensor: the reference
+    expected8, expected_scale = quantize_rows(silu_and_mul(gate_up).reshape(10, 48))
+    assert x8.shape == (2, 5, 48) and scale.shape == (2, 5, 1)
+    assert torch.equal(x8.view(torch.uint8).reshape(10, 48), expected8.view(torch.uint8))
+    assert torch.equal(scale.reshape(10, 1), expected_scale)
+
+
+@pytest.mark.gpu
+def test_the_kernel_equals_the_activation_kernel_then_the_quantization_bit_for_bit():
+    from custom_ops.linear.triton_silu_mul import triton_silu_mul, triton_silu_mul_fp8
+
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for rows, width in ((1, 14336), (37, 1536), (300, 1000)):
+        gate_up = (torch.randn(rows, 2 * width, generator=generator) * 3).to("cuda", torch.bfloat16)
+        x8, scale = triton_silu_mul_fp8(gate_up)
+        expected8, expected_scale = quantize_rows(triton_silu_mul(gate_up))
+        assert torch.equal(scale, expected_scale)
+        assert torch.equal(x8.view(torch.uint8), expected8.view(torch.uint8))
+        # against torch's own activation: one bf16 rounding of silu may differ, so compare dequantized values
+        reference8, reference_scale = quantize_rows(silu_and_mul(gate_up))
+        torch.testing.assert_close(x8.float() * scale, reference8.float() * reference_scale, rtol=2.0**-3, atol=1e-3)
