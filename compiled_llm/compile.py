@@ -19,6 +19,31 @@ from fx_passes.causal_mask import user_line
 DEFAULT_CUDA_INDUCTOR_OPTIONS: dict = {"combo_kernels": True}
 
 
+def register_custom_op_fallbacks(gm: torch.fx.GraphModule) -> list[str]:
+    """Register the graph's custom ops (ours and any library's) with Inductor as fallback kernels before it
+    compiles, with the layout constraint it would pick itself; returns the names newly registered.
+
+    Inductor makes that registration at an op's first call in the graph, and torch 2.11 logs the call's
+    arguments there, formatted eagerly whatever the log level. Printing an argument prints the chain of extern
+    kernels that produced it, each with its inputs; an op first called deep in the graph (an FP8 model's bf16
+    LM head, after 32 layers of FP8 ops whose two outputs, rows and scales, feed one consumer) makes that string
+    exponential in the depth, and the compile never ends. Registered beforehand, no op is new when lowered."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag, is_builtin
+
+    registered, decompositions = [], select_decomp_table()
+    for node in gm.graph.nodes:
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or is_builtin(op):
+            continue
+        if op not in lowerings and op not in decompositions:  # one Inductor decomposes is never a fallback
+            constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            make_fallback(op, layout_constraint=constraint, warn=False)
+            registered.append(str(op))
+    return registered
+
+
 def _mark_unbacked(tensor: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
     # Unbacked, not merely dynamic: a dynamic size would still be specialized at 0 and 1, so a batch-1
     # decode step (one token, one sequence, one logit) would compile a second graph.
@@ -65,6 +90,7 @@ class CompiledGraph:
         if backend == "inductor":
             defaults = DEFAULT_CUDA_INDUCTOR_OPTIONS if device_type == "cuda" else {}
             options = {**defaults, **(inductor_options or {})}
+            register_custom_op_fallbacks(gm)
             # gm.forward, not gm: GraphModule.__call__'s exception handler walks the traceback with a
             # generator, which Dynamo then tries to trace, so any error inside the compiled graph (a CUDA
             # OOM, an op's own error) reached the user as "Attempt to trace generator".

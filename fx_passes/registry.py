@@ -66,9 +66,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "insert_paged_attention",
 )
 
-# Exact, and their kernels pass on an H200, but opt-in (CompileConfig.passes, right after quantize_fp8): with both,
-# Inductor (torch 2.11) did not finish compiling the Llama-3.1-8B graph on a GPU (it was stringifying the IR of
-# the chained extern kernels when stopped after 2 minutes; BENCHMARKS.md).
+# Exact, and their kernels pass on an H200; opt-in (CompileConfig.passes, right after quantize_fp8) until measured end
+# to end on a GPU. (Their first GPU compile hung in torch 2.11's Inductor: compile.register_custom_op_fallbacks.)
 FP8_PRODUCER_FUSIONS: tuple[str, ...] = ("fuse_norm_quantize_fp8", "fuse_silu_mul_quantize_fp8")
 
 
