@@ -26,6 +26,8 @@ from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 import custom_ops  # noqa: F401  (registers the ops)
 from custom_ops.linear import triton_fp8
 from custom_ops.linear.fp8 import quantize_rows, quantize_weight
+from custom_ops.linear.fp8_block import quantize_weight_blocks
+from custom_ops.linear.triton_fp8_block import fp8_block_gemm
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384)
@@ -81,6 +83,9 @@ DECODE_TILES = [
 ]
 
 
+BLOCK_DECODE_TILES = [{"BLOCK_N": n, "num_stages": s, "num_warps": 4} for n in (64, 128) for s in (4, 6, 8)]
+
+
 def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
     """Decode rows: triton_fp8.fp8_decode_gemm's tiles over rows quantized beforehand, beside the bf16 GEMV, the whole
     op (quantizing kernel + decode GEMM) and cuBLASLt."""
@@ -124,6 +129,16 @@ def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
         row["decode_gemm_default"] = grid.get(str(triton_fp8.DECODE_TILE | {"num_warps": 4}))
         row["decode_gemm_best"], row["decode_gemm_best_tile"], row["decode_gemm_grid"] = timed[best], best, grid
         row["decode_gemm_GBps"] = (n * k + m * k + m * n * 2) / timed[best] / 1e3
+        blocks = [quantize_weight_blocks(w.float()) for w in bf16]  # fp8_block: its swapped decode kernel's tiles
+        blocks = (blocks * (copies // len(blocks) + 1))[:copies]
+        block_grid = {}
+        for tile in BLOCK_DECODE_TILES:
+            block_grid[str(tile)] = per_call(
+                lambda w, s, tile=tile, x=x: fp8_block_gemm(x, w, s, None, swapped=True, **tile), list(blocks), repeats=5
+            )  # fmt: skip
+        row["fp8_block_unswapped"] = per_call(lambda w, s, x=x: fp8_block_gemm(x, w, s, None), list(blocks))
+        row["fp8_block_best"] = min(block_grid.values())
+        row["fp8_block_best_tile"], row["fp8_block_grid"] = min(block_grid, key=block_grid.get), block_grid
         results.append(row)
         shown = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items() if not key.endswith("_grid")}
         print(json.dumps(shown), flush=True)

@@ -106,6 +106,8 @@ def bench(args: argparse.Namespace) -> int:
     from compiled_llm.bench.throughput import format_throughput_table, run_throughput_benchmark
     from compiled_llm.model_source import load_model
 
+    if args.compare_passes and args.mode != "latency":
+        raise ValueError(f"--compare-passes measures decode speed: it takes --mode latency, not --mode {args.mode}")
     if args.mode == "serving":
         return bench_serving(args)
     if args.model is None:
@@ -127,6 +129,7 @@ def bench(args: argparse.Namespace) -> int:
     result = run_latency_benchmark(
         model, args.model, args.batch_size, args.input_len, args.output_len, baselines,
         repeats=args.repeats, config=config, profile=args.profile,
+        compare_passes=tuple(p.strip() for p in (args.compare_passes or "").split(",") if p.strip()),
     )  # fmt: skip
     print(format_table(result))
     if args.json:
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                               help="throughput: run the HF baseline on the first N requests only (default: all)")
     bench_parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     bench_parser.add_argument("--profile", action="store_true", help="add a profile of decode steps (GPU: kernels; CPU: ops by host time)")
+    bench_parser.add_argument("--compare-passes", help="latency: comma-separated passes of the pipeline; each one's gain, "
+                              "the model compiled again without it, measured in the same run")  # fmt: skip
     bench_parser.add_argument("--json", help="write the results to this file")
     bench_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(bench_parser)

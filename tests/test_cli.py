@@ -67,6 +67,29 @@ def test_bench_latency_on_cpu_with_its_profile(tmp_path, capsys):
     assert len(profile) == 15 and all(re.match(r"\s+\d+\.\d%\s+\d+\.\d ms\s+\d+x  \S", row) for row in profile)
 
 
+def test_bench_latency_compares_each_named_pass_on_against_off(tmp_path, capsys):
+    """One run: the model compiled again without each pass named, its figure and the on / off ratio; a pass not
+    in the pipeline, or one the runtime needs, is refused before anything compiles."""
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    base = ["bench", str(tmp_path / "model"), "--mode", "latency", "--input-len", "4", "--output-len", "3",
+            "--repeats", "1", "--baselines", "none", "--compile-backend", "eager", "--max-seq-len", "32"]  # fmt: skip
+    out = tmp_path / "out.json"
+    assert main([*base, "--compare-passes", "fuse_rms_norm, fuse_parallel_linears", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"fuse_rms_norm: on / off \d+\.\d{3}x", text) and "fuse_parallel_linears: on / off" in text
+    result = json.loads(out.read_text())
+    assert [r["system"] for r in result["results"]] == [
+        "compiled-llm", "without fuse_rms_norm", "without fuse_parallel_linears",
+    ]
+    assert set(result["results"][0]["details"]["pass_gains"]) == {"fuse_rms_norm", "fuse_parallel_linears"}
+    assert main([*base, "--compare-passes", "fuse_norm_quantize_fp8"]) == 2  # opt-in: not in the default pipeline
+    assert "'fuse_norm_quantize_fp8' is not in the pipeline" in capsys.readouterr().err
+    assert main([*base, "--compare-passes", "insert_paged_attention"]) == 2
+    assert "required by the runtime" in capsys.readouterr().err
+    assert main([*base[:3], "throughput", *base[4:], "--compare-passes", "fuse_rms_norm"]) == 2
+    assert "takes --mode latency" in capsys.readouterr().err
+
+
 def test_bench_latency_counts_the_weights_as_the_graph_stores_them(tmp_path):
     """The bandwidth limits' weight bytes are those the compiled graph reads: fp8 linears at a byte a value."""
     model = tiny_model("llama")

@@ -100,3 +100,22 @@ def test_triton_backend_matches_the_reference_on_gpu():
             actual = torch.ops.compiled_llm.fp8_block_linear(x, weight8, scale, bias, "triton").float()
             torch.testing.assert_close(actual, expected, rtol=2.0**-7, atol=2.0**-7 * expected.abs().max().item())
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [{}, {"BLOCK_N": 16, "num_stages": 3}, {"BLOCK_N": 128, "num_stages": 4, "num_warps": 8}],
+                         ids=["default", "n16", "n128"])  # fmt: skip
+def test_the_decode_kernel_matches_the_reference_on_gpu(tile):
+    """The swapped kernel of 1 to 16 rows (the weight as the MMA's wide operand) with other tiles than its default,
+    on fresh inputs, K and N multiples of 128 and not."""
+    from custom_ops.linear.triton_fp8_block import fp8_block_gemm
+
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for rows, k, n in ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960)):
+        x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
+        weight8, scale = quantize_weight_blocks(torch.randn(n, k, generator=generator).to("cuda"))
+        for bias in (None, torch.randn(n, generator=generator).to("cuda", torch.bfloat16)):
+            expected = torch.ops.compiled_llm.fp8_block_linear(x, weight8, scale, bias, "torch").float()
+            actual = fp8_block_gemm(x, weight8, scale, bias, swapped=True, **tile).float()
+            torch.testing.assert_close(actual, expected, rtol=2.0**-7, atol=2.0**-7 * expected.abs().max().item())
+    torch.cuda.synchronize()

@@ -3,6 +3,9 @@ project and of Hugging Face baselines, in one process on the same model and prom
 
 For each system: `generate` of 1 token (time to first token, TTFT) and of `output_len` tokens, medians of
 `repeats` runs after a warm-up; decode tokens/s per sequence = (output_len - 1) / (t_full - t_ttft).
+
+`compare_passes`: what each named pass gains, measured in the same process: the model compiled again without
+that pass (one at a time, from the same pipeline), decode tokens/s on against off.
 """
 
 from __future__ import annotations
@@ -64,10 +67,12 @@ def run_latency_benchmark(
     repeats: int = 3,
     config: CompileConfig | None = None,
     profile: bool = False,
+    compare_passes: tuple[str, ...] = (),
 ) -> dict:
     from compiled_llm.compiled_model import compile_model
 
     check_baselines(baselines, BASELINES, "latency")
+    pipeline = _pipeline_without_each(config, compare_passes)
     if batch_size < 1 or input_len < 1 or output_len < 2:
         raise ValueError("batch_size and input_len must be >= 1 and output_len >= 2")
     device = next(model.parameters()).device
@@ -97,6 +102,22 @@ def run_latency_benchmark(
     if profile:
         results[0].details["profile"] = profile_decode(cm, ids) if device.type == "cuda" else profile_decode_cpu(cm, ids)
 
+    for name, passes in pipeline.items():  # after ours, so its figure does not share the GPU with another model
+        start = time.perf_counter()
+        without = compile_model(model, **{**fields, "passes": passes})
+        seconds = time.perf_counter() - start
+
+        def theirs(n: int, without=without):
+            return without.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
+
+        theirs(output_len)
+        result = _measure(f"without {name}", theirs, output_len, device, repeats, seconds)
+        results[0].details.setdefault("pass_gains", {})[name] = results[0].decode_tokens_per_s / result.decode_tokens_per_s
+        results.append(result)
+        del without, theirs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for baseline in baselines:
         generate = _hf_generate(model, ids, "static" if baseline == "hf-compile" else None)
         first_call = timed(lambda: generate(output_len), device)  # compiles, for hf-compile
@@ -123,7 +144,23 @@ def run_latency_benchmark(
         ours_result["details"]["fraction_of_bandwidth_limit"] = speed / out["bandwidth_limit_tokens_per_s"]
         ours_result["details"]["fraction_of_bytes_read_limit"] = speed / out["bytes_read_limit_tokens_per_s"]
         for r in out["results"][1:]:
-            ours_result["details"][f"speedup_vs_{r['system']}"] = ours_result["decode_tokens_per_s"] / r["decode_tokens_per_s"]
+            if not r["system"].startswith("without "):  # pass ablations: pass_gains
+                ours_result["details"][f"speedup_vs_{r['system']}"] = speed / r["decode_tokens_per_s"]
+    return out
+
+
+def _pipeline_without_each(config: CompileConfig | None, names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """For each pass name, the run's pipeline without it; a name not in the pipeline, or one the runtime
+    requires, is a ValueError that lists the pipeline."""
+    from fx_passes import DEFAULT_PIPELINE, REQUIRED_PASSES
+
+    pipeline = (config.passes if config is not None and config.passes is not None else None) or DEFAULT_PIPELINE
+    out = {}
+    for name in names:
+        if name not in pipeline or name in REQUIRED_PASSES:
+            why = "is required by the runtime" if name in REQUIRED_PASSES else "is not in the pipeline"
+            raise ValueError(f"compare_passes: {name!r} {why}; the pipeline is {', '.join(pipeline)}")
+        out[name] = tuple(p for p in pipeline if p != name)
     return out
 
 
@@ -207,17 +244,21 @@ def profile_decode_cpu(cm, ids, steps: int = 16) -> dict:
 
 
 def format_table(result: dict) -> str:
+    width = max(14, *(len(r["system"]) for r in result["results"]))
     lines = [
         f"{result['model']} on {result['device']} ({result['dtype']}): batch {result['batch_size']}, "
         f"input {result['input_len']}, output {result['output_len']}",
-        f"{'system':<14} {'decode tok/s/seq':>17} {'TTFT s':>9} {'compile s':>10}",
+        f"{'system':<{width}} {'decode tok/s/seq':>17} {'TTFT s':>9} {'compile s':>10}",
     ]
     for r in result["results"]:
         compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
-        lines.append(f"{r['system']:<14} {r['decode_tokens_per_s']:>17.1f} {r['ttft_s']:>9.4f} {compile_s:>10}")
+        lines.append(f"{r['system']:<{width}} {r['decode_tokens_per_s']:>17.1f} {r['ttft_s']:>9.4f} {compile_s:>10}")
     ours_speed = result["results"][0]["decode_tokens_per_s"]
     for r in result["results"][1:]:
-        lines.append(f"compiled-llm / {r['system']}: {ours_speed / r['decode_tokens_per_s']:.2f}x")
+        if r["system"].startswith("without "):
+            lines.append(f"{r['system'].removeprefix('without ')}: on / off {ours_speed / r['decode_tokens_per_s']:.3f}x")
+        else:
+            lines.append(f"compiled-llm / {r['system']}: {ours_speed / r['decode_tokens_per_s']:.2f}x")
     profile = result["results"][0]["details"].get("profile")
     if profile is not None and "host_ms_per_step" in profile:  # CPU: ops by self time
         lines.append(f"profile ({profile['note']}; {profile['host_ms_per_step']:.1f} ms a step):")
