@@ -28,11 +28,12 @@ def test_inductor_never_formats_a_custom_op_call_while_lowering(monkeypatch, cap
         return original(target, args, kwargs)
 
     monkeypatch.setattr(OperatorIssue, "operator_str", staticmethod(recording))
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # lower, even if compiled before
     for op in [op for op in lowering.lowerings if str(op).startswith("compiled_llm.")]:
         monkeypatch.delitem(lowering.lowerings, op)  # as in a fresh process: unknown to Inductor
     fields = {"quantization": "fp8", "norm_backend": "triton", "passes": with_fp8_fusions(DEFAULT_PIPELINE)}
-    with caplog.at_level(logging.INFO, logger="torch._inductor.graph"):
+    # force_disable_caches: lower the graph even if an earlier test compiled the same one (config.patch, not
+    # monkeypatch, whose undo deletes a config entry it did not see as an attribute)
+    with caplog.at_level(logging.INFO, logger="torch._inductor.graph"), torch._inductor.config.patch(force_disable_caches=True):
         compiled = compile_model(tiny_model("llama"), **fields)
     assert formatted == []
     assert sum(p.sites for p in compiled.report.passes if p.name in ("fuse_norm_quantize_fp8", "fuse_silu_mul_quantize_fp8")) == 5

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from compiled_llm.bench.measure import check_baselines, synchronize
+from compiled_llm.bench.ceilings import measured_gemm_flops, throughput_ceilings
+from compiled_llm.bench.measure import check_baselines, copy_bandwidth, synchronize
 from compiled_llm.config import CompileConfig
 
 BASELINES = ("hf-eager",)
@@ -149,6 +150,9 @@ def run_throughput_benchmark(
     # Warm-up on reversed prompts: the same shapes, none of the measured prompts' blocks in the prefix cache.
     _run_engine(llm, [p[::-1] for p in prompts[: config.max_batch_size]], min(output_len, 4))
     results = [{**_run_engine(llm, prompts, output_len), "compile_s": compile_s}]
+    cache = llm.compiled.runner.kv_cache
+    weight_bytes, kv_bytes_per_token = llm.compiled.report.weight_bytes, cache.bytes_per_block(cache.layers, 1)
+    fp8 = llm.compiled.config.quantization.startswith("fp8")  # "auto" resolved from the checkpoint by now
     del llm  # its KV cache takes most of the free memory: give it to the baseline
     gc.collect()
     if torch.cuda.is_available():
@@ -158,6 +162,16 @@ def run_throughput_benchmark(
         subset = prompts[:baseline_num_requests] if baseline_num_requests else prompts
         results.append(_run_hf_eager(model, subset, output_len, baseline_batch_size or config.max_batch_size))
     device = next(model.parameters()).device
+    ceilings = {}
+    if device.type == "cuda" and dataset is None:
+        ceilings = throughput_ceilings(
+            model, weight_bytes, kv_bytes_per_token, input_len, output_len, config.max_batch_size,
+            measured_gemm_flops(device, fp8=fp8), copy_bandwidth(device),
+        )  # fmt: skip
+        ceilings["fp8_gemm"] = fp8
+        ours = results[0]["output_tokens_per_s"]
+        results[0]["fraction_of_flop_ceiling"] = ours / ceilings["flop_ceiling_output_tokens_per_s"]
+        results[0]["fraction_of_byte_ceiling"] = ours / ceilings["byte_ceiling_output_tokens_per_s"]
     return {
         "mode": "throughput",
         "model": model_name,
@@ -168,6 +182,7 @@ def run_throughput_benchmark(
         "dataset": dataset,
         "torch": torch.__version__,
         "results": results,
+        "ceilings": ceilings,
     }
 
 
@@ -187,4 +202,17 @@ def format_throughput_table(result: dict) -> str:
     for r in result["results"][1:]:
         lines.append(f"compiled-llm / {r['system']} (batches of {r['batch_size']}, {r['num_requests']} requests): "
                      f"{ours / r['output_tokens_per_s']:.2f}x output tokens/s")
+    ceilings = result.get("ceilings")
+    if ceilings:
+        gemm = "FP8 GEMM, row scales" if ceilings["fp8_gemm"] else "bf16 GEMM"
+        lines.append(
+            f"FLOP ceiling {ceilings['flop_ceiling_output_tokens_per_s']:,.0f} output tok/s "
+            f"({ceilings['flops_per_output_token'] / 1e9:.1f} GFLOP a token at {ceilings['gemm_flops_per_s'] / 1e12:.0f} "
+            f"TFLOP/s, the measured {gemm}): compiled-llm reaches {result['results'][0]['fraction_of_flop_ceiling']:.1%}"
+        )
+        lines.append(
+            f"byte ceiling {ceilings['byte_ceiling_output_tokens_per_s']:,.0f} output tok/s "
+            f"({ceilings['bytes_per_output_token'] / 1e6:.1f} MB a token at {ceilings['copy_bandwidth_GBps']:.0f} GB/s): "
+            f"compiled-llm reaches {result['results'][0]['fraction_of_byte_ceiling']:.1%}"
+        )
     return "\n".join(lines)
