@@ -76,7 +76,7 @@ def bench_shape(name: str, n: int, k: int) -> list[dict]:
     return results
 
 
-DECODE_ROWS = (1, 2, 4, 8, 16)
+DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the op takes the decode GEMM up to 16 (triton_fp8.MAX_ROWS)
 DECODE_TILES = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_stages": s, "num_warps": 4}
     for (n, k) in ((16, 256), (16, 512), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)) for s in (3, 5)

@@ -3,8 +3,9 @@
 # profile of the quantized runs) and throughput of MODEL per quantization, bf16 ("none") measured in the same call.
 #   benchmarks/fp8_run.sh MODEL OUT_DIR [extra config flags...]
 # LATENCY="none fp8 fp8:fused fp8_block" and THROUGHPUT="none fp8:fused" (the quantizations each workload runs;
-# ":fused" adds the FP8 producer fusions, fx_passes.with_fp8_fusions), NUM_REQUESTS (throughput, default 5000),
-# SKIP_TESTS=1 to go straight to the benchmarks.
+# ":fused" adds the FP8 producer fusions, fx_passes.with_fp8_fusions), WORKLOADS (throughput, INPUT/OUTPUT:REQUESTS,
+# default "128/128:5000"; TensorRT-LLM publishes 128/128, 2048/128, 1000/1000 and 128/2048), SKIP_TESTS=1 to go
+# straight to the benchmarks.
 set -euo pipefail
 model=$1 out=$2
 shift 2
@@ -24,8 +25,11 @@ for variant in ${LATENCY:-none fp8 fp8:fused fp8_block}; do
     python3 -m compiled_llm.cli bench "$model" --mode latency --batch-size 1 --input-len 128 --output-len 128 \
         --baselines none $(flags "$variant") $profile --json "$out/latency_${variant/:/_}.json" "$@"
 done
-for variant in ${THROUGHPUT:-none fp8:fused}; do
-    python3 -m compiled_llm.cli bench "$model" --mode throughput --num-requests "${NUM_REQUESTS:-5000}" \
-        --input-len 128 --output-len 128 --max-batch-size 512 --max-num-tokens 16384 --baselines none \
-        $(flags "$variant") --json "$out/throughput_${variant/:/_}.json" "$@"
+for workload in ${WORKLOADS:-128/128:5000}; do
+    lengths=${workload%%:*} requests=${workload##*:}
+    for variant in ${THROUGHPUT:-none fp8:fused}; do
+        python3 -m compiled_llm.cli bench "$model" --mode throughput --num-requests "$requests" \
+            --input-len "${lengths%%/*}" --output-len "${lengths##*/}" --max-batch-size 512 --max-num-tokens 16384 \
+            --baselines none $(flags "$variant") --json "$out/throughput_${lengths/\//_}_${variant/:/_}.json" "$@"
+    done
 done

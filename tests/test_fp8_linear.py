@@ -150,12 +150,12 @@ DECODE_TILES = (
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", DECODE_TILES, ids=lambda t: "default" if not t else f"n{t['BLOCK_N']}k{t['BLOCK_K']}")
 def test_fp8_decode_gemm_matches_the_reference_on_gpu(tile):
-    """The tensor-core decode GEMM from 1 to 16 rows over rows quantized beforehand, with and without a bias,
-    against the reference on fresh inputs."""
+    """The tensor-core decode GEMM from 1 to 64 rows (x padded to 16, 32 or 64) over rows quantized beforehand,
+    with and without a bias, against the reference on fresh inputs."""
     from custom_ops.linear import triton_fp8
 
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    for rows, k, n in ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960)):
+    for rows, k, n in ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960), (20, 4096, 256), (64, 1000, 320)):
         x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
         weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to("cuda"))
         x8, x_scale = quantize_rows(x)

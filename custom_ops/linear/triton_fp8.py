@@ -22,9 +22,11 @@ import torch
 
 from custom_ops.triton_runtime import pdl_launch_options
 
-# Rows fp8_decode_gemm serves (padded to 16 for the MMA); from 1 to 16 it takes about the same time, 1.5-2.4x less
-# than cuBLASLt's GEMM with row scales (benchmarks/fp8_linear_bench.py --decode).
+# Rows the op sends to fp8_decode_gemm (padded to 16 for the MMA); from 1 to 16 it takes about the same time, 1.5-2.4x
+# less than cuBLASLt's GEMM with row scales (benchmarks/fp8_linear_bench.py --decode). The kernel takes up to
+# KERNEL_ROWS (x padded to 32 or 64), not yet measured there.
 MAX_ROWS = 16
+KERNEL_ROWS = 64
 # The kernels write fp8.FP8_MAX (448) and fp8.MIN_AMAX (1e-12) as literals: a jitted function reads no globals.
 
 
@@ -56,10 +58,9 @@ def _kernels():
     @triton.jit
     def fp8_decode_gemm_kernel(
         x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
-        K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        USE_PDL: tl.constexpr,
+        K: tl.constexpr, M_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
-        M_PADDED: tl.constexpr = 16  # the MMA's narrowest side
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,18 +114,21 @@ DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4}
 
 def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype, **tile) -> torch.Tensor:  # fmt: skip
-    """x8 [M <= MAX_ROWS, K] e4m3 (unit last stride) with float32 row scales x_scale [M, 1] (contiguous) against an
+    """x8 [M <= KERNEL_ROWS, K] e4m3 (unit last stride) with float32 row scales x_scale [M, 1] (contiguous) against an
     e4m3 weight [N, K] (contiguous) with float32 scales [N] -> [M, N] in `out_dtype`; the caller checked the shapes
     (fp8.triton_takes). `tile` overrides DECODE_TILE's entries."""
     import triton
 
     m, k = x8.shape
+    if not 0 < m <= KERNEL_ROWS:
+        raise ValueError(f"fp8_decode_gemm takes 1 to {KERNEL_ROWS} rows, got {m}")
     n = weight.shape[0]
     out = x8.new_empty(m, n, dtype=out_dtype)
     tile = DECODE_TILE | tile
     _kernels()[1][(triton.cdiv(n, tile["BLOCK_N"]),)](
         x8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, x8.stride(0),
-        weight.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None, EVEN_K=k % tile["BLOCK_K"] == 0,
+        weight.stride(0), out.stride(0), K=k, M_PADDED=max(16, triton.next_power_of_2(m)), HAS_BIAS=bias is not None,
+        EVEN_K=k % tile["BLOCK_K"] == 0,
         **tile, **pdl_launch_options(x8),
     )  # fmt: skip
     return out
