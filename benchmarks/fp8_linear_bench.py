@@ -78,9 +78,9 @@ def bench_shape(name: str, n: int, k: int) -> list[dict]:
 
 DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the op takes the decode GEMM up to 16 (triton_fp8.MAX_ROWS)
 DECODE_TILES = [
-    {"BLOCK_N": n, "BLOCK_K": k, "num_stages": s, "num_warps": 4}
-    for (n, k) in ((16, 256), (16, 512), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)) for s in (3, 5)
-]
+    {"BLOCK_N": n, "BLOCK_K": k, "num_stages": s, "num_warps": 4, "PREFETCH": 0}
+    for (n, k) in ((32, 256), (32, 512), (64, 128), (64, 256), (128, 128)) for s in (3, 5)
+] + [{"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": p} for p in (1, 2, 4)]
 
 
 BLOCK_DECODE_TILES = [{"BLOCK_N": n, "num_stages": s, "num_warps": 4} for n in (64, 128) for s in (4, 6, 8)]
@@ -126,7 +126,7 @@ def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
                 grid[str(tile)] = type(error).__name__
         timed = {key: v for key, v in grid.items() if isinstance(v, float)}
         best = min(timed, key=timed.get)
-        row["decode_gemm_default"] = grid.get(str(triton_fp8.DECODE_TILE | {"num_warps": 4}))
+        row["decode_gemm_default"] = grid.get(str(triton_fp8.DECODE_TILE))
         row["decode_gemm_best"], row["decode_gemm_best_tile"], row["decode_gemm_grid"] = timed[best], best, grid
         row["decode_gemm_GBps"] = (n * k + m * k + m * n * 2) / timed[best] / 1e3
         blocks = [quantize_weight_blocks(w.float()) for w in bf16]  # fp8_block: its swapped decode kernel's tiles

@@ -144,11 +144,12 @@ DECODE_TILES = (
     {"BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 3},
     {"BLOCK_N": 32, "BLOCK_K": 512, "num_stages": 4},
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3, "num_warps": 8},
+    {"PREFETCH": 2},  # L2 prefetches of the first two tiles before the PDL wait
 )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", DECODE_TILES, ids=lambda t: "default" if not t else f"n{t['BLOCK_N']}k{t['BLOCK_K']}")
+@pytest.mark.parametrize("tile", DECODE_TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()) or "default")
 def test_fp8_decode_gemm_matches_the_reference_on_gpu(tile):
     """The tensor-core decode GEMM from 1 to 64 rows (x padded to 16, 32 or 64) over rows quantized beforehand,
     with and without a bias, against the reference on fresh inputs."""

@@ -59,11 +59,22 @@ def _kernels():
     def fp8_decode_gemm_kernel(
         x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
         K: tl.constexpr, M_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+        EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # PREFETCH tiles of this program's weights into L2 (one instruction per 128-byte line) before the PDL wait:
+        # the weights are no kernel's output, so their first bytes can arrive while the previous kernel drains.
+        if PREFETCH > 0:  # BLOCK_K a multiple of 128 then
+            lines = tl.arange(0, BLOCK_K // 128) * 128
+        for i in tl.static_range(PREFETCH):
+            line_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + i * BLOCK_K + lines[None, :]
+            in_bounds = (rows[:, None] < N) & (i * BLOCK_K + lines[None, :] < K)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
+                "=r,l,r", [line_ptrs, in_bounds.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+            )  # fmt: skip
         row_mask = rows < N
         ms = tl.arange(0, M_PADDED)
         m_mask = ms < M
@@ -109,7 +120,7 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[to
 
 # On an H200 the best of 14 tiles (16-128 rows x 128-512 columns, 3 or 5 stages) for every Llama-3.1-8B linear at
 # 1 and 16 rows, or within 2% of it (benchmarks/fp8_linear_bench.py --decode, BENCHMARKS.md).
-DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4}
+DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": 0}
 
 
 def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
