@@ -42,11 +42,17 @@ def per_call(fn, operands, repeats: int = 20) -> float:
     return time_graph(body, len(operands), repeats)
 
 
-def bench_shape(name: str, n: int, k: int) -> list[dict]:
+def weight_copies(n: int, k: int) -> tuple[list, list, int]:
+    """(bf16 weights [n, k], as many (W8, s_w) as it takes to overflow L2, that count): half as many bf16 copies,
+    which are twice the bytes."""
     copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k)))
     bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 2))]
     fp8 = [quantize_weight(w) for w in bf16]
-    fp8 = (fp8 * (copies // len(fp8) + 1))[:copies]
+    return bf16, (fp8 * (copies // len(fp8) + 1))[:copies], copies
+
+
+def bench_shape(name: str, n: int, k: int) -> list[dict]:
+    bf16, fp8, _ = weight_copies(n, k)
     results = []
     for m in ROWS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -89,10 +95,7 @@ BLOCK_DECODE_TILES = [{"BLOCK_N": n, "num_stages": s, "num_warps": 4} for n in (
 def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
     """Decode rows: triton_fp8.fp8_decode_gemm's tiles over rows quantized beforehand, beside the bf16 GEMV, the whole
     op (quantizing kernel + decode GEMM) and cuBLASLt."""
-    copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k)))
-    bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 2))]
-    fp8 = [quantize_weight(w) for w in bf16]
-    fp8 = (fp8 * (copies // len(fp8) + 1))[:copies]
+    bf16, fp8, copies = weight_copies(n, k)
     results = []
     for m in DECODE_ROWS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
