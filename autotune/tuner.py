@@ -1,0 +1,157 @@
+"""The tuner: for one op and shape bucket, time its candidates and keep the fastest that computes the op.
+
+An op takes part through an `OpTuning` (the runner interface): its candidates for a bucket, the required
+fallback first; the heuristic's pick (what runs without tuning); input sets for a bucket; the reference output
+and the tolerance a candidate is held to. `tune` then
+
+1. runs every candidate once on the first input set and checks it against the reference: one that raises or
+   differs is out (logged with why), and if the fallback is out the op cannot be tuned (an error naming it);
+2. times the rest with `timer` (on a GPU `cuda_timer`: CUDA events, warm-up calls, the median of repeats, the
+   input sets rotated call by call so that no candidate finds its operands in L2 from the call before);
+3. stores the winner, its config and every time in the `KernelCache` at once (an interrupted run keeps what it
+   found).
+
+`choose` is what compilation asks, under `CompileConfig.autotune`: "off" the heuristic; "cache" the cached
+winner or the heuristic, never timing anything; "full" the cached winner, tuning a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from autotune.kernel_cache import CacheEntry, KernelCache
+
+log = logging.getLogger("compiled_llm.autotune")
+
+Timer = Callable[[Callable[..., Any], Sequence[tuple]], float]  # (run, input sets) -> microseconds a call
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to compute an op: `run(*inputs)`, with `source` its source hash (autotune.source_hash) and
+    `config` what distinguishes it from the op's other candidates of the same kernel (tile sizes)."""
+
+    name: str
+    run: Callable[..., Any]
+    source: str
+    config: dict = field(default_factory=dict)
+
+
+class OpTuning(Protocol):
+    op: str
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        """The candidates for `bucket`, the fallback (always correct, always available) first."""
+        ...
+
+    def heuristic(self, bucket: dict) -> str:
+        """The candidate the op runs untuned."""
+        ...
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        """`copies` input sets for `bucket`, fresh random values, together larger than the GPU's L2 where the op
+        streams its operands (the timer rotates through them)."""
+        ...
+
+    def reference(self, *inputs) -> torch.Tensor:
+        """The op's reference output (its CPU-runnable definition)."""
+        ...
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        """(rtol, atol relative to the reference's largest magnitude) a candidate is held to."""
+        ...
+
+
+@dataclass
+class Choice:
+    """What runs for an op in a bucket, and where that came from: "cache", "tuned" or "heuristic"."""
+
+    candidate: Candidate
+    source: str
+    times_us: dict[str, float] = field(default_factory=dict)
+
+
+class TuningError(RuntimeError):
+    pass
+
+
+def cuda_timer(run: Callable[..., Any], input_sets: Sequence[tuple], warmup: int = 3, repeats: int = 20) -> float:
+    """Microseconds a call of `run` on the GPU: after `warmup` calls, the median over `repeats` rounds of one call
+    per input set, each round timed with CUDA events."""
+    for i in range(warmup):
+        run(*input_sets[i % len(input_sets)])
+    rounds = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for inputs in input_sets:
+            run(*inputs)
+        end.record()
+        end.synchronize()
+        rounds.append(start.elapsed_time(end) * 1e3 / len(input_sets))
+    return statistics.median(rounds)
+
+
+def _why_wrong(tuning: OpTuning, candidate: Candidate, inputs: tuple, dtype: torch.dtype) -> str | None:
+    """None if the candidate computes the op on `inputs`, else why not."""
+    try:
+        actual = candidate.run(*inputs)
+    except Exception as error:  # noqa: BLE001  (a candidate that cannot run this bucket is out, not fatal)
+        return f"raised {type(error).__name__}: {error}"
+    expected = tuning.reference(*inputs)
+    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
+        return f"returned {getattr(actual, 'shape', type(actual))}, the reference {tuple(expected.shape)}"
+    rtol, atol = tuning.tolerance(dtype)
+    expected, actual = expected.float(), actual.float().to(expected.device)
+    scale = expected.abs().max().item()
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol * scale):
+        error = ((actual - expected).abs().max() / max(scale, 1e-30)).item()
+        return f"differs from the reference by {error:.3g} of its largest value (tolerance {atol:g})"
+    return None
+
+
+def tune(tuning: OpTuning, bucket: dict, dtype: torch.dtype, cache: KernelCache, timer: Timer = cuda_timer,
+         copies: int = 4) -> Choice:  # fmt: skip
+    """Time `tuning`'s candidates for `bucket` and store the fastest correct one (see the module docstring)."""
+    candidates = tuning.candidates(bucket)
+    if not candidates:
+        raise TuningError(f"{tuning.op}: no candidates for {bucket}")
+    input_sets = tuning.inputs(bucket, dtype, copies)
+    times: dict[str, float] = {}
+    for index, candidate in enumerate(candidates):
+        why = _why_wrong(tuning, candidate, input_sets[0], dtype)
+        if why is not None:
+            if index == 0:
+                raise TuningError(f"{tuning.op}: its fallback {candidate.name!r} fails its own check for {bucket}: {why}")
+            log.warning("autotune %s %s: %s is out: %s", tuning.op, bucket, candidate.name, why)
+            continue
+        times[candidate.name] = timer(candidate.run, input_sets)
+    winner = min(times, key=times.get)
+    chosen = next(c for c in candidates if c.name == winner)
+    cache.put(CacheEntry(op=tuning.op, dtype=str(dtype).removeprefix("torch."), bucket=bucket,
+                         candidates={c.name: c.source for c in candidates}, winner=winner, config=chosen.config,
+                         times_us=times))  # fmt: skip
+    log.info("autotune %s %s: %s (%s)", tuning.op, bucket, winner,
+             ", ".join(f"{name} {t:.1f} us" for name, t in sorted(times.items(), key=lambda kv: kv[1])))  # fmt: skip
+    return Choice(chosen, "tuned", times)
+
+
+def choose(tuning: OpTuning, bucket: dict, dtype: torch.dtype, mode: str, cache: KernelCache | None,
+           timer: Timer = cuda_timer) -> Choice:  # fmt: skip
+    """The candidate to run under CompileConfig.autotune `mode` (see the module docstring)."""
+    if mode not in ("off", "cache", "full"):
+        raise ValueError(f"autotune mode must be one of off, cache, full; got {mode!r}")
+    candidates = {c.name: c for c in tuning.candidates(bucket)}
+    if mode != "off" and cache is not None:
+        hit = cache.get(tuning.op, str(dtype).removeprefix("torch."), bucket, {n: c.source for n, c in candidates.items()})
+        if hit is not None:
+            return Choice(candidates[hit.winner], "cache", hit.times_us)
+        if mode == "full":
+            return tune(tuning, bucket, dtype, cache, timer)
+    return Choice(candidates[tuning.heuristic(bucket)], "heuristic")
