@@ -85,6 +85,12 @@ class CacheEntry:
         return entry_key(self.op, self.dtype, self.bucket)
 
 
+def _as_json(bucket: dict) -> dict:
+    """The bucket as it reads back from JSON (tuples become lists, keys strings), so that a stored entry compares
+    equal to the key it was stored under."""
+    return json.loads(json.dumps(bucket, sort_keys=True))
+
+
 def entry_key(op: str, dtype: str, bucket: dict) -> str:
     text = json.dumps({"op": op, "dtype": dtype, "bucket": bucket}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -106,6 +112,7 @@ class KernelCache:
     def get(self, op: str, dtype: str, bucket: dict, candidates: dict[str, str]) -> CacheEntry | None:
         """The stored choice for (op, dtype, bucket) if its candidates' sources are `candidates` (name -> source
         hash) and its winner is one of them; else None."""
+        bucket = _as_json(bucket)
         path = self._path(op, dtype, bucket)
         if not path.exists():
             return None
@@ -136,10 +143,12 @@ class KernelCache:
         """Store `entry` atomically (a temporary file renamed over the old entry); returns its path."""
         if not entry.tuned_at:
             entry.tuned_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        entry.bucket = _as_json(entry.bucket)
         path = self._path(entry.op, entry.dtype, entry.bucket)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         try:
+            os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep a shared cache directory from other users
             with os.fdopen(handle, "w") as f:
                 json.dump(asdict(entry), f, indent=1, sort_keys=True)
                 f.flush()
@@ -158,11 +167,11 @@ class KernelCache:
         return [entry for entry in found if entry is not None]
 
     def clear(self) -> int:
-        """Remove every entry of this device key; returns how many files went."""
+        """Remove every entry of this device key (not a concurrent writer's temporary file, which its rename
+        still needs); returns how many went."""
         removed = 0
         if self.root.exists():
-            for path in self.root.glob("*/*"):
-                if path.is_file() and path.suffix in (".json", ".tmp"):
-                    path.unlink()
-                    removed += 1
+            for path in self.root.glob("*/*.json"):
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed

@@ -6,8 +6,9 @@ and the tolerance a candidate is held to. `tune` then
 
 1. runs every candidate once on the first input set and checks it against the reference: one that raises or
    differs is out (logged with why), and if the fallback is out the op cannot be tuned (an error naming it);
-2. times the rest with `timer` (on a GPU `cuda_timer`: CUDA events, warm-up calls, the median of repeats, the
-   input sets rotated call by call so that no candidate finds its operands in L2 from the call before);
+2. times the rest with `timer` (on a GPU `cuda_timer`: a round of calls captured in a CUDA graph and replayed, as a
+   step runs, CUDA events, the median of repeats, the input sets rotated call by call so that no candidate finds
+   its operands in L2 from the call before);
 3. stores the winner, its config and every time in the `KernelCache` at once (an interrupted run keeps what it
    found).
 
@@ -17,6 +18,7 @@ winner or the heuristic, never timing anything; "full" the cached winner, tuning
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from autotune.kernel_cache import CacheEntry, KernelCache
+from autotune.kernel_cache import CacheEntry, KernelCache, source_hash
 
 log = logging.getLogger("compiled_llm.autotune")
 
@@ -34,13 +36,19 @@ Timer = Callable[[Callable[..., Any], Sequence[tuple]], float]  # (run, input se
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to compute an op: `run(*inputs)`, with `source` its source hash (autotune.source_hash) and
-    `config` what distinguishes it from the op's other candidates of the same kernel (tile sizes)."""
+    """One way to compute an op: `run(*inputs)`, with `source` the hash of the code it runs (autotune.source_hash
+    over the kernel and its launcher) and `config` what distinguishes it from the op's other candidates of the
+    same kernel (tile sizes)."""
 
     name: str
     run: Callable[..., Any]
     source: str
     config: dict = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """What a cached choice must match: the source and the config (a changed tile is a changed candidate)."""
+        return source_hash(self.source, json.dumps(self.config, sort_keys=True, default=str))
 
 
 class OpTuning(Protocol):
@@ -82,16 +90,35 @@ class TuningError(RuntimeError):
 
 
 def cuda_timer(run: Callable[..., Any], input_sets: Sequence[tuple], warmup: int = 3, repeats: int = 20) -> float:
-    """Microseconds a call of `run` on the GPU: after `warmup` calls, the median over `repeats` rounds of one call
-    per input set, each round timed with CUDA events."""
-    for i in range(warmup):
-        run(*input_sets[i % len(input_sets)])
+    """Microseconds a call of `run` on the GPU, as a step replays it: one round (a call per input set) captured in
+    a CUDA graph after `warmup` calls on a side stream, then the median over `repeats` replays timed with CUDA
+    events. Plain launches would add the host's launch cost, which a replayed step does not pay; a candidate that
+    cannot be captured is timed that way anyway (and logged)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(warmup):
+            run(*input_sets[i % len(input_sets)])
+    torch.cuda.current_stream().wait_stream(stream)
+
+    def one_round():
+        for inputs in input_sets:
+            run(*inputs)
+
+    replay = one_round
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            one_round()
+        replay = graph.replay
+    except RuntimeError as error:
+        log.info("autotune: timing %s by plain launches (it cannot be captured: %s)", getattr(run, "__name__", run), error)
+    replay()
     rounds = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for inputs in input_sets:
-            run(*inputs)
+        replay()
         end.record()
         end.synchronize()
         rounds.append(start.elapsed_time(end) * 1e3 / len(input_sets))
@@ -109,6 +136,8 @@ def _why_wrong(tuning: OpTuning, candidate: Candidate, inputs: tuple, dtype: tor
         return f"returned {getattr(actual, 'shape', type(actual))}, the reference {tuple(expected.shape)}"
     rtol, atol = tuning.tolerance(dtype)
     expected, actual = expected.float(), actual.float().to(expected.device)
+    if expected.numel() == 0:
+        return None
     scale = expected.abs().max().item()
     if not torch.allclose(actual, expected, rtol=rtol, atol=atol * scale):
         error = ((actual - expected).abs().max() / max(scale, 1e-30)).item()
@@ -134,9 +163,12 @@ def tune(tuning: OpTuning, bucket: dict, dtype: torch.dtype, cache: KernelCache,
         times[candidate.name] = timer(candidate.run, input_sets)
     winner = min(times, key=times.get)
     chosen = next(c for c in candidates if c.name == winner)
-    cache.put(CacheEntry(op=tuning.op, dtype=str(dtype).removeprefix("torch."), bucket=bucket,
-                         candidates={c.name: c.source for c in candidates}, winner=winner, config=chosen.config,
-                         times_us=times))  # fmt: skip
+    try:
+        cache.put(CacheEntry(op=tuning.op, dtype=str(dtype).removeprefix("torch."), bucket=bucket,
+                             candidates={c.name: c.identity for c in candidates}, winner=winner, config=chosen.config,
+                             times_us=times))  # fmt: skip
+    except OSError as error:  # the choice stands; only the next run will have to tune it again
+        log.warning("autotune %s %s: the kernel cache could not store the choice (%s)", tuning.op, bucket, error)
     log.info("autotune %s %s: %s (%s)", tuning.op, bucket, winner,
              ", ".join(f"{name} {t:.1f} us" for name, t in sorted(times.items(), key=lambda kv: kv[1])))  # fmt: skip
     return Choice(chosen, "tuned", times)
@@ -147,9 +179,11 @@ def choose(tuning: OpTuning, bucket: dict, dtype: torch.dtype, mode: str, cache:
     """The candidate to run under CompileConfig.autotune `mode` (see the module docstring)."""
     if mode not in ("off", "cache", "full"):
         raise ValueError(f"autotune mode must be one of off, cache, full; got {mode!r}")
+    if mode != "off" and cache is None:
+        raise ValueError(f"autotune={mode!r} needs a kernel cache")
     candidates = {c.name: c for c in tuning.candidates(bucket)}
-    if mode != "off" and cache is not None:
-        hit = cache.get(tuning.op, str(dtype).removeprefix("torch."), bucket, {n: c.source for n, c in candidates.items()})
+    if mode != "off":
+        hit = cache.get(tuning.op, str(dtype).removeprefix("torch."), bucket, {n: c.identity for n, c in candidates.items()})
         if hit is not None:
             return Choice(candidates[hit.winner], "cache", hit.times_us)
         if mode == "full":

@@ -28,16 +28,20 @@ def register_custom_op_fallbacks(gm: torch.fx.GraphModule) -> list[str]:
     kernels that produced it, each with its inputs; an op first called deep in the graph (an FP8 model's bf16
     LM head, after 32 layers of FP8 ops whose two outputs, rows and scales, feed one consumer) makes that string
     exponential in the depth, and the compile never ends. Registered beforehand, no op is new when lowered."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.decomposition import select_decomp_table
-    from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+    from torch._inductor.lowering import FALLBACK_ALLOW_LIST, lowerings, make_fallback, tag_to_layout_constraint
     from torch._library.utils import get_layout_constraint_tag, is_builtin
 
+    if not inductor_config.implicit_fallbacks:  # Inductor is to refuse ops it cannot lower: leave that to it
+        return []
     registered, decompositions = [], select_decomp_table()
     for node in gm.graph.nodes:
         op = node.target
         if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or is_builtin(op):
             continue
-        if op not in lowerings and op not in decompositions:  # one Inductor decomposes is never a fallback
+        special = op in decompositions or op.name().split(".")[0] in FALLBACK_ALLOW_LIST  # Inductor's own handling
+        if op not in lowerings and not special:
             constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
             make_fallback(op, layout_constraint=constraint, warn=False)
             registered.append(str(op))

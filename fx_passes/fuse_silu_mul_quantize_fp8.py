@@ -6,10 +6,13 @@
     a8, s_a = compiled_llm.silu_mul_fp8(gate_up, backend')
     y = compiled_llm.fp8_linear_quantized(a8, s_a, W8, s_w, b, dtype, backend)
 
-Exact: the fused op rounds as the activation and the linear's per-token quantization did (custom_ops/linear/
-silu_mul_fp8.py), in one kernel (`triton`, where the down projection runs the Triton backend; else the reference)
-instead of Inductor's activation kernel and the linear's quantizing kernel. After quantize_fp8 (dynamic activation
-scales only) and fuse_parallel_linears (gate and up one linear), before the Inductor compile.
+Exact against eager: the fused op rounds as the activation (silu, then the product, each in the model's dtype) and
+the linear's per-token quantization do (custom_ops/linear/silu_mul_fp8.py); Inductor, fusing the unfused pair, may
+skip the silu's rounding, so compiled graphs can differ in a last bit. With the down projection on the `triton`
+backend: one kernel instead of Inductor's activation kernel and the linear's quantizing kernel; on `torch` (a CPU,
+the reference) the same rewrite, checked there; not on `scaled_mm` (a GPU kept to torch's ops), where the fused op
+would be torch's ops that Inductor can no longer fuse. After quantize_fp8 (dynamic activation scales only) and
+fuse_parallel_linears (gate and up one linear), before the Inductor compile.
 """
 
 from __future__ import annotations
@@ -52,14 +55,14 @@ def fuse_silu_mul_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     for product in calls(graph, torch.ops.aten.mul.Tensor):
         gate_up = gated_activation_input(product)
         linear = _down_projection(product) if gate_up is not None else None
+        if linear is None or linear.args[5] == "scaled_mm":  # see the module docstring
+            continue
         dtype = product.meta["val"].dtype
-        if linear is None or gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
+        if gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
             continue
         _, weight8, weight_scale, _, bias, backend = linear.args
         with graph.inserting_before(linear):
-            activation = insert_call(
-                graph, ops.silu_mul_fp8.default, (gate_up, "triton" if backend == "triton" else "torch")
-            )  # fmt: skip
+            activation = insert_call(graph, ops.silu_mul_fp8.default, (gate_up, "triton" if backend == "triton" else "torch"))
             a8 = insert_call(graph, operator.getitem, (activation, 0), val=activation.meta["val"][0])
             scale = insert_call(graph, operator.getitem, (activation, 1), val=activation.meta["val"][1])
             replacement = insert_call(

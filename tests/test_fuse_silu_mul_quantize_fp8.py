@@ -58,3 +58,40 @@ def test_the_kernel_equals_the_activation_kernel_then_the_quantization_bit_for_b
         # against torch's own activation: one bf16 rounding of silu may differ, so compare dequantized values
         reference8, reference_scale = quantize_rows(silu_and_mul(gate_up))
         torch.testing.assert_close(x8.float() * scale, reference8.float() * reference_scale, rtol=2.0**-3, atol=1e-3)
+
+
+def traced(second_user: bool = False, input_scale: bool = False, backend: str = "triton"):
+    """make_fx graph of split -> silu * mul -> fp8_linear (its nodes carry fake values, as captured graphs do)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from custom_ops.linear.fp8 import quantize_weight
+
+    weight8, scale = quantize_weight(torch.randn(16, 24, generator=torch.Generator().manual_seed(9)))
+    inputs = (torch.randn(5, 48, generator=torch.Generator().manual_seed(8)).bfloat16(), weight8, scale)
+    inputs += (torch.tensor(0.01),) if input_scale else ()
+
+    def mlp(gate_up, weight8, scale, *static):
+        gate, up = torch.split(gate_up, [24, 24], -1)
+        activation = torch.nn.functional.silu(gate) * up
+        out = torch.ops.compiled_llm.fp8_linear(activation, weight8, scale, *(static or (None,)), None, backend)
+        return (out, activation) if second_user else out
+
+    return make_fx(mlp, tracing_mode="fake")(*inputs), inputs
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ({}, 1), ({"second_user": True}, 0), ({"input_scale": True}, 0), ({"backend": "scaled_mm"}, 0),
+])  # fmt: skip
+def test_only_a_gate_read_by_nothing_but_a_dynamic_fp8_down_projection_fuses(case, expected):
+    from fx_passes.fuse_silu_mul_quantize_fp8 import fuse_silu_mul_quantize_fp8
+
+    gm, inputs = traced(**case)
+    before = gm(*inputs)
+    assert fuse_silu_mul_quantize_fp8(gm, None).sites == expected
+    gm.graph.lint()
+    gm.recompile()
+    remaining = {n.target for n in gm.graph.nodes}
+    assert (torch.ops.aten.silu.default in remaining) == (expected == 0)
+    after = gm(*inputs)
+    for a, b in zip(before if isinstance(before, tuple) else (before,), after if isinstance(after, tuple) else (after,)):
+        assert torch.equal(a, b)  # a pure fusion: the same values, bit for bit

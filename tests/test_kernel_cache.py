@@ -120,6 +120,16 @@ def test_two_processes_writing_the_same_entries_never_leave_or_show_a_torn_file(
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_bucket_with_tuples_is_found_again_and_clear_empties_the_cache(tmp_path):
+    cache = KernelCache(tmp_path, key="gpu-a")
+    tupled = entry()
+    tupled.bucket = {"shape": (16, 4096), "rows": 1}
+    cache.put(tupled)
+    found = cache.get("compiled_llm::linear", "bfloat16", {"rows": 1, "shape": (16, 4096)}, CANDIDATES)
+    assert found is not None and found.bucket == {"rows": 1, "shape": [16, 4096]}
+    assert cache.clear() == 1 and cache.entries() == []
+
+
 def test_keys_and_source_hashes():
     assert device_key("cpu").startswith("cpu-") and "torch" in device_key("cpu") and "/" not in device_key("cpu")
     assert source_hash("def f(): pass") == source_hash("def f(): pass") != source_hash("def f(): return 1")

@@ -72,7 +72,7 @@ def test_the_fastest_correct_candidate_wins_and_is_stored_at_once(tmp_path, capl
     assert any("broken is out: raised RuntimeError" in r.getMessage() for r in caplog.records)
     (entry,) = cache.entries()
     assert entry.winner == "mm" and entry.config == {"name": "mm"} and entry.times_us == choice.times_us
-    assert entry.candidates == tuning.sources
+    assert entry.candidates == {c.name: c.identity for c in tuning.candidates(BUCKET)}
 
 
 def test_a_fallback_that_fails_its_own_check_is_an_error_naming_the_op(tmp_path):
@@ -99,5 +99,12 @@ def test_choose_follows_the_modes(tmp_path):
     assert choose(tuning, BUCKET, torch.float64, "cache", cache, never).source == "heuristic"  # other dtype
     changed = ToyMatmul(sources={"mm": "s1-edited"})  # a candidate's source changed: the entry is stale
     assert choose(changed, BUCKET, torch.float32, "cache", cache, never).source == "heuristic"
+    retiled = ToyMatmul()  # the same sources, another config for the winner: stale too
+    retiled.candidates = lambda bucket: [
+        Candidate(c.name, c.run, c.source, {"name": c.name, "BLOCK": 64}) for c in ToyMatmul().candidates(bucket)
+    ]
+    assert choose(retiled, BUCKET, torch.float32, "cache", cache, never).source == "heuristic"
+    with pytest.raises(ValueError, match="needs a kernel cache"):
+        choose(tuning, BUCKET, torch.float32, "full", None, never)
     with pytest.raises(ValueError, match="off, cache, full"):
         choose(tuning, BUCKET, torch.float32, "always", cache, never)

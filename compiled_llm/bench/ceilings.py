@@ -6,8 +6,9 @@
   2 per LM-head weight for every token whose logits are sampled (the prompt's last and each output but the
   last), and attention's 4 x layers x heads x head_dim per cached position each token attends to (QK^T and PV,
   causal); MoE experts count as their share of active experts (top-k of n).
-- Byte ceiling: decode steps of `max_batch_size` sequences, each step reading the weights once and each
-  sequence's KV cache, at the measured copy bandwidth (prompts, compute-bound, are left out).
+- Byte ceiling: decode steps of `max_batch_size` sequences, each step reading the weights once (of an untied input
+  embedding only the batch's rows: the caller passes the bytes a step reads) and each sequence's KV cache, at the
+  measured copy bandwidth (prompts, compute-bound, are left out).
 
 Both are upper bounds that ignore each other and every overhead: a figure is judged by the lower one.
 """

@@ -154,7 +154,7 @@ def _pipeline_without_each(config: CompileConfig | None, names: tuple[str, ...])
     requires, is a ValueError that lists the pipeline."""
     from fx_passes import DEFAULT_PIPELINE, REQUIRED_PASSES
 
-    pipeline = (config.passes if config is not None and config.passes is not None else None) or DEFAULT_PIPELINE
+    pipeline = config.passes if config is not None and config.passes is not None else DEFAULT_PIPELINE
     out = {}
     for name in names:
         if name not in pipeline or name in REQUIRED_PASSES:

@@ -5,8 +5,9 @@ K one 128-column group at a time: it loads x's group, finds each row's amax and 
 the whole quantization unit, so no pass over x comes first), multiplies on the FP8 tensor cores into a float32
 partial, and adds partial * s_x * s_w to a float32 accumulator, the order the reference takes. One kernel a linear.
 
-Decode rows (up to 16) take the same loop with the operands swapped, as triton_fp8.fp8_decode_gemm does: the
-weight tile is the MMA's wide operand (Hopper's wgmma wants 64 rows) and x's rows, padded to 16, the narrow one.
+`swapped=True` (opt-in until its GPU test has run): decode rows (up to 16) take the same loop with the operands
+swapped, as triton_fp8.fp8_decode_gemm does: the weight tile is the MMA's wide operand (Hopper's wgmma wants 64
+rows) and x's rows, padded to 16, the narrow one.
 """
 
 from __future__ import annotations
