@@ -21,7 +21,7 @@ import torch.fx
 
 import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from fx_passes.node_match import calls
-from fx_passes.node_meta import insert_call
+from fx_passes.node_meta import insert_call, insert_outputs
 from fx_passes.registry import PassResult, register_pass
 
 ops = torch.ops.compiled_llm
@@ -42,6 +42,21 @@ def _fp8_readers(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
     return users if users and fits else None
 
 
+def read_quantized_rows(graph: torch.fx.Graph, linear: torch.fx.Node, x8: torch.fx.Node, scale: torch.fx.Node,
+                        dtype: torch.dtype) -> None:  # fmt: skip
+    """Replace `linear`, an fp8_linear with dynamic activation scales, by fp8_linear_quantized over the e4m3 rows
+    x8 and their scales, which a fused producer wrote (shared with fuse_silu_mul_quantize_fp8)."""
+    _, weight8, weight_scale, _, bias, backend = linear.args
+    with graph.inserting_before(linear):
+        replacement = insert_call(
+            graph, ops.fp8_linear_quantized.default, (x8, scale, weight8, weight_scale, bias, dtype, backend),
+            val=linear.meta["val"],
+        )  # fmt: skip
+    replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
+    linear.replace_all_uses_with(replacement)
+    graph.erase_node(linear)
+
+
 @register_pass("fuse_norm_quantize_fp8")
 def fuse_norm_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
@@ -58,20 +73,10 @@ def fuse_norm_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             continue
         with graph.inserting_before(norm):
             quantizing = insert_call(graph, ops.add_rms_norm_fp8.default, (x, residual, weight, eps, backend))
-            x8 = insert_call(graph, operator.getitem, (quantizing, 0), val=quantizing.meta["val"][0])
-            scale = insert_call(graph, operator.getitem, (quantizing, 1), val=quantizing.meta["val"][1])
-            new_total = insert_call(graph, operator.getitem, (quantizing, 2), val=quantizing.meta["val"][2])
+            x8, scale, new_total = insert_outputs(graph, quantizing)
         total.replace_all_uses_with(new_total)
         for linear in readers:
-            _, weight8, weight_scale, _, bias, linear_backend = linear.args
-            with graph.inserting_before(linear):
-                replacement = insert_call(
-                    graph, ops.fp8_linear_quantized.default,
-                    (x8, scale, weight8, weight_scale, bias, dtype, linear_backend), val=linear.meta["val"],
-                )  # fmt: skip
-            replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
-            linear.replace_all_uses_with(replacement)
-            graph.erase_node(linear)
+            read_quantized_rows(graph, linear, x8, scale, dtype)
         for node in (normed, total, norm):
             graph.erase_node(node)
         fused += 1

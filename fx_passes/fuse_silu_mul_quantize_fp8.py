@@ -17,15 +17,14 @@ fuse_parallel_linears (gate and up one linear), before the Inductor compile.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
 import custom_ops.linear  # noqa: F401  (registers the ops)
 from fx_passes.fuse_linear_silu_mul import gated_activation_input
+from fx_passes.fuse_norm_quantize_fp8 import read_quantized_rows
 from fx_passes.node_match import calls, only_user
-from fx_passes.node_meta import insert_call
+from fx_passes.node_meta import insert_call, insert_outputs
 from fx_passes.registry import PassResult, register_pass
 
 ops = torch.ops.compiled_llm
@@ -60,18 +59,10 @@ def fuse_silu_mul_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         dtype = product.meta["val"].dtype
         if gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
             continue
-        _, weight8, weight_scale, _, bias, backend = linear.args
         with graph.inserting_before(linear):
-            activation = insert_call(graph, ops.silu_mul_fp8.default, (gate_up, "triton" if backend == "triton" else "torch"))
-            a8 = insert_call(graph, operator.getitem, (activation, 0), val=activation.meta["val"][0])
-            scale = insert_call(graph, operator.getitem, (activation, 1), val=activation.meta["val"][1])
-            replacement = insert_call(
-                graph, ops.fp8_linear_quantized.default, (a8, scale, weight8, weight_scale, bias, dtype, backend),
-                val=linear.meta["val"],
-            )  # fmt: skip
-        replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
-        linear.replace_all_uses_with(replacement)
-        graph.erase_node(linear)
+            kernel = "triton" if linear.args[5] == "triton" else "torch"
+            a8, scale = insert_outputs(graph, insert_call(graph, ops.silu_mul_fp8.default, (gate_up, kernel)))
+        read_quantized_rows(graph, linear, a8, scale, dtype)
         _erase_unused(graph, product, keep=gate_up)
         sites += 1
     return PassResult("fuse_silu_mul_quantize_fp8", sites, f"{sites} SiLU gates write FP8 activations" if sites else "")

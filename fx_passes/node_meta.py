@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
@@ -31,3 +33,8 @@ def insert_call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None 
     else:
         set_fake_value(node)
     return node
+
+
+def insert_outputs(graph: torch.fx.Graph, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """A getitem node (with its fake value) for each output of `node`, an op that returns a tuple."""
+    return [insert_call(graph, operator.getitem, (node, i), val=val) for i, val in enumerate(node.meta["val"])]

@@ -15,9 +15,9 @@ Both are upper bounds that ignore each other and every overhead: a figure is jud
 
 from __future__ import annotations
 
-import statistics
-
 import torch
+
+from compiled_llm.bench.measure import event_median_s
 
 
 def measured_gemm_flops(device: torch.device, fp8: bool, size: int = 8192, repeats: int = 10) -> float:
@@ -37,15 +37,7 @@ def measured_gemm_flops(device: torch.device, fp8: bool, size: int = 8192, repea
             return torch.nn.functional.linear(a, b)
 
     gemm()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        gemm()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / event_median_s(gemm, repeats)
 
 
 def _linear_weights(model) -> tuple[float, int]:

@@ -27,6 +27,19 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int) ->
     return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
+def event_median_s(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `fn` on the current CUDA stream, each call between two CUDA events."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     if device.type != "cuda":
@@ -34,16 +47,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 1
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / event_median_s(lambda: dst.copy_(src), repeats)
 
 
 def check_baselines(requested: tuple[str, ...], known: tuple[str, ...], mode: str) -> None:
