@@ -167,3 +167,17 @@ def test_fp8_decode_gemm_matches_the_reference_on_gpu(tile):
             torch.testing.assert_close(actual.float(), expected.float(), rtol=2.0**-7,
                                        atol=2.0**-7 * expected.float().abs().max().item())  # fmt: skip
     torch.cuda.synchronize()
+
+
+def test_the_decode_gemm_refuses_what_it_cannot_take_before_launching():
+    """Rows beyond what x can be padded to, and L2 prefetches with tiles that are not whole 128-byte lines, are
+    errors naming the limit (checked on the host: no GPU needed)."""
+    pytest.importorskip("triton")
+    from custom_ops.linear import triton_fp8
+
+    weight8, scale = quantize_weight(torch.randn(32, 256))
+    x8, x_scale = quantize_rows(torch.randn(triton_fp8.KERNEL_ROWS + 1, 256))
+    with pytest.raises(ValueError, match=f"1 to {triton_fp8.KERNEL_ROWS} rows, got {triton_fp8.KERNEL_ROWS + 1}"):
+        triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="PREFETCH takes BLOCK_K in multiples of 128"):
+        triton_fp8.fp8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, BLOCK_K=64, PREFETCH=1)
