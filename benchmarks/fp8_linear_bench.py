@@ -82,22 +82,26 @@ def bench_shape(name: str, n: int, k: int) -> list[dict]:
     return results
 
 
-DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the op takes the decode GEMM up to 16 (triton_fp8.MAX_ROWS)
+DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the op takes the decode GEMM up to triton_fp8.MAX_ROWS
 DECODE_TILES = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_stages": s, "num_warps": 4, "PREFETCH": 0}
     for (n, k) in ((32, 256), (32, 512), (64, 128), (64, 256), (128, 128)) for s in (3, 5)
-] + [{"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": p} for p in (1, 2, 4)]
+] + [{"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": p} for p in (1, 2, 4)] + [
+    {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": p, "SPLIT_K": s}
+    for s in (2, 4) for p in (0, 2)
+]
+DECODE_TILES = [triton_fp8.DECODE_TILE | tile for tile in DECODE_TILES]  # complete, so the default is found by key
 
 
 BLOCK_DECODE_TILES = [{"BLOCK_N": n, "num_stages": s, "num_warps": 4} for n in (64, 128) for s in (4, 6, 8)]
 
 
-def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
+def bench_decode_shape(name: str, n: int, k: int, rows: tuple[int, ...], with_block: bool) -> list[dict]:
     """Decode rows: triton_fp8.fp8_decode_gemm's tiles over rows quantized beforehand, beside the bf16 GEMV, the whole
     op (quantizing kernel + decode GEMM) and cuBLASLt."""
     bf16, fp8, copies = weight_copies(n, k)
     results = []
-    for m in DECODE_ROWS:
+    for m in rows:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         x8, sx = quantize_rows(x)
         row = {"shape": name, "n": n, "k": k, "rows": m}
@@ -132,16 +136,21 @@ def bench_decode_shape(name: str, n: int, k: int) -> list[dict]:
         row["decode_gemm_default"] = grid.get(str(triton_fp8.DECODE_TILE))
         row["decode_gemm_best"], row["decode_gemm_best_tile"], row["decode_gemm_grid"] = timed[best], best, grid
         row["decode_gemm_GBps"] = (n * k + m * k + m * n * 2) / timed[best] / 1e3
-        blocks = [quantize_weight_blocks(w.float()) for w in bf16]  # fp8_block: its swapped decode kernel's tiles
-        blocks = (blocks * (copies // len(blocks) + 1))[:copies]
+        blocks = [quantize_weight_blocks(w.float()) for w in bf16] if with_block else []  # fp8_block's swapped tiles
+        blocks = (blocks * (copies // max(len(blocks), 1) + 1))[:copies]
         block_grid = {}
-        for tile in BLOCK_DECODE_TILES:
-            block_grid[str(tile)] = per_call(
-                lambda w, s, tile=tile, x=x: fp8_block_gemm(x, w, s, None, swapped=True, **tile), list(blocks), repeats=5
-            )  # fmt: skip
-        row["fp8_block_unswapped"] = per_call(lambda w, s, x=x: fp8_block_gemm(x, w, s, None), list(blocks))
-        row["fp8_block_best"] = min(block_grid.values())
-        row["fp8_block_best_tile"], row["fp8_block_grid"] = min(block_grid, key=block_grid.get), block_grid
+        for tile in BLOCK_DECODE_TILES if with_block else ():
+            try:
+                block_grid[str(tile)] = per_call(
+                    lambda w, s, tile=tile, x=x: fp8_block_gemm(x, w, s, None, swapped=True, **tile), list(blocks), repeats=5
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001  (a tile over the shared memory: skipped)
+                block_grid[str(tile)] = type(error).__name__
+        block_timed = {key: v for key, v in block_grid.items() if isinstance(v, float)}
+        if block_timed:
+            row["fp8_block_unswapped"] = per_call(lambda w, s, x=x: fp8_block_gemm(x, w, s, None), list(blocks))
+            row["fp8_block_best"] = min(block_timed.values())
+            row["fp8_block_best_tile"], row["fp8_block_grid"] = min(block_timed, key=block_timed.get), block_grid
         results.append(row)
         shown = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items() if not key.endswith("_grid")}
         print(json.dumps(shown), flush=True)
@@ -152,9 +161,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--decode", action="store_true", help="decode rows: the tensor-core kernel's tile grid")
+    parser.add_argument("--rows", type=lambda text: tuple(int(r) for r in text.split(",")), default=DECODE_ROWS,
+                        help=f"--decode: these row counts (default {','.join(map(str, DECODE_ROWS))})")
+    parser.add_argument("--no-block", action="store_true", help="--decode: leave out fp8_block's swapped kernel")
     args = parser.parse_args()
     if args.decode:
-        rows = [r for name, (n, k) in SHAPES.items() for r in bench_decode_shape(name, n, k)]
+        rows = [r for name, (n, k) in SHAPES.items() for r in bench_decode_shape(name, n, k, args.rows, not args.no_block)]
     else:
         rows = [r for name, (n, k) in SHAPES.items() for r in bench_shape(name, n, k)]
     if args.json:

@@ -145,6 +145,9 @@ DECODE_TILES = (
     {"BLOCK_N": 32, "BLOCK_K": 512, "num_stages": 4},
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3, "num_warps": 8},
     {"PREFETCH": 2},  # L2 prefetches of the first two tiles before the PDL wait
+    {"SPLIT_K": 2},  # K split in halves, the last program of a tile adding the partial sums
+    {"SPLIT_K": 3, "PREFETCH": 1},  # a split whose last share of K is short (masked loads)
+    {"SPLIT_K": 4, "BLOCK_K": 128},
 )
 
 
@@ -181,3 +184,28 @@ def test_the_decode_gemm_refuses_what_it_cannot_take_before_launching():
         triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16)
     with pytest.raises(ValueError, match="PREFETCH takes BLOCK_K in multiples of 128"):
         triton_fp8.fp8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, BLOCK_K=64, PREFETCH=1)
+    with pytest.raises(ValueError, match=r"SPLIT_K takes an integer >= 1, got 0"):
+        triton_fp8.fp8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, SPLIT_K=0)
+    with pytest.raises(ValueError, match=r"unknown tile entries \['BLOCK_M'\]"):
+        triton_fp8.fp8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, BLOCK_M=16)
+
+
+@pytest.mark.gpu
+def test_split_k_decode_gemm_replays_in_a_cuda_graph():
+    """The split's arrival counts reset themselves: a captured call replayed on new rows stays right each time."""
+    from custom_ops.linear import triton_fp8
+
+    weight8, scale = quantize_weight(torch.randn(320, 3000, device="cuda"))
+    x = torch.randn(5, 3000, device="cuda", dtype=torch.bfloat16)
+    x8, x_scale = quantize_rows(x)
+    triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4)  # compiled outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4)
+    for _ in range(3):
+        new8, new_scale = quantize_rows(torch.randn(5, 3000, device="cuda", dtype=torch.bfloat16))
+        x8.copy_(new8)
+        x_scale.copy_(new_scale)
+        graph.replay()
+        expected = torch.ops.compiled_llm.fp8_linear_quantized(x8, x_scale, weight8, scale, None, torch.bfloat16, "torch")
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2.0**-7, atol=2.0**-7 * expected.float().abs().max().item())

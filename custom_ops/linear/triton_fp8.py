@@ -2,10 +2,10 @@
 
 - `quantize_rows`: x [M, K] -> (e4m3 x8 [M, K], float32 s_x [M, 1]) in one kernel, one program per row (amax,
   scale, rounding; eager torch takes six kernels), before either GEMM below;
-- `fp8_decode_gemm`: y [M, N] = (x8 . W8) s_x s_w for decode rows (1 to 16) on the FP8 tensor cores. With a few
+- `fp8_decode_gemm`: y [M, N] = (x8 . W8) s_x s_w for decode rows (1 to 64) on the FP8 tensor cores. With a few
   rows a linear is a stream over its weight; the product is taken as y^T [N, M] = W8 [N, K] . x8^T [K, M], so the
-  weight fills the MMA's wide side in 64-row tiles (Hopper's wgmma) and x's rows, padded to 16, its narrow one,
-  and the K loop is software-pipelined like any Triton GEMM. On an H200 it matches cuBLASLt's FP8 GEMM with one
+  weight fills the MMA's wide side in 64-row tiles (Hopper's wgmma) and x's rows, padded to 16, 32 or 64, its
+  narrow one, and the K loop is software-pipelined like any Triton GEMM (`SPLIT_K` shares K out among programs). On an H200 it matches cuBLASLt's FP8 GEMM with one
   scale per operand (which cannot take row scales) and is 1.5-2.4x faster than cuBLASLt with row scales; with the
   quantizing kernel before it, a layer's linears take ~70 us against ~91 for the CUDA-core GEMV it replaced (even on
   the small ones, 1.3-1.7x on gate/up and down; BENCHMARKS.md); more rows go to `torch._scaled_mm`.
@@ -23,11 +23,10 @@ import torch
 
 from custom_ops.triton_runtime import pdl_launch_options
 
-# Rows the op sends to fp8_decode_gemm (padded to 16 for the MMA); from 1 to 16 it takes about the same time, 1.5-2.4x
-# less than cuBLASLt's GEMM with row scales (benchmarks/fp8_linear_bench.py --decode). The kernel takes up to
-# KERNEL_ROWS (x padded to 32 or 64), not yet measured there.
-MAX_ROWS = 16
+# Rows the op sends to fp8_decode_gemm (x padded to 16, 32 or 64 for the MMA): on an H200 from 1 to 64 rows it takes
+# about the same time, 1.2-2.4x less than cuBLASLt's GEMM with row scales (benchmarks/fp8_linear_bench.py --decode).
 KERNEL_ROWS = 64
+MAX_ROWS = KERNEL_ROWS
 # The kernels write fp8.FP8_MAX (448) and fp8.MIN_AMAX (1e-12) as literals: a jitted function reads no globals.
 
 
@@ -58,20 +57,23 @@ def _kernels():
 
     @triton.jit
     def fp8_decode_gemm_kernel(
-        x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
-        K: tl.constexpr, M_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+        x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, y_ptr, partial_ptr, count_ptr, M, N, stride_xm, stride_wn,
+        stride_ym, K: tl.constexpr, M_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
+        K_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = tl.program_id(0)
+        k_start = tl.program_id(1) * K_SPLIT  # this program's share of K (all of it without a split)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         # PREFETCH tiles of this program's weights into L2 (one instruction per 128-byte line) before the PDL wait:
         # the weights are no kernel's output, so their first bytes can arrive while the previous kernel drains.
         if PREFETCH > 0:  # BLOCK_K a multiple of 128 then
             lines = tl.arange(0, BLOCK_K // 128) * 128
         for i in tl.static_range(PREFETCH):
-            line_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + i * BLOCK_K + lines[None, :]
-            in_bounds = (rows[:, None] < N) & (i * BLOCK_K + lines[None, :] < K)
+            line_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + k_start + i * BLOCK_K + lines[None, :]
+            in_bounds = (rows[:, None] < N) & (k_start + i * BLOCK_K + lines[None, :] < K)
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
                 "=r,l,r", [line_ptrs, in_bounds.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
@@ -80,25 +82,42 @@ def _kernels():
         ms = tl.arange(0, M_PADDED)
         m_mask = ms < M
         ks = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + ks[None, :]
-        x_ptrs = x_ptr + ms[None, :] * stride_xm + ks[:, None]  # x8^T: [BLOCK_K, M_PADDED]
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + k_start + ks[None, :]
+        x_ptrs = x_ptr + ms[None, :] * stride_xm + k_start + ks[:, None]  # x8^T: [BLOCK_K, M_PADDED]
         w_scale = tl.load(w_scale_ptr + rows, mask=row_mask, other=0.0)  # a parameter: before the wait
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros([BLOCK_N, M_PADDED], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            k_mask = (ks < K - k) | EVEN_K  # EVEN_K: no mask, so the loads stay 16-byte vectors
+        for k in range(0, K_SPLIT, BLOCK_K):
+            k_mask = (ks < K - k_start - k) | EVEN_K  # EVEN_K: no mask, so the loads stay 16-byte vectors
             w = tl.load(w_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
             acc = tl.dot(w, x, acc)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        out_mask = row_mask[:, None] & m_mask[None, :]
+        if SPLIT_K > 1:
+            # Split K: each program leaves its float32 sums in partial [SPLIT_K, M, N] and counts itself in for its
+            # tile; the last to arrive adds the SPLIT_K sums in split order (deterministic), writes y and resets
+            # the count for the next call. Barrier, then one thread's release (the atomic), as CUDA's grid sync
+            # does: every thread's partial is visible GPU-wide before the count says so.
+            partial_ptrs = partial_ptr + ms[None, :] * N + rows[:, None]
+            tl.store(partial_ptrs + tl.program_id(1) * M * N, acc, mask=out_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == SPLIT_K - 1
+            if last:
+                acc = tl.zeros([BLOCK_N, M_PADDED], dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):  # from L2: other SMs wrote them
+                    acc += tl.load(partial_ptrs + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+            out_mask = out_mask & last
         x_scale = tl.load(x_scale_ptr + ms, mask=m_mask, other=0.0)
         out = acc * w_scale[:, None] * x_scale[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + ms[None, :] * stride_ym + rows[:, None]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & m_mask[None, :])
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     return quantize_rows_kernel, fp8_decode_gemm_kernel
 
@@ -120,8 +139,26 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[to
 
 
 # On an H200 the best of 14 tiles (16-128 rows x 128-512 columns, 3 or 5 stages) for every Llama-3.1-8B linear at
-# 1 and 16 rows, or within 2% of it (benchmarks/fp8_linear_bench.py --decode, BENCHMARKS.md).
-DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": 0}
+# 1 to 64 rows, or within 10% of it (benchmarks/fp8_linear_bench.py --decode, BENCHMARKS.md). Neither L2 prefetches
+# before the PDL wait nor a split K made a step faster there: both stay off unless asked for.
+DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": 0, "SPLIT_K": 1}
+
+
+# A split-K call's arrival counts, one per weight tile, zero between calls (the last program of a tile resets its
+# count), per device and stream: two streams may run decode GEMMs at once, one stream's run one after the other.
+# A table outgrown is kept alive, not freed: a captured CUDA graph may still point at it.
+_counts: dict[tuple, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []
+
+
+def _tile_counts(device: torch.device, tiles: int) -> torch.Tensor:
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    counts = _counts.get(key)
+    if counts is None or counts.numel() < tiles:
+        if counts is not None:
+            _outgrown.append(counts)
+        counts = _counts[key] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+    return counts
 
 
 def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -136,13 +173,27 @@ def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"fp8_decode_gemm takes 1 to {KERNEL_ROWS} rows, got {m}")
     n = weight.shape[0]
     out = x8.new_empty(m, n, dtype=out_dtype)
+    if unknown := set(tile) - set(DECODE_TILE):
+        raise ValueError(f"fp8_decode_gemm: unknown tile entries {sorted(unknown)}; it takes {sorted(DECODE_TILE)}")
     tile = DECODE_TILE | tile
-    if tile["PREFETCH"] and tile["BLOCK_K"] % 128:
+    block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
+    if tile["PREFETCH"] and block_k % 128:
         raise ValueError(f"fp8_decode_gemm: PREFETCH takes BLOCK_K in multiples of 128 (a line a prefetch), got {tile}")
-    _kernels()[1][(triton.cdiv(n, tile["BLOCK_N"]),)](
-        x8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, x8.stride(0),
-        weight.stride(0), out.stride(0), K=k, M_PADDED=max(16, triton.next_power_of_2(m)), HAS_BIAS=bias is not None,
-        EVEN_K=k % tile["BLOCK_K"] == 0,
-        **tile, **pdl_launch_options(x8),
+    tiles, k_tiles = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    split = tile["SPLIT_K"]
+    if not (isinstance(split, int) and split >= 1):
+        raise ValueError(f"fp8_decode_gemm: SPLIT_K takes an integer >= 1, got {split!r}")
+    k_tiles_a_split = triton.cdiv(k_tiles, min(split, k_tiles))
+    split = triton.cdiv(k_tiles, k_tiles_a_split)  # no program without a K tile
+    partial = counts = out  # unused without a split
+    if split > 1:
+        partial = torch.empty(split, m, n, device=x8.device, dtype=torch.float32)
+        counts = _tile_counts(x8.device, tiles)
+    _kernels()[1][(tiles, split)](
+        x8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, partial, counts, m, n,
+        x8.stride(0), weight.stride(0), out.stride(0), K=k, M_PADDED=max(16, triton.next_power_of_2(m)),
+        HAS_BIAS=bias is not None, EVEN_K=k % (block_k * k_tiles_a_split) == 0, SPLIT_K=split,
+        K_SPLIT=k_tiles_a_split * block_k, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=tile["PREFETCH"],
+        num_stages=tile["num_stages"], num_warps=tile["num_warps"], **pdl_launch_options(x8),
     )  # fmt: skip
     return out
