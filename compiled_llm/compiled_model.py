@@ -11,19 +11,19 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from autotune.select import select_kernels
 from compiled_llm.capture import capture_model
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.config import CompileConfig
-from compiled_llm.first_difference import captured_copy
 from compiled_llm.decode_loop import decode
+from compiled_llm.first_difference import captured_copy
+from compiled_llm.fp8_checkpoint import resolve_quantization
 from compiled_llm.generation import GenerationSettings
 from compiled_llm.progress import StageProgress
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
-from compiled_llm.sequence_limits import bounded_by_position_tables, max_seq_len_for
-from compiled_llm.verify import self_check
 from compiled_llm.runtime import (
     DecodeCudaGraphs,
     ModelRunner,
@@ -35,9 +35,10 @@ from compiled_llm.runtime import (
     default_batch_sizes,
     default_num_kv_blocks,
 )
+from compiled_llm.sequence_limits import bounded_by_position_tables, max_seq_len_for
+from compiled_llm.verify import self_check
 from custom_ops import get_attention_backend
 from custom_ops.triton_runtime import kernel_launch_mode
-from compiled_llm.fp8_checkpoint import resolve_quantization
 from fx_passes import run_passes
 
 log = logging.getLogger("compiled_llm")
@@ -107,6 +108,10 @@ class CompiledModel:
                 pass_results = run_passes(captured.gm, config)
                 timings["passes_s"] = time.perf_counter() - start
             self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
+            start = time.perf_counter()
+            kernels = select_kernels(captured.gm, config.autotune, config.cache_dir, self.device,
+                                     next(model.parameters()).dtype)  # fmt: skip
+            timings["autotune_s"] = time.perf_counter() - start
 
             layers = captured.gm.meta["paged_attention"]
             weight_bytes = graph_weight_bytes(captured.gm)
@@ -153,6 +158,8 @@ class CompiledModel:
             cuda_graphs=graphs,
             kernel_launch=kernel_launch_mode(self.device),
             weight_bytes=weight_bytes,
+            autotune=config.autotune,
+            kernels=kernels,
             timings=timings,
             released_cache=released_cache,
         )

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
+
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
     "quantization": ("auto", "none", "fp8", "fp8_block"),
     "activation_scheme": ("dynamic",),
-    "autotune": ("off",),
 }
 
 
@@ -134,11 +136,15 @@ class CompileConfig(BaseModel):
     where. None: on for modules that are not Hugging Face models (their rewrite relies on recognising
     their code), off for Hugging Face models (their attention is routed by transformers itself)."""
 
-    autotune: Literal["off", "cache", "full"] = "off"
-    """Kernel selection: `off` uses defaults, `cache` reads the on-disk kernel cache, `full` tunes."""
+    autotune: Literal["off", "cache", "full"] = "cache"
+    """Kernel selection per op and shape (autotune.select_kernels; the report lists each choice): `off` asks
+    nothing, each op runs its heuristic (or what this process tuned for the shape before); `cache` the winner stored in the kernel cache under `cache_dir`, the heuristic on a miss,
+    never timing anything; `full` tunes a miss on the GPU (each candidate checked against the reference op, then
+    timed) and stores it."""
 
-    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "compiled_llm")
-    """Where compiled artifacts and the kernel cache live."""
+    cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("COMPILED_LLM_CACHE_DIR") or DEFAULT_CACHE_DIR))
+    """Where compiled artifacts and the kernel cache live: `$COMPILED_LLM_CACHE_DIR` where set, else
+    `~/.cache/compiled_llm`."""
 
     passes: tuple[str, ...] | None = None
     """Graph passes to run, in order. None: `fx_passes.DEFAULT_PIPELINE`."""
@@ -160,7 +166,7 @@ class CompileConfig(BaseModel):
             raise ValueError(problem)
         return data
 
-    @field_validator("quantization", "activation_scheme", "autotune")
+    @field_validator("quantization", "activation_scheme")
     @classmethod
     def _runs_today(cls, value: str, info) -> str:
         supported = _SUPPORTED_NOW[info.field_name]

@@ -34,6 +34,8 @@ class CompileReport:
     timings: dict[str, float] = field(default_factory=dict)  # capture_s, passes_s, compile_s, cuda_graphs_s, self_check_s
     released_cache: str | None = None  # the module's own KV cache, freed (module_state.release_replaced_caches)
     weight_bytes: int = 0  # of the weights the compiled graph reads (compiled_model.graph_weight_bytes)
+    autotune: str = "off"  # CompileConfig.autotune
+    kernels: list = field(default_factory=list)  # autotune.select.KernelChoice, one per op and bucket
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -49,6 +51,11 @@ class CompileReport:
         for result in self.passes:
             detail = f"  ({result.detail})" if result.detail else ""
             lines.append(f"    {result.name:<24} {result.sites:5d} sites{detail}")
+        if self.kernels:
+            sources = ", ".join(f"{n} {s}" for s in ("cache", "tuned", "heuristic")
+                                if (n := sum(k.source == s for k in self.kernels)))  # fmt: skip
+            lines.append(f"  autotune {t.get('autotune_s', 0):7.2f} s  {self.autotune}: {len(self.kernels)} kernel choices ({sources})")
+            lines.extend(f"    {choice}" for choice in self.kernels)
         lines.append(f"  compile  {t.get('compile_s', 0):7.2f} s  {self.compile_backend}, first step included")
         lines.append(f"  weights  {self.weight_bytes / 2**20:.1f} MiB read by the graph")
         by_backend: dict[tuple[str, str], list[int]] = defaultdict(list)

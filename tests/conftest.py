@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 import transformers as tf
+
+# Tests never read or write the user's kernel cache (CompileConfig.cache_dir's default follows this variable).
+os.environ["COMPILED_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="compiled_llm_test_cache_")
 
 VOCAB = 256
 SLIDING_WINDOW = 8  # shorter than the test prompts, so the window matters

@@ -6,9 +6,10 @@ import json
 import re
 
 import pytest
+import torch
+from conftest import tiny_model
 
 from compiled_llm.cli import main
-from conftest import tiny_model
 
 
 def test_build_prints_the_report(tmp_path, capsys):
@@ -71,7 +72,7 @@ def test_bench_latency_compares_each_named_pass_on_against_off(tmp_path, capsys)
     """One run: the model compiled again without each pass named, its figure and the on / off ratio; a pass not
     in the pipeline, or one the runtime needs, is refused before anything compiles."""
     tiny_model("llama").save_pretrained(tmp_path / "model")
-    base = ["bench", str(tmp_path / "model"), "--mode", "latency", "--input-len", "4", "--output-len", "3",
+    base = ["bench", str(tmp_path / "model"), "--mode", "latency", "--input-len", "4", "--output-len", "12",
             "--repeats", "1", "--baselines", "none", "--compile-backend", "eager", "--max-seq-len", "32"]  # fmt: skip
     out = tmp_path / "out.json"
     assert main([*base, "--compare-passes", "fuse_rms_norm, fuse_parallel_linears", "--json", str(out)]) == 0
@@ -139,6 +140,40 @@ def test_every_subcommand_has_help_with_defaults(command, capsys):
         assert any(option.startswith("--input-len") and "(default: 128)" in option for option in options)
 
 
-def test_tune_says_it_is_not_available_yet(tmp_path, capsys):
-    assert main(["tune", str(tmp_path)]) == 2
-    assert "next milestone" in capsys.readouterr().err
+def test_tune_refuses_another_autotune_mode_and_a_model_without_a_gpu(tmp_path, capsys):
+    assert main(["tune", "random:tiny-llama", "--autotune", "cache", "--cache-dir", str(tmp_path)]) == 2
+    assert "it runs with autotune='full', not --autotune cache" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["tune", "random:tiny-llama", "--cache-dir", str(tmp_path)]) == 2
+        assert "tune times kernels on a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_tuning_table_gives_each_choice_its_gain_over_the_heuristic():
+    from autotune.select import KernelChoice
+    from compiled_llm.cli import format_tuning_table
+
+    table = format_tuning_table([
+        KernelChoice("fp8_decode_gemm", {"n": 64, "k": 128, "rows": 16}, "fast", "tuned", "default",
+                     {"default": 10.0, "fast": 8.0}),
+        KernelChoice("fp8_decode_gemm", {"n": 64, "k": 128, "rows": 32}, "default", "heuristic", "default"),
+    ])  # fmt: skip
+    first, second = table.splitlines()[1:]
+    assert "n=64 k=128 rows=16" in first and first.split()[-4:] == ["10.0", "8.0", "1.25x", "tuned"]
+    assert second.split()[-4:] == ["-", "-", "-", "heuristic"]
+    assert "nothing to tune" in format_tuning_table([])
+
+
+def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path, capsys):
+    from autotune.kernel_cache import CacheEntry, KernelCache
+
+    for key in ("GPU-A-sm90-torch2.11", "GPU-B-sm100-torch2.12"):
+        KernelCache(tmp_path, key=key).put(CacheEntry("fp8_decode_gemm", "bfloat16", {"n": 64, "k": 128, "rows": 16},
+                                                      {"a": "1", "b": "2"}, "b", {}, {"a": 3.0, "b": 2.5}))  # fmt: skip
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ": 2 choices" in out and "GPU-A-sm90-torch2.11" in out and "GPU-B-sm100-torch2.12" in out
+    assert out.count("fp8_decode_gemm bfloat16 k=128 n=64 rows=16: b 2.5 us of 2 timed") == 2
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 2 kernel choices" in capsys.readouterr().out
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
+    assert ": 0 choices" in capsys.readouterr().out

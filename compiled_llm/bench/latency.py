@@ -40,7 +40,12 @@ def _measure(system: str, generate: Callable[[int], object], output_len: int, de
              compile_s: float | None) -> SystemResult:  # fmt: skip
     ttft = median_time(lambda: generate(1), device, repeats)
     full = median_time(lambda: generate(output_len), device, repeats)
-    decode = (output_len - 1) / (full - ttft)
+    if full <= ttft:  # the decode steps took less than the two timings' noise: no figure, rather than a wrong one
+        log.warning("%s: %d tokens took %.4f s, the first alone %.4f s: decode speed not measurable at this "
+                    "--output-len (raise it or --repeats)", system, output_len, full, ttft)  # fmt: skip
+        decode = float("nan")
+    else:
+        decode = (output_len - 1) / (full - ttft)
     log.info("%s: ttft %.4f s, %d tokens in %.3f s, decode %.1f tokens/s", system, ttft, output_len, full, decode)
     return SystemResult(system, decode, ttft, compile_s, {"full_generate_s": full})
 

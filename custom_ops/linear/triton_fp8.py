@@ -144,6 +144,16 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[to
 DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": 0, "SPLIT_K": 1}
 
 
+# Tiles the autotuner chose for this process (autotune.select_kernels; fp8_tuning.py), by (device index, N, K,
+# M_PADDED); a shape without one takes DECODE_TILE.
+TUNED_TILES: dict[tuple[int, int, int, int], dict] = {}
+
+
+def m_padded(rows: int) -> int:
+    """What x's rows are padded to for the MMA: 16, 32 or 64."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
 # A split-K call's arrival counts, one per weight tile, zero between calls (the last program of a tile resets its
 # count), per device and stream: two streams may run decode GEMMs at once, one stream's run one after the other.
 # A table outgrown is kept alive, not freed: a captured CUDA graph may still point at it.
@@ -165,7 +175,7 @@ def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
                     bias: torch.Tensor | None, out_dtype: torch.dtype, **tile) -> torch.Tensor:  # fmt: skip
     """x8 [M <= KERNEL_ROWS, K] e4m3 (unit last stride) with float32 row scales x_scale [M, 1] (contiguous) against an
     e4m3 weight [N, K] (contiguous) with float32 scales [N] -> [M, N] in `out_dtype`; the caller checked the shapes
-    (fp8.triton_takes). `tile` overrides DECODE_TILE's entries."""
+    (fp8.triton_takes). `tile` overrides the tuned tile's entries (TUNED_TILES), which override DECODE_TILE's."""
     import triton
 
     m, k = x8.shape
@@ -175,7 +185,8 @@ def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     out = x8.new_empty(m, n, dtype=out_dtype)
     if unknown := set(tile) - set(DECODE_TILE):
         raise ValueError(f"fp8_decode_gemm: unknown tile entries {sorted(unknown)}; it takes {sorted(DECODE_TILE)}")
-    tile = DECODE_TILE | tile
+    padded = m_padded(m)
+    tile = DECODE_TILE | TUNED_TILES.get((x8.device.index, n, k, padded), {}) | tile
     block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
     if tile["PREFETCH"] and block_k % 128:
         raise ValueError(f"fp8_decode_gemm: PREFETCH takes BLOCK_K in multiples of 128 (a line a prefetch), got {tile}")
@@ -191,7 +202,7 @@ def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
         counts = _tile_counts(x8.device, tiles)
     _kernels()[1][(tiles, split)](
         x8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, partial, counts, m, n,
-        x8.stride(0), weight.stride(0), out.stride(0), K=k, M_PADDED=max(16, triton.next_power_of_2(m)),
+        x8.stride(0), weight.stride(0), out.stride(0), K=k, M_PADDED=padded,
         HAS_BIAS=bias is not None, EVEN_K=k % (block_k * k_tiles_a_split) == 0, SPLIT_K=split,
         K_SPLIT=k_tiles_a_split * block_k, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=tile["PREFETCH"],
         num_stages=tile["num_stages"], num_warps=tile["num_warps"], **pdl_launch_options(x8),

@@ -1,0 +1,86 @@
+"""`select_kernels`: what compilation asks the autotuner, between the passes and Inductor.
+
+Each op family registers its tuning (`register`: an OpTuning that also lists the buckets a graph needs, `buckets`,
+and installs a choice where its calls read it, `install`). For every bucket of the rewritten graph, under
+`CompileConfig.autotune`, `tuner.choose` picks the candidate (off: none is asked, each op runs its heuristic;
+cache: the cached winner, else the heuristic, nothing timed; full: a miss is tuned and stored), and the choice is
+installed before the first step runs, so the compiled graph and its CUDA-graph captures run it. The compile report
+lists every choice, where it came from and its measured times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from autotune.kernel_cache import KernelCache
+from autotune.tuner import Candidate, OpTuning, choose, cuda_timer
+
+log = logging.getLogger("compiled_llm.autotune")
+
+
+class GraphOpTuning(OpTuning, Protocol):
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        """The buckets the calls in `gm` fall in (none where the graph does not call the op's tunable kernels)."""
+        ...
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        """Make `candidate` what the op runs for `bucket` on `device` from now on in this process."""
+        ...
+
+
+_TUNINGS: dict[str, GraphOpTuning] = {}
+
+
+def register(tuning: GraphOpTuning) -> GraphOpTuning:
+    """Add an op family's tuning (by its op name; a second registration replaces the first)."""
+    _TUNINGS[tuning.op] = tuning
+    return tuning
+
+
+@dataclass
+class KernelChoice:
+    """One line of the compile report: `op` in `bucket` runs `winner`, from "cache", "tuned" or "heuristic" (the
+    candidate `heuristic` names is what runs untuned)."""
+
+    op: str
+    bucket: dict
+    winner: str
+    source: str
+    heuristic: str
+    times_us: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        bucket = " ".join(f"{key}={value}" for key, value in self.bucket.items())
+        line = f"{self.op} {bucket}: {self.winner} ({self.source}"
+        if self.times_us:
+            fastest = sorted(self.times_us.items(), key=lambda kv: kv[1])[:3]
+            line += "; " + ", ".join(f"{name} {t:.1f} us" for name, t in fastest)
+        return line + ")"
+
+
+def select_kernels(gm: torch.fx.GraphModule, mode: str, cache_dir, device: torch.device, dtype: torch.dtype,
+                   timer=cuda_timer) -> list[KernelChoice]:  # fmt: skip
+    """Choose and install a candidate for every bucket of every registered op in `gm` (see the module docstring).
+    With `mode` "off" nothing is asked."""
+    if mode == "off":
+        return []
+    cache = KernelCache(cache_dir, device)
+    work = [(tuning, bucket) for tuning in _TUNINGS.values() for bucket in tuning.buckets(gm)]
+    choices = []
+    for done, (tuning, bucket) in enumerate(work):
+        if mode == "full":
+            log.info("autotune: %d/%d %s %s", done + 1, len(work), tuning.op, bucket)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            choice = choose(tuning, bucket, dtype, mode, cache, timer)
+        tuning.install(bucket, choice.candidate, device)
+        choices.append(KernelChoice(tuning.op, bucket, choice.candidate.name, choice.source, tuning.heuristic(bucket),
+                                    choice.times_us))  # fmt: skip
+    if choices:
+        log.info("autotune=%s: %d choices (%s)", mode, len(choices),
+                 ", ".join(f"{sum(c.source == s for c in choices)} {s}" for s in ("cache", "tuned", "heuristic")))  # fmt: skip
+    return choices

@@ -1,0 +1,108 @@
+"""The FP8 decode GEMM's candidates for the autotuner (autotune.tuner.OpTuning): a tile per weight shape [N, K] and
+row bucket (16, 32 or 64 rows: what x is padded to), for the `fp8_linear` and `fp8_linear_quantized` calls of a
+graph whose backend is `triton`.
+
+The fallback is DECODE_TILE (what runs untuned); the others are the tiles and splits that won a shape or a row
+count on the H200 (benchmarks/fp8_linear_bench.py --decode; BENCHMARKS.md). A winner is installed in
+triton_fp8.TUNED_TILES, which every later call of that shape on that device reads, CUDA-graph captures included.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from autotune.kernel_cache import source_hash
+from autotune.select import register
+from autotune.tuner import Candidate
+from custom_ops.linear import fp8, triton_fp8
+
+OP = "fp8_decode_gemm"
+ROW_BUCKETS = (16, 32, 64)
+L2_OVERFLOW_BYTES = 200_000_000  # weight copies the timer rotates through: past any GPU's L2
+TILES = (
+    triton_fp8.DECODE_TILE,  # the fallback: first
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3},  # gate/up at 1 and 64 rows
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 5},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3},  # gate/up at 32 rows
+    {"BLOCK_N": 32, "BLOCK_K": 512, "num_stages": 5},
+    {"SPLIT_K": 2},  # down at 32 and 64 rows
+    {"SPLIT_K": 4},  # o and down at 1 and 16 rows
+    {"SPLIT_K": 4, "PREFETCH": 2},
+)
+# The kernels and their launcher are one file: any change there is a changed candidate.
+_SOURCE = source_hash(Path(triton_fp8.__file__).read_text())
+
+
+def tile_name(tile: dict) -> str:
+    """{"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, ...} -> "n64-k256-s5-w4" (+ "-split4", "-prefetch2")."""
+    tile = triton_fp8.DECODE_TILE | tile
+    name = f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
+    name += f"-split{tile['SPLIT_K']}" if tile["SPLIT_K"] > 1 else ""
+    return name + (f"-prefetch{tile['PREFETCH']}" if tile["PREFETCH"] else "")
+
+
+def _run(x8, x_scale, weight, weight_scale, out_dtype, tile: dict) -> torch.Tensor:
+    return triton_fp8.fp8_decode_gemm(x8, x_scale, weight, weight_scale, None, out_dtype, **tile)
+
+
+class Fp8DecodeGemmTuning:
+    """autotune.tuner.OpTuning of triton_fp8.fp8_decode_gemm; bucket {"n", "k", "rows"}."""
+
+    op = OP
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        tiles = [triton_fp8.DECODE_TILE | tile for tile in TILES]
+        return [Candidate(tile_name(t), functools.partial(_run, tile=t), _SOURCE, t) for t in tiles]
+
+    def heuristic(self, bucket: dict) -> str:
+        return tile_name(triton_fp8.DECODE_TILE)
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        n, k, rows = bucket["n"], bucket["k"], bucket["rows"]
+        copies = max(copies, -(-L2_OVERFLOW_BYTES // (n * k)))
+        device = torch.device("cuda", torch.cuda.current_device())
+        sets = []
+        for _ in range(copies):
+            x8, x_scale = fp8.quantize_rows(torch.randn(rows, k, device=device, dtype=dtype))
+            weight8, weight_scale = fp8.quantize_weight(torch.randn(n, k, device=device, dtype=dtype))
+            sets.append((x8, x_scale, weight8, weight_scale, dtype))
+        return sets
+
+    def reference(self, x8, x_scale, weight, weight_scale, out_dtype) -> torch.Tensor:
+        return fp8.fp8_linear_quantized_reference(x8, x_scale, weight, weight_scale, None, out_dtype)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-7, 2.0**-7  # one bf16 rounding of the output; the sums differ only in order
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        """A bucket per weight shape of the graph's `triton` FP8 linears and per row bucket."""
+        shapes = set()
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _FP8_LINEARS or node.args[-1] != "triton":
+                continue
+            weight = node.args[1] if node.target is _FP8_LINEARS[0] else node.args[2]
+            shapes.add(tuple(_value(gm, weight).shape))
+        return [{"n": n, "k": k, "rows": rows} for n, k in sorted(shapes) for rows in ROW_BUCKETS]
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        key = (device.index if device.index is not None else torch.cuda.current_device(), bucket["n"], bucket["k"])
+        triton_fp8.TUNED_TILES[(*key, bucket["rows"])] = dict(candidate.config)
+
+
+_FP8_LINEARS = (torch.ops.compiled_llm.fp8_linear.default, torch.ops.compiled_llm.fp8_linear_quantized.default)
+
+
+def _value(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """The tensor (or its fake) behind a graph node: a get_attr's attribute, else the node's meta value."""
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    return node.meta["val"]
+
+
+register(Fp8DecodeGemmTuning())

@@ -1,0 +1,159 @@
+"""autotune.select_kernels: the compile step that asks the tuner for every tunable op of the rewritten graph,
+under CompileConfig.autotune (off, cache, full), and installs the choices (tests of the tuner's own selection:
+test_tuner.py; of the cache: test_kernel_cache.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from autotune import select
+from autotune.tuner import Candidate
+from compiled_llm import compile_model
+
+
+class FakeTuning:
+    """A graph op with a fallback, a faster candidate and a fastest wrong one; timings are fake, the checks real."""
+
+    op = "fake_op"
+
+    def __init__(self):
+        self.installed = {}
+        self._candidates = [
+            Candidate("fallback", lambda x: x * 2, "src-a"),
+            Candidate("fast", lambda x: x + x, "src-b", {"tile": 2}),
+            Candidate("wrong", lambda x: x * 3, "src-c"),
+        ]
+
+    def candidates(self, bucket):
+        return self._candidates
+
+    def timer(self, run, input_sets):
+        """Fake times: the wrong candidate would be the fastest."""
+        name = next(c.name for c in self._candidates if c.run is run)
+        return {"fallback": 10.0, "fast": 5.0, "wrong": 1.0}[name]
+
+    def heuristic(self, bucket):
+        return "fallback"
+
+    def inputs(self, bucket, dtype, copies):
+        return [(torch.randn(bucket["rows"], 8, dtype=dtype),) for _ in range(copies)]
+
+    def reference(self, x):
+        return x * 2
+
+    def tolerance(self, dtype):
+        return 1e-6, 1e-6
+
+    def buckets(self, gm):
+        return [{"rows": rows} for rows in (1, 16)] if any(n.target is torch.nn.functional.relu for n in gm.graph.nodes) else []
+
+    def install(self, bucket, candidate, device):
+        self.installed[bucket["rows"]] = candidate.name
+
+
+def no_timer(run, input_sets):
+    raise AssertionError("cache mode timed a candidate")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    tuning = FakeTuning()
+    monkeypatch.setitem(select._TUNINGS, tuning.op, tuning)
+    return tuning
+
+
+def relu_graph() -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(torch.nn.ReLU())
+
+
+def test_off_asks_nothing(fake, tmp_path):
+    assert select.select_kernels(relu_graph(), "off", tmp_path, torch.device("cpu"), torch.float32, no_timer) == []
+    assert fake.installed == {} and not (tmp_path / "kernels").exists()
+
+
+def test_cache_mode_on_a_miss_installs_the_heuristic_and_times_nothing(fake, tmp_path):
+    choices = select.select_kernels(relu_graph(), "cache", tmp_path, torch.device("cpu"), torch.float32, no_timer)
+    assert [(c.bucket, c.winner, c.source) for c in choices] == [({"rows": 1}, "fallback", "heuristic"),
+                                                                 ({"rows": 16}, "fallback", "heuristic")]  # fmt: skip
+    assert fake.installed == {1: "fallback", 16: "fallback"} and not (tmp_path / "kernels").exists()
+
+
+def test_full_tunes_and_stores_then_cache_serves_the_winner(fake, tmp_path):
+    """The wrong candidate is fastest but out; the faster correct one wins, is installed and stored, and a later
+    compile in cache mode gets it from the cache without timing."""
+    cpu = torch.device("cpu")
+    tuned = select.select_kernels(relu_graph(), "full", tmp_path, cpu, torch.float32, fake.timer)
+    assert [(c.winner, c.source, c.times_us) for c in tuned] == [("fast", "tuned", {"fallback": 10.0, "fast": 5.0})] * 2
+    assert fake.installed == {1: "fast", 16: "fast"}
+    assert str(tuned[0]) == "fake_op rows=1: fast (tuned; fast 5.0 us, fallback 10.0 us)"
+    assert all(c.heuristic == "fallback" for c in tuned)
+    fake.installed.clear()
+    cached = select.select_kernels(relu_graph(), "cache", tmp_path, cpu, torch.float32, no_timer)
+    assert [(c.winner, c.source) for c in cached] == [("fast", "cache")] * 2 and fake.installed == {1: "fast", 16: "fast"}
+
+
+def test_a_graph_without_the_op_has_no_buckets(fake, tmp_path):
+    graph = torch.fx.symbolic_trace(torch.nn.Identity())
+    assert select.select_kernels(graph, "full", tmp_path, torch.device("cpu"), torch.float32, no_timer) == []
+
+
+@pytest.mark.gpu
+def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path):
+    """autotune="full" tunes the FP8 decode GEMM for every weight shape of the tiny Llama (fused qkv 128 x 64, o
+    64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, storing each; a second compile with "cache"
+    reads the same winners back without timing anything; the tuned model computes what the untuned one does."""
+    from custom_ops.linear import triton_fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the FP8 decode GEMM needs FP8 tensor cores")
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    triton_fp8.TUNED_TILES.clear()
+    # Uncompiled graphs (the ops run as they do under Inductor, which tuning does not involve): three compiles fast.
+    fields = {"quantization": "fp8", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
+    untuned = compile_model(model, autotune="off", **fields)
+    assert untuned.report.kernels == []
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        expected = untuned(ids).logits.float()
+
+    tuned = compile_model(model, autotune="full", **fields)
+    choices = tuned.report.kernels
+    assert {(c.bucket["n"], c.bucket["k"]) for c in choices} == {(128, 64), (64, 64), (256, 64), (64, 128)}
+    assert sorted({c.bucket["rows"] for c in choices}) == [16, 32, 64] and len(choices) == 12
+    assert all(c.op == "fp8_decode_gemm" and c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
+    assert "autotune" in str(tuned.report) and "12 kernel choices (12 tuned)" in str(tuned.report)
+    with torch.no_grad():
+        actual = tuned(ids).logits.float()
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 2e-2
+
+    cached = compile_model(model, autotune="cache", **fields)
+    assert [(c.bucket, c.winner, c.source) for c in cached.report.kernels] == [
+        (c.bucket, c.winner, "cache") for c in choices
+    ]
+
+
+def test_the_fp8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph():
+    """The buckets of a quantized tiny Llama's graph: its four FP8 weight shapes (fused qkv, o, fused gate/up,
+    down; the LM head stays bf16) x the three row buckets, only for calls whose backend is `triton` (on a CPU the
+    pass picks the reference, so the graph's calls are switched here); the fallback is the heuristic, first."""
+    from custom_ops.linear import fp8_tuning, triton_fp8
+
+    compiled = compile_model(tiny_model("llama"), quantization="fp8", compile_backend="eager", autotune="off")
+    gm = compiled.graph_module
+    tuning = fp8_tuning.Fp8DecodeGemmTuning()
+    assert tuning.buckets(gm) == []  # the CPU graph's calls run the reference
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.compiled_llm.fp8_linear.default]
+    for node in linears:
+        node.args = (*node.args[:-1], "triton")
+    shapes = [(128, 64), (64, 64), (256, 64), (64, 128)]
+    assert tuning.buckets(gm) == [{"n": n, "k": k, "rows": r} for n, k in sorted(shapes) for r in (16, 32, 64)]
+    candidates = tuning.candidates({})
+    assert candidates[0].name == tuning.heuristic({}) == fp8_tuning.tile_name(triton_fp8.DECODE_TILE)
+    assert len({c.name for c in candidates}) == len(candidates) and len({c.identity for c in candidates}) == len(candidates)
+    tuning.install({"n": 64, "k": 128, "rows": 32}, candidates[1], torch.device("cuda", 0))
+    try:
+        assert triton_fp8.TUNED_TILES[(0, 64, 128, 32)] == candidates[1].config
+    finally:
+        triton_fp8.TUNED_TILES.pop((0, 64, 128, 32))
