@@ -33,6 +33,23 @@ class GraphOpTuning(OpTuning, Protocol):
         ...
 
 
+def graph_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """The tensor behind a graph node, for a tuning's `buckets`: a get_attr's attribute, else the node's fake value."""
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    return node.meta["val"]
+
+
+def device_index(device: torch.device) -> int:
+    """A tuning table's device key, as `Tensor.get_device()` gives it for tensors on `device` (-1 on the CPU)."""
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 _TUNINGS: dict[str, GraphOpTuning] = {}
 
 

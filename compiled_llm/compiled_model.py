@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from autotune.select import select_kernels
+from autotune.select import graph_value, select_kernels
 from compiled_llm.capture import capture_model
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.compile import CompiledGraph
+from compiled_llm.compiler_caches import use_cache_dir
 from compiled_llm.config import CompileConfig
 from compiled_llm.decode_loop import decode
 from compiled_llm.first_difference import captured_copy
@@ -75,9 +76,7 @@ def graph_weight_bytes(gm: torch.fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
+        value = graph_value(gm, node)
         if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen:
             seen.add(value.untyped_storage().data_ptr())
             total += value.untyped_storage().nbytes()
@@ -95,6 +94,9 @@ class CompiledModel:
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
         timings = {}
+        caches = f"kernel choices under {config.cache_dir}"
+        if config.compile_backend == "inductor":  # first: a second cache_dir in one process fails before any work
+            caches = use_cache_dir(config.cache_dir)
         # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
         with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
             with progress.stage("capturing the graph (torch.export)"):
@@ -160,6 +162,7 @@ class CompiledModel:
             weight_bytes=weight_bytes,
             autotune=config.autotune,
             kernels=kernels,
+            caches=caches,
             timings=timings,
             released_cache=released_cache,
         )

@@ -36,6 +36,7 @@ class CompileReport:
     weight_bytes: int = 0  # of the weights the compiled graph reads (compiled_model.graph_weight_bytes)
     autotune: str = "off"  # CompileConfig.autotune
     kernels: list = field(default_factory=list)  # autotune.select.KernelChoice, one per op and bucket
+    caches: str = ""  # where the kernel choices and the compilers' caches live (compiler_caches.use_cache_dir)
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -68,6 +69,8 @@ class CompileReport:
             lines.append(f"  module's own kv cache released ({self.released_cache}): the paged cache replaces it (the module's "
                          "own forward needs its cache set up again)")
         lines.append(f"  cuda graphs {self.cuda_graphs}")
+        if self.caches:
+            lines.append(f"  caches    {self.caches}")
         if self.kernel_launch:
             lines.append(f"  triton kernels {self.kernel_launch}")
         if "self_check_s" in t:

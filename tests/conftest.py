@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 import transformers as tf
 
-# Tests never read or write the user's kernel cache (CompileConfig.cache_dir's default follows this variable).
+# Tests never read or write the user's caches (CompileConfig.cache_dir's default follows this variable): the
+# kernel choices, Inductor's and Triton's, in a directory of the session's own.
 os.environ["COMPILED_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="compiled_llm_test_cache_")
+atexit.register(shutil.rmtree, os.environ["COMPILED_LLM_CACHE_DIR"], ignore_errors=True)
 
 VOCAB = 256
 SLIDING_WINDOW = 8  # shorter than the test prompts, so the window matters

@@ -47,7 +47,11 @@ class FakeTuning:
         return 1e-6, 1e-6
 
     def buckets(self, gm):
-        return [{"rows": rows} for rows in (1, 16)] if any(n.target is torch.nn.functional.relu for n in gm.graph.nodes) else []
+        return (
+            [{"rows": rows} for rows in (1, 16)]
+            if any(n.target is torch.nn.functional.relu for n in gm.graph.nodes)
+            else []
+        )
 
     def install(self, bucket, candidate, device):
         self.installed[bucket["rows"]] = candidate.name
@@ -91,7 +95,8 @@ def test_full_tunes_and_stores_then_cache_serves_the_winner(fake, tmp_path):
     assert all(c.heuristic == "fallback" for c in tuned)
     fake.installed.clear()
     cached = select.select_kernels(relu_graph(), "cache", tmp_path, cpu, torch.float32, no_timer)
-    assert [(c.winner, c.source) for c in cached] == [("fast", "cache")] * 2 and fake.installed == {1: "fast", 16: "fast"}
+    assert [(c.winner, c.source) for c in cached] == [("fast", "cache")] * 2
+    assert fake.installed == {1: "fast", 16: "fast"}
 
 
 def test_a_graph_without_the_op_has_no_buckets(fake, tmp_path):
@@ -102,14 +107,16 @@ def test_a_graph_without_the_op_has_no_buckets(fake, tmp_path):
 @pytest.mark.gpu
 def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path):
     """autotune="full" tunes the FP8 decode GEMM for every weight shape of the tiny Llama (fused qkv 128 x 64, o
-    64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, storing each; a second compile with "cache"
+    64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, and the bf16 LM head's one-row linear, storing
+    each; a second compile with "cache"
     reads the same winners back without timing anything; the tuned model computes what the untuned one does."""
-    from custom_ops.linear import triton_fp8
+    from custom_ops.linear import op, triton_fp8
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 decode GEMM needs FP8 tensor cores")
     model = tiny_model("llama").to("cuda", torch.bfloat16)
     triton_fp8.TUNED_TILES.clear()
+    op.TUNED_GEMV.clear()
     # Uncompiled graphs (the ops run as they do under Inductor, which tuning does not involve): three compiles fast.
     fields = {"quantization": "fp8", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
     untuned = compile_model(model, autotune="off", **fields)
@@ -120,10 +127,13 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path):
 
     tuned = compile_model(model, autotune="full", **fields)
     choices = tuned.report.kernels
-    assert {(c.bucket["n"], c.bucket["k"]) for c in choices} == {(128, 64), (64, 64), (256, 64), (64, 128)}
-    assert sorted({c.bucket["rows"] for c in choices}) == [16, 32, 64] and len(choices) == 12
-    assert all(c.op == "fp8_decode_gemm" and c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
-    assert "autotune" in str(tuned.report) and "12 kernel choices (12 tuned)" in str(tuned.report)
+    gemms = [c for c in choices if c.op == "fp8_decode_gemm"]
+    assert {(c.bucket["n"], c.bucket["k"]) for c in gemms} == {(128, 64), (64, 64), (256, 64), (64, 128)}
+    assert sorted({c.bucket["rows"] for c in gemms}) == [16, 32, 64] and len(gemms) == 12
+    # The bf16 LM head's one-row linear (cuBLAS or the GEMV) is the other tunable op of this graph.
+    assert [c.bucket for c in choices if c.op == "linear_one_row"] == [{"n": 256, "k": 64, "silu_mul": False}]
+    assert all(c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
+    assert "13 kernel choices (13 tuned)" in str(tuned.report)
     with torch.no_grad():
         actual = tuned(ids).logits.float()
     assert ((actual - expected).abs().max() / expected.abs().max()).item() < 2e-2
@@ -151,9 +161,52 @@ def test_the_fp8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph():
     assert tuning.buckets(gm) == [{"n": n, "k": k, "rows": r} for n, k in sorted(shapes) for r in (16, 32, 64)]
     candidates = tuning.candidates({})
     assert candidates[0].name == tuning.heuristic({}) == fp8_tuning.tile_name(triton_fp8.DECODE_TILE)
-    assert len({c.name for c in candidates}) == len(candidates) and len({c.identity for c in candidates}) == len(candidates)
-    tuning.install({"n": 64, "k": 128, "rows": 32}, candidates[1], torch.device("cuda", 0))
+    assert len({c.name for c in candidates}) == len(candidates) and len({c.identity for c in candidates}) == len(
+        candidates
+    )
+    tuning.install({"n": 64, "k": 128, "rows": 32}, candidates[1], torch.device("cpu"))
     try:
-        assert triton_fp8.TUNED_TILES[(0, 64, 128, 32)] == candidates[1].config
+        assert triton_fp8.TUNED_TILES[(-1, 64, 128, 32)] == candidates[1].config
     finally:
-        triton_fp8.TUNED_TILES.pop((0, 64, 128, 32))
+        triton_fp8.TUNED_TILES.pop((-1, 64, 128, 32))
+
+
+def linear_graph() -> torch.fx.GraphModule:
+    """x -> linear(W1 [64, 128], triton) -> linear_silu_mul(W2 [256, 64], triton), and a `torch` linear (not ours
+    to tune)."""
+    root = torch.nn.Module()
+    root.w1, root.w2, root.w3 = torch.randn(64, 128), torch.randn(256, 64), torch.randn(32, 128)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    ops = torch.ops.compiled_llm
+    h = graph.call_function(ops.linear.default, (x, graph.get_attr("w1"), None, "triton"))
+    y = graph.call_function(ops.linear_silu_mul.default, (h, graph.get_attr("w2"), None, "triton"))
+    graph.call_function(ops.linear.default, (x, graph.get_attr("w3"), None, "torch"))
+    graph.output(y)
+    return torch.fx.GraphModule(root, graph)
+
+
+def test_the_one_row_linear_tuning_takes_the_triton_linears_and_installs_gemv_or_cublas(monkeypatch):
+    """Buckets: each `triton` linear's weight shape, with the fused activation or not; cuBLAS is the fallback
+    (first), the heuristic gemv_is_faster's pick; an installed choice is what the op's dispatch reads: a GEMV tile,
+    or None for cuBLAS (checked without a GPU: the dispatch's own device test is made to pass)."""
+    from custom_ops.linear import gemv_tuning, op
+
+    tuning = gemv_tuning.OneRowLinearTuning()
+    buckets = tuning.buckets(linear_graph())
+    assert buckets == [{"n": 64, "k": 128, "silu_mul": False}, {"n": 256, "k": 64, "silu_mul": True}]
+    candidates = tuning.candidates(buckets[0])
+    assert candidates[0].name == "cublas" and tuning.heuristic(buckets[0]) == "gemv"
+    assert tuning.heuristic({"n": 128256, "k": 576, "silu_mul": False}) == "cublas"  # SmolLM2's LM head
+    x, weight = torch.randn(1, 128), torch.randn(64, 128)
+    for candidate in candidates[:1]:  # cuBLAS's (F.linear's) output against the float64 reference, on the CPU
+        torch.testing.assert_close(candidate.run(x, weight, False), tuning.reference(x, weight, False).float())
+    monkeypatch.setattr(op, "triton_runs_on", lambda tensor: True)
+    monkeypatch.setattr(op, "TUNED_GEMV", {})
+    assert op._gemv_tile(x, weight, None, False) == {}  # untuned: the heuristic's GEMV, gemv_config's tile
+    cpu = torch.device("cpu")  # installed for the CPU (-1 in the tables), where the test's tensors are
+    tuning.install(buckets[0], candidates[3], cpu)
+    tuning.install(buckets[1], candidates[0], cpu)
+    assert op._gemv_tile(x.view(1, 1, 128), weight, None, False) == candidates[3].config
+    assert op._gemv_tile(torch.randn(1, 64), torch.randn(256, 64), None, True) is None  # cuBLAS chosen
+    assert op._gemv_tile(torch.randn(2, 128), weight, None, False) is None  # two rows: cuBLAS, tuned or not

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from autotune.kernel_cache import source_hash
-from autotune.select import register
+from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate
 from custom_ops.linear import fp8, triton_fp8
 
@@ -84,25 +84,15 @@ class Fp8DecodeGemmTuning:
             if node.op != "call_function" or node.target not in _FP8_LINEARS or node.args[-1] != "triton":
                 continue
             weight = node.args[1] if node.target is _FP8_LINEARS[0] else node.args[2]
-            shapes.add(tuple(_value(gm, weight).shape))
+            shapes.add(tuple(graph_value(gm, weight).shape))
         return [{"n": n, "k": k, "rows": rows} for n, k in sorted(shapes) for rows in ROW_BUCKETS]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        key = (device.index if device.index is not None else torch.cuda.current_device(), bucket["n"], bucket["k"])
-        triton_fp8.TUNED_TILES[(*key, bucket["rows"])] = dict(candidate.config)
+        key = (device_index(device), bucket["n"], bucket["k"], bucket["rows"])
+        triton_fp8.TUNED_TILES[key] = dict(candidate.config)
 
 
 _FP8_LINEARS = (torch.ops.compiled_llm.fp8_linear.default, torch.ops.compiled_llm.fp8_linear_quantized.default)
-
-
-def _value(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """The tensor (or its fake) behind a graph node: a get_attr's attribute, else the node's meta value."""
-    if node.op == "get_attr":
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
-    return node.meta["val"]
 
 
 register(Fp8DecodeGemmTuning())

@@ -68,24 +68,38 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """One row, on the device, in the layouts and dtypes the kernel takes (anything else: cuBLAS, which
-    also raises F.linear's errors for bad shapes): `gemv`'s checks, so the op launches it without them."""
+# The GEMV choices the autotuner made in this process (autotune.select_kernels; gemv_tuning.py), by (device index
+# as Tensor.get_device gives it, N, K, silu_mul): tile overrides for the GEMV, or None for cuBLAS. A shape without one: gemv_is_faster, gemv_config.
+TUNED_GEMV: dict[tuple[int, int, int, bool], dict | None] = {}
+_UNTUNED = object()
+
+
+def _gemv_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> dict | None:
+    """The GEMV's tile overrides for this call, or None where cuBLAS runs it: more than one row, a layout or dtype
+    the kernel does not take (cuBLAS then also raises F.linear's errors for bad shapes), or a shape where cuBLAS is
+    the faster. `gemv`'s checks, so the op launches it without them."""
     k = x.shape[-1]
     # Cheapest test first: most calls outside CUDA graphs have many rows and go straight to cuBLAS.
     if k == 0 or x.numel() != k or x.stride(-1) != 1:
-        return False
-    return (
+        return None
+    takes = (
         triton_runs_on(x) and x.dtype in KERNEL_DTYPES and weight.is_contiguous() and weight.dtype == x.dtype
         and weight.shape[1] == k
         and (bias is None or (bias.is_contiguous() and bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
-        and gemv_is_faster(*weight.shape)
     )  # fmt: skip
+    if not takes:
+        return None
+    n = weight.shape[0]
+    tuned = TUNED_GEMV.get((x.get_device(), n, k, silu_mul), _UNTUNED)
+    if tuned is _UNTUNED:
+        return {} if gemv_is_faster(n, k) else None
+    return tuned
 
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _takes_gemv(x, weight, bias):
-        return launch_gemv(x.reshape(1, -1), weight, None, bias, False).view(*x.shape[:-1], weight.shape[0])
+    tile = _gemv_tile(x, weight, bias, False)
+    if tile is not None:
+        return launch_gemv(x.reshape(1, -1), weight, None, bias, False, **tile).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -110,8 +124,9 @@ def _torch_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out_shape = (*x.shape[:-1], weight.shape[0] // 2)
     halves = weight.shape[0] % 2 == 0  # else F.linear and silu_and_mul raise the shape error
-    if halves and _takes_gemv(x, weight, bias):
-        return launch_gemv(x.reshape(1, -1), weight, None, bias, True).view(out_shape)
+    tile = _gemv_tile(x, weight, bias, True) if halves else None
+    if tile is not None:
+        return launch_gemv(x.reshape(1, -1), weight, None, bias, True, **tile).view(out_shape)
     gate_up = F.linear(x, weight, bias)
     if not (halves and triton_runs_on(gate_up) and gate_up.dtype in KERNEL_DTYPES):
         return silu_and_mul(gate_up)

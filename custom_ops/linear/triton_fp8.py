@@ -144,8 +144,8 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[to
 DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": 0, "SPLIT_K": 1}
 
 
-# Tiles the autotuner chose for this process (autotune.select_kernels; fp8_tuning.py), by (device index, N, K,
-# M_PADDED); a shape without one takes DECODE_TILE.
+# Tiles the autotuner chose for this process (autotune.select_kernels; fp8_tuning.py), by (device index as
+# Tensor.get_device gives it, N, K, M_PADDED); a shape without one takes DECODE_TILE.
 TUNED_TILES: dict[tuple[int, int, int, int], dict] = {}
 
 
@@ -186,7 +186,7 @@ def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     if unknown := set(tile) - set(DECODE_TILE):
         raise ValueError(f"fp8_decode_gemm: unknown tile entries {sorted(unknown)}; it takes {sorted(DECODE_TILE)}")
     padded = m_padded(m)
-    tile = DECODE_TILE | TUNED_TILES.get((x8.device.index, n, k, padded), {}) | tile
+    tile = DECODE_TILE | TUNED_TILES.get((x8.get_device(), n, k, padded), {}) | tile
     block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
     if tile["PREFETCH"] and block_k % 128:
         raise ValueError(f"fp8_decode_gemm: PREFETCH takes BLOCK_K in multiples of 128 (a line a prefetch), got {tile}")

@@ -1,0 +1,96 @@
+"""The one-row linear's candidates for the autotuner (autotune.tuner.OpTuning): cuBLAS or the Triton GEMV, and the
+GEMV's tile, per weight shape [N, K] of the graph's `compiled_llm::linear` and `linear_silu_mul` calls whose
+backend is `triton` (the calls of batch-1 decode).
+
+cuBLAS is the fallback (it takes every shape); the heuristic is what runs untuned (op.gemv_is_faster, then
+triton_gemv.gemv_config's tile). A winner is installed in op.TUNED_GEMV, which every later one-row call of that
+shape on that device reads, CUDA-graph captures included.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from autotune.kernel_cache import source_hash
+from autotune.select import device_index, graph_value, register
+from autotune.tuner import Candidate
+from custom_ops.linear import op, triton_gemv
+
+OP = "linear_one_row"
+L2_OVERFLOW_BYTES = 200_000_000
+CUBLAS = "cublas"
+TILES = (  # beside gemv_config's own: narrower and wider loads, more rows a program, more warps
+    {"BLOCK_N": 1, "BLOCK_K": 4096},
+    {"BLOCK_N": 2, "BLOCK_K": 2048},
+    {"BLOCK_N": 4, "BLOCK_K": 1024},
+    {"BLOCK_N": 8, "BLOCK_K": 512},
+    {"num_warps": 8},
+)
+_GEMV_SOURCE = source_hash(Path(triton_gemv.__file__).read_text(), Path(op.__file__).read_text())
+
+
+def tile_name(tile: dict) -> str:
+    return (
+        "gemv-" + "-".join(f"{key.lower().replace('block_', '')}{value}" for key, value in tile.items())
+        if tile
+        else "gemv"
+    )
+
+
+def _gemv(x, weight, silu_mul: bool, tile: dict) -> torch.Tensor:  # inputs: (x [1, K], weight [N, K], silu_mul)
+    return triton_gemv.launch_gemv(x, weight, None, None, silu_mul, **tile)
+
+
+def _cublas(x, weight, silu_mul: bool) -> torch.Tensor:
+    out = F.linear(x, weight)
+    return op.silu_and_mul(out) if silu_mul else out
+
+
+class OneRowLinearTuning:
+    """autotune.tuner.OpTuning of the one-row linear; bucket {"n", "k", "silu_mul"}."""
+
+    op = OP
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        found = [Candidate(CUBLAS, _cublas, f"torch{torch.__version__}")]
+        for tile in ({}, *TILES):
+            found.append(Candidate(tile_name(tile), functools.partial(_gemv, tile=tile), _GEMV_SOURCE, tile))
+        return found
+
+    def heuristic(self, bucket: dict) -> str:
+        return tile_name({}) if op.gemv_is_faster(bucket["n"], bucket["k"]) else CUBLAS
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        n, k = bucket["n"], bucket["k"]
+        copies = max(copies, -(-L2_OVERFLOW_BYTES // (n * k * dtype.itemsize)))
+        device = torch.device("cuda", torch.cuda.current_device())
+        return [(torch.randn(1, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype) / k**0.5,
+                 bucket["silu_mul"]) for _ in range(copies)]  # fmt: skip
+
+    def reference(self, x, weight, silu_mul: bool) -> torch.Tensor:
+        return _cublas(x.double(), weight.double(), silu_mul)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-6, 2.0**-6  # a few roundings of the output's dtype (and of SiLU's, as the model rounds it)
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        """A bucket per weight shape of the graph's `triton` linears, with or without the fused activation."""
+        found = set()
+        for node in gm.graph.nodes:
+            silu_mul = node.target is torch.ops.compiled_llm.linear_silu_mul.default
+            ours = node.op == "call_function" and (silu_mul or node.target is torch.ops.compiled_llm.linear.default)
+            if ours and node.args[-1] == "triton":
+                n, k = graph_value(gm, node.args[1]).shape
+                found.add((n, k, silu_mul))
+        return [{"n": n, "k": k, "silu_mul": silu_mul} for n, k, silu_mul in sorted(found)]
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        tile = None if candidate.name == CUBLAS else dict(candidate.config)
+        op.TUNED_GEMV[(device_index(device), bucket["n"], bucket["k"], bucket["silu_mul"])] = tile
+
+
+register(OneRowLinearTuning())

@@ -1,0 +1,54 @@
+"""compiler_caches.use_cache_dir: Inductor's and Triton's caches under CompileConfig.cache_dir, process-wide."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    from compiled_llm.compiler_caches import use_cache_dir
+    first, second = sys.argv[1:]
+    print(use_cache_dir(first))
+    print(os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"])
+    use_cache_dir(first)  # the same directory again: fine
+    try:
+        use_cache_dir(second)
+    except ValueError as error:
+        print("refused:", error)
+""")
+
+
+def run(tmp_path: Path, **env) -> list[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "a"), str(tmp_path / "b")], env={**environment, **env},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return out.stdout.splitlines()
+
+
+def test_the_first_compile_sets_both_caches_and_another_cache_dir_is_refused(tmp_path):
+    line, variables, refused = run(tmp_path)
+    a = (tmp_path / "a").resolve()
+    assert line == f"kernel choices, inductor and triton under {a}"
+    assert variables == f"{a / 'inductor'} {a / 'triton'}"
+    assert refused.startswith(f"refused: cache_dir='{(tmp_path / 'b').resolve()}': this process already compiles with")
+    assert f"under '{a}'" in refused and "use one cache_dir per process" in refused
+
+
+def test_a_variable_the_user_set_is_left_alone_and_reported(tmp_path):
+    line, variables, _ = run(tmp_path, TRITON_CACHE_DIR=str(tmp_path / "mine"))
+    a = (tmp_path / "a").resolve()
+    assert line == f"kernel choices and inductor under {a}; triton in {tmp_path / 'mine'} ($TRITON_CACHE_DIR)"
+    assert variables == f"{a / 'inductor'} {tmp_path / 'mine'}"
+
+
+def test_an_inductor_compile_caches_under_the_sessions_cache_dir(compiled):
+    """The session's compiles (conftest points COMPILED_LLM_CACHE_DIR at a temporary directory) write Inductor's
+    cache there, and the report says where."""
+    _, model = compiled("llama")
+    root = Path(os.environ["COMPILED_LLM_CACHE_DIR"]).resolve()
+    assert f"under {root}" in str(model.report)
+    assert any((root / "inductor").rglob("*.py"))  # the compiled graph's module
