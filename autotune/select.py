@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from autotune.kernel_cache import KernelCache
-from autotune.tuner import Candidate, OpTuning, choose, cuda_timer
+from autotune.tuner import Candidate, Choice, OpTuning, TuningError, choose, cuda_timer
 
 log = logging.getLogger("compiled_llm.autotune")
 
@@ -86,14 +86,22 @@ def select_kernels(gm: torch.fx.GraphModule, mode: str, cache_dir, device: torch
     With `mode` "off" nothing is asked."""
     if mode == "off":
         return []
+    if mode == "full" and device.type != "cuda" and timer is cuda_timer:
+        log.info("autotune='full' times kernels on a CUDA GPU; a model on %s reads the kernel cache only", device.type)
+        mode = "cache"
     cache = KernelCache(cache_dir, device)
     work = [(tuning, bucket) for tuning in _TUNINGS.values() for bucket in tuning.buckets(gm)]
     choices = []
     for done, (tuning, bucket) in enumerate(work):
         if mode == "full":
             log.info("autotune: %d/%d %s %s", done + 1, len(work), tuning.op, bucket)
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            choice = choose(tuning, bucket, dtype, mode, cache, timer)
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                choice = choose(tuning, bucket, dtype, mode, cache, timer)
+        except (TuningError, RuntimeError) as error:  # out of memory for the inputs, say: the op still runs
+            log.warning("autotune %s %s: tuning failed (%s); it runs its heuristic", tuning.op, bucket, error)
+            candidate = next(c for c in tuning.candidates(bucket) if c.name == tuning.heuristic(bucket))
+            choice = Choice(candidate, "heuristic")
         tuning.install(bucket, choice.candidate, device)
         choices.append(KernelChoice(tuning.op, bucket, choice.candidate.name, choice.source, tuning.heuristic(bucket),
                                     choice.times_us))  # fmt: skip

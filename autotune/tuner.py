@@ -63,8 +63,8 @@ class OpTuning(Protocol):
         ...
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        """`copies` input sets for `bucket`, fresh random values, together larger than the GPU's L2 where the op
-        streams its operands (the timer rotates through them)."""
+        """About `copies` input sets for `bucket`, fresh random values, together larger than the GPU's L2 where the
+        op streams its operands (the timer rotates through them; two are enough where each alone is larger)."""
         ...
 
     def reference(self, *inputs) -> torch.Tensor:

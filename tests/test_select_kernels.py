@@ -99,6 +99,20 @@ def test_full_tunes_and_stores_then_cache_serves_the_winner(fake, tmp_path):
     assert fake.installed == {1: "fast", 16: "fast"}
 
 
+def test_a_failed_tuning_leaves_the_op_its_heuristic(fake, tmp_path, caplog):
+    """The fallback failing its own check (or the inputs not fitting in memory) is a warning, not a failed compile."""
+    fake._candidates[0] = Candidate("fallback", lambda x: x * 5, "src-a")  # now wrong
+    choices = select.select_kernels(relu_graph(), "full", tmp_path, torch.device("cpu"), torch.float32, fake.timer)
+    assert [(c.winner, c.source) for c in choices] == [("fallback", "heuristic")] * 2
+    assert "tuning failed" in caplog.text and "fails its own check" in caplog.text
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_full_on_a_cpu_model_reads_the_cache_only(fake, tmp_path):
+    choices = select.select_kernels(relu_graph(), "full", tmp_path, torch.device("cpu"), torch.float32)
+    assert [(c.winner, c.source) for c in choices] == [("fallback", "heuristic")] * 2
+
+
 def test_a_graph_without_the_op_has_no_buckets(fake, tmp_path):
     graph = torch.fx.symbolic_trace(torch.nn.Identity())
     assert select.select_kernels(graph, "full", tmp_path, torch.device("cpu"), torch.float32, no_timer) == []
