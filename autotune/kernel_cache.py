@@ -114,7 +114,11 @@ class KernelCache:
         hash) and its winner is one of them; else None."""
         bucket = _as_json(bucket)
         path = self._path(op, dtype, bucket)
-        if not path.exists():
+        try:
+            if not path.exists():
+                return None
+        except OSError as error:  # a directory we may not search: a miss, as the module promises, not a crash
+            log.warning("kernel cache: %s cannot be read (%s); ignored", path, error)
             return None
         entry = self._read(path)
         if entry is None:

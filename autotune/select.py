@@ -2,7 +2,8 @@
 
 Each op family registers its tuning (`register`: an OpTuning that also lists the buckets a graph needs, `buckets`,
 and installs a choice where its calls read it, `install`). For every bucket of the rewritten graph, under
-`CompileConfig.autotune`, `tuner.choose` picks the candidate (off: none is asked, each op runs its heuristic;
+`CompileConfig.autotune`, `tuner.choose` picks the candidate (off: none is asked, each op runs its heuristic or
+what an earlier compile of the process installed for the shape;
 cache: the cached winner, else the heuristic, nothing timed; full: a miss is tuned and stored), and the choice is
 installed before the first step runs, so the compiled graph and its CUDA-graph captures run it. The compile report
 lists every choice, where it came from and its measured times.

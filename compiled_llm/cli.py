@@ -260,7 +260,10 @@ def cache(args: argparse.Namespace) -> int:
     from autotune.kernel_cache import KernelCache
 
     root = Path(args.cache_dir or CompileConfig().cache_dir).expanduser()
-    keys = sorted(p.name for p in (root / "kernels").iterdir() if p.is_dir()) if (root / "kernels").is_dir() else []
+    try:
+        keys = sorted(p.name for p in (root / "kernels").iterdir() if p.is_dir()) if (root / "kernels").is_dir() else []
+    except OSError as error:
+        raise ValueError(f"the kernel cache {root / 'kernels'} cannot be read: {error.strerror}") from None
     caches = [KernelCache(root, key=key) for key in keys]
     if args.action == "clear":
         removed = sum(c.clear() for c in caches)

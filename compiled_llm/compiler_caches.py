@@ -34,5 +34,6 @@ def use_cache_dir(cache_dir: str | Path) -> str:
             "cache_dir per process"
         )
     ours = ["kernel choices", *(sub for name, sub in _VARIABLES.items() if name not in _USERS)]
-    line = f"{', '.join(ours[:-1])} and {ours[-1]} under {cache_dir}"
+    line = f"{', '.join(ours[:-1])} and {ours[-1]}" if len(ours) > 1 else ours[0]
+    line += f" under {cache_dir}"
     return line + "".join(f"; {sub} in {_USERS[name]} (${name})" for name, sub in _VARIABLES.items() if name in _USERS)

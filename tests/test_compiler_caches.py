@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import os, sys
     from compiled_llm.compiler_caches import use_cache_dir
@@ -43,11 +45,18 @@ def test_a_variable_the_user_set_is_left_alone_and_reported(tmp_path):
     a = (tmp_path / "a").resolve()
     assert line == f"kernel choices and inductor under {a}; triton in {tmp_path / 'mine'} ($TRITON_CACHE_DIR)"
     assert variables == f"{a / 'inductor'} {tmp_path / 'mine'}"
+    line, variables, _ = run(tmp_path, TRITON_CACHE_DIR="/x/t", TORCHINDUCTOR_CACHE_DIR="/x/i")
+    assert line == f"kernel choices under {a}; inductor in /x/i ($TORCHINDUCTOR_CACHE_DIR); triton in /x/t ($TRITON_CACHE_DIR)"
+    assert variables == "/x/i /x/t"
 
 
 def test_an_inductor_compile_caches_under_the_sessions_cache_dir(compiled):
     """The session's compiles (conftest points COMPILED_LLM_CACHE_DIR at a temporary directory) write Inductor's
-    cache there, and the report says where."""
+    cache there, and the report says where (unless the environment chose Inductor's cache itself)."""
+    from compiled_llm import compiler_caches
+
+    if "TORCHINDUCTOR_CACHE_DIR" in compiler_caches._USERS:
+        pytest.skip("TORCHINDUCTOR_CACHE_DIR is set in the environment: Inductor's cache is there")
     _, model = compiled("llama")
     root = Path(os.environ["COMPILED_LLM_CACHE_DIR"]).resolve()
     assert f"under {root}" in str(model.report)

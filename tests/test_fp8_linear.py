@@ -109,12 +109,12 @@ def test_scaled_mm_backend_matches_the_reference_on_gpu():
 
 @pytest.mark.gpu
 def test_triton_backend_matches_the_reference_on_gpu():
-    """The quantizing kernel before the decode GEMM (up to 16 rows) or cuBLASLt (more), per-token and static
+    """The quantizing kernel before the decode GEMM (up to 64 rows) or cuBLASLt (more), per-token and static
     scales, on fresh inputs."""
     for _ in range(3):
         check_backend_against_reference("triton", "cuda", torch.bfloat16, seed=torch.seed() % 2**31)
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    for rows, k, n in ((1, 4096, 6144), (1, 14336, 512), (3, 576, 960), (16, 1000, 72), (33, 4096, 256)):
+    for rows, k, n in ((1, 4096, 6144), (1, 14336, 512), (3, 576, 960), (16, 1000, 72), (33, 4096, 256), (80, 4096, 256)):
         x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
         weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to("cuda"))
         bias = torch.randn(n, generator=generator).to("cuda", torch.bfloat16)
@@ -191,21 +191,28 @@ def test_the_decode_gemm_refuses_what_it_cannot_take_before_launching():
 
 
 @pytest.mark.gpu
-def test_split_k_decode_gemm_replays_in_a_cuda_graph():
-    """The split's arrival counts reset themselves: a captured call replayed on new rows stays right each time."""
+def test_split_k_decode_gemm_replays_in_cuda_graphs():
+    """Split calls captured in two graphs, the second captured last and replayed first, then each replayed again on
+    new rows: every output right each time (no arrival count outlives its call)."""
     from custom_ops.linear import triton_fp8
 
     weight8, scale = quantize_weight(torch.randn(320, 3000, device="cuda"))
-    x = torch.randn(5, 3000, device="cuda", dtype=torch.bfloat16)
-    x8, x_scale = quantize_rows(x)
-    triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4)  # compiled outside
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4)
+    xs = [quantize_rows(torch.randn(rows, 3000, device="cuda", dtype=torch.bfloat16)) for rows in (5, 40)]
+    graphs, outs = [], []
+    for x8, x_scale in xs:
+        triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4)  # compiled outside
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4))
+        graphs.append(graph)
     for _ in range(3):
-        new8, new_scale = quantize_rows(torch.randn(5, 3000, device="cuda", dtype=torch.bfloat16))
-        x8.copy_(new8)
-        x_scale.copy_(new_scale)
-        graph.replay()
-        expected = torch.ops.compiled_llm.fp8_linear_quantized(x8, x_scale, weight8, scale, None, torch.bfloat16, "torch")
-        torch.testing.assert_close(out.float(), expected.float(), rtol=2.0**-7, atol=2.0**-7 * expected.float().abs().max().item())
+        for i in (1, 0):
+            x8, x_scale = xs[i]
+            new8, new_scale = quantize_rows(torch.randn(x8.shape[0], 3000, device="cuda", dtype=torch.bfloat16))
+            x8.copy_(new8)
+            x_scale.copy_(new_scale)
+            graphs[i].replay()
+            expected = torch.ops.compiled_llm.fp8_linear_quantized(x8, x_scale, weight8, scale, None, torch.bfloat16,
+                                                                   "torch")  # fmt: skip
+            torch.testing.assert_close(outs[i].float(), expected.float(), rtol=2.0**-7,
+                                       atol=2.0**-7 * expected.float().abs().max().item())  # fmt: skip

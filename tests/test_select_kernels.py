@@ -119,7 +119,7 @@ def test_a_graph_without_the_op_has_no_buckets(fake, tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path):
+def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkeypatch):
     """autotune="full" tunes the FP8 decode GEMM for every weight shape of the tiny Llama (fused qkv 128 x 64, o
     64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, and the bf16 LM head's one-row linear, storing
     each; a second compile with "cache"
@@ -129,8 +129,8 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 decode GEMM needs FP8 tensor cores")
     model = tiny_model("llama").to("cuda", torch.bfloat16)
-    triton_fp8.TUNED_TILES.clear()
-    op.TUNED_GEMV.clear()
+    monkeypatch.setattr(triton_fp8, "TUNED_TILES", {})  # this test's choices do not outlive it
+    monkeypatch.setattr(op, "TUNED_GEMV", {})
     # Uncompiled graphs (the ops run as they do under Inductor, which tuning does not involve): three compiles fast.
     fields = {"quantization": "fp8", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
     untuned = compile_model(model, autotune="off", **fields)

@@ -21,7 +21,8 @@ from custom_ops.linear import fp8, triton_fp8
 
 OP = "fp8_decode_gemm"
 ROW_BUCKETS = (16, 32, 64)
-L2_OVERFLOW_BYTES = 200_000_000  # weight copies the timer rotates through: past any GPU's L2
+L2_OVERFLOW_BYTES = 200_000_000
+MAX_COPIES = 64  # small weights: a CUDA graph of this many calls a round (they sit in L2 in a step too)  # weight copies the timer rotates through: past any GPU's L2
 TILES = (
     triton_fp8.DECODE_TILE,  # the fallback: first
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3},  # gate/up at 1 and 64 rows
@@ -62,7 +63,7 @@ class Fp8DecodeGemmTuning:
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         n, k, rows = bucket["n"], bucket["k"], bucket["rows"]
-        copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k)))  # a weight past L2 by itself needs but two
+        copies = min(MAX_COPIES, max(2, -(-L2_OVERFLOW_BYTES // (n * k))))  # a weight past L2 alone: two
         device = torch.device("cuda", torch.cuda.current_device())
         sets = []
         for _ in range(copies):

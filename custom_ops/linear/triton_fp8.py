@@ -98,8 +98,8 @@ def _kernels():
         out_mask = row_mask[:, None] & m_mask[None, :]
         if SPLIT_K > 1:
             # Split K: each program leaves its float32 sums in partial [SPLIT_K, M, N] and counts itself in for its
-            # tile; the last to arrive adds the SPLIT_K sums in split order (deterministic), writes y and resets
-            # the count for the next call. Barrier, then one thread's release (the atomic), as CUDA's grid sync
+            # tile (counts zeroed by the call); the last to arrive adds the SPLIT_K sums in split order
+            # (deterministic) and writes y. Barrier, then one thread's release (the atomic), as CUDA's grid sync
             # does: every thread's partial is visible GPU-wide before the count says so.
             partial_ptrs = partial_ptr + ms[None, :] * N + rows[:, None]
             tl.store(partial_ptrs + tl.program_id(1) * M * N, acc, mask=out_mask)
@@ -110,7 +110,6 @@ def _kernels():
                 acc = tl.zeros([BLOCK_N, M_PADDED], dtype=tl.float32)
                 for split in tl.static_range(SPLIT_K):  # from L2: other SMs wrote them
                     acc += tl.load(partial_ptrs + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
             out_mask = out_mask & last
         x_scale = tl.load(x_scale_ptr + ms, mask=m_mask, other=0.0)
         out = acc * w_scale[:, None] * x_scale[None, :]
@@ -154,23 +153,6 @@ def m_padded(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
-# A split-K call's arrival counts, one per weight tile, zero between calls (the last program of a tile resets its
-# count), per device and stream: two streams may run decode GEMMs at once, one stream's run one after the other.
-# A table outgrown is kept alive, not freed: a captured CUDA graph may still point at it.
-_counts: dict[tuple, torch.Tensor] = {}
-_outgrown: list[torch.Tensor] = []
-
-
-def _tile_counts(device: torch.device, tiles: int) -> torch.Tensor:
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    counts = _counts.get(key)
-    if counts is None or counts.numel() < tiles:
-        if counts is not None:
-            _outgrown.append(counts)
-        counts = _counts[key] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
-    return counts
-
-
 def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype, **tile) -> torch.Tensor:  # fmt: skip
     """x8 [M <= KERNEL_ROWS, K] e4m3 (unit last stride) with float32 row scales x_scale [M, 1] (contiguous) against an
@@ -199,7 +181,8 @@ def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     partial = counts = out  # unused without a split
     if split > 1:
         partial = torch.empty(split, m, n, device=x8.device, dtype=torch.float32)
-        counts = _tile_counts(x8.device, tiles)
+        # Zeroed by every call, inside a CUDA graph too: no count outlives its call, whichever stream or graph.
+        counts = torch.zeros(tiles, device=x8.device, dtype=torch.int32)
     _kernels()[1][(tiles, split)](
         x8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, partial, counts, m, n,
         x8.stride(0), weight.stride(0), out.stride(0), K=k, M_PADDED=padded,
