@@ -62,6 +62,11 @@ def _server_class():
     return Server
 
 
+def _exit_with_status_1(signum, frame) -> None:
+    log.warning("signal %d while stopping: exiting with status 1", signum)
+    raise SystemExit(1)
+
+
 def serve(llm: LLM | EngineCoreClient, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int = 1024, shutdown_timeout_s: float = 30.0, log_level: str = "info",
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False,
@@ -88,8 +93,10 @@ def serve(llm: LLM | EngineCoreClient, model_name: str, host: str = "127.0.0.1",
     try:
         server.run()
     finally:
-        if threading.current_thread() is threading.main_thread():  # Ctrl-C works again while tearing down
+        if threading.current_thread() is threading.main_thread():
+            # A signal while tearing down (the requests done, the engine core stopping) is a second signal too:
+            # it exits at once with status 1, not by death from the signal's default action.
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+                signal.signal(sig, _exit_with_status_1)
     log.info("server stopped (exit status %d)", server.exit_code)
     return server.exit_code
