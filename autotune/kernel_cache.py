@@ -85,6 +85,11 @@ class CacheEntry:
         return entry_key(self.op, self.dtype, self.bucket)
 
 
+def format_bucket(bucket: dict) -> str:
+    """{"n": 64, "k": 128} -> "n=64 k=128" (the report, `tune` and `cache ls`)."""
+    return " ".join(f"{key}={value}" for key, value in bucket.items())
+
+
 def _as_json(bucket: dict) -> dict:
     """The bucket as it reads back from JSON (tuples become lists, keys strings), so that a stored entry compares
     equal to the key it was stored under."""

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from autotune.kernel_cache import KernelCache
+from autotune.kernel_cache import KernelCache, format_bucket
 from autotune.tuner import Candidate, Choice, OpTuning, TuningError, choose, cuda_timer
 
 log = logging.getLogger("compiled_llm.autotune")
@@ -35,7 +35,8 @@ class GraphOpTuning(OpTuning, Protocol):
 
 
 def graph_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """The tensor behind a graph node, for a tuning's `buckets`: a get_attr's attribute, else the node's fake value."""
+    """The tensor behind a graph node, for a tuning's `buckets`: a get_attr's attribute, else the node's fake
+    value."""
     if node.op == "get_attr":
         value = gm
         for part in node.target.split("."):
@@ -73,12 +74,17 @@ class KernelChoice:
     times_us: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        bucket = " ".join(f"{key}={value}" for key, value in self.bucket.items())
-        line = f"{self.op} {bucket}: {self.winner} ({self.source}"
+        line = f"{self.op} {format_bucket(self.bucket)}: {self.winner} ({self.source}"
         if self.times_us:
             fastest = sorted(self.times_us.items(), key=lambda kv: kv[1])[:3]
             line += "; " + ", ".join(f"{name} {t:.1f} us" for name, t in fastest)
         return line + ")"
+
+
+def count_sources(choices: list[KernelChoice]) -> str:
+    """"3 cache, 9 heuristic": how many choices came from where (the report, the log)."""
+    counts = {source: sum(c.source == source for c in choices) for source in ("cache", "tuned", "heuristic")}
+    return ", ".join(f"{n} {source}" for source, n in counts.items() if n)
 
 
 def select_kernels(gm: torch.fx.GraphModule, mode: str, cache_dir, device: torch.device, dtype: torch.dtype,
@@ -107,6 +113,5 @@ def select_kernels(gm: torch.fx.GraphModule, mode: str, cache_dir, device: torch
         choices.append(KernelChoice(tuning.op, bucket, choice.candidate.name, choice.source, tuning.heuristic(bucket),
                                     choice.times_us))  # fmt: skip
     if choices:
-        log.info("autotune=%s: %d choices (%s)", mode, len(choices),
-                 ", ".join(f"{sum(c.source == s for c in choices)} {s}" for s in ("cache", "tuned", "heuristic")))  # fmt: skip
+        log.info("autotune=%s: %d choices (%s)", mode, len(choices), count_sources(choices))
     return choices

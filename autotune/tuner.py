@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +31,15 @@ from autotune.kernel_cache import CacheEntry, KernelCache, source_hash
 log = logging.getLogger("compiled_llm.autotune")
 
 Timer = Callable[[Callable[..., Any], Sequence[tuple]], float]  # (run, input sets) -> microseconds a call
+
+L2_OVERFLOW_BYTES = 200_000_000  # what the input sets an op streams should add up to: past any GPU's L2
+MAX_INPUT_SETS = 64  # for small operands: a CUDA graph of this many calls a round (they sit in L2 in a step too)
+
+
+def input_copies(bytes_a_set: int) -> int:
+    """How many input sets of `bytes_a_set` streamed bytes an OpTuning's `inputs` makes: enough to overflow L2, two
+    where one alone does, at most MAX_INPUT_SETS."""
+    return min(MAX_INPUT_SETS, max(2, -(-L2_OVERFLOW_BYTES // bytes_a_set)))
 
 
 @dataclass(frozen=True)
@@ -113,16 +121,10 @@ def cuda_timer(run: Callable[..., Any], input_sets: Sequence[tuple], warmup: int
         replay = graph.replay
     except RuntimeError as error:
         log.info("autotune: timing %s by plain launches (it cannot be captured: %s)", getattr(run, "__name__", run), error)
+    from compiled_llm.bench.measure import event_median_s  # here: compiled_llm imports autotune
+
     replay()
-    rounds = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        rounds.append(start.elapsed_time(end) * 1e3 / len(input_sets))
-    return statistics.median(rounds)
+    return event_median_s(replay, repeats) * 1e6 / len(input_sets)
 
 
 def _why_wrong(tuning: OpTuning, candidate: Candidate, inputs: tuple, dtype: torch.dtype) -> str | None:

@@ -241,58 +241,17 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from compiled_llm.compiled_model import compile_model
-    from compiled_llm.model_source import load_model
+    from compiled_llm.kernel_commands import tune_kernels
 
     if args.autotune not in (None, "full"):
         raise ValueError(f"tune times kernels: it runs with autotune='full', not --autotune {args.autotune}")
-    config = _config_from_args(args).model_copy(update={"autotune": "full"})
-    model = load_model(args.model, _dtype(args.dtype)).model
-    if next(model.parameters()).device.type != "cuda":
-        raise ValueError("tune times kernels on a CUDA GPU: the model loaded on the CPU (no GPU visible)")
-    compiled = compile_model(model, config)
-    print(format_tuning_table(compiled.report.kernels))
-    print(f"kernel cache: {config.cache_dir}")
-    return 0
+    return tune_kernels(args.model, _dtype(args.dtype), _config_from_args(args))
 
 
 def cache(args: argparse.Namespace) -> int:
-    from autotune.kernel_cache import KernelCache
+    from compiled_llm.kernel_commands import kernel_cache_command
 
-    root = Path(args.cache_dir or CompileConfig().cache_dir).expanduser()
-    try:
-        keys = sorted(p.name for p in (root / "kernels").iterdir() if p.is_dir()) if (root / "kernels").is_dir() else []
-    except OSError as error:
-        raise ValueError(f"the kernel cache {root / 'kernels'} cannot be read: {error.strerror}") from None
-    caches = [KernelCache(root, key=key) for key in keys]
-    if args.action == "clear":
-        removed = sum(c.clear() for c in caches)
-        print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'}")
-        return 0
-    print(f"kernel cache {root / 'kernels'}: {sum(len(c.entries()) for c in caches)} choices")
-    for key, kernel_cache in zip(keys, caches):
-        print(key)
-        for entry in kernel_cache.entries():
-            bucket = " ".join(f"{k}={v}" for k, v in entry.bucket.items())
-            time = entry.times_us.get(entry.winner)
-            print(f"  {entry.op} {entry.dtype} {bucket}: {entry.winner}"
-                  f"{f' {time:.1f} us' if time is not None else ''} of {len(entry.times_us)} timed ({entry.tuned_at})")  # fmt: skip
-    return 0
-
-
-def format_tuning_table(kernels) -> str:
-    """Per op and bucket: the heuristic's time, the winner's, and the gain (the report's KernelChoice list)."""
-    if not kernels:
-        return "nothing to tune: the compiled graph calls no tunable kernel (on this GPU, with this configuration)"
-    lines = [f"{'op':<18} {'bucket':<28} {'winner':<30} {'heuristic us':>12} {'winner us':>10} {'gain':>6}  from"]
-    for choice in kernels:
-        bucket = " ".join(f"{key}={value}" for key, value in choice.bucket.items())
-        first, best = choice.times_us.get(choice.heuristic), choice.times_us.get(choice.winner)
-        gain = f"{first / best:5.2f}x" if first and best else "-"
-        cell = lambda t: f"{t:.1f}" if t is not None else "-"
-        lines.append(f"{choice.op:<18} {bucket:<28} {choice.winner:<30} {cell(first):>12} {cell(best):>10} {gain:>6}  "
-                     f"{choice.source}")  # fmt: skip
-    return "\n".join(lines)
+    return kernel_cache_command(args.action, Path(args.cache_dir or CompileConfig().cache_dir).expanduser())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,9 +138,9 @@ class CompileConfig(BaseModel):
 
     autotune: Literal["off", "cache", "full"] = "cache"
     """Kernel selection per op and shape (autotune.select_kernels; the report lists each choice): `off` asks
-    nothing, each op runs its heuristic (or what this process tuned for the shape before); `cache` the winner stored in the kernel cache under `cache_dir`, the heuristic on a miss,
-    never timing anything; `full` tunes a miss on the GPU (each candidate checked against the reference op, then
-    timed) and stores it."""
+    nothing, each op runs its heuristic (or what this process tuned for the shape before); `cache` the winner
+    stored in the kernel cache under `cache_dir`, the heuristic on a miss, never timing anything; `full` tunes a
+    miss on the GPU (each candidate checked against the reference op, then timed) and stores it."""
 
     cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("COMPILED_LLM_CACHE_DIR") or DEFAULT_CACHE_DIR))
     """Where compiled artifacts and the kernel cache live: `$COMPILED_LLM_CACHE_DIR` where set, else

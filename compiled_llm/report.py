@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from autotune.select import count_sources
 from fx_passes import PagedLayer, PassResult
 
 
@@ -53,9 +54,8 @@ class CompileReport:
             detail = f"  ({result.detail})" if result.detail else ""
             lines.append(f"    {result.name:<24} {result.sites:5d} sites{detail}")
         if self.kernels:
-            sources = ", ".join(f"{n} {s}" for s in ("cache", "tuned", "heuristic")
-                                if (n := sum(k.source == s for k in self.kernels)))  # fmt: skip
-            lines.append(f"  autotune {t.get('autotune_s', 0):7.2f} s  {self.autotune}: {len(self.kernels)} kernel choices ({sources})")
+            lines.append(f"  autotune {t.get('autotune_s', 0):7.2f} s  {self.autotune}: {len(self.kernels)} kernel "
+                         f"choices ({count_sources(self.kernels)})")  # fmt: skip
             lines.extend(f"    {choice}" for choice in self.kernels)
         lines.append(f"  compile  {t.get('compile_s', 0):7.2f} s  {self.compile_backend}, first step included")
         lines.append(f"  weights  {self.weight_bytes / 2**20:.1f} MiB read by the graph")

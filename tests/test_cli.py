@@ -150,7 +150,7 @@ def test_tune_refuses_another_autotune_mode_and_a_model_without_a_gpu(tmp_path, 
 
 def test_the_tuning_table_gives_each_choice_its_gain_over_the_heuristic():
     from autotune.select import KernelChoice
-    from compiled_llm.cli import format_tuning_table
+    from compiled_llm.kernel_commands import format_tuning_table
 
     table = format_tuning_table([
         KernelChoice("fp8_decode_gemm", {"n": 64, "k": 128, "rows": 16}, "fast", "tuned", "default",

@@ -179,8 +179,8 @@ def test_the_decode_gemm_refuses_what_it_cannot_take_before_launching():
     from custom_ops.linear import triton_fp8
 
     weight8, scale = quantize_weight(torch.randn(32, 256))
-    x8, x_scale = quantize_rows(torch.randn(triton_fp8.KERNEL_ROWS + 1, 256))
-    with pytest.raises(ValueError, match=f"1 to {triton_fp8.KERNEL_ROWS} rows, got {triton_fp8.KERNEL_ROWS + 1}"):
+    x8, x_scale = quantize_rows(torch.randn(triton_fp8.MAX_ROWS + 1, 256))
+    with pytest.raises(ValueError, match=f"1 to {triton_fp8.MAX_ROWS} rows, got {triton_fp8.MAX_ROWS + 1}"):
         triton_fp8.fp8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16)
     with pytest.raises(ValueError, match="PREFETCH takes BLOCK_K in multiples of 128"):
         triton_fp8.fp8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, BLOCK_K=64, PREFETCH=1)

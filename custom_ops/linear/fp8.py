@@ -10,8 +10,8 @@ Numerics, which every backend is held to (tests/test_fp8_linear.py):
 
 Backends by name, as `compiled_llm::linear`'s: `torch` is the reference (dequantized float32 matmul, any
 device); `scaled_mm` runs `torch._scaled_mm` (cuBLASLt's FP8 GEMM with a scale per row and per column) where it
-takes the shapes; `triton` runs triton_fp8.py's quantizing kernel, then its tensor-core GEMM for decode rows (up to 64)
-or cuBLASLt's for more. Each is tested against the reference.
+takes the shapes; `triton` runs triton_fp8.py's quantizing kernel, then its tensor-core GEMM for decode rows (up to
+64) or cuBLASLt's for more. Each is tested against the reference.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def triton_takes(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """One quantizing kernel, then the decode GEMM (up to triton_fp8.MAX_ROWS rows) or cuBLASLt's; what the kernels do not take:
-    `scaled_mm`'s path."""
+    """One quantizing kernel, then the decode GEMM (up to triton_fp8.MAX_ROWS rows) or cuBLASLt's; what the kernels
+    do not take: `scaled_mm`'s path."""
     rows = x.reshape(-1, x.shape[-1])
     if not triton_takes(rows, weight, weight_scale, bias, x.dtype, (weight.shape[0],)):
         return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias)
@@ -165,13 +165,14 @@ def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str
         if linear_backend == "torch" or not triton_available():
             why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
             return "scaled_mm", f"cuBLASLt's FP8 GEMM with row and column scales ({why})"
-        return "triton", f"one quantizing kernel, then a Triton FP8 GEMM for up to {triton_fp8.MAX_ROWS} rows and cuBLASLt's for more"
+        return "triton", (f"one quantizing kernel, then a Triton FP8 GEMM for up to {triton_fp8.MAX_ROWS} rows and "
+                          "cuBLASLt's for more")
     return "torch", f"the reference on {device.type}"
 
 
 def _fp8_linear_quantized(x8, x_scale, weight, weight_scale, bias, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """The decode GEMM (`triton`, up to triton_fp8.MAX_ROWS rows) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over activations a
-    fused producer quantized; the reference where those do not take the shapes."""
+    """The decode GEMM (`triton`, up to triton_fp8.MAX_ROWS rows) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over
+    activations a fused producer quantized; the reference where those do not take the shapes."""
     rows8, row_scale = x8.reshape(-1, x8.shape[-1]), x_scale.reshape(-1, 1).float().contiguous()
     n, k = weight.shape
     bias_ok = bias is None or (bias.dtype == out_dtype and bias.is_contiguous() and bias.shape == (n,))

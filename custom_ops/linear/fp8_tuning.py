@@ -16,13 +16,11 @@ import torch
 
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
-from autotune.tuner import Candidate
+from autotune.tuner import Candidate, input_copies
 from custom_ops.linear import fp8, triton_fp8
 
 OP = "fp8_decode_gemm"
 ROW_BUCKETS = (16, 32, 64)
-L2_OVERFLOW_BYTES = 200_000_000
-MAX_COPIES = 64  # small weights: a CUDA graph of this many calls a round (they sit in L2 in a step too)  # weight copies the timer rotates through: past any GPU's L2
 TILES = (
     triton_fp8.DECODE_TILE,  # the fallback: first
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3},  # gate/up at 1 and 64 rows
@@ -63,7 +61,7 @@ class Fp8DecodeGemmTuning:
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         n, k, rows = bucket["n"], bucket["k"], bucket["rows"]
-        copies = min(MAX_COPIES, max(2, -(-L2_OVERFLOW_BYTES // (n * k))))  # a weight past L2 alone: two
+        copies = input_copies(n * k)
         device = torch.device("cuda", torch.cuda.current_device())
         sets = []
         for _ in range(copies):

@@ -17,12 +17,10 @@ import torch.nn.functional as F
 
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
-from autotune.tuner import Candidate
+from autotune.tuner import Candidate, input_copies
 from custom_ops.linear import op, triton_gemv
 
 OP = "linear_one_row"
-L2_OVERFLOW_BYTES = 200_000_000
-MAX_COPIES = 64  # small weights: a CUDA graph of this many calls a round (they sit in L2 in a step too)
 CUBLAS = "cublas"
 TILES = (  # beside gemv_config's own: narrower and wider loads, more rows a program, more warps
     {"BLOCK_N": 1, "BLOCK_K": 4096},
@@ -67,7 +65,7 @@ class OneRowLinearTuning:
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         n, k = bucket["n"], bucket["k"]
-        copies = min(MAX_COPIES, max(2, -(-L2_OVERFLOW_BYTES // (n * k * dtype.itemsize))))  # a weight past L2 alone: two
+        copies = input_copies(n * k * dtype.itemsize)
         device = torch.device("cuda", torch.cuda.current_device())
         return [(torch.randn(1, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype) / k**0.5,
                  bucket["silu_mul"]) for _ in range(copies)]  # fmt: skip

@@ -69,7 +69,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # The GEMV choices the autotuner made in this process (autotune.select_kernels; gemv_tuning.py), by (device index
-# as Tensor.get_device gives it, N, K, silu_mul): tile overrides for the GEMV, or None for cuBLAS. A shape without one: gemv_is_faster, gemv_config.
+# as Tensor.get_device gives it, N, K, silu_mul): tile overrides for the GEMV, or None for cuBLAS. A shape without
+# one: gemv_is_faster, then gemv_config's tile.
 TUNED_GEMV: dict[tuple[int, int, int, bool], dict | None] = {}
 _UNTUNED = object()
 

@@ -5,8 +5,9 @@
 - `fp8_decode_gemm`: y [M, N] = (x8 . W8) s_x s_w for decode rows (1 to 64) on the FP8 tensor cores. With a few
   rows a linear is a stream over its weight; the product is taken as y^T [N, M] = W8 [N, K] . x8^T [K, M], so the
   weight fills the MMA's wide side in 64-row tiles (Hopper's wgmma) and x's rows, padded to 16, 32 or 64, its
-  narrow one, and the K loop is software-pipelined like any Triton GEMM (`SPLIT_K` shares K out among programs). On an H200 it matches cuBLASLt's FP8 GEMM with one
-  scale per operand (which cannot take row scales) and is 1.5-2.4x faster than cuBLASLt with row scales; with the
+  narrow one, and the K loop is software-pipelined like any Triton GEMM (`SPLIT_K` shares K out among programs).
+  On an H200 it matches cuBLASLt's FP8 GEMM with one scale per operand (which cannot take row scales) and is
+  1.5-2.4x faster than cuBLASLt with row scales; with the
   quantizing kernel before it, a layer's linears take ~70 us against ~91 for the CUDA-core GEMV it replaced (even on
   the small ones, 1.3-1.7x on gate/up and down; BENCHMARKS.md); more rows go to `torch._scaled_mm`.
 
@@ -25,8 +26,7 @@ from custom_ops.triton_runtime import pdl_launch_options
 
 # Rows the op sends to fp8_decode_gemm (x padded to 16, 32 or 64 for the MMA): on an H200 from 1 to 64 rows it takes
 # about the same time, 1.2-2.4x less than cuBLASLt's GEMM with row scales (benchmarks/fp8_linear_bench.py --decode).
-KERNEL_ROWS = 64
-MAX_ROWS = KERNEL_ROWS
+MAX_ROWS = 64
 # The kernels write fp8.FP8_MAX (448) and fp8.MIN_AMAX (1e-12) as literals: a jitted function reads no globals.
 
 
@@ -155,14 +155,14 @@ def m_padded(rows: int) -> int:
 
 def fp8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype, **tile) -> torch.Tensor:  # fmt: skip
-    """x8 [M <= KERNEL_ROWS, K] e4m3 (unit last stride) with float32 row scales x_scale [M, 1] (contiguous) against an
+    """x8 [M <= MAX_ROWS, K] e4m3 (unit last stride) with float32 row scales x_scale [M, 1] (contiguous) against an
     e4m3 weight [N, K] (contiguous) with float32 scales [N] -> [M, N] in `out_dtype`; the caller checked the shapes
     (fp8.triton_takes). `tile` overrides the tuned tile's entries (TUNED_TILES), which override DECODE_TILE's."""
     import triton
 
     m, k = x8.shape
-    if not 0 < m <= KERNEL_ROWS:
-        raise ValueError(f"fp8_decode_gemm takes 1 to {KERNEL_ROWS} rows, got {m}")
+    if not 0 < m <= MAX_ROWS:
+        raise ValueError(f"fp8_decode_gemm takes 1 to {MAX_ROWS} rows, got {m}")
     n = weight.shape[0]
     out = x8.new_empty(m, n, dtype=out_dtype)
     if unknown := set(tile) - set(DECODE_TILE):
