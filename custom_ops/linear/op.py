@@ -128,10 +128,17 @@ def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     tile = _gemv_tile(x, weight, bias, True) if halves else None
     if tile is not None:
         return launch_gemv(x.reshape(1, -1), weight, None, bias, True, **tile).view(out_shape)
+    return cublas_linear_silu_mul(x, weight, bias)
+
+
+def cublas_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The `triton` backend's linear_silu_mul where the GEMV does not run it: cuBLAS, then one Triton kernel for
+    the activation (F.silu and a product where triton does not run)."""
     gate_up = F.linear(x, weight, bias)
+    halves = weight.shape[0] % 2 == 0  # else silu_and_mul raises the shape error
     if not (halves and triton_runs_on(gate_up) and gate_up.dtype in KERNEL_DTYPES):
         return silu_and_mul(gate_up)
-    return triton_silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(out_shape)
+    return triton_silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*x.shape[:-1], weight.shape[0] // 2)
 
 
 LINEAR_BACKENDS: dict[str, LinearFn] = {"torch": F.linear, "triton": _triton_linear, "onednn": _onednn_linear}
