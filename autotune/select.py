@@ -33,6 +33,9 @@ class GraphOpTuning(OpTuning, Protocol):
         """Make `candidate` what the op runs for `bucket` on `device` from now on in this process."""
         ...
 
+    # Optional: `finish(gm, device)`, called once after every bucket is installed, for a tuning whose choices
+    # live in the graph itself (paged attention's backend argument).
+
 
 def graph_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """The tensor behind a graph node, for a tuning's `buckets`: a get_attr's attribute, else the node's fake
@@ -112,6 +115,9 @@ def select_kernels(gm: torch.fx.GraphModule, mode: str, cache_dir, device: torch
         tuning.install(bucket, choice.candidate, device)
         choices.append(KernelChoice(tuning.op, bucket, choice.candidate.name, choice.source, tuning.heuristic(bucket),
                                     choice.times_us))  # fmt: skip
+    for tuning in _TUNINGS.values():
+        if hasattr(tuning, "finish"):
+            tuning.finish(gm, device)
     if choices:
         log.info("autotune=%s: %d choices (%s)", mode, len(choices), count_sources(choices))
     return choices

@@ -52,6 +52,12 @@ class Candidate:
     run: Callable[..., Any]
     source: str
     config: dict = field(default_factory=dict)
+    capturable: bool = field(default=True, compare=False)
+    """Whether a CUDA graph can capture a call (no host sync): the timer replays those, launches the others (a
+    capture that fails midway leaves the CUDA RNG unusable for the rest of the process)."""
+    host_us: Callable[[Sequence[tuple]], float] | None = field(default=None, compare=False)
+    """Host time a call costs a step beyond its launches (a planner's, amortized over the calls of a step), added
+    to its GPU time: a step's host work runs beside the GPU only while the host keeps ahead."""
 
     @property
     def identity(self) -> str:
@@ -97,7 +103,8 @@ class TuningError(RuntimeError):
     pass
 
 
-def cuda_timer(run: Callable[..., Any], input_sets: Sequence[tuple], warmup: int = 3, repeats: int = 20) -> float:
+def cuda_timer(run: Callable[..., Any], input_sets: Sequence[tuple], warmup: int = 3, repeats: int = 20,
+               capture: bool = True) -> float:  # fmt: skip
     """Microseconds a call of `run` on the GPU, as a step replays it: one round (a call per input set) captured in
     a CUDA graph after `warmup` calls on a side stream, then the median over `repeats` replays timed with CUDA
     events. Plain launches would add the host's launch cost, which a replayed step does not pay; a candidate that
@@ -115,10 +122,11 @@ def cuda_timer(run: Callable[..., Any], input_sets: Sequence[tuple], warmup: int
 
     replay = one_round
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            one_round()
-        replay = graph.replay
+        if capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                one_round()
+            replay = graph.replay
     except RuntimeError as error:
         log.info("autotune: timing %s by plain launches (it cannot be captured: %s)", getattr(run, "__name__", run), error)
     from compiled_llm.bench.measure import event_median_s  # here: compiled_llm imports autotune
@@ -162,7 +170,12 @@ def tune(tuning: OpTuning, bucket: dict, dtype: torch.dtype, cache: KernelCache,
                 raise TuningError(f"{tuning.op}: its fallback {candidate.name!r} fails its own check for {bucket}: {why}")
             log.warning("autotune %s %s: %s is out: %s", tuning.op, bucket, candidate.name, why)
             continue
-        times[candidate.name] = timer(candidate.run, input_sets)
+        if candidate.capturable:
+            times[candidate.name] = timer(candidate.run, input_sets)
+        else:
+            times[candidate.name] = timer(candidate.run, input_sets, capture=False)
+        if candidate.host_us is not None:
+            times[candidate.name] += candidate.host_us(input_sets)
     winner = min(times, key=times.get)
     chosen = next(c for c in candidates if c.name == winner)
     try:

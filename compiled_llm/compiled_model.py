@@ -38,7 +38,7 @@ from compiled_llm.runtime import (
 )
 from compiled_llm.sequence_limits import bounded_by_position_tables, max_seq_len_for
 from compiled_llm.verify import self_check
-from custom_ops import get_attention_backend
+from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
 
@@ -111,6 +111,9 @@ class CompiledModel:
                 timings["passes_s"] = time.perf_counter() - start
             self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
             start = time.perf_counter()
+            # What the tunings read beside the graph: the step shapes the runtime will run it at.
+            captured.gm.meta.update(device=self.device, block_size=config.block_size, max_seq_len=self.max_seq_len,
+                                    decode_batch_sizes=self._decode_batch_sizes())  # fmt: skip
             kernels = select_kernels(captured.gm, config.autotune, config.cache_dir, self.device,
                                      next(model.parameters()).dtype)  # fmt: skip
             timings["autotune_s"] = time.perf_counter() - start
@@ -193,12 +196,7 @@ class CompiledModel:
         prefill is a full step of max_num_tokens, whose peak memory is kept free when sizing the cache.
         Running both also loads every attention kernel before the first request."""
         config = self.config
-        planners = {}
-        for backend in {layer.backend for layer in layers}:
-            make_planner = get_attention_backend(backend).make_planner
-            if make_planner is not None:
-                owned = {layer.layer_idx: layer.features for layer in layers if layer.backend == backend}
-                planners[backend] = make_planner(owned, config.block_size, self.device)
+        planners = planners_for(layers, config.block_size, self.device)
         on_cuda = self.device.type == "cuda"
         # On CUDA the largest step there can be: max_num_tokens tokens, every logit asked for (a forward of
         # the full batch does that), in as few sequences as max_seq_len allows. On CPU: 2 tokens.
@@ -254,9 +252,13 @@ class CompiledModel:
             return f"off (attention backend {unsafe} syncs with the host)"
         return None
 
+    def _decode_batch_sizes(self) -> list[int]:
+        """The decode batch sizes CUDA graphs are captured for (a step of b sequences is padded to the next)."""
+        return sorted(self.config.cuda_graph_batch_sizes or default_batch_sizes(self.config.max_batch_size))
+
     def _capture_cuda_graphs(self) -> str:
         """Capture the decode CUDA graphs; returns what the report should say."""
-        sizes = self.config.cuda_graph_batch_sizes or default_batch_sizes(self.config.max_batch_size)
+        sizes = self._decode_batch_sizes()
         graphs = DecodeCudaGraphs(self.runner, sizes)
         graphs.capture()
         self.runner.cuda_graphs = graphs

@@ -3,9 +3,10 @@
 run by a backend chosen per layer. reference.py: the dense math both are checked against. backends.py: the
 backend registry, the per-layer choice, the per-step plan scope. Backends: `reference` (paged.py), `sdpa`
 (sdpa.py), `triton` (triton.py, kernels in triton_kernel.py), `flashinfer` (flashinfer.py); the Triton
-KV-cache write of the GPU ones: kv_cache_write.py. Importing the package registers the ops and backends."""
+KV-cache write of the GPU ones: kv_cache_write.py. phased.py: a backend per step phase and decode batch size
+(`decode<=8:triton,decode:flashinfer,prefill:flashinfer`), what the autotuner chooses (tuning.py). Importing the package registers the ops and backends."""
 
-from custom_ops.attention import flashinfer, op, paged, sdpa, triton  # noqa: F401  (registers the ops, backends)
+from custom_ops.attention import flashinfer, op, paged, sdpa, triton, tuning  # noqa: F401  (registers the ops, backends, tuning)
 from custom_ops.attention.backends import (
     AttentionBackend,
     AttentionPlanner,
@@ -17,6 +18,7 @@ from custom_ops.attention.backends import (
     select_attention_backend,
 )
 from custom_ops.attention.paged import write_kv_cache
+from custom_ops.attention.phased import planners_for
 from custom_ops.attention.reference import attend_one_sequence
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "attend_one_sequence",
     "get_attention_backend",
     "planned_step",
+    "planners_for",
     "register_attention_backend",
     "select_attention_backend",
     "write_kv_cache",

@@ -73,11 +73,20 @@ def register_attention_backend(backend: AttentionBackend) -> None:
     _BACKENDS[backend.name] = backend
 
 
+def registered_attention_backend(name: str) -> AttentionBackend | None:
+    """The backend registered under `name`, or None."""
+    return _BACKENDS.get(name)
+
+
 def get_attention_backend(name: str) -> AttentionBackend:
-    try:
+    """A registered backend, or the phased one a name of rules stands for (phased.py)."""
+    if name in _BACKENDS:
         return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}") from None
+    if ":" in name:
+        from custom_ops.attention.phased import phased_backend
+
+        return phased_backend(name)
+    raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
 
 
 def select_attention_backend(requested: str, device_type: str, features: LayerAttentionFeatures) -> tuple[str, str]:

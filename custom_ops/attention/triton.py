@@ -33,6 +33,8 @@ from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
 MAX_SPLITS = 16
+# Key splits the autotuner chose for decode steps (tuning.py), by split_key(); decode_splits() elsewhere.
+TUNED_DECODE_SPLITS: dict[tuple, int] = {}
 
 
 @functools.cache
@@ -43,6 +45,11 @@ def _multiprocessors(device: torch.device) -> int:
 def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Key splits per (sequence, KV head) of a decode step: enough programs for two waves of the GPU."""
     return max(1, min(MAX_SPLITS, -(-2 * _multiprocessors(device) // (num_seqs * num_kv_heads))))
+
+
+def split_key(device_index: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+              sliding_window: int, cache_dtype: torch.dtype) -> tuple:  # fmt: skip
+    return (device_index, num_seqs, num_heads, num_kv_heads, head_dim, sliding_window > 0, cache_dtype)
 
 
 def _unsupported(features: LayerAttentionFeatures) -> str | None:
@@ -66,7 +73,8 @@ def tile_shape(num_tokens: int, num_seqs: int, group: int) -> tuple[int, int]:
 
 
 def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
-                           layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
+                           layer_idx, scale, sliding_window, softcap, sinks, splits: int | None = None) -> None:  # fmt: skip
+    """The backend's run; `splits` (decode steps only) overrides the tuned or heuristic key split count."""
     import triton
 
     from custom_ops.attention.triton_kernel import merge_splits_kernel, paged_attention_kernel
@@ -80,7 +88,11 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         return
     group = num_heads // num_kv_heads
     block_m, block_q = tile_shape(num_tokens, num_seqs, group)
-    splits = decode_splits(num_seqs, num_kv_heads, q.device) if num_tokens == num_seqs else 1
+    if num_tokens != num_seqs:
+        splits = 1
+    elif splits is None:
+        key = split_key(q.get_device(), num_seqs, num_heads, num_kv_heads, head_dim, sliding_window, kv_cache.dtype)
+        splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device)
     write_kv = splits > 1  # the kernel writes the cache itself (module docstring)
     if not write_kv:
         write_kv_cache_fast(k, v, kv_cache, slot_mapping)

@@ -1,0 +1,301 @@
+"""Paged attention's candidates for the autotuner (autotune.tuner.OpTuning): the backend per step phase, per
+decode batch size and per layer kind.
+
+A bucket is one kind of layer (heads, KV heads, head_dim, sliding window, soft-cap, sinks, dtypes, how many
+layers of the model are of that kind) in one phase: decode at each batch size the model captures a CUDA graph
+for, each sequence attending to TUNING_CONTEXT keys (max_seq_len - 1 where shorter: the kernels' order changes
+with the length, and a model served for short sequences should run what is fastest for those), or prefill
+(sequences of PREFILL_CHUNK new tokens, at most max_seq_len). Only layers whose backend `attention_backend="auto"` picked take part: a backend the
+user named is what runs. The candidates are the backends that can run the layer, that one (the heuristic and
+the fallback) first; on a GPU decode takes only backends a CUDA graph can replay, and never the reference, and
+Triton's decode kernel also at each of SPLITS key splits (`triton-splits4`: the layer's backend is `triton`, and
+the count goes to triton.TUNED_DECODE_SPLITS for that shape, which its launches read). A backend with a planner pays its
+plan() on the host once a step for all layers of a kind: that time, over the kind's layers, is added to each
+call's (autotune.tuner.Candidate.host_us).
+
+The choices of a kind become its layers' backend name after every bucket is chosen (`finish`): one backend
+where all phases and sizes chose it, else the rules of a phased backend (phased.py), e.g.
+`decode<=8:triton,decode:flashinfer,prefill:flashinfer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from autotune.kernel_cache import source_hash
+from autotune.select import device_index, register
+from autotune.tuner import Candidate, input_copies
+from custom_ops.attention import triton as triton_backend
+from custom_ops.attention.backends import (
+    AUTO_ORDER,
+    LayerAttentionFeatures,
+    StepAttentionMetadata,
+    get_attention_backend,
+    planned_step,
+    registered_attention_backend,
+)
+from custom_ops.attention.phased import PhaseRule, phased_name
+
+OP = "paged_attention"
+TUNING_CONTEXT = 1024  # keys per decode sequence while tuning, at most: a chat turn's, between short and long
+# contexts (BENCHMARKS.md: Triton's decode kernel wins at 256 keys, FlashInfer's from 2048 at most batch sizes)
+PREFILL_CHUNK = 512  # new tokens per prefill sequence while tuning
+PREFILL_SEQS = 4
+STEP_KEYS = ("phase", "batch", "context", "seqs", "chunk")  # a bucket's step; the rest is its kind of layer
+SPLITS = (1, 2, 4, 8, 16)  # key splits of Triton's decode kernel tried beside its heuristic's (triton.decode_splits)
+
+
+def _layer_kind(features: LayerAttentionFeatures, block_size: int, layers: int) -> dict:
+    """The bucket fields of a kind of layer (with the KV cache's block size and how many layers are of it)."""
+    return {"heads": features.num_q_heads, "kv_heads": features.num_kv_heads, "head_dim": features.head_dim,
+            "window": features.sliding_window, "softcap": features.softcap, "sinks": features.has_sinks,
+            "dtype": _dtype_name(features.dtype), "kv_cache": _dtype_name(features.cache_dtype), "block": block_size,
+            "layers": layers}  # fmt: skip
+
+
+def _kind_key(device: torch.device, kind: dict) -> tuple:
+    return (device_index(device), *(kind[key] for key in sorted(kind)))
+
+
+def _features(bucket: dict) -> LayerAttentionFeatures:
+    return LayerAttentionFeatures(
+        head_dim=bucket["head_dim"], num_q_heads=bucket["heads"], num_kv_heads=bucket["kv_heads"],
+        scale=bucket["head_dim"] ** -0.5, sliding_window=bucket["window"], softcap=bucket["softcap"],
+        has_sinks=bucket["sinks"], dtype=getattr(torch, bucket["dtype"]), cache_dtype=getattr(torch, bucket["kv_cache"]),
+    )  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def _backend_source(name: str) -> str:
+    """A hash of the backend's code: its module and the kernels it imports from this package (the kernel cache's
+    device key holds the torch, triton and FlashInfer versions)."""
+    module = Path(sys.modules[get_attention_backend(name).run.__module__].__file__)
+    siblings = sorted(p for p in module.parent.glob(f"{module.stem}*.py")) + [module.parent / "kv_cache_write.py"]
+    return source_hash(*(p.read_text() for p in siblings))
+
+
+class PagedAttentionTuning:
+    """autotune.tuner.OpTuning of paged attention (see the module docstring)."""
+
+    op = OP
+
+    def __init__(self):
+        self._chosen: dict[tuple, dict[tuple, str]] = {}  # kind -> {("decode", batch) | ("prefill", 0): backend}
+        self._planners: dict[tuple, object] = {}  # (backend, id(metadata)) -> a planner planned for it
+        self._device = torch.device("cuda")  # the compiled model's (buckets() reads it from the graph)
+
+    # -- the buckets of a graph, and what is chosen for them ----------------------------------------------------
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        """A decode bucket per captured batch size and a prefill bucket, per kind of `auto`-chosen layer on a GPU
+        that more than one backend can run."""
+        layers = [layer for layer in gm.meta.get("paged_attention", ()) if layer.why.startswith("auto")]
+        if not layers:
+            return []
+        self._device = torch.device(gm.meta["device"])
+        found = []
+        context, chunk = min(TUNING_CONTEXT, gm.meta["max_seq_len"] - 1), min(PREFILL_CHUNK, gm.meta["max_seq_len"])
+        for features, count in _count_kinds(layers).items():
+            kind = _layer_kind(features, gm.meta["block_size"], count)
+            for batch in gm.meta["decode_batch_sizes"]:
+                bucket = {"phase": "decode", "batch": batch, "context": context, **kind}
+                if len(self.candidates(bucket)) > 1:
+                    found.append(bucket)
+            bucket = {"phase": "prefill", "seqs": PREFILL_SEQS, "chunk": chunk, **kind}
+            if len(self.candidates(bucket)) > 1:
+                found.append(bucket)
+        return found
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        key = ("decode", bucket["batch"]) if bucket["phase"] == "decode" else ("prefill", 0)
+        kind = {name: value for name, value in bucket.items() if name not in STEP_KEYS}
+        backend = "triton" if "splits" in candidate.config else candidate.name
+        self._chosen.setdefault(_kind_key(device, kind), {})[key] = backend
+        if bucket["phase"] == "decode":
+            f = _features(bucket)
+            split = triton_backend.split_key(device_index(device), bucket["batch"], f.num_q_heads, f.num_kv_heads,
+                                             f.head_dim, f.sliding_window, f.cache_dtype)  # fmt: skip
+            if "splits" in candidate.config:
+                triton_backend.TUNED_DECODE_SPLITS[split] = candidate.config["splits"]
+            else:
+                triton_backend.TUNED_DECODE_SPLITS.pop(split, None)
+
+    def finish(self, gm: torch.fx.GraphModule, device: torch.device) -> None:
+        """Write the chosen backends into the graph's paged-attention calls and its layer list."""
+        layers = gm.meta.get("paged_attention", [])
+        chosen, self._chosen = self._chosen, {}
+        self._planners.clear()
+        counts = _count_kinds([layer for layer in layers if layer.why.startswith("auto")])
+        names = {}
+        for i, layer in enumerate(layers):
+            if not layer.why.startswith("auto"):
+                continue
+            kind = _kind_key(device, _layer_kind(layer.features, gm.meta["block_size"], counts[layer.features]))
+            if kind not in chosen:
+                continue
+            name = phased_name(_rules(chosen[kind], layer.backend))
+            if name != layer.backend:
+                layers[i] = dataclasses.replace(layer, backend=name, why=f"tuned; {layer.why}")
+                names[layer.layer_idx] = name
+        if not names:
+            return
+        for node in gm.graph.nodes:
+            paged = node.op == "call_function" and node.target is torch.ops.compiled_llm.paged_attention.default
+            if paged and node.args[8] in names:  # layer_idx
+                node.args = (*node.args[:-1], names[node.args[8]])
+        gm.recompile()
+
+    # -- the runner interface (autotune.tuner.OpTuning) ----------------------------------------------------------
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        features = _features(bucket)
+        usable = []
+        on_cuda = self._device.type == "cuda"
+        for name in AUTO_ORDER:
+            backend = registered_attention_backend(name)
+            if backend is None or self._device.type not in backend.devices or backend.unsupported(features):
+                continue
+            if on_cuda and (name == "reference" or (bucket["phase"] == "decode" and not backend.cuda_graph_safe)):
+                continue  # the reference syncs with the host every call; decode steps replay CUDA graphs
+            usable.append(name)
+        heuristic = None  # Triton's own split count (not one an earlier tuning installed for the shape)
+        if bucket["phase"] == "decode":
+            heuristic = triton_backend.decode_splits(bucket["batch"], bucket["kv_heads"], self._device)
+        found = []
+        for name in usable:
+            host_us = None
+            if get_attention_backend(name).make_planner is not None:
+                host_us = functools.partial(self._plan_us, name, bucket)
+            run = functools.partial(self._run, name, bucket, splits=heuristic if name == "triton" else None)
+            found.append(Candidate(name, run, _backend_source(name), capturable=get_attention_backend(name).cuda_graph_safe,
+                                   host_us=host_us))  # fmt: skip
+        if "triton" in usable and heuristic is not None:
+            for splits in SPLITS:
+                if splits != heuristic:
+                    run = functools.partial(self._run, "triton", bucket, splits=splits)
+                    source = _backend_source("triton")
+                    found.append(Candidate(f"triton-splits{splits}", run, source, {"splits": splits}))
+        return found
+
+    def heuristic(self, bucket: dict) -> str:
+        return self.candidates(bucket)[0].name  # what `auto` picks: the first of AUTO_ORDER that runs the layer
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        """Input sets that share one step (block table, lengths: one plan serves them all), each with its own
+        queries and KV cache."""
+        self._planners.clear()  # the last bucket's (a FlashInfer planner holds a 256 MiB workspace)
+        features, dtype = _features(bucket), getattr(torch, bucket["dtype"])
+        block = bucket["block"]
+        if bucket["phase"] == "decode":
+            new = [1] * bucket["batch"]
+            lengths = [bucket["context"] + 1] * bucket["batch"]
+        else:
+            new = [bucket["chunk"]] * bucket["seqs"]
+            lengths = list(new)
+        width = math.ceil(max(lengths) / block)
+        num_blocks = 1 + len(lengths) * width
+        cache_shape = (num_blocks, 2, block, features.num_kv_heads, features.head_dim)
+        table = (1 + torch.arange(len(lengths) * width, dtype=torch.int32)).view(len(lengths), width)
+        query_start_loc = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+        seq_lens = torch.tensor(lengths, dtype=torch.int32)
+        slots = [int(table[s, p // block]) * block + p % block for s in range(len(lengths))
+                 for p in range(lengths[s] - new[s], lengths[s])]  # fmt: skip
+        metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, block, width, bucket["phase"] == "decode")
+        device = self._device
+        step = (torch.tensor(slots, device=device), table.to(device), query_start_loc.to(device), seq_lens.to(device))
+        tokens = len(slots)
+        cache_bytes = math.prod(cache_shape) * features.cache_dtype.itemsize
+        sinks = torch.randn(features.num_q_heads, device=device) if features.has_sinks else None
+        layer = (0, features.scale, features.sliding_window, features.softcap, sinks)  # layer_idx 0: the planner's
+        sets = []
+        for _ in range(input_copies(cache_bytes)):
+            q = torch.randn(tokens, features.num_q_heads, features.head_dim, device=device, dtype=dtype)
+            k = torch.randn(tokens, features.num_kv_heads, features.head_dim, device=device, dtype=dtype)
+            v = torch.randn_like(k)
+            cache = torch.randn(cache_shape, device=device, dtype=dtype).to(features.cache_dtype)
+            sets.append((q, k, v, cache, *step, metadata, layer))
+        return sets
+
+    def reference(self, q, k, v, cache, slots, table, query_start_loc, seq_lens, metadata, layer) -> torch.Tensor:
+        out = torch.empty_like(q)
+        get_attention_backend("reference").run(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer)
+        return out
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-6, 2.0**-6  # softmax-weighted sums rounded to the output dtype, in kernels' own order
+
+    # -- candidates ---------------------------------------------------------------------------------------------
+
+    def _planned(self, name: str, bucket: dict, metadata: StepAttentionMetadata) -> dict:
+        """{name: its planner, planned for `metadata`} (made and planned once per input sets), or {}."""
+        make_planner = get_attention_backend(name).make_planner
+        if make_planner is None:
+            return {}
+        key = (name, id(metadata))
+        if key not in self._planners:
+            planner = make_planner({0: _features(bucket)}, bucket["block"], self._device)
+            planner.plan(metadata, cuda_graph_key=("autotune", bucket["batch"]) if metadata.is_decode else None)
+            self._planners[key] = planner
+        return {name: self._planners[key]}
+
+    def _run(self, name: str, bucket: dict, q, k, v, cache, slots, table, query_start_loc, seq_lens, metadata, layer,
+             splits: int | None = None):  # fmt: skip
+        out = torch.empty_like(q)
+        if splits is not None:  # a Triton split count, whatever is installed for the shape
+            triton_backend.triton_paged_attention(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer,
+                                                  splits=splits)  # fmt: skip
+            return out
+        with planned_step(self._planned(name, bucket, metadata)):
+            get_attention_backend(name).run(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer)
+        return out
+
+    def _plan_us(self, name: str, bucket: dict, input_sets) -> float:
+        """A step's plan() on the host, shared by the kind's layers: microseconds per layer."""
+        metadata = input_sets[0][8]
+        planner = self._planned(name, bucket, metadata)[name]
+        key = ("autotune", bucket["batch"]) if metadata.is_decode else None
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            planner.plan(metadata, cuda_graph_key=key)
+            times.append(time.perf_counter() - start)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return statistics.median(times) * 1e6 / bucket["layers"]
+
+
+def _count_kinds(layers) -> dict[LayerAttentionFeatures, int]:
+    counts: dict[LayerAttentionFeatures, int] = {}
+    for layer in layers:
+        counts[layer.features] = counts.get(layer.features, 0) + 1
+    return counts
+
+
+def _rules(chosen: dict[tuple, str], fallback: str) -> list[PhaseRule]:
+    """Phase rules from the choices of one kind: decode by batch size, runs of one backend merged, the largest
+    size's backend for any larger batch; prefill's. A phase nothing was chosen for keeps `fallback`."""
+    rules = []
+    decode = sorted((batch, name) for (phase, batch), name in chosen.items() if phase == "decode")
+    for i, (batch, name) in enumerate(decode):
+        last = i == len(decode) - 1
+        if last or decode[i + 1][1] != name:
+            rules.append(PhaseRule("decode", None if last else batch, name))
+    if not decode:
+        rules.append(PhaseRule("decode", None, fallback))
+    rules.append(PhaseRule("prefill", None, chosen.get(("prefill", 0), fallback)))
+    return rules
+
+
+register(PagedAttentionTuning())

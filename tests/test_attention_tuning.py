@@ -1,0 +1,275 @@
+"""Paged attention's backend per phase and decode batch size: phased backend names (custom_ops/attention/phased.py)
+and their choice by the autotuner (custom_ops/attention/tuning.py)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import VOCAB, random_prompt, tiny_model
+
+import compiled_llm.compiled_model as compiled_model_module
+from autotune import select
+from autotune.tuner import Candidate, cuda_timer
+from compiled_llm import compile_model
+from custom_ops import AttentionBackend, LayerAttentionFeatures, StepAttentionMetadata, get_attention_backend
+from custom_ops.attention import backends, phased, triton, tuning
+
+FEATURES = LayerAttentionFeatures(16, 4, 2, 0.25, 0, 0.0, False, torch.float32, torch.float32)
+
+
+def test_a_phased_name_parses_into_ordered_rules_and_bad_ones_are_refused():
+    rules = phased.parse_rules("decode<=8:triton,decode:flashinfer,prefill:flashinfer")
+    assert [str(rule) for rule in rules] == ["decode<=8:triton", "decode:flashinfer", "prefill:flashinfer"]
+    assert phased.members("decode<=8:triton,decode:flashinfer,prefill:flashinfer") == ["triton", "flashinfer"]
+    assert phased.members("triton") == ["triton"]
+    for name, why in [
+        ("decode<=8:triton,prefill:flashinfer", "no rule for every decode step"),
+        ("decode:triton", "no rule for every prefill step"),
+        ("prefill<=4:a,decode:b,prefill:c", "is not 'decode:NAME'"),
+        ("decode<=x:a,decode:b,prefill:c", "whole number"),
+        ("decode:,prefill:a", "is not 'decode:NAME'"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            phased.parse_rules(name)
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        get_attention_backend("decode:nope,prefill:reference")
+
+
+def test_rules_from_choices_merge_runs_of_one_backend_and_cover_larger_batches():
+    chosen = {("decode", 1): "a", ("decode", 2): "a", ("decode", 4): "b", ("decode", 8): "a", ("prefill", 0): "b"}
+    assert phased.phased_name(tuning._rules(chosen, "x")) == "decode<=2:a,decode<=4:b,decode:a,prefill:b"
+    assert phased.phased_name(tuning._rules({("decode", 1): "a", ("prefill", 0): "a"}, "x")) == "a"
+    assert phased.phased_name(tuning._rules({("decode", 1): "a"}, "x")) == "decode:a,prefill:x"
+
+
+@pytest.fixture
+def recording_backends(monkeypatch):
+    """Backends "rec_a" and "rec_b": the reference's math, each call's (T, S) recorded, each with a planner that
+    records the steps it planned."""
+    calls, planned = [], []
+    reference = get_attention_backend("reference")
+
+    @dataclass
+    class Planner:
+        name: str
+
+        def plan(self, metadata, cuda_graph_key=None):
+            planned.append((self.name, metadata.is_decode, len(metadata.seq_lens)))
+
+    for name in ("rec_a", "rec_b"):
+
+        def run(out, q, *args, _name=name):
+            calls.append((_name, q.shape[0], args[-6].shape[0]))  # T tokens, S sequences (seq_lens)
+            reference.run(out, q, *args)
+
+        make_planner = functools.partial(lambda layers, block, device, _name: Planner(_name), _name=name)
+        monkeypatch.setitem(backends._BACKENDS, name, AttentionBackend(name, run, ("cpu",), make_planner=make_planner))
+    phased.phased_backend.cache_clear()
+    yield calls, planned
+    phased.phased_backend.cache_clear()
+
+
+def paged_step(query_lens: list[int], context: int, block: int = 4):
+    """Inputs of one paged_attention call: sequences with `context` cached tokens each and `query_lens` new ones."""
+    torch.manual_seed(len(query_lens) * 31 + sum(query_lens))
+    lengths = [context + n for n in query_lens]
+    width = -(-max(lengths) // block)
+    table = (1 + torch.arange(len(lengths) * width, dtype=torch.int32)).view(len(lengths), width)
+    slots = torch.tensor([int(table[s, p // block]) * block + p % block for s, n in enumerate(query_lens)
+                          for p in range(lengths[s] - n, lengths[s])])  # fmt: skip
+    tokens = len(slots)
+    cache = torch.randn(1 + table.numel(), 2, block, FEATURES.num_kv_heads, FEATURES.head_dim)
+    q = torch.randn(tokens, FEATURES.num_q_heads, FEATURES.head_dim)
+    k, v = torch.randn(2, tokens, FEATURES.num_kv_heads, FEATURES.head_dim)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, block, width, tokens == len(lengths))
+    return (q, k, v, cache, slots, table, query_start_loc, seq_lens), metadata
+
+
+def test_a_phased_backend_runs_the_rule_of_each_call_and_computes_what_the_reference_does(recording_backends):
+    calls, _ = recording_backends
+    name = "decode<=2:rec_a,decode:rec_b,prefill:rec_a"
+    for query_lens, expected in [([1], "rec_a"), ([1, 1], "rec_a"), ([1, 1, 1], "rec_b"), ([5, 1], "rec_a"),
+                                 ([3], "rec_a")]:  # fmt: skip
+        inputs, _ = paged_step(query_lens, context=6)
+        reference_cache = inputs[3].clone()
+        actual = torch.ops.compiled_llm.paged_attention(*inputs, 0, 0.25, 0, 0.0, None, name)
+        expected_out = torch.ops.compiled_llm.paged_attention(*inputs[:3], reference_cache, *inputs[4:], 0, 0.25, 0,
+                                                              0.0, None, "reference")  # fmt: skip
+        assert calls[-1] == (expected, sum(query_lens), len(query_lens))
+        torch.testing.assert_close(actual, expected_out)
+        torch.testing.assert_close(inputs[3], reference_cache)  # the new keys and values were written
+    assert len(calls) == 5
+
+
+def test_a_phased_backends_members_plan_only_the_steps_their_rules_give_them(recording_backends):
+    _, planned = recording_backends
+
+    @dataclass
+    class Layer:
+        layer_idx: int
+        features: LayerAttentionFeatures
+        backend: str
+
+    layers = [Layer(0, FEATURES, "decode<=2:rec_a,decode:rec_b,prefill:rec_b"), Layer(1, FEATURES, "rec_b")]
+    planners = phased.planners_for(layers[:1], 4, torch.device("cpu"))
+    assert sorted(planners) == ["rec_a", "rec_b"]
+    for query_lens in ([1], [1, 1, 1], [4, 1]):
+        for planner in planners.values():
+            planner.plan(paged_step(query_lens, 4)[1])
+    assert planned == [("rec_a", True, 1), ("rec_b", True, 3), ("rec_b", False, 2)]
+    planned.clear()
+    # A member that another layer runs on its own plans every step.
+    planners = phased.planners_for(layers, 4, torch.device("cpu"))
+    planners["rec_b"].plan(paged_step([1], 4)[1])
+    assert planned == [("rec_b", True, 1)]
+
+
+def fake_timer(run, input_sets, **_):
+    """Fake GPU times (the checks against the reference are real): the reference fastest for decode steps of up
+    to 2 sequences, sdpa elsewhere, by margins no measured host time (sdpa's planner) can change."""
+    name, bucket = run.args[0], run.args[1]
+    reference_wins = bucket["phase"] == "decode" and bucket["batch"] <= 2
+    return {"reference": 1.0, "sdpa": 1e6}[name] if reference_wins else {"reference": 1e6, "sdpa": 1.0}[name]
+
+
+def no_timer(run, input_sets, **_):
+    raise AssertionError("cache mode timed a candidate")
+
+
+def test_tuning_gives_each_decode_batch_size_and_prefill_its_fastest_backend(tmp_path, monkeypatch):
+    """A CPU model (sdpa by `auto`, the reference the other candidate) tuned with fake times: its layers' graph
+    calls get the phased backend of the choices, generation matches the untuned model's, and a compile in cache
+    mode serves the same choices without timing."""
+    model = tiny_model("llama")
+    fields = {"compile_backend": "eager", "max_batch_size": 8, "cache_dir": tmp_path}
+    untuned = compile_model(model, autotune="off", **fields)
+    monkeypatch.setattr(compiled_model_module, "select_kernels", functools.partial(select.select_kernels,
+                                                                                   timer=fake_timer))  # fmt: skip
+    tuned = compile_model(model, autotune="full", **fields)
+    choices = [c for c in tuned.report.kernels if c.op == "paged_attention"]
+    assert [(c.bucket["phase"], c.bucket.get("batch"), c.winner, c.source, c.heuristic) for c in choices] == [
+        ("decode", 1, "reference", "tuned", "sdpa"), ("decode", 2, "reference", "tuned", "sdpa"),
+        ("decode", 4, "sdpa", "tuned", "sdpa"), ("decode", 8, "sdpa", "tuned", "sdpa"),
+        ("prefill", None, "sdpa", "tuned", "sdpa"),
+    ]  # fmt: skip
+    assert choices[0].bucket["context"] == 255 and choices[0].bucket["layers"] == 2  # max_seq_len 256
+    name = "decode<=2:reference,decode:sdpa,prefill:sdpa"
+    backends_in_graph = [n.args[-1] for n in tuned.graph_module.graph.nodes
+                         if n.target is torch.ops.compiled_llm.paged_attention.default]  # fmt: skip
+    assert backends_in_graph == [name, name]
+    assert f"attention {name} for layers 0-1 (tuned; auto" in str(tuned.report)
+    for batch in (1, 3):
+        prompt = random_prompt(9, batch=batch, seed=batch)
+        assert torch.equal(tuned.generate(prompt, max_new_tokens=6), untuned.generate(prompt, max_new_tokens=6))
+        assert prompt.max() < VOCAB
+
+    monkeypatch.setattr(compiled_model_module, "select_kernels", functools.partial(select.select_kernels,
+                                                                                   timer=no_timer))  # fmt: skip
+    cached = compile_model(model, autotune="cache", **fields)
+    assert [(c.winner, c.source) for c in cached.report.kernels if c.op == "paged_attention"] == [
+        (c.winner, "cache") for c in choices
+    ]
+    assert f"attention {name}" in str(cached.report)
+
+
+def test_layers_whose_backend_the_user_named_are_not_tuned(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiled_model_module, "select_kernels", functools.partial(select.select_kernels,
+                                                                                   timer=fake_timer))  # fmt: skip
+    compiled = compile_model(tiny_model("llama"), attention_backend="sdpa", autotune="full", compile_backend="eager",
+                             max_batch_size=8, cache_dir=tmp_path)  # fmt: skip
+    assert [c for c in compiled.report.kernels if c.op == "paged_attention"] == []
+    assert "attention sdpa for layers 0-1 (requested)" in str(compiled.report)
+
+
+def qwen3_head_dim_64(device: str = "cuda") -> torch.nn.Module:
+    """A tiny Qwen3 whose attention both GPU backends run (FlashInfer takes head_dim 64, not the tests' usual 16)."""
+    import transformers as tf
+    from conftest import _COMMON
+
+    torch.manual_seed(0)
+    config = tf.Qwen3Config(**{**_COMMON, "hidden_size": 256, "num_attention_heads": 8}, head_dim=64)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.normal_(0.0, 0.05)
+    return model.to(device, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_a_real_tuning_run_times_both_gpu_backends_for_each_bucket(tmp_path, monkeypatch):
+    """Real times on the GPU: every decode batch size and prefill get a winner among FlashInfer and Triton, each
+    candidate checked against the reference and timed (FlashInfer's with its planning), and the graph's calls
+    get the backend the choices make."""
+    pytest.importorskip("flashinfer")
+    monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})  # this test's choices do not outlive it
+    model = qwen3_head_dim_64()
+    compiled = compile_model(model, autotune="full", compile_backend="eager", max_batch_size=8, cache_dir=tmp_path)
+    choices = [c for c in compiled.report.kernels if c.op == "paged_attention"]
+    assert [(c.bucket["phase"], c.bucket.get("batch")) for c in choices] == [
+        ("decode", 1), ("decode", 2), ("decode", 4), ("decode", 8), ("prefill", None)
+    ]  # fmt: skip
+    # Decode: Triton's kernel also at each key split count but its heuristic's. Prefill: sdpa too (timed by plain
+    # launches: it reads lengths on the host, no CUDA graph can hold it).
+    for c in choices[:4]:
+        heuristic = triton.decode_splits(c.bucket["batch"], 2, torch.device("cuda"))
+        splits = {f"triton-splits{n}" for n in tuning.SPLITS if n != heuristic}
+        assert set(c.times_us) == {"flashinfer", "triton"} | splits
+    assert set(choices[4].times_us) == {"flashinfer", "triton", "sdpa"}
+    assert all(c.source == "tuned" for c in choices)
+    # Every other op was tuned after them (a CUDA-graph capture that failed midway would have broken the CUDA RNG
+    # that their inputs are drawn from)
+    assert all(c.source == "tuned" for c in compiled.report.kernels)
+    assert all(c.heuristic == "flashinfer" and min(c.times_us.values()) > 0 for c in choices)
+    chosen = {("decode", c.bucket["batch"]) if c.bucket["phase"] == "decode" else ("prefill", 0):
+              "triton" if c.winner.startswith("triton-") else c.winner for c in choices}  # fmt: skip
+    name = phased.phased_name(tuning._rules(chosen, "flashinfer"))
+    assert {n.args[-1] for n in compiled.graph_module.graph.nodes
+            if n.target is torch.ops.compiled_llm.paged_attention.default} == {name}  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_a_phased_backend_replays_in_cuda_graphs_and_generates_what_one_backend_does(tmp_path, monkeypatch):
+    """Fake times make Triton win decode steps of up to 2 sequences and FlashInfer the rest: under Inductor with
+    CUDA graphs, batches 1 (Triton's graph) and 3 (FlashInfer's graph of 4) generate what FlashInfer alone does."""
+    pytest.importorskip("flashinfer")
+
+    def triton_for_small_decode(run, input_sets, **options):
+        if not (isinstance(run, functools.partial) and run.args and run.args[0] in ("triton", "flashinfer")):
+            return cuda_timer(run, input_sets, **options)  # another op's candidate (the LM head's GEMV)
+        name, bucket = run.args[0], run.args[1]
+        small = bucket["phase"] == "decode" and bucket["batch"] <= 2
+        return 1.0 if (name == "triton") == small else 1e6
+
+    monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})
+    model = qwen3_head_dim_64()
+    fields = {"max_batch_size": 8, "cache_dir": tmp_path}
+    untuned = compile_model(model, autotune="off", compile_backend="eager", **fields)
+    monkeypatch.setattr(compiled_model_module, "select_kernels", functools.partial(select.select_kernels,
+                                                                                   timer=triton_for_small_decode))  # fmt: skip
+    tuned = compile_model(model, autotune="full", **fields)
+    name = "decode<=2:triton,decode:flashinfer,prefill:flashinfer"
+    assert f"attention {name} for layers 0-1 (tuned; auto" in str(tuned.report)
+    assert "cuda graphs decode batch sizes [1, 2, 4, 8]" in str(tuned.report)
+    for batch in (1, 3):
+        prompt = random_prompt(12, batch=batch, seed=batch).cuda()
+        assert torch.equal(tuned.generate(prompt, max_new_tokens=8), untuned.generate(prompt, max_new_tokens=8))
+
+
+def test_a_triton_split_count_that_wins_is_installed_for_its_shape_and_the_layer_runs_triton(monkeypatch):
+    monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})
+    attention = tuning.PagedAttentionTuning()
+    kind = tuning._layer_kind(FEATURES, 16, 2)
+    bucket = {"phase": "decode", "batch": 4, "context": 255, **kind}
+    cpu = torch.device("cpu")
+    attention.install(bucket, Candidate("triton-splits4", lambda: None, "src", {"splits": 4}), cpu)
+    key = triton.split_key(-1, 4, FEATURES.num_q_heads, FEATURES.num_kv_heads, FEATURES.head_dim, 0, torch.float32)
+    assert triton.TUNED_DECODE_SPLITS == {key: 4}
+    assert attention._chosen == {tuning._kind_key(cpu, kind): {("decode", 4): "triton"}}
+    attention.install(bucket, Candidate("triton", lambda: None, "src"), cpu)  # the heuristic's count again
+    assert triton.TUNED_DECODE_SPLITS == {}
