@@ -6,7 +6,7 @@
     compiled-llm bench --mode serving --url URL ...      drive a running OpenAI-compatible server
     compiled-llm serve MODEL [--port 8000 --api-key KEY] OpenAI-compatible HTTP server
     compiled-llm convert MODEL OUT_DIR [--dtype bfloat16] any model source as a plain HF directory
-    compiled-llm tune MODEL [--quantization fp8 ...]     time kernels on the GPU, store the winners in the cache
+    compiled-llm tune MODEL [--batch-sizes 1,16,64 ...]  time kernels on the GPU, store the winners in the cache
     compiled-llm cache ls|clear [--cache-dir DIR]        list or empty the kernel cache
 
 MODEL is a local Hugging Face directory, a .gguf file, a hub id, `smollm2-135m-instruct` (the GGUF file the
@@ -73,12 +73,16 @@ def _config_from_args(args: argparse.Namespace) -> CompileConfig:
 
     fields = _config_file(args.config) if getattr(args, "config", None) else {}
     flags = {name: getattr(args, name) for name in CompileConfig.model_fields if getattr(args, name) is not None}
-    if "passes" in flags:
-        flags["passes"] = tuple(p.strip() for p in flags["passes"].split(",") if p.strip())
+    for name in ("passes", "cuda_graph_batch_sizes"):  # tuple fields: comma-separated on the command line
+        if isinstance(flags.get(name), str):
+            flags[name] = tuple(p.strip() for p in flags[name].split(",") if p.strip())
     try:
         return CompileConfig(**{**fields, **flags})
     except ValidationError as error:  # one line per bad field, naming it
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        )
         raise ValueError(f"invalid configuration: {problems}") from None
 
 
@@ -245,6 +249,15 @@ def tune(args: argparse.Namespace) -> int:
 
     if args.autotune not in (None, "full"):
         raise ValueError(f"tune times kernels: it runs with autotune='full', not --autotune {args.autotune}")
+    if args.batch_sizes is not None:
+        if args.cuda_graph_batch_sizes is not None:
+            raise ValueError("--batch-sizes sets --cuda-graph-batch-sizes: give one of them")
+        sizes = [p.strip() for p in args.batch_sizes.split(",") if p.strip()]
+        if not sizes or not all(p.isdigit() and int(p) > 0 for p in sizes):
+            raise ValueError(f"--batch-sizes takes positive whole numbers separated by commas, got {args.batch_sizes!r}")
+        args.cuda_graph_batch_sizes = ",".join(sizes)
+        if args.max_batch_size is None:
+            args.max_batch_size = str(max(map(int, sizes)))
     return tune_kernels(args.model, _dtype(args.dtype), _config_from_args(args))
 
 
@@ -341,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                                       formatter_class=_DefaultsFormatter)  # fmt: skip
     tune_parser.add_argument("model", help=model_help)
     tune_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
+    tune_parser.add_argument("--batch-sizes", help="decode batch sizes to tune, comma-separated, e.g. 1,16,64: the "
+                             "CUDA-graph sizes (--cuda-graph-batch-sizes), and --max-batch-size the largest unless "
+                             "given (default: every size up to --max-batch-size)")  # fmt: skip
     _add_config_flags(tune_parser)
     tune_parser.set_defaults(run=tune)
 

@@ -148,6 +148,20 @@ def test_tune_refuses_another_autotune_mode_and_a_model_without_a_gpu(tmp_path, 
         assert "tune times kernels on a CUDA GPU" in capsys.readouterr().err
 
 
+def test_tune_batch_sizes_become_the_cuda_graph_sizes_and_the_max_batch_size(tmp_path, capsys):
+    """--batch-sizes sets the decode buckets to tune (comma lists parse as the tuple fields they fill); sizes over
+    an explicit --max-batch-size, or ones that are not numbers, are refused before any model is loaded."""
+    assert main(["tune", "random:tiny-llama", "--batch-sizes", "1,16", "--max-batch-size", "8"]) == 2
+    assert "cuda_graph_batch_sizes [16] exceed max_batch_size=8" in capsys.readouterr().err
+    assert main(["tune", "random:tiny-llama", "--batch-sizes", "1,x"]) == 2
+    assert "--batch-sizes takes positive whole numbers" in capsys.readouterr().err
+    assert main(["tune", "random:tiny-llama", "--batch-sizes", "1", "--cuda-graph-batch-sizes", "1"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # valid sizes pass the configuration and reach the model
+        assert main(["tune", "random:tiny-llama", "--batch-sizes", "1, 4", "--cache-dir", str(tmp_path)]) == 2
+        assert "tune times kernels on a CUDA GPU" in capsys.readouterr().err
+
+
 def test_the_tuning_table_gives_each_choice_its_gain_over_the_heuristic():
     from autotune.select import KernelChoice
     from compiled_llm.kernel_commands import format_tuning_table
