@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "sdpa", "reference")
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
@@ -48,12 +50,15 @@ class CompileConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    attention_backend: Literal["auto", "flashinfer", "triton", "sdpa", "reference"] = "auto"
-    """Kernel behind the paged-attention op. `auto` picks, per layer, the first backend that is installed,
-    runs on the model's device and supports the layer's features, in the order flashinfer, triton (CUDA),
-    sdpa (CUDA and CPU: PyTorch's fused attention; no soft-cap, sinks or fp8 cache), reference (any
-    layer); on a CPU that is `sdpa`, or `reference` for the layers it cannot run. The compile report says
-    which layer got which backend and why."""
+    attention_backend: str = "auto"
+    """Kernel behind the paged-attention op: auto, flashinfer, triton, sdpa, reference, or one per step phase.
+    `auto` picks, per layer, the first backend that is installed, runs on the model's device and supports the
+    layer's features, in the order flashinfer, triton (CUDA), sdpa (CUDA and CPU: PyTorch's fused attention; no
+    soft-cap, sinks or fp8 cache), reference (any layer); on a CPU that is `sdpa`, or `reference` for the layers
+    it cannot run; the autotuner may then choose another per phase (see README, Tuned kernels). Per phase, by
+    rules that the first match of a step applies: `decode<=8:triton,decode:flashinfer,prefill:flashinfer` (decode
+    steps of up to 8 sequences, other decode steps, prefill and mixed steps). The compile report says which
+    layer got which backend and why."""
 
     linear_backend: Literal["auto", "triton", "onednn", "torch"] = "auto"
     """Kernel behind the linear layers. `torch` leaves them to Inductor (cuBLAS, or the CPU BLAS);
@@ -174,6 +179,22 @@ class CompileConfig(BaseModel):
             raise ValueError(
                 f"{info.field_name}={value!r} is planned but not supported yet; "
                 f"supported now: {', '.join(repr(v) for v in supported)}"
+            )
+        return value
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_attention_backend(cls, value: str) -> str:
+        from custom_ops.attention.phased import is_phased, members, parse_rules
+
+        if is_phased(value):
+            parse_rules(value)  # a ValueError that quotes the rule
+        allowed = ATTENTION_BACKENDS[1:] if is_phased(value) else ATTENTION_BACKENDS  # a rule names a backend
+        unknown = [name for name in members(value) if name not in allowed]
+        if unknown:
+            raise ValueError(
+                f"attention_backend={value!r}: unknown backend {unknown[0]!r}; allowed: {', '.join(ATTENTION_BACKENDS)}, "
+                "or rules per phase such as 'decode<=8:triton,decode:flashinfer,prefill:flashinfer'"
             )
         return value
 

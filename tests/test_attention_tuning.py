@@ -273,3 +273,23 @@ def test_a_triton_split_count_that_wins_is_installed_for_its_shape_and_the_layer
     assert attention._chosen == {tuning._kind_key(cpu, kind): {("decode", 4): "triton"}}
     attention.install(bucket, Candidate("triton", lambda: None, "src"), cpu)  # the heuristic's count again
     assert triton.TUNED_DECODE_SPLITS == {}
+
+
+def test_attention_backend_takes_rules_per_phase_and_refuses_bad_ones():
+    """A hand-picked phased backend: validated in the config (a missing phase, an unknown member), refused for a
+    device its members do not run on, and on the CPU (reference for decode, sdpa for prefill) generating what the
+    reference alone does."""
+    from compiled_llm import CompileConfig
+
+    with pytest.raises(ValueError, match="no rule for every prefill step"):
+        CompileConfig(attention_backend="decode:triton")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; allowed: auto, flashinfer, triton, sdpa"):
+        CompileConfig(attention_backend="decode:cudnn,prefill:sdpa")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"'decode:triton,prefill:sdpa' runs on \['cuda'\], but the model is on 'cpu'"):
+        compile_model(model, attention_backend="decode:triton,prefill:sdpa", compile_backend="eager")
+    phased_model = compile_model(model, attention_backend="decode:reference,prefill:sdpa", compile_backend="eager")
+    assert "attention decode:reference,prefill:sdpa for layers 0-1 (requested)" in str(phased_model.report)
+    reference = compile_model(model, attention_backend="reference", compile_backend="eager")
+    prompt = random_prompt(9, batch=2, seed=5)
+    assert torch.equal(phased_model.generate(prompt, max_new_tokens=6), reference.generate(prompt, max_new_tokens=6))

@@ -92,7 +92,7 @@ def get_attention_backend(name: str) -> AttentionBackend:
 def select_attention_backend(requested: str, device_type: str, features: LayerAttentionFeatures) -> tuple[str, str]:
     """Pick the backend for one layer: returns (name, why). Raises if `requested` cannot run it."""
     if requested != "auto":
-        backend = _BACKENDS.get(requested)
+        backend = get_attention_backend(requested) if ":" in requested else _BACKENDS.get(requested)  # phased.py
         if backend is None:
             raise ValueError(
                 f"attention_backend={requested!r} is not available in this version; "
