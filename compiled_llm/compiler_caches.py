@@ -1,18 +1,25 @@
-"""Inductor's and Triton's on-disk caches under `CompileConfig.cache_dir`, beside the kernel cache, so that one
-directory holds what a warm start reads (`<cache_dir>/inductor`, `<cache_dir>/triton`).
+"""Inductor's and Triton's on-disk caches, and FlashInfer's JIT builds, under `CompileConfig.cache_dir`, beside the
+kernel cache, so that one directory holds what a warm start reads (`<cache_dir>/inductor`, `<cache_dir>/triton`,
+`<cache_dir>/flashinfer`; FlashInfer's prebuilt kernels, a package of their own, are read where they are).
 
-Both libraries take their cache location from an environment variable, read by the whole process
-(`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`): the first Inductor compile of a process sets them, and a later one
-asking for another `cache_dir` is an error rather than a cache silently split over two places. A variable the
-user set before compiled_llm was imported is theirs and is left alone (the report says so).
+The libraries take their cache location from an environment variable, read by the whole process
+(`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`, `FLASHINFER_WORKSPACE_BASE`): the first Inductor compile of a process
+sets them, and a later one asking for another `cache_dir` is an error rather than a cache silently split over two
+places. A variable the user set before compiled_llm was imported is theirs and is left alone (the report says so),
+as is FlashInfer's location where FlashInfer was imported before (it reads the variable once, at import).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+_VARIABLES = {
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "TRITON_CACHE_DIR": "triton",
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+}
 _USERS = {name: os.environ[name] for name in _VARIABLES if os.environ.get(name)}  # set before we could set them
 _chosen: Path | None = None  # the cache_dir of this process's first Inductor compile
 
@@ -23,6 +30,8 @@ def use_cache_dir(cache_dir: str | Path) -> str:
     global _chosen
     cache_dir = Path(cache_dir).expanduser().resolve()
     if _chosen is None:
+        if "flashinfer" in sys.modules and "FLASHINFER_WORKSPACE_BASE" not in _USERS:
+            _USERS["FLASHINFER_WORKSPACE_BASE"] = "its own directory (imported before this compile)"
         for name, subdirectory in _VARIABLES.items():
             if name not in _USERS:
                 os.environ[name] = str(cache_dir / subdirectory)
@@ -36,4 +45,7 @@ def use_cache_dir(cache_dir: str | Path) -> str:
     ours = ["kernel choices", *(sub for name, sub in _VARIABLES.items() if name not in _USERS)]
     line = f"{', '.join(ours[:-1])} and {ours[-1]}" if len(ours) > 1 else ours[0]
     line += f" under {cache_dir}"
-    return line + "".join(f"; {sub} in {_USERS[name]} (${name})" for name, sub in _VARIABLES.items() if name in _USERS)
+    for name, sub in _VARIABLES.items():
+        if name in _USERS:
+            line += f"; {sub} in {_USERS[name]}" + (f" (${name})" if name in os.environ else "")
+    return line
