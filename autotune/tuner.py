@@ -30,7 +30,8 @@ from autotune.kernel_cache import CacheEntry, KernelCache, source_hash
 
 log = logging.getLogger("compiled_llm.autotune")
 
-Timer = Callable[[Callable[..., Any], Sequence[tuple]], float]  # (run, input sets) -> microseconds a call
+# (run, input sets[, capture=False for a candidate that is not `capturable`]) -> microseconds a call
+Timer = Callable[..., float]
 
 L2_OVERFLOW_BYTES = 200_000_000  # what the input sets an op streams should add up to: past any GPU's L2
 MAX_INPUT_SETS = 64  # for small operands: a CUDA graph of this many calls a round (they sit in L2 in a step too)

@@ -7,8 +7,8 @@ for, each sequence attending to TUNING_CONTEXT keys (max_seq_len - 1 where short
 with the length, and a model served for short sequences should run what is fastest for those), or prefill
 (sequences of PREFILL_CHUNK new tokens, at most max_seq_len). Only layers whose backend `attention_backend="auto"` picked take part: a backend the
 user named is what runs. The candidates are the backends that can run the layer, that one (the heuristic and
-the fallback) first; on a GPU decode takes only backends a CUDA graph can replay, and never the reference, and
-Triton's decode kernel also at each of SPLITS key splits (`triton-splits4`: the layer's backend is `triton`, and
+the fallback) first, never the reference (it syncs with the host); on a GPU decode takes only backends a CUDA
+graph can replay, and Triton's decode kernel also at each of SPLITS key splits above its heuristic's (`triton-splits4`: the layer's backend is `triton`, and
 the count goes to triton.TUNED_DECODE_SPLITS for that shape, which its launches read). A backend with a planner pays its
 plan() on the host once a step for all layers of a kind: that time, over the kind's layers, is added to each
 call's (autotune.tuner.Candidate.host_us).
@@ -90,6 +90,7 @@ class PagedAttentionTuning:
     """autotune.tuner.OpTuning of paged attention (see the module docstring)."""
 
     op = OP
+    reference_is_a_candidate = False  # tests make it one, to tune a CPU model (where sdpa is the only other)
 
     def __init__(self):
         self._chosen: dict[tuple, dict[tuple, str]] = {}  # kind -> {("decode", batch) | ("prefill", 0): backend}
@@ -101,6 +102,8 @@ class PagedAttentionTuning:
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         """A decode bucket per captured batch size and a prefill bucket, per kind of `auto`-chosen layer on a GPU
         that more than one backend can run."""
+        self._chosen.clear()  # what an earlier select_kernels left, if it stopped before finish()
+        self._planners.clear()
         layers = [layer for layer in gm.meta.get("paged_attention", ()) if layer.why.startswith("auto")]
         if not layers:
             return []
@@ -167,8 +170,10 @@ class PagedAttentionTuning:
             backend = registered_attention_backend(name)
             if backend is None or self._device.type not in backend.devices or backend.unsupported(features):
                 continue
-            if on_cuda and (name == "reference" or (bucket["phase"] == "decode" and not backend.cuda_graph_safe)):
-                continue  # the reference syncs with the host every call; decode steps replay CUDA graphs
+            if name == "reference" and not self.reference_is_a_candidate:
+                continue  # it syncs with the host every call, and on a CPU sdpa is faster
+            if on_cuda and bucket["phase"] == "decode" and not backend.cuda_graph_safe:
+                continue  # decode steps replay CUDA graphs
             usable.append(name)
         heuristic = None  # Triton's own split count (not one an earlier tuning installed for the shape)
         if bucket["phase"] == "decode":
@@ -179,11 +184,14 @@ class PagedAttentionTuning:
             if get_attention_backend(name).make_planner is not None:
                 host_us = functools.partial(self._plan_us, name, bucket)
             run = functools.partial(self._run, name, bucket, splits=heuristic if name == "triton" else None)
-            found.append(Candidate(name, run, _backend_source(name), capturable=get_attention_backend(name).cuda_graph_safe,
-                                   host_us=host_us))  # fmt: skip
+            # Prefill steps are never replayed from a CUDA graph: they are timed with their launches.
+            capturable = bucket["phase"] == "decode" and get_attention_backend(name).cuda_graph_safe
+            found.append(Candidate(name, run, _backend_source(name), capturable=capturable, host_us=host_us))
         if "triton" in usable and heuristic is not None:
             for splits in SPLITS:
-                if splits != heuristic:
+                # Only more splits than the heuristic's: a count tuned at TUNING_CONTEXT keys also runs far longer
+                # contexts, where fewer programs than the heuristic's two waves would leave the GPU idle.
+                if splits > heuristic:
                     run = functools.partial(self._run, "triton", bucket, splits=splits)
                     source = _backend_source("triton")
                     found.append(Candidate(f"triton-splits{splits}", run, source, {"splits": splits}))
