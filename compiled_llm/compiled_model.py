@@ -13,6 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from autotune.select import graph_value, select_kernels
 from compiled_llm.capture import capture_model
+from compiled_llm.capture.graph_cache import GraphCache
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.compile import CompiledGraph
@@ -100,7 +101,8 @@ class CompiledModel:
         # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
         with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
             with progress.stage("capturing the graph (torch.export)"):
-                captured = capture_model(model, config.max_num_tokens)
+                captured = capture_model(model, config.max_num_tokens,
+                                         GraphCache(config.cache_dir) if config.graph_cache else None)  # fmt: skip
             timings["capture_s"] = captured.seconds
 
             with progress.stage("rewriting the graph"):
@@ -166,6 +168,7 @@ class CompiledModel:
             autotune=config.autotune,
             kernels=kernels,
             caches=caches,
+            capture=captured.source,
             timings=timings,
             released_cache=released_cache,
         )

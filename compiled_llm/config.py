@@ -151,6 +151,12 @@ class CompileConfig(BaseModel):
     """Where compiled artifacts and the kernel cache live: `$COMPILED_LLM_CACHE_DIR` where set, else
     `~/.cache/compiled_llm`."""
 
+    graph_cache: bool = True
+    """Store the captured graph under `cache_dir/graphs` and reuse it, skipping torch.export, when a later compile
+    has the same model code, config, parameter shapes, max_num_tokens and library versions (Hugging Face models;
+    weights are never stored: a model with other weights hits and computes with its own). See
+    compiled_llm/capture/graph_cache.py."""
+
     passes: tuple[str, ...] | None = None
     """Graph passes to run, in order. None: `fx_passes.DEFAULT_PIPELINE`."""
 

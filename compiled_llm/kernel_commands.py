@@ -3,6 +3,8 @@ arguments)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,16 +30,28 @@ def tune_kernels(model_source: str, dtype: torch.dtype | None, config: CompileCo
 
 
 def kernel_cache_command(action: str, root: Path) -> int:
-    """`ls`: every stored choice under `root`, by device key; `clear`: remove them all."""
+    """`ls`: every stored choice under `root`, by device key, and the captured graphs; `clear`: remove them all."""
     try:
         keys = sorted(p.name for p in (root / "kernels").iterdir() if p.is_dir()) if (root / "kernels").is_dir() else []
+        graphs = sorted(p for p in (root / "graphs").iterdir() if p.is_dir()) if (root / "graphs").is_dir() else []
     except OSError as error:
-        raise ValueError(f"the kernel cache {root / 'kernels'} cannot be read: {error.strerror}") from None
+        raise ValueError(f"the cache {root} cannot be read: {error.strerror}") from None
     caches = [KernelCache(root, key=key) for key in keys]
     if action == "clear":
         removed = sum(c.clear() for c in caches)
-        print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'}")
+        for graph in graphs:
+            shutil.rmtree(graph, ignore_errors=True)
+        print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'} and {len(graphs)} "
+              f"captured graph{'s' * (len(graphs) != 1)} from {root / 'graphs'}")  # fmt: skip
         return 0
+    print(f"graph cache {root / 'graphs'}: {len(graphs)} captured graph{'s' * (len(graphs) != 1)}")
+    for graph in graphs:
+        try:
+            described = json.loads((graph / "entry.json").read_text())
+        except (OSError, ValueError):
+            described = {}
+        print(f"  {graph.name}: {described.get('architecture', '?')}, max_num_tokens {described.get('max_num_tokens', '?')}"
+              f", torch {described.get('torch', '?')}")  # fmt: skip
     print(f"kernel cache {root / 'kernels'}: {sum(len(c.entries()) for c in caches)} choices")
     for key, kernel_cache in zip(keys, caches):
         print(key)

@@ -38,6 +38,7 @@ class CompileReport:
     autotune: str = "off"  # CompileConfig.autotune
     kernels: list = field(default_factory=list)  # autotune.select.KernelChoice, one per op and bucket
     caches: str = ""  # where the kernel choices and the compilers' caches live (compiler_caches.use_cache_dir)
+    capture: str = "torch.export, flat tokens"  # or from the graph cache (capture/graph_cache.py)
 
     def pass_sites(self, name: str) -> int:
         """Sites rewritten by the pass `name` (summed if it ran more than once)."""
@@ -47,7 +48,7 @@ class CompileReport:
         t = self.timings
         lines = [
             f"compiled-llm: {self.architecture} on {self.device} ({self.dtype})",
-            f"  capture  {t.get('capture_s', 0):7.2f} s  torch.export, flat tokens",
+            f"  capture  {t.get('capture_s', 0):7.2f} s  {self.capture}",
             f"  passes   {t.get('passes_s', 0):7.2f} s",
         ]
         for result in self.passes:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from compiled_llm import compile_model
 from compiled_llm.cli import main
 
 
@@ -183,11 +184,14 @@ def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path,
     for key in ("GPU-A-sm90-torch2.11", "GPU-B-sm100-torch2.12"):
         KernelCache(tmp_path, key=key).put(CacheEntry("fp8_decode_gemm", "bfloat16", {"n": 64, "k": 128, "rows": 16},
                                                       {"a": "1", "b": "2"}, "b", {}, {"a": 3.0, "b": 2.5}))  # fmt: skip
+    compile_model(tiny_model("llama"), compile_backend="eager", cache_dir=tmp_path)  # a captured graph too
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert ": 2 choices" in out and "GPU-A-sm90-torch2.11" in out and "GPU-B-sm100-torch2.12" in out
     assert out.count("fp8_decode_gemm bfloat16 k=128 n=64 rows=16: b 2.5 us of 2 timed") == 2
+    assert "1 captured graph\n" in out and ": LlamaForCausalLM, max_num_tokens 8192, torch" in out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
-    assert "removed 2 kernel choices" in capsys.readouterr().out
+    assert "removed 2 kernel choices" in capsys.readouterr().out and not any((tmp_path / "graphs").iterdir())
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
-    assert ": 0 choices" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ": 0 choices" in out and "0 captured graphs" in out

@@ -23,6 +23,7 @@ from torch import nn
 
 from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
 from compiled_llm.capture.forward_signature import forward_signature, output_logits
+from compiled_llm.capture.graph_cache import GraphCache, graph_key, why_uncacheable
 from compiled_llm.capture.module_state import check_caches_present, written_state
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
 
@@ -39,6 +40,7 @@ class CapturedModel:
     vocab_size: int
     logits_dtype: torch.dtype
     seconds: float
+    source: str = "torch.export, flat tokens"  # or from the graph cache (graph_cache.py): what the report says
 
 
 class FlatTokenForward(nn.Module):
@@ -128,12 +130,37 @@ def _export_to_the_modules_bound(flat: FlatTokenForward, example: tuple, arch: s
     return program
 
 
-def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel:
-    """Export `model` (a causal LM) into one aten-level FX graph with flat, dynamic token inputs."""
+def capture_model(model: nn.Module, max_num_tokens: int = 8192, graph_cache: GraphCache | None = None) -> CapturedModel:
+    """Export `model` (a causal LM) into one aten-level FX graph with flat, dynamic token inputs; with a
+    `graph_cache`, load the graph an earlier capture of the same code and config stored instead (graph_cache.py)."""
     check_causal_lm(model)
     check_caches_present(model)
     arch = architecture_name(model)
     start = time.perf_counter()
+    flat = FlatTokenForward(model)
+    program, key, source = None, None, "torch.export, flat tokens"
+    if graph_cache is not None:
+        why = why_uncacheable(model)
+        if why is None:
+            try:
+                key = graph_key(model, max_num_tokens)
+            except Exception as error:  # noqa: BLE001  (a config that will not serialize, say: capture uncached)
+                why = f"no key ({type(error).__name__}: {error})"
+        if why is None:
+            program = graph_cache.load(key, {**flat.state_dict(keep_vars=True), **dict(flat.named_buffers())})
+            if program is not None:
+                source = "from the graph cache (no torch.export)"
+        else:
+            source = f"{source} (no graph cache: {why})"
+    if program is None:
+        program = _export(model, flat, arch, max_num_tokens)
+        described = {"architecture": arch, "max_num_tokens": max_num_tokens}
+        if key is not None and graph_cache.store(key, program, described):
+            source += " (stored in the graph cache)"
+    return _captured(program, model, arch, time.perf_counter() - start, source)
+
+
+def _export(model: nn.Module, flat: FlatTokenForward, arch: str, max_num_tokens: int) -> torch.export.ExportedProgram:
     device = next(model.parameters()).device
     tokens = torch.export.Dim("tokens", min=1, max=max_num_tokens)
     num_logits = torch.export.Dim("num_logits", min=1, max=max_num_tokens)
@@ -141,7 +168,6 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
     example = (torch.tensor([1, 2, 3], device=device), torch.arange(3, device=device), torch.tensor([1, 2], device=device))
     was_training = model.training
     model.eval()
-    flat = FlatTokenForward(model)
     try:
         with route_attention_to_canonical_op(model), torch.no_grad(), warnings.catch_warnings():
             # Tensors a forward assigns to itself (Meta's `self.cache_k = self.cache_k.to(xq)`) are state the
@@ -167,7 +193,11 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
         ) from error
     finally:
         model.train(was_training)
+    return program
 
+
+def _captured(program: torch.export.ExportedProgram, model: nn.Module, arch: str, seconds: float,
+              source: str) -> CapturedModel:  # fmt: skip
     gm = _plain_graph_module(program.module())
     # State the forward keeps between calls: the module_kv_cache pass replaces a KV cache it recognises;
     # insert_paged_attention refuses what is left.
@@ -184,4 +214,4 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192) -> CapturedModel
     num_logits = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "logits_indices").meta["val"]
     # One row whatever logits_indices asks for: the module computes its last position only (see forward).
     gm.meta["last_position_only"] = str(logits.shape[0]) != str(num_logits.shape[0])
-    return CapturedModel(gm, arch, num_layers, int(logits.shape[-1]), logits.dtype, time.perf_counter() - start)
+    return CapturedModel(gm, arch, num_layers, int(logits.shape[-1]), logits.dtype, seconds, source)

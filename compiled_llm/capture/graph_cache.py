@@ -1,0 +1,192 @@
+"""Captured graphs on disk: a later compile of the same model skips torch.export (most of a warm start's time).
+
+An entry is torch.export's own serialization of the captured program without its weights: the graph, its
+symbolic shapes and the constants tracing created. A load takes the weights (and buffers) from the model being
+compiled, so an entry never holds a tensor derived from a checkpoint, and a model with other weights but the
+same code and config hits and computes with its own weights.
+
+The key is everything else the graph depends on: the model's config (Hugging Face models only: for other modules
+no config describes what the code computes), its parameter and buffer names, shapes, dtypes and device, the code
+of every function and class in the modules that define its layers and in transformers' masking and RoPE
+modules (a monkeypatched function changes it), compiled-llm's capture code, max_num_tokens, and the torch and
+transformers versions. A model whose forward is replaced on an instance, or that has forward hooks, is not
+cached at all (`why_uncacheable`). An entry that cannot be read is removed with a warning: the model is
+captured again and stored anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("compiled_llm.capture")
+
+FORMAT = 1
+_CAPTURE_CODE = [Path(__file__).parent, Path(__file__).parents[2] / "custom_ops" / "attention" / "op.py"]
+_TRANSFORMERS_MODULES = ("transformers.masking_utils", "transformers.modeling_rope_utils")
+
+
+def why_uncacheable(model: nn.Module) -> str | None:
+    """Why a captured graph of `model` cannot be reused by key (None: it can)."""
+    from transformers import PretrainedConfig
+
+    if not isinstance(getattr(model, "config", None), PretrainedConfig):
+        return "not a Hugging Face model: no config says what its code computes"
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return "global forward hooks are registered"
+    for name, module in model.named_modules():
+        if "forward" in vars(module):
+            return f"the forward of {name or 'the model'} is replaced on the instance"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{name or 'the model'} has forward hooks"
+    return None
+
+
+def _code_digest(code: types.CodeType, digest) -> None:
+    digest.update(code.co_code)
+    digest.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_digest(const, digest)
+        else:
+            digest.update(_stable_repr(const).encode())
+
+
+def _stable_repr(value) -> str:
+    """repr() without what changes between processes: the order of a frozenset (string hashing is seeded)."""
+    if isinstance(value, frozenset):
+        return "frozenset(" + ",".join(sorted(map(_stable_repr, value))) + ")"
+    if isinstance(value, tuple):
+        return "(" + ",".join(map(_stable_repr, value)) + ")"
+    return repr(value)
+
+
+def _module_code_digest(module: types.ModuleType, digest) -> None:
+    """Every function and class method defined in `module`, as it is now (patched or not)."""
+    for name, value in sorted(vars(module).items()):
+        functions = []
+        if isinstance(value, types.FunctionType):
+            functions = [value]
+        elif isinstance(value, type) and value.__module__ == module.__name__:
+            functions = [v for _, v in sorted(vars(value).items()) if isinstance(v, types.FunctionType)]
+        for function in functions:
+            digest.update(name.encode())
+            _code_digest(function.__code__, digest)
+
+
+def graph_key(model: nn.Module, max_num_tokens: int) -> str:
+    """The cache key of `model`'s captured graph (see the module docstring)."""
+    import transformers
+
+    digest = hashlib.sha256()
+    parts = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "max_num_tokens": max_num_tokens,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": model.config.to_json_string(use_diff=False),
+        "state": [
+            (n, tuple(t.shape), str(t.dtype), str(t.device)) for n, t in model.state_dict(keep_vars=True).items()
+        ],
+        "non_persistent": sorted(n for n, _ in model.named_buffers()),
+    }
+    digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    for path in sorted(p for root in _CAPTURE_CODE for p in ([root] if root.is_file() else root.glob("*.py"))):
+        digest.update(path.read_bytes())
+    modules = {type(m).__module__ for m in model.modules()} | set(_TRANSFORMERS_MODULES)
+    for name in sorted(modules):
+        if name in sys.modules:
+            _module_code_digest(sys.modules[name], digest)
+    return digest.hexdigest()[:32]
+
+
+class GraphCache:
+    """Entries under `<cache_dir>/graphs/<key>/`: program.json (the graph), constants.pt, example_inputs.pt."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.root = Path(cache_dir).expanduser() / "graphs"
+
+    def load(self, key: str, weights: dict[str, torch.Tensor]) -> torch.export.ExportedProgram | None:
+        """The program stored under `key` over `weights` (the flat module's state and buffers, by name); None on a
+        miss or an entry that cannot be read (a warning)."""
+        from torch._export.serde import serialize as serde
+
+        entry = self.root / key
+        if not entry.is_dir():
+            return None
+        try:
+            program = serde._bytes_to_dataclass(serde.ExportedProgram, (entry / "program.json").read_bytes())
+            constants = serde.deserialize_torch_artifact((entry / "constants.pt").read_bytes())
+            constants.update({name: weights[name] for name in constants if name in weights})  # the model's buffers
+            state = {name: weights[name] for name in _state_names(program)}
+            return serde.ExportedProgramDeserializer().deserialize(
+                program, state, constants, (entry / "example_inputs.pt").read_bytes()
+            )
+        except Exception as error:  # noqa: BLE001  (a corrupt or foreign entry: capture again, and replace it)
+            log.warning("graph cache entry %s cannot be used (%s: %s); capturing the model again", entry,
+                        type(error).__name__, error)  # fmt: skip
+            shutil.rmtree(entry, ignore_errors=True)  # entries appear whole (a rename): this one will not mend
+            return None
+
+    def store(self, key: str, program: torch.export.ExportedProgram, description: dict) -> bool:
+        """Write the entry for `key` (not its weights) atomically; whether it is there now (a failure to write is a
+        warning)."""
+        from torch._export.serde import serialize as serde
+
+        entry = self.root / key
+        if entry.is_dir():
+            return True
+        try:
+            artifact = serde.serialize(_without_weights(program))
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+            (staging / "program.json").write_bytes(artifact.exported_program)
+            (staging / "constants.pt").write_bytes(artifact.constants)
+            (staging / "example_inputs.pt").write_bytes(artifact.example_inputs)
+            (staging / "entry.json").write_text(json.dumps({**description, "torch": torch.__version__}, indent=1))
+            try:
+                os.rename(staging, entry)  # atomic; another process that wrote the same key first wins
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+            return entry.is_dir()
+        except Exception as error:  # noqa: BLE001  (the compile goes on; the next one captures again)
+            log.warning("graph cache: could not store %s (%s: %s)", entry, type(error).__name__, error)
+            return False
+
+
+def _state_names(program) -> list[str]:
+    """The parameter and persistent-buffer names a serialized program's graph reads."""
+    names = []
+    for spec in program.graph_module.signature.input_specs:
+        for kind in ("parameter", "buffer"):
+            value = getattr(spec, kind, None)
+            if value is not None and (kind == "parameter" or value.persistent):
+                names.append(value.parameter_name if kind == "parameter" else value.buffer_name)
+    return names
+
+
+def _without_weights(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`program` with empty meta tensors for its state (serialize() writes the state; the entry must not hold it)."""
+    state = {}
+    for name, tensor in program.state_dict.items():
+        empty = torch.empty_like(tensor, device="meta")
+        state[name] = (
+            nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        )
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature, state_dict=state,
+        range_constraints=program.range_constraints, module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs, constants=program.constants, verifiers=program.verifiers,
+    )  # fmt: skip

@@ -1,0 +1,119 @@
+"""capture/graph_cache.py: a captured graph stored without weights, reused by a later compile of the same code and
+config (no torch.export), never by a model its key does not describe."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import random_prompt, tiny_model
+
+from compiled_llm import compile_model
+from compiled_llm.capture import graph_cache
+from compiled_llm.capture.graph_cache import graph_key, why_uncacheable
+
+FIELDS = {"compile_backend": "eager", "max_batch_size": 4}
+
+
+def capture_line(compiled) -> str:
+    return next(line for line in str(compiled.report).splitlines() if line.startswith("  capture"))
+
+
+def test_a_second_compile_reads_the_graph_and_computes_with_its_own_weights(tmp_path):
+    """The entry holds no weights: a model of the same config with other weights hits and generates what HF does
+    with those weights."""
+    first = compile_model(tiny_model("llama"), cache_dir=tmp_path, **FIELDS)
+    assert "torch.export, flat tokens (stored in the graph cache)" in capture_line(first)
+    (entry,) = (tmp_path / "graphs").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "constants.pt",
+        "entry.json",
+        "example_inputs.pt",
+        "program.json",
+    ]
+    weight_bytes = sum(p.numel() * p.element_size() for p in tiny_model("llama").parameters())
+    assert sum(p.stat().st_size for p in entry.iterdir()) < weight_bytes  # the constants are RoPE's tables only
+
+    other = tiny_model("llama", seed=3)
+    prompt = random_prompt(9, batch=2, seed=1)
+    expected = other.generate(prompt, max_new_tokens=6, do_sample=False)
+    second = compile_model(other, cache_dir=tmp_path, **FIELDS)
+    assert "from the graph cache (no torch.export)" in capture_line(second)
+    assert torch.equal(second.generate(prompt, max_new_tokens=6), expected)
+    assert not torch.equal(first.generate(prompt, max_new_tokens=6), expected)  # the weights differ
+    parameter = other.model.layers[0].mlp.down_proj.weight
+    assert any(p is parameter for p in second.graph_module.parameters())  # shared, not copied
+
+
+def test_every_part_of_the_key_changes_it():
+    model = tiny_model("llama")
+    key = graph_key(model, 8192)
+    assert graph_key(tiny_model("llama", seed=5), 8192) == key  # weights are not in it
+    assert graph_key(model, 4096) != key
+    model.config.rope_theta = 1234.0
+    assert graph_key(model, 8192) != key
+    assert graph_key(tiny_model("llama").to(torch.bfloat16), 8192) != key
+    assert graph_key(tiny_model("qwen3"), 8192) != key
+
+
+def test_a_patched_function_of_the_models_code_changes_the_key(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model("llama")
+    key = graph_key(model, 8192)
+    monkeypatch.setattr(modeling_llama, "rotate_half", lambda x: -x)
+    assert graph_key(model, 8192) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: x)
+    assert graph_key(model, 8192) != key
+
+
+def test_models_the_key_cannot_describe_are_not_cached(tmp_path):
+    model = tiny_model("llama")
+    assert why_uncacheable(model) is None
+    model.model.layers[0].mlp.forward = lambda x: x
+    assert why_uncacheable(model) == "the forward of model.layers.0.mlp is replaced on the instance"
+    hooked = tiny_model("llama")
+    hooked.model.norm.register_forward_hook(lambda module, args, out: out * 2)
+    assert why_uncacheable(hooked) == "model.norm has forward hooks"
+    assert why_uncacheable(torch.nn.Linear(2, 2)) == "not a Hugging Face model: no config says what its code computes"
+    compiled = compile_model(hooked, cache_dir=tmp_path, **FIELDS)
+    assert "(no graph cache: model.norm has forward hooks)" in capture_line(compiled)
+    assert not (tmp_path / "graphs").exists()
+
+
+def test_a_corrupt_entry_is_ignored_with_a_warning_and_the_model_captured_again(tmp_path, caplog):
+    model = tiny_model("llama")
+    compile_model(model, cache_dir=tmp_path, **FIELDS)
+    (entry,) = (tmp_path / "graphs").iterdir()
+    (entry / "program.json").write_text("{not json")
+    prompt = random_prompt(7, seed=2)
+    with caplog.at_level(logging.WARNING, logger="compiled_llm.capture"):
+        again = compile_model(model, cache_dir=tmp_path, **FIELDS)
+    assert "cannot be used" in caplog.text and "capturing the model again" in caplog.text
+    assert capture_line(again).endswith("torch.export, flat tokens (stored in the graph cache)")  # replaced
+    assert torch.equal(
+        again.generate(prompt, max_new_tokens=4), model.generate(prompt, max_new_tokens=4, do_sample=False)
+    )
+    assert "from the graph cache" in capture_line(compile_model(model, cache_dir=tmp_path, **FIELDS))
+
+
+def test_graph_cache_off_stores_nothing(tmp_path):
+    compile_model(tiny_model("llama"), cache_dir=tmp_path, graph_cache=False, **FIELDS)
+    assert not (tmp_path / "graphs").exists()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3_moe"])
+def test_other_architectures_round_trip(arch, tmp_path):
+    """Soft-capping and sliding windows (Gemma 2), routed experts (Qwen3-MoE): the loaded graph computes what HF
+    does."""
+    model = tiny_model(arch)
+    compile_model(model, cache_dir=tmp_path, **FIELDS)
+    loaded = compile_model(model, cache_dir=tmp_path, **FIELDS)
+    assert "from the graph cache" in capture_line(loaded)
+    prompt = random_prompt(11, seed=4)
+    assert torch.equal(
+        loaded.generate(prompt, max_new_tokens=5), model.generate(prompt, max_new_tokens=5, do_sample=False)
+    )
+    assert graph_cache.FORMAT == 1
