@@ -1,6 +1,6 @@
 """`compiled-llm` command line: one entry point with subcommands.
 
-    compiled-llm build MODEL [--max-batch-size 8 ...]   compile a model, print the compile report
+    compiled-llm build MODEL [--max-batch-size 8 ...]   compile and tune a model, store its warm start, print the report
     compiled-llm bench MODEL --mode latency ...          decode speed against HF baselines, same process
     compiled-llm bench MODEL --mode throughput ...       many requests through the engine against HF batches
     compiled-llm bench --mode serving --url URL ...      drive a running OpenAI-compatible server
@@ -101,9 +101,13 @@ def build(args: argparse.Namespace) -> int:
     from compiled_llm.compiled_model import compile_model
     from compiled_llm.model_source import load_model
 
+    if args.autotune is None:  # a build prepares warm starts: tune what is not in the kernel cache yet
+        args.autotune = "full"
     config = _config_from_args(args)
     cm = compile_model(load_model(args.model, _dtype(args.dtype)).model, config)
     print(cm.report)
+    print(f"warm-start caches under {config.cache_dir}: the captured graph, Inductor's and Triton's code, the kernel "
+          "choices (a later compile of this model and configuration reads them)")  # fmt: skip
     return 0
 
 
@@ -273,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, "
                   "or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)")
-    build_parser = commands.add_parser("build", help="compile a model and print the compile report",
+    build_parser = commands.add_parser("build", help="compile a model (tuning its kernels on a GPU: --autotune full "
+                                       "unless given), store what a warm start reads, print the compile report",
                                        formatter_class=_DefaultsFormatter)  # fmt: skip
     build_parser.add_argument("model", help=model_help)
     build_parser.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's; presets: bfloat16)")

@@ -13,12 +13,17 @@ from compiled_llm import compile_model
 from compiled_llm.cli import main
 
 
-def test_build_prints_the_report(tmp_path, capsys):
-    tiny_model("llama").save_pretrained(tmp_path)
-    assert main(["build", str(tmp_path), "--compile-backend", "eager", "--max-seq-len", "64"]) == 0
+def test_build_prints_the_report_and_stores_the_warm_start(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    build = ["build", str(tmp_path / "model"), "--compile-backend", "eager", "--max-seq-len", "64", "--cache-dir",
+             str(tmp_path / "cache")]  # fmt: skip
+    assert main(build) == 0
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "insert_paged_attention" in out and "max_seq_len 64" in out
     assert "max_seq_len 64; sized for max_batch_size=64 sequences of max_seq_len" in out
+    assert "(stored in the graph cache)" in out and f"warm-start caches under {tmp_path / 'cache'}" in out
+    assert main(build) == 0
+    assert "from the graph cache (no torch.export)" in capsys.readouterr().out
 
 
 def test_build_rejects_bad_input(tmp_path, capsys):
