@@ -265,7 +265,9 @@ def test_a_phased_backend_replays_in_cuda_graphs_and_generates_what_one_backend_
     assert "cuda graphs decode batch sizes [1, 2, 4, 8]" in str(tuned.report)
     for batch in (1, 3):
         prompt = random_prompt(12, batch=batch, seed=batch).cuda()
+        replays = tuned.runner.cuda_graphs.replays
         assert torch.equal(tuned.generate(prompt, max_new_tokens=8), untuned.generate(prompt, max_new_tokens=8))
+        assert tuned.runner.cuda_graphs.replays - replays >= 7  # every decode step replayed its graph
 
 
 def test_a_triton_split_count_that_wins_is_installed_for_its_shape_and_the_layer_runs_triton(monkeypatch):
