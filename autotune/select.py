@@ -33,8 +33,9 @@ class GraphOpTuning(OpTuning, Protocol):
         """Make `candidate` what the op runs for `bucket` on `device` from now on in this process."""
         ...
 
-    # Optional: `finish(gm, device)`, called once after every bucket is installed, for a tuning whose choices
-    # live in the graph itself (paged attention's backend argument).
+    # Optional: `finish(gm, device, choices)`, called once after every bucket is installed, with the op's
+    # KernelChoices (which it may amend), for a tuning whose choices live in the graph itself (paged attention's
+    # backend argument).
 
 
 def graph_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
@@ -66,8 +67,9 @@ def register(tuning: GraphOpTuning) -> GraphOpTuning:
 
 @dataclass
 class KernelChoice:
-    """One line of the compile report: `op` in `bucket` runs `winner`, from "cache", "tuned" or "heuristic" (the
-    candidate `heuristic` names is what runs untuned)."""
+    """One line of the compile report: `op` in `bucket` runs `winner`, from "cache", "tuned", "heuristic" (the
+    candidate `heuristic` names is what runs untuned) or "nearest" (an untuned bucket given the choice of its
+    nearest tuned one)."""
 
     op: str
     bucket: dict
@@ -86,7 +88,7 @@ class KernelChoice:
 
 def count_sources(choices: list[KernelChoice]) -> str:
     """"3 cache, 9 heuristic": how many choices came from where (the report, the log)."""
-    counts = {source: sum(c.source == source for c in choices) for source in ("cache", "tuned", "heuristic")}
+    counts = {source: sum(c.source == source for c in choices) for source in ("cache", "tuned", "nearest", "heuristic")}
     return ", ".join(f"{n} {source}" for source, n in counts.items() if n)
 
 
@@ -117,7 +119,7 @@ def select_kernels(gm: torch.fx.GraphModule, mode: str, cache_dir, device: torch
                                     choice.times_us))  # fmt: skip
     for tuning in _TUNINGS.values():
         if hasattr(tuning, "finish"):
-            tuning.finish(gm, device)
+            tuning.finish(gm, device, [choice for choice in choices if choice.op == tuning.op])
     if choices:
         log.info("autotune=%s: %d choices (%s)", mode, len(choices), count_sources(choices))
     return choices

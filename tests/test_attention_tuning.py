@@ -312,3 +312,22 @@ def test_choices_an_interrupted_tuning_left_are_dropped_by_the_next(monkeypatch)
     compiled = compile_model(tiny_model("llama"), compile_backend="eager", autotune="off")
     attention.buckets(compiled.graph_module)
     assert attention._chosen == {} and attention._planners == {}
+
+
+def test_an_untuned_batch_size_takes_the_choice_of_the_nearest_tuned_one(tmp_path, monkeypatch):
+    """Tuned at batch sizes 1 and 4 (reference, then sdpa), served with 1, 2, 4 and 8: 2 takes 1's choice, 8 takes
+    4's, and the report says so, where the heuristic (sdpa) would have split the rules at another size."""
+    monkeypatch.setattr(tuning.PagedAttentionTuning, "reference_is_a_candidate", True)
+    model = tiny_model("llama")
+    fields = {"compile_backend": "eager", "max_batch_size": 8, "cache_dir": tmp_path}
+    monkeypatch.setattr(compiled_model_module, "select_kernels", functools.partial(select.select_kernels,
+                                                                                   timer=fake_timer))  # fmt: skip
+    compile_model(model, autotune="full", cuda_graph_batch_sizes=(1, 4), **fields)
+    monkeypatch.setattr(compiled_model_module, "select_kernels", functools.partial(select.select_kernels,
+                                                                                   timer=no_timer))  # fmt: skip
+    served = compile_model(model, autotune="cache", **fields)
+    decode = [(c.bucket["batch"], c.winner, c.source) for c in served.report.kernels if "batch" in c.bucket]
+    assert decode == [(1, "reference", "cache"), (2, "reference", "nearest"), (4, "sdpa", "cache"),
+                      (8, "sdpa", "nearest")]  # fmt: skip
+    assert "attention decode<=2:reference,decode:sdpa,prefill:sdpa for layers 0-1" in str(served.report)
+    assert "(3 cache, 2 nearest)" in str(served.report)

@@ -135,11 +135,14 @@ class PagedAttentionTuning:
             else:
                 triton_backend.TUNED_DECODE_SPLITS.pop(split, None)
 
-    def finish(self, gm: torch.fx.GraphModule, device: torch.device) -> None:
-        """Write the chosen backends into the graph's paged-attention calls and its layer list."""
+    def finish(self, gm: torch.fx.GraphModule, device: torch.device, choices: list | None = None) -> None:
+        """Write the chosen backends into the graph's paged-attention calls and its layer list. A decode batch size
+        that only the heuristic chose (no cached choice) takes the backend of the nearest size that was tuned: the
+        sizes of one run may not be those of another (`tune --batch-sizes`), and neighbours choose alike."""
         layers = gm.meta.get("paged_attention", [])
         chosen, self._chosen = self._chosen, {}
         self._planners.clear()
+        _take_nearest_tuned(chosen, choices or [], device)
         counts = _count_kinds([layer for layer in layers if layer.why.startswith("auto")])
         names = {}
         for i, layer in enumerate(layers):
@@ -282,6 +285,25 @@ class PagedAttentionTuning:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         return statistics.median(times) * 1e6 / bucket["layers"]
+
+
+def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, device: torch.device) -> None:
+    """Give each decode bucket of `choices` whose source is the heuristic the backend of the nearest tuned or
+    cached batch size of its kind (the smaller of two as near), in `chosen` and in the choice (source "nearest")."""
+    decode = [c for c in choices if c.bucket["phase"] == "decode"]
+    for choice in decode:
+        if choice.source != "heuristic":
+            continue
+        kind = {name: value for name, value in choice.bucket.items() if name not in STEP_KEYS}
+        measured = [c for c in decode if c.source != "heuristic" and _kind_key(device, kind) ==
+                    _kind_key(device, {n: v for n, v in c.bucket.items() if n not in STEP_KEYS})]  # fmt: skip
+        if not measured:
+            continue
+        batch = choice.bucket["batch"]
+        nearest = min(measured, key=lambda c: (abs(c.bucket["batch"] - batch), c.bucket["batch"]))
+        backend = "triton" if nearest.winner.startswith("triton-splits") else nearest.winner
+        chosen.setdefault(_kind_key(device, kind), {})[("decode", batch)] = backend
+        choice.winner, choice.source = backend, "nearest"
 
 
 def _count_kinds(layers) -> dict[LayerAttentionFeatures, int]:
