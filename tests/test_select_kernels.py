@@ -224,3 +224,59 @@ def test_the_one_row_linear_tuning_takes_the_triton_linears_and_installs_gemv_or
     assert op._gemv_tile(x.view(1, 1, 128), weight, None, False) == candidates[3].config
     assert op._gemv_tile(torch.randn(1, 64), torch.randn(256, 64), None, True) is None  # cuBLAS chosen
     assert op._gemv_tile(torch.randn(2, 128), weight, None, False) is None  # two rows: cuBLAS, tuned or not
+
+
+def test_the_fp8_block_gemm_tuning_finds_each_weight_shape_and_installs_a_kernel_per_row_bucket(monkeypatch):
+    """Buckets: each `triton` fp8_block_linear's weight shape x the row buckets; the fallback (first) is the
+    heuristic's tile; the swapped decode kernel is a candidate up to 16 rows only; an installed choice is what a
+    call of that shape reads for its row count (the next bucket up), none past the last bucket."""
+    from custom_ops.linear import fp8_block_tuning, triton_fp8_block
+
+    compiled = compile_model(tiny_model("llama"), quantization="fp8_block", compile_backend="eager", autotune="off")
+    gm = compiled.graph_module
+    tuning = fp8_block_tuning.Fp8BlockGemmTuning()
+    assert tuning.buckets(gm) == []  # the CPU graph's calls run the reference
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.compiled_llm.fp8_block_linear.default:
+            node.args = (*node.args[:-1], "triton")
+    # q and o 64 x 64, k and v 32 x 64 (kept apart: fp8_block fuses parts of whole 128-row blocks), gate/up fused
+    # 256 x 64, down 64 x 128
+    shapes = [(32, 64), (64, 64), (256, 64), (64, 128)]
+    assert tuning.buckets(gm) == [{"n": n, "k": k, "rows": r} for n, k in sorted(shapes) for r in (16, 32, 64)]
+    for rows in (16, 32, 64):
+        candidates = tuning.candidates({"n": 64, "k": 128, "rows": rows})
+        assert candidates[0].name == tuning.heuristic({"rows": rows})
+        assert candidates[0].config == {"swapped": False, **triton_fp8_block.fp8_block_gemm_config(rows)}
+        assert len({c.name for c in candidates}) == len({c.identity for c in candidates}) == len(candidates)
+        assert any(c.config["swapped"] for c in candidates) == (rows == 16)
+    monkeypatch.setattr(triton_fp8_block, "TUNED_BLOCK_TILES", {})
+    swapped = next(c for c in tuning.candidates({"rows": 16}) if c.config["swapped"])
+    tuning.install({"n": 64, "k": 128, "rows": 16}, swapped, torch.device("cpu"))
+    assert triton_fp8_block.tuned_tile(-1, 64, 128, 1) == swapped.config
+    assert triton_fp8_block.tuned_tile(-1, 64, 128, 17) is None  # the 32-row bucket: not tuned, the heuristic
+    assert triton_fp8_block.tuned_tile(-1, 64, 128, 65) is None  # prefill rows: never tuned
+
+
+@pytest.mark.gpu
+def test_a_full_fp8_block_tuning_run_computes_what_the_untuned_model_does(tmp_path, monkeypatch):
+    """Every weight shape and row bucket of the tiny Llama's block-scaled FP8 linears gets a winner, each candidate
+    (the swapped decode kernel too) checked against the reference before timing; the tuned model's logits are the
+    untuned one's within a bf16 rounding or two."""
+    from custom_ops.linear import fp8_block_tuning, op, triton_fp8_block
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the block-scaled FP8 GEMM needs FP8 tensor cores")
+    monkeypatch.setattr(triton_fp8_block, "TUNED_BLOCK_TILES", {})
+    monkeypatch.setattr(op, "TUNED_GEMV", {})
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    fields = {"quantization": "fp8_block", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        expected = compile_model(model, autotune="off", **fields)(ids).logits.float()
+        tuned = compile_model(model, autotune="full", **fields)
+        actual = tuned(ids).logits.float()
+    gemms = [c for c in tuned.report.kernels if c.op == "fp8_block_gemm"]
+    assert len(gemms) == 12 and all(c.source == "tuned" for c in gemms)
+    tuning = fp8_block_tuning.Fp8BlockGemmTuning()  # every candidate passed its check (the swapped kernel too)
+    assert all(set(c.times_us) == {d.name for d in tuning.candidates(c.bucket)} for c in gemms)
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 2e-2

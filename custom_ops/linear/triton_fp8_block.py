@@ -99,6 +99,17 @@ DECODE_ROWS = 16  # rows the swapped decode kernel serves
 DECODE_TILE = {"BLOCK_N": 64, "num_stages": 6, "num_warps": 4}
 
 
+ROW_BUCKETS = (16, 32, 64)  # decode row counts the autotuner tunes (fp8_block_tuning.py): a call takes the next
+# Tiles the autotuner chose, by (device index, n, k, row bucket): {"swapped": bool, **tile} (fp8_block_tuning.py).
+TUNED_BLOCK_TILES: dict[tuple[int, int, int, int], dict] = {}
+
+
+def tuned_tile(device_index: int, n: int, k: int, m: int) -> dict | None:
+    """The tuned {"swapped": ..., **tile} for a call of m rows, or None (the heuristic runs)."""
+    bucket = next((rows for rows in ROW_BUCKETS if m <= rows), None)
+    return TUNED_BLOCK_TILES.get((device_index, n, k, bucket)) if bucket is not None else None
+
+
 def fp8_block_gemm_config(m: int) -> dict:
     """Tile by row count: 16 rows (tl.dot's least) for decode batches where the swapped kernel is not asked for,
     64 and 128 for prefill chunks. A first guess, to be replaced by measurements (autotune/)."""
@@ -113,12 +124,19 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
                    swapped: bool = False, **config) -> torch.Tensor:  # fmt: skip
     """x [M, K] (unit last stride) against e4m3 weight [N, K] (contiguous) with block scales [ceil(N/128),
     ceil(K/128)] -> [M, N] in x's dtype; the caller checked the shapes (fp8_block.py). `swapped`: up to DECODE_ROWS
-    rows, the swapped decode kernel (not the default until it has passed its GPU test). `config` overrides the tile:
+    rows, the swapped decode kernel (not the default until it has passed its GPU test; the autotuner may choose it
+    for a shape after checking it there). With neither, the tuned choice for the shape (TUNED_BLOCK_TILES), if any.
+    `config` overrides the tile:
     BLOCK_N (a power of two from 16 dividing 128), num_warps, and num_stages (swapped) or BLOCK_M."""
     import triton
 
     m, k = x.shape
     n = weight.shape[0]
+    if not swapped and not config:
+        tuned = tuned_tile(x.get_device(), n, k, m)
+        if tuned is not None:
+            config = dict(tuned)
+            swapped = config.pop("swapped")
     out = x.new_empty(m, n)
     args = (x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, x.stride(0),
             weight.stride(0), weight_scale.stride(0), out.stride(0))  # fmt: skip
