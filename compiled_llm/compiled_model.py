@@ -115,13 +115,14 @@ class CompiledModel:
             start = time.perf_counter()
             # What the tunings read beside the graph: the step shapes the runtime will run it at.
             captured.gm.meta.update(device=self.device, block_size=config.block_size, max_seq_len=self.max_seq_len,
-                                    decode_batch_sizes=self._decode_batch_sizes())  # fmt: skip
+                                    decode_batch_sizes=self._decode_batch_sizes(),
+                                    weight_bytes=graph_weight_bytes(captured.gm))  # fmt: skip
             kernels = select_kernels(captured.gm, config.autotune, config.cache_dir, self.device,
                                      next(model.parameters()).dtype)  # fmt: skip
             timings["autotune_s"] = time.perf_counter() - start
 
             layers = captured.gm.meta["paged_attention"]
-            weight_bytes = graph_weight_bytes(captured.gm)
+            weight_bytes = captured.gm.meta["weight_bytes"]
             self.vocab_size = captured.vocab_size
             self.logits_dtype = captured.logits_dtype
             with progress.stage(_compile_label(config.compile_backend, self.device)):

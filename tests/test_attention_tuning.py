@@ -273,7 +273,7 @@ def test_a_phased_backend_replays_in_cuda_graphs_and_generates_what_one_backend_
 def test_a_triton_split_count_that_wins_is_installed_for_its_shape_and_the_layer_runs_triton(monkeypatch):
     monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})
     attention = tuning.PagedAttentionTuning()
-    kind = tuning._layer_kind(FEATURES, 16, 2)
+    kind = tuning._layer_kind(FEATURES, 16, 2, 1)
     bucket = {"phase": "decode", "batch": 4, "context": 255, **kind}
     cpu = torch.device("cpu")
     attention.install(bucket, Candidate("triton-splits4", lambda: None, "src", {"splits": 4}), cpu)
@@ -331,3 +331,11 @@ def test_an_untuned_batch_size_takes_the_choice_of_the_nearest_tuned_one(tmp_pat
                       (8, "sdpa", "nearest")]  # fmt: skip
     assert "attention decode<=2:reference,decode:sdpa,prefill:sdpa for layers 0-1" in str(served.report)
     assert "(3 cache, 2 nearest)" in str(served.report)
+
+
+def test_planning_counts_only_where_the_steps_weight_reads_cannot_hide_it():
+    """Llama-8B's 16 GB at 4 TB/s hide a 300 us plan; SmolLM2's 0.27 GB (68 us) leave 232 us of it, over 30
+    layers; on a CPU all of it counts."""
+    assert tuning.unhidden_host_us(300e-6, 16 << 30, 4e12, 32) == 0.0
+    assert tuning.unhidden_host_us(300e-6, 270_000_000, 4e12, 30) == pytest.approx((300 - 67.5) / 30)
+    assert tuning.unhidden_host_us(300e-6, 16 << 30, None, 32) == pytest.approx(300 / 32)

@@ -2,7 +2,7 @@
 decode batch size and per layer kind.
 
 A bucket is one kind of layer (heads, KV heads, head_dim, sliding window, soft-cap, sinks, dtypes, how many
-layers of the model are of that kind) in one phase: decode at each batch size the model captures a CUDA graph
+layers of the model are of that kind, the model's weight MiB) in one phase: decode at each batch size the model captures a CUDA graph
 for, each sequence attending to TUNING_CONTEXT keys (max_seq_len - 1 where shorter: the kernels' order changes
 with the length, and a model served for short sequences should run what is fastest for those), or prefill
 (sequences of PREFILL_CHUNK new tokens, at most max_seq_len). Only layers whose backend `attention_backend="auto"` picked take part: a backend the
@@ -10,8 +10,8 @@ user named is what runs. The candidates are the backends that can run the layer,
 the fallback) first, never the reference (it syncs with the host); on a GPU decode takes only backends a CUDA
 graph can replay, and Triton's decode kernel also at each of SPLITS key splits above its heuristic's (`triton-splits4`: the layer's backend is `triton`, and
 the count goes to triton.TUNED_DECODE_SPLITS for that shape, which its launches read). A backend with a planner pays its
-plan() on the host once a step for all layers of a kind: that time, over the kind's layers, is added to each
-call's (autotune.tuner.Candidate.host_us).
+plan() on the host once a step for all layers of a kind: the part of that time a step's weight reads cannot hide,
+over the kind's layers, is added to each call's (autotune.tuner.Candidate.host_us).
 
 The choices of a kind become its layers' backend name after every bucket is chosen (`finish`): one backend
 where all phases and sizes chose it, else the rules of a phased backend (phased.py), e.g.
@@ -53,12 +53,13 @@ STEP_KEYS = ("phase", "batch", "context", "seqs", "chunk")  # a bucket's step; t
 SPLITS = (1, 2, 4, 8, 16)  # key splits of Triton's decode kernel tried beside its heuristic's (triton.decode_splits)
 
 
-def _layer_kind(features: LayerAttentionFeatures, block_size: int, layers: int) -> dict:
-    """The bucket fields of a kind of layer (with the KV cache's block size and how many layers are of it)."""
+def _layer_kind(features: LayerAttentionFeatures, block_size: int, layers: int, weight_mib: int) -> dict:
+    """The bucket fields of a kind of layer, with the KV cache's block size, how many layers are of it and the MiB
+    of weights a step reads (how much host time a step hides: _plan_us)."""
     return {"heads": features.num_q_heads, "kv_heads": features.num_kv_heads, "head_dim": features.head_dim,
             "window": features.sliding_window, "softcap": features.softcap, "sinks": features.has_sinks,
             "dtype": _dtype_name(features.dtype), "kv_cache": _dtype_name(features.cache_dtype), "block": block_size,
-            "layers": layers}  # fmt: skip
+            "layers": layers, "weight_mib": weight_mib}  # fmt: skip
 
 
 def _kind_key(device: torch.device, kind: dict) -> tuple:
@@ -111,7 +112,7 @@ class PagedAttentionTuning:
         found = []
         context, chunk = min(TUNING_CONTEXT, gm.meta["max_seq_len"] - 1), min(PREFILL_CHUNK, gm.meta["max_seq_len"])
         for features, count in _count_kinds(layers).items():
-            kind = _layer_kind(features, gm.meta["block_size"], count)
+            kind = _layer_kind(features, gm.meta["block_size"], count, gm.meta["weight_bytes"] >> 20)
             for batch in gm.meta["decode_batch_sizes"]:
                 bucket = {"phase": "decode", "batch": batch, "context": context, **kind}
                 if len(self.candidates(bucket)) > 1:
@@ -148,7 +149,8 @@ class PagedAttentionTuning:
         for i, layer in enumerate(layers):
             if not layer.why.startswith("auto"):
                 continue
-            kind = _kind_key(device, _layer_kind(layer.features, gm.meta["block_size"], counts[layer.features]))
+            features, weight_mib = layer.features, gm.meta["weight_bytes"] >> 20
+            kind = _kind_key(device, _layer_kind(features, gm.meta["block_size"], counts[features], weight_mib))
             if kind not in chosen:
                 continue
             name = phased_name(_rules(chosen[kind], layer.backend))
@@ -273,7 +275,10 @@ class PagedAttentionTuning:
         return out
 
     def _plan_us(self, name: str, bucket: dict, input_sets) -> float:
-        """A step's plan() on the host, shared by the kind's layers: microseconds per layer."""
+        """The part of a step's plan() on the host that the step's GPU work cannot hide, shared by the kind's layers:
+        microseconds per layer. The host plans step n + 1 while the GPU runs step n, which takes at least the time
+        of reading the weights (at the GPU's copy bandwidth): a large model's planning costs nothing, a small one's
+        the time it runs past that (on a CPU, all of it)."""
         metadata = input_sets[0][8]
         planner = self._planned(name, bucket, metadata)[name]
         key = ("autotune", bucket["batch"]) if metadata.is_decode else None
@@ -282,9 +287,11 @@ class PagedAttentionTuning:
             start = time.perf_counter()
             planner.plan(metadata, cuda_graph_key=key)
             times.append(time.perf_counter() - start)
+        read_bandwidth = None  # on a CPU the host runs the step itself: nothing hides the planning
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
-        return statistics.median(times) * 1e6 / bucket["layers"]
+            read_bandwidth = _copy_bandwidth(device_index(self._device))
+        return unhidden_host_us(statistics.median(times), bucket["weight_mib"] << 20, read_bandwidth, bucket["layers"])
 
 
 def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, device: torch.device) -> None:
@@ -304,6 +311,22 @@ def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, de
         backend = "triton" if nearest.winner.startswith("triton-splits") else nearest.winner
         chosen.setdefault(_kind_key(device, kind), {})[("decode", batch)] = backend
         choice.winner, choice.source = backend, "nearest"
+
+
+def unhidden_host_us(host_s: float, weight_bytes: int, read_bandwidth: float | None, layers: int) -> float:
+    """Microseconds a layer of a step's host time that the step's weight reads (at `read_bandwidth` bytes a second;
+    None: nothing runs beside the host) do not hide."""
+    hidden_s = weight_bytes / read_bandwidth if read_bandwidth else 0.0
+    return max(0.0, host_s - hidden_s) * 1e6 / layers
+
+
+@functools.cache
+def _copy_bandwidth(index: int) -> float:
+    """Bytes a second the GPU moves (its device-to-device copy bandwidth, reads and writes counted): the rate a step
+    reads its weights at, as the bandwidth limits in BENCHMARKS.md take it."""
+    from compiled_llm.bench.measure import copy_bandwidth  # here: compiled_llm imports custom_ops
+
+    return copy_bandwidth(torch.device("cuda", index), nbytes=256 << 20)
 
 
 def _count_kinds(layers) -> dict[LayerAttentionFeatures, int]:
