@@ -67,6 +67,13 @@ def test_a_patched_function_of_the_models_code_changes_the_key(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: x)
     assert graph_key(model, 8192) != key
+    monkeypatch.undo()
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "causal_mask_function", lambda *args: True)  # transformers' own, not the model's
+    assert graph_key(model, 8192) != key
+    monkeypatch.undo()
+    assert graph_key(model, 8192) == key
 
 
 def test_models_the_key_cannot_describe_are_not_cached(tmp_path):

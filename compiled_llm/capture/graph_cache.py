@@ -7,8 +7,8 @@ same code and config hits and computes with its own weights.
 
 The key is everything else the graph depends on: the model's config (Hugging Face models only: for other modules
 no config describes what the code computes), its parameter and buffer names, shapes, dtypes and device, the code
-of every function and class in the modules that define its layers and in transformers' masking and RoPE
-modules (a monkeypatched function changes it), compiled-llm's capture code, max_num_tokens, and the torch and
+of every function and class in the modules that define its layers and in the transformers modules every forward
+runs (masks, RoPE, forward's decorators, the base classes: a monkeypatched function changes it), compiled-llm's capture code, max_num_tokens, and the torch and
 transformers versions. A model whose forward is replaced on an instance, or that has forward hooks, is not
 cached at all (`why_uncacheable`). An entry that cannot be read is removed with a warning: the model is
 captured again and stored anew.
@@ -33,7 +33,10 @@ log = logging.getLogger("compiled_llm.capture")
 
 FORMAT = 1
 _CAPTURE_CODE = [Path(__file__).parent, Path(__file__).parents[2] / "custom_ops" / "attention" / "op.py"]
-_TRANSFORMERS_MODULES = ("transformers.masking_utils", "transformers.modeling_rope_utils")
+# transformers' code that every model's forward runs besides its own modeling file: masks, RoPE, the decorators on
+# forward, the base classes' methods
+_TRANSFORMERS_MODULES = ("transformers.masking_utils", "transformers.modeling_rope_utils", "transformers.utils.generic",
+                         "transformers.modeling_utils", "transformers.modeling_layers", "transformers.cache_utils")  # fmt: skip
 
 
 def why_uncacheable(model: nn.Module) -> str | None:
