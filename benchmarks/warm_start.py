@@ -22,8 +22,8 @@ import torch
 from compiled_llm import LLM, SamplingParams
 from compiled_llm.model_source import load_model
 
-source, cache_dir, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-loaded = load_model(source, torch.bfloat16)  # the weights: not counted
+source, cache_dir, fields, dtype = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), getattr(torch, sys.argv[4])
+loaded = load_model(source, dtype)  # the weights: not counted
 if torch.cuda.is_available():
     torch.cuda.synchronize()
 start = time.perf_counter()
@@ -43,11 +43,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--json")
     parser.add_argument("--fields", default="{}", help="CompileConfig fields as a JSON object")
+    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="compiled_llm_warm_start_")
     results = []
     for run in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.model, cache_dir, args.fields], capture_output=True,
+        out = subprocess.run([sys.executable, "-c", CHILD, args.model, cache_dir, args.fields, args.dtype], capture_output=True,
                              text=True)  # fmt: skip
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
