@@ -1,4 +1,4 @@
-"""Captured graphs on disk: a later compile of the same model skips torch.export (most of a warm start's time).
+"""Captured graphs on disk: a later compile of the same model loads its graph instead of running torch.export.
 
 An entry is torch.export's own serialization of the captured program without its weights: the graph, its
 symbolic shapes and the constants tracing created. A load takes the weights (and buffers) from the model being
@@ -8,10 +8,10 @@ same code and config hits and computes with its own weights.
 The key is everything else the graph depends on: the model's config (Hugging Face models only: for other modules
 no config describes what the code computes), its parameter and buffer names, shapes, dtypes and device, the code
 of every function and class in the modules that define its layers and in the transformers modules every forward
-runs (masks, RoPE, forward's decorators, the base classes: a monkeypatched function changes it), compiled-llm's capture code, max_num_tokens, and the torch and
-transformers versions. A model whose forward is replaced on an instance, or that has forward hooks, is not
-cached at all (`why_uncacheable`). An entry that cannot be read is removed with a warning: the model is
-captured again and stored anew.
+runs (masks, RoPE, forward's decorators, the base classes: a monkeypatched function changes it), compiled-llm's
+capture code, max_num_tokens, and the torch and transformers versions. A model whose forward is replaced on an
+instance, or that has forward hooks, is not cached at all (`why_uncacheable`). An entry that cannot be read is
+removed with a warning: the model is captured again and stored anew.
 """
 
 from __future__ import annotations
