@@ -125,3 +125,89 @@ def test_other_architectures_round_trip(arch, tmp_path):
         loaded.generate(prompt, max_new_tokens=5), model.generate(prompt, max_new_tokens=5, do_sample=False)
     )
     assert graph_cache.FORMAT == 2
+
+
+def test_what_modules_hold_beside_tensors_is_in_the_key():
+    """Values set at __init__ or after (an attention scaling, PEFT's adapter scalings) are baked into the graph;
+    a value the key cannot describe makes the model uncached, not keyed without it."""
+    model = tiny_model("llama")
+    key = graph_key(model, 8192)
+    model.model.layers[0].self_attn.scaling = 0.05
+    assert graph_key(model, 8192) != key
+    model.model.layers[0].self_attn.scaling = tiny_model("llama").model.layers[0].self_attn.scaling
+    assert graph_key(model, 8192) == key
+    model.model.layers[1].mlp.note = object()
+    with pytest.raises(graph_cache.UndescribedValue, match="model.layers.1.mlp.note is a object"):
+        graph_key(model, 8192)
+
+
+def test_tied_weights_and_config_settings_outside_its_json_are_in_the_key():
+    model = tiny_model("gemma2")  # ties its LM head to the embedding
+    key = graph_key(model, 8192)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert graph_key(model, 8192) != key  # the tied graph reads one of the two names for both
+    llama = tiny_model("llama")
+    key = graph_key(llama, 8192)
+    llama.config._attn_implementation_internal = "eager"
+    assert graph_key(llama, 8192) != key
+
+
+def test_a_decorated_function_is_keyed_by_the_body_it_wraps(monkeypatch):
+    import functools
+
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model("llama")
+    key = graph_key(model, 8192)
+    original = modeling_llama.LlamaMLP.forward
+
+    def decorate(body):
+        @functools.wraps(body)
+        def wrapper(*args, **kwargs):
+            return body(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", decorate(original))
+    same_body = graph_key(model, 8192)
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", decorate(lambda self, x: original(self, x) * 2))
+    assert graph_key(model, 8192) != same_body != key
+
+
+def test_buffers_and_their_aliases_are_bound_from_the_live_model(tmp_path):
+    """A buffer reachable under two names (a module used twice) and changed in place: the loaded graph reads the
+    live values under both names, never the stored ones."""
+
+    def aliased(scale: float):
+        model = tiny_model("llama")
+        model.model.layers[0].self_attn.rotary = model.model.rotary_emb  # a second name for its buffers
+        model.model.rotary_emb.inv_freq.mul_(scale)
+        return model
+
+    compile_model(aliased(1.0), cache_dir=tmp_path, **FIELDS)
+    changed = aliased(0.25)
+    loaded = compile_model(changed, cache_dir=tmp_path, **FIELDS)
+    assert "from the graph cache" in capture_line(loaded)
+    prompt = random_prompt(12, seed=6)
+    assert torch.equal(
+        loaded.generate(prompt, max_new_tokens=5), changed.generate(prompt, max_new_tokens=5, do_sample=False)
+    )
+
+
+def test_a_graph_from_the_cache_is_self_checked_and_a_wrong_one_removed(tmp_path, monkeypatch):
+    """Whatever the key misses, a cached graph that computes something else than the model fails the self-check
+    (a loud error naming the entry), and the entry is gone for the next compile."""
+    from compiled_llm.verify import SelfCheckError
+
+    model = tiny_model("llama")
+    compile_model(model, cache_dir=tmp_path, **FIELDS)
+    (entry,) = (tmp_path / "graphs").iterdir()
+    from compiled_llm.capture import export
+
+    monkeypatch.setattr(export, "graph_key", lambda m, n: entry.name)  # a key that misses the change below
+    changed = tiny_model("llama")
+    for layer in changed.model.layers:
+        layer.self_attn.scaling *= 4
+    with pytest.raises(SelfCheckError, match=f"graph cache \\(entry {entry.name}, now removed\\)"):
+        compile_model(changed, cache_dir=tmp_path, **FIELDS)
+    assert not entry.exists()

@@ -23,7 +23,7 @@ from torch import nn
 
 from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
 from compiled_llm.capture.forward_signature import forward_signature, output_logits
-from compiled_llm.capture.graph_cache import GraphCache, graph_key, why_uncacheable
+from compiled_llm.capture.graph_cache import GraphCache, UndescribedValue, graph_key, why_uncacheable
 from compiled_llm.capture.module_state import check_caches_present, written_state
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
 
@@ -41,6 +41,7 @@ class CapturedModel:
     logits_dtype: torch.dtype
     seconds: float
     source: str = "torch.export, flat tokens"  # or from the graph cache (graph_cache.py): what the report says
+    cache_key: str | None = None  # the graph cache entry it came from, if it did
 
 
 class FlatTokenForward(nn.Module):
@@ -144,10 +145,10 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192, graph_cache: Gra
         if why is None:
             try:
                 key = graph_key(model, max_num_tokens)
-            except Exception as error:  # noqa: BLE001  (a config that will not serialize, say: capture uncached)
-                why = f"no key ({type(error).__name__}: {error})"
+            except Exception as error:  # noqa: BLE001  (a value it cannot describe, a config that will not serialize)
+                why = str(error) if isinstance(error, UndescribedValue) else f"no key ({type(error).__name__}: {error})"
         if why is None:
-            program = graph_cache.load(key, {**flat.state_dict(keep_vars=True), **dict(flat.named_buffers())})
+            program = graph_cache.load(key, flat)
             if program is not None:
                 source = "from the graph cache (no torch.export)"
         else:
@@ -157,7 +158,9 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192, graph_cache: Gra
         described = {"architecture": arch, "max_num_tokens": max_num_tokens}
         if key is not None and graph_cache.store(key, program, described):
             source += " (stored in the graph cache)"
-    return _captured(program, model, arch, time.perf_counter() - start, source)
+    captured = _captured(program, model, arch, time.perf_counter() - start, source)
+    captured.cache_key = key if source.startswith("from the graph cache") else None
+    return captured
 
 
 def _export(model: nn.Module, flat: FlatTokenForward, arch: str, max_num_tokens: int) -> torch.export.ExportedProgram:

@@ -16,6 +16,7 @@ removed with a warning: the model is captured again and stored anew.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,9 @@ _CAPTURE_CODE = [Path(__file__).parent, Path(__file__).parents[2] / "custom_ops"
 # transformers' code that every model's forward runs besides its own modeling file: masks, RoPE, the decorators on
 # forward, the base classes' methods
 _TRANSFORMERS_MODULES = ("transformers.masking_utils", "transformers.modeling_rope_utils", "transformers.utils.generic",
-                         "transformers.modeling_utils", "transformers.modeling_layers", "transformers.cache_utils")  # fmt: skip
+                         "transformers.modeling_utils", "transformers.modeling_layers", "transformers.cache_utils",
+                         "transformers.activations", "transformers.integrations.moe", "transformers.utils.deprecation",
+                         "transformers.integrations.hub_kernels", "transformers.utils.output_capturing")  # fmt: skip
 
 
 def why_uncacheable(model: nn.Module) -> str | None:
@@ -57,6 +60,10 @@ def why_uncacheable(model: nn.Module) -> str | None:
     return None
 
 
+class UndescribedValue(Exception):
+    """A value the key cannot describe (the model is then not cached)."""
+
+
 def _code_digest(code: types.CodeType, digest) -> None:
     digest.update(code.co_code)
     digest.update(repr(code.co_names).encode())
@@ -68,16 +75,56 @@ def _code_digest(code: types.CodeType, digest) -> None:
 
 
 def _stable_repr(value) -> str:
-    """repr() without what changes between processes: the order of a frozenset (string hashing is seeded)."""
-    if isinstance(value, frozenset):
-        return "frozenset(" + ",".join(sorted(map(_stable_repr, value))) + ")"
-    if isinstance(value, tuple):
+    """repr() without what changes between processes: the order of a set (string hashing is seeded)."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ",".join(sorted(map(_stable_repr, value))) + "}"
+    if isinstance(value, (tuple, list)):
         return "(" + ",".join(map(_stable_repr, value)) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(sorted(f"{_stable_repr(k)}:{_stable_repr(v)}" for k, v in value.items())) + "}"
     return repr(value)
 
 
+def _shallow_repr(value, depth: int = 0) -> str:
+    """repr() of plain values and containers of them; other objects by their type (a default argument that is a
+    sentinel object, say)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+        return repr(value)
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return "(" + ",".join(_shallow_repr(v, depth + 1) for v in value) + ")"
+    if depth < 4 and isinstance(value, dict):
+        return "{" + ",".join(sorted(f"{_shallow_repr(k, depth + 1)}:{_shallow_repr(v, depth + 1)}"
+                                     for k, v in value.items())) + "}"  # fmt: skip
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _function_digest(function: types.FunctionType, digest, seen: set | None = None) -> None:
+    """A function as it runs: its code, defaults and closure, and those of what it wraps (a decorator's wrapper
+    hides the body it calls in __wrapped__ or in its closure); each function once (closures can be cycles)."""
+    seen = set() if seen is None else seen
+    while isinstance(function, types.FunctionType) and id(function) not in seen:
+        seen.add(id(function))
+        _code_digest(function.__code__, digest)
+        digest.update(_shallow_repr((function.__defaults__, function.__kwdefaults__)).encode())
+        for cell in function.__closure__ or ():
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(content, types.FunctionType):
+                _function_digest(content, digest, seen)
+            elif isinstance(content, functools.partial):
+                _function_digest(content.func, digest, seen)
+            else:
+                digest.update(type(content).__qualname__.encode())
+        function = getattr(function, "__wrapped__", None)
+
+
 def _module_code_digest(module: types.ModuleType, digest) -> None:
-    """Every function and class method defined in `module`, as it is now (patched or not)."""
+    """`module`'s source file and every function and class method in it as they are now (patched or not)."""
+    path = getattr(module, "__file__", None)
+    if path:
+        digest.update(Path(path).read_bytes())
     for name, value in sorted(vars(module).items()):
         functions = []
         if isinstance(value, types.FunctionType):
@@ -86,11 +133,72 @@ def _module_code_digest(module: types.ModuleType, digest) -> None:
             functions = [v for _, v in sorted(vars(value).items()) if isinstance(v, types.FunctionType)]
         for function in functions:
             digest.update(name.encode())
-            _code_digest(function.__code__, digest)
+            _function_digest(function, digest)
+
+
+_MODULE_INTERNALS = set(vars(nn.Module()))  # parameters, buffers, submodules, hooks, training: keyed elsewhere
+
+
+def _instance_digest(model: nn.Module, digest) -> None:
+    """What each module of `model` holds beside its tensors and submodules (a scaling computed at __init__, PEFT's
+    adapter scalings and merged state): values the traced graph bakes in. Raises UndescribedValue for a value it
+    cannot describe."""
+    from transformers import GenerationConfig, PretrainedConfig
+
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attribute, value in sorted(vars(module).items()):
+            if attribute in _MODULE_INTERNALS or isinstance(value, (PretrainedConfig, GenerationConfig)):
+                continue  # the config is keyed as a whole; generation settings are not in the graph
+            digest.update(f"{name}.{attribute}=".encode())
+            digest.update(_plain_repr(value, f"{name or 'model'}.{attribute}").encode())
+
+
+def _plain_repr(value, where: str) -> str:
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return repr(value)
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return _stable_repr([_plain_repr(v, where) for v in value] if not isinstance(value, (set, frozenset))
+                            else {_plain_repr(v, where) for v in value})  # fmt: skip
+    if isinstance(value, dict):
+        return _stable_repr({_plain_repr(k, where): _plain_repr(v, where) for k, v in value.items()})
+    if isinstance(value, torch.Tensor):  # bound from the live model at a load: its kind only
+        return f"tensor{tuple(value.shape)}{value.dtype}{value.device}"
+    if isinstance(value, (types.FunctionType, functools.partial)):
+        digest = hashlib.sha256()
+        _function_digest(value.func if isinstance(value, functools.partial) else value, digest)
+        if isinstance(value, functools.partial):
+            digest.update(_plain_repr((value.args, value.keywords), where).encode())
+        return digest.hexdigest()
+    raise UndescribedValue(f"{where} is a {type(value).__name__}, which the graph cache's key cannot describe")
+
+
+def _shared_names(model: nn.Module) -> list[list[str]]:
+    """Names that reach one tensor (tied embeddings, a module used twice): the graph reads one of them for all."""
+    groups: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+
+
+def _private_config_values(model: nn.Module) -> list:
+    """The settings configs keep out of their JSON (`_attn_implementation_internal`, `_experts_implementation...`)."""
+    from transformers import PretrainedConfig
+
+    configs = {
+        id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)
+    }
+    return sorted(
+        (type(config).__name__, key, repr(value))
+        for config in configs.values()
+        for key, value in vars(config).items()
+        if key.startswith("_") and (value is None or isinstance(value, (bool, int, float, str)))
+    )
 
 
 def graph_key(model: nn.Module, max_num_tokens: int) -> str:
-    """The cache key of `model`'s captured graph (see the module docstring)."""
+    """The cache key of `model`'s captured graph (see the module docstring); raises UndescribedValue where a module
+    holds a value it cannot describe."""
     import transformers
 
     digest = hashlib.sha256()
@@ -104,9 +212,12 @@ def graph_key(model: nn.Module, max_num_tokens: int) -> str:
         "state": [
             (n, tuple(t.shape), str(t.dtype), str(t.device)) for n, t in model.state_dict(keep_vars=True).items()
         ],
-        "non_persistent": sorted(n for n, _ in model.named_buffers()),
+        "non_persistent": sorted(n for n, _ in model.named_buffers(remove_duplicate=False)),
+        "shared": _shared_names(model),
+        "config_private": _private_config_values(model),
     }
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    _instance_digest(model, digest)
     for path in sorted(p for root in _CAPTURE_CODE for p in ([root] if root.is_file() else root.glob("*.py"))):
         digest.update(path.read_bytes())
     modules = {type(m).__module__ for m in model.modules()} | set(_TRANSFORMERS_MODULES)
@@ -123,9 +234,10 @@ class GraphCache:
     def __init__(self, cache_dir: str | Path):
         self.root = Path(cache_dir).expanduser() / "graphs"
 
-    def load(self, key: str, weights: dict[str, torch.Tensor]) -> torch.export.ExportedProgram | None:
-        """The program stored under `key` over `weights` (the flat module's state and buffers, by name); None on a
-        miss or an entry that cannot be read (a warning)."""
+    def load(self, key: str, root: nn.Module) -> torch.export.ExportedProgram | None:
+        """The program stored under `key` over the tensors of `root` (the exported module: its parameters, buffers
+        and tensor attributes, by name); None on a miss or an entry that cannot be read (a warning)."""
+        weights = {**root.state_dict(keep_vars=True), **dict(root.named_buffers(remove_duplicate=False))}
         from torch._export.serde import serialize as serde
 
         entry = self.root / key
@@ -136,7 +248,10 @@ class GraphCache:
             if not isinstance(program, serde.ExportedProgram):
                 raise TypeError(f"program.pkl holds a {type(program).__name__}")
             constants = serde.deserialize_torch_artifact((entry / "constants.pt").read_bytes())
-            constants.update({name: weights[name] for name in constants if name in weights})  # the model's buffers
+            for name in constants:  # buffers and tensor attributes: the live model's; only tracing's own are stored
+                live = weights.get(name, _attribute(root, name))
+                if live is not None:
+                    constants[name] = live
             state = {name: weights[name] for name in _state_names(program)}
             return serde.ExportedProgramDeserializer().deserialize(
                 program, state, constants, (entry / "example_inputs.pt").read_bytes()
@@ -171,6 +286,19 @@ class GraphCache:
         except Exception as error:  # noqa: BLE001  (the compile goes on; the next one captures again)
             log.warning("graph cache: could not store %s (%s: %s)", entry, type(error).__name__, error)
             return False
+
+
+def _attribute(root: nn.Module, name: str):
+    """The tensor at dotted `name` under `root`, or None."""
+    value = root
+    for part in name.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def remove(cache_dir: str | Path, key: str) -> None:
+    """Drop the entry of `key` (a self-check found its graph computing something else)."""
+    shutil.rmtree(Path(cache_dir).expanduser() / "graphs" / key, ignore_errors=True)
 
 
 def _state_names(program) -> list[str]:
