@@ -34,12 +34,14 @@ def kernel_cache_command(action: str, root: Path) -> int:
     try:
         keys = sorted(p.name for p in (root / "kernels").iterdir() if p.is_dir()) if (root / "kernels").is_dir() else []
         graphs = sorted(p for p in (root / "graphs").iterdir() if p.is_dir()) if (root / "graphs").is_dir() else []
+        staging = [p for p in graphs if p.name.startswith(".")]  # a store a crash interrupted: clear removes it
+        graphs = [p for p in graphs if p not in staging]
     except OSError as error:
         raise ValueError(f"the cache {root} cannot be read: {error.strerror}") from None
     caches = [KernelCache(root, key=key) for key in keys]
     if action == "clear":
         removed = sum(c.clear() for c in caches)
-        for graph in graphs:
+        for graph in graphs + staging:
             shutil.rmtree(graph, ignore_errors=True)
         print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'} and {len(graphs)} "
               f"captured graph{'s' * (len(graphs) != 1)} from {root / 'graphs'}")  # fmt: skip
