@@ -102,8 +102,11 @@ class CompiledModel:
         # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
         with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
             with progress.stage("capturing the graph (torch.export)"):
-                captured = capture_model(model, config.max_num_tokens,
-                                         GraphCache(config.cache_dir) if config.graph_cache else None)  # fmt: skip
+                # A graph from the cache is always self-checked; the check holds logits to the module's within
+                # rounding, which an fp8 KV cache's rounding exceeds.
+                unreadable = "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
+                graph_cache = GraphCache(config.cache_dir, unreadable) if config.graph_cache else None
+                captured = capture_model(model, config.max_num_tokens, graph_cache)
             timings["capture_s"] = captured.seconds
 
             with progress.stage("rewriting the graph"):

@@ -211,3 +211,11 @@ def test_a_graph_from_the_cache_is_self_checked_and_a_wrong_one_removed(tmp_path
     with pytest.raises(SelfCheckError, match=f"graph cache \\(entry {entry.name}, now removed\\)"):
         compile_model(changed, cache_dir=tmp_path, **FIELDS)
     assert not entry.exists()
+
+
+def test_an_fp8_kv_cache_compile_does_not_read_the_cache(tmp_path):
+    """Every graph loaded from the cache is self-checked, and the check cannot hold an fp8 KV cache's rounding:
+    such a compile captures afresh (its graph is the same, so it still stores it)."""
+    compile_model(tiny_model("llama"), cache_dir=tmp_path, **FIELDS)
+    fp8_cache = compile_model(tiny_model("llama"), cache_dir=tmp_path, kv_cache_dtype="fp8", **FIELDS)
+    assert "(graph cache not read: the self-check cannot hold an fp8 KV cache)" in capture_line(fp8_cache)

@@ -147,7 +147,9 @@ def capture_model(model: nn.Module, max_num_tokens: int = 8192, graph_cache: Gra
                 key = graph_key(model, max_num_tokens)
             except Exception as error:  # noqa: BLE001  (a value it cannot describe, a config that will not serialize)
                 why = str(error) if isinstance(error, UndescribedValue) else f"no key ({type(error).__name__}: {error})"
-        if why is None:
+        if why is None and graph_cache.unreadable:
+            source = f"{source} (graph cache not read: {graph_cache.unreadable})"
+        elif why is None:
             program = graph_cache.load(key, flat)
             if program is not None:
                 source = "from the graph cache (no torch.export)"

@@ -231,8 +231,11 @@ class GraphCache:
     """Entries under `<cache_dir>/graphs/<key>/`: program.pkl (torch.export's serialized graph, pickled: its JSON
     form reads 3x slower), constants.pt, example_inputs.pt, entry.json (what it is, for `cache ls`)."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, unreadable: str | None = None):
+        """`unreadable`: why this compile may store its graph but not load one (the self-check that guards a loaded
+        graph cannot hold its configuration)."""
         self.root = Path(cache_dir).expanduser() / "graphs"
+        self.unreadable = unreadable
 
     def load(self, key: str, root: nn.Module) -> torch.export.ExportedProgram | None:
         """The program stored under `key` over the tensors of `root` (the exported module: its parameters, buffers
