@@ -15,7 +15,6 @@ from autotune.select import graph_value, select_kernels
 from compiled_llm.capture import capture_model
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.graph_cache import GraphCache
-from compiled_llm.capture.graph_cache import remove as remove_graph
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.compiler_caches import use_cache_dir
@@ -39,7 +38,7 @@ from compiled_llm.runtime import (
     default_num_kv_blocks,
 )
 from compiled_llm.sequence_limits import bounded_by_position_tables, max_seq_len_for
-from compiled_llm.verify import SelfCheckError, self_check
+from compiled_llm.verify import self_check, self_check_wanted
 from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
@@ -49,8 +48,6 @@ log = logging.getLogger("compiled_llm")
 # Memory kept free for decode CUDA graphs and attention planners when the KV cache is sized from free
 # memory: they are captured after the cache exists (the graphs bake its address in).
 CUDA_GRAPH_RESERVE_BYTES = 1 << 30
-# Passes that change how a module computes its positions, which logits it computes or where its KV cache is.
-DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention")
 
 
 def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, **fields) -> CompiledModel:
@@ -145,23 +142,9 @@ class CompiledModel:
             else:
                 progress.set_total(3)
 
-        # The passes that rewrite how a module computes positions, logits or its cache run on HF graphs too
-        # (where they find nothing to date): whatever they rewrite is checked, whoever wrote the module.
-        rewrote = [r.name for r in pass_results if r.name in DROP_IN_REWRITES and r.sites]
-        # A graph from the graph cache is checked too: its key may miss something this model does differently.
-        cached = captured.cache_key is not None
-        if config.verify or (config.verify is None and (rewrote or cached or not _is_hf_model(model))):
+        if self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None):
             start = time.perf_counter()
-            try:
-                self_check(self, model, forward_signature(model), captured_graph)
-            except SelfCheckError as error:
-                if not cached:
-                    raise
-                remove_graph(config.cache_dir, captured.cache_key)
-                raise SelfCheckError(
-                    f"{error}. The graph came from the graph cache (entry {captured.cache_key}, now removed): compile "
-                    "again to capture this model afresh, or pass graph_cache=False"
-                ) from error
+            self_check(self, model, forward_signature(model), captured_graph, captured.cache_key)
             timings["self_check_s"] = time.perf_counter() - start
         # After the self-check, which runs the module with its cache.
         del captured_graph
@@ -407,9 +390,3 @@ def _compile_label(backend: str, device: torch.device) -> str:
         return "running the graph uncompiled (compile_backend='eager')"
     kernels = "C++" if device.type == "cpu" else "Triton"
     return f"compiling with Inductor ({kernels} kernels; cached for later runs)"
-
-
-def _is_hf_model(model: nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)

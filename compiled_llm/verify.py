@@ -31,6 +31,22 @@ PROMPT_LENGTHS = (6, 4)
 PREFILL_TOKENS = 2
 
 
+# Passes that change how a module computes its positions, which logits it computes or where its KV cache is.
+DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention")
+
+
+def self_check_wanted(verify: bool | None, model, pass_results, from_graph_cache: bool) -> bool:
+    """CompileConfig.verify, or where it is None: a module outside Hugging Face; a graph one of the drop-in passes
+    rewrote (they run on HF graphs too: whatever they rewrite is checked, whoever wrote the module); a graph from
+    the graph cache (its key may miss something this model does differently)."""
+    from transformers import PreTrainedModel
+
+    if verify is not None:
+        return verify
+    rewrote = any(r.name in DROP_IN_REWRITES and r.sites for r in pass_results)
+    return rewrote or from_graph_cache or not isinstance(model, PreTrainedModel)
+
+
 class SelfCheckError(RuntimeError):
     """The compiled module does not compute what the module computes; the message says where."""
 
@@ -121,9 +137,10 @@ def _first_difference(compiled, captured, prompt, first_step, dtype) -> str | No
     return None
 
 
-def self_check(compiled, model, signature, captured=None) -> None:
+def self_check(compiled, model, signature, captured=None, graph_cache_key: str | None = None) -> None:
     """Raise SelfCheckError if the compiled model's logits differ from the module's (see module docstring).
-    `captured`: the graph as captured, before the passes, to find the first op where they part."""
+    `captured`: the graph as captured, before the passes, to find the first op where they part. `graph_cache_key`:
+    the graph cache entry the graph came from, removed if the check fails (the next compile captures afresh)."""
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
@@ -153,8 +170,15 @@ def self_check(compiled, model, signature, captured=None) -> None:
                 suspects = position_suspects(compiled.graph_module)
                 hint = f"; first op that differs: {where}" if where else ""
                 hint += f"; ops over the step's tokens left in the graph: {'; '.join(suspects)}" if suspects else ""
-                raise SelfCheckError(
+                message = (
                     f"the compiled {type(model).__name__} differs from the module itself ({what}, prompt {i}, "
                     f"{problem}): compiled-llm does not know how to run this module over a paged KV cache{hint}. "
                     "compile_model(..., verify=False) skips this check at your own risk"
                 )
+                if graph_cache_key is not None:
+                    from compiled_llm.capture.graph_cache import remove
+
+                    remove(compiled.config.cache_dir, graph_cache_key)
+                    message += (f". The graph came from the graph cache (entry {graph_cache_key}, now removed): compile "
+                                "again to capture this model afresh, or pass graph_cache=False")  # fmt: skip
+                raise SelfCheckError(message)
