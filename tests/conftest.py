@@ -82,6 +82,18 @@ def compiled():
     return get
 
 
+@pytest.fixture
+def own_cache_dir(tmp_path, monkeypatch):
+    """A cache_dir of the test's own (kernel choices, graphs) for a compile with Inductor: Inductor's and Triton's
+    caches are process-wide and stay in the session's directory, which compiler_caches would otherwise hold against
+    a second directory in one process."""
+    from compiled_llm import compiler_caches
+
+    compiler_caches.use_cache_dir(os.environ["COMPILED_LLM_CACHE_DIR"])
+    monkeypatch.setattr(compiler_caches, "_chosen", tmp_path.resolve())
+    return tmp_path
+
+
 def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)  # avoid pad/bos/eos ids
