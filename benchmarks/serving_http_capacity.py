@@ -2,16 +2,22 @@
 client can carry, with no GPU: the real app and EngineCoreClient over a fake engine core that gives each of up
 to `--max-batch` running requests one token every `--step-ms`.
 
-    python benchmarks/serving_http_capacity.py [--step-ms 1] [--port 8131]
-    compiled-llm bench --mode serving --url http://127.0.0.1:8131 --concurrency 64 --num-requests 512 \\
+    python benchmarks/serving_http_capacity.py [--step-ms 1] [--port 8131] [--log-gc] [--gc-freeze]
+    compiled-llm bench --mode serving --url http://127.0.0.1:8131 --concurrency 64 --num-requests 768 \\
         --input-len 128 --output-len 128
 
-If the client measures far more than a GPU engine makes, the HTTP layer is not what limits serving.
+If the client measures far more than a GPU engine makes, the HTTP layer is not what limits serving. With a 6 ms
+step the fake's own ceiling is a little under 64 / 6 ms (its steps take ~6.2-6.4 ms: the client's mean ITL).
+`--log-gc` prints each full garbage collection of the API process: with torch imported, each one scans ~270k
+objects and stalls the event loop, and every stream with it, for ~130 ms (every ~4 s at 64 x 6 ms streams on a
+2-core machine). `--gc-freeze` moves what exists before serving out of the collector's reach (`gc.freeze()`),
+which `serve()` does not do (yet): those pauses drop to ~5 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import time
 
@@ -51,13 +57,30 @@ def fake_core(inbox, outbox, step_s: float, max_batch: int) -> None:
         outbox.send((STEP, deltas, EngineStats(len(running), len(waiting)), received))
 
 
+def log_full_collections() -> None:
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif info["generation"] == 2:
+            print(f"gc: full collection, the event loop stopped {1e3 * (time.perf_counter() - started[0]):.1f} ms",
+                  flush=True)  # fmt: skip
+
+    gc.callbacks.append(callback)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-ms", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--port", type=int, default=8131)
     parser.add_argument("--log-level", default="warning", help="uvicorn's; info also logs a line per request")
+    parser.add_argument("--log-gc", action="store_true", help="print each full garbage collection's pause")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() what exists before serving")
     args = parser.parse_args()
+    if args.log_gc:
+        log_full_collections()
 
     from compiled_llm.engine_core.client import EngineCoreClient
     from compiled_llm.server import serve
@@ -69,6 +92,9 @@ def main() -> None:
     process.start()
     _, info = from_core.recv()
     client = EngineCoreClient(process, to_core, from_core, info)
+    if args.gc_freeze:  # everything is imported and built: the modules, torch's included, live as long as the server
+        gc.collect()
+        gc.freeze()
     try:
         serve(client, "fake", port=args.port, log_level=args.log_level)
     finally:

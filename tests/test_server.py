@@ -387,3 +387,127 @@ def test_a_stalled_upload_gets_408_after_the_read_timeout(server):
         reply = reply.decode()
     assert reply.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in reply.replace(" ", "")
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+CHUNK_TEXTS = ["", "x", " Zwölf Box", "日本語の", "🙂 and 🚀", 'quote " backslash \\ slash /', "\t\n\r\x00\x1f\x7f",
+               "\u2028\u2029\ufeff", "�"]  # fmt: skip
+
+
+def test_stream_chunks_are_the_models_json_byte_for_byte():
+    """What the stream sends for each token (responses.StreamChunks) is the text pydantic makes of the same chunk:
+    keys, order, values and escapes; logprobs (with -inf) and finish reasons included."""
+    from compiled_llm.server.responses import (
+        ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChoice, CompletionResponse, StreamChunks,
+        chat_logprobs, completion_logprobs,
+    )  # fmt: skip
+
+    def token_text(token: int) -> str:
+        return CHUNK_TEXTS[token % len(CHUNK_TEXTS)]
+
+    checked = 0
+    for model in ("tiny", 'modèle/日本 "v2"'):
+        for kind in ("completion", "chat"):
+            chunks = StreamChunks(kind, "cmpl-0123abc", model)
+            for index, text, tokens, reason, with_logprobs in [
+                (0, t, ids, r, lp) for t in CHUNK_TEXTS for ids in ([], [5], [1, 2, 3]) for r in (None, "length", "stop")
+                for lp in (False, True)
+            ]:  # fmt: skip
+                entries = [{t: -0.25, t + 1: -1.5e-7, t + 2: float("-inf")} for t in tokens] if with_logprobs else None
+                if kind == "completion":
+                    logprobs = completion_logprobs(tokens, entries, 2, 7, token_text)
+                else:
+                    logprobs = chat_logprobs(tokens, entries, 2, token_text)
+                ours = chunks.chunk(index + 3, text, tokens, reason, logprobs)
+                created = json.loads(ours)["created"]
+                if kind == "completion":
+                    expected = CompletionResponse(id="cmpl-0123abc", created=created, model=model, choices=[
+                        CompletionChoice(index=index + 3, text=text, token_ids=tokens, finish_reason=reason,
+                                         logprobs=logprobs)])  # fmt: skip
+                else:
+                    expected = ChatCompletionChunk(id="cmpl-0123abc", created=created, model=model, choices=[
+                        ChatChunkChoice(index=index + 3, delta=ChatDelta(content=text or None), finish_reason=reason,
+                                        logprobs=logprobs)])  # fmt: skip
+                assert ours == expected.model_dump_json(), (kind, text, tokens, reason)
+                assert abs(created - time.time()) < 5  # each chunk's own time, as the models' default
+                checked += 1
+    assert checked == 2 * 2 * len(CHUNK_TEXTS) * 3 * 3 * 2
+
+
+def test_streamed_chunks_parse_and_dump_back_to_the_same_bytes(server):
+    """Every chunk of real streams (one choice and several, completion and chat, logprobs and usage) is exactly
+    what the response models dump of it: nothing a client parses differs from the pydantic-built chunks."""
+    from compiled_llm.server.responses import ChatCompletionChunk, CompletionResponse
+
+    url = server[1]
+    chat = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 12, "logprobs": True, "top_logprobs": 2}
+    several = {"prompt": [PROMPTS[1], PROMPTS[0]], "max_tokens": 6, "n": 2, "seed": 3, "temperature": 1.0}
+    bodies = [
+        ("/v1/completions", CompletionResponse, {"prompt": PROMPTS[2], "max_tokens": 12, "logprobs": 2}),
+        ("/v1/completions", CompletionResponse, several),
+        ("/v1/chat/completions", ChatCompletionChunk, chat),
+    ]
+    for path, model, body in bodies:
+        body = {"model": "tiny", "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, **body}
+        with httpx.stream("POST", f"{url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+            events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] > 0
+        finished = [json.loads(e)["choices"][0]["index"] for e in events[:-2] if json.loads(e)["choices"][0]["finish_reason"]]
+        assert sorted(finished) == list(range(body.get("n", 1) * (2 if isinstance(body.get("prompt"), list) else 1)))
+        for event in events[:-1]:
+            assert model.model_validate_json(event).model_dump_json() == event
+
+
+def test_an_interrupt_cancels_only_the_wait_for_the_engine():
+    """A job of one choice waits in the engine's stream itself: a failure from outside (shutdown deadline,
+    --request-timeout) cancels that wait and is raised instead, and the stream is closed (its request aborted);
+    a failure while the task is elsewhere is raised at its next wait; a cancel from outside stays a cancel."""
+    from compiled_llm.server.app import _Interrupt
+    from compiled_llm.server.errors import APIError
+
+    closed = []
+
+    async def outputs():
+        try:
+            yield "first"
+            await asyncio.Event().wait()  # the engine, slow
+            yield "never"
+        finally:
+            closed.append(True)
+
+    async def interrupted_while_waiting():
+        interrupt, stream = _Interrupt(), outputs()
+        assert await interrupt.next(stream) == "first"
+        asyncio.get_running_loop().call_later(0.01, interrupt.put_nowait, (-1, APIError(408, "late", "request_timeout")))
+        with pytest.raises(APIError, match="late"):
+            await interrupt.next(stream)
+        assert closed == [True]
+        if hasattr(asyncio.current_task(), "cancelling"):  # Python >= 3.11
+            assert asyncio.current_task().cancelling() == 0  # the task itself is not being cancelled
+        await asyncio.sleep(0)  # and goes on
+
+    async def interrupted_while_busy():
+        interrupt, stream = _Interrupt(), outputs()
+        interrupt.put_nowait((-1, APIError(503, "shutting down", "server_shutting_down")))
+        await asyncio.sleep(0.01)  # not cancelled: it was not waiting
+        with pytest.raises(APIError, match="shutting down"):
+            await interrupt.next(stream)
+        await stream.aclose()
+
+    async def cancelled_from_outside():  # the client left
+        async def job():
+            interrupt, stream = _Interrupt(), outputs()
+            await interrupt.next(stream)
+            await interrupt.next(stream)
+
+        task = asyncio.ensure_future(job())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    closed.clear()
+    asyncio.run(interrupted_while_waiting())
+    asyncio.run(interrupted_while_busy())
+    closed.clear()
+    asyncio.run(cancelled_from_outside())
+    assert closed == [True]

@@ -9,6 +9,7 @@ API process dies, it exits too: at its next read of the pipe, or within a second
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -167,6 +168,8 @@ def run_engine_core(inbox, outbox, model: str, dtype, config_fields: dict, log_l
     with torch.no_grad():
         engine.warm_up()
     log.info("engine warmed up in %.2f s", time.perf_counter() - start)
+    gc.collect()  # what the warm-up left, out of the cyclic collector as LLM did with the model (llm.py)
+    gc.freeze()
     outbox.send((READY, EngineInfo(llm.tokenizer, engine.limits, engine.stats())))
     log.info("engine core ready (pid %d)", os.getpid())
     sys.exit(EngineCore(engine, inbox, outbox).run())

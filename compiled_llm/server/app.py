@@ -37,7 +37,7 @@ from compiled_llm.server.shutdown import Drain
 from compiled_llm.server.protocol import ChatCompletionRequest, CompletionRequest
 from compiled_llm.server.responses import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    CompletionChoice, CompletionResponse, Usage, chat_logprobs, completion_logprobs,
+    CompletionChoice, CompletionResponse, StreamChunks, Usage, chat_logprobs, completion_logprobs,
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -61,6 +61,40 @@ class _ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+
+
+class _Interrupt:
+    """The failure of a job of one choice from outside (the shutdown's deadline, --request-timeout), put as
+    `(index, error)` like into the queue of a job of several (Drain tracks either). The job's task waits in
+    the engine's stream itself, so the failure cancels that wait, and only that wait: a task busy elsewhere
+    (writing to its client) finds the failure before it next waits."""
+
+    def __init__(self):
+        self.task = asyncio.current_task()
+        self.error: BaseException | None = None
+        self.waiting = False
+
+    def put_nowait(self, item: tuple[int, BaseException]) -> None:
+        if self.error is None:
+            self.error = item[1]
+            if self.waiting:
+                self.task.cancel()
+
+    async def next(self, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+        """The next of `outputs` (StopAsyncIteration after the last), or the failure if it comes first."""
+        if self.error is not None:
+            raise self.error
+        self.waiting = True
+        try:
+            return await outputs.__anext__()
+        except asyncio.CancelledError:
+            if self.error is None:
+                raise  # not ours: the client left, or the task was cancelled from outside
+            if hasattr(self.task, "uncancel"):  # Python >= 3.11: the task is not being cancelled any more
+                self.task.uncancel()
+            raise self.error from None
+        finally:
+            self.waiting = False
 
 
 class _Job:
@@ -188,17 +222,53 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
     def token_text(token: int) -> str:
         return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
-    async def run(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def run(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output so far) as the engine produces them; the last per choice is finished.
         Each output holds everything so far, so only a choice's newest unread one is kept: a client that reads
-        slowly skips to it, instead of a queue of copies growing with the square of its length."""
+        slowly skips to it, instead of a queue of copies growing with the square of its length. A failure
+        from outside (the shutdown's deadline, --request-timeout) is raised in the outputs' place."""
+        return run_one(job, stream) if len(job.params) == 1 else run_merged(job, stream)
+
+    def fail_later(put_nowait) -> asyncio.TimerHandle | None:
+        """--request-timeout: the job's failure, handed to `put_nowait` as a `(-1, error)` item."""
+        if request_timeout_s is None:
+            return None
+        return asyncio.get_running_loop().call_later(request_timeout_s, put_nowait, (-1, APIError(
+            408, f"the request ran past the server's --request-timeout of {request_timeout_s:g} s",
+            "request_timeout")))  # fmt: skip
+
+    async def run_one(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`run` for a job of one choice (most are), in the caller's task: the engine's stream keeps only its
+        newest output itself, and a task and a queue between it and the response cost the event loop a task
+        switch for every token of every stream."""
+        ids, params = job.params[0]
+        interrupt = _Interrupt()
+        drain.track(interrupt)  # past the shutdown timeout, it fails the job through `interrupt`
+        timeout = fail_later(interrupt.put_nowait)
+        # The place is freed and the request queued in one step of this task (no await between: the
+        # generator's first step queues it before it waits), so the two are never both counted.
+        admission.handed_over(job)
+        outputs = llm.generate_async(ids, params, streaming=stream)
+        try:
+            while True:
+                try:
+                    output = await interrupt.next(outputs)
+                except StopAsyncIteration:
+                    return
+                yield 0, output
+        finally:  # finished, failed or closed (client gone): an unfinished request is aborted
+            drain.untrack(interrupt)
+            if timeout is not None:
+                timeout.cancel()
+            await outputs.aclose()
+
+    async def run_merged(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`run` for a job of several choices: a task per choice, and their outputs merged through a queue."""
         queue: asyncio.Queue = asyncio.Queue()  # (index, NEWER | None when done | an error)
         newest: dict[int, RequestOutput] = {}
 
         async def pump(index: int, ids: list[int], params) -> None:
-            # The place is freed and the request queued in one step of this task (no await between: the
-            # generator's first step queues it before it waits), so the two are never both counted.
-            admission.handed_over(job)
+            admission.handed_over(job)  # as in run_one
             try:
                 async for output in llm.generate_async(ids, params, streaming=stream):
                     if index not in newest:
@@ -211,11 +281,7 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
 
         tasks = [asyncio.create_task(pump(i, ids, params)) for i, (ids, params) in enumerate(job.params)]
         drain.track(queue)  # past the shutdown timeout, it fails the job through its queue
-        timeout = None
-        if request_timeout_s is not None:
-            timeout = asyncio.get_running_loop().call_later(request_timeout_s, queue.put_nowait, (-1, APIError(
-                408, f"the request ran past the server's --request-timeout of {request_timeout_s:g} s",
-                "request_timeout")))  # fmt: skip
+        timeout = fail_later(queue.put_nowait)
         try:
             remaining = len(tasks)
             while remaining:
@@ -315,14 +381,45 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
             ])  # fmt: skip
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = StreamChunks(kind, base["id"], model_name)
 
         async def events() -> AsyncIterator[str]:
-            try:  # closed explicitly, so that a client who leaves aborts its requests now, not at GC
-                async with contextlib.aclosing(stream_events()) as stream:
-                    async for event in stream:
-                        yield event
+            # The final event of the last choice to finish waits for the usage chunk and [DONE], to go out with
+            # them in one write: when a whole batch finishes in one step, the event loop has that many streams
+            # to end at once, and a write (through the middleware, the HTTP layer and a syscall) is what costs.
+            last = ""
+            try:
+                if not completion_kind:  # OpenAI's first chunk of each choice: the role
+                    for index in range(len(job.params)):
+                        yield sse(ChatCompletionChunk(**base, choices=[
+                            ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))]))  # fmt: skip
+                finished = 0
+                # Closed explicitly, so that a client who leaves aborts its requests now, not at GC.
+                async with contextlib.aclosing(run(job, stream=True)) as outputs:
+                    async for index, output in outputs:
+                        offset = len(job.sent_text[index])
+                        text, tokens, entries = delta(index, output)
+                        reason = output.outputs[0].finish_reason if output.finished else None
+                        finished += output.finished
+                        if not text and not tokens and reason is None:
+                            continue
+                        logprobs = (completion_logprobs(tokens, entries, k, offset, token_text) if completion_kind
+                                    else chat_logprobs(tokens, entries, k, token_text))  # fmt: skip
+                        event = sse(chunks.chunk(index, text, tokens, reason, logprobs))
+                        if finished < len(job.params):
+                            yield event
+                        else:
+                            last = event
+                end, last = last, ""
+                if include_usage:
+                    usage = Usage(**job.usage())
+                    end += sse(CompletionResponse(**base, choices=[], usage=usage) if completion_kind
+                               else ChatCompletionChunk(**base, choices=[], usage=usage))  # fmt: skip
+                yield end + sse("[DONE]")
             except Exception as error:  # headers are sent: the failure goes in the stream, then its end
                 nonlocal unfinished
+                if last:  # held back above; nothing fails after the last choice's end, but nothing is lost if so
+                    yield last
                 if isinstance(error, APIError):  # the shutdown's deadline or --request-timeout
                     unfinished, body = error.code, error_body(error.status, error.message, error.code)
                 else:
@@ -335,31 +432,6 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
             finally:
                 admission.release(job)
                 finish_log(request_id, job, start, unfinished)
-
-        async def stream_events() -> AsyncIterator[str]:
-            if not completion_kind:  # OpenAI's first chunk of each choice: the role
-                for index in range(len(job.params)):
-                    yield sse(ChatCompletionChunk(**base, choices=[
-                        ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))]))  # fmt: skip
-            async for index, output in run(job, stream=True):
-                offset = len(job.sent_text[index])
-                text, tokens, entries = delta(index, output)
-                reason = output.outputs[0].finish_reason if output.finished else None
-                if not text and not tokens and reason is None:
-                    continue
-                if completion_kind:
-                    yield sse(CompletionResponse(**base, choices=[CompletionChoice(
-                        index=index, text=text, token_ids=tokens, finish_reason=reason,
-                        logprobs=completion_logprobs(tokens, entries, k, offset, token_text))]))  # fmt: skip
-                else:
-                    yield sse(ChatCompletionChunk(**base, choices=[ChatChunkChoice(
-                        index=index, delta=ChatDelta(content=text or None), finish_reason=reason,
-                        logprobs=chat_logprobs(tokens, entries, k, token_text))]))  # fmt: skip
-            if include_usage:
-                usage = Usage(**job.usage())
-                yield sse(CompletionResponse(**base, choices=[], usage=usage) if completion_kind
-                          else ChatCompletionChunk(**base, choices=[], usage=usage))  # fmt: skip
-            yield sse("[DONE]")
 
         return _ClosingStreamingResponse(events(), media_type="text/event-stream")
 
