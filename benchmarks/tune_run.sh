@@ -9,7 +9,7 @@ model=$1 out=$2
 shift 2
 mkdir -p "$out"
 # Tuned for the bench's sequences (128 + 128 tokens): attention's choices depend on the context length.
-python3 -m compiled_llm.cli tune "$model" --cache-dir "$out/cache" --max-seq-len 256 "$@" | tee "$out/tune.txt"
+python3 -m compiled_llm.cli tune "$model" --cache-dir "$out/cache" --max-seq-len 256 --no-end-to-end "$@" | tee "$out/tune.txt"
 for batch in ${BATCH_SIZES:-1}; do
     for mode in off cache; do
         python3 -m compiled_llm.cli bench "$model" --mode latency --batch-size "$batch" --input-len 128 --output-len 128 \

@@ -253,6 +253,7 @@ def tune(args: argparse.Namespace) -> int:
 
     if args.autotune not in (None, "full"):
         raise ValueError(f"tune times kernels: it runs with autotune='full', not --autotune {args.autotune}")
+    sizes = ["1"]  # what the end-to-end table measures without --batch-sizes
     if args.batch_sizes is not None:
         if args.cuda_graph_batch_sizes is not None:
             raise ValueError("--batch-sizes sets --cuda-graph-batch-sizes: give one of them")
@@ -262,7 +263,8 @@ def tune(args: argparse.Namespace) -> int:
         args.cuda_graph_batch_sizes = ",".join(sizes)
         if args.max_batch_size is None:
             args.max_batch_size = str(max(map(int, sizes)))
-    return tune_kernels(args.model, _dtype(args.dtype), _config_from_args(args))
+    end_to_end = () if args.no_end_to_end else tuple(map(int, sizes))
+    return tune_kernels(args.model, _dtype(args.dtype), _config_from_args(args), end_to_end)
 
 
 def cache(args: argparse.Namespace) -> int:
@@ -362,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_parser.add_argument("--batch-sizes", help="decode batch sizes to tune, comma-separated, e.g. 1,16,64: the "
                              "CUDA-graph sizes (--cuda-graph-batch-sizes), and --max-batch-size the largest unless "
                              "given (default: every size up to --max-batch-size)")  # fmt: skip
+    tune_parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end table: after tuning, "
+                             "decode tok/s at each of --batch-sizes (default 1), 128 + 128 tokens, with the heuristics "
+                             "and with the tuned choices, each compiled on its own")  # fmt: skip
     _add_config_flags(tune_parser)
     tune_parser.set_defaults(run=tune)
 

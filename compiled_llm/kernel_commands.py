@@ -3,6 +3,7 @@ arguments)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +13,15 @@ import torch
 from autotune.kernel_cache import KernelCache, format_bucket
 from compiled_llm.config import CompileConfig
 
+# The end-to-end comparison's workload: the sequences `benchmarks/tune_run.sh` tunes attention for (128 + 128).
+END_TO_END_LENGTHS = (128, 128)
 
-def tune_kernels(model_source: str, dtype: torch.dtype | None, config: CompileConfig) -> int:
+
+def tune_kernels(model_source: str, dtype: torch.dtype | None, config: CompileConfig,
+                 end_to_end: tuple[int, ...] = ()) -> int:  # fmt: skip
     """Compile the model with autotune="full" (every tunable op timed on the GPU, each winner stored in the kernel
-    cache at once) and print each choice's gain over the heuristic."""
+    cache at once) and print each choice's gain over the heuristic; then, for each batch size in `end_to_end`,
+    decode tok/s with the heuristics (autotune="off") and with the stored choices (autotune="cache")."""
     from compiled_llm.compiled_model import compile_model
     from compiled_llm.model_source import load_model
 
@@ -26,7 +32,49 @@ def tune_kernels(model_source: str, dtype: torch.dtype | None, config: CompileCo
     compiled = compile_model(model, config)
     print(format_tuning_table(compiled.report.kernels))
     print(f"kernel cache: {config.cache_dir}")
+    if end_to_end:
+        del compiled  # its KV cache holds most of the GPU's memory
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(format_end_to_end_table(end_to_end_gains(model, model_source, config, end_to_end)))
     return 0
+
+
+def end_to_end_gains(model, model_name: str, config: CompileConfig, batch_sizes: tuple[int, ...],
+                     measure=None) -> list[dict]:  # fmt: skip
+    """Per batch size: decode tok/s of `bench --mode latency` (128 + 128 tokens) with autotune "off" and "cache",
+    each in its own compile, in alternating order across batch sizes so that neither always runs on a warmer GPU.
+    `measure(model, model_name, batch_size, config) -> decode tok/s` (default: the latency benchmark)."""
+    measure = measure or _decode_tokens_per_s
+    # The batch shape is the benchmark's own: the tuned run's batch and graph sizes are not this run's.
+    fields = config.model_dump(exclude_unset=True)
+    for name in ("autotune", "max_batch_size", "cuda_graph_batch_sizes", "max_seq_len", "num_kv_blocks"):
+        fields.pop(name, None)
+    rows = []
+    for i, batch in enumerate(batch_sizes):
+        modes = ("off", "cache") if i % 2 == 0 else ("cache", "off")
+        speeds = {mode: measure(model, model_name, batch, CompileConfig(**fields, autotune=mode)) for mode in modes}
+        rows.append({"batch_size": batch, "heuristic_tokens_per_s": speeds["off"], "tuned_tokens_per_s": speeds["cache"]})
+    return rows
+
+
+def _decode_tokens_per_s(model, model_name: str, batch_size: int, config: CompileConfig) -> float:
+    from compiled_llm.bench.latency import run_latency_benchmark
+
+    input_len, output_len = END_TO_END_LENGTHS
+    result = run_latency_benchmark(model, model_name, batch_size, input_len, output_len, baselines=(), config=config)
+    torch.cuda.empty_cache()
+    return result["results"][0]["decode_tokens_per_s"]
+
+
+def format_end_to_end_table(rows: list[dict]) -> str:
+    input_len, output_len = END_TO_END_LENGTHS
+    lines = [f"end to end: decode tok/s per sequence, {input_len} prompt + {output_len} new tokens",
+             f"{'batch':>5} {'heuristics':>11} {'tuned':>9} {'gain':>6}"]  # fmt: skip
+    for row in rows:
+        heuristic, tuned = row["heuristic_tokens_per_s"], row["tuned_tokens_per_s"]
+        lines.append(f"{row['batch_size']:>5} {heuristic:>11.1f} {tuned:>9.1f} {tuned / heuristic:>5.2f}x")
+    return "\n".join(lines)
 
 
 def kernel_cache_command(action: str, root: Path) -> int:

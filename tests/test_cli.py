@@ -183,6 +183,37 @@ def test_the_tuning_table_gives_each_choice_its_gain_over_the_heuristic():
     assert "nothing to tune" in format_tuning_table([])
 
 
+def test_tune_end_to_end_measures_each_batch_size_with_heuristics_and_with_the_tuned_choices():
+    """Per batch size one measurement with autotune "off" and one with "cache", in alternating order; the tuned run's
+    own batch shape (max batch, graph sizes, max_seq_len) is not the benchmark's, the rest of its config is."""
+    from compiled_llm.config import CompileConfig
+    from compiled_llm.kernel_commands import end_to_end_gains, format_end_to_end_table
+
+    calls = []
+
+    def measure(model, name, batch, config):
+        calls.append((batch, config.autotune))
+        assert config.model_dump(exclude_unset=True) == {"quantization": "fp8", "autotune": config.autotune}
+        return {"off": 100.0, "cache": 110.0}[config.autotune] * batch
+
+    tuned = CompileConfig(quantization="fp8", autotune="full", max_batch_size=16, cuda_graph_batch_sizes=(1, 16),
+                          max_seq_len=256)  # fmt: skip
+    rows = end_to_end_gains(None, "m", tuned, (1, 16), measure)
+    assert calls == [(1, "off"), (1, "cache"), (16, "cache"), (16, "off")]
+    lines = format_end_to_end_table(rows).splitlines()
+    assert lines[2].split() == ["1", "100.0", "110.0", "1.10x"] and lines[3].split() == ["16", "1600.0", "1760.0", "1.10x"]
+
+
+def test_tune_end_to_end_runs_the_latency_benchmark():
+    """The default measurement is `bench --mode latency`'s decode tok/s (here on the CPU, uncompiled graphs)."""
+    from compiled_llm.config import CompileConfig
+    from compiled_llm.kernel_commands import end_to_end_gains
+
+    rows = end_to_end_gains(tiny_model("llama"), "tiny", CompileConfig(compile_backend="eager"), (2,))
+    assert [row["batch_size"] for row in rows] == [2]
+    assert rows[0]["heuristic_tokens_per_s"] > 0 and rows[0]["tuned_tokens_per_s"] > 0
+
+
 def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path, capsys):
     from autotune.kernel_cache import CacheEntry, KernelCache
 
