@@ -142,7 +142,8 @@ class CompiledModel:
             else:
                 progress.set_total(3)
 
-        if self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None):
+        stored_code = self.runner.graph.source == "stored artifact"
+        if self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
             start = time.perf_counter()
             self_check(self, model, forward_signature(model), captured_graph, captured.cache_key)
             timings["self_check_s"] = time.perf_counter() - start
@@ -155,7 +156,7 @@ class CompiledModel:
             architecture=captured.architecture,
             device=str(self.device),
             dtype=dtype,
-            compile_backend=config.compile_backend,
+            compile_backend=config.compile_backend + _COMPILE_SOURCES.get(self.runner.graph.source, ""),
             passes=pass_results,
             attention=layers,
             kv_cache=f"{len(layers)} layers x {num_blocks} blocks x {config.block_size} tokens, "
@@ -207,7 +208,8 @@ class CompiledModel:
         tokens = [per_seq] * (total // per_seq) + ([total % per_seq] if total % per_seq else [])
         blocks = sum(-(-(n + 1) // config.block_size) for n in tokens)
         runner = ModelRunner(
-            CompiledGraph(gm, config.compile_backend, config.inductor_options, self.device.type),
+            CompiledGraph(gm, config.compile_backend, config.inductor_options, self.device.type,
+                          config.cache_dir if config.graph_cache else None),  # fmt: skip
             PagedKVCache(layers, blocks, config.block_size, self.device),
             planners, self.max_seq_len, self.device,
         )  # fmt: skip
@@ -383,6 +385,10 @@ class CompiledModel:
         for i, tokens in enumerate(generated):
             new[i, : len(tokens)] = torch.tensor(tokens)
         return torch.cat([input_ids.long(), new.to(input_ids.device)], dim=1)
+
+
+# Where the compiled code came from (CompiledGraph.source), after the backend on the report's compile line.
+_COMPILE_SOURCES = {"stored artifact": " (stored compiled graph, no Dynamo)", "compiled": " (compiled graph stored)"}
 
 
 def _compile_label(backend: str, device: torch.device) -> str:

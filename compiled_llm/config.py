@@ -155,7 +155,8 @@ class CompileConfig(BaseModel):
     """Store the captured graph under `cache_dir/graphs` and reuse it, skipping torch.export, when a later compile
     has the same model code, config, parameter shapes, max_num_tokens and library versions (Hugging Face models;
     weights are never stored: a model with other weights hits and computes with its own). See
-    compiled_llm/capture/graph_cache.py."""
+    compiled_llm/capture/graph_cache.py. With Inductor, also store Inductor's compiled graph under
+    `cache_dir/compiled` and load it on a warm start, skipping Dynamo (compiled_llm/compiled_artifact.py)."""
 
     passes: tuple[str, ...] | None = None
     """Graph passes to run, in order. None: `fx_passes.DEFAULT_PIPELINE`."""

@@ -86,14 +86,20 @@ def kernel_cache_command(action: str, root: Path) -> int:
         graphs = [p for p in graphs if p not in staging]
     except OSError as error:
         raise ValueError(f"the cache {root} cannot be read: {error.strerror}") from None
+    # Inductor's compiled graphs stored as AOT-compiled functions (compiled_artifact.py), and interrupted stores.
+    compiled = sorted((root / "compiled").glob("*.bin")) if (root / "compiled").is_dir() else []
     caches = [KernelCache(root, key=key) for key in keys]
     if action == "clear":
         removed = sum(c.clear() for c in caches)
         for graph in graphs + staging:
             shutil.rmtree(graph, ignore_errors=True)
-        print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'} and {len(graphs)} "
-              f"captured graph{'s' * (len(graphs) != 1)} from {root / 'graphs'}")  # fmt: skip
+        for path in (root / "compiled").glob("*"):  # the stored functions, and stores a crash interrupted (.tmp)
+            path.unlink(missing_ok=True)
+        print(f"removed {removed} kernel choice{'s' * (removed != 1)} from {root / 'kernels'}, {len(graphs)} "
+              f"captured graph{'s' * (len(graphs) != 1)} from {root / 'graphs'} and {len(compiled)} compiled "
+              f"graph{'s' * (len(compiled) != 1)} from {root / 'compiled'}")  # fmt: skip
         return 0
+    print(f"compiled graphs {root / 'compiled'}: {len(compiled)} ({sum(p.stat().st_size for p in compiled) / 2**20:.1f} MiB)")
     print(f"graph cache {root / 'graphs'}: {len(graphs)} captured graph{'s' * (len(graphs) != 1)}")
     for graph in graphs:
         try:

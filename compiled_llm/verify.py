@@ -40,16 +40,18 @@ PREFILL_TOKENS = 2
 DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention")
 
 
-def self_check_wanted(verify: bool | None, model, pass_results, from_graph_cache: bool) -> bool:
+def self_check_wanted(verify: bool | None, model, pass_results, from_graph_cache: bool,
+                      from_stored_code: bool = False) -> bool:
     """CompileConfig.verify, or where it is None: a module outside Hugging Face; a graph one of the drop-in passes
     rewrote (they run on HF graphs too: whatever they rewrite is checked, whoever wrote the module); a graph from
-    the graph cache (its key may miss something this model does differently)."""
+    the graph cache (its key may miss something this model does differently); compiled code loaded from a stored
+    artifact (compiled_artifact.py: it runs without guards, its key may miss something too)."""
     from transformers import PreTrainedModel
 
     if verify is not None:
         return verify
     rewrote = any(r.name in DROP_IN_REWRITES and r.sites for r in pass_results)
-    return rewrote or from_graph_cache or not isinstance(model, PreTrainedModel)
+    return rewrote or from_graph_cache or from_stored_code or not isinstance(model, PreTrainedModel)
 
 
 class SelfCheckError(RuntimeError):
@@ -181,6 +183,11 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
                     f"{problem}): compiled-llm does not know how to run this module over a paged KV cache{hint}. "
                     "compile_model(..., verify=False) skips this check at your own risk"
                 )
+                artifact = getattr(compiled.runner.graph, "artifact_path", None)
+                if artifact is not None:  # else the next compile loads the same stored code and fails again
+                    from compiled_llm.compiled_artifact import remove as remove_artifact
+
+                    remove_artifact(artifact)
                 if graph_cache_key is not None:
                     from compiled_llm.capture.graph_cache import remove
 

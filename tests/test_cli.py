@@ -221,13 +221,17 @@ def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path,
         KernelCache(tmp_path, key=key).put(CacheEntry("fp8_decode_gemm", "bfloat16", {"n": 64, "k": 128, "rows": 16},
                                                       {"a": "1", "b": "2"}, "b", {}, {"a": 3.0, "b": 2.5}))  # fmt: skip
     compile_model(tiny_model("llama"), compile_backend="eager", cache_dir=tmp_path)  # a captured graph too
+    (tmp_path / "compiled").mkdir()
+    (tmp_path / "compiled" / "0123.bin").write_bytes(b"x" * 2**20)  # and a stored compiled graph
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "compiled: 1 (1.0 MiB)" in out
     assert ": 2 choices" in out and "GPU-A-sm90-torch2.11" in out and "GPU-B-sm100-torch2.12" in out
     assert out.count("fp8_decode_gemm bfloat16 k=128 n=64 rows=16: b 2.5 us of 2 timed") == 2
     assert "1 captured graph\n" in out and ": LlamaForCausalLM, max_num_tokens 8192, torch" in out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 2 kernel choices" in capsys.readouterr().out and not any((tmp_path / "graphs").iterdir())
+    assert not any((tmp_path / "compiled").iterdir())
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert ": 0 choices" in out and "0 captured graphs" in out
