@@ -43,8 +43,9 @@ def gpu_model(request):
     skip_without(backend)
     model = random_llama(shape)
     graphs_before = counters["stats"]["unique_graphs"]
+    # Through Dynamo (graph_cache=False): a recompile would show as a second graph (see tests/test_runtime.py).
     cm = compile_model(model, attention_backend=backend, max_batch_size=8, max_seq_len=512, num_kv_blocks=256,
-                       cuda_graph_batch_sizes=(1, 2, 4, 8))  # fmt: skip
+                       cuda_graph_batch_sizes=(1, 2, 4, 8), graph_cache=False)  # fmt: skip
     cm.backend = backend
     return model, cm, graphs_before
 

@@ -30,10 +30,12 @@ def test_chunked_prefill_with_misaligned_blocks_and_padding(arch, block_size, ma
 
 @pytest.fixture(scope="module")
 def small_budget():
-    """A model compiled with a 16-token step budget and a 12-block (192-token) KV cache."""
+    """A model compiled with a 16-token step budget and a 12-block (192-token) KV cache. Through Dynamo, not a stored
+    compiled graph (graph_cache=False): a recompile for a step shape would add a Dynamo graph, which a loaded one
+    (no Dynamo, no guards) would not show; it refuses such a step instead (test_compiled_artifact.py)."""
     model = tiny_model("qwen3")
     graphs_before = counters["stats"]["unique_graphs"]
-    cm = compile_model(model, max_num_tokens=16, num_kv_blocks=12, max_seq_len=128, max_batch_size=4)
+    cm = compile_model(model, max_num_tokens=16, num_kv_blocks=12, max_seq_len=128, max_batch_size=4, graph_cache=False)
     cm.graphs_before = graphs_before
     return model, cm
 
