@@ -397,8 +397,14 @@ def test_stream_chunks_are_the_models_json_byte_for_byte():
     """What the stream sends for each token (responses.StreamChunks) is the text pydantic makes of the same chunk:
     keys, order, values and escapes; logprobs (with -inf) and finish reasons included."""
     from compiled_llm.server.responses import (
-        ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChoice, CompletionResponse, StreamChunks,
-        chat_logprobs, completion_logprobs,
+        ChatChunkChoice,
+        ChatCompletionChunk,
+        ChatDelta,
+        CompletionChoice,
+        CompletionResponse,
+        StreamChunks,
+        chat_logprobs,
+        completion_logprobs,
     )  # fmt: skip
 
     def token_text(token: int) -> str:
@@ -461,8 +467,8 @@ def test_an_interrupt_cancels_only_the_wait_for_the_engine():
     """A job of one choice waits in the engine's stream itself: a failure from outside (shutdown deadline,
     --request-timeout) cancels that wait and is raised instead, and the stream is closed (its request aborted);
     a failure while the task is elsewhere is raised at its next wait; a cancel from outside stays a cancel."""
-    from compiled_llm.server.app import _Interrupt
     from compiled_llm.server.errors import APIError
+    from compiled_llm.server.jobs import Interrupt as _Interrupt
 
     closed = []
 

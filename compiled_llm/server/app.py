@@ -20,33 +20,45 @@ from typing import TYPE_CHECKING
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 from compiled_llm.llm import LLM, RequestOutput
-from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.admission import Admission
 from compiled_llm.server.errors import (
-    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT_S, APIError, error_body, error_response,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    APIError,
+    error_body,
+    error_response,
 )  # fmt: skip
+from compiled_llm.server.jobs import Job, JobRunner
+from compiled_llm.server.metrics import ServerMetrics
 from compiled_llm.server.middleware import ApiKeyGuard, RequestId, RequestSizeLimit
 from compiled_llm.server.prompts import PromptTokenizer
-from compiled_llm.server.shutdown import Drain
 from compiled_llm.server.protocol import ChatCompletionRequest, CompletionRequest
 from compiled_llm.server.responses import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    CompletionChoice, CompletionResponse, StreamChunks, Usage, chat_logprobs, completion_logprobs,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionResponse,
+    StreamChunks,
+    Usage,
+    chat_logprobs,
+    completion_logprobs,
 )  # fmt: skip
+from compiled_llm.server.shutdown import Drain
 
 if TYPE_CHECKING:
     from compiled_llm.engine_core import EngineCoreClient
 
 log = logging.getLogger("compiled_llm.server")
-
-
-NEWER = object()  # in a job's queue: its choice has a newer output
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -61,64 +73,6 @@ class _ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
-
-
-class _Interrupt:
-    """The failure of a job of one choice from outside (the shutdown's deadline, --request-timeout), put as
-    `(index, error)` like into the queue of a job of several (Drain tracks either). The job's task waits in
-    the engine's stream itself, so the failure cancels that wait, and only that wait: a task busy elsewhere
-    (writing to its client) finds the failure before it next waits."""
-
-    def __init__(self):
-        self.task = asyncio.current_task()
-        self.error: BaseException | None = None
-        self.waiting = False
-
-    def put_nowait(self, item: tuple[int, BaseException]) -> None:
-        if self.error is None:
-            self.error = item[1]
-            if self.waiting:
-                self.task.cancel()
-
-    async def next(self, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-        """The next of `outputs` (StopAsyncIteration after the last), or the failure if it comes first."""
-        if self.error is not None:
-            raise self.error
-        self.waiting = True
-        try:
-            return await outputs.__anext__()
-        except asyncio.CancelledError:
-            if self.error is None:
-                raise  # not ours: the client left, or the task was cancelled from outside
-            if hasattr(self.task, "uncancel"):  # Python >= 3.11: the task is not being cancelled any more
-                self.task.uncancel()
-            raise self.error from None
-        finally:
-            self.waiting = False
-
-
-class _Job:
-    """One HTTP request's engine requests (prompt i, completion j -> choice i * n + j), and what has been
-    sent of each choice."""
-
-    def __init__(self, llm: LLM | EngineCoreClient, body, prompt_ids: list[list[int]], max_tokens: list[int],
-                 logprobs: int | None):  # fmt: skip
-        self.prompt_ids = prompt_ids
-        self.params = []
-        for ids, limit in zip(prompt_ids, max_tokens):
-            base = body.sampling_params(limit, logprobs)
-            self.params += [(ids, base.for_completion(j)) for j in range(body.n)]
-        for ids, params in self.params:
-            llm.check_request(ids, params)  # every check before anything is queued (raises ValueError)
-        self.n = body.n
-        self.sent_text = [""] * len(self.params)
-        self.sent_tokens = [0] * len(self.params)
-        self.finals: list[RequestOutput | None] = [None] * len(self.params)
-
-    def usage(self) -> dict:
-        prompt = sum(len(ids) for ids in self.prompt_ids)
-        completion = sum(len(f.outputs[0].token_ids) for f in self.finals if f is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None = None, max_waiting: int = 1024,
@@ -141,6 +95,7 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
     max_seq_len = llm.max_seq_len
     prompts = PromptTokenizer(llm, max_seq_len)
     admission = Admission(llm, max_waiting)
+    run = JobRunner(llm, admission, drain, request_timeout_s).run
     metrics = ServerMetrics(llm, waiting=lambda: llm.num_waiting + admission.accepted)
     # Added last, so it runs first: every response (a 401, a 413) carries the id and is counted.
     app.add_middleware(RequestId, on_status=lambda status: metrics.responses.labels(str(status)).inc())
@@ -205,13 +160,13 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
         if unsupported:
             raise APIError(400, f"{', '.join(unsupported)}: not supported by this server", "unsupported", unsupported[0])
 
-    def make_job(body, prompt_ids: list[list[int]], max_tokens: list[int], logprobs: int | None) -> _Job:
+    def make_job(body, prompt_ids: list[list[int]], max_tokens: list[int], logprobs: int | None) -> Job:
         for ids, limit in zip(prompt_ids, max_tokens):
             if ids and len(ids) + limit > max_seq_len:
                 raise APIError(400, f"prompt of {len(ids)} tokens + max_tokens={limit} exceeds the model's context of "
                                f"max_seq_len={max_seq_len} tokens", "context_length_exceeded")  # fmt: skip
         try:
-            job = _Job(llm, body, prompt_ids, max_tokens, logprobs)
+            job = Job(llm, body, prompt_ids, max_tokens, logprobs)
         except (ValueError, ValidationError) as error:
             raise APIError(400, str(error)) from None
         if drain.draining:
@@ -222,85 +177,7 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
     def token_text(token: int) -> str:
         return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
-    def run(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output so far) as the engine produces them; the last per choice is finished.
-        Each output holds everything so far, so only a choice's newest unread one is kept: a client that reads
-        slowly skips to it, instead of a queue of copies growing with the square of its length. A failure
-        from outside (the shutdown's deadline, --request-timeout) is raised in the outputs' place."""
-        return run_one(job, stream) if len(job.params) == 1 else run_merged(job, stream)
-
-    def fail_later(put_nowait) -> asyncio.TimerHandle | None:
-        """--request-timeout: the job's failure, handed to `put_nowait` as a `(-1, error)` item."""
-        if request_timeout_s is None:
-            return None
-        return asyncio.get_running_loop().call_later(request_timeout_s, put_nowait, (-1, APIError(
-            408, f"the request ran past the server's --request-timeout of {request_timeout_s:g} s",
-            "request_timeout")))  # fmt: skip
-
-    async def run_one(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """`run` for a job of one choice (most are), in the caller's task: the engine's stream keeps only its
-        newest output itself, and a task and a queue between it and the response cost the event loop a task
-        switch for every token of every stream."""
-        ids, params = job.params[0]
-        interrupt = _Interrupt()
-        drain.track(interrupt)  # past the shutdown timeout, it fails the job through `interrupt`
-        timeout = fail_later(interrupt.put_nowait)
-        # The place is freed and the request queued in one step of this task (no await between: the
-        # generator's first step queues it before it waits), so the two are never both counted.
-        admission.handed_over(job)
-        outputs = llm.generate_async(ids, params, streaming=stream)
-        try:
-            while True:
-                try:
-                    output = await interrupt.next(outputs)
-                except StopAsyncIteration:
-                    return
-                yield 0, output
-        finally:  # finished, failed or closed (client gone): an unfinished request is aborted
-            drain.untrack(interrupt)
-            if timeout is not None:
-                timeout.cancel()
-            await outputs.aclose()
-
-    async def run_merged(job: _Job, stream: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """`run` for a job of several choices: a task per choice, and their outputs merged through a queue."""
-        queue: asyncio.Queue = asyncio.Queue()  # (index, NEWER | None when done | an error)
-        newest: dict[int, RequestOutput] = {}
-
-        async def pump(index: int, ids: list[int], params) -> None:
-            admission.handed_over(job)  # as in run_one
-            try:
-                async for output in llm.generate_async(ids, params, streaming=stream):
-                    if index not in newest:
-                        queue.put_nowait((index, NEWER))
-                    newest[index] = output
-            except BaseException as error:  # noqa: BLE001  (handed to the consumer, which re-raises it)
-                queue.put_nowait((index, error))
-                raise
-            queue.put_nowait((index, None))
-
-        tasks = [asyncio.create_task(pump(i, ids, params)) for i, (ids, params) in enumerate(job.params)]
-        drain.track(queue)  # past the shutdown timeout, it fails the job through its queue
-        timeout = fail_later(queue.put_nowait)
-        try:
-            remaining = len(tasks)
-            while remaining:
-                index, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield index, newest.pop(index)
-        finally:  # finished, failed or cancelled (client gone): unfinished requests are aborted
-            drain.untrack(queue)
-            if timeout is not None:
-                timeout.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    def finish_log(request_id: str, job: _Job, start: float, unfinished: str) -> None:
+    def finish_log(request_id: str, job: Job, start: float, unfinished: str) -> None:
         """Count the request's choices and log its line; `unfinished`: what ended those that did not finish
         ("abort": the client left; "error": the server failed)."""
         reasons = []
@@ -320,7 +197,7 @@ def build_app(llm: LLM | EngineCoreClient, model_name: str, api_key: str | None 
     def sse(payload: BaseModel | str) -> str:
         return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
 
-    async def respond(job: _Job, body, kind: str, logprobs_k: int | None, http: Request):
+    async def respond(job: Job, body, kind: str, logprobs_k: int | None, http: Request):
         """A JSON response, or a stream of server-sent events; `kind`: "completion" or "chat"."""
         completion_kind = kind == "completion"
         base = {"id": f"{'cmpl' if completion_kind else 'chatcmpl'}-{uuid.uuid4().hex}", "model": model_name}
