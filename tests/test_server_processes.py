@@ -4,6 +4,7 @@ with a non-zero status; a server killed outright takes its core with it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -82,17 +83,25 @@ def test_past_the_shutdown_timeout_requests_fail_in_the_apis_shape(text_model_di
 
 
 def test_a_second_signal_forces_the_exit_with_status_1(text_model_dir, tmp_path):
+    """The engine core is paused (SIGSTOP) once the stream has started, so the stream cannot end before the second
+    signal (150 tokens of the tiny model took about as long as the test's pause: in CI it once ended first)."""
     process, url, _ = start_server(text_model_dir, tmp_path, "--shutdown-timeout", "60")
+    core = engine_core(process.pid)
     body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         lines = r.iter_lines()  # kept: a dropped iterator closes the response, and the server has no one to wait for
         while not next(lines).startswith("data:"):
             pass
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert process.poll() is None  # waiting for the stream
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 1
+        os.kill(core, signal.SIGSTOP)
+        try:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert process.poll() is None  # waiting for the stream
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 1
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(core, signal.SIGCONT)  # it then finds its parent gone and exits
 
 
 def test_the_engine_runs_in_a_process_of_its_own(text_model_dir, tmp_path):
