@@ -36,7 +36,7 @@ def path_for(cache_dir: str | Path, key: str) -> Path:
 
 
 @functools.cache
-def _code_digest() -> str:
+def code_digest() -> str:
     """The source of the code that decides what the graph computes and how it compiles: a change recompiles."""
     import custom_ops
     import fx_passes
@@ -56,9 +56,9 @@ def _tensor_meta(value: torch.Tensor) -> tuple:
 
 
 def _graph_tensors(gm: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
-    """Parameters, buffers and tensor attributes the graph reads (get_attr), each name once."""
-    tensors = dict(gm.named_parameters())  # tied weights appear once: the tying is part of the key
-    tensors.update(gm.named_buffers())
+    """The tensors the graph reads (its get_attr nodes), by name: a module that holds other attributes, or holds these
+    in another order (a graph loaded by rewritten_graph.py), compiles to the same code."""
+    tensors = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in tensors:
             value = gm
@@ -66,7 +66,7 @@ def _graph_tensors(gm: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
                 value = getattr(value, part)
             if isinstance(value, torch.Tensor):
                 tensors[node.target] = value
-    return list(tensors.items())
+    return sorted(tensors.items())
 
 
 def artifact_key(
@@ -102,7 +102,7 @@ def artifact_key(
     parts.append(f"torch {torch.__version__} triton {triton_version} device {device.type}")
     if device.type == "cuda":
         parts.append(f"{torch.cuda.get_device_name(device)} {torch.cuda.get_device_capability(device)}")
-    parts.append(_code_digest())
+    parts.append(code_digest())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

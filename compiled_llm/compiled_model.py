@@ -16,6 +16,7 @@ from compiled_llm.capture import capture_model
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.graph_cache import GraphCache
 from compiled_llm.capture.module_state import release_replaced_caches
+from compiled_llm.capture.rewritten_graph import RewrittenGraphCache
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.compiler_caches import use_cache_dir
 from compiled_llm.config import CompileConfig
@@ -103,15 +104,21 @@ class CompiledModel:
                 # rounding, which an fp8 KV cache's rounding exceeds.
                 unreadable = "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
                 graph_cache = GraphCache(config.cache_dir, unreadable) if config.graph_cache else None
-                captured = capture_model(model, config.max_num_tokens, graph_cache)
+                rewritten = RewrittenGraphCache(model, config, self.max_seq_len, self.device, graph_cache)
+                captured = rewritten.load() or capture_model(model, config.max_num_tokens, graph_cache)
             timings["capture_s"] = captured.seconds
 
             with progress.stage("rewriting the graph"):
-                captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
-                captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
-                start = time.perf_counter()
-                pass_results = run_passes(captured.gm, config)
-                timings["passes_s"] = time.perf_counter() - start
+                if rewritten.loaded:  # the passes' results, as they were
+                    captured_graph, pass_results = None, rewritten.pass_results
+                else:
+                    captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
+                    tracing_constants = rewritten.tracing_constants(captured.gm)
+                    captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
+                    start = time.perf_counter()
+                    pass_results = run_passes(captured.gm, config)
+                    timings["passes_s"] = time.perf_counter() - start
+                    rewritten.store(captured, tracing_constants, pass_results)
             self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
             start = time.perf_counter()
             # What the tunings read beside the graph: the step shapes the runtime will run it at.

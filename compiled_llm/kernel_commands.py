@@ -106,8 +106,9 @@ def kernel_cache_command(action: str, root: Path) -> int:
             described = json.loads((graph / "entry.json").read_text())
         except (OSError, ValueError):
             described = {}
+        rewritten = len(list((graph / "rewritten").glob("*.pkl")))  # one per CompileConfig it was compiled with
         print(f"  {graph.name}: {described.get('architecture', '?')}, max_num_tokens {described.get('max_num_tokens', '?')}"
-              f", torch {described.get('torch', '?')}")  # fmt: skip
+              f", torch {described.get('torch', '?')}, {rewritten} rewritten")  # fmt: skip
     print(f"kernel cache {root / 'kernels'}: {sum(len(c.entries()) for c in caches)} choices")
     for key, kernel_cache in zip(keys, caches):
         print(key)

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from custom_ops.linear.fp8_block import BLOCK
+from fx_passes.derived_weights import derive, recipe
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
@@ -44,31 +45,38 @@ def _fusable(gm, node) -> bool:
     return weight is not None and weight.dim() == 2 and (bias is None or _parameter(gm, bias) is not None)
 
 
+@recipe
+def fuse_parameters(gm: torch.fx.GraphModule, name: str, part_names: list[str]) -> None:
+    """Register `name`, the parameters `part_names` concatenated along their first dimension; each part becomes a
+    view of it, so nothing is stored twice."""
+    parts = [gm.get_parameter(part) for part in part_names]
+    fused = torch.nn.Parameter(torch.cat([p.detach() for p in parts]), requires_grad=False)
+    start = 0
+    for part in parts:
+        part.data = fused.data[start : start + part.shape[0]]
+        start += part.shape[0]
+    if all(hasattr(p, "fp8_weight") for p in parts):  # an FP8 checkpoint's tensors, fused alike
+        fused.fp8_weight = torch.cat([p.fp8_weight for p in parts])
+        fused.fp8_scale = torch.cat([p.fp8_scale for p in parts])
+    gm.register_parameter(name, fused)
+
+
 def _fuse(gm: torch.fx.GraphModule, group: list[torch.fx.Node], index: int) -> None:
     graph = gm.graph
     weights = [gm.get_parameter(node.args[1].target) for node in group]
     has_bias = len(group[0].args) > 2 and group[0].args[2] is not None
-    biases = [gm.get_parameter(node.args[2].target) for node in group] if has_bias else []
     sizes = [w.shape[0] for w in weights]
 
-    def fused_parameter(name: str, parts: list[torch.nn.Parameter]) -> str:
-        fused = torch.nn.Parameter(torch.cat([p.detach() for p in parts]), requires_grad=False)
-        start = 0
-        for part in parts:  # the model's parameters now view the fused storage: nothing is stored twice
-            part.data = fused.data[start : start + part.shape[0]]
-            start += part.shape[0]
-        if all(hasattr(p, "fp8_weight") for p in parts):  # an FP8 checkpoint's tensors, fused alike
-            fused.fp8_weight = torch.cat([p.fp8_weight for p in parts])
-            fused.fp8_scale = torch.cat([p.fp8_scale for p in parts])
-        gm.register_parameter(name, fused)
+    def fused_parameter(name: str, position: int) -> str:
+        derive(gm, fuse_parameters, name, [node.args[position].target for node in group])
         return name
 
     with graph.inserting_before(group[0]):  # groups keep graph order: the first linear comes first
-        weight_node = graph.get_attr(fused_parameter(f"fused_linear_{index}_weight", weights))
+        weight_node = graph.get_attr(fused_parameter(f"fused_linear_{index}_weight", 1))
         weight_node.meta["val"] = group[0].args[1].meta["val"].new_empty(sum(sizes), weights[0].shape[1])
         args = (group[0].args[0], weight_node)
         if has_bias:
-            bias_node = graph.get_attr(fused_parameter(f"fused_linear_{index}_bias", biases))
+            bias_node = graph.get_attr(fused_parameter(f"fused_linear_{index}_bias", 2))
             bias_node.meta["val"] = group[0].args[2].meta["val"].new_empty(sum(sizes))
             args += (bias_node,)
         x = group[0].args[0].meta["val"]

@@ -25,6 +25,7 @@ import torch.fx
 
 from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quantize_weight
 from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
+from fx_passes.derived_weights import derive, recipe
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
@@ -72,12 +73,22 @@ def _routes_experts(node: torch.fx.Node, depth: int = 6) -> bool:
     return False
 
 
-def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
+def _free_name(gm: torch.fx.GraphModule, name: str) -> str:
     name = name.replace(".", "_")
     while hasattr(gm, name):
         name += "_"
-    gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
     return name
+
+
+@recipe
+def quantize_parameter(gm: torch.fx.GraphModule, target: str, fmt: str, weight_name: str, scale_name: str) -> None:
+    """Register `weight_name` and `scale_name`, the parameter `target` in format `fmt` (an FP8 checkpoint's own
+    tensors where it has them), and list the parameter in `gm.meta["fp8_weights"]`."""
+    weight = gm.get_parameter(target)
+    gm.meta.setdefault("fp8_weights", []).append(weight)
+    weight8, scale = checkpoint_tensors(weight) or FORMATS[fmt].quantize(weight)
+    for name, tensor in ((weight_name, weight8), (scale_name, scale)):
+        gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
 
 
 def checkpoint_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -108,10 +119,9 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     for node in sites:
         target = node.args[1].target
         if target not in converted:
-            weight = _weight(gm, node)
-            gm.meta["fp8_weights"].append(weight)
-            weight8, scale = checkpoint_tensors(weight) or form.quantize(weight)
-            converted[target] = (_register(gm, f"{target}_fp8", weight8), _register(gm, f"{target}_fp8_scale", scale))
+            names = _free_name(gm, f"{target}_fp8"), _free_name(gm, f"{target}_fp8_scale")
+            derive(gm, quantize_parameter, target, config.quantization, *names)
+            converted[target] = names
         weight_name, scale_name = converted[target]
         x, weight_node, *rest = node.args
         bias = rest[0] if rest else None

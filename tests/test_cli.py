@@ -23,7 +23,7 @@ def test_build_prints_the_report_and_stores_the_warm_start(tmp_path, capsys):
     assert "max_seq_len 64; sized for max_batch_size=64 sequences of max_seq_len" in out
     assert "(stored in the graph cache)" in out and f"warm-start caches under {tmp_path / 'cache'}" in out
     assert main(build) == 0
-    assert "from the graph cache (no torch.export)" in capsys.readouterr().out
+    assert "rewritten graph from the graph cache (no torch.export, no passes)" in capsys.readouterr().out
 
 
 def test_build_rejects_bad_input(tmp_path, capsys):

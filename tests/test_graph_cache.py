@@ -14,6 +14,9 @@ from compiled_llm.capture import graph_cache
 from compiled_llm.capture.graph_cache import graph_key, why_uncacheable
 
 FIELDS = {"compile_backend": "eager", "max_batch_size": 4}
+# Another CompileConfig over the same captured graph: it misses the rewritten graph the first compile stored
+# (rewritten_graph.py) and loads the captured one, which is what these tests are about.
+OTHER_FIELDS = {**FIELDS, "max_batch_size": 3}
 
 
 def capture_line(compiled) -> str:
@@ -31,15 +34,16 @@ def test_a_second_compile_reads_the_graph_and_computes_with_its_own_weights(tmp_
         "entry.json",
         "example_inputs.pt",
         "program.pkl",
+        "rewritten",
     ]
-    stored = b"".join(p.read_bytes() for p in entry.iterdir())
+    stored = b"".join(p.read_bytes() for p in entry.rglob("*") if p.is_file())
     for name, parameter in tiny_model("llama").named_parameters():  # no weight's bytes anywhere in the entry
         assert parameter.detach().numpy().tobytes()[:256] not in stored, name
 
     other = tiny_model("llama", seed=3)
     prompt = random_prompt(9, batch=2, seed=1)
     expected = other.generate(prompt, max_new_tokens=6, do_sample=False)
-    second = compile_model(other, cache_dir=tmp_path, **FIELDS)
+    second = compile_model(other, cache_dir=tmp_path, **OTHER_FIELDS)
     assert "from the graph cache (no torch.export)" in capture_line(second)
     assert torch.equal(second.generate(prompt, max_new_tokens=6), expected)
     assert not torch.equal(first.generate(prompt, max_new_tokens=6), expected)  # the weights differ
@@ -98,13 +102,13 @@ def test_a_corrupt_entry_is_ignored_with_a_warning_and_the_model_captured_again(
     (entry / "program.pkl").write_bytes(b"not a pickle")
     prompt = random_prompt(7, seed=2)
     with caplog.at_level(logging.WARNING, logger="compiled_llm.capture"):
-        again = compile_model(model, cache_dir=tmp_path, **FIELDS)
+        again = compile_model(model, cache_dir=tmp_path, **OTHER_FIELDS)
     assert "cannot be used" in caplog.text and "capturing the model again" in caplog.text
     assert capture_line(again).endswith("torch.export, flat tokens (stored in the graph cache)")  # replaced
     assert torch.equal(
         again.generate(prompt, max_new_tokens=4), model.generate(prompt, max_new_tokens=4, do_sample=False)
     )
-    assert "from the graph cache" in capture_line(compile_model(model, cache_dir=tmp_path, **FIELDS))
+    assert "from the graph cache" in capture_line(compile_model(model, cache_dir=tmp_path, **OTHER_FIELDS))
 
 
 def test_graph_cache_off_stores_nothing(tmp_path):
@@ -115,15 +119,15 @@ def test_graph_cache_off_stores_nothing(tmp_path):
 @pytest.mark.parametrize("arch", ["gemma2", "qwen3_moe"])
 def test_other_architectures_round_trip(arch, tmp_path):
     """Soft-capping and sliding windows (Gemma 2), routed experts (Qwen3-MoE): the loaded graph computes what HF
-    does."""
+    does, captured (another config) or rewritten (the same config)."""
     model = tiny_model(arch)
     compile_model(model, cache_dir=tmp_path, **FIELDS)
-    loaded = compile_model(model, cache_dir=tmp_path, **FIELDS)
-    assert "from the graph cache" in capture_line(loaded)
     prompt = random_prompt(11, seed=4)
-    assert torch.equal(
-        loaded.generate(prompt, max_new_tokens=5), model.generate(prompt, max_new_tokens=5, do_sample=False)
-    )
+    expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    for fields, source in ((OTHER_FIELDS, "from the graph cache (no torch.export)"), (FIELDS, "rewritten graph")):
+        loaded = compile_model(model, cache_dir=tmp_path, **fields)
+        assert source in capture_line(loaded)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=5), expected)
     assert graph_cache.FORMAT == 2
 
 
@@ -186,12 +190,12 @@ def test_buffers_and_their_aliases_are_bound_from_the_live_model(tmp_path):
 
     compile_model(aliased(1.0), cache_dir=tmp_path, **FIELDS)
     changed = aliased(0.25)
-    loaded = compile_model(changed, cache_dir=tmp_path, **FIELDS)
-    assert "from the graph cache" in capture_line(loaded)
     prompt = random_prompt(12, seed=6)
-    assert torch.equal(
-        loaded.generate(prompt, max_new_tokens=5), changed.generate(prompt, max_new_tokens=5, do_sample=False)
-    )
+    expected = changed.generate(prompt, max_new_tokens=5, do_sample=False)
+    for fields, source in ((OTHER_FIELDS, "from the graph cache (no torch.export)"), (FIELDS, "rewritten graph")):
+        loaded = compile_model(changed, cache_dir=tmp_path, **fields)
+        assert source in capture_line(loaded)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=5), expected)
 
 
 def test_a_graph_from_the_cache_is_self_checked_and_a_wrong_one_removed(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from conftest import ARCHITECTURES, VOCAB, tiny_model
 from drop_in_models import nanogpt
 
+from autotune.select import graph_value
 from compiled_llm import compile_model
 from compiled_llm.verify import SelfCheckError
 from fx_passes import DEFAULT_PIPELINE
@@ -39,7 +40,8 @@ def test_every_decoder_linear_is_quantized_but_the_lm_head_and_routers(arch, qua
     graph = compiled.graph_module.graph
     fp8_ops = [n for n in graph.nodes if n.target is OPS[quantization]]
     assert len(fp8_ops) == 2 * per_layer
-    assert all(n.args[1].meta["val"].dtype == torch.float8_e4m3fn for n in fp8_ops)
+    weights = [graph_value(compiled.graph_module, n.args[1]) for n in fp8_ops]
+    assert all(w.dtype == torch.float8_e4m3fn for w in weights)
 
 
 def test_quantize_lm_head_quantizes_the_last_linear_too():

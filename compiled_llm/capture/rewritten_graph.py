@@ -1,0 +1,344 @@
+"""Rewritten graphs on disk: a warm start loads the graph as the passes left it, with neither torch.export nor
+the passes (issue 23).
+
+An entry lives inside the graph-cache entry of the graph it was rewritten from (`graphs/<graph key>/rewritten/
+<key>.pkl`), so whatever removes that graph (a failed self-check, `cache clear`) removes its rewrites too. It holds:
+the graph's nodes (op, name, target by its qualified name, arguments), the graph-level metadata the runtime reads,
+the passes' results for the report, where each tensor attribute comes from, and the recipes the passes built
+tensors from weights with (fx_passes/derived_weights.py). It holds no tensor derived from weights: a load takes the
+model's own parameters and buffers by name and replays the recipes over them (quantizing, fusing), so a model with
+other weights computes with its own. The only tensors stored are constants that tracing itself created.
+
+The key adds to the graph key (the model's code, config, parameter shapes and dtypes) everything else the passes
+read: the CompileConfig (but cache_dir), max_seq_len, the device, library versions and the code of the passes and
+ops. A graph that cannot be described this way (an attribute that is neither the model's, a recipe's nor tracing's)
+is not stored, and compiles as before. A loaded graph is always self-checked (compiled_model.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch import nn
+
+from fx_passes.derived_weights import derived_names, rebuild
+
+log = logging.getLogger("compiled_llm.capture")
+
+FORMAT = 1
+
+
+class UnstorableGraph(Exception):
+    """A rewritten graph this module cannot store faithfully (the reason is logged; it compiles as usual)."""
+
+
+def rewrite_key(graph_key: str, config, max_seq_len: int, device: torch.device) -> str:
+    """What, beside the captured graph, decides what the passes make of it."""
+    from compiled_llm.compiled_artifact import code_digest
+
+    parts = {
+        "format": FORMAT,
+        "graph": graph_key,
+        "config": config.model_dump(mode="json", exclude={"cache_dir"}),
+        "max_seq_len": max_seq_len,
+        "device": str(device.type),
+        "versions": {name: _version(name) for name in ("torch", "triton", "flashinfer")},
+        "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "COMPILED_LLM_DISABLE_PDL")},
+        "code": [code_digest(), hashlib.sha256(Path(__file__).read_bytes()).hexdigest()],
+    }
+    if device.type == "cuda":
+        parts["gpu"] = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in (module, f"{module}-python"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+# -- nodes ---------------------------------------------------------------------------------------------------------
+
+
+class _NodeRef(str):
+    """An argument that is another node (by name)."""
+
+
+def _encode_target(target) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"op:{target.namespace}.{target._opname}.{target._overloadname}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"hop:{target.name()}"
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if module and name and _decode_target(f"py:{module}:{name}") is target:
+        return f"py:{module}:{name}"
+    raise UnstorableGraph(f"the graph calls {target!r}, which cannot be named for a later process")
+
+
+def _decode_target(code: str):
+    kind, _, rest = code.partition(":")
+    if kind == "op":
+        namespace, name, overload = rest.split(".")
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    if kind == "hop":
+        return getattr(torch.ops.higher_order, rest)
+    if kind == "py":
+        module, _, name = rest.partition(":")
+        value = importlib.import_module(module)
+        for part in name.split("."):
+            value = getattr(value, part)
+        return value
+    return code  # a placeholder's, get_attr's or output's target
+
+
+def _encode_nodes(gm: torch.fx.GraphModule) -> list[tuple]:
+    nodes = []
+    for node in gm.graph.nodes:
+        args = torch.fx.node.map_arg(node.args, lambda n: _NodeRef(n.name))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _NodeRef(n.name))
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        val = (val.dtype, val.dim()) if isinstance(val, torch.Tensor) else None  # what compiled_artifact's key reads
+        nodes.append((node.op, node.name, _encode_target(node.target), args, kwargs, node.meta.get("stack_trace"), val))
+    return nodes
+
+
+def _decode_nodes(nodes: list[tuple]) -> torch.fx.Graph:
+    graph, env = torch.fx.Graph(), {}
+
+    def resolve(value):
+        if isinstance(value, _NodeRef):
+            return env[str(value)]
+        if isinstance(value, (list, tuple)):
+            resolved = [resolve(v) for v in value]
+            return resolved if isinstance(value, list) else tuple(resolved)
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(resolve(value.start), resolve(value.stop), resolve(value.step))
+        return value
+
+    for op, name, target, args, kwargs, stack_trace, val in nodes:
+        node = graph.create_node(op, _decode_target(target), resolve(args), resolve(kwargs), name=name)
+        if node.name != name:
+            raise UnstorableGraph(f"node {name} was renamed {node.name}")
+        if stack_trace is not None:
+            node.meta["stack_trace"] = stack_trace
+        if val is not None:
+            dtype, dim = val
+            node.meta["val"] = torch.empty((1,) * dim, dtype=dtype, device="meta")
+        env[name] = node
+    return graph
+
+
+# -- tensor attributes -----------------------------------------------------------------------------------------------
+
+
+def _owner(root: nn.Module, target: str, create: bool = False) -> tuple[nn.Module, str]:
+    *path, attr = target.split(".")
+    owner = root
+    for part in path:
+        child = owner._modules.get(part)
+        if child is None:
+            if not create:
+                raise AttributeError(target)
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    return owner, attr
+
+
+def _attributes(gm: torch.fx.GraphModule) -> list[tuple[str, str, torch.Tensor]]:
+    """(target, kind, tensor) of every tensor attribute of `gm`, in registration order: parameters, buffers
+    (kind "buffer" or "buffer-non-persistent"), then plain tensor attributes the graph reads."""
+    found = [(name, "parameter", p) for name, p in gm.named_parameters(remove_duplicate=False)]
+    for name, b in gm.named_buffers(remove_duplicate=False):
+        owner, attr = _owner(gm, name)
+        found.append((name, "buffer" if attr not in owner._non_persistent_buffers_set else "buffer-non-persistent", b))
+    known = {name for name, _, _ in found}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in known:
+            owner, attr = _owner(gm, node.target)
+            value = getattr(owner, attr)
+            if not isinstance(value, torch.Tensor):
+                raise UnstorableGraph(f"get_attr {node.target} reads a {type(value).__name__}, not a tensor")
+            found.append((node.target, "attribute", value))
+            known.add(node.target)
+    return found
+
+
+def _place(root: nn.Module, target: str, kind: str, value: torch.Tensor) -> None:
+    owner, attr = _owner(root, target, create=True)
+    if kind == "parameter":
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        owner.register_parameter(attr, value)
+    elif kind.startswith("buffer"):
+        owner.register_buffer(attr, value, persistent=kind == "buffer")
+    else:
+        setattr(owner, attr, value)
+
+
+def _model_tensor(model_root: nn.Module, target: str) -> torch.Tensor | None:
+    try:
+        owner, attr = _owner(model_root, target)
+    except AttributeError:
+        return None
+    value = getattr(owner, attr, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+# -- the cache -------------------------------------------------------------------------------------------------------
+
+
+class RewrittenGraphCache:
+    """The rewritten graph of one compile: `load()` it, or run the passes and `store()` what they made. Inactive
+    (load gives None, store does nothing) without a graph cache, for a model the graph cache does not key, and
+    where the graph cache may not be read."""
+
+    def __init__(self, model: nn.Module, config, max_seq_len: int, device: torch.device, graph_cache):
+        from compiled_llm.capture.export import FlatTokenForward
+        from compiled_llm.capture.graph_cache import graph_key, why_uncacheable
+
+        self.path: Path | None = None
+        self.graph_key: str | None = None
+        self.loaded = False
+        self.pass_results: list = []
+        self._model = model
+        if graph_cache is None or graph_cache.unreadable or why_uncacheable(model) is not None:
+            return
+        try:
+            self.graph_key = graph_key(model, config.max_num_tokens)
+        except Exception:
+            return
+        key = rewrite_key(self.graph_key, config, max_seq_len, device)
+        self.path = graph_cache.root / self.graph_key / "rewritten" / f"{key}.pkl"
+        self._root = FlatTokenForward(model)  # what the captured graph's attribute names start from
+
+    def load(self):
+        """The CapturedModel of the stored rewritten graph over this model's weights, or None (a miss, or an entry
+        that cannot be used: removed, with a warning)."""
+        from compiled_llm.capture.export import CapturedModel
+
+        if self.path is None or not self.path.exists():
+            return None
+        start = time.perf_counter()
+        try:
+            entry = pickle.loads(self.path.read_bytes())
+            if entry.get("format") != FORMAT:
+                raise ValueError(f"format {entry.get('format')}, expected {FORMAT}")
+            gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+            for target, kind, source, shape, dtype in entry["attributes"]:
+                if source == "model":
+                    value = _model_tensor(self._root, target)
+                    if value is None or tuple(value.shape) != shape or value.dtype != dtype:
+                        raise ValueError(f"the model's {target} is not a {dtype} tensor of shape {list(shape)}")
+                else:
+                    value, device = entry["constants"][target]
+                    value = value.to(device)
+                _place(gm, target, kind, value)
+            gm.meta.update(entry["graph_meta"])
+            rebuild(gm, entry["recipes"])
+            gm.graph = _decode_nodes(entry["nodes"])
+            gm.recompile()
+        except Exception as error:
+            log.warning("rewritten graph %s cannot be used (%s: %s); running the passes", self.path,
+                        type(error).__name__, error)  # fmt: skip
+            _remove(self.path)
+            return None
+        self.loaded, self.pass_results = True, entry["pass_results"]
+        source = "rewritten graph from the graph cache (no torch.export, no passes)"
+        return CapturedModel(gm, **entry["captured"], seconds=time.perf_counter() - start, source=source,
+                             cache_key=self.graph_key)  # fmt: skip
+
+    def tracing_constants(self, gm: torch.fx.GraphModule) -> dict[int, str] | None:
+        """id -> name of the captured graph's tensors that tracing created (not the model's), before the passes; None
+        where nothing will be stored."""
+        if self.path is None:
+            return None
+        try:
+            return {id(v): name for name, _, v in _attributes(gm) if _model_tensor(self._root, name) is not v}
+        except UnstorableGraph as error:
+            log.info("rewritten graph not stored: %s", error)
+            return None
+
+    def store(self, captured, tracing_constants: dict[int, str] | None, pass_results: list) -> bool:
+        """Store the rewritten `captured.gm`, if its captured graph is in the graph cache; whether it is stored now.
+        A graph it cannot describe is not (logged at info)."""
+        path = self.path
+        if tracing_constants is None or path is None or not path.parents[1].is_dir():  # its graph was not stored
+            return False
+        if path.exists():
+            return True
+        described = {"architecture": captured.architecture, "num_layers": captured.num_layers,
+                     "vocab_size": captured.vocab_size, "logits_dtype": captured.logits_dtype}  # fmt: skip
+        try:
+            entry = _describe(captured.gm, self._root, tracing_constants, pass_results, described)
+        except UnstorableGraph as error:
+            log.info("rewritten graph not stored: %s", error)
+            return False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+            os.close(fd)
+            try:
+                Path(tmp).write_bytes(pickle.dumps(entry, protocol=5))
+                os.replace(tmp, path)  # atomic: a concurrent compile or a killed one never leaves half an entry
+            finally:
+                _remove(Path(tmp))
+        except Exception as error:
+            log.warning("could not store the rewritten graph at %s (%s: %s)", path, type(error).__name__, error)
+            return False
+        return True
+
+
+def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict[int, str], pass_results: list,
+              captured: dict) -> dict:  # fmt: skip
+    derived = derived_names(gm)
+    attributes, constants = [], {}
+    for target, kind, value in _attributes(gm):
+        if target in derived:
+            continue  # replayed
+        if _model_tensor(root, target) is value:
+            attributes.append((target, kind, "model", tuple(value.shape), value.dtype))
+        elif id(value) in tracing_constants:
+            attributes.append((target, kind, "constant", tuple(value.shape), value.dtype))
+            constants[target] = (value.detach().cpu(), str(value.device))
+        else:
+            raise UnstorableGraph(f"attribute {target} is neither the model's, made by a recipe, nor tracing's")
+    entry = {
+        "format": FORMAT,
+        "nodes": _encode_nodes(gm),
+        "attributes": attributes,
+        "recipes": gm.meta.get("derived_weights", []),
+        "graph_meta": {k: v for k, v in gm.meta.items() if k not in ("derived_weights", "fp8_weights")},
+        "pass_results": pass_results,
+        "captured": captured,
+    }
+    entry["constants"] = constants
+    return entry
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
