@@ -194,3 +194,23 @@ def test_fp8_on_the_gpu_is_nearer_the_fake_quantized_model_than_the_float_one(mo
         return ((a - reference).norm() / reference.norm()).item()
 
     assert distance(logits) < distance(float_logits) / 1.5
+
+
+def test_the_fp8_self_check_bound_passes_rounding_noise_and_fails_a_wrong_graph():
+    """With FP8 activations each position is held by its RMS difference, relative to what quantizing moves this
+    module by: noise of the size seen on a correct 32-layer graph (34% against 47%, H200) passes, logits that do not
+    follow the reference (a wrong graph) fail, and so does a flipped decisive token."""
+    from compiled_llm.verify import _mismatch, relative_rms
+
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.randn(6, 1000, generator=generator)
+    noisy = expected + 0.34 * torch.randn(6, 1000, generator=generator)
+    assert relative_rms(noisy, expected).max() < 0.47
+    assert _mismatch(noisy, expected, 1e-2, rms_bound=0.47) is None
+    unrelated = torch.randn(6, 1000, generator=generator)
+    assert "RMS difference" in _mismatch(unrelated, expected, 1e-2, rms_bound=0.47)
+    decisive = expected.clone()
+    decisive[2, 7] = 50.0  # far ahead of every other logit
+    flipped = decisive.clone()
+    flipped[2, 7], flipped[2, 8] = decisive[2, 8], 50.0
+    assert "greedy token 8 vs 7" in _mismatch(flipped, decisive, 1e-2, rms_bound=0.47)

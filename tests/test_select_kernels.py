@@ -147,7 +147,9 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
     # The bf16 LM head's one-row linear (cuBLAS or the GEMV) is the other tunable op of this graph.
     assert [c.bucket for c in choices if c.op == "linear_one_row"] == [{"n": 256, "k": 64, "silu_mul": False}]
     assert all(c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
-    assert "13 kernel choices (13 tuned)" in str(tuned.report)
+    # Where FlashInfer is installed, attention's backend is tuned too (the ops' own tests cover it).
+    assert {c.op for c in choices} <= {"fp8_decode_gemm", "linear_one_row", "paged_attention"}
+    assert f"{len(choices)} kernel choices ({len(choices)} tuned)" in str(tuned.report)
     with torch.no_grad():
         actual = tuned(ids).logits.float()
     assert ((actual - expected).abs().max() / expected.abs().max()).item() < 2e-2
@@ -261,7 +263,11 @@ def test_the_fp8_block_gemm_tuning_finds_each_weight_shape_and_installs_a_kernel
 def test_a_full_fp8_block_tuning_run_computes_what_the_untuned_model_does(tmp_path, monkeypatch):
     """Every weight shape and row bucket of the tiny Llama's block-scaled FP8 linears gets a winner, each candidate
     (the swapped decode kernel too) checked against the reference before timing; the tuned model's logits are the
-    untuned one's within a bf16 rounding or two."""
+    untuned one's, within what block-scaled FP8 itself moves them by.
+
+    Not within a bf16 rounding: another tile sums in another order, its bf16 output rounds differently, and the next
+    layer's 1 x 128 activation groups then round to e4m3 across a boundary (on the H200: 5.2% of the largest logit
+    between tiles, against 13% between FP8 and bf16; the same model with the GEMM tiles cleared again: 0)."""
     from custom_ops.linear import fp8_block_tuning, op, triton_fp8_block
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -272,6 +278,7 @@ def test_a_full_fp8_block_tuning_run_computes_what_the_untuned_model_does(tmp_pa
     fields = {"quantization": "fp8_block", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
     ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5)).cuda()
     with torch.no_grad():
+        unquantized = model(ids).logits.float()
         expected = compile_model(model, autotune="off", **fields)(ids).logits.float()
         tuned = compile_model(model, autotune="full", **fields)
         actual = tuned(ids).logits.float()
@@ -279,4 +286,7 @@ def test_a_full_fp8_block_tuning_run_computes_what_the_untuned_model_does(tmp_pa
     assert len(gemms) == 12 and all(c.source == "tuned" for c in gemms)
     tuning = fp8_block_tuning.Fp8BlockGemmTuning()  # every candidate passed its check (the swapped kernel too)
     assert all(set(c.times_us) == {d.name for d in tuning.candidates(c.bucket)} for c in gemms)
-    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 2e-2
+    def distance(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    assert distance(actual, expected) < 0.5 * distance(expected, unquantized)
