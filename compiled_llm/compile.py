@@ -117,8 +117,11 @@ class CompiledGraph:
             if cache_dir is not None:
                 # No guards: a loaded function checks nothing, the artifact's key covers what they would have.
                 options = {**self._options, "guard_filter_fn": lambda guards: [False for _ in guards]}
-                aot = torch.compile(compiled_artifact.run_graph, backend="inductor", fullgraph=True, options=options)
-                if hasattr(aot, "aot_compile") and hasattr(torch.compiler, "load_compiled_function"):  # torch 2.11?
+                # torch 2.11 gives a compiled function its `aot_compile` only under this flag (on by default later).
+                flag = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
+                with torch._dynamo.config.patch(**flag):
+                    aot = torch.compile(compiled_artifact.run_graph, backend="inductor", fullgraph=True, options=options)
+                if hasattr(aot, "aot_compile") and hasattr(torch.compiler, "load_compiled_function"):
                     self._aot, self._cache_dir = aot, cache_dir
         else:
             self._fn = gm
