@@ -109,7 +109,6 @@ class CompiledGraph:
         if backend == "inductor":
             defaults = DEFAULT_CUDA_INDUCTOR_OPTIONS if device_type == "cuda" else {}
             self._options = {**defaults, **(inductor_options or {})}
-            register_custom_op_fallbacks(gm)
             # gm.forward, not gm: GraphModule.__call__'s exception handler walks the traceback with a
             # generator, which Dynamo then tries to trace, so any error inside the compiled graph (a CUDA
             # OOM, an op's own error) reached the user as "Attempt to trace generator".
@@ -164,6 +163,8 @@ class CompiledGraph:
         """Load the stored function or AOT-compile and store it; else (no cache_dir, or this torch cannot save
         one) torch.compile as usual."""
         if self._aot is None:
+            if self.backend == "inductor":
+                register_custom_op_fallbacks(self.gm)
             return self._fn(*args)[0]
         step_inputs = [(name, arg, self._dynamic_dims(name)) for name, arg in zip(self.input_names, args)]
         key = compiled_artifact.artifact_key(self.gm, self._options, args[0].device, step_inputs)
@@ -180,6 +181,8 @@ class CompiledGraph:
                 self._fn, self.source = functools.partial(compiled, self.gm), "stored artifact"
                 self._static_sizes = self._sizes(args)
                 return out
+        # Before Inductor runs, not before a stored function loads: importing Inductor's lowerings takes seconds.
+        register_custom_op_fallbacks(self.gm)
         try:
             compiled = self._aot.aot_compile(((self.gm, *args), {}))
         except Exception as error:  # noqa: BLE001  (the usual compile decides, below)

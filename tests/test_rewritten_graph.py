@@ -139,3 +139,25 @@ def test_nothing_is_read_without_the_graph_cache_or_with_an_fp8_kv_cache(tmp_pat
     again = compile_model(tiny_model("llama"), cache_dir=tmp_path, **fields)
     assert "graph cache not read" in capture_line(again)
     assert entries(tmp_path) == []
+
+
+def test_recipes_record_what_they_made_and_only_registered_ones_run(monkeypatch):
+    from fx_passes import derived_weights
+
+    monkeypatch.setattr(derived_weights, "_RECIPES", dict(derived_weights._RECIPES))  # this test's recipe goes with it
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    gm.register_parameter("w", torch.nn.Parameter(torch.ones(2, 3), requires_grad=False))
+
+    def doubled(gm, source, name):
+        gm.register_buffer(name, gm.get_parameter(source) * 2)
+
+    with pytest.raises(ValueError, match="not a registered recipe"):
+        derived_weights.derive(gm, doubled, "w", "w2")
+    recipe = derived_weights.recipe(doubled)
+    derived_weights.derive(gm, recipe, "w", "w2")
+    assert derived_weights.derived_names(gm) == {"w2"}
+    other = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    other.register_parameter("w", torch.nn.Parameter(torch.full((2, 3), 5.0), requires_grad=False))
+    derived_weights.rebuild(other, gm.meta["derived_weights"])
+    assert torch.equal(other.w2, torch.full((2, 3), 10.0))  # from the other module's own weight
+    assert other.meta["derived_weights"] == gm.meta["derived_weights"]
