@@ -40,7 +40,7 @@ class GraphOpTuning(OpTuning, Protocol):
 
 def graph_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """The tensor behind a graph node, for a tuning's `buckets`: a get_attr's attribute, else the node's fake
-    value."""
+    value (which a rewritten graph loaded from the cache lacks: a tuning reads weights, not activations)."""
     if node.op == "get_attr":
         value = gm
         for part in node.target.split("."):

@@ -16,7 +16,7 @@ from compiled_llm.capture import capture_model
 from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.graph_cache import GraphCache
 from compiled_llm.capture.module_state import release_replaced_caches
-from compiled_llm.capture.rewritten_graph import RewrittenGraphCache
+from compiled_llm.capture.rewritten_graph import RewrittenGraphCache, removed_on_failure
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.compiler_caches import use_cache_dir
 from compiled_llm.config import CompileConfig
@@ -98,62 +98,65 @@ class CompiledModel:
         if config.compile_backend == "inductor":  # first: a second cache_dir in one process fails before any work
             caches = use_cache_dir(config.cache_dir)
         # Stages: capture, rewrite, compile, and CUDA-graph capture where it can happen.
-        with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
-            with progress.stage("capturing the graph (torch.export)"):
-                # A graph from the cache is always self-checked; the check holds logits to the module's within
-                # rounding, which an fp8 KV cache's rounding exceeds.
-                unreadable = "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
-                graph_cache = GraphCache(config.cache_dir, unreadable) if config.graph_cache else None
-                rewritten = RewrittenGraphCache(model, config, self.max_seq_len, self.device, graph_cache)
-                captured = rewritten.load() or capture_model(model, config.max_num_tokens, graph_cache)
-            timings["capture_s"] = captured.seconds
+        rewritten = None  # this compile's rewritten-graph entry (made once the graph cache is known)
+        # A graph loaded from the cache that fails anywhere before the first token takes its entry with it.
+        with removed_on_failure(lambda: rewritten):
+            with StageProgress("compile_model", total=3 + (self._cuda_graphs_off(None) is None)) as progress:
+                with progress.stage("capturing the graph (torch.export)"):
+                    # A graph from the cache is always self-checked; the check holds logits to the module's within
+                    # rounding, which an fp8 KV cache's rounding exceeds.
+                    unreadable = "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
+                    graph_cache = GraphCache(config.cache_dir, unreadable) if config.graph_cache else None
+                    rewritten = RewrittenGraphCache(model, config, self.max_seq_len, self.device, graph_cache)
+                    captured = rewritten.load() or capture_model(model, config.max_num_tokens, graph_cache)
+                timings["capture_s"] = captured.seconds
 
-            with progress.stage("rewriting the graph"):
-                if rewritten.loaded:  # the passes' results, as they were
-                    captured_graph, pass_results = None, rewritten.pass_results
-                else:
-                    captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
-                    tracing_constants = rewritten.tracing_constants(captured.gm)
-                    captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
-                    start = time.perf_counter()
-                    pass_results = run_passes(captured.gm, config)
-                    timings["passes_s"] = time.perf_counter() - start
-                    rewritten.store(captured, tracing_constants, pass_results)
-            self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
-            start = time.perf_counter()
-            # What the tunings read beside the graph: the step shapes the runtime will run it at.
-            captured.gm.meta.update(device=self.device, block_size=config.block_size, max_seq_len=self.max_seq_len,
-                                    decode_batch_sizes=self._decode_batch_sizes(),
-                                    weight_bytes=graph_weight_bytes(captured.gm))  # fmt: skip
-            kernels = select_kernels(captured.gm, config.autotune, config.cache_dir, self.device,
-                                     next(model.parameters()).dtype)  # fmt: skip
-            timings["autotune_s"] = time.perf_counter() - start
-
-            layers = captured.gm.meta["paged_attention"]
-            weight_bytes = captured.gm.meta["weight_bytes"]
-            self.vocab_size = captured.vocab_size
-            self.logits_dtype = captured.logits_dtype
-            with progress.stage(_compile_label(config.compile_backend, self.device)):
+                with progress.stage("rewriting the graph"):
+                    if rewritten.loaded:  # the passes' results, as they were
+                        captured_graph, pass_results = None, rewritten.pass_results
+                    else:
+                        captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
+                        tracing_constants = rewritten.tracing_constants(captured.gm)
+                        captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
+                        start = time.perf_counter()
+                        pass_results = run_passes(captured.gm, config)
+                        timings["passes_s"] = time.perf_counter() - start
+                        rewritten.store(captured, tracing_constants, pass_results)
+                self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
                 start = time.perf_counter()
-                self.runner, activation_bytes = self._compile_and_profile(captured.gm, layers)
-                timings["compile_s"] = time.perf_counter() - start
+                # What the tunings read beside the graph: the step shapes the runtime will run it at.
+                captured.gm.meta.update(device=self.device, block_size=config.block_size, max_seq_len=self.max_seq_len,
+                                        decode_batch_sizes=self._decode_batch_sizes(),
+                                        weight_bytes=graph_weight_bytes(captured.gm))  # fmt: skip
+                kernels = select_kernels(captured.gm, config.autotune, config.cache_dir, self.device,
+                                         next(model.parameters()).dtype)  # fmt: skip
+                timings["autotune_s"] = time.perf_counter() - start
 
-            num_blocks, kv_sizing = self._kv_cache_blocks(layers, activation_bytes)
-            self.runner.kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device,
-                                                config.enable_prefix_caching)  # fmt: skip
-            graphs = self._cuda_graphs_off(layers)
-            if graphs is None:
-                with progress.stage("capturing CUDA graphs"):
-                    graphs = self._capture_cuda_graphs()
-                timings["cuda_graphs_s"] = self.runner.cuda_graphs.capture_s
-            else:
-                progress.set_total(3)
+                layers = captured.gm.meta["paged_attention"]
+                weight_bytes = captured.gm.meta["weight_bytes"]
+                self.vocab_size = captured.vocab_size
+                self.logits_dtype = captured.logits_dtype
+                with progress.stage(_compile_label(config.compile_backend, self.device)):
+                    start = time.perf_counter()
+                    self.runner, activation_bytes = self._compile_and_profile(captured.gm, layers)
+                    timings["compile_s"] = time.perf_counter() - start
 
-        stored_code = self.runner.graph.source == "stored artifact"
-        if self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
-            start = time.perf_counter()
-            self_check(self, model, forward_signature(model), captured_graph, captured.cache_key)
-            timings["self_check_s"] = time.perf_counter() - start
+                num_blocks, kv_sizing = self._kv_cache_blocks(layers, activation_bytes)
+                self.runner.kv_cache = PagedKVCache(layers, num_blocks, config.block_size, self.device,
+                                                    config.enable_prefix_caching)  # fmt: skip
+                graphs = self._cuda_graphs_off(layers)
+                if graphs is None:
+                    with progress.stage("capturing CUDA graphs"):
+                        graphs = self._capture_cuda_graphs()
+                    timings["cuda_graphs_s"] = self.runner.cuda_graphs.capture_s
+                else:
+                    progress.set_total(3)
+
+            stored_code = self.runner.graph.source == "stored artifact"
+            if self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
+                start = time.perf_counter()
+                self_check(self, model, forward_signature(model), captured_graph, captured.cache_key)
+                timings["self_check_s"] = time.perf_counter() - start
         # After the self-check, which runs the module with its cache.
         del captured_graph
         released_cache = release_replaced_caches(model, captured.gm)

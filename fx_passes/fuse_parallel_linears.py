@@ -55,7 +55,10 @@ def fuse_parameters(gm: torch.fx.GraphModule, name: str, part_names: list[str]) 
     for part in parts:
         part.data = fused.data[start : start + part.shape[0]]
         start += part.shape[0]
-    if all(hasattr(p, "fp8_weight") for p in parts):  # an FP8 checkpoint's tensors, fused alike
+    stored = [hasattr(p, "fp8_weight") for p in parts]
+    if any(stored) and not all(stored):  # the pass keeps such groups apart: fusing would drop the stored tensors
+        raise ValueError(f"cannot fuse {part_names}: only some of them hold an FP8 checkpoint's tensors")
+    if all(stored):  # an FP8 checkpoint's tensors, fused alike
         fused.fp8_weight = torch.cat([p.fp8_weight for p in parts])
         fused.fp8_scale = torch.cat([p.fp8_scale for p in parts])
     gm.register_parameter(name, fused)

@@ -161,3 +161,60 @@ def test_recipes_record_what_they_made_and_only_registered_ones_run(monkeypatch)
     derived_weights.rebuild(other, gm.meta["derived_weights"])
     assert torch.equal(other.w2, torch.full((2, 3), 10.0))  # from the other module's own weight
     assert other.meta["derived_weights"] == gm.meta["derived_weights"]
+
+
+def test_graph_metadata_holding_a_tensor_is_not_stored(tmp_path, monkeypatch, caplog):
+    """Only the constants tracing made are stored as tensors: metadata (or an argument) holding one could carry the
+    first model's numbers into the second."""
+    from fx_passes import registry
+
+    cleanup = registry._PASSES["graph_cleanup"]
+
+    def cleanup_and_note_a_tensor(gm, config):
+        gm.meta["norm_weight"] = gm.get_parameter("model.model.norm.weight")
+        return cleanup(gm, config)
+
+    monkeypatch.setitem(registry._PASSES, "graph_cleanup", cleanup_and_note_a_tensor)
+    with caplog.at_level(logging.INFO, logger="compiled_llm.capture"):
+        compile_model(tiny_model("llama"), cache_dir=tmp_path, **FIELDS)
+    assert "rewritten graph not stored: its metadata or arguments hold a Parameter" in caplog.text
+    assert entries(tmp_path) == []
+
+
+def test_a_loaded_graph_that_fails_later_takes_its_entry_with_it(tmp_path, monkeypatch):
+    """Whatever fails after a load (compiling, capturing, the self-check) removes the entry, so the next compile runs
+    the passes instead of failing the same way."""
+    from compiled_llm import compiled_model
+
+    model = tiny_model("llama")
+    compile_model(model, cache_dir=tmp_path, **FIELDS)
+    (entry,) = entries(tmp_path)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled_model, "select_kernels", fails)
+        with pytest.raises(RuntimeError, match="out of memory, say"):
+            compile_model(model, cache_dir=tmp_path, **FIELDS)
+    assert not entry.exists()
+    again = compile_model(model, cache_dir=tmp_path, **FIELDS)
+    assert REWRITTEN not in capture_line(again) and entry.exists()  # the passes ran, and stored it anew
+
+
+def test_the_key_covers_an_fp8_checkpoints_tensors_and_the_passes_code(monkeypatch):
+    """Which parameters carry an FP8 checkpoint's tensors decides what fuses; a pass swapped outside fx_passes'
+    files changes what the graph becomes."""
+    from compiled_llm.capture import rewritten_graph
+    from compiled_llm.config import CompileConfig
+    from fx_passes import registry
+
+    model, config, cpu = tiny_model("llama"), CompileConfig(), torch.device("cpu")
+    key = rewritten_graph.rewrite_key("graph", config, 64, cpu, model)
+    assert rewritten_graph.rewrite_key("graph", config, 64, cpu, model) == key
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    weight.fp8_weight, weight.fp8_scale = weight.detach().to(torch.float8_e4m3fn), torch.ones(weight.shape[0], 1)
+    assert rewritten_graph.rewrite_key("graph", config, 64, cpu, model) != key
+    del weight.fp8_weight, weight.fp8_scale
+    monkeypatch.setitem(registry._PASSES, "graph_cleanup", lambda gm, config: registry.PassResult("x", 0))
+    assert rewritten_graph.rewrite_key("graph", config, 64, cpu, model) != key

@@ -12,19 +12,23 @@ other weights computes with its own. The only tensors stored are constants that 
 The key adds to the graph key (the model's code, config, parameter shapes and dtypes) everything else the passes
 read: the CompileConfig (but cache_dir), max_seq_len, the device, library versions and the code of the passes and
 ops. A graph that cannot be described this way (an attribute that is neither the model's, a recipe's nor tracing's)
-is not stored, and compiles as before. A loaded graph is always self-checked (compiled_model.py).
+is not stored, and compiles as before. A loaded graph is self-checked unless `verify=False` (compiled_model.py),
+and an entry whose graph fails there, or anywhere before its first token, is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
 import pickle
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,11 +46,28 @@ class UnstorableGraph(Exception):
     """A rewritten graph this module cannot store faithfully (the reason is logged; it compiles as usual)."""
 
 
-def rewrite_key(graph_key: str, config, max_seq_len: int, device: torch.device) -> str:
+def rewrite_key(graph_key: str, config, max_seq_len: int, device: torch.device, model: nn.Module) -> str:
     """What, beside the captured graph, decides what the passes make of it."""
+    from compiled_llm.capture.graph_cache import _function_digest
     from compiled_llm.compiled_artifact import code_digest
+    from fx_passes import DEFAULT_PIPELINE, registered_passes
+    from fx_passes.derived_weights import _RECIPES
 
+    functions = hashlib.sha256()  # passes and recipes as they run: one registered or patched outside fx_passes too
+    passes = registered_passes()
+    for name in config.passes if config.passes is not None else DEFAULT_PIPELINE:
+        functions.update(name.encode())
+        _function_digest(passes[name], functions)
+    for name, fn in sorted(_RECIPES.items()):
+        functions.update(name.encode())
+        _function_digest(fn, functions)
+    # An FP8 checkpoint's tensors ride on its float parameters (fp8_checkpoint.py): which ones have them decides
+    # what fuses and what is taken as stored.
+    fp8_tensors = [(name, list(p.fp8_weight.shape), str(p.fp8_weight.dtype), list(p.fp8_scale.shape))
+                   for name, p in model.named_parameters() if hasattr(p, "fp8_weight")]  # fmt: skip
     parts = {
+        "functions": functions.hexdigest(),
+        "fp8_checkpoint": fp8_tensors,
         "format": FORMAT,
         "graph": graph_key,
         "config": config.model_dump(mode="json", exclude={"cache_dir"}),
@@ -113,6 +134,8 @@ def _decode_target(code: str):
 def _encode_nodes(gm: torch.fx.GraphModule) -> list[tuple]:
     nodes = []
     for node in gm.graph.nodes:
+        if node.op == "call_module":
+            raise UnstorableGraph(f"node {node.name} calls the submodule {node.target}")
         args = torch.fx.node.map_arg(node.args, lambda n: _NodeRef(n.name))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _NodeRef(n.name))
         val = node.meta.get("val") if node.op == "placeholder" else None
@@ -227,9 +250,9 @@ class RewrittenGraphCache:
             return
         try:
             self.graph_key = graph_key(model, config.max_num_tokens)
-        except Exception:
+        except Exception:  # noqa: BLE001  (capture_model says why the graph cache passes this model by)
             return
-        key = rewrite_key(self.graph_key, config, max_seq_len, device)
+        key = rewrite_key(self.graph_key, config, max_seq_len, device, model)
         self.path = graph_cache.root / self.graph_key / "rewritten" / f"{key}.pkl"
         self._root = FlatTokenForward(model)  # what the captured graph's attribute names start from
 
@@ -242,9 +265,16 @@ class RewrittenGraphCache:
             return None
         start = time.perf_counter()
         try:
-            entry = pickle.loads(self.path.read_bytes())
+            entry = _unpickled(self.path.read_bytes())
             if entry.get("format") != FORMAT:
                 raise ValueError(f"format {entry.get('format')}, expected {FORMAT}")
+            graph = _decode_nodes(entry["nodes"])
+        except Exception as error:  # noqa: BLE001  (a corrupt or foreign entry: run the passes, and replace it)
+            log.warning("rewritten graph %s cannot be used (%s: %s); running the passes", self.path,
+                        type(error).__name__, error)  # fmt: skip
+            self.remove()
+            return None
+        try:
             gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
             for target, kind, source, shape, dtype in entry["attributes"]:
                 if source == "model":
@@ -257,30 +287,34 @@ class RewrittenGraphCache:
                 _place(gm, target, kind, value)
             gm.meta.update(entry["graph_meta"])
             rebuild(gm, entry["recipes"])
-            gm.graph = _decode_nodes(entry["nodes"])
+            gm.graph = graph
             gm.recompile()
-        except Exception as error:
-            log.warning("rewritten graph %s cannot be used (%s: %s); running the passes", self.path,
-                        type(error).__name__, error)  # fmt: skip
-            _remove(self.path)
+        except Exception as error:  # noqa: BLE001  (out of memory while quantizing, say: the entry may be sound)
+            log.warning("rewritten graph %s could not be rebuilt over this model (%s: %s); running the passes",
+                        self.path, type(error).__name__, error)  # fmt: skip
             return None
         self.loaded, self.pass_results = True, entry["pass_results"]
         source = "rewritten graph from the graph cache (no torch.export, no passes)"
         return CapturedModel(gm, **entry["captured"], seconds=time.perf_counter() - start, source=source,
                              cache_key=self.graph_key)  # fmt: skip
 
-    def tracing_constants(self, gm: torch.fx.GraphModule) -> dict[int, str] | None:
-        """id -> name of the captured graph's tensors that tracing created (not the model's), before the passes; None
-        where nothing will be stored."""
+    def remove(self) -> None:
+        """Drop this compile's entry (it failed after loading: the next compile runs the passes and stores anew)."""
+        if self.path is not None:
+            _remove(self.path)
+
+    def tracing_constants(self, gm: torch.fx.GraphModule) -> dict[int, torch.Tensor] | None:
+        """id -> the captured graph's tensors that tracing created (not the model's), before the passes; None where
+        nothing will be stored. The tensors are held, so no tensor made later can take one of their ids."""
         if self.path is None:
             return None
         try:
-            return {id(v): name for name, _, v in _attributes(gm) if _model_tensor(self._root, name) is not v}
+            return {id(v): v for name, _, v in _attributes(gm) if _model_tensor(self._root, name) is not v}
         except UnstorableGraph as error:
             log.info("rewritten graph not stored: %s", error)
             return None
 
-    def store(self, captured, tracing_constants: dict[int, str] | None, pass_results: list) -> bool:
+    def store(self, captured, tracing_constants: dict[int, torch.Tensor] | None, pass_results: list) -> bool:
         """Store the rewritten `captured.gm`, if its captured graph is in the graph cache; whether it is stored now.
         A graph it cannot describe is not (logged at info)."""
         path = self.path
@@ -291,26 +325,40 @@ class RewrittenGraphCache:
         described = {"architecture": captured.architecture, "num_layers": captured.num_layers,
                      "vocab_size": captured.vocab_size, "logits_dtype": captured.logits_dtype}  # fmt: skip
         try:
-            entry = _describe(captured.gm, self._root, tracing_constants, pass_results, described)
+            data = _pickled(_describe(captured.gm, self._root, tracing_constants, pass_results, described))
         except UnstorableGraph as error:
             log.info("rewritten graph not stored: %s", error)
             return False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(exist_ok=True)  # not its graph's entry: one a failed self-check just removed stays gone
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
             os.close(fd)
             try:
-                Path(tmp).write_bytes(pickle.dumps(entry, protocol=5))
+                Path(tmp).write_bytes(data)
                 os.replace(tmp, path)  # atomic: a concurrent compile or a killed one never leaves half an entry
             finally:
                 _remove(Path(tmp))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  (the compile goes on; the next warm start runs the passes)
             log.warning("could not store the rewritten graph at %s (%s: %s)", path, type(error).__name__, error)
             return False
         return True
 
 
-def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict[int, str], pass_results: list,
+@contextlib.contextmanager
+def removed_on_failure(cache: Callable[[], RewrittenGraphCache | None]) -> Iterator[None]:
+    """Remove the loaded entry of `cache()` if the block raises (a graph that cannot compile, capture or pass its
+    self-check would otherwise fail every later compile of the same model and config)."""
+    try:
+        yield
+    except Exception:
+        loaded = cache()
+        if loaded is not None and loaded.loaded:
+            log.warning("removed the rewritten graph %s: the compile failed after loading it", loaded.path)
+            loaded.remove()
+        raise
+
+
+def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict[int, torch.Tensor], pass_results: list,
               captured: dict) -> dict:  # fmt: skip
     derived = derived_names(gm)
     attributes, constants = [], {}
@@ -319,7 +367,7 @@ def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict
             continue  # replayed
         if _model_tensor(root, target) is value:
             attributes.append((target, kind, "model", tuple(value.shape), value.dtype))
-        elif id(value) in tracing_constants:
+        elif tracing_constants.get(id(value)) is value:
             attributes.append((target, kind, "constant", tuple(value.shape), value.dtype))
             constants[target] = (value.detach().cpu(), str(value.device))
         else:
@@ -335,6 +383,26 @@ def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict
     }
     entry["constants"] = constants
     return entry
+
+
+class _PlainPickler(pickle.Pickler):
+    """Pickles the entry but refuses any tensor or module (metadata or an argument holding the model's numbers)."""
+
+    def persistent_id(self, obj):
+        if isinstance(obj, (torch.Tensor, nn.Module)):
+            raise UnstorableGraph(f"its metadata or arguments hold a {type(obj).__name__}")
+
+
+def _pickled(entry: dict) -> bytes:
+    buffer = io.BytesIO()
+    _PlainPickler(buffer, protocol=5).dump({k: v for k, v in entry.items() if k != "constants"})
+    plain = buffer.getvalue()
+    return pickle.dumps({"plain": plain, "constants": entry["constants"]}, protocol=5)
+
+
+def _unpickled(data: bytes) -> dict:
+    outer = pickle.loads(data)
+    return {**pickle.loads(outer["plain"]), "constants": outer["constants"]}
 
 
 def _remove(path: Path) -> None:
