@@ -198,17 +198,19 @@ def test_buffers_and_their_aliases_are_bound_from_the_live_model(tmp_path):
         assert torch.equal(loaded.generate(prompt, max_new_tokens=5), expected)
 
 
-def test_a_graph_from_the_cache_is_self_checked_and_a_wrong_one_removed(tmp_path, monkeypatch):
-    """Whatever the key misses, a cached graph that computes something else than the model fails the self-check
-    (a loud error naming the entry), and the entry is gone for the next compile."""
+@pytest.mark.parametrize("loaded", ["captured", "rewritten"])
+def test_a_graph_from_the_cache_is_self_checked_and_a_wrong_one_removed(loaded, tmp_path, monkeypatch):
+    """Whatever the key misses, a cached graph (captured, or rewritten: rewritten_graph.py) that computes something
+    else than the model fails the self-check (a loud error naming the entry), and the entry, rewritten graphs
+    included, is gone for the next compile."""
+    from compiled_llm.capture import export
     from compiled_llm.verify import SelfCheckError
 
     model = tiny_model("llama")
     compile_model(model, cache_dir=tmp_path, **FIELDS)
     (entry,) = (tmp_path / "graphs").iterdir()
-    from compiled_llm.capture import export
-
-    monkeypatch.setattr(export, "graph_key", lambda m, n: entry.name)  # a key that misses the change below
+    # A key that misses the change below: the captured graph's (export), or the rewritten graph's (graph_cache).
+    monkeypatch.setattr(export if loaded == "captured" else graph_cache, "graph_key", lambda m, n: entry.name)
     changed = tiny_model("llama")
     for layer in changed.model.layers:
         layer.self_attn.scaling *= 4
