@@ -40,3 +40,41 @@ def test_ceilings_divide_the_rates_by_a_token_s_work_and_bytes():
     assert ceilings["flop_ceiling_output_tokens_per_s"] == pytest.approx(1e12 / (flops / 4))
     # a decode step reads the weights once for the batch, and each sequence's cache (12 positions on average)
     assert ceilings["byte_ceiling_output_tokens_per_s"] == pytest.approx(2e9 / (8e6 / 8 + 100.0 * 12))
+
+
+def test_the_share_of_experts_a_step_reads_is_k_of_e_for_one_token_and_uniform_routing_beyond():
+    """One token reads exactly its k experts; for more, the share matches drawing each token's k experts uniformly
+    (simulated here); a dense model reads all its weights."""
+    from compiled_llm.bench.ceilings import active_expert_share
+
+    assert active_expert_share(tiny_model("llama").config, 4) == 1.0
+    config = tiny_model("qwen3_moe").config  # 4 experts, 2 per token
+    assert active_expert_share(config, 1) == 0.5
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (2, 3):
+        picked = [
+            len(set(torch.cat([torch.randperm(4, generator=generator)[:2] for _ in range(tokens)]).tolist())) / 4
+            for _ in range(4000)
+        ]
+        assert active_expert_share(config, tokens) == pytest.approx(sum(picked) / len(picked), abs=0.01)
+
+
+def test_the_bytes_read_limit_of_an_moe_model_counts_its_active_experts():
+    """`bench --mode latency`'s bytes a step reads count, at batch 1, half of the tiny Qwen3-MoE's experts (2 of 4);
+    the limit from all weights stays beside it."""
+    from compiled_llm import compile_model
+    from compiled_llm.bench.latency import bandwidth_limits
+
+    model = tiny_model("qwen3_moe")
+    cm = compile_model(model, compile_backend="eager", max_batch_size=2, graph_cache=False)
+    weight_bytes = cm.report.weight_bytes
+    limits = {batch: bandwidth_limits(model, weight_bytes, cm, batch, 8.0, 1e9) for batch in (1, 2)}
+    experts = sum(p.nbytes for name, p in model.named_parameters() if ".experts." in name)
+    embedding = model.get_input_embeddings().weight
+    assert experts > 0 and limits[1]["active_expert_share"] == 0.5
+    for batch, limit in limits.items():
+        kv = limit["step_bytes"] - weight_bytes
+        dense_read = weight_bytes - embedding.nbytes + batch * embedding.shape[1] * embedding.element_size()
+        unread = (1 - limit["active_expert_share"]) * experts
+        assert limit["step_bytes_read"] == pytest.approx(dense_read - unread + kv)
+    assert limits[2]["active_expert_share"] == 0.75  # 1 - (1 - 2/4)^2

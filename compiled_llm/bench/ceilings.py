@@ -40,19 +40,36 @@ def measured_gemm_flops(device: torch.device, fp8: bool, size: int = 8192, repea
     return 2 * size**3 / event_median_s(gemm, repeats)
 
 
+def expert_routing(config) -> tuple[int, int] | None:
+    """(experts a token is routed to, experts a layer has) of an MoE model's config; None for a dense one."""
+    active = getattr(config, "num_experts_per_tok", None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    return (active, experts) if active and experts else None
+
+
+def active_expert_share(config, tokens: int) -> float:
+    """The share of a layer's experts a step of `tokens` tokens reads: k of E for one token, which is exact; for more,
+    the expected share if each token picked its k experts uniformly, 1 - (1 - k/E)^tokens (a trained router is not
+    uniform, so this is an estimate). 1.0 for a dense model."""
+    routing = expert_routing(config)
+    if routing is None:
+        return 1.0
+    active, experts = routing
+    return 1.0 - (1.0 - active / experts) ** max(1, tokens)
+
+
 def _linear_weights(model) -> tuple[float, int]:
     """(weights of the decoder's linears a token multiplies, MoE experts by their active share; LM-head weights)."""
     config = model.config
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_weights = head.weight.numel() if head is not None else embedding.numel()
-    active = getattr(config, "num_experts_per_tok", None)
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    expert_share = active_expert_share(config, 1)
     decoder = 0.0
     for name, parameter in model.named_parameters():
         if parameter.dim() < 2 or parameter is embedding or (head is not None and parameter is head.weight):
             continue
-        share = active / experts if active and experts and ".experts." in name else 1.0
+        share = expert_share if ".experts." in name else 1.0
         decoder += parameter.numel() * share
     return decoder, head_weights
 
