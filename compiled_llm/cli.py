@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", help="logging level (default: INFO for serve, else WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, "
-                  "or random:NAME (llama-3.1-8b, qwen3-8b, smollm2-135m, tiny-llama)")
+                  "or random:NAME (llama-3.1-8b, qwen3-8b, qwen3-30b-a3b, mixtral-8x7b, smollm2-135m, tiny-llama)")
     build_parser = commands.add_parser("build", help="compile a model (tuning its kernels on a GPU: --autotune full "
                                        "unless given), store what a warm start reads, print the compile report",
                                        formatter_class=_DefaultsFormatter)  # fmt: skip

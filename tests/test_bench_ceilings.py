@@ -25,7 +25,7 @@ def test_workload_flops_are_a_forward_of_the_computed_tokens_with_causal_attenti
     counted = counter.get_total_flops()
     config = model.config
     head = model.lm_head.weight.numel()
-    heads, head_dim = config.num_attention_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, head_dim = config.num_attention_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     full_attention = 4 * config.num_hidden_layers * heads * head_dim * tokens * tokens
     causal_attention = 4 * config.num_hidden_layers * heads * head_dim * tokens * (tokens + 1) // 2
     expected = counted - 2 * head * tokens + 2 * head * output_len - full_attention + causal_attention
@@ -78,3 +78,18 @@ def test_the_bytes_read_limit_of_an_moe_model_counts_its_active_experts():
         unread = (1 - limit["active_expert_share"]) * experts
         assert limit["step_bytes_read"] == pytest.approx(dense_read - unread + kv)
     assert limits[2]["active_expert_share"] == 0.75  # 1 - (1 - 2/4)^2
+
+
+@pytest.mark.parametrize(("preset", "total", "active"), [("qwen3-30b-a3b", 30.5e9, 3.3e9),
+                                                         ("mixtral-8x7b", 46.7e9, 12.9e9)])  # fmt: skip
+def test_moe_presets_have_the_published_parameter_counts(preset, total, active):
+    """The MoE shapes (built on the meta device: no memory) have the totals and the active parameters a token uses
+    that their model cards publish."""
+    from compiled_llm.bench.ceilings import active_expert_share
+    from compiled_llm.presets import random_model
+
+    model = random_model(preset, device="meta")
+    counted = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    assert counted == pytest.approx(total, rel=0.01)
+    assert counted - experts * (1 - active_expert_share(model.config, 1)) == pytest.approx(active, rel=0.02)
