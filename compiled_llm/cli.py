@@ -106,8 +106,8 @@ def build(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     cm = compile_model(load_model(args.model, _dtype(args.dtype)).model, config)
     print(cm.report)
-    print(f"warm-start caches under {config.cache_dir}: the captured graph, Inductor's and Triton's code, the kernel "
-          "choices (a later compile of this model and configuration reads them)")  # fmt: skip
+    print(f"warm-start caches under {config.cache_dir}: the captured and the rewritten graph, Inductor's and Triton's "
+          "code, the kernel choices (a later compile of this model and configuration reads them)")  # fmt: skip
     return 0
 
 
