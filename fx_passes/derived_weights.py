@@ -40,6 +40,11 @@ def derive(gm: torch.fx.GraphModule, fn: Recipe, *args) -> None:
     gm.meta.setdefault("derived_weights", []).append((name, args, made))
 
 
+def registered_recipes() -> dict[str, Recipe]:
+    """Every recipe by name (a rewritten graph's key covers their code)."""
+    return dict(_RECIPES)
+
+
 def derived_names(gm: torch.fx.GraphModule) -> set[str]:
     """The attributes of `gm` that recipes made."""
     return {made for _, _, names in gm.meta.get("derived_weights", ()) for made in names}

@@ -98,7 +98,7 @@ def _shallow_repr(value, depth: int = 0) -> str:
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
-def _function_digest(function: types.FunctionType, digest, seen: set | None = None) -> None:
+def function_digest(function: types.FunctionType, digest, seen: set | None = None) -> None:
     """A function as it runs: its code, defaults and closure, and those of what it wraps (a decorator's wrapper
     hides the body it calls in __wrapped__ or in its closure); each function once (closures can be cycles)."""
     seen = set() if seen is None else seen
@@ -112,9 +112,9 @@ def _function_digest(function: types.FunctionType, digest, seen: set | None = No
             except ValueError:  # an empty cell
                 continue
             if isinstance(content, types.FunctionType):
-                _function_digest(content, digest, seen)
+                function_digest(content, digest, seen)
             elif isinstance(content, functools.partial):
-                _function_digest(content.func, digest, seen)
+                function_digest(content.func, digest, seen)
             else:
                 digest.update(type(content).__qualname__.encode())
         function = getattr(function, "__wrapped__", None)
@@ -133,7 +133,7 @@ def _module_code_digest(module: types.ModuleType, digest) -> None:
             functions = [v for _, v in sorted(vars(value).items()) if isinstance(v, types.FunctionType)]
         for function in functions:
             digest.update(name.encode())
-            _function_digest(function, digest)
+            function_digest(function, digest)
 
 
 _MODULE_INTERNALS = set(vars(nn.Module()))  # parameters, buffers, submodules, hooks, training: keyed elsewhere
@@ -165,7 +165,7 @@ def _plain_repr(value, where: str) -> str:
         return f"tensor{tuple(value.shape)}{value.dtype}{value.device}"
     if isinstance(value, (types.FunctionType, functools.partial)):
         digest = hashlib.sha256()
-        _function_digest(value.func if isinstance(value, functools.partial) else value, digest)
+        function_digest(value.func if isinstance(value, functools.partial) else value, digest)
         if isinstance(value, functools.partial):
             digest.update(_plain_repr((value.args, value.keywords), where).encode())
         return digest.hexdigest()
@@ -252,7 +252,7 @@ class GraphCache:
                 raise TypeError(f"program.pkl holds a {type(program).__name__}")
             constants = serde.deserialize_torch_artifact((entry / "constants.pt").read_bytes())
             for name in constants:  # buffers and tensor attributes: the live model's; only tracing's own are stored
-                live = weights.get(name, _attribute(root, name))
+                live = weights.get(name, attribute_tensor(root, name))
                 if live is not None:
                     constants[name] = live
             state = {name: weights[name] for name in _state_names(program)}
@@ -291,7 +291,7 @@ class GraphCache:
             return False
 
 
-def _attribute(root: nn.Module, name: str):
+def attribute_tensor(root: nn.Module, name: str):
     """The tensor at dotted `name` under `root`, or None."""
     value = root
     for part in name.split("."):

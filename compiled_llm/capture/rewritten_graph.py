@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import io
+import importlib.util
 import json
 import logging
 import os
-import pickle
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +33,16 @@ import torch
 import torch.fx
 from torch import nn
 
+from compiled_llm.capture.graph_cache import attribute_tensor, function_digest, why_uncacheable
+from compiled_llm.capture.graph_encoding import (
+    UnstorableGraph,
+    decode_nodes,
+    encode_nodes,
+    pickled,
+    place,
+    tensor_attributes,
+    unpickled,
+)
 from fx_passes.derived_weights import derived_names, rebuild
 
 log = logging.getLogger("compiled_llm.capture")
@@ -42,25 +50,20 @@ log = logging.getLogger("compiled_llm.capture")
 FORMAT = 1
 
 
-class UnstorableGraph(Exception):
-    """A rewritten graph this module cannot store faithfully (the reason is logged; it compiles as usual)."""
-
-
 def rewrite_key(graph_key: str, config, max_seq_len: int, device: torch.device, model: nn.Module) -> str:
     """What, beside the captured graph, decides what the passes make of it."""
-    from compiled_llm.capture.graph_cache import _function_digest
     from compiled_llm.compiled_artifact import code_digest
     from fx_passes import DEFAULT_PIPELINE, registered_passes
-    from fx_passes.derived_weights import _RECIPES
+    from fx_passes.derived_weights import registered_recipes
 
     functions = hashlib.sha256()  # passes and recipes as they run: one registered or patched outside fx_passes too
     passes = registered_passes()
     for name in config.passes if config.passes is not None else DEFAULT_PIPELINE:
         functions.update(name.encode())
-        _function_digest(passes[name], functions)
-    for name, fn in sorted(_RECIPES.items()):
+        function_digest(passes[name], functions)
+    for name, fn in sorted(registered_recipes().items()):
         functions.update(name.encode())
-        _function_digest(fn, functions)
+        function_digest(fn, functions)
     # An FP8 checkpoint's tensors ride on its float parameters (fp8_checkpoint.py): which ones have them decides
     # what fuses and what is taken as stored.
     fp8_tensors = [(name, list(p.fp8_weight.shape), str(p.fp8_weight.dtype), list(p.fp8_scale.shape))
@@ -95,140 +98,6 @@ def _version(module: str) -> str | None:
     return "unknown"
 
 
-# -- nodes ---------------------------------------------------------------------------------------------------------
-
-
-class _NodeRef(str):
-    """An argument that is another node (by name)."""
-
-
-def _encode_target(target) -> str:
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"op:{target.namespace}.{target._opname}.{target._overloadname}"
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return f"hop:{target.name()}"
-    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
-    if module and name and _decode_target(f"py:{module}:{name}") is target:
-        return f"py:{module}:{name}"
-    raise UnstorableGraph(f"the graph calls {target!r}, which cannot be named for a later process")
-
-
-def _decode_target(code: str):
-    kind, _, rest = code.partition(":")
-    if kind == "op":
-        namespace, name, overload = rest.split(".")
-        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-    if kind == "hop":
-        return getattr(torch.ops.higher_order, rest)
-    if kind == "py":
-        module, _, name = rest.partition(":")
-        value = importlib.import_module(module)
-        for part in name.split("."):
-            value = getattr(value, part)
-        return value
-    return code  # a placeholder's, get_attr's or output's target
-
-
-def _encode_nodes(gm: torch.fx.GraphModule) -> list[tuple]:
-    nodes = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            raise UnstorableGraph(f"node {node.name} calls the submodule {node.target}")
-        args = torch.fx.node.map_arg(node.args, lambda n: _NodeRef(n.name))
-        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _NodeRef(n.name))
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        val = (val.dtype, val.dim()) if isinstance(val, torch.Tensor) else None  # what compiled_artifact's key reads
-        nodes.append((node.op, node.name, _encode_target(node.target), args, kwargs, node.meta.get("stack_trace"), val))
-    return nodes
-
-
-def _decode_nodes(nodes: list[tuple]) -> torch.fx.Graph:
-    graph, env = torch.fx.Graph(), {}
-
-    def resolve(value):
-        if isinstance(value, _NodeRef):
-            return env[str(value)]
-        if isinstance(value, (list, tuple)):
-            resolved = [resolve(v) for v in value]
-            return resolved if isinstance(value, list) else tuple(resolved)
-        if isinstance(value, dict):
-            return {k: resolve(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(resolve(value.start), resolve(value.stop), resolve(value.step))
-        return value
-
-    for op, name, target, args, kwargs, stack_trace, val in nodes:
-        node = graph.create_node(op, _decode_target(target), resolve(args), resolve(kwargs), name=name)
-        if node.name != name:
-            raise UnstorableGraph(f"node {name} was renamed {node.name}")
-        if stack_trace is not None:
-            node.meta["stack_trace"] = stack_trace
-        if val is not None:
-            dtype, dim = val
-            node.meta["val"] = torch.empty((1,) * dim, dtype=dtype, device="meta")
-        env[name] = node
-    return graph
-
-
-# -- tensor attributes -----------------------------------------------------------------------------------------------
-
-
-def _owner(root: nn.Module, target: str, create: bool = False) -> tuple[nn.Module, str]:
-    *path, attr = target.split(".")
-    owner = root
-    for part in path:
-        child = owner._modules.get(part)
-        if child is None:
-            if not create:
-                raise AttributeError(target)
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
-    return owner, attr
-
-
-def _attributes(gm: torch.fx.GraphModule) -> list[tuple[str, str, torch.Tensor]]:
-    """(target, kind, tensor) of every tensor attribute of `gm`, in registration order: parameters, buffers
-    (kind "buffer" or "buffer-non-persistent"), then plain tensor attributes the graph reads."""
-    found = [(name, "parameter", p) for name, p in gm.named_parameters(remove_duplicate=False)]
-    for name, b in gm.named_buffers(remove_duplicate=False):
-        owner, attr = _owner(gm, name)
-        found.append((name, "buffer" if attr not in owner._non_persistent_buffers_set else "buffer-non-persistent", b))
-    known = {name for name, _, _ in found}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target not in known:
-            owner, attr = _owner(gm, node.target)
-            value = getattr(owner, attr)
-            if not isinstance(value, torch.Tensor):
-                raise UnstorableGraph(f"get_attr {node.target} reads a {type(value).__name__}, not a tensor")
-            found.append((node.target, "attribute", value))
-            known.add(node.target)
-    return found
-
-
-def _place(root: nn.Module, target: str, kind: str, value: torch.Tensor) -> None:
-    owner, attr = _owner(root, target, create=True)
-    if kind == "parameter":
-        if not isinstance(value, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=False)
-        owner.register_parameter(attr, value)
-    elif kind.startswith("buffer"):
-        owner.register_buffer(attr, value, persistent=kind == "buffer")
-    else:
-        setattr(owner, attr, value)
-
-
-def _model_tensor(model_root: nn.Module, target: str) -> torch.Tensor | None:
-    try:
-        owner, attr = _owner(model_root, target)
-    except AttributeError:
-        return None
-    value = getattr(owner, attr, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 # -- the cache -------------------------------------------------------------------------------------------------------
 
 
@@ -239,7 +108,7 @@ class RewrittenGraphCache:
 
     def __init__(self, model: nn.Module, config, max_seq_len: int, device: torch.device, graph_cache):
         from compiled_llm.capture.export import FlatTokenForward
-        from compiled_llm.capture.graph_cache import graph_key, why_uncacheable
+        from compiled_llm.capture.graph_cache import graph_key  # looked up at the call: tests replace it
 
         self.path: Path | None = None
         self.graph_key: str | None = None
@@ -265,10 +134,10 @@ class RewrittenGraphCache:
             return None
         start = time.perf_counter()
         try:
-            entry = _unpickled(self.path.read_bytes())
+            entry = unpickled(self.path.read_bytes())
             if entry.get("format") != FORMAT:
                 raise ValueError(f"format {entry.get('format')}, expected {FORMAT}")
-            graph = _decode_nodes(entry["nodes"])
+            graph = decode_nodes(entry["nodes"])
         except Exception as error:  # noqa: BLE001  (a corrupt or foreign entry: run the passes, and replace it)
             log.warning("rewritten graph %s cannot be used (%s: %s); running the passes", self.path,
                         type(error).__name__, error)  # fmt: skip
@@ -278,13 +147,13 @@ class RewrittenGraphCache:
             gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
             for target, kind, source, shape, dtype in entry["attributes"]:
                 if source == "model":
-                    value = _model_tensor(self._root, target)
+                    value = attribute_tensor(self._root, target)
                     if value is None or tuple(value.shape) != shape or value.dtype != dtype:
                         raise ValueError(f"the model's {target} is not a {dtype} tensor of shape {list(shape)}")
                 else:
                     value, device = entry["constants"][target]
                     value = value.to(device)
-                _place(gm, target, kind, value)
+                place(gm, target, kind, value)
             gm.meta.update(entry["graph_meta"])
             rebuild(gm, entry["recipes"])
             gm.graph = graph
@@ -309,7 +178,7 @@ class RewrittenGraphCache:
         if self.path is None:
             return None
         try:
-            return {id(v): v for name, _, v in _attributes(gm) if _model_tensor(self._root, name) is not v}
+            return {id(v): v for name, _, v in tensor_attributes(gm) if attribute_tensor(self._root, name) is not v}
         except UnstorableGraph as error:
             log.info("rewritten graph not stored: %s", error)
             return None
@@ -325,7 +194,7 @@ class RewrittenGraphCache:
         described = {"architecture": captured.architecture, "num_layers": captured.num_layers,
                      "vocab_size": captured.vocab_size, "logits_dtype": captured.logits_dtype}  # fmt: skip
         try:
-            data = _pickled(_describe(captured.gm, self._root, tracing_constants, pass_results, described))
+            data = pickled(_describe(captured.gm, self._root, tracing_constants, pass_results, described))
         except UnstorableGraph as error:
             log.info("rewritten graph not stored: %s", error)
             return False
@@ -362,10 +231,10 @@ def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict
               captured: dict) -> dict:  # fmt: skip
     derived = derived_names(gm)
     attributes, constants = [], {}
-    for target, kind, value in _attributes(gm):
+    for target, kind, value in tensor_attributes(gm):
         if target in derived:
             continue  # replayed
-        if _model_tensor(root, target) is value:
+        if attribute_tensor(root, target) is value:
             attributes.append((target, kind, "model", tuple(value.shape), value.dtype))
         elif tracing_constants.get(id(value)) is value:
             attributes.append((target, kind, "constant", tuple(value.shape), value.dtype))
@@ -374,35 +243,15 @@ def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict
             raise UnstorableGraph(f"attribute {target} is neither the model's, made by a recipe, nor tracing's")
     entry = {
         "format": FORMAT,
-        "nodes": _encode_nodes(gm),
+        "nodes": encode_nodes(gm),
         "attributes": attributes,
         "recipes": gm.meta.get("derived_weights", []),
         "graph_meta": {k: v for k, v in gm.meta.items() if k not in ("derived_weights", "fp8_weights")},
         "pass_results": pass_results,
         "captured": captured,
+        "constants": constants,
     }
-    entry["constants"] = constants
     return entry
-
-
-class _PlainPickler(pickle.Pickler):
-    """Pickles the entry but refuses any tensor or module (metadata or an argument holding the model's numbers)."""
-
-    def persistent_id(self, obj):
-        if isinstance(obj, (torch.Tensor, nn.Module)):
-            raise UnstorableGraph(f"its metadata or arguments hold a {type(obj).__name__}")
-
-
-def _pickled(entry: dict) -> bytes:
-    buffer = io.BytesIO()
-    _PlainPickler(buffer, protocol=5).dump({k: v for k, v in entry.items() if k != "constants"})
-    plain = buffer.getvalue()
-    return pickle.dumps({"plain": plain, "constants": entry["constants"]}, protocol=5)
-
-
-def _unpickled(data: bytes) -> dict:
-    outer = pickle.loads(data)
-    return {**pickle.loads(outer["plain"]), "constants": outer["constants"]}
 
 
 def _remove(path: Path) -> None:
