@@ -73,6 +73,12 @@ class CompileConfig(BaseModel):
     `compiled_llm.add_rms_norm` kernel; `torch` leaves norms to Inductor. `auto` is `triton` for a CUDA
     model when triton is installed, else `torch`."""
 
+    moe_backend: Literal["auto", "triton", "torch"] = "auto"
+    """Kernel behind a mixture-of-experts layer's experts (`compiled_llm.moe_experts`, one per MoE layer). `triton`:
+    grouped GEMMs over the tokens sorted by expert, which read only the experts a step's tokens picked; `torch`: the
+    reference, a loop over those experts, which reads the routing on the host and so cannot be captured in a CUDA
+    graph. `auto` is `triton` for a CUDA model when triton is installed, else `torch`."""
+
     quantization: Literal["auto", "none", "fp8", "fp8_block", "int8_sq", "int4_awq", "nvfp4"] = "auto"
     """Weight quantization of the decoder's linear layers. `auto`: the checkpoint's (an FP8 checkpoint's format,
     compiled_llm/fp8_checkpoint.py), `none` for a float one; a value that contradicts the checkpoint is an error.

@@ -8,6 +8,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     fuse_rms_norm,
     fuse_silu_mul_quantize_fp8,
     graph_cleanup,
+    insert_fused_moe,
     insert_linear_op,
     insert_paged_attention,
     match_explicit_attention,

@@ -62,6 +62,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "insert_linear_op",
     # On the linears insert_linear_op routed.
     "fuse_linear_silu_mul",
+    # Any time: it only picks the kernel of the experts ops the capture inserted.
+    "insert_fused_moe",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
     "insert_paged_attention",
 )

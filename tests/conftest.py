@@ -6,6 +6,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -97,6 +99,15 @@ def own_cache_dir(tmp_path, monkeypatch):
 def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)  # avoid pad/bos/eos ids
+
+
+def run_in_interpreter(code: str) -> None:
+    """Run `code` in a Python of its own under TRITON_INTERPRET=1 (Triton kernels on CPU tensors), from the repository
+    root; fail with its stderr."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -3,10 +3,7 @@ norm passes in a compiled model against HF. The Triton GEMV runs on the GPU and,
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch.nn.functional as F
 
 import custom_ops.linear  # noqa: F401  (registers the op)
 from compiled_llm import compile_model
-from conftest import random_prompt, relative_error, tiny_model
+from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
 from custom_ops.linear.triton_gemv import MAX_ROWS, gemv
 from custom_ops.triton_runtime import triton_available
 from fx_passes.kernel_backend import resolve_linear_backend
@@ -83,13 +80,6 @@ def check_float64_is_not_rounded() -> None:
         torch.testing.assert_close(torch.ops.compiled_llm.linear(x, weight, None, "triton"), F.linear(x, weight))
         expected = silu_mul_reference(x, weight, None)
         torch.testing.assert_close(torch.ops.compiled_llm.linear_silu_mul(x, weight, None, "triton"), expected)
-
-
-def run_in_interpreter(code: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -66,7 +66,7 @@ def canonical_attention_forward(
     return out.unsqueeze(0), None
 
 
-def _model_configs(model: nn.Module) -> list:
+def model_configs(model: nn.Module) -> list:
     from transformers import PretrainedConfig
 
     configs: dict[int, PretrainedConfig] = {}
@@ -85,7 +85,7 @@ def route_attention_to_canonical_op(model: nn.Module):
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_IMPLEMENTATION, canonical_attention_forward)
-    configs = _model_configs(model)
+    configs = model_configs(model)
     saved = [config._attn_implementation for config in configs]
     try:
         for config in configs:

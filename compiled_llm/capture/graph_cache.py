@@ -34,7 +34,9 @@ from torch import nn
 log = logging.getLogger("compiled_llm.capture")
 
 FORMAT = 2  # 2: the program pickled (1: as JSON, which took 3x as long to read)
-_CAPTURE_CODE = [Path(__file__).parent, Path(__file__).parents[2] / "custom_ops" / "attention" / "op.py"]
+# The capture code, and the canonical ops it routes attention and experts to.
+_OPS = Path(__file__).parents[2] / "custom_ops"
+_CAPTURE_CODE = [Path(__file__).parent, _OPS / "attention" / "op.py", _OPS / "moe" / "op.py"]
 # transformers' code that every model's forward runs besides its own modeling file: masks, RoPE, the decorators on
 # forward, the base classes' methods
 _TRANSFORMERS_MODULES = ("transformers.masking_utils", "transformers.modeling_rope_utils", "transformers.utils.generic",

@@ -1,0 +1,164 @@
+"""The `triton` backend of `compiled_llm::moe_experts`: the token-expert pairs sorted by expert into blocks of
+BLOCK_M rows (each block one expert's, padded), then two grouped GEMMs on tensor cores, one program per block and
+column tile:
+
+    gate_up: act[p] = act(x[p // k] @ w13[e]^T)          [S, I], S = T * k pairs, the activation in the epilogue
+    down:    out[p] = (act[p] @ w2[e]^T) * weight[p]      [S, H], then summed over each token's k pairs
+
+A block reads only its expert's weights, so a decode step reads the experts its tokens picked and no other; blocks
+past the last used one return at once. One token (a decode step of one sequence) needs no sort: its k experts are
+distinct, and each pair is a block of its own. The sort is torch ops with static shapes (no host sync): the whole op can
+run inside a CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ACTIVATIONS = {"silu": 0}
+DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+# (device index, num_experts, n, k, BLOCK_M) -> a tile the autotuner chose; read at every call.
+TUNED_TILES: dict[tuple, dict] = {}
+
+
+def block_m_for(pairs: int, num_experts: int) -> int:
+    """Rows per block: the expected pairs an expert gets, as a power of two in [16, 64] (tl.dot's smallest M is 16;
+    a decode step's experts get one row each)."""
+    per_expert = -(-pairs // num_experts)
+    return min(64, max(16, 1 << max(0, per_expert - 1).bit_length()))
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_pairs [blocks * block_m], block_expert [blocks], used_rows [1]): pair indices t * k + j grouped by
+    expert, each expert's run padded to a multiple of block_m with the sentinel S; the expert of each block; how
+    many rows the used blocks hold. `blocks` is the most any routing needs, so shapes depend on T only."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    rank = torch.arange(pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    destination = (padded_end - padded)[sorted_experts] + rank
+    blocks = max(1, min(pairs, -(-pairs // block_m) + num_experts))
+    sorted_pairs = torch.full((blocks * block_m,), pairs, dtype=torch.int64, device=flat.device)
+    sorted_pairs.scatter_(0, destination, order)
+    block_starts = torch.arange(blocks, device=flat.device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp_(max=num_experts - 1)
+    return sorted_pairs, block_expert, padded_end[-1:]
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grouped_gemm_kernel(
+        a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, sorted_pairs_ptr, block_expert_ptr, used_rows_ptr,
+        pairs, N, top_k, stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+        K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ROUTE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K; GATED: columns n of the gate half and
+        n + N of the up half, act(gate) * up written; ROUTE_WEIGHTS: times the pair's routing weight."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        if ONE_TOKEN:  # a block per pair, its first row; block_expert_ptr: the ids themselves
+            rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, pairs).to(tl.int64)
+        else:
+            if pid_m * BLOCK_M >= tl.load(used_rows_ptr):
+                return
+            rows = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        valid = rows < pairs
+        a_rows = rows // top_k if A_PER_TOKEN else rows
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+        w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # K constexpr: the interpreter takes no runtime loop bound
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+            if GATED:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        dtype = a_ptr.dtype.element_ty
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                up_bias = tl.load(bias_ptr + expert * stride_be + N + cols, mask=col_ok, other=0.0)
+                acc_up += up_bias.to(tl.float32)[None, :]
+        # Rounded to x's dtype where the reference's ops round.
+        out = acc.to(dtype).to(tl.float32)
+        if GATED:
+            if ACTIVATION == 0:
+                out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32)
+            out = out * acc_up.to(dtype).to(tl.float32)
+        out_dtype = out_ptr.dtype.element_ty
+        if ROUTE_WEIGHTS:
+            route_w = tl.load(route_w_ptr + rows, mask=valid, other=0.0)
+            out = out.to(dtype).to(tl.float32) * route_w.to(tl.float32)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_dtype),
+                 mask=valid[:, None] & col_ok[None, :])  # fmt: skip
+
+    return grouped_gemm_kernel
+
+
+def _launch(a, w, bias, out, route_weights, sorted_pairs, block_expert, used_rows, pairs, top_k, *, gated: bool,
+            activation: str, a_per_token: bool, block_m: int, tile: dict) -> None:  # fmt: skip
+    import triton
+
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    k = w.shape[2]
+    tile = DEFAULT_TILE | tile
+    grid = (block_expert.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
+    _kernels()[grid](
+        a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a,
+        sorted_pairs if sorted_pairs is not None else block_expert, block_expert,
+        used_rows if used_rows is not None else block_expert, pairs, n, top_k, a.stride(0), w.stride(0), w.stride(1),
+        w.stride(2), bias.stride(0) if bias is not None else 0, out.stride(0),
+        K=k, ONE_TOKEN=sorted_pairs is None, GATED=gated, ACTIVATION=ACTIVATIONS[activation], A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None,
+        ROUTE_WEIGHTS=route_weights is not None, BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )  # fmt: skip
+
+
+def tile_for(x: torch.Tensor, w: torch.Tensor, block_m: int) -> dict:
+    return TUNED_TILES.get((x.get_device(), w.shape[0], w.shape[1], w.shape[2], block_m), DEFAULT_TILE)
+
+
+def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, block_m: int | None = None,
+              tiles: tuple[dict, dict] | None = None) -> torch.Tensor:  # fmt: skip
+    """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs; `block_m` and `tiles` (gate_up's, down's)
+    override the tuned or default ones."""
+    tokens, hidden = x.shape
+    top_k, num_experts = topk_ids.shape[1], w13.shape[0]
+    pairs = tokens * top_k
+    if pairs == 0:
+        return x.new_zeros(x.shape)
+    block_m = block_m or block_m_for(pairs, num_experts)
+    tiles = tiles or (tile_for(x, w13, block_m), tile_for(x, w2, block_m))
+    if tokens == 1:  # a decode step of one sequence: its k experts are distinct, so no sort, a block each
+        sorted_pairs, block_expert, used_rows = None, topk_ids.reshape(-1), None
+    else:
+        sorted_pairs, block_expert, used_rows = sort_by_expert(topk_ids, num_experts, block_m)
+    route_weights = topk_weights.reshape(-1)
+    act = x.new_empty(pairs, w2.shape[2])
+    common = {"sorted_pairs": sorted_pairs, "block_expert": block_expert, "used_rows": used_rows, "pairs": pairs,
+              "top_k": top_k, "activation": activation, "block_m": block_m}  # fmt: skip
+    _launch(x, w13, b13, act, None, gated=True, a_per_token=True, tile=tiles[0], **common)
+    weighted = x.new_empty(pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
+    _launch(act, w2, b2, weighted, route_weights, gated=False, a_per_token=False, tile=tiles[1], **common)
+    return weighted.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -1,0 +1,181 @@
+"""`compiled_llm::moe_experts`: the reference against a float64 loop over every token's experts, the Triton grouped
+GEMMs against the reference (under TRITON_INTERPRET=1 on CPU, and on the GPU), on random routings that leave
+experts without a token; the capture's routing of transformers' experts to the op, in compiled MoE models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import custom_ops.moe  # noqa: F401  (registers the op)
+from compiled_llm import compile_model
+from conftest import ARCHITECTURES, random_prompt, relative_error, run_in_interpreter, tiny_model
+from custom_ops.moe import moe_experts_reference, triton_moe
+from custom_ops.triton_runtime import triton_available
+
+MOE_ARCHS = ("mixtral", "qwen3_moe")
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the output's norm
+
+
+def random_routing(tokens: int, experts: int, top_k: int, seed: int, dtype=torch.float32, device="cpu"):
+    """(ids [T, k], weights [T, k]) from random router logits: softmax, top-k, renormalised, as Qwen3-MoE routes."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=generator) * 3
+    weights, ids = logits.softmax(-1).topk(top_k)
+    return ids.to(device), (weights / weights.sum(-1, keepdim=True)).to(device, dtype)
+
+
+def random_experts(experts: int, hidden: int, inter: int, seed: int, dtype=torch.float32, device="cpu", bias=False):
+    generator = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=generator) * hidden**-0.5
+    w2 = torch.randn(experts, hidden, inter, generator=generator) * inter**-0.5
+    b13 = torch.randn(experts, 2 * inter, generator=generator) * 0.1 if bias else None
+    b2 = torch.randn(experts, hidden, generator=generator) * 0.1 if bias else None
+    return tuple(None if t is None else t.to(device, dtype) for t in (w13, w2, b13, b2))
+
+
+def float64_experts(x, ids, weights, w13, w2, b13, b2) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]), token by token in float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w13[e].double() @ x[t].double() + (0 if b13 is None else b13[e].double())
+            gate, up = h.chunk(2)
+            y = w2[e].double() @ (F.silu(gate) * up) + (0 if b2 is None else b2[e].double())
+            out[t] += weights[t, j].double() * y
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_against_float64(bias):
+    x = torch.randn(7, 48, generator=torch.Generator().manual_seed(1))
+    ids, weights = random_routing(7, 16, 2, seed=2)  # 16 experts, at most 14 picked: some get no token
+    assert ids.unique().numel() < 16
+    w13, w2, b13, b2 = random_experts(16, 48, 24, seed=3, bias=bias)
+    out = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "silu")
+    assert relative_error(out, float64_experts(x, ids, weights, w13, w2, b13, b2)) < 1e-6
+
+
+def test_reference_keeps_the_input_dtype_and_rounds_like_transformers():
+    """bf16 rows with float32 routing weights: the product in float32, the sum over experts rounded once."""
+    x = torch.randn(5, 32).bfloat16()
+    ids, weights = random_routing(5, 4, 2, seed=4)
+    w13, w2, _, _ = random_experts(4, 32, 16, seed=5, dtype=torch.bfloat16)
+    out = moe_experts_reference(x, ids, weights, w13, w2, None, None, "silu")
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, float64_experts(x, ids, weights, w13, w2, None, None)) < 1e-2
+
+
+def test_sort_by_expert_groups_every_pair_once():
+    for tokens, experts, top_k, block_m in ((1, 8, 2, 16), (37, 6, 3, 16), (300, 128, 8, 32), (5, 64, 4, 64)):
+        ids, _ = random_routing(tokens, experts, top_k, seed=tokens)
+        sorted_pairs, block_expert, used_rows = triton_moe.sort_by_expert(ids, experts, block_m)
+        pairs = tokens * top_k
+        used = int(used_rows)
+        assert used % block_m == 0 and used <= sorted_pairs.numel()
+        real = sorted_pairs[sorted_pairs < pairs]
+        assert sorted(real.tolist()) == list(range(pairs))  # each pair exactly once
+        assert (sorted_pairs[used:] == pairs).all()  # nothing past the used blocks
+        flat = ids.reshape(-1)
+        for block in range(used // block_m):
+            rows = sorted_pairs[block * block_m : (block + 1) * block_m]
+            rows = rows[rows < pairs]
+            assert rows.numel() > 0  # no empty block among the used ones
+            assert (flat[rows] == block_expert[block]).all()
+
+
+def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
+    """The grouped GEMMs against the reference: decode and prefill row counts, sizes off the tiles, transposed
+    weight storage (a view), biases, float32 routing weights beside 16-bit rows."""
+    cases = [  # tokens, hidden, inter, experts, top_k, bias, transposed
+        (1, 64, 32, 8, 2, False, False),
+        (3, 80, 48, 16, 4, False, False),  # K (80) and N (48) off the 64-wide tiles; 4 of 16 experts at most 12 used
+        (37, 64, 96, 6, 2, True, False),
+        (70, 96, 32, 4, 2, False, True),  # 35 pairs an expert: two blocks of 32 rows for some
+    ]
+    for seed, (tokens, hidden, inter, experts, top_k, bias, transposed) in enumerate(cases):
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+        ids, weights = random_routing(tokens, experts, top_k, seed, dtype=torch.float32, device=device)
+        w13, w2, b13, b2 = random_experts(experts, hidden, inter, seed, dtype, device, bias)
+        if transposed:  # GPT-OSS stores [E, H, 2I] and [E, I, H]: the capture passes transposed views
+            w13, w2 = w13.transpose(1, 2).contiguous().transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2)
+        expected = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "silu")
+        actual = torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, "silu", "triton")
+        assert actual.dtype == dtype and actual.shape == x.shape
+        error = relative_error(actual, expected)
+        assert error < TOLERANCE[dtype], f"case {seed} {dtype}: relative error {error:.2e}"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_experts as t; "
+        "t.check_triton_against_reference('cpu', torch.float32); t.check_triton_against_reference('cpu', torch.float16)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_on_the_gpu(dtype):
+    check_triton_against_reference("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_triton_in_a_cuda_graph_at_qwen3_moe_shape(tokens):
+    """Qwen3-30B-A3B's experts (128 of 2048 x 768, 8 a token): replayed from a CUDA graph over a new routing."""
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(tokens, 128, 8, seed=tokens, dtype=torch.bfloat16, device="cuda")
+    w13, w2, _, _ = random_experts(128, 2048, 768, seed=0, dtype=torch.bfloat16, device="cuda")
+    run = lambda: torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "triton")
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    new_ids, new_weights = random_routing(tokens, 128, 8, seed=tokens + 1, dtype=torch.bfloat16, device="cuda")
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    x.normal_()
+    graph.replay()
+    expected = moe_experts_reference(x, ids, weights, w13, w2, None, None, "silu")
+    assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_capture_routes_every_moe_layer_to_the_op(compiled, arch):
+    model, cm = compiled(arch)
+    layers = model.config.num_hidden_layers
+    assert cm.report.pass_sites("insert_fused_moe") == layers
+    targets = [str(n.target) for n in cm.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count("compiled_llm.moe_experts.default") == layers
+    assert not [t for t in targets if "grouped_mm" in t]  # transformers' expert GEMMs are gone
+
+
+def test_experts_the_op_does_not_take_keep_transformers_forward(own_cache_dir):
+    """Experts with an activation the op lacks (GELU) are not routed: they run transformers' grouped GEMMs, the report
+    says so, and the logits are still HF's."""
+    torch.manual_seed(0)
+    config = ARCHITECTURES["qwen3_moe"]()
+    config.hidden_act = "gelu"
+    model = tiny_model("qwen3_moe")
+    gelu = type(model)(config).eval()
+    gelu.load_state_dict(model.state_dict())
+    cm = compile_model(gelu, max_batch_size=2, cache_dir=own_cache_dir)
+    assert cm.report.pass_sites("insert_fused_moe") == 0
+    assert "grouped_mm calls of experts it does not take" in str(cm.report)
+    ids = random_prompt(12, batch=2, seed=3)
+    with torch.no_grad():
+        expected = gelu(ids, use_cache=False).logits
+    assert relative_error(cm(ids).logits, expected) < 1e-4
+
+
+@pytest.mark.gpu
+def test_the_torch_backend_refuses_a_cuda_graph_capture_with_a_message():
+    x = torch.randn(2, 16, device="cuda")
+    ids, weights = random_routing(2, 4, 2, seed=0, device="cuda")
+    w13, w2, _, _ = random_experts(4, 16, 16, seed=0, device="cuda")
+    torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "torch")
+    with pytest.raises(RuntimeError, match="moe_backend"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "torch")
