@@ -179,3 +179,49 @@ def test_the_torch_backend_refuses_a_cuda_graph_capture_with_a_message():
     torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "torch")
     with pytest.raises(RuntimeError, match="moe_backend"), torch.cuda.graph(torch.cuda.CUDAGraph()):
         torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "torch")
+
+
+def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():
+    """Buckets: the gate_up [E, 2I, H] and down [E, H, I] weights of the tiny Qwen3-MoE's `triton` experts calls, with
+    the router's k, x the row modes; the fallback is the heuristic, first; an installed tile is what a call of that
+    shape and row mode reads."""
+    from custom_ops.moe import tuning
+
+    model = tiny_model("qwen3_moe")
+    compiled = compile_model(model, moe_backend="triton", compile_backend="eager", autotune="off", max_batch_size=2)
+    moe = tuning.MoeGroupedGemmTuning()
+    buckets = moe.buckets(compiled.graph_module)
+    shapes = [(4, 64, 32, False), (4, 64, 64, True)]  # down [E, H, I], gate_up [E, 2I, H]
+    assert buckets == [
+        {"experts": e, "n": n, "k": k, "gated": gated, "top_k": 2, "rows": rows}
+        for e, n, k, gated in shapes
+        for rows in (1, 16, 32, 64)
+    ]
+    candidates = moe.candidates(buckets[0])
+    assert candidates[0].name == moe.heuristic(buckets[0]) == tuning.tile_name(triton_moe.DEFAULT_TILE)
+    assert len({c.name for c in candidates}) == len({c.identity for c in candidates}) == len(candidates)
+    moe.install(buckets[5], candidates[2], torch.device("cpu"))
+    try:
+        w13 = torch.empty(4, 64, 64)
+        assert triton_moe.tile_for(torch.empty(3, 64), w13, 16) == candidates[2].config
+        assert triton_moe.tile_for(torch.empty(3, 64), w13, 32) == triton_moe.DEFAULT_TILE
+    finally:
+        triton_moe.TUNED_TILES.clear()
+    assert tuning.tokens_for(1, 128, 8) == 1 and triton_moe.block_m_for(tuning.tokens_for(32, 128, 8) * 8, 128) == 32
+
+
+@pytest.mark.gpu
+def test_a_full_tuning_run_of_the_experts_keeps_the_logits(tmp_path, monkeypatch):
+    """Every expert shape and row mode of the tiny Qwen3-MoE gets a winner checked against the reference; the tuned
+    model's logits are the untuned one's within bf16 roundings."""
+    monkeypatch.setattr(triton_moe, "TUNED_TILES", {})
+    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16)
+    fields = {"compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        expected = compile_model(model, autotune="off", **fields)(ids).logits.float()
+        tuned = compile_model(model, autotune="full", **fields)
+        actual = tuned(ids).logits.float()
+    gemms = [c for c in tuned.report.kernels if c.op == "moe_grouped_gemm"]
+    assert len(gemms) == 8 and all(c.source == "tuned" for c in gemms)
+    assert relative_error(actual, expected) < 2e-2

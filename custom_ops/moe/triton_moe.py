@@ -14,12 +14,14 @@ run inside a CUDA-graph capture.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
 ACTIVATIONS = {"silu": 0}
 DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-# (device index, num_experts, n, k, BLOCK_M) -> a tile the autotuner chose; read at every call.
+# (device index, num_experts, n, k, row mode) -> a tile the autotuner chose (tuning.py), read at every call; the row
+# mode is 1 for one token (a block per pair), else BLOCK_M.
 TUNED_TILES: dict[tuple, dict] = {}
 
 
@@ -116,49 +118,69 @@ def _kernels():
     return grouped_gemm_kernel
 
 
-def _launch(a, w, bias, out, route_weights, sorted_pairs, block_expert, used_rows, pairs, top_k, *, gated: bool,
-            activation: str, a_per_token: bool, block_m: int, tile: dict) -> None:  # fmt: skip
+class ExpertBlocks(NamedTuple):
+    """Which rows each program of a grouped GEMM computes: `sort_by_expert`'s blocks, or for one token (sorted_pairs
+    None) a block per pair, whose expert is `block_expert` (the ids themselves)."""
+
+    sorted_pairs: torch.Tensor | None
+    block_expert: torch.Tensor
+    used_rows: torch.Tensor | None
+    pairs: int
+    top_k: int
+    block_m: int
+
+    @property
+    def mode(self) -> int:
+        """The tuning table's row mode: 1 for one token, else BLOCK_M."""
+        return 1 if self.sorted_pairs is None else self.block_m
+
+
+def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int | None = None) -> ExpertBlocks:
+    tokens, top_k = topk_ids.shape
+    pairs = tokens * top_k
+    block_m = block_m or block_m_for(pairs, num_experts)
+    if tokens == 1:  # a decode step of one sequence: its k experts are distinct, so no sort, a block each
+        return ExpertBlocks(None, topk_ids.reshape(-1), None, pairs, top_k, block_m)
+    return ExpertBlocks(*sort_by_expert(topk_ids, num_experts, block_m), pairs, top_k, block_m)
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                 route_weights: torch.Tensor | None, blocks: ExpertBlocks, *, gated: bool, a_per_token: bool,
+                 activation: str = "silu", tile: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """out[p] for every pair p of `blocks`: a[p // k if a_per_token else p] @ w[e]^T (+ bias[e]); gated: act(gate) *
+    up of w's [gate; up] rows; times route_weights[p] where given. `tile` overrides the tuned or default one."""
     import triton
 
     n = w.shape[1] // 2 if gated else w.shape[1]
     k = w.shape[2]
-    tile = DEFAULT_TILE | tile
-    grid = (block_expert.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
+    tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode))
+    grid = (blocks.block_expert.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
+    one_token = blocks.sorted_pairs is None
+    ids = blocks.block_expert
     _kernels()[grid](
         a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a,
-        sorted_pairs if sorted_pairs is not None else block_expert, block_expert,
-        used_rows if used_rows is not None else block_expert, pairs, n, top_k, a.stride(0), w.stride(0), w.stride(1),
-        w.stride(2), bias.stride(0) if bias is not None else 0, out.stride(0),
-        K=k, ONE_TOKEN=sorted_pairs is None, GATED=gated, ACTIVATION=ACTIVATIONS[activation], A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None,
-        ROUTE_WEIGHTS=route_weights is not None, BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"],
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, blocks.pairs, n,
+        blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
+        out.stride(0), K=k, ONE_TOKEN=one_token, GATED=gated, ACTIVATION=ACTIVATIONS[activation],
+        A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None, ROUTE_WEIGHTS=route_weights is not None,
+        BLOCK_M=blocks.block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"],
+        num_stages=tile["num_stages"],
     )  # fmt: skip
+    return out
 
 
-def tile_for(x: torch.Tensor, w: torch.Tensor, block_m: int) -> dict:
-    return TUNED_TILES.get((x.get_device(), w.shape[0], w.shape[1], w.shape[2], block_m), DEFAULT_TILE)
+def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int) -> dict:
+    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], w.shape[2], mode), DEFAULT_TILE)
 
 
-def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, block_m: int | None = None,
-              tiles: tuple[dict, dict] | None = None) -> torch.Tensor:  # fmt: skip
-    """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs; `block_m` and `tiles` (gate_up's, down's)
-    override the tuned or default ones."""
+def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str) -> torch.Tensor:
+    """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs."""
     tokens, hidden = x.shape
-    top_k, num_experts = topk_ids.shape[1], w13.shape[0]
-    pairs = tokens * top_k
-    if pairs == 0:
+    if tokens * topk_ids.shape[1] == 0:
         return x.new_zeros(x.shape)
-    block_m = block_m or block_m_for(pairs, num_experts)
-    tiles = tiles or (tile_for(x, w13, block_m), tile_for(x, w2, block_m))
-    if tokens == 1:  # a decode step of one sequence: its k experts are distinct, so no sort, a block each
-        sorted_pairs, block_expert, used_rows = None, topk_ids.reshape(-1), None
-    else:
-        sorted_pairs, block_expert, used_rows = sort_by_expert(topk_ids, num_experts, block_m)
-    route_weights = topk_weights.reshape(-1)
-    act = x.new_empty(pairs, w2.shape[2])
-    common = {"sorted_pairs": sorted_pairs, "block_expert": block_expert, "used_rows": used_rows, "pairs": pairs,
-              "top_k": top_k, "activation": activation, "block_m": block_m}  # fmt: skip
-    _launch(x, w13, b13, act, None, gated=True, a_per_token=True, tile=tiles[0], **common)
-    weighted = x.new_empty(pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    _launch(act, w2, b2, weighted, route_weights, gated=False, a_per_token=False, tile=tiles[1], **common)
-    return weighted.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    blocks = expert_blocks(topk_ids, w13.shape[0])
+    act = grouped_gemm(x, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, blocks, gated=True, a_per_token=True,
+                       activation=activation)  # fmt: skip
+    weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
+    grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False)
+    return weighted.view(tokens, blocks.top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

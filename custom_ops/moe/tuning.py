@@ -1,0 +1,154 @@
+"""The MoE grouped GEMMs' candidates for the autotuner (autotune.tuner.OpTuning): a tile per expert weight shape
+[E, N, K] (gate_up's, with its activation, and down's) and row mode, for the graph's `compiled_llm::moe_experts`
+calls whose backend is `triton`.
+
+Row modes: 1 (one token: a block per pair, a batch-1 decode step) and the block heights 16, 32 and 64 (what a step
+with that many pairs an expert runs, triton_moe.block_m_for). The fallback is triton_moe.DEFAULT_TILE (what runs
+untuned); a winner is installed in triton_moe.TUNED_TILES, which every later call of that shape on that device reads,
+CUDA-graph captures included.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from autotune.kernel_cache import source_hash
+from autotune.select import device_index, graph_value, register
+from autotune.tuner import Candidate, input_copies
+from custom_ops.moe import op, triton_moe
+
+OP = "moe_grouped_gemm"
+ROW_MODES = (1, 16, 32, 64)
+TILES = (
+    triton_moe.DEFAULT_TILE,  # the fallback: first
+    {"BLOCK_N": 32, "BLOCK_K": 128},  # more programs for a batch-1 step's few experts
+    {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4},
+    {"BLOCK_N": 64, "BLOCK_K": 128},
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 64},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
+)
+# The kernel and its launcher are one file: any change there is a changed candidate.
+_SOURCE = source_hash(Path(triton_moe.__file__).read_text())
+
+
+def tile_name(tile: dict) -> str:
+    tile = triton_moe.DEFAULT_TILE | tile
+    return f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
+
+
+def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, gated: bool, tile: dict) -> torch.Tensor:
+    out_dtype = a.dtype if route_weights is None else torch.promote_types(a.dtype, route_weights.dtype)
+    out = a.new_empty(blocks.pairs, w.shape[1] // 2 if gated else w.shape[1], dtype=out_dtype)
+    return triton_moe.grouped_gemm(a, w, None, out, route_weights, blocks, gated=gated, a_per_token=gated, tile=tile)
+
+
+def tokens_for(mode: int, experts: int, top_k: int) -> int:
+    """A step's token count whose pairs run in `mode`: as many pairs an expert, on average, as the block holds."""
+    return 1 if mode == 1 else max(2, mode * experts // top_k)
+
+
+class MoeGroupedGemmTuning:
+    """autotune.tuner.OpTuning of triton_moe.grouped_gemm; bucket {"experts", "n", "k", "gated", "top_k", "rows"}:
+    w [experts, n, k] (gated: n = 2I, [gate; up] rows), `rows` the row mode."""
+
+    op = OP
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        tiles = [triton_moe.DEFAULT_TILE | tile for tile in TILES]
+        return [
+            Candidate(tile_name(t), functools.partial(_run, gated=bucket["gated"], tile=t), _SOURCE, t) for t in tiles
+        ]
+
+    def heuristic(self, bucket: dict) -> str:
+        return tile_name(triton_moe.DEFAULT_TILE)
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
+        tokens = tokens_for(bucket["rows"], experts, top_k)
+        device = torch.device("cuda", torch.cuda.current_device())
+        sets = []
+        for _ in range(input_copies(experts * n * k * dtype.itemsize)):
+            ids = torch.rand(tokens, experts, device=device).topk(top_k).indices  # uniform routing
+            blocks = triton_moe.expert_blocks(ids, experts, None if bucket["rows"] == 1 else bucket["rows"])
+            rows = tokens if gated else tokens * top_k
+            a = torch.randn(rows, k, device=device, dtype=dtype)
+            w = torch.randn(experts, n, k, device=device, dtype=dtype) * k**-0.5
+            route_weights = None if gated else torch.rand(tokens * top_k, device=device, dtype=dtype)
+            sets.append((a, w, route_weights, blocks))
+        return sets
+
+    def reference(self, a, w, route_weights, blocks: triton_moe.ExpertBlocks) -> torch.Tensor:
+        """Each pair's row through its expert's weight in float32, as moe_experts_reference computes the GEMM."""
+        ids = blocks.block_expert if blocks.sorted_pairs is None else _pair_experts(blocks)
+        out = torch.empty(blocks.pairs, w.shape[1] // 2 if route_weights is None else w.shape[1], device=a.device)
+        for expert in ids.unique().tolist():
+            pairs = (ids == expert).nonzero().squeeze(1)
+            rows = a[pairs // blocks.top_k] if route_weights is None else a[pairs]
+            h = rows.float() @ w[expert].float().t()
+            out[pairs] = op.ACTIVATIONS["silu"](h) if route_weights is None else h * route_weights[pairs, None].float()
+        return out
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-6, 2.0**-6  # a few roundings of the output's dtype (the kernel rounds where the model does)
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        """A bucket per expert weight shape of the graph's `triton` experts calls, both GEMMs, every row mode."""
+        shapes = set()
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target is not _MOE_EXPERTS or node.args[-1] != "triton":
+                continue
+            top_k = _top_k(node.args[1])
+            w13, w2 = (_weight_shape(gm, arg) for arg in node.args[3:5])
+            if top_k is None or w13 is None or w2 is None:
+                continue  # a graph this tuning cannot read: the calls run the default tile
+            shapes |= {(*w13, True, top_k), (*w2, False, top_k)}
+        return [
+            {"experts": e, "n": n, "k": k, "gated": gated, "top_k": top_k, "rows": rows}
+            for e, n, k, gated, top_k in sorted(shapes)
+            for rows in ROW_MODES
+        ]
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"])
+        triton_moe.TUNED_TILES[key] = dict(candidate.config)
+
+
+def _pair_experts(blocks: triton_moe.ExpertBlocks) -> torch.Tensor:
+    """The expert of each pair, from the sorted blocks."""
+    experts = blocks.block_expert.repeat_interleave(blocks.block_m)
+    real = blocks.sorted_pairs < blocks.pairs
+    ids = torch.empty(blocks.pairs, dtype=experts.dtype, device=experts.device)
+    ids[blocks.sorted_pairs[real]] = experts[real]
+    return ids
+
+
+def _top_k(ids: torch.fx.Node) -> int | None:
+    """k of the top-k whose indices the experts call takes (`getitem(topk(x, k), 1)`, maybe reshaped)."""
+    while isinstance(ids, torch.fx.Node) and ids.op == "call_function":
+        if ids.target is torch.ops.aten.topk.default:
+            return int(ids.args[1])
+        ids = ids.args[0]
+    return None
+
+
+def _weight_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, int, int] | None:
+    """[E, N, K] of an expert weight argument: a parameter, or a transposed view of one (read through the
+    parameter: a graph loaded from the cache has no fake values)."""
+    if node.op == "get_attr":
+        return tuple(graph_value(gm, node).shape)
+    if node.op == "call_function" and node.target is torch.ops.aten.transpose.int and node.args[0].op == "get_attr":
+        shape = list(graph_value(gm, node.args[0]).shape)
+        dims = [d % 3 for d in node.args[1:3]]
+        shape[dims[0]], shape[dims[1]] = shape[dims[1]], shape[dims[0]]
+        return tuple(shape)
+    return None
+
+
+_MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
+
+register(MoeGroupedGemmTuning())
