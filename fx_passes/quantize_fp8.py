@@ -67,7 +67,8 @@ def _routes_experts(node: torch.fx.Node, depth: int = 6) -> bool:
     checkpoints keep in the model's dtype, since a rounding can change which experts a token goes to."""
     frontier = [node]
     for _ in range(depth):
-        frontier = [user for n in frontier for user in n.users]
+        # Not through another linear: that one is the router (GPT-OSS's o_proj reaches its router's top-k in 6 ops).
+        frontier = [user for n in frontier for user in n.users if user.target is not torch.ops.aten.linear.default]
         if any(user.target is torch.ops.aten.topk.default for user in frontier):
             return True
     return False

@@ -7,12 +7,15 @@
     y = v * transpose(cos, 1, 2) + rotate_half(v) * transpose(sin, 1, 2)     # v = view(x, [1, T, H, D])
     attention(select(y, 0, 0), ...)
 
-Elementwise math commutes with the transpose, so it is rebuilt on the untransposed tensor. Inductor then
+Elementwise math commutes with the transpose, so it is rebuilt on the untransposed tensor (and so do slices, cats and
+chunks along a dimension, which moves with it). Inductor then
 writes RoPE's output straight in the layout attention reads (and passes v as a view), instead of a
 head-major buffer and a copy per input per layer.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -29,6 +32,7 @@ ELEMENTWISE = {
     aten.to.dtype, aten._to_copy.default, aten.clone.default,
 }  # fmt: skip
 ALONG_DIM = {aten.slice.Tensor, aten.cat.default}  # their dimension argument is args[1]
+SPLITS = {aten.chunk.default, aten.split.Tensor}  # (x, chunks or size, dim=0), read through getitem (GPT-OSS's RoPE)
 
 
 def _rank(node) -> int | None:
@@ -62,6 +66,15 @@ class _SwapHeadsAndTokens:
         if _is_call(node, aten.transpose.int, 1, 2) or _is_call(node, aten.transpose.int, 2, 1):
             self.found += 1
             return node.args[0]
+        if is_call(node, operator.getitem) and node.args[0].target in SPLITS and _rank(node.args[0].args[0]) == 4:
+            parts = node.args[0]
+            if parts not in self.done:  # one swapped split for all its pieces
+                dim = (parts.args[2] if len(parts.args) > 2 else 0) % 4
+                args = (self(parts.args[0]), parts.args[1], {1: 2, 2: 1}.get(dim, dim))
+                with self.graph.inserting_after(node):
+                    self.done[parts] = insert_call(self.graph, parts.target, args)
+            with self.graph.inserting_after(self.done[parts]):
+                return insert_call(self.graph, operator.getitem, (self.done[parts], node.args[1]))
         if node.op != "call_function" or (node.target not in ELEMENTWISE and node.target not in ALONG_DIM):
             return self._transposed(node)
         if node.target is aten.cat.default:

@@ -48,6 +48,10 @@ ARCHITECTURES = {
     "gemma2": lambda: tf.Gemma2Config(
         **_COMMON, head_dim=16, sliding_window=SLIDING_WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0
     ),
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "gemma3": lambda: tf.Gemma3TextConfig(
         **_COMMON, head_dim=16, sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"]
     ),

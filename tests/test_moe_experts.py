@@ -14,7 +14,7 @@ from conftest import ARCHITECTURES, random_prompt, relative_error, run_in_interp
 from custom_ops.moe import moe_experts_reference, triton_moe
 from custom_ops.triton_runtime import triton_available
 
-MOE_ARCHS = ("mixtral", "qwen3_moe")
+MOE_ARCHS = ("gpt_oss", "mixtral", "qwen3_moe")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the output's norm
 
 
@@ -35,15 +35,22 @@ def random_experts(experts: int, hidden: int, inter: int, seed: int, dtype=torch
     return tuple(None if t is None else t.to(device, dtype) for t in (w13, w2, b13, b2))
 
 
-def float64_experts(x, ids, weights, w13, w2, b13, b2) -> torch.Tensor:
-    """out[t] = sum_j w[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]), token by token in float64."""
+def float64_experts(x, ids, weights, w13, w2, b13, b2, gpt_oss: tuple[float, float] | None = None) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]), token by token in float64; `gpt_oss`
+    (alpha, limit): GPT-OSS's clamped activation over interleaved gate/up rows instead, written out here."""
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
             h = w13[e].double() @ x[t].double() + (0 if b13 is None else b13[e].double())
-            gate, up = h.chunk(2)
-            y = w2[e].double() @ (F.silu(gate) * up) + (0 if b2 is None else b2[e].double())
+            if gpt_oss is None:
+                gate, up = h.chunk(2)
+                act = F.silu(gate) * up
+            else:
+                alpha, limit = gpt_oss
+                gate, up = torch.minimum(h[0::2], torch.tensor(limit)), h[1::2].clamp(-limit, limit)
+                act = gate / (1 + torch.exp(-alpha * gate)) * (up + 1)
+            y = w2[e].double() @ act + (0 if b2 is None else b2[e].double())
             out[t] += weights[t, j].double() * y
     return out
 
@@ -56,6 +63,16 @@ def test_reference_against_float64(bias):
     w13, w2, b13, b2 = random_experts(16, 48, 24, seed=3, bias=bias)
     out = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "silu")
     assert relative_error(out, float64_experts(x, ids, weights, w13, w2, b13, b2)) < 1e-6
+
+
+def test_reference_of_gpt_oss_activation_against_float64():
+    """Interleaved rows, biases, gate and up past the clamp (limit 1.5 on unit-scale values)."""
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(6))
+    ids, weights = random_routing(6, 8, 2, seed=7)
+    w13, w2, b13, b2 = random_experts(8, 32, 16, seed=8, bias=True)
+    w13 = w13 * 4  # gate/up values of a few units: both clamps act
+    out = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "swiglu_oai", (1.702, 1.5))
+    assert relative_error(out, float64_experts(x, ids, weights, w13, w2, b13, b2, gpt_oss=(1.702, 1.5))) < 1e-6
 
 
 def test_reference_keeps_the_input_dtype_and_rounds_like_transformers():
@@ -89,20 +106,26 @@ def test_sort_by_expert_groups_every_pair_once():
 def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
     """The grouped GEMMs against the reference: decode and prefill row counts, sizes off the tiles, transposed
     weight storage (a view), biases, float32 routing weights beside 16-bit rows."""
-    cases = [  # tokens, hidden, inter, experts, top_k, bias, transposed
-        (1, 64, 32, 8, 2, False, False),
-        (3, 80, 48, 16, 4, False, False),  # K (80) and N (48) off the 64-wide tiles; 4 of 16 experts at most 12 used
-        (37, 64, 96, 6, 2, True, False),
-        (70, 96, 32, 4, 2, False, True),  # 35 pairs an expert: two blocks of 32 rows for some
+    cases = [  # tokens, hidden, inter, experts, top_k, bias, transposed, activation
+        (1, 64, 32, 8, 2, False, False, "silu"),
+        (3, 80, 48, 16, 4, False, False, "silu"),  # K (80), N (48) off the 64-wide tiles; at most 12 of 16 experts
+        (37, 64, 96, 6, 2, True, False, "silu"),
+        (70, 96, 32, 4, 2, False, True, "silu"),  # 35 pairs an expert: two blocks of 32 rows for some
+        (1, 64, 32, 8, 4, True, True, "swiglu_oai"),  # GPT-OSS: interleaved, transposed storage, biases
+        (29, 48, 40, 5, 2, True, True, "swiglu_oai"),
     ]
-    for seed, (tokens, hidden, inter, experts, top_k, bias, transposed) in enumerate(cases):
+    for seed, (tokens, hidden, inter, experts, top_k, bias, transposed, activation) in enumerate(cases):
+        params = [1.702, 1.5] if activation == "swiglu_oai" else []
         x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
         ids, weights = random_routing(tokens, experts, top_k, seed, dtype=torch.float32, device=device)
         w13, w2, b13, b2 = random_experts(experts, hidden, inter, seed, dtype, device, bias)
+        if activation == "swiglu_oai":
+            w13 = w13 * 4  # both clamps act
         if transposed:  # GPT-OSS stores [E, H, 2I] and [E, I, H]: the capture passes transposed views
             w13, w2 = w13.transpose(1, 2).contiguous().transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2)
-        expected = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "silu")
-        actual = torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, "silu", "triton")
+            assert w13.stride(2) != 1
+        expected = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, activation, params)
+        actual = torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, activation, params, "triton")
         assert actual.dtype == dtype and actual.shape == x.shape
         error = relative_error(actual, expected)
         assert error < TOLERANCE[dtype], f"case {seed} {dtype}: relative error {error:.2e}"
@@ -129,7 +152,7 @@ def test_triton_in_a_cuda_graph_at_qwen3_moe_shape(tokens):
     x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
     ids, weights = random_routing(tokens, 128, 8, seed=tokens, dtype=torch.bfloat16, device="cuda")
     w13, w2, _, _ = random_experts(128, 2048, 768, seed=0, dtype=torch.bfloat16, device="cuda")
-    run = lambda: torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "triton")
+    run = lambda: torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", [], "triton")
     run()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -176,9 +199,9 @@ def test_the_torch_backend_refuses_a_cuda_graph_capture_with_a_message():
     x = torch.randn(2, 16, device="cuda")
     ids, weights = random_routing(2, 4, 2, seed=0, device="cuda")
     w13, w2, _, _ = random_experts(4, 16, 16, seed=0, device="cuda")
-    torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "torch")
+    torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", [], "torch")
     with pytest.raises(RuntimeError, match="moe_backend"), torch.cuda.graph(torch.cuda.CUDAGraph()):
-        torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", "torch")
+        torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, None, None, "silu", [], "torch")
 
 
 def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():

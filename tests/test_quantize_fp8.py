@@ -17,7 +17,7 @@ from fx_passes import DEFAULT_PIPELINE
 from fx_passes.registry import PassResult, register_pass
 
 FP8_MAX = 448.0
-MOE = ("qwen3_moe", "mixtral")
+MOE = ("qwen3_moe", "mixtral", "gpt_oss")
 
 
 def sites(compiled) -> int:

@@ -6,8 +6,7 @@ routing does, gives one op per MoE layer in the captured graph, whatever the fam
 the sort, histogram and grouped-GEMM ops each implementation exports. The router (softmax or sigmoid, top-k,
 renormalisation, grouped top-k) stays in the graph for Inductor; the op takes its choices.
 
-Experts the op does not describe (interleaved gate/up rows, an activation of their own, a norm after each expert,
-expert parallelism) keep transformers' `grouped_mm` forward, which is what they ran before: correct, and named in
+Experts the op does not describe (an activation it lacks, a norm after each expert, expert parallelism) keep transformers' `grouped_mm` forward, which is what they ran before: correct, and named in
 the log and the report (`unrouted_experts`).
 """
 
@@ -28,24 +27,49 @@ EXPERTS_IMPLEMENTATION = "compiled_llm"
 CANONICAL_MOE = torch.ops.compiled_llm.moe_experts.default
 
 
-def experts_activation(module: nn.Module) -> tuple[str | None, str]:
-    """(the op's activation name, "") where `moe_experts` computes `module`'s experts exactly, else (None, why)."""
+def experts_activation(module: nn.Module) -> tuple[str | None, tuple[float, ...], str]:
+    """(the op's activation name, its parameters, "") where `moe_experts` computes `module`'s experts exactly, else
+    (None, (), why). An experts class with a gated activation of its own gets one of the op's only where the two
+    agree on a probe (values past any clamp), in float32: a look-alike is refused, never guessed."""
     from transformers.activations import SiLUActivation
     from transformers.integrations import moe
 
     if getattr(module, "_is_expert_parallel", False):
-        return None, "expert parallel"
+        return None, (), "expert parallel"
     if getattr(module, "has_post_expert_norm", False):
-        return None, "a norm after each expert"
+        return None, (), "a norm after each expert"
     if not getattr(module, "has_gate", True):
-        return None, "experts without a gate projection"
-    if not getattr(module, "is_concatenated", True):
-        return None, "interleaved gate/up rows"
+        return None, (), "experts without a gate projection"
     if getattr(type(module), "_apply_gate", None) is not getattr(moe, "_default_apply_gate", None):
-        return None, f"its own gated activation ({type(module).__name__}._apply_gate)"
+        for name, params in _own_gate_candidates(module):
+            if _agrees_on_a_probe(module, name, params):
+                return name, params, ""
+        return None, (), f"its own gated activation ({type(module).__name__}._apply_gate)"
+    if not getattr(module, "is_concatenated", True):
+        return None, (), "interleaved gate/up rows"
     if not isinstance(getattr(module, "act_fn", None), (SiLUActivation, nn.SiLU)):
-        return None, f"activation {type(getattr(module, 'act_fn', None)).__name__}"
-    return "silu", ""
+        return None, (), f"activation {type(getattr(module, 'act_fn', None)).__name__}"
+    return "silu", (), ""
+
+
+def _own_gate_candidates(module: nn.Module) -> list[tuple[str, tuple[float, ...]]]:
+    found = []
+    if not getattr(module, "is_concatenated", True) and hasattr(module, "alpha") and hasattr(module, "limit"):
+        found.append(("swiglu_oai", (float(module.alpha), float(module.limit))))  # GPT-OSS
+    return found
+
+
+@torch.no_grad()
+def _agrees_on_a_probe(module: nn.Module, name: str, params: tuple[float, ...]) -> bool:
+    from custom_ops.moe.op import ACTIVATIONS
+
+    probe = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 4 * max((1.0, *params))
+    try:
+        expected = module._apply_gate(probe)
+    except Exception:  # noqa: BLE001  (a gate that cannot take the probe is not one of ours)
+        return False
+    actual = ACTIVATIONS[name](probe, params)
+    return expected.shape == actual.shape and torch.allclose(actual, expected, rtol=1e-6, atol=1e-6)
 
 
 def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -61,19 +85,21 @@ def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 class _ExpertsForward:
     """The registered experts function: the canonical op where it describes the module, else `fallback`."""
 
-    def __init__(self, fallback):
+    def __init__(self, fallback, activations: dict[int, tuple]):
         self.fallback = fallback
+        self.activations = activations  # id(experts module) -> experts_activation(module)
         self.unrouted: dict[str, str] = {}  # experts class -> why it kept transformers' forward
 
     def __call__(self, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        activation, why = experts_activation(module)
+        # Decided before the export (experts_activation runs a probe, which must not be traced).
+        activation, params, why = self.activations.get(id(module), (None, (), "not found before the export"))
         if activation is None:
             self.unrouted[type(module).__name__] = why
             return self.fallback(module, hidden_states, top_k_index, top_k_weights)
         w13, w2, b13, b2 = _weights(module)
         return torch.ops.compiled_llm.moe_experts(
-            hidden_states, top_k_index, top_k_weights, w13, w2, b13, b2, activation, "torch"
+            hidden_states, top_k_index, top_k_weights, w13, w2, b13, b2, activation, list(params), "torch"
         )
 
 
@@ -86,7 +112,8 @@ def route_experts_to_canonical_op(model: nn.Module, unrouted: dict[str, str] | N
     except ImportError:  # a transformers without the experts registry: its experts stay as they are
         yield
         return
-    forward = _ExpertsForward(grouped_mm_experts_forward)
+    experts = [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "gate_up_proj")]
+    forward = _ExpertsForward(grouped_mm_experts_forward, {id(m): experts_activation(m) for m in experts})
     ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, forward)
     configs = [c for c in model_configs(model) if hasattr(c, "_experts_implementation")]
     saved = [c.__dict__.get("_experts_implementation_internal", c._experts_implementation) for c in configs]

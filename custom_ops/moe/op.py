@@ -4,10 +4,11 @@
 
 x [T, H]; ids [T, k] (int); w [T, k] (the router's weights, any float dtype); w13 [E, 2I, H] (each expert's
 gate rows then up rows, as `nn.Linear` weights; any strides); w2 [E, H, I]; optional biases b13 [E, 2I] and b2
-[E, H]. `activation` names the gated activation of a [gate | up] row: "silu" (silu(gate) * up, SwiGLU).
+[E, H]. `activation` names the gated activation of a [gate | up] row, with its float parameters: "silu" (silu(gate) *
+up, SwiGLU; none), "swiglu_oai" (GPT-OSS's clamped SwiGLU over interleaved rows; alpha, limit).
 
 Numerics, which every backend is held to (tests/test_moe_experts.py), transformers' `grouped_mm` experts: each
-expert's projections in x's dtype (rounded after each op), the routing weight's product in the promoted dtype of
+expert's projections in x's dtype (rounded after each op: the product, the bias add, each op of the activation), the routing weight's product in the promoted dtype of
 the two, the sum over the k experts of a token accumulated in float32 and rounded once to x's dtype.
 
 Backends by name: `torch` is the reference (a loop over the experts that have tokens; it reads the routing on the
@@ -17,7 +18,7 @@ the weights of experts that have tokens and never leave the GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,24 +27,36 @@ from custom_ops.moe import triton_moe
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def _silu_mul(gate_up: torch.Tensor, params: Sequence[float]) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-# A gated activation of [gate | up] rows, by the name the op takes.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": _silu_mul}
+def _swiglu_oai(gate_up: torch.Tensor, params: Sequence[float]) -> torch.Tensor:
+    """GPT-OSS's: interleaved [g0, u0, g1, u1, ...] rows, the gate clamped above and the up both ways at `limit`,
+    gate * sigmoid(alpha * gate) * (up + 1)."""
+    alpha, limit = params
+    gate = gate_up[..., ::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+# A gated activation of [gate | up] rows (with its float parameters), by the name the op takes.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, Sequence[float]], torch.Tensor]] = {
+    "silu": _silu_mul,
+    "swiglu_oai": _swiglu_oai,
+}
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
     "moe_experts(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w2, Tensor? b13, Tensor? b2, "
-    "str activation, str backend) -> Tensor"
+    "str activation, float[] activation_params, str backend) -> Tensor"
 )
 
 
 def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                           w2: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
-                          activation: str) -> torch.Tensor:  # fmt: skip
+                          activation: str, params: Sequence[float] = ()) -> torch.Tensor:  # fmt: skip
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "compiled_llm::moe_experts with backend 'torch' reads the routing on the host, which a CUDA-graph capture "
@@ -55,8 +68,12 @@ def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
     weighted = x.new_zeros(tokens * top_k, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     for expert in flat_ids.unique().tolist():
         pairs = (flat_ids == expert).nonzero().squeeze(1)
-        h = F.linear(x[pairs // top_k], w13[expert], None if b13 is None else b13[expert])
-        y = F.linear(ACTIVATIONS[activation](h), w2[expert], None if b2 is None else b2[expert])
+        h = F.linear(x[pairs // top_k], w13[expert])
+        if b13 is not None:  # added after the product, as transformers' grouped GEMMs do (a rounding apart)
+            h = h + b13[expert]
+        y = F.linear(ACTIVATIONS[activation](h, params), w2[expert])
+        if b2 is not None:
+            y = y + b2[expert]
         weighted[pairs] = y * flat_weights[pairs, None]
     return weighted.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
@@ -68,14 +85,14 @@ def triton_takes(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2:
     return (
         triton_runs_on(x) and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1 and activation in triton_moe.ACTIVATIONS
         and w13.dtype == x.dtype and w2.dtype == x.dtype and not topk_ids.is_floating_point()
-        and all(b is None or (b.dtype == x.dtype and b.stride(-1) == 1) for b in (b13, b2))
+        and all(b is None or b.dtype == x.dtype for b in (b13, b2))
     )  # fmt: skip
 
 
-def _triton_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str) -> torch.Tensor:
+def _triton_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params: Sequence[float]) -> torch.Tensor:
     if not triton_takes(x, topk_ids, w13, w2, b13, b2, activation):
-        return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, b13, b2, activation)
-    return triton_moe.fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation)
+        return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
+    return triton_moe.fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, tuple(params))
 
 
 MOE_BACKENDS = {"torch": moe_experts_reference, "triton": _triton_moe}
@@ -92,11 +109,11 @@ def moe_backend(device: torch.device, requested: str = "auto") -> tuple[str, str
     return "torch", f"the reference on {device.type}"
 
 
-def _moe_experts(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, backend: str) -> torch.Tensor:
-    return MOE_BACKENDS[backend](x, topk_ids, topk_weights, w13, w2, b13, b2, activation)
+def _moe_experts(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params, backend: str) -> torch.Tensor:
+    return MOE_BACKENDS[backend](x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
 
 
-def _moe_experts_fake(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, backend: str) -> torch.Tensor:
+def _moe_experts_fake(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params, backend) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 

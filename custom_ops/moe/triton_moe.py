@@ -18,7 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-ACTIVATIONS = {"silu": 0}
+# The gated activations the kernel computes, by the op's name; the interleaved ones read [g0, u0, g1, u1, ...] rows.
+ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
+INTERLEAVED = {"swiglu_oai"}
 DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 # (device index, num_experts, n, k, row mode) -> a tile the autotuner chose (tuning.py), read at every call; the row
 # mode is 1 for one token (a block per pair), else BLOCK_M.
@@ -63,12 +65,15 @@ def _kernels():
     @triton.jit
     def grouped_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, sorted_pairs_ptr, block_expert_ptr, used_rows_ptr,
-        pairs, N, top_k, stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
-        K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ROUTE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        pairs, N, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
+        stride_om, alpha, limit,
+        K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+        A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K; GATED: columns n of the gate half and
-        n + N of the up half, act(gate) * up written; ROUTE_WEIGHTS: times the pair's routing weight."""
+        """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K (+ bias); GATED: w's rows n are the gate's,
+        its rows n + up_offset (elements) the up's, act(gate, up) written; ROUTE_WEIGHTS: times the pair's routing
+        weight."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if ONE_TOKEN:  # a block per pair, its first row; block_expert_ptr: the ids themselves
             rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, pairs).to(tl.int64)
@@ -92,22 +97,29 @@ def _kernels():
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision="ieee")
             if GATED:
-                w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                w_up = tl.load(w_ptrs + up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
+        # Rounded to x's dtype where the reference's ops round: the GEMM, the bias add, each op of the activation.
         dtype = a_ptr.dtype.element_ty
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if GATED:
-                up_bias = tl.load(bias_ptr + expert * stride_be + N + cols, mask=col_ok, other=0.0)
-                acc_up += up_bias.to(tl.float32)[None, :]
-        # Rounded to x's dtype where the reference's ops round.
         out = acc.to(dtype).to(tl.float32)
+        bias_ptrs = bias_ptr + expert * stride_be + cols * stride_bn
+        if HAS_BIAS:
+            out = (out + tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
         if GATED:
-            if ACTIVATION == 0:
-                out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32)
-            out = out * acc_up.to(dtype).to(tl.float32)
+            up = acc_up.to(dtype).to(tl.float32)
+            if HAS_BIAS:
+                up_bias = tl.load(bias_ptrs + bias_up_offset, mask=col_ok, other=0.0).to(tl.float32)
+                up = (up + up_bias[None, :]).to(dtype).to(tl.float32)
+            if ACTIVATION == 0:  # silu(gate) * up
+                out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32) * up
+            else:  # GPT-OSS: gate clamped above, up both ways; gate * sigmoid(alpha * gate) * (up + 1)
+                gate = tl.minimum(out, limit)
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+                sig = tl.sigmoid((gate * alpha).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+                glu = (gate * sig).to(dtype).to(tl.float32)
+                out = (up + 1.0).to(dtype).to(tl.float32) * glu
         out_dtype = out_ptr.dtype.element_ty
         if ROUTE_WEIGHTS:
             route_w = tl.load(route_w_ptr + rows, mask=valid, other=0.0)
@@ -146,25 +158,31 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int | None 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                  route_weights: torch.Tensor | None, blocks: ExpertBlocks, *, gated: bool, a_per_token: bool,
-                 activation: str = "silu", tile: dict | None = None) -> torch.Tensor:  # fmt: skip
-    """out[p] for every pair p of `blocks`: a[p // k if a_per_token else p] @ w[e]^T (+ bias[e]); gated: act(gate) *
-    up of w's [gate; up] rows; times route_weights[p] where given. `tile` overrides the tuned or default one."""
+                 activation: str = "silu", params: tuple[float, ...] = (), tile: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """out[p] for every pair p of `blocks`: a[p // k if a_per_token else p] @ w[e]^T (+ bias[e]); gated: the
+    activation (with its `params`) of w's gate and up rows; times route_weights[p] where given. `tile` overrides the
+    tuned or default one."""
     import triton
 
     n = w.shape[1] // 2 if gated else w.shape[1]
-    k = w.shape[2]
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode))
+    up_offset, bias_up_offset = (n * w.stride(1), n * (bias.stride(1) if bias is not None else 0))
+    if gated and activation in INTERLEAVED:  # gate rows 0, 2, 4, ...; the up row after each
+        up_offset, bias_up_offset = w.stride(1), bias.stride(1) if bias is not None else 0
+        w, bias = w[:, ::2], bias[:, ::2] if bias is not None else None
+    alpha, limit = params if len(params) == 2 else (1.0, 0.0)
     grid = (blocks.block_expert.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
     one_token = blocks.sorted_pairs is None
     ids = blocks.block_expert
     _kernels()[grid](
         a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a,
         ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, blocks.pairs, n,
-        blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
-        out.stride(0), K=k, ONE_TOKEN=one_token, GATED=gated, ACTIVATION=ACTIVATIONS[activation],
-        A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None, ROUTE_WEIGHTS=route_weights is not None,
-        BLOCK_M=blocks.block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"],
-        num_stages=tile["num_stages"],
+        blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), up_offset,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, bias_up_offset,
+        out.stride(0), float(alpha), float(limit), K=w.shape[2], ONE_TOKEN=one_token, GATED=gated,
+        ACTIVATION=ACTIVATIONS[activation], A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None,
+        ROUTE_WEIGHTS=route_weights is not None, BLOCK_M=blocks.block_m, BLOCK_N=tile["BLOCK_N"],
+        BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     return out
 
@@ -173,14 +191,16 @@ def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int) -> dict:
     return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], w.shape[2], mode), DEFAULT_TILE)
 
 
-def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str) -> torch.Tensor:
+def fused_moe(
+    x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params: tuple[float, ...] = ()
+) -> torch.Tensor:
     """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs."""
     tokens, hidden = x.shape
     if tokens * topk_ids.shape[1] == 0:
         return x.new_zeros(x.shape)
     blocks = expert_blocks(topk_ids, w13.shape[0])
     act = grouped_gemm(x, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, blocks, gated=True, a_per_token=True,
-                       activation=activation)  # fmt: skip
+                       activation=activation, params=params)  # fmt: skip
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False)
     return weighted.view(tokens, blocks.top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
