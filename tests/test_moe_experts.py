@@ -131,11 +131,23 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
         assert error < TOLERANCE[dtype], f"case {seed} {dtype}: relative error {error:.2e}"
 
 
+def check_other_tiles(device: str) -> None:
+    """The cases again with tiles other than the heuristic's: narrow and wide columns, short and long K steps."""
+    heuristic = triton_moe.heuristic_tile
+    try:
+        for tile in ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}):
+            triton_moe.heuristic_tile = lambda mode, tile=tile: triton_moe.DEFAULT_TILE | tile
+            check_triton_against_reference(device, torch.float32)
+    finally:
+        triton_moe.heuristic_tile = heuristic
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_in_the_interpreter():
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_experts as t; "
-        "t.check_triton_against_reference('cpu', torch.float32); t.check_triton_against_reference('cpu', torch.float16)"
+        "t.check_triton_against_reference('cpu', torch.float32); t.check_triton_against_reference('cpu', torch.float16); "
+        "t.check_other_tiles('cpu')"
     )
 
 
@@ -143,6 +155,8 @@ def test_triton_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_on_the_gpu(dtype):
     check_triton_against_reference("cuda", dtype)
+    if dtype == torch.float32:
+        check_other_tiles("cuda")
 
 
 @pytest.mark.gpu
@@ -221,7 +235,9 @@ def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():
         for rows in (1, 16, 32, 64)
     ]
     candidates = moe.candidates(buckets[0])
-    assert candidates[0].name == moe.heuristic(buckets[0]) == tuning.tile_name(triton_moe.DEFAULT_TILE)
+    assert candidates[0].name == moe.heuristic(buckets[1]) == tuning.tile_name(triton_moe.DEFAULT_TILE)
+    assert moe.heuristic(buckets[0]) == tuning.tile_name(triton_moe.ONE_TOKEN_TILE)  # one token: narrower tiles
+    assert moe.heuristic(buckets[0]) in {c.name for c in candidates}
     assert len({c.name for c in candidates}) == len({c.identity for c in candidates}) == len(candidates)
     moe.install(buckets[5], candidates[2], torch.device("cpu"))
     try:

@@ -3,9 +3,9 @@
 calls whose backend is `triton`.
 
 Row modes: 1 (one token: a block per pair, a batch-1 decode step) and the block heights 16, 32 and 64 (what a step
-with that many pairs an expert runs, triton_moe.block_m_for). The fallback is triton_moe.DEFAULT_TILE (what runs
-untuned); a winner is installed in triton_moe.TUNED_TILES, which every later call of that shape on that device reads,
-CUDA-graph captures included.
+with that many pairs an expert runs, triton_moe.block_m_for). The fallback is triton_moe.DEFAULT_TILE; untuned, a
+call runs triton_moe.heuristic_tile's; a winner is installed in triton_moe.TUNED_TILES, which every later call of that
+shape on that device reads, CUDA-graph captures included.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ OP = "moe_grouped_gemm"
 ROW_MODES = (1, 16, 32, 64)
 TILES = (
     triton_moe.DEFAULT_TILE,  # the fallback: first
-    {"BLOCK_N": 32, "BLOCK_K": 128},  # more programs for a batch-1 step's few experts
+    triton_moe.ONE_TOKEN_TILE,  # the heuristic for one token: more programs for a batch-1 step's few experts
     {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4},
     {"BLOCK_N": 64, "BLOCK_K": 128},
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 4},
@@ -65,7 +65,7 @@ class MoeGroupedGemmTuning:
         ]
 
     def heuristic(self, bucket: dict) -> str:
-        return tile_name(triton_moe.DEFAULT_TILE)
+        return tile_name(triton_moe.heuristic_tile(bucket["rows"]))
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
