@@ -1,8 +1,10 @@
 """insert_fused_moe: each MoE layer's experts, captured as the canonical op, get the backend that runs them.
 
-    y = compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, act, "torch")      (capture: expert_routing.py)
+    y = compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, act, params, "torch")   (capture: expert_routing)
     ->
-    y = compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, act, backend)     (CompileConfig.moe_backend)
+    y = compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, act, params, backend)  (CompileConfig.moe_backend)
+
+and alike for `moe_experts_fp8` (quantize_fp8's, under quantization="fp8").
 
 The router before it (softmax or sigmoid, top-k, renormalisation) stays for Inductor to fuse. Experts the
 capture could not route still run transformers' grouped GEMMs: the report counts them.
@@ -18,6 +20,7 @@ from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
 MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
+MOE_EXPERTS_FP8 = torch.ops.compiled_llm.moe_experts_fp8.default  # quantize_fp8's
 
 
 def _grouped_mm_calls(graph: torch.fx.Graph) -> int:
@@ -26,12 +29,15 @@ def _grouped_mm_calls(graph: torch.fx.Graph) -> int:
 
 @register_pass("insert_fused_moe")
 def insert_fused_moe(gm: torch.fx.GraphModule, config) -> PassResult:
-    sites = calls(gm.graph, MOE_EXPERTS)
     left = _grouped_mm_calls(gm.graph)
     unrouted = f"; {left} grouped_mm calls of experts it does not take left as they are" if left else ""
-    if not sites:
-        return PassResult("insert_fused_moe", 0, unrouted.removeprefix("; "))
-    backend, why = moe_backend(sites[0].args[0].meta["val"].device, config.moe_backend)
-    for node in sites:
-        node.args = (*node.args[:-1], backend)
-    return PassResult("insert_fused_moe", len(sites), f"{len(sites)} MoE layers -> {backend} ({why}){unrouted}")
+    detail = []
+    for op, fp8 in ((MOE_EXPERTS, False), (MOE_EXPERTS_FP8, True)):
+        sites = calls(gm.graph, op)
+        if sites:
+            backend, why = moe_backend(sites[0].args[0].meta["val"].device, config.moe_backend, fp8)
+            for node in sites:
+                node.args = (*node.args[:-1], backend)
+            detail.append(f"{len(sites)} {'FP8 ' if fp8 else ''}MoE layers -> {backend} ({why})")
+    count = len(calls(gm.graph, MOE_EXPERTS)) + len(calls(gm.graph, MOE_EXPERTS_FP8))
+    return PassResult("insert_fused_moe", count, (", ".join(detail) + unrouted).removeprefix("; "))

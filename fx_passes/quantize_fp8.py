@@ -25,11 +25,14 @@ import torch.fx
 
 from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quantize_weight
 from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
+from custom_ops.moe.fp8 import moe_experts_fp8_reference, quantize_experts
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
 LINEAR = torch.ops.aten.linear.default
+MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
+MOE_EXPERTS_FP8 = torch.ops.compiled_llm.moe_experts_fp8.default
 
 
 class Fp8Format(NamedTuple):
@@ -92,6 +95,19 @@ def quantize_parameter(gm: torch.fx.GraphModule, target: str, fmt: str, weight_n
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
 
 
+@recipe
+def quantize_experts_parameter(gm: torch.fx.GraphModule, target: str, transposed: bool, weight_name: str,
+                               scale_name: str) -> None:  # fmt: skip
+    """Register `weight_name` and `scale_name`: the expert weights `target` ([E, N, K], or stored [E, K, N] where
+    `transposed`) in e4m3 with a scale per expert and output channel (custom_ops/moe/fp8.py), and list the parameter
+    in `gm.meta["fp8_weights"]`."""
+    weight = gm.get_parameter(target)
+    gm.meta.setdefault("fp8_weights", []).append(weight)
+    weight8, scale = quantize_experts(weight.transpose(1, 2) if transposed else weight)
+    for name, tensor in ((weight_name, weight8), (scale_name, scale)):
+        gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
 def checkpoint_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(W8, scales) an FP8 checkpoint stored for this weight (compiled_llm/fp8_checkpoint.py), taken as they are
     rather than requantized from the dequantized weight; None for a float weight."""
@@ -138,21 +154,72 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         gm.graph.erase_node(node)
         if not weight_node.users:  # the float weight, read by no other node
             gm.graph.erase_node(weight_node)
+    experts = calls(gm.graph, MOE_EXPERTS)
+    quantized_experts = _quantize_experts(gm, experts) if config.quantization == "fp8" else 0
+    if len(experts) > quantized_experts:
+        why_not = "per-channel fp8 only" if config.quantization != "fp8" else "weights not parameters"
+        kept.append(f"{len(experts) - quantized_experts} MoE layers' experts ({why_not})")
+    moe = f", {quantized_experts} MoE layers' experts" if quantized_experts else ""
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
-    return PassResult("quantize_fp8", len(sites), f"{len(sites)} of {len(linears)} linears -> float8 e4m3 "
-                      f"({form.scales}, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+    return PassResult("quantize_fp8", len(sites) + quantized_experts, f"{len(sites)} of {len(linears)} linears{moe} -> "
+                      f"float8 e4m3 ({form.scales}, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+
+
+def _expert_parameter(node: torch.fx.Node) -> tuple[str, bool] | None:
+    """(parameter name, stored transposed) of an experts op's weight argument: a parameter or its transpose(1, 2)."""
+    if node.op == "get_attr":
+        return node.target, False
+    transposed = node.op == "call_function" and node.target is torch.ops.aten.transpose.int
+    if transposed and sorted(d % 3 for d in node.args[1:3]) == [1, 2] and node.args[0].op == "get_attr":
+        return node.args[0].target, True
+    return None
+
+
+def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) -> int:
+    """Each `moe_experts` call over parameters -> `moe_experts_fp8` over their e4m3 copies; how many."""
+    done = 0
+    for node in experts:
+        x, ids, weights, w13, w2, b13, b2, activation, params, backend = node.args
+        found = [_expert_parameter(w) for w in (w13, w2)]
+        if None in found:
+            continue
+        quantized = []
+        with gm.graph.inserting_before(node):
+            for (target, transposed), fake in zip(found, (w13.meta["val"], w2.meta["val"])):
+                names = _free_name(gm, f"{target}_fp8"), _free_name(gm, f"{target}_fp8_scale")
+                derive(gm, quantize_experts_parameter, target, transposed, *names)
+                weight8 = gm.graph.get_attr(names[0])
+                weight8.meta["val"] = fake.new_empty(fake.shape, dtype=FP8)
+                scale = gm.graph.get_attr(names[1])
+                scale.meta["val"] = fake.new_empty(fake.shape[:2], dtype=torch.float32)
+                quantized += [weight8, scale]
+            op = gm.graph.call_function(
+                MOE_EXPERTS_FP8, (x, ids, weights, *quantized, b13, b2, activation, params, backend)
+            )
+        op.meta.update(node.meta)
+        node.replace_all_uses_with(op)
+        gm.graph.erase_node(node)
+        for weight in (w13, w2):  # the float weight (and its transpose), read by no other node
+            for unused in (weight, *weight.args[:1]):
+                if isinstance(unused, torch.fx.Node) and not unused.users:
+                    gm.graph.erase_node(unused)
+        done += 1
+    return done
 
 
 @contextlib.contextmanager
 def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: str = "fp8") -> Iterator[None]:
-    """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["fp8_weights"]`; a fused
+    """The module's nn.Linear layers (and MoE experts) whose weights the pass quantized (`gm.meta["fp8_weights"]`; a fused
     weight's parts share its storage) compute as the reference of `fmt` (`gm.meta["fp8_format"]`) does, for the self-check's reference
     logits: the module itself, with the rounding the rewrite means to add. A quantized weight that no nn.Linear
     reads (an F.linear over a bare parameter) cannot be reproduced: refused, naming its shape."""
     storages = {w.untyped_storage().data_ptr(): w for w in weights}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
                and m.weight.untyped_storage().data_ptr() in storages]  # fmt: skip
+    experts = [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+               and m.gate_up_proj.untyped_storage().data_ptr() in storages]  # fmt: skip
     covered = {m.weight.untyped_storage().data_ptr() for m in linears}
+    covered |= {w.untyped_storage().data_ptr() for m in experts for w in (m.gate_up_proj, m.down_proj)}
     missing = [tuple(w.shape) for ptr, w in storages.items() if ptr not in covered]
     if missing:
         raise ValueError(f"quantization={fmt!r} rewrote linears over weights {missing} that no nn.Linear of the module "
@@ -165,10 +232,21 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
         weight8, scale = checkpoint_tensors(module.weight) or form.quantize(module.weight)
         return form.reference(*form.op_args(x, weight8, scale, module.bias))
 
+    def experts_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        from compiled_llm.capture.expert_routing import expert_weights, experts_activation
+
+        activation, params, _ = experts_activation(module)
+        w13, w2, b13, b2 = expert_weights(module)
+        quantized = (*quantize_experts(w13), *quantize_experts(w2))
+        return moe_experts_fp8_reference(hidden_states, top_k_index, top_k_weights, *quantized, b13, b2, activation,
+                                         params)  # fmt: skip
+
     try:
         for module in linears:
             module.forward = forward.__get__(module)
+        for module in experts:
+            module.forward = experts_forward.__get__(module)
         yield
     finally:
-        for module in linears:
+        for module in (*linears, *experts):
             del module.forward

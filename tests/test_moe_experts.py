@@ -264,3 +264,90 @@ def test_a_full_tuning_run_of_the_experts_keeps_the_logits(tmp_path, monkeypatch
     gemms = [c for c in tuned.report.kernels if c.op == "moe_grouped_gemm"]
     assert len(gemms) == 8 and all(c.source == "tuned" for c in gemms)
     assert relative_error(actual, expected) < 2e-2
+
+
+def e4m3_rows(values: torch.Tensor) -> torch.Tensor:
+    """values [rows, K] rounded as fp8_linear defines it (scale max|row| * (1/448), e4m3(v * (1 / scale))), back in
+    float64."""
+    values = values.float()
+    scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * torch.tensor(1 / 448.0)
+    quantized = (values * (torch.tensor(1.0) / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return quantized.double() * scale.double()
+
+
+def float64_fp8_experts(x, ids, weights, w13, w2) -> torch.Tensor:
+    """float64_experts with each expert weight's rows and each GEMM's input rows rounded to e4m3, written out here."""
+    x8 = e4m3_rows(x)
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate, up = (e4m3_rows(w13[e]) @ x8[t]).chunk(2)
+            act = (F.silu(gate) * up).float()
+            out[t] += weights[t, j].double() * (e4m3_rows(w2[e]) @ e4m3_rows(act[None])[0])
+    return out
+
+
+def test_fp8_reference_against_float64():
+    from custom_ops.moe import fp8
+
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(9))
+    ids, weights = random_routing(6, 8, 2, seed=10)
+    w13, w2, _, _ = random_experts(8, 64, 32, seed=11)
+    quantized = (*fp8.quantize_experts(w13), *fp8.quantize_experts(w2))
+    assert quantized[0].dtype == torch.float8_e4m3fn and quantized[1].shape == (8, 64)
+    out = fp8.moe_experts_fp8_reference(x, ids, weights, *quantized, None, None, "silu")
+    expected = float64_fp8_experts(x, ids, weights, w13, w2)
+    assert relative_error(out, expected) < 1e-5  # float32 roundings of the same e4m3 values
+    assert relative_error(out, float64_experts(x, ids, weights, w13, w2, None, None)) > 1e-3  # it did round
+
+
+def check_fp8_triton_against_reference(device: str, dtype: torch.dtype) -> None:
+    """The e4m3 grouped GEMMs against moe_experts_fp8's reference: one token, prefill rows, GPT-OSS's layout."""
+    from custom_ops.moe import fp8
+
+    cases = [(1, 64, 32, 8, 2, False, "silu"), (37, 80, 48, 6, 2, True, "silu"), (9, 64, 32, 4, 2, True, "swiglu_oai")]
+    for seed, (tokens, hidden, inter, experts, top_k, bias, activation) in enumerate(cases):
+        params = [1.702, 1.5] if activation == "swiglu_oai" else []
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+        ids, weights = random_routing(tokens, experts, top_k, seed, dtype=torch.float32, device=device)
+        w13, w2, b13, b2 = random_experts(experts, hidden, inter, seed, dtype, device, bias)
+        quantized = (*fp8.quantize_experts(w13), *fp8.quantize_experts(w2))
+        expected = fp8.moe_experts_fp8_reference(x, ids, weights, *quantized, b13, b2, activation, params)
+        actual = torch.ops.compiled_llm.moe_experts_fp8(x, ids, weights, *quantized, b13, b2, activation, params,
+                                                        "triton")  # fmt: skip
+        error = relative_error(actual, expected)
+        assert error < TOLERANCE[dtype], f"fp8 case {seed} {dtype}: relative error {error:.2e}"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fp8_triton_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_experts as t; "
+        "t.check_fp8_triton_against_reference('cpu', torch.float32); "
+        "t.check_fp8_triton_against_reference('cpu', torch.float16)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_triton_on_the_gpu(dtype):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 tensor cores need compute capability 8.9")
+    check_fp8_triton_against_reference("cuda", dtype)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe"])
+def test_quantize_fp8_takes_the_experts_and_the_self_check_holds_them(arch, own_cache_dir):
+    """quantization="fp8": each MoE layer's experts become moe_experts_fp8 (the routers stay), and the forced self-check
+    holds the graph against the module with its linears and experts computing the FP8 reference."""
+    model = tiny_model(arch)
+    compiled = compile_model(model, quantization="fp8", compile_backend="eager", verify=True, cache_dir=own_cache_dir,
+                             max_batch_size=2)  # fmt: skip
+    layers = model.config.num_hidden_layers
+    targets = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.compiled_llm.moe_experts_fp8.default) == layers
+    assert torch.ops.compiled_llm.moe_experts.default not in targets
+    assert compiled.report.pass_sites("quantize_fp8") == 2 * layers + layers  # fused qkv and o, and the experts
+    assert compiled.report.pass_sites("insert_fused_moe") == layers
+    assert "self_check_s" in compiled.report.timings

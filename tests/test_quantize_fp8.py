@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB, tiny_model
+from test_moe_experts import float64_fp8_experts
 from drop_in_models import nanogpt
 
 from autotune.select import graph_value
@@ -36,7 +37,8 @@ def test_every_decoder_linear_is_quantized_but_the_lm_head_and_routers(arch, qua
     q, k and v stay three linears: 64, 32 and 32 rows here, so a 128-row block would span two of them."""
     compiled = compile_model(tiny_model(arch), compile_backend="eager", quantization=quantization)
     per_layer = (2 if arch in MOE else 4) + (2 if quantization == "fp8_block" else 0)
-    assert sites(compiled) == 2 * per_layer
+    experts = 1 if arch in MOE and quantization == "fp8" else 0  # each MoE layer's experts: moe_experts_fp8
+    assert sites(compiled) == 2 * (per_layer + experts)
     graph = compiled.graph_module.graph
     fp8_ops = [n for n in graph.nodes if n.target is OPS[quantization]]
     assert len(fp8_ops) == 2 * per_layer
@@ -93,7 +95,8 @@ def fake_block_quantized(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tens
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "qwen3_moe", "llama-fp8_block"])
 def test_logits_equal_the_fake_quantized_model(arch, monkeypatch):
-    """The compiled fp8 model's logits equal HF's with every nn.Linear but the LM head fake-quantized, to within
+    """The compiled fp8 model's logits equal HF's with every nn.Linear but the LM head (and, for fp8, the MoE experts)
+    fake-quantized, to within
     float32 summation (a rounding that flips near an e4m3 boundary moves a logit by far less than the 6-10%
     that quantization itself moves it, which the float model's distance shows)."""
     arch, _, quantization = arch.partition("-")
@@ -106,6 +109,9 @@ def test_logits_equal_the_fake_quantized_model(arch, monkeypatch):
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 monkeypatch.setattr(module, "forward", lambda x, module=module: fake(module, x))
+            if hasattr(module, "gate_up_proj"):  # MoE experts: e4m3 weights and GEMM inputs too (fp8 only)
+                monkeypatch.setattr(module, "forward", lambda h, ids, w, module=module: float64_fp8_experts(
+                    h, ids, w, module.gate_up_proj, module.down_proj).to(h.dtype))  # fmt: skip
         reference = model(ids).logits
         logits = compiled(ids).logits
 

@@ -72,7 +72,7 @@ def _agrees_on_a_probe(module: nn.Module, name: str, params: tuple[float, ...]) 
     return expected.shape == actual.shape and torch.allclose(actual, expected, rtol=1e-6, atol=1e-6)
 
 
-def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(w13 [E, 2I, H], w2 [E, H, I], b13, b2) as the op takes them: transposed storage as a view."""
     w13, w2 = module.gate_up_proj, module.down_proj
     if getattr(module, "is_transposed", False):
@@ -97,7 +97,7 @@ class _ExpertsForward:
         if activation is None:
             self.unrouted[type(module).__name__] = why
             return self.fallback(module, hidden_states, top_k_index, top_k_weights)
-        w13, w2, b13, b2 = _weights(module)
+        w13, w2, b13, b2 = expert_weights(module)
         return torch.ops.compiled_llm.moe_experts(
             hidden_states, top_k_index, top_k_weights, w13, w2, b13, b2, activation, list(params), "torch"
         )

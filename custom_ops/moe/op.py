@@ -54,14 +54,20 @@ _LIBRARY.define(
 )
 
 
-def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                          w2: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
-                          activation: str, params: Sequence[float] = ()) -> torch.Tensor:  # fmt: skip
+def refuse_cuda_graph_capture(x: torch.Tensor) -> None:
+    """The reference reads the routing on the host: inside a CUDA-graph capture, an error that says what to change
+    (rather than CUDA's own, which names neither the op nor the setting)."""
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "compiled_llm::moe_experts with backend 'torch' reads the routing on the host, which a CUDA-graph capture "
             "cannot hold: use moe_backend='auto' or 'triton' (or cuda_graphs=False)"
         )
+
+
+def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                          w2: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
+                          activation: str, params: Sequence[float] = ()) -> torch.Tensor:  # fmt: skip
+    refuse_cuda_graph_capture(x)
     tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     flat_ids, flat_weights = topk_ids.reshape(-1), topk_weights.reshape(-1)
@@ -78,19 +84,18 @@ def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
     return weighted.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def triton_takes(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 b13: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> bool:  # fmt: skip
-    """What triton_moe's kernels read: rows with a unit last stride in a dtype they compute, weights of that dtype
-    (any strides), biases contiguous per expert, an activation they know."""
+def triton_takes(x: torch.Tensor, topk_ids: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
+                 activation: str) -> bool:  # fmt: skip
+    """Whether triton_moe's kernels read these: rows with a unit last stride in a dtype they compute, integer ids,
+    biases of the rows' dtype (any strides), an activation they know (the weights: each op's own check)."""
     return (
         triton_runs_on(x) and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1 and activation in triton_moe.ACTIVATIONS
-        and w13.dtype == x.dtype and w2.dtype == x.dtype and not topk_ids.is_floating_point()
-        and all(b is None or b.dtype == x.dtype for b in (b13, b2))
+        and not topk_ids.is_floating_point() and all(b is None or b.dtype == x.dtype for b in (b13, b2))
     )  # fmt: skip
 
 
 def _triton_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params: Sequence[float]) -> torch.Tensor:
-    if not triton_takes(x, topk_ids, w13, w2, b13, b2, activation):
+    if not (triton_takes(x, topk_ids, b13, b2, activation) and w13.dtype == x.dtype == w2.dtype):
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
     return triton_moe.fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, tuple(params))
 
@@ -98,13 +103,19 @@ def _triton_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, pa
 MOE_BACKENDS = {"torch": moe_experts_reference, "triton": _triton_moe}
 
 
-def moe_backend(device: torch.device, requested: str = "auto") -> tuple[str, str]:
-    """The backend for a model on `device` under CompileConfig.moe_backend, and why."""
+def moe_backend(device: torch.device, requested: str = "auto", fp8: bool = False) -> tuple[str, str]:
+    """The backend for a model on `device` under CompileConfig.moe_backend, and why; `fp8`: for moe_experts_fp8,
+    whose grouped GEMMs need e4m3 tensor cores."""
     if requested != "auto":
         return requested, f"moe_backend={requested!r}"
     if device.type == "cuda":
         if not triton_available():
             return "torch", "triton is not installed: the reference, which CUDA graphs cannot capture"
+        if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+            return (
+                "torch",
+                "no FP8 tensor cores before compute capability 8.9: the reference, which CUDA graphs cannot capture",
+            )
         return "triton", "grouped GEMMs over the tokens sorted by expert, reading only the experts that have tokens"
     return "torch", f"the reference on {device.type}"
 

@@ -68,15 +68,17 @@ def _kernels():
     @triton.jit
     def grouped_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, sorted_pairs_ptr, block_expert_ptr, used_rows_ptr,
+        a_scale_ptr, w_scale_ptr, round_ptr,
         pairs, N, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
-        stride_om, alpha, limit,
+        stride_se, stride_sn, scale_up_offset, stride_om, alpha, limit,
         K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
-        A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K (+ bias); GATED: w's rows n are the gate's,
         its rows n + up_offset (elements) the up's, act(gate, up) written; ROUTE_WEIGHTS: times the pair's routing
-        weight."""
+        weight. FP8: a and w in e4m3, the product times a's row scale and w's (expert, row) scale. Values round to
+        round_ptr's dtype (the model's) where the reference's ops round."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if ONE_TOKEN:  # a block per pair, its first row; block_expert_ptr: the ids themselves
             rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, pairs).to(tl.int64)
@@ -98,14 +100,26 @@ def _kernels():
             k_ok = ks < K - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision="ieee")
+            if FP8:  # e4m3 x e4m3 on tensor cores, float32 sums
+                acc = tl.dot(a, w, acc)
+            else:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
             if GATED:
                 w_up = tl.load(w_ptrs + up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+                if FP8:
+                    acc_up = tl.dot(a, w_up, acc_up)
+                else:
+                    acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        # Rounded to x's dtype where the reference's ops round: the GEMM, the bias add, each op of the activation.
-        dtype = a_ptr.dtype.element_ty
+        if FP8:  # (sum * s_a) * s_w, as fp8_linear's reference
+            a_scale = tl.load(a_scale_ptr + a_rows, mask=valid, other=0.0)[:, None]
+            scale_ptrs = w_scale_ptr + expert * stride_se + cols * stride_sn
+            acc = acc * a_scale * tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
+            if GATED:
+                acc_up = acc_up * a_scale * tl.load(scale_ptrs + scale_up_offset, mask=col_ok, other=0.0)[None, :]
+        # Rounded to the model's dtype where the reference's ops round: the GEMM, the bias add, each activation op.
+        dtype = round_ptr.dtype.element_ty
         out = acc.to(dtype).to(tl.float32)
         bias_ptrs = bias_ptr + expert * stride_be + cols * stride_bn
         if HAS_BIAS:
@@ -161,30 +175,36 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int | None 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                  route_weights: torch.Tensor | None, blocks: ExpertBlocks, *, gated: bool, a_per_token: bool,
-                 activation: str = "silu", params: tuple[float, ...] = (), tile: dict | None = None) -> torch.Tensor:  # fmt: skip
+                 activation: str = "silu", params: tuple[float, ...] = (), tile: dict | None = None,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None, like: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """out[p] for every pair p of `blocks`: a[p // k if a_per_token else p] @ w[e]^T (+ bias[e]); gated: the
-    activation (with its `params`) of w's gate and up rows; times route_weights[p] where given. `tile` overrides the
-    tuned or default one."""
+    activation (with its `params`) of w's gate and up rows; times route_weights[p] where given. `scales`: a and w are
+    e4m3, with a's row scales [rows, 1] and w's [E, N]; `like`, a tensor of the model's dtype (a where not given). `tile` overrides
+    the tuned or default one."""
     import triton
 
     n = w.shape[1] // 2 if gated else w.shape[1]
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode))
-    up_offset, bias_up_offset = (n * w.stride(1), n * (bias.stride(1) if bias is not None else 0))
+    a_scale, w_scale = scales if scales is not None else (a, w)
+    bias_stride = bias.stride(1) if bias is not None else 0
+    up_offset, bias_up_offset, scale_up_offset = n * w.stride(1), n * bias_stride, n * w_scale.stride(1)
     if gated and activation in INTERLEAVED:  # gate rows 0, 2, 4, ...; the up row after each
-        up_offset, bias_up_offset = w.stride(1), bias.stride(1) if bias is not None else 0
+        up_offset, bias_up_offset, scale_up_offset = w.stride(1), bias_stride, w_scale.stride(1)
         w, bias = w[:, ::2], bias[:, ::2] if bias is not None else None
+        w_scale = w_scale[:, ::2] if scales is not None else w
     alpha, limit = params if len(params) == 2 else (1.0, 0.0)
     grid = (blocks.block_expert.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
     one_token = blocks.sorted_pairs is None
     ids = blocks.block_expert
     _kernels()[grid](
         a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a,
-        ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, blocks.pairs, n,
-        blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), up_offset,
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, bias_up_offset,
-        out.stride(0), float(alpha), float(limit), K=w.shape[2], ONE_TOKEN=one_token, GATED=gated,
+        ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale, w_scale,
+        like if like is not None else a, blocks.pairs, n, blocks.top_k, a.stride(0),
+        w.stride(0), w.stride(1), w.stride(2), up_offset, bias.stride(0) if bias is not None else 0,
+        bias.stride(1) if bias is not None else 0, bias_up_offset, w_scale.stride(0), w_scale.stride(1),
+        scale_up_offset, out.stride(0), float(alpha), float(limit), K=w.shape[2], ONE_TOKEN=one_token, GATED=gated,
         ACTIVATION=ACTIVATIONS[activation], A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None,
-        ROUTE_WEIGHTS=route_weights is not None, BLOCK_M=blocks.block_m, BLOCK_N=tile["BLOCK_N"],
+        ROUTE_WEIGHTS=route_weights is not None, FP8=scales is not None, BLOCK_M=blocks.block_m, BLOCK_N=tile["BLOCK_N"],
         BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     return out
@@ -211,4 +231,26 @@ def fused_moe(
                        activation=activation, params=params)  # fmt: skip
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False)
+    return weighted.view(tokens, blocks.top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def fused_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation: str,
+                  params: tuple[float, ...] = ()) -> torch.Tensor:  # fmt: skip
+    """moe_experts_fp8 over x [T, H] (unit last stride): x quantized per token, the gate_up GEMM in e4m3, its
+    activation quantized per pair row, the down GEMM in e4m3."""
+    from custom_ops.linear import fp8, triton_fp8
+
+    tokens, hidden = x.shape
+    if tokens * topk_ids.shape[1] == 0:
+        return x.new_zeros(x.shape)
+    quantize = triton_fp8.quantize_rows if x.is_cuda else lambda rows, _: fp8.quantize_rows(rows)  # bit-equal
+    blocks = expert_blocks(topk_ids, w13.shape[0])
+    x8, x_scale = quantize(x, None)
+    act = grouped_gemm(x8, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, blocks, gated=True,
+                       a_per_token=True, activation=activation, params=params, scales=(x_scale, w13_scale),
+                       like=x)  # fmt: skip
+    act8, act_scale = quantize(act, None)
+    weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
+    grouped_gemm(act8, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False,
+                 scales=(act_scale, w2_scale), like=x)  # fmt: skip
     return weighted.view(tokens, blocks.top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
