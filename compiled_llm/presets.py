@@ -35,6 +35,26 @@ RANDOM_PRESETS = {
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
         rope_theta=1000000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     ),
+    # deepseek-ai/DeepSeek-V2-Lite: MLA (a 512-wide latent, no q compression), 64 routed experts (6 a token) and 2
+    # shared, the first layer dense.
+    "deepseek-v2-lite": lambda: tf.DeepseekV2Config(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, max_position_embeddings=163840, rope_theta=10000.0, rms_norm_eps=1e-6,
+        bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False,
+    ),
+    # openai/gpt-oss-20b: 32 experts (4 a token) with biases and the clamped SwiGLU, sinks, alternating 128-token
+    # sliding window (bf16 experts here: the checkpoint's are MXFP4).
+    "gpt-oss-20b": lambda: tf.GptOssConfig(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12, max_position_embeddings=131072,
+        rope_theta=150000.0, rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 4096}, attention_bias=True, swiglu_limit=7.0,
+        rms_norm_eps=1e-5, eos_token_id=200002, pad_token_id=199999, tie_word_embeddings=False,
+    ),
     "smollm2-135m": lambda: tf.LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,

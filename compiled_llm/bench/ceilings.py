@@ -43,7 +43,8 @@ def measured_gemm_flops(device: torch.device, fp8: bool, size: int = 8192, repea
 def expert_routing(config) -> tuple[int, int] | None:
     """(experts a token is routed to, experts a layer has) of an MoE model's config; None for a dense one."""
     active = getattr(config, "num_experts_per_tok", None)
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    experts = next((getattr(config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(config, key, None)), None)  # Qwen, Mixtral and GPT-OSS, DeepSeek  # fmt: skip
     return (active, experts) if active and experts else None
 
 
