@@ -210,6 +210,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     return out
 
 
+def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weighted [T, k, H] summed over k, accumulated in float32 and rounded once to `dtype`: one kernel where the
+    products are in `dtype` already (torch sums 16-bit values in float32), as a decode step wants."""
+    if weighted.dtype == dtype:
+        return weighted.sum(dim=1)
+    return weighted.sum(dim=1, dtype=torch.float32).to(dtype)
+
+
 def heuristic_tile(mode: int) -> dict:
     """What runs untuned in a row mode."""
     return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
@@ -231,7 +239,7 @@ def fused_moe(
                        activation=activation, params=params)  # fmt: skip
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False)
-    return weighted.view(tokens, blocks.top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
 
 
 def fused_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation: str,
@@ -253,4 +261,4 @@ def fused_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, 
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     grouped_gemm(act8, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False,
                  scales=(act_scale, w2_scale), like=x)  # fmt: skip
-    return weighted.view(tokens, blocks.top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
