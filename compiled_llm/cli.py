@@ -273,12 +273,17 @@ def cache(args: argparse.Namespace) -> int:
     return kernel_cache_command(args.action, Path(args.cache_dir or CompileConfig().cache_dir).expanduser())
 
 
+# Written out, not read from presets.py, which imports transformers: `--help` stays fast (a test holds the list).
+MODEL_HELP = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, or "
+              "random:NAME (llama-3.1-8b, qwen3-8b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, gpt-oss-20b, "
+              "smollm2-135m, tiny-llama)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compiled-llm", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", help="logging level (default: INFO for serve, else WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, "
-                  "or random:NAME (llama-3.1-8b, qwen3-8b, qwen3-30b-a3b, mixtral-8x7b, smollm2-135m, tiny-llama)")
+    model_help = MODEL_HELP
     build_parser = commands.add_parser("build", help="compile a model (tuning its kernels on a GPU: --autotune full "
                                        "unless given), store what a warm start reads, print the compile report",
                                        formatter_class=_DefaultsFormatter)  # fmt: skip

@@ -235,3 +235,11 @@ def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path,
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert ": 0 choices" in out and "0 captured graphs" in out
+
+
+def test_the_model_help_names_every_random_preset():
+    from compiled_llm.cli import MODEL_HELP
+    from compiled_llm.presets import RANDOM_PRESETS
+
+    listed = MODEL_HELP.split("random:NAME (")[1].rstrip(")").split(", ")
+    assert listed == list(RANDOM_PRESETS)
