@@ -23,9 +23,11 @@ from custom_ops import LayerAttentionFeatures, select_attention_backend
 from fx_passes.causal_mask import user_line
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION, SDPA, sdpa_arguments, unsupported_sdpa_reason
 from fx_passes.node_match import calls
+from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
 PAGED_ATTENTION = torch.ops.compiled_llm.paged_attention.default
+aten = torch.ops.aten
 
 # Per-step attention metadata, as graph inputs (see custom_ops/attention/paged.py for their meaning).
 PAGED_INPUTS = ("slot_mapping", "block_table", "query_start_loc", "seq_lens")
@@ -53,14 +55,9 @@ KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # CompileConfig.kv_cache_dtype -
 
 def _features(node: torch.fx.Node, kv_cache_dtype: str) -> LayerAttentionFeatures:
     q, k, v = (arg.meta["val"] for arg in node.args[:3])
-    if k.shape[-1] != v.shape[-1]:
-        raise ValueError(
-            f"layer {node.args[3]}: key head_dim {k.shape[-1]} != value head_dim {v.shape[-1]}; "
-            "the paged KV cache stores both in one tensor"
-        )
     _, _, _, _, scale, window, softcap, sinks = node.args
     return LayerAttentionFeatures(
-        head_dim=int(q.shape[-1]),
+        head_dim=max(int(k.shape[-1]), int(v.shape[-1])),  # the narrower of k and v is padded to it (_pad_head_dims)
         num_q_heads=int(q.shape[1]),
         num_kv_heads=int(k.shape[1]),
         scale=float(scale),
@@ -115,17 +112,39 @@ def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
         layers.append(PagedLayer(node.args[3], *cache, features, backend, why))
 
     inputs = _add_placeholders(graph, [*PAGED_INPUTS, *(layer.cache_input for layer in layers)])
+    padded = 0
     for node, layer in zip(sites, layers):
         q, k, v, layer_idx, scale, window, softcap, sinks = node.args
         with graph.inserting_before(node):
+            q, k, v, value_dim = _pad_head_dims(graph, q, k, v)
             paged = graph.call_function(
                 PAGED_ATTENTION,
                 (q, k, v, inputs[layer.cache_input], *(inputs[name] for name in PAGED_INPUTS),
                  layer_idx, scale, window, softcap, sinks, layer.backend),
             )  # fmt: skip
-        paged.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(paged)
+            paged.meta["val"] = v.meta["val"].new_empty(*node.meta["val"].shape[:-1], v.meta["val"].shape[-1])
+            out = paged
+            if value_dim != layer.head_dim:  # the padded value columns: zeros, sliced off
+                out = insert_call(graph, aten.slice.Tensor, (paged, -1, 0, value_dim))
+                padded += 1
+        node.replace_all_uses_with(out)
         graph.erase_node(node)
     gm.meta["paged_attention"] = layers
     backends = Counter(layer.backend for layer in layers)
-    return PassResult("insert_paged_attention", len(sites), ", ".join(f"{b}: {n} layers" for b, n in backends.items()))
+    detail = ", ".join(f"{b}: {n} layers" for b, n in backends.items())
+    if padded:
+        detail += f"; {padded} layers' narrower keys or values zero-padded to one head width in the cache"
+    return PassResult("insert_paged_attention", len(sites), detail)
+
+
+def _pad_head_dims(graph: torch.fx.Graph, q, k, v) -> tuple:
+    """(q, k, v, the value width) with the narrower of k and v zero-padded to the wider (q with k): the cache holds
+    both in one tensor. Zero columns add nothing to q.k (the scale is the op's argument, not the width's) and give
+    zero output columns. DeepSeek's multi-head latent attention, expanded: keys 192 wide, values 128."""
+    key_dim, value_dim = k.meta["val"].shape[-1], v.meta["val"].shape[-1]
+    width = max(key_dim, value_dim)
+    if key_dim < width:
+        q, k = (insert_call(graph, aten.constant_pad_nd.default, (x, [0, width - key_dim])) for x in (q, k))
+    if value_dim < width:
+        v = insert_call(graph, aten.constant_pad_nd.default, (v, [0, width - value_dim]))
+    return q, k, v, value_dim

@@ -48,6 +48,13 @@ ARCHITECTURES = {
     "gemma2": lambda: tf.Gemma2Config(
         **_COMMON, head_dim=16, sliding_window=SLIDING_WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0
     ),
+    # Multi-head latent attention (keys 24 wide, values 16), sigmoid routing over 2 groups with bias correction, a
+    # shared expert, the first layer dense.
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        **{**_COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_scaling=None,
+    ),
     "gpt_oss": lambda: tf.GptOssConfig(
         **_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],

@@ -18,7 +18,12 @@ from fx_passes import DEFAULT_PIPELINE
 from fx_passes.registry import PassResult, register_pass
 
 FP8_MAX = 448.0
-MOE = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
+MOE_LAYERS = {"deepseek_v3": 1}  # its first layer is dense
+# Quantized linears of the 2-layer models the per-layer rule does not fit. DeepSeek-V3's multi-head latent attention:
+# q_a and kv_a fused, q_b, kv_b, o; then layer 0's dense MLP (gate/up fused, down) and layer 1's shared expert's.
+# fp8_block keeps q_a and kv_a apart, and the shared expert's gate and up too (32 rows each: parts of a 128-row block).
+LINEARS = {("deepseek_v3", "fp8"): 2 * 4 + 2 * 2, ("deepseek_v3", "fp8_block"): 2 * 5 + 2 + 3}
 
 
 def sites(compiled) -> int:
@@ -37,11 +42,12 @@ def test_every_decoder_linear_is_quantized_but_the_lm_head_and_routers(arch, qua
     q, k and v stay three linears: 64, 32 and 32 rows here, so a 128-row block would span two of them."""
     compiled = compile_model(tiny_model(arch), compile_backend="eager", quantization=quantization)
     per_layer = (2 if arch in MOE else 4) + (2 if quantization == "fp8_block" else 0)
-    experts = 1 if arch in MOE and quantization == "fp8" else 0  # each MoE layer's experts: moe_experts_fp8
-    assert sites(compiled) == 2 * (per_layer + experts)
+    linears = LINEARS.get((arch, quantization), 2 * per_layer)
+    experts = MOE_LAYERS.get(arch, 2) if arch in MOE and quantization == "fp8" else 0  # each: moe_experts_fp8
+    assert sites(compiled) == linears + experts
     graph = compiled.graph_module.graph
     fp8_ops = [n for n in graph.nodes if n.target is OPS[quantization]]
-    assert len(fp8_ops) == 2 * per_layer
+    assert len(fp8_ops) == linears
     weights = [graph_value(compiled.graph_module, n.args[1]) for n in fp8_ops]
     assert all(w.dtype == torch.float8_e4m3fn for w in weights)
 
