@@ -18,7 +18,7 @@ for model in ${MODELS:-qwen3-30b-a3b gpt-oss-20b mixtral-8x7b}; do
     fi
     for quantization in ${QUANTIZATIONS:-none}; do
         python3 -m compiled_llm.cli bench "random:$model" --mode latency --batch-size 1 --input-len 128 --output-len 128 \
-            --baselines hf-eager --quantization "$quantization" --json "$out/latency_${model}_${quantization}.json"
+            --baselines hf-eager --quantization "$quantization" --profile --json "$out/latency_${model}_${quantization}.json"
     done
 done
 for model in ${THROUGHPUT-qwen3-30b-a3b}; do

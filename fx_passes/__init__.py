@@ -3,6 +3,7 @@
 from fx_passes import (  # noqa: F401  (registers the passes)
     explicit_view_sizes,
     fuse_linear_silu_mul,
+    fuse_moe_routing,
     fuse_norm_quantize_fp8,
     fuse_parallel_linears,
     fuse_rms_norm,

@@ -62,6 +62,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "insert_linear_op",
     # On the linears insert_linear_op routed.
     "fuse_linear_silu_mul",
+    # After quantize_fp8 (whose experts op it feeds too); before insert_fused_moe, which picks the experts' kernel.
+    "fuse_moe_routing",
     # Any time: it only picks the kernel of the experts ops the capture inserted.
     "insert_fused_moe",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.

@@ -352,3 +352,67 @@ def test_quantize_fp8_takes_the_experts_and_the_self_check_holds_them(arch, own_
     assert compiled.report.pass_sites("quantize_fp8") == 2 * layers + layers  # fused qkv and o, and the experts
     assert compiled.report.pass_sites("insert_fused_moe") == layers
     assert "self_check_s" in compiled.report.timings
+
+
+def distinct_logits(tokens: int, experts: int, seed: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """Router logits without ties in any dtype (a permutation of evenly spaced values per row): the routing decisions
+    compare exactly, with no near-tie to make a test flaky."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(experts, generator=generator) for _ in range(tokens)]
+    return (torch.stack(rows).float() * (8.0 / experts) - 4.0).to(device, dtype)
+
+
+def check_routing_against_reference(device: str) -> None:
+    from custom_ops.moe import routing
+
+    for scoring, renormalize in (("softmax", True), ("softmax", False), ("topk_softmax", False)):
+        for dtype in (torch.float32, torch.float16):
+            for experts, top_k in ((8, 2), (60, 4), (128, 8)):
+                logits = distinct_logits(13, experts, seed=experts + top_k, dtype=dtype, device=device)
+                expected = routing.moe_route_reference(logits, top_k, scoring, renormalize, dtype)
+                actual = torch.ops.compiled_llm.moe_route(logits, top_k, scoring, renormalize, dtype, "triton")
+                assert torch.equal(actual[1], expected[1]), f"{scoring} {dtype} {experts}: other experts"
+                torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=1e-6)
+
+
+def test_routing_reference_is_transformers_qwen3_moe_router():
+    """The reference against the router module itself: Qwen3-MoE's (softmax, top-k, renormalised)."""
+    from custom_ops.moe import routing
+
+    router = tiny_model("qwen3_moe").model.layers[0].mlp.gate
+    router.norm_topk_prob = True
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, weights, ids = router(x)
+    actual = routing.moe_route_reference(logits, 2, "softmax", True, weights.dtype)
+    assert torch.equal(actual[1], ids) and torch.equal(actual[0], weights)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_routing_kernel_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; t.check_routing_against_reference('cpu')"
+    )
+
+
+@pytest.mark.gpu
+def test_routing_kernel_on_the_gpu():
+    check_routing_against_reference("cuda")
+
+
+@pytest.mark.parametrize(("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v3", 0)])
+def test_fuse_moe_routing_replaces_each_router_and_keeps_the_logits(arch, sites, own_cache_dir):
+    """Where moe_backend is triton (asked for here on the CPU, where the ops then run their references): each router's
+    softmax/top-k chain is one moe_route whose outputs feed the experts; DeepSeek's grouped routing is left."""
+    model = tiny_model(arch)
+    compiled = compile_model(model, moe_backend="triton", compile_backend="eager", cache_dir=own_cache_dir,
+                             max_batch_size=2)  # fmt: skip
+    assert compiled.report.pass_sites("fuse_moe_routing") == sites
+    targets = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.compiled_llm.moe_route.default) == sites
+    if sites:
+        assert torch.ops.aten.topk.default not in targets and torch.ops.aten.softmax.int not in targets
+    ids = random_prompt(16, batch=2, seed=4)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert relative_error(compiled(ids).logits, expected) < 1e-4

@@ -1,0 +1,108 @@
+"""`compiled_llm::moe_route`: an MoE router's choice from its logits, in one kernel where Inductor writes a softmax, a
+top-k (a library call) and the renormalisation apart.
+
+    weights, ids = moe_route(logits [T, E], k, scoring, renormalize, weights_dtype, backend)
+
+scoring "softmax": p = softmax(float32(logits)); (v, ids) = topk(p, k); v /= sum(v) where `renormalize` (Qwen3-MoE,
+Mixtral, OLMoE). "topk_softmax": (v, ids) = topk(logits, k); v = softmax(float32(v)) (GPT-OSS). Then v in
+`weights_dtype`. The reference is those torch ops; ties between equal scores may pick either expert in any backend,
+as torch.topk's own order among equals is unspecified.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
+
+SCORINGS = ("softmax", "topk_softmax")
+
+_LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
+_LIBRARY.define(
+    "moe_route(Tensor logits, int top_k, str scoring, bool renormalize, ScalarType weights_dtype, str backend) "
+    "-> (Tensor, Tensor)"
+)
+
+
+def moe_route_reference(logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+                        weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    if scoring == "softmax":
+        values, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        if renormalize:
+            values = values / values.sum(dim=-1, keepdim=True)
+    else:
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        values = torch.softmax(values.float(), dim=-1)
+    return values.to(weights_dtype), ids
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, BLOCK_E: tl.constexpr, K: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        experts = tl.arange(0, BLOCK_E)
+        scores = tl.load(logits_ptr + row * stride_l + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
+        if SOFTMAX_FIRST:
+            exps = tl.exp(scores - tl.max(scores, axis=0))
+            scores = exps / tl.sum(exps, axis=0)
+            scores = tl.where(experts < E, scores, float("-inf"))
+        slots = tl.arange(0, BLOCK_K)
+        values = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+        for j in tl.static_range(K):  # the largest left, k times: k is a router's 1 to 8
+            best = tl.max(scores, axis=0)
+            pick = tl.min(tl.where(scores == best, experts, BLOCK_E), axis=0)  # the lowest index among equals
+            values = tl.where(slots == j, best, values)
+            ids = tl.where(slots == j, pick, ids)
+            scores = tl.where(experts == pick, float("-inf"), scores)
+        chosen = slots < K
+        if SOFTMAX_FIRST:
+            if RENORMALIZE:
+                values = values / tl.sum(tl.where(chosen, values, 0.0), axis=0)
+        else:
+            exps = tl.where(chosen, tl.exp(values - tl.max(tl.where(chosen, values, float("-inf")), axis=0)), 0.0)
+            values = exps / tl.sum(exps, axis=0)
+        tl.store(weights_ptr + row * K + slots, values.to(weights_ptr.dtype.element_ty), mask=chosen)
+        tl.store(ids_ptr + row * K + slots, ids, mask=chosen)
+
+    return moe_route_kernel
+
+
+def _triton_route(logits, top_k: int, scoring: str, renormalize: bool, weights_dtype: torch.dtype):
+    import triton
+
+    if not (triton_runs_on(logits) and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1 and top_k <= 16):
+        return moe_route_reference(logits, top_k, scoring, renormalize, weights_dtype)
+    tokens, experts = logits.shape
+    weights = torch.empty(tokens, top_k, device=logits.device, dtype=weights_dtype)
+    ids = torch.empty(tokens, top_k, device=logits.device, dtype=torch.int64)
+    if tokens:
+        _kernel()[(tokens,)](
+            logits, weights, ids, experts, logits.stride(0), BLOCK_E=triton.next_power_of_2(experts), K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k), SOFTMAX_FIRST=scoring == "softmax", RENORMALIZE=renormalize,
+        )  # fmt: skip
+    return weights, ids
+
+
+ROUTE_BACKENDS = {"torch": moe_route_reference, "triton": _triton_route}
+
+
+def _moe_route(logits, top_k, scoring, renormalize, weights_dtype, backend):
+    return ROUTE_BACKENDS[backend](logits, top_k, scoring, renormalize, weights_dtype)
+
+
+def _moe_route_fake(logits, top_k, scoring, renormalize, weights_dtype, backend):
+    shape = (*logits.shape[:-1], top_k)
+    return logits.new_empty(shape, dtype=weights_dtype), logits.new_empty(shape, dtype=torch.int64)
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("moe_route", _moe_route, _device)
+torch.library.register_fake("compiled_llm::moe_route", _moe_route_fake, lib=_LIBRARY)

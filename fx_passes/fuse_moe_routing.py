@@ -1,0 +1,131 @@
+"""fuse_moe_routing: an MoE router's softmax, top-k and renormalisation, feeding the layer's experts op, become one op.
+
+    v, ids = topk(softmax(to(logits, f32), -1), k); w = to(div(v, sum(v, [-1], True)), dtype)   (Qwen3-MoE, Mixtral)
+    v, ids = topk(logits, k); w = softmax(v, -1, dtype)                                        (GPT-OSS)
+    moe_experts(x, ids, w, ...)
+    ->
+    w, ids = compiled_llm.moe_route(logits, k, scoring, renormalize, dtype, backend); moe_experts(x, ids, w, ...)
+
+Only where the top-k's values and indices feed nothing but that chain and the experts op, and only where
+`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). Grouped routing with a bias
+correction (DeepSeek) is left as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+import custom_ops.moe  # noqa: F401  (registers the ops)
+from custom_ops.moe import moe_backend
+from fx_passes.node_match import calls, is_call
+from fx_passes.node_meta import insert_call
+from fx_passes.registry import PassResult, register_pass
+
+aten = torch.ops.aten
+EXPERTS_OPS = (torch.ops.compiled_llm.moe_experts.default, torch.ops.compiled_llm.moe_experts_fp8.default)
+
+
+def _outputs(topk: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(values, indices): the top-k's two getitems, if it has exactly those users."""
+    found = {user.args[1]: user for user in topk.users if is_call(user, operator.getitem)}
+    return (found[0], found[1]) if len(topk.users) == 2 and set(found) == {0, 1} else None
+
+
+def _last_dim(node: torch.fx.Node, dim) -> bool:
+    return dim in (-1, node.meta["val"].dim() - 1)
+
+
+def _softmax_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """x of softmax(x, -1) computed in float32 (its dtype argument, or an input cast to it), else None."""
+    if not is_call(node, aten.softmax.int) or not _last_dim(node, node.args[1]):
+        return None
+    x = node.args[0]
+    if len(node.args) > 2 and node.args[2] == torch.float32:
+        return x
+    if is_call(x, aten.to.dtype) and x.args[1] == torch.float32 and len(x.users) == 1:
+        return x.args[0]
+    return x if x.meta["val"].dtype == torch.float32 else None
+
+
+def _renormalized(values: torch.fx.Node) -> torch.fx.Node | None:
+    """div(values, sum(values, [-1], True)) over the top-k values, its only users."""
+    if len(values.users) != 2:
+        return None
+    total = next((u for u in values.users if is_call(u, aten.sum.dim_IntList)), None)
+    div = next((u for u in values.users if is_call(u, aten.div.Tensor) or is_call(u, aten.div_.Tensor)), None)
+    if total is None or div is None or div.args != (values, total) or len(total.users) != 1:
+        return None
+    if list(total.args[1]) not in ([-1], [1]) or not (len(total.args) > 2 and total.args[2]):
+        return None
+    return div
+
+
+def _match(topk: torch.fx.Node) -> dict | None:
+    outputs = _outputs(topk)
+    if outputs is None or len(topk.args) > 2 and not _last_dim(topk, topk.args[2]) or len(topk.args) > 3:
+        return None
+    values, ids = outputs
+    experts = [u for u in ids.users if u.target in EXPERTS_OPS]
+    if len(experts) != 1 or len(ids.users) != 1 or experts[0].args[1] is not ids:
+        return None
+    weights = experts[0].args[2]
+    logits = _softmax_input(topk.args[0])
+    if logits is not None:  # softmax, then the top-k
+        scoring, end = "softmax", values
+        renormalized = _renormalized(values)
+        if renormalized is not None:
+            end = renormalized
+    else:  # the top-k of the logits, then a softmax over its values
+        logits, scoring, renormalized = topk.args[0], "topk_softmax", None
+        end = next(iter(values.users)) if len(values.users) == 1 else None
+        if end is None or _softmax_input(end) not in (values, None) or not is_call(end, aten.softmax.int):
+            return None
+        if not _last_dim(end, end.args[1]) or len(end.users) != 1:
+            return None
+    if end is not weights:
+        cast = next(iter(end.users)) if len(end.users) == 1 else None
+        if not (is_call(cast, aten.to.dtype) and cast is weights):
+            return None
+    elif scoring == "softmax" and end is values and len(values.users) != 1:
+        return None
+    # What the op replaces, producers first: erased last-first once unused (an in-place div_ is not dead code to FX).
+    chain = [
+        topk.args[0],
+        topk,
+        values,
+        ids,
+        *(renormalized.args[1:2] if renormalized is not None else ()),
+        end,
+        weights,
+    ]
+    if topk.args[0] is not logits and is_call(topk.args[0].args[0], aten.to.dtype):
+        chain.insert(0, topk.args[0].args[0])  # the float32 cast ahead of the softmax
+    return {"logits": logits, "top_k": int(topk.args[1]), "scoring": scoring, "renormalize": renormalized is not None,
+            "weights": weights, "ids": ids, "experts": experts[0], "chain": chain}  # fmt: skip
+
+
+@register_pass("fuse_moe_routing")
+def fuse_moe_routing(gm: torch.fx.GraphModule, config) -> PassResult:
+    graph = gm.graph
+    matches = [m for m in map(_match, calls(graph, aten.topk.default)) if m]
+    if not matches:
+        return PassResult("fuse_moe_routing", 0)
+    backend, why = moe_backend(matches[0]["logits"].meta["val"].device, config.moe_backend)
+    if backend != "triton":
+        return PassResult("fuse_moe_routing", 0, f"routers left to Inductor ({why})")
+    for m in matches:
+        experts, weights = m["experts"], m["weights"]
+        dtype = weights.meta["val"].dtype
+        with graph.inserting_before(experts):
+            route = insert_call(graph, torch.ops.compiled_llm.moe_route.default,
+                                (m["logits"], m["top_k"], m["scoring"], m["renormalize"], dtype, backend))  # fmt: skip
+            new_weights = insert_call(graph, operator.getitem, (route, 0))
+            new_ids = insert_call(graph, operator.getitem, (route, 1))
+        experts.args = (experts.args[0], new_ids, new_weights, *experts.args[3:])
+        for node in reversed(list(dict.fromkeys(m["chain"]))):
+            if node is not m["logits"] and not node.users:
+                graph.erase_node(node)
+    return PassResult("fuse_moe_routing", len(matches), f"{len(matches)} routers -> moe_route ({backend})")
