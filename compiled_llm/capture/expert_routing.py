@@ -4,10 +4,12 @@ transformers 5 picks an experts forward by `config._experts_implementation` in i
 (`@use_experts_implementation` on each family's experts class); registering one function there, as the attention
 routing does, gives one op per MoE layer in the captured graph, whatever the family, instead of pattern-matching
 the sort, histogram and grouped-GEMM ops each implementation exports. The router (softmax or sigmoid, top-k,
-renormalisation, grouped top-k) stays in the graph for Inductor; the op takes its choices.
+renormalisation, grouped top-k) stays in the graph, the op takes its choices (fx_passes/fuse_moe_routing.py makes
+the common routers one kernel).
 
-Experts the op does not describe (an activation it lacks, a norm after each expert, expert parallelism) keep transformers' `grouped_mm` forward, which is what they ran before: correct, and named in
-the log and the report (`unrouted_experts`).
+Experts the op does not describe (an activation it lacks, a norm after each expert, expert parallelism) keep
+transformers' `grouped_mm` forward, which is what they ran before: correct, named in the log, and counted in the
+report's insert_fused_moe line.
 """
 
 from __future__ import annotations

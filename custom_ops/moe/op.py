@@ -8,8 +8,9 @@ gate rows then up rows, as `nn.Linear` weights; any strides); w2 [E, H, I]; opti
 up, SwiGLU; none), "swiglu_oai" (GPT-OSS's clamped SwiGLU over interleaved rows; alpha, limit).
 
 Numerics, which every backend is held to (tests/test_moe_experts.py), transformers' `grouped_mm` experts: each
-expert's projections in x's dtype (rounded after each op: the product, the bias add, each op of the activation), the routing weight's product in the promoted dtype of
-the two, the sum over the k experts of a token accumulated in float32 and rounded once to x's dtype.
+expert's projections in x's dtype (rounded after each op: the product, the bias add, each op of the activation), the
+routing weight's product in the promoted dtype of the two, the sum over the k experts of a token accumulated in
+float32 and rounded once to x's dtype.
 
 Backends by name: `torch` is the reference (a loop over the experts that have tokens; it reads the routing on the
 host, so it cannot run inside a CUDA-graph capture); `triton` runs triton_moe.py's grouped GEMMs, which read only

@@ -176,11 +176,12 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int | None 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                  route_weights: torch.Tensor | None, blocks: ExpertBlocks, *, gated: bool, a_per_token: bool,
                  activation: str = "silu", params: tuple[float, ...] = (), tile: dict | None = None,
-                 scales: tuple[torch.Tensor, torch.Tensor] | None = None, like: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 like: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """out[p] for every pair p of `blocks`: a[p // k if a_per_token else p] @ w[e]^T (+ bias[e]); gated: the
     activation (with its `params`) of w's gate and up rows; times route_weights[p] where given. `scales`: a and w are
-    e4m3, with a's row scales [rows, 1] and w's [E, N]; `like`, a tensor of the model's dtype (a where not given). `tile` overrides
-    the tuned or default one."""
+    e4m3, with a's row scales [rows, 1] and w's [E, N]; `like`, a tensor of the model's dtype (a where not given).
+    `tile` overrides the tuned or default one."""
     import triton
 
     n = w.shape[1] // 2 if gated else w.shape[1]
@@ -204,8 +205,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         bias.stride(1) if bias is not None else 0, bias_up_offset, w_scale.stride(0), w_scale.stride(1),
         scale_up_offset, out.stride(0), float(alpha), float(limit), K=w.shape[2], ONE_TOKEN=one_token, GATED=gated,
         ACTIVATION=ACTIVATIONS[activation], A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None,
-        ROUTE_WEIGHTS=route_weights is not None, FP8=scales is not None, BLOCK_M=blocks.block_m, BLOCK_N=tile["BLOCK_N"],
-        BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        ROUTE_WEIGHTS=route_weights is not None, FP8=scales is not None, BLOCK_M=blocks.block_m,
+        BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     return out
 
