@@ -161,18 +161,24 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         kept.append(f"{len(experts) - quantized_experts} MoE layers' experts ({why_not})")
     moe = f", {quantized_experts} MoE layers' experts" if quantized_experts else ""
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
-    return PassResult("quantize_fp8", len(sites) + quantized_experts, f"{len(sites)} of {len(linears)} linears{moe} -> "
-                      f"float8 e4m3 ({form.scales}, {config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+    detail = (f"{len(sites)} of {len(linears)} linears{moe} -> float8 e4m3 ({form.scales}, "
+              f"{config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+    return PassResult("quantize_fp8", len(sites) + quantized_experts, detail)
 
 
-def _expert_parameter(node: torch.fx.Node) -> tuple[str, bool] | None:
+def _expert_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, bool] | None:
     """(parameter name, stored transposed) of an experts op's weight argument: a parameter or its transpose(1, 2)."""
-    if node.op == "get_attr":
-        return node.target, False
     transposed = node.op == "call_function" and node.target is torch.ops.aten.transpose.int
-    if transposed and sorted(d % 3 for d in node.args[1:3]) == [1, 2] and node.args[0].op == "get_attr":
-        return node.args[0].target, True
-    return None
+    if transposed and sorted(d % 3 for d in node.args[1:3]) == [1, 2]:
+        found = _expert_parameter(gm, node.args[0])
+        return (found[0], True) if found is not None and not found[1] else None
+    if node.op != "get_attr":
+        return None
+    try:
+        gm.get_parameter(node.target)  # the recipe reads a parameter (a buffer is not the model's weight)
+    except AttributeError:
+        return None
+    return node.target, False
 
 
 def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) -> int:
@@ -180,7 +186,7 @@ def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) ->
     done = 0
     for node in experts:
         x, ids, weights, w13, w2, b13, b2, activation, params, backend = node.args
-        found = [_expert_parameter(w) for w in (w13, w2)]
+        found = [_expert_parameter(gm, w) for w in (w13, w2)]
         if None in found:
             continue
         quantized = []

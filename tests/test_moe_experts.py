@@ -158,6 +158,8 @@ def test_triton_on_the_gpu(dtype):
     check_triton_against_reference("cuda", dtype)
     if dtype == torch.float32:
         check_other_tiles("cuda")
+    if dtype == torch.float16:
+        check_strided_routing_and_float32_biases("cuda")
 
 
 @pytest.mark.gpu
@@ -416,3 +418,58 @@ def test_fuse_moe_routing_replaces_each_router_and_keeps_the_logits(arch, sites,
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
     assert relative_error(compiled(ids).logits, expected) < 1e-4
+
+
+def check_strided_routing_and_float32_biases(device: str) -> None:
+    """Review findings: routing weights and one-token ids given as strided views (a kernel that read them at unit
+    stride gave another answer), and float32 biases beside 16-bit weights (transformers adds them in place)."""
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens)).to(device, torch.float16)
+        ids, weights = random_routing(tokens, 8, 2, seed=tokens, device=device)
+        ids = torch.stack([ids, ids], dim=-1).reshape(tokens, 4)[:, ::2]  # the same routing, as strided views
+        weights = torch.stack([weights, weights], dim=-1).reshape(tokens, 4)[:, ::2]
+        assert ids.stride(-1) == 2 and weights.stride(-1) == 2
+        w13, w2, b13, b2 = random_experts(8, 64, 32, seed=tokens, dtype=torch.float16, device=device, bias=True)
+        b13, b2 = b13.float(), b2.float()
+        expected = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "silu")
+        actual = torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, "silu", [], "triton")
+        assert relative_error(actual, expected) < TOLERANCE[torch.float16], f"{tokens} tokens"
+
+
+def test_reference_adds_a_float32_bias_as_transformers_does():
+    x = torch.randn(4, 32).half()
+    ids, weights = random_routing(4, 4, 2, seed=1, dtype=torch.float16)
+    w13, w2, b13, b2 = random_experts(4, 32, 16, seed=2, dtype=torch.float16, bias=True)
+    out = moe_experts_reference(x, ids, weights, w13, w2, b13.float(), b2.float(), "silu")
+    assert out.dtype == torch.float16
+    assert relative_error(out, float64_experts(x, ids, weights, w13, w2, b13, b2)) < 5e-3
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_strided_routing_and_float32_biases_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; "
+        "t.check_strided_routing_and_float32_biases('cpu')"
+    )
+
+
+def test_quantize_fp8_leaves_experts_held_as_buffers():
+    """Expert weights that are buffers, not parameters, stay in the model's dtype (no crash in the recipe)."""
+    from compiled_llm.config import CompileConfig
+    from fx_passes.quantize_fp8 import quantize_fp8
+
+    root = torch.nn.Module()
+    root.register_buffer("w13", torch.randn(4, 32, 16))
+    root.register_buffer("w2", torch.randn(4, 16, 16))
+    graph = torch.fx.Graph()
+    x, ids, weights = graph.placeholder("x"), graph.placeholder("ids"), graph.placeholder("weights")
+    w13, w2 = graph.get_attr("w13"), graph.get_attr("w2")
+    for node, value in ((w13, root.w13), (w2, root.w2)):
+        node.meta["val"] = value
+    out = graph.call_function(
+        torch.ops.compiled_llm.moe_experts.default, (x, ids, weights, w13, w2, None, None, "silu", [], "torch")
+    )
+    graph.output(out)
+    gm = torch.fx.GraphModule(root, graph)
+    result = quantize_fp8(gm, CompileConfig(quantization="fp8"))
+    assert result.sites == 0 and "1 MoE layers' experts (weights not parameters)" in result.detail

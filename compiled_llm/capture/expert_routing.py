@@ -1,15 +1,14 @@
 """Route the experts of a Hugging Face mixture-of-experts model to the canonical `compiled_llm::moe_experts` op.
 
-transformers 5 picks an experts forward by `config._experts_implementation` in its ExpertsInterface registry
-(`@use_experts_implementation` on each family's experts class); registering one function there, as the attention
-routing does, gives one op per MoE layer in the captured graph, whatever the family, instead of pattern-matching
-the sort, histogram and grouped-GEMM ops each implementation exports. The router (softmax or sigmoid, top-k,
+transformers 5 gives every family's experts one shape (`@use_experts_implementation`: gate_up_proj [E, 2I, H],
+down_proj [E, H, I], called with the router's (ids, weights)); replacing each such module's forward during the
+export gives one op per MoE layer in the captured graph, whatever the family, instead of pattern-matching the sort,
+histogram and grouped-GEMM ops each implementation exports. The router (softmax or sigmoid, top-k,
 renormalisation, grouped top-k) stays in the graph, the op takes its choices (fx_passes/fuse_moe_routing.py makes
 the common routers one kernel).
 
-Experts the op does not describe (an activation it lacks, a norm after each expert, expert parallelism) keep
-transformers' `grouped_mm` forward, which is what they ran before: correct, named in the log, and counted in the
-report's insert_fused_moe line.
+Experts the op does not describe (an activation it lacks, a norm after each expert, expert parallelism, transformers'
+own FP8 experts) keep their forward, which is what they ran before: correct, and named in the log.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ import torch
 from torch import nn
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
-from compiled_llm.capture.attention_routing import model_configs
 
 log = logging.getLogger("compiled_llm.capture")
 
-EXPERTS_IMPLEMENTATION = "compiled_llm"
-CANONICAL_MOE = torch.ops.compiled_llm.moe_experts.default
+FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def experts_activation(module: nn.Module) -> tuple[str | None, tuple[float, ...], str]:
@@ -36,6 +33,9 @@ def experts_activation(module: nn.Module) -> tuple[str | None, tuple[float, ...]
     from transformers.activations import SiLUActivation
     from transformers.integrations import moe
 
+    dtypes = {getattr(module, name, None).dtype for name in ("gate_up_proj", "down_proj") if hasattr(module, name)}
+    if not dtypes <= set(FLOAT_WEIGHTS) or len(dtypes) != 1:
+        return None, (), f"weights in {sorted(map(str, dtypes))} (a quantized experts class)"
     if getattr(module, "_is_expert_parallel", False):
         return None, (), "expert parallel"
     if getattr(module, "has_post_expert_norm", False):
@@ -84,51 +84,39 @@ def expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
     return w13, w2, None, None
 
 
-class _ExpertsForward:
-    """The registered experts function: the canonical op where it describes the module, else `fallback`."""
+def _canonical_forward(module: nn.Module, activation: str, params: tuple[float, ...]):
+    """`module`'s forward as the canonical op: (hidden_states [T, H], ids [T, k], weights [T, k]) -> [T, H]."""
 
-    def __init__(self, fallback, activations: dict[int, tuple]):
-        self.fallback = fallback
-        self.activations = activations  # id(experts module) -> experts_activation(module)
-        self.unrouted: dict[str, str] = {}  # experts class -> why it kept transformers' forward
-
-    def __call__(self, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        # Decided before the export (experts_activation runs a probe, which must not be traced).
-        activation, params, why = self.activations.get(id(module), (None, (), "not found before the export"))
-        if activation is None:
-            self.unrouted[type(module).__name__] = why
-            return self.fallback(module, hidden_states, top_k_index, top_k_weights)
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         w13, w2, b13, b2 = expert_weights(module)
         return torch.ops.compiled_llm.moe_experts(
             hidden_states, top_k_index, top_k_weights, w13, w2, b13, b2, activation, list(params), "torch"
         )
 
+    return forward
+
 
 @contextlib.contextmanager
 def route_experts_to_canonical_op(model: nn.Module, unrouted: dict[str, str] | None = None):
-    """Within the block, every experts module of `model` the op describes calls `compiled_llm::moe_experts`; the
-    others run transformers' `grouped_mm` forward, and `unrouted` (if given) gets each such class and why."""
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
-    except ImportError:  # a transformers without the experts registry: its experts stay as they are
-        yield
-        return
+    """Within the block, every experts module of `model` the op describes calls `compiled_llm::moe_experts` (its
+    forward replaced on the instance: the configs' experts implementation, which other experts classes such as
+    transformers' FP8 ones read from registries of their own, is left alone); the others run as they did, and
+    `unrouted` (if given) gets each such class and why."""
+    # transformers' experts classes (@use_experts_implementation): `has_gate` set, `gate_up_proj` held. Decided here,
+    # before the export: experts_activation runs a probe, which must not be traced.
     experts = [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "gate_up_proj")]
-    forward = _ExpertsForward(grouped_mm_experts_forward, {id(m): experts_activation(m) for m in experts})
-    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, forward)
-    configs = [c for c in model_configs(model) if hasattr(c, "_experts_implementation")]
-    saved = [c.__dict__.get("_experts_implementation_internal", c._experts_implementation) for c in configs]
+    decisions = {m: experts_activation(m) for m in experts}
+    routed = [m for m, (activation, _, _) in decisions.items() if activation is not None]
+    skipped = {type(m).__name__: why for m, (activation, _, why) in decisions.items() if activation is None}
     try:
-        for config in configs:
-            config.__dict__["_experts_implementation_internal"] = EXPERTS_IMPLEMENTATION
+        for module in routed:
+            activation, params, _ = decisions[module]
+            module.forward = _canonical_forward(module, activation, params)
         yield
     finally:
-        for config, old in zip(configs, saved):
-            config.__dict__["_experts_implementation_internal"] = old
-        for name, why in forward.unrouted.items():
-            log.info(
-                "%s keeps transformers' grouped_mm experts (compiled_llm::moe_experts does not take %s)", name, why
-            )
+        for module in routed:
+            del module.forward
+        for name, why in skipped.items():
+            log.info("%s keeps transformers' experts forward (compiled_llm::moe_experts does not take %s)", name, why)
         if unrouted is not None:
-            unrouted.update(forward.unrouted)
+            unrouted.update(skipped)

@@ -17,9 +17,15 @@ from collections.abc import Sequence
 
 import torch
 
-from custom_ops.linear.fp8 import FP8, fp8_linear_quantized_reference, quantize_rows, quantize_weight
+from custom_ops.linear.fp8 import (
+    FP8,
+    fp8_linear_quantized_reference,
+    fp8_tensor_cores,
+    quantize_rows,
+    quantize_weight,
+)
 from custom_ops.moe import triton_moe
-from custom_ops.moe.op import ACTIVATIONS, refuse_cuda_graph_capture, triton_takes
+from custom_ops.moe.op import ACTIVATIONS, add_bias, refuse_cuda_graph_capture, triton_takes
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
@@ -47,19 +53,22 @@ def moe_experts_fp8_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_
         pairs = (flat_ids == expert).nonzero().squeeze(1)
         rows = pairs // top_k
         h = fp8_linear_quantized_reference(x8[rows], x_scale[rows], w13[expert], w13_scale[expert], None, x.dtype)
-        if b13 is not None:
-            h = h + b13[expert]
-        act8, act_scale = quantize_rows(ACTIVATIONS[activation](h, params))
+        act8, act_scale = quantize_rows(ACTIVATIONS[activation](add_bias(h, b13, expert), params))
         y = fp8_linear_quantized_reference(act8, act_scale, w2[expert], w2_scale[expert], None, x.dtype)
-        if b2 is not None:
-            y = y + b2[expert]
+        y = add_bias(y, b2, expert)
         weighted[pairs] = y * flat_weights[pairs, None]
     return weighted.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
 def _triton_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation, params):
-    takes = triton_takes(x, topk_ids, b13, b2, activation) and all(
-        w.dtype == FP8 and w.is_contiguous() and s.dtype == torch.float32 for w, s in ((w13, w13_scale), (w2, w2_scale))
+    tensor_cores = not x.is_cuda or fp8_tensor_cores(x.device.index)  # e4m3 dots: compute capability 8.9+
+    takes = (
+        tensor_cores
+        and triton_takes(x, topk_ids, b13, b2, activation)
+        and all(
+            w.dtype == FP8 and w.is_contiguous() and s.dtype == torch.float32
+            for w, s in ((w13, w13_scale), (w2, w2_scale))
+        )
     )
     if not takes:
         return moe_experts_fp8_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation,

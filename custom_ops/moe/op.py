@@ -55,6 +55,12 @@ _LIBRARY.define(
 )
 
 
+def add_bias(h: torch.Tensor, bias: torch.Tensor | None, expert: int) -> torch.Tensor:
+    """h + bias[expert] as transformers' grouped GEMMs add it (in place, after the product): in float32, rounded once
+    to h's dtype, whatever the bias's."""
+    return h if bias is None else (h.float() + bias[expert].float()).to(h.dtype)
+
+
 def refuse_cuda_graph_capture(x: torch.Tensor) -> None:
     """The reference reads the routing on the host: inside a CUDA-graph capture, an error that says what to change
     (rather than CUDA's own, which names neither the op nor the setting)."""
@@ -75,12 +81,8 @@ def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
     weighted = x.new_zeros(tokens * top_k, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     for expert in flat_ids.unique().tolist():
         pairs = (flat_ids == expert).nonzero().squeeze(1)
-        h = F.linear(x[pairs // top_k], w13[expert])
-        if b13 is not None:  # added after the product, as transformers' grouped GEMMs do (a rounding apart)
-            h = h + b13[expert]
-        y = F.linear(ACTIVATIONS[activation](h, params), w2[expert])
-        if b2 is not None:
-            y = y + b2[expert]
+        h = add_bias(F.linear(x[pairs // top_k], w13[expert]), b13, expert)
+        y = add_bias(F.linear(ACTIVATIONS[activation](h, params), w2[expert]), b2, expert)
         weighted[pairs] = y * flat_weights[pairs, None]
     return weighted.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
@@ -88,10 +90,10 @@ def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
 def triton_takes(x: torch.Tensor, topk_ids: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
                  activation: str) -> bool:  # fmt: skip
     """Whether triton_moe's kernels read these: rows with a unit last stride in a dtype they compute, integer ids,
-    biases of the rows' dtype (any strides), an activation they know (the weights: each op's own check)."""
+    biases in a float dtype (any strides), an activation they know (the weights: each op's own check)."""
     return (
         triton_runs_on(x) and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1 and activation in triton_moe.ACTIVATIONS
-        and not topk_ids.is_floating_point() and all(b is None or b.dtype == x.dtype for b in (b13, b2))
+        and not topk_ids.is_floating_point() and all(b is None or b.dtype in KERNEL_DTYPES for b in (b13, b2))
     )  # fmt: skip
 
 

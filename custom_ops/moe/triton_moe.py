@@ -6,8 +6,8 @@ column tile:
     down:    out[p] = (act[p] @ w2[e]^T) * weight[p]      [S, H], then summed over each token's k pairs
 
 A block reads only its expert's weights, so a decode step reads the experts its tokens picked and no other; blocks
-past the last used one return at once. One token (a decode step of one sequence) needs no sort: its k experts are
-distinct, and each pair is a block of its own. The sort is torch ops with static shapes (no host sync): the whole op can
+past the last used one return at once. One token (a decode step of one sequence) needs no sort: each pair is a
+block of its own. The sort is torch ops with static shapes (no host sync): the whole op can
 run inside a CUDA-graph capture.
 """
 
@@ -168,8 +168,8 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int | None 
     tokens, top_k = topk_ids.shape
     pairs = tokens * top_k
     block_m = block_m or block_m_for(pairs, num_experts)
-    if tokens == 1:  # a decode step of one sequence: its k experts are distinct, so no sort, a block each
-        return ExpertBlocks(None, topk_ids.reshape(-1), None, pairs, top_k, block_m)
+    if tokens == 1:  # a decode step of one sequence: no sort, a block per pair
+        return ExpertBlocks(None, topk_ids.reshape(-1).contiguous(), None, pairs, top_k, block_m)  # read at unit stride
     return ExpertBlocks(*sort_by_expert(topk_ids, num_experts, block_m), pairs, top_k, block_m)
 
 
@@ -239,7 +239,7 @@ def fused_moe(
     act = grouped_gemm(x, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, blocks, gated=True, a_per_token=True,
                        activation=activation, params=params)  # fmt: skip
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False)
+    grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1).contiguous(), blocks, gated=False, a_per_token=False)
     return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
 
 
@@ -260,6 +260,6 @@ def fused_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, 
                        like=x)  # fmt: skip
     act8, act_scale = quantize(act, None)
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    grouped_gemm(act8, w2, b2, weighted, topk_weights.reshape(-1), blocks, gated=False, a_per_token=False,
+    grouped_gemm(act8, w2, b2, weighted, topk_weights.reshape(-1).contiguous(), blocks, gated=False, a_per_token=False,
                  scales=(act_scale, w2_scale), like=x)  # fmt: skip
     return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
