@@ -65,7 +65,9 @@ def _renormalized(values: torch.fx.Node) -> torch.fx.Node | None:
 
 def _match(topk: torch.fx.Node) -> dict | None:
     outputs = _outputs(topk)
-    if outputs is None or len(topk.args) > 2 and not _last_dim(topk, topk.args[2]) or len(topk.args) > 3:
+    # topk(x, k, dim=-1, largest=True, sorted): the order among the k does not matter (the experts op sums them)
+    dim, largest = (list(topk.args[2:4]) + [-1, True][len(topk.args[2:4]) :])[:2]
+    if outputs is None or not _last_dim(topk.args[0], dim) or largest is not True or topk.kwargs:
         return None
     values, ids = outputs
     experts = [u for u in ids.users if u.target in EXPERTS_OPS]

@@ -55,6 +55,12 @@ ARCHITECTURES = {
         n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_scaling=None,
     ),
+    # DeepSeek-V2-Lite's kind: no query compression, softmax routing without groups or renormalisation.
+    "deepseek_v2": lambda: tf.DeepseekV2Config(
+        **{**_COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+    ),
     "gpt_oss": lambda: tf.GptOssConfig(
         **_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],

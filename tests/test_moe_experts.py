@@ -14,8 +14,8 @@ from conftest import ARCHITECTURES, random_prompt, relative_error, run_in_interp
 from custom_ops.moe import moe_experts_reference, triton_moe
 from custom_ops.triton_runtime import triton_available
 
-MOE_ARCHS = ("deepseek_v3", "gpt_oss", "mixtral", "qwen3_moe")
-MOE_LAYERS = {"deepseek_v3": 1}  # its first layer is dense
+MOE_ARCHS = ("deepseek_v2", "deepseek_v3", "gpt_oss", "mixtral", "qwen3_moe")
+MOE_LAYERS = {"deepseek_v2": 1, "deepseek_v3": 1}  # their first layer is dense
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the output's norm
 
 
@@ -402,10 +402,13 @@ def test_routing_kernel_on_the_gpu():
     check_routing_against_reference("cuda")
 
 
-@pytest.mark.parametrize(("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v3", 0)])
+@pytest.mark.parametrize(
+    ("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v2", 0), ("deepseek_v3", 0)]
+)
 def test_fuse_moe_routing_replaces_each_router_and_keeps_the_logits(arch, sites, own_cache_dir):
     """Where moe_backend is triton (asked for here on the CPU, where the ops then run their references): each router's
-    softmax/top-k chain is one moe_route whose outputs feed the experts; DeepSeek's grouped routing is left."""
+    softmax/top-k chain is one moe_route whose outputs feed the experts; DeepSeek's routing (scaled, or grouped with a
+    bias correction) is left."""
     model = tiny_model(arch)
     compiled = compile_model(model, moe_backend="triton", compile_backend="eager", cache_dir=own_cache_dir,
                              max_batch_size=2)  # fmt: skip
