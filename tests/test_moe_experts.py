@@ -233,10 +233,13 @@ def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():
     buckets = moe.buckets(compiled.graph_module)
     shapes = [(4, 64, 32, False), (4, 64, 64, True)]  # down [E, H, I], gate_up [E, 2I, H]
     assert buckets == [
-        {"experts": e, "n": n, "k": k, "gated": gated, "top_k": 2, "rows": rows}
+        {"experts": e, "n": n, "k": k, "gated": gated, "fp8": False, "top_k": 2, "rows": rows}
         for e, n, k, gated in shapes
         for rows in (1, 16, 32, 64)
     ]
+    fp8_graph = compile_model(model, moe_backend="triton", compile_backend="eager", autotune="off", max_batch_size=2,
+                              quantization="fp8").graph_module  # fmt: skip
+    assert [b for b in moe.buckets(fp8_graph) if b["fp8"]] == [dict(b, fp8=True) for b in buckets]
     candidates = moe.candidates(buckets[0])
     assert candidates[0].name == moe.heuristic(buckets[1]) == tuning.tile_name(triton_moe.DEFAULT_TILE)
     assert moe.heuristic(buckets[0]) == tuning.tile_name(triton_moe.ONE_TOKEN_TILE)  # one token: narrower tiles
@@ -476,3 +479,39 @@ def test_quantize_fp8_leaves_experts_held_as_buffers():
     gm = torch.fx.GraphModule(root, graph)
     result = quantize_fp8(gm, CompileConfig(quantization="fp8"))
     assert result.sites == 0 and "1 MoE layers' experts (weights not parameters)" in result.detail
+
+
+def check_tuning_candidates_against_their_reference(device: str) -> None:
+    """The grouped-GEMM tuning's own check (a candidate against its reference), on inputs made as its `inputs` makes
+    them, for both GEMMs, float and e4m3, one token and 16-row blocks."""
+    from custom_ops.linear.fp8 import quantize_rows
+    from custom_ops.moe import fp8, tuning
+
+    experts, n, k, top_k = 4, 64, 32, 2
+    moe = tuning.MoeGroupedGemmTuning()
+    for gated in (True, False):
+        for mode in (1, 16):
+            tokens = tuning.tokens_for(mode, experts, top_k)
+            ids = torch.rand(tokens, experts, device=device).topk(top_k).indices
+            blocks = triton_moe.expert_blocks(ids, experts, None if mode == 1 else mode)
+            a = torch.randn(tokens if gated else tokens * top_k, k, device=device)
+            w = torch.randn(experts, n, k, device=device) * k**-0.5
+            route_weights = None if gated else torch.rand(tokens * top_k, device=device)
+            (a8, a_scale), (w8, w_scale) = quantize_rows(a), fp8.quantize_experts(w)
+            for inputs in (
+                (a, w, route_weights, blocks, None, None),
+                (a8, w8, route_weights, blocks, (a_scale, w_scale), a),
+            ):
+                expected = moe.reference(*inputs)
+                for candidate in moe.candidates({"gated": gated, "rows": mode})[:2]:
+                    actual = candidate.run(*inputs).float()
+                    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+                    assert error < moe.tolerance(torch.float32)[1], f"{candidate.name} gated={gated} mode={mode}"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_tuning_candidates_against_their_reference_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; "
+        "t.check_tuning_candidates_against_their_reference('cpu')"
+    )

@@ -25,8 +25,8 @@ DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 # One token: k blocks of one row each stream their experts' weights; narrower column tiles give the GPU more programs
 # (Qwen3-30B-A3B's gate_up: 8 x 768/64 = 96 programs for 132 SMs at the default, 192 at 32). Not yet measured.
 ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-# (device index, num_experts, n, k, row mode) -> a tile the autotuner chose (tuning.py), read at every call; the row
-# mode is 1 for one token (a block per pair), else BLOCK_M.
+# (device index, num_experts, n, k, row mode, e4m3 weights) -> a tile the autotuner chose (tuning.py), read at every
+# call; the row mode is 1 for one token (a block per pair), else BLOCK_M.
 TUNED_TILES: dict[tuple, dict] = {}
 
 
@@ -225,7 +225,8 @@ def heuristic_tile(mode: int) -> dict:
 
 
 def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int) -> dict:
-    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], w.shape[2], mode), heuristic_tile(mode))
+    fp8 = w.dtype == torch.float8_e4m3fn
+    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], w.shape[2], mode, fp8), heuristic_tile(mode))
 
 
 def fused_moe(

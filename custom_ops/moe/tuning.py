@@ -18,7 +18,8 @@ import torch
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
-from custom_ops.moe import op, triton_moe
+from custom_ops.linear.fp8 import quantize_rows
+from custom_ops.moe import fp8, op, triton_moe
 
 OP = "moe_grouped_gemm"
 ROW_MODES = (1, 16, 32, 64)
@@ -41,10 +42,12 @@ def tile_name(tile: dict) -> str:
     return f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
 
 
-def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, gated: bool, tile: dict) -> torch.Tensor:
-    out_dtype = a.dtype if route_weights is None else torch.promote_types(a.dtype, route_weights.dtype)
+def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, gated: bool, tile: dict) -> torch.Tensor:
+    dtype = (like if like is not None else a).dtype
+    out_dtype = dtype if route_weights is None else torch.promote_types(dtype, route_weights.dtype)
     out = a.new_empty(blocks.pairs, w.shape[1] // 2 if gated else w.shape[1], dtype=out_dtype)
-    return triton_moe.grouped_gemm(a, w, None, out, route_weights, blocks, gated=gated, a_per_token=gated, tile=tile)
+    return triton_moe.grouped_gemm(a, w, None, out, route_weights, blocks, gated=gated, a_per_token=gated, tile=tile,
+                                   scales=scales, like=like)  # fmt: skip
 
 
 def tokens_for(mode: int, experts: int, top_k: int) -> int:
@@ -53,8 +56,9 @@ def tokens_for(mode: int, experts: int, top_k: int) -> int:
 
 
 class MoeGroupedGemmTuning:
-    """autotune.tuner.OpTuning of triton_moe.grouped_gemm; bucket {"experts", "n", "k", "gated", "top_k", "rows"}:
-    w [experts, n, k] (gated: n = 2I, [gate; up] rows), `rows` the row mode."""
+    """autotune.tuner.OpTuning of triton_moe.grouped_gemm; bucket {"experts", "n", "k", "gated", "fp8", "top_k",
+    "rows"}: w [experts, n, k] (gated: n = 2I, [gate; up] rows; fp8: e4m3 rows and weights, moe_experts_fp8's),
+    `rows` the row mode."""
 
     op = OP
 
@@ -79,18 +83,28 @@ class MoeGroupedGemmTuning:
             a = torch.randn(rows, k, device=device, dtype=dtype)
             w = torch.randn(experts, n, k, device=device, dtype=dtype) * k**-0.5
             route_weights = None if gated else torch.rand(tokens * top_k, device=device, dtype=dtype)
-            sets.append((a, w, route_weights, blocks))
+            if bucket["fp8"]:
+                (a8, a_scale), (w8, w_scale) = quantize_rows(a), fp8.quantize_experts(w)
+                sets.append((a8, w8, route_weights, blocks, (a_scale, w_scale), a))
+            else:
+                sets.append((a, w, route_weights, blocks, None, None))
         return sets
 
-    def reference(self, a, w, route_weights, blocks: triton_moe.ExpertBlocks) -> torch.Tensor:
-        """Each pair's row through its expert's weight in float32, as moe_experts_reference computes the GEMM."""
+    def reference(self, a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like) -> torch.Tensor:
+        """Each pair's row through its expert's weight in float32 (e4m3 values times their scales), as the ops'
+        references compute the GEMM."""
         ids = blocks.block_expert if blocks.sorted_pairs is None else _pair_experts(blocks)
         out = torch.empty(blocks.pairs, w.shape[1] // 2 if route_weights is None else w.shape[1], device=a.device)
+        a_values, w_values = a.float(), w.float()
+        if scales is not None:
+            a_values, w_values = a_values * scales[0], w_values * scales[1][..., None]
         for expert in ids.unique().tolist():
             pairs = (ids == expert).nonzero().squeeze(1)
-            rows = a[pairs // blocks.top_k] if route_weights is None else a[pairs]
-            h = rows.float() @ w[expert].float().t()
-            out[pairs] = op.ACTIVATIONS["silu"](h) if route_weights is None else h * route_weights[pairs, None].float()
+            rows = a_values[pairs // blocks.top_k] if route_weights is None else a_values[pairs]
+            h = rows @ w_values[expert].t()
+            out[pairs] = (
+                op.ACTIVATIONS["silu"](h, ()) if route_weights is None else h * route_weights[pairs, None].float()
+            )
         return out
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
@@ -100,21 +114,22 @@ class MoeGroupedGemmTuning:
         """A bucket per expert weight shape of the graph's `triton` experts calls, both GEMMs, every row mode."""
         shapes = set()
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target is not _MOE_EXPERTS or node.args[-1] != "triton":
+            if node.op != "call_function" or node.target not in _EXPERTS_OPS or node.args[-1] != "triton":
                 continue
+            fp8_op = node.target is _EXPERTS_OPS[1]
             top_k = _top_k(node.args[1])
-            w13, w2 = (_weight_shape(gm, arg) for arg in node.args[3:5])
+            w13, w2 = (_weight_shape(gm, arg) for arg in (node.args[3:6:2] if fp8_op else node.args[3:5]))
             if top_k is None or w13 is None or w2 is None:
                 continue  # a graph this tuning cannot read: the calls run the default tile
-            shapes |= {(*w13, True, top_k), (*w2, False, top_k)}
+            shapes |= {(*w13, True, fp8_op, top_k), (*w2, False, fp8_op, top_k)}
         return [
-            {"experts": e, "n": n, "k": k, "gated": gated, "top_k": top_k, "rows": rows}
-            for e, n, k, gated, top_k in sorted(shapes)
+            {"experts": e, "n": n, "k": k, "gated": gated, "fp8": fp8_op, "top_k": top_k, "rows": rows}
+            for e, n, k, gated, fp8_op, top_k in sorted(shapes)
             for rows in ROW_MODES
         ]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"])
+        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"], bucket["fp8"])
         triton_moe.TUNED_TILES[key] = dict(candidate.config)
 
 
@@ -150,6 +165,6 @@ def _weight_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, i
     return None
 
 
-_MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
+_EXPERTS_OPS = (torch.ops.compiled_llm.moe_experts.default, torch.ops.compiled_llm.moe_experts_fp8.default)
 
 register(MoeGroupedGemmTuning())
