@@ -515,3 +515,17 @@ def test_tuning_candidates_against_their_reference_in_the_interpreter():
         "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; "
         "t.check_tuning_candidates_against_their_reference('cpu')"
     )
+
+
+def test_a_stored_rewritten_moe_graph_loads_into_other_weights(own_cache_dir):
+    """The rewritten graph of an FP8 MoE model with its fused routers, stored, then loaded for a model of the same
+    shape with other weights: the experts' e4m3 copies are rebuilt from the new weights (derived_weights), and the
+    loaded graph gives what a fresh compile of the new model gives."""
+    fields = {"moe_backend": "triton", "quantization": "fp8", "max_batch_size": 2, "cache_dir": own_cache_dir}
+    compile_model(tiny_model("qwen3_moe", seed=0), **fields)
+    other = tiny_model("qwen3_moe", seed=1)
+    loaded = compile_model(other, **fields)  # a loaded graph is self-checked
+    assert loaded.report.capture.startswith("rewritten graph from the graph cache")
+    fresh = compile_model(other, graph_cache=False, **fields)
+    ids = random_prompt(16, batch=2, seed=6)
+    assert relative_error(loaded(ids).logits, fresh(ids).logits) < 1e-6
