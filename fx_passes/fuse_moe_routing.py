@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 import custom_ops.moe  # noqa: F401  (registers the ops)
-from custom_ops.moe import moe_backend
+from fx_passes.kernel_backend import resolve_triton_backend
 from fx_passes.node_match import calls, is_call
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
@@ -115,7 +115,9 @@ def fuse_moe_routing(gm: torch.fx.GraphModule, config) -> PassResult:
     matches = [m for m in map(_match, calls(graph, aten.topk.default)) if m]
     if not matches:
         return PassResult("fuse_moe_routing", 0)
-    backend, why = moe_backend(matches[0]["logits"].meta["val"].device, config.moe_backend)
+    backend, why = resolve_triton_backend(
+        "moe_backend", config.moe_backend, matches[0]["logits"].meta["val"].device.type
+    )
     if backend != "triton":
         return PassResult("fuse_moe_routing", 0, f"routers left to Inductor ({why})")
     for m in matches:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from custom_ops.moe import moe_backend
+from custom_ops.linear.fp8 import fp8_tensor_cores
+from fx_passes.kernel_backend import resolve_triton_backend
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
@@ -31,13 +32,16 @@ def _grouped_mm_calls(graph: torch.fx.Graph) -> int:
 def insert_fused_moe(gm: torch.fx.GraphModule, config) -> PassResult:
     left = _grouped_mm_calls(gm.graph)
     unrouted = f"; {left} grouped_mm calls of experts it does not take left as they are" if left else ""
-    detail = []
+    detail, count = [], 0
     for op, fp8 in ((MOE_EXPERTS, False), (MOE_EXPERTS_FP8, True)):
         sites = calls(gm.graph, op)
         if sites:
-            backend, why = moe_backend(sites[0].args[0].meta["val"].device, config.moe_backend, fp8)
+            device = sites[0].args[0].meta["val"].device
+            backend, why = resolve_triton_backend("moe_backend", config.moe_backend, device.type)
+            if fp8 and backend == "triton" and config.moe_backend == "auto" and not fp8_tensor_cores(device.index):
+                backend, why = "torch", "auto: no FP8 tensor cores before compute capability 8.9"
             for node in sites:
                 node.args = (*node.args[:-1], backend)
             detail.append(f"{len(sites)} {'FP8 ' if fp8 else ''}MoE layers -> {backend} ({why})")
-    count = len(calls(gm.graph, MOE_EXPERTS)) + len(calls(gm.graph, MOE_EXPERTS_FP8))
+            count += len(sites)
     return PassResult("insert_fused_moe", count, (", ".join(detail) + unrouted).removeprefix("; "))

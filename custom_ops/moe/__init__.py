@@ -4,6 +4,6 @@ fp8.py: `compiled_llm::moe_experts_fp8`, the experts' weights in float8 e4m3; ro
 router's softmax, top-k and renormalisation in one kernel. Importing the package registers the ops and the tuning."""
 
 from custom_ops.moe import fp8, routing, tuning  # noqa: F401  (registers moe_experts_fp8, moe_route, the tuning)
-from custom_ops.moe.op import MOE_BACKENDS, moe_backend, moe_experts_reference
+from custom_ops.moe.op import MOE_BACKENDS, moe_experts_reference
 
-__all__ = ["MOE_BACKENDS", "moe_backend", "moe_experts_reference"]
+__all__ = ["MOE_BACKENDS", "moe_experts_reference"]

@@ -73,8 +73,8 @@ def _triton_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13
     if not takes:
         return moe_experts_fp8_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation,
                                          params)  # fmt: skip
-    return triton_moe.fused_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation,
-                                    tuple(params))  # fmt: skip
+    return triton_moe.fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params,
+                                weight_scales=(w13_scale, w2_scale))  # fmt: skip
 
 
 MOE_FP8_BACKENDS = {"torch": moe_experts_fp8_reference, "triton": _triton_moe_fp8}

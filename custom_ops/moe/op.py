@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from custom_ops.moe import triton_moe
-from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
 
 
 def _silu_mul(gate_up: torch.Tensor, params: Sequence[float]) -> torch.Tensor:
@@ -100,27 +100,10 @@ def triton_takes(x: torch.Tensor, topk_ids: torch.Tensor, b13: torch.Tensor | No
 def _triton_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params: Sequence[float]) -> torch.Tensor:
     if not (triton_takes(x, topk_ids, b13, b2, activation) and w13.dtype == x.dtype == w2.dtype):
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
-    return triton_moe.fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, tuple(params))
+    return triton_moe.fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
 
 
 MOE_BACKENDS = {"torch": moe_experts_reference, "triton": _triton_moe}
-
-
-def moe_backend(device: torch.device, requested: str = "auto", fp8: bool = False) -> tuple[str, str]:
-    """The backend for a model on `device` under CompileConfig.moe_backend, and why; `fp8`: for moe_experts_fp8,
-    whose grouped GEMMs need e4m3 tensor cores."""
-    if requested != "auto":
-        return requested, f"moe_backend={requested!r}"
-    if device.type == "cuda":
-        if not triton_available():
-            return "torch", "triton is not installed: the reference, which CUDA graphs cannot capture"
-        if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
-            return (
-                "torch",
-                "no FP8 tensor cores before compute capability 8.9: the reference, which CUDA graphs cannot capture",
-            )
-        return "triton", "grouped GEMMs over the tokens sorted by expert, reading only the experts that have tokens"
-    return "torch", f"the reference on {device.type}"
 
 
 def _moe_experts(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params, backend: str) -> torch.Tensor:

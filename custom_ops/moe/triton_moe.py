@@ -229,38 +229,29 @@ def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int) -> dict:
     return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], w.shape[2], mode, fp8), heuristic_tile(mode))
 
 
-def fused_moe(
-    x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params: tuple[float, ...] = ()
-) -> torch.Tensor:
-    """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs."""
-    tokens, hidden = x.shape
-    if tokens * topk_ids.shape[1] == 0:
-        return x.new_zeros(x.shape)
-    blocks = expert_blocks(topk_ids, w13.shape[0])
-    act = grouped_gemm(x, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, blocks, gated=True, a_per_token=True,
-                       activation=activation, params=params)  # fmt: skip
-    weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    grouped_gemm(act, w2, b2, weighted, topk_weights.reshape(-1).contiguous(), blocks, gated=False, a_per_token=False)
-    return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
-
-
-def fused_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation: str,
-                  params: tuple[float, ...] = ()) -> torch.Tensor:  # fmt: skip
-    """moe_experts_fp8 over x [T, H] (unit last stride): x quantized per token, the gate_up GEMM in e4m3, its
-    activation quantized per pair row, the down GEMM in e4m3."""
+def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params=(),
+              weight_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs; with `weight_scales` (w13's, w2's),
+    moe_experts_fp8: w13 and w2 in e4m3, and x and the activation quantized per row before their GEMM."""
     from custom_ops.linear import fp8, triton_fp8
 
     tokens, hidden = x.shape
     if tokens * topk_ids.shape[1] == 0:
         return x.new_zeros(x.shape)
-    quantize = triton_fp8.quantize_rows if x.is_cuda else lambda rows, _: fp8.quantize_rows(rows)  # bit-equal
     blocks = expert_blocks(topk_ids, w13.shape[0])
-    x8, x_scale = quantize(x, None)
-    act = grouped_gemm(x8, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, blocks, gated=True,
-                       a_per_token=True, activation=activation, params=params, scales=(x_scale, w13_scale),
-                       like=x)  # fmt: skip
-    act8, act_scale = quantize(act, None)
+    params = tuple(params)
+
+    def gemm(a, w, bias, out, route_weights, weight_scale, **kwargs):
+        if weight_scale is None:
+            return grouped_gemm(a, w, bias, out, route_weights, blocks, **kwargs)
+        quantize = triton_fp8.quantize_rows if a.is_cuda else lambda rows, _: fp8.quantize_rows(rows)  # bit-equal
+        a8, a_scale = quantize(a, None)
+        return grouped_gemm(a8, w, bias, out, route_weights, blocks, scales=(a_scale, weight_scale), like=x, **kwargs)
+
+    w13_scale, w2_scale = weight_scales or (None, None)
+    act = gemm(x, w13, b13, x.new_empty(blocks.pairs, w2.shape[2]), None, w13_scale, gated=True, a_per_token=True,
+               activation=activation, params=params)  # fmt: skip
     weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    grouped_gemm(act8, w2, b2, weighted, topk_weights.reshape(-1).contiguous(), blocks, gated=False, a_per_token=False,
-                 scales=(act_scale, w2_scale), like=x)  # fmt: skip
+    route_weights = topk_weights.reshape(-1).contiguous()  # the kernel reads it at unit stride
+    gemm(act, w2, b2, weighted, route_weights, w2_scale, gated=False, a_per_token=False)
     return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
