@@ -19,6 +19,7 @@ from conftest import VOCAB, random_prompt, tiny_model
         ({"attention_backend": "cudnn"}, "attention_backend"),
         ({"linear_backend": "cublas"}, "linear_backend"),
         ({"norm_backend": "apex"}, "norm_backend"),
+        ({"moe_backend": "cutlass"}, "moe_backend"),
         ({"quantization": "int4_awq"}, "quantization='int4_awq' is planned but not supported yet"),
         ({"quantization": "int3"}, "quantization"),
         ({"quantize_lm_head": True, "quantization": "none"}, "quantize_lm_head=True needs a quantization"),
@@ -46,6 +47,8 @@ def test_triton_backends_need_triton(monkeypatch):
     for field in ("linear_backend", "norm_backend"):
         with pytest.raises(ValueError, match=f"{field}='triton' needs triton"):
             compile_model(tiny_model("llama"), compile_backend="eager", **{field: "triton"})
+    with pytest.raises(ValueError, match="moe_backend='triton' needs triton"):
+        compile_model(tiny_model("qwen3_moe"), compile_backend="eager", moe_backend="triton")
 
 
 def test_a_mistyped_field_gets_the_closest_name():
