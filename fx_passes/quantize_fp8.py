@@ -89,9 +89,14 @@ def quantize_parameter(gm: torch.fx.GraphModule, target: str, fmt: str, weight_n
     """Register `weight_name` and `scale_name`, the parameter `target` in format `fmt` (an FP8 checkpoint's own
     tensors where it has them), and list the parameter in `gm.meta["fp8_weights"]`."""
     weight = gm.get_parameter(target)
+    quantized = checkpoint_tensors(weight) or FORMATS[fmt].quantize(weight)
+    _register_quantized(gm, weight, quantized, (weight_name, scale_name))
+
+
+def _register_quantized(gm: torch.fx.GraphModule, weight: torch.Tensor, quantized: tuple, names: tuple[str, str]):
+    """(W8, scales) as parameters of `gm` under `names`, and `weight` listed in `gm.meta["fp8_weights"]`."""
     gm.meta.setdefault("fp8_weights", []).append(weight)
-    weight8, scale = checkpoint_tensors(weight) or FORMATS[fmt].quantize(weight)
-    for name, tensor in ((weight_name, weight8), (scale_name, scale)):
+    for name, tensor in zip(names, quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
 
 
@@ -102,10 +107,8 @@ def quantize_experts_parameter(gm: torch.fx.GraphModule, target: str, transposed
     `transposed`) in e4m3 with a scale per expert and output channel (custom_ops/moe/fp8.py), and list the parameter
     in `gm.meta["fp8_weights"]`."""
     weight = gm.get_parameter(target)
-    gm.meta.setdefault("fp8_weights", []).append(weight)
-    weight8, scale = quantize_experts(weight.transpose(1, 2) if transposed else weight)
-    for name, tensor in ((weight_name, weight8), (scale_name, scale)):
-        gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    quantized = quantize_experts(weight.transpose(1, 2) if transposed else weight)
+    _register_quantized(gm, weight, quantized, (weight_name, scale_name))
 
 
 def checkpoint_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -238,10 +241,12 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
         weight8, scale = checkpoint_tensors(module.weight) or form.quantize(module.weight)
         return form.reference(*form.op_args(x, weight8, scale, module.bias))
 
-    def experts_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        from compiled_llm.capture.expert_routing import expert_weights, experts_activation
+    from compiled_llm.capture.expert_routing import expert_weights, experts_activation
 
-        activation, params, _ = experts_activation(module)
+    activations = {m: experts_activation(m)[:2] for m in experts}  # once: it runs a probe
+
+    def experts_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        activation, params = activations[module]
         w13, w2, b13, b2 = expert_weights(module)
         quantized = (*quantize_experts(w13), *quantize_experts(w2))
         return moe_experts_fp8_reference(hidden_states, top_k_index, top_k_weights, *quantized, b13, b2, activation,
