@@ -5,6 +5,9 @@
     o = compiled_llm.paged_attention(q, k, v, kv_cache_<layer>, slot_mapping, block_table,
                                      query_start_loc, seq_lens, layer, scale, window, softcap, sinks, backend)
 
+A layer whose values are its keys (`v` is `k`: multi-head latent attention in its absorbed form,
+compiled_llm/capture/latent_attention.py) gets a cache of one plane; any other pair of widths, one of two planes.
+
 The KV cache of each layer and the step's attention metadata become graph inputs (placeholders named as
 above, in `PAGED_INPUTS` order, then one `kv_cache_<layer>` per layer). The backend of each layer is
 chosen here, once, and recorded in the graph and in `gm.meta["paged_attention"]`.
@@ -49,6 +52,11 @@ class PagedLayer:
     def cache_input(self) -> str:
         return f"kv_cache_{self.layer_idx}"
 
+    @property
+    def kv_planes(self) -> int:
+        """Tensors a token keeps in the cache: keys and values, or the keys alone where they are the values."""
+        return 1 if self.features.values_in_keys else 2
+
 
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # CompileConfig.kv_cache_dtype -> dtype; "auto": the keys' dtype
 
@@ -66,6 +74,7 @@ def _features(node: torch.fx.Node, kv_cache_dtype: str) -> LayerAttentionFeature
         has_sinks=sinks is not None,
         dtype=k.dtype,
         cache_dtype=KV_CACHE_DTYPES.get(kv_cache_dtype, k.dtype),
+        values_in_keys=node.args[2] is node.args[1],
     )
 
 
@@ -116,7 +125,7 @@ def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     for node, layer in zip(sites, layers):
         q, k, v, layer_idx, scale, window, softcap, sinks = node.args
         with graph.inserting_before(node):
-            q, k, v, value_dim = _pad_head_dims(graph, q, k, v)
+            q, k, v, value_dim = _pad_head_dims(graph, q, k, v)  # nothing to pad where v is k
             paged = graph.call_function(
                 PAGED_ATTENTION,
                 (q, k, v, inputs[layer.cache_input], *(inputs[name] for name in PAGED_INPUTS),
@@ -134,6 +143,9 @@ def insert_paged_attention(gm: torch.fx.GraphModule, config) -> PassResult:
     detail = ", ".join(f"{b}: {n} layers" for b, n in backends.items())
     if padded:
         detail += f"; {padded} layers' narrower keys or values zero-padded to one head width in the cache"
+    one_plane = sum(layer.kv_planes == 1 for layer in layers)
+    if one_plane:
+        detail += f"; {one_plane} layers' values are their keys (latent attention): one cache plane"
     return PassResult("insert_paged_attention", len(sites), detail)
 
 

@@ -107,6 +107,9 @@ def token_major_attention_inputs(gm: torch.fx.GraphModule, config) -> PassResult
     for node in calls(graph, CANONICAL_ATTENTION):
         args = list(node.args)
         for i in range(3):  # q, k, v
+            if i == 2 and node.args[2] is node.args[1]:  # values that are the keys stay one node (one cache plane)
+                args[2] = args[1]
+                continue
             if not _is_call(args[i], aten.transpose.int, 0, 1) or not _is_call(args[i].args[0], aten.select.int, 0, 0):
                 continue
             head_major = args[i].args[0].args[0]

@@ -84,6 +84,15 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def paged_layers(count: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, num_heads: int = 32) -> list:
+    """`count` paged attention layers (fx_passes.PagedLayer) of one shape, as insert_paged_attention records them."""
+    from custom_ops import LayerAttentionFeatures
+    from fx_passes import PagedLayer
+
+    features = LayerAttentionFeatures(head_dim, num_heads, num_kv_heads, head_dim**-0.5, 0, 0.0, False, dtype, dtype)
+    return [PagedLayer(i, num_kv_heads, head_dim, dtype, features, "sdpa", "") for i in range(count)]
+
+
 _COMPILED: dict = {}
 
 

@@ -29,9 +29,11 @@ def test_report_pages_every_layer(compiled, arch):
     assert [layer.layer_idx for layer in cm.report.attention] == list(range(model.config.num_hidden_layers))
     assert "insert_paged_attention" in str(cm.report)
     paged = [n for n in cm.graph_module.graph.nodes if n.target is torch.ops.compiled_llm.paged_attention.default]
-    if arch.startswith("deepseek"):  # latent attention expanded: values zero-padded to the keys' width, heads still major
-        assert "2 layers' narrower keys or values zero-padded" in str(cm.report)
-        assert cm.report.pass_sites("token_major_attention_inputs") == 0
+    if arch.startswith("deepseek"):  # latent attention, absorbed: one cache plane of latent + RoPE key a token
+        assert "2 layers' values are their keys (latent attention): one cache plane" in str(cm.report)
+        width = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+        assert {tuple(t.shape[1:]) for t in cm.runner.kv_cache.tensors.values()} == {(1, cm.runner.kv_cache.block_size, 1, width)}
+        assert {n.args[1] for n in paged} == {n.args[2] for n in paged}  # v is k
         return
     # q, k and v of every layer reach attention token-major, with no transpose in between
     assert cm.report.pass_sites("token_major_attention_inputs") == 3 * model.config.num_hidden_layers

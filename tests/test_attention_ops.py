@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from tests.paged_steps import random_step
 
 ops = torch.ops.compiled_llm
 
@@ -122,6 +123,33 @@ def test_paged_attention_mixed_batch_matches_naive(features, block_size, backend
             block, offset = divmod(slot(seq, p), block_size)
             assert torch.equal(kv_cache[block, 0, offset], seq["keys"][p])
             assert torch.equal(kv_cache[block, 1, offset], seq["values"][p])
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_with_values_in_the_keys_matches_naive(backend, block_size, window):
+    """A one-plane cache (multi-head latent attention, absorbed): v is k, stored once, read as both."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_heads, head_dim = 4, 8
+    args, _ = random_step(rng, [(0, 7), (9, 1), (3, 5), (17, 1)], block_size, num_heads, 1, head_dim, torch.float32,
+                          "cpu", values_in_keys=True)  # fmt: skip
+    q, k, v, kv_cache, _, table, query_start_loc, seq_lens = args
+    assert v is k and kv_cache.shape[1] == 1
+    cached_keys = _cached_keys(kv_cache, table, seq_lens)  # the prefixes an earlier step wrote, then this step's
+    out = ops.paged_attention(*args, 0, 0.3, window, 0.0, None, backend)
+    for s in range(len(seq_lens)):
+        start, end = query_start_loc[s].item(), query_start_loc[s + 1].item()
+        keys = torch.cat([cached_keys[s][: seq_lens[s] - (end - start)], k[start:end]])
+        expected = naive_attention(q[start:end], keys, keys, 0.3, window, 0.0, None)
+        torch.testing.assert_close(out[start:end].double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(_cached_keys(kv_cache, table, seq_lens)[1][-1], k[query_start_loc[1]])  # written once, plane 0
+
+
+def _cached_keys(kv_cache, table, seq_lens) -> list[torch.Tensor]:
+    return [kv_cache[table[s].long(), 0].flatten(0, 1)[: seq_lens[s]].clone() for s in range(len(seq_lens))]
 
 
 def test_paged_attention_writes_only_the_step_slots_and_passes_opcheck():

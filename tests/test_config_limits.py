@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compiled_llm import CompileConfig, compile_model
-from conftest import random_prompt, tiny_model
+from conftest import paged_layers, random_prompt, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +92,9 @@ def test_the_models_context_counts_rope_scaling_as_vllm_does(rope, context):
 
 def test_kv_cache_sizes_that_cannot_be_served_name_the_field_and_the_largest(model, monkeypatch):
     import compiled_llm.runtime.kv_cache as kv_cache
-    from fx_passes import PagedLayer
 
     monkeypatch.setattr(kv_cache, "_available_host_memory", lambda: 16 << 30)  # the same on every machine
-    layers = [PagedLayer(i, 8, 128, torch.float32, None, "sdpa", "") for i in range(32)]  # 4 MiB a block
+    layers = paged_layers(32, 8, 128)  # 4 MiB a block
     kv_cache.check_kv_cache_fits(layers, 4095, 16, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"num_kv_blocks=4096 needs 16.00 GiB, more than the 16.00 GiB of available "
                        "RAM left for it: at most 4095 fit"):  # fmt: skip

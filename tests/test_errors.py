@@ -10,7 +10,7 @@ import transformers as tf
 from torch import nn
 
 from compiled_llm import CaptureError, CompileConfig, compile_model
-from conftest import VOCAB, random_prompt, tiny_model
+from conftest import VOCAB, paged_layers, random_prompt, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -264,12 +264,11 @@ def test_hub_id_errors_say_what_was_tried(monkeypatch, tmp_path):
 def test_cpu_kv_cache_default_is_capped_and_says_why(monkeypatch):
     import compiled_llm.runtime.kv_cache as kv_cache
     from compiled_llm.runtime.kv_cache import CPU_KV_CACHE_BUDGET, PagedKVCache, default_num_kv_blocks
-    from fx_passes import PagedLayer
 
     monkeypatch.setattr(kv_cache, "_available_host_memory", lambda: 16 << 30)  # the same on every machine
 
     cpu = torch.device("cpu")
-    layers = [PagedLayer(i, 8, 128, torch.float32, None, "sdpa", "") for i in range(32)]  # Llama-8B's cache
+    layers = paged_layers(32, 8, 128)  # Llama-8B's cache
     blocks, why = default_num_kv_blocks(layers, 16, 64, 2048, 0.9, cpu)  # 0.5 GiB a sequence
     assert blocks * PagedKVCache.bytes_per_block(layers, 16) <= 0.9 * CPU_KV_CACHE_BUDGET
     assert why.startswith("capped at 0.9 of min(1 GiB, available RAM / 8) on CPU") and "num_kv_blocks" in why

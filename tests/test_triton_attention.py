@@ -22,13 +22,17 @@ STEPS = {
     "mixed": [(0, 37), (20, 1), (5, 16), (63, 1), (0, 1), (100, 30)],
     "decode": [(1, 1), (16, 1), (17, 1), (200, 1), (33, 1)],
     "one-long-prefill": [(40, 90)],
+    "short-mixed": [(3, 4), (20, 1), (0, 3)],
 }
-LAYERS = {  # (heads, kv heads, head_dim, sliding window, softcap, sinks)
-    "llama-8b": (32, 8, 128, 0, 0.0, False),
-    "smollm2": (9, 3, 64, 0, 0.0, False),
-    "gemma2": (8, 4, 256, 24, 30.0, False),
-    "mha-odd-head-dim": (4, 4, 80, 0, 0.0, False),
-    "gpt-oss": (16, 2, 64, 24, 0.0, True),
+LAYERS = {  # (heads, kv heads, head_dim, sliding window, softcap, sinks, values in the keys)
+    "llama-8b": (32, 8, 128, 0, 0.0, False, False),
+    "smollm2": (9, 3, 64, 0, 0.0, False, False),
+    "gemma2": (8, 4, 256, 24, 30.0, False, False),
+    "mha-odd-head-dim": (4, 4, 80, 0, 0.0, False, False),
+    "gpt-oss": (16, 2, 64, 24, 0.0, True, False),
+    "deepseek-v2-lite-latent": (16, 1, 576, 0, 0.0, False, True),  # MLA absorbed: latent 512 + RoPE 64, one plane
+    "deepseek-v3-latent": (128, 1, 576, 0, 0.0, False, True),  # 8 blocks of 16 query heads over one KV head
+    "latent-40-heads": (40, 1, 576, 0, 0.0, False, True),  # a last block of heads part empty
 }
 
 
@@ -40,9 +44,9 @@ def check_against_reference(layer: str, step: str, block_size: int, device: str,
                             cache_dtype: torch.dtype | None = None):  # fmt: skip
     seed = random.randrange(1 << 30)
     torch.manual_seed(seed)
-    heads, kv_heads, head_dim, window, softcap, has_sinks = LAYERS[layer]
+    heads, kv_heads, head_dim, window, softcap, has_sinks, values_in_keys = LAYERS[layer]
     args, _ = random_step(random.Random(seed), STEPS[step], block_size, heads, kv_heads, head_dim, dtype, device,
-                          cache_dtype)  # fmt: skip
+                          cache_dtype, values_in_keys)  # fmt: skip
     sinks = torch.randn(heads, device=device) if has_sinks else None
     extras = (0, head_dim**-0.5, window, softcap, sinks)
     reference_cache = args[3].clone()
@@ -138,7 +142,8 @@ def fix_interpreter_loop_bounds() -> None:
 
 
 INTERPRETED = [("gpt-oss", "mixed", 5), ("gpt-oss", "decode", 5), ("smollm2", "decode", 16),
-               ("mha-odd-head-dim", "one-long-prefill", 16)]  # decode steps: keys split over programs
+               ("mha-odd-head-dim", "one-long-prefill", 16), ("latent-40-heads", "decode", 16),
+               ("latent-40-heads", "short-mixed", 5)]  # decode steps: keys split over programs
 
 
 @needs_triton

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from compiled_llm.capture.latent_attention import routed_latent_attention
 
 ATTENTION_IMPLEMENTATION = "compiled_llm"
 
@@ -58,11 +59,13 @@ def canonical_attention_forward(
     if query.shape[0] != 1:
         raise CaptureError(f"{where}: expected the flat token batch [1, heads, tokens, head_dim], got {tuple(query.shape)}")
 
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.ops.compiled_llm.attention(
-        q, k, v, int(layer_idx), scale, int(sliding_window or 0), float(softcap or 0.0), s_aux
-    )
+    features = (int(sliding_window or 0), float(softcap or 0.0), s_aux)
+    latent = routed_latent_attention(module)
+    if latent is not None:  # multi-head latent attention, absorbed: it attends over the latents (latent_attention.py)
+        return latent.attend(query, key, value, int(layer_idx), scale, *features), None
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    out = torch.ops.compiled_llm.attention(q, k, v, int(layer_idx), scale, *features)
     return out.unsqueeze(0), None
 
 

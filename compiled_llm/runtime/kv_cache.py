@@ -22,8 +22,9 @@ SCRATCH_BLOCK = 0
 
 
 class PagedKVCache:
-    """kv_cache_<layer>[1 + num_blocks, 2, block_size, Hkv, D] for each paged layer, plus their allocator
-    (`num_blocks` usable blocks and the scratch block)."""
+    """kv_cache_<layer>[1 + num_blocks, planes, block_size, Hkv, D] for each paged layer (planes: keys and values,
+    or the keys alone where they are the values too: `PagedLayer.kv_planes`), plus their allocator (`num_blocks`
+    usable blocks and the scratch block)."""
 
     def __init__(self, layers: Sequence[PagedLayer], num_blocks: int, block_size: int, device: torch.device,
                  enable_prefix_caching: bool = False):  # fmt: skip
@@ -32,7 +33,8 @@ class PagedKVCache:
         self.block_size = block_size
         self.tensors = {
             layer.cache_input: torch.zeros(
-                1 + num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim, dtype=layer.dtype, device=device
+                1 + num_blocks, layer.kv_planes, block_size, layer.num_kv_heads, layer.head_dim, dtype=layer.dtype,
+                device=device,
             )
             for layer in self.layers
         }
@@ -40,7 +42,7 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(layers: Sequence[PagedLayer], block_size: int) -> int:
-        return sum(2 * block_size * l.num_kv_heads * l.head_dim * l.dtype.itemsize for l in layers)
+        return sum(l.kv_planes * block_size * l.num_kv_heads * l.head_dim * l.dtype.itemsize for l in layers)
 
     @property
     def nbytes(self) -> int:

@@ -34,6 +34,7 @@ class LayerAttentionFeatures:
     has_sinks: bool
     dtype: torch.dtype  # of queries, keys and values
     cache_dtype: torch.dtype  # of the paged KV cache: `dtype`, or float8_e4m3fn (see CompileConfig.kv_cache_dtype)
+    values_in_keys: bool = False  # v is k (multi-head latent attention, absorbed): the cache holds one plane, keys
 
 
 @dataclass

@@ -39,6 +39,8 @@ def _unsupported(features: LayerAttentionFeatures) -> str | None:
         return "flashinfer is not installed (pip install compiled-llm[gpu])"
     if features.dtype not in SUPPORTED_DTYPES:
         return f"dtype {features.dtype} (needs bfloat16 or float16)"
+    if features.values_in_keys:  # its wrappers take a K and a V cache; an MLA latent cache has one plane
+        return "values kept in the keys (a latent cache of one plane)"
     if features.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {features.head_dim} (supports {SUPPORTED_HEAD_DIMS})"
     if features.has_sinks:

@@ -50,6 +50,8 @@ def _kernel():
 
 def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Same effect as `write_kv_cache`; one Triton launch where the tensors allow it."""
+    one_plane = kv_cache.shape[1] == 1  # values in the keys (paged.py): k stored once (both stores land there)
+    v = k if one_plane else v
     num_tokens, num_heads, head_dim = k.shape
     last_dims_contiguous = k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
     if not (last_dims_contiguous and triton_runs_on(k)):
@@ -62,7 +64,7 @@ def write_kv_cache_fast(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
     _kernel()[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_cache.stride(0), 0 if one_plane else kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[2], HEAD_DIM=head_dim, NUM_HEADS=num_heads,
         BLOCK=triton.next_power_of_2(num_heads * head_dim),
         SATURATE_AT=saturation_limit(kv_cache.dtype),

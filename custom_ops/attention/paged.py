@@ -9,6 +9,10 @@ sequence's cached tokens found through `block_table`.
 KV cache layout (FlashInfer's NHD paged layout): kv_cache[num_blocks, 2, block_size, Hkv, D], index 0 of
 dim 1 holds keys, 1 holds values; token p of sequence s lives in block block_table[s, p // block_size]
 at offset p % block_size, i.e. at slot block * block_size + offset.
+
+A layer whose values are its keys (`v` is `k`: DeepSeek's multi-head latent attention in its absorbed form, where
+both are the compressed latent plus its RoPE part) has a cache of one plane, kv_cache[num_blocks, 1, block_size,
+Hkv, D]: every backend reads that plane for values too, and writes `k` only.
 """
 
 from __future__ import annotations
@@ -78,20 +82,22 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache[slot // B, 0|1, slot % B] = k|v for every token (no host sync: safe in CUDA graphs)."""
+    """kv_cache[slot // B, 0|1, slot % B] = k|v for every token (no host sync: safe in CUDA graphs); a one-plane
+    cache (values in the keys) takes k only."""
     block_size = kv_cache.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     kv_cache[blocks, 0, offsets] = to_cache_dtype(k, kv_cache.dtype)
-    kv_cache[blocks, 1, offsets] = to_cache_dtype(v, kv_cache.dtype)
+    if kv_cache.shape[1] == 2:
+        kv_cache[blocks, 1, offsets] = to_cache_dtype(v, kv_cache.dtype)
 
 
 def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [S, L, Hkv, D] of the sequences of `block_table`, L >= max_len (garbage past each length)."""
     blocks = block_table[:, : -(-max_len // kv_cache.shape[2])].long()  # [S, nb]
-    cached = kv_cache[blocks]  # [S, nb, 2, block_size, Hkv, D]
+    cached = kv_cache[blocks]  # [S, nb, 2 or 1, block_size, Hkv, D]
     if cached.dtype.itemsize == 1:  # fp8: exact in float32, which attend() computes in anyway
         cached = cached.float()
-    return cached[:, :, 0].flatten(1, 2), cached[:, :, 1].flatten(1, 2)
+    return cached[:, :, 0].flatten(1, 2), cached[:, :, -1].flatten(1, 2)  # one plane: the values are the keys
 
 
 def paged_attention_over(attend_fn):

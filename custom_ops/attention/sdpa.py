@@ -10,7 +10,7 @@ group's keys and values (one `index_select` each), one SDPA call per group.
 
 Rows: a contiguous cache [num_blocks, 2, block_size, Hkv, D] viewed as [num_blocks * 2 * block_size, Hkv, D]
 holds the key of slot s (block s // B, offset s % B, B = block_size) at row s + (s // B) * B, and its value
-B rows further.
+B rows further; a cache of one plane (values in the keys, paged.py) holds both at row s.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _unsupported(features: LayerAttentionFeatures) -> str | None:
 class GroupKeys:
     """What one group attends to under one sliding window."""
 
-    rows: torch.Tensor  # [2 * B * L] int64 rows of the cache view: the keys', then the values' (block_size further)
+    rows: torch.Tensor  # [planes * B * L] int64 rows of the cache view: the keys', then the values' (block_size further)
     mask: torch.Tensor | None  # bool, True = attend: [B, 1, 1, L] (decode) or [n, L] (a prefill chunk)
     is_causal: bool  # a fresh prefill without a window: SDPA's own causal mask, no mask tensor
     length: int  # L
@@ -61,18 +61,18 @@ class AttentionGroup:
     num_queries: int  # n: queries per sequence (1 for decode)
     block_size: int
     device: torch.device
-    _by_window: dict[int, GroupKeys] = field(default_factory=dict)
+    _by_window: dict[tuple[int, int], GroupKeys] = field(default_factory=dict)
 
     @property
     def is_decode(self) -> bool:
         return self.num_queries == 1
 
-    def keys(self, window: int) -> GroupKeys:
-        if window not in self._by_window:
-            self._by_window[window] = self._build(window)
-        return self._by_window[window]
+    def keys(self, window: int, planes: int) -> GroupKeys:
+        if (window, planes) not in self._by_window:
+            self._by_window[window, planes] = self._build(window, planes)
+        return self._by_window[window, planes]
 
-    def _build(self, window: int) -> GroupKeys:
+    def _build(self, window: int, planes: int) -> GroupKeys:
         n, lens, bs = self.num_queries, self.seq_lens, self.block_size
         first_query = lens - n  # position of each sequence's first query
         # Keys from the first the first query may see to the last: all, or the window's
@@ -84,7 +84,7 @@ class AttentionGroup:
         # may hold anything, NaN included, which even a masked score would spread); the mask drops it.
         positions = torch.where(j < spans[:, None], start[:, None] + j, start[:, None])  # [B, L]
         blocks = self.block_rows.gather(1, positions // bs)
-        key_rows = (blocks * (2 * bs) + positions % bs).flatten()
+        key_rows = (blocks * (planes * bs) + positions % bs).flatten()
         mask, is_causal = None, False
         if self.is_decode:
             if bool((spans != length).any()):
@@ -98,7 +98,7 @@ class AttentionGroup:
             if window > 0:
                 mask &= key_pos > query_pos - window
         to = self.device
-        rows = torch.cat([key_rows, key_rows + bs]).to(to)
+        rows = (torch.cat([key_rows, key_rows + bs]) if planes == 2 else key_rows).to(to)
         return GroupKeys(rows, None if mask is None else mask.to(to), is_causal, length)
 
 
@@ -171,19 +171,21 @@ def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq
     if step.num_tokens != q.shape[0]:
         raise RuntimeError(f"paged_attention(backend='sdpa'): {q.shape[0]} queries for a step planned with {step.num_tokens}")
     bs = step.block_size
-    rows = kv_cache.view(-1, *kv_cache.shape[-2:])  # [num_blocks * 2 * block_size, Hkv, D]
-    key_rows = slot_mapping + slot_mapping // bs * bs
+    planes = kv_cache.shape[1]
+    rows = kv_cache.view(-1, *kv_cache.shape[-2:])  # [num_blocks * planes * block_size, Hkv, D]
+    key_rows = slot_mapping + slot_mapping // bs * bs * (planes - 1)
     rows.index_copy_(0, key_rows, k)
-    rows.index_copy_(0, key_rows + bs, v)
+    if planes == 2:
+        rows.index_copy_(0, key_rows + bs, v)
     for group in step.groups:
-        keys = group.keys(sliding_window)
-        kv = rows.index_select(0, keys.rows).view(2, -1, keys.length, *rows.shape[1:]).transpose(2, 3)  # [2, B, Hkv, L, D]
+        keys = group.keys(sliding_window, planes)
+        kv = rows.index_select(0, keys.rows).view(planes, -1, keys.length, *rows.shape[1:]).transpose(2, 3)  # [planes, B, Hkv, L, D]
         if group.is_decode:  # [B, Hq, 1, D]
-            o = F.scaled_dot_product_attention(q[group.query_rows].unsqueeze(2), kv[0], kv[1], attn_mask=keys.mask,
+            o = F.scaled_dot_product_attention(q[group.query_rows].unsqueeze(2), kv[0], kv[-1], attn_mask=keys.mask,
                                                scale=scale, enable_gqa=True)  # fmt: skip
             out[group.query_rows] = o.squeeze(2)
         else:  # one sequence's n queries: [1, Hq, n, D]
-            o = F.scaled_dot_product_attention(q[group.query_rows].transpose(0, 1)[None], kv[0], kv[1], attn_mask=keys.mask,
+            o = F.scaled_dot_product_attention(q[group.query_rows].transpose(0, 1)[None], kv[0], kv[-1], attn_mask=keys.mask,
                                                is_causal=keys.is_causal, scale=scale, enable_gqa=True)  # fmt: skip
             out[group.query_rows] = o[0].transpose(0, 1)
 

@@ -33,6 +33,7 @@ from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
 MAX_SPLITS = 16
+MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile, at most (gemma2's prefill tile)
 # Key splits the autotuner chose for decode steps (tuning.py), by split_key(); decode_splits() elsewhere.
 TUNED_DECODE_SPLITS: dict[tuple, int] = {}
 
@@ -42,9 +43,17 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 32
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Key splits per (sequence, KV head) of a decode step: enough programs for two waves of the GPU."""
-    return max(1, min(MAX_SPLITS, -(-2 * _multiprocessors(device) // (num_seqs * num_kv_heads))))
+def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device, head_blocks: int = 1) -> int:
+    """Key splits per (sequence, KV head, block of its query heads) of a decode step: enough programs for two waves
+    of the GPU."""
+    return max(1, min(MAX_SPLITS, -(-2 * _multiprocessors(device) // (num_seqs * num_kv_heads * head_blocks))))
+
+
+def heuristic_decode_splits(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device) -> int:
+    """decode_splits for a decode step of this layer shape, with its blocks of query heads (tile_shape)."""
+    group = num_heads // num_kv_heads
+    group_block = tile_shape(num_seqs, num_seqs, group, head_dim)[2]
+    return decode_splits(num_seqs, num_kv_heads, device, -(-group // group_block))
 
 
 def split_key(device_index: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -62,14 +71,18 @@ def _unsupported(features: LayerAttentionFeatures) -> str | None:
     return None
 
 
-def tile_shape(num_tokens: int, num_seqs: int, group: int) -> tuple[int, int]:
-    """(BLOCK_M rows per program, BLOCK_Q query tokens per program). tl.dot needs 16 rows at least; a
-    decode step has one token per sequence, so it takes the smallest tile, prefill a taller one."""
+def tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows per program, BLOCK_Q query tokens per program, GROUP_BLOCK query heads per program). tl.dot
+    needs 16 rows at least; a decode step has one token per sequence, so it takes the smallest tile, prefill a
+    taller one. The query heads of one KV head share a program (every key load), up to what a tile of this head_dim
+    holds; more (latent attention's one KV head serves every query head) are split into blocks of one token."""
     import triton
 
-    rows = 16 if num_tokens == num_seqs else 64
-    block_m = max(rows, triton.next_power_of_2(group))
-    return block_m, block_m // group
+    most_rows = max(16, MAX_TILE_ELEMENTS // max(16, triton.next_power_of_2(head_dim)))
+    rows = min(16 if num_tokens == num_seqs else 64, most_rows)
+    group_block = min(group, most_rows)
+    block_m = max(rows if group_block == group else 16, triton.next_power_of_2(group_block))
+    return block_m, block_m // group_block, group_block
 
 
 def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
@@ -81,18 +94,20 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    one_plane = kv_cache.shape[1] == 1  # values in the keys (paged.py): values read from the keys' plane
+    v = k if one_plane else v if v.stride(-1) == 1 else v.contiguous()
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     if num_tokens == 0:
         return
     group = num_heads // num_kv_heads
-    block_m, block_q = tile_shape(num_tokens, num_seqs, group)
+    block_m, block_q, group_block = tile_shape(num_tokens, num_seqs, group, head_dim)
+    head_blocks = -(-group // group_block)
     if num_tokens != num_seqs:
         splits = 1
     elif splits is None:
         key = split_key(q.get_device(), num_seqs, num_heads, num_kv_heads, head_dim, sliding_window, kv_cache.dtype)
-        splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device)
+        splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
     write_kv = splits > 1  # the kernel writes the cache itself (module docstring)
     if not write_kv:
         write_kv_cache_fast(k, v, kv_cache, slot_mapping)
@@ -100,15 +115,16 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
     pdl = pdl_launch_options(q)
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
         sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
+        kv_cache.stride(0), 0 if one_plane else kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_table.stride(0),
+        GROUP=group, GROUP_BLOCK=group_block, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,

@@ -34,7 +34,7 @@ def paged_attention_kernel(
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     out_token_stride, out_head_stride, out_split_stride,
     cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride, block_table_stride,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr, WRITE_KV: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
@@ -43,7 +43,9 @@ def paged_attention_kernel(
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     q_block = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    HEAD_BLOCKS: tl.constexpr = (GROUP + GROUP_BLOCK - 1) // GROUP_BLOCK
+    kv_head = tl.program_id(1) // HEAD_BLOCKS
+    head_block = tl.program_id(1) % HEAD_BLOCKS
     split = tl.program_id(2)
     seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -53,11 +55,14 @@ def paged_attention_kernel(
         return
     context_len = tl.load(seq_lens_ptr + seq) - query_len
 
-    # Row r of the tile is query token local_block * BLOCK_Q + r // GROUP, head kv_head * GROUP + r % GROUP.
+    # Row r of the tile is query token local_block * BLOCK_Q + r // GROUP_BLOCK, head kv_head * GROUP + group_head:
+    # the program's block of GROUP_BLOCK of the GROUP heads that read this KV head (all of them, unless GROUP is
+    # larger than a tile: multi-head latent attention's one KV head serves every query head).
     rows = tl.arange(0, BLOCK_M)
-    q_local = local_block * BLOCK_Q + rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_valid = (q_local < query_len) & (rows < BLOCK_Q * GROUP)
+    q_local = local_block * BLOCK_Q + rows // GROUP_BLOCK
+    group_head = head_block * GROUP_BLOCK + rows % GROUP_BLOCK
+    head = kv_head * GROUP + group_head
+    row_valid = (q_local < query_len) & (rows < BLOCK_Q * GROUP_BLOCK) & (group_head < GROUP)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_valid = dims < HEAD_DIM
     q_rows = (q_start + q_local).to(tl.int64)
@@ -72,8 +77,8 @@ def paged_attention_kernel(
     # loop takes this step's keys from k and v), so none waits for another's write. Otherwise the caller
     # wrote them before the launch.
     cache_head = cache_ptr + kv_head * cache_head_stride
-    if WRITE_KV and split == 0:
-        writes = (row_valid & (rows % GROUP == 0))[:, None] & dim_valid[None, :]
+    if WRITE_KV and split == 0 and head_block == 0:
+        writes = (row_valid & (rows % GROUP_BLOCK == 0))[:, None] & dim_valid[None, :]
         slot = tl.load(slot_ptr + q_rows, mask=row_valid, other=0)
         dst = cache_head + (slot // block_size) * cache_block_stride + (slot % block_size) * cache_page_stride
         new_k = tl.load(k_ptr + q_rows[:, None] * k_token_stride + kv_head * k_head_stride + dims[None, :], mask=writes)
@@ -151,7 +156,8 @@ def paged_attention_kernel(
     tl.store(out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
     if NUM_SPLITS > 1:  # log of this split's softmax mass, for merge_splits_kernel
         lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-        tl.store(lse_ptr + (split * num_tokens + q_rows) * (GROUP * tl.num_programs(1)) + head, lse, mask=row_valid)
+        num_heads = GROUP * (tl.num_programs(1) // HEAD_BLOCKS)
+        tl.store(lse_ptr + (split * num_tokens + q_rows) * num_heads + head, lse, mask=row_valid)
 
 
 @triton.jit

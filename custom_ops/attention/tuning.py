@@ -59,7 +59,8 @@ def _layer_kind(features: LayerAttentionFeatures, block_size: int, layers: int, 
     return {"heads": features.num_q_heads, "kv_heads": features.num_kv_heads, "head_dim": features.head_dim,
             "window": features.sliding_window, "softcap": features.softcap, "sinks": features.has_sinks,
             "dtype": _dtype_name(features.dtype), "kv_cache": _dtype_name(features.cache_dtype), "block": block_size,
-            "layers": layers, "weight_mib": weight_mib}  # fmt: skip
+            "layers": layers, "weight_mib": weight_mib,
+            **({"values_in_keys": True} if features.values_in_keys else {})}  # fmt: skip  (older keys unchanged)
 
 
 def _kind_key(device: torch.device, kind: dict) -> tuple:
@@ -71,6 +72,7 @@ def _features(bucket: dict) -> LayerAttentionFeatures:
         head_dim=bucket["head_dim"], num_q_heads=bucket["heads"], num_kv_heads=bucket["kv_heads"],
         scale=bucket["head_dim"] ** -0.5, sliding_window=bucket["window"], softcap=bucket["softcap"],
         has_sinks=bucket["sinks"], dtype=getattr(torch, bucket["dtype"]), cache_dtype=getattr(torch, bucket["kv_cache"]),
+        values_in_keys=bucket.get("values_in_keys", False),
     )  # fmt: skip
 
 
@@ -182,7 +184,8 @@ class PagedAttentionTuning:
             usable.append(name)
         heuristic = None  # Triton's own split count (not one an earlier tuning installed for the shape)
         if bucket["phase"] == "decode":
-            heuristic = triton_backend.decode_splits(bucket["batch"], bucket["kv_heads"], self._device)
+            heuristic = triton_backend.heuristic_decode_splits(bucket["batch"], bucket["heads"], bucket["kv_heads"],
+                                                               bucket["head_dim"], self._device)  # fmt: skip
         found = []
         for name in usable:
             host_us = None
@@ -219,7 +222,8 @@ class PagedAttentionTuning:
             lengths = list(new)
         width = math.ceil(max(lengths) / block)
         num_blocks = 1 + len(lengths) * width
-        cache_shape = (num_blocks, 2, block, features.num_kv_heads, features.head_dim)
+        planes = 1 if features.values_in_keys else 2
+        cache_shape = (num_blocks, planes, block, features.num_kv_heads, features.head_dim)
         table = (1 + torch.arange(len(lengths) * width, dtype=torch.int32)).view(len(lengths), width)
         query_start_loc = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
         seq_lens = torch.tensor(lengths, dtype=torch.int32)
@@ -236,7 +240,7 @@ class PagedAttentionTuning:
         for _ in range(input_copies(cache_bytes)):
             q = torch.randn(tokens, features.num_q_heads, features.head_dim, device=device, dtype=dtype)
             k = torch.randn(tokens, features.num_kv_heads, features.head_dim, device=device, dtype=dtype)
-            v = torch.randn_like(k)
+            v = k if features.values_in_keys else torch.randn_like(k)
             cache = torch.randn(cache_shape, device=device, dtype=dtype).to(features.cache_dtype)
             sets.append((q, k, v, cache, *step, metadata, layer))
         return sets
