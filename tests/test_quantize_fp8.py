@@ -21,12 +21,13 @@ FP8_MAX = 448.0
 MOE = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3")
 MOE_LAYERS = {"deepseek_v2": 1, "deepseek_v3": 1}  # their first layer is dense
 # Quantized linears of the 2-layer models the per-layer rule does not fit. DeepSeek-V3's multi-head latent attention:
-# q_a and kv_a fused, q_b, kv_b, o; then layer 0's dense MLP (gate/up fused, down) and layer 1's shared expert's.
-# fp8_block keeps q_a and kv_a apart, and the shared expert's gate and up too (32 rows each: parts of a 128-row block).
-# DeepSeek-V2 (no query compression): q and kv_a fused, kv_b, o.
+# q_a and kv_a fused, q_b, o (kv_b is absorbed into the attention, a matmul of its weight in the model's dtype, as
+# vLLM does); then layer 0's dense MLP (gate/up fused, down) and layer 1's shared expert's. fp8_block keeps q_a and
+# kv_a apart, and the shared expert's gate and up too (32 rows each: parts of a 128-row block).
+# DeepSeek-V2 (no query compression): q and kv_a fused, o.
 LINEARS = {
-    ("deepseek_v3", "fp8"): 2 * 4 + 2 * 2, ("deepseek_v3", "fp8_block"): 2 * 5 + 2 + 3,
-    ("deepseek_v2", "fp8"): 2 * 3 + 2 * 2, ("deepseek_v2", "fp8_block"): 2 * 4 + 2 + 3,
+    ("deepseek_v3", "fp8"): 2 * 3 + 2 * 2, ("deepseek_v3", "fp8_block"): 2 * 4 + 2 + 3,
+    ("deepseek_v2", "fp8"): 2 * 2 + 2 * 2, ("deepseek_v2", "fp8_block"): 2 * 3 + 2 + 3,
 }  # fmt: skip
 
 
