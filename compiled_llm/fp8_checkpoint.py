@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from compiled_llm.mtp_weights import is_mtp_tensor
 from custom_ops.linear.fp8 import FP8
 from custom_ops.linear.fp8_block import BLOCK
 
@@ -143,8 +144,11 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
     for file in files:
         with safe_open(file, framework="pt", device=device) as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    state, marked, static_inputs = {}, {}, 0
+    state, marked, static_inputs, mtp = {}, {}, 0, 0
     for name, tensor in tensors.items():
+        if is_mtp_tensor(name, config.num_hidden_layers):  # not built by transformers: mtp_weights.load_mtp_weights
+            mtp += 1
+            continue
         if name.endswith(SCALE_SUFFIXES):
             static_inputs += name.endswith(".input_scale")
             continue
@@ -171,6 +175,8 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
     for name, (weight8, scale) in marked.items():
         parameter = model.get_parameter(name)
         parameter.fp8_weight, parameter.fp8_scale = weight8, scale
+    if mtp:
+        log.info("%s: %d tensors of multi-token-prediction layers set aside (compiled_llm.mtp_weights)", path, mtp)
     if static_inputs:
         log.info("%s: %d static input scales not used: activations are quantized per token at run time", path,
                  static_inputs)  # fmt: skip

