@@ -129,7 +129,8 @@ class MoeGroupedGemmTuning:
         ]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"], bucket["fp8"])
+        fmt = "fp8" if bucket["fp8"] else "float"  # triton_moe.weight_format
+        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"], fmt)
         triton_moe.TUNED_TILES[key] = dict(candidate.config)
 
 

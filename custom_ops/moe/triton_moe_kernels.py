@@ -1,0 +1,125 @@
+"""The Triton kernels of triton_moe.py (the grouped GEMMs of `compiled_llm::moe_experts` and its FP8 and MXFP4 forms).
+Importing this module needs triton; triton_moe imports it on first use."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e2m1_times(code, factor):
+    """The e2m1 values of 4-bit codes (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6) times
+    float32 powers of two, exactly: the float32 bits built from the code's fields."""
+    magnitude = code & 7
+    exponent = magnitude >> 1
+    normal = ((exponent + 126) << 23) | ((magnitude & 1) << 22)  # (1 + m / 2) * 2^(e - 1)
+    bits = tl.where(magnitude == 0, 0, tl.where(magnitude == 1, 126 << 23, normal)) | ((code >> 3) << 31)
+    return bits.to(tl.uint32).to(tl.float32, bitcast=True) * factor
+
+
+@triton.jit
+def mxfp4_dot(acc, a_base, w_base, s_base, half, ok, a_ok, w_ok, stride_wk, stride_sk, dtype):
+    """acc + a[:, 2h, 2h + 1 for h in half] @ W[2h, 2h + 1]: W's bytes (two e2m1 values each, the even column's in
+    the low nibble) and e8m0 scales (one per 32 columns, 2^(s - 127)) dequantized into `dtype` in registers."""
+    a_even = tl.load(a_base + 2 * half[None, :], mask=a_ok & ok[None, :], other=0.0)
+    a_odd = tl.load(a_base + 2 * half[None, :] + 1, mask=a_ok & ok[None, :], other=0.0)
+    packed = tl.load(w_base + half[:, None] * stride_wk, mask=ok[:, None] & w_ok, other=0).to(tl.int32)
+    scale = tl.load(s_base + (half // 16)[:, None] * stride_sk, mask=ok[:, None] & w_ok, other=0).to(tl.int32)
+    factor = (scale << 23).to(tl.uint32).to(tl.float32, bitcast=True)  # e8m0: the float32 exponent field
+    acc = tl.dot(a_even, e2m1_times(packed & 15, factor).to(dtype), acc, input_precision="ieee")
+    return tl.dot(a_odd, e2m1_times(packed >> 4, factor).to(dtype), acc, input_precision="ieee")
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, sorted_pairs_ptr, block_expert_ptr, used_rows_ptr,
+    a_scale_ptr, w_scale_ptr, round_ptr,
+    pairs, N, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
+    stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit,
+    K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr,
+    MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K (+ bias); GATED: w's rows n are the gate's,
+    its rows n + up_offset (elements) the up's, act(gate, up) written; ROUTE_WEIGHTS: times the pair's routing
+    weight. FP8: a and w in e4m3, the product times a's row scale and w's (expert, row) scale. MXFP4: w holds K / 2
+    bytes a row and w_scale K / 32 exponents (custom_ops/moe/mxfp4.py), dequantized into a's dtype. Values round
+    to round_ptr's dtype (the model's) where the reference's ops round."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    if ONE_TOKEN:  # a block per pair, its first row; block_expert_ptr: the ids themselves
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, pairs).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(used_rows_ptr):
+            return
+        rows = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    valid = rows < pairs
+    a_rows = rows // top_k if A_PER_TOKEN else rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MXFP4:  # a byte holds columns 2h and 2h + 1: the even and odd columns of a are two dots' inputs
+        halves = tl.arange(0, BLOCK_K // 2)
+        a_base = a_ptr + a_rows[:, None] * stride_am
+        w_base = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn
+        s_base = w_scale_ptr + expert * stride_se + cols[None, :].to(tl.int64) * stride_sn
+        a_dtype = a_ptr.dtype.element_ty
+        for k0 in range(0, K, BLOCK_K):
+            half = k0 // 2 + halves
+            ok = half < K // 2
+            acc = mxfp4_dot(acc, a_base, w_base, s_base, half, ok, valid[:, None], col_ok[None, :], stride_wk,
+                            stride_sk, a_dtype)  # fmt: skip
+            if GATED:
+                acc_up = mxfp4_dot(acc_up, a_base, w_base + up_offset, s_base + scale_up_offset, half, ok,
+                                   valid[:, None], col_ok[None, :], stride_wk, stride_sk, a_dtype)  # fmt: skip
+    else:
+        for k0 in range(0, K, BLOCK_K):  # K constexpr: the interpreter takes no runtime loop bound
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if FP8:  # e4m3 x e4m3 on tensor cores, float32 sums
+                acc = tl.dot(a, w, acc)
+            else:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            if GATED:
+                w_up = tl.load(w_ptrs + up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if FP8:
+                    acc_up = tl.dot(a, w_up, acc_up)
+                else:
+                    acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+    if FP8:  # (sum * s_a) * s_w, as fp8_linear's reference
+        a_scale = tl.load(a_scale_ptr + a_rows, mask=valid, other=0.0)[:, None]
+        scale_ptrs = w_scale_ptr + expert * stride_se + cols * stride_sn
+        acc = acc * a_scale * tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * a_scale * tl.load(scale_ptrs + scale_up_offset, mask=col_ok, other=0.0)[None, :]
+    # Rounded to the model's dtype where the reference's ops round: the GEMM, the bias add, each activation op.
+    dtype = round_ptr.dtype.element_ty
+    out = acc.to(dtype).to(tl.float32)
+    bias_ptrs = bias_ptr + expert * stride_be + cols * stride_bn
+    if HAS_BIAS:
+        out = (out + tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+    if GATED:
+        up = acc_up.to(dtype).to(tl.float32)
+        if HAS_BIAS:
+            up_bias = tl.load(bias_ptrs + bias_up_offset, mask=col_ok, other=0.0).to(tl.float32)
+            up = (up + up_bias[None, :]).to(dtype).to(tl.float32)
+        if ACTIVATION == 0:  # silu(gate) * up
+            out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32) * up
+        else:  # GPT-OSS: gate clamped above, up both ways; gate * sigmoid(alpha * gate) * (up + 1)
+            gate = tl.minimum(out, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            sig = tl.sigmoid((gate * alpha).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            glu = (gate * sig).to(dtype).to(tl.float32)
+            out = (up + 1.0).to(dtype).to(tl.float32) * glu
+    out_dtype = out_ptr.dtype.element_ty
+    if ROUTE_WEIGHTS:
+        route_w = tl.load(route_w_ptr + rows, mask=valid, other=0.0)
+        out = out.to(dtype).to(tl.float32) * route_w.to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_dtype),
+             mask=valid[:, None] & col_ok[None, :])  # fmt: skip

@@ -1,0 +1,92 @@
+"""`compiled_llm::moe_experts_mxfp4` (custom_ops/moe/mxfp4.py): the format against transformers' own MXFP4 reader,
+the reference against float64, and the Triton grouped GEMMs (bytes dequantized in registers) against the reference, in
+Triton's interpreter on CPU and on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from conftest import relative_error, run_in_interpreter
+from custom_ops.moe.mxfp4 import dequantize_mxfp4, moe_experts_mxfp4_reference, random_mxfp4
+from custom_ops.triton_runtime import triton_available
+from test_moe_experts import TOLERANCE, float64_experts, random_routing
+
+
+def test_dequantize_is_transformers_reading_of_gpt_oss_checkpoints():
+    """transformers' GPT-OSS loader takes blocks [E, N, K / 32, 16] and scales [E, N, K / 32] and returns W
+    transposed ([E, K, N], as GptOssExperts stores it); ours, the same bytes as [E, N, K / 2], untransposed."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    blocks, scales = random_mxfp4(3, 8, 96, generator=torch.Generator().manual_seed(0), exponents=(100, 140))
+    theirs = convert_moe_packed_tensors(blocks.view(3, 8, 3, 16), scales, dtype=torch.float32)
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.float32), theirs.transpose(1, 2))
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.bfloat16), theirs.transpose(1, 2).bfloat16())  # exact
+
+
+def test_dequantize_by_hand():
+    """Byte 0x2F: column 0 is code 15 (-6), column 1 code 2 (1.0); exponent 128 doubles them. Byte 0x91: 0.5, -0.5."""
+    blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
+    blocks[0, 0, :2] = torch.tensor([0x2F, 0x91], dtype=torch.uint8)
+    scales = torch.tensor([[[128]]], dtype=torch.uint8)
+    w = dequantize_mxfp4(blocks, scales, torch.float32)
+    assert w.shape == (1, 1, 32)
+    assert w[0, 0, :4].tolist() == [-12.0, 2.0, 1.0, -1.0] and not w[0, 0, 4:].any()
+
+
+def mxfp4_case(tokens, hidden, inter, experts, top_k, seed, dtype, device, bias=False):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
+    ids, weights = random_routing(tokens, experts, top_k, seed, dtype=torch.float32, device=device)
+    w13 = random_mxfp4(experts, 2 * inter, hidden, device, generator, exponents=(121, 124))
+    w2 = random_mxfp4(experts, hidden, inter, device, generator, exponents=(121, 124))
+    b13 = (torch.randn(experts, 2 * inter, generator=generator) * 0.1).to(device, dtype) if bias else None
+    b2 = (torch.randn(experts, hidden, generator=generator) * 0.1).to(device, dtype) if bias else None
+    return x, ids, weights, (*w13, *w2), b13, b2
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+def test_reference_against_float64(activation):
+    params = [1.702, 7.0] if activation == "swiglu_oai" else []
+    x, ids, weights, quantized, b13, b2 = mxfp4_case(5, 64, 32, 4, 2, 3, torch.float32, "cpu", bias=True)
+    out = moe_experts_mxfp4_reference(x, ids, weights, *quantized, b13, b2, activation, params)
+    w13, w2 = dequantize_mxfp4(*quantized[:2], torch.float64), dequantize_mxfp4(*quantized[2:], torch.float64)
+    expected = float64_experts(x, ids, weights, w13, w2, b13, b2, tuple(params) or None)
+    assert relative_error(out, expected) < 1e-5
+
+
+def check_mxfp4_triton_against_reference(device: str, dtype: torch.dtype) -> None:
+    """One token (a block per pair), prefill rows in sorted blocks, N off the column tiles, GPT-OSS's interleaved
+    gate/up rows with biases, and K over several column steps."""
+    cases = [  # tokens, hidden, inter, experts, top_k, bias, activation
+        (1, 64, 32, 8, 2, False, "silu"),
+        (37, 96, 96, 6, 2, True, "silu"),  # N = 96, 192: off the 64-wide column tiles
+        (9, 64, 32, 4, 2, True, "swiglu_oai"),
+        (1, 256, 64, 4, 4, True, "swiglu_oai"),
+    ]
+    for seed, (tokens, hidden, inter, experts, top_k, bias, activation) in enumerate(cases):
+        params = [1.702, 7.0] if activation == "swiglu_oai" else []
+        x, ids, weights, quantized, b13, b2 = mxfp4_case(tokens, hidden, inter, experts, top_k, seed, dtype, device,
+                                                         bias)  # fmt: skip
+        expected = moe_experts_mxfp4_reference(x, ids, weights, *quantized, b13, b2, activation, params)
+        actual = torch.ops.compiled_llm.moe_experts_mxfp4(x, ids, weights, *quantized, b13, b2, activation, params,
+                                                          "triton")  # fmt: skip
+        assert actual.dtype == dtype and actual.shape == x.shape
+        error = relative_error(actual, expected)
+        assert error < TOLERANCE[dtype], f"mxfp4 case {seed} {dtype}: relative error {error:.2e}"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_mxfp4_triton_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_mxfp4 as t; "
+        "t.check_mxfp4_triton_against_reference('cpu', torch.float32); "
+        "t.check_mxfp4_triton_against_reference('cpu', torch.float16)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mxfp4_triton_on_the_gpu(dtype):
+    check_mxfp4_triton_against_reference("cuda", dtype)
