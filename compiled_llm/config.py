@@ -21,7 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("auto", "none", "fp8", "fp8_block"),
+    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4"),
     "activation_scheme": ("dynamic",),
 }
 
@@ -79,14 +79,16 @@ class CompileConfig(BaseModel):
     reference, a loop over those experts, which reads the routing on the host and so cannot be captured in a CUDA
     graph. `auto` is `triton` for a CUDA model when triton is installed, else `torch`."""
 
-    quantization: Literal["auto", "none", "fp8", "fp8_block", "int8_sq", "int4_awq", "nvfp4"] = "auto"
+    quantization: Literal["auto", "none", "fp8", "fp8_block", "mxfp4", "int8_sq", "int4_awq", "nvfp4"] = "auto"
     """Weight quantization of the decoder's linear layers. `auto`: the checkpoint's (an FP8 checkpoint's format,
     compiled_llm/fp8_checkpoint.py), `none` for a float one; a value that contradicts the checkpoint is an error.
     `fp8`: float8 e4m3 weights with a scale per output
     channel, converted at compile time, and activations quantized to float8 too (`activation_scheme`);
     `compiled_llm.fp8_linear` defines the numerics (custom_ops/linear/fp8.py). `fp8_block`: a scale per 128 x 128
     weight block and per token and 128 activation columns, as DeepSeek-V3 runs (custom_ops/linear/fp8_block.py);
-    its activation scales are always dynamic."""
+    its activation scales are always dynamic. `mxfp4`: an MXFP4 checkpoint's MoE experts (GPT-OSS's) kept in their
+    format and dequantized in the kernel (custom_ops/moe/mxfp4.py), the rest in the model's dtype; what `auto` picks
+    for such a checkpoint."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -223,6 +225,10 @@ class CompileConfig(BaseModel):
         if self.quantize_lm_head and self.quantization == "none":
             raise ValueError("quantize_lm_head=True needs a quantization (e.g. quantization='fp8'); with "
                              "quantization='none' nothing is quantized")  # fmt: skip
+        if self.quantization == "mxfp4" and (self.quantize_lm_head or self.activation_scheme != "dynamic"):
+            field = "quantize_lm_head=True" if self.quantize_lm_head else f"activation_scheme={self.activation_scheme!r}"
+            raise ValueError(f"{field} does not apply to quantization='mxfp4', which keeps a checkpoint's MoE experts in "
+                             "MXFP4 (weights only) and every linear in the model's dtype")  # fmt: skip
         if self.quantization == "fp8_block" and self.activation_scheme != "dynamic":
             raise ValueError(f"activation_scheme={self.activation_scheme!r} does not apply to quantization='fp8_block', "
                              "whose activation scales are per token and 128 columns, computed at run time; allowed: "

@@ -128,7 +128,7 @@ def hub_snapshot(spec: str) -> Path:
 
 def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedModel:
     """The model (in eval mode, on `device`) and tokenizer that `spec` names; see the module docstring."""
-    from compiled_llm.presets import RANDOM_PRESETS, random_model
+    from compiled_llm.presets import preset_names, random_model
 
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if spec.startswith("random:"):
@@ -148,7 +148,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.
         return load_directory(hub_snapshot(spec), dtype, device)
     raise ValueError(
         f"MODEL {spec!r} is none of: a local Hugging Face directory, a .gguf file, a hub id (org/name[@revision]), "
-        f"{', '.join(EMBEDDED)}, or a preset ({', '.join('random:' + n for n in RANDOM_PRESETS)})"
+        f"{', '.join(EMBEDDED)}, or a preset ({', '.join('random:' + n for n in preset_names())})"
     )
 
 

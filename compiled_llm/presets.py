@@ -46,7 +46,7 @@ RANDOM_PRESETS = {
         bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False,
     ),
     # openai/gpt-oss-20b: 32 experts (4 a token) with biases and the clamped SwiGLU, sinks, alternating 128-token
-    # sliding window (bf16 experts here: the checkpoint's are MXFP4).
+    # sliding window; bf16 experts here, MXFP4 ones (as the checkpoint ships them) in gpt-oss-20b-mxfp4.
     "gpt-oss-20b": lambda: tf.GptOssConfig(
         vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
         num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
@@ -65,13 +65,43 @@ RANDOM_PRESETS = {
         num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
     ),
 }  # fmt: skip
+# Presets whose MoE experts are random MXFP4 weights, as an MXFP4 checkpoint loads (random_mxfp4_experts): -> base preset.
+MXFP4_PRESETS = {"gpt-oss-20b-mxfp4": "gpt-oss-20b"}
+
+
+def preset_names() -> list[str]:
+    """Every NAME of `random:NAME`."""
+    return [*RANDOM_PRESETS, *MXFP4_PRESETS]
 
 
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"):
     """A randomly initialised `random:NAME` model, in eval mode, built on `device`."""
-    if name not in RANDOM_PRESETS:
-        raise ValueError(f"unknown preset 'random:{name}'; known: {', '.join('random:' + n for n in RANDOM_PRESETS)}")
-    config = RANDOM_PRESETS[name]()
+    if name not in preset_names():
+        raise ValueError(f"unknown preset 'random:{name}'; known: {', '.join('random:' + n for n in preset_names())}")
+    config = RANDOM_PRESETS[MXFP4_PRESETS.get(name, name)]()
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if name in MXFP4_PRESETS:
+        random_mxfp4_experts(model)
     return model.eval()
+
+
+@torch.no_grad()
+def random_mxfp4_experts(model: torch.nn.Module, generator: torch.Generator | None = None) -> None:
+    """Give every experts module random valid MXFP4 weights as compiled_llm/mxfp4_checkpoint.py loads a checkpoint's:
+    each parameter holds their exact dequantization, and carries the bytes and exponents (`mxfp4_blocks` [E, N, K / 2],
+    `mxfp4_scales` [E, N, K / 32], in the [E, N, K] orientation whatever the storage's)."""
+    from custom_ops.moe.mxfp4 import dequantize_mxfp4, random_mxfp4
+
+    for module in model.modules():
+        if not (hasattr(module, "has_gate") and hasattr(module, "gate_up_proj")):  # transformers' experts classes
+            continue
+        transposed = getattr(module, "is_transposed", False)
+        for name in ("gate_up_proj", "down_proj"):
+            parameter = getattr(module, name)
+            logical = parameter.transpose(1, 2) if transposed else parameter  # [E, N, K]
+            blocks, scales = random_mxfp4(*logical.shape, device=parameter.device, generator=generator)
+            for expert in range(logical.shape[0]):  # one expert at a time: the dequantization's temporaries are large
+                logical[expert].copy_(dequantize_mxfp4(blocks[expert], scales[expert], parameter.dtype))
+            parameter.mxfp4_blocks, parameter.mxfp4_scales = blocks, scales
+    model.compiled_llm_quantization = "mxfp4"

@@ -18,14 +18,13 @@ import operator
 import torch
 import torch.fx
 
-import custom_ops.moe  # noqa: F401  (registers the ops)
+from custom_ops.moe import EXPERTS_OPS
 from fx_passes.kernel_backend import resolve_triton_backend
 from fx_passes.node_match import calls, is_call
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
 
 aten = torch.ops.aten
-EXPERTS_OPS = (torch.ops.compiled_llm.moe_experts.default, torch.ops.compiled_llm.moe_experts_fp8.default)
 
 
 def _outputs(topk: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:

@@ -77,7 +77,7 @@ def _routes_experts(node: torch.fx.Node, depth: int = 6) -> bool:
     return False
 
 
-def _free_name(gm: torch.fx.GraphModule, name: str) -> str:
+def free_name(gm: torch.fx.GraphModule, name: str) -> str:
     name = name.replace(".", "_")
     while hasattr(gm, name):
         name += "_"
@@ -139,7 +139,7 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     for node in sites:
         target = node.args[1].target
         if target not in converted:
-            names = _free_name(gm, f"{target}_fp8"), _free_name(gm, f"{target}_fp8_scale")
+            names = free_name(gm, f"{target}_fp8"), free_name(gm, f"{target}_fp8_scale")
             derive(gm, quantize_parameter, target, config.quantization, *names)
             converted[target] = names
         weight_name, scale_name = converted[target]
@@ -169,11 +169,11 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     return PassResult("quantize_fp8", len(sites) + quantized_experts, detail)
 
 
-def _expert_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, bool] | None:
+def expert_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, bool] | None:
     """(parameter name, stored transposed) of an experts op's weight argument: a parameter or its transpose(1, 2)."""
     transposed = node.op == "call_function" and node.target is torch.ops.aten.transpose.int
     if transposed and sorted(d % 3 for d in node.args[1:3]) == [1, 2]:
-        found = _expert_parameter(gm, node.args[0])
+        found = expert_parameter(gm, node.args[0])
         return (found[0], True) if found is not None and not found[1] else None
     if node.op != "get_attr":
         return None
@@ -189,13 +189,13 @@ def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) ->
     done = 0
     for node in experts:
         x, ids, weights, w13, w2, b13, b2, activation, params, backend = node.args
-        found = [_expert_parameter(gm, w) for w in (w13, w2)]
+        found = [expert_parameter(gm, w) for w in (w13, w2)]
         if None in found:
             continue
         quantized = []
         with gm.graph.inserting_before(node):
             for (target, transposed), fake in zip(found, (w13.meta["val"], w2.meta["val"])):
-                names = _free_name(gm, f"{target}_fp8"), _free_name(gm, f"{target}_fp8_scale")
+                names = free_name(gm, f"{target}_fp8"), free_name(gm, f"{target}_fp8_scale")
                 derive(gm, quantize_experts_parameter, target, transposed, *names)
                 weight8 = gm.graph.get_attr(names[0])
                 weight8.meta["val"] = fake.new_empty(fake.shape, dtype=FP8)

@@ -58,6 +58,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # After fusion (q/k/v and gate/up quantized fused) and the RoPE rebuild over fused outputs; before
     # insert_linear_op, which then routes only the linears left in the model's dtype (the LM head).
     "quantize_fp8",
+    # Under quantization="mxfp4" only; before insert_fused_moe, which picks the experts' kernel.
+    "keep_mxfp4_experts",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
     "insert_linear_op",
     # On the linears insert_linear_op routed.

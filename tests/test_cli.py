@@ -239,7 +239,7 @@ def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path,
 
 def test_the_model_help_names_every_random_preset():
     from compiled_llm.cli import MODEL_HELP
-    from compiled_llm.presets import RANDOM_PRESETS
+    from compiled_llm.presets import preset_names
 
     listed = MODEL_HELP.split("random:NAME (")[1].rstrip(")").split(", ")
-    assert listed == list(RANDOM_PRESETS)
+    assert listed == preset_names()

@@ -483,9 +483,9 @@ def test_quantize_fp8_leaves_experts_held_as_buffers():
 
 def check_tuning_candidates_against_their_reference(device: str) -> None:
     """The grouped-GEMM tuning's own check (a candidate against its reference), on inputs made as its `inputs` makes
-    them, for both GEMMs, float and e4m3, one token and 16-row blocks."""
+    them, for both GEMMs, float, e4m3 and MXFP4, one token and 16-row blocks."""
     from custom_ops.linear.fp8 import quantize_rows
-    from custom_ops.moe import fp8, tuning
+    from custom_ops.moe import fp8, mxfp4, tuning
 
     experts, n, k, top_k = 4, 64, 32, 2
     moe = tuning.MoeGroupedGemmTuning()
@@ -498,9 +498,11 @@ def check_tuning_candidates_against_their_reference(device: str) -> None:
             w = torch.randn(experts, n, k, device=device) * k**-0.5
             route_weights = None if gated else torch.rand(tokens * top_k, device=device)
             (a8, a_scale), (w8, w_scale) = quantize_rows(a), fp8.quantize_experts(w)
+            w_bytes, w_exponents = mxfp4.random_mxfp4(experts, n, k, device)
             for inputs in (
-                (a, w, route_weights, blocks, None, None),
-                (a8, w8, route_weights, blocks, (a_scale, w_scale), a),
+                (a, w, route_weights, blocks, None, None, None),
+                (a8, w8, route_weights, blocks, (a_scale, w_scale), a, None),
+                (a, w_bytes, route_weights, blocks, None, None, w_exponents),
             ):
                 expected = moe.reference(*inputs)
                 for candidate in moe.candidates({"gated": gated, "rows": mode})[:2]:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
-from conftest import relative_error, run_in_interpreter
+from autotune.select import graph_value
+from compiled_llm import CompileConfig, compile_model
+from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
 from custom_ops.moe.mxfp4 import dequantize_mxfp4, moe_experts_mxfp4_reference, random_mxfp4
 from custom_ops.triton_runtime import triton_available
 from test_moe_experts import TOLERANCE, float64_experts, random_routing
@@ -39,8 +41,8 @@ def mxfp4_case(tokens, hidden, inter, experts, top_k, seed, dtype, device, bias=
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
     ids, weights = random_routing(tokens, experts, top_k, seed, dtype=torch.float32, device=device)
-    w13 = random_mxfp4(experts, 2 * inter, hidden, device, generator, exponents=(121, 124))
-    w2 = random_mxfp4(experts, hidden, inter, device, generator, exponents=(121, 124))
+    w13 = (t.to(device) for t in random_mxfp4(experts, 2 * inter, hidden, generator=generator, exponents=(121, 124)))
+    w2 = (t.to(device) for t in random_mxfp4(experts, hidden, inter, generator=generator, exponents=(121, 124)))
     b13 = (torch.randn(experts, 2 * inter, generator=generator) * 0.1).to(device, dtype) if bias else None
     b2 = (torch.randn(experts, hidden, generator=generator) * 0.1).to(device, dtype) if bias else None
     return x, ids, weights, (*w13, *w2), b13, b2
@@ -90,3 +92,49 @@ def test_mxfp4_triton_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mxfp4_triton_on_the_gpu(dtype):
     check_mxfp4_triton_against_reference("cuda", dtype)
+
+
+def mxfp4_gpt_oss(seed: int = 0):
+    """The tiny GPT-OSS with random MXFP4 experts, as an MXFP4 checkpoint loads (parameters: their dequantization)."""
+    from compiled_llm.presets import random_mxfp4_experts
+
+    model = tiny_model("gpt_oss")
+    random_mxfp4_experts(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_an_mxfp4_checkpoint_runs_its_own_blocks_and_matches_hf(own_cache_dir):
+    """quantization='auto' keeps the experts' MXFP4 tensors (exact: the kernel computes the parameters' own values):
+    HF's logits on the same model, one moe_experts_mxfp4 a layer, no float expert weight left in the graph."""
+    model = mxfp4_gpt_oss()
+    compiled = compile_model(model, max_batch_size=2, max_seq_len=64, cache_dir=own_cache_dir)
+    assert compiled.config.quantization == "mxfp4"
+    assert compiled.report.pass_sites("keep_mxfp4_experts") == 2
+    graph = compiled.graph_module.graph
+    ops = [n for n in graph.nodes if n.target is torch.ops.compiled_llm.moe_experts_mxfp4.default]
+    assert len(ops) == 2 and not [n for n in graph.nodes if n.target is torch.ops.compiled_llm.moe_experts.default]
+    assert all(graph_value(compiled.graph_module, n.args[3]).dtype == torch.uint8 for n in ops)
+    ids = random_prompt(20, batch=2, seed=4)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert relative_error(compiled(ids).logits, expected) < 1e-4
+
+
+def test_a_stored_mxfp4_graph_takes_the_next_models_blocks(own_cache_dir):
+    """The rewritten graph is stored without tensors: loaded for a model with other MXFP4 experts, it runs theirs."""
+    fields = {"max_batch_size": 2, "max_seq_len": 64, "cache_dir": own_cache_dir}
+    compile_model(mxfp4_gpt_oss(seed=0), **fields)
+    other = mxfp4_gpt_oss(seed=1)
+    compiled = compile_model(other, **fields)
+    assert "rewritten graph from the graph cache" in str(compiled.report)
+    ids = random_prompt(12, seed=5)
+    with torch.no_grad():
+        expected = other(ids, use_cache=False).logits
+    assert relative_error(compiled(ids).logits, expected) < 1e-4
+
+
+def test_mxfp4_refuses_float_experts_by_name():
+    with pytest.raises(ValueError, match="quantization='mxfp4' keeps an MXFP4 checkpoint's experts, but .* not from one"):
+        compile_model(tiny_model("gpt_oss"), quantization="mxfp4", compile_backend="eager")
+    with pytest.raises(ValueError, match="quantize_lm_head=True does not apply to quantization='mxfp4'"):
+        CompileConfig(quantization="mxfp4", quantize_lm_head=True)

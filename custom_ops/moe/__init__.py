@@ -5,6 +5,8 @@ in MXFP4 (GPT-OSS's checkpoints); routing.py: `compiled_llm::moe_route`, a
 router's softmax, top-k and renormalisation in one kernel. Importing the package registers the ops and the tuning."""
 
 from custom_ops.moe import fp8, mxfp4, routing, tuning  # noqa: F401  (registers moe_experts_fp8, _mxfp4, moe_route, the tuning)
-from custom_ops.moe.op import MOE_BACKENDS, moe_experts_reference
+from custom_ops.moe.op import MOE_BACKENDS, experts_ops, moe_experts_reference
 
-__all__ = ["MOE_BACKENDS", "moe_experts_reference"]
+EXPERTS_OPS = experts_ops()
+
+__all__ = ["EXPERTS_OPS", "MOE_BACKENDS", "moe_experts_reference"]

@@ -42,14 +42,16 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 def random_mxfp4(experts: int, n: int, k: int, device=None, generator: torch.Generator | None = None,
                  exponents: tuple[int, int] = (118, 124)) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Random valid MXFP4 (blocks, scales) of [experts, n, k] weights: every byte, exponents 2^(s - 127) for s in
-    `exponents` (the default: weights of magnitude about 0.01-0.1, as a trained model's)."""
+    """Random valid MXFP4 (blocks, scales) of [experts, n, k] weights on `device` (the generator's, if given): every
+    byte, exponents 2^(s - 127) for s in `exponents` (the default: weights of magnitude about 0.01-0.1, a trained
+    model's)."""
     if k % GROUP:
         raise ValueError(f"MXFP4 weights need K a multiple of {GROUP}, got {k}")
-    blocks = torch.randint(0, 256, (experts, n, k // 2), dtype=torch.uint8, generator=generator)
+    device = generator.device if generator is not None else device
+    blocks = torch.randint(0, 256, (experts, n, k // 2), dtype=torch.uint8, generator=generator, device=device)
     scales = torch.randint(exponents[0], exponents[1] + 1, (experts, n, k // GROUP), dtype=torch.uint8,
-                           generator=generator)  # fmt: skip
-    return blocks.to(device), scales.to(device)
+                           generator=generator, device=device)  # fmt: skip
+    return blocks, scales
 
 
 def moe_experts_mxfp4_reference(x, topk_ids, topk_weights, w13_blocks, w13_scales, w2_blocks, w2_scales, b13, b2,

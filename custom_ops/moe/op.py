@@ -106,6 +106,13 @@ def _triton_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, pa
 MOE_BACKENDS = {"torch": moe_experts_reference, "triton": _triton_moe}
 
 
+def experts_ops() -> tuple:
+    """The experts ops, one per weight format (this module's, fp8.py's, mxfp4.py's): their first three arguments (x,
+    ids, weights) and their last (the backend) alike."""
+    return tuple(getattr(torch.ops.compiled_llm, name).default for name in ("moe_experts", "moe_experts_fp8",
+                                                                           "moe_experts_mxfp4"))  # fmt: skip
+
+
 def _moe_experts(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params, backend: str) -> torch.Tensor:
     return MOE_BACKENDS[backend](x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
 

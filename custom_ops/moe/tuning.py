@@ -19,7 +19,7 @@ from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
 from custom_ops.linear.fp8 import quantize_rows
-from custom_ops.moe import fp8, op, triton_moe
+from custom_ops.moe import fp8, mxfp4, op, triton_moe
 
 OP = "moe_grouped_gemm"
 ROW_MODES = (1, 16, 32, 64)
@@ -42,12 +42,13 @@ def tile_name(tile: dict) -> str:
     return f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
 
 
-def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, gated: bool, tile: dict) -> torch.Tensor:
+def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, exponents, gated: bool,
+         tile: dict) -> torch.Tensor:  # fmt: skip
     dtype = (like if like is not None else a).dtype
     out_dtype = dtype if route_weights is None else torch.promote_types(dtype, route_weights.dtype)
     out = a.new_empty(blocks.pairs, w.shape[1] // 2 if gated else w.shape[1], dtype=out_dtype)
     return triton_moe.grouped_gemm(a, w, None, out, route_weights, blocks, gated=gated, a_per_token=gated, tile=tile,
-                                   scales=scales, like=like)  # fmt: skip
+                                   scales=scales, mxfp4_scales=exponents, like=like)  # fmt: skip
 
 
 def tokens_for(mode: int, experts: int, top_k: int) -> int:
@@ -57,8 +58,8 @@ def tokens_for(mode: int, experts: int, top_k: int) -> int:
 
 class MoeGroupedGemmTuning:
     """autotune.tuner.OpTuning of triton_moe.grouped_gemm; bucket {"experts", "n", "k", "gated", "fp8", "top_k",
-    "rows"}: w [experts, n, k] (gated: n = 2I, [gate; up] rows; fp8: e4m3 rows and weights, moe_experts_fp8's),
-    `rows` the row mode."""
+    "rows"} and "mxfp4" where true: w [experts, n, k] (gated: n = 2I, [gate; up] rows; fp8: e4m3 rows and weights,
+    moe_experts_fp8's; mxfp4: MXFP4 weights, moe_experts_mxfp4's), `rows` the row mode."""
 
     op = OP
 
@@ -85,17 +86,21 @@ class MoeGroupedGemmTuning:
             route_weights = None if gated else torch.rand(tokens * top_k, device=device, dtype=dtype)
             if bucket["fp8"]:
                 (a8, a_scale), (w8, w_scale) = quantize_rows(a), fp8.quantize_experts(w)
-                sets.append((a8, w8, route_weights, blocks, (a_scale, w_scale), a))
+                sets.append((a8, w8, route_weights, blocks, (a_scale, w_scale), a, None))
+            elif bucket.get("mxfp4"):
+                w_bytes, w_exponents = mxfp4.random_mxfp4(experts, n, k, device)
+                sets.append((a, w_bytes, route_weights, blocks, None, None, w_exponents))
             else:
-                sets.append((a, w, route_weights, blocks, None, None))
+                sets.append((a, w, route_weights, blocks, None, None, None))
         return sets
 
-    def reference(self, a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like) -> torch.Tensor:
-        """Each pair's row through its expert's weight in float32 (e4m3 values times their scales), as the ops'
-        references compute the GEMM."""
+    def reference(self, a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, exponents) -> torch.Tensor:
+        """Each pair's row through its expert's weight in float32 (e4m3 values times their scales, MXFP4 ones
+        dequantized), as the ops' references compute the GEMM."""
         ids = blocks.block_expert if blocks.sorted_pairs is None else _pair_experts(blocks)
         out = torch.empty(blocks.pairs, w.shape[1] // 2 if route_weights is None else w.shape[1], device=a.device)
-        a_values, w_values = a.float(), w.float()
+        a_values = a.float()
+        w_values = w.float() if exponents is None else mxfp4.dequantize_mxfp4(w, exponents, torch.float32)
         if scales is not None:
             a_values, w_values = a_values * scales[0], w_values * scales[1][..., None]
         for expert in ids.unique().tolist():
@@ -112,24 +117,27 @@ class MoeGroupedGemmTuning:
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         """A bucket per expert weight shape of the graph's `triton` experts calls, both GEMMs, every row mode."""
-        shapes = set()
+        shapes, experts_ops = set(), op.experts_ops()
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _EXPERTS_OPS or node.args[-1] != "triton":
+            if node.op != "call_function" or node.target not in experts_ops or node.args[-1] != "triton":
                 continue
-            fp8_op = node.target is _EXPERTS_OPS[1]
+            fp8_op, mxfp4_op = node.target is experts_ops[1], node.target is experts_ops[2]
             top_k = _top_k(node.args[1])
-            w13, w2 = (_weight_shape(gm, arg) for arg in (node.args[3:6:2] if fp8_op else node.args[3:5]))
+            w13, w2 = (_weight_shape(gm, arg) for arg in (node.args[3:6:2] if fp8_op or mxfp4_op else node.args[3:5]))
             if top_k is None or w13 is None or w2 is None:
                 continue  # a graph this tuning cannot read: the calls run the default tile
-            shapes |= {(*w13, True, fp8_op, top_k), (*w2, False, fp8_op, top_k)}
+            if mxfp4_op:  # bytes [E, N, K / 2]: the bucket names the weight's columns
+                w13, w2 = (*w13[:2], 2 * w13[2]), (*w2[:2], 2 * w2[2])
+            shapes |= {(*w13, True, fp8_op, mxfp4_op, top_k), (*w2, False, fp8_op, mxfp4_op, top_k)}
         return [
-            {"experts": e, "n": n, "k": k, "gated": gated, "fp8": fp8_op, "top_k": top_k, "rows": rows}
-            for e, n, k, gated, fp8_op, top_k in sorted(shapes)
+            {"experts": e, "n": n, "k": k, "gated": gated, "fp8": fp8_op, "top_k": top_k, "rows": rows,
+             **({"mxfp4": True} if mxfp4_op else {})}  # older buckets' keys unchanged
+            for e, n, k, gated, fp8_op, mxfp4_op, top_k in sorted(shapes)
             for rows in ROW_MODES
-        ]
+        ]  # fmt: skip
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        fmt = "fp8" if bucket["fp8"] else "float"  # triton_moe.weight_format
+        fmt = "mxfp4" if bucket.get("mxfp4") else "fp8" if bucket["fp8"] else "float"  # triton_moe.weight_format
         key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"], fmt)
         triton_moe.TUNED_TILES[key] = dict(candidate.config)
 
@@ -165,7 +173,5 @@ def _weight_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, i
         return tuple(shape)
     return None
 
-
-_EXPERTS_OPS = (torch.ops.compiled_llm.moe_experts.default, torch.ops.compiled_llm.moe_experts_fp8.default)
 
 register(MoeGroupedGemmTuning())
