@@ -31,7 +31,8 @@ log = logging.getLogger("compiled_llm")
 
 SUPPORTED = (
     "compressed-tensors float-quantized FP8 (8-bit float weights per channel, per tensor or in 128x128 blocks), "
-    "ModelOpt FP8 (quant_algo FP8), Hugging Face fp8 (weight_block_size [128, 128])"
+    "ModelOpt FP8 (quant_algo FP8), Hugging Face fp8 (weight_block_size [128, 128]), MXFP4 (GPT-OSS's experts, "
+    "quant_method mxfp4)"
 )
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale", ".k_scale", ".v_scale")
 

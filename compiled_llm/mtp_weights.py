@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from compiled_llm.checkpoint_files import INDEX_FILE, tensor_files
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 MTP_FILE = "mtp.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def is_mtp_tensor(name: str, num_hidden_layers: int) -> bool:
@@ -28,17 +29,7 @@ def is_mtp_tensor(name: str, num_hidden_layers: int) -> bool:
 
 def mtp_tensor_files(path: Path, num_hidden_layers: int) -> dict[str, Path]:
     """The MTP tensors of the checkpoint directory `path`, each with the safetensors file that holds it."""
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        located = {name: path / file for name, file in weight_map.items()}
-    else:
-        from safetensors import safe_open
-
-        located = {}
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(file, framework="pt") as f:
-                located.update(dict.fromkeys(f.keys(), file))
+    located = tensor_files(path)
     return {name: file for name, file in sorted(located.items()) if is_mtp_tensor(name, num_hidden_layers)}
 
 

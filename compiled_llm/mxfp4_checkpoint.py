@@ -20,13 +20,12 @@ shapes), or an MXFP4 config on another architecture, are a ValueError naming wha
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from compiled_llm.mtp_weights import INDEX_FILE
+from compiled_llm.checkpoint_files import tensor_files
 
 log = logging.getLogger("compiled_llm")
 
@@ -40,20 +39,6 @@ GROUP = 32  # inputs per scale; 16 bytes of two e2m1 values
 def is_mxfp4_checkpoint(quantization_config: dict | None) -> bool:
     """Whether config.json's `quantization_config` describes an MXFP4 checkpoint."""
     return bool(quantization_config) and quantization_config.get("quant_method") == "mxfp4"
-
-
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """Every tensor of the checkpoint directory `path`, with the safetensors file that holds it."""
-    from safetensors import safe_open
-
-    index = path / INDEX_FILE
-    if index.exists():
-        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    located = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            located.update(dict.fromkeys(f.keys(), file))
-    return located
 
 
 def _shape(files: dict[str, Path], name: str) -> tuple[int, ...]:
@@ -105,7 +90,7 @@ def load_mxfp4_directory(path: Path, dtype: torch.dtype, device: str) -> torch.n
     from safetensors import safe_open
 
     config = tf.AutoConfig.from_pretrained(path)
-    files = _tensor_files(path)
+    files = tensor_files(path)
     stored = _stored_mxfp4(path, config, files)  # checked first: transformers' own errors do not name the tensor
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                     quantization_config=tf.Mxfp4Config(dequantize=True))  # fmt: skip

@@ -123,3 +123,23 @@ def test_an_mxfp4_config_on_another_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="an MXFP4 checkpoint of 'mixtral': MXFP4 experts are read for gpt_oss only"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_a_checkpoint_compiles_to_its_own_mxfp4_experts_and_matches_transformers(tmp_path, own_cache_dir):
+    """End to end: the directory, loaded and compiled with quantization='auto', runs moe_experts_mxfp4 over the stored
+    bytes and gives the logits of transformers' own model of the checkpoint (loaded by it, dequantized by it)."""
+    import transformers as tf
+
+    from compiled_llm import compile_model
+    from conftest import random_prompt, relative_error
+
+    write_checkpoint(tmp_path)
+    compiled = compile_model(load_model(str(tmp_path), torch.float32, "cpu").model, max_batch_size=2, max_seq_len=64,
+                             cache_dir=own_cache_dir)  # fmt: skip
+    assert compiled.config.quantization == "mxfp4" and compiled.report.pass_sites("keep_mxfp4_experts") == 2
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                     quantization_config=tf.Mxfp4Config(dequantize=True)).eval()  # fmt: skip
+    ids = random_prompt(16, batch=2, seed=6)
+    with torch.no_grad():
+        expected = theirs(ids, use_cache=False).logits
+    assert relative_error(compiled(ids).logits, expected) < 1e-4
