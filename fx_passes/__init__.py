@@ -1,6 +1,7 @@
 """Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
 
 from fx_passes import (  # noqa: F401  (registers the passes)
+    contiguous_constants,
     explicit_view_sizes,
     fuse_linear_silu_mul,
     fuse_moe_routing,

@@ -40,6 +40,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "graph_cleanup",
     # Any time before compiling: Dynamo cannot infer a -1 over the unbacked token count.
     "explicit_view_sizes",
+    # Any time before compiling, likewise: Inductor cannot decide a strided constant's contiguity over the tokens.
+    "contiguous_constants",
     # Non-HF modules: positions from the runtime, logits of every row asked for (no-ops for HF models).
     "runtime_positions",
     "select_logits_rows",

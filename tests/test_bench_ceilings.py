@@ -80,6 +80,22 @@ def test_the_bytes_read_limit_of_an_moe_model_counts_its_active_experts():
     assert limits[2]["active_expert_share"] == 0.75  # 1 - (1 - 2/4)^2
 
 
+def test_expert_bytes_are_what_the_graph_reads():
+    """MXFP4 experts (GPT-OSS): the graph's blocks, exponents and biases, not the model's dequantized float copies."""
+    from compiled_llm import compile_model
+    from compiled_llm.bench.latency import graph_expert_bytes
+    from compiled_llm.presets import random_mxfp4_experts
+
+    model = tiny_model("gpt_oss")
+    random_mxfp4_experts(model, torch.Generator().manual_seed(0))
+    cm = compile_model(model, compile_backend="eager", max_batch_size=2, graph_cache=False)
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
+    stored = sum(t.nbytes for m in experts for p in (m.gate_up_proj, m.down_proj) for t in (p.mxfp4_blocks, p.mxfp4_scales))
+    biases = sum(b.nbytes for m in experts for b in (m.gate_up_proj_bias, m.down_proj_bias))
+    assert graph_expert_bytes(cm.graph_module) == stored + biases
+    assert stored < sum(p.nbytes for m in experts for p in (m.gate_up_proj, m.down_proj)) / 7  # 4.25 bits vs 32
+
+
 @pytest.mark.parametrize(("preset", "total", "active", "embedding_counted"), [
     ("qwen3-30b-a3b", 30.5e9, 3.3e9, True), ("mixtral-8x7b", 46.7e9, 12.9e9, True),
     ("deepseek-v2-lite", 15.7e9, 2.4e9, False), ("gpt-oss-20b", 20.91e9, 3.61e9, False),

@@ -205,3 +205,30 @@ def test_linear_passes_only_over_parameters_and_single_uses(use_gate_up_elsewher
     gm.recompile()
     for got, want in zip(gm(x, w_in), expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+class ComplexRopeDecoder(TinyDecoder):
+    """TinyDecoder with DeepSeek-V2's complex RoPE as transformers 5.17 writes it: a constant made like the
+    transposed angle table (strided over the tokens), which torch 2.11's Inductor could not fold."""
+
+    def rope(self, x, position_ids):  # x [B, H, T, D]
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2) / self.head_dim)
+        freqs = (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)  # [B, T, D/2], strided
+        freqs_cis = torch.polar(torch.ones_like(freqs), freqs)[:, None]
+        rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs_cis
+        return torch.view_as_real(rotated).flatten(3).to(x.dtype)
+
+
+def test_contiguous_constants_makes_a_strided_constant_contiguous():
+    model = ComplexRopeDecoder().eval()
+    captured = capture_model(model)
+    likes = [n for n in captured.gm.graph.nodes if n.target is aten.ones_like.default]
+    assert len(likes) == 6 and all(n.meta["val"].stride()[1] == 1 for n in likes)  # q's and k's, 3 layers: transposed
+    result = registered_passes()["contiguous_constants"](captured.gm, CompileConfig())
+    assert result.sites == 6 and all(n.kwargs["memory_format"] == torch.contiguous_format for n in likes)
+    assert registered_passes()["contiguous_constants"](capture_model(TinyDecoder().eval()).gm, CompileConfig()).sites == 0
+    compiled = compile_model(model, max_batch_size=2, max_seq_len=32)
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, torch.arange(10)[None])
+    assert relative_error(compiled(ids).logits, expected) < 1e-5

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.fx
 
 from compiled_llm.bench.ceilings import active_expert_share
 from compiled_llm.bench.measure import check_baselines, copy_bandwidth, median_time, timed
@@ -170,6 +171,25 @@ def _pipeline_without_each(config: CompileConfig | None, names: tuple[str, ...])
     return out
 
 
+def graph_expert_bytes(gm) -> int:
+    """Bytes of the expert tensors the graph's experts ops read (weights, their scales, biases; each storage once),
+    as the graph stores them: FP8 or MXFP4 experts at their size, not the model's float copies."""
+    from autotune.select import graph_value
+    from custom_ops.moe import EXPERTS_OPS
+
+    seen = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in EXPERTS_OPS:
+            continue
+        for arg in node.args[3:-3]:  # after x, ids, weights; before the activation, its parameters and the backend
+            while isinstance(arg, torch.fx.Node) and arg.op == "call_function":  # a transposed view of a parameter
+                arg = arg.args[0]
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                storage = graph_value(gm, arg).untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_context: float, bandwidth: float) -> dict:
     """Decode steps per second if a step only moved bytes at the measured copy bandwidth, two ways:
     `bandwidth_limit`: all weights + the KV cache read per step (the issue's definition);
@@ -185,9 +205,7 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
         batch_size * embedding.shape[1] * embedding.element_size()
     )
     share = active_expert_share(model.config, batch_size)
-    experts = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
-               for name, p in model.named_parameters() if ".experts." in name}  # fmt: skip
-    read -= (1.0 - share) * sum(experts.values())
+    read -= (1.0 - share) * graph_expert_bytes(cm.graph_module)
     return {
         "active_expert_share": share,
         "copy_bandwidth_GBps": bandwidth / 1e9,
