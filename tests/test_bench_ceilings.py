@@ -80,6 +80,21 @@ def test_the_bytes_read_limit_of_an_moe_model_counts_its_active_experts():
     assert limits[2]["active_expert_share"] == 0.75  # 1 - (1 - 2/4)^2
 
 
+def test_the_expert_share_is_counted_from_the_models_routing():
+    """Each decode step's distinct experts over the layer's: a router that ties every logit sends every token to the
+    same k experts (k of E at any batch); random routers spread a batch of 4 over more."""
+    from compiled_llm.bench.ceilings import routed_expert_share
+
+    model = tiny_model("qwen3_moe")  # 4 experts, 2 a token
+    ids = torch.randint(3, 200, (4, 6), generator=torch.Generator().manual_seed(0))
+    spread = routed_expert_share(model, ids, steps=4)
+    assert 0.5 < spread <= 1.0
+    for layer in model.model.layers:
+        torch.nn.init.zeros_(layer.mlp.gate.weight)
+    assert routed_expert_share(model, ids, steps=4) == 0.5
+    assert routed_expert_share(tiny_model("llama"), ids, steps=2) is None
+
+
 def test_expert_bytes_are_what_the_graph_reads():
     """MXFP4 experts (GPT-OSS): the graph's blocks, exponents and biases, not the model's dequantized float copies."""
     from compiled_llm import compile_model
