@@ -20,8 +20,9 @@ import torch.fx
 
 import custom_ops.moe  # noqa: F401  (registers the experts ops)
 from fx_passes.derived_weights import derive, recipe
+from fx_passes.expert_ops import expert_parameter, swap_experts_op
 from fx_passes.node_match import calls
-from fx_passes.quantize_fp8 import expert_parameter, free_name
+from fx_passes.quantize_fp8 import free_name
 from fx_passes.registry import PassResult, register_pass
 
 MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
@@ -52,7 +53,7 @@ def keep_mxfp4_experts(gm: torch.fx.GraphModule, config) -> PassResult:
         return PassResult("keep_mxfp4_experts", 0)
     experts = calls(gm.graph, MOE_EXPERTS)
     for node in experts:
-        x, ids, weights, w13, w2, b13, b2, activation, params, backend = node.args
+        x, w13, w2 = node.args[0], node.args[3], node.args[4]
         found = [expert_parameter(gm, w) for w in (w13, w2)]
         if None in found or any(mxfp4_tensors(gm.get_parameter(target)) is None for target, _ in found):
             raise ValueError(f"quantization='mxfp4' keeps an MXFP4 checkpoint's experts, but {node.name}'s weights are "
@@ -68,15 +69,7 @@ def keep_mxfp4_experts(gm: torch.fx.GraphModule, config) -> PassResult:
                     stored = getattr(gm, name)
                     attr.meta["val"] = x.meta["val"].new_empty(stored.shape, dtype=stored.dtype)
                     args.append(attr)
-            op = gm.graph.call_function(MOE_EXPERTS_MXFP4, (x, ids, weights, *args, b13, b2, activation, params,
-                                                            backend))  # fmt: skip
-        op.meta.update(node.meta)
-        node.replace_all_uses_with(op)
-        gm.graph.erase_node(node)
-        for weight in (w13, w2):  # the dequantized weight (and its transpose), read by no other node
-            for unused in (weight, *weight.args[:1]):
-                if isinstance(unused, torch.fx.Node) and not unused.users:
-                    gm.graph.erase_node(unused)
+        swap_experts_op(gm.graph, node, MOE_EXPERTS_MXFP4, args)
     layers = f"{len(experts)} MoE layers' experts from the checkpoint's MXFP4 blocks (dequantized in the kernel)"
     return PassResult("keep_mxfp4_experts", len(experts), layers)
 

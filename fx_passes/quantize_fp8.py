@@ -27,6 +27,7 @@ from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quanti
 from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
 from custom_ops.moe.fp8 import moe_experts_fp8_reference, quantize_experts
 from fx_passes.derived_weights import derive, recipe
+from fx_passes.expert_ops import expert_parameter, swap_experts_op
 from fx_passes.node_match import calls
 from fx_passes.registry import PassResult, register_pass
 
@@ -169,26 +170,11 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     return PassResult("quantize_fp8", len(sites) + quantized_experts, detail)
 
 
-def expert_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, bool] | None:
-    """(parameter name, stored transposed) of an experts op's weight argument: a parameter or its transpose(1, 2)."""
-    transposed = node.op == "call_function" and node.target is torch.ops.aten.transpose.int
-    if transposed and sorted(d % 3 for d in node.args[1:3]) == [1, 2]:
-        found = expert_parameter(gm, node.args[0])
-        return (found[0], True) if found is not None and not found[1] else None
-    if node.op != "get_attr":
-        return None
-    try:
-        gm.get_parameter(node.target)  # the recipe reads a parameter (a buffer is not the model's weight)
-    except AttributeError:
-        return None
-    return node.target, False
-
-
 def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) -> int:
     """Each `moe_experts` call over parameters -> `moe_experts_fp8` over their e4m3 copies; how many."""
     done = 0
     for node in experts:
-        x, ids, weights, w13, w2, b13, b2, activation, params, backend = node.args
+        w13, w2 = node.args[3], node.args[4]
         found = [expert_parameter(gm, w) for w in (w13, w2)]
         if None in found:
             continue
@@ -202,16 +188,7 @@ def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) ->
                 scale = gm.graph.get_attr(names[1])
                 scale.meta["val"] = fake.new_empty(fake.shape[:2], dtype=torch.float32)
                 quantized += [weight8, scale]
-            op = gm.graph.call_function(
-                MOE_EXPERTS_FP8, (x, ids, weights, *quantized, b13, b2, activation, params, backend)
-            )
-        op.meta.update(node.meta)
-        node.replace_all_uses_with(op)
-        gm.graph.erase_node(node)
-        for weight in (w13, w2):  # the float weight (and its transpose), read by no other node
-            for unused in (weight, *weight.args[:1]):
-                if isinstance(unused, torch.fx.Node) and not unused.users:
-                    gm.graph.erase_node(unused)
+        swap_experts_op(gm.graph, node, MOE_EXPERTS_FP8, quantized)
         done += 1
     return done
 
