@@ -117,6 +117,10 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
     pdl = pdl_launch_options(q)
+    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    # Key and value tiles of a wide head (latent attention's 576, padded to 1024) in fewer, shorter stages: the
+    # default's 3 stages of 32 keys need 296 KB of shared memory, the H200 has 227 KB.
+    key_tile, stages = (KEY_TILE, {}) if head_dim_padded <= 256 else (16, {"num_stages": 1})
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
         sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
@@ -124,11 +128,11 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
         kv_cache.stride(0), 0 if one_plane else kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0),
-        GROUP=group, GROUP_BLOCK=group_block, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=KEY_TILE,
-        HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=group, GROUP_BLOCK=group_block, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=key_tile,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
-        SATURATE_AT=saturation_limit(kv_cache.dtype), **pdl,
+        SATURATE_AT=saturation_limit(kv_cache.dtype), **stages, **pdl,
     )  # fmt: skip
     if splits > 1:
         merge_splits_kernel[(num_tokens, num_heads)](

@@ -106,6 +106,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     mxfp4 = mxfp4_scales is not None
     n = w.shape[1] // 2 if gated else w.shape[1]
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4))
+    if mxfp4 and tile["BLOCK_K"] % 32:
+        raise ValueError(f"MXFP4 weights take column tiles of whole 32-column groups, not BLOCK_K={tile['BLOCK_K']}")
     a_scale, w_scale = scales if scales is not None else (a, mxfp4_scales if mxfp4 else w)
     bias_stride = bias.stride(1) if bias is not None else 0
     up_offset, bias_up_offset, scale_up_offset = n * w.stride(1), n * bias_stride, n * w_scale.stride(1)

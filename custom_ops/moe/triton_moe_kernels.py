@@ -6,27 +6,36 @@ import triton.language as tl
 
 
 @triton.jit
-def e2m1_times(code, factor):
-    """The e2m1 values of 4-bit codes (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6) times
-    float32 powers of two, exactly: the float32 bits built from the code's fields."""
-    magnitude = code & 7
-    exponent = magnitude >> 1
-    normal = ((exponent + 126) << 23) | ((magnitude & 1) << 22)  # (1 + m / 2) * 2^(e - 1)
-    bits = tl.where(magnitude == 0, 0, tl.where(magnitude == 1, 126 << 23, normal)) | ((code >> 3) << 31)
-    return bits.to(tl.uint32).to(tl.float32, bitcast=True) * factor
+def e2m1_as_fp16(code):
+    """4-bit e2m1 codes (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6) as float16 values 2^-14
+    times theirs, exactly, in a few integer ops: the sign to bit 15, the other three bits to bits 11-9 (the exponent's
+    two low bits and the mantissa's top one; e2m1's one subnormal, 0.5, lands on a float16 subnormal)."""
+    bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def mxfp4_dot(acc, a_base, w_base, s_base, half, ok, a_ok, w_ok, stride_wk, stride_sk, dtype):
-    """acc + a[:, 2h, 2h + 1 for h in half] @ W[2h, 2h + 1]: W's bytes (two e2m1 values each, the even column's in
-    the low nibble) and e8m0 scales (one per 32 columns, 2^(s - 127)) dequantized into `dtype` in registers."""
+def mxfp4_dot(acc, a_base, w_base, s_base, k0, a_ok, w_ok, stride_wk, stride_sk, dtype, K: tl.constexpr,
+              BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc + a[:, k0 : k0 + BLOCK_K] @ W[k0 : k0 + BLOCK_K]: W's bytes (two e2m1 values each, the even column's in
+    the low nibble) and e8m0 exponents (one per 32 columns, 2^(s - 127)) dequantized into `dtype` in registers, the
+    even columns and the odd ones as two dots. BLOCK_K is a multiple of 32."""
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ok = half < K // 2
     a_even = tl.load(a_base + 2 * half[None, :], mask=a_ok & ok[None, :], other=0.0)
     a_odd = tl.load(a_base + 2 * half[None, :] + 1, mask=a_ok & ok[None, :], other=0.0)
     packed = tl.load(w_base + half[:, None] * stride_wk, mask=ok[:, None] & w_ok, other=0).to(tl.int32)
-    scale = tl.load(s_base + (half // 16)[:, None] * stride_sk, mask=ok[:, None] & w_ok, other=0).to(tl.int32)
-    factor = (scale << 23).to(tl.uint32).to(tl.float32, bitcast=True)  # e8m0: the float32 exponent field
-    acc = tl.dot(a_even, e2m1_times(packed & 15, factor).to(dtype), acc, input_precision="ieee")
-    return tl.dot(a_odd, e2m1_times(packed >> 4, factor).to(dtype), acc, input_precision="ieee")
+    # One exponent a group of 16 bytes, loaded once and repeated over them: 2^(s - 127) * 2^14 (e2m1_as_fp16's), as
+    # float32 exponent bits.
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    scale = tl.load(s_base + groups[:, None] * stride_sk, mask=(groups < K // 32)[:, None] & w_ok, other=0)
+    factor = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # [BLOCK_K / 32, BLOCK_N]
+    factor = tl.reshape(tl.broadcast_to(factor[:, None, :], (BLOCK_K // 32, 16, factor.shape[1])),
+                        (BLOCK_K // 2, factor.shape[1]))  # fmt: skip
+    low = (e2m1_as_fp16(packed & 15).to(tl.float32) * factor).to(dtype)
+    high = (e2m1_as_fp16(packed >> 4).to(tl.float32) * factor).to(dtype)
+    acc = tl.dot(a_even, low, acc, input_precision="ieee")
+    return tl.dot(a_odd, high, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -62,19 +71,16 @@ def grouped_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if MXFP4:  # a byte holds columns 2h and 2h + 1: the even and odd columns of a are two dots' inputs
-        halves = tl.arange(0, BLOCK_K // 2)
         a_base = a_ptr + a_rows[:, None] * stride_am
         w_base = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn
         s_base = w_scale_ptr + expert * stride_se + cols[None, :].to(tl.int64) * stride_sn
         a_dtype = a_ptr.dtype.element_ty
         for k0 in range(0, K, BLOCK_K):
-            half = k0 // 2 + halves
-            ok = half < K // 2
-            acc = mxfp4_dot(acc, a_base, w_base, s_base, half, ok, valid[:, None], col_ok[None, :], stride_wk,
-                            stride_sk, a_dtype)  # fmt: skip
+            acc = mxfp4_dot(acc, a_base, w_base, s_base, k0, valid[:, None], col_ok[None, :], stride_wk, stride_sk,
+                            a_dtype, K, BLOCK_K)  # fmt: skip
             if GATED:
-                acc_up = mxfp4_dot(acc_up, a_base, w_base + up_offset, s_base + scale_up_offset, half, ok,
-                                   valid[:, None], col_ok[None, :], stride_wk, stride_sk, a_dtype)  # fmt: skip
+                acc_up = mxfp4_dot(acc_up, a_base, w_base + up_offset, s_base + scale_up_offset, k0, valid[:, None],
+                                   col_ok[None, :], stride_wk, stride_sk, a_dtype, K, BLOCK_K)  # fmt: skip
     else:
         for k0 in range(0, K, BLOCK_K):  # K constexpr: the interpreter takes no runtime loop bound
             k_ok = ks < K - k0
