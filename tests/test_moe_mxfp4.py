@@ -138,3 +138,9 @@ def test_mxfp4_refuses_float_experts_by_name():
         compile_model(tiny_model("gpt_oss"), quantization="mxfp4", compile_backend="eager")
     with pytest.raises(ValueError, match="quantize_lm_head=True does not apply to quantization='mxfp4'"):
         CompileConfig(quantization="mxfp4", quantize_lm_head=True)
+
+
+def test_the_op_passes_opcheck():
+    x, ids, weights, quantized, b13, b2 = mxfp4_case(3, 64, 32, 4, 2, 8, torch.float32, "cpu", bias=True)
+    torch.library.opcheck(torch.ops.compiled_llm.moe_experts_mxfp4.default,
+                          (x, ids, weights, *quantized, b13, b2, "swiglu_oai", [1.702, 7.0], "torch"))  # fmt: skip

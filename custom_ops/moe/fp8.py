@@ -25,7 +25,7 @@ from custom_ops.linear.fp8 import (
     quantize_weight,
 )
 from custom_ops.moe import triton_moe
-from custom_ops.moe.op import ACTIVATIONS, add_bias, refuse_cuda_graph_capture, triton_takes
+from custom_ops.moe.op import ACTIVATIONS, add_bias, refuse_cuda_graph_capture, register_experts_op, triton_takes
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
@@ -80,16 +80,4 @@ def _triton_moe_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13
 MOE_FP8_BACKENDS = {"torch": moe_experts_fp8_reference, "triton": _triton_moe_fp8}
 
 
-def _moe_experts_fp8(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation, params, backend):
-    return MOE_FP8_BACKENDS[backend](
-        x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, b13, b2, activation, params
-    )
-
-
-def _moe_experts_fp8_fake(x, *args) -> torch.Tensor:
-    return x.new_empty(x.shape)
-
-
-for _device in ("CPU", "CUDA"):
-    _LIBRARY.impl("moe_experts_fp8", _moe_experts_fp8, _device)
-torch.library.register_fake("compiled_llm::moe_experts_fp8", _moe_experts_fp8_fake, lib=_LIBRARY)
+register_experts_op(_LIBRARY, "moe_experts_fp8", MOE_FP8_BACKENDS)

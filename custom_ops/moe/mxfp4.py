@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from custom_ops.moe import triton_moe
-from custom_ops.moe.op import moe_experts_reference, triton_takes
+from custom_ops.moe.op import moe_experts_reference, register_experts_op, triton_takes
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 GROUP = 32  # columns sharing one exponent
@@ -75,17 +75,4 @@ def _triton_moe_mxfp4(x, topk_ids, topk_weights, w13_blocks, w13_scales, w2_bloc
 MOE_MXFP4_BACKENDS = {"torch": moe_experts_mxfp4_reference, "triton": _triton_moe_mxfp4}
 
 
-def _moe_experts_mxfp4(x, topk_ids, topk_weights, w13_blocks, w13_scales, w2_blocks, w2_scales, b13, b2, activation,
-                       params, backend):  # fmt: skip
-    return MOE_MXFP4_BACKENDS[backend](
-        x, topk_ids, topk_weights, w13_blocks, w13_scales, w2_blocks, w2_scales, b13, b2, activation, params
-    )
-
-
-def _moe_experts_mxfp4_fake(x, *args) -> torch.Tensor:
-    return x.new_empty(x.shape)
-
-
-for _device in ("CPU", "CUDA"):
-    _LIBRARY.impl("moe_experts_mxfp4", _moe_experts_mxfp4, _device)
-torch.library.register_fake("compiled_llm::moe_experts_mxfp4", _moe_experts_mxfp4_fake, lib=_LIBRARY)
+register_experts_op(_LIBRARY, "moe_experts_mxfp4", MOE_MXFP4_BACKENDS)

@@ -113,14 +113,20 @@ def experts_ops() -> tuple:
                                                                            "moe_experts_mxfp4"))  # fmt: skip
 
 
-def _moe_experts(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params, backend: str) -> torch.Tensor:
-    return MOE_BACKENDS[backend](x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params)
+def register_experts_op(library: torch.library.Library, name: str, backends: dict[str, Callable]) -> None:
+    """Implement `compiled_llm::<name>`, an experts op defined on `library` whose last argument names its backend, by
+    `backends` (name -> the op's function without that argument), on CPU and CUDA; its fake is a tensor like x."""
+
+    def run(*args):
+        *args, backend = args
+        return backends[backend](*args)
+
+    def fake(x, *args):
+        return x.new_empty(x.shape)
+
+    for device in ("CPU", "CUDA"):
+        library.impl(name, run, device)
+    torch.library.register_fake(f"compiled_llm::{name}", fake, lib=library)
 
 
-def _moe_experts_fake(x, topk_ids, topk_weights, w13, w2, b13, b2, activation, params, backend) -> torch.Tensor:
-    return x.new_empty(x.shape)
-
-
-for _device in ("CPU", "CUDA"):
-    _LIBRARY.impl("moe_experts", _moe_experts, _device)
-torch.library.register_fake("compiled_llm::moe_experts", _moe_experts_fake, lib=_LIBRARY)
+register_experts_op(_LIBRARY, "moe_experts", MOE_BACKENDS)
