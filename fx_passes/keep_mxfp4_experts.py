@@ -9,7 +9,8 @@ the checkpoint's own MXFP4 tensors, dequantized in the kernel, instead of the de
 The loader (compiled_llm/mxfp4_checkpoint.py) leaves each experts parameter holding the exact dequantization of its
 checkpoint tensors and carries those tensors as attributes (`mxfp4_blocks` [E, N, K / 2], `mxfp4_scales` [E, N, K /
 32]); a recipe registers them on the graph module, so a stored rewritten graph takes the next model's. The rewrite
-is exact: the kernel computes with the very values the model's parameters hold. Experts without MXFP4 tensors are
+is exact: the kernel computes with the very values the model's parameters hold (checked when the recipe runs, expert
+by expert: bytes a later in-place change of the parameter left behind are refused). Experts without MXFP4 tensors are
 refused by name: quantizing float experts to MXFP4 is not supported (quantization="fp8" quantizes them).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-import custom_ops.moe  # noqa: F401  (registers the experts ops)
+from custom_ops.moe.mxfp4 import dequantize_mxfp4
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.expert_ops import expert_parameter, swap_experts_op
 from fx_passes.node_match import calls
@@ -27,6 +28,9 @@ from fx_passes.registry import PassResult, register_pass
 
 MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
 MOE_EXPERTS_MXFP4 = torch.ops.compiled_llm.moe_experts_mxfp4.default
+# The largest e8m0 exponent the kernel decodes (2^(s - 127) built as float32 bits with 14 added: 240 + 14 < 255);
+# trained weights sit near s = 120-130.
+MAX_EXPONENT = 240
 
 
 def mxfp4_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -36,13 +40,26 @@ def mxfp4_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
 
 
 @recipe
-def mxfp4_experts_parameter(gm: torch.fx.GraphModule, target: str, blocks_name: str, scales_name: str) -> None:
-    """Register `blocks_name` and `scales_name`: the MXFP4 checkpoint tensors the experts parameter `target` carries."""
+def mxfp4_experts_parameter(gm: torch.fx.GraphModule, target: str, transposed: bool, blocks_name: str,
+                            scales_name: str) -> None:  # fmt: skip
+    """Register `blocks_name` and `scales_name`: the MXFP4 checkpoint tensors the experts parameter `target` (stored
+    [E, K, N] where `transposed`) carries, once checked to decode to the values it holds, expert by expert: bytes left
+    behind by an in-place change of the parameter (a state dict loaded into it, a merged adapter) are refused."""
     weight = gm.get_parameter(target)
     stored = mxfp4_tensors(weight)
     if stored is None:
         raise ValueError(f"quantization='mxfp4': the experts weight {target} {tuple(weight.shape)} carries no MXFP4 "
                          "checkpoint tensors (load the checkpoint with compiled_llm.model_source.load_model)")  # fmt: skip
+    blocks, scales = stored
+    if int(scales.max()) > MAX_EXPONENT:
+        raise ValueError(f"quantization='mxfp4': {target}'s MXFP4 exponents reach {int(scales.max())}; the kernel takes "
+                         f"up to {MAX_EXPONENT} (weights below 2^114)")  # fmt: skip
+    logical = weight.transpose(1, 2) if transposed else weight
+    for expert in range(logical.shape[0]):  # one at a time: the decode's temporaries are several times the expert
+        if not torch.equal(dequantize_mxfp4(blocks[expert], scales[expert], weight.dtype), logical[expert]):
+            raise ValueError(f"quantization='mxfp4': {target} (expert {expert}) no longer holds what its checkpoint's "
+                             "MXFP4 bytes decode to: it was changed after loading; reload the checkpoint, or compile "
+                             "with quantization='none' to run the weights as they are")  # fmt: skip
     for name, tensor in zip((blocks_name, scales_name), stored):
         gm.register_buffer(name, tensor)
 
@@ -61,9 +78,9 @@ def keep_mxfp4_experts(gm: torch.fx.GraphModule, config) -> PassResult:
                              "or 'none'")  # fmt: skip
         args = []
         with gm.graph.inserting_before(node):
-            for target, _ in found:  # a transposed parameter's tensors are in the logical [E, N, K] orientation
+            for target, transposed in found:  # the tensors are in the logical [E, N, K] orientation either way
                 names = free_name(gm, f"{target}_mxfp4_blocks"), free_name(gm, f"{target}_mxfp4_scales")
-                derive(gm, mxfp4_experts_parameter, target, *names)
+                derive(gm, mxfp4_experts_parameter, target, transposed, *names)
                 for name in names:
                     attr = gm.graph.get_attr(name)
                     stored = getattr(gm, name)

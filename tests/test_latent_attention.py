@@ -98,3 +98,20 @@ def test_a_layer_left_expanded_still_matches_hf():
     assert relative_error(cm(ids).logits, expected) < 1e-4
     hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert torch.equal(cm.generate(ids, max_new_tokens=12, do_sample=False), hf)
+
+
+def test_a_layer_whose_kv_b_proj_is_hooked_keeps_its_expanded_form():
+    """The absorbed form reads kv_b_proj's weight, not its call: a layer with a forward hook there (which here changes
+    its output) stays expanded, the others are absorbed, and the compiled model still gives HF's logits."""
+    from compiled_llm import compile_model
+
+    model = tiny_model("deepseek_v3")
+    model.model.layers[1].self_attn.kv_b_proj.register_forward_hook(lambda module, args, out: out * 1.5)
+    routed, unrouted = _routed(model)
+    assert routed == [True, False] and "forward hooks" in unrouted["DeepseekV3Attention"]
+    cm = compile_model(model, compile_backend="eager", max_batch_size=2, max_seq_len=32)
+    assert [t.shape[1] for t in cm.runner.kv_cache.tensors.values()] == [1, 2]  # one plane for the absorbed layer
+    ids = random_prompt(10, seed=7)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert relative_error(cm(ids).logits, expected) < 1e-4

@@ -144,3 +144,23 @@ def test_the_op_passes_opcheck():
     x, ids, weights, quantized, b13, b2 = mxfp4_case(3, 64, 32, 4, 2, 8, torch.float32, "cpu", bias=True)
     torch.library.opcheck(torch.ops.compiled_llm.moe_experts_mxfp4.default,
                           (x, ids, weights, *quantized, b13, b2, "swiglu_oai", [1.702, 7.0], "torch"))  # fmt: skip
+
+
+def test_bytes_a_later_change_of_the_weights_left_behind_are_refused():
+    """The model's experts loaded with other values after their MXFP4 bytes were attached (a state dict, a merged
+    adapter): running the old bytes would be a silent wrong answer, so the compile refuses, naming the weight."""
+    model, other = mxfp4_gpt_oss(seed=0), mxfp4_gpt_oss(seed=1)
+    experts = {k: v for k, v in other.state_dict().items() if ".experts." in k}
+    model.load_state_dict(experts, strict=False)  # in place: the parameters keep seed 0's bytes
+    with pytest.raises(ValueError, match=r"experts\.gate_up_proj .*no longer holds what its checkpoint's MXFP4 bytes"):
+        compile_model(model, compile_backend="eager", max_batch_size=2, max_seq_len=32)
+
+
+def test_exponents_past_what_the_kernel_decodes_are_refused():
+    model = mxfp4_gpt_oss()
+    weight = model.model.layers[0].mlp.experts.down_proj
+    weight.mxfp4_scales[0, 0, 0] = 250  # 2^123: no trained weight, but a valid byte
+    with torch.no_grad():
+        weight.transpose(1, 2)[0].copy_(dequantize_mxfp4(weight.mxfp4_blocks[0], weight.mxfp4_scales[0], weight.dtype))
+    with pytest.raises(ValueError, match="MXFP4 exponents reach 250; the kernel takes up to 240"):
+        compile_model(model, compile_backend="eager", max_batch_size=2, max_seq_len=32)

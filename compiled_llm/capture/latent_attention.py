@@ -18,9 +18,9 @@ and insert_paged_attention gives a layer whose values are its keys a cache of on
 
 The seam is `expand_kv(kv_nope, k_rot)`, which every transformers MLA class calls on the latents after the norm and
 RoPE: on each routed instance it returns the latents unexpanded, and `canonical_attention_forward` absorbs
-kv_b_proj for them (`LatentAttention.attend`). A class is routed only where its own forward and the absorbed one
-agree on a probe (its first instance, before the export); an instance whose kv_b_proj the absorption cannot read
-(quantized, biased, another shape) keeps the expanded form, which is correct, and the log names why.
+kv_b_proj for them (`LatentAttention.attend`). A layer is routed only where its own forward and the absorbed one agree
+on a probe (each layer, before the export); one whose kv_b_proj the absorption cannot read (quantized, biased, another
+shape, hooked) keeps the expanded form, which is correct, and the log names why.
 """
 
 from __future__ import annotations
@@ -101,6 +101,11 @@ def latent_form(module: nn.Module) -> tuple[LatentAttention | None, str]:
     kv_b = getattr(module, "kv_b_proj", None)
     if type(kv_b) is not nn.Linear:  # a quantized linear class holds its weight otherwise
         return None, f"kv_b_proj is a {type(kv_b).__name__}, not a torch.nn.Linear"
+    # The absorbed form reads kv_b_proj's weight, not its call: whatever a call would add is refused.
+    if kv_b._forward_hooks or kv_b._forward_pre_hooks or "forward" in vars(kv_b) or _global_module_hooks():
+        return None, "kv_b_proj has forward hooks or a forward of its own"
+    if "expand_kv" in vars(module):
+        return None, "the module has an expand_kv of its own"
     if kv_b.weight.dtype not in FLOAT_WEIGHTS:
         return None, f"kv_b_proj's weight is {kv_b.weight.dtype}"
     if kv_b.bias is not None:
@@ -108,6 +113,12 @@ def latent_form(module: nn.Module) -> tuple[LatentAttention | None, str]:
     if tuple(kv_b.weight.shape) != (heads * (nope + value), rank):
         return None, f"kv_b_proj's weight is {tuple(kv_b.weight.shape)}, not [{heads} x ({nope} + {value}), {rank}]"
     return LatentAttention(module, heads, nope, rope, value, rank), ""
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _rotary_embedding(model: nn.Module, module: nn.Module) -> nn.Module | None:
@@ -155,14 +166,11 @@ def route_latent_attention(model: nn.Module, unrouted: dict[str, str] | None = N
     absorbed attends over its latents (module docstring); the others keep their expanded form, and `unrouted` (if
     given) gets each such class and why."""
     candidates = [m for m in model.modules() if callable(getattr(m, "expand_kv", None)) and hasattr(m, "kv_b_proj")]
-    routed, skipped, probed = [], {}, {}
+    routed, skipped = [], {}
     for module in candidates:  # decided here, before the export: the probe must not be traced
         latent, why = latent_form(module)
-        if latent is not None:
-            cls = type(module)
-            if cls not in probed:
-                probed[cls] = _disagreement(model, latent)
-            why = probed[cls] or ""
+        if latent is not None:  # every layer: a few tokens through one attention layer, twice
+            why = _disagreement(model, latent) or ""
         if why:
             skipped[type(module).__name__] = why
         else:

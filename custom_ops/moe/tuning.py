@@ -33,8 +33,9 @@ TILES = (
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8},
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
 )
-# The kernel and its launcher are one file: any change there is a changed candidate.
-_SOURCE = source_hash(Path(triton_moe.__file__).read_text())
+# The launcher and its kernels: any change in either file is a changed candidate.
+_SOURCE = source_hash("".join(Path(triton_moe.__file__).with_name(name).read_text()
+                              for name in ("triton_moe.py", "triton_moe_kernels.py")))  # fmt: skip
 
 
 def tile_name(tile: dict) -> str:
