@@ -51,6 +51,9 @@ def mxfp4_experts_parameter(gm: torch.fx.GraphModule, target: str, transposed: b
         raise ValueError(f"quantization='mxfp4': the experts weight {target} {tuple(weight.shape)} carries no MXFP4 "
                          "checkpoint tensors (load the checkpoint with compiled_llm.model_source.load_model)")  # fmt: skip
     blocks, scales = stored
+    if weight.dtype not in (torch.bfloat16, torch.float32):  # float16's range cannot hold every e8m0 exponent
+        raise ValueError(f"quantization='mxfp4': {target} is {weight.dtype}; MXFP4 experts decode exactly into bfloat16 "
+                         "or float32 only: load the model in one of those")  # fmt: skip
     if int(scales.max()) > MAX_EXPONENT:
         raise ValueError(f"quantization='mxfp4': {target}'s MXFP4 exponents reach {int(scales.max())}; the kernel takes "
                          f"up to {MAX_EXPONENT} (weights below 2^114)")  # fmt: skip

@@ -164,3 +164,9 @@ def test_exponents_past_what_the_kernel_decodes_are_refused():
         weight.transpose(1, 2)[0].copy_(dequantize_mxfp4(weight.mxfp4_blocks[0], weight.mxfp4_scales[0], weight.dtype))
     with pytest.raises(ValueError, match="MXFP4 exponents reach 250; the kernel takes up to 240"):
         compile_model(model, compile_backend="eager", max_batch_size=2, max_seq_len=32)
+
+
+def test_a_float16_model_is_refused_by_dtype():
+    model = mxfp4_gpt_oss().half()  # float16 cannot hold every MXFP4 value: its parameters are not the bytes' values
+    with pytest.raises(ValueError, match="decode exactly into bfloat16 or float32 only"):
+        compile_model(model, compile_backend="eager", max_batch_size=2, max_seq_len=32)
