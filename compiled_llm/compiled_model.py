@@ -69,11 +69,12 @@ def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, 
     return CompiledModel(model, config or CompileConfig(**fields))
 
 
-def graph_weight_bytes(gm: torch.fx.GraphModule) -> int:
+def graph_weight_bytes(gm: torch.fx.GraphModule, reads=None) -> int:
     """Bytes of the parameters and buffers the rewritten graph reads (each storage once): what a step reads of
-    the weights, after the passes (quantized weights at their size, the float ones they replace not at all)."""
+    the weights, after the passes (quantized weights at their size, the float ones they replace not at all).
+    `reads`: only these get_attr nodes."""
     seen, total = set(), 0
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if reads is None else reads:
         if node.op != "get_attr":
             continue
         value = graph_value(gm, node)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from compiled_llm.checkpoint_files import tensor_files
+from custom_ops.moe.mxfp4 import GROUP  # inputs per scale; 16 bytes of two e2m1 values
 
 log = logging.getLogger("compiled_llm")
 
@@ -33,7 +34,6 @@ log = logging.getLogger("compiled_llm")
 # architecture's fused experts, e.g. Mixtral's [E, N, K], would load transposed.
 ARCHITECTURES = ("gpt_oss",)
 PROJECTIONS = ("gate_up_proj", "down_proj")
-GROUP = 32  # inputs per scale; 16 bytes of two e2m1 values
 
 
 def is_mxfp4_checkpoint(quantization_config: dict | None) -> bool:

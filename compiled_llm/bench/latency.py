@@ -176,20 +176,19 @@ def _pipeline_without_each(config: CompileConfig | None, names: tuple[str, ...])
 def graph_expert_bytes(gm) -> int:
     """Bytes of the expert tensors the graph's experts ops read (weights, their scales, biases; each storage once),
     as the graph stores them: FP8 or MXFP4 experts at their size, not the model's float copies."""
-    from autotune.select import graph_value
+    from compiled_llm.compiled_model import graph_weight_bytes
     from custom_ops.moe import EXPERTS_OPS
 
-    seen = {}
+    reads = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in EXPERTS_OPS:
             continue
         for arg in node.args[3:-3]:  # after x, ids, weights; before the activation, its parameters and the backend
             while isinstance(arg, torch.fx.Node) and arg.op == "call_function":  # a transposed view of a parameter
                 arg = arg.args[0]
-            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                storage = graph_value(gm, arg).untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+            if isinstance(arg, torch.fx.Node):
+                reads.append(arg)
+    return graph_weight_bytes(gm, reads)
 
 
 def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_context: float, bandwidth: float,
