@@ -119,8 +119,10 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     pdl = pdl_launch_options(q)
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
     # Key and value tiles of a wide head (latent attention's 576, padded to 1024) in fewer, shorter stages: the
-    # default's 3 stages of 32 keys need 296 KB of shared memory, the H200 has 227 KB.
-    key_tile, stages = (KEY_TILE, {}) if head_dim_padded <= 256 else (16, {"num_stages": 1})
+    # default's 3 stages of 32 keys need 296 KB of shared memory, the H200 has 227 KB. Its [16, 1024] query, key and
+    # float32 output tiles would take over 255 registers a thread of 4 warps: 8 warps hold them.
+    wide = head_dim_padded > 256
+    key_tile, stages = (16, {"num_stages": 1, "num_warps": 8}) if wide else (KEY_TILE, {})
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
         sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
@@ -135,10 +137,11 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         SATURATE_AT=saturation_limit(kv_cache.dtype), **stages, **pdl,
     )  # fmt: skip
     if splits > 1:
-        merge_splits_kernel[(num_tokens, num_heads)](
+        block_d = min(128, triton.next_power_of_2(head_dim))
+        merge_splits_kernel[(num_tokens, num_heads, triton.cdiv(head_dim, block_d))](
             out, partial, lse, num_heads, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
             partial.stride(2), NUM_SPLITS=splits, SPLITS_PADDED=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim, HEAD_DIM_PADDED=triton.next_power_of_2(head_dim), **pdl,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, **pdl,
         )  # fmt: skip
 
 

@@ -164,17 +164,18 @@ def paged_attention_kernel(
 def merge_splits_kernel(
     out_ptr, partial_ptr, lse_ptr, num_heads,
     out_token_stride, out_head_stride, partial_split_stride, partial_token_stride, partial_head_stride,
-    NUM_SPLITS: tl.constexpr, SPLITS_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """out[t, h] = the partial outputs of (t, h), weighted by each split's share of the softmax mass."""
+    """out[t, h] = the partial outputs of (t, h), weighted by each split's share of the softmax mass; BLOCK_D of
+    the head's dimensions a program (grid axis 2), so a wide head's merge is not one program's long load."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     token = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PADDED)
-    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     lse = tl.load(lse_ptr + (splits * tl.num_programs(0) + token) * num_heads + head, mask=splits < NUM_SPLITS,
                   other=float("-inf"))  # fmt: skip
     weights = tl.exp(lse - tl.max(lse, 0))
