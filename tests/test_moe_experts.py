@@ -132,15 +132,26 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
         assert error < TOLERANCE[dtype], f"case {seed} {dtype}: relative error {error:.2e}"
 
 
-def check_other_tiles(device: str) -> None:
-    """The cases again with tiles other than the heuristic's: narrow and wide columns, short and long K steps."""
+# One token's GEMV without tensor cores: K in several steps, the columns off the tile (48 of 32).
+GEMV_TILE = {"gemv": True, "BLOCK_N": 32, "BLOCK_K": 32}
+OTHER_TILES = ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}, GEMV_TILE)
+
+
+def with_tile(tile: dict, check, *args) -> None:
+    """check(*args) with `tile` as what every untuned call runs (one token's GEMV tiles run only one token)."""
     heuristic = triton_moe.heuristic_tile
     try:
-        for tile in ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}):
-            triton_moe.heuristic_tile = lambda mode, tile=tile: triton_moe.DEFAULT_TILE | tile
-            check_triton_against_reference(device, torch.float32)
+        triton_moe.heuristic_tile = lambda mode, fmt="float": triton_moe.DEFAULT_TILE | tile
+        check(*args)
     finally:
         triton_moe.heuristic_tile = heuristic
+
+
+def check_other_tiles(device: str) -> None:
+    """The cases again with tiles other than the heuristic's: narrow and wide columns, short and long K steps, and
+    one token's GEMV."""
+    for tile in OTHER_TILES:
+        with_tile(tile, check_triton_against_reference, device, torch.float32)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -331,7 +342,8 @@ def test_fp8_triton_in_the_interpreter():
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_experts as t; "
         "t.check_fp8_triton_against_reference('cpu', torch.float32); "
-        "t.check_fp8_triton_against_reference('cpu', torch.float16)"
+        "t.check_fp8_triton_against_reference('cpu', torch.float16); "
+        "t.with_tile(t.GEMV_TILE, t.check_fp8_triton_against_reference, 'cpu', torch.float16)"
     )
 
 
@@ -341,6 +353,7 @@ def test_fp8_triton_on_the_gpu(dtype):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("e4m3 tensor cores need compute capability 8.9")
     check_fp8_triton_against_reference("cuda", dtype)
+    with_tile(GEMV_TILE, check_fp8_triton_against_reference, "cuda", dtype)
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe"])

@@ -13,7 +13,7 @@ from compiled_llm import CompileConfig, compile_model
 from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
 from custom_ops.moe.mxfp4 import dequantize_mxfp4, moe_experts_mxfp4_reference, random_mxfp4
 from custom_ops.triton_runtime import triton_available
-from test_moe_experts import TOLERANCE, float64_experts, random_routing
+from test_moe_experts import GEMV_TILE, TOLERANCE, float64_experts, random_routing, with_tile
 
 
 def test_dequantize_is_transformers_reading_of_gpt_oss_checkpoints():
@@ -57,6 +57,9 @@ def test_reference_against_float64(activation):
     expected = float64_experts(x, ids, weights, w13, w2, b13, b2, tuple(params) or None)
     assert relative_error(out, expected) < 1e-5
 
+# One token's GEMV over two exponent groups a step (and K = 32 under one masked step).
+MXFP4_GEMV_TILE = GEMV_TILE | {"BLOCK_K": 64}
+
 
 def check_mxfp4_triton_against_reference(device: str, dtype: torch.dtype) -> None:
     """One token (a block per pair), prefill rows in sorted blocks, N off the column tiles, GPT-OSS's interleaved
@@ -84,7 +87,9 @@ def test_mxfp4_triton_in_the_interpreter():
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_mxfp4 as t; "
         "t.check_mxfp4_triton_against_reference('cpu', torch.float32); "
-        "t.check_mxfp4_triton_against_reference('cpu', torch.float16)"
+        "t.check_mxfp4_triton_against_reference('cpu', torch.float16); "
+        "from test_moe_experts import with_tile; "
+        "with_tile(t.MXFP4_GEMV_TILE, t.check_mxfp4_triton_against_reference, 'cpu', torch.float32)"
     )
 
 
@@ -92,6 +97,18 @@ def test_mxfp4_triton_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mxfp4_triton_on_the_gpu(dtype):
     check_mxfp4_triton_against_reference("cuda", dtype)
+    with_tile(MXFP4_GEMV_TILE, check_mxfp4_triton_against_reference, "cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_mxfp4_through_tl_dot_scaled_on_the_gpu(monkeypatch):
+    """The tuning's other MXFP4 candidates: Triton's own microscaled dot upcasting the bytes, every row mode."""
+    from custom_ops.moe import triton_moe
+
+    heuristic = triton_moe.heuristic_tile
+    tensor_core_tile = {"gemv": False, "dot_scaled": True}
+    monkeypatch.setattr(triton_moe, "heuristic_tile", lambda mode, fmt="float": heuristic(mode) | tensor_core_tile)
+    check_mxfp4_triton_against_reference("cuda", torch.bfloat16)
 
 
 def mxfp4_gpt_oss(seed: int = 0):

@@ -24,6 +24,10 @@ DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 # One token: k blocks of one row each stream their experts' weights; narrower column tiles give the GPU more programs
 # (Qwen3-30B-A3B's gate_up: 8 x 768/64 = 96 programs for 132 SMs at the default, 192 at 32). Not yet measured.
 ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# One token of MXFP4 weights: the GEMV without tensor cores (one_token_gemv_kernel), whose decode costs fewer
+# instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
+# (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md). Float weights stay on tensor cores: 2.6 TB/s there, ahead of it.
+MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
 # (device index, num_experts, n, k, row mode, e4m3 weights) -> a tile the autotuner chose (tuning.py), read at every
 # call; the row mode is 1 for one token (a block per pair), else BLOCK_M.
 TUNED_TILES: dict[tuple, dict] = {}
@@ -60,9 +64,9 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 def _kernels():
-    from custom_ops.moe.triton_moe_kernels import grouped_gemm_kernel  # needs triton: imported on first use
+    from custom_ops.moe import triton_moe_kernels  # needs triton: imported on first use
 
-    return grouped_gemm_kernel
+    return triton_moe_kernels.grouped_gemm_kernel, triton_moe_kernels.one_token_gemv_kernel
 
 
 class ExpertBlocks(NamedTuple):
@@ -100,7 +104,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     activation (with its `params`) of w's gate and up rows; times route_weights[p] where given. `scales`: a and w are
     e4m3, with a's row scales [rows, 1] and w's [E, N]; `mxfp4_scales`: w is MXFP4 bytes [E, N, K / 2] with these
     exponents [E, N, K / 32] (mxfp4.py); `like`, a tensor of the model's dtype (a where not given). `tile` overrides
-    the tuned or default one."""
+    the tuned or default one; its "dot_scaled" (MXFP4, bf16 rows) dequantizes through tl.dot_scaled instead of the
+    kernel's own decode; its "gemv" (one token) runs one_token_gemv_kernel, without tensor cores."""
     import triton
 
     mxfp4 = mxfp4_scales is not None
@@ -116,20 +121,30 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         w, bias = w[:, ::2], bias[:, ::2] if bias is not None else None
         w_scale = w_scale[:, ::2] if scales is not None or mxfp4 else w
     alpha, limit = params if len(params) == 2 else (1.0, 0.0)
-    grid = (blocks.block_expert.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
     one_token = blocks.sorted_pairs is None
     ids = blocks.block_expert
-    _kernels()[grid](
-        a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a,
-        ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale, w_scale,
-        like if like is not None else a, blocks.pairs, n, blocks.top_k, a.stride(0),
-        w.stride(0), w.stride(1), w.stride(2), up_offset, bias.stride(0) if bias is not None else 0,
-        bias.stride(1) if bias is not None else 0, bias_up_offset, w_scale.stride(0), w_scale.stride(1),
-        w_scale.stride(2) if mxfp4 else 0, scale_up_offset, out.stride(0), float(alpha), float(limit),
-        K=w.shape[2] * (2 if mxfp4 else 1), ONE_TOKEN=one_token, GATED=gated,
-        ACTIVATION=ACTIVATIONS[activation], A_PER_TOKEN=a_per_token, HAS_BIAS=bias is not None,
-        ROUTE_WEIGHTS=route_weights is not None, FP8=scales is not None, MXFP4=mxfp4, BLOCK_M=blocks.block_m,
-        BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    grid = (ids.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
+    common = (
+        blocks.pairs, n, blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), up_offset,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, bias_up_offset,
+        w_scale.stride(0), w_scale.stride(1), w_scale.stride(2) if mxfp4 else 0, scale_up_offset, out.stride(0),
+        float(alpha), float(limit),
+    )  # fmt: skip
+    flags = {
+        "K": w.shape[2] * (2 if mxfp4 else 1), "GATED": gated, "ACTIVATION": ACTIVATIONS[activation],
+        "A_PER_TOKEN": a_per_token, "HAS_BIAS": bias is not None, "ROUTE_WEIGHTS": route_weights is not None,
+        "FP8": scales is not None, "MXFP4": mxfp4, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"],
+        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"],
+    }  # fmt: skip
+    tensors = (a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a)
+    like = like if like is not None else a
+    if one_token and tile.get("gemv"):
+        _kernels()[1][grid](*tensors, ids, a_scale, w_scale, like, *common[1:], **flags)
+        return out
+    _kernels()[0][grid](
+        *tensors, ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale,
+        w_scale, like, *common, ONE_TOKEN=one_token, BLOCK_M=blocks.block_m,
+        DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16, **flags,
     )  # fmt: skip
     return out
 
@@ -142,9 +157,11 @@ def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return weighted.sum(dim=1, dtype=torch.float32).to(dtype)
 
 
-def heuristic_tile(mode: int) -> dict:
-    """What runs untuned in a row mode."""
-    return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
+def heuristic_tile(mode: int, fmt: str = "float") -> dict:
+    """What runs untuned in a row mode, for weights stored as `fmt` (weight_format)."""
+    if mode == 1:
+        return MXFP4_ONE_TOKEN_TILE if fmt == "mxfp4" else ONE_TOKEN_TILE
+    return DEFAULT_TILE
 
 
 def weight_format(w: torch.Tensor, mxfp4: bool = False) -> str:
@@ -154,8 +171,8 @@ def weight_format(w: torch.Tensor, mxfp4: bool = False) -> str:
 
 def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int, mxfp4: bool = False) -> dict:
     k = w.shape[2] * (2 if mxfp4 else 1)
-    key = (a.get_device(), w.shape[0], w.shape[1], k, mode, weight_format(w, mxfp4))
-    return TUNED_TILES.get(key, heuristic_tile(mode))
+    fmt = weight_format(w, mxfp4)
+    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], k, mode, fmt), heuristic_tile(mode, fmt))
 
 
 def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params=(),

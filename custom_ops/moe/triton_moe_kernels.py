@@ -39,6 +39,22 @@ def mxfp4_dot(acc, a_base, w_base, s_base, k0, a_ok, w_ok, stride_wk, stride_sk,
 
 
 @triton.jit
+def mxfp4_dot_scaled(acc, a_base, w_base, s_base, k0, a_ok, w_ok, stride_wk, stride_sk, K: tl.constexpr,
+                     BLOCK_K: tl.constexpr):  # fmt: skip
+    """mxfp4_dot through Triton's own microscaled dot (bf16 a only), which upcasts the e2m1 bytes where the target
+    has no FP4 tensor cores (Hopper). Same layout: the bytes [BLOCK_K / 2, BLOCK_N] packed along K, low nibble
+    first; the exponents given [N, K / 32]. The interpreter has no dot_scaled: a GPU-only candidate."""
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ok = half < K // 2
+    cols = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(a_base + cols[None, :], mask=a_ok & (cols < K)[None, :], other=0.0)
+    packed = tl.load(w_base + half[:, None] * stride_wk, mask=ok[:, None] & w_ok, other=0)
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    scale = tl.load(s_base + groups[:, None] * stride_sk, mask=(groups < K // 32)[:, None] & w_ok, other=0)
+    return tl.dot_scaled(a, None, "bf16", packed, tl.trans(scale), "e2m1", acc)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, sorted_pairs_ptr, block_expert_ptr, used_rows_ptr,
     a_scale_ptr, w_scale_ptr, round_ptr,
@@ -46,12 +62,13 @@ def grouped_gemm_kernel(
     stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit,
     K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr,
-    MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MXFP4: tl.constexpr, DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K (+ bias); GATED: w's rows n are the gate's,
     its rows n + up_offset (elements) the up's, act(gate, up) written; ROUTE_WEIGHTS: times the pair's routing
     weight. FP8: a and w in e4m3, the product times a's row scale and w's (expert, row) scale. MXFP4: w holds K / 2
-    bytes a row and w_scale K / 32 exponents (custom_ops/moe/mxfp4.py), dequantized into a's dtype. Values round
+    bytes a row and w_scale K / 32 exponents (custom_ops/moe/mxfp4.py), dequantized into a's dtype (DOT_SCALED: by
+    tl.dot_scaled, a bf16). Values round
     to round_ptr's dtype (the model's) where the reference's ops round."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if ONE_TOKEN:  # a block per pair, its first row; block_expert_ptr: the ids themselves
@@ -76,11 +93,18 @@ def grouped_gemm_kernel(
         s_base = w_scale_ptr + expert * stride_se + cols[None, :].to(tl.int64) * stride_sn
         a_dtype = a_ptr.dtype.element_ty
         for k0 in range(0, K, BLOCK_K):
-            acc = mxfp4_dot(acc, a_base, w_base, s_base, k0, valid[:, None], col_ok[None, :], stride_wk, stride_sk,
-                            a_dtype, K, BLOCK_K)  # fmt: skip
-            if GATED:
-                acc_up = mxfp4_dot(acc_up, a_base, w_base + up_offset, s_base + scale_up_offset, k0, valid[:, None],
-                                   col_ok[None, :], stride_wk, stride_sk, a_dtype, K, BLOCK_K)  # fmt: skip
+            if DOT_SCALED:
+                acc = mxfp4_dot_scaled(acc, a_base, w_base, s_base, k0, valid[:, None], col_ok[None, :], stride_wk,
+                                       stride_sk, K, BLOCK_K)  # fmt: skip
+                if GATED:
+                    acc_up = mxfp4_dot_scaled(acc_up, a_base, w_base + up_offset, s_base + scale_up_offset, k0,
+                                              valid[:, None], col_ok[None, :], stride_wk, stride_sk, K, BLOCK_K)  # fmt: skip
+            else:
+                acc = mxfp4_dot(acc, a_base, w_base, s_base, k0, valid[:, None], col_ok[None, :], stride_wk,
+                                stride_sk, a_dtype, K, BLOCK_K)  # fmt: skip
+                if GATED:
+                    acc_up = mxfp4_dot(acc_up, a_base, w_base + up_offset, s_base + scale_up_offset, k0,
+                                       valid[:, None], col_ok[None, :], stride_wk, stride_sk, a_dtype, K, BLOCK_K)  # fmt: skip
     else:
         for k0 in range(0, K, BLOCK_K):  # K constexpr: the interpreter takes no runtime loop bound
             k_ok = ks < K - k0
@@ -104,10 +128,22 @@ def grouped_gemm_kernel(
         acc = acc * a_scale * tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * a_scale * tl.load(scale_ptrs + scale_up_offset, mask=col_ok, other=0.0)[None, :]
-    # Rounded to the model's dtype where the reference's ops round: the GEMM, the bias add, each activation op.
-    dtype = round_ptr.dtype.element_ty
+    out = gated_epilogue(acc, acc_up, bias_ptr + expert * stride_be + cols * stride_bn, col_ok, bias_up_offset, alpha,
+                         limit, round_ptr.dtype.element_ty, HAS_BIAS, GATED, ACTIVATION)  # fmt: skip
+    if ROUTE_WEIGHTS:
+        route_w = tl.load(route_w_ptr + rows, mask=valid, other=0.0)
+        out = out.to(round_ptr.dtype.element_ty).to(tl.float32) * route_w.to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & col_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def gated_epilogue(acc, acc_up, bias_ptrs, col_ok, bias_up_offset, alpha, limit, dtype, HAS_BIAS: tl.constexpr,
+                   GATED: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
+    """The GEMM's float32 sums [rows, BLOCK_N] (and the up rows' where GATED) to the float32 output before the routing
+    weight: + bias, the activation, each rounded to the model's `dtype` where the reference's ops round (the GEMM,
+    the bias add, each activation op)."""
     out = acc.to(dtype).to(tl.float32)
-    bias_ptrs = bias_ptr + expert * stride_be + cols * stride_bn
     if HAS_BIAS:
         out = (out + tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
     if GATED:
@@ -123,9 +159,79 @@ def grouped_gemm_kernel(
             sig = tl.sigmoid((gate * alpha).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             glu = (gate * sig).to(dtype).to(tl.float32)
             out = (up + 1.0).to(dtype).to(tl.float32) * glu
-    out_dtype = out_ptr.dtype.element_ty
+    return out
+
+
+@triton.jit
+def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_wk, stride_sk, K: tl.constexpr,
+                  BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_N] + W[:, k0 : k0 + BLOCK_K] @ x[k0 : k0 + BLOCK_K] for one row x, W's MXFP4 rows `w_rows` and
+    their exponents `s_rows` ([BLOCK_N, 1] pointers): each 32-column group's products are summed before its
+    exponent scales them, so a weight costs its decode and one multiply-add. BLOCK_K is a multiple of 32."""
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    group_ok = groups < K // 32
+    byte = groups[:, None] * 16 + tl.arange(0, 16)[None, :]  # [G, 16]: a group's 16 bytes, 32 columns
+    x_even = tl.load(x_row + 2 * byte, mask=group_ok[:, None], other=0.0).to(tl.float32)
+    x_odd = tl.load(x_row + 2 * byte + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
+    packed = tl.load(w_rows[:, :, None] + byte[None, :, :] * stride_wk,
+                     mask=col_ok[:, None, None] & group_ok[None, :, None], other=0).to(tl.int32)  # fmt: skip
+    low = e2m1_as_fp16(packed & 15).to(tl.float32)
+    high = e2m1_as_fp16(packed >> 4).to(tl.float32)
+    sums = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
+    scale = tl.load(s_rows + groups[None, :] * stride_sk, mask=col_ok[:, None] & group_ok[None, :], other=0)
+    factor = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127), times e2m1_as_fp16's 2^14
+    return acc + tl.sum(sums * factor, axis=1)
+
+
+@triton.jit
+def one_token_gemv_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, ids_ptr, a_scale_ptr, w_scale_ptr, round_ptr,
+    N, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
+    stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit,
+    K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr, MXFP4: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """grouped_gemm_kernel's ONE_TOKEN case without tensor cores: out[pair, cols] for the program's pair and
+    BLOCK_N columns, its row of a dotted with each weight row in float32 (a decode step of one sequence has one row
+    an expert: a tensor-core tile would be 1/16 used, and its operand layout costs more than the products). Same
+    arguments and roundings; ids_ptr: the pairs' experts."""
+    pair, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    a_row = pair // top_k if A_PER_TOKEN else pair
+    x_row = a_ptr + a_row * stride_am
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w_rows = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if MXFP4:
+        s_rows = w_scale_ptr + expert * stride_se + cols[:, None].to(tl.int64) * stride_sn
+        for k0 in range(0, K, BLOCK_K):
+            acc = mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_wk, stride_sk, K, BLOCK_K)
+            if GATED:
+                acc_up = mxfp4_row_dot(acc_up, x_row, w_rows + up_offset, s_rows + scale_up_offset, k0, col_ok,
+                                       stride_wk, stride_sk, K, BLOCK_K)  # fmt: skip
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_rows + ks[None, :] * stride_wk, mask=w_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            if GATED:
+                w_up = tl.load(w_rows + up_offset + ks[None, :] * stride_wk, mask=w_mask, other=0.0)
+                acc_up += tl.sum(w_up.to(tl.float32) * x, axis=1)
+    if FP8:  # (sum * s_a) * s_w, as fp8_linear's reference
+        a_scale = tl.load(a_scale_ptr + a_row)
+        scale_ptrs = w_scale_ptr + expert * stride_se + cols * stride_sn
+        acc = acc * a_scale * tl.load(scale_ptrs, mask=col_ok, other=0.0)
+        if GATED:
+            acc_up = acc_up * a_scale * tl.load(scale_ptrs + scale_up_offset, mask=col_ok, other=0.0)
+    dtype = round_ptr.dtype.element_ty
+    out = gated_epilogue(acc[None, :], acc_up[None, :], bias_ptr + expert * stride_be + cols * stride_bn, col_ok,
+                         bias_up_offset, alpha, limit, dtype, HAS_BIAS, GATED, ACTIVATION)  # fmt: skip
     if ROUTE_WEIGHTS:
-        route_w = tl.load(route_w_ptr + rows, mask=valid, other=0.0)
-        out = out.to(dtype).to(tl.float32) * route_w.to(tl.float32)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_dtype),
-             mask=valid[:, None] & col_ok[None, :])  # fmt: skip
+        out = out.to(dtype).to(tl.float32) * tl.load(route_w_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + pair * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])

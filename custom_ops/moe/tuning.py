@@ -33,6 +33,11 @@ TILES = (
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8},
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
 )
+# One token: one_token_gemv_kernel's tiles (no tensor cores), beside the tiles above.
+GEMV_TILES = tuple(
+    {"gemv": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 2}
+    for n, k, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8))
+)
 # The launcher and its kernels: any change in either file is a changed candidate.
 _SOURCE = source_hash("".join(Path(triton_moe.__file__).with_name(name).read_text()
                               for name in ("triton_moe.py", "triton_moe_kernels.py")))  # fmt: skip
@@ -40,7 +45,8 @@ _SOURCE = source_hash("".join(Path(triton_moe.__file__).with_name(name).read_tex
 
 def tile_name(tile: dict) -> str:
     tile = triton_moe.DEFAULT_TILE | tile
-    return f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
+    name = f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
+    return "gemv-" + name if tile.get("gemv") else name + "-dot_scaled" if tile.get("dot_scaled") else name
 
 
 def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, exponents, gated: bool,
@@ -66,12 +72,16 @@ class MoeGroupedGemmTuning:
 
     def candidates(self, bucket: dict) -> list[Candidate]:
         tiles = [triton_moe.DEFAULT_TILE | tile for tile in TILES]
+        if bucket.get("mxfp4"):  # Triton's own upcast beside the kernel's decode, each tile
+            tiles += [tile | {"dot_scaled": True} for tile in tiles]
+        if bucket["rows"] == 1:
+            tiles += [triton_moe.DEFAULT_TILE | tile for tile in GEMV_TILES]
         return [
             Candidate(tile_name(t), functools.partial(_run, gated=bucket["gated"], tile=t), _SOURCE, t) for t in tiles
         ]
 
     def heuristic(self, bucket: dict) -> str:
-        return tile_name(triton_moe.heuristic_tile(bucket["rows"]))
+        return tile_name(triton_moe.heuristic_tile(bucket["rows"], _format(bucket)))
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
@@ -138,9 +148,13 @@ class MoeGroupedGemmTuning:
         ]  # fmt: skip
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        fmt = "mxfp4" if bucket.get("mxfp4") else "fp8" if bucket["fp8"] else "float"  # triton_moe.weight_format
-        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"], fmt)
+        key = (device_index(device), bucket["experts"], bucket["n"], bucket["k"], bucket["rows"], _format(bucket))
         triton_moe.TUNED_TILES[key] = dict(candidate.config)
+
+
+def _format(bucket: dict) -> str:
+    """triton_moe.weight_format of a bucket's weights."""
+    return "mxfp4" if bucket.get("mxfp4") else "fp8" if bucket["fp8"] else "float"
 
 
 def _pair_experts(blocks: triton_moe.ExpertBlocks) -> torch.Tensor:
