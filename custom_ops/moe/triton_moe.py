@@ -28,6 +28,9 @@ ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3
 # instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
 # (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md). Float weights stay on tensor cores: 2.6 TB/s there, ahead of it.
 MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
+# Rows of MXFP4 experts in blocks: Triton's own upcast (tl.dot_scaled, bf16 rows) on wider K steps, 1.1-1.4x the
+# kernel's decode at 16 rows an expert there.
+MXFP4_TILE = DEFAULT_TILE | {"BLOCK_K": 128, "dot_scaled": True}
 # (device index, num_experts, n, k, row mode, e4m3 weights) -> a tile the autotuner chose (tuning.py), read at every
 # call; the row mode is 1 for one token (a block per pair), else BLOCK_M.
 TUNED_TILES: dict[tuple, dict] = {}
@@ -159,9 +162,9 @@ def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 def heuristic_tile(mode: int, fmt: str = "float") -> dict:
     """What runs untuned in a row mode, for weights stored as `fmt` (weight_format)."""
-    if mode == 1:
-        return MXFP4_ONE_TOKEN_TILE if fmt == "mxfp4" else ONE_TOKEN_TILE
-    return DEFAULT_TILE
+    if fmt == "mxfp4":
+        return MXFP4_ONE_TOKEN_TILE if mode == 1 else MXFP4_TILE
+    return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
 
 
 def weight_format(w: torch.Tensor, mxfp4: bool = False) -> str:
