@@ -43,6 +43,7 @@ from compiled_llm.verify import self_check, self_check_wanted
 from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
+from fx_passes.shard_tensor_parallel import tensor_parallel_rank
 
 log = logging.getLogger("compiled_llm")
 
@@ -92,6 +93,7 @@ class CompiledModel:
             log.info("quantization=%r (%s)", quantization, why)
             config = config.model_copy(update={"quantization": quantization})
         self.config = config
+        tensor_parallel_rank(config)  # a missing or mismatched process group fails before any work
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
         timings = {}
