@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import random_prompt, relative_error, tiny_model
+import transformers as tf
+from conftest import ARCHITECTURES, random_prompt, relative_error, tiny_model
 from torch import nn
 
 from compiled_llm import CompileConfig, compile_model
@@ -26,7 +27,23 @@ ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 
 # arch -> (column-parallel + row-parallel linears, all-reduces) for the tiny 2-layer models: q/k/v, gate/up and
 # o/down per layer; Mixtral's experts stay replicated (expert parallelism is later), so only attention is split.
-EXPECTED_SITES = {"llama": (14, 4), "qwen3": (14, 4), "gemma3": (14, 4), "mixtral": (8, 2)}
+EXPECTED_SITES = {"llama": (14, 4), "llama_bias": (14, 4), "qwen3": (14, 4), "gemma3": (14, 4), "mixtral": (8, 2)}
+
+
+def _model(arch: str) -> nn.Module:
+    """tiny_model(arch); `llama_bias`: Llama with random biases on every linear (split with the column-parallel
+    rows; added once, after the all-reduce, on the row-parallel ones)."""
+    if arch != "llama_bias":
+        return tiny_model(arch)
+    torch.manual_seed(0)
+    config = ARCHITECTURES["llama"]()
+    config.attention_bias = config.mlp_bias = True
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "embed" not in name and "norm" not in name:
+                param.normal_(0.0, 0.08)
+    return model
 
 
 def _free_port() -> int:
@@ -42,7 +59,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], ou
     try:
         results = {}
         for arch, backend in jobs:
-            cm = compile_model(tiny_model(arch), tensor_parallel_size=world, compile_backend=backend, max_batch_size=2)
+            cm = compile_model(_model(arch), tensor_parallel_size=world, compile_backend=backend, max_batch_size=2)
             ids = random_prompt(12, seed=3)
             results[arch] = {
                 "logits": cm(ids).logits,
@@ -74,7 +91,7 @@ def run_ranks(world: int, jobs: list[tuple[str, str]], out_dir) -> list[dict]:
 
 def _expected(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The unsharded HF model's logits and greedy tokens on the ranks' prompt."""
-    model, ids = tiny_model(arch), random_prompt(12, seed=3)
+    model, ids = _model(arch), random_prompt(12, seed=3)
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
     return logits, model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
@@ -84,7 +101,13 @@ def _expected(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
 def two_ranks(tmp_path_factory):
     # Inductor for one model (the functional all-reduce through Inductor's collective lowering), the graph run
     # uncompiled for the rest: the sharding is the same, and each Inductor compile costs both ranks seconds.
-    jobs = [("llama", "inductor"), ("qwen3", "eager"), ("gemma3", "eager"), ("mixtral", "eager")]
+    jobs = [
+        ("llama", "inductor"),
+        ("llama_bias", "eager"),
+        ("qwen3", "eager"),
+        ("gemma3", "eager"),
+        ("mixtral", "eager"),
+    ]
     return run_ranks(2, jobs, tmp_path_factory.mktemp("tp2"))
 
 
