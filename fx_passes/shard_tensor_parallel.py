@@ -94,6 +94,15 @@ def tensor_parallel_rank(config) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def smallest_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` over the ranks (a tensor on `device`: the process group's backend must reach it)."""
+    import torch.distributed as dist
+
+    smallest = torch.tensor([value], device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
+
+
 @recipe
 def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int) -> None:
     """Register `name`: rows (dim 0) or columns (dim 1) [start, start + size) of the parameter `source`, a copy
@@ -216,6 +225,9 @@ class _Sharder:
         if part is None or part.dim != last:
             self.refuse(linear, "a row-parallel linear must read a value split over the ranks along its input "
                                 "features (the output of column-parallel linears)")  # fmt: skip
+        if part.total != weight.meta["val"].shape[1]:
+            self.refuse(linear, f"its input holds a part of {part.total} features, its weight reads "
+                                f"{weight.meta['val'].shape[1]}")  # fmt: skip
         if not part.even(self.rank, self.world):
             self.refuse(linear, f"its input is not split evenly over the ranks (this rank holds {part.size} of "
                                 f"{part.total} features, from {part.start}): replicated heads cannot be summed")  # fmt: skip

@@ -67,6 +67,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], ou
                 "sites": cm.report.pass_sites("shard_tensor_parallel"),
                 "all_reduces": sum(n.target is ALL_REDUCE for n in cm.graph_module.graph.nodes),
                 "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
+                "kv_cache": cm.report.kv_cache,
             }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -122,6 +123,7 @@ def test_two_ranks_match_the_unsharded_model(two_ranks, arch):
     assert rank0["sites"] == rank1["sites"] == sites
     assert rank0["all_reduces"] == all_reduces
     assert rank0["heads"] == [(2, 1)] * 2  # 4 query heads and 2 KV heads per layer, halved
+    assert rank0["kv_cache"] == rank1["kv_cache"]  # one block count: the ranks' schedulers run in lockstep
 
 
 def test_four_ranks_replicate_the_kv_heads(tmp_path):
