@@ -104,7 +104,9 @@ class CompileConfig(BaseModel):
     of 1: values beyond +-448 saturate, and each is rounded to 3 mantissa bits."""
 
     tensor_parallel_size: int = Field(1, ge=1)
-    """Number of GPUs the model is sharded over."""
+    """Ranks the model is sharded over (tensor parallelism, fx_passes/shard_tensor_parallel.py): above 1, each
+    process of a torch.distributed group of exactly this size (torchrun; gloo on CPU, NCCL on GPUs) compiles the
+    model for its rank, sharded as the model's transformers tensor-parallel plan says."""
 
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (no effect on CPU)."""
@@ -211,13 +213,6 @@ class CompileConfig(BaseModel):
                 f"attention_backend={value!r}: unknown backend {unknown[0]!r}; allowed: {', '.join(ATTENTION_BACKENDS)}, "
                 "or rules per phase such as 'decode<=8:triton,decode:flashinfer,prefill:flashinfer'"
             )
-        return value
-
-    @field_validator("tensor_parallel_size")
-    @classmethod
-    def _single_gpu(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"tensor_parallel_size={value} is not supported yet; supported now: 1")
         return value
 
     @model_validator(mode="after")

@@ -51,6 +51,10 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "match_sdpa_attention",
     # After runtime_positions, whose position tables bound the masks it proves causal.
     "match_explicit_attention",
+    # After explicit_view_sizes, whose constant head counts it rewrites to the rank's, and after the attention
+    # matchers (it shards by the canonical attention op's heads); before fuse_parallel_linears (which would fuse
+    # q/k/v and gate/up into one weight it would have to cut per part) and quantize_fp8 (which quantizes the shards).
+    "shard_tensor_parallel",
     # After cleanup, which removes the no-op casts between a shared input and its linears.
     "fuse_parallel_linears",
     # After fusion, whose in-place views it rebuilds RoPE on; before paging, which it leaves alone.

@@ -24,7 +24,7 @@ from conftest import VOCAB, paged_layers, random_prompt, tiny_model
         ({"quantization": "int3"}, "quantization"),
         ({"quantize_lm_head": True, "quantization": "none"}, "quantize_lm_head=True needs a quantization"),
         ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype"),
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
         ({"compile_backend": "tvm"}, "compile_backend"),

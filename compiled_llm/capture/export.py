@@ -222,4 +222,7 @@ def _captured(program: torch.export.ExportedProgram, model: nn.Module, arch: str
     num_logits = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "logits_indices").meta["val"]
     # One row whatever logits_indices asks for: the module computes its last position only (see forward).
     gm.meta["last_position_only"] = str(logits.shape[0]) != str(num_logits.shape[0])
+    # transformers' tensor-parallel plan ("model.layers.*.self_attn.q_proj" -> "colwise"), by the graph's attribute
+    # names (FlatTokenForward holds the model as `model`): what shard_tensor_parallel shards by.
+    gm.meta["tp_plan"] = {f"model.{name}": style for name, style in (getattr(model, "tp_plan", None) or {}).items()}
     return CapturedModel(gm, arch, num_layers, int(logits.shape[-1]), logits.dtype, seconds, source)

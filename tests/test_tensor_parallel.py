@@ -1,0 +1,217 @@
+"""Tensor parallelism (fx_passes/shard_tensor_parallel.py): the ranks of a gloo group on CPU each compile their
+shard of a tiny model, and compute the unsharded model's logits and greedy tokens; what the pass cannot prove
+right is refused, naming the op."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers as tf
+from conftest import ARCHITECTURES, random_prompt, relative_error, tiny_model
+from torch import nn
+
+from compiled_llm import CompileConfig, compile_model
+from compiled_llm.capture import capture_model
+from fx_passes import DEFAULT_PIPELINE, registered_passes
+from fx_passes.shard_tensor_parallel import TensorParallelError, shard
+
+JOIN_TIMEOUT_S = 300  # every rank, compile included; a hung collective fails the test instead of CI
+NEW_TOKENS = 8
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+
+# arch -> (column-parallel + row-parallel linears, all-reduces) for the tiny 2-layer models: q/k/v, gate/up and
+# o/down per layer; Mixtral's experts stay replicated (expert parallelism is later), so only attention is split.
+EXPECTED_SITES = {"llama": (14, 4), "llama_bias": (14, 4), "qwen3": (14, 4), "gemma3": (14, 4), "mixtral": (8, 2)}
+
+
+def _model(arch: str) -> nn.Module:
+    """tiny_model(arch); `llama_bias`: Llama with random biases on every linear (split with the column-parallel
+    rows; added once, after the all-reduce, on the row-parallel ones)."""
+    if arch != "llama_bias":
+        return tiny_model(arch)
+    torch.manual_seed(0)
+    config = ARCHITECTURES["llama"]()
+    config.attention_bias = config.mlp_bias = True
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "embed" not in name and "norm" not in name:
+                param.normal_(0.0, 0.08)
+    return model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
+    """One rank: compile each (arch, compile_backend) for tensor_parallel_size=world, save what it computed."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    try:
+        results = {}
+        for arch, backend in jobs:
+            cm = compile_model(_model(arch), tensor_parallel_size=world, compile_backend=backend, max_batch_size=2)
+            ids = random_prompt(12, seed=3)
+            results[arch] = {
+                "logits": cm(ids).logits,
+                "tokens": cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
+                "sites": cm.report.pass_sites("shard_tensor_parallel"),
+                "all_reduces": sum(n.target is ALL_REDUCE for n in cm.graph_module.graph.nodes),
+                "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
+                "kv_cache": cm.report.kv_cache,
+            }
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, jobs: list[tuple[str, str]], out_dir) -> list[dict]:
+    """Each rank's results, from `world` spawned processes; a rank that fails or hangs fails the test."""
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), jobs, str(out_dir)), nprocs=world,
+                                 join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not context.join(timeout=5):  # raises if a rank failed (and ends the others)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} tensor-parallel ranks still running after {JOIN_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
+
+
+def _expected(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unsharded HF model's logits and greedy tokens on the ranks' prompt."""
+    model, ids = _model(arch), random_prompt(12, seed=3)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    return logits, model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    # Inductor for one model (the functional all-reduce through Inductor's collective lowering), the graph run
+    # uncompiled for the rest: the sharding is the same, and each Inductor compile costs both ranks seconds.
+    jobs = [
+        ("llama", "inductor"),
+        ("llama_bias", "eager"),
+        ("qwen3", "eager"),
+        ("gemma3", "eager"),
+        ("mixtral", "eager"),
+    ]
+    return run_ranks(2, jobs, tmp_path_factory.mktemp("tp2"))
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED_SITES))
+def test_two_ranks_match_the_unsharded_model(two_ranks, arch):
+    expected_logits, expected_tokens = _expected(arch)
+    rank0, rank1 = (results[arch] for results in two_ranks)
+    assert torch.equal(rank0["logits"], rank1["logits"])  # one answer, whichever rank samples
+    assert relative_error(rank0["logits"], expected_logits) < 1e-5
+    assert torch.equal(rank0["tokens"], expected_tokens) and torch.equal(rank1["tokens"], expected_tokens)
+    sites, all_reduces = EXPECTED_SITES[arch]
+    assert rank0["sites"] == rank1["sites"] == sites
+    assert rank0["all_reduces"] == all_reduces
+    assert rank0["heads"] == [(2, 1)] * 2  # 4 query heads and 2 KV heads per layer, halved
+    assert rank0["kv_cache"] == rank1["kv_cache"]  # one block count: the ranks' schedulers run in lockstep
+
+
+def test_four_ranks_replicate_the_kv_heads(tmp_path):
+    """2 KV heads over 4 ranks: ranks 0-1 keep KV head 0, ranks 2-3 KV head 1, each for its one query head."""
+    expected_logits, expected_tokens = _expected("llama")
+    ranks = run_ranks(4, [("llama", "eager")], tmp_path)
+    for results in ranks:
+        assert results["llama"]["heads"] == [(1, 1)] * 2
+        assert results["llama"]["sites"] == 14
+        assert relative_error(results["llama"]["logits"], expected_logits) < 1e-5
+        assert torch.equal(results["llama"]["tokens"], expected_tokens)
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+
+
+def _graph_before_sharding(arch: str = "llama") -> torch.fx.GraphModule:
+    gm = capture_model(tiny_model(arch)).gm
+    for name in DEFAULT_PIPELINE[: DEFAULT_PIPELINE.index("shard_tensor_parallel")]:
+        registered_passes()[name](gm, CompileConfig())
+    return gm
+
+
+def test_tensor_parallel_needs_a_process_group_of_its_size():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs torch.distributed initialized"):
+        compile_model(tiny_model("llama"), tensor_parallel_size=2, compile_backend="eager")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="tensor_parallel_size=2 does not match torch.distributed's world size 1"):
+            compile_model(tiny_model("llama"), tensor_parallel_size=2, compile_backend="eager")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_heads_not_divisible_by_the_ranks_are_refused():
+    gm = _graph_before_sharding()
+    with pytest.raises(TensorParallelError, match=r"3 ranks do not divide the 4 heads \(64 rows\) of the column-"
+                                                  r"parallel linear model\.model\.layers\.0\.self_attn\.q_proj"):  # fmt: skip
+        shard(gm, gm.meta["tp_plan"], 0, 3, "0")
+    gm = _graph_before_sharding()
+    with pytest.raises(TensorParallelError, match="node attention .*8 ranks do not divide the 4 query heads of "
+                                                  "attention layer 0"):  # fmt: skip
+        shard(gm, gm.meta["tp_plan"], 0, 8, "0")
+
+
+def test_a_model_without_a_plan_is_refused(monkeypatch):
+    import fx_passes.shard_tensor_parallel as pass_module
+
+    monkeypatch.setattr(pass_module, "tensor_parallel_rank", lambda config: (0, 2))
+    gm = _graph_before_sharding()
+    gm.meta["tp_plan"] = {}  # a module transformers gives no plan (the graph-analysis fallback is later)
+    with pytest.raises(TensorParallelError, match="the model has no tensor-parallel plan"):
+        pass_module.shard_tensor_parallel(gm, CompileConfig())
+
+
+ATTENTION = "model.model.layers.*.self_attn."
+
+
+@pytest.mark.parametrize(
+    "drop, add, message",
+    [
+        # A column-parallel output reaching a linear the plan leaves whole would be summed over half the features.
+        ([ATTENTION + "o_proj"], {}, r"node linear_3 \(aten\.linear\.default.*reads a value split over the ranks"),
+        # The LM head split by rows with no gather: the logits would be one rank's slice of the vocabulary.
+        ([], {"model.lm_head": "colwise"}, "node output .*the graph's output would hold one rank's part only"),
+        # A row-parallel linear over a whole input: each rank would add the whole product.
+        ([ATTENTION + p for p in ("q_proj", "k_proj", "v_proj")], {}, r"node linear_3 .*must read a value split"),
+    ],
+)
+def test_plans_the_pass_cannot_prove_right_are_refused(drop, add, message):
+    gm = _graph_before_sharding()
+    plan = {**{k: v for k, v in gm.meta["tp_plan"].items() if k not in drop}, **add}
+    with pytest.raises(TensorParallelError, match=message):
+        shard(gm, plan, 0, 2, "0")
+
+
+class _NotHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16, bias=False)
+        self.down = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):  # [3, 8]: the rank's 2 of 4 "heads" end up inner after the transpose
+        return self.down(self.up(x).view(3, 4, 4).transpose(1, 2).reshape(3, 16))
+
+
+def test_a_view_that_is_not_a_head_reshape_is_refused():
+    gm = torch.export.export(_NotHeads(), (torch.randn(3, 8),)).module()
+    with pytest.raises(TensorParallelError, match=r"node reshape \(aten\.reshape\.default.*not a head reshape"):
+        shard(gm, {"up": "colwise", "down": "rowwise"}, 0, 2, "0")
