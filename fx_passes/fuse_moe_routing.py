@@ -2,13 +2,14 @@
 
     v, ids = topk(softmax(to(logits, f32), -1), k); w = to(div(v, sum(v, [-1], True)), dtype)   (Qwen3-MoE, Mixtral)
     v, ids = topk(logits, k); w = softmax(v, -1, dtype)                                        (GPT-OSS)
+    v, ids = topk(softmax(logits, -1, f32), k); w = mul(v, routed_scaling_factor)             (DeepSeek-V2, greedy)
     moe_experts(x, ids, w, ...)
     ->
-    w, ids = compiled_llm.moe_route(logits, k, scoring, renormalize, dtype, backend); moe_experts(x, ids, w, ...)
+    w, ids = compiled_llm.moe_route(logits, k, scoring, renormalize, scale, dtype, backend); moe_experts(x, ids, w, ...)
 
 Only where the top-k's values and indices feed nothing but that chain and the experts op, and only where
-`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). Grouped routing with a bias
-correction (DeepSeek) is left as it is.
+`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). Grouped routing (DeepSeek-V2's
+group_limited_greedy, DeepSeek-V3's sigmoid with a bias correction) is left as it is.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def _match(topk: torch.fx.Node) -> dict | None:
             return None
         if not _last_dim(end, end.args[1]) or len(end.users) != 1:
             return None
+    scaled = next(iter(end.users)) if len(end.users) == 1 else None
+    scale = 1.0
+    if is_call(scaled, aten.mul.Tensor) and scaled.args[0] is end and isinstance(scaled.args[1], (int, float)):
+        scale, end = float(scaled.args[1]), scaled  # a constant factor on the chosen weights (DeepSeek's)
+    else:
+        scaled = None
     if end is not weights:
         cast = next(iter(end.users)) if len(end.users) == 1 else None
         if not (is_call(cast, aten.to.dtype) and cast is weights):
@@ -99,13 +106,14 @@ def _match(topk: torch.fx.Node) -> dict | None:
         values,
         ids,
         *(renormalized.args[1:2] if renormalized is not None else ()),
+        *(scaled.args[:1] if scaled is not None else ()),
         end,
         weights,
     ]
     if topk.args[0] is not logits and is_call(topk.args[0].args[0], aten.to.dtype):
         chain.insert(0, topk.args[0].args[0])  # the float32 cast ahead of the softmax
     return {"logits": logits, "top_k": int(topk.args[1]), "scoring": scoring, "renormalize": renormalized is not None,
-            "weights": weights, "ids": ids, "experts": experts[0], "chain": chain}  # fmt: skip
+            "scale": scale, "weights": weights, "ids": ids, "experts": experts[0], "chain": chain}  # fmt: skip
 
 
 @register_pass("fuse_moe_routing")
@@ -124,7 +132,8 @@ def fuse_moe_routing(gm: torch.fx.GraphModule, config) -> PassResult:
         dtype = weights.meta["val"].dtype
         with graph.inserting_before(experts):
             route = insert_call(graph, torch.ops.compiled_llm.moe_route.default,
-                                (m["logits"], m["top_k"], m["scoring"], m["renormalize"], dtype, backend))  # fmt: skip
+                                (m["logits"], m["top_k"], m["scoring"], m["renormalize"], m["scale"], dtype,
+                                 backend))  # fmt: skip
             new_weights = insert_call(graph, operator.getitem, (route, 0))
             new_ids = insert_call(graph, operator.getitem, (route, 1))
         experts.args = (experts.args[0], new_ids, new_weights, *experts.args[3:])

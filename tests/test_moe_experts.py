@@ -383,12 +383,13 @@ def distinct_logits(tokens: int, experts: int, seed: int, dtype: torch.dtype, de
 def check_routing_against_reference(device: str) -> None:
     from custom_ops.moe import routing
 
-    for scoring, renormalize in (("softmax", True), ("softmax", False), ("topk_softmax", False)):
+    routers = (("softmax", True, 1.0), ("softmax", False, 1.0), ("topk_softmax", False, 1.0), ("softmax", False, 2.5))
+    for scoring, renormalize, scale in routers:  # the last: DeepSeek-V2's greedy routing, scaled
         for dtype in (torch.float32, torch.float16):
             for experts, top_k in ((8, 2), (60, 4), (128, 8)):
                 logits = distinct_logits(13, experts, seed=experts + top_k, dtype=dtype, device=device)
-                expected = routing.moe_route_reference(logits, top_k, scoring, renormalize, dtype)
-                actual = torch.ops.compiled_llm.moe_route(logits, top_k, scoring, renormalize, dtype, "triton")
+                expected = routing.moe_route_reference(logits, top_k, scoring, renormalize, scale, dtype)
+                actual = torch.ops.compiled_llm.moe_route(logits, top_k, scoring, renormalize, scale, dtype, "triton")
                 assert torch.equal(actual[1], expected[1]), f"{scoring} {dtype} {experts}: other experts"
                 torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=1e-6)
 
@@ -402,8 +403,25 @@ def test_routing_reference_is_transformers_qwen3_moe_router():
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits, weights, ids = router(x)
-    actual = routing.moe_route_reference(logits, 2, "softmax", True, weights.dtype)
+    actual = routing.moe_route_reference(logits, 2, "softmax", True, 1.0, weights.dtype)
     assert torch.equal(actual[1], ids) and torch.equal(actual[0], weights)
+
+
+def test_routing_reference_is_transformers_deepseek_v2_greedy_router():
+    """The reference against DeepSeek-V2's router module (softmax, greedy top-k, times routed_scaling_factor)."""
+    from custom_ops.moe import routing
+
+    model = tiny_model("deepseek_v2")
+    router = next(m.mlp.gate for m in model.model.layers if hasattr(m.mlp, "gate"))
+    router.routed_scaling_factor = 2.5
+    assert router.topk_method == "greedy"
+    x = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, weights, ids = router(x)
+    actual = routing.moe_route_reference(logits, router.top_k, "softmax", False, 2.5, weights.dtype)
+    order = ids.argsort(dim=-1)  # transformers asks for the top-k unsorted
+    assert torch.equal(actual[1].sort(dim=-1).values, ids.gather(1, order))
+    assert torch.equal(actual[0].gather(1, actual[1].argsort(dim=-1)), weights.gather(1, order))
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -419,12 +437,12 @@ def test_routing_kernel_on_the_gpu():
 
 
 @pytest.mark.parametrize(
-    ("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v2", 0), ("deepseek_v3", 0)]
+    ("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v2", 1), ("deepseek_v3", 0)]
 )
 def test_fuse_moe_routing_replaces_each_router_and_keeps_the_logits(arch, sites, own_cache_dir):
     """Where moe_backend is triton (asked for here on the CPU, where the ops then run their references): each router's
-    softmax/top-k chain is one moe_route whose outputs feed the experts; DeepSeek's routing (scaled, or grouped with a
-    bias correction) is left."""
+    softmax/top-k chain is one moe_route whose outputs feed the experts, DeepSeek-V2's scaled one included;
+    DeepSeek-V3's (grouped, with a bias correction) is left."""
     model = tiny_model(arch)
     compiled = compile_model(model, moe_backend="triton", compile_backend="eager", cache_dir=own_cache_dir,
                              max_batch_size=2)  # fmt: skip

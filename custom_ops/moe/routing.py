@@ -1,11 +1,12 @@
 """`compiled_llm::moe_route`: an MoE router's choice from its logits, in one kernel where Inductor writes a softmax, a
 top-k (a library call) and the renormalisation apart.
 
-    weights, ids = moe_route(logits [T, E], k, scoring, renormalize, weights_dtype, backend)
+    weights, ids = moe_route(logits [T, E], k, scoring, renormalize, scale, weights_dtype, backend)
 
 scoring "softmax": p = softmax(float32(logits)); (v, ids) = topk(p, k); v /= sum(v) where `renormalize` (Qwen3-MoE,
-Mixtral, OLMoE). "topk_softmax": (v, ids) = topk(logits, k); v = softmax(float32(v)) (GPT-OSS). Then v in
-`weights_dtype`. The reference is those torch ops; ties between equal scores may pick either expert in any backend,
+Mixtral, OLMoE; DeepSeek-V2's greedy routing without it). "topk_softmax": (v, ids) = topk(logits, k); v =
+softmax(float32(v)) (GPT-OSS). Then v * scale (DeepSeek's routed_scaling_factor; 1.0 elsewhere, and then no multiply),
+in `weights_dtype`. The reference is those torch ops; ties between equal scores may pick either expert in any backend,
 as torch.topk's own order among equals is unspecified.
 """
 
@@ -21,12 +22,13 @@ SCORINGS = ("softmax", "topk_softmax")
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
-    "moe_route(Tensor logits, int top_k, str scoring, bool renormalize, ScalarType weights_dtype, str backend) "
+    "moe_route(Tensor logits, int top_k, str scoring, bool renormalize, float scale, ScalarType weights_dtype, "
+    "str backend) "
     "-> (Tensor, Tensor)"
 )
 
 
-def moe_route_reference(logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+def moe_route_reference(logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, scale: float,
                         weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     if scoring == "softmax":
         values, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
@@ -35,6 +37,8 @@ def moe_route_reference(logits: torch.Tensor, top_k: int, scoring: str, renormal
     else:
         values, ids = torch.topk(logits, top_k, dim=-1)
         values = torch.softmax(values.float(), dim=-1)
+    if scale != 1.0:
+        values = values * scale
     return values.to(weights_dtype), ids
 
 
@@ -44,8 +48,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, BLOCK_E: tl.constexpr, K: tl.constexpr,
-                         BLOCK_K: tl.constexpr, SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr):  # fmt: skip
+    def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, scale, BLOCK_E: tl.constexpr, K: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
+                         SCALE: tl.constexpr):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, BLOCK_E)
         scores = tl.load(logits_ptr + row * stride_l + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
@@ -69,24 +74,27 @@ def _kernel():
         else:
             exps = tl.where(chosen, tl.exp(values - tl.max(tl.where(chosen, values, float("-inf")), axis=0)), 0.0)
             values = exps / tl.sum(exps, axis=0)
+        if SCALE:
+            values = values * scale
         tl.store(weights_ptr + row * K + slots, values.to(weights_ptr.dtype.element_ty), mask=chosen)
         tl.store(ids_ptr + row * K + slots, ids, mask=chosen)
 
     return moe_route_kernel
 
 
-def _triton_route(logits, top_k: int, scoring: str, renormalize: bool, weights_dtype: torch.dtype):
+def _triton_route(logits, top_k: int, scoring: str, renormalize: bool, scale: float, weights_dtype: torch.dtype):
     import triton
 
     if not (triton_runs_on(logits) and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1 and top_k <= 16):
-        return moe_route_reference(logits, top_k, scoring, renormalize, weights_dtype)
+        return moe_route_reference(logits, top_k, scoring, renormalize, scale, weights_dtype)
     tokens, experts = logits.shape
     weights = torch.empty(tokens, top_k, device=logits.device, dtype=weights_dtype)
     ids = torch.empty(tokens, top_k, device=logits.device, dtype=torch.int64)
     if tokens:
         _kernel()[(tokens,)](
-            logits, weights, ids, experts, logits.stride(0), BLOCK_E=triton.next_power_of_2(experts), K=top_k,
-            BLOCK_K=triton.next_power_of_2(top_k), SOFTMAX_FIRST=scoring == "softmax", RENORMALIZE=renormalize,
+            logits, weights, ids, experts, logits.stride(0), float(scale), BLOCK_E=triton.next_power_of_2(experts),
+            K=top_k, BLOCK_K=triton.next_power_of_2(top_k), SOFTMAX_FIRST=scoring == "softmax",
+            RENORMALIZE=renormalize, SCALE=scale != 1.0,
         )  # fmt: skip
     return weights, ids
 
@@ -94,11 +102,11 @@ def _triton_route(logits, top_k: int, scoring: str, renormalize: bool, weights_d
 ROUTE_BACKENDS = {"torch": moe_route_reference, "triton": _triton_route}
 
 
-def _moe_route(logits, top_k, scoring, renormalize, weights_dtype, backend):
-    return ROUTE_BACKENDS[backend](logits, top_k, scoring, renormalize, weights_dtype)
+def _moe_route(logits, top_k, scoring, renormalize, scale, weights_dtype, backend):
+    return ROUTE_BACKENDS[backend](logits, top_k, scoring, renormalize, scale, weights_dtype)
 
 
-def _moe_route_fake(logits, top_k, scoring, renormalize, weights_dtype, backend):
+def _moe_route_fake(logits, top_k, scoring, renormalize, scale, weights_dtype, backend):
     shape = (*logits.shape[:-1], top_k)
     return logits.new_empty(shape, dtype=weights_dtype), logits.new_empty(shape, dtype=torch.int64)
 
