@@ -8,8 +8,9 @@
     w, ids = compiled_llm.moe_route(logits, k, scoring, renormalize, scale, dtype, backend); moe_experts(x, ids, w, ...)
 
 Only where the top-k's values and indices feed nothing but that chain and the experts op, and only where
-`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). Grouped routing (DeepSeek-V2's
-group_limited_greedy, DeepSeek-V3's sigmoid with a bias correction) is left as it is.
+`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). DeepSeek-V3's grouped routers
+are one `compiled_llm.moe_route_grouped` from the capture on (compiled_llm/capture/grouped_routing.py): here they take
+the same backend. DeepSeek-V2's group_limited_greedy routing is left as it is.
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ def _match(topk: torch.fx.Node) -> dict | None:
 def fuse_moe_routing(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
     matches = [m for m in map(_match, calls(graph, aten.topk.default)) if m]
-    if not matches:
+    grouped = list(calls(graph, torch.ops.compiled_llm.moe_route_grouped.default))
+    if not matches and not grouped:
         return PassResult("fuse_moe_routing", 0)
-    backend, why = resolve_triton_backend(
-        "moe_backend", config.moe_backend, matches[0]["logits"].meta["val"].device.type
-    )
+    logits = matches[0]["logits"] if matches else grouped[0].args[0]
+    backend, why = resolve_triton_backend("moe_backend", config.moe_backend, logits.meta["val"].device.type)
     if backend != "triton":
-        return PassResult("fuse_moe_routing", 0, f"routers left to Inductor ({why})")
+        return PassResult("fuse_moe_routing", 0, f"routers left to Inductor and the ops' references ({why})")
+    for node in grouped:
+        node.args = (*node.args[:-1], backend)
     for m in matches:
         experts, weights = m["experts"], m["weights"]
         dtype = weights.meta["val"].dtype
@@ -140,4 +143,5 @@ def fuse_moe_routing(gm: torch.fx.GraphModule, config) -> PassResult:
         for node in reversed(list(dict.fromkeys(m["chain"]))):
             if node is not m["logits"] and not node.users:
                 graph.erase_node(node)
-    return PassResult("fuse_moe_routing", len(matches), f"{len(matches)} routers -> moe_route ({backend})")
+    detail = f"{len(matches)} routers -> moe_route, {len(grouped)} grouped routers -> moe_route_grouped ({backend})"
+    return PassResult("fuse_moe_routing", len(matches) + len(grouped), detail)

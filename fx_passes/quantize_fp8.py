@@ -66,14 +66,21 @@ def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | Non
         return None
 
 
+# What picks experts: a top-k, or the routing ops (the capture's grouped routers, a fused router).
+_PICKS_EXPERTS = (
+    torch.ops.aten.topk.default, torch.ops.compiled_llm.moe_route.default,
+    torch.ops.compiled_llm.moe_route_grouped.default,
+)  # fmt: skip
+
+
 def _routes_experts(node: torch.fx.Node, depth: int = 6) -> bool:
-    """Whether the linear's output picks experts (reaches a top-k within a few ops): an MoE router, which FP8
-    checkpoints keep in the model's dtype, since a rounding can change which experts a token goes to."""
+    """Whether the linear's output picks experts (reaches a top-k or a routing op within a few ops): an MoE router,
+    which FP8 checkpoints keep in the model's dtype, since a rounding can change which experts a token goes to."""
     frontier = [node]
     for _ in range(depth):
         # Not through another linear: that one is the router (GPT-OSS's o_proj reaches its router's top-k in 6 ops).
         frontier = [user for n in frontier for user in n.users if user.target is not torch.ops.aten.linear.default]
-        if any(user.target is torch.ops.aten.topk.default for user in frontier):
+        if any(user.target in _PICKS_EXPERTS for user in frontier):
             return True
     return False
 

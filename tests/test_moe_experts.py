@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as tf
 
 import custom_ops.moe  # noqa: F401  (registers the op)
 from compiled_llm import compile_model
@@ -424,33 +425,108 @@ def test_routing_reference_is_transformers_deepseek_v2_greedy_router():
     assert torch.equal(actual[0].gather(1, actual[1].argsort(dim=-1)), weights.gather(1, order))
 
 
+def check_grouped_routing_against_reference(device: str) -> None:
+    """DeepSeek-V3's grouped routing kernel: its 256 experts in 8 groups, groups off the powers of two, one group,
+    with and without the bias correction; the chosen sets equal, their weights within float32 roundings."""
+    from custom_ops.moe import routing
+
+    for experts, groups, topk_groups, top_k in ((256, 8, 4, 8), (16, 4, 2, 3), (24, 3, 2, 4), (8, 1, 1, 2)):
+        for dtype in (torch.float32, torch.float16):
+            logits = distinct_logits(7, experts, seed=experts, dtype=dtype, device=device)
+            bias = torch.randn(experts, generator=torch.Generator().manual_seed(1)).to(device) * 0.1
+            for correction in (bias, None):
+                args = (correction, top_k, groups, topk_groups, True, 2.5, torch.float32)
+                expected = routing.moe_route_grouped_reference(logits, *args)
+                actual = torch.ops.compiled_llm.moe_route_grouped(logits, *args, "triton")
+                ours, theirs = actual[1].sort(dim=-1), expected[1].sort(dim=-1)
+                assert torch.equal(ours.values, theirs.values), f"{experts} experts in {groups} groups: other experts"
+                torch.testing.assert_close(actual[0].gather(1, ours.indices), expected[0].gather(1, theirs.indices),
+                                           rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def grouped_router(n_group: int = 4, topk_group: int = 2, top_k: int = 3):
+    """A DeepSeek-V3 router of 16 experts in `n_group` groups, random weights and bias correction."""
+    config = ARCHITECTURES["deepseek_v3"]()
+    config.n_routed_experts, config.n_group, config.topk_group, config.num_experts_per_tok = 16, n_group, topk_group, top_k
+    config.norm_topk_prob, config.routed_scaling_factor = True, 2.5
+    router = tf.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter(config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=generator) * 0.1)
+    return router
+
+
+def test_grouped_routing_reference_is_transformers_deepseek_v3_router():
+    """The reference against DeepSeek-V3's router module, and the capture's check accepts that router (and refuses a
+    look-alike whose forward weighs the experts otherwise, or a router it does not describe)."""
+    from compiled_llm.capture.grouped_routing import grouped_router_mismatch
+    from custom_ops.moe import routing
+
+    router = grouped_router()
+    x = torch.randn(11, router.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, weights, ids = router(x)
+    actual = routing.moe_route_grouped_reference(logits, router.e_score_correction_bias, 3, 4, 2, True, 2.5,
+                                                 weights.dtype)  # fmt: skip
+    ours, theirs = actual[1].sort(dim=-1), ids.sort(dim=-1)
+    assert torch.equal(ours.values, theirs.values)
+    assert torch.equal(actual[0].gather(1, ours.indices), weights.gather(1, theirs.indices))
+    assert grouped_router_mismatch(router) is None
+
+    class Doubled(type(router)):  # a look-alike: the same attributes, other weights
+        def forward(self, hidden_states):
+            logits, weights, ids = super().forward(hidden_states)
+            return logits, weights * 2, ids
+
+    router.__class__ = Doubled
+    assert "weighs" in grouped_router_mismatch(router)
+    v2_router = next(m.mlp.gate for m in tiny_model("deepseek_v2").model.layers if hasattr(m.mlp, "gate"))
+    assert grouped_router_mismatch(v2_router) == "not a grouped router"
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_routing_kernel_in_the_interpreter():
     run_in_interpreter(
-        "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; t.check_routing_against_reference('cpu')"
+        "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; t.check_routing_against_reference('cpu');"
+        " t.check_grouped_routing_against_reference('cpu')"
     )
 
 
 @pytest.mark.gpu
 def test_routing_kernel_on_the_gpu():
     check_routing_against_reference("cuda")
+    check_grouped_routing_against_reference("cuda")
+
+
+def test_the_routing_ops_pass_opcheck():
+    from custom_ops.moe import routing  # noqa: F401
+
+    logits = distinct_logits(5, 16, seed=2, dtype=torch.float32)
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 0.1
+    torch.library.opcheck(torch.ops.compiled_llm.moe_route_grouped.default,
+                          (logits, bias, 3, 4, 2, True, 2.5, torch.float32, "torch"))  # fmt: skip
+    torch.library.opcheck(torch.ops.compiled_llm.moe_route.default, (logits, 3, "softmax", False, 2.5, torch.float32,
+                                                                     "torch"))  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v2", 1), ("deepseek_v3", 0)]
+    ("arch", "sites"), [("gpt_oss", 2), ("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v2", 1), ("deepseek_v3", 1)]
 )
 def test_fuse_moe_routing_replaces_each_router_and_keeps_the_logits(arch, sites, own_cache_dir):
     """Where moe_backend is triton (asked for here on the CPU, where the ops then run their references): each router's
     softmax/top-k chain is one moe_route whose outputs feed the experts, DeepSeek-V2's scaled one included;
-    DeepSeek-V3's (grouped, with a bias correction) is left."""
+    DeepSeek-V3's grouped router is the capture's moe_route_grouped, on the same backend."""
     model = tiny_model(arch)
     compiled = compile_model(model, moe_backend="triton", compile_backend="eager", cache_dir=own_cache_dir,
                              max_batch_size=2)  # fmt: skip
     assert compiled.report.pass_sites("fuse_moe_routing") == sites
     targets = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.compiled_llm.moe_route.default) == sites
-    if sites:
-        assert torch.ops.aten.topk.default not in targets and torch.ops.aten.softmax.int not in targets
+    grouped = targets.count(torch.ops.compiled_llm.moe_route_grouped.default)
+    assert targets.count(torch.ops.compiled_llm.moe_route.default) + grouped == sites
+    assert torch.ops.aten.topk.default not in targets and torch.ops.aten.softmax.int not in targets
+    assert all(n.args[-1] == "triton" for n in compiled.graph_module.graph.nodes
+               if n.target is torch.ops.compiled_llm.moe_route_grouped.default)  # fmt: skip
     ids = random_prompt(16, batch=2, seed=4)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
@@ -575,8 +651,7 @@ def test_compiled_moe_models_on_the_gpu_match_hf(arch):
     layers = MOE_LAYERS.get(arch, model.config.num_hidden_layers)
     assert compiled.report.pass_sites("insert_fused_moe") == layers
     assert f"{layers} MoE layers -> triton" in str(compiled.report)
-    routers = 0 if arch.startswith("deepseek") else layers
-    assert compiled.report.pass_sites("fuse_moe_routing") == routers
+    assert compiled.report.pass_sites("fuse_moe_routing") == layers  # every family's router: one kernel
     ids = random_prompt(24, batch=2, seed=7).cuda()
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits

@@ -23,6 +23,7 @@ from torch import nn
 
 from compiled_llm.capture.attention_routing import CaptureError, route_attention_to_canonical_op
 from compiled_llm.capture.expert_routing import route_experts_to_canonical_op
+from compiled_llm.capture.grouped_routing import route_grouped_routers
 from compiled_llm.capture.forward_signature import forward_signature, output_logits
 from compiled_llm.capture.graph_cache import GraphCache, UndescribedValue, graph_key, why_uncacheable
 from compiled_llm.capture.latent_attention import route_latent_attention
@@ -177,7 +178,7 @@ def _export(model: nn.Module, flat: FlatTokenForward, arch: str, max_num_tokens:
     model.eval()
     try:
         with route_attention_to_canonical_op(model), route_latent_attention(model), route_experts_to_canonical_op(model), \
-                torch.no_grad(), warnings.catch_warnings():
+                route_grouped_routers(model), torch.no_grad(), warnings.catch_warnings():
             # Tensors a forward assigns to itself (Meta's `self.cache_k = self.cache_k.to(xq)`) are state the
             # passes handle (module_kv_cache) or refuse (written_state), not something to register as buffers.
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")

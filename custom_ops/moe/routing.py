@@ -114,3 +114,125 @@ def _moe_route_fake(logits, top_k, scoring, renormalize, scale, weights_dtype, b
 for _device in ("CPU", "CUDA"):
     _LIBRARY.impl("moe_route", _moe_route, _device)
 torch.library.register_fake("compiled_llm::moe_route", _moe_route_fake, lib=_LIBRARY)
+
+
+# -- grouped routing (DeepSeek-V3's router: sigmoid scores, a bias correction, the best groups first) ----------------
+
+_LIBRARY.define(
+    "moe_route_grouped(Tensor logits, Tensor? bias, int top_k, int num_groups, int topk_groups, bool renormalize, "
+    "float scale, ScalarType weights_dtype, str backend) -> (Tensor, Tensor)"
+)
+
+
+def moe_route_grouped_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
+                                topk_groups: int, renormalize: bool, scale: float,
+                                weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DeepSeek-V3's router after its linear (transformers' DeepseekV3TopkRouter, op for op): s = sigmoid(logits);
+    the experts are chosen by s + bias, among the `topk_groups` groups (of `num_groups` equal, contiguous ones) whose
+    two best sum highest; their weights are s, renormalised (over a sum + 1e-20) and times `scale`."""
+    scores = logits.float().sigmoid()
+    choice = scores + bias if bias is not None else scores
+    tokens, experts = scores.shape
+    group_scores = choice.view(tokens, num_groups, experts // num_groups).topk(2, dim=-1)[0].sum(dim=-1)
+    group_ids = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(tokens, num_groups, experts // num_groups).reshape(tokens, experts)
+    choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return (weights * scale).to(weights_dtype), ids
+
+
+@functools.cache
+def _grouped_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moe_route_grouped_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, scale, G: tl.constexpr,
+                                 GS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, K: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, TOPK_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 RENORMALIZE: tl.constexpr):  # fmt: skip
+        """One token's routing, its experts as a [group, expert of the group] tile. Ties go to the lowest index."""
+        row = tl.program_id(0).to(tl.int64)
+        groups = tl.arange(0, BLOCK_G)[:, None]
+        members = tl.arange(0, BLOCK_GS)[None, :]
+        valid = (groups < G) & (members < GS)
+        experts = groups * GS + members
+        logits = tl.load(logits_ptr + row * stride_l + experts, mask=valid, other=0.0).to(tl.float32)
+        scores = tl.sigmoid(logits)
+        choice = scores
+        if HAS_BIAS:
+            choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
+        choice = tl.where(valid, choice, float("-inf"))
+        # each group's two best choices, summed: the best, then the best of the rest (its lowest index taken out)
+        best = tl.max(choice, axis=1)
+        first = tl.min(tl.where(choice == best[:, None], members, BLOCK_GS), axis=1)
+        second = tl.max(tl.where(members == first[:, None], float("-inf"), choice), axis=1)
+        group_scores = tl.where(tl.arange(0, BLOCK_G) < G, best + second, float("-inf"))
+        kept = tl.zeros((BLOCK_G,), dtype=tl.int1)
+        group_ids = tl.arange(0, BLOCK_G)
+        for _ in tl.static_range(TOPK_GROUPS):
+            top = tl.max(group_scores, axis=0)
+            pick = tl.min(tl.where(group_scores == top, group_ids, BLOCK_G), axis=0)
+            kept = kept | (group_ids == pick)
+            group_scores = tl.where(group_ids == pick, float("-inf"), group_scores)
+        choice = tl.where(kept[:, None], choice, float("-inf"))
+        slots = tl.arange(0, BLOCK_K)
+        values = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+        for j in tl.static_range(K):
+            top = tl.max(tl.max(choice, axis=1), axis=0)
+            pick = tl.min(tl.min(tl.where(choice == top, experts, G * GS), axis=1), axis=0)
+            weight = tl.sum(tl.sum(tl.where(experts == pick, scores, 0.0), axis=1), axis=0)
+            values = tl.where(slots == j, weight, values)
+            ids = tl.where(slots == j, pick, ids)
+            choice = tl.where(experts == pick, float("-inf"), choice)
+        chosen = slots < K
+        if RENORMALIZE:
+            values = values / (tl.sum(tl.where(chosen, values, 0.0), axis=0) + 1e-20)
+        values = values * scale
+        tl.store(weights_ptr + row * K + slots, values.to(weights_ptr.dtype.element_ty), mask=chosen)
+        tl.store(ids_ptr + row * K + slots, ids, mask=chosen)
+
+    return moe_route_grouped_kernel
+
+
+def _triton_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scale, weights_dtype):
+    import triton
+
+    tokens, experts = logits.shape
+    group_size = experts // num_groups
+    runs = triton_runs_on(logits) and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1 and top_k <= 16
+    if not (runs and topk_groups <= 16 and (bias is None or bias.is_contiguous())):
+        return moe_route_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scale,
+                                           weights_dtype)  # fmt: skip
+    weights = torch.empty(tokens, top_k, device=logits.device, dtype=weights_dtype)
+    ids = torch.empty(tokens, top_k, device=logits.device, dtype=torch.int64)
+    if tokens:
+        _grouped_kernel()[(tokens,)](
+            logits, bias if bias is not None else logits, weights, ids, logits.stride(0), float(scale), G=num_groups,
+            GS=group_size, BLOCK_G=triton.next_power_of_2(num_groups), BLOCK_GS=triton.next_power_of_2(group_size),
+            K=top_k, BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUPS=topk_groups, HAS_BIAS=bias is not None,
+            RENORMALIZE=renormalize,
+        )  # fmt: skip
+    return weights, ids
+
+
+GROUPED_ROUTE_BACKENDS = {"torch": moe_route_grouped_reference, "triton": _triton_route_grouped}
+
+
+def _moe_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scale, weights_dtype, backend):
+    return GROUPED_ROUTE_BACKENDS[backend](logits, bias, top_k, num_groups, topk_groups, renormalize, scale,
+                                           weights_dtype)  # fmt: skip
+
+
+def _moe_route_grouped_fake(logits, bias, top_k, num_groups, topk_groups, renormalize, scale, weights_dtype, backend):
+    return _moe_route_fake(logits, top_k, "", False, scale, weights_dtype, backend)
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("moe_route_grouped", _moe_route_grouped, _device)
+torch.library.register_fake("compiled_llm::moe_route_grouped", _moe_route_grouped_fake, lib=_LIBRARY)

@@ -168,10 +168,12 @@ def _pair_experts(blocks: triton_moe.ExpertBlocks) -> torch.Tensor:
 
 def _top_k(ids: torch.fx.Node) -> int | None:
     """k of the top-k whose indices the experts call takes (`getitem(topk(x, k), 1)`, maybe reshaped, or the fused
-    router's `getitem(moe_route(logits, k, ...), 1)`)."""
+    routers' `getitem(moe_route(logits, k, ...), 1)`, `getitem(moe_route_grouped(logits, bias, k, ...), 1)`)."""
     while isinstance(ids, torch.fx.Node) and ids.op == "call_function":
         if ids.target in (torch.ops.aten.topk.default, torch.ops.compiled_llm.moe_route.default):
             return int(ids.args[1])
+        if ids.target is torch.ops.compiled_llm.moe_route_grouped.default:
+            return int(ids.args[2])
         ids = ids.args[0]
     return None
 

@@ -1,0 +1,103 @@
+"""Route DeepSeek-V3-style routers (sigmoid scores, a bias correction, the best groups of experts first) to the
+canonical `compiled_llm::moe_route_grouped` op.
+
+transformers writes that router as some fifteen ops (a sigmoid, two top-ks, a scatter, masks, a gather, the
+renormalisation); exported, they are Inductor's to fuse and a pattern for a pass to match op by op. Here each such
+router module's forward is replaced during the export by its linear and the one op, so the captured graph holds one
+call a layer, whose backend fx_passes/fuse_moe_routing.py picks (one Triton kernel on GPUs).
+
+A router is routed only where the op computes what its own forward does: the module must hold the attributes that
+name the routing (top_k, num_group, topk_group, norm_topk_prob, routed_scaling_factor, e_score_correction_bias), and
+a copy of it, given random weights and a random bias, must choose the same experts with the same weights as the op on
+a probe. Any other router keeps its forward (named in the log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from custom_ops.moe.routing import moe_route_grouped_reference
+
+log = logging.getLogger("compiled_llm.capture")
+
+_ATTRIBUTES = ("top_k", "num_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "e_score_correction_bias")
+
+
+def _routing(module: nn.Module) -> tuple:
+    """(top_k, groups, topk_groups, renormalize, scale): the op's arguments for `module`."""
+    return (int(module.top_k), int(module.num_group), int(module.topk_group), bool(module.norm_topk_prob),
+            float(module.routed_scaling_factor))  # fmt: skip
+
+
+def _canonical_forward(module: nn.Module):
+    """`module`'s forward as its linear and the op: hidden_states -> (router_logits, weights, ids), as it returns."""
+    top_k, groups, topk_groups, renormalize, scale = _routing(module)
+
+    def forward(hidden_states: torch.Tensor):
+        hidden_states = hidden_states.view(-1, module.weight.shape[1])
+        logits = F.linear(hidden_states.type(torch.float32), module.weight.type(torch.float32))
+        weights, ids = torch.ops.compiled_llm.moe_route_grouped(
+            logits, module.e_score_correction_bias, top_k, groups, topk_groups, renormalize, scale, torch.float32,
+            "torch",
+        )  # fmt: skip
+        return logits, weights, ids
+
+    return forward
+
+
+@torch.no_grad()
+def grouped_router_mismatch(module: nn.Module) -> str | None:
+    """None where the op computes `module`'s routing (a probe on a copy with random weights and bias), else why not."""
+    if not all(hasattr(module, name) for name in _ATTRIBUTES) or not isinstance(getattr(module, "weight", None),
+                                                                                 torch.Tensor):  # fmt: skip
+        return "not a grouped router"
+    weight, bias = module.weight, module.e_score_correction_bias
+    experts, hidden = weight.shape
+    top_k, groups, topk_groups, renormalize, scale = _routing(module)
+    if not isinstance(bias, torch.Tensor) or bias.shape != (experts,) or experts % groups or experts // groups < 2:
+        return f"{experts} experts in {groups} groups with a bias of shape {tuple(getattr(bias, 'shape', ()))}"
+    if not top_k <= experts // groups * topk_groups or not topk_groups <= groups:
+        return f"top_k={top_k} of {topk_groups} of {groups} groups"
+    probe = copy.deepcopy(module).to("cpu")
+    generator = torch.Generator().manual_seed(0)
+    probe.weight.copy_(torch.randn(experts, hidden, generator=generator))
+    probe.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) * 0.1)
+    x = torch.randn(16, hidden, generator=generator).to(weight.dtype)
+    try:
+        logits, weights, ids = probe(x)
+    except Exception as error:  # noqa: BLE001  (a forward that cannot take the probe is not one the op computes)
+        return f"its forward fails on a probe ({type(error).__name__})"
+    expected_weights, expected_ids = moe_route_grouped_reference(
+        logits, probe.e_score_correction_bias, top_k, groups, topk_groups, renormalize, scale, weights.dtype
+    )
+    ours, theirs = expected_ids.sort(dim=-1), ids.sort(dim=-1)
+    if not torch.equal(ours.values, theirs.values):
+        return "it chooses other experts than the op on a probe"
+    if not torch.allclose(expected_weights.gather(1, ours.indices), weights.gather(1, theirs.indices), 1e-6, 1e-7):
+        return "it weighs its experts otherwise than the op on a probe"
+    return None
+
+
+@contextlib.contextmanager
+def route_grouped_routers(model: nn.Module):
+    """Within the block, each router of `model` that moe_route_grouped computes calls it (its forward replaced on the
+    instance); the others run as they did. Decided before the export: the probes must not be traced."""
+    candidates = [m for m in model.modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "topk_group")]
+    decisions = {m: grouped_router_mismatch(m) for m in candidates}
+    routed = [m for m, why in decisions.items() if why is None]
+    try:
+        for module in routed:
+            module.forward = _canonical_forward(module)
+        yield
+    finally:
+        for module in routed:
+            del module.forward
+        for name, why in {type(m).__name__: why for m, why in decisions.items() if why is not None}.items():
+            log.info("%s keeps its own routing (compiled_llm::moe_route_grouped: %s)", name, why)
