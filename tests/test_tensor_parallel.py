@@ -52,19 +52,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
-    """One rank: compile each (arch, compile_backend) for tensor_parallel_size=world, save what it computed."""
+def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) -> None:
+    """One rank: compile each job, (arch, compile_backend) for tensor_parallel_size=world or (name, arch, CompileConfig
+    fields), and save what it computed under the arch or the name."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
         results = {}
-        for arch, backend in jobs:
-            cm = compile_model(_model(arch), tensor_parallel_size=world, compile_backend=backend, max_batch_size=2)
+        for job in jobs:
+            name, arch, fields = job if len(job) == 3 else (job[0], job[0], {"compile_backend": job[1]})
+            fields = {"tensor_parallel_size": world, "max_batch_size": 2, **fields}
+            cm = compile_model(_model(arch), **fields)
             ids = random_prompt(12, seed=3)
-            results[arch] = {
+            results[name] = {
                 "logits": cm(ids).logits,
                 "tokens": cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
                 "sites": cm.report.pass_sites("shard_tensor_parallel"),
+                "expert_sites": cm.report.pass_sites("shard_experts"),
+                "routers": cm.report.pass_sites("fuse_moe_routing"),
                 "all_reduces": sum(n.target is ALL_REDUCE for n in cm.graph_module.graph.nodes),
                 "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
                 "kv_cache": cm.report.kv_cache,
@@ -74,7 +79,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], ou
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, jobs: list[tuple[str, str]], out_dir) -> list[dict]:
+def run_ranks(world: int, jobs: list[tuple], out_dir) -> list[dict]:
     """Each rank's results, from `world` spawned processes; a rank that fails or hangs fails the test."""
     context = mp.start_processes(_rank_main, args=(world, _free_port(), jobs, str(out_dir)), nprocs=world,
                                  join=False, start_method="spawn")  # fmt: skip
@@ -173,11 +178,11 @@ def test_heads_not_divisible_by_the_ranks_are_refused():
 def test_a_model_without_a_plan_is_refused(monkeypatch):
     import fx_passes.shard_tensor_parallel as pass_module
 
-    monkeypatch.setattr(pass_module, "tensor_parallel_rank", lambda config: (0, 2))
+    monkeypatch.setattr(pass_module, "parallel_rank", lambda config: (0, 2))
     gm = _graph_before_sharding()
     gm.meta["tp_plan"] = {}  # a module transformers gives no plan (the graph-analysis fallback is later)
     with pytest.raises(TensorParallelError, match="the model has no tensor-parallel plan"):
-        pass_module.shard_tensor_parallel(gm, CompileConfig())
+        pass_module.shard_tensor_parallel(gm, CompileConfig(tensor_parallel_size=2))
 
 
 ATTENTION = "model.model.layers.*.self_attn."
