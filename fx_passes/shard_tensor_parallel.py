@@ -109,14 +109,16 @@ def smallest_over_ranks(value: int, device: torch.device) -> int:
 
 @recipe
 def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int) -> None:
-    """Register `name`: rows (dim 0) or columns (dim 1) [start, start + size) of the parameter `source`, a copy
-    (the model keeps its whole weight: the self-check and the user's module still run it)."""
+    """Register `name`: rows (dim 0) or columns (dim 1) [start, start + size) of the parameter `source` (or experts,
+    dim 0 of an experts weight), a copy (the model keeps its whole weight: the self-check and the user's module still
+    run it)."""
     whole = gm.get_parameter(source)
     for attribute, fmt in (("fp8_weight", "an FP8"), ("mxfp4_blocks", "an MXFP4")):  # they would be dropped
         if hasattr(whole, attribute):
             raise TensorParallelError(f"cannot shard {source}: it holds {fmt} checkpoint's tensors (not supported yet)")
-    part = whole.detach().narrow(dim, start, size).contiguous().clone()
-    gm.register_parameter(name, torch.nn.Parameter(part, requires_grad=False))
+    part = torch.nn.Parameter(whole.detach().narrow(dim, start, size).contiguous().clone(), requires_grad=False)
+    part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
+    gm.register_parameter(name, part)
 
 
 def _plan_style(plan: dict[str, str], weight_target: str) -> str | None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error, tiny_model
-from test_tensor_parallel import _expected, _free_port, run_ranks
+from conftest import random_prompt, relative_error, tiny_model
+from test_tensor_parallel import NEW_TOKENS, _expected, _free_port, run_ranks
 
 from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
@@ -37,6 +37,8 @@ def two_ranks(tmp_path_factory):
     # One spawn for every job; the graphs run uncompiled (Inductor's collective lowering is test_tensor_parallel's).
     jobs = [(name, arch, {"compile_backend": "eager", "tensor_parallel_size": 1, **fields})
             for name, (arch, fields, *_) in JOBS.items()]  # fmt: skip
+    jobs.append(("qwen3_moe_ep_fp8", "qwen3_moe", {"compile_backend": "eager", "tensor_parallel_size": 1,
+                                                   "expert_parallel_size": 2, "quantization": "fp8", "verify": True}))  # fmt: skip
     return run_ranks(2, jobs, tmp_path_factory.mktemp("ep2"))
 
 
@@ -56,6 +58,18 @@ def test_two_ranks_of_experts_match_the_unsharded_model(two_ranks, name):
 
 def test_the_fused_router_keeps_the_shift_to_the_ranks_experts(two_ranks):
     assert two_ranks[0]["qwen3_moe_ep_routed"]["routers"] == two_ranks[1]["qwen3_moe_ep_routed"]["routers"] == 2
+
+
+def test_fp8_experts_of_two_ranks_match_one(two_ranks):
+    """quantize_fp8 after shard_experts quantizes each rank's experts with the scales one rank gives them (per expert
+    and output channel, over all of its input features; the tokens' rows whole on every rank): the same e4m3 values,
+    only the sum over a token's experts split in two."""
+    model, ids = tiny_model("qwen3_moe"), random_prompt(12, seed=3)
+    one = compile_model(model, quantization="fp8", compile_backend="eager", max_batch_size=2)
+    assert one.report.pass_sites("quantize_fp8") > 2  # the linears and both layers' experts
+    rank0 = two_ranks[0]["qwen3_moe_ep_fp8"]
+    assert relative_error(rank0["logits"], one(ids).logits) < 1e-5
+    assert torch.equal(rank0["tokens"], one.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False))
 
 
 # -- the rewrite, one rank's graph --------------------------------------------------------------------------------------
