@@ -43,7 +43,7 @@ from compiled_llm.verify import self_check, self_check_wanted
 from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
-from fx_passes.shard_tensor_parallel import smallest_over_ranks, tensor_parallel_rank
+from fx_passes.shard_tensor_parallel import parallel_rank, smallest_over_ranks
 
 log = logging.getLogger("compiled_llm")
 
@@ -93,7 +93,7 @@ class CompiledModel:
             log.info("quantization=%r (%s)", quantization, why)
             config = config.model_copy(update={"quantization": quantization})
         self.config = config
-        tensor_parallel_rank(config)  # a missing or mismatched process group fails before any work
+        parallel_rank(config)  # a missing or mismatched process group fails before any work
         self.device = next(model.parameters()).device
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
         timings = {}
@@ -200,10 +200,10 @@ class CompiledModel:
             return config.num_kv_blocks, "num_kv_blocks"
         blocks, why = default_num_kv_blocks(layers, config.block_size, config.max_batch_size, self.max_seq_len,
                                             config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes)  # fmt: skip
-        if config.tensor_parallel_size > 1:  # the ranks schedule in lockstep: one cache size, the smallest rank's
+        if config.parallel_ranks > 1:  # the ranks schedule in lockstep: one cache size, the smallest rank's
             fewest = smallest_over_ranks(blocks, self.device)
             if fewest < blocks:
-                blocks, why = fewest, f"{why}; the smallest of the {config.tensor_parallel_size} ranks'"
+                blocks, why = fewest, f"{why}; the smallest of the {config.parallel_ranks} ranks'"
         if blocks < config.max_batch_size:
             raise ValueError(
                 f"max_batch_size={config.max_batch_size}: the KV cache holds {blocks} blocks ({why}) and each running "

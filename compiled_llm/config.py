@@ -108,6 +108,14 @@ class CompileConfig(BaseModel):
     process of a torch.distributed group of exactly this size (torchrun; gloo on CPU, NCCL on GPUs) compiles the
     model for its rank, sharded as the model's transformers tensor-parallel plan says."""
 
+    expert_parallel_size: int = Field(1, ge=1)
+    """Ranks each mixture-of-experts layer's experts are split over (expert parallelism, fx_passes/shard_experts.py):
+    each rank keeps E / n of them, routes every token as the model does, computes the pairs routed to its own experts,
+    and an all-reduce sums the ranks' parts. It runs over the tensor-parallel group, as vLLM's does: with
+    tensor_parallel_size equal to it, attention and the dense linears are tensor-parallel over the same ranks; with
+    tensor_parallel_size=1 they are replicated, computed whole on every rank. No other combination is supported.
+    torch.distributed's world size is the larger of the two."""
+
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (no effect on CPU)."""
 
@@ -229,6 +237,22 @@ class CompileConfig(BaseModel):
                              "whose activation scales are per token and 128 columns, computed at run time; allowed: "
                              "'dynamic'")  # fmt: skip
         return self
+
+    @model_validator(mode="after")
+    def _parallel_sizes_share_one_group(self) -> CompileConfig:
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp > 1 and ep > 1 and tp != ep:
+            raise ValueError(
+                f"tensor_parallel_size={tp} with expert_parallel_size={ep}: expert parallelism runs over the "
+                f"tensor-parallel group, so the two must be equal (attention tensor-parallel over the same ranks), or "
+                f"tensor_parallel_size=1 (attention replicated on each of the expert_parallel_size ranks)"
+            )
+        return self
+
+    @property
+    def parallel_ranks(self) -> int:
+        """Processes the model runs over (torch.distributed's world size): the larger parallel size."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
 
     @model_validator(mode="after")
     def _batch_fits_a_step(self) -> CompileConfig:

@@ -174,7 +174,8 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
     prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     # With quantization, the module's linears round as the rewrite means them to: the rest is checked exactly.
     meta = compiled.graph_module.meta
-    with quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8")):
+    with quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
+                          meta.get("fp8_column_parts", [])):  # fmt: skip
         expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
     tolerance, rms_bound = TOLERANCE.get(dtype, 1e-2), None
     if meta.get("fp8_weights"):

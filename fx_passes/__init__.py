@@ -20,6 +20,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     quantize_fp8,
     runtime_positions,
     select_logits_rows,
+    shard_experts,
     shard_tensor_parallel,
     token_major_attention_inputs,
 )

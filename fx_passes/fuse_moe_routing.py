@@ -3,7 +3,7 @@
     v, ids = topk(softmax(to(logits, f32), -1), k); w = to(div(v, sum(v, [-1], True)), dtype)   (Qwen3-MoE, Mixtral)
     v, ids = topk(logits, k); w = softmax(v, -1, dtype)                                        (GPT-OSS)
     v, ids = topk(softmax(logits, -1, f32), k); w = mul(v, routed_scaling_factor)             (DeepSeek-V2, greedy)
-    moe_experts(x, ids, w, ...)
+    moe_experts(x, ids, w, ...)                    (or moe_experts(x, sub(ids, start), w, ...): shard_experts')
     ->
     w, ids = compiled_llm.moe_route(logits, k, scoring, renormalize, scale, dtype, backend); moe_experts(x, ids, w, ...)
 
@@ -71,8 +71,12 @@ def _match(topk: torch.fx.Node) -> dict | None:
     if outputs is None or not _last_dim(topk.args[0], dim) or largest is not True or topk.kwargs:
         return None
     values, ids = outputs
-    experts = [u for u in ids.users if u.target in EXPERTS_OPS]
-    if len(experts) != 1 or len(ids.users) != 1 or experts[0].args[1] is not ids:
+    shift = next(iter(ids.users)) if len(ids.users) == 1 else None
+    if not (is_call(shift, aten.sub.Tensor) and shift.args[0] is ids and isinstance(shift.args[1], int)):
+        shift = None  # else shard_experts' shift to the rank's experts, kept: ids - start
+    read = shift if shift is not None else ids
+    experts = [u for u in read.users if u.target in EXPERTS_OPS]
+    if len(experts) != 1 or len(ids.users) != 1 or len(read.users) != 1 or experts[0].args[1] is not read:
         return None
     weights = experts[0].args[2]
     logits = _softmax_input(topk.args[0])
@@ -106,6 +110,7 @@ def _match(topk: torch.fx.Node) -> dict | None:
         topk,
         values,
         ids,
+        *((shift,) if shift is not None else ()),
         *(renormalized.args[1:2] if renormalized is not None else ()),
         *(scaled.args[:1] if scaled is not None else ()),
         end,
@@ -114,7 +119,8 @@ def _match(topk: torch.fx.Node) -> dict | None:
     if topk.args[0] is not logits and is_call(topk.args[0].args[0], aten.to.dtype):
         chain.insert(0, topk.args[0].args[0])  # the float32 cast ahead of the softmax
     return {"logits": logits, "top_k": int(topk.args[1]), "scoring": scoring, "renormalize": renormalized is not None,
-            "scale": scale, "weights": weights, "ids": ids, "experts": experts[0], "chain": chain}  # fmt: skip
+            "scale": scale, "weights": weights, "ids": ids, "shift": shift, "experts": experts[0],
+            "chain": chain}  # fmt: skip
 
 
 @register_pass("fuse_moe_routing")
@@ -139,6 +145,8 @@ def fuse_moe_routing(gm: torch.fx.GraphModule, config) -> PassResult:
                                  backend))  # fmt: skip
             new_weights = insert_call(graph, operator.getitem, (route, 0))
             new_ids = insert_call(graph, operator.getitem, (route, 1))
+            if m["shift"] is not None:
+                new_ids = insert_call(graph, aten.sub.Tensor, (new_ids, m["shift"].args[1]))
         experts.args = (experts.args[0], new_ids, new_weights, *experts.args[3:])
         for node in reversed(list(dict.fromkeys(m["chain"]))):
             if node is not m["logits"] and not node.users:

@@ -102,8 +102,16 @@ def quantize_parameter(gm: torch.fx.GraphModule, target: str, fmt: str, weight_n
 
 
 def _register_quantized(gm: torch.fx.GraphModule, weight: torch.Tensor, quantized: tuple, names: tuple[str, str]):
-    """(W8, scales) as parameters of `gm` under `names`, and `weight` listed in `gm.meta["fp8_weights"]`."""
-    gm.meta.setdefault("fp8_weights", []).append(weight)
+    """(W8, scales) as parameters of `gm` under `names`, and `weight` listed in `gm.meta["fp8_weights"]` (a shard's,
+    or a fused weight's shards': the module's weights they were cut from, which the self-check quantizes as the ranks
+    do: whole, or in `gm.meta["fp8_column_parts"]` (weight, parts) where each rank holds a part of its columns)."""
+    storage = weight.untyped_storage().data_ptr()
+    shards = [p for p in gm.parameters() if hasattr(p, "sharded_from") and p.untyped_storage().data_ptr() == storage]
+    gm.meta.setdefault("fp8_weights", []).extend([p.sharded_from for p in shards] or [weight])
+    for shard in shards:  # a row-parallel linear's columns: each rank quantizes its part (and its input's) apart
+        whole = shard.sharded_from
+        if shard.dim() == 2 and shard.shape[1] != whole.shape[1]:
+            gm.meta.setdefault("fp8_column_parts", []).append((whole, whole.shape[1] // shard.shape[1]))
     for name, tensor in zip(names, quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
 
@@ -201,11 +209,14 @@ def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) ->
 
 
 @contextlib.contextmanager
-def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: str = "fp8") -> Iterator[None]:
+def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: str = "fp8",
+                     column_parts: list[tuple[torch.Tensor, int]] = ()) -> Iterator[None]:  # fmt: skip
     """The module's nn.Linear layers (and MoE experts) whose weights the pass quantized (`gm.meta["fp8_weights"]`; a fused
     weight's parts share its storage) compute as the reference of `fmt` (`gm.meta["fp8_format"]`) does, for the self-check's reference
     logits: the module itself, with the rounding the rewrite means to add. A quantized weight that no nn.Linear
-    reads (an F.linear over a bare parameter) cannot be reproduced: refused, naming its shape."""
+    reads (an F.linear over a bare parameter) cannot be reproduced: refused, naming its shape. `column_parts`
+    (`gm.meta["fp8_column_parts"]`): (weight, n) of row-parallel linears, whose n ranks each quantize their part of
+    the columns and of the input's features, the parts' products summed (shard_tensor_parallel's all-reduce)."""
     storages = {w.untyped_storage().data_ptr(): w for w in weights}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
                and m.weight.untyped_storage().data_ptr() in storages]  # fmt: skip
@@ -221,7 +232,14 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
 
     form = FORMATS[fmt]
 
+    parts_of = {w.untyped_storage().data_ptr(): parts for w, parts in column_parts}
+
     def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        parts = parts_of.get(module.weight.untyped_storage().data_ptr(), 1)
+        if parts > 1:  # the bias once, after the sum, as the ranks add it
+            out = sum(form.reference(*form.op_args(x_part, *form.quantize(w_part), None))
+                      for x_part, w_part in zip(x.chunk(parts, -1), module.weight.chunk(parts, 1)))  # fmt: skip
+            return out if module.bias is None else out + module.bias
         weight8, scale = checkpoint_tensors(module.weight) or form.quantize(module.weight)
         return form.reference(*form.op_args(x, weight8, scale, module.bias))
 

@@ -55,6 +55,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # matchers (it shards by the canonical attention op's heads); before fuse_parallel_linears (which would fuse
     # q/k/v and gate/up into one weight it would have to cut per part) and quantize_fp8 (which quantizes the shards).
     "shard_tensor_parallel",
+    # After shard_tensor_parallel (which refuses an experts op reading a split value); before quantize_fp8 (which
+    # quantizes the rank's experts only) and fuse_moe_routing (which keeps the id shift it inserts).
+    "shard_experts",
     # After cleanup, which removes the no-op casts between a shared input and its linears.
     "fuse_parallel_linears",
     # After fusion, whose in-place views it rebuilds RoPE on; before paging, which it leaves alone.

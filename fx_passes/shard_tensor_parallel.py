@@ -21,7 +21,8 @@ wrong answer. KV heads fewer than the ranks are replicated (each rank keeps the 
 which the attention op's check proves.
 
 Runs before fuse_parallel_linears (which fuses the sharded q/k/v and gate/up) and quantize_fp8 (which
-quantizes the shards). The embedding and LM head stay replicated for now.
+quantizes the shards). The embedding and LM head stay replicated for now; so do MoE experts, unless
+expert_parallel_size (equal to tensor_parallel_size) splits them (shard_experts.py).
 """
 
 from __future__ import annotations
@@ -73,23 +74,26 @@ class Slice:
         return self.size * world == self.total and self.start == rank * self.size
 
 
-def tensor_parallel_rank(config) -> tuple[int, int]:
-    """(rank, world size) of this process for `config.tensor_parallel_size`, checked against torch.distributed."""
-    size = config.tensor_parallel_size
+def parallel_rank(config) -> tuple[int, int]:
+    """(rank, world size) of this process, checked against torch.distributed: the world is the larger of
+    `config.tensor_parallel_size` and `config.expert_parallel_size` (CompileConfig lets them differ only where one
+    is 1: expert parallelism runs over the tensor-parallel group)."""
+    field, size = max((("tensor_parallel_size", config.tensor_parallel_size),
+                       ("expert_parallel_size", config.expert_parallel_size)), key=lambda f: f[1])  # fmt: skip
     if size == 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
-            f"tensor_parallel_size={size} needs torch.distributed initialized with {size} processes, one per rank "
+            f"{field}={size} needs torch.distributed initialized with {size} processes, one per rank "
             "(torchrun --nproc-per-node, or torch.distributed.init_process_group); it is not initialized"
         )
     world = dist.get_world_size()
     if world != size:
         raise ValueError(
-            f"tensor_parallel_size={size} does not match torch.distributed's world size {world}: start {size} "
-            f"processes, or set tensor_parallel_size={world}"
+            f"{field}={size} does not match torch.distributed's world size {world}: start {size} processes, or set "
+            f"{field}={world}"
         )
     return dist.get_rank(), world
 
@@ -105,13 +109,16 @@ def smallest_over_ranks(value: int, device: torch.device) -> int:
 
 @recipe
 def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int) -> None:
-    """Register `name`: rows (dim 0) or columns (dim 1) [start, start + size) of the parameter `source`, a copy
-    (the model keeps its whole weight: the self-check and the user's module still run it)."""
+    """Register `name`: rows (dim 0) or columns (dim 1) [start, start + size) of the parameter `source` (or experts,
+    dim 0 of an experts weight), a copy (the model keeps its whole weight: the self-check and the user's module still
+    run it)."""
     whole = gm.get_parameter(source)
-    if hasattr(whole, "fp8_weight"):  # an FP8 checkpoint's tensors ride on the parameter: they would be dropped
-        raise TensorParallelError(f"cannot shard {source}: it holds an FP8 checkpoint's tensors (not supported yet)")
-    part = whole.detach().narrow(dim, start, size).contiguous().clone()
-    gm.register_parameter(name, torch.nn.Parameter(part, requires_grad=False))
+    for attribute, fmt in (("fp8_weight", "an FP8"), ("mxfp4_blocks", "an MXFP4")):  # they would be dropped
+        if hasattr(whole, attribute):
+            raise TensorParallelError(f"cannot shard {source}: it holds {fmt} checkpoint's tensors (not supported yet)")
+    part = torch.nn.Parameter(whole.detach().narrow(dim, start, size).contiguous().clone(), requires_grad=False)
+    part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
+    gm.register_parameter(name, part)
 
 
 def _plan_style(plan: dict[str, str], weight_target: str) -> str | None:
@@ -444,9 +451,9 @@ def shard(gm: torch.fx.GraphModule, plan: dict[str, str], rank: int, world: int,
 
 @register_pass("shard_tensor_parallel")
 def shard_tensor_parallel(gm: torch.fx.GraphModule, config) -> PassResult:
-    rank, world = tensor_parallel_rank(config)
-    if world == 1:
+    if config.tensor_parallel_size == 1:
         return PassResult("shard_tensor_parallel", 0)
+    rank, world = parallel_rank(config)
     plan = gm.meta.get("tp_plan")
     if not plan:
         raise TensorParallelError(

@@ -87,9 +87,12 @@ def test_reference_keeps_the_input_dtype_and_rounds_like_transformers():
     assert relative_error(out, float64_experts(x, ids, weights, w13, w2, None, None)) < 1e-2
 
 
-def test_sort_by_expert_groups_every_pair_once():
+@pytest.mark.parametrize("shift", [0, 3])
+def test_sort_by_expert_groups_every_pair_once(shift):
+    """shift: the ids of a rank whose experts start there; the pairs of ids outside [0, E) in blocks of expert E."""
     for tokens, experts, top_k, block_m in ((1, 8, 2, 16), (37, 6, 3, 16), (300, 128, 8, 32), (5, 64, 4, 64)):
         ids, _ = random_routing(tokens, experts, top_k, seed=tokens)
+        ids = ids - shift
         sorted_pairs, block_expert, used_rows = triton_moe.sort_by_expert(ids, experts, block_m)
         pairs = tokens * top_k
         used = int(used_rows)
@@ -102,7 +105,64 @@ def test_sort_by_expert_groups_every_pair_once():
             rows = sorted_pairs[block * block_m : (block + 1) * block_m]
             rows = rows[rows < pairs]
             assert rows.numel() > 0  # no empty block among the used ones
-            assert (flat[rows] == block_expert[block]).all()
+            outside = (flat[rows] < 0) | (flat[rows] >= experts)
+            assert (torch.where(outside, experts, flat[rows]) == block_expert[block]).all()
+
+
+def other_ranks_routing(tokens: int, experts: int, top_k: int, seed: int, local: range, device="cpu"):
+    """(ids, weights, kept): random_routing over `experts`, the ids shifted to the rank that holds experts `local`
+    (expert parallelism: another rank's expert falls outside [0, len(local)), below or above); `kept` [T, k], the
+    pairs this rank computes."""
+    ids, weights = random_routing(tokens, experts, top_k, seed, device=device)
+    return ids - local.start, weights, (ids >= local.start) & (ids < local.stop)
+
+
+@pytest.mark.parametrize("local", [range(4), range(4, 8), range(2, 4)])
+def test_ids_outside_the_experts_add_zero(local):
+    """The pairs routed to experts outside this rank's [start, stop): zero, the others as over every expert."""
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(4))
+    ids, weights, kept = other_ranks_routing(9, 8, 3, seed=5, local=local)
+    assert kept.any() and not kept.all()
+    w13, w2, b13, b2 = random_experts(8, 32, 16, seed=6, bias=True)
+    mine = slice(local.start, local.stop)
+    out = moe_experts_reference(x, ids, weights, w13[mine], w2[mine], b13[mine], b2[mine], "silu")
+    every = ids + local.start  # the routing over every expert, with the other ranks' pairs weighted 0
+    expected = float64_experts(x, every, weights * kept, w13, w2, b13, b2)
+    assert relative_error(out, expected) < 1e-6
+
+
+def check_other_ranks_experts(device: str) -> None:
+    """The grouped GEMMs (float and e4m3) of one rank's experts: ids outside them add zero, one token and rows."""
+    from custom_ops.moe import fp8
+
+    for seed, (tokens, experts, top_k, local) in enumerate([(1, 8, 4, range(4, 8)), (1, 8, 2, range(4)),
+                                                              (37, 8, 2, range(2, 4)), (70, 6, 3, range(3))]):  # fmt: skip
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(seed)).to(device)
+        ids, weights, _ = other_ranks_routing(tokens, experts, top_k, seed, local, device)
+        w13, w2, b13, b2 = (t[local.start : local.stop] for t in random_experts(experts, 64, 32, seed, device=device,
+                                                                              bias=True))  # fmt: skip
+        quantized = (*fp8.quantize_experts(w13), *fp8.quantize_experts(w2))
+        expected = moe_experts_reference(x, ids, weights, w13, w2, b13, b2, "silu")
+        expected8 = fp8.moe_experts_fp8_reference(x, ids, weights, *quantized, b13, b2, "silu")
+
+        def check(case=seed, x=x, ids=ids, weights=weights, w13=w13, w2=w2, b13=b13, b2=b2, quantized=quantized,
+                  expected=expected, expected8=expected8):  # fmt: skip
+            actual = torch.ops.compiled_llm.moe_experts(x, ids, weights, w13, w2, b13, b2, "silu", [], "triton")
+            actual8 = torch.ops.compiled_llm.moe_experts_fp8(x, ids, weights, *quantized, b13, b2, "silu", [],
+                                                             "triton")  # fmt: skip
+            assert relative_error(actual, expected) < 1e-5, f"case {case}"
+            assert relative_error(actual8, expected8) < 1e-5, f"fp8 case {case}"
+
+        check()
+        if tokens == 1:
+            with_tile(GEMV_TILE, check)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_other_ranks_experts_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_moe_experts as t; t.check_other_ranks_experts('cpu')"
+    )
 
 
 def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:

@@ -52,19 +52,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
-    """One rank: compile each (arch, compile_backend) for tensor_parallel_size=world, save what it computed."""
+def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) -> None:
+    """One rank: compile each job, (arch, compile_backend) for tensor_parallel_size=world or (name, arch, CompileConfig
+    fields), and save what it computed under the arch or the name."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
         results = {}
-        for arch, backend in jobs:
-            cm = compile_model(_model(arch), tensor_parallel_size=world, compile_backend=backend, max_batch_size=2)
+        for job in jobs:
+            name, arch, fields = job if len(job) == 3 else (job[0], job[0], {"compile_backend": job[1]})
+            fields = {"tensor_parallel_size": world, "max_batch_size": 2, **fields}
+            cm = compile_model(_model(arch), **fields)
             ids = random_prompt(12, seed=3)
-            results[arch] = {
+            results[name] = {
                 "logits": cm(ids).logits,
                 "tokens": cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
                 "sites": cm.report.pass_sites("shard_tensor_parallel"),
+                "expert_sites": cm.report.pass_sites("shard_experts"),
+                "routers": cm.report.pass_sites("fuse_moe_routing"),
                 "all_reduces": sum(n.target is ALL_REDUCE for n in cm.graph_module.graph.nodes),
                 "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
                 "kv_cache": cm.report.kv_cache,
@@ -74,7 +79,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], ou
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, jobs: list[tuple[str, str]], out_dir) -> list[dict]:
+def run_ranks(world: int, jobs: list[tuple], out_dir) -> list[dict]:
     """Each rank's results, from `world` spawned processes; a rank that fails or hangs fails the test."""
     context = mp.start_processes(_rank_main, args=(world, _free_port(), jobs, str(out_dir)), nprocs=world,
                                  join=False, start_method="spawn")  # fmt: skip
@@ -108,6 +113,7 @@ def two_ranks(tmp_path_factory):
         ("qwen3", "eager"),
         ("gemma3", "eager"),
         ("mixtral", "eager"),
+        ("llama_fp8", "llama", {"compile_backend": "eager", "quantization": "fp8", "verify": True}),
     ]
     return run_ranks(2, jobs, tmp_path_factory.mktemp("tp2"))
 
@@ -124,6 +130,31 @@ def test_two_ranks_match_the_unsharded_model(two_ranks, arch):
     assert rank0["all_reduces"] == all_reduces
     assert rank0["heads"] == [(2, 1)] * 2  # 4 query heads and 2 KV heads per layer, halved
     assert rank0["kv_cache"] == rank1["kv_cache"]  # one block count: the ranks' schedulers run in lockstep
+
+
+def test_two_ranks_of_fp8_match_one(two_ranks):
+    """quantization="fp8" quantizes each rank's shards: a column-parallel shard's rows keep the scales they have on
+    one rank, but a row-parallel shard's output channels take scales over the rank's own columns, and its input rows
+    scales over the rank's own features, so the shards round other values to e4m3 than one rank does. The ranks'
+    self-check (verify=True) holds them to the module quantized as they quantize it, part by part."""
+    model, ids = _model("llama"), random_prompt(12, seed=3)
+    one = compile_model(model, quantization="fp8", compile_backend="eager", max_batch_size=2)
+    logits, tokens = one(ids).logits, one.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        unquantized = model(ids, use_cache=False).logits
+    rank0, rank1 = (results["llama_fp8"] for results in two_ranks)
+    assert rank0["sites"] == rank1["sites"] == EXPECTED_SITES["llama"][0]
+    assert torch.equal(rank0["logits"], rank1["logits"])
+    assert torch.equal(rank0["tokens"], tokens) and torch.equal(rank1["tokens"], tokens)
+    fp8_error = relative_error(logits, unquantized)  # e4m3's 3 mantissa bits over 7 linears a layer: 7.7% here
+    assert 1e-3 < fp8_error < 0.15
+    # Two ranks round to e4m3 values of the same size as one rank, some of them other values (the row-parallel
+    # linears' and their inputs'): each is as far from the unquantized model as the other (measured 8.2% vs 7.7%),
+    # and they differ by at most about sqrt(2) times that, the two roundings' errors were they independent
+    # (measured 6.6%: the column-parallel roundings are the same). A wrong shard (a missing all-reduce, another
+    # rank's columns) differs by the size of the logits themselves.
+    assert relative_error(rank0["logits"], unquantized) < 1.25 * fp8_error
+    assert relative_error(rank0["logits"], logits) < 1.5 * fp8_error
 
 
 def test_four_ranks_replicate_the_kv_heads(tmp_path):
@@ -173,11 +204,11 @@ def test_heads_not_divisible_by_the_ranks_are_refused():
 def test_a_model_without_a_plan_is_refused(monkeypatch):
     import fx_passes.shard_tensor_parallel as pass_module
 
-    monkeypatch.setattr(pass_module, "tensor_parallel_rank", lambda config: (0, 2))
+    monkeypatch.setattr(pass_module, "parallel_rank", lambda config: (0, 2))
     gm = _graph_before_sharding()
     gm.meta["tp_plan"] = {}  # a module transformers gives no plan (the graph-analysis fallback is later)
     with pytest.raises(TensorParallelError, match="the model has no tensor-parallel plan"):
-        pass_module.shard_tensor_parallel(gm, CompileConfig())
+        pass_module.shard_tensor_parallel(gm, CompileConfig(tensor_parallel_size=2))
 
 
 ATTENTION = "model.model.layers.*.self_attn."

@@ -80,10 +80,10 @@ def rewrite_key(graph_key: str, config, max_seq_len: int, device: torch.device, 
         "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "COMPILED_LLM_DISABLE_PDL")},
         "code": [code_digest(), hashlib.sha256(Path(__file__).read_bytes()).hexdigest()],
     }
-    if config.tensor_parallel_size > 1:  # each rank's graph holds its own shards
-        from fx_passes.shard_tensor_parallel import tensor_parallel_rank
+    if config.parallel_ranks > 1:  # each rank's graph holds its own shards
+        from fx_passes.shard_tensor_parallel import parallel_rank
 
-        parts["rank"] = tensor_parallel_rank(config)[0]
+        parts["rank"] = parallel_rank(config)[0]
     if device.type == "cuda":
         parts["gpu"] = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

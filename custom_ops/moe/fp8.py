@@ -25,7 +25,14 @@ from custom_ops.linear.fp8 import (
     quantize_weight,
 )
 from custom_ops.moe import triton_moe
-from custom_ops.moe.op import ACTIVATIONS, add_bias, refuse_cuda_graph_capture, register_experts_op, triton_takes
+from custom_ops.moe.op import (
+    ACTIVATIONS,
+    add_bias,
+    local_experts,
+    refuse_cuda_graph_capture,
+    register_experts_op,
+    triton_takes,
+)
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
@@ -49,7 +56,7 @@ def moe_experts_fp8_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_
     flat_ids, flat_weights = topk_ids.reshape(-1), topk_weights.reshape(-1)
     x8, x_scale = quantize_rows(x)
     weighted = x.new_zeros(tokens * top_k, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    for expert in flat_ids.unique().tolist():
+    for expert in local_experts(flat_ids, w13.shape[0]):
         pairs = (flat_ids == expert).nonzero().squeeze(1)
         rows = pairs // top_k
         h = fp8_linear_quantized_reference(x8[rows], x_scale[rows], w13[expert], w13_scale[expert], None, x.dtype)

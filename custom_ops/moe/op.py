@@ -4,7 +4,8 @@
 
 x [T, H]; ids [T, k] (int); w [T, k] (the router's weights, any float dtype); w13 [E, 2I, H] (each expert's
 gate rows then up rows, as `nn.Linear` weights; any strides); w2 [E, H, I]; optional biases b13 [E, 2I] and b2
-[E, H]. `activation` names the gated activation of a [gate | up] row, with its float parameters: "silu" (silu(gate) *
+[E, H]. An id outside [0, E) selects no expert: its pair adds zero (expert parallelism marks so the pairs routed to
+another rank's experts, fx_passes/shard_experts.py). `activation` names the gated activation of a [gate | up] row, with its float parameters: "silu" (silu(gate) *
 up, SwiGLU; none), "swiglu_oai" (GPT-OSS's clamped SwiGLU over interleaved rows; alpha, limit).
 
 Numerics, which every backend is held to (tests/test_moe_experts.py), transformers' `grouped_mm` experts: each
@@ -71,6 +72,11 @@ def refuse_cuda_graph_capture(x: torch.Tensor) -> None:
         )
 
 
+def local_experts(flat_ids: torch.Tensor, num_experts: int) -> list[int]:
+    """The experts in [0, num_experts) that `flat_ids` picks (another rank's, outside it, add zero)."""
+    return [expert for expert in flat_ids.unique().tolist() if 0 <= expert < num_experts]
+
+
 def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                           w2: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
                           activation: str, params: Sequence[float] = ()) -> torch.Tensor:  # fmt: skip
@@ -79,7 +85,7 @@ def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
     top_k = topk_ids.shape[1]
     flat_ids, flat_weights = topk_ids.reshape(-1), topk_weights.reshape(-1)
     weighted = x.new_zeros(tokens * top_k, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
-    for expert in flat_ids.unique().tolist():
+    for expert in local_experts(flat_ids, w13.shape[0]):
         pairs = (flat_ids == expert).nonzero().squeeze(1)
         h = add_bias(F.linear(x[pairs // top_k], w13[expert]), b13, expert)
         y = add_bias(F.linear(ACTIVATIONS[activation](h, params), w2[expert]), b2, expert)

@@ -46,23 +46,28 @@ def block_m_for(pairs: int, num_experts: int) -> int:
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_pairs [blocks * block_m], block_expert [blocks], used_rows [1]): pair indices t * k + j grouped by
     expert, each expert's run padded to a multiple of block_m with the sentinel S; the expert of each block; how
-    many rows the used blocks hold. `blocks` is the most any routing needs, so shapes depend on T only."""
+    many rows the used blocks hold. `blocks` is the most any routing needs, so shapes depend on T only. Pairs of an
+    id outside [0, num_experts) (another rank's expert) come last, in blocks whose expert is num_experts: the
+    kernels write zeros for them."""
     flat = topk_ids.reshape(-1).to(torch.int64)
+    bins = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # [pairs]: bin num_experts, no expert's
     pairs = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, bins, torch.ones_like(bins)
     )
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
+    order = torch.argsort(bins, stable=True)
+    sorted_experts = bins[order]
     rank = torch.arange(pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
     destination = (padded_end - padded)[sorted_experts] + rank
+    # A bin of c pairs takes ceil(c / block_m) < c / block_m + 1 blocks: over num_experts + 1 bins, fewer than
+    # pairs / block_m + num_experts + 1, so at most ceil(pairs / block_m) + num_experts (and one a pair at most).
     blocks = max(1, min(pairs, -(-pairs // block_m) + num_experts))
     sorted_pairs = torch.full((blocks * block_m,), pairs, dtype=torch.int64, device=flat.device)
     sorted_pairs.scatter_(0, destination, order)
     block_starts = torch.arange(blocks, device=flat.device) * block_m
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp_(max=num_experts - 1)
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp_(max=num_experts)
     return sorted_pairs, block_expert, padded_end[-1:]
 
 
@@ -131,7 +136,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         blocks.pairs, n, blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), up_offset,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, bias_up_offset,
         w_scale.stride(0), w_scale.stride(1), w_scale.stride(2) if mxfp4 else 0, scale_up_offset, out.stride(0),
-        float(alpha), float(limit),
+        float(alpha), float(limit), w.shape[0],
     )  # fmt: skip
     flags = {
         "K": w.shape[2] * (2 if mxfp4 else 1), "GATED": gated, "ACTIVATION": ACTIVATIONS[activation],

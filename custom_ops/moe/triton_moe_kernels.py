@@ -59,7 +59,7 @@ def grouped_gemm_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, sorted_pairs_ptr, block_expert_ptr, used_rows_ptr,
     a_scale_ptr, w_scale_ptr, round_ptr,
     pairs, N, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
-    stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit,
+    stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit, num_experts,
     K: tl.constexpr, ONE_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr,
     MXFP4: tl.constexpr, DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -69,7 +69,8 @@ def grouped_gemm_kernel(
     weight. FP8: a and w in e4m3, the product times a's row scale and w's (expert, row) scale. MXFP4: w holds K / 2
     bytes a row and w_scale K / 32 exponents (custom_ops/moe/mxfp4.py), dequantized into a's dtype (DOT_SCALED: by
     tl.dot_scaled, a bf16). Values round
-    to round_ptr's dtype (the model's) where the reference's ops round."""
+    to round_ptr's dtype (the model's) where the reference's ops round. A block of an expert outside
+    [0, num_experts) (another rank's) writes zeros and reads no weight."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if ONE_TOKEN:  # a block per pair, its first row; block_expert_ptr: the ids themselves
         rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, pairs).to(tl.int64)
@@ -82,6 +83,10 @@ def grouped_gemm_kernel(
     a_rows = rows // top_k if A_PER_TOKEN else rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    if (expert < 0) | (expert >= num_experts):  # another rank's expert (expert parallelism): its pairs add zero
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
+                 tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])  # fmt: skip
+        return
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
     w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
@@ -187,7 +192,7 @@ def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_wk, stride_sk, 
 def one_token_gemv_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, route_w_ptr, ids_ptr, a_scale_ptr, w_scale_ptr, round_ptr,
     N, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
-    stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit,
+    stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit, num_experts,
     K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr, MXFP4: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -195,13 +200,16 @@ def one_token_gemv_kernel(
     """grouped_gemm_kernel's ONE_TOKEN case without tensor cores: out[pair, cols] for the program's pair and
     BLOCK_N columns, its row of a dotted with each weight row in float32 (a decode step of one sequence has one row
     an expert: a tensor-core tile would be 1/16 used, and its operand layout costs more than the products). Same
-    arguments and roundings; ids_ptr: the pairs' experts."""
+    arguments and roundings; ids_ptr: the pairs' experts (one outside [0, num_experts): zeros, no weight read)."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     a_row = pair // top_k if A_PER_TOKEN else pair
     x_row = a_ptr + a_row * stride_am
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    if (expert < 0) | (expert >= num_experts):  # another rank's expert (expert parallelism): its pair adds zero
+        tl.store(out_ptr + pair * stride_om + cols, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=col_ok)
+        return
     w_rows = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
