@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_prompt, relative_error, tiny_model
-from test_tensor_parallel import NEW_TOKENS, _expected, _free_port, run_ranks
+from test_tensor_parallel import NEW_TOKENS, _expected, run_ranks
 
 from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
@@ -108,18 +108,8 @@ def test_sizes_that_share_no_group_are_refused():
     assert CompileConfig(expert_parallel_size=4).parallel_ranks == 4
 
 
-def test_expert_parallelism_needs_a_process_group_and_an_moe_model():
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    with pytest.raises(ValueError, match="expert_parallel_size=2 needs torch.distributed initialized"):
-        compile_model(tiny_model("mixtral"), expert_parallel_size=2, compile_backend="eager")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        with pytest.raises(ValueError, match="expert_parallel_size=2 does not match torch.distributed's world size 1"):
-            compile_model(tiny_model("mixtral"), expert_parallel_size=2, compile_backend="eager")
-    finally:
-        dist.destroy_process_group()
+def test_expert_parallelism_needs_an_moe_model():
+    """(Its process group is checked with tensor parallelism's: test_tensor_parallel.py.)"""
     import fx_passes.shard_experts as pass_module
 
     gm = _graph_before_sharding("llama")

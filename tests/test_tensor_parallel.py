@@ -178,14 +178,15 @@ def _graph_before_sharding(arch: str = "llama") -> torch.fx.GraphModule:
     return gm
 
 
-def test_tensor_parallel_needs_a_process_group_of_its_size():
+@pytest.mark.parametrize(("field", "arch"), [("tensor_parallel_size", "llama"), ("expert_parallel_size", "mixtral")])
+def test_parallelism_needs_a_process_group_of_its_size(field, arch):
     assert not dist.is_initialized()
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs torch.distributed initialized"):
-        compile_model(tiny_model("llama"), tensor_parallel_size=2, compile_backend="eager")
+    with pytest.raises(ValueError, match=f"{field}=2 needs torch.distributed initialized"):
+        compile_model(tiny_model(arch), **{field: 2}, compile_backend="eager")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match="tensor_parallel_size=2 does not match torch.distributed's world size 1"):
-            compile_model(tiny_model("llama"), tensor_parallel_size=2, compile_backend="eager")
+        with pytest.raises(ValueError, match=f"{field}=2 does not match torch.distributed's world size 1"):
+            compile_model(tiny_model(arch), **{field: 2}, compile_backend="eager")
     finally:
         dist.destroy_process_group()
 
