@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from autotune.select import graph_value, select_kernels
 from compiled_llm.capture import capture_model
@@ -17,15 +15,13 @@ from compiled_llm.capture.forward_signature import forward_signature
 from compiled_llm.capture.graph_cache import GraphCache
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.capture.rewritten_graph import RewrittenGraphCache, removed_on_failure
+from compiled_llm.causal_lm_calls import CausalLMCalls
 from compiled_llm.compile import CompiledGraph
 from compiled_llm.compiler_caches import use_cache_dir
 from compiled_llm.config import CompileConfig
-from compiled_llm.decode_loop import decode
 from compiled_llm.first_difference import captured_copy
 from compiled_llm.fp8_checkpoint import resolve_quantization
-from compiled_llm.generation import GenerationSettings
 from compiled_llm.progress import StageProgress
-from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.report import CompileReport
 from compiled_llm.runtime import (
     DecodeCudaGraphs,
@@ -85,7 +81,10 @@ def graph_weight_bytes(gm: torch.fx.GraphModule, reads=None) -> int:
     return total
 
 
-class CompiledModel:
+class CompiledModel(CausalLMCalls):
+    """A model compiled by `compile_model`: its rewritten graph compiled, over a paged KV cache, called as the HF
+    causal LM was (CausalLMCalls: `__call__`/`forward` for logits, `generate`)."""
+
     def __init__(self, model: nn.Module, config: CompileConfig):
         self.model = model
         quantization, why = resolve_quantization(config.quantization, model, config.quantize_lm_head)
@@ -108,7 +107,9 @@ class CompiledModel:
                 with progress.stage("capturing the graph (torch.export)"):
                     # A graph from the cache is always self-checked; the check holds logits to the module's within
                     # rounding, which an fp8 KV cache's rounding exceeds.
-                    unreadable = "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
+                    unreadable = (
+                        "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
+                    )
                     graph_cache = GraphCache(config.cache_dir, unreadable) if config.graph_cache else None
                     rewritten = RewrittenGraphCache(model, config, self.max_seq_len, self.device, graph_cache)
                     captured = rewritten.load() or capture_model(model, config.max_num_tokens, graph_cache)
@@ -287,121 +288,9 @@ class CompiledModel:
         listed = str(sizes)
         if len(sizes) > 8:
             listed = f"[{', '.join(map(str, sizes[:4]))}, ..., {sizes[-2]}, {sizes[-1]}] ({len(sizes)} sizes)"
-        return f"decode batch sizes {listed}: captured in {graphs.capture_s:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB"
-
-    def _prompt_batch(self, input_ids, attention_mask) -> PromptBatch:
-        return PromptBatch.from_inputs(input_ids, attention_mask, self.vocab_size, self.max_seq_len, self.config.max_batch_size)
-
-    def _check_kv_capacity(self, token_counts: list[int]) -> None:
-        cache = self.runner.kv_cache
-        needed = sum(cache.blocks_for(n) for n in token_counts)
-        if needed > cache.allocator.num_free:
-            raise ValueError(
-                f"this batch needs {needed} KV blocks but {cache.allocator.num_free} are free; "
-                "lower the batch size or max_new_tokens, or compile with a larger num_kv_blocks"
-            )
-
-    def _prefill(self, seqs: list[Sequence], logits: str, take: Callable[[int, int, torch.Tensor], None]) -> None:
-        """Compute every pending token of `seqs`, in steps of at most max_num_tokens tokens and
-        max_batch_size sequences (long prompts are split into chunks). Each step's logits are handed to
-        `take(sequence index, index of the first token they belong to, logits rows)` before the next
-        step runs (a step's logits may live in a buffer the next step reuses)."""
-        queue = [i for i, seq in enumerate(seqs) if seq.num_pending]
-        while queue:
-            chunks, owners, budget = [], [], self.config.max_num_tokens
-            for i in queue[: self.config.max_batch_size]:
-                if budget == 0:
-                    break
-                seq = seqs[i]
-                n = min(seq.num_pending, budget)
-                wanted = logits if n == seq.num_pending or logits == "all" else "none"
-                chunks.append(ScheduledChunk(seq, n, wanted))
-                if wanted == "all":
-                    owners.append((i, seq.num_computed, n))
-                elif wanted == "last":
-                    owners.append((i, seq.num_computed + n - 1, 1))
-                budget -= n
-            out = self.runner.execute(chunks)
-            offset = 0
-            for i, first, count in owners:
-                take(i, first, out[offset : offset + count])
-                offset += count
-            queue = [i for i in queue if seqs[i].num_pending]
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutputWithPast:
-        """Logits [batch, seq, vocab] of every position, equal to `model(input_ids, attention_mask,
-        use_cache=False).logits`; positions where `attention_mask` is 0 (padding) get zeros."""
-        batch = self._prompt_batch(input_ids, attention_mask)
-        self._check_kv_capacity([len(row) for row in batch.rows])
-        # HF numbers positions by column, padding included, when a forward gets no position_ids.
-        seqs = [Sequence(row, first_position=start) for row, start in zip(batch.rows, batch.starts)]
-        logits = torch.zeros(*input_ids.shape, self.vocab_size, dtype=self.logits_dtype, device=self.device)
-
-        def take(b: int, first: int, rows: torch.Tensor) -> None:  # straight into the output: no copies
-            start = batch.starts[b] + first
-            logits[b, start : start + len(rows)] = rows
-
-        try:
-            self._prefill(seqs, "all", take)
-        finally:
-            for seq in seqs:
-                self.runner.release(seq)
-        return CausalLMOutputWithPast(logits=logits)
-
-    forward = __call__
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-    ) -> torch.Tensor:
-        """HF-style generation: returns [batch, prompt_len + generated] token ids (prompt included, left
-        padding kept; rows that hit EOS are filled with `pad_token_id`). Arguments left as None come from
-        the model's `generation_config`, as in HF; greedy results equal HF's `generate`."""
-        settings = GenerationSettings.resolve(
-            getattr(self.model, "generation_config", None), input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0,
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )  # fmt: skip
-        batch = self._prompt_batch(input_ids, attention_mask)
-        if batch.right_padded_rows:
-            raise ValueError(
-                f"attention_mask pads rows {batch.right_padded_rows} on the right; generate() needs left padding "
-                "(tokenizer.padding_side = 'left'), as HF generate does"
-            )
-        longest = max(len(row) for row in batch.rows)
-        if longest + settings.max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"max_new_tokens={settings.max_new_tokens} with a prompt of {longest} tokens exceeds "
-                f"max_seq_len={self.max_seq_len}"
-            )
-        self._check_kv_capacity([len(row) + settings.max_new_tokens for row in batch.rows])
-
-        seqs = [Sequence(list(row)) for row in batch.rows]
-        # HF penalizes every id of the input rows, left padding included, and every generated one.
-        seen = batch.input_ids.detach().long().to(self.device)
-        logits = torch.empty(len(seqs), self.vocab_size, dtype=self.logits_dtype, device=self.device)
-        try:
-            self._prefill(seqs, "last", lambda i, first, rows: logits[i].copy_(rows[0]))
-            generated = decode(self.runner, seqs, logits, settings, seen)
-        finally:
-            for seq in seqs:
-                self.runner.release(seq)
-
-        width = max(len(tokens) for tokens in generated)
-        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
-        new = torch.full((len(seqs), width), pad, dtype=torch.long)
-        for i, tokens in enumerate(generated):
-            new[i, : len(tokens)] = torch.tensor(tokens)
-        return torch.cat([input_ids.long(), new.to(input_ids.device)], dim=1)
+        return (
+            f"decode batch sizes {listed}: captured in {graphs.capture_s:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB"
+        )
 
 
 # Where the compiled code came from (CompiledGraph.source), after the backend on the report's compile line.
