@@ -174,6 +174,7 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
         (37, 64, 96, 6, 2, True, False, "silu"),
         (70, 96, 32, 4, 2, False, True, "silu"),  # 35 pairs an expert: two blocks of 32 rows for some
         (1, 64, 32, 8, 4, True, True, "swiglu_oai"),  # GPT-OSS: interleaved, transposed storage, biases
+        (1, 80, 40, 8, 2, True, True, "swiglu_oai"),  # one token, K and N off the 32-wide tiles (the GEMV's masks)
         (29, 48, 40, 5, 2, True, True, "swiglu_oai"),
     ]
     for seed, (tokens, hidden, inter, experts, top_k, bias, transposed, activation) in enumerate(cases):
@@ -486,11 +487,14 @@ def test_routing_reference_is_transformers_deepseek_v2_greedy_router():
 
 
 def check_grouped_routing_against_reference(device: str) -> None:
-    """DeepSeek-V3's grouped routing kernel: its 256 experts in 8 groups, groups off the powers of two, one group,
-    with and without the bias correction; the chosen sets equal, their weights within float32 roundings."""
+    """DeepSeek-V3's grouped routing kernel: its 256 experts in 8 groups, group counts and group sizes off the powers
+    of two (A.X K1's 192 experts in 8 groups of 24: a padding slot of the tile shares its index with the next group's
+    member), one group, with and without the bias correction; the chosen sets equal, their weights within float32
+    roundings."""
     from custom_ops.moe import routing
 
-    for experts, groups, topk_groups, top_k in ((256, 8, 4, 8), (16, 4, 2, 3), (24, 3, 2, 4), (8, 1, 1, 2)):
+    shapes = ((256, 8, 4, 8), (16, 4, 2, 3), (24, 3, 2, 4), (8, 1, 1, 2), (192, 8, 4, 8), (12, 4, 2, 2))
+    for experts, groups, topk_groups, top_k in shapes:
         for dtype in (torch.float32, torch.float16):
             logits = distinct_logits(7, experts, seed=experts, dtype=dtype, device=device)
             bias = torch.randn(experts, generator=torch.Generator().manual_seed(1)).to(device) * 0.1
@@ -541,6 +545,30 @@ def test_grouped_routing_reference_is_transformers_deepseek_v3_router():
 
     router.__class__ = Doubled
     assert "weighs" in grouped_router_mismatch(router)
+
+    class ZeroMasked(type(grouped_router())):  # dropped groups filled with 0.0 (A.X-K2's): negative choices show it
+        def forward(self, hidden_states):
+            logits = F.linear(hidden_states.float(), self.weight.float())
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias
+            groups = choice.view(-1, self.num_group, 16 // self.num_group).topk(2, dim=-1)[0].sum(dim=-1)
+            kept = torch.zeros_like(groups).scatter_(1, groups.topk(self.topk_group, dim=-1)[1], 1).bool()
+            choice = choice.masked_fill(~kept.repeat_interleave(16 // self.num_group, dim=1), 0.0)
+            ids = choice.topk(self.top_k, dim=-1)[1]
+            weights = scores.gather(1, ids)
+            return logits, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor, ids
+
+    look_alike = grouped_router()
+    look_alike.__class__ = ZeroMasked
+    assert "chooses other experts" in grouped_router_mismatch(look_alike)
+    hooked = grouped_router()
+    hooked.forward = hooked.forward  # what accelerate's hooks leave on the instance
+    assert "of its own on the instance" in grouped_router_mismatch(hooked)
+    no_groups = grouped_router()
+    no_groups.num_group = no_groups.topk_group = None  # A.X-K2-Light's
+    assert grouped_router_mismatch(no_groups) == "not a grouped router"
+    with pytest.raises(ValueError, match="top_k=9 of the 8 experts in the kept groups"):
+        routing.moe_route_grouped_reference(logits, None, 9, 4, 2, True, 1.0, torch.float32)
     v2_router = next(m.mlp.gate for m in tiny_model("deepseek_v2").model.layers if hasattr(m.mlp, "gate"))
     assert grouped_router_mismatch(v2_router) == "not a grouped router"
 

@@ -8,8 +8,10 @@ call a layer, whose backend fx_passes/fuse_moe_routing.py picks (one Triton kern
 
 A router is routed only where the op computes what its own forward does: the module must hold the attributes that
 name the routing (top_k, num_group, topk_group, norm_topk_prob, routed_scaling_factor, e_score_correction_bias), and
-a copy of it, given random weights and a random bias, must choose the same experts with the same weights as the op on
-a probe. Any other router keeps its forward (named in the log).
+copies of it, given random weights and biases, must return the canonical logits and choose the same experts with the
+same float32 weights as the op on probes: logits of a trained router's spread (a saturated sigmoid would hide how
+dropped groups are masked) and biases that leave the kept groups' choices negative as well as positive. Any other
+router keeps its forward (named in the log), and so does one with a forward of its own on the instance (a hook's).
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
-from custom_ops.moe.routing import moe_route_grouped_reference
+from custom_ops.moe.routing import check_grouped_routing, moe_route_grouped_reference
 
 log = logging.getLogger("compiled_llm.capture")
 
 _ATTRIBUTES = ("top_k", "num_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "e_score_correction_bias")
 
 
-def _routing(module: nn.Module) -> tuple:
-    """(top_k, groups, topk_groups, renormalize, scale): the op's arguments for `module`."""
-    return (int(module.top_k), int(module.num_group), int(module.topk_group), bool(module.norm_topk_prob),
-            float(module.routed_scaling_factor))  # fmt: skip
+def _routing(module: nn.Module) -> tuple | None:
+    """(top_k, groups, topk_groups, renormalize, scale): the op's arguments for `module`, or None where its attributes
+    are not numbers (A.X-K2-Light's routers leave the groups None)."""
+    values = [getattr(module, name, None) for name in _ATTRIBUTES[:-1]]
+    if not all(isinstance(v, (int, float)) for v in values):
+        return None
+    top_k, groups, topk_groups, renormalize, scale = values
+    return int(top_k), int(groups), int(topk_groups), bool(renormalize), float(scale)
 
 
 def _canonical_forward(module: nn.Module):
@@ -54,34 +60,41 @@ def _canonical_forward(module: nn.Module):
 
 @torch.no_grad()
 def grouped_router_mismatch(module: nn.Module) -> str | None:
-    """None where the op computes `module`'s routing (a probe on a copy with random weights and bias), else why not."""
-    if not all(hasattr(module, name) for name in _ATTRIBUTES) or not isinstance(getattr(module, "weight", None),
-                                                                                 torch.Tensor):  # fmt: skip
+    """None where the op computes `module`'s routing (probes on copies with random weights and biases), else why not."""
+    routing = _routing(module) if all(hasattr(module, name) for name in _ATTRIBUTES) else None
+    weight, bias = getattr(module, "weight", None), getattr(module, "e_score_correction_bias", None)
+    if routing is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return "not a grouped router"
-    weight, bias = module.weight, module.e_score_correction_bias
+    if "forward" in vars(module):
+        return "a forward of its own on the instance (a hook's)"
     experts, hidden = weight.shape
-    top_k, groups, topk_groups, renormalize, scale = _routing(module)
-    if not isinstance(bias, torch.Tensor) or bias.shape != (experts,) or experts % groups or experts // groups < 2:
+    top_k, groups, topk_groups, renormalize, scale = routing
+    if not isinstance(bias, torch.Tensor) or bias.shape != (experts,) or not 1 <= groups <= experts or experts % groups:
         return f"{experts} experts in {groups} groups with a bias of shape {tuple(getattr(bias, 'shape', ()))}"
-    if not top_k <= experts // groups * topk_groups or not topk_groups <= groups:
-        return f"top_k={top_k} of {topk_groups} of {groups} groups"
-    probe = copy.deepcopy(module).to("cpu")
-    generator = torch.Generator().manual_seed(0)
-    probe.weight.copy_(torch.randn(experts, hidden, generator=generator))
-    probe.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) * 0.1)
-    x = torch.randn(16, hidden, generator=generator).to(weight.dtype)
     try:
-        logits, weights, ids = probe(x)
-    except Exception as error:  # noqa: BLE001  (a forward that cannot take the probe is not one the op computes)
-        return f"its forward fails on a probe ({type(error).__name__})"
-    expected_weights, expected_ids = moe_route_grouped_reference(
-        logits, probe.e_score_correction_bias, top_k, groups, topk_groups, renormalize, scale, weights.dtype
-    )
-    ours, theirs = expected_ids.sort(dim=-1), ids.sort(dim=-1)
-    if not torch.equal(ours.values, theirs.values):
-        return "it chooses other experts than the op on a probe"
-    if not torch.allclose(expected_weights.gather(1, ours.indices), weights.gather(1, theirs.indices), 1e-6, 1e-7):
-        return "it weighs its experts otherwise than the op on a probe"
+        check_grouped_routing(experts, top_k, groups, topk_groups)
+    except ValueError as error:
+        return str(error)
+    generator = torch.Generator().manual_seed(0)
+    for bias_mean in (0.0, -1.0, 1.0):  # choices of both signs in the kept groups: how dropped ones are masked shows
+        probe = copy.deepcopy(module).to("cpu")
+        probe.weight.copy_(torch.randn(experts, hidden, generator=generator) * hidden**-0.5)
+        probe.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) * 0.1 + bias_mean)
+        x = torch.randn(32, hidden, generator=generator).to(weight.dtype)
+        try:
+            logits, weights, ids = probe(x)
+        except Exception as error:  # noqa: BLE001  (a forward that cannot take the probe is not one the op computes)
+            return f"its forward fails on a probe ({type(error).__name__})"
+        if weights.dtype != torch.float32 or not torch.equal(logits, F.linear(x.float(), probe.weight.float())):
+            return "its logits or weights are not the op's (float32, from its weight)"
+        expected_weights, expected_ids = moe_route_grouped_reference(
+            logits, probe.e_score_correction_bias, top_k, groups, topk_groups, renormalize, scale, torch.float32
+        )
+        ours, theirs = expected_ids.sort(dim=-1), ids.sort(dim=-1)
+        if not torch.equal(ours.values, theirs.values):
+            return "it chooses other experts than the op on a probe"
+        if not torch.allclose(expected_weights.gather(1, ours.indices), weights.gather(1, theirs.indices), 1e-6, 1e-7):
+            return "it weighs its experts otherwise than the op on a probe"
     return None
 
 

@@ -124,12 +124,23 @@ _LIBRARY.define(
 )
 
 
+def check_grouped_routing(experts: int, top_k: int, num_groups: int, topk_groups: int) -> None:
+    """The routings moe_route_grouped computes: whole groups of two experts at least, k of the kept groups' experts."""
+    if num_groups < 1 or experts % num_groups or experts // num_groups < 2 or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"moe_route_grouped: {experts} experts in num_groups={num_groups} groups of 2 or more, "
+                         f"topk_groups={topk_groups} of them")  # fmt: skip
+    if not 1 <= top_k <= topk_groups * (experts // num_groups):
+        raise ValueError(f"moe_route_grouped: top_k={top_k} of the {topk_groups * (experts // num_groups)} experts "
+                         f"in the kept groups")  # fmt: skip
+
+
 def moe_route_grouped_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
                                 topk_groups: int, renormalize: bool, scale: float,
                                 weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """DeepSeek-V3's router after its linear (transformers' DeepseekV3TopkRouter, op for op): s = sigmoid(logits);
     the experts are chosen by s + bias, among the `topk_groups` groups (of `num_groups` equal, contiguous ones) whose
     two best sum highest; their weights are s, renormalised (over a sum + 1e-20) and times `scale`."""
+    check_grouped_routing(logits.shape[-1], top_k, num_groups, topk_groups)
     scores = logits.float().sigmoid()
     choice = scores + bias if bias is not None else scores
     tokens, experts = scores.shape
@@ -162,7 +173,8 @@ def _grouped_kernel():
         valid = (groups < G) & (members < GS)
         experts = groups * GS + members
         logits = tl.load(logits_ptr + row * stride_l + experts, mask=valid, other=0.0).to(tl.float32)
-        scores = tl.sigmoid(logits)
+        # Padding slots zeroed: with groups off a power of two, a padding slot's index is the next group's member's.
+        scores = tl.where(valid, tl.sigmoid(logits), 0.0)
         choice = scores
         if HAS_BIAS:
             choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
@@ -185,7 +197,7 @@ def _grouped_kernel():
         ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
         for j in tl.static_range(K):
             top = tl.max(tl.max(choice, axis=1), axis=0)
-            pick = tl.min(tl.min(tl.where(choice == top, experts, G * GS), axis=1), axis=0)
+            pick = tl.min(tl.min(tl.where((choice == top) & valid, experts, G * GS), axis=1), axis=0)
             weight = tl.sum(tl.sum(tl.where(experts == pick, scores, 0.0), axis=1), axis=0)
             values = tl.where(slots == j, weight, values)
             ids = tl.where(slots == j, pick, ids)
@@ -204,6 +216,7 @@ def _triton_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormal
     import triton
 
     tokens, experts = logits.shape
+    check_grouped_routing(experts, top_k, num_groups, topk_groups)
     group_size = experts // num_groups
     runs = triton_runs_on(logits) and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1 and top_k <= 16
     if not (runs and topk_groups <= 16 and (bias is None or bias.is_contiguous())):

@@ -152,7 +152,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     _kernels()[0][grid](
         *tensors, ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale,
         w_scale, like, *common, ONE_TOKEN=one_token, BLOCK_M=blocks.block_m,
-        DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16, **flags,
+        DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16 and a.is_cuda, **flags,
     )  # fmt: skip
     return out
 

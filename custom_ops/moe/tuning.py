@@ -85,6 +85,7 @@ class MoeGroupedGemmTuning:
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
+        top_k = min(top_k, experts)  # a rank's experts under expert parallelism may be fewer than the router's k
         tokens = tokens_for(bucket["rows"], experts, top_k)
         device = torch.device("cuda", torch.cuda.current_device())
         sets = []
