@@ -69,11 +69,17 @@ class _VocabularySharder:
         self.size = -(-self.vocab // world)  # ceil: the last rank's shard padded
         self.start = rank * self.size
 
-    def _rows(self, weight) -> bool:
-        """Whether `weight` is a parameter with a row per token of the vocabulary."""
-        return (
-            isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.meta["val"].shape[0] == self.vocab
-        )
+    def vocab_rows(self, weight) -> bool:
+        """Whether `weight` is a parameter with a row per token of the vocabulary, in the model's dtype (the copy
+        would drop an FP8 or MXFP4 checkpoint's tensors: such a weight stays replicated)."""
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            return False
+        try:
+            param = self.gm.get_parameter(weight.target)
+        except AttributeError:  # a buffer
+            return False
+        checkpoint = hasattr(param, "fp8_weight") or hasattr(param, "mxfp4_blocks")
+        return param.dim() >= 1 and param.shape[0] == self.vocab and not checkpoint
 
     def _shard(self, weight: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
         name = f"tp_{weight.target.replace('.', '_')}_vocab_{self.start}_{self.size}"
@@ -144,9 +150,9 @@ def shard(gm: torch.fx.GraphModule, rank: int, world: int, group: str) -> tuple[
     """Shard `gm`'s vocabulary in place for `rank` of `world`; returns (embeddings, LM heads) rewritten."""
     sharder = _VocabularySharder(gm, rank, world, group)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    embeddings = [n for n in nodes if n.target is aten.embedding.default and sharder._rows(n.args[0])]
+    embeddings = [n for n in nodes if n.target is aten.embedding.default and sharder.vocab_rows(n.args[0])]
     linears = [n for n in nodes if n.target is LINEAR]
-    heads = linears[-1:] if linears and sharder._rows(linears[-1].args[1]) else []
+    heads = linears[-1:] if linears and sharder.vocab_rows(linears[-1].args[1]) else []
     for node in embeddings:
         sharder.embedding(node)
     for node in heads:
@@ -163,11 +169,11 @@ def shard_vocabulary(gm: torch.fx.GraphModule, config) -> PassResult:
     import torch.distributed as dist
 
     embeddings, heads = shard(gm, rank, world, dist.group.WORLD.group_name)
-    detail = f"rank {rank} of {world}: {embeddings} embeddings (+{embeddings} all-reduces), {heads} LM heads " \
-             f"(+{heads} all-gathers) split by vocabulary rows"  # fmt: skip
+    detail = (f"rank {rank} of {world}: {embeddings} embeddings (+{embeddings} all-reduces), {heads} LM heads "
+              f"(+{heads} all-gathers) split by vocabulary rows")  # fmt: skip
     if not heads:
-        detail += "; the LM head (the last linear, over a parameter of the vocabulary's rows) left replicated"
+        detail += "; the last linear does not read a parameter of the vocabulary's rows: left replicated"
     if not embeddings:
-        detail += "; no embedding over a parameter of the vocabulary's rows: left replicated"
+        detail += "; no embedding reads a parameter of the vocabulary's rows: left replicated"
     log.info("shard_vocabulary: %s", detail)
     return PassResult("shard_vocabulary", embeddings + heads, detail)
