@@ -106,7 +106,8 @@ class CompileConfig(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1)
     """Ranks the model is sharded over (tensor parallelism, fx_passes/shard_tensor_parallel.py): above 1, each
     process of a torch.distributed group of exactly this size (torchrun; gloo on CPU, NCCL on GPUs) compiles the
-    model for its rank, sharded as the model's transformers tensor-parallel plan says."""
+    model for its rank, sharded as the model's transformers tensor-parallel plan says, with the embedding and the
+    LM head split by vocabulary rows (fx_passes/shard_vocabulary.py)."""
 
     expert_parallel_size: int = Field(1, ge=1)
     """Ranks each mixture-of-experts layer's experts are split over (expert parallelism, fx_passes/shard_experts.py):

@@ -22,6 +22,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     select_logits_rows,
     shard_experts,
     shard_tensor_parallel,
+    shard_vocabulary,
     token_major_attention_inputs,
 )
 from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer

@@ -55,6 +55,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # matchers (it shards by the canonical attention op's heads); before fuse_parallel_linears (which would fuse
     # q/k/v and gate/up into one weight it would have to cut per part) and quantize_fp8 (which quantizes the shards).
     "shard_tensor_parallel",
+    # After shard_tensor_parallel (which refuses a linear the plan leaves whole reading a split value, so the LM
+    # head's input is whole); before quantize_fp8 (which finds the LM head as the last linear, and quantizes shards).
+    "shard_vocabulary",
     # After shard_tensor_parallel (which refuses an experts op reading a split value); before quantize_fp8 (which
     # quantizes the rank's experts only) and fuse_moe_routing (which keeps the id shift it inserts).
     "shard_experts",

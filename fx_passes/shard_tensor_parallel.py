@@ -21,8 +21,8 @@ wrong answer. KV heads fewer than the ranks are replicated (each rank keeps the 
 which the attention op's check proves.
 
 Runs before fuse_parallel_linears (which fuses the sharded q/k/v and gate/up) and quantize_fp8 (which
-quantizes the shards). The embedding and LM head stay replicated for now; so do MoE experts, unless
-expert_parallel_size (equal to tensor_parallel_size) splits them (shard_experts.py).
+quantizes the shards). The embedding and LM head are split by vocabulary rows in shard_vocabulary.py; MoE experts
+stay replicated unless expert_parallel_size (equal to tensor_parallel_size) splits them (shard_experts.py).
 """
 
 from __future__ import annotations

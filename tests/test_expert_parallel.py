@@ -20,13 +20,13 @@ MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 
 # name -> (arch, CompileConfig fields, experts ops split, tensor-parallel linears, all-reduces, heads per rank) for the
-# tiny 2-layer models (4 experts, 4 query and 2 KV heads a layer): an all-reduce per MoE layer, plus o_proj's where
-# attention is tensor-parallel (Qwen3-MoE's router and Mixtral's stay whole: the plan leaves them out).
+# tiny 2-layer models (4 experts, 4 query and 2 KV heads a layer): an all-reduce per MoE layer, plus o_proj's and the
+# embedding's (shard_vocabulary) where attention is tensor-parallel (Qwen3-MoE's router and Mixtral's stay whole: the plan leaves them out).
 JOBS = {
     "qwen3_moe_ep": ("qwen3_moe", {"expert_parallel_size": 2}, 2, 0, 2, (4, 2)),
     "mixtral_ep": ("mixtral", {"expert_parallel_size": 2}, 2, 0, 2, (4, 2)),
-    "qwen3_moe_tp_ep": ("qwen3_moe", {"tensor_parallel_size": 2, "expert_parallel_size": 2}, 2, 8, 4, (2, 1)),
-    "mixtral_tp_ep": ("mixtral", {"tensor_parallel_size": 2, "expert_parallel_size": 2}, 2, 8, 4, (2, 1)),
+    "qwen3_moe_tp_ep": ("qwen3_moe", {"tensor_parallel_size": 2, "expert_parallel_size": 2}, 2, 8, 5, (2, 1)),
+    "mixtral_tp_ep": ("mixtral", {"tensor_parallel_size": 2, "expert_parallel_size": 2}, 2, 8, 5, (2, 1)),
     # moe_backend="triton" (on CPU the ops run their references): fuse_moe_routing's router op, the ids shifted after it
     "qwen3_moe_ep_routed": ("qwen3_moe", {"expert_parallel_size": 2, "moe_backend": "triton"}, 2, 0, 2, (4, 2)),
 }

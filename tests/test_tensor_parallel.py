@@ -20,28 +20,44 @@ from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
 from fx_passes import DEFAULT_PIPELINE, registered_passes
 from fx_passes.shard_tensor_parallel import TensorParallelError, shard
+from fx_passes.shard_vocabulary import ALL_GATHER
+from fx_passes.shard_vocabulary import shard as shard_vocabulary
 
 JOIN_TIMEOUT_S = 300  # every rank, compile included; a hung collective fails the test instead of CI
 NEW_TOKENS = 8
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 
 # arch -> (column-parallel + row-parallel linears, all-reduces) for the tiny 2-layer models: q/k/v, gate/up and
-# o/down per layer; Mixtral's experts stay replicated (expert parallelism is later), so only attention is split.
-EXPECTED_SITES = {"llama": (14, 4), "llama_bias": (14, 4), "qwen3": (14, 4), "gemma3": (14, 4), "mixtral": (8, 2)}
+# o/down per layer, and one all-reduce for the embedding (shard_vocabulary: it and the LM head, 2 sites, every arch);
+# Mixtral's experts stay replicated (expert parallelism is later), so only attention is split.
+EXPECTED_SITES = {"llama": (14, 5), "llama_bias": (14, 5), "qwen3": (14, 5), "gemma3": (14, 5), "mixtral": (8, 3)}
 
 
 def _model(arch: str) -> nn.Module:
     """tiny_model(arch); `llama_bias`: Llama with random biases on every linear (split with the column-parallel
-    rows; added once, after the all-reduce, on the row-parallel ones)."""
+    rows; added once, after the all-reduce, on the row-parallel ones) and a vocabulary of 257 tokens, not divisible
+    by the ranks (the last rank's vocabulary shard padded); `gemma3` (tied embeddings) with a final logit soft-cap,
+    which reads the gathered logits."""
+    if arch == "gemma3":
+        torch.manual_seed(0)
+        config = ARCHITECTURES["gemma3"]()
+        config.final_logit_softcapping = 30.0
+        assert config.tie_word_embeddings
+        return _randomized(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), arch)
     if arch != "llama_bias":
         return tiny_model(arch)
     torch.manual_seed(0)
     config = ARCHITECTURES["llama"]()
     config.attention_bias = config.mlp_bias = True
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    config.vocab_size = 257
+    return _randomized(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), arch)
+
+
+def _randomized(model: nn.Module, arch: str) -> nn.Module:
+    """`model` with tiny_model's wider weights, and random biases for `llama_bias`."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "embed" not in name and "norm" not in name:
+            if "embed" not in name and (param.dim() >= 2 or arch == "llama_bias" and "norm" not in name):
                 param.normal_(0.0, 0.08)
     return model
 
@@ -68,6 +84,8 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str
                 "logits": cm(ids).logits,
                 "tokens": cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
                 "sites": cm.report.pass_sites("shard_tensor_parallel"),
+                "vocab_sites": cm.report.pass_sites("shard_vocabulary"),
+                "all_gathers": sum(n.target is ALL_GATHER for n in cm.graph_module.graph.nodes),
                 "expert_sites": cm.report.pass_sites("shard_experts"),
                 "routers": cm.report.pass_sites("fuse_moe_routing"),
                 "all_reduces": sum(n.target is ALL_REDUCE for n in cm.graph_module.graph.nodes),
@@ -128,6 +146,7 @@ def test_two_ranks_match_the_unsharded_model(two_ranks, arch):
     sites, all_reduces = EXPECTED_SITES[arch]
     assert rank0["sites"] == rank1["sites"] == sites
     assert rank0["all_reduces"] == all_reduces
+    assert rank0["vocab_sites"] == rank1["vocab_sites"] == 2 and rank0["all_gathers"] == 1
     assert rank0["heads"] == [(2, 1)] * 2  # 4 query heads and 2 KV heads per layer, halved
     assert rank0["kv_cache"] == rank1["kv_cache"]  # one block count: the ranks' schedulers run in lockstep
 
@@ -166,6 +185,19 @@ def test_four_ranks_replicate_the_kv_heads(tmp_path):
         assert results["llama"]["sites"] == 14
         assert relative_error(results["llama"]["logits"], expected_logits) < 1e-5
         assert torch.equal(results["llama"]["tokens"], expected_tokens)
+
+
+def test_tied_embeddings_share_one_vocabulary_shard():
+    """Gemma 3's embedding and LM head read one parameter: both read the rank's one shard of it, the whole gone."""
+    gm = _graph_before_sharding("gemma3")
+    assert shard_vocabulary(gm, 1, 2, "0") == (1, 1)
+    embedding = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    head = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    assert embedding.args[0].target == head.args[1].target == "tp_model_lm_head_weight_vocab_128_128"
+    assert torch.equal(gm.get_parameter(embedding.args[0].target), gm.get_parameter("model.lm_head.weight")[128:])
+    assert not any(n.op == "get_attr" and n.target == "model.lm_head.weight" for n in gm.graph.nodes)
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(ALL_REDUCE) == targets.count(ALL_GATHER) == 1
 
 
 # -- errors -----------------------------------------------------------------------------------------------------------
