@@ -466,8 +466,8 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, config) -> PassResult:
     if columns + rows == 0:
         raise TensorParallelError(f"tensor_parallel_size={world}: no linear of the graph matches the model's "
                                   f"tensor-parallel plan {sorted(plan)}")  # fmt: skip
-    replicated = sorted({style for style in plan.values() if style not in ("colwise", "rowwise")})
+    others = sorted({style for style in plan.values() if style not in ("colwise", "rowwise")})
     detail = f"rank {rank} of {world}: {columns} column-parallel, {rows} row-parallel linears (+{rows} all-reduces)"
-    if replicated:
-        detail += f"; left replicated: {', '.join(replicated)}"
+    if others:  # the vocabulary's and the experts' styles are shard_vocabulary's and shard_experts' (or replicated)
+        detail += f"; plan styles not this pass's: {', '.join(others)}"
     return PassResult("shard_tensor_parallel", columns + rows, detail)
