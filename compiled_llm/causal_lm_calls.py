@@ -14,6 +14,27 @@ from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.runtime import ScheduledChunk, Sequence
 
 
+def check_ranks_share_random_stream(device: torch.device) -> None:
+    """Tensor- and expert-parallel ranks each sample from their own generator, and must draw the same tokens: a rank
+    that drew another would run other steps than the rest (other shapes into the collectives: a hang, or wrong sums).
+    Refuses where the ranks' generators for `device` are in different states (seeded differently, or not at all)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    digest = int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:7], "little")
+    low = torch.tensor([digest], dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise ValueError(
+            "do_sample=True under tensor or expert parallelism needs the same random stream on every rank: call "
+            "torch.manual_seed(seed) with one seed on every rank before generating (or decode greedily)"
+        )
+
+
 class CausalLMCalls:
     """What CompiledModel answers as the HF model did. Needs of its subclass: `model`, `config` (CompileConfig),
     `runner` (a runtime.ModelRunner with its KV cache), `device`, `vocab_size`, `logits_dtype`, `max_seq_len`."""
@@ -102,6 +123,8 @@ class CausalLMCalls:
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip
+        if settings.do_sample and self.config.parallel_ranks > 1:
+            check_ranks_share_random_stream(self.device)
         batch = self._prompt_batch(input_ids, attention_mask)
         if batch.right_padded_rows:
             raise ValueError(

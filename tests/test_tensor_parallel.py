@@ -92,6 +92,15 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str
                 "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
                 "kv_cache": cm.report.kv_cache,
             }
+            if name == "llama":  # sampling: one seed on every rank draws one stream; different seeds are refused
+                torch.manual_seed(7)
+                results["sampled"] = cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0)
+                torch.manual_seed(rank)
+                try:
+                    cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=True)
+                    results["unseeded"] = "sampled"
+                except ValueError as error:
+                    results["unseeded"] = str(error)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -134,6 +143,14 @@ def two_ranks(tmp_path_factory):
         ("llama_fp8", "llama", {"compile_backend": "eager", "quantization": "fp8", "verify": True}),
     ]
     return run_ranks(2, jobs, tmp_path_factory.mktemp("tp2"))
+
+
+def test_ranks_sample_one_stream_or_refuse(two_ranks):
+    """Sampling with one seed on every rank draws the same tokens on each (the ranks stay in lockstep); ranks seeded
+    apart are refused before a step, naming what to do."""
+    assert torch.equal(two_ranks[0]["sampled"], two_ranks[1]["sampled"])
+    for rank in two_ranks:
+        assert "same random stream on every rank" in rank["unseeded"]
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED_SITES))
