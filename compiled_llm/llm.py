@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compiled_llm.causal_lm_calls import check_ranks_share_random_stream
 from compiled_llm.compiled_model import compile_model
 from compiled_llm.engine import Engine, Request, SamplingParams
 from compiled_llm.engine.limits import EngineStats
@@ -173,6 +174,8 @@ class LLM:
         if self._driver is not None and not self._driver.done():
             raise RuntimeError("generate() cannot run while generate_async requests are running on this LLM")
         parsed = [self._prompt_ids(p) for p in prompts]  # all checked before any is queued
+        if self.compiled.config.parallel_ranks > 1 and any(not p.greedy and p.seed is None for p in params):
+            check_ranks_share_random_stream(self.compiled.device)  # sampled from the default generator on every rank
         groups: list[list[Request]] = []
         try:
             for (text, ids), p in zip(parsed, params):

@@ -16,7 +16,7 @@ import transformers as tf
 from conftest import ARCHITECTURES, random_prompt, relative_error, tiny_model
 from torch import nn
 
-from compiled_llm import CompileConfig, compile_model
+from compiled_llm import LLM, CompileConfig, SamplingParams, compile_model
 from compiled_llm.capture import capture_model
 from fx_passes import DEFAULT_PIPELINE, registered_passes
 from fx_passes.shard_tensor_parallel import TensorParallelError, shard
@@ -92,6 +92,13 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str
                 "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
                 "kv_cache": cm.report.kv_cache,
             }
+            if name == "qwen3":  # the LLM engine's steps over the shards: greedy, and a seeded request sampled
+                llm = LLM(_model(arch), **fields)
+                prompts = [ids[0].tolist(), ids[0, 4:].tolist()]
+                greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+                seeded = SamplingParams(max_tokens=NEW_TOKENS, seed=11, ignore_eos=True)
+                results["llm"] = [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)]
+                results["llm_sampled"] = llm.generate(prompts[:1], seeded, use_tqdm=False)[0].outputs[0].token_ids
             if name == "llama":  # sampling: one seed on every rank draws one stream; different seeds are refused
                 torch.manual_seed(7)
                 results["sampled"] = cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0)
@@ -143,6 +150,13 @@ def two_ranks(tmp_path_factory):
         ("llama_fp8", "llama", {"compile_backend": "eager", "quantization": "fp8", "verify": True}),
     ]
     return run_ranks(2, jobs, tmp_path_factory.mktemp("tp2"))
+
+
+def test_the_llm_engine_runs_the_shards_in_lockstep(two_ranks):
+    """LLM over the shards (its scheduler and sampler on every rank): both ranks' tokens equal, greedy ones HF's."""
+    assert two_ranks[0]["llm"] == two_ranks[1]["llm"] and two_ranks[0]["llm_sampled"] == two_ranks[1]["llm_sampled"]
+    expected = _expected("qwen3")[1][0, 12:].tolist()
+    assert list(two_ranks[0]["llm"][0]) == expected
 
 
 def test_ranks_sample_one_stream_or_refuse(two_ranks):
