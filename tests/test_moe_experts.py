@@ -487,7 +487,7 @@ def test_routing_reference_is_transformers_deepseek_v2_greedy_router():
 
 
 def check_grouped_routing_against_reference(device: str) -> None:
-    """DeepSeek-V3's grouped routing kernel: its 256 experts in 8 groups, group counts and group sizes off the powers
+    """The grouped routing kernel: DeepSeek-V3's 256 experts in 8 groups, group counts and group sizes off the powers
     of two (A.X K1's 192 experts in 8 groups of 24: a padding slot of the tile shares its index with the next group's
     member), one group, with and without the bias correction; the chosen sets equal, their weights within float32
     roundings."""
@@ -498,8 +498,10 @@ def check_grouped_routing_against_reference(device: str) -> None:
         for dtype in (torch.float32, torch.float16):
             logits = distinct_logits(7, experts, seed=experts, dtype=dtype, device=device)
             bias = torch.randn(experts, generator=torch.Generator().manual_seed(1)).to(device) * 0.1
-            for correction in (bias, None):
-                args = (correction, top_k, groups, topk_groups, True, 2.5, torch.float32)
+            # DeepSeek-V3's (with and without the correction), and V2's group_limited_greedy (softmax, unnormalised)
+            for correction, scoring, renormalize in ((bias, "sigmoid", True), (None, "sigmoid", True),
+                                                     (None, "softmax", False)):  # fmt: skip
+                args = (correction, top_k, scoring, groups, topk_groups, renormalize, 2.5, torch.float32)
                 expected = routing.moe_route_grouped_reference(logits, *args)
                 actual = torch.ops.compiled_llm.moe_route_grouped(logits, *args, "triton")
                 ours, theirs = actual[1].sort(dim=-1), expected[1].sort(dim=-1)
@@ -531,7 +533,7 @@ def test_grouped_routing_reference_is_transformers_deepseek_v3_router():
     x = torch.randn(11, router.weight.shape[1], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits, weights, ids = router(x)
-    actual = routing.moe_route_grouped_reference(logits, router.e_score_correction_bias, 3, 4, 2, True, 2.5,
+    actual = routing.moe_route_grouped_reference(logits, router.e_score_correction_bias, 3, "sigmoid", 4, 2, True, 2.5,
                                                  weights.dtype)  # fmt: skip
     ours, theirs = actual[1].sort(dim=-1), ids.sort(dim=-1)
     assert torch.equal(ours.values, theirs.values)
@@ -568,9 +570,30 @@ def test_grouped_routing_reference_is_transformers_deepseek_v3_router():
     no_groups.num_group = no_groups.topk_group = None  # A.X-K2-Light's
     assert grouped_router_mismatch(no_groups) == "not a grouped router"
     with pytest.raises(ValueError, match="top_k=9 of the 8 experts in the kept groups"):
-        routing.moe_route_grouped_reference(logits, None, 9, 4, 2, True, 1.0, torch.float32)
+        routing.moe_route_grouped_reference(logits, None, 9, "sigmoid", 4, 2, True, 1.0, torch.float32)
     v2_router = next(m.mlp.gate for m in tiny_model("deepseek_v2").model.layers if hasattr(m.mlp, "gate"))
-    assert grouped_router_mismatch(v2_router) == "not a grouped router"
+    assert grouped_router_mismatch(v2_router) == "not a grouped router"  # greedy: fuse_moe_routing's
+
+
+def test_grouped_routing_reference_is_transformers_deepseek_v2_group_limited_router():
+    """DeepSeek-V2's group_limited_greedy router (softmax, the groups ranked by their best, the others scored 0, times
+    routed_scaling_factor): the reference against the module, and the capture's check accepts it."""
+    from compiled_llm.capture.grouped_routing import grouped_router_mismatch
+    from custom_ops.moe import routing
+
+    config = ARCHITECTURES["deepseek_v2"]()
+    config.n_routed_experts, config.n_group, config.topk_group, config.num_experts_per_tok = 16, 4, 2, 3
+    config.topk_method, config.routed_scaling_factor = "group_limited_greedy", 2.5
+    router = tf.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(5)))
+        x = torch.randn(11, router.weight.shape[1], generator=torch.Generator().manual_seed(3))
+        logits, weights, ids = router(x)
+    actual = routing.moe_route_grouped_reference(logits, None, 3, "softmax", 4, 2, False, 2.5, weights.dtype)
+    ours, theirs = actual[1].sort(dim=-1), ids.sort(dim=-1)
+    assert torch.equal(ours.values, theirs.values)
+    assert torch.equal(actual[0].gather(1, ours.indices), weights.gather(1, theirs.indices))
+    assert grouped_router_mismatch(router) is None
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -593,7 +616,7 @@ def test_the_routing_ops_pass_opcheck():
     logits = distinct_logits(5, 16, seed=2, dtype=torch.float32)
     bias = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 0.1
     torch.library.opcheck(torch.ops.compiled_llm.moe_route_grouped.default,
-                          (logits, bias, 3, 4, 2, True, 2.5, torch.float32, "torch"))  # fmt: skip
+                          (logits, bias, 3, "sigmoid", 4, 2, True, 2.5, torch.float32, "torch"))  # fmt: skip
     torch.library.opcheck(torch.ops.compiled_llm.moe_route.default, (logits, 3, "softmax", False, 2.5, torch.float32,
                                                                      "torch"))  # fmt: skip
 
@@ -615,6 +638,28 @@ def test_fuse_moe_routing_replaces_each_router_and_keeps_the_logits(arch, sites,
     assert torch.ops.aten.topk.default not in targets and torch.ops.aten.softmax.int not in targets
     assert all(n.args[-1] == "triton" for n in compiled.graph_module.graph.nodes
                if n.target is torch.ops.compiled_llm.moe_route_grouped.default)  # fmt: skip
+    ids = random_prompt(16, batch=2, seed=4)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert relative_error(compiled(ids).logits, expected) < 1e-4
+
+
+def test_deepseek_v2_group_limited_routing_is_one_op_and_keeps_the_logits(own_cache_dir):
+    """A DeepSeek-V2 model whose routers are group_limited_greedy (the 236B model's): each is the capture's
+    moe_route_grouped, on the experts' backend, and the logits stay HF's."""
+    config = ARCHITECTURES["deepseek_v2"]()
+    config.topk_method, config.n_group, config.topk_group, config.routed_scaling_factor = "group_limited_greedy", 2, 1, 2.5
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.normal_(0.0, 0.08)
+    compiled = compile_model(model, moe_backend="triton", compile_backend="eager", cache_dir=own_cache_dir,
+                             max_batch_size=2)  # fmt: skip
+    assert compiled.report.pass_sites("fuse_moe_routing") == 1
+    grouped = [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.compiled_llm.moe_route_grouped.default]
+    assert [n.args[3] for n in grouped] == ["softmax"] and grouped[0].args[-1] == "triton"
     ids = random_prompt(16, batch=2, seed=4)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits

@@ -116,16 +116,19 @@ for _device in ("CPU", "CUDA"):
 torch.library.register_fake("compiled_llm::moe_route", _moe_route_fake, lib=_LIBRARY)
 
 
-# -- grouped routing (DeepSeek-V3's router: sigmoid scores, a bias correction, the best groups first) ----------------
+# -- grouped routing (the experts of the best groups only: DeepSeek-V3's and V2's group_limited_greedy routers) -----
 
+GROUPED_SCORINGS = ("sigmoid", "softmax")
 _LIBRARY.define(
-    "moe_route_grouped(Tensor logits, Tensor? bias, int top_k, int num_groups, int topk_groups, bool renormalize, "
-    "float scale, ScalarType weights_dtype, str backend) -> (Tensor, Tensor)"
+    "moe_route_grouped(Tensor logits, Tensor? bias, int top_k, str scoring, int num_groups, int topk_groups, "
+    "bool renormalize, float scale, ScalarType weights_dtype, str backend) -> (Tensor, Tensor)"
 )
 
 
-def check_grouped_routing(experts: int, top_k: int, num_groups: int, topk_groups: int) -> None:
+def check_grouped_routing(experts: int, top_k: int, num_groups: int, topk_groups: int, scoring: str) -> None:
     """The routings moe_route_grouped computes: whole groups of two experts at least, k of the kept groups' experts."""
+    if scoring not in GROUPED_SCORINGS:
+        raise ValueError(f"moe_route_grouped: scoring {scoring!r}, not one of {', '.join(GROUPED_SCORINGS)}")
     if num_groups < 1 or experts % num_groups or experts // num_groups < 2 or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"moe_route_grouped: {experts} experts in num_groups={num_groups} groups of 2 or more, "
                          f"topk_groups={topk_groups} of them")  # fmt: skip
@@ -134,21 +137,28 @@ def check_grouped_routing(experts: int, top_k: int, num_groups: int, topk_groups
                          f"in the kept groups")  # fmt: skip
 
 
-def moe_route_grouped_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
-                                topk_groups: int, renormalize: bool, scale: float,
+def moe_route_grouped_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str,
+                                num_groups: int, topk_groups: int, renormalize: bool, scale: float,
                                 weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """DeepSeek-V3's router after its linear (transformers' DeepseekV3TopkRouter, op for op): s = sigmoid(logits);
-    the experts are chosen by s + bias, among the `topk_groups` groups (of `num_groups` equal, contiguous ones) whose
-    two best sum highest; their weights are s, renormalised (over a sum + 1e-20) and times `scale`."""
-    check_grouped_routing(logits.shape[-1], top_k, num_groups, topk_groups)
-    scores = logits.float().sigmoid()
-    choice = scores + bias if bias is not None else scores
-    tokens, experts = scores.shape
-    group_scores = choice.view(tokens, num_groups, experts // num_groups).topk(2, dim=-1)[0].sum(dim=-1)
+    """A grouped router after its linear, op for op as transformers writes it. "sigmoid" (DeepseekV3TopkRouter):
+    s = sigmoid(logits); the experts are chosen by s + bias among the `topk_groups` groups (of `num_groups` equal,
+    contiguous ones) whose two best sum highest; their weights are s, renormalised (over a sum + 1e-20). "softmax"
+    (DeepseekV2TopkRouter's group_limited_greedy): s = softmax(logits); groups ranked by their best; the other groups'
+    scores 0. Then times `scale`."""
+    check_grouped_routing(logits.shape[-1], top_k, num_groups, topk_groups, scoring)
+    tokens, experts = logits.shape
+    if scoring == "softmax":
+        scores = logits.float().softmax(dim=-1)
+        choice = scores
+        group_scores = scores.view(tokens, num_groups, experts // num_groups).max(dim=-1).values
+    else:
+        scores = logits.float().sigmoid()
+        choice = scores + bias if bias is not None else scores
+        group_scores = choice.view(tokens, num_groups, experts // num_groups).topk(2, dim=-1)[0].sum(dim=-1)
     group_ids = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1)
     expert_mask = group_mask.unsqueeze(-1).expand(tokens, num_groups, experts // num_groups).reshape(tokens, experts)
-    choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    choice = choice.masked_fill(~expert_mask.bool(), 0.0 if scoring == "softmax" else float("-inf"))
     ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, ids)
     if renormalize:
@@ -165,7 +175,7 @@ def _grouped_kernel():
     def moe_route_grouped_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, scale, G: tl.constexpr,
                                  GS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, K: tl.constexpr,
                                  BLOCK_K: tl.constexpr, TOPK_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 RENORMALIZE: tl.constexpr):  # fmt: skip
+                                 RENORMALIZE: tl.constexpr, SOFTMAX: tl.constexpr):  # fmt: skip
         """One token's routing, its experts as a [group, expert of the group] tile. Ties go to the lowest index."""
         row = tl.program_id(0).to(tl.int64)
         groups = tl.arange(0, BLOCK_G)[:, None]
@@ -174,7 +184,11 @@ def _grouped_kernel():
         experts = groups * GS + members
         logits = tl.load(logits_ptr + row * stride_l + experts, mask=valid, other=0.0).to(tl.float32)
         # Padding slots zeroed: with groups off a power of two, a padding slot's index is the next group's member's.
-        scores = tl.where(valid, tl.sigmoid(logits), 0.0)
+        if SOFTMAX:
+            exps = tl.where(valid, tl.exp(logits - tl.max(tl.max(tl.where(valid, logits, float("-inf")), 1), 0)), 0.0)
+            scores = exps / tl.sum(tl.sum(exps, axis=1), axis=0)
+        else:
+            scores = tl.where(valid, tl.sigmoid(logits), 0.0)
         choice = scores
         if HAS_BIAS:
             choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
@@ -183,7 +197,7 @@ def _grouped_kernel():
         best = tl.max(choice, axis=1)
         first = tl.min(tl.where(choice == best[:, None], members, BLOCK_GS), axis=1)
         second = tl.max(tl.where(members == first[:, None], float("-inf"), choice), axis=1)
-        group_scores = tl.where(tl.arange(0, BLOCK_G) < G, best + second, float("-inf"))
+        group_scores = tl.where(tl.arange(0, BLOCK_G) < G, best if SOFTMAX else best + second, float("-inf"))
         kept = tl.zeros((BLOCK_G,), dtype=tl.int1)
         group_ids = tl.arange(0, BLOCK_G)
         for _ in tl.static_range(TOPK_GROUPS):
@@ -191,6 +205,8 @@ def _grouped_kernel():
             pick = tl.min(tl.where(group_scores == top, group_ids, BLOCK_G), axis=0)
             kept = kept | (group_ids == pick)
             group_scores = tl.where(group_ids == pick, float("-inf"), group_scores)
+        # (softmax: transformers scores the other groups 0, not -inf; every kept score is above 0 but for an
+        # underflow, whose weight is 0 whichever expert it names)
         choice = tl.where(kept[:, None], choice, float("-inf"))
         slots = tl.arange(0, BLOCK_K)
         values = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -212,15 +228,15 @@ def _grouped_kernel():
     return moe_route_grouped_kernel
 
 
-def _triton_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scale, weights_dtype):
+def _triton_route_grouped(logits, bias, top_k, scoring, num_groups, topk_groups, renormalize, scale, weights_dtype):
     import triton
 
     tokens, experts = logits.shape
-    check_grouped_routing(experts, top_k, num_groups, topk_groups)
+    check_grouped_routing(experts, top_k, num_groups, topk_groups, scoring)
     group_size = experts // num_groups
     runs = triton_runs_on(logits) and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1 and top_k <= 16
     if not (runs and topk_groups <= 16 and (bias is None or bias.is_contiguous())):
-        return moe_route_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scale,
+        return moe_route_grouped_reference(logits, bias, top_k, scoring, num_groups, topk_groups, renormalize, scale,
                                            weights_dtype)  # fmt: skip
     weights = torch.empty(tokens, top_k, device=logits.device, dtype=weights_dtype)
     ids = torch.empty(tokens, top_k, device=logits.device, dtype=torch.int64)
@@ -229,7 +245,7 @@ def _triton_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormal
             logits, bias if bias is not None else logits, weights, ids, logits.stride(0), float(scale), G=num_groups,
             GS=group_size, BLOCK_G=triton.next_power_of_2(num_groups), BLOCK_GS=triton.next_power_of_2(group_size),
             K=top_k, BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUPS=topk_groups, HAS_BIAS=bias is not None,
-            RENORMALIZE=renormalize,
+            RENORMALIZE=renormalize, SOFTMAX=scoring == "softmax",
         )  # fmt: skip
     return weights, ids
 
@@ -237,13 +253,15 @@ def _triton_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormal
 GROUPED_ROUTE_BACKENDS = {"torch": moe_route_grouped_reference, "triton": _triton_route_grouped}
 
 
-def _moe_route_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scale, weights_dtype, backend):
-    return GROUPED_ROUTE_BACKENDS[backend](logits, bias, top_k, num_groups, topk_groups, renormalize, scale,
+def _moe_route_grouped(logits, bias, top_k, scoring, num_groups, topk_groups, renormalize, scale, weights_dtype,
+                       backend):  # fmt: skip
+    return GROUPED_ROUTE_BACKENDS[backend](logits, bias, top_k, scoring, num_groups, topk_groups, renormalize, scale,
                                            weights_dtype)  # fmt: skip
 
 
-def _moe_route_grouped_fake(logits, bias, top_k, num_groups, topk_groups, renormalize, scale, weights_dtype, backend):
-    return _moe_route_fake(logits, top_k, "", False, scale, weights_dtype, backend)
+def _moe_route_grouped_fake(logits, bias, top_k, scoring, num_groups, topk_groups, renormalize, scale, weights_dtype,
+                            backend):  # fmt: skip
+    return _moe_route_fake(logits, top_k, scoring, renormalize, scale, weights_dtype, backend)
 
 
 for _device in ("CPU", "CUDA"):
