@@ -94,8 +94,12 @@ def _match(topk: torch.fx.Node) -> dict | None:
             return None
     scaled = next(iter(end.users)) if len(end.users) == 1 else None
     scale = 1.0
-    if is_call(scaled, aten.mul.Tensor) and scaled.args[0] is end and isinstance(scaled.args[1], (int, float)):
-        scale, end = float(scaled.args[1]), scaled  # a constant factor on the chosen weights (DeepSeek's)
+    # A constant factor on the chosen float32 weights (DeepSeek's): the op scales in float32, before its one rounding.
+    factor = is_call(scaled, aten.mul.Tensor) and scaled.args[0] is end and isinstance(scaled.args[1], (int, float))
+    if factor and end.meta["val"].dtype != torch.float32:
+        return None  # torch would round before and after the factor: left to Inductor
+    if factor:
+        scale, end = float(scaled.args[1]), scaled
     else:
         scaled = None
     if end is not weights:
