@@ -39,7 +39,7 @@ from compiled_llm.verify import self_check, self_check_wanted
 from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
-from fx_passes.shard_tensor_parallel import parallel_rank, smallest_over_ranks
+from fx_passes.shard_tensor_parallel import check_one_gpu_per_rank, parallel_rank, smallest_over_ranks
 
 log = logging.getLogger("compiled_llm")
 
@@ -92,8 +92,10 @@ class CompiledModel(CausalLMCalls):
             log.info("quantization=%r (%s)", quantization, why)
             config = config.model_copy(update={"quantization": quantization})
         self.config = config
-        parallel_rank(config)  # a missing or mismatched process group fails before any work
+        _, world = parallel_rank(config)  # a missing or mismatched process group fails before any work
         self.device = next(model.parameters()).device
+        if world > 1:
+            check_one_gpu_per_rank(self.device)
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
         timings = {}
         caches = f"kernel choices under {config.cache_dir}"

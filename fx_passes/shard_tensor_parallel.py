@@ -98,6 +98,36 @@ def parallel_rank(config) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def shared_gpu(placements: list[tuple[str, int]]) -> str | None:
+    """Why the ranks' (host, GPU index) placements are not one GPU a rank, or None."""
+    first: dict[tuple[str, int], int] = {}
+    for rank, place in enumerate(placements):
+        if place in first:
+            return f"ranks {first[place]} and {rank} both run on cuda:{place[1]} of host {place[0]}"
+        first[place] = rank
+    return None
+
+
+def check_one_gpu_per_rank(device: torch.device) -> None:
+    """Refuses ranks that share a GPU (more ranks than GPUs, or a process that did not pick its own): NCCL would stop
+    with a message that names neither."""
+    if device.type != "cuda":
+        return
+    import socket
+
+    import torch.distributed as dist
+
+    placements: list = [None] * dist.get_world_size()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    dist.all_gather_object(placements, (socket.gethostname(), index))
+    why = shared_gpu(placements)
+    if why is not None:
+        raise ValueError(
+            f"{why}: one GPU a rank is needed ({torch.cuda.device_count()} on this host); start at most that many "
+            "processes a host and move each rank's model to its own GPU (torch.cuda.set_device(LOCAL_RANK))"
+        )
+
+
 def smallest_over_ranks(value: int, device: torch.device) -> int:
     """The smallest `value` over the ranks (a tensor on `device`: the process group's backend must reach it)."""
     import torch.distributed as dist

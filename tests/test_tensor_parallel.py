@@ -254,6 +254,13 @@ def test_parallelism_needs_a_process_group_of_its_size(field, arch):
         dist.destroy_process_group()
 
 
+def test_ranks_sharing_a_gpu_are_named():
+    from fx_passes.shard_tensor_parallel import shared_gpu
+
+    assert shared_gpu([("a", 0), ("a", 1), ("b", 0), ("b", 1)]) is None
+    assert shared_gpu([("a", 0), ("a", 1), ("a", 0)]) == "ranks 0 and 2 both run on cuda:0 of host a"
+
+
 def test_heads_not_divisible_by_the_ranks_are_refused():
     gm = _graph_before_sharding()
     with pytest.raises(TensorParallelError, match=r"3 ranks do not divide the 4 heads \(64 rows\) of the column-"
