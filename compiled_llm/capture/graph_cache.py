@@ -171,6 +171,17 @@ def _plain_repr(value, where: str) -> str:
         if isinstance(value, functools.partial):
             digest.update(_plain_repr((value.args, value.keywords), where).encode())
         return digest.hexdigest()
+    if isinstance(value, nn.Module) and next(iter(value.parameters()), None) is None \
+            and next(iter(value.buffers()), None) is None:  # fmt: skip
+        # A module held as a value, without tensors: the `kernels` package's per-model function wrappers
+        # (transformers' `_kernel_funcs`): its class's forward (with the function it wraps) and what it holds.
+        digest = hashlib.sha256(f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        function_digest(type(value).forward, digest)
+        for attribute, inner in sorted(vars(value).items()):
+            if attribute not in _MODULE_INTERNALS:
+                inner = inner.__func__ if isinstance(inner, types.MethodType) else inner  # a forward `kernelize` set
+                digest.update(f"{attribute}={_plain_repr(inner, where)}".encode())
+        return digest.hexdigest()
     raise UndescribedValue(f"{where} is a {type(value).__name__}, which the graph cache's key cannot describe")
 
 
