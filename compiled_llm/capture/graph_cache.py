@@ -16,6 +16,7 @@ removed with a warning: the model is captured again and stored anew.
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import json
@@ -158,6 +159,8 @@ def _instance_digest(model: nn.Module, digest) -> None:
 def _plain_repr(value, where: str) -> str:
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return repr(value)
+    if isinstance(value, enum.Enum):  # transformers 5.25 keeps the kernels package's Mode flag on the model
+        return f"{type(value).__module__}.{type(value).__qualname__}.{value.value!r}"
     if isinstance(value, (tuple, list, set, frozenset)):
         return _stable_repr([_plain_repr(v, where) for v in value] if not isinstance(value, (set, frozenset))
                             else {_plain_repr(v, where) for v in value})  # fmt: skip
