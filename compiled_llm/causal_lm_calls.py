@@ -10,29 +10,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from compiled_llm.decode_loop import decode
 from compiled_llm.generation import GenerationSettings
+from compiled_llm.parallel_ranks import check_ranks_share_random_stream
 from compiled_llm.prompt_batch import PromptBatch
 from compiled_llm.runtime import ScheduledChunk, Sequence
-
-
-def check_ranks_share_random_stream(device: torch.device) -> None:
-    """Tensor- and expert-parallel ranks each sample from their own generator, and must draw the same tokens: a rank
-    that drew another would run other steps than the rest (other shapes into the collectives: a hang, or wrong sums).
-    Refuses where the ranks' generators for `device` are in different states (seeded differently, or not at all)."""
-    import hashlib
-
-    import torch.distributed as dist
-
-    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-    digest = int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:7], "little")
-    low = torch.tensor([digest], dtype=torch.int64, device=device)
-    high = low.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if low.item() != high.item():
-        raise ValueError(
-            "do_sample=True under tensor or expert parallelism needs the same random stream on every rank: call "
-            "torch.manual_seed(seed) with one seed on every rank before generating (or decode greedily)"
-        )
 
 
 class CausalLMCalls:

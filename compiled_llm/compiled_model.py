@@ -21,6 +21,7 @@ from compiled_llm.compiler_caches import use_cache_dir
 from compiled_llm.config import CompileConfig
 from compiled_llm.first_difference import captured_copy
 from compiled_llm.fp8_checkpoint import resolve_quantization
+from compiled_llm.parallel_ranks import check_one_gpu_per_rank, over_ranks, parallel_rank
 from compiled_llm.progress import StageProgress
 from compiled_llm.report import CompileReport
 from compiled_llm.runtime import (
@@ -39,7 +40,6 @@ from compiled_llm.verify import self_check, self_check_wanted
 from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
-from fx_passes.shard_tensor_parallel import check_one_gpu_per_rank, parallel_rank, smallest_over_ranks
 
 log = logging.getLogger("compiled_llm")
 
@@ -204,7 +204,7 @@ class CompiledModel(CausalLMCalls):
         blocks, why = default_num_kv_blocks(layers, config.block_size, config.max_batch_size, self.max_seq_len,
                                             config.kv_cache_memory_fraction, self.device, reserved_bytes=activation_bytes)  # fmt: skip
         if config.parallel_ranks > 1:  # the ranks schedule in lockstep: one cache size, the smallest rank's
-            fewest = smallest_over_ranks(blocks, self.device)
+            fewest = over_ranks(blocks, self.device, "min")
             if fewest < blocks:
                 blocks, why = fewest, f"{why}; the smallest of the {config.parallel_ranks} ranks'"
         if blocks < config.max_batch_size:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compiled_llm.causal_lm_calls import check_ranks_share_random_stream
 from compiled_llm.compiled_model import compile_model
 from compiled_llm.engine import Engine, Request, SamplingParams
 from compiled_llm.engine.limits import EngineStats
+from compiled_llm.parallel_ranks import check_ranks_share_random_stream
 
 log = logging.getLogger("compiled_llm.llm")
 
@@ -203,6 +203,12 @@ class LLM:
         concurrent calls share engine steps, which run in a worker thread so that the event loop stays free
         for I/O. Leaving the loop early, or cancelling the task, aborts the request and frees its KV blocks
         (after the step in progress, if any). A bad request raises ValueError before anything is queued."""
+        if self.compiled.config.parallel_ranks > 1:
+            raise ValueError(
+                f"generate_async runs on one rank: the {self.compiled.config.parallel_ranks} tensor/expert-parallel "
+                "ranks must step through the same requests in lockstep, which requests arriving on each rank's own "
+                "event loop cannot promise; call generate() with the same prompts on every rank"
+            )
         text, ids = self._prompt_ids(prompt)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if params.n != 1:

@@ -32,8 +32,14 @@ def swap_experts_op(graph: torch.fx.Graph, node: torch.fx.Node, target, weights:
     op.meta.update(node.meta)
     node.replace_all_uses_with(op)
     graph.erase_node(node)
-    for weight in (w13, w2):
+    erase_unused_weights(graph, [w13, w2])
+    return op
+
+
+def erase_unused_weights(graph: torch.fx.Graph, weights: list[torch.fx.Node]) -> None:
+    """Erase the experts weights `weights` (get_attr nodes, or their transposes with the get_attr under them) that no
+    node reads any more."""
+    for weight in weights:
         for unused in (weight, *weight.args[:1]):
             if isinstance(unused, torch.fx.Node) and not unused.users:
                 graph.erase_node(unused)
-    return op

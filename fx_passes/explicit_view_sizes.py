@@ -13,17 +13,15 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from fx_passes.node_match import VIEWS
 from fx_passes.registry import PassResult, register_pass
-
-aten = torch.ops.aten
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 @register_pass("explicit_view_sizes")
 def explicit_view_sizes(gm: torch.fx.GraphModule, config) -> PassResult:
     rewritten = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _VIEWS or not isinstance(node.args[1], (list, tuple)):
+        if node.op != "call_function" or node.target not in VIEWS or not isinstance(node.args[1], (list, tuple)):
             continue
         sizes, shape = list(node.args[1]), node.meta["val"].shape
         if -1 not in sizes or len(sizes) != len(shape):

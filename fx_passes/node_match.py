@@ -10,6 +10,7 @@ aten = torch.ops.aten
 # Casts that return their input itself when it already has the dtype and device asked for (and otherwise a
 # converted copy that holds the same values): Meta's `self.cache_k.to(xq)`, `self.freqs_cis.to(h.device)`.
 CASTS = (aten.to.device, aten.to.dtype, aten.to.dtype_layout, aten.alias.default)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def is_call(node, target) -> bool:

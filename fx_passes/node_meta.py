@@ -35,6 +35,16 @@ def insert_call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None 
     return node
 
 
+def insert_chain(graph: torch.fx.Graph, after: torch.fx.Node, calls: list[tuple]) -> torch.fx.Node:
+    """Insert `calls` (target, args, kwargs) in order after `after`, a None in args standing for the previous call's
+    node (with their fake values); returns the last."""
+    node = None
+    for target, args, kwargs in calls:
+        with graph.inserting_after(after):
+            node = after = insert_call(graph, target, tuple(node if a is None else a for a in args), kwargs)
+    return node
+
+
 def insert_outputs(graph: torch.fx.Graph, node: torch.fx.Node) -> list[torch.fx.Node]:
     """A getitem node (with its fake value) for each output of `node`, an op that returns a tuple."""
     return [insert_call(graph, operator.getitem, (node, i), val=val) for i, val in enumerate(node.meta["val"])]

@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from compiled_llm.parallel_ranks import parallel_rank
 from custom_ops.moe import EXPERTS_OPS
-from fx_passes.derived_weights import derive
-from fx_passes.expert_ops import expert_parameter
+from fx_passes.expert_ops import erase_unused_weights, expert_parameter
 from fx_passes.node_meta import insert_call
 from fx_passes.registry import PassResult, register_pass
-from fx_passes.shard_tensor_parallel import ALL_REDUCE, WAIT, TensorParallelError, parallel_rank, shard_parameter
+from fx_passes.sharding import TensorParallelError, shard_attr, sum_over_ranks
 
 aten = torch.ops.aten
 
@@ -50,16 +50,10 @@ def _rank_part(gm: torch.fx.GraphModule, node: torch.fx.Node, arg: torch.fx.Node
     found = expert_parameter(gm, arg)
     if found is None:
         _refuse(node, world, f"its argument {arg.name} is not one of the model's parameters (or its transpose)")
-    target, transposed = found
-    name = f"ep_{target.replace('.', '_')}_{start}_{size}"
-    if not hasattr(gm, name):
-        derive(gm, shard_parameter, name, target, 0, start, size)
-    graph = gm.graph
-    with graph.inserting_before(node):
-        part = graph.get_attr(name)
-        part.meta["val"] = getattr(gm, name)
-        if transposed:
-            part = insert_call(graph, aten.transpose.int, (part, *arg.args[1:]))
+    part = shard_attr(gm, arg.args[0] if found[1] else arg, 0, start, size, node)
+    if found[1]:
+        with gm.graph.inserting_before(node):
+            part = insert_call(gm.graph, aten.transpose.int, (part, *arg.args[1:]))
     return part
 
 
@@ -81,17 +75,8 @@ def shard(gm: torch.fx.GraphModule, rank: int, world: int, group: str) -> int:
         with graph.inserting_before(node):
             local_ids = insert_call(graph, aten.sub.Tensor, (ids, start))
         node.args = (x, local_ids, route_weights, *parts, *node.args[7:])
-        for unused in old:  # the whole weights (and their transposes), read by no other node
-            for dead in (unused, *unused.args[:1]):
-                if isinstance(dead, torch.fx.Node) and not dead.users:
-                    graph.erase_node(dead)
-        val, users = node.meta["val"], list(node.users)
-        with graph.inserting_after(node):
-            reduced = insert_call(graph, ALL_REDUCE, (node, "sum", group), val=val.new_empty(val.shape))
-            with graph.inserting_after(reduced):
-                out = insert_call(graph, WAIT, (reduced,), val=val.new_empty(val.shape))
-        for user in users:
-            user.replace_input_with(node, out)
+        erase_unused_weights(graph, old)
+        sum_over_ranks(graph, node, group)
     gm.recompile()
     return len(sites)
 

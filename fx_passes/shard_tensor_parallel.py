@@ -36,25 +36,18 @@ import sympy
 import torch
 import torch.fx
 
+from compiled_llm.parallel_ranks import parallel_rank
 from fx_passes.causal_mask import user_line
-from fx_passes.derived_weights import derive, recipe
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
-from fx_passes.node_match import CASTS, sym_expr
+from fx_passes.node_match import CASTS, VIEWS, sym_expr
 from fx_passes.node_meta import insert_call, set_fake_value
 from fx_passes.registry import PassResult, register_pass
+from fx_passes.sharding import LINEAR, TensorParallelError, shard_attr, sum_over_ranks, use_shard
 
 aten = torch.ops.aten
-LINEAR = aten.linear.default
-ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
-WAIT = torch.ops._c10d_functional.wait_tensor.default
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
 _SOFTMAX = (aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int)
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
-
-
-class TensorParallelError(ValueError):
-    """The graph cannot be sharded as the plan asks (or the pass cannot prove its rewrite right)."""
 
 
 @dataclass(frozen=True)
@@ -74,83 +67,6 @@ class Slice:
         return self.size * world == self.total and self.start == rank * self.size
 
 
-def parallel_rank(config) -> tuple[int, int]:
-    """(rank, world size) of this process, checked against torch.distributed: the world is the larger of
-    `config.tensor_parallel_size` and `config.expert_parallel_size` (CompileConfig lets them differ only where one
-    is 1: expert parallelism runs over the tensor-parallel group)."""
-    field, size = max((("tensor_parallel_size", config.tensor_parallel_size),
-                       ("expert_parallel_size", config.expert_parallel_size)), key=lambda f: f[1])  # fmt: skip
-    if size == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
-            f"{field}={size} needs torch.distributed initialized with {size} processes, one per rank "
-            "(torchrun --nproc-per-node, or torch.distributed.init_process_group); it is not initialized"
-        )
-    world = dist.get_world_size()
-    if world != size:
-        raise ValueError(
-            f"{field}={size} does not match torch.distributed's world size {world}: start {size} processes, or set "
-            f"{field}={world}"
-        )
-    return dist.get_rank(), world
-
-
-def shared_gpu(placements: list[tuple[str, int]]) -> str | None:
-    """Why the ranks' (host, GPU index) placements are not one GPU a rank, or None."""
-    first: dict[tuple[str, int], int] = {}
-    for rank, place in enumerate(placements):
-        if place in first:
-            return f"ranks {first[place]} and {rank} both run on cuda:{place[1]} of host {place[0]}"
-        first[place] = rank
-    return None
-
-
-def check_one_gpu_per_rank(device: torch.device) -> None:
-    """Refuses ranks that share a GPU (more ranks than GPUs, or a process that did not pick its own): NCCL would stop
-    with a message that names neither."""
-    if device.type != "cuda":
-        return
-    import socket
-
-    import torch.distributed as dist
-
-    placements: list = [None] * dist.get_world_size()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    dist.all_gather_object(placements, (socket.gethostname(), index))
-    why = shared_gpu(placements)
-    if why is not None:
-        raise ValueError(
-            f"{why}: one GPU a rank is needed ({torch.cuda.device_count()} on this host); start at most that many "
-            "processes a host and move each rank's model to its own GPU (torch.cuda.set_device(LOCAL_RANK))"
-        )
-
-
-def smallest_over_ranks(value: int, device: torch.device) -> int:
-    """The smallest `value` over the ranks (a tensor on `device`: the process group's backend must reach it)."""
-    import torch.distributed as dist
-
-    smallest = torch.tensor([value], device=device)
-    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-    return int(smallest.item())
-
-
-@recipe
-def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int) -> None:
-    """Register `name`: rows (dim 0) or columns (dim 1) [start, start + size) of the parameter `source` (or experts,
-    dim 0 of an experts weight), a copy (the model keeps its whole weight: the self-check and the user's module still
-    run it)."""
-    whole = gm.get_parameter(source)
-    for attribute, fmt in (("fp8_weight", "an FP8"), ("mxfp4_blocks", "an MXFP4")):  # they would be dropped
-        if hasattr(whole, attribute):
-            raise TensorParallelError(f"cannot shard {source}: it holds {fmt} checkpoint's tensors (not supported yet)")
-    part = torch.nn.Parameter(whole.detach().narrow(dim, start, size).contiguous().clone(), requires_grad=False)
-    part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
-    gm.register_parameter(name, part)
-
-
 def _plan_style(plan: dict[str, str], weight_target: str) -> str | None:
     module = weight_target.rsplit(".", 1)[0]
     for pattern, style in plan.items():
@@ -166,7 +82,6 @@ class _Sharder:
         self.slices: dict[torch.fx.Node, Slice] = {}
         self.whole: dict[torch.fx.Node, object] = {}  # a resized node's value before the pass (whole sizes)
         self.columns = self.rows = 0
-        self.styled = 0
 
     # -- errors -----------------------------------------------------------------------------------------------------
 
@@ -183,8 +98,6 @@ class _Sharder:
     def run(self) -> None:
         for node in list(self.graph.nodes):
             style = self._style(node)
-            if style is not None:
-                self.styled += 1
             if style == "colwise":
                 self._column_parallel(node)
             elif style == "rowwise":
@@ -207,24 +120,6 @@ class _Sharder:
         else:
             node.meta["val"] = val
 
-    def _shard_attr(self, attr: torch.fx.Node, dim: int, start: int, size: int, before: torch.fx.Node) -> torch.fx.Node:
-        name = f"tp_{attr.target.replace('.', '_')}_{start}_{size}"
-        if not hasattr(self.gm, name):
-            derive(self.gm, shard_parameter, name, attr.target, dim, start, size)
-        with self.graph.inserting_before(before):
-            node = self.graph.get_attr(name)
-        whole = attr.meta["val"]
-        shape = list(whole.shape)
-        shape[dim] = size
-        node.meta["val"] = whole.new_empty(shape)
-        return node
-
-    def _replace_attr(self, linear: torch.fx.Node, position: int, new: torch.fx.Node) -> None:
-        old = linear.args[position]
-        linear.update_arg(position, new)
-        if not old.users:
-            self.graph.erase_node(old)
-
     # -- the plan's linears -----------------------------------------------------------------------------------------
 
     def _column_parallel(self, linear: torch.fx.Node) -> None:
@@ -245,10 +140,10 @@ class _Sharder:
                                 f"column-parallel linear {weight.target.rsplit('.', 1)[0]}")  # fmt: skip
         per_unit = rows // units
         start, size = start * per_unit, size * per_unit
-        self._replace_attr(linear, 1, self._shard_attr(weight, 0, start, size, linear))
+        use_shard(linear, weight, shard_attr(self.gm, weight, 0, start, size, linear))
         bias = rest[0] if rest else None
         if isinstance(bias, torch.fx.Node):
-            self._replace_attr(linear, 2, self._shard_attr(bias, 0, start, size, linear))
+            use_shard(linear, bias, shard_attr(self.gm, bias, 0, start, size, linear))
         whole = linear.meta["val"]
         self._resize(linear, whole.new_empty(*whole.shape[:-1], size))
         self.slices[linear] = Slice(whole.dim() - 1, start, size, rows)
@@ -268,21 +163,17 @@ class _Sharder:
         if not part.even(self.rank, self.world):
             self.refuse(linear, f"its input is not split evenly over the ranks (this rank holds {part.size} of "
                                 f"{part.total} features, from {part.start}): replicated heads cannot be summed")  # fmt: skip
-        self._replace_attr(linear, 1, self._shard_attr(weight, 1, part.start, part.size, linear))
+        use_shard(linear, weight, shard_attr(self.gm, weight, 1, part.start, part.size, linear))
         bias = rest[0] if rest else None
         if bias is not None:  # added once, after the sum
             linear.args = linear.args[:2]
-        graph, val = self.graph, linear.meta["val"]
-        users = list(linear.users)
-        with graph.inserting_after(linear):
-            reduced = insert_call(graph, ALL_REDUCE, (linear, "sum", self.group), val=val.new_empty(val.shape))
-            with graph.inserting_after(reduced):
-                out = insert_call(graph, WAIT, (reduced,), val=val.new_empty(val.shape))
-                if bias is not None:
-                    with graph.inserting_after(out):
-                        out = insert_call(graph, aten.add.Tensor, (out, bias))
-        for user in users:
-            user.replace_input_with(linear, out)
+        out = sum_over_ranks(self.graph, linear, self.group)
+        if bias is not None:
+            users = list(out.users)
+            with self.graph.inserting_after(out):
+                added = insert_call(self.graph, aten.add.Tensor, (out, bias))
+            for user in users:
+                user.replace_input_with(out, added)
         self.rows += 1
 
     # -- following a slice ------------------------------------------------------------------------------------------
@@ -296,7 +187,7 @@ class _Sharder:
         target, args = node.target, node.args
         src = args[0] if args else None
         part = self.slices.get(src) if isinstance(src, torch.fx.Node) else None
-        if target in _VIEWS:
+        if target in VIEWS:
             self._view(node, part)
             return
         if target is aten.sym_size.int:
@@ -430,7 +321,7 @@ def _heads_of_view(linear: torch.fx.Node) -> int | None:
     if len(linear.users) != 1:
         return None
     view = next(iter(linear.users))
-    if view.op != "call_function" or view.target not in _VIEWS:
+    if view.op != "call_function" or view.target not in VIEWS:
         return None
     before, after = linear.meta["val"].shape, view.meta["val"].shape
     if len(after) != len(before) + 1 or [str(d) for d in after[:-2]] != [str(d) for d in before[:-1]]:

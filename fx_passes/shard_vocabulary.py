@@ -38,27 +38,13 @@ import logging
 import torch
 import torch.fx
 
-from fx_passes.derived_weights import derive, recipe
-from fx_passes.node_meta import insert_call
+from compiled_llm.parallel_ranks import parallel_rank
+from fx_passes.node_meta import insert_call, insert_chain
 from fx_passes.registry import PassResult, register_pass
-from fx_passes.shard_tensor_parallel import ALL_REDUCE, LINEAR, WAIT, parallel_rank
+from fx_passes.sharding import ALL_GATHER, LINEAR, WAIT, checkpoint_format, shard_attr, sum_over_ranks, use_shard
 
 aten = torch.ops.aten
-ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 log = logging.getLogger("compiled_llm.passes")
-
-
-@recipe
-def shard_rows_padded(gm: torch.fx.GraphModule, name: str, source: str, start: int, size: int) -> None:
-    """Register `name`: rows [start, start + size) of the parameter `source`, zero rows past its end (a copy, as
-    shard_tensor_parallel.shard_parameter's)."""
-    whole = gm.get_parameter(source).detach()
-    part = whole.new_zeros(size, *whole.shape[1:])
-    rows = max(0, min(size, whole.shape[0] - start))
-    part[:rows] = whole[start : start + rows]
-    part = torch.nn.Parameter(part, requires_grad=False)
-    part.sharded_from = gm.get_parameter(source)  # the module's weight, for the FP8 self-check (quantize_fp8.py)
-    gm.register_parameter(name, part)
 
 
 class _VocabularySharder:
@@ -78,22 +64,10 @@ class _VocabularySharder:
             param = self.gm.get_parameter(weight.target)
         except AttributeError:  # a buffer
             return False
-        checkpoint = hasattr(param, "fp8_weight") or hasattr(param, "mxfp4_blocks")
-        return param.dim() >= 1 and param.shape[0] == self.vocab and not checkpoint
-
-    def _shard(self, weight: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
-        name = f"tp_{weight.target.replace('.', '_')}_vocab_{self.start}_{self.size}"
-        if not hasattr(self.gm, name):
-            derive(self.gm, shard_rows_padded, name, weight.target, self.start, self.size)
-        with self.graph.inserting_before(before):
-            node = self.graph.get_attr(name)
-        node.meta["val"] = weight.meta["val"].new_empty(self.size, *weight.meta["val"].shape[1:])
-        return node
+        return param.dim() >= 1 and param.shape[0] == self.vocab and checkpoint_format(param) is None
 
     def _use_shard(self, node: torch.fx.Node, weight: torch.fx.Node) -> None:
-        node.update_arg(node.args.index(weight), self._shard(weight, node))
-        if not weight.users:
-            self.graph.erase_node(weight)
+        use_shard(node, weight, shard_attr(self.gm, weight, 0, self.start, self.size, node))
 
     def embedding(self, node: torch.fx.Node) -> None:
         weight, ids = node.args[:2]
@@ -107,10 +81,11 @@ class _VocabularySharder:
         self._use_shard(node, weight)
         with graph.inserting_after(node):
             mask = insert_call(graph, aten.unsqueeze.default, (inside, -1))
-        rows = _chain(graph, mask, [(aten.where.ScalarOther, (mask, node, 0.0), {}),
-                                    (ALL_REDUCE, (None, "sum", self.group), {}), (WAIT, (None,), {})])  # fmt: skip
+        with graph.inserting_after(mask):
+            rows = insert_call(graph, aten.where.ScalarOther, (mask, node, 0.0))
+        summed = sum_over_ranks(graph, rows, self.group)
         for user in users:
-            user.replace_input_with(node, rows)
+            user.replace_input_with(node, summed)
 
     def lm_head(self, node: torch.fx.Node) -> None:
         if len(node.args) > 2 and node.args[2] is not None:
@@ -123,7 +98,7 @@ class _VocabularySharder:
         graph = self.graph
         contiguous = {"memory_format": torch.contiguous_format}
         padded = self.size * self.world != self.vocab
-        out = _chain(graph, node, [
+        out = insert_chain(graph, node, [
             (aten.permute.default, (node, [last, *range(last)]), {}),  # [V/n, ..]
             (aten.clone.default, (None,), contiguous),
             (ALL_GATHER, (None, self.world, self.group), {}),  # [n * V/n, ..], rank 0's rows first
@@ -134,16 +109,6 @@ class _VocabularySharder:
         ])  # fmt: skip
         for user in users:
             user.replace_input_with(node, out)
-
-
-def _chain(graph: torch.fx.Graph, after: torch.fx.Node, calls: list[tuple]) -> torch.fx.Node:
-    """Insert `calls` (target, args, kwargs) in order after `after`, a None in args standing for the previous call's
-    node; returns the last."""
-    node = None
-    for target, args, kwargs in calls:
-        with graph.inserting_after(after):
-            node = after = insert_call(graph, target, tuple(node if a is None else a for a in args), kwargs)
-    return node
 
 
 def shard(gm: torch.fx.GraphModule, rank: int, world: int, group: str) -> tuple[int, int]:

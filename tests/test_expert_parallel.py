@@ -14,7 +14,7 @@ from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
 from fx_passes import DEFAULT_PIPELINE, registered_passes
 from fx_passes.shard_experts import shard
-from fx_passes.shard_tensor_parallel import TensorParallelError
+from fx_passes.sharding import TensorParallelError
 
 MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default

@@ -510,6 +510,18 @@ def check_grouped_routing_against_reference(device: str) -> None:
                                            rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
+def test_grouped_routing_refuses_a_bias_with_softmax_scores():
+    """A correction bias has no meaning for softmax scores (transformers' softmax router has none): refused by every
+    backend, not added by one and ignored by another."""
+    from custom_ops.moe import routing
+
+    logits, bias = torch.randn(4, 16), torch.randn(16)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="a correction bias goes with scoring 'sigmoid', not 'softmax'"):
+            torch.ops.compiled_llm.moe_route_grouped(logits, bias, 4, "softmax", 4, 2, False, 1.0, torch.float32,
+                                                     backend)  # fmt: skip
+
+
 def grouped_router(n_group: int = 4, topk_group: int = 2, top_k: int = 3):
     """A DeepSeek-V3 router of 16 experts in `n_group` groups, random weights and bias correction."""
     config = ARCHITECTURES["deepseek_v3"]()

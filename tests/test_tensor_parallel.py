@@ -4,6 +4,7 @@ right is refused, naming the op."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import socket
 import time
@@ -19,13 +20,12 @@ from torch import nn
 from compiled_llm import LLM, CompileConfig, SamplingParams, compile_model
 from compiled_llm.capture import capture_model
 from fx_passes import DEFAULT_PIPELINE, registered_passes
-from fx_passes.shard_tensor_parallel import TensorParallelError, shard
-from fx_passes.shard_vocabulary import ALL_GATHER
+from fx_passes.shard_tensor_parallel import shard
 from fx_passes.shard_vocabulary import shard as shard_vocabulary
+from fx_passes.sharding import ALL_GATHER, ALL_REDUCE, TensorParallelError
 
 JOIN_TIMEOUT_S = 300  # every rank, compile included; a hung collective fails the test instead of CI
 NEW_TOKENS = 8
-ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 
 # arch -> (column-parallel + row-parallel linears, all-reduces) for the tiny 2-layer models: q/k/v, gate/up and
 # o/down per layer, and one all-reduce for the embedding (shard_vocabulary: it and the LM head, 2 sites, every arch);
@@ -99,6 +99,11 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str
                 seeded = SamplingParams(max_tokens=NEW_TOKENS, seed=11, ignore_eos=True)
                 results["llm"] = [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)]
                 results["llm_sampled"] = llm.generate(prompts[:1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+                try:  # requests arriving on each rank's own event loop would break the ranks' lockstep
+                    asyncio.run(anext(llm.generate_async(prompts[0], greedy)))
+                    results["async"] = "ran"
+                except ValueError as error:
+                    results["async"] = str(error)
             if name == "llama":  # sampling: one seed on every rank draws one stream; different seeds are refused
                 torch.manual_seed(7)
                 results["sampled"] = cm.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0)
@@ -153,8 +158,10 @@ def two_ranks(tmp_path_factory):
 
 
 def test_the_llm_engine_runs_the_shards_in_lockstep(two_ranks):
-    """LLM over the shards (its scheduler and sampler on every rank): both ranks' tokens equal, greedy ones HF's."""
+    """LLM over the shards (its scheduler and sampler on every rank): both ranks' tokens equal, greedy ones HF's;
+    generate_async, whose requests arrive on each rank's own loop, is refused."""
     assert two_ranks[0]["llm"] == two_ranks[1]["llm"] and two_ranks[0]["llm_sampled"] == two_ranks[1]["llm_sampled"]
+    assert all("generate_async runs on one rank" in rank["async"] for rank in two_ranks)
     expected = _expected("qwen3")[1][0, 12:].tolist()
     assert list(two_ranks[0]["llm"][0]) == expected
 
@@ -224,7 +231,7 @@ def test_tied_embeddings_share_one_vocabulary_shard():
     assert shard_vocabulary(gm, 1, 2, "0") == (1, 1)
     embedding = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
     head = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
-    assert embedding.args[0].target == head.args[1].target == "tp_model_lm_head_weight_vocab_128_128"
+    assert embedding.args[0].target == head.args[1].target == "shard_model_lm_head_weight_0_128_128"
     assert torch.equal(gm.get_parameter(embedding.args[0].target), gm.get_parameter("model.lm_head.weight")[128:])
     assert not any(n.op == "get_attr" and n.target == "model.lm_head.weight" for n in gm.graph.nodes)
     targets = [n.target for n in gm.graph.nodes]
@@ -255,7 +262,7 @@ def test_parallelism_needs_a_process_group_of_its_size(field, arch):
 
 
 def test_ranks_sharing_a_gpu_are_named():
-    from fx_passes.shard_tensor_parallel import shared_gpu
+    from compiled_llm.parallel_ranks import shared_gpu
 
     assert shared_gpu([("a", 0), ("a", 1), ("b", 0), ("b", 1)]) is None
     assert shared_gpu([("a", 0), ("a", 1), ("a", 0)]) == "ranks 0 and 2 both run on cuda:0 of host a"

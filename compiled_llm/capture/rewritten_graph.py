@@ -81,7 +81,7 @@ def rewrite_key(graph_key: str, config, max_seq_len: int, device: torch.device, 
         "code": [code_digest(), hashlib.sha256(Path(__file__).read_bytes()).hexdigest()],
     }
     if config.parallel_ranks > 1:  # each rank's graph holds its own shards
-        from fx_passes.shard_tensor_parallel import parallel_rank
+        from compiled_llm.parallel_ranks import parallel_rank
 
         parts["rank"] = parallel_rank(config)[0]
     if device.type == "cuda":

@@ -125,10 +125,14 @@ _LIBRARY.define(
 )
 
 
-def check_grouped_routing(experts: int, top_k: int, num_groups: int, topk_groups: int, scoring: str) -> None:
-    """The routings moe_route_grouped computes: whole groups of two experts at least, k of the kept groups' experts."""
+def check_grouped_routing(experts: int, top_k: int, num_groups: int, topk_groups: int, scoring: str,
+                          has_bias: bool = False) -> None:  # fmt: skip
+    """The routings moe_route_grouped computes: whole groups of two experts at least, k of the kept groups' experts,
+    a correction bias with sigmoid scores only (transformers' softmax router has none)."""
     if scoring not in GROUPED_SCORINGS:
         raise ValueError(f"moe_route_grouped: scoring {scoring!r}, not one of {', '.join(GROUPED_SCORINGS)}")
+    if has_bias and scoring != "sigmoid":
+        raise ValueError(f"moe_route_grouped: a correction bias goes with scoring 'sigmoid', not {scoring!r}")
     if num_groups < 1 or experts % num_groups or experts // num_groups < 2 or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"moe_route_grouped: {experts} experts in num_groups={num_groups} groups of 2 or more, "
                          f"topk_groups={topk_groups} of them")  # fmt: skip
@@ -145,7 +149,7 @@ def moe_route_grouped_reference(logits: torch.Tensor, bias: torch.Tensor | None,
     contiguous ones) whose two best sum highest; their weights are s, renormalised (over a sum + 1e-20). "softmax"
     (DeepseekV2TopkRouter's group_limited_greedy): s = softmax(logits); groups ranked by their best; the other groups'
     scores 0. Then times `scale`."""
-    check_grouped_routing(logits.shape[-1], top_k, num_groups, topk_groups, scoring)
+    check_grouped_routing(logits.shape[-1], top_k, num_groups, topk_groups, scoring, bias is not None)
     tokens, experts = logits.shape
     if scoring == "softmax":
         scores = logits.float().softmax(dim=-1)
@@ -232,7 +236,7 @@ def _triton_route_grouped(logits, bias, top_k, scoring, num_groups, topk_groups,
     import triton
 
     tokens, experts = logits.shape
-    check_grouped_routing(experts, top_k, num_groups, topk_groups, scoring)
+    check_grouped_routing(experts, top_k, num_groups, topk_groups, scoring, bias is not None)
     group_size = experts // num_groups
     runs = triton_runs_on(logits) and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1 and top_k <= 16
     if not (runs and topk_groups <= 16 and (bias is None or bias.is_contiguous())):

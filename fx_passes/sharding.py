@@ -1,0 +1,93 @@
+"""What the sharding passes (shard_tensor_parallel, shard_experts, shard_vocabulary) share: the collectives they
+insert, the recipe that cuts a rank's part of a weight, and the graph edits around both.
+
+    w = get_attr("layers.0.mlp.down_proj.weight")     ->   w = get_attr("shard_layers_0_mlp_down_proj_weight_1_0_64")
+    y = op(x, w)                                            y = op(x, w)
+                                                            y = wait_tensor(all_reduce(y, "sum", group))   # sum_over_ranks
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from fx_passes.derived_weights import derive, recipe
+from fx_passes.node_meta import insert_call
+
+aten = torch.ops.aten
+LINEAR = aten.linear.default
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+class TensorParallelError(ValueError):
+    """The graph cannot be split over the ranks as asked (or the pass cannot prove its rewrite right)."""
+
+
+def checkpoint_format(param: torch.Tensor) -> str | None:
+    """The checkpoint format whose tensors `param` carries beside its float values ("FP8", "MXFP4"), or None: a copy
+    of it would drop them."""
+    for attribute, fmt in (("fp8_weight", "FP8"), ("mxfp4_blocks", "MXFP4")):
+        if hasattr(param, attribute):
+            return fmt
+    return None
+
+
+@recipe
+def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int) -> None:
+    """Register `name`: [start, start + size) of the parameter `source` along `dim` (rows, columns, or experts), zeros
+    past its end (a vocabulary the ranks do not divide); a copy: the model keeps its whole weight, which the
+    self-check and the user's module still run."""
+    whole = gm.get_parameter(source)
+    fmt = checkpoint_format(whole)
+    if fmt is not None:
+        raise TensorParallelError(f"cannot shard {source}: it holds an {fmt} checkpoint's tensors (not supported yet)")
+    kept = max(0, min(size, whole.shape[dim] - start))
+    part = whole.detach().narrow(dim, start, kept)
+    if kept < size:
+        shape = list(whole.shape)
+        shape[dim] = size - kept
+        part = torch.cat([part, whole.new_zeros(shape)], dim)
+    part = torch.nn.Parameter(part.contiguous().clone(), requires_grad=False)
+    part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
+    gm.register_parameter(name, part)
+
+
+def shard_attr(gm: torch.fx.GraphModule, attr: torch.fx.Node, dim: int, start: int, size: int,
+               before: torch.fx.Node) -> torch.fx.Node:  # fmt: skip
+    """A get_attr node, made before `before`, of [start, start + size) along `dim` of the parameter `attr` reads (one
+    copy a part, however many nodes read it)."""
+    name = f"shard_{attr.target.replace('.', '_')}_{dim}_{start}_{size}"
+    if not hasattr(gm, name):
+        derive(gm, shard_parameter, name, attr.target, dim, start, size)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    whole = attr.meta.get("val")
+    if isinstance(whole, FakeTensor):
+        shape = list(whole.shape)
+        shape[dim] = size
+        node.meta["val"] = whole.new_empty(shape)
+    else:  # the part itself, not another copy of it
+        node.meta["val"] = getattr(gm, name)
+    return node
+
+
+def use_shard(node: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """`node` reads `new` where it read `old`; `old`, read by nothing else, is erased."""
+    node.replace_input_with(old, new)
+    if not old.users:
+        node.graph.erase_node(old)
+
+
+def sum_over_ranks(graph: torch.fx.Graph, node: torch.fx.Node, group: str) -> torch.fx.Node:
+    """`wait_tensor(all_reduce(node, "sum", group))` after `node`, whose users read the sum instead; returns it."""
+    users, val = list(node.users), node.meta["val"]
+    with graph.inserting_after(node):
+        reduced = insert_call(graph, ALL_REDUCE, (node, "sum", group), val=val.new_empty(val.shape))
+    with graph.inserting_after(reduced):
+        out = insert_call(graph, WAIT, (reduced,), val=val.new_empty(val.shape))
+    for user in users:
+        user.replace_input_with(node, out)
+    return out
