@@ -107,7 +107,8 @@ class CompileConfig(BaseModel):
     """Ranks the model is sharded over (tensor parallelism, fx_passes/shard_tensor_parallel.py): above 1, each
     process of a torch.distributed group of exactly this size (torchrun; gloo on CPU, NCCL on GPUs) compiles the
     model for its rank, sharded as the model's transformers tensor-parallel plan says, with the embedding and the
-    LM head split by vocabulary rows (fx_passes/shard_vocabulary.py)."""
+    LM head split by vocabulary rows (fx_passes/shard_vocabulary.py) and, unless expert_parallel_size splits whole
+    experts, each MoE expert by its intermediate features (fx_passes/shard_experts.py)."""
 
     expert_parallel_size: int = Field(1, ge=1)
     """Ranks each mixture-of-experts layer's experts are split over (expert parallelism, fx_passes/shard_experts.py):

@@ -36,38 +36,42 @@ def checkpoint_format(param: torch.Tensor) -> str | None:
 
 
 @recipe
-def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int) -> None:
+def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, start: int, size: int,
+                    blocks: int = 1) -> None:  # fmt: skip
     """Register `name`: [start, start + size) of the parameter `source` along `dim` (rows, columns, or experts), zeros
-    past its end (a vocabulary the ranks do not divide); a copy: the model keeps its whole weight, which the
-    self-check and the user's module still run."""
+    past its end (a vocabulary the ranks do not divide); with `blocks`, that range of each of the equal blocks `dim`
+    holds (an experts weight's gate rows then up rows), concatenated. A copy: the model keeps its whole weight, which
+    the self-check and the user's module still run."""
     whole = gm.get_parameter(source)
     fmt = checkpoint_format(whole)
     if fmt is not None:
         raise TensorParallelError(f"cannot shard {source}: it holds an {fmt} checkpoint's tensors (not supported yet)")
-    kept = max(0, min(size, whole.shape[dim] - start))
-    part = whole.detach().narrow(dim, start, kept)
-    if kept < size:
-        shape = list(whole.shape)
-        shape[dim] = size - kept
-        part = torch.cat([part, whole.new_zeros(shape)], dim)
-    part = torch.nn.Parameter(part.contiguous().clone(), requires_grad=False)
+    pieces = []
+    for block in whole.detach().chunk(blocks, dim):
+        kept = max(0, min(size, block.shape[dim] - start))
+        pieces.append(block.narrow(dim, start, kept))
+        if kept < size:
+            shape = list(block.shape)
+            shape[dim] = size - kept
+            pieces.append(block.new_zeros(shape))
+    part = torch.nn.Parameter(torch.cat(pieces, dim).contiguous().clone(), requires_grad=False)
     part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
     gm.register_parameter(name, part)
 
 
 def shard_attr(gm: torch.fx.GraphModule, attr: torch.fx.Node, dim: int, start: int, size: int,
-               before: torch.fx.Node) -> torch.fx.Node:  # fmt: skip
-    """A get_attr node, made before `before`, of [start, start + size) along `dim` of the parameter `attr` reads (one
-    copy a part, however many nodes read it)."""
-    name = f"shard_{attr.target.replace('.', '_')}_{dim}_{start}_{size}"
+               before: torch.fx.Node, blocks: int = 1) -> torch.fx.Node:  # fmt: skip
+    """A get_attr node, made before `before`, of [start, start + size) along `dim` of the parameter `attr` reads (of
+    each of its `blocks`: shard_parameter); one copy a part, however many nodes read it."""
+    name = f"shard_{attr.target.replace('.', '_')}_{dim}_{start}_{size}" + (f"_of_{blocks}" if blocks > 1 else "")
     if not hasattr(gm, name):
-        derive(gm, shard_parameter, name, attr.target, dim, start, size)
+        derive(gm, shard_parameter, name, attr.target, dim, start, size, blocks)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     whole = attr.meta.get("val")
     if isinstance(whole, FakeTensor):
         shape = list(whole.shape)
-        shape[dim] = size
+        shape[dim] = size * blocks
         node.meta["val"] = whole.new_empty(shape)
     else:  # the part itself, not another copy of it
         node.meta["val"] = getattr(gm, name)

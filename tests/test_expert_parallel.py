@@ -13,7 +13,7 @@ from test_tensor_parallel import NEW_TOKENS, _expected, run_ranks
 from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
 from fx_passes import DEFAULT_PIPELINE, registered_passes
-from fx_passes.shard_experts import shard
+from fx_passes.shard_experts import shard, split_features
 from fx_passes.sharding import TensorParallelError
 
 MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
@@ -118,3 +118,52 @@ def test_expert_parallelism_needs_an_moe_model():
         patch.setattr(pass_module, "parallel_rank", lambda config: (0, 2))
         with pytest.raises(TensorParallelError, match="expert_parallel_size=2: the graph has no MoE experts op"):
             pass_module.shard_experts(gm, config)
+
+
+# -- tensor-parallel experts (tensor_parallel_size > 1, expert_parallel_size = 1): split by intermediate features ---------
+
+
+def _value(gm: torch.fx.GraphModule, arg):
+    """An experts op's weight argument as the graph computes it (a parameter, or its transpose)."""
+    if not isinstance(arg, torch.fx.Node):
+        return arg
+    if arg.op == "get_attr":
+        return gm.get_parameter(arg.target)
+    return _value(gm, arg.args[0]).transpose(*arg.args[1:])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_feature_shares_of_the_experts_add_up_to_the_whole(arch):
+    """Each rank's experts op over its features (Qwen3-MoE: gate rows | up rows; GPT-OSS: interleaved rows, transposed
+    storage, biases) on the same tokens and routing: the two ranks' outputs sum to the unsplit op's (float64 weights)."""
+    whole_gm = _graph_before_sharding(arch)
+    whole_op = next(n for n in whole_gm.graph.nodes if n.target is MOE_EXPERTS)
+    hidden, experts = whole_op.args[0].meta["val"].shape[-1], whole_op.args[3].meta["val"].shape[0]
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(5, hidden, generator=generator, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:2] for _ in range(5)])
+    route = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+
+    def run(gm, op):
+        w13, w2, b13, b2 = (None if a is None else _value(gm, a).double() for a in op.args[3:7])
+        return MOE_EXPERTS._overloadpacket(x, ids, route, w13, w2, b13, b2, *op.args[7:9], "torch")
+
+    expected = run(whole_gm, whole_op)
+    total = torch.zeros_like(expected)
+    for rank in (0, 1):
+        gm = _graph_before_sharding(arch)
+        assert split_features(gm, rank, 2, "0") == (2, [])
+        op = next(n for n in gm.graph.nodes if n.target is MOE_EXPERTS)
+        assert next(iter(op.users)).target is ALL_REDUCE
+        assert op.args[4].meta["val"].shape[-1] * 2 == whole_op.args[4].meta["val"].shape[-1]
+        assert (op.args[6] is None) == (rank == 1 or whole_op.args[6] is None)  # the down bias on rank 0 only
+        total += run(gm, op)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)  # the op sums a token's experts in float32
+
+
+def test_experts_whose_features_the_ranks_do_not_divide_stay_whole():
+    gm = _graph_before_sharding("mixtral")
+    features = next(n for n in gm.graph.nodes if n.target is MOE_EXPERTS).args[4].meta["val"].shape[-1]
+    split, whole = split_features(gm, 0, features + 1, "0")
+    assert split == 0 and len(whole) == 2
+    assert f"{features + 1} ranks do not divide its {features} intermediate features" in whole[0]

@@ -27,10 +27,11 @@ from fx_passes.sharding import ALL_GATHER, ALL_REDUCE, TensorParallelError
 JOIN_TIMEOUT_S = 300  # every rank, compile included; a hung collective fails the test instead of CI
 NEW_TOKENS = 8
 
-# arch -> (column-parallel + row-parallel linears, all-reduces) for the tiny 2-layer models: q/k/v, gate/up and
-# o/down per layer, and one all-reduce for the embedding (shard_vocabulary: it and the LM head, 2 sites, every arch);
-# Mixtral's experts stay replicated (expert parallelism is later), so only attention is split.
-EXPECTED_SITES = {"llama": (14, 5), "llama_bias": (14, 5), "qwen3": (14, 5), "gemma3": (14, 5), "mixtral": (8, 3)}
+# arch -> (column-parallel + row-parallel linears, all-reduces, experts ops split) for the tiny 2-layer models: q/k/v,
+# gate/up and o/down per layer, and one all-reduce for the embedding (shard_vocabulary: it and the LM head, 2 sites,
+# every arch); Mixtral's experts are split by their features (shard_experts), with an all-reduce a layer.
+EXPECTED_SITES = {"llama": (14, 5, 0), "llama_bias": (14, 5, 0), "qwen3": (14, 5, 0), "gemma3": (14, 5, 0),
+                  "mixtral": (8, 5, 2)}  # fmt: skip
 
 
 def _model(arch: str) -> nn.Module:
@@ -181,8 +182,9 @@ def test_two_ranks_match_the_unsharded_model(two_ranks, arch):
     assert torch.equal(rank0["logits"], rank1["logits"])  # one answer, whichever rank samples
     assert relative_error(rank0["logits"], expected_logits) < 1e-5
     assert torch.equal(rank0["tokens"], expected_tokens) and torch.equal(rank1["tokens"], expected_tokens)
-    sites, all_reduces = EXPECTED_SITES[arch]
+    sites, all_reduces, expert_sites = EXPECTED_SITES[arch]
     assert rank0["sites"] == rank1["sites"] == sites
+    assert rank0["expert_sites"] == rank1["expert_sites"] == expert_sites
     assert rank0["all_reduces"] == all_reduces
     assert rank0["vocab_sites"] == rank1["vocab_sites"] == 2 and rank0["all_gathers"] == 1
     assert rank0["heads"] == [(2, 1)] * 2  # 4 query heads and 2 KV heads per layer, halved
