@@ -77,13 +77,20 @@ def _config_from_args(args: argparse.Namespace) -> CompileConfig:
         if isinstance(flags.get(name), str):
             flags[name] = tuple(p.strip() for p in flags[name].split(",") if p.strip())
     try:
-        return CompileConfig(**{**fields, **flags})
+        config = CompileConfig(**{**fields, **flags})
     except ValidationError as error:  # one line per bad field, naming it
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
             for e in error.errors()
         )
         raise ValueError(f"invalid configuration: {problems}") from None
+    if config.parallel_ranks > 1:  # the commands drive one engine; the ranks' lockstep is LLM.generate's (rank_workers)
+        raise ValueError(
+            f"--tensor-parallel-size / --expert-parallel-size {config.parallel_ranks}: the commands run on one rank "
+            "for now; from Python, LLM(model, tensor_parallel_size=N) starts the other ranks itself, or run each rank "
+            "under torchrun (examples/tensor_parallel.py)"
+        )
+    return config
 
 
 def _dtype(name: str | None):

@@ -13,6 +13,7 @@ import logging
 import operator
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,15 +89,32 @@ class LLM:
     def __init__(self, model: nn.Module | str, tokenizer=None, dtype: torch.dtype | None = None, **config_fields):
         """`model`: a Hugging Face causal LM, or what `model_source.load_model` resolves (a local HF directory,
         a .gguf file, a hub id, `smollm2-135m-instruct`, `random:NAME`), loaded in `dtype` with its tokenizer.
-        `config_fields`: CompileConfig fields."""
-        if isinstance(model, str):
-            from compiled_llm.model_source import load_model
+        `config_fields`: CompileConfig fields. With tensor_parallel_size (or expert_parallel_size) N > 1 and no
+        torch.distributed group, this process becomes rank 0 and starts the other N - 1 ranks on this host
+        (rank_workers.py: `model` must then be what they can load, a string); `close()` stops them."""
+        self._workers = None
+        world = max(int(config_fields.get("tensor_parallel_size", 1)), int(config_fields.get("expert_parallel_size", 1)))
+        if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            if not isinstance(model, str):
+                raise ValueError(
+                    f"LLM over {world} ranks starts the other {world - 1} as processes that load the model themselves: "
+                    "pass it as a string (a local directory, a .gguf file, a hub id, random:NAME), or start every "
+                    "rank yourself with torchrun and build the LLM in each (README, 'Several GPUs')"
+                )
+            from compiled_llm.rank_workers import RankWorkers
 
-            loaded = load_model(model, dtype)
-            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
-        self.model = model
-        self.tokenizer = tokenizer
-        self.compiled = compile_model(model, **config_fields)
+            self._workers = RankWorkers.start(model, dtype, config_fields, world)
+            weakref.finalize(self, self._workers.close)
+        try:
+            if isinstance(model, str):
+                model, tokenizer = self._load(model, dtype, tokenizer, world)
+            self.model = model
+            self.tokenizer = tokenizer
+            self.compiled = compile_model(model, **config_fields)
+        except BaseException:
+            if self._workers is not None:
+                self._workers.close(wait_s=5)  # they wait in a collective rank 0 will not reach
+            raise
         # The model, its FX graphs and the compile caches are millions of long-lived objects: keep them out
         # of the cyclic garbage collector, whose full passes over them stalled serving for ~0.5 s.
         gc.collect()
@@ -113,6 +131,26 @@ class LLM:
         self._error: Exception | None = None  # what made the driver fail
         self._worker: ThreadPoolExecutor | None = None
         self._engine_lock = threading.Lock()
+        if self._workers is not None:
+            self._workers.wait_ready()
+
+    @staticmethod
+    def _load(spec: str, dtype: torch.dtype | None, tokenizer, world: int):
+        from compiled_llm.model_source import load_model
+
+        if world > 1 and spec.startswith("random:"):  # every rank must draw the same random weights
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                loaded = load_model(spec, dtype)
+        else:
+            loaded = load_model(spec, dtype)
+        return loaded.model, tokenizer or loaded.tokenizer
+
+    def close(self) -> None:
+        """Stop the ranks this LLM started (with tensor_parallel_size > 1 outside torchrun); done at exit too."""
+        if self._workers is not None:
+            self._workers.close()
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         return prompt_token_ids(self.tokenizer, prompt)
@@ -174,6 +212,8 @@ class LLM:
         if self._driver is not None and not self._driver.done():
             raise RuntimeError("generate() cannot run while generate_async requests are running on this LLM")
         parsed = [self._prompt_ids(p) for p in prompts]  # all checked before any is queued
+        if self._workers is not None:  # the other ranks run the same call, with this rank's random state
+            self._workers.call("generate", prompts, sampling_params, use_tqdm=False)
         if self.compiled.config.parallel_ranks > 1 and any(not p.greedy and p.seed is None for p in params):
             check_ranks_share_random_stream(self.compiled.device)  # sampled from the default generator on every rank
         groups: list[list[Request]] = []

@@ -326,3 +326,66 @@ def test_a_view_that_is_not_a_head_reshape_is_refused():
     gm = torch.export.export(_NotHeads(), (torch.randn(3, 8),)).module()
     with pytest.raises(TensorParallelError, match=r"node reshape \(aten\.reshape\.default.*not a head reshape"):
         shard(gm, {"up": "colwise", "down": "rowwise"}, 0, 2, "0")
+
+
+# -- LLM starting its own ranks (rank_workers.py) ------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its dead parent's reaper) is gone too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+_LLM_OVER_TWO_RANKS = """
+import json, os, sys
+import torch
+from compiled_llm import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, compile_backend="eager", max_batch_size=2)
+prompt = json.loads(sys.argv[2])
+greedy = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+sampled = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # no seed
+pids = [p.pid for p in llm._workers.processes]
+if sys.argv[3] == "die":  # rank 0 dies without stopping its workers: each must exit by itself
+    print(json.dumps({"pids": pids}), flush=True)
+    os._exit(1)
+llm.close()
+print(json.dumps({"greedy": greedy[0].outputs[0].token_ids, "sampled": sampled[0].outputs[0].token_ids,
+                  "initialized": torch.distributed.is_initialized(), "pids": pids}))
+"""
+
+
+def test_llm_starts_the_other_ranks_itself(tmp_path):
+    """LLM(path, tensor_parallel_size=2) outside torchrun: this process is rank 0 and starts rank 1, which loads the
+    model and runs each generate alongside (unseeded sampling too: rank 1 takes rank 0's random state); the greedy
+    tokens are HF's, close() stops the worker and leaves the group, and a worker whose rank 0 dies exits. A model
+    object cannot be sent to a new process: refused."""
+    import json
+    import subprocess
+    import sys
+
+    model = _model("qwen3")
+    model.save_pretrained(tmp_path)
+    ids = random_prompt(12, seed=3)
+    expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    runs = {end: subprocess.run([sys.executable, "-c", _LLM_OVER_TWO_RANKS, str(tmp_path), json.dumps(ids[0].tolist()),
+                                 end], capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+            for end in ("close", "die")}  # fmt: skip
+    assert runs["close"].returncode == 0, runs["close"].stderr[-3000:]
+    out = json.loads(runs["close"].stdout.strip().splitlines()[-1])
+    assert out["greedy"] == expected[0, 12:].tolist()
+    assert len(out["sampled"]) == NEW_TOKENS and not out["initialized"]
+    orphans = json.loads(runs["die"].stdout.strip().splitlines()[-1])["pids"]
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in orphans + out["pids"]), "a worker outlived rank 0"
+    with pytest.raises(ValueError, match="LLM over 2 ranks starts the other 1 as processes that load the model"):
+        LLM(model, tensor_parallel_size=2)

@@ -133,8 +133,9 @@ class EngineCore:
                 request.num_cached_tokens or 0, request.first_token_time, request.finish_time)  # fmt: skip
 
 
-def _exit_with_parent() -> None:
-    """Exit when the API process dies, even in the middle of compiling (when nothing reads the pipe)."""
+def exit_with_parent() -> None:
+    """Exit when the process that started this one dies (the API process, or an LLM's rank 0), even in the middle of
+    compiling (when nothing reads the pipe)."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -150,7 +151,7 @@ def run_engine_core(inbox, outbox, model: str, dtype, config_fields: dict, log_l
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    _exit_with_parent()
+    exit_with_parent()
     from compiled_llm.llm import LLM
 
     try:

@@ -1,0 +1,183 @@
+"""The other ranks of an `LLM(model, tensor_parallel_size=N)` made outside torch.distributed: this process becomes
+rank 0 and starts ranks 1..N-1 as worker processes on this host, each building the same LLM for its rank (one GPU a
+rank: cuda:rank). Every `generate` call on rank 0 is sent to the workers first, with rank 0's random state, and each
+runs it alongside: the ranks step through the same requests in lockstep, as the collectives in their graphs need.
+
+    rank 0 (the user's process)            ranks 1..N-1 (spawned)
+    LLM(...) -> RankWorkers.start  ----->  run_worker: init_process_group, LLM(...), "ready"
+    llm.generate(prompts)  -- call ---->   llm.generate(prompts)          # same steps, same all-reduces
+    exit / llm.close()     -- stop ---->   destroy_process_group, exit
+
+A worker exits when rank 0's process dies; a worker that fails or dies is reported by rank 0 (its error, its exit
+code), whose collectives then fail after the group's timeout. Several hosts need one process a rank started by
+torchrun, each calling LLM (README, "Several GPUs").
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import socket
+import threading
+import time
+
+import torch
+
+log = logging.getLogger("compiled_llm.llm")
+
+# How long a rank waits for the others in a collective (and at start-up, for them to join) before failing.
+COLLECTIVE_TIMEOUT_S = 600.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_rank(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """Join the ranks' default process group (NCCL with GPUs, gloo without) and take this rank's GPU."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        if torch.cuda.device_count() < world:
+            raise ValueError(f"tensor/expert parallelism over {world} ranks needs {world} GPUs on this host (one a "
+                             f"rank); it has {torch.cuda.device_count()}")  # fmt: skip
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+
+
+def random_state() -> tuple:
+    """This process's random state for sampling (CPU, and the current GPU's): the workers take rank 0's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_random_state(state: tuple) -> None:
+    cpu, gpu = state
+    torch.set_rng_state(cpu)
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu)
+
+
+def run_worker(connection, rank: int, world: int, port: int, model: str, dtype, config_fields: dict,
+               timeout_s: float) -> None:  # fmt: skip
+    """A worker rank's entry point (spawned): build the LLM, then run what rank 0 sends until it says stop."""
+    import signal
+
+    import torch.distributed as dist
+
+    from compiled_llm.engine_core.core import exit_with_parent
+    from compiled_llm.llm import LLM
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C, and stops the workers
+    exit_with_parent()
+    try:
+        init_rank(rank, world, port, timeout_s)
+        llm = LLM(model, dtype=dtype, **config_fields)
+    except BaseException as error:
+        connection.send(("failed", f"{type(error).__name__}: {error}"))
+        raise
+    connection.send(("ready", None))
+    try:
+        while True:
+            try:
+                message = connection.recv()
+            except EOFError:  # rank 0 is gone
+                break
+            if message[0] == "stop":
+                break
+            _, method, args, kwargs, state = message
+            _set_random_state(state)
+            try:
+                getattr(llm, method)(*args, **kwargs)
+            except Exception:  # rank 0 ran the same call: it fails in its collectives after their timeout
+                log.exception("rank %d: %s failed; this rank stops", rank, method)
+                raise
+    finally:
+        dist.destroy_process_group()
+
+
+class RankWorkers:
+    """Ranks 1..world-1, started by rank 0 (this process, which joins the group as rank 0 in `start`)."""
+
+    def __init__(self, processes: list, connections: list, timeout_s: float):
+        self.processes, self.connections, self.timeout_s = processes, connections, timeout_s
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="compiled-llm-rank-watch", daemon=True).start()
+
+    @classmethod
+    def start(cls, model: str, dtype, config_fields: dict, world: int,
+              timeout_s: float = COLLECTIVE_TIMEOUT_S) -> RankWorkers:  # fmt: skip
+        context = multiprocessing.get_context("spawn")  # a fork would copy CUDA and the group's state
+        port = _free_port()
+        processes, connections = [], []
+        for rank in range(1, world):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=run_worker, name=f"compiled-llm-rank{rank}",
+                                      args=(theirs, rank, world, port, model, dtype, config_fields, timeout_s))  # fmt: skip
+            process.start()
+            processes.append(process)
+            connections.append(ours)
+        log.info("started ranks 1-%d of %d for %s (pids %s)", world - 1, world, model,
+                 ", ".join(str(p.pid) for p in processes))  # fmt: skip
+        workers = cls(processes, connections, timeout_s)
+        try:
+            init_rank(0, world, port, timeout_s)
+        except BaseException:
+            workers.close()
+            raise
+        return workers
+
+    def wait_ready(self) -> None:
+        """Raise RuntimeError (and stop the workers) if a worker failed to build its LLM."""
+        for rank, connection in enumerate(self.connections, start=1):
+            status, why = connection.recv() if connection.poll(self.timeout_s) else ("failed", "no answer")
+            if status != "ready":
+                self.close()
+                raise RuntimeError(f"rank {rank} of {len(self.connections) + 1} could not build its LLM: {why}")
+
+    def call(self, method: str, *args, **kwargs) -> None:
+        """Have every worker run `llm.<method>(*args, **kwargs)` with this process's random state."""
+        self._check_alive()
+        for connection in self.connections:
+            connection.send(("call", method, args, kwargs, random_state()))
+
+    def _check_alive(self) -> None:
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                raise RuntimeError(f"rank {rank} (pid {process.pid}) has exited with code {process.exitcode}: the "
+                                   "ranks can no longer step together; build the LLM again")  # fmt: skip
+
+    def _watch(self) -> None:
+        """Report a worker that dies while rank 0 may wait for it in a collective."""
+        while not self._stopped.wait(1.0):
+            for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive():
+                    log.error("rank %d (pid %d) exited with code %s: rank 0's collectives will fail after their "
+                              "timeout (%.0f s)", rank, process.pid, process.exitcode, self.timeout_s)  # fmt: skip
+                    return
+
+    def close(self, wait_s: float = 30.0) -> None:
+        """Stop the workers (each leaves the group and exits; one that does not within `wait_s`, stuck in a
+        collective, is terminated), then leave the group: a later LLM over several ranks starts its own."""
+        import torch.distributed as dist
+
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for connection in self.connections:
+            try:
+                connection.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + wait_s
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
