@@ -344,6 +344,7 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
+
 _LLM_OVER_TWO_RANKS = """
 import json, os, sys
 import torch
