@@ -8,9 +8,9 @@
     w, ids = compiled_llm.moe_route(logits, k, scoring, renormalize, scale, dtype, backend); moe_experts(x, ids, w, ...)
 
 Only where the top-k's values and indices feed nothing but that chain and the experts op, and only where
-`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). DeepSeek-V3's grouped routers
-are one `compiled_llm.moe_route_grouped` from the capture on (compiled_llm/capture/grouped_routing.py): here they take
-the same backend. DeepSeek-V2's group_limited_greedy routing is left as it is.
+`CompileConfig.moe_backend` resolves to `triton` (elsewhere Inductor keeps the ops). Grouped routers (DeepSeek-V3's
+sigmoid with bias correction, DeepSeek-V2's group_limited_greedy softmax) are one `compiled_llm.moe_route_grouped` from
+the capture on (compiled_llm/capture/grouped_routing.py): here they take the same backend.
 """
 
 from __future__ import annotations

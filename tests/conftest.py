@@ -71,9 +71,12 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """ARCHITECTURES[arch] (with `config_overrides` set on its config), random weights of `seed`."""
     torch.manual_seed(seed)
     config = ARCHITECTURES[arch]()
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Wider weights than the default init make the logits' top choices clearly separated, so greedy
     # decoding compares computations, not float rounding between near-tied tokens.

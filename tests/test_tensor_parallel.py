@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import transformers as tf
-from conftest import ARCHITECTURES, random_prompt, relative_error, tiny_model
+from conftest import random_prompt, relative_error, tiny_model
 from torch import nn
 
 from compiled_llm import LLM, CompileConfig, SamplingParams, compile_model
@@ -40,25 +39,15 @@ def _model(arch: str) -> nn.Module:
     by the ranks (the last rank's vocabulary shard padded); `gemma3` (tied embeddings) with a final logit soft-cap,
     which reads the gathered logits."""
     if arch == "gemma3":
-        torch.manual_seed(0)
-        config = ARCHITECTURES["gemma3"]()
-        config.final_logit_softcapping = 30.0
-        assert config.tie_word_embeddings
-        return _randomized(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), arch)
+        model = tiny_model("gemma3", final_logit_softcapping=30.0)
+        assert model.config.tie_word_embeddings
+        return model
     if arch != "llama_bias":
         return tiny_model(arch)
-    torch.manual_seed(0)
-    config = ARCHITECTURES["llama"]()
-    config.attention_bias = config.mlp_bias = True
-    config.vocab_size = 257
-    return _randomized(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), arch)
-
-
-def _randomized(model: nn.Module, arch: str) -> nn.Module:
-    """`model` with tiny_model's wider weights, and random biases for `llama_bias`."""
+    model = tiny_model("llama", attention_bias=True, mlp_bias=True, vocab_size=257)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "embed" not in name and (param.dim() >= 2 or arch == "llama_bias" and "norm" not in name):
+            if param.dim() == 1 and "norm" not in name:
                 param.normal_(0.0, 0.08)
     return model
 

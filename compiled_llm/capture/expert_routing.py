@@ -97,6 +97,19 @@ def _canonical_forward(module: nn.Module, activation: str, params: tuple[float, 
 
 
 @contextlib.contextmanager
+def instance_forwards(forwards: dict):
+    """Within the block, each module of `forwards` calls the forward given for it (set on the instance, where the
+    export's trace finds it first, and removed after)."""
+    try:
+        for module, forward in forwards.items():
+            module.forward = forward
+        yield
+    finally:
+        for module in forwards:
+            vars(module).pop("forward", None)
+
+
+@contextlib.contextmanager
 def route_experts_to_canonical_op(model: nn.Module, unrouted: dict[str, str] | None = None):
     """Within the block, every experts module of `model` the op describes calls `compiled_llm::moe_experts` (its
     forward replaced on the instance: the configs' experts implementation, which other experts classes such as
@@ -108,14 +121,11 @@ def route_experts_to_canonical_op(model: nn.Module, unrouted: dict[str, str] | N
     decisions = {m: experts_activation(m) for m in experts}
     routed = [m for m, (activation, _, _) in decisions.items() if activation is not None]
     skipped = {type(m).__name__: why for m, (activation, _, why) in decisions.items() if activation is None}
+    forwards = {m: _canonical_forward(m, *decisions[m][:2]) for m in routed}
     try:
-        for module in routed:
-            activation, params, _ = decisions[module]
-            module.forward = _canonical_forward(module, activation, params)
-        yield
+        with instance_forwards(forwards):
+            yield
     finally:
-        for module in routed:
-            del module.forward
         for name, why in skipped.items():
             log.info("%s keeps transformers' experts forward (compiled_llm::moe_experts does not take %s)", name, why)
         if unrouted is not None:

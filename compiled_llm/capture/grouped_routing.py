@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
+from compiled_llm.capture.expert_routing import instance_forwards
 from custom_ops.moe.routing import check_grouped_routing, moe_route_grouped_reference
 
 log = logging.getLogger("compiled_llm.capture")
@@ -117,13 +118,9 @@ def route_grouped_routers(model: nn.Module):
     candidates = [m for m in model.modules() if hasattr(m, "topk_group") and (
         hasattr(m, "e_score_correction_bias") or getattr(m, "topk_method", None) == "group_limited_greedy")]  # fmt: skip
     decisions = {m: grouped_router_mismatch(m) for m in candidates}
-    routed = [m for m, why in decisions.items() if why is None]
     try:
-        for module in routed:
-            module.forward = _canonical_forward(module)
-        yield
+        with instance_forwards({m: _canonical_forward(m) for m, why in decisions.items() if why is None}):
+            yield
     finally:
-        for module in routed:
-            del module.forward
         for name, why in {type(m).__name__: why for m, why in decisions.items() if why is not None}.items():
             log.info("%s keeps its own routing (compiled_llm::moe_route_grouped: %s)", name, why)
