@@ -70,7 +70,8 @@ class CompileConfig(BaseModel):
 
     norm_backend: Literal["auto", "triton", "torch"] = "auto"
     """Kernel behind RMSNorm. `triton` makes each RMSNorm, with the residual add in front of it, one
-    `compiled_llm.add_rms_norm` kernel; `torch` leaves norms to Inductor. `auto` is `triton` for a CUDA
+    `compiled_llm.add_rms_norm` kernel, and an attention layer's per-head q and k norms (Qwen3's) one
+    `compiled_llm.qk_rms_norm` kernel; `torch` leaves norms to Inductor. `auto` is `triton` for a CUDA
     model when triton is installed, else `torch`."""
 
     moe_backend: Literal["auto", "triton", "torch"] = "auto"

@@ -67,6 +67,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "token_major_attention_inputs",
     # After cleanup, which removes the no-op casts of float32 models that the matcher allows for.
     "fuse_rms_norm",
+    # After fuse_rms_norm, whose rms_norm ops it pairs (keeping their backend); before insert_paged_attention, since
+    # it pairs them by the canonical attention op they feed as q and k.
+    "fuse_qk_norm",
     # After fusion (q/k/v and gate/up quantized fused) and the RoPE rebuild over fused outputs; before
     # insert_linear_op, which then routes only the linears left in the model's dtype (the LM head).
     "quantize_fp8",

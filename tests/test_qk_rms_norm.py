@@ -1,0 +1,140 @@
+"""compiled_llm::qk_rms_norm against float64 and against two rms_norm calls, its kernel under TRITON_INTERPRET=1 and
+on the GPU; the fuse_qk_norm pass on HF models (exact sites, logits and greedy tokens as HF's)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
+from test_linear_op import TOLERANCE
+
+import custom_ops.rms_norm  # noqa: F401  (registers the ops)
+from compiled_llm import CompileConfig, compile_model
+from compiled_llm.capture import capture_model
+from custom_ops.rms_norm.op import reference_rms_norm
+from custom_ops.triton_runtime import triton_available
+from fx_passes import DEFAULT_PIPELINE, run_passes
+
+TOLERANCE = {**TOLERANCE, torch.float16: 2e-3}
+
+
+def qkv_heads(tokens: int, hq: int, hk: int, d: int, dtype, device: str, generator: torch.Generator):
+    """q [1, T, Hq, D] and k [1, T, Hk, D] as views of one fused qkv output (strided over the tokens), weights [D]."""
+    qkv = torch.randn(1, tokens, (hq + 2 * hk) * d, generator=generator).to(device=device, dtype=dtype)
+    q = qkv[..., : hq * d].view(1, tokens, hq, d)
+    k = qkv[..., hq * d : (hq + hk) * d].view(1, tokens, hk, d)
+    weights = [(1 + 0.5 * torch.randn(d, generator=generator)).to(device=device, dtype=dtype) for _ in range(2)]
+    return q, k, *weights
+
+
+def check_qk_rms_norm(device: str, dtype: torch.dtype, backend: str = "triton", cases: int = 3) -> None:
+    """The op on fresh random views against float64 math and against the rms_norm reference called twice
+    (equal for the reference; the kernel within its float32 summation order)."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(cases):
+        tokens, d, eps = rng.randint(1, 9), rng.choice([16, 64, 80, 128]), rng.choice([1e-6, 1e-5])
+        hq, hk = rng.choice([(6, 3), (5, 1), (4, 2)])  # head counts off powers of two among them
+        q, k, w_q, w_k = qkv_heads(tokens, hq, hk, d, dtype, device, generator)
+        q_out, k_out = torch.ops.compiled_llm.qk_rms_norm(q, k, w_q, w_k, eps, backend)
+        for x, w, out in ((q, w_q, q_out), (k, w_k, k_out)):
+            where = f"seed {seed}: {backend} {dtype} T={tokens} heads={x.shape[2]} D={d}"
+            assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous(), where
+            expected = reference_rms_norm(x, w, eps)
+            if backend == "torch":
+                assert torch.equal(out, expected), where
+            else:  # float32 sums in another order, so a 16-bit output may round one step apart
+                rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+                torch.testing.assert_close(
+                    out, expected, rtol=rtol, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}"
+                )
+            h = x.double()
+            exact = w.double() * h / (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            assert relative_error(out, exact) < TOLERANCE[dtype], where
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_rms_norm_reference_on_cpu(dtype):
+    check_qk_rms_norm("cpu", dtype, "torch")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_qk_rms_norm_kernel_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_qk_rms_norm as t\n"
+        "for dtype in (torch.float32, torch.float16): t.check_qk_rms_norm('cpu', dtype)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_qk_rms_norm_kernel_on_gpu():
+    check_qk_rms_norm("cuda", torch.bfloat16, cases=20)
+
+
+def test_qk_rms_norm_refuses_mismatched_inputs():
+    q, k, w = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="leading dims"):
+        torch.ops.compiled_llm.qk_rms_norm(q, torch.randn(2, 2, 8), w, w, 1e-6, "triton")
+    with pytest.raises(ValueError, match="k_weight of shape"):
+        torch.ops.compiled_llm.qk_rms_norm(q, k, w, torch.randn(4), 1e-6, "triton")
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.compiled_llm.qk_rms_norm(q, k.double(), w, w, 1e-6, "torch")
+
+
+def _sites(model) -> dict[str, int]:
+    gm = capture_model(model).gm
+    results = run_passes(gm, CompileConfig(norm_backend="triton" if triton_available() else "torch"))
+    ops = torch.ops.compiled_llm
+    counts = {
+        target: sum(n.target is target for n in gm.graph.nodes)
+        for target in (ops.rms_norm.default, ops.qk_rms_norm.default)
+    }
+    return {"sites": next(r.sites for r in results if r.name == "fuse_qk_norm"), **counts}
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize(
+    "arch, pairs",
+    # One pair a layer (2 layers; Qwen3's below); Llama and DeepSeek's latent norms (two norms in one attention layer,
+    # not per head) have none; Gemma 3's (1 + w) norm is not fuse_rms_norm's, so its q/k norms stay Inductor's.
+    [("qwen3_moe", 2), ("llama", 0), ("deepseek_v3", 0), ("gemma3", 0)],
+)
+def test_fuse_qk_norm_sites(arch, pairs):
+    sites = _sites(tiny_model(arch))
+    assert sites["sites"] == pairs
+    assert sites[torch.ops.compiled_llm.qk_rms_norm.default] == pairs
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fuse_qk_norm_leaves_a_pair_of_two_eps_alone():
+    model = tiny_model("qwen3")
+    model.model.layers[0].self_attn.k_norm.variance_epsilon = 1e-5  # q's is 1e-6: one op cannot compute both
+    sites = _sites(model)
+    assert sites["sites"] == 1
+    assert sites[torch.ops.compiled_llm.rms_norm.default] == 1 + 2  # the first layer's input norm, and that pair
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fuse_qk_norm_on_qwen3_matches_hf():
+    """With the pass and without: logits as HF's, and HF's greedy tokens."""
+    model = tiny_model("qwen3")
+    ids = random_prompt(20, seed=7)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        expected_tokens = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    without = tuple(p for p in DEFAULT_PIPELINE if p != "fuse_qk_norm")
+    for passes, pairs in ((DEFAULT_PIPELINE, 2), (without, None)):
+        cm = compile_model(model, norm_backend="triton", compile_backend="eager", max_batch_size=2, passes=passes)
+        if pairs:
+            assert cm.report.pass_sites("fuse_qk_norm") == pairs
+            assert (
+                sum(n.target is torch.ops.compiled_llm.qk_rms_norm.default for n in cm.graph_module.graph.nodes)
+                == pairs
+            )
+        assert relative_error(cm(ids).logits, expected) < 1e-4
+        if pairs:
+            assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[]), expected_tokens)
