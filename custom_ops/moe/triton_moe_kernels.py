@@ -243,3 +243,17 @@ def one_token_gemv_kernel(
     if ROUTE_WEIGHTS:
         out = out.to(dtype).to(tl.float32) * tl.load(route_w_ptr + pair).to(tl.float32)
     tl.store(out_ptr + pair * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def sum_pairs_kernel(weighted_ptr, out_ptr, N, TOP_K: tl.constexpr, PAIRS_PADDED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, n] = the sum over j < TOP_K of weighted[t * TOP_K + j, n] (both contiguous) in float32, rounded once to
+    out's dtype; a program loads its column tile's k rows at once."""
+    token, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pairs = tl.arange(0, PAIRS_PADDED)
+    rows = token * TOP_K + pairs
+    values = tl.load(weighted_ptr + rows[:, None] * N + cols[None, :],
+                     mask=(pairs < TOP_K)[:, None] & (cols < N)[None, :], other=0.0)  # fmt: skip
+    total = tl.sum(values.to(tl.float32), axis=0)
+    tl.store(out_ptr + token * N + cols, total.to(out_ptr.dtype.element_ty), mask=cols < N)
