@@ -752,6 +752,25 @@ def test_sum_over_experts_in_the_interpreter():
     )
 
 
+@pytest.mark.gpu
+def test_sum_over_experts_on_the_gpu():
+    """The cases in bf16 under every summing tile the tuning times; then Qwen3-30B-A3B's down GEMM (128 experts of
+    2048 x 768, k = 8): one token summed in the GEMM and after it, 16 tokens by the sum kernel."""
+    from custom_ops.moe import tuning
+
+    check_sum_over_experts("cuda", torch.bfloat16, tuning.SUM_TILES)
+    w13, w2, _, _ = random_experts(128, 2048, 768, seed=0, dtype=torch.bfloat16, device="cuda")
+    for tokens in (1, 16):
+        x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+        ids, weights = random_routing(tokens, 128, 8, seed=tokens, device="cuda")
+        expected = moe_experts_reference(x, ids, weights, w13, w2, None, None, "silu")
+        run = functools.partial(torch.ops.compiled_llm.moe_experts, x, ids, weights, w13, w2, None, None, "silu", [],
+                                "triton")  # fmt: skip
+        for tile in (None, *(tuning.SUM_TILES if tokens == 1 else ())):
+            actual = run() if tile is None else with_tile(tile, run)
+            assert relative_error(actual, expected) < TOLERANCE[torch.bfloat16], f"{tokens} tokens, tile {tile}"
+
+
 def test_quantize_fp8_leaves_experts_held_as_buffers():
     """Expert weights that are buffers, not parameters, stay in the model's dtype (no crash in the recipe)."""
     from compiled_llm.config import CompileConfig
@@ -776,7 +795,7 @@ def test_quantize_fp8_leaves_experts_held_as_buffers():
 
 def check_tuning_candidates_against_their_reference(device: str) -> None:
     """The grouped-GEMM tuning's own check (a candidate against its reference), on inputs made as its `inputs` makes
-    them, for both GEMMs, float, e4m3 and MXFP4, one token and 16-row blocks."""
+    them, for both GEMMs, float, e4m3 and MXFP4, one token and 16-row blocks, a summing tile of one token's down."""
     from custom_ops.linear.fp8 import quantize_rows
     from custom_ops.moe import fp8, mxfp4, tuning
 
@@ -798,7 +817,9 @@ def check_tuning_candidates_against_their_reference(device: str) -> None:
                 (a, w_bytes, route_weights, blocks, None, None, w_exponents),
             ):
                 expected = moe.reference(*inputs)
-                for candidate in moe.candidates({"gated": gated, "rows": mode})[:2]:
+                candidates = moe.candidates({"gated": gated, "rows": mode})
+                summing = [c for c in candidates if c.config.get("sum")][:1]  # one token's down: its sum in the GEMM
+                for candidate in candidates[:2] + summing:
                     actual = candidate.run(*inputs).float()
                     error = ((actual - expected).abs().max() / expected.abs().max()).item()
                     assert error < moe.tolerance(torch.float32)[1], f"{candidate.name} gated={gated} mode={mode}"
