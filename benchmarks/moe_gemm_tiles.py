@@ -2,9 +2,12 @@
 
 Each figure is the autotuner's own timing (autotune.tuner.cuda_timer: a CUDA graph over weight copies that overflow
 L2, median of replays), after the candidate passed the tuning's reference check. The bandwidth counts the bytes a
-call must read: the routed experts' weights (MXFP4: the bytes and exponents) for the call's pairs.
+call must read: the routed experts' weights (MXFP4: the bytes and exponents) for the call's pairs. A down GEMM's time
+includes the sum over each token's k pairs: the sum kernel after it, or none for one token's `sum-` tiles, which sum
+inside the GEMM.
 
     python benchmarks/moe_gemm_tiles.py --model gpt-oss-20b --format mxfp4 --rows 1,16 --json out.json
+    python benchmarks/moe_gemm_tiles.py --model qwen3-30b-a3b --format float --rows 1,16 --json out.json
 
 With --cache-dir, the winners stay in that kernel cache: a later `compiled-llm bench --cache-dir` of the model runs
 them (autotune=cache), without the full tuning run of every bucket.

@@ -4,6 +4,8 @@ experts without a token; the capture's routing of transformers' experts to the o
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,12 +201,12 @@ GEMV_TILE = {"gemv": True, "BLOCK_N": 32, "BLOCK_K": 32}
 OTHER_TILES = ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}, GEMV_TILE)
 
 
-def with_tile(tile: dict, check, *args) -> None:
+def with_tile(tile: dict, check, *args):
     """check(*args) with `tile` as what every untuned call runs (one token's GEMV tiles run only one token)."""
     heuristic = triton_moe.heuristic_tile
     try:
         triton_moe.heuristic_tile = lambda mode, fmt="float": triton_moe.DEFAULT_TILE | tile
-        check(*args)
+        return check(*args)
     finally:
         triton_moe.heuristic_tile = heuristic
 
@@ -711,6 +713,76 @@ def test_strided_routing_and_float32_biases_in_the_interpreter():
     )
 
 
+# One token's down GEMM summed in the kernel: column tiles off the hidden size (72 of 16), K in two masked steps.
+SUM_TILE = {"sum": True, "BLOCK_N": 16, "BLOCK_K": 32}
+
+
+def experts_in_formats(w13, w2, seed: int, formats) -> dict:
+    """name -> (the experts op, its expert weights, its reference) for w13 and w2 as they are ("float") and stored as
+    each of `formats`; MXFP4: random bytes of their shapes, where those take it (K a multiple of 32)."""
+    from custom_ops.moe import fp8, mxfp4
+
+    made = {"float": (torch.ops.compiled_llm.moe_experts, (w13, w2), moe_experts_reference)}
+    if "fp8" in formats:
+        quantized = (*fp8.quantize_experts(w13), *fp8.quantize_experts(w2))
+        made["fp8"] = (torch.ops.compiled_llm.moe_experts_fp8, quantized, fp8.moe_experts_fp8_reference)
+    if "mxfp4" in formats and w13.shape[2] % 32 == w2.shape[2] % 32 == 0:
+        generator = torch.Generator().manual_seed(seed)
+        blocks = [t.to(w13.device) for shape in (w13.shape, w2.shape)
+                  for t in mxfp4.random_mxfp4(*shape, generator=generator, exponents=(121, 124))]  # fmt: skip
+        made["mxfp4"] = (torch.ops.compiled_llm.moe_experts_mxfp4, blocks, mxfp4.moe_experts_mxfp4_reference)
+    return made
+
+
+def check_sum_over_experts(device: str, dtype: torch.dtype, sum_tiles=(SUM_TILE,), formats=("fp8", "mxfp4")) -> None:
+    """The sum over each token's k = 8 pairs: inside the down GEMM (one token under `sum_tiles`) and by the sum kernel
+    after it (one token under the heuristic's tile, several tokens), with biases, ids of another rank's experts
+    (expert parallelism) and routing weights in float32 or the model's dtype; one token's for float, e4m3 and MXFP4
+    experts (`formats`: the other tests run the sum kernel after each format's GEMM of several tokens)."""
+    cases = [(1, 72, 48, None), (1, 64, 32, range(4, 12)), (6, 72, 48, None), (6, 64, 32, range(2, 10))]
+    for seed, (tokens, hidden, inter, local) in enumerate(cases):
+        local = local or range(16)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+        ids, weights, _ = other_ranks_routing(tokens, 16, 8, seed, local, device)
+        weights = weights.to(dtype) if seed % 2 else weights
+        w13, w2, b13, b2 = random_experts(len(local), hidden, inter, seed, dtype, device, bias=True)
+        one_token_formats = formats if tokens == 1 else ()
+        for name, (op, experts, reference) in experts_in_formats(w13, w2, seed, one_token_formats).items():
+            expected = reference(x, ids, weights, *experts, b13, b2, "silu", [])
+            run = functools.partial(op, x, ids, weights, *experts, b13, b2, "silu", [], "triton")
+            for tile in (None, *(sum_tiles if tokens == 1 else ())):
+                actual = run() if tile is None else with_tile(tile, run)
+                error = relative_error(actual, expected)
+                assert actual.dtype == dtype and error < TOLERANCE[dtype], f"case {seed} {name} {tile}: {error:.2e}"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_sum_over_experts_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_experts as t; "
+        "t.check_sum_over_experts('cpu', torch.float32); t.check_sum_over_experts('cpu', torch.float16, formats=())"
+    )
+
+
+@pytest.mark.gpu
+def test_sum_over_experts_on_the_gpu():
+    """The cases in bf16 under every summing tile the tuning times; then Qwen3-30B-A3B's down GEMM (128 experts of
+    2048 x 768, k = 8): one token summed in the GEMM and after it, 16 tokens by the sum kernel."""
+    from custom_ops.moe import tuning
+
+    check_sum_over_experts("cuda", torch.bfloat16, tuning.SUM_TILES)
+    w13, w2, _, _ = random_experts(128, 2048, 768, seed=0, dtype=torch.bfloat16, device="cuda")
+    for tokens in (1, 16):
+        x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+        ids, weights = random_routing(tokens, 128, 8, seed=tokens, device="cuda")
+        expected = moe_experts_reference(x, ids, weights, w13, w2, None, None, "silu")
+        run = functools.partial(torch.ops.compiled_llm.moe_experts, x, ids, weights, w13, w2, None, None, "silu", [],
+                                "triton")  # fmt: skip
+        for tile in (None, *(tuning.SUM_TILES if tokens == 1 else ())):
+            actual = run() if tile is None else with_tile(tile, run)
+            assert relative_error(actual, expected) < TOLERANCE[torch.bfloat16], f"{tokens} tokens, tile {tile}"
+
+
 def test_quantize_fp8_leaves_experts_held_as_buffers():
     """Expert weights that are buffers, not parameters, stay in the model's dtype (no crash in the recipe)."""
     from compiled_llm.config import CompileConfig
@@ -735,7 +807,7 @@ def test_quantize_fp8_leaves_experts_held_as_buffers():
 
 def check_tuning_candidates_against_their_reference(device: str) -> None:
     """The grouped-GEMM tuning's own check (a candidate against its reference), on inputs made as its `inputs` makes
-    them, for both GEMMs, float, e4m3 and MXFP4, one token and 16-row blocks."""
+    them, for both GEMMs, float, e4m3 and MXFP4, one token and 16-row blocks, a summing tile of one token's down."""
     from custom_ops.linear.fp8 import quantize_rows
     from custom_ops.moe import fp8, mxfp4, tuning
 
@@ -757,7 +829,9 @@ def check_tuning_candidates_against_their_reference(device: str) -> None:
                 (a, w_bytes, route_weights, blocks, None, None, w_exponents),
             ):
                 expected = moe.reference(*inputs)
-                for candidate in moe.candidates({"gated": gated, "rows": mode})[:2]:
+                candidates = moe.candidates({"gated": gated, "rows": mode})
+                summing = [c for c in candidates if c.config.get("sum")][:1]  # one token's down: its sum in the GEMM
+                for candidate in candidates[:2] + summing:
                     actual = candidate.run(*inputs).float()
                     error = ((actual - expected).abs().max() / expected.abs().max()).item()
                     assert error < moe.tolerance(torch.float32)[1], f"{candidate.name} gated={gated} mode={mode}"

@@ -8,14 +8,18 @@ column tile:
 A block reads only its expert's weights, so a decode step reads the experts its tokens picked and no other; blocks
 past the last used one return at once. One token (a decode step of one sequence) needs no sort: each pair is a
 block of its own. The sort is torch ops with static shapes (no host sync): the whole op can
-run inside a CUDA-graph capture.
+run inside a CUDA-graph capture. The sum over a token's pairs is a small kernel after the down GEMM, or for one token
+under a "sum" tile the down GEMM's own epilogue (down_projection).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
+
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
 
 # The gated activations the kernel computes, by the op's name; the interleaved ones read [g0, u0, g1, u1, ...] rows.
 ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
@@ -74,7 +78,7 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 def _kernels():
     from custom_ops.moe import triton_moe_kernels  # needs triton: imported on first use
 
-    return triton_moe_kernels.grouped_gemm_kernel, triton_moe_kernels.one_token_gemv_kernel
+    return triton_moe_kernels
 
 
 class ExpertBlocks(NamedTuple):
@@ -107,15 +111,21 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
                  route_weights: torch.Tensor | None, blocks: ExpertBlocks, *, gated: bool, a_per_token: bool,
                  activation: str = "silu", params: tuple[float, ...] = (), tile: dict | None = None,
                  scales: tuple[torch.Tensor, torch.Tensor] | None = None, mxfp4_scales: torch.Tensor | None = None,
-                 like: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 like: torch.Tensor | None = None, sum_pairs: bool = False) -> torch.Tensor:  # fmt: skip
     """out[p] for every pair p of `blocks`: a[p // k if a_per_token else p] @ w[e]^T (+ bias[e]); gated: the
     activation (with its `params`) of w's gate and up rows; times route_weights[p] where given. `scales`: a and w are
     e4m3, with a's row scales [rows, 1] and w's [E, N]; `mxfp4_scales`: w is MXFP4 bytes [E, N, K / 2] with these
     exponents [E, N, K / 32] (mxfp4.py); `like`, a tensor of the model's dtype (a where not given). `tile` overrides
     the tuned or default one; its "dot_scaled" (MXFP4, bf16 rows) dequantizes through tl.dot_scaled instead of the
-    kernel's own decode; its "gemv" (one token) runs one_token_gemv_kernel, without tensor cores."""
+    kernel's own decode; its "gemv" (one token) runs one_token_gemv_kernel, without tensor cores. `sum_pairs` (one
+    token's down GEMM): out [1, N] is instead the sum of its k weighted rows, in float32 rounded once to the model's
+    dtype, from the tensor-core kernel (a program per column tile, looping over the pairs)."""
     import triton
 
+    one_token = blocks.sorted_pairs is None
+    if sum_pairs and not (one_token and route_weights is not None and not gated):
+        raise ValueError("sum_pairs sums one token's weighted down-GEMM rows: it takes one token and routing weights, "
+                         "not a gated GEMM")  # fmt: skip
     mxfp4 = mxfp4_scales is not None
     n = w.shape[1] // 2 if gated else w.shape[1]
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4))
@@ -129,9 +139,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         w, bias = w[:, ::2], bias[:, ::2] if bias is not None else None
         w_scale = w_scale[:, ::2] if scales is not None or mxfp4 else w
     alpha, limit = params if len(params) == 2 else (1.0, 0.0)
-    one_token = blocks.sorted_pairs is None
     ids = blocks.block_expert
-    grid = (ids.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
+    grid = (1 if sum_pairs else ids.shape[0], triton.cdiv(n, tile["BLOCK_N"]))
     common = (
         blocks.pairs, n, blocks.top_k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), up_offset,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, bias_up_offset,
@@ -146,20 +155,53 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     }  # fmt: skip
     tensors = (a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a)
     like = like if like is not None else a
-    if one_token and tile.get("gemv"):
-        _kernels()[1][grid](*tensors, ids, a_scale, w_scale, like, *common[1:], **flags)
+    if one_token and tile.get("gemv") and not sum_pairs:
+        _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:], **flags)
         return out
-    _kernels()[0][grid](
+    _kernels().grouped_gemm_kernel[grid](
         *tensors, ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale,
-        w_scale, like, *common, ONE_TOKEN=one_token, BLOCK_M=blocks.block_m,
+        w_scale, like, *common, ONE_TOKEN=one_token, SUM_PAIRS=blocks.top_k if sum_pairs else 0,
+        BLOCK_M=max(blocks.block_m, triton.next_power_of_2(blocks.top_k)) if sum_pairs else blocks.block_m,
         DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16 and a.is_cuda, **flags,
     )  # fmt: skip
     return out
 
 
+def down_projection(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, route_weights: torch.Tensor,
+                    blocks: ExpertBlocks, *, tile: dict | None = None,
+                    scales: tuple[torch.Tensor, torch.Tensor] | None = None, mxfp4_scales: torch.Tensor | None = None,
+                    like: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The down GEMM (grouped_gemm's arguments) summed over each token's k pairs: [T, N] in the model's dtype, the
+    sum in float32 rounded once. One token under a tile with "sum" (the tuned or given one): that one kernel
+    (sum_pairs); else the weighted rows [T * k, N] in the promoted dtype of the model's and the routing weights',
+    then sum_over_experts."""
+    like = like if like is not None else a
+    tile = tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4_scales is not None)
+    gemm = functools.partial(grouped_gemm, a, w, bias, route_weights=route_weights, blocks=blocks, gated=False,
+                             a_per_token=False, tile=tile, scales=scales, mxfp4_scales=mxfp4_scales,
+                             like=like)  # fmt: skip
+    n = w.shape[1]
+    if blocks.mode == 1 and tile.get("sum"):
+        return gemm(out=like.new_empty(1, n), sum_pairs=True)
+    weighted = gemm(out=like.new_empty(blocks.pairs, n, dtype=torch.promote_types(like.dtype, route_weights.dtype)))
+    return sum_over_experts(weighted.view(-1, blocks.top_k, n), like.dtype)
+
+
 def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weighted [T, k, H] summed over k, accumulated in float32 and rounded once to `dtype`: one kernel where the
-    products are in `dtype` already (torch sums 16-bit values in float32), as a decode step wants."""
+    """weighted [T, k, H] summed over k, accumulated in float32 and rounded once to `dtype`: sum_pairs_kernel where
+    Triton runs (torch's reduction kernel took 4.7 us a decode step's layer on an H200), else torch's (which sums
+    16-bit values in float32)."""
+    if triton_runs_on(weighted) and {weighted.dtype, dtype} <= set(KERNEL_DTYPES) and weighted.is_contiguous():
+        import triton
+
+        tokens, top_k, n = weighted.shape
+        out = weighted.new_empty(tokens, n, dtype=dtype)
+        pairs_padded = triton.next_power_of_2(top_k)
+        block_n = min(triton.next_power_of_2(n), max(16, 4096 // pairs_padded))  # 4096 values a program at most
+        _kernels().sum_pairs_kernel[(tokens, triton.cdiv(n, block_n))](
+            weighted, out, n, TOP_K=top_k, PAIRS_PADDED=pairs_padded, BLOCK_N=block_n
+        )
+        return out
     if weighted.dtype == dtype:
         return weighted.sum(dim=1)
     return weighted.sum(dim=1, dtype=torch.float32).to(dtype)
@@ -191,25 +233,24 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, para
     `mxfp4_scales`, moe_experts_mxfp4: w13 and w2 MXFP4 bytes, dequantized in the kernel."""
     from custom_ops.linear import fp8, triton_fp8
 
-    tokens, hidden = x.shape
-    if tokens * topk_ids.shape[1] == 0:
+    if topk_ids.numel() == 0:
         return x.new_zeros(x.shape)
     blocks = expert_blocks(topk_ids, w13.shape[0])
-    params = tuple(params)
 
-    def gemm(a, w, bias, out, route_weights, weight_scale, exponents, **kwargs):
+    def gemm_inputs(a, weight_scale, exponents) -> tuple[torch.Tensor, dict]:
+        """A GEMM's rows and its format's arguments: FP8 quantizes the rows."""
         if weight_scale is None:
-            return grouped_gemm(a, w, bias, out, route_weights, blocks, mxfp4_scales=exponents, **kwargs)
+            return a, {"mxfp4_scales": exponents}
         quantize = triton_fp8.quantize_rows if a.is_cuda else lambda rows, _: fp8.quantize_rows(rows)  # bit-equal
         a8, a_scale = quantize(a, None)
-        return grouped_gemm(a8, w, bias, out, route_weights, blocks, scales=(a_scale, weight_scale), like=x, **kwargs)
+        return a8, {"scales": (a_scale, weight_scale), "like": x}
 
     w13_scale, w2_scale = weight_scales or (None, None)
     w13_exponents, w2_exponents = mxfp4_scales or (None, None)
     intermediate = w2.shape[2] * (2 if mxfp4_scales else 1)
-    act = gemm(x, w13, b13, x.new_empty(blocks.pairs, intermediate), None, w13_scale, w13_exponents, gated=True,
-               a_per_token=True, activation=activation, params=params)  # fmt: skip
-    weighted = x.new_empty(blocks.pairs, hidden, dtype=torch.promote_types(x.dtype, topk_weights.dtype))
+    a, kwargs = gemm_inputs(x, w13_scale, w13_exponents)
+    act = grouped_gemm(a, w13, b13, x.new_empty(blocks.pairs, intermediate), None, blocks, gated=True,
+                       a_per_token=True, activation=activation, params=tuple(params), **kwargs)  # fmt: skip
     route_weights = topk_weights.reshape(-1).contiguous()  # the kernel reads it at unit stride
-    gemm(act, w2, b2, weighted, route_weights, w2_scale, w2_exponents, gated=False, a_per_token=False)
-    return sum_over_experts(weighted.view(tokens, blocks.top_k, hidden), x.dtype)
+    a, kwargs = gemm_inputs(act, w2_scale, w2_exponents)
+    return down_projection(a, w2, b2, route_weights, blocks, **kwargs)

@@ -3,8 +3,10 @@
 calls whose backend is `triton`.
 
 Row modes: 1 (one token: a block per pair, a batch-1 decode step) and the block heights 16, 32 and 64 (what a step
-with that many pairs an expert runs, triton_moe.block_m_for). The fallback is triton_moe.DEFAULT_TILE; untuned, a
-call runs triton_moe.heuristic_tile's; a winner is installed in triton_moe.TUNED_TILES, which every later call of that
+with that many pairs an expert runs, triton_moe.block_m_for). A down candidate is timed and checked with the sum over
+each token's k pairs that it needs (triton_moe.down_projection): one token's "sum" tiles sum inside the GEMM, the
+others run the sum kernel after it. The fallback is triton_moe.DEFAULT_TILE; untuned, a call runs
+triton_moe.heuristic_tile's; a winner is installed in triton_moe.TUNED_TILES, which every later call of that
 shape on that device reads, CUDA-graph captures included.
 """
 
@@ -38,6 +40,13 @@ GEMV_TILES = tuple(
     {"gemv": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 2}
     for n, k, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8))
 )
+# One token's down GEMM summed over its k pairs in the kernel (triton_moe.down_projection), no sum kernel after it: a
+# program per column tile of the one output row, so narrow tiles for enough programs (Qwen3-30B-A3B: 2048 / 16 = 128
+# on 132 SMs), and deep pipelines to keep a program's weight loads in flight across its k experts.
+SUM_TILES = tuple(
+    {"sum": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s}
+    for n, k, s in ((16, 128, 4), (16, 128, 6), (16, 256, 4), (16, 256, 5), (32, 128, 4), (32, 256, 4))
+)
 # The launcher and its kernels: any change in either file is a changed candidate.
 _SOURCE = source_hash("".join(Path(triton_moe.__file__).with_name(name).read_text()
                               for name in ("triton_moe.py", "triton_moe_kernels.py")))  # fmt: skip
@@ -46,15 +55,18 @@ _SOURCE = source_hash("".join(Path(triton_moe.__file__).with_name(name).read_tex
 def tile_name(tile: dict) -> str:
     tile = triton_moe.DEFAULT_TILE | tile
     name = f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
+    name = "sum-" + name if tile.get("sum") else name
     return "gemv-" + name if tile.get("gemv") else name + "-dot_scaled" if tile.get("dot_scaled") else name
 
 
 def _run(a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, exponents, gated: bool,
          tile: dict) -> torch.Tensor:  # fmt: skip
-    dtype = (like if like is not None else a).dtype
-    out_dtype = dtype if route_weights is None else torch.promote_types(dtype, route_weights.dtype)
-    out = a.new_empty(blocks.pairs, w.shape[1] // 2 if gated else w.shape[1], dtype=out_dtype)
-    return triton_moe.grouped_gemm(a, w, None, out, route_weights, blocks, gated=gated, a_per_token=gated, tile=tile,
+    """gate_up's activations [pairs, N / 2], or down's rows summed over each token's pairs [T, N]."""
+    if not gated:
+        return triton_moe.down_projection(a, w, None, route_weights, blocks, tile=tile, scales=scales,
+                                          mxfp4_scales=exponents, like=like)  # fmt: skip
+    out = a.new_empty(blocks.pairs, w.shape[1] // 2, dtype=(like if like is not None else a).dtype)
+    return triton_moe.grouped_gemm(a, w, None, out, None, blocks, gated=True, a_per_token=True, tile=tile,
                                    scales=scales, mxfp4_scales=exponents, like=like)  # fmt: skip
 
 
@@ -76,6 +88,8 @@ class MoeGroupedGemmTuning:
             tiles += [tile | {"dot_scaled": True} for tile in tiles]
         if bucket["rows"] == 1:
             tiles += [triton_moe.DEFAULT_TILE | tile for tile in GEMV_TILES]
+            if not bucket["gated"]:
+                tiles += [triton_moe.DEFAULT_TILE | tile for tile in SUM_TILES]
         return [
             Candidate(tile_name(t), functools.partial(_run, gated=bucket["gated"], tile=t), _SOURCE, t) for t in tiles
         ]
@@ -108,7 +122,7 @@ class MoeGroupedGemmTuning:
 
     def reference(self, a, w, route_weights, blocks: triton_moe.ExpertBlocks, scales, like, exponents) -> torch.Tensor:
         """Each pair's row through its expert's weight in float32 (e4m3 values times their scales, MXFP4 ones
-        dequantized), as the ops' references compute the GEMM."""
+        dequantized), as the ops' references compute the GEMM; down's summed over each token's pairs."""
         ids = blocks.block_expert if blocks.sorted_pairs is None else _pair_experts(blocks)
         out = torch.empty(blocks.pairs, w.shape[1] // 2 if route_weights is None else w.shape[1], device=a.device)
         a_values = a.float()
@@ -122,7 +136,7 @@ class MoeGroupedGemmTuning:
             out[pairs] = (
                 op.ACTIVATIONS["silu"](h, ()) if route_weights is None else h * route_weights[pairs, None].float()
             )
-        return out
+        return out if route_weights is None else out.view(-1, blocks.top_k, out.shape[1]).sum(dim=1)
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
         return 2.0**-6, 2.0**-6  # a few roundings of the output's dtype (the kernel rounds where the model does)
