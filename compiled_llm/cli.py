@@ -68,7 +68,9 @@ def _config_file(path: str) -> dict:
     return data
 
 
-def _config_from_args(args: argparse.Namespace) -> CompileConfig:
+def _config_from_args(args: argparse.Namespace, ranks: bool = False) -> CompileConfig:
+    """The CompileConfig of the flags and --config; `ranks`: the command may run over several ranks (serve: its
+    engine core's LLM starts them, rank_workers.py)."""
     from pydantic import ValidationError
 
     fields = _config_file(args.config) if getattr(args, "config", None) else {}
@@ -84,11 +86,11 @@ def _config_from_args(args: argparse.Namespace) -> CompileConfig:
             for e in error.errors()
         )
         raise ValueError(f"invalid configuration: {problems}") from None
-    if config.parallel_ranks > 1:  # the commands drive one engine; the ranks' lockstep is LLM.generate's (rank_workers)
+    if config.parallel_ranks > 1 and not ranks:  # they compile or time the model in this process alone
         raise ValueError(
-            f"--tensor-parallel-size / --expert-parallel-size {config.parallel_ranks}: the commands run on one rank "
-            "for now; from Python, LLM(model, tensor_parallel_size=N) starts the other ranks itself, or run each rank "
-            "under torchrun (examples/tensor_parallel.py)"
+            f"--tensor-parallel-size / --expert-parallel-size {config.parallel_ranks}: {args.command} runs on one rank "
+            "for now (serve runs over several); from Python, LLM(model, tensor_parallel_size=N) starts the other "
+            "ranks itself, or run each rank under torchrun (examples/tensor_parallel.py)"
         )
     return config
 
@@ -191,7 +193,7 @@ def serve(args: argparse.Namespace) -> int:
                          "pip install 'compiled-llm[serve]'") from None  # fmt: skip
 
     api_key = _api_key(args)  # before the model loads: a missing key file fails at once
-    config = _config_from_args(args)
+    config = _config_from_args(args, ranks=True)
     # The engine runs in its own process (it logs the compile report); this one serves HTTP.
     engine = EngineCoreClient.start(args.model, _dtype(args.dtype), logging.getLogger().level, **config.model_dump())
     try:

@@ -90,8 +90,9 @@ class LLM:
         """`model`: a Hugging Face causal LM, or what `model_source.load_model` resolves (a local HF directory,
         a .gguf file, a hub id, `smollm2-135m-instruct`, `random:NAME`), loaded in `dtype` with its tokenizer.
         `config_fields`: CompileConfig fields. With tensor_parallel_size (or expert_parallel_size) N > 1 and no
-        torch.distributed group, this process becomes rank 0 and starts the other N - 1 ranks on this host
-        (rank_workers.py: `model` must then be what they can load, a string); `close()` stops them."""
+        torch.distributed group, this process becomes rank 0 and starts the other N - 1 ranks on this host, which
+        step as its engine does (rank_workers.py: `model` must then be what they can load, a string); `close()` stops
+        them."""
         self._workers = None
         world = max(int(config_fields.get("tensor_parallel_size", 1)), int(config_fields.get("expert_parallel_size", 1)))
         if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -119,7 +120,13 @@ class LLM:
         # of the cyclic garbage collector, whose full passes over them stalled serving for ~0.5 s.
         gc.collect()
         gc.freeze()
-        self.engine = Engine(self.compiled, _eos_token_ids(model, tokenizer), tokenizer)
+        if self._workers is None:
+            self.engine = Engine(self.compiled, _eos_token_ids(model, tokenizer), tokenizer)
+        else:  # the ranks this LLM started step as its engine does
+            from compiled_llm.rank_workers import MirroredEngine
+
+            self.engine = MirroredEngine(self.compiled, _eos_token_ids(model, tokenizer), tokenizer,
+                                         workers=self._workers)  # fmt: skip
         # generate_async: an event per request, set when it got tokens; requests to add or abort between
         # steps; the task that steps the engine, in one worker thread, under a lock.
         self._updated: dict[Request, asyncio.Event] = {}
@@ -146,6 +153,11 @@ class LLM:
         else:
             loaded = load_model(spec, dtype)
         return loaded.model, tokenizer or loaded.tokenizer
+
+    @property
+    def _unmirrored_ranks(self) -> bool:
+        """Whether other ranks run beside this one without following its engine (each started by torchrun)."""
+        return self.compiled.config.parallel_ranks > 1 and self._workers is None
 
     def close(self) -> None:
         """Stop the ranks this LLM started (with tensor_parallel_size > 1 outside torchrun); done at exit too."""
@@ -212,9 +224,7 @@ class LLM:
         if self._driver is not None and not self._driver.done():
             raise RuntimeError("generate() cannot run while generate_async requests are running on this LLM")
         parsed = [self._prompt_ids(p) for p in prompts]  # all checked before any is queued
-        if self._workers is not None:  # the other ranks run the same call, with this rank's random state
-            self._workers.call("generate", prompts, sampling_params, use_tqdm=False)
-        if self.compiled.config.parallel_ranks > 1 and any(not p.greedy and p.seed is None for p in params):
+        if self._unmirrored_ranks and any(not p.greedy and p.seed is None for p in params):
             check_ranks_share_random_stream(self.compiled.device)  # sampled from the default generator on every rank
         groups: list[list[Request]] = []
         try:
@@ -243,11 +253,12 @@ class LLM:
         concurrent calls share engine steps, which run in a worker thread so that the event loop stays free
         for I/O. Leaving the loop early, or cancelling the task, aborts the request and frees its KV blocks
         (after the step in progress, if any). A bad request raises ValueError before anything is queued."""
-        if self.compiled.config.parallel_ranks > 1:
+        if self._unmirrored_ranks:
             raise ValueError(
-                f"generate_async runs on one rank: the {self.compiled.config.parallel_ranks} tensor/expert-parallel "
-                "ranks must step through the same requests in lockstep, which requests arriving on each rank's own "
-                "event loop cannot promise; call generate() with the same prompts on every rank"
+                f"generate_async over {self.compiled.config.parallel_ranks} ranks started outside this LLM (torchrun): "
+                "the ranks must step through the same requests in lockstep, which requests arriving on each rank's "
+                "own event loop cannot promise; call generate() with the same prompts on every rank, or let "
+                "LLM(\"MODEL\", tensor_parallel_size=N) start the ranks (its engine mirrors rank 0's steps)"
             )
         text, ids = self._prompt_ids(prompt)
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -316,7 +327,7 @@ class LLM:
             while True:
                 with self._engine_lock:
                     for request in self._pending_adds:
-                        self.engine.scheduler.add(request)
+                        self.engine.queue(request)
                     self._pending_adds.clear()
                     self._apply_pending_aborts()
                     if not self.engine.has_work:

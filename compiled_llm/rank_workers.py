@@ -1,12 +1,15 @@
 """The other ranks of an `LLM(model, tensor_parallel_size=N)` made outside torch.distributed: this process becomes
-rank 0 and starts ranks 1..N-1 as worker processes on this host, each building the same LLM for its rank (one GPU a
-rank: cuda:rank). Every `generate` call on rank 0 is sent to the workers first, with rank 0's random state, and each
-runs it alongside: the ranks step through the same requests in lockstep, as the collectives in their graphs need.
+rank 0 and starts ranks 1..N-1 as worker processes on this host, each building the same engine for its rank (one GPU
+a rank: cuda:rank). Rank 0's engine is a MirroredEngine: before each step it sends the workers what changed since the
+last one (requests queued and aborted) and its random state, and each worker applies them to its engine and steps
+too, so every rank schedules and samples the same batch, as the collectives in their graphs need. Whatever drives
+rank 0's engine (`generate`, `generate_async`, the server's engine core) is mirrored the same way.
 
-    rank 0 (the user's process)            ranks 1..N-1 (spawned)
-    LLM(...) -> RankWorkers.start  ----->  run_worker: init_process_group, LLM(...), "ready"
-    llm.generate(prompts)  -- call ---->   llm.generate(prompts)          # same steps, same all-reduces
-    exit / llm.close()     -- stop ---->   destroy_process_group, exit
+    rank 0 (the user's process, or the engine core)      ranks 1..N-1 (spawned)
+    LLM(...) -> RankWorkers.start            ------->    run_worker: init_process_group, LLM(...), "ready"
+    engine.queue / abort (recorded)
+    engine.step  -- [queued, aborted], random state -->  apply them; engine.step   # same batch, same all-reduces
+    exit / llm.close()                       -- stop ->  destroy_process_group, exit
 
 A worker exits when rank 0's process dies; a worker that fails or dies is reported by rank 0 (its error, its exit
 code), whose collectives then fail after the group's timeout. Several hosts need one process a rank started by
@@ -23,6 +26,8 @@ import threading
 import time
 
 import torch
+
+from compiled_llm.engine import Engine, Request
 
 log = logging.getLogger("compiled_llm.llm")
 
@@ -81,6 +86,7 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, dtype, 
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         raise
     connection.send(("ready", None))
+    requests: dict[str, Request] = {}  # rank 0's request id -> this rank's request
     try:
         while True:
             try:
@@ -89,15 +95,58 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, dtype, 
                 break
             if message[0] == "stop":
                 break
-            _, method, args, kwargs, state = message
-            _set_random_state(state)
+            _, changes, state = message
             try:
-                getattr(llm, method)(*args, **kwargs)
-            except Exception:  # rank 0 ran the same call: it fails in its collectives after their timeout
-                log.exception("rank %d: %s failed; this rank stops", rank, method)
+                with torch.no_grad():
+                    _step_like_rank_0(llm.engine, requests, changes, state)
+            except Exception:  # rank 0 ran the same step: it fails in its collectives after their timeout
+                log.exception("rank %d: a step failed; this rank stops", rank)
                 raise
     finally:
         dist.destroy_process_group()
+
+
+def _step_like_rank_0(engine, requests: dict, changes: list[tuple], state: tuple) -> None:
+    for change in changes:
+        if change[0] == "queue":
+            _, request_id, prompt_token_ids, params, prompt = change
+            requests[request_id] = engine.add_request(prompt_token_ids, params, prompt)
+        else:  # "abort"
+            engine.abort(requests.pop(change[1]))
+    _set_random_state(state)
+    ids = {request: request_id for request_id, request in requests.items()}
+    for request in engine.step():
+        if request.finish_reason is not None:
+            requests.pop(ids[request], None)
+
+
+class MirroredEngine(Engine):
+    """Rank 0's engine: each step is preceded by sending the workers the requests queued and aborted since the last
+    one (by rank 0's request ids) and the random state the step samples with."""
+
+    def __init__(self, *args, workers: RankWorkers):
+        super().__init__(*args)
+        self.workers = workers
+        self._changes: list[tuple] = []
+        self._mirrored: set[Request] = set()  # queued on the workers, not finished
+
+    def queue(self, request: Request) -> None:
+        super().queue(request)
+        self._changes.append(("queue", request.request_id, request.prompt_token_ids, request.params, request.prompt))
+        self._mirrored.add(request)
+
+    def abort(self, request: Request) -> None:
+        super().abort(request)
+        if request in self._mirrored:
+            self._mirrored.discard(request)
+            self._changes.append(("abort", request.request_id))
+
+    def step(self) -> list[Request]:
+        self.workers.send(self._changes)
+        self._changes = []
+        updated = super().step()
+        self._mirrored.difference_update(r for r in updated if r.finish_reason is not None)
+        return updated
 
 
 class RankWorkers:
@@ -139,11 +188,12 @@ class RankWorkers:
                 self.close()
                 raise RuntimeError(f"rank {rank} of {len(self.connections) + 1} could not build its LLM: {why}")
 
-    def call(self, method: str, *args, **kwargs) -> None:
-        """Have every worker run `llm.<method>(*args, **kwargs)` with this process's random state."""
+    def send(self, changes: list[tuple]) -> None:
+        """Have every worker apply `changes` (MirroredEngine's) and step, with this process's random state."""
         self._check_alive()
+        message = ("step", changes, random_state())
         for connection in self.connections:
-            connection.send(("call", method, args, kwargs, random_state()))
+            connection.send(message)
 
     def _check_alive(self) -> None:
         for rank, process in enumerate(self.processes, start=1):

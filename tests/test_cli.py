@@ -131,9 +131,9 @@ def test_config_file_with_flags_over_it(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
     assert main(["build", str(tmp_path / "model"), "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
-    for flag in ("--tensor-parallel-size", "--expert-parallel-size"):  # one rank: LLM(...) or torchrun for more
-        assert main(["serve", str(tmp_path / "model"), flag, "2"]) == 2
-        assert "the commands run on one rank for now" in capsys.readouterr().err
+    for flag in ("--tensor-parallel-size", "--expert-parallel-size"):  # one rank: serve, LLM(...) or torchrun for more
+        assert main(["build", str(tmp_path / "model"), flag, "2"]) == 2
+        assert "build runs on one rank for now (serve runs over several)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["build", "bench", "serve", "tune"])

@@ -38,7 +38,6 @@ def stream_events(url: str, body: dict) -> list[str]:
         return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
 
-
 def test_sigterm_finishes_running_requests_and_exits_0(text_model_dir, tmp_path):
     process, url, log = start_server(text_model_dir, tmp_path)
     body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 60, "stream": True, "ignore_eos": True}
@@ -56,7 +55,6 @@ def test_sigterm_finishes_running_requests_and_exits_0(text_model_dir, tmp_path)
     assert "engine core ready" in text and "Traceback" not in text
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/health", timeout=2)
-
 
 
 def test_past_the_shutdown_timeout_requests_fail_in_the_apis_shape(text_model_dir, tmp_path):
@@ -145,3 +143,34 @@ def test_an_engine_core_that_dies_fails_the_stream_and_stops_the_server(text_mod
         rest = [line.removeprefix("data: ") for line in lines if line.startswith("data:")]
     assert rest[-1] == "[DONE]" and "engine core process exited" in json.loads(rest[-2])["error"]["message"]
     assert process.wait(timeout=60) == 1
+
+
+def test_a_server_over_two_ranks_answers_as_one_and_stops_them(text_model_dir, tmp_path):
+    """serve --tensor-parallel-size 2: the engine core is rank 0 and starts rank 1 (rank_workers.py), whose engine
+    steps as the core's does; concurrent requests get the tokens one rank gives, and SIGTERM stops every process."""
+    from compiled_llm import LLM, SamplingParams
+
+    one_rank = LLM(str(text_model_dir), compile_backend="eager", max_batch_size=4, max_seq_len=160)
+    expected = [out.outputs[0].text for out in one_rank.generate(
+        PROMPTS[:3], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)]  # fmt: skip
+    process, url, _ = start_server(text_model_dir, tmp_path, "--tensor-parallel-size", "2")
+    core = engine_core(process.pid)
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == core]
+    body = {"model": "tiny", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda prompt: httpx.post(f"{url}/v1/completions", json={**body, "prompt": prompt},
+                                                           headers=AUTH, timeout=60).json(), PROMPTS[:3]))  # fmt: skip
+    assert [answer["choices"][0]["text"] for answer in answers] == expected
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in [core, *workers]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers and not any(alive(pid) for pid in [core, *workers])
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

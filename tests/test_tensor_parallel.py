@@ -151,7 +151,7 @@ def test_the_llm_engine_runs_the_shards_in_lockstep(two_ranks):
     """LLM over the shards (its scheduler and sampler on every rank): both ranks' tokens equal, greedy ones HF's;
     generate_async, whose requests arrive on each rank's own loop, is refused."""
     assert two_ranks[0]["llm"] == two_ranks[1]["llm"] and two_ranks[0]["llm_sampled"] == two_ranks[1]["llm_sampled"]
-    assert all("generate_async runs on one rank" in rank["async"] for rank in two_ranks)
+    assert all("generate_async over 2 ranks started outside this LLM" in rank["async"] for rank in two_ranks)
     expected = _expected("qwen3")[1][0, 12:].tolist()
     assert list(two_ranks[0]["llm"][0]) == expected
 
@@ -335,28 +335,41 @@ def _alive(pid: int) -> bool:
 
 
 _LLM_OVER_TWO_RANKS = """
-import json, os, sys
+import asyncio, json, os, sys
 import torch
 from compiled_llm import LLM, SamplingParams
 llm = LLM(sys.argv[1], tensor_parallel_size=2, compile_backend="eager", max_batch_size=2)
 prompt = json.loads(sys.argv[2])
-greedy = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
-sampled = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # no seed
+llm.engine.warm_up()  # as the server's engine core does: its steps mirrored too
+greedy_params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+greedy = llm.generate([prompt], greedy_params, use_tqdm=False)
+sampled = llm.generate([prompt, prompt[2:]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # no seed
+
+async def streamed():  # requests arriving one by one on rank 0's event loop, one aborted early
+    async def first(ids):
+        async for out in llm.generate_async(ids, greedy_params):
+            return out.outputs[0].token_ids
+    async def whole(ids):
+        async for out in llm.generate_async(ids, greedy_params, streaming=False):
+            return out.outputs[0].token_ids
+    return await asyncio.gather(whole(prompt), first(prompt[3:]), whole(prompt))
+streams = asyncio.run(streamed())
 pids = [p.pid for p in llm._workers.processes]
 if sys.argv[3] == "die":  # rank 0 dies without stopping its workers: each must exit by itself
     print(json.dumps({"pids": pids}), flush=True)
     os._exit(1)
 llm.close()
-print(json.dumps({"greedy": greedy[0].outputs[0].token_ids, "sampled": sampled[0].outputs[0].token_ids,
-                  "initialized": torch.distributed.is_initialized(), "pids": pids}))
+print(json.dumps({"greedy": greedy[0].outputs[0].token_ids, "sampled": [o.outputs[0].token_ids for o in sampled],
+                  "streams": streams, "initialized": torch.distributed.is_initialized(), "pids": pids}))
 """
 
 
 def test_llm_starts_the_other_ranks_itself(tmp_path):
     """LLM(path, tensor_parallel_size=2) outside torchrun: this process is rank 0 and starts rank 1, which loads the
-    model and runs each generate alongside (unseeded sampling too: rank 1 takes rank 0's random state); the greedy
-    tokens are HF's, close() stops the worker and leaves the group, and a worker whose rank 0 dies exits. A model
-    object cannot be sent to a new process: refused."""
+    model and steps as rank 0's engine does (rank_workers.MirroredEngine): a warm-up, generate (unseeded sampling too:
+    rank 1 takes rank 0's random state), and generate_async's requests arriving one by one, one of them left after its
+    first tokens (aborted); the greedy tokens are HF's, close() stops the worker and leaves the group, and a worker
+    whose rank 0 dies exits. A model object cannot be sent to a new process: refused."""
     import json
     import subprocess
     import sys
@@ -371,7 +384,8 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     assert runs["close"].returncode == 0, runs["close"].stderr[-3000:]
     out = json.loads(runs["close"].stdout.strip().splitlines()[-1])
     assert out["greedy"] == expected[0, 12:].tolist()
-    assert len(out["sampled"]) == NEW_TOKENS and not out["initialized"]
+    assert out["streams"][0] == out["streams"][2] == out["greedy"] and len(out["streams"][1]) >= 1
+    assert [len(tokens) for tokens in out["sampled"]] == [NEW_TOKENS] * 2 and not out["initialized"]
     orphans = json.loads(runs["die"].stdout.strip().splitlines()[-1])["pids"]
     deadline = time.monotonic() + 20
     while any(_alive(pid) for pid in orphans) and time.monotonic() < deadline:

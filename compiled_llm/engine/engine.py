@@ -32,8 +32,12 @@ class Engine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; raises ValueError for one that could never run."""
         request = self.make_request(prompt_token_ids, params, prompt)
-        self.scheduler.add(request)
+        self.queue(request)
         return request
+
+    def queue(self, request: Request) -> None:
+        """Queue a request made by make_request."""
+        self.scheduler.add(request)
 
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """A checked request, not queued yet (`scheduler.add` queues it); raises ValueError for one that

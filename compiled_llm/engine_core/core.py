@@ -96,7 +96,7 @@ class EngineCore:
         except ValueError as error:  # checked in the API process too: only an engine that differs gets here
             self.outbox.send((REJECTED, request_id, str(error)))
             return
-        self.engine.scheduler.add(request)
+        self.engine.queue(request)
         self.requests[request_id] = request
         self.sent[request] = _Sent(request_id)
 
