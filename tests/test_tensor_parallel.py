@@ -358,6 +358,16 @@ pids = [p.pid for p in llm._workers.processes]
 if sys.argv[3] == "die":  # rank 0 dies without stopping its workers: each must exit by itself
     print(json.dumps({"pids": pids}), flush=True)
     os._exit(1)
+if sys.argv[3] == "kill-worker":  # a worker dies: rank 0's next step is an error naming it, not a hang
+    os.kill(pids[0], 9)
+    llm._workers.processes[0].join(10)
+    try:
+        llm.generate([prompt], greedy_params, use_tqdm=False)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    print(json.dumps({"error": error}), flush=True)
+    os._exit(0)
 llm.close()
 print(json.dumps({"greedy": greedy[0].outputs[0].token_ids, "sampled": [o.outputs[0].token_ids for o in sampled],
                   "streams": streams, "initialized": torch.distributed.is_initialized(), "pids": pids}))
@@ -368,8 +378,9 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     """LLM(path, tensor_parallel_size=2) outside torchrun: this process is rank 0 and starts rank 1, which loads the
     model and steps as rank 0's engine does (rank_workers.MirroredEngine): a warm-up, generate (unseeded sampling too:
     rank 1 takes rank 0's random state), and generate_async's requests arriving one by one, one of them left after its
-    first tokens (aborted); the greedy tokens are HF's, close() stops the worker and leaves the group, and a worker
-    whose rank 0 dies exits. A model object cannot be sent to a new process: refused."""
+    first tokens (aborted); the greedy tokens are HF's, close() stops the worker and leaves the group, a worker whose
+    rank 0 dies exits, and a worker that dies makes rank 0's next step an error naming it. A model object cannot be
+    sent to a new process: refused."""
     import json
     import subprocess
     import sys
@@ -380,7 +391,7 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
     runs = {end: subprocess.run([sys.executable, "-c", _LLM_OVER_TWO_RANKS, str(tmp_path), json.dumps(ids[0].tolist()),
                                  end], capture_output=True, text=True, timeout=JOIN_TIMEOUT_S, check=False)
-            for end in ("close", "die")}  # fmt: skip
+            for end in ("close", "die", "kill-worker")}  # fmt: skip
     assert runs["close"].returncode == 0, runs["close"].stderr[-3000:]
     out = json.loads(runs["close"].stdout.strip().splitlines()[-1])
     assert out["greedy"] == expected[0, 12:].tolist()
@@ -391,5 +402,7 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     while any(_alive(pid) for pid in orphans) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in orphans + out["pids"]), "a worker outlived rank 0"
+    error = json.loads(runs["kill-worker"].stdout.strip().splitlines()[-1])["error"]
+    assert error is not None and "rank 1 (pid" in error and "has exited with code -9" in error
     with pytest.raises(ValueError, match="LLM over 2 ranks starts the other 1 as processes that load the model"):
         LLM(model, tensor_parallel_size=2)
