@@ -104,7 +104,7 @@ class LLM:
                 )
             from compiled_llm.rank_workers import RankWorkers
 
-            self._workers = RankWorkers.start(model, dtype, config_fields, world)
+            self._workers = RankWorkers.start(model, tokenizer, dtype, config_fields, world)
             weakref.finalize(self, self._workers.close)
         try:
             if isinstance(model, str):

@@ -67,7 +67,7 @@ def _set_random_state(state: tuple) -> None:
         torch.cuda.set_rng_state(gpu)
 
 
-def run_worker(connection, rank: int, world: int, port: int, model: str, dtype, config_fields: dict,
+def run_worker(connection, rank: int, world: int, port: int, model: str, tokenizer, dtype, config_fields: dict,
                timeout_s: float) -> None:  # fmt: skip
     """A worker rank's entry point (spawned): build the LLM, then run what rank 0 sends until it says stop."""
     import signal
@@ -81,7 +81,7 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, dtype, 
     exit_with_parent()
     try:
         init_rank(rank, world, port, timeout_s)
-        llm = LLM(model, dtype=dtype, **config_fields)
+        llm = LLM(model, tokenizer, dtype=dtype, **config_fields)
     except BaseException as error:
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         raise
@@ -129,6 +129,7 @@ class MirroredEngine(Engine):
         self.workers = workers
         self._changes: list[tuple] = []
         self._mirrored: set[Request] = set()  # queued on the workers, not finished
+        self.broken: str | None = None  # why a step failed on rank 0, after which none may run
 
     def queue(self, request: Request) -> None:
         super().queue(request)
@@ -142,9 +143,17 @@ class MirroredEngine(Engine):
             self._changes.append(("abort", request.request_id))
 
     def step(self) -> list[Request]:
+        if self.broken is not None:
+            raise RuntimeError(f"the ranks are out of step since a step failed on rank 0 ({self.broken}); their "
+                               "workers are stopped: build the LLM again")  # fmt: skip
         self.workers.send(self._changes)
         self._changes = []
-        updated = super().step()
+        try:
+            updated = super().step()
+        except BaseException as error:  # the workers ran (or wait in) a step rank 0 left: they can never pair again
+            self.broken = f"{type(error).__name__}: {error}"
+            self.workers.close(wait_s=5)
+            raise
         self._mirrored.difference_update(r for r in updated if r.finish_reason is not None)
         return updated
 
@@ -158,15 +167,15 @@ class RankWorkers:
         threading.Thread(target=self._watch, name="compiled-llm-rank-watch", daemon=True).start()
 
     @classmethod
-    def start(cls, model: str, dtype, config_fields: dict, world: int,
+    def start(cls, model: str, tokenizer, dtype, config_fields: dict, world: int,
               timeout_s: float = COLLECTIVE_TIMEOUT_S) -> RankWorkers:  # fmt: skip
         context = multiprocessing.get_context("spawn")  # a fork would copy CUDA and the group's state
         port = _free_port()
         processes, connections = [], []
         for rank in range(1, world):
             ours, theirs = context.Pipe()
-            process = context.Process(target=run_worker, name=f"compiled-llm-rank{rank}",
-                                      args=(theirs, rank, world, port, model, dtype, config_fields, timeout_s))  # fmt: skip
+            process = context.Process(target=run_worker, name=f"compiled-llm-rank{rank}", args=(
+                theirs, rank, world, port, model, tokenizer, dtype, config_fields, timeout_s))  # fmt: skip
             process.start()
             processes.append(process)
             connections.append(ours)
@@ -174,11 +183,36 @@ class RankWorkers:
                  ", ".join(str(p.pid) for p in processes))  # fmt: skip
         workers = cls(processes, connections, timeout_s)
         try:
-            init_rank(0, world, port, timeout_s)
+            workers._meet(world, port)
         except BaseException:
-            workers.close()
+            workers.close(wait_s=5)
             raise
         return workers
+
+    def _meet(self, world: int, port: int) -> None:
+        """Join the group as rank 0, failing as soon as a worker exits before the ranks meet (rather than after the
+        group's timeout): the rendezvous waits in a thread while this one watches the workers."""
+        failure: list[BaseException] = []
+
+        def rendezvous() -> None:
+            try:
+                init_rank(0, world, port, self.timeout_s)
+            except BaseException as error:  # noqa: BLE001  (raised in the caller's thread)
+                failure.append(error)
+
+        meeting = threading.Thread(target=rendezvous, name="compiled-llm-rendezvous", daemon=True)
+        meeting.start()
+        while meeting.is_alive():
+            meeting.join(0.2)
+            for rank, (process, connection) in enumerate(zip(self.processes, self.connections), start=1):
+                if not process.is_alive():
+                    why = connection.recv()[1] if connection.poll() else (
+                        "it stopped before running (a script that builds an LLM over several ranks needs "
+                        "`if __name__ == \"__main__\":` around it: each rank imports the script again)")  # fmt: skip
+                    raise RuntimeError(f"rank {rank} (pid {process.pid}) exited with code {process.exitcode} before "
+                                       f"the ranks met: {why}")  # fmt: skip
+        if failure:
+            raise failure[0]
 
     def wait_ready(self) -> None:
         """Raise RuntimeError (and stop the workers) if a worker failed to build its LLM."""

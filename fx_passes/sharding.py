@@ -49,7 +49,7 @@ def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, 
     pieces = []
     for block in whole.detach().chunk(blocks, dim):
         kept = max(0, min(size, block.shape[dim] - start))
-        pieces.append(block.narrow(dim, start, kept))
+        pieces.append(block.narrow(dim, min(start, block.shape[dim]), kept))  # a shard wholly past the end: zeros
         if kept < size:
             shape = list(block.shape)
             shape[dim] = size - kept

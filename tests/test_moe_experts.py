@@ -515,8 +515,6 @@ def check_grouped_routing_against_reference(device: str) -> None:
 def test_grouped_routing_refuses_a_bias_with_softmax_scores():
     """A correction bias has no meaning for softmax scores (transformers' softmax router has none): refused by every
     backend, not added by one and ignored by another."""
-    from custom_ops.moe import routing
-
     logits, bias = torch.randn(4, 16), torch.randn(16)
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match="a correction bias goes with scoring 'sigmoid', not 'softmax'"):

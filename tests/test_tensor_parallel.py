@@ -368,8 +368,22 @@ if sys.argv[3] == "kill-worker":  # a worker dies: rank 0's next step is an erro
         error = str(e)
     print(json.dumps({"error": error}), flush=True)
     os._exit(0)
+runner = llm.engine.runner
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+runner.execute = interrupted  # Ctrl-C in rank 0's step, after the workers were sent it: the ranks are out of step
+try:
+    llm.generate([prompt], greedy_params, use_tqdm=False)
+except KeyboardInterrupt:
+    pass
+del runner.execute
+try:
+    llm.generate([prompt], greedy_params, use_tqdm=False)
+    after_interrupt = None
+except RuntimeError as error:
+    after_interrupt = str(error)
 llm.close()
-print(json.dumps({"greedy": greedy[0].outputs[0].token_ids, "sampled": [o.outputs[0].token_ids for o in sampled],
+print(json.dumps({"after_interrupt": after_interrupt, "greedy": greedy[0].outputs[0].token_ids, "sampled": [o.outputs[0].token_ids for o in sampled],
                   "streams": streams, "initialized": torch.distributed.is_initialized(), "pids": pids}))
 """
 
@@ -378,8 +392,9 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     """LLM(path, tensor_parallel_size=2) outside torchrun: this process is rank 0 and starts rank 1, which loads the
     model and steps as rank 0's engine does (rank_workers.MirroredEngine): a warm-up, generate (unseeded sampling too:
     rank 1 takes rank 0's random state), and generate_async's requests arriving one by one, one of them left after its
-    first tokens (aborted); the greedy tokens are HF's, close() stops the worker and leaves the group, a worker whose
-    rank 0 dies exits, and a worker that dies makes rank 0's next step an error naming it. A model object cannot be
+    first tokens (aborted); the greedy tokens are HF's; after a step interrupted on rank 0 every step is refused; close()
+    stops the worker and leaves the group, a worker whose rank 0 dies exits, and a worker that dies makes rank 0's next
+    step an error naming it. A model object cannot be
     sent to a new process: refused."""
     import json
     import subprocess
@@ -397,6 +412,7 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     assert out["greedy"] == expected[0, 12:].tolist()
     assert out["streams"][0] == out["streams"][2] == out["greedy"] and len(out["streams"][1]) >= 1
     assert [len(tokens) for tokens in out["sampled"]] == [NEW_TOKENS] * 2 and not out["initialized"]
+    assert "the ranks are out of step since a step failed on rank 0 (KeyboardInterrupt" in out["after_interrupt"]
     orphans = json.loads(runs["die"].stdout.strip().splitlines()[-1])["pids"]
     deadline = time.monotonic() + 20
     while any(_alive(pid) for pid in orphans) and time.monotonic() < deadline:
@@ -406,3 +422,20 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
     assert error is not None and "rank 1 (pid" in error and "has exited with code -9" in error
     with pytest.raises(ValueError, match="LLM over 2 ranks starts the other 1 as processes that load the model"):
         LLM(model, tensor_parallel_size=2)
+
+
+def test_an_unguarded_script_is_a_clear_error_not_a_wait(tmp_path):
+    """A script that builds an LLM over two ranks at import: the spawned rank imports it again and stops; rank 0 says
+    so at once (not after the group's 600 s timeout), naming the guard it needs."""
+    import subprocess
+    import sys
+
+    _model("llama").save_pretrained(tmp_path / "model")
+    script = tmp_path / "unguarded.py"
+    script.write_text("from compiled_llm import LLM\n"
+                      f"LLM({str(tmp_path / 'model')!r}, tensor_parallel_size=2, compile_backend='eager')\n")  # fmt: skip
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode != 0 and time.monotonic() - start < 100
+    assert "rank 1 (pid" in run.stderr and "before the ranks met" in run.stderr
+    assert 'if __name__ == "__main__":' in run.stderr

@@ -40,7 +40,7 @@ class Engine:
         self.scheduler.add(request)
 
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
-        """A checked request, not queued yet (`scheduler.add` queues it); raises ValueError for one that
+        """A checked request, not queued yet (`queue` queues it); raises ValueError for one that
         could never run. Touches no engine state: callable while a step runs in another thread."""
         self.check_request(prompt_token_ids, params)
         request = Request(str(next(self._ids)), list(prompt_token_ids), params, prompt)
