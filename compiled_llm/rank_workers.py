@@ -86,7 +86,7 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, tokeniz
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         raise
     connection.send(("ready", None))
-    requests: dict[str, Request] = {}  # rank 0's request id -> this rank's request
+    requests = _RankZeroRequests()
     try:
         while True:
             try:
@@ -98,7 +98,7 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, tokeniz
             _, changes, state = message
             try:
                 with torch.no_grad():
-                    _step_like_rank_0(llm.engine, requests, changes, state)
+                    requests.step_like_rank_0(llm.engine, changes, state)
             except Exception:  # rank 0 ran the same step: it fails in its collectives after their timeout
                 log.exception("rank %d: a step failed; this rank stops", rank)
                 raise
@@ -106,18 +106,28 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, tokeniz
         dist.destroy_process_group()
 
 
-def _step_like_rank_0(engine, requests: dict, changes: list[tuple], state: tuple) -> None:
-    for change in changes:
-        if change[0] == "queue":
-            _, request_id, prompt_token_ids, params, prompt = change
-            requests[request_id] = engine.add_request(prompt_token_ids, params, prompt)
-        else:  # "abort"
-            engine.abort(requests.pop(change[1]))
-    _set_random_state(state)
-    ids = {request: request_id for request_id, request in requests.items()}
-    for request in engine.step():
-        if request.finish_reason is not None:
-            requests.pop(ids[request], None)
+class _RankZeroRequests:
+    """A worker's requests by rank 0's ids, and back."""
+
+    def __init__(self):
+        self.by_id: dict[str, Request] = {}
+        self.ids: dict[Request, str] = {}
+
+    def step_like_rank_0(self, engine: Engine, changes: list[tuple], state: tuple) -> None:
+        """Apply rank 0's changes since its last step, then step with its random state."""
+        for change in changes:
+            if change[0] == "queue":
+                _, request_id, prompt_token_ids, params, prompt = change
+                request = engine.add_request(prompt_token_ids, params, prompt)
+                self.by_id[request_id], self.ids[request] = request, request_id
+            else:  # "abort"
+                request = self.by_id.pop(change[1])
+                del self.ids[request]
+                engine.abort(request)
+        _set_random_state(state)
+        for request in engine.step():
+            if request.finish_reason is not None and request in self.ids:
+                del self.by_id[self.ids.pop(request)]
 
 
 class MirroredEngine(Engine):
