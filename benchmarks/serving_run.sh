@@ -46,12 +46,12 @@ if [[ "${IN_PROCESS:-0}" == 1 ]]; then
     levels=(64) counts=(1024)
     python3 - "$model" $((port + 1)) "$@" > "$out/server_in_process.log" 2>&1 <<'PY' &
 import sys
-from compiled_llm.cli import _add_config_flags, _config_from_args
+from compiled_llm.cli_config import add_config_flags, config_from_args
 import argparse, logging
 logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
 parser = argparse.ArgumentParser()
-_add_config_flags(parser)
-config = _config_from_args(parser.parse_args(sys.argv[3:]))
+add_config_flags(parser)
+config = config_from_args(parser.parse_args(sys.argv[3:]))
 from compiled_llm import LLM
 from compiled_llm.server import serve
 sys.exit(serve(LLM(sys.argv[1], **config.model_dump()), sys.argv[1], port=int(sys.argv[2])))

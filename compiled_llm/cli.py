@@ -25,7 +25,8 @@ import re
 import sys
 from pathlib import Path
 
-from compiled_llm.config import CompileConfig, unknown_fields
+from compiled_llm.cli_config import add_config_flags, config_from_args, torch_dtype
+from compiled_llm.config import CompileConfig
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -39,81 +40,14 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("compile config (CompileConfig fields)")
-    group.add_argument("--config", metavar="FILE.yaml", help="CompileConfig fields in a YAML mapping (flags override)")
-    for name, field in CompileConfig.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        first_sentence = re.split(r"\.(?:\s|$)", field.description or "")[0]  # not at dots inside names
-        help_text = f"{first_sentence} (default: {default})"
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=help_text)
-
-
-def _config_file(path: str) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise ValueError(f"--config {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"--config {path}: not valid YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of CompileConfig fields, got {type(data).__name__}")
-    problem = unknown_fields(data)
-    if problem:
-        raise ValueError(f"--config {path}: {problem}")
-    return data
-
-
-def _config_from_args(args: argparse.Namespace, ranks: bool = False) -> CompileConfig:
-    """The CompileConfig of the flags and --config; `ranks`: the command may run over several ranks (serve: its
-    engine core's LLM starts them, rank_workers.py)."""
-    from pydantic import ValidationError
-
-    fields = _config_file(args.config) if getattr(args, "config", None) else {}
-    flags = {name: getattr(args, name) for name in CompileConfig.model_fields if getattr(args, name) is not None}
-    for name in ("passes", "cuda_graph_batch_sizes"):  # tuple fields: comma-separated on the command line
-        if isinstance(flags.get(name), str):
-            flags[name] = tuple(p.strip() for p in flags[name].split(",") if p.strip())
-    try:
-        config = CompileConfig(**{**fields, **flags})
-    except ValidationError as error:  # one line per bad field, naming it
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
-            for e in error.errors()
-        )
-        raise ValueError(f"invalid configuration: {problems}") from None
-    if config.parallel_ranks > 1 and not ranks:  # they compile or time the model in this process alone
-        raise ValueError(
-            f"--tensor-parallel-size / --expert-parallel-size {config.parallel_ranks}: {args.command} runs on one rank "
-            "for now (serve runs over several); from Python, LLM(model, tensor_parallel_size=N) starts the other "
-            "ranks itself, or run each rank under torchrun (examples/tensor_parallel.py)"
-        )
-    return config
-
-
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"--dtype must name a torch dtype (bfloat16, float16, float32), got {name!r}")
-    return dtype
-
-
 def build(args: argparse.Namespace) -> int:
     from compiled_llm.compiled_model import compile_model
     from compiled_llm.model_source import load_model
 
     if args.autotune is None:  # a build prepares warm starts: tune what is not in the kernel cache yet
         args.autotune = "full"
-    config = _config_from_args(args)
-    cm = compile_model(load_model(args.model, _dtype(args.dtype)).model, config)
+    config = config_from_args(args)
+    cm = compile_model(load_model(args.model, torch_dtype(args.dtype)).model, config)
     print(cm.report)
     print(f"warm-start caches under {config.cache_dir}: the captured and the rewritten graph, Inductor's and Triton's "
           "code, the kernel choices (a later compile of this model and configuration reads them)")  # fmt: skip
@@ -131,10 +65,10 @@ def bench(args: argparse.Namespace) -> int:
         return bench_serving(args)
     if args.model is None:
         raise ValueError(f"--mode {args.mode} needs MODEL")
-    config = _config_from_args(args)
+    config = config_from_args(args)
     default_baselines = "hf-eager,hf-compile" if args.mode == "latency" else "hf-eager"
     baselines = tuple(b for b in (args.baselines or default_baselines).split(",") if b and b != "none")
-    loaded = load_model(args.model, _dtype(args.dtype))
+    loaded = load_model(args.model, torch_dtype(args.dtype))
     model = loaded.model
     if args.mode == "throughput":
         result = run_throughput_benchmark(
@@ -193,9 +127,10 @@ def serve(args: argparse.Namespace) -> int:
                          "pip install 'compiled-llm[serve]'") from None  # fmt: skip
 
     api_key = _api_key(args)  # before the model loads: a missing key file fails at once
-    config = _config_from_args(args, ranks=True)
+    config = config_from_args(args, ranks=True)
     # The engine runs in its own process (it logs the compile report); this one serves HTTP.
-    engine = EngineCoreClient.start(args.model, _dtype(args.dtype), logging.getLogger().level, **config.model_dump())
+    dtype = torch_dtype(args.dtype)
+    engine = EngineCoreClient.start(args.model, dtype, logging.getLogger().level, **config.model_dump())
     try:
         return run_server(engine, args.served_model_name or args.model, args.host, args.port, api_key,
                           args.max_waiting, args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
@@ -251,7 +186,7 @@ def byte_size(text: str) -> int:
 def convert(args: argparse.Namespace) -> int:
     from compiled_llm.model_source import convert_model
 
-    loaded = convert_model(args.model, args.out_dir, _dtype(args.dtype))
+    loaded = convert_model(args.model, args.out_dir, torch_dtype(args.dtype))
     print(f"wrote {loaded.source} to {args.out_dir} ({next(loaded.model.parameters()).dtype}, "
           f"{'with' if loaded.tokenizer is not None else 'without'} a tokenizer)")
     return 0
@@ -273,7 +208,7 @@ def tune(args: argparse.Namespace) -> int:
         if args.max_batch_size is None:
             args.max_batch_size = str(max(map(int, sizes)))
     end_to_end = () if args.no_end_to_end else tuple(map(int, sizes))
-    return tune_kernels(args.model, _dtype(args.dtype), _config_from_args(args), end_to_end)
+    return tune_kernels(args.model, torch_dtype(args.dtype), config_from_args(args), end_to_end)
 
 
 def cache(args: argparse.Namespace) -> int:
@@ -298,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                        formatter_class=_DefaultsFormatter)  # fmt: skip
     build_parser.add_argument("model", help=model_help)
     build_parser.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's; presets: bfloat16)")
-    _add_config_flags(build_parser)
+    add_config_flags(build_parser)
     build_parser.set_defaults(run=build)
 
     bench_parser = commands.add_parser(
@@ -334,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                               "the model compiled again without it, measured in the same run")  # fmt: skip
     bench_parser.add_argument("--json", help="write the results to this file")
     bench_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
-    _add_config_flags(bench_parser)
+    add_config_flags(bench_parser)
     bench_parser.set_defaults(run=bench)
 
     serve_parser = commands.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
@@ -360,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--read-timeout", type=positive_seconds, default=30.0,
                               help="seconds a request body may stop arriving before it gets 408")
     serve_parser.add_argument("--dtype", help="model dtype (default: the checkpoint's; presets: bfloat16)")
-    _add_config_flags(serve_parser)
+    add_config_flags(serve_parser)
     serve_parser.set_defaults(run=serve)
 
     convert_parser = commands.add_parser("convert", help="write any MODEL as a plain Hugging Face directory",
@@ -381,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end table: after tuning, "
                              "decode tok/s at each of --batch-sizes (default 1), 128 + 128 tokens, with the heuristics "
                              "and with the tuned choices, each compiled on its own")  # fmt: skip
-    _add_config_flags(tune_parser)
+    add_config_flags(tune_parser)
     tune_parser.set_defaults(run=tune)
 
     cache_parser = commands.add_parser("cache", help="list or empty the kernel cache (tuned kernel choices)",

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compiled_llm.compiled_model import compile_model
+from compiled_llm.config import CompileConfig
 from compiled_llm.engine import Engine, Request, SamplingParams
 from compiled_llm.engine.limits import EngineStats
 from compiled_llm.parallel_ranks import check_ranks_share_random_stream
@@ -94,7 +95,7 @@ class LLM:
         step as its engine does (rank_workers.py: `model` must then be what they can load, a string); `close()` stops
         them."""
         self._workers = None
-        world = max(int(config_fields.get("tensor_parallel_size", 1)), int(config_fields.get("expert_parallel_size", 1)))
+        world = CompileConfig(**config_fields).parallel_ranks  # (bad fields fail here, before any rank starts)
         if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             if not isinstance(model, str):
                 raise ValueError(

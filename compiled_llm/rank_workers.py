@@ -24,6 +24,7 @@ import multiprocessing
 import socket
 import threading
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -55,13 +56,15 @@ def init_rank(rank: int, world: int, port: int, timeout_s: float) -> None:
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
 
 
-def random_state() -> tuple:
-    """This process's random state for sampling (CPU, and the current GPU's): the workers take rank 0's."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+def random_state() -> tuple[bytes, bytes | None]:
+    """This process's random state for sampling (CPU, and the current GPU's), which the workers take: as bytes, since
+    a pipe would send a tensor through a shared-memory segment of its own, one a step."""
+    gpu = torch.cuda.get_rng_state().numpy().tobytes() if torch.cuda.is_available() else None
+    return torch.get_rng_state().numpy().tobytes(), gpu
 
 
-def _set_random_state(state: tuple) -> None:
-    cpu, gpu = state
+def _set_random_state(state: tuple[bytes, bytes | None]) -> None:
+    cpu, gpu = (None if b is None else torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in state)
     torch.set_rng_state(cpu)
     if gpu is not None:
         torch.cuda.set_rng_state(gpu)
@@ -214,13 +217,14 @@ class RankWorkers:
         meeting.start()
         while meeting.is_alive():
             meeting.join(0.2)
-            for rank, (process, connection) in enumerate(zip(self.processes, self.connections), start=1):
-                if not process.is_alive():
-                    why = connection.recv()[1] if connection.poll() else (
-                        "it stopped before running (a script that builds an LLM over several ranks needs "
-                        "`if __name__ == \"__main__\":` around it: each rank imports the script again)")  # fmt: skip
-                    raise RuntimeError(f"rank {rank} (pid {process.pid}) exited with code {process.exitcode} before "
-                                       f"the ranks met: {why}")  # fmt: skip
+            if (exited := self._first_exited()) is not None:
+                rank, process = exited
+                connection = self.connections[rank - 1]
+                why = connection.recv()[1] if connection.poll() else (
+                    "it stopped before running (a script that builds an LLM over several ranks needs "
+                    "`if __name__ == \"__main__\":` around it: each rank imports the script again)")  # fmt: skip
+                raise RuntimeError(f"rank {rank} (pid {process.pid}) exited with code {process.exitcode} before the "
+                                   f"ranks met: {why}")  # fmt: skip
         if failure:
             raise failure[0]
 
@@ -234,25 +238,26 @@ class RankWorkers:
 
     def send(self, changes: list[tuple]) -> None:
         """Have every worker apply `changes` (MirroredEngine's) and step, with this process's random state."""
-        self._check_alive()
-        message = ("step", changes, random_state())
+        if (exited := self._first_exited()) is not None:
+            rank, process = exited
+            raise RuntimeError(f"rank {rank} (pid {process.pid}) has exited with code {process.exitcode}: the ranks "
+                               "can no longer step together; build the LLM again")  # fmt: skip
+        message = ForkingPickler.dumps(("step", changes, random_state()))  # once for every worker
         for connection in self.connections:
-            connection.send(message)
+            connection.send_bytes(message)
 
-    def _check_alive(self) -> None:
-        for rank, process in enumerate(self.processes, start=1):
-            if not process.is_alive():
-                raise RuntimeError(f"rank {rank} (pid {process.pid}) has exited with code {process.exitcode}: the "
-                                   "ranks can no longer step together; build the LLM again")  # fmt: skip
+    def _first_exited(self) -> tuple[int, multiprocessing.Process] | None:
+        """(rank, process) of the first worker that is no longer running, or None."""
+        return next(((rank, p) for rank, p in enumerate(self.processes, start=1) if not p.is_alive()), None)
 
     def _watch(self) -> None:
         """Report a worker that dies while rank 0 may wait for it in a collective."""
         while not self._stopped.wait(1.0):
-            for rank, process in enumerate(self.processes, start=1):
-                if not process.is_alive():
-                    log.error("rank %d (pid %d) exited with code %s: rank 0's collectives will fail after their "
-                              "timeout (%.0f s)", rank, process.pid, process.exitcode, self.timeout_s)  # fmt: skip
-                    return
+            if (exited := self._first_exited()) is not None:
+                rank, process = exited
+                log.error("rank %d (pid %d) exited with code %s: rank 0's collectives will fail after their timeout "
+                          "(%.0f s)", rank, process.pid, process.exitcode, self.timeout_s)  # fmt: skip
+                return
 
     def close(self, wait_s: float = 30.0) -> None:
         """Stop the workers (each leaves the group and exits; one that does not within `wait_s`, stuck in a

@@ -16,16 +16,17 @@ How it combines with tensor parallelism (CompileConfig.expert_parallel_size): ex
 tensor-parallel group, as vLLM's does. tensor_parallel_size == expert_parallel_size: attention and the dense linears
 are split by shard_tensor_parallel over the same ranks, whose row-parallel all-reduce leaves every rank the whole
 hidden state the router and the experts read; tensor_parallel_size=1: attention is replicated, each rank computes it
-whole. The config refuses other combinations (and tensor_parallel_size > 1 alone splits features, below). Experts the capture did not route to the op (transformers' forward,
-counted by insert_fused_moe) stay whole on every rank: correct, not split.
+whole. The config refuses other combinations (tensor_parallel_size > 1 alone splits features, below). Experts the
+capture did not route to the op (transformers' forward, counted by insert_fused_moe) stay whole on every rank:
+correct, not split.
 
 Without expert parallelism, tensor_parallel_size > 1 splits each expert by its intermediate features instead, as a
 tensor-parallel MLP is split (split_features): rank r keeps features [r * I/n, (r + 1) * I/n) of every expert,
 
-    y = moe_experts(h, ids, w, W13, W2, b13, b2, act, ...)  ->  y = moe_experts(h, ids, w, W13_r, W2_r, b13_r, b2 | None,
-        # W13 [E, 2I, H]: gate rows | up rows (silu),                           act, ...)  # W13_r [E, 2I/n, H]: its
-        # interleaved (swiglu_oai); W2 [E, H, I]                                # gate and up rows, W2_r [E, H, I/n]
-                                                                y = wait_tensor(all_reduce(y, "sum", group))
+    y = moe_experts(h, ids, w, W13, W2, b13, b2, act)  ->  y = moe_experts(h, ids, w, W13_r, W2_r, b13_r, b2 | None, act)
+        # W13 [E, 2I, H]: gate | up rows (silu),                   # W13_r [E, 2I/n, H]: its gate and up rows,
+        # interleaved (swiglu_oai); W2 [E, H, I]                   # W2_r [E, H, I/n]; b2 on rank 0 only
+                                                             y = wait_tensor(all_reduce(y, "sum", group))
 
 exact because the gated activation works feature by feature: each rank's pairs give their share of the down
 projection's sum over features, and the ranks' shares add up (b2 is added on rank 0 only). Experts whose weights hold
@@ -56,15 +57,14 @@ def _refuse(node: torch.fx.Node, world: int, why: str):
                               f"({node.target}): {why}")  # fmt: skip
 
 
-def _rank_part(gm: torch.fx.GraphModule, node: torch.fx.Node, arg: torch.fx.Node, start: int, size: int,
-               world: int) -> torch.fx.Node:  # fmt: skip
-    """A node reading experts [start, start + size) of the experts op's weight or bias `arg` (a parameter, or its
-    transpose(1, 2) where the model stores the weight transposed), made before `node`."""
-    found = expert_parameter(gm, arg)
-    if found is None:
-        _refuse(node, world, f"its argument {arg.name} is not one of the model's parameters (or its transpose)")
-    part = shard_attr(gm, arg.args[0] if found[1] else arg, 0, start, size, node)
-    if found[1]:
+def _weight_part(gm: torch.fx.GraphModule, node: torch.fx.Node, arg: torch.fx.Node, dim: int, start: int, size: int,
+                 blocks: int = 1) -> torch.fx.Node:  # fmt: skip
+    """A node reading [start, start + size) along `dim` (of each of `blocks`) of the experts op's weight or bias `arg`,
+    a parameter or its transpose(1, 2) (whose dims 1 and 2 are the parameter's 2 and 1), made before `node`."""
+    transposed = expert_parameter(gm, arg)[1]
+    source = arg.args[0] if transposed else arg
+    part = shard_attr(gm, source, 3 - dim if transposed and dim in (1, 2) else dim, start, size, node, blocks)
+    if transposed:
         with gm.graph.inserting_before(node):
             part = insert_call(gm.graph, aten.transpose.int, (part, *arg.args[1:]))
     return part
@@ -84,7 +84,10 @@ def shard(gm: torch.fx.GraphModule, rank: int, world: int, group: str) -> int:
         size = experts // world
         start = rank * size
         old = [a for a in (w13, w2, b13, b2) if isinstance(a, torch.fx.Node)]
-        parts = [None if a is None else _rank_part(gm, node, a, start, size, world) for a in (w13, w2, b13, b2)]
+        for arg in old:
+            if expert_parameter(gm, arg) is None:
+                _refuse(node, world, f"its argument {arg.name} is not one of the model's parameters (or its transpose)")
+        parts = [None if a is None else _weight_part(gm, node, a, 0, start, size) for a in (w13, w2, b13, b2)]
         with graph.inserting_before(node):
             local_ids = insert_call(graph, aten.sub.Tensor, (ids, start))
         node.args = (x, local_ids, route_weights, *parts, *node.args[7:])
@@ -102,19 +105,6 @@ def _gate_up_rows(activation: str, start: int, size: int) -> tuple[int, int, int
     if activation == "swiglu_oai":  # interleaved gate and up rows: [2a, 2b)
         return 2 * start, 2 * size, 1
     return None
-
-
-def _features_part(gm: torch.fx.GraphModule, node: torch.fx.Node, arg: torch.fx.Node, dim: int, start: int, size: int,
-                   blocks: int = 1) -> torch.fx.Node:  # fmt: skip
-    """A node reading [start, start + size) along `dim` (of each of `blocks`) of the experts op's argument `arg`, a
-    parameter or its transpose(1, 2) (whose dims 1 and 2 are the parameter's 2 and 1), made before `node`."""
-    transposed = expert_parameter(gm, arg)[1]
-    source = arg.args[0] if transposed else arg
-    part = shard_attr(gm, source, 3 - dim if transposed and dim in (1, 2) else dim, start, size, node, blocks)
-    if transposed:
-        with gm.graph.inserting_before(node):
-            part = insert_call(gm.graph, aten.transpose.int, (part, *arg.args[1:]))
-    return part
 
 
 def _whole_because(gm: torch.fx.GraphModule, node: torch.fx.Node, world: int) -> str | None:
@@ -149,9 +139,9 @@ def split_features(gm: torch.fx.GraphModule, rank: int, world: int, group: str) 
         size = int(w2.meta["val"].shape[2]) // world
         rows = _gate_up_rows(activation, rank * size, size)
         parts = [
-            _features_part(gm, node, w13, 1, *rows),
-            _features_part(gm, node, w2, 2, rank * size, size),
-            None if b13 is None else _features_part(gm, node, b13, 1, *rows),
+            _weight_part(gm, node, w13, 1, *rows),
+            _weight_part(gm, node, w2, 2, rank * size, size),
+            None if b13 is None else _weight_part(gm, node, b13, 1, *rows),
             b2 if rank == 0 else None,  # added once, in rank 0's share
         ]
         node.args = (x, ids, route_weights, *parts, activation, *rest)
