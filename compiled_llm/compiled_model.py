@@ -93,7 +93,9 @@ class CompiledModel(CausalLMCalls):
             config = config.model_copy(update={"quantization": quantization})
         self.config = config
         _, world = parallel_rank(config)  # a missing or mismatched process group fails before any work
-        self.device = next(model.parameters()).device
+        # A rank that reads only its slices of the checkpoint (checkpoint_slices.py) has its model on meta.
+        slices = getattr(model, "checkpoint_slices", None)
+        self.device = slices.device if slices is not None else next(model.parameters()).device
         if world > 1:
             check_one_gpu_per_rank(self.device)
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
@@ -112,22 +114,36 @@ class CompiledModel(CausalLMCalls):
                     unreadable = (
                         "the self-check cannot hold an fp8 KV cache" if config.kv_cache_dtype == "fp8" else None
                     )
+                    if slices is not None:  # its graph is keyed by nothing that tells the slices apart (yet)
+                        unreadable = "each rank reads only its slices of the checkpoint"
                     graph_cache = GraphCache(config.cache_dir, unreadable) if config.graph_cache else None
                     rewritten = RewrittenGraphCache(model, config, self.max_seq_len, self.device, graph_cache)
                     captured = rewritten.load() or capture_model(model, config.max_num_tokens, graph_cache)
+                    if slices is not None:
+                        slices.retarget(captured.gm)
                 timings["capture_s"] = captured.seconds
 
                 with progress.stage("rewriting the graph"):
                     if rewritten.loaded:  # the passes' results, as they were
                         captured_graph, pass_results = None, rewritten.pass_results
                     else:
-                        captured_graph = captured_copy(captured.gm)  # the self-check's reference for a diagnosis
+                        # the self-check's reference for a diagnosis (none without weights)
+                        captured_graph = captured_copy(captured.gm) if slices is None else None
                         tracing_constants = rewritten.tracing_constants(captured.gm)
                         captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
                         start = time.perf_counter()
                         pass_results = run_passes(captured.gm, config)
                         timings["passes_s"] = time.perf_counter() - start
                         rewritten.store(captured, tracing_constants, pass_results)
+                if slices is not None:
+                    start = time.perf_counter()
+                    slices.load(captured.gm)
+                    timings["load_slices_s"] = time.perf_counter() - start
+                    captured.source = (
+                        f"torch.export on the meta device, then {slices.bytes_read / 2**20:.1f} MiB read of the "
+                        f"checkpoint's {slices.stored_bytes / 2**20:.1f} MiB (this rank's slices) in "
+                        f"{timings['load_slices_s']:.2f} s; no graph cache"
+                    )
                 self.max_seq_len = bounded_by_position_tables(self.max_seq_len, config.max_seq_len, captured.gm)
                 start = time.perf_counter()
                 # What the tunings read beside the graph: the step shapes the runtime will run it at.
@@ -159,7 +175,12 @@ class CompiledModel(CausalLMCalls):
                     progress.set_total(3)
 
             stored_code = self.runner.graph.source == "stored artifact"
-            if self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
+            if slices is not None:
+                if config.verify:
+                    raise ValueError("verify=True: a rank that reads only its slices of the checkpoint has no whole "
+                                     "module to check its graph against; pass verify=None or False")
+                log.info("self-check: not run (this rank read only its slices of %s)", slices.directory)
+            elif self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
                 start = time.perf_counter()
                 self_check(self, model, forward_signature(model), captured_graph, captured.cache_key)
                 timings["self_check_s"] = time.perf_counter() - start

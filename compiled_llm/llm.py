@@ -151,8 +151,8 @@ class LLM:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
                 loaded = load_model(spec, dtype)
-        else:
-            loaded = load_model(spec, dtype)
+        else:  # each rank of several reads only its slices of a float checkpoint
+            loaded = load_model(spec, dtype, by_slices=world > 1)
         return loaded.model, tokenizer or loaded.tokenizer
 
     @property

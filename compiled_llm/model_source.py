@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compiled_llm.checkpoint_slices import meta_model
 from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config, load_fp8_directory
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
 from compiled_llm.mtp_weights import carry_mtp_weights
@@ -90,20 +91,39 @@ def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel
     return LoadedModel(model.to(device).eval(), tokenizer, f"GGUF {path} ({architecture})")
 
 
-def load_directory(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel:
+def load_directory(path: Path, dtype: torch.dtype | None, device: str, by_slices: bool = False) -> LoadedModel:
     import transformers as tf
 
     quantization_config = directory_quantization_config(path)
-    if is_mxfp4_checkpoint(quantization_config):
-        model = load_mxfp4_directory(path, dtype or _default_dtype(device), device)
-    elif (checkpoint := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
-        model = load_fp8_directory(path, checkpoint, dtype or _default_dtype(device), device)
-    else:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+    model = _meta_model(path, quantization_config, dtype, device) if by_slices else None
+    if model is None:
+        model = _whole_model(path, quantization_config, dtype, device)
     tokenizer = None
     if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
     return LoadedModel(model, tokenizer, f"directory {path}", path)
+
+
+def _whole_model(path: Path, quantization_config, dtype: torch.dtype | None, device: str) -> nn.Module:
+    import transformers as tf
+
+    if is_mxfp4_checkpoint(quantization_config):
+        return load_mxfp4_directory(path, dtype or _default_dtype(device), device)
+    if (checkpoint := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
+        return load_fp8_directory(path, checkpoint, dtype or _default_dtype(device), device)
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+
+
+def _meta_model(path: Path, quantization_config, dtype: torch.dtype | None, device: str) -> nn.Module | None:
+    """A rank of several: the model with its parameters on meta, which the compile reads in slices
+    (checkpoint_slices.py); None where it cannot (said in the log), and the rank loads the whole checkpoint."""
+    if quantization_config:
+        model, why = None, f"a {checkpoint_format(quantization_config) or 'quantized'} checkpoint"
+    else:
+        model, why = meta_model(path, dtype, torch.device(device))
+    if model is None:
+        log.info("%s: each rank loads the whole checkpoint, then keeps its shards (%s)", path, why)
+    return model
 
 
 def hub_snapshot(spec: str) -> Path:
@@ -129,8 +149,11 @@ def hub_snapshot(spec: str) -> Path:
         ) from None
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedModel:
-    """The model (in eval mode, on `device`) and tokenizer that `spec` names; see the module docstring."""
+def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               by_slices: bool = False) -> LoadedModel:  # fmt: skip
+    """The model (in eval mode, on `device`) and tokenizer that `spec` names; see the module docstring. `by_slices`
+    (a rank of a tensor-parallel model): a float safetensors directory's model comes with its parameters on meta,
+    for the compile to read each rank's slices (checkpoint_slices.py); other sources load whole."""
     from compiled_llm.presets import preset_names, random_model
 
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,9 +169,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"{path} is a directory without a config.json: not a Hugging Face model directory")
-        return load_directory(path, dtype, device)
+        return load_directory(path, dtype, device, by_slices)
     if _HUB_ID.match(spec) and not path.exists():
-        return load_directory(hub_snapshot(spec), dtype, device)
+        return load_directory(hub_snapshot(spec), dtype, device, by_slices)
     raise ValueError(
         f"MODEL {spec!r} is none of: a local Hugging Face directory, a .gguf file, a hub id (org/name[@revision]), "
         f"{', '.join(EMBEDDED)}, or a preset ({', '.join('random:' + n for n in preset_names())})"

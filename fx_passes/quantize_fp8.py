@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import is_fake
 
 from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quantize_weight
 from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
@@ -105,6 +106,10 @@ def _register_quantized(gm: torch.fx.GraphModule, weight: torch.Tensor, quantize
     """(W8, scales) as parameters of `gm` under `names`, and `weight` listed in `gm.meta["fp8_weights"]` (a shard's,
     or a fused weight's shards': the module's weights they were cut from, which the self-check quantizes as the ranks
     do: whole, or in `gm.meta["fp8_column_parts"]` (weight, parts) where each rank holds a part of its columns)."""
+    for name, tensor in zip(names, quantized):
+        gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
+    if is_fake(weight):  # a rank that loads its slices later (checkpoint_slices.py): no self-check to prepare
+        return
     storage = weight.untyped_storage().data_ptr()
     shards = [p for p in gm.parameters() if hasattr(p, "sharded_from") and p.untyped_storage().data_ptr() == storage]
     gm.meta.setdefault("fp8_weights", []).extend([p.sharded_from for p in shards] or [weight])
@@ -112,8 +117,6 @@ def _register_quantized(gm: torch.fx.GraphModule, weight: torch.Tensor, quantize
         whole = shard.sharded_from
         if shard.dim() == 2 and shard.shape[1] != whole.shape[1]:
             gm.meta.setdefault("fp8_column_parts", []).append((whole, whole.shape[1] // shard.shape[1]))
-    for name, tensor in zip(names, quantized):
-        gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
 
 
 @recipe

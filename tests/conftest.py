@@ -6,9 +6,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -163,3 +165,26 @@ def text_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(fn, world: int, args: tuple, timeout_s: float) -> None:
+    """Run fn(rank, *args) in `world` spawned processes; a rank that fails (the others ended) or runs past
+    `timeout_s` (all killed) fails the test, never CI."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=5):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks still running after {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

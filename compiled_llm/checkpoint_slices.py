@@ -1,0 +1,278 @@
+"""A rank of a tensor-parallel model that reads only its slices of a safetensors checkpoint (issue 26).
+
+`meta_model(directory)` builds the model's modules with every parameter on the meta device (no memory) and keeps
+the small buffers its code computes (RoPE's frequencies); `CheckpointSlices`, attached to it, knows which
+checkpoint tensor each parameter is. A compile of such a model (compiled_model.py) then goes:
+
+    capture on meta  ->  retarget(gm): device arguments, node values and the tensors as fakes on the rank's device
+    passes (the shard passes' recipes cut fake tensors; fusions and quantization run on fakes)
+    load(gm): every tensor the graph still reads, from the checkpoint; the recipes replayed over them, each
+              shard_parameter call read as its slice of the file (safetensors reads just those bytes)
+
+so a rank's memory holds its shards, what is replicated, and one recipe's inputs at a time: never the whole model.
+Nothing here can run the unrewritten module (it has no weights): the self-check is not run, and the report says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_map
+
+from fx_passes.derived_weights import derive, derived_names, registered_recipes
+from fx_passes.sharding import shard_parameter
+
+log = logging.getLogger("compiled_llm")
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U8": 1}
+SHARD_RECIPE = f"{shard_parameter.__module__}.{shard_parameter.__qualname__}"
+GRAPH_PREFIX = "model."  # the captured graph holds the model as FlatTokenForward.model
+
+
+class CheckpointSlices:
+    """The safetensors tensor behind each parameter of a meta-device model, read whole or in parts onto `device`.
+    `bytes_read` counts what was read (the test of a rank's share)."""
+
+    def __init__(self, directory: Path, keys: dict[str, tuple[str, str]], buffers: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: torch.device):  # fmt: skip
+        self.directory = directory
+        self.keys = keys  # parameter name (the model's) -> (file, tensor key)
+        self.buffers = buffers  # buffer name -> its value, computed at init (not in the checkpoint)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.bytes_read = 0
+        self.stored_bytes = 0  # of the tensors the model's parameters and buffers are, in the files
+        self._files: dict[str, object] = {}
+
+    def _slice(self, name: str):
+        from safetensors import safe_open
+
+        file, key = self.keys[name]
+        if file not in self._files:
+            self._files[file] = safe_open(str(self.directory / file), framework="pt")
+        return self._files[file].get_slice(key)
+
+    def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole parameter `name`."""
+        return self._finish(self._slice(name)[:])
+
+    def read_part(self, name: str, dim: int, start: int, size: int, blocks: int = 1) -> torch.Tensor:
+        """What sharding.shard_parameter cuts from the whole parameter, reading only those bytes: [start, start +
+        size) along `dim` of each of its `blocks` equal blocks, zeros past the end."""
+        part = self._slice(name)
+        shape = part.get_shape()
+        block = shape[dim] // blocks
+        pieces = []
+        for b in range(blocks):
+            kept = max(0, min(size, block - start))
+            first = b * block + min(start, block)
+            index = tuple(slice(first, first + kept) if d == dim else slice(None) for d in range(len(shape)))
+            pieces.append(self._finish(part[index]))
+            if kept < size:
+                pad = list(shape)
+                pad[dim] = size - kept
+                pieces.append(torch.zeros(pad, dtype=self.dtype, device=self.device))
+        return torch.cat(pieces, dim).contiguous()
+
+    # -- the graph ---------------------------------------------------------------------------------------------------
+
+    def retarget(self, gm: torch.fx.GraphModule) -> None:
+        """Move a graph captured on the meta device to this rank's device, still without data: device arguments,
+        every node's value, and the graph's tensors become fake tensors on the device (the passes read devices,
+        shapes and dtypes; recipes run on fakes)."""
+        fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes
+                         if n.op == "placeholder" and isinstance(n.meta.get("val"), FakeTensor))  # fmt: skip
+
+        def moved(value):
+            if isinstance(value, torch.device) and value.type == "meta":
+                return self.device
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                with fake_mode:
+                    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self.device)
+            return value
+
+        for node in gm.graph.nodes:
+            node.args, node.kwargs = tree_map(moved, node.args), tree_map(moved, node.kwargs)
+            if "val" in node.meta:
+                node.meta["val"] = tree_map(moved, node.meta["val"])
+        for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            _set_tensor(gm, name, moved(tensor))
+        gm.recompile()
+
+    def load(self, gm: torch.fx.GraphModule) -> None:
+        """Replace the fakes of a rewritten graph with real tensors: the ones its nodes and recipes read, from the
+        checkpoint (a shard recipe over a checkpoint tensor reads just its slice), then the recipes replayed in
+        order. A tensor the graph reads that none of this made is an error naming it, never garbage."""
+        calls = gm.meta.get("derived_weights", [])
+        derived = derived_names(gm)
+        read_by_nodes = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        tensors = dict([*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)])
+        read_whole = {t for t in read_by_nodes if t not in derived}
+        for recipe_name, args, _ in calls:  # a recipe other than a shard reads its tensor arguments whole
+            if recipe_name != SHARD_RECIPE:
+                read_whole |= {a for a in _strings(args) if a in tensors and a not in derived}
+        for name in derived:
+            _set_tensor(gm, name, None)
+        gm.meta["derived_weights"] = []
+        for name in sorted(read_whole):
+            _set_tensor(gm, name, self._whole(name))
+        recipes = registered_recipes()
+        for recipe_name, args, _ in calls:
+            source = args[1] if recipe_name == SHARD_RECIPE else None
+            if source is not None and source not in read_whole and source not in derived:
+                name, _, dim, start, size, *blocks = args
+                part = self.read_part(_model_name(source), dim, start, size, *blocks)
+                gm.register_parameter(name, nn.Parameter(part, requires_grad=False))
+                gm.meta["derived_weights"].append((recipe_name, args, [name]))
+            else:
+                derive(gm, recipes[recipe_name], *args)
+        for name, value in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            if isinstance(value, FakeTensor) or value.device.type == "meta":
+                if name in read_by_nodes:
+                    raise RuntimeError(f"loading by slices: the graph reads {name}, which nothing loaded or built")
+                _set_tensor(gm, name, None)  # a shard's source, read only in parts
+        gm.recompile()
+
+    def _whole(self, graph_name: str) -> torch.Tensor:
+        name = _model_name(graph_name)
+        if name in self.buffers:
+            return self.buffers[name].to(self.device)
+        if name not in self.keys:
+            raise RuntimeError(f"loading by slices: {graph_name} is in the graph but not in {self.directory}")
+        return nn.Parameter(self.read(name), requires_grad=False)
+
+
+def _model_name(graph_name: str) -> str:
+    return graph_name.removeprefix(GRAPH_PREFIX)
+
+
+def _strings(args) -> Iterator[str]:
+    for arg in args:
+        if isinstance(arg, str):
+            yield arg
+        elif isinstance(arg, (tuple, list)):
+            yield from _strings(arg)
+
+
+def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), leaf
+
+
+def _get_tensor(gm: nn.Module, name: str) -> torch.Tensor | None:
+    module, leaf = _owner(gm, name)
+    return module._parameters.get(leaf, module._buffers.get(leaf))
+
+
+def _set_tensor(gm: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Set (or with None, remove) the parameter or buffer `name`, keeping its kind."""
+    module, leaf = _owner(gm, name)
+    if leaf in module._buffers and not isinstance(value, nn.Parameter):
+        if value is None:
+            del module._buffers[leaf]
+        else:
+            module._buffers[leaf] = value
+    elif value is None:
+        module._parameters.pop(leaf, None)
+        module._buffers.pop(leaf, None)
+    else:
+        module._buffers.pop(leaf, None)
+        module._parameters[leaf] = (
+            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        )
+
+
+# -- the model -------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside make their parameters on the meta device and their buffers where they would."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def checkpoint_index(directory: Path) -> dict[str, str]:
+    """Tensor key -> safetensors file of a Hugging Face directory (one file, or sharded with an index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = directory / "model.safetensors"
+    if not single.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single.name)
+
+
+def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module | None, str]:
+    """The model of a float safetensors directory with its parameters on the meta device and `checkpoint_slices`
+    attached, or (None, why not): a parameter without its own tensor of the same shape in the files (transformers
+    renames or merges some checkpoints' tensors at load; those load whole)."""
+    import transformers as tf
+    from safetensors import safe_open
+
+    files = checkpoint_index(directory)
+    if not files:
+        return None, "no safetensors files"
+    config = tf.AutoConfig.from_pretrained(directory)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with _parameters_on_meta():
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if (directory / "generation_config.json").exists():  # its EOS tokens and defaults, as from_pretrained reads them
+        model.generation_config = tf.GenerationConfig.from_pretrained(directory)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    shapes, sizes = {}, {}
+    for file in sorted(set(files.values())):
+        with safe_open(str(directory / file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                part = f.get_slice(key)
+                shapes[key] = part.get_shape()
+                sizes[key] = math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4)
+    keys, names_of = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():  # tied parameters share one tensor of the files
+        stored = next((n for n in names if n in files), None)
+        param = model.get_parameter(names[0])
+        if stored is None or list(shapes[stored]) != list(param.shape):
+            why = "not in the files" if stored is None else f"stored as {list(shapes[stored])}"
+            return None, f"{names[0]} {list(param.shape)} is {why}"
+        keys |= dict.fromkeys(names, (files[stored], stored))
+    buffers = {}
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if name in files:  # a persistent buffer: read as a parameter is
+            keys[name] = (files[name], name)
+        else:
+            buffers[name] = buffer
+        module, leaf = _owner(model, name)
+        module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
+    model.checkpoint_slices = slices = CheckpointSlices(directory, keys, buffers, dtype, device)
+    slices.stored_bytes = sum(sizes[key] for _, key in set(keys.values()))
+    return model, ""
