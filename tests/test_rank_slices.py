@@ -125,10 +125,10 @@ def test_a_self_check_is_refused_without_the_whole_module(tmp_path):
 def test_slices_on_the_gpu_compute_what_the_whole_model_does(tmp_path):
     """One rank (no process group) through the same path on a GPU, Inductor and Triton kernels: the fakes are CUDA
     tensors there, which the passes read to choose the GPU backends."""
-    hf = _model("llama_bias").to(torch.bfloat16)
-    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    _model("llama_bias").to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
     fields = {"max_batch_size": 2, "cuda_graphs": False}
-    whole = compile_model(hf.cuda(), **fields)
+    # As transformers loads it (RoPE's frequencies in float32, where `.to(bfloat16)` would have rounded them).
+    whole = compile_model(tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval().cuda(), **fields)
     model, why = meta_model(tmp_path, None, torch.device("cuda"))
     assert model is not None, why
     sliced = compile_model(model, **fields)
