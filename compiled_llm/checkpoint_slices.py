@@ -47,6 +47,7 @@ class CheckpointSlices:
         self.keys = keys  # parameter name (the model's) -> (file, tensor key)
         self.buffers = buffers  # buffer name -> its value, computed at init (not in the checkpoint)
         self.dtype = dtype
+        self.dtypes: dict[str, torch.dtype] = {}  # name -> the dtype the model was built (and captured) with
         self.device = torch.device(device)
         self.bytes_read = 0
         self.stored_bytes = 0  # of the tensors the model's parameters and buffers are, in the files
@@ -60,30 +61,34 @@ class CheckpointSlices:
             self._files[file] = safe_open(str(self.directory / file), framework="pt")
         return self._files[file].get_slice(key)
 
-    def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _finish(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        return tensor.to(device=self.device, dtype=self.dtypes.get(name, self.dtype)).contiguous()
 
     def read(self, name: str) -> torch.Tensor:
-        """The whole parameter `name`."""
-        return self._finish(self._slice(name)[:])
+        """The whole parameter (or persistent buffer) `name`, in the dtype the model built it with."""
+        return self._finish(self._slice(name)[:], name)
 
     def read_part(self, name: str, dim: int, start: int, size: int, blocks: int = 1) -> torch.Tensor:
         """What sharding.shard_parameter cuts from the whole parameter, reading only those bytes: [start, start +
         size) along `dim` of each of its `blocks` equal blocks, zeros past the end."""
         part = self._slice(name)
         shape = part.get_shape()
+        if not 0 <= dim < len(shape) or blocks < 1 or shape[dim] % blocks:  # shard_parameter would chunk() unevenly
+            raise ValueError(
+                f"loading by slices: {name} {shape} cannot be cut in {blocks} equal blocks along dim {dim}"
+            )
         block = shape[dim] // blocks
         pieces = []
         for b in range(blocks):
             kept = max(0, min(size, block - start))
             first = b * block + min(start, block)
             index = tuple(slice(first, first + kept) if d == dim else slice(None) for d in range(len(shape)))
-            pieces.append(self._finish(part[index]))
+            pieces.append(self._finish(part[index], name))
             if kept < size:
                 pad = list(shape)
                 pad[dim] = size - kept
-                pieces.append(torch.zeros(pad, dtype=self.dtype, device=self.device))
+                pieces.append(torch.zeros(pad, dtype=self.dtypes.get(name, self.dtype), device=self.device))
         return torch.cat(pieces, dim).contiguous()
 
     # -- the graph ---------------------------------------------------------------------------------------------------
@@ -117,8 +122,10 @@ class CheckpointSlices:
         order. A tensor the graph reads that none of this made is an error naming it, never garbage."""
         calls = gm.meta.get("derived_weights", [])
         derived = derived_names(gm)
+        # What the passes rewrote the graph for: every tensor loaded or built must be that again.
+        promised = {n: (tuple(t.shape), t.dtype) for n, t in _tensors(gm)}
         read_by_nodes = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        tensors = dict([*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)])
+        tensors = dict(_tensors(gm))
         read_whole = {t for t in read_by_nodes if t not in derived}
         for recipe_name, args, _ in calls:  # a recipe other than a shard reads its tensor arguments whole
             if recipe_name != SHARD_RECIPE:
@@ -138,11 +145,20 @@ class CheckpointSlices:
                 gm.meta["derived_weights"].append((recipe_name, args, [name]))
             else:
                 derive(gm, recipes[recipe_name], *args)
-        for name, value in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-            if isinstance(value, FakeTensor) or value.device.type == "meta":
-                if name in read_by_nodes:
-                    raise RuntimeError(f"loading by slices: the graph reads {name}, which nothing loaded or built")
-                _set_tensor(gm, name, None)  # a shard's source, read only in parts
+        for name, value in _tensors(gm):
+            if name not in read_by_nodes:  # a shard's source read in parts, a float weight quantized: not kept
+                _set_tensor(gm, name, None)
+            elif isinstance(value, FakeTensor) or value.device.type == "meta":
+                raise RuntimeError(f"loading by slices: the graph reads {name}, which nothing loaded or built")
+            elif name in promised and (tuple(value.shape), value.dtype) != promised[name]:
+                raise RuntimeError(f"loading by slices: {name} loaded as {value.dtype} {list(value.shape)}, the graph "
+                                   f"was rewritten for {promised[name][1]} {list(promised[name][0])}")  # fmt: skip
+        for node in gm.graph.nodes:  # retarget() moved every device argument: make sure
+            if any(a == "meta" or (isinstance(a, torch.device) and a.type == "meta") for a in _leaves(node)):
+                raise RuntimeError(f"loading by slices: {node.format_node()} still names the meta device")
+        for key in ("fp8_weights", "fp8_column_parts"):  # the self-check's, which this rank cannot run
+            gm.meta.pop(key, None)
+        self._files.clear()  # the safetensors files, mapped while reading
         gm.recompile()
 
     def _whole(self, graph_name: str) -> torch.Tensor:
@@ -152,6 +168,16 @@ class CheckpointSlices:
         if name not in self.keys:
             raise RuntimeError(f"loading by slices: {graph_name} is in the graph but not in {self.directory}")
         return nn.Parameter(self.read(name), requires_grad=False)
+
+
+def _tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+
+
+def _leaves(node: torch.fx.Node) -> list:
+    leaves = []
+    tree_map(leaves.append, (node.args, node.kwargs))
+    return leaves
 
 
 def _model_name(graph_name: str) -> str:
@@ -228,10 +254,37 @@ def checkpoint_index(directory: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), single.name)
 
 
+def _stored_keys(model: nn.Module, files: dict[str, str]) -> tuple[dict[str, str], str]:
+    """The model's parameter and buffer names -> their tensors' keys in the files, renamed as transformers renames
+    them at load; or ({}, why not) where transformers would convert a tensor it loads (merge experts, transpose,
+    permute): a slice of the file would not be the slice of the parameter."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError as error:
+        return {}, f"this transformers does not say how it renames checkpoint tensors ({error})"
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if len(renamings) + len(converters) != len(transforms):
+        other = next(t for t in transforms if not isinstance(t, (WeightRenaming, WeightConverter)))
+        return {}, f"transformers transforms its tensors at load in a way not read here ({type(other).__name__})"
+    state = model.state_dict()
+    stored_as = {}
+    for key in files:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if name not in state:
+            continue  # a tensor the model does not load (an MTP layer's, say)
+        if converted is not None:
+            return {}, f"transformers converts the files' {key} into {name} at load ({converted})"
+        stored_as[name] = key
+    return stored_as, ""
+
+
 def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module | None, str]:
     """The model of a float safetensors directory with its parameters on the meta device and `checkpoint_slices`
-    attached, or (None, why not): a parameter without its own tensor of the same shape in the files (transformers
-    renames or merges some checkpoints' tensors at load; those load whole)."""
+    attached, or (None, why not): a parameter without its own tensor of the same shape in the files, or one that
+    transformers converts at load (it merges MoE checkpoints' experts, for one: those load whole)."""
     import transformers as tf
     from safetensors import safe_open
 
@@ -239,11 +292,16 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
     if not files:
         return None, "no safetensors files"
     config = tf.AutoConfig.from_pretrained(directory)
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    dtype = dtype or getattr(config, "dtype", None) or _files_dtype(directory, files)  # as dtype="auto" takes it
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with _parameters_on_meta():
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    get_plan = getattr(model, "_get_dtype_plan", None)  # from_pretrained keeps these in float32; from_config does not
+    plan = get_plan(dtype) if get_plan is not None else getattr(model, "_keep_in_fp32_modules", None)
+    kept = [n for n, _ in model.named_parameters() if any(k in n for k in plan or ())]
+    if kept and dtype != torch.float32:
+        return None, f"transformers keeps {kept[0]} (and {len(kept) - 1} more) in float32 at load"
     if (directory / "generation_config.json").exists():  # its EOS tokens and defaults, as from_pretrained reads them
         model.generation_config = tf.GenerationConfig.from_pretrained(directory)
     if device.type == "cuda" and device.index is None:
@@ -255,11 +313,19 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
                 part = f.get_slice(key)
                 shapes[key] = part.get_shape()
                 sizes[key] = math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4)
+    stored_as, why = _stored_keys(model, files)
+    if why:
+        return None, why
     keys, names_of = {}, {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
     for names in names_of.values():  # tied parameters share one tensor of the files
-        stored = next((n for n in names if n in files), None)
+        if len(stored := [stored_as[n] for n in names if n in stored_as]) > 1:
+            return (
+                None,
+                f"{' and '.join(stored)} are tied, yet each is in the files (transformers unties them if they differ)",
+            )
+        stored = stored[0] if stored else None
         param = model.get_parameter(names[0])
         if stored is None or list(shapes[stored]) != list(param.shape):
             why = "not in the files" if stored is None else f"stored as {list(shapes[stored])}"
@@ -267,12 +333,28 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
         keys |= dict.fromkeys(names, (files[stored], stored))
     buffers = {}
     for name, buffer in model.named_buffers(remove_duplicate=False):
-        if name in files:  # a persistent buffer: read as a parameter is
-            keys[name] = (files[name], name)
+        if name in stored_as:  # a persistent buffer: read as a parameter is, in its own dtype
+            if list(shapes[stored_as[name]]) != list(buffer.shape):
+                return None, f"the buffer {name} {list(buffer.shape)} is stored as {list(shapes[stored_as[name]])}"
+            keys[name] = (files[stored_as[name]], stored_as[name])
         else:
             buffers[name] = buffer
         module, leaf = _owner(model, name)
         module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
     model.checkpoint_slices = slices = CheckpointSlices(directory, keys, buffers, dtype, device)
+    slices.dtypes = {name: t.dtype for name, t in _tensors(model)}
     slices.stored_bytes = sum(sizes[key] for _, key in set(keys.values()))
     return model, ""
+
+
+def _files_dtype(directory: Path, files: dict[str, str]) -> torch.dtype:
+    """What from_pretrained(dtype="auto") takes where config.json names none: the first floating tensor's dtype."""
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for file in dict.fromkeys(files.values()):
+        with safe_open(str(directory / file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                if (found := names.get(f.get_slice(key).get_dtype())) is not None:
+                    return found
+    return torch.float32

@@ -94,7 +94,11 @@ class CompiledModel(CausalLMCalls):
         self.config = config
         _, world = parallel_rank(config)  # a missing or mismatched process group fails before any work
         # A rank that reads only its slices of the checkpoint (checkpoint_slices.py) has its model on meta.
-        slices = getattr(model, "checkpoint_slices", None)
+        self._slices = slices = getattr(model, "checkpoint_slices", None)
+        if slices is not None and config.verify:
+            raise ValueError("verify=True: a rank that reads only its slices of the checkpoint has no whole module to "
+                             "check its graph against; load the whole model (LLM does where verify=True) or pass "
+                             "verify=None")  # fmt: skip
         self.device = slices.device if slices is not None else next(model.parameters()).device
         if world > 1:
             check_one_gpu_per_rank(self.device)
@@ -176,9 +180,13 @@ class CompiledModel(CausalLMCalls):
 
             stored_code = self.runner.graph.source == "stored artifact"
             if slices is not None:
-                if config.verify:
-                    raise ValueError("verify=True: a rank that reads only its slices of the checkpoint has no whole "
-                                     "module to check its graph against; pass verify=None or False")
+                # Never from the graph cache nor stored code (both off for it): only a drop-in rewrite asks for it.
+                if config.verify is None and self_check_wanted(None, model, pass_results, False):
+                    raise ValueError(
+                        "the passes rewrote how this model computes positions, logits or its cache, which the "
+                        "self-check must confirm, and a rank that reads only its slices has no whole module to "
+                        "check against: load the whole model, or pass verify=False to run it unchecked"
+                    )
                 log.info("self-check: not run (this rank read only its slices of %s)", slices.directory)
             elif self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
                 start = time.perf_counter()
@@ -249,8 +257,9 @@ class CompiledModel(CausalLMCalls):
         tokens = [per_seq] * (total // per_seq) + ([total % per_seq] if total % per_seq else [])
         blocks = sum(-(-(n + 1) // config.block_size) for n in tokens)
         runner = ModelRunner(
+            # No stored compiled code for a rank reading its slices: it could not self-check it (verify.py).
             CompiledGraph(gm, config.compile_backend, config.inductor_options, self.device.type,
-                          config.cache_dir if config.graph_cache else None),  # fmt: skip
+                          config.cache_dir if config.graph_cache and self._slices is None else None),  # fmt: skip
             PagedKVCache(layers, blocks, config.block_size, self.device),
             planners, self.max_seq_len, self.device,
         )  # fmt: skip

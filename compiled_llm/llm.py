@@ -109,7 +109,10 @@ class LLM:
             weakref.finalize(self, self._workers.close)
         try:
             if isinstance(model, str):
-                model, tokenizer = self._load(model, dtype, tokenizer, world)
+                # Each rank of several reads only its slices of a float checkpoint, unless asked to self-check
+                # against the whole module.
+                by_slices = world > 1 and CompileConfig(**config_fields).verify is not True
+                model, tokenizer = self._load(model, dtype, tokenizer, world, by_slices)
             self.model = model
             self.tokenizer = tokenizer
             self.compiled = compile_model(model, **config_fields)
@@ -143,7 +146,7 @@ class LLM:
             self._workers.wait_ready()
 
     @staticmethod
-    def _load(spec: str, dtype: torch.dtype | None, tokenizer, world: int):
+    def _load(spec: str, dtype: torch.dtype | None, tokenizer, world: int, by_slices: bool = False):
         from compiled_llm.model_source import load_model
 
         if world > 1 and spec.startswith("random:"):  # every rank must draw the same random weights
@@ -151,8 +154,8 @@ class LLM:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
                 loaded = load_model(spec, dtype)
-        else:  # each rank of several reads only its slices of a float checkpoint
-            loaded = load_model(spec, dtype, by_slices=world > 1)
+        else:
+            loaded = load_model(spec, dtype, by_slices=by_slices)
         return loaded.model, tokenizer or loaded.tokenizer
 
     @property

@@ -118,7 +118,7 @@ def _meta_model(path: Path, quantization_config, dtype: torch.dtype | None, devi
     """A rank of several: the model with its parameters on meta, which the compile reads in slices
     (checkpoint_slices.py); None where it cannot (said in the log), and the rank loads the whole checkpoint."""
     if quantization_config:
-        model, why = None, f"a {checkpoint_format(quantization_config) or 'quantized'} checkpoint"
+        model, why = None, f"a quantized checkpoint ({quantization_config.get('quant_method')})"
     else:
         model, why = meta_model(path, dtype, torch.device(device))
     if model is None:

@@ -6,18 +6,23 @@ HF's own greedy tokens; each rank reads about its share of the files."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import random
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import transformers as tf
-from conftest import free_port, random_prompt, spawn_ranks, tiny_model
+from conftest import ARCHITECTURES, free_port, random_prompt, spawn_ranks, tiny_model
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from compiled_llm import compile_model
-from compiled_llm.checkpoint_slices import meta_model
+from compiled_llm.checkpoint_slices import CheckpointSlices, meta_model
 from compiled_llm.model_source import load_model
+from fx_passes.sharding import shard_parameter
 
 JOIN_TIMEOUT_S = 300
 NEW_TOKENS = 8
@@ -105,7 +110,7 @@ def test_a_checkpoint_whose_tensors_transformers_renames_loads_whole(tmp_path, c
     of a file is a slice of the parameter, so the rank loads the whole checkpoint, and says why."""
     tiny_model("mixtral").save_pretrained(tmp_path)
     model, why = meta_model(tmp_path, None, torch.device("cpu"))
-    assert model is None and "not in the files" in why
+    assert model is None and "transformers converts the files" in why and "experts" in why
     with caplog.at_level(logging.INFO, logger="compiled_llm"):
         loaded = load_model(str(tmp_path), device="cpu", by_slices=True)
     assert not hasattr(loaded.model, "checkpoint_slices")
@@ -136,3 +141,200 @@ def test_slices_on_the_gpu_compute_what_the_whole_model_does(tmp_path):
     ids = random_prompt(12, seed=3).cuda()
     torch.testing.assert_close(sliced(ids).logits, whole(ids).logits, rtol=0, atol=0)
     assert model.checkpoint_slices.bytes_read == model.checkpoint_slices.stored_bytes
+
+
+# -- what a rank reads, against transformers' from_pretrained (from a review of the first version) -------------------
+
+CPU = torch.device("cpu")
+
+
+# -- read_part against shard_parameter -------------------------------------------------------------------------------
+
+
+def _cases(seed: int, count: int, divisible: bool):
+    rng = random.Random(seed)
+    while count:
+        ndim = rng.randint(1, 3)
+        shape = [rng.randint(1, 9) for _ in range(ndim)]
+        dim = rng.randrange(ndim)
+        blocks = rng.choice([1, 2, 3])
+        if (shape[dim] % blocks == 0) != divisible:
+            continue
+        block = -(-shape[dim] // blocks)
+        yield shape, dim, rng.randint(0, block + 3), rng.randint(1, block + 3), blocks  # starts and sizes past the end
+        count -= 1
+
+
+def _read_and_shard(tmp_path, cases):
+    tensors = {f"t{i}": torch.randn(shape) for i, (shape, *_) in enumerate(cases)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    slices = CheckpointSlices(tmp_path, {k: ("model.safetensors", k) for k in tensors}, {}, torch.float32, CPU)
+    for i, (_, dim, start, size, blocks) in enumerate(cases):
+        name = f"t{i}"
+        gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+        gm.register_parameter(name, nn.Parameter(tensors[name].clone(), requires_grad=False))
+        shard_parameter(gm, "part", name, dim, start, size, blocks)
+        yield (name, dim, start, size, blocks), slices, gm.get_parameter("part").detach()
+
+
+def test_read_part_is_shard_parameter_where_the_blocks_divide(tmp_path):
+    """Zero padding past the end, starts beyond a block, 1-3 dims, 1-3 blocks: the same tensor, to the bit."""
+    for args, slices, want in _read_and_shard(tmp_path, list(_cases(0, 300, divisible=True))):
+        got = slices.read_part(*args)
+        assert got.shape == want.shape and torch.equal(got, want), args
+
+
+def test_read_part_refuses_blocks_that_do_not_divide(tmp_path):
+    """shard_parameter's chunk() would cut unequal blocks there: read_part refuses rather than cut others."""
+    for args, slices, _ in _read_and_shard(tmp_path, list(_cases(1, 100, divisible=False))):
+        with pytest.raises(ValueError, match="cannot be cut in"):
+            slices.read_part(*args)
+
+
+# -- every tensor the slices path reads, against from_pretrained ----------------------------------------------------
+
+
+def _slices_tensor(slices: CheckpointSlices, name: str) -> torch.Tensor:
+    return slices.read(name) if name in slices.keys else slices.buffers[name]
+
+
+def _differences(directory, dtype) -> list[str]:
+    ref = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto").eval()
+    model, why = meta_model(directory, dtype, CPU)
+    if model is None:
+        pytest.skip(f"meta_model refuses: {why}")
+    slices, out = model.checkpoint_slices, []
+    for name, want in [*ref.named_parameters(remove_duplicate=False), *ref.named_buffers(remove_duplicate=False)]:
+        meta = model.get_parameter(name) if name in dict(model.named_parameters(remove_duplicate=False)) else None
+        got = _slices_tensor(slices, name)
+        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want.detach()):
+            out.append(f"{name}: read {got.dtype}{tuple(got.shape)}, from_pretrained {want.dtype}{tuple(want.shape)}")
+        if meta is not None and meta.dtype != want.dtype:
+            out.append(f"{name}: captured as {meta.dtype}, from_pretrained {want.dtype}")
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize(("stored", "asked"), [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])  # fmt: skip
+def test_each_tensor_read_is_from_pretrained_s(tmp_path, arch, stored, asked):
+    tiny_model(arch).to(stored).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert _differences(tmp_path, asked) == []
+
+
+def test_a_config_without_dtype_loads_in_the_files_dtype(tmp_path):
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _differences(tmp_path, None) == []
+
+
+def test_modules_transformers_keeps_in_float32_stay_float32(tmp_path):
+    tiny_model("gpt_oss").to(torch.float16).save_pretrained(tmp_path)
+    assert _differences(tmp_path, None) == []
+
+
+# -- tied embeddings ------------------------------------------------------------------------------------------------
+
+
+def test_a_tied_config_with_its_own_lm_head_in_the_files_is_refused_or_read(tmp_path):
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"]) * 0.05
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, _ = meta_model(tmp_path, None, CPU)
+    if model is None:
+        return  # refused: loads whole
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = random_prompt(12, seed=3)
+    sliced = compile_model(model, max_batch_size=2, compile_backend="eager")
+    torch.testing.assert_close(sliced(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_embeddings_stored_once_under_either_name(tmp_path):
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert _differences(tmp_path, None) == []
+
+
+# -- persistent buffers ---------------------------------------------------------------------------------------------
+
+
+class _BufferedConfig(tf.LlamaConfig):
+    model_type = "review_buffered_llama"
+
+
+class _BufferedForCausalLM(tf.LlamaForCausalLM):
+    """Llama with persistent buffers in its files: a float32 one (as DeepSeek's e_score_correction_bias) and an int64
+    one, both read by the forward."""
+
+    config_class = _BufferedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bias_fp32 = nn.Buffer(torch.zeros(config.vocab_size, dtype=torch.float32))
+        self.table = nn.Buffer(torch.zeros(4, dtype=torch.int64))
+        self.lm_head.register_forward_hook(
+            lambda module, args, out: out + (self.bias_fp32 * (self.table[1] - 2**24)).to(out.dtype)
+        )
+
+
+def test_persistent_buffers_load_as_from_pretrained(tmp_path):
+    try:
+        tf.AutoConfig.register(_BufferedConfig.model_type, _BufferedConfig)
+        tf.AutoModelForCausalLM.register(_BufferedConfig, _BufferedForCausalLM)
+    except ValueError:  # registered by an earlier run in this process
+        pass
+    source = tiny_model("llama")
+    model = _BufferedForCausalLM(_BufferedConfig(**source.config.to_dict())).eval()
+    model.load_state_dict(source.state_dict(), strict=False)
+    model = model.to(torch.bfloat16)
+    model.bias_fp32 = nn.Buffer(torch.linspace(0, 3, model.config.vocab_size) + 1e-3)
+    with torch.no_grad():
+        model.table.copy_(torch.tensor([1, 2**24 + 1, 3, 4]))
+    model.save_pretrained(tmp_path)
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    fields = {"max_batch_size": 2, "compile_backend": "eager"}
+    ids = random_prompt(12, seed=3)
+    whole = compile_model(hf, **fields)(ids).logits
+    meta, _ = meta_model(tmp_path, None, CPU)
+    if meta is None:
+        return  # refused: loads whole
+    assert torch.equal(compile_model(meta, **fields)(ids).logits, whole)
+
+
+# -- what transformers transforms at load ---------------------------------------------------------------------------
+
+
+def test_a_converter_that_keeps_name_and_shape_is_refused(tmp_path, monkeypatch):
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    conversion_mapping.get_checkpoint_conversion_mapping("llama")  # builds the cache
+    converter = WeightConverter(source_patterns="self_attn.q_proj.weight", target_patterns="self_attn.q_proj.weight",
+                                operations=[Transpose()])  # fmt: skip
+    monkeypatch.setitem(conversion_mapping._checkpoint_conversion_mapping_cache, "llama", [converter])
+    model, _ = meta_model(tmp_path, None, CPU)
+    if model is None:
+        return
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.checkpoint_slices.read(name), ref.get_parameter(name).detach())
+
+
+# -- sources that load whole ----------------------------------------------------------------------------------------
+
+
+def test_an_mxfp4_checkpoint_over_several_ranks_loads_whole(tmp_path):
+    from test_mxfp4_checkpoint import write_checkpoint
+
+    from compiled_llm.model_source import load_model
+
+    write_checkpoint(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", by_slices=True)
+    assert not hasattr(loaded.model, "checkpoint_slices")
