@@ -27,12 +27,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
+from compiled_llm.checkpoint_keys import SAFETENSORS_DTYPES, MergedSlice, merged_shape, stored_keys
 from fx_passes.derived_weights import derive, derived_names, registered_recipes
 from fx_passes.sharding import shard_parameter
 
 log = logging.getLogger("compiled_llm")
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U8": 1}
 SHARD_RECIPE = f"{shard_parameter.__module__}.{shard_parameter.__qualname__}"
 GRAPH_PREFIX = "model."  # the captured graph holds the model as FlatTokenForward.model
 
@@ -41,10 +41,11 @@ class CheckpointSlices:
     """The safetensors tensor behind each parameter of a meta-device model, read whole or in parts onto `device`.
     `bytes_read` counts what was read (the test of a rank's share)."""
 
-    def __init__(self, directory: Path, keys: dict[str, tuple[str, str]], buffers: dict[str, torch.Tensor],
+    def __init__(self, directory: Path, keys: dict[str, tuple | list], buffers: dict[str, torch.Tensor],
                  dtype: torch.dtype, device: torch.device):  # fmt: skip
         self.directory = directory
-        self.keys = keys  # parameter name (the model's) -> (file, tensor key)
+        # parameter name (the model's) -> (file, tensor key), or for merged experts [expert][source] of those
+        self.keys = keys
         self.buffers = buffers  # buffer name -> its value, computed at init (not in the checkpoint)
         self.dtype = dtype
         self.dtypes: dict[str, torch.dtype] = {}  # name -> the dtype the model was built (and captured) with
@@ -56,10 +57,15 @@ class CheckpointSlices:
     def _slice(self, name: str):
         from safetensors import safe_open
 
-        file, key = self.keys[name]
-        if file not in self._files:
-            self._files[file] = safe_open(str(self.directory / file), framework="pt")
-        return self._files[file].get_slice(key)
+        def stored(file: str, key: str):
+            if file not in self._files:
+                self._files[file] = safe_open(str(self.directory / file), framework="pt")
+            return self._files[file].get_slice(key)
+
+        place = self.keys[name]
+        if isinstance(place, list):  # MoE experts transformers merges at load (checkpoint_keys.py)
+            return MergedSlice([[stored(*source) for source in expert] for expert in place])
+        return stored(*place)
 
     def _finish(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         self.bytes_read += tensor.numel() * tensor.element_size()
@@ -170,6 +176,10 @@ class CheckpointSlices:
         return nn.Parameter(self.read(name), requires_grad=False)
 
 
+def _places(place) -> list[tuple[str, str]]:
+    return [source for expert in place for source in expert] if isinstance(place, list) else [place]
+
+
 def _tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
 
@@ -254,37 +264,10 @@ def checkpoint_index(directory: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), single.name)
 
 
-def _stored_keys(model: nn.Module, files: dict[str, str]) -> tuple[dict[str, str], str]:
-    """The model's parameter and buffer names -> their tensors' keys in the files, renamed as transformers renames
-    them at load; or ({}, why not) where transformers would convert a tensor it loads (merge experts, transpose,
-    permute): a slice of the file would not be the slice of the parameter."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError as error:
-        return {}, f"this transformers does not say how it renames checkpoint tensors ({error})"
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    if len(renamings) + len(converters) != len(transforms):
-        other = next(t for t in transforms if not isinstance(t, (WeightRenaming, WeightConverter)))
-        return {}, f"transformers transforms its tensors at load in a way not read here ({type(other).__name__})"
-    state = model.state_dict()
-    stored_as = {}
-    for key in files:
-        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-        if name not in state:
-            continue  # a tensor the model does not load (an MTP layer's, say)
-        if converted is not None:
-            return {}, f"transformers converts the files' {key} into {name} at load ({converted})"
-        stored_as[name] = key
-    return stored_as, ""
-
-
 def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module | None, str]:
     """The model of a float safetensors directory with its parameters on the meta device and `checkpoint_slices`
-    attached, or (None, why not): a parameter without its own tensor of the same shape in the files, or one that
-    transformers converts at load (it merges MoE checkpoints' experts, for one: those load whole)."""
+    attached, or (None, why not): a parameter without its tensor(s) of the same shape in the files, or one that
+    transformers converts at load other than by merging experts (checkpoint_keys.py)."""
     import transformers as tf
     from safetensors import safe_open
 
@@ -312,28 +295,35 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
             for key in f.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
                 part = f.get_slice(key)
                 shapes[key] = part.get_shape()
-                sizes[key] = math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4)
-    stored_as, why = _stored_keys(model, files)
-    if why:
+                sizes[key] = math.prod(shapes[key]) * SAFETENSORS_DTYPES[part.get_dtype()].itemsize
+    found, why = stored_keys(model, list(files))
+    if found is None:
         return None, why
+    stored_as = found.single | found.merged
+    for name, experts in found.merged.items():
+        shapes[name] = merged_shape(experts, shapes) or ["experts of unequal shapes"]
     keys, names_of = {}, {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
     for names in names_of.values():  # tied parameters share one tensor of the files
         if len(stored := [stored_as[n] for n in names if n in stored_as]) > 1:
-            return (
-                None,
-                f"{' and '.join(stored)} are tied, yet each is in the files (transformers unties them if they differ)",
-            )
+            both = " and ".join(n for n in names if n in stored_as)
+            return None, f"{both} are tied, yet each is in the files (transformers unties them if they differ)"
         stored = stored[0] if stored else None
         param = model.get_parameter(names[0])
-        if stored is None or list(shapes[stored]) != list(param.shape):
-            why = "not in the files" if stored is None else f"stored as {list(shapes[stored])}"
+        shape = shapes[names[0] if isinstance(stored, list) else stored] if stored is not None else None
+        if stored is None or list(shape) != list(param.shape):
+            why = "not in the files" if stored is None else f"stored as {list(shape)}"
             return None, f"{names[0]} {list(param.shape)} is {why}"
-        keys |= dict.fromkeys(names, (files[stored], stored))
+        place = (
+            [[(files[k], k) for k in expert] for expert in stored]
+            if isinstance(stored, list)
+            else (files[stored], stored)
+        )
+        keys |= dict.fromkeys(names, place)
     buffers = {}
     for name, buffer in model.named_buffers(remove_duplicate=False):
-        if name in stored_as:  # a persistent buffer: read as a parameter is, in its own dtype
+        if name in found.single:  # a persistent buffer: read as a parameter is, in its own dtype
             if list(shapes[stored_as[name]]) != list(buffer.shape):
                 return None, f"the buffer {name} {list(buffer.shape)} is stored as {list(shapes[stored_as[name]])}"
             keys[name] = (files[stored_as[name]], stored_as[name])
@@ -343,7 +333,7 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
         module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
     model.checkpoint_slices = slices = CheckpointSlices(directory, keys, buffers, dtype, device)
     slices.dtypes = {name: t.dtype for name, t in _tensors(model)}
-    slices.stored_bytes = sum(sizes[key] for _, key in set(keys.values()))
+    slices.stored_bytes = sum(sizes[key] for key in {k for place in keys.values() for _, k in _places(place)})
     return model, ""
 
 

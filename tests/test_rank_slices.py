@@ -26,10 +26,14 @@ from fx_passes.sharding import shard_parameter
 
 JOIN_TIMEOUT_S = 300
 NEW_TOKENS = 8
-# (checkpoint, quantization): Llama with biases and a vocabulary of 257 (the last rank's vocabulary shard padded with
-# zeros past the file's rows); Gemma 3 with tied embeddings (one tensor of the files for two parameters); Qwen3; fp8,
-# whose quantization runs on the rank's slices.
-JOBS = (("llama_bias", "none"), ("gemma3", "none"), ("qwen3", "none"), ("llama_bias", "fp8"))
+# (name, checkpoint, CompileConfig fields): Llama with biases and a vocabulary of 257 (the last rank's vocabulary
+# shard padded with zeros past the file's rows); Gemma 3 with tied embeddings (one tensor of the files for two
+# parameters); Qwen3; fp8, whose quantization runs on the rank's slices; Mixtral, whose files hold a tensor an expert
+# that transformers merges (each rank reads its half of every expert's rows: gate, up, and down's columns); Qwen3-MoE
+# with expert parallelism (each rank reads its half of the experts).
+JOBS = (("llama_bias", "llama_bias", {}), ("gemma3", "gemma3", {}), ("qwen3", "qwen3", {}),
+        ("llama_bias_fp8", "llama_bias", {"quantization": "fp8"}), ("mixtral", "mixtral", {}),
+        ("qwen3_moe_ep", "qwen3_moe", {"expert_parallel_size": 2}))  # fmt: skip
 
 
 def _model(arch: str) -> torch.nn.Module:
@@ -48,25 +52,24 @@ def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
         results = {}
-        for arch, quantization in JOBS:
+        for job, arch, job_fields in JOBS:
             path = Path(directory) / arch
-            fields = {"tensor_parallel_size": world, "max_batch_size": 2, "compile_backend": "eager",
-                      "quantization": quantization}  # fmt: skip
+            fields = {"tensor_parallel_size": world, "max_batch_size": 2, "compile_backend": "eager", **job_fields}
             whole = compile_model(tf.AutoModelForCausalLM.from_pretrained(path).eval(), **fields)
             model, why = meta_model(path, None, torch.device("cpu"))
             assert model is not None, why
             sliced = compile_model(model, **fields)
             ids = random_prompt(12, seed=3)
-            results[f"{arch}/{quantization}"] = {
+            results[job] = {
                 "whole": whole(ids).logits,
                 "sliced": sliced(ids).logits,
                 "tokens": sliced.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False),
                 "bytes_read": model.checkpoint_slices.bytes_read,
                 "weight_bytes": (whole.report.weight_bytes, sliced.report.weight_bytes),
-                "sites": (
-                    whole.report.pass_sites("shard_tensor_parallel"),
-                    sliced.report.pass_sites("shard_tensor_parallel"),
-                ),
+                "sites": [
+                    (cm.report.pass_sites("shard_tensor_parallel"), cm.report.pass_sites("shard_experts"))
+                    for cm in (whole, sliced)
+                ],
             }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -78,7 +81,7 @@ def checkpoints(tmp_path_factory):
     """Each JOBS model saved in several safetensors files, with its HF greedy tokens."""
     root = tmp_path_factory.mktemp("checkpoints")
     expected = {}
-    for arch in {arch for arch, _ in JOBS}:
+    for arch in {arch for _, arch, _ in JOBS}:
         model = _model(arch)
         model.save_pretrained(root / arch, max_shard_size="100KB")
         assert len(list((root / arch).glob("*.safetensors"))) > 1
@@ -93,28 +96,32 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
     spawn_ranks(_rank_main, world, (world, free_port(), str(root), str(tmp_path)), JOIN_TIMEOUT_S)
     for rank in range(world):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        for job, got in results.items():
-            arch, quantization = job.split("/")
+        assert list(results) == [job for job, _, _ in JOBS]
+        for job, arch, fields in JOBS:
+            got = results[job]
             assert torch.equal(got["whole"], got["sliced"]), (rank, job)
-            assert got["sites"][0] == got["sites"][1] > 0, (rank, job)
+            assert got["sites"][0] == got["sites"][1] and sum(got["sites"][0]) > 0, (rank, job)
             assert got["weight_bytes"][0] == got["weight_bytes"][1], (rank, job)
-            if quantization == "none":
+            if "quantization" not in fields:
                 assert got["tokens"].tolist() == expected[arch].tolist(), (rank, job)
             stored = sum(p.stat().st_size for p in (root / arch).glob("*.safetensors"))
             # Its half of the sharded weights, plus what every rank keeps whole (norms, row-parallel biases).
             assert got["bytes_read"] < 0.56 * stored, (rank, job, got["bytes_read"], stored)
 
 
-def test_a_checkpoint_whose_tensors_transformers_renames_loads_whole(tmp_path, caplog):
-    """Mixtral's files hold each expert's tensors, which transformers merges into one parameter at load: no slice
-    of a file is a slice of the parameter, so the rank loads the whole checkpoint, and says why."""
-    tiny_model("mixtral").save_pretrained(tmp_path)
+def test_a_checkpoint_the_slices_cannot_read_loads_whole(tmp_path, caplog):
+    """Tied embeddings stored twice, with different values (transformers then unties them): no rank reads slices of
+    it; each loads the whole checkpoint, as transformers does, and the log says why."""
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"]) * 0.05
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     model, why = meta_model(tmp_path, None, torch.device("cpu"))
-    assert model is None and "transformers converts the files" in why and "experts" in why
+    assert model is None and "are tied, yet each is in the files" in why
     with caplog.at_level(logging.INFO, logger="compiled_llm"):
         loaded = load_model(str(tmp_path), device="cpu", by_slices=True)
     assert not hasattr(loaded.model, "checkpoint_slices")
-    assert next(loaded.model.parameters()).device.type == "cpu"
+    assert torch.equal(loaded.model.lm_head.weight, tensors["lm_head.weight"])
     assert "each rank loads the whole checkpoint" in caplog.text and why in caplog.text
 
 
