@@ -65,9 +65,18 @@ def bench(args: argparse.Namespace) -> int:
         return bench_serving(args)
     if args.model is None:
         raise ValueError(f"--mode {args.mode} needs MODEL")
-    config = config_from_args(args)
+    config = config_from_args(args, ranks=args.mode == "throughput")  # throughput runs over ranks (rank_workers.py)
     default_baselines = "hf-eager,hf-compile" if args.mode == "latency" else "hf-eager"
     baselines = tuple(b for b in (args.baselines or default_baselines).split(",") if b and b != "none")
+    if config.parallel_ranks > 1:  # each rank loads the model itself (its slices of it, where it can)
+        result = run_throughput_benchmark(
+            args.model, args.model, args.num_requests, args.input_len, args.output_len, baselines, config,
+            args.dataset, None, args.baseline_batch_size, args.baseline_num_requests, torch_dtype(args.dtype),
+        )  # fmt: skip
+        print(format_throughput_table(result))
+        if args.json:
+            write_json(result, args.json)
+        return 0
     loaded = load_model(args.model, torch_dtype(args.dtype))
     model = loaded.model
     if args.mode == "throughput":

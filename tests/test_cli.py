@@ -86,7 +86,9 @@ def test_bench_latency_compares_each_named_pass_on_against_off(tmp_path, capsys)
     assert re.search(r"fuse_rms_norm: on / off \d+\.\d{3}x", text) and "fuse_parallel_linears: on / off" in text
     result = json.loads(out.read_text())
     assert [r["system"] for r in result["results"]] == [
-        "compiled-llm", "without fuse_rms_norm", "without fuse_parallel_linears",
+        "compiled-llm",
+        "without fuse_rms_norm",
+        "without fuse_parallel_linears",
     ]
     assert set(result["results"][0]["details"]["pass_gains"]) == {"fuse_rms_norm", "fuse_parallel_linears"}
     assert main([*base, "--compare-passes", "fuse_norm_quantize_fp8"]) == 2  # opt-in: not in the default pipeline
@@ -133,7 +135,29 @@ def test_config_file_with_flags_over_it(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
     for flag in ("--tensor-parallel-size", "--expert-parallel-size"):  # one rank: serve, LLM(...) or torchrun for more
         assert main(["build", str(tmp_path / "model"), flag, "2"]) == 2
-        assert "build runs on one rank for now (serve runs over several)" in capsys.readouterr().err
+        assert "build runs on one rank for now (serve and bench --mode throughput run over several)" in (
+            capsys.readouterr().err
+        )
+
+
+def test_bench_throughput_over_two_ranks(tmp_path, capsys):
+    """bench --mode throughput --tensor-parallel-size 2: this process is rank 0 of an LLM that starts rank 1 (gloo on
+    CPU); every request gets its tokens. A baseline needs the whole model in one process: refused."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    flags = ["--mode", "throughput", "--tensor-parallel-size", "2", "--num-requests", "4", "--input-len", "8",
+             "--output-len", "4", "--compile-backend", "eager", "--max-batch-size", "2"]  # fmt: skip
+    assert main(["bench", "random:tiny-llama", *flags, "--baselines", "hf-eager"]) == 2
+    assert "pass --baselines none" in capsys.readouterr().err
+    run = subprocess.run([sys.executable, "-m", "compiled_llm.cli", "bench", "random:tiny-llama", *flags, "--baselines",
+                          "none", "--json", str(out)], capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert " x 2 ranks: 4 requests" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2 and result["results"][0]["output_tokens"] == 16
 
 
 @pytest.mark.parametrize("command", ["build", "bench", "serve", "tune"])
@@ -204,7 +228,12 @@ def test_tune_end_to_end_measures_each_batch_size_with_heuristics_and_with_the_t
     rows = end_to_end_gains(None, "m", tuned, (1, 16), measure)
     assert calls == [(1, "off"), (1, "cache"), (16, "cache"), (16, "off")]
     lines = format_end_to_end_table(rows).splitlines()
-    assert lines[2].split() == ["1", "100.0", "110.0", "1.10x"] and lines[3].split() == ["16", "1600.0", "1760.0", "1.10x"]
+    assert lines[2].split() == ["1", "100.0", "110.0", "1.10x"] and lines[3].split() == [
+        "16",
+        "1600.0",
+        "1760.0",
+        "1.10x",
+    ]
 
 
 def test_tune_end_to_end_runs_the_latency_benchmark():

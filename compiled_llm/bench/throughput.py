@@ -2,7 +2,9 @@
 engine (continuous batching), against HF `generate` in static batches on the same prompts, in one process.
 
 Every request generates exactly `output_len` tokens (EOS ignored), so both systems do the same work (the
-baseline may run on the first requests only, in batches of another size: rates compare, not totals).
+baseline may run on the first requests only, in batches of another size: rates compare, not totals). Over several
+ranks (`tensor_parallel_size` / `expert_parallel_size`), this process is rank 0 of an `LLM` that starts the others
+(rank_workers.py) from the model's name; there is no baseline then, and the ceilings count every rank's GPU.
 Reported: output tokens/s, total (prompt + output) tokens/s, requests/s, and percentiles of time to first
 token (from submission) and of inter-token latency (per request: (finish - first token) / (tokens - 1)).
 """
@@ -134,7 +136,9 @@ def run_throughput_benchmark(
     tokenizer=None,
     baseline_batch_size: int | None = None,
     baseline_num_requests: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
+    """`model`: the model, or over several ranks its name (what each rank loads: `model_source.load_model`)."""
     from compiled_llm.llm import LLM
 
     check_baselines(baselines, BASELINES, "throughput")
@@ -143,19 +147,30 @@ def run_throughput_benchmark(
     if (baseline_batch_size or 1) < 1 or (baseline_num_requests or 1) < 1:
         raise ValueError("baseline_batch_size and baseline_num_requests must be >= 1")
     config = config or CompileConfig()
-    prompts = load_prompts(num_requests, input_len, model.config.vocab_size, dataset, tokenizer)
+    ranks = config.parallel_ranks
+    if ranks > 1 and baselines:
+        raise ValueError(f"the {', '.join(baselines)} baseline runs the whole model in one process, which a run over "
+                         f"{ranks} ranks does not have: pass --baselines none")  # fmt: skip
     start = time.perf_counter()
-    llm = LLM(model, **config.model_dump())
+    llm = (
+        LLM(model, tokenizer, dtype, **config.model_dump())
+        if isinstance(model, str)
+        else LLM(model, **config.model_dump())
+    )
     compile_s = time.perf_counter() - start
+    model, device = llm.model, llm.compiled.device  # rank 0's (its parameters may be on meta: checkpoint_slices.py)
+    prompts = load_prompts(num_requests, input_len, model.config.vocab_size, dataset, tokenizer or llm.tokenizer)
     # Warm-up on reversed prompts: the same shapes, none of the measured prompts' blocks in the prefix cache.
     _run_engine(llm, [p[::-1] for p in prompts[: config.max_batch_size]], min(output_len, 4))
     results = [{**_run_engine(llm, prompts, output_len), "compile_s": compile_s}]
     cache = llm.compiled.runner.kv_cache
     weight_bytes, kv_bytes_per_token = llm.compiled.report.weight_bytes, cache.bytes_per_block(cache.layers, 1)
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() != embedding.data_ptr():  # a step reads the batch's rows of it only
-        weight_bytes -= (embedding.shape[0] - config.max_batch_size) * embedding.shape[1] * embedding.element_size()
+    if head is None or head.weight is not embedding:  # a step reads the batch's rows of it only (a rank: of its share)
+        rows = -(-embedding.shape[0] // ranks)
+        weight_bytes -= max(0, rows - config.max_batch_size) * embedding.shape[1] * embedding.element_size()
     fp8 = llm.compiled.config.quantization.startswith("fp8")  # "auto" resolved from the checkpoint by now
+    llm.close()  # the other ranks, if it started them
     del llm  # its KV cache takes most of the free memory: give it to the baseline
     gc.collect()
     if torch.cuda.is_available():
@@ -164,13 +179,14 @@ def run_throughput_benchmark(
         _run_hf_eager(model, prompts[:1], min(output_len, 4), 1)  # warm-up
         subset = prompts[:baseline_num_requests] if baseline_num_requests else prompts
         results.append(_run_hf_eager(model, subset, output_len, baseline_batch_size or config.max_batch_size))
-    device = next(model.parameters()).device
     ceilings = {}
     if device.type == "cuda" and dataset is None:
+        # Each rank reads its share of the weights and KV cache on its own GPU, and does 1/ranks of the FLOPs.
         ceilings = throughput_ceilings(
             model, weight_bytes, kv_bytes_per_token, input_len, output_len, config.max_batch_size,
-            measured_gemm_flops(device, fp8=fp8), copy_bandwidth(device),
+            ranks * measured_gemm_flops(device, fp8=fp8), copy_bandwidth(device),
         )  # fmt: skip
+        ceilings["ranks"] = ranks
         ceilings["fp8_gemm"] = fp8
         ours = results[0]["output_tokens_per_s"]
         results[0]["fraction_of_flop_ceiling"] = ours / ceilings["flop_ceiling_output_tokens_per_s"]
@@ -184,14 +200,16 @@ def run_throughput_benchmark(
         "output_len": output_len,
         "dataset": dataset,
         "torch": torch.__version__,
+        "ranks": ranks,
         "results": results,
         "ceilings": ceilings,
     }
 
 
 def format_throughput_table(result: dict) -> str:
+    ranks = f" x {result['ranks']} ranks" if result.get("ranks", 1) > 1 else ""
     lines = [
-        f"{result['model']} on {result['device']}: {result['num_requests']} requests, "
+        f"{result['model']} on {result['device']}{ranks}: {result['num_requests']} requests, "
         f"input {result['input_len'] or result['dataset']}, output {result['output_len']}",
         f"{'system':<14}{'output tok/s':>14}{'total tok/s':>13}{'req/s':>9}{'TTFT p50/p90/p99 s':>24}"
         f"{'ITL p50/p90/p99 ms':>24}",
@@ -203,8 +221,10 @@ def format_throughput_table(result: dict) -> str:
                      f"{r['requests_per_s']:>9.2f}{ttft:>24}{itl:>24}")  # fmt: skip
     ours = result["results"][0]["output_tokens_per_s"]
     for r in result["results"][1:]:
-        lines.append(f"compiled-llm / {r['system']} (batches of {r['batch_size']}, {r['num_requests']} requests): "
-                     f"{ours / r['output_tokens_per_s']:.2f}x output tokens/s")
+        lines.append(
+            f"compiled-llm / {r['system']} (batches of {r['batch_size']}, {r['num_requests']} requests): "
+            f"{ours / r['output_tokens_per_s']:.2f}x output tokens/s"
+        )
     ceilings = result.get("ceilings")
     if ceilings:
         gemm = "FP8 GEMM, row scales" if ceilings["fp8_gemm"] else "bf16 GEMM"
