@@ -130,6 +130,12 @@ def quantize_experts_parameter(gm: torch.fx.GraphModule, target: str, transposed
     _register_quantized(gm, weight, quantized, (weight_name, scale_name))
 
 
+def _column_scales(scale: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """A checkpoint's scales for each of `parts` equal column parts of its weight: the same per channel ([N]), a
+    part of the blocks' columns per 128 x 128 block ([N/128, K/128])."""
+    return [scale] * parts if scale.dim() == 1 else list(scale.chunk(parts, 1))
+
+
 def checkpoint_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(W8, scales) an FP8 checkpoint stored for this weight (compiled_llm/fp8_checkpoint.py), taken as they are
     rather than requantized from the dequantized weight; None for a float weight."""
@@ -240,8 +246,11 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
     def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         parts = parts_of.get(module.weight.untyped_storage().data_ptr(), 1)
         if parts > 1:  # the bias once, after the sum, as the ranks add it
-            out = sum(form.reference(*form.op_args(x_part, *form.quantize(w_part), None))
-                      for x_part, w_part in zip(x.chunk(parts, -1), module.weight.chunk(parts, 1)))  # fmt: skip
+            stored = checkpoint_tensors(module.weight)  # each rank's columns of it, with its scales (sharding.py)
+            quantized = (zip(stored[0].chunk(parts, 1), _column_scales(stored[1], parts)) if stored is not None
+                         else map(form.quantize, module.weight.chunk(parts, 1)))  # fmt: skip
+            out = sum(form.reference(*form.op_args(x_part, w8, w_scale, None))
+                      for x_part, (w8, w_scale) in zip(x.chunk(parts, -1), quantized))  # fmt: skip
             return out if module.bias is None else out + module.bias
         weight8, scale = checkpoint_tensors(module.weight) or form.quantize(module.weight)
         return form.reference(*form.op_args(x, weight8, scale, module.bias))

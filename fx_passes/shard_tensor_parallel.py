@@ -276,7 +276,7 @@ class _Sharder:
             self.refuse(node, "a view of a value split over the ranks, with sizes the pass cannot read")
         before = [sym_expr(s) for s in self.whole[src].shape]
         after = [sym_expr(s) for s in node.meta["val"].shape]
-        group = _group(before, after, part.dim)
+        group = _group(before, after, part.dim, part.size == part.total)
         if group is None:
             self.refuse(node, "a view that does not keep the dimension split over the ranks as the outermost of "
                               "the dimensions it splits or merges: not a head reshape the pass can prove")  # fmt: skip
@@ -332,14 +332,16 @@ def _heads_of_view(linear: torch.fx.Node) -> int | None:
     return None
 
 
-def _group(before: list, after: list, dim: int) -> int | None:
+def _group(before: list, after: list, dim: int, whole: bool = False) -> int | None:
     """The dimension of `after` that starts where `before[dim]` starts, if a reshape keeps `dim` the outermost of
-    the dimensions it splits or merges with; else None."""
+    the dimensions it splits or merges with; else None. `whole`: each rank's part of `dim` is all of it."""
     prefix = math.prod(before[:dim])
     starts = [j for j in range(len(after)) if math.prod(after[:j]) == prefix]
     if not starts:
         return None
-    start = starts[-1]  # past size-1 dimensions, to the one that holds the entries
+    # Past size-1 dimensions, to the one that holds the entries; but a rank that holds every entry (one KV head
+    # replicated on every rank) keeps the outermost: [T, 1 * 64] -> [T, 1, 64] is one head, not a part of head_dim.
+    start = starts[0] if whole else starts[-1]
     for end_before in range(dim + 1, len(before) + 1):
         if any(math.prod(before[:end_before]) == math.prod(after[:j]) for j in range(start + 1, len(after) + 1)):
             return start

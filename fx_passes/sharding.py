@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from custom_ops.linear.fp8_block import BLOCK as FP8_BLOCK
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.node_meta import insert_call
 
@@ -41,22 +42,48 @@ def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, 
     """Register `name`: [start, start + size) of the parameter `source` along `dim` (rows, columns, or experts), zeros
     past its end (a vocabulary the ranks do not divide); with `blocks`, that range of each of the equal blocks `dim`
     holds (an experts weight's gate rows then up rows), concatenated. A copy: the model keeps its whole weight, which
-    the self-check and the user's module still run."""
+    the self-check and the user's module still run. An FP8 checkpoint's tensors the weight carries are cut alike: its
+    e4m3 values as the weight, its scales by row (per channel) or by 128 x 128 block, where the part aligns with them."""
     whole = gm.get_parameter(source)
-    fmt = checkpoint_format(whole)
-    if fmt is not None:
-        raise TensorParallelError(f"cannot shard {source}: it holds an {fmt} checkpoint's tensors (not supported yet)")
+    if checkpoint_format(whole) == "MXFP4":
+        raise TensorParallelError(f"cannot shard {source}: it holds an MXFP4 checkpoint's tensors (not supported yet)")
+    part = torch.nn.Parameter(_cut(whole.detach(), dim, start, size, blocks), requires_grad=False)
+    if checkpoint_format(whole) == "FP8":
+        part.fp8_weight = _cut(whole.fp8_weight, dim, start, size, blocks)
+        part.fp8_scale = _cut_scale(whole.fp8_scale, source, dim, start, size, blocks, whole.shape)
+    part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
+    gm.register_parameter(name, part)
+
+
+def _cut(whole: torch.Tensor, dim: int, start: int, size: int, blocks: int) -> torch.Tensor:
     pieces = []
-    for block in whole.detach().chunk(blocks, dim):
+    for block in whole.chunk(blocks, dim):
         kept = max(0, min(size, block.shape[dim] - start))
         pieces.append(block.narrow(dim, min(start, block.shape[dim]), kept))  # a shard wholly past the end: zeros
         if kept < size:
             shape = list(block.shape)
             shape[dim] = size - kept
             pieces.append(block.new_zeros(shape))
-    part = torch.nn.Parameter(torch.cat(pieces, dim).contiguous().clone(), requires_grad=False)
-    part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
-    gm.register_parameter(name, part)
+    return torch.cat(pieces, dim).contiguous().clone()
+
+
+def _cut_scale(scale: torch.Tensor, source: str, dim: int, start: int, size: int, blocks: int,
+               shape: torch.Size) -> torch.Tensor:  # fmt: skip
+    """The FP8 checkpoint scales of [start, start + size) along `dim` of a weight of `shape`: per output channel
+    ([N]: cut with the rows, whole for a part of the columns) or per 128 x 128 block ([N/128, K/128]: cut by block,
+    where the part's edges fall on blocks' edges; anything else would need a requantization)."""
+    if scale.dim() == 1:
+        return _cut(scale, 0, start, size, blocks) if dim == 0 else scale.clone()
+    extent = shape[dim] // blocks
+    edges = [start, min(start + size, extent)] + ([extent] if blocks > 1 else [])  # a block's edges too
+    if any(edge % FP8_BLOCK and edge != shape[dim] for edge in edges):
+        raise TensorParallelError(
+            f"cannot shard {source}: this rank's part [{start}, {start + size}) along dim {dim}"
+            + (f" of each of its {blocks} blocks of {extent}" if blocks > 1 else "")
+            + f" does not align with its FP8 checkpoint's {FP8_BLOCK} x {FP8_BLOCK} quantization blocks; use fewer "
+            "ranks, or a checkpoint quantized per channel"
+        )
+    return _cut(scale, dim, start // FP8_BLOCK, -(-size // FP8_BLOCK), blocks)
 
 
 def shard_attr(gm: torch.fx.GraphModule, attr: torch.fx.Node, dim: int, start: int, size: int,
