@@ -1,7 +1,12 @@
-"""Ranks that read only their slices of a safetensors checkpoint (compiled_llm/checkpoint_slices.py): the model is
-built on the meta device, captured and rewritten without weights, and each rank then reads what its graph needs. Held
-against the same ranks compiling the whole model loaded by transformers (the same logits, to the bit) and against
-HF's own greedy tokens; each rank reads about its share of the files."""
+"""What a tensor-parallel rank loads from a checkpoint.
+
+- Its slices of a float safetensors checkpoint (compiled_llm/checkpoint_slices.py): the model is built on the meta
+  device, captured and rewritten without weights, and each rank then reads what its graph needs. Held against the
+  same ranks compiling the whole model loaded by transformers (the same logits, to the bit) and against HF's own
+  greedy tokens; each rank reads about its share of the files.
+- An FP8 checkpoint's e4m3 weights and scales, cut with the weights (fx_passes/sharding.py): each rank's graph passes
+  its self-check against the module quantized as the ranks compute it; weights whose parts do not fall on 128 x 128
+  quantization blocks are refused, naming the weight."""
 
 from __future__ import annotations
 
@@ -15,14 +20,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers as tf
-from conftest import ARCHITECTURES, free_port, random_prompt, spawn_ranks, tiny_model
+from conftest import ARCHITECTURES, free_port, random_prompt, relative_error, spawn_ranks, tiny_model
+from fp8_checkpoints import tiny_llama as fp8_tiny_llama
+from fp8_checkpoints import write_compressed_tensors_fp8
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compiled_llm import compile_model
 from compiled_llm.checkpoint_slices import CheckpointSlices, meta_model
 from compiled_llm.model_source import load_model
-from fx_passes.sharding import shard_parameter
+from fx_passes.sharding import TensorParallelError, shard_parameter
 
 JOIN_TIMEOUT_S = 300
 NEW_TOKENS = 8
@@ -30,13 +37,16 @@ NEW_TOKENS = 8
 # shard padded with zeros past the file's rows); Gemma 3 with tied embeddings (one tensor of the files for two
 # parameters); Qwen3; fp8, whose quantization runs on the rank's slices; Mixtral, whose files hold a tensor an expert
 # that transformers merges (each rank reads its half of every expert's rows: gate, up, and down's columns); Qwen3-MoE
-# with expert parallelism (each rank reads its half of the experts).
+# with expert parallelism (each rank reads its half of the experts); Llama with one KV head (replicated on both ranks).
 JOBS = (("llama_bias", "llama_bias", {}), ("gemma3", "gemma3", {}), ("qwen3", "qwen3", {}),
         ("llama_bias_fp8", "llama_bias", {"quantization": "fp8"}), ("mixtral", "mixtral", {}),
-        ("qwen3_moe_ep", "qwen3_moe", {"expert_parallel_size": 2}))  # fmt: skip
+        ("qwen3_moe_ep", "qwen3_moe", {"expert_parallel_size": 2}), ("llama_mqa", "llama_mqa", {}))  # fmt: skip
+FP8_STRATEGIES = ("channel", "block")  # compressed-tensors checkpoints (tests/fp8_checkpoints.py)
 
 
 def _model(arch: str) -> torch.nn.Module:
+    if arch == "llama_mqa":
+        return tiny_model("llama", num_key_value_heads=1)
     if arch != "llama_bias":
         return tiny_model(arch)
     model = tiny_model("llama", attention_bias=True, mlp_bias=True, vocab_size=257)
@@ -71,6 +81,19 @@ def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -
                     for cm in (whole, sliced)
                 ],
             }
+        for strategy in FP8_STRATEGIES:  # quantized: each rank loads it whole, and cuts the FP8 tensors
+            model = load_model(str(Path(directory) / f"fp8_{strategy}"), device="cpu", by_slices=True).model
+            fields = {"max_batch_size": 2, "compile_backend": "eager", "verify": True}
+            try:
+                ranks = compile_model(model, tensor_parallel_size=world, **fields)
+            except TensorParallelError as error:
+                results[f"fp8_{strategy}"] = {"error": str(error)}
+                continue
+            one = compile_model(model, **fields)
+            ids = random_prompt(12, seed=3)
+            results[f"fp8_{strategy}"] = {"ranks": ranks(ids).logits, "one": one(ids).logits,
+                                          "quantization": ranks.config.quantization,
+                                          "sites": ranks.report.pass_sites("shard_tensor_parallel")}  # fmt: skip
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -87,6 +110,8 @@ def checkpoints(tmp_path_factory):
         assert len(list((root / arch).glob("*.safetensors"))) > 1
         ids = random_prompt(12, seed=3)
         expected[arch] = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    for strategy in FP8_STRATEGIES:
+        write_compressed_tensors_fp8(fp8_tiny_llama(), str(root / f"fp8_{strategy}"), strategy)
     return root, expected
 
 
@@ -96,7 +121,7 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
     spawn_ranks(_rank_main, world, (world, free_port(), str(root), str(tmp_path)), JOIN_TIMEOUT_S)
     for rank in range(world):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        assert list(results) == [job for job, _, _ in JOBS]
+        assert list(results) == [job for job, _, _ in JOBS] + [f"fp8_{s}" for s in FP8_STRATEGIES]
         for job, arch, fields in JOBS:
             got = results[job]
             assert torch.equal(got["whole"], got["sliced"]), (rank, job)
@@ -107,6 +132,14 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
             stored = sum(p.stat().st_size for p in (root / arch).glob("*.safetensors"))
             # Its half of the sharded weights, plus what every rank keeps whole (norms, row-parallel biases).
             assert got["bytes_read"] < 0.56 * stored, (rank, job, got["bytes_read"], stored)
+        # Per channel: both graphs passed their self-check (verify=True); the ranks differ from one by quantizing
+        # each its part of a row-parallel linear's input.
+        channel = results["fp8_channel"]
+        assert channel["quantization"] == "fp8" and channel["sites"] > 0
+        assert relative_error(channel["ranks"], channel["one"]) < 0.1
+        # Blocks: the intermediate features (384) split in two parts of 192 that do not fall on 128-wide blocks.
+        assert "gate_proj.weight: this rank's part [" in results["fp8_block"]["error"]
+        assert "does not align with its FP8 checkpoint's 128 x 128 quantization blocks" in results["fp8_block"]["error"]
 
 
 def test_a_checkpoint_the_slices_cannot_read_loads_whole(tmp_path, caplog):
