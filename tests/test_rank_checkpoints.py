@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import logging
 import random
@@ -21,8 +22,6 @@ import torch
 import torch.distributed as dist
 import transformers as tf
 from conftest import ARCHITECTURES, free_port, random_prompt, relative_error, spawn_ranks, tiny_model
-from fp8_checkpoints import tiny_llama as fp8_tiny_llama
-from fp8_checkpoints import write_compressed_tensors_fp8
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -82,6 +81,8 @@ def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -
                 ],
             }
         for strategy in FP8_STRATEGIES:  # quantized: each rank loads it whole, and cuts the FP8 tensors
+            if not (Path(directory) / f"fp8_{strategy}").exists():
+                continue
             model = load_model(str(Path(directory) / f"fp8_{strategy}"), device="cpu", by_slices=True).model
             fields = {"max_batch_size": 2, "compile_backend": "eager", "verify": True}
             try:
@@ -110,8 +111,12 @@ def checkpoints(tmp_path_factory):
         assert len(list((root / arch).glob("*.safetensors"))) > 1
         ids = random_prompt(12, seed=3)
         expected[arch] = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-    for strategy in FP8_STRATEGIES:
-        write_compressed_tensors_fp8(fp8_tiny_llama(), str(root / f"fp8_{strategy}"), strategy)
+    # Written by the compressed-tensors library (a test dependency; a GPU machine without it skips these jobs).
+    if importlib.util.find_spec("compressed_tensors") is not None:
+        from fp8_checkpoints import tiny_llama, write_compressed_tensors_fp8
+
+        for strategy in FP8_STRATEGIES:
+            write_compressed_tensors_fp8(tiny_llama(), str(root / f"fp8_{strategy}"), strategy)
     return root, expected
 
 
@@ -121,7 +126,8 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
     spawn_ranks(_rank_main, world, (world, free_port(), str(root), str(tmp_path)), JOIN_TIMEOUT_S)
     for rank in range(world):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        assert list(results) == [job for job, _, _ in JOBS] + [f"fp8_{s}" for s in FP8_STRATEGIES]
+        fp8_jobs = [f"fp8_{s}" for s in FP8_STRATEGIES if (root / f"fp8_{s}").exists()]
+        assert list(results) == [job for job, _, _ in JOBS] + fp8_jobs
         for job, arch, fields in JOBS:
             got = results[job]
             assert torch.equal(got["whole"], got["sliced"]), (rank, job)
@@ -134,6 +140,8 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
             assert got["bytes_read"] < 0.56 * stored, (rank, job, got["bytes_read"], stored)
         # Per channel: both graphs passed their self-check (verify=True); the ranks differ from one by quantizing
         # each its part of a row-parallel linear's input.
+        if not fp8_jobs:
+            continue
         channel = results["fp8_channel"]
         assert channel["quantization"] == "fp8" and channel["sites"] > 0
         assert relative_error(channel["ranks"], channel["one"]) < 0.1
