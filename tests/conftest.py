@@ -89,6 +89,17 @@ def tiny_model(arch: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     return model
 
 
+def llama_with_biases() -> torch.nn.Module:
+    """tiny_model("llama") with random biases on every linear and a vocabulary of 257 tokens (odd: not divisible by
+    ranks, so a rank's vocabulary shard is padded)."""
+    model = tiny_model("llama", attention_bias=True, mlp_bias=True, vocab_size=257)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" not in name:
+                param.normal_(0.0, 0.08)
+    return model
+
+
 def paged_layers(count: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, num_heads: int = 32) -> list:
     """`count` paged attention layers (fx_passes.PagedLayer) of one shape, as insert_paged_attention records them."""
     from custom_ops import LayerAttentionFeatures

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers as tf
-from conftest import ARCHITECTURES, free_port, random_prompt, relative_error, spawn_ranks, tiny_model
+from conftest import ARCHITECTURES, free_port, llama_with_biases, random_prompt, relative_error, spawn_ranks, tiny_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,14 +46,7 @@ FP8_STRATEGIES = ("channel", "block")  # compressed-tensors checkpoints (tests/f
 def _model(arch: str) -> torch.nn.Module:
     if arch == "llama_mqa":
         return tiny_model("llama", num_key_value_heads=1)
-    if arch != "llama_bias":
-        return tiny_model(arch)
-    model = tiny_model("llama", attention_bias=True, mlp_bias=True, vocab_size=257)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and "norm" not in name:
-                param.normal_(0.0, 0.08)
-    return model
+    return llama_with_biases() if arch == "llama_bias" else tiny_model(arch)
 
 
 def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -> None:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import random_prompt, relative_error, tiny_model
+from conftest import free_port, llama_with_biases, random_prompt, relative_error, spawn_ranks, tiny_model
 from torch import nn
 
 from compiled_llm import LLM, CompileConfig, SamplingParams, compile_model
@@ -42,20 +40,7 @@ def _model(arch: str) -> nn.Module:
         model = tiny_model("gemma3", final_logit_softcapping=30.0)
         assert model.config.tie_word_embeddings
         return model
-    if arch != "llama_bias":
-        return tiny_model(arch)
-    model = tiny_model("llama", attention_bias=True, mlp_bias=True, vocab_size=257)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and "norm" not in name:
-                param.normal_(0.0, 0.08)
-    return model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return llama_with_biases() if arch == "llama_bias" else tiny_model(arch)
 
 
 def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) -> None:
@@ -110,17 +95,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str
 
 def run_ranks(world: int, jobs: list[tuple], out_dir) -> list[dict]:
     """Each rank's results, from `world` spawned processes; a rank that fails or hangs fails the test."""
-    context = mp.start_processes(_rank_main, args=(world, _free_port(), jobs, str(out_dir)), nprocs=world,
-                                 join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=5):  # raises if a rank failed (and ends the others)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} tensor-parallel ranks still running after {JOIN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_ranks(_rank_main, world, (world, free_port(), jobs, str(out_dir)), JOIN_TIMEOUT_S)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
 
 
@@ -244,7 +219,7 @@ def test_parallelism_needs_a_process_group_of_its_size(field, arch):
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match=f"{field}=2 needs torch.distributed initialized"):
         compile_model(tiny_model(arch), **{field: 2}, compile_backend="eager")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match=f"{field}=2 does not match torch.distributed's world size 1"):
             compile_model(tiny_model(arch), **{field: 2}, compile_backend="eager")
