@@ -65,35 +65,28 @@ def bench(args: argparse.Namespace) -> int:
         return bench_serving(args)
     if args.model is None:
         raise ValueError(f"--mode {args.mode} needs MODEL")
-    config = config_from_args(args, ranks=args.mode == "throughput")  # throughput runs over ranks (rank_workers.py)
+    config = config_from_args(args, ranks=True)  # latency and throughput run over ranks (rank_workers.py)
     default_baselines = "hf-eager,hf-compile" if args.mode == "latency" else "hf-eager"
     baselines = tuple(b for b in (args.baselines or default_baselines).split(",") if b and b != "none")
+    dtype = torch_dtype(args.dtype)
     if config.parallel_ranks > 1:  # each rank loads the model itself (its slices of it, where it can)
-        result = run_throughput_benchmark(
-            args.model, args.model, args.num_requests, args.input_len, args.output_len, baselines, config,
-            args.dataset, None, args.baseline_batch_size, args.baseline_num_requests, torch_dtype(args.dtype),
-        )  # fmt: skip
-        print(format_throughput_table(result))
-        if args.json:
-            write_json(result, args.json)
-        return 0
-    loaded = load_model(args.model, torch_dtype(args.dtype))
-    model = loaded.model
+        model, tokenizer = args.model, None
+    else:
+        loaded = load_model(args.model, dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
     if args.mode == "throughput":
         result = run_throughput_benchmark(
-            model, args.model, args.num_requests, args.input_len, args.output_len,
-            baselines, config, args.dataset, loaded.tokenizer, args.baseline_batch_size, args.baseline_num_requests,
+            model, args.model, args.num_requests, args.input_len, args.output_len, baselines, config,
+            args.dataset, tokenizer, args.baseline_batch_size, args.baseline_num_requests, dtype,
         )  # fmt: skip
         print(format_throughput_table(result))
-        if args.json:
-            write_json(result, args.json)
-        return 0
-    result = run_latency_benchmark(
-        model, args.model, args.batch_size, args.input_len, args.output_len, baselines,
-        repeats=args.repeats, config=config, profile=args.profile,
-        compare_passes=tuple(p.strip() for p in (args.compare_passes or "").split(",") if p.strip()),
-    )  # fmt: skip
-    print(format_table(result))
+    else:
+        result = run_latency_benchmark(
+            model, args.model, args.batch_size, args.input_len, args.output_len, baselines,
+            repeats=args.repeats, config=config, profile=args.profile,
+            compare_passes=tuple(p.strip() for p in (args.compare_passes or "").split(",") if p.strip()), dtype=dtype,
+        )  # fmt: skip
+        print(format_table(result))
     if args.json:
         write_json(result, args.json)
     return 0

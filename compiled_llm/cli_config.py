@@ -61,7 +61,7 @@ def config_from_args(args: argparse.Namespace, ranks: bool = False) -> CompileCo
         command = getattr(args, "command", "this command")
         raise ValueError(
             f"--tensor-parallel-size / --expert-parallel-size {config.parallel_ranks}: {command} runs on one rank for "
-            "now (serve and bench --mode throughput run over several); from Python, LLM(model, tensor_parallel_size=N) starts the other ranks "
+            "now (serve and bench --mode latency or throughput run over several); from Python, LLM(model, tensor_parallel_size=N) starts the other ranks "
             "itself, or run each rank under torchrun (examples/tensor_parallel.py)"
         )
     return config

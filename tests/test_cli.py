@@ -135,7 +135,7 @@ def test_config_file_with_flags_over_it(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
     for flag in ("--tensor-parallel-size", "--expert-parallel-size"):  # one rank: serve, LLM(...) or torchrun for more
         assert main(["build", str(tmp_path / "model"), flag, "2"]) == 2
-        assert "build runs on one rank for now (serve and bench --mode throughput run over several)" in (
+        assert "build runs on one rank for now (serve and bench --mode latency or throughput run over several)" in (
             capsys.readouterr().err
         )
 
@@ -158,6 +158,34 @@ def test_bench_throughput_over_two_ranks(tmp_path, capsys):
     assert " x 2 ranks: 4 requests" in run.stdout
     result = json.loads(out.read_text())
     assert result["ranks"] == 2 and result["results"][0]["output_tokens"] == 16
+
+
+def test_bench_latency_over_two_ranks(tmp_path, capsys):
+    """bench --mode latency --tensor-parallel-size 2: rank 0 of an LLM that starts rank 1 (gloo on CPU) decodes the
+    batch through LLM.generate, every sequence its --output-len tokens; its profile comes with it. A baseline or a
+    pass comparison, which needs the model again in one process, is refused before any rank starts."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    # --output-len 17: the profile's 16 decode steps after its 8-token prompt fit the benchmark's max_seq_len
+    flags = ["--mode", "latency", "--tensor-parallel-size", "2", "--batch-size", "2", "--input-len", "8",
+             "--output-len", "17", "--repeats", "1", "--compile-backend", "eager"]  # fmt: skip
+    assert main(["bench", "random:tiny-llama", *flags]) == 2  # the default baselines
+    assert "hf-eager, hf-compile baseline runs the whole model in one process" in capsys.readouterr().err
+    assert main(["bench", "random:tiny-llama", *flags, "--baselines", "none", "--compare-passes", "fuse_rms_norm"]) == 2
+    assert "--compare-passes compiles the model again without each pass, which over 2 ranks" in capsys.readouterr().err
+    run = subprocess.run([sys.executable, "-m", "compiled_llm.cli", "bench", "random:tiny-llama", *flags, "--baselines",
+                          "none", "--profile", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert " x 2 ranks (bfloat16): batch 2, input 8, output 17" in run.stdout
+    result = json.loads(out.read_text())
+    ours = result["results"][0]
+    assert result["ranks"] == 2 and [r["system"] for r in result["results"]] == ["compiled-llm"]
+    assert ours["details"]["generated_tokens"] == 2 * 17
+    assert 0 < ours["decode_tokens_per_s"] < float("inf") and ours["ttft_s"] > 0
+    assert "rank 0 of 2" in ours["details"]["report"] and ours["details"]["profile"]["top"]
 
 
 @pytest.mark.parametrize("command", ["build", "bench", "serve", "tune"])

@@ -6,6 +6,11 @@ For each system: `generate` of 1 token (time to first token, TTFT) and of `outpu
 
 `compare_passes`: what each named pass gains, measured in the same process: the model compiled again without
 that pass (one at a time, from the same pipeline), decode tokens/s on against off.
+
+Over several ranks (`tensor_parallel_size` / `expert_parallel_size`), this process is rank 0 of an `LLM` that starts
+the others (rank_workers.py) from the model's name, and the batch goes through `LLM.generate` (the same figures:
+every row generates its tokens in one batch, EOS ignored); there is no baseline and no pass comparison then, and
+the bandwidth limits are a rank's: its shard of the weights and of the KV cache at its GPU's copy bandwidth.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
@@ -23,6 +29,11 @@ import torch.fx
 from compiled_llm.bench.ceilings import active_expert_share, routed_expert_share
 from compiled_llm.bench.measure import check_baselines, copy_bandwidth, median_time, timed
 from compiled_llm.config import CompileConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compiled_llm.compiled_model import CompiledModel
 
 log = logging.getLogger("compiled_llm.bench")
 
@@ -64,6 +75,62 @@ def _hf_generate(model, ids, cache_implementation: str | None):
     return generate
 
 
+@dataclass
+class _OurModel:
+    """This project's model as the benchmark times it. `generate_for(ids)` [B, T] gives `generate(n)`, which has every
+    row generate n tokens greedily, EOS ignored, and returns how many each got."""
+
+    compiled: CompiledModel  # over several ranks: rank 0's
+    model: nn.Module  # over several ranks: rank 0's (its parameters may be on meta: checkpoint_slices.py)
+    generate_for: Callable[[torch.Tensor], Callable[[int], list[int]]]
+    close: Callable[[], None] = lambda: None  # stops the other ranks, where it started them
+
+
+def _compile_in_this_process(model, fields: dict) -> _OurModel:
+    from compiled_llm.compiled_model import compile_model
+
+    cm = compile_model(model, **fields)
+
+    def generate_for(ids: torch.Tensor) -> Callable[[int], list[int]]:
+        def generate(n: int) -> list[int]:
+            out = cm.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
+            return [out.shape[1] - ids.shape[1]] * ids.shape[0]
+
+        return generate
+
+    return _OurModel(cm, model, generate_for)
+
+
+def _start_ranks(model_name: str, fields: dict, dtype: torch.dtype | None) -> _OurModel:
+    """Rank 0 of an `LLM` that starts the other ranks (rank_workers.py), which step with its engine: the batch goes
+    through `LLM.generate`. Without prefix caching (unless asked for): a repeat of the same prompts would otherwise
+    skip their prefill, as `CompiledModel.generate` on one rank never does."""
+    from compiled_llm.engine import SamplingParams
+    from compiled_llm.llm import LLM
+
+    llm = LLM(model_name, None, dtype, **{"enable_prefix_caching": False, **fields})
+
+    def generate_for(ids: torch.Tensor) -> Callable[[int], list[int]]:
+        prompts = ids.tolist()  # once, outside the timed calls
+
+        def generate(n: int) -> list[int]:
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            return [len(output.outputs[0].token_ids) for output in llm.generate(prompts, params, use_tqdm=False)]
+
+        return generate
+
+    return _OurModel(llm.compiled, llm.model, generate_for, llm.close)
+
+
+def _check_ranks_can_run(ranks: int, baselines: tuple[str, ...], compare_passes: tuple[str, ...]) -> None:
+    if baselines:
+        raise ValueError(f"the {', '.join(baselines)} baseline runs the whole model in one process, which a run over "
+                         f"{ranks} ranks does not have: pass --baselines none")  # fmt: skip
+    if compare_passes:
+        raise ValueError(f"--compare-passes compiles the model again without each pass, which over {ranks} ranks "
+                         "means starting every rank again: compare passes on one rank")  # fmt: skip
+
+
 def run_latency_benchmark(
     model,
     model_name: str,
@@ -75,16 +142,17 @@ def run_latency_benchmark(
     config: CompileConfig | None = None,
     profile: bool = False,
     compare_passes: tuple[str, ...] = (),
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    from compiled_llm.compiled_model import compile_model
-
+    """`model`: the model, or over several ranks (`config.parallel_ranks` > 1) its name, which each rank loads
+    (`model_source.load_model`, in `dtype`)."""
     check_baselines(baselines, BASELINES, "latency")
+    ranks = config.parallel_ranks if config is not None else 1
+    if ranks > 1:
+        _check_ranks_can_run(ranks, baselines, compare_passes)
     pipeline = _pipeline_without_each(config, compare_passes)
     if batch_size < 1 or input_len < 1 or output_len < 2:
         raise ValueError("batch_size and input_len must be >= 1 and output_len >= 2")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (batch_size, input_len), generator=generator).to(device)
 
     # Only what this run needs: a KV cache for its sequences, graphs for its batch size.
     block = 16
@@ -93,30 +161,38 @@ def run_latency_benchmark(
                   max_num_tokens=max(batch_size * input_len, 256), cuda_graph_batch_sizes=(batch_size,))  # fmt: skip
     if config is not None:
         fields.update(config.model_dump(exclude_unset=True))
+    if fields["max_batch_size"] < batch_size:  # the engine (over ranks) would decode the batch in several waves
+        raise ValueError(f"--max-batch-size {fields['max_batch_size']} is below --batch-size {batch_size}: the batch "
+                         "would not decode together; leave --max-batch-size out (the benchmark sets it)")  # fmt: skip
     start = time.perf_counter()
-    cm = compile_model(model, **fields)
+    ours = _start_ranks(model, fields, dtype) if ranks > 1 else _compile_in_this_process(model, fields)
     compile_s = time.perf_counter() - start
-    # As the compiled graph stores them (quantized weights at their size), not as the model does.
+    try:
+        model, cm, device = ours.model, ours.compiled, ours.compiled.device
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (batch_size, input_len), generator=generator).to(device)
+        generate = ours.generate_for(ids)
+        generated = generate(output_len)  # the same warm-up as each baseline's first call
+        if generated != [output_len] * batch_size:
+            raise RuntimeError(f"compiled-llm generated {generated} tokens per sequence, not --output-len {output_len}")
+        results = [_measure("compiled-llm", generate, output_len, device, repeats, compile_s)]
+        results[0].details["report"] = str(cm.report)
+        results[0].details["generated_tokens"] = sum(generated)
+        if profile:
+            prompt = ids[:, :8]
+            profiler = profile_decode if device.type == "cuda" else profile_decode_cpu
+            results[0].details["profile"] = profiler(ours.generate_for(prompt), prompt.shape[1])
+    finally:
+        ours.close()
+    # As the compiled graph stores them (quantized weights at their size), not as the model does; over several
+    # ranks, rank 0's shard.
     weight_bytes = cm.report.weight_bytes
-
-    def ours(n: int):
-        return cm.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
-
-    ours(output_len)  # the same warm-up as each baseline's first call
-    results = [_measure("compiled-llm", ours, output_len, device, repeats, compile_s)]
-    results[0].details["report"] = str(cm.report)
-
-    if profile:
-        results[0].details["profile"] = profile_decode(cm, ids) if device.type == "cuda" else profile_decode_cpu(cm, ids)
 
     for name, passes in pipeline.items():  # after ours, so its figure does not share the GPU with another model
         start = time.perf_counter()
-        without = compile_model(model, **{**fields, "passes": passes})
+        without = _compile_in_this_process(model, {**fields, "passes": passes})
         seconds = time.perf_counter() - start
-
-        def theirs(n: int, without=without):
-            return without.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
-
+        theirs = without.generate_for(ids)
         theirs(output_len)
         result = _measure(f"without {name}", theirs, output_len, device, repeats, seconds)
         results[0].details.setdefault("pass_gains", {})[name] = results[0].decode_tokens_per_s / result.decode_tokens_per_s
@@ -126,9 +202,9 @@ def run_latency_benchmark(
             torch.cuda.empty_cache()
 
     for baseline in baselines:
-        generate = _hf_generate(model, ids, "static" if baseline == "hf-compile" else None)
-        first_call = timed(lambda: generate(output_len), device)  # compiles, for hf-compile
-        result = _measure(baseline, generate, output_len, device, repeats, None)
+        hf = _hf_generate(model, ids, "static" if baseline == "hf-compile" else None)
+        first_call = timed(lambda: hf(output_len), device)  # compiles, for hf-compile
+        result = _measure(baseline, hf, output_len, device, repeats, None)
         if baseline == "hf-compile":
             result.compile_s = first_call - result.details["full_generate_s"]
         results.append(result)
@@ -140,12 +216,14 @@ def run_latency_benchmark(
         "batch_size": batch_size,
         "input_len": input_len,
         "output_len": output_len,
+        "ranks": ranks,
         "weight_bytes": weight_bytes,
         "torch": torch.__version__,
         "results": [asdict(r) for r in results],
     }
     if device.type == "cuda":
-        share = routed_expert_share(model, ids, min(output_len, 16)) if batch_size > 1 else None
+        # Counted from the model's own routing where this process holds all of it.
+        share = routed_expert_share(model, ids, min(output_len, 16)) if batch_size > 1 and ranks == 1 else None
         out.update(bandwidth_limits(model, weight_bytes, cm, batch_size, input_len + output_len / 2, copy_bandwidth(device),
                                     share))  # fmt: skip
         ours_result = out["results"][0]
@@ -198,15 +276,17 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
     `bytes_read_limit`: what a step actually reads: the input embedding table contributes only the
     batch's rows (unless it is tied to the LM head, which reads all of it), and an MoE layer only the experts
     its tokens are routed to: `expert_share` where counted from the routing (ceilings.routed_expert_share), else
-    `ceilings.active_expert_share` (exact at batch 1, an estimate above)."""
+    `ceilings.active_expert_share` (exact at batch 1, an estimate above).
+    Over several ranks, a rank's: `weight_bytes` its shard's, `cm` its compiled model (its KV cache holds its heads),
+    and of the embedding table the rows it holds."""
     cache = cm.runner.kv_cache
     kv_bytes = batch_size * average_context * cache.bytes_per_block(cache.layers, 1)
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
-    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
-    read = weight_bytes if tied else weight_bytes - embedding.numel() * embedding.element_size() + (
-        batch_size * embedding.shape[1] * embedding.element_size()
-    )
+    # By identity: a rank that read only its slices of the checkpoint has its parameters on meta, all at address 0.
+    tied = output is not None and (output.weight is embedding or output.weight.data_ptr() == embedding.data_ptr() != 0)
+    unread_rows = 0 if tied else _embedding_rows_on_a_rank(embedding, cm.config) - batch_size
+    read = weight_bytes - unread_rows * embedding.shape[1] * embedding.element_size()
     share = expert_share if expert_share is not None else active_expert_share(model.config, batch_size)
     read -= (1.0 - share) * graph_expert_bytes(cm.graph_module)
     counted = "the routing" if expert_share is not None else "k of E" if batch_size == 1 else "a uniform estimate"
@@ -221,15 +301,25 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
     }
 
 
-def profile_decode(cm, ids, steps: int = 8) -> dict:
-    """Kernels of `steps` decode steps (torch profiler): count and device time per kernel, how long the GPU
-    sat idle between kernels, and host time in the runner's annotated phases."""
+def _embedding_rows_on_a_rank(embedding: torch.Tensor, config: CompileConfig) -> int:
+    """Rows of the input embedding table a rank's graph holds: shard_vocabulary splits it over the tensor-parallel
+    ranks (ceil, the last rank's padded), except a table that carries a checkpoint format's tensors, which stays
+    whole."""
+    from fx_passes.sharding import checkpoint_format
+
+    rows, ranks = embedding.shape[0], config.tensor_parallel_size
+    return -(-rows // ranks) if ranks > 1 and checkpoint_format(embedding) is None else rows
+
+
+def profile_decode(generate: Callable[[int], object], prompt_len: int, steps: int = 8) -> dict:
+    """Kernels of `steps` decode steps (torch profiler) of `generate(n)` (n tokens after a prompt of `prompt_len`):
+    count and device time per kernel, how long the GPU sat idle between kernels, and host time in the runner's
+    annotated phases."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompt = ids[:, :8]
-    cm.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)
+    generate(2)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        cm.generate(prompt, max_new_tokens=steps + 1, eos_token_id=[], pad_token_id=0)
+        generate(steps + 1)
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
     intervals, phases = [], {}
@@ -249,7 +339,7 @@ def profile_decode(cm, ids, steps: int = 8) -> dict:
     span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
     rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
     return {
-        "note": f"{steps} decode steps plus one prefill step of {prompt.shape[1]} tokens",
+        "note": f"{steps} decode steps plus one prefill step of {prompt_len} tokens",
         "kernels_total": sum(len(t) for t in kernels.values()),
         "device_time_us": sum(sum(t) for t in kernels.values()),
         "gpu_span_us": span,
@@ -259,19 +349,19 @@ def profile_decode(cm, ids, steps: int = 8) -> dict:
     }
 
 
-def profile_decode_cpu(cm, ids, steps: int = 16) -> dict:
-    """Where the host's time goes in `steps` decode steps on a CPU (torch profiler, ops by self time; with
-    Inductor's generated kernels under their own names where it profiles them)."""
+def profile_decode_cpu(generate: Callable[[int], object], prompt_len: int, steps: int = 16) -> dict:
+    """Where the host's time goes in `steps` decode steps of `generate(n)` (n tokens after a prompt of `prompt_len`)
+    on a CPU (torch profiler, ops by self time; with Inductor's generated kernels under their own names where it
+    profiles them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompt = ids[:, :8]
-    cm.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)
+    generate(2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        cm.generate(prompt, max_new_tokens=steps + 1, eos_token_id=[], pad_token_id=0)
+        generate(steps + 1)
     rows = sorted(prof.key_averages(), key=lambda row: -row.self_cpu_time_total)
     total = sum(row.self_cpu_time_total for row in rows)
     return {
-        "note": f"{steps} decode steps plus one prefill step of {prompt.shape[1]} tokens, under the profiler",
+        "note": f"{steps} decode steps plus one prefill step of {prompt_len} tokens, under the profiler",
         "host_ms_per_step": total / 1e3 / (steps + 1),
         "top": [{"op": row.key[:80], "calls": row.count, "self_ms": row.self_cpu_time_total / 1e3,
                  "share": row.self_cpu_time_total / total} for row in rows[:15]],  # fmt: skip
@@ -280,8 +370,11 @@ def profile_decode_cpu(cm, ids, steps: int = 16) -> dict:
 
 def format_table(result: dict) -> str:
     width = max(14, *(len(r["system"]) for r in result["results"]))
+    over_ranks = result.get("ranks", 1) > 1
+    ranks = f" x {result['ranks']} ranks" if over_ranks else ""
+    a_rank = " on each rank" if over_ranks else ""  # the bandwidth limits are a rank's: its shard, its GPU
     lines = [
-        f"{result['model']} on {result['device']} ({result['dtype']}): batch {result['batch_size']}, "
+        f"{result['model']} on {result['device']}{ranks} ({result['dtype']}): batch {result['batch_size']}, "
         f"input {result['input_len']}, output {result['output_len']}",
         f"{'system':<{width}} {'decode tok/s/seq':>17} {'TTFT s':>9} {'compile s':>10}",
     ]
@@ -302,13 +395,15 @@ def format_table(result: dict) -> str:
         ours = result["results"][0]["details"]
         lines.append(
             f"bandwidth limit {result['bandwidth_limit_tokens_per_s']:.1f} tok/s/seq "
-            f"(copy {result['copy_bandwidth_GBps']:.0f} GB/s, {result['step_bytes'] / 1e9:.2f} GB per step); "
+            f"(copy {result['copy_bandwidth_GBps']:.0f} GB/s, {result['step_bytes'] / 1e9:.2f} GB per step"
+            f"{a_rank}); "
             f"compiled-llm reaches {ours['fraction_of_bandwidth_limit']:.1%}"
         )
         share = result.get("active_expert_share", 1.0)
         experts = f"; MoE: {share:.1%} of each layer's experts{'' if result['batch_size'] == 1 else ', uniform routing'}"
         lines.append(
-            f"counting only bytes a step reads ({result['step_bytes_read'] / 1e9:.2f} GB{experts if share < 1 else ''}): "
+            f"counting only bytes a step reads ({result['step_bytes_read'] / 1e9:.2f} GB{a_rank}"
+            f"{experts if share < 1 else ''}): "
             f"limit {result['bytes_read_limit_tokens_per_s']:.1f} tok/s/seq, reached {ours['fraction_of_bytes_read_limit']:.1%}"
         )
     return "\n".join(lines)
