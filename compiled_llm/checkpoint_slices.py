@@ -11,6 +11,11 @@ checkpoint tensor each parameter is. A compile of such a model (compiled_model.p
 
 so a rank's memory holds its shards, what is replicated, and one recipe's inputs at a time: never the whole model.
 Nothing here can run the unrewritten module (it has no weights): the self-check is not run, and the report says so.
+
+An FP8 checkpoint (fp8_checkpoint.py) goes the same way: its e4m3 weights' meta parameters carry meta `fp8_weight` and
+`fp8_scale`, which the passes cut (sharding.shard_parameter) and fuse as they do the whole load's, and `read_fp8`
+reads a rank's part of the e4m3 values and the scales that go with it (sharding.scale_part), dequantized as
+load_fp8_directory dequantizes the whole.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,13 +34,24 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
 from compiled_llm.checkpoint_keys import SAFETENSORS_DTYPES, MergedSlice, merged_shape, stored_keys
+from compiled_llm.fp8_checkpoint import Fp8Checkpoint, dequantized, scale_kind, weight_scales
+from custom_ops.linear.fp8 import FP8
 from fx_passes.derived_weights import derive, derived_names, registered_recipes
-from fx_passes.sharding import shard_parameter
+from fx_passes.sharding import cut_scale, scale_part, shard_parameter
 
 log = logging.getLogger("compiled_llm")
 
 SHARD_RECIPE = f"{shard_parameter.__module__}.{shard_parameter.__qualname__}"
 GRAPH_PREFIX = "model."  # the captured graph holds the model as FlatTokenForward.model
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A weight an FP8 checkpoint stores in e4m3 (fp8_checkpoint.py), read as load_fp8_directory makes it."""
+
+    scale: str  # the name its scales are read by (the stored key, in CheckpointSlices.keys)
+    kind: str  # how they cover the weight: "channel", "tensor" or "block" (fp8_checkpoint.scale_kind)
+    checkpoint: Fp8Checkpoint
 
 
 class CheckpointSlices:
@@ -50,6 +67,7 @@ class CheckpointSlices:
         self.dtype = dtype
         self.dtypes: dict[str, torch.dtype] = {}  # name -> the dtype the model was built (and captured) with
         self.device = torch.device(device)
+        self.fp8: dict[str, Fp8Weight] = {}  # parameter name -> its FP8 checkpoint tensors, where it has them
         self.bytes_read = 0
         self.stored_bytes = 0  # of the tensors the model's parameters and buffers are, in the files
         self._files: dict[str, object] = {}
@@ -67,17 +85,20 @@ class CheckpointSlices:
             return MergedSlice([[stored(*source) for source in expert] for expert in place])
         return stored(*place)
 
-    def _finish(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    def _finish(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor.to(device=self.device, dtype=self.dtypes.get(name, self.dtype)).contiguous()
+        return tensor.to(device=self.device, dtype=dtype).contiguous()
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole parameter (or persistent buffer) `name`, in the dtype the model built it with."""
-        return self._finish(self._slice(name)[:], name)
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole parameter (or persistent buffer) `name`, in the dtype the model built it with (or `dtype`)."""
+        whole = self._slice(name)[()]  # all of it: `[:]` would refuse a 0-dim tensor (ModelOpt's weight scale)
+        return self._finish(whole, dtype or self.dtypes.get(name, self.dtype))
 
-    def read_part(self, name: str, dim: int, start: int, size: int, blocks: int = 1) -> torch.Tensor:
+    def read_part(self, name: str, dim: int, start: int, size: int, blocks: int = 1,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
         """What sharding.shard_parameter cuts from the whole parameter, reading only those bytes: [start, start +
         size) along `dim` of each of its `blocks` equal blocks, zeros past the end."""
+        dtype = dtype or self.dtypes.get(name, self.dtype)
         part = self._slice(name)
         shape = part.get_shape()
         if not 0 <= dim < len(shape) or blocks < 1 or shape[dim] % blocks:  # shard_parameter would chunk() unevenly
@@ -90,12 +111,34 @@ class CheckpointSlices:
             kept = max(0, min(size, block - start))
             first = b * block + min(start, block)
             index = tuple(slice(first, first + kept) if d == dim else slice(None) for d in range(len(shape)))
-            pieces.append(self._finish(part[index], name))
+            pieces.append(self._finish(part[index], dtype))
             if kept < size:
                 pad = list(shape)
                 pad[dim] = size - kept
-                pieces.append(torch.zeros(pad, dtype=self.dtypes.get(name, self.dtype), device=self.device))
+                pieces.append(torch.zeros(pad, dtype=dtype, device=self.device))
         return torch.cat(pieces, dim).contiguous()
+
+    def read_fp8(self, name: str, cut: tuple[int, int, int, int] | None = None) -> nn.Parameter:
+        """The FP8 checkpoint weight `name` as load_fp8_directory makes it: dequantized in the model's dtype, carrying
+        the stored e4m3 values and scales (`fp8_weight`, `fp8_scale`); with `cut` (dim, start, size, blocks), what
+        sharding.shard_parameter cuts from that, reading only the part's values and its scales (scale_part says
+        which, as it does for shard_parameter; a per-tensor scale, one value, is read whole and cut as there)."""
+        fp8 = self.fp8[name]
+        shape = self._slice(name).get_shape()
+        if cut is None:
+            weight8, scale = self.read(name, FP8), weight_scales(self.read(fp8.scale), shape, fp8.checkpoint, name)
+        else:
+            weight8 = self.read_part(name, *cut, dtype=FP8)
+            scale_cut = scale_part(1 if fp8.kind != "block" else 2, name, *cut, shape)
+            if fp8.kind == "tensor" or scale_cut is None:  # one value, or every row's (a part of the columns)
+                scale = cut_scale(weight_scales(self.read(fp8.scale), shape, fp8.checkpoint, name), name, *cut, shape)
+            else:  # a channel's scales [N] (stored [N, 1] or [N]) or the blocks' [N/128, K/128], cut alike
+                scale = self.read_part(fp8.scale, *scale_cut).float()
+                scale = scale.reshape(-1) if fp8.kind == "channel" else scale
+        values = dequantized(weight8, scale, fp8.checkpoint.quantization, self.dtypes.get(name, self.dtype))
+        param = nn.Parameter(values.contiguous(), requires_grad=False)
+        param.fp8_weight, param.fp8_scale = weight8, scale.contiguous()
+        return param
 
     # -- the graph ---------------------------------------------------------------------------------------------------
 
@@ -118,8 +161,12 @@ class CheckpointSlices:
             node.args, node.kwargs = tree_map(moved, node.args), tree_map(moved, node.kwargs)
             if "val" in node.meta:
                 node.meta["val"] = tree_map(moved, node.meta["val"])
-        for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-            _set_tensor(gm, name, moved(tensor))
+        for name, tensor in _tensors(gm):
+            value = moved(tensor)
+            if hasattr(tensor, "fp8_weight"):  # an FP8 checkpoint's weight: the passes cut and fuse its tensors too
+                value = nn.Parameter(value, requires_grad=False)
+                value.fp8_weight, value.fp8_scale = moved(tensor.fp8_weight), moved(tensor.fp8_scale)
+            _set_tensor(gm, name, value)
         gm.recompile()
 
     def load(self, gm: torch.fx.GraphModule) -> None:
@@ -145,9 +192,8 @@ class CheckpointSlices:
         for recipe_name, args, _ in calls:
             source = args[1] if recipe_name == SHARD_RECIPE else None
             if source is not None and source not in read_whole and source not in derived:
-                name, _, dim, start, size, *blocks = args
-                part = self.read_part(_model_name(source), dim, start, size, *blocks)
-                gm.register_parameter(name, nn.Parameter(part, requires_grad=False))
+                name, _, *cut = args
+                gm.register_parameter(name, self._part(_model_name(source), *cut))
                 gm.meta["derived_weights"].append((recipe_name, args, [name]))
             else:
                 derive(gm, recipes[recipe_name], *args)
@@ -173,7 +219,12 @@ class CheckpointSlices:
             return self.buffers[name].to(self.device)
         if name not in self.keys:
             raise RuntimeError(f"loading by slices: {graph_name} is in the graph but not in {self.directory}")
-        return nn.Parameter(self.read(name), requires_grad=False)
+        return self.read_fp8(name) if name in self.fp8 else nn.Parameter(self.read(name), requires_grad=False)
+
+    def _part(self, name: str, dim: int, start: int, size: int, blocks: int = 1) -> nn.Parameter:
+        if name in self.fp8:
+            return self.read_fp8(name, (dim, start, size, blocks))
+        return nn.Parameter(self.read_part(name, dim, start, size, blocks), requires_grad=False)
 
 
 def _places(place) -> list[tuple[str, str]]:
@@ -264,10 +315,13 @@ def checkpoint_index(directory: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), single.name)
 
 
-def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module | None, str]:
-    """The model of a float safetensors directory with its parameters on the meta device and `checkpoint_slices`
-    attached, or (None, why not): a parameter without its tensor(s) of the same shape in the files, or one that
-    transformers converts at load other than by merging experts (checkpoint_keys.py)."""
+def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device,
+               fp8: Fp8Checkpoint | None = None) -> tuple[nn.Module | None, str]:  # fmt: skip
+    """The model of a float safetensors directory, or with `fp8` of an FP8 checkpoint of that format (its e4m3
+    weights read as fp8_checkpoint.load_fp8_directory reads them: CheckpointSlices.read_fp8), with its parameters on
+    the meta device and `checkpoint_slices` attached, or (None, why not): a parameter without its tensor(s) of the
+    same shape in the files, or one that transformers converts at load other than by merging experts
+    (checkpoint_keys.py), or a float8 tensor not read so (_fp8_weights)."""
     import transformers as tf
     from safetensors import safe_open
 
@@ -275,26 +329,31 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
     if not files:
         return None, "no safetensors files"
     config = tf.AutoConfig.from_pretrained(directory)
+    if fp8 is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config  # built plain, as load_fp8_directory builds it; its FP8 weights marked below
     dtype = dtype or getattr(config, "dtype", None) or _files_dtype(directory, files)  # as dtype="auto" takes it
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with _parameters_on_meta():
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    # load_fp8_directory builds the model on the device, from_pretrained on the CPU: the buffers computed at init
+    # (RoPE's frequencies) are computed where the whole load computes them (the parameters go to meta regardless).
+    with _parameters_on_meta(), torch.device(device) if fp8 is not None else contextlib.nullcontext():
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     get_plan = getattr(model, "_get_dtype_plan", None)  # from_pretrained keeps these in float32; from_config does not
     plan = get_plan(dtype) if get_plan is not None else getattr(model, "_keep_in_fp32_modules", None)
     kept = [n for n, _ in model.named_parameters() if any(k in n for k in plan or ())]
-    if kept and dtype != torch.float32:
+    if kept and dtype != torch.float32 and fp8 is None:  # load_fp8_directory builds from the config too: no such plan
         return None, f"transformers keeps {kept[0]} (and {len(kept) - 1} more) in float32 at load"
     if (directory / "generation_config.json").exists():  # its EOS tokens and defaults, as from_pretrained reads them
         model.generation_config = tf.GenerationConfig.from_pretrained(directory)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    shapes, sizes = {}, {}
+    shapes, sizes, stored_dtypes = {}, {}, {}
     for file in sorted(set(files.values())):
         with safe_open(str(directory / file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
                 part = f.get_slice(key)
                 shapes[key] = part.get_shape()
+                stored_dtypes[key] = part.get_dtype()
                 sizes[key] = math.prod(shapes[key]) * SAFETENSORS_DTYPES[part.get_dtype()].itemsize
     found, why = stored_keys(model, list(files))
     if found is None:
@@ -331,10 +390,55 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device)
             buffers[name] = buffer
         module, leaf = _owner(model, name)
         module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
+    fp8_weights, why = _fp8_weights(keys, shapes, stored_dtypes, fp8)
+    if fp8_weights is None:
+        return None, why
+    dtypes = {name: t.dtype for name, t in _tensors(model)}
+    if fp8 is not None:  # load_fp8_directory rounds each float tensor to `dtype`, then copies it into the model's
+        rounded = [n for n in keys if dtypes[n].is_floating_point and dtypes[n] != dtype and n not in fp8_weights]
+        if rounded:
+            return None, f"{rounded[0]} is built in {dtypes[rounded[0]]}, and the whole load rounds it to {dtype} first"
+    for name, weight in fp8_weights.items():  # the passes cut and fuse these as the whole load's (shard_parameter)
+        param = model.get_parameter(name)
+        param.fp8_weight = torch.empty(param.shape, dtype=FP8, device="meta")
+        blocks = shapes[weight.scale] if weight.kind == "block" else [param.shape[0]]
+        param.fp8_scale = torch.empty(blocks, dtype=torch.float32, device="meta")
+        keys[weight.scale] = (files[weight.scale], weight.scale)
+        dtypes[weight.scale] = SAFETENSORS_DTYPES[stored_dtypes[weight.scale]]  # made float32 as the whole load does
     model.checkpoint_slices = slices = CheckpointSlices(directory, keys, buffers, dtype, device)
-    slices.dtypes = {name: t.dtype for name, t in _tensors(model)}
+    slices.dtypes, slices.fp8 = dtypes, fp8_weights
     slices.stored_bytes = sum(sizes[key] for key in {k for place in keys.values() for _, k in _places(place)})
+    if fp8 is not None:
+        model.compiled_llm_quantization = fp8.quantization  # what load_fp8_directory sets: the compile runs it so
+        log.info("%s: %s, %d linears read as float8 by slices (run as quantization=%r)", directory, fp8.description,
+                 len(fp8_weights), fp8.quantization)  # fmt: skip
     return model, ""
+
+
+def _fp8_weights(keys: dict, shapes: dict, stored_dtypes: dict,
+                 checkpoint: Fp8Checkpoint | None) -> tuple[dict[str, Fp8Weight] | None, str]:  # fmt: skip
+    """The parameters stored in float8, each with its scales' key and layout, or (None, why not): one that the slices
+    would not read as load_fp8_directory reads it (a linear's e4m3 weight under its own name, its scales beside)."""
+    found = {}
+    for name, place in keys.items():
+        stored = [stored_dtypes[key] for _, key in _places(place)]
+        if not any(d.startswith("F8") for d in stored):
+            continue
+        if checkpoint is None:
+            return None, f"{name} is stored in float8, and the checkpoint's config names no FP8 format"
+        if isinstance(place, list) or place[1] != name or stored != ["F8_E4M3"] or not name.endswith(".weight"):
+            return None, f"{name} is stored in float8 as {place} ({stored}), not as an e4m3 linear weight of its own"
+        scale = f"{name.removesuffix('.weight')}.{checkpoint.scale_name}"
+        if scale not in shapes:
+            return None, f"{name} is float8 but has no {scale}"
+        try:
+            kind = scale_kind(shapes[scale], shapes[name], checkpoint, name)
+        except ValueError as error:
+            return None, str(error)
+        if kind == "channel" and list(shapes[scale]) not in ([shapes[name][0]], [shapes[name][0], 1]):
+            return None, f"{scale} {list(shapes[scale])}: per-channel scales not stored one a row"
+        found[name] = Fp8Weight(scale, kind, checkpoint)
+    return found, ""
 
 
 def _files_dtype(directory: Path, files: dict[str, str]) -> torch.dtype:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def _compressed_tensors(config: dict) -> Fp8Checkpoint:
     for name, group in (config.get("config_groups") or {}).items():
         weights = group.get("weights") or {}
         if weights.get("type") != "float" or weights.get("num_bits") != 8:
-            raise _unsupported(f"compressed-tensors group {name}: {weights.get('num_bits')}-bit {weights.get('type')} weights")
+            raise _unsupported(
+                f"compressed-tensors group {name}: {weights.get('num_bits')}-bit {weights.get('type')} weights"
+            )
         strategy = weights.get("strategy")
         if strategy == "block" and list(weights.get("block_structure") or ()) != [BLOCK, BLOCK]:
             raise _unsupported(f"compressed-tensors group {name}: blocks of {weights.get('block_structure')}")
@@ -102,24 +105,36 @@ def directory_quantization_config(path: Path) -> dict | None:
     return None
 
 
-def _scale_per_row(scale: torch.Tensor, weight: torch.Tensor, checkpoint: Fp8Checkpoint, name: str) -> torch.Tensor:
-    """The checkpoint's weight scale in the op's layout: [N] per channel (a tensor's repeated), or [N/128, K/128]."""
-    n, k = weight.shape
-    scale = scale.float()
+def scale_kind(scale_shape: list[int], weight_shape: list[int], checkpoint: Fp8Checkpoint, name: str) -> str:
+    """How a stored weight scale of `scale_shape` covers a [N, K] weight: "block" ([N/128, K/128]), "tensor" (one
+    value) or "channel" (N values, one an output row); a ValueError naming the weight for anything else."""
+    n, k = weight_shape
     if checkpoint.quantization == "fp8_block":
         blocks = (-(-n // BLOCK), -(-k // BLOCK))
-        if tuple(scale.shape) != blocks:
-            raise ValueError(f"{name}: block scales of shape {tuple(scale.shape)} for a [{n}, {k}] weight; expected {blocks}")
-        return scale.contiguous()
-    if scale.numel() == 1:
-        return scale.reshape(1).expand(n).contiguous()
-    if scale.numel() == n:
-        return scale.reshape(n).contiguous()
-    raise ValueError(f"{name}: a weight scale of shape {tuple(scale.shape)} for a [{n}, {k}] weight is neither per tensor "
+        if tuple(scale_shape) != blocks:
+            raise ValueError(
+                f"{name}: block scales of shape {tuple(scale_shape)} for a [{n}, {k}] weight; expected {blocks}"
+            )
+        return "block"
+    if math.prod(scale_shape) == 1:
+        return "tensor"
+    if math.prod(scale_shape) == n:
+        return "channel"
+    raise ValueError(f"{name}: a weight scale of shape {tuple(scale_shape)} for a [{n}, {k}] weight is neither per tensor "
                      "nor per output channel")  # fmt: skip
 
 
-def _dequantized(weight8: torch.Tensor, scale: torch.Tensor, quantization: str, dtype: torch.dtype) -> torch.Tensor:
+def weight_scales(scale: torch.Tensor, weight_shape: list[int], checkpoint: Fp8Checkpoint, name: str) -> torch.Tensor:
+    """The checkpoint's weight scale in the op's layout: [N] per channel (a tensor's repeated), or [N/128, K/128]."""
+    kind = scale_kind(list(scale.shape), list(weight_shape), checkpoint, name)
+    scale = scale.float()
+    if kind == "block":
+        return scale.contiguous()
+    return scale.reshape(1).expand(weight_shape[0]).contiguous() if kind == "tensor" else scale.reshape(-1).contiguous()
+
+
+def dequantized(weight8: torch.Tensor, scale: torch.Tensor, quantization: str, dtype: torch.dtype) -> torch.Tensor:
+    """W = W8 * scale, in `dtype`: scales in the op's layout (weight_scales), [N] or [N/128, K/128] for `fp8_block`."""
     if quantization == "fp8_block":
         n, k = weight8.shape
         scale = scale.repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
@@ -144,7 +159,7 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt", device=device) as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118  (a safe_open handle is not a dict)
     state, marked, static_inputs, mtp = {}, {}, 0, 0
     for name, tensor in tensors.items():
         if is_mtp_tensor(name, config.num_hidden_layers):  # not built by transformers: mtp_weights.load_mtp_weights
@@ -158,9 +173,9 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
             scale = tensors.get(f"{prefix}.{checkpoint.scale_name}")
             if scale is None or not name.endswith(".weight"):
                 raise ValueError(f"{path}: {name} is float8 but has no {prefix}.{checkpoint.scale_name}")
-            scale = _scale_per_row(scale, tensor, checkpoint, name)
+            scale = weight_scales(scale, tensor.shape, checkpoint, name)
             marked[name] = (tensor.contiguous(), scale)
-            tensor = _dequantized(tensor, scale, checkpoint.quantization, dtype)
+            tensor = dequantized(tensor, scale, checkpoint.quantization, dtype)
         elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor

@@ -109,7 +109,7 @@ class LLM:
             weakref.finalize(self, self._workers.close)
         try:
             if isinstance(model, str):
-                # Each rank of several reads only its slices of a float checkpoint, unless asked to self-check
+                # Each rank of several reads only its slices of a checkpoint (float or FP8), unless asked to self-check
                 # against the whole module.
                 by_slices = world > 1 and CompileConfig(**config_fields).verify is not True
                 model, tokenizer = self._load(model, dtype, tokenizer, world, by_slices)

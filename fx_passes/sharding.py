@@ -50,7 +50,7 @@ def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, 
     part = torch.nn.Parameter(_cut(whole.detach(), dim, start, size, blocks), requires_grad=False)
     if checkpoint_format(whole) == "FP8":
         part.fp8_weight = _cut(whole.fp8_weight, dim, start, size, blocks)
-        part.fp8_scale = _cut_scale(whole.fp8_scale, source, dim, start, size, blocks, whole.shape)
+        part.fp8_scale = cut_scale(whole.fp8_scale, source, dim, start, size, blocks, whole.shape)
     part.sharded_from = whole  # the module's weight, which the FP8 self-check quantizes in its place (quantize_fp8.py)
     gm.register_parameter(name, part)
 
@@ -67,13 +67,23 @@ def _cut(whole: torch.Tensor, dim: int, start: int, size: int, blocks: int) -> t
     return torch.cat(pieces, dim).contiguous().clone()
 
 
-def _cut_scale(scale: torch.Tensor, source: str, dim: int, start: int, size: int, blocks: int,
-               shape: torch.Size) -> torch.Tensor:  # fmt: skip
-    """The FP8 checkpoint scales of [start, start + size) along `dim` of a weight of `shape`: per output channel
-    ([N]: cut with the rows, whole for a part of the columns) or per 128 x 128 block ([N/128, K/128]: cut by block,
-    where the part's edges fall on blocks' edges; anything else would need a requantization)."""
-    if scale.dim() == 1:
-        return _cut(scale, 0, start, size, blocks) if dim == 0 else scale.clone()
+def cut_scale(scale: torch.Tensor, source: str, dim: int, start: int, size: int, blocks: int,
+              shape: torch.Size | list[int]) -> torch.Tensor:  # fmt: skip
+    """The FP8 checkpoint scales `scale` ([N] or [N/128, K/128]) of [start, start + size) along `dim` of a weight of
+    `shape` (scale_part)."""
+    part = scale_part(scale.dim(), source, dim, start, size, blocks, shape)
+    return scale.clone() if part is None else _cut(scale, *part)
+
+
+def scale_part(scale_dims: int, source: str, dim: int, start: int, size: int, blocks: int,
+               shape: torch.Size | list[int]) -> tuple[int, int, int, int] | None:  # fmt: skip
+    """Which FP8 checkpoint scales go with [start, start + size) along `dim` of a weight of `shape`, as (dim, start,
+    size, blocks) of the scales to cut, or None for all of them: per output channel (`scale_dims` 1, [N]: cut with the
+    rows, whole for a part of the columns) or per 128 x 128 block (2, [N/128, K/128]: cut by block, where the part's
+    edges fall on blocks' edges; anything else would need a requantization). checkpoint_slices.py reads a rank's
+    scales by this too, so both cut the same."""
+    if scale_dims == 1:
+        return (0, start, size, blocks) if dim == 0 else None
     extent = shape[dim] // blocks
     edges = [start, min(start + size, extent)] + ([extent] if blocks > 1 else [])  # a block's edges too
     if any(edge % FP8_BLOCK and edge != shape[dim] for edge in edges):
@@ -83,7 +93,7 @@ def _cut_scale(scale: torch.Tensor, source: str, dim: int, start: int, size: int
             + f" does not align with its FP8 checkpoint's {FP8_BLOCK} x {FP8_BLOCK} quantization blocks; use fewer "
             "ranks, or a checkpoint quantized per channel"
         )
-    return _cut(scale, dim, start // FP8_BLOCK, -(-size // FP8_BLOCK), blocks)
+    return dim, start // FP8_BLOCK, -(-size // FP8_BLOCK), blocks
 
 
 def shard_attr(gm: torch.fx.GraphModule, attr: torch.fx.Node, dim: int, start: int, size: int,

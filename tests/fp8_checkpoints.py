@@ -136,9 +136,9 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: list[int] | Non
     return weight.float() * scale.float()
 
 
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama(intermediate_size: int = 384) -> torch.nn.Module:
     """Large enough for several 128x128 blocks per weight, with a k/v projection of 64 rows: a partial block row."""
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=intermediate_size, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=1, vocab_size=256)  # fmt: skip
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).float()

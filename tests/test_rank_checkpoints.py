@@ -4,9 +4,10 @@
   device, captured and rewritten without weights, and each rank then reads what its graph needs. Held against the
   same ranks compiling the whole model loaded by transformers (the same logits, to the bit) and against HF's own
   greedy tokens; each rank reads about its share of the files.
-- An FP8 checkpoint's e4m3 weights and scales, cut with the weights (fx_passes/sharding.py): each rank's graph passes
-  its self-check against the module quantized as the ranks compute it; weights whose parts do not fall on 128 x 128
-  quantization blocks are refused, naming the weight."""
+- Its slices of an FP8 checkpoint: its part of each e4m3 weight and the scales that go with it (by row per channel,
+  by 128 x 128 block), the same tensors as a rank that loads the whole checkpoint and cuts them (fx_passes/sharding.py),
+  whose graph passes its self-check against the module quantized as the ranks compute it; weights whose parts do not
+  fall on 128 x 128 quantization blocks are refused either way, naming the weight."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compiled_llm import compile_model
-from compiled_llm.checkpoint_slices import CheckpointSlices, meta_model
+from compiled_llm.checkpoint_slices import CheckpointSlices, Fp8Weight, meta_model
+from compiled_llm.fp8_checkpoint import Fp8Checkpoint, dequantized, weight_scales
 from compiled_llm.model_source import load_model
 from fx_passes.sharding import TensorParallelError, shard_parameter
 
@@ -40,7 +42,9 @@ NEW_TOKENS = 8
 JOBS = (("llama_bias", "llama_bias", {}), ("gemma3", "gemma3", {}), ("qwen3", "qwen3", {}),
         ("llama_bias_fp8", "llama_bias", {"quantization": "fp8"}), ("mixtral", "mixtral", {}),
         ("qwen3_moe_ep", "qwen3_moe", {"expert_parallel_size": 2}), ("llama_mqa", "llama_mqa", {}))  # fmt: skip
-FP8_STRATEGIES = ("channel", "block")  # compressed-tensors checkpoints (tests/fp8_checkpoints.py)
+# (name, weight strategy, intermediate features) of compressed-tensors checkpoints (tests/fp8_checkpoints.py): blocks of
+# 384 features split in two parts of 192, which do not fall on 128-wide blocks (refused), and of 512 (parts of 256).
+FP8_JOBS = (("fp8_channel", "channel", 384), ("fp8_block", "block", 512), ("fp8_block_unaligned", "block", 384))
 
 
 def _model(arch: str) -> torch.nn.Module:
@@ -73,21 +77,32 @@ def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -
                     for cm in (whole, sliced)
                 ],
             }
-        for strategy in FP8_STRATEGIES:  # quantized: each rank loads it whole, and cuts the FP8 tensors
-            if not (Path(directory) / f"fp8_{strategy}").exists():
+        for job, _, _ in FP8_JOBS:  # one rank loads it whole and cuts the FP8 tensors; another reads its slices
+            path = str(Path(directory) / job)
+            if not Path(path).exists():
                 continue
-            model = load_model(str(Path(directory) / f"fp8_{strategy}"), device="cpu", by_slices=True).model
-            fields = {"max_batch_size": 2, "compile_backend": "eager", "verify": True}
+            fields = {"max_batch_size": 2, "compile_backend": "eager"}
+            whole, sliced = load_model(path, device="cpu").model, load_model(path, device="cpu", by_slices=True).model
+            assert hasattr(sliced, "checkpoint_slices"), f"{job} loaded whole"
             try:
-                ranks = compile_model(model, tensor_parallel_size=world, **fields)
+                ranks = compile_model(whole, tensor_parallel_size=world, verify=True, **fields)
             except TensorParallelError as error:
-                results[f"fp8_{strategy}"] = {"error": str(error)}
+                with pytest.raises(TensorParallelError) as sliced_error:
+                    compile_model(sliced, tensor_parallel_size=world, **fields)
+                results[job] = {"errors": (str(error), str(sliced_error.value))}
                 continue
-            one = compile_model(model, **fields)
+            from_slices = compile_model(sliced, tensor_parallel_size=world, **fields)
             ids = random_prompt(12, seed=3)
-            results[f"fp8_{strategy}"] = {"ranks": ranks(ids).logits, "one": one(ids).logits,
-                                          "quantization": ranks.config.quantization,
-                                          "sites": ranks.report.pass_sites("shard_tensor_parallel")}  # fmt: skip
+            results[job] = {
+                "ranks": ranks(ids).logits, "sliced": from_slices(ids).logits,
+                "quantization": (ranks.config.quantization, from_slices.config.quantization),
+                "sites": [(cm.report.pass_sites("shard_tensor_parallel"), cm.report.pass_sites("quantize_fp8"))
+                          for cm in (ranks, from_slices)],
+                "weight_bytes": (ranks.report.weight_bytes, from_slices.report.weight_bytes),
+                "bytes_read": sliced.checkpoint_slices.bytes_read,
+            }  # fmt: skip
+            if job == "fp8_channel":  # and one rank alone, whole
+                results[job]["one"] = compile_model(whole, verify=True, **fields)(ids).logits
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -108,8 +123,8 @@ def checkpoints(tmp_path_factory):
     if importlib.util.find_spec("compressed_tensors") is not None:
         from fp8_checkpoints import tiny_llama, write_compressed_tensors_fp8
 
-        for strategy in FP8_STRATEGIES:
-            write_compressed_tensors_fp8(tiny_llama(), str(root / f"fp8_{strategy}"), strategy)
+        for job, strategy, intermediate_size in FP8_JOBS:
+            write_compressed_tensors_fp8(tiny_llama(intermediate_size), str(root / job), strategy)
     return root, expected
 
 
@@ -119,7 +134,7 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
     spawn_ranks(_rank_main, world, (world, free_port(), str(root), str(tmp_path)), JOIN_TIMEOUT_S)
     for rank in range(world):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        fp8_jobs = [f"fp8_{s}" for s in FP8_STRATEGIES if (root / f"fp8_{s}").exists()]
+        fp8_jobs = [job for job, _, _ in FP8_JOBS if (root / job).exists()]
         assert list(results) == [job for job, _, _ in JOBS] + fp8_jobs
         for job, arch, fields in JOBS:
             got = results[job]
@@ -131,16 +146,25 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
             stored = sum(p.stat().st_size for p in (root / arch).glob("*.safetensors"))
             # Its half of the sharded weights, plus what every rank keeps whole (norms, row-parallel biases).
             assert got["bytes_read"] < 0.56 * stored, (rank, job, got["bytes_read"], stored)
-        # Per channel: both graphs passed their self-check (verify=True); the ranks differ from one by quantizing
-        # each its part of a row-parallel linear's input.
-        if not fp8_jobs:
-            continue
-        channel = results["fp8_channel"]
-        assert channel["quantization"] == "fp8" and channel["sites"] > 0
-        assert relative_error(channel["ranks"], channel["one"]) < 0.1
-        # Blocks: the intermediate features (384) split in two parts of 192 that do not fall on 128-wide blocks.
-        assert "gate_proj.weight: this rank's part [" in results["fp8_block"]["error"]
-        assert "does not align with its FP8 checkpoint's 128 x 128 quantization blocks" in results["fp8_block"]["error"]
+        for job in fp8_jobs:
+            got = results[job]
+            if job == "fp8_block_unaligned":  # gate_proj's 384 rows in parts of 192, the same refusal either way
+                whole, sliced = got["errors"]
+                assert "gate_proj.weight: this rank's part [" in whole and whole == sliced, (rank, got["errors"])
+                assert "does not align with its FP8 checkpoint's 128 x 128 quantization blocks" in whole
+                continue
+            # The slices are the tensors the whole rank cut: the same logits to the bit, over FP8 ops on both.
+            assert torch.equal(got["ranks"], got["sliced"]), (rank, job)
+            assert got["quantization"] == ("fp8" if job == "fp8_channel" else "fp8_block",) * 2, (rank, job)
+            assert got["sites"][0] == got["sites"][1] and min(got["sites"][0]) > 0, (rank, job, got["sites"])
+            assert got["weight_bytes"][0] == got["weight_bytes"][1], (rank, job)
+            # Its half of the e4m3 weights and their scales, of the embedding and the LM head; KV's one head whole.
+            stored = sum(p.stat().st_size for p in (root / job).glob("*.safetensors"))
+            assert got["bytes_read"] < 0.56 * stored, (rank, job, got["bytes_read"], stored)
+            # The whole rank's graph passed its self-check (verify=True); per channel, the ranks differ from one by
+            # quantizing each its part of a row-parallel linear's input.
+            if job == "fp8_channel":
+                assert relative_error(got["ranks"], got["one"]) < 0.1, (rank, job)
 
 
 def test_a_checkpoint_the_slices_cannot_read_loads_whole(tmp_path, caplog):
@@ -230,6 +254,75 @@ def test_read_part_refuses_blocks_that_do_not_divide(tmp_path):
     for args, slices, _ in _read_and_shard(tmp_path, list(_cases(1, 100, divisible=False))):
         with pytest.raises(ValueError, match="cannot be cut in"):
             slices.read_part(*args)
+
+
+# An FP8 checkpoint's weight: its e4m3 values and scales cut by shard_parameter from what load_fp8_directory loads
+# (fp8_checkpoint.py), against read_fp8's slices of them: per channel (scales [N, 1] or [N]), per tensor ([1] or 0-dim,
+# ModelOpt's), per 128 x 128 block (weights past whole blocks; parts on blocks' edges or not, refused alike).
+
+
+def _fp8_cases(seed: int, count: int):
+    rng = random.Random(seed)
+    while count:
+        kind, dim, blocks = rng.choice(["channel", "tensor", "block"]), rng.randrange(2), rng.choice([1, 2, 3])
+        shape = [rng.choice([64, 128, 200, 256, 384]) for _ in range(2)]
+        if shape[dim] % blocks:
+            continue
+        extent = shape[dim] // blocks
+        start = rng.choice([0, 64, 128, 256, rng.randint(0, extent + 3)])  # on a block's edge, or anywhere
+        size = rng.choice([64, 128, 256, extent - start, rng.randint(1, extent + 3)])
+        yield kind, rng.choice([0, 1]), shape, (dim, start, max(size, 1), blocks)
+        count -= 1
+
+
+def _fp8_checkpoint(kind: str, variant: int, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, its scale as stored): `variant` picks [N, 1] or [N], [1] or 0-dim, float32 or bfloat16 blocks."""
+    weight8 = (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    if kind == "block":
+        scale = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128)) + 0.01
+        return weight8, scale.to(torch.bfloat16) if variant else scale
+    if kind == "tensor":
+        return weight8, torch.tensor(0.01) if variant else torch.tensor([0.01])
+    scale = torch.rand(shape[0], 1) + 0.01
+    return weight8, scale.flatten() if variant else scale
+
+
+def test_read_fp8_is_shard_parameter_over_the_whole_load(tmp_path):
+    """The same dequantized part, e4m3 values and scales, to the bit, or the same refusal."""
+    cases = list(_fp8_cases(0, 200))
+    tensors = {}
+    for i, (kind, variant, shape, _) in enumerate(cases):
+        tensors[f"w{i}"], tensors[f"w{i}_scale"] = _fp8_checkpoint(kind, variant, shape)
+    save_file(tensors, tmp_path / "model.safetensors")
+    slices = CheckpointSlices(tmp_path, {k: ("model.safetensors", k) for k in tensors}, {}, torch.float32, CPU)
+    refused = 0
+    for i, (kind, variant, shape, cut) in enumerate(cases):
+        name, scale_name = f"w{i}", f"w{i}_scale"
+        fmt = Fp8Checkpoint("fp8_block" if kind == "block" else "fp8", "_scale", "a test's")
+        slices.fp8[name], slices.dtypes[scale_name] = Fp8Weight(scale_name, kind, fmt), tensors[scale_name].dtype
+        scale = weight_scales(tensors[scale_name], shape, fmt, name)  # as load_fp8_directory loads it
+        whole = nn.Parameter(dequantized(tensors[name], scale, fmt.quantization, torch.float32), requires_grad=False)
+        whole.fp8_weight, whole.fp8_scale = tensors[name], scale
+        read = slices.read_fp8(name)
+        assert [torch.equal(a, b) for a, b in zip(_fp8_tensors(read), _fp8_tensors(whole))] == [True] * 3, name
+        gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+        gm.register_parameter(name, whole)
+        try:
+            shard_parameter(gm, "part", name, *cut)
+        except TensorParallelError as error:
+            with pytest.raises(TensorParallelError) as slices_error:
+                slices.read_fp8(name, cut)
+            assert str(slices_error.value) == str(error)
+            refused += 1
+            continue
+        got, want = _fp8_tensors(slices.read_fp8(name, cut)), _fp8_tensors(gm.get_parameter("part"))
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (kind, variant, shape, cut)
+    assert 0 < refused < len(cases) / 2, refused
+
+
+def _fp8_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    return [param.detach(), param.fp8_weight.float(), param.fp8_scale]
 
 
 # -- every tensor the slices path reads, against from_pretrained ----------------------------------------------------
@@ -371,11 +464,53 @@ def test_a_converter_that_keeps_name_and_shape_is_refused(tmp_path, monkeypatch)
 # -- sources that load whole ----------------------------------------------------------------------------------------
 
 
-def test_an_mxfp4_checkpoint_over_several_ranks_loads_whole(tmp_path):
+def test_an_mxfp4_checkpoint_over_several_ranks_loads_whole(tmp_path, caplog):
     from test_mxfp4_checkpoint import write_checkpoint
 
     from compiled_llm.model_source import load_model
 
     write_checkpoint(tmp_path)
-    loaded = load_model(str(tmp_path), device="cpu", by_slices=True)
+    with caplog.at_level(logging.INFO, logger="compiled_llm"):
+        loaded = load_model(str(tmp_path), device="cpu", by_slices=True)
     assert not hasattr(loaded.model, "checkpoint_slices")
+    assert "each rank loads the whole checkpoint" in caplog.text and "an MXFP4 checkpoint" in caplog.text
+
+
+# -- FP8 checkpoints by slices, the formats the two ranks do not run ------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["modelopt", "hf_fp8"])
+def test_an_fp8_checkpoint_read_by_slices_computes_what_its_whole_load_does(tmp_path, fmt):
+    """ModelOpt's scale per tensor (a 0-dim tensor) and Hugging Face fp8's `weight_scale_inv` blocks, on one rank: it
+    reads each tensor whole, as load_fp8_directory does, and runs the same FP8 ops."""
+    from test_fp8_checkpoint import write_checkpoint
+
+    write_checkpoint(tiny_model("llama"), tmp_path, fmt)
+    fields = {"max_batch_size": 2, "compile_backend": "eager"}
+    whole = compile_model(load_model(str(tmp_path), device="cpu").model, **fields)
+    model = load_model(str(tmp_path), device="cpu", by_slices=True).model
+    sliced = compile_model(model, **fields)
+    ids = random_prompt(12, seed=3)
+    assert torch.equal(whole(ids).logits, sliced(ids).logits)
+    assert sliced.config.quantization == whole.config.quantization == ("fp8" if fmt == "modelopt" else "fp8_block")
+    assert sliced.report.pass_sites("quantize_fp8") == whole.report.pass_sites("quantize_fp8") > 0
+    assert model.checkpoint_slices.bytes_read == model.checkpoint_slices.stored_bytes
+
+
+def test_float8_tensors_are_read_only_as_their_format_says(tmp_path):
+    """Without the FP8 format (a float checkpoint's path), or with per-channel scales not stored one a row, the slices
+    would misread them: refused, the rank loads whole."""
+    from test_fp8_checkpoint import _tensors, write_checkpoint
+
+    from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config
+
+    write_checkpoint(tiny_model("llama"), tmp_path, "modelopt")
+    model, why = meta_model(tmp_path, None, CPU)
+    assert model is None and "is stored in float8, and the checkpoint's config names no FP8 format" in why
+    fmt = checkpoint_format(directory_quantization_config(tmp_path))
+    tensors = _tensors(tmp_path)
+    name = "model.layers.0.mlp.down_proj"
+    tensors[f"{name}.weight_scale"] = torch.rand(1, tensors[f"{name}.weight"].shape[0])  # [1, N]: one a column
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, why = meta_model(tmp_path, torch.float32, CPU, fmt)
+    assert model is None and why == f"{name}.weight_scale [1, 64]: per-channel scales not stored one a row"
