@@ -20,10 +20,12 @@ from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
 
 
-def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = True) -> float:
+def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = True,
+                 cache_dtype: torch.dtype = torch.bfloat16) -> float:  # fmt: skip
     torch.manual_seed(0)
     width = math.ceil((context + 1) / BLOCK)
     cache = torch.randn(1 + batch * width, 2, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    cache = cache.to(cache_dtype)
     table = (1 + torch.arange(batch * width, dtype=torch.int32)).view(batch, width)
     seq_lens = torch.full((batch,), context + 1, dtype=torch.int32)
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
@@ -36,7 +38,7 @@ def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = Tr
     if backend == "flashinfer":
         flashinfer_backend.TENSOR_CORE_MIN_GROUP = 4 if tensor_cores else 1 << 30
         features = LayerAttentionFeatures(HEAD_DIM, HEADS, KV_HEADS, HEAD_DIM**-0.5, 0, 0.0, False, torch.bfloat16,
-                                          torch.bfloat16)  # fmt: skip
+                                          cache_dtype)  # fmt: skip
         planner = flashinfer_backend.FlashInferPlanner({i: features for i in range(LAYERS)}, BLOCK,
                                                        torch.device("cuda"))  # fmt: skip
         metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, BLOCK, width, True)
@@ -57,19 +59,28 @@ def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = Tr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
+    parser.add_argument("--contexts", default="256,2048", help="comma-separated context lengths")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="the paged cache's dtype")
+    parser.add_argument("--skip-flashinfer-cuda-cores", action="store_true",
+                        help="leave out FlashInfer's CUDA-core decode (its fp8-cache kernels are not in the prebuilt kit)")
     args = parser.parse_args()
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     variants = {"flashinfer (tensor cores)": ("flashinfer", True), "flashinfer (CUDA cores)": ("flashinfer", False),
                 "triton": ("triton", True)}  # fmt: skip
+    if args.skip_flashinfer_cuda_cores:
+        del variants["flashinfer (CUDA cores)"]
     rows = []
     print(f"{'batch':>5} {'context':>7} " + " ".join(f"{name:>26}" for name in variants))
-    for batch in (1, 8, 32, 64):
-        for context in (256, 2048):
-            times = {name: time_backend(b, batch, context, tc) for name, (b, tc) in variants.items()}
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            times = {name: time_backend(b, batch, context, tc, cache_dtype) for name, (b, tc) in variants.items()}
             rows.append(dict(batch=batch, context=context, us_per_layer=times))
             print(f"{batch:>5} {context:>7} " + " ".join(f"{t:>26.2f}" for t in times.values()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+            json.dump({"gpu": torch.cuda.get_device_name(), "kv_cache_dtype": args.kv_cache_dtype, "rows": rows}, f,
+                      indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

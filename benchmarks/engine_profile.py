@@ -77,6 +77,37 @@ def staggered(llm, prompts, params, trace_step: int | None = None) -> None:
                   f"{sum(n > 1 for n, _ in chunks)} prefill chunks")
 
 
+def traced_window(step, first: int, count: int):
+    """`step`, with steps first..first+count-1 run under torch.profiler; prints the window's kernels by GPU time
+    and how much of its wall time they cover (below 100%: the GPU waited for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = {"n": 0, "prof": None, "start": 0.0}
+
+    def traced():
+        n = state["n"]
+        if n == first:
+            torch.cuda.synchronize()
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+            state["start"] = time.perf_counter()
+        out = step()
+        if n == first + count - 1:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - state["start"]
+            prof = state["prof"]
+            prof.__exit__(None, None, None)
+            events = prof.key_averages()
+            kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+            print(f"trace window: steps {first}..{n}, {1e3 * wall:.1f} ms wall, {kernel_us / 1e3:.1f} ms of kernels "
+                  f"({kernel_us / 1e6 / wall:.1%} of the wall time)")
+            print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70))
+        state["n"] += 1
+        return out
+
+    return traced
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -88,15 +119,19 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="triton")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--quantization", default="none", help="CompileConfig.quantization (none, fp8)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="CompileConfig.kv_cache_dtype (auto, fp8)")
     parser.add_argument("--trace", action="store_true", help="also profile a short run with torch.profiler")
     parser.add_argument("--trace-step", type=int, help="staggered: profile this step with torch.profiler")
+    parser.add_argument("--trace-window", metavar="FIRST:COUNT",
+                        help="profile COUNT steps of the measured run from step FIRST (steady state): kernels by GPU "
+                             "time, and the share of the window's wall time the GPU ran kernels")
     parser.add_argument("--staggered", action="store_true",
                         help="also submit requests one per step, as a server would, and list the slow steps")
     args = parser.parse_args()
 
     llm = LLM(args.model, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
               max_seq_len=args.input_len + args.output_len + 16, attention_backend=args.attention_backend,
-              quantization=args.quantization)  # fmt: skip
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     prompts = load_prompts(args.num_requests, args.input_len, llm.compiled.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True)
     llm.generate([p[::-1] for p in prompts[: args.max_batch_size]], params.model_copy(update={"max_tokens": 4}),
@@ -114,6 +149,9 @@ def main() -> None:
         return out
 
     llm.engine.step = counting_step
+    if args.trace_window:
+        first, count = map(int, args.trace_window.split(":"))
+        llm.engine.step = traced_window(counting_step, first, count)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
