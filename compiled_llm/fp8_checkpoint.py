@@ -176,6 +176,10 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
             scale = weight_scales(scale, tensor.shape, checkpoint, name)
             marked[name] = (tensor.contiguous(), scale)
             tensor = dequantized(tensor, scale, checkpoint.quantization, dtype)
+        elif tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
+            # Another float8 (e5m2, e4m3fnuz, ...) has scales this loader does not apply: cast alone, it is wrong.
+            raise ValueError(f"{path}: {name} is stored as {tensor.dtype}; FP8 checkpoints load float8_e4m3fn weights "
+                             "only")  # fmt: skip
         elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor

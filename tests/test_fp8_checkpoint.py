@@ -183,3 +183,15 @@ def test_a_hugging_face_fp8_block_loads_as_written_by_hand(tmp_path):
     expected[0, 0] = 2.0
     torch.testing.assert_close(weight, expected)
     assert torch.equal(weight.fp8_weight.float(), weight8) and weight.fp8_scale.shape == (1, 1)
+
+
+def test_a_float8_other_than_e4m3_is_refused_not_cast(tmp_path):
+    """A weight stored as float8_e5m2 comes with scales this loader does not apply: casting it alone to the model's
+    dtype would run a silently wrong weight, so the load names it and stops."""
+    write_checkpoint(tiny_model("llama"), tmp_path, "modelopt")
+    tensors = _tensors(tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name].float().to(torch.float8_e5m2)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{name} is stored as torch.float8_e5m2; FP8 checkpoints load float8_e4m3fn"):
+        load_model(str(tmp_path), torch.float32, "cpu")
