@@ -83,15 +83,15 @@ def test_the_bytes_read_limit_of_an_moe_model_counts_its_active_experts():
 def test_a_rank_holds_its_share_of_the_embedding_rows():
     """Over tensor-parallel ranks the bytes a step reads count the rows of the embedding table a rank holds, as
     shard_vocabulary cuts them (ceil, padded); expert parallelism alone, or an FP8 table, keeps it whole."""
-    from compiled_llm.bench.latency import _embedding_rows_on_a_rank
+    from compiled_llm.bench.ceilings import embedding_rows_on_a_rank
     from compiled_llm.config import CompileConfig
 
     table = torch.empty(257, 4, device="meta")
-    assert _embedding_rows_on_a_rank(table, CompileConfig()) == 257
-    assert _embedding_rows_on_a_rank(table, CompileConfig(tensor_parallel_size=2)) == 129
-    assert _embedding_rows_on_a_rank(table, CompileConfig(expert_parallel_size=2)) == 257
+    assert embedding_rows_on_a_rank(table, CompileConfig()) == 257
+    assert embedding_rows_on_a_rank(table, CompileConfig(tensor_parallel_size=2)) == 129
+    assert embedding_rows_on_a_rank(table, CompileConfig(expert_parallel_size=2)) == 257
     table.fp8_weight = table
-    assert _embedding_rows_on_a_rank(table, CompileConfig(tensor_parallel_size=2)) == 257
+    assert embedding_rows_on_a_rank(table, CompileConfig(tensor_parallel_size=2)) == 257
 
 
 def test_the_expert_share_is_counted_from_the_models_routing():

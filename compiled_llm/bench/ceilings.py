@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from compiled_llm.bench.measure import event_median_s
+from compiled_llm.config import CompileConfig
 
 
 def measured_gemm_flops(device: torch.device, fp8: bool, size: int = 8192, repeats: int = 10) -> float:
@@ -127,3 +128,13 @@ def throughput_ceilings(model, weight_bytes: int, kv_bytes_per_token: float, inp
         "flop_ceiling_output_tokens_per_s": gemm_flops / flops_per_output,
         "byte_ceiling_output_tokens_per_s": bandwidth / bytes_per_output,
     }
+
+
+def embedding_rows_on_a_rank(embedding: torch.Tensor, config: CompileConfig) -> int:
+    """Rows of the input embedding table a rank's graph holds: shard_vocabulary splits it over the tensor-parallel
+    ranks (ceil, the last rank's padded), except a table that carries a checkpoint format's tensors, which stays
+    whole."""
+    from fx_passes.sharding import checkpoint_format
+
+    rows, ranks = embedding.shape[0], config.tensor_parallel_size
+    return -(-rows // ranks) if ranks > 1 and checkpoint_format(embedding) is None else rows

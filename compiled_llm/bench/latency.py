@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx
 
-from compiled_llm.bench.ceilings import active_expert_share, routed_expert_share
+from compiled_llm.bench.ceilings import active_expert_share, embedding_rows_on_a_rank, routed_expert_share
 from compiled_llm.bench.measure import check_baselines, copy_bandwidth, median_time, timed
 from compiled_llm.config import CompileConfig
 
@@ -285,7 +285,7 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
     output = model.get_output_embeddings()
     # By identity: a rank that read only its slices of the checkpoint has its parameters on meta, all at address 0.
     tied = output is not None and (output.weight is embedding or output.weight.data_ptr() == embedding.data_ptr() != 0)
-    unread_rows = 0 if tied else _embedding_rows_on_a_rank(embedding, cm.config) - batch_size
+    unread_rows = 0 if tied else embedding_rows_on_a_rank(embedding, cm.config) - batch_size
     read = weight_bytes - unread_rows * embedding.shape[1] * embedding.element_size()
     share = expert_share if expert_share is not None else active_expert_share(model.config, batch_size)
     read -= (1.0 - share) * graph_expert_bytes(cm.graph_module)
@@ -299,16 +299,6 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
         "step_bytes_read": read + kv_bytes,
         "bytes_read_limit_tokens_per_s": bandwidth / (read + kv_bytes),
     }
-
-
-def _embedding_rows_on_a_rank(embedding: torch.Tensor, config: CompileConfig) -> int:
-    """Rows of the input embedding table a rank's graph holds: shard_vocabulary splits it over the tensor-parallel
-    ranks (ceil, the last rank's padded), except a table that carries a checkpoint format's tensors, which stays
-    whole."""
-    from fx_passes.sharding import checkpoint_format
-
-    rows, ranks = embedding.shape[0], config.tensor_parallel_size
-    return -(-rows // ranks) if ranks > 1 and checkpoint_format(embedding) is None else rows
 
 
 def profile_decode(generate: Callable[[int], object], prompt_len: int, steps: int = 8) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from compiled_llm.bench.ceilings import measured_gemm_flops, throughput_ceilings
+from compiled_llm.bench.ceilings import embedding_rows_on_a_rank, measured_gemm_flops, throughput_ceilings
 from compiled_llm.bench.measure import check_baselines, copy_bandwidth, synchronize
 from compiled_llm.config import CompileConfig
 
@@ -167,7 +167,7 @@ def run_throughput_benchmark(
     weight_bytes, kv_bytes_per_token = llm.compiled.report.weight_bytes, cache.bytes_per_block(cache.layers, 1)
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings()
     if head is None or head.weight is not embedding:  # a step reads the batch's rows of it only (a rank: of its share)
-        rows = -(-embedding.shape[0] // ranks)
+        rows = embedding_rows_on_a_rank(embedding, config)
         weight_bytes -= max(0, rows - config.max_batch_size) * embedding.shape[1] * embedding.element_size()
     fp8 = llm.compiled.config.quantization.startswith("fp8")  # "auto" resolved from the checkpoint by now
     llm.close()  # the other ranks, if it started them
