@@ -15,6 +15,7 @@ import torch
 import custom_ops  # noqa: F401
 from custom_ops import LayerAttentionFeatures, StepAttentionMetadata, planned_step
 from custom_ops.attention import flashinfer as flashinfer_backend
+from custom_ops.attention import triton as triton_backend
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--contexts", default="256,2048", help="comma-separated context lengths")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="the paged cache's dtype")
+    parser.add_argument("--triton-tiles", metavar="TILE:WARPS:STAGES,...",
+                        help="time the triton backend's decode kernel at each launch (keys a loop step, num_warps, "
+                             "num_stages; triton.DECODE_LAUNCH), e.g. 32:4:3,64:4:3,64:8:2")
     parser.add_argument("--skip-flashinfer-cuda-cores", action="store_true",
                         help="leave out FlashInfer's CUDA-core decode (its fp8-cache kernels are not in the prebuilt kit)")
     args = parser.parse_args()
@@ -70,11 +74,20 @@ def main() -> None:
                 "triton": ("triton", True)}  # fmt: skip
     if args.skip_flashinfer_cuda_cores:
         del variants["flashinfer (CUDA cores)"]
+    launches = {}
+    for spec in (args.triton_tiles or "").split(","):
+        if spec:
+            tile, warps, stages = map(int, spec.split(":"))
+            variants[f"triton {spec}"] = ("triton", True)
+            launches[f"triton {spec}"] = {"TILE": tile, "num_warps": warps, "num_stages": stages}
     rows = []
     print(f"{'batch':>5} {'context':>7} " + " ".join(f"{name:>26}" for name in variants))
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            times = {name: time_backend(b, batch, context, tc, cache_dtype) for name, (b, tc) in variants.items()}
+            times = {}
+            for name, (backend, tensor_cores) in variants.items():
+                triton_backend.DECODE_LAUNCH = launches.get(name, {"TILE": triton_backend.KEY_TILE})
+                times[name] = time_backend(backend, batch, context, tensor_cores, cache_dtype)
             rows.append(dict(batch=batch, context=context, us_per_layer=times))
             print(f"{batch:>5} {context:>7} " + " ".join(f"{t:>26.2f}" for t in times.values()))
     if args.json:

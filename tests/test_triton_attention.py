@@ -81,6 +81,21 @@ def test_triton_fp8_cache_matches_reference_on_gpu(layer, step):
 
 @pytest.mark.gpu
 @needs_triton
+@pytest.mark.parametrize("launch", [{"TILE": 64, "num_warps": 4, "num_stages": 3}, {"TILE": 128, "num_warps": 8,
+                                    "num_stages": 2}, {"TILE": 16, "num_warps": 2, "num_stages": 4}])  # fmt: skip
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cache_dtype):
+    """Each decode launch the benchmark sweeps (triton.DECODE_LAUNCH) computes what the default does."""
+    from custom_ops.attention import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "DECODE_LAUNCH", launch)
+    for block_size in (16, 5):
+        check_against_reference("llama-8b", "decode", block_size, "cuda", torch.bfloat16, 1e-2, cache_dtype)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_triton
 def test_triton_decode_replays_in_a_cuda_graph():
     """No planning: the graph captured for one step's shapes serves other lengths and block tables."""
     seed = random.randrange(1 << 30)
@@ -153,6 +168,9 @@ def test_triton_kernel_in_the_interpreter():
         "import torch, tests.test_triton_attention as t\n"
         "t.fix_interpreter_loop_bounds()\n"
         f"for case in {INTERPRETED!r}: t.check_against_reference(*case, 'cpu', torch.float32, 1e-4)\n"
+        "import custom_ops.attention.triton as backend\n"  # a decode launch of longer key tiles (DECODE_LAUNCH)
+        "backend.DECODE_LAUNCH = {'TILE': 64}\n"
+        "t.check_against_reference('gpt-oss', 'decode', 5, 'cpu', torch.float32, 1e-4)\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,6 +32,9 @@ from custom_ops.attention.paged import saturation_limit
 from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
+# How a decode step's kernel launches (keys a loop step, and Triton's num_warps / num_stages where given): the
+# benchmark sweeps these (benchmarks/attention_decode.py --triton-tiles); prefill and wide heads keep their own.
+DECODE_LAUNCH: dict = {"TILE": KEY_TILE}
 MAX_SPLITS = 16
 MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile, at most (gemma2's prefill tile)
 # Key splits the autotuner chose for decode steps (tuning.py), by split_key(); decode_splits() elsewhere.
@@ -122,7 +125,12 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     # default's 3 stages of 32 keys need 296 KB of shared memory, the H200 has 227 KB. Its [16, 1024] query, key and
     # float32 output tiles would take over 255 registers a thread of 4 warps: 8 warps hold them.
     wide = head_dim_padded > 256
-    key_tile, stages = (16, {"num_stages": 1, "num_warps": 8}) if wide else (KEY_TILE, {})
+    if wide:
+        key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
+    elif num_tokens == num_seqs:  # a decode step
+        key_tile, stages = DECODE_LAUNCH["TILE"], {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
+    else:
+        key_tile, stages = KEY_TILE, {}
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
         sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
