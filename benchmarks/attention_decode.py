@@ -36,10 +36,14 @@ def time_backend(backend: str, batch: int, context: int, tensor_cores: bool = Tr
     v = torch.randn_like(k)
     device_args = [table.cuda(), query_start_loc.cuda(), seq_lens.cuda()]
     planners = {}
+    features = LayerAttentionFeatures(HEAD_DIM, HEADS, KV_HEADS, HEAD_DIM**-0.5, 0, 0.0, False, torch.bfloat16,
+                                      cache_dtype)  # fmt: skip
+    if backend == "xqa":
+        from custom_ops.attention.xqa import XqaPlanner
+
+        planners["xqa"] = XqaPlanner({i: features for i in range(LAYERS)}, BLOCK, torch.device("cuda"))
     if backend == "flashinfer":
         flashinfer_backend.TENSOR_CORE_MIN_GROUP = 4 if tensor_cores else 1 << 30
-        features = LayerAttentionFeatures(HEAD_DIM, HEADS, KV_HEADS, HEAD_DIM**-0.5, 0, 0.0, False, torch.bfloat16,
-                                          cache_dtype)  # fmt: skip
         planner = flashinfer_backend.FlashInferPlanner({i: features for i in range(LAYERS)}, BLOCK,
                                                        torch.device("cuda"))  # fmt: skip
         metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, BLOCK, width, True)
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--triton-tiles", metavar="TILE:WARPS:STAGES,...",
                         help="time the triton backend's decode kernel at each launch (keys a loop step, num_warps, "
                              "num_stages; triton.DECODE_LAUNCH), e.g. 32:4:3,64:4:3,64:8:2")
+    parser.add_argument("--xqa", action="store_true", help="also time the xqa backend (FlashInfer's XQA kernel)")
     parser.add_argument("--skip-flashinfer-cuda-cores", action="store_true",
                         help="leave out FlashInfer's CUDA-core decode (its fp8-cache kernels are not in the prebuilt kit)")
     args = parser.parse_args()
@@ -74,6 +79,8 @@ def main() -> None:
                 "triton": ("triton", True)}  # fmt: skip
     if args.skip_flashinfer_cuda_cores:
         del variants["flashinfer (CUDA cores)"]
+    if args.xqa:
+        variants["xqa"] = ("xqa", True)
     launches = {}
     for spec in (args.triton_tiles or "").split(","):
         if spec:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "sdpa", "reference")
+ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "xqa", "sdpa", "reference")
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
@@ -51,14 +51,15 @@ class CompileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     attention_backend: str = "auto"
-    """Kernel behind the paged-attention op: auto, flashinfer, triton, sdpa, reference, or one per step phase.
+    """Kernel behind the paged-attention op: auto, flashinfer, triton, xqa, sdpa, reference, or one per step phase.
     `auto` picks, per layer, the first backend that is installed, runs on the model's device and supports the
     layer's features, in the order flashinfer, triton (CUDA), sdpa (CUDA and CPU: PyTorch's fused attention; no
     soft-cap, sinks or fp8 cache), reference (any layer); on a CPU that is `sdpa`, or `reference` for the layers
     it cannot run; the autotuner may then choose another per phase (see README, Tuned kernels). Per phase, by
     rules that the first match of a step applies: `decode<=8:triton,decode:flashinfer,prefill:flashinfer` (decode
-    steps of up to 8 sequences, other decode steps, prefill and mixed steps). The compile report says which
-    layer got which backend and why."""
+    steps of up to 8 sequences, other decode steps, prefill and mixed steps). `xqa` (CUDA, named only: auto does
+    not pick it yet) runs decode steps through FlashInfer's XQA kernel, TensorRT-LLM's, and other steps through
+    triton's. The compile report says which layer got which backend and why."""
 
     linear_backend: Literal["auto", "triton", "onednn", "torch"] = "auto"
     """Kernel behind the linear layers. `torch` leaves them to Inductor (cuBLAS, or the CPU BLAS);

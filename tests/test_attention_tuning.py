@@ -296,7 +296,7 @@ def test_attention_backend_takes_rules_per_phase_and_refuses_bad_ones():
 
     with pytest.raises(ValueError, match="no rule for every prefill step"):
         CompileConfig(attention_backend="decode:triton")
-    with pytest.raises(ValueError, match="unknown backend 'cudnn'; allowed: auto, flashinfer, triton, sdpa"):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; allowed: auto, flashinfer, triton, xqa, sdpa"):
         CompileConfig(attention_backend="decode:cudnn,prefill:sdpa")
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"'decode:triton,prefill:sdpa' runs on \['cuda'\], but the model is on 'cpu'"):

@@ -20,12 +20,13 @@ SHAPES = {  # head_dim 64 and 128: the FlashInfer kernels the device kit carries
 }
 
 
-BACKENDS = ["flashinfer", "triton"]
+BACKENDS = ["flashinfer", "triton", "xqa"]
 
 
 def skip_without(backend: str) -> None:
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed")
+    module = {"xqa": "flashinfer"}.get(backend, backend)  # the xqa backend is FlashInfer's XQA kernel
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
 
 
 def random_llama(shape: str) -> tf.LlamaForCausalLM:
@@ -37,7 +38,7 @@ def random_llama(shape: str) -> tf.LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module", params=[("hd64-gqa3", "flashinfer"), ("hd128-gqa4", "flashinfer"),
-                                        ("hd128-gqa4", "triton")], ids="-".join)  # fmt: skip
+                                        ("hd128-gqa4", "triton"), ("hd128-gqa4", "xqa")], ids="-".join)  # fmt: skip
 def gpu_model(request):
     shape, backend = request.param
     skip_without(backend)
