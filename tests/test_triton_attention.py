@@ -13,7 +13,7 @@ import torch
 
 import custom_ops  # noqa: F401
 from custom_ops.triton_runtime import triton_available
-from tests.paged_steps import random_step
+from tests.paged_steps import check_decode_graph_replay, random_step
 
 ops = torch.ops.compiled_llm
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -98,48 +98,7 @@ def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cach
 @needs_triton
 def test_triton_decode_replays_in_a_cuda_graph():
     """No planning: the graph captured for one step's shapes serves other lengths and block tables."""
-    seed = random.randrange(1 << 30)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    heads, kv_heads, head_dim = 32, 8, 128
-    steps = [[(rng.randrange(0, 300), 1) for _ in range(4)] for _ in range(3)]
-    built = [random_step(rng, s, 16, heads, kv_heads, head_dim, torch.bfloat16)[0] for s in steps]
-    blocks = max(a[3].shape[0] for a in built)
-    width = max(a[5].shape[1] for a in built)
-    static = [torch.zeros_like(a) for a in built[0][:3]]  # q, k, v
-    cache = torch.zeros(blocks, *built[0][3].shape[1:], dtype=torch.bfloat16, device="cuda")
-    slots = torch.zeros(4, dtype=torch.int64, device="cuda")
-    table = torch.zeros(4, width, dtype=torch.int32, device="cuda")
-    query_start_loc = torch.arange(5, dtype=torch.int32, device="cuda")
-    seq_lens = torch.zeros(4, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(static[0])
-
-    def run():
-        out.copy_(ops.paged_attention(*static, cache, slots, table, query_start_loc, seq_lens, 0, head_dim**-0.5, 0,
-                                      0.0, None, "triton"))  # fmt: skip
-
-    def load(args):
-        for dst, src in zip(static, args[:3]):
-            dst.copy_(src)
-        cache.zero_()
-        cache[: args[3].shape[0]].copy_(args[3].nan_to_num(0.0))
-        slots.copy_(args[4])
-        table.zero_()
-        table[:, : args[5].shape[1]].copy_(args[5])
-        seq_lens.copy_(args[7])
-
-    load(built[0])
-    run()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for args in built[1:]:
-        load(args)
-        graph.replay()
-        expected = ops.paged_attention(*args[:3], args[3].nan_to_num(0.0), *args[4:], 0, head_dim**-0.5, 0, 0.0, None,
-                                       "reference")  # fmt: skip
-        torch.cuda.synchronize()
-        assert relative_error(out, expected) < 1e-2, f"seed {seed}"
+    check_decode_graph_replay("triton")
 
 
 def fix_interpreter_loop_bounds() -> None:

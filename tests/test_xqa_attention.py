@@ -12,7 +12,7 @@ import torch
 import custom_ops  # noqa: F401
 from custom_ops import LayerAttentionFeatures, planned_step
 from custom_ops.attention.xqa import layer_unsupported
-from tests.paged_steps import random_step
+from tests.paged_steps import check_decode_graph_replay, random_step
 
 ops = torch.ops.compiled_llm
 gpu = pytest.mark.gpu
@@ -92,46 +92,5 @@ def test_xqa_decode_replays_in_a_cuda_graph():
     """No planning: one captured decode graph serves steps of other lengths and block tables."""
     from custom_ops.attention.xqa import XqaPlanner
 
-    seed = random.randrange(1 << 30)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    heads, kv_heads, head_dim = 32, 8, 128
-    steps = [[(rng.randrange(0, 600), 1) for _ in range(4)] for _ in range(3)]
-    built = [random_step(rng, s, 16, heads, kv_heads, head_dim, torch.bfloat16)[0] for s in steps]
-    blocks, width = max(a[3].shape[0] for a in built), max(a[5].shape[1] for a in built)
-    static = [torch.zeros_like(a) for a in built[0][:3]]  # q, k, v
-    cache = torch.zeros(blocks, *built[0][3].shape[1:], dtype=torch.bfloat16, device="cuda")
-    slots = torch.zeros(4, dtype=torch.int64, device="cuda")
-    table = torch.zeros(4, width, dtype=torch.int32, device="cuda")
-    query_start_loc = torch.arange(5, dtype=torch.int32, device="cuda")
-    seq_lens = torch.zeros(4, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(static[0])
     planner = XqaPlanner({0: _features("llama-8b")}, 16, torch.device("cuda"))
-
-    def run():
-        with planned_step({"xqa": planner}):
-            out.copy_(ops.paged_attention(*static, cache, slots, table, query_start_loc, seq_lens, 0, head_dim**-0.5,
-                                          0, 0.0, None, "xqa"))  # fmt: skip
-
-    def load(args):
-        for dst, src in zip(static, args[:3]):
-            dst.copy_(src)
-        cache.zero_()
-        cache[: args[3].shape[0]].copy_(args[3].nan_to_num(0.0))
-        slots.copy_(args[4])
-        table.zero_()
-        table[:, : args[5].shape[1]].copy_(args[5])
-        seq_lens.copy_(args[7])
-
-    load(built[0])
-    run()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for args in built[1:]:
-        load(args)
-        graph.replay()
-        expected = ops.paged_attention(*args[:3], args[3].nan_to_num(0.0), *args[4:], 0, head_dim**-0.5, 0, 0.0, None,
-                                       "reference")  # fmt: skip
-        error = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
-        assert error < 1e-2, f"seed {seed}: relative error {error:.2e}"
+    check_decode_graph_replay("xqa", {"xqa": planner}, max_context=600)
