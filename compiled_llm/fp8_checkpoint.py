@@ -153,6 +153,8 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
         del config.quantization_config  # the model is built plain; its linears are marked below
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (path / "generation_config.json").exists():  # its EOS tokens and defaults, as from_pretrained reads them
+        model.generation_config = tf.GenerationConfig.from_pretrained(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no .safetensors files (FP8 checkpoints load from safetensors only)")
