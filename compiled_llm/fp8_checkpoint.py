@@ -153,6 +153,8 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
         del config.quantization_config  # the model is built plain; its linears are marked below
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (path / "generation_config.json").exists():  # its EOS tokens and defaults, as from_pretrained reads them
+        model.generation_config = tf.GenerationConfig.from_pretrained(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no .safetensors files (FP8 checkpoints load from safetensors only)")
@@ -183,11 +185,17 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
         elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
     names = {}  # a tied parameter's names (lm_head.weight and embed_tokens.weight): loaded under any of them
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
+    for tied in names.values():  # each stored: one copy over the other would silently run the wrong one
+        stored = [n for n in tied if n in state]
+        if any(not torch.equal(state[stored[0]], state[n]) for n in stored[1:]):
+            raise ValueError(f"{path}: {' and '.join(stored)} are tied (config.json's tie_word_embeddings), yet the "
+                             "files hold different values for them, which transformers loads untied; set "
+                             "tie_word_embeddings to false in config.json")  # fmt: skip
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
     missing = [m for m in missing if not any(n in state for n in names.get(id(model.get_parameter(m)), []))]
     if missing or unexpected:
         raise ValueError(f"{path}: the checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "

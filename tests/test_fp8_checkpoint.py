@@ -195,3 +195,32 @@ def test_a_float8_other_than_e4m3_is_refused_not_cast(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=f"{name} is stored as torch.float8_e5m2; FP8 checkpoints load float8_e4m3fn"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_the_generation_config_is_the_directorys_as_from_pretrained_reads_it(tmp_path):
+    """generation_config.json (its EOS tokens, its sampling defaults) as from_pretrained reads it, whether the model
+    loads whole or each rank reads its slices: the model built from config.json alone would stop at its one EOS token
+    where the directory names more, and only over several ranks (checkpoint_slices.meta_model reads the file)."""
+    write_checkpoint(tiny_model("llama"), tmp_path, "modelopt")
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 7]}))
+    whole = load_model(str(tmp_path), torch.float32, "cpu").model
+    sliced = load_model(str(tmp_path), torch.float32, "cpu", by_slices=True).model
+    assert hasattr(sliced, "checkpoint_slices")
+    assert whole.generation_config.eos_token_id == sliced.generation_config.eos_token_id == [2, 7]
+
+
+def test_tied_weights_stored_with_different_values_are_refused(tmp_path):
+    """An LM head tied to the embedding in config.json, yet stored with values of its own (transformers then unties
+    them): copied into the one tied parameter, either would silently replace the other; refused, naming both. Stored
+    alike, they load."""
+    write_checkpoint(tiny_model("qwen3", tie_word_embeddings=True), tmp_path, "modelopt")
+    tensors = _tensors(tmp_path)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(str(tmp_path), torch.float32, "cpu").model
+    assert torch.equal(model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
+    tensors["lm_head.weight"] = torch.randn_like(tensors["lm_head.weight"])
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.embed_tokens.weight and lm_head.weight are tied .* different values"):
+        load_model(str(tmp_path), torch.float32, "cpu")
