@@ -9,7 +9,8 @@
 Runs under those two quantizations (a no-op otherwise), after the passes that fuse linears (q/k/v
 and gate/up are quantized fused: with a scale per output channel that is the same as quantizing each), over
 linears whose weight is a parameter (a `get_attr`). An FP8 checkpoint's weights (marked by fp8_checkpoint.py)
-are taken as stored. The LM head, the last linear of the graph, keeps the model's
+are taken as stored, and its float linears (those its quantizer left out) stay float. The LM head, the last linear
+of the graph, keeps the model's
 dtype unless `quantize_lm_head`, and so do MoE routers. Each weight is converted on its device, one at a time, into buffers of the
 graph module (`<weight>_fp8`, `<weight>_fp8_scale`); the model's own parameters are left as they are.
 """
@@ -157,6 +158,10 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if routers:
         sites = [n for n in sites if n not in routers]
         kept.append(f"{len(routers)} MoE routers")
+    stored = [n for n in sites if checkpoint_tensors(_weight(gm, n)) is not None]
+    if stored and len(stored) < len(sites):  # what an FP8 checkpoint's quantizer left in float (its ignore list) stays
+        kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
+        sites = stored
     backend, why = form.backend(_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
     converted = {}  # a weight read by several linears is converted once
     gm.meta["fp8_weights"] = []  # the float weights replaced: the self-check quantizes the module's alike

@@ -74,8 +74,8 @@ def _minmax_qparams(value: torch.Tensor, args: QuantizationArgs) -> torch.Tensor
     return scale
 
 
-def _target_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+def _target_linears(model: torch.nn.Module, ignore=("lm_head",)) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignore}
 
 
 @torch.no_grad()
@@ -105,17 +105,19 @@ def _observe_inputs(model: torch.nn.Module, batches: int = 4, seq_len: int = 16)
 
 
 @torch.no_grad()
-def write_compressed_tensors_fp8(model: torch.nn.Module, directory: str, strategy: str) -> None:
+def write_compressed_tensors_fp8(model: torch.nn.Module, directory: str, strategy: str,
+                                 ignore: tuple[str, ...] = ("lm_head",)) -> None:  # fmt: skip
     """Write `model` (a Hugging Face causal LM, changed in place: its linears end up compressed) to `directory`
-    as a compressed-tensors FP8 e4m3 checkpoint: every nn.Linear but lm_head, weights per `strategy` ("channel",
-    "tensor" or "block" 128x128), inputs dynamic per token or (strategy "tensor") static per tensor."""
+    as a compressed-tensors FP8 e4m3 checkpoint: every nn.Linear but those named in `ignore` (stored in float),
+    weights per `strategy` ("channel", "tensor" or "block" 128x128), inputs dynamic per token or (strategy
+    "tensor") static per tensor."""
     scheme = _scheme(strategy)
     model.eval()
     stats = _observe_inputs(model) if not scheme.input_activations.dynamic else {}
 
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignore))
     apply_quantization_config(model, config, show_progress=False)  # registers weight_scale (input_scale) empty
-    for name, module in _target_linears(model).items():
+    for name, module in _target_linears(model, ignore).items():
         module.weight_scale.copy_(_minmax_qparams(module.weight, scheme.weights))
         if name in stats:
             module.input_scale.copy_(calculate_qparams(*stats[name], scheme.input_activations)[0])

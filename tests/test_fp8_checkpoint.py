@@ -86,6 +86,8 @@ def checkpoint_reference_logits(model, directory, ids: torch.Tensor) -> torch.Te
     for name, module in model.named_modules():
         if not (isinstance(module, torch.nn.Linear) and f"{name}.weight" in tensors and name != "lm_head"):
             continue
+        if tensors[f"{name}.weight"].dtype != torch.float8_e4m3fn:  # a linear the checkpoint keeps in float
+            continue
         weight8 = tensors[f"{name}.weight"]
         scale = tensors.get(f"{name}.weight_scale", tensors.get(f"{name}.weight_scale_inv")).float()
         if scale.dim() == 2 and scale.shape[1] > 1 or f"{name}.weight_scale_inv" in tensors:
@@ -109,7 +111,9 @@ CASES = {  # format: (the quantization it runs as, quantize_fp8's sites over 2 l
     "compressed-tensors-channel": ("fp8", 8),
     "compressed-tensors-tensor": ("fp8", 8),
     "compressed-tensors-block": ("fp8_block", 12),  # 64-row k and v apart from q
+    "compressed-tensors-channel-one-float": ("fp8", 7),  # layer 1's down_proj left in float: it stays float
 }
+FLOAT_IN_THE_CHECKPOINT = "model.layers.1.mlp.down_proj"
 
 
 @pytest.mark.parametrize("fmt", sorted(CASES))
@@ -118,7 +122,8 @@ def test_a_checkpoint_runs_its_own_float8_weights(tmp_path, fmt):
     if fmt.startswith("compressed-tensors"):
         fp8_checkpoints = pytest.importorskip("fp8_checkpoints")  # needs the compressed-tensors library
         model = fp8_checkpoints.tiny_llama()
-        fp8_checkpoints.write_compressed_tensors_fp8(copy.deepcopy(model), str(tmp_path), fmt.rpartition("-")[2])
+        strategy, ignore = fmt.split("-")[2], ("lm_head", *([FLOAT_IN_THE_CHECKPOINT] if "float" in fmt else []))
+        fp8_checkpoints.write_compressed_tensors_fp8(copy.deepcopy(model), str(tmp_path), strategy, ignore)
     else:
         model = tiny_model("llama")
         write_checkpoint(model, tmp_path, fmt)
@@ -128,6 +133,8 @@ def test_a_checkpoint_runs_its_own_float8_weights(tmp_path, fmt):
     assert compiled.config.quantization == quantization
     (result,) = [p for p in compiled.report.passes if p.name == "quantize_fp8"]
     assert result.sites == expected_sites
+    if "float" in fmt:
+        assert "1 linears the checkpoint stores in float" in result.detail
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
     expected = checkpoint_reference_logits(model, tmp_path, ids)
     with torch.no_grad():
