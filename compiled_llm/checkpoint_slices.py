@@ -173,6 +173,12 @@ class CheckpointSlices:
         """Replace the fakes of a rewritten graph with real tensors: the ones its nodes and recipes read, from the
         checkpoint (a shard recipe over a checkpoint tensor reads just its slice), then the recipes replayed in
         order. A tensor the graph reads that none of this made is an error naming it, never garbage."""
+        try:
+            self._load(gm)
+        finally:
+            self._files.clear()  # the safetensors files, mapped while reading, closed on an error too
+
+    def _load(self, gm: torch.fx.GraphModule) -> None:
         calls = gm.meta.get("derived_weights", [])
         derived = derived_names(gm)
         # What the passes rewrote the graph for: every tensor loaded or built must be that again.
@@ -210,7 +216,6 @@ class CheckpointSlices:
                 raise RuntimeError(f"loading by slices: {node.format_node()} still names the meta device")
         for key in ("fp8_weights", "fp8_column_parts"):  # the self-check's, which this rank cannot run
             gm.meta.pop(key, None)
-        self._files.clear()  # the safetensors files, mapped while reading
         gm.recompile()
 
     def _whole(self, graph_name: str) -> torch.Tensor:

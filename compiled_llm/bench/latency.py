@@ -108,6 +108,9 @@ def _start_ranks(model_name: str, fields: dict, dtype: torch.dtype | None) -> _O
     from compiled_llm.engine import SamplingParams
     from compiled_llm.llm import LLM
 
+    if fields.get("enable_prefix_caching"):
+        log.warning("enable_prefix_caching=True: each repeat after the first reads its prompt from the prefix cache, so "
+                    "its time to first token is not a prefill's")  # fmt: skip
     llm = LLM(model_name, None, dtype, **{"enable_prefix_caching": False, **fields})
 
     def generate_for(ids: torch.Tensor) -> Callable[[int], list[int]]:
