@@ -175,6 +175,9 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
             scale = tensors.get(f"{prefix}.{checkpoint.scale_name}")
             if scale is None or not name.endswith(".weight"):
                 raise ValueError(f"{path}: {name} is float8 but has no {prefix}.{checkpoint.scale_name}")
+            if tensor.dim() != 2:
+                raise ValueError(f"{path}: {name} is a {tensor.dim()}-D float8 tensor; FP8 checkpoints load 2-D "
+                                 "linear weights (experts stored as one float8 tensor are not supported yet)")  # fmt: skip
             scale = weight_scales(scale, tensor.shape, checkpoint, name)
             marked[name] = (tensor.contiguous(), scale)
             tensor = dequantized(tensor, scale, checkpoint.quantization, dtype)

@@ -231,3 +231,14 @@ def test_tied_weights_stored_with_different_values_are_refused(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.embed_tokens.weight and lm_head.weight are tied .* different values"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_a_float8_tensor_of_three_dimensions_is_named(tmp_path):
+    """Experts stored as one [E, N, K] float8 tensor: an error that names it, not an unpacking error."""
+    write_checkpoint(tiny_model("llama"), tmp_path, "modelopt")
+    tensors = _tensors(tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].unsqueeze(0)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{name} is a 3-D float8 tensor; FP8 checkpoints load 2-D"):
+        load_model(str(tmp_path), torch.float32, "cpu")
