@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 2 examples/tensor_parallel.py --model random:qwen3-30b-a3b --expert-parallel
     torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 examples/tensor_parallel.py --model DIR
 
-Each rank loads the whole model and keeps its shard (each rank reading only its slices is planned), builds the
-process group (NCCL on GPUs, one per local rank; gloo on CPU), and compiles with `tensor_parallel_size` (and
+Each rank loads the whole model here, so that rank 0 can compare with it, and keeps its shard
+(`LLM("MODEL", tensor_parallel_size=N)` and `load_model(..., by_slices=True)` read only each rank's slices); it builds
+the process group (NCCL on GPUs, one per local rank; gloo on CPU), and compiles with `tensor_parallel_size` (and
 `expert_parallel_size`) equal to the world size. Ranks run in lockstep: every rank gets the same prompts and greedy
 decoding, and rank 0 prints. Rank 0 also compares the first prompt's tokens with one unsharded process (tiny models).
 """
