@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compiled_llm.checkpoint_slices import meta_model
 from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config, load_fp8_directory
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
+from compiled_llm.meta_model import meta_model
 from compiled_llm.mtp_weights import carry_mtp_weights
 from compiled_llm.mxfp4_checkpoint import is_mxfp4_checkpoint, load_mxfp4_directory
 from compiled_llm.progress import StageProgress

@@ -207,7 +207,7 @@ def test_a_float8_other_than_e4m3_is_refused_not_cast(tmp_path):
 def test_the_generation_config_is_the_directorys_as_from_pretrained_reads_it(tmp_path):
     """generation_config.json (its EOS tokens, its sampling defaults) as from_pretrained reads it, whether the model
     loads whole or each rank reads its slices: the model built from config.json alone would stop at its one EOS token
-    where the directory names more, and only over several ranks (checkpoint_slices.meta_model reads the file)."""
+    where the directory names more, and only over several ranks (meta_model.meta_model reads the file)."""
     write_checkpoint(tiny_model("llama"), tmp_path, "modelopt")
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 7]}))

@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compiled_llm import compile_model
-from compiled_llm.checkpoint_slices import CheckpointSlices, Fp8Weight, meta_model
+from compiled_llm.checkpoint_slices import CheckpointSlices, Fp8Weight
 from compiled_llm.fp8_checkpoint import Fp8Checkpoint, dequantized, weight_scales
+from compiled_llm.meta_model import meta_model
 from compiled_llm.model_source import load_model
 from fx_passes.sharding import TensorParallelError, shard_parameter
 
