@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from compiled_llm.bench.ceilings import active_expert_share, embedding_rows_on_a_rank, routed_expert_share
+from compiled_llm.bench.decode_profile import profile_decode, profile_decode_cpu
 from compiled_llm.bench.measure import check_baselines, copy_bandwidth, median_time, timed
 from compiled_llm.config import CompileConfig
 
@@ -301,63 +302,6 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
         "bandwidth_limit_tokens_per_s": bandwidth / (weight_bytes + kv_bytes),
         "step_bytes_read": read + kv_bytes,
         "bytes_read_limit_tokens_per_s": bandwidth / (read + kv_bytes),
-    }
-
-
-def profile_decode(generate: Callable[[int], object], prompt_len: int, steps: int = 8) -> dict:
-    """Kernels of `steps` decode steps (torch profiler) of `generate(n)` (n tokens after a prompt of `prompt_len`):
-    count and device time per kernel, how long the GPU sat idle between kernels, and host time in the runner's
-    annotated phases."""
-    from torch.profiler import ProfilerActivity, profile
-
-    generate(2)
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        generate(steps + 1)
-        torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = {}
-    intervals, phases = [], {}
-    for event in prof.events():
-        if event.name.startswith("compiled_llm."):  # our record_function ranges (they show on the GPU too)
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                phases[event.name] = phases.get(event.name, 0.0) + event.cpu_time_total
-        elif event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
-            intervals.append((event.time_range.start, event.time_range.end))
-    intervals.sort()
-    busy, covered_until = 0.0, float("-inf")
-    for begin, end in intervals:
-        if end > covered_until:
-            busy += end - max(begin, covered_until)
-            covered_until = end
-    span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
-    rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
-    return {
-        "note": f"{steps} decode steps plus one prefill step of {prompt_len} tokens",
-        "kernels_total": sum(len(t) for t in kernels.values()),
-        "device_time_us": sum(sum(t) for t in kernels.values()),
-        "gpu_span_us": span,
-        "gpu_idle_us": span - busy,
-        "host_phases_us": phases,
-        "top": [{"kernel": name[:120], "count": len(t), "total_us": sum(t)} for name, t in rows[:25]],
-    }
-
-
-def profile_decode_cpu(generate: Callable[[int], object], prompt_len: int, steps: int = 16) -> dict:
-    """Where the host's time goes in `steps` decode steps of `generate(n)` (n tokens after a prompt of `prompt_len`)
-    on a CPU (torch profiler, ops by self time; with Inductor's generated kernels under their own names where it
-    profiles them)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    generate(2)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate(steps + 1)
-    rows = sorted(prof.key_averages(), key=lambda row: -row.self_cpu_time_total)
-    total = sum(row.self_cpu_time_total for row in rows)
-    return {
-        "note": f"{steps} decode steps plus one prefill step of {prompt_len} tokens, under the profiler",
-        "host_ms_per_step": total / 1e3 / (steps + 1),
-        "top": [{"op": row.key[:80], "calls": row.count, "self_ms": row.self_cpu_time_total / 1e3,
-                 "share": row.self_cpu_time_total / total} for row in rows[:15]],  # fmt: skip
     }
 
 
