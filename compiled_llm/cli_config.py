@@ -10,6 +10,10 @@ from pathlib import Path
 from compiled_llm.config import CompileConfig, unknown_fields
 
 
+# vLLM's and TensorRT-LLM's short spellings of the parallel sizes.
+SHORT_FLAGS = {"tensor_parallel_size": ("--tp",), "expert_parallel_size": ("--ep",)}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compile config (CompileConfig fields)")
     group.add_argument("--config", metavar="FILE.yaml", help="CompileConfig fields in a YAML mapping (flags override)")
@@ -17,7 +21,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = field.get_default(call_default_factory=True)
         first_sentence = re.split(r"\.(?:\s|$)", field.description or "")[0]  # not at dots inside names
         help_text = f"{first_sentence} (default: {default})"
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=help_text)
+        flags = [f"--{name.replace('_', '-')}", *SHORT_FLAGS.get(name, ())]
+        group.add_argument(*flags, dest=name, metavar="VALUE", help=help_text)
 
 
 def config_file(path: str) -> dict:

@@ -169,7 +169,7 @@ def test_bench_latency_over_two_ranks(tmp_path, capsys):
 
     out = tmp_path / "result.json"
     # --output-len 17: the profile's 16 decode steps after its 8-token prompt fit the benchmark's max_seq_len
-    flags = ["--mode", "latency", "--tensor-parallel-size", "2", "--batch-size", "2", "--input-len", "8",
+    flags = ["--mode", "latency", "--tp", "2", "--batch-size", "2", "--input-len", "8",  # --tp: --tensor-parallel-size
              "--output-len", "17", "--repeats", "1", "--compile-backend", "eager"]  # fmt: skip
     assert main(["bench", "random:tiny-llama", *flags]) == 2  # the default baselines
     assert "hf-eager, hf-compile baseline runs the whole model in one process" in capsys.readouterr().err
