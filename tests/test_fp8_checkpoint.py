@@ -242,3 +242,12 @@ def test_a_float8_tensor_of_three_dimensions_is_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=f"{name} is a 3-D float8 tensor; FP8 checkpoints load 2-D"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_moe_experts_stored_one_float8_tensor_an_expert_are_named(tmp_path):
+    """transformers merges per-expert tensors at load; the FP8 loader reads tensors as stored, so a MoE checkpoint's
+    float8 experts are refused naming them (not a key mismatch)."""
+    write_checkpoint(tiny_model("qwen3_moe"), tmp_path, "modelopt")
+    with pytest.raises(ValueError, match=r"mlp\.experts\.0\.\w+_proj\.weight \(and \d+ more\) are MoE experts stored "
+                                         "one float8 tensor an expert"):  # fmt: skip
+        load_model(str(tmp_path), torch.float32, "cpu")
