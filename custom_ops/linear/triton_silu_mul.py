@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import pdl_launch_options
+from custom_ops.triton_runtime import pdl_launch_options, trigger_at_end
 
 BLOCK = 1024
 
@@ -36,9 +36,11 @@ def _kernels():
         tl.store(y_ptr + row * stride_y + cols, (act * up).to(dtype), mask=mask)
 
     @triton.jit
-    def silu_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        if USE_PDL:
+    def silu_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+                            LATE_TRIGGER: tl.constexpr = False):  # fmt: skip
+        if USE_PDL and not LATE_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL:
             tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -52,6 +54,8 @@ def _kernels():
         q = tl.clamp(h * tl.math.div_rn(1.0, scale), -448.0, 448.0).to(tl.float8e4nv)
         tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
         tl.store(s_ptr + row, scale)
+        if USE_PDL and LATE_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
 
     return silu_mul_kernel, silu_mul_fp8_kernel
 
@@ -80,6 +84,6 @@ def triton_silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         block = triton.next_power_of_2(n)
         _kernels()[1][(rows,)](
             gate_up, quantized, scale, n, gate_up.stride(0), quantized.stride(0), BLOCK=block,
-            num_warps=min(16, max(4, block // 1024)), **pdl_launch_options(gate_up),
+            num_warps=min(16, max(4, block // 1024)), LATE_TRIGGER=trigger_at_end(), **pdl_launch_options(gate_up),
         )  # fmt: skip
     return quantized, scale

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_runs_on
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, trigger_at_end, triton_runs_on
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps, str backend) -> Tensor")
@@ -38,8 +38,9 @@ def _kernel():
     def rms_norm_kernel(
         x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, stride_x, stride_r, stride_out, stride_sum, eps,
         N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, FP8_OUT: tl.constexpr, USE_PDL: tl.constexpr,
+        LATE_TRIGGER: tl.constexpr = False,
     ):  # fmt: skip
-        if USE_PDL:
+        if USE_PDL and not LATE_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -64,6 +65,8 @@ def _kernel():
             tl.store(scale_ptr + row, scale)
         else:
             tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+        if USE_PDL and LATE_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
 
     return rms_norm_kernel
 
@@ -91,6 +94,7 @@ def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Te
             scale if scale is not None else out, x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0,
             out.stride(0), total.stride(0) if total is not None else 0, eps,
             N=n, BLOCK=block, ADD=residual2d is not None, FP8_OUT=scale is not None, num_warps=_warps(block),
+            LATE_TRIGGER=scale is not None and trigger_at_end(),
             **pdl_launch_options(x2d),
         )  # fmt: skip
 
