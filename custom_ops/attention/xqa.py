@@ -5,10 +5,11 @@ Why: a 512-row decode step of an FP8 Llama-3.1-8B spends 36% of its GPU time in 
 bf16 cache and 1.0-1.1 TB/s with an FP8 one (BENCHMARKS.md, "Where a 512-row FP8 decode step goes"); XQA is the
 kernel TensorRT-LLM decodes with.
 
-Numerics: XQA's generic kernel (mha.cu) converts each cached e4m3 key and value to the query's dtype and multiplies
-in that dtype, as the reference op and the other backends do. Its Hopper FP8 kernel (mha_sm90.cu), which
-`flashinfer.xqa.xqa` picks for an FP8 cache on Hopper, would also round the query and the softmax probabilities to
-e4m3: other numerics, so this backend calls the module with that kernel off.
+Numerics: XQA's generic kernel (mha.cu) converts each cached e4m3 key and value to the query's dtype (exactly) and
+multiplies in that dtype with float32 sums, as the other backends do; the softmax probabilities are rounded to the
+query's dtype before they weight the values (the Triton kernel's too; the reference keeps float32). Its Hopper FP8
+kernel (mha_sm90.cu), which `flashinfer.xqa.xqa` picks for an FP8 cache on Hopper, would also round the query and
+the probabilities to e4m3: other numerics, so this backend calls the module with that kernel off.
 
 Host side (`XqaPlanner`, made at compile time): the JIT module of each kind of layer (FlashInfer builds it once, in
 its cache) and one zeroed workspace, whose first part holds the semaphores of XQA's multi-block mode (each call
@@ -38,8 +39,10 @@ from custom_ops.triton_runtime import pdl_launch_options
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # XQA's TOKENS_PER_PAGE
 MAX_GROUP = 16  # query heads per KV head this backend takes (the sizes its kernel is built for in FlashInfer's tests)
-WORKSPACE_BYTES = 128 << 20
-SEMAPHORE_BYTES = 8 << 20  # the workspace's first part, as flashinfer.decode.xqa_batch_decode_with_kv_cache splits it
+# Multi-block mode, the only user of both parts, runs where batch x KV heads <= SMs / 2: at most ~SMs sub-sequences,
+# each 256 B + group x 128 B x head_dim / 64 of scratch (mha.cu), and one uint32 semaphore per (sequence, KV head).
+WORKSPACE_BYTES = 16 << 20
+SEMAPHORE_BYTES = 1 << 20
 
 
 def _unsupported(features: LayerAttentionFeatures) -> str | None:
@@ -84,19 +87,20 @@ class XqaPlanner:
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.semaphores, self.scratch = workspace[:SEMAPHORE_BYTES], workspace[SEMAPHORE_BYTES:]
-        self.modules = {
-            layer_idx: get_xqa_module(
-                features.dtype,
-                features.cache_dtype,
-                block_size,
-                features.head_dim,
-                features.num_q_heads // features.num_kv_heads,
-                features.sliding_window > 0,
-                features.dtype,
-                1,
-            )
-            for layer_idx, features in layers.items()
-        }
+        with torch.cuda.device(device):  # loading a module sets its kernel's shared-memory limit on this device only
+            self.modules = {
+                layer_idx: get_xqa_module(
+                    features.dtype,
+                    features.cache_dtype,
+                    block_size,
+                    features.head_dim,
+                    features.num_q_heads // features.num_kv_heads,
+                    features.sliding_window > 0,
+                    features.dtype,
+                    1,
+                )
+                for layer_idx, features in layers.items()
+            }
 
     def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:
         pass
@@ -113,9 +117,9 @@ class XqaPlanner:
             self.sm_count, num_kv_heads, max(0, sliding_window),
             scale * head_dim**0.5,  # XQA multiplies q.k by q_scale / sqrt(head_dim)
             out.unsqueeze(1), 1.0, q.contiguous().unsqueeze(1),  # [S, beam 1, H, D]: XQA reads q by its pointer
-            sinks.float().reshape(num_kv_heads, num_heads // num_kv_heads) if sinks is not None else None,
+            sinks.float().contiguous().view(num_kv_heads, num_heads // num_kv_heads) if sinks is not None else None,
             k_cache, v_cache, None, None, block_table.contiguous(), block_table.shape[1] * self.block_size,
-            seq_lens.unsqueeze(1), num_seqs, 1.0, self.semaphores, self.scratch,
+            seq_lens.contiguous().unsqueeze(1), num_seqs, 1.0, self.semaphores, self.scratch,
             bool(pdl_launch_options(q).get("launch_pdl")), 1, None, None,
         )  # fmt: skip
 
@@ -127,6 +131,8 @@ def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq
                                layer_idx, scale, sliding_window, softcap, sinks)  # fmt: skip
         return
     write_kv_cache_fast(k, v, kv_cache, slot_mapping)
+    if q.shape[0] == 0:  # a zero-sized grid is a launch error
+        return
     dense = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     active_planner("xqa").decode(layer_idx, dense, q, kv_cache, block_table, seq_lens, scale, sliding_window, sinks)
     if dense is not out:  # XQA writes rows by their index from its pointer
