@@ -66,6 +66,7 @@ class CheckpointSlices:
         self.device = torch.device(device)
         self.fp8: dict[str, Fp8Weight] = {}  # parameter name -> its FP8 checkpoint tensors, where it has them
         self.bytes_read = 0
+        self.dequantized_bytes = 0  # of FP8 weights made float (read_fp8): only those a node of the graph reads
         self.stored_bytes = 0  # of the tensors the model's parameters and buffers are, in the files
         self._files: dict[str, object] = {}
 
@@ -115,11 +116,13 @@ class CheckpointSlices:
                 pieces.append(torch.zeros(pad, dtype=dtype, device=self.device))
         return torch.cat(pieces, dim).contiguous()
 
-    def read_fp8(self, name: str, cut: tuple[int, int, int, int] | None = None) -> nn.Parameter:
+    def read_fp8(self, name: str, cut: tuple[int, int, int, int] | None = None, values: bool = True) -> nn.Parameter:
         """The FP8 checkpoint weight `name` as load_fp8_directory makes it: dequantized in the model's dtype, carrying
         the stored e4m3 values and scales (`fp8_weight`, `fp8_scale`); with `cut` (dim, start, size, blocks), what
         sharding.shard_parameter cuts from that, reading only the part's values and its scales (scale_part says
-        which, as it does for shard_parameter; a per-tensor scale, one value, is read whole and cut as there)."""
+        which, as it does for shard_parameter; a per-tensor scale, one value, is read whole and cut as there).
+        Without `values` the dequantized weight is left on meta: where no node reads it (the FP8 op reads the
+        stored tensors), making it would only double the rank's peak memory."""
         fp8 = self.fp8[name]
         shape = self._slice(name).get_shape()
         if cut is None:
@@ -132,8 +135,13 @@ class CheckpointSlices:
             else:  # a channel's scales [N] (stored [N, 1] or [N]) or the blocks' [N/128, K/128], cut alike
                 scale = self.read_part(fp8.scale, *scale_cut).float()
                 scale = scale.reshape(-1) if fp8.kind == "channel" else scale
-        values = dequantized(weight8, scale, fp8.checkpoint.quantization, self.dtypes.get(name, self.dtype))
-        param = nn.Parameter(values.contiguous(), requires_grad=False)
+        dtype = self.dtypes.get(name, self.dtype)
+        if values:
+            weight = dequantized(weight8, scale, fp8.checkpoint.quantization, dtype).contiguous()
+            self.dequantized_bytes += weight.numel() * weight.element_size()
+        else:
+            weight = torch.empty(weight8.shape, dtype=dtype, device="meta")
+        param = nn.Parameter(weight, requires_grad=False)
         param.fp8_weight, param.fp8_scale = weight8, scale.contiguous()
         return param
 
@@ -189,14 +197,17 @@ class CheckpointSlices:
         for name in derived:
             _set_tensor(gm, name, None)
         gm.meta["derived_weights"] = []
+        # An FP8 weight's dequantized values only where a node reads them: recipes over FP8 weights (shards,
+        # fusions, quantize_fp8's) carry the stored tensors along, and a node left reading a value on meta is an
+        # error below, never garbage.
         for name in sorted(read_whole):
-            _set_tensor(gm, name, self._whole(name))
+            _set_tensor(gm, name, self._whole(name, values=name in read_by_nodes))
         recipes = registered_recipes()
         for recipe_name, args, _ in calls:
             source = args[1] if recipe_name == SHARD_RECIPE else None
             if source is not None and source not in read_whole and source not in derived:
                 name, _, *cut = args
-                gm.register_parameter(name, self._part(_model_name(source), *cut))
+                gm.register_parameter(name, self._part(_model_name(source), *cut, values=name in read_by_nodes))
                 gm.meta["derived_weights"].append((recipe_name, args, [name]))
             else:
                 derive(gm, recipes[recipe_name], *args)
@@ -215,17 +226,19 @@ class CheckpointSlices:
             gm.meta.pop(key, None)
         gm.recompile()
 
-    def _whole(self, graph_name: str) -> torch.Tensor:
+    def _whole(self, graph_name: str, values: bool = True) -> torch.Tensor:
         name = _model_name(graph_name)
         if name in self.buffers:
             return self.buffers[name].to(self.device)
         if name not in self.keys:
             raise RuntimeError(f"loading by slices: {graph_name} is in the graph but not in {self.directory}")
-        return self.read_fp8(name) if name in self.fp8 else nn.Parameter(self.read(name), requires_grad=False)
-
-    def _part(self, name: str, dim: int, start: int, size: int, blocks: int = 1) -> nn.Parameter:
         if name in self.fp8:
-            return self.read_fp8(name, (dim, start, size, blocks))
+            return self.read_fp8(name, values=values)
+        return nn.Parameter(self.read(name), requires_grad=False)
+
+    def _part(self, name: str, dim: int, start: int, size: int, blocks: int = 1, values: bool = True) -> nn.Parameter:
+        if name in self.fp8:
+            return self.read_fp8(name, (dim, start, size, blocks), values)
         return nn.Parameter(self.read_part(name, dim, start, size, blocks), requires_grad=False)
 
 

@@ -109,8 +109,8 @@ def _register_quantized(gm: torch.fx.GraphModule, weight: torch.Tensor, quantize
     do: whole, or in `gm.meta["fp8_column_parts"]` (weight, parts) where each rank holds a part of its columns)."""
     for name, tensor in zip(names, quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))  # as fused weights are
-    if is_fake(weight):  # a rank that loads its slices later (checkpoint_slices.py): no self-check to prepare
-        return
+    if is_fake(weight) or weight.device.type == "meta":  # a rank reading its slices (checkpoint_slices.py): no
+        return  # self-check to prepare
     storage = weight.untyped_storage().data_ptr()
     shards = [p for p in gm.parameters() if hasattr(p, "sharded_from") and p.untyped_storage().data_ptr() == storage]
     gm.meta.setdefault("fp8_weights", []).extend([p.sharded_from for p in shards] or [weight])

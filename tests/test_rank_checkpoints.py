@@ -101,6 +101,7 @@ def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -
                           for cm in (ranks, from_slices)],
                 "weight_bytes": (ranks.report.weight_bytes, from_slices.report.weight_bytes),
                 "bytes_read": sliced.checkpoint_slices.bytes_read,
+                "dequantized_bytes": sliced.checkpoint_slices.dequantized_bytes,
             }  # fmt: skip
             if job == "fp8_channel":  # and one rank alone, whole
                 results[job]["one"] = compile_model(whole, verify=True, **fields)(ids).logits
@@ -162,6 +163,8 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
             # Its half of the e4m3 weights and their scales, of the embedding and the LM head; KV's one head whole.
             stored = sum(p.stat().st_size for p in (root / job).glob("*.safetensors"))
             assert got["bytes_read"] < 0.56 * stored, (rank, job, got["bytes_read"], stored)
+            # Every FP8 linear runs the stored tensors: no float copy of its weight was made (the rank's peak memory)
+            assert got["dequantized_bytes"] == 0, (rank, job, got["dequantized_bytes"])
             # The whole rank's graph passed its self-check (verify=True); per channel, the ranks differ from one by
             # quantizing each its part of a row-parallel linear's input.
             if job == "fp8_channel":
