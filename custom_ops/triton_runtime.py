@@ -64,11 +64,11 @@ def kernel_launch_mode(device: torch.device) -> str:
     return f"plain launches ({why})" if why else "programmatic dependent launch (each kernel loads its weights while the previous one drains)"
 
 
-# Where the fused FP8 producers (add_rms_norm_fp8, silu_mul_fp8) let the next kernel launch: "start" (as every
-# kernel here) or "end", after their stores. Under PDL an early trigger chains: the GEMM after a producer launched at
-# a GEMM's start is placed on the SMs the running GEMM leaves free, and may wait there for all of it (the fusions lose
-# 6.5% under PDL and gain 1.5% without, BENCHMARKS.md); "end" is the experiment that tells.
-FUSED_PRODUCER_TRIGGER = "start"
+# Whether the fused FP8 producers (add_rms_norm_fp8, silu_mul_fp8) let the next kernel launch after their stores
+# rather than at their start, as every kernel here does. Under PDL an early trigger chains: the GEMM after a producer
+# launched at a GEMM's start is placed on the SMs the running GEMM leaves free, and may wait there for all of it (the
+# fusions lose 6.5% under PDL and gain 1.5% without, BENCHMARKS.md); True is the experiment that tells.
+FUSED_PRODUCERS_TRIGGER_LATE = False
 
 _PLAIN, _PDL = {"USE_PDL": False}, {"USE_PDL": True, "launch_pdl": True}
 
@@ -77,10 +77,3 @@ def pdl_launch_options(tensor: torch.Tensor) -> dict:
     """Launch keywords for a kernel with a USE_PDL constexpr that reads `tensor` (Triton's `launch_pdl`
     sets the launch attribute)."""
     return _PDL if _why_no_pdl(tensor.device) is None else _PLAIN
-
-
-def trigger_at_end() -> bool:
-    """Whether a fused FP8 producer launched now triggers its dependents after its stores (FUSED_PRODUCER_TRIGGER)."""
-    if FUSED_PRODUCER_TRIGGER not in ("start", "end"):
-        raise ValueError(f"FUSED_PRODUCER_TRIGGER is 'start' or 'end', not {FUSED_PRODUCER_TRIGGER!r}")
-    return FUSED_PRODUCER_TRIGGER == "end"

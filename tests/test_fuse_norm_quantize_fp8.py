@@ -42,11 +42,11 @@ def test_the_norms_feeding_fp8_linears_write_fp8_and_the_logits_do_not_move(arch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("trigger", ["start", "end"])  # where it lets the next kernel launch (PDL), not what it computes
-def test_the_kernel_equals_the_norm_then_the_quantization_bit_for_bit(monkeypatch, trigger):
+@pytest.mark.parametrize("late_trigger", [False, True])  # where it lets the next kernel launch (PDL), not what it computes
+def test_the_kernel_equals_the_norm_then_the_quantization_bit_for_bit(monkeypatch, late_trigger):
     from custom_ops import triton_runtime
 
-    monkeypatch.setattr(triton_runtime, "FUSED_PRODUCER_TRIGGER", trigger)
+    monkeypatch.setattr(triton_runtime, "FUSED_PRODUCERS_TRIGGER_LATE", late_trigger)
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for rows, width in ((1, 4096), (37, 576), (300, 1000)):
         x, residual = (torch.randn(rows, width, generator=generator).to("cuda", torch.bfloat16) for _ in range(2))

@@ -126,15 +126,6 @@ def _start_ranks(model_name: str, fields: dict, dtype: torch.dtype | None) -> _O
     return _OurModel(llm.compiled, llm.model, generate_for, llm.close)
 
 
-def _check_ranks_can_run(ranks: int, baselines: tuple[str, ...], compare_passes: tuple[str, ...]) -> None:
-    if baselines:
-        raise ValueError(f"the {', '.join(baselines)} baseline runs the whole model in one process, which a run over "
-                         f"{ranks} ranks does not have: pass --baselines none")  # fmt: skip
-    if compare_passes:
-        raise ValueError(f"--compare-passes compiles the model again without each pass, which over {ranks} ranks "
-                         "means starting every rank again: compare passes on one rank")  # fmt: skip
-
-
 def run_latency_benchmark(
     model,
     model_name: str,
@@ -150,10 +141,11 @@ def run_latency_benchmark(
 ) -> dict:
     """`model`: the model, or over several ranks (`config.parallel_ranks` > 1) its name, which each rank loads
     (`model_source.load_model`, in `dtype`)."""
-    check_baselines(baselines, BASELINES, "latency")
     ranks = config.parallel_ranks if config is not None else 1
-    if ranks > 1:
-        _check_ranks_can_run(ranks, baselines, compare_passes)
+    check_baselines(baselines, BASELINES, "latency", ranks)
+    if ranks > 1 and compare_passes:
+        raise ValueError(f"--compare-passes compiles the model again without each pass, which over {ranks} ranks "
+                         "means starting every rank again: compare passes on one rank")  # fmt: skip
     pipeline = _pipeline_without_each(config, compare_passes)
     if batch_size < 1 or input_len < 1 or output_len < 2:
         raise ValueError("batch_size and input_len must be >= 1 and output_len >= 2")

@@ -50,7 +50,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 1
     return 2 * nbytes / event_median_s(lambda: dst.copy_(src), repeats)
 
 
-def check_baselines(requested: tuple[str, ...], known: tuple[str, ...], mode: str) -> None:
+def check_baselines(requested: tuple[str, ...], known: tuple[str, ...], mode: str, ranks: int = 1) -> None:
     unknown = [b for b in requested if b not in known]
     if unknown:
         raise ValueError(f"unknown baselines {unknown} for --mode {mode}; known: {', '.join(known)}")
+    if ranks > 1 and requested:
+        raise ValueError(f"the {', '.join(requested)} baseline runs the whole model in one process, which a run over "
+                         f"{ranks} ranks does not have: pass --baselines none")  # fmt: skip

@@ -141,16 +141,13 @@ def run_throughput_benchmark(
     """`model`: the model, or over several ranks its name (what each rank loads: `model_source.load_model`)."""
     from compiled_llm.llm import LLM
 
-    check_baselines(baselines, BASELINES, "throughput")
+    config = config or CompileConfig()
+    ranks = config.parallel_ranks
+    check_baselines(baselines, BASELINES, "throughput", ranks)
     if num_requests < 1 or input_len < 1 or output_len < 1:
         raise ValueError("num_requests, input_len and output_len must be >= 1")
     if (baseline_batch_size or 1) < 1 or (baseline_num_requests or 1) < 1:
         raise ValueError("baseline_batch_size and baseline_num_requests must be >= 1")
-    config = config or CompileConfig()
-    ranks = config.parallel_ranks
-    if ranks > 1 and baselines:
-        raise ValueError(f"the {', '.join(baselines)} baseline runs the whole model in one process, which a run over "
-                         f"{ranks} ranks does not have: pass --baselines none")  # fmt: skip
     start = time.perf_counter()
     llm = (
         LLM(model, tokenizer, dtype, **config.model_dump())

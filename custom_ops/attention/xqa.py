@@ -86,6 +86,7 @@ class XqaPlanner:
         self.block_size = block_size
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.pdl = bool(pdl_launch_options(workspace).get("launch_pdl"))  # as our kernels launch on this device
         self.semaphores, self.scratch = workspace[:SEMAPHORE_BYTES], workspace[SEMAPHORE_BYTES:]
         with torch.cuda.device(device):  # loading a module sets its kernel's shared-memory limit on this device only
             self.modules = {
@@ -120,7 +121,7 @@ class XqaPlanner:
             sinks.float().contiguous().view(num_kv_heads, num_heads // num_kv_heads) if sinks is not None else None,
             k_cache, v_cache, None, None, block_table.contiguous(), block_table.shape[1] * self.block_size,
             seq_lens.contiguous().unsqueeze(1), num_seqs, 1.0, self.semaphores, self.scratch,
-            bool(pdl_launch_options(q).get("launch_pdl")), 1, None, None,
+            self.pdl, 1, None, None,
         )  # fmt: skip
 
 
@@ -133,10 +134,8 @@ def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq
     write_kv_cache_fast(k, v, kv_cache, slot_mapping)
     if q.shape[0] == 0:  # a zero-sized grid is a launch error
         return
-    dense = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    active_planner("xqa").decode(layer_idx, dense, q, kv_cache, block_table, seq_lens, scale, sliding_window, sinks)
-    if dense is not out:  # XQA writes rows by their index from its pointer
-        out.copy_(dense)
+    # `out` is the op's own contiguous buffer (paged.py): XQA writes rows by their index from its pointer
+    active_planner("xqa").decode(layer_idx, out, q, kv_cache, block_table, seq_lens, scale, sliding_window, sinks)
 
 
 register_attention_backend(

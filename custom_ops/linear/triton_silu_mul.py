@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import pdl_launch_options, trigger_at_end
+from custom_ops import triton_runtime  # FUSED_PRODUCERS_TRIGGER_LATE, read at each launch
+from custom_ops.triton_runtime import pdl_launch_options
 
 BLOCK = 1024
 
@@ -84,6 +85,6 @@ def triton_silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         block = triton.next_power_of_2(n)
         _kernels()[1][(rows,)](
             gate_up, quantized, scale, n, gate_up.stride(0), quantized.stride(0), BLOCK=block,
-            num_warps=min(16, max(4, block // 1024)), LATE_TRIGGER=trigger_at_end(), **pdl_launch_options(gate_up),
+            num_warps=min(16, max(4, block // 1024)), LATE_TRIGGER=triton_runtime.FUSED_PRODUCERS_TRIGGER_LATE, **pdl_launch_options(gate_up),
         )  # fmt: skip
     return quantized, scale

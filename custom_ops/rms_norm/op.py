@@ -16,7 +16,8 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, trigger_at_end, triton_runs_on
+from custom_ops import triton_runtime  # FUSED_PRODUCERS_TRIGGER_LATE, read at each launch
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_runs_on
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps, str backend) -> Tensor")
@@ -94,7 +95,7 @@ def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Te
             scale if scale is not None else out, x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0,
             out.stride(0), total.stride(0) if total is not None else 0, eps,
             N=n, BLOCK=block, ADD=residual2d is not None, FP8_OUT=scale is not None, num_warps=_warps(block),
-            LATE_TRIGGER=scale is not None and trigger_at_end(),
+            LATE_TRIGGER=scale is not None and triton_runtime.FUSED_PRODUCERS_TRIGGER_LATE,
             **pdl_launch_options(x2d),
         )  # fmt: skip
 
