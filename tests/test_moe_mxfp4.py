@@ -80,6 +80,18 @@ def check_mxfp4_triton_against_reference(device: str, dtype: torch.dtype) -> Non
         assert actual.dtype == dtype and actual.shape == x.shape
         error = relative_error(actual, expected)
         assert error < TOLERANCE[dtype], f"mxfp4 case {seed} {dtype}: relative error {error:.2e}"
+    # Bytes one byte off a word's alignment (a view of a larger tensor): the one-token GEMV reads words, so these take
+    # the tensor-core kernel, which reads bytes (on a GPU a misaligned word read would be a launch error).
+    x, ids, weights, (w13, s13, w2, s2), b13, b2 = mxfp4_case(1, 64, 32, 4, 2, 9, dtype, device, bias=True)
+    offset = torch.empty(w2.numel() + 1, dtype=torch.uint8, device=device)[1:].view(w2.shape)
+    offset.copy_(w2)
+    from custom_ops.moe.triton_moe import reads_as_words
+
+    assert reads_as_words(w2, 0) and not reads_as_words(offset, 0)
+    expected = moe_experts_mxfp4_reference(x, ids, weights, w13, s13, w2, s2, b13, b2, "swiglu_oai", [1.702, 7.0])
+    actual = torch.ops.compiled_llm.moe_experts_mxfp4(x, ids, weights, w13, s13, offset, s2, b13, b2, "swiglu_oai",
+                                                      [1.702, 7.0], "triton")  # fmt: skip
+    assert relative_error(actual, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

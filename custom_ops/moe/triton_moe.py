@@ -155,7 +155,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     }  # fmt: skip
     tensors = (a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a)
     like = like if like is not None else a
-    if one_token and tile.get("gemv") and not sum_pairs:
+    if one_token and tile.get("gemv") and not sum_pairs and (not mxfp4 or reads_as_words(w, up_offset)):
         _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:], **flags)
         return out
     _kernels().grouped_gemm_kernel[grid](
@@ -165,6 +165,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16 and a.is_cuda, **flags,
     )  # fmt: skip
     return out
+
+
+def reads_as_words(w: torch.Tensor, up_offset: int) -> bool:
+    """Whether the GEMV can read MXFP4 bytes w [E, N, K / 2] as int32 words (mxfp4_row_dot): 4-byte aligned rows of
+    unit stride. A checkpoint's own tensors are; a view that is not takes the tensor-core kernel, which reads bytes."""
+    return w.stride(2) == 1 and w.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in (w.stride(0), w.stride(1), up_offset))
 
 
 def down_projection(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, route_weights: torch.Tensor,

@@ -218,24 +218,61 @@ def gated_epilogue(acc, acc_up, bias_ptrs, bias_ok, bias_up_offset, alpha, limit
 
 
 @triton.jit
-def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_wk, stride_sk, K: tl.constexpr,
-                  BLOCK_K: tl.constexpr):  # fmt: skip
-    """acc [BLOCK_N] + W[:, k0 : k0 + BLOCK_K] @ x[k0 : k0 + BLOCK_K] for one row x, W's MXFP4 rows `w_rows` and
-    their exponents `s_rows` ([BLOCK_N, 1] pointers): each 32-column group's products are summed before its
-    exponent scales them, so a weight costs its decode and one multiply-add. BLOCK_K is a multiple of 32."""
-    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+def e2m1_pairs_as_fp16x2(words, shift):
+    """Nibbles j and j + 4 of each int32 word (`shift` = 12 - 4j, j < 4) as the bits of two float16 values, 2^-14
+    times theirs as e2m1_as_fp16 makes them, in the low and the high half: one shift brings both nibbles' signs to bits
+    15 and 31, and from there a shift by 3 their other bits to 11-9 and 27-25, so two values cost ~4 integer ops."""
+    s = words << shift
+    return (s & -0x7FFF8000) | ((s >> 3) & 0x0E000E00)  # -0x7FFF8000: 0x80008000 as an int32
+
+
+@triton.jit
+def fp16x2_as_float32(bits):
+    """The two float16 values whose bits the halves of `bits` (int32) hold, as float32 (exactly)."""
+    low = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_sk, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K // 32] + the products of W[:, k0 : k0 + BLOCK_K] and x[k0 : k0 + BLOCK_K] for one row x,
+    summed per 32-column group and scaled by the group's exponent: W's MXFP4 rows `w_rows` (int32 pointers
+    [BLOCK_N, 1]: the bytes read as words of 8 columns, low nibble first) and their exponents `s_rows`. A weight
+    costs ~2 integer ops, a conversion and one multiply-add; the caller sums the groups once, after its K loop.
+    BLOCK_K is a multiple of 32."""
+    G: tl.constexpr = BLOCK_K // 32
+    groups = k0 // 32 + tl.arange(0, G)
     group_ok = groups < K // 32
-    byte = groups[:, None] * 16 + tl.arange(0, 16)[None, :]  # [G, 16]: a group's 16 bytes, 32 columns
-    x_even = tl.load(x_row + 2 * byte, mask=group_ok[:, None], other=0.0).to(tl.float32)
-    x_odd = tl.load(x_row + 2 * byte + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
-    packed = tl.load(w_rows[:, :, None] + byte[None, :, :] * stride_wk,
-                     mask=col_ok[:, None, None] & group_ok[None, :, None], other=0).to(tl.int32)  # fmt: skip
-    low = e2m1_as_fp16(packed & 15).to(tl.float32)
-    high = e2m1_as_fp16(packed >> 4).to(tl.float32)
-    sums = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
+    word = groups[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4]: a group's 4 words
+    words = tl.load(w_rows[:, :, None] + word[None, :, :], mask=col_ok[:, None, None] & group_ok[None, :, None],
+                    other=0)  # fmt: skip
+    x = tl.load(x_row + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], mask=group_ok[:, None, None],
+                other=0.0).to(tl.float32)  # fmt: skip
+    # x [G, 4, 8] -> its column j of each word (j = 4 h + 2 j1 + j0) as [G, 4] tensors, by splits of the last axis
+    x_even, x_odd = tl.split(tl.reshape(x, (G, 4, 2, 2, 2)))  # j0
+    x_0, x_2 = tl.split(x_even)  # j1: [G, 4, 2 (h)]
+    x_1, x_3 = tl.split(x_odd)
+    x_0l, x_0h = tl.split(x_0)
+    x_1l, x_1h = tl.split(x_1)
+    x_2l, x_2h = tl.split(x_2)
+    x_3l, x_3h = tl.split(x_3)
+    sums = tl.zeros(words.shape, dtype=tl.float32)  # one multiply-add a weight below
+    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 12))
+    sums = sums + low * x_0l[None, :, :]
+    sums = sums + high * x_0h[None, :, :]
+    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 8))
+    sums = sums + low * x_1l[None, :, :]
+    sums = sums + high * x_1h[None, :, :]
+    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 4))
+    sums = sums + low * x_2l[None, :, :]
+    sums = sums + high * x_2h[None, :, :]
+    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 0))
+    sums = sums + low * x_3l[None, :, :]
+    sums = sums + high * x_3h[None, :, :]
     scale = tl.load(s_rows + groups[None, :] * stride_sk, mask=col_ok[:, None] & group_ok[None, :], other=0)
     factor = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127), times e2m1_as_fp16's 2^14
-    return acc + tl.sum(sums * factor, axis=1)
+    return acc + tl.sum(sums, axis=2) * factor
 
 
 @triton.jit
@@ -263,13 +300,17 @@ def one_token_gemv_kernel(
     w_rows = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if MXFP4:
+    if MXFP4:  # the bytes as int32 words (the caller checked their alignment and unit stride)
         s_rows = w_scale_ptr + expert * stride_se + cols[:, None].to(tl.int64) * stride_sn
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)  # per exponent group: summed after the loop
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            acc = mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_wk, stride_sk, K, BLOCK_K)
+            acc = mxfp4_row_dot(acc, x_row, w_rows.to(tl.pointer_type(tl.int32)), s_rows, k0, col_ok, stride_sk, K,
+                                BLOCK_K)  # fmt: skip
             if GATED:
-                acc_up = mxfp4_row_dot(acc_up, x_row, w_rows + up_offset, s_rows + scale_up_offset, k0, col_ok,
-                                       stride_wk, stride_sk, K, BLOCK_K)  # fmt: skip
+                acc_up = mxfp4_row_dot(acc_up, x_row, (w_rows + up_offset).to(tl.pointer_type(tl.int32)),
+                                       s_rows + scale_up_offset, k0, col_ok, stride_sk, K, BLOCK_K)  # fmt: skip
+        acc, acc_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
     else:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)

@@ -1,0 +1,147 @@
+"""A Triton kernel's Hopper machine code without a GPU: compile it for sm_90a as a launch would specialize it, and
+count the instructions of its hottest loop (registers, spills and shared memory beside). For kernels whose time is
+their instructions (an ALU-bound decode), the loop's count per unit of work predicts the change a rewrite makes
+before a GPU measures it; it is not a timing.
+
+    python benchmarks/kernel_sass.py mxfp4-gemv      # the MoE one-token GEMV over MXFP4 experts, GPT-OSS-20B's shape
+    python benchmarks/kernel_sass.py decode-attention  # the triton paged-attention kernel's decode step, Llama-8B's
+
+Needs triton (its wheel carries ptxas and cuobjdump); `--out DIR` keeps each kernel's TTGIR, PTX and SASS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def compile_for_hopper(fn, types: dict, constexprs: dict, multiples_of_16=(), num_warps=4, num_stages=3):
+    """fn (a @triton.jit function) compiled for sm_90a. `types`: argument -> Triton type ('*bf16', 'fp32'); others are
+    i32. As a launch does, pointers and `multiples_of_16` are specialized as divisible by 16, and an integer argument
+    that is 1 at the launch must be given in `constexprs` (Triton makes it a constant)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    divisible = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+                 if signature[n].startswith("*") or n in multiples_of_16}  # fmt: skip
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=divisible)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def hot_loop(sass: str) -> list[str]:
+    """The instructions of the longest backward branch's range: the kernel's main loop."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    at = {address: i for i, (address, _) in enumerate(code)}
+    best = (0, -1)
+    for i, (address, text) in enumerate(code):
+        jump = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < address and i - at[int(jump.group(1), 16)] > best[1] - best[0]:
+            best = (at[int(jump.group(1), 16)], i)
+    return [text for _, text in code[best[0] : best[1] + 1]]
+
+
+def report(kernel, name: str, work_a_thread: float, out_dir: str) -> None:
+    """One line of totals and the loop's opcode mix; `work_a_thread`: units (weights, keys) a thread's loop step
+    handles, for the count per unit."""
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cubin = os.path.join(out_dir, f"{name}.cubin")
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    for kind in ("ttgir", "ptx"):
+        with open(os.path.join(out_dir, f"{name}.{kind}"), "w") as f:
+            f.write(kernel.asm[kind])
+    sass = subprocess.run([f"{tools}/cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(out_dir, f"{name}.sass"), "w") as f:
+        f.write(sass)
+    usage = subprocess.run(
+        [f"{tools}/cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True
+    ).stdout
+    registers = " ".join(re.findall(r"(REG:\d+|STACK:\d+|LOCAL:\d+)", usage))
+    loop = hot_loop(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in loop)
+    print(f"{name}: {registers} shared {kernel.metadata.shared} B, loop {len(loop)} instructions, "
+          f"{len(loop) / work_a_thread:.2f} a unit")  # fmt: skip
+    print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common(16)))
+
+
+def mxfp4_gemv(out_dir: str) -> None:
+    """one_token_gemv_kernel over MXFP4 experts at GPT-OSS-20B's shapes (K 2880; gate/up gated, down with routing
+    weights), at the default tile and two others; a unit is one weight."""
+    from custom_ops.moe.triton_moe import MXFP4_ONE_TOKEN_TILE
+    from custom_ops.moe.triton_moe_kernels import one_token_gemv_kernel
+
+    types = {"a_ptr": "*bf16", "w_ptr": "*u8", "bias_ptr": "*bf16", "out_ptr": "*bf16", "route_w_ptr": "*bf16",
+             "ids_ptr": "*i32", "a_scale_ptr": "*bf16", "w_scale_ptr": "*u8", "round_ptr": "*bf16", "alpha": "fp32",
+             "limit": "fp32"}  # fmt: skip
+    strides = {"stride_am", "stride_we", "stride_wn", "stride_be", "stride_se", "stride_sn", "stride_om", "up_offset",
+               "bias_up_offset", "scale_up_offset"}  # fmt: skip
+    tiles = [MXFP4_ONE_TOKEN_TILE, MXFP4_ONE_TOKEN_TILE | {"BLOCK_N": 32}, MXFP4_ONE_TOKEN_TILE | {"BLOCK_K": 512}]
+    for tile in tiles:
+        for gated in (True, False):
+            constexprs = {"stride_wk": 1, "stride_sk": 1, "stride_bn": 1, "K": 2880, "GATED": gated,
+                          "ACTIVATION": 2 if gated else 0, "A_PER_TOKEN": gated, "HAS_BIAS": True,
+                          "ROUTE_WEIGHTS": not gated, "FP8": False, "MXFP4": True, "BLOCK_N": tile["BLOCK_N"],
+                          "BLOCK_K": tile["BLOCK_K"]}  # fmt: skip
+            kernel = compile_for_hopper(one_token_gemv_kernel, types, constexprs, strides, tile["num_warps"],
+                                        tile["num_stages"])  # fmt: skip
+            weights = tile["BLOCK_N"] * tile["BLOCK_K"] * (2 if gated else 1) / (32 * tile["num_warps"])
+            name = f"mxfp4_gemv_{'gate_up' if gated else 'down'}_{tile['BLOCK_N']}x{tile['BLOCK_K']}"
+            report(kernel, name, weights, out_dir)
+
+
+def decode_attention(out_dir: str) -> None:
+    """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
+    key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
+    from custom_ops.attention.triton import DECODE_LAUNCH
+    from custom_ops.attention.triton_kernel import paged_attention_kernel
+
+    strides = {"q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "v_token_stride",
+               "v_head_stride", "out_token_stride", "out_head_stride", "out_split_stride", "cache_block_stride",
+               "cache_kv_stride", "cache_page_stride", "cache_head_stride", "block_size"}  # fmt: skip
+    tile = DECODE_LAUNCH["TILE"]
+    for cache in ("bf16", "fp8e4nv"):
+        types = {"out_ptr": "*bf16", "lse_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+                 "slot_ptr": "*i64", "cache_ptr": f"*{cache}", "block_table_ptr": "*i32",
+                 "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "sinks_ptr": "*bf16", "scale": "fp32",
+                 "softcap": "fp32"}  # fmt: skip
+        constexprs = {"GROUP": 4, "GROUP_BLOCK": 4, "BLOCK_Q": 4, "BLOCK_M": 16, "TILE": tile, "HEAD_DIM": 128,
+                      "HEAD_DIM_PADDED": 128, "USE_SOFTCAP": False, "USE_WINDOW": False, "USE_SINKS": False,
+                      "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False,
+                      "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True}  # fmt: skip
+        launch = {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
+        kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
+                                    launch.get("num_stages", 3))  # fmt: skip
+        report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
+
+
+STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--out", help="keep each kernel's TTGIR, PTX, cubin and SASS here (default: a temporary dir)")
+    args = parser.parse_args()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        STUDIES[args.study](args.out)
+    else:
+        with tempfile.TemporaryDirectory() as out_dir:
+            STUDIES[args.study](out_dir)
+
+
+if __name__ == "__main__":
+    main()
