@@ -110,7 +110,7 @@ def decode_attention(out_dir: str) -> None:
 
     strides = {"q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "v_token_stride",
                "v_head_stride", "out_token_stride", "out_head_stride", "out_split_stride", "cache_block_stride",
-               "cache_kv_stride", "cache_page_stride", "cache_head_stride", "block_size"}  # fmt: skip
+               "cache_kv_stride", "cache_page_stride", "cache_head_stride"}  # fmt: skip
     tile = DECODE_LAUNCH["TILE"]
     for cache in ("bf16", "fp8e4nv"):
         types = {"out_ptr": "*bf16", "lse_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
@@ -120,7 +120,7 @@ def decode_attention(out_dir: str) -> None:
         constexprs = {"GROUP": 4, "GROUP_BLOCK": 4, "BLOCK_Q": 4, "BLOCK_M": 16, "TILE": tile, "HEAD_DIM": 128,
                       "HEAD_DIM_PADDED": 128, "USE_SOFTCAP": False, "USE_WINDOW": False, "USE_SINKS": False,
                       "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False,
-                      "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True}  # fmt: skip
+                      "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16}  # fmt: skip
         launch = {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
         kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
                                     launch.get("num_stages", 3))  # fmt: skip

@@ -133,7 +133,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         key_tile, stages = KEY_TILE, {}
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
-        sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens, kv_cache.shape[2],
+        sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
         kv_cache.stride(0), 0 if one_plane else kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -142,7 +142,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
-        SATURATE_AT=saturation_limit(kv_cache.dtype), **stages, **pdl,
+        SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], **stages, **pdl,
     )  # fmt: skip
     if splits > 1:
         block_d = min(128, triton.next_power_of_2(head_dim))

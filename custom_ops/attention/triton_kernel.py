@@ -26,11 +26,13 @@ def as_cached(x, cache_ptr, SATURATE_AT: tl.constexpr):
 
 # Not specialized on what changes from step to step: the sequence and token counts and the block table's
 # width (Triton would compile a variant for each of "== 1", "divisible by 16" and neither, and a server
-# stalled ~0.9 s on each first such step).
+# stalled ~0.9 s on each first such step). The cache's BLOCK_SIZE, fixed for an engine, is a constant: each key's
+# block and slot then cost shifts and masks, not a division (its sm_90a decode loop: 465 -> 401 instructions, 94 -> 84
+# registers; benchmarks/kernel_sass.py).
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "block_table_stride"])
 def paged_attention_kernel(
     out_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, cache_ptr, block_table_ptr, query_start_loc_ptr,
-    seq_lens_ptr, sinks_ptr, scale, softcap, sliding_window, num_seqs, num_tokens, block_size,
+    seq_lens_ptr, sinks_ptr, scale, softcap, sliding_window, num_seqs, num_tokens,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     out_token_stride, out_head_stride, out_split_stride,
     cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride, block_table_stride,
@@ -38,6 +40,7 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr, WRITE_KV: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # everything this kernel reads may be the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
@@ -80,7 +83,7 @@ def paged_attention_kernel(
     if WRITE_KV and split == 0 and head_block == 0:
         writes = (row_valid & (rows % GROUP_BLOCK == 0))[:, None] & dim_valid[None, :]
         slot = tl.load(slot_ptr + q_rows, mask=row_valid, other=0)
-        dst = cache_head + (slot // block_size) * cache_block_stride + (slot % block_size) * cache_page_stride
+        dst = cache_head + (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_page_stride
         new_k = tl.load(k_ptr + q_rows[:, None] * k_token_stride + kv_head * k_head_stride + dims[None, :], mask=writes)
         new_v = tl.load(v_ptr + q_rows[:, None] * v_token_stride + kv_head * v_head_stride + dims[None, :], mask=writes)
         tl.store(dst[:, None] + dims[None, :], as_cached(new_k, cache_ptr, SATURATE_AT), mask=writes)
@@ -112,8 +115,8 @@ def paged_attention_kernel(
             fresh_rows = (q_start + k_pos - context_len).to(tl.int64)
         else:
             cached = k_valid
-        block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // block_size, mask=cached, other=0)
-        slot = block.to(tl.int64) * cache_block_stride + (k_pos % block_size) * cache_page_stride
+        block = tl.load(block_table_ptr + seq * block_table_stride + k_pos // BLOCK_SIZE, mask=cached, other=0)
+        slot = block.to(tl.int64) * cache_block_stride + (k_pos % BLOCK_SIZE) * cache_page_stride
         k = tl.load(cache_head + slot[None, :] + dims[:, None], mask=cached[None, :] & dim_valid[:, None], other=0.0)
         if WRITE_KV:  # as the cache holds them; the masked load of the other source adds 0
             k_new = tl.load(k_ptr + fresh_rows[None, :] * k_token_stride + kv_head * k_head_stride + dims[:, None],
