@@ -235,6 +235,15 @@ def fp16x2_as_float32(bits):
 
 
 @triton.jit
+def add_pair_products(sums, words, shift, x_low, x_high):
+    """sums [BLOCK_N, G, 4] + each word's nibbles j and j + 4 (e2m1_pairs_as_fp16x2's `shift`) times their columns of
+    x ([G, 4] each), one multiply-add a weight."""
+    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, shift))
+    sums = sums + low * x_low[None, :, :]
+    return sums + high * x_high[None, :, :]
+
+
+@triton.jit
 def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_sk, K: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [BLOCK_N, BLOCK_K // 32] + the products of W[:, k0 : k0 + BLOCK_K] and x[k0 : k0 + BLOCK_K] for one row x,
     summed per 32-column group and scaled by the group's exponent: W's MXFP4 rows `w_rows` (int32 pointers
@@ -257,19 +266,11 @@ def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_sk, K: tl.const
     x_1l, x_1h = tl.split(x_1)
     x_2l, x_2h = tl.split(x_2)
     x_3l, x_3h = tl.split(x_3)
-    sums = tl.zeros(words.shape, dtype=tl.float32)  # one multiply-add a weight below
-    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 12))
-    sums = sums + low * x_0l[None, :, :]
-    sums = sums + high * x_0h[None, :, :]
-    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 8))
-    sums = sums + low * x_1l[None, :, :]
-    sums = sums + high * x_1h[None, :, :]
-    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 4))
-    sums = sums + low * x_2l[None, :, :]
-    sums = sums + high * x_2h[None, :, :]
-    low, high = fp16x2_as_float32(e2m1_pairs_as_fp16x2(words, 0))
-    sums = sums + low * x_3l[None, :, :]
-    sums = sums + high * x_3h[None, :, :]
+    sums = tl.zeros(words.shape, dtype=tl.float32)
+    sums = add_pair_products(sums, words, 12, x_0l, x_0h)
+    sums = add_pair_products(sums, words, 8, x_1l, x_1h)
+    sums = add_pair_products(sums, words, 4, x_2l, x_2h)
+    sums = add_pair_products(sums, words, 0, x_3l, x_3h)
     scale = tl.load(s_rows + groups[None, :] * stride_sk, mask=col_ok[:, None] & group_ok[None, :], other=0)
     factor = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127), times e2m1_as_fp16's 2^14
     return acc + tl.sum(sums, axis=2) * factor
