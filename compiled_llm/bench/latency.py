@@ -312,7 +312,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['system']:<{width}} {r['decode_tokens_per_s']:>17.1f} {r['ttft_s']:>9.4f} {compile_s:>10}")
     ours_speed = result["results"][0]["decode_tokens_per_s"]
     for r in result["results"][1:]:
-        if r["system"].startswith("without "):
+        if r["system"].startswith("without ") and not math.isfinite(ours_speed / r["decode_tokens_per_s"]):
+            lines.append(f"{r['system'].removeprefix('without ')}: on / off not measurable (see the warning above)")
+        elif r["system"].startswith("without "):
             lines.append(f"{r['system'].removeprefix('without ')}: on / off {ours_speed / r['decode_tokens_per_s']:.3f}x")
         else:
             lines.append(f"compiled-llm / {r['system']}: {ours_speed / r['decode_tokens_per_s']:.2f}x")
