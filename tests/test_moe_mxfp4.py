@@ -12,6 +12,7 @@ from autotune.select import graph_value
 from compiled_llm import CompileConfig, compile_model
 from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
 from custom_ops.moe.mxfp4 import dequantize_mxfp4, moe_experts_mxfp4_reference, random_mxfp4
+from custom_ops.moe.triton_moe import reads_as_words
 from custom_ops.triton_runtime import triton_available
 from test_moe_experts import GEMV_TILE, TOLERANCE, float64_experts, random_routing, with_tile
 
@@ -85,8 +86,6 @@ def check_mxfp4_triton_against_reference(device: str, dtype: torch.dtype) -> Non
     x, ids, weights, (w13, s13, w2, s2), b13, b2 = mxfp4_case(1, 64, 32, 4, 2, 9, dtype, device, bias=True)
     offset = torch.empty(w2.numel() + 1, dtype=torch.uint8, device=device)[1:].view(w2.shape)
     offset.copy_(w2)
-    from custom_ops.moe.triton_moe import reads_as_words
-
     assert reads_as_words(w2, 0) and not reads_as_words(offset, 0)
     expected = moe_experts_mxfp4_reference(x, ids, weights, w13, s13, w2, s2, b13, b2, "swiglu_oai", [1.702, 7.0])
     actual = torch.ops.compiled_llm.moe_experts_mxfp4(x, ids, weights, w13, s13, offset, s2, b13, b2, "swiglu_oai",

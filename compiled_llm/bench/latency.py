@@ -312,12 +312,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['system']:<{width}} {r['decode_tokens_per_s']:>17.1f} {r['ttft_s']:>9.4f} {compile_s:>10}")
     ours_speed = result["results"][0]["decode_tokens_per_s"]
     for r in result["results"][1:]:
-        if r["system"].startswith("without ") and not math.isfinite(ours_speed / r["decode_tokens_per_s"]):
-            lines.append(f"{r['system'].removeprefix('without ')}: on / off not measurable (see the warning above)")
-        elif r["system"].startswith("without "):
-            lines.append(f"{r['system'].removeprefix('without ')}: on / off {ours_speed / r['decode_tokens_per_s']:.3f}x")
+        ratio = ours_speed / r["decode_tokens_per_s"]
+        if r["system"].startswith("without "):
+            shown = f"{ratio:.3f}x" if math.isfinite(ratio) else "not measurable (see the warning above)"
+            lines.append(f"{r['system'].removeprefix('without ')}: on / off {shown}")
         else:
-            lines.append(f"compiled-llm / {r['system']}: {ours_speed / r['decode_tokens_per_s']:.2f}x")
+            lines.append(f"compiled-llm / {r['system']}: {ratio:.2f}x")
     profile = result["results"][0]["details"].get("profile")
     if profile is not None and "host_ms_per_step" in profile:  # CPU: ops by self time
         lines.append(f"profile ({profile['note']}; {profile['host_ms_per_step']:.1f} ms a step):")

@@ -299,8 +299,6 @@ def one_token_gemv_kernel(
         tl.store(out_ptr + pair * stride_om + cols, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=col_ok)
         return
     w_rows = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if MXFP4:  # the bytes as int32 words (the caller checked their alignment and unit stride)
         s_rows = w_scale_ptr + expert * stride_se + cols[:, None].to(tl.int64) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)  # per exponent group: summed after the loop
@@ -313,6 +311,8 @@ def one_token_gemv_kernel(
                                        s_rows + scale_up_offset, k0, col_ok, stride_sk, K, BLOCK_K)  # fmt: skip
         acc, acc_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
     else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
