@@ -5,6 +5,7 @@ before a GPU measures it; it is not a timing.
 
     python benchmarks/kernel_sass.py mxfp4-gemv      # the MoE one-token GEMV over MXFP4 experts, GPT-OSS-20B's shape
     python benchmarks/kernel_sass.py decode-attention  # the triton paged-attention kernel's decode step, Llama-8B's
+    python benchmarks/kernel_sass.py int4-gemv       # int4_linear's one-row GEMV at Llama-8B's linears
 
 Needs triton (its wheel carries ptxas and cuobjdump); `--out DIR` keeps each kernel's TTGIR, PTX and SASS.
 """
@@ -102,6 +103,26 @@ def mxfp4_gemv(out_dir: str) -> None:
             report(kernel, name, weights, out_dir)
 
 
+def int4_gemv(out_dir: str) -> None:
+    """int4_linear's one-row GEMV (custom_ops/linear/triton_int4.py) at Llama-8B's gate/up (K 4096) and down (K 14336)
+    shapes, group 128, with and without AWQ's smooth, at its default launch and one with 4 groups a step; a unit is
+    one weight."""
+    from custom_ops.linear.triton_int4 import gemv_config, int4_gemv_kernel
+
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "smooth_ptr": "*fp32",
+             "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
+    for n, k in ((28672, 4096), (4096, 14336)):
+        for launch in (gemv_config(n, k, 128), gemv_config(n, k, 128) | {"GROUPS_A_STEP": 4}):
+            for smooth in (False, True):
+                constexprs = {"K": k, "GROUP": 128, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
+                              "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True}  # fmt: skip
+                kernel = compile_for_hopper(int4_gemv_kernel, types, constexprs, ("stride_wn", "stride_sn"),
+                                            launch["num_warps"])  # fmt: skip
+                weights = launch["BLOCK_N"] * launch["GROUPS_A_STEP"] * 128 / (32 * launch["num_warps"])
+                name = f"int4_gemv_{n}x{k}_n{launch['BLOCK_N']}_g{launch['GROUPS_A_STEP']}{'_smooth' if smooth else ''}"
+                report(kernel, name, weights, out_dir)
+
+
 def decode_attention(out_dir: str) -> None:
     """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
     key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
@@ -127,7 +148,7 @@ def decode_attention(out_dir: str) -> None:
         report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
 
 
-STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention}
+STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention, "int4-gemv": int4_gemv}
 
 
 def main() -> None:

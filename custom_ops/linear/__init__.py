@@ -2,13 +2,14 @@
 (op.py: `torch`, `triton`, `onednn`); the Triton kernels the `triton` backend runs (triton_gemv.py,
 triton_silu_mul.py); quantized linears, an op per weight format with its reference and backends (fp8.py:
 `compiled_llm::fp8_linear`, Triton kernels in triton_fp8.py; fp8_block.py: `compiled_llm::fp8_block_linear`,
-triton_fp8_block.py; fp8_tuning.py, gemv_tuning.py: the decode GEMM's and the GEMV's candidates for the
+triton_fp8_block.py; int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points
+(W4A16: AWQ, GPTQ), Triton kernels in triton_int4.py; fp8_tuning.py, gemv_tuning.py: the decode GEMM's and the GEMV's candidates for the
 autotuner); silu_mul_fp8.py:
 `compiled_llm::silu_mul_fp8`, a gated activation written as an FP8 linear's input. Importing the package registers
 the ops and their tunings."""
 
-# Register compiled_llm::fp8_linear, fp8_block_linear and silu_mul_fp8, and the decode GEMM's and GEMV's tunings.
-from custom_ops.linear import fp8, fp8_block, fp8_block_tuning, fp8_tuning, gemv_tuning, silu_mul_fp8  # noqa: F401
+# Register compiled_llm::fp8_linear, fp8_block_linear, int4_linear and silu_mul_fp8, and the decode GEMM's and GEMV's tunings.
+from custom_ops.linear import fp8, fp8_block, fp8_block_tuning, fp8_tuning, gemv_tuning, int4, silu_mul_fp8  # noqa: F401
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch
 
 __all__ = ["FUSED_SILU_MUL_BACKENDS", "onednn_is_faster", "onednn_unavailable", "runs_other_than_torch"]

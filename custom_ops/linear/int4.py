@@ -1,0 +1,146 @@
+"""`compiled_llm::int4_linear`: y = (x * smooth) @ W^T (+ b) with W stored in 4 bits per weight (W4A16, as AWQ and
+GPTQ store it): unsigned codes with a scale and a zero point per output channel and group of `group_size` input
+columns.
+
+Numerics, which every backend is held to (tests/test_int4_linear.py):
+- storage: `qweight` uint8 [N, K/2], two codes a byte, column 2j in the low nibble and 2j + 1 in the high one (so
+  the bytes read as little-endian int32 words hold columns 8i..8i+7 in nibbles 0..7); `scales` [N, K/G] in a float
+  dtype; `zeros` uint8 [N, K/G], codes 0..15;
+- W[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G], in float32 (q - z is a small integer: exact in any float);
+- `smooth` [K] float32 or None: AWQ's activation-aware scaling, x[t, k] * smooth[k] (the weight was quantized
+  multiplied by 1 / smooth, so that the columns that meet large activations keep more precision);
+- y[t, n] = sum_k (x[t, k] smooth[k]) W[n, k] (+ b[n]), products and sums in float32, then the input's dtype.
+Kernels feeding tensor cores round x * smooth to the input's dtype and take the exact q - z; the scale is applied
+per group, in float32, to the group's float32 sum. So backends differ from the reference by summation order and,
+with a `smooth`, that one rounding.
+
+`quantize_weight` is round-to-nearest with an asymmetric range per group (AWQ's, 'zero_point=True'); the search
+for `smooth` is fx_passes/awq_calibration.py's. Backends by name: `torch` is the reference (any device); `triton`
+runs triton_int4.py's kernels (a CUDA-core GEMV for one row that dequantizes 8 columns a 32-bit load, a
+tensor-core GEMM for more), the reference where they do not take the shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
+
+GROUP_SIZE = 128  # AWQ's and GPTQ's usual group
+MAX_CODE = 15
+
+Int4LinearFn = Callable[..., torch.Tensor]
+
+_LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
+_LIBRARY.define(
+    "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? smooth, Tensor? bias, int group_size, "
+    "str backend) -> Tensor"
+)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15), K even -> bytes [N, K/2], column 2j in the low nibble."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """pack_codes' inverse: bytes [N, K/2] -> uint8 codes [N, K]."""
+    return torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W [N, K] in float32, as the numerics above define it."""
+    codes = unpack_codes(qweight).float()
+    return (codes - zeros.float().repeat_interleave(group_size, 1)) * scales.float().repeat_interleave(group_size, 1)
+
+
+def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: torch.Tensor | None = None,
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(qweight, scales, zeros) of W [N, K] (times 1 / smooth per column, where given): per group of `group_size`
+    columns, s = (max - min) / 15 rounded to `scale_dtype` (the weight's by default), z = round(-min / s), and
+    q = clamp(round(W / s) + z, 0, 15), with the stored s. A group's range always holds 0, so that z stays in 0..15
+    and zeros stay exact."""
+    n, k = weight.shape
+    if k % group_size or group_size % 2:
+        raise ValueError(f"int4 groups of {group_size} columns do not tile a weight of {k} columns")
+    w = weight.detach().float()
+    if smooth is not None:
+        w = w / smooth.float()
+    groups = w.view(n, k // group_size, group_size)
+    high = groups.amax(dim=-1).clamp(min=0)
+    low = groups.amin(dim=-1).clamp(max=0)
+    scales = ((high - low) / MAX_CODE).clamp(min=1e-8).to(scale_dtype or weight.dtype)
+    stored = scales.float()
+    zeros = torch.round(-low / stored).clamp(0, MAX_CODE)
+    codes = (torch.round(groups / stored[..., None]) + zeros[..., None]).clamp(0, MAX_CODE)
+    return pack_codes(codes.view(n, k)), scales, zeros.to(torch.uint8)
+
+
+def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          smooth: torch.Tensor | None, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:  # fmt: skip
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if smooth is not None:
+        rows = rows * smooth.float()
+    out = rows @ dequantize(qweight, scales, zeros, group_size).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def triton_takes(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 smooth: torch.Tensor | None, bias: torch.Tensor | None, group_size: int) -> bool:  # fmt: skip
+    """What triton_int4's kernels read: rows [M, K] with a unit last stride in a float dtype they write, contiguous
+    packed codes [N, K/2] (4-byte aligned rows, read as words), scales and zeros [N, K/G], a float32 smooth [K] and a
+    bias [N] in the rows' dtype; groups of a multiple of 16 columns."""
+    n, half = qweight.shape
+    k = 2 * half
+    return (
+        k > 0 and rows.shape[-1] == k and rows.stride(-1) == 1 and triton_runs_on(rows) and rows.dtype in KERNEL_DTYPES
+        and group_size % 16 == 0 and k % group_size == 0 and half % 4 == 0 and qweight.data_ptr() % 4 == 0
+        and qweight.dtype == torch.uint8 and qweight.is_contiguous()
+        and scales.is_contiguous() and scales.dtype in KERNEL_DTYPES and zeros.is_contiguous()
+        and zeros.dtype == torch.uint8 and tuple(scales.shape) == tuple(zeros.shape) == (n, k // group_size)
+        and (smooth is None or (smooth.is_contiguous() and smooth.dtype == torch.float32 and smooth.shape == (k,)))
+        and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == rows.dtype))
+    )  # fmt: skip
+
+
+def _triton_linear(x, qweight, scales, zeros, smooth, bias, group_size: int) -> torch.Tensor:
+    from custom_ops.linear import triton_int4
+
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 0 or not triton_takes(rows, qweight, scales, zeros, smooth, bias, group_size):
+        return int4_linear_reference(x, qweight, scales, zeros, smooth, bias, group_size)
+    if rows.shape[0] == 1:
+        out = triton_int4.int4_gemv(rows, qweight, scales, zeros, smooth, bias, group_size)
+    else:
+        out = triton_int4.int4_gemm(rows, qweight, scales, zeros, smooth, bias, group_size)
+    return out.view(*x.shape[:-1], qweight.shape[0])
+
+
+def int4_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
+    """The backend for a model on `device` under CompileConfig.linear_backend, and why."""
+    if device.type == "cuda" and linear_backend != "torch" and triton_available():
+        return "triton", "Triton kernels that dequantize in registers: a GEMV for one row, a tensor-core GEMM for more"
+    why = "linear_backend='torch'" if linear_backend == "torch" else (
+        "triton is not installed" if device.type == "cuda" else f"on {device.type}")  # fmt: skip
+    return "torch", f"the reference, which dequantizes each weight per call ({why})"
+
+
+INT4_LINEAR_BACKENDS: dict[str, Int4LinearFn] = {"torch": int4_linear_reference, "triton": _triton_linear}
+
+
+def _int4_linear(x, qweight, scales, zeros, smooth, bias, group_size: int, backend: str) -> torch.Tensor:
+    return INT4_LINEAR_BACKENDS[backend](x, qweight, scales, zeros, smooth, bias, group_size)
+
+
+def _int4_linear_fake(x, qweight, scales, zeros, smooth, bias, group_size: int, backend: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("int4_linear", _int4_linear, _device)
+torch.library.register_fake("compiled_llm::int4_linear", _int4_linear_fake, lib=_LIBRARY)

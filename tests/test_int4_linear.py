@@ -1,0 +1,136 @@
+"""`compiled_llm::int4_linear` (custom_ops/linear/int4.py): the packing pinned by a hand-worked example, the quantizer's
+rounding, the reference against float64, and the Triton kernels against the reference in Triton's interpreter on CPU
+and on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import relative_error, run_in_interpreter
+from custom_ops.linear.int4 import dequantize, int4_linear_reference, pack_codes, quantize_weight, unpack_codes
+from custom_ops.triton_runtime import triton_available
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def test_codes_pack_two_a_byte_low_nibble_first():
+    """Columns 0..7 with codes 1..8: bytes 0x21 0x43 0x65 0x87, which read as one little-endian int32 word hold
+    column j in nibble j (what the GEMV's word reads assume)."""
+    codes = torch.arange(1, 9, dtype=torch.uint8).view(1, 8)
+    packed = pack_codes(codes)
+    assert packed.tolist() == [[0x21, 0x43, 0x65, 0x87]]
+    word = packed.view(torch.int32).item() & 0xFFFFFFFF
+    assert [(word >> (4 * j)) & 15 for j in range(8)] == list(range(1, 9))
+    assert torch.equal(unpack_codes(packed), codes)
+
+
+def test_a_group_dequantizes_to_its_codes_minus_zero_times_scale():
+    """A group of 16 columns spanning [-1, 2]: s = 3/15 = 0.2, z = round(1 / 0.2) = 5; -1 -> code 0, 2 -> code 15,
+    0.3 -> round(1.5) + 5 = 7 (half to even), each dequantized as (q - 5) * 0.2."""
+    weight = torch.zeros(1, 16)
+    weight[0, :3] = torch.tensor([-1.0, 2.0, 0.3])
+    qweight, scales, zeros = quantize_weight(weight, group_size=16)
+    assert scales.item() == pytest.approx(0.2) and zeros.item() == 5
+    assert unpack_codes(qweight)[0, :4].tolist() == [0, 15, 7, 5]
+    expected = torch.tensor([-1.0, 2.0, 0.4, 0.0])
+    assert torch.allclose(dequantize(qweight, scales, zeros, 16)[0, :4], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(24, 256), (5, 128)])
+def test_rounding_error_is_at_most_half_a_step(shape):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    qweight, scales, zeros = quantize_weight(weight, group_size=64)
+    error = (dequantize(qweight, scales, zeros, 64) - weight).abs().view(shape[0], -1, 64)
+    assert (error <= scales[..., None] / 2 + 1e-6).all()
+    assert 0 < error.max() and zeros.max() <= 15 and unpack_codes(qweight).max() <= 15
+
+
+def test_smooth_scales_the_columns_the_weight_was_divided_by():
+    """Quantizing W / smooth and multiplying x by smooth computes x W^T up to the rounding of W / smooth."""
+    generator = torch.Generator().manual_seed(1)
+    weight, x = torch.randn(32, 128, generator=generator), torch.randn(3, 128, generator=generator)
+    smooth = torch.rand(128, generator=generator) + 0.5
+    quantized = quantize_weight(weight, 64, smooth)
+    out = int4_linear_reference(x, *quantized, smooth, None, 64)
+    rounded = dequantize(*quantized, 64) * smooth  # the weight the op computes with
+    assert torch.allclose(out, x @ rounded.t(), atol=1e-4)
+    assert relative_error(out, x @ weight.t()) < 0.15  # 4 bits: a step of ~range / 15, ~10% RMS
+
+
+def test_the_reference_is_the_float64_product_of_its_dequantized_weight():
+    generator = torch.Generator().manual_seed(2)
+    weight, x, bias = (
+        torch.randn(48, 256, generator=generator),
+        torch.randn(2, 3, 256, generator=generator),
+        torch.randn(48),
+    )
+    quantized = quantize_weight(weight, 128)
+    out = torch.ops.compiled_llm.int4_linear(x, *quantized, None, bias, 128, "torch")
+    expected = x.double() @ dequantize(*quantized, 128).double().t() + bias.double()
+    assert out.shape == (2, 3, 48) and relative_error(out, expected) < 1e-6
+
+
+def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
+    """The `triton` backend (GEMV for one row, tensor-core GEMM for more) against the reference, over group sizes,
+    a smooth and a bias, shapes that leave partial tiles."""
+    from custom_ops.linear import triton_int4
+
+    generator = torch.Generator().manual_seed(3)
+    for n, k, group, rows in (
+        (40, 256, 128, 1),
+        (40, 256, 128, 5),
+        (72, 384, 64, 1),
+        (72, 384, 64, 20),
+        (8, 128, 32, 3),
+    ):
+        weight = torch.randn(n, k, generator=generator)
+        smooth = torch.rand(k, generator=generator) + 0.5
+        qweight, scales, zeros = quantize_weight(weight, group, smooth, scale_dtype=dtype)
+        x = torch.randn(rows, k, generator=generator).to(dtype)
+        bias = torch.randn(n, generator=generator).to(dtype)
+        for with_smooth, with_bias in ((True, True), (False, False)):
+            args = [t.to(device) for t in (x, qweight, scales, zeros)]
+            extra = (smooth.to(device) if with_smooth else None, bias.to(device) if with_bias else None)
+            expected = int4_linear_reference(*args, *extra, group)
+            actual = torch.ops.compiled_llm.int4_linear(*args, *extra, group, "triton")
+            error = relative_error(actual.cpu(), expected.cpu())
+            assert error < TOLERANCE[dtype], (n, k, group, rows, with_smooth, error)
+    # Each kernel by itself too (the op routes by rows), with a tile that takes more than one step of K.
+    x = torch.randn(1, 384, generator=generator).to(dtype).to(device)
+    quantized = [
+        t.to(device) for t in quantize_weight(torch.randn(24, 384, generator=generator), 64, scale_dtype=dtype)
+    ]
+    expected = int4_linear_reference(x, *quantized, None, None, 64)
+    for out in (triton_int4.int4_gemv(x, *quantized, None, None, 64, GROUPS_A_STEP=1, BLOCK_N=4),
+                triton_int4.int4_gemm(x, *quantized, None, None, 64, BLOCK_K=32)):  # fmt: skip
+        assert relative_error(out.cpu(), expected.cpu()) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_kernels_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_int4_linear as t; "
+        "t.check_triton_against_reference('cpu', torch.float32); "
+        "t.check_triton_against_reference('cpu', torch.float16)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_kernels_on_the_gpu(dtype):
+    check_triton_against_reference("cuda", dtype)
+
+
+def test_the_triton_backend_falls_back_to_the_reference_where_it_cannot_run():
+    """On a CPU without the interpreter, or a group that is not a multiple of 16: the reference's result."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=generator)
+    quantized = quantize_weight(torch.randn(8, 64, generator=generator), 8)
+    expected = int4_linear_reference(x, *quantized, None, None, 8)
+    assert torch.equal(torch.ops.compiled_llm.int4_linear(x, *quantized, None, None, 8, "triton"), expected)
+
+
+def test_a_group_that_does_not_tile_the_weight_is_refused():
+    with pytest.raises(ValueError, match="groups of 128 columns do not tile a weight of 192 columns"):
+        quantize_weight(torch.randn(4, 192), 128)
