@@ -48,8 +48,10 @@ log = logging.getLogger("compiled_llm")
 CUDA_GRAPH_RESERVE_BYTES = 1 << 30
 
 
-def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, **fields) -> CompiledModel:
-    """Capture, rewrite and compile a causal LM. Keyword arguments are `CompileConfig` fields.
+def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, tokenizer=None,
+                  **fields) -> CompiledModel:  # fmt: skip
+    """Capture, rewrite and compile a causal LM. Keyword arguments are `CompileConfig` fields; `tokenizer` (the
+    model's) is read only by quantizations that calibrate on text (`int4_awq`), which use random token ids without it.
 
     Example:
         >>> cm = compile_model(hf_model, max_batch_size=8)
@@ -63,7 +65,7 @@ def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, 
         config = CompileConfig(**config)
     elif config is not None and not isinstance(config, CompileConfig):
         raise ValueError(f"config must be a CompileConfig or a dict of its fields, got {type(config).__name__}")
-    return CompiledModel(model, config or CompileConfig(**fields))
+    return CompiledModel(model, config or CompileConfig(**fields), tokenizer)
 
 
 def graph_weight_bytes(gm: torch.fx.GraphModule, reads=None) -> int:
@@ -85,7 +87,7 @@ class CompiledModel(CausalLMCalls):
     """A model compiled by `compile_model`: its rewritten graph compiled, over a paged KV cache, called as the HF
     causal LM was (CausalLMCalls: `__call__`/`forward` for logits, `generate`)."""
 
-    def __init__(self, model: nn.Module, config: CompileConfig):
+    def __init__(self, model: nn.Module, config: CompileConfig, tokenizer=None):
         self.model = model
         quantization, why = resolve_quantization(config.quantization, model, config.quantize_lm_head)
         if quantization != config.quantization:
@@ -136,7 +138,10 @@ class CompiledModel(CausalLMCalls):
                         tracing_constants = rewritten.tracing_constants(captured.gm)
                         captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
                         start = time.perf_counter()
+                        if config.quantization == "int4_awq":  # what its calibration reads (fx_passes/awq_calibration.py)
+                            captured.gm.meta.update(tokenizer=tokenizer, vocab_size=captured.vocab_size)
                         pass_results = run_passes(captured.gm, config)
+                        captured.gm.meta.pop("tokenizer", None)
                         timings["passes_s"] = time.perf_counter() - start
                         rewritten.store(captured, tracing_constants, pass_results)
                 if slices is not None:

@@ -21,7 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4"),
+    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq"),
     "activation_scheme": ("dynamic",),
 }
 
@@ -90,7 +90,10 @@ class CompileConfig(BaseModel):
     weight block and per token and 128 activation columns, as DeepSeek-V3 runs (custom_ops/linear/fp8_block.py);
     its activation scales are always dynamic. `mxfp4`: an MXFP4 checkpoint's MoE experts (GPT-OSS's) kept in their
     format and dequantized in the kernel (custom_ops/moe/mxfp4.py), the rest in the model's dtype; what `auto` picks
-    for such a checkpoint."""
+    for such a checkpoint. `int4_awq`: 4-bit weights with a scale and zero point per 128 input columns and AWQ's
+    activation-aware scales, searched at compile time over calibration text (the model's tokenizer: LLM passes it,
+    `compile_model(..., tokenizer=)`) and cached under `cache_dir`; activations stay in the model's dtype (W4A16);
+    `compiled_llm.int4_linear` defines the numerics (custom_ops/linear/int4.py)."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -236,6 +239,10 @@ class CompileConfig(BaseModel):
             field = "quantize_lm_head=True" if self.quantize_lm_head else f"activation_scheme={self.activation_scheme!r}"
             raise ValueError(f"{field} does not apply to quantization='mxfp4', which keeps a checkpoint's MoE experts in "
                              "MXFP4 (weights only) and every linear in the model's dtype")  # fmt: skip
+        if self.quantization == "int4_awq" and self.parallel_ranks > 1:
+            raise ValueError(f"quantization='int4_awq' runs on one rank only for now (tensor_parallel_size="
+                             f"{self.tensor_parallel_size}, expert_parallel_size={self.expert_parallel_size}); "
+                             "quantizations that run over ranks: 'fp8', 'fp8_block'")  # fmt: skip
         if self.quantization == "fp8_block" and self.activation_scheme != "dynamic":
             raise ValueError(f"activation_scheme={self.activation_scheme!r} does not apply to quantization='fp8_block', "
                              "whose activation scales are per token and 128 columns, computed at run time; allowed: "

@@ -115,7 +115,7 @@ class LLM:
                 model, tokenizer = self._load(model, dtype, tokenizer, world, by_slices)
             self.model = model
             self.tokenizer = tokenizer
-            self.compiled = compile_model(model, **config_fields)
+            self.compiled = compile_model(model, tokenizer=tokenizer, **config_fields)
         except BaseException:
             if self._workers is not None:
                 self._workers.close(wait_s=5)  # they wait in a collective rank 0 will not reach

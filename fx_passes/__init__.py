@@ -19,6 +19,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     match_sdpa_attention,
     module_kv_cache,
     quantize_fp8,
+    quantize_int4,
     runtime_positions,
     select_logits_rows,
     shard_experts,

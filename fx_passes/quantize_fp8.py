@@ -58,7 +58,7 @@ FORMATS = {
 }  # fmt: skip
 
 
-def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
+def linear_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
     weight = node.args[1]
     if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
         return None
@@ -144,13 +144,12 @@ def checkpoint_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return None if weight8 is None else (weight8, weight.fp8_scale)
 
 
-@register_pass("quantize_fp8")
-def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
-    if config.quantization not in FORMATS:
-        return PassResult("quantize_fp8", 0)
-    form = FORMATS[config.quantization]
+def quantizable_linears(gm: torch.fx.GraphModule, config) -> tuple[list[torch.fx.Node], list[torch.fx.Node], list[str]]:
+    """(the linears over 2-D weight parameters a weight quantization rewrites, every linear of the graph, what it keeps
+    in the model's dtype and why): not the LM head (the graph's last linear) unless `quantize_lm_head`, nor MoE
+    routers."""
     linears = calls(gm.graph, LINEAR)
-    sites = [n for n in linears if _weight(gm, n) is not None and _weight(gm, n).dim() == 2]
+    sites = [n for n in linears if linear_weight(gm, n) is not None and linear_weight(gm, n).dim() == 2]
     kept = []
     if sites and not config.quantize_lm_head and sites[-1] is linears[-1]:
         sites, kept = sites[:-1], ["the LM head (quantize_lm_head=False)"]
@@ -158,11 +157,20 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if routers:
         sites = [n for n in sites if n not in routers]
         kept.append(f"{len(routers)} MoE routers")
-    stored = [n for n in sites if checkpoint_tensors(_weight(gm, n)) is not None]
+    return sites, linears, kept
+
+
+@register_pass("quantize_fp8")
+def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
+    if config.quantization not in FORMATS:
+        return PassResult("quantize_fp8", 0)
+    form = FORMATS[config.quantization]
+    sites, linears, kept = quantizable_linears(gm, config)
+    stored = [n for n in sites if checkpoint_tensors(linear_weight(gm, n)) is not None]
     if stored and len(stored) < len(sites):  # what an FP8 checkpoint's quantizer left in float (its ignore list) stays
         kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
         sites = stored
-    backend, why = form.backend(_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
+    backend, why = form.backend(linear_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
     converted = {}  # a weight read by several linears is converted once
     gm.meta["fp8_weights"] = []  # the float weights replaced: the self-check quantizes the module's alike
     gm.meta["fp8_format"] = config.quantization

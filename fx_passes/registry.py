@@ -73,6 +73,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # After fusion (q/k/v and gate/up quantized fused) and the RoPE rebuild over fused outputs; before
     # insert_linear_op, which then routes only the linears left in the model's dtype (the LM head).
     "quantize_fp8",
+    # Under quantization="int4_awq" only, where quantize_fp8 is (its calibration runs the graph as rewritten so far).
+    "quantize_int4",
     # Under quantization="mxfp4" only; before insert_fused_moe, which picks the experts' kernel.
     "keep_mxfp4_experts",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
@@ -96,6 +98,7 @@ def with_fp8_fusions(pipeline: tuple[str, ...], fusions: tuple[str, ...] = FP8_P
     """`pipeline` with `fusions` (of FP8_PRODUCER_FUSIONS) right after quantize_fp8, where they must run."""
     after = pipeline.index("quantize_fp8") + 1
     return (*pipeline[:after], *fusions, *pipeline[after:])
+
 
 # The runtime cannot run a graph without these.
 REQUIRED_PASSES: tuple[str, ...] = ("insert_paged_attention",)

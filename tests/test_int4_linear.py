@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from conftest import relative_error, run_in_interpreter
-from custom_ops.linear.int4 import dequantize, int4_linear_reference, pack_codes, quantize_weight, unpack_codes
+from custom_ops.linear.int4 import (
+    dequantize,
+    fake_quantize,
+    int4_linear_reference,
+    pack_codes,
+    quantize_weight,
+    unpack_codes,
+)
 from custom_ops.triton_runtime import triton_available
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -46,15 +53,23 @@ def test_rounding_error_is_at_most_half_a_step(shape):
     assert 0 < error.max() and zeros.max() <= 15 and unpack_codes(qweight).max() <= 15
 
 
-def test_smooth_scales_the_columns_the_weight_was_divided_by():
-    """Quantizing W / smooth and multiplying x by smooth computes x W^T up to the rounding of W / smooth."""
+def smooth_per_part(smooth: torch.Tensor, smooth_rows: list[int]) -> torch.Tensor:
+    """smooth [P, K] as a row for each output channel [N, K] (what quantize_weight divides by)."""
+    return smooth.repeat_interleave(torch.tensor(smooth_rows), dim=0)
+
+
+def test_smooth_scales_the_columns_each_part_was_divided_by():
+    """Quantizing each part of W divided by its smooth and multiplying x by that part's smooth computes x W^T up to
+    the rounding of W / smooth: the parts' outputs side by side, each with its own scaling."""
     generator = torch.Generator().manual_seed(1)
     weight, x = torch.randn(32, 128, generator=generator), torch.randn(3, 128, generator=generator)
-    smooth = torch.rand(128, generator=generator) + 0.5
-    quantized = quantize_weight(weight, 64, smooth)
-    out = int4_linear_reference(x, *quantized, smooth, None, 64)
-    rounded = dequantize(*quantized, 64) * smooth  # the weight the op computes with
+    smooth, smooth_rows = torch.rand(2, 128, generator=generator) + 0.5, [8, 24]
+    quantized = quantize_weight(weight, 64, smooth_per_part(smooth, smooth_rows))
+    out = int4_linear_reference(x, *quantized, smooth, smooth_rows, None, 64)
+    rounded = dequantize(*quantized, 64) * smooth_per_part(smooth, smooth_rows)  # the weight the op computes with
     assert torch.allclose(out, x @ rounded.t(), atol=1e-4)
+    with pytest.raises(ValueError, match="does not cover the weight's 32 output channels"):
+        int4_linear_reference(x, *quantized, smooth, [8, 8], None, 64)
     assert relative_error(out, x @ weight.t()) < 0.15  # 4 bits: a step of ~range / 15, ~10% RMS
 
 
@@ -66,44 +81,43 @@ def test_the_reference_is_the_float64_product_of_its_dequantized_weight():
         torch.randn(48),
     )
     quantized = quantize_weight(weight, 128)
-    out = torch.ops.compiled_llm.int4_linear(x, *quantized, None, bias, 128, "torch")
+    out = torch.ops.compiled_llm.int4_linear(x, *quantized, None, [], bias, 128, "torch")
     expected = x.double() @ dequantize(*quantized, 128).double().t() + bias.double()
     assert out.shape == (2, 3, 48) and relative_error(out, expected) < 1e-6
 
 
 def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
     """The `triton` backend (GEMV for one row, tensor-core GEMM for more) against the reference, over group sizes,
-    a smooth and a bias, shapes that leave partial tiles."""
+    smooths of one to three parts, a bias, shapes that leave partial tiles."""
     from custom_ops.linear import triton_int4
 
     generator = torch.Generator().manual_seed(3)
-    for n, k, group, rows in (
-        (40, 256, 128, 1),
-        (40, 256, 128, 5),
-        (72, 384, 64, 1),
-        (72, 384, 64, 20),
-        (8, 128, 32, 3),
-    ):
+    # (N, K, group, rows, the parts' channels): 40 leaves partial tiles (no parts: a smooth needs 16-channel parts)
+    cases = ((40, 256, 128, 1, None), (48, 256, 128, 5, [16, 32]), (96, 384, 64, 1, [32, 48, 16]),
+             (96, 384, 64, 20, [96]), (16, 128, 32, 3, [16]), (40, 256, 128, 7, None))  # fmt: skip
+    for n, k, group, rows, smooth_rows in cases:
         weight = torch.randn(n, k, generator=generator)
-        smooth = torch.rand(k, generator=generator) + 0.5
-        qweight, scales, zeros = quantize_weight(weight, group, smooth, scale_dtype=dtype)
+        smooth = torch.rand(len(smooth_rows), k, generator=generator) + 0.5 if smooth_rows else None
+        divided = smooth_per_part(smooth, smooth_rows) if smooth_rows else None
+        qweight, scales, zeros = quantize_weight(weight, group, divided, scale_dtype=dtype)
         x = torch.randn(rows, k, generator=generator).to(dtype)
         bias = torch.randn(n, generator=generator).to(dtype)
-        for with_smooth, with_bias in ((True, True), (False, False)):
+        for with_bias in (True, False):
             args = [t.to(device) for t in (x, qweight, scales, zeros)]
-            extra = (smooth.to(device) if with_smooth else None, bias.to(device) if with_bias else None)
-            expected = int4_linear_reference(*args, *extra, group)
-            actual = torch.ops.compiled_llm.int4_linear(*args, *extra, group, "triton")
+            extra = (smooth.to(device) if smooth_rows else None, smooth_rows or [])
+            b = bias.to(device) if with_bias else None
+            expected = int4_linear_reference(*args, *extra, b, group)
+            actual = torch.ops.compiled_llm.int4_linear(*args, *extra, b, group, "triton")
             error = relative_error(actual.cpu(), expected.cpu())
-            assert error < TOLERANCE[dtype], (n, k, group, rows, with_smooth, error)
+            assert error < TOLERANCE[dtype], (n, k, group, rows, smooth_rows, error)
     # Each kernel by itself too (the op routes by rows), with a tile that takes more than one step of K.
     x = torch.randn(1, 384, generator=generator).to(dtype).to(device)
     quantized = [
         t.to(device) for t in quantize_weight(torch.randn(24, 384, generator=generator), 64, scale_dtype=dtype)
     ]
-    expected = int4_linear_reference(x, *quantized, None, None, 64)
-    for out in (triton_int4.int4_gemv(x, *quantized, None, None, 64, GROUPS_A_STEP=1, BLOCK_N=4),
-                triton_int4.int4_gemm(x, *quantized, None, None, 64, BLOCK_K=32)):  # fmt: skip
+    expected = int4_linear_reference(x, *quantized, None, [], None, 64)
+    for out in (triton_int4.int4_gemv(x, *quantized, None, [], None, 64, GROUPS_A_STEP=1, BLOCK_N=4),
+                triton_int4.int4_gemm(x, *quantized, None, [], None, 64, BLOCK_K=32)):  # fmt: skip
         assert relative_error(out.cpu(), expected.cpu()) < TOLERANCE[dtype]
 
 
@@ -127,10 +141,20 @@ def test_the_triton_backend_falls_back_to_the_reference_where_it_cannot_run():
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(3, 64, generator=generator)
     quantized = quantize_weight(torch.randn(8, 64, generator=generator), 8)
-    expected = int4_linear_reference(x, *quantized, None, None, 8)
-    assert torch.equal(torch.ops.compiled_llm.int4_linear(x, *quantized, None, None, 8, "triton"), expected)
+    expected = int4_linear_reference(x, *quantized, None, [], None, 8)
+    assert torch.equal(torch.ops.compiled_llm.int4_linear(x, *quantized, None, [], None, 8, "triton"), expected)
 
 
 def test_a_group_that_does_not_tile_the_weight_is_refused():
     with pytest.raises(ValueError, match="groups of 128 columns do not tile a weight of 192 columns"):
         quantize_weight(torch.randn(4, 192), 128)
+
+
+def test_fake_quantize_is_the_dequantized_quantization():
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 256, generator=generator)
+    smooth = torch.rand(256, generator=generator) + 0.5
+    clip = torch.rand(16, 2, generator=generator) + 0.5
+    expected = dequantize(*quantize_weight(weight, 128, smooth, torch.float32, clip), 128)
+    assert torch.equal(fake_quantize(weight, 128, smooth, clip), expected)
+    assert (expected.abs().view(16, 2, 128).amax(-1) <= clip * (1 + 1 / 15) + 1e-6).all()  # clipped to +-clip

@@ -33,8 +33,17 @@ def add_pair_products(sums, words, shift, zero16, x_low, x_high):
 
 
 @triton.jit
+def smooth_part(smooth_ptr, first_col, part_end0, part_end1, K: tl.constexpr):
+    """The row of smooth [P, K] for the part of the output channels a program computes: its channels lie in one part
+    (the launcher's BLOCK_N divides every part's), the first part ending at channel part_end0, the second at
+    part_end1 (N where there are fewer parts)."""
+    part = (first_col >= part_end0).to(tl.int32) + (first_col >= part_end1).to(tl.int32)
+    return smooth_ptr + part * K
+
+
+@triton.jit
 def int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, N, stride_wn, stride_sn,
+    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, N, stride_wn, stride_sn, part_end0, part_end1,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
@@ -43,6 +52,7 @@ def int4_gemv_kernel(
     G: tl.constexpr = GROUPS_A_STEP
     WORDS: tl.constexpr = GROUP // 8  # a group's words
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    smooth_row = smooth_part(smooth_ptr, tl.program_id(0) * BLOCK_N, part_end0, part_end1, K)
     col_ok = cols < N
     w_rows = (w_ptr + cols[:, None].to(tl.int64) * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N, 1]
     s_rows = s_ptr + cols[:, None].to(tl.int64) * stride_sn
@@ -60,7 +70,7 @@ def int4_gemv_kernel(
         ks = (g0 * WORDS + word)[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [G, WORDS, 8]
         x = tl.load(x_ptr + ks, mask=group_ok[:, None, None], other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            x = x * tl.load(smooth_ptr + ks, mask=group_ok[:, None, None], other=0.0)
+            x = x * tl.load(smooth_row + ks, mask=group_ok[:, None, None], other=0.0)
         # x's column j of each word (j = 4 h + 2 j1 + j0) as [G, WORDS] tensors, by splits of the last axis
         x_even, x_odd = tl.split(tl.reshape(x, (G, WORDS, 2, 2, 2)))  # j0
         x_0, x_2 = tl.split(x_even)  # j1: [G, WORDS, 2 (h)]
@@ -86,8 +96,8 @@ def int4_gemv_kernel(
 
 @triton.jit
 def int4_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym,
-    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
+    part_end1, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:
@@ -95,6 +105,7 @@ def int4_gemm_kernel(
         tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    smooth_row = smooth_part(smooth_ptr, tl.program_id(1) * BLOCK_N, part_end0, part_end1, K)
     row_ok, col_ok = rows < M, cols < N
     dtype = x_ptr.dtype.element_ty
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
@@ -104,7 +115,7 @@ def int4_gemm_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
         if HAS_SMOOTH:
-            x = (x.to(tl.float32) * tl.load(smooth_ptr + ks)[None, :]).to(dtype)
+            x = (x.to(tl.float32) * tl.load(smooth_row + ks)[None, :]).to(dtype)
         packed = tl.load(w_rows + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=col_ok[:, None], other=0)
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))  # columns 2j, 2j + 1
         group = k0 // GROUP
@@ -128,15 +139,30 @@ def gemv_config(n: int, k: int, group_size: int) -> dict:
     return {"BLOCK_N": 16 if n >= 4096 else 8, "GROUPS_A_STEP": max(1, min(2, k // group_size)), "num_warps": 4}
 
 
-def int4_gemv(rows, qweight, scales, zeros, smooth, bias, group_size: int, **tile) -> torch.Tensor:
+def _part_ends(n: int, smooth_rows: list[int]) -> tuple[int, int]:
+    """part_end0, part_end1 of the kernels: where the first two parts of the channels end (n past the last)."""
+    ends = [sum(smooth_rows[: i + 1]) for i in range(len(smooth_rows) - 1)]
+    return (*ends, n, n)[:2]
+
+
+def _divides_parts(block_n: int, smooth_rows: list[int]) -> int:
+    """block_n halved until it divides every part's channels (int4.triton_takes: each a multiple of 16)."""
+    while any(rows % block_n for rows in smooth_rows):
+        block_n //= 2
+    return block_n
+
+
+def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
     """y [1, N] for rows [1, K] (int4.triton_takes checked what the kernel reads)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     launch = {**gemv_config(n, k, group_size), **tile}
+    if smooth is not None:
+        launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(1, n)
     int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
-        n, qweight.stride(0), scales.stride(0), K=k, GROUP=group_size, HAS_SMOOTH=smooth is not None,
-        HAS_BIAS=bias is not None, **launch, **pdl_launch_options(rows),
+        n, qweight.stride(0), scales.stride(0), *_part_ends(n, smooth_rows), K=k, GROUP=group_size,
+        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, **launch, **pdl_launch_options(rows),
     )  # fmt: skip
     return out
 
@@ -152,18 +178,21 @@ def gemm_config(m: int, n: int, group_size: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
 
 
-def int4_gemm(rows, qweight, scales, zeros, smooth, bias, group_size: int, **tile) -> torch.Tensor:
+def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
     """y [M, N] for rows [M, K] on tensor cores (int4.triton_takes checked what the kernel reads)."""
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
     launch = {**gemm_config(m, n, group_size), **tile}
+    if smooth is not None:
+        launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
     if group_size % launch["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={launch['BLOCK_K']} does not divide the group of {group_size} columns")
     out = rows.new_empty(m, n)
     grid = (triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(n, launch["BLOCK_N"]))
     int4_gemm_kernel[grid](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
-        m, n, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), K=k, GROUP=group_size,
-        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, **launch, **pdl_launch_options(rows),
+        m, n, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *_part_ends(n, smooth_rows), K=k,
+        GROUP=group_size, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, **launch,
+        **pdl_launch_options(rows),
     )  # fmt: skip
     return out
 

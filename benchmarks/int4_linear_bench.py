@@ -1,0 +1,100 @@
+"""int4 (W4A16) linears against bf16, per call, on the linears of Llama-3.1-8B (fused qkv and gate/up), from decode
+rows to prefill chunks: what `compiled_llm::int4_linear`'s triton backend costs, and how close its one-row GEMV comes
+to the bytes it must read.
+
+Columns (microseconds per call, replayed in a CUDA graph over enough weight copies to overflow L2, as a step
+streams its layers' weights; benchmarks/graph_timing.py):
+  bf16_torch    F.linear (cuBLAS) on the bf16 weight
+  bf16_triton   compiled_llm::linear's triton backend (the bf16 GEMV up to 8 rows)
+  int4_triton   int4_linear's triton backend, groups of 128, an AWQ smooth of one part per weight (the GEMV for one
+                row, the tensor-core GEMM for more)
+  int4_plain    the same without a smooth: what multiplying x by it costs
+  int4_GBps     one row: the int4 weight's bytes (codes, scales, zeros) over int4_triton's time
+
+    python benchmarks/int4_linear_bench.py --json out.json
+    python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:4:4   # the GEMV's launch grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from graph_timing import time_graph  # benchmarks/ (the script's own directory)
+
+import custom_ops  # noqa: F401  (registers the ops)
+from custom_ops.linear import triton_int4
+from custom_ops.linear.int4 import quantize_weight
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+ROWS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
+L2_OVERFLOW_BYTES = 400_000_000
+GROUP = 128
+INT4_LINEAR = torch.ops.compiled_llm.int4_linear
+
+
+def per_call(fn, operands, repeats: int = 20) -> float:
+    def body():
+        for args in operands:
+            fn(*args)
+
+    return time_graph(body, len(operands), repeats)
+
+
+def weights(n: int, k: int) -> tuple[list, list]:
+    """(bf16 weights [n, k], their int4 forms (qweight, scales, zeros)) in as many copies as it takes to overflow L2
+    with the int4 ones (a quarter of those in bf16)."""
+    copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k // 2)))
+    bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 4))]
+    int4 = [quantize_weight(bf16[i % len(bf16)], GROUP) for i in range(copies)]
+    return bf16, int4
+
+
+def measure(name: str, n: int, k: int, rows_list, tiles: list[dict]) -> list[dict]:
+    bf16, int4 = weights(n, k)
+    smooth = torch.rand(1, k, device="cuda") + 0.5
+    results = []
+    for rows in rows_list:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        row = {"linear": name, "n": n, "k": k, "rows": rows}
+        row["bf16_torch"] = per_call(F.linear, [(x, w) for w in bf16])
+        row["bf16_triton"] = per_call(lambda x, w: torch.ops.compiled_llm.linear(x, w, None, "triton"),
+                                      [(x, w) for w in bf16])  # fmt: skip
+        row["int4_triton"] = per_call(lambda x, q, s, z: INT4_LINEAR(x, q, s, z, smooth, [n], None, GROUP, "triton"),
+                                      [(x, *w) for w in int4])  # fmt: skip
+        row["int4_plain"] = per_call(lambda x, q, s, z: INT4_LINEAR(x, q, s, z, None, [], None, GROUP, "triton"),
+                                     [(x, *w) for w in int4])  # fmt: skip
+        nbytes = sum(t.numel() * t.element_size() for t in int4[0])
+        row["int4_GBps"] = nbytes / row["int4_triton"] / 1e3
+        for tile in tiles if rows == 1 else ():
+            key = "gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
+            row[key] = per_call(lambda x, q, s, z, tile=tile: triton_int4.int4_gemv(x, q, s, z, smooth, [n], None,
+                                                                                    GROUP, **tile),
+                                [(x, *w) for w in int4])  # fmt: skip
+        results.append(row)
+        print({key: round(v, 2) if isinstance(v, float) else v for key, v in row.items()}, flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts (default: %(default)s)")
+    parser.add_argument("--gemv-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps,... timed at one row")
+    args = parser.parse_args()
+    tiles = []
+    for spec in filter(None, args.gemv_tiles.split(",")):
+        block_n, groups, warps = map(int, spec.split(":"))
+        tiles.append({"BLOCK_N": block_n, "GROUPS_A_STEP": groups, "num_warps": warps})
+    rows_list = [int(r) for r in args.rows.split(",")]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles)]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

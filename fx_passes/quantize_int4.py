@@ -1,0 +1,167 @@
+"""quantize_int4: the decoder's linears keep 4-bit weights (W4A16) and call `compiled_llm.int4_linear`
+(`quantization="int4_awq"`).
+
+    y = linear(x, W, b)
+    ->
+    y = compiled_llm.int4_linear(x, q, s, z, smooth, b, G, backend)   # W / smooth in 4 bits, groups of G columns
+
+Runs under `int4_awq` only, after the passes that fuse linears (q/k/v and gate/up are quantized fused, sharing one
+smooth since they share their input), over linears whose weight is a parameter. `smooth` is AWQ's scale search
+(awq_calibration.py; None where plain rounding measured better). G is 128 (AWQ's), or 64 or 32 where that does not
+divide the input width (SmolLM2's 576); linears of other widths, the LM head (unless `quantize_lm_head`) and MoE
+routers keep the model's dtype. Each weight is converted on its
+device, one at a time, into parameters of the graph module; the model's own are left as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.fx
+
+from custom_ops.linear.int4 import GROUP_SIZE, int4_backend, int4_linear_reference, quantize_weight
+
+GROUP_SIZES = (GROUP_SIZE, 64, 32)  # the first that divides a linear's input width
+from fx_passes.awq_calibration import awq_search, calibration_sequences
+from fx_passes.derived_weights import derive, recipe
+from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears
+from fx_passes.registry import PassResult, register_pass
+
+INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
+
+
+def group_size_for(k: int) -> int | None:
+    return next((g for g in GROUP_SIZES if k % g == 0), None)
+
+
+@recipe
+def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: int, smooth_name: str | None,
+                            smooth_rows: list[int], clip_name: str | None, qweight_name: str, scales_name: str,
+                            zeros_name: str) -> None:  # fmt: skip
+    """Register the parameter `target` in 4 bits with groups of `group_size` columns (each part of `smooth_rows`
+    channels divided by its row of the graph's `smooth_name` tensor, and clipped to its `clip_name` one, where given)
+    as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check."""
+    weight = gm.get_parameter(target)
+    smooth = getattr(gm, smooth_name) if smooth_name else None
+    divided = None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
+    quantized = quantize_weight(weight, group_size, divided, clip=getattr(gm, clip_name) if clip_name else None)
+    for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):
+        gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size)))
+
+
+def fused_parts(gm: torch.fx.GraphModule, target: str) -> list[int]:
+    """The rows of each weight fuse_parallel_linears concatenated into the parameter `target` ([N] for one of the
+    model's own)."""
+    for name, args, _ in gm.meta.get("derived_weights", ()):
+        if name.endswith(".fuse_parameters") and args[0] == target:
+            return [gm.get_parameter(part).shape[0] for part in args[1]]
+    return [gm.get_parameter(target).shape[0]]
+
+
+@register_pass("quantize_int4")
+def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
+    if config.quantization != "int4_awq":
+        return PassResult("quantize_int4", 0)
+    sites, linears, kept = quantizable_linears(gm, config)
+    narrow = [n for n in sites if group_size_for(linear_weight(gm, n).shape[1]) is None]
+    if narrow:
+        sites = [n for n in sites if n not in narrow]
+        kept.append(f"{len(narrow)} linears whose input width is not a multiple of {GROUP_SIZES[-1]}")
+    if not sites:
+        raise ValueError(f"quantization='int4_awq' found no linear it can quantize ({len(linears)} linears; kept "
+                         f"in the model's dtype: {', '.join(kept) or 'none'})")  # fmt: skip
+    weights = [linear_weight(gm, n) for n in sites]
+    device = weights[0].device
+    sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
+    groups = [group_size_for(w.shape[1]) for w in weights]
+    parts = [fused_parts(gm, n.args[1].target) for n in sites]
+    searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device)
+    backend, why = int4_backend(device, config.linear_backend)
+    converted = {}  # a weight read by several linears is converted once
+    gm.meta["int4_weights"] = []
+    for node, (smooth, clip), group_size, smooth_rows in zip(sites, searched, groups, parts):
+        target = node.args[1].target
+        if target not in converted:
+            # Calibrated, not made by a recipe: a graph with them is not stored for a warm start (its calibration is)
+            smooth_name, clip_name = (_register(gm, f"{target}_awq_{part}", t) for part, t in (("smooth", smooth),
+                                                                                                 ("clip", clip)))  # fmt: skip
+            names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
+            derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, *names)
+            converted[target] = (smooth_name, names)
+        smooth_name, (qweight_name, scales_name, zeros_name) = converted[target]
+        x, weight_node, *rest = node.args
+        bias = rest[0] if rest else None
+        fake = weight_node.meta["val"]
+        n, k = fake.shape
+        with gm.graph.inserting_before(node):
+            args = []
+            for name, shape, dtype in ((qweight_name, (n, k // 2), torch.uint8),
+                                       (scales_name, (n, k // group_size), fake.dtype),
+                                       (zeros_name, (n, k // group_size), torch.uint8),
+                                       (smooth_name, (len(smooth_rows), k), torch.float32)):  # fmt: skip
+                if name is None:
+                    args.append(None)
+                    continue
+                attr = gm.graph.get_attr(name)
+                attr.meta["val"] = fake.new_empty(shape, dtype=dtype)
+                args.append(attr)
+            rows = smooth_rows if smooth_name else []
+            op = gm.graph.call_function(INT4_LINEAR, (x, *args, rows, bias, group_size, backend))
+        op.meta.update(node.meta)
+        node.replace_all_uses_with(op)
+        gm.graph.erase_node(node)
+        if not weight_node.users:  # the float weight, read by no other node
+            gm.graph.erase_node(weight_node)
+    kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
+    sizes = "/".join(str(g) for g in sorted(set(groups), reverse=True))
+    detail = (f"{len(sites)} of {len(linears)} linears -> int4 (groups of {sizes}, zero points; {calibration}, "
+              f"calibrated on {source}; {backend}: {why}){kept}")  # fmt: skip
+    return PassResult("quantize_int4", len(sites), detail)
+
+
+def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    name = free_name(gm, name)
+    gm.register_buffer(name, tensor.float().contiguous())
+    return name
+
+
+@contextlib.contextmanager
+def int4_module(model: torch.nn.Module, records: list) -> Iterator[None]:
+    """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int4_weights"]`: (weight, its 4-bit
+    tensors and smooth); a fused weight's parts share its storage, each its rows of it) compute as the reference op
+    over the same tensors, for the self-check's reference logits. A quantized weight that no nn.Linear reads is
+    refused, naming its shape."""
+    by_storage = {w.untyped_storage().data_ptr(): (w, tensors) for w, tensors in records}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and m.weight.untyped_storage().data_ptr() in by_storage]  # fmt: skip
+    covered = {m.weight.untyped_storage().data_ptr() for m in linears}
+    missing = [tuple(w.shape) for ptr, (w, _) in by_storage.items() if ptr not in covered]
+    if missing:
+        raise ValueError(f"quantization='int4_awq' rewrote linears over weights {missing} that no nn.Linear of the "
+                         "module reads, so the self-check cannot compute what the rewrite means; compile_model(..., "
+                         "verify=False) accepts it unchecked")  # fmt: skip
+
+    def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        stored = by_storage[module.weight.untyped_storage().data_ptr()]
+        whole, (qweight, scales, zeros, smooth, smooth_rows, group_size) = stored
+        first = (module.weight.storage_offset() - whole.storage_offset()) // whole.stride(0)
+        count = module.weight.shape[0]
+        rows = slice(first, first + count)
+        if smooth is not None:  # this module's part of the fused weight
+            part = [sum(smooth_rows[:p]) for p in range(len(smooth_rows))].index(first)
+            smooth = smooth[part : part + 1]
+        return int4_linear_reference(x, qweight[rows], scales[rows], zeros[rows], smooth, [count], module.bias,
+                                     group_size)  # fmt: skip
+
+    try:
+        for module in linears:
+            module.forward = forward.__get__(module)
+        yield
+    finally:
+        for module in linears:
+            del module.forward
