@@ -107,7 +107,8 @@ def int4_gemv(out_dir: str) -> None:
     """int4_linear's one-row GEMV (custom_ops/linear/triton_int4.py) at Llama-8B's gate/up (K 4096) and down (K 14336)
     shapes, group 128, with and without AWQ's smooth, at its default launch and one with 4 groups a step; a unit is
     one weight."""
-    from custom_ops.linear.triton_int4 import gemv_config, int4_gemv_kernel
+    from custom_ops.linear.triton_int4 import gemv_config
+    from custom_ops.linear.triton_int4_kernels import int4_gemv_kernel
 
     types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "smooth_ptr": "*fp32",
              "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import relative_error, run_in_interpreter
+
 from custom_ops.linear.int4 import (
     dequantize,
     fake_quantize,
@@ -158,3 +158,56 @@ def test_fake_quantize_is_the_dequantized_quantization():
     expected = dequantize(*quantize_weight(weight, 128, smooth, torch.float32, clip), 128)
     assert torch.equal(fake_quantize(weight, 128, smooth, clip), expected)
     assert (expected.abs().view(16, 2, 128).amax(-1) <= clip * (1 + 1 / 15) + 1e-6).all()  # clipped to +-clip
+
+
+def check_tuning_candidates_against_reference() -> None:
+    """Every candidate of the GEMV's and the GEMM's tunings (int4_tuning.py), on CPU tensors in the interpreter, against
+    the reference (with a smooth: the tunings time the calls the pass makes)."""
+    from custom_ops.linear import int4_tuning
+
+    generator = torch.Generator().manual_seed(6)
+    n, k, group = 64, 512, 128
+    weight, smooth = torch.randn(n, k, generator=generator), torch.rand(1, k, generator=generator) + 0.5
+    quantized = quantize_weight(weight, group, smooth[0])
+    for tuning, rows in ((int4_tuning.Int4GemvTuning(), 1), (int4_tuning.Int4GemmTuning(), 16)):
+        x = torch.randn(rows, k, generator=generator)
+        expected = tuning.reference(x, *quantized, smooth, group)
+        for candidate in tuning.candidates({"n": n, "k": k, "group_size": group, "rows": rows}):
+            actual = candidate.run(x, *quantized, smooth, group)
+            assert relative_error(actual, expected) < TOLERANCE[torch.float32], candidate.name
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_tuning_candidates_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_int4_linear as t; t.check_tuning_candidates_against_reference()"
+    )
+
+
+def test_the_tunings_find_the_triton_int4_linears_and_install_their_launches(monkeypatch):
+    """Buckets: each `triton` int4_linear's (N, K, group size), and the GEMM's row buckets; the fallback first, named
+    as the heuristic; an installed choice lands in the table the launchers read."""
+    from custom_ops.linear import int4_tuning, triton_int4
+
+    root = torch.nn.Module()
+    root.q1, root.q2 = torch.zeros(64, 256, dtype=torch.uint8), torch.zeros(32, 64, dtype=torch.uint8)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    op = torch.ops.compiled_llm.int4_linear.default
+    for name, group, backend in (("q1", 128, "triton"), ("q2", 32, "triton"), ("q1", 128, "torch")):
+        graph.call_function(op, (x, graph.get_attr(name), None, None, None, [], None, group, backend))
+    graph.output(x)
+    gm = torch.fx.GraphModule(root, graph)
+    gemv, gemm = int4_tuning.Int4GemvTuning(), int4_tuning.Int4GemmTuning()
+    assert gemv.buckets(gm) == [{"n": 32, "k": 128, "group_size": 32}, {"n": 64, "k": 512, "group_size": 128}]
+    assert [b["rows"] for b in gemm.buckets(gm)] == [16, 64, 16, 64]
+    for tuning in (gemv, gemm):
+        candidates = tuning.candidates({})
+        assert candidates[0].name == tuning.heuristic({}) and len({c.name for c in candidates}) == len(candidates)
+    monkeypatch.setattr(triton_int4, "TUNED_GEMV", {})
+    monkeypatch.setattr(triton_int4, "TUNED_GEMM", {})
+    cpu = torch.device("cpu")
+    gemv.install({"n": 64, "k": 512, "group_size": 128}, gemv.candidates({})[1], cpu)
+    gemm.install({"n": 64, "k": 512, "group_size": 128, "rows": 16}, gemm.candidates({})[2], cpu)
+    assert triton_int4.TUNED_GEMV == {(-1, 64, 512, 128): int4_tuning.GEMV_TILES[0]}
+    assert triton_int4.TUNED_GEMM == {(-1, 64, 512, 128, 16): int4_tuning.GEMM_TILES[1]}

@@ -9,7 +9,16 @@ autotuner); silu_mul_fp8.py:
 the ops and their tunings."""
 
 # Register compiled_llm::fp8_linear, fp8_block_linear, int4_linear and silu_mul_fp8, and the decode GEMM's and GEMV's tunings.
-from custom_ops.linear import fp8, fp8_block, fp8_block_tuning, fp8_tuning, gemv_tuning, int4, silu_mul_fp8  # noqa: F401
+from custom_ops.linear import (  # noqa: F401
+    fp8,
+    fp8_block,
+    fp8_block_tuning,
+    fp8_tuning,
+    gemv_tuning,
+    int4,
+    int4_tuning,
+    silu_mul_fp8,
+)
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch
 
 __all__ = ["FUSED_SILU_MUL_BACKENDS", "onednn_is_faster", "onednn_unavailable", "runs_other_than_torch"]

@@ -1,0 +1,138 @@
+"""int4_linear's kernels as autotuner candidates (autotune.tuner.OpTuning): the one-row GEMV's launch per weight shape,
+and the tensor-core GEMM's tile per weight shape and decode row bucket (16, 64), for the graph's `int4_linear` calls
+whose backend is `triton`.
+
+The fallback of each is the launch that runs untuned (triton_int4.gemv_config, gemm_config); the others vary the
+channels a program, the groups a step, warps and stages. A winner is installed in triton_int4.TUNED_GEMV / TUNED_GEMM,
+which every later call of that shape on that device reads, CUDA-graph captures included.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from autotune.kernel_cache import source_hash
+from autotune.select import device_index, graph_value, register
+from autotune.tuner import Candidate, input_copies
+from custom_ops.linear import int4, triton_int4
+
+INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
+GEMV_TILES = (  # beside gemv_config's own (the fallback)
+    {"BLOCK_N": 32},
+    {"BLOCK_N": 8, "GROUPS_A_STEP": 4},
+    {"GROUPS_A_STEP": 4},
+    {"GROUPS_A_STEP": 1},
+    {"BLOCK_N": 32, "num_warps": 8},
+)
+GEMM_TILES = (
+    {"BLOCK_N": 128},
+    {"BLOCK_N": 32},
+    {"num_stages": 3},
+    {"BLOCK_N": 128, "num_warps": 8},
+)
+# The kernels and their launchers are one file, the numerics another: a change to either is a changed candidate.
+_SOURCE = source_hash(Path(triton_int4.__file__).read_text(), Path(int4.__file__).read_text())
+
+
+def tile_name(kind: str, tile: dict) -> str:
+    """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8"; the fallback is the bare kind."""
+    parts = [f"{key.lower().replace('block_', '').replace('groups_a_step', 'g').replace('num_', '')}{value}"
+             for key, value in tile.items()]  # fmt: skip
+    return "-".join([kind, *parts])
+
+
+def _inputs(n: int, k: int, group_size: int, rows: int, dtype: torch.dtype) -> list[tuple]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    sets = []
+    for _ in range(input_copies(n * k // 2)):
+        weight = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+        smooth = torch.rand(1, k, device=device) + 0.5
+        quantized = int4.quantize_weight(weight, group_size, smooth[0])
+        sets.append((torch.randn(rows, k, device=device, dtype=dtype), *quantized, smooth, group_size))
+    return sets
+
+
+def _reference(x, qweight, scales, zeros, smooth, group_size: int) -> torch.Tensor:
+    return int4.int4_linear_reference(x, qweight, scales, zeros, smooth, [qweight.shape[0]], None, group_size)
+
+
+def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int, int]]:
+    """(N, K, group size) of each `triton` int4_linear of the graph."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is INT4_LINEAR and node.args[-1] == "triton":
+            n, half = graph_value(gm, node.args[1]).shape
+            found.add((n, 2 * half, node.args[-2]))
+    return sorted(found)
+
+
+class Int4GemvTuning:
+    """The one-row GEMV's launch; bucket {"n", "k", "group_size"}."""
+
+    op = "int4_gemv"
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        def run(x, qweight, scales, zeros, smooth, group_size, tile):
+            return triton_int4.int4_gemv(x, qweight, scales, zeros, smooth, [qweight.shape[0]], None, group_size,
+                                         **tile)  # fmt: skip
+
+        return [Candidate(tile_name("gemv", t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *GEMV_TILES)]
+
+    def heuristic(self, bucket: dict) -> str:
+        return "gemv"
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], 1, dtype)
+
+    def reference(self, *inputs) -> torch.Tensor:
+        return _reference(*inputs)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-7, 2.0**-7  # one rounding of the output; the sums differ only in order
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        return [{"n": n, "k": k, "group_size": g} for n, k, g in _shapes(gm)]
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        key = (device_index(device), bucket["n"], bucket["k"], bucket["group_size"])
+        triton_int4.TUNED_GEMV[key] = dict(candidate.config)
+
+
+class Int4GemmTuning:
+    """The tensor-core GEMM's tile for decode batches; bucket {"n", "k", "group_size", "rows"}."""
+
+    op = "int4_gemm"
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        def run(x, qweight, scales, zeros, smooth, group_size, tile):
+            return triton_int4.int4_gemm(x, qweight, scales, zeros, smooth, [qweight.shape[0]], None, group_size,
+                                         **tile)  # fmt: skip
+
+        return [Candidate(tile_name("gemm", t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *GEMM_TILES)]
+
+    def heuristic(self, bucket: dict) -> str:
+        return "gemm"
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["rows"], dtype)
+
+    def reference(self, *inputs) -> torch.Tensor:
+        return _reference(*inputs)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-7, 2.0**-7  # x * smooth rounded once for the tensor cores, then one rounding of the output
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        return [{"n": n, "k": k, "group_size": g, "rows": rows} for n, k, g in _shapes(gm)
+                for rows in triton_int4.GEMM_ROW_BUCKETS]  # fmt: skip
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        key = (device_index(device), bucket["n"], bucket["k"], bucket["group_size"], bucket["rows"])
+        triton_int4.TUNED_GEMM[key] = dict(candidate.config)
+
+
+register(Int4GemvTuning())
+register(Int4GemmTuning())
