@@ -21,7 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq"),
+    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq"),
     "activation_scheme": ("dynamic",),
 }
 
@@ -81,7 +81,7 @@ class CompileConfig(BaseModel):
     reference, a loop over those experts, which reads the routing on the host and so cannot be captured in a CUDA
     graph. `auto` is `triton` for a CUDA model when triton is installed, else `torch`."""
 
-    quantization: Literal["auto", "none", "fp8", "fp8_block", "mxfp4", "int8_sq", "int4_awq", "nvfp4"] = "auto"
+    quantization: Literal["auto", "none", "fp8", "fp8_block", "mxfp4", "int8_sq", "int4_awq", "int4_gptq", "nvfp4"] = "auto"
     """Weight quantization of the decoder's linear layers. `auto`: the checkpoint's (an FP8 checkpoint's format,
     compiled_llm/fp8_checkpoint.py), `none` for a float one; a value that contradicts the checkpoint is an error.
     `fp8`: float8 e4m3 weights with a scale per output
@@ -93,7 +93,9 @@ class CompileConfig(BaseModel):
     for such a checkpoint. `int4_awq`: 4-bit weights with a scale and zero point per 128 input columns and AWQ's
     activation-aware scales, searched at compile time over calibration text (the model's tokenizer: LLM passes it,
     `compile_model(..., tokenizer=)`) and cached under `cache_dir`; activations stay in the model's dtype (W4A16);
-    `compiled_llm.int4_linear` defines the numerics (custom_ops/linear/int4.py)."""
+    `compiled_llm.int4_linear` defines the numerics (custom_ops/linear/int4.py); an AutoAWQ checkpoint runs its
+    stored weights under it. `int4_gptq`: a GPTQ checkpoint's stored 4-bit weights (compiled_llm/int4_checkpoint.py),
+    what `auto` picks for one."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -239,8 +241,8 @@ class CompileConfig(BaseModel):
             field = "quantize_lm_head=True" if self.quantize_lm_head else f"activation_scheme={self.activation_scheme!r}"
             raise ValueError(f"{field} does not apply to quantization='mxfp4', which keeps a checkpoint's MoE experts in "
                              "MXFP4 (weights only) and every linear in the model's dtype")  # fmt: skip
-        if self.quantization == "int4_awq" and self.parallel_ranks > 1:
-            raise ValueError(f"quantization='int4_awq' runs on one rank only for now (tensor_parallel_size="
+        if self.quantization in ("int4_awq", "int4_gptq") and self.parallel_ranks > 1:
+            raise ValueError(f"quantization={self.quantization!r} runs on one rank only for now (tensor_parallel_size="
                              f"{self.tensor_parallel_size}, expert_parallel_size={self.expert_parallel_size}); "
                              "quantizations that run over ranks: 'fp8', 'fp8_block'")  # fmt: skip
         if self.quantization == "fp8_block" and self.activation_scheme != "dynamic":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from compiled_llm.mtp_weights import is_mtp_tensor
+from compiled_llm.quantized_directory import load_state, plain_model, read_tensors
 from custom_ops.linear.fp8 import FP8
 from custom_ops.linear.fp8_block import BLOCK
 
@@ -33,7 +34,7 @@ log = logging.getLogger("compiled_llm")
 SUPPORTED = (
     "compressed-tensors float-quantized FP8 (8-bit float weights per channel, per tensor or in 128x128 blocks), "
     "ModelOpt FP8 (quant_algo FP8), Hugging Face fp8 (weight_block_size [128, 128]), MXFP4 (GPT-OSS's experts, "
-    "quant_method mxfp4)"
+    "quant_method mxfp4), and 4-bit AutoAWQ GEMM and GPTQ (int4_checkpoint.py)"
 )
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale", ".k_scale", ".v_scale")
 
@@ -145,23 +146,9 @@ def dequantized(weight8: torch.Tensor, scale: torch.Tensor, quantization: str, d
 def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The model of an FP8 checkpoint directory, on `device` in `dtype`, its quantized linears marked (module
     docstring) and `model.compiled_llm_quantization` set to the CompileConfig.quantization it runs as."""
-    import transformers as tf
-    from safetensors import safe_open
-
-    config = tf.AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the model is built plain; its linears are marked below
-    with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if (path / "generation_config.json").exists():  # its EOS tokens and defaults, as from_pretrained reads them
-        model.generation_config = tf.GenerationConfig.from_pretrained(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path}: no .safetensors files (FP8 checkpoints load from safetensors only)")
-    tensors = {}
-    for file in files:
-        with safe_open(file, framework="pt", device=device) as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118  (a safe_open handle is not a dict)
+    model = plain_model(path, dtype, device)
+    config = model.config
+    tensors = read_tensors(path, device, "FP8")
     state, marked, static_inputs, mtp = {}, {}, 0, 0
     for name, tensor in tensors.items():
         if is_mtp_tensor(name, config.num_hidden_layers):  # not built by transformers: mtp_weights.load_mtp_weights
@@ -188,25 +175,7 @@ def load_fp8_directory(path: Path, checkpoint: Fp8Checkpoint, dtype: torch.dtype
         elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor
-    names = {}  # a tied parameter's names (lm_head.weight and embed_tokens.weight): loaded under any of them
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    for tied in names.values():  # each stored: one copy over the other would silently run the wrong one
-        stored = [n for n in tied if n in state]
-        if any(not torch.equal(state[stored[0]], state[n]) for n in stored[1:]):
-            raise ValueError(f"{path}: {' and '.join(stored)} are tied (config.json's tie_word_embeddings), yet the "
-                             "files hold different values for them, which transformers loads untied; set "
-                             "tie_word_embeddings to false in config.json")  # fmt: skip
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    missing = [m for m in missing if not any(n in state for n in names.get(id(model.get_parameter(m)), []))]
-    per_expert = [name for name in unexpected if ".experts." in name and name in marked]
-    if per_expert:  # transformers merges per-expert tensors at load; this loader reads each tensor as it is stored
-        raise ValueError(f"{path}: {per_expert[0]} (and {len(per_expert) - 1} more) are MoE experts stored one float8 "
-                         "tensor an expert, which FP8 checkpoints do not load yet")  # fmt: skip
-    if missing or unexpected:
-        raise ValueError(f"{path}: the checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")  # fmt: skip
+    load_state(model, state, path, set(marked), "float8")
     for name, (weight8, scale) in marked.items():
         parameter = model.get_parameter(name)
         parameter.fp8_weight, parameter.fp8_scale = weight8, scale

@@ -5,7 +5,7 @@
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
   dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package);
 - a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
-  (fp8_checkpoint.py), and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
+  (fp8_checkpoint.py), AWQ and GPTQ ones (int4_checkpoint.py), and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
 - a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
 
 Anything else is a ValueError that says what was tried.
@@ -26,6 +26,7 @@ from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantizatio
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
 from compiled_llm.meta_model import meta_model
 from compiled_llm.mtp_weights import carry_mtp_weights
+from compiled_llm.int4_checkpoint import int4_checkpoint_format, load_int4_directory
 from compiled_llm.mxfp4_checkpoint import is_mxfp4_checkpoint, load_mxfp4_directory
 from compiled_llm.progress import StageProgress
 
@@ -109,6 +110,8 @@ def _whole_model(path: Path, quantization_config, dtype: torch.dtype | None, dev
 
     if is_mxfp4_checkpoint(quantization_config):
         return load_mxfp4_directory(path, dtype or _default_dtype(device), device)
+    if (int4 := int4_checkpoint_format(quantization_config)) is not None:  # AWQ, GPTQ
+        return load_int4_directory(path, int4, dtype or _default_dtype(device), device)
     if (checkpoint := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
         return load_fp8_directory(path, checkpoint, dtype or _default_dtype(device), device)
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
@@ -120,6 +123,8 @@ def _meta_model(path: Path, quantization_config, dtype: torch.dtype | None, devi
     checkpoint."""
     if is_mxfp4_checkpoint(quantization_config):
         model, why = None, "an MXFP4 checkpoint: its experts' 4-bit blocks are not read by slices (yet)"
+    elif int4_checkpoint_format(quantization_config) is not None:
+        model, why = None, "an AWQ or GPTQ checkpoint: its 4-bit weights are not read by slices (yet)"
     elif (fp8 := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
         # in the dtype load_fp8_directory loads it in
         model, why = meta_model(path, dtype or _default_dtype(device), torch.device(device), fp8)

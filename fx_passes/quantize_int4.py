@@ -45,8 +45,14 @@ def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: i
     as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check."""
     weight = gm.get_parameter(target)
     smooth = getattr(gm, smooth_name) if smooth_name else None
-    divided = None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
-    quantized = quantize_weight(weight, group_size, divided, clip=getattr(gm, clip_name) if clip_name else None)
+    stored = getattr(weight, "int4_tensors", None)  # an AWQ or GPTQ checkpoint's, taken as they are
+    if stored is not None:
+        quantized = stored[:3]
+    else:
+        divided = (
+            None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
+        )
+        quantized = quantize_weight(weight, group_size, divided, clip=getattr(gm, clip_name) if clip_name else None)
     for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size)))
@@ -61,11 +67,25 @@ def fused_parts(gm: torch.fx.GraphModule, target: str) -> list[int]:
     return [gm.get_parameter(target).shape[0]]
 
 
+def _stored(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple | None:
+    return getattr(linear_weight(gm, node), "int4_tensors", None)
+
+
 @register_pass("quantize_int4")
 def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
-    if config.quantization != "int4_awq":
+    if config.quantization not in ("int4_awq", "int4_gptq"):
         return PassResult("quantize_int4", 0)
     sites, linears, kept = quantizable_linears(gm, config)
+    stored = [n for n in sites if _stored(gm, n) is not None]
+    if stored:  # an AWQ or GPTQ checkpoint: its tensors as they are, nothing calibrated
+        if len(stored) < len(sites):  # what its quantizer left in float (modules_to_not_convert) stays
+            kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
+        return _rewrite(gm, config, stored, [(None, None)] * len(stored), [_stored(gm, n)[3] for n in stored],
+                        [fused_parts(gm, n.args[1].target) for n in stored], linears, kept,
+                        "the checkpoint's 4-bit weights as stored")  # fmt: skip
+    if config.quantization == "int4_gptq":
+        raise ValueError("quantization='int4_gptq' runs a GPTQ checkpoint's stored 4-bit weights, and this model has "
+                         "none (load the checkpoint's directory); to quantize a float model, use quantization='int4_awq'")  # fmt: skip
     narrow = [n for n in sites if group_size_for(linear_weight(gm, n).shape[1]) is None]
     if narrow:
         sites = [n for n in sites if n not in narrow]
@@ -79,6 +99,14 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
     groups = [group_size_for(w.shape[1]) for w in weights]
     parts = [fused_parts(gm, n.args[1].target) for n in sites]
     searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device)
+    return _rewrite(gm, config, sites, searched, groups, parts, linears, kept, f"{calibration}, calibrated on {source}")
+
+
+def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searched: list[tuple], groups: list[int],
+             parts: list[list[int]], linears: list[torch.fx.Node], kept: list[str], origin: str) -> PassResult:  # fmt: skip
+    """Each site -> int4_linear over its weight in 4 bits (searched: its (smooth, clip); groups: its group size;
+    parts: its fused parts' rows), and the pass's result."""
+    device = linear_weight(gm, sites[0]).device
     backend, why = int4_backend(device, config.linear_backend)
     converted = {}  # a weight read by several linears is converted once
     gm.meta["int4_weights"] = []
@@ -98,15 +126,13 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
         n, k = fake.shape
         with gm.graph.inserting_before(node):
             args = []
-            for name, shape, dtype in ((qweight_name, (n, k // 2), torch.uint8),
-                                       (scales_name, (n, k // group_size), fake.dtype),
-                                       (zeros_name, (n, k // group_size), torch.uint8),
-                                       (smooth_name, (len(smooth_rows), k), torch.float32)):  # fmt: skip
+            for name, shape in ((qweight_name, (n, k // 2)), (scales_name, (n, k // group_size)),
+                                (zeros_name, (n, k // group_size)), (smooth_name, (len(smooth_rows), k))):  # fmt: skip
                 if name is None:
                     args.append(None)
                     continue
                 attr = gm.graph.get_attr(name)
-                attr.meta["val"] = fake.new_empty(shape, dtype=dtype)
+                attr.meta["val"] = fake.new_empty(shape, dtype=getattr(gm, name).dtype)  # a checkpoint's scales: float16
                 args.append(attr)
             rows = smooth_rows if smooth_name else []
             op = gm.graph.call_function(INT4_LINEAR, (x, *args, rows, bias, group_size, backend))
@@ -117,8 +143,8 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
             gm.graph.erase_node(weight_node)
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     sizes = "/".join(str(g) for g in sorted(set(groups), reverse=True))
-    detail = (f"{len(sites)} of {len(linears)} linears -> int4 (groups of {sizes}, zero points; {calibration}, "
-              f"calibrated on {source}; {backend}: {why}){kept}")  # fmt: skip
+    detail = (f"{len(sites)} of {len(linears)} linears -> int4 (groups of {sizes}, zero points; {origin}; {backend}: "
+              f"{why}){kept}")  # fmt: skip
     return PassResult("quantize_int4", len(sites), detail)
 
 
