@@ -97,8 +97,11 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_offset: int) -
     """(codes [N, K], zeros [N, K/G]) of GPTQ's qweight [K/8, N] and qzeros [K/G, N/8] (module docstring)."""
     codes = _nibbles(qweight.t())  # [N, K/8] -> [N, K]: nibble i of a word is input column 8r + i
     zeros = _nibbles(qzeros) + zero_offset  # [K/G, N]
-    if (zeros > 15).any():  # AutoGPTQ's z - 1 for z = 0 wraps to 15: 16 here, which no code can reach
-        raise ValueError("GPTQ zeros of 16 (a stored -1: AutoGPTQ's convention cannot hold a zero point of 0)")
+    if (zeros > 15).any():
+        # AutoGPTQ stores z - 1, so a zero point of 0 wraps to 15 and reads back as 16. Every GPTQ runtime (AutoGPTQ's,
+        # exllama's, vLLM's kernels) computes with that 16, so the checkpoint means it; int4_linear takes it as is.
+        log.warning("GPTQ zero points of 16 in %d groups (AutoGPTQ's wrapped z - 1 for a zero point of 0): run as "
+                    "stored, as other GPTQ runtimes do", int((zeros > 15).sum()))  # fmt: skip
     return codes, zeros.t()
 
 

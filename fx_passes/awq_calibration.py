@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,11 +124,12 @@ def search_scales(x: torch.Tensor, weight: torch.Tensor,
         smooth = (s.max() * s.min()).sqrt() / s  # 1 / s, s normalised by sqrt(max s * min s)
         candidates.append((error(smooth), smooth))
     plain = candidates[0][0]
-    best = None
-    for _, smooth in sorted(candidates, key=lambda c: c[0])[:CLIPPED_CANDIDATES]:
+    ranked = sorted(candidates, key=lambda c: c[0])
+    best = (*ranked[0], None)  # unclipped, in case no clipping measures better on these rows
+    for _, smooth in ranked[:CLIPPED_CANDIDATES]:
         clip = search_clip(x, w, group_size, smooth)
         found = (error(smooth, clip), smooth, clip)
-        if best is None or found[0] < best[0]:
+        if found[0] < best[0]:
             best = found
     return best[1], best[2], best[0] / plain if plain > 0 else 1.0
 
@@ -165,7 +168,9 @@ def fingerprint(gm: torch.fx.GraphModule, sequences: list[list[int]], layout: li
     with torch.no_grad():
         for name, tensor in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
             if tensor.is_floating_point() and tensor.device.type != "meta":
-                sums = torch.stack([tensor.double().sum(), tensor.double().abs().sum()]).tolist()
+                # float64 sums without a float64 copy (an 8B model's embedding would take 4 GB more)
+                one_norm = torch.linalg.vector_norm(tensor, 1, dtype=torch.float64)
+                sums = torch.stack([tensor.sum(dtype=torch.float64), one_norm]).tolist()
             else:
                 sums = []
             digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {sums}".encode())
@@ -232,8 +237,18 @@ def _load(path: Path) -> dict | None:
 
 
 def _store(path: Path, smooths: dict) -> None:
-    """Atomically: a concurrent reader sees the whole entry or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
-    torch.save(smooths, tmp)
-    tmp.replace(path)
+    """Atomically (a concurrent reader sees the whole entry or none); a cache that cannot be written costs the next
+    compile a calibration, never this one its result."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        os.close(fd)
+        torch.save(smooths, tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as error:
+        log.warning("AWQ cache entry %s not written (%s): the next compile calibrates again", path, error)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

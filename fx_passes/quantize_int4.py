@@ -99,6 +99,9 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
     groups = [group_size_for(w.shape[1]) for w in weights]
     parts = [fused_parts(gm, n.args[1].target) for n in sites]
     searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device)
+    # The scalings are these weights': a warm start of another checkpoint of this architecture must search its own
+    # (from the AWQ cache where it has them), not replay plain rounding.
+    gm.meta["unstorable"] = "AWQ's calibration is of this checkpoint's weights (a new compile reads it from its cache)"
     return _rewrite(gm, config, sites, searched, groups, parts, linears, kept, f"{calibration}, calibrated on {source}")
 
 
@@ -113,7 +116,7 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
     for node, (smooth, clip), group_size, smooth_rows in zip(sites, searched, groups, parts):
         target = node.args[1].target
         if target not in converted:
-            # Calibrated, not made by a recipe: a graph with them is not stored for a warm start (its calibration is)
+            # Calibrated, not made by a recipe (the graph is not stored: gm.meta["unstorable"])
             smooth_name, clip_name = (_register(gm, f"{target}_awq_{part}", t) for part, t in (("smooth", smooth),
                                                                                                  ("clip", clip)))  # fmt: skip
             names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
@@ -132,7 +135,9 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
                     args.append(None)
                     continue
                 attr = gm.graph.get_attr(name)
-                attr.meta["val"] = fake.new_empty(shape, dtype=getattr(gm, name).dtype)  # a checkpoint's scales: float16
+                attr.meta["val"] = fake.new_empty(
+                    shape, dtype=getattr(gm, name).dtype
+                )  # a checkpoint's scales: float16
                 args.append(attr)
             rows = smooth_rows if smooth_name else []
             op = gm.graph.call_function(INT4_LINEAR, (x, *args, rows, bias, group_size, backend))

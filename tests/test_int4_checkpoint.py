@@ -136,3 +136,16 @@ def test_int4_gptq_on_a_float_model_says_what_to_use(tmp_path):
     with pytest.raises(ValueError, match="quantization='int4_awq'"):
         compile_model(tiny_model("llama", **SHAPES), quantization="int4_gptq", compile_backend="eager",
                       max_seq_len=32, cache_dir=tmp_path)  # fmt: skip
+
+
+def test_a_wrapped_autogptq_zero_reads_back_as_16_as_gptq_runtimes_compute_it():
+    """AutoGPTQ stores z - 1; for z = 0 that is -1, whose nibble is 15, read back as 16. Kernels of AutoGPTQ, exllama
+    and vLLM all compute (q - 16) s there, so that is what the checkpoint runs as, in the op's reference too."""
+    from custom_ops.linear.int4 import int4_linear_reference, pack_codes
+
+    _, zeros = unpack_gptq(torch.zeros(1, 8, dtype=torch.int32), torch.tensor([[-1]], dtype=torch.int32), 1)
+    assert zeros.flatten().tolist() == [16] * 8
+    codes = torch.full((8, 16), 3, dtype=torch.uint8)
+    out = int4_linear_reference(torch.ones(1, 16), pack_codes(codes), torch.ones(8, 1), zeros.to(torch.uint8), None,
+                                [], None, 16)  # fmt: skip
+    assert out.flatten().tolist() == [(3 - 16) * 16.0] * 8

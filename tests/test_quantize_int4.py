@@ -184,3 +184,23 @@ def test_int4_awq_on_the_gpu_matches_the_module_over_the_same_weights(own_cache_
     with torch.no_grad(), int4_module(model, compiled.graph_module.meta["int4_weights"]):
         expected = model.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(compiled.generate(ids, max_new_tokens=16, do_sample=False), expected)
+
+
+def test_a_calibrated_graph_is_not_stored_for_a_warm_start(tmp_path, caplog):
+    """A rewritten graph replays its recipes over another checkpoint's weights; AWQ's scalings are this one's, so the
+    graph is not stored (the calibration is, keyed by the weights), and a second compile runs the passes again."""
+    with caplog.at_level(logging.INFO, logger="compiled_llm"):
+        compiled_int4("llama", tmp_path)
+    assert "rewritten graph not stored: AWQ's calibration is of this checkpoint's weights" in caplog.text
+
+
+def test_an_unwritable_cache_costs_a_warning_not_the_compile(tmp_path, caplog, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(awq_calibration.torch, "save", refuse)
+    with caplog.at_level(logging.WARNING, logger="compiled_llm"):
+        _, compiled = compiled_int4("llama", tmp_path)
+    assert compiled.report.pass_sites("quantize_int4") == 8
+    assert "not written (read-only file system)" in caplog.text
+    assert not list((tmp_path / "awq").glob("*"))  # no temporary file left

@@ -233,6 +233,8 @@ def removed_on_failure(cache: Callable[[], RewrittenGraphCache | None]) -> Itera
 
 def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict[int, torch.Tensor], pass_results: list,
               captured: dict) -> dict:  # fmt: skip
+    if gm.meta.get("unstorable"):  # a pass's say: what it made depends on more than the recipes replay
+        raise UnstorableGraph(gm.meta["unstorable"])
     derived = derived_names(gm)
     attributes, constants = [], {}
     for target, kind, value in tensor_attributes(gm):

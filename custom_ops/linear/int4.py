@@ -93,7 +93,10 @@ def _round(weight, group_size: int, smooth, scale_dtype, clip) -> tuple[torch.Te
     low = groups.amin(dim=-1).clamp(max=0)
     if clip is not None:
         high, low = torch.minimum(high, clip.float()), torch.maximum(low, -clip.float())
-    scales = ((high - low) / MAX_CODE).clamp(min=1e-8).to(scale_dtype or weight.dtype)
+    dtype = scale_dtype or weight.dtype
+    # A range that rounds to a zero scale in `dtype` (all zeros, or below float16's smallest step): the smallest normal
+    # scale instead, so that no code is 0 / 0.
+    scales = ((high - low) / MAX_CODE).to(dtype).clamp(min=torch.finfo(dtype).smallest_normal)
     stored = scales.float()
     zeros = torch.round(-low / stored).clamp(0, MAX_CODE)
     codes = (torch.round(groups / stored[..., None]) + zeros[..., None]).clamp(0, MAX_CODE)
@@ -130,12 +133,12 @@ def triton_takes(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     """What triton_int4's kernels read: rows [M, K] with a unit last stride in a float dtype they write, contiguous
     packed codes [N, K/2] (4-byte aligned rows, read as words), scales and zeros [N, K/G], a contiguous float32 smooth
     [P, K] of up to 3 parts of a multiple of 16 channels each (a program's channels in one part) and a bias [N] in the
-    rows' dtype; groups of a multiple of 16 columns."""
+    rows' dtype; groups of a power of 2 of at least 16 columns (the kernels' tiles)."""
     n, half = qweight.shape
     k = 2 * half
     return (
         k > 0 and rows.shape[-1] == k and rows.stride(-1) == 1 and triton_runs_on(rows) and rows.dtype in KERNEL_DTYPES
-        and group_size % 16 == 0 and k % group_size == 0 and half % 4 == 0 and qweight.data_ptr() % 4 == 0
+        and group_size >= 16 and group_size & (group_size - 1) == 0 and k % group_size == 0 and half % 4 == 0 and qweight.data_ptr() % 4 == 0
         and qweight.dtype == torch.uint8 and qweight.is_contiguous()
         and scales.is_contiguous() and scales.dtype in KERNEL_DTYPES and zeros.is_contiguous()
         and zeros.dtype == torch.uint8 and tuple(scales.shape) == tuple(zeros.shape) == (n, k // group_size)

@@ -33,8 +33,9 @@ GEMM_TILES = (
     {"num_stages": 3},
     {"BLOCK_N": 128, "num_warps": 8},
 )
-# The kernels and their launchers are one file, the numerics another: a change to either is a changed candidate.
-_SOURCE = source_hash(Path(triton_int4.__file__).read_text(), Path(int4.__file__).read_text())
+# The kernels, their launchers and the numerics: a change to any is a changed candidate.
+_SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_int4, int4)),
+                      (Path(triton_int4.__file__).parent / "triton_int4_kernels.py").read_text())  # fmt: skip
 
 
 def tile_name(kind: str, tile: dict) -> str:
