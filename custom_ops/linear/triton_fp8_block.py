@@ -52,7 +52,7 @@ def _kernels():
             w_ptrs += 128
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols_n[None, :]
+        y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols_n[None, :]  # M x N may pass 2^31
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
     @triton.jit
