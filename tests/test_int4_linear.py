@@ -160,21 +160,30 @@ def test_fake_quantize_is_the_dequantized_quantization():
     assert (expected.abs().view(16, 2, 128).amax(-1) <= clip * (1 + 1 / 15) + 1e-6).all()  # clipped to +-clip
 
 
-def check_tuning_candidates_against_reference() -> None:
-    """Every candidate of the GEMV's and the GEMM's tunings (int4_tuning.py), on CPU tensors in the interpreter, against
-    the reference (with a smooth: the tunings time the calls the pass makes)."""
+def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
+    """Every candidate of the GEMV's and the GEMM's tunings (int4_tuning.py), in the interpreter (CPU tensors; the PTX
+    decode left out) or on the GPU, against the reference (with a smooth: the tunings time the calls the pass makes)."""
     from custom_ops.linear import int4_tuning
 
     generator = torch.Generator().manual_seed(6)
     n, k, group = 64, 512, 128
     weight, smooth = torch.randn(n, k, generator=generator), torch.rand(1, k, generator=generator) + 0.5
-    quantized = quantize_weight(weight, group, smooth[0])
+    quantized = [t.to(device) for t in quantize_weight(weight, group, smooth[0])]
+    smooth = smooth.to(device)
     for tuning, rows in ((int4_tuning.Int4GemvTuning(), 1), (int4_tuning.Int4GemmTuning(), 16)):
-        x = torch.randn(rows, k, generator=generator)
+        x = torch.randn(rows, k, generator=generator).to(device)
         expected = tuning.reference(x, *quantized, smooth, group)
         for candidate in tuning.candidates({"n": n, "k": k, "group_size": group, "rows": rows}):
+            if candidate.config.get("PTX_DECODE") and device == "cpu":
+                continue  # the interpreter runs no PTX: test_tuning_candidates_on_the_gpu
             actual = candidate.run(x, *quantized, smooth, group)
             assert relative_error(actual, expected) < TOLERANCE[torch.float32], candidate.name
+
+
+@pytest.mark.gpu
+def test_tuning_candidates_on_the_gpu():
+    """The PTX decode too (the interpreter cannot run it), and every launch compiled for the GPU."""
+    check_tuning_candidates_against_reference("cuda")
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

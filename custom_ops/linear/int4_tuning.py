@@ -26,6 +26,8 @@ GEMV_TILES = (  # beside gemv_config's own (the fallback)
     {"GROUPS_A_STEP": 4},
     {"GROUPS_A_STEP": 1},
     {"BLOCK_N": 32, "num_warps": 8},
+    {"PTX_DECODE": True},  # the codes decoded in inline PTX (triton_int4_kernels.add_pair_products_ptx)
+    {"PTX_DECODE": True, "BLOCK_N": 32},
 )
 GEMM_TILES = (
     {"BLOCK_N": 128},
@@ -39,9 +41,12 @@ _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_
 
 
 def tile_name(kind: str, tile: dict) -> str:
-    """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8"; the fallback is the bare kind."""
-    parts = [f"{key.lower().replace('block_', '').replace('groups_a_step', 'g').replace('num_', '')}{value}"
-             for key, value in tile.items()]  # fmt: skip
+    """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8", {"PTX_DECODE": True} -> "gemv-ptx"; the
+    fallback is the bare kind."""
+    short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx"}
+    parts = [
+        f"{short.get(key, key.removeprefix('num_'))}{'' if value is True else value}" for key, value in tile.items()
+    ]
     return "-".join([kind, *parts])
 
 

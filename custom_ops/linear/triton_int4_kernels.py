@@ -19,6 +19,34 @@ def add_pair_products(sums, words, shift, zero16, x_low, x_high):
 
 
 @triton.jit
+def add_pair_products_ptx(sums, words, shift, zero_pair, x_low, x_high):
+    """add_pair_products in inline PTX: one `lop3` makes both float16 values 1024 + q of a pair, one `sub.f16x2`
+    takes 1024 + z (`zero_pair`: its float16 bits in both halves) from both, and each half converts to float32 from
+    its own register, so no PRMT pairs halves of two words (3.5 instructions a weight against ~6.9). GPU only: the
+    interpreter runs no PTX (tests/test_int4_linear.py holds it to the reference on the GPU)."""
+    low, high = tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t;
+        .reg .b16 lo, hi;
+        lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 t, t, $3;
+        mov.b32 {lo, hi}, t;
+        cvt.f32.f16 $0, lo;
+        cvt.f32.f16 $1, hi;
+        }
+        """,
+        constraints="=f,=f,r,r",
+        args=[words >> shift, zero_pair],
+        dtype=(tl.float32, tl.float32),
+        is_pure=True,
+        pack=1,
+    )
+    sums = sums + low * x_low[None, :, :]
+    return sums + high * x_high[None, :, :]
+
+
+@triton.jit
 def smooth_part(smooth_ptr, first_col, part_end0, part_end1, K: tl.constexpr):
     """The row of smooth [P, K] for the part of the output channels a program computes: its channels lie in one part
     (the launcher's BLOCK_N divides every part's), the first part ending at channel part_end0, the second at
@@ -31,7 +59,7 @@ def smooth_part(smooth_ptr, first_col, part_end0, part_end1, K: tl.constexpr):
 def int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, N, stride_wn, stride_sn, part_end0, part_end1,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, PTX_DECODE: tl.constexpr = False,
 ):  # fmt: skip
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -68,10 +96,18 @@ def int4_gemv_kernel(
         zero = tl.load(z_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0)
         zero16 = (zero.to(tl.float32) + 1024.0).to(tl.float16)[:, :, None]  # [BLOCK_N, G, 1]
         sums = tl.zeros(words.shape, dtype=tl.float32)
-        sums = add_pair_products(sums, words, 0, zero16, x_0l, x_0h)
-        sums = add_pair_products(sums, words, 4, zero16, x_1l, x_1h)
-        sums = add_pair_products(sums, words, 8, zero16, x_2l, x_2h)
-        sums = add_pair_products(sums, words, 12, zero16, x_3l, x_3h)
+        if PTX_DECODE:
+            half = zero16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            zero_pair = half | (half << 16)
+            sums = add_pair_products_ptx(sums, words, 0, zero_pair, x_0l, x_0h)
+            sums = add_pair_products_ptx(sums, words, 4, zero_pair, x_1l, x_1h)
+            sums = add_pair_products_ptx(sums, words, 8, zero_pair, x_2l, x_2h)
+            sums = add_pair_products_ptx(sums, words, 12, zero_pair, x_3l, x_3h)
+        else:
+            sums = add_pair_products(sums, words, 0, zero16, x_0l, x_0h)
+            sums = add_pair_products(sums, words, 4, zero16, x_1l, x_1h)
+            sums = add_pair_products(sums, words, 8, zero16, x_2l, x_2h)
+            sums = add_pair_products(sums, words, 12, zero16, x_3l, x_3h)
         scale = tl.load(s_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0.0)
         acc += tl.sum(sums, axis=2) * scale.to(tl.float32)
     out = tl.sum(acc, axis=1)
