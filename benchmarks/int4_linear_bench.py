@@ -12,7 +12,8 @@ streams its layers' weights; benchmarks/graph_timing.py):
   int4_GBps     one row: the int4 weight's bytes (codes, scales, zeros) over int4_triton's time
 
     python benchmarks/int4_linear_bench.py --json out.json
-    python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:4:4   # the GEMV's launch grid
+    python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
+                                                                        # (":ptx": the codes decoded in inline PTX)
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts (default: %(default)s)")
-    parser.add_argument("--gemv-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps,... timed at one row")
+    parser.add_argument("--gemv-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps[:ptx],... timed at one row")
     args = parser.parse_args()
     tiles = []
     for spec in filter(None, args.gemv_tiles.split(",")):
-        block_n, groups, warps = map(int, spec.split(":"))
-        tiles.append({"BLOCK_N": block_n, "GROUPS_A_STEP": groups, "num_warps": warps})
+        block_n, groups, warps, *ptx = spec.split(":")
+        tiles.append({"BLOCK_N": int(block_n), "GROUPS_A_STEP": int(groups), "num_warps": int(warps),
+                      "PTX_DECODE": ptx == ["ptx"]})  # fmt: skip
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles)]
