@@ -6,7 +6,7 @@ most. AWQ scales those weight columns up before rounding (W * s) and the activat
 `smooth` = 1 / s and x is multiplied by `smooth` in the kernel, which leaves the graph's other ops as they were.
 
 For each linear the pass rewrites:
-- its inputs are recorded while the graph (as the passes left it so far, every op run eagerly) runs over calibration
+- its inputs are recorded (fx_passes/calibration.py) while the graph, as the passes left it so far, runs over calibration
   text: the package's calibration.txt through the model's tokenizer, or random token ids without one;
 - s = mean|x|^a / mean|W_normalized|^(1 - a), normalised by sqrt(max s * min s), for a in 0, 1/20, .., 19/20, and
   s = 1 (plain rounding) are ranked by the squared error of x W^T their rounded weight gives on the recorded rows;
@@ -25,11 +25,7 @@ forward and the search.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.resources
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +34,7 @@ import torch.fx
 from tqdm.auto import tqdm
 
 from custom_ops.linear.int4 import fake_quantize
+from fx_passes.calibration import cache_path, fingerprint, load_entry, record_inputs, store_entry
 
 log = logging.getLogger("compiled_llm")
 
@@ -45,56 +42,7 @@ SEARCH_VERSION = "awq-search-4"  # part of the fingerprint: a changed search nev
 GRID = 20
 CLIPPED_CANDIDATES = 3
 CLIP_RATIOS = [1 - i / 20 for i in range(10)]  # 1 (no clip) down to 0.55
-SEQUENCE_TOKENS = 256
-CALIBRATION_TOKENS = 1024
 LOSS_ROWS = 512  # recorded rows the error is measured on (the means use all of them)
-
-
-def calibration_sequences(tokenizer, vocab_size: int) -> tuple[list[list[int]], str]:
-    """Token id sequences of up to SEQUENCE_TOKENS, CALIBRATION_TOKENS in all at most, and where they come from."""
-    if tokenizer is not None:
-        text = (importlib.resources.files("compiled_llm") / "calibration.txt").read_text()
-        ids = tokenizer(text)["input_ids"][:CALIBRATION_TOKENS]
-        source = f"{len(ids)} tokens of compiled_llm/calibration.txt"
-    else:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab_size, (CALIBRATION_TOKENS // 2,), generator=generator).tolist()
-        source = f"{len(ids)} random token ids (no tokenizer: compile_model(..., tokenizer=) calibrates on text)"
-        log.warning("AWQ calibration without a tokenizer runs on random token ids, which suits random-weight models "
-                    "only; pass compile_model(model, tokenizer=...) (LLM does) to calibrate on text")  # fmt: skip
-    return [ids[i : i + SEQUENCE_TOKENS] for i in range(0, len(ids), SEQUENCE_TOKENS)], source
-
-
-class _LinearInputs(torch.fx.Interpreter):
-    """Runs the graph eagerly and keeps, for each site, its input rows in float32."""
-
-    def __init__(self, gm: torch.fx.GraphModule, sites: dict[torch.fx.Node, list[torch.Tensor]]):
-        super().__init__(gm)
-        self.sites = sites
-
-    def run_node(self, node):
-        if node in self.sites:
-            x = self.env[node.args[0]]
-            self.sites[node].append(x.detach().reshape(-1, x.shape[-1]).float())
-        return super().run_node(node)
-
-
-def record_inputs(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], sequences: list[list[int]],
-                  device: torch.device) -> dict[torch.fx.Node, torch.Tensor]:  # fmt: skip
-    """Each site's input rows [T, K] over the sequences, the graph run once a sequence."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    unknown = [n for n in names if n not in ("input_ids", "position_ids", "logits_indices")]
-    if unknown:
-        raise ValueError(f"quantization='int4_awq' calibrates by running the graph, whose inputs {unknown} it cannot "
-                         "make; use a model whose forward takes input_ids and position_ids")  # fmt: skip
-    inputs = {site: [] for site in sites}
-    with torch.no_grad():
-        for ids in tqdm(sequences, desc="AWQ calibration: forward", unit="sequence", leave=False):
-            ids = torch.tensor(ids, device=device)
-            positions = torch.arange(len(ids), device=device)
-            values = {"input_ids": ids, "position_ids": positions, "logits_indices": positions[-1:]}
-            _LinearInputs(gm, inputs).run(*(values[name] for name in names))
-    return {site: torch.cat(rows) for site, rows in inputs.items()}
 
 
 def search_scales(x: torch.Tensor, weight: torch.Tensor,
@@ -161,22 +109,6 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int,
     return None if torch.equal(best, amax) else best
 
 
-def fingerprint(gm: torch.fx.GraphModule, sequences: list[list[int]], layout: list) -> str:
-    """A key for this graph's weights (names, shapes, dtypes, and two sums of each: no weight read twice on the
-    host), the calibration tokens, the layout searched (group sizes, parts) and SEARCH_VERSION."""
-    digest = hashlib.sha256(f"{SEARCH_VERSION} {layout} {sequences}".encode())
-    with torch.no_grad():
-        for name, tensor in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
-            if tensor.is_floating_point() and tensor.device.type != "meta":
-                # float64 sums without a float64 copy (an 8B model's embedding would take 4 GB more)
-                one_norm = torch.linalg.vector_norm(tensor, 1, dtype=torch.float64)
-                sums = torch.stack([tensor.sum(dtype=torch.float64), one_norm]).tolist()
-            else:
-                sums = []
-            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {sums}".encode())
-    return digest.hexdigest()[:32]
-
-
 def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int,
                  parts: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
     """search_scales for each part of a fused weight (its rows `parts`: q/k/v, gate/up), which share the input x:
@@ -200,10 +132,9 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
     """Each site's (smooth, clip) (search_parts') for its weight in groups of its group size and in its parts, from
     the cache or calibrated now, and a line for the report."""
     start = time.perf_counter()
-    key = fingerprint(gm, sequences, [group_sizes, parts])
-    path = Path(cache_dir) / "awq" / f"{key}.pt"
+    path = cache_path(cache_dir, "awq", fingerprint(gm, sequences, [group_sizes, parts], SEARCH_VERSION))
     names = [f"{i}:{tuple(w.shape)}" for i, w in enumerate(weights)]
-    stored = _load(path)
+    stored = load_entry(path)
     if stored is not None and set(stored) == set(names):
         found = [tuple(None if t is None else t.to(device) for t in stored[n]) for n in names]
         return found, f"AWQ scales from the cache ({path.name}, {time.perf_counter() - start:.1f} s)"
@@ -215,7 +146,7 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
         smooth, clip, ratio = search_parts(inputs.pop(site), weight, group_size, rows)
         found.append((smooth, clip))
         ratios.append(ratio)
-    _store(path, {n: tuple(None if t is None else t.cpu() for t in pair) for n, pair in zip(names, found)})
+    store_entry(path, {n: tuple(None if t is None else t.cpu() for t in pair) for n, pair in zip(names, found)})
     seconds = time.perf_counter() - start
     scaled = sum(smooth is not None for smooth, _ in found)
     mean_ratio = sum(ratios) / len(ratios) if ratios else 1.0
@@ -224,31 +155,3 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
     tokens = sum(len(s) for s in sequences)
     return found, (f"AWQ scales and clipping searched over {tokens} tokens in {seconds:.1f} s ({scaled} of {len(sites)} "
                      f"linears scaled; error {mean_ratio:.2f}x plain rounding's)")  # fmt: skip
-
-
-def _load(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as error:  # noqa: BLE001  (a corrupt entry is calibrated anew, never a crash)
-        log.warning("AWQ cache entry %s unreadable (%s): calibrating again", path, error)
-        return None
-
-
-def _store(path: Path, smooths: dict) -> None:
-    """Atomically (a concurrent reader sees the whole entry or none); a cache that cannot be written costs the next
-    compile a calibration, never this one its result."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        torch.save(smooths, tmp)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as error:
-        log.warning("AWQ cache entry %s not written (%s): the next compile calibrates again", path, error)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

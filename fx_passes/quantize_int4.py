@@ -24,7 +24,8 @@ import torch.fx
 from custom_ops.linear.int4 import GROUP_SIZE, int4_backend, int4_linear_reference, quantize_weight
 
 GROUP_SIZES = (GROUP_SIZE, 64, 32)  # the first that divides a linear's input width
-from fx_passes.awq_calibration import awq_search, calibration_sequences
+from fx_passes.awq_calibration import awq_search
+from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears
 from fx_passes.registry import PassResult, register_pass

@@ -12,8 +12,9 @@ from conftest import random_prompt, tiny_model
 
 from compiled_llm import compile_model
 from custom_ops.linear.int4 import fake_quantize
-from fx_passes import awq_calibration
-from fx_passes.awq_calibration import calibration_sequences, search_clip, search_scales
+from fx_passes import calibration
+from fx_passes.awq_calibration import search_clip, search_scales
+from fx_passes.calibration import calibration_sequences
 from fx_passes.quantize_int4 import group_size_for, int4_module
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
@@ -120,8 +121,8 @@ def test_calibration_text_goes_through_the_tokenizer_in_sequences():
     words = lambda text: {"input_ids": list(range(len(text.split())))}
     sequences, source = calibration_sequences(words, 1000)
     assert "calibration.txt" in source
-    assert [len(s) for s in sequences[:-1]] == [awq_calibration.SEQUENCE_TOKENS] * (len(sequences) - 1)
-    assert sum(map(len, sequences)) == min(awq_calibration.CALIBRATION_TOKENS, 711)
+    assert [len(s) for s in sequences[:-1]] == [calibration.SEQUENCE_TOKENS] * (len(sequences) - 1)
+    assert sum(map(len, sequences)) == min(calibration.CALIBRATION_TOKENS, 711)
 
 
 def test_a_second_compile_reads_the_scales_from_the_cache(tmp_path, caplog):
@@ -198,7 +199,7 @@ def test_an_unwritable_cache_costs_a_warning_not_the_compile(tmp_path, caplog, m
     def refuse(*args, **kwargs):
         raise OSError("read-only file system")
 
-    monkeypatch.setattr(awq_calibration.torch, "save", refuse)
+    monkeypatch.setattr(calibration.torch, "save", refuse)
     with caplog.at_level(logging.WARNING, logger="compiled_llm"):
         _, compiled = compiled_int4("llama", tmp_path)
     assert compiled.report.pass_sites("quantize_int4") == 8
