@@ -138,7 +138,7 @@ class CompiledModel(CausalLMCalls):
                         tracing_constants = rewritten.tracing_constants(captured.gm)
                         captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
                         start = time.perf_counter()
-                        if config.quantization == "int4_awq":  # what its calibration reads (fx_passes/awq_calibration.py)
+                        if config.quantization in ("int4_awq", "int8_sq"):  # calibration reads them (calibration.py)
                             captured.gm.meta.update(tokenizer=tokenizer, vocab_size=captured.vocab_size)
                         pass_results = run_passes(captured.gm, config)
                         captured.gm.meta.pop("tokenizer", None)

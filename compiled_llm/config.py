@@ -21,7 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq"),
+    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq", "int8_sq"),
     "activation_scheme": ("dynamic",),
 }
 
@@ -95,7 +95,9 @@ class CompileConfig(BaseModel):
     `compile_model(..., tokenizer=)`) and cached under `cache_dir`; activations stay in the model's dtype (W4A16);
     `compiled_llm.int4_linear` defines the numerics (custom_ops/linear/int4.py); an AutoAWQ checkpoint runs its
     stored weights under it. `int4_gptq`: a GPTQ checkpoint's stored 4-bit weights (compiled_llm/int4_checkpoint.py),
-    what `auto` picks for one."""
+    what `auto` picks for one. `int8_sq`: SmoothQuant W8A8, int8 weights with a scale per output channel and
+    activations quantized per token at run time, after SmoothQuant's scaling (`smoothquant_alpha`) calibrated at
+    compile time as int4_awq's is (custom_ops/linear/int8.py)."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -104,6 +106,11 @@ class CompileConfig(BaseModel):
     quantize_lm_head: bool = False
     """Quantize the LM head too (the last linear); by default it keeps the model's dtype, as most FP8
     checkpoints keep it."""
+
+    smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """`int8_sq`'s migration strength, 0 to 1: how much of the activations' outlier range SmoothQuant moves into the
+    weights (s = max|x|^alpha / max|W|^(1 - alpha) per input channel). 0.5 suits most models (the paper's default);
+    larger moves more, for models whose activations have stronger outliers."""
 
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """dtype of the paged KV cache; `auto` uses the dtype of the model's keys and values, `fp8` stores
@@ -241,10 +248,13 @@ class CompileConfig(BaseModel):
             field = "quantize_lm_head=True" if self.quantize_lm_head else f"activation_scheme={self.activation_scheme!r}"
             raise ValueError(f"{field} does not apply to quantization='mxfp4', which keeps a checkpoint's MoE experts in "
                              "MXFP4 (weights only) and every linear in the model's dtype")  # fmt: skip
-        if self.quantization in ("int4_awq", "int4_gptq") and self.parallel_ranks > 1:
+        if self.quantization in ("int4_awq", "int4_gptq", "int8_sq") and self.parallel_ranks > 1:
             raise ValueError(f"quantization={self.quantization!r} runs on one rank only for now (tensor_parallel_size="
                              f"{self.tensor_parallel_size}, expert_parallel_size={self.expert_parallel_size}); "
                              "quantizations that run over ranks: 'fp8', 'fp8_block'")  # fmt: skip
+        if self.smoothquant_alpha != 0.5 and self.quantization != "int8_sq":
+            raise ValueError(f"smoothquant_alpha={self.smoothquant_alpha} applies to quantization='int8_sq' only "
+                             f"(quantization={self.quantization!r})")  # fmt: skip
         if self.quantization == "fp8_block" and self.activation_scheme != "dynamic":
             raise ValueError(f"activation_scheme={self.activation_scheme!r} does not apply to quantization='fp8_block', "
                              "whose activation scales are per token and 128 columns, computed at run time; allowed: "

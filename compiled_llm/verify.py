@@ -25,6 +25,7 @@ from compiled_llm.runtime import ScheduledChunk, Sequence
 from fx_passes.causal_mask import user_line
 from fx_passes.quantize_fp8 import quantized_module
 from fx_passes.quantize_int4 import int4_module
+from fx_passes.quantize_int8 import int8_module
 
 log = logging.getLogger("compiled_llm")
 
@@ -175,20 +176,24 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
     prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     # With quantization, the module's linears round as the rewrite means them to: the rest is checked exactly.
     meta = compiled.graph_module.meta
-    rounding = (int4_module(model, meta["int4_weights"]) if meta.get("int4_weights") else
-                quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
-                                 meta.get("fp8_column_parts", [])))  # fmt: skip
+    if meta.get("int4_weights"):
+        rounding = int4_module(model, meta["int4_weights"])
+    elif meta.get("int8_weights"):
+        rounding = int8_module(model, meta["int8_weights"])
+    else:
+        rounding = quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
+                                    meta.get("fp8_column_parts", []))  # fmt: skip
     with rounding:
         expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
     tolerance, rms_bound = TOLERANCE.get(dtype, 1e-2), None
-    # FP8 rounds activations too, and a rounding that flips between two near values moves the logits more than
-    # float summation order would; int4_awq's reference rounds only the weights, the pass's own, so it is held as
+    # FP8 and int8_sq round activations too, and a rounding that flips between two near values moves the logits more
+    # than float summation order would; int4's reference rounds only the weights, the pass's own, so it is held as
     # tightly as an unquantized graph.
-    if meta.get("fp8_weights"):
+    if meta.get("fp8_weights") or meta.get("int8_weights"):
         unquantized = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
         moved = max(relative_rms(e, u).max().item() for e, u in zip(expected, unquantized))
         rms_bound = max(QUANTIZED_FLOOR_FACTOR * tolerance, QUANTIZED_ALLOWANCE * moved)
-        log.info("self-check: FP8 moves this module's logits by up to %.3g (relative RMS); allowed %.3g", moved,
+        log.info("self-check: quantizing activations moves this module's logits by up to %.3g (relative RMS); allowed %.3g", moved,
                  rms_bound)  # fmt: skip
         tolerance = rms_bound  # for the diagnosis of the first op that differs
     runner = compiled.runner

@@ -20,6 +20,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     module_kv_cache,
     quantize_fp8,
     quantize_int4,
+    quantize_int8,
     runtime_positions,
     select_logits_rows,
     shard_experts,

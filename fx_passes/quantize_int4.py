@@ -15,9 +15,6 @@ device, one at a time, into parameters of the graph module; the model's own are 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.fx
 
@@ -28,6 +25,7 @@ from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears
+from fx_passes.quantized_reference import linears_computing_as
 from fx_passes.registry import PassResult, register_pass
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
@@ -162,27 +160,12 @@ def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor | None) 
     return name
 
 
-@contextlib.contextmanager
-def int4_module(model: torch.nn.Module, records: list) -> Iterator[None]:
-    """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int4_weights"]`: (weight, its 4-bit
-    tensors and smooth); a fused weight's parts share its storage, each its rows of it) compute as the reference op
-    over the same tensors, for the self-check's reference logits. A quantized weight that no nn.Linear reads is
-    refused, naming its shape."""
-    by_storage = {w.untyped_storage().data_ptr(): (w, tensors) for w, tensors in records}
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
-               and m.weight.untyped_storage().data_ptr() in by_storage]  # fmt: skip
-    covered = {m.weight.untyped_storage().data_ptr() for m in linears}
-    missing = [tuple(w.shape) for ptr, (w, _) in by_storage.items() if ptr not in covered]
-    if missing:
-        raise ValueError(f"quantization='int4_awq' rewrote linears over weights {missing} that no nn.Linear of the "
-                         "module reads, so the self-check cannot compute what the rewrite means; compile_model(..., "
-                         "verify=False) accepts it unchecked")  # fmt: skip
+def int4_module(model: torch.nn.Module, records: list):
+    """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int4_weights"]`) compute as the
+    reference op over the same 4-bit tensors (each its part's smooth), for the self-check's reference logits."""
 
-    def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        stored = by_storage[module.weight.untyped_storage().data_ptr()]
-        whole, (qweight, scales, zeros, smooth, smooth_rows, group_size) = stored
-        first = (module.weight.storage_offset() - whole.storage_offset()) // whole.stride(0)
-        count = module.weight.shape[0]
+    def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
+        qweight, scales, zeros, smooth, smooth_rows, group_size = tensors
         rows = slice(first, first + count)
         if smooth is not None:  # this module's part of the fused weight
             part = [sum(smooth_rows[:p]) for p in range(len(smooth_rows))].index(first)
@@ -190,10 +173,4 @@ def int4_module(model: torch.nn.Module, records: list) -> Iterator[None]:
         return int4_linear_reference(x, qweight[rows], scales[rows], zeros[rows], smooth, [count], module.bias,
                                      group_size)  # fmt: skip
 
-    try:
-        for module in linears:
-            module.forward = forward.__get__(module)
-        yield
-    finally:
-        for module in linears:
-            del module.forward
+    return linears_computing_as(model, records, forward, "int4_awq or int4_gptq")

@@ -75,6 +75,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "quantize_fp8",
     # Under quantization="int4_awq" or "int4_gptq" only, where quantize_fp8 is (its calibration runs the graph as rewritten so far).
     "quantize_int4",
+    # Under quantization="int8_sq" only, likewise.
+    "quantize_int8",
     # Under quantization="mxfp4" only; before insert_fused_moe, which picks the experts' kernel.
     "keep_mxfp4_experts",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).

@@ -22,6 +22,8 @@ from conftest import VOCAB, paged_layers, random_prompt, tiny_model
         ({"moe_backend": "cutlass"}, "moe_backend"),
         ({"quantization": "int4_awq", "tensor_parallel_size": 2}, "quantization='int4_awq' runs on one rank only"),
         ({"quantization": "nvfp4"}, "quantization='nvfp4' is planned but not supported yet"),
+        ({"quantization": "int8_sq", "smoothquant_alpha": 1.5}, "smoothquant_alpha"),
+        ({"smoothquant_alpha": 0.8}, "applies to quantization='int8_sq' only"),
         ({"quantization": "int3"}, "quantization"),
         ({"quantize_lm_head": True, "quantization": "none"}, "quantize_lm_head=True needs a quantization"),
         ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype"),

@@ -252,7 +252,7 @@ def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict
         "nodes": encode_nodes(gm),
         "attributes": attributes,
         "recipes": gm.meta.get("derived_weights", []),
-        "graph_meta": {k: v for k, v in gm.meta.items() if k not in ("derived_weights", "fp8_weights", "int4_weights")},
+        "graph_meta": {k: v for k, v in gm.meta.items() if k not in ("derived_weights", "fp8_weights", "int4_weights", "int8_weights")},
         "pass_results": pass_results,
         "captured": captured,
         "constants": constants,

@@ -17,6 +17,7 @@ from custom_ops.linear import (  # noqa: F401
     gemv_tuning,
     int4,
     int4_tuning,
+    int8,
     silu_mul_fp8,
 )
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch

@@ -1,0 +1,42 @@
+"""The self-check's reference for weight formats whose tensors the pass made from a search (int4_awq, int8_sq) or
+took from a checkpoint: the module's own nn.Linear layers compute as the format's reference op over the very tensors
+the rewritten graph reads, each layer its rows of them (a fused q/k/v or gate/up weight's parts share its storage)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+# forward(module, x, tensors, first, count): the layer's output from the format's tensors, of whose rows it owns
+# `count` from `first`.
+PartForward = Callable[[torch.nn.Linear, torch.Tensor, tuple, int, int], torch.Tensor]
+
+
+@contextlib.contextmanager
+def linears_computing_as(model: torch.nn.Module, records: list, forward: PartForward, fmt: str) -> Iterator[None]:
+    """Within the block, each nn.Linear of `model` whose weight is one of `records` ((weight, tensors) as the pass
+    listed them) runs `forward`. A recorded weight that no nn.Linear reads is refused, naming its shape."""
+    by_storage = {w.untyped_storage().data_ptr(): (w, tensors) for w, tensors in records}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and m.weight.untyped_storage().data_ptr() in by_storage]  # fmt: skip
+    covered = {m.weight.untyped_storage().data_ptr() for m in linears}
+    missing = [tuple(w.shape) for ptr, (w, _) in by_storage.items() if ptr not in covered]
+    if missing:
+        raise ValueError(f"quantization {fmt} rewrote linears over weights {missing} that no nn.Linear of the module "
+                         "reads, so the self-check cannot compute what the rewrite means; compile_model(..., "
+                         "verify=False) accepts it unchecked")  # fmt: skip
+
+    def part_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        whole, tensors = by_storage[module.weight.untyped_storage().data_ptr()]
+        first = (module.weight.storage_offset() - whole.storage_offset()) // whole.stride(0)
+        return forward(module, x, tensors, first, module.weight.shape[0])
+
+    try:
+        for module in linears:
+            module.forward = part_forward.__get__(module)
+        yield
+    finally:
+        for module in linears:
+            del module.forward

