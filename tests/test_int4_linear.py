@@ -73,6 +73,14 @@ def test_smooth_scales_the_columns_each_part_was_divided_by():
     assert relative_error(out, x @ weight.t()) < 0.15  # 4 bits: a step of ~range / 15, ~10% RMS
 
 
+def test_float_offsets_dequantize_as_codes_times_scale_plus_offset():
+    """GGUF's Q4_1 form: zeros in a float dtype are offsets m, w = q s + m."""
+    codes = torch.tensor([[0, 15, 7, 1]], dtype=torch.uint8)
+    scales, offsets = torch.tensor([[0.5, 0.25]]), torch.tensor([[-1.0, 2.0]])
+    weight = dequantize(pack_codes(codes), scales, offsets, 2)
+    assert weight.tolist() == [[-1.0, 6.5, 3.75, 2.25]]
+
+
 def test_the_reference_is_the_float64_product_of_its_dequantized_weight():
     generator = torch.Generator().manual_seed(2)
     weight, x, bias = (
@@ -110,6 +118,16 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
             actual = torch.ops.compiled_llm.int4_linear(*args, *extra, b, group, "triton")
             error = relative_error(actual.cpu(), expected.cpu())
             assert error < TOLERANCE[dtype], (n, k, group, rows, smooth_rows, error)
+    # Float offsets (w = q s + m, GGUF's Q4_1): random codes, scales and offsets in the model's dtype, groups of 32
+    for n, k, rows in ((48, 256, 1), (48, 256, 6), (40, 96 * 2, 1)):
+        codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+        scales = (torch.rand(n, k // 32, generator=generator) * 0.1).to(dtype)
+        offsets = (torch.randn(n, k // 32, generator=generator) * 0.5).to(dtype)
+        x = torch.randn(rows, k, generator=generator).to(dtype)
+        args = [t.to(device) for t in (x, pack_codes(codes), scales, offsets)]
+        expected = int4_linear_reference(*args, None, [], None, 32)
+        actual = torch.ops.compiled_llm.int4_linear(*args, None, [], None, 32, "triton")
+        assert relative_error(actual.cpu(), expected.cpu()) < TOLERANCE[dtype], ("offsets", n, k, rows)
     # Each kernel by itself too (the op routes by rows), with a tile that takes more than one step of K.
     x = torch.randn(1, 384, generator=generator).to(dtype).to(device)
     quantized = [

@@ -5,8 +5,9 @@ columns.
 Numerics, which every backend is held to (tests/test_int4_linear.py):
 - storage: `qweight` uint8 [N, K/2], two codes a byte, column 2j in the low nibble and 2j + 1 in the high one (so
   the bytes read as little-endian int32 words hold columns 8i..8i+7 in nibbles 0..7); `scales` [N, K/G] in a float
-  dtype; `zeros` uint8 [N, K/G], codes 0..15;
-- W[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G], in float32 (q - z is a small integer: exact in any float);
+  dtype; `zeros` [N, K/G]: uint8 zero points (AWQ's, GPTQ's), or in a float dtype offsets m (GGUF's Q4_1);
+- W[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G], in float32 (q - z is a small integer: exact in any float), or
+  with offsets q s + m (a product, then a sum, as gguf's dequantizer computes them);
 - `smooth` [P, K] float32 or None: AWQ's activation-aware scaling, x[t, k] * smooth[p, k] for the output channels
   of part p, the `smooth_rows[p]` channels after part p - 1's (the weight was quantized multiplied by 1 / smooth, so
   that the columns that meet large activations keep more precision). A fused weight (q/k/v, gate/up) has a part per
@@ -56,7 +57,10 @@ def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """W [N, K] in float32, as the numerics above define it."""
     codes = unpack_codes(qweight).float()
-    return (codes - zeros.float().repeat_interleave(group_size, 1)) * scales.float().repeat_interleave(group_size, 1)
+    per_column = scales.float().repeat_interleave(group_size, 1)
+    if zeros.is_floating_point():  # offsets: w = q s + m
+        return codes * per_column + zeros.float().repeat_interleave(group_size, 1)
+    return (codes - zeros.float().repeat_interleave(group_size, 1)) * per_column
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: torch.Tensor | None = None,
@@ -141,7 +145,8 @@ def triton_takes(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         and group_size >= 16 and group_size & (group_size - 1) == 0 and k % group_size == 0 and half % 4 == 0 and qweight.data_ptr() % 4 == 0
         and qweight.dtype == torch.uint8 and qweight.is_contiguous()
         and scales.is_contiguous() and scales.dtype in KERNEL_DTYPES and zeros.is_contiguous()
-        and zeros.dtype == torch.uint8 and tuple(scales.shape) == tuple(zeros.shape) == (n, k // group_size)
+        and zeros.dtype in (torch.uint8, *KERNEL_DTYPES)
+        and tuple(scales.shape) == tuple(zeros.shape) == (n, k // group_size)
         and (smooth is None or (smooth.is_contiguous() and smooth.dtype == torch.float32 and smooth.dim() == 2
                                 and smooth.shape[1] == k and len(smooth_rows) == smooth.shape[0] <= 3
                                 and sum(smooth_rows) == n and all(r % 16 == 0 for r in smooth_rows)))

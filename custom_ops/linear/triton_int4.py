@@ -66,7 +66,7 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     _kernels().int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
         n, qweight.stride(0), scales.stride(0), *_part_ends(n, smooth_rows), K=k, GROUP=group_size,
-        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, **launch, **pdl_launch_options(rows),
+        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch, **pdl_launch_options(rows),
     )  # fmt: skip
     return out
 
@@ -97,7 +97,7 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     _kernels().int4_gemm_kernel[grid](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
         m, n, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *_part_ends(n, smooth_rows), K=k,
-        GROUP=group_size, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, **launch,
+        GROUP=group_size, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch,
         **pdl_launch_options(rows),
     )  # fmt: skip
     return out

@@ -59,7 +59,8 @@ def smooth_part(smooth_ptr, first_col, part_end0, part_end1, K: tl.constexpr):
 def int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, N, stride_wn, stride_sn, part_end0, part_end1,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, PTX_DECODE: tl.constexpr = False,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
+    PTX_DECODE: tl.constexpr = False,
 ):  # fmt: skip
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -94,7 +95,10 @@ def int4_gemv_kernel(
         x_2l, x_2h = tl.split(x_2)
         x_3l, x_3h = tl.split(x_3)
         zero = tl.load(z_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0)
-        zero16 = (zero.to(tl.float32) + 1024.0).to(tl.float16)[:, :, None]  # [BLOCK_N, G, 1]
+        if OFFSET:  # a float offset m (w = q s + m): the codes as they are, m times the group's sum of x below
+            zero16 = tl.full((BLOCK_N, G, 1), 1024.0, tl.float16)
+        else:
+            zero16 = (zero.to(tl.float32) + 1024.0).to(tl.float16)[:, :, None]  # [BLOCK_N, G, 1]
         sums = tl.zeros(words.shape, dtype=tl.float32)
         if PTX_DECODE:
             half = zero16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -110,6 +114,8 @@ def int4_gemv_kernel(
             sums = add_pair_products(sums, words, 12, zero16, x_3l, x_3h)
         scale = tl.load(s_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0.0)
         acc += tl.sum(sums, axis=2) * scale.to(tl.float32)
+        if OFFSET:
+            acc += zero.to(tl.float32) * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -120,7 +126,7 @@ def int4_gemv_kernel(
 def int4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
     part_end1, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
 ):  # fmt: skip
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -142,13 +148,18 @@ def int4_gemm_kernel(
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))  # columns 2j, 2j + 1
         group = k0 // GROUP
         zero = tl.load(z_ptr + cols * stride_sn + group, mask=col_ok, other=0)
-        w = (codes.to(tl.int32) - zero.to(tl.int32)[:, None]).to(dtype)  # q - z, exact
+        if OFFSET:  # w = q s + m: q exact in the dot, m times the block's sums of x
+            w = codes.to(dtype)
+        else:
+            w = (codes.to(tl.int32) - zero.to(tl.int32)[:, None]).to(dtype)  # q - z, exact
         if dtype == tl.float32:
             part = tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             part = tl.dot(x, tl.trans(w))
         scale = tl.load(s_ptr + cols * stride_sn + group, mask=col_ok, other=0.0).to(tl.float32)
         acc += part * scale[None, :]
+        if OFFSET:  # BLOCK_K divides the group: the blocks' sums of x add up to the group's
+            acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * zero.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
