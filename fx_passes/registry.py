@@ -73,7 +73,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # After fusion (q/k/v and gate/up quantized fused) and the RoPE rebuild over fused outputs; before
     # insert_linear_op, which then routes only the linears left in the model's dtype (the LM head).
     "quantize_fp8",
-    # Under quantization="int4_awq" or "int4_gptq" only, where quantize_fp8 is (its calibration runs the graph as rewritten so far).
+    # Under quantization="int4_awq", "int4_gptq" or "gguf" only, where quantize_fp8 is (its calibration runs the graph as rewritten so far).
     "quantize_int4",
     # Under quantization="int8_sq" only, likewise.
     "quantize_int8",

@@ -1,0 +1,96 @@
+"""A GGUF file's 4-bit linears kept in their blocks: Q4_0 and Q4_1 weights moved into `compiled_llm::int4_linear`'s
+layout (codes two a byte, a scale and a zero point or offset per 32 columns), never rounded again.
+
+ggml's blocks (32 weights each, a row of the weight [N, K] being K / 32 blocks):
+- Q4_1: float16 d, float16 m, 16 bytes of codes: byte j holds weight j in its low nibble and weight j + 16 in its
+  high one; w = d q + m (offsets: int4_linear's float zeros);
+- Q4_0: float16 d, 16 bytes of codes as Q4_1's; w = d (q - 8) (a zero point of 8).
+transformers loads a GGUF file dequantized (the `gguf` package's dequantizer, then its own renames and row
+permutations: Llama's q/k rows are reordered for its RoPE). `attach_gguf_blocks` finds, for each decoder linear of the
+loaded model, the block tensor of its layer whose dequantization equals its weight, row for row (exactly: the same
+float32 values, in the model's dtype), and attaches the codes in that row order as `int4_tensors`, which the
+quantize_int4 pass takes as they are. A weight no block tensor reproduces stays float (logged). K-quants (Q4_K, Q5_K,
+Q6_K) and Q8_0 stay dequantized for now.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from custom_ops.linear.int4 import dequantize, pack_codes
+
+log = logging.getLogger("compiled_llm")
+
+BLOCK = 32
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def block_tensors(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight [N, K/2] uint8, scales [N, K/32] float16, zeros [N, K/32]) of a Q4_0 or Q4_1 tensor's bytes
+    [N, K/32 * block bytes]: Q4_1's offsets m as float16 zeros, Q4_0's zero point 8 as uint8."""
+    rows = torch.from_numpy(np.ascontiguousarray(raw)).view(raw.shape[0], -1, _BLOCK_BYTES[kind])
+    n, blocks = rows.shape[:2]
+    d = rows[..., 0:2].contiguous().view(torch.float16).view(n, blocks)
+    start = 4 if kind == "Q4_1" else 2
+    qs = rows[..., start : start + BLOCK // 2]
+    codes = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(n, blocks * BLOCK)  # weights 0..15, then 16..31
+    if kind == "Q4_1":
+        zeros = rows[..., 2:4].contiguous().view(torch.float16).view(n, blocks)
+    else:
+        zeros = torch.full((n, blocks), 8, dtype=torch.uint8)
+    return pack_codes(codes), d.clone(), zeros.clone()
+
+
+def _row_order(stored: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The permutation p with stored[p] == weight (rows compared exactly), or None."""
+    if torch.equal(stored, weight):
+        return torch.arange(weight.shape[0])
+    index = {row.numpy().tobytes(): i for i, row in enumerate(stored)}
+    order = [index.get(row.numpy().tobytes()) for row in weight]
+    return None if None in order else torch.tensor(order)
+
+
+def attach_gguf_blocks(model: torch.nn.Module, path: Path) -> int:
+    """Attach the file's Q4_0 / Q4_1 block tensors to the decoder linears they reproduce (module docstring); how
+    many. Sets `model.compiled_llm_quantization = "gguf"` where any is."""
+    from gguf import GGUFReader
+
+    candidates: dict[tuple[int, tuple[int, int]], list] = {}  # (layer, [N, K]) -> the file's block tensors
+    for tensor in GGUFReader(path).tensors:
+        kind = tensor.tensor_type.name
+        layer = _LAYER.search(tensor.name)
+        if kind in _BLOCK_BYTES and layer and len(tensor.shape) == 2:
+            k, n = (int(s) for s in tensor.shape)  # ne0 is the input width
+            candidates.setdefault((int(layer.group(1)), (n, k)), []).append((tensor.name, kind, tensor.data))
+    attached, missed = 0, []
+    for name, module in model.named_modules():
+        layer = _LAYER.search(name)
+        if not isinstance(module, torch.nn.Linear) or not layer:
+            continue
+        weight = module.weight.detach().cpu()
+        found = None
+        for _, kind, raw in candidates.get((int(layer.group(1)), tuple(weight.shape)), ()):
+            stored = block_tensors(raw, kind)
+            order = _row_order(dequantize(*stored, BLOCK).to(weight.dtype), weight)
+            if order is not None:
+                found = tuple(t[order].contiguous().to(module.weight.device) for t in stored)
+                break
+        if found is None:
+            missed.append(name)
+            continue
+        module.weight.int4_tensors = (*found, BLOCK)
+        attached += 1
+    if missed:
+        log.info("%s: %d linears stay dequantized (no Q4_0/Q4_1 block tensor reproduces them), e.g. %s", path,
+                 len(missed), missed[0])  # fmt: skip
+    if attached:
+        model.compiled_llm_quantization = "gguf"
+        log.info("%s: %d linears keep their Q4_0/Q4_1 blocks (quantization='gguf'; 'none' runs them dequantized)",
+                 path, attached)  # fmt: skip
+    return attached
