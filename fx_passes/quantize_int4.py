@@ -79,6 +79,9 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
     if stored:  # an AWQ or GPTQ checkpoint: its tensors as they are, nothing calibrated
         if len(stored) < len(sites):  # what its quantizer left in float (modules_to_not_convert) stays
             kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
+        # The recipe reads the tensors riding on the parameters: replayed over a model loaded otherwise, it would
+        # round that model's weights instead, with nothing to say so.
+        gm.meta["unstorable"] = "a checkpoint's 4-bit tensors ride on its parameters, which a replay cannot check"
         return _rewrite(gm, config, stored, [(None, None)] * len(stored), [_stored(gm, n)[3] for n in stored],
                         [fused_parts(gm, n.args[1].target) for n in stored], linears, kept,
                         "the checkpoint's 4-bit weights as stored")  # fmt: skip
