@@ -65,3 +65,19 @@ def test_alpha_changes_the_scales(tmp_path):
     smooths = [[t for w, (_, _, t) in c.graph_module.meta["int8_weights"]] for c in (half, more)]
     assert not torch.equal(smooths[0][0], smooths[1][0])
     assert len(list((tmp_path / "smoothquant").glob("*.pt"))) == 2  # one entry each
+
+
+@pytest.mark.gpu
+def test_int8_sq_on_the_gpu_passes_the_self_check(own_cache_dir):
+    """bf16 on CUDA, Inductor and CUDA graphs, torch._int_mm (x padded to 32 rows at decode): the self-check passes
+    and the logits stay within 8-bit rounding of the float module's."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    compiled = compile_model(model, quantization="int8_sq", max_batch_size=2, max_seq_len=64, verify=True,
+                             cache_dir=own_cache_dir)  # fmt: skip
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_int8"]
+    assert "int_mm:" in result.detail
+    ids = random_prompt(10).cuda()
+    with torch.no_grad():
+        float_logits = model(ids, use_cache=False).logits.float()
+    relative = (compiled(ids).logits.float() - float_logits).norm() / float_logits.norm()
+    assert relative < 0.1
