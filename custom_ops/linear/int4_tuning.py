@@ -50,39 +50,51 @@ def tile_name(kind: str, tile: dict) -> str:
     return "-".join([kind, *parts])
 
 
-def _inputs(n: int, k: int, group_size: int, rows: int, dtype: torch.dtype) -> list[tuple]:
+def _inputs(n: int, k: int, group_size: int, offsets: bool, rows: int, dtype: torch.dtype) -> list[tuple]:
+    """Input sets in the form the graph's calls take: zero points with AWQ's smooth, or (a GGUF file's) float16
+    offsets without."""
     device = torch.device("cuda", torch.cuda.current_device())
     sets = []
     for _ in range(input_copies(n * k // 2)):
+        x = torch.randn(rows, k, device=device, dtype=dtype)
+        if offsets:
+            codes = torch.randint(0, 16, (n, k), device=device, dtype=torch.uint8)
+            scales = (torch.rand(n, k // group_size, device=device) * 0.02).half()
+            sets.append((x, int4.pack_codes(codes), scales, -8 * scales, None, group_size))
+            continue
         weight = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
         smooth = torch.rand(1, k, device=device) + 0.5
-        quantized = int4.quantize_weight(weight, group_size, smooth[0])
-        sets.append((torch.randn(rows, k, device=device, dtype=dtype), *quantized, smooth, group_size))
+        sets.append((x, *int4.quantize_weight(weight, group_size, smooth[0]), smooth, group_size))
     return sets
 
 
+def _rows(qweight, smooth) -> list[int]:
+    return [] if smooth is None else [qweight.shape[0]]
+
+
 def _reference(x, qweight, scales, zeros, smooth, group_size: int) -> torch.Tensor:
-    return int4.int4_linear_reference(x, qweight, scales, zeros, smooth, [qweight.shape[0]], None, group_size)
+    return int4.int4_linear_reference(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size)
 
 
-def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int, int]]:
-    """(N, K, group size) of each `triton` int4_linear of the graph."""
+def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int, int, bool]]:
+    """(N, K, group size, offsets) of each `triton` int4_linear of the graph."""
     found = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is INT4_LINEAR and node.args[-1] == "triton":
             n, half = graph_value(gm, node.args[1]).shape
-            found.add((n, 2 * half, node.args[-2]))
+            offsets = graph_value(gm, node.args[3]).is_floating_point()
+            found.add((n, 2 * half, node.args[-2], offsets))
     return sorted(found)
 
 
 class Int4GemvTuning:
-    """The one-row GEMV's launch; bucket {"n", "k", "group_size"}."""
+    """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
 
     op = "int4_gemv"
 
     def candidates(self, bucket: dict) -> list[Candidate]:
         def run(x, qweight, scales, zeros, smooth, group_size, tile):
-            return triton_int4.int4_gemv(x, qweight, scales, zeros, smooth, [qweight.shape[0]], None, group_size,
+            return triton_int4.int4_gemv(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size,
                                          **tile)  # fmt: skip
 
         return [Candidate(tile_name("gemv", t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *GEMV_TILES)]
@@ -91,7 +103,7 @@ class Int4GemvTuning:
         return "gemv"
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], 1, dtype)
+        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], 1, dtype)
 
     def reference(self, *inputs) -> torch.Tensor:
         return _reference(*inputs)
@@ -100,21 +112,21 @@ class Int4GemvTuning:
         return 2.0**-7, 2.0**-7  # one rounding of the output; the sums differ only in order
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
-        return [{"n": n, "k": k, "group_size": g} for n, k, g in _shapes(gm)]
+        return [{"n": n, "k": k, "group_size": g, "offsets": o} for n, k, g, o in _shapes(gm)]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        key = (device_index(device), bucket["n"], bucket["k"], bucket["group_size"])
+        key = (device_index(device), bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"])
         triton_int4.TUNED_GEMV[key] = dict(candidate.config)
 
 
 class Int4GemmTuning:
-    """The tensor-core GEMM's tile for decode batches; bucket {"n", "k", "group_size", "rows"}."""
+    """The tensor-core GEMM's tile for decode batches; bucket {"n", "k", "group_size", "offsets", "rows"}."""
 
     op = "int4_gemm"
 
     def candidates(self, bucket: dict) -> list[Candidate]:
         def run(x, qweight, scales, zeros, smooth, group_size, tile):
-            return triton_int4.int4_gemm(x, qweight, scales, zeros, smooth, [qweight.shape[0]], None, group_size,
+            return triton_int4.int4_gemm(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size,
                                          **tile)  # fmt: skip
 
         return [Candidate(tile_name("gemm", t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *GEMM_TILES)]
@@ -123,7 +135,7 @@ class Int4GemmTuning:
         return "gemm"
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["rows"], dtype)
+        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], bucket["rows"], dtype)
 
     def reference(self, *inputs) -> torch.Tensor:
         return _reference(*inputs)
@@ -132,11 +144,11 @@ class Int4GemmTuning:
         return 2.0**-7, 2.0**-7  # x * smooth rounded once for the tensor cores, then one rounding of the output
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
-        return [{"n": n, "k": k, "group_size": g, "rows": rows} for n, k, g in _shapes(gm)
+        return [{"n": n, "k": k, "group_size": g, "offsets": o, "rows": rows} for n, k, g, o in _shapes(gm)
                 for rows in triton_int4.GEMM_ROW_BUCKETS]  # fmt: skip
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        key = (device_index(device), bucket["n"], bucket["k"], bucket["group_size"], bucket["rows"])
+        key = (device_index(device), bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], bucket["rows"])
         triton_int4.TUNED_GEMM[key] = dict(candidate.config)
 
 

@@ -30,9 +30,10 @@ def _kernels():
 
 
 # The autotuner's choices in this process (int4_tuning.py), by (device index as Tensor.get_device gives it, N, K, group
-# size) for the GEMV and (..., rows bucket) for the GEMM: launch overrides of gemv_config's / gemm_config's.
-TUNED_GEMV: dict[tuple[int, int, int, int], dict] = {}
-TUNED_GEMM: dict[tuple[int, int, int, int, int], dict] = {}
+# size, offsets or zero points) for the GEMV and (..., rows bucket) for the GEMM: launch overrides of gemv_config's /
+# gemm_config's, each validated in its own form of zeros.
+TUNED_GEMV: dict[tuple[int, int, int, int, bool], dict] = {}
+TUNED_GEMM: dict[tuple[int, int, int, int, bool, int], dict] = {}
 GEMM_ROW_BUCKETS = (16, 64)  # decode batches; more rows run gemm_config's prefill tile
 
 
@@ -58,7 +59,7 @@ def _divides_parts(block_n: int, smooth_rows: list[int]) -> int:
 def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
     """y [1, N] for rows [1, K] (int4.triton_takes checked what the kernel reads)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
-    tuned = TUNED_GEMV.get((rows.get_device(), n, k, group_size), {})
+    tuned = TUNED_GEMV.get((rows.get_device(), n, k, group_size, zeros.is_floating_point()), {})
     launch = {**gemv_config(n, k, group_size), **tuned, **tile}
     if smooth is not None:
         launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
@@ -86,7 +87,8 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     """y [M, N] for rows [M, K] on tensor cores (int4.triton_takes checked what the kernel reads)."""
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
     bucket = next((b for b in GEMM_ROW_BUCKETS if m <= b), None)
-    tuned = TUNED_GEMM.get((rows.get_device(), n, k, group_size, bucket), {}) if bucket else {}
+    key = (rows.get_device(), n, k, group_size, zeros.is_floating_point(), bucket)
+    tuned = TUNED_GEMM.get(key, {}) if bucket else {}
     launch = {**gemm_config(m, n, group_size), **tuned, **tile}
     if smooth is not None:
         launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
