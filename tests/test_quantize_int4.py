@@ -125,24 +125,6 @@ def test_calibration_text_goes_through_the_tokenizer_in_sequences():
     assert sum(map(len, sequences)) == min(calibration.CALIBRATION_TOKENS, 711)
 
 
-def test_a_second_compile_reads_the_scales_from_the_cache(tmp_path, caplog):
-    model, first = compiled_int4("llama", tmp_path)
-    entries = list((tmp_path / "awq").glob("*.pt"))
-    assert len(entries) == 1
-    compiled = compile_model(model, quantization="int4_awq", compile_backend="eager", max_batch_size=2, max_seq_len=64,
-                             cache_dir=tmp_path)  # fmt: skip
-    (result,) = [p for p in compiled.report.passes if p.name == "quantize_int4"]
-    assert "from the cache" in result.detail
-    ids = random_prompt(7)
-    assert torch.equal(compiled(ids).logits, first(ids).logits)
-    entries[0].write_bytes(b"not a torch file")  # a corrupt entry: calibrated anew, with a warning
-    with caplog.at_level(logging.WARNING, logger="compiled_llm"):
-        again = compile_model(model, quantization="int4_awq", compile_backend="eager", max_batch_size=2,
-                              max_seq_len=64, cache_dir=tmp_path)  # fmt: skip
-    assert "unreadable" in caplog.text
-    assert torch.equal(again(ids).logits, first(ids).logits)
-
-
 def test_a_model_without_a_linear_it_can_quantize_is_refused(tmp_path):
     model = tiny_model("llama", hidden_size=40, intermediate_size=80, head_dim=10)  # widths of no group size
     with pytest.raises(ValueError, match="int4_awq' found no linear it can quantize"):

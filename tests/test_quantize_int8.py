@@ -48,17 +48,6 @@ def test_every_decoder_linear_is_int8_and_matches_the_module_over_the_same_tenso
     assert 0 < ((expected - float_logits).norm() / float_logits.norm()).item() < 0.1  # 8 bits: a few percent
 
 
-def test_a_second_compile_reads_the_scales_from_the_cache(tmp_path):
-    model, first = compiled_int8("llama", tmp_path)
-    assert len(list((tmp_path / "smoothquant").glob("*.pt"))) == 1
-    compiled = compile_model(model, quantization="int8_sq", compile_backend="eager", max_batch_size=2, max_seq_len=64,
-                             cache_dir=tmp_path)  # fmt: skip
-    (result,) = [p for p in compiled.report.passes if p.name == "quantize_int8"]
-    assert "from the cache" in result.detail
-    ids = random_prompt(7)
-    assert torch.equal(compiled(ids).logits, first(ids).logits)
-
-
 def test_alpha_changes_the_scales(tmp_path):
     _, half = compiled_int8("llama", tmp_path)
     _, more = compiled_int8("llama", tmp_path, smoothquant_alpha=0.8)

@@ -87,29 +87,45 @@ def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int, int, bool]]:
     return sorted(found)
 
 
-class Int4GemvTuning:
-    """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
+class _Int4KernelTuning:
+    """What the GEMV's and the GEMM's tunings share: candidates are `launch` with each of `tiles` (the untuned launch
+    first), held to the reference on inputs in the graph's form of zeros."""
 
-    op = "int4_gemv"
+    op: str
+    kind: str
+    tiles: tuple[dict, ...]
+
+    def launch(self, *args, **tile) -> torch.Tensor:
+        raise NotImplementedError
 
     def candidates(self, bucket: dict) -> list[Candidate]:
         def run(x, qweight, scales, zeros, smooth, group_size, tile):
-            return triton_int4.int4_gemv(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size,
-                                         **tile)  # fmt: skip
+            return self.launch(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size, **tile)
 
-        return [Candidate(tile_name("gemv", t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *GEMV_TILES)]
+        return [
+            Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *self.tiles)
+        ]
 
     def heuristic(self, bucket: dict) -> str:
-        return "gemv"
+        return self.kind
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], 1, dtype)
+        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], bucket.get("rows", 1), dtype)
 
     def reference(self, *inputs) -> torch.Tensor:
         return _reference(*inputs)
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
-        return 2.0**-7, 2.0**-7  # one rounding of the output; the sums differ only in order
+        return 2.0**-7, 2.0**-7  # x * smooth rounded once (tensor cores), then one rounding of the output
+
+
+class Int4GemvTuning(_Int4KernelTuning):
+    """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
+
+    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES
+
+    def launch(self, *args, **tile) -> torch.Tensor:
+        return triton_int4.int4_gemv(*args, **tile)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "group_size": g, "offsets": o} for n, k, g, o in _shapes(gm)]
@@ -119,29 +135,13 @@ class Int4GemvTuning:
         triton_int4.TUNED_GEMV[key] = dict(candidate.config)
 
 
-class Int4GemmTuning:
+class Int4GemmTuning(_Int4KernelTuning):
     """The tensor-core GEMM's tile for decode batches; bucket {"n", "k", "group_size", "offsets", "rows"}."""
 
-    op = "int4_gemm"
+    op, kind, tiles = "int4_gemm", "gemm", GEMM_TILES
 
-    def candidates(self, bucket: dict) -> list[Candidate]:
-        def run(x, qweight, scales, zeros, smooth, group_size, tile):
-            return triton_int4.int4_gemm(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size,
-                                         **tile)  # fmt: skip
-
-        return [Candidate(tile_name("gemm", t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *GEMM_TILES)]
-
-    def heuristic(self, bucket: dict) -> str:
-        return "gemm"
-
-    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], bucket["rows"], dtype)
-
-    def reference(self, *inputs) -> torch.Tensor:
-        return _reference(*inputs)
-
-    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
-        return 2.0**-7, 2.0**-7  # x * smooth rounded once for the tensor cores, then one rounding of the output
+    def launch(self, *args, **tile) -> torch.Tensor:
+        return triton_int4.int4_gemm(*args, **tile)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "group_size": g, "offsets": o, "rows": rows} for n, k, g, o in _shapes(gm)
