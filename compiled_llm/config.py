@@ -99,7 +99,7 @@ class CompileConfig(BaseModel):
     stored weights under it. `int4_gptq`: a GPTQ checkpoint's stored 4-bit weights (compiled_llm/int4_checkpoint.py),
     what `auto` picks for one. `int8_sq`: SmoothQuant W8A8, int8 weights with a scale per output channel and
     activations quantized per token at run time, after SmoothQuant's scaling (`smoothquant_alpha`) calibrated at
-    compile time as int4_awq's is (custom_ops/linear/int8.py). `gguf`: a .gguf file's Q4_0/Q4_1 linears run from
+    compile time as int4_awq's is (custom_ops/linear/int8.py). `gguf`: a .gguf file's Q4_0/Q4_1/Q4_K linears run from
     their blocks through int4_linear (compiled_llm/gguf_blocks.py), what `auto` picks for such a file; `none` runs
     its dequantized weights."""
 

@@ -1,17 +1,21 @@
-"""A GGUF file's 4-bit linears kept in their blocks: Q4_0 and Q4_1 weights moved into `compiled_llm::int4_linear`'s
-layout (codes two a byte, a scale and a zero point or offset per 32 columns), never rounded again.
+"""A GGUF file's 4-bit linears kept in their blocks: Q4_0, Q4_1 and Q4_K weights moved into
+`compiled_llm::int4_linear`'s layout (codes two a byte, a scale and an offset per 32 columns), never rounded again.
 
 ggml's blocks (32 weights each, a row of the weight [N, K] being K / 32 blocks):
 - Q4_1: float16 d, float16 m, 16 bytes of codes: byte j holds weight j in its low nibble and weight j + 16 in its
   high one; w = d q + m (offsets: int4_linear's float zeros);
 - Q4_0: float16 d, 16 bytes of codes as Q4_1's; w = d (q - 8), kept as offsets m = -8 d (exact in float16, and q d +
-  m is (q - 8) d exactly in float32), so that every GGUF linear has one form and fused parts concatenate.
+  m is (q - 8) d exactly in float32), so that every GGUF linear has one form and fused parts concatenate;
+- Q4_K: super-blocks of 256 weights: float16 d and dmin, 12 bytes of 6-bit scales and mins for its 8 groups of 32,
+  128 bytes of codes (each 32 bytes: a group's codes in the low nibbles, the next group's in the high ones);
+  w = (d sc) q - dmin mn, kept as float32 scales d sc and offsets -dmin mn (both exact: a float16 times a 6-bit
+  integer), which int4_linear's q s + m reproduces bit for bit.
 transformers loads a GGUF file dequantized (the `gguf` package's dequantizer, then its own renames and row
 permutations: Llama's q/k rows are reordered for its RoPE). `attach_gguf_blocks` finds, for each decoder linear of the
 loaded model, the block tensor of its layer whose dequantization equals its weight, row for row (exactly: the same
 float32 values, in the model's dtype), and attaches the codes in that row order as `int4_tensors`, which the
-quantize_int4 pass takes as they are. A weight no block tensor reproduces stays float (logged). K-quants (Q4_K, Q5_K,
-Q6_K) and Q8_0 stay dequantized for now.
+quantize_int4 pass takes as they are. A weight no block tensor reproduces stays float (logged). Q5_K, Q6_K and Q8_0
+stay dequantized for now.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from custom_ops.linear.int4 import dequantize, pack_codes
 log = logging.getLogger("compiled_llm")
 
 BLOCK = 32
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -36,6 +40,8 @@ def block_tensors(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tenso
     """(qweight [N, K/2] uint8, scales [N, K/32] float16, offsets [N, K/32] float16) of a Q4_0 or Q4_1 tensor's bytes
     [N, K/32 * block bytes]: Q4_1's m, Q4_0's -8 d."""
     rows = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, _BLOCK_BYTES[kind])  # a copy
+    if kind == "Q4_K":
+        return _q4_k(rows)
     n, blocks = rows.shape[:2]
     d = rows[..., 0:2].contiguous().view(torch.float16).view(n, blocks)
     start = 4 if kind == "Q4_1" else 2
@@ -46,6 +52,21 @@ def block_tensors(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tenso
     else:
         offsets = d * -8
     return pack_codes(codes), d.clone(), offsets.clone()
+
+
+def _q4_k(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """block_tensors of Q4_K super-blocks rows [N, K/256, 144] (module docstring; the 6-bit scales unpacked as ggml's
+    get_scale_min_k4)."""
+    n, blocks = rows.shape[:2]
+    d = rows[..., 0:2].contiguous().view(torch.float16).float()  # [N, B, 1]
+    dmin = rows[..., 2:4].contiguous().view(torch.float16).float()
+    packed = rows[..., 4:16].view(n, blocks, 3, 4)
+    low, high, rest = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # groups 0-3's bits, 4-7's in rest
+    sc = torch.cat((low & 63, (rest & 15) | ((low >> 2) & 48)), dim=-1).float()  # [N, B, 8]
+    mn = torch.cat((high & 63, (rest >> 4) | ((high >> 2) & 48)), dim=-1).float()
+    qs = rows[..., 16:].view(n, blocks, 4, 1, 32)
+    codes = torch.cat((qs & 15, qs >> 4), dim=3).reshape(n, blocks * 256)  # group 2c low nibbles, 2c + 1 high
+    return pack_codes(codes), (d * sc).view(n, -1), (-(dmin * mn)).view(n, -1)
 
 
 def _row_order(stored: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -89,10 +110,10 @@ def attach_gguf_blocks(model: torch.nn.Module, path: Path) -> int:
         module.weight.int4_tensors = (*found, BLOCK, "gguf")
         attached += 1
     if missed:
-        log.info("%s: %d linears stay dequantized (no Q4_0/Q4_1 block tensor reproduces them), e.g. %s", path,
+        log.info("%s: %d linears stay dequantized (no Q4_0/Q4_1/Q4_K block tensor reproduces them), e.g. %s", path,
                  len(missed), missed[0])  # fmt: skip
     if attached:
         model.compiled_llm_quantization = "gguf"
-        log.info("%s: %d linears keep their Q4_0/Q4_1 blocks (quantization='gguf'; 'none' runs them dequantized)",
+        log.info("%s: %d linears keep their Q4_0/Q4_1/Q4_K blocks (quantization='gguf'; 'none' runs them dequantized)",
                  path, attached)  # fmt: skip
     return attached

@@ -90,7 +90,7 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
         return _rewrite(gm, config, stored, [(None, None)] * len(stored), groups, parts, linears, kept,
                         "the checkpoint's 4-bit weights as stored", stored=True)  # fmt: skip
     if config.quantization in ("int4_gptq", "gguf"):
-        stored_as = "a GPTQ checkpoint's" if config.quantization == "int4_gptq" else "a GGUF file's Q4_0/Q4_1"
+        stored_as = "a GPTQ checkpoint's" if config.quantization == "int4_gptq" else "a GGUF file's Q4_0/Q4_1/Q4_K"
         raise ValueError(f"quantization={config.quantization!r} runs {stored_as} stored 4-bit weights, and this model "
                          "has none (load the checkpoint or file itself); to quantize a float model, use "
                          "quantization='int4_awq'")  # fmt: skip

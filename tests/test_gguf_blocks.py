@@ -34,6 +34,24 @@ def test_blocks_dequantize_as_the_gguf_package_does(kind):
     assert torch.equal(dequantize(*stored, 32), expected)
 
 
+def test_random_valid_q4_k_blocks_dequantize_as_the_gguf_package_does():
+    """gguf has no Q4_K quantizer: random super-blocks (random 6-bit scales and mins, codes, finite float16 d and dmin)
+    against its dequantizer, bit for bit; float32 scales and offsets (d sc and -dmin mn are exact there)."""
+    from gguf import GGMLQuantizationType, quants
+
+    from compiled_llm.gguf_blocks import block_tensors
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, size=(5, 2 * 144), dtype=np.uint8)  # 5 rows of 512 weights
+    halves = raw.reshape(5, 2, 144)
+    halves[..., 0:4] = (rng.random((5, 2, 2)) * 0.01).astype(np.float16).view(np.uint8)  # d, dmin
+    stored = block_tensors(raw, "Q4_K")
+    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K))
+    assert stored[0].shape == (5, 256) and stored[1].shape == stored[2].shape == (5, 16)
+    assert stored[1].dtype == stored[2].dtype == torch.float32
+    assert torch.equal(dequantize(*stored, 32), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_are_matched_bit_for_bit_in_any_dtype(dtype):
     """transformers reorders Llama's q/k rows for its RoPE: the blocks' rows are found in the loaded weight, in its
