@@ -51,7 +51,8 @@ CUDA_GRAPH_RESERVE_BYTES = 1 << 30
 def compile_model(model: nn.Module, config: CompileConfig | dict | None = None, tokenizer=None,
                   **fields) -> CompiledModel:  # fmt: skip
     """Capture, rewrite and compile a causal LM. Keyword arguments are `CompileConfig` fields; `tokenizer` (the
-    model's) is read only by quantizations that calibrate on text (`int4_awq`), which use random token ids without it.
+    model's) is read only by quantizations that calibrate on text (`int4_awq`, `int8_sq`), which use random token ids
+    without it.
 
     Example:
         >>> cm = compile_model(hf_model, max_batch_size=8)
@@ -138,8 +139,8 @@ class CompiledModel(CausalLMCalls):
                         tracing_constants = rewritten.tracing_constants(captured.gm)
                         captured.gm.meta["max_seq_len"] = self.max_seq_len  # how far causal_mask.py proves a mask
                         start = time.perf_counter()
-                        if config.quantization in ("int4_awq", "int8_sq"):  # calibration reads them (calibration.py)
-                            captured.gm.meta.update(tokenizer=tokenizer, vocab_size=captured.vocab_size)
+                        # What a calibrating pass reads (fx_passes/calibration.py); the tokenizer is not the graph's to keep
+                        captured.gm.meta.update(tokenizer=tokenizer, vocab_size=captured.vocab_size)
                         pass_results = run_passes(captured.gm, config)
                         captured.gm.meta.pop("tokenizer", None)
                         timings["passes_s"] = time.perf_counter() - start

