@@ -1,4 +1,4 @@
-"""int4 (W4A16) linears against bf16, per call, on the linears of Llama-3.1-8B (fused qkv and gate/up), from decode
+"""4-bit weight-only linears (int4 W4A16, NVFP4) against bf16, per call, on the linears of Llama-3.1-8B (fused qkv and gate/up), from decode
 rows to prefill chunks: what `compiled_llm::int4_linear`'s triton backend costs, and how close its one-row GEMV comes
 to the bytes it must read.
 
@@ -10,6 +10,8 @@ streams its layers' weights; benchmarks/graph_timing.py):
                 row, the tensor-core GEMM for more)
   int4_plain    the same without a smooth: what multiplying x by it costs
   int4_GBps     one row: the int4 weight's bytes (codes, scales, zeros) over int4_triton's time
+  nvfp4_triton  nvfp4_linear's triton backend (E2M1 codes, an e4m3 scale per 16 columns; GEMV / tensor-core GEMM)
+  nvfp4_GBps    one row: the NVFP4 weight's bytes over nvfp4_triton's time
 
     python benchmarks/int4_linear_bench.py --json out.json
     python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 import custom_ops  # noqa: F401  (registers the ops)
-from custom_ops.linear import triton_int4
+from custom_ops.linear import nvfp4, triton_int4
 from custom_ops.linear.int4 import quantize_weight
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
@@ -34,6 +36,7 @@ ROWS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
 L2_OVERFLOW_BYTES = 400_000_000
 GROUP = 128
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear
+NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear
 
 
 def per_call(fn, operands, repeats: int = 20) -> float:
@@ -44,17 +47,18 @@ def per_call(fn, operands, repeats: int = 20) -> float:
     return time_graph(body, len(operands), repeats)
 
 
-def weights(n: int, k: int) -> tuple[list, list]:
-    """(bf16 weights [n, k], their int4 forms (qweight, scales, zeros)) in as many copies as it takes to overflow L2
-    with the int4 ones (a quarter of those in bf16)."""
+def weights(n: int, k: int) -> tuple[list, list, list]:
+    """(bf16 weights [n, k], their int4 forms (qweight, scales, zeros), their NVFP4 forms (codes, scales, global)) in
+    as many copies as it takes to overflow L2 with the 4-bit ones (a quarter of those in bf16)."""
     copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k // 2)))
     bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 4))]
     int4 = [quantize_weight(bf16[i % len(bf16)], GROUP) for i in range(copies)]
-    return bf16, int4
+    fp4 = [nvfp4.quantize_weight(bf16[i % len(bf16)]) for i in range(copies)]
+    return bf16, int4, fp4
 
 
 def measure(name: str, n: int, k: int, rows_list, tiles: list[dict]) -> list[dict]:
-    bf16, int4 = weights(n, k)
+    bf16, int4, fp4 = weights(n, k)
     smooth = torch.rand(1, k, device="cuda") + 0.5
     results = []
     for rows in rows_list:
@@ -69,6 +73,9 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict]) -> list[dic
                                      [(x, *w) for w in int4])  # fmt: skip
         nbytes = sum(t.numel() * t.element_size() for t in int4[0])
         row["int4_GBps"] = nbytes / row["int4_triton"] / 1e3
+        row["nvfp4_triton"] = per_call(lambda x, q, s, g: NVFP4_LINEAR(x, q, s, g, None, "triton"),
+                                       [(x, *w) for w in fp4])  # fmt: skip
+        row["nvfp4_GBps"] = sum(t.numel() * t.element_size() for t in fp4[0][:2]) / row["nvfp4_triton"] / 1e3
         for tile in tiles if rows == 1 else ():
             key = "gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
             row[key] = per_call(lambda x, q, s, z, tile=tile: triton_int4.int4_gemv(x, q, s, z, smooth, [n], None,

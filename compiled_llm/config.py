@@ -21,7 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
-    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq", "int8_sq", "gguf"),
+    "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq", "int8_sq", "nvfp4", "gguf"),
     "activation_scheme": ("dynamic",),
 }
 
@@ -99,9 +99,12 @@ class CompileConfig(BaseModel):
     stored weights under it. `int4_gptq`: a GPTQ checkpoint's stored 4-bit weights (compiled_llm/int4_checkpoint.py),
     what `auto` picks for one. `int8_sq`: SmoothQuant W8A8, int8 weights with a scale per output channel and
     activations quantized per token at run time, after SmoothQuant's scaling (`smoothquant_alpha`) calibrated at
-    compile time as int4_awq's is (custom_ops/linear/int8.py). `gguf`: a .gguf file's Q4_0/Q4_1/Q4_K linears run from
-    their blocks through int4_linear (compiled_llm/gguf_blocks.py), what `auto` picks for such a file; `none` runs
-    its dequantized weights."""
+    compile time as int4_awq's is (custom_ops/linear/int8.py). `nvfp4`: E2M1 weights with an e4m3 scale per 16 input
+    columns and a float32 global scale, dequantized in the kernel (weight-only: Hopper has no FP4 tensor cores),
+    rounded at compile time by ModelOpt's recipe, or a ModelOpt or compressed-tensors NVFP4 checkpoint's as stored
+    (what `auto` picks for one; custom_ops/linear/nvfp4.py, compiled_llm/nvfp4_checkpoint.py). `gguf`: a .gguf
+    file's Q4_0/Q4_1/Q4_K linears run from their blocks through int4_linear (compiled_llm/gguf_blocks.py), what
+    `auto` picks for such a file; `none` runs its dequantized weights."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
@@ -252,7 +255,7 @@ class CompileConfig(BaseModel):
             field = "quantize_lm_head=True" if self.quantize_lm_head else f"activation_scheme={self.activation_scheme!r}"
             raise ValueError(f"{field} does not apply to quantization='mxfp4', which keeps a checkpoint's MoE experts in "
                              "MXFP4 (weights only) and every linear in the model's dtype")  # fmt: skip
-        if self.quantization in ("int4_awq", "int4_gptq", "int8_sq", "gguf") and self.parallel_ranks > 1:
+        if self.quantization in ("int4_awq", "int4_gptq", "int8_sq", "nvfp4", "gguf") and self.parallel_ranks > 1:
             raise ValueError(f"quantization={self.quantization!r} runs on one rank only for now (tensor_parallel_size="
                              f"{self.tensor_parallel_size}, expert_parallel_size={self.expert_parallel_size}); "
                              "quantizations that run over ranks: 'fp8', 'fp8_block'")  # fmt: skip

@@ -26,6 +26,7 @@ from fx_passes.causal_mask import user_line
 from fx_passes.quantize_fp8 import quantized_module
 from fx_passes.quantize_int4 import int4_module
 from fx_passes.quantize_int8 import int8_module
+from fx_passes.quantize_nvfp4 import nvfp4_module
 
 log = logging.getLogger("compiled_llm")
 
@@ -180,6 +181,8 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
         rounding = int4_module(model, meta["int4_weights"])
     elif meta.get("int8_weights"):
         rounding = int8_module(model, meta["int8_weights"])
+    elif meta.get("nvfp4_weights"):
+        rounding = nvfp4_module(model, meta["nvfp4_weights"])
     else:
         rounding = quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
                                     meta.get("fp8_column_parts", []))  # fmt: skip

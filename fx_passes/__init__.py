@@ -21,6 +21,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     quantize_fp8,
     quantize_int4,
     quantize_int8,
+    quantize_nvfp4,
     runtime_positions,
     select_logits_rows,
     shard_experts,

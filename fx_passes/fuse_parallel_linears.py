@@ -67,6 +67,10 @@ def fuse_parameters(gm: torch.fx.GraphModule, name: str, part_names: list[str]) 
     int4 = [getattr(p, "int4_tensors", None) for p in parts]
     if None not in int4 and len({(t[2].dtype, *t[3:]) for t in int4}) == 1:
         fused.int4_tensors = (*(torch.cat(rows) for rows in zip(*(t[:3] for t in int4))), *int4[0][3:])
+    # An NVFP4 checkpoint's (nvfp4_checkpoint.py), each part's global scale kept per channel; likewise.
+    nvfp4 = [getattr(p, "nvfp4_tensors", None) for p in parts]
+    if None not in nvfp4:
+        fused.nvfp4_tensors = tuple(torch.cat(rows) for rows in zip(*nvfp4))
     gm.register_parameter(name, fused)
 
 

@@ -77,6 +77,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "quantize_int4",
     # Under quantization="int8_sq" only, likewise.
     "quantize_int8",
+    # Under quantization="nvfp4" only, likewise.
+    "quantize_nvfp4",
     # Under quantization="mxfp4" only; before insert_fused_moe, which picks the experts' kernel.
     "keep_mxfp4_experts",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).

@@ -1,14 +1,17 @@
 """Linear layers: `compiled_llm::linear` and `compiled_llm::linear_silu_mul` with their backends by name
 (op.py: `torch`, `triton`, `onednn`); the Triton kernels the `triton` backend runs (triton_gemv.py,
-triton_silu_mul.py); quantized linears, an op per weight format with its reference and backends (fp8.py:
-`compiled_llm::fp8_linear`, Triton kernels in triton_fp8.py; fp8_block.py: `compiled_llm::fp8_block_linear`,
-triton_fp8_block.py; int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points
-(W4A16: AWQ, GPTQ), Triton kernels in triton_int4.py; fp8_tuning.py, gemv_tuning.py: the decode GEMM's and the GEMV's candidates for the
-autotuner); silu_mul_fp8.py:
-`compiled_llm::silu_mul_fp8`, a gated activation written as an FP8 linear's input. Importing the package registers
-the ops and their tunings."""
+triton_silu_mul.py); quantized linears, an op per weight format with its reference and backends:
+- fp8.py: `compiled_llm::fp8_linear`, Triton kernels in triton_fp8.py; fp8_block.py: `compiled_llm::fp8_block_linear`,
+  triton_fp8_block.py; silu_mul_fp8.py: `compiled_llm::silu_mul_fp8`, a gated activation written as an FP8 linear's
+  input;
+- int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points (W4A16: AWQ, GPTQ, GGUF),
+  launched by triton_int4.py; nvfp4.py: `compiled_llm::nvfp4_linear`, E2M1 weights with e4m3 scales per 16 columns,
+  launched by triton_nvfp4.py; both kernels' code in triton_int4_kernels.py;
+- int8.py: `compiled_llm::int8_linear`, SmoothQuant W8A8.
+The `*_tuning.py` modules make the kernels' launches autotuner candidates. Importing the package registers the ops
+and their tunings."""
 
-# Register compiled_llm::fp8_linear, fp8_block_linear, int4_linear and silu_mul_fp8, and the decode GEMM's and GEMV's tunings.
+# Register the ops and their tunings.
 from custom_ops.linear import (  # noqa: F401
     fp8,
     fp8_block,
@@ -18,6 +21,8 @@ from custom_ops.linear import (  # noqa: F401
     int4,
     int4_tuning,
     int8,
+    nvfp4,
+    nvfp4_tuning,
     silu_mul_fp8,
 )
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch

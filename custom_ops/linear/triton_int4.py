@@ -23,7 +23,7 @@ from custom_ops.triton_runtime import pdl_launch_options
 
 
 @functools.cache
-def _kernels():
+def four_bit_kernels():
     from custom_ops.linear import triton_int4_kernels
 
     return triton_int4_kernels
@@ -64,7 +64,7 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     if smooth is not None:
         launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(1, n)
-    _kernels().int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
+    four_bit_kernels().int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
         n, qweight.stride(0), scales.stride(0), *_part_ends(n, smooth_rows), K=k, GROUP=group_size,
         HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch, **pdl_launch_options(rows),
@@ -96,7 +96,7 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
         raise ValueError(f"BLOCK_K={launch['BLOCK_K']} does not divide the group of {group_size} columns")
     out = rows.new_empty(m, n)
     grid = (triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(n, launch["BLOCK_N"]))
-    _kernels().int4_gemm_kernel[grid](
+    four_bit_kernels().int4_gemm_kernel[grid](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
         m, n, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *_part_ends(n, smooth_rows), K=k,
         GROUP=group_size, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch,

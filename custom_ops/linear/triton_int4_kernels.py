@@ -1,5 +1,7 @@
-"""The Triton kernels of triton_int4.py (`compiled_llm::int4_linear`'s `triton` backend; the numerics are int4.py's).
-Importing this module needs triton; triton_int4 imports it on first use."""
+"""The Triton kernels of 4-bit weights: triton_int4.py's (`compiled_llm::int4_linear`'s `triton` backend; the numerics
+are int4.py's) and triton_nvfp4.py's (`compiled_llm::nvfp4_linear`'s, E2M1 codes with e4m3 scales: nvfp4.py). Both
+store two codes a byte, column 2j in the low nibble, so the GEMV reads them alike. Importing this module needs triton;
+the launchers import it on first use."""
 
 import triton
 import triton.language as tl
@@ -47,6 +49,28 @@ def add_pair_products_ptx(sums, words, shift, zero_pair, x_low, x_high):
 
 
 @triton.jit
+def add_pair_products_e2m1(sums, words, shift, x_low, x_high):
+    """add_pair_products for E2M1 codes: code bits s e1 e0 m moved to a float16's sign (bit 15) and to its two lowest
+    exponent bits and first mantissa bit (bits 11..9) make the float16 e2m1 * 2^-14 exactly (e = 0: a subnormal,
+    0.5 * 2^-14 for m = 1), both halves of a word at once; the kernel applies the 2^14."""
+    pair = words >> shift
+    bits = ((pair & 0x00070007) << 9) | ((pair & 0x00080008) << 12)
+    low = bits.to(tl.int16).to(tl.float16, bitcast=True)
+    high = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    sums = sums + low.to(tl.float32) * x_low[None, :, :]
+    return sums + high.to(tl.float32) * x_high[None, :, :]
+
+
+@triton.jit
+def e4m3_times_2_to_8(bits):
+    """float8 e4m3 (fn) bits, any integer type, as float32 times 2^-8: its exponent and mantissa moved under a
+    float16's (bits 13..7) make the float16 e4m3 * 2^-8 exactly, subnormals included (e4m3's NaN is no scale)."""
+    bits = bits.to(tl.int32)
+    half = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+    return half.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def smooth_part(smooth_ptr, first_col, part_end0, part_end1, K: tl.constexpr):
     """The row of smooth [P, K] for the part of the output channels a program computes: its channels lie in one part
     (the launcher's BLOCK_N divides every part's), the first part ending at channel part_end0, the second at
@@ -60,8 +84,9 @@ def int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, N, stride_wn, stride_sn, part_end0, part_end1,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
-    PTX_DECODE: tl.constexpr = False,
+    PTX_DECODE: tl.constexpr = False, E2M1: tl.constexpr = False,
 ):  # fmt: skip
+    # E2M1: NVFP4 (GROUP 16): s_ptr the e4m3 scales' bytes, z_ptr the float32 global scales [N], no zero points.
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     G: tl.constexpr = GROUPS_A_STEP
@@ -94,29 +119,39 @@ def int4_gemv_kernel(
         x_1l, x_1h = tl.split(x_1)
         x_2l, x_2h = tl.split(x_2)
         x_3l, x_3h = tl.split(x_3)
-        zero = tl.load(z_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0)
-        if OFFSET:  # a float offset m (w = q s + m): the codes as they are, m times the group's sum of x below
-            zero16 = tl.full((BLOCK_N, G, 1), 1024.0, tl.float16)
-        else:
-            zero16 = (zero.to(tl.float32) + 1024.0).to(tl.float16)[:, :, None]  # [BLOCK_N, G, 1]
         sums = tl.zeros(words.shape, dtype=tl.float32)
-        if PTX_DECODE:
-            half = zero16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            zero_pair = half | (half << 16)
-            sums = add_pair_products_ptx(sums, words, 0, zero_pair, x_0l, x_0h)
-            sums = add_pair_products_ptx(sums, words, 4, zero_pair, x_1l, x_1h)
-            sums = add_pair_products_ptx(sums, words, 8, zero_pair, x_2l, x_2h)
-            sums = add_pair_products_ptx(sums, words, 12, zero_pair, x_3l, x_3h)
+        if E2M1:
+            sums = add_pair_products_e2m1(sums, words, 0, x_0l, x_0h)
+            sums = add_pair_products_e2m1(sums, words, 4, x_1l, x_1h)
+            sums = add_pair_products_e2m1(sums, words, 8, x_2l, x_2h)
+            sums = add_pair_products_e2m1(sums, words, 12, x_3l, x_3h)
         else:
-            sums = add_pair_products(sums, words, 0, zero16, x_0l, x_0h)
-            sums = add_pair_products(sums, words, 4, zero16, x_1l, x_1h)
-            sums = add_pair_products(sums, words, 8, zero16, x_2l, x_2h)
-            sums = add_pair_products(sums, words, 12, zero16, x_3l, x_3h)
-        scale = tl.load(s_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0.0)
+            zero = tl.load(z_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0)
+            if OFFSET:  # a float offset m (w = q s + m): the codes as they are, m times the group's sum of x below
+                zero16 = tl.full((BLOCK_N, G, 1), 1024.0, tl.float16)
+            else:
+                zero16 = (zero.to(tl.float32) + 1024.0).to(tl.float16)[:, :, None]  # [BLOCK_N, G, 1]
+            if PTX_DECODE:
+                half = zero16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                zero_pair = half | (half << 16)
+                sums = add_pair_products_ptx(sums, words, 0, zero_pair, x_0l, x_0h)
+                sums = add_pair_products_ptx(sums, words, 4, zero_pair, x_1l, x_1h)
+                sums = add_pair_products_ptx(sums, words, 8, zero_pair, x_2l, x_2h)
+                sums = add_pair_products_ptx(sums, words, 12, zero_pair, x_3l, x_3h)
+            else:
+                sums = add_pair_products(sums, words, 0, zero16, x_0l, x_0h)
+                sums = add_pair_products(sums, words, 4, zero16, x_1l, x_1h)
+                sums = add_pair_products(sums, words, 8, zero16, x_2l, x_2h)
+                sums = add_pair_products(sums, words, 12, zero16, x_3l, x_3h)
+        scale = tl.load(s_rows + groups[None, :], mask=col_ok[:, None] & group_ok[None, :], other=0)
+        if E2M1:
+            scale = e4m3_times_2_to_8(scale)
         acc += tl.sum(sums, axis=2) * scale.to(tl.float32)
         if OFFSET:
             acc += zero.to(tl.float32) * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]
     out = tl.sum(acc, axis=1)
+    if E2M1:  # the codes' 2^-14 and the scales' 2^-8 undone with the channels' global scales
+        out *= tl.load(z_ptr + cols, mask=col_ok, other=0.0) * 4194304.0
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
@@ -160,6 +195,47 @@ def int4_gemm_kernel(
         acc += part * scale[None, :]
         if OFFSET:  # BLOCK_K divides the group: the blocks' sums of x add up to the group's
             acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * zero.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def nvfp4_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """y = x @ (e2m1 * s)^T * g on tensor cores: a tile of codes and its scales (s_ptr: the e4m3 bytes, one per 16
+    columns) decoded in registers to e2m1 * s, exact in x's dtype, and the channels' global scales (g_ptr) applied
+    to the float32 sums."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    s_rows = s_ptr + cols[:, None].to(tl.int64) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K
+        x = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=row_ok[:, None], other=0.0)
+        packed = tl.load(w_rows + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=col_ok[:, None], other=0)
+        codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # columns 2j, 2j + 1
+        bits = ((codes & 7) << 9) | ((codes & 8) << 12)
+        values = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # e2m1 * 2^-14
+        scale = e4m3_times_2_to_8(tl.load(s_rows + k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :], mask=col_ok[:, None],
+                                          other=0))  # fmt: skip
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
+        w = (values * scale * 4194304.0).to(dtype)  # e2m1 * s, exact
+        if dtype == tl.float32:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    acc *= tl.load(g_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),

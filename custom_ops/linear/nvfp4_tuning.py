@@ -1,0 +1,118 @@
+"""nvfp4_linear's kernels as autotuner candidates (autotune.tuner.OpTuning): the one-row GEMV's launch per weight shape,
+and the tensor-core GEMM's tile per weight shape and decode row bucket (16, 64), for the graph's `nvfp4_linear` calls
+whose backend is `triton`.
+
+The fallback of each is the launch that runs untuned (triton_nvfp4.gemv_config, gemm_config); the others vary the
+channels a program, the scale blocks a step, the K tile, warps and stages. A winner is installed in
+triton_nvfp4.TUNED_GEMV / TUNED_GEMM, which every later call of that shape on that device reads, CUDA-graph captures
+included.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from autotune.kernel_cache import source_hash
+from autotune.select import device_index, graph_value, register
+from autotune.tuner import Candidate, input_copies
+from custom_ops.linear import nvfp4, triton_nvfp4
+from custom_ops.linear.int4_tuning import tile_name
+
+NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
+GEMV_TILES = (  # beside gemv_config's own (the fallback)
+    {"BLOCK_N": 32},
+    {"BLOCK_N": 8},
+    {"GROUPS_A_STEP": 8},
+    {"GROUPS_A_STEP": 32},
+    {"BLOCK_N": 32, "num_warps": 8},
+)
+GEMM_TILES = (
+    {"BLOCK_N": 128},
+    {"BLOCK_N": 32},
+    {"BLOCK_K": 64},
+    {"num_stages": 3},
+    {"BLOCK_N": 128, "num_warps": 8},
+)
+# The kernels, their launchers and the numerics: a change to any is a changed candidate.
+_SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_nvfp4, nvfp4)),
+                      (Path(triton_nvfp4.__file__).parent / "triton_int4_kernels.py").read_text())  # fmt: skip
+
+
+def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int]]:
+    """(N, K) of each `triton` nvfp4_linear of the graph."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is NVFP4_LINEAR and node.args[-1] == "triton":
+            n, half = graph_value(gm, node.args[1]).shape
+            found.add((n, 2 * half))
+    return sorted(found)
+
+
+class _Nvfp4KernelTuning:
+    """What the GEMV's and the GEMM's tunings share: candidates are `launch` with each of `tiles` (the untuned launch
+    first), held to the reference on random weights quantized by nvfp4.quantize_weight."""
+
+    op: str
+    kind: str
+    tiles: tuple[dict, ...]
+    launch = staticmethod(triton_nvfp4.nvfp4_gemv)
+
+    def candidates(self, bucket: dict) -> list[Candidate]:
+        def run(x, weight, scales, global_scale, tile):
+            return self.launch(x, weight, scales, global_scale, None, **tile)
+
+        return [
+            Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *self.tiles)
+        ]
+
+    def heuristic(self, bucket: dict) -> str:
+        return self.kind
+
+    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        n, k = bucket["n"], bucket["k"]
+        device = torch.device("cuda", torch.cuda.current_device())
+        return [
+            (torch.randn(bucket.get("rows", 1), k, device=device, dtype=dtype),
+             *nvfp4.quantize_weight(torch.randn(n, k, device=device) / k**0.5))
+            for _ in range(input_copies(n * k // 2))
+        ]  # fmt: skip
+
+    def reference(self, x, weight, scales, global_scale) -> torch.Tensor:
+        return nvfp4.nvfp4_linear_reference(x, weight, scales, global_scale, None)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-7, 2.0**-7  # one rounding of the output, and summation order
+
+
+class Nvfp4GemvTuning(_Nvfp4KernelTuning):
+    """The one-row GEMV's launch; bucket {"n", "k"}."""
+
+    op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES
+    launch = staticmethod(triton_nvfp4.nvfp4_gemv)
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        return [{"n": n, "k": k} for n, k in _shapes(gm)]
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        triton_nvfp4.TUNED_GEMV[(device_index(device), bucket["n"], bucket["k"])] = dict(candidate.config)
+
+
+class Nvfp4GemmTuning(_Nvfp4KernelTuning):
+    """The tensor-core GEMM's tile for decode batches; bucket {"n", "k", "rows"}."""
+
+    op, kind, tiles = "nvfp4_gemm", "gemm", GEMM_TILES
+    launch = staticmethod(triton_nvfp4.nvfp4_gemm)
+
+    def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
+        return [{"n": n, "k": k, "rows": rows} for n, k in _shapes(gm) for rows in triton_nvfp4.GEMM_ROW_BUCKETS]
+
+    def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
+        key = (device_index(device), bucket["n"], bucket["k"], bucket["rows"])
+        triton_nvfp4.TUNED_GEMM[key] = dict(candidate.config)
+
+
+register(Nvfp4GemvTuning())
+register(Nvfp4GemmTuning())

@@ -1,0 +1,115 @@
+"""quantization="nvfp4" (fx_passes/quantize_nvfp4.py): site counts, the weights as ModelOpt rounds them, logits against
+the module whose weights are the dequantized NVFP4 tensors and within 4-bit rounding of the float module, the
+self-check, a checkpoint's tensors taken as stored (fused with each part's global scale), and refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_prompt, tiny_model
+
+from compiled_llm import compile_model
+from custom_ops.linear.nvfp4 import dequantize, quantize_weight
+
+NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
+FIELDS = {"compile_backend": "eager", "max_batch_size": 2, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def llama_nvfp4(tmp_path_factory):
+    """A tiny Llama compiled with nvfp4 and the self-check on (eager: the rewritten graph, no Inductor)."""
+    model = tiny_model("llama")
+    return model, compile_model(model, quantization="nvfp4", verify=True, cache_dir=tmp_path_factory.mktemp("c"),
+                                **FIELDS)  # fmt: skip
+
+
+def dequantized_model(model: torch.nn.Module, records: list) -> torch.nn.Module:
+    """A copy of `model` whose quantized linears hold the dequantized NVFP4 weights (each its rows of a fused one): an
+    ordinary module, no op of this project's in its forward."""
+    copied = copy.deepcopy(model)
+    by_storage = {w.untyped_storage().data_ptr(): (w, tensors) for w, tensors in records}
+    for (name, module), original in zip(copied.named_modules(), model.modules()):
+        if not isinstance(module, torch.nn.Linear) or original.weight.untyped_storage().data_ptr() not in by_storage:
+            continue
+        whole, tensors = by_storage[original.weight.untyped_storage().data_ptr()]
+        first = (original.weight.storage_offset() - whole.storage_offset()) // whole.stride(0)
+        with torch.no_grad():
+            module.weight.copy_(dequantize(*tensors)[first : first + module.weight.shape[0]])
+    return copied
+
+
+def test_site_counts_and_the_weights_as_modelopt_rounds_them(llama_nvfp4):
+    model, compiled = llama_nvfp4
+    layers = model.config.num_hidden_layers
+    assert compiled.report.pass_sites("quantize_nvfp4") == 4 * layers  # fused q/k/v, o, fused gate/up, down
+    assert len([n for n in compiled.graph_module.graph.nodes if n.target is NVFP4_LINEAR]) == 4 * layers
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_nvfp4"]
+    assert "the LM head (quantize_lm_head=False)" in result.detail and "ModelOpt's rounding" in result.detail
+    quantization = pytest.importorskip("modelopt.torch.quantization.qtensor")
+    o_proj = model.model.layers[0].self_attn.o_proj.weight
+    ours = next(t for w, t in compiled.graph_module.meta["nvfp4_weights"] if w is o_proj)
+    theirs, scales, global_scale = quantization.NVFP4QTensor.quantize(o_proj.detach().clone(), 16)
+    assert torch.equal(ours[0], theirs._quantized_data) and torch.equal(ours[1].float(), scales.float())
+    assert torch.equal(ours[2], global_scale.reshape(1).expand(o_proj.shape[0]))
+
+
+def test_logits_match_the_module_with_the_dequantized_weights(llama_nvfp4):
+    """Prefill and decode against the HF module whose weights are the NVFP4 tensors dequantized: float32 summation
+    apart; and 4-bit rounding away from the float module."""
+    model, compiled = llama_nvfp4
+    ids = random_prompt(12)
+    rounded = dequantized_model(model, compiled.graph_module.meta["nvfp4_weights"])
+    with torch.no_grad():
+        expected = rounded(ids, use_cache=False).logits
+        float_logits = model(ids, use_cache=False).logits
+    assert torch.allclose(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=8, do_sample=False),
+                       rounded.generate(ids, max_new_tokens=8, do_sample=False))  # fmt: skip
+    relative = ((expected - float_logits).norm() / float_logits.norm()).item()
+    assert 0 < relative < 0.5  # E2M1: ~8% RMS a linear, 8 of them over random weights
+
+
+def test_stored_tensors_are_taken_as_they_are_and_fuse_with_their_own_global_scales(tmp_path):
+    """A checkpoint's tensors (as nvfp4_checkpoint.py attaches them) with a different global scale per projection:
+    the fused q/k/v keeps each part's, and the graph computes the module's dequantized weights."""
+    model = tiny_model("llama")
+    for index, module in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        if module is model.lm_head:
+            continue
+        with torch.no_grad():
+            module.weight.mul_(1 + index % 3)  # parts of one fused weight of different ranges
+            stored = quantize_weight(module.weight)
+            module.weight.copy_(dequantize(*stored))
+        module.weight.nvfp4_tensors = stored
+    compiled = compile_model(model, quantization="nvfp4", verify=True, cache_dir=tmp_path, **FIELDS)
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_nvfp4"]
+    assert result.sites == 4 * model.config.num_hidden_layers and "as stored" in result.detail
+    fused = [t for w, t in compiled.graph_module.meta["nvfp4_weights"] if w.shape[0] == 64 + 2 * 32]  # q/k/v
+    assert fused and len(set(fused[0][2].tolist())) == 3  # q, k and v each their own global scale
+    ids = random_prompt(10)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits  # the module's weights are the dequantized tensors
+    assert torch.allclose(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_without_a_linear_it_can_quantize_is_refused(tmp_path):
+    model = tiny_model("llama", hidden_size=72, head_dim=18, intermediate_size=40)  # 72, 40: not multiples of 16
+    with pytest.raises(ValueError, match="quantization='nvfp4' found no linear it can quantize"):
+        compile_model(model, quantization="nvfp4", cache_dir=tmp_path, **FIELDS)
+
+
+@pytest.mark.gpu
+def test_nvfp4_on_the_gpu_matches_the_module_with_the_dequantized_weights(own_cache_dir):
+    """bf16 on CUDA, Inductor and CUDA graphs, the triton kernels (GEMV for decode, tensor-core GEMM for the prompt):
+    the self-check passes, and greedy tokens are the dequantized module's."""
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32).to("cuda", torch.bfloat16)
+    compiled = compile_model(model, quantization="nvfp4", max_batch_size=2, max_seq_len=64, verify=True,
+                             cache_dir=own_cache_dir)  # fmt: skip
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_nvfp4"]
+    assert "triton:" in result.detail
+    rounded = dequantized_model(model, compiled.graph_module.meta["nvfp4_weights"])
+    ids = random_prompt(10).cuda()
+    expected = rounded.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=16, do_sample=False), expected)
