@@ -165,10 +165,10 @@ def test_the_tunings_find_the_triton_nvfp4_linears_and_install_their_launches(mo
     assert gemv.buckets(gm) == [{"n": 64, "k": 512}]
     assert gemm.buckets(gm) == [{"n": 64, "k": 512, "rows": 16}, {"n": 64, "k": 512, "rows": 64}]
     candidates = gemv.candidates({"n": 64, "k": 512})
-    assert candidates[0].name == "gemv" and candidates[1].name == "gemv-n32"
+    assert candidates[0].name == "gemv" and candidates[1].name == "gemv-g32-warps8"
     monkeypatch.setattr(triton_nvfp4, "TUNED_GEMV", {})
     monkeypatch.setattr(triton_nvfp4, "TUNED_GEMM", {})
     gemv.install({"n": 64, "k": 512}, candidates[1], torch.device("cpu"))
     gemm.install({"n": 64, "k": 512, "rows": 16}, gemm.candidates({})[2], torch.device("cpu"))
-    assert triton_nvfp4.TUNED_GEMV == {(-1, 64, 512): {"BLOCK_N": 32}}
+    assert triton_nvfp4.TUNED_GEMV == {(-1, 64, 512): {"GROUPS_A_STEP": 32, "num_warps": 8}}
     assert triton_nvfp4.TUNED_GEMM == {(-1, 64, 512, 16): {"BLOCK_N": 32}}

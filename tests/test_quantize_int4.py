@@ -157,16 +157,21 @@ def test_the_self_check_catches_a_rewrite_that_drops_the_awq_scales(tmp_path, mo
 @pytest.mark.gpu
 def test_int4_awq_on_the_gpu_matches_the_module_over_the_same_weights(own_cache_dir):
     """bf16 on CUDA, Inductor and CUDA graphs, the triton kernels (GEMV for decode, tensor-core GEMM for the prompt):
-    the self-check passes, and greedy tokens are the module's computing with the same 4-bit weights."""
+    the self-check passes, and each greedy token is the best of the module computing with the same 4-bit weights, fed
+    the same tokens, or within bfloat16 rounding of it (the kernels round x * smooth to bfloat16 for the tensor cores,
+    which can swap two near-tied tokens: a sequence compared whole would part there)."""
     model = tiny_model("llama", **SHAPES).to("cuda", torch.bfloat16)
     compiled = compile_model(model, quantization="int4_awq", max_batch_size=2, max_seq_len=64, verify=True,
                              cache_dir=own_cache_dir)  # fmt: skip
     (result,) = [p for p in compiled.report.passes if p.name == "quantize_int4"]
     assert "triton:" in result.detail
     ids = random_prompt(10).cuda()
+    tokens = compiled.generate(ids, max_new_tokens=16, do_sample=False)
     with torch.no_grad(), int4_module(model, compiled.graph_module.meta["int4_weights"]):
-        expected = model.generate(ids, max_new_tokens=16, do_sample=False)
-    assert torch.equal(compiled.generate(ids, max_new_tokens=16, do_sample=False), expected)
+        logits = model(tokens[:, :-1], use_cache=False).logits[0, ids.shape[1] - 1 :].float()
+    chosen = logits.gather(1, tokens[0, ids.shape[1] :, None])[:, 0]
+    assert (logits.amax(dim=1) - chosen <= 0.02 * logits.abs().amax()).all()
+    assert (logits.argmax(dim=1) == tokens[0, ids.shape[1] :]).float().mean() >= 0.75
 
 
 def test_a_calibrated_graph_is_not_stored_for_a_warm_start(tmp_path, caplog):

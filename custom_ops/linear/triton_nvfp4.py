@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from custom_ops.linear.nvfp4 import BLOCK
-from custom_ops.linear.triton_int4 import four_bit_kernels, triton_cdiv
+from custom_ops.linear.triton_int4 import four_bit_kernels, power_of_2_at_most, triton_cdiv
 from custom_ops.triton_runtime import pdl_launch_options
 
 # The autotuner's choices in this process, by (device index as Tensor.get_device gives it, N, K) for the GEMV and
@@ -27,8 +27,10 @@ GEMM_ROW_BUCKETS = (16, 64)  # decode batches; more rows run gemm_config's prefi
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """The GEMV's launch for weight [n, k]: 256 columns (128 bytes a row, 16 scales) a step."""
-    return {"BLOCK_N": 16 if n >= 4096 else 8, "GROUPS_A_STEP": min(16, k // BLOCK), "num_warps": 4}
+    """The GEMV's launch for weight [n, k]: 8 channels a program and 1024 columns (512 bytes a row, 64 scales) a
+    step, over 8 warps, or 4 on a wide linear (gate/up), whose programs are many: the leaders of an H200 sweep over
+    Llama-8B's shapes (BENCHMARKS.md)."""
+    return {"BLOCK_N": 8, "GROUPS_A_STEP": power_of_2_at_most(min(64, k // BLOCK)), "num_warps": 4 if n >= 16384 else 8}
 
 
 def nvfp4_gemv(rows, weight, scales, global_scale, bias, **tile) -> torch.Tensor:
