@@ -73,7 +73,7 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
                                      [(x, *w) for w in int4])  # fmt: skip
         nbytes = sum(t.numel() * t.element_size() for t in int4[0])
         row["int4_GBps"] = nbytes / row["int4_triton"] / 1e3
-        row["nvfp4_triton"] = per_call(lambda x, q, s, g: NVFP4_LINEAR(x, q, s, g, None, "triton"),
+        row["nvfp4_triton"] = per_call(lambda x, q, s, g: NVFP4_LINEAR(x, q, s, g, None, [], None, "triton"),
                                        [(x, *w) for w in fp4])  # fmt: skip
         row["nvfp4_GBps"] = sum(t.numel() * t.element_size() for t in fp4[0][:2]) / row["nvfp4_triton"] / 1e3
         for tile in tiles if rows == 1 else ():
@@ -83,7 +83,7 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
                                 [(x, *w) for w in int4])  # fmt: skip
         for tile in fp4_tiles if rows == 1 else ():
             key = "nvfp4_gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
-            row[key] = per_call(lambda x, q, s, g, tile=tile: triton_nvfp4.nvfp4_gemv(x, q, s, g, None, **tile),
+            row[key] = per_call(lambda x, q, s, g, tile=tile: triton_nvfp4.nvfp4_gemv(x, q, s, g, None, [], None, **tile),
                                 [(x, *w) for w in fp4])  # fmt: skip
         results.append(row)
         print({key: round(v, 2) if isinstance(v, float) else v for key, v in row.items()}, flush=True)

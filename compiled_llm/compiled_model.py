@@ -93,7 +93,8 @@ class CompiledModel(CausalLMCalls):
         quantization, why = resolve_quantization(config.quantization, model, config.quantize_lm_head)
         if quantization != config.quantization:
             log.info("quantization=%r (%s)", quantization, why)
-            config = config.model_copy(update={"quantization": quantization})
+            # Validated again: the resolved format's own checks (one rank only, ...) hold for what runs.
+            config = type(config).model_validate({**dict(config), "quantization": quantization})
         self.config = config
         _, world = parallel_rank(config)  # a missing or mismatched process group fails before any work
         # A rank that reads only its slices of the checkpoint (checkpoint_slices.py) has its model on meta.

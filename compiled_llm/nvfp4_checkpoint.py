@@ -43,9 +43,12 @@ class Nvfp4Checkpoint:
     description: str  # for logs
 
 
-MODELOPT = Nvfp4Checkpoint(".weight", ".weight_scale_2", False, (".input_scale",), "ModelOpt NVFP4")
-COMPRESSED_TENSORS = Nvfp4Checkpoint(".weight_packed", ".weight_global_scale", True, (".input_global_scale",),
-                                     "compressed-tensors NVFP4")  # fmt: skip
+# The KV cache's FP8 scales (kv_cache_quant_algo FP8, kv_cache_scheme) are not used either: the cache's dtype is
+# CompileConfig.kv_cache_dtype's, its scales computed at run time.
+KV_SCALES = (".k_scale", ".v_scale")
+MODELOPT = Nvfp4Checkpoint(".weight", ".weight_scale_2", False, (".input_scale", *KV_SCALES), "ModelOpt NVFP4")
+COMPRESSED_TENSORS = Nvfp4Checkpoint(".weight_packed", ".weight_global_scale", True,
+                                     (".input_global_scale", *KV_SCALES), "compressed-tensors NVFP4")  # fmt: skip
 
 
 def _unsupported(what: str) -> ValueError:
@@ -126,8 +129,8 @@ def load_nvfp4_directory(path: Path, checkpoint: Nvfp4Checkpoint, dtype: torch.d
     if mtp:
         log.info("%s: %d tensors of multi-token-prediction layers set aside (compiled_llm.mtp_weights)", path, mtp)
     if unused:
-        log.info("%s: %d activation scales not used: activations stay in the model's dtype (weight-only NVFP4, as on "
-                 "Hopper, which has no FP4 tensor cores)", path, unused)  # fmt: skip
+        log.info("%s: %d activation and KV-cache scales not used: activations stay in the model's dtype (weight-only "
+                 "NVFP4, as on Hopper, which has no FP4 tensor cores)", path, unused)  # fmt: skip
     log.info("%s: %s, %d linears loaded as NVFP4 (run as quantization='nvfp4')", path, checkpoint.description,
              len(marked))  # fmt: skip
     model.compiled_llm_quantization = "nvfp4"

@@ -19,14 +19,18 @@ A fused weight's parts (q/k/v, gate/up) are searched one by one, each its own sc
 the part's row of `smooth`. One scaling for the fused weight, as AWQ folds it into the norm before, measured +12.5%
 perplexity on SmolLM2-135M against +7.9% so (BENCHMARKS.md).
 The smooths and clips found are stored under the cache directory, keyed by a fingerprint of every weight of the
-graph, the calibration tokens and this search's version, so a second compile of the same checkpoint skips the
-forward and the search.
+graph, the calibration tokens, the format and this search's version, so a second compile of the same checkpoint skips
+the forward and the search.
+
+The search rounds weights through a `Rounding` (int4.fake_quantize by default; nvfp4.fake_quantize for NVFP4, whose
+blocks of 16 columns are its groups and whose clip bounds a block's max): `rounding(w, group_size, smooth, clip)`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,9 +48,12 @@ CLIPPED_CANDIDATES = 3
 CLIP_RATIOS = [1 - i / 20 for i in range(10)]  # 1 (no clip) down to 0.55
 LOSS_ROWS = 512  # recorded rows the error is measured on (the means use all of them)
 
+# (weight [N, K], group size, smooth or None, clip [N, K / group size] or None) -> the weight rounded, float32 [N, K]
+Rounding = Callable[[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
-def search_scales(x: torch.Tensor, weight: torch.Tensor,
-                  group_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+
+def search_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int,
+                  rounding: Rounding = fake_quantize) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
     """(smooth [K] float32 or None, clip [N, K / group_size] or None, the chosen rounding's error as a ratio to plain
     rounding's) for inputs x [T, K] and weight [N, K]. The grid's scalings are ranked by their error unclipped; the
     best CLIPPED_CANDIDATES of them (plain rounding among the ranked) get a clipping search each, and the one with the
@@ -58,7 +65,7 @@ def search_scales(x: torch.Tensor, weight: torch.Tensor,
     expected = rows @ w.t()
 
     def error(smooth: torch.Tensor | None, clip: torch.Tensor | None = None) -> float:
-        rounded = fake_quantize(w, group_size, smooth, clip)
+        rounded = rounding(w, group_size, smooth, clip)
         out = rows @ (rounded if smooth is None else rounded * smooth).t()
         return (out - expected).pow(2).mean().item()
 
@@ -75,15 +82,15 @@ def search_scales(x: torch.Tensor, weight: torch.Tensor,
     ranked = sorted(candidates, key=lambda c: c[0])
     best = (*ranked[0], None)  # unclipped, in case no clipping measures better on these rows
     for _, smooth in ranked[:CLIPPED_CANDIDATES]:
-        clip = search_clip(x, w, group_size, smooth)
+        clip = search_clip(x, w, group_size, smooth, rounding)
         found = (error(smooth, clip), smooth, clip)
         if found[0] < best[0]:
             best = found
     return best[1], best[2], best[0] / plain if plain > 0 else 1.0
 
 
-def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int,
-                smooth: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None,
+                rounding: Rounding = fake_quantize) -> torch.Tensor | None:  # fmt: skip
     """quantize_weight's `clip` [N, K / group_size] for inputs x [T, K] and weight [N, K] quantized divided by `smooth`:
     per output channel and group, the ratio of CLIP_RATIOS whose rounding changes the group's share of x W^T the
     least; None where no group measured better clipped. The mean square of x_g . d over the rows is d^T C_g d with
@@ -101,7 +108,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int,
     best = amax.clone()
     for ratio in CLIP_RATIOS:
         clip = amax * ratio
-        change = (fake_quantize(w, group_size, None, clip) - w).view(n, groups, group_size).transpose(0, 1)  # [g, N, G]
+        change = (rounding(w, group_size, None, clip) - w).view(n, groups, group_size).transpose(0, 1)  # [g, N, G]
         error = (torch.bmm(change, moments) * change).sum(dim=-1).t()  # [N, g]
         better = error < best_error
         best_error = torch.where(better, error, best_error)
@@ -109,12 +116,12 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int,
     return None if torch.equal(best, amax) else best
 
 
-def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int,
-                 parts: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int, parts: list[int],
+                 rounding: Rounding = fake_quantize) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
     """search_scales for each part of a fused weight (its rows `parts`: q/k/v, gate/up), which share the input x:
     (smooth [P, K] (ones for a part plain rounding won) or None where every part's did, clip [N, K / G] (+inf for
     groups left whole) or None, the error's ratio to plain rounding's, averaged over the parts' channels)."""
-    found = [search_scales(x, rows, group_size) for rows in weight.split(parts)]
+    found = [search_scales(x, rows, group_size, rounding) for rows in weight.split(parts)]
     smooths = [s for s, _, _ in found]
     smooth = None
     if any(s is not None for s in smooths):
@@ -128,11 +135,12 @@ def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int,
 
 def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: list[torch.Tensor],
                group_sizes: list[int], parts: list[list[int]], sequences: list[list[int]], cache_dir: Path,
-               device: torch.device) -> tuple[list[tuple], str]:  # fmt: skip
+               device: torch.device, rounding: Rounding = fake_quantize) -> tuple[list[tuple], str]:  # fmt: skip
     """Each site's (smooth, clip) (search_parts') for its weight in groups of its group size and in its parts, from
     the cache or calibrated now, and a line for the report."""
     start = time.perf_counter()
-    path = cache_path(cache_dir, "awq", fingerprint(gm, sequences, [group_sizes, parts], SEARCH_VERSION))
+    form = f"{rounding.__module__}.{rounding.__name__}"  # the format: int4's results are not NVFP4's
+    path = cache_path(cache_dir, "awq", fingerprint(gm, sequences, [group_sizes, parts, form], SEARCH_VERSION))
     names = [f"{i}:{tuple(w.shape)}" for i, w in enumerate(weights)]
     stored = load_entry(path)
     if stored is not None and set(stored) == set(names):
@@ -143,7 +151,7 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
     searches = list(zip(sites, weights, group_sizes, parts))
     for site, weight, group_size, rows in tqdm(searches, desc="AWQ calibration: scale search", unit="linear",
                                                leave=False):  # fmt: skip
-        smooth, clip, ratio = search_parts(inputs.pop(site), weight, group_size, rows)
+        smooth, clip, ratio = search_parts(inputs.pop(site), weight, group_size, rows, rounding)
         found.append((smooth, clip))
         ratios.append(ratio)
     store_entry(path, {n: tuple(None if t is None else t.cpu() for t in pair) for n, pair in zip(names, found)})

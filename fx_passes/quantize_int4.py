@@ -126,8 +126,8 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
         target = node.args[1].target
         if target not in converted:
             # Calibrated, not made by a recipe (the graph is not stored: gm.meta["unstorable"])
-            smooth_name, clip_name = (_register(gm, f"{target}_awq_{part}", t) for part, t in (("smooth", smooth),
-                                                                                                 ("clip", clip)))  # fmt: skip
+            smooth_name, clip_name = (register_calibrated(gm, f"{target}_awq_{part}", t)
+                                      for part, t in (("smooth", smooth), ("clip", clip)))  # fmt: skip
             names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
             derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, stored, *names)
             converted[target] = (smooth_name, names)
@@ -146,7 +146,8 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
     return PassResult("quantize_int4", len(sites), detail)
 
 
-def _register(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor | None) -> str | None:
+def register_calibrated(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor | None) -> str | None:
+    """A calibration's tensor (AWQ's smooth or clip) as a float32 buffer of `gm` under a free `name`; None for None."""
     if tensor is None:
         return None
     name = free_name(gm, name)

@@ -4,14 +4,16 @@ weight-only on Hopper, which has no FP4 tensor cores).
 
     y = linear(x, W, b)
     ->
-    y = compiled_llm.nvfp4_linear(x, q, s, g, b, backend)   # W = e2m1(q) * (s * g), s per 16 columns
+    y = compiled_llm.nvfp4_linear(x, q, s, g, smooth, b, backend)   # W / smooth = e2m1(q) * (s * g), s per 16 columns
 
 Runs under `nvfp4` only, after the passes that fuse linears. A checkpoint's NVFP4 tensors (ModelOpt, compressed-
 tensors: compiled_llm/nvfp4_checkpoint.py) are taken as they are, fused q/k/v and gate/up with each part's global
-scale (g is per output channel); otherwise each weight is rounded at compile time by ModelOpt's recipe
-(custom_ops/linear/nvfp4.py), one at a time on its device, a fused weight with one global scale as ModelOpt exports
-them. Linears whose input width is not a multiple of 16, the LM head (unless `quantize_lm_head`) and MoE routers keep
-the model's dtype.
+scale (g is per output channel), no smooth. Otherwise each weight is rounded at compile time by ModelOpt's recipe
+(custom_ops/linear/nvfp4.py), a fused weight with one global scale as ModelOpt exports them, after AWQ's search
+(fx_passes/awq_calibration.py over nvfp4.fake_quantize: a smooth per part of a fused weight and a clip per block,
+searched over calibration text and cached, as int4_awq's): plain rounding measured +20.7% perplexity on
+SmolLM2-135M (BENCHMARKS.md). Linears whose input width is not a multiple of 16, the LM head (unless
+`quantize_lm_head`) and MoE routers keep the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from custom_ops.linear.nvfp4 import BLOCK, nvfp4_backend, nvfp4_linear_reference, quantize_weight
+from custom_ops.linear.nvfp4 import BLOCK, fake_quantize, nvfp4_backend, nvfp4_linear_reference, quantize_weight
+from fx_passes.awq_calibration import awq_search
+from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears, swap_linear
+from fx_passes.quantize_int4 import fused_parts, register_calibrated
 from fx_passes.quantized_reference import linears_computing_as
 from fx_passes.registry import PassResult, register_pass
 
@@ -29,16 +34,24 @@ NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
 
 
 @recipe
-def quantize_nvfp4_parameter(gm: torch.fx.GraphModule, target: str, stored: bool, weight_name: str, scales_name: str,
+def quantize_nvfp4_parameter(gm: torch.fx.GraphModule, target: str, stored: bool, smooth_name: str | None,
+                             smooth_rows: list[int], clip_name: str | None, weight_name: str, scales_name: str,
                              global_name: str) -> None:  # fmt: skip
-    """Register the parameter `target` in NVFP4 as `weight_name`, `scales_name`, `global_name` (`stored`: the tensors a
-    checkpoint attached to it, `nvfp4_tensors`, as they are), and list it in `gm.meta["nvfp4_weights"]` for the
-    self-check."""
+    """Register the parameter `target` in NVFP4 as `weight_name`, `scales_name`, `global_name` (each part of
+    `smooth_rows` channels divided by its row of the graph's `smooth_name` tensor, each block clipped by its
+    `clip_name` one, where given; `stored`: the tensors a checkpoint attached to it, `nvfp4_tensors`, as they are), and
+    list it in `gm.meta["nvfp4_weights"]` for the self-check."""
     weight = gm.get_parameter(target)
-    quantized = weight.nvfp4_tensors if stored else quantize_weight(weight)
+    smooth = getattr(gm, smooth_name) if smooth_name else None
+    if stored:
+        quantized = weight.nvfp4_tensors
+    else:
+        rows = torch.tensor(smooth_rows, device=weight.device)
+        divided = None if smooth is None else smooth.repeat_interleave(rows, 0)
+        quantized = quantize_weight(weight, divided, getattr(gm, clip_name) if clip_name else None)
     for name, tensor in zip((weight_name, scales_name, global_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-    gm.meta.setdefault("nvfp4_weights", []).append((weight, quantized))
+    gm.meta.setdefault("nvfp4_weights", []).append((weight, (*quantized, smooth, smooth_rows)))
 
 
 @register_pass("quantize_nvfp4")
@@ -51,9 +64,6 @@ def quantize_nvfp4(gm: torch.fx.GraphModule, config) -> PassResult:
         if len(stored) < len(sites):
             kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
         sites = stored
-        # The recipe reads the tensors riding on the parameters: replayed over a model loaded otherwise, it would
-        # round that model's weights instead, with nothing to say so.
-        gm.meta["unstorable"] = "a checkpoint's NVFP4 tensors ride on its parameters, which a replay cannot check"
     narrow = [n for n in sites if linear_weight(gm, n).shape[1] % BLOCK]
     if narrow:
         sites = [n for n in sites if n not in narrow]
@@ -61,18 +71,41 @@ def quantize_nvfp4(gm: torch.fx.GraphModule, config) -> PassResult:
     if not sites:
         raise ValueError(f"quantization='nvfp4' found no linear it can quantize ({len(linears)} linears; kept in the "
                          f"model's dtype: {', '.join(kept) or 'none'})")  # fmt: skip
-    backend, why = nvfp4_backend(linear_weight(gm, sites[0]).device, config.linear_backend)
+    weights = [linear_weight(gm, n) for n in sites]
+    parts = [fused_parts(gm, n.args[1].target) for n in sites]
+    if stored:
+        # The recipe reads the tensors riding on the parameters: replayed over a model loaded otherwise, it would
+        # round that model's weights instead, with nothing to say so.
+        gm.meta["unstorable"] = "a checkpoint's NVFP4 tensors ride on its parameters, which a replay cannot check"
+        searched, origin = [(None, None)] * len(sites), "the checkpoint's NVFP4 tensors as stored"
+    else:
+        sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
+        searched, calibration = awq_search(gm, sites, weights, [BLOCK] * len(sites), parts, sequences,
+                                           config.cache_dir, weights[0].device, fake_quantize)  # fmt: skip
+        gm.meta["unstorable"] = (
+            "AWQ's calibration is of this checkpoint's weights (a new compile reads it from its cache)"
+        )
+        origin = f"ModelOpt's rounding after {calibration}, calibrated on {source}"
+    backend, why = nvfp4_backend(weights[0].device, config.linear_backend)
     converted = {}  # a weight read by several linears is converted once
     gm.meta["nvfp4_weights"] = []
-    for node in sites:
+    for node, (smooth, clip), smooth_rows in zip(sites, searched, parts):
         target = node.args[1].target
         if target not in converted:
+            smooth_name, clip_name = (register_calibrated(gm, f"{target}_awq_{part}", t)
+                                      for part, t in (("smooth", smooth), ("clip", clip)))  # fmt: skip
             names = [free_name(gm, f"{target}_nvfp4{part}") for part in ("", "_scales", "_global")]
-            derive(gm, quantize_nvfp4_parameter, target, bool(stored), *names)
-            converted[target] = names
-        swap_linear(gm, node, NVFP4_LINEAR, lambda x, bias, attr, names=converted[target]: (
-            x, *map(attr, names), bias, backend))  # fmt: skip
-    origin = "the checkpoint's NVFP4 tensors as stored" if stored else "ModelOpt's rounding at compile time"
+            derive(gm, quantize_nvfp4_parameter, target, bool(stored), smooth_name, smooth_rows, clip_name, *names)
+            converted[target] = (names, smooth_name, smooth_rows if smooth_name else [])
+
+        def make_args(x, bias, attr, converted=converted[target]):
+            names, smooth_name, rows = converted
+            return (x, *map(attr, names), attr(smooth_name), rows, bias, backend)
+
+        swap_linear(gm, node, NVFP4_LINEAR, make_args)
+    narrow_tiles = sum(w.shape[1] % 64 != 0 for w in weights)  # nvfp4.triton_takes: the GEMM's K tile
+    if backend == "triton" and narrow_tiles:
+        why += f"; {narrow_tiles} linears of a width not a multiple of 64 run the reference"
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
     detail = f"{len(sites)} of {len(linears)} linears -> nvfp4 ({origin}; {backend}: {why}){kept}"
     return PassResult("quantize_nvfp4", len(sites), detail)
@@ -80,10 +113,15 @@ def quantize_nvfp4(gm: torch.fx.GraphModule, config) -> PassResult:
 
 def nvfp4_module(model: torch.nn.Module, records: list):
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["nvfp4_weights"]`) compute as the
-    reference op over the same NVFP4 tensors, for the self-check's reference logits."""
+    reference op over the same NVFP4 tensors (each its part's smooth), for the self-check's reference logits."""
 
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
+        weight, scales, global_scale, smooth, smooth_rows = tensors
         rows = slice(first, first + count)
-        return nvfp4_linear_reference(x, *(t[rows] for t in tensors), module.bias)
+        if smooth is not None:  # this module's part of the fused weight
+            part = [sum(smooth_rows[:p]) for p in range(len(smooth_rows))].index(first)
+            smooth = smooth[part : part + 1]
+        return nvfp4_linear_reference(x, weight[rows], scales[rows], global_scale[rows], smooth,
+                                      [count] if smooth is not None else [], module.bias)  # fmt: skip
 
     return linears_computing_as(model, records, forward, "nvfp4")

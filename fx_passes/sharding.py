@@ -28,9 +28,10 @@ class TensorParallelError(ValueError):
 
 
 def checkpoint_format(param: torch.Tensor) -> str | None:
-    """The checkpoint format whose tensors `param` carries beside its float values ("FP8", "MXFP4"), or None: a copy
-    of it would drop them."""
-    for attribute, fmt in (("fp8_weight", "FP8"), ("mxfp4_blocks", "MXFP4")):
+    """The checkpoint format whose tensors `param` carries beside its float values ("FP8", "MXFP4", "4-bit", "NVFP4"),
+    or None: a copy of it would drop them."""
+    formats = (("fp8_weight", "FP8"), ("mxfp4_blocks", "MXFP4"), ("int4_tensors", "4-bit"), ("nvfp4_tensors", "NVFP4"))
+    for attribute, fmt in formats:
         if hasattr(param, attribute):
             return fmt
     return None
@@ -45,8 +46,9 @@ def shard_parameter(gm: torch.fx.GraphModule, name: str, source: str, dim: int, 
     the self-check and the user's module still run. An FP8 checkpoint's tensors the weight carries are cut alike: its
     e4m3 values as the weight, its scales by row (per channel) or by 128 x 128 block, where the part aligns with them."""
     whole = gm.get_parameter(source)
-    if checkpoint_format(whole) == "MXFP4":
-        raise TensorParallelError(f"cannot shard {source}: it holds an MXFP4 checkpoint's tensors (not supported yet)")
+    if checkpoint_format(whole) not in (None, "FP8"):  # a shard without them would be rounded again, silently
+        raise TensorParallelError(f"cannot shard {source}: it holds an {checkpoint_format(whole)} checkpoint's tensors "
+                                  "(not supported yet)")  # fmt: skip
     part = torch.nn.Parameter(_cut(whole.detach(), dim, start, size, blocks), requires_grad=False)
     if checkpoint_format(whole) == "FP8":
         part.fp8_weight = _cut(whole.fp8_weight, dim, start, size, blocks)

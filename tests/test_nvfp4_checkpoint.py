@@ -135,6 +135,22 @@ def test_other_formats_are_not_nvfp4():
     assert nvfp4_checkpoint_format(None) is None
 
 
+def test_kv_cache_scales_are_set_aside(modelopt_dir, tmp_path):
+    """ModelOpt writes k_proj.k_scale and v_proj.v_scale with kv_cache_quant_algo FP8: not used (the cache's scales
+    are computed at run time), never a mismatch with the model."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(modelopt_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_proj.k_scale"] = torch.tensor(0.5)
+    tensors["model.layers.0.self_attn.v_proj.v_scale"] = torch.tensor(0.25)
+    save_file(tensors, tmp_path / "model.safetensors")
+    for name in ("config.json", "hf_quant_config.json"):
+        (tmp_path / name).write_text((modelopt_dir / name).read_text())
+    expected = load_model(str(modelopt_dir), device="cpu", dtype=torch.float32).model.state_dict()
+    loaded = load_model(str(tmp_path), device="cpu", dtype=torch.float32).model.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[n], expected[n]) for n in expected)
+
+
 def test_a_missing_scale_is_named(compressed_tensors_dir, tmp_path):
     """A copy of the checkpoint without one linear's e4m3 scales: the error names the tensor."""
     from safetensors.torch import load_file, save_file

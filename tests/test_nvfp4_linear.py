@@ -68,7 +68,12 @@ def test_the_reference_matches_float64():
     global_scale = global_scale * torch.rand(40, generator=generator)
     x, bias = torch.randn(3, 2, 128, generator=generator), torch.randn(40, generator=generator)
     expected = x.double() @ dequantize(packed, scales, global_scale).double().t() + bias.double()
-    actual = torch.ops.compiled_llm.nvfp4_linear(x, packed, scales, global_scale, bias, "torch")
+    smooth = torch.rand(2, 128, generator=generator) + 0.5  # two parts, 16 and 24 channels: x times each's row
+    smoothed = torch.cat([(x.double() * s.double()) @ w.double().t() for s, w in
+                          zip(smooth, dequantize(packed, scales, global_scale).split([16, 24]))], -1)  # fmt: skip
+    actual = torch.ops.compiled_llm.nvfp4_linear(x, packed, scales, global_scale, smooth, [16, 24], None, "torch")
+    assert relative_error(actual, smoothed) < 1e-6
+    actual = torch.ops.compiled_llm.nvfp4_linear(x, packed, scales, global_scale, None, [], bias, "torch")
     assert actual.shape == (3, 2, 40)
     assert relative_error(actual, expected) < 1e-6
 
@@ -80,25 +85,32 @@ def test_a_width_that_is_not_a_multiple_of_16_is_refused():
 
 def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
     """The `triton` backend (GEMV for one row, tensor-core GEMM for more) against the reference, with and without a
-    bias, on shapes that leave partial tiles, and each kernel with a tile that takes several steps of K."""
+    bias, smooths of one to three parts, on shapes that leave partial tiles, and each kernel with a tile that takes
+    several steps of K."""
     from custom_ops.linear import triton_nvfp4
 
     generator = torch.Generator().manual_seed(3)
-    for n, k, rows in ((40, 256, 1), (48, 512, 5), (96, 384, 1), (96, 384, 20), (16, 64, 3), (40, 1024, 70)):
-        packed, scales, global_scale = quantize_weight(torch.randn(n, k, generator=generator) * 0.1)
+    # (N, K, rows, the parts' channels): 40 leaves partial tiles (no parts: a smooth needs 16-channel parts)
+    cases = ((40, 256, 1, None), (48, 512, 5, [16, 32]), (96, 384, 1, [32, 48, 16]), (96, 384, 20, [96]),
+             (16, 64, 3, None), (40, 1024, 70, None))  # fmt: skip
+    for n, k, rows, smooth_rows in cases:
+        smooth = torch.rand(len(smooth_rows), k, generator=generator) + 0.5 if smooth_rows else None
+        divided = smooth.repeat_interleave(torch.tensor(smooth_rows), 0) if smooth_rows else None
+        packed, scales, global_scale = quantize_weight(torch.randn(n, k, generator=generator) * 0.1, divided)
         global_scale = global_scale * (torch.rand(n, generator=generator) + 0.5)  # each channel its own (fused parts)
         quantized = [t.to(device) for t in (packed, scales, global_scale)]
+        extra = (smooth.to(device) if smooth_rows else None, smooth_rows or [])
         x = torch.randn(rows, k, generator=generator).to(dtype).to(device)
         bias = torch.randn(n, generator=generator).to(dtype).to(device)
         for b in (bias, None):
-            expected = nvfp4_linear_reference(x, *quantized, b)
-            actual = torch.ops.compiled_llm.nvfp4_linear(x, *quantized, b, "triton")
-            assert relative_error(actual.cpu(), expected.cpu()) < TOLERANCE[dtype], (n, k, rows)
+            expected = nvfp4_linear_reference(x, *quantized, *extra, b)
+            actual = torch.ops.compiled_llm.nvfp4_linear(x, *quantized, *extra, b, "triton")
+            assert relative_error(actual.cpu(), expected.cpu()) < TOLERANCE[dtype], (n, k, rows, smooth_rows)
     x = torch.randn(2, 512, generator=generator).to(dtype).to(device)
     quantized = [t.to(device) for t in quantize_weight(torch.randn(24, 512, generator=generator))]
-    expected = nvfp4_linear_reference(x, *quantized, None)
-    for out in (triton_nvfp4.nvfp4_gemv(x[:1], *quantized, None, GROUPS_A_STEP=4, BLOCK_N=4),
-                triton_nvfp4.nvfp4_gemm(x, *quantized, None, BLOCK_K=64, BLOCK_N=16)):  # fmt: skip
+    expected = nvfp4_linear_reference(x, *quantized, None, [], None)
+    for out in (triton_nvfp4.nvfp4_gemv(x[:1], *quantized, None, [], None, GROUPS_A_STEP=4, BLOCK_N=4),
+                triton_nvfp4.nvfp4_gemm(x, *quantized, None, [], None, BLOCK_K=64, BLOCK_N=16)):  # fmt: skip
         assert relative_error(out.cpu(), expected[: out.shape[0]].cpu()) < TOLERANCE[dtype]
 
 
@@ -122,8 +134,8 @@ def test_the_triton_backend_falls_back_to_the_reference_where_it_cannot_run():
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(3, 48, generator=generator)
     quantized = quantize_weight(torch.randn(8, 48, generator=generator))
-    expected = nvfp4_linear_reference(x, *quantized, None)
-    assert torch.equal(torch.ops.compiled_llm.nvfp4_linear(x, *quantized, None, "triton"), expected)
+    expected = nvfp4_linear_reference(x, *quantized, None, [], None)
+    assert torch.equal(torch.ops.compiled_llm.nvfp4_linear(x, *quantized, None, [], None, "triton"), expected)
 
 
 def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
@@ -133,7 +145,8 @@ def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
 
     generator = torch.Generator().manual_seed(6)
     n, k = 64, 512
-    quantized = [t.to(device) for t in quantize_weight(torch.randn(n, k, generator=generator))]
+    smooth = torch.rand(1, k, generator=generator) + 0.5
+    quantized = [t.to(device) for t in (*quantize_weight(torch.randn(n, k, generator=generator), smooth[0]), smooth)]
     for tuning, rows in ((nvfp4_tuning.Nvfp4GemvTuning(), 1), (nvfp4_tuning.Nvfp4GemmTuning(), 16)):
         x = torch.randn(rows, k, generator=generator).to(device)
         expected = tuning.reference(x, *quantized)
@@ -159,7 +172,7 @@ def test_the_tunings_find_the_triton_nvfp4_linears_and_install_their_launches(mo
         for part, tensor in zip(("w", "s", "g"), quantize_weight(torch.randn(n, k))):
             gm.register_buffer(f"{name}_{part}", tensor)
         args = [graph.get_attr(f"{name}_{part}") for part in ("w", "s", "g")]
-        graph.call_function(nvfp4_tuning.NVFP4_LINEAR, (x, *args, None, backend))
+        graph.call_function(nvfp4_tuning.NVFP4_LINEAR, (x, *args, None, [], None, backend))
     gm = torch.fx.GraphModule(gm, graph)
     gemv, gemm = nvfp4_tuning.Nvfp4GemvTuning(), nvfp4_tuning.Nvfp4GemmTuning()
     assert gemv.buckets(gm) == [{"n": 64, "k": 512}]
@@ -172,3 +185,21 @@ def test_the_tunings_find_the_triton_nvfp4_linears_and_install_their_launches(mo
     gemm.install({"n": 64, "k": 512, "rows": 16}, gemm.candidates({})[2], torch.device("cpu"))
     assert triton_nvfp4.TUNED_GEMV == {(-1, 64, 512): {"GROUPS_A_STEP": 32, "num_warps": 8}}
     assert triton_nvfp4.TUNED_GEMM == {(-1, 64, 512, 16): {"BLOCK_N": 32}}
+
+
+def test_an_all_zero_weight_rounds_to_zeros():
+    """ModelOpt's recipe divides by a global scale of 0 there (every scale 0 / 0); here the weight stays 0."""
+    assert torch.equal(dequantize(*quantize_weight(torch.zeros(4, 32))), torch.zeros(4, 32))
+
+
+def test_the_search_s_rounding_is_the_codes():
+    """e2m1_round (AWQ's search rounds with it, without codes) is the codes' values, on a dense grid with every tie;
+    fake_quantize is the dequantized quantization, with a smooth and a clip."""
+    from custom_ops.linear.nvfp4 import e2m1_round, fake_quantize
+
+    values = torch.cat([torch.linspace(-8, 8, 20001), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5, 7.0])])
+    assert torch.equal(e2m1_round(values), e2m1_values(e2m1_codes(values)))
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(32, 64, generator=generator)
+    smooth, clip = torch.rand(64, generator=generator) + 0.5, torch.rand(32, 4, generator=generator) + 0.5
+    assert torch.equal(fake_quantize(weight, 16, smooth, clip), dequantize(*quantize_weight(weight, smooth, clip)))

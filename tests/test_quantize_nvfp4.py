@@ -1,6 +1,7 @@
-"""quantization="nvfp4" (fx_passes/quantize_nvfp4.py): site counts, the weights as ModelOpt rounds them, logits against
-the module whose weights are the dequantized NVFP4 tensors and within 4-bit rounding of the float module, the
-self-check, a checkpoint's tensors taken as stored (fused with each part's global scale), and refusals."""
+"""quantization="nvfp4" (fx_passes/quantize_nvfp4.py): site counts, AWQ's search over NVFP4's rounding, logits against
+the module whose weights are the dequantized NVFP4 tensors (times AWQ's smooth) and within 4-bit rounding of the float
+module, the self-check, a checkpoint's tensors taken as stored (fused with each part's global scale), and refusals.
+(The rounding itself is held to ModelOpt's, bit for bit, in test_nvfp4_linear.py.)"""
 
 from __future__ import annotations
 
@@ -26,33 +27,35 @@ def llama_nvfp4(tmp_path_factory):
 
 
 def dequantized_model(model: torch.nn.Module, records: list) -> torch.nn.Module:
-    """A copy of `model` whose quantized linears hold the dequantized NVFP4 weights (each its rows of a fused one): an
-    ordinary module, no op of this project's in its forward."""
+    """A copy of `model` whose quantized linears hold the dequantized NVFP4 weights times their part's smooth (each its
+    rows of a fused one): an ordinary module, no op of this project's in its forward."""
     copied = copy.deepcopy(model)
     by_storage = {w.untyped_storage().data_ptr(): (w, tensors) for w, tensors in records}
     for (name, module), original in zip(copied.named_modules(), model.modules()):
         if not isinstance(module, torch.nn.Linear) or original.weight.untyped_storage().data_ptr() not in by_storage:
             continue
-        whole, tensors = by_storage[original.weight.untyped_storage().data_ptr()]
+        whole, (weight, scales, global_scale, smooth, smooth_rows) = by_storage[original.weight.untyped_storage().data_ptr()]
         first = (original.weight.storage_offset() - whole.storage_offset()) // whole.stride(0)
+        rounded = dequantize(weight, scales, global_scale)
+        if smooth is not None:  # x * smooth @ W^T = x @ (W * smooth)^T, each part its row
+            rounded = rounded * smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
         with torch.no_grad():
-            module.weight.copy_(dequantize(*tensors)[first : first + module.weight.shape[0]])
+            module.weight.copy_(rounded[first : first + module.weight.shape[0]])
     return copied
 
 
-def test_site_counts_and_the_weights_as_modelopt_rounds_them(llama_nvfp4):
+def test_site_counts_and_the_awq_search(llama_nvfp4):
     model, compiled = llama_nvfp4
     layers = model.config.num_hidden_layers
     assert compiled.report.pass_sites("quantize_nvfp4") == 4 * layers  # fused q/k/v, o, fused gate/up, down
-    assert len([n for n in compiled.graph_module.graph.nodes if n.target is NVFP4_LINEAR]) == 4 * layers
+    ops = [n for n in compiled.graph_module.graph.nodes if n.target is NVFP4_LINEAR]
+    assert len(ops) == 4 * layers
     (result,) = [p for p in compiled.report.passes if p.name == "quantize_nvfp4"]
-    assert "the LM head (quantize_lm_head=False)" in result.detail and "ModelOpt's rounding" in result.detail
-    quantization = pytest.importorskip("modelopt.torch.quantization.qtensor")
-    o_proj = model.model.layers[0].self_attn.o_proj.weight
-    ours = next(t for w, t in compiled.graph_module.meta["nvfp4_weights"] if w is o_proj)
-    theirs, scales, global_scale = quantization.NVFP4QTensor.quantize(o_proj.detach().clone(), 16)
-    assert torch.equal(ours[0], theirs._quantized_data) and torch.equal(ours[1].float(), scales.float())
-    assert torch.equal(ours[2], global_scale.reshape(1).expand(o_proj.shape[0]))
+    assert "the LM head (quantize_lm_head=False)" in result.detail and "AWQ scales" in result.detail
+    assert any(n.args[4] is not None for n in ops)  # AWQ scaled some (random ids: a search all the same)
+    for n in ops:  # a fused weight's smooth has a row per part
+        if n.args[4] is not None:
+            assert len(n.args[5]) == getattr(compiled.graph_module, n.args[4].target).shape[0]
 
 
 def test_logits_match_the_module_with_the_dequantized_weights(llama_nvfp4):
@@ -113,3 +116,12 @@ def test_nvfp4_on_the_gpu_matches_the_module_with_the_dequantized_weights(own_ca
     ids = random_prompt(10).cuda()
     expected = rounded.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(compiled.generate(ids, max_new_tokens=16, do_sample=False), expected)
+
+
+def test_auto_resolving_to_a_one_rank_format_over_ranks_is_refused():
+    """quantization='auto' over an NVFP4 checkpoint is nvfp4, which runs on one rank: over two it is an error before
+    any rank starts, never the shards' float values rounded again."""
+    model = tiny_model("llama")
+    model.compiled_llm_quantization = "nvfp4"  # as nvfp4_checkpoint.py marks a loaded checkpoint
+    with pytest.raises(ValueError, match="quantization='nvfp4' runs on one rank only"):
+        compile_model(model, tensor_parallel_size=2, **FIELDS)

@@ -110,23 +110,30 @@ def _round(weight, group_size: int, smooth, scale_dtype, clip) -> tuple[torch.Te
 def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           smooth: torch.Tensor | None, smooth_rows: list[int], bias: torch.Tensor | None,
                           group_size: int) -> torch.Tensor:  # fmt: skip
-    rows = x.reshape(-1, x.shape[-1]).float()
     weight = dequantize(qweight, scales, zeros, group_size)
+    return smoothed_linear(x, weight, smooth, smooth_rows, bias)
+
+
+def smoothed_linear(x: torch.Tensor, weight: torch.Tensor, smooth: torch.Tensor | None, smooth_rows: list[int],
+                    bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """x @ W^T (+ b) in float32, then x's dtype, for a dequantized float32 W [N, K]: each part of `smooth_rows` output
+    channels over x times its row of `smooth` (the 4-bit formats' references)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
     if smooth is None:
         out = rows @ weight.t()
     else:
-        check_smooth_rows(smooth, smooth_rows, qweight.shape[0])
+        check_smooth_rows(smooth, smooth_rows, weight.shape[0])
         parts = weight.split(list(smooth_rows))
         out = torch.cat([(rows * scaling.float()) @ part.t() for scaling, part in zip(smooth, parts)], dim=-1)
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def check_smooth_rows(smooth: torch.Tensor, smooth_rows: list[int], n: int) -> None:
     if smooth.dim() != 2 or len(smooth_rows) != smooth.shape[0] or sum(smooth_rows) != n:
         raise ValueError(
-            f"int4_linear: smooth {list(smooth.shape)} with smooth_rows {list(smooth_rows)} does not cover "
+            f"a 4-bit linear's smooth {list(smooth.shape)} with smooth_rows {list(smooth_rows)} does not cover "
             f"the weight's {n} output channels (a row of smooth a part, the parts' channels summing to N)"
         )
 
@@ -147,10 +154,17 @@ def triton_takes(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         and scales.is_contiguous() and scales.dtype in KERNEL_DTYPES and zeros.is_contiguous()
         and zeros.dtype in (torch.uint8, *KERNEL_DTYPES)
         and tuple(scales.shape) == tuple(zeros.shape) == (n, k // group_size)
-        and (smooth is None or (smooth.is_contiguous() and smooth.dtype == torch.float32 and smooth.dim() == 2
-                                and smooth.shape[1] == k and len(smooth_rows) == smooth.shape[0] <= 3
-                                and sum(smooth_rows) == n and all(r % 16 == 0 for r in smooth_rows)))
+        and kernel_takes_smooth(smooth, smooth_rows, n, k)
         and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == rows.dtype))
+    )  # fmt: skip
+
+
+def kernel_takes_smooth(smooth: torch.Tensor | None, smooth_rows: list[int], n: int, k: int) -> bool:
+    """What the 4-bit kernels read of a smooth: none, or a contiguous float32 [P, K] of up to 3 parts of a multiple of
+    16 channels each (a program's channels in one part)."""
+    return smooth is None or (
+        smooth.is_contiguous() and smooth.dtype == torch.float32 and smooth.dim() == 2 and smooth.shape[1] == k
+        and len(smooth_rows) == smooth.shape[0] <= 3 and sum(smooth_rows) == n and all(r % 16 == 0 for r in smooth_rows)
     )  # fmt: skip
 
 

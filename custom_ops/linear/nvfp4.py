@@ -1,4 +1,4 @@
-"""`compiled_llm::nvfp4_linear`: y = x @ W^T (+ b) with W stored in NVFP4 (weight-only on Hopper, which has no FP4
+"""`compiled_llm::nvfp4_linear`: y = (x * smooth) @ W^T (+ b) with W stored in NVFP4 (weight-only on Hopper, which has no FP4
 tensor cores: the kernels dequantize in registers and multiply in the activations' dtype).
 
 Numerics, which every backend is held to (tests/test_nvfp4_linear.py):
@@ -10,13 +10,18 @@ Numerics, which every backend is held to (tests/test_nvfp4_linear.py):
   output channel, so that fused q/k/v and gate/up keep each part's;
 - W[n, k] = e2m1(q[n, k]) * (s[n, k // 16] * g[n]), in float32 (s * g rounds once; its product with e2m1 is exact
   but where it leaves float32's range), ModelOpt's dequantization bit for bit;
-- y[t, n] = sum_k x[t, k] W[n, k] (+ b[n]), products and sums in float32, then the input's dtype.
+- `smooth` [P, K] float32 or None, with `smooth_rows`: AWQ's activation-aware scaling, a row per part of the output
+  channels, as int4_linear has it (int4.py; the weight was quantized divided by it);
+- y[t, n] = sum_k (x[t, k] smooth[p(n), k]) W[n, k] (+ b[n]), products and sums in float32, then the input's dtype.
 Kernels feeding tensor cores take e2m1 * s (exact in bfloat16 and float16: at most 6 significant bits, 2^-10 to 2688)
-and apply g to the float32 sum; the GEMV sums x * e2m1 per 16 columns in float32 and applies s, then g. So backends
-differ from the reference by summation order only.
+and apply g to the float32 sum (x * smooth rounded to x's dtype first); the GEMV sums x * smooth * e2m1 per 16
+columns in float32 and applies s, then g. So backends differ from the reference by summation order and, with a
+smooth, that one rounding.
 
 `quantize_weight` is ModelOpt's recipe (NVFP4QTensor.quantize): g = max|W| / (6 * 448), s = e4m3(max|block| / (6 g))
-(clamped to e4m3's range, an all-zero block 1), q = the nearest e2m1 value of W / (s g), ties to the even code.
+(clamped to e4m3's range, an all-zero block 1), q = the nearest e2m1 value of W / (s g), ties to the even code;
+with a smooth, of W / smooth, and with a clip, each block's max bounded by it (the AWQ search of
+fx_passes/awq_calibration.py, which quantize_nvfp4 runs over `fake_quantize`).
 Backends by name: `torch` is the reference (any device); `triton` runs triton_nvfp4.py's kernels (a CUDA-core GEMV
 for one row, a tensor-core GEMM for more), the reference where they do not take the shapes.
 """
@@ -27,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from custom_ops.linear.int4 import pack_codes, unpack_codes
+from custom_ops.linear.int4 import kernel_takes_smooth, pack_codes, smoothed_linear, unpack_codes
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
 
 BLOCK = 16  # input columns a scale
@@ -42,7 +47,8 @@ Nvfp4LinearFn = Callable[..., torch.Tensor]
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
-    "nvfp4_linear(Tensor x, Tensor weight, Tensor scales, Tensor global_scale, Tensor? bias, str backend) -> Tensor"
+    "nvfp4_linear(Tensor x, Tensor weight, Tensor scales, Tensor global_scale, Tensor? smooth, int[] smooth_rows, "
+    "Tensor? bias, str backend) -> Tensor"
 )
 
 
@@ -64,42 +70,75 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     return (code | (values < 0).long() * 8).to(torch.uint8)  # a negative value that rounds to 0 keeps its sign
 
 
+def e2m1_round(values: torch.Tensor) -> torch.Tensor:
+    """e2m1_values(e2m1_codes(values)) without the codes (AWQ's search rounds each weight many times): E2M1's grid is
+    steps of 0.5 below 2, of 1 below 4, then 4 and 6, and round-half-to-even at each step is a tie to the even code."""
+    magnitude = values.abs()
+    rounded = torch.where(magnitude < 2, torch.round(magnitude * 2) / 2,
+                          torch.where(magnitude < 4, torch.round(magnitude), torch.round(magnitude / 2) * 2))  # fmt: skip
+    return torch.copysign(rounded.clamp(max=E2M1_MAX), values)
+
+
 def dequantize(weight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """W [N, K] in float32, as the numerics above define it."""
     values = e2m1_values(unpack_codes(weight))
     return values * (scales.float() * global_scale.float()[:, None]).repeat_interleave(BLOCK, 1)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weight uint8 [N, K/2], scales float8_e4m3fn [N, K/16], global_scale float32 [N], one value) of W [N, K] by
-    ModelOpt's recipe (module docstring), on W's device."""
+def quantize_weight(weight: torch.Tensor, smooth: torch.Tensor | None = None,
+                    clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(weight uint8 [N, K/2], scales float8_e4m3fn [N, K/16], global_scale float32 [N], one value) of W [N, K] (divided
+    by `smooth` [K] or [N, K] per column, each block's max bounded by `clip` [N, K/16], where given) by ModelOpt's
+    recipe (module docstring), on W's device."""
+    codes, scales, global_scale = _round(weight, smooth, clip)
+    return pack_codes(codes.view(weight.shape)), scales, global_scale.expand(weight.shape[0]).contiguous()
+
+
+def fake_quantize(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None = None,
+                  clip: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """dequantize(*quantize_weight(weight, smooth, clip)) [N, K] without packing the codes: what AWQ's search compares,
+    many times a weight (int4.fake_quantize's signature; `group_size` must be NVFP4's 16)."""
+    if group_size != BLOCK:
+        raise ValueError(f"NVFP4 scales blocks of {BLOCK} columns, not {group_size}")
+    values, scales, global_scale = _round(weight, smooth, clip, codes=False)
+    return (values * (scales.float() * global_scale)[..., None]).view(weight.shape)
+
+
+def _round(weight: torch.Tensor, smooth, clip, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_weight's codes [N, K/16, 16] (or with `codes` False their E2M1 values), e4m3 scales [N, K/16] and
+    global scale [1]."""
     n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"NVFP4 blocks of {BLOCK} columns do not tile a weight of {k} columns")
     w = weight.detach().float()
-    global_scale = (w.abs().amax() / (E2M1_MAX * E4M3_MAX)).reshape(1)
+    if smooth is not None:
+        w = w / smooth.float()
+    weight_max = w.abs().amax()
+    # An all-zero weight: any global scale (ModelOpt's 0 would make every block's scale 0 / 0)
+    global_scale = torch.where(weight_max > 0, weight_max / (E2M1_MAX * E4M3_MAX), 1.0).reshape(1)
     blocks = w.view(n, k // BLOCK, BLOCK)
-    scale = blocks.abs().amax(dim=-1) / (E2M1_MAX * global_scale)
+    amax = blocks.abs().amax(dim=-1)
+    if clip is not None:
+        amax = torch.minimum(amax, clip.float())
+    scale = amax / (E2M1_MAX * global_scale)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     scales = scale.clamp(E4M3_MIN, E4M3_MAX).to(torch.float8_e4m3fn)
-    divisor = scales.float() * global_scale
-    codes = e2m1_codes(blocks / divisor[..., None]).view(n, k)
-    return pack_codes(codes), scales, global_scale.expand(n).contiguous()
+    divided = blocks / (scales.float() * global_scale)[..., None]
+    return (e2m1_codes(divided) if codes else e2m1_round(divided)), scales, global_scale
 
 
 def nvfp4_linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
+                           smooth: torch.Tensor | None, smooth_rows: list[int],
                            bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    out = x.reshape(-1, x.shape[-1]).float() @ dequantize(weight, scales, global_scale).t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return smoothed_linear(x, dequantize(weight, scales, global_scale), smooth, smooth_rows, bias)
 
 
 def triton_takes(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
-                 bias: torch.Tensor | None) -> bool:  # fmt: skip
+                 smooth: torch.Tensor | None, smooth_rows: list[int], bias: torch.Tensor | None) -> bool:  # fmt: skip
     """What triton_nvfp4's kernels read: rows [M, K] with a unit last stride in a float dtype they write, contiguous
     packed codes [N, K/2] (4-byte aligned rows, read as words), contiguous e4m3 scales [N, K/16], float32 global
-    scales [N] and a bias [N] in the rows' dtype; K a multiple of 64 (the GEMM's smallest tile)."""
+    scales [N], a smooth as int4's kernels take it (int4.kernel_takes_smooth) and a bias [N] in the rows' dtype; K a
+    multiple of 64 (the GEMM's smallest tile)."""
     n, half = weight.shape
     k = 2 * half
     return (
@@ -107,19 +146,20 @@ def triton_takes(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
         and rows.dtype in KERNEL_DTYPES and weight.dtype == torch.uint8 and weight.is_contiguous()
         and weight.data_ptr() % 4 == 0 and scales.dtype == torch.float8_e4m3fn and scales.is_contiguous()
         and tuple(scales.shape) == (n, k // BLOCK) and global_scale.dtype == torch.float32
-        and global_scale.shape == (n,) and global_scale.is_contiguous()
+        and global_scale.shape == (n,) and global_scale.is_contiguous() and kernel_takes_smooth(smooth, smooth_rows, n, k)
         and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == rows.dtype))
     )  # fmt: skip
 
 
-def _triton_linear(x, weight, scales, global_scale, bias) -> torch.Tensor:
+def _triton_linear(x, weight, scales, global_scale, smooth, smooth_rows: list[int], bias) -> torch.Tensor:
     from custom_ops.linear import triton_nvfp4
 
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 0 or not triton_takes(rows, weight, scales, global_scale, bias):
-        return nvfp4_linear_reference(x, weight, scales, global_scale, bias)
+    args = (weight, scales, global_scale, smooth, smooth_rows, bias)
+    if rows.shape[0] == 0 or not triton_takes(rows, *args):
+        return nvfp4_linear_reference(x, *args)
     launch = triton_nvfp4.nvfp4_gemv if rows.shape[0] == 1 else triton_nvfp4.nvfp4_gemm
-    return launch(rows, weight, scales, global_scale, bias).view(*x.shape[:-1], weight.shape[0])
+    return launch(rows, *args).view(*x.shape[:-1], weight.shape[0])
 
 
 def nvfp4_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
@@ -134,11 +174,11 @@ def nvfp4_backend(device: torch.device, linear_backend: str = "auto") -> tuple[s
 NVFP4_LINEAR_BACKENDS: dict[str, Nvfp4LinearFn] = {"torch": nvfp4_linear_reference, "triton": _triton_linear}
 
 
-def _nvfp4_linear(x, weight, scales, global_scale, bias, backend: str) -> torch.Tensor:
-    return NVFP4_LINEAR_BACKENDS[backend](x, weight, scales, global_scale, bias)
+def _nvfp4_linear(x, weight, scales, global_scale, smooth, smooth_rows, bias, backend: str) -> torch.Tensor:
+    return NVFP4_LINEAR_BACKENDS[backend](x, weight, scales, global_scale, smooth, smooth_rows, bias)
 
 
-def _nvfp4_linear_fake(x, weight, scales, global_scale, bias, backend: str) -> torch.Tensor:
+def _nvfp4_linear_fake(x, weight, scales, global_scale, smooth, smooth_rows, bias, backend: str) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

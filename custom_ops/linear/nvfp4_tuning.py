@@ -40,6 +40,10 @@ _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_
                       (Path(triton_nvfp4.__file__).parent / "triton_int4_kernels.py").read_text())  # fmt: skip
 
 
+def _rows(weight, smooth) -> list[int]:
+    return [] if smooth is None else [weight.shape[0]]
+
+
 def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int]]:
     """(N, K) of each `triton` nvfp4_linear of the graph."""
     found = set()
@@ -60,8 +64,8 @@ class _Nvfp4KernelTuning:
     launch = staticmethod(triton_nvfp4.nvfp4_gemv)
 
     def candidates(self, bucket: dict) -> list[Candidate]:
-        def run(x, weight, scales, global_scale, tile):
-            return self.launch(x, weight, scales, global_scale, None, **tile)
+        def run(x, weight, scales, global_scale, smooth, tile):
+            return self.launch(x, weight, scales, global_scale, smooth, _rows(weight, smooth), None, **tile)
 
         return [
             Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *self.tiles)
@@ -71,16 +75,18 @@ class _Nvfp4KernelTuning:
         return self.kind
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
+        """Weights with AWQ's smooth, as the pass quantizes them."""
         n, k = bucket["n"], bucket["k"]
         device = torch.device("cuda", torch.cuda.current_device())
-        return [
-            (torch.randn(bucket.get("rows", 1), k, device=device, dtype=dtype),
-             *nvfp4.quantize_weight(torch.randn(n, k, device=device) / k**0.5))
-            for _ in range(input_copies(n * k // 2))
-        ]  # fmt: skip
+        sets = []
+        for _ in range(input_copies(n * k // 2)):
+            smooth = torch.rand(1, k, device=device) + 0.5
+            weight = nvfp4.quantize_weight(torch.randn(n, k, device=device) / k**0.5, smooth[0])
+            sets.append((torch.randn(bucket.get("rows", 1), k, device=device, dtype=dtype), *weight, smooth))
+        return sets
 
-    def reference(self, x, weight, scales, global_scale) -> torch.Tensor:
-        return nvfp4.nvfp4_linear_reference(x, weight, scales, global_scale, None)
+    def reference(self, x, weight, scales, global_scale, smooth) -> torch.Tensor:
+        return nvfp4.nvfp4_linear_reference(x, weight, scales, global_scale, smooth, _rows(weight, smooth), None)
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
         return 2.0**-7, 2.0**-7  # one rounding of the output, and summation order

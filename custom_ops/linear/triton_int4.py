@@ -44,8 +44,11 @@ def gemv_config(n: int, k: int, group_size: int) -> dict:
     Measured on an H200 over Llama-8B's shapes (BENCHMARKS.md: 19.1 -> 12.5 us for q/k/v, 46.9 -> 22.3 for down)."""
     columns = 256 if n >= 16384 else 1024
     groups = max(1, min(columns // group_size, k // group_size))
-    return {"BLOCK_N": 16 if n >= 4096 else 8, "GROUPS_A_STEP": power_of_2_at_most(groups),
-            "num_warps": 4 if n >= 16384 else 8}
+    return {
+        "BLOCK_N": 16 if n >= 4096 else 8,
+        "GROUPS_A_STEP": power_of_2_at_most(groups),
+        "num_warps": 4 if n >= 16384 else 8,
+    }
 
 
 def power_of_2_at_most(value: int) -> int:
@@ -53,13 +56,13 @@ def power_of_2_at_most(value: int) -> int:
     return 1 << (max(1, value).bit_length() - 1)
 
 
-def _part_ends(n: int, smooth_rows: list[int]) -> tuple[int, int]:
+def part_ends(n: int, smooth_rows: list[int]) -> tuple[int, int]:
     """part_end0, part_end1 of the kernels: where the first two parts of the channels end (n past the last)."""
     ends = [sum(smooth_rows[: i + 1]) for i in range(len(smooth_rows) - 1)]
     return (*ends, n, n)[:2]
 
 
-def _divides_parts(block_n: int, smooth_rows: list[int]) -> int:
+def divides_parts(block_n: int, smooth_rows: list[int]) -> int:
     """block_n halved until it divides every part's channels (int4.triton_takes: each a multiple of 16)."""
     while any(rows % block_n for rows in smooth_rows):
         block_n //= 2
@@ -72,11 +75,11 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     tuned = TUNED_GEMV.get((rows.get_device(), n, k, group_size, zeros.is_floating_point()), {})
     launch = {**gemv_config(n, k, group_size), **tuned, **tile}
     if smooth is not None:
-        launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
+        launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(1, n)
     four_bit_kernels().int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
-        n, qweight.stride(0), scales.stride(0), *_part_ends(n, smooth_rows), K=k, GROUP=group_size,
+        n, qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows), K=k, GROUP=group_size,
         HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch, **pdl_launch_options(rows),
     )  # fmt: skip
     return out
@@ -101,14 +104,14 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     tuned = TUNED_GEMM.get(key, {}) if bucket else {}
     launch = {**gemm_config(m, n, group_size), **tuned, **tile}
     if smooth is not None:
-        launch["BLOCK_N"] = _divides_parts(launch["BLOCK_N"], smooth_rows)
+        launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
     if group_size % launch["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={launch['BLOCK_K']} does not divide the group of {group_size} columns")
     out = rows.new_empty(m, n)
     grid = (triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(n, launch["BLOCK_N"]))
     four_bit_kernels().int4_gemm_kernel[grid](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
-        m, n, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *_part_ends(n, smooth_rows), K=k,
+        m, n, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *part_ends(n, smooth_rows), K=k,
         GROUP=group_size, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch,
         **pdl_launch_options(rows),
     )  # fmt: skip

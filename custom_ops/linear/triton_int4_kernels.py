@@ -203,9 +203,9 @@ def int4_gemm_kernel(
 
 @triton.jit
 def nvfp4_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, g_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
+    part_end1, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """y = x @ (e2m1 * s)^T * g on tensor cores: a tile of codes and its scales (s_ptr: the e4m3 bytes, one per 16
     columns) decoded in registers to e2m1 * s, exact in x's dtype, and the channels' global scales (g_ptr) applied
@@ -215,6 +215,7 @@ def nvfp4_gemm_kernel(
         tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    smooth_row = smooth_part(smooth_ptr, tl.program_id(1) * BLOCK_N, part_end0, part_end1, K)
     row_ok, col_ok = rows < M, cols < N
     dtype = x_ptr.dtype.element_ty
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
@@ -223,6 +224,8 @@ def nvfp4_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K
         x = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=row_ok[:, None], other=0.0)
+        if HAS_SMOOTH:
+            x = (x.to(tl.float32) * tl.load(smooth_row + k0 + tl.arange(0, BLOCK_K))[None, :]).to(dtype)
         packed = tl.load(w_rows + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=col_ok[:, None], other=0)
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # columns 2j, 2j + 1
         bits = ((codes & 7) << 9) | ((codes & 8) << 12)

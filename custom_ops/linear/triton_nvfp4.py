@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from custom_ops.linear.nvfp4 import BLOCK
-from custom_ops.linear.triton_int4 import four_bit_kernels, power_of_2_at_most, triton_cdiv
+from custom_ops.linear.triton_int4 import divides_parts, four_bit_kernels, part_ends, power_of_2_at_most, triton_cdiv
 from custom_ops.triton_runtime import pdl_launch_options
 
 # The autotuner's choices in this process, by (device index as Tensor.get_device gives it, N, K) for the GEMV and
@@ -33,15 +33,18 @@ def gemv_config(n: int, k: int) -> dict:
     return {"BLOCK_N": 8, "GROUPS_A_STEP": power_of_2_at_most(min(64, k // BLOCK)), "num_warps": 4 if n >= 16384 else 8}
 
 
-def nvfp4_gemv(rows, weight, scales, global_scale, bias, **tile) -> torch.Tensor:
+def nvfp4_gemv(rows, weight, scales, global_scale, smooth, smooth_rows, bias, **tile) -> torch.Tensor:
     """y [1, N] for rows [1, K] (nvfp4.triton_takes checked what the kernel reads)."""
     n, k = weight.shape[0], 2 * weight.shape[1]
     launch = {**gemv_config(n, k), **TUNED_GEMV.get((rows.get_device(), n, k), {}), **tile}
+    if smooth is not None:
+        launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(1, n)
     four_bit_kernels().int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
-        rows, weight, scales.view(torch.uint8), global_scale, rows, bias if bias is not None else rows, out, n,
-        weight.stride(0), scales.stride(0), n, n, K=k, GROUP=BLOCK, HAS_SMOOTH=False, HAS_BIAS=bias is not None,
-        E2M1=True, **launch, **pdl_launch_options(rows),
+        rows, weight, scales.view(torch.uint8), global_scale, smooth if smooth is not None else rows,
+        bias if bias is not None else rows, out, n, weight.stride(0), scales.stride(0), *part_ends(n, smooth_rows),
+        K=k, GROUP=BLOCK, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, E2M1=True, **launch,
+        **pdl_launch_options(rows),
     )  # fmt: skip
     return out
 
@@ -56,7 +59,7 @@ def gemm_config(m: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
-def nvfp4_gemm(rows, weight, scales, global_scale, bias, **tile) -> torch.Tensor:
+def nvfp4_gemm(rows, weight, scales, global_scale, smooth, smooth_rows, bias, **tile) -> torch.Tensor:
     """y [M, N] for rows [M, K] on tensor cores (nvfp4.triton_takes checked what the kernel reads)."""
     m, n, k = rows.shape[0], weight.shape[0], 2 * weight.shape[1]
     bucket = next((b for b in GEMM_ROW_BUCKETS if m <= b), None)
@@ -64,11 +67,14 @@ def nvfp4_gemm(rows, weight, scales, global_scale, bias, **tile) -> torch.Tensor
     launch = {**gemm_config(m), **tuned, **tile}
     if k % launch["BLOCK_K"]:
         launch["BLOCK_K"] = 64  # triton_takes: K a multiple of 64
+    if smooth is not None:
+        launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(m, n)
     grid = (triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(n, launch["BLOCK_N"]))
     four_bit_kernels().nvfp4_gemm_kernel[grid](
-        rows, weight, scales.view(torch.uint8), global_scale, bias if bias is not None else rows, out, m, n,
-        rows.stride(0), weight.stride(0), scales.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None, **launch,
-        **pdl_launch_options(rows),
+        rows, weight, scales.view(torch.uint8), global_scale, smooth if smooth is not None else rows,
+        bias if bias is not None else rows, out, m, n, rows.stride(0), weight.stride(0), scales.stride(0),
+        out.stride(0), *part_ends(n, smooth_rows), K=k, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
+        **launch, **pdl_launch_options(rows),
     )  # fmt: skip
     return out
