@@ -184,6 +184,20 @@ def quantizable_linears(gm: torch.fx.GraphModule, config) -> tuple[list[torch.fx
     return sites, linears, kept
 
 
+def keep_narrow(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], linears: list[torch.fx.Node], kept: list[str],
+                fits, multiple: int, quantization: str) -> list[torch.fx.Node]:  # fmt: skip
+    """`sites` but the linears whose input width `fits(width)` refuses (kept in the model's dtype, said in `kept`: not
+    a multiple of `multiple`); none left is a ValueError naming `quantization` and what was kept."""
+    narrow = [n for n in sites if not fits(linear_weight(gm, n).shape[1])]
+    if narrow:
+        sites = [n for n in sites if n not in narrow]
+        kept.append(f"{len(narrow)} linears whose input width is not a multiple of {multiple}")
+    if not sites:
+        raise ValueError(f"quantization={quantization!r} found no linear it can quantize ({len(linears)} linears; kept "
+                         f"in the model's dtype: {', '.join(kept) or 'none'})")  # fmt: skip
+    return sites
+
+
 @register_pass("quantize_fp8")
 def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     if config.quantization not in FORMATS:

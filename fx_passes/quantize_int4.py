@@ -24,7 +24,7 @@ GROUP_SIZES = (GROUP_SIZE, 64, 32)  # the first that divides a linear's input wi
 from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
-from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears, swap_linear
+from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantized_reference import linears_computing_as
 from fx_passes.registry import PassResult, register_pass
 
@@ -94,13 +94,8 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
         raise ValueError(f"quantization={config.quantization!r} runs {stored_as} stored 4-bit weights, and this model "
                          "has none (load the checkpoint or file itself); to quantize a float model, use "
                          "quantization='int4_awq'")  # fmt: skip
-    narrow = [n for n in sites if group_size_for(linear_weight(gm, n).shape[1]) is None]
-    if narrow:
-        sites = [n for n in sites if n not in narrow]
-        kept.append(f"{len(narrow)} linears whose input width is not a multiple of {GROUP_SIZES[-1]}")
-    if not sites:
-        raise ValueError(f"quantization='int4_awq' found no linear it can quantize ({len(linears)} linears; kept "
-                         f"in the model's dtype: {', '.join(kept) or 'none'})")  # fmt: skip
+    sites = keep_narrow(gm, sites, linears, kept, lambda width: group_size_for(width) is not None, GROUP_SIZES[-1],
+                        "int4_awq")  # fmt: skip
     weights = [linear_weight(gm, n) for n in sites]
     device = weights[0].device
     sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))

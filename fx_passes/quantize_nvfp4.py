@@ -25,7 +25,7 @@ from custom_ops.linear.nvfp4 import BLOCK, fake_quantize, nvfp4_backend, nvfp4_l
 from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
-from fx_passes.quantize_fp8 import free_name, linear_weight, quantizable_linears, swap_linear
+from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantize_int4 import fused_parts, register_calibrated
 from fx_passes.quantized_reference import linears_computing_as
 from fx_passes.registry import PassResult, register_pass
@@ -64,13 +64,7 @@ def quantize_nvfp4(gm: torch.fx.GraphModule, config) -> PassResult:
         if len(stored) < len(sites):
             kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
         sites = stored
-    narrow = [n for n in sites if linear_weight(gm, n).shape[1] % BLOCK]
-    if narrow:
-        sites = [n for n in sites if n not in narrow]
-        kept.append(f"{len(narrow)} linears whose input width is not a multiple of {BLOCK}")
-    if not sites:
-        raise ValueError(f"quantization='nvfp4' found no linear it can quantize ({len(linears)} linears; kept in the "
-                         f"model's dtype: {', '.join(kept) or 'none'})")  # fmt: skip
+    sites = keep_narrow(gm, sites, linears, kept, lambda width: width % BLOCK == 0, BLOCK, "nvfp4")
     weights = [linear_weight(gm, n) for n in sites]
     parts = [fused_parts(gm, n.args[1].target) for n in sites]
     if stored:

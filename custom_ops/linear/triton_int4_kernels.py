@@ -158,21 +158,31 @@ def int4_gemv_kernel(
 
 
 @triton.jit
-def int4_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
-    part_end1, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
-):  # fmt: skip
+def gemm_tile(x_ptr, w_ptr, smooth_ptr, M, N, stride_xm, stride_wn, part_end0, part_end1, K: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    """What the 4-bit GEMMs' programs start from: their rows and output channels (and which are in range), x's and the
+    packed codes' rows, and the smooth row of their channels' part; after PDL's wait, where it is on."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     smooth_row = smooth_part(smooth_ptr, tl.program_id(1) * BLOCK_N, part_end0, part_end1, K)
-    row_ok, col_ok = rows < M, cols < N
-    dtype = x_ptr.dtype.element_ty
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    return rows, cols, rows < M, cols < N, x_rows, w_rows, smooth_row
+
+
+@triton.jit
+def int4_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
+    part_end1, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
+):  # fmt: skip
+    rows, cols, row_ok, col_ok, x_rows, w_rows, smooth_row = gemm_tile(
+        x_ptr, w_ptr, smooth_ptr, M, N, stride_xm, stride_wn, part_end0, part_end1, K, BLOCK_M, BLOCK_N, USE_PDL
+    )
+    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP, which divides K
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -210,16 +220,10 @@ def nvfp4_gemm_kernel(
     """y = x @ (e2m1 * s)^T * g on tensor cores: a tile of codes and its scales (s_ptr: the e4m3 bytes, one per 16
     columns) decoded in registers to e2m1 * s, exact in x's dtype, and the channels' global scales (g_ptr) applied
     to the float32 sums."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    smooth_row = smooth_part(smooth_ptr, tl.program_id(1) * BLOCK_N, part_end0, part_end1, K)
-    row_ok, col_ok = rows < M, cols < N
+    rows, cols, row_ok, col_ok, x_rows, w_rows, smooth_row = gemm_tile(
+        x_ptr, w_ptr, smooth_ptr, M, N, stride_xm, stride_wn, part_end0, part_end1, K, BLOCK_M, BLOCK_N, USE_PDL
+    )
     dtype = x_ptr.dtype.element_ty
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     s_rows = s_ptr + cols[:, None].to(tl.int64) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K
