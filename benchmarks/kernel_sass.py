@@ -6,6 +6,8 @@ before a GPU measures it; it is not a timing.
     python benchmarks/kernel_sass.py mxfp4-gemv      # the MoE one-token GEMV over MXFP4 experts, GPT-OSS-20B's shape
     python benchmarks/kernel_sass.py decode-attention  # the triton paged-attention kernel's decode step, Llama-8B's
     python benchmarks/kernel_sass.py int4-gemv       # int4_linear's one-row GEMV at Llama-8B's linears
+    python benchmarks/kernel_sass.py nvfp4-gemv      # nvfp4_linear's one-row GEMV (the int4 GEMV with E2M1=True)
+    python benchmarks/kernel_sass.py 4bit-gemm       # the int4 and NVFP4 tensor-core GEMMs at a decode batch's tile
 
 Needs triton (its wheel carries ptxas and cuobjdump); `--out DIR` keeps each kernel's TTGIR, PTX and SASS.
 """
@@ -127,6 +129,47 @@ def int4_gemv(out_dir: str) -> None:
                 report(kernel, name, weights, out_dir)
 
 
+def nvfp4_gemv(out_dir: str) -> None:
+    """nvfp4_linear's one-row GEMV (int4_gemv_kernel with E2M1=True) at Llama-8B's gate/up and down shapes, with and
+    without AWQ's smooth, at its default launch; a unit is one weight."""
+    from custom_ops.linear.triton_int4_kernels import int4_gemv_kernel
+    from custom_ops.linear.triton_nvfp4 import gemv_config
+
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "z_ptr": "*fp32", "smooth_ptr": "*fp32",
+             "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
+    for n, k in ((28672, 4096), (4096, 14336)):
+        launch = gemv_config(n, k)
+        for smooth in (False, True):
+            constexprs = {"K": k, "GROUP": 16, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
+                          "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True, "E2M1": True, "OFFSET": False,
+                          "PTX_DECODE": False}  # fmt: skip
+            kernel = compile_for_hopper(int4_gemv_kernel, types, constexprs, ("stride_wn", "stride_sn"),
+                                        launch["num_warps"])  # fmt: skip
+            weights = launch["BLOCK_N"] * launch["GROUPS_A_STEP"] * 16 / (32 * launch["num_warps"])
+            name = f"nvfp4_gemv_{n}x{k}_n{launch['BLOCK_N']}_g{launch['GROUPS_A_STEP']}{'_smooth' if smooth else ''}"
+            report(kernel, name, weights, out_dir)
+
+
+def four_bit_gemm(out_dir: str) -> None:
+    """The int4 and NVFP4 tensor-core GEMMs at a 16-row decode batch's tile over Llama-8B's q/k/v (K 4096), with AWQ's
+    smooth; a unit is one weight of the tile."""
+    from custom_ops.linear import triton_int4, triton_nvfp4
+    from custom_ops.linear.triton_int4_kernels import int4_gemm_kernel, nvfp4_gemm_kernel
+
+    strides = ("stride_xm", "stride_wn", "stride_sn", "stride_ym")
+    common = {"x_ptr": "*bf16", "w_ptr": "*u8", "smooth_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+    int4_tile, fp4_tile = triton_int4.gemm_config(16, 6144, 128), triton_nvfp4.gemm_config(16)
+    for kernel_fn, types, tile, extra in (
+        (int4_gemm_kernel, {**common, "s_ptr": "*bf16", "z_ptr": "*u8"}, int4_tile, {"GROUP": 128, "OFFSET": False}),
+        (nvfp4_gemm_kernel, {**common, "s_ptr": "*u8", "g_ptr": "*fp32"}, fp4_tile, {}),
+    ):
+        constexprs = {"K": 4096, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"],
+                      "HAS_SMOOTH": True, "HAS_BIAS": False, "USE_PDL": True, **extra}  # fmt: skip
+        kernel = compile_for_hopper(kernel_fn, types, constexprs, strides, tile["num_warps"], tile["num_stages"])
+        weights = tile["BLOCK_N"] * tile["BLOCK_K"] / (32 * tile["num_warps"])
+        report(kernel, f"{kernel_fn.__name__}_16x{tile['BLOCK_N']}x{tile['BLOCK_K']}_smooth", weights, out_dir)
+
+
 def decode_attention(out_dir: str) -> None:
     """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
     key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
@@ -152,7 +195,8 @@ def decode_attention(out_dir: str) -> None:
         report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
 
 
-STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention, "int4-gemv": int4_gemv}
+STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention, "int4-gemv": int4_gemv,
+           "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm}  # fmt: skip
 
 
 def main() -> None:
