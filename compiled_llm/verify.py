@@ -17,12 +17,14 @@ to this model (QUANTIZED_ALLOWANCE).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
 from compiled_llm.runtime import ScheduledChunk, Sequence
 from fx_passes.causal_mask import user_line
+from fx_passes.keep_gguf_int8_blocks import int8_block_module
 from fx_passes.quantize_fp8 import quantized_module
 from fx_passes.quantize_int4 import int4_module
 from fx_passes.quantize_int8 import int8_module
@@ -49,8 +51,9 @@ PREFILL_TOKENS = 2
 DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention")
 
 
-def self_check_wanted(verify: bool | None, model, pass_results, from_graph_cache: bool,
-                      from_stored_code: bool = False) -> bool:
+def self_check_wanted(
+    verify: bool | None, model, pass_results, from_graph_cache: bool, from_stored_code: bool = False
+) -> bool:
     """CompileConfig.verify, or where it is None: a module outside Hugging Face; a graph one of the drop-in passes
     rewrote (they run on HF graphs too: whatever they rewrite is checked, whoever wrote the module); a graph from
     the graph cache (its key may miss something this model does differently); compiled code loaded from a stored
@@ -177,16 +180,15 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
     prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     # With quantization, the module's linears round as the rewrite means them to: the rest is checked exactly.
     meta = compiled.graph_module.meta
-    if meta.get("int4_weights"):
-        rounding = int4_module(model, meta["int4_weights"])
-    elif meta.get("int8_weights"):
-        rounding = int8_module(model, meta["int8_weights"])
-    elif meta.get("nvfp4_weights"):
-        rounding = nvfp4_module(model, meta["nvfp4_weights"])
-    else:
-        rounding = quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
-                                    meta.get("fp8_column_parts", []))  # fmt: skip
-    with rounding:
+    weight_only = {"int4_weights": int4_module, "int8_weights": int8_module, "nvfp4_weights": nvfp4_module,
+                   "int8_block_weights": int8_block_module}  # fmt: skip
+    roundings = [module_for(model, meta[key]) for key, module_for in weight_only.items() if meta.get(key)]
+    if not roundings:
+        roundings = [quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
+                                      meta.get("fp8_column_parts", []))]  # fmt: skip
+    with contextlib.ExitStack() as stack:  # a GGUF file's 4-bit and 8-bit blocks: both
+        for rounding in roundings:
+            stack.enter_context(rounding)
         expected = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
     tolerance, rms_bound = TOLERANCE.get(dtype, 1e-2), None
     # FP8 and int8_sq round activations too, and a rounding that flips between two near values moves the logits more

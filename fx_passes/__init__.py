@@ -14,6 +14,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     insert_fused_moe,
     insert_linear_op,
     insert_paged_attention,
+    keep_gguf_int8_blocks,
     keep_mxfp4_experts,
     match_explicit_attention,
     match_sdpa_attention,

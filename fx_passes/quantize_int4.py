@@ -89,9 +89,11 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
         parts = [fused_parts(gm, n.args[1].target) for n in stored]
         return _rewrite(gm, config, stored, [(None, None)] * len(stored), groups, parts, linears, kept,
                         "the checkpoint's 4-bit weights as stored", stored=True)  # fmt: skip
+    if config.quantization == "gguf" and any(hasattr(linear_weight(gm, n), "int8_tensors") for n in sites):
+        return PassResult("quantize_int4", 0)  # only 5/6/8-bit blocks: keep_gguf_int8_blocks' sites
     if config.quantization in ("int4_gptq", "gguf"):
-        stored_as = "a GPTQ checkpoint's" if config.quantization == "int4_gptq" else "a GGUF file's Q4_0/Q4_1/Q4_K"
-        raise ValueError(f"quantization={config.quantization!r} runs {stored_as} stored 4-bit weights, and this model "
+        stored_as = "a GPTQ checkpoint's stored 4-bit" if config.quantization == "int4_gptq" else "a GGUF file's"
+        raise ValueError(f"quantization={config.quantization!r} runs {stored_as} weights as stored, and this model "
                          "has none (load the checkpoint or file itself); to quantize a float model, use "
                          "quantization='int4_awq'")  # fmt: skip
     sites = keep_narrow(gm, sites, linears, kept, lambda width: group_size_for(width) is not None, GROUP_SIZES[-1],

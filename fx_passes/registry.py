@@ -79,6 +79,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "quantize_int8",
     # Under quantization="nvfp4" only, likewise.
     "quantize_nvfp4",
+    # Under quantization="gguf" only: the 5/6/8-bit blocks beside quantize_int4's 4-bit ones.
+    "keep_gguf_int8_blocks",
     # Under quantization="mxfp4" only; before insert_fused_moe, which picks the experts' kernel.
     "keep_mxfp4_experts",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).

@@ -162,7 +162,7 @@ def test_auto_is_none_for_a_float_checkpoint_and_a_contradiction_is_refused(tmp_
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}}, "format 'pack-quantized'"),
     ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"weight_block_size \[64, 64\]"),
-    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "quant_algo 'NVFP4'"),
+    ({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}, "quant_algo 'W4A8_AWQ'"),
 ])  # fmt: skip
 def test_an_unsupported_scheme_is_named_with_what_is_supported(tmp_path, quantization_config, named):
     tiny_model("llama").save_pretrained(tmp_path)

@@ -1,5 +1,6 @@
-"""A GGUF file's Q4_0/Q4_1 linears kept in their blocks (compiled_llm/gguf_blocks.py): the blocks' layout held to the
-gguf package's own quantizer and dequantizer, and SmolLM2-135M-Instruct run from its shipped Q4_1 bytes with the same
+"""A GGUF file's linears kept in their blocks (compiled_llm/gguf_blocks.py): the layouts of Q4_0, Q4_1, Q4_K, Q5_K,
+Q6_K and Q8_0 held to the gguf package's own quantizer (where it has one) and dequantizer, a file mixing 4-bit and
+8-bit blocks compiled, and SmolLM2-135M-Instruct run from its shipped Q4_1 bytes with the same
 greedy tokens as its dequantized weights."""
 
 from __future__ import annotations
@@ -50,6 +51,86 @@ def test_random_valid_q4_k_blocks_dequantize_as_the_gguf_package_does():
     assert stored[0].shape == (5, 256) and stored[1].shape == stored[2].shape == (5, 16)
     assert stored[1].dtype == stored[2].dtype == torch.float32
     assert torch.equal(dequantize(*stored, 32), expected)
+
+
+def test_q8_0_blocks_dequantize_as_the_gguf_package_does():
+    """Random weights quantized by gguf's own Q8_0 quantizer: int8 codes and float16 scales per 32 columns that
+    dequantize to exactly its dequantizer's values."""
+    from gguf import GGMLQuantizationType, quants
+
+    from compiled_llm.gguf_blocks import int8_block_tensors
+    from custom_ops.linear import int8_weight
+
+    weights = np.random.default_rng(2).standard_normal((6, 96)).astype(np.float32)
+    raw = quants.quantize(weights, GGMLQuantizationType.Q8_0)
+    codes, scales, offsets, group = int8_block_tensors(raw, "Q8_0")
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and offsets is None and group == 32
+    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q8_0))
+    assert torch.equal(int8_weight.dequantize(codes, scales, offsets, group), expected)
+
+
+@pytest.mark.parametrize(("kind", "block_bytes", "float16_at"), [("Q6_K", 210, 208), ("Q5_K", 176, 0)])
+def test_random_valid_k_quant_blocks_dequantize_as_the_gguf_package_does(kind, block_bytes, float16_at):
+    """gguf has no Q6_K or Q5_K quantizer: random super-blocks (random codes, high bits and scales; finite float16 d,
+    and dmin for Q5_K) against its dequantizer, bit for bit. Q6_K: codes q - 32 in groups of 16; Q5_K: 5-bit codes
+    in groups of 32 with offsets."""
+    from gguf import GGMLQuantizationType, quants
+
+    from compiled_llm.gguf_blocks import int8_block_tensors
+    from custom_ops.linear import int8_weight
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=(5, 2 * block_bytes), dtype=np.uint8)  # 5 rows of 512 weights
+    blocks = raw.reshape(5, 2, block_bytes)
+    halves = 1 if kind == "Q6_K" else 2  # d (Q6_K, at the end), or d and dmin (Q5_K, first)
+    blocks[..., float16_at : float16_at + 2 * halves] = (
+        (rng.random((5, 2, halves)) * 0.01).astype(np.float16).view(np.uint8)
+    )
+    codes, scales, offsets, group = int8_block_tensors(raw, kind)
+    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind]))
+    assert torch.equal(int8_weight.dequantize(codes, scales, offsets, group), expected)
+    assert group == (16 if kind == "Q6_K" else 32) and (offsets is None) == (kind == "Q6_K")
+    low, high = (-32, 31) if kind == "Q6_K" else (0, 31)
+    assert low <= codes.min().item() and codes.max().item() <= high
+
+
+def test_a_file_mixing_4_bit_and_8_bit_blocks_runs_both(tmp_path):
+    """As a Q4_K_M file keeps some linears in Q6_K: a tiny Llama whose down projections carry Q8_0 blocks and whose
+    other linears Q4_0 ones (gguf's own quantizer, attached as gguf_blocks.py attaches them): quantization='gguf'
+    runs both kinds from their codes (q/k/v and gate/up fused with their blocks), the self-check holds, and the
+    logits are the module's over the dequantized weights."""
+    from conftest import random_prompt, tiny_model
+    from gguf import GGMLQuantizationType, quants
+
+    from compiled_llm import compile_model
+    from compiled_llm.gguf_blocks import block_tensors, int8_block_tensors
+    from custom_ops.linear import int8_weight
+
+    model = tiny_model("llama")
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is model.lm_head:
+            continue
+        kind = "Q8_0" if name.endswith("down_proj") else "Q4_0"
+        raw = quants.quantize(module.weight.detach().numpy(), GGMLQuantizationType[kind])
+        with torch.no_grad():
+            if kind == "Q8_0":
+                *stored, group = int8_block_tensors(raw, kind)
+                module.weight.copy_(int8_weight.dequantize(*stored, group))
+                module.weight.int8_tensors = (*stored, group, "gguf")
+            else:
+                stored = block_tensors(raw, kind)
+                module.weight.copy_(dequantize(*stored, 32))
+                module.weight.int4_tensors = (*stored, 32, "gguf")
+    model.compiled_llm_quantization = "gguf"
+    compiled = compile_model(model, quantization="gguf", verify=True, compile_backend="eager", max_batch_size=2,
+                             max_seq_len=64, cache_dir=tmp_path)  # fmt: skip
+    layers = model.config.num_hidden_layers
+    assert compiled.report.pass_sites("quantize_int4") == 3 * layers  # fused q/k/v, o, fused gate/up
+    assert compiled.report.pass_sites("keep_gguf_int8_blocks") == layers  # down
+    ids = random_prompt(10)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert torch.allclose(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -162,3 +162,13 @@ def test_a_missing_scale_is_named(compressed_tensors_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format"] == "nvfp4-pack-quantized"
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight_packed has no .*up_proj.weight_scale"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_a_config_that_says_nvfp4_over_float_weights_is_named(tmp_path):
+    """config.json says ModelOpt NVFP4, the files hold float weights: an error, never the float weights run as if."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="says ModelOpt NVFP4, but no tensor holds its codes"):
+        load_model(str(tmp_path), device="cpu")

@@ -7,7 +7,8 @@ triton_silu_mul.py); quantized linears, an op per weight format with its referen
 - int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points (W4A16: AWQ, GPTQ, GGUF),
   launched by triton_int4.py; nvfp4.py: `compiled_llm::nvfp4_linear`, E2M1 weights with e4m3 scales per 16 columns,
   launched by triton_nvfp4.py; both kernels' code in triton_int4_kernels.py;
-- int8.py: `compiled_llm::int8_linear`, SmoothQuant W8A8.
+- int8.py: `compiled_llm::int8_linear`, SmoothQuant W8A8; int8_weight.py: `compiled_llm::int8_weight_linear`, 8-bit
+  codes with group scales and offsets (W8A16: GGUF's Q5_K, Q6_K and Q8_0), on the 4-bit GEMM kernel.
 The `*_tuning.py` modules make the kernels' launches autotuner candidates. Importing the package registers the ops
 and their tunings."""
 
@@ -21,6 +22,7 @@ from custom_ops.linear import (  # noqa: F401
     int4,
     int4_tuning,
     int8,
+    int8_weight,
     nvfp4,
     nvfp4_tuning,
     silu_mul_fp8,

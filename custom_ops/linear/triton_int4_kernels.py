@@ -178,7 +178,10 @@ def int4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
     part_end1, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
+    CODES8: tl.constexpr = False,
 ):  # fmt: skip
+    # CODES8: int8_weight_linear's signed 8-bit codes, a byte a weight (w_ptr int8 [N, K]), no zero points (z_ptr: the
+    # offsets where OFFSET).
     rows, cols, row_ok, col_ok, x_rows, w_rows, smooth_row = gemm_tile(
         x_ptr, w_ptr, smooth_ptr, M, N, stride_xm, stride_wn, part_end0, part_end1, K, BLOCK_M, BLOCK_N, USE_PDL
     )
@@ -189,11 +192,17 @@ def int4_gemm_kernel(
         x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
         if HAS_SMOOTH:
             x = (x.to(tl.float32) * tl.load(smooth_row + ks)[None, :]).to(dtype)
-        packed = tl.load(w_rows + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=col_ok[:, None], other=0)
-        codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))  # columns 2j, 2j + 1
+        if CODES8:
+            codes = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0)
+        else:
+            packed = tl.load(w_rows + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=col_ok[:, None], other=0)
+            codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))  # columns 2j, 2j + 1
         group = k0 // GROUP
-        zero = tl.load(z_ptr + cols * stride_sn + group, mask=col_ok, other=0)
-        if OFFSET:  # w = q s + m: q exact in the dot, m times the block's sums of x
+        if CODES8 and not OFFSET:
+            zero = 0
+        else:
+            zero = tl.load(z_ptr + cols * stride_sn + group, mask=col_ok, other=0)
+        if OFFSET or CODES8:  # w = q s (+ m): q exact in the dot, m times the block's sums of x
             w = codes.to(dtype)
         else:
             w = (codes.to(tl.int32) - zero.to(tl.int32)[:, None]).to(dtype)  # q - z, exact
