@@ -102,10 +102,10 @@ class CompileConfig(BaseModel):
     compile time as int4_awq's is (custom_ops/linear/int8.py). `nvfp4`: E2M1 weights with an e4m3 scale per 16 input
     columns and a float32 global scale, dequantized in the kernel (weight-only: Hopper has no FP4 tensor cores),
     rounded at compile time by ModelOpt's recipe after AWQ's search (as int4_awq's, over NVFP4's rounding), or a
-    ModelOpt or compressed-tensors NVFP4 checkpoint's as stored
-    (what `auto` picks for one; custom_ops/linear/nvfp4.py, compiled_llm/nvfp4_checkpoint.py). `gguf`: a .gguf
-    file's Q4_0/Q4_1/Q4_K linears run from their blocks through int4_linear (compiled_llm/gguf_blocks.py), what
-    `auto` picks for such a file; `none` runs its dequantized weights."""
+    ModelOpt or compressed-tensors NVFP4 checkpoint's as stored (what `auto` picks for one;
+    custom_ops/linear/nvfp4.py, compiled_llm/nvfp4_checkpoint.py). `gguf`: a .gguf file's Q4_0/Q4_1/Q4_K linears
+    run from their blocks through int4_linear, its Q5_K/Q6_K/Q8_0 ones through int8_weight_linear
+    (compiled_llm/gguf_blocks.py), what `auto` picks for such a file on CUDA; `none` runs its dequantized weights."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one

