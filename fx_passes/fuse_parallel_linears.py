@@ -70,7 +70,7 @@ def fuse_parameters(gm: torch.fx.GraphModule, name: str, part_names: list[str]) 
     # A GGUF file's 5/6/8-bit blocks (int8_tensors: codes, scales, offsets or None, group, format); likewise.
     int8 = [getattr(p, "int8_tensors", None) for p in parts]
     if None not in int8 and len({(t[2] is None, t[1].dtype, *t[3:]) for t in int8}) == 1:
-        rows = [None if None in column else torch.cat(column) for column in zip(*(t[:3] for t in int8))]
+        rows = [None if column[0] is None else torch.cat(column) for column in zip(*(t[:3] for t in int8))]
         fused.int8_tensors = (*rows, *int8[0][3:])
     # An NVFP4 checkpoint's (nvfp4_checkpoint.py), each part's global scale kept per channel; likewise.
     nvfp4 = [getattr(p, "nvfp4_tensors", None) for p in parts]

@@ -95,8 +95,8 @@ def test_random_valid_k_quant_blocks_dequantize_as_the_gguf_package_does(kind, b
 
 
 def test_a_file_mixing_4_bit_and_8_bit_blocks_runs_both(tmp_path):
-    """As a Q4_K_M file keeps some linears in Q6_K: a tiny Llama whose down projections carry Q8_0 blocks and whose
-    other linears Q4_0 ones (gguf's own quantizer, attached as gguf_blocks.py attaches them): quantization='gguf'
+    """As a Q4_K_M file keeps some linears in Q6_K: a tiny Llama whose q/k/v and down projections carry Q8_0 blocks and
+    whose other linears Q4_0 ones (gguf's own quantizer, attached as gguf_blocks.py attaches them): quantization='gguf'
     runs both kinds from their codes (q/k/v and gate/up fused with their blocks), the self-check holds, and the
     logits are the module's over the dequantized weights."""
     from conftest import random_prompt, tiny_model
@@ -110,7 +110,7 @@ def test_a_file_mixing_4_bit_and_8_bit_blocks_runs_both(tmp_path):
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is model.lm_head:
             continue
-        kind = "Q8_0" if name.endswith("down_proj") else "Q4_0"
+        kind = "Q8_0" if name.endswith(("down_proj", "q_proj", "k_proj", "v_proj")) else "Q4_0"
         raw = quants.quantize(module.weight.detach().numpy(), GGMLQuantizationType[kind])
         with torch.no_grad():
             if kind == "Q8_0":
@@ -125,8 +125,8 @@ def test_a_file_mixing_4_bit_and_8_bit_blocks_runs_both(tmp_path):
     compiled = compile_model(model, quantization="gguf", verify=True, compile_backend="eager", max_batch_size=2,
                              max_seq_len=64, cache_dir=tmp_path)  # fmt: skip
     layers = model.config.num_hidden_layers
-    assert compiled.report.pass_sites("quantize_int4") == 3 * layers  # fused q/k/v, o, fused gate/up
-    assert compiled.report.pass_sites("keep_gguf_int8_blocks") == layers  # down
+    assert compiled.report.pass_sites("quantize_int4") == 2 * layers  # o, fused gate/up
+    assert compiled.report.pass_sites("keep_gguf_int8_blocks") == 2 * layers  # fused q/k/v, down
     ids = random_prompt(10)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
