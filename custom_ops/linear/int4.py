@@ -181,10 +181,19 @@ def _triton_linear(x, qweight, scales, zeros, smooth, smooth_rows: list[int], bi
     return out.view(*x.shape[:-1], qweight.shape[0])
 
 
+KERNELS = "Triton kernels that dequantize in registers: a GEMV for one row, a tensor-core GEMM for more"
+
+
 def int4_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
     """The backend for a model on `device` under CompileConfig.linear_backend, and why."""
+    return dequantizing_backend(device, linear_backend, KERNELS)
+
+
+def dequantizing_backend(device: torch.device, linear_backend: str, kernels: str) -> tuple[str, str]:
+    """A weight-only format's backend under CompileConfig.linear_backend and why: `triton` (its `kernels`) on CUDA
+    where triton is installed, else `torch`, the reference."""
     if device.type == "cuda" and linear_backend != "torch" and triton_available():
-        return "triton", "Triton kernels that dequantize in registers: a GEMV for one row, a tensor-core GEMM for more"
+        return "triton", kernels
     why = "linear_backend='torch'" if linear_backend == "torch" else (
         "triton is not installed" if device.type == "cuda" else f"on {device.type}")  # fmt: skip
     return "torch", f"the reference, which dequantizes each weight per call ({why})"

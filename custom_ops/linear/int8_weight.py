@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available, triton_runs_on
+from custom_ops.linear.int4 import dequantizing_backend
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_runs_on
 
 Int8WeightLinearFn = Callable[..., torch.Tensor]
 
@@ -65,22 +66,12 @@ def triton_takes(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     )  # fmt: skip
 
 
-def gemm_config(m: int, group_size: int) -> dict:
-    """The tensor-core GEMM's tile for [m] rows: the MMA's narrow side (16) for decode batches, larger for prefill."""
-    block_k = min(group_size, 64)
-    if m <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
-    if m <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
-
-
 def int8_weight_gemm(rows, qweight, scales, offsets, bias, group_size: int, **tile) -> torch.Tensor:
     """y [M, N] for rows [M, K] (triton_takes checked what the kernel reads)."""
-    from custom_ops.linear.triton_int4 import four_bit_kernels, triton_cdiv
+    from custom_ops.linear.triton_int4 import four_bit_kernels, gemm_config, triton_cdiv
 
     m, n, k = rows.shape[0], qweight.shape[0], qweight.shape[1]
-    launch = {**gemm_config(m, group_size), **tile}
+    launch = {**gemm_config(m, n, group_size), **tile}  # int4's tiles: the same kernel
     out = rows.new_empty(m, n)
     grid = (triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(n, launch["BLOCK_N"]))
     four_bit_kernels().int4_gemm_kernel[grid](
@@ -101,11 +92,8 @@ def _triton_linear(x, qweight, scales, offsets, bias, group_size: int) -> torch.
 
 def int8_weight_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
     """The backend for a model on `device` under CompileConfig.linear_backend, and why."""
-    if device.type == "cuda" and linear_backend != "torch" and triton_available():
-        return "triton", "a Triton tensor-core GEMM that takes the 8-bit codes exactly, any number of rows"
-    why = "linear_backend='torch'" if linear_backend == "torch" else (
-        "triton is not installed" if device.type == "cuda" else f"on {device.type}")  # fmt: skip
-    return "torch", f"the reference, which dequantizes each weight per call ({why})"
+    kernels = "a Triton tensor-core GEMM that takes the 8-bit codes exactly, any number of rows"
+    return dequantizing_backend(device, linear_backend, kernels)
 
 
 INT8_WEIGHT_LINEAR_BACKENDS: dict[str, Int8WeightLinearFn] = {

@@ -32,8 +32,15 @@ from collections.abc import Callable
 
 import torch
 
-from custom_ops.linear.int4 import kernel_takes_smooth, pack_codes, smoothed_linear, unpack_codes
-from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
+from custom_ops.linear.int4 import (
+    KERNELS,
+    dequantizing_backend,
+    kernel_takes_smooth,
+    pack_codes,
+    smoothed_linear,
+    unpack_codes,
+)
+from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
 
 BLOCK = 16  # input columns a scale
 E2M1_MAX = 6.0
@@ -164,11 +171,7 @@ def _triton_linear(x, weight, scales, global_scale, smooth, smooth_rows: list[in
 
 def nvfp4_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
     """The backend for a model on `device` under CompileConfig.linear_backend, and why."""
-    if device.type == "cuda" and linear_backend != "torch" and triton_available():
-        return "triton", "Triton kernels that dequantize in registers: a GEMV for one row, a tensor-core GEMM for more"
-    why = "linear_backend='torch'" if linear_backend == "torch" else (
-        "triton is not installed" if device.type == "cuda" else f"on {device.type}")  # fmt: skip
-    return "torch", f"the reference, which dequantizes each weight per call ({why})"
+    return dequantizing_backend(device, linear_backend, KERNELS)
 
 
 NVFP4_LINEAR_BACKENDS: dict[str, Nvfp4LinearFn] = {"torch": nvfp4_linear_reference, "triton": _triton_linear}
