@@ -159,15 +159,20 @@ def four_bit_gemm(out_dir: str) -> None:
     strides = ("stride_xm", "stride_wn", "stride_sn", "stride_ym")
     common = {"x_ptr": "*bf16", "w_ptr": "*u8", "smooth_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"}
     int4_tile, fp4_tile = triton_int4.gemm_config(16, 6144, 128), triton_nvfp4.gemm_config(16)
+    int4_types = {**common, "s_ptr": "*bf16", "z_ptr": "*u8"}
     for kernel_fn, types, tile, extra in (
-        (int4_gemm_kernel, {**common, "s_ptr": "*bf16", "z_ptr": "*u8"}, int4_tile, {"GROUP": 128, "OFFSET": False}),
+        (int4_gemm_kernel, int4_types, int4_tile, {"GROUP": 128, "OFFSET": False, "CODES8": False,
+                                                   "SPLIT_NIBBLES": False}),
+        (int4_gemm_kernel, int4_types, int4_tile, {"GROUP": 128, "OFFSET": False, "CODES8": False,
+                                                   "SPLIT_NIBBLES": True}),
         (nvfp4_gemm_kernel, {**common, "s_ptr": "*u8", "g_ptr": "*fp32"}, fp4_tile, {}),
-    ):
+    ):  # fmt: skip
         constexprs = {"K": 4096, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"],
                       "HAS_SMOOTH": True, "HAS_BIAS": False, "USE_PDL": True, **extra}  # fmt: skip
         kernel = compile_for_hopper(kernel_fn, types, constexprs, strides, tile["num_warps"], tile["num_stages"])
         weights = tile["BLOCK_N"] * tile["BLOCK_K"] / (32 * tile["num_warps"])
-        report(kernel, f"{kernel_fn.__name__}_16x{tile['BLOCK_N']}x{tile['BLOCK_K']}_smooth", weights, out_dir)
+        split = "_split" if extra.get("SPLIT_NIBBLES") else ""
+        report(kernel, f"{kernel_fn.__name__}_16x{tile['BLOCK_N']}x{tile['BLOCK_K']}{split}_smooth", weights, out_dir)
 
 
 def decode_attention(out_dir: str) -> None:

@@ -135,7 +135,8 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
     ]
     expected = int4_linear_reference(x, *quantized, None, [], None, 64)
     for out in (triton_int4.int4_gemv(x, *quantized, None, [], None, 64, GROUPS_A_STEP=1, BLOCK_N=4),
-                triton_int4.int4_gemm(x, *quantized, None, [], None, 64, BLOCK_K=32)):  # fmt: skip
+                triton_int4.int4_gemm(x, *quantized, None, [], None, 64, BLOCK_K=32),
+                triton_int4.int4_gemm(x, *quantized, None, [], None, 64, BLOCK_K=32, SPLIT_NIBBLES=True)):  # fmt: skip
         assert relative_error(out.cpu(), expected.cpu()) < TOLERANCE[dtype]
 
 

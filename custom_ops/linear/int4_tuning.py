@@ -34,6 +34,10 @@ GEMM_TILES = (
     {"BLOCK_N": 32},
     {"num_stages": 3},
     {"BLOCK_N": 128, "num_warps": 8},
+    # even and odd columns as two dots, decoded without int-to-float (triton_int4_kernels.nibbles_minus_zero): 10.2
+    # instructions a weight at a 16-row tile against 11.8 (benchmarks/kernel_sass.py 4bit-gemm), not yet timed
+    {"SPLIT_NIBBLES": True},
+    {"SPLIT_NIBBLES": True, "BLOCK_N": 128},
 )
 # The kernels, their launchers and the numerics: a change to any is a changed candidate.
 _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_int4, int4)),
@@ -43,7 +47,7 @@ _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_
 def tile_name(kind: str, tile: dict) -> str:
     """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8", {"PTX_DECODE": True} -> "gemv-ptx"; the
     fallback is the bare kind."""
-    short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx"}
+    short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split"}
     parts = [
         f"{short.get(key, key.removeprefix('num_'))}{'' if value is True else value}" for key, value in tile.items()
     ]

@@ -174,20 +174,64 @@ def gemm_tile(x_ptr, w_ptr, smooth_ptr, M, N, stride_xm, stride_wn, part_end0, p
 
 
 @triton.jit
+def nibbles_minus_zero(nibbles, zero, OFFSET: tl.constexpr, dtype: tl.constexpr):
+    """q - z (or q, with OFFSET) of 4-bit codes in `dtype`, exactly, without an integer-to-float conversion: the code
+    or-ed under a 16-bit float's exponent (0x4300: bfloat16 128 + q; 0x6400: float16 1024 + q), then 128 + z or 1024 + z
+    taken away (all small integers, exact)."""
+    if dtype == tl.bfloat16:
+        value = (nibbles.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        bias: tl.constexpr = 128.0
+    elif dtype == tl.float16:
+        value = (nibbles.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        bias: tl.constexpr = 1024.0
+    else:
+        value = nibbles.to(tl.float32)
+        bias: tl.constexpr = 0.0
+    if OFFSET:
+        return value - bias
+    return value - (zero.to(tl.float32) + bias).to(dtype)[:, None]
+
+
+@triton.jit
 def int4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, part_end0,
     part_end1, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
-    CODES8: tl.constexpr = False,
+    CODES8: tl.constexpr = False, SPLIT_NIBBLES: tl.constexpr = False,
 ):  # fmt: skip
     # CODES8: int8_weight_linear's signed 8-bit codes, a byte a weight (w_ptr int8 [N, K]), no zero points (z_ptr: the
-    # offsets where OFFSET).
+    # offsets where OFFSET). SPLIT_NIBBLES: the low nibbles (even columns) and the high ones (odd columns) as two dots
+    # over x's even and odd columns, decoded by nibbles_minus_zero: no interleaving shuffle, no int-to-float.
     rows, cols, row_ok, col_ok, x_rows, w_rows, smooth_row = gemm_tile(
         x_ptr, w_ptr, smooth_ptr, M, N, stride_xm, stride_wn, part_end0, part_end1, K, BLOCK_M, BLOCK_N, USE_PDL
     )
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP, which divides K
+    if SPLIT_NIBBLES:
+        for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP, which divides K
+            even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            x_low = tl.load(x_rows + even[None, :], mask=row_ok[:, None], other=0.0)
+            x_high = tl.load(x_rows + even[None, :] + 1, mask=row_ok[:, None], other=0.0)
+            if HAS_SMOOTH:
+                x_low = (x_low.to(tl.float32) * tl.load(smooth_row + even)[None, :]).to(dtype)
+                x_high = (x_high.to(tl.float32) * tl.load(smooth_row + even + 1)[None, :]).to(dtype)
+            packed = tl.load(w_rows + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=col_ok[:, None], other=0)
+            group = k0 // GROUP
+            zero = tl.load(z_ptr + cols * stride_sn + group, mask=col_ok, other=0)
+            w_low = nibbles_minus_zero(packed & 15, zero, OFFSET, dtype)
+            w_high = nibbles_minus_zero(packed >> 4, zero, OFFSET, dtype)
+            if dtype == tl.float32:
+                part = tl.dot(x_low, tl.trans(w_low), input_precision="ieee")
+                part += tl.dot(x_high, tl.trans(w_high), input_precision="ieee")
+            else:
+                part = tl.dot(x_low, tl.trans(w_low))
+                part += tl.dot(x_high, tl.trans(w_high))
+            scale = tl.load(s_ptr + cols * stride_sn + group, mask=col_ok, other=0.0).to(tl.float32)
+            acc += part * scale[None, :]
+            if OFFSET:
+                x_sum = tl.sum(x_low.to(tl.float32), axis=1) + tl.sum(x_high.to(tl.float32), axis=1)
+                acc += x_sum[:, None] * zero.to(tl.float32)[None, :]
+    for k0 in range(0, K if not SPLIT_NIBBLES else 0, BLOCK_K):  # BLOCK_K divides GROUP, which divides K
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
         if HAS_SMOOTH:
