@@ -61,22 +61,31 @@ def fuse_parameters(gm: torch.fx.GraphModule, name: str, part_names: list[str]) 
     if all(stored):  # an FP8 checkpoint's tensors, fused alike
         fused.fp8_weight = torch.cat([p.fp8_weight for p in parts])
         fused.fp8_scale = torch.cat([p.fp8_scale for p in parts])
-    # A 4-bit checkpoint's tensors (int4_checkpoint.py, gguf_blocks.py), fused alike where every part has them in one
-    # form (group size, zero points or offsets, format); otherwise the fused weight has none, and quantize_int4 keeps
-    # it in the model's dtype and says so.
-    int4 = [getattr(p, "int4_tensors", None) for p in parts]
-    if None not in int4 and len({(t[2].dtype, *t[3:]) for t in int4}) == 1:
-        fused.int4_tensors = (*(torch.cat(rows) for rows in zip(*(t[:3] for t in int4))), *int4[0][3:])
-    # A GGUF file's 5/6/8-bit blocks (int8_tensors: codes, scales, offsets or None, group, format); likewise.
-    int8 = [getattr(p, "int8_tensors", None) for p in parts]
-    if None not in int8 and len({(t[2] is None, t[1].dtype, *t[3:]) for t in int8}) == 1:
-        rows = [None if column[0] is None else torch.cat(column) for column in zip(*(t[:3] for t in int8))]
-        fused.int8_tensors = (*rows, *int8[0][3:])
-    # An NVFP4 checkpoint's (nvfp4_checkpoint.py), each part's global scale kept per channel; likewise.
-    nvfp4 = [getattr(p, "nvfp4_tensors", None) for p in parts]
-    if None not in nvfp4:
-        fused.nvfp4_tensors = tuple(torch.cat(rows) for rows in zip(*nvfp4))
+    # A 4-bit checkpoint's tensors (int4_tensors: int4_checkpoint.py, gguf_blocks.py), a GGUF file's 5/6/8-bit blocks
+    # (int8_tensors) and an NVFP4 checkpoint's (nvfp4_tensors, each part's global scale kept per channel).
+    for attribute in ("int4_tensors", "int8_tensors", "nvfp4_tensors"):
+        _fuse_stored(parts, fused, attribute)
     gm.register_parameter(name, fused)
+
+
+def _fuse_stored(parts: list[torch.Tensor], fused: torch.Tensor, attribute: str) -> None:
+    """The parts' stored `attribute` (three row-wise tensors, a tensor possibly None, then its form: group size,
+    format) concatenated onto `fused` where every part has it in one form (dtypes, None-ness, group, format), each
+    part's then a view of its rows, so nothing is stored twice; otherwise the fused weight has none, and the
+    format's pass keeps it in the model's dtype and says so."""
+    stored = [getattr(p, attribute, None) for p in parts]
+    forms = {(*(None if t is None else t.dtype for t in s[:3]), *s[3:]) for s in stored if s is not None}
+    if None in stored or len(forms) != 1:
+        return
+    columns = [None if column[0] is None else torch.cat(column) for column in zip(*(s[:3] for s in stored))]
+    fused_stored = (*columns, *stored[0][3:])
+    setattr(fused, attribute, fused_stored)
+    start = 0
+    for part in parts:
+        rows = part.shape[0]
+        views = (None if t is None else t[start : start + rows] for t in columns)
+        setattr(part, attribute, (*views, *stored[0][3:]))
+        start += rows
 
 
 def _fuse(gm: torch.fx.GraphModule, group: list[torch.fx.Node], index: int) -> None:
@@ -171,7 +180,6 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, config) -> PassResult:
         detail += (f"{'; ' if detail else ''}{len(apart)} groups kept apart (fp8_block parts not multiples of 128 rows, "
                    "or FP8 checkpoint weights beside float ones)")  # fmt: skip
     return PassResult("fuse_parallel_linears", len(fused), detail)
-
 
 
 def _rows(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:

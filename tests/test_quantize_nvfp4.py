@@ -91,6 +91,10 @@ def test_stored_tensors_are_taken_as_they_are_and_fuse_with_their_own_global_sca
     assert result.sites == 4 * model.config.num_hidden_layers and "as stored" in result.detail
     fused = [t for w, t in compiled.graph_module.meta["nvfp4_weights"] if w.shape[0] == 64 + 2 * 32]  # q/k/v
     assert fused and len(set(fused[0][2].tolist())) == 3  # q, k and v each their own global scale
+    # the parts' stored codes now view the fused ones: stored once
+    q_codes = model.model.layers[0].self_attn.q_proj.weight.nvfp4_tensors[0]
+    fused_codes = [t[0] for w, t in compiled.graph_module.meta["nvfp4_weights"] if w.shape[0] == 64 + 2 * 32]
+    assert any(q_codes.untyped_storage().data_ptr() == c.untyped_storage().data_ptr() for c in fused_codes)
     ids = random_prompt(10)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits  # the module's weights are the dequantized tensors
