@@ -44,6 +44,7 @@ from compiled_llm.capture.graph_encoding import (
     unpickled,
 )
 from fx_passes.derived_weights import derived_names, rebuild
+from fx_passes.quantized_reference import WEIGHT_RECORDS
 
 log = logging.getLogger("compiled_llm.capture")
 
@@ -252,7 +253,7 @@ def _describe(gm: torch.fx.GraphModule, root: nn.Module, tracing_constants: dict
         "nodes": encode_nodes(gm),
         "attributes": attributes,
         "recipes": gm.meta.get("derived_weights", []),
-        "graph_meta": {k: v for k, v in gm.meta.items() if k not in ("derived_weights", "fp8_weights", "int4_weights", "int8_weights")},
+        "graph_meta": {k: v for k, v in gm.meta.items() if k != "derived_weights" and k not in WEIGHT_RECORDS},
         "pass_results": pass_results,
         "captured": captured,
         "constants": constants,

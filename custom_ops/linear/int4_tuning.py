@@ -72,12 +72,9 @@ def _inputs(n: int, k: int, group_size: int, offsets: bool, rows: int, dtype: to
     return sets
 
 
-def _rows(qweight, smooth) -> list[int]:
-    return [] if smooth is None else [qweight.shape[0]]
-
-
-def _reference(x, qweight, scales, zeros, smooth, group_size: int) -> torch.Tensor:
-    return int4.int4_linear_reference(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size)
+def smooth_rows(weight, smooth) -> list[int]:
+    """The smooth_rows of an input set's one-part smooth (or none)."""
+    return [] if smooth is None else [weight.shape[0]]
 
 
 def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int, int, bool]]:
@@ -91,36 +88,54 @@ def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int, int, bool]]:
     return sorted(found)
 
 
-class _Int4KernelTuning:
-    """What the GEMV's and the GEMM's tunings share: candidates are `launch` with each of `tiles` (the untuned launch
-    first), held to the reference on inputs in the graph's form of zeros."""
+class FourBitKernelTuning:
+    """What the 4-bit formats' GEMV and GEMM tunings share (int4 here, NVFP4 in nvfp4_tuning.py): candidates are
+    `launch` with each of `tiles` (the untuned launch first), called by `call` on an input set; `source` hashes the
+    kernels, launchers and numerics."""
 
     op: str
     kind: str
     tiles: tuple[dict, ...]
+    source: str
 
     def launch(self, *args, **tile) -> torch.Tensor:
         raise NotImplementedError
 
+    def call(self, inputs: tuple, tile: dict) -> torch.Tensor:
+        raise NotImplementedError
+
     def candidates(self, bucket: dict) -> list[Candidate]:
-        def run(x, qweight, scales, zeros, smooth, group_size, tile):
-            return self.launch(x, qweight, scales, zeros, smooth, _rows(qweight, smooth), None, group_size, **tile)
+        def run(*inputs, tile):
+            return self.call(inputs, tile)
 
         return [
-            Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *self.tiles)
+            Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), self.source, t)
+            for t in ({}, *self.tiles)
         ]
 
     def heuristic(self, bucket: dict) -> str:
         return self.kind
 
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return 2.0**-7, 2.0**-7  # x * smooth rounded once (tensor cores), then one rounding of the output
+
+
+class _Int4KernelTuning(FourBitKernelTuning):
+    """int4_linear's: held to the reference on inputs in the graph's form of zeros (x, qweight, scales, zeros, smooth,
+    group size)."""
+
+    source = _SOURCE
+
+    def call(self, inputs: tuple, tile: dict) -> torch.Tensor:
+        x, qweight, scales, zeros, smooth, group_size = inputs
+        return self.launch(x, qweight, scales, zeros, smooth, smooth_rows(qweight, smooth), None, group_size, **tile)
+
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         return _inputs(bucket["n"], bucket["k"], bucket["group_size"], bucket["offsets"], bucket.get("rows", 1), dtype)
 
-    def reference(self, *inputs) -> torch.Tensor:
-        return _reference(*inputs)
-
-    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
-        return 2.0**-7, 2.0**-7  # x * smooth rounded once (tensor cores), then one rounding of the output
+    def reference(self, x, qweight, scales, zeros, smooth, group_size: int) -> torch.Tensor:
+        rows = smooth_rows(qweight, smooth)
+        return int4.int4_linear_reference(x, qweight, scales, zeros, smooth, rows, None, group_size)
 
 
 class Int4GemvTuning(_Int4KernelTuning):

@@ -10,7 +10,6 @@ included.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
 from custom_ops.linear import nvfp4, triton_nvfp4
-from custom_ops.linear.int4_tuning import tile_name
+from custom_ops.linear.int4_tuning import FourBitKernelTuning, smooth_rows
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
 GEMV_TILES = (  # beside gemv_config's own (the fallback); the leaders of an H200 sweep over Llama-8B's shapes
@@ -40,10 +39,6 @@ _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_
                       (Path(triton_nvfp4.__file__).parent / "triton_int4_kernels.py").read_text())  # fmt: skip
 
 
-def _rows(weight, smooth) -> list[int]:
-    return [] if smooth is None else [weight.shape[0]]
-
-
 def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int]]:
     """(N, K) of each `triton` nvfp4_linear of the graph."""
     found = set()
@@ -54,25 +49,15 @@ def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int]]:
     return sorted(found)
 
 
-class _Nvfp4KernelTuning:
-    """What the GEMV's and the GEMM's tunings share: candidates are `launch` with each of `tiles` (the untuned launch
-    first), held to the reference on random weights quantized by nvfp4.quantize_weight."""
+class _Nvfp4KernelTuning(FourBitKernelTuning):
+    """nvfp4_linear's: held to the reference on random weights quantized by nvfp4.quantize_weight (x, codes, scales,
+    global scales, smooth)."""
 
-    op: str
-    kind: str
-    tiles: tuple[dict, ...]
-    launch = staticmethod(triton_nvfp4.nvfp4_gemv)
+    source = _SOURCE
 
-    def candidates(self, bucket: dict) -> list[Candidate]:
-        def run(x, weight, scales, global_scale, smooth, tile):
-            return self.launch(x, weight, scales, global_scale, smooth, _rows(weight, smooth), None, **tile)
-
-        return [
-            Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), _SOURCE, t) for t in ({}, *self.tiles)
-        ]
-
-    def heuristic(self, bucket: dict) -> str:
-        return self.kind
+    def call(self, inputs: tuple, tile: dict) -> torch.Tensor:
+        x, weight, scales, global_scale, smooth = inputs
+        return self.launch(x, weight, scales, global_scale, smooth, smooth_rows(weight, smooth), None, **tile)
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         """Weights with AWQ's smooth, as the pass quantizes them."""
@@ -86,17 +71,16 @@ class _Nvfp4KernelTuning:
         return sets
 
     def reference(self, x, weight, scales, global_scale, smooth) -> torch.Tensor:
-        return nvfp4.nvfp4_linear_reference(x, weight, scales, global_scale, smooth, _rows(weight, smooth), None)
-
-    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
-        return 2.0**-7, 2.0**-7  # one rounding of the output, and summation order
+        return nvfp4.nvfp4_linear_reference(x, weight, scales, global_scale, smooth, smooth_rows(weight, smooth), None)
 
 
 class Nvfp4GemvTuning(_Nvfp4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k"}."""
 
     op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES
-    launch = staticmethod(triton_nvfp4.nvfp4_gemv)
+
+    def launch(self, *args, **tile) -> torch.Tensor:
+        return triton_nvfp4.nvfp4_gemv(*args, **tile)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k} for n, k in _shapes(gm)]
@@ -109,7 +93,9 @@ class Nvfp4GemmTuning(_Nvfp4KernelTuning):
     """The tensor-core GEMM's tile for decode batches; bucket {"n", "k", "rows"}."""
 
     op, kind, tiles = "nvfp4_gemm", "gemm", GEMM_TILES
-    launch = staticmethod(triton_nvfp4.nvfp4_gemm)
+
+    def launch(self, *args, **tile) -> torch.Tensor:
+        return triton_nvfp4.nvfp4_gemm(*args, **tile)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "rows": rows} for n, k in _shapes(gm) for rows in triton_nvfp4.GEMM_ROW_BUCKETS]
