@@ -12,10 +12,10 @@ Numerics, which every backend is held to (tests/test_int4_linear.py):
   of part p, the `smooth_rows[p]` channels after part p - 1's (the weight was quantized multiplied by 1 / smooth, so
   that the columns that meet large activations keep more precision). A fused weight (q/k/v, gate/up) has a part per
   projection: one scaling shared by the parts measured 4.5 points of perplexity worse on SmolLM2 (BENCHMARKS.md);
-- y[t, n] = sum_k (x[t, k] smooth[p(n), k]) W[n, k] (+ b[n]), products and sums in float32, then the input's dtype.
-Kernels feeding tensor cores round x * smooth to the input's dtype and take the exact q - z; the scale is applied
-per group, in float32, to the group's float32 sum. So backends differ from the reference by summation order and,
-with a `smooth`, that one rounding.
+- y[t, n] = sum_k r(x[t, k] smooth[p(n), k]) W[n, k] (+ b[n]), with r rounding to the input's dtype (what a tensor
+  core is fed), other products and sums in float32, then the input's dtype.
+Kernels feeding tensor cores take the exact q - z and apply the scale per group, in float32, to the group's float32
+sum; so backends differ from the reference by summation order only.
 
 `quantize_weight` is round-to-nearest with an asymmetric range per group (AWQ's, 'zero_point=True'); the search
 for `smooth` is fx_passes/awq_calibration.py's. Backends by name: `torch` is the reference (any device); `triton`
@@ -124,7 +124,10 @@ def smoothed_linear(x: torch.Tensor, weight: torch.Tensor, smooth: torch.Tensor 
     else:
         check_smooth_rows(smooth, smooth_rows, weight.shape[0])
         parts = weight.split(list(smooth_rows))
-        out = torch.cat([(rows * scaling.float()) @ part.t() for scaling, part in zip(smooth, parts)], dim=-1)
+        # x * smooth rounded to x's dtype: what a tensor core is fed, so every backend rounds it (a float32 product
+        # in the reference alone put Llama-8B's int4_awq prefill past the self-check's bf16 tolerance, 0.41 vs 0.36)
+        out = torch.cat([(rows * scaling.float()).to(x.dtype).float() @ part.t() for scaling, part in zip(smooth, parts)],
+                        dim=-1)  # fmt: skip
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

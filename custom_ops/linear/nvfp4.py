@@ -12,11 +12,11 @@ Numerics, which every backend is held to (tests/test_nvfp4_linear.py):
   but where it leaves float32's range), ModelOpt's dequantization bit for bit;
 - `smooth` [P, K] float32 or None, with `smooth_rows`: AWQ's activation-aware scaling, a row per part of the output
   channels, as int4_linear has it (int4.py; the weight was quantized divided by it);
-- y[t, n] = sum_k (x[t, k] smooth[p(n), k]) W[n, k] (+ b[n]), products and sums in float32, then the input's dtype.
+- y[t, n] = sum_k r(x[t, k] smooth[p(n), k]) W[n, k] (+ b[n]), with r rounding to the input's dtype (as int4_linear
+  defines it), other products and sums in float32, then the input's dtype.
 Kernels feeding tensor cores take e2m1 * s (exact in bfloat16 and float16: at most 6 significant bits, 2^-10 to 2688)
-and apply g to the float32 sum (x * smooth rounded to x's dtype first); the GEMV sums x * smooth * e2m1 per 16
-columns in float32 and applies s, then g. So backends differ from the reference by summation order and, with a
-smooth, that one rounding.
+and apply g to the float32 sum; the GEMV sums r(x * smooth) * e2m1 per 16 columns in float32 and applies s, then g.
+So backends differ from the reference by summation order only.
 
 `quantize_weight` is ModelOpt's recipe (NVFP4QTensor.quantize): g = max|W| / (6 * 448), s = e4m3(max|block| / (6 g))
 (clamped to e4m3's range, an all-zero block 1), q = the nearest e2m1 value of W / (s g), ties to the even code;

@@ -109,8 +109,9 @@ def int4_gemv_kernel(
                         eviction_policy="evict_first")  # fmt: skip
         ks = (g0 * WORDS + word)[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [G, WORDS, 8]
         x = tl.load(x_ptr + ks, mask=group_ok[:, None, None], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
+        if HAS_SMOOTH:  # rounded to x's dtype, as the tensor-core kernels and the reference round it
             x = x * tl.load(smooth_row + ks, mask=group_ok[:, None, None], other=0.0)
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
         # x's column j of each word (j = 4 h + 2 j1 + j0) as [G, WORDS] tensors, by splits of the last axis
         x_even, x_odd = tl.split(tl.reshape(x, (G, WORDS, 2, 2, 2)))  # j0
         x_0, x_2 = tl.split(x_even)  # j1: [G, WORDS, 2 (h)]
