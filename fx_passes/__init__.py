@@ -6,6 +6,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     fuse_linear_silu_mul,
     fuse_moe_routing,
     fuse_norm_quantize_fp8,
+    fuse_norm_quantize_int8,
     fuse_parallel_linears,
     fuse_qk_norm,
     fuse_rms_norm,

@@ -27,7 +27,7 @@ from fx_passes.registry import PassResult, register_pass
 ops = torch.ops.compiled_llm
 
 
-def _outputs(norm: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+def norm_outputs(norm: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     """add_rms_norm's (normed, sum) getitem nodes, where it has exactly one of each."""
     items = {user.args[1]: user for user in norm.users if user.target is operator.getitem}
     if len(items) != len(norm.users) or set(items) != {0, 1}:
@@ -62,7 +62,7 @@ def fuse_norm_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
     fused = 0
     for norm in calls(graph, ops.add_rms_norm.default):
-        outputs = _outputs(norm)
+        outputs = norm_outputs(norm)
         readers = _fp8_readers(outputs[0]) if outputs else None
         if readers is None:
             continue

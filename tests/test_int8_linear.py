@@ -1,11 +1,13 @@
 """`compiled_llm::int8_linear` (custom_ops/linear/int8.py): the roundings, the reference against float64 over its own
-integers, and the `int_mm` backend (torch._int_mm) against the reference on CPU and GPU."""
+integers, the `int_mm` backend (torch._int_mm) and the `triton` backend (one quantizing kernel, the decode GEMM with
+int32 sums, torch._int_mm for more rows) against the reference on CPU (the interpreter) and GPU, and
+`int8_linear_quantized` over rows quantized beforehand."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, run_in_interpreter
 
 from custom_ops.linear.int8 import int8_linear_reference, quantize_rows, quantize_weight
 
@@ -76,3 +78,45 @@ def test_int_mm_backend_matches_the_reference_on_cpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int_mm_backend_matches_the_reference_on_gpu(dtype):
     check_int_mm_against_reference("cuda", dtype)
+
+
+def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
+    """Bit for bit: the same int8 rows (the kernel rounds as quantize_rows does), exact integer sums, and the scales
+    applied in the reference's order. Rows up to the decode GEMM's 64 and past it (torch._int_mm); split K; N not a
+    multiple of the tile; without a smooth or a bias; int8_linear_quantized over the same rows."""
+    from custom_ops.linear import triton_w8a8
+
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for rows, n, k, with_smooth in ((1, 96, 256, True), (7, 40, 512, False), (64, 64, 128, True), (70, 48, 64, True)):
+        weight = torch.randn(n, k, generator=generator)
+        smooth = (torch.rand(k, generator=generator) + 0.5) if with_smooth else None
+        weight8, weight_scale = (t.to(device) for t in quantize_weight(weight, smooth))
+        smooth = smooth.to(device) if smooth is not None else None
+        x = (torch.randn(rows, k, generator=generator) * torch.logspace(-2, 2, rows)[:, None]).to(device, dtype)
+        bias = torch.randn(n, generator=generator).to(device, dtype) if with_smooth else None
+        expected = int8_linear_reference(x, weight8, weight_scale, smooth, bias)
+        actual = torch.ops.compiled_llm.int8_linear(x, weight8, weight_scale, smooth, bias, "triton")
+        assert torch.equal(actual, expected), (rows, n, k, (actual.float() - expected.float()).abs().max())
+        rows8, row_scale = triton_w8a8.quantize_rows(x, None, smooth, torch.int8)
+        expected8, expected_scale = quantize_rows(x, smooth)
+        assert torch.equal(rows8, expected8) and torch.equal(row_scale, expected_scale)
+        quantized = torch.ops.compiled_llm.int8_linear_quantized(rows8, row_scale, weight8, weight_scale, bias, dtype,
+                                                                  "triton")  # fmt: skip
+        assert torch.equal(quantized, expected)
+        if rows <= triton_w8a8.MAX_ROWS:
+            split = triton_w8a8.w8a8_decode_gemm(rows8, row_scale, weight8, weight_scale, bias, dtype, BLOCK_N=16,
+                                                 BLOCK_K=64, SPLIT_K=2)  # fmt: skip
+            assert torch.equal(split, expected)
+
+
+def test_triton_backend_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_int8_linear as t; "
+        "t.check_triton_against_reference('cpu', torch.float32); t.check_triton_against_reference('cpu', torch.float16)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backend_on_the_gpu(dtype):
+    check_triton_against_reference("cuda", dtype)

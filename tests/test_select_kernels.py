@@ -124,12 +124,12 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
     64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, and the bf16 LM head's one-row linear, storing
     each; a second compile with "cache"
     reads the same winners back without timing anything; the tuned model computes what the untuned one does."""
-    from custom_ops.linear import op, triton_fp8
+    from custom_ops.linear import op, triton_w8a8
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 decode GEMM needs FP8 tensor cores")
     model = tiny_model("llama").to("cuda", torch.bfloat16)
-    monkeypatch.setattr(triton_fp8, "TUNED_TILES", {})  # this test's choices do not outlive it
+    monkeypatch.setattr(triton_w8a8, "TUNED_TILES", {})  # this test's choices do not outlive it
     monkeypatch.setattr(op, "TUNED_GEMV", {})
     # Uncompiled graphs (the ops run as they do under Inductor, which tuning does not involve): three compiles fast.
     fields = {"quantization": "fp8", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
@@ -141,14 +141,14 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
 
     tuned = compile_model(model, autotune="full", **fields)
     choices = tuned.report.kernels
-    gemms = [c for c in choices if c.op == "fp8_decode_gemm"]
+    gemms = [c for c in choices if c.op == "w8a8_decode_gemm"]
     assert {(c.bucket["n"], c.bucket["k"]) for c in gemms} == {(128, 64), (64, 64), (256, 64), (64, 128)}
     assert sorted({c.bucket["rows"] for c in gemms}) == [16, 32, 64] and len(gemms) == 12
     # The bf16 LM head's one-row linear (cuBLAS or the GEMV) is the other tunable op of this graph.
     assert [c.bucket for c in choices if c.op == "linear_one_row"] == [{"n": 256, "k": 64, "silu_mul": False}]
     assert all(c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
     # Where FlashInfer is installed, attention's backend is tuned too (the ops' own tests cover it).
-    assert {c.op for c in choices} <= {"fp8_decode_gemm", "linear_one_row", "paged_attention"}
+    assert {c.op for c in choices} <= {"w8a8_decode_gemm", "linear_one_row", "paged_attention"}
     assert f"{len(choices)} kernel choices ({len(choices)} tuned)" in str(tuned.report)
     with torch.no_grad():
         actual = tuned(ids).logits.float()
@@ -160,11 +160,11 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
     ]
 
 
-def test_the_fp8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph():
+def test_the_w8a8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph():
     """The buckets of a quantized tiny Llama's graph: its four FP8 weight shapes (fused qkv, o, fused gate/up,
     down; the LM head stays bf16) x the three row buckets, only for calls whose backend is `triton` (on a CPU the
     pass picks the reference, so the graph's calls are switched here); the fallback is the heuristic, first."""
-    from custom_ops.linear import fp8_tuning, triton_fp8
+    from custom_ops.linear import fp8_tuning, triton_w8a8
 
     compiled = compile_model(tiny_model("llama"), quantization="fp8", compile_backend="eager", autotune="off")
     gm = compiled.graph_module
@@ -176,15 +176,15 @@ def test_the_fp8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph():
     shapes = [(128, 64), (64, 64), (256, 64), (64, 128)]
     assert tuning.buckets(gm) == [{"n": n, "k": k, "rows": r} for n, k in sorted(shapes) for r in (16, 32, 64)]
     candidates = tuning.candidates({})
-    assert candidates[0].name == tuning.heuristic({}) == fp8_tuning.tile_name(triton_fp8.DECODE_TILE)
+    assert candidates[0].name == tuning.heuristic({}) == fp8_tuning.tile_name(triton_w8a8.DECODE_TILE)
     assert len({c.name for c in candidates}) == len(candidates) and len({c.identity for c in candidates}) == len(
         candidates
     )
     tuning.install({"n": 64, "k": 128, "rows": 32}, candidates[1], torch.device("cpu"))
     try:
-        assert triton_fp8.TUNED_TILES[(-1, 64, 128, 32)] == candidates[1].config
+        assert triton_w8a8.TUNED_TILES[(-1, 64, 128, 32)] == candidates[1].config
     finally:
-        triton_fp8.TUNED_TILES.pop((-1, 64, 128, 32))
+        triton_w8a8.TUNED_TILES.pop((-1, 64, 128, 32))
 
 
 def linear_graph() -> torch.fx.GraphModule:

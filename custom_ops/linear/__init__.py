@@ -1,7 +1,7 @@
 """Linear layers: `compiled_llm::linear` and `compiled_llm::linear_silu_mul` with their backends by name
 (op.py: `torch`, `triton`, `onednn`); the Triton kernels the `triton` backend runs (triton_gemv.py,
 triton_silu_mul.py); quantized linears, an op per weight format with its reference and backends:
-- fp8.py: `compiled_llm::fp8_linear`, Triton kernels in triton_fp8.py; fp8_block.py: `compiled_llm::fp8_block_linear`,
+- fp8.py: `compiled_llm::fp8_linear`, Triton kernels in triton_w8a8.py; fp8_block.py: `compiled_llm::fp8_block_linear`,
   triton_fp8_block.py; silu_mul_fp8.py: `compiled_llm::silu_mul_fp8`, a gated activation written as an FP8 linear's
   input;
 - int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points (W4A16: AWQ, GPTQ, GGUF),

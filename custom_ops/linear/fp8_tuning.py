@@ -4,7 +4,7 @@ graph whose backend is `triton`.
 
 The fallback is DECODE_TILE (what runs untuned); the others are the tiles and splits that won a shape or a row
 count on the H200 (benchmarks/fp8_linear_bench.py --decode; BENCHMARKS.md). A winner is installed in
-triton_fp8.TUNED_TILES, which every later call of that shape on that device reads, CUDA-graph captures included.
+triton_w8a8.TUNED_TILES, which every later call of that shape on that device reads, CUDA-graph captures included.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
-from custom_ops.linear import fp8, triton_fp8
+from custom_ops.linear import fp8, triton_w8a8
 
-OP = "fp8_decode_gemm"
+OP = "w8a8_decode_gemm"
 ROW_BUCKETS = (16, 32, 64)
 TILES = (
-    triton_fp8.DECODE_TILE,  # the fallback: first
+    triton_w8a8.DECODE_TILE,  # the fallback: first
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3},  # gate/up at 1 and 64 rows
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 5},
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3},  # gate/up at 32 rows
@@ -32,32 +32,32 @@ TILES = (
     {"SPLIT_K": 4, "PREFETCH": 2},
 )
 # The kernels and their launcher are one file: any change there is a changed candidate.
-_SOURCE = source_hash(Path(triton_fp8.__file__).read_text())
+_SOURCE = source_hash(Path(triton_w8a8.__file__).read_text())
 
 
 def tile_name(tile: dict) -> str:
     """{"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, ...} -> "n64-k256-s5-w4" (+ "-split4", "-prefetch2")."""
-    tile = triton_fp8.DECODE_TILE | tile
+    tile = triton_w8a8.DECODE_TILE | tile
     name = f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
     name += f"-split{tile['SPLIT_K']}" if tile["SPLIT_K"] > 1 else ""
     return name + (f"-prefetch{tile['PREFETCH']}" if tile["PREFETCH"] else "")
 
 
 def _run(x8, x_scale, weight, weight_scale, out_dtype, tile: dict) -> torch.Tensor:
-    return triton_fp8.fp8_decode_gemm(x8, x_scale, weight, weight_scale, None, out_dtype, **tile)
+    return triton_w8a8.w8a8_decode_gemm(x8, x_scale, weight, weight_scale, None, out_dtype, **tile)
 
 
 class Fp8DecodeGemmTuning:
-    """autotune.tuner.OpTuning of triton_fp8.fp8_decode_gemm; bucket {"n", "k", "rows"}."""
+    """autotune.tuner.OpTuning of triton_w8a8.w8a8_decode_gemm; bucket {"n", "k", "rows"}."""
 
     op = OP
 
     def candidates(self, bucket: dict) -> list[Candidate]:
-        tiles = [triton_fp8.DECODE_TILE | tile for tile in TILES]
+        tiles = [triton_w8a8.DECODE_TILE | tile for tile in TILES]
         return [Candidate(tile_name(t), functools.partial(_run, tile=t), _SOURCE, t) for t in tiles]
 
     def heuristic(self, bucket: dict) -> str:
-        return tile_name(triton_fp8.DECODE_TILE)
+        return tile_name(triton_w8a8.DECODE_TILE)
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         n, k, rows = bucket["n"], bucket["k"], bucket["rows"]
@@ -88,7 +88,7 @@ class Fp8DecodeGemmTuning:
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
         key = (device_index(device), bucket["n"], bucket["k"], bucket["rows"])
-        triton_fp8.TUNED_TILES[key] = dict(candidate.config)
+        triton_w8a8.TUNED_TILES[key] = dict(candidate.config)
 
 
 _FP8_LINEARS = (torch.ops.compiled_llm.fp8_linear.default, torch.ops.compiled_llm.fp8_linear_quantized.default)

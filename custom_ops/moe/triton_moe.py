@@ -237,7 +237,7 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, para
     """moe_experts over x [T, H] (unit last stride) in two grouped GEMMs; with `weight_scales` (w13's, w2's),
     moe_experts_fp8: w13 and w2 in e4m3, and x and the activation quantized per row before their GEMM; with
     `mxfp4_scales`, moe_experts_mxfp4: w13 and w2 MXFP4 bytes, dequantized in the kernel."""
-    from custom_ops.linear import fp8, triton_fp8
+    from custom_ops.linear import fp8, triton_w8a8
 
     if topk_ids.numel() == 0:
         return x.new_zeros(x.shape)
@@ -247,7 +247,7 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, para
         """A GEMM's rows and its format's arguments: FP8 quantizes the rows."""
         if weight_scale is None:
             return a, {"mxfp4_scales": exponents}
-        quantize = triton_fp8.quantize_rows if a.is_cuda else lambda rows, _: fp8.quantize_rows(rows)  # bit-equal
+        quantize = triton_w8a8.quantize_rows if a.is_cuda else lambda rows, _: fp8.quantize_rows(rows)  # bit-equal
         a8, a_scale = quantize(a, None)
         return a8, {"scales": (a_scale, weight_scale), "like": x}
 

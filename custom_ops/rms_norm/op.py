@@ -32,42 +32,7 @@ def reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def rms_norm_kernel(
-        x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, stride_x, stride_r, stride_out, stride_sum, eps,
-        N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, FP8_OUT: tl.constexpr, USE_PDL: tl.constexpr,
-        LATE_TRIGGER: tl.constexpr = False,
-    ):  # fmt: skip
-        if USE_PDL and not LATE_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # issued with x's load, not after the sum
-        if USE_PDL:  # the weight is no kernel's output; x and the residual may be the previous kernel's
-            tl.extra.cuda.gdc_wait()
-        h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        if ADD:  # the sum is rounded to x's dtype, as the model's own add would be, before the norm reads it
-            h = (h.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
-            h = h.to(sum_ptr.dtype.element_ty)
-            tl.store(sum_ptr + row * stride_sum + cols, h, mask=mask)
-        x_dtype = h.dtype
-        h = h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-        normed = (h * rstd).to(x_dtype).to(tl.float32)
-        if FP8_OUT:  # the output in e4m3 with its row's scale, rounded as fp8.quantize_rows rounds the norm's output
-            y = (w * normed).to(x_dtype).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) * (1.0 / 448.0)
-            y8 = tl.clamp(y * tl.math.div_rn(1.0, scale), -448.0, 448.0).to(tl.float8e4nv)
-            tl.store(out_ptr + row * stride_out + cols, y8, mask=mask)
-            tl.store(scale_ptr + row, scale)
-        else:
-            tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
-        if USE_PDL and LATE_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
+    from custom_ops.rms_norm.triton_kernel import rms_norm_kernel
 
     return rms_norm_kernel
 
@@ -83,8 +48,9 @@ def _warps(block: int) -> int:
 
 
 def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Tensor, eps: float, out, total,
-            scale: torch.Tensor | None = None) -> None:  # fmt: skip
-    """`scale` given: `out` is e4m3 and the kernel writes each row's scale there (`add_rms_norm_fp8`)."""
+            scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> None:  # fmt: skip
+    """`scale` given: `out` is e4m3 or int8 and the kernel writes each row's scale there (`add_rms_norm_fp8`,
+    `add_rms_norm_int8`, which multiplies the output by a contiguous float32 `smooth` first, where given)."""
     import triton
 
     n = x2d.shape[-1]
@@ -92,9 +58,11 @@ def _launch(x2d: torch.Tensor, residual2d: torch.Tensor | None, weight: torch.Te
     if x2d.shape[0]:
         _kernel()[(x2d.shape[0],)](
             x2d, residual2d if residual2d is not None else x2d, weight, out, total if total is not None else out,
-            scale if scale is not None else out, x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0,
-            out.stride(0), total.stride(0) if total is not None else 0, eps,
-            N=n, BLOCK=block, ADD=residual2d is not None, FP8_OUT=scale is not None, num_warps=_warps(block),
+            scale if scale is not None else out, smooth if smooth is not None else weight, x2d.stride(0),
+            residual2d.stride(0) if residual2d is not None else 0, out.stride(0),
+            total.stride(0) if total is not None else 0, eps, N=n, BLOCK=block, ADD=residual2d is not None,
+            QUANTIZED_OUT=scale is not None, INT8=out.dtype == torch.int8, HAS_SMOOTH=smooth is not None,
+            num_warps=_warps(block),
             LATE_TRIGGER=scale is not None and triton_runtime.FUSED_PRODUCERS_TRIGGER_LATE,
             **pdl_launch_options(x2d),
         )  # fmt: skip
