@@ -160,31 +160,36 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
     ]
 
 
-def test_the_w8a8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph():
-    """The buckets of a quantized tiny Llama's graph: its four FP8 weight shapes (fused qkv, o, fused gate/up,
-    down; the LM head stays bf16) x the three row buckets, only for calls whose backend is `triton` (on a CPU the
-    pass picks the reference, so the graph's calls are switched here); the fallback is the heuristic, first."""
-    from custom_ops.linear import fp8_tuning, triton_w8a8
+@pytest.mark.parametrize("quantized", ["fp8", "int8"])
+def test_the_w8a8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph(quantized, tmp_path):
+    """The buckets of a quantized tiny Llama's graph: its four FP8 (or int8_sq) weight shapes (fused qkv, o, fused
+    gate/up, down; the LM head stays bf16) x the three row buckets, only for calls whose backend is `triton` (on a
+    CPU the pass picks the reference, so the graph's calls are switched here); the fallback is the heuristic, first;
+    a winner is installed under its format's key."""
+    from custom_ops.linear import triton_w8a8, w8a8_tuning
 
-    compiled = compile_model(tiny_model("llama"), quantization="fp8", compile_backend="eager", autotune="off")
+    compiled = compile_model(tiny_model("llama"), quantization="int8_sq" if quantized == "int8" else "fp8",
+                             compile_backend="eager", autotune="off", cache_dir=tmp_path)  # fmt: skip
     gm = compiled.graph_module
-    tuning = fp8_tuning.Fp8DecodeGemmTuning()
+    tuning = w8a8_tuning.W8A8DecodeGemmTuning(quantized)
+    assert tuning.op == ("int8_decode_gemm" if quantized == "int8" else "w8a8_decode_gemm")
     assert tuning.buckets(gm) == []  # the CPU graph's calls run the reference
-    linears = [n for n in gm.graph.nodes if n.target is torch.ops.compiled_llm.fp8_linear.default]
+    linears = [n for n in gm.graph.nodes if n.target is tuning.linears[0]]
     for node in linears:
         node.args = (*node.args[:-1], "triton")
     shapes = [(128, 64), (64, 64), (256, 64), (64, 128)]
     assert tuning.buckets(gm) == [{"n": n, "k": k, "rows": r} for n, k in sorted(shapes) for r in (16, 32, 64)]
     candidates = tuning.candidates({})
-    assert candidates[0].name == tuning.heuristic({}) == fp8_tuning.tile_name(triton_w8a8.DECODE_TILE)
+    assert candidates[0].name == tuning.heuristic({}) == w8a8_tuning.tile_name(triton_w8a8.DECODE_TILE)
     assert len({c.name for c in candidates}) == len(candidates) and len({c.identity for c in candidates}) == len(
         candidates
     )
     tuning.install({"n": 64, "k": 128, "rows": 32}, candidates[1], torch.device("cpu"))
+    key = (-1, 64, 128, 32, *(("int8",) if quantized == "int8" else ()))
     try:
-        assert triton_w8a8.TUNED_TILES[(-1, 64, 128, 32)] == candidates[1].config
+        assert triton_w8a8.TUNED_TILES[key] == candidates[1].config
     finally:
-        triton_w8a8.TUNED_TILES.pop((-1, 64, 128, 32))
+        triton_w8a8.TUNED_TILES.pop(key)
 
 
 def linear_graph() -> torch.fx.GraphModule:

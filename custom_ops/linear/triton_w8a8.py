@@ -64,9 +64,14 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, smooth: tor
 DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": 0, "SPLIT_K": 1}
 
 
-# Tiles the autotuner chose for this process (autotune.select_kernels; fp8_tuning.py), by (device index as
-# Tensor.get_device gives it, N, K, M_PADDED) for e4m3; a shape without one, and int8 (not tuned yet), take DECODE_TILE.
-TUNED_TILES: dict[tuple[int, int, int, int], dict] = {}
+# Tiles the autotuner chose for this process (autotune.select_kernels; w8a8_tuning.py), by tuned_tile_key; a shape
+# without one takes DECODE_TILE.
+TUNED_TILES: dict[tuple, dict] = {}
+
+
+def tuned_tile_key(device_index: int, n: int, k: int, padded_rows: int, int8: bool) -> tuple:
+    """(device index as Tensor.get_device gives it, N, K, M_PADDED), and "int8" last for int8 operands."""
+    return (device_index, n, k, padded_rows, *(("int8",) if int8 else ()))
 
 
 def m_padded(rows: int) -> int:
@@ -90,7 +95,7 @@ def w8a8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
     if unknown := set(tile) - set(DECODE_TILE):
         raise ValueError(f"w8a8_decode_gemm: unknown tile entries {sorted(unknown)}; it takes {sorted(DECODE_TILE)}")
     padded, int8 = m_padded(m), x8.dtype == torch.int8
-    tile = DECODE_TILE | (TUNED_TILES.get((x8.get_device(), n, k, padded), {}) if not int8 else {}) | tile
+    tile = DECODE_TILE | TUNED_TILES.get(tuned_tile_key(x8.get_device(), n, k, padded, int8), {}) | tile
     block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
     if tile["PREFETCH"] and block_k % 128:
         raise ValueError(

@@ -1,10 +1,12 @@
-"""The FP8 decode GEMM's candidates for the autotuner (autotune.tuner.OpTuning): a tile per weight shape [N, K] and
-row bucket (16, 32 or 64 rows: what x is padded to), for the `fp8_linear` and `fp8_linear_quantized` calls of a
-graph whose backend is `triton`.
+"""The W8A8 decode GEMM's candidates for the autotuner (autotune.tuner.OpTuning), one tuning per format: a tile per
+weight shape [N, K] and row bucket (16, 32 or 64 rows: what x is padded to), for the calls of a graph's `triton`
+`fp8_linear` and `fp8_linear_quantized` (op "w8a8_decode_gemm"), or `int8_linear` and `int8_linear_quantized` (op
+"int8_decode_gemm").
 
 The fallback is DECODE_TILE (what runs untuned); the others are the tiles and splits that won a shape or a row
-count on the H200 (benchmarks/fp8_linear_bench.py --decode; BENCHMARKS.md). A winner is installed in
-triton_w8a8.TUNED_TILES, which every later call of that shape on that device reads, CUDA-graph captures included.
+count on the H200 in FP8 (benchmarks/fp8_linear_bench.py --decode; BENCHMARKS.md), int8 not timed yet. A winner is
+installed in triton_w8a8.TUNED_TILES, which every later call of that shape and format on that device reads,
+CUDA-graph captures included.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import torch
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
-from custom_ops.linear import fp8, triton_w8a8
+from custom_ops.linear import fp8, int8, triton_w8a8, triton_w8a8_kernels
 
-OP = "w8a8_decode_gemm"
 ROW_BUCKETS = (16, 32, 64)
 TILES = (
     triton_w8a8.DECODE_TILE,  # the fallback: first
@@ -31,8 +32,8 @@ TILES = (
     {"SPLIT_K": 4},  # o and down at 1 and 16 rows
     {"SPLIT_K": 4, "PREFETCH": 2},
 )
-# The kernels and their launcher are one file: any change there is a changed candidate.
-_SOURCE = source_hash(Path(triton_w8a8.__file__).read_text())
+# Any change to the kernels' file or their launcher's is a changed candidate.
+_SOURCE = source_hash("".join(Path(m.__file__).read_text() for m in (triton_w8a8, triton_w8a8_kernels)))
 
 
 def tile_name(tile: dict) -> str:
@@ -47,10 +48,14 @@ def _run(x8, x_scale, weight, weight_scale, out_dtype, tile: dict) -> torch.Tens
     return triton_w8a8.w8a8_decode_gemm(x8, x_scale, weight, weight_scale, None, out_dtype, **tile)
 
 
-class Fp8DecodeGemmTuning:
-    """autotune.tuner.OpTuning of triton_w8a8.w8a8_decode_gemm; bucket {"n", "k", "rows"}."""
+class W8A8DecodeGemmTuning:
+    """autotune.tuner.OpTuning of triton_w8a8.w8a8_decode_gemm over `quantized` ("fp8" or "int8") operands; bucket
+    {"n", "k", "rows"}."""
 
-    op = OP
+    def __init__(self, quantized: str) -> None:
+        self.int8 = quantized == "int8"
+        self.op = "int8_decode_gemm" if self.int8 else "w8a8_decode_gemm"
+        self.linears = _INT8_LINEARS if self.int8 else _FP8_LINEARS
 
     def candidates(self, bucket: dict) -> list[Candidate]:
         tiles = [triton_w8a8.DECODE_TILE | tile for tile in TILES]
@@ -64,34 +69,40 @@ class Fp8DecodeGemmTuning:
         copies = input_copies(n * k)
         device = torch.device("cuda", torch.cuda.current_device())
         sets = []
+        quantized = int8 if self.int8 else fp8
         for _ in range(copies):
-            x8, x_scale = fp8.quantize_rows(torch.randn(rows, k, device=device, dtype=dtype))
-            weight8, weight_scale = fp8.quantize_weight(torch.randn(n, k, device=device, dtype=dtype))
+            x8, x_scale = quantized.quantize_rows(torch.randn(rows, k, device=device, dtype=dtype))
+            weight8, weight_scale = quantized.quantize_weight(torch.randn(n, k, device=device, dtype=dtype))
             sets.append((x8, x_scale, weight8, weight_scale, dtype))
         return sets
 
     def reference(self, x8, x_scale, weight, weight_scale, out_dtype) -> torch.Tensor:
+        if self.int8:
+            return int8.int8_linear_quantized_reference(x8, x_scale, weight, weight_scale, None, out_dtype)
         return fp8.fp8_linear_quantized_reference(x8, x_scale, weight, weight_scale, None, out_dtype)
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
         return 2.0**-7, 2.0**-7  # one bf16 rounding of the output; the sums differ only in order
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
-        """A bucket per weight shape of the graph's `triton` FP8 linears and per row bucket."""
+        """A bucket per weight shape of the graph's `triton` linears of this format and per row bucket."""
         shapes = set()
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _FP8_LINEARS or node.args[-1] != "triton":
+            if node.op != "call_function" or node.target not in self.linears or node.args[-1] != "triton":
                 continue
-            weight = node.args[1] if node.target is _FP8_LINEARS[0] else node.args[2]
+            weight = node.args[1] if node.target is self.linears[0] else node.args[2]
             shapes.add(tuple(graph_value(gm, weight).shape))
         return [{"n": n, "k": k, "rows": rows} for n, k in sorted(shapes) for rows in ROW_BUCKETS]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
-        key = (device_index(device), bucket["n"], bucket["k"], bucket["rows"])
+        key = triton_w8a8.tuned_tile_key(device_index(device), bucket["n"], bucket["k"], bucket["rows"], self.int8)
         triton_w8a8.TUNED_TILES[key] = dict(candidate.config)
 
 
+# (the op, the op over rows quantized already): the weight is the former's second argument, the latter's third
 _FP8_LINEARS = (torch.ops.compiled_llm.fp8_linear.default, torch.ops.compiled_llm.fp8_linear_quantized.default)
+_INT8_LINEARS = (torch.ops.compiled_llm.int8_linear.default, torch.ops.compiled_llm.int8_linear_quantized.default)
 
 
-register(Fp8DecodeGemmTuning())
+register(W8A8DecodeGemmTuning("fp8"))
+register(W8A8DecodeGemmTuning("int8"))
