@@ -11,6 +11,7 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     fuse_qk_norm,
     fuse_rms_norm,
     fuse_silu_mul_quantize_fp8,
+    fuse_silu_mul_quantize_int8,
     graph_cleanup,
     insert_fused_moe,
     insert_linear_op,

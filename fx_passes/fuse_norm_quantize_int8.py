@@ -33,6 +33,21 @@ def _int8_readers(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
     return users if users and fits and len({u.args[3] for u in users}) == 1 else None
 
 
+def read_int8_rows(graph: torch.fx.Graph, linear: torch.fx.Node, x8: torch.fx.Node, scale: torch.fx.Node,
+                   dtype: torch.dtype) -> None:  # fmt: skip
+    """Replace `linear`, an int8_linear, by int8_linear_quantized over the int8 rows x8 and their scales, which a fused
+    producer wrote with the linear's smooth (shared with fuse_silu_mul_quantize_int8)."""
+    _, weight8, weight_scale, _, bias, backend = linear.args
+    with graph.inserting_before(linear):
+        replacement = insert_call(
+            graph, ops.int8_linear_quantized.default, (x8, scale, weight8, weight_scale, bias, dtype, backend),
+            val=linear.meta["val"],
+        )  # fmt: skip
+    replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
+    linear.replace_all_uses_with(replacement)
+    graph.erase_node(linear)
+
+
 @register_pass("fuse_norm_quantize_int8")
 def fuse_norm_quantize_int8(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
@@ -57,15 +72,7 @@ def fuse_norm_quantize_int8(gm: torch.fx.GraphModule, config) -> PassResult:
             x8, scale, new_total = insert_outputs(graph, insert_call(graph, ops.add_rms_norm_int8.default, args))
         total.replace_all_uses_with(new_total)
         for linear in readers:
-            _, weight8, weight_scale, _, bias, linear_backend = linear.args
-            with graph.inserting_before(linear):
-                replacement = insert_call(
-                    graph, ops.int8_linear_quantized.default,
-                    (x8, scale, weight8, weight_scale, bias, dtype, linear_backend), val=linear.meta["val"],
-                )  # fmt: skip
-            replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
-            linear.replace_all_uses_with(replacement)
-            graph.erase_node(linear)
+            read_int8_rows(graph, linear, x8, scale, dtype)
         for node in (normed, total, norm):
             graph.erase_node(node)
         fused += 1

@@ -37,14 +37,14 @@ def _down_projection(product: torch.fx.Node) -> torch.fx.Node | None:
     return linear if fits and linear.args[3] is None else None
 
 
-def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, keep: torch.fx.Node) -> None:
+def erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, keep: torch.fx.Node) -> None:
     """Erase `node` and the nodes between it and `keep` that fed only it (the split, silu and product)."""
     if node is keep or node.users or node.op != "call_function":
         return
     inputs = node.all_input_nodes
     graph.erase_node(node)
     for source in inputs:
-        _erase_unused(graph, source, keep)
+        erase_unused(graph, source, keep)
 
 
 @register_pass("fuse_silu_mul_quantize_fp8")
@@ -63,6 +63,6 @@ def fuse_silu_mul_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
             kernel = "triton" if linear.args[5] == "triton" else "torch"
             a8, scale = insert_outputs(graph, insert_call(graph, ops.silu_mul_fp8.default, (gate_up, kernel)))
         read_quantized_rows(graph, linear, a8, scale, dtype)
-        _erase_unused(graph, product, keep=gate_up)
+        erase_unused(graph, product, keep=gate_up)
         sites += 1
     return PassResult("fuse_silu_mul_quantize_fp8", sites, f"{sites} SiLU gates write FP8 activations" if sites else "")

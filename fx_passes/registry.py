@@ -77,8 +77,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "quantize_int4",
     # Under quantization="int8_sq" only, likewise.
     "quantize_int8",
-    # After quantize_int8, on the int8 linears it inserts; exact (the norm rounds as the linear would have).
+    # After quantize_int8, on the int8 linears it inserts; exact (the norm and the gate round as the linear would).
     "fuse_norm_quantize_int8",
+    "fuse_silu_mul_quantize_int8",
     # Under quantization="nvfp4" only, likewise.
     "quantize_nvfp4",
     # Under quantization="gguf" only: the 5/6/8-bit blocks beside quantize_int4's 4-bit ones.

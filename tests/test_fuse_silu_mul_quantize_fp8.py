@@ -48,14 +48,14 @@ def test_the_op_is_the_activation_then_the_quantization():
 @pytest.mark.parametrize("late_trigger", [False, True])  # where it lets the next kernel launch (PDL), not what it computes
 def test_the_kernel_equals_the_activation_kernel_then_the_quantization_bit_for_bit(monkeypatch, late_trigger):
     from custom_ops import triton_runtime
-    from custom_ops.linear.triton_silu_mul import triton_silu_mul, triton_silu_mul_fp8
+    from custom_ops.linear.triton_silu_mul import triton_silu_mul, triton_silu_mul_quantized
 
     monkeypatch.setattr(triton_runtime, "FUSED_PRODUCERS_TRIGGER_LATE", late_trigger)
 
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for rows, width in ((1, 14336), (37, 1536), (300, 1000)):
         gate_up = (torch.randn(rows, 2 * width, generator=generator) * 3).to("cuda", torch.bfloat16)
-        x8, scale = triton_silu_mul_fp8(gate_up)
+        x8, scale = triton_silu_mul_quantized(gate_up)
         expected8, expected_scale = quantize_rows(triton_silu_mul(gate_up))
         assert torch.equal(scale, expected_scale)
         assert torch.equal(x8.view(torch.uint8), expected8.view(torch.uint8))

@@ -7,7 +7,8 @@ triton_silu_mul.py); quantized linears, an op per weight format with its referen
 - int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points (W4A16: AWQ, GPTQ, GGUF),
   launched by triton_int4.py; nvfp4.py: `compiled_llm::nvfp4_linear`, E2M1 weights with e4m3 scales per 16 columns,
   launched by triton_nvfp4.py; both kernels' code in triton_int4_kernels.py;
-- int8.py: `compiled_llm::int8_linear`, SmoothQuant W8A8, on the W8A8 kernels as FP8; int8_weight.py:
+- int8.py: `compiled_llm::int8_linear`, SmoothQuant W8A8, on the W8A8 kernels as FP8; silu_mul_int8.py:
+  `compiled_llm::silu_mul_int8`, the gated activation written as its input; int8_weight.py:
   `compiled_llm::int8_weight_linear`, 8-bit codes with group scales and offsets (W8A16: GGUF's Q5_K, Q6_K and Q8_0),
   on the 4-bit GEMM kernel.
 The `*_tuning.py` modules make the kernels' launches autotuner candidates. Importing the package registers the ops
@@ -26,6 +27,7 @@ from custom_ops.linear import (  # noqa: F401
     nvfp4,
     nvfp4_tuning,
     silu_mul_fp8,
+    silu_mul_int8,
     w8a8_tuning,
 )
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch

@@ -12,7 +12,7 @@ import torch
 
 from custom_ops.linear.fp8 import FP8, quantize_rows
 from custom_ops.linear.op import silu_and_mul
-from custom_ops.linear.triton_silu_mul import triton_silu_mul_fp8
+from custom_ops.linear.triton_silu_mul import triton_silu_mul_quantized
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
@@ -30,7 +30,7 @@ def _silu_mul_fp8(gate_up: torch.Tensor, backend: str) -> tuple[torch.Tensor, to
     usable = triton_runs_on(gate_up) and gate_up.dtype in KERNEL_DTYPES and rows.stride(-1) == 1
     if backend == "torch" or not usable or gate_up.shape[-1] % 2:
         return silu_mul_fp8_reference(gate_up)
-    quantized, scale = triton_silu_mul_fp8(rows)
+    quantized, scale = triton_silu_mul_quantized(rows)
     out_shape = (*gate_up.shape[:-1], gate_up.shape[-1] // 2)
     return quantized.view(out_shape), scale.view(*gate_up.shape[:-1], 1)
 
