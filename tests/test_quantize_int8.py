@@ -38,7 +38,10 @@ def test_every_decoder_linear_is_int8_and_matches_the_module_over_the_same_tenso
     layers = model.config.num_hidden_layers
     assert compiled.report.pass_sites("quantize_int8") == 4 * layers  # fused q/k/v, o, fused gate/up, down
     ops = [n for n in compiled.graph_module.graph.nodes if n.target is INT8_LINEAR]
-    assert len(ops) == 4 * layers and all(n.args[3] is not None for n in ops)  # each with its smooth
+    gates = [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.compiled_llm.silu_mul_int8.default]
+    assert len(gates) == layers  # fuse_silu_mul_quantize_int8: the down projections read the gates' int8 rows
+    assert len(ops) == 3 * layers and all(n.args[3] is not None for n in ops)  # each with its smooth
+    assert all(n.args[1] is not None for n in gates)
     ids = random_prompt(12)
     with torch.no_grad(), int8_module(model, compiled.graph_module.meta["int8_weights"]):
         expected = model(ids, use_cache=False).logits
