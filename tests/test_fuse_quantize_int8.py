@@ -12,7 +12,6 @@ from conftest import VOCAB, run_in_interpreter, tiny_model
 import custom_ops  # noqa: F401  (registers the ops)
 from compiled_llm import compile_model
 from custom_ops.linear.int8 import quantize_rows
-from custom_ops.linear.op import silu_and_mul
 from fx_passes import DEFAULT_PIPELINE
 
 FUSIONS = ("fuse_norm_quantize_int8", "fuse_silu_mul_quantize_int8")
@@ -45,23 +44,30 @@ def test_the_norms_and_gates_feeding_int8_linears_write_int8_and_the_logits_do_n
 
 
 def check_gate_against_reference(device: str, dtype: torch.dtype) -> None:
+    """Against the unfused gate's own kernel (its sigmoid is the fused kernel's; torch's, as silu_and_mul rounds it,
+    can move a rounded value by a step), then the reference quantization."""
+    from custom_ops.linear.triton_silu_mul import triton_silu_mul
+
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for rows, width in ((1, 4096), (37, 576)):
         gate_up = torch.randn(rows, 2 * width, generator=generator).to(device, dtype)
         for smooth in (None, (torch.rand(width, generator=generator) + 0.5).to(device)):
             x8, scale = torch.ops.compiled_llm.silu_mul_int8(gate_up, smooth, "triton")
-            expected8, expected_scale = quantize_rows(silu_and_mul(gate_up), smooth)
+            expected8, expected_scale = quantize_rows(triton_silu_mul(gate_up), smooth)
             assert torch.equal(scale, expected_scale) and torch.equal(x8, expected8)
 
 
 def check_kernel_against_reference(device: str, dtype: torch.dtype) -> None:
+    """Against the unfused norm's own kernel (the `triton` add_rms_norm: its float32 sum of squares is the fused
+    kernel's, where torch's sums in another order and can move a rounded value by a step, tests/test_rms_norm.py holds
+    the two together), then the reference quantization."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for rows, width in ((1, 4096), (37, 576), (300, 1000)):
         x, residual = (torch.randn(rows, width, generator=generator).to(device, dtype) for _ in range(2))
         weight = (torch.rand(width, generator=generator) + 0.5).to(device, dtype)
         for smooth in (None, (torch.rand(width, generator=generator) + 0.5).to(device)):
             x8, scale, total = torch.ops.compiled_llm.add_rms_norm_int8(x, residual, weight, smooth, 1e-5, "triton")
-            normed, expected_total = torch.ops.compiled_llm.add_rms_norm(x, residual, weight, 1e-5, "torch")
+            normed, expected_total = torch.ops.compiled_llm.add_rms_norm(x, residual, weight, 1e-5, "triton")
             expected8, expected_scale = quantize_rows(normed, smooth)
             assert torch.equal(total, expected_total) and torch.equal(scale, expected_scale)
             assert torch.equal(x8, expected8)
