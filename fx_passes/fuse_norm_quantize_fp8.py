@@ -43,27 +43,28 @@ def _fp8_readers(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
 
 
 def read_quantized_rows(graph: torch.fx.Graph, linear: torch.fx.Node, x8: torch.fx.Node, scale: torch.fx.Node,
-                        dtype: torch.dtype) -> None:  # fmt: skip
-    """Replace `linear`, an fp8_linear with dynamic activation scales, by fp8_linear_quantized over the e4m3 rows
-    x8 and their scales, which a fused producer wrote (shared with fuse_silu_mul_quantize_fp8)."""
+                        dtype: torch.dtype, quantized=ops.fp8_linear_quantized.default) -> None:  # fmt: skip
+    """Replace `linear`, an fp8_linear with dynamic activation scales (or an int8_linear: the same arguments, its
+    smooth where the input scale is), by `quantized` (fp8_linear_quantized, int8_linear_quantized) over the 8-bit rows
+    x8 and their scales, which a fused producer wrote (shared with fuse_silu_mul_quantize_fp8 and the int8 fusions)."""
     _, weight8, weight_scale, _, bias, backend = linear.args
     with graph.inserting_before(linear):
         replacement = insert_call(
-            graph, ops.fp8_linear_quantized.default, (x8, scale, weight8, weight_scale, bias, dtype, backend),
-            val=linear.meta["val"],
+            graph, quantized, (x8, scale, weight8, weight_scale, bias, dtype, backend), val=linear.meta["val"]
         )  # fmt: skip
     replacement.meta.update({k: v for k, v in linear.meta.items() if k != "val"})
     linear.replace_all_uses_with(replacement)
     graph.erase_node(linear)
 
 
-@register_pass("fuse_norm_quantize_fp8")
-def fuse_norm_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
-    graph = gm.graph
+def fuse_norms(graph: torch.fx.Graph, readers_of, quantizing, quantized, extra_args=lambda norm, readers: ()) -> int:
+    """Each add_rms_norm whose output only linears `readers_of(normed)` accepts read becomes `quantizing` (x, r, w,
+    *extra_args(norm, readers), eps, backend) -> (x8, s_x, h), and the readers `quantized` over its rows; the count.
+    `extra_args` returns None where the norm cannot take them (it is left as it is)."""
     fused = 0
     for norm in calls(graph, ops.add_rms_norm.default):
         outputs = norm_outputs(norm)
-        readers = _fp8_readers(outputs[0]) if outputs else None
+        readers = readers_of(outputs[0]) if outputs else None
         if readers is None:
             continue
         normed, total = outputs
@@ -71,13 +72,22 @@ def fuse_norm_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         dtype = normed.meta["val"].dtype
         if dtype != x.meta["val"].dtype:  # the fused kernel rounds the output to x's dtype
             continue
+        extra = extra_args(norm, readers)
+        if extra is None:
+            continue
         with graph.inserting_before(norm):
-            quantizing = insert_call(graph, ops.add_rms_norm_fp8.default, (x, residual, weight, eps, backend))
-            x8, scale, new_total = insert_outputs(graph, quantizing)
+            args = (x, residual, weight, *extra, eps, backend)
+            x8, scale, new_total = insert_outputs(graph, insert_call(graph, quantizing, args))
         total.replace_all_uses_with(new_total)
         for linear in readers:
-            read_quantized_rows(graph, linear, x8, scale, dtype)
+            read_quantized_rows(graph, linear, x8, scale, dtype, quantized)
         for node in (normed, total, norm):
             graph.erase_node(node)
         fused += 1
+    return fused
+
+
+@register_pass("fuse_norm_quantize_fp8")
+def fuse_norm_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
+    fused = fuse_norms(gm.graph, _fp8_readers, ops.add_rms_norm_fp8.default, ops.fp8_linear_quantized.default)
     return PassResult("fuse_norm_quantize_fp8", fused, f"{fused} RMSNorms write FP8 activations" if fused else "")

@@ -47,22 +47,33 @@ def erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, keep: torch.fx.Node
         erase_unused(graph, source, keep)
 
 
-@register_pass("fuse_silu_mul_quantize_fp8")
-def fuse_silu_mul_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
-    graph = gm.graph
+def fuse_gates(graph: torch.fx.Graph, down_projection_of, quantizing, quantized, kept_backend: str,
+               extra_args=lambda linear: ()) -> int:  # fmt: skip
+    """Each gated activation silu(gate) * up that only the linear `down_projection_of(product)` accepts reads becomes
+    `quantizing` (gate_up, *extra_args(linear), kernel) -> (a8, s_a), and the linear `quantized` over its rows; not
+    where the linear's backend is `kept_backend` (see the module docstring). The count. Shared with
+    fuse_silu_mul_quantize_int8."""
     sites = 0
     for product in calls(graph, torch.ops.aten.mul.Tensor):
         gate_up = gated_activation_input(product)
-        linear = _down_projection(product) if gate_up is not None else None
-        if linear is None or linear.args[5] == "scaled_mm":  # see the module docstring
+        linear = down_projection_of(product) if gate_up is not None else None
+        if linear is None or linear.args[5] == kept_backend:
             continue
         dtype = product.meta["val"].dtype
         if gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
             continue
         with graph.inserting_before(linear):
             kernel = "triton" if linear.args[5] == "triton" else "torch"
-            a8, scale = insert_outputs(graph, insert_call(graph, ops.silu_mul_fp8.default, (gate_up, kernel)))
-        read_quantized_rows(graph, linear, a8, scale, dtype)
+            args = (gate_up, *extra_args(linear), kernel)
+            a8, scale = insert_outputs(graph, insert_call(graph, quantizing, args))
+        read_quantized_rows(graph, linear, a8, scale, dtype, quantized)
         erase_unused(graph, product, keep=gate_up)
         sites += 1
+    return sites
+
+
+@register_pass("fuse_silu_mul_quantize_fp8")
+def fuse_silu_mul_quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
+    sites = fuse_gates(gm.graph, _down_projection, ops.silu_mul_fp8.default, ops.fp8_linear_quantized.default,
+                       "scaled_mm")  # fmt: skip
     return PassResult("fuse_silu_mul_quantize_fp8", sites, f"{sites} SiLU gates write FP8 activations" if sites else "")

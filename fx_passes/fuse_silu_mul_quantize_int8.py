@@ -20,11 +20,8 @@ import torch
 import torch.fx
 
 import custom_ops.linear  # noqa: F401  (registers the ops)
-from fx_passes.fuse_linear_silu_mul import gated_activation_input
-from fx_passes.fuse_norm_quantize_int8 import read_int8_rows
-from fx_passes.fuse_silu_mul_quantize_fp8 import erase_unused
-from fx_passes.node_match import calls, only_user
-from fx_passes.node_meta import insert_call, insert_outputs
+from fx_passes.fuse_silu_mul_quantize_fp8 import fuse_gates
+from fx_passes.node_match import only_user
 from fx_passes.registry import PassResult, register_pass
 
 ops = torch.ops.compiled_llm
@@ -41,24 +38,8 @@ def _down_projection(product: torch.fx.Node) -> torch.fx.Node | None:
 
 @register_pass("fuse_silu_mul_quantize_int8")
 def fuse_silu_mul_quantize_int8(gm: torch.fx.GraphModule, config) -> PassResult:
-    graph = gm.graph
-    sites = 0
-    for product in calls(graph, torch.ops.aten.mul.Tensor):
-        gate_up = gated_activation_input(product)
-        linear = _down_projection(product) if gate_up is not None else None
-        if linear is None or linear.args[5] == "int_mm":  # see the module docstring
-            continue
-        dtype = product.meta["val"].dtype
-        if gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
-            continue
-        smooth = linear.args[3]  # a buffer's read, which quantize_int8 put before the linear
-        with graph.inserting_before(linear):
-            kernel = "triton" if linear.args[5] == "triton" else "torch"
-            args = (gate_up, smooth, kernel)
-            a8, scale = insert_outputs(graph, insert_call(graph, ops.silu_mul_int8.default, args))
-        read_int8_rows(graph, linear, a8, scale, dtype)
-        erase_unused(graph, product, keep=gate_up)
-        sites += 1
-    return PassResult(
-        "fuse_silu_mul_quantize_int8", sites, f"{sites} SiLU gates write int8 activations" if sites else ""
-    )
+    # The smooth is a buffer's read, which quantize_int8 put before the linear: before the fused op too.
+    sites = fuse_gates(gm.graph, _down_projection, ops.silu_mul_int8.default, ops.int8_linear_quantized.default,
+                       "int_mm", lambda linear: (linear.args[3],))  # fmt: skip
+    detail = f"{sites} SiLU gates write int8 activations" if sites else ""
+    return PassResult("fuse_silu_mul_quantize_int8", sites, detail)
