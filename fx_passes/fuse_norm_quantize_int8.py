@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 import custom_ops.rms_norm  # noqa: F401  (registers the ops: the norms', and through them the int8 linears')
-from fx_passes.fuse_norm_quantize_fp8 import fuse_norms
+from fx_passes.quantizing_producers import fuse_norms
 from fx_passes.registry import PassResult, register_pass
 
 ops = torch.ops.compiled_llm
@@ -32,14 +32,18 @@ def _int8_readers(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
 
 
 def _smooth(norm: torch.fx.Node, readers: list[torch.fx.Node]) -> tuple | None:
-    """(the readers' smooth,) for add_rms_norm_int8, its buffer's read moved before the norm (quantize_int8 put it
-    before the linear, after the norm); None for a computed smooth, which may not exist yet where the norm is."""
+    """(the readers' smooth,) for add_rms_norm_int8: a new read of its buffer before the norm (quantize_int8 put the
+    linear's read after the norm, and moving a read could put it after another of its users); None for a computed
+    smooth, which may not exist yet where the norm is."""
     smooth = readers[0].args[3]
-    if smooth is not None:
-        if smooth.op != "get_attr":
-            return None
-        norm.prepend(smooth)
-    return (smooth,)
+    if smooth is None:
+        return (None,)
+    if smooth.op != "get_attr":
+        return None
+    with norm.graph.inserting_before(norm):
+        read = norm.graph.get_attr(smooth.target)
+    read.meta.update(smooth.meta)
+    return (read,)
 
 
 @register_pass("fuse_norm_quantize_int8")

@@ -21,10 +21,8 @@ import torch
 import torch.fx
 
 import custom_ops.linear  # noqa: F401  (registers the ops)
-from fx_passes.fuse_linear_silu_mul import gated_activation_input
-from fx_passes.fuse_norm_quantize_fp8 import read_quantized_rows
-from fx_passes.node_match import calls, only_user
-from fx_passes.node_meta import insert_call, insert_outputs
+from fx_passes.node_match import only_user
+from fx_passes.quantizing_producers import fuse_gates
 from fx_passes.registry import PassResult, register_pass
 
 ops = torch.ops.compiled_llm
@@ -35,41 +33,6 @@ def _down_projection(product: torch.fx.Node) -> torch.fx.Node | None:
     linear = only_user(product)
     fits = linear is not None and linear.target is ops.fp8_linear.default and linear.args[0] is product
     return linear if fits and linear.args[3] is None else None
-
-
-def erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, keep: torch.fx.Node) -> None:
-    """Erase `node` and the nodes between it and `keep` that fed only it (the split, silu and product)."""
-    if node is keep or node.users or node.op != "call_function":
-        return
-    inputs = node.all_input_nodes
-    graph.erase_node(node)
-    for source in inputs:
-        erase_unused(graph, source, keep)
-
-
-def fuse_gates(graph: torch.fx.Graph, down_projection_of, quantizing, quantized, kept_backend: str,
-               extra_args=lambda linear: ()) -> int:  # fmt: skip
-    """Each gated activation silu(gate) * up that only the linear `down_projection_of(product)` accepts reads becomes
-    `quantizing` (gate_up, *extra_args(linear), kernel) -> (a8, s_a), and the linear `quantized` over its rows; not
-    where the linear's backend is `kept_backend` (see the module docstring). The count. Shared with
-    fuse_silu_mul_quantize_int8."""
-    sites = 0
-    for product in calls(graph, torch.ops.aten.mul.Tensor):
-        gate_up = gated_activation_input(product)
-        linear = down_projection_of(product) if gate_up is not None else None
-        if linear is None or linear.args[5] == kept_backend:
-            continue
-        dtype = product.meta["val"].dtype
-        if gate_up.meta["val"].dtype != dtype:  # the fused op rounds to gate_up's dtype
-            continue
-        with graph.inserting_before(linear):
-            kernel = "triton" if linear.args[5] == "triton" else "torch"
-            args = (gate_up, *extra_args(linear), kernel)
-            a8, scale = insert_outputs(graph, insert_call(graph, quantizing, args))
-        read_quantized_rows(graph, linear, a8, scale, dtype, quantized)
-        erase_unused(graph, product, keep=gate_up)
-        sites += 1
-    return sites
 
 
 @register_pass("fuse_silu_mul_quantize_fp8")

@@ -20,8 +20,8 @@ import torch
 import torch.fx
 
 import custom_ops.linear  # noqa: F401  (registers the ops)
-from fx_passes.fuse_silu_mul_quantize_fp8 import fuse_gates
 from fx_passes.node_match import only_user
+from fx_passes.quantizing_producers import fuse_gates
 from fx_passes.registry import PassResult, register_pass
 
 ops = torch.ops.compiled_llm

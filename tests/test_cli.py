@@ -229,9 +229,9 @@ def test_the_tuning_table_gives_each_choice_its_gain_over_the_heuristic():
     from compiled_llm.kernel_commands import format_tuning_table
 
     table = format_tuning_table([
-        KernelChoice("w8a8_decode_gemm", {"n": 64, "k": 128, "rows": 16}, "fast", "tuned", "default",
+        KernelChoice("fp8_decode_gemm", {"n": 64, "k": 128, "rows": 16}, "fast", "tuned", "default",
                      {"default": 10.0, "fast": 8.0}),
-        KernelChoice("w8a8_decode_gemm", {"n": 64, "k": 128, "rows": 32}, "default", "heuristic", "default"),
+        KernelChoice("fp8_decode_gemm", {"n": 64, "k": 128, "rows": 32}, "default", "heuristic", "default"),
     ])  # fmt: skip
     first, second = table.splitlines()[1:]
     assert "n=64 k=128 rows=16" in first and first.split()[-4:] == ["10.0", "8.0", "1.25x", "tuned"]
@@ -279,7 +279,7 @@ def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path,
     from autotune.kernel_cache import CacheEntry, KernelCache
 
     for key in ("GPU-A-sm90-torch2.11", "GPU-B-sm100-torch2.12"):
-        KernelCache(tmp_path, key=key).put(CacheEntry("w8a8_decode_gemm", "bfloat16", {"n": 64, "k": 128, "rows": 16},
+        KernelCache(tmp_path, key=key).put(CacheEntry("fp8_decode_gemm", "bfloat16", {"n": 64, "k": 128, "rows": 16},
                                                       {"a": "1", "b": "2"}, "b", {}, {"a": 3.0, "b": 2.5}))  # fmt: skip
     compile_model(tiny_model("llama"), compile_backend="eager", cache_dir=tmp_path)  # a captured graph too
     (tmp_path / "compiled").mkdir()
@@ -288,7 +288,7 @@ def test_cache_ls_lists_each_choice_and_clear_empties_every_device_key(tmp_path,
     out = capsys.readouterr().out
     assert "compiled: 1 (1.0 MiB)" in out
     assert ": 2 choices" in out and "GPU-A-sm90-torch2.11" in out and "GPU-B-sm100-torch2.12" in out
-    assert out.count("w8a8_decode_gemm bfloat16 k=128 n=64 rows=16: b 2.5 us of 2 timed") == 2
+    assert out.count("fp8_decode_gemm bfloat16 k=128 n=64 rows=16: b 2.5 us of 2 timed") == 2
     assert "1 captured graph\n" in out and ": LlamaForCausalLM, max_num_tokens 8192, torch" in out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 2 kernel choices" in capsys.readouterr().out and not any((tmp_path / "graphs").iterdir())

@@ -85,3 +85,88 @@ def test_the_kernels_equal_the_unfused_ops_then_the_quantization_in_the_interpre
 def test_the_kernels_equal_the_unfused_ops_then_the_quantization_on_the_gpu():
     check_kernel_against_reference("cuda", torch.bfloat16)
     check_gate_against_reference("cuda", torch.bfloat16)
+
+
+def two_norms(shared_read: bool):
+    """make_fx graph of two add_rms_norms, each feeding int8_linears of one smooth (the first two of them); with
+    `shared_read`, one get_attr node reads the smooth for every linear (as a CSE of the graph's reads leaves it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from custom_ops.linear.int8 import quantize_weight
+
+    generator = torch.Generator().manual_seed(3)
+    smooth, norm_weight = (torch.rand(64, generator=generator) + 0.5 for _ in range(2))
+    weight8, weight_scale = quantize_weight(torch.randn(64, 64, generator=generator), smooth)
+    ops = torch.ops.compiled_llm
+
+    def layers(x, r):
+        y, h = ops.add_rms_norm(x, r, norm_weight, 1e-5, "torch")
+        a = ops.int8_linear(y, weight8, weight_scale, smooth, None, "torch")
+        y2, h2 = ops.add_rms_norm(a, h, norm_weight, 1e-5, "torch")
+        return ops.int8_linear(y2, weight8, weight_scale, smooth, None, "torch") + h2
+
+    inputs = tuple(torch.randn(3, 64, generator=generator) for _ in range(2))
+    gm = make_fx(layers, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+    if shared_read:
+        reads = [n.args[3] for n in gm.graph.nodes if n.target is ops.int8_linear.default]
+        for read in reads[1:]:
+            read.replace_all_uses_with(reads[0])
+            gm.graph.erase_node(read)
+    return gm, inputs
+
+
+@pytest.mark.parametrize("shared_read", [False, True])
+def test_each_norm_reads_the_smooth_before_it_and_the_values_do_not_move(shared_read):
+    from fx_passes.fuse_norm_quantize_int8 import fuse_norm_quantize_int8
+
+    gm, inputs = two_norms(shared_read)
+    before = gm(*inputs)
+    assert fuse_norm_quantize_int8(gm, None).sites == 2
+    gm.graph.lint()  # every node after its inputs
+    gm.recompile()
+    assert torch.equal(gm(*inputs), before)
+
+
+def traced(fn, *inputs):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+
+
+def test_what_the_int8_fusions_leave_alone():
+    """A norm read by int8 linears of two smooths (x is quantized once for all its readers), a norm also read by
+    something else, and a gate before a down projection on the `int_mm` backend (a GPU kept to torch's ops): no site."""
+    from custom_ops.linear.int8 import quantize_weight
+    from fx_passes.fuse_norm_quantize_int8 import fuse_norm_quantize_int8
+    from fx_passes.fuse_silu_mul_quantize_int8 import fuse_silu_mul_quantize_int8
+
+    generator = torch.Generator().manual_seed(5)
+    smooths = [torch.rand(64, generator=generator) + 0.5 for _ in range(2)]
+    norm_weight = torch.rand(64, generator=generator) + 0.5
+    weight8, weight_scale = quantize_weight(torch.randn(64, 64, generator=generator), smooths[0])
+    ops = torch.ops.compiled_llm
+    x, r = (torch.randn(3, 64, generator=generator) for _ in range(2))
+
+    def two_smooths(x, r):
+        y, h = ops.add_rms_norm(x, r, norm_weight, 1e-5, "torch")
+        a = ops.int8_linear(y, weight8, weight_scale, smooths[0], None, "torch")
+        return a + ops.int8_linear(y, weight8, weight_scale, smooths[1], None, "torch") + h
+
+    def another_reader(x, r):
+        y, h = ops.add_rms_norm(x, r, norm_weight, 1e-5, "torch")
+        return ops.int8_linear(y, weight8, weight_scale, smooths[0], None, "torch") + y + h
+
+    for fn in (two_smooths, another_reader):
+        assert fuse_norm_quantize_int8(traced(fn, x, r), None).sites == 0
+
+    def gate(gate_up, backend):
+        g, u = gate_up.split([64, 64], dim=-1)
+        return ops.int8_linear(torch.nn.functional.silu(g) * u, weight8, weight_scale, smooths[0], None, backend)
+
+    gate_up = torch.randn(3, 128, generator=generator)
+    assert fuse_silu_mul_quantize_int8(traced(lambda t: gate(t, "int_mm"), gate_up), None).sites == 0
+    fused = traced(lambda t: gate(t, "torch"), gate_up)
+    before = fused(gate_up)
+    assert fuse_silu_mul_quantize_int8(fused, None).sites == 1  # the same graph on the reference backend
+    fused.recompile()
+    assert torch.equal(fused(gate_up), before)

@@ -141,14 +141,14 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
 
     tuned = compile_model(model, autotune="full", **fields)
     choices = tuned.report.kernels
-    gemms = [c for c in choices if c.op == "w8a8_decode_gemm"]
+    gemms = [c for c in choices if c.op == "fp8_decode_gemm"]
     assert {(c.bucket["n"], c.bucket["k"]) for c in gemms} == {(128, 64), (64, 64), (256, 64), (64, 128)}
     assert sorted({c.bucket["rows"] for c in gemms}) == [16, 32, 64] and len(gemms) == 12
     # The bf16 LM head's one-row linear (cuBLAS or the GEMV) is the other tunable op of this graph.
     assert [c.bucket for c in choices if c.op == "linear_one_row"] == [{"n": 256, "k": 64, "silu_mul": False}]
     assert all(c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
     # Where FlashInfer is installed, attention's backend is tuned too (the ops' own tests cover it).
-    assert {c.op for c in choices} <= {"w8a8_decode_gemm", "linear_one_row", "paged_attention"}
+    assert {c.op for c in choices} <= {"fp8_decode_gemm", "linear_one_row", "paged_attention"}
     assert f"{len(choices)} kernel choices ({len(choices)} tuned)" in str(tuned.report)
     with torch.no_grad():
         actual = tuned(ids).logits.float()
@@ -172,7 +172,7 @@ def test_the_w8a8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph(q
                              compile_backend="eager", autotune="off", cache_dir=tmp_path)  # fmt: skip
     gm = compiled.graph_module
     tuning = w8a8_tuning.W8A8DecodeGemmTuning(quantized)
-    assert tuning.op == ("int8_decode_gemm" if quantized == "int8" else "w8a8_decode_gemm")
+    assert tuning.op == ("int8_decode_gemm" if quantized == "int8" else "fp8_decode_gemm")
     assert tuning.buckets(gm) == []  # the CPU graph's calls run the reference
     linears = [n for n in gm.graph.nodes if n.target in tuning.linears]  # int8_sq: the down projections quantized
     for node in linears:

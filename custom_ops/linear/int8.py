@@ -15,7 +15,8 @@ Backends by name: `torch` is the reference (the integer sum in float64, any devi
 and multiplies with `torch._int_mm` (the int8 tensor cores through cuBLASLt on CUDA, x padded to 32 rows there, which
 it requires; oneDNN on a CPU); `triton` quantizes in one kernel (triton_w8a8.quantize_rows), then multiplies in
 triton_w8a8's decode GEMM for up to MAX_ROWS rows (int32 sums, the scales and bias in its epilogue: one launch where
-`int_mm` takes five) or with `torch._int_mm` and one scaling kernel for more. Each takes the reference where it does not take the shapes.
+`int_mm` takes five) or with `torch._int_mm` and one scaling kernel for more. Each takes the reference where it does
+not take the shapes.
 `int8_linear_quantized` is the op after its quantization, over rows a fused producer wrote (add_rms_norm_int8).
 """
 

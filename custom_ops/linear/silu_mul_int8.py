@@ -2,8 +2,8 @@
 W8A8): (x8, s_x) = int8.quantize_rows(silu(gate) * up, smooth) for gate_up = [gate | up], the activation rounded to
 gate_up's dtype first, exactly as the activation then `int8_linear`'s per-token quantization compute it.
 
-The `triton` backend is silu_mul_fp8's kernel writing int8 (triton_silu_mul.py): one kernel where the activation and
-the down projection's quantizing kernel were two; `torch` is the reference.
+The `triton` backend is silu_mul_fp8's kernel writing int8 (triton_silu_mul_kernels.silu_mul_quantized_kernel): one
+kernel where the activation and the down projection's quantizing kernel were two; `torch` is the reference.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ numerics (fp8.py), and `compiled_llm::int8_linear`'s (int8.py; SmoothQuant's smo
   On an H200 it matches cuBLASLt's FP8 GEMM with one scale per operand (which cannot take row scales) and is
   1.5-2.4x faster than cuBLASLt with row scales; with the
   quantizing kernel before it, a layer's linears take ~70 us against ~91 for the CUDA-core GEMV it replaced (even on
-  the small ones, 1.3-1.7x on gate/up and down; BENCHMARKS.md); more rows go to `torch._scaled_mm`.
+  the small ones, 1.3-1.7x on gate/up and down; BENCHMARKS.md); more rows go to `torch._scaled_mm` (FP8) or to
+  `torch._int_mm` and `scale_sums` (int8).
 
 Scales and roundings are computed as fp8.scale_and_round and int8.round_to_int8 define them (products and one IEEE
 reciprocal, `div_rn`; int8 rounds half to even, as torch.round), so each 8-bit value equals the reference's. Products
@@ -25,6 +26,11 @@ import functools
 import torch
 
 from custom_ops.triton_runtime import pdl_launch_options
+
+# The epilogues compute sum * s_x * s_w, then + bias, each rounded, as the references do; Triton's default contracts
+# the product and the bias add into one FMA (one rounding fewer), which moves a float32 result by an ulp and, now and
+# then, the rounded output by a step. Off at those launches: the sums themselves are the tensor cores' or exact.
+_NO_FMA = {"enable_fp_fusion": False}
 
 # Rows the op sends to w8a8_decode_gemm (x padded to 16, 32 or 64 for the MMA): on an H200 from 1 to 64 rows it takes
 # about the same time, 1.2-2.4x less than cuBLASLt's GEMM with row scales (benchmarks/fp8_linear_bench.py --decode).
@@ -117,7 +123,7 @@ def w8a8_decode_gemm(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
         x8.stride(0), weight.stride(0), out.stride(0), K=k, M_PADDED=padded,
         HAS_BIAS=bias is not None, EVEN_K=k % (block_k * k_tiles_a_split) == 0, SPLIT_K=split,
         K_SPLIT=k_tiles_a_split * block_k, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=tile["PREFETCH"],
-        num_stages=tile["num_stages"], num_warps=tile["num_warps"], INT8=int8, **pdl_launch_options(x8),
+        num_stages=tile["num_stages"], num_warps=tile["num_warps"], INT8=int8, **_NO_FMA, **pdl_launch_options(x8),
     )  # fmt: skip
     return out
 
@@ -133,7 +139,7 @@ def scale_sums(sums: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Te
     block_m, block_n = 32, 128
     _kernels()[2][(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         sums, x_scale, weight_scale, bias if bias is not None else weight_scale, out, m, n, sums.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **_NO_FMA,
         **pdl_launch_options(sums),
     )  # fmt: skip
     return out

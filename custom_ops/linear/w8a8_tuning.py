@@ -1,6 +1,6 @@
 """The W8A8 decode GEMM's candidates for the autotuner (autotune.tuner.OpTuning), one tuning per format: a tile per
 weight shape [N, K] and row bucket (16, 32 or 64 rows: what x is padded to), for the calls of a graph's `triton`
-`fp8_linear` and `fp8_linear_quantized` (op "w8a8_decode_gemm"), or `int8_linear` and `int8_linear_quantized` (op
+`fp8_linear` and `fp8_linear_quantized` (op "fp8_decode_gemm"), or `int8_linear` and `int8_linear_quantized` (op
 "int8_decode_gemm").
 
 The fallback is DECODE_TILE (what runs untuned); the others are the tiles and splits that won a shape or a row
@@ -54,7 +54,7 @@ class W8A8DecodeGemmTuning:
 
     def __init__(self, quantized: str) -> None:
         self.int8 = quantized == "int8"
-        self.op = "int8_decode_gemm" if self.int8 else "w8a8_decode_gemm"
+        self.op = f"{quantized}_decode_gemm"  # fp8_decode_gemm, as its kernel cache entries have always been named
         self.linears = _INT8_LINEARS if self.int8 else _FP8_LINEARS
 
     def candidates(self, bucket: dict) -> list[Candidate]:
@@ -71,7 +71,8 @@ class W8A8DecodeGemmTuning:
         sets = []
         quantized = int8 if self.int8 else fp8
         for _ in range(copies):
-            x8, x_scale = quantized.quantize_rows(torch.randn(rows, k, device=device, dtype=dtype))
+            # None: fp8's input scale (dynamic), int8's smooth (none)
+            x8, x_scale = quantized.quantize_rows(torch.randn(rows, k, device=device, dtype=dtype), None)
             weight8, weight_scale = quantized.quantize_weight(torch.randn(n, k, device=device, dtype=dtype))
             sets.append((x8, x_scale, weight8, weight_scale, dtype))
         return sets

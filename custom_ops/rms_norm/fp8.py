@@ -2,8 +2,9 @@
 activations: (x8, s_x, h) = (quantize_rows(rms_norm(x + r, w)), x + r), the norm's output rounded to x's dtype
 first, exactly as `add_rms_norm` then `fp8_linear`'s per-token quantization compute it (fp8.scale_and_round).
 
-The `triton` backend is add_rms_norm's kernel with its FP8_OUT epilogue: one kernel, which writes 1 byte a value
-and a scale a row instead of the bf16 output, and spares each linear its own pass over x. `torch` is the reference.
+The `triton` backend is add_rms_norm's kernel with its QUANTIZED_OUT epilogue (rms_norm/triton_kernel.py): one
+kernel, which writes 1 byte a value and a scale a row instead of the bf16 output, and spares each linear its own pass
+over x. `torch` is the reference.
 """
 
 from __future__ import annotations

@@ -33,8 +33,12 @@ def _add_rms_norm_int8(x, residual, weight, smooth, eps: float, backend: str):
     smooth_ok = smooth is None or (
         smooth.dtype == torch.float32 and smooth.is_contiguous() and smooth.shape == weight.shape
     )
-    if backend == "torch" or not (_triton_usable(x) and weight.is_contiguous() and same_dtype and smooth_ok):
+    if backend == "torch" or not (_triton_usable(x) and weight.is_contiguous() and same_dtype):
         return add_rms_norm_int8_reference(x, residual, weight, smooth, eps)
+    if not smooth_ok:  # the norm's own kernel then the quantization: what the unfused graph computes
+        normed, total = _add_rms_norm(x, residual, weight, eps, backend)
+        quantized, scale = quantize_rows(normed.reshape(-1, x.shape[-1]), smooth)
+        return quantized.view(x.shape), scale.view(*x.shape[:-1], 1), total
     x2d, r2d = _rows(x), _rows(residual)
     quantized = torch.empty(x2d.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x2d.shape[0], 1, dtype=torch.float32, device=x.device)

@@ -40,4 +40,3 @@ def rms_norm_kernel(
         tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
     if USE_PDL and LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
-
