@@ -22,7 +22,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "compiled_llm"
 # Values the field type accepts but this version cannot run yet: field -> values that run today.
 _SUPPORTED_NOW = {
     "quantization": ("auto", "none", "fp8", "fp8_block", "mxfp4", "int4_awq", "int4_gptq", "int8_sq", "nvfp4", "gguf"),
-    "activation_scheme": ("dynamic",),
+    "activation_scheme": ("dynamic", "static"),
 }
 
 
@@ -108,8 +108,9 @@ class CompileConfig(BaseModel):
     (compiled_llm/gguf_blocks.py), what `auto` picks for such a file on CUDA; `none` runs its dequantized weights."""
 
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
-    """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one
-    calibrated scale per linear."""
+    """How `fp8` quantizes activations: `dynamic`, a scale per token computed at run time; `static`, one scale per
+    linear, max|x| / 448 over calibration text (fx_passes/calibration.py; cached under `cache_dir`), larger values
+    saturating at run time. `fp8` only, on one rank."""
 
     quantize_lm_head: bool = False
     """Quantize the LM head too (the last linear); by default it keeps the model's dtype, as most FP8
@@ -267,6 +268,13 @@ class CompileConfig(BaseModel):
             raise ValueError(f"activation_scheme={self.activation_scheme!r} does not apply to quantization='fp8_block', "
                              "whose activation scales are per token and 128 columns, computed at run time; allowed: "
                              "'dynamic'")  # fmt: skip
+        if self.activation_scheme == "static" and self.quantization not in ("fp8", "auto"):
+            raise ValueError(f"activation_scheme='static' applies to quantization='fp8' only (quantization="
+                             f"{self.quantization!r}); allowed with {self.quantization!r}: 'dynamic'")  # fmt: skip
+        if self.activation_scheme == "static" and self.parallel_ranks > 1:
+            raise ValueError(f"activation_scheme='static' calibrates on one rank only for now (tensor_parallel_size="
+                             f"{self.tensor_parallel_size}, expert_parallel_size={self.expert_parallel_size}); "
+                             "over ranks: 'dynamic'")  # fmt: skip
         return self
 
     @model_validator(mode="after")

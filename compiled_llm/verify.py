@@ -185,7 +185,7 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
     roundings = [module_for(model, meta[key]) for key, module_for in weight_only.items() if meta.get(key)]
     if not roundings:
         roundings = [quantized_module(model, meta.get("fp8_weights", []), meta.get("fp8_format", "fp8"),
-                                      meta.get("fp8_column_parts", []))]  # fmt: skip
+                                      meta.get("fp8_column_parts", []), meta.get("fp8_input_scales", []))]  # fmt: skip
     with contextlib.ExitStack() as stack:  # a GGUF file's 4-bit and 8-bit blocks: both
         for rounding in roundings:
             stack.enter_context(rounding)

@@ -18,6 +18,7 @@ graph module (`<weight>_fp8`, `<weight>_fp8_scale`); the model's own parameters 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -25,9 +26,17 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
-from custom_ops.linear.fp8 import FP8, fp8_backend, fp8_linear_reference, quantize_weight
+from custom_ops.linear.fp8 import FP8, FP8_MAX, MIN_AMAX, fp8_backend, fp8_linear_reference, quantize_weight
 from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
 from custom_ops.moe.fp8 import moe_experts_fp8_reference, quantize_experts
+from fx_passes.calibration import (
+    cache_path,
+    calibration_sequences,
+    fingerprint,
+    load_entry,
+    record_inputs,
+    store_entry,
+)
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.expert_ops import expert_parameter, swap_experts_op
 from fx_passes.node_match import calls
@@ -36,6 +45,7 @@ from fx_passes.registry import PassResult, register_pass
 LINEAR = torch.ops.aten.linear.default
 MOE_EXPERTS = torch.ops.compiled_llm.moe_experts.default
 MOE_EXPERTS_FP8 = torch.ops.compiled_llm.moe_experts_fp8.default
+STATIC_VERSION = "fp8-static-1"  # part of the calibration cache's key
 
 
 class Fp8Format(NamedTuple):
@@ -44,10 +54,10 @@ class Fp8Format(NamedTuple):
     backend: Callable[[torch.device, str], tuple[str, str]]
     reference: Callable  # the op's reference (its arguments but the backend), for the self-check
     scales: str  # for the report
-    input_scale: bool  # whether the op takes a static input scale (None here: scales computed at run time)
+    input_scale: bool  # whether the op takes a static input scale (activation_scheme="static"; else None)
 
-    def op_args(self, x, weight8, scale, bias) -> tuple:
-        return (x, weight8, scale, None, bias) if self.input_scale else (x, weight8, scale, bias)
+    def op_args(self, x, weight8, scale, bias, input_scale=None) -> tuple:
+        return (x, weight8, scale, input_scale, bias) if self.input_scale else (x, weight8, scale, bias)
 
 
 FORMATS = {
@@ -209,6 +219,8 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         kept.append(f"{len(sites) - len(stored)} linears the checkpoint stores in float")
         sites = stored
     backend, why = form.backend(linear_weight(gm, sites[0]).device, config.linear_backend) if sites else ("torch", "")
+    static = config.activation_scheme == "static" and form.input_scale and bool(sites)
+    input_scales, calibration = _static_input_scales(gm, sites, config) if static else ({}, "")
     converted = {}  # a weight read by several linears is converted once
     gm.meta["fp8_weights"] = []  # the float weights replaced: the self-check quantizes the module's alike
     gm.meta["fp8_format"] = config.quantization
@@ -217,10 +229,13 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         if target not in converted:
             names = free_name(gm, f"{target}_fp8"), free_name(gm, f"{target}_fp8_scale")
             derive(gm, quantize_parameter, target, config.quantization, *names)
+            if static:
+                names += (free_name(gm, f"{target}_fp8_input_scale"),)
+                gm.register_buffer(names[2], input_scales[target])
+                gm.meta.setdefault("fp8_input_scales", []).append((gm.get_parameter(target), input_scales[target]))
             converted[target] = names
-        weight_name, scale_name = converted[target]
-        swap_linear(gm, node, form.op, lambda x, bias, attr, names=(weight_name, scale_name): (
-            *form.op_args(x, attr(names[0]), attr(names[1]), bias), backend))  # fmt: skip
+        swap_linear(gm, node, form.op, lambda x, bias, attr, names=converted[target]: (*form.op_args(
+            x, attr(names[0]), attr(names[1]), bias, attr(names[2]) if static else None), backend))  # fmt: skip
     experts = calls(gm.graph, MOE_EXPERTS)
     quantized_experts = _quantize_experts(gm, experts) if config.quantization == "fp8" else 0
     if len(experts) > quantized_experts:
@@ -228,9 +243,33 @@ def quantize_fp8(gm: torch.fx.GraphModule, config) -> PassResult:
         kept.append(f"{len(experts) - quantized_experts} MoE layers' experts ({why_not})")
     moe = f", {quantized_experts} MoE layers' experts" if quantized_experts else ""
     kept = f"; kept in the model's dtype: {', '.join(kept)}" if kept else ""
-    detail = (f"{len(sites)} of {len(linears)} linears{moe} -> float8 e4m3 ({form.scales}, "
-              f"{config.activation_scheme} activation scales; {backend}: {why}){kept}")  # fmt: skip
+    scheme = f"static activation scales: {calibration}" if static else "dynamic activation scales"
+    detail = (f"{len(sites)} of {len(linears)} linears{moe} -> float8 e4m3 ({form.scales}, {scheme}; "
+              f"{backend}: {why}){kept}")  # fmt: skip
     return PassResult("quantize_fp8", len(sites) + quantized_experts, detail)
+
+
+def _static_input_scales(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], config) -> tuple[dict, str]:
+    """activation_scheme="static": each weight's input scale, max|x| / 448 over the calibration text's inputs of
+    every linear reading it (float32, a 0-dim tensor on its device), from the cache or measured now, and where they
+    came from. The self-check rounds the module's inputs with the same scales."""
+    start = time.perf_counter()
+    targets = [node.args[1].target for node in sites]
+    sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
+    path = cache_path(config.cache_dir, "fp8_static", fingerprint(gm, sequences, sorted(set(targets)), STATIC_VERSION))
+    device = linear_weight(gm, sites[0]).device
+    gm.meta["unstorable"] = "FP8 static activation scales are of this checkpoint's weights (a new compile reads them "\
+                            "from its cache)"  # fmt: skip
+    stored = load_entry(path)
+    if stored is not None and set(stored) == set(targets):
+        return {t: s.to(device) for t, s in stored.items()}, f"from the cache ({path.name})"
+    amax = {}
+    for node, rows in record_inputs(gm, sites, sequences, device).items():
+        target = node.args[1].target
+        amax[target] = torch.maximum(amax.get(target, rows.new_zeros(())), rows.abs().amax())
+    scales = {t: (a.clamp(min=MIN_AMAX) * (1 / FP8_MAX)).float() for t, a in amax.items()}
+    store_entry(path, {t: s.cpu() for t, s in scales.items()})
+    return scales, f"calibrated over {source} in {time.perf_counter() - start:.1f} s"
 
 
 def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) -> int:
@@ -258,13 +297,16 @@ def _quantize_experts(gm: torch.fx.GraphModule, experts: list[torch.fx.Node]) ->
 
 @contextlib.contextmanager
 def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: str = "fp8",
-                     column_parts: list[tuple[torch.Tensor, int]] = ()) -> Iterator[None]:  # fmt: skip
+                     column_parts: list[tuple[torch.Tensor, int]] = (),
+                     input_scales: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> Iterator[None]:  # fmt: skip
     """The module's nn.Linear layers (and MoE experts) whose weights the pass quantized (`gm.meta["fp8_weights"]`; a fused
     weight's parts share its storage) compute as the reference of `fmt` (`gm.meta["fp8_format"]`) does, for the self-check's reference
     logits: the module itself, with the rounding the rewrite means to add. A quantized weight that no nn.Linear
     reads (an F.linear over a bare parameter) cannot be reproduced: refused, naming its shape. `column_parts`
     (`gm.meta["fp8_column_parts"]`): (weight, n) of row-parallel linears, whose n ranks each quantize their part of
-    the columns and of the input's features, the parts' products summed (shard_tensor_parallel's all-reduce)."""
+    the columns and of the input's features, the parts' products summed (shard_tensor_parallel's all-reduce).
+    `input_scales` (`gm.meta["fp8_input_scales"]`): (weight, its linears' static input scale), activation_scheme=
+    "static"; the other linears' activations are scaled per token."""
     storages = {w.untyped_storage().data_ptr(): w for w in weights}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
                and m.weight.untyped_storage().data_ptr() in storages]  # fmt: skip
@@ -281,6 +323,7 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
     form = FORMATS[fmt]
 
     parts_of = {w.untyped_storage().data_ptr(): parts for w, parts in column_parts}
+    static_of = {w.untyped_storage().data_ptr(): scale for w, scale in input_scales}
 
     def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         parts = parts_of.get(module.weight.untyped_storage().data_ptr(), 1)
@@ -292,7 +335,8 @@ def quantized_module(model: torch.nn.Module, weights: list[torch.Tensor], fmt: s
                       for x_part, (w8, w_scale) in zip(x.chunk(parts, -1), quantized))  # fmt: skip
             return out if module.bias is None else out + module.bias
         weight8, scale = checkpoint_tensors(module.weight) or form.quantize(module.weight)
-        return form.reference(*form.op_args(x, weight8, scale, module.bias))
+        input_scale = static_of.get(module.weight.untyped_storage().data_ptr())
+        return form.reference(*form.op_args(x, weight8, scale, module.bias, input_scale))
 
     from compiled_llm.capture.expert_routing import expert_weights, experts_activation
 

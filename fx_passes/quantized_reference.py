@@ -11,7 +11,8 @@ import torch
 
 # The graph meta keys under which the quantizing passes list the weights they replaced, for the self-check: tensors of
 # this process, never stored with a graph.
-WEIGHT_RECORDS = ("fp8_weights", "int4_weights", "int8_weights", "nvfp4_weights", "int8_block_weights")
+WEIGHT_RECORDS = ("fp8_weights", "fp8_input_scales", "int4_weights", "int8_weights", "nvfp4_weights",
+                  "int8_block_weights")
 
 # forward(module, x, tensors, first, count): the layer's output from the format's tensors, of whose rows it owns
 # `count` from `first`.

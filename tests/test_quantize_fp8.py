@@ -166,9 +166,43 @@ def test_fp8_through_inductor(quantization):
     assert ((got - expected).norm() / expected.norm()).item() < 2e-3
 
 
-def test_planned_options_are_refused_by_name():
-    with pytest.raises(ValueError, match="activation_scheme='static' is planned but not supported yet"):
-        compile_model(tiny_model("llama"), quantization="fp8", activation_scheme="static")
+def test_static_activation_scales_are_each_linears_calibrated_max(tmp_path):
+    """activation_scheme="static": each quantized linear reads one input scale, max|x| / 448 over the calibration
+    text's inputs of that linear (measured here with hooks on the module's linears),
+    and the self-check holds the graph to the module rounding its inputs with those scales; a second compile reads
+    them from the cache; the producer fusions leave static linears alone (their scale is not the norm's to compute)."""
+    from fx_passes.calibration import calibration_sequences
+    from fx_passes.registry import with_fp8_fusions
+
+    model = tiny_model("llama")
+    fields = {"quantization": "fp8", "activation_scheme": "static", "compile_backend": "eager", "cache_dir": tmp_path}
+    compiled = compile_model(model, verify=True, passes=with_fp8_fusions(DEFAULT_PIPELINE), **fields)
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_fp8"]
+    assert "static activation scales: calibrated over" in result.detail
+    assert compiled.report.pass_sites("fuse_norm_quantize_fp8") == compiled.report.pass_sites(
+        "fuse_silu_mul_quantize_fp8") == 0  # fmt: skip
+    gm = compiled.graph_module
+    linears = [n for n in gm.graph.nodes if n.target is OPS["fp8"]]
+    assert len(linears) == 8 and all(n.args[3] is not None for n in linears)
+    measured = {}  # each linear's input: q_proj's is the fused q/k/v's, gate_proj's the fused gate/up's
+    inputs_of = ("q_proj", "o_proj", "gate_proj", "down_proj")
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: measured.__setitem__(
+        name, max(measured.get(name, 0.0), args[0].abs().max().item())))
+        for name, module in model.named_modules() if name.endswith(inputs_of)]  # fmt: skip
+    sequences, _ = calibration_sequences(None, VOCAB)
+    with torch.no_grad():
+        for ids in sequences:
+            model(torch.tensor([ids]), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    scales = sorted(graph_value(gm, n.args[3]).item() * FP8_MAX for n in linears)
+    torch.testing.assert_close(scales, sorted(measured.values()), rtol=1e-5, atol=0)
+    again = compile_model(tiny_model("llama"), **fields)
+    (result,) = [p for p in again.report.passes if p.name == "quantize_fp8"]
+    assert "static activation scales: from the cache" in result.detail
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, compiled(ids).logits)
 
 
 def test_the_graph_reads_about_half_the_bytes_of_the_decoder_linears():
