@@ -247,6 +247,22 @@ def test_fp8_on_the_gpu_is_nearer_the_fake_quantized_model_than_the_float_one(mo
     assert distance(logits) < distance(float_logits) / 1.5
 
 
+@pytest.mark.gpu
+def test_static_fp8_on_the_gpu_passes_the_self_check(own_cache_dir):
+    """activation_scheme="static" under Inductor and CUDA graphs, the triton backend's static path (the quantizing
+    kernel with the calibrated scale, saturating what is beyond it) held by the self-check in bf16."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    compiled = compile_model(model, quantization="fp8", activation_scheme="static", verify=True,
+                             cache_dir=own_cache_dir)  # fmt: skip
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_fp8"]
+    assert result.sites == 8 and "static activation scales: calibrated over" in result.detail
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(7)).cuda()
+    with torch.no_grad():
+        float_logits = model(ids).logits.float()
+        relative = (compiled(ids).logits.float() - float_logits).norm() / float_logits.norm()
+    assert relative < 0.1
+
+
 def test_the_fp8_self_check_bound_passes_rounding_noise_and_fails_a_wrong_graph():
     """With FP8 activations each position is held by its RMS difference, relative to what quantizing moves this
     module by: noise of the size seen on a correct 32-layer graph (34% against 47%, H200) passes, logits that do not
