@@ -222,7 +222,7 @@ def cache(args: argparse.Namespace) -> int:
 # Written out, not read from presets.py, which imports transformers: `--help` stays fast (a test holds the list).
 MODEL_HELP = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, or "
               "random:NAME (llama-3.1-8b, qwen3-8b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, gpt-oss-20b, "
-              "smollm2-135m, tiny-llama, gpt-oss-20b-mxfp4)")  # fmt: skip
+              "smollm2-135m, tiny-llama, gpt-oss-20b-mxfp4, llama-3.1-8b-q4_k)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

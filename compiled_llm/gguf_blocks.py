@@ -49,7 +49,7 @@ def block_tensors(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tenso
     [N, K/32 * block bytes]: Q4_1's m, Q4_0's -8 d."""
     rows = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, _BLOCK_BYTES[kind])  # a copy
     if kind == "Q4_K":
-        return _q4_k(rows)
+        return q4_k_tensors(rows)
     n, blocks = rows.shape[:2]
     d = rows[..., 0:2].contiguous().view(torch.float16).view(n, blocks)
     start = 4 if kind == "Q4_1" else 2
@@ -62,9 +62,9 @@ def block_tensors(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tenso
     return pack_codes(codes), d.clone(), offsets.clone()
 
 
-def _q4_k(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """block_tensors of Q4_K super-blocks rows [N, K/256, 144] (module docstring; the 6-bit scales unpacked as ggml's
-    get_scale_min_k4)."""
+def q4_k_tensors(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """block_tensors of Q4_K super-blocks rows [N, K/256, 144] uint8, on their device (module docstring; the 6-bit
+    scales unpacked as ggml's get_scale_min_k4)."""
     n, blocks = rows.shape[:2]
     scales, offsets = _k_scales(rows)
     qs = rows[..., 16:].view(n, blocks, 4, 1, 32)

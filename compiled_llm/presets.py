@@ -67,23 +67,58 @@ RANDOM_PRESETS = {
 }  # fmt: skip
 # Presets whose MoE experts are random MXFP4 weights, as an MXFP4 checkpoint loads (random_mxfp4_experts): -> base preset.
 MXFP4_PRESETS = {"gpt-oss-20b-mxfp4": "gpt-oss-20b"}
+# Presets whose decoder linears are random GGUF Q4_K blocks, as a .gguf file loads (random_q4_k_linears): -> base preset.
+Q4_K_PRESETS = {"llama-3.1-8b-q4_k": "llama-3.1-8b"}
 
 
 def preset_names() -> list[str]:
     """Every NAME of `random:NAME`."""
-    return [*RANDOM_PRESETS, *MXFP4_PRESETS]
+    return [*RANDOM_PRESETS, *MXFP4_PRESETS, *Q4_K_PRESETS]
 
 
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"):
     """A randomly initialised `random:NAME` model, in eval mode, built on `device`."""
     if name not in preset_names():
         raise ValueError(f"unknown preset 'random:{name}'; known: {', '.join('random:' + n for n in preset_names())}")
-    config = RANDOM_PRESETS[MXFP4_PRESETS.get(name, name)]()
+    config = RANDOM_PRESETS[MXFP4_PRESETS.get(name, Q4_K_PRESETS.get(name, name))]()
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     if name in MXFP4_PRESETS:
         random_mxfp4_experts(model)
+    if name in Q4_K_PRESETS:
+        random_q4_k_linears(model)
     return model.eval()
+
+
+def random_q4_k_blocks(n: int, k: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n, k / 256, 144] uint8: random valid Q4_K super-blocks (module docstring of random_q4_k_linears)."""
+    rows = torch.randint(0, 256, (n, k // 256, 144), dtype=torch.uint8, device=device, generator=generator)
+    halves = (torch.rand(n, k // 256, 2, device=device, generator=generator) + 0.5) * 1e-4
+    rows[..., 0:4] = halves.half().view(torch.uint8)  # d and dmin
+    return rows
+
+
+@torch.no_grad()
+def random_q4_k_linears(model: torch.nn.Module, generator: torch.Generator | None = None) -> int:
+    """Give every decoder linear whose input width is a multiple of 256 random valid GGUF Q4_K super-blocks, as
+    compiled_llm/gguf_blocks.py attaches a file's: the weight holds their exact dequantization and carries the
+    blocks in int4_linear's form (`int4_tensors`: codes, scales d sc and offsets -dmin mn per 32 columns); how many.
+    The blocks' bytes are uniformly random (any 6-bit scale and 4-bit code is valid) but for d and dmin, float16
+    values that give weights of about 0.02 (an 8B model's initialisation), so the model's activations stay finite."""
+    from compiled_llm.gguf_blocks import BLOCK, q4_k_tensors
+    from custom_ops.linear.int4 import dequantize
+
+    done = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".layers." not in name or module.weight.shape[1] % 256:
+            continue
+        weight = module.weight
+        stored = q4_k_tensors(random_q4_k_blocks(*weight.shape, weight.device, generator))
+        weight.copy_(dequantize(*stored, BLOCK).to(weight.dtype))
+        weight.int4_tensors = (*stored, BLOCK, "gguf")
+        done += 1
+    model.compiled_llm_quantization = "gguf"
+    return done
 
 
 @torch.no_grad()

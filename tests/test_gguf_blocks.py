@@ -133,6 +133,35 @@ def test_a_file_mixing_4_bit_and_8_bit_blocks_runs_both(tmp_path):
     assert torch.allclose(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_random_q4_k_model_runs_from_its_blocks(tmp_path):
+    """presets.random_q4_k_linears (the `random:llama-3.1-8b-q4_k` preset's weights): random valid Q4_K super-blocks
+    (gguf's dequantizer gives what int4_linear's form of them does), every decoder linear of a 256-wide tiny Llama
+    holding their dequantization, run as gguf from their codes (what `auto` picks on CUDA): the logits are the
+    module's."""
+    from conftest import random_prompt, tiny_model
+    from gguf import GGMLQuantizationType, quants
+
+    from compiled_llm import compile_model
+    from compiled_llm.gguf_blocks import q4_k_tensors
+    from compiled_llm.presets import random_q4_k_blocks, random_q4_k_linears
+
+    rows = random_q4_k_blocks(8, 512, "cpu", torch.Generator().manual_seed(2))
+    expected = torch.from_numpy(quants.dequantize(rows.reshape(8, -1).numpy(), GGMLQuantizationType.Q4_K))
+    assert torch.equal(dequantize(*q4_k_tensors(rows), 32), expected)
+    assert 0.005 < expected.std().item() < 0.1  # weights of an initialisation's size
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    layers = model.config.num_hidden_layers
+    assert random_q4_k_linears(model, torch.Generator().manual_seed(3)) == 7 * layers
+    compiled = compile_model(model, quantization="gguf", verify=True, compile_backend="eager", max_batch_size=2,
+                             max_seq_len=64, cache_dir=tmp_path)  # fmt: skip
+    assert compiled.report.pass_sites("quantize_int4") == 4 * layers  # fused q/k/v, o, fused gate/up, down
+    ids = random_prompt(10)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert torch.allclose(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_are_matched_bit_for_bit_in_any_dtype(dtype):
     """transformers reorders Llama's q/k rows for its RoPE: the blocks' rows are found in the loaded weight, in its
