@@ -120,3 +120,23 @@ def test_triton_backend_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_backend_on_the_gpu(dtype):
     check_triton_against_reference("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_every_int8_decode_gemm_tile_matches_the_reference_on_the_gpu():
+    """Each tile the int8 decode GEMM's tuning may pick (w8a8_tuning.TILES: wgmma and mma.sync tiles, split K),
+    bit for bit against the reference at 1, 16 and 64 rows, with a bias and a K remainder."""
+    from custom_ops.linear import triton_w8a8, w8a8_tuning
+
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    n, k = 192, 1088  # K not a multiple of any tile's
+    weight8, weight_scale = (t.cuda() for t in quantize_weight(torch.randn(n, k, generator=generator)))
+    bias = torch.randn(n, generator=generator).to("cuda", torch.bfloat16)
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
+        rows8, row_scale = quantize_rows(x, None)
+        expected = int8_linear_reference(x, weight8, weight_scale, None, bias)
+        for tile in w8a8_tuning.TILES:
+            actual = triton_w8a8.w8a8_decode_gemm(rows8, row_scale, weight8, weight_scale, bias, torch.bfloat16,
+                                                  **tile)  # fmt: skip
+            assert torch.equal(actual, expected), (rows, tile)
