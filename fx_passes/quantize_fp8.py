@@ -29,14 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 from custom_ops.linear.fp8 import FP8, FP8_MAX, MIN_AMAX, fp8_backend, fp8_linear_reference, quantize_weight
 from custom_ops.linear.fp8_block import fp8_block_backend, fp8_block_linear_reference, quantize_weight_blocks
 from custom_ops.moe.fp8 import moe_experts_fp8_reference, quantize_experts
-from fx_passes.calibration import (
-    cache_path,
-    calibration_sequences,
-    fingerprint,
-    load_entry,
-    record_inputs,
-    store_entry,
-)
+from fx_passes import calibration
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.expert_ops import expert_parameter, swap_experts_op
 from fx_passes.node_match import calls
@@ -255,20 +248,22 @@ def _static_input_scales(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], c
     came from. The self-check rounds the module's inputs with the same scales."""
     start = time.perf_counter()
     targets = [node.args[1].target for node in sites]
-    sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
-    path = cache_path(config.cache_dir, "fp8_static", fingerprint(gm, sequences, sorted(set(targets)), STATIC_VERSION))
+    sequences, source = calibration.calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
+    key = calibration.fingerprint(gm, sequences, sorted(set(targets)), STATIC_VERSION)
+    path = calibration.cache_path(config.cache_dir, "fp8_static", key)
     device = linear_weight(gm, sites[0]).device
-    gm.meta["unstorable"] = "FP8 static activation scales are of this checkpoint's weights (a new compile reads them "\
-                            "from its cache)"  # fmt: skip
-    stored = load_entry(path)
+    gm.meta["unstorable"] = (
+        "FP8 static activation scales are of this checkpoint's weights (a new compile reads them from its cache)"
+    )
+    stored = calibration.load_entry(path)
     if stored is not None and set(stored) == set(targets):
         return {t: s.to(device) for t, s in stored.items()}, f"from the cache ({path.name})"
     amax = {}
-    for node, rows in record_inputs(gm, sites, sequences, device).items():
+    for node, rows in calibration.record_inputs(gm, sites, sequences, device).items():
         target = node.args[1].target
         amax[target] = torch.maximum(amax.get(target, rows.new_zeros(())), rows.abs().amax())
     scales = {t: (a.clamp(min=MIN_AMAX) * (1 / FP8_MAX)).float() for t, a in amax.items()}
-    store_entry(path, {t: s.cpu() for t, s in scales.items()})
+    calibration.store_entry(path, {t: s.cpu() for t, s in scales.items()})
     return scales, f"calibrated over {source} in {time.perf_counter() - start:.1f} s"
 
 
