@@ -38,26 +38,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_sass import hot_loop
 
 # Per byte: both nibbles under their exponents, then x1 - 136 and x16 - 16 (bf16x2 constants 0x41803F80: (1, 16);
-# 0xC180C308: (-136, -16)): (q0 - 8, q1 - 8). Four bytes in, two registers out for each of the two outputs.
-DECODE = gl.constexpr("""
-{
-.reg .b32 t, m, a;
-mov.b32 m, 0x41803F80;
-mov.b32 a, 0xC180C308;
-prmt.b32 t, $4, 0, 0x4040;
+# 0xC180C308: (-136, -16)): (q0 - 8, q1 - 8). Four bytes in ($4), two registers out for each of the two outputs.
+_BYTE = """prmt.b32 t, $4, 0, 0x4{b}4{b};
 lop3.b32 t, t, 0x00F0000F, 0x3F004300, 0xEA;
-fma.rn.bf16x2 $0, t, m, a;
-prmt.b32 t, $4, 0, 0x4141;
-lop3.b32 t, t, 0x00F0000F, 0x3F004300, 0xEA;
-fma.rn.bf16x2 $1, t, m, a;
-prmt.b32 t, $4, 0, 0x4242;
-lop3.b32 t, t, 0x00F0000F, 0x3F004300, 0xEA;
-fma.rn.bf16x2 $2, t, m, a;
-prmt.b32 t, $4, 0, 0x4343;
-lop3.b32 t, t, 0x00F0000F, 0x3F004300, 0xEA;
-fma.rn.bf16x2 $3, t, m, a;
-}
-""")
+fma.rn.bf16x2 ${b}, t, m, a;
+"""
+DECODE = gl.constexpr(
+    "{\n.reg .b32 t, m, a;\nmov.b32 m, 0x41803F80;\nmov.b32 a, 0xC180C308;\n"
+    + "".join(_BYTE.format(b=b) for b in range(4))
+    + "}\n"
+)
 
 
 @gluon.jit

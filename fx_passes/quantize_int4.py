@@ -25,7 +25,7 @@ from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
-from fx_passes.quantized_reference import linears_computing_as
+from fx_passes.quantized_reference import linears_computing_as, part_smooth
 from fx_passes.registry import PassResult, register_pass
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
@@ -159,10 +159,8 @@ def int4_module(model: torch.nn.Module, records: list):
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
         qweight, scales, zeros, smooth, smooth_rows, group_size = tensors
         rows = slice(first, first + count)
-        if smooth is not None:  # this module's part of the fused weight
-            part = [sum(smooth_rows[:p]) for p in range(len(smooth_rows))].index(first)
-            smooth = smooth[part : part + 1]
-        return int4_linear_reference(x, qweight[rows], scales[rows], zeros[rows], smooth, [count], module.bias,
+        smooth, smooth_rows = part_smooth(smooth, smooth_rows, first, count)  # this module's part of the fused weight
+        return int4_linear_reference(x, qweight[rows], scales[rows], zeros[rows], smooth, smooth_rows, module.bias,
                                      group_size)  # fmt: skip
 
     return linears_computing_as(model, records, forward, "int4_awq or int4_gptq")

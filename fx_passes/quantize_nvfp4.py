@@ -27,7 +27,7 @@ from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantize_int4 import fused_parts, register_calibrated
-from fx_passes.quantized_reference import linears_computing_as
+from fx_passes.quantized_reference import linears_computing_as, part_smooth
 from fx_passes.registry import PassResult, register_pass
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
@@ -112,10 +112,8 @@ def nvfp4_module(model: torch.nn.Module, records: list):
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
         weight, scales, global_scale, smooth, smooth_rows = tensors
         rows = slice(first, first + count)
-        if smooth is not None:  # this module's part of the fused weight
-            part = [sum(smooth_rows[:p]) for p in range(len(smooth_rows))].index(first)
-            smooth = smooth[part : part + 1]
-        return nvfp4_linear_reference(x, weight[rows], scales[rows], global_scale[rows], smooth,
-                                      [count] if smooth is not None else [], module.bias)  # fmt: skip
+        smooth, smooth_rows = part_smooth(smooth, smooth_rows, first, count)  # this module's part of the fused weight
+        return nvfp4_linear_reference(x, weight[rows], scales[rows], global_scale[rows], smooth, smooth_rows,
+                                      module.bias)  # fmt: skip
 
     return linears_computing_as(model, records, forward, "nvfp4")

@@ -19,6 +19,16 @@ WEIGHT_RECORDS = ("fp8_weights", "fp8_input_scales", "int4_weights", "int8_weigh
 PartForward = Callable[[torch.nn.Linear, torch.Tensor, tuple, int, int], torch.Tensor]
 
 
+def part_smooth(smooth: torch.Tensor | None, smooth_rows: list[int], first: int,
+                count: int) -> tuple[torch.Tensor | None, list[int]]:  # fmt: skip
+    """The (smooth, smooth_rows) of the part of a fused 4-bit weight's rows from `first` (`count` of them): its row of
+    the fused weight's smooth [P, K], or none."""
+    if smooth is None:
+        return None, []
+    part = [sum(smooth_rows[:p]) for p in range(len(smooth_rows))].index(first)
+    return smooth[part : part + 1], [count]
+
+
 @contextlib.contextmanager
 def linears_computing_as(model: torch.nn.Module, records: list, forward: PartForward, fmt: str) -> Iterator[None]:
     """Within the block, each nn.Linear of `model` whose weight is one of `records` ((weight, tensors) as the pass

@@ -117,7 +117,7 @@ class FourBitKernelTuning:
         return self.kind
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
-        return 2.0**-7, 2.0**-7  # x * smooth rounded once (tensor cores), then one rounding of the output
+        return 2.0**-7, 2.0**-7  # one rounding of the output, and summation order
 
 
 class _Int4KernelTuning(FourBitKernelTuning):
