@@ -16,6 +16,8 @@ streams its layers' weights; benchmarks/graph_timing.py):
     python benchmarks/int4_linear_bench.py --json out.json
     python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
                                                                         # (":ptx": the codes decoded in inline PTX)
+    python benchmarks/int4_linear_bench.py --rows 1,8,16 --mma-tiles 16:4:2,32:8:2   # the Gluon tensor-core decode
+                                                   # (gluon_int4.py) at ROWS:SPLIT:UNROLL, with the smooth, to 16 rows
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 import custom_ops  # noqa: F401  (registers the ops)
-from custom_ops.linear import nvfp4, triton_int4, triton_nvfp4
+from custom_ops.linear import gluon_int4, nvfp4, triton_int4, triton_nvfp4
 from custom_ops.linear.int4 import quantize_weight
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
@@ -57,7 +59,8 @@ def weights(n: int, k: int) -> tuple[list, list, list]:
     return bf16, int4, fp4
 
 
-def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: list[dict]) -> list[dict]:
+def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: list[dict],
+            mma_tiles: list[dict]) -> list[dict]:  # fmt: skip
     bf16, int4, fp4 = weights(n, k)
     smooth = torch.rand(1, k, device="cuda") + 0.5
     results = []
@@ -81,6 +84,11 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
             row[key] = per_call(lambda x, q, s, z, tile=tile: triton_int4.int4_gemv(x, q, s, z, smooth, [n], None,
                                                                                     GROUP, **tile),
                                 [(x, *w) for w in int4])  # fmt: skip
+        for tile in mma_tiles if rows <= gluon_int4.MAX_ROWS else ():
+            key = "mma_" + "_".join(f"{k_.lower()}{v}" for k_, v in tile.items())
+            row[key] = per_call(lambda x, q, s, z, tile=tile: gluon_int4.int4_mma(x, q, s, z, smooth, [n], None, GROUP,
+                                                                                  **tile),
+                                [(x, *w) for w in int4])  # fmt: skip
         for tile in fp4_tiles if rows == 1 else ():
             key = "nvfp4_gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
             row[key] = per_call(lambda x, q, s, g, tile=tile: triton_nvfp4.nvfp4_gemv(x, q, s, g, None, [], None, **tile),
@@ -95,6 +103,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts (default: %(default)s)")
     parser.add_argument("--gemv-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps[:ptx],... timed at one row")
+    parser.add_argument("--mma-tiles", default="", help="ROWS:SPLIT:UNROLL,... of the tensor-core decode, to 16 rows")
     parser.add_argument("--nvfp4-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps,... of the NVFP4 GEMV")
     args = parser.parse_args()
     tiles = []
@@ -104,9 +113,11 @@ def main() -> None:
                       "PTX_DECODE": ptx == ["ptx"]})  # fmt: skip
     fp4_tiles = [dict(zip(("BLOCK_N", "GROUPS_A_STEP", "num_warps"), map(int, spec.split(":"))))
                  for spec in filter(None, args.nvfp4_tiles.split(","))]  # fmt: skip
+    mma_tiles = [dict(zip(("ROWS", "SPLIT", "UNROLL"), map(int, spec.split(":"))))
+                 for spec in filter(None, args.mma_tiles.split(","))]  # fmt: skip
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles, fp4_tiles)]
+    results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles, fp4_tiles, mma_tiles)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

@@ -8,6 +8,7 @@ before a GPU measures it; it is not a timing.
     python benchmarks/kernel_sass.py int4-gemv       # int4_linear's one-row GEMV at Llama-8B's linears
     python benchmarks/kernel_sass.py nvfp4-gemv      # nvfp4_linear's one-row GEMV (the int4 GEMV with E2M1=True)
     python benchmarks/kernel_sass.py 4bit-gemm       # the int4 and NVFP4 tensor-core GEMMs at a decode batch's tile
+    python benchmarks/kernel_sass.py int4-mma        # int4_linear's Gluon tensor-core decode (up to 16 rows)
 
 Needs triton (its wheel carries ptxas and cuobjdump); `--out DIR` keeps each kernel's TTGIR, PTX and SASS.
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def compile_for_hopper(fn, types: dict, constexprs: dict, multiples_of_16=(), num_warps=4, num_stages=3):
-    """fn (a @triton.jit function) compiled for sm_90a. `types`: argument -> Triton type ('*bf16', 'fp32'); others are
+    """fn (a @triton.jit or @gluon.jit function) compiled for sm_90a. `types`: argument -> Triton type ('*bf16', 'fp32'); others are
     i32. As a launch does, pointers and `multiples_of_16` are specialized as divisible by 16, and an integer argument
     that is 1 at the launch must be given in `constexprs` (Triton makes it a constant)."""
     import triton
@@ -37,6 +38,8 @@ def compile_for_hopper(fn, types: dict, constexprs: dict, multiples_of_16=(), nu
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     divisible = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                  if signature[n].startswith("*") or n in multiples_of_16}  # fmt: skip
+    if type(fn).__name__ == "GluonJITFunction":  # Gluon's source kind; its layouts are written in the kernel
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=divisible)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -175,6 +178,29 @@ def four_bit_gemm(out_dir: str) -> None:
         report(kernel, f"{kernel_fn.__name__}_16x{tile['BLOCK_N']}x{tile['BLOCK_K']}{split}_smooth", weights, out_dir)
 
 
+def int4_mma(out_dir: str) -> None:
+    """int4_linear's tensor-core decode (custom_ops/linear/gluon_int4_kernels.py) at Llama-8B's q/k/v (K 4096) and
+    down (K 14336) shapes, group 128, one row with AWQ's smooth and without, 8 and 16 rows, at the tunings' MMA tiles
+    that differ in code; a unit is one weight."""
+    from custom_ops.linear.gluon_int4 import mma_launch
+    from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
+
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "smooth_ptr": "*fp32",
+             "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
+    multiples = ("N", "stride_xm", "stride_wn", "stride_sn", "part_end0", "part_end1")
+    for n, k in ((6144, 4096), (4096, 14336)):
+        for m, smooth, tile in ((1, True, {}), (1, False, {}), (1, True, {"ROWS": 32}), (1, True, {"UNROLL": 4}),
+                                (8, True, {}), (16, True, {})):  # fmt: skip
+            launch = mma_launch(m, n, k, 128, [n] if smooth else [], **tile)
+            constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": smooth, "HAS_BIAS": False, "OFFSET": False,
+                          "USE_PDL": True, **launch}  # fmt: skip
+            kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, multiples, launch["SPLIT"])
+            weights = launch["ROWS"] * 128 * launch["UNROLL"] / 32
+            name = (f"int4_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}_unroll{launch['UNROLL']}"
+                    f"{'_smooth' if smooth else ''}")  # fmt: skip
+            report(kernel, name, weights, out_dir)
+
+
 def decode_attention(out_dir: str) -> None:
     """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
     key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
@@ -201,7 +227,7 @@ def decode_attention(out_dir: str) -> None:
 
 
 STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention, "int4-gemv": int4_gemv,
-           "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm}  # fmt: skip
+           "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm, "int4-mma": int4_mma}  # fmt: skip
 
 
 def main() -> None:

@@ -181,7 +181,8 @@ def test_fake_quantize_is_the_dequantized_quantization():
 
 def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
     """Every candidate of the GEMV's and the GEMM's tunings (int4_tuning.py), in the interpreter (CPU tensors; the PTX
-    decode left out) or on the GPU, against the reference (with a smooth: the tunings time the calls the pass makes)."""
+    decode and the Gluon tensor-core decode left out) or on the GPU, against the reference (with a smooth: the tunings
+    time the calls the pass makes); the tensor-core decode's in bfloat16, which it takes."""
     from custom_ops.linear import int4_tuning
 
     generator = torch.Generator().manual_seed(6)
@@ -192,9 +193,15 @@ def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
     for tuning, rows in ((int4_tuning.Int4GemvTuning(), 1), (int4_tuning.Int4GemmTuning(), 16)):
         x = torch.randn(rows, k, generator=generator).to(device)
         expected = tuning.reference(x, *quantized, smooth, group)
+        x16 = x.to(torch.bfloat16)  # the tensor-core decode writes 16-bit floats
+        expected16 = tuning.reference(x16, *quantized, smooth, group)
         for candidate in tuning.candidates({"n": n, "k": k, "group_size": group, "rows": rows}):
-            if candidate.config.get("PTX_DECODE") and device == "cpu":
-                continue  # the interpreter runs no PTX: test_tuning_candidates_on_the_gpu
+            if (candidate.config.get("PTX_DECODE") or candidate.config.get("MMA")) and device == "cpu":
+                continue  # the interpreter runs no PTX, nor Gluon: test_tuning_candidates_on_the_gpu
+            if candidate.config.get("MMA"):
+                actual = candidate.run(x16, *quantized, smooth, group)
+                assert relative_error(actual, expected16) < TOLERANCE[torch.bfloat16], candidate.name
+                continue
             actual = candidate.run(x, *quantized, smooth, group)
             assert relative_error(actual, expected) < TOLERANCE[torch.float32], candidate.name
 

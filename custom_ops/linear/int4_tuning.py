@@ -17,7 +17,7 @@ import torch
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
-from custom_ops.linear import int4, triton_int4
+from custom_ops.linear import gluon_int4, int4, triton_int4
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
 GEMV_TILES = (  # beside gemv_config's own (the fallback); the leaders of an H200 sweep over Llama-8B's shapes
@@ -28,6 +28,16 @@ GEMV_TILES = (  # beside gemv_config's own (the fallback); the leaders of an H20
     {"BLOCK_N": 32, "GROUPS_A_STEP": 4, "num_warps": 8},
     {"PTX_DECODE": True},  # the codes decoded in inline PTX (triton_int4_kernels.add_pair_products_ptx)
     {"PTX_DECODE": True, "BLOCK_N": 32},
+)
+# gluon_int4.py's tensor-core decode (up to 16 rows): channels a program (ROWS), warps splitting K (SPLIT), groups a
+# loop iteration (UNROLL); ~2.5 instructions a weight against the GEMV's ~6 (benchmarks/kernel_sass.py int4-mma).
+MMA_TILES = (
+    {"MMA": True},
+    {"MMA": True, "SPLIT": 8},
+    {"MMA": True, "ROWS": 32},
+    {"MMA": True, "ROWS": 32, "SPLIT": 8},
+    {"MMA": True, "ROWS": 64, "SPLIT": 8},
+    {"MMA": True, "UNROLL": 4},
 )
 GEMM_TILES = (
     {"BLOCK_N": 128},
@@ -40,13 +50,16 @@ GEMM_TILES = (
     {"SPLIT_NIBBLES": True, "BLOCK_N": 128},
 )
 # The kernels, their launchers and the numerics: a change to any is a changed candidate.
-_SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_int4, int4)),
-                      (Path(triton_int4.__file__).parent / "triton_int4_kernels.py").read_text())  # fmt: skip
+_SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_int4, int4, gluon_int4)),
+                      *((Path(triton_int4.__file__).parent / name).read_text()
+                        for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py")))  # fmt: skip
 
 
 def tile_name(kind: str, tile: dict) -> str:
-    """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8", {"PTX_DECODE": True} -> "gemv-ptx"; the
-    fallback is the bare kind."""
+    """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8", {"PTX_DECODE": True} -> "gemv-ptx", a tensor-core
+    decode's "mma-..."; the fallback is the bare kind."""
+    if tile.get("MMA"):  # {"MMA": True, "ROWS": 32} -> "mma-rows32"
+        return "-".join(["mma", *(f"{key.lower()}{value}" for key, value in tile.items() if key != "MMA")])
     short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split"}
     parts = [
         f"{short.get(key, key.removeprefix('num_'))}{'' if value is True else value}" for key, value in tile.items()
@@ -110,8 +123,11 @@ class FourBitKernelTuning:
 
         return [
             Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), self.source, t)
-            for t in ({}, *self.tiles)
+            for t in ({}, *self.tiles_for(bucket))
         ]
+
+    def tiles_for(self, bucket: dict) -> tuple[dict, ...]:
+        return self.tiles
 
     def heuristic(self, bucket: dict) -> str:
         return self.kind
@@ -141,7 +157,7 @@ class _Int4KernelTuning(FourBitKernelTuning):
 class Int4GemvTuning(_Int4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
 
-    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES
+    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES + MMA_TILES
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_int4.int4_gemv(*args, **tile)
@@ -161,6 +177,9 @@ class Int4GemmTuning(_Int4KernelTuning):
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_int4.int4_gemm(*args, **tile)
+
+    def tiles_for(self, bucket: dict) -> tuple[dict, ...]:
+        return self.tiles + (MMA_TILES if bucket.get("rows", 0) <= gluon_int4.MAX_ROWS else ())
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "group_size": g, "offsets": o, "rows": rows} for n, k, g, o in _shapes(gm)

@@ -10,7 +10,8 @@
   dotted with x's tile, and the group's scale applied to the float32 partial sum, so only x is rounded.
 
 The kernels are in triton_int4_kernels.py (imported on first use: this module, the launches and the autotuner's
-tables, needs no triton); int4_tuning.py makes their launches autotuner candidates.
+tables, needs no triton); int4_tuning.py makes their launches autotuner candidates. A tuned launch with "MMA" hands
+up to 16 rows to gluon_int4.py's tensor-core decode instead.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     """y [1, N] for rows [1, K] (int4.triton_takes checked what the kernel reads)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     tuned = TUNED_GEMV.get((rows.get_device(), n, k, group_size, zeros.is_floating_point()), {})
+    out = tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size, tile, tuned)
+    if out is not None:
+        return out
+    tuned, tile = triton_launch(tuned), triton_launch(tile)
     launch = {**gemv_config(n, k, group_size), **tuned, **tile}
     if smooth is not None:
         launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
@@ -102,6 +107,10 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     bucket = next((b for b in GEMM_ROW_BUCKETS if m <= b), None)
     key = (rows.get_device(), n, k, group_size, zeros.is_floating_point(), bucket)
     tuned = TUNED_GEMM.get(key, {}) if bucket else {}
+    out = tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size, tile, tuned)
+    if out is not None:
+        return out
+    tuned, tile = triton_launch(tuned), triton_launch(tile)
     launch = {**gemm_config(m, n, group_size), **tuned, **tile}
     if smooth is not None:
         launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
@@ -116,6 +125,26 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
         **pdl_launch_options(rows),
     )  # fmt: skip
     return out
+
+
+def tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, tile: dict,
+                       tuned: dict) -> torch.Tensor | None:  # fmt: skip
+    """y by gluon_int4.py's kernel where the tuner's candidate `tile` (else the `tuned` launch) chose it ({"MMA": True,
+    ...}), else None. A candidate the kernel does not take raises (the tuner rules it out); a tuned launch it does not
+    take (another dtype than the tuning's) leaves the call to the Triton kernels."""
+    choice = tile or tuned
+    if not choice.get("MMA"):
+        return None
+    from custom_ops.linear import gluon_int4
+
+    if not tile and gluon_int4.launch_for(rows, qweight, smooth, smooth_rows, group_size, tuned) is None:
+        return None
+    return gluon_int4.int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size, **choice)
+
+
+def triton_launch(tile: dict) -> dict:
+    """A launch of the Triton kernels: a tensor-core decode's choice ({"MMA": True, ...}) is none of theirs."""
+    return {} if tile.get("MMA") else tile
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -1,0 +1,89 @@
+"""The launch of gluon_int4_kernels.int4_mma_kernel: int4_linear for up to 16 rows of x on tensor cores, decoding the
+codes in the MMA's own register layout (a decode batch; triton_int4.py's GEMV and GEMM are the other kernels).
+
+It runs where the autotuner chose it (int4_tuning.py's `mma` candidates, held to the reference before they may win):
+triton_int4.int4_gemv and int4_gemm hand a shape over when its tuned launch says {"MMA": True, ...}. This module needs
+no triton to import; the kernel's module is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from custom_ops.linear.triton_int4 import part_ends, triton_cdiv
+from custom_ops.triton_runtime import pdl_launch_options
+
+MAX_ROWS = 16  # x's rows: the MMA's 8-column side, twice
+MMA_DTYPES = (torch.bfloat16, torch.float16)  # what the PTX decode writes
+
+
+@functools.cache
+def gluon_available() -> bool:
+    """Triton with Gluon (3.5+), whose mma_v2 and layouts the kernel is written in."""
+    return (
+        importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec("triton.experimental.gluon") is not None
+    )
+
+
+@functools.cache
+def mma_kernels():
+    from custom_ops.linear import gluon_int4_kernels
+
+    return gluon_int4_kernels
+
+
+def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], ROWS: int = 16, SPLIT: int = 4,
+               UNROLL: int = 2) -> dict | None:  # fmt: skip
+    """The kernel's constexprs for x [m, k] @ W [n, k]^T, or None where it does not take the shape. ROWS (channels a
+    program, 16 to 64) is halved until it divides N and every smooth part, SPLIT (warps, each a slice of K) and UNROLL
+    (groups a loop iteration) until they divide the groups; groups of a power of 2 from 32 to 512 columns (a thread's
+    4 code bytes of a decode call must be contiguous columns: tests/test_int4_mma.py checks the layout)."""
+    groups = k // group_size if group_size and k % group_size == 0 else 0
+    if not (0 < m <= MAX_ROWS and 32 <= group_size <= 512 and group_size & (group_size - 1) == 0 and groups):
+        return None
+    rows = ROWS
+    while rows > 16 and (n % rows or any(part % rows for part in smooth_rows)):
+        rows //= 2
+    if n % rows or any(part % rows for part in smooth_rows):
+        return None
+    split = SPLIT
+    while split > 1 and groups % split:
+        split //= 2
+    unroll = UNROLL
+    while unroll > 1 and (groups // split) % unroll:
+        unroll //= 2
+    return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": m == 1}
+
+
+def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int,
+               tile: dict) -> dict | None:  # fmt: skip
+    """mma_launch for a call whose tensors int4.triton_takes accepted, with `tile`'s ROWS, SPLIT, UNROLL; None unless
+    the rows are CUDA bfloat16 or float16 (what the PTX decode writes) and the codes fit 32-bit offsets."""
+    if not (rows.is_cuda and rows.dtype in MMA_DTYPES and qweight.numel() < 2**31 and gluon_available()):
+        return None
+    tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL")}
+    m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
+    return mma_launch(m, n, k, group_size, list(smooth_rows) if smooth is not None else [], **tile)
+
+
+def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
+    """y [M, N] for rows [M, K], M <= 16 (int4.triton_takes checked what the kernel reads); `tile`:
+    mma_launch's ROWS, SPLIT, UNROLL. Raises ValueError for a call the kernel does not take (launch_for says which
+    do)."""
+    launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, tile)
+    if launch is None:
+        raise ValueError(f"the int4 MMA kernel does not take x {list(rows.shape)} {rows.dtype} on {rows.device} with "
+                         f"codes {list(qweight.shape)} in groups of {group_size}")  # fmt: skip
+    m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
+    out = rows.new_empty(m, n)
+    mma_kernels().int4_mma_kernel[(triton_cdiv(n, launch["ROWS"]),)](
+        rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
+        m, n, rows.stride(0), qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows), K=k, GROUP=group_size,
+        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch,
+        num_warps=launch["SPLIT"], **pdl_launch_options(rows),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,187 @@
+"""int4_linear's decode on tensor cores, in Gluon (Triton's language with explicit layouts): gluon_int4.py launches it.
+
+For up to 16 rows of x (a decode batch), the weights are the 16-row side of mma.m16n8k16 and x the 8-column side, so
+the MMA does the multiply-adds and the threads only decode. Each thread loads its packed codes straight in the A
+operand's register layout (16 bytes: 32 columns of a row), and inline PTX turns each byte into the bfloat16 (or
+float16) pair (q0 - z, q1 - z) in 3.25 instructions (decode_asm: a shift a word, then a prmt, a lop3 and an fma a
+byte). The decoded registers are the A operand as they are
+(`convert_layout(..., assert_trivial=True)` proves no data moves), so the loop spends ~2.4 instructions a weight
+(benchmarks/kernel_sass.py int4-mma) against ~6 of the CUDA-core GEMV.
+
+A one-row GEMV of 4096 channels would give too few programs of 16 rows, so the K axis is split over the program's
+warps: the MMA's batch axis is the split (a warp per slice of K, with its own x), and the warps' partial sums are
+added once at the end. Numerics are int4.py's: q - z exact, the group's float32 sum scaled in float32; float offsets
+(w = q s + m) add m times the group's sum of x, which an MMA of ones over x computes in the same layout.
+
+Importing this module needs triton with Gluon (3.5+); Gluon kernels do not run in Triton's interpreter, so the
+CPU tests compile this kernel for sm_90a and check its decode's PTX against int4.unpack_codes
+(tests/test_int4_mma.py), and the GPU tests hold it to the reference.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+
+def decode_asm(dtype: str) -> str:
+    """PTX of one inline-asm call (pack=4): the 4 code bytes in $4, the zero point's addend in $5 (of $5-$8: the addend
+    tensor is int32, 4 registers a call), -(128 + z) in bfloat16 or -(1024 + z) in float16 in both halves; out:
+    columns 0-3 of the 8 in $0, $1 (first output) and 4-7 in $2, $3 (second), a register a pair (even column low).
+    The word shifted by 4 holds each byte's high nibble as its low one; prmt takes byte b's low half from the word and
+    its high half from the shifted word, lop3 ((a & b) | c: 0xEA) keeps the nibbles under an exponent that makes them
+    128 + q (bfloat16) or 1024 + q (float16), exact, and one fma adds the addend to both: q0 - z, q1 - z. (A single
+    prmt of the byte into both halves does not do: bfloat16's 7 mantissa bits cannot hold a nibble at bits 4-7.)"""
+    exponents, one, fma = {
+        "bf16": ("0x43004300", "0x3F803F80", "fma.rn.bf16x2"),
+        "fp16": ("0x64006400", "0x3C003C00", "fma.rn.f16x2"),
+    }[dtype]
+    lines = ["{", ".reg .b32 t, h, one;", f"mov.b32 one, {one};", "shr.b32 h, $4, 4;"]
+    for b in range(4):
+        lines += [f"prmt.b32 t, $4, h, 0x{4 + b}{4 + b}{b}{b};", f"lop3.b32 t, t, 0x000F000F, {exponents}, 0xEA;",
+                  f"{fma} ${b}, t, one, $5;"]  # fmt: skip
+    return "\n".join([*lines, "}"])
+
+
+DECODE_BF16 = gl.constexpr(decode_asm("bf16"))
+DECODE_FP16 = gl.constexpr(decode_asm("fp16"))
+
+
+@gluon.constexpr_function
+def mma_layout(split):
+    """The accumulator's: mma.m16n8k16 tiles, the batch axis (K's slices) over the warps."""
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[split, 1, 1], instr_shape=[1, 16, 8])
+
+
+@gluon.constexpr_function
+def operand_layout(split, group, index, packed):
+    """The MMA's operand `index` (0: weights, 1: x), of 16-bit values or, `packed`, of the code bytes (two columns
+    each). K-width: 32 columns a thread (a group spans a row's 4 threads), fewer for groups under 128."""
+    columns = 32 if group >= 128 else group // 4
+    return gl.DotOperandLayout(
+        operand_index=index, parent=mma_layout(split), k_width=columns // 2 if packed else columns
+    )
+
+
+@gluon.jit
+def _half_bits(value, dtype: gl.constexpr):
+    """A float32 tensor rounded to `dtype` (16 bits), its bits in an int32's low half."""
+    return value.to(dtype).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+
+
+@gluon.jit
+def zero_addend(zero, dtype: gl.constexpr):
+    """decode_asm's $5 for float32 zero points: -(128 + z) in bfloat16, -(1024 + z) in float16, in both halves."""
+    if dtype == gl.bfloat16:
+        half = _half_bits(-128.0 - zero, dtype)
+    else:
+        half = _half_bits(-1024.0 - zero, dtype)
+    return half | (half << 16)
+
+
+@gluon.jit
+def decode_codes(packed, addend, dtype: gl.constexpr):
+    """(columns 8 g + i, columns 8 g + 4 + i) at [4 g + i] of each 8-column chunk, as q - z in `dtype`."""
+    if dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise(DECODE_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, addend],
+                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)  # fmt: skip
+    else:
+        return gl.inline_asm_elementwise(DECODE_FP16, "=r,=r,=r,=r,r,r,r,r,r", [packed, addend],
+                                         dtype=(gl.float16, gl.float16), is_pure=True, pack=4)  # fmt: skip
+
+
+@gluon.jit
+def int4_mma_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, part_end0, part_end1,
+    K: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, SPLIT: gl.constexpr,
+    UNROLL: gl.constexpr, ONE_ROW: gl.constexpr, HAS_SMOOTH: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr,
+    USE_PDL: gl.constexpr,
+):  # fmt: skip
+    """y [M, N] = x [M, K] @ W^T for M <= COLS (8 or 16): a program computes ROWS channels, its SPLIT warps a slice of
+    K / SPLIT columns each, GROUP columns (one group) a step, UNROLL steps a loop iteration. The launcher checks that
+    ROWS divides N and each smooth part, and that SPLIT * UNROLL groups divide K's."""
+    if USE_PDL:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    # Batch axis = the K split (a warp each); K-width 32: a thread's 16 bytes of codes are 32 consecutive columns
+    # (one 128-bit load), and the A and B operands agree on that permutation of K, which a dot is invariant to.
+    mma: gl.constexpr = mma_layout(SPLIT)
+    a_layout: gl.constexpr = operand_layout(SPLIT, GROUP, 0, False)
+    b_layout: gl.constexpr = operand_layout(SPLIT, GROUP, 1, False)
+    codes_layout: gl.constexpr = operand_layout(SPLIT, GROUP, 0, True)
+    GROUPS: gl.constexpr = K // GROUP // SPLIT  # a warp's groups
+    SLICE: gl.constexpr = GROUPS * GROUP  # a warp's columns
+    n0 = gl.program_id(0) * ROWS
+
+    # codes [SPLIT, ROWS, GROUP / 2] of a step, and their rows' zero points [SPLIT, ROWS]
+    c_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, codes_layout)))
+    c_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, codes_layout)))
+    c_byte = gl.arange(0, GROUP // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, codes_layout)))
+    codes_at = (w_ptr + (n0 + c_row)[None, :, None] * stride_wn + (c_split * (SLICE // 2))[:, None, None]
+                + c_byte[None, None, :])  # fmt: skip
+    zeros_at = z_ptr + (n0 + c_row)[None, :] * stride_sn + (c_split * GROUPS)[:, None]
+    # x [SPLIT, GROUP, COLS] of a step (its rows are the MMA's columns)
+    x_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, b_layout)))
+    x_col = gl.arange(0, GROUP, layout=gl.SliceLayout(0, gl.SliceLayout(2, b_layout)))
+    x_row = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(1, b_layout)))
+    k_of_x = (x_split * SLICE)[:, None, None] + x_col[None, :, None]
+    x_at = x_ptr + k_of_x + x_row[None, None, :] * stride_xm
+    x_ok = (x_row < M)[None, None, :]
+    # one row of x: [SPLIT, GROUP], a column once over a warp's lanes
+    row_layout: gl.constexpr = gl.BlockedLayout([1, GROUP // 32], [1, 32], [SPLIT, 1], [1, 0])
+    k_of_row = ((gl.arange(0, SPLIT, layout=gl.SliceLayout(1, row_layout)) * SLICE)[:, None]
+                + gl.arange(0, GROUP, layout=gl.SliceLayout(0, row_layout))[None, :])  # fmt: skip
+    x_1d_at = x_ptr + k_of_row
+    if HAS_SMOOTH:  # the program's channels lie in one part (the launcher's ROWS divides every part's)
+        part = (n0 >= part_end0).to(gl.int32) + (n0 >= part_end1).to(gl.int32)
+        smooth_at = smooth_ptr + part * K + k_of_x
+        smooth_1d_at = smooth_ptr + part * K + k_of_row
+    # scales (and float offsets) [SPLIT, ROWS] in the accumulator's layout
+    s_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, mma)))
+    s_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma)))
+    scales_at = (n0 + s_row)[None, :] * stride_sn + (s_split * GROUPS)[:, None]
+
+    fill = gl.zeros([SPLIT, ROWS, GROUP // 2], gl.int32, layout=codes_layout)  # broadcasts a row's addend
+    if OFFSET:  # w = q s + m: the codes as they are (z = 0), m times the group's sum of x
+        no_zero = gl.zeros([SPLIT, ROWS], gl.float32, layout=gl.SliceLayout(2, codes_layout))
+        code_addend = zero_addend(no_zero, dtype)[:, :, None] + fill
+        ones = gl.full([SPLIT, ROWS, GROUP], 1.0, dtype, layout=a_layout)
+    acc = gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma)
+    if USE_PDL:  # x is the previous kernel's output
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    for first in range(0, GROUPS, UNROLL):
+        for u in gl.static_range(UNROLL):
+            step = first + u
+            packed = gl.load(codes_at + step * (GROUP // 2))
+            if OFFSET:
+                addend = code_addend
+            else:
+                zero = gl.load(zeros_at + step).to(gl.float32)
+                addend = zero_addend(zero, dtype)[:, :, None] + fill
+            first4, last4 = decode_codes(packed, addend, dtype)
+            w = gl.join(first4, last4).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
+            w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
+            if ONE_ROW:
+                # x * smooth once a column, over the warp's lanes, then into the B operand's layout (every lane holds
+                # 32 columns); B's other columns hold copies of the row, which only the unstored outputs read
+                x = gl.load(x_1d_at + step * GROUP)
+                if HAS_SMOOTH:
+                    x = (x.to(gl.float32) * gl.load(smooth_1d_at + step * GROUP)).to(dtype)
+                x = gl.convert_layout(x, gl.SliceLayout(2, b_layout))[:, :, None]
+                x = gl.broadcast(x, gl.zeros([SPLIT, GROUP, COLS], dtype, layout=b_layout))[0]
+            else:
+                x = gl.load(x_at + step * GROUP, mask=x_ok, other=0.0)
+                if HAS_SMOOTH:  # x * smooth rounded to x's dtype, as int4.py's numerics say
+                    x = (x.to(gl.float32) * gl.load(smooth_at + step * GROUP)).to(dtype)
+            sums = mma_v2(w, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
+            scale = gl.load(s_ptr + scales_at + step).to(gl.float32)
+            acc += sums * scale[:, :, None]
+            if OFFSET:
+                x_sums = mma_v2(ones, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
+                acc += x_sums * gl.load(z_ptr + scales_at + step).to(gl.float32)[:, :, None]
+    out = gl.sum(acc, axis=0)  # [ROWS, COLS]: the warps' slices added
+    o_row = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, mma)))
+    o_col = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(0, mma)))
+    if HAS_BIAS:
+        out += gl.load(b_ptr + n0 + o_row).to(gl.float32)[:, None]
+    gl.store(y_ptr + o_col[None, :] * N + (n0 + o_row)[:, None], out.to(dtype), mask=(o_col < M)[None, :])

@@ -1,0 +1,187 @@
+"""int4_linear's tensor-core decode (custom_ops/linear/gluon_int4*.py). Gluon kernels do not run in Triton's
+interpreter, so on the CPU: the decode's PTX run by a small emulator of its three instructions over every byte and
+zero point, against int4.unpack_codes; the code bytes of one decode call shown to be 4 consecutive columns in the
+layout (what pack=4 assumes); the kernel compiled for sm_90a with every launch the tunings offer. On the GPU: the
+kernel against the reference over rows, dtypes, zero points and offsets, smooth parts and bias."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import sys
+
+import pytest
+import torch
+from conftest import relative_error
+
+from custom_ops.linear import gluon_int4
+from custom_ops.linear.int4 import int4_linear_reference, pack_codes, quantize_weight, unpack_codes
+
+gluon = pytest.mark.skipif(not gluon_int4.gluon_available(), reason="needs triton with Gluon (3.5+)")
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _to_float(bits: int, dtype: str) -> float:
+    if dtype == "bf16":
+        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+    return struct.unpack("<e", struct.pack("<H", bits))[0]
+
+
+def _to_bits(value: float, dtype: str) -> int:
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    return int(torch.tensor(value, dtype=torch.float32).to(torch_dtype).view(torch.int16)) & 0xFFFF
+
+
+def run_decode_asm(asm: str, dtype: str, operands: dict[str, int]) -> dict[str, int]:
+    """The decode's PTX on 32-bit registers: mov, shr, prmt (default mode), lop3 and fma.rn on pairs of 16-bit floats
+    (each half rounded once: exact here, as the results are small integers)."""
+    regs = dict(operands)
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        val = [regs[a] if a in regs else int(a, 0) for a in src]
+        if op == "mov.b32":
+            regs[dst] = val[0]
+        elif op == "shr.b32":
+            regs[dst] = val[0] >> val[1]
+        elif op == "prmt.b32":
+            pool = val[0] | (val[1] << 32)
+            regs[dst] = sum(((pool >> (8 * ((val[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "lop3.b32":
+            a, b, c, lut = val
+            regs[dst] = sum((((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i)
+                            for i in range(32))  # fmt: skip
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            halves = [
+                _to_bits(_to_float((val[0] >> s) & 0xFFFF, dtype) * _to_float((val[1] >> s) & 0xFFFF, dtype)
+                         + _to_float((val[2] >> s) & 0xFFFF, dtype), dtype)
+                for s in (0, 16)
+            ]  # fmt: skip
+            regs[dst] = halves[0] | (halves[1] << 16)
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return regs
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_the_decode_ptx_makes_each_code_minus_its_zero_point(dtype):
+    """Every byte value at every place of the 4-byte word, every zero point: the columns that the kernel's
+    join / reshape / permute make of the two outputs (first4[4 g + i] column 8 g + i, last4[4 g + i] column
+    8 g + 4 + i; Triton packs a call's outputs into registers in element order) are unpack_codes' codes minus z."""
+    pytest.importorskip("triton.experimental.gluon")
+    from custom_ops.linear.gluon_int4_kernels import decode_asm
+
+    asm = decode_asm(dtype)
+    bias = 128.0 if dtype == "bf16" else 1024.0
+    generator = torch.Generator().manual_seed(0)
+    words = torch.cat(
+        [torch.arange(256).repeat_interleave(4).view(-1, 4), torch.randint(0, 256, (64, 4), generator=generator)]
+    )
+    for zero in range(16):
+        addend = _to_bits(-bias - zero, dtype) * 0x10001
+        for word in words.tolist():
+            packed = word[0] | (word[1] << 8) | (word[2] << 16) | (word[3] << 24)
+            regs = run_decode_asm(asm, dtype, {"$4": packed, "$5": addend})
+            values = [_to_float((regs[f"${r}"] >> s) & 0xFFFF, dtype) for r in range(4) for s in (0, 16)]
+            columns = values  # first4 (columns 0-3) then last4 (4-7): the kernel's join / reshape / permute
+            codes = unpack_codes(torch.tensor([word], dtype=torch.uint8))[0].tolist()
+            assert columns == [float(q - zero) for q in codes], (word, zero)
+
+
+@gluon
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 512])
+@pytest.mark.parametrize("split", [1, 4, 8])
+@pytest.mark.parametrize("rows", [16, 64])
+def test_a_decode_call_reads_four_consecutive_code_bytes(group, split, rows):
+    """pack=4 hands a call 4 consecutive registers of a thread: in the codes' layout, register bits 0 and 1 must step
+    one and two bytes along K (and the decoded values' layout must be the MMA operand's, which the kernel's
+    convert_layout(assert_trivial=True) checks at compile time)."""
+    from triton._C.libtriton import gluon_ir, ir
+
+    from custom_ops.linear.gluon_int4_kernels import operand_layout
+
+    context = ir.context()
+    ir.load_dialects(context)
+    builder = gluon_ir.GluonOpBuilder(context)
+    layout = operand_layout(split, group, 0, True)
+    linear = builder.to_linear_layout(layout._to_ir(builder), [split, rows, group // 2])
+    assert linear.reg_bases[:2] == [[0, 0, 1], [0, 0, 2]]
+
+
+def test_mma_launch_fits_the_shape():
+    """ROWS halves to divide N and every smooth part, SPLIT and UNROLL to divide the groups; unsupported shapes are
+    None."""
+    launch = gluon_int4.mma_launch(1, 6144, 4096, 128, [4096, 1024, 1024], ROWS=64, SPLIT=8, UNROLL=4)
+    assert launch == {"ROWS": 64, "SPLIT": 8, "UNROLL": 4, "COLS": 8, "ONE_ROW": True}
+    launch = gluon_int4.mma_launch(9, 6144 + 32, 14336, 128, [], ROWS=64, SPLIT=8, UNROLL=4)
+    assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False}  # 112 groups: 14 a warp
+    assert gluon_int4.mma_launch(1, 48, 384, 128, [], SPLIT=4, UNROLL=2)["SPLIT"] == 1  # 3 groups
+    assert gluon_int4.mma_launch(17, 64, 256, 128, []) is None  # more rows than the MMA's 16 columns
+    assert gluon_int4.mma_launch(1, 40, 256, 128, []) is None  # N not a multiple of 16
+    assert gluon_int4.mma_launch(1, 64, 256, 16, []) is None  # groups under 32 columns
+    assert gluon_int4.mma_launch(1, 64, 96 * 2, 96, []) is None  # not a power of 2
+
+
+@gluon
+def test_the_kernel_compiles_for_hopper_at_every_tuned_launch():
+    """Every MMA tile the tunings offer, both dtypes, zero points and offsets, one row and a batch: compiled for sm_90a
+    (the decoded registers are the MMA's operand as they are: assert_trivial), with tensor-core MMAs in the code."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from kernel_sass import compile_for_hopper
+
+    from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
+    from custom_ops.linear.int4_tuning import MMA_TILES
+
+    cases = [(tile, "bf16", False, 1, 128) for tile in MMA_TILES]
+    cases += [({"MMA": True}, "fp16", False, 16, 64), ({"MMA": True}, "bf16", True, 3, 32)]
+    for tile, dtype, offsets, m, group in cases:
+        launch = gluon_int4.mma_launch(
+            m, 4096, 4096, group, [2048, 1024, 1024], **{k: v for k, v in tile.items() if k != "MMA"}
+        )
+        types = {"x_ptr": f"*{dtype}", "w_ptr": "*u8", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}" if offsets else "*u8",
+                 "smooth_ptr": "*fp32", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}  # fmt: skip
+        constexprs = {"K": 4096, "GROUP": group, "HAS_SMOOTH": not offsets, "HAS_BIAS": True, "OFFSET": offsets,
+                      "USE_PDL": True, **launch}  # fmt: skip
+        kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, ("N", "stride_xm", "stride_wn", "stride_sn"),
+                                    launch["SPLIT"])  # fmt: skip
+        assert re.search(r"mma\.sync\.aligned\.m16n8k16", kernel.asm["ptx"]), (tile, dtype, offsets, m)
+
+
+def _case(generator, m, n, k, group, dtype, offsets, parts, bias):
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator) / k**0.5
+    if offsets:  # GGUF's form: w = q s + m, float16 scales and offsets
+        codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+        scales = (torch.rand(n, k // group, generator=generator) * 0.02 + 0.001).half()
+        shifts = -(torch.rand(n, k // group, generator=generator) * 0.1).half()
+        quantized, smooth, smooth_rows = (pack_codes(codes), scales, shifts), None, []
+    else:
+        smooth = torch.rand(len(parts), k, generator=generator) + 0.5
+        smooth_rows = [n * p // sum(parts) for p in parts]
+        quantized = quantize_weight(weight, group, torch.repeat_interleave(smooth, torch.tensor(smooth_rows), dim=0))
+        quantized = (quantized[0], quantized[1].to(dtype), quantized[2])
+    b = torch.randn(n, generator=generator).to(dtype) if bias else None
+    return x, quantized, smooth, smooth_rows, b
+
+
+@pytest.mark.gpu
+@gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
+    """Rows 1 (the ONE_ROW path), 3, 8 and 16 (two 8-column MMAs); zero points with a 3-part smooth and a bias, and
+    float offsets; groups of 32, 64 and 128; each MMA tile of the tunings."""
+    from custom_ops.linear.int4_tuning import MMA_TILES
+
+    generator = torch.Generator().manual_seed(1)
+    for m, group, offsets, bias in ((1, 128, False, True), (3, 128, False, False), (8, 64, False, True),
+                                    (16, 128, False, False), (1, 32, True, False), (5, 32, True, True)):  # fmt: skip
+        x, quantized, smooth, smooth_rows, b = _case(generator, m, 192, 2048, group, dtype, offsets, (2, 1, 1), bias)
+        expected = int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)
+        cuda = [t.cuda() if t is not None else None for t in (x, *quantized, smooth, b)]
+        for tile in MMA_TILES:
+            out = gluon_int4.int4_mma(cuda[0], *cuda[1:4], cuda[4], smooth_rows, cuda[5], group, **tile)
+            assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (m, group, offsets, tile)
