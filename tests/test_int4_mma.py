@@ -94,13 +94,16 @@ def test_the_decode_ptx_makes_each_code_minus_its_zero_point(dtype):
 
 @gluon
 @pytest.mark.parametrize("group", [32, 64, 128, 256, 512])
-@pytest.mark.parametrize("split", [1, 4, 8])
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
 @pytest.mark.parametrize("rows", [16, 64])
 def test_a_decode_call_reads_four_consecutive_code_bytes(group, split, rows):
     """pack=4 hands a call 4 consecutive registers of a thread: in the codes' layout, register bits 0 and 1 must step
     one and two bytes along K (and the decoded values' layout must be the MMA operand's, which the kernel's
     convert_layout(assert_trivial=True) checks at compile time)."""
-    from triton._C.libtriton import gluon_ir, ir
+    libtriton = pytest.importorskip("triton._C.libtriton")  # private: a later triton may move it
+    if not hasattr(libtriton, "gluon_ir"):
+        pytest.skip("this triton's bindings have no gluon_ir")
+    gluon_ir, ir = libtriton.gluon_ir, libtriton.ir
 
     from custom_ops.linear.gluon_int4_kernels import operand_layout
 
@@ -179,7 +182,8 @@ def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
     generator = torch.Generator().manual_seed(1)
     for m, group, offsets, bias in ((1, 128, False, True), (3, 128, False, False), (8, 64, False, True),
                                     (16, 128, False, False), (1, 32, True, False), (5, 32, True, True)):  # fmt: skip
-        x, quantized, smooth, smooth_rows, b = _case(generator, m, 192, 2048, group, dtype, offsets, (2, 1, 1), bias)
+        # parts of 128, 64, 64 channels: the 32- and 64-channel programs run on a multi-part smooth
+        x, quantized, smooth, smooth_rows, b = _case(generator, m, 256, 2048, group, dtype, offsets, (2, 1, 1), bias)
         expected = int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)
         cuda = [t.cuda() if t is not None else None for t in (x, *quantized, smooth, b)]
         for tile in MMA_TILES:

@@ -70,7 +70,8 @@ def _half_bits(value, dtype: gl.constexpr):
 
 @gluon.jit
 def zero_addend(zero, dtype: gl.constexpr):
-    """decode_asm's $5 for float32 zero points: -(128 + z) in bfloat16, -(1024 + z) in float16, in both halves."""
+    """decode_asm's $5 for float32 zero points: -(128 + z) in bfloat16, -(1024 + z) in float16, in both halves. Exact
+    for the 4-bit zero points int4_linear stores (0-15; bfloat16 holds -(128 + z) exactly up to z = 127)."""
     if dtype == gl.bfloat16:
         half = _half_bits(-128.0 - zero, dtype)
     else:

@@ -5,7 +5,7 @@ columns.
 Numerics, which every backend is held to (tests/test_int4_linear.py):
 - storage: `qweight` uint8 [N, K/2], two codes a byte, column 2j in the low nibble and 2j + 1 in the high one (so
   the bytes read as little-endian int32 words hold columns 8i..8i+7 in nibbles 0..7); `scales` [N, K/G] in a float
-  dtype; `zeros` [N, K/G]: uint8 zero points (AWQ's, GPTQ's), or in a float dtype offsets m (GGUF's Q4_1);
+  dtype; `zeros` [N, K/G]: uint8 zero points (AWQ's, GPTQ's: 4-bit, 0-15), or in a float dtype offsets m (GGUF's Q4_1);
 - W[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G], in float32 (q - z is a small integer: exact in any float), or
   with offsets q s + m (a product, then a sum, as gguf's dequantizer computes them);
 - `smooth` [P, K] float32 or None: AWQ's activation-aware scaling, x[t, k] * smooth[p, k] for the output channels
