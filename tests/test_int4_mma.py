@@ -1,8 +1,9 @@
 """int4_linear's tensor-core decode (custom_ops/linear/gluon_int4*.py). Gluon kernels do not run in Triton's
 interpreter, so on the CPU: the decode's PTX run by a small emulator of its three instructions over every byte and
 zero point, against int4.unpack_codes; the code bytes of one decode call shown to be 4 consecutive columns in the
-layout (what pack=4 assumes); the kernel compiled for sm_90a with every launch the tunings offer. On the GPU: the
-kernel against the reference over rows, dtypes, zero points and offsets, smooth parts and bias."""
+layout (what pack=4 assumes); the kernel compiled for sm_90a with every launch the tunings offer; and the compiled
+kernel's whole PTX run by tests/ptx_emulator.py against the reference. On the GPU: the kernel against the reference
+over rows, dtypes, zero points and offsets, smooth parts and bias."""
 
 from __future__ import annotations
 
@@ -189,3 +190,67 @@ def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
         for tile in MMA_TILES:
             out = gluon_int4.int4_mma(cuda[0], *cuda[1:4], cuda[4], smooth_rows, cuda[5], group, **tile)
             assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (m, group, offsets, tile)
+
+
+def _emulated_int4_mma(x, qweight, scales, zeros, smooth, smooth_rows, bias, group, edit_ptx=None, **tile):
+    """gluon_int4.int4_mma's launch (without PDL), its compiled kernel run in tests/ptx_emulator.py; and the launch."""
+    from ptx_emulator import run_kernel
+
+    from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
+    from custom_ops.linear.triton_int4 import part_ends, triton_cdiv
+
+    m, n, k = x.shape[0], qweight.shape[0], 2 * qweight.shape[1]
+    launch = gluon_int4.mma_launch(m, n, k, group, list(smooth_rows) if smooth is not None else [], **tile)
+    out = x.new_zeros(m, n)
+    values = (x, qweight, scales, zeros, smooth if smooth is not None else x, bias if bias is not None else x, out, m, n,
+              x.stride(0), qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows))  # fmt: skip
+    args = dict(zip(int4_mma_kernel.arg_names, values))  # the runtime arguments, in order
+    constexprs = dict(K=k, GROUP=group, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
+                      OFFSET=zeros.is_floating_point(), USE_PDL=False, **launch)  # fmt: skip
+    run_kernel(int4_mma_kernel, triton_cdiv(n, launch["ROWS"]), launch["SPLIT"], args, constexprs, edit_ptx)
+    return out, launch
+
+
+# m, n, k, group, dtype, offsets, smooth parts, bias, tile; the launch the case is there for
+EMULATED = {
+    "one-row-3-part-smooth-bias": ((1, 64, 1024, 128, torch.bfloat16, False, (2, 1, 1), True, {}), {"ONE_ROW": True}),
+    "3-rows-fp16-zero-points": ((3, 64, 512, 64, torch.float16, False, (1,), False, {}), {"ONE_ROW": False, "COLS": 8}),
+    "11-rows-64-channels-over-parts": (
+        (11, 256, 512, 64, torch.bfloat16, False, (2, 1, 1), True, {"ROWS": 64}), {"ROWS": 64, "COLS": 16}),
+    "offsets-group-32-bias": ((5, 64, 512, 32, torch.bfloat16, True, (), True, {}), {"COLS": 8}),
+    "split-8-unroll-4": (
+        (2, 64, 2048, 32, torch.float16, False, (1,), True, {"SPLIT": 8, "UNROLL": 4}), {"SPLIT": 8, "UNROLL": 4}),
+}  # fmt: skip
+
+
+@gluon
+@pytest.mark.parametrize("case", EMULATED)
+def test_the_compiled_kernel_matches_the_reference_in_a_ptx_emulator(case):
+    """The whole kernel's sm_90a PTX, run on the CPU by tests/ptx_emulator.py (every CTA, in lockstep), against
+    int4_linear_reference: the one-row path with a 3-part smooth and bias, zero points in float16, 16 columns over
+    64-channel programs across smooth parts (128, 64, 64), float offsets in groups of 32, SPLIT=8 with UNROLL."""
+    (m, n, k, group, dtype, offsets, parts, bias, tile), expected_launch = EMULATED[case]
+    x, quantized, smooth, smooth_rows, b = _case(torch.Generator().manual_seed(0), m, n, k, group, dtype, offsets,
+                                                 parts, bias)  # fmt: skip
+    out, launch = _emulated_int4_mma(x, *quantized, smooth, smooth_rows, b, group, **tile)
+    assert expected_launch.items() <= launch.items(), launch
+    expected = int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)
+    assert relative_error(out, expected) < TOLERANCE[dtype], launch
+
+
+@gluon
+def test_the_ptx_emulator_test_fails_for_a_kernel_that_swaps_the_nibbles():
+    """The same check of a kernel whose decode takes a byte's high nibble for its even column: it must fail."""
+    (m, n, k, group, dtype, offsets, parts, bias, tile), _ = EMULATED["3-rows-fp16-zero-points"]
+    x, quantized, smooth, smooth_rows, b = _case(torch.Generator().manual_seed(0), m, n, k, group, dtype, offsets,
+                                                 parts, bias)  # fmt: skip
+    swaps = []
+
+    def swap_nibbles(ptx: str) -> str:  # prmt selector 0x(4+b)(4+b)(b)(b) -> 0x(b)(b)(4+b)(4+b)
+        ptx, count = re.subn(r"(prmt\.b32 [^;]*, 0x)(\d)\2(\d)\3;", r"\1\3\3\2\2;", ptx)
+        swaps.append(count)
+        return ptx
+
+    out, _ = _emulated_int4_mma(x, *quantized, smooth, smooth_rows, b, group, edit_ptx=swap_nibbles, **tile)
+    assert swaps[0] > 0
+    assert relative_error(out, int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)) > TOLERANCE[dtype]
