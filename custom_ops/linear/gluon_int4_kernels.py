@@ -4,18 +4,18 @@ For up to 16 rows of x (a decode batch), the weights are the 16-row side of mma.
 the MMA does the multiply-adds and the threads only decode. Each thread loads its packed codes straight in the A
 operand's register layout (16 bytes: 32 columns of a row), and inline PTX turns each byte into the bfloat16 (or
 float16) pair (q0 - z, q1 - z) in 3.25 instructions (decode_asm: a shift a word, then a prmt, a lop3 and an fma a
-byte). The decoded registers are the A operand as they are
-(`convert_layout(..., assert_trivial=True)` proves no data moves), so the loop spends ~2.4 instructions a weight
-(benchmarks/kernel_sass.py int4-mma) against ~6 of the CUDA-core GEMV.
+byte). The decoded registers are the A operand as they are (`convert_layout(..., assert_trivial=True)` proves no
+data moves), so the loop spends 2.6-2.9 instructions a weight at one row (benchmarks/kernel_sass.py int4-mma) against
+5.9-6.9 of the CUDA-core GEMV.
 
 A one-row GEMV of 4096 channels would give too few programs of 16 rows, so the K axis is split over the program's
 warps: the MMA's batch axis is the split (a warp per slice of K, with its own x), and the warps' partial sums are
 added once at the end. Numerics are int4.py's: q - z exact, the group's float32 sum scaled in float32; float offsets
 (w = q s + m) add m times the group's sum of x, which an MMA of ones over x computes in the same layout.
 
-Importing this module needs triton with Gluon (3.5+); Gluon kernels do not run in Triton's interpreter, so the
-CPU tests compile this kernel for sm_90a and check its decode's PTX against int4.unpack_codes
-(tests/test_int4_mma.py), and the GPU tests hold it to the reference.
+Importing this module needs triton with Gluon (3.5+). Gluon kernels do not run in Triton's interpreter, so the CPU
+tests (tests/test_int4_mma.py) check the decode's PTX against int4.unpack_codes, compile the kernel for sm_90a and run
+its whole PTX in tests/ptx_emulator.py against the reference; the GPU tests hold it to the reference there.
 """
 
 from triton.experimental import gluon
