@@ -57,9 +57,9 @@ def hot_loop(sass: str) -> list[str]:
     return [text for _, text in code[best[0] : best[1] + 1]]
 
 
-def report(kernel, name: str, work_a_thread: float, out_dir: str) -> None:
+def report(kernel, name: str, work_a_thread: float, out_dir: str, whole: bool = False) -> None:
     """One line of totals and the loop's opcode mix; `work_a_thread`: units (weights, keys) a thread's loop step
-    handles, for the count per unit."""
+    handles, for the count per unit (`whole`: the kernel has no loop, and its every instruction counts)."""
     import triton
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -76,7 +76,7 @@ def report(kernel, name: str, work_a_thread: float, out_dir: str) -> None:
         [f"{tools}/cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True
     ).stdout
     registers = " ".join(re.findall(r"(REG:\d+|STACK:\d+|LOCAL:\d+)", usage))
-    loop = hot_loop(sass)
+    loop = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*?)\s*;", sass) if whole else hot_loop(sass)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in loop)
     print(f"{name}: {registers} shared {kernel.metadata.shared} B, loop {len(loop)} instructions, "
           f"{len(loop) / work_a_thread:.2f} a unit")  # fmt: skip
@@ -195,10 +195,11 @@ def int4_mma(out_dir: str) -> None:
             constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": smooth, "HAS_BIAS": False, "OFFSET": False,
                           "USE_PDL": True, **launch}  # fmt: skip
             kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, multiples, launch["SPLIT"])
-            weights = launch["ROWS"] * 128 * launch["UNROLL"] / 32
+            # one row unrolls every step: the whole kernel over a thread's weights; more rows: the loop over UNROLL's
+            weights = launch["ROWS"] * k / launch["SPLIT"] / 32 if launch["ONE_ROW"] else launch["ROWS"] * 128 * launch["UNROLL"] / 32
             name = (f"int4_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}_unroll{launch['UNROLL']}"
                     f"{'_smooth' if smooth else ''}")  # fmt: skip
-            report(kernel, name, weights, out_dir)
+            report(kernel, name, weights, out_dir, whole=launch["ONE_ROW"])
 
 
 def decode_attention(out_dir: str) -> None:

@@ -124,6 +124,7 @@ def test_mma_launch_fits_the_shape():
     launch = gluon_int4.mma_launch(9, 6144 + 32, 14336, 128, [], ROWS=64, SPLIT=8, UNROLL=4)
     assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False}  # 112 groups: 14 a warp
     assert gluon_int4.mma_launch(1, 48, 384, 128, [], SPLIT=4, UNROLL=2)["SPLIT"] == 1  # 3 groups
+    assert not gluon_int4.mma_launch(1, 64, 65536, 128, [])["ONE_ROW"]  # its row would take 128 KB of shared memory
     assert gluon_int4.mma_launch(17, 64, 256, 128, []) is None  # more rows than the MMA's 16 columns
     assert gluon_int4.mma_launch(1, 40, 256, 128, []) is None  # N not a multiple of 16
     assert gluon_int4.mma_launch(1, 64, 256, 16, []) is None  # groups under 32 columns
@@ -215,6 +216,8 @@ def _emulated_int4_mma(x, qweight, scales, zeros, smooth, smooth_rows, bias, gro
 EMULATED = {
     "one-row-3-part-smooth-bias": ((1, 64, 1024, 128, torch.bfloat16, False, (2, 1, 1), True, {}), {"ONE_ROW": True}),
     "3-rows-fp16-zero-points": ((3, 64, 512, 64, torch.float16, False, (1,), False, {}), {"ONE_ROW": False, "COLS": 8}),
+    # 3 groups a warp: the staged row padded to 4 groups, the padding masked
+    "one-row-3-groups-a-warp": ((1, 32, 768, 64, torch.bfloat16, False, (1,), True, {}), {"ONE_ROW": True, "SPLIT": 4}),
     "11-rows-64-channels-over-parts": (
         (11, 256, 512, 64, torch.bfloat16, False, (2, 1, 1), True, {"ROWS": 64}), {"ROWS": 64, "COLS": 16}),
     "offsets-group-32-bias": ((5, 64, 512, 32, torch.bfloat16, True, (), True, {}), {"COLS": 8}),
@@ -227,7 +230,8 @@ EMULATED = {
 @pytest.mark.parametrize("case", EMULATED)
 def test_the_compiled_kernel_matches_the_reference_in_a_ptx_emulator(case):
     """The whole kernel's sm_90a PTX, run on the CPU by tests/ptx_emulator.py (every CTA, in lockstep), against
-    int4_linear_reference: the one-row path with a 3-part smooth and bias, zero points in float16, 16 columns over
+    int4_linear_reference: the one-row path with a 3-part smooth and bias and with 3 groups a warp (a padded
+    staging), zero points in float16, 16 columns over
     64-channel programs across smooth parts (128, 64, 64), float offsets in groups of 32, SPLIT=8 with UNROLL."""
     (m, n, k, group, dtype, offsets, parts, bias, tile), expected_launch = EMULATED[case]
     x, quantized, smooth, smooth_rows, b = _case(torch.Generator().manual_seed(0), m, n, k, group, dtype, offsets,

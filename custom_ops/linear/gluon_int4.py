@@ -56,7 +56,11 @@ def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], 
     unroll = UNROLL
     while unroll > 1 and (groups // split) % unroll:
         unroll //= 2
-    return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": m == 1}
+    # One row stages x * smooth in shared memory, 2 bytes a column (a warp's groups padded to a power of 2): up to 96 KB
+    # of it, so that programs still share an SM
+    staged = (1 << (groups // split - 1).bit_length()) * split * group_size * 2
+    one_row = m == 1 and staged <= 96 * 1024
+    return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": one_row}
 
 
 def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int,

@@ -5,8 +5,10 @@ the MMA does the multiply-adds and the threads only decode. Each thread loads it
 operand's register layout (16 bytes: 32 columns of a row), and inline PTX turns each byte into the bfloat16 (or
 float16) pair (q0 - z, q1 - z) in 3.25 instructions (decode_asm: a shift a word, then a prmt, a lop3 and an fma a
 byte). The decoded registers are the A operand as they are (`convert_layout(..., assert_trivial=True)` proves no
-data moves), so the loop spends 2.6-2.9 instructions a weight at one row (benchmarks/kernel_sass.py int4-mma) against
-5.9-6.9 of the CUDA-core GEMV.
+data moves), so one row takes 2.3-2.7 instructions a weight, the whole kernel counted (benchmarks/kernel_sass.py
+int4-mma), against 5.9-6.9 in the CUDA-core GEMV's loop. One row of x (times AWQ's smooth) is staged in shared memory
+for the whole K before the steps, a column computed once, and the steps are unrolled with no barrier between them;
+more rows are read in the B operand's layout each step.
 
 A one-row GEMV of 4096 channels would give too few programs of 16 rows, so the K axis is split over the program's
 warps: the MMA's batch axis is the split (a warp per slice of K, with its own x), and the warps' partial sums are
@@ -62,6 +64,11 @@ def operand_layout(split, group, index, packed):
     )
 
 
+@gluon.constexpr_function
+def power_of_2_at_least(value):
+    return 1 << (value - 1).bit_length()
+
+
 @gluon.jit
 def _half_bits(value, dtype: gl.constexpr):
     """A float32 tensor rounded to `dtype` (16 bits), its bits in an int32's low half."""
@@ -91,6 +98,30 @@ def decode_codes(packed, addend, dtype: gl.constexpr):
 
 
 @gluon.jit
+def add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout: gl.constexpr,
+             mma: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, GROUP: gl.constexpr,
+             OFFSET: gl.constexpr):  # fmt: skip
+    """acc + group `step` of each warp's slice: its codes decoded, times x [SPLIT, GROUP, COLS] (the B operand) on
+    the tensor cores, times the group's scales (plus its offsets times x's sums, OFFSET)."""
+    dtype: gl.constexpr = x.dtype
+    packed = gl.load(codes_at + step * (GROUP // 2))
+    if OFFSET:
+        addend = code_addend
+    else:
+        addend = zero_addend(gl.load(zeros_at + step).to(gl.float32), dtype)[:, :, None] + fill
+    first4, last4 = decode_codes(packed, addend, dtype)
+    # first4[4 g + i] is column 8 g + i of the step, last4[4 g + i] column 8 g + 4 + i
+    w = gl.join(first4, last4).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
+    w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
+    sums = mma_v2(w, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
+    acc += sums * gl.load(scales_at + step).to(gl.float32)[:, :, None]
+    if OFFSET:
+        x_sums = mma_v2(ones, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
+        acc += x_sums * gl.load(offsets_at + step).to(gl.float32)[:, :, None]
+    return acc
+
+
+@gluon.jit
 def int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, part_end0, part_end1,
     K: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, SPLIT: gl.constexpr,
@@ -98,8 +129,9 @@ def int4_mma_kernel(
     USE_PDL: gl.constexpr,
 ):  # fmt: skip
     """y [M, N] = x [M, K] @ W^T for M <= COLS (8 or 16): a program computes ROWS channels, its SPLIT warps a slice of
-    K / SPLIT columns each, GROUP columns (one group) a step, UNROLL steps a loop iteration. The launcher checks that
-    ROWS divides N and each smooth part, and that SPLIT * UNROLL groups divide K's."""
+    K / SPLIT columns each, GROUP columns (one group) a step, UNROLL steps a loop iteration (ONE_ROW: every step
+    unrolled). The launcher checks that ROWS divides N and each smooth part, and that SPLIT * UNROLL groups divide
+    K's."""
     if USE_PDL:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
@@ -128,21 +160,16 @@ def int4_mma_kernel(
     k_of_x = (x_split * SLICE)[:, None, None] + x_col[None, :, None]
     x_at = x_ptr + k_of_x + x_row[None, None, :] * stride_xm
     x_ok = (x_row < M)[None, None, :]
-    # one row of x: [SPLIT, GROUP], a column once over a warp's lanes
-    row_layout: gl.constexpr = gl.BlockedLayout([1, GROUP // 32], [1, 32], [SPLIT, 1], [1, 0])
-    k_of_row = ((gl.arange(0, SPLIT, layout=gl.SliceLayout(1, row_layout)) * SLICE)[:, None]
-                + gl.arange(0, GROUP, layout=gl.SliceLayout(0, row_layout))[None, :])  # fmt: skip
-    x_1d_at = x_ptr + k_of_row
     if HAS_SMOOTH:  # the program's channels lie in one part (the launcher's ROWS divides every part's)
         part = (n0 >= part_end0).to(gl.int32) + (n0 >= part_end1).to(gl.int32)
         smooth_at = smooth_ptr + part * K + k_of_x
-        smooth_1d_at = smooth_ptr + part * K + k_of_row
     # scales (and float offsets) [SPLIT, ROWS] in the accumulator's layout
     s_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, mma)))
     s_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma)))
     scales_at = (n0 + s_row)[None, :] * stride_sn + (s_split * GROUPS)[:, None]
 
     fill = gl.zeros([SPLIT, ROWS, GROUP // 2], gl.int32, layout=codes_layout)  # broadcasts a row's addend
+    code_addend, ones = fill, fill  # what the offsets' form uses, else unused
     if OFFSET:  # w = q s + m: the codes as they are (z = 0), m times the group's sum of x
         no_zero = gl.zeros([SPLIT, ROWS], gl.float32, layout=gl.SliceLayout(2, codes_layout))
         code_addend = zero_addend(no_zero, dtype)[:, :, None] + fill
@@ -150,36 +177,39 @@ def int4_mma_kernel(
     acc = gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma)
     if USE_PDL:  # x is the previous kernel's output
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-    for first in range(0, GROUPS, UNROLL):
-        for u in gl.static_range(UNROLL):
-            step = first + u
-            packed = gl.load(codes_at + step * (GROUP // 2))
-            if OFFSET:
-                addend = code_addend
-            else:
-                zero = gl.load(zeros_at + step).to(gl.float32)
-                addend = zero_addend(zero, dtype)[:, :, None] + fill
-            first4, last4 = decode_codes(packed, addend, dtype)
-            w = gl.join(first4, last4).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
-            w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
-            if ONE_ROW:
-                # x * smooth once a column, over the warp's lanes, then into the B operand's layout (every lane holds
-                # 32 columns); B's other columns hold copies of the row, which only the unstored outputs read
-                x = gl.load(x_1d_at + step * GROUP)
-                if HAS_SMOOTH:
-                    x = (x.to(gl.float32) * gl.load(smooth_1d_at + step * GROUP)).to(dtype)
-                x = gl.convert_layout(x, gl.SliceLayout(2, b_layout))[:, :, None]
-                x = gl.broadcast(x, gl.zeros([SPLIT, GROUP, COLS], dtype, layout=b_layout))[0]
-            else:
+    if ONE_ROW:
+        # One row of x (times smooth) for the whole K, a column once over the warps' lanes, loaded at once and stored
+        # in shared memory (2 bytes a column); the steps, unrolled, read it in the B operand's layout (every lane
+        # holds 32 columns) with no barrier between them. B's other columns hold copies of the row, which only the
+        # unstored outputs read.
+        GROUPS_P2: gl.constexpr = power_of_2_at_least(GROUPS)  # a tensor's shape: powers of 2
+        whole: gl.constexpr = gl.BlockedLayout([GROUPS_P2, 1, GROUP // 32], [1, 1, 32], [1, SPLIT, 1], [2, 1, 0])
+        g = gl.arange(0, GROUPS_P2, layout=gl.SliceLayout(1, gl.SliceLayout(2, whole)))[:, None, None]
+        k_of_row = (
+            g * GROUP + (gl.arange(0, SPLIT, layout=gl.SliceLayout(0, gl.SliceLayout(2, whole))) * SLICE)[None, :, None]
+        )
+        k_of_row += gl.arange(0, GROUP, layout=gl.SliceLayout(0, gl.SliceLayout(1, whole)))[None, None, :]
+        row = gl.load(x_ptr + k_of_row, mask=g < GROUPS, other=0.0)
+        if HAS_SMOOTH:  # x * smooth rounded to x's dtype, as int4.py's numerics say
+            row = (row.to(gl.float32) * gl.load(smooth_ptr + part * K + k_of_row, mask=g < GROUPS, other=0.0)).to(dtype)
+        row = row.reshape([GROUPS_P2 * SPLIT, GROUP])  # row g * SPLIT + s: group g of warp s's slice
+        row_smem = gl.allocate_shared_memory(dtype, [GROUPS_P2 * SPLIT, GROUP], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                             row)  # fmt: skip
+        gl.thread_barrier()
+        for step in gl.static_range(GROUPS):
+            x = row_smem.slice(step * SPLIT, SPLIT).load(gl.SliceLayout(2, b_layout))[:, :, None]
+            x = gl.broadcast(x, gl.zeros([SPLIT, GROUP, COLS], dtype, layout=b_layout))[0]
+            acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, code_addend, ones,
+                           fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
+    else:
+        for first in range(0, GROUPS, UNROLL):
+            for u in gl.static_range(UNROLL):
+                step = first + u
                 x = gl.load(x_at + step * GROUP, mask=x_ok, other=0.0)
                 if HAS_SMOOTH:  # x * smooth rounded to x's dtype, as int4.py's numerics say
                     x = (x.to(gl.float32) * gl.load(smooth_at + step * GROUP)).to(dtype)
-            sums = mma_v2(w, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
-            scale = gl.load(s_ptr + scales_at + step).to(gl.float32)
-            acc += sums * scale[:, :, None]
-            if OFFSET:
-                x_sums = mma_v2(ones, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
-                acc += x_sums * gl.load(z_ptr + scales_at + step).to(gl.float32)[:, :, None]
+                acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, code_addend,
+                               ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
     out = gl.sum(acc, axis=0)  # [ROWS, COLS]: the warps' slices added
     o_row = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, mma)))
     o_col = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(0, mma)))
