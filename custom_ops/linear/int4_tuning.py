@@ -157,7 +157,8 @@ class _Int4KernelTuning(FourBitKernelTuning):
 class Int4GemvTuning(_Int4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
 
-    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES + MMA_TILES
+    # one row unrolls every step of the tensor-core decode: UNROLL makes no other kernel there
+    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES + tuple(t for t in MMA_TILES if "UNROLL" not in t)
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_int4.int4_gemv(*args, **tile)
