@@ -125,6 +125,7 @@ def test_mma_launch_fits_the_shape():
     assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False}  # 112 groups: 14 a warp
     assert gluon_int4.mma_launch(1, 48, 384, 128, [], SPLIT=4, UNROLL=2)["SPLIT"] == 1  # 3 groups
     assert not gluon_int4.mma_launch(1, 64, 65536, 128, [])["ONE_ROW"]  # its row would take 128 KB of shared memory
+    assert not gluon_int4.mma_launch(1, 64, 999 * 32, 32, [])["ONE_ROW"]  # 999 groups on one warp: too many steps
     assert gluon_int4.mma_launch(17, 64, 256, 128, []) is None  # more rows than the MMA's 16 columns
     assert gluon_int4.mma_launch(1, 40, 256, 128, []) is None  # N not a multiple of 16
     assert gluon_int4.mma_launch(1, 64, 256, 16, []) is None  # groups under 32 columns

@@ -57,9 +57,10 @@ def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], 
     while unroll > 1 and (groups // split) % unroll:
         unroll //= 2
     # One row stages x * smooth in shared memory, 2 bytes a column (a warp's groups padded to a power of 2): up to 96 KB
-    # of it, so that programs still share an SM
+    # of it, so that programs still share an SM; and unrolls its steps: up to 32 a warp (more grew registers past 180
+    # and the compile past a minute, where the steps run as a loop instead)
     staged = (1 << (groups // split - 1).bit_length()) * split * group_size * 2
-    one_row = m == 1 and staged <= 96 * 1024
+    one_row = m == 1 and staged <= 96 * 1024 and groups // split <= 32
     return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": one_row}
 
 
