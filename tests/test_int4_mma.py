@@ -199,16 +199,15 @@ def _emulated_int4_mma(x, qweight, scales, zeros, smooth, smooth_rows, bias, gro
     from ptx_emulator import run_kernel
 
     from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
-    from custom_ops.linear.triton_int4 import part_ends, triton_cdiv
+    from custom_ops.linear.triton_int4 import triton_cdiv
 
     m, n, k = x.shape[0], qweight.shape[0], 2 * qweight.shape[1]
     launch = gluon_int4.mma_launch(m, n, k, group, list(smooth_rows) if smooth is not None else [], **tile)
     out = x.new_zeros(m, n)
-    values = (x, qweight, scales, zeros, smooth if smooth is not None else x, bias if bias is not None else x, out, m, n,
-              x.stride(0), qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows))  # fmt: skip
-    args = dict(zip(int4_mma_kernel.arg_names, values))  # the runtime arguments, in order
-    constexprs = dict(K=k, GROUP=group, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
-                      OFFSET=zeros.is_floating_point(), USE_PDL=False, **launch)  # fmt: skip
+    runtime, constexprs = gluon_int4.kernel_arguments(launch, x, qweight, scales, zeros, smooth, smooth_rows, bias,
+                                                      group, out)  # fmt: skip
+    args = dict(zip(int4_mma_kernel.arg_names, runtime))  # the runtime arguments, in order
+    constexprs["USE_PDL"] = False
     run_kernel(int4_mma_kernel, triton_cdiv(n, launch["ROWS"]), launch["SPLIT"], args, constexprs, edit_ptx)
     return out, launch
 

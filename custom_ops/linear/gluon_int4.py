@@ -81,14 +81,32 @@ def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size
     do)."""
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, tile)
     if launch is None:
-        raise ValueError(f"the int4 MMA kernel does not take x {list(rows.shape)} {rows.dtype} on {rows.device} with "
-                         f"codes {list(qweight.shape)} in groups of {group_size}")  # fmt: skip
-    m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
-    out = rows.new_empty(m, n)
-    mma_kernels().int4_mma_kernel[(triton_cdiv(n, launch["ROWS"]),)](
-        rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,
-        m, n, rows.stride(0), qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows), K=k, GROUP=group_size,
-        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, OFFSET=zeros.is_floating_point(), **launch,
-        num_warps=launch["SPLIT"], **pdl_launch_options(rows),
-    )  # fmt: skip
+        raise not_taken(rows, qweight, group_size)
+    return run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
+
+
+def not_taken(rows: torch.Tensor, qweight: torch.Tensor, group_size: int) -> ValueError:
+    return ValueError(f"the int4 MMA kernel does not take x {list(rows.shape)} {rows.dtype} on {rows.device} with "
+                      f"codes {list(qweight.shape)} in groups of {group_size}")  # fmt: skip
+
+
+def run_launch(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int) -> torch.Tensor:
+    """int4_mma for a launch launch_for made."""
+    out = rows.new_empty(rows.shape[0], qweight.shape[0])
+    runtime, constexprs = kernel_arguments(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size,
+                                           out)  # fmt: skip
+    mma_kernels().int4_mma_kernel[(triton_cdiv(qweight.shape[0], launch["ROWS"]),)](
+        *runtime, **constexprs, num_warps=launch["SPLIT"], **pdl_launch_options(rows)
+    )
     return out
+
+
+def kernel_arguments(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int,
+                     out: torch.Tensor) -> tuple[tuple, dict]:  # fmt: skip
+    """int4_mma_kernel's runtime arguments, in order, and its constexprs but USE_PDL (the launch's to set)."""
+    m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
+    runtime = (rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows,
+               out, m, n, rows.stride(0), qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows))  # fmt: skip
+    constexprs = {"K": k, "GROUP": group_size, "HAS_SMOOTH": smooth is not None, "HAS_BIAS": bias is not None,
+                  "OFFSET": zeros.is_floating_point(), **launch}  # fmt: skip
+    return runtime, constexprs

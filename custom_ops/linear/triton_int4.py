@@ -137,9 +137,12 @@ def tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, 
         return None
     from custom_ops.linear import gluon_int4
 
-    if not tile and gluon_int4.launch_for(rows, qweight, smooth, smooth_rows, group_size, tuned) is None:
+    launch = gluon_int4.launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)
+    if launch is None:
+        if tile:
+            raise gluon_int4.not_taken(rows, qweight, group_size)
         return None
-    return gluon_int4.int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size, **choice)
+    return gluon_int4.run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
 
 
 def triton_launch(tile: dict) -> dict:
