@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, run_in_interpreter
 
 from custom_ops.linear import gluon_int4
 from custom_ops.linear.int4 import int4_linear_reference, pack_codes, quantize_weight, unpack_codes
@@ -130,6 +130,42 @@ def test_mma_launch_fits_the_shape():
     assert gluon_int4.mma_launch(1, 40, 256, 128, []) is None  # N not a multiple of 16
     assert gluon_int4.mma_launch(1, 64, 256, 16, []) is None  # groups under 32 columns
     assert gluon_int4.mma_launch(1, 64, 96 * 2, 96, []) is None  # not a power of 2
+
+
+def test_a_call_the_kernel_does_not_take_is_refused_with_its_shapes():
+    """float32 rows on the CPU: neither what the PTX decode writes nor a CUDA tensor."""
+    x = torch.randn(1, 256)
+    quantized = quantize_weight(torch.randn(32, 256), 128)
+    with pytest.raises(
+        ValueError, match=r"does not take x \[1, 256\] torch.float32 on cpu with codes \[32, 128\] in groups of 128"
+    ):
+        gluon_int4.int4_mma(x, *quantized, None, [], None, 128)
+
+
+def check_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call() -> None:
+    """A tuned {"MMA": True} launch for a GEMV and a GEMM shape, called with float32 rows on the CPU (what the kernel
+    does not take): the Triton kernels' results, against the reference; the same as a tuner's candidate raises."""
+    from custom_ops.linear import triton_int4
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(32, 256, generator=generator)
+    quantized = quantize_weight(weight, 128)
+    for rows, table, key, launch in ((1, triton_int4.TUNED_GEMV, (-1, 32, 256, 128, False), triton_int4.int4_gemv),
+                                     (3, triton_int4.TUNED_GEMM, (-1, 32, 256, 128, False, 16), triton_int4.int4_gemm)):  # fmt: skip
+        x = torch.randn(rows, 256, generator=generator)
+        table[key] = {"MMA": True, "ROWS": 32}
+        expected = int4_linear_reference(x, *quantized, None, [], None, 128)
+        assert relative_error(launch(x, *quantized, None, [], None, 128), expected) < 1e-5
+        with pytest.raises(ValueError, match="does not take"):
+            launch(x, *quantized, None, [], None, 128, MMA=True)
+
+
+def test_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call():
+    pytest.importorskip("triton")
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_int4_mma as t; "
+        "t.check_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call()"
+    )
 
 
 @gluon
