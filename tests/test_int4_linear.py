@@ -242,10 +242,15 @@ def test_the_tunings_find_the_triton_int4_linears_and_install_their_launches(mon
     for tuning in (gemv, gemm):
         candidates = tuning.candidates({})
         assert candidates[0].name == tuning.heuristic({}) and len({c.name for c in candidates}) == len(candidates)
+    # up to 16 rows the fallback is the tensor-core decode's launch, so the Triton kernels' own is a candidate of its own
+    for tuning, bucket, kind in ((gemv, {}, "gemv"), (gemm, {"rows": 16}, "gemm")):
+        assert [c.name for c in tuning.candidates(bucket)[:2]] == [kind, f"{kind}-triton"]
+    assert not any(c.name.startswith(("mma", "gemm-triton")) for c in gemm.candidates({"rows": 64}))
     monkeypatch.setattr(triton_int4, "TUNED_GEMV", {})
     monkeypatch.setattr(triton_int4, "TUNED_GEMM", {})
     cpu = torch.device("cpu")
     gemv.install({"n": 64, "k": 512, "group_size": 128, "offsets": False}, gemv.candidates({})[1], cpu)
-    gemm.install({"n": 64, "k": 512, "group_size": 128, "offsets": True, "rows": 16}, gemm.candidates({})[2], cpu)
-    assert triton_int4.TUNED_GEMV == {(-1, 64, 512, 128, False): int4_tuning.GEMV_TILES[0]}
-    assert triton_int4.TUNED_GEMM == {(-1, 64, 512, 128, True, 16): int4_tuning.GEMM_TILES[1]}
+    gemm.install({"n": 64, "k": 512, "group_size": 128, "offsets": True, "rows": 64}, gemm.candidates({"rows": 64})[2],
+                 cpu)  # fmt: skip
+    assert triton_int4.TUNED_GEMV == {(-1, 64, 512, 128, False): int4_tuning.TRITON_DEFAULT}
+    assert triton_int4.TUNED_GEMM == {(-1, 64, 512, 128, True, 64): int4_tuning.GEMM_TILES[1]}

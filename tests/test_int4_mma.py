@@ -143,8 +143,9 @@ def test_a_call_the_kernel_does_not_take_is_refused_with_its_shapes():
 
 
 def check_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call() -> None:
-    """A tuned {"MMA": True} launch for a GEMV and a GEMM shape, called with float32 rows on the CPU (what the kernel
-    does not take): the Triton kernels' results, against the reference; the same as a tuner's candidate raises."""
+    """A tuned {"MMA": True} launch for a GEMV and a GEMM shape, and the untuned one, called with float32 rows on the CPU
+    (what the kernel does not take): the Triton kernels' results, against the reference; the same as a tuner's
+    candidate raises."""
     from custom_ops.linear import triton_int4
 
     generator = torch.Generator().manual_seed(3)
@@ -158,6 +159,8 @@ def check_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call(
         assert relative_error(launch(x, *quantized, None, [], None, 128), expected) < 1e-5
         with pytest.raises(ValueError, match="does not take"):
             launch(x, *quantized, None, [], None, 128, MMA=True)
+        del table[key]  # untuned: the tensor-core decode's default launch (triton_int4.mma_default), not taken either
+        assert relative_error(launch(x, *quantized, None, [], None, 128), expected) < 1e-5
 
 
 def test_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call():
@@ -170,16 +173,20 @@ def test_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call()
 
 @gluon
 def test_the_kernel_compiles_for_hopper_at_every_tuned_launch():
-    """Every MMA tile the tunings offer, both dtypes, zero points and offsets, one row and a batch: compiled for sm_90a
+    """Every MMA tile the tunings offer and the untuned launches, both dtypes, zero points and offsets, one row and a
+    batch: compiled for sm_90a
     (the decoded registers are the MMA's operand as they are: assert_trivial), with tensor-core MMAs in the code."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from kernel_sass import compile_for_hopper
 
     from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
     from custom_ops.linear.int4_tuning import MMA_TILES
+    from custom_ops.linear.triton_int4 import mma_default
 
     cases = [(tile, "bf16", False, 1, 128) for tile in MMA_TILES]
     cases += [({"MMA": True}, "fp16", False, 16, 64), ({"MMA": True}, "bf16", True, 3, 32)]
+    # the untuned launches of batches (one row's are tuned tiles too)
+    cases += [(mma_default(8, n, k), "bf16", False, 8, 128) for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))]
     for tile, dtype, offsets, m, group in cases:
         launch = gluon_int4.mma_launch(
             m, 4096, 4096, group, [2048, 1024, 1024], **{k: v for k, v in tile.items() if k != "MMA"}

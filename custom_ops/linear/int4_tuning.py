@@ -2,8 +2,10 @@
 and the tensor-core GEMM's tile per weight shape and decode row bucket (16, 64), for the graph's `int4_linear` calls
 whose backend is `triton`.
 
-The fallback of each is the launch that runs untuned (triton_int4.gemv_config, gemm_config); the others vary the
-channels a program, the groups a step, warps and stages. A winner is installed in triton_int4.TUNED_GEMV / TUNED_GEMM,
+The fallback of each is the launch that runs untuned: for up to 16 rows of bfloat16 or float16, the tensor-core
+decode's (triton_int4.mma_default), else triton_int4.gemv_config's / gemm_config's. The others are the Triton kernels'
+own launch ({"MMA": False}) and variations of the channels a program, the groups a step, warps and stages, and the
+tensor-core decode's. A winner is installed in triton_int4.TUNED_GEMV / TUNED_GEMM,
 which every later call of that shape on that device reads, CUDA-graph captures included.
 """
 
@@ -20,7 +22,9 @@ from autotune.tuner import Candidate, input_copies
 from custom_ops.linear import gluon_int4, int4, triton_int4
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
-GEMV_TILES = (  # beside gemv_config's own (the fallback); the leaders of an H200 sweep over Llama-8B's shapes
+TRITON_DEFAULT = {"MMA": False}  # gemv_config's / gemm_config's launch where the fallback is the tensor-core decode's
+GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Llama-8B's shapes
+    TRITON_DEFAULT,
     {"GROUPS_A_STEP": 8, "num_warps": 4},
     {"GROUPS_A_STEP": 4, "num_warps": 8},
     {"GROUPS_A_STEP": 2, "num_warps": 4},
@@ -58,6 +62,8 @@ _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_
 def tile_name(kind: str, tile: dict) -> str:
     """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8", {"PTX_DECODE": True} -> "gemv-ptx", a tensor-core
     decode's "mma-..."; the fallback is the bare kind."""
+    if tile == TRITON_DEFAULT:
+        return f"{kind}-triton"
     if tile.get("MMA"):  # {"MMA": True, "ROWS": 32} -> "mma-rows32"
         return "-".join(["mma", *(f"{key.lower()}{value}" for key, value in tile.items() if key != "MMA")])
     short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split"}
@@ -180,7 +186,9 @@ class Int4GemmTuning(_Int4KernelTuning):
         return triton_int4.int4_gemm(*args, **tile)
 
     def tiles_for(self, bucket: dict) -> tuple[dict, ...]:
-        return self.tiles + (MMA_TILES if bucket.get("rows", 0) <= gluon_int4.MAX_ROWS else ())
+        if bucket.get("rows", 0) <= gluon_int4.MAX_ROWS:  # the fallback is the tensor-core decode's
+            return (TRITON_DEFAULT, *self.tiles, *MMA_TILES)
+        return self.tiles
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "group_size": g, "offsets": o, "rows": rows} for n, k, g, o in _shapes(gm)

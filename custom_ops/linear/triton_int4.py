@@ -10,8 +10,9 @@
   dotted with x's tile, and the group's scale applied to the float32 partial sum, so only x is rounded.
 
 The kernels are in triton_int4_kernels.py (imported on first use: this module, the launches and the autotuner's
-tables, needs no triton); int4_tuning.py makes their launches autotuner candidates. A tuned launch with "MMA" hands
-up to 16 rows to gluon_int4.py's tensor-core decode instead.
+tables, needs no triton); int4_tuning.py makes their launches autotuner candidates. Up to 16 rows of bfloat16 or
+float16 go to gluon_int4.py's tensor-core decode instead (mma_default's launch, or a tuned one with "MMA"), unless the
+tuner chose a launch of these kernels.
 """
 
 from __future__ import annotations
@@ -127,12 +128,24 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     return out
 
 
+def mma_default(m: int, n: int, k: int) -> dict:
+    """The tensor-core decode's untuned launch for [m] rows (up to gluon_int4.MAX_ROWS) of weight [n, k]: the leaders of
+    an H100 sweep over Llama-8B's shapes (BENCHMARKS.md), where it beat the GEMV at one row (q/k/v 9.1 against 13.7
+    us, gate/up 28.7 against 37.7, down 20.2 against 23.9; o 8.3 against 7.9) and the GEMM 2-6x at 8 and 16: a wide
+    linear (gate/up) has programs enough with 4 warps a program, a long one (down) takes 32 channels a program."""
+    wide, long = n >= 16384, k >= 8192
+    if m == 1:
+        return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8}
+    return {"MMA": True, "ROWS": 32 if wide or long else 64, "SPLIT": 4 if wide else 8}
+
+
 def tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, tile: dict,
                        tuned: dict) -> torch.Tensor | None:  # fmt: skip
-    """y by gluon_int4.py's kernel where the tuner's candidate `tile` (else the `tuned` launch) chose it ({"MMA": True,
-    ...}), else None. A candidate the kernel does not take raises (the tuner rules it out); a tuned launch it does not
-    take (another dtype than the tuning's) leaves the call to the Triton kernels."""
-    choice = tile or tuned
+    """y by gluon_int4.py's kernel where the tuner's candidate `tile`, else the `tuned` launch, else mma_default chose
+    it ({"MMA": True, ...}), else None ({"MMA": False}, or a launch of the Triton kernels). A candidate the kernel does
+    not take raises (the tuner rules it out); a tuned or default launch it does not take (another dtype, more rows)
+    leaves the call to the Triton kernels."""
+    choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1])
     if not choice.get("MMA"):
         return None
     from custom_ops.linear import gluon_int4
@@ -146,8 +159,9 @@ def tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, 
 
 
 def triton_launch(tile: dict) -> dict:
-    """A launch of the Triton kernels: a tensor-core decode's choice ({"MMA": True, ...}) is none of theirs."""
-    return {} if tile.get("MMA") else tile
+    """A launch of the Triton kernels: a tensor-core decode's choice ({"MMA": True, ...}) is none of theirs, and
+    {"MMA": False} is their own launch."""
+    return {} if tile.get("MMA") else {key: value for key, value in tile.items() if key != "MMA"}
 
 
 def triton_cdiv(a: int, b: int) -> int:
