@@ -9,6 +9,7 @@ before a GPU measures it; it is not a timing.
     python benchmarks/kernel_sass.py nvfp4-gemv      # nvfp4_linear's one-row GEMV (the int4 GEMV with E2M1=True)
     python benchmarks/kernel_sass.py 4bit-gemm       # the int4 and NVFP4 tensor-core GEMMs at a decode batch's tile
     python benchmarks/kernel_sass.py int4-mma        # int4_linear's Gluon tensor-core decode (up to 16 rows)
+    python benchmarks/kernel_sass.py nvfp4-mma       # the same kernel decoding NVFP4 (E2M1)
 
 Needs triton (its wheel carries ptxas and cuobjdump); `--out DIR` keeps each kernel's TTGIR, PTX and SASS.
 """
@@ -193,12 +194,41 @@ def int4_mma(out_dir: str) -> None:
                                 (8, True, {}), (16, True, {})):  # fmt: skip
             launch = mma_launch(m, n, k, 128, [n] if smooth else [], **tile)
             constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": smooth, "HAS_BIAS": False, "OFFSET": False,
-                          "USE_PDL": True, **launch}  # fmt: skip
+                          "USE_PDL": True, "E2M1": False, **launch}  # fmt: skip
             kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, multiples, launch["SPLIT"])
             # one row unrolls every step: the whole kernel over a thread's weights; more rows: the loop over UNROLL's
-            weights = launch["ROWS"] * k / launch["SPLIT"] / 32 if launch["ONE_ROW"] else launch["ROWS"] * 128 * launch["UNROLL"] / 32
+            weights = (
+                launch["ROWS"] * k / launch["SPLIT"] / 32
+                if launch["ONE_ROW"]
+                else launch["ROWS"] * 128 * launch["UNROLL"] / 32
+            )
             name = (f"int4_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}_unroll{launch['UNROLL']}"
                     f"{'_smooth' if smooth else ''}")  # fmt: skip
+            report(kernel, name, weights, out_dir, whole=launch["ONE_ROW"])
+
+
+def nvfp4_mma(out_dir: str) -> None:
+    """nvfp4_linear's tensor-core decode (int4_mma_kernel with E2M1) at the same shapes and launches as int4-mma's, one
+    row and 8 rows with AWQ's smooth; a unit is one weight."""
+    from custom_ops.linear.gluon_int4 import mma_default, mma_launch
+    from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
+
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "z_ptr": "*fp32", "smooth_ptr": "*fp32",
+             "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
+    multiples = ("N", "stride_xm", "stride_wn", "stride_sn", "part_end0", "part_end1")
+    for n, k in ((6144, 4096), (4096, 14336)):
+        for m in (1, 8):
+            tile = {key: value for key, value in mma_default(m, n, k).items() if key != "MMA"}
+            launch = mma_launch(m, n, k, 128, [n], **tile)
+            constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": True, "HAS_BIAS": False, "OFFSET": False,
+                          "USE_PDL": True, "E2M1": True, **launch}  # fmt: skip
+            kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, multiples, launch["SPLIT"])
+            weights = (
+                launch["ROWS"] * k / launch["SPLIT"] / 32
+                if launch["ONE_ROW"]
+                else launch["ROWS"] * 128 * launch["UNROLL"] / 32
+            )
+            name = f"nvfp4_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}_unroll{launch['UNROLL']}_smooth"
             report(kernel, name, weights, out_dir, whole=launch["ONE_ROW"])
 
 
@@ -228,7 +258,7 @@ def decode_attention(out_dir: str) -> None:
 
 
 STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention, "int4-gemv": int4_gemv,
-           "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm, "int4-mma": int4_mma}  # fmt: skip
+           "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm, "int4-mma": int4_mma, "nvfp4-mma": nvfp4_mma}  # fmt: skip
 
 
 def main() -> None:

@@ -313,6 +313,11 @@ class Grid:
                     raise ArithmeticError(f"{ins.opcode}: a result not exact in float32 (its rounding is not emulated)")
                 result |= half_of_f32(exact.astype(np.float32), kind) << shift
             self.set(ins.args[0], result, mask, 32)
+        elif ins.type in ("bf16", "f16") and "pair" in domains and modifiers in ([], ["rn"]):  # one 16-bit float
+            exact = function(*(f32_of_half(self.value(a), ins.type).astype(np.float64) for a in ins.args[1:]))
+            if (exact.astype(np.float32) != exact).any():
+                raise ArithmeticError(f"{ins.opcode}: a result not exact in float32 (its rounding is not emulated)")
+            self.set(ins.args[0], half_of_f32(exact.astype(np.float32), ins.type), mask, 16)
         elif ins.type == "f32" and "f32" in domains and modifiers in ([], ["rn"]):
             result = function(*(f32_of(self.value(a)).astype(np.float64) for a in ins.args[1:]))
             self.set(ins.args[0], bits_of_f32(result.astype(np.float32)), mask, 32)

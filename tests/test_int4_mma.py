@@ -35,8 +35,9 @@ def _to_bits(value: float, dtype: str) -> int:
 
 
 def run_decode_asm(asm: str, dtype: str, operands: dict[str, int]) -> dict[str, int]:
-    """The decode's PTX on 32-bit registers: mov, shr, prmt (default mode), lop3 and fma.rn on pairs of 16-bit floats
-    (each half rounded once: exact here, as the results are small integers)."""
+    """The decode's PTX on 32-bit registers: mov, shr, shl, and, prmt (default mode), lop3 and fma.rn on pairs of 16-bit
+    floats (each half rounded once: exact here, as int4's results are small integers and NVFP4's have at most 6
+    significant bits; subnormal inputs and outputs kept, as PTX's fma does without .ftz)."""
     regs = dict(operands)
     for line in asm.replace("{", "").replace("}", "").split(";"):
         line = line.strip()
@@ -49,6 +50,10 @@ def run_decode_asm(asm: str, dtype: str, operands: dict[str, int]) -> dict[str, 
             regs[dst] = val[0]
         elif op == "shr.b32":
             regs[dst] = val[0] >> val[1]
+        elif op == "shl.b32":
+            regs[dst] = (val[0] << val[1]) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[dst] = val[0] & val[1]
         elif op == "prmt.b32":
             pool = val[0] | (val[1] << 32)
             regs[dst] = sum(((pool >> (8 * ((val[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
@@ -181,12 +186,14 @@ def test_the_kernel_compiles_for_hopper_at_every_tuned_launch():
 
     from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
     from custom_ops.linear.int4_tuning import MMA_TILES
-    from custom_ops.linear.triton_int4 import mma_default
 
     cases = [(tile, "bf16", False, 1, 128) for tile in MMA_TILES]
     cases += [({"MMA": True}, "fp16", False, 16, 64), ({"MMA": True}, "bf16", True, 3, 32)]
     # the untuned launches of batches (one row's are tuned tiles too)
-    cases += [(mma_default(8, n, k), "bf16", False, 8, 128) for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))]
+    cases += [
+        (gluon_int4.mma_default(8, n, k), "bf16", False, 8, 128)
+        for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))
+    ]
     for tile, dtype, offsets, m, group in cases:
         launch = gluon_int4.mma_launch(
             m, 4096, 4096, group, [2048, 1024, 1024], **{k: v for k, v in tile.items() if k != "MMA"}
@@ -194,7 +201,7 @@ def test_the_kernel_compiles_for_hopper_at_every_tuned_launch():
         types = {"x_ptr": f"*{dtype}", "w_ptr": "*u8", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}" if offsets else "*u8",
                  "smooth_ptr": "*fp32", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}  # fmt: skip
         constexprs = {"K": 4096, "GROUP": group, "HAS_SMOOTH": not offsets, "HAS_BIAS": True, "OFFSET": offsets,
-                      "USE_PDL": True, **launch}  # fmt: skip
+                      "USE_PDL": True, "E2M1": False, **launch}  # fmt: skip
         kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, ("N", "stride_xm", "stride_wn", "stride_sn"),
                                     launch["SPLIT"])  # fmt: skip
         assert re.search(r"mma\.sync\.aligned\.m16n8k16", kernel.asm["ptx"]), (tile, dtype, offsets, m)

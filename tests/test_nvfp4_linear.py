@@ -139,8 +139,9 @@ def test_the_triton_backend_falls_back_to_the_reference_where_it_cannot_run():
 
 
 def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
-    """Every candidate of the GEMV's and the GEMM's tunings (nvfp4_tuning.py), in the interpreter or on the GPU,
-    against the reference."""
+    """Every candidate of the GEMV's and the GEMM's tunings (nvfp4_tuning.py), in the interpreter (the Gluon
+    tensor-core decode left out: the interpreter does not run Gluon) or on the GPU, against the reference; the
+    tensor-core decode's in bfloat16, which it takes."""
     from custom_ops.linear import nvfp4_tuning
 
     generator = torch.Generator().manual_seed(6)
@@ -150,7 +151,14 @@ def check_tuning_candidates_against_reference(device: str = "cpu") -> None:
     for tuning, rows in ((nvfp4_tuning.Nvfp4GemvTuning(), 1), (nvfp4_tuning.Nvfp4GemmTuning(), 16)):
         x = torch.randn(rows, k, generator=generator).to(device)
         expected = tuning.reference(x, *quantized)
+        x16 = x.to(torch.bfloat16)
+        expected16 = tuning.reference(x16, *quantized)
         for candidate in tuning.candidates({"n": n, "k": k, "rows": rows}):
+            if candidate.config.get("MMA"):
+                if device != "cpu":
+                    actual = candidate.run(x16, *quantized)
+                    assert relative_error(actual, expected16) < TOLERANCE[torch.bfloat16], candidate.name
+                continue
             actual = candidate.run(x, *quantized)
             assert relative_error(actual, expected) < TOLERANCE[torch.float32], candidate.name
 
@@ -178,13 +186,17 @@ def test_the_tunings_find_the_triton_nvfp4_linears_and_install_their_launches(mo
     assert gemv.buckets(gm) == [{"n": 64, "k": 512}]
     assert gemm.buckets(gm) == [{"n": 64, "k": 512, "rows": 16}, {"n": 64, "k": 512, "rows": 64}]
     candidates = gemv.candidates({"n": 64, "k": 512})
-    assert candidates[0].name == "gemv" and candidates[1].name == "gemv-g32-warps8"
+    # up to 16 rows the fallback is the tensor-core decode's, so the Triton kernels' own launch is a candidate too
+    assert [c.name for c in candidates[:3]] == ["gemv", "gemv-triton", "gemv-g32-warps8"]
+    assert "mma-split8" in {c.name for c in candidates}
+    assert [c.name for c in gemm.candidates({"rows": 16})[:2]] == ["gemm", "gemm-triton"]
+    assert not any(c.name.startswith(("mma", "gemm-triton")) for c in gemm.candidates({"rows": 64}))
     monkeypatch.setattr(triton_nvfp4, "TUNED_GEMV", {})
     monkeypatch.setattr(triton_nvfp4, "TUNED_GEMM", {})
-    gemv.install({"n": 64, "k": 512}, candidates[1], torch.device("cpu"))
-    gemm.install({"n": 64, "k": 512, "rows": 16}, gemm.candidates({})[2], torch.device("cpu"))
+    gemv.install({"n": 64, "k": 512}, candidates[2], torch.device("cpu"))
+    gemm.install({"n": 64, "k": 512, "rows": 64}, gemm.candidates({"rows": 64})[2], torch.device("cpu"))
     assert triton_nvfp4.TUNED_GEMV == {(-1, 64, 512): {"GROUPS_A_STEP": 32, "num_warps": 8}}
-    assert triton_nvfp4.TUNED_GEMM == {(-1, 64, 512, 16): {"BLOCK_N": 32}}
+    assert triton_nvfp4.TUNED_GEMM == {(-1, 64, 512, 64): {"BLOCK_N": 32}}
 
 
 def test_an_all_zero_weight_rounds_to_zeros():

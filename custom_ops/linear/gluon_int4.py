@@ -1,9 +1,10 @@
-"""The launch of gluon_int4_kernels.int4_mma_kernel: int4_linear for up to 16 rows of x on tensor cores, decoding the
-codes in the MMA's own register layout (a decode batch; triton_int4.py's GEMV and GEMM are the other kernels).
+"""The launch of gluon_int4_kernels.int4_mma_kernel: int4_linear, or nvfp4_linear (`nvfp4_mma`), for up to 16 rows of
+x on tensor cores, decoding the codes in the MMA's own register layout (a decode batch; triton_int4.py's and
+triton_nvfp4.py's GEMV and GEMM are the other kernels).
 
-It runs where the autotuner chose it (int4_tuning.py's `mma` candidates, held to the reference before they may win):
-triton_int4.int4_gemv and int4_gemm hand a shape over when its tuned launch says {"MMA": True, ...}. This module needs
-no triton to import; the kernel's module is imported on first use.
+triton_int4.int4_gemv / int4_gemm (and triton_nvfp4's) hand a call over by default (their mma_default) or where the
+autotuner chose it (the `mma` candidates, held to the reference before they may win). This module needs no triton to
+import; the kernel's module is imported on first use.
 """
 
 from __future__ import annotations
@@ -64,6 +65,37 @@ def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], 
     return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": one_row}
 
 
+def mma_default(m: int, n: int, k: int) -> dict:
+    """The untuned launch for [m] rows (up to MAX_ROWS) of weight [n, k]: the leaders of an H100 sweep over Llama-8B's
+    int4 shapes (BENCHMARKS.md), where it beat the GEMV at one row (q/k/v 9.1 against 13.7 us, gate/up 28.7 against
+    37.7, down 20.2 against 23.9; o 8.3 against 7.9) and the GEMM 2-6x at 8 and 16: a wide linear (gate/up) has
+    programs enough with 4 warps a program, a long one (down) takes 32 channels a program."""
+    wide, long = n >= 16384, k >= 8192
+    if m == 1:
+        return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8}
+    return {"MMA": True, "ROWS": 32 if wide or long else 64, "SPLIT": 4 if wide else 8}
+
+
+def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias,
+                       group_size: int | None) -> torch.Tensor | None:  # fmt: skip
+    """y by this kernel where the tuner's candidate `tile`, else the `tuned` launch, else mma_default chose it ({"MMA":
+    True, ...}), else None ({"MMA": False}, or a launch of the Triton kernels). A candidate the kernel does not take
+    raises (the tuner rules it out); a tuned or default launch it does not take (another dtype, more rows) leaves the
+    call to the Triton kernels. int4_linear's arguments, or nvfp4_linear's where `group_size` is None (run_launch)."""
+    choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1])
+    if not choice.get("MMA"):
+        return None
+    if group_size is None:
+        launch = nvfp4_launch_for(rows, qweight, smooth, smooth_rows, choice)
+    else:
+        launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)
+    if launch is None:
+        if tile:
+            raise not_taken(rows, qweight, group_size or 16)
+        return None
+    return run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
+
+
 def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int,
                tile: dict) -> dict | None:  # fmt: skip
     """mma_launch for a call whose tensors int4.triton_takes accepted, with `tile`'s ROWS, SPLIT, UNROLL; None unless
@@ -85,13 +117,34 @@ def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size
     return run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
 
 
+def nvfp4_step(k: int) -> int:
+    """NVFP4's columns a step (the kernel's GROUP): 128, a thread's 32 columns (two scale blocks) a row; 64 where K is
+    not a multiple of 128 (nvfp4.triton_takes: of 64)."""
+    return 128 if k % 128 == 0 else 64
+
+
+def nvfp4_launch_for(rows, weight, smooth, smooth_rows: list[int], tile: dict) -> dict | None:
+    """launch_for of an nvfp4_linear call that nvfp4.triton_takes accepted."""
+    return launch_for(rows, weight, smooth, smooth_rows, nvfp4_step(2 * weight.shape[1]), tile)
+
+
+def nvfp4_mma(rows, weight, scales, global_scale, smooth, smooth_rows, bias, **tile) -> torch.Tensor:
+    """nvfp4_linear's y [M, N] for rows [M, K], M <= 16, as int4_mma; raises ValueError for a call it does not take."""
+    launch = nvfp4_launch_for(rows, weight, smooth, smooth_rows, tile)
+    if launch is None:
+        raise not_taken(rows, weight, 16)
+    return run_launch(launch, rows, weight, scales, global_scale, smooth, smooth_rows, bias, None)
+
+
 def not_taken(rows: torch.Tensor, qweight: torch.Tensor, group_size: int) -> ValueError:
     return ValueError(f"the int4 MMA kernel does not take x {list(rows.shape)} {rows.dtype} on {rows.device} with "
                       f"codes {list(qweight.shape)} in groups of {group_size}")  # fmt: skip
 
 
-def run_launch(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int) -> torch.Tensor:
-    """int4_mma for a launch launch_for made."""
+def run_launch(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias,
+               group_size: int | None) -> torch.Tensor:  # fmt: skip
+    """int4_mma for a launch launch_for made; nvfp4_mma's (NVFP4's scales and global scales for scales and zeros) where
+    `group_size` is None."""
     out = rows.new_empty(rows.shape[0], qweight.shape[0])
     runtime, constexprs = kernel_arguments(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size,
                                            out)  # fmt: skip
@@ -101,12 +154,16 @@ def run_launch(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, 
     return out
 
 
-def kernel_arguments(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int,
+def kernel_arguments(launch: dict, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int | None,
                      out: torch.Tensor) -> tuple[tuple, dict]:  # fmt: skip
-    """int4_mma_kernel's runtime arguments, in order, and its constexprs but USE_PDL (the launch's to set)."""
+    """int4_mma_kernel's runtime arguments, in order, and its constexprs but USE_PDL (the launch's to set); NVFP4's
+    where `group_size` is None (run_launch)."""
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
-    runtime = (rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows,
-               out, m, n, rows.stride(0), qweight.stride(0), scales.stride(0), *part_ends(n, smooth_rows))  # fmt: skip
-    constexprs = {"K": k, "GROUP": group_size, "HAS_SMOOTH": smooth is not None, "HAS_BIAS": bias is not None,
-                  "OFFSET": zeros.is_floating_point(), **launch}  # fmt: skip
+    e2m1 = group_size is None
+    runtime = (rows, qweight, scales.view(torch.uint8) if e2m1 else scales, zeros, smooth if smooth is not None else rows,
+               bias if bias is not None else rows, out, m, n, rows.stride(0), qweight.stride(0), scales.stride(0),
+               *part_ends(n, smooth_rows))  # fmt: skip
+    constexprs = {"K": k, "GROUP": nvfp4_step(k) if e2m1 else group_size, "HAS_SMOOTH": smooth is not None,
+                  "HAS_BIAS": bias is not None, "OFFSET": not e2m1 and zeros.is_floating_point(), "E2M1": e2m1,
+                  **launch}  # fmt: skip
     return runtime, constexprs

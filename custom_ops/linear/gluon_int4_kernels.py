@@ -44,8 +44,30 @@ def decode_asm(dtype: str) -> str:
     return "\n".join([*lines, "}"])
 
 
+def e2m1_decode_asm(dtype: str) -> str:
+    """PTX of one inline-asm call (pack=4) of NVFP4's decode: the 4 code bytes (columns 0-7, column i at bits 4i) in
+    $4, their block's scale pair in $5 (of $5-$8): s * 2^119 in bfloat16 or s * 2^7 in float16, in both halves. Out:
+    (column j, column j + 4) in register $j, each as e2m1 * s * 2^-7, exact (at most 6 significant bits, 2^-17 to 21):
+    the MMA reads a register as two neighbouring columns of K, so the kernel orders K so (e2m1_order).
+    The word shifted left by 12 - 4 j has column j's code at the top of the low half and column j + 4's at the top of
+    the high one: the sign stays at bit 15 (31), the 3 bits of exponent and mantissa go down to bits 6-8 (bfloat16) or
+    9-11 (float16), which makes the half e2m1 * 2^-126 (bfloat16, a subnormal for codes under 1) or e2m1 * 2^-14
+    (float16); one multiply by the scale pair (an fma adding -0, which keeps a product's sign) does the rest."""
+    mask, shift, fma = {
+        "bf16": ("0x01C001C0", 6, "fma.rn.bf16x2"),
+        "fp16": ("0x0E000E00", 3, "fma.rn.f16x2"),
+    }[dtype]
+    lines = ["{", ".reg .b32 u, t, z;", "mov.b32 z, 0x80008000;"]
+    for j in range(4):
+        lines += [f"shl.b32 u, $4, {12 - 4 * j};", f"shr.b32 t, u, {shift};", f"and.b32 t, t, {mask};",
+                  "lop3.b32 t, u, 0x80008000, t, 0xEA;", f"{fma} ${j}, t, $5, z;"]  # fmt: skip
+    return "\n".join([*lines, "}"])
+
+
 DECODE_BF16 = gl.constexpr(decode_asm("bf16"))
 DECODE_FP16 = gl.constexpr(decode_asm("fp16"))
+DECODE_E2M1_BF16 = gl.constexpr(e2m1_decode_asm("bf16"))
+DECODE_E2M1_FP16 = gl.constexpr(e2m1_decode_asm("fp16"))
 
 
 @gluon.constexpr_function
@@ -98,6 +120,59 @@ def decode_codes(packed, addend, dtype: gl.constexpr):
 
 
 @gluon.jit
+def e2m1_order(x, before: gl.constexpr, columns: gl.constexpr, after: gl.constexpr):
+    """x [before, columns, after] with its columns in the order NVFP4's decode writes its registers: in each chunk of
+    8, 0 4 1 5 2 6 3 7 (a dot is invariant to a permutation of K that its two operands share). A permute of the
+    layout's bases: no data moves unless a consumer wants another layout."""
+    x = x.reshape([before, columns // 8, 2, 4, after]).permute(0, 1, 3, 2, 4)
+    return x.reshape([before, columns, after])
+
+
+@gluon.jit
+def decode_e2m1(packed, scale_pairs, dtype: gl.constexpr):
+    """e2m1_decode_asm's two outputs: (columns j, j + 4) of each 8-column chunk at [4 g + 2 j], [4 g + 2 j + 1] of the
+    first (j = 0, 1) and the second (j = 2, 3): e2m1_order's columns 8 g + 0-3 and 8 g + 4-7."""
+    if dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise(DECODE_E2M1_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale_pairs],
+                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)  # fmt: skip
+    else:
+        return gl.inline_asm_elementwise(DECODE_E2M1_FP16, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale_pairs],
+                                         dtype=(gl.float16, gl.float16), is_pure=True, pack=4)  # fmt: skip
+
+
+@gluon.jit
+def e2m1_scale_pairs(scales, dtype: gl.constexpr):
+    """e4m3 scale bytes -> e2m1_decode_asm's $5: s * 2^119 (bfloat16) or s * 2^7 (float16) in both halves of an int32.
+    The byte's bits placed in a float16 make s * 2^-8, exact for every e4m3 value, subnormals included."""
+    bits = scales.to(gl.int32)
+    half = (((bits & 0x7F) << 7) | ((bits & 0x80) << 8)).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    if dtype == gl.bfloat16:
+        pair = _half_bits(half * 1.7014118346046923e38, dtype)  # 2^127
+    else:
+        pair = _half_bits(half * 32768.0, dtype)
+    return pair | (pair << 16)
+
+
+@gluon.jit
+def add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout: gl.constexpr, SPLIT: gl.constexpr,
+                  ROWS: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
+    """acc + step `step` (GROUP columns) of each warp's slice in NVFP4: its codes decoded to e2m1 * s * 2^-7 with their
+    blocks' scales, times x [SPLIT, GROUP, COLS] (in e2m1_order) on the tensor cores (the global scale and 2^7 come at
+    the end)."""
+    dtype: gl.constexpr = x.dtype
+    packed = gl.load(codes_at + step * (GROUP // 2))
+    pairs = e2m1_scale_pairs(gl.load(block_scales_at + step * (GROUP // 16)), dtype)  # [SPLIT, ROWS, GROUP / 16]
+    # a block's pair beside each of its 8 code bytes: the same registers, in the codes' layout (no data moves)
+    pairs = (pairs[:, :, :, None] + fill.reshape([SPLIT, ROWS, GROUP // 16, 8])).reshape([SPLIT, ROWS, GROUP // 2])
+    pairs = gl.convert_layout(pairs, fill.type.layout, assert_trivial=True)
+    first, second = decode_e2m1(packed, pairs, dtype)
+    # in e2m1_order, as int4's: first[4 g + i] is column 8 g + i, second[4 g + i] column 8 g + 4 + i (x is in it too)
+    w = gl.join(first, second).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
+    w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
+    return mma_v2(w, x, acc)
+
+
+@gluon.jit
 def add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout: gl.constexpr,
              mma: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, GROUP: gl.constexpr,
              OFFSET: gl.constexpr):  # fmt: skip
@@ -126,12 +201,13 @@ def int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, part_end0, part_end1,
     K: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, SPLIT: gl.constexpr,
     UNROLL: gl.constexpr, ONE_ROW: gl.constexpr, HAS_SMOOTH: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr,
-    USE_PDL: gl.constexpr,
+    USE_PDL: gl.constexpr, E2M1: gl.constexpr = False,
 ):  # fmt: skip
     """y [M, N] = x [M, K] @ W^T for M <= COLS (8 or 16): a program computes ROWS channels, its SPLIT warps a slice of
     K / SPLIT columns each, GROUP columns (one group) a step, UNROLL steps a loop iteration (ONE_ROW: every step
     unrolled). The launcher checks that ROWS divides N and each smooth part, and that SPLIT * UNROLL groups divide
-    K's."""
+    K's. E2M1: NVFP4's codes (nvfp4.py), s_ptr its e4m3 scales [N, K / 16] (as bytes), z_ptr its global scales [N];
+    GROUP is then only the columns of a step."""
     if USE_PDL:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
@@ -169,6 +245,14 @@ def int4_mma_kernel(
     scales_at = (n0 + s_row)[None, :] * stride_sn + (s_split * GROUPS)[:, None]
 
     fill = gl.zeros([SPLIT, ROWS, GROUP // 2], gl.int32, layout=codes_layout)  # broadcasts a row's addend
+    block_scales_at = s_ptr  # E2M1: the scales [SPLIT, ROWS, GROUP / 16] of a step, a block's beside its code bytes
+    if E2M1:
+        blocks: gl.constexpr = gl.SliceLayout(3, fill.reshape([SPLIT, ROWS, GROUP // 16, 8]).type.layout)
+        b_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, blocks)))
+        b_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, blocks)))
+        b_block = gl.arange(0, GROUP // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, blocks)))
+        block_scales_at = (s_ptr + (n0 + b_row)[None, :, None] * stride_sn + (b_split * (SLICE // 16))[:, None, None]
+                           + b_block[None, None, :])  # fmt: skip
     code_addend, ones = fill, fill  # what the offsets' form uses, else unused
     if OFFSET:  # w = q s + m: the codes as they are (z = 0), m times the group's sum of x
         no_zero = gl.zeros([SPLIT, ROWS], gl.float32, layout=gl.SliceLayout(2, codes_layout))
@@ -192,6 +276,8 @@ def int4_mma_kernel(
         row = gl.load(x_ptr + k_of_row, mask=g < GROUPS, other=0.0)
         if HAS_SMOOTH:  # x * smooth rounded to x's dtype, as int4.py's numerics say
             row = (row.to(gl.float32) * gl.load(smooth_ptr + part * K + k_of_row, mask=g < GROUPS, other=0.0)).to(dtype)
+        if E2M1:
+            row = e2m1_order(row, GROUPS_P2 * SPLIT, GROUP, 1)
         row = row.reshape([GROUPS_P2 * SPLIT, GROUP])  # row g * SPLIT + s: group g of warp s's slice
         row_smem = gl.allocate_shared_memory(dtype, [GROUPS_P2 * SPLIT, GROUP], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                              row)  # fmt: skip
@@ -199,8 +285,11 @@ def int4_mma_kernel(
         for step in gl.static_range(GROUPS):
             x = row_smem.slice(step * SPLIT, SPLIT).load(gl.SliceLayout(2, b_layout))[:, :, None]
             x = gl.broadcast(x, gl.zeros([SPLIT, GROUP, COLS], dtype, layout=b_layout))[0]
-            acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, code_addend, ones,
-                           fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
+            if E2M1:
+                acc = add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
+            else:
+                acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, code_addend,
+                               ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
     else:
         for first in range(0, GROUPS, UNROLL):
             for u in gl.static_range(UNROLL):
@@ -208,11 +297,17 @@ def int4_mma_kernel(
                 x = gl.load(x_at + step * GROUP, mask=x_ok, other=0.0)
                 if HAS_SMOOTH:  # x * smooth rounded to x's dtype, as int4.py's numerics say
                     x = (x.to(gl.float32) * gl.load(smooth_at + step * GROUP)).to(dtype)
-                acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, code_addend,
-                               ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
+                if E2M1:
+                    x = gl.convert_layout(e2m1_order(x, SPLIT, GROUP, COLS), b_layout)  # a thread's 32 columns
+                    acc = add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
+                else:
+                    acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at,
+                                   code_addend, ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
     out = gl.sum(acc, axis=0)  # [ROWS, COLS]: the warps' slices added
     o_row = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, mma)))
     o_col = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(0, mma)))
+    if E2M1:  # the global scale, and the 2^7 the decode left out
+        out *= (gl.load(z_ptr + n0 + o_row) * 128.0)[:, None]
     if HAS_BIAS:
         out += gl.load(b_ptr + n0 + o_row).to(gl.float32)[:, None]
     gl.store(y_ptr + o_col[None, :] * N + (n0 + o_row)[:, None], out.to(dtype), mask=(o_col < M)[None, :])

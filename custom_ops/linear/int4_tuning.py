@@ -59,6 +59,14 @@ _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_
                         for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py")))  # fmt: skip
 
 
+def gemm_tiles_for(tiles: tuple[dict, ...], bucket: dict) -> tuple[dict, ...]:
+    """A 4-bit GEMM's candidates beside the fallback: up to 16 rows, where the fallback is the tensor-core decode's,
+    the Triton GEMM's own launch and the decode's other tiles too."""
+    if bucket.get("rows", 0) <= gluon_int4.MAX_ROWS:
+        return (TRITON_DEFAULT, *tiles, *MMA_TILES)
+    return tiles
+
+
 def tile_name(kind: str, tile: dict) -> str:
     """("gemv", {"BLOCK_N": 32, "num_warps": 8}) -> "gemv-n32-warps8", {"PTX_DECODE": True} -> "gemv-ptx", a tensor-core
     decode's "mma-..."; the fallback is the bare kind."""
@@ -186,9 +194,7 @@ class Int4GemmTuning(_Int4KernelTuning):
         return triton_int4.int4_gemm(*args, **tile)
 
     def tiles_for(self, bucket: dict) -> tuple[dict, ...]:
-        if bucket.get("rows", 0) <= gluon_int4.MAX_ROWS:  # the fallback is the tensor-core decode's
-            return (TRITON_DEFAULT, *self.tiles, *MMA_TILES)
-        return self.tiles
+        return gemm_tiles_for(self.tiles, bucket)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "group_size": g, "offsets": o, "rows": rows} for n, k, g, o in _shapes(gm)

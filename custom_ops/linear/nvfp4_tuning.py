@@ -2,8 +2,10 @@
 and the tensor-core GEMM's tile per weight shape and decode row bucket (16, 64), for the graph's `nvfp4_linear` calls
 whose backend is `triton`.
 
-The fallback of each is the launch that runs untuned (triton_nvfp4.gemv_config, gemm_config); the others vary the
-channels a program, the scale blocks a step, the K tile, warps and stages. A winner is installed in
+The fallback of each is the launch that runs untuned: for up to 16 rows of bfloat16 or float16, the tensor-core
+decode's (gluon_int4.mma_default), else triton_nvfp4.gemv_config's / gemm_config's. The others are the Triton
+kernels' own launch ({"MMA": False}) and variations of the channels a program, the scale blocks a step, the K tile,
+warps and stages, and the tensor-core decode's (int4's MMA tiles). A winner is installed in
 triton_nvfp4.TUNED_GEMV / TUNED_GEMM, which every later call of that shape on that device reads, CUDA-graph captures
 included.
 """
@@ -17,11 +19,12 @@ import torch
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
-from custom_ops.linear import nvfp4, triton_nvfp4
-from custom_ops.linear.int4_tuning import FourBitKernelTuning, smooth_rows
+from custom_ops.linear import gluon_int4, nvfp4, triton_nvfp4
+from custom_ops.linear.int4_tuning import MMA_TILES, TRITON_DEFAULT, FourBitKernelTuning, gemm_tiles_for, smooth_rows
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
-GEMV_TILES = (  # beside gemv_config's own (the fallback); the leaders of an H200 sweep over Llama-8B's shapes
+GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Llama-8B's shapes
+    TRITON_DEFAULT,
     {"GROUPS_A_STEP": 32, "num_warps": 8},
     {"GROUPS_A_STEP": 64, "num_warps": 4},
     {"GROUPS_A_STEP": 32, "num_warps": 4},
@@ -35,8 +38,9 @@ GEMM_TILES = (
     {"BLOCK_N": 128, "num_warps": 8},
 )
 # The kernels, their launchers and the numerics: a change to any is a changed candidate.
-_SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_nvfp4, nvfp4)),
-                      (Path(triton_nvfp4.__file__).parent / "triton_int4_kernels.py").read_text())  # fmt: skip
+_SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_nvfp4, nvfp4, gluon_int4)),
+                      *((Path(triton_nvfp4.__file__).parent / name).read_text()
+                        for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py")))  # fmt: skip
 
 
 def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int]]:
@@ -77,7 +81,8 @@ class _Nvfp4KernelTuning(FourBitKernelTuning):
 class Nvfp4GemvTuning(_Nvfp4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k"}."""
 
-    op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES
+    # one row unrolls every step of the tensor-core decode: UNROLL makes no other kernel there
+    op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES + tuple(t for t in MMA_TILES if "UNROLL" not in t)
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_nvfp4.nvfp4_gemv(*args, **tile)
@@ -96,6 +101,9 @@ class Nvfp4GemmTuning(_Nvfp4KernelTuning):
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_nvfp4.nvfp4_gemm(*args, **tile)
+
+    def tiles_for(self, bucket: dict) -> tuple[dict, ...]:
+        return gemm_tiles_for(self.tiles, bucket)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         return [{"n": n, "k": k, "rows": rows} for n, k in _shapes(gm) for rows in triton_nvfp4.GEMM_ROW_BUCKETS]

@@ -75,7 +75,7 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     """y [1, N] for rows [1, K] (int4.triton_takes checked what the kernel reads)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     tuned = TUNED_GEMV.get((rows.get_device(), n, k, group_size, zeros.is_floating_point()), {})
-    out = tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size, tile, tuned)
+    out = tensor_core_decode(tile, tuned, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
     if out is not None:
         return out
     tuned, tile = triton_launch(tuned), triton_launch(tile)
@@ -108,7 +108,7 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     bucket = next((b for b in GEMM_ROW_BUCKETS if m <= b), None)
     key = (rows.get_device(), n, k, group_size, zeros.is_floating_point(), bucket)
     tuned = TUNED_GEMM.get(key, {}) if bucket else {}
-    out = tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size, tile, tuned)
+    out = tensor_core_decode(tile, tuned, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
     if out is not None:
         return out
     tuned, tile = triton_launch(tuned), triton_launch(tile)
@@ -128,34 +128,11 @@ def int4_gemm(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     return out
 
 
-def mma_default(m: int, n: int, k: int) -> dict:
-    """The tensor-core decode's untuned launch for [m] rows (up to gluon_int4.MAX_ROWS) of weight [n, k]: the leaders of
-    an H100 sweep over Llama-8B's shapes (BENCHMARKS.md), where it beat the GEMV at one row (q/k/v 9.1 against 13.7
-    us, gate/up 28.7 against 37.7, down 20.2 against 23.9; o 8.3 against 7.9) and the GEMM 2-6x at 8 and 16: a wide
-    linear (gate/up) has programs enough with 4 warps a program, a long one (down) takes 32 channels a program."""
-    wide, long = n >= 16384, k >= 8192
-    if m == 1:
-        return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8}
-    return {"MMA": True, "ROWS": 32 if wide or long else 64, "SPLIT": 4 if wide else 8}
-
-
-def tensor_core_decode(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, tile: dict,
-                       tuned: dict) -> torch.Tensor | None:  # fmt: skip
-    """y by gluon_int4.py's kernel where the tuner's candidate `tile`, else the `tuned` launch, else mma_default chose
-    it ({"MMA": True, ...}), else None ({"MMA": False}, or a launch of the Triton kernels). A candidate the kernel does
-    not take raises (the tuner rules it out); a tuned or default launch it does not take (another dtype, more rows)
-    leaves the call to the Triton kernels."""
-    choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1])
-    if not choice.get("MMA"):
-        return None
+def tensor_core_decode(tile: dict, tuned: dict, *args) -> torch.Tensor | None:
+    """gluon_int4.tensor_core_decode (its module imported only here: it needs no triton, but is not needed on CPU)."""
     from custom_ops.linear import gluon_int4
 
-    launch = gluon_int4.launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)
-    if launch is None:
-        if tile:
-            raise gluon_int4.not_taken(rows, qweight, group_size)
-        return None
-    return gluon_int4.run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
+    return gluon_int4.tensor_core_decode(tile, tuned, *args)
 
 
 def triton_launch(tile: dict) -> dict:

@@ -8,7 +8,9 @@ triton_int4_kernels.py:
 - `nvfp4_gemm`: more rows, on tensor cores (nvfp4_gemm_kernel): codes and scales decoded to e2m1 * s, exact in
   the activations' dtype.
 
-Autotuned launches (nvfp4_tuning.py) override the defaults below per weight shape on a device.
+Up to 16 rows of bfloat16 or float16 go to gluon_int4.py's tensor-core decode instead (E2M1: the codes decoded to
+e2m1 * s in the MMA's operand layout), unless the tuner chose a launch of these kernels. Autotuned launches
+(nvfp4_tuning.py) override the defaults below per weight shape on a device.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from __future__ import annotations
 import torch
 
 from custom_ops.linear.nvfp4 import BLOCK
-from custom_ops.linear.triton_int4 import divides_parts, four_bit_kernels, part_ends, power_of_2_at_most, triton_cdiv
+from custom_ops.linear.triton_int4 import (
+    divides_parts,
+    four_bit_kernels,
+    part_ends,
+    power_of_2_at_most,
+    tensor_core_decode,
+    triton_cdiv,
+    triton_launch,
+)
 from custom_ops.triton_runtime import pdl_launch_options
 
 # The autotuner's choices in this process, by (device index as Tensor.get_device gives it, N, K) for the GEMV and
@@ -36,7 +46,11 @@ def gemv_config(n: int, k: int) -> dict:
 def nvfp4_gemv(rows, weight, scales, global_scale, smooth, smooth_rows, bias, **tile) -> torch.Tensor:
     """y [1, N] for rows [1, K] (nvfp4.triton_takes checked what the kernel reads)."""
     n, k = weight.shape[0], 2 * weight.shape[1]
-    launch = {**gemv_config(n, k), **TUNED_GEMV.get((rows.get_device(), n, k), {}), **tile}
+    tuned = TUNED_GEMV.get((rows.get_device(), n, k), {})
+    out = tensor_core_decode(tile, tuned, rows, weight, scales, global_scale, smooth, smooth_rows, bias, None)
+    if out is not None:
+        return out
+    launch = {**gemv_config(n, k), **triton_launch(tuned), **triton_launch(tile)}
     if smooth is not None:
         launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(1, n)
@@ -64,7 +78,10 @@ def nvfp4_gemm(rows, weight, scales, global_scale, smooth, smooth_rows, bias, **
     m, n, k = rows.shape[0], weight.shape[0], 2 * weight.shape[1]
     bucket = next((b for b in GEMM_ROW_BUCKETS if m <= b), None)
     tuned = TUNED_GEMM.get((rows.get_device(), n, k, bucket), {}) if bucket else {}
-    launch = {**gemm_config(m), **tuned, **tile}
+    out = tensor_core_decode(tile, tuned, rows, weight, scales, global_scale, smooth, smooth_rows, bias, None)
+    if out is not None:
+        return out
+    launch = {**gemm_config(m), **triton_launch(tuned), **triton_launch(tile)}
     if k % launch["BLOCK_K"]:
         launch["BLOCK_K"] = 64  # triton_takes: K a multiple of 64
     if smooth is not None:
