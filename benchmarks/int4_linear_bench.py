@@ -6,18 +6,21 @@ Columns (microseconds per call, replayed in a CUDA graph over enough weight copi
 streams its layers' weights; benchmarks/graph_timing.py):
   bf16_torch    F.linear (cuBLAS) on the bf16 weight
   bf16_triton   compiled_llm::linear's triton backend (the bf16 GEMV up to 8 rows)
-  int4_triton   int4_linear's triton backend, groups of 128, an AWQ smooth of one part per weight (the GEMV for one
-                row, the tensor-core GEMM for more)
-  int4_plain    the same without a smooth: what multiplying x by it costs
+  int4_triton   int4_linear's triton backend untuned, groups of 128, an AWQ smooth of one part per weight: up to 16
+                rows the Gluon tensor-core decode (gluon_int4.mma_default's launch), else Triton's tensor-core GEMM
+  int4_kernels  the Triton kernels' own launch ({"MMA": False}): the GEMV for one row, the tensor-core GEMM for more
+  int4_plain    int4_triton without a smooth: what multiplying x by it costs
   int4_GBps     one row: the int4 weight's bytes (codes, scales, zeros) over int4_triton's time
-  nvfp4_triton  nvfp4_linear's triton backend (E2M1 codes, an e4m3 scale per 16 columns; GEMV / tensor-core GEMM)
+  nvfp4_triton  nvfp4_linear's triton backend untuned (E2M1 codes, an e4m3 scale per 16 columns), as int4_triton
+  nvfp4_kernels its Triton kernels' own launch (GEMV / tensor-core GEMM)
   nvfp4_GBps    one row: the NVFP4 weight's bytes over nvfp4_triton's time
 
     python benchmarks/int4_linear_bench.py --json out.json
     python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
                                                                         # (":ptx": the codes decoded in inline PTX)
     python benchmarks/int4_linear_bench.py --rows 1,8,16 --mma-tiles 16:4:2,32:8:2   # the Gluon tensor-core decode
-                                                   # (gluon_int4.py) at ROWS:SPLIT:UNROLL, with the smooth, to 16 rows
+                           # (gluon_int4.py) at ROWS:SPLIT:UNROLL, to 16 rows: int4 with the smooth (mma_*), NVFP4
+                           # without (nvfp4_mma_*)
 """
 
 from __future__ import annotations
@@ -67,17 +70,27 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
     for rows in rows_list:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         row = {"linear": name, "n": n, "k": k, "rows": rows}
+        int4_kernels = triton_int4.int4_gemv if rows == 1 else triton_int4.int4_gemm
+        nvfp4_kernels = triton_nvfp4.nvfp4_gemv if rows == 1 else triton_nvfp4.nvfp4_gemm
         row["bf16_torch"] = per_call(F.linear, [(x, w) for w in bf16])
         row["bf16_triton"] = per_call(lambda x, w: torch.ops.compiled_llm.linear(x, w, None, "triton"),
                                       [(x, w) for w in bf16])  # fmt: skip
         row["int4_triton"] = per_call(lambda x, q, s, z: INT4_LINEAR(x, q, s, z, smooth, [n], None, GROUP, "triton"),
                                       [(x, *w) for w in int4])  # fmt: skip
+        row["int4_kernels"] = per_call(
+            lambda x, q, s, z, kernels=int4_kernels: kernels(x, q, s, z, smooth, [n], None, GROUP, MMA=False),
+            [(x, *w) for w in int4],
+        )
         row["int4_plain"] = per_call(lambda x, q, s, z: INT4_LINEAR(x, q, s, z, None, [], None, GROUP, "triton"),
                                      [(x, *w) for w in int4])  # fmt: skip
         nbytes = sum(t.numel() * t.element_size() for t in int4[0])
         row["int4_GBps"] = nbytes / row["int4_triton"] / 1e3
         row["nvfp4_triton"] = per_call(lambda x, q, s, g: NVFP4_LINEAR(x, q, s, g, None, [], None, "triton"),
                                        [(x, *w) for w in fp4])  # fmt: skip
+        row["nvfp4_kernels"] = per_call(
+            lambda x, q, s, g, kernels=nvfp4_kernels: kernels(x, q, s, g, None, [], None, MMA=False),
+            [(x, *w) for w in fp4],
+        )
         row["nvfp4_GBps"] = sum(t.numel() * t.element_size() for t in fp4[0][:2]) / row["nvfp4_triton"] / 1e3
         for tile in tiles if rows == 1 else ():
             key = "gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
@@ -89,6 +102,10 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
             row[key] = per_call(lambda x, q, s, z, tile=tile: gluon_int4.int4_mma(x, q, s, z, smooth, [n], None, GROUP,
                                                                                   **tile),
                                 [(x, *w) for w in int4])  # fmt: skip
+        for tile in mma_tiles if rows <= gluon_int4.MAX_ROWS else ():
+            key = "nvfp4_mma_" + "_".join(f"{k_.lower()}{v}" for k_, v in tile.items())
+            row[key] = per_call(lambda x, q, s, g, tile=tile: gluon_int4.nvfp4_mma(x, q, s, g, None, [], None, **tile),
+                                [(x, *w) for w in fp4])  # fmt: skip
         for tile in fp4_tiles if rows == 1 else ():
             key = "nvfp4_gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
             row[key] = per_call(lambda x, q, s, g, tile=tile: triton_nvfp4.nvfp4_gemv(x, q, s, g, None, [], None, **tile),
