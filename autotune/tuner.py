@@ -56,6 +56,9 @@ class Candidate:
     capturable: bool = field(default=True, compare=False)
     """Whether a CUDA graph can capture a call (no host sync): the timer replays those, launches the others (a
     capture that fails midway leaves the CUDA RNG unusable for the rest of the process)."""
+    dtypes: tuple[torch.dtype, ...] | None = field(default=None, compare=False)
+    """The activation dtypes the candidate takes (None: all): in another, the tuner leaves it out quietly, where a
+    candidate that raises is out with a warning."""
     host_us: Callable[[Sequence[tuple]], float] | None = field(default=None, compare=False)
     """Host time a call costs a step beyond its launches (a planner's, amortized over the calls of a step), added
     to its GPU time: a step's host work runs beside the GPU only while the host keeps ahead."""
@@ -165,6 +168,9 @@ def tune(tuning: OpTuning, bucket: dict, dtype: torch.dtype, cache: KernelCache,
     input_sets = tuning.inputs(bucket, dtype, copies)
     times: dict[str, float] = {}
     for index, candidate in enumerate(candidates):
+        if index and candidate.dtypes is not None and dtype not in candidate.dtypes:
+            log.debug("autotune %s %s: %s does not take %s", tuning.op, bucket, candidate.name, dtype)
+            continue
         why = _why_wrong(tuning, candidate, input_sets[0], dtype)
         if why is not None:
             if index == 0:

@@ -16,9 +16,10 @@ class ToyMatmul:
 
     op = "toy::matmul"
 
-    def __init__(self, fallback_ok: bool = True, sources: dict | None = None):
+    def __init__(self, fallback_ok: bool = True, sources: dict | None = None, half_only: bool = False):
         self.sources = {"fallback": "s0", "mm": "s1", "wrong": "s2", "broken": "s3", **(sources or {})}
         self.fallback_ok = fallback_ok
+        self.half_only = half_only  # a fifth candidate that takes bfloat16 only (and raises in float32)
 
     def candidates(self, bucket):
         def fallback(x, w):
@@ -28,7 +29,10 @@ class ToyMatmul:
             raise RuntimeError("no kernel for this shape")
 
         runs = {"fallback": fallback, "mm": torch.mm, "wrong": lambda x, w: x @ w + 0.5, "broken": broken}
-        return [Candidate(name, run, self.sources[name], {"name": name}) for name, run in runs.items()]
+        found = [Candidate(name, run, self.sources[name], {"name": name}) for name, run in runs.items()]
+        if self.half_only:
+            found.append(Candidate("half", broken, "s4", {"name": "half"}, dtypes=(torch.bfloat16,)))
+        return found
 
     def heuristic(self, bucket):
         return "fallback"
@@ -73,6 +77,15 @@ def test_the_fastest_correct_candidate_wins_and_is_stored_at_once(tmp_path, capl
     (entry,) = cache.entries()
     assert entry.winner == "mm" and entry.config == {"name": "mm"} and entry.times_us == choice.times_us
     assert entry.candidates == {c.name: c.identity for c in tuning.candidates(BUCKET)}
+
+
+def test_a_candidate_for_other_dtypes_is_left_out_quietly(tmp_path, caplog):
+    """A candidate whose `dtypes` do not hold the bucket's is neither run nor warned about (it would raise)."""
+    tuning, calls, cache = ToyMatmul(half_only=True), [], KernelCache(tmp_path, key="test")
+    choice = tune(tuning, BUCKET, torch.float32, cache, fake_timer({**FAKE_TIMES, "half": 0.1}, tuning, calls))
+    assert choice.candidate.name == "mm" and "half" not in choice.times_us
+    assert not any("half" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert any("broken is out" in r.getMessage() for r in caplog.records)
 
 
 def test_a_fallback_that_fails_its_own_check_is_an_error_naming_the_op(tmp_path):

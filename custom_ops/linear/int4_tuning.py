@@ -136,7 +136,13 @@ class FourBitKernelTuning:
             return self.call(inputs, tile)
 
         return [
-            Candidate(tile_name(self.kind, t), functools.partial(run, tile=t), self.source, t)
+            Candidate(
+                tile_name(self.kind, t),
+                functools.partial(run, tile=t),
+                self.source,
+                t,
+                dtypes=gluon_int4.MMA_DTYPES if t.get("MMA") else None,  # the tensor-core decode writes 16-bit floats
+            )
             for t in ({}, *self.tiles_for(bucket))
         ]
 
