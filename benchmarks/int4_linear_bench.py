@@ -19,8 +19,8 @@ streams its layers' weights; benchmarks/graph_timing.py):
     python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
                                                                         # (":ptx": the codes decoded in inline PTX)
     python benchmarks/int4_linear_bench.py --rows 1,8,16 --mma-tiles 16:4:2,32:8:2   # the Gluon tensor-core decode
-                           # (gluon_int4.py) at ROWS:SPLIT:UNROLL, to 16 rows: int4 with the smooth (mma_*), NVFP4
-                           # without (nvfp4_mma_*)
+                           # (gluon_int4.py) at ROWS:SPLIT:UNROLL[:prefetch], to 16 rows: int4 with the smooth
+                           # (mma_*), NVFP4 without (nvfp4_mma_*)
 """
 
 from __future__ import annotations
@@ -120,7 +120,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts (default: %(default)s)")
     parser.add_argument("--gemv-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps[:ptx],... timed at one row")
-    parser.add_argument("--mma-tiles", default="", help="ROWS:SPLIT:UNROLL,... of the tensor-core decode, to 16 rows")
+    parser.add_argument(
+        "--mma-tiles",
+        default="",
+        help="ROWS:SPLIT:UNROLL[:prefetch],... of the tensor-core decode, "
+        "to 16 rows (:prefetch: the codes bulk-prefetched into L2 before the wait for the previous kernel)",
+    )
     parser.add_argument("--nvfp4-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps,... of the NVFP4 GEMV")
     args = parser.parse_args()
     tiles = []
@@ -130,11 +135,14 @@ def main() -> None:
                       "PTX_DECODE": ptx == ["ptx"]})  # fmt: skip
     fp4_tiles = [dict(zip(("BLOCK_N", "GROUPS_A_STEP", "num_warps"), map(int, spec.split(":"))))
                  for spec in filter(None, args.nvfp4_tiles.split(","))]  # fmt: skip
-    mma_tiles = [dict(zip(("ROWS", "SPLIT", "UNROLL"), map(int, spec.split(":"))))
+    mma_tiles = [{**dict(zip(("ROWS", "SPLIT", "UNROLL"), map(int, spec.split(":")[:3]))),
+                  **({"PREFETCH": True} if spec.endswith(":prefetch") else {})}
                  for spec in filter(None, args.mma_tiles.split(","))]  # fmt: skip
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles, fp4_tiles, mma_tiles)]
+    results = [
+        r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles, fp4_tiles, mma_tiles)
+    ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

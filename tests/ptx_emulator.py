@@ -403,6 +403,19 @@ class Grid:
 
     op_griddepcontrol = op_fence = op_membar = op_bar
 
+    def op_cp(self, ins, mask):
+        """cp.async.bulk.prefetch.L2: a hint, so no effect here; but its source must lie in the memory, 16-byte aligned,
+        and its size be a multiple of 16 (PTX's rules for it)."""
+        if ins.parts[1:4] != ["async", "bulk", "prefetch"]:
+            raise unsupported(ins)
+        address, size = self.address(ins.args[0]), self.value(ins.args[1]).astype(np.int64)
+        active = np.ones(len(address), bool) if mask is None else mask
+        if (active & ((address % 16 != 0) | (size % 16 != 0) | (size <= 0))).any():
+            raise ValueError(f"{ins.opcode}: a source not 16-byte aligned or a size not a positive multiple of 16")
+        for lane_size in np.unique(size[active]):
+            lanes = active & (size == lane_size)
+            self.locate("global", address, int(lane_size), lanes)
+
     def op_shfl(self, ins, mask):
         if ins.parts[2] != "bfly" or mask is not None:
             raise unsupported(ins)

@@ -125,9 +125,9 @@ def test_mma_launch_fits_the_shape():
     """ROWS halves to divide N and every smooth part, SPLIT and UNROLL to divide the groups; unsupported shapes are
     None."""
     launch = gluon_int4.mma_launch(1, 6144, 4096, 128, [4096, 1024, 1024], ROWS=64, SPLIT=8, UNROLL=4)
-    assert launch == {"ROWS": 64, "SPLIT": 8, "UNROLL": 4, "COLS": 8, "ONE_ROW": True}
+    assert launch == {"ROWS": 64, "SPLIT": 8, "UNROLL": 4, "COLS": 8, "ONE_ROW": True, "PREFETCH": False}
     launch = gluon_int4.mma_launch(9, 6144 + 32, 14336, 128, [], ROWS=64, SPLIT=8, UNROLL=4)
-    assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False}  # 112 groups: 14 a warp
+    assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False, "PREFETCH": False}  # 14 a warp
     assert gluon_int4.mma_launch(1, 48, 384, 128, [], SPLIT=4, UNROLL=2)["SPLIT"] == 1  # 3 groups
     assert not gluon_int4.mma_launch(1, 64, 65536, 128, [])["ONE_ROW"]  # its row would take 128 KB of shared memory
     assert not gluon_int4.mma_launch(1, 64, 999 * 32, 32, [])["ONE_ROW"]  # 999 groups on one warp: too many steps
@@ -135,6 +135,14 @@ def test_mma_launch_fits_the_shape():
     assert gluon_int4.mma_launch(1, 40, 256, 128, []) is None  # N not a multiple of 16
     assert gluon_int4.mma_launch(1, 64, 256, 16, []) is None  # groups under 32 columns
     assert gluon_int4.mma_launch(1, 64, 96 * 2, 96, []) is None  # not a power of 2
+
+
+def test_the_prefetch_is_off_for_codes_not_16_byte_aligned():
+    """cp.async.bulk.prefetch faults on a source that is not 16-byte aligned: a view one byte in, or rows of 8 bytes."""
+    codes = torch.zeros(64, 64 + 16, dtype=torch.uint8)
+    assert gluon_int4.prefetch_takes(codes[:, :64]) and gluon_int4.prefetch_takes(codes)
+    assert not gluon_int4.prefetch_takes(codes[:, 1:65])
+    assert not gluon_int4.prefetch_takes(torch.zeros(64, 8, dtype=torch.uint8))
 
 
 def test_a_call_the_kernel_does_not_take_is_refused_with_its_shapes():
@@ -273,6 +281,9 @@ EMULATED = {
     "offsets-group-32-bias": ((5, 64, 512, 32, torch.bfloat16, True, (), True, {}), {"COLS": 8}),
     "split-8-unroll-4": (
         (2, 64, 2048, 32, torch.float16, False, (1,), True, {"SPLIT": 8, "UNROLL": 4}), {"SPLIT": 8, "UNROLL": 4}),
+    # the bulk L2 prefetch: the emulator checks its sources lie in the codes, 16-byte aligned
+    "one-row-prefetch": ((1, 64, 1024, 128, torch.bfloat16, False, (1,), False, {"SPLIT": 8, "PREFETCH": True}),
+                         {"ONE_ROW": True, "PREFETCH": True}),
 }  # fmt: skip
 
 
@@ -308,3 +319,22 @@ def test_the_ptx_emulator_test_fails_for_a_kernel_that_swaps_the_nibbles():
     out, _ = _emulated_int4_mma(x, *quantized, smooth, smooth_rows, b, group, edit_ptx=swap_nibbles, **tile)
     assert swaps[0] > 0
     assert relative_error(out, int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)) > TOLERANCE[dtype]
+
+
+@gluon
+def test_the_ptx_emulator_catches_a_prefetch_off_its_alignment():
+    """The one-row prefetch case with each bulk prefetch's source moved 8 bytes: the emulator refuses it, as the GPU
+    would fault; so the case above checks the kernel's own sources."""
+    (m, n, k, group, dtype, offsets, parts, bias, tile), _ = EMULATED["one-row-prefetch"]
+    x, quantized, smooth, smooth_rows, b = _case(torch.Generator().manual_seed(0), m, n, k, group, dtype, offsets,
+                                                 parts, bias)  # fmt: skip
+    moved = []
+
+    def move_prefetch(ptx: str) -> str:
+        edited = re.sub(r"(cp\.async\.bulk\.prefetch\.L2\.global \[%rd\d+)\]", r"\1+8]", ptx)
+        moved.append(edited != ptx)
+        return edited
+
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        _emulated_int4_mma(x, *quantized, smooth, smooth_rows, b, group, edit_ptx=move_prefetch, **tile)
+    assert moved == [True]

@@ -116,8 +116,8 @@ EMULATED = {
     "one-row-3-part-smooth-bias": ((1, 64, 1024, torch.bfloat16, (2, 1, 1), True, {}), {"ONE_ROW": True}),
     "3-rows-fp16-no-smooth": ((3, 64, 512, torch.float16, (), False, {}), {"ONE_ROW": False, "COLS": 8}),
     "one-row-steps-of-64": ((1, 32, 576, torch.bfloat16, (1,), True, {}), {"ONE_ROW": True, "SPLIT": 1}),
-    "11-rows-64-channels": ((11, 128, 512, torch.bfloat16, (1,), True, {"ROWS": 64, "SPLIT": 2}),
-                            {"ROWS": 64, "COLS": 16, "SPLIT": 2}),
+    "11-rows-64-channels-prefetch": ((11, 128, 512, torch.bfloat16, (1,), True, {"ROWS": 64, "SPLIT": 2, "PREFETCH": True}),
+                                     {"ROWS": 64, "COLS": 16, "SPLIT": 2, "PREFETCH": True}),
 }  # fmt: skip
 
 

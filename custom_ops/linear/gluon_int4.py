@@ -38,7 +38,7 @@ def mma_kernels():
 
 
 def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], ROWS: int = 16, SPLIT: int = 4,
-               UNROLL: int = 2) -> dict | None:  # fmt: skip
+               UNROLL: int = 2, PREFETCH: bool = False) -> dict | None:  # fmt: skip
     """The kernel's constexprs for x [m, k] @ W [n, k]^T, or None where it does not take the shape. ROWS (channels a
     program, 16 to 64) is halved until it divides N and every smooth part, SPLIT (warps, each a slice of K) and UNROLL
     (groups a loop iteration) until they divide the groups; groups of a power of 2 from 32 to 512 columns (a thread's
@@ -62,7 +62,14 @@ def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], 
     # and the compile past a minute, where the steps run as a loop instead)
     staged = (1 << (groups // split - 1).bit_length()) * split * group_size * 2
     one_row = m == 1 and staged <= 96 * 1024 and groups // split <= 32
-    return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": one_row}
+    return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": one_row,
+            "PREFETCH": PREFETCH}  # fmt: skip
+
+
+def prefetch_takes(qweight: torch.Tensor) -> bool:
+    """Whether the kernel's bulk L2 prefetch may read these codes: its sources must be 16-byte aligned (a row's slices
+    are multiples of 16 bytes where the groups are of 32 columns or more)."""
+    return qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0
 
 
 def mma_default(m: int, n: int, k: int) -> dict:
@@ -98,18 +105,20 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
 
 def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int,
                tile: dict) -> dict | None:  # fmt: skip
-    """mma_launch for a call whose tensors int4.triton_takes accepted, with `tile`'s ROWS, SPLIT, UNROLL; None unless
+    """mma_launch for a call whose tensors int4.triton_takes accepted, with `tile`'s ROWS, SPLIT, UNROLL, PREFETCH (off
+    unless the codes are 16-byte aligned); None unless
     the rows are CUDA bfloat16 or float16 (what the PTX decode writes) and the codes fit 32-bit offsets."""
     if not (rows.is_cuda and rows.dtype in MMA_DTYPES and qweight.numel() < 2**31 and gluon_available()):
         return None
-    tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL")}
+    tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL", "PREFETCH")}
+    tile["PREFETCH"] = tile.get("PREFETCH", False) and prefetch_takes(qweight)
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
     return mma_launch(m, n, k, group_size, list(smooth_rows) if smooth is not None else [], **tile)
 
 
 def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
     """y [M, N] for rows [M, K], M <= 16 (int4.triton_takes checked what the kernel reads); `tile`:
-    mma_launch's ROWS, SPLIT, UNROLL. Raises ValueError for a call the kernel does not take (launch_for says which
+    mma_launch's ROWS, SPLIT, UNROLL, PREFETCH. Raises ValueError for a call the kernel does not take (launch_for says which
     do)."""
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, tile)
     if launch is None:

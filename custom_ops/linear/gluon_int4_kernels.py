@@ -173,6 +173,19 @@ def add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout: gl.co
 
 
 @gluon.jit
+def prefetch_codes(w_ptr, n0, stride_wn, SPLIT: gl.constexpr, ROWS: gl.constexpr, BYTES: gl.constexpr):
+    """A bulk L2 prefetch (sm_90) of each warp's slice of each of the program's rows: BYTES bytes from w_ptr +
+    (n0 + row) * stride_wn + split * BYTES, 16-byte aligned and a multiple of 16 (the launcher's checks)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [SPLIT, 1], [1, 0])
+    split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, layout))
+    row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, layout))
+    starts = w_ptr + (n0 + row)[None, :] * stride_wn + (split * BYTES)[:, None]
+    sizes = gl.full([SPLIT, ROWS], BYTES, gl.int32, layout=layout)
+    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r", [starts, sizes],
+                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout: gl.constexpr,
              mma: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, GROUP: gl.constexpr,
              OFFSET: gl.constexpr):  # fmt: skip
@@ -201,13 +214,14 @@ def int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, part_end0, part_end1,
     K: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, SPLIT: gl.constexpr,
     UNROLL: gl.constexpr, ONE_ROW: gl.constexpr, HAS_SMOOTH: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr,
-    USE_PDL: gl.constexpr, E2M1: gl.constexpr = False,
+    USE_PDL: gl.constexpr, E2M1: gl.constexpr = False, PREFETCH: gl.constexpr = False,
 ):  # fmt: skip
     """y [M, N] = x [M, K] @ W^T for M <= COLS (8 or 16): a program computes ROWS channels, its SPLIT warps a slice of
     K / SPLIT columns each, GROUP columns (one group) a step, UNROLL steps a loop iteration (ONE_ROW: every step
     unrolled). The launcher checks that ROWS divides N and each smooth part, and that SPLIT * UNROLL groups divide
     K's. E2M1: NVFP4's codes (nvfp4.py), s_ptr its e4m3 scales [N, K / 16] (as bytes), z_ptr its global scales [N];
-    GROUP is then only the columns of a step."""
+    GROUP is then only the columns of a step. PREFETCH: the program's codes prefetched into L2 first (the launcher
+    checks that the codes' base and row stride are multiples of 16 bytes)."""
     if USE_PDL:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
@@ -259,6 +273,8 @@ def int4_mma_kernel(
         code_addend = zero_addend(no_zero, dtype)[:, :, None] + fill
         ones = gl.full([SPLIT, ROWS, GROUP], 1.0, dtype, layout=a_layout)
     acc = gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma)
+    if PREFETCH:  # before the wait: under PDL the codes stream into L2 while the previous kernel drains
+        prefetch_codes(w_ptr, n0, stride_wn, SPLIT, ROWS, SLICE // 2)
     if USE_PDL:  # x is the previous kernel's output
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     if ONE_ROW:

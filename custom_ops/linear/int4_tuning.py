@@ -42,6 +42,10 @@ MMA_TILES = (
     {"MMA": True, "ROWS": 32, "SPLIT": 8},
     {"MMA": True, "ROWS": 64, "SPLIT": 8},
     {"MMA": True, "UNROLL": 4},
+    # the codes bulk-prefetched into L2 before the wait for the previous kernel (PDL): the small linears' latency
+    {"MMA": True, "SPLIT": 8, "PREFETCH": True},
+    {"MMA": True, "ROWS": 32, "SPLIT": 8, "PREFETCH": True},
+    {"MMA": True, "ROWS": 32, "PREFETCH": True},
 )
 GEMM_TILES = (
     {"BLOCK_N": 128},
@@ -73,7 +77,8 @@ def tile_name(kind: str, tile: dict) -> str:
     if tile == TRITON_DEFAULT:
         return f"{kind}-triton"
     if tile.get("MMA"):  # {"MMA": True, "ROWS": 32} -> "mma-rows32"
-        return "-".join(["mma", *(f"{key.lower()}{value}" for key, value in tile.items() if key != "MMA")])
+        return "-".join(["mma", *(f"{key.lower()}{'' if value is True else value}" for key, value in tile.items()
+                                  if key != "MMA")])  # fmt: skip
     short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split"}
     parts = [
         f"{short.get(key, key.removeprefix('num_'))}{'' if value is True else value}" for key, value in tile.items()
