@@ -183,53 +183,43 @@ def int4_mma(out_dir: str) -> None:
     """int4_linear's tensor-core decode (custom_ops/linear/gluon_int4_kernels.py) at Llama-8B's q/k/v (K 4096) and
     down (K 14336) shapes, group 128, one row with AWQ's smooth and without, 8 and 16 rows, at the tunings' MMA tiles
     that differ in code; a unit is one weight."""
-    from custom_ops.linear.gluon_int4 import mma_launch
-    from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
-
-    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "smooth_ptr": "*fp32",
-             "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
-    multiples = ("N", "stride_xm", "stride_wn", "stride_sn", "part_end0", "part_end1")
-    for n, k in ((6144, 4096), (4096, 14336)):
-        for m, smooth, tile in ((1, True, {}), (1, False, {}), (1, True, {"ROWS": 32}), (1, True, {"UNROLL": 4}),
-                                (8, True, {}), (16, True, {})):  # fmt: skip
-            launch = mma_launch(m, n, k, 128, [n] if smooth else [], **tile)
-            constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": smooth, "HAS_BIAS": False, "OFFSET": False,
-                          "USE_PDL": True, "E2M1": False, **launch}  # fmt: skip
-            kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, multiples, launch["SPLIT"])
-            # one row unrolls every step: the whole kernel over a thread's weights; more rows: the loop over UNROLL's
-            weights = (
-                launch["ROWS"] * k / launch["SPLIT"] / 32
-                if launch["ONE_ROW"]
-                else launch["ROWS"] * 128 * launch["UNROLL"] / 32
-            )
-            name = (f"int4_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}_unroll{launch['UNROLL']}"
-                    f"{'_smooth' if smooth else ''}")  # fmt: skip
-            report(kernel, name, weights, out_dir, whole=launch["ONE_ROW"])
+    cases = ((1, True, {}), (1, False, {}), (1, True, {"ROWS": 32}), (1, True, {"UNROLL": 4}), (8, True, {}),
+             (16, True, {}))  # fmt: skip
+    _mma_study(out_dir, False, lambda n, k: cases)
 
 
 def nvfp4_mma(out_dir: str) -> None:
-    """nvfp4_linear's tensor-core decode (int4_mma_kernel with E2M1) at the same shapes and launches as int4-mma's, one
-    row and 8 rows with AWQ's smooth; a unit is one weight."""
-    from custom_ops.linear.gluon_int4 import mma_default, mma_launch
+    """nvfp4_linear's tensor-core decode (int4_mma_kernel with E2M1) at the same shapes, one row and 8 rows with AWQ's
+    smooth, at the untuned launches (gluon_int4.mma_default); a unit is one weight."""
+    from custom_ops.linear.gluon_int4 import mma_default
+
+    def cases(n: int, k: int):
+        return [(m, True, {key: v for key, v in mma_default(m, n, k).items() if key != "MMA"}) for m in (1, 8)]
+
+    _mma_study(out_dir, True, cases)
+
+
+def _mma_study(out_dir: str, e2m1: bool, cases) -> None:
+    """int4_mma_kernel (E2M1 or int4 with zero points, bf16) compiled at cases(n, k)'s (rows, smooth, tile) for
+    Llama-8B's q/k/v and down shapes, each reported: the whole kernel for one row (every step unrolled), else the
+    loop over UNROLL's steps."""
+    from custom_ops.linear.gluon_int4 import mma_launch
     from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
 
-    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "z_ptr": "*fp32", "smooth_ptr": "*fp32",
-             "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8" if e2m1 else "*bf16", "z_ptr": "*fp32" if e2m1 else "*u8",
+             "smooth_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
     multiples = ("N", "stride_xm", "stride_wn", "stride_sn", "part_end0", "part_end1")
     for n, k in ((6144, 4096), (4096, 14336)):
-        for m in (1, 8):
-            tile = {key: value for key, value in mma_default(m, n, k).items() if key != "MMA"}
-            launch = mma_launch(m, n, k, 128, [n], **tile)
-            constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": True, "HAS_BIAS": False, "OFFSET": False,
-                          "USE_PDL": True, "E2M1": True, **launch}  # fmt: skip
+        for m, smooth, tile in cases(n, k):
+            launch = mma_launch(m, n, k, 128, [n] if smooth else [], **tile)
+            constexprs = {"K": k, "GROUP": 128, "HAS_SMOOTH": smooth, "HAS_BIAS": False, "OFFSET": False,
+                          "USE_PDL": True, "E2M1": e2m1, **launch}  # fmt: skip
             kernel = compile_for_hopper(int4_mma_kernel, types, constexprs, multiples, launch["SPLIT"])
-            weights = (
-                launch["ROWS"] * k / launch["SPLIT"] / 32
-                if launch["ONE_ROW"]
-                else launch["ROWS"] * 128 * launch["UNROLL"] / 32
-            )
-            name = f"nvfp4_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}_unroll{launch['UNROLL']}_smooth"
-            report(kernel, name, weights, out_dir, whole=launch["ONE_ROW"])
+            one_row = launch["ONE_ROW"]
+            weights = launch["ROWS"] * (k / launch["SPLIT"] if one_row else 128 * launch["UNROLL"]) / 32
+            name = (f"{'nvfp4' if e2m1 else 'int4'}_mma_{n}x{k}_m{m}_rows{launch['ROWS']}_split{launch['SPLIT']}"
+                    f"_unroll{launch['UNROLL']}{'_smooth' if smooth else ''}")  # fmt: skip
+            report(kernel, name, weights, out_dir, whole=one_row)
 
 
 def decode_attention(out_dir: str) -> None:

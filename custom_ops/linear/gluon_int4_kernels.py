@@ -109,14 +109,20 @@ def zero_addend(zero, dtype: gl.constexpr):
 
 
 @gluon.jit
-def decode_codes(packed, addend, dtype: gl.constexpr):
-    """(columns 8 g + i, columns 8 g + 4 + i) at [4 g + i] of each 8-column chunk, as q - z in `dtype`."""
+def run_decode(asm_bf16: gl.constexpr, asm_fp16: gl.constexpr, packed, operand, dtype: gl.constexpr):
+    """A decode's inline asm (pack=4: 4 code bytes and their int32 operand a call) for `dtype`: its two outputs."""
     if dtype == gl.bfloat16:
-        return gl.inline_asm_elementwise(DECODE_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, addend],
+        return gl.inline_asm_elementwise(asm_bf16, "=r,=r,=r,=r,r,r,r,r,r", [packed, operand],
                                          dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)  # fmt: skip
     else:
-        return gl.inline_asm_elementwise(DECODE_FP16, "=r,=r,=r,=r,r,r,r,r,r", [packed, addend],
+        return gl.inline_asm_elementwise(asm_fp16, "=r,=r,=r,=r,r,r,r,r,r", [packed, operand],
                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=4)  # fmt: skip
+
+
+@gluon.jit
+def decode_codes(packed, addend, dtype: gl.constexpr):
+    """(columns 8 g + i, columns 8 g + 4 + i) at [4 g + i] of each 8-column chunk, as q - z in `dtype`."""
+    return run_decode(DECODE_BF16, DECODE_FP16, packed, addend, dtype)
 
 
 @gluon.jit
@@ -132,12 +138,7 @@ def e2m1_order(x, before: gl.constexpr, columns: gl.constexpr, after: gl.constex
 def decode_e2m1(packed, scale_pairs, dtype: gl.constexpr):
     """e2m1_decode_asm's two outputs: (columns j, j + 4) of each 8-column chunk at [4 g + 2 j], [4 g + 2 j + 1] of the
     first (j = 0, 1) and the second (j = 2, 3): e2m1_order's columns 8 g + 0-3 and 8 g + 4-7."""
-    if dtype == gl.bfloat16:
-        return gl.inline_asm_elementwise(DECODE_E2M1_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale_pairs],
-                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)  # fmt: skip
-    else:
-        return gl.inline_asm_elementwise(DECODE_E2M1_FP16, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale_pairs],
-                                         dtype=(gl.float16, gl.float16), is_pure=True, pack=4)  # fmt: skip
+    return run_decode(DECODE_E2M1_BF16, DECODE_E2M1_FP16, packed, scale_pairs, dtype)
 
 
 @gluon.jit
