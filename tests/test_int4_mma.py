@@ -172,7 +172,7 @@ def check_a_tuned_mma_launch_falls_back_where_the_kernel_does_not_take_the_call(
         assert relative_error(launch(x, *quantized, None, [], None, 128), expected) < 1e-5
         with pytest.raises(ValueError, match="does not take"):
             launch(x, *quantized, None, [], None, 128, MMA=True)
-        del table[key]  # untuned: the tensor-core decode's default launch (triton_int4.mma_default), not taken either
+        del table[key]  # untuned: the tensor-core decode's default launch (gluon_int4.mma_default), not taken either
         assert relative_error(launch(x, *quantized, None, [], None, 128), expected) < 1e-5
 
 

@@ -79,13 +79,17 @@ def test_the_kernel_compiles_for_hopper_at_every_launch():
         assert re.search(r"mma\.sync\.aligned\.m16n8k16", kernel.asm["ptx"]), (dtype, m, k, tile)
 
 
-def _case(generator, m, n, k, dtype, parts, bias):
-    """Random codes (every value), scales from 2^-9 (subnormal) to 448 with both ends in, global scales, a smooth in
-    parts, a bias."""
+def _case(generator, m, n, k, dtype, parts, bias, subnormal_scales=False):
+    """Random codes (every value), scales from 2^-9 (subnormal) to 448 with both ends in (`subnormal_scales`: every
+    scale an e4m3 subnormal, of either sign), global scales, a smooth in parts, a bias."""
     x = torch.randn(m, k, generator=generator).to(dtype)
     codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
     scales = (torch.rand(n, k // 16, generator=generator) * 3).to(torch.float8_e4m3fn)
     scales[0, :4] = torch.tensor([2**-9, 3 * 2**-9, 7 * 2**-9, 448.0]).to(torch.float8_e4m3fn)
+    if subnormal_scales:  # bits 0x01-0x07, the sign bit at random
+        bits = torch.randint(1, 8, (n, k // 16), generator=generator, dtype=torch.uint8)
+        bits |= torch.randint(0, 2, (n, k // 16), generator=generator, dtype=torch.uint8) << 7
+        scales = bits.view(torch.float8_e4m3fn)
     global_scale = torch.rand(n, generator=generator) * 0.01 + 0.001
     smooth = torch.rand(len(parts), k, generator=generator) + 0.5 if parts else None
     smooth_rows = [n * p // sum(parts) for p in parts]
@@ -113,6 +117,9 @@ def _emulated_nvfp4_mma(x, weight, scales, global_scale, smooth, smooth_rows, bi
 
 # m, n, k, dtype, smooth parts, bias, tile; the launch the case is there for
 EMULATED = {
+    # every scale subnormal and of either sign, in both paths: e2m1_scale_pairs' float16 placement of the bits
+    "one-row-subnormal-signed-scales": ((1, 64, 1024, torch.bfloat16, (1,), False, {}), {"ONE_ROW": True}),
+    "5-rows-fp16-subnormal-signed-scales": ((5, 64, 512, torch.float16, (), True, {}), {"ONE_ROW": False}),
     "one-row-3-part-smooth-bias": ((1, 64, 1024, torch.bfloat16, (2, 1, 1), True, {}), {"ONE_ROW": True}),
     "3-rows-fp16-no-smooth": ((3, 64, 512, torch.float16, (), False, {}), {"ONE_ROW": False, "COLS": 8}),
     "one-row-steps-of-64": ((1, 32, 576, torch.bfloat16, (1,), True, {}), {"ONE_ROW": True, "SPLIT": 1}),
@@ -124,11 +131,11 @@ EMULATED = {
 @gluon
 @pytest.mark.parametrize("case", EMULATED)
 def test_the_compiled_kernel_matches_the_reference_in_a_ptx_emulator(case):
-    """The whole kernel's sm_90a PTX, run on the CPU by tests/ptx_emulator.py, against nvfp4_linear_reference: one row
-    with a 3-part smooth and bias, 3 rows in float16, K = 576 in steps of 64 columns (SmolLM2's width), 11 rows over
-    64-channel programs."""
+    """The whole kernel's sm_90a PTX, run on the CPU by tests/ptx_emulator.py, against nvfp4_linear_reference: every
+    scale subnormal and signed (one row, 5 rows in float16), one row with a 3-part smooth and bias, 3 rows in float16,
+    K = 576 in steps of 64 columns (SmolLM2's width), 11 rows over 64-channel programs with the prefetch."""
     (m, n, k, dtype, parts, bias, tile), expected_launch = EMULATED[case]
-    args = _case(torch.Generator().manual_seed(0), m, n, k, dtype, parts, bias)
+    args = _case(torch.Generator().manual_seed(0), m, n, k, dtype, parts, bias, "subnormal" in case)
     out, launch = _emulated_nvfp4_mma(*args, **tile)
     assert expected_launch.items() <= launch.items(), launch
     assert relative_error(out, nvfp4.nvfp4_linear_reference(*args)) < TOLERANCE[dtype], launch
@@ -151,6 +158,32 @@ def test_the_ptx_emulator_test_fails_for_a_decode_that_swaps_two_columns():
     out, _ = _emulated_nvfp4_mma(*args, edit_ptx=swap_columns, **tile)
     assert swaps == [True]
     assert relative_error(out, nvfp4.nvfp4_linear_reference(*args)) > 0.1
+
+
+def test_untuned_decode_calls_are_handed_to_the_tensor_core_decode(monkeypatch):
+    """Untuned int4 and NVFP4 calls of up to 16 rows reach the kernel at mma_default's launch (its launch_for and
+    run_launch stubbed: the CPU has no kernel to run); 17 rows, and a {"MMA": False} tile, do not."""
+    from custom_ops.linear import triton_int4, triton_nvfp4
+
+    launched = []
+    monkeypatch.setattr(gluon_int4, "launch_for", lambda rows, w, smooth, smooth_rows, group, tile: dict(tile))
+    monkeypatch.setattr(gluon_int4, "run_launch", lambda launch, rows, *args: launched.append(launch) or "kernel")
+    monkeypatch.setattr(triton_int4, "TUNED_GEMV", {})
+    monkeypatch.setattr(triton_int4, "TUNED_GEMM", {})
+    monkeypatch.setattr(triton_nvfp4, "TUNED_GEMV", {})
+    monkeypatch.setattr(triton_nvfp4, "TUNED_GEMM", {})
+    weight, scales, global_scale = nvfp4.quantize_weight(torch.randn(64, 256))
+    args = (weight, scales, global_scale, None, [], None)
+    assert triton_int4.int4_gemv(torch.randn(1, 256), weight, scales, global_scale, None, [], None, 128) == "kernel"
+    assert triton_int4.int4_gemm(torch.randn(16, 256), weight, scales, global_scale, None, [], None, 128) == "kernel"
+    assert triton_nvfp4.nvfp4_gemv(torch.randn(1, 256), *args) == "kernel"
+    assert triton_nvfp4.nvfp4_gemm(torch.randn(8, 256), *args) == "kernel"
+    assert launched == [gluon_int4.mma_default(m, 64, 256) for m in (1, 16, 1, 8)]
+    decode = gluon_int4.tensor_core_decode
+    assert decode({}, {}, torch.randn(17, 256), weight, scales, global_scale, None, [], None, None) is None
+    assert decode({"MMA": False}, {}, torch.randn(1, 256), weight, scales, global_scale, None, [], None, None) is None
+    assert decode({}, {"MMA": False}, torch.randn(1, 256), weight, scales, global_scale, None, [], None, None) is None
+    assert len(launched) == 4
 
 
 def test_a_call_the_kernel_does_not_take_is_refused_with_its_shapes():
@@ -178,3 +211,16 @@ def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
             assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (m, k, tile)
         out = torch.ops.compiled_llm.nvfp4_linear(*cuda, "triton")
         assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (m, k, "default")
+
+
+@pytest.mark.gpu
+@gluon
+def test_gpus_without_the_kernels_instructions_get_no_launch(monkeypatch):
+    """Before sm_80 (no mma.m16n8k16), and on ROCm, launch_for says None (the Triton kernels run); before sm_90 the
+    bulk prefetch is off."""
+    rows, weight = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), torch.zeros(64, 128, dtype=torch.uint8)
+    weight = weight.cuda()
+    for capability, expected in (((7, 5), None), ((0, 0), None), ((8, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(gluon_int4, "nvidia_capability", lambda index, capability=capability: capability)
+        launch = gluon_int4.launch_for(rows, weight, None, [], 128, {"PREFETCH": True})
+        assert (launch if expected is None else launch["PREFETCH"]) == expected, capability

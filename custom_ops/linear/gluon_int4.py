@@ -66,6 +66,15 @@ def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], 
             "PREFETCH": PREFETCH}  # fmt: skip
 
 
+@functools.cache
+def nvidia_capability(device_index: int) -> tuple[int, int]:
+    """The CUDA device's compute capability, (0, 0) on ROCm: the kernel is PTX (mma.m16n8k16 needs sm_80, the bulk
+    prefetch sm_90)."""
+    if torch.version.hip is not None:
+        return (0, 0)
+    return torch.cuda.get_device_capability(device_index)
+
+
 def prefetch_takes(qweight: torch.Tensor) -> bool:
     """Whether the kernel's bulk L2 prefetch may read these codes: its sources must be 16-byte aligned (a row's slices
     are multiples of 16 bytes where the groups are of 32 columns or more)."""
@@ -89,6 +98,8 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
     True, ...}), else None ({"MMA": False}, or a launch of the Triton kernels). A candidate the kernel does not take
     raises (the tuner rules it out); a tuned or default launch it does not take (another dtype, more rows) leaves the
     call to the Triton kernels. int4_linear's arguments, or nvfp4_linear's where `group_size` is None (run_launch)."""
+    if rows.shape[0] > MAX_ROWS and not tile:  # prefill: nothing to decide
+        return None
     choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1])
     if not choice.get("MMA"):
         return None
@@ -106,20 +117,23 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
 def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int,
                tile: dict) -> dict | None:  # fmt: skip
     """mma_launch for a call whose tensors int4.triton_takes accepted, with `tile`'s ROWS, SPLIT, UNROLL, PREFETCH (off
-    unless the codes are 16-byte aligned); None unless
-    the rows are CUDA bfloat16 or float16 (what the PTX decode writes) and the codes fit 32-bit offsets."""
+    unless the codes are 16-byte aligned and the GPU is a Hopper); None unless the rows are bfloat16 or float16 (what
+    the PTX decode writes) on an NVIDIA GPU with mma.m16n8k16 (sm_80+) and the codes fit 32-bit offsets."""
     if not (rows.is_cuda and rows.dtype in MMA_DTYPES and qweight.numel() < 2**31 and gluon_available()):
         return None
+    capability = nvidia_capability(rows.device.index if rows.device.index is not None else torch.cuda.current_device())
+    if capability < (8, 0):
+        return None
     tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL", "PREFETCH")}
-    tile["PREFETCH"] = tile.get("PREFETCH", False) and prefetch_takes(qweight)
+    tile["PREFETCH"] = tile.get("PREFETCH", False) and capability >= (9, 0) and prefetch_takes(qweight)
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
     return mma_launch(m, n, k, group_size, list(smooth_rows) if smooth is not None else [], **tile)
 
 
 def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
     """y [M, N] for rows [M, K], M <= 16 (int4.triton_takes checked what the kernel reads); `tile`:
-    mma_launch's ROWS, SPLIT, UNROLL, PREFETCH. Raises ValueError for a call the kernel does not take (launch_for says which
-    do)."""
+    mma_launch's ROWS, SPLIT, UNROLL, PREFETCH. Raises ValueError for a call the kernel does not take (launch_for says
+    which do)."""
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, tile)
     if launch is None:
         raise not_taken(rows, qweight, group_size)

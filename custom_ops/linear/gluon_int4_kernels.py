@@ -167,7 +167,7 @@ def add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout: gl.co
     pairs = (pairs[:, :, :, None] + fill.reshape([SPLIT, ROWS, GROUP // 16, 8])).reshape([SPLIT, ROWS, GROUP // 2])
     pairs = gl.convert_layout(pairs, fill.type.layout, assert_trivial=True)
     first, second = decode_e2m1(packed, pairs, dtype)
-    # in e2m1_order, as int4's: first[4 g + i] is column 8 g + i, second[4 g + i] column 8 g + 4 + i (x is in it too)
+    # as int4's: first[4 g + i] is position 8 g + i of e2m1_order's K, second[4 g + i] position 8 g + 4 + i (x's order)
     w = gl.join(first, second).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
     w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
     return mma_v2(w, x, acc)

@@ -3,7 +3,7 @@ and the tensor-core GEMM's tile per weight shape and decode row bucket (16, 64),
 whose backend is `triton`.
 
 The fallback of each is the launch that runs untuned: for up to 16 rows of bfloat16 or float16, the tensor-core
-decode's (triton_int4.mma_default), else triton_int4.gemv_config's / gemm_config's. The others are the Triton kernels'
+decode's (gluon_int4.mma_default), else triton_int4.gemv_config's / gemm_config's. The others are the Triton kernels'
 own launch ({"MMA": False}) and variations of the channels a program, the groups a step, warps and stages, and the
 tensor-core decode's. A winner is installed in triton_int4.TUNED_GEMV / TUNED_GEMM,
 which every later call of that shape on that device reads, CUDA-graph captures included.
@@ -182,7 +182,7 @@ class _Int4KernelTuning(FourBitKernelTuning):
 class Int4GemvTuning(_Int4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
 
-    # one row unrolls every step of the tensor-core decode: UNROLL makes no other kernel there
+    # one row unrolls every step of the tensor-core decode (UNROLL matters only past 32 steps a warp or a 96 KB row)
     op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES + tuple(t for t in MMA_TILES if "UNROLL" not in t)
 
     def launch(self, *args, **tile) -> torch.Tensor:

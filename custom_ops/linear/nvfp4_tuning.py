@@ -81,7 +81,7 @@ class _Nvfp4KernelTuning(FourBitKernelTuning):
 class Nvfp4GemvTuning(_Nvfp4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k"}."""
 
-    # one row unrolls every step of the tensor-core decode: UNROLL makes no other kernel there
+    # one row unrolls every step of the tensor-core decode (UNROLL matters only past 32 steps a warp or a 96 KB row)
     op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES + tuple(t for t in MMA_TILES if "UNROLL" not in t)
 
     def launch(self, *args, **tile) -> torch.Tensor:
