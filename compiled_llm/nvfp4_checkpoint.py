@@ -93,6 +93,8 @@ def _stored_linear(tensors: dict, prefix: str, checkpoint: Nvfp4Checkpoint, path
     if scales.dtype != torch.float8_e4m3fn or tuple(scales.shape) != (n, k // BLOCK):
         raise ValueError(f"{path}: {prefix}.weight_scale is {scales.dtype} {tuple(scales.shape)} for a [{n}, {k}] "
                          f"weight; expected float8_e4m3fn [{n}, {k // BLOCK}]")  # fmt: skip
+    if torch.isnan(scales.float()).any():  # e4m3's only non-finite value; the kernels would read it as 480
+        raise ValueError(f"{path}: {prefix}.weight_scale holds NaN scales: the checkpoint is corrupt")
     if global_scale.numel() != 1:
         raise ValueError(f"{path}: {prefix}{checkpoint.global_name} has {global_scale.numel()} values; expected one")
     value = global_scale.float().reshape(1)

@@ -164,6 +164,19 @@ def test_a_missing_scale_is_named(compressed_tensors_dir, tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
+def test_a_nan_scale_is_refused_by_name(compressed_tensors_dir, tmp_path):
+    """A copy with one NaN e4m3 scale (0x7F): the reference would give NaN, the kernels read it as 480; refused."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(compressed_tensors_dir / "model.safetensors")
+    scales = tensors["model.layers.0.self_attn.o_proj.weight_scale"]
+    scales.view(torch.uint8)[0, 0] = 0x7F
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((compressed_tensors_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.o_proj.weight_scale holds NaN scales"):
+        load_model(str(tmp_path), device="cpu")
+
+
 def test_a_config_that_says_nvfp4_over_float_weights_is_named(tmp_path):
     """config.json says ModelOpt NVFP4, the files hold float weights: an error, never the float weights run as if."""
     tiny_model("llama").save_pretrained(tmp_path)
