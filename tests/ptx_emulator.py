@@ -72,6 +72,12 @@ def f32_of_half(bits, kind: str) -> np.ndarray:
     return bits.astype(np.uint16).view(np.float16).astype(np.float32)
 
 
+def e4m3_to_f32(bits) -> np.ndarray:
+    """float8_e4m3fn bytes as float32 values (torch's conversion; 0x7F and 0xFF are NaN)."""
+    codes = torch.from_numpy(np.asarray(bits, U64).astype(np.uint8))
+    return codes.view(torch.float8_e4m3fn).float().numpy()
+
+
 def half_of_f32(value, kind: str) -> np.ndarray:
     """Rounded to nearest even, as cvt.rn does."""
     value = np.asarray(value, np.float32)
@@ -274,7 +280,11 @@ class Grid:
             raise unsupported(ins)
         to, of = kinds
         destination, *sources = ins.args
-        if to in ("bf16x2", "f16x2") and of == "f32":  # the first source in the high half
+        if to == "f16x2" and of == "e4m3x2":  # the low byte to the low half (exact: every e4m3 is a float16)
+            pair = mask_bits(self.value(sources[0]), 16)
+            halves = [half_of_f32(e4m3_to_f32((pair >> U64(shift)) & U64(0xFF)), "f16") for shift in (0, 8)]
+            self.set(destination, halves[0] | (halves[1] << U64(16)), mask, 32)
+        elif to in ("bf16x2", "f16x2") and of == "f32":  # the first source in the high half
             kind = to[:-2]
             high, low = (half_of_f32(f32_of(self.value(s)), kind) for s in sources)
             self.set(destination, (high << U64(16)) | low, mask, 32)

@@ -66,8 +66,29 @@ def e2m1_decode_asm(dtype: str) -> str:
 
 DECODE_BF16 = gl.constexpr(decode_asm("bf16"))
 DECODE_FP16 = gl.constexpr(decode_asm("fp16"))
+def e2m1_scales_asm(dtype: str) -> str:
+    """PTX of one inline-asm call (pack=4) making e2m1_decode_asm's $5 from 4 e4m3 scale bytes ($4): each scale s as
+    s * 2^119 (bfloat16) or s * 2^7 (float16) in both halves of $0-$3, in the bytes' order. Two conversions of two
+    e4m3 to float16 each (exact: every e4m3 value is a normal float16, or 0); float16 scales times 2^7 in one multiply
+    (at most 57344), bfloat16 ones through float32 (2^119 is past float16's range); then each half in both halves."""
+    lines = ["{", ".reg .b16 lo, hi, h0, h1, h2, h3;", ".reg .b32 a, b;", "mov.b32 {lo, hi}, $4;",
+             "cvt.rn.f16x2.e4m3x2 a, lo;", "cvt.rn.f16x2.e4m3x2 b, hi;"]  # fmt: skip
+    if dtype == "fp16":
+        lines += [".reg .b32 c;", "mov.b32 c, 0x58005800;", "mul.rn.f16x2 a, a, c;", "mul.rn.f16x2 b, b, c;"]  # 128
+    else:
+        lines += [".reg .f32 f0, f1, f2, f3;", "mov.b32 {h0, h1}, a;", "mov.b32 {h2, h3}, b;"]
+        lines += [f"cvt.f32.f16 f{i}, h{i};" for i in range(4)]
+        lines += [f"mul.rn.f32 f{i}, f{i}, 0f7B000000;" for i in range(4)]  # 2^119
+        lines += ["cvt.rn.bf16x2.f32 a, f1, f0;", "cvt.rn.bf16x2.f32 b, f3, f2;"]
+    lines += ["prmt.b32 $0, a, 0, 0x1010;", "prmt.b32 $1, a, 0, 0x3232;", "prmt.b32 $2, b, 0, 0x1010;",
+              "prmt.b32 $3, b, 0, 0x3232;"]  # fmt: skip
+    return "\n".join([*lines, "}"])
+
+
 DECODE_E2M1_BF16 = gl.constexpr(e2m1_decode_asm("bf16"))
 DECODE_E2M1_FP16 = gl.constexpr(e2m1_decode_asm("fp16"))
+E2M1_SCALES_BF16 = gl.constexpr(e2m1_scales_asm("bf16"))
+E2M1_SCALES_FP16 = gl.constexpr(e2m1_scales_asm("fp16"))
 
 
 @gluon.constexpr_function
@@ -142,9 +163,17 @@ def decode_e2m1(packed, scale_pairs, dtype: gl.constexpr):
 
 
 @gluon.jit
-def e2m1_scale_pairs(scales, dtype: gl.constexpr):
+def e2m1_scale_pairs(scales, dtype: gl.constexpr, GROUP: gl.constexpr):
     """e4m3 scale bytes -> e2m1_decode_asm's $5: s * 2^119 (bfloat16) or s * 2^7 (float16) in both halves of an int32.
-    The byte's bits placed in a float16 make s * 2^-8, exact for every e4m3 value, subnormals included."""
+    Steps of 128 columns (a thread's 4 scales: two rows, two blocks): e2m1_scales_asm, 4 instructions a scale. Else
+    the byte's bits placed in a float16 make s * 2^-8, exact for every e4m3 value, subnormals included."""
+    if GROUP == 128:
+        if dtype == gl.bfloat16:
+            return gl.inline_asm_elementwise(E2M1_SCALES_BF16, "=r,=r,=r,=r,r", [scales], dtype=gl.int32,
+                                             is_pure=True, pack=4)  # fmt: skip
+        else:
+            return gl.inline_asm_elementwise(E2M1_SCALES_FP16, "=r,=r,=r,=r,r", [scales], dtype=gl.int32,
+                                             is_pure=True, pack=4)  # fmt: skip
     bits = scales.to(gl.int32)
     half = (((bits & 0x7F) << 7) | ((bits & 0x80) << 8)).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
     if dtype == gl.bfloat16:
@@ -162,7 +191,7 @@ def add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout: gl.co
     the end)."""
     dtype: gl.constexpr = x.dtype
     packed = gl.load(codes_at + step * (GROUP // 2))
-    pairs = e2m1_scale_pairs(gl.load(block_scales_at + step * (GROUP // 16)), dtype)  # [SPLIT, ROWS, GROUP / 16]
+    pairs = e2m1_scale_pairs(gl.load(block_scales_at + step * (GROUP // 16)), dtype, GROUP)  # [SPLIT, ROWS, GROUP/16]
     # a block's pair beside each of its 8 code bytes: the same registers, in the codes' layout (no data moves)
     pairs = (pairs[:, :, :, None] + fill.reshape([SPLIT, ROWS, GROUP // 16, 8])).reshape([SPLIT, ROWS, GROUP // 2])
     pairs = gl.convert_layout(pairs, fill.type.layout, assert_trivial=True)
