@@ -1,4 +1,5 @@
-"""int4_linear's decode on tensor cores, in Gluon (Triton's language with explicit layouts): gluon_int4.py launches it.
+"""int4_linear's and nvfp4_linear's decode on tensor cores, in Gluon (Triton's language with explicit layouts):
+gluon_int4.py launches it.
 
 For up to 16 rows of x (a decode batch), the weights are the 16-row side of mma.m16n8k16 and x the 8-column side, so
 the MMA does the multiply-adds and the threads only decode. Each thread loads its packed codes straight in the A
@@ -15,9 +16,15 @@ warps: the MMA's batch axis is the split (a warp per slice of K, with its own x)
 added once at the end. Numerics are int4.py's: q - z exact, the group's float32 sum scaled in float32; float offsets
 (w = q s + m) add m times the group's sum of x, which an MMA of ones over x computes in the same layout.
 
+NVFP4 (E2M1) runs the same kernel: each code becomes e2m1 * s * 2^-7, exact in bfloat16 and float16 (e2m1_decode_asm:
+its bits placed as a small float, times its block's scale pair), so the MMA sums whole steps and the global scale
+(times 2^7) scales the channel's sum once. The decode writes a register's two values from columns j and j + 4, so x
+is read in that order of K too (e2m1_order). 3.2-4.0 instructions a weight (benchmarks/kernel_sass.py nvfp4-mma).
+
 Importing this module needs triton with Gluon (3.5+). Gluon kernels do not run in Triton's interpreter, so the CPU
-tests (tests/test_int4_mma.py) check the decode's PTX against int4.unpack_codes, compile the kernel for sm_90a and run
-its whole PTX in tests/ptx_emulator.py against the reference; the GPU tests hold it to the reference there.
+tests (tests/test_int4_mma.py, test_nvfp4_mma.py) check the decodes' PTX against the codes' values, compile the
+kernel for sm_90a and run its whole PTX in tests/ptx_emulator.py against the reference; the GPU tests hold it to the
+reference there.
 """
 
 from triton.experimental import gluon
