@@ -104,7 +104,7 @@ def _emulated_nvfp4_mma(x, weight, scales, global_scale, smooth, smooth_rows, bi
     from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
     from custom_ops.linear.triton_int4 import triton_cdiv
 
-    launch = gluon_int4.nvfp4_launch_for(x, weight, smooth, smooth_rows, tile) if x.is_cuda else gluon_int4.mma_launch(
+    launch = gluon_int4.launch_for(x, weight, smooth, smooth_rows, None, tile) if x.is_cuda else gluon_int4.mma_launch(
         x.shape[0], weight.shape[0], x.shape[1], gluon_int4.nvfp4_step(x.shape[1]), smooth_rows, **tile)  # fmt: skip
     out = x.new_zeros(x.shape[0], weight.shape[0])
     runtime, constexprs = gluon_int4.kernel_arguments(launch, x, weight, scales, global_scale, smooth, smooth_rows,

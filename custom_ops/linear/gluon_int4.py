@@ -103,10 +103,7 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
     choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1])
     if not choice.get("MMA"):
         return None
-    if group_size is None:
-        launch = nvfp4_launch_for(rows, qweight, smooth, smooth_rows, choice)
-    else:
-        launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)
+    launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)
     if launch is None:
         if tile:
             raise not_taken(rows, qweight, group_size or 16)
@@ -114,9 +111,10 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
     return run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
 
 
-def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int,
+def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int | None,
                tile: dict) -> dict | None:  # fmt: skip
-    """mma_launch for a call whose tensors int4.triton_takes accepted, with `tile`'s ROWS, SPLIT, UNROLL, PREFETCH (off
+    """mma_launch for a call whose tensors int4.triton_takes (or, `group_size` None, nvfp4.triton_takes: its step is
+    nvfp4_step's) accepted, with `tile`'s ROWS, SPLIT, UNROLL, PREFETCH (off
     unless the codes are 16-byte aligned and the GPU is a Hopper); None unless the rows are bfloat16 or float16 (what
     the PTX decode writes) on an NVIDIA GPU with mma.m16n8k16 (sm_80+) and the codes fit 32-bit offsets."""
     if not (rows.is_cuda and rows.dtype in MMA_DTYPES and qweight.numel() < 2**31 and gluon_available()):
@@ -127,7 +125,8 @@ def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: l
     tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL", "PREFETCH")}
     tile["PREFETCH"] = tile.get("PREFETCH", False) and capability >= (9, 0) and prefetch_takes(qweight)
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
-    return mma_launch(m, n, k, group_size, list(smooth_rows) if smooth is not None else [], **tile)
+    step = nvfp4_step(k) if group_size is None else group_size
+    return mma_launch(m, n, k, step, list(smooth_rows) if smooth is not None else [], **tile)
 
 
 def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
@@ -146,14 +145,9 @@ def nvfp4_step(k: int) -> int:
     return 128 if k % 128 == 0 else 64
 
 
-def nvfp4_launch_for(rows, weight, smooth, smooth_rows: list[int], tile: dict) -> dict | None:
-    """launch_for of an nvfp4_linear call that nvfp4.triton_takes accepted."""
-    return launch_for(rows, weight, smooth, smooth_rows, nvfp4_step(2 * weight.shape[1]), tile)
-
-
 def nvfp4_mma(rows, weight, scales, global_scale, smooth, smooth_rows, bias, **tile) -> torch.Tensor:
     """nvfp4_linear's y [M, N] for rows [M, K], M <= 16, as int4_mma; raises ValueError for a call it does not take."""
-    launch = nvfp4_launch_for(rows, weight, smooth, smooth_rows, tile)
+    launch = launch_for(rows, weight, smooth, smooth_rows, None, tile)
     if launch is None:
         raise not_taken(rows, weight, 16)
     return run_launch(launch, rows, weight, scales, global_scale, smooth, smooth_rows, bias, None)

@@ -203,10 +203,28 @@ def add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout: gl.co
     pairs = (pairs[:, :, :, None] + fill.reshape([SPLIT, ROWS, GROUP // 16, 8])).reshape([SPLIT, ROWS, GROUP // 2])
     pairs = gl.convert_layout(pairs, fill.type.layout, assert_trivial=True)
     first, second = decode_e2m1(packed, pairs, dtype)
-    # as int4's: first[4 g + i] is position 8 g + i of e2m1_order's K, second[4 g + i] position 8 g + 4 + i (x's order)
+    # first[4 g + i] is position 8 g + i of e2m1_order's K, second[4 g + i] position 8 g + 4 + i (x's order)
+    return mma_v2(a_operand(first, second, a_layout, SPLIT, ROWS, GROUP), x, acc)
+
+
+@gluon.jit
+def a_operand(first, second, a_layout: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr, GROUP: gl.constexpr):
+    """A decode's two outputs as the MMA's weights [SPLIT, ROWS, GROUP]: first[4 g + i] is K's position 8 g + i,
+    second[4 g + i] 8 g + 4 + i; the registers as they are (assert_trivial: no data moves)."""
     w = gl.join(first, second).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
-    w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
-    return mma_v2(w, x, acc)
+    return gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def add_any_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, block_scales_at, code_addend, ones, fill,
+                 a_layout: gl.constexpr, mma: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr,
+                 COLS: gl.constexpr, GROUP: gl.constexpr, OFFSET: gl.constexpr, E2M1: gl.constexpr):  # fmt: skip
+    """add_e2m1_step (E2M1, x already in e2m1_order) or add_step."""
+    if E2M1:
+        return add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
+    else:
+        return add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout, mma,
+                        SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
 
 
 @gluon.jit
@@ -234,11 +252,9 @@ def add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_adden
         addend = code_addend
     else:
         addend = zero_addend(gl.load(zeros_at + step).to(gl.float32), dtype)[:, :, None] + fill
-    first4, last4 = decode_codes(packed, addend, dtype)
-    # first4[4 g + i] is column 8 g + i of the step, last4[4 g + i] column 8 g + 4 + i
-    w = gl.join(first4, last4).reshape([SPLIT, ROWS, GROUP // 8, 4, 2]).permute(0, 1, 2, 4, 3)
-    w = gl.convert_layout(w.reshape([SPLIT, ROWS, GROUP]), a_layout, assert_trivial=True)
-    sums = mma_v2(w, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
+    first4, last4 = decode_codes(packed, addend, dtype)  # columns 8 g + i and 8 g + 4 + i of the step at [4 g + i]
+    sums = mma_v2(a_operand(first4, last4, a_layout, SPLIT, ROWS, GROUP), x, gl.zeros([SPLIT, ROWS, COLS], gl.float32,
+                                                                                       layout=mma))  # fmt: skip
     acc += sums * gl.load(scales_at + step).to(gl.float32)[:, :, None]
     if OFFSET:
         x_sums = mma_v2(ones, x, gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma))
@@ -338,11 +354,8 @@ def int4_mma_kernel(
         for step in gl.static_range(GROUPS):
             x = row_smem.slice(step * SPLIT, SPLIT).load(gl.SliceLayout(2, b_layout))[:, :, None]
             x = gl.broadcast(x, gl.zeros([SPLIT, GROUP, COLS], dtype, layout=b_layout))[0]
-            if E2M1:
-                acc = add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
-            else:
-                acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, code_addend,
-                               ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
+            acc = add_any_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, block_scales_at,
+                               code_addend, ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET, E2M1)  # fmt: skip
     else:
         for first in range(0, GROUPS, UNROLL):
             for u in gl.static_range(UNROLL):
@@ -352,10 +365,9 @@ def int4_mma_kernel(
                     x = (x.to(gl.float32) * gl.load(smooth_at + step * GROUP)).to(dtype)
                 if E2M1:
                     x = gl.convert_layout(e2m1_order(x, SPLIT, GROUP, COLS), b_layout)  # a thread's 32 columns
-                    acc = add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
-                else:
-                    acc = add_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at,
-                                   code_addend, ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET)  # fmt: skip
+                acc = add_any_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at,
+                                   block_scales_at, code_addend, ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP,
+                                   OFFSET, E2M1)  # fmt: skip
     out = gl.sum(acc, axis=0)  # [ROWS, COLS]: the warps' slices added
     o_row = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, mma)))
     o_col = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(0, mma)))

@@ -47,6 +47,8 @@ MMA_TILES = (
     {"MMA": True, "ROWS": 32, "SPLIT": 8, "PREFETCH": True},
     {"MMA": True, "ROWS": 32, "PREFETCH": True},
 )
+# one row unrolls every step of the tensor-core decode (UNROLL matters only past 32 steps a warp or a 96 KB row)
+ONE_ROW_MMA_TILES = tuple(tile for tile in MMA_TILES if "UNROLL" not in tile)
 GEMM_TILES = (
     {"BLOCK_N": 128},
     {"BLOCK_N": 32},
@@ -182,8 +184,7 @@ class _Int4KernelTuning(FourBitKernelTuning):
 class Int4GemvTuning(_Int4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k", "group_size", "offsets"}."""
 
-    # one row unrolls every step of the tensor-core decode (UNROLL matters only past 32 steps a warp or a 96 KB row)
-    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES + tuple(t for t in MMA_TILES if "UNROLL" not in t)
+    op, kind, tiles = "int4_gemv", "gemv", GEMV_TILES + ONE_ROW_MMA_TILES
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_int4.int4_gemv(*args, **tile)

@@ -20,7 +20,13 @@ from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
 from custom_ops.linear import gluon_int4, nvfp4, triton_nvfp4
-from custom_ops.linear.int4_tuning import MMA_TILES, TRITON_DEFAULT, FourBitKernelTuning, gemm_tiles_for, smooth_rows
+from custom_ops.linear.int4_tuning import (
+    ONE_ROW_MMA_TILES,
+    TRITON_DEFAULT,
+    FourBitKernelTuning,
+    gemm_tiles_for,
+    smooth_rows,
+)
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
 GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Llama-8B's shapes
@@ -81,8 +87,7 @@ class _Nvfp4KernelTuning(FourBitKernelTuning):
 class Nvfp4GemvTuning(_Nvfp4KernelTuning):
     """The one-row GEMV's launch; bucket {"n", "k"}."""
 
-    # one row unrolls every step of the tensor-core decode (UNROLL matters only past 32 steps a warp or a 96 KB row)
-    op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES + tuple(t for t in MMA_TILES if "UNROLL" not in t)
+    op, kind, tiles = "nvfp4_gemv", "gemv", GEMV_TILES + ONE_ROW_MMA_TILES
 
     def launch(self, *args, **tile) -> torch.Tensor:
         return triton_nvfp4.nvfp4_gemv(*args, **tile)
