@@ -74,6 +74,9 @@ def bench(args: argparse.Namespace) -> int:
     else:
         loaded = load_model(args.model, dtype)
         model, tokenizer = loaded.model, loaded.tokenizer
+        if baselines and getattr(model, "checkpoint_slices", None) is not None:
+            raise ValueError(f"{args.model}: its weights are made by slices as the compile reads them, so there is no "
+                             f"whole module for the {', '.join(baselines)} baseline: pass --baselines none")  # fmt: skip
     if args.mode == "throughput":
         result = run_throughput_benchmark(
             model, args.model, args.num_requests, args.input_len, args.output_len, baselines, config,
@@ -221,8 +224,9 @@ def cache(args: argparse.Namespace) -> int:
 
 # Written out, not read from presets.py, which imports transformers: `--help` stays fast (a test holds the list).
 MODEL_HELP = ("local Hugging Face directory, .gguf file, hub id (org/name[@revision]), smollm2-135m-instruct, or "
-              "random:NAME (llama-3.1-8b, qwen3-8b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, gpt-oss-20b, "
-              "smollm2-135m, tiny-llama, gpt-oss-20b-mxfp4, llama-3.1-8b-q4_k)")  # fmt: skip
+              "random:NAME (llama-3.1-8b, llama-3.1-70b, qwen3-8b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, "
+              "gpt-oss-20b, smollm2-135m, tiny-llama, gpt-oss-20b-mxfp4, llama-3.1-8b-q4_k, llama-3.1-8b-fp8, "
+              "llama-3.1-70b-fp8)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ log = logging.getLogger("compiled_llm")
 
 
 @contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Modules built inside make their parameters on the meta device and their buffers where they would."""
     register = nn.Module.register_parameter
 
@@ -78,7 +78,7 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device,
         device = torch.device("cuda", torch.cuda.current_device())
     # load_fp8_directory builds the model on the device, from_pretrained on the CPU: the buffers computed at init
     # (RoPE's frequencies) are computed where the whole load computes them (the parameters go to meta regardless).
-    with _parameters_on_meta(), torch.device(device) if fp8 is not None else contextlib.nullcontext():
+    with parameters_on_meta(), torch.device(device) if fp8 is not None else contextlib.nullcontext():
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     get_plan = getattr(model, "_get_dtype_plan", None)  # from_pretrained keeps these in float32; from_config does not
     plan = get_plan(dtype) if get_plan is not None else getattr(model, "_keep_in_fp32_modules", None)

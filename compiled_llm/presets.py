@@ -18,6 +18,11 @@ RANDOM_PRESETS = {
         num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
         rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
     ),
+    "llama-3.1-70b": lambda: tf.LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
+    ),
     "qwen3-8b": lambda: tf.Qwen3Config(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -69,18 +74,29 @@ RANDOM_PRESETS = {
 MXFP4_PRESETS = {"gpt-oss-20b-mxfp4": "gpt-oss-20b"}
 # Presets whose decoder linears are random GGUF Q4_K blocks, as a .gguf file loads (random_q4_k_linears): -> base preset.
 Q4_K_PRESETS = {"llama-3.1-8b-q4_k": "llama-3.1-8b"}
+# Presets whose decoder linears are random e4m3 weights with a scale per channel, made by slices where they are read
+# (random_slices.py; never whole in bf16 first: the 70B's do not fit a GPU): -> base preset.
+FP8_PRESETS = {"llama-3.1-8b-fp8": "llama-3.1-8b", "llama-3.1-70b-fp8": "llama-3.1-70b"}
 
 
 def preset_names() -> list[str]:
     """Every NAME of `random:NAME`."""
-    return [*RANDOM_PRESETS, *MXFP4_PRESETS, *Q4_K_PRESETS]
+    return [*RANDOM_PRESETS, *MXFP4_PRESETS, *Q4_K_PRESETS, *FP8_PRESETS]
+
+
+def preset_config(name: str):
+    """The transformers config of `random:NAME` (a ValueError listing the known names for another)."""
+    if name not in preset_names():
+        raise ValueError(f"unknown preset 'random:{name}'; known: {', '.join('random:' + n for n in preset_names())}")
+    return RANDOM_PRESETS[{**MXFP4_PRESETS, **Q4_K_PRESETS, **FP8_PRESETS}.get(name, name)]()
 
 
 def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"):
     """A randomly initialised `random:NAME` model, in eval mode, built on `device`."""
-    if name not in preset_names():
-        raise ValueError(f"unknown preset 'random:{name}'; known: {', '.join('random:' + n for n in preset_names())}")
-    config = RANDOM_PRESETS[MXFP4_PRESETS.get(name, Q4_K_PRESETS.get(name, name))]()
+    config = preset_config(name)
+    if name in FP8_PRESETS:
+        raise ValueError(f"random:{name} is made by slices where a compile reads it, never whole: load it with "
+                         "model_source.load_model")  # fmt: skip
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     if name in MXFP4_PRESETS:

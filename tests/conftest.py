@@ -89,6 +89,25 @@ def tiny_model(arch: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     return model
 
 
+def whole_random_model(config, fp8: bool) -> torch.nn.Module:
+    """The model random_slices.random_meta_model makes by slices, made whole (each tensor read in one piece) as an
+    ordinary module: float32, its FP8 linears carrying their e4m3 weights and scales as an FP8 checkpoint's do."""
+    from compiled_llm.random_slices import random_meta_model
+
+    slices = random_meta_model("random:test", config, torch.float32, "cpu", fp8).checkpoint_slices
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, param in list(model.named_parameters()):
+        module, _, leaf = name.rpartition(".")
+        if name in slices.fp8:
+            setattr(model.get_submodule(module), leaf, slices.read_fp8(name))
+        else:
+            with torch.no_grad():
+                param.copy_(slices.read(name))
+    if fp8:
+        model.compiled_llm_quantization = "fp8"
+    return model
+
+
 def llama_with_biases() -> torch.nn.Module:
     """tiny_model("llama") with random biases on every linear and a vocabulary of 257 tokens (odd: not divisible by
     ranks, so a rank's vocabulary shard is padded)."""

@@ -22,7 +22,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers as tf
-from conftest import ARCHITECTURES, free_port, llama_with_biases, random_prompt, relative_error, spawn_ranks, tiny_model
+from conftest import (
+    ARCHITECTURES,
+    free_port,
+    llama_with_biases,
+    random_prompt,
+    relative_error,
+    spawn_ranks,
+    tiny_model,
+    whole_random_model,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +40,7 @@ from compiled_llm.checkpoint_slices import CheckpointSlices, Fp8Weight
 from compiled_llm.fp8_checkpoint import Fp8Checkpoint, dequantized, weight_scales
 from compiled_llm.meta_model import meta_model
 from compiled_llm.model_source import load_model
+from compiled_llm.random_slices import random_meta_model
 from fx_passes.sharding import TensorParallelError, shard_parameter
 
 JOIN_TIMEOUT_S = 300
@@ -45,6 +55,8 @@ JOBS = (("llama_bias", "llama_bias", {}), ("gemma3", "gemma3", {}), ("qwen3", "q
         ("qwen3_moe_ep", "qwen3_moe", {"expert_parallel_size": 2}), ("llama_mqa", "llama_mqa", {}))  # fmt: skip
 # (name, weight strategy, intermediate features) of compressed-tensors checkpoints (tests/fp8_checkpoints.py): blocks of
 # 384 features split in two parts of 192, which do not fall on 128-wide blocks (refused), and of 512 (parts of 256).
+# Random weights made by slices (compiled_llm/random_slices.py), float and FP8, against the same made whole.
+RANDOM_JOBS = (("random", False), ("random_fp8", True))
 FP8_JOBS = (("fp8_channel", "channel", 384), ("fp8_block", "block", 512), ("fp8_block_unaligned", "block", 384))
 
 
@@ -78,6 +90,14 @@ def _rank_main(rank: int, world: int, port: int, directory: str, out_dir: str) -
                     for cm in (whole, sliced)
                 ],
             }
+        for job, fp8 in RANDOM_JOBS:  # random weights made by slices: each rank makes its shards of one model
+            config, ids = _model("llama_bias").config, random_prompt(12, seed=3)
+            fields = {"tensor_parallel_size": world, "max_batch_size": 2, "compile_backend": "eager"}
+            ranks = compile_model(whole_random_model(config, fp8), verify=True, **fields)
+            model = random_meta_model("random:test", config, torch.float32, "cpu", fp8)
+            slices = model.checkpoint_slices
+            results[job] = {"ranks": ranks(ids).logits, "sliced": compile_model(model, **fields)(ids).logits,
+                            "read": (slices.bytes_read, slices.stored_bytes, slices.dequantized_bytes)}  # fmt: skip
         for job, _, _ in FP8_JOBS:  # one rank loads it whole and cuts the FP8 tensors; another reads its slices
             path = str(Path(directory) / job)
             if not Path(path).exists():
@@ -137,7 +157,12 @@ def test_two_ranks_reading_their_slices_compute_what_whole_ranks_do(checkpoints,
     for rank in range(world):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         fp8_jobs = [job for job, _, _ in FP8_JOBS if (root / job).exists()]
-        assert list(results) == [job for job, _, _ in JOBS] + fp8_jobs
+        assert list(results) == [job for job, _, _ in JOBS] + [job for job, _ in RANDOM_JOBS] + fp8_jobs
+        for job, _ in RANDOM_JOBS:  # the shards the whole model's ranks cut (their graph self-checked), to the bit
+            got = results[job]
+            assert torch.equal(got["ranks"], got["sliced"]), (rank, job)
+            bytes_read, stored, dequantized = got["read"]
+            assert bytes_read < 0.56 * stored and dequantized == 0, (rank, job, got["read"])
         for job, arch, fields in JOBS:
             got = results[job]
             assert torch.equal(got["whole"], got["sliced"]), (rank, job)
