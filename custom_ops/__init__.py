@@ -1,9 +1,9 @@
 """torch.library ops of compiled-llm: each with a fake implementation, a reference implementation that
-runs on CPU, and GPU backends registered by name. One folder per op family: attention/, linear/,
+runs on CPU, and GPU backends registered by name. One folder per op family: all_reduce/, attention/, linear/,
 moe/, rms_norm/, argmax/; triton_runtime.py holds what every Triton kernel launch shares. Importing the
 package registers the ops."""
 
-from custom_ops import attention, linear, moe, rms_norm  # noqa: F401  (registers ops, backends)
+from custom_ops import all_reduce, attention, linear, moe, rms_norm  # noqa: F401  (registers ops, backends)
 from custom_ops.attention import (
     AttentionBackend,
     AttentionPlanner,

@@ -94,6 +94,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fuse_moe_routing",
     # Any time: it only picks the kernel of the experts ops the capture inserted.
     "insert_fused_moe",
+    # After fuse_rms_norm and the quantizing norm fusions (which take an add_rms_norm first) and after the sharding
+    # passes' all-reduces: a row-parallel sum with the add and norm that read it.
+    "fuse_all_reduce_rms_norm",
     # Last rewrite: later passes see the paged op and the KV cache inputs it adds.
     "insert_paged_attention",
 )

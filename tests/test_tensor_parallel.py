@@ -64,6 +64,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str
                 "expert_sites": cm.report.pass_sites("shard_experts"),
                 "routers": cm.report.pass_sites("fuse_moe_routing"),
                 "all_reduces": sum(n.target is ALL_REDUCE for n in cm.graph_module.graph.nodes),
+                "fused_all_reduces": cm.report.pass_sites("fuse_all_reduce_rms_norm"),
                 "heads": [(layer.features.num_q_heads, layer.num_kv_heads) for layer in cm.report.attention],
                 "kv_cache": cm.report.kv_cache,
             }
@@ -118,6 +119,8 @@ def two_ranks(tmp_path_factory):
         ("gemma3", "eager"),
         ("mixtral", "eager"),
         ("llama_fp8", "llama", {"compile_backend": "eager", "quantization": "fp8", "verify": True}),
+        # the norms as compiled_llm's ops (on CPU: their torch code), so each row-parallel sum fuses with its norm
+        ("llama_fused_norms", "llama", {"compile_backend": "eager", "norm_backend": "triton"}),
     ]
     return run_ranks(2, jobs, tmp_path_factory.mktemp("tp2"))
 
@@ -153,6 +156,20 @@ def test_two_ranks_match_the_unsharded_model(two_ranks, arch):
     assert rank0["vocab_sites"] == rank1["vocab_sites"] == 2 and rank0["all_gathers"] == 1
     assert rank0["heads"] == [(2, 1)] * 2  # 4 query heads and 2 KV heads per layer, halved
     assert rank0["kv_cache"] == rank1["kv_cache"]  # one block count: the ranks' schedulers run in lockstep
+
+
+def test_each_row_parallel_sum_fuses_with_the_norm_after_it(two_ranks):
+    """fuse_all_reduce_rms_norm: the o and down projections' sums, each read by a residual add and RMSNorm, become one
+    op a layer each (4 in 2 layers: the last down projection's with the final norm); the embedding's, read by a norm
+    without an add, stays. The ranks compute the unsharded model's logits and tokens through it."""
+    expected_logits, expected_tokens = _expected("llama")
+    rank0, rank1 = (results["llama_fused_norms"] for results in two_ranks)
+    assert rank0["fused_all_reduces"] == rank1["fused_all_reduces"] == 4
+    assert rank0["all_reduces"] == rank1["all_reduces"] == 1
+    assert torch.equal(rank0["logits"], rank1["logits"])
+    assert relative_error(rank0["logits"], expected_logits) < 1e-5
+    assert torch.equal(rank0["tokens"], expected_tokens) and torch.equal(rank1["tokens"], expected_tokens)
+    assert two_ranks[0]["llama"]["fused_all_reduces"] == 0  # norm_backend auto on CPU: HF's norms, nothing to fuse
 
 
 def test_two_ranks_of_fp8_match_one(two_ranks):

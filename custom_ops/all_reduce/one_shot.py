@@ -1,0 +1,105 @@
+"""The one-shot all-reduce over symmetric memory for small messages (a decode step's rows): each rank copies its x
+into a buffer every rank of the group mapped (PyTorch's symmetric memory, NVLink peer access), and one kernel sums
+all the ranks' buffers (`symm_mem::one_shot_all_reduce_copy`; not its multicast variant, which stays off). NCCL's
+ring takes 10-20 us a call at these sizes, and tensor parallelism adds two a layer.
+
+Whether it runs is decided once a group and dtype, collectively (`usable`): every rank sets up its buffer, sums a
+random probe both ways, and the group takes it only where every rank could and every rank's one-shot sum equals the
+reference's within rounding. A rank that could not says why in the log; the op then keeps NCCL on every rank, so
+the ranks never disagree on which collective they run. COMPILED_LLM_ONE_SHOT_ALL_REDUCE=0 keeps NCCL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("compiled_llm")
+
+MAX_BYTES = 512 * 1024  # a message above this goes to NCCL (64 rows of 4096 bf16 features)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor | None] = {}  # None: the group keeps NCCL
+
+
+def takes(x: torch.Tensor, group: str) -> bool:
+    """Whether all_reduce(x, group) runs one-shot: a CUDA message up to MAX_BYTES of a group that agreed to it."""
+    if not (x.is_cuda and x.dtype in _DTYPES and x.numel() * x.element_size() <= MAX_BYTES):
+        return False
+    return usable(group, x.device, x.dtype)
+
+
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    buffer = _buffers[(group, x.device, x.dtype)]
+    symmetric = buffer[: x.numel()].view(x.shape)
+    return torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, x.contiguous(), "sum", group)
+
+
+def usable(group: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """The group's decision for (device, dtype), made at the first call of every rank (collectively: the ranks'
+    first calls are the same op's, in step), never during a CUDA-graph capture (NCCL keeps a call made then)."""
+    key = (group, device, dtype)
+    if key not in _buffers:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _buffers[key] = _set_up(group, device, dtype)
+    return _buffers[key] is not None
+
+
+def _agree(ok: bool, group: str, device: torch.device) -> bool:
+    """Whether every rank of the group says ok (a MIN over the group, through NCCL)."""
+    from custom_ops.all_reduce.op import reference_all_reduce
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    return reference_all_reduce(flag, group).item() == 0.0
+
+
+def _set_up(group: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    from custom_ops.all_reduce.op import reference_all_reduce
+
+    why = _unavailable(device)
+    buffer = None
+    if why is None:
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buffer = symm_mem.empty(MAX_BYTES // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
+                                    device=device)  # fmt: skip
+            symm_mem.rendezvous(buffer, group)
+        except Exception as error:  # noqa: BLE001  (any failure keeps NCCL, agreed below)
+            why, buffer = f"symmetric memory: {type(error).__name__}: {error}", None
+    if not _agree(why is None, group, device):
+        log.info("all-reduce of group %s: NCCL for every message (%s)", group, why or "another rank cannot one-shot")
+        return None
+    # Held to the reference on a random probe before it may run: rows of 4096 features, as many as fit.
+    probe = torch.randn(MAX_BYTES // 4 // 4096 // 2, 4096, device=device).to(dtype)
+    try:
+        symmetric = buffer[: probe.numel()].view(probe.shape)
+        got = torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, probe, "sum", group)
+        expected = reference_all_reduce(probe, group)
+        error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+        why = None if error < 1e-2 else f"its sum differs from NCCL's by {error:.2e}"
+    except Exception as failure:  # noqa: BLE001
+        why = f"the probe failed: {type(failure).__name__}: {failure}"
+    if not _agree(why is None, group, device):
+        log.warning("all-reduce of group %s: the one-shot sum was refused, NCCL for every message (%s)", group,
+                    why or "another rank's probe failed")  # fmt: skip
+        return None
+    log.info("all-reduce of group %s: one-shot over symmetric memory up to %d KiB (%s), NCCL above", group,
+             MAX_BYTES // 1024, dtype)  # fmt: skip
+    return buffer
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why this rank cannot one-shot, or None."""
+    if os.environ.get("COMPILED_LLM_ONE_SHOT_ALL_REDUCE", "1") == "0":
+        return "COMPILED_LLM_ONE_SHOT_ALL_REDUCE=0"
+    if torch.version.hip is not None:
+        return "ROCm"
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
+        return f"torch {torch.__version__} has no symm_mem.one_shot_all_reduce_copy"
+    peers = [i for i in range(torch.cuda.device_count()) if i != device.index]
+    if any(not torch.cuda.can_device_access_peer(device.index, peer) for peer in peers):
+        return "not every GPU of this host is a peer of this rank's"
+    return None
