@@ -67,6 +67,7 @@ class CheckpointSlices:
         self.fp8: dict[str, Fp8Weight] = {}  # parameter name -> its FP8 checkpoint tensors, where it has them
         self.bytes_read = 0
         self.dequantized_bytes = 0  # of FP8 weights made float (read_fp8): only those a node of the graph reads
+        self.peak_bytes = 0  # the most bytes of tensors the graph module held at once while loading (load())
         self.stored_bytes = 0  # of the tensors the model's parameters and buffers are, in the files
         self._files: dict[str, object] = {}
 
@@ -197,20 +198,37 @@ class CheckpointSlices:
         for name in derived:
             _set_tensor(gm, name, None)
         gm.meta["derived_weights"] = []
-        # An FP8 weight's dequantized values only where a node reads them: recipes over FP8 weights (shards,
-        # fusions, quantize_fp8's) carry the stored tensors along, and a node left reading a value on meta is an
-        # error below, never garbage.
-        for name in sorted(read_whole):
-            _set_tensor(gm, name, self._whole(name, values=name in read_by_nodes))
+        # A recipe's inputs are read just before it and dropped after the last recipe that reads them, unless a node
+        # reads them too: a rank holds the graph's tensors plus one recipe's inputs at a time, never the model whole
+        # beside its fused and quantized copies.
+        last_reader = {arg: i for i, (_, args, _) in enumerate(calls) for arg in _strings(args)}
+        loaded: set[str] = set()
+
+        def read_whole_tensors(names) -> None:
+            # An FP8 weight's dequantized values only where a node reads them: recipes over FP8 weights (shards,
+            # fusions, quantize_fp8's) carry the stored tensors along, and a node left reading a value on meta is an
+            # error below, never garbage.
+            for name in sorted(n for n in names if n in read_whole and n not in loaded):
+                _set_tensor(gm, name, self._whole(name, values=name in read_by_nodes))
+                loaded.add(name)
+
+        read_whole_tensors(read_whole & read_by_nodes)  # kept to the end anyway (and read by any recipe that looks)
         recipes = registered_recipes()
-        for recipe_name, args, _ in calls:
+        for i, (recipe_name, args, _) in enumerate(calls):
             source = args[1] if recipe_name == SHARD_RECIPE else None
             if source is not None and source not in read_whole and source not in derived:
                 name, _, *cut = args
                 gm.register_parameter(name, self._part(_model_name(source), *cut, values=name in read_by_nodes))
                 gm.meta["derived_weights"].append((recipe_name, args, [name]))
             else:
+                read_whole_tensors(_strings(args))
                 derive(gm, recipes[recipe_name], *args)
+            self._note_peak(gm)
+            for name in {a for a in _strings(args) if last_reader[a] == i and a not in read_by_nodes}:
+                if name in tensors or name in derived:
+                    _set_tensor(gm, name, None)
+        read_whole_tensors(read_whole)
+        self._note_peak(gm)
         for name, value in named_tensors(gm):
             if name not in read_by_nodes:  # a shard's source read in parts, a float weight quantized: not kept
                 _set_tensor(gm, name, None)
@@ -225,6 +243,15 @@ class CheckpointSlices:
         for key in ("fp8_weights", "fp8_column_parts"):  # the self-check's, which this rank cannot run
             gm.meta.pop(key, None)
         gm.recompile()
+
+    def _note_peak(self, gm: torch.fx.GraphModule) -> None:
+        def size(t) -> int:
+            real = t is not None and not isinstance(t, FakeTensor) and t.device.type != "meta"
+            return t.numel() * t.element_size() if real else 0
+
+        live = {id(t): t for _, t in named_tensors(gm)}.values()
+        held = sum(size(t) + size(getattr(t, "fp8_weight", None)) + size(getattr(t, "fp8_scale", None)) for t in live)
+        self.peak_bytes = max(self.peak_bytes, held)
 
     def _whole(self, graph_name: str, values: bool = True) -> torch.Tensor:
         name = _model_name(graph_name)
