@@ -194,7 +194,7 @@ def nvfp4_mma(out_dir: str) -> None:
     from custom_ops.linear.gluon_int4 import mma_default
 
     def cases(n: int, k: int):
-        return [(m, True, {key: v for key, v in mma_default(m, n, k).items() if key != "MMA"}) for m in (1, 8)]
+        return [(m, True, {key: v for key, v in mma_default(m, n, k, True).items() if key != "MMA"}) for m in (1, 8)]
 
     _mma_study(out_dir, True, cases)
 

@@ -73,7 +73,7 @@ def test_the_kernel_compiles_for_hopper_at_every_launch():
 
     cases = [("bf16", 1, 4096, tile) for tile in MMA_TILES]
     cases += [("fp16", 16, 4096, {}), ("bf16", 3, 4096 + 64, {}), ("bf16", 1, 576 * 8, {})]
-    cases += [("bf16", 8, k, gluon_int4.mma_default(8, 4096, k)) for k in (4096, 14336)]
+    cases += [("bf16", m, k, gluon_int4.mma_default(m, 4096, k, True)) for k in (4096, 14336) for m in (1, 8)]
     for dtype, m, k, tile in cases:
         kernel = _compile(dtype, m, k, {key: value for key, value in tile.items() if key != "MMA"})
         assert re.search(r"mma\.sync\.aligned\.m16n8k16", kernel.asm["ptx"]), (dtype, m, k, tile)
@@ -178,7 +178,8 @@ def test_untuned_decode_calls_are_handed_to_the_tensor_core_decode(monkeypatch):
     assert triton_int4.int4_gemm(torch.randn(16, 256), weight, scales, global_scale, None, [], None, 128) == "kernel"
     assert triton_nvfp4.nvfp4_gemv(torch.randn(1, 256), *args) == "kernel"
     assert triton_nvfp4.nvfp4_gemm(torch.randn(8, 256), *args) == "kernel"
-    assert launched == [gluon_int4.mma_default(m, 64, 256) for m in (1, 16, 1, 8)]
+    assert launched == [gluon_int4.mma_default(m, 64, 256, e2m1) for m, e2m1 in ((1, 0), (16, 0), (1, 1), (8, 1))]
+    assert launched[2] == {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": True}  # NVFP4's own one-row launch
     decode = gluon_int4.tensor_core_decode
     assert decode({}, {}, torch.randn(17, 256), weight, scales, global_scale, None, [], None, None) is None
     assert decode({"MMA": False}, {}, torch.randn(1, 256), weight, scales, global_scale, None, [], None, None) is None

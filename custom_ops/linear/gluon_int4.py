@@ -81,12 +81,17 @@ def prefetch_takes(qweight: torch.Tensor) -> bool:
     return qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0
 
 
-def mma_default(m: int, n: int, k: int) -> dict:
-    """The untuned launch for [m] rows (up to MAX_ROWS) of weight [n, k]: the leaders of an H100 sweep over Llama-8B's
-    int4 shapes (BENCHMARKS.md), where it beat the GEMV at one row (q/k/v 9.1 against 13.7 us, gate/up 28.7 against
-    37.7, down 20.2 against 23.9; o 8.3 against 7.9) and the GEMM 2-6x at 8 and 16: a wide linear (gate/up) has
-    programs enough with 4 warps a program, a long one (down) takes 32 channels a program."""
+def mma_default(m: int, n: int, k: int, e2m1: bool = False) -> dict:
+    """The untuned launch for [m] rows (up to MAX_ROWS) of weight [n, k] (`e2m1`: NVFP4's): the leaders of H100
+    sweeps over Llama-8B's shapes (BENCHMARKS.md). int4 beat the GEMV at one row (q/k/v 9.1 against 13.7 us, gate/up
+    28.7 against 37.7, down 20.2 against 23.9; o 8.3 against 7.9) and the GEMM 2-6x at 8 and 16: a wide linear
+    (gate/up) has programs enough with 4 warps a program, a long one (down) takes 32 channels a program. NVFP4's
+    decode, more instructions a weight, leads with 16 channels and 8 warps at one row everywhere, the small linears'
+    codes prefetched into L2 (q/k/v 9.8 against 11.3 at int4's launch, o 9.0 against 10.6, gate/up 32.4 against
+    36.1, down 20.9 against 21.8)."""
     wide, long = n >= 16384, k >= 8192
+    if m == 1 and e2m1:
+        return {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": n * k <= 32 * 2**20}
     if m == 1:
         return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8}
     return {"MMA": True, "ROWS": 32 if wide or long else 64, "SPLIT": 4 if wide else 8}
@@ -100,7 +105,7 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
     call to the Triton kernels. int4_linear's arguments, or nvfp4_linear's where `group_size` is None (run_launch)."""
     if rows.shape[0] > MAX_ROWS and not tile:  # prefill: nothing to decide
         return None
-    choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1])
+    choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1], group_size is None)
     if not choice.get("MMA"):
         return None
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)

@@ -184,7 +184,8 @@ def _triton_linear(x, qweight, scales, zeros, smooth, smooth_rows: list[int], bi
     return out.view(*x.shape[:-1], qweight.shape[0])
 
 
-KERNELS = "Triton kernels that dequantize in registers: a GEMV for one row, a tensor-core GEMM for more"
+KERNELS = ("kernels that dequantize in registers: up to 16 rows a Gluon tensor-core decode (gluon_int4.py), more a "
+           "Triton tensor-core GEMM")
 
 
 def int4_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str, str]:
