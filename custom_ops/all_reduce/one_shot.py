@@ -19,13 +19,16 @@ import torch
 log = logging.getLogger("compiled_llm")
 
 MAX_BYTES = 512 * 1024  # a message above this goes to NCCL (64 rows of 4096 bf16 features)
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = (torch.bfloat16, torch.float32)  # what the kernel dispatches (float16 is not among them)
 _buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor | None] = {}  # None: the group keeps NCCL
 
 
 def takes(x: torch.Tensor, group: str) -> bool:
     """Whether all_reduce(x, group) runs one-shot: a CUDA message up to MAX_BYTES of a group that agreed to it."""
-    if not (x.is_cuda and x.dtype in _DTYPES and x.numel() * x.element_size() <= MAX_BYTES):
+    size = x.numel() * x.element_size()
+    # Decided from what every rank's x has alike (shape, dtype): ranks on different paths would wait on each other.
+    # 16-byte multiples: the kernel wants the buffer's and x's alignment equal (16, see all_reduce).
+    if not (x.is_cuda and x.dtype in _DTYPES and size <= MAX_BYTES and size % 16 == 0):
         return False
     return usable(group, x.device, x.dtype)
 
@@ -33,7 +36,10 @@ def takes(x: torch.Tensor, group: str) -> bool:
 def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     buffer = _buffers[(group, x.device, x.dtype)]
     symmetric = buffer[: x.numel()].view(x.shape)
-    return torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, x.contiguous(), "sum", group)
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # a view at an odd offset: a fresh copy is aligned as the buffer is
+        x = x.clone()
+    return torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, x, "sum", group)
 
 
 def usable(group: str, device: torch.device, dtype: torch.dtype) -> bool:
