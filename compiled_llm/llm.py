@@ -149,11 +149,11 @@ class LLM:
     def _load(spec: str, dtype: torch.dtype | None, tokenizer, world: int, by_slices: bool = False):
         from compiled_llm.model_source import load_model
 
-        if world > 1 and spec.startswith("random:") and not by_slices:  # every rank must draw the same random weights
+        if world > 1 and spec.startswith("random:"):  # every rank must draw the same random weights
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices):  # (presets made by slices seed their own generators)
                 torch.manual_seed(0)
-                loaded = load_model(spec, dtype)
+                loaded = load_model(spec, dtype, by_slices=by_slices)
         else:
             loaded = load_model(spec, dtype, by_slices=by_slices)
         return loaded.model, tokenizer or loaded.tokenizer

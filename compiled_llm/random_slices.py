@@ -6,9 +6,11 @@ bf16 weights, made whole first, would fit none.
 
 A tensor's values do not depend on how it is cut: they are made in chunks of rows (its first dimension), each from
 a generator seeded by the tensor's name and the chunk, and a slice makes the chunks it covers and cuts them. So two
-ranks' shards are parts of one model, the one a single process reads whole, which the tests hold them to.
-Values: HF's initialisation in kind (norm weights 1, biases 0, the rest normal with `initializer_range`); FP8
-weights e4m3 codes of about N(0, 64^2) times a scale of initializer_range / 64.
+ranks' shards are parts of one model, the one a single process reads whole, which the tests hold them to. The values
+depend on the device that makes them (CPU and CUDA generators differ, and CUDA's randn layout follows the GPU's SM
+count): ranks on GPUs of one kind agree; another kind of GPU makes another model of the same shapes.
+Values: norm weights 1 (LlamaRMSNorm's; a (1 + w) norm would want 0), every `*bias` 0, the rest normal with
+`initializer_range`; FP8 weights e4m3 codes of about N(0, 64^2) times a scale of initializer_range / 64.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class RandomTensor:
 
     def __getitem__(self, index) -> torch.Tensor:
         index = index if isinstance(index, tuple) else (index,)
+        if not all(isinstance(i, slice) for i in index):
+            raise TypeError(f"{self.name}: random slices are read with slices (CheckpointSlices' reads), not {index}")
         if not self.shape:  # a scalar
             return self._chunk(0, [])
         index = index + (slice(None),) * (len(self.shape) - len(index))
@@ -108,7 +112,7 @@ def random_meta_model(source: str, config, dtype: torch.dtype, device: str | tor
     for names in names_of.values():  # tied parameters: one tensor, under the first name
         key, param = names[0], model.get_parameter(names[0])
         owner, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
-        kind = "zeros" if leaf == "bias" else "ones" if owner in norms else "normal"
+        kind = "zeros" if leaf.endswith("bias") else "ones" if owner in norms else "normal"
         if fp8 and owner in linears and leaf == "weight":
             scale = f"{owner}.{RANDOM_FP8.scale_name}"
             tensors[key] = RandomTensor(key, list(param.shape), "e4m3", FP8, device, std)

@@ -85,3 +85,19 @@ def test_loading_holds_the_graphs_tensors_and_one_recipes_inputs(fp8):
     model = random_meta_model("random:test", config, torch.float32, "cpu", fp8)
     compiled = compile_model(model, compile_backend="eager", max_batch_size=2)
     assert compiled.report.weight_bytes <= model.checkpoint_slices.peak_bytes < 1.2 * compiled.report.weight_bytes
+
+
+def test_ranks_loading_a_preset_made_whole_draw_the_same_weights(monkeypatch):
+    """A preset that is not made by slices (MXFP4 and Q4_K ones) is made whole on each rank from the global generator:
+    LLM seeds it the same on every rank, whatever the process drew before, by_slices or not."""
+    from compiled_llm import presets
+    from compiled_llm.llm import LLM
+
+    monkeypatch.setitem(presets.RANDOM_PRESETS, "test-base", ARCHITECTURES["llama"])
+    monkeypatch.setitem(presets.Q4_K_PRESETS, "test-q4_k", "test-base")
+    embeddings = []
+    for seed in (1, 2):  # two ranks' processes, each with its own history
+        torch.manual_seed(seed)
+        model, _ = LLM._load("random:test-q4_k", torch.float32, "tokenizer", 2, by_slices=True)
+        embeddings.append(model.get_input_embeddings().weight)
+    assert torch.equal(*embeddings)

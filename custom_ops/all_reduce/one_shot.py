@@ -20,7 +20,9 @@ log = logging.getLogger("compiled_llm")
 
 MAX_BYTES = 512 * 1024  # a message above this goes to NCCL (64 rows of 4096 bf16 features)
 _DTYPES = (torch.bfloat16, torch.float32)  # what the kernel dispatches (float16 is not among them)
-_buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor | None] = {}  # None: the group keeps NCCL
+# (process group, device, dtype) -> its symmetric buffer, or None: the group keeps NCCL. Keyed by the group itself, not
+# its name: a later group of the same process (an LLM started again) may reuse the name of a destroyed one.
+_buffers: dict[tuple[object, torch.device, torch.dtype], torch.Tensor | None] = {}
 
 
 def takes(x: torch.Tensor, group: str) -> bool:
@@ -33,8 +35,14 @@ def takes(x: torch.Tensor, group: str) -> bool:
     return usable(group, x.device, x.dtype)
 
 
+def _key(group: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return (_resolve_process_group(group), device, dtype)
+
+
 def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
-    buffer = _buffers[(group, x.device, x.dtype)]
+    buffer = _buffers[_key(group, x.device, x.dtype)]
     symmetric = buffer[: x.numel()].view(x.shape)
     x = x.contiguous()
     if x.data_ptr() % 16:  # a view at an odd offset: a fresh copy is aligned as the buffer is
@@ -45,7 +53,7 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 def usable(group: str, device: torch.device, dtype: torch.dtype) -> bool:
     """The group's decision for (device, dtype), made at the first call of every rank (collectively: the ranks'
     first calls are the same op's, in step), never during a CUDA-graph capture (NCCL keeps a call made then)."""
-    key = (group, device, dtype)
+    key = _key(group, device, dtype)
     if key not in _buffers:
         if torch.cuda.is_current_stream_capturing():
             return False
@@ -62,6 +70,9 @@ def _agree(ok: bool, group: str, device: torch.device) -> bool:
 
 
 def _set_up(group: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The group's buffer, or None. Each step that a rank could fail alone (its reasons, the allocation, the probe) is
+    followed by an agreement, before the next collective step (the rendezvous, the one-shot kernel): a rank that
+    stops early never leaves the others waiting in a collective it skips."""
     from custom_ops.all_reduce.op import reference_all_reduce
 
     why = _unavailable(device)
@@ -72,18 +83,19 @@ def _set_up(group: str, device: torch.device, dtype: torch.dtype) -> torch.Tenso
 
             buffer = symm_mem.empty(MAX_BYTES // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
                                     device=device)  # fmt: skip
-            symm_mem.rendezvous(buffer, group)
         except Exception as error:  # noqa: BLE001  (any failure keeps NCCL, agreed below)
-            why, buffer = f"symmetric memory: {type(error).__name__}: {error}", None
+            why = f"symmetric memory: {type(error).__name__}: {error}"
     if not _agree(why is None, group, device):
         log.info("all-reduce of group %s: NCCL for every message (%s)", group, why or "another rank cannot one-shot")
         return None
-    # Held to the reference on a random probe before it may run: rows of 4096 features, as many as fit.
+    symm_mem.rendezvous(buffer, group)  # collective: every rank is here
+    # Held to the reference on a random probe before it may run: rows of 4096 features, as many as fit. The
+    # reference sum first, on every rank, so that a one-shot failing on one rank leaves no NCCL call unpaired.
     probe = torch.randn(MAX_BYTES // 4 // 4096 // 2, 4096, device=device).to(dtype)
+    expected = reference_all_reduce(probe, group)
     try:
         symmetric = buffer[: probe.numel()].view(probe.shape)
         got = torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, probe, "sum", group)
-        expected = reference_all_reduce(probe, group)
         error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
         why = None if error < 1e-2 else f"its sum differs from NCCL's by {error:.2e}"
     except Exception as failure:  # noqa: BLE001
