@@ -227,7 +227,6 @@ class CheckpointSlices:
             for name in {a for a in _strings(args) if last_reader[a] == i and a not in read_by_nodes}:
                 if name in tensors or name in derived:
                     _set_tensor(gm, name, None)
-        read_whole_tensors(read_whole)
         self._note_peak(gm)
         for name, value in named_tensors(gm):
             if name not in read_by_nodes:  # a shard's source read in parts, a float weight quantized: not kept

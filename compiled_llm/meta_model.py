@@ -41,6 +41,33 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """`device` with its index: a bare "cuda" is this process's current GPU (the rank's)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Each parameter's names (several for tied ones: one tensor), in the model's order."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return list(names_of.values())
+
+
+def mark_fp8_weight(param: nn.Parameter, scale_shape: list[int]) -> None:
+    """Give a meta parameter the FP8 tensors it will be read with (meta too), which the passes cut and fuse as they do
+    a whole FP8 load's (sharding.shard_parameter)."""
+    param.fp8_weight = torch.empty(param.shape, dtype=FP8, device="meta")
+    param.fp8_scale = torch.empty(scale_shape, dtype=torch.float32, device="meta")
+
+
+def move_buffer_to_meta(model: nn.Module, name: str, buffer: torch.Tensor) -> None:
+    module, leaf = owning_module(model, name)
+    module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
+
+
 def checkpoint_index(directory: Path) -> dict[str, str]:
     """Tensor key -> safetensors file of a Hugging Face directory (one file, or sharded with an index)."""
     index = directory / "model.safetensors.index.json"
@@ -74,8 +101,7 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device,
     dtype = dtype or getattr(config, "dtype", None) or _files_dtype(directory, files)  # as dtype="auto" takes it
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = rank_device(device)
     # load_fp8_directory builds the model on the device, from_pretrained on the CPU: the buffers computed at init
     # (RoPE's frequencies) are computed where the whole load computes them (the parameters go to meta regardless).
     with parameters_on_meta(), torch.device(device) if fp8 is not None else contextlib.nullcontext():
@@ -101,10 +127,8 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device,
     stored_as = found.single | found.merged
     for name, experts in found.merged.items():
         shapes[name] = merged_shape(experts, shapes) or ["experts of unequal shapes"]
-    keys, names_of = {}, {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():  # tied parameters share one tensor of the files
+    keys = {}
+    for names in tied_names(model):  # tied parameters share one tensor of the files
         if len(stored := [stored_as[n] for n in names if n in stored_as]) > 1:
             both = " and ".join(n for n in names if n in stored_as)
             return None, f"{both} are tied, yet each is in the files (transformers unties them if they differ)"
@@ -128,8 +152,7 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device,
             keys[name] = (files[stored_as[name]], stored_as[name])
         else:
             buffers[name] = buffer
-        module, leaf = owning_module(model, name)
-        module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
+        move_buffer_to_meta(model, name, buffer)
     fp8_weights, why = _fp8_weights(keys, shapes, stored_dtypes, fp8)
     if fp8_weights is None:
         return None, why
@@ -140,9 +163,7 @@ def meta_model(directory: Path, dtype: torch.dtype | None, device: torch.device,
             return None, f"{rounded[0]} is built in {dtypes[rounded[0]]}, and the whole load rounds it to {dtype} first"
     for name, weight in fp8_weights.items():  # the passes cut and fuse these as the whole load's (shard_parameter)
         param = model.get_parameter(name)
-        param.fp8_weight = torch.empty(param.shape, dtype=FP8, device="meta")
-        blocks = shapes[weight.scale] if weight.kind == "block" else [param.shape[0]]
-        param.fp8_scale = torch.empty(blocks, dtype=torch.float32, device="meta")
+        mark_fp8_weight(param, shapes[weight.scale] if weight.kind == "block" else [param.shape[0]])
         keys[weight.scale] = (files[weight.scale], weight.scale)
         dtypes[weight.scale] = SAFETENSORS_DTYPES[stored_dtypes[weight.scale]]  # made float32 as the whole load does
     model.checkpoint_slices = slices = CheckpointSlices(directory, keys, buffers, dtype, device)

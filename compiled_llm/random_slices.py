@@ -21,9 +21,9 @@ import zlib
 import torch
 from torch import nn
 
-from compiled_llm.checkpoint_slices import CheckpointSlices, Fp8Weight, named_tensors, owning_module
+from compiled_llm.checkpoint_slices import CheckpointSlices, Fp8Weight, named_tensors
 from compiled_llm.fp8_checkpoint import Fp8Checkpoint
-from compiled_llm.meta_model import parameters_on_meta
+from compiled_llm.meta_model import mark_fp8_weight, move_buffer_to_meta, parameters_on_meta, rank_device, tied_names
 from custom_ops.linear.fp8 import FP8
 
 CHUNK_ELEMENTS = 1 << 22  # a chunk's temporaries: 16 MB of float32
@@ -96,9 +96,7 @@ def random_meta_model(source: str, config, dtype: torch.dtype, device: str | tor
     channel loads (compiled_llm_quantization "fp8"). `source` names it in logs (`random:NAME`)."""
     import transformers as tf
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = rank_device(torch.device(device))
     # the buffers computed at init (RoPE's) on the device, where random_model has them
     with parameters_on_meta(), torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -106,10 +104,7 @@ def random_meta_model(source: str, config, dtype: torch.dtype, device: str | tor
     norms = {name for name, module in model.named_modules() if "Norm" in type(module).__name__}
     linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and ".layers." in name}
     keys, tensors, fp8_weights = {}, {}, {}
-    names_of: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():  # tied parameters: one tensor, under the first name
+    for names in tied_names(model):  # tied parameters: one tensor, under the first name
         key, param = names[0], model.get_parameter(names[0])
         owner, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
         kind = "zeros" if leaf.endswith("bias") else "ones" if owner in norms else "normal"
@@ -119,16 +114,14 @@ def random_meta_model(source: str, config, dtype: torch.dtype, device: str | tor
             tensors[scale] = RandomTensor(scale, [param.shape[0]], "scale", torch.float32, device, std)
             keys[scale] = ("random", scale)
             fp8_weights[key] = Fp8Weight(scale, "channel", RANDOM_FP8)
-            param.fp8_weight = torch.empty(param.shape, dtype=FP8, device="meta")
-            param.fp8_scale = torch.empty([param.shape[0]], dtype=torch.float32, device="meta")
+            mark_fp8_weight(param, [param.shape[0]])
         else:
             tensors[key] = RandomTensor(key, list(param.shape), kind, param.dtype, device, std)
         keys |= dict.fromkeys(names, ("random", key))
     buffers = {}
     for name, buffer in model.named_buffers(remove_duplicate=False):
         buffers[name] = buffer
-        module, leaf = owning_module(model, name)
-        module._buffers[leaf] = buffer.to("meta")  # captured on meta with the parameters; load() puts it back
+        move_buffer_to_meta(model, name, buffer)
     slices = RandomSlices(source, tensors, keys, buffers, dtype, device)
     slices.dtypes = {name: t.dtype for name, t in named_tensors(model)}
     slices.dtypes |= {key: torch.float32 for key, t in tensors.items() if t.kind == "scale"}

@@ -62,7 +62,7 @@ def usable(group: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _agree(ok: bool, group: str, device: torch.device) -> bool:
-    """Whether every rank of the group says ok (a MIN over the group, through NCCL)."""
+    """Whether every rank of the group says ok (its refusals summed over the group, through NCCL, are 0)."""
     from custom_ops.all_reduce.op import reference_all_reduce
 
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
