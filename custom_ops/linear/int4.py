@@ -56,11 +56,13 @@ def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """W [N, K] in float32, as the numerics above define it."""
-    codes = unpack_codes(qweight).float()
-    per_column = scales.float().repeat_interleave(group_size, 1)
+    n = qweight.shape[0]
+    # Groups broadcast against their scale and zero (no [N, K] copies of them: the reference runs every call on CPU)
+    codes = unpack_codes(qweight).view(n, -1, group_size).float()
+    scale = scales.float().unsqueeze(-1)
     if zeros.is_floating_point():  # offsets: w = q s + m
-        return codes * per_column + zeros.float().repeat_interleave(group_size, 1)
-    return (codes - zeros.float().repeat_interleave(group_size, 1)) * per_column
+        return (codes * scale + zeros.float().unsqueeze(-1)).view(n, -1)
+    return ((codes - zeros.float().unsqueeze(-1)) * scale).view(n, -1)
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: torch.Tensor | None = None,

@@ -36,8 +36,9 @@ _LIBRARY.define(
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                group_size: int) -> torch.Tensor:  # fmt: skip
     """W [N, K] in float32, as the numerics above define it."""
-    weight = qweight.float() * scales.float().repeat_interleave(group_size, 1)
-    return weight if offsets is None else weight + offsets.float().repeat_interleave(group_size, 1)
+    n = qweight.shape[0]
+    weight = qweight.reshape(n, -1, group_size).float() * scales.float().unsqueeze(-1)  # groups broadcast, no [N, K] copies
+    return (weight if offsets is None else weight + offsets.float().unsqueeze(-1)).view(n, -1)
 
 
 def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
