@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fp8_rounding import CLIPS, amax_scale, e4m3, e4m3_weight
 
 import custom_ops  # noqa: F401  (registers the ops)
+from custom_ops.linear import fp8
 from custom_ops.linear.fp8 import FP8, FP8_MAX, quantize_rows, quantize_weight
 
 HALF_ULP = 2.0**-4  # e4m3 keeps 3 mantissa bits: a normal value rounds within 2^-4 of itself, relatively
@@ -23,11 +25,29 @@ def test_weights_round_per_output_channel(shape):
     weight = torch.randn(shape, dtype=torch.float64) * torch.rand(shape[0], 1, dtype=torch.float64) * 3
     weight8, scale = quantize_weight(weight)
     assert weight8.dtype == FP8 and scale.shape == (shape[0],) and scale.dtype == torch.float32
-    expected_scale = weight.abs().amax(dim=1) / FP8_MAX
-    torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
-    assert (weight8.double().abs().amax(dim=1) == FP8_MAX).all()  # each channel's largest value is +-448
+    # Each channel's scale is its amax / 448 times one of the clips, the one nearest the channel (fp8_rounding).
+    torch.testing.assert_close(weight8.double() * scale.double()[:, None], e4m3_weight(weight), rtol=0, atol=0)
+    amax = weight.abs().amax(dim=1)
+    clip = scale.double() * FP8_MAX / amax
+    assert torch.isclose(clip[:, None], torch.tensor(CLIPS, dtype=torch.float64), rtol=1e-6).any(dim=1).all()
     error = (weight8.double() * scale.double()[:, None] - weight).abs()
-    assert (error <= rounding_bound(weight, scale.double()[:, None])).all()
+    inside = weight.abs() <= FP8_MAX * scale.double()[:, None]  # the rest saturate at +-448 * s_w
+    assert (error[inside] <= rounding_bound(weight, scale.double()[:, None])[inside]).all()
+    assert torch.allclose(error[~inside], weight.abs()[~inside] - FP8_MAX * scale.double()[:, None].expand_as(weight)[~inside])
+    # The search rounds no channel worse than amax's scale alone, and the whole weight better.
+    unclipped = e4m3(weight, amax_scale(weight))
+    assert (error.square().sum(1) <= (unclipped - weight).square().sum(1) * (1 + 1e-6)).all()
+    assert error.square().sum() < (unclipped - weight).square().sum()
+
+
+def test_weights_are_searched_in_chunks_of_rows(monkeypatch):
+    weight = torch.randn(37, 24)
+    whole = quantize_weight(weight)
+    monkeypatch.setattr(fp8, "_SEARCH_CHUNK_VALUES", 24 * 5)  # 5 rows a chunk, the last one short
+    chunked = quantize_weight(weight)
+    assert torch.equal(whole[0].view(torch.uint8), chunked[0].view(torch.uint8)) and torch.equal(whole[1], chunked[1])
+    zero8, zero_scale = quantize_weight(torch.zeros(3, 8))  # an all-zero channel: zeros and a finite scale
+    assert (zero8.float() == 0).all() and torch.isfinite(zero_scale).all() and (zero_scale > 0).all()
 
 
 def test_activations_round_per_token_or_with_the_static_scale():

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
+from conftest import ARCHITECTURES, random_prompt, relative_error, run_in_interpreter, tiny_model
+from fp8_rounding import e4m3_rows, e4m3_weight
 
 import custom_ops.moe  # noqa: F401  (registers the op)
 from compiled_llm import compile_model
-from conftest import ARCHITECTURES, random_prompt, relative_error, run_in_interpreter, tiny_model
 from custom_ops.moe import moe_experts_reference, triton_moe
 from custom_ops.triton_runtime import triton_available
 
@@ -347,15 +348,6 @@ def test_a_full_tuning_run_of_the_experts_keeps_the_logits(tmp_path, monkeypatch
     assert relative_error(actual, expected) < 2e-2
 
 
-def e4m3_rows(values: torch.Tensor) -> torch.Tensor:
-    """values [rows, K] rounded as fp8_linear defines it (scale max|row| * (1/448), e4m3(v * (1 / scale))), back in
-    float64."""
-    values = values.float()
-    scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * torch.tensor(1 / 448.0)
-    quantized = (values * (torch.tensor(1.0) / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return quantized.double() * scale.double()
-
-
 def float64_fp8_experts(x, ids, weights, w13, w2) -> torch.Tensor:
     """float64_experts with each expert weight's rows and each GEMM's input rows rounded to e4m3, written out here."""
     x8 = e4m3_rows(x)
@@ -363,9 +355,9 @@ def float64_fp8_experts(x, ids, weights, w13, w2) -> torch.Tensor:
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
-            gate, up = (e4m3_rows(w13[e]) @ x8[t]).chunk(2)
+            gate, up = (e4m3_weight(w13[e]) @ x8[t]).chunk(2)
             act = (F.silu(gate) * up).float()
-            out[t] += weights[t, j].double() * (e4m3_rows(w2[e]) @ e4m3_rows(act[None])[0])
+            out[t] += weights[t, j].double() * (e4m3_weight(w2[e]) @ e4m3_rows(act[None])[0])
     return out
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB, tiny_model
-from test_moe_experts import float64_fp8_experts
 from drop_in_models import nanogpt
+from fp8_rounding import e4m3, e4m3_rows, e4m3_weight
+from test_moe_experts import float64_fp8_experts
 
 from autotune.select import graph_value
 from compiled_llm import compile_model
@@ -63,31 +64,21 @@ def test_quantize_lm_head_quantizes_the_last_linear_too():
 
 
 def fake_quantized(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The linear as fp8_linear defines it, written here from the definition: scales max|v| * (1/448) and the
-    rounding e4m3(v * (1 / scale)) in float32, the product and sums in float64."""
-
-    def rounded(values: torch.Tensor) -> torch.Tensor:
-        values = values.float()
-        scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * torch.tensor(1 / FP8_MAX)
-        quantized = (values * (torch.tensor(1.0) / scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return quantized.double() * scale.double()
-
-    out = rounded(x) @ rounded(module.weight).t()
+    """The linear as fp8_linear defines it, written out in tests/fp8_rounding.py: x's rows and the weight rounded to
+    e4m3 in float32, the product and sums in float64."""
+    out = e4m3_rows(x) @ e4m3_weight(module.weight).t()
     if module.bias is not None:
         out = out + module.bias.double()
     return out.to(x.dtype)
 
 
 def fake_block_quantized(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The linear as fp8_block_linear defines it, from the definition: the rounding of `fake_quantized` applied to
-    each 128 x 128 block of the weight and each token's 128-column group of x; the groups' partial products, each
+    """The linear as fp8_block_linear defines it, from the definition: e4m3 at max|values| / 448 (no clip search)
+    for each 128 x 128 block of the weight and each token's 128-column group of x; the groups' partial products, each
     scaled, summed in float64."""
 
     def rounded(values: torch.Tensor) -> torch.Tensor:
-        values = values.float()
-        scale = values.abs().amax().clamp(min=1e-12) * torch.tensor(1 / FP8_MAX)
-        quantized = (values * (torch.tensor(1.0) / scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return quantized.double() * scale.double()
+        return e4m3(values, values.float().abs().amax().clamp(min=1e-12) * torch.tensor(1 / FP8_MAX))
 
     weight, rows = module.weight, x.reshape(-1, x.shape[-1])
     weight_blocks = torch.zeros(weight.shape, dtype=torch.float64)

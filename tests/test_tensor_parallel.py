@@ -185,13 +185,16 @@ def test_two_ranks_of_fp8_match_one(two_ranks):
     rank0, rank1 = (results["llama_fp8"] for results in two_ranks)
     assert rank0["sites"] == rank1["sites"] == EXPECTED_SITES["llama"][0]
     assert torch.equal(rank0["logits"], rank1["logits"])
-    assert torch.equal(rank0["tokens"], tokens) and torch.equal(rank1["tokens"], tokens)
-    fp8_error = relative_error(logits, unquantized)  # e4m3's 3 mantissa bits over 7 linears a layer: 7.7% here
+    # One stream of tokens over the ranks. Against one rank's greedy tokens they agree until a near-tie that the other
+    # roundings flip (here the 6th new token, with the weight scales' clip search), so one rank is compared by logits.
+    assert torch.equal(rank0["tokens"], rank1["tokens"])
+    assert torch.equal(rank0["tokens"][:, : ids.shape[1] + 1], tokens[:, : ids.shape[1] + 1])
+    fp8_error = relative_error(logits, unquantized)  # e4m3's 3 mantissa bits over 7 linears a layer: 9.4% here
     assert 1e-3 < fp8_error < 0.15
     # Two ranks round to e4m3 values of the same size as one rank, some of them other values (the row-parallel
-    # linears' and their inputs'): each is as far from the unquantized model as the other (measured 8.2% vs 7.7%),
+    # linears' and their inputs'): each is as far from the unquantized model as the other (measured 7.8% vs 9.4%),
     # and they differ by at most about sqrt(2) times that, the two roundings' errors were they independent
-    # (measured 6.6%: the column-parallel roundings are the same). A wrong shard (a missing all-reduce, another
+    # (measured 7.6%: the column-parallel roundings are the same). A wrong shard (a missing all-reduce, another
     # rank's columns) differs by the size of the logits themselves.
     assert relative_error(rank0["logits"], unquantized) < 1.25 * fp8_error
     assert relative_error(rank0["logits"], logits) < 1.5 * fp8_error
