@@ -16,10 +16,10 @@ def e4m3(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quantized.double() * scale.double()
 
 
-def amax_scale(values: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
-    return (values.float().abs().amax(dim=-1, keepdim=True) * torch.tensor(clip)).clamp(min=1e-12) * torch.tensor(
-        1 / FP8_MAX
-    )
+def amax_scale(values: torch.Tensor, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """max|row| * clip / 448 per row (clip a number or [rows, 1]), in float32 as the op computes it."""
+    amax = values.float().abs().amax(dim=-1, keepdim=True)
+    return (amax * torch.as_tensor(clip, dtype=torch.float32)).clamp(min=1e-12) * torch.tensor(1 / FP8_MAX)
 
 
 def e4m3_rows(values: torch.Tensor) -> torch.Tensor:
@@ -27,17 +27,15 @@ def e4m3_rows(values: torch.Tensor) -> torch.Tensor:
     return e4m3(values, amax_scale(values))
 
 
+def clip_errors(weight: torch.Tensor) -> torch.Tensor:
+    """[N, len(CLIPS)]: each row's squared rounding error (float64) at each clip of its amax."""
+    weight = weight.detach()
+    return torch.stack([(e4m3(weight, amax_scale(weight, clip)) - weight.double()).square().sum(dim=-1)
+                        for clip in CLIPS], dim=-1)  # fmt: skip
+
+
 def e4m3_weight(weight: torch.Tensor) -> torch.Tensor:
     """A weight [N, K] as the op stores it: each row's scale max|row| * c / 448 for the c of CLIPS whose rounding is
     nearest the row (float64 squared error; the first on a tie)."""
-    weight = weight.detach()
-    best = best_error = None
-    for clip in CLIPS:
-        rounded = e4m3(weight, amax_scale(weight, clip))
-        error = (rounded - weight.double()).square().sum(dim=-1, keepdim=True)
-        if best is None:
-            best, best_error = rounded, error
-        else:
-            best = torch.where(error < best_error, rounded, best)
-            best_error = torch.minimum(error, best_error)
-    return best
+    best = clip_errors(weight).argmin(dim=-1, keepdim=True)  # the first of equal minima
+    return e4m3(weight.detach(), amax_scale(weight.detach(), torch.tensor(CLIPS, dtype=torch.float32)[best]))
