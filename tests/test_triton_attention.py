@@ -104,7 +104,7 @@ def test_triton_decode_replays_in_a_cuda_graph():
 def fix_interpreter_loop_bounds() -> None:
     """Triton 3.6's interpreter turns a loop bound into an int with int(<1-element array>), which NumPy >= 2.4
     refuses; read the element instead."""
-    import triton.runtime.interpreter as interpreter
+    from triton.runtime import interpreter
 
     patch = interpreter._patch_lang_tensor
 
@@ -115,9 +115,45 @@ def fix_interpreter_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def fix_interpreter_fp8_conversions() -> None:
+    """Triton 3.6's interpreter converts to float8 by truncating the mantissa (its round-to-nearest adds the cut-off
+    bit without carrying into the exponent), where a GPU rounds to nearest even and saturates at the largest finite
+    value: an fp8 KV cache written in the interpreter was 3-11% off the reference. Conversions to or from float8 go
+    through torch's instead, as a GPU does them."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    dtypes = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2, tl.float16: torch.float16,
+              tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}  # fmt: skip
+    raw = {8: (np.uint8, torch.uint8), 16: (np.int16, torch.int16), 32: (np.int32, torch.int32)}
+    convert = interpreter._convert_float
+
+    def converted(input, input_dtype, output_dtype, rounding_mode):
+        if 8 not in (input_dtype.primitive_bitwidth, output_dtype.primitive_bitwidth) or not (
+            input_dtype in dtypes and output_dtype in dtypes
+        ):
+            return convert(input, input_dtype, output_dtype, rounding_mode)
+        source = torch.from_numpy(np.ascontiguousarray(input).view(raw[input_dtype.primitive_bitwidth][0]))
+        values = source.view(dtypes[input_dtype])
+        target = dtypes[output_dtype]
+        if target.itemsize == 1:  # cvt.rn.satfinite: finite values past the range saturate (torch's cast gives NaN)
+            limit = torch.finfo(target).max
+            values = torch.where(values.isnan(), values.float(), values.float().clamp(-limit, limit))
+        bits = output_dtype.primitive_bitwidth
+        return values.to(target).view(raw[bits][1]).numpy().view(f"uint{bits}")
+
+    interpreter._convert_float = converted
+
+
 INTERPRETED = [("gpt-oss", "mixed", 5), ("gpt-oss", "decode", 5), ("smollm2", "decode", 16),
                ("mha-odd-head-dim", "one-long-prefill", 16), ("latent-40-heads", "decode", 16),
                ("latent-40-heads", "short-mixed", 5)]  # decode steps: keys split over programs
+# (layer, step, block size, device, dtype, tolerance): float32 sums what the cache holds as the reference does; float16
+# meets the cache's values in float16 MMAs, as bf16 on a GPU.
+INTERPRETED_FP8_CACHE = [("llama-8b", "decode", 16, "cpu", torch.float32, 1e-4),
+                         ("gemma2", "short-mixed", 5, "cpu", torch.float32, 1e-4),
+                         ("gpt-oss", "decode", 5, "cpu", torch.float16, 1e-2)]  # fmt: skip
 
 
 @needs_triton
@@ -130,6 +166,8 @@ def test_triton_kernel_in_the_interpreter():
         "import custom_ops.attention.triton as backend\n"  # a decode launch of longer key tiles (DECODE_LAUNCH)
         "backend.DECODE_LAUNCH = {'TILE': 64}\n"
         "t.check_against_reference('gpt-oss', 'decode', 5, 'cpu', torch.float32, 1e-4)\n"
+        "t.fix_interpreter_fp8_conversions()\n"  # an fp8 cache: written by the kernels and read as on a GPU
+        f"for case in {INTERPRETED_FP8_CACHE!r}: t.check_against_reference(*case, torch.float8_e4m3fn)\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
