@@ -150,7 +150,7 @@ INTERPRETED = [("gpt-oss", "mixed", 5), ("gpt-oss", "decode", 5), ("smollm2", "d
                ("mha-odd-head-dim", "one-long-prefill", 16), ("latent-40-heads", "decode", 16),
                ("latent-40-heads", "short-mixed", 5)]  # decode steps: keys split over programs
 # (layer, step, block size, device, dtype, tolerance): float32 sums what the cache holds as the reference does; float16
-# meets the cache's values in float16 MMAs, as bf16 on a GPU.
+# (bf16 is beyond the interpreter) rounds the cache's values to the MMA's half-precision operands, as bf16 does on a GPU.
 INTERPRETED_FP8_CACHE = [("llama-8b", "decode", 16, "cpu", torch.float32, 1e-4),
                          ("gemma2", "short-mixed", 5, "cpu", torch.float32, 1e-4),
                          ("gpt-oss", "decode", 5, "cpu", torch.float16, 1e-2)]  # fmt: skip
