@@ -24,13 +24,18 @@ def test_cpu_messages_and_large_ones_never_take_the_one_shot_path():
     assert not one_shot._buffers
 
 
-def test_the_environment_keeps_nccl(monkeypatch):
-    monkeypatch.setenv("COMPILED_LLM_ONE_SHOT_ALL_REDUCE", "0")
-    assert one_shot._unavailable(torch.device("cuda", 0)) == "COMPILED_LLM_ONE_SHOT_ALL_REDUCE=0"
+@pytest.mark.parametrize("value", [None, "0"])
+def test_the_one_shot_path_is_opt_in(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("COMPILED_LLM_ONE_SHOT_ALL_REDUCE", raising=False)
+    else:
+        monkeypatch.setenv("COMPILED_LLM_ONE_SHOT_ALL_REDUCE", value)
+    assert "COMPILED_LLM_ONE_SHOT_ALL_REDUCE=1" in one_shot._unavailable(torch.device("cuda", 0))
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")  # multicast off (issue 27)
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",  # multicast off (issue 27)
+                      COMPILED_LLM_ONE_SHOT_ALL_REDUCE="1")  # fmt: skip
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", rank))  # fmt: skip

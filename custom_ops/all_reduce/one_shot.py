@@ -6,7 +6,10 @@ ring takes 10-20 us a call at these sizes, and tensor parallelism adds two a lay
 Whether it runs is decided once a group and dtype, collectively (`usable`): every rank sets up its buffer, sums a
 random probe both ways, and the group takes it only where every rank could and every rank's one-shot sum equals the
 reference's within rounding. A rank that could not says why in the log; the op then keeps NCCL on every rank, so
-the ranks never disagree on which collective they run. COMPILED_LLM_ONE_SHOT_ALL_REDUCE=0 keeps NCCL.
+the ranks never disagree on which collective they run.
+
+Opt-in (COMPILED_LLM_ONE_SHOT_ALL_REDUCE=1) until its 2-GPU test (tests/test_all_reduce.py) has passed on a GPU
+host: no multi-GPU machine has run this path yet. Otherwise NCCL.
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ def _set_up(group: str, device: torch.device, dtype: torch.dtype) -> torch.Tenso
 
 def _unavailable(device: torch.device) -> str | None:
     """Why this rank cannot one-shot, or None."""
-    if os.environ.get("COMPILED_LLM_ONE_SHOT_ALL_REDUCE", "1") == "0":
-        return "COMPILED_LLM_ONE_SHOT_ALL_REDUCE=0"
+    if os.environ.get("COMPILED_LLM_ONE_SHOT_ALL_REDUCE", "0") != "1":
+        return "opt-in until tested on GPUs: COMPILED_LLM_ONE_SHOT_ALL_REDUCE=1"
     if torch.version.hip is not None:
         return "ROCm"
     if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
