@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB, tiny_model
 from drop_in_models import nanogpt
-from fp8_rounding import e4m3, e4m3_rows, e4m3_weight
+from fp8_rounding import FP8_MAX, e4m3, e4m3_rows, e4m3_weight
 from test_moe_experts import float64_fp8_experts
 
 from autotune.select import graph_value
@@ -18,7 +18,6 @@ from compiled_llm.verify import SelfCheckError
 from fx_passes import DEFAULT_PIPELINE
 from fx_passes.registry import PassResult, register_pass
 
-FP8_MAX = 448.0
 MOE = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3")
 MOE_LAYERS = {"deepseek_v2": 1, "deepseek_v3": 1}  # their first layer is dense
 # Quantized linears of the 2-layer models the per-layer rule does not fit. DeepSeek-V3's multi-head latent attention:

@@ -4,9 +4,9 @@ RMSNorm after it, as one op (fx_passes/fuse_all_reduce_rms_norm.py inserts it wh
     all_reduce_add_rms_norm(x, r, w, eps, group, backend) = add_rms_norm(sum of x over the group's ranks, r, w, eps)
 
 The sum is the functional all-reduce (NCCL on GPUs, gloo on CPU: the reference), or, opted in (one_shot.py), on
-CUDA for a message up to one_shot.MAX_BYTES (a decode step's rows), PyTorch's one-shot all-reduce over symmetric memory: each rank copies x
-into its buffer and one kernel reads every peer's over NVLink (no multicast), where NCCL's ring takes 10-20 us a call,
-64 a step on Llama-8B. Every rank of the group takes the same path (one_shot.usable agrees on it over the group), and
+CUDA for a message up to one_shot.MAX_BYTES (a decode step's rows), PyTorch's one-shot all-reduce over symmetric
+memory: each rank copies x into its buffer and one kernel reads every peer's over NVLink (no multicast), where NCCL's
+ring takes 10-20 us a call, 64 a step on Llama-8B. Every rank of the group takes the same path (one_shot.usable agrees on it over the group), and
 the one-shot sum was held to the reference on the group before it may run. The norm is add_rms_norm's (`backend`).
 """
 

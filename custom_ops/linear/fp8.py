@@ -75,19 +75,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     quantized = torch.empty(weight.shape, dtype=FP8, device=weight.device)
     scale = torch.empty_like(amax)
     step = max(1, _SEARCH_CHUNK_VALUES // max(k, 1))
+    clips = torch.tensor(WEIGHT_SCALE_CLIPS, device=weight.device)
     for start in range(0, n, step):
-        rows = weight[start : start + step].float()
-        best_error = None
+        rows, row_amax = weight[start : start + step].float(), amax[start : start + step]
+        errors = []
         for clip in WEIGHT_SCALE_CLIPS:
-            candidate, candidate_scale = scale_and_round(rows, amax[start : start + step] * clip)
-            error = (candidate.float() * candidate_scale - rows).square().sum(dim=1, keepdim=True)
-            if best_error is None:
-                best, best_scale, best_error = candidate, candidate_scale, error
-                continue
-            better = error < best_error
-            best = torch.where(better, candidate, best)
-            best_scale, best_error = torch.where(better, candidate_scale, best_scale), torch.minimum(error, best_error)
-        quantized[start : start + step], scale[start : start + step] = best, best_scale
+            rounded, clipped_scale = scale_and_round(rows, row_amax * clip)
+            errors.append((rounded.float() * clipped_scale - rows).square().sum(dim=1, keepdim=True))
+        best = clips[torch.cat(errors, dim=1).argmin(dim=1, keepdim=True)]  # argmin: the first of equal errors
+        quantized[start : start + step], scale[start : start + step] = scale_and_round(rows, row_amax * best)
     return quantized, scale.view(-1)
 
 
