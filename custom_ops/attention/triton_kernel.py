@@ -74,6 +74,13 @@ def paged_attention_kernel(
         mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
     )  # fmt: skip
     q_pos = context_len + q_local  # position of each row's token in its sequence
+    FP16_MMA: tl.constexpr = SATURATE_AT > 0 and not IEEE_DOT
+    if FP16_MMA:
+        # An e4m3 cache: its keys and values convert to float16 exactly, two in one instruction, but to bfloat16 only
+        # through float32 (with bf16 MMAs the sm_90a decode loop was 569 instructions, against 401 over a bf16 cache,
+        # and session 16 timed fp8-cache attention slower than bf16's; in float16, 472: benchmarks/kernel_sass.py).
+        # So q (times the softmax scale, clamped to float16's range) and p meet them in float16; sums stay float32.
+        q = tl.clamp(q.to(tl.float32) * scale, -65504.0, 65504.0).to(tl.float16)
 
     # WRITE_KV: the cache write of this step's keys and values. Split 0 writes those of its query tokens,
     # for its KV head (one row per token). No program of this step reads them back from the cache (the
@@ -126,7 +133,8 @@ def paged_attention_kernel(
             s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
-        s = s * scale
+        if not FP16_MMA:  # (else q carries the scale)
+            s = s * scale
         if USE_SOFTCAP:
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
         allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
