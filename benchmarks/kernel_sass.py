@@ -225,7 +225,7 @@ def _mma_study(out_dir: str, e2m1: bool, cases) -> None:
 def decode_attention(out_dir: str) -> None:
     """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
     key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
-    from custom_ops.attention.triton import DECODE_LAUNCH
+    from custom_ops.attention.triton import DECODE_LAUNCH, FP8_CACHE_DECODE_STAGES
     from custom_ops.attention.triton_kernel import paged_attention_kernel
 
     strides = {"q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "v_token_stride",
@@ -242,8 +242,9 @@ def decode_attention(out_dir: str) -> None:
                       "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False,
                       "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16}  # fmt: skip
         launch = {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
+        stages = launch.get("num_stages", 3 if cache == "bf16" else FP8_CACHE_DECODE_STAGES)  # the backend's launch
         kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
-                                    launch.get("num_stages", 3))  # fmt: skip
+                                    stages)  # fmt: skip
         report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
 
 

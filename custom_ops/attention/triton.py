@@ -35,6 +35,10 @@ KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks 
 # How a decode step's kernel launches (keys a loop step, and Triton's num_warps / num_stages where given): the
 # benchmark sweeps these (benchmarks/attention_decode.py --triton-tiles); prefill and wide heads keep their own.
 DECODE_LAUNCH: dict = {"TILE": KEY_TILE}
+# An fp8 cache's decode steps pipeline 2 stages of keys, not Triton's default 3: on an H200, 32 keys x 2 stages beat
+# 32 x 3 at every batch (1-512) and length (192, 2048 keys) timed but one (2% behind), by up to 35% at 64 rows and 2048
+# keys (BENCHMARKS.md, "An fp8 KV cache read in float16 MMAs"). A DECODE_LAUNCH that names num_stages keeps its own.
+FP8_CACHE_DECODE_STAGES = 2
 MAX_SPLITS = 16
 MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile, at most (gemma2's prefill tile)
 # Key splits the autotuner chose for decode steps (tuning.py), by split_key(); decode_splits() elsewhere.
@@ -129,6 +133,8 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
     elif num_tokens == num_seqs:  # a decode step
         key_tile, stages = DECODE_LAUNCH["TILE"], {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
+        if kv_cache.element_size() == 1:
+            stages.setdefault("num_stages", FP8_CACHE_DECODE_STAGES)
     else:
         key_tile, stages = KEY_TILE, {}
     paged_attention_kernel[grid](
