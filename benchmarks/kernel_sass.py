@@ -225,14 +225,17 @@ def _mma_study(out_dir: str, e2m1: bool, cases) -> None:
 def decode_attention(out_dir: str) -> None:
     """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
     key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
-    from custom_ops.attention.triton import DECODE_LAUNCH, FP8_CACHE_DECODE_STAGES
+    import torch
+
+    from custom_ops.attention.triton import default_decode_launch
     from custom_ops.attention.triton_kernel import paged_attention_kernel
 
     strides = {"q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "v_token_stride",
                "v_head_stride", "out_token_stride", "out_head_stride", "out_split_stride", "cache_block_stride",
                "cache_kv_stride", "cache_page_stride", "cache_head_stride"}  # fmt: skip
-    tile = DECODE_LAUNCH["TILE"]
     for cache in ("bf16", "fp8e4nv"):
+        launch = default_decode_launch(torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn)  # the backend's
+        tile = launch.pop("TILE")
         types = {"out_ptr": "*bf16", "lse_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                  "slot_ptr": "*i64", "cache_ptr": f"*{cache}", "block_table_ptr": "*i32",
                  "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "sinks_ptr": "*bf16", "scale": "fp32",
@@ -241,10 +244,8 @@ def decode_attention(out_dir: str) -> None:
                       "HEAD_DIM_PADDED": 128, "USE_SOFTCAP": False, "USE_WINDOW": False, "USE_SINKS": False,
                       "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False,
                       "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16}  # fmt: skip
-        launch = {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
-        stages = launch.get("num_stages", 3 if cache == "bf16" else FP8_CACHE_DECODE_STAGES)  # the backend's launch
         kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
-                                    stages)  # fmt: skip
+                                    launch.get("num_stages", 3))  # fmt: skip
         report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
 
 

@@ -215,18 +215,21 @@ def test_a_real_tuning_run_times_both_gpu_backends_for_each_bucket(tmp_path, mon
     get the backend the choices make."""
     pytest.importorskip("flashinfer")
     monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})  # this test's choices do not outlive it
+    monkeypatch.setattr(triton, "TUNED_DECODE_LAUNCHES", {})
     model = qwen3_head_dim_64()
     compiled = compile_model(model, autotune="full", compile_backend="eager", max_batch_size=8, cache_dir=tmp_path)
     choices = [c for c in compiled.report.kernels if c.op == "paged_attention"]
     assert [(c.bucket["phase"], c.bucket.get("batch")) for c in choices] == [
         ("decode", 1), ("decode", 2), ("decode", 4), ("decode", 8), ("prefill", None)
     ]  # fmt: skip
-    # Decode: Triton's kernel also at each key split count but its heuristic's. Prefill: sdpa too (timed by plain
-    # launches: it reads lengths on the host, no CUDA graph can hold it).
+    # Decode: Triton's kernel also at each key split count above its heuristic's, and in each launch but the default.
+    # Prefill: sdpa too (timed by plain launches: it reads lengths on the host, no CUDA graph can hold it).
     for c in choices[:4]:
         heuristic = triton.decode_splits(c.bucket["batch"], 2, torch.device("cuda"))
         splits = {f"triton-splits{n}" for n in tuning.SPLITS if n > heuristic}
-        assert set(c.times_us) == {"flashinfer", "triton"} | splits
+        launches = {tuning.launch_name(launch) for launch in tuning.decode_launches(c.bucket)}
+        assert len(launches) == len(tuning.LAUNCHES) - 1
+        assert set(c.times_us) == {"flashinfer", "triton"} | splits | launches
     assert set(choices[4].times_us) == {"flashinfer", "triton", "sdpa"}
     assert all(c.source == "tuned" for c in choices)
     # Every other op was tuned after them (a CUDA-graph capture that failed midway would have broken the CUDA RNG
@@ -254,6 +257,7 @@ def test_a_phased_backend_replays_in_cuda_graphs_and_generates_what_one_backend_
         return 1.0 if (name == "triton") == small else 1e6
 
     monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})
+    monkeypatch.setattr(triton, "TUNED_DECODE_LAUNCHES", {})
     model = qwen3_head_dim_64()
     fields = {"max_batch_size": 8, "cache_dir": own_cache_dir}
     untuned = compile_model(model, autotune="off", compile_backend="eager", **fields)
@@ -274,18 +278,70 @@ def test_a_phased_backend_replays_in_cuda_graphs_and_generates_what_one_backend_
         assert tuned.runner.cuda_graphs.replays - replays >= longest - 1
 
 
-def test_a_triton_split_count_that_wins_is_installed_for_its_shape_and_the_layer_runs_triton(monkeypatch):
+def test_a_triton_split_count_or_launch_that_wins_is_installed_for_its_shape_and_the_layer_runs_triton(monkeypatch):
     monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})
+    monkeypatch.setattr(triton, "TUNED_DECODE_LAUNCHES", {})
     attention = tuning.PagedAttentionTuning()
     kind = tuning._layer_kind(FEATURES, 16, 2, 1)
     bucket = {"phase": "decode", "batch": 4, "context": 255, **kind}
     cpu = torch.device("cpu")
     attention.install(bucket, Candidate("triton-splits4", lambda: None, "src", {"splits": 4}), cpu)
     key = triton.split_key(-1, 4, FEATURES.num_q_heads, FEATURES.num_kv_heads, FEATURES.head_dim, 0, torch.float32)
-    assert triton.TUNED_DECODE_SPLITS == {key: 4}
+    assert triton.TUNED_DECODE_SPLITS == {key: 4} and triton.TUNED_DECODE_LAUNCHES == {}
     assert attention._chosen == {tuning._kind_key(cpu, kind): {("decode", 4): "triton"}}
-    attention.install(bucket, Candidate("triton", lambda: None, "src"), cpu)  # the heuristic's count again
-    assert triton.TUNED_DECODE_SPLITS == {}
+    launch = tuning.LAUNCHES[0]
+    attention.install(bucket, Candidate(tuning.launch_name(launch), lambda: None, "src", {"launch": launch}), cpu)
+    assert triton.TUNED_DECODE_LAUNCHES == {key: launch} and triton.TUNED_DECODE_SPLITS == {}  # one axis at a time
+    assert attention._chosen == {tuning._kind_key(cpu, kind): {("decode", 4): "triton"}}
+    attention.install(bucket, Candidate("triton", lambda: None, "src"), cpu)  # the heuristic's count and launch again
+    assert triton.TUNED_DECODE_SPLITS == {} and triton.TUNED_DECODE_LAUNCHES == {}
+
+
+def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
+    kind = tuning._layer_kind(FEATURES, 16, 2, 1)
+    names = {tuning.launch_name(launch) for launch in tuning.decode_launches({**kind, "kv_cache": "float32"})}
+    assert names == {"triton-keys64-warps4-stages3", "triton-keys64-warps4-stages2", "triton-keys32-warps4-stages2"}
+    fp8 = {tuning.launch_name(launch) for launch in tuning.decode_launches({**kind, "kv_cache": "float8_e4m3fn"})}
+    assert fp8 == names - {"triton-keys32-warps4-stages2"} | {"triton-keys32-warps4-stages3"}  # its default: 2
+    assert tuning.decode_launches({**kind, "head_dim": 576}) == []  # latent attention's head: a launch of its own
+
+
+class RecordedLaunches:
+    """paged_attention_kernel's stand-in: the launch options of each call."""
+
+    def __init__(self):
+        self.options = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.options.append(options)
+
+
+@pytest.mark.skipif(not triton.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_decode_step_launches_the_tuned_launch_of_its_shape_else_the_default(monkeypatch, cache_dtype):
+    import random
+
+    from custom_ops.attention import triton_kernel
+    from tests.paged_steps import random_step
+
+    monkeypatch.setattr(triton, "TUNED_DECODE_LAUNCHES", {})
+    kernel = RecordedLaunches()
+    monkeypatch.setattr(triton_kernel, "paged_attention_kernel", kernel)
+    args, _ = random_step(random.Random(0), [(16, 1), (3, 1)], 16, 8, 2, 64, torch.bfloat16, "cpu", cache_dtype)
+    out = torch.empty_like(args[0])
+
+    def launch_options():
+        triton.triton_paged_attention(out, *args, 0, 0.125, 0, 0.0, None, splits=1)
+        options = kernel.options.pop()
+        return options["TILE"], options.get("num_stages"), options.get("num_warps")
+
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    assert launch_options() == (triton.KEY_TILE, triton.FP8_CACHE_DECODE_STAGES if fp8 else 3, 4)
+    key = triton.split_key(-1, 2, 8, 2, 64, 0, cache_dtype)
+    triton.TUNED_DECODE_LAUNCHES[key] = {"TILE": 64, "num_warps": 4, "num_stages": 3}
+    assert launch_options() == (64, 3, 4)
+    triton.TUNED_DECODE_LAUNCHES[(*key[:1], 3, *key[2:])] = {"TILE": 16, "num_warps": 2, "num_stages": 4}
+    assert launch_options() == (64, 3, 4)  # another batch size's launch is not this step's
 
 
 def test_attention_backend_takes_rules_per_phase_and_refuses_bad_ones():

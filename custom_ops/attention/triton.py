@@ -43,6 +43,15 @@ MAX_SPLITS = 16
 MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile, at most (gemma2's prefill tile)
 # Key splits the autotuner chose for decode steps (tuning.py), by split_key(); decode_splits() elsewhere.
 TUNED_DECODE_SPLITS: dict[tuple, int] = {}
+# Decode launches (DECODE_LAUNCH's form) the autotuner chose, by split_key(); default_decode_launch() elsewhere.
+TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
+
+
+def default_decode_launch(cache_dtype: torch.dtype) -> dict:
+    """The untuned launch of a decode step over a cache of `cache_dtype`, every field named: DECODE_LAUNCH's, else
+    Triton's own defaults (4 warps, 3 stages), and FP8_CACHE_DECODE_STAGES over an fp8 cache."""
+    stages = FP8_CACHE_DECODE_STAGES if cache_dtype.itemsize == 1 else 3
+    return {"num_warps": 4, "num_stages": stages} | DECODE_LAUNCH
 
 
 @functools.cache
@@ -93,8 +102,10 @@ def tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tup
 
 
 def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
-                           layer_idx, scale, sliding_window, softcap, sinks, splits: int | None = None) -> None:  # fmt: skip
-    """The backend's run; `splits` (decode steps only) overrides the tuned or heuristic key split count."""
+                           layer_idx, scale, sliding_window, softcap, sinks, splits: int | None = None,
+                           launch: dict | None = None) -> None:  # fmt: skip
+    """The backend's run; `splits` and `launch` (decode steps only) override the tuned or heuristic key split count
+    and launch."""
     import triton
 
     from custom_ops.attention.triton_kernel import merge_splits_kernel, paged_attention_kernel
@@ -112,9 +123,12 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     head_blocks = -(-group // group_block)
     if num_tokens != num_seqs:
         splits = 1
-    elif splits is None:
+    else:
         key = split_key(q.get_device(), num_seqs, num_heads, num_kv_heads, head_dim, sliding_window, kv_cache.dtype)
-        splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
+        if splits is None:
+            splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
+        if launch is None:
+            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(kv_cache.dtype)
     write_kv = splits > 1  # the kernel writes the cache itself (module docstring)
     if not write_kv:
         write_kv_cache_fast(k, v, kv_cache, slot_mapping)
@@ -132,9 +146,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     if wide:
         key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
     elif num_tokens == num_seqs:  # a decode step
-        key_tile, stages = DECODE_LAUNCH["TILE"], {k: v for k, v in DECODE_LAUNCH.items() if k != "TILE"}
-        if kv_cache.element_size() == 1:
-            stages.setdefault("num_stages", FP8_CACHE_DECODE_STAGES)
+        key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k != "TILE"}
     else:
         key_tile, stages = KEY_TILE, {}
     paged_attention_kernel[grid](

@@ -9,7 +9,9 @@ with the length, and a model served for short sequences should run what is faste
 user named is what runs. The candidates are the backends that can run the layer, that one (the heuristic and
 the fallback) first, never the reference (it syncs with the host); on a GPU decode takes only backends a CUDA
 graph can replay, and Triton's decode kernel also at each of SPLITS key splits above its heuristic's (`triton-splits4`: the layer's backend is `triton`, and
-the count goes to triton.TUNED_DECODE_SPLITS for that shape, which its launches read). A backend with a planner pays its
+the count goes to triton.TUNED_DECODE_SPLITS for that shape, which its launches read) and in each of LAUNCHES at the
+heuristic's splits (`triton-keys64-warps4-stages3`: into triton.TUNED_DECODE_LAUNCHES); one axis at a time, the
+other at its default, so a bucket times a handful of Triton candidates, not their product. A backend with a planner pays its
 plan() on the host once a step for all layers of a kind: the part of that time a step's weight reads cannot hide,
 over the kind's layers, is added to each call's (autotune.tuner.Candidate.host_us).
 
@@ -51,6 +53,15 @@ PREFILL_CHUNK = 512  # new tokens per prefill sequence while tuning
 PREFILL_SEQS = 4
 STEP_KEYS = ("phase", "batch", "context", "seqs", "chunk")  # a bucket's step; the rest is its kind of layer
 SPLITS = (1, 2, 4, 8, 16)  # key splits of Triton's decode kernel tried beside its heuristic's (triton.decode_splits)
+# Launches of Triton's decode kernel (keys a step, warps, stages) tried beside the default (triton.default_decode_launch),
+# each at the heuristic's splits: 64 keys led at 64 rows over a bf16 cache (1.09-1.30x), 2 stages over an fp8 one
+# (BENCHMARKS.md); the others are their neighbours.
+LAUNCHES = (
+    {"TILE": 64, "num_warps": 4, "num_stages": 3},
+    {"TILE": 64, "num_warps": 4, "num_stages": 2},
+    {"TILE": 32, "num_warps": 4, "num_stages": 2},
+    {"TILE": 32, "num_warps": 4, "num_stages": 3},
+)
 
 
 def _layer_kind(features: LayerAttentionFeatures, block_size: int, layers: int, weight_mib: int) -> dict:
@@ -127,16 +138,18 @@ class PagedAttentionTuning:
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:
         key = ("decode", bucket["batch"]) if bucket["phase"] == "decode" else ("prefill", 0)
         kind = {name: value for name, value in bucket.items() if name not in STEP_KEYS}
-        backend = "triton" if "splits" in candidate.config else candidate.name
+        backend = "triton" if {"splits", "launch"} & set(candidate.config) else candidate.name
         self._chosen.setdefault(_kind_key(device, kind), {})[key] = backend
         if bucket["phase"] == "decode":
             f = _features(bucket)
             split = triton_backend.split_key(device_index(device), bucket["batch"], f.num_q_heads, f.num_kv_heads,
                                              f.head_dim, f.sliding_window, f.cache_dtype)  # fmt: skip
-            if "splits" in candidate.config:
-                triton_backend.TUNED_DECODE_SPLITS[split] = candidate.config["splits"]
-            else:
-                triton_backend.TUNED_DECODE_SPLITS.pop(split, None)
+            for tuned, field in ((triton_backend.TUNED_DECODE_SPLITS, "splits"),
+                                 (triton_backend.TUNED_DECODE_LAUNCHES, "launch")):  # fmt: skip
+                if field in candidate.config:
+                    tuned[split] = candidate.config[field]
+                else:  # the heuristic's
+                    tuned.pop(split, None)
 
     def finish(self, gm: torch.fx.GraphModule, device: torch.device, choices: list | None = None) -> None:
         """Write the chosen backends into the graph's paged-attention calls and its layer list. A decode batch size
@@ -196,13 +209,16 @@ class PagedAttentionTuning:
             capturable = bucket["phase"] == "decode" and get_attention_backend(name).cuda_graph_safe
             found.append(Candidate(name, run, _backend_source(name), capturable=capturable, host_us=host_us))
         if "triton" in usable and heuristic is not None:
+            source = _backend_source("triton")
             for splits in SPLITS:
                 # Only more splits than the heuristic's: a count tuned at TUNING_CONTEXT keys also runs far longer
                 # contexts, where fewer programs than the heuristic's two waves would leave the GPU idle.
                 if splits > heuristic:
                     run = functools.partial(self._run, "triton", bucket, splits=splits)
-                    source = _backend_source("triton")
                     found.append(Candidate(f"triton-splits{splits}", run, source, {"splits": splits}))
+            for launch in decode_launches(bucket):
+                run = functools.partial(self._run, "triton", bucket, splits=heuristic, launch=launch)
+                found.append(Candidate(launch_name(launch), run, source, {"launch": launch}))
         return found
 
     def heuristic(self, bucket: dict) -> str:
@@ -268,11 +284,12 @@ class PagedAttentionTuning:
         return {name: self._planners[key]}
 
     def _run(self, name: str, bucket: dict, q, k, v, cache, slots, table, query_start_loc, seq_lens, metadata, layer,
-             splits: int | None = None):  # fmt: skip
+             splits: int | None = None, launch: dict | None = None):  # fmt: skip
         out = torch.empty_like(q)
-        if splits is not None:  # a Triton split count, whatever is installed for the shape
+        if splits is not None:  # Triton's decode at this count and launch (the default's), never what is installed
+            launch = launch or triton_backend.default_decode_launch(cache.dtype)
             triton_backend.triton_paged_attention(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer,
-                                                  splits=splits)  # fmt: skip
+                                                  splits=splits, launch=launch)  # fmt: skip
             return out
         with planned_step(self._planned(name, bucket, metadata)):
             get_attention_backend(name).run(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer)
@@ -312,9 +329,23 @@ def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, de
             continue
         batch = choice.bucket["batch"]
         nearest = min(measured, key=lambda c: (abs(c.bucket["batch"] - batch), c.bucket["batch"]))
-        backend = "triton" if nearest.winner.startswith("triton-splits") else nearest.winner
+        backend = "triton" if nearest.winner.startswith("triton-") else nearest.winner
         chosen.setdefault(_kind_key(device, kind), {})[("decode", batch)] = backend
         choice.winner, choice.source = backend, "nearest"
+
+
+def decode_launches(bucket: dict) -> list[dict]:
+    """LAUNCHES but the default's, for a decode bucket whose head the launch applies to (a head padded past 256
+    dimensions runs a launch of its own: triton.py)."""
+    if max(16, 1 << (bucket["head_dim"] - 1).bit_length()) > 256:
+        return []
+    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]))
+    return [launch for launch in LAUNCHES if launch != default]
+
+
+def launch_name(launch: dict) -> str:
+    """{"TILE": 64, "num_warps": 4, "num_stages": 3} -> "triton-keys64-warps4-stages3"."""
+    return f"triton-keys{launch['TILE']}-warps{launch['num_warps']}-stages{launch['num_stages']}"
 
 
 def unhidden_host_us(host_s: float, weight_bytes: int, read_bandwidth: float | None, layers: int) -> float:
