@@ -127,22 +127,27 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
 
         from compiled_llm.server import serve as run_server
+        from compiled_llm.server.http_server import listening_socket
     except ModuleNotFoundError as error:
         raise SystemExit(f"serve needs the 'serve' extra ({error.name} is not installed): "
                          "pip install 'compiled-llm[serve]'") from None  # fmt: skip
 
     api_key = _api_key(args)  # before the model loads: a missing key file fails at once
     config = config_from_args(args, ranks=True)
-    # The engine runs in its own process (it logs the compile report); this one serves HTTP.
     dtype = torch_dtype(args.dtype)
-    engine = EngineCoreClient.start(args.model, dtype, logging.getLogger().level, **config.model_dump())
+    sock = listening_socket(args.host, args.port)  # so is a port in use
     try:
-        return run_server(engine, args.served_model_name or args.model, args.host, args.port, api_key,
-                          args.max_waiting, args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
-                          metrics_require_key=args.metrics_require_key, request_timeout_s=args.request_timeout,
-                          read_timeout_s=args.read_timeout)  # fmt: skip
+        # The engine runs in its own process (it logs the compile report); this one serves HTTP.
+        engine = EngineCoreClient.start(args.model, dtype, logging.getLogger().level, **config.model_dump())
+        try:
+            return run_server(engine, args.served_model_name or args.model, args.host, args.port, api_key,
+                              args.max_waiting, args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+                              metrics_require_key=args.metrics_require_key, request_timeout_s=args.request_timeout,
+                              read_timeout_s=args.read_timeout, sock=sock)  # fmt: skip
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        sock.close()
 
 
 API_KEY_ENV = "COMPILED_LLM_API_KEY"
@@ -164,6 +169,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
 
 
 def positive_seconds(text: str) -> float:
@@ -283,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                                        formatter_class=_DefaultsFormatter)  # fmt: skip
     serve_parser.add_argument("model", help=model_help)
     serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--port", type=port_number, default=8000, help="0: any free port (the log says which)")
     serve_parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes (visible in the "
                               f"process list: prefer --api-key-file or ${API_KEY_ENV})")  # fmt: skip
     serve_parser.add_argument("--api-key-file", help="read the API key from the first line of this file")

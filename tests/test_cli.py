@@ -304,3 +304,24 @@ def test_the_model_help_names_every_random_preset():
 
     listed = MODEL_HELP.split("random:NAME (")[1].rstrip(")").split(", ")
     assert listed == preset_names()
+
+
+def test_serve_refuses_a_bad_port_and_a_port_in_use_before_the_model_compiles(monkeypatch, capsys):
+    import socket
+
+    from compiled_llm.engine_core import EngineCoreClient
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "random:tiny-llama", "--port", "70000"])
+    assert exit_info.value.code == 2 and "'70000' is not a port (0-65535)" in capsys.readouterr().err
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine started before the port was checked")
+
+    monkeypatch.setattr(EngineCoreClient, "start", no_engine)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "random:tiny-llama", "--port", str(port)]) == 2
+    assert f"compiled-llm serve: error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err

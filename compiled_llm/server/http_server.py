@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import threading
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,24 @@ def _server_class():
     return Server
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) for the server to listen on: bound before the model compiles, so that a
+    port in use or not ours to take fails in a second, not after minutes of compiling (vLLM does the same)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        sock = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise ValueError(f"--host {host!r}: {error.strerror or error}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
 def _exit_with_status_1(signum, frame) -> None:
     log.warning("signal %d while stopping: exiting with status 1", signum)
     raise SystemExit(1)
@@ -71,10 +90,12 @@ def _exit_with_status_1(signum, frame) -> None:
 def serve(llm: LLM | EngineCoreClient, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int = 1024, shutdown_timeout_s: float = 30.0, log_level: str = "info",
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_require_key: bool = False,
-          request_timeout_s: float | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:  # fmt: skip
+          request_timeout_s: float | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+          sock: socket.socket | None = None) -> int:  # fmt: skip
     """Serve until SIGTERM/SIGINT. Then: stop accepting connections, give running requests up to
     `shutdown_timeout_s` to finish, fail the rest with 503s and stream error events, return the exit
-    status (0, or 1 after a second signal or an engine failure)."""
+    status (0, or 1 after a second signal or an engine failure). `sock`: listening_socket's, bound already (host and
+    port are then its)."""
     import uvicorn
 
     from compiled_llm.server.app import build_app
@@ -85,6 +106,8 @@ def serve(llm: LLM | EngineCoreClient, model_name: str, host: str = "127.0.0.1",
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout_s + UVICORN_GRACE_S)  # fmt: skip
     server = _server_class()(config, llm, drain)
+    if sock is not None:
+        host, port = sock.getsockname()[:2]  # port 0: the one the system gave
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", model_name, host, port)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on these, then re-raises them to the handlers it found: make those
@@ -96,7 +119,7 @@ def serve(llm: LLM | EngineCoreClient, model_name: str, host: str = "127.0.0.1",
     gc.collect()
     gc.freeze()
     try:
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     finally:
         if threading.current_thread() is threading.main_thread():
             # A signal while tearing down (the requests done, the engine core stopping) is a second signal too:
