@@ -419,6 +419,26 @@ def test_llm_starts_the_other_ranks_itself(tmp_path):
         LLM(model, tensor_parallel_size=2)
 
 
+def test_a_configuration_the_ranks_refuse_is_one_error_not_a_traceback_from_each(tmp_path):
+    """tensor_parallel_size=3 over a model of 4 heads: every rank refuses the sharding. Rank 0 raises the ValueError
+    that names the node; the ranks it started exit without printing a traceback of their own."""
+    import subprocess
+    import sys
+
+    model = _model("llama")
+    assert model.config.num_attention_heads % 3
+    model.save_pretrained(tmp_path / "model")
+    script = ("import sys\nfrom compiled_llm import LLM\nif __name__ == '__main__':\n    try:\n"
+              f"        LLM({str(tmp_path / 'model')!r}, tensor_parallel_size=3, compile_backend='eager')\n"
+              "    except ValueError as error:\n        print('refused:', error)\n        sys.exit(2)\n")  # fmt: skip
+    (tmp_path / "three_ranks.py").write_text(script)
+    run = subprocess.run([sys.executable, str(tmp_path / "three_ranks.py")], capture_output=True, text=True,
+                         timeout=JOIN_TIMEOUT_S, check=False)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "refused: tensor_parallel_size=3: cannot shard node" in run.stdout and "do not divide" in run.stdout
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
 def test_an_unguarded_script_is_a_clear_error_not_a_wait(tmp_path):
     """A script that builds an LLM over two ranks at import: the spawned rank imports it again and stops; rank 0 says
     so at once (not after the group's 600 s timeout), naming the guard it needs."""
