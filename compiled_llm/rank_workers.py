@@ -85,11 +85,10 @@ def run_worker(connection, rank: int, world: int, port: int, model: str, tokeniz
     try:
         init_rank(rank, world, port, timeout_s)
         llm = LLM(model, tokenizer, dtype=dtype, **config_fields)
-    except ValueError as error:  # bad input: rank 0 reports it in one line, so no traceback from this rank too
-        connection.send(("failed", f"{type(error).__name__}: {error}"))
-        raise SystemExit(1) from None
     except BaseException as error:
         connection.send(("failed", f"{type(error).__name__}: {error}"))
+        if isinstance(error, ValueError):  # bad input: rank 0 reports it in one line, so no traceback from here too
+            raise SystemExit(1) from None
         raise
     connection.send(("ready", None))
     requests = _RankZeroRequests()

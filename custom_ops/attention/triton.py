@@ -47,6 +47,19 @@ TUNED_DECODE_SPLITS: dict[tuple, int] = {}
 TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head's width in the kernel's tiles: a power of 2, at least 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def wide_head(head_dim: int) -> bool:
+    """Whether a head runs the wide-head launch, whatever DECODE_LAUNCH or a tuned launch says. Its key and value
+    tiles (latent attention's 576, padded to 1024) take fewer, shorter stages: the default's 3 stages of 32 keys need
+    296 KB of shared memory, the H200 has 227 KB. Its [16, 1024] query, key and float32 output tiles would take over
+    255 registers a thread of 4 warps: 8 warps hold them."""
+    return padded_head_dim(head_dim) > 256
+
+
 def default_decode_launch(cache_dtype: torch.dtype) -> dict:
     """The untuned launch of a decode step over a cache of `cache_dtype`, every field named: DECODE_LAUNCH's, else
     Triton's own defaults (4 warps, 3 stages), and FP8_CACHE_DECODE_STAGES over an fp8 cache."""
@@ -94,7 +107,7 @@ def tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tup
     holds; more (latent attention's one KV head serves every query head) are split into blocks of one token."""
     import triton
 
-    most_rows = max(16, MAX_TILE_ELEMENTS // max(16, triton.next_power_of_2(head_dim)))
+    most_rows = max(16, MAX_TILE_ELEMENTS // padded_head_dim(head_dim))
     rows = min(16 if num_tokens == num_seqs else 64, most_rows)
     group_block = min(group, most_rows)
     block_m = max(rows if group_block == group else 16, triton.next_power_of_2(group_block))
@@ -138,12 +151,8 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
     pdl = pdl_launch_options(q)
-    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
-    # Key and value tiles of a wide head (latent attention's 576, padded to 1024) in fewer, shorter stages: the
-    # default's 3 stages of 32 keys need 296 KB of shared memory, the H200 has 227 KB. Its [16, 1024] query, key and
-    # float32 output tiles would take over 255 registers a thread of 4 warps: 8 warps hold them.
-    wide = head_dim_padded > 256
-    if wide:
+    head_dim_padded = padded_head_dim(head_dim)
+    if wide_head(head_dim):
         key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
     elif num_tokens == num_seqs:  # a decode step
         key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k != "TILE"}

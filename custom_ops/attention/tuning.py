@@ -335,9 +335,8 @@ def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, de
 
 
 def decode_launches(bucket: dict) -> list[dict]:
-    """LAUNCHES but the default's, for a decode bucket whose head the launch applies to (a head padded past 256
-    dimensions runs a launch of its own: triton.py)."""
-    if max(16, 1 << (bucket["head_dim"] - 1).bit_length()) > 256:
+    """LAUNCHES but the default's, for a decode bucket whose head takes a decode launch (not a wide head's)."""
+    if triton_backend.wide_head(bucket["head_dim"]):
         return []
     default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]))
     return [launch for launch in LAUNCHES if launch != default]
