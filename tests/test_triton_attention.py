@@ -166,5 +166,12 @@ def test_triton_kernel_in_the_interpreter():
         "t.check_against_reference('gpt-oss', 'decode', 5, 'cpu', torch.float32, 1e-4)\n"
         "t.fix_interpreter_fp8_conversions()\n"  # an fp8 cache: written by the kernels and read as on a GPU
         f"for case in {INTERPRETED_FP8_CACHE!r}: t.check_against_reference(*case, torch.float8_e4m3fn)\n"
+        # float16 MMAs over an fp8 cache with q past their limit (a bf16 q can reach far beyond float16's range; here
+        # the limit comes down to q's values): q is divided by a power of 2 and the scores multiplied back
+        "import triton.language as tl, custom_ops.attention.triton_kernel as kernel\n"
+        "kernel.FP16_Q_LIMIT = tl.constexpr(0.25)\n"
+        "t.check_against_reference('gpt-oss', 'decode', 5, 'cpu', torch.float16, 1e-2, torch.float8_e4m3fn)\n"
+        "t.check_against_reference('llama-8b', 'mixed', 16, 'cpu', torch.float16, 1e-2, torch.float8_e4m3fn)\n"
+        "t.check_against_reference('gemma2', 'short-mixed', 5, 'cpu', torch.float16, 1e-2, torch.float8_e4m3fn)\n"
     )
     run_in_interpreter(code)

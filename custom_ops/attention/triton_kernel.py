@@ -4,6 +4,10 @@ algorithm). Importing this module needs triton; the backend imports it on first 
 import triton
 import triton.language as tl
 
+# An fp8 cache's float16 MMAs take q times the softmax scale divided by a power of 2 that brings its largest value under
+# this (float16 holds up to 65504; the margin covers log2's rounding): exact, and the scores are multiplied back.
+FP16_Q_LIMIT = tl.constexpr(32768.0)
+
 @triton.jit
 def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     lo = 0
@@ -79,8 +83,12 @@ def paged_attention_kernel(
         # An e4m3 cache: its keys and values convert to float16 exactly, two in one instruction, but to bfloat16 only
         # through float32 (with bf16 MMAs the sm_90a decode loop was 569 instructions, against 401 over a bf16 cache,
         # and session 16 timed fp8-cache attention slower than bf16's; in float16, 472: benchmarks/kernel_sass.py).
-        # So q (times the softmax scale, clamped to float16's range) and p meet them in float16; sums stay float32.
-        q = tl.clamp(q.to(tl.float32) * scale, -65504.0, 65504.0).to(tl.float16)
+        # So q (times the softmax scale) and p meet them in float16; sums stay float32. A q past float16's range is
+        # divided by q_factor, a power of 2 (exact), and the scores multiplied back: nothing is clamped.
+        q_scaled = q.to(tl.float32) * scale
+        q_max = tl.max(tl.max(tl.abs(q_scaled), 1), 0)
+        q_factor = tl.where(q_max > FP16_Q_LIMIT, tl.exp2(tl.ceil(tl.log2(q_max / FP16_Q_LIMIT))), 1.0)
+        q = (q_scaled / q_factor).to(tl.float16)
 
     # WRITE_KV: the cache write of this step's keys and values. Split 0 writes those of its query tokens,
     # for its KV head (one row per token). No program of this step reads them back from the cache (the
@@ -133,7 +141,9 @@ def paged_attention_kernel(
             s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
-        if not FP16_MMA:  # (else q carries the scale)
+        if FP16_MMA:  # q carries the scale, over q_factor (1 unless q is past float16's range)
+            s = s * q_factor
+        else:
             s = s * scale
         if USE_SOFTCAP:
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
