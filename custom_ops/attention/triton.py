@@ -149,7 +149,9 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
+    decode = num_tokens == num_seqs  # one token a sequence (every caller's sequences have at least one)
+    # A decode step: a program per sequence (no search for its sequence, no program left empty)
+    grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
     pdl = pdl_launch_options(q)
     head_dim_padded = padded_head_dim(head_dim)
     if wide_head(head_dim):
@@ -169,7 +171,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
-        SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], **stages, **pdl,
+        SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], DECODE=decode, **stages, **pdl,
     )  # fmt: skip
     if splits > 1:
         block_d = min(128, triton.next_power_of_2(head_dim))

@@ -44,7 +44,7 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr, WRITE_KV: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr = False,
 ):  # fmt: skip
     if USE_PDL:  # everything this kernel reads may be the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
@@ -54,10 +54,16 @@ def paged_attention_kernel(
     kv_head = tl.program_id(1) // HEAD_BLOCKS
     head_block = tl.program_id(1) % HEAD_BLOCKS
     split = tl.program_id(2)
-    seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    if DECODE:  # a token a sequence, a program a sequence: no search (a chain of dependent loads) to find it
+        seq = q_block
+    else:
+        seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    local_block = q_block - (q_start // BLOCK_Q + seq)
+    if DECODE:
+        local_block = 0
+    else:
+        local_block = q_block - (q_start // BLOCK_Q + seq)
     if local_block * BLOCK_Q >= query_len:
         return
     context_len = tl.load(seq_lens_ptr + seq) - query_len
