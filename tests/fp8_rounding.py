@@ -38,4 +38,4 @@ def e4m3_weight(weight: torch.Tensor) -> torch.Tensor:
     """A weight [N, K] as the op stores it: each row's scale max|row| * c / 448 for the c of CLIPS whose rounding is
     nearest the row (float64 squared error; the first on a tie)."""
     best = clip_errors(weight).argmin(dim=-1, keepdim=True)  # the first of equal minima
-    return e4m3(weight.detach(), amax_scale(weight.detach(), torch.tensor(CLIPS, dtype=torch.float32)[best]))
+    return e4m3(weight.detach(), amax_scale(weight.detach(), torch.tensor(CLIPS, device=best.device)[best]))
