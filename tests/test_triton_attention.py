@@ -79,7 +79,8 @@ def test_triton_fp8_cache_matches_reference_on_gpu(layer, step):
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("launch", [{"TILE": 64, "num_warps": 4, "num_stages": 3}, {"TILE": 128, "num_warps": 8,
-                                    "num_stages": 2}, {"TILE": 16, "num_warps": 2, "num_stages": 4}])  # fmt: skip
+                                    "num_stages": 2}, {"TILE": 16, "num_warps": 2, "num_stages": 4},
+                                    {"TILE": 32, "num_warps": 2, "num_stages": 2}])  # fmt: skip
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
 def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cache_dtype):
     """Each decode launch the benchmark sweeps (triton.DECODE_LAUNCH) computes what the default does."""

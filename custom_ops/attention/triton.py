@@ -4,7 +4,8 @@ Each program computes BLOCK_Q query tokens of one sequence against one KV head, 
 that read that KV head (so a GQA group shares every key/value load), with an online softmax over tiles
 of keys gathered through the block table. Programs find their sequence by a binary search over
 `query_start_loc`, so the launch grid depends only on tensor shapes: no planning, no host sync, and a
-decode step replays in a CUDA graph as it is.
+decode step replays in a CUDA graph as it is. A decode step (one token a sequence) runs a program per
+sequence instead, which needs no search (a chain of dependent loads) and leaves no program empty.
 
 Sequence s owns program blocks starting at query_start_loc[s] // BLOCK_Q + s, which leaves room for its
 ceil(query_len / BLOCK_Q) blocks; T // BLOCK_Q + S programs per KV head cover every sequence, and those

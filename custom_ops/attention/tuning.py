@@ -54,13 +54,14 @@ PREFILL_SEQS = 4
 STEP_KEYS = ("phase", "batch", "context", "seqs", "chunk")  # a bucket's step; the rest is its kind of layer
 SPLITS = (1, 2, 4, 8, 16)  # key splits of Triton's decode kernel tried beside its heuristic's (triton.decode_splits)
 # Launches of Triton's decode kernel (keys a step, warps, stages) tried beside the default (triton.default_decode_launch),
-# each at the heuristic's splits: 64 keys led at 64 rows over a bf16 cache (1.09-1.30x), 2 stages over an fp8 one
-# (BENCHMARKS.md); the others are their neighbours.
+# each at the heuristic's splits: 64 keys led at 64 rows over a bf16 cache (1.09-1.30x), 2 stages over an fp8 one,
+# 2 warps over an fp8 cache at 256-512 rows (3-8% on an H100; BENCHMARKS.md); the others are their neighbours.
 LAUNCHES = (
     {"TILE": 64, "num_warps": 4, "num_stages": 3},
     {"TILE": 64, "num_warps": 4, "num_stages": 2},
     {"TILE": 32, "num_warps": 4, "num_stages": 2},
     {"TILE": 32, "num_warps": 4, "num_stages": 3},
+    {"TILE": 32, "num_warps": 2, "num_stages": 2},
 )
 
 
