@@ -240,9 +240,9 @@ def decode_attention(out_dir: str) -> None:
                  "slot_ptr": "*i64", "cache_ptr": f"*{cache}", "block_table_ptr": "*i32",
                  "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "sinks_ptr": "*bf16", "scale": "fp32",
                  "softcap": "fp32"}  # fmt: skip
-        constexprs = {"GROUP": 4, "GROUP_BLOCK": 4, "BLOCK_Q": 4, "BLOCK_M": 16, "TILE": tile, "HEAD_DIM": 128,
+        constexprs = {"GROUP": 4, "GROUP_BLOCK": 4, "BLOCK_Q": 1, "BLOCK_M": 16, "TILE": tile, "HEAD_DIM": 128,
                       "HEAD_DIM_PADDED": 128, "USE_SOFTCAP": False, "USE_WINDOW": False, "USE_SINKS": False,
-                      "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False,
+                      "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False, "DECODE": True,
                       "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16}  # fmt: skip
         kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
                                     launch.get("num_stages", 3))  # fmt: skip

@@ -20,6 +20,8 @@ STEPS = {
     "decode": [(1, 1), (16, 1), (17, 1), (200, 1), (33, 1)],
     "one-long-prefill": [(40, 90)],
     "short-mixed": [(3, 4), (20, 1), (0, 3)],
+    # as many tokens as sequences, but not one each (sequences without new tokens are allowed: the reference skips them)
+    "tokens-as-sequences": [(5, 0), (16, 5), (3, 0), (9, 0), (40, 0), (7, 0)],
 }
 LAYERS = {  # (heads, kv heads, head_dim, sliding window, softcap, sinks, values in the keys)
     "llama-8b": (32, 8, 128, 0, 0.0, False, False),
@@ -145,7 +147,8 @@ def fix_interpreter_fp8_conversions() -> None:
 
 INTERPRETED = [("gpt-oss", "mixed", 5), ("gpt-oss", "decode", 5), ("smollm2", "decode", 16),
                ("mha-odd-head-dim", "one-long-prefill", 16), ("latent-40-heads", "decode", 16),
-               ("latent-40-heads", "short-mixed", 5)]  # decode steps: keys split over programs
+               ("latent-40-heads", "short-mixed", 5),  # decode steps: keys split over programs
+               ("gpt-oss", "tokens-as-sequences", 5)]  # a program a token, one sequence with 5 of them
 # (layer, step, block size, device, dtype, tolerance): float32 sums what the cache holds as the reference does; float16
 # (bf16 is beyond the interpreter) rounds the cache's values to the MMA's half-precision operands, as bf16 does on a GPU.
 INTERPRETED_FP8_CACHE = [("llama-8b", "decode", 16, "cpu", torch.float32, 1e-4),

@@ -4,8 +4,9 @@ Each program computes BLOCK_Q query tokens of one sequence against one KV head, 
 that read that KV head (so a GQA group shares every key/value load), with an online softmax over tiles
 of keys gathered through the block table. Programs find their sequence by a binary search over
 `query_start_loc`, so the launch grid depends only on tensor shapes: no planning, no host sync, and a
-decode step replays in a CUDA graph as it is. A decode step (one token a sequence) runs a program per
-sequence instead, which needs no search (a chain of dependent loads) and leaves no program empty.
+decode step replays in a CUDA graph as it is. A decode step (as many tokens as sequences) runs a program per
+token instead: token s is sequence s's one token unless some sequence has none, so the search (a chain of
+dependent loads) runs only then, and no program is left empty.
 
 Sequence s owns program blocks starting at query_start_loc[s] // BLOCK_Q + s, which leaves room for its
 ceil(query_len / BLOCK_Q) blocks; T // BLOCK_Q + S programs per KV head cover every sequence, and those
@@ -103,16 +104,18 @@ def _unsupported(features: LayerAttentionFeatures) -> str | None:
 
 def tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M rows per program, BLOCK_Q query tokens per program, GROUP_BLOCK query heads per program). tl.dot
-    needs 16 rows at least; a decode step has one token per sequence, so it takes the smallest tile, prefill a
-    taller one. The query heads of one KV head share a program (every key load), up to what a tile of this head_dim
-    holds; more (latent attention's one KV head serves every query head) are split into blocks of one token."""
+    needs 16 rows at least; a decode step (as many tokens as sequences) takes the smallest tile, one token a
+    program, prefill a taller one. The query heads of one KV head share a program (every key load), up to what a tile
+    of this head_dim holds; more (latent attention's one KV head serves every query head) are split into blocks of
+    one token."""
     import triton
 
+    decode = num_tokens == num_seqs
     most_rows = max(16, MAX_TILE_ELEMENTS // padded_head_dim(head_dim))
-    rows = min(16 if num_tokens == num_seqs else 64, most_rows)
+    rows = min(16 if decode else 64, most_rows)
     group_block = min(group, most_rows)
     block_m = max(rows if group_block == group else 16, triton.next_power_of_2(group_block))
-    return block_m, block_m // group_block, group_block
+    return block_m, 1 if decode else block_m // group_block, group_block
 
 
 def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
@@ -135,7 +138,10 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     group = num_heads // num_kv_heads
     block_m, block_q, group_block = tile_shape(num_tokens, num_seqs, group, head_dim)
     head_blocks = -(-group // group_block)
-    if num_tokens != num_seqs:
+    # A decode step (as many tokens as sequences) runs a program per token: token s is sequence s's one token unless
+    # some sequence has none (the kernel searches only then), so no program is left empty
+    decode = num_tokens == num_seqs
+    if not decode:
         splits = 1
     else:
         key = split_key(q.get_device(), num_seqs, num_heads, num_kv_heads, head_dim, sliding_window, kv_cache.dtype)
@@ -150,14 +156,12 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    decode = num_tokens == num_seqs  # one token a sequence (every caller's sequences have at least one)
-    # A decode step: a program per sequence (no search for its sequence, no program left empty)
-    grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
+    grid = (num_tokens if decode else num_tokens // block_q + num_seqs, num_kv_heads * head_blocks, splits)
     pdl = pdl_launch_options(q)
     head_dim_padded = padded_head_dim(head_dim)
     if wide_head(head_dim):
         key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
-    elif num_tokens == num_seqs:  # a decode step
+    elif decode:
         key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k != "TILE"}
     else:
         key_tile, stages = KEY_TILE, {}

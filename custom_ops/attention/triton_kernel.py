@@ -21,6 +21,19 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 @triton.jit
+def find_token_sequence(query_start_loc_ptr, token, num_seqs):
+    """The sequence that owns `token`: the last s with query_start_loc[s] <= token (one without tokens is passed over)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) <= token:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+@triton.jit
 def as_cached(x, cache_ptr, SATURATE_AT: tl.constexpr):
     """x as the cache stores it: in its dtype, saturated at SATURATE_AT for fp8 (`to_cache_dtype`)."""
     if SATURATE_AT > 0:
@@ -54,14 +67,18 @@ def paged_attention_kernel(
     kv_head = tl.program_id(1) // HEAD_BLOCKS
     head_block = tl.program_id(1) % HEAD_BLOCKS
     split = tl.program_id(2)
-    if DECODE:  # a token a sequence, a program a sequence: no search (a chain of dependent loads) to find it
+    if DECODE:
+        # As many tokens as sequences (BLOCK_Q 1): program q_block takes token q_block, which is sequence q_block's
+        # one token unless some sequence has none (allowed), so the search (a chain of dependent loads) runs only then.
         seq = q_block
+        if (tl.load(query_start_loc_ptr + q_block) != q_block) | (tl.load(query_start_loc_ptr + q_block + 1) != q_block + 1):
+            seq = find_token_sequence(query_start_loc_ptr, q_block, num_seqs)
     else:
         seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if DECODE:
-        local_block = 0
+        local_block = q_block - q_start  # the token's place in its sequence
     else:
         local_block = q_block - (q_start // BLOCK_Q + seq)
     if local_block * BLOCK_Q >= query_len:
