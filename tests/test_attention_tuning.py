@@ -86,7 +86,7 @@ def paged_step(query_lens: list[int], context: int, block: int = 4):
     k, v = torch.randn(2, tokens, FEATURES.num_kv_heads, FEATURES.head_dim)
     query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, block, width, tokens == len(lengths))
+    metadata = StepAttentionMetadata(table, query_start_loc, seq_lens, block, width, all(n == 1 for n in query_lens))
     return (q, k, v, cache, slots, table, query_start_loc, seq_lens), metadata
 
 
@@ -107,7 +107,7 @@ def test_a_phased_backend_runs_the_rule_of_each_call_and_computes_what_the_refer
 
 
 def test_a_phased_backends_members_plan_only_the_steps_their_rules_give_them(recording_backends):
-    _, planned = recording_backends
+    calls, planned = recording_backends
 
     @dataclass
     class Layer:
@@ -122,6 +122,14 @@ def test_a_phased_backends_members_plan_only_the_steps_their_rules_give_them(rec
         for planner in planners.values():
             planner.plan(paged_step(query_lens, 4)[1])
     assert planned == [("rec_a", True, 1), ("rec_b", True, 3), ("rec_b", False, 2)]
+    planned.clear()
+    # As many tokens as sequences, one of them with none: a decode step to the run (which sees shapes only), so to the
+    # planning too, although not every sequence has one token (is_decode False)
+    inputs, metadata = paged_step([0, 2], 4)
+    for planner in planners.values():
+        planner.plan(metadata)
+    torch.ops.compiled_llm.paged_attention(*inputs, 0, 0.25, 0, 0.0, None, layers[0].backend)
+    assert planned == [("rec_a", False, 2)] and calls[-1] == ("rec_a", 2, 2)
     planned.clear()
     # A member that another layer runs on its own plans every step.
     planners = phased.planners_for(layers, 4, torch.device("cpu"))
