@@ -25,6 +25,7 @@ LAYERS = {  # (heads, kv heads, head_dim, sliding window, sinks)
 STEPS = {
     "decode": [(1, 1), (16, 1), (17, 1), (200, 1), (33, 1), (700, 1)],
     "mixed": [(0, 37), (20, 1), (5, 16), (63, 1)],
+    "tokens-as-sequences": [(5, 0), (16, 3), (9, 0), (40, 0)],  # not a decode step, though as many tokens as sequences
 }
 
 
@@ -56,13 +57,14 @@ def _check(layer: str, step: str, block_size: int, cache_dtype: torch.dtype) -> 
     seed = random.randrange(1 << 30)
     torch.manual_seed(seed)
     heads, kv_heads, head_dim, window, has_sinks = LAYERS[layer]
-    args, _ = random_step(random.Random(seed), STEPS[step], block_size, heads, kv_heads, head_dim,
+    args, metadata = random_step(random.Random(seed), STEPS[step], block_size, heads, kv_heads, head_dim,
                                  torch.bfloat16, "cuda", cache_dtype)  # fmt: skip
     sinks = torch.randn(heads, device="cuda") if has_sinks else None
     extras = (0, head_dim**-0.5, window, 0.0, sinks)
     reference_cache = args[3].clone()
     expected = ops.paged_attention(*args[:3], reference_cache, *args[4:], *extras, "reference")
     planner = XqaPlanner({0: _features(layer, cache_dtype=cache_dtype)}, block_size, torch.device("cuda"))
+    planner.plan(metadata)
     with planned_step({"xqa": planner}):
         actual = ops.paged_attention(*args, *extras, "xqa")
     torch.cuda.synchronize()

@@ -71,8 +71,8 @@ def layer_unsupported(features: LayerAttentionFeatures) -> str | None:
 
 
 class XqaPlanner:
-    """The XQA modules of one compiled model's kinds of layer, and the workspace they share. plan() has nothing to
-    do: XQA reads the step's block table and sequence lengths on the device."""
+    """The XQA modules of one compiled model's kinds of layer, and the workspace they share. plan() only notes whether
+    every sequence of the step has one token: XQA reads the block table and sequence lengths on the device."""
 
     def __init__(self, layers: dict[int, LayerAttentionFeatures], block_size: int, device: torch.device):
         from flashinfer.xqa import get_xqa_module
@@ -84,6 +84,7 @@ class XqaPlanner:
             raise ValueError(f"attention_backend 'xqa' runs on compute capability 9.0, 10.x and 12.x GPUs, not "
                              f"{torch.cuda.get_device_name(device)}")  # fmt: skip
         self.block_size = block_size
+        self.one_token_each = True  # until a plan() says otherwise
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.pdl = bool(pdl_launch_options(workspace).get("launch_pdl"))  # as our kernels launch on this device
@@ -104,7 +105,8 @@ class XqaPlanner:
             }
 
     def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:
-        pass
+        # As many tokens as sequences is not enough for XQA (query token s of sequence s): some may hold none
+        self.one_token_each = metadata.is_decode
 
     def decode(self, layer_idx: int, out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, sliding_window: int,
@@ -127,7 +129,7 @@ class XqaPlanner:
 
 def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
          layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
-    if q.shape[0] != seq_lens.shape[0]:  # not a decode step: the triton backend's kernel
+    if q.shape[0] != seq_lens.shape[0] or not active_planner("xqa").one_token_each:  # not a decode step: triton's
         triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
                                layer_idx, scale, sliding_window, softcap, sinks)  # fmt: skip
         return
