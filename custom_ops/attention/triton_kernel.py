@@ -71,7 +71,8 @@ def paged_attention_kernel(
         # As many tokens as sequences (BLOCK_Q 1): program q_block takes token q_block, which is sequence q_block's
         # one token unless some sequence has none (allowed), so the search (a chain of dependent loads) runs only then.
         seq = q_block
-        if (tl.load(query_start_loc_ptr + q_block) != q_block) | (tl.load(query_start_loc_ptr + q_block + 1) != q_block + 1):
+        first, end = tl.load(query_start_loc_ptr + q_block), tl.load(query_start_loc_ptr + q_block + 1)
+        if (first != q_block) | (end != q_block + 1):
             seq = find_token_sequence(query_start_loc_ptr, q_block, num_seqs)
     else:
         seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
