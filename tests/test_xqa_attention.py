@@ -25,7 +25,7 @@ LAYERS = {  # (heads, kv heads, head_dim, sliding window, sinks)
 STEPS = {
     "decode": [(1, 1), (16, 1), (17, 1), (200, 1), (33, 1), (700, 1)],
     "mixed": [(0, 37), (20, 1), (5, 16), (63, 1)],
-    "tokens-as-sequences": [(5, 0), (16, 3), (9, 0), (40, 0)],  # not a decode step, though as many tokens as sequences
+    "tokens-as-sequences": [(5, 0), (16, 3), (40, 0)],  # not a decode step, though as many tokens as sequences
 }
 
 
