@@ -95,17 +95,18 @@ def mxfp4_gemv(out_dir: str) -> None:
              "limit": "fp32"}  # fmt: skip
     strides = {"stride_am", "stride_we", "stride_wn", "stride_be", "stride_se", "stride_sn", "stride_om", "up_offset",
                "bias_up_offset", "scale_up_offset"}  # fmt: skip
-    tiles = [MXFP4_ONE_TOKEN_TILE, MXFP4_ONE_TOKEN_TILE | {"BLOCK_N": 32}, MXFP4_ONE_TOKEN_TILE | {"BLOCK_K": 512}]
+    tiles = [MXFP4_ONE_TOKEN_TILE | {"num_stages": s} for s in (1, 2, 3)]
+    tiles += [MXFP4_ONE_TOKEN_TILE | {"BLOCK_N": 32}, MXFP4_ONE_TOKEN_TILE | {"BLOCK_K": 512}]
     for tile in tiles:
         for gated in (True, False):
             constexprs = {"stride_wk": 1, "stride_sk": 1, "stride_bn": 1, "K": 2880, "GATED": gated,
                           "ACTIVATION": 2 if gated else 0, "A_PER_TOKEN": gated, "HAS_BIAS": True,
                           "ROUTE_WEIGHTS": not gated, "FP8": False, "MXFP4": True, "BLOCK_N": tile["BLOCK_N"],
-                          "BLOCK_K": tile["BLOCK_K"]}  # fmt: skip
+                          "BLOCK_K": tile["BLOCK_K"], "STAGES": tile["num_stages"]}  # fmt: skip
             kernel = compile_for_hopper(one_token_gemv_kernel, types, constexprs, strides, tile["num_warps"],
                                         tile["num_stages"])  # fmt: skip
             weights = tile["BLOCK_N"] * tile["BLOCK_K"] * (2 if gated else 1) / (32 * tile["num_warps"])
-            name = f"mxfp4_gemv_{'gate_up' if gated else 'down'}_{tile['BLOCK_N']}x{tile['BLOCK_K']}"
+            name = f"mxfp4_gemv_{'gate_up' if gated else 'down'}_{tile['BLOCK_N']}x{tile['BLOCK_K']}_s{tile['num_stages']}"
             report(kernel, name, weights, out_dir)
 
 

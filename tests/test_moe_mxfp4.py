@@ -109,6 +109,8 @@ def test_mxfp4_triton_in_the_interpreter():
 def test_mxfp4_triton_on_the_gpu(dtype):
     check_mxfp4_triton_against_reference("cuda", dtype)
     with_tile(MXFP4_GEMV_TILE, check_mxfp4_triton_against_reference, "cuda", dtype)
+    for stages in (1, 2):  # the GEMV's K loop unpipelined and 2 deep (the tile above takes DEFAULT_TILE's 3)
+        with_tile(MXFP4_GEMV_TILE | {"num_stages": stages}, check_mxfp4_triton_against_reference, "cuda", dtype)
 
 
 @pytest.mark.gpu

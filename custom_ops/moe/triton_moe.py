@@ -31,7 +31,8 @@ ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3
 # One token of MXFP4 weights: the GEMV without tensor cores (one_token_gemv_kernel), whose decode costs fewer
 # instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
 # (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md). Float weights stay on tensor cores: 2.6 TB/s there, ahead of it.
-MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
+# Its K loop unpipelined (num_stages 1) as timed; pipelined tiles are tuning candidates (moe/tuning.py), not yet timed.
+MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
 # Rows of MXFP4 experts in blocks: Triton's own upcast (tl.dot_scaled, bf16 rows) on wider K steps, 1.1-1.4x the
 # kernel's decode at 16 rows an expert there.
 MXFP4_TILE = DEFAULT_TILE | {"BLOCK_K": 128, "dot_scaled": True}
@@ -156,7 +157,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     tensors = (a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a)
     like = like if like is not None else a
     if one_token and tile.get("gemv") and not sum_pairs and (not mxfp4 or reads_as_words(w, up_offset)):
-        _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:], **flags)
+        _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:],
+                                               STAGES=tile["num_stages"], **flags)  # fmt: skip
         return out
     _kernels().grouped_gemm_kernel[grid](
         *tensors, ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale,

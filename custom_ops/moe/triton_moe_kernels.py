@@ -283,12 +283,14 @@ def one_token_gemv_kernel(
     stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit, num_experts,
     K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr, MXFP4: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """grouped_gemm_kernel's ONE_TOKEN case without tensor cores: out[pair, cols] for the program's pair and
     BLOCK_N columns, its row of a dotted with each weight row in float32 (a decode step of one sequence has one row
     an expert: a tensor-core tile would be 1/16 used, and its operand layout costs more than the products). Same
-    arguments and roundings; ids_ptr: the pairs' experts (one outside [0, num_experts): zeros, no weight read)."""
+    arguments and roundings; ids_ptr: the pairs' experts (one outside [0, num_experts): zeros, no weight read).
+    STAGES > 1 pipelines the K loop's loads that many steps ahead (cp.async into shared memory): Triton pipelines a
+    loop without a dot only when told, and unpipelined each step waits out a whole load's latency."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     a_row = pair // top_k if A_PER_TOKEN else pair
@@ -303,7 +305,7 @@ def one_token_gemv_kernel(
         s_rows = w_scale_ptr + expert * stride_se + cols[:, None].to(tl.int64) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)  # per exponent group: summed after the loop
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             acc = mxfp4_row_dot(acc, x_row, w_rows.to(tl.pointer_type(tl.int32)), s_rows, k0, col_ok, stride_sk, K,
                                 BLOCK_K)  # fmt: skip
             if GATED:
@@ -313,7 +315,7 @@ def one_token_gemv_kernel(
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]

@@ -35,11 +35,13 @@ TILES = (
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8},
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
 )
-# One token: one_token_gemv_kernel's tiles (no tensor cores), beside the tiles above.
+# One token: one_token_gemv_kernel's tiles (no tensor cores), beside the tiles above; num_stages is how far its K loop
+# pipelines its loads (1: not at all, each step waits out a load; the leaders of session 25 also at 2 and 3).
 GEMV_TILES = tuple(
-    {"gemv": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 2}
-    for n, k, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8))
-)
+    {"gemv": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+    for n, k, w, s in ((8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 1), (16, 1024, 8, 1),
+                       (32, 512, 8, 1), (16, 256, 4, 2), (16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3))
+)  # fmt: skip
 # One token's down GEMM summed over its k pairs in the kernel (triton_moe.down_projection), no sum kernel after it: a
 # program per column tile of the one output row, so narrow tiles for enough programs (Qwen3-30B-A3B: 2048 / 16 = 128
 # on 132 SMs), and deep pipelines to keep a program's weight loads in flight across its k experts.
