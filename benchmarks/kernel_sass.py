@@ -124,8 +124,8 @@ def int4_gemv(out_dir: str) -> None:
                        gemv_config(n, k, 128) | {"PTX_DECODE": True}):  # fmt: skip
             for smooth in (False, True):
                 constexprs = {"K": k, "GROUP": 128, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
-                              "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True,
-                              "PTX_DECODE": launch.get("PTX_DECODE", False)}  # fmt: skip
+                              "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True, "E2M1": False,
+                              "OFFSET": False, "PTX_DECODE": launch.get("PTX_DECODE", False)}  # fmt: skip
                 kernel = compile_for_hopper(int4_gemv_kernel, types, constexprs, ("stride_wn", "stride_sn"),
                                             launch["num_warps"])  # fmt: skip
                 weights = launch["BLOCK_N"] * launch["GROUPS_A_STEP"] * 128 / (32 * launch["num_warps"])
