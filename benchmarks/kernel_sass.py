@@ -121,15 +121,16 @@ def int4_gemv(out_dir: str) -> None:
              "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
     for n, k in ((28672, 4096), (4096, 14336)):
         for launch in (gemv_config(n, k, 128), gemv_config(n, k, 128) | {"GROUPS_A_STEP": 4},
-                       gemv_config(n, k, 128) | {"PTX_DECODE": True}):  # fmt: skip
+                       gemv_config(n, k, 128) | {"PTX_DECODE": True}, gemv_config(n, k, 128) | {"STAGES": 3}):  # fmt: skip
             for smooth in (False, True):
                 constexprs = {"K": k, "GROUP": 128, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
                               "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True, "E2M1": False,
-                              "OFFSET": False, "PTX_DECODE": launch.get("PTX_DECODE", False)}  # fmt: skip
+                              "OFFSET": False, "PTX_DECODE": launch.get("PTX_DECODE", False),
+                              "STAGES": launch.get("STAGES", 1)}  # fmt: skip
                 kernel = compile_for_hopper(int4_gemv_kernel, types, constexprs, ("stride_wn", "stride_sn"),
                                             launch["num_warps"])  # fmt: skip
                 weights = launch["BLOCK_N"] * launch["GROUPS_A_STEP"] * 128 / (32 * launch["num_warps"])
-                ptx = "_ptx" if launch.get("PTX_DECODE") else ""
+                ptx = ("_ptx" if launch.get("PTX_DECODE") else "") + (f"_s{launch['STAGES']}" if "STAGES" in launch else "")
                 name = f"int4_gemv_{n}x{k}_n{launch['BLOCK_N']}_g{launch['GROUPS_A_STEP']}{ptx}{'_smooth' if smooth else ''}"
                 report(kernel, name, weights, out_dir)
 

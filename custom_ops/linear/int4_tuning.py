@@ -32,6 +32,8 @@ GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Ll
     {"BLOCK_N": 32, "GROUPS_A_STEP": 4, "num_warps": 8},
     {"PTX_DECODE": True},  # the codes decoded in inline PTX (triton_int4_kernels.add_pair_products_ptx)
     {"PTX_DECODE": True, "BLOCK_N": 32},
+    {"STAGES": 3},  # the K loop's loads pipelined 3 steps ahead (not yet timed)
+    {"PTX_DECODE": True, "STAGES": 3},
 )
 # gluon_int4.py's tensor-core decode (up to 16 rows): channels a program (ROWS), warps splitting K (SPLIT), groups a
 # loop iteration (UNROLL); ~2.5 instructions a weight against the GEMV's ~6 (benchmarks/kernel_sass.py int4-mma).
@@ -81,7 +83,8 @@ def tile_name(kind: str, tile: dict) -> str:
     if tile.get("MMA"):  # {"MMA": True, "ROWS": 32} -> "mma-rows32"
         return "-".join(["mma", *(f"{key.lower()}{'' if value is True else value}" for key, value in tile.items()
                                   if key != "MMA")])  # fmt: skip
-    short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split"}
+    short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split",
+             "STAGES": "stages"}  # fmt: skip
     parts = [
         f"{short.get(key, key.removeprefix('num_'))}{'' if value is True else value}" for key, value in tile.items()
     ]

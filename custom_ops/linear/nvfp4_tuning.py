@@ -35,6 +35,7 @@ GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Ll
     {"GROUPS_A_STEP": 64, "num_warps": 4},
     {"GROUPS_A_STEP": 32, "num_warps": 4},
     {"BLOCK_N": 16, "GROUPS_A_STEP": 64, "num_warps": 8},
+    {"STAGES": 3},  # the K loop's loads pipelined 3 steps ahead (not yet timed)
 )
 GEMM_TILES = (
     {"BLOCK_N": 128},

@@ -84,9 +84,11 @@ def int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, N, stride_wn, stride_sn, part_end0, part_end1,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
-    PTX_DECODE: tl.constexpr = False, E2M1: tl.constexpr = False,
+    PTX_DECODE: tl.constexpr = False, E2M1: tl.constexpr = False, STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     # E2M1: NVFP4 (GROUP 16): s_ptr the e4m3 scales' bytes, z_ptr the float32 global scales [N], no zero points.
+    # STAGES > 1: the K loop's loads pipelined that many steps ahead (Triton pipelines a loop without a dot only when
+    # told; unpipelined, each step waits out its loads).
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     G: tl.constexpr = GROUPS_A_STEP
@@ -101,7 +103,7 @@ def int4_gemv_kernel(
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    for g0 in range(0, K // GROUP, G):
+    for g0 in tl.range(0, K // GROUP, G, num_stages=STAGES):
         groups = g0 + tl.arange(0, G)
         group_ok = groups < K // GROUP
         words = tl.load(w_rows[:, :, None] + (g0 * WORDS + word)[None, :, :],
