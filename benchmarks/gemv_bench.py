@@ -26,6 +26,9 @@ SHAPES = {  # name: (N, K)
     "smollm2.down": (576, 1536), "smollm2.lm_head": (49152, 576),
     "llama8b.qkv": (6144, 4096), "llama8b.o": (4096, 4096), "llama8b.gate_up": (28672, 4096),
     "llama8b.down": (4096, 14336), "llama8b.lm_head": (128256, 4096),
+    # GPT-OSS-20B's bf16 linears (its experts are MXFP4): K 2880 is no power of 2
+    "gptoss20b.qkv": (5120, 2880), "gptoss20b.o": (2880, 4096), "gptoss20b.router": (32, 2880),
+    "gptoss20b.lm_head": (201088, 2880),
 }  # fmt: skip
 
 
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--silu-mul", action="store_true", help="only the gate/up projections with their activation")
     parser.add_argument("--prefetch", action="store_true", help="only one-row calls, by PREFETCH_K")
+    parser.add_argument("--models", default="smollm2,llama8b", help="which SHAPES, by the prefix of their names")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -118,7 +122,7 @@ def main() -> None:
     results = []
     print(f"{'linear':<18} {'M':>2} {'mm us':>8} {'gemv us':>8} {'GB/s mm':>8} {'GB/s gemv':>9}  best config")
     for (name, (n, k)), m in itertools.product(SHAPES.items(), [int(r) for r in args.rows.split(",")]):
-        if m > MAX_ROWS:
+        if m > MAX_ROWS or name.split(".")[0] not in args.models.split(","):
             continue
         copies = max(4, -(-400_000_000 // (n * k * 2)))
         weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
