@@ -106,7 +106,8 @@ def mxfp4_gemv(out_dir: str) -> None:
             kernel = compile_for_hopper(one_token_gemv_kernel, types, constexprs, strides, tile["num_warps"],
                                         tile["num_stages"])  # fmt: skip
             weights = tile["BLOCK_N"] * tile["BLOCK_K"] * (2 if gated else 1) / (32 * tile["num_warps"])
-            name = f"mxfp4_gemv_{'gate_up' if gated else 'down'}_{tile['BLOCK_N']}x{tile['BLOCK_K']}_s{tile['num_stages']}"
+            shape = f"{tile['BLOCK_N']}x{tile['BLOCK_K']}_s{tile['num_stages']}"
+            name = f"mxfp4_gemv_{'gate_up' if gated else 'down'}_{shape}"
             report(kernel, name, weights, out_dir)
 
 
@@ -120,8 +121,8 @@ def int4_gemv(out_dir: str) -> None:
     types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "smooth_ptr": "*fp32",
              "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
     for n, k in ((28672, 4096), (4096, 14336)):
-        for launch in (gemv_config(n, k, 128), gemv_config(n, k, 128) | {"GROUPS_A_STEP": 4},
-                       gemv_config(n, k, 128) | {"PTX_DECODE": True}, gemv_config(n, k, 128) | {"STAGES": 3}):  # fmt: skip
+        default = gemv_config(n, k, 128)
+        for launch in (default, default | {"GROUPS_A_STEP": 4}, default | {"PTX_DECODE": True}, default | {"STAGES": 3}):
             for smooth in (False, True):
                 constexprs = {"K": k, "GROUP": 128, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
                               "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True, "E2M1": False,
@@ -130,7 +131,8 @@ def int4_gemv(out_dir: str) -> None:
                 kernel = compile_for_hopper(int4_gemv_kernel, types, constexprs, ("stride_wn", "stride_sn"),
                                             launch["num_warps"])  # fmt: skip
                 weights = launch["BLOCK_N"] * launch["GROUPS_A_STEP"] * 128 / (32 * launch["num_warps"])
-                ptx = ("_ptx" if launch.get("PTX_DECODE") else "") + (f"_s{launch['STAGES']}" if "STAGES" in launch else "")
+                ptx = "_ptx" if launch.get("PTX_DECODE") else ""
+                ptx += f"_s{launch['STAGES']}" if "STAGES" in launch else ""
                 name = f"int4_gemv_{n}x{k}_n{launch['BLOCK_N']}_g{launch['GROUPS_A_STEP']}{ptx}{'_smooth' if smooth else ''}"
                 report(kernel, name, weights, out_dir)
 

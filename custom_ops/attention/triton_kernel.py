@@ -22,7 +22,7 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
 
 @triton.jit
 def find_token_sequence(query_start_loc_ptr, token, num_seqs):
-    """The sequence that owns `token`: the last s with query_start_loc[s] <= token (one without tokens is passed over)."""
+    """The sequence that owns `token`: the last s with query_start_loc[s] <= token (passing over any without tokens)."""
     lo = 0
     hi = num_seqs
     while lo < hi:
