@@ -122,7 +122,8 @@ def int4_gemv(out_dir: str) -> None:
              "b_ptr": "*bf16", "y_ptr": "*bf16"}  # fmt: skip
     for n, k in ((28672, 4096), (4096, 14336)):
         default = gemv_config(n, k, 128)
-        for launch in (default, default | {"GROUPS_A_STEP": 4}, default | {"PTX_DECODE": True}, default | {"STAGES": 3}):
+        for tweak in ({}, {"GROUPS_A_STEP": 4}, {"PTX_DECODE": True}, {"STAGES": 3}):
+            launch = default | tweak
             for smooth in (False, True):
                 constexprs = {"K": k, "GROUP": 128, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
                               "HAS_SMOOTH": smooth, "HAS_BIAS": False, "USE_PDL": True, "E2M1": False,
