@@ -148,7 +148,7 @@ class ModelRunner:
             seq_lens=inputs["seq_lens"],
             block_size=block_size,
             max_blocks_per_seq=self.max_blocks_per_seq,
-            is_decode=len(input_ids) == len(seq_lens),
+            is_decode=len(input_ids) == len(seq_lens),  # one token each: every chunk here has one at least
         )
         return inputs, metadata, wanted
 
