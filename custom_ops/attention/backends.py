@@ -49,6 +49,14 @@ class StepAttentionMetadata:
     is_decode: bool  # every sequence computes exactly one token
 
 
+def decode_shaped(num_tokens: int, num_seqs: int) -> bool:
+    """Whether a step is a decode step as a backend's run sees it, from shapes alone: as many tokens as sequences. Not
+    `is_decode` (one token each): a sequence may have no new token (paged.py), so a backend that reads token s as
+    sequence s's checks (triton's kernel searches, xqa defers to it), and a planner that picks by phase decides the
+    same way its run does (phased.py)."""
+    return num_tokens == num_seqs
+
+
 class AttentionPlanner(Protocol):
     def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:
         """Prepare the step. `cuda_graph_key` names the captured CUDA graph that will run it: the planner

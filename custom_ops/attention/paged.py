@@ -3,8 +3,8 @@
 One call serves every sequence of an engine step (prefill chunks and decode tokens mixed): the T new
 tokens of S sequences are concatenated; sequence s owns tokens query_start_loc[s]:query_start_loc[s+1],
 which are its last tokens; seq_lens[s] counts all of its tokens including them. A sequence may have no new
-token (the reference passes over it), so T == S does not mean one token each: backends that treat such a step
-as decode check (tests/test_triton_attention.py, "tokens-as-sequences"). The op first writes the
+token (the reference passes over it), so T == S does not mean one token each (backends.decode_shaped; tested by
+tests/test_triton_attention.py's "tokens-as-sequences" step). The op first writes the
 new tokens' keys/values into the cache at `slot_mapping`, then each new token attends causally to its
 sequence's cached tokens found through `block_table`.
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from custom_ops.attention.backends import AttentionBackend, AttentionPlanner, StepAttentionMetadata
+from custom_ops.attention.backends import AttentionBackend, AttentionPlanner, StepAttentionMetadata, decode_shaped
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def phased_backend(name: str) -> AttentionBackend:
     backends = {rule.backend: get_attention_backend(rule.backend) for rule in rules}
 
     def run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, *layer) -> None:
-        rule = rule_for(rules, decode_phase(q.shape[0], seq_lens.shape[0]), seq_lens.shape[0])
+        rule = rule_for(rules, decode_shaped(q.shape[0], seq_lens.shape[0]), seq_lens.shape[0])
         backends[rule.backend].run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens, *layer)
 
     def unsupported(features) -> str | None:
@@ -96,13 +96,6 @@ def phased_backend(name: str) -> AttentionBackend:
     # Only decode steps replay CUDA graphs (runtime/cuda_graphs.py): the prefill backend need not be capturable.
     graph_safe = all(backends[rule.backend].cuda_graph_safe for rule in rules if rule.phase == "decode")
     return AttentionBackend(name, run, devices, unsupported, make_planner=None, cuda_graph_safe=graph_safe)
-
-
-def decode_phase(num_tokens: int, num_seqs: int) -> bool:
-    """Whether the rules take a step as decode: as many tokens as sequences, what a run can tell from its shapes alone.
-    Planning decides the same way, not by `is_decode` (one token each): a step whose sequences hold the tokens unevenly,
-    some none, would otherwise run a member whose planner did not plan it."""
-    return num_tokens == num_seqs
 
 
 def rule_for(rules: tuple[PhaseRule, ...], decode: bool, num_seqs: int) -> PhaseRule:
@@ -122,7 +115,7 @@ class PhasePlanner:
 
     def plan(self, metadata: StepAttentionMetadata, cuda_graph_key: Hashable | None = None) -> None:
         num_seqs = len(metadata.seq_lens)
-        decode = decode_phase(int(metadata.query_start_loc[-1]), num_seqs)
+        decode = decode_shaped(int(metadata.query_start_loc[-1]), num_seqs)
         if any(rule_for(rules, decode, num_seqs).backend == self.member for rules in self.rule_lists):
             self.planner.plan(metadata, cuda_graph_key)
 

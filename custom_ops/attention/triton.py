@@ -28,7 +28,12 @@ import functools
 
 import torch
 
-from custom_ops.attention.backends import AttentionBackend, LayerAttentionFeatures, register_attention_backend
+from custom_ops.attention.backends import (
+    AttentionBackend,
+    LayerAttentionFeatures,
+    decode_shaped,
+    register_attention_backend,
+)
 from custom_ops.attention.kv_cache_write import write_kv_cache_fast
 from custom_ops.attention.paged import saturation_limit
 from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
@@ -110,7 +115,7 @@ def tile_shape(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tup
     one token."""
     import triton
 
-    decode = num_tokens == num_seqs
+    decode = decode_shaped(num_tokens, num_seqs)
     most_rows = max(16, MAX_TILE_ELEMENTS // padded_head_dim(head_dim))
     rows = min(16 if decode else 64, most_rows)
     group_block = min(group, most_rows)
@@ -138,9 +143,9 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     group = num_heads // num_kv_heads
     block_m, block_q, group_block = tile_shape(num_tokens, num_seqs, group, head_dim)
     head_blocks = -(-group // group_block)
-    # A decode step (as many tokens as sequences) runs a program per token: token s is sequence s's one token unless
-    # some sequence has none (the kernel searches only then), so no program is left empty
-    decode = num_tokens == num_seqs
+    # A decode step runs a program per token: token s is sequence s's one token unless some sequence has none (the
+    # kernel searches only then), so no program is left empty
+    decode = decode_shaped(num_tokens, num_seqs)
     if not decode:
         splits = 1
     else:

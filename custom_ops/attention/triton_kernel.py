@@ -9,25 +9,18 @@ import triton.language as tl
 FP16_Q_LIMIT = tl.constexpr(32768.0)
 
 @triton.jit
-def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr, SPACED: tl.constexpr = True):
+    """The sequence that owns program block `q_block`: the last s whose first block is at most it. SPACED: sequence s's
+    blocks start at query_start_loc[s] // BLOCK_Q + s (triton.py's grid); otherwise at query_start_loc[s] (a block a
+    token, BLOCK_Q 1), where a sequence without tokens shares its start with the next and is passed over."""
     lo = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_block:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
-
-@triton.jit
-def find_token_sequence(query_start_loc_ptr, token, num_seqs):
-    """The sequence that owns `token`: the last s with query_start_loc[s] <= token (passing over any without tokens)."""
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) <= token:
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q
+        if SPACED:
+            first += mid
+        if first <= q_block:
             lo = mid + 1
         else:
             hi = mid
@@ -73,7 +66,7 @@ def paged_attention_kernel(
         seq = q_block
         first, end = tl.load(query_start_loc_ptr + q_block), tl.load(query_start_loc_ptr + q_block + 1)
         if (first != q_block) | (end != q_block + 1):
-            seq = find_token_sequence(query_start_loc_ptr, q_block, num_seqs)
+            seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q, SPACED=False)
     else:
         seq = find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)

@@ -30,6 +30,7 @@ from custom_ops.attention.backends import (
     LayerAttentionFeatures,
     StepAttentionMetadata,
     active_planner,
+    decode_shaped,
     register_attention_backend,
 )
 from custom_ops.attention.kv_cache_write import write_kv_cache_fast
@@ -129,7 +130,7 @@ class XqaPlanner:
 
 def _run(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
          layer_idx, scale, sliding_window, softcap, sinks) -> None:  # fmt: skip
-    if q.shape[0] != seq_lens.shape[0] or not active_planner("xqa").one_token_each:  # not a decode step: triton's
+    if not (decode_shaped(q.shape[0], seq_lens.shape[0]) and active_planner("xqa").one_token_each):  # triton's
         triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, query_start_loc, seq_lens,
                                layer_idx, scale, sliding_window, softcap, sinks)  # fmt: skip
         return
