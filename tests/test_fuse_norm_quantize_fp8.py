@@ -1,6 +1,6 @@
 """fuse_norm_quantize_fp8: residual add + RMSNorm writing the FP8 activations of the linears it feeds. A pure
 fusion: the logits equal the unfused graph's exactly, and compiled_llm::add_rms_norm_fp8 equals add_rms_norm then
-the per-token quantization (the GPU kernel bit for bit)."""
+the per-token quantization (the GPU kernel bit for bit against the unfused kernel, to rounding against torch's norm)."""
 
 from __future__ import annotations
 
@@ -47,15 +47,22 @@ def test_the_kernel_equals_the_norm_then_the_quantization_bit_for_bit(monkeypatc
     from custom_ops import triton_runtime
 
     monkeypatch.setattr(triton_runtime, "FUSED_PRODUCERS_TRIGGER_LATE", late_trigger)
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seed = torch.seed() % 2**31
+    generator = torch.Generator().manual_seed(seed)
     for rows, width in ((1, 4096), (37, 576), (300, 1000)):
         x, residual = (torch.randn(rows, width, generator=generator).to("cuda", torch.bfloat16) for _ in range(2))
         weight = (torch.rand(width, generator=generator) + 0.5).to("cuda", torch.bfloat16)
         x8, scale, total = torch.ops.compiled_llm.add_rms_norm_fp8(x, residual, weight, 1e-5, "triton")
-        normed, expected_total = torch.ops.compiled_llm.add_rms_norm(x, residual, weight, 1e-5, "torch")
+        # bit for bit against the unfused kernel: the same sum of squares in the same order
+        normed, expected_total = torch.ops.compiled_llm.add_rms_norm(x, residual, weight, 1e-5, "triton")
         expected8, expected_scale = quantize_rows(normed)
-        assert torch.equal(total, expected_total) and torch.equal(scale, expected_scale)
-        assert torch.equal(x8.view(torch.uint8), expected8.view(torch.uint8))
+        assert torch.equal(total, expected_total) and torch.equal(scale, expected_scale), f"seed {seed}"
+        assert torch.equal(x8.view(torch.uint8), expected8.view(torch.uint8)), f"seed {seed}"
+        # against torch's norm, whose sum runs in another order: a last-bit change of rstd can move one bf16 rounding,
+        # so compare dequantized values (session 27 saw this test fail once when it asked torch's for bit equality)
+        torch_normed, _ = torch.ops.compiled_llm.add_rms_norm(x, residual, weight, 1e-5, "torch")
+        reference8, reference_scale = quantize_rows(torch_normed)
+        torch.testing.assert_close(x8.float() * scale, reference8.float() * reference_scale, rtol=2.0**-3, atol=1e-3)
         weight8 = torch.randn(64, width, device="cuda").to(torch.float8_e4m3fn)
         weight_scale = torch.rand(64, device="cuda") / 100
         for backend in ("triton", "scaled_mm"):  # the decode GEMM (up to 16 rows) and cuBLASLt over pre-quantized rows

@@ -31,8 +31,9 @@ ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3
 # One token of MXFP4 weights: the GEMV without tensor cores (one_token_gemv_kernel), whose decode costs fewer
 # instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
 # (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md). Float weights stay on tensor cores: 2.6 TB/s there, ahead of it.
-# Its K loop unpipelined (num_stages 1) as timed; pipelined tiles are tuning candidates (moe/tuning.py), not yet timed.
-MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
+# Its K loop pipelined 3 deep (cp.async, tl.range's num_stages): on an H100 at GPT-OSS-20B's shapes gate/up 27.9 us
+# against 32.0 unpipelined and down 19.7 against 20.3 (session 27, BENCHMARKS.md); the latency-bound loop's gain.
+MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 # Rows of MXFP4 experts in blocks: Triton's own upcast (tl.dot_scaled, bf16 rows) on wider K steps, 1.1-1.4x the
 # kernel's decode at 16 rows an expert there.
 MXFP4_TILE = DEFAULT_TILE | {"BLOCK_K": 128, "dot_scaled": True}
