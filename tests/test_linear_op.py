@@ -32,9 +32,13 @@ def check_gemv(device: str, dtype: torch.dtype, cases: int = 6) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for case in range(cases):
-        # One row loads whole rows up to K = 4096 and 2048 columns at a time beyond; more rows, the loop.
+        # One row loads whole rows up to K = 4096 and 2048 columns at a time beyond, 1024 where a whole row's power
+        # of 2 would be over a quarter masked (2,880: three steps, the last partial); more rows, the loop.
         wide = rng.choice([4096, rng.randint(4097, 6000)])
-        m, n, k = rng.choice([1, rng.randint(2, MAX_ROWS)]), rng.randint(1, 300), rng.choice([64, 576, wide, rng.randint(1, 1500)])
+        k = rng.choice([64, 576, 2880, wide, rng.randint(1, 1500)])
+        m, n = rng.choice([1, rng.randint(2, MAX_ROWS)]), rng.randint(1, 300)
+        if case == 0:  # the one-row tile of 1024-column steps, every run
+            m, k = 1, 2880
         x = torch.randn(m, k, device=device).to(dtype)
         weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
         bias = torch.randn(n, device=device).to(dtype) if case % 2 else None

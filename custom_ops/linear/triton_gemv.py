@@ -108,7 +108,11 @@ def gemv_config(m: int, k: int, n: int) -> dict:
     (`benchmarks/gemv_bench.py --prefetch`, BENCHMARKS.md) over the linears of SmolLM2-135M and
     Llama-3.1-8B: whole rows for K <= 4096 (each program's weights all in flight at once; 5-50% faster
     than loads of 512-1024 columns), 2048 columns at a time beyond; about WEIGHTS_PER_LOAD weights per
-    load, but fewer rows per program where that would leave under MIN_PROGRAMS programs; 4 warps.
+    load, but fewer rows per program where that would leave under MIN_PROGRAMS programs; 4 warps. Where a whole
+    row's power of 2 would leave over a quarter of its lanes masked (K = 2,880: 4,096, 70% used), steps of 1,024
+    columns instead (3 steps, 94% used): on an H100, GPT-OSS-20B's LM head [201088, 2880] took 361.5 us against 390.8
+    at the whole row (`gemv_bench.py --models gptoss20b`, BENCHMARKS.md, session 27). SmolLM2's K = 576 keeps its
+    whole row (1,024 either way, measured best).
     Several rows: the older grid search's tile (x's rows share the registers with fewer columns).
     (Per-shape choice is the kernel cache's job.)"""
     import triton
@@ -116,6 +120,8 @@ def gemv_config(m: int, k: int, n: int) -> dict:
     if m == 1:
         whole = triton.next_power_of_2(k)
         block_k = whole if whole <= WEIGHTS_PER_LOAD else WEIGHTS_PER_LOAD // 2
+        if 3 * block_k > 4 * k and block_k > 1024:  # over a quarter of the lanes masked
+            block_k = 1024
         block_n = max(1, WEIGHTS_PER_LOAD // block_k)
         while block_n > 1 and n // block_n < MIN_PROGRAMS:
             block_n //= 2
