@@ -4,6 +4,7 @@ their instructions (an ALU-bound decode), the loop's count per unit of work pred
 before a GPU measures it; it is not a timing.
 
     python benchmarks/kernel_sass.py mxfp4-gemv      # the MoE one-token GEMV over MXFP4 experts, GPT-OSS-20B's shape
+    python benchmarks/kernel_sass.py mxfp4-mma       # the same on tensor cores (Gluon), at every MMA tile
     python benchmarks/kernel_sass.py decode-attention  # the triton paged-attention kernel's decode step, Llama-8B's
     python benchmarks/kernel_sass.py int4-gemv       # int4_linear's one-row GEMV at Llama-8B's linears
     python benchmarks/kernel_sass.py nvfp4-gemv      # nvfp4_linear's one-row GEMV (the int4 GEMV with E2M1=True)
@@ -109,6 +110,24 @@ def mxfp4_gemv(out_dir: str) -> None:
             shape = f"{tile['BLOCK_N']}x{tile['BLOCK_K']}_s{tile['num_stages']}"
             name = f"mxfp4_gemv_{'gate_up' if gated else 'down'}_{shape}"
             report(kernel, name, weights, out_dir)
+
+
+def mxfp4_mma(out_dir: str) -> None:
+    """One token's MXFP4 experts on tensor cores (custom_ops/moe/gluon_mxfp4_kernels.py) at GPT-OSS-20B's gate/up
+    (5760 x 2880), each MMA tile the tuning offers; a unit is one weight (a thread's step: 16 rows x 32 columns over
+    a warp's 32 lanes, times UNROLL steps a loop iteration)."""
+    from custom_ops.moe.gluon_mxfp4 import mma_launch
+    from custom_ops.moe.gluon_mxfp4_kernels import mxfp4_experts_mma_kernel
+    from custom_ops.moe.tuning import MMA_TILES
+
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "e_ptr": "*u8", "ids_ptr": "*i64", "y_ptr": "*fp32"}
+    strides = ("N", "stride_xm", "stride_we", "stride_wn", "stride_ee", "stride_en", "stride_ym")
+    for tile in MMA_TILES:
+        launch = mma_launch(5760, 2880, SPLIT=tile["SPLIT"], UNROLL=tile["UNROLL"])
+        kernel = compile_for_hopper(mxfp4_experts_mma_kernel, types,
+                                    {"K": 2880, "A_PER_TOKEN": True, "USE_PDL": True, **launch}, strides,
+                                    launch["SPLIT"])  # fmt: skip
+        report(kernel, f"mxfp4_mma_s{launch['SPLIT']}_u{launch['UNROLL']}", 16 * launch["UNROLL"], out_dir)
 
 
 def int4_gemv(out_dir: str) -> None:
@@ -254,8 +273,9 @@ def decode_attention(out_dir: str) -> None:
         report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
 
 
-STUDIES = {"mxfp4-gemv": mxfp4_gemv, "decode-attention": decode_attention, "int4-gemv": int4_gemv,
-           "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm, "int4-mma": int4_mma, "nvfp4-mma": nvfp4_mma}  # fmt: skip
+STUDIES = {"mxfp4-gemv": mxfp4_gemv, "mxfp4-mma": mxfp4_mma, "decode-attention": decode_attention,
+           "int4-gemv": int4_gemv, "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm, "int4-mma": int4_mma,
+           "nvfp4-mma": nvfp4_mma}  # fmt: skip
 
 
 def main() -> None:

@@ -338,6 +338,30 @@ class Grid:
 
     op_add = op_sub = op_mul = op_mad = op_fma = arithmetic
 
+    def integer_operands(self, ins) -> list[np.ndarray]:
+        """The sources as int64 (signed types sign-extended; unsigned ones below 2^63)."""
+        if ins.type not in INTEGER_TYPES:
+            raise unsupported(ins)
+        if ins.type[0] == "s":
+            return [signed(self.value(a), ins.bits) for a in ins.args[1:]]
+        return [mask_bits(self.value(a), ins.bits).astype(np.int64) for a in ins.args[1:]]
+
+    def op_div(self, ins, mask):  # div and rem of integers, as C's (the quotient truncated toward zero)
+        a, b = self.integer_operands(ins)
+        b = np.where(b == 0, 1, b)  # inactive lanes may divide by 0; an active one is undefined in PTX anyway
+        quotient = np.abs(a) // np.abs(b) * np.sign(a) * np.sign(b)
+        result = quotient if ins.parts[0] == "div" else a - quotient * b
+        self.set(ins.args[0], result.astype(U64), mask, ins.bits)
+
+    op_rem = op_div
+
+    def op_min(self, ins, mask):  # min and max, of integers
+        a, b = self.integer_operands(ins)
+        result = np.minimum(a, b) if ins.parts[0] == "min" else np.maximum(a, b)
+        self.set(ins.args[0], result.astype(U64), mask, ins.bits)
+
+    op_max = op_min
+
     def op_shl(self, ins, mask):
         if ins.type not in INTEGER_TYPES:
             raise unsupported(ins)

@@ -133,6 +133,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4))
     if mxfp4 and tile["BLOCK_K"] % 32:
         raise ValueError(f"MXFP4 weights take column tiles of whole 32-column groups, not BLOCK_K={tile['BLOCK_K']}")
+    if one_token and mxfp4 and tile.get("mma") and not sum_pairs and _mma_takes(a, w, mxfp4_scales):
+        return _one_token_mma(a, w, bias, out, route_weights, blocks, mxfp4_scales, gated, a_per_token, activation,
+                              params, tile, like if like is not None else a)  # fmt: skip
     a_scale, w_scale = scales if scales is not None else (a, mxfp4_scales if mxfp4 else w)
     bias_stride = bias.stride(1) if bias is not None else 0
     up_offset, bias_up_offset, scale_up_offset = n * w.stride(1), n * bias_stride, n * w_scale.stride(1)
@@ -166,6 +169,36 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         w_scale, like, *common, ONE_TOKEN=one_token, SUM_PAIRS=blocks.top_k if sum_pairs else 0,
         BLOCK_M=max(blocks.block_m, triton.next_power_of_2(blocks.top_k)) if sum_pairs else blocks.block_m,
         DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16 and a.is_cuda, **flags,
+    )  # fmt: skip
+    return out
+
+
+def _mma_takes(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor) -> bool:
+    from custom_ops.moe import gluon_mxfp4
+
+    return gluon_mxfp4.takes(a, w, exponents) and gluon_mxfp4.mma_launch(w.shape[1], 2 * w.shape[2]) is not None
+
+
+def _one_token_mma(a, w, bias, out, route_weights, blocks: ExpertBlocks, exponents, gated: bool, a_per_token: bool,
+                   activation: str, params: tuple, tile: dict, like: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """grouped_gemm's one-token MXFP4 call on tensor cores (gluon_mxfp4: every row of each pair's expert as float32
+    sums), then one_token_gemv_kernel's epilogue over them (one_token_epilogue_kernel)."""
+    import triton
+
+    from custom_ops.moe import gluon_mxfp4
+
+    ids = blocks.block_expert
+    raw = gluon_mxfp4.experts_mma(a, w, exponents, ids, blocks.top_k, a_per_token, **tile)
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    raw_col, raw_up = (2, 1) if gated and activation in INTERLEAVED else (1, n)  # where output column c's sums are
+    alpha, limit = params if len(params) == 2 else (1.0, 0.0)
+    block_n = min(256, triton.next_power_of_2(n))
+    _kernels().one_token_epilogue_kernel[(blocks.pairs, triton.cdiv(n, block_n))](
+        raw, bias if bias is not None else raw, out, route_weights if route_weights is not None else raw, ids, like, n,
+        raw.stride(0), raw_col, raw_up, bias.stride(0) if bias is not None else 0,
+        bias.stride(1) if bias is not None else 0, out.stride(0), float(alpha), float(limit), w.shape[0],
+        GATED=gated, ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None,
+        ROUTE_WEIGHTS=route_weights is not None, BLOCK_N=block_n,
     )  # fmt: skip
     return out
 

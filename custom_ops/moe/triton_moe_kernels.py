@@ -340,6 +340,34 @@ def one_token_gemv_kernel(
 
 
 @triton.jit
+def one_token_epilogue_kernel(
+    raw_ptr, bias_ptr, out_ptr, route_w_ptr, ids_ptr, round_ptr, N, stride_raw, raw_col, raw_up, stride_be, stride_bn,
+    stride_om, alpha, limit, num_experts, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROUTE_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """one_token_gemv_kernel's epilogue over sums another kernel wrote (raw [pairs, R] float32, every row of the
+    pair's expert weight): output column c reads raw column c * raw_col (and, GATED, its up row's at + raw_up; the
+    bias the same columns of bias[expert]). Same roundings; a pair of another rank's expert gets zeros."""
+    pair, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if (expert < 0) | (expert >= num_experts):
+        tl.store(out_ptr + pair * stride_om + cols, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=col_ok)
+        return
+    raw = raw_ptr + pair * stride_raw + cols * raw_col
+    acc = tl.load(raw, mask=col_ok, other=0.0)
+    acc_up = tl.load(raw + raw_up, mask=col_ok, other=0.0) if GATED else acc
+    dtype = round_ptr.dtype.element_ty
+    bias_ptrs = bias_ptr + expert * stride_be + (cols * raw_col)[None, :] * stride_bn
+    out = gated_epilogue(acc[None, :], acc_up[None, :], bias_ptrs, col_ok[None, :], raw_up * stride_bn, alpha, limit,
+                         dtype, HAS_BIAS, GATED, ACTIVATION)  # fmt: skip
+    if ROUTE_WEIGHTS:
+        out = out.to(dtype).to(tl.float32) * tl.load(route_w_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + pair * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
 def sum_pairs_kernel(weighted_ptr, out_ptr, N, TOP_K: tl.constexpr, PAIRS_PADDED: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[t, n] = the sum over j < TOP_K of weighted[t * TOP_K + j, n] (both contiguous) in float32, rounded once to
     out's dtype; a program loads its column tile's k rows at once."""

@@ -42,6 +42,9 @@ GEMV_TILES = tuple(
     for n, k, w, s in ((8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 1), (16, 1024, 8, 1),
                        (32, 512, 8, 1), (16, 256, 4, 2), (16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3))
 )  # fmt: skip
+# One token of MXFP4 weights on tensor cores (gluon_mxfp4: a program's SPLIT warps each a slice of K, UNROLL steps of
+# 32 columns a loop iteration), the epilogue after it; not yet timed on a GPU.
+MMA_TILES = tuple({"mma": True, "SPLIT": s, "UNROLL": u} for s, u in ((2, 5), (2, 3), (1, 5), (1, 9)))
 # One token's down GEMM summed over its k pairs in the kernel (triton_moe.down_projection), no sum kernel after it: a
 # program per column tile of the one output row, so narrow tiles for enough programs (Qwen3-30B-A3B: 2048 / 16 = 128
 # on 132 SMs), and deep pipelines to keep a program's weight loads in flight across its k experts.
@@ -49,12 +52,17 @@ SUM_TILES = tuple(
     {"sum": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s}
     for n, k, s in ((16, 128, 4), (16, 128, 6), (16, 256, 4), (16, 256, 5), (32, 128, 4), (32, 256, 4))
 )
-# The launcher and its kernels: any change in either file is a changed candidate.
-_SOURCE = source_hash("".join(Path(triton_moe.__file__).with_name(name).read_text()
-                              for name in ("triton_moe.py", "triton_moe_kernels.py")))  # fmt: skip
+# The launchers and their kernels (and the MMA tiles' decode): any change in them is a changed candidate.
+_HERE = Path(triton_moe.__file__).parent
+_SOURCE = source_hash("".join(path.read_text() for path in (
+    *(_HERE / name for name in ("triton_moe.py", "triton_moe_kernels.py", "gluon_mxfp4.py", "gluon_mxfp4_kernels.py")),
+    _HERE.parent / "linear" / "gluon_int4_kernels.py",
+)))  # fmt: skip
 
 
 def tile_name(tile: dict) -> str:
+    if tile.get("mma"):
+        return f"mma-s{tile['SPLIT']}-u{tile['UNROLL']}"
     tile = triton_moe.DEFAULT_TILE | tile
     name = f"n{tile['BLOCK_N']}-k{tile['BLOCK_K']}-s{tile['num_stages']}-w{tile['num_warps']}"
     name = "sum-" + name if tile.get("sum") else name
@@ -90,6 +98,8 @@ class MoeGroupedGemmTuning:
             tiles += [tile | {"dot_scaled": True} for tile in tiles]
         if bucket["rows"] == 1:
             tiles += [triton_moe.DEFAULT_TILE | tile for tile in GEMV_TILES]
+            if bucket.get("mxfp4"):
+                tiles += [triton_moe.DEFAULT_TILE | tile for tile in MMA_TILES]
             if not bucket["gated"]:
                 tiles += [triton_moe.DEFAULT_TILE | tile for tile in SUM_TILES]
         return [
