@@ -93,6 +93,39 @@ def check_mxfp4_triton_against_reference(device: str, dtype: torch.dtype) -> Non
     assert relative_error(actual, expected) < TOLERANCE[dtype]
 
 
+def check_exponents_far_from_one(device: str, dtype: torch.dtype) -> None:
+    """Exponents from 0 (2^-127: subnormal weights) to 252 (2^125), through a down GEMM (no activation, x small: the
+    sums stay finite): the one-token GEMV exact at every one; the tensor-core tile's own decode of several tokens
+    exact up to 240, and past it (its factor 2^(s - 113) leaves float32) infinite or NaN, never finite and wrong."""
+    from custom_ops.moe import triton_moe
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [(1, 252, triton_moe.MXFP4_ONE_TOKEN_TILE), (9, 240, {"BLOCK_K": 64}), (9, 252, {"BLOCK_K": 64})]
+    for tokens, top, tile in cases:
+        w, exponents = random_mxfp4(4, 32, 64, generator=generator, exponents=(0, top))
+        x = torch.randn(tokens * 2, 64, generator=generator) / 1024
+        ids = torch.randint(0, 4, (tokens, 2), generator=generator)
+        route = torch.rand(tokens * 2, generator=generator)
+        expected = torch.stack([dequantize_mxfp4(w[e], exponents[e], torch.float64) @ x[p].to(dtype).double() * r
+                                for p, (e, r) in enumerate(zip(ids.flatten().tolist(), route.tolist()))])  # fmt: skip
+        x, w, exponents, ids, route = (t.to(device) for t in (x.to(dtype), w, exponents, ids, route))
+        out = triton_moe.grouped_gemm(x, w, None, x.new_empty(tokens * 2, 32, dtype=torch.float32), route,
+                                      triton_moe.expert_blocks(ids, 4), gated=False, a_per_token=False,
+                                      tile=triton_moe.DEFAULT_TILE | tile, mxfp4_scales=exponents)  # fmt: skip
+        if top > 240 and tokens > 1:
+            assert not torch.isfinite(out).all(), "an exponent past 240 must not give finite sums on this path"
+        else:
+            assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (tokens, top)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_exponents_far_from_one_in_the_interpreter():
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_moe_mxfp4 as t; "
+        "t.check_exponents_far_from_one('cpu', torch.float32)"
+    )
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_mxfp4_triton_in_the_interpreter():
     run_in_interpreter(
@@ -111,6 +144,7 @@ def test_mxfp4_triton_on_the_gpu(dtype):
     with_tile(MXFP4_GEMV_TILE, check_mxfp4_triton_against_reference, "cuda", dtype)
     for stages in (1, 2):  # the GEMV's K loop unpipelined and 2 deep (the tile above takes DEFAULT_TILE's 3)
         with_tile(MXFP4_GEMV_TILE | {"num_stages": stages}, check_mxfp4_triton_against_reference, "cuda", dtype)
+    check_exponents_far_from_one("cuda", dtype)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """One token's MXFP4 experts on tensor cores (custom_ops/moe/gluon_mxfp4.py, gluon_mxfp4_kernels.py). Gluon kernels do
 not run in Triton's interpreter, so on the CPU: the kernel compiled for sm_90a and its whole PTX run in
-tests/ptx_emulator.py against the dequantized weights' sums in float64 (exponents from 0 to 200 and one past the
-kernel's range, an id of another rank), shown to fail for a kernel whose scales are off by one binade;
+tests/ptx_emulator.py against the dequantized weights' sums in float64 (x's row per token or per pair, every exponent
+from 0 to 252, an id of another rank), shown to fail for a kernel whose decode is off by one binade;
 and the epilogue (one_token_epilogue_kernel, in Triton's interpreter) through the op against its reference, with the
 kernel's sums computed by torch. On the GPU: the op under every MMA tile against the reference."""
 
@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 from conftest import relative_error, run_in_interpreter
-from test_moe_experts import TOLERANCE, with_tile
+from test_moe_experts import TOLERANCE, check_sum_over_experts, with_tile
 from test_moe_mxfp4 import check_mxfp4_triton_against_reference
 
 import custom_ops  # noqa: F401  (registers torch.ops.compiled_llm)
@@ -50,52 +50,61 @@ def emulated(a, w, exponents, ids, top_k, a_per_token, edit_ptx=None, **tile) ->
     return raw
 
 
-def emulated_case(dtype, experts, n, k, pairs, seed=0):
+def emulated_case(dtype, experts, n, k, pairs, rows=None, seed=0):
+    """x [rows (pairs by default), k], MXFP4 experts [experts, n, k] with exponents 100-140 and a few extremes, and
+    random ids but the last pair's, another rank's."""
     generator = torch.Generator().manual_seed(seed)
     w, exponents = random_mxfp4(experts, n, k, generator=generator, exponents=(100, 140))
     exponents[0, 0, 0], exponents[1, 1, -1], exponents[0, 2, 1] = 0, 200, 120  # the smallest scale, and a large one
     ids = torch.randint(0, experts, (pairs,), generator=generator, dtype=torch.int32)
     ids[-1] = experts  # another rank's expert
-    a = torch.randn(pairs, k, generator=generator).to(dtype)
+    a = torch.randn(rows or pairs, k, generator=generator).to(dtype)
     return a, w, exponents, ids
 
 
-# dtype, experts, n, k, pairs, tile: SPLIT 2 x UNROLL 2 (a loop of 2 iterations a warp); 3 groups under one warp
+# dtype, experts, n, k, pairs, top_k (x's row per pair: pair // top_k, gate/up's; else pair, down's), tile
 EMULATED = {
-    "bf16-two-warps-unrolled": (torch.bfloat16, 3, 32, 256, 4, {"SPLIT": 2, "UNROLL": 2}),
-    "fp16-one-warp-three-groups": (torch.float16, 2, 16, 96, 3, {"SPLIT": 2, "UNROLL": 3}),
+    "bf16-two-warps-unrolled": (torch.bfloat16, 3, 32, 256, 4, None, {"SPLIT": 2, "UNROLL": 2}),
+    "fp16-one-warp-three-groups": (torch.float16, 2, 16, 96, 3, None, {"SPLIT": 2, "UNROLL": 3}),
+    "bf16-a-row-per-token-of-2-pairs": (torch.bfloat16, 3, 48, 128, 6, 2, {"SPLIT": 2, "UNROLL": 2}),
 }
 
 
 @gluon
 @pytest.mark.parametrize("case", EMULATED)
 def test_the_compiled_kernel_matches_the_sums_in_a_ptx_emulator(case):
-    dtype, experts, n, k, pairs, tile = EMULATED[case]
-    a, w, exponents, ids = emulated_case(dtype, experts, n, k, pairs)
-    raw = emulated(a, w, exponents, ids, 1, False, **tile)
-    expected = reference_sums(a, w, exponents, ids, 1, False)
+    dtype, experts, n, k, pairs, top_k, tile = EMULATED[case]
+    a, w, exponents, ids = emulated_case(dtype, experts, n, k, pairs, pairs // (top_k or 1))
+    raw = emulated(a, w, exponents, ids, top_k or 1, top_k is not None, **tile)
+    expected = reference_sums(a, w, exponents, ids, top_k or 1, top_k is not None)
     assert not raw[-1].any()  # another rank's expert: zeros
     assert relative_error(raw, expected) < 1e-6
 
 
 @gluon
-def test_an_exponent_past_the_kernels_range_gives_infinite_sums_not_finite_wrong_ones():
-    """e8m0 exponents above 247 (weights of 2^121 and more) overflow the float32 scale: the row's sum is infinite."""
-    a, w, exponents, ids = emulated_case(torch.bfloat16, 2, 16, 64, 2)
-    exponents[:, 3, 1] = 250
+def test_every_exponent_scales_exactly():
+    """Row r of the weight under exponent r for r = 0..252 (past it, 6 * 2^(r - 127) overflows float32 and so does
+    dequantize_mxfp4's table; 255 is e8m0's NaN), x small enough that 2^125 times a row's sum stays finite: every
+    row's sum as the float64 one, to float32's rounding (and its subnormals' spacing)."""
+    a, w, exponents, ids = emulated_case(torch.bfloat16, 2, 256, 64, 1)
+    exponents[0] = torch.arange(256, dtype=torch.uint8)[:, None]
+    ids[0] = 0
+    a = (a.float() / 1024).to(torch.bfloat16)
     raw = emulated(a, w, exponents, ids, 1, False, SPLIT=1, UNROLL=1)
-    assert torch.isinf(raw[:-1, 3]).all() and torch.isfinite(raw[:-1, :3]).all()
+    expected = reference_sums(a, w, exponents, ids, 1, False)
+    torch.testing.assert_close(raw[0, :253].double(), expected[0, :253], rtol=1e-6, atol=2.0**-140)
 
 
 @gluon
 def test_the_ptx_emulator_test_fails_for_a_kernel_whose_scales_are_off_by_one_binade():
-    """The same check of a kernel that adds 8 to each exponent where it should add 7 (2^(s - 126)): it must fail."""
-    dtype, experts, n, k, pairs, tile = EMULATED["bf16-two-warps-unrolled"]
+    """The same check of a kernel whose decode doubles each value (its scale pair 2^127 where it should be 2^126):
+    it must fail."""
+    dtype, experts, n, k, pairs, _, tile = EMULATED["bf16-two-warps-unrolled"]
     a, w, exponents, ids = emulated_case(dtype, experts, n, k, pairs)
     edits = []
 
     def one_binade_more(ptx: str) -> str:
-        edited = re.sub(r"(add\.s32\s+%r\d+,\s*%r\d+,\s*)58720256;", r"\g<1>67108864;", ptx)  # 7 << 23 -> 8 << 23
+        edited = re.sub(r"(mov\.b32\s+%r\d+,\s*)2122350208;", r"\g<1>2130722560;", ptx)  # 0x7E807E80 -> 0x7F007F00
         edits.append(edited != ptx)
         return edited
 
@@ -128,7 +137,8 @@ def test_the_kernel_compiles_for_hopper_at_every_tile_the_tuning_offers():
 def check_epilogue_against_reference(device: str, dtype: torch.dtype) -> None:
     """The op's one-token calls under an MMA tile, the kernel's sums computed by torch (reference_sums): the epilogue
     (gate and up columns, GPT-OSS's interleaved rows, biases, the activation, routing weights) against the op's
-    reference, the cases of test_moe_mxfp4."""
+    reference, the cases of test_moe_mxfp4; then test_moe_experts' sums over k = 8 pairs, ids of another rank among
+    them (zeros, not the activation of a bias)."""
     takes, mma, calls = gluon_mxfp4.takes, gluon_mxfp4.experts_mma, []
 
     def sums(a, w, e, ids, top_k, per_token, **tile):
@@ -138,9 +148,11 @@ def check_epilogue_against_reference(device: str, dtype: torch.dtype) -> None:
     try:
         gluon_mxfp4.takes, gluon_mxfp4.experts_mma = (lambda a, w, exponents: True), sums
         with_tile(MMA_TILES[0], check_mxfp4_triton_against_reference, device, dtype)
+        assert len(calls) == 6  # gate/up and down of the 3 one-token calls
+        check_sum_over_experts(device, dtype, sum_tiles=(MMA_TILES[0],), formats=("mxfp4",))
+        assert len(calls) == 8  # one token's gate/up and down, over every expert and over a rank's
     finally:
         gluon_mxfp4.takes, gluon_mxfp4.experts_mma = takes, mma
-    assert len(calls) == 6  # gate/up and down of the 3 one-token calls
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

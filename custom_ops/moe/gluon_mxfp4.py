@@ -51,7 +51,8 @@ def takes(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor) -> bool:
     if nvidia_capability(a.device.index if a.device.index is not None else torch.cuda.current_device()) < (8, 0):
         return False
     aligned = w.data_ptr() % 4 == 0 and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0
-    return w.dtype == torch.uint8 and w.stride(2) == 1 and exponents.stride(2) == 1 and aligned
+    formats = w.dtype == exponents.dtype == torch.uint8
+    return formats and w.stride(2) == 1 and exponents.stride(2) == 1 and aligned
 
 
 def experts_mma(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor, ids: torch.Tensor, top_k: int,

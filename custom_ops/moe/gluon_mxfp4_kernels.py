@@ -5,9 +5,9 @@ A decode step of one sequence gives each of its k experts one row of x, so the o
 its loop issues ~5.7 instructions a weight: it reads 1.1-1.3 TB/s (BENCHMARKS.md). Here, as in
 custom_ops/linear/gluon_int4_kernels.py's NVFP4 decode, the expert's weights are the 16-row side of mma.m16n8k16 and
 x the 8-column side: the threads only decode, each its code bytes loaded straight in the A operand's layout, and the
-MMA does the products. The decode is that kernel's (e2m1_decode_asm: an e2m1 code as e2m1 * 2^-7, exact in bfloat16
-and float16, x read in the same permutation of K, e2m1_order); MXFP4's scale, one e8m0 exponent a 32-column group,
-multiplies the group's float32 sums, 2^(s - 120) (the 2^7 the decode left out): a step is one group. The products
+MMA does the products. The decode is that kernel's (e2m1_decode_asm, its scale pair set so that a code becomes its
+e2m1 value, exact in bfloat16 and float16; x read in the same permutation of K, e2m1_order); MXFP4's scale, one e8m0
+exponent a 32-column group, multiplies the group's float32 sums by 2^(s - 127): a step is one group. The products
 and sums are float32's, so the result is the reference's (the dequantized weights times x) up to the order of the
 sums.
 
@@ -24,20 +24,18 @@ from custom_ops.linear.gluon_int4_kernels import a_operand, decode_e2m1, e2m1_or
 
 GROUP = gl.constexpr(32)  # MXFP4's columns an exponent: one step
 COLS = gl.constexpr(8)  # the MMA's column side: x's one row and 7 zero columns
-# The decode's scale pair for a scale of 1 (e2m1_decode_asm's $5: s * 2^119 in bfloat16, s * 2^7 in float16, both
-# halves): the decoded value is e2m1 * 2^-7, exact.
-UNIT_PAIR_BF16 = gl.constexpr(0x7B007B00)
-UNIT_PAIR_FP16 = gl.constexpr(0x58005800)
+# The decode's scale pair (e2m1_decode_asm's $5, s * 2^119 in bfloat16 and s * 2^7 in float16, both halves) for
+# s = 2^7: 2^126 (bfloat16) and 2^14 (float16), so that the decoded value is the code's e2m1 value itself, exact.
+E2M1_PAIR_BF16 = gl.constexpr(0x7E807E80)
+E2M1_PAIR_FP16 = gl.constexpr(0x74007400)
 
 
 @gluon.jit
 def group_scale(exponent):
-    """e8m0 exponents s (uint8) as 2^(s - 127) times the 2^7 the decode left out, in float32: the bits (s + 7) << 23,
-    exact for s up to 247. Past it (weights of 2^121 and more) the sum is infinite, never a finite wrong value: s is
-    clamped to 248, whose bits are +inf's."""
-    bits = exponent.to(gl.int32) << 23  # 32-bit from the start (16-bit pair arithmetic would not fit the shift)
-    bits = gl.where(bits > 248 << 23, 248 << 23, bits) + (7 << 23)
-    return bits.to(gl.float32, bitcast=True)
+    """e8m0 exponents s (uint8) as 2^(s - 127) in float32, exactly for every s: the bits s << 23, and 2^-127's
+    (a subnormal) for s = 0; s = 255 (e8m0's NaN) gives +inf."""
+    bits = exponent.to(gl.int32) << 23
+    return gl.where(bits == 0, 0x00400000, bits).to(gl.float32, bitcast=True)
 
 
 @gluon.jit
@@ -64,16 +62,21 @@ def mxfp4_experts_mma_kernel(
     tiles = N // ROWS
     pair = gl.program_id(0) // tiles
     n0 = (gl.program_id(0) % tiles) * ROWS
+    if USE_PDL:  # the ids, and x, are earlier kernels' outputs (the router's, the activation's)
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     expert = gl.load(ids_ptr + pair).to(gl.int64)
     valid = (expert >= 0) & (expert < num_experts)
-    expert = gl.where(valid, expert, 0)  # another rank's expert: read expert 0's bytes, store zeros
+    # Another rank's expert: the program reads expert 0's first rows (the same few KB for every such program, from
+    # L2: no mask a load, and no stream of a whole expert) and stores zeros.
+    expert = gl.where(valid, expert, 0)
+    n_read = gl.where(valid, n0, 0)
     a_row = pair // top_k if A_PER_TOKEN else pair
 
     # code bytes [SPLIT, ROWS, GROUP / 2] of a step (4 a thread and row: 8 consecutive columns)
     c_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, codes_layout)))
     c_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, codes_layout)))
     c_byte = gl.arange(0, GROUP // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, codes_layout)))
-    codes_at = (w_ptr + expert * stride_we + (n0 + c_row)[None, :, None] * stride_wn
+    codes_at = (w_ptr + expert * stride_we + (n_read + c_row)[None, :, None] * stride_wn
                 + (c_split * (SLICE // 2))[:, None, None] + c_byte[None, None, :])  # fmt: skip
     # x [SPLIT, GROUP, COLS] of a step: the row in column 0, zeros in the others
     x_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, b_layout)))
@@ -85,15 +88,13 @@ def mxfp4_experts_mma_kernel(
     # exponents [SPLIT, ROWS] of a step, in the accumulator's layout
     s_split = gl.arange(0, SPLIT, layout=gl.SliceLayout(1, gl.SliceLayout(2, mma)))
     s_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma)))
-    e_at = e_ptr + expert * stride_ee + (n0 + s_row)[None, :] * stride_en + (s_split * GROUPS)[:, None]
+    e_at = e_ptr + expert * stride_ee + (n_read + s_row)[None, :] * stride_en + (s_split * GROUPS)[:, None]
 
     if dtype == gl.bfloat16:
-        pairs = gl.full([SPLIT, ROWS, GROUP // 2], UNIT_PAIR_BF16, gl.int32, layout=codes_layout)
+        pairs = gl.full([SPLIT, ROWS, GROUP // 2], E2M1_PAIR_BF16, gl.int32, layout=codes_layout)
     else:
-        pairs = gl.full([SPLIT, ROWS, GROUP // 2], UNIT_PAIR_FP16, gl.int32, layout=codes_layout)
+        pairs = gl.full([SPLIT, ROWS, GROUP // 2], E2M1_PAIR_FP16, gl.int32, layout=codes_layout)
     acc = gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma)
-    if USE_PDL:  # x is the previous kernel's output
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     for first in range(0, GROUPS, UNROLL):
         for u in gl.static_range(UNROLL):
             step = first + u

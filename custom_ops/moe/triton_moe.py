@@ -133,9 +133,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4))
     if mxfp4 and tile["BLOCK_K"] % 32:
         raise ValueError(f"MXFP4 weights take column tiles of whole 32-column groups, not BLOCK_K={tile['BLOCK_K']}")
-    if one_token and mxfp4 and tile.get("mma") and not sum_pairs and _mma_takes(a, w, mxfp4_scales):
-        return _one_token_mma(a, w, bias, out, route_weights, blocks, mxfp4_scales, gated, a_per_token, activation,
-                              params, tile, like if like is not None else a)  # fmt: skip
+    if one_token and mxfp4 and tile.get("mma") and not sum_pairs:
+        if _mma_takes(a, w, mxfp4_scales):
+            return _one_token_mma(a, w, bias, out, route_weights, blocks, mxfp4_scales, gated, a_per_token,
+                                  activation, params, tile, like if like is not None else a)  # fmt: skip
+        tile = DEFAULT_TILE | MXFP4_ONE_TOKEN_TILE  # where the kernel does not run (CPU, other dtypes): the default
     a_scale, w_scale = scales if scales is not None else (a, mxfp4_scales if mxfp4 else w)
     bias_stride = bias.stride(1) if bias is not None else 0
     up_offset, bias_up_offset, scale_up_offset = n * w.stride(1), n * bias_stride, n * w_scale.stride(1)

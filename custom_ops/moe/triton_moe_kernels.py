@@ -26,10 +26,10 @@ def mxfp4_dot(acc, a_base, w_base, s_base, k0, a_ok, w_ok, stride_wk, stride_sk,
     a_odd = tl.load(a_base + 2 * half[None, :] + 1, mask=a_ok & ok[None, :], other=0.0)
     packed = tl.load(w_base + half[:, None] * stride_wk, mask=ok[:, None] & w_ok, other=0).to(tl.int32)
     # One exponent a group of 16 bytes, loaded once and repeated over them: 2^(s - 127) * 2^14 (e2m1_as_fp16's), as
-    # float32 exponent bits.
+    # float32 exponent bits; past 2^127 (s > 240: weights of 2^114 and more) +inf, never bits run into the sign.
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     scale = tl.load(s_base + groups[:, None] * stride_sk, mask=(groups < K // 32)[:, None] & w_ok, other=0)
-    factor = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # [BLOCK_K / 32, BLOCK_N]
+    factor = (tl.minimum(scale.to(tl.int32) + 14, 255) << 23).to(tl.float32, bitcast=True)  # [BLOCK_K / 32, BLOCK_N]
     factor = tl.reshape(tl.broadcast_to(factor[:, None, :], (BLOCK_K // 32, 16, factor.shape[1])),
                         (BLOCK_K // 2, factor.shape[1]))  # fmt: skip
     low = (e2m1_as_fp16(packed & 15).to(tl.float32) * factor).to(dtype)
@@ -272,8 +272,10 @@ def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_sk, K: tl.const
     sums = add_pair_products(sums, words, 4, x_2l, x_2h)
     sums = add_pair_products(sums, words, 0, x_3l, x_3h)
     scale = tl.load(s_rows + groups[None, :] * stride_sk, mask=col_ok[:, None] & group_ok[None, :], other=0)
-    factor = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127), times e2m1_as_fp16's 2^14
-    return acc + tl.sum(sums, axis=2) * factor
+    # 2^(s - 127) exactly for every s (its bits, and 2^-127's for 0), after the sums' own 2^14 (e2m1_as_fp16's)
+    bits = scale.to(tl.int32) << 23
+    factor = tl.where(bits == 0, 0x00400000, bits).to(tl.float32, bitcast=True)
+    return acc + (tl.sum(sums, axis=2) * 16384.0) * factor
 
 
 @triton.jit
