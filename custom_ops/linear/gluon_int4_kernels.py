@@ -263,6 +263,19 @@ def add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_adden
 
 
 @gluon.jit
+def launch_dependents():
+    """PDL: the next kernel may launch now (it waits for this one's results itself, wait_for_producers)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)  # fmt: skip
+
+
+@gluon.jit
+def wait_for_producers():
+    """PDL: wait until the kernels this one depends on have finished, their writes visible."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, part_end0, part_end1,
     K: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, SPLIT: gl.constexpr,
@@ -276,8 +289,7 @@ def int4_mma_kernel(
     GROUP is then only the columns of a step. PREFETCH: the program's codes prefetched into L2 first (the launcher
     checks that the codes' base and row stride are multiples of 16 bytes)."""
     if USE_PDL:
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)  # fmt: skip
+        launch_dependents()
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     # Batch axis = the K split (a warp each); K-width 32: a thread's 16 bytes of codes are 32 consecutive columns
     # (one 128-bit load), and the A and B operands agree on that permutation of K, which a dot is invariant to.
@@ -329,7 +341,7 @@ def int4_mma_kernel(
     if PREFETCH:  # before the wait: under PDL the codes stream into L2 while the previous kernel drains
         prefetch_codes(w_ptr, n0, stride_wn, SPLIT, ROWS, SLICE // 2)
     if USE_PDL:  # x is the previous kernel's output
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        wait_for_producers()
     if ONE_ROW:
         # One row of x (times smooth) for the whole K, a column once over the warps' lanes, loaded at once and stored
         # in shared memory (2 bytes a column); the steps, unrolled, read it in the B operand's layout (every lane

@@ -20,7 +20,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from custom_ops.linear.gluon_int4_kernels import a_operand, decode_e2m1, e2m1_order, mma_layout, operand_layout
+from custom_ops.linear.gluon_int4_kernels import (a_operand, decode_e2m1, e2m1_order, launch_dependents, mma_layout,
+                                                  operand_layout, wait_for_producers)  # fmt: skip
 
 GROUP = gl.constexpr(32)  # MXFP4's columns an exponent: one step
 COLS = gl.constexpr(8)  # the MMA's column side: x's one row and 7 zero columns
@@ -50,8 +51,7 @@ def mxfp4_experts_mma_kernel(
     K / 32]. A pair whose expert is outside [0, num_experts) (another rank's) gets zeros. The launcher checks that ROWS
     divides N and that SPLIT * UNROLL divides K's groups. A 1-D grid: program i is pair i // (N / ROWS)."""
     if USE_PDL:
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)  # fmt: skip
+        launch_dependents()
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     mma: gl.constexpr = mma_layout(SPLIT)
     a_layout: gl.constexpr = operand_layout(SPLIT, GROUP, 0, False)
@@ -63,7 +63,7 @@ def mxfp4_experts_mma_kernel(
     pair = gl.program_id(0) // tiles
     n0 = (gl.program_id(0) % tiles) * ROWS
     if USE_PDL:  # the ids, and x, are earlier kernels' outputs (the router's, the activation's)
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        wait_for_producers()
     expert = gl.load(ids_ptr + pair).to(gl.int64)
     valid = (expert >= 0) & (expert < num_experts)
     # Another rank's expert: the program reads expert 0's first rows (the same few KB for every such program, from
