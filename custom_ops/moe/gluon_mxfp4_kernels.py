@@ -20,8 +20,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from custom_ops.linear.gluon_int4_kernels import (a_operand, decode_e2m1, e2m1_order, launch_dependents, mma_layout,
-                                                  operand_layout, wait_for_producers)  # fmt: skip
+from custom_ops.linear.gluon_int4_kernels import (
+    a_operand,
+    decode_e2m1,
+    e2m1_order,
+    launch_dependents,
+    mma_layout,
+    operand_layout,
+    wait_for_producers,
+)
 
 GROUP = gl.constexpr(32)  # MXFP4's columns an exponent: one step
 COLS = gl.constexpr(8)  # the MMA's column side: x's one row and 7 zero columns
