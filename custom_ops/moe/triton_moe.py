@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_runs_on
 
 # The gated activations the kernel computes, by the op's name; the interleaved ones read [g0, u0, g1, u1, ...] rows.
 ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
@@ -200,7 +200,7 @@ def _one_token_mma(a, w, bias, out, route_weights, blocks: ExpertBlocks, exponen
         raw.stride(0), raw_col, raw_up, bias.stride(0) if bias is not None else 0,
         bias.stride(1) if bias is not None else 0, out.stride(0), float(alpha), float(limit), w.shape[0],
         GATED=gated, ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None,
-        ROUTE_WEIGHTS=route_weights is not None, BLOCK_N=block_n,
+        ROUTE_WEIGHTS=route_weights is not None, BLOCK_N=block_n, **pdl_launch_options(raw),
     )  # fmt: skip
     return out
 

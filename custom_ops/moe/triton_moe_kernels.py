@@ -345,11 +345,15 @@ def one_token_gemv_kernel(
 def one_token_epilogue_kernel(
     raw_ptr, bias_ptr, out_ptr, route_w_ptr, ids_ptr, round_ptr, N, stride_raw, raw_col, raw_up, stride_be, stride_bn,
     stride_om, alpha, limit, num_experts, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUTE_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROUTE_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """one_token_gemv_kernel's epilogue over sums another kernel wrote (raw [pairs, R] float32, every row of the
     pair's expert weight): output column c reads raw column c * raw_col (and, GATED, its up row's at + raw_up; the
-    bias the same columns of bias[expert]). Same roundings; a pair of another rank's expert gets zeros."""
+    bias the same columns of bias[expert]). Same roundings; a pair of another rank's expert gets zeros. USE_PDL
+    (triton_runtime): it launches under the sums' kernel and waits before reading anything."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
