@@ -192,3 +192,17 @@ def test_the_op_under_every_mma_tile_on_the_gpu(dtype):
     a, w, exponents, ids = emulated_case(dtype, 4, 64, 2880, 4)
     raw = gluon_mxfp4.experts_mma(a.cuda(), w.cuda(), exponents.cuda(), ids.cuda(), 1, False)
     assert relative_error(raw.cpu(), reference_sums(a, w, exponents, ids, 1, False)) < TOLERANCE[torch.float32]
+
+
+def test_the_tuning_offers_the_mma_tiles_for_one_token_of_mxfp4_experts_only():
+    """One-token MXFP4 buckets time each MMA tile beside the GEMVs (named by SPLIT and UNROLL); blocks of rows and
+    float experts do not."""
+    from custom_ops.moe.tuning import MoeGroupedGemmTuning
+
+    tuning = MoeGroupedGemmTuning()
+    bucket = {"experts": 32, "n": 5760, "k": 2880, "gated": True, "fp8": False, "top_k": 4, "rows": 1, "mxfp4": True}
+    names = [candidate.name for candidate in tuning.candidates(bucket)]
+    assert [n for n in names if n.startswith("mma")] == ["mma-s2-u5", "mma-s2-u3", "mma-s1-u5", "mma-s1-u9"]
+    assert names[0] == "n64-k64-s3-w4" and "gemv-n16-k256-s3-w4" in names  # the fallback first; the heuristic's GEMV
+    for other in ({**bucket, "rows": 16}, {k: v for k, v in bucket.items() if k != "mxfp4"}):
+        assert not any(candidate.name.startswith("mma") for candidate in tuning.candidates(other))
