@@ -206,7 +206,7 @@ def with_tile(tile: dict, check, *args):
     """check(*args) with `tile` as what every untuned call runs (one token's GEMV tiles run only one token)."""
     heuristic = triton_moe.heuristic_tile
     try:
-        triton_moe.heuristic_tile = lambda mode, fmt="float": triton_moe.DEFAULT_TILE | tile
+        triton_moe.heuristic_tile = lambda mode, fmt="float", gated=True: triton_moe.DEFAULT_TILE | tile
         return check(*args)
     finally:
         triton_moe.heuristic_tile = heuristic

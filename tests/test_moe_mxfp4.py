@@ -154,7 +154,8 @@ def test_mxfp4_through_tl_dot_scaled_on_the_gpu(monkeypatch):
 
     heuristic = triton_moe.heuristic_tile
     tensor_core_tile = {"gemv": False, "dot_scaled": True}
-    monkeypatch.setattr(triton_moe, "heuristic_tile", lambda mode, fmt="float": heuristic(mode) | tensor_core_tile)
+    tiles = lambda mode, fmt="float", gated=True: heuristic(mode) | tensor_core_tile  # noqa: E731
+    monkeypatch.setattr(triton_moe, "heuristic_tile", tiles)
     check_mxfp4_triton_against_reference("cuda", torch.bfloat16)
 
 

@@ -34,6 +34,9 @@ ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3
 # Its K loop pipelined 3 deep (cp.async, tl.range's num_stages): on an H100 at GPT-OSS-20B's shapes gate/up 27.9 us
 # against 32.0 unpipelined and down 19.7 against 20.3 (session 27, BENCHMARKS.md); the latency-bound loop's gain.
 MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+# The down GEMM's (no gate/up pair a program: half the loads a step): 512 columns a step, unpipelined, 18.1 us against
+# 19.7 at the tile above on the same H100 run (GPT-OSS-20B's [32, 2880, 2880]).
+MXFP4_ONE_TOKEN_DOWN_TILE = MXFP4_ONE_TOKEN_TILE | {"BLOCK_K": 512, "num_stages": 1}
 # Rows of MXFP4 experts in blocks: Triton's own upcast (tl.dot_scaled, bf16 rows) on wider K steps, 1.1-1.4x the
 # kernel's decode at 16 rows an expert there.
 MXFP4_TILE = DEFAULT_TILE | {"BLOCK_K": 128, "dot_scaled": True}
@@ -130,7 +133,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
                          "not a gated GEMM")  # fmt: skip
     mxfp4 = mxfp4_scales is not None
     n = w.shape[1] // 2 if gated else w.shape[1]
-    tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4))
+    tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4, gated))
     if mxfp4 and tile["BLOCK_K"] % 32:
         raise ValueError(f"MXFP4 weights take column tiles of whole 32-column groups, not BLOCK_K={tile['BLOCK_K']}")
     if one_token and mxfp4 and tile.get("mma") and not sum_pairs:
@@ -220,7 +223,7 @@ def down_projection(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     (sum_pairs); else the weighted rows [T * k, N] in the promoted dtype of the model's and the routing weights',
     then sum_over_experts."""
     like = like if like is not None else a
-    tile = tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4_scales is not None)
+    tile = tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4_scales is not None, gated=False)
     gemm = functools.partial(grouped_gemm, a, w, bias, route_weights=route_weights, blocks=blocks, gated=False,
                              a_per_token=False, tile=tile, scales=scales, mxfp4_scales=mxfp4_scales,
                              like=like)  # fmt: skip
@@ -251,10 +254,11 @@ def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return weighted.sum(dim=1, dtype=torch.float32).to(dtype)
 
 
-def heuristic_tile(mode: int, fmt: str = "float") -> dict:
-    """What runs untuned in a row mode, for weights stored as `fmt` (weight_format)."""
+def heuristic_tile(mode: int, fmt: str = "float", gated: bool = True) -> dict:
+    """What runs untuned in a row mode, for weights stored as `fmt` (weight_format), of the gate/up GEMM or (not
+    `gated`) the down one."""
     if fmt == "mxfp4":
-        return MXFP4_ONE_TOKEN_TILE if mode == 1 else MXFP4_TILE
+        return (MXFP4_ONE_TOKEN_TILE if gated else MXFP4_ONE_TOKEN_DOWN_TILE) if mode == 1 else MXFP4_TILE
     return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
 
 
@@ -263,10 +267,10 @@ def weight_format(w: torch.Tensor, mxfp4: bool = False) -> str:
     return "mxfp4" if mxfp4 else "fp8" if w.dtype == torch.float8_e4m3fn else "float"
 
 
-def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int, mxfp4: bool = False) -> dict:
+def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int, mxfp4: bool = False, gated: bool = True) -> dict:
     k = w.shape[2] * (2 if mxfp4 else 1)
     fmt = weight_format(w, mxfp4)
-    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], k, mode, fmt), heuristic_tile(mode, fmt))
+    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], k, mode, fmt), heuristic_tile(mode, fmt, gated))
 
 
 def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params=(),

@@ -107,7 +107,7 @@ class MoeGroupedGemmTuning:
         ]
 
     def heuristic(self, bucket: dict) -> str:
-        return tile_name(triton_moe.heuristic_tile(bucket["rows"], _format(bucket)))
+        return tile_name(triton_moe.heuristic_tile(bucket["rows"], _format(bucket), bucket["gated"]))
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
