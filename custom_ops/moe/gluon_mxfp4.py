@@ -55,14 +55,21 @@ def takes(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor) -> bool:
     return formats and w.stride(2) == 1 and exponents.stride(2) == 1 and aligned
 
 
+def launch_for(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor, **tile) -> dict | None:
+    """mma_launch at `tile`'s SPLIT and UNROLL for a call the kernel runs (takes), else None."""
+    if not takes(a, w, exponents):
+        return None
+    return mma_launch(w.shape[1], 2 * w.shape[2], **{key: v for key, v in tile.items() if key in ("SPLIT", "UNROLL")})
+
+
 def experts_mma(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor, ids: torch.Tensor, top_k: int,
                 a_per_token: bool, **tile) -> torch.Tensor:  # fmt: skip
     """raw [pairs, N] float32: a[p // top_k if a_per_token else p] . W[ids[p], n] for every row n of the MXFP4 bytes
     w [E, N, K / 2] with `exponents` [E, N, K / 32]; zeros for a pair whose id is outside [0, E). `tile`: SPLIT,
     UNROLL. Raises ValueError for a call the kernel does not take."""
-    n, k = w.shape[1], 2 * w.shape[2]
-    launch = mma_launch(n, k, **{key: v for key, v in tile.items() if key in ("SPLIT", "UNROLL")})
-    if launch is None or not takes(a, w, exponents):
+    n = w.shape[1]
+    launch = launch_for(a, w, exponents, **tile)
+    if launch is None:
         raise ValueError(f"the MXFP4 experts MMA kernel does not take rows {list(a.shape)} {a.dtype} on {a.device} "
                          f"with bytes {list(w.shape)} (K a multiple of {GROUP}, N of {ROWS}, bf16/fp16 on an NVIDIA "
                          f"GPU)")  # fmt: skip

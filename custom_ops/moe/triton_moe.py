@@ -31,8 +31,8 @@ ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3
 # One token of MXFP4 weights: the GEMV without tensor cores (one_token_gemv_kernel), whose decode costs fewer
 # instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
 # (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md). Float weights stay on tensor cores: 2.6 TB/s there, ahead of it.
-# Its K loop pipelined 3 deep (cp.async, tl.range's num_stages): on an H100 at GPT-OSS-20B's shapes gate/up 27.9 us
-# against 32.0 unpipelined and down 19.7 against 20.3 (session 27, BENCHMARKS.md); the latency-bound loop's gain.
+# Its K loop pipelined 3 deep (cp.async, tl.range's num_stages): on an H100 at GPT-OSS-20B's gate/up 27.9 us against
+# 32.0 unpipelined (session 27, BENCHMARKS.md); the latency-bound loop's gain.
 MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 # The down GEMM's (no gate/up pair a program: half the loads a step): 512 columns a step, unpipelined, 18.1 us against
 # 19.7 at the tile above on the same H100 run (GPT-OSS-20B's [32, 2880, 2880]).
@@ -137,10 +137,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     if mxfp4 and tile["BLOCK_K"] % 32:
         raise ValueError(f"MXFP4 weights take column tiles of whole 32-column groups, not BLOCK_K={tile['BLOCK_K']}")
     if one_token and mxfp4 and tile.get("mma") and not sum_pairs:
-        if _mma_takes(a, w, mxfp4_scales):
+        from custom_ops.moe import gluon_mxfp4
+
+        if gluon_mxfp4.launch_for(a, w, mxfp4_scales, **tile) is not None:
             return _one_token_mma(a, w, bias, out, route_weights, blocks, mxfp4_scales, gated, a_per_token,
                                   activation, params, tile, like if like is not None else a)  # fmt: skip
-        tile = DEFAULT_TILE | MXFP4_ONE_TOKEN_TILE  # where the kernel does not run (CPU, other dtypes): the default
+        tile = DEFAULT_TILE | heuristic_tile(1, "mxfp4", gated)  # where the kernel does not run (CPU, other dtypes)
     a_scale, w_scale = scales if scales is not None else (a, mxfp4_scales if mxfp4 else w)
     bias_stride = bias.stride(1) if bias is not None else 0
     up_offset, bias_up_offset, scale_up_offset = n * w.stride(1), n * bias_stride, n * w_scale.stride(1)
@@ -176,12 +178,6 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
         DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16 and a.is_cuda, **flags,
     )  # fmt: skip
     return out
-
-
-def _mma_takes(a: torch.Tensor, w: torch.Tensor, exponents: torch.Tensor) -> bool:
-    from custom_ops.moe import gluon_mxfp4
-
-    return gluon_mxfp4.takes(a, w, exponents) and gluon_mxfp4.mma_launch(w.shape[1], 2 * w.shape[2]) is not None
 
 
 def _one_token_mma(a, w, bias, out, route_weights, blocks: ExpertBlocks, exponents, gated: bool, a_per_token: bool,
