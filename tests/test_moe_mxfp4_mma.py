@@ -206,3 +206,11 @@ def test_the_tuning_offers_the_mma_tiles_for_one_token_of_mxfp4_experts_only():
     assert names[0] == "n64-k64-s3-w4" and "gemv-n16-k256-s3-w4" in names  # the fallback first; the heuristic's GEMV
     for other in ({**bucket, "rows": 16}, {k: v for k, v in bucket.items() if k != "mxfp4"}):
         assert not any(candidate.name.startswith("mma") for candidate in tuning.candidates(other))
+
+
+def test_a_call_the_kernel_does_not_take_is_refused_with_its_shapes():
+    """CPU rows (no GPU kernel), and N off the 16-channel programs: a ValueError naming the rows and the bytes."""
+    w, exponents = random_mxfp4(2, 32, 64)
+    with pytest.raises(ValueError, match=r"does not take rows \[1, 64\] torch.bfloat16 on cpu with bytes \[2, 32, 32\]"):
+        gluon_mxfp4.experts_mma(torch.randn(1, 64).bfloat16(), w, exponents, torch.tensor([0, 1]), 2, True)
+    assert gluon_mxfp4.launch_for(torch.randn(1, 64), *random_mxfp4(2, 24, 64)) is None
