@@ -22,8 +22,9 @@ The smooths and clips found are stored under the cache directory, keyed by a fin
 graph, the calibration tokens, the format and this search's version, so a second compile of the same checkpoint skips
 the forward and the search.
 
-The search rounds weights through a `Rounding` (int4.fake_quantize by default; nvfp4.fake_quantize for NVFP4, whose
-blocks of 16 columns are its groups and whose clip bounds a block's max): `rounding(w, group_size, smooth, clip)`.
+The search rounds weights through a `Rounding`, `rounding(w, group_size, smooth, clip)`: int4's
+fake_quantize_with_offsets by default (what int4_awq stores), nvfp4.fake_quantize for NVFP4 (whose blocks of 16
+columns are its groups, and whose clip bounds a block's max).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
-from custom_ops.linear.int4 import fake_quantize
+from custom_ops.linear.int4 import fake_quantize_with_offsets
 from fx_passes.calibration import cache_path, fingerprint, load_entry, record_inputs, store_entry
 
 log = logging.getLogger("compiled_llm")
 
-SEARCH_VERSION = "awq-search-4"  # part of the fingerprint: a changed search never reads an old result
+SEARCH_VERSION = "awq-search-5"  # part of the fingerprint: a changed search never reads an old result
 GRID = 20
 CLIPPED_CANDIDATES = 3
 CLIP_RATIOS = [1 - i / 20 for i in range(10)]  # 1 (no clip) down to 0.55
@@ -50,10 +51,11 @@ LOSS_ROWS = 512  # recorded rows the error is measured on (the means use all of 
 
 # (weight [N, K], group size, smooth or None, clip [N, K / group size] or None) -> the weight rounded, float32 [N, K]
 Rounding = Callable[[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+INT4_ROUNDING = fake_quantize_with_offsets  # what int4_awq stores
 
 
 def search_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int,
-                  rounding: Rounding = fake_quantize) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+                  rounding: Rounding = INT4_ROUNDING) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
     """(smooth [K] float32 or None, clip [N, K / group_size] or None, the chosen rounding's error as a ratio to plain
     rounding's) for inputs x [T, K] and weight [N, K]. The grid's scalings are ranked by their error unclipped; the
     best CLIPPED_CANDIDATES of them (plain rounding among the ranked) get a clipping search each, and the one with the
@@ -90,7 +92,7 @@ def search_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int,
 
 
 def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None,
-                rounding: Rounding = fake_quantize) -> torch.Tensor | None:  # fmt: skip
+                rounding: Rounding = INT4_ROUNDING) -> torch.Tensor | None:  # fmt: skip
     """quantize_weight's `clip` [N, K / group_size] for inputs x [T, K] and weight [N, K] quantized divided by `smooth`:
     per output channel and group, the ratio of CLIP_RATIOS whose rounding changes the group's share of x W^T the
     least; None where no group measured better clipped. The mean square of x_g . d over the rows is d^T C_g d with
@@ -117,7 +119,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: 
 
 
 def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int, parts: list[int],
-                 rounding: Rounding = fake_quantize) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+                 rounding: Rounding = INT4_ROUNDING) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
     """search_scales for each part of a fused weight (its rows `parts`: q/k/v, gate/up), which share the input x:
     (smooth [P, K] (ones for a part plain rounding won) or None where every part's did, clip [N, K / G] (+inf for
     groups left whole) or None, the error's ratio to plain rounding's, averaged over the parts' channels)."""
@@ -135,7 +137,7 @@ def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int, parts: 
 
 def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: list[torch.Tensor],
                group_sizes: list[int], parts: list[list[int]], sequences: list[list[int]], cache_dir: Path,
-               device: torch.device, rounding: Rounding = fake_quantize) -> tuple[list[tuple], str]:  # fmt: skip
+               device: torch.device, rounding: Rounding = INT4_ROUNDING) -> tuple[list[tuple], str]:  # fmt: skip
     """Each site's (smooth, clip) (search_parts') for its weight in groups of its group size and in its parts, from
     the cache or calibrated now, and a line for the report."""
     start = time.perf_counter()

@@ -51,7 +51,8 @@ def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: i
         divided = (
             None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
         )
-        quantized = quantize_weight(weight, group_size, divided, clip=getattr(gm, clip_name) if clip_name else None)
+        clip = getattr(gm, clip_name) if clip_name else None
+        quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=True)  # awq_search's rounding
     for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size)))

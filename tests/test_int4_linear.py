@@ -11,6 +11,7 @@ from conftest import relative_error, run_in_interpreter
 from custom_ops.linear.int4 import (
     dequantize,
     fake_quantize,
+    fake_quantize_with_offsets,
     int4_linear_reference,
     pack_codes,
     quantize_weight,
@@ -101,13 +102,15 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
 
     generator = torch.Generator().manual_seed(3)
     # (N, K, group, rows, the parts' channels): 40 leaves partial tiles (no parts: a smooth needs 16-channel parts)
-    cases = ((40, 256, 128, 1, None), (48, 256, 128, 5, [16, 32]), (96, 384, 64, 1, [32, 48, 16]),
-             (96, 384, 64, 20, [96]), (16, 128, 32, 3, [16]), (40, 256, 128, 7, None))  # fmt: skip
-    for n, k, group, rows, smooth_rows in cases:
+    # and zero points or int4_awq's float offsets
+    cases = ((40, 256, 128, 1, None, False), (48, 256, 128, 5, [16, 32], False), (96, 384, 64, 1, [32, 48, 16], False),
+             (96, 384, 64, 20, [96], False), (16, 128, 32, 3, [16], False), (40, 256, 128, 7, None, False),
+             (48, 256, 128, 1, [16, 32], True), (96, 384, 64, 20, [32, 48, 16], True))  # fmt: skip
+    for n, k, group, rows, smooth_rows, offsets in cases:
         weight = torch.randn(n, k, generator=generator)
         smooth = torch.rand(len(smooth_rows), k, generator=generator) + 0.5 if smooth_rows else None
         divided = smooth_per_part(smooth, smooth_rows) if smooth_rows else None
-        qweight, scales, zeros = quantize_weight(weight, group, divided, scale_dtype=dtype)
+        qweight, scales, zeros = quantize_weight(weight, group, divided, scale_dtype=dtype, offsets=offsets)
         x = torch.randn(rows, k, generator=generator).to(dtype)
         bias = torch.randn(n, generator=generator).to(dtype)
         for with_bias in (True, False):
@@ -174,9 +177,33 @@ def test_fake_quantize_is_the_dequantized_quantization():
     weight = torch.randn(16, 256, generator=generator)
     smooth = torch.rand(256, generator=generator) + 0.5
     clip = torch.rand(16, 2, generator=generator) + 0.5
-    expected = dequantize(*quantize_weight(weight, 128, smooth, torch.float32, clip), 128)
-    assert torch.equal(fake_quantize(weight, 128, smooth, clip), expected)
-    assert (expected.abs().view(16, 2, 128).amax(-1) <= clip * (1 + 1 / 15) + 1e-6).all()  # clipped to +-clip
+    for offsets in (False, True):
+        expected = dequantize(*quantize_weight(weight, 128, smooth, torch.float32, clip, offsets), 128)
+        assert torch.equal(fake_quantize(weight, 128, smooth, clip, offsets), expected)
+        assert (expected.abs().view(16, 2, 128).amax(-1) <= clip * (1 + 1 / 15) + 1e-6).all()  # clipped to +-clip
+    assert torch.equal(fake_quantize_with_offsets(weight, 128, smooth, clip), expected)
+
+
+def test_offsets_put_the_grid_on_each_groups_range():
+    """Float offsets (int4_awq's storage): code 0 is a group's minimum and code 15 its maximum, both to the stored
+    dtype's rounding, and every weight within half a step of the grid; zero points widen a range to hold 0 (a group of
+    positive weights then loses its lowest codes) and round the zero onto the grid."""
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(8, 256, generator=generator)
+    weight[0, :64] = weight[0, :64].abs() + 1  # a group of positive weights
+    qweight, scales, offsets = quantize_weight(weight, 64, scale_dtype=torch.bfloat16, offsets=True)
+    assert offsets.dtype == scales.dtype == torch.bfloat16
+    groups = weight.view(8, 4, 64)
+    assert torch.equal(offsets, groups.amin(-1).to(torch.bfloat16))
+    torch.testing.assert_close(scales.float(), (groups.amax(-1) - groups.amin(-1)) / 15, rtol=2**-8, atol=0)
+    codes = unpack_codes(qweight).view(8, 4, 64)
+    assert (codes.amin(-1) == 0).all() and (codes.amax(-1) >= 14).all()
+    error = (dequantize(qweight, scales, offsets, 64).view(8, 4, 64) - groups).abs()
+    assert (error <= scales.float()[..., None] * 0.51 + offsets.float().abs()[..., None] * 2**-8).all()
+    zero_points = quantize_weight(weight, 64, scale_dtype=torch.bfloat16)
+    assert unpack_codes(zero_points[0])[0, :64].amin() >= 3  # its range [0, max]: the lowest codes go unused
+    worse = (dequantize(*zero_points, 64) - weight).pow(2).mean()
+    assert (dequantize(qweight, scales, offsets, 64) - weight).pow(2).mean() < worse
 
 
 def check_tuning_candidates_against_reference(device: str = "cpu") -> None:

@@ -218,7 +218,7 @@ def test_the_kernel_compiles_for_hopper_at_every_tuned_launch():
 def _case(generator, m, n, k, group, dtype, offsets, parts, bias):
     x = torch.randn(m, k, generator=generator).to(dtype)
     weight = torch.randn(n, k, generator=generator) / k**0.5
-    if offsets:  # GGUF's form: w = q s + m, float16 scales and offsets
+    if offsets and not parts:  # GGUF's Q4_1 form: w = q s + m, float16 scales and offsets, no smooth
         codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
         scales = (torch.rand(n, k // group, generator=generator) * 0.02 + 0.001).half()
         shifts = -(torch.rand(n, k // group, generator=generator) * 0.1).half()
@@ -226,8 +226,10 @@ def _case(generator, m, n, k, group, dtype, offsets, parts, bias):
     else:
         smooth = torch.rand(len(parts), k, generator=generator) + 0.5
         smooth_rows = [n * p // sum(parts) for p in parts]
-        quantized = quantize_weight(weight, group, torch.repeat_interleave(smooth, torch.tensor(smooth_rows), dim=0))
-        quantized = (quantized[0], quantized[1].to(dtype), quantized[2])
+        # zero points (AWQ's checkpoints), or int4_awq's own float offsets
+        divided = torch.repeat_interleave(smooth, torch.tensor(smooth_rows), dim=0)
+        quantized = quantize_weight(weight, group, divided, offsets=offsets)
+        quantized = (quantized[0], quantized[1].to(dtype), quantized[2].to(dtype) if offsets else quantized[2])
     b = torch.randn(n, generator=generator).to(dtype) if bias else None
     return x, quantized, smooth, smooth_rows, b
 
@@ -242,9 +244,12 @@ def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
 
     generator = torch.Generator().manual_seed(1)
     for m, group, offsets, bias in ((1, 128, False, True), (3, 128, False, False), (8, 64, False, True),
-                                    (16, 128, False, False), (1, 32, True, False), (5, 32, True, True)):  # fmt: skip
-        # parts of 128, 64, 64 channels: the 32- and 64-channel programs run on a multi-part smooth
-        x, quantized, smooth, smooth_rows, b = _case(generator, m, 256, 2048, group, dtype, offsets, (2, 1, 1), bias)
+                                    (16, 128, False, False), (1, 32, True, False), (5, 32, True, True),
+                                    (1, 128, True, True), (6, 64, True, False)):  # fmt: skip
+        # parts of 128, 64, 64 channels: the 32- and 64-channel programs run on a multi-part smooth (GGUF's offsets
+        # in groups of 32 without one, int4_awq's with it)
+        parts = () if offsets and group == 32 else (2, 1, 1)
+        x, quantized, smooth, smooth_rows, b = _case(generator, m, 256, 2048, group, dtype, offsets, parts, bias)
         expected = int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)
         cuda = [t.cuda() if t is not None else None for t in (x, *quantized, smooth, b)]
         for tile in MMA_TILES:
@@ -279,6 +284,7 @@ EMULATED = {
     "11-rows-64-channels-over-parts": (
         (11, 256, 512, 64, torch.bfloat16, False, (2, 1, 1), True, {"ROWS": 64}), {"ROWS": 64, "COLS": 16}),
     "offsets-group-32-bias": ((5, 64, 512, 32, torch.bfloat16, True, (), True, {}), {"COLS": 8}),
+    "one-row-offsets-3-part-smooth": ((1, 64, 1024, 128, torch.bfloat16, True, (2, 1, 1), False, {}), {"ONE_ROW": True}),
     "split-8-unroll-4": (
         (2, 64, 2048, 32, torch.float16, False, (1,), True, {"SPLIT": 8, "UNROLL": 4}), {"SPLIT": 8, "UNROLL": 4}),
     # the bulk L2 prefetch: the emulator checks its sources lie in the codes, 16-byte aligned
@@ -293,7 +299,8 @@ def test_the_compiled_kernel_matches_the_reference_in_a_ptx_emulator(case):
     """The whole kernel's sm_90a PTX, run on the CPU by tests/ptx_emulator.py (every CTA, in lockstep), against
     int4_linear_reference: the one-row path with a 3-part smooth and bias and with 3 groups a warp (a padded
     staging), zero points in float16, 16 columns over
-    64-channel programs across smooth parts (128, 64, 64), float offsets in groups of 32, SPLIT=8 with UNROLL."""
+    64-channel programs across smooth parts (128, 64, 64), float offsets in groups of 32 (GGUF's) and of 128 under a
+    3-part smooth (int4_awq's), SPLIT=8 with UNROLL."""
     (m, n, k, group, dtype, offsets, parts, bias, tile), expected_launch = EMULATED[case]
     x, quantized, smooth, smooth_rows, b = _case(torch.Generator().manual_seed(0), m, n, k, group, dtype, offsets,
                                                  parts, bias)  # fmt: skip

@@ -17,8 +17,9 @@ Numerics, which every backend is held to (tests/test_int4_linear.py):
 Kernels feeding tensor cores take the exact q - z and apply the scale per group, in float32, to the group's float32
 sum; so backends differ from the reference by summation order only.
 
-`quantize_weight` is round-to-nearest with an asymmetric range per group (AWQ's, 'zero_point=True'); the search
-for `smooth` is fx_passes/awq_calibration.py's. Backends by name: `torch` is the reference (any device); `triton`
+`quantize_weight` is round-to-nearest over each group's range, with zero points (AWQ's storage, 'zero_point=True')
+or, as int4_awq stores its own calibration, float offsets: no zero point rounded onto the grid, which measured 18% less
+KL divergence from the float SmolLM2-135M (BENCHMARKS.md). The search for `smooth` is fx_passes/awq_calibration.py's. Backends by name: `torch` is the reference (any device); `triton`
 runs triton_int4.py's kernels (a CUDA-core GEMV for one row that dequantizes 8 columns a 32-bit load, a
 tensor-core GEMM for more), the reference where they do not take the shapes.
 """
@@ -66,28 +67,39 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: torch.Tensor | None = None,
-                    scale_dtype: torch.dtype | None = None,
-                    clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(qweight, scales, zeros) of W [N, K] (times 1 / smooth per column, where given): per group of `group_size`
-    columns, s = (max - min) / 15 rounded to `scale_dtype` (the weight's by default), z = round(-min / s), and
-    q = clamp(round(W / s) + z, 0, 15), with the stored s. A group's range always holds 0, so that z stays in 0..15
-    and zeros stay exact. `clip` [N, K / group_size]: bounds of each group's range, +-clip (AWQ's clipping search:
-    the few largest weights give up some accuracy for the rest's finer steps)."""
+                    scale_dtype: torch.dtype | None = None, clip: torch.Tensor | None = None,
+                    offsets: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(qweight, scales, zeros) of W [N, K] (times 1 / smooth per column, where given), round to nearest per group of
+    `group_size` columns over the group's range [min, max]:
+    - zero points (AWQ's and GPTQ's storage): the range widened to hold 0, s = (max - min) / 15 rounded to
+      `scale_dtype` (the weight's by default), z = round(-min / s) in 0..15 (uint8), q = clamp(round(W / s) + z, 0, 15);
+    - `offsets` (int4_awq's own storage, GGUF Q4_1's form): s as above over the group's own range, m = min rounded to
+      `scale_dtype`, q = clamp(round((W - m) / s), 0, 15): no rounded zero point moves the grid off the range.
+    Both use the stored s (and m). `clip` [N, K / group_size]: bounds of each group's range, +-clip (AWQ's clipping
+    search: the few largest weights give up some accuracy for the rest's finer steps)."""
     n, k = weight.shape
-    codes, scales, zeros = _round(weight, group_size, smooth, scale_dtype, clip)
-    return pack_codes(codes.view(n, k)), scales, zeros.to(torch.uint8)
+    codes, scales, zeros = _round(weight, group_size, smooth, scale_dtype, clip, offsets)
+    return pack_codes(codes.view(n, k)), scales, zeros if offsets else zeros.to(torch.uint8)
 
 
 def fake_quantize(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None = None,
-                  clip: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """dequantize(*quantize_weight(weight, group_size, smooth, torch.float32, clip)) [N, K] without packing the codes:
-    what a search over smooths and clips compares, many times a weight."""
-    codes, scales, zeros = _round(weight, group_size, smooth, torch.float32, clip)
+                  clip: torch.Tensor | None = None, offsets: bool = False) -> torch.Tensor:  # fmt: skip
+    """dequantize(*quantize_weight(weight, group_size, smooth, torch.float32, clip, offsets)) [N, K] without packing
+    the codes: what a search over smooths and clips compares, many times a weight."""
+    codes, scales, zeros = _round(weight, group_size, smooth, torch.float32, clip, offsets)
+    if offsets:
+        return (codes * scales[..., None] + zeros[..., None]).view(weight.shape)
     return ((codes - zeros[..., None]) * scales[..., None]).view(weight.shape)
 
 
-def _round(weight, group_size: int, smooth, scale_dtype, clip) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_weight's codes [N, K / G, G] and zeros [N, K / G] as floats, and its scales."""
+def fake_quantize_with_offsets(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None = None,
+                               clip: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """fake_quantize of int4_awq's storage (offsets), as fx_passes/awq_calibration.py's search rounds."""
+    return fake_quantize(weight, group_size, smooth, clip, offsets=True)
+
+
+def _round(weight, group_size: int, smooth, scale_dtype, clip, offsets: bool) -> tuple[torch.Tensor, ...]:
+    """quantize_weight's codes [N, K / G, G] as floats, its scales, and its zeros [N, K / G] (as floats) or offsets."""
     n, k = weight.shape
     if k % group_size or group_size % 2:
         raise ValueError(f"int4 groups of {group_size} columns do not tile a weight of {k} columns")
@@ -95,15 +107,20 @@ def _round(weight, group_size: int, smooth, scale_dtype, clip) -> tuple[torch.Te
     if smooth is not None:  # [K], or [N, K] (a part's row for each of its channels)
         w = w / smooth.float()
     groups = w.view(n, k // group_size, group_size)
-    high = groups.amax(dim=-1).clamp(min=0)
-    low = groups.amin(dim=-1).clamp(max=0)
+    high, low = groups.amax(dim=-1), groups.amin(dim=-1)
+    if not offsets:
+        high, low = high.clamp(min=0), low.clamp(max=0)
     if clip is not None:
         high, low = torch.minimum(high, clip.float()), torch.maximum(low, -clip.float())
     dtype = scale_dtype or weight.dtype
-    # A range that rounds to a zero scale in `dtype` (all zeros, or below float16's smallest step): the smallest normal
+    # A range that rounds to a zero scale in `dtype` (all equal, or below float16's smallest step): the smallest normal
     # scale instead, so that no code is 0 / 0.
     scales = ((high - low) / MAX_CODE).to(dtype).clamp(min=torch.finfo(dtype).smallest_normal)
     stored = scales.float()
+    if offsets:
+        minimum = low.to(dtype)
+        codes = torch.round((groups - minimum.float()[..., None]) / stored[..., None]).clamp(0, MAX_CODE)
+        return codes, scales, minimum
     zeros = torch.round(-low / stored).clamp(0, MAX_CODE)
     codes = (torch.round(groups / stored[..., None]) + zeros[..., None]).clamp(0, MAX_CODE)
     return codes, scales, zeros

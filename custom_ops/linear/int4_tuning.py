@@ -92,8 +92,8 @@ def tile_name(kind: str, tile: dict) -> str:
 
 
 def _inputs(n: int, k: int, group_size: int, offsets: bool, rows: int, dtype: torch.dtype) -> list[tuple]:
-    """Input sets in the form the graph's calls take: zero points with AWQ's smooth, or (a GGUF file's) float16
-    offsets without."""
+    """Input sets in the form the graph's calls take: zero points with AWQ's smooth, or float16 offsets without (a
+    GGUF file's; int4_awq's own also carry a smooth, a multiply of x that every candidate pays alike)."""
     device = torch.device("cuda", torch.cuda.current_device())
     sets = []
     for _ in range(input_copies(n * k // 2)):
