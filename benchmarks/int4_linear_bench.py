@@ -10,6 +10,7 @@ streams its layers' weights; benchmarks/graph_timing.py):
                 rows the Gluon tensor-core decode (gluon_int4.mma_default's launch), else Triton's tensor-core GEMM
   int4_kernels  the Triton kernels' own launch ({"MMA": False}): the GEMV for one row, the tensor-core GEMM for more
   int4_plain    int4_triton without a smooth: what multiplying x by it costs
+  int4_offsets  int4_triton over float offsets (w = q s + m, int4_awq's own storage) instead of zero points
   int4_GBps     one row: the int4 weight's bytes (codes, scales, zeros) over int4_triton's time
   nvfp4_triton  nvfp4_linear's triton backend untuned (E2M1 codes, an e4m3 scale per 16 columns), as int4_triton
   nvfp4_kernels its Triton kernels' own launch (GEMV / tensor-core GEMM)
@@ -52,19 +53,21 @@ def per_call(fn, operands, repeats: int = 20) -> float:
     return time_graph(body, len(operands), repeats)
 
 
-def weights(n: int, k: int) -> tuple[list, list, list]:
-    """(bf16 weights [n, k], their int4 forms (qweight, scales, zeros), their NVFP4 forms (codes, scales, global)) in
-    as many copies as it takes to overflow L2 with the 4-bit ones (a quarter of those in bf16)."""
+def weights(n: int, k: int) -> tuple[list, list, list, list]:
+    """(bf16 weights [n, k], their int4 forms (qweight, scales, zeros) with zero points and with float offsets, their
+    NVFP4 forms (codes, scales, global)) in as many copies as it takes to overflow L2 with the 4-bit ones (a quarter
+    of those in bf16)."""
     copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k // 2)))
     bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(max(2, copies // 4))]
     int4 = [quantize_weight(bf16[i % len(bf16)], GROUP) for i in range(copies)]
+    offsets = [quantize_weight(bf16[i % len(bf16)], GROUP, offsets=True) for i in range(copies)]
     fp4 = [nvfp4.quantize_weight(bf16[i % len(bf16)]) for i in range(copies)]
-    return bf16, int4, fp4
+    return bf16, int4, offsets, fp4
 
 
 def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: list[dict],
             mma_tiles: list[dict]) -> list[dict]:  # fmt: skip
-    bf16, int4, fp4 = weights(n, k)
+    bf16, int4, offsets, fp4 = weights(n, k)
     smooth = torch.rand(1, k, device="cuda") + 0.5
     results = []
     for rows in rows_list:
@@ -83,6 +86,8 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
         )
         row["int4_plain"] = per_call(lambda x, q, s, z: INT4_LINEAR(x, q, s, z, None, [], None, GROUP, "triton"),
                                      [(x, *w) for w in int4])  # fmt: skip
+        row["int4_offsets"] = per_call(lambda x, q, s, m: INT4_LINEAR(x, q, s, m, smooth, [n], None, GROUP, "triton"),
+                                       [(x, *w) for w in offsets])  # fmt: skip
         nbytes = sum(t.numel() * t.element_size() for t in int4[0])
         row["int4_GBps"] = nbytes / row["int4_triton"] / 1e3
         row["nvfp4_triton"] = per_call(lambda x, q, s, g: NVFP4_LINEAR(x, q, s, g, None, [], None, "triton"),

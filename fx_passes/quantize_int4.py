@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from custom_ops.linear.int4 import GROUP_SIZE, int4_backend, int4_linear_reference, quantize_weight
+from custom_ops.linear.int4 import (
+    GROUP_SIZE,
+    fake_quantize,
+    fake_quantize_with_offsets,
+    int4_backend,
+    int4_linear_reference,
+    quantize_weight,
+)
 
 GROUP_SIZES = (GROUP_SIZE, 64, 32)  # the first that divides a linear's input width
 from fx_passes.awq_calibration import awq_search
@@ -29,6 +36,9 @@ from fx_passes.quantized_reference import linears_computing_as, part_smooth
 from fx_passes.registry import PassResult, register_pass
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
+# int4_awq's own storage: float offsets (w = q s + m), 18% less KL divergence from the float model than AWQ's zero
+# points on SmolLM2-135M (BENCHMARKS.md); False stores zero points (a benchmark's A/B of the kernels' two forms).
+OFFSETS = True
 
 
 def group_size_for(k: int) -> int | None:
@@ -52,7 +62,7 @@ def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: i
             None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
         )
         clip = getattr(gm, clip_name) if clip_name else None
-        quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=True)  # awq_search's rounding
+        quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=OFFSETS)
     for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size)))
@@ -104,7 +114,8 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
     sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
     groups = [group_size_for(w.shape[1]) for w in weights]
     parts = [fused_parts(gm, n.args[1].target) for n in sites]
-    searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device)
+    rounding = fake_quantize_with_offsets if OFFSETS else fake_quantize  # the search rounds as the weights are stored
+    searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device, rounding)
     # The scalings are these weights': a warm start of another checkpoint of this architecture must search its own
     # (from the AWQ cache where it has them), not replay plain rounding.
     gm.meta["unstorable"] = "AWQ's calibration is of this checkpoint's weights (a new compile reads it from its cache)"
