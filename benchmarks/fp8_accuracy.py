@@ -7,6 +7,9 @@ each with the KV cache in the model's dtype and in float8 (kv_cache_dtype="fp8")
                whole text (it fits SmolLM2's 8,192 positions, so no windows): every token but the first is scored
                given all the tokens before it; and its relative change against the float model's
   top-1        share of those positions whose most likely next token is the float model's
+  KL           mean KL divergence of the next-token distribution from the float model's, over those positions: it
+               weighs every token's probability, so it ranks roundings whose perplexity changes differ by less than
+               perplexity's own variation on this text (BENCHMARKS.md, session 28)
   greedy       8 prompts x 64 new tokens (temperature 0, EOS ignored) against the float model's tokens:
                `prefix` counts positions up to each prompt's first differing token (what stays identical);
                `overall` counts every position whose token is the float model's (after a difference the two
@@ -43,12 +46,12 @@ MAX_SEQ_LEN = 4096  # the fixture in one sequence
 BLOCK_SIZE = 16
 
 
-def teacher_forced(llm: LLM, ids: list[int]) -> tuple[float, torch.Tensor]:
+def teacher_forced(llm: LLM, ids: list[int]) -> tuple[float, torch.Tensor, torch.Tensor]:
     """(mean negative log-likelihood of ids[1:], each given the ids before it; the most likely next token at each
-    of those positions), from one forward of the whole text."""
+    of those positions; the log-probabilities there), from one forward of the whole text."""
     with torch.no_grad():
         logits = llm.compiled(torch.tensor([ids])).logits[0, :-1].float()
-    return F.cross_entropy(logits, torch.tensor(ids[1:])).item(), logits.argmax(-1)
+    return F.cross_entropy(logits, torch.tensor(ids[1:])).item(), logits.argmax(-1), logits.log_softmax(-1)
 
 
 def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -74,7 +77,7 @@ def measure(model, tokenizer, ids: list[int], prompts: list[list[int]], quantiza
               max_batch_size=len(prompts), block_size=BLOCK_SIZE, num_kv_blocks=MAX_SEQ_LEN // BLOCK_SIZE,
               compile_backend=compile_backend)  # fmt: skip
     compiled_at = time.perf_counter()
-    nll, top1 = teacher_forced(llm, ids)
+    nll, top1, log_probs = teacher_forced(llm, ids)
     forward_at = time.perf_counter()
     tokens = greedy(llm, prompts)
     return {
@@ -82,6 +85,7 @@ def measure(model, tokenizer, ids: list[int], prompts: list[list[int]], quantiza
         "kv_cache_dtype": kv_cache_dtype,
         "perplexity": math.exp(nll),
         "top1": top1,
+        "log_probs": log_probs,
         "greedy": tokens,
         "compile_s": compiled_at - start,
         "forward_s": forward_at - compiled_at,
@@ -90,13 +94,13 @@ def measure(model, tokenizer, ids: list[int], prompts: list[list[int]], quantiza
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["quantization", "KV cache", "perplexity", "vs float", "top-1 = float's", "greedy = float's: prefix",
-               "greedy = float's: overall", "compile s", "forward s", "greedy s"]  # fmt: skip
+    columns = ["quantization", "KV cache", "perplexity", "vs float", "top-1 = float's", "KL",
+               "greedy = float's: prefix", "greedy = float's: overall", "compile s", "forward s", "greedy s"]  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
     for r in rows:
         kv = "float8_e4m3fn" if r["kv_cache_dtype"] == "fp8" else "float32"
         lines.append(f"| {r['quantization']} | {kv} | {r['perplexity']:.3f} | {r['perplexity_change']:+.2%} | "
-                     f"{r['top1_agreement']:.2%} | {r['greedy_prefix_agreement']:.2%} | "
+                     f"{r['top1_agreement']:.2%} | {r['kl_divergence']:.4f} | {r['greedy_prefix_agreement']:.2%} | "
                      f"{r['greedy_overall_agreement']:.2%} | {r['compile_s']:.0f} | {r['forward_s']:.0f} | "
                      f"{r['greedy_s']:.0f} |")  # fmt: skip
     return "\n".join(lines)
@@ -127,9 +131,15 @@ def main() -> None:
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
 
     rows = []
+    reference_log_probs = None  # [positions, vocabulary]: only the float model's are kept
     for quantization, kv_cache_dtype in configs:
-        rows.append(measure(loaded.model, tokenizer, ids, prompts, quantization, kv_cache_dtype, args.compile_backend))
-        print(f"{quantization} / kv {kv_cache_dtype}: perplexity {rows[-1]['perplexity']:.3f}", flush=True)
+        row = measure(loaded.model, tokenizer, ids, prompts, quantization, kv_cache_dtype, args.compile_backend)
+        log_probs = row.pop("log_probs")
+        reference_log_probs = log_probs if reference_log_probs is None else reference_log_probs
+        row["kl_divergence"] = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1).mean().item()
+        rows.append(row)
+        print(f"{quantization} / kv {kv_cache_dtype}: perplexity {row['perplexity']:.3f}, "
+              f"KL {row['kl_divergence']:.4f}", flush=True)  # fmt: skip
     reference = rows[0]
     for r in rows:
         r["perplexity_change"] = r["perplexity"] / reference["perplexity"] - 1
