@@ -95,7 +95,8 @@ def measure(model, tokenizer, ids: list[int], prompts: list[list[int]], quantiza
 
 def table(rows: list[dict]) -> str:
     columns = ["quantization", "KV cache", "perplexity", "vs float", "top-1 = float's", "KL",
-               "greedy = float's: prefix", "greedy = float's: overall", "compile s", "forward s", "greedy s"]  # fmt: skip
+               "greedy = float's: prefix", "greedy = float's: overall", "compile s", "forward s",
+               "greedy s"]  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
     for r in rows:
         kv = "float8_e4m3fn" if r["kv_cache_dtype"] == "fp8" else "float32"

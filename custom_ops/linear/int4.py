@@ -19,9 +19,10 @@ sum; so backends differ from the reference by summation order only.
 
 `quantize_weight` is round-to-nearest over each group's range, with zero points (AWQ's storage, 'zero_point=True')
 or, as int4_awq stores its own calibration, float offsets: no zero point rounded onto the grid, which measured 18% less
-KL divergence from the float SmolLM2-135M (BENCHMARKS.md). The search for `smooth` is fx_passes/awq_calibration.py's. Backends by name: `torch` is the reference (any device); `triton`
-runs triton_int4.py's kernels (a CUDA-core GEMV for one row that dequantizes 8 columns a 32-bit load, a
-tensor-core GEMM for more), the reference where they do not take the shapes.
+KL divergence from the float SmolLM2-135M (BENCHMARKS.md). The search for `smooth` is fx_passes/awq_calibration.py's.
+Backends by name: `torch` is the reference (any device); `triton` runs triton_int4.py's kernels (a CUDA-core GEMV
+for one row that dequantizes 8 columns a 32-bit load, a tensor-core GEMM for more), the reference where they do not
+take the shapes.
 """
 
 from __future__ import annotations
