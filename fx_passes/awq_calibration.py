@@ -14,7 +14,10 @@ For each linear the pass rewrites:
   smallest squared error of the group's share of x W^T, per output channel and group (AWQ's clipping search: a
   group's few largest weights give up some accuracy so that the rest get finer steps);
 - the scaling and clips with the smallest error win (plain rounding unclipped is among the ranked, so the search
-  never does worse than it on the recorded rows).
+  never does worse than it on the recorded rows);
+- where asked (`fit`: quantize_int4.FIT_GRIDS, off for now), for int4_awq's offsets (w = q s + m), each group's s and
+  m are then fitted by least squares to the same error, from the clipped range's grid (fit_grid: llama.cpp's k-quants
+  fit theirs so): 15% less KL divergence from the float SmolLM2-135M (BENCHMARKS.md).
 A fused weight's parts (q/k/v, gate/up) are searched one by one, each its own scaling: int4_linear multiplies x by
 the part's row of `smooth`. One scaling for the fused weight, as AWQ folds it into the norm before, measured +12.5%
 perplexity on SmolLM2-135M against +7.9% so (BENCHMARKS.md).
@@ -38,16 +41,17 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
-from custom_ops.linear.int4 import fake_quantize_with_offsets
+from custom_ops.linear.int4 import MAX_CODE, fake_quantize_with_offsets
 from fx_passes.calibration import cache_path, fingerprint, load_entry, record_inputs, store_entry
 
 log = logging.getLogger("compiled_llm")
 
-SEARCH_VERSION = "awq-search-5"  # part of the fingerprint: a changed search never reads an old result
+SEARCH_VERSION = "awq-search-6"  # part of the fingerprint: a changed search never reads an old result
 GRID = 20
 CLIPPED_CANDIDATES = 3
 CLIP_RATIOS = [1 - i / 20 for i in range(10)]  # 1 (no clip) down to 0.55
 LOSS_ROWS = 512  # recorded rows the error is measured on (the means use all of them)
+FIT_STEPS = 4  # least-squares refits of a group's grid; 10 measured the same
 
 # (weight [N, K], group size, smooth or None, clip [N, K / group size] or None) -> the weight rounded, float32 [N, K]
 Rounding = Callable[[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
@@ -97,14 +101,9 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: 
     per output channel and group, the ratio of CLIP_RATIOS whose rounding changes the group's share of x W^T the
     least; None where no group measured better clipped. The mean square of x_g . d over the rows is d^T C_g d with
     C_g = x_g^T x_g / T, the group's second moments, computed once: a ratio costs N K G products, not T N K."""
-    w = weight.detach().float()
-    rows = x * smooth if smooth is not None else x
-    if smooth is not None:
-        w = w / smooth
+    w, moments = _smoothed(x, weight, group_size, smooth)
     n, k = w.shape
     groups = k // group_size
-    x_groups = rows.view(-1, groups, group_size).transpose(0, 1)  # [g, T, G]
-    moments = torch.bmm(x_groups.transpose(1, 2), x_groups) / rows.shape[0]  # [g, G, G]
     amax = w.view(n, groups, group_size).abs().amax(dim=-1)
     best_error = torch.full_like(amax, float("inf"))
     best = amax.clone()
@@ -118,31 +117,90 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: 
     return None if torch.equal(best, amax) else best
 
 
+def _smoothed(x: torch.Tensor, weight: torch.Tensor, group_size: int,
+              smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(W / smooth [N, K] in float32, the second moments C_g = x_g^T x_g / T [K / G, G, G] of x * smooth's groups):
+    the mean square of x_g . d over the rows is d^T C_g d, so an error costs N K G products, not T N K."""
+    w = weight.detach().float()
+    rows = x * smooth if smooth is not None else x
+    if smooth is not None:
+        w = w / smooth
+    x_groups = rows.view(rows.shape[0], -1, group_size).transpose(0, 1)  # [g, T, G]
+    return w, torch.bmm(x_groups.transpose(1, 2), x_groups) / rows.shape[0]
+
+
+def fit_grid(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None,
+             clip: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """Each group's scale s and offset m [N, K / group_size, 2] for int4's offsets (w = q s + m, q in 0..15), fitted
+    to inputs x [T, K]: from the grid over the group's range (clipped to +-clip), round the codes, solve for the s and
+    m that minimise the group's share of the squared error of x W^T with those codes (d^T C_g d, d = w - q s - m: a
+    2 x 2 weighted least squares), round again on the new grid; FIT_STEPS times, each group keeping its grid of
+    smallest error, so none does worse than its range's grid on these inputs."""
+    w, moments = _smoothed(x, weight, group_size, smooth)
+    n, k = w.shape
+    groups = w.view(n, k // group_size, group_size)
+    high, low = groups.amax(dim=-1), groups.amin(dim=-1)
+    if clip is not None:
+        high, low = torch.minimum(high, clip.float()), torch.maximum(low, -clip.float())
+    step, offset = ((high - low) / MAX_CODE).clamp(min=torch.finfo(torch.float32).tiny), low
+
+    def rounded(step, offset):
+        codes = torch.round((groups - offset[..., None]) / step[..., None]).clamp(0, MAX_CODE)
+        change = groups - (codes * step[..., None] + offset[..., None])
+        return codes, (torch.einsum("ngj,gjk->ngk", change, moments) * change).sum(dim=-1)
+
+    codes, error = rounded(step, offset)
+    row_sums = moments.sum(dim=-1)  # C 1 [g, G]
+    ones = row_sums.sum(dim=-1)  # 1^T C 1 [g]
+    for _ in range(FIT_STEPS):
+        weighted = torch.einsum("ngj,gjk->ngk", codes, moments)  # C q
+        qq, q1 = (weighted * codes).sum(dim=-1), weighted.sum(dim=-1)
+        qw, w1 = (weighted * groups).sum(dim=-1), (groups * row_sums).sum(dim=-1)
+        det = qq * ones - q1 * q1
+        solvable = det > 1e-9 * qq * ones  # codes all equal leave s and m undetermined
+        det = torch.where(solvable, det, torch.ones_like(det))
+        new_step = torch.where(solvable, (ones * qw - q1 * w1) / det, step)
+        new_offset = torch.where(solvable, (qq * w1 - q1 * qw) / det, offset)
+        usable = new_step > 0
+        new_step, new_offset = torch.where(usable, new_step, step), torch.where(usable, new_offset, offset)
+        new_codes, new_error = rounded(new_step, new_offset)
+        better = new_error < error
+        step, offset = torch.where(better, new_step, step), torch.where(better, new_offset, offset)
+        codes, error = torch.where(better[..., None], new_codes, codes), torch.where(better, new_error, error)
+    return torch.stack((step, offset), dim=-1)
+
+
 def search_parts(x: torch.Tensor, weight: torch.Tensor, group_size: int, parts: list[int],
-                 rounding: Rounding = INT4_ROUNDING) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:  # fmt: skip
+                 rounding: Rounding = INT4_ROUNDING, fit: bool = False) -> tuple:  # fmt: skip
     """search_scales for each part of a fused weight (its rows `parts`: q/k/v, gate/up), which share the input x:
     (smooth [P, K] (ones for a part plain rounding won) or None where every part's did, clip [N, K / G] (+inf for
-    groups left whole) or None, the error's ratio to plain rounding's, averaged over the parts' channels)."""
+    groups left whole) or None, grid [N, K / G, 2] (with `fit`: fit_grid's over each part's smooth and clip, which
+    it replaces: clip is None then) or None, the error's ratio to plain rounding's, averaged over the parts'
+    channels, before any fit)."""
     found = [search_scales(x, rows, group_size, rounding) for rows in weight.split(parts)]
     smooths = [s for s, _, _ in found]
     smooth = None
     if any(s is not None for s in smooths):
         smooth = torch.stack([torch.ones_like(x[0]) if s is None else s for s in smooths])
-    clip = None
-    if any(c is not None for _, c, _ in found):
+    clip = grid = None
+    if fit:
+        grid = torch.cat([fit_grid(x, rows, group_size, s, c) for rows, (s, c, _) in zip(weight.split(parts), found)])
+    elif any(c is not None for _, c, _ in found):
         clip = torch.cat([torch.full((n, weight.shape[1] // group_size), float("inf"), device=x.device) if c is None
                           else c for (_, c, _), n in zip(found, parts)])  # fmt: skip
-    return smooth, clip, sum(r * n for (_, _, r), n in zip(found, parts)) / sum(parts)
+    return smooth, clip, grid, sum(r * n for (_, _, r), n in zip(found, parts)) / sum(parts)
 
 
 def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: list[torch.Tensor],
                group_sizes: list[int], parts: list[list[int]], sequences: list[list[int]], cache_dir: Path,
-               device: torch.device, rounding: Rounding = INT4_ROUNDING) -> tuple[list[tuple], str]:  # fmt: skip
-    """Each site's (smooth, clip) (search_parts') for its weight in groups of its group size and in its parts, from
-    the cache or calibrated now, and a line for the report."""
+               device: torch.device, rounding: Rounding = INT4_ROUNDING,
+               fit: bool = False) -> tuple[list[tuple], str]:  # fmt: skip
+    """Each site's (smooth, clip, grid) (search_parts') for its weight in groups of its group size and in its parts,
+    from the cache or calibrated now, and a line for the report."""
     start = time.perf_counter()
     form = f"{rounding.__module__}.{rounding.__name__}"  # the format: int4's results are not NVFP4's
-    path = cache_path(cache_dir, "awq", fingerprint(gm, sequences, [group_sizes, parts, form], SEARCH_VERSION))
+    key = fingerprint(gm, sequences, [group_sizes, parts, form, fit], SEARCH_VERSION)
+    path = cache_path(cache_dir, "awq", key)
     names = [f"{i}:{tuple(w.shape)}" for i, w in enumerate(weights)]
     stored = load_entry(path)
     if stored is not None and set(stored) == set(names):
@@ -153,15 +211,16 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
     searches = list(zip(sites, weights, group_sizes, parts))
     for site, weight, group_size, rows in tqdm(searches, desc="AWQ calibration: scale search", unit="linear",
                                                leave=False):  # fmt: skip
-        smooth, clip, ratio = search_parts(inputs.pop(site), weight, group_size, rows, rounding)
-        found.append((smooth, clip))
+        smooth, clip, grid, ratio = search_parts(inputs.pop(site), weight, group_size, rows, rounding, fit)
+        found.append((smooth, clip, grid))
         ratios.append(ratio)
-    store_entry(path, {n: tuple(None if t is None else t.cpu() for t in pair) for n, pair in zip(names, found)})
+    store_entry(path, {n: tuple(None if t is None else t.cpu() for t in result) for n, result in zip(names, found)})
     seconds = time.perf_counter() - start
-    scaled = sum(smooth is not None for smooth, _ in found)
+    scaled = sum(smooth is not None for smooth, _, _ in found)
     mean_ratio = sum(ratios) / len(ratios) if ratios else 1.0
     log.info("AWQ calibration: %d of %d linears scaled, squared error %.3f of plain rounding's on average, %.1f s",
              scaled, len(sites), mean_ratio, seconds)  # fmt: skip
     tokens = sum(len(s) for s in sequences)
-    return found, (f"AWQ scales and clipping searched over {tokens} tokens in {seconds:.1f} s ({scaled} of {len(sites)} "
-                     f"linears scaled; error {mean_ratio:.2f}x plain rounding's)")  # fmt: skip
+    searched = "scales, clipping and fitted grids" if fit else "scales and clipping"
+    return found, (f"AWQ {searched} searched over {tokens} tokens in {seconds:.1f} s ({scaled} of {len(sites)} "
+                   f"linears scaled; error {mean_ratio:.2f}x plain rounding's before any fit)")  # fmt: skip

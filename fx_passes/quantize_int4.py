@@ -39,6 +39,11 @@ INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
 # int4_awq's own storage: float offsets (w = q s + m), 18% less KL divergence from the float model than AWQ's zero
 # points on SmolLM2-135M (BENCHMARKS.md); False stores zero points (a benchmark's A/B of the kernels' two forms).
 OFFSETS = True
+# Each group's scale and offset fitted by least squares (awq_calibration.fit_grid): 15% less KL divergence from the
+# float SmolLM2-135M (0.1035 -> 0.0880; perplexity +10.5% -> +8.7%), but Llama-8B's self-check failed once with them
+# (0.438 against 0.371 allowed) where the range's grids passed at 0.66 of the bound. Off until a GPU run tells the
+# kernels' numerics from that random model's sensitivity (BENCHMARKS.md, session 29).
+FIT_GRIDS = False
 
 
 def group_size_for(k: int) -> int | None:
@@ -47,10 +52,11 @@ def group_size_for(k: int) -> int | None:
 
 @recipe
 def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: int, smooth_name: str | None,
-                            smooth_rows: list[int], clip_name: str | None, stored: bool, qweight_name: str,
-                            scales_name: str, zeros_name: str) -> None:  # fmt: skip
+                            smooth_rows: list[int], clip_name: str | None, grid_name: str | None, stored: bool,
+                            qweight_name: str, scales_name: str, zeros_name: str) -> None:  # fmt: skip
     """Register the parameter `target` in 4 bits with groups of `group_size` columns (each part of `smooth_rows`
-    channels divided by its row of the graph's `smooth_name` tensor, and clipped to its `clip_name` one, where given)
+    channels divided by its row of the graph's `smooth_name` tensor, and clipped to its `clip_name` one or rounded on
+    its `grid_name` one, where given)
     as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check.
     `stored`: the tensors a checkpoint attached to the parameter (`int4_tensors`), taken as they are."""
     weight = gm.get_parameter(target)
@@ -61,8 +67,8 @@ def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: i
         divided = (
             None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
         )
-        clip = getattr(gm, clip_name) if clip_name else None
-        quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=OFFSETS)
+        clip, grid = (getattr(gm, name) if name else None for name in (clip_name, grid_name))
+        quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=OFFSETS, grid=grid)
     for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size)))
@@ -98,7 +104,7 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
         gm.meta["unstorable"] = "a checkpoint's 4-bit tensors ride on its parameters, which a replay cannot check"
         groups = [_stored(gm, n, config.quantization)[3] for n in stored]
         parts = [fused_parts(gm, n.args[1].target) for n in stored]
-        return _rewrite(gm, config, stored, [(None, None)] * len(stored), groups, parts, linears, kept,
+        return _rewrite(gm, config, stored, [(None, None, None)] * len(stored), groups, parts, linears, kept,
                         "the checkpoint's 4-bit weights as stored", stored=True)  # fmt: skip
     if config.quantization == "gguf" and any(hasattr(linear_weight(gm, n), "int8_tensors") for n in sites):
         return PassResult("quantize_int4", 0)  # only 5/6/8-bit blocks: keep_gguf_int8_blocks' sites
@@ -115,7 +121,8 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
     groups = [group_size_for(w.shape[1]) for w in weights]
     parts = [fused_parts(gm, n.args[1].target) for n in sites]
     rounding = fake_quantize_with_offsets if OFFSETS else fake_quantize  # the search rounds as the weights are stored
-    searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device, rounding)
+    searched, calibration = awq_search(gm, sites, weights, groups, parts, sequences, config.cache_dir, device, rounding,
+                                       fit=OFFSETS and FIT_GRIDS)  # fmt: skip
     # The scalings are these weights': a warm start of another checkpoint of this architecture must search its own
     # (from the AWQ cache where it has them), not replay plain rounding.
     gm.meta["unstorable"] = "AWQ's calibration is of this checkpoint's weights (a new compile reads it from its cache)"
@@ -125,20 +132,22 @@ def quantize_int4(gm: torch.fx.GraphModule, config) -> PassResult:
 def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searched: list[tuple], groups: list[int],
              parts: list[list[int]], linears: list[torch.fx.Node], kept: list[str], origin: str,
              stored: bool = False) -> PassResult:  # fmt: skip
-    """Each site -> int4_linear over its weight in 4 bits (searched: its (smooth, clip); groups: its group size;
+    """Each site -> int4_linear over its weight in 4 bits (searched: its (smooth, clip, grid); groups: its group size;
     parts: its fused parts' rows), and the pass's result."""
     device = linear_weight(gm, sites[0]).device
     backend, why = int4_backend(device, config.linear_backend)
     converted = {}  # a weight read by several linears is converted once
     gm.meta["int4_weights"] = []
-    for node, (smooth, clip), group_size, smooth_rows in zip(sites, searched, groups, parts):
+    for node, (smooth, clip, grid), group_size, smooth_rows in zip(sites, searched, groups, parts):
         target = node.args[1].target
         if target not in converted:
             # Calibrated, not made by a recipe (the graph is not stored: gm.meta["unstorable"])
-            smooth_name, clip_name = (register_calibrated(gm, f"{target}_awq_{part}", t)
-                                      for part, t in (("smooth", smooth), ("clip", clip)))  # fmt: skip
+            smooth_name, clip_name, grid_name = (register_calibrated(gm, f"{target}_awq_{part}", t)
+                                                 for part, t in (("smooth", smooth), ("clip", clip), ("grid", grid)))
             names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
-            derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, stored, *names)
+            derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, grid_name,
+                   stored, *names)  # fmt: skip
+            drop_calibrated(gm, clip_name, grid_name)
             converted[target] = (smooth_name, names)
         smooth_name, names = converted[target]
         rows = smooth_rows if smooth_name else []
@@ -156,12 +165,21 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
 
 
 def register_calibrated(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor | None) -> str | None:
-    """A calibration's tensor (AWQ's smooth or clip) as a float32 buffer of `gm` under a free `name`; None for None."""
+    """A calibration's tensor (AWQ's smooth, clip or grid) as a float32 buffer of `gm` under a free `name`; None for
+    None."""
     if tensor is None:
         return None
     name = free_name(gm, name)
     gm.register_buffer(name, tensor.float().contiguous())
     return name
+
+
+def drop_calibrated(gm: torch.fx.GraphModule, *names: str | None) -> None:
+    """Remove calibrated buffers only a recipe read (clips, grids: 0.2 GB each on an 8B model's GPU). The graph is
+    never replayed (gm.meta["unstorable"]), so nothing reads them again."""
+    for name in names:
+        if name is not None:
+            delattr(gm, name)
 
 
 def int4_module(model: torch.nn.Module, records: list):

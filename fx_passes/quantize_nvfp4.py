@@ -26,7 +26,7 @@ from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
-from fx_passes.quantize_int4 import fused_parts, register_calibrated
+from fx_passes.quantize_int4 import drop_calibrated, fused_parts, register_calibrated
 from fx_passes.quantized_reference import linears_computing_as, part_smooth
 from fx_passes.registry import PassResult, register_pass
 
@@ -71,7 +71,7 @@ def quantize_nvfp4(gm: torch.fx.GraphModule, config) -> PassResult:
         # The recipe reads the tensors riding on the parameters: replayed over a model loaded otherwise, it would
         # round that model's weights instead, with nothing to say so.
         gm.meta["unstorable"] = "a checkpoint's NVFP4 tensors ride on its parameters, which a replay cannot check"
-        searched, origin = [(None, None)] * len(sites), "the checkpoint's NVFP4 tensors as stored"
+        searched, origin = [(None, None, None)] * len(sites), "the checkpoint's NVFP4 tensors as stored"
     else:
         sequences, source = calibration_sequences(gm.meta.get("tokenizer"), gm.meta.get("vocab_size", 32000))
         searched, calibration = awq_search(gm, sites, weights, [BLOCK] * len(sites), parts, sequences,
@@ -83,13 +83,14 @@ def quantize_nvfp4(gm: torch.fx.GraphModule, config) -> PassResult:
     backend, why = nvfp4_backend(weights[0].device, config.linear_backend)
     converted = {}  # a weight read by several linears is converted once
     gm.meta["nvfp4_weights"] = []
-    for node, (smooth, clip), smooth_rows in zip(sites, searched, parts):
+    for node, (smooth, clip, _), smooth_rows in zip(sites, searched, parts):
         target = node.args[1].target
         if target not in converted:
             smooth_name, clip_name = (register_calibrated(gm, f"{target}_awq_{part}", t)
                                       for part, t in (("smooth", smooth), ("clip", clip)))  # fmt: skip
             names = [free_name(gm, f"{target}_nvfp4{part}") for part in ("", "_scales", "_global")]
             derive(gm, quantize_nvfp4_parameter, target, bool(stored), smooth_name, smooth_rows, clip_name, *names)
+            drop_calibrated(gm, clip_name)
             converted[target] = (names, smooth_name, smooth_rows if smooth_name else [])
 
         def make_args(x, bias, attr, converted=converted[target]):

@@ -13,7 +13,7 @@ from conftest import random_prompt, tiny_model
 from compiled_llm import compile_model
 from custom_ops.linear.int4 import dequantize, fake_quantize, quantize_weight
 from fx_passes import calibration
-from fx_passes.awq_calibration import search_clip, search_scales
+from fx_passes.awq_calibration import fit_grid, search_clip, search_scales
 from fx_passes.calibration import calibration_sequences
 from fx_passes.quantize_int4 import group_size_for, int4_module
 
@@ -115,6 +115,88 @@ def test_clipping_a_group_with_one_outlier_weight_measures_better():
     errors = [((x @ (fake_quantize(weight, 128, None, c) - weight).t()) ** 2).mean()
               for c in (None, clip)]  # fmt: skip
     assert errors[1] < errors[0]
+
+
+def _share_error(x: torch.Tensor, change: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K / group]: the mean over x's rows of the square of each group's share of x . change, in float64."""
+    n, k = change.shape
+    shares = torch.einsum("tgj,ngj->tng", x.double().view(-1, k // group, group), change.double().view(n, -1, group))
+    return shares.pow(2).mean(dim=0)
+
+
+def test_fitted_grids_round_no_group_worse_than_its_range_and_most_better():
+    """fit_grid's least squares against the inputs' moments: every group's share of the error of x W^T (computed here
+    from the rows themselves) at most its range's grid's, and the whole error well under it."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(32, 256, generator=generator)
+    x = torch.randn(512, 256, generator=generator) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=generator))
+    smooth = torch.rand(256, generator=generator) + 0.5
+    grid = fit_grid(x, weight, 128, smooth, None)
+    assert grid.shape == (32, 2, 2) and (grid[..., 0] > 0).all()
+    fitted = fake_quantize(weight, 128, smooth, offsets=True, grid=grid) * smooth
+    ranged = fake_quantize(weight, 128, smooth, offsets=True) * smooth
+    fitted_error, ranged_error = _share_error(x, fitted - weight, 128), _share_error(x, ranged - weight, 128)
+    assert (fitted_error <= ranged_error * (1 + 1e-5)).all()
+    assert fitted_error.sum() < 0.9 * ranged_error.sum()  # 0.84 measured
+
+
+def test_a_fitted_grid_is_the_least_squares_grid_of_its_codes():
+    """Weights q s + m with codes 1..14 only (never 0 or 15): the range's grid (the min on code 0, the max on 15) is off
+    and rounds with error. The fit's grid is, for the codes it rounds to, the s and m that minimise the mean square of
+    x . (w - q s - m) over the rows (solved here by float64 least squares on the rows themselves), and its error is
+    under the range's grid's."""
+    step, offset = torch.tensor([0.25, 0.5]), torch.tensor([-1.0, 3.0])
+    codes = torch.randint(1, 15, (2, 64), generator=torch.Generator().manual_seed(3)).float()
+    codes[:, :14] = torch.arange(1, 15).float()  # every code 1..14 in each row
+    weight = codes * step[:, None] + offset[:, None]
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(4))
+    grid = fit_grid(x, weight, 64, None, None)
+    for row in range(2):
+        s, m = grid[row, 0].double()
+        q = ((weight[row].double() - m) / s).round().clamp(0, 15)
+        rows = x.double()
+        columns = torch.stack((rows @ q, rows.sum(dim=1)), dim=1)  # x . q and x . 1: the error's terms in s and m
+        solved = torch.linalg.lstsq(columns, rows @ weight[row].double()).solution
+        assert torch.allclose(grid[row, 0].double(), solved, rtol=1e-4, atol=1e-6), (row, grid[row, 0], solved)
+    errors = [_share_error(x, fake_quantize(weight, 64, offsets=True, grid=g) - weight, 64).sum() for g in (grid, None)]
+    assert errors[0] < 0.9 * errors[1]  # 0.85 measured
+
+
+def test_quantize_weight_rounds_on_a_given_grid_and_stores_it():
+    """A grid's s and m are the stored scales and offsets (in the scale dtype), and the codes round on them; zero
+    points cannot take a float grid."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(4, 128, generator=generator)
+    grid = torch.stack((torch.rand(4, 2, generator=generator) * 0.2 + 0.1, torch.randn(4, 2, generator=generator) - 1),
+                       dim=-1)  # fmt: skip
+    qweight, scales, offsets = quantize_weight(weight, 64, scale_dtype=torch.bfloat16, offsets=True, grid=grid)
+    assert torch.equal(scales, grid[..., 0].to(torch.bfloat16))
+    assert torch.equal(offsets, grid[..., 1].to(torch.bfloat16))
+    codes = ((weight.view(4, 2, 64) - offsets.float()[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
+    expected = codes * scales.float()[..., None] + offsets.float()[..., None]
+    assert torch.equal(dequantize(qweight, scales, offsets, 64), expected.view(4, 128))
+    with pytest.raises(ValueError, match="offsets=True"):
+        quantize_weight(weight, 64, grid=grid)
+
+
+def test_int4_awq_with_fitted_grids_matches_the_module_and_keeps_no_grid_buffer(tmp_path, monkeypatch):
+    """quantize_int4.FIT_GRIDS: the self-check passes over the fitted weights, the report says so, the calibration
+    cache keys the fit (a search without it is not served), and the grids are dropped once the weights are rounded."""
+    from fx_passes import quantize_int4
+
+    _, plain = compiled_int4("llama", tmp_path, verify=False)
+    monkeypatch.setattr(quantize_int4, "FIT_GRIDS", True)
+    model, compiled = compiled_int4("llama", tmp_path, verify=True, graph_cache=False)
+    (result,) = [p for p in compiled.report.passes if p.name == "quantize_int4"]
+    assert "fitted grids searched" in result.detail and "from the cache" not in result.detail
+    assert not [name for name, _ in compiled.graph_module.named_buffers() if "_awq_grid" in name or "_awq_clip" in name]
+    ids = random_prompt(10)
+    with torch.no_grad(), int4_module(model, compiled.graph_module.meta["int4_weights"]):
+        expected = model(ids, use_cache=False).logits
+    assert torch.allclose(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    fitted_scales = [t[1] for _, t in compiled.graph_module.meta["int4_weights"]]
+    plain_scales = [t[1] for _, t in plain.graph_module.meta["int4_weights"]]
+    assert any(not torch.equal(a, b) for a, b in zip(fitted_scales, plain_scales))
 
 
 def test_calibration_text_goes_through_the_tokenizer_in_sequences():

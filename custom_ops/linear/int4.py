@@ -68,8 +68,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: torch.Tensor | None = None,
-                    scale_dtype: torch.dtype | None = None, clip: torch.Tensor | None = None,
-                    offsets: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                    scale_dtype: torch.dtype | None = None, clip: torch.Tensor | None = None, offsets: bool = False,
+                    grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(qweight, scales, zeros) of W [N, K] (times 1 / smooth per column, where given), round to nearest per group of
     `group_size` columns over the group's range [min, max]:
     - zero points (AWQ's and GPTQ's storage): the range widened to hold 0, s = (max - min) / 15 rounded to
@@ -77,17 +77,20 @@ def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: 
     - `offsets` (int4_awq's own storage, GGUF Q4_1's form): s as above over the group's own range, m = min rounded to
       `scale_dtype`, q = clamp(round((W - m) / s), 0, 15): no rounded zero point moves the grid off the range.
     Both use the stored s (and m). `clip` [N, K / group_size]: bounds of each group's range, +-clip (AWQ's clipping
-    search: the few largest weights give up some accuracy for the rest's finer steps)."""
+    search: the few largest weights give up some accuracy for the rest's finer steps). `grid` [N, K / group_size, 2]
+    (offsets only): each group's s and m as a search fitted them (fx_passes/awq_calibration.py's least squares), used
+    in place of the range's."""
     n, k = weight.shape
-    codes, scales, zeros = _round(weight, group_size, smooth, scale_dtype, clip, offsets)
+    codes, scales, zeros = _round(weight, group_size, smooth, scale_dtype, clip, offsets, grid)
     return pack_codes(codes.view(n, k)), scales, zeros if offsets else zeros.to(torch.uint8)
 
 
 def fake_quantize(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None = None,
-                  clip: torch.Tensor | None = None, offsets: bool = False) -> torch.Tensor:  # fmt: skip
-    """dequantize(*quantize_weight(weight, group_size, smooth, torch.float32, clip, offsets)) [N, K] without packing
-    the codes: what a search over smooths and clips compares, many times a weight."""
-    codes, scales, zeros = _round(weight, group_size, smooth, torch.float32, clip, offsets)
+                  clip: torch.Tensor | None = None, offsets: bool = False,
+                  grid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """dequantize(*quantize_weight(weight, group_size, smooth, torch.float32, clip, offsets, grid)) [N, K] without
+    packing the codes: what a search over smooths and clips compares, many times a weight."""
+    codes, scales, zeros = _round(weight, group_size, smooth, torch.float32, clip, offsets, grid)
     if offsets:
         return (codes * scales[..., None] + zeros[..., None]).view(weight.shape)
     return ((codes - zeros[..., None]) * scales[..., None]).view(weight.shape)
@@ -99,24 +102,30 @@ def fake_quantize_with_offsets(weight: torch.Tensor, group_size: int, smooth: to
     return fake_quantize(weight, group_size, smooth, clip, offsets=True)
 
 
-def _round(weight, group_size: int, smooth, scale_dtype, clip, offsets: bool) -> tuple[torch.Tensor, ...]:
+def _round(weight, group_size: int, smooth, scale_dtype, clip, offsets: bool, grid=None) -> tuple[torch.Tensor, ...]:
     """quantize_weight's codes [N, K / G, G] as floats, its scales, and its zeros [N, K / G] (as floats) or offsets."""
     n, k = weight.shape
     if k % group_size or group_size % 2:
         raise ValueError(f"int4 groups of {group_size} columns do not tile a weight of {k} columns")
+    if grid is not None and not offsets:
+        raise ValueError("a fitted grid (scales and offsets) needs offsets=True: zero points are integer codes")
     w = weight.detach().float()
     if smooth is not None:  # [K], or [N, K] (a part's row for each of its channels)
         w = w / smooth.float()
     groups = w.view(n, k // group_size, group_size)
-    high, low = groups.amax(dim=-1), groups.amin(dim=-1)
-    if not offsets:
-        high, low = high.clamp(min=0), low.clamp(max=0)
-    if clip is not None:
-        high, low = torch.minimum(high, clip.float()), torch.maximum(low, -clip.float())
+    if grid is not None:  # a fitted grid's own s and m: no range, no clip
+        step, low = grid[..., 0].float(), grid[..., 1].float()
+    else:
+        high, low = groups.amax(dim=-1), groups.amin(dim=-1)
+        if not offsets:
+            high, low = high.clamp(min=0), low.clamp(max=0)
+        if clip is not None:
+            high, low = torch.minimum(high, clip.float()), torch.maximum(low, -clip.float())
+        step = (high - low) / MAX_CODE
     dtype = scale_dtype or weight.dtype
     # A range that rounds to a zero scale in `dtype` (all equal, or below float16's smallest step): the smallest normal
     # scale instead, so that no code is 0 / 0.
-    scales = ((high - low) / MAX_CODE).to(dtype).clamp(min=torch.finfo(dtype).smallest_normal)
+    scales = step.to(dtype).clamp(min=torch.finfo(dtype).smallest_normal)
     stored = scales.float()
     if offsets:
         minimum = low.to(dtype)
