@@ -108,6 +108,7 @@ class CompiledModel(CausalLMCalls):
             check_one_gpu_per_rank(self.device)
         self.max_seq_len = max_seq_len_for(model, config.max_seq_len)
         timings = {}
+        self_check_share = None  # the self-check's largest difference as a share of its bound, where it ran
         caches = f"kernel choices under {config.cache_dir}"
         if config.compile_backend == "inductor":  # first: a second cache_dir in one process fails before any work
             caches = use_cache_dir(config.cache_dir)
@@ -197,7 +198,8 @@ class CompiledModel(CausalLMCalls):
                 log.info("self-check: not run (this rank read only its slices of %s)", slices.directory)
             elif self_check_wanted(config.verify, model, pass_results, captured.cache_key is not None, stored_code):
                 start = time.perf_counter()
-                self_check(self, model, forward_signature(model), captured_graph, captured.cache_key)
+                self_check_share = self_check(self, model, forward_signature(model), captured_graph,
+                                              captured.cache_key)  # fmt: skip
                 timings["self_check_s"] = time.perf_counter() - start
         # After the self-check, which runs the module with its cache.
         del captured_graph
@@ -222,6 +224,7 @@ class CompiledModel(CausalLMCalls):
             caches=caches,
             capture=captured.source,
             timings=timings,
+            self_check_share=self_check_share,
             released_cache=released_cache,
         )
         log.info("compiled %s:\n%s", captured.architecture, self.report)

@@ -113,20 +113,34 @@ def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return (actual - expected).pow(2).mean(-1).sqrt() / expected.pow(2).mean(-1).sqrt().clamp(min=1e-12)
 
 
+def _differences(
+    actual: torch.Tensor, expected: torch.Tensor, tolerance: float, rms_bound: float | None = None
+) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+    """(what is compared, how many allowances apart the best two logits must be for the greedy token to count, [L]
+    allowed, [L] difference) of [L, V] logits: the largest difference against `tolerance` times the largest |logit|
+    (at least 1), or with `rms_bound` (FP8 activations) each position's RMS difference against `rms_bound` times its
+    RMS logit."""
+    if rms_bound is None:
+        allowed = torch.full((len(expected),), tolerance * max(1.0, expected.abs().max().item()))
+        return "max |difference|", 2, allowed, (actual - expected).abs().amax(dim=-1)
+    # a flip of a decisive token needs two logits each several RMS differences off
+    allowed = rms_bound * expected.pow(2).mean(-1).sqrt()
+    return "RMS difference", 3, allowed, (actual - expected).pow(2).mean(-1).sqrt()
+
+
+def share_of_bound(actual: torch.Tensor, expected: torch.Tensor, tolerance: float,
+                   rms_bound: float | None = None) -> float:  # fmt: skip
+    """The largest difference of [L, V] logits as a share of what the check allows there (above 1 fails it)."""
+    _, _, allowed, diff = _differences(actual, expected, tolerance, rms_bound)
+    return (diff / allowed.clamp(min=1e-30)).max().item()
+
+
 def _mismatch(
     actual: torch.Tensor, expected: torch.Tensor, tolerance: float, rms_bound: float | None = None
 ) -> str | None:
-    """What differs between [L, V] logits, or None: the largest difference against `tolerance` times the largest
-    |logit| (at least 1), or with `rms_bound` (FP8 activations) each position's RMS difference against `rms_bound`
-    times its RMS logit; and the greedy token wherever the best two logits are further apart than that allows."""
-    if rms_bound is None:
-        what, margin = "max |difference|", 2
-        allowed = torch.full((len(expected),), tolerance * max(1.0, expected.abs().max().item()))
-        diff = (actual - expected).abs().amax(dim=-1)
-    else:  # a flip of a decisive token needs two logits each several RMS differences off
-        what, margin = "RMS difference", 3
-        allowed = rms_bound * expected.pow(2).mean(-1).sqrt()
-        diff = (actual - expected).pow(2).mean(-1).sqrt()
+    """What differs between [L, V] logits, or None: the difference against what _differences allows, and the greedy
+    token wherever the best two logits are further apart than that allows."""
+    what, margin, allowed, diff = _differences(actual, expected, tolerance, rms_bound)
     top2 = expected.topk(2, dim=-1).values
     decisive = (top2[:, 0] - top2[:, 1]) > margin * allowed
     wrong_token = decisive & (actual.argmax(-1) != expected.argmax(-1))
@@ -170,10 +184,12 @@ def _first_difference(compiled, captured, prompt, first_step, tolerance: float) 
     return None
 
 
-def self_check(compiled, model, signature, captured=None, graph_cache_key: str | None = None) -> None:
-    """Raise SelfCheckError if the compiled model's logits differ from the module's (see module docstring).
-    `captured`: the graph as captured, before the passes, to find the first op where they part. `graph_cache_key`:
-    the graph cache entry the graph came from, removed if the check fails (the next compile captures afresh)."""
+def self_check(compiled, model, signature, captured=None, graph_cache_key: str | None = None) -> float:
+    """Raise SelfCheckError if the compiled model's logits differ from the module's (see module docstring); else
+    return the largest difference as a share of what the check allows (share_of_bound over every comparison), which
+    says how close a graph came. `captured`: the graph as captured, before the passes, to find the first op where
+    they part. `graph_cache_key`: the graph cache entry the graph came from, removed if the check fails (the next
+    compile captures afresh)."""
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
@@ -210,6 +226,7 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
         "both prompts in one step (a flat batch of two sequences)": max(lengths),
         f"prefill of {PREFILL_TOKENS} tokens, then one token per step (incremental decode)": PREFILL_TOKENS,
     }
+    closest = (0.0, "")
     for what, first_step in runs.items():
         actuals = {}
         for group in groups:
@@ -239,3 +256,7 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
                     message += (f". The graph came from the graph cache (entry {graph_cache_key}, now removed): compile "
                                 "again to capture this model afresh, or pass graph_cache=False")  # fmt: skip
                 raise SelfCheckError(message)
+            closest = max(closest, (share_of_bound(actual, reference, tolerance, rms_bound), f"{what}, prompt {i}"))
+    log.info("self-check passed: the largest difference is %.1f%% of what it allows (%s)", 100 * closest[0],
+             closest[1])  # fmt: skip
+    return closest[0]

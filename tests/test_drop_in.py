@@ -12,7 +12,7 @@ from torch import nn
 from compiled_llm import compile_model
 from compiled_llm.capture import CaptureError
 from compiled_llm.capture.forward_signature import forward_signature
-from compiled_llm.verify import SelfCheckError
+from compiled_llm.verify import SelfCheckError, share_of_bound
 from drop_in_models import gptfast, gptfast_greedy, meta_greedy, meta_llama, mingpt, naive_greedy, nanogpt
 from fx_passes import DEFAULT_PIPELINE
 from fx_passes.node_meta import insert_call
@@ -141,15 +141,41 @@ def test_the_self_check_refuses_a_rewrite_that_changes_the_answer():
 
 
 @register_pass("test_scale_second_mlp")
-def _scale_second_mlp(gm, config):
-    """A wrong rewrite inside one layer: the second block's c_fc output, times 1.5."""
+def _scale_second_mlp(gm, config, factor: float = 1.5):
+    """A wrong rewrite inside one layer: the second block's c_fc output, times `factor`."""
     linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default
                   and n.args[1].target == "model.transformer.h.1.mlp.c_fc.weight")  # fmt: skip
     with gm.graph.inserting_after(linear):
-        scaled = insert_call(gm.graph, torch.ops.aten.mul.Tensor, (linear, 1.5))
+        scaled = insert_call(gm.graph, torch.ops.aten.mul.Tensor, (linear, factor))
     linear.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     gm.recompile()
     return PassResult("test_scale_second_mlp", 1)
+
+
+@register_pass("test_nudge_second_mlp")
+def _nudge_second_mlp(gm, config):
+    """A rewrite off by less than the check allows: the second block's c_fc output, times 1.0002."""
+    return _scale_second_mlp(gm, config, 1.0002)
+
+
+def test_the_report_says_how_close_the_self_check_came():
+    """The largest difference as a share of what the check allows: a correct graph sits far inside its bound (float32
+    on the CPU: summation order only), one nudged by less than the bound comes closer and still passes; the share is
+    the largest of difference over allowance at any position."""
+    shares = []
+    for passes in (DEFAULT_PIPELINE, ("test_nudge_second_mlp", *DEFAULT_PIPELINE)):
+        cm = compile_model(nanogpt(), passes=passes, compile_backend="eager", verify=True)
+        shares.append(cm.report.self_check_share)
+        assert f"largest difference {shares[-1]:.1%} of its bound" in str(cm.report)
+    assert 0 < shares[0] < 0.01 and 10 * shares[0] < shares[1] < 1, shares
+    expected = torch.tensor([[1.0, 5.0, -2.0], [0.5, -4.0, 2.0]])
+    actual = expected + torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, -0.3]])
+    # max |difference| against 0.1 x the largest |logit| (5): 0.1 / 0.5 and 0.3 / 0.5
+    assert share_of_bound(actual, expected, 0.1) == pytest.approx(0.6)
+    # RMS difference against 0.1 x each position's RMS logit
+    rms = expected.pow(2).mean(-1).sqrt()
+    shares = torch.tensor([0.1, 0.3]) / 3**0.5 / (0.1 * rms)
+    assert share_of_bound(actual, expected, 0.1, rms_bound=0.1) == pytest.approx(shares.max().item())
 
 
 def test_the_self_check_names_the_layer_where_a_rewrite_went_wrong():
