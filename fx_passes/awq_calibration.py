@@ -41,7 +41,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
-from custom_ops.linear.int4 import MAX_CODE, fake_quantize_with_offsets
+from custom_ops.linear.int4 import fake_quantize_with_offsets, round_groups
 from fx_passes.calibration import cache_path, fingerprint, load_entry, record_inputs, store_entry
 
 log = logging.getLogger("compiled_llm")
@@ -139,17 +139,13 @@ def fit_grid(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: tor
     w, moments = _smoothed(x, weight, group_size, smooth)
     n, k = w.shape
     groups = w.view(n, k // group_size, group_size)
-    high, low = groups.amax(dim=-1), groups.amin(dim=-1)
-    if clip is not None:
-        high, low = torch.minimum(high, clip.float()), torch.maximum(low, -clip.float())
-    step, offset = ((high - low) / MAX_CODE).clamp(min=torch.finfo(torch.float32).tiny), low
 
-    def rounded(step, offset):
-        codes = torch.round((groups - offset[..., None]) / step[..., None]).clamp(0, MAX_CODE)
+    def rounded(clip=None, grid=None):  # int4's rounding in float32: (codes, s, m, the groups' errors)
+        codes, step, offset = round_groups(w, group_size, None, torch.float32, clip, True, grid)
         change = groups - (codes * step[..., None] + offset[..., None])
-        return codes, (torch.einsum("ngj,gjk->ngk", change, moments) * change).sum(dim=-1)
+        return codes, step, offset, (torch.einsum("ngj,gjk->ngk", change, moments) * change).sum(dim=-1)
 
-    codes, error = rounded(step, offset)
+    codes, step, offset, error = rounded(clip=clip)
     row_sums = moments.sum(dim=-1)  # C 1 [g, G]
     ones = row_sums.sum(dim=-1)  # 1^T C 1 [g]
     for _ in range(FIT_STEPS):
@@ -163,7 +159,7 @@ def fit_grid(x: torch.Tensor, weight: torch.Tensor, group_size: int, smooth: tor
         new_offset = torch.where(solvable, (qq * w1 - q1 * qw) / det, offset)
         usable = new_step > 0
         new_step, new_offset = torch.where(usable, new_step, step), torch.where(usable, new_offset, offset)
-        new_codes, new_error = rounded(new_step, new_offset)
+        new_codes, new_step, new_offset, new_error = rounded(grid=torch.stack((new_step, new_offset), dim=-1))
         better = new_error < error
         step, offset = torch.where(better, new_step, step), torch.where(better, new_offset, offset)
         codes, error = torch.where(better[..., None], new_codes, codes), torch.where(better, new_error, error)

@@ -81,7 +81,7 @@ def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE, smooth: 
     (offsets only): each group's s and m as a search fitted them (fx_passes/awq_calibration.py's least squares), used
     in place of the range's."""
     n, k = weight.shape
-    codes, scales, zeros = _round(weight, group_size, smooth, scale_dtype, clip, offsets, grid)
+    codes, scales, zeros = round_groups(weight, group_size, smooth, scale_dtype, clip, offsets, grid)
     return pack_codes(codes.view(n, k)), scales, zeros if offsets else zeros.to(torch.uint8)
 
 
@@ -90,7 +90,7 @@ def fake_quantize(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | 
                   grid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """dequantize(*quantize_weight(weight, group_size, smooth, torch.float32, clip, offsets, grid)) [N, K] without
     packing the codes: what a search over smooths and clips compares, many times a weight."""
-    codes, scales, zeros = _round(weight, group_size, smooth, torch.float32, clip, offsets, grid)
+    codes, scales, zeros = round_groups(weight, group_size, smooth, torch.float32, clip, offsets, grid)
     if offsets:
         return (codes * scales[..., None] + zeros[..., None]).view(weight.shape)
     return ((codes - zeros[..., None]) * scales[..., None]).view(weight.shape)
@@ -102,8 +102,11 @@ def fake_quantize_with_offsets(weight: torch.Tensor, group_size: int, smooth: to
     return fake_quantize(weight, group_size, smooth, clip, offsets=True)
 
 
-def _round(weight, group_size: int, smooth, scale_dtype, clip, offsets: bool, grid=None) -> tuple[torch.Tensor, ...]:
-    """quantize_weight's codes [N, K / G, G] as floats, its scales, and its zeros [N, K / G] (as floats) or offsets."""
+def round_groups(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | None, scale_dtype: torch.dtype | None,
+                 clip: torch.Tensor | None, offsets: bool,
+                 grid: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """quantize_weight's codes [N, K / G, G] as floats, its scales, and its zeros [N, K / G] (as floats) or offsets,
+    unpacked: also what a search that refits the grids rounds with (fx_passes/awq_calibration.fit_grid)."""
     n, k = weight.shape
     if k % group_size or group_size % 2:
         raise ValueError(f"int4 groups of {group_size} columns do not tile a weight of {k} columns")
