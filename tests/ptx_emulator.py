@@ -6,7 +6,7 @@ copies the tensors back.
 Every thread of the grid is a lane of one numpy vector and all run each instruction together, so:
 - branches must be uniform over the grid (Triton's loops are); a divergent one raises. Barriers are no-ops, as every
   store is visible to every thread before the next instruction.
-- warp-wide instructions (mma.sync m16n8k16 row.col with float32 accumulators, stmatrix, shfl.sync.bfly) take whole
+- warp-wide instructions (mma.sync m16n8k16 row.col with float32 accumulators, stmatrix, shfl.sync.bfly and .idx) take whole
   warps of 32 lanes and no guard.
 - the PTX subset is the one Triton emits for gluon_int4_kernels.int4_mma_kernel; an instruction outside it (an opcode
   or a modifier) raises NotImplementedError naming it, and an access outside the memory or the shared memory raises
@@ -451,11 +451,19 @@ class Grid:
             self.locate("global", address, int(lane_size), lanes)
 
     def op_shfl(self, ins, mask):
-        if ins.parts[2] != "bfly" or mask is not None:
+        """shfl.sync.bfly (lane ^ b) and shfl.sync.idx (lane b within its segment, c's clamp and segment mask); a
+        source lane past the clamp reads the lane's own value, as PTX says."""
+        if ins.parts[2] not in ("bfly", "idx") or mask is not None:
             raise unsupported(ins)
-        destination, source, lane_mask = ins.args[:3]
+        destination, source, b, c = ins.args[:4]
         lane = self.tid % U64(32)
-        source_lane = np.arange(len(self.tid), dtype=U64) - lane + (lane ^ mask_bits(self.value(lane_mask), 5))
+        b, c = mask_bits(self.value(b), 5), self.value(c).astype(U64)
+        clamp, segment = c & U64(31), (c >> U64(8)) & U64(31)
+        first = lane & segment
+        last = first | (clamp & ~segment & U64(31))
+        chosen = lane ^ b if ins.parts[2] == "bfly" else first | (b & ~segment & U64(31))
+        chosen = np.where(chosen <= last, chosen, lane)
+        source_lane = np.arange(len(self.tid), dtype=U64) - lane + chosen
         self.set(destination, self.value(source)[source_lane.astype(np.int64)], mask, 32)
 
     def warps(self, operand: str) -> np.ndarray:
