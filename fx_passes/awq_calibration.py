@@ -15,7 +15,7 @@ For each linear the pass rewrites:
   group's few largest weights give up some accuracy so that the rest get finer steps);
 - the scaling and clips with the smallest error win (plain rounding unclipped is among the ranked, so the search
   never does worse than it on the recorded rows);
-- where asked (`fit`: quantize_int4.FIT_GRIDS, off for now), for int4_awq's offsets (w = q s + m), each group's s and
+- where asked (`fit`: quantize_int4.FIT_GRIDS, on by default), for int4_awq's offsets (w = q s + m), each group's s and
   m are then fitted by least squares to the same error, from the clipped range's grid (fit_grid: llama.cpp's k-quants
   fit theirs so): 15% less KL divergence from the float SmolLM2-135M (BENCHMARKS.md).
 A fused weight's parts (q/k/v, gate/up) are searched one by one, each its own scaling: int4_linear multiplies x by
@@ -42,7 +42,7 @@ import torch.fx
 from tqdm.auto import tqdm
 
 from custom_ops.linear.int4 import fake_quantize_with_offsets, round_groups
-from fx_passes.calibration import cache_path, fingerprint, load_entry, record_inputs, store_entry
+from fx_passes.calibration import cache_path, fingerprint, load_entry, recorded_inputs, store_entry
 
 log = logging.getLogger("compiled_llm")
 
@@ -202,12 +202,14 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
     if stored is not None and set(stored) == set(names):
         found = [tuple(None if t is None else t.to(device) for t in stored[n]) for n in names]
         return found, f"AWQ scales from the cache ({path.name}, {time.perf_counter() - start:.1f} s)"
-    inputs = record_inputs(gm, sites, sequences, device)
     found, ratios = [], []
-    searches = list(zip(sites, weights, group_sizes, parts))
-    for site, weight, group_size, rows in tqdm(searches, desc="AWQ calibration: scale search", unit="linear",
-                                               leave=False):  # fmt: skip
-        smooth, clip, grid, ratio = search_parts(inputs.pop(site), weight, group_size, rows, rounding, fit)
+    inputs = recorded_inputs(gm, sites, sequences, device)
+    searches = list(zip(weights, group_sizes, parts))
+    for (weight, group_size, rows), (_, x) in tqdm(zip(searches, inputs), total=len(searches),
+                                                   desc="AWQ calibration: scale search", unit="linear",
+                                                   leave=False):  # fmt: skip
+        smooth, clip, grid, ratio = search_parts(x, weight, group_size, rows, rounding, fit)
+        del x
         found.append((smooth, clip, grid))
         ratios.append(ratio)
     store_entry(path, {n: tuple(None if t is None else t.cpu() for t in result) for n, result in zip(names, found)})

@@ -3,9 +3,9 @@ SmoothQuant): the graph, as the passes left it so far, run eagerly over calibrat
 recorded, and a cache of what a search found, keyed by a fingerprint of the weights, so that a second compile of the
 same checkpoint skips the forward and the search.
 
-Calibration text: the package's calibration.txt (~700 words of mixed prose, code and dialogue; never an evaluation
-text) through the model's tokenizer, or random token ids without one (with a warning: they suit random-weight models
-only).
+Calibration text: the package's calibration.txt (~2,800 words of mixed prose, code, dialogue and tables; never an
+evaluation text) through the model's tokenizer, or random token ids without one (with a warning: they suit
+random-weight models only).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
+import operator
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +26,14 @@ from tqdm.auto import tqdm
 log = logging.getLogger("compiled_llm")
 
 SEQUENCE_TOKENS = 256
-CALIBRATION_TOKENS = 1024
+# 4,096 tokens of text: AWQ's search with fitted grids left SmolLM2-135M 0.0880 KL from the float model over 1,017
+# tokens, 0.0861 over 2,048 and 0.0799 over 3,435 (BENCHMARKS.md, session 30). Random ids serve random-weight models
+# only, whose calibration need not be long.
+CALIBRATION_TOKENS = 4096
+RANDOM_TOKENS = 512
+# Rows recorded at once: an 8B model's linears' inputs over 4,096 tokens take 14 GB in float32, so sites beyond this
+# are recorded by another forward over the same tokens.
+RECORDED_BYTES = 4 * 2**30
 
 
 def calibration_sequences(tokenizer, vocab_size: int) -> tuple[list[list[int]], str]:
@@ -35,7 +44,7 @@ def calibration_sequences(tokenizer, vocab_size: int) -> tuple[list[list[int]], 
         source = f"{len(ids)} tokens of compiled_llm/calibration.txt"
     else:
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab_size, (CALIBRATION_TOKENS // 2,), generator=generator).tolist()
+        ids = torch.randint(0, vocab_size, (RANDOM_TOKENS,), generator=generator).tolist()
         source = f"{len(ids)} random token ids (no tokenizer: compile_model(..., tokenizer=) calibrates on text)"
         log.warning("calibration without a tokenizer runs on random token ids, which suits random-weight models "
                     "only; pass compile_model(model, tokenizer=...) (LLM does) to calibrate on text")  # fmt: skip
@@ -56,9 +65,37 @@ class _LinearInputs(torch.fx.Interpreter):
         return super().run_node(node)
 
 
+def recorded_inputs(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], sequences: list[list[int]],
+                    device: torch.device) -> Iterator[tuple[torch.fx.Node, torch.Tensor]]:  # fmt: skip
+    """(site, its input rows [T, K] over the sequences) in the order of `sites`: the sites taken in runs whose rows
+    fit RECORDED_BYTES, the graph run over the sequences once a run, so that only one run's rows are held."""
+    tokens = sum(map(len, sequences))
+    runs, held = [[]], 0
+    for site in sites:
+        size = 4 * tokens * _input_width(gm, site)
+        if runs[-1] and held + size > RECORDED_BYTES:
+            runs.append([])
+            held = 0
+        runs[-1].append(site)
+        held += size
+    for i, run in enumerate(runs):
+        recorded = record_inputs(gm, run, sequences, device, f" ({i + 1} of {len(runs)})" if len(runs) > 1 else "")
+        for site in run:
+            yield site, recorded.pop(site)
+
+
+def _input_width(gm: torch.fx.GraphModule, site: torch.fx.Node) -> int:
+    """K of a linear site linear(x, weight, ...): its weight's, or its input's as traced."""
+    weight = site.args[1] if len(site.args) > 1 else None
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+        return operator.attrgetter(weight.target)(gm).shape[-1]
+    return site.args[0].meta["val"].shape[-1]
+
+
 def record_inputs(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], sequences: list[list[int]],
-                  device: torch.device) -> dict[torch.fx.Node, torch.Tensor]:  # fmt: skip
-    """Each site's input rows [T, K] over the sequences, the graph run once a sequence."""
+                  device: torch.device, run: str = "") -> dict[torch.fx.Node, torch.Tensor]:  # fmt: skip
+    """Each site's input rows [T, K] over the sequences, the graph run once a sequence (recorded_inputs bounds the
+    memory this takes)."""
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     unknown = [n for n in names if n not in ("input_ids", "position_ids", "logits_indices")]
     if unknown:
@@ -66,7 +103,7 @@ def record_inputs(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], sequence
                          "calibrate need a model whose forward takes input_ids and position_ids")  # fmt: skip
     inputs = {site: [] for site in sites}
     with torch.no_grad():
-        for ids in tqdm(sequences, desc="calibration: forward", unit="sequence", leave=False):
+        for ids in tqdm(sequences, desc=f"calibration: forward{run}", unit="sequence", leave=False):
             ids = torch.tensor(ids, device=device)
             positions = torch.arange(len(ids), device=device)
             values = {"input_ids": ids, "position_ids": positions, "logits_indices": positions[-1:]}

@@ -259,7 +259,7 @@ def _static_input_scales(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], c
     if stored is not None and set(stored) == set(targets):
         return {t: s.to(device) for t, s in stored.items()}, f"from the cache ({path.name})"
     amax = {}
-    for node, rows in calibration.record_inputs(gm, sites, sequences, device).items():
+    for node, rows in calibration.recorded_inputs(gm, sites, sequences, device):
         target = node.args[1].target
         amax[target] = torch.maximum(amax.get(target, rows.new_zeros(())), rows.abs().amax())
     scales = {t: (a.clamp(min=MIN_AMAX) * (1 / FP8_MAX)).float() for t, a in amax.items()}

