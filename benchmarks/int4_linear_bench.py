@@ -15,10 +15,15 @@ streams its layers' weights; benchmarks/graph_timing.py):
   nvfp4_triton  nvfp4_linear's triton backend untuned (E2M1 codes, an e4m3 scale per 16 columns), as int4_triton
   nvfp4_kernels its Triton kernels' own launch (GEMV / tensor-core GEMM)
   nvfp4_GBps    one row: the NVFP4 weight's bytes over nvfp4_triton's time
+  q4_k_*        (--q4-k) GGUF Q4_K's form as it loads (gguf_blocks.q4_k_tensors: groups of 32, float32 scales and
+                offsets, no smooth, random valid super-blocks): `triton` the default launch, `kernels` the Triton
+                kernels' own, `fp16` and `fp16_kernels` the same with the scales and offsets in float16, `GBps` the
+                default's bytes over its time
 
     python benchmarks/int4_linear_bench.py --json out.json
     python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
                                                                         # (":ptx": the codes decoded in inline PTX)
+    python benchmarks/int4_linear_bench.py --rows 1,8 --q4-k   # GGUF Q4_K's groups of 32 beside
     python benchmarks/int4_linear_bench.py --rows 1,8,16 --mma-tiles 16:4:2,32:8:2   # the Gluon tensor-core decode
                            # (gluon_int4.py) at ROWS:SPLIT:UNROLL[:prefetch], to 16 rows: int4 with the smooth
                            # (mma_*), NVFP4 without (nvfp4_mma_*)
@@ -65,9 +70,34 @@ def weights(n: int, k: int) -> tuple[list, list, list, list]:
     return bf16, int4, offsets, fp4
 
 
+def q4_k_weights(n: int, k: int) -> list[tuple]:
+    """GGUF Q4_K's int4_linear operands (codes, float32 scales, float32 offsets) of random valid super-blocks, in as
+    many copies as overflow L2."""
+    from compiled_llm.gguf_blocks import q4_k_tensors
+    from compiled_llm.presets import random_q4_k_blocks
+
+    copies = max(2, -(-L2_OVERFLOW_BYTES // (n * k * 3 // 4)))
+    return [q4_k_tensors(random_q4_k_blocks(n, k, "cuda")) for _ in range(copies)]
+
+
+def measure_q4_k(row: dict, x: torch.Tensor, q4_k: list[tuple]) -> None:
+    """row's q4_k_* columns (module docstring)."""
+    group = 32
+    kernels = triton_int4.int4_gemv if x.shape[0] == 1 else triton_int4.int4_gemm
+    for suffix, cast in (("", torch.float32), ("_fp16", torch.float16)):
+        operands = [(x, q, s.to(cast), m.to(cast)) for q, s, m in q4_k]
+        row[f"q4_k{suffix}"] = per_call(lambda x, q, s, m: INT4_LINEAR(x, q, s, m, None, [], None, group, "triton"),
+                                        operands)  # fmt: skip
+        row[f"q4_k{suffix}_kernels"] = per_call(
+            lambda x, q, s, m: kernels(x, q, s, m, None, [], None, group, MMA=False), operands
+        )
+    row["q4_k_GBps"] = sum(t.numel() * t.element_size() for t in q4_k[0]) / row["q4_k"] / 1e3
+
+
 def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: list[dict],
-            mma_tiles: list[dict]) -> list[dict]:  # fmt: skip
+            mma_tiles: list[dict], q4_k: bool = False) -> list[dict]:  # fmt: skip
     bf16, int4, offsets, fp4 = weights(n, k)
+    q4_k_forms = q4_k_weights(n, k) if q4_k else []
     smooth = torch.rand(1, k, device="cuda") + 0.5
     results = []
     for rows in rows_list:
@@ -97,6 +127,8 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
             [(x, *w) for w in fp4],
         )
         row["nvfp4_GBps"] = sum(t.numel() * t.element_size() for t in fp4[0][:2]) / row["nvfp4_triton"] / 1e3
+        if q4_k_forms:
+            measure_q4_k(row, x, q4_k_forms)
         for tile in tiles if rows == 1 else ():
             key = "gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
             row[key] = per_call(lambda x, q, s, z, tile=tile: triton_int4.int4_gemv(x, q, s, z, smooth, [n], None,
@@ -131,6 +163,7 @@ def main() -> None:
         help="ROWS:SPLIT:UNROLL[:prefetch],... of the tensor-core decode, "
         "to 16 rows (:prefetch: the codes bulk-prefetched into L2 before the wait for the previous kernel)",
     )
+    parser.add_argument("--q4-k", action="store_true", help="add GGUF Q4_K's form (groups of 32, float32 scales)")
     parser.add_argument("--nvfp4-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps,... of the NVFP4 GEMV")
     args = parser.parse_args()
     tiles = []
@@ -146,7 +179,7 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     results = [
-        r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles, fp4_tiles, mma_tiles)
+        r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows_list, tiles, fp4_tiles, mma_tiles, args.q4_k)
     ]
     if args.json:
         with open(args.json, "w") as f:
