@@ -25,7 +25,7 @@ streams its layers' weights; benchmarks/graph_timing.py):
                                                                         # (":ptx": the codes decoded in inline PTX)
     python benchmarks/int4_linear_bench.py --rows 1,8 --q4-k   # GGUF Q4_K's groups of 32 beside
     python benchmarks/int4_linear_bench.py --rows 1,8,16 --mma-tiles 16:4:2,32:8:2   # the Gluon tensor-core decode
-                           # (gluon_int4.py) at ROWS:SPLIT:UNROLL[:prefetch], to 16 rows: int4 with the smooth
+                           # (gluon_int4.py) at ROWS:SPLIT:UNROLL[:prefetch][:preloadN], to 16 rows: int4 with the smooth
                            # (mma_*), NVFP4 without (nvfp4_mma_*)
 """
 
@@ -152,6 +152,20 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
     return results
 
 
+def mma_tile(spec: str) -> dict:
+    """"32:8:2:prefetch:preload4" -> {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "PREFETCH": True, "PRELOAD": 4}."""
+    numbers, flags = spec.split(":")[:3], spec.split(":")[3:]
+    tile = dict(zip(("ROWS", "SPLIT", "UNROLL"), map(int, numbers)))
+    for flag in flags:
+        if flag == "prefetch":
+            tile["PREFETCH"] = True
+        elif flag.startswith("preload"):
+            tile["PRELOAD"] = int(flag.removeprefix("preload"))
+        else:
+            raise SystemExit(f"--mma-tiles: unknown flag {flag!r} in {spec!r} (prefetch, preloadN)")
+    return tile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows here")
@@ -160,8 +174,9 @@ def main() -> None:
     parser.add_argument(
         "--mma-tiles",
         default="",
-        help="ROWS:SPLIT:UNROLL[:prefetch],... of the tensor-core decode, "
-        "to 16 rows (:prefetch: the codes bulk-prefetched into L2 before the wait for the previous kernel)",
+        help="ROWS:SPLIT:UNROLL[:prefetch][:preloadN],... of the tensor-core decode, "
+        "to 16 rows (:prefetch: the codes bulk-prefetched into L2 before the wait for the previous kernel; :preloadN: "
+        "one row's first N steps' codes loaded into registers before it)",
     )
     parser.add_argument("--q4-k", action="store_true", help="add GGUF Q4_K's form (groups of 32, float32 scales)")
     parser.add_argument("--nvfp4-tiles", default="", help="BLOCK_N:GROUPS_A_STEP:num_warps,... of the NVFP4 GEMV")
@@ -173,9 +188,7 @@ def main() -> None:
                       "PTX_DECODE": ptx == ["ptx"]})  # fmt: skip
     fp4_tiles = [dict(zip(("BLOCK_N", "GROUPS_A_STEP", "num_warps"), map(int, spec.split(":"))))
                  for spec in filter(None, args.nvfp4_tiles.split(","))]  # fmt: skip
-    mma_tiles = [{**dict(zip(("ROWS", "SPLIT", "UNROLL"), map(int, spec.split(":")[:3]))),
-                  **({"PREFETCH": True} if spec.endswith(":prefetch") else {})}
-                 for spec in filter(None, args.mma_tiles.split(","))]  # fmt: skip
+    mma_tiles = [mma_tile(spec) for spec in filter(None, args.mma_tiles.split(","))]
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     results = [

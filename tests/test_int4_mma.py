@@ -124,10 +124,12 @@ def test_a_decode_call_reads_four_consecutive_code_bytes(group, split, rows):
 def test_mma_launch_fits_the_shape():
     """ROWS halves to divide N and every smooth part, SPLIT and UNROLL to divide the groups; unsupported shapes are
     None."""
-    launch = gluon_int4.mma_launch(1, 6144, 4096, 128, [4096, 1024, 1024], ROWS=64, SPLIT=8, UNROLL=4)
-    assert launch == {"ROWS": 64, "SPLIT": 8, "UNROLL": 4, "COLS": 8, "ONE_ROW": True, "PREFETCH": False}
-    launch = gluon_int4.mma_launch(9, 6144 + 32, 14336, 128, [], ROWS=64, SPLIT=8, UNROLL=4)
-    assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False, "PREFETCH": False}  # 14 a warp
+    launch = gluon_int4.mma_launch(1, 6144, 4096, 128, [4096, 1024, 1024], ROWS=64, SPLIT=8, UNROLL=4, PRELOAD=8)
+    assert launch == {"ROWS": 64, "SPLIT": 8, "UNROLL": 4, "COLS": 8, "ONE_ROW": True, "PREFETCH": False,
+                      "PRELOAD": 4}  # a warp's 4 steps preloaded at most
+    launch = gluon_int4.mma_launch(9, 6144 + 32, 14336, 128, [], ROWS=64, SPLIT=8, UNROLL=4, PRELOAD=2)
+    assert launch == {"ROWS": 32, "SPLIT": 8, "UNROLL": 2, "COLS": 16, "ONE_ROW": False, "PREFETCH": False,
+                      "PRELOAD": 0}  # 14 a warp; preloading is one row's
     assert gluon_int4.mma_launch(1, 48, 384, 128, [], SPLIT=4, UNROLL=2)["SPLIT"] == 1  # 3 groups
     assert not gluon_int4.mma_launch(1, 64, 65536, 128, [])["ONE_ROW"]  # its row would take 128 KB of shared memory
     assert not gluon_int4.mma_launch(1, 64, 999 * 32, 32, [])["ONE_ROW"]  # 999 groups on one warp: too many steps
@@ -290,6 +292,11 @@ EMULATED = {
     # the bulk L2 prefetch: the emulator checks its sources lie in the codes, 16-byte aligned
     "one-row-prefetch": ((1, 64, 1024, 128, torch.bfloat16, False, (1,), False, {"SPLIT": 8, "PREFETCH": True}),
                          {"ONE_ROW": True, "PREFETCH": True}),
+    # the first steps' codes loaded before the wait: 2 of a warp's 4 steps, and all of them (asked for more)
+    "one-row-preload-2-of-4": ((1, 64, 1024, 64, torch.bfloat16, False, (2, 1, 1), True, {"PRELOAD": 2}),
+                               {"ONE_ROW": True, "PRELOAD": 2}),
+    "one-row-offsets-preload-all": ((1, 64, 1024, 128, torch.float16, True, (2, 1, 1), False, {"PRELOAD": 8}),
+                                    {"ONE_ROW": True, "PRELOAD": 2}),
 }  # fmt: skip
 
 
@@ -300,7 +307,7 @@ def test_the_compiled_kernel_matches_the_reference_in_a_ptx_emulator(case):
     int4_linear_reference: the one-row path with a 3-part smooth and bias and with 3 groups a warp (a padded
     staging), zero points in float16, 16 columns over
     64-channel programs across smooth parts (128, 64, 64), float offsets in groups of 32 (GGUF's) and of 128 under a
-    3-part smooth (int4_awq's), SPLIT=8 with UNROLL."""
+    3-part smooth (int4_awq's), SPLIT=8 with UNROLL, the first steps' codes preloaded."""
     (m, n, k, group, dtype, offsets, parts, bias, tile), expected_launch = EMULATED[case]
     x, quantized, smooth, smooth_rows, b = _case(torch.Generator().manual_seed(0), m, n, k, group, dtype, offsets,
                                                  parts, bias)  # fmt: skip

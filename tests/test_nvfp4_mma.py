@@ -125,6 +125,8 @@ EMULATED = {
     "one-row-steps-of-64": ((1, 32, 576, torch.bfloat16, (1,), True, {}), {"ONE_ROW": True, "SPLIT": 1}),
     "11-rows-64-channels-prefetch": ((11, 128, 512, torch.bfloat16, (1,), True, {"ROWS": 64, "SPLIT": 2, "PREFETCH": True}),
                                      {"ROWS": 64, "COLS": 16, "SPLIT": 2, "PREFETCH": True}),
+    "one-row-preload-3": ((1, 64, 1024, torch.bfloat16, (1,), True, {"SPLIT": 2, "PRELOAD": 3}),
+                          {"ONE_ROW": True, "SPLIT": 2, "PRELOAD": 3}),
 }  # fmt: skip
 
 

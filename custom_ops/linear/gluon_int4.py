@@ -19,6 +19,9 @@ from custom_ops.triton_runtime import pdl_launch_options
 
 MAX_ROWS = 16  # x's rows: the MMA's 8-column side, twice
 MMA_DTYPES = (torch.bfloat16, torch.float16)  # what the PTX decode writes
+# One row's steps whose codes the untuned launch loads before the wait for the previous kernel (mma_launch's
+# PRELOAD): 0 until timed on a GPU (benchmarks/int4_linear_bench.py --mma-tiles ...:preloadN).
+PRELOAD = 0
 
 
 @functools.cache
@@ -38,11 +41,12 @@ def mma_kernels():
 
 
 def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], ROWS: int = 16, SPLIT: int = 4,
-               UNROLL: int = 2, PREFETCH: bool = False) -> dict | None:  # fmt: skip
+               UNROLL: int = 2, PREFETCH: bool = False, PRELOAD: int = 0) -> dict | None:  # fmt: skip
     """The kernel's constexprs for x [m, k] @ W [n, k]^T, or None where it does not take the shape. ROWS (channels a
     program, 16 to 64) is halved until it divides N and every smooth part, SPLIT (warps, each a slice of K) and UNROLL
     (groups a loop iteration) until they divide the groups; groups of a power of 2 from 32 to 512 columns (a thread's
-    4 code bytes of a decode call must be contiguous columns: tests/test_int4_mma.py checks the layout)."""
+    4 code bytes of a decode call must be contiguous columns: tests/test_int4_mma.py checks the layout). PRELOAD (one
+    row only, at most a warp's steps): steps whose codes load into registers before the wait for the previous kernel."""
     groups = k // group_size if group_size and k % group_size == 0 else 0
     if not (0 < m <= MAX_ROWS and 32 <= group_size <= 512 and group_size & (group_size - 1) == 0 and groups):
         return None
@@ -63,7 +67,7 @@ def mma_launch(m: int, n: int, k: int, group_size: int, smooth_rows: list[int], 
     staged = (1 << (groups // split - 1).bit_length()) * split * group_size * 2
     one_row = m == 1 and staged <= 96 * 1024 and groups // split <= 32
     return {"ROWS": rows, "SPLIT": split, "UNROLL": unroll, "COLS": 8 if m <= 8 else 16, "ONE_ROW": one_row,
-            "PREFETCH": PREFETCH}  # fmt: skip
+            "PREFETCH": PREFETCH, "PRELOAD": min(PRELOAD, groups // split) if one_row else 0}  # fmt: skip
 
 
 @functools.cache
@@ -90,10 +94,11 @@ def mma_default(m: int, n: int, k: int, e2m1: bool = False) -> dict:
     codes prefetched into L2 (q/k/v 9.8 against 11.3 at int4's launch, o 9.0 against 10.6, gate/up 32.4 against
     36.1, down 20.9 against 21.8)."""
     wide, long = n >= 16384, k >= 8192
+    preload = {"PRELOAD": PRELOAD} if PRELOAD else {}
     if m == 1 and e2m1:
-        return {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": n * k <= 32 * 2**20}
+        return {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": n * k <= 32 * 2**20, **preload}
     if m == 1:
-        return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8}
+        return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8, **preload}
     return {"MMA": True, "ROWS": 32 if wide or long else 64, "SPLIT": 4 if wide else 8}
 
 
@@ -119,7 +124,7 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
 def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int | None,
                tile: dict) -> dict | None:  # fmt: skip
     """mma_launch for a call whose tensors int4.triton_takes (or, `group_size` None, nvfp4.triton_takes: its step is
-    nvfp4_step's) accepted, with `tile`'s ROWS, SPLIT, UNROLL, PREFETCH (off
+    nvfp4_step's) accepted, with `tile`'s ROWS, SPLIT, UNROLL, PRELOAD, PREFETCH (off
     unless the codes are 16-byte aligned and the GPU is a Hopper); None unless the rows are bfloat16 or float16 (what
     the PTX decode writes) on an NVIDIA GPU with mma.m16n8k16 (sm_80+) and the codes fit 32-bit offsets."""
     if not (rows.is_cuda and rows.dtype in MMA_DTYPES and qweight.numel() < 2**31 and gluon_available()):
@@ -127,7 +132,7 @@ def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: l
     capability = nvidia_capability(rows.device.index if rows.device.index is not None else torch.cuda.current_device())
     if capability < (8, 0):
         return None
-    tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL", "PREFETCH")}
+    tile = {key: value for key, value in tile.items() if key in ("ROWS", "SPLIT", "UNROLL", "PREFETCH", "PRELOAD")}
     tile["PREFETCH"] = tile.get("PREFETCH", False) and capability >= (9, 0) and prefetch_takes(qweight)
     m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
     step = nvfp4_step(k) if group_size is None else group_size
@@ -136,7 +141,7 @@ def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: l
 
 def int4_mma(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size: int, **tile) -> torch.Tensor:
     """y [M, N] for rows [M, K], M <= 16 (int4.triton_takes checked what the kernel reads); `tile`:
-    mma_launch's ROWS, SPLIT, UNROLL, PREFETCH. Raises ValueError for a call the kernel does not take (launch_for says
+    mma_launch's ROWS, SPLIT, UNROLL, PREFETCH, PRELOAD. Raises ValueError for a call the kernel does not take (launch_for says
     which do)."""
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, tile)
     if launch is None:

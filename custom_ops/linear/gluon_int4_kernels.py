@@ -194,13 +194,12 @@ def e2m1_scale_pairs(scales, dtype: gl.constexpr, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout: gl.constexpr, SPLIT: gl.constexpr,
+def add_e2m1_step(acc, x, step, packed, block_scales_at, fill, a_layout: gl.constexpr, SPLIT: gl.constexpr,
                   ROWS: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
     """acc + step `step` (GROUP columns) of each warp's slice in NVFP4: its codes decoded to e2m1 * s * 2^-7 with their
     blocks' scales, times x [SPLIT, GROUP, COLS] (in e2m1_order) on the tensor cores (the global scale and 2^7 come at
     the end)."""
     dtype: gl.constexpr = x.dtype
-    packed = gl.load(codes_at + step * (GROUP // 2))
     pairs = e2m1_scale_pairs(gl.load(block_scales_at + step * (GROUP // 16)), dtype, GROUP)  # [SPLIT, ROWS, GROUP/16]
     # a block's pair beside each of its 8 code bytes: the same registers, in the codes' layout (no data moves)
     pairs = (pairs[:, :, :, None] + fill.reshape([SPLIT, ROWS, GROUP // 16, 8])).reshape([SPLIT, ROWS, GROUP // 2])
@@ -219,15 +218,15 @@ def a_operand(first, second, a_layout: gl.constexpr, SPLIT: gl.constexpr, ROWS: 
 
 
 @gluon.jit
-def add_any_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, block_scales_at, code_addend, ones, fill,
+def add_any_step(acc, x, step, packed, zeros_at, scales_at, offsets_at, block_scales_at, code_addend, ones, fill,
                  a_layout: gl.constexpr, mma: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr,
                  COLS: gl.constexpr, GROUP: gl.constexpr, OFFSET: gl.constexpr, OFFSET_SUMS: gl.constexpr,
                  E2M1: gl.constexpr):  # fmt: skip
-    """add_e2m1_step (E2M1, x already in e2m1_order) or add_step."""
+    """add_e2m1_step (E2M1, x already in e2m1_order) or add_step, over the step's codes `packed`."""
     if E2M1:
-        return add_e2m1_step(acc, x, step, codes_at, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
+        return add_e2m1_step(acc, x, step, packed, block_scales_at, fill, a_layout, SPLIT, ROWS, GROUP)
     else:
-        return add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout, mma,
+        return add_step(acc, x, step, packed, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout, mma,
                         SPLIT, ROWS, COLS, GROUP, OFFSET, OFFSET_SUMS)  # fmt: skip
 
 
@@ -245,14 +244,13 @@ def prefetch_codes(w_ptr, n0, stride_wn, SPLIT: gl.constexpr, ROWS: gl.constexpr
 
 
 @gluon.jit
-def add_step(acc, x, step, codes_at, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout: gl.constexpr,
+def add_step(acc, x, step, packed, zeros_at, scales_at, offsets_at, code_addend, ones, fill, a_layout: gl.constexpr,
              mma: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, GROUP: gl.constexpr,
              OFFSET: gl.constexpr, OFFSET_SUMS: gl.constexpr):  # fmt: skip
-    """acc + group `step` of each warp's slice: its codes decoded, times x [SPLIT, GROUP, COLS] (the B operand) on
+    """acc + group `step` of each warp's slice: its codes `packed` decoded, times x [SPLIT, GROUP, COLS] (the B operand) on
     the tensor cores, times the group's scales (OFFSET: the codes as they are, and with OFFSET_SUMS plus the group's
     offsets times x's sums, an MMA of ones over x)."""
     dtype: gl.constexpr = x.dtype
-    packed = gl.load(codes_at + step * (GROUP // 2))
     if OFFSET:
         addend = code_addend
     else:
@@ -285,14 +283,16 @@ def int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, part_end0, part_end1,
     K: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr, SPLIT: gl.constexpr,
     UNROLL: gl.constexpr, ONE_ROW: gl.constexpr, HAS_SMOOTH: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr,
-    USE_PDL: gl.constexpr, E2M1: gl.constexpr = False, PREFETCH: gl.constexpr = False,
+    USE_PDL: gl.constexpr, E2M1: gl.constexpr = False, PREFETCH: gl.constexpr = False, PRELOAD: gl.constexpr = 0,
 ):  # fmt: skip
     """y [M, N] = x [M, K] @ W^T for M <= COLS (8 or 16): a program computes ROWS channels, its SPLIT warps a slice of
     K / SPLIT columns each, GROUP columns (one group) a step, UNROLL steps a loop iteration (ONE_ROW: every step
     unrolled). The launcher checks that ROWS divides N and each smooth part, and that SPLIT * UNROLL groups divide
     K's. E2M1: NVFP4's codes (nvfp4.py), s_ptr its e4m3 scales [N, K / 16] (as bytes), z_ptr its global scales [N];
     GROUP is then only the columns of a step. PREFETCH: the program's codes prefetched into L2 first (the launcher
-    checks that the codes' base and row stride are multiples of 16 bytes)."""
+    checks that the codes' base and row stride are multiples of 16 bytes). PRELOAD (ONE_ROW): the codes of the first
+    PRELOAD steps loaded into registers before the wait, as the bf16 GEMV loads its first weights (the launcher keeps
+    it within the warp's steps)."""
     if USE_PDL:
         launch_dependents()
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -357,6 +357,10 @@ def int4_mma_kernel(
     acc = gl.zeros([SPLIT, ROWS, COLS], gl.float32, layout=mma)
     if PREFETCH:  # before the wait: under PDL the codes stream into L2 while the previous kernel drains
         prefetch_codes(w_ptr, n0, stride_wn, SPLIT, ROWS, SLICE // 2)
+    preloaded = ()  # before the wait too: the first steps' codes in registers (they are weights, no kernel's output)
+    if ONE_ROW:
+        for step in gl.static_range(PRELOAD):
+            preloaded = preloaded + (gl.load(codes_at + step * (GROUP // 2)),)
     if USE_PDL:  # x is the previous kernel's output
         wait_for_producers()
     if ONE_ROW:
@@ -388,7 +392,11 @@ def int4_mma_kernel(
         for step in gl.static_range(GROUPS):
             x = row_smem.slice(step * SPLIT, SPLIT).load(gl.SliceLayout(2, b_layout))[:, :, None]
             x = gl.broadcast(x, gl.zeros([SPLIT, GROUP, COLS], dtype, layout=b_layout))[0]
-            acc = add_any_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at, block_scales_at,
+            if step < PRELOAD:
+                packed = preloaded[step]
+            else:
+                packed = gl.load(codes_at + step * (GROUP // 2))
+            acc = add_any_step(acc, x, step, packed, zeros_at, s_ptr + scales_at, z_ptr + scales_at, block_scales_at,
                                code_addend, ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP, OFFSET, False,
                                E2M1)  # fmt: skip
     else:
@@ -400,7 +408,8 @@ def int4_mma_kernel(
                     x = (x.to(gl.float32) * gl.load(smooth_at + step * GROUP)).to(dtype)
                 if E2M1:
                     x = gl.convert_layout(e2m1_order(x, SPLIT, GROUP, COLS), b_layout)  # a thread's 32 columns
-                acc = add_any_step(acc, x, step, codes_at, zeros_at, s_ptr + scales_at, z_ptr + scales_at,
+                packed = gl.load(codes_at + step * (GROUP // 2))
+                acc = add_any_step(acc, x, step, packed, zeros_at, s_ptr + scales_at, z_ptr + scales_at,
                                    block_scales_at, code_addend, ones, fill, a_layout, mma, SPLIT, ROWS, COLS, GROUP,
                                    OFFSET, OFFSET, E2M1)  # fmt: skip
     out = gl.sum(acc, axis=0)  # [ROWS, COLS]: the warps' slices added
