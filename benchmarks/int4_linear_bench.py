@@ -16,9 +16,9 @@ streams its layers' weights; benchmarks/graph_timing.py):
   nvfp4_kernels its Triton kernels' own launch (GEMV / tensor-core GEMM)
   nvfp4_GBps    one row: the NVFP4 weight's bytes over nvfp4_triton's time
   q4_k_*        (--q4-k) GGUF Q4_K's form as it loads (gguf_blocks.q4_k_tensors: groups of 32, float32 scales and
-                offsets, no smooth, random valid super-blocks): `triton` the default launch, `kernels` the Triton
+                offsets, no smooth, random valid super-blocks): `q4_k` the default launch, `kernels` the Triton
                 kernels' own, `fp16` and `fp16_kernels` the same with the scales and offsets in float16, `GBps` the
-                default's bytes over its time
+                default's bytes over its time, `mma_*` the tensor-core decode at each --mma-tiles launch
 
     python benchmarks/int4_linear_bench.py --json out.json
     python benchmarks/int4_linear_bench.py --rows 1 --gemv-tiles 16:2:4,32:2:4,16:2:4:ptx   # the GEMV's launches
@@ -80,8 +80,8 @@ def q4_k_weights(n: int, k: int) -> list[tuple]:
     return [q4_k_tensors(random_q4_k_blocks(n, k, "cuda")) for _ in range(copies)]
 
 
-def measure_q4_k(row: dict, x: torch.Tensor, q4_k: list[tuple]) -> None:
-    """row's q4_k_* columns (module docstring)."""
+def measure_q4_k(row: dict, x: torch.Tensor, q4_k: list[tuple], mma_tiles: list[dict]) -> None:
+    """row's q4_k_* columns (module docstring), and q4_k_mma_* at each of `mma_tiles`."""
     group = 32
     kernels = triton_int4.int4_gemv if x.shape[0] == 1 else triton_int4.int4_gemm
     for suffix, cast in (("", torch.float32), ("_fp16", torch.float16)):
@@ -92,6 +92,10 @@ def measure_q4_k(row: dict, x: torch.Tensor, q4_k: list[tuple]) -> None:
             lambda x, q, s, m: kernels(x, q, s, m, None, [], None, group, MMA=False), operands
         )
     row["q4_k_GBps"] = sum(t.numel() * t.element_size() for t in q4_k[0]) / row["q4_k"] / 1e3
+    for tile in mma_tiles if x.shape[0] <= gluon_int4.MAX_ROWS else ():
+        key = "q4_k_mma_" + "_".join(f"{k_.lower()}{v}" for k_, v in tile.items())
+        row[key] = per_call(lambda x, q, s, m, tile=tile: gluon_int4.int4_mma(x, q, s, m, None, [], None, group, **tile),
+                            [(x, *w) for w in q4_k])  # fmt: skip
 
 
 def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: list[dict],
@@ -128,7 +132,7 @@ def measure(name: str, n: int, k: int, rows_list, tiles: list[dict], fp4_tiles: 
         )
         row["nvfp4_GBps"] = sum(t.numel() * t.element_size() for t in fp4[0][:2]) / row["nvfp4_triton"] / 1e3
         if q4_k_forms:
-            measure_q4_k(row, x, q4_k_forms)
+            measure_q4_k(row, x, q4_k_forms, mma_tiles)
         for tile in tiles if rows == 1 else ():
             key = "gemv_" + "_".join(f"{k_}{v}" for k_, v in tile.items())
             row[key] = per_call(lambda x, q, s, z, tile=tile: triton_int4.int4_gemv(x, q, s, z, smooth, [n], None,

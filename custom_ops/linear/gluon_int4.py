@@ -20,7 +20,9 @@ from custom_ops.triton_runtime import pdl_launch_options
 MAX_ROWS = 16  # x's rows: the MMA's 8-column side, twice
 MMA_DTYPES = (torch.bfloat16, torch.float16)  # what the PTX decode writes
 # One row's steps whose codes the untuned launch loads before the wait for the previous kernel (mma_launch's
-# PRELOAD): 0 until timed on a GPU (benchmarks/int4_linear_bench.py --mma-tiles ...:preloadN).
+# PRELOAD): 0 until timed on a GPU (benchmarks/int4_linear_bench.py --mma-tiles ...:preloadN). A step of 32 channels
+# costs 8 registers a thread: with every step preloaded (sm_90a, int4 offsets), o's 16 x 8 launch takes 80 registers
+# (62 without), gate/up's 32 x 4 takes 222 (140) and down's 32 x 8 255 and spills (142).
 PRELOAD = 0
 
 
