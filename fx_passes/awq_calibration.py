@@ -209,7 +209,7 @@ def awq_search(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], weights: li
                                                    desc="AWQ calibration: scale search", unit="linear",
                                                    leave=False):  # fmt: skip
         smooth, clip, grid, ratio = search_parts(x, weight, group_size, rows, rounding, fit)
-        del x
+        del x  # before the next site's rows: those may need another forward, which should not hold these
         found.append((smooth, clip, grid))
         ratios.append(ratio)
     store_entry(path, {n: tuple(None if t is None else t.cpu() for t in result) for n, result in zip(names, found)})

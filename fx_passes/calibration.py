@@ -93,9 +93,9 @@ def _input_width(gm: torch.fx.GraphModule, site: torch.fx.Node) -> int:
 
 
 def record_inputs(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], sequences: list[list[int]],
-                  device: torch.device, run: str = "") -> dict[torch.fx.Node, torch.Tensor]:  # fmt: skip
+                  device: torch.device, label: str = "") -> dict[torch.fx.Node, torch.Tensor]:  # fmt: skip
     """Each site's input rows [T, K] over the sequences, the graph run once a sequence (recorded_inputs bounds the
-    memory this takes)."""
+    memory this takes); `label` follows the progress bar's name."""
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     unknown = [n for n in names if n not in ("input_ids", "position_ids", "logits_indices")]
     if unknown:
@@ -103,7 +103,7 @@ def record_inputs(gm: torch.fx.GraphModule, sites: list[torch.fx.Node], sequence
                          "calibrate need a model whose forward takes input_ids and position_ids")  # fmt: skip
     inputs = {site: [] for site in sites}
     with torch.no_grad():
-        for ids in tqdm(sequences, desc=f"calibration: forward{run}", unit="sequence", leave=False):
+        for ids in tqdm(sequences, desc=f"calibration: forward{label}", unit="sequence", leave=False):
             ids = torch.tensor(ids, device=device)
             positions = torch.arange(len(ids), device=device)
             values = {"input_ids": ids, "position_ids": positions, "logits_indices": positions[-1:]}

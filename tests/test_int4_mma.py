@@ -79,7 +79,7 @@ def test_the_decode_ptx_makes_each_code_minus_its_zero_point(dtype):
     join / reshape / permute make of the two outputs (first4[4 g + i] column 8 g + i, last4[4 g + i] column
     8 g + 4 + i; Triton packs a call's outputs into registers in element order) are unpack_codes' codes minus z."""
     pytest.importorskip("triton.experimental.gluon")
-    from custom_ops.linear.gluon_int4_kernels import decode_asm
+    from custom_ops.linear.gluon_int4_decode import decode_asm
 
     asm = decode_asm(dtype)
     bias = 128.0 if dtype == "bf16" else 1024.0

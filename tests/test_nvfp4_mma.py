@@ -29,7 +29,7 @@ def test_the_decode_ptx_makes_each_code_times_its_scale(dtype):
     register j holds (column j, column j + 4) as e2m1 * s * 2^-7, exactly (the kernel's join / reshape / permute
     puts them back in column order)."""
     pytest.importorskip("triton.experimental.gluon")
-    from custom_ops.linear.gluon_int4_kernels import e2m1_decode_asm
+    from custom_ops.linear.gluon_int4_decode import e2m1_decode_asm
 
     asm = e2m1_decode_asm(dtype)
     generator = torch.Generator().manual_seed(0)

@@ -64,7 +64,7 @@ GEMM_TILES = (
 # The kernels, their launchers and the numerics: a change to any is a changed candidate.
 _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_int4, int4, gluon_int4)),
                       *((Path(triton_int4.__file__).parent / name).read_text()
-                        for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py")))  # fmt: skip
+                        for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py", "gluon_int4_decode.py")))  # fmt: skip
 
 
 def gemm_tiles_for(tiles: tuple[dict, ...], bucket: dict) -> tuple[dict, ...]:

@@ -47,7 +47,7 @@ GEMM_TILES = (
 # The kernels, their launchers and the numerics: a change to any is a changed candidate.
 _SOURCE = source_hash(*(Path(module.__file__).read_text() for module in (triton_nvfp4, nvfp4, gluon_int4)),
                       *((Path(triton_nvfp4.__file__).parent / name).read_text()
-                        for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py")))  # fmt: skip
+                        for name in ("triton_int4_kernels.py", "gluon_int4_kernels.py", "gluon_int4_decode.py")))  # fmt: skip
 
 
 def _shapes(gm: torch.fx.GraphModule) -> list[tuple[int, int]]:

@@ -20,10 +20,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from custom_ops.linear.gluon_int4_decode import decode_e2m1, e2m1_order
 from custom_ops.linear.gluon_int4_kernels import (
     a_operand,
-    decode_e2m1,
-    e2m1_order,
     launch_dependents,
     mma_layout,
     operand_layout,

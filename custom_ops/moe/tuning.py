@@ -56,7 +56,7 @@ SUM_TILES = tuple(
 _HERE = Path(triton_moe.__file__).parent
 _SOURCE = source_hash("".join(path.read_text() for path in (
     *(_HERE / name for name in ("triton_moe.py", "triton_moe_kernels.py", "gluon_mxfp4.py", "gluon_mxfp4_kernels.py")),
-    _HERE.parent / "linear" / "gluon_int4_kernels.py",
+    *(_HERE.parent / "linear" / name for name in ("gluon_int4_kernels.py", "gluon_int4_decode.py")),
 )))  # fmt: skip
 
 
