@@ -3,6 +3,7 @@
 from fx_passes import (  # noqa: F401  (registers the passes)
     contiguous_constants,
     explicit_view_sizes,
+    fold_weight_casts,
     fuse_all_reduce_rms_norm,
     fuse_linear_silu_mul,
     fuse_moe_routing,

@@ -86,6 +86,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "keep_gguf_int8_blocks",
     # Under quantization="mxfp4" only; before insert_fused_moe, which picks the experts' kernel.
     "keep_mxfp4_experts",
+    # After the quantizing passes (a router's linear over a widened weight must stay unquantized); before
+    # insert_linear_op, which routes the linears over parameters only.
+    "fold_weight_casts",
     # After every pass that matches aten.linear (fusion, the RoPE rebuild over fused outputs).
     "insert_linear_op",
     # On the linears insert_linear_op routed.
