@@ -19,11 +19,11 @@ from custom_ops.triton_runtime import pdl_launch_options
 
 MAX_ROWS = 16  # x's rows: the MMA's 8-column side, twice
 MMA_DTYPES = (torch.bfloat16, torch.float16)  # what the PTX decode writes
-# One row's steps whose codes the untuned launch loads before the wait for the previous kernel (mma_launch's
-# PRELOAD): 0 until timed on a GPU (benchmarks/int4_linear_bench.py --mma-tiles ...:preloadN). A step of 32 channels
-# costs 8 registers a thread: with every step preloaded (sm_90a, int4 offsets), o's 16 x 8 launch takes 80 registers
-# (62 without), gate/up's 32 x 4 takes 222 (140) and down's 32 x 8 255 and spills (142).
-PRELOAD = 0
+# One row's steps whose codes the untuned int4 launch loads before the wait for the previous kernel (mma_launch's
+# PRELOAD): 4 cut each of Llama-8B's linears by 8-19% on an H100 (mma_default); 8 measured no better on o and q/k/v. A
+# step of 32 channels costs 8 registers a thread: with every step preloaded (sm_90a, int4 offsets), o's 16 x 8 launch
+# takes 80 registers (62 without), gate/up's 32 x 4 takes 222 (140) and down's 32 x 8 255 and spills (142).
+PRELOAD = 4
 
 
 @functools.cache
@@ -87,20 +87,23 @@ def prefetch_takes(qweight: torch.Tensor) -> bool:
     return qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0
 
 
-def mma_default(m: int, n: int, k: int, e2m1: bool = False) -> dict:
-    """The untuned launch for [m] rows (up to MAX_ROWS) of weight [n, k] (`e2m1`: NVFP4's): the leaders of H100
-    sweeps over Llama-8B's shapes (BENCHMARKS.md). int4 beat the GEMV at one row (q/k/v 9.1 against 13.7 us, gate/up
-    28.7 against 37.7, down 20.2 against 23.9; o 8.3 against 7.9) and the GEMM 2-6x at 8 and 16: a wide linear
-    (gate/up) has programs enough with 4 warps a program, a long one (down) takes 32 channels a program. NVFP4's
-    decode, more instructions a weight, leads with 16 channels and 8 warps at one row everywhere, the small linears'
-    codes prefetched into L2 (q/k/v 9.8 against 11.3 at int4's launch, o 9.0 against 10.6, gate/up 32.4 against
-    36.1, down 20.9 against 21.8)."""
-    wide, long = n >= 16384, k >= 8192
-    preload = {"PRELOAD": PRELOAD} if PRELOAD else {}
+def mma_default(m: int, n: int, k: int, e2m1: bool = False, group_size: int = 128) -> dict:
+    """The untuned launch for [m] rows (up to MAX_ROWS) of weight [n, k] in groups of `group_size` columns (`e2m1`:
+    NVFP4's): the leaders of H100 sweeps over Llama-8B's shapes (BENCHMARKS.md). At one row, int4's first PRELOAD
+    steps load before the wait: q/k/v 7.7 us at 32 x 4 (9.0 before), o 6.9 at 16 x 8 (8.4), gate/up 26.2 at 32 x 4
+    (28.7), down 16.4 at 32 x 8 (20.2). Groups of 32 (GGUF's Q4_K) leave one row to the Triton GEMV: 124 us a
+    Llama-8B layer against 171 here. At 8 and 16 rows the kernel beat the GEMM 2-6x. NVFP4's decode, more
+    instructions a weight, leads with 16 channels and 8 warps at one row everywhere, the small linears' codes
+    prefetched into L2 (q/k/v 9.8 against 11.3 at int4's launch, o 9.0 against 10.6, gate/up 32.4 against 36.1,
+    down 20.9 against 21.8)."""
+    long = k >= 8192
     if m == 1 and e2m1:
-        return {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": n * k <= 32 * 2**20, **preload}
-    if m == 1:
-        return {"MMA": True, "ROWS": 32 if wide or long else 16, "SPLIT": 4 if wide else 8, **preload}
+        return {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": n * k <= 32 * 2**20}
+    if m == 1 and group_size < 64:
+        return {"MMA": False}
+    if m == 1:  # a wide linear has programs enough with 4 warps a program, a long one takes 32 channels a program
+        return {"MMA": True, "ROWS": 32 if n > k or long else 16, "SPLIT": 4 if n > k else 8, "PRELOAD": PRELOAD}
+    wide = n >= 16384
     return {"MMA": True, "ROWS": 32 if wide or long else 64, "SPLIT": 4 if wide else 8}
 
 
@@ -112,7 +115,11 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
     call to the Triton kernels. int4_linear's arguments, or nvfp4_linear's where `group_size` is None (run_launch)."""
     if rows.shape[0] > MAX_ROWS and not tile:  # prefill: nothing to decide
         return None
-    choice = tile or tuned or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1], group_size is None)
+    choice = (
+        tile
+        or tuned
+        or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1], group_size is None, group_size or 16)
+    )
     if not choice.get("MMA"):
         return None
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)

@@ -48,6 +48,11 @@ MMA_TILES = (
     {"MMA": True, "SPLIT": 8, "PREFETCH": True},
     {"MMA": True, "ROWS": 32, "SPLIT": 8, "PREFETCH": True},
     {"MMA": True, "ROWS": 32, "PREFETCH": True},
+    # one row's first 4 steps of codes loaded into registers before the wait for the previous kernel
+    {"MMA": True, "PRELOAD": 4},
+    {"MMA": True, "SPLIT": 8, "PRELOAD": 4},
+    {"MMA": True, "ROWS": 32, "PRELOAD": 4},
+    {"MMA": True, "ROWS": 32, "SPLIT": 8, "PRELOAD": 4},
 )
 # one row unrolls every step of the tensor-core decode (UNROLL matters only past 32 steps a warp or a 96 KB row)
 ONE_ROW_MMA_TILES = tuple(tile for tile in MMA_TILES if "UNROLL" not in tile)
