@@ -195,9 +195,9 @@ def test_the_kernel_compiles_for_hopper_at_every_tuned_launch():
     from kernel_sass import compile_for_hopper
 
     from custom_ops.linear.gluon_int4_kernels import int4_mma_kernel
-    from custom_ops.linear.int4_tuning import MMA_TILES
+    from custom_ops.linear.int4_tuning import MMA_TILES, PRELOAD_TILES
 
-    cases = [(tile, "bf16", False, 1, 128) for tile in MMA_TILES]
+    cases = [(tile, "bf16", False, 1, 128) for tile in (*MMA_TILES, *PRELOAD_TILES)]
     cases += [({"MMA": True}, "fp16", False, 16, 64), ({"MMA": True}, "bf16", True, 3, 32)]
     # the untuned launches of batches (one row's are tuned tiles too)
     cases += [
@@ -242,7 +242,7 @@ def _case(generator, m, n, k, group, dtype, offsets, parts, bias):
 def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
     """Rows 1 (the ONE_ROW path), 3, 8 and 16 (two 8-column MMAs); zero points with a 3-part smooth and a bias, and
     float offsets; groups of 32, 64 and 128; each MMA tile of the tunings."""
-    from custom_ops.linear.int4_tuning import MMA_TILES
+    from custom_ops.linear.int4_tuning import MMA_TILES, PRELOAD_TILES
 
     generator = torch.Generator().manual_seed(1)
     for m, group, offsets, bias in ((1, 128, False, True), (3, 128, False, False), (8, 64, False, True),
@@ -254,7 +254,7 @@ def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
         x, quantized, smooth, smooth_rows, b = _case(generator, m, 256, 2048, group, dtype, offsets, parts, bias)
         expected = int4_linear_reference(x, *quantized, smooth, smooth_rows, b, group)
         cuda = [t.cuda() if t is not None else None for t in (x, *quantized, smooth, b)]
-        for tile in MMA_TILES:
+        for tile in (*MMA_TILES, *PRELOAD_TILES):
             out = gluon_int4.int4_mma(cuda[0], *cuda[1:4], cuda[4], smooth_rows, cuda[5], group, **tile)
             assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (m, group, offsets, tile)
 

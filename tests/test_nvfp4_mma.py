@@ -69,9 +69,9 @@ def test_the_kernel_compiles_for_hopper_at_every_launch():
     """Every MMA tile the tunings offer and the untuned launches, both dtypes, steps of 128 and 64 columns, one row and
     a batch: compiled for sm_90a (the decoded registers, and the scale pairs beside the code bytes, are where the MMA
     and the decode want them: assert_trivial), with tensor-core MMAs in the code."""
-    from custom_ops.linear.int4_tuning import MMA_TILES
+    from custom_ops.linear.int4_tuning import MMA_TILES, PRELOAD_TILES
 
-    cases = [("bf16", 1, 4096, tile) for tile in MMA_TILES]
+    cases = [("bf16", 1, 4096, tile) for tile in (*MMA_TILES, *PRELOAD_TILES)]
     cases += [("fp16", 16, 4096, {}), ("bf16", 3, 4096 + 64, {}), ("bf16", 1, 576 * 8, {})]
     cases += [("bf16", m, k, gluon_int4.mma_default(m, 4096, k, True)) for k in (4096, 14336) for m in (1, 8)]
     for dtype, m, k, tile in cases:
@@ -202,14 +202,14 @@ def test_a_call_the_kernel_does_not_take_is_refused_with_its_shapes():
 def test_the_kernel_matches_the_reference_on_the_gpu(dtype):
     """Every MMA tile, 1, 8 and 16 rows, a 3-part smooth and bias, steps of 128 and 64 columns; and the backend's
     untuned path (the tensor-core decode by default) through the op."""
-    from custom_ops.linear.int4_tuning import MMA_TILES
+    from custom_ops.linear.int4_tuning import MMA_TILES, PRELOAD_TILES
 
     generator = torch.Generator().manual_seed(1)
     for m, k, bias in ((1, 2048, True), (8, 2048, False), (16, 576 * 4, True), (1, 576, False)):
         args = _case(generator, m, 256, k, dtype, (2, 1, 1) if k != 576 else (1,), bias)
         expected = nvfp4.nvfp4_linear_reference(*args)
         cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in args]
-        for tile in MMA_TILES:
+        for tile in (*MMA_TILES, *PRELOAD_TILES):
             out = gluon_int4.nvfp4_mma(*cuda, **tile)
             assert relative_error(out.cpu(), expected) < TOLERANCE[dtype], (m, k, tile)
         out = torch.ops.compiled_llm.nvfp4_linear(*cuda, "triton")

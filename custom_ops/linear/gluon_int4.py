@@ -96,11 +96,11 @@ def mma_default(m: int, n: int, k: int, e2m1: bool = False, group_size: int = 12
     instructions a weight, leads with 16 channels and 8 warps at one row everywhere, the small linears' codes
     prefetched into L2 (q/k/v 9.8 against 11.3 at int4's launch, o 9.0 against 10.6, gate/up 32.4 against 36.1,
     down 20.9 against 21.8)."""
-    long = k >= 8192
     if m == 1 and e2m1:
         return {"MMA": True, "ROWS": 16, "SPLIT": 8, "PREFETCH": n * k <= 32 * 2**20}
     if m == 1 and group_size < 64:
         return {"MMA": False}
+    long = k >= 8192
     if m == 1:  # a wide linear has programs enough with 4 warps a program, a long one takes 32 channels a program
         return {"MMA": True, "ROWS": 32 if n > k or long else 16, "SPLIT": 4 if n > k else 8, "PRELOAD": PRELOAD}
     wide = n >= 16384
@@ -115,11 +115,7 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
     call to the Triton kernels. int4_linear's arguments, or nvfp4_linear's where `group_size` is None (run_launch)."""
     if rows.shape[0] > MAX_ROWS and not tile:  # prefill: nothing to decide
         return None
-    choice = (
-        tile
-        or tuned
-        or mma_default(rows.shape[0], qweight.shape[0], 2 * qweight.shape[1], group_size is None, group_size or 16)
-    )
+    choice = tile or tuned or untuned_launch(rows, qweight, group_size)
     if not choice.get("MMA"):
         return None
     launch = launch_for(rows, qweight, smooth, smooth_rows, group_size, choice)
@@ -128,6 +124,12 @@ def tensor_core_decode(tile: dict, tuned: dict, rows, qweight, scales, zeros, sm
             raise not_taken(rows, qweight, group_size or 16)
         return None
     return run_launch(launch, rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_size)
+
+
+def untuned_launch(rows: torch.Tensor, qweight: torch.Tensor, group_size: int | None) -> dict:
+    """mma_default for a call: int4's in groups of `group_size`, NVFP4's where it is None."""
+    m, n, k = rows.shape[0], qweight.shape[0], 2 * qweight.shape[1]
+    return mma_default(m, n, k, e2m1=True) if group_size is None else mma_default(m, n, k, group_size=group_size)
 
 
 def launch_for(rows: torch.Tensor, qweight: torch.Tensor, smooth, smooth_rows: list[int], group_size: int | None,
