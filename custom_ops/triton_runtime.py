@@ -34,6 +34,11 @@ def triton_runs_on(tensor: torch.Tensor) -> bool:
     return (tensor.is_cuda or _INTERPRETER) and triton_available()
 
 
+def runs_ptx(tensor: torch.Tensor) -> bool:
+    """Whether a kernel over `tensor` may hold inline PTX: on a GPU, where the interpreter runs none."""
+    return tensor.is_cuda and not _INTERPRETER
+
+
 # What our kernels take: they compute in float32, so float64 stays with torch.
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

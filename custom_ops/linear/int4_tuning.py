@@ -32,7 +32,7 @@ GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Ll
     {"BLOCK_N": 32, "GROUPS_A_STEP": 4, "num_warps": 8},
     {"PTX_DECODE": True},  # the codes decoded in inline PTX (triton_int4_kernels.add_pair_products_ptx)
     {"PTX_DECODE": True, "BLOCK_N": 32},
-    {"STAGES": 3},  # the K loop's loads pipelined 3 steps ahead (not yet timed)
+    {"STAGES": 3},  # the K loop's loads pipelined 3 steps ahead (with PTX, groups of 32's default for a long K)
     {"PTX_DECODE": True, "STAGES": 3},
 )
 # gluon_int4.py's tensor-core decode (up to 16 rows): channels a program (ROWS), warps splitting K (SPLIT), groups a

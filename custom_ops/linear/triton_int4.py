@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import pdl_launch_options
+from custom_ops.triton_runtime import pdl_launch_options, runs_ptx
 
 
 @functools.cache
@@ -39,18 +39,27 @@ TUNED_GEMM: dict[tuple[int, int, int, int, bool, int], dict] = {}
 GEMM_ROW_BUCKETS = (16, 64)  # decode batches; more rows run gemm_config's prefill tile
 
 
-def gemv_config(n: int, k: int, group_size: int) -> dict:
+def gemv_config(n: int, k: int, group_size: int, ptx: bool = False) -> dict:
     """The GEMV's launch for weight [n, k]: 16 channels a program, and 1024 columns (512 bytes a row) a step over 8
     warps, which keeps enough bytes in flight on a linear of a few thousand channels; a wide one (gate/up) has the
     programs for that, and is bound by the decode's instructions, not its loads: 256 columns a step over 4 warps.
-    Measured on an H200 over Llama-8B's shapes (BENCHMARKS.md: 19.1 -> 12.5 us for q/k/v, 46.9 -> 22.3 for down)."""
+    Measured on an H200 over Llama-8B's shapes (BENCHMARKS.md: 19.1 -> 12.5 us for q/k/v, 46.9 -> 22.3 for down).
+    Groups under 64 columns (GGUF's 32, which the tensor-core decode leaves to this kernel at one row) pay a scale and
+    an offset every 32 columns, so the decode's instructions bound every shape: the codes decoded in PTX where it runs
+    (`ptx`: on a GPU, not the interpreter), and a long or wide linear's loads pipelined 3 steps ahead. H200, Llama-8B
+    Q4_K's tuned leaders, 105.7 us a layer: q/k/v 12.3, o 12.0, gate/up 47.4, down 34.0 (BENCHMARKS.md)."""
     columns = 256 if n >= 16384 else 1024
     groups = max(1, min(columns // group_size, k // group_size))
-    return {
+    launch = {
         "BLOCK_N": 16 if n >= 4096 else 8,
         "GROUPS_A_STEP": power_of_2_at_most(groups),
         "num_warps": 4 if n >= 16384 else 8,
     }
+    if group_size < 64:
+        launch["PTX_DECODE"] = ptx
+        if k >= 8192 or n >= 16384:
+            launch["STAGES"] = 3
+    return launch
 
 
 def power_of_2_at_most(value: int) -> int:
@@ -79,7 +88,7 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     if out is not None:
         return out
     tuned, tile = triton_launch(tuned), triton_launch(tile)
-    launch = {**gemv_config(n, k, group_size), **tuned, **tile}
+    launch = {**gemv_config(n, k, group_size, runs_ptx(rows)), **tuned, **tile}
     if smooth is not None:
         launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
     out = rows.new_empty(1, n)
