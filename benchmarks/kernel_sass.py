@@ -6,7 +6,7 @@ before a GPU measures it; it is not a timing.
     python benchmarks/kernel_sass.py mxfp4-gemv      # the MoE one-token GEMV over MXFP4 experts, GPT-OSS-20B's shape
     python benchmarks/kernel_sass.py mxfp4-mma       # the same on tensor cores (Gluon), at every MMA tile
     python benchmarks/kernel_sass.py decode-attention  # the triton paged-attention kernel's decode step, Llama-8B's
-    python benchmarks/kernel_sass.py int4-gemv       # int4_linear's one-row GEMV at Llama-8B's linears
+    python benchmarks/kernel_sass.py int4-gemv       # int4_linear's one-row GEMV at Llama-8B's linears (and Q4_K's form)
     python benchmarks/kernel_sass.py nvfp4-gemv      # nvfp4_linear's one-row GEMV (the int4 GEMV with E2M1=True)
     python benchmarks/kernel_sass.py 4bit-gemm       # the int4 and NVFP4 tensor-core GEMMs at a decode batch's tile
     python benchmarks/kernel_sass.py int4-mma        # int4_linear's Gluon tensor-core decode (up to 16 rows)
@@ -132,8 +132,8 @@ def mxfp4_mma(out_dir: str) -> None:
 
 def int4_gemv(out_dir: str) -> None:
     """int4_linear's one-row GEMV (custom_ops/linear/triton_int4.py) at Llama-8B's gate/up (K 4096) and down (K 14336)
-    shapes, group 128, with and without AWQ's smooth, at its default launch and one with 4 groups a step; a unit is
-    one weight."""
+    shapes, group 128, with and without AWQ's smooth, at its default launch and one with 4 groups a step; then GGUF
+    Q4_K's form (groups of 32 with float offsets); a unit is one weight."""
     from custom_ops.linear.triton_int4 import gemv_config
     from custom_ops.linear.triton_int4_kernels import int4_gemv_kernel
 
@@ -155,6 +155,24 @@ def int4_gemv(out_dir: str) -> None:
                 ptx += f"_s{launch['STAGES']}" if "STAGES" in launch else ""
                 name = f"int4_gemv_{n}x{k}_n{launch['BLOCK_N']}_g{launch['GROUPS_A_STEP']}{ptx}{'_smooth' if smooth else ''}"
                 report(kernel, name, weights, out_dir)
+    # GGUF Q4_K's form: groups of 32, float32 scales and offsets; its default launch (PTX, pipelined), without PTX,
+    # and with twice the channels a program
+    types |= {"s_ptr": "*fp32", "z_ptr": "*fp32"}
+    for n, k in ((28672, 4096), (4096, 14336)):
+        default = gemv_config(n, k, 32, ptx=True)
+        for tweak in ({}, {"PTX_DECODE": False}, {"BLOCK_N": 32}, {"BF16_PAIRS": True}):
+            launch = default | tweak
+            constexprs = {"K": k, "GROUP": 32, "BLOCK_N": launch["BLOCK_N"], "GROUPS_A_STEP": launch["GROUPS_A_STEP"],
+                          "HAS_SMOOTH": False, "HAS_BIAS": False, "USE_PDL": True, "E2M1": False, "OFFSET": True,
+                          "PTX_DECODE": launch["PTX_DECODE"], "STAGES": launch.get("STAGES", 1),
+                          "BF16_PAIRS": launch.get("BF16_PAIRS", False)}  # fmt: skip
+            kernel = compile_for_hopper(int4_gemv_kernel, types, constexprs, ("stride_wn", "stride_sn"),
+                                        launch["num_warps"])  # fmt: skip
+            weights = launch["BLOCK_N"] * launch["GROUPS_A_STEP"] * 32 / (32 * launch["num_warps"])
+            ptx = "_ptx" if launch["PTX_DECODE"] else ""
+            ptx += "_pairs" if launch.get("BF16_PAIRS") else ""
+            name = f"q4_k_gemv_{n}x{k}_n{launch['BLOCK_N']}_g{launch['GROUPS_A_STEP']}{ptx}_s{launch.get('STAGES', 1)}"
+            report(kernel, name, weights, out_dir)
 
 
 def nvfp4_gemv(out_dir: str) -> None:

@@ -144,12 +144,41 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
         assert relative_error(out.cpu(), expected.cpu()) < TOLERANCE[dtype]
 
 
+def check_bf16_pairs(device: str) -> None:
+    """The GEMV reading bfloat16 x as 32-bit pairs (BF16_PAIRS) against the reference: offsets (GGUF's groups of 32)
+    and zero points, a partial tile of channels, a bias, more than one step of K; and the flag dropped, with the same
+    result, where x sits at a 2-byte address or a smooth multiplies it."""
+    from custom_ops.linear import triton_int4
+
+    generator = torch.Generator().manual_seed(5)
+    for n, k, group, offsets, tile in ((40, 256, 32, True, {"GROUPS_A_STEP": 2}), (48, 512, 128, False, {}),
+                                       (24, 1024, 32, True, {"STAGES": 3, "BLOCK_N": 8})):  # fmt: skip
+        weight = torch.randn(n, k, generator=generator)
+        quantized = [t.to(device) for t in quantize_weight(weight, group, scale_dtype=torch.bfloat16, offsets=offsets)]
+        buffer = torch.randn(k + 1, generator=generator).to(torch.bfloat16).to(device)
+        bias = torch.randn(n, generator=generator).to(torch.bfloat16).to(device)
+        for x in (buffer[:k].view(1, k), buffer[1:].view(1, k)):  # a 4-byte address, then a 2-byte one
+            expected = int4_linear_reference(x, *quantized, None, [], bias, group)
+            actual = triton_int4.int4_gemv(x, *quantized, None, [], bias, group, MMA=False, BF16_PAIRS=True, **tile)
+            error = relative_error(actual.cpu(), expected.cpu())
+            assert error < TOLERANCE[torch.bfloat16], (n, k, group, x.data_ptr() % 4, error)
+        assert triton_int4.takes_bf16_pairs(buffer[:k].view(1, k), None)
+        assert not triton_int4.takes_bf16_pairs(buffer[1:].view(1, k), None)
+    smooth = torch.rand(1, k, generator=generator).to(device) + 0.5
+    assert not triton_int4.takes_bf16_pairs(buffer[:k].view(1, k), smooth)
+    x = buffer[:k].view(1, k)
+    expected = int4_linear_reference(x, *quantized, smooth, [n], None, group)
+    actual = triton_int4.int4_gemv(x, *quantized, smooth, [n], None, group, MMA=False, BF16_PAIRS=True)
+    assert relative_error(actual.cpu(), expected.cpu()) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernels_in_the_interpreter():
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_int4_linear as t; "
         "t.check_triton_against_reference('cpu', torch.float32); "
-        "t.check_triton_against_reference('cpu', torch.float16)"
+        "t.check_triton_against_reference('cpu', torch.float16); "
+        "t.check_bf16_pairs('cpu')"
     )
 
 
@@ -157,6 +186,8 @@ def test_triton_kernels_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_kernels_on_the_gpu(dtype):
     check_triton_against_reference("cuda", dtype)
+    if dtype == torch.bfloat16:
+        check_bf16_pairs("cuda")
 
 
 def test_the_triton_backend_falls_back_to_the_reference_where_it_cannot_run():

@@ -34,6 +34,10 @@ GEMV_TILES = (  # beside gemv_config's own; the leaders of an H200 sweep over Ll
     {"PTX_DECODE": True, "BLOCK_N": 32},
     {"STAGES": 3},  # the K loop's loads pipelined 3 steps ahead (with PTX, groups of 32's default for a long K)
     {"PTX_DECODE": True, "STAGES": 3},
+    # bfloat16 x read as pairs (dropped where a smooth multiplies x first): ~0.5 instruction a weight less in Q4_K's
+    # loop (benchmarks/kernel_sass.py int4-gemv)
+    {"PTX_DECODE": True, "BF16_PAIRS": True},
+    {"PTX_DECODE": True, "STAGES": 3, "BF16_PAIRS": True},
 )
 # gluon_int4.py's tensor-core decode (up to 16 rows): channels a program (ROWS), warps splitting K (SPLIT), groups a
 # loop iteration (UNROLL); ~2.5 instructions a weight against the GEMV's ~6 (benchmarks/kernel_sass.py int4-mma).
@@ -92,7 +96,7 @@ def tile_name(kind: str, tile: dict) -> str:
         return "-".join(["mma", *(f"{key.lower()}{'' if value is True else value}" for key, value in tile.items()
                                   if key != "MMA")])  # fmt: skip
     short = {"BLOCK_N": "n", "GROUPS_A_STEP": "g", "BLOCK_K": "k", "PTX_DECODE": "ptx", "SPLIT_NIBBLES": "split",
-             "STAGES": "stages"}  # fmt: skip
+             "STAGES": "stages", "BF16_PAIRS": "pairs"}  # fmt: skip
     parts = [
         f"{short.get(key, key.removeprefix('num_'))}{'' if value is True else value}" for key, value in tile.items()
     ]

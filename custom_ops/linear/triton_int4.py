@@ -62,6 +62,12 @@ def gemv_config(n: int, k: int, group_size: int, ptx: bool = False) -> dict:
     return launch
 
 
+def takes_bf16_pairs(rows: torch.Tensor, smooth: torch.Tensor | None) -> bool:
+    """Whether the GEMV may read x as 32-bit pairs of bfloat16 (BF16_PAIRS): bfloat16 rows at a 4-byte address, no
+    smooth to multiply first."""
+    return rows.dtype == torch.bfloat16 and rows.data_ptr() % 4 == 0 and smooth is None
+
+
 def power_of_2_at_most(value: int) -> int:
     """The largest power of 2 <= value (>= 1): a kernel's tl.arange takes powers of 2 only."""
     return 1 << (max(1, value).bit_length() - 1)
@@ -91,6 +97,8 @@ def int4_gemv(rows, qweight, scales, zeros, smooth, smooth_rows, bias, group_siz
     launch = {**gemv_config(n, k, group_size, runs_ptx(rows)), **tuned, **tile}
     if smooth is not None:
         launch["BLOCK_N"] = divides_parts(launch["BLOCK_N"], smooth_rows)
+    if launch.get("BF16_PAIRS") and not takes_bf16_pairs(rows, smooth):
+        launch["BF16_PAIRS"] = False
     out = rows.new_empty(1, n)
     four_bit_kernels().int4_gemv_kernel[(triton_cdiv(n, launch["BLOCK_N"]),)](
         rows, qweight, scales, zeros, smooth if smooth is not None else rows, bias if bias is not None else rows, out,

@@ -85,8 +85,12 @@ def int4_gemv_kernel(
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, OFFSET: tl.constexpr = False,
     PTX_DECODE: tl.constexpr = False, E2M1: tl.constexpr = False, STAGES: tl.constexpr = 1,
+    BF16_PAIRS: tl.constexpr = False,
 ):  # fmt: skip
     # E2M1: NVFP4 (GROUP 16): s_ptr the e4m3 scales' bytes, z_ptr the float32 global scales [N], no zero points.
+    # BF16_PAIRS (bfloat16 x, 4-byte aligned; ignored with a smooth): x read as 32-bit pairs, each half widened by one shift or
+    # one mask (Triton's own widening of a pair's high half costs a PRMT and a shift): a weight's x is widened in every
+    # program's every thread, so this is ~0.5 instruction a weight.
     # STAGES > 1: the K loop's loads pipelined that many steps ahead (Triton pipelines a loop without a dot only when
     # told; unpipelined, each step waits out its loads).
     if USE_PDL:
@@ -109,13 +113,21 @@ def int4_gemv_kernel(
         words = tl.load(w_rows[:, :, None] + (g0 * WORDS + word)[None, :, :],
                         mask=col_ok[:, None, None] & group_ok[None, :, None], other=0,
                         eviction_policy="evict_first")  # fmt: skip
-        ks = (g0 * WORDS + word)[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [G, WORDS, 8]
-        x = tl.load(x_ptr + ks, mask=group_ok[:, None, None], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:  # rounded to x's dtype, as the tensor-core kernels and the reference round it
-            x = x * tl.load(smooth_row + ks, mask=group_ok[:, None, None], other=0.0)
-            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
-        # x's column j of each word (j = 4 h + 2 j1 + j0) as [G, WORDS] tensors, by splits of the last axis
-        x_even, x_odd = tl.split(tl.reshape(x, (G, WORDS, 2, 2, 2)))  # j0
+        if BF16_PAIRS and not HAS_SMOOTH:  # pair i of a word: columns 2 i (low half) and 2 i + 1, i = 2 h + j1
+            kp = (g0 * WORDS + word)[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [G, WORDS, 4]
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + kp, mask=group_ok[:, None, None], other=0)
+            x_even = tl.reshape((pairs << 16).to(tl.float32, bitcast=True), (G, WORDS, 2, 2))
+            x_odd = tl.reshape((pairs & -65536).to(tl.float32, bitcast=True), (G, WORDS, 2, 2))
+            x_sum = tl.sum(tl.sum(tl.sum(x_even + x_odd, axis=3), axis=2), axis=1)
+        else:
+            ks = (g0 * WORDS + word)[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [G, WORDS, 8]
+            x = tl.load(x_ptr + ks, mask=group_ok[:, None, None], other=0.0).to(tl.float32)
+            if HAS_SMOOTH:  # rounded to x's dtype, as the tensor-core kernels and the reference round it
+                x = x * tl.load(smooth_row + ks, mask=group_ok[:, None, None], other=0.0)
+                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+            x_sum = tl.sum(tl.sum(x, axis=2), axis=1)
+            # x's column j of each word (j = 4 h + 2 j1 + j0) as [G, WORDS] tensors, by splits of the last axis
+            x_even, x_odd = tl.split(tl.reshape(x, (G, WORDS, 2, 2, 2)))  # j0
         x_0, x_2 = tl.split(x_even)  # j1: [G, WORDS, 2 (h)]
         x_1, x_3 = tl.split(x_odd)
         x_0l, x_0h = tl.split(x_0)
@@ -151,7 +163,7 @@ def int4_gemv_kernel(
             scale = e4m3_times_2_to_8(scale)
         acc += tl.sum(sums, axis=2) * scale.to(tl.float32)
         if OFFSET:
-            acc += zero.to(tl.float32) * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]
+            acc += zero.to(tl.float32) * x_sum[None, :]
     out = tl.sum(acc, axis=1)
     if E2M1:  # the codes' 2^-14 and the scales' 2^-8 undone with the channels' global scales
         out *= tl.load(z_ptr + cols, mask=col_ok, other=0.0) * 4194304.0
