@@ -2,7 +2,7 @@
 `OpTuning` interface an op implements), keeps the winners in an on-disk kernel cache (kernel_cache.py:
 `KernelCache`), and chooses for every tunable op of a compiled graph under `CompileConfig.autotune` (select.py:
 `select_kernels`, `register`; an op family registers its tuning next to its kernels: custom_ops/linear/
-w8a8_tuning.py, gemv_tuning.py). Inductor's and Triton's caches go under the same `cache_dir`
+decode_gemm_tuning.py, gemv_tuning.py). Inductor's and Triton's caches go under the same `cache_dir`
 (compiled_llm/compiler_caches.py). Still to come (issue 23): more ops' tunings, warm starts."""
 
 from autotune.kernel_cache import CacheEntry, KernelCache, device_key, source_hash

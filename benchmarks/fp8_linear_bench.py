@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from graph_timing import time_graph  # benchmarks/ (the script's own directory)
 
 import custom_ops  # noqa: F401  (registers the ops)
-from custom_ops.linear import triton_w8a8
+from custom_ops.linear import triton_decode_gemm, triton_w8a8
 from custom_ops.linear.fp8 import quantize_rows, quantize_weight
 from custom_ops.linear.fp8_block import quantize_weight_blocks
 from custom_ops.linear.triton_fp8_block import fp8_block_gemm
@@ -82,7 +82,7 @@ def bench_shape(name: str, n: int, k: int) -> list[dict]:
     return results
 
 
-DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the op takes the decode GEMM up to triton_w8a8.MAX_ROWS
+DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the op takes the decode GEMM up to triton_decode_gemm.MAX_ROWS
 DECODE_TILES = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_stages": s, "num_warps": 4, "PREFETCH": 0}
     for (n, k) in ((32, 256), (32, 512), (64, 128), (64, 256), (128, 128)) for s in (3, 5)
@@ -90,15 +90,15 @@ DECODE_TILES = [
     {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "PREFETCH": p, "SPLIT_K": s}
     for s in (2, 4) for p in (0, 2)
 ]
-DECODE_TILES = [triton_w8a8.DECODE_TILE | tile for tile in DECODE_TILES]  # complete, so the default is found by key
+DECODE_TILES = [triton_decode_gemm.DECODE_TILE | tile for tile in DECODE_TILES]  # complete, so the default is found by key
 
 
 BLOCK_DECODE_TILES = [{"BLOCK_N": n, "num_stages": s, "num_warps": 4} for n in (64, 128) for s in (4, 6, 8)]
 
 
 def bench_decode_shape(name: str, n: int, k: int, rows: tuple[int, ...], with_block: bool) -> list[dict]:
-    """Decode rows: triton_w8a8.w8a8_decode_gemm's tiles over rows quantized beforehand, beside the bf16 GEMV, the whole
-    op (quantizing kernel + decode GEMM) and cuBLASLt."""
+    """Decode rows: triton_decode_gemm.decode_gemm's tiles over rows quantized beforehand, beside the bf16 GEMV, the
+    whole op (quantizing kernel + decode GEMM) and cuBLASLt."""
     bf16, fp8, copies = weight_copies(n, k)
     results = []
     for m in rows:
@@ -126,14 +126,16 @@ def bench_decode_shape(name: str, n: int, k: int, rows: tuple[int, ...], with_bl
         for tile in DECODE_TILES:
             try:
                 grid[str(tile)] = per_call(
-                    lambda w, s, tile=tile, x8=x8, sx=sx: triton_w8a8.w8a8_decode_gemm(x8, sx, w, s, None, torch.bfloat16, **tile),
+                    lambda w, s, tile=tile, x8=x8, sx=sx: triton_decode_gemm.decode_gemm(
+                        x8, w, None, torch.bfloat16, sx, s, **tile
+                    ),
                     list(fp8), repeats=5,
                 )  # fmt: skip
             except Exception as error:  # noqa: BLE001  (a tile over the shared memory: skipped)
                 grid[str(tile)] = type(error).__name__
         timed = {key: v for key, v in grid.items() if isinstance(v, float)}
         best = min(timed, key=timed.get)
-        row["decode_gemm_default"] = grid.get(str(triton_w8a8.DECODE_TILE))
+        row["decode_gemm_default"] = grid.get(str(triton_decode_gemm.DECODE_TILE))
         row["decode_gemm_best"], row["decode_gemm_best_tile"], row["decode_gemm_grid"] = timed[best], best, grid
         row["decode_gemm_GBps"] = (n * k + m * k + m * n * 2) / timed[best] / 1e3
         blocks = [quantize_weight_blocks(w.float()) for w in bf16] if with_block else []  # fp8_block's swapped tiles

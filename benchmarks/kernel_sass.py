@@ -11,6 +11,7 @@ before a GPU measures it; it is not a timing.
     python benchmarks/kernel_sass.py 4bit-gemm       # the int4 and NVFP4 tensor-core GEMMs at a decode batch's tile
     python benchmarks/kernel_sass.py int4-mma        # int4_linear's Gluon tensor-core decode (up to 16 rows)
     python benchmarks/kernel_sass.py nvfp4-mma       # the same kernel decoding NVFP4 (E2M1)
+    python benchmarks/kernel_sass.py decode-gemm     # the 16-bit decode GEMM's tuning tiles (shared memory, MMA kind)
 
 Needs triton (its wheel carries ptxas and cuobjdump); `--out DIR` keeps each kernel's TTGIR, PTX and SASS.
 """
@@ -291,9 +292,41 @@ def decode_attention(out_dir: str) -> None:
         report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
 
 
+def decode_gemm(out_dir: str) -> None:
+    """The decode GEMM over bfloat16 at each 16-bit tile of its tuning (decode_gemm_tuning.TILES_16BIT), 16 and 64 rows
+    of x, plain (Llama-8B's down, K 14336) and gated (gate/up, K 4096): whether it compiles within Hopper's shared
+    memory, and with which MMA (wgmma: HGMMA in the SASS; mma.sync: HMMA); a unit is one weight of a K step."""
+    from custom_ops.linear.decode_gemm_tuning import TILES_16BIT
+    from custom_ops.linear.triton_decode_gemm import DECODE_TILE_16BIT
+    from custom_ops.linear.triton_decode_gemm_kernels import decode_gemm_kernel
+
+    types = {name: "*bf16" for name in ("x_ptr", "w_ptr", "w_up_ptr", "b_ptr", "y_ptr")}
+    types |= {"x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "partial_ptr": "*fp32", "count_ptr": "*i32"}
+    for tile in TILES_16BIT:
+        tile = DECODE_TILE_16BIT | tile
+        for rows, gated in ((16, False), (64, False), (16, True), (64, True)):
+            if gated and tile["SPLIT_K"] > 1:
+                continue
+            k = 4096 if gated else 14336
+            constexprs = {"K": k, "M_PADDED": rows, "HAS_BIAS": False, "BLOCK_N": tile["BLOCK_N"],
+                          "BLOCK_K": tile["BLOCK_K"], "EVEN_K": True, "PREFETCH": tile["PREFETCH"],
+                          "SPLIT_K": tile["SPLIT_K"], "K_SPLIT": k // tile["SPLIT_K"], "USE_PDL": True,
+                          "INT8": False, "SCALED": False, "SILU_MUL": gated}  # fmt: skip
+            name = (f"decode_gemm_n{tile['BLOCK_N']}_k{tile['BLOCK_K']}_s{tile['num_stages']}_w{tile['num_warps']}"
+                    f"_split{tile['SPLIT_K']}_pf{tile['PREFETCH']}_m{rows}{'_gated' if gated else ''}")  # fmt: skip
+            try:
+                kernel = compile_for_hopper(decode_gemm_kernel, types, constexprs, ("stride_xm", "stride_wn",
+                                            "stride_ym"), tile["num_warps"], tile["num_stages"])  # fmt: skip
+            except Exception as error:  # noqa: BLE001  (a tile over the shared memory: reported, not fatal)
+                print(f"{name}: does not compile: {type(error).__name__}: {str(error)[:160]}")
+                continue
+            print(f"    ({'wgmma' if 'wgmma' in kernel.asm['ptx'] else 'mma.sync'})", end=" ")
+            report(kernel, name, tile["BLOCK_N"] * tile["BLOCK_K"] * (1 + gated) / (32 * tile["num_warps"]), out_dir)
+
+
 STUDIES = {"mxfp4-gemv": mxfp4_gemv, "mxfp4-mma": mxfp4_mma, "decode-attention": decode_attention,
            "int4-gemv": int4_gemv, "nvfp4-gemv": nvfp4_gemv, "4bit-gemm": four_bit_gemm, "int4-mma": int4_mma,
-           "nvfp4-mma": nvfp4_mma}  # fmt: skip
+           "nvfp4-mma": nvfp4_mma, "decode-gemm": decode_gemm}  # fmt: skip
 
 
 def main() -> None:

@@ -3,6 +3,8 @@ per-token or static activations, e4m3) and the error that bounds, on fresh rando
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from fp8_rounding import CLIPS, amax_scale, clip_errors, e4m3
@@ -177,7 +179,7 @@ DECODE_TILES = (
 def test_w8a8_decode_gemm_matches_the_reference_on_gpu(tile):
     """The tensor-core decode GEMM from 1 to 64 rows (x padded to 16, 32 or 64) over rows quantized beforehand,
     with and without a bias, against the reference on fresh inputs."""
-    from custom_ops.linear import triton_w8a8
+    from custom_ops.linear import triton_decode_gemm
 
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for rows, k, n in ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960), (20, 4096, 256), (64, 1000, 320)):
@@ -186,7 +188,7 @@ def test_w8a8_decode_gemm_matches_the_reference_on_gpu(tile):
         x8, x_scale = quantize_rows(x)
         for bias in (None, torch.randn(n, generator=generator).to("cuda", torch.bfloat16)):
             expected = torch.ops.compiled_llm.fp8_linear_quantized(x8, x_scale, weight8, scale, bias, torch.bfloat16, "torch")
-            actual = triton_w8a8.w8a8_decode_gemm(x8, x_scale, weight8, scale, bias, torch.bfloat16, **tile)
+            actual = triton_decode_gemm.decode_gemm(x8, weight8, bias, torch.bfloat16, x_scale, scale, **tile)
             assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
             torch.testing.assert_close(actual.float(), expected.float(), rtol=2.0**-7,
                                        atol=2.0**-7 * expected.float().abs().max().item())  # fmt: skip
@@ -197,34 +199,41 @@ def test_the_decode_gemm_refuses_what_it_cannot_take_before_launching():
     """Rows beyond what x can be padded to, and L2 prefetches with tiles that are not whole 128-byte lines, are
     errors naming the limit (checked on the host: no GPU needed)."""
     pytest.importorskip("triton")
-    from custom_ops.linear import triton_w8a8
+    from custom_ops.linear import triton_decode_gemm
 
     weight8, scale = quantize_weight(torch.randn(32, 256))
-    x8, x_scale = quantize_rows(torch.randn(triton_w8a8.MAX_ROWS + 1, 256))
-    with pytest.raises(ValueError, match=f"1 to {triton_w8a8.MAX_ROWS} rows, got {triton_w8a8.MAX_ROWS + 1}"):
-        triton_w8a8.w8a8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="PREFETCH takes BLOCK_K in multiples of 128"):
-        triton_w8a8.w8a8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, BLOCK_K=64, PREFETCH=1)
+    limit = triton_decode_gemm.MAX_ROWS
+    x8, x_scale = quantize_rows(torch.randn(limit + 1, 256))
+    one_row = functools.partial(triton_decode_gemm.decode_gemm, x8[:1], weight8, None, torch.bfloat16, x_scale[:1], scale)
+    with pytest.raises(ValueError, match=f"1 to {limit} rows, got {limit + 1}"):
+        triton_decode_gemm.decode_gemm(x8, weight8, None, torch.bfloat16, x_scale, scale)
+    with pytest.raises(ValueError, match="PREFETCH takes BLOCK_K in whole 128-byte lines"):
+        one_row(BLOCK_K=64, PREFETCH=1)
     with pytest.raises(ValueError, match=r"SPLIT_K takes an integer >= 1, got 0"):
-        triton_w8a8.w8a8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, SPLIT_K=0)
+        one_row(SPLIT_K=0)
     with pytest.raises(ValueError, match=r"unknown tile entries \['BLOCK_M'\]"):
-        triton_w8a8.w8a8_decode_gemm(x8[:1], x_scale[:1], weight8, scale, None, torch.bfloat16, BLOCK_M=16)
+        one_row(BLOCK_M=16)
+    with pytest.raises(ValueError, match="float8_e4m3fn operands take both scales"):
+        triton_decode_gemm.decode_gemm(x8[:1], weight8, None, torch.bfloat16)
+    x16, weight16 = torch.randn(2, 256, dtype=torch.bfloat16), torch.randn(64, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="silu_mul takes 16-bit operands without a split of K"):
+        triton_decode_gemm.decode_gemm(x16, weight16, None, torch.bfloat16, silu_mul=True, SPLIT_K=2)
 
 
 @pytest.mark.gpu
 def test_split_k_decode_gemm_replays_in_cuda_graphs():
     """Split calls captured in two graphs, the second captured last and replayed first, then each replayed again on
     new rows: every output right each time (no arrival count outlives its call)."""
-    from custom_ops.linear import triton_w8a8
+    from custom_ops.linear import triton_decode_gemm
 
     weight8, scale = quantize_weight(torch.randn(320, 3000, device="cuda"))
     xs = [quantize_rows(torch.randn(rows, 3000, device="cuda", dtype=torch.bfloat16)) for rows in (5, 40)]
     graphs, outs = [], []
     for x8, x_scale in xs:
-        triton_w8a8.w8a8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4)  # compiled outside
+        triton_decode_gemm.decode_gemm(x8, weight8, None, torch.bfloat16, x_scale, scale, SPLIT_K=4)  # compiled outside
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outs.append(triton_w8a8.w8a8_decode_gemm(x8, x_scale, weight8, scale, None, torch.bfloat16, SPLIT_K=4))
+            outs.append(triton_decode_gemm.decode_gemm(x8, weight8, None, torch.bfloat16, x_scale, scale, SPLIT_K=4))
         graphs.append(graph)
     for _ in range(3):
         for i in (1, 0):

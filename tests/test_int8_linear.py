@@ -84,7 +84,7 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
     """Bit for bit: the same int8 rows (the kernel rounds as quantize_rows does), exact integer sums, and the scales
     applied in the reference's order. Rows up to the decode GEMM's 64 and past it (torch._int_mm); split K; N not a
     multiple of the tile; without a smooth or a bias; int8_linear_quantized over the same rows."""
-    from custom_ops.linear import triton_w8a8
+    from custom_ops.linear import triton_decode_gemm, triton_w8a8
 
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for rows, n, k, with_smooth in ((1, 96, 256, True), (7, 40, 512, False), (64, 64, 128, True), (70, 48, 64, True)):
@@ -103,9 +103,9 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
         quantized = torch.ops.compiled_llm.int8_linear_quantized(rows8, row_scale, weight8, weight_scale, bias, dtype,
                                                                   "triton")  # fmt: skip
         assert torch.equal(quantized, expected)
-        if rows <= triton_w8a8.MAX_ROWS:
-            split = triton_w8a8.w8a8_decode_gemm(rows8, row_scale, weight8, weight_scale, bias, dtype, BLOCK_N=16,
-                                                 BLOCK_K=64, SPLIT_K=2)  # fmt: skip
+        if rows <= triton_decode_gemm.MAX_ROWS:
+            split = triton_decode_gemm.decode_gemm(rows8, weight8, bias, dtype, row_scale, weight_scale, BLOCK_N=16,
+                                                   BLOCK_K=64, SPLIT_K=2)  # fmt: skip
             assert torch.equal(split, expected)
 
 
@@ -124,9 +124,9 @@ def test_triton_backend_on_the_gpu(dtype):
 
 @pytest.mark.gpu
 def test_every_int8_decode_gemm_tile_matches_the_reference_on_the_gpu():
-    """Each tile the int8 decode GEMM's tuning may pick (w8a8_tuning.TILES: wgmma and mma.sync tiles, split K),
+    """Each tile the int8 decode GEMM's tuning may pick (decode_gemm_tuning.TILES: wgmma and mma.sync tiles, split K),
     bit for bit against the reference at 1, 16 and 64 rows, with a bias and a K remainder."""
-    from custom_ops.linear import triton_w8a8, w8a8_tuning
+    from custom_ops.linear import decode_gemm_tuning, triton_decode_gemm
 
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     n, k = 192, 1088  # K not a multiple of any tile's
@@ -136,7 +136,7 @@ def test_every_int8_decode_gemm_tile_matches_the_reference_on_the_gpu():
         x = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
         rows8, row_scale = quantize_rows(x, None)
         expected = int8_linear_reference(x, weight8, weight_scale, None, bias)
-        for tile in w8a8_tuning.TILES:
-            actual = triton_w8a8.w8a8_decode_gemm(rows8, row_scale, weight8, weight_scale, bias, torch.bfloat16,
-                                                  **tile)  # fmt: skip
+        for tile in decode_gemm_tuning.TILES:
+            actual = triton_decode_gemm.decode_gemm(rows8, weight8, bias, torch.bfloat16, row_scale, weight_scale,
+                                                    **tile)  # fmt: skip
             assert torch.equal(actual, expected), (rows, tile)

@@ -121,16 +121,17 @@ def test_a_graph_without_the_op_has_no_buckets(fake, tmp_path):
 @pytest.mark.gpu
 def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkeypatch):
     """autotune="full" tunes the FP8 decode GEMM for every weight shape of the tiny Llama (fused qkv 128 x 64, o
-    64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, and the bf16 LM head's one-row linear, storing
-    each; a second compile with "cache"
+    64 x 64, fused gate/up 256 x 64, down 64 x 128) and row bucket, and the bf16 LM head's one-row linear and its
+    2-64 row buckets, storing each; a second compile with "cache"
     reads the same winners back without timing anything; the tuned model computes what the untuned one does."""
-    from custom_ops.linear import op, triton_w8a8
+    from custom_ops.linear import op, triton_decode_gemm
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 decode GEMM needs FP8 tensor cores")
     model = tiny_model("llama").to("cuda", torch.bfloat16)
-    monkeypatch.setattr(triton_w8a8, "TUNED_TILES", {})  # this test's choices do not outlive it
+    monkeypatch.setattr(triton_decode_gemm, "TUNED_TILES", {})  # this test's choices do not outlive it
     monkeypatch.setattr(op, "TUNED_GEMV", {})
+    monkeypatch.setattr(op, "TUNED_ROWS", {})
     # Uncompiled graphs (the ops run as they do under Inductor, which tuning does not involve): three compiles fast.
     fields = {"quantization": "fp8", "compile_backend": "eager", "max_batch_size": 4, "cache_dir": tmp_path}
     untuned = compile_model(model, autotune="off", **fields)
@@ -144,11 +145,13 @@ def test_a_full_tuning_run_is_stored_then_served_from_the_cache(tmp_path, monkey
     gemms = [c for c in choices if c.op == "fp8_decode_gemm"]
     assert {(c.bucket["n"], c.bucket["k"]) for c in gemms} == {(128, 64), (64, 64), (256, 64), (64, 128)}
     assert sorted({c.bucket["rows"] for c in gemms}) == [16, 32, 64] and len(gemms) == 12
-    # The bf16 LM head's one-row linear (cuBLAS or the GEMV) is the other tunable op of this graph.
+    # The bf16 LM head's linear (cuBLAS, the GEMV at one row, the decode GEMM at more) is the other tunable op.
     assert [c.bucket for c in choices if c.op == "linear_one_row"] == [{"n": 256, "k": 64, "silu_mul": False}]
+    head = {"n": 256, "k": 64, "silu_mul": False}
+    assert [c.bucket for c in choices if c.op == "linear_rows"] == [head | {"rows": r} for r in (16, 32, 64)]
     assert all(c.source == "tuned" and len(c.times_us) >= 2 for c in choices)
     # Where FlashInfer is installed, attention's backend is tuned too (the ops' own tests cover it).
-    assert {c.op for c in choices} <= {"fp8_decode_gemm", "linear_one_row", "paged_attention"}
+    assert {c.op for c in choices} <= {"fp8_decode_gemm", "linear_one_row", "linear_rows", "paged_attention"}
     assert f"{len(choices)} kernel choices ({len(choices)} tuned)" in str(tuned.report)
     with torch.no_grad():
         actual = tuned(ids).logits.float()
@@ -166,12 +169,12 @@ def test_the_w8a8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph(q
     gate/up, down; the LM head stays bf16) x the three row buckets, only for calls whose backend is `triton` (on a
     CPU the pass picks the reference, so the graph's calls are switched here); the fallback is the heuristic, first;
     a winner is installed under its format's key."""
-    from custom_ops.linear import triton_w8a8, w8a8_tuning
+    from custom_ops.linear import decode_gemm_tuning, triton_decode_gemm
 
     compiled = compile_model(tiny_model("llama"), quantization="int8_sq" if quantized == "int8" else "fp8",
                              compile_backend="eager", autotune="off", cache_dir=tmp_path)  # fmt: skip
     gm = compiled.graph_module
-    tuning = w8a8_tuning.W8A8DecodeGemmTuning(quantized)
+    tuning = decode_gemm_tuning.W8A8DecodeGemmTuning(quantized)
     assert tuning.op == ("int8_decode_gemm" if quantized == "int8" else "fp8_decode_gemm")
     assert tuning.buckets(gm) == []  # the CPU graph's calls run the reference
     linears = [n for n in gm.graph.nodes if n.target in tuning.linears]  # int8_sq: the down projections quantized
@@ -180,16 +183,16 @@ def test_the_w8a8_decode_gemm_tuning_finds_each_weight_shape_of_a_triton_graph(q
     shapes = [(128, 64), (64, 64), (256, 64), (64, 128)]
     assert tuning.buckets(gm) == [{"n": n, "k": k, "rows": r} for n, k in sorted(shapes) for r in (16, 32, 64)]
     candidates = tuning.candidates({})
-    assert candidates[0].name == tuning.heuristic({}) == w8a8_tuning.tile_name(triton_w8a8.DECODE_TILE)
+    assert candidates[0].name == tuning.heuristic({}) == decode_gemm_tuning.tile_name(triton_decode_gemm.DECODE_TILE)
     assert len({c.name for c in candidates}) == len(candidates) and len({c.identity for c in candidates}) == len(
         candidates
     )
     tuning.install({"n": 64, "k": 128, "rows": 32}, candidates[1], torch.device("cpu"))
-    key = (-1, 64, 128, 32, *(("int8",) if quantized == "int8" else ()))
+    key = (-1, 64, 128, 32, quantized)
     try:
-        assert triton_w8a8.TUNED_TILES[key] == candidates[1].config
+        assert triton_decode_gemm.TUNED_TILES[key] == candidates[1].config
     finally:
-        triton_w8a8.TUNED_TILES.pop(key)
+        triton_decode_gemm.TUNED_TILES.pop(key)
 
 
 def linear_graph() -> torch.fx.GraphModule:
@@ -231,6 +234,46 @@ def test_the_one_row_linear_tuning_takes_the_triton_linears_and_installs_gemv_or
     assert op._gemv_tile(x.view(1, 1, 128), weight, None, False) == candidates[3].config
     assert op._gemv_tile(torch.randn(1, 64), torch.randn(256, 64), None, True) is None  # cuBLAS chosen
     assert op._gemv_tile(torch.randn(2, 128), weight, None, False) is None  # two rows: cuBLAS, tuned or not
+
+
+def test_the_rows_linear_tuning_takes_the_16_bit_triton_linears_and_installs_a_tile_or_cublas(monkeypatch):
+    """Buckets: each 16-bit `triton` linear's weight shape (with the fused activation or not) x the row buckets;
+    cuBLAS is the fallback (first) and the heuristic; the gated buckets have no split of K among their tiles; an
+    installed tile is what a call of that shape reads for its row count (padded to 16, 32 or 64), cuBLAS (None)
+    at one row, past 64 rows, for a float32 weight or where cuBLAS was chosen (checked without a GPU)."""
+    from custom_ops.linear import decode_gemm_tuning, op
+
+    tuning = decode_gemm_tuning.LinearRowsTuning()
+    assert tuning.buckets(linear_graph()) == []  # float32 weights: not the decode GEMM's
+    graph = linear_graph()
+    for name in ("w1", "w2", "w3"):
+        setattr(graph, name, getattr(graph, name).to(torch.bfloat16))
+    buckets = tuning.buckets(graph)
+    assert buckets == [{"n": 64, "k": 128, "silu_mul": False, "rows": r} for r in (16, 32, 64)] + [
+        {"n": 256, "k": 64, "silu_mul": True, "rows": r} for r in (16, 32, 64)
+    ]
+    plain, gated = tuning.candidates(buckets[0]), tuning.candidates(buckets[3])
+    assert plain[0].name == gated[0].name == tuning.heuristic(buckets[0]) == "cublas"
+    assert len({c.name for c in plain}) == len({c.identity for c in plain}) == len(plain)
+    assert any(c.config.get("SPLIT_K", 1) > 1 for c in plain)
+    assert not any(c.config.get("SPLIT_K", 1) > 1 for c in gated) and len(gated) > 1
+    x, weight = torch.randn(1, 128), torch.randn(64, 128)
+    torch.testing.assert_close(plain[0].run(x, weight, False), tuning.reference(x, weight, False))
+    monkeypatch.setattr(op, "triton_runs_on", lambda tensor: True)
+    monkeypatch.setattr(op, "TUNED_ROWS", {})
+    x16, w16 = torch.randn(40, 128, dtype=torch.bfloat16), torch.randn(64, 128, dtype=torch.bfloat16)
+    assert op._decode_gemm_tile(x16, w16, None, False) is None  # untuned: cuBLAS
+    cpu = torch.device("cpu")  # installed for the CPU (-1 in the tables), where the test's tensors are
+    tuning.install(buckets[2], plain[2], cpu)  # 64 rows
+    tuning.install(buckets[5], gated[0], cpu)  # cuBLAS chosen
+    assert op._decode_gemm_tile(x16, w16, None, False) == plain[2].config  # 40 rows: the 64-row bucket's
+    assert op._decode_gemm_tile(x16.view(2, 20, 128), w16, None, False) == plain[2].config
+    assert op._decode_gemm_tile(x16[:32], w16, None, False) is None  # the 32-row bucket: not tuned
+    assert op._decode_gemm_tile(x16[:1], w16, None, False) is None  # one row: the GEMV's tuning
+    assert op._decode_gemm_tile(torch.randn(80, 128, dtype=torch.bfloat16), w16, None, False) is None
+    assert op._decode_gemm_tile(x16.float(), w16.float(), None, False) is None
+    gate_up = torch.randn(256, 64, dtype=torch.bfloat16)
+    assert op._decode_gemm_tile(torch.randn(40, 64, dtype=torch.bfloat16), gate_up, None, True) is None
 
 
 def test_the_fp8_block_gemm_tuning_finds_each_weight_shape_and_installs_a_kernel_per_row_bucket(monkeypatch):

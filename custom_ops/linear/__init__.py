@@ -1,6 +1,7 @@
 """Linear layers: `compiled_llm::linear` and `compiled_llm::linear_silu_mul` with their backends by name
 (op.py: `torch`, `triton`, `onednn`); the Triton kernels the `triton` backend runs (triton_gemv.py,
-triton_silu_mul.py); quantized linears, an op per weight format with its reference and backends:
+triton_silu_mul.py, and triton_decode_gemm.py: the tensor-core decode GEMM of 2 to 64 rows where tuned, which the
+8-bit formats' decode rows run too); quantized linears, an op per weight format with its reference and backends:
 - fp8.py: `compiled_llm::fp8_linear`, launched by triton_w8a8.py (kernels in triton_w8a8_kernels.py); fp8_block.py:
   `compiled_llm::fp8_block_linear`, triton_fp8_block.py; silu_mul_fp8.py: `compiled_llm::silu_mul_fp8`, a gated
   activation written as an FP8 linear's input;
@@ -16,6 +17,7 @@ and their tunings."""
 
 # Register the ops and their tunings.
 from custom_ops.linear import (  # noqa: F401
+    decode_gemm_tuning,
     fp8,
     fp8_block,
     fp8_block_tuning,
@@ -28,7 +30,6 @@ from custom_ops.linear import (  # noqa: F401
     nvfp4_tuning,
     silu_mul_fp8,
     silu_mul_int8,
-    w8a8_tuning,
 )
 from custom_ops.linear.op import FUSED_SILU_MUL_BACKENDS, onednn_is_faster, onednn_unavailable, runs_other_than_torch
 

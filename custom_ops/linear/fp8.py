@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 
 from custom_ops.linear import triton_w8a8
+from custom_ops.linear.triton_decode_gemm import MAX_ROWS as DECODE_ROWS
+from custom_ops.linear.triton_decode_gemm import decode_gemm
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
 
 FP8 = torch.float8_e4m3fn
@@ -166,14 +168,14 @@ def triton_takes(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """One quantizing kernel, then the decode GEMM (up to triton_w8a8.MAX_ROWS rows) or cuBLASLt's; what the kernels
+    """One quantizing kernel, then the decode GEMM (up to DECODE_ROWS rows) or cuBLASLt's; what the kernels
     do not take: `scaled_mm`'s path."""
     rows = x.reshape(-1, x.shape[-1])
     if not triton_takes(rows, weight, weight_scale, bias, x.dtype, (weight.shape[0],)):
         return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias)
-    if 0 < rows.shape[0] <= triton_w8a8.MAX_ROWS:
+    if 0 < rows.shape[0] <= DECODE_ROWS:
         quantized, scale = triton_w8a8.quantize_rows(rows, input_scale)
-        out = triton_w8a8.w8a8_decode_gemm(quantized, scale, weight, weight_scale, bias, x.dtype)
+        out = decode_gemm(quantized, weight, bias, x.dtype, scale, weight_scale)
         return out.view(*x.shape[:-1], weight.shape[0])
     return _scaled_mm_linear(x, weight, weight_scale, input_scale, bias, quantize=triton_w8a8.quantize_rows)
 
@@ -189,21 +191,21 @@ def fp8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[str
         if linear_backend == "torch" or not triton_available():
             why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
             return "scaled_mm", f"cuBLASLt's FP8 GEMM with row and column scales ({why})"
-        return "triton", (f"one quantizing kernel, then a Triton FP8 GEMM for up to {triton_w8a8.MAX_ROWS} rows and "
+        return "triton", (f"one quantizing kernel, then a Triton FP8 GEMM for up to {DECODE_ROWS} rows and "
                           "cuBLASLt's for more")
     return "torch", f"the reference on {device.type}"
 
 
 def _fp8_linear_quantized(x8, x_scale, weight, weight_scale, bias, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """The decode GEMM (`triton`, up to triton_w8a8.MAX_ROWS rows) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over
+    """The decode GEMM (`triton`, up to DECODE_ROWS rows) or cuBLASLt's GEMM (`triton` and `scaled_mm`) over
     activations a fused producer quantized; the reference where those do not take the shapes."""
     rows8, row_scale = x8.reshape(-1, x8.shape[-1]), x_scale.reshape(-1, 1).float().contiguous()
     n, k = weight.shape
     bias_ok = bias is None or (bias.dtype == out_dtype and bias.is_contiguous() and bias.shape == (n,))
     if backend != "torch" and bias_ok and rows8.shape[-1] == k and x8.dtype == FP8:
-        decode_rows = 0 < rows8.shape[0] <= triton_w8a8.MAX_ROWS
+        decode_rows = 0 < rows8.shape[0] <= DECODE_ROWS
         if backend == "triton" and decode_rows and triton_takes(rows8, weight, weight_scale, bias, out_dtype, (n,)):
-            out = triton_w8a8.w8a8_decode_gemm(rows8, row_scale, weight, weight_scale, bias, out_dtype)
+            out = decode_gemm(rows8, weight, bias, out_dtype, row_scale, weight_scale)
             return out.view(*x8.shape[:-1], n)
         if _takes_scaled_mm(rows8, weight, out_dtype):
             out = torch._scaled_mm(rows8, weight.t(), scale_a=row_scale, scale_b=weight_scale.view(1, -1),

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from custom_ops.linear import triton_w8a8
+from custom_ops.linear.triton_decode_gemm import MAX_ROWS as DECODE_ROWS
+from custom_ops.linear.triton_decode_gemm import decode_gemm
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_available, triton_runs_on
 
 INT8_MAX = 127
@@ -126,8 +128,8 @@ def triton_takes(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 def _triton_product(rows8, row_scale, weight, weight_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, N] of rows quantized already: the decode GEMM up to MAX_ROWS rows, torch._int_mm for more (its epilogue in
     one kernel)."""
-    if rows8.shape[0] <= triton_w8a8.MAX_ROWS:
-        return triton_w8a8.w8a8_decode_gemm(rows8, row_scale, weight, weight_scale, bias, out_dtype)
+    if rows8.shape[0] <= DECODE_ROWS:
+        return decode_gemm(rows8, weight, bias, out_dtype, row_scale, weight_scale)
     return triton_w8a8.scale_sums(_int_mm_sums(rows8, weight), row_scale, weight_scale, bias, out_dtype)
 
 
@@ -146,7 +148,7 @@ def int8_backend(device: torch.device, linear_backend: str = "auto") -> tuple[st
     if linear_backend == "torch" or not triton_available():
         why = "linear_backend='torch'" if linear_backend == "torch" else "triton is not installed"
         return "int_mm", f"torch ops quantize x per token, then torch._int_mm (cuBLASLt's int8 GEMM) ({why})"
-    return "triton", (f"one quantizing kernel, then a Triton int8 GEMM for up to {triton_w8a8.MAX_ROWS} rows and "
+    return "triton", (f"one quantizing kernel, then a Triton int8 GEMM for up to {DECODE_ROWS} rows and "
                       "torch._int_mm for more")  # fmt: skip
 
 

@@ -4,7 +4,8 @@
 The seam for linear kernels: the `insert_linear_op` pass routes the graph's linears here, and each backend
 decides per call, from the shapes it gets, which kernel runs. `torch` is the reference (F.linear: cuBLAS
 or the CPU BLAS); `triton` runs the GEMV of `triton_gemv.py` for one-token calls on shapes where it beats
-cuBLAS (measured in BENCHMARKS.md) and F.linear otherwise; `onednn` runs float32 linears on a CPU through
+cuBLAS (measured in BENCHMARKS.md), the tensor-core decode GEMM of `triton_decode_gemm.py` at 2 to 64 rows where
+the autotuner measured it faster (TUNED_ROWS), and F.linear otherwise; `onednn` runs float32 linears on a CPU through
 oneDNN's matmul (`mkldnn._linear_pointwise` over the plain weight: no packed copy), 1.2-2.4x faster than
 MKL's on the weight shapes `onednn_is_faster` names (BENCHMARKS.md). Inductor only calls that op on
 weights it froze into constants, hence the op around it. Quantized linears are further backends.
@@ -20,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from custom_ops.linear.triton_decode_gemm import MAX_ROWS as DECODE_ROWS
+from custom_ops.linear.triton_decode_gemm import decode_gemm, m_padded
 from custom_ops.linear.triton_gemv import launch_gemv
 from custom_ops.linear.triton_silu_mul import triton_silu_mul
 from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
@@ -97,10 +100,38 @@ def _gemv_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return tuned
 
 
+# The autotuner's choices at 2 to 64 rows (decode_gemm_tuning.LinearRowsTuning), by (device index, N, K, rows padded
+# to 16, 32 or 64, silu_mul): a tile of the decode GEMM, or None for cuBLAS. Untuned: cuBLAS.
+TUNED_ROWS: dict[tuple[int, int, int, int, bool], dict | None] = {}
+
+
+def _decode_gemm_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> dict | None:
+    """The decode GEMM's tile for this call of 2 to 64 rows, or None where cuBLAS runs it (untuned, tuned so, or a
+    layout or dtype the kernel does not take)."""
+    if not TUNED_ROWS:  # cheapest test first: nothing tuned, cuBLAS
+        return None
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not 1 < rows <= DECODE_ROWS:
+        return None
+    n = weight.shape[0]
+    tile = TUNED_ROWS.get((x.get_device(), n, k, m_padded(rows), silu_mul))
+    takes = (
+        tile is not None and triton_runs_on(x) and x.dtype.itemsize == 2 and x.stride(-1) == 1
+        and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape[1] == k and (not silu_mul or n % 2 == 0)
+        and (bias is None or (bias.is_contiguous() and bias.shape == (n,) and bias.dtype == x.dtype))
+    )  # fmt: skip
+    return tile if takes else None
+
+
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     tile = _gemv_tile(x, weight, bias, False)
     if tile is not None:
         return launch_gemv(x.reshape(1, -1), weight, None, bias, False, **tile).view(*x.shape[:-1], weight.shape[0])
+    tile = _decode_gemm_tile(x, weight, bias, False)
+    if tile is not None:
+        out = decode_gemm(x.reshape(-1, x.shape[-1]), weight, bias, x.dtype, **tile)
+        return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -128,6 +159,9 @@ def _triton_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     tile = _gemv_tile(x, weight, bias, True) if halves else None
     if tile is not None:
         return launch_gemv(x.reshape(1, -1), weight, None, bias, True, **tile).view(out_shape)
+    tile = _decode_gemm_tile(x, weight, bias, True) if halves else None
+    if tile is not None:
+        return decode_gemm(x.reshape(-1, x.shape[-1]), weight, bias, x.dtype, silu_mul=True, **tile).view(out_shape)
     return cublas_linear_silu_mul(x, weight, bias)
 
 

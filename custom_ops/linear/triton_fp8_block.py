@@ -6,7 +6,7 @@ the whole quantization unit, so no pass over x comes first), multiplies on the F
 partial, and adds partial * s_x * s_w to a float32 accumulator, the order the reference takes. One kernel a linear.
 
 `swapped=True` (opt-in until its GPU test has run): decode rows (up to 16) take the same loop with the operands
-swapped, as triton_w8a8.w8a8_decode_gemm does: the weight tile is the MMA's wide operand (Hopper's wgmma wants 64
+swapped, as triton_decode_gemm.decode_gemm does: the weight tile is the MMA's wide operand (Hopper's wgmma wants 64
 rows) and x's rows, padded to 16, the narrow one.
 """
 
@@ -94,8 +94,8 @@ def _kernels():
 
 
 DECODE_ROWS = 16  # rows the swapped decode kernel serves
-# As w8a8_decode_gemm's measured tile (64 weight rows, 4 warps), with one 128-column group a step; the stage count
-# a first guess until measured (benchmarks/fp8_linear_bench.py --decode).
+# As the 8-bit decode GEMM's measured tile (triton_decode_gemm.py: 64 weight rows, 4 warps), with one 128-column group
+# a step; the stage count a first guess until measured (benchmarks/fp8_linear_bench.py --decode).
 DECODE_TILE = {"BLOCK_N": 64, "num_stages": 6, "num_warps": 4}
 
 
