@@ -19,12 +19,12 @@ import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from autotune.kernel_cache import source_hash
 from autotune.select import device_index, graph_value, register
 from autotune.tuner import Candidate, input_copies
 from custom_ops.linear import fp8, int8, op, triton_decode_gemm, triton_decode_gemm_kernels
+from custom_ops.linear.gemv_tuning import CUBLAS, OneRowLinearTuning, cublas
 from custom_ops.linear.triton_decode_gemm import DECODE_TILE, DECODE_TILE_16BIT, decode_gemm
 
 ROW_BUCKETS = (16, 32, 64)
@@ -53,7 +53,6 @@ TILES_16BIT = (
 )
 # Any change to the kernel's file or its launcher's is a changed candidate.
 _SOURCE = source_hash("".join(Path(m.__file__).read_text() for m in (triton_decode_gemm, triton_decode_gemm_kernels)))
-CUBLAS = "cublas"
 
 
 def tile_name(tile: dict, default: dict = DECODE_TILE) -> str:
@@ -131,19 +130,15 @@ def _rows_gemm(x, weight, silu_mul: bool, tile: dict) -> torch.Tensor:
     return decode_gemm(x, weight, None, x.dtype, silu_mul=silu_mul, **tile)
 
 
-def _cublas(x, weight, silu_mul: bool) -> torch.Tensor:
-    """What the op runs untuned: cuBLAS, then the activation's Triton kernel."""
-    return op.cublas_linear_silu_mul(x, weight, None) if silu_mul else F.linear(x, weight)
-
-
-class LinearRowsTuning:
+class LinearRowsTuning(OneRowLinearTuning):
     """autotune.tuner.OpTuning of the 16-bit linear at 2 to 64 rows: cuBLAS or the decode GEMM's tiles; bucket
-    {"n", "k", "silu_mul", "rows"} (n: the weight's rows, both halves where silu_mul)."""
+    {"n", "k", "silu_mul", "rows"} (n: the weight's rows, both halves where silu_mul). Its inputs, reference and
+    tolerance are the one-row linear's, at the bucket's rows."""
 
     op = "linear_rows"
 
     def candidates(self, bucket: dict) -> list[Candidate]:
-        found = [Candidate(CUBLAS, _cublas, f"torch{torch.__version__}")]
+        found = [Candidate(CUBLAS, cublas, f"torch{torch.__version__}")]
         for tile in TILES_16BIT:
             tile = DECODE_TILE_16BIT | tile
             if not (bucket.get("silu_mul") and tile["SPLIT_K"] > 1):  # the activation's epilogue takes no split
@@ -153,20 +148,6 @@ class LinearRowsTuning:
 
     def heuristic(self, bucket: dict) -> str:
         return CUBLAS
-
-    def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        n, k, rows = bucket["n"], bucket["k"], bucket["rows"]
-        copies = input_copies(n * k * dtype.itemsize)
-        device = torch.device("cuda", torch.cuda.current_device())
-        return [(torch.randn(rows, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype) / k**0.5,
-                 bucket["silu_mul"]) for _ in range(copies)]  # fmt: skip
-
-    def reference(self, x, weight, silu_mul: bool) -> torch.Tensor:
-        out = F.linear(x.float(), weight.float())
-        return op.silu_and_mul(out) if silu_mul else out
-
-    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
-        return 2.0**-6, 2.0**-6  # a few roundings of the output's dtype (and of SiLU's, as the model rounds it)
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         """A bucket per weight shape of the graph's 16-bit `triton` linears (with or without the activation) and per

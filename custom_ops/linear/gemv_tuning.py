@@ -45,7 +45,7 @@ def _gemv(x, weight, silu_mul: bool, tile: dict) -> torch.Tensor:  # inputs: (x 
     return triton_gemv.launch_gemv(x, weight, None, None, silu_mul, **tile)
 
 
-def _cublas(x, weight, silu_mul: bool) -> torch.Tensor:
+def cublas(x, weight, silu_mul: bool) -> torch.Tensor:
     """What the op runs where the GEMV does not (cuBLAS, then the activation's Triton kernel)."""
     return op.cublas_linear_silu_mul(x, weight, None) if silu_mul else F.linear(x, weight)
 
@@ -56,7 +56,7 @@ class OneRowLinearTuning:
     op = OP
 
     def candidates(self, bucket: dict) -> list[Candidate]:
-        found = [Candidate(CUBLAS, _cublas, f"torch{torch.__version__}")]
+        found = [Candidate(CUBLAS, cublas, f"torch{torch.__version__}")]
         for tile in ({}, *TILES):
             found.append(Candidate(tile_name(tile), functools.partial(_gemv, tile=tile), _GEMV_SOURCE, tile))
         return found
@@ -65,11 +65,11 @@ class OneRowLinearTuning:
         return tile_name({}) if op.gemv_is_faster(bucket["n"], bucket["k"]) else CUBLAS
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
-        n, k = bucket["n"], bucket["k"]
+        n, k, rows = bucket["n"], bucket["k"], bucket.get("rows", 1)
         copies = input_copies(n * k * dtype.itemsize)
         device = torch.device("cuda", torch.cuda.current_device())
-        return [(torch.randn(1, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype) / k**0.5,
-                 bucket["silu_mul"]) for _ in range(copies)]  # fmt: skip
+        return [(torch.randn(rows, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+                 / k**0.5, bucket["silu_mul"]) for _ in range(copies)]  # fmt: skip
 
     def reference(self, x, weight, silu_mul: bool) -> torch.Tensor:
         out = F.linear(x.float(), weight.float())  # float32 sums: a big LM head in float64 would be 4x its size
