@@ -7,11 +7,13 @@ import functools
 
 import pytest
 import torch
+from conftest import run_in_interpreter
 from fp8_rounding import CLIPS, amax_scale, clip_errors, e4m3
 
 import custom_ops  # noqa: F401  (registers the ops)
 from custom_ops.linear import fp8
 from custom_ops.linear.fp8 import FP8, FP8_MAX, quantize_rows, quantize_weight
+from custom_ops.triton_runtime import triton_available
 
 HALF_ULP = 2.0**-4  # e4m3 keeps 3 mantissa bits: a normal value rounds within 2^-4 of itself, relatively
 SUBNORMAL_STEP = 2.0**-9  # spacing of e4m3's subnormals (and of its smallest normals)
@@ -174,25 +176,42 @@ DECODE_TILES = (
 )
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tile", DECODE_TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()) or "default")
-def test_w8a8_decode_gemm_matches_the_reference_on_gpu(tile):
-    """The tensor-core decode GEMM from 1 to 64 rows (x padded to 16, 32 or 64) over rows quantized beforehand,
-    with and without a bias, against the reference on fresh inputs."""
+def check_decode_gemm(device: str, tile: dict, shapes) -> None:
+    """The tensor-core decode GEMM at `tile` over rows quantized beforehand, (rows, K, N) each of `shapes`, with and
+    without a bias, against the reference on fresh inputs: within one rounding of the bfloat16 output."""
     from custom_ops.linear import triton_decode_gemm
 
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    for rows, k, n in ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960), (20, 4096, 256), (64, 1000, 320)):
-        x = (torch.randn(rows, k, generator=generator) * 2).to("cuda", torch.bfloat16)
-        weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to("cuda"))
+    for rows, k, n in shapes:
+        x = (torch.randn(rows, k, generator=generator) * 2).to(device, torch.bfloat16)
+        weight8, scale = quantize_weight(torch.randn(n, k, generator=generator).to(device))
         x8, x_scale = quantize_rows(x)
-        for bias in (None, torch.randn(n, generator=generator).to("cuda", torch.bfloat16)):
+        for bias in (None, torch.randn(n, generator=generator).to(device, torch.bfloat16)):
             expected = torch.ops.compiled_llm.fp8_linear_quantized(x8, x_scale, weight8, scale, bias, torch.bfloat16, "torch")
             actual = triton_decode_gemm.decode_gemm(x8, weight8, bias, torch.bfloat16, x_scale, scale, **tile)
             assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
             torch.testing.assert_close(actual.float(), expected.float(), rtol=2.0**-7,
                                        atol=2.0**-7 * expected.float().abs().max().item())  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", DECODE_TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()) or "default")
+def test_w8a8_decode_gemm_matches_the_reference_on_gpu(tile):
+    """From 1 to 64 rows (x padded to 16, 32 or 64), K and N multiples of the tiles or not."""
+    shapes = ((1, 4096, 6144), (16, 14336, 512), (3, 1000, 200), (7, 576, 960), (20, 4096, 256), (64, 1000, 320))
+    check_decode_gemm("cuda", tile, shapes)
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_decode_gemm_in_the_interpreter():
+    """Small shapes (a K remainder, each row padding) at the default tile and two splits (no L2 prefetch: inline PTX
+    does not run in the interpreter)."""
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import test_fp8_linear as t\n"
+        "for tile in ({}, {'SPLIT_K': 2, 'BLOCK_K': 128}, {'BLOCK_N': 16, 'BLOCK_K': 64, 'SPLIT_K': 3}):\n"
+        "    t.check_decode_gemm('cpu', tile, ((1, 256, 64), (7, 300, 40), (20, 512, 96), (64, 100, 16)))"
+    )
 
 
 def test_the_decode_gemm_refuses_what_it_cannot_take_before_launching():
