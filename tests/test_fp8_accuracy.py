@@ -35,17 +35,16 @@ CLEAR_LEAD = 1.0
 
 
 @pytest.fixture(scope="module")
-def smol():
-    """(float model, tokenizer, its fp8 compile) for every test here. The float model is HF's own forward, which the
-    compiled float model equals to 1e-4 (test_smollm2.py): one compile fewer. compile_backend="eager" runs the same
-    rewritten graph, fp8_linear included, without a minute of Inductor's C++ compilation."""
+def smol(smollm2):
+    """(float model, tokenizer, its fp8 compile) for every test here, of the session's SmolLM2 (conftest.smollm2).
+    The float model is HF's own forward, which the compiled float model equals to 1e-4 (test_smollm2.py): one compile
+    fewer. compile_backend="eager" runs the same rewritten graph, fp8_linear included, without a minute of Inductor's
+    C++ compilation."""
     from compiled_llm import compile_model
-    from compiled_llm.model_source import load_model
 
-    loaded = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
-    fp8 = compile_model(loaded.model, quantization="fp8", compile_backend="eager", max_seq_len=SLICE,
+    fp8 = compile_model(smollm2.model, quantization="fp8", compile_backend="eager", max_seq_len=SLICE,
                         max_batch_size=len(PROMPTS), num_kv_blocks=SLICE // 16)  # fmt: skip
-    return loaded.model, loaded.tokenizer, fp8
+    return smollm2.model, smollm2.tokenizer, fp8
 
 
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:

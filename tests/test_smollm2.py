@@ -5,7 +5,6 @@ through the chat template, text, logits, `convert`, the server's chat, and the r
 from __future__ import annotations
 
 import importlib.util
-import unittest.mock
 
 import pytest
 import torch
@@ -24,27 +23,23 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 NEW_TOKENS = 32
 
 
-GGUF_PARSES = []  # files the fixture's load parsed with gguf.GGUFReader
-
-
 @pytest.fixture(scope="module")
-def smol():
-    """One compiled model (Inductor) for every test here."""
-    import gguf
+def smol(smollm2):
+    """One compiled model (Inductor) for every test here, of the session's SmolLM2 (conftest.smollm2: what
+    LLM("smollm2-135m-instruct") loads; the server and `convert` below load it by that name)."""
+    from conftest import counting_gguf_parses
 
     from compiled_llm import LLM
 
-    def counted(path, *args):
-        GGUF_PARSES.append(str(path))
-        return original(path, *args)
-
-    original = gguf.GGUFReader
-    with unittest.mock.patch.object(gguf, "GGUFReader", counted):
-        return LLM("smollm2-135m-instruct", max_batch_size=16, max_seq_len=256, num_kv_blocks=320)
+    with counting_gguf_parses():  # the compile's parses, counted with the load's
+        return LLM(smollm2.model, smollm2.tokenizer, max_batch_size=16, max_seq_len=256, num_kv_blocks=320)
 
 
 def test_the_gguf_file_is_parsed_once(smol):
-    assert len(GGUF_PARSES) == 1, GGUF_PARSES
+    """Once for the load and the compile together (the tokenizer, the weights and the 4-bit blocks share a reader)."""
+    from conftest import SMOLLM2_GGUF_PARSES
+
+    assert len(SMOLLM2_GGUF_PARSES) == 1, SMOLLM2_GGUF_PARSES
 
 
 def hf_greedy(model, ids: list[int]) -> list[int]:
