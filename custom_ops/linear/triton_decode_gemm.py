@@ -42,15 +42,14 @@ DECODE_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_stages": 5, "num_warps": 4, "
 # x and the weight take 32 KiB a stage, within Hopper's 227 KiB of shared memory at every row count.
 DECODE_TILE_16BIT = DECODE_TILE | {"BLOCK_K": 128, "num_stages": 4}
 
-# Tiles the autotuner chose for this process (autotune.select_kernels; decode_gemm_tuning.py), by
-# tuned_tile_key; a shape without one takes the operands' default tile.
+# 8-bit tiles the autotuner chose for this process (autotune.select_kernels; decode_gemm_tuning.py), by
+# tuned_tile_key; a shape without one takes DECODE_TILE.
 TUNED_TILES: dict[tuple, dict] = {}
 
 
-def operands_name(x: torch.Tensor, silu_mul: bool = False) -> str:
-    """The operands part of a tuned tile's key: "fp8", "int8", "bfloat16", "float16" (+ "-silu_mul")."""
-    name = "fp8" if x.dtype == torch.float8_e4m3fn else str(x.dtype).removeprefix("torch.")
-    return name + ("-silu_mul" if silu_mul else "")
+def operands_name(x: torch.Tensor) -> str:
+    """The operands part of a tuned tile's key: "fp8" or "int8"."""
+    return "int8" if x.dtype == torch.int8 else "fp8"
 
 
 def tuned_tile_key(device_index: int, n: int, k: int, padded_rows: int, operands: str) -> tuple:
@@ -95,7 +94,8 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"decode_gemm: unknown tile entries {sorted(unknown)}; it takes {sorted(default)}")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     padded = m_padded(m)
-    tuned = TUNED_TILES.get(tuned_tile_key(x.get_device(), n, k, padded, operands_name(x, silu_mul)), {})
+    # 16-bit calls come with their tile (op.TUNED_ROWS holds the 16-bit choices): only 8-bit ones look theirs up here
+    tuned = TUNED_TILES.get(tuned_tile_key(x.get_device(), n, k, padded, operands_name(x)), {}) if scaled else {}
     tile = default | tuned | tile
     block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
     if tile["PREFETCH"] and block_k * x.dtype.itemsize % 128:
