@@ -82,7 +82,9 @@ def test_triton_fp8_cache_matches_reference_on_gpu(layer, step):
 @needs_triton
 @pytest.mark.parametrize("launch", [{"TILE": 64, "num_warps": 4, "num_stages": 3}, {"TILE": 128, "num_warps": 8,
                                     "num_stages": 2}, {"TILE": 16, "num_warps": 2, "num_stages": 4},
-                                    {"TILE": 32, "num_warps": 2, "num_stages": 2}])  # fmt: skip
+                                    {"TILE": 32, "num_warps": 2, "num_stages": 2},
+                                    {"TILE": 32, "num_warps": 4, "num_stages": 3, "MERGE_IN_KERNEL": True},
+                                    {"TILE": 64, "num_warps": 4, "num_stages": 2, "MERGE_IN_KERNEL": True}])  # fmt: skip
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
 def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cache_dtype):
     """Each decode launch the benchmark sweeps (triton.DECODE_LAUNCH) computes what the default does."""
@@ -96,9 +98,15 @@ def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cach
 
 @pytest.mark.gpu
 @needs_triton
-def test_triton_decode_replays_in_a_cuda_graph():
-    """No planning: the graph captured for one step's shapes serves other lengths and block tables."""
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
+def test_triton_decode_replays_in_a_cuda_graph(monkeypatch, merge_in_kernel):
+    """No planning: the graph captured for one step's shapes serves other lengths and block tables (the splits merged by
+    the kernel's last program too: each replay finds the counters zero again)."""
+    from custom_ops.attention import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "DECODE_LAUNCH", {"TILE": 32, "MERGE_IN_KERNEL": merge_in_kernel})
     check_decode_graph_replay("triton")
+    assert all(not counters.any() for counters in triton_backend._merge_counters.values())
 
 
 def fix_interpreter_loop_bounds() -> None:
@@ -168,6 +176,13 @@ def test_triton_kernel_in_the_interpreter():
         "import custom_ops.attention.triton as backend\n"  # a decode launch of longer key tiles (DECODE_LAUNCH)
         "backend.DECODE_LAUNCH = {'TILE': 64}\n"
         "t.check_against_reference('gpt-oss', 'decode', 5, 'cpu', torch.float32, 1e-4)\n"
+        # the splits merged by the last program of each row, not a second kernel; twice: each launch leaves the
+        # counters zero for the next
+        "backend.DECODE_LAUNCH = {'TILE': 32, 'MERGE_IN_KERNEL': True}\n"
+        "for case in [('gpt-oss', 'decode', 5)] * 2 + [('smollm2', 'decode', 16), ('gpt-oss', 'tokens-as-sequences', 5)]:\n"
+        "    t.check_against_reference(*case, 'cpu', torch.float32, 1e-4)\n"
+        "assert list(backend._merge_counters) == [torch.device('cpu')] and not backend._merge_counters[torch.device('cpu')].any()\n"
+        "backend.DECODE_LAUNCH = {'TILE': 32}\n"
         "t.fix_interpreter_fp8_conversions()\n"  # an fp8 cache: written by the kernels and read as on a GPU
         f"for case in {INTERPRETED_FP8_CACHE!r}: t.check_against_reference(*case, torch.float8_e4m3fn)\n"
         # float16 MMAs over an fp8 cache with q past their limit (a bf16 q can reach far beyond float16's range; here

@@ -14,7 +14,8 @@ past a sequence's last query exit at once.
 
 Decode steps have one query per sequence, too few programs to fill the GPU: there the keys of each
 sequence are split over NUM_SPLITS programs (a number that depends on the batch size only, so graphs
-stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them. Those
+stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them (or, with the launch's
+MERGE_IN_KERNEL, the program that finishes a row's splits last merges them: one launch a layer fewer). Those
 steps' keys and values go into the cache from the attention kernel itself (WRITE_KV): each query tile's
 first split stores its own tokens', and every program takes this step's keys from k and v rather than
 the cache, so no program waits for another's write and the write costs no launch. Elsewhere a kernel
@@ -52,6 +53,21 @@ MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile
 TUNED_DECODE_SPLITS: dict[tuple, int] = {}
 # Decode launches (DECODE_LAUNCH's form) the autotuner chose, by split_key(); default_decode_launch() elsewhere.
 TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
+# Programs of one decode launch (tokens x KV-head blocks) that can count their finished splits (MERGE_IN_KERNEL); a
+# larger launch merges in a second kernel. 256 KiB a device.
+MERGE_COUNTERS = 1 << 16
+_merge_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed split counters (every launch leaves them zero), or None where `needed` do not fit or they do
+    not exist yet while a CUDA graph is captured (made there, they would be zeroed by its replays only)."""
+    counters = _merge_counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _merge_counters[device] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
+    return counters if needed <= counters.numel() else None
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -167,23 +183,27 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     if wide_head(head_dim):
         key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
     elif decode:
-        key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k != "TILE"}
+        key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k not in ("TILE", "MERGE_IN_KERNEL")}
     else:
         key_tile, stages = KEY_TILE, {}
+    counters = None
+    if splits > 1 and decode and not wide_head(head_dim) and launch.get("MERGE_IN_KERNEL"):
+        counters = merge_counters(q.device, grid[0] * grid[1])
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
         sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         partial.stride(-3), partial.stride(-2), partial.stride(0) if splits > 1 else 0,
         kv_cache.stride(0), 0 if one_plane else kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_table.stride(0),
+        block_table.stride(0), out, out.stride(0), out.stride(1), counters if counters is not None else seq_lens,
         GROUP=group, GROUP_BLOCK=group_block, BLOCK_Q=block_q, BLOCK_M=block_m, TILE=key_tile,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
-        SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], DECODE=decode, **stages, **pdl,
+        SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], DECODE=decode,
+        MERGE_IN_KERNEL=counters is not None, **stages, **pdl,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and counters is None:
         block_d = min(128, triton.next_power_of_2(head_dim))
         merge_splits_kernel[(num_tokens, num_heads, triton.cdiv(head_dim, block_d))](
             out, partial, lse, num_heads, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),

@@ -46,11 +46,12 @@ def paged_attention_kernel(
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     out_token_stride, out_head_stride, out_split_stride,
     cache_block_stride, cache_kv_stride, cache_page_stride, cache_head_stride, block_table_stride,
+    merged_ptr, merged_token_stride, merged_head_stride, counter_ptr,
     GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr, WRITE_KV: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr = False,
+    BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr = False, MERGE_IN_KERNEL: tl.constexpr = False,
 ):  # fmt: skip
     if USE_PDL:  # everything this kernel reads may be the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
@@ -196,6 +197,53 @@ def paged_attention_kernel(
         lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
         num_heads = GROUP * (tl.num_programs(1) // HEAD_BLOCKS)
         tl.store(lse_ptr + (split * num_tokens + q_rows) * num_heads + head, lse, mask=row_valid)
+        if MERGE_IN_KERNEL:
+            merge_in_the_last_split(
+                out_ptr, lse_ptr, merged_ptr, counter_ptr + q_block * tl.num_programs(1) + tl.program_id(1),
+                q_rows, head, dims, row_valid, dim_valid, num_tokens * num_heads, num_heads,
+                out_token_stride, out_head_stride, out_split_stride, merged_token_stride, merged_head_stride,
+                NUM_SPLITS, BLOCK_M, HEAD_DIM_PADDED,
+            )  # fmt: skip
+
+
+@triton.jit
+def merge_in_the_last_split(
+    partial_ptr, lse_ptr, merged_ptr, counter_ptr, rows, head, dims, row_valid, dim_valid, lse_split_stride, num_heads,
+    partial_token_stride, partial_head_stride, partial_split_stride, merged_token_stride, merged_head_stride,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+):  # fmt: skip
+    """merge_splits_kernel's sum, by the program that finishes its rows' splits last, so a decode step needs no second
+    launch. The programs of one (token, head block) count their finished splits in `counter_ptr` (one int32 of a
+    zeroed buffer); the last one reads every split's partial output and log-sum-exp, writes the merged rows and
+    zeroes the counter for the next launch."""
+    # Every thread's stores of this split come before its count (the barrier), and the count's release and acquire at
+    # GPU scope make the other programs' stores visible to the last one (CUDA's threadFenceReduction pattern).
+    tl.debug_barrier()
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == NUM_SPLITS - 1:
+        tl.store(counter_ptr, 0)
+        lse_rows = lse_ptr + rows * num_heads + head
+        valid = row_valid[:, None] & dim_valid[None, :]
+        largest = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for split in tl.static_range(NUM_SPLITS):
+            lse = tl.load(lse_rows + split * lse_split_stride, mask=row_valid, other=float("-inf"),
+                          cache_modifier=".cg")  # fmt: skip
+            largest = tl.maximum(largest, lse)
+        largest = tl.where(largest == float("-inf"), 0.0, largest)  # rows past the step's: never stored
+        mass = tl.zeros([BLOCK_M], tl.float32)
+        merged = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
+        partial_rows = partial_ptr + rows[:, None] * partial_token_stride + head[:, None] * partial_head_stride
+        for split in tl.static_range(NUM_SPLITS):
+            lse = tl.load(lse_rows + split * lse_split_stride, mask=row_valid, other=float("-inf"),
+                          cache_modifier=".cg")  # fmt: skip
+            weight = tl.exp(lse - largest)
+            part = tl.load(partial_rows + split * partial_split_stride + dims[None, :], mask=valid, other=0.0,
+                           cache_modifier=".cg")  # fmt: skip
+            merged += part.to(tl.float32) * weight[:, None]
+            mass += weight
+        merged = merged / tl.where(mass > 0, mass, 1.0)[:, None]
+        merged_rows = merged_ptr + rows[:, None] * merged_token_stride + head[:, None] * merged_head_stride
+        tl.store(merged_rows + dims[None, :], merged.to(merged_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit

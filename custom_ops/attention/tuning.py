@@ -62,6 +62,10 @@ LAUNCHES = (
     {"TILE": 32, "num_warps": 4, "num_stages": 2},
     {"TILE": 32, "num_warps": 4, "num_stages": 3},
     {"TILE": 32, "num_warps": 2, "num_stages": 2},
+    # The splits merged by the kernel's last program of a row, not a second launch (triton.MERGE_COUNTERS)
+    {"TILE": 32, "num_warps": 4, "num_stages": 3, "MERGE_IN_KERNEL": True},
+    {"TILE": 64, "num_warps": 4, "num_stages": 3, "MERGE_IN_KERNEL": True},
+    {"TILE": 32, "num_warps": 4, "num_stages": 2, "MERGE_IN_KERNEL": True},
 )
 
 
@@ -344,8 +348,10 @@ def decode_launches(bucket: dict) -> list[dict]:
 
 
 def launch_name(launch: dict) -> str:
-    """{"TILE": 64, "num_warps": 4, "num_stages": 3} -> "triton-keys64-warps4-stages3"."""
-    return f"triton-keys{launch['TILE']}-warps{launch['num_warps']}-stages{launch['num_stages']}"
+    """{"TILE": 64, "num_warps": 4, "num_stages": 3} -> "triton-keys64-warps4-stages3" ("...-merged" with
+    MERGE_IN_KERNEL)."""
+    merged = "-merged" if launch.get("MERGE_IN_KERNEL") else ""
+    return f"triton-keys{launch['TILE']}-warps{launch['num_warps']}-stages{launch['num_stages']}{merged}"
 
 
 def unhidden_host_us(host_s: float, weight_bytes: int, read_bandwidth: float | None, layers: int) -> float:
