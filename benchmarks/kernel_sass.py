@@ -266,8 +266,9 @@ def _mma_study(out_dir: str, e2m1: bool, cases) -> None:
 
 
 def decode_attention(out_dir: str) -> None:
-    """paged_attention_kernel's decode step (one split) at Llama-3.1-8B's layer, bf16 and fp8 caches; a unit is one
-    key of the loop's tile (its key and value, for the GROUP query heads of a KV head)."""
+    """paged_attention_kernel's decode step at Llama-3.1-8B's layer, bf16 and fp8 caches, one split and 4 splits merged
+    by the last program (MERGE_IN_KERNEL); a unit is one key of the loop's tile (its key and value, for the GROUP query
+    heads of a KV head)."""
     import torch
 
     from custom_ops.attention.triton import default_decode_launch
@@ -275,21 +276,24 @@ def decode_attention(out_dir: str) -> None:
 
     strides = {"q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "v_token_stride",
                "v_head_stride", "out_token_stride", "out_head_stride", "out_split_stride", "cache_block_stride",
-               "cache_kv_stride", "cache_page_stride", "cache_head_stride"}  # fmt: skip
-    for cache in ("bf16", "fp8e4nv"):
+               "cache_kv_stride", "cache_page_stride", "cache_head_stride", "merged_token_stride",
+               "merged_head_stride"}  # fmt: skip
+    for cache, splits in (("bf16", 1), ("fp8e4nv", 1), ("bf16", 4)):
         launch = default_decode_launch(torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn)  # the backend's
         tile = launch.pop("TILE")
         types = {"out_ptr": "*bf16", "lse_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                  "slot_ptr": "*i64", "cache_ptr": f"*{cache}", "block_table_ptr": "*i32",
                  "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "sinks_ptr": "*bf16", "scale": "fp32",
-                 "softcap": "fp32"}  # fmt: skip
+                 "softcap": "fp32", "merged_ptr": "*bf16", "counter_ptr": "*i32"}  # fmt: skip
         constexprs = {"GROUP": 4, "GROUP_BLOCK": 4, "BLOCK_Q": 1, "BLOCK_M": 16, "TILE": tile, "HEAD_DIM": 128,
                       "HEAD_DIM_PADDED": 128, "USE_SOFTCAP": False, "USE_WINDOW": False, "USE_SINKS": False,
-                      "IEEE_DOT": False, "NUM_SPLITS": 1, "WRITE_KV": False, "DECODE": True,
-                      "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16}  # fmt: skip
+                      "IEEE_DOT": False, "NUM_SPLITS": splits, "WRITE_KV": splits > 1, "DECODE": True,
+                      "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16,
+                      "MERGE_IN_KERNEL": splits > 1}  # fmt: skip
         kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
                                     launch.get("num_stages", 3))  # fmt: skip
-        report(kernel, f"decode_attention_{cache}_cache", tile, out_dir)
+        report(kernel, f"decode_attention_{cache}_cache" + (f"_{splits}_splits_merged" if splits > 1 else ""), tile,
+               out_dir)  # fmt: skip
 
 
 def decode_gemm(out_dir: str) -> None:
