@@ -67,10 +67,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--contexts", default="256,2048", help="comma-separated context lengths")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="the paged cache's dtype")
-    parser.add_argument("--triton-tiles", metavar="TILE:WARPS:STAGES[:merged],...",
+    parser.add_argument("--triton-tiles", metavar="TILE:WARPS:STAGES[:one-launch],...",
                         help="time the triton backend's decode kernel at each launch (keys a loop step, num_warps, "
-                             "num_stages, and ':merged' for splits merged in the kernel; triton.DECODE_LAUNCH), "
-                             "e.g. 32:4:3,32:4:3:merged,64:8:2")
+                             "num_stages, and ':one-launch' for the step in the attention kernel alone; "
+                             "triton.DECODE_LAUNCH), e.g. 32:4:3,32:4:3:one-launch,64:8:2")
     parser.add_argument("--xqa", action="store_true", help="also time the xqa backend (FlashInfer's XQA kernel)")
     parser.add_argument("--skip-flashinfer-cuda-cores", action="store_true",
                         help="leave out FlashInfer's CUDA-core decode (its fp8-cache kernels are not in the prebuilt kit)")
@@ -85,12 +85,12 @@ def main() -> None:
     launches = {}
     for spec in (args.triton_tiles or "").split(","):
         if spec:
-            tile, warps, stages, *merged = spec.split(":")
-            if merged not in ([], ["merged"]):
-                parser.error(f"--triton-tiles: {spec!r} is not TILE:WARPS:STAGES[:merged]")
+            tile, warps, stages, *one = spec.split(":")
+            if one not in ([], ["one-launch"]):
+                parser.error(f"--triton-tiles: {spec!r} is not TILE:WARPS:STAGES[:one-launch]")
             variants[f"triton {spec}"] = ("triton", True)
             launches[f"triton {spec}"] = {"TILE": int(tile), "num_warps": int(warps), "num_stages": int(stages),
-                                          "MERGE_IN_KERNEL": bool(merged)}  # fmt: skip
+                                          "ONE_LAUNCH": bool(one)}  # fmt: skip
     rows = []
     print(f"{'batch':>5} {'context':>7} " + " ".join(f"{name:>26}" for name in variants))
     for batch in map(int, args.batches.split(",")):

@@ -309,8 +309,8 @@ def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
     kind = tuning._layer_kind(FEATURES, 16, 2, 1)
     names = {tuning.launch_name(launch) for launch in tuning.decode_launches({**kind, "kv_cache": "float32"})}
     assert names == {"triton-keys64-warps4-stages3", "triton-keys64-warps4-stages2", "triton-keys32-warps4-stages2",
-                     "triton-keys32-warps2-stages2", "triton-keys32-warps4-stages3-merged",
-                     "triton-keys64-warps4-stages3-merged", "triton-keys32-warps4-stages2-merged"}  # fmt: skip
+                     "triton-keys32-warps2-stages2", "triton-keys32-warps4-stages3-one-launch",
+                     "triton-keys64-warps4-stages3-one-launch", "triton-keys32-warps4-stages2-one-launch"}  # fmt: skip
     fp8 = {tuning.launch_name(launch) for launch in tuning.decode_launches({**kind, "kv_cache": "float8_e4m3fn"})}
     assert fp8 == names - {"triton-keys32-warps4-stages2"} | {"triton-keys32-warps4-stages3"}  # its default: 2
     assert tuning.decode_launches({**kind, "head_dim": 576}) == []  # latent attention's head: a launch of its own

@@ -83,8 +83,8 @@ def test_triton_fp8_cache_matches_reference_on_gpu(layer, step):
 @pytest.mark.parametrize("launch", [{"TILE": 64, "num_warps": 4, "num_stages": 3}, {"TILE": 128, "num_warps": 8,
                                     "num_stages": 2}, {"TILE": 16, "num_warps": 2, "num_stages": 4},
                                     {"TILE": 32, "num_warps": 2, "num_stages": 2},
-                                    {"TILE": 32, "num_warps": 4, "num_stages": 3, "MERGE_IN_KERNEL": True},
-                                    {"TILE": 64, "num_warps": 4, "num_stages": 2, "MERGE_IN_KERNEL": True}])  # fmt: skip
+                                    {"TILE": 32, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
+                                    {"TILE": 64, "num_warps": 4, "num_stages": 2, "ONE_LAUNCH": True}])  # fmt: skip
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
 def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cache_dtype):
     """Each decode launch the benchmark sweeps (triton.DECODE_LAUNCH) computes what the default does."""
@@ -98,15 +98,33 @@ def test_triton_decode_launches_match_reference_on_gpu(monkeypatch, launch, cach
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_triton_decode_replays_in_a_cuda_graph(monkeypatch, merge_in_kernel):
-    """No planning: the graph captured for one step's shapes serves other lengths and block tables (the splits merged by
-    the kernel's last program too: each replay finds the counters zero again)."""
+@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("max_splits", [16, 1])
+def test_triton_decode_replays_in_a_cuda_graph(monkeypatch, one_launch, max_splits):
+    """No planning: the graph captured for one step's shapes serves other lengths and block tables; in one launch too
+    (split: the kernel's last program of a row merges, and each replay finds the counters zero again; one split: the
+    kernel writes the cache)."""
     from custom_ops.attention import triton as triton_backend
 
-    monkeypatch.setattr(triton_backend, "DECODE_LAUNCH", {"TILE": 32, "MERGE_IN_KERNEL": merge_in_kernel})
+    monkeypatch.setattr(triton_backend, "DECODE_LAUNCH", {"TILE": 32, "ONE_LAUNCH": one_launch})
+    monkeypatch.setattr(triton_backend, "MAX_SPLITS", max_splits)
     check_decode_graph_replay("triton")
     assert all(not counters.any() for counters in triton_backend._merge_counters.values())
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_one_launch_at_one_split_matches_reference_on_gpu(monkeypatch):
+    """At one split (as many programs as the GPU takes) the one-launch decode writes the cache in the kernel."""
+    from custom_ops.attention import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "DECODE_LAUNCH", {"TILE": 32, "ONE_LAUNCH": True})
+    monkeypatch.setattr(triton_backend, "MAX_SPLITS", 1)
+    for layer in ("llama-8b", "gpt-oss", "smollm2"):
+        for cache_dtype in (None, torch.float8_e4m3fn):
+            check_against_reference(layer, "decode", 16, "cuda", torch.bfloat16, 1e-2, cache_dtype)
+    check_against_reference("gpt-oss", "tokens-as-sequences", 5, "cuda", torch.bfloat16, 1e-2)
+    torch.cuda.synchronize()
 
 
 def fix_interpreter_loop_bounds() -> None:
@@ -176,13 +194,17 @@ def test_triton_kernel_in_the_interpreter():
         "import custom_ops.attention.triton as backend\n"  # a decode launch of longer key tiles (DECODE_LAUNCH)
         "backend.DECODE_LAUNCH = {'TILE': 64}\n"
         "t.check_against_reference('gpt-oss', 'decode', 5, 'cpu', torch.float32, 1e-4)\n"
-        # the splits merged by the last program of each row, not a second kernel; twice: each launch leaves the
-        # counters zero for the next
-        "backend.DECODE_LAUNCH = {'TILE': 32, 'MERGE_IN_KERNEL': True}\n"
-        "for case in [('gpt-oss', 'decode', 5)] * 2 + [('smollm2', 'decode', 16), ('gpt-oss', 'tokens-as-sequences', 5)]:\n"
-        "    t.check_against_reference(*case, 'cpu', torch.float32, 1e-4)\n"
-        "assert list(backend._merge_counters) == [torch.device('cpu')] and not backend._merge_counters[torch.device('cpu')].any()\n"
-        "backend.DECODE_LAUNCH = {'TILE': 32}\n"
+        # a decode step in one launch: the splits merged by the last program of each row, not a second kernel (twice:
+        # each launch leaves the counters zero for the next), and at one split the cache written by the kernel
+        "backend.DECODE_LAUNCH = {'TILE': 32, 'ONE_LAUNCH': True}\n"
+        "cases = [('gpt-oss', 'decode', 5)] * 2 + [('smollm2', 'decode', 16), ('gpt-oss', 'tokens-as-sequences', 5)]\n"
+        "for case in cases: t.check_against_reference(*case, 'cpu', torch.float32, 1e-4)\n"
+        "assert list(backend._merge_counters) == [torch.device('cpu')]\n"
+        "assert not backend._merge_counters[torch.device('cpu')].any()\n"
+        "max_splits, backend.MAX_SPLITS = backend.MAX_SPLITS, 1\n"
+        "write, backend.write_kv_cache_fast = backend.write_kv_cache_fast, None\n"  # a separate write would fail
+        "for case in cases[1:]: t.check_against_reference(*case, 'cpu', torch.float32, 1e-4)\n"
+        "backend.MAX_SPLITS, backend.DECODE_LAUNCH, backend.write_kv_cache_fast = max_splits, {'TILE': 32}, write\n"
         "t.fix_interpreter_fp8_conversions()\n"  # an fp8 cache: written by the kernels and read as on a GPU
         f"for case in {INTERPRETED_FP8_CACHE!r}: t.check_against_reference(*case, torch.float8_e4m3fn)\n"
         # float16 MMAs over an fp8 cache with q past their limit (a bf16 q can reach far beyond float16's range; here

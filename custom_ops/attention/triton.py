@@ -14,13 +14,16 @@ past a sequence's last query exit at once.
 
 Decode steps have one query per sequence, too few programs to fill the GPU: there the keys of each
 sequence are split over NUM_SPLITS programs (a number that depends on the batch size only, so graphs
-stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them (or, with the launch's
-MERGE_IN_KERNEL, the program that finishes a row's splits last merges them: one launch a layer fewer). Those
+stay valid), each writes its partial output and log-sum-exp, and a second kernel merges them. Those
 steps' keys and values go into the cache from the attention kernel itself (WRITE_KV): each query tile's
 first split stores its own tokens', and every program takes this step's keys from k and v rather than
 the cache, so no program waits for another's write and the write costs no launch. Elsewhere a kernel
 of its own writes them first: the extra loads in the key loop cost more than the launch once every
 program walks many tiles (a batch of hundreds of sequences, a long prefill).
+
+A decode launch with ONE_LAUNCH (a tuning candidate, off by default) runs the step in the attention kernel alone:
+the program that finishes a row's splits last merges them (MERGE_IN_KERNEL), and at one split the kernel writes
+the keys and values itself, so neither the merge nor the write is a launch of its own.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile
 TUNED_DECODE_SPLITS: dict[tuple, int] = {}
 # Decode launches (DECODE_LAUNCH's form) the autotuner chose, by split_key(); default_decode_launch() elsewhere.
 TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
-# Programs of one decode launch (tokens x KV-head blocks) that can count their finished splits (MERGE_IN_KERNEL); a
-# larger launch merges in a second kernel. 256 KiB a device.
+# Programs of one decode launch (tokens x KV-head blocks) that can count their finished splits (ONE_LAUNCH); a larger
+# launch merges in a second kernel. 256 KiB a device.
 MERGE_COUNTERS = 1 << 16
 _merge_counters: dict[torch.device, torch.Tensor] = {}
 
@@ -170,7 +173,8 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
             splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
         if launch is None:
             launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(kv_cache.dtype)
-    write_kv = splits > 1  # the kernel writes the cache itself (module docstring)
+    one_launch = decode and not wide_head(head_dim) and launch.get("ONE_LAUNCH", False)
+    write_kv = splits > 1 or one_launch  # the kernel writes the cache itself (module docstring)
     if not write_kv:
         write_kv_cache_fast(k, v, kv_cache, slot_mapping)
     partial, lse = out, out  # one split: the kernel writes `out` itself
@@ -183,11 +187,11 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     if wide_head(head_dim):
         key_tile, stages = 16, {"num_stages": 1, "num_warps": 8}
     elif decode:
-        key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k not in ("TILE", "MERGE_IN_KERNEL")}
+        key_tile, stages = launch["TILE"], {k: v for k, v in launch.items() if k not in ("TILE", "ONE_LAUNCH")}
     else:
         key_tile, stages = KEY_TILE, {}
     counters = None
-    if splits > 1 and decode and not wide_head(head_dim) and launch.get("MERGE_IN_KERNEL"):
+    if splits > 1 and one_launch:
         counters = merge_counters(q.device, grid[0] * grid[1])
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,

@@ -62,10 +62,11 @@ LAUNCHES = (
     {"TILE": 32, "num_warps": 4, "num_stages": 2},
     {"TILE": 32, "num_warps": 4, "num_stages": 3},
     {"TILE": 32, "num_warps": 2, "num_stages": 2},
-    # The splits merged by the kernel's last program of a row, not a second launch (triton.MERGE_COUNTERS)
-    {"TILE": 32, "num_warps": 4, "num_stages": 3, "MERGE_IN_KERNEL": True},
-    {"TILE": 64, "num_warps": 4, "num_stages": 3, "MERGE_IN_KERNEL": True},
-    {"TILE": 32, "num_warps": 4, "num_stages": 2, "MERGE_IN_KERNEL": True},
+    # The step in one launch: the splits merged by the kernel's last program of a row, or at one split the KV write in
+    # the kernel (triton.py's docstring)
+    {"TILE": 32, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
+    {"TILE": 64, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
+    {"TILE": 32, "num_warps": 4, "num_stages": 2, "ONE_LAUNCH": True},
 )
 
 
@@ -348,10 +349,10 @@ def decode_launches(bucket: dict) -> list[dict]:
 
 
 def launch_name(launch: dict) -> str:
-    """{"TILE": 64, "num_warps": 4, "num_stages": 3} -> "triton-keys64-warps4-stages3" ("...-merged" with
-    MERGE_IN_KERNEL)."""
-    merged = "-merged" if launch.get("MERGE_IN_KERNEL") else ""
-    return f"triton-keys{launch['TILE']}-warps{launch['num_warps']}-stages{launch['num_stages']}{merged}"
+    """{"TILE": 64, "num_warps": 4, "num_stages": 3} -> "triton-keys64-warps4-stages3" ("...-one-launch" with
+    ONE_LAUNCH)."""
+    one = "-one-launch" if launch.get("ONE_LAUNCH") else ""
+    return f"triton-keys{launch['TILE']}-warps{launch['num_warps']}-stages{launch['num_stages']}{one}"
 
 
 def unhidden_host_us(host_s: float, weight_bytes: int, read_bandwidth: float | None, layers: int) -> float:
