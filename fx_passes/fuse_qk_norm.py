@@ -1,19 +1,25 @@
 """fuse_qk_norm: the per-head RMSNorms of one attention layer's queries and keys (Qwen3's, Qwen3-MoE's q_norm and
-k_norm) become one op: one kernel launch instead of two.
+k_norm) become one op, with the RoPE after them where it is HF's: one kernel launch instead of three.
 
     qv = as_strided(qkv, [1, T, Hq, D], ...)          (or view(linear(x, W_q), [1, T, Hq, D]); k's likewise)
     qn = compiled_llm.rms_norm(qv, w_q, eps, backend)                 (fuse_rms_norm's ops)
     kn = compiled_llm.rms_norm(kv, w_k, eps, backend)
     attention(select(rope(qn), 0, 0), select(rope(kn), 0, 0), v, ...)
     ->
-    qk = compiled_llm.qk_rms_norm(qv, kv, w_q, w_k, eps, backend); qn = qk[0]; kn = qk[1]
+    qk = compiled_llm.qk_rms_norm(qv, kv, w_q, w_k, eps, backend, cos, sin)
+    attention(select(qk[0], 0, 0), select(qk[1], 0, 0), v, ...)
+
+where rope(y) = y * C + cat([-y[..., D/2:], y[..., :D/2]], -1) * S with C, S [1, T, 1, D] (views of cos and sin
+[T, D]) for both, and y its only reader; otherwise RoPE stays Inductor's (qk = qk_rms_norm(qv, kv, w_q, w_k, eps,
+backend); qn = qk[0]; kn = qk[1]).
 
 A pair is two norms that the canonical attention op of one layer reads as its q and as its k, each through
 elementwise and layout ops only (RoPE, the selects and transposes around attention), each over a per-head view
 shaped as that input's [heads, head_dim]; both views of one linear output (a fused qkv) or of two linears of one
 input, with the same eps, backend and dtypes. Anything else stays as it is. Exact: the op computes each norm as
-`rms_norm` does. It matches `rms_norm` ops, so the backend is fuse_rms_norm's (`CompileConfig.norm_backend`):
-Gemma's (1 + w) norm, which fuse_rms_norm leaves to Inductor, is left alone here too. RoPE stays Inductor's.
+`rms_norm` does, and RoPE in float32 from the norm's rounded output, rounded once, as Inductor does. It matches
+`rms_norm` ops, so the backend is fuse_rms_norm's (`CompileConfig.norm_backend`): Gemma's (1 + w) norm, which
+fuse_rms_norm leaves to Inductor, is left alone here too.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.fx
 import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from fx_passes.kernel_backend import resolve_triton_backend
 from fx_passes.match_sdpa_attention import CANONICAL_ATTENTION
-from fx_passes.node_match import calls, sym_expr
+from fx_passes.node_match import calls, is_call, sym_expr
 from fx_passes.node_meta import insert_call, insert_outputs
 from fx_passes.registry import PassResult, register_pass
 
@@ -40,6 +46,7 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
           aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.slice.Tensor, aten.transpose.int,
           aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, operator.getitem}  # fmt: skip
 _LINEARS = (aten.linear.default, torch.ops.compiled_llm.linear.default)
+FUSE_ROPE = True  # False: RoPE stays Inductor's (for A/B runs: benchmarks/cli_with_settings.py)
 
 
 def _norms_read_by(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -98,6 +105,69 @@ def _pair(attention: torch.fx.Node, backend: str) -> tuple[torch.fx.Node, torch.
     return q_norm, k_norm
 
 
+def _half_slice(node, source: torch.fx.Node, d: int) -> str | None:
+    """"first" or "second" where `node` is slice(source, last dim, ...) of that half of d columns, else None."""
+    if not (is_call(node, aten.slice.Tensor) and node.args[0] is source and len(node.users) == 1):
+        return None
+    dim, start, end, step = (*node.args[1:], *(0, None, None, 1)[len(node.args) - 1 :])
+    if dim not in (-1, 3) or step != 1 or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    return {(0, d // 2): "first", (d // 2, d): "second"}.get((start, min(end, d)))
+
+
+def _times(node, factor_of) -> tuple | None:
+    """(x, factor) where `node` is mul(x, factor) or mul(factor, x) and factor_of(x) holds for x, else None."""
+    if not (is_call(node, aten.mul.Tensor) and len(node.users) == 1 and not node.kwargs):
+        return None
+    for x, factor in (node.args, node.args[::-1]):
+        if isinstance(factor, torch.fx.Node) and factor_of(x):
+            return x, factor
+    return None
+
+
+def _rope_of(norm: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
+    """(add, C, S) where norm's readers are exactly HF's RoPE of it (the module docstring) and C, S are [1, T, 1, D]
+    tables of its dtype; None otherwise."""
+    val = norm.meta["val"]
+    if val.dim() != 4 or not _same_sizes(val.shape[:1], (1,)) or not isinstance(val.shape[-1], int):
+        return None
+    d = val.shape[-1]
+    halves = {_half_slice(u, norm, d): u for u in norm.users if is_call(u, aten.slice.Tensor)}
+    muls = [u for u in norm.users if is_call(u, aten.mul.Tensor)]
+    if len(norm.users) != 3 or set(halves) != {"first", "second"} or len(muls) != 1 or d % 2:
+        return None
+    negated = next(iter(halves["second"].users))
+    if not (is_call(negated, aten.neg.default) and len(negated.users) == 1):
+        return None
+    cat = next(iter(negated.users))
+    if not (is_call(cat, aten.cat.default) and list(cat.args[0]) == [negated, halves["first"]]):
+        return None
+    if (cat.args[1] if len(cat.args) > 1 else 0) not in (-1, 3) or len(cat.users) != 1:
+        return None
+    by_cos = _times(muls[0], lambda x: x is norm)
+    by_sin = _times(next(iter(cat.users)), lambda x: x is cat)
+    if by_cos is None or by_sin is None:
+        return None
+    add = next(iter(muls[0].users))
+    if not (is_call(add, aten.add.Tensor) and not add.kwargs and set(add.args) == {muls[0], next(iter(cat.users))}):
+        return None
+    tables = by_cos[1], by_sin[1]
+    for table in tables:
+        t = table.meta.get("val")
+        if not (isinstance(t, torch.Tensor) and t.dtype == val.dtype and t.dim() == 4
+                and _same_sizes(t.shape, (1, val.shape[1], 1, d))):  # fmt: skip
+            return None
+    if add.meta["val"].dtype != val.dtype:
+        return None
+    return add, *tables
+
+
+def _token_rows(graph: torch.fx.Graph, table: torch.fx.Node) -> torch.fx.Node:
+    """A [1, T, 1, D] table as [T, D]."""
+    rows = insert_call(graph, aten.select.int, (table, 2, 0))
+    return insert_call(graph, aten.select.int, (rows, 0, 0))
+
+
 def _after(start: torch.fx.Node, before: dict[torch.fx.Node, int], limit: int) -> list[torch.fx.Node] | None:
     """The nodes that read `start`'s output (transitively) and stand before position `limit`, in graph order
     (they move after the fused op); None if one of them is at `limit` (an input of the fused op reads `start`)."""
@@ -122,7 +192,7 @@ def fuse_qk_norm(gm: torch.fx.GraphModule, config) -> PassResult:
     backend, why = resolve_triton_backend("norm_backend", config.norm_backend, norms[0].args[0].meta["val"].device.type)
     if backend == "torch":
         return PassResult("fuse_qk_norm", 0, f"norms left to Inductor ({why})")
-    fused = 0
+    fused = with_rope = 0
     for attention in calls(graph, CANONICAL_ATTENTION):
         pair = _pair(attention, backend)
         if pair is None:
@@ -130,7 +200,10 @@ def fuse_qk_norm(gm: torch.fx.GraphModule, config) -> PassResult:
         before = {n: i for i, n in enumerate(graph.nodes)}  # afresh: the sites before moved and added nodes
         q_norm, k_norm = pair
         (q, w_q, eps, _), (k, w_k, _, _) = q_norm.args, k_norm.args
-        last = max(q, k, key=before.__getitem__)  # the fused op goes right after its later input
+        ropes = (_rope_of(q_norm), _rope_of(k_norm)) if FUSE_ROPE else (None, None)
+        rope = None not in ropes and ropes[0][1:] == ropes[1][1:]  # one cos and sin for both
+        tables = ropes[0][1:] if rope else ()
+        last = max(q, k, *tables, key=before.__getitem__)  # the fused op goes right after its later input
         moved = [_after(norm, before, before[last]) for norm in pair]
         if None in moved:  # one norm's output feeds the other's input: not a pair after all
             continue
@@ -139,15 +212,18 @@ def fuse_qk_norm(gm: torch.fx.GraphModule, config) -> PassResult:
             for w in (w_q, w_k):  # nodes of their own, which the graph may define only further down
                 weights.append(graph.get_attr(w.target))
                 weights[-1].meta["val"] = w.meta["val"]
-            call = insert_call(graph, torch.ops.compiled_llm.qk_rms_norm.default, (q, k, *weights, eps, backend),
+            rows = [_token_rows(graph, table) for table in tables]
+            call = insert_call(graph, torch.ops.compiled_llm.qk_rms_norm.default, (q, k, *weights, eps, backend, *rows),
                                val=(q_norm.meta["val"], k_norm.meta["val"]))  # fmt: skip
             outputs = insert_outputs(graph, call)
         anchor = outputs[-1]
         for node in sorted({*moved[0], *moved[1]}, key=before.__getitem__):  # what read a norm before `last`
             anchor.append(node)
             anchor = node
-        q_norm.replace_all_uses_with(outputs[0])
-        k_norm.replace_all_uses_with(outputs[1])
+        for norm, found, output in zip(pair, ropes, outputs, strict=True):
+            (found[0] if rope else norm).replace_all_uses_with(output)  # RoPE's add, or the norm
         fused += 1
+        with_rope += rope
     graph.eliminate_dead_code()
-    return PassResult("fuse_qk_norm", fused, f"{fused} q/k norm pairs -> {backend}" if fused else "")
+    note = f"{fused} q/k norm pairs -> {backend}, {with_rope} with their RoPE" if fused else ""
+    return PassResult("fuse_qk_norm", fused, note)

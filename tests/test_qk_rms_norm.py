@@ -14,6 +14,7 @@ import custom_ops.rms_norm  # noqa: F401  (registers the ops)
 from compiled_llm import CompileConfig, compile_model
 from compiled_llm.capture import capture_model
 from custom_ops.rms_norm.op import reference_rms_norm
+from custom_ops.rms_norm.qk import reference_rope
 from custom_ops.triton_runtime import triton_available
 from fx_passes import DEFAULT_PIPELINE, run_passes
 
@@ -29,9 +30,24 @@ def qkv_heads(tokens: int, hq: int, hk: int, d: int, dtype, device: str, generat
     return q, k, *weights
 
 
-def check_qk_rms_norm(device: str, dtype: torch.dtype, backend: str = "triton", cases: int = 3) -> None:
+def rope_tables(tokens: int, d: int, dtype, device: str, generator: torch.Generator):
+    """cos and sin [T, D] of random positions (HF's halves repeated), cos a view strided over the tokens."""
+    angles = torch.rand(tokens, d // 2, generator=generator, dtype=torch.float64) * 100
+    both = torch.cat([angles, angles], -1)
+    cos = torch.cat([both.cos(), torch.zeros_like(both)], -1)[:, :d]  # a row stride of 2D
+    return cos.to(device=device, dtype=dtype), both.sin().to(device=device, dtype=dtype)
+
+
+def exact_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = y.shape[-1] // 2
+    rotated = torch.cat([-y[..., half:], y[..., :half]], -1)
+    return y * cos.double()[:, None, :] + rotated * sin.double()[:, None, :]
+
+
+def check_qk_rms_norm(device: str, dtype: torch.dtype, backend: str = "triton", cases: int = 3,
+                      rope: bool = False) -> None:  # fmt: skip
     """The op on fresh random views against float64 math and against the rms_norm reference called twice
-    (equal for the reference; the kernel within its float32 summation order)."""
+    (equal for the reference; the kernel within its float32 summation order); with `rope`, RoPE after the norms."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -39,11 +55,14 @@ def check_qk_rms_norm(device: str, dtype: torch.dtype, backend: str = "triton", 
         tokens, d, eps = rng.randint(1, 9), rng.choice([16, 64, 80, 128]), rng.choice([1e-6, 1e-5])
         hq, hk = rng.choice([(6, 3), (5, 1), (4, 2)])  # head counts off powers of two among them
         q, k, w_q, w_k = qkv_heads(tokens, hq, hk, d, dtype, device, generator)
-        q_out, k_out = torch.ops.compiled_llm.qk_rms_norm(q, k, w_q, w_k, eps, backend)
+        tables = rope_tables(tokens, d, dtype, device, generator) if rope else ()
+        q_out, k_out = torch.ops.compiled_llm.qk_rms_norm(q, k, w_q, w_k, eps, backend, *tables)
         for x, w, out in ((q, w_q, q_out), (k, w_k, k_out)):
-            where = f"seed {seed}: {backend} {dtype} T={tokens} heads={x.shape[2]} D={d}"
+            where = f"seed {seed}: {backend} {dtype} T={tokens} heads={x.shape[2]} D={d} rope={rope}"
             assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous(), where
             expected = reference_rms_norm(x, w, eps)
+            if rope:
+                expected = reference_rope(expected, *tables)
             if backend == "torch":
                 assert torch.equal(out, expected), where
             else:  # float32 sums in another order, so a 16-bit output may round one step apart
@@ -53,19 +72,24 @@ def check_qk_rms_norm(device: str, dtype: torch.dtype, backend: str = "triton", 
                 )
             h = x.double()
             exact = w.double() * h / (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-            assert relative_error(out, exact) < TOLERANCE[dtype], where
+            if rope:
+                exact = exact_rope(exact[0], *tables)[None]
+            assert relative_error(out, exact) < TOLERANCE[dtype] * (2 if rope else 1), where
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qk_rms_norm_reference_on_cpu(dtype):
     check_qk_rms_norm("cpu", dtype, "torch")
+    check_qk_rms_norm("cpu", dtype, "torch", rope=True)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_qk_rms_norm_kernel_in_the_interpreter():
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_qk_rms_norm as t\n"
-        "for dtype in (torch.float32, torch.float16): t.check_qk_rms_norm('cpu', dtype)"
+        "for dtype in (torch.float32, torch.float16):\n"
+        "    t.check_qk_rms_norm('cpu', dtype)\n"
+        "    t.check_qk_rms_norm('cpu', dtype, rope=True)"
     )
 
 
@@ -73,6 +97,7 @@ def test_qk_rms_norm_kernel_in_the_interpreter():
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_qk_rms_norm_kernel_on_gpu():
     check_qk_rms_norm("cuda", torch.bfloat16, cases=20)
+    check_qk_rms_norm("cuda", torch.bfloat16, cases=20, rope=True)
 
 
 def test_qk_rms_norm_refuses_mismatched_inputs():
@@ -83,6 +108,10 @@ def test_qk_rms_norm_refuses_mismatched_inputs():
         torch.ops.compiled_llm.qk_rms_norm(q, k, w, torch.randn(4), 1e-6, "triton")
     with pytest.raises(ValueError, match="one dtype"):
         torch.ops.compiled_llm.qk_rms_norm(q, k.double(), w, w, 1e-6, "torch")
+    with pytest.raises(ValueError, match="cos and sin come together"):
+        torch.ops.compiled_llm.qk_rms_norm(q, k, w, w, 1e-6, "triton", torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"must be \[tokens, head_dim\] = \(3, 8\)"):
+        torch.ops.compiled_llm.qk_rms_norm(q, k, w, w, 1e-6, "triton", torch.randn(4, 8), torch.randn(4, 8))
 
 
 def _sites(model) -> dict[str, int]:
@@ -93,7 +122,8 @@ def _sites(model) -> dict[str, int]:
         target: sum(n.target is target for n in gm.graph.nodes)
         for target in (ops.rms_norm.default, ops.qk_rms_norm.default)
     }
-    return {"sites": next(r.sites for r in results if r.name == "fuse_qk_norm"), **counts}
+    with_rope = sum(n.target is ops.qk_rms_norm.default and len(n.args) == 8 for n in gm.graph.nodes)
+    return {"sites": next(r.sites for r in results if r.name == "fuse_qk_norm"), "with_rope": with_rope, **counts}
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -107,6 +137,7 @@ def test_fuse_qk_norm_sites(arch, pairs):
     sites = _sites(tiny_model(arch))
     assert sites["sites"] == pairs
     assert sites[torch.ops.compiled_llm.qk_rms_norm.default] == pairs
+    assert sites["with_rope"] == pairs  # each pair with its layer's RoPE (HF's rotate_half form)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -114,7 +145,7 @@ def test_fuse_qk_norm_leaves_a_pair_of_two_eps_alone():
     model = tiny_model("qwen3")
     model.model.layers[0].self_attn.k_norm.variance_epsilon = 1e-5  # q's is 1e-6: one op cannot compute both
     sites = _sites(model)
-    assert sites["sites"] == 1
+    assert sites["sites"] == 1 and sites["with_rope"] == 1
     assert sites[torch.ops.compiled_llm.rms_norm.default] == 1 + 2  # the first layer's input norm, and that pair
 
 
