@@ -31,11 +31,11 @@ def qkv_heads(tokens: int, hq: int, hk: int, d: int, dtype, device: str, generat
 
 
 def rope_tables(tokens: int, d: int, dtype, device: str, generator: torch.Generator):
-    """cos and sin [T, D] of random positions (HF's halves repeated), cos a view strided over the tokens."""
-    angles = torch.rand(tokens, d // 2, generator=generator, dtype=torch.float64) * 100
-    both = torch.cat([angles, angles], -1)
-    cos = torch.cat([both.cos(), torch.zeros_like(both)], -1)[:, :d]  # a row stride of 2D
-    return cos.to(device=device, dtype=dtype), both.sin().to(device=device, dtype=dtype)
+    """cos and sin [T, D] of random angles, each column its own (HF repeats the halves; the op takes any table, and a
+    kernel that read a column's partner would pass on HF's), cos a view strided over the tokens."""
+    angles = torch.rand(tokens, d, generator=generator, dtype=torch.float64) * 100
+    cos = torch.cat([angles.cos(), torch.zeros_like(angles)], -1)[:, :d]  # a row stride of 2D
+    return cos.to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
 
 def exact_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,10 +63,18 @@ def check_qk_rms_norm(device: str, dtype: torch.dtype, backend: str = "triton", 
             expected = reference_rms_norm(x, w, eps)
             if rope:
                 expected = reference_rope(expected, *tables)
+            rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
             if backend == "torch":
                 assert torch.equal(out, expected), where
+            elif rope:  # a norm output a rounding step apart moves y * cos + y' * sin by that step of each term, which
+                # may nearly cancel: bounded by the terms' sizes, not the result's
+                y = reference_rms_norm(x, w, eps).float().reshape(-1, *x.shape[-2:])
+                cos, sin = (table.float()[:, None, :] for table in tables)
+                half = d // 2
+                terms = y.abs() * cos.abs() + torch.cat([y[..., half:], y[..., :half]], -1).abs() * sin.abs()
+                apart = (out.float() - expected.float()).reshape(terms.shape).abs()
+                assert (apart <= 2 * rtol * terms + 1e-5).all(), f"{where}: {apart.max()}"
             else:  # float32 sums in another order, so a 16-bit output may round one step apart
-                rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
                 torch.testing.assert_close(
                     out, expected, rtol=rtol, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}"
                 )
@@ -169,3 +177,38 @@ def test_fuse_qk_norm_on_qwen3_matches_hf():
         assert relative_error(cm(ids).logits, expected) < 1e-4
         if pairs:
             assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[]), expected_tokens)
+
+
+def _interleaved_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """RoPE over adjacent pairs (GPT-J's form), not HF's halves: not the op's rotation."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotated(x):
+        return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+
+    return q * cos + rotated(q) * sin, k * cos + rotated(k) * sin
+
+
+def _swapped_tables_for_k(q, k, cos, sin, unsqueeze_dim=1):
+    """HF's form, but k's tables swapped: q's and k's RoPE are not one rotation."""
+    from transformers.models.qwen3.modeling_qwen3 import rotate_half
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * sin + rotate_half(k) * cos
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("rope", [_interleaved_rope, _swapped_tables_for_k])
+def test_a_rope_that_is_not_one_rotate_half_for_q_and_k_stays_inductors(monkeypatch, rope):
+    """The norms pair, their RoPE is left to Inductor, and the logits are the module's own."""
+    import transformers.models.qwen3.modeling_qwen3 as qwen3
+
+    monkeypatch.setattr(qwen3, "apply_rotary_pos_emb", rope)
+    model = tiny_model("qwen3")
+    sites = _sites(model)
+    assert (sites["sites"], sites["with_rope"]) == (2, 0)
+    ids = random_prompt(12, seed=3)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    cm = compile_model(model, norm_backend="triton", compile_backend="eager", max_batch_size=1)
+    assert relative_error(cm(ids).logits, expected) < 1e-4

@@ -64,7 +64,9 @@ _merge_counters: dict[torch.device, torch.Tensor] = {}
 
 def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     """The device's zeroed split counters (every launch leaves them zero), or None where `needed` do not fit or they do
-    not exist yet while a CUDA graph is captured (made there, they would be zeroed by its replays only)."""
+    not exist yet while a CUDA graph is captured (made there, they would be zeroed by its replays only). One buffer a
+    device: one-launch decode steps must not run at the same time on two streams of one device (the runtime runs a
+    model's steps on one stream, one after another)."""
     counters = _merge_counters.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -229,7 +229,9 @@ def merge_in_the_last_split(
             lse = tl.load(lse_rows + split * lse_split_stride, mask=row_valid, other=float("-inf"),
                           cache_modifier=".cg")  # fmt: skip
             largest = tl.maximum(largest, lse)
-        largest = tl.where(largest == float("-inf"), 0.0, largest)  # rows past the step's: never stored
+        # A row whose splits all saw no key (never in decode: a token sees itself) merges to 0, not merge_splits_kernel's
+        # NaN; rows past the step's are never stored.
+        largest = tl.where(largest == float("-inf"), 0.0, largest)
         mass = tl.zeros([BLOCK_M], tl.float32)
         merged = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
         partial_rows = partial_ptr + rows[:, None] * partial_token_stride + head[:, None] * partial_head_stride
