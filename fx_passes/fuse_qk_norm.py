@@ -214,7 +214,8 @@ def fuse_qk_norm(gm: torch.fx.GraphModule, config) -> PassResult:
                 weights[-1].meta["val"] = w.meta["val"]
             rows = [_token_rows(graph, table) for table in tables]
             call = insert_call(graph, torch.ops.compiled_llm.qk_rms_norm.default, (q, k, *weights, eps, backend, *rows),
-                               val=(q_norm.meta["val"], k_norm.meta["val"]))  # fmt: skip
+                               val=tuple((found[0] if rope else norm).meta["val"]
+                                         for norm, found in zip(pair, ropes, strict=True)))  # fmt: skip
             outputs = insert_outputs(graph, call)
         anchor = outputs[-1]
         for node in sorted({*moved[0], *moved[1]}, key=before.__getitem__):  # what read a norm before `last`
