@@ -209,6 +209,12 @@ def test_triton_kernel_in_the_interpreter():
         "backend.MAX_SPLITS, backend.DECODE_LAUNCH, backend.write_kv_cache_fast = max_splits, {'TILE': 32}, write\n"
         "t.fix_interpreter_fp8_conversions()\n"  # an fp8 cache: written by the kernels and read as on a GPU
         f"for case in {INTERPRETED_FP8_CACHE!r}: t.check_against_reference(*case, torch.float8_e4m3fn)\n"
+        # one launch over an fp8 cache: split and merged in the kernel, then at one split the kernel's own write
+        "backend.DECODE_LAUNCH = {'TILE': 32, 'ONE_LAUNCH': True}\n"
+        "t.check_against_reference('llama-8b', 'decode', 16, 'cpu', torch.float32, 1e-4, torch.float8_e4m3fn)\n"
+        "backend.MAX_SPLITS = 1\n"
+        "t.check_against_reference('llama-8b', 'decode', 16, 'cpu', torch.float32, 1e-4, torch.float8_e4m3fn)\n"
+        "backend.MAX_SPLITS, backend.DECODE_LAUNCH = max_splits, {'TILE': 32}\n"
         # float16 MMAs over an fp8 cache with q past their limit (a bf16 q can reach far beyond float16's range; here
         # the limit comes down to q's values): q is divided by a power of 2 and the scores multiplied back
         "import triton.language as tl, custom_ops.attention.triton_kernel as kernel\n"
