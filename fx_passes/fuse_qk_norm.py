@@ -162,10 +162,12 @@ def _rope_of(norm: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.f
     return add, *tables
 
 
-def _token_rows(graph: torch.fx.Graph, table: torch.fx.Node) -> torch.fx.Node:
-    """A [1, T, 1, D] table as [T, D]."""
-    rows = insert_call(graph, aten.select.int, (table, 2, 0))
-    return insert_call(graph, aten.select.int, (rows, 0, 0))
+def _token_rows(graph: torch.fx.Graph, table: torch.fx.Node, made: dict) -> torch.fx.Node:
+    """A [1, T, 1, D] table as [T, D]: one view a table, which every layer reads (it stands before the first)."""
+    if table not in made:
+        rows = insert_call(graph, aten.select.int, (table, 2, 0))
+        made[table] = insert_call(graph, aten.select.int, (rows, 0, 0))
+    return made[table]
 
 
 def _after(start: torch.fx.Node, before: dict[torch.fx.Node, int], limit: int) -> list[torch.fx.Node] | None:
@@ -193,6 +195,7 @@ def fuse_qk_norm(gm: torch.fx.GraphModule, config) -> PassResult:
     if backend == "torch":
         return PassResult("fuse_qk_norm", 0, f"norms left to Inductor ({why})")
     fused = with_rope = 0
+    table_rows = {}  # _token_rows' views, shared by the layers
     for attention in calls(graph, CANONICAL_ATTENTION):
         pair = _pair(attention, backend)
         if pair is None:
@@ -212,7 +215,7 @@ def fuse_qk_norm(gm: torch.fx.GraphModule, config) -> PassResult:
             for w in (w_q, w_k):  # nodes of their own, which the graph may define only further down
                 weights.append(graph.get_attr(w.target))
                 weights[-1].meta["val"] = w.meta["val"]
-            rows = [_token_rows(graph, table) for table in tables]
+            rows = [_token_rows(graph, table, table_rows) for table in tables]
             call = insert_call(graph, torch.ops.compiled_llm.qk_rms_norm.default, (q, k, *weights, eps, backend, *rows),
                                val=tuple((found[0] if rope else norm).meta["val"]
                                          for norm, found in zip(pair, ropes, strict=True)))  # fmt: skip

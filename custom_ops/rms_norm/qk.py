@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from custom_ops.rms_norm.op import _out_dtype, _triton_usable, _warps, reference_rms_norm
+from custom_ops.rms_norm.op import _out_dtype, _rows, _triton_usable, _warps, reference_rms_norm
 from custom_ops.triton_runtime import pdl_launch_options
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
@@ -138,10 +138,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: t
             raise ValueError(f"qk_rms_norm: {name} of shape {tuple(weight.shape)} for heads of {q.shape[-1]}")
 
 
-def _rows_of(table: torch.Tensor) -> torch.Tensor:
-    return table if table.stride(-1) == 1 else table.contiguous()
-
-
 def _qk_rms_norm(q, k, q_weight, k_weight, eps: float, backend: str, cos=None, sin=None):
     _check(q, k, q_weight, k_weight)
     _check_rope(q, cos, sin)
@@ -156,7 +152,7 @@ def _qk_rms_norm(q, k, q_weight, k_weight, eps: float, backend: str, cos=None, s
     k_out = torch.empty(k3.shape, dtype=dtype, device=q.device)
     (tokens, hq, n), hk = q3.shape, k3.shape[1]
     rope = cos is not None
-    cos, sin = (_rows_of(cos), _rows_of(sin)) if rope else (q3, q3)  # unread without RoPE
+    cos, sin = (_rows(cos), _rows(sin)) if rope else (q3, q3)  # unread without RoPE
     if tokens:
         block = triton.next_power_of_2(n)
         _kernel()[(tokens * (hq + hk),)](
