@@ -235,7 +235,7 @@ def test_a_real_tuning_run_times_both_gpu_backends_for_each_bucket(tmp_path, mon
     for c in choices[:4]:
         heuristic = triton.decode_splits(c.bucket["batch"], 2, torch.device("cuda"))
         splits = {f"triton-splits{n}" for n in tuning.SPLITS if n > heuristic}
-        launches = {tuning.launch_name(launch) for launch in tuning.decode_launches(c.bucket)}
+        launches = {tuning.launch_name(launch) for launch in tuning.decode_launches(c.bucket, heuristic)}
         assert len(launches) == len(tuning.LAUNCHES) - 1
         assert set(c.times_us) == {"flashinfer", "triton"} | splits | launches
     assert set(choices[4].times_us) == {"flashinfer", "triton", "sdpa"}
@@ -307,13 +307,37 @@ def test_a_triton_split_count_or_launch_that_wins_is_installed_for_its_shape_and
 
 def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
     kind = tuning._layer_kind(FEATURES, 16, 2, 1)
-    names = {tuning.launch_name(launch) for launch in tuning.decode_launches({**kind, "kv_cache": "float32"})}
-    assert names == {"triton-keys64-warps4-stages3", "triton-keys64-warps4-stages2", "triton-keys32-warps4-stages2",
-                     "triton-keys32-warps2-stages2", "triton-keys32-warps4-stages3-one-launch",
-                     "triton-keys64-warps4-stages3-one-launch", "triton-keys32-warps4-stages2-one-launch"}  # fmt: skip
-    fp8 = {tuning.launch_name(launch) for launch in tuning.decode_launches({**kind, "kv_cache": "float8_e4m3fn"})}
-    assert fp8 == names - {"triton-keys32-warps4-stages2"} | {"triton-keys32-warps4-stages3"}  # its default: 2
-    assert tuning.decode_launches({**kind, "head_dim": 576}) == []  # latent attention's head: a launch of its own
+
+    def names(kv_cache: str, splits: int, **changes) -> set[str]:
+        launches = tuning.decode_launches({**kind, "kv_cache": kv_cache, **changes}, splits)
+        return {tuning.launch_name(launch) for launch in launches}
+
+    # One split and 16: the default merges in a kernel of its own (or writes the cache in one)
+    separate = names("float32", 1)
+    assert separate == names("float32", 16) == {
+        "triton-keys64-warps4-stages3", "triton-keys64-warps4-stages2", "triton-keys32-warps4-stages2",
+        "triton-keys32-warps2-stages2", "triton-keys32-warps4-stages3-one-launch",
+        "triton-keys64-warps4-stages3-one-launch", "triton-keys32-warps4-stages2-one-launch",
+    }  # fmt: skip
+    fp8 = names("float8_e4m3fn", 1)
+    assert fp8 == separate - {"triton-keys32-warps4-stages2"} | {"triton-keys32-warps4-stages3"}  # its default: 2
+    # 2 to 9 splits: the default is the one-launch form, and its separate-merge twin a candidate
+    for splits in (2, triton.ONE_LAUNCH_MAX_SPLITS):
+        one = separate - {"triton-keys32-warps4-stages3-one-launch"} | {"triton-keys32-warps4-stages3"}
+        assert names("float32", splits) == one
+        fp8_one = fp8 - {"triton-keys32-warps4-stages2-one-launch"} | {"triton-keys32-warps4-stages2"}
+        assert names("float8_e4m3fn", splits) == fp8_one
+    assert names("float32", 4, head_dim=576) == set()  # latent attention's head: a launch of its own
+
+
+def test_the_untuned_decode_launch_merges_in_the_kernel_at_2_to_9_splits(monkeypatch):
+    """default_decode_launch's ONE_LAUNCH follows the split count, unless DECODE_LAUNCH names it."""
+    ones = {n: triton.default_decode_launch(torch.bfloat16, n)["ONE_LAUNCH"] for n in (None, 1, 2, 9, 10, 16)}
+    assert ones == {None: False, 1: False, 2: True, 9: True, 10: False, 16: False}
+    assert triton.default_decode_launch(torch.float8_e4m3fn, 4) == {"num_warps": 4, "num_stages": 2, "ONE_LAUNCH": True,
+                                                                     "TILE": triton.KEY_TILE}  # fmt: skip
+    monkeypatch.setattr(triton, "DECODE_LAUNCH", {"TILE": 32, "ONE_LAUNCH": False})
+    assert not triton.default_decode_launch(torch.bfloat16, 4)["ONE_LAUNCH"]
 
 
 class RecordedLaunches:

@@ -21,9 +21,10 @@ the cache, so no program waits for another's write and the write costs no launch
 of its own writes them first: the extra loads in the key loop cost more than the launch once every
 program walks many tiles (a batch of hundreds of sequences, a long prefill).
 
-A decode launch with ONE_LAUNCH (a tuning candidate, off by default) runs the step in the attention kernel alone:
-the program that finishes a row's splits last merges them (MERGE_IN_KERNEL), and at one split the kernel writes
-the keys and values itself, so neither the merge nor the write is a launch of its own.
+A decode launch with ONE_LAUNCH runs the step in the attention kernel alone: the program that finishes a row's splits
+last merges them (MERGE_IN_KERNEL), and at one split the kernel writes the keys and values itself, so neither the
+merge nor the write is a launch of its own. The untuned launch does so at 2 to ONE_LAUNCH_MAX_SPLITS splits; the
+autotuner tries it everywhere else.
 """
 
 from __future__ import annotations
@@ -56,22 +57,28 @@ MAX_TILE_ELEMENTS = 64 * 256  # query rows x padded head_dim of a program's tile
 TUNED_DECODE_SPLITS: dict[tuple, int] = {}
 # Decode launches (DECODE_LAUNCH's form) the autotuner chose, by split_key(); default_decode_launch() elsewhere.
 TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
+# The untuned decode launch merges its splits in the kernel (ONE_LAUNCH) at 2 to this many splits. Per layer on an H100
+# (BENCHMARKS.md, "One launch a decode step"), it won at 9 splits (batch 4) and 3 (batch 16) over bf16 and fp8 caches,
+# by 1.03-1.45x, and lost at 16 (batch 1: 1.10-1.34x slower, Qwen3-30B-A3B 0.94x end to end); at one split its KV
+# write in the kernel lost over an fp8 cache (up to 1.9x slower at 64-256 rows) and tied over a bf16 one.
+ONE_LAUNCH_MAX_SPLITS = 9
 # Programs of one decode launch (tokens x KV-head blocks) that can count their finished splits (ONE_LAUNCH); a larger
-# launch merges in a second kernel. 256 KiB a device.
-MERGE_COUNTERS = 1 << 16
-_merge_counters: dict[torch.device, torch.Tensor] = {}
+# launch merges in a second kernel. 64 KiB a layer's cache.
+MERGE_COUNTERS = 1 << 14
+_merge_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's zeroed split counters (every launch leaves them zero), or None where `needed` do not fit or they do
-    not exist yet while a CUDA graph is captured (made there, they would be zeroed by its replays only). One buffer a
-    device: one-launch decode steps must not run at the same time on two streams of one device (the runtime runs a
-    model's steps on one stream, one after another)."""
-    counters = _merge_counters.get(device)
+def merge_counters(kv_cache: torch.Tensor, needed: int) -> torch.Tensor | None:
+    """The zeroed split counters of the layer whose cache is `kv_cache` (every launch leaves them zero), or None where
+    `needed` do not fit or they do not exist yet while a CUDA graph is captured (made there, they would be zeroed by
+    its replays only). A buffer a cache, never freed (a captured graph keeps its address): two models' steps may run
+    at once on two streams, while one model's layers run one after another, each in its turn."""
+    key = (kv_cache.device, kv_cache.data_ptr())
+    counters = _merge_counters.get(key)
     if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if kv_cache.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        counters = _merge_counters[device] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
+        counters = _merge_counters[key] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=kv_cache.device)
     return counters if needed <= counters.numel() else None
 
 
@@ -88,11 +95,13 @@ def wide_head(head_dim: int) -> bool:
     return padded_head_dim(head_dim) > 256
 
 
-def default_decode_launch(cache_dtype: torch.dtype) -> dict:
-    """The untuned launch of a decode step over a cache of `cache_dtype`, every field named: DECODE_LAUNCH's, else
-    Triton's own defaults (4 warps, 3 stages), and FP8_CACHE_DECODE_STAGES over an fp8 cache."""
+def default_decode_launch(cache_dtype: torch.dtype, splits: int | None = None) -> dict:
+    """The untuned launch of a decode step of `splits` key splits over a cache of `cache_dtype`, every field named:
+    DECODE_LAUNCH's, else Triton's own defaults (4 warps, 3 stages), FP8_CACHE_DECODE_STAGES over an fp8 cache, and
+    ONE_LAUNCH at 2 to ONE_LAUNCH_MAX_SPLITS splits."""
     stages = FP8_CACHE_DECODE_STAGES if cache_dtype.itemsize == 1 else 3
-    return {"num_warps": 4, "num_stages": stages} | DECODE_LAUNCH
+    one_launch = splits is not None and 1 < splits <= ONE_LAUNCH_MAX_SPLITS
+    return {"num_warps": 4, "num_stages": stages, "ONE_LAUNCH": one_launch} | DECODE_LAUNCH
 
 
 @functools.cache
@@ -174,7 +183,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         if splits is None:
             splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
         if launch is None:
-            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(kv_cache.dtype)
+            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(kv_cache.dtype, splits)
     one_launch = decode and not wide_head(head_dim) and launch.get("ONE_LAUNCH", False)
     write_kv = splits > 1 or one_launch  # the kernel writes the cache itself (module docstring)
     if not write_kv:
@@ -194,7 +203,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         key_tile, stages = KEY_TILE, {}
     counters = None
     if splits > 1 and one_launch:
-        counters = merge_counters(q.device, grid[0] * grid[1])
+        counters = merge_counters(kv_cache, grid[0] * grid[1])
     paged_attention_kernel[grid](
         partial, lse, q, k, v, slot_mapping, kv_cache, block_table, query_start_loc, seq_lens,
         sinks if sinks is not None else q, scale, softcap, sliding_window, num_seqs, num_tokens,

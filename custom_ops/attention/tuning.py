@@ -222,7 +222,7 @@ class PagedAttentionTuning:
                 if splits > heuristic:
                     run = functools.partial(self._run, "triton", bucket, splits=splits)
                     found.append(Candidate(f"triton-splits{splits}", run, source, {"splits": splits}))
-            for launch in decode_launches(bucket):
+            for launch in decode_launches(bucket, heuristic):
                 run = functools.partial(self._run, "triton", bucket, splits=heuristic, launch=launch)
                 found.append(Candidate(launch_name(launch), run, source, {"launch": launch}))
         return found
@@ -293,7 +293,7 @@ class PagedAttentionTuning:
              splits: int | None = None, launch: dict | None = None):  # fmt: skip
         out = torch.empty_like(q)
         if splits is not None:  # Triton's decode at this count and launch (the default's), never what is installed
-            launch = launch or triton_backend.default_decode_launch(cache.dtype)
+            launch = launch or triton_backend.default_decode_launch(cache.dtype, splits)
             triton_backend.triton_paged_attention(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer,
                                                   splits=splits, launch=launch)  # fmt: skip
             return out
@@ -340,12 +340,13 @@ def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, de
         choice.winner, choice.source = backend, "nearest"
 
 
-def decode_launches(bucket: dict) -> list[dict]:
-    """LAUNCHES but the default's, for a decode bucket whose head takes a decode launch (not a wide head's)."""
+def decode_launches(bucket: dict, splits: int) -> list[dict]:
+    """LAUNCHES but the default's at `splits`, for a decode bucket whose head takes a decode launch (not a wide
+    head's)."""
     if triton_backend.wide_head(bucket["head_dim"]):
         return []
-    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]))
-    return [launch for launch in LAUNCHES if launch != default]
+    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]), splits)
+    return [launch for launch in LAUNCHES if ({"ONE_LAUNCH": False} | launch) != default]
 
 
 def launch_name(launch: dict) -> str:
