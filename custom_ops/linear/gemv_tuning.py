@@ -30,7 +30,7 @@ TILES = (  # beside gemv_config's own: narrower and wider loads, more rows a pro
     {"BLOCK_N": 8, "BLOCK_K": 512},
     {"num_warps": 8},
 )
-_GEMV_SOURCE = source_hash(Path(triton_gemv.__file__).read_text(), Path(op.__file__).read_text())
+_GEMV_SOURCE = source_hash(*(Path(op.__file__).with_name(name).read_text() for name in ("triton_gemv.py", "triton_gemv_kernels.py", "op.py")))
 
 
 def tile_name(tile: dict) -> str:

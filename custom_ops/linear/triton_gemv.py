@@ -9,6 +9,11 @@ M rows of x, which it keeps in registers; no split-K, no second kernel.
 
 `silu_mul`: W is a gated MLP's [gate; up] and the output silu(x @ gate^T) * (x @ up^T): each program
 owns BLOCK_N rows of both halves, so the activation costs no kernel of its own.
+
+NORM (`compiled_llm::add_rms_norm_linear`, norm_linear.py): x is the residual add and RMSNorm of x and r,
+computed by every program from its inputs (a first pass over K for each row's sum of squares, then each
+step's columns normalized as they are loaded) in add_rms_norm's roundings, so the norm costs no kernel of its
+own either; program 0 also writes the norm's two outputs.
 """
 
 from __future__ import annotations
@@ -24,74 +29,7 @@ MAX_ROWS = 8  # x rows this kernel serves; larger batches go to cuBLAS (compute 
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemv_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xm, stride_wn, stride_ym, up_offset,
-        K: tl.constexpr, M: tl.constexpr, M_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_K: tl.constexpr, EVEN_K: tl.constexpr,
-        USE_PDL: tl.constexpr,
-    ):  # fmt: skip
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = tl.arange(0, M_PADDED)
-        row_mask = rows < N
-        w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-
-        # The first PREFETCH_K columns of the weights: loaded before the wait, since the weights are no
-        # kernel's output (with PDL this load overlaps the end of the previous kernel).
-        pre = tl.arange(0, PREFETCH_K)
-        if PREFETCH_K <= K:  # the rows alone mask (as in the loop's EVEN_K case)
-            w_mask = row_mask[:, None]
-            x_mask = ms[:, None] < M
-        else:
-            w_mask = row_mask[:, None] & (pre < K)[None, :]
-            x_mask = (ms[:, None] < M) & (pre < K)[None, :]
-        w = tl.load(w_rows + pre[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-        if SILU_MUL:
-            w_up = tl.load(w_rows + up_offset + pre[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + pre[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        if SILU_MUL:
-            acc_up = tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
-
-        cols = tl.arange(0, BLOCK_K)
-        w_ptrs = w_rows + PREFETCH_K + cols[None, :]
-        x_ptrs = x_ptr + ms[:, None] * stride_xm + PREFETCH_K + cols[None, :]
-        for k in tl.static_range(PREFETCH_K, K, BLOCK_K):  # K is a model constant: unrolled
-            if EVEN_K:
-                w = tl.load(w_ptrs, mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
-                if SILU_MUL:
-                    w_up = tl.load(w_ptrs + up_offset, mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=ms[:, None] < M, other=0.0)
-            else:
-                k_mask = (k + cols) < K
-                w_mask = row_mask[:, None] & k_mask[None, :]
-                w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first")
-                if SILU_MUL:
-                    w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=(ms[:, None] < M) & k_mask[None, :], other=0.0)
-            x = x.to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            if SILU_MUL:
-                acc_up += tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            if SILU_MUL:
-                acc_up += tl.load(b_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        dtype = y_ptr.dtype.element_ty
-        if SILU_MUL:  # rounded where the model's linear, silu and product each round, as HF computes it
-            gate = acc.to(dtype).to(tl.float32)
-            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
-        y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-        tl.store(y_ptrs, acc.to(dtype), mask=(ms[:, None] < M) & row_mask[None, :])
+    from custom_ops.linear.triton_gemv_kernels import gemv_kernel  # needs triton: imported on first use
 
     return gemv_kernel
 
@@ -156,8 +94,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None,
-                silu_mul: bool, **config) -> torch.Tensor:  # fmt: skip
-    """`gemv` without its checks, for callers that made them already (the linear ops, once per call)."""
+                silu_mul: bool, norm: tuple | None = None, **config) -> torch.Tensor:  # fmt: skip
+    """`gemv` without its checks, for callers that made them already (the linear ops, once per call). `norm`: (r,
+    norm weight, total, normed, r's row stride, eps), x the add's other term (NORM above; norm_linear.py)."""
     import triton
 
     m, k = x.shape
@@ -172,6 +111,7 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     _kernel()[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, out, n, x.stride(0), weight.stride(0), out.stride(0),
         n * weight.stride(0),  # SILU_MUL: where the up rows start
+        *(norm if norm is not None else (x, x, x, x, 0, 0.0)), NORM=norm is not None,
         K=k, M=m, M_PADDED=triton.next_power_of_2(m), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
         EVEN_K=max(k - prefetch, 0) % config["BLOCK_K"] == 0, num_warps=num_warps, **config, **pdl_launch_options(x),
     )  # fmt: skip

@@ -1,0 +1,83 @@
+"""`compiled_llm::add_rms_norm_linear`: a decoder layer's residual add and RMSNorm together with the linear that reads
+the norm, so that a one-row call (a batch-1 decode step) runs them as one kernel, the GEMV with the norm in its
+prologue (triton_gemv.py, NORM).
+
+    y, normed, total = add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul, backend)
+        normed, total = add_rms_norm(x, residual, norm_weight, eps)
+        y = linear(normed, weight, bias)           (silu_mul: linear_silu_mul's silu(gate) * up)
+
+`normed` and `total` are the norm's own outputs, for its other readers (the residual stream, a router's experts). The
+`torch` backend is those two ops' references; `triton` runs the fused GEMV where the one-row GEMV would run the linear
+(op._gemv_tile: the untuned choice or the autotuner's), and otherwise the two ops' `triton` paths one after the other,
+so more rows, other dtypes and shapes tuned to cuBLAS compute what they computed before the fusion.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from custom_ops.linear.op import _gemv_tile, _triton_linear, _triton_linear_silu_mul, silu_and_mul
+from custom_ops.linear.triton_gemv import launch_gemv
+from custom_ops.rms_norm.op import _add_rms_norm, reference_rms_norm
+
+_LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
+_LIBRARY.define(
+    "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, Tensor? bias, "
+    "bool silu_mul, str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def reference_add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                  weight: torch.Tensor, bias: torch.Tensor | None,
+                                  silu_mul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    total = x + residual
+    normed = reference_rms_norm(total, norm_weight, eps)
+    y = torch.nn.functional.linear(normed, weight, bias)
+    return (silu_and_mul(y) if silu_mul else y), normed, total
+
+
+def _fused_takes(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, silu_mul: bool) -> dict | None:  # fmt: skip
+    """The GEMV's tile where one kernel computes the call (one row the GEMV takes, the norm's operands in x's dtype
+    and layout), else None."""
+    if silu_mul and weight.shape[0] % 2:
+        return None
+    tile = _gemv_tile(x, weight, bias, silu_mul)
+    takes = (
+        tile is not None and residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+        and norm_weight.shape == (x.shape[-1],) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
+    )  # fmt: skip
+    return tile if takes else None
+
+
+def _triton(x, residual, norm_weight, eps, weight, bias, silu_mul):
+    tile = _fused_takes(x, residual, norm_weight, weight, bias, silu_mul)
+    if tile is None:
+        normed, total = _add_rms_norm(x, residual, norm_weight, eps, "triton")
+        y = (_triton_linear_silu_mul if silu_mul else _triton_linear)(normed, weight, bias)
+        return y, normed, total
+    k = x.shape[-1]
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty_like(total)
+    r2d = residual.reshape(1, k)
+    norm = (r2d, norm_weight, total, normed, r2d.stride(0), eps)
+    y = launch_gemv(x.reshape(1, k), weight, None, bias, silu_mul, norm=norm, **tile)
+    return y.view(*x.shape[:-1], y.shape[-1]), normed, total
+
+
+def _add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul, backend):
+    if backend == "torch":
+        y, normed, total = reference_add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul)
+        return y, normed.contiguous(), total.contiguous()
+    return _triton(x, residual, norm_weight, eps, weight, bias, silu_mul)
+
+
+def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight, bias, silu_mul, backend):
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    normed = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, norm_weight.dtype))
+    return normed.new_empty(*x.shape[:-1], n), normed, x.new_empty(x.shape)
+
+
+for _device in ("CPU", "CUDA"):
+    _LIBRARY.impl("add_rms_norm_linear", _add_rms_norm_linear, _device)
+torch.library.register_fake("compiled_llm::add_rms_norm_linear", _add_rms_norm_linear_fake, lib=_LIBRARY)
