@@ -101,8 +101,9 @@ def fuse_add_rms_norm_linear(gm: torch.fx.GraphModule, config) -> PassResult:
                 val=(y_val, normed.meta["val"], total_val),
             )  # fmt: skip
             outputs = [insert_call(graph, operator.getitem, (fused, i), val=fused.meta["val"][i]) for i in range(3)]
-            y = outputs[0]
-            if view is not None:
+        y = outputs[0]
+        if view is not None:  # where the linear was: the view's sizes may be computed after the norm
+            with graph.inserting_before(linear):
                 y = insert_call(graph, view.target, (y, [*view.args[1][:-1], y_val.shape[-1]]), val=linear.meta["val"])
         linear.replace_all_uses_with(y)
         graph.erase_node(linear)

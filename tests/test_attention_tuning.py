@@ -286,6 +286,18 @@ def test_a_phased_backend_replays_in_cuda_graphs_and_generates_what_one_backend_
         assert tuned.runner.cuda_graphs.replays - replays >= longest - 1
 
 
+def test_every_input_set_has_its_split_counters_before_the_timer_captures_it(monkeypatch):
+    """A one-launch candidate timed in a CUDA graph finds its cache's counters (made there, they would not exist and the
+    launch would merge in a second kernel): inputs() makes them for every copy, outside the capture."""
+    monkeypatch.setattr(triton, "_merge_counters", {})
+    attention = tuning.PagedAttentionTuning()
+    attention._device = torch.device("cpu")
+    bucket = {"phase": "decode", "batch": 4, "context": 40, **tuning._layer_kind(FEATURES, 16, 2, 1)}
+    sets = attention.inputs(bucket, torch.float32, 5)
+    assert len(sets) > 3  # past the timer's warm-up sets
+    assert {(cache.device, cache.data_ptr()) for _, _, _, cache, *_ in sets} == set(triton._merge_counters)
+
+
 def test_a_triton_split_count_or_launch_that_wins_is_installed_for_its_shape_and_the_layer_runs_triton(monkeypatch):
     monkeypatch.setattr(triton, "TUNED_DECODE_SPLITS", {})
     monkeypatch.setattr(triton, "TUNED_DECODE_LAUNCHES", {})

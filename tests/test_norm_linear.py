@@ -104,9 +104,11 @@ def test_the_op_on_cpu_is_the_reference():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_fused_gemv_in_the_interpreter():
+    """The kernel against float64, then in a model's decode steps: Qwen3-MoE's, whose router reads its norm through a
+    rows view (the interpreter runs programs one after another: N up to 16, one model)."""
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_norm_linear as t; "
-        "t.check_fused_gemv('cpu', torch.float32); t.check_model_tokens('llama'); t.check_model_tokens('qwen3_moe')"
+        "t.check_fused_gemv('cpu', torch.float32, max_n=16); t.check_model_tokens('qwen3_moe')"
     )
 
 
@@ -115,3 +117,23 @@ def test_fused_gemv_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_gemv_on_gpu(dtype):
     check_fused_gemv("cuda", dtype, cases=16, max_n=5000)
+
+
+def test_the_linear_tunings_see_the_linear_inside_the_fused_op():
+    """The one-row GEMV's and the decode GEMM's tunings bucket the fused op's weight as they would the linear's (its
+    calls run their tuned tiles): with its activation where it has one, 16-bit for the decode GEMM."""
+    from custom_ops.linear import decode_gemm_tuning, gemv_tuning
+
+    root = torch.nn.Module()
+    root.norm, root.w, root.w_torch = torch.ones(128), torch.randn(96, 128).bfloat16(), torch.randn(32, 128)
+    graph = torch.fx.Graph()
+    x, r = graph.placeholder("x"), graph.placeholder("r")
+    fused = graph.call_function(ops.add_rms_norm_linear.default,
+                                (x, r, graph.get_attr("norm"), EPS, graph.get_attr("w"), None, True, "triton"))  # fmt: skip
+    graph.call_function(ops.add_rms_norm_linear.default,
+                        (x, r, graph.get_attr("norm"), EPS, graph.get_attr("w_torch"), None, False, "torch"))  # fmt: skip
+    graph.output(fused)
+    gm = torch.fx.GraphModule(root, graph)
+    assert gemv_tuning.OneRowLinearTuning().buckets(gm) == [{"n": 96, "k": 128, "silu_mul": True}]
+    rows = decode_gemm_tuning.LinearRowsTuning().buckets(gm)
+    assert rows == [{"n": 96, "k": 128, "silu_mul": True, "rows": r} for r in decode_gemm_tuning.ROW_BUCKETS]

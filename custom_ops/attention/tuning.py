@@ -264,6 +264,9 @@ class PagedAttentionTuning:
             k = torch.randn(tokens, features.num_kv_heads, features.head_dim, device=device, dtype=dtype)
             v = k if features.values_in_keys else torch.randn_like(k)
             cache = torch.randn(cache_shape, device=device, dtype=dtype).to(features.cache_dtype)
+            # Its one-launch split counters now: made inside the timer's CUDA-graph capture, they would not exist and
+            # the launch would merge in a second kernel
+            triton_backend.merge_counters(cache, 0)
             sets.append((q, k, v, cache, *step, metadata, layer))
         return sets
 

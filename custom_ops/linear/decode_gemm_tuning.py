@@ -152,13 +152,8 @@ class LinearRowsTuning(OneRowLinearTuning):
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         """A bucket per weight shape of the graph's 16-bit `triton` linears (with or without the activation) and per
         row bucket."""
-        found = set()
-        for node in gm.graph.nodes:
-            silu_mul = node.target is torch.ops.compiled_llm.linear_silu_mul.default
-            ours = node.op == "call_function" and (silu_mul or node.target is torch.ops.compiled_llm.linear.default)
-            weight = graph_value(gm, node.args[1]) if ours and node.args[-1] == "triton" else None
-            if weight is not None and weight.dtype.itemsize == 2:
-                found.add((*weight.shape, silu_mul))
+        weights = [(graph_value(gm, weight), silu_mul) for weight, silu_mul in op.triton_linears(gm.graph)]
+        found = {(*weight.shape, silu_mul) for weight, silu_mul in weights if weight.dtype.itemsize == 2}
         return [{"n": n, "k": k, "silu_mul": s, "rows": r} for n, k, s in sorted(found) for r in ROW_BUCKETS]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:

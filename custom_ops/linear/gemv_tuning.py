@@ -80,13 +80,7 @@ class OneRowLinearTuning:
 
     def buckets(self, gm: torch.fx.GraphModule) -> list[dict]:
         """A bucket per weight shape of the graph's `triton` linears, with or without the fused activation."""
-        found = set()
-        for node in gm.graph.nodes:
-            silu_mul = node.target is torch.ops.compiled_llm.linear_silu_mul.default
-            ours = node.op == "call_function" and (silu_mul or node.target is torch.ops.compiled_llm.linear.default)
-            if ours and node.args[-1] == "triton":
-                n, k = graph_value(gm, node.args[1]).shape
-                found.add((n, k, silu_mul))
+        found = {(*graph_value(gm, weight).shape, silu_mul) for weight, silu_mul in op.triton_linears(gm.graph)}
         return [{"n": n, "k": k, "silu_mul": silu_mul} for n, k, silu_mul in sorted(found)]
 
     def install(self, bucket: dict, candidate: Candidate, device: torch.device) -> None:

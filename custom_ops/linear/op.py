@@ -66,6 +66,21 @@ def runs_other_than_torch(backend: str, weight: torch.Tensor) -> bool:
     return False
 
 
+def triton_linears(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, bool]]:
+    """(weight node, silu_mul) of each `triton` linear of a graph, for the linear tunings: compiled_llm.linear and
+    linear_silu_mul, and the linear inside add_rms_norm_linear (norm_linear.py), which runs the same kernels."""
+    ops = torch.ops.compiled_llm
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.args[-1] != "triton":
+            continue
+        if node.target in (ops.linear.default, ops.linear_silu_mul.default):
+            found.append((node.args[1], node.target is ops.linear_silu_mul.default))
+        elif node.target is ops.add_rms_norm_linear.default:  # (x, residual, norm weight, eps, weight, bias, silu_mul)
+            found.append((node.args[4], node.args[6]))
+    return found
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
