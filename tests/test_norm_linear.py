@@ -108,7 +108,8 @@ def test_fused_gemv_in_the_interpreter():
     rows view (the interpreter runs programs one after another: N up to 16, one model)."""
     run_in_interpreter(
         "import sys; sys.path.insert(0, 'tests'); import torch, test_norm_linear as t; "
-        "t.check_fused_gemv('cpu', torch.float32, max_n=16); t.check_model_tokens('qwen3_moe')"
+        "t.check_fused_gemv('cpu', torch.float32, max_n=16); t.check_model_tokens('qwen3_moe'); "
+        "import custom_ops.linear.norm_linear as nl; nl.MIN_ROWS_A_PROGRAM = 4; t.check_fused_gemv('cpu', torch.float32, 2, 9)"
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from custom_ops.linear.op import _gemv_tile, _triton_linear, _triton_linear_silu_mul, silu_and_mul
-from custom_ops.linear.triton_gemv import launch_gemv
+from custom_ops.linear.triton_gemv import gemv_config, launch_gemv
 from custom_ops.rms_norm.op import _add_rms_norm, reference_rms_norm
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
@@ -34,6 +34,24 @@ def reference_add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_
     normed = reference_rms_norm(total, norm_weight, eps)
     y = torch.nn.functional.linear(normed, weight, bias)
     return (silu_and_mul(y) if silu_mul else y), normed, total
+
+
+# Weight rows a program of the fused GEMV takes at least: each program recomputes the norm (two passes over x and r,
+# ~1.6x the GEMV's instructions at K = 4,096, BLOCK_N 1), so more rows a program share that cost. 1: the GEMV's own
+# tile; a larger value keeps its weights a load (BLOCK_N x BLOCK_K) by narrowing BLOCK_K. Not yet timed on a GPU.
+MIN_ROWS_A_PROGRAM = 1
+
+
+def _fused_tile(tile: dict, x: torch.Tensor, n: int) -> dict:
+    """The GEMV's tile for the fused call: `tile` (tuned overrides) over gemv_config's, widened to MIN_ROWS_A_PROGRAM
+    rows where untuned."""
+    if tile or MIN_ROWS_A_PROGRAM <= 1:
+        return tile
+    config = gemv_config(1, x.shape[-1], n)
+    if config["BLOCK_N"] >= MIN_ROWS_A_PROGRAM:
+        return tile
+    block_k = max(16, config["BLOCK_K"] * config["BLOCK_N"] // MIN_ROWS_A_PROGRAM)
+    return {"BLOCK_N": MIN_ROWS_A_PROGRAM, "BLOCK_K": block_k, "PREFETCH_K": block_k}
 
 
 def _fused_takes(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
@@ -61,7 +79,8 @@ def _triton(x, residual, norm_weight, eps, weight, bias, silu_mul):
     normed = torch.empty_like(total)
     r2d = residual.reshape(1, k)
     norm = (r2d, norm_weight, total, normed, r2d.stride(0), eps)
-    y = launch_gemv(x.reshape(1, k), weight, None, bias, silu_mul, norm=norm, **tile)
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    y = launch_gemv(x.reshape(1, k), weight, None, bias, silu_mul, norm=norm, **_fused_tile(tile, x, n))
     return y.view(*x.shape[:-1], y.shape[-1]), normed, total
 
 
