@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import custom_ops.linear  # noqa: F401  (registers the op)
 from compiled_llm import compile_model
-from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
+from conftest import error_at_unit_scale, random_prompt, relative_error, run_in_interpreter, tiny_model
 from custom_ops.linear.triton_gemv import MAX_ROWS, gemv
 from custom_ops.triton_runtime import triton_available
 from fx_passes.kernel_backend import resolve_linear_backend
@@ -43,17 +43,17 @@ def check_gemv(device: str, dtype: torch.dtype, cases: int = 6, max_n: int = 300
         weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
         bias = torch.randn(n, device=device).to(dtype) if case % 2 else None
         expected = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
-        error = relative_error(gemv(x, weight, bias=bias), expected)
+        error = error_at_unit_scale(gemv(x, weight, bias=bias), expected)
         assert error < TOLERANCE[dtype], f"seed {seed}: M={m} N={n} K={k} bias={bias is not None}: {error}"
         gate_up_weight = (torch.randn(2 * n, k, device=device) / k**0.5).to(dtype)
         gate_up_bias = torch.randn(2 * n, device=device).to(dtype) if case % 2 else None
         y = gemv(x, gate_up_weight, bias=gate_up_bias, silu_mul=True)
-        error = relative_error(y, silu_mul_reference(x, gate_up_weight, gate_up_bias))
+        error = error_at_unit_scale(y, silu_mul_reference(x, gate_up_weight, gate_up_bias))
         assert y.shape == (m, n) and error < TOLERANCE[dtype], f"seed {seed}: silu_mul M={m} N={n} K={k}: {error}"
         # A first load shorter than K, then a loop whose last tile is partial; a tile without PREFETCH_K.
         for tile in ({"BLOCK_N": rng.choice([1, 2, 4]), "BLOCK_K": 256, "PREFETCH_K": 512, "num_warps": 4},
                      {"BLOCK_N": 2, "BLOCK_K": 128, "num_warps": 4}):  # fmt: skip
-            error = relative_error(gemv(x, weight, bias=bias, **tile), expected)
+            error = error_at_unit_scale(gemv(x, weight, bias=bias, **tile), expected)
             assert error < TOLERANCE[dtype], f"seed {seed}: {tile} M={m} N={n} K={k}: {error}"
 
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import random_prompt, relative_error, run_in_interpreter, tiny_model
+from conftest import error_at_unit_scale, random_prompt, run_in_interpreter, tiny_model
 
 import fx_passes
 from compiled_llm import compile_model
@@ -47,7 +47,7 @@ def check_fused_gemv(device: str, dtype: torch.dtype, cases: int = 4, max_n: int
         y, normed, total = ops.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, b, silu_mul, "triton")
         assert y.shape == (1, 1, n) and normed.shape == total.shape == x.shape, what
         for got, ref, name in zip((y, normed, total), want, ("y", "normed", "total")):
-            error = relative_error(got, ref)
+            error = error_at_unit_scale(got, ref)
             assert error < TOLERANCE[dtype], f"{what}: {name} {error}"
         for tile in ({"BLOCK_N": rng.choice([1, 2, 4]), "BLOCK_K": 256, "PREFETCH_K": 512, "num_warps": 4},
                      {"BLOCK_N": 2, "BLOCK_K": 128, "num_warps": 4}):  # fmt: skip
@@ -56,7 +56,7 @@ def check_fused_gemv(device: str, dtype: torch.dtype, cases: int = 4, max_n: int
             y = launch_gemv(x.view(1, k), weight, None, b, silu_mul, norm=(r2d, norm_weight, total, normed, k, EPS),
                             **tile)  # fmt: skip
             for got, ref, name in zip((y, normed, total), want, ("y", "normed", "total")):
-                error = relative_error(got.view(ref.shape), ref)
+                error = error_at_unit_scale(got.view(ref.shape), ref)
                 assert error < TOLERANCE[dtype], f"{what}, {tile}: {name} {error}"
 
 
