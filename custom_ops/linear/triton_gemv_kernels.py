@@ -7,12 +7,16 @@ import triton.language as tl
 
 
 @triton.jit
-def normalized(x, r_ptr, norm_w_ptr, total_ptr, normed_ptr, ms, cols, mask, rstd, stride_rm, K: tl.constexpr,
-               dtype: tl.constexpr):  # fmt: skip
-    """Columns `cols` of add_rms_norm(x, r, w)'s norm, as op.py's kernel rounds them: h = x + r, then
-    w * (h * rstd), each rounded to the model's dtype; program 0 stores them and h ([M, K], contiguous)."""
-    h = (x.to(tl.float32) + tl.load(r_ptr + ms[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(
-        tl.float32)).to(dtype)  # fmt: skip
+def added(x, r_ptr, ms, cols, mask, stride_rm, dtype: tl.constexpr):
+    """h = x + r over columns `cols`, rounded to the model's dtype as the residual add rounds it."""
+    r = tl.load(r_ptr + ms[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+    return (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def normalized(h, norm_w_ptr, total_ptr, normed_ptr, ms, cols, mask, rstd, K: tl.constexpr, dtype: tl.constexpr):
+    """Columns `cols` of add_rms_norm's norm of h, as op.py's kernel rounds it: w * (h * rstd), each product rounded
+    to the model's dtype; program 0 stores it and h ([M, K], contiguous)."""
     w = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     normed = (w[None, :] * (h.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
     first = mask & (tl.program_id(0) == 0)
@@ -51,19 +55,22 @@ def gemv_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
-    if NORM:  # each row's sum of squares of h = x + r (rounded, as the add rounds), over all of K
-        squares = tl.zeros([M_PADDED], dtype=tl.float32)
-        for k in tl.static_range(0, K, BLOCK_K):
-            cols = k + tl.arange(0, BLOCK_K)
-            hmask = (ms[:, None] < M) & (cols < K)[None, :]
-            h = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=hmask, other=0.0).to(tl.float32)
-            h += tl.load(r_ptr + ms[:, None] * stride_rm + cols[None, :], mask=hmask, other=0.0).to(tl.float32)
-            h = h.to(dtype).to(tl.float32)
-            squares += tl.sum(h * h, axis=1)
-        rstd = tl.rsqrt(squares / K + eps)
     x = tl.load(x_ptr + ms[:, None] * stride_xm + pre[None, :], mask=x_mask, other=0.0)
     if NORM:
-        x = normalized(x, r_ptr, norm_w_ptr, total_ptr, normed_ptr, ms, pre, x_mask, rstd, stride_rm, K, dtype)
+        if PREFETCH_K >= K:  # the whole row in the first step: its h serves the sum of squares and the norm
+            h = added(x, r_ptr, ms, pre, x_mask, stride_rm, dtype)
+            squares = tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=1)
+        else:  # each row's sum of squares of h over all of K first
+            squares = tl.zeros([M_PADDED], dtype=tl.float32)
+            for k in tl.static_range(0, K, BLOCK_K):
+                cols = k + tl.arange(0, BLOCK_K)
+                hmask = (ms[:, None] < M) & (cols < K)[None, :]
+                part = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=hmask, other=0.0)
+                part = added(part, r_ptr, ms, cols, hmask, stride_rm, dtype).to(tl.float32)
+                squares += tl.sum(part * part, axis=1)
+            h = added(x, r_ptr, ms, pre, x_mask, stride_rm, dtype)
+        rstd = tl.rsqrt(squares / K + eps)
+        x = normalized(h, norm_w_ptr, total_ptr, normed_ptr, ms, pre, x_mask, rstd, K, dtype)
     x = x.to(tl.float32)
     acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if SILU_MUL:
@@ -87,8 +94,8 @@ def gemv_kernel(
             x = tl.load(x_ptrs, mask=(ms[:, None] < M) & k_mask[None, :], other=0.0)
         if NORM:
             x_mask = (ms[:, None] < M) & (k + cols < K)[None, :]
-            x = normalized(x, r_ptr, norm_w_ptr, total_ptr, normed_ptr, ms, k + cols, x_mask, rstd, stride_rm, K,
-                           dtype)  # fmt: skip
+            h = added(x, r_ptr, ms, k + cols, x_mask, stride_rm, dtype)
+            x = normalized(h, norm_w_ptr, total_ptr, normed_ptr, ms, k + cols, x_mask, rstd, K, dtype)
         x = x.to(tl.float32)
         acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         if SILU_MUL:
