@@ -20,7 +20,7 @@ import operator
 import torch
 import torch.fx
 
-import custom_ops.linear
+import custom_ops.linear  # registers the ops
 import custom_ops.rms_norm  # noqa: F401
 from fx_passes.node_match import calls, is_call
 from fx_passes.node_meta import insert_call
