@@ -60,12 +60,12 @@ def check_fused_gemv(device: str, dtype: torch.dtype, cases: int = 4, max_n: int
                 assert error < TOLERANCE[dtype], f"{what}, {tile}: {name} {error}"
 
 
-def check_model_tokens(arch: str) -> None:
+def check_model_tokens(arch: str, compile_backend: str = "eager") -> None:
     """The pass in a compiled model: its sites, and greedy tokens equal to HF's (on CPU without the interpreter both
     halves of each fused op run as torch; under it, the GEMV's one-row calls run the fused kernel)."""
     model = tiny_model(arch, seed=5)
     ids = random_prompt(10, seed=6)
-    compiled = compile_model(model, linear_backend="triton", norm_backend="triton", compile_backend="eager",
+    compiled = compile_model(model, linear_backend="triton", norm_backend="triton", compile_backend=compile_backend,
                              max_batch_size=1, passes=fx_passes.with_norm_linear_fusion(fx_passes.DEFAULT_PIPELINE))  # fmt: skip
     sites = {result.name: result.sites for result in compiled.report.passes}
     # Two layers: the post-attention norm of each and the second layer's input norm (the first layer's has no residual
@@ -76,11 +76,11 @@ def check_model_tokens(arch: str) -> None:
     assert torch.equal(compiled.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), hf)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
-def test_the_pass_keeps_a_models_tokens(arch):
+@pytest.mark.parametrize("arch, compile_backend", [("llama", "eager"), ("qwen3_moe", "inductor")])
+def test_the_pass_keeps_a_models_tokens(arch, compile_backend):
     """Llama: q/k/v and gate/up (with SiLU) take their norms; Qwen3-MoE: q/k/v and the router, through its rows view,
-    while the experts read the op's norm."""
-    check_model_tokens(arch)
+    while the experts read the op's norm (compiled by Inductor around the op)."""
+    check_model_tokens(arch, compile_backend)
 
 
 def test_the_pass_leaves_torch_norms_and_linears():
