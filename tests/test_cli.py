@@ -325,3 +325,22 @@ def test_serve_refuses_a_bad_port_and_a_port_in_use_before_the_model_compiles(mo
         port = taken.getsockname()[1]
         assert main(["serve", "random:tiny-llama", "--port", str(port)]) == 2
     assert f"compiled-llm serve: error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
+def test_a_gpu_profile_says_how_much_kernel_time_overlapped():
+    """The kernels' union of busy time, and the summary a GPU profile prints: per step, with the overlap (PDL) named
+    where kernel durations do not add up (a synthetic profile: no GPU here)."""
+    from compiled_llm.bench.decode_profile import covered_time
+    from compiled_llm.bench.latency import format_kernel_profile
+
+    assert covered_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert covered_time([]) == 0
+    profile = {"note": "8 decode steps plus one prefill step of 8 tokens", "steps": 9, "kernels_total": 900,
+               "device_time_us": 9000.0, "overlap_us": 1800.0, "gpu_span_us": 8100.0, "gpu_idle_us": 900.0,
+               "top": [{"kernel": "gemv_kernel", "count": 288, "total_us": 4500.0},
+                       {"kernel": "rms_norm_kernel", "count": 585, "total_us": 1170.0}]}  # fmt: skip
+    lines = format_kernel_profile(profile)
+    assert lines[0].endswith("100 kernels and 1000 us of kernel time a step, GPU idle 100 us")
+    assert "200 us a step of that ran beside other kernels" in lines[1] and "COMPILED_LLM_DISABLE_PDL=1" in lines[1]
+    assert re.match(r"\s+500\.0 us\s+32\.0x  gemv_kernel$", lines[2]) and "rms_norm_kernel" in lines[3]
+    assert len(format_kernel_profile({**profile, "overlap_us": 100.0})) == 3  # under 5%: no overlap line

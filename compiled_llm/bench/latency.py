@@ -297,6 +297,22 @@ def bandwidth_limits(model, weight_bytes: int, cm, batch_size: int, average_cont
     }
 
 
+def format_kernel_profile(profile: dict, rows: int = 12) -> list[str]:
+    """A GPU profile's summary lines: kernels and their time a step, and how much of it overlapped (PDL)."""
+    steps = profile["steps"]
+    kernels, time, idle = (profile[key] / steps for key in ("kernels_total", "device_time_us", "gpu_idle_us"))
+    lines = [f"profile ({profile['note']}): {kernels:.0f} kernels and {time:.0f} us of kernel time a step, GPU idle {idle:.0f} us"]
+    if profile["overlap_us"] > 0.05 * profile["device_time_us"]:
+        lines.append(
+            f"  {profile['overlap_us'] / steps:.0f} us a step of that ran beside other kernels (programmatic dependent "
+            "launch: a kernel's time includes its wait for the one before; COMPILED_LLM_DISABLE_PDL=1 for times that "
+            "add up)"
+        )
+    for row in profile["top"][:rows]:
+        lines.append(f"  {row['total_us'] / steps:9.1f} us {row['count'] / steps:6.1f}x  {row['kernel'][:90]}")
+    return lines
+
+
 def format_table(result: dict) -> str:
     width = max(14, *(len(r["system"]) for r in result["results"]))
     over_ranks = result.get("ranks", 1) > 1
@@ -322,6 +338,8 @@ def format_table(result: dict) -> str:
     if profile is not None and "host_ms_per_step" in profile:  # CPU: ops by self time
         lines.append(f"profile ({profile['note']}; {profile['host_ms_per_step']:.1f} ms a step):")
         lines += [f"  {row['share']:6.1%} {row['self_ms']:9.1f} ms {row['calls']:7d}x  {row['op']}" for row in profile["top"]]
+    elif profile is not None and "overlap_us" in profile:  # GPU: kernels by device time
+        lines += format_kernel_profile(profile)
     if "bandwidth_limit_tokens_per_s" in result:
         ours = result["results"][0]["details"]
         lines.append(
