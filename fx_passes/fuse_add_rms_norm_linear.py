@@ -48,13 +48,12 @@ def _rows_view(node: torch.fx.Node, normed: torch.fx.Node) -> bool:
     return len(sizes) >= 1 and sizes[-1] == normed.meta["val"].shape[-1]
 
 
-def _linear_reading(normed: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None] | None:
-    """(linear, view): the first `triton` linear in graph order over `normed` (or over a rows view of it, `view`)
-    with a parameter's weight and bias."""
-    position = _position(normed.graph)
+def _linear_reading(normed: torch.fx.Node, position: dict) -> tuple[torch.fx.Node, torch.fx.Node | None] | None:
+    """(linear, view): the first `triton` linear in graph order (`position`: each node's index) over `normed` (or over
+    a rows view of it, `view`) with a parameter's weight and bias."""
     readers = [(user, None) for user in normed.users]
     readers += [(user, view) for view in normed.users if _rows_view(view, normed) for user in view.users]
-    for user, view in sorted(readers, key=lambda pair: position(pair[0])):
+    for user, view in sorted(readers, key=lambda pair: position[pair[0]]):
         if user.target in LINEARS and user.args[0] is (view or normed) and user.args[3] == "triton":
             weight, bias = user.args[1], user.args[2]
             if weight.op == "get_attr" and (bias is None or bias.op == "get_attr"):
@@ -62,15 +61,12 @@ def _linear_reading(normed: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node
     return None
 
 
-def _position(graph: torch.fx.Graph):
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    return order.__getitem__
-
-
 @register_pass("fuse_add_rms_norm_linear")
 def fuse_add_rms_norm_linear(gm: torch.fx.GraphModule, config) -> PassResult:
     graph = gm.graph
     sites = 0
+    # Nodes this pass inserts are not ranked: it reads the rank of existing readers only
+    position = {node: i for i, node in enumerate(graph.nodes)}
     for norm in calls(graph, ADD_RMS_NORM):
         x, residual, norm_weight, eps, backend = norm.args
         normed, total = _outputs(norm)
@@ -78,7 +74,7 @@ def fuse_add_rms_norm_linear(gm: torch.fx.GraphModule, config) -> PassResult:
             continue
         if normed.meta["val"].dtype != x.meta["val"].dtype:  # a wider norm weight: not the GEMV's operand
             continue
-        found = _linear_reading(normed)
+        found = _linear_reading(normed, position)
         if found is None:
             continue
         linear, view = found

@@ -30,7 +30,9 @@ TILES = (  # beside gemv_config's own: narrower and wider loads, more rows a pro
     {"BLOCK_N": 8, "BLOCK_K": 512},
     {"num_warps": 8},
 )
-_GEMV_SOURCE = source_hash(*(Path(op.__file__).with_name(name).read_text() for name in ("triton_gemv.py", "triton_gemv_kernels.py", "op.py")))
+_GEMV_SOURCE = source_hash(
+    *(Path(op.__file__).with_name(name).read_text() for name in ("triton_gemv.py", "triton_gemv_kernels.py", "op.py"))
+)
 
 
 def tile_name(tile: dict) -> str:

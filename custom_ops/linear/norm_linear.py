@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from custom_ops.linear.op import _gemv_tile, _triton_linear, _triton_linear_silu_mul, silu_and_mul
+from custom_ops.linear.op import LINEAR_BACKENDS, LINEAR_SILU_MUL_BACKENDS, _gemv_tile
 from custom_ops.linear.triton_gemv import gemv_config, launch_gemv
-from custom_ops.rms_norm.op import _add_rms_norm, reference_rms_norm
+from custom_ops.rms_norm.op import _add_rms_norm
 
 _LIBRARY = torch.library.Library("compiled_llm", "FRAGMENT")
 _LIBRARY.define(
@@ -27,13 +27,16 @@ _LIBRARY.define(
 )
 
 
-def reference_add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                  weight: torch.Tensor, bias: torch.Tensor | None,
-                                  silu_mul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    total = x + residual
-    normed = reference_rms_norm(total, norm_weight, eps)
-    y = torch.nn.functional.linear(normed, weight, bias)
-    return (silu_and_mul(y) if silu_mul else y), normed, total
+def unfused(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+            bias: torch.Tensor | None, silu_mul: bool, backend: str) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The two ops the fused one stands for, each in `backend` ("torch": the reference)."""
+    normed, total = _add_rms_norm(x, residual, norm_weight, eps, backend)
+    y = (LINEAR_SILU_MUL_BACKENDS if silu_mul else LINEAR_BACKENDS)[backend](normed, weight, bias)
+    return y, normed, total
+
+
+def reference_add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul):
+    return unfused(x, residual, norm_weight, eps, weight, bias, silu_mul, "torch")
 
 
 # Weight rows a program of the fused GEMV takes at least: each program recomputes the norm (1.4x the GEMV's sm_90a
@@ -68,12 +71,10 @@ def _fused_takes(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     return tile if takes else None
 
 
-def _triton(x, residual, norm_weight, eps, weight, bias, silu_mul):
-    tile = _fused_takes(x, residual, norm_weight, weight, bias, silu_mul)
+def _add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul, backend):
+    tile = _fused_takes(x, residual, norm_weight, weight, bias, silu_mul) if backend == "triton" else None
     if tile is None:
-        normed, total = _add_rms_norm(x, residual, norm_weight, eps, "triton")
-        y = (_triton_linear_silu_mul if silu_mul else _triton_linear)(normed, weight, bias)
-        return y, normed, total
+        return unfused(x, residual, norm_weight, eps, weight, bias, silu_mul, backend)
     k = x.shape[-1]
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     normed = torch.empty_like(total)
@@ -82,13 +83,6 @@ def _triton(x, residual, norm_weight, eps, weight, bias, silu_mul):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     y = launch_gemv(x.reshape(1, k), weight, None, bias, silu_mul, norm=norm, **_fused_tile(tile, x, n))
     return y.view(*x.shape[:-1], y.shape[-1]), normed, total
-
-
-def _add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul, backend):
-    if backend == "torch":
-        y, normed, total = reference_add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul)
-        return y, normed.contiguous(), total.contiguous()
-    return _triton(x, residual, norm_weight, eps, weight, bias, silu_mul)
 
 
 def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight, bias, silu_mul, backend):
