@@ -138,3 +138,15 @@ def test_the_linear_tunings_see_the_linear_inside_the_fused_op():
     assert gemv_tuning.OneRowLinearTuning().buckets(gm) == [{"n": 96, "k": 128, "silu_mul": True}]
     rows = decode_gemm_tuning.LinearRowsTuning().buckets(gm)
     assert rows == [{"n": 96, "k": 128, "silu_mul": True, "rows": r} for r in decode_gemm_tuning.ROW_BUCKETS]
+
+
+def test_bad_operands_are_refused_by_name():
+    """Operands that do not fit are the two ops' errors, whichever backend: the norm's weight or residual named."""
+    x = torch.randn(1, 40)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="weight of shape"):
+            ops.add_rms_norm_linear(x, torch.randn(1, 40), torch.randn(39), EPS, torch.randn(8, 40), None, False, backend)
+        with pytest.raises(ValueError, match="residual"):
+            ops.add_rms_norm_linear(x, torch.randn(1, 41), torch.randn(40), EPS, torch.randn(8, 40), None, False, backend)
+        with pytest.raises(RuntimeError):  # F.linear's own shape error
+            ops.add_rms_norm_linear(x, torch.randn(1, 40), torch.randn(40), EPS, torch.randn(8, 39), None, False, backend)
