@@ -199,7 +199,9 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
 
 # One token's GEMV without tensor cores: K in several steps, the columns off the tile (48 of 32).
 GEMV_TILE = {"gemv": True, "BLOCK_N": 32, "BLOCK_K": 32}
-OTHER_TILES = ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}, GEMV_TILE)
+# The dense GEMV's form: one row a program, the whole row (and past it: K of 48 to 96) in one masked load.
+WHOLE_ROW_GEMV_TILE = {"gemv": True, "BLOCK_N": 1, "BLOCK_K": 128}
+OTHER_TILES = ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}, GEMV_TILE, WHOLE_ROW_GEMV_TILE)
 
 
 def with_tile(tile: dict, check, *args):

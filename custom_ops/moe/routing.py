@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from custom_ops.triton_runtime import KERNEL_DTYPES, triton_runs_on
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_runs_on
 
 SCORINGS = ("softmax", "topk_softmax")
 
@@ -50,7 +50,10 @@ def _kernel():
     @triton.jit
     def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, scale, BLOCK_E: tl.constexpr, K: tl.constexpr,
                          BLOCK_K: tl.constexpr, SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
-                         SCALE: tl.constexpr):  # fmt: skip
+                         SCALE: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+        if USE_PDL:  # (triton_runtime) every input is the router's output: nothing to load before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, BLOCK_E)
         scores = tl.load(logits_ptr + row * stride_l + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
@@ -94,7 +97,7 @@ def _triton_route(logits, top_k: int, scoring: str, renormalize: bool, scale: fl
         _kernel()[(tokens,)](
             logits, weights, ids, experts, logits.stride(0), float(scale), BLOCK_E=triton.next_power_of_2(experts),
             K=top_k, BLOCK_K=triton.next_power_of_2(top_k), SOFTMAX_FIRST=scoring == "softmax",
-            RENORMALIZE=renormalize, SCALE=scale != 1.0,
+            RENORMALIZE=renormalize, SCALE=scale != 1.0, **pdl_launch_options(logits),
         )  # fmt: skip
     return weights, ids
 
@@ -179,8 +182,11 @@ def _grouped_kernel():
     def moe_route_grouped_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, scale, G: tl.constexpr,
                                  GS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, K: tl.constexpr,
                                  BLOCK_K: tl.constexpr, TOPK_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 RENORMALIZE: tl.constexpr, SOFTMAX: tl.constexpr):  # fmt: skip
+                                 RENORMALIZE: tl.constexpr, SOFTMAX: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
         """One token's routing, its experts as a [group, expert of the group] tile. Ties go to the lowest index."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         groups = tl.arange(0, BLOCK_G)[:, None]
         members = tl.arange(0, BLOCK_GS)[None, :]
@@ -249,7 +255,7 @@ def _triton_route_grouped(logits, bias, top_k, scoring, num_groups, topk_groups,
             logits, bias if bias is not None else logits, weights, ids, logits.stride(0), float(scale), G=num_groups,
             GS=group_size, BLOCK_G=triton.next_power_of_2(num_groups), BLOCK_GS=triton.next_power_of_2(group_size),
             K=top_k, BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUPS=topk_groups, HAS_BIAS=bias is not None,
-            RENORMALIZE=renormalize, SOFTMAX=scoring == "softmax",
+            RENORMALIZE=renormalize, SOFTMAX=scoring == "softmax", **pdl_launch_options(logits),
         )  # fmt: skip
     return weights, ids
 

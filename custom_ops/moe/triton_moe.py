@@ -169,13 +169,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     like = like if like is not None else a
     if one_token and tile.get("gemv") and not sum_pairs and (not mxfp4 or reads_as_words(w, up_offset)):
         _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:],
-                                               STAGES=tile["num_stages"], **flags)  # fmt: skip
+                                               STAGES=tile["num_stages"], **flags, **pdl_launch_options(a))  # fmt: skip
         return out
     _kernels().grouped_gemm_kernel[grid](
         *tensors, ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale,
         w_scale, like, *common, ONE_TOKEN=one_token, SUM_PAIRS=blocks.top_k if sum_pairs else 0,
         BLOCK_M=max(blocks.block_m, triton.next_power_of_2(blocks.top_k)) if sum_pairs else blocks.block_m,
         DOT_SCALED=mxfp4 and tile.get("dot_scaled", False) and a.dtype == torch.bfloat16 and a.is_cuda, **flags,
+        **pdl_launch_options(a),
     )  # fmt: skip
     return out
 
@@ -242,7 +243,7 @@ def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
         pairs_padded = triton.next_power_of_2(top_k)
         block_n = min(triton.next_power_of_2(n), max(16, 4096 // pairs_padded))  # 4096 values a program at most
         _kernels().sum_pairs_kernel[(tokens, triton.cdiv(n, block_n))](
-            weighted, out, n, TOP_K=top_k, PAIRS_PADDED=pairs_padded, BLOCK_N=block_n
+            weighted, out, n, TOP_K=top_k, PAIRS_PADDED=pairs_padded, BLOCK_N=block_n, **pdl_launch_options(weighted)
         )
         return out
     if weighted.dtype == dtype:

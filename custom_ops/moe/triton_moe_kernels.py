@@ -93,6 +93,7 @@ def grouped_gemm_kernel(
     K: tl.constexpr, ONE_TOKEN: tl.constexpr, SUM_PAIRS: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr,
     MXFP4: tl.constexpr, DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """out[p, n] for the rows p of one block: a[row(p)] @ w[e]^T over K (+ bias); GATED: w's rows n are the gate's,
     its rows n + up_offset (elements) the up's, act(gate, up) written; ROUTE_WEIGHTS: times the pair's routing
@@ -101,7 +102,11 @@ def grouped_gemm_kernel(
     tl.dot_scaled, a bf16). Values round to round_ptr's dtype (the model's) where the reference's ops round. A block of
     an expert outside [0, num_experts) (another rank's) writes zeros and reads no weight.
     SUM_PAIRS (one token's down GEMM: its SUM_PAIRS = k pairs, one a row of a): a program per column tile writes
-    out[0, n], the sum of the k weighted rows in float32 rounded once, instead of k rows."""
+    out[0, n], the sum of the k weighted rows in float32 rounded once, instead of k rows.
+    USE_PDL (triton_runtime): which weights to read is the routing's output, so a program waits before any load."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if SUM_PAIRS:  # row j is pair j
         rows = tl.arange(0, BLOCK_M).to(tl.int64)
@@ -285,14 +290,18 @@ def one_token_gemv_kernel(
     stride_se, stride_sn, stride_sk, scale_up_offset, stride_om, alpha, limit, num_experts,
     K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr, FP8: tl.constexpr, MXFP4: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """grouped_gemm_kernel's ONE_TOKEN case without tensor cores: out[pair, cols] for the program's pair and
     BLOCK_N columns, its row of a dotted with each weight row in float32 (a decode step of one sequence has one row
     an expert: a tensor-core tile would be 1/16 used, and its operand layout costs more than the products). Same
     arguments and roundings; ids_ptr: the pairs' experts (one outside [0, num_experts): zeros, no weight read).
     STAGES > 1 pipelines the K loop's loads that many steps ahead (cp.async into shared memory): Triton pipelines a
-    loop without a dot only when told, and unpipelined each step waits out a whole load's latency."""
+    loop without a dot only when told, and unpipelined each step waits out a whole load's latency. USE_PDL: as
+    grouped_gemm_kernel's."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     a_row = pair // top_k if A_PER_TOKEN else pair
@@ -374,9 +383,13 @@ def one_token_epilogue_kernel(
 
 
 @triton.jit
-def sum_pairs_kernel(weighted_ptr, out_ptr, N, TOP_K: tl.constexpr, PAIRS_PADDED: tl.constexpr, BLOCK_N: tl.constexpr):
+def sum_pairs_kernel(weighted_ptr, out_ptr, N, TOP_K: tl.constexpr, PAIRS_PADDED: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):  # fmt: skip
     """out[t, n] = the sum over j < TOP_K of weighted[t * TOP_K + j, n] (both contiguous) in float32, rounded once to
     out's dtype; a program loads its column tile's k rows at once."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     token, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pairs = tl.arange(0, PAIRS_PADDED)

@@ -36,11 +36,15 @@ TILES = (
     {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
 )
 # One token: one_token_gemv_kernel's tiles (no tensor cores), beside the tiles above; num_stages is how far its K loop
-# pipelines its loads (1: not at all, each step waits out a load; the leaders of session 25 also at 2 and 3).
+# pipelines its loads (1: not at all, each step waits out a load; the leaders of session 25 also at 2 and 3). The last
+# four are the dense GEMV's form (triton_gemv.gemv_config): a few rows a program, whole rows of up to 2,048 columns in
+# one load, so each program's weights are all in flight at once (on Llama-8B's linears 5-50% faster than steps of
+# 512-1,024 columns); float experts at one row read 2.6 TB/s on an H200 on tensor cores (BENCHMARKS.md, session 13).
 GEMV_TILES = tuple(
     {"gemv": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
     for n, k, w, s in ((8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 1), (16, 1024, 8, 1),
-                       (32, 512, 8, 1), (16, 256, 4, 2), (16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3))
+                       (32, 512, 8, 1), (16, 256, 4, 2), (16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3),
+                       (1, 2048, 4, 1), (2, 2048, 4, 1), (2, 1024, 4, 1), (4, 1024, 4, 1))
 )  # fmt: skip
 # One token of MXFP4 weights on tensor cores (gluon_mxfp4: a program's SPLIT warps each a slice of K, UNROLL steps of
 # 32 columns a loop iteration), the epilogue after it; not yet timed on a GPU.
