@@ -200,7 +200,7 @@ def check_triton_against_reference(device: str, dtype: torch.dtype) -> None:
 # One token's GEMV without tensor cores: K in several steps, the columns off the tile (48 of 32).
 GEMV_TILE = {"gemv": True, "BLOCK_N": 32, "BLOCK_K": 32}
 # The dense GEMV's form: one row a program, the whole row (and past it: K of 48 to 96) in one masked load.
-WHOLE_ROW_GEMV_TILE = {"gemv": True, "BLOCK_N": 1, "BLOCK_K": 128}
+WHOLE_ROW_GEMV_TILE = {"gemv": True, "BLOCK_N": 1, "BLOCK_K": 128, "num_stages": 1}
 OTHER_TILES = ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 128, "BLOCK_K": 16}, GEMV_TILE, WHOLE_ROW_GEMV_TILE)
 
 
@@ -712,6 +712,8 @@ def test_strided_routing_and_float32_biases_in_the_interpreter():
 
 # One token's down GEMM summed in the kernel: column tiles off the hidden size (72 of 16), K in two masked steps.
 SUM_TILE = {"sum": True, "BLOCK_N": 16, "BLOCK_K": 32}
+# The same in the GEMV (no tensor cores), its K steps unrolled (one stage).
+GEMV_SUM_TILE = {"sum": True, "gemv": True, "BLOCK_N": 16, "BLOCK_K": 32, "num_stages": 1}
 
 
 def experts_in_formats(w13, w2, seed: int, formats) -> dict:
@@ -731,7 +733,8 @@ def experts_in_formats(w13, w2, seed: int, formats) -> dict:
     return made
 
 
-def check_sum_over_experts(device: str, dtype: torch.dtype, sum_tiles=(SUM_TILE,), formats=("fp8", "mxfp4")) -> None:
+def check_sum_over_experts(device: str, dtype: torch.dtype, sum_tiles=(SUM_TILE, GEMV_SUM_TILE),
+                           formats=("fp8", "mxfp4")) -> None:  # fmt: skip
     """The sum over each token's k = 8 pairs: inside the down GEMM (one token under `sum_tiles`) and by the sum kernel
     after it (one token under the heuristic's tile, several tokens), with biases, ids of another rank's experts
     (expert parallelism) and routing weights in float32 or the model's dtype; one token's for float, e4m3 and MXFP4

@@ -124,7 +124,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     the tuned or default one; its "dot_scaled" (MXFP4, bf16 rows) dequantizes through tl.dot_scaled instead of the
     kernel's own decode; its "gemv" (one token) runs one_token_gemv_kernel, without tensor cores. `sum_pairs` (one
     token's down GEMM): out [1, N] is instead the sum of its k weighted rows, in float32 rounded once to the model's
-    dtype, from the tensor-core kernel (a program per column tile, looping over the pairs)."""
+    dtype, from one kernel (a program per column tile, looping over the pairs; the GEMV's under a "gemv" tile)."""
     import triton
 
     one_token = blocks.sorted_pairs is None
@@ -167,9 +167,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     }  # fmt: skip
     tensors = (a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a)
     like = like if like is not None else a
-    if one_token and tile.get("gemv") and not sum_pairs and (not mxfp4 or reads_as_words(w, up_offset)):
+    if one_token and tile.get("gemv") and (not mxfp4 or reads_as_words(w, up_offset)):
         _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:],
-                                               STAGES=tile["num_stages"], **flags, **pdl_launch_options(a))  # fmt: skip
+                                               STAGES=tile["num_stages"], SUM_PAIRS=blocks.top_k if sum_pairs else 0,
+                                               PAIRS_PADDED=triton.next_power_of_2(blocks.top_k), **flags,
+                                               **pdl_launch_options(a))  # fmt: skip
         return out
     _kernels().grouped_gemm_kernel[grid](
         *tensors, ids if one_token else blocks.sorted_pairs, ids, ids if one_token else blocks.used_rows, a_scale,
