@@ -90,7 +90,7 @@ def mxfp4_gemv(out_dir: str) -> None:
     """one_token_gemv_kernel over MXFP4 experts at GPT-OSS-20B's shapes (K 2880; gate/up gated, down with routing
     weights), at the default tile and two others; a unit is one weight."""
     from custom_ops.moe.triton_moe import MXFP4_ONE_TOKEN_TILE
-    from custom_ops.moe.triton_moe_kernels import one_token_gemv_kernel
+    from custom_ops.moe.triton_one_token_kernels import one_token_gemv_kernel
 
     types = {"a_ptr": "*bf16", "w_ptr": "*u8", "bias_ptr": "*bf16", "out_ptr": "*bf16", "route_w_ptr": "*bf16",
              "ids_ptr": "*i32", "a_scale_ptr": "*bf16", "w_scale_ptr": "*u8", "round_ptr": "*bf16", "alpha": "fp32",
@@ -104,7 +104,8 @@ def mxfp4_gemv(out_dir: str) -> None:
             constexprs = {"stride_wk": 1, "stride_sk": 1, "stride_bn": 1, "K": 2880, "GATED": gated,
                           "ACTIVATION": 2 if gated else 0, "A_PER_TOKEN": gated, "HAS_BIAS": True,
                           "ROUTE_WEIGHTS": not gated, "FP8": False, "MXFP4": True, "BLOCK_N": tile["BLOCK_N"],
-                          "BLOCK_K": tile["BLOCK_K"], "STAGES": tile["num_stages"]}  # fmt: skip
+                          "BLOCK_K": tile["BLOCK_K"], "STAGES": tile["num_stages"], "SUM_PAIRS": 0, "PAIRS_PADDED": 1,
+                          "USE_PDL": True}  # fmt: skip
             kernel = compile_for_hopper(one_token_gemv_kernel, types, constexprs, strides, tile["num_warps"],
                                         tile["num_stages"])  # fmt: skip
             weights = tile["BLOCK_N"] * tile["BLOCK_K"] * (2 if gated else 1) / (32 * tile["num_warps"])

@@ -1,5 +1,5 @@
 """One token's MXFP4 expert GEMMs on tensor cores (gluon_mxfp4_kernels.mxfp4_experts_mma_kernel), then
-triton_moe_kernels.one_token_epilogue_kernel: triton_moe.grouped_gemm takes this path for a one-token call under a
+triton_one_token_kernels.one_token_epilogue_kernel: triton_moe.grouped_gemm takes this path for a one-token call under a
 tile with "mma" (an autotuner candidate, held to the reference before it may win).
 
 The kernel writes every row of each pair's expert weight as float32 sums (gate and up rows alike, in the weight's

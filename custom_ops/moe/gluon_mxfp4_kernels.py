@@ -1,7 +1,7 @@
 """One token's MXFP4 expert GEMMs on tensor cores, in Gluon: gluon_mxfp4.py launches it.
 
 A decode step of one sequence gives each of its k experts one row of x, so the one-token GEMV
-(triton_moe_kernels.one_token_gemv_kernel) does a multiply-add a weight on the CUDA cores besides the decode, and
+(triton_one_token_kernels.one_token_gemv_kernel) does a multiply-add a weight on the CUDA cores besides the decode, and
 its loop issues ~5.7 instructions a weight: it reads 1.1-1.3 TB/s (BENCHMARKS.md). Here, as in
 custom_ops/linear/gluon_int4_kernels.py's NVFP4 decode, the expert's weights are the 16-row side of mma.m16n8k16 and
 x the 8-column side: the threads only decode, each its code bytes loaded straight in the A operand's layout, and the
@@ -13,7 +13,7 @@ sums.
 
 A program computes ROWS output channels of one pair (token, expert); its SPLIT warps take a slice of K each, and the
 slices' sums are added at the end. The raw float32 sums go to y [pairs, N]; the epilogue (bias, activation,
-routing weight, roundings) is triton_moe_kernels.one_token_epilogue_kernel's, as the GEMV computes it.
+routing weight, roundings) is triton_one_token_kernels.one_token_epilogue_kernel's, as the GEMV computes it.
 """
 
 from triton.experimental import gluon

@@ -86,6 +86,12 @@ def _kernels():
     return triton_moe_kernels
 
 
+def _one_token_kernels():
+    from custom_ops.moe import triton_one_token_kernels  # needs triton: imported on first use
+
+    return triton_one_token_kernels
+
+
 class ExpertBlocks(NamedTuple):
     """Which rows each program of a grouped GEMM computes: `sort_by_expert`'s blocks, or for one token (sorted_pairs
     None) a block per pair, whose expert is `block_expert` (the ids themselves)."""
@@ -168,7 +174,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     tensors = (a, w, bias if bias is not None else w, out, route_weights if route_weights is not None else a)
     like = like if like is not None else a
     if one_token and tile.get("gemv") and (not mxfp4 or reads_as_words(w, up_offset)):
-        _kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:],
+        _one_token_kernels().one_token_gemv_kernel[grid](*tensors, ids, a_scale, w_scale, like, *common[1:],
                                                STAGES=tile["num_stages"], SUM_PAIRS=blocks.top_k if sum_pairs else 0,
                                                PAIRS_PADDED=triton.next_power_of_2(blocks.top_k), **flags,
                                                **pdl_launch_options(a))  # fmt: skip
@@ -197,7 +203,7 @@ def _one_token_mma(a, w, bias, out, route_weights, blocks: ExpertBlocks, exponen
     raw_col, raw_up = (2, 1) if gated and activation in INTERLEAVED else (1, n)  # where output column c's sums are
     alpha, limit = params if len(params) == 2 else (1.0, 0.0)
     block_n = min(256, triton.next_power_of_2(n))
-    _kernels().one_token_epilogue_kernel[(blocks.pairs, triton.cdiv(n, block_n))](
+    _one_token_kernels().one_token_epilogue_kernel[(blocks.pairs, triton.cdiv(n, block_n))](
         raw, bias if bias is not None else raw, out, route_weights if route_weights is not None else raw, ids, like, n,
         raw.stride(0), raw_col, raw_up, bias.stride(0) if bias is not None else 0,
         bias.stride(1) if bias is not None else 0, out.stride(0), float(alpha), float(limit), w.shape[0],

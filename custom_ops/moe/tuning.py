@@ -64,7 +64,7 @@ SUM_TILES = tuple(
 # The launchers and their kernels (and the MMA tiles' decode): any change in them is a changed candidate.
 _HERE = Path(triton_moe.__file__).parent
 _SOURCE = source_hash("".join(path.read_text() for path in (
-    *(_HERE / name for name in ("triton_moe.py", "triton_moe_kernels.py", "gluon_mxfp4.py", "gluon_mxfp4_kernels.py")),
+    *(_HERE / name for name in ("triton_moe.py", "triton_moe_kernels.py", "triton_one_token_kernels.py", "gluon_mxfp4.py", "gluon_mxfp4_kernels.py")),
     *(_HERE.parent / "linear" / name for name in ("gluon_int4_kernels.py", "gluon_int4_decode.py")),
 )))  # fmt: skip
 
