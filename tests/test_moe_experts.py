@@ -735,15 +735,16 @@ def experts_in_formats(w13, w2, seed: int, formats) -> dict:
 
 def check_sum_over_experts(device: str, dtype: torch.dtype, sum_tiles=(SUM_TILE, GEMV_SUM_TILE),
                            formats=("fp8", "mxfp4")) -> None:  # fmt: skip
-    """The sum over each token's k = 8 pairs: inside the down GEMM (one token under `sum_tiles`) and by the sum kernel
+    """The sum over each token's k = 8 (or 6: pairs padded to a power of 2) pairs: inside the down GEMM (one token under `sum_tiles`) and by the sum kernel
     after it (one token under the heuristic's tile, several tokens), with biases, ids of another rank's experts
     (expert parallelism) and routing weights in float32 or the model's dtype; one token's for float, e4m3 and MXFP4
     experts (`formats`: the other tests run the sum kernel after each format's GEMM of several tokens)."""
-    cases = [(1, 72, 48, None), (1, 64, 32, range(4, 12)), (6, 72, 48, None), (6, 64, 32, range(2, 10))]
-    for seed, (tokens, hidden, inter, local) in enumerate(cases):
+    cases = [(1, 72, 48, None, 8), (1, 64, 32, range(4, 12), 8), (1, 64, 32, range(2, 12), 6), (6, 72, 48, None, 8),
+             (6, 64, 32, range(2, 10), 8)]  # fmt: skip
+    for seed, (tokens, hidden, inter, local, top_k) in enumerate(cases):
         local = local or range(16)
         x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-        ids, weights, _ = other_ranks_routing(tokens, 16, 8, seed, local, device)
+        ids, weights, _ = other_ranks_routing(tokens, 16, top_k, seed, local, device)
         weights = weights.to(dtype) if seed % 2 else weights
         w13, w2, b13, b2 = random_experts(len(local), hidden, inter, seed, dtype, device, bias=True)
         one_token_formats = formats if tokens == 1 else ()

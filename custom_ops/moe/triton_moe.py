@@ -134,9 +134,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
     import triton
 
     one_token = blocks.sorted_pairs is None
-    if sum_pairs and not (one_token and route_weights is not None and not gated):
-        raise ValueError("sum_pairs sums one token's weighted down-GEMM rows: it takes one token and routing weights, "
-                         "not a gated GEMM")  # fmt: skip
+    if sum_pairs and not (one_token and route_weights is not None and not gated and not a_per_token):
+        raise ValueError("sum_pairs sums one token's weighted down-GEMM rows: it takes one token, a row of a pair and "
+                         "routing weights, not a gated GEMM")  # fmt: skip
     mxfp4 = mxfp4_scales is not None
     n = w.shape[1] // 2 if gated else w.shape[1]
     tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4, gated))

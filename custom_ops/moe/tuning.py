@@ -53,7 +53,7 @@ MMA_TILES = tuple({"mma": True, "SPLIT": s, "UNROLL": u} for s, u in ((2, 5), (2
 # program per column tile of the one output row, so narrow tiles for enough programs (Qwen3-30B-A3B: 2048 / 16 = 128
 # on 132 SMs), and deep pipelines to keep a program's weight loads in flight across its k experts.
 # The GEMV's form sums them too (one_token_gemv_kernel's SUM_PAIRS): a few rows a program, each pair's row in one or
-# a few unrolled loads, all the pairs' loads in flight together.
+# a few unrolled loads, all the pairs' loads in flight together (float and e4m3 experts; MXFP4's, a pair at a time).
 SUM_TILES = tuple(
     {"sum": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s}
     for n, k, s in ((16, 128, 4), (16, 128, 6), (16, 256, 4), (16, 256, 5), (32, 128, 4), (32, 256, 4))
