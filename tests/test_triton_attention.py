@@ -83,6 +83,8 @@ def test_triton_fp8_cache_matches_reference_on_gpu(layer, step):
 @pytest.mark.parametrize("launch", [{"TILE": 64, "num_warps": 4, "num_stages": 3}, {"TILE": 128, "num_warps": 8,
                                     "num_stages": 2}, {"TILE": 16, "num_warps": 2, "num_stages": 4},
                                     {"TILE": 32, "num_warps": 2, "num_stages": 2},
+                                    {"TILE": 32, "num_warps": 1, "num_stages": 2},
+                                    {"TILE": 64, "num_warps": 1, "num_stages": 3, "ONE_LAUNCH": True},
                                     {"TILE": 32, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
                                     {"TILE": 64, "num_warps": 4, "num_stages": 2, "ONE_LAUNCH": True}])  # fmt: skip
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
