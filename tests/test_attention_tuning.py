@@ -328,7 +328,7 @@ def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
     separate = names("float32", 1)
     assert separate == names("float32", 16) == {
         "triton-keys64-warps4-stages3", "triton-keys64-warps4-stages2", "triton-keys32-warps4-stages2",
-        "triton-keys32-warps2-stages2", "triton-keys32-warps4-stages3-one-launch",
+        "triton-keys32-warps2-stages2", "triton-keys32-warps1-stages2", "triton-keys32-warps4-stages3-one-launch",
         "triton-keys64-warps4-stages3-one-launch", "triton-keys32-warps4-stages2-one-launch",
     }  # fmt: skip
     fp8 = names("float8_e4m3fn", 1)

@@ -62,6 +62,10 @@ LAUNCHES = (
     {"TILE": 32, "num_warps": 4, "num_stages": 2},
     {"TILE": 32, "num_warps": 4, "num_stages": 3},
     {"TILE": 32, "num_warps": 2, "num_stages": 2},
+    # One warp a program: p stays in registers (no shared-memory exchange and barrier between the two MMAs) and no
+    # row work is repeated by 4 warps; sm_90a's loop takes 42 warp-instructions a key over an fp8 cache against the
+    # default's 57, 30 over a bf16 one against 50 (benchmarks/kernel_sass.py; BENCHMARKS.md, session 36). Not yet timed.
+    {"TILE": 32, "num_warps": 1, "num_stages": 2},
     # The step in one launch: the splits merged by the kernel's last program of a row, or at one split the KV write in
     # the kernel (triton.py's docstring)
     {"TILE": 32, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
