@@ -8,6 +8,19 @@ import triton.language as tl
 
 
 @triton.jit
+def word_columns(x_even, x_odd):
+    """x's columns as a packed word of 8 codes meets them (column j = 4 h + 2 j1 + j0), from its even and odd columns
+    [..., 2 (j1), 2 (h)]: the pairs (j, j + 4) for j = 0 to 3, each [...]: (x0, x4, x1, x5, x2, x6, x3, x7)."""
+    x_0, x_2 = tl.split(x_even)  # j1
+    x_1, x_3 = tl.split(x_odd)
+    x_0l, x_0h = tl.split(x_0)  # h
+    x_1l, x_1h = tl.split(x_1)
+    x_2l, x_2h = tl.split(x_2)
+    x_3l, x_3h = tl.split(x_3)
+    return x_0l, x_0h, x_1l, x_1h, x_2l, x_2h, x_3l, x_3h
+
+
+@triton.jit
 def add_pair_products(sums, words, shift, zero16, x_low, x_high):
     """sums + the products of codes j and j + 4 of each int32 word (`shift` = 4 j, j < 4), minus their group's zero
     point, with their columns of x: (word >> 4 j) & 0x000F000F | 0x64006400 holds the float16 values 1024 + q in its
@@ -128,12 +141,7 @@ def int4_gemv_kernel(
             x_sum = tl.sum(tl.sum(x, axis=2), axis=1)
             # x's column j of each word (j = 4 h + 2 j1 + j0) as [G, WORDS] tensors, by splits of the last axis
             x_even, x_odd = tl.split(tl.reshape(x, (G, WORDS, 2, 2, 2)))  # j0
-        x_0, x_2 = tl.split(x_even)  # j1: [G, WORDS, 2 (h)]
-        x_1, x_3 = tl.split(x_odd)
-        x_0l, x_0h = tl.split(x_0)
-        x_1l, x_1h = tl.split(x_1)
-        x_2l, x_2h = tl.split(x_2)
-        x_3l, x_3h = tl.split(x_3)
+        x_0l, x_0h, x_1l, x_1h, x_2l, x_2h, x_3l, x_3h = word_columns(x_even, x_odd)
         sums = tl.zeros(words.shape, dtype=tl.float32)
         if E2M1:
             sums = add_pair_products_e2m1(sums, words, 0, x_0l, x_0h)

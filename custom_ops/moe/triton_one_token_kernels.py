@@ -7,6 +7,7 @@ use."""
 import triton
 import triton.language as tl
 
+from custom_ops.linear.triton_int4_kernels import word_columns
 from custom_ops.moe.triton_moe_kernels import gated_epilogue
 
 UNROLLED_STEPS: tl.constexpr = tl.constexpr(4)  # one_token_pair's unrolled K loop, at most
@@ -55,12 +56,7 @@ def mxfp4_row_dot(acc, x_row, w_rows, s_rows, k0, col_ok, stride_sk, K: tl.const
                 other=0.0).to(tl.float32)  # fmt: skip
     # x [G, 4, 8] -> its column j of each word (j = 4 h + 2 j1 + j0) as [G, 4] tensors, by splits of the last axis
     x_even, x_odd = tl.split(tl.reshape(x, (G, 4, 2, 2, 2)))  # j0
-    x_0, x_2 = tl.split(x_even)  # j1: [G, 4, 2 (h)]
-    x_1, x_3 = tl.split(x_odd)
-    x_0l, x_0h = tl.split(x_0)
-    x_1l, x_1h = tl.split(x_1)
-    x_2l, x_2h = tl.split(x_2)
-    x_3l, x_3h = tl.split(x_3)
+    x_0l, x_0h, x_1l, x_1h, x_2l, x_2h, x_3l, x_3h = word_columns(x_even, x_odd)
     sums = tl.zeros(words.shape, dtype=tl.float32)
     sums = add_pair_products(sums, words, 12, x_0l, x_0h)
     sums = add_pair_products(sums, words, 8, x_1l, x_1h)
