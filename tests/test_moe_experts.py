@@ -767,6 +767,18 @@ def test_sum_over_experts_in_the_interpreter():
     )
 
 
+def test_summing_a_per_token_or_gated_gemm_is_refused():
+    """sum_pairs takes one token's down GEMM, a row a pair: a gated GEMM or rows per token is a clear error (checked
+    before any kernel, so on every device)."""
+    _, w2, _, _ = random_experts(4, 16, 8, seed=0)
+    ids, weights = random_routing(1, 4, 2, seed=0)
+    blocks = triton_moe.expert_blocks(ids, 4)
+    for a, gated, a_per_token in ((torch.randn(2, 8), True, False), (torch.randn(1, 8), False, True)):
+        with pytest.raises(ValueError, match="sum_pairs sums one token's weighted down-GEMM rows"):
+            triton_moe.grouped_gemm(a, w2, None, torch.empty(1, 16), weights.reshape(-1), blocks, gated=gated,
+                                    a_per_token=a_per_token, sum_pairs=True)  # fmt: skip
+
+
 @pytest.mark.gpu
 def test_sum_over_experts_on_the_gpu():
     """The cases in bf16 under every summing tile the tuning times; then Qwen3-30B-A3B's down GEMM (128 experts of
