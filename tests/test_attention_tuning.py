@@ -235,7 +235,8 @@ def test_a_real_tuning_run_times_both_gpu_backends_for_each_bucket(tmp_path, mon
     for c in choices[:4]:
         heuristic = triton.decode_splits(c.bucket["batch"], 2, torch.device("cuda"))
         splits = {f"triton-splits{n}" for n in tuning.SPLITS if n > heuristic}
-        launches = {tuning.launch_name(launch) for launch in tuning.decode_launches(c.bucket, heuristic)}
+        launches = tuning.decode_launches(c.bucket, heuristic, torch.device("cuda"))
+        launches = {tuning.launch_name(launch) for launch in launches}
         assert len(launches) == len(tuning.LAUNCHES) - 1
         assert set(c.times_us) == {"flashinfer", "triton"} | splits | launches
     assert set(choices[4].times_us) == {"flashinfer", "triton", "sdpa"}
@@ -321,7 +322,8 @@ def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
     kind = tuning._layer_kind(FEATURES, 16, 2, 1)
 
     def names(kv_cache: str, splits: int, **changes) -> set[str]:
-        launches = tuning.decode_launches({**kind, "kv_cache": kv_cache, **changes}, splits)
+        bucket = {**kind, "kv_cache": kv_cache, "batch": 1, **changes}
+        launches = tuning.decode_launches(bucket, splits, torch.device("cpu"))
         return {tuning.launch_name(launch) for launch in launches}
 
     # One split and 16: the default merges in a kernel of its own (or writes the cache in one)
@@ -340,6 +342,22 @@ def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
         fp8_one = fp8 - {"triton-keys32-warps4-stages2-one-launch"} | {"triton-keys32-warps4-stages2"}
         assert names("float8_e4m3fn", splits) == fp8_one
     assert names("float32", 4, head_dim=576) == set()  # latent attention's head: a launch of its own
+    # Enough programs an SM (the CPU counts as 32 SMs): the default is one warp, and 4 warps a candidate
+    batch = 32 * triton.ONE_WARP_PROGRAMS_PER_SM // kind["kv_heads"]
+    assert names("float8_e4m3fn", 1, batch=batch) == fp8 - {"triton-keys32-warps1-stages2"} | {
+        "triton-keys32-warps4-stages2"
+    }  # fmt: skip
+    assert names("float8_e4m3fn", 1, batch=batch - 1) == fp8
+
+
+def test_the_untuned_decode_launch_takes_one_warp_from_enough_programs_an_sm():
+    cpu = torch.device("cpu")  # 32 SMs to the backend
+    assert triton.decode_programs_per_sm(256, 32, 8, 128, 1, cpu) == 256 * 8 / 32
+    assert triton.decode_programs_per_sm(3, 32, 1, 576, 2, cpu) == 3 * 2 * 2 / 32  # 32 heads a KV head: 2 blocks
+    most = triton.ONE_WARP_PROGRAMS_PER_SM
+    assert triton.default_decode_launch(torch.bfloat16, 1, most)["num_warps"] == 1
+    assert triton.default_decode_launch(torch.bfloat16, 1, most - 0.5)["num_warps"] == 4
+    assert triton.default_decode_launch(torch.float8_e4m3fn, 1)["num_warps"] == 4
 
 
 def test_the_untuned_decode_launch_merges_in_the_kernel_at_2_to_9_splits(monkeypatch):
@@ -383,6 +401,9 @@ def test_a_decode_step_launches_the_tuned_launch_of_its_shape_else_the_default(m
 
     fp8 = cache_dtype == torch.float8_e4m3fn
     assert launch_options() == (triton.KEY_TILE, triton.FP8_CACHE_DECODE_STAGES if fp8 else 3, 4)
+    with monkeypatch.context() as patch:  # this step's 2 x 2 programs on the CPU's 32 SMs as enough for one warp
+        patch.setattr(triton, "ONE_WARP_PROGRAMS_PER_SM", 4 / 32)
+        assert launch_options() == (triton.KEY_TILE, triton.FP8_CACHE_DECODE_STAGES if fp8 else 3, 1)
     key = triton.split_key(-1, 2, 8, 2, 64, 0, cache_dtype)
     triton.TUNED_DECODE_LAUNCHES[key] = {"TILE": 64, "num_warps": 4, "num_stages": 3}
     assert launch_options() == (64, 3, 4)

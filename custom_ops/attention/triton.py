@@ -62,6 +62,12 @@ TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
 # by 1.03-1.45x, and lost at 16 (batch 1: 1.10-1.34x slower, Qwen3-30B-A3B 0.94x end to end); at one split its KV
 # write in the kernel lost over an fp8 cache (up to 1.9x slower at 64-256 rows) and tied over a bf16 one.
 ONE_LAUNCH_MAX_SPLITS = 9
+# The untuned decode launch runs one warp a program where a launch has this many programs an SM: p stays in registers
+# (no shared-memory exchange between the two MMAs) and no row work is repeated by 4 warps (42 warp-instructions a key
+# over an fp8 cache against 57, benchmarks/kernel_sass.py), but an SM needs other programs' warps to hide its loads.
+# On an H100 (session 37, BENCHMARKS.md) at Llama-8B's layer, 192-2,048 keys: 1.26-1.33x at 256 and 512 rows (16 and
+# 31 programs an SM) over an fp8 cache, 1.03-1.07x over a bf16 one; 0.77-0.82x at 64 rows (4 an SM) over an fp8 cache.
+ONE_WARP_PROGRAMS_PER_SM = 8
 # Programs of one decode launch (tokens x KV-head blocks) that can count their finished splits (ONE_LAUNCH); a larger
 # launch merges in a second kernel. 64 KiB a layer's cache.
 MERGE_COUNTERS = 1 << 14
@@ -95,13 +101,15 @@ def wide_head(head_dim: int) -> bool:
     return padded_head_dim(head_dim) > 256
 
 
-def default_decode_launch(cache_dtype: torch.dtype, splits: int | None = None) -> dict:
-    """The untuned launch of a decode step of `splits` key splits over a cache of `cache_dtype`, every field named:
-    DECODE_LAUNCH's, else Triton's own defaults (4 warps, 3 stages), FP8_CACHE_DECODE_STAGES over an fp8 cache, and
-    ONE_LAUNCH at 2 to ONE_LAUNCH_MAX_SPLITS splits."""
+def default_decode_launch(cache_dtype: torch.dtype, splits: int | None = None, programs_per_sm: float = 0.0) -> dict:
+    """The untuned launch of a decode step of `splits` key splits and `programs_per_sm` (decode_programs_per_sm) over
+    a cache of `cache_dtype`, every field named: DECODE_LAUNCH's, else Triton's own defaults (4 warps, 3 stages), one
+    warp from ONE_WARP_PROGRAMS_PER_SM programs an SM, FP8_CACHE_DECODE_STAGES over an fp8 cache, and ONE_LAUNCH at 2
+    to ONE_LAUNCH_MAX_SPLITS splits."""
+    warps = 1 if programs_per_sm >= ONE_WARP_PROGRAMS_PER_SM else 4
     stages = FP8_CACHE_DECODE_STAGES if cache_dtype.itemsize == 1 else 3
     one_launch = splits is not None and 1 < splits <= ONE_LAUNCH_MAX_SPLITS
-    return {"num_warps": 4, "num_stages": stages, "ONE_LAUNCH": one_launch} | DECODE_LAUNCH
+    return {"num_warps": warps, "num_stages": stages, "ONE_LAUNCH": one_launch} | DECODE_LAUNCH
 
 
 @functools.cache
@@ -115,11 +123,23 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device, head_b
     return max(1, min(MAX_SPLITS, -(-2 * _multiprocessors(device) // (num_seqs * num_kv_heads * head_blocks))))
 
 
-def heuristic_decode_splits(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device) -> int:
-    """decode_splits for a decode step of this layer shape, with its blocks of query heads (tile_shape)."""
+def decode_head_blocks(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Programs a (sequence, KV head) of a decode step takes for its query heads (tile_shape's blocks of them)."""
     group = num_heads // num_kv_heads
-    group_block = tile_shape(num_seqs, num_seqs, group, head_dim)[2]
-    return decode_splits(num_seqs, num_kv_heads, device, -(-group // group_block))
+    return -(-group // tile_shape(num_seqs, num_seqs, group, head_dim)[2])
+
+
+def heuristic_decode_splits(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device) -> int:
+    """decode_splits for a decode step of this layer shape, with its blocks of query heads."""
+    return decode_splits(num_seqs, num_kv_heads, device, decode_head_blocks(num_seqs, num_heads, num_kv_heads, head_dim))
+
+
+def decode_programs_per_sm(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, splits: int,
+                           device: torch.device) -> float:  # fmt: skip
+    """Programs of a decode step's launch (a program per sequence, KV head, block of its query heads and key split)
+    an SM of `device`."""
+    heads = num_kv_heads * decode_head_blocks(num_seqs, num_heads, num_kv_heads, head_dim)
+    return num_seqs * heads * splits / _multiprocessors(device)
 
 
 def split_key(device_index: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -183,7 +203,9 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         if splits is None:
             splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
         if launch is None:
-            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(kv_cache.dtype, splits)
+            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(
+                kv_cache.dtype, splits, decode_programs_per_sm(num_tokens, num_heads, num_kv_heads, head_dim, splits, q.device)
+            )
     one_launch = decode and not wide_head(head_dim) and launch.get("ONE_LAUNCH", False)
     write_kv = splits > 1 or one_launch  # the kernel writes the cache itself (module docstring)
     if not write_kv:

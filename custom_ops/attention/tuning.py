@@ -64,7 +64,8 @@ LAUNCHES = (
     {"TILE": 32, "num_warps": 2, "num_stages": 2},
     # One warp a program: p stays in registers (no shared-memory exchange and barrier between the two MMAs) and no
     # row work is repeated by 4 warps; sm_90a's loop takes 42 warp-instructions a key over an fp8 cache against the
-    # default's 57, 30 over a bf16 one against 50 (benchmarks/kernel_sass.py; BENCHMARKS.md, session 36). Not yet timed.
+    # default's 57, 30 over a bf16 one against 50 (benchmarks/kernel_sass.py). The default from
+    # triton.ONE_WARP_PROGRAMS_PER_SM programs an SM; below, behind 4 warps at 64 rows over an fp8 cache on an H100.
     {"TILE": 32, "num_warps": 1, "num_stages": 2},
     # The step in one launch: the splits merged by the kernel's last program of a row, or at one split the KV write in
     # the kernel (triton.py's docstring)
@@ -226,7 +227,7 @@ class PagedAttentionTuning:
                 if splits > heuristic:
                     run = functools.partial(self._run, "triton", bucket, splits=splits)
                     found.append(Candidate(f"triton-splits{splits}", run, source, {"splits": splits}))
-            for launch in decode_launches(bucket, heuristic):
+            for launch in decode_launches(bucket, heuristic, self._device):
                 run = functools.partial(self._run, "triton", bucket, splits=heuristic, launch=launch)
                 found.append(Candidate(launch_name(launch), run, source, {"launch": launch}))
         return found
@@ -300,7 +301,10 @@ class PagedAttentionTuning:
              splits: int | None = None, launch: dict | None = None):  # fmt: skip
         out = torch.empty_like(q)
         if splits is not None:  # Triton's decode at this count and launch (the default's), never what is installed
-            launch = launch or triton_backend.default_decode_launch(cache.dtype, splits)
+            num_tokens, num_heads, head_dim = q.shape
+            programs = triton_backend.decode_programs_per_sm(num_tokens, num_heads, cache.shape[3], head_dim, splits,
+                                                             q.device)  # fmt: skip
+            launch = launch or triton_backend.default_decode_launch(cache.dtype, splits, programs)
             triton_backend.triton_paged_attention(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer,
                                                   splits=splits, launch=launch)  # fmt: skip
             return out
@@ -347,12 +351,14 @@ def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, de
         choice.winner, choice.source = backend, "nearest"
 
 
-def decode_launches(bucket: dict, splits: int) -> list[dict]:
-    """LAUNCHES but the default's at `splits`, for a decode bucket whose head takes a decode launch (not a wide
-    head's)."""
+def decode_launches(bucket: dict, splits: int, device: torch.device) -> list[dict]:
+    """LAUNCHES but the default's at `splits` on `device`, for a decode bucket whose head takes a decode launch (not
+    a wide head's)."""
     if triton_backend.wide_head(bucket["head_dim"]):
         return []
-    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]), splits)
+    programs = triton_backend.decode_programs_per_sm(bucket["batch"], bucket["heads"], bucket["kv_heads"],
+                                                     bucket["head_dim"], splits, device)  # fmt: skip
+    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]), splits, programs)
     return [launch for launch in LAUNCHES if ({"ONE_LAUNCH": False} | launch) != default]
 
 
