@@ -322,7 +322,10 @@ def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():
     assert [b for b in moe.buckets(fp8_graph) if b["fp8"]] == [dict(b, fp8=True) for b in buckets]
     candidates = moe.candidates(buckets[0])
     assert candidates[0].name == moe.heuristic(buckets[1]) == tuning.tile_name(triton_moe.DEFAULT_TILE)
-    assert moe.heuristic(buckets[0]) == tuning.tile_name(triton_moe.ONE_TOKEN_TILE)  # one token: narrower tiles
+    # One token of float experts: the GEMV, its down GEMM summed over the pairs in it; of e4m3 ones, narrower tiles
+    assert moe.heuristic(buckets[0]) == tuning.tile_name(triton_moe.FLOAT_ONE_TOKEN_DOWN_TILE)
+    assert moe.heuristic(buckets[4]) == tuning.tile_name(triton_moe.FLOAT_ONE_TOKEN_TILE)
+    assert moe.heuristic(dict(buckets[0], fp8=True)) == tuning.tile_name(triton_moe.ONE_TOKEN_TILE)
     assert moe.heuristic(buckets[0]) in {c.name for c in candidates}
     assert len({c.name for c in candidates}) == len({c.identity for c in candidates}) == len(candidates)
     moe.install(buckets[5], candidates[2], torch.device("cpu"))

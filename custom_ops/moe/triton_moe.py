@@ -25,12 +25,18 @@ from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_
 ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
 INTERLEAVED = {"swiglu_oai"}
 DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-# One token: k blocks of one row each stream their experts' weights; narrower column tiles give the GPU more programs
-# (Qwen3-30B-A3B's gate_up: 8 x 768/64 = 96 programs for 132 SMs at the default, 192 at 32). Not yet measured.
+# One token of e4m3 experts: k blocks of one row each stream their experts' weights; narrower column tiles give the GPU
+# more programs (Qwen3-30B-A3B's gate_up: 8 x 768/64 = 96 programs for 132 SMs at the default, 192 at 32).
 ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# One token of float (16-bit) experts: the GEMV without tensor cores in the dense GEMV's form, whole rows of 1,024
+# columns, 2 a program, all of a program's loads in flight at once; its down GEMM summed over the token's pairs in the
+# same kernel (no sum kernel after it). On an H100 at Qwen3-30B-A3B's shapes (session 37, BENCHMARKS.md): gate/up
+# 23.2 us against 24.4 at ONE_TOKEN_TILE, down 13.2 us against 15.2 plus the sum's kernel; 1.075x end to end.
+FLOAT_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}
+FLOAT_ONE_TOKEN_DOWN_TILE = {"sum": True, "gemv": True, "BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
 # One token of MXFP4 weights: the GEMV without tensor cores (one_token_gemv_kernel), whose decode costs fewer
 # instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
-# (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md). Float weights stay on tensor cores: 2.6 TB/s there, ahead of it.
+# (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md).
 # Its K loop pipelined 3 deep (cp.async, tl.range's num_stages): on an H100 at GPT-OSS-20B's gate/up 27.9 us against
 # 32.0 unpipelined (session 27, BENCHMARKS.md); the latency-bound loop's gain.
 MXFP4_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
@@ -264,6 +270,8 @@ def heuristic_tile(mode: int, fmt: str = "float", gated: bool = True) -> dict:
     `gated`) the down one."""
     if fmt == "mxfp4":
         return (MXFP4_ONE_TOKEN_TILE if gated else MXFP4_ONE_TOKEN_DOWN_TILE) if mode == 1 else MXFP4_TILE
+    if fmt == "float" and mode == 1:
+        return FLOAT_ONE_TOKEN_TILE if gated else FLOAT_ONE_TOKEN_DOWN_TILE
     return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
 
 

@@ -27,7 +27,7 @@ OP = "moe_grouped_gemm"
 ROW_MODES = (1, 16, 32, 64)
 TILES = (
     triton_moe.DEFAULT_TILE,  # the fallback: first
-    triton_moe.ONE_TOKEN_TILE,  # the heuristic for one token: more programs for a batch-1 step's few experts
+    triton_moe.ONE_TOKEN_TILE,  # e4m3 experts' heuristic for one token: more programs for a batch-1 step's few experts
     {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4},
     {"BLOCK_N": 64, "BLOCK_K": 128},
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 4},
