@@ -183,13 +183,8 @@ def grouped_gemm_kernel(
     out = gated_epilogue(acc, acc_up, bias_ptr + row_experts * stride_be + cols[None, :] * stride_bn, weight_ok,
                          bias_up_offset, alpha, limit, dtype, HAS_BIAS, GATED, ACTIVATION)  # fmt: skip
     if ROUTE_WEIGHTS:
-        route_w = tl.load(route_w_ptr + rows, mask=valid, other=0.0)
-        out = out.to(dtype).to(tl.float32) * route_w.to(tl.float32)[:, None]
+        out = route_weighted(out, tl.load(route_w_ptr + rows, mask=valid, other=0.0)[:, None], dtype, SUM_PAIRS > 0)
     if SUM_PAIRS:
-        # Each product rounds to torch's promotion of the model's dtype and the weights' (the reference's weighted
-        # rows), which among the kernel's dtypes is the model's where the two agree, else float32.
-        if route_w_ptr.dtype.element_ty == dtype:
-            out = out.to(dtype).to(tl.float32)
         out = tl.where(weight_ok, out, 0.0)  # the pairs of another rank's experts add zero
         tl.store(out_ptr + pid_m * stride_om + cols, tl.sum(out, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
     else:
@@ -219,6 +214,18 @@ def gated_epilogue(acc, acc_up, bias_ptrs, bias_ok, bias_up_offset, alpha, limit
             sig = tl.sigmoid((gate * alpha).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             glu = (gate * sig).to(dtype).to(tl.float32)
             out = (up + 1.0).to(dtype).to(tl.float32) * glu
+    return out
+
+
+@triton.jit
+def route_weighted(out, route_w, dtype: tl.constexpr, SUMMED: tl.constexpr):
+    """A pair's epilogue output (float32) times its routing weight, with the reference's roundings: the output in
+    `dtype` (the model's), the product in torch's promotion of it and the weights' dtype, which among the kernels'
+    dtypes is the model's where the two agree, else float32. SUMMED: the product is a term of the kernel's own sum, so
+    rounded here (a product the kernel stores rounds in the store)."""
+    out = out.to(dtype).to(tl.float32) * route_w.to(tl.float32)
+    if SUMMED and route_w.dtype == dtype:
+        out = out.to(dtype).to(tl.float32)
     return out
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from custom_ops.linear.triton_int4_kernels import word_columns
-from custom_ops.moe.triton_moe_kernels import gated_epilogue
+from custom_ops.moe.triton_moe_kernels import gated_epilogue, route_weighted
 
 UNROLLED_STEPS: tl.constexpr = tl.constexpr(4)  # one_token_pair's unrolled K loop, at most
 
@@ -93,9 +93,10 @@ def one_token_pair(
     scale_up_offset, alpha, limit, num_experts, dtype: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr,
     ACTIVATION: tl.constexpr, A_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHTS: tl.constexpr,
     FP8: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    SUMMED: tl.constexpr = False,
 ):  # fmt: skip
-    """One pair's output columns `cols` in float32, after the epilogue and its routing weight (rounded to `dtype` where
-    the reference rounds); a pair of an expert outside [0, num_experts) (another rank's) reads no weight and gives
+    """One pair's output columns `cols` in float32, after the epilogue and its routing weight (route_weighted, SUMMED:
+    a term of the kernel's sum); a pair of an expert outside [0, num_experts) (another rank's) reads no weight and gives
     zeros. Float and e4m3 weights at STAGES == 1 in at most UNROLLED_STEPS steps: the K loop unrolled, so every step's
     loads can be in flight at once (whole rows at the widest tiles, as the dense GEMV reads them); more steps stay a
     loop (unrolled, a 16 x 256 tile over K = 7,168 was 8,272 instructions against 528)."""
@@ -136,7 +137,7 @@ def one_token_pair(
     out = gated_epilogue(acc[None, :], acc_up[None, :], bias_ptr + expert * stride_be + cols[None, :] * stride_bn,
                          w_ok[None, :], bias_up_offset, alpha, limit, dtype, HAS_BIAS, GATED, ACTIVATION)  # fmt: skip
     if ROUTE_WEIGHTS:
-        out = out.to(dtype).to(tl.float32) * tl.load(route_w_ptr + pair).to(tl.float32)
+        out = route_weighted(out, tl.load(route_w_ptr + pair), dtype, SUMMED)
     return tl.where(local, out, 0.0)
 
 
@@ -171,10 +172,7 @@ def pairs_row_sum(
                                                mask=w_ok, other=0.0)  # fmt: skip
     out = gated_epilogue(acc, acc, bias_ptr + experts[:, None] * stride_be + cols[None, :] * stride_bn, w_ok, 0, 0.0,
                          0.0, dtype, HAS_BIAS, False, 0)  # fmt: skip
-    route_w = tl.load(route_w_ptr + pairs, mask=pairs < PAIRS, other=0.0).to(tl.float32)
-    out = out.to(dtype).to(tl.float32) * route_w[:, None]
-    if route_w_ptr.dtype.element_ty == dtype:  # each product rounds to the reference's weighted rows' dtype
-        out = out.to(dtype).to(tl.float32)
+    out = route_weighted(out, tl.load(route_w_ptr + pairs, mask=pairs < PAIRS, other=0.0)[:, None], dtype, True)
     return tl.sum(tl.where(w_ok, out, 0.0), axis=0)
 
 
@@ -216,10 +214,7 @@ def one_token_gemv_kernel(
                                  col_ok, top_k, stride_am, stride_we, stride_wn, stride_wk, up_offset, stride_be,
                                  stride_bn, bias_up_offset, stride_se, stride_sn, stride_sk, scale_up_offset, alpha,
                                  limit, num_experts, dtype, K, GATED, ACTIVATION, A_PER_TOKEN, HAS_BIAS, ROUTE_WEIGHTS,
-                                 FP8, MXFP4, BLOCK_N, BLOCK_K, STAGES)  # fmt: skip
-            # each product rounds to the reference's weighted rows' dtype: the model's where the weights' agree
-            if route_w_ptr.dtype.element_ty == dtype:
-                out = out.to(dtype).to(tl.float32)
+                                 FP8, MXFP4, BLOCK_N, BLOCK_K, STAGES, SUMMED=True)  # fmt: skip
             total += out
         tl.store(out_ptr + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
     else:
@@ -260,5 +255,5 @@ def one_token_epilogue_kernel(
     out = gated_epilogue(acc[None, :], acc_up[None, :], bias_ptrs, col_ok[None, :], raw_up * stride_bn, alpha, limit,
                          dtype, HAS_BIAS, GATED, ACTIVATION)  # fmt: skip
     if ROUTE_WEIGHTS:
-        out = out.to(dtype).to(tl.float32) * tl.load(route_w_ptr + pair).to(tl.float32)
+        out = route_weighted(out, tl.load(route_w_ptr + pair), dtype, False)
     tl.store(out_ptr + pair * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
