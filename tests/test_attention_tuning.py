@@ -15,7 +15,7 @@ from autotune import select
 from autotune.tuner import Candidate, cuda_timer
 from compiled_llm import compile_model
 from custom_ops import AttentionBackend, LayerAttentionFeatures, StepAttentionMetadata, get_attention_backend
-from custom_ops.attention import backends, phased, triton, tuning
+from custom_ops.attention import backends, phased, triton, triton_decode_tuning, tuning
 
 FEATURES = LayerAttentionFeatures(16, 4, 2, 0.25, 0, 0.0, False, torch.float32, torch.float32)
 
@@ -234,10 +234,10 @@ def test_a_real_tuning_run_times_both_gpu_backends_for_each_bucket(tmp_path, mon
     # Prefill: sdpa too (timed by plain launches: it reads lengths on the host, no CUDA graph can hold it).
     for c in choices[:4]:
         heuristic = triton.decode_splits(c.bucket["batch"], 2, torch.device("cuda"))
-        splits = {f"triton-splits{n}" for n in tuning.SPLITS if n > heuristic}
-        launches = tuning.decode_launches(c.bucket, heuristic, torch.device("cuda"))
-        launches = {tuning.launch_name(launch) for launch in launches}
-        assert len(launches) == len(tuning.LAUNCHES) - 1
+        splits = {f"triton-splits{n}" for n in triton_decode_tuning.SPLITS if n > heuristic}
+        launches = triton_decode_tuning.decode_launches(c.bucket, heuristic, torch.device("cuda"))
+        launches = {triton_decode_tuning.launch_name(launch) for launch in launches}
+        assert len(launches) == len(triton_decode_tuning.LAUNCHES) - 1
         assert set(c.times_us) == {"flashinfer", "triton"} | splits | launches
     assert set(choices[4].times_us) == {"flashinfer", "triton", "sdpa"}
     assert all(c.source == "tuned" for c in choices)
@@ -310,8 +310,8 @@ def test_a_triton_split_count_or_launch_that_wins_is_installed_for_its_shape_and
     key = triton.split_key(-1, 4, FEATURES.num_q_heads, FEATURES.num_kv_heads, FEATURES.head_dim, 0, torch.float32)
     assert triton.TUNED_DECODE_SPLITS == {key: 4} and triton.TUNED_DECODE_LAUNCHES == {}
     assert attention._chosen == {tuning._kind_key(cpu, kind): {("decode", 4): "triton"}}
-    launch = tuning.LAUNCHES[0]
-    attention.install(bucket, Candidate(tuning.launch_name(launch), lambda: None, "src", {"launch": launch}), cpu)
+    launch = triton_decode_tuning.LAUNCHES[0]
+    attention.install(bucket, Candidate(triton_decode_tuning.launch_name(launch), lambda: None, "src", {"launch": launch}), cpu)
     assert triton.TUNED_DECODE_LAUNCHES == {key: launch} and triton.TUNED_DECODE_SPLITS == {}  # one axis at a time
     assert attention._chosen == {tuning._kind_key(cpu, kind): {("decode", 4): "triton"}}
     attention.install(bucket, Candidate("triton", lambda: None, "src"), cpu)  # the heuristic's count and launch again
@@ -323,8 +323,8 @@ def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
 
     def names(kv_cache: str, splits: int, **changes) -> set[str]:
         bucket = {**kind, "kv_cache": kv_cache, "batch": 1, **changes}
-        launches = tuning.decode_launches(bucket, splits, torch.device("cpu"))
-        return {tuning.launch_name(launch) for launch in launches}
+        launches = triton_decode_tuning.decode_launches(bucket, splits, torch.device("cpu"))
+        return {triton_decode_tuning.launch_name(launch) for launch in launches}
 
     # One split and 16: the default merges in a kernel of its own (or writes the cache in one)
     separate = names("float32", 1)

@@ -8,10 +8,9 @@ with the length, and a model served for short sequences should run what is faste
 (sequences of PREFILL_CHUNK new tokens, at most max_seq_len). Only layers whose backend `attention_backend="auto"` picked take part: a backend the
 user named is what runs. The candidates are the backends that can run the layer, that one (the heuristic and
 the fallback) first, never the reference (it syncs with the host); on a GPU decode takes only backends a CUDA
-graph can replay, and Triton's decode kernel also at each of SPLITS key splits above its heuristic's (`triton-splits4`: the layer's backend is `triton`, and
-the count goes to triton.TUNED_DECODE_SPLITS for that shape, which its launches read) and in each of LAUNCHES at the
-heuristic's splits (`triton-keys64-warps4-stages3`: into triton.TUNED_DECODE_LAUNCHES); one axis at a time, the
-other at its default, so a bucket times a handful of Triton candidates, not their product. A backend with a planner pays its
+graph can replay, and Triton's decode kernel also in triton_decode_tuning's variants (`triton-splits4`,
+`triton-keys64-warps4-stages3`: the layer's backend is `triton`, and the count or launch goes to the table its launches
+read for that shape). A backend with a planner pays its
 plan() on the host once a step for all layers of a kind: the part of that time a step's weight reads cannot hide,
 over the kind's layers, is added to each call's (autotune.tuner.Candidate.host_us).
 
@@ -36,6 +35,7 @@ from autotune.kernel_cache import source_hash
 from autotune.select import device_index, register
 from autotune.tuner import Candidate, input_copies
 from custom_ops.attention import triton as triton_backend
+from custom_ops.attention import triton_decode_tuning
 from custom_ops.attention.backends import (
     AUTO_ORDER,
     LayerAttentionFeatures,
@@ -52,27 +52,6 @@ TUNING_CONTEXT = 1024  # keys per decode sequence while tuning, at most: a chat 
 PREFILL_CHUNK = 512  # new tokens per prefill sequence while tuning
 PREFILL_SEQS = 4
 STEP_KEYS = ("phase", "batch", "context", "seqs", "chunk")  # a bucket's step; the rest is its kind of layer
-SPLITS = (1, 2, 4, 8, 16)  # key splits of Triton's decode kernel tried beside its heuristic's (triton.decode_splits)
-# Launches of Triton's decode kernel (keys a step, warps, stages) tried beside the default (triton.default_decode_launch),
-# each at the heuristic's splits: 64 keys led at 64 rows over a bf16 cache (1.09-1.30x), 2 stages over an fp8 one,
-# 2 warps over an fp8 cache at 256-512 rows (3-8% on an H100; BENCHMARKS.md); the others are their neighbours.
-LAUNCHES = (
-    {"TILE": 64, "num_warps": 4, "num_stages": 3},
-    {"TILE": 64, "num_warps": 4, "num_stages": 2},
-    {"TILE": 32, "num_warps": 4, "num_stages": 2},
-    {"TILE": 32, "num_warps": 4, "num_stages": 3},
-    {"TILE": 32, "num_warps": 2, "num_stages": 2},
-    # One warp a program: p stays in registers (no shared-memory exchange and barrier between the two MMAs) and no
-    # row work is repeated by 4 warps; sm_90a's loop takes 42 warp-instructions a key over an fp8 cache against the
-    # default's 57, 30 over a bf16 one against 50 (benchmarks/kernel_sass.py). The default from
-    # triton.ONE_WARP_PROGRAMS_PER_SM programs an SM; below, behind 4 warps at 64 rows over an fp8 cache on an H100.
-    {"TILE": 32, "num_warps": 1, "num_stages": 2},
-    # The step in one launch: the splits merged by the kernel's last program of a row, or at one split the KV write in
-    # the kernel (triton.py's docstring)
-    {"TILE": 32, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
-    {"TILE": 64, "num_warps": 4, "num_stages": 3, "ONE_LAUNCH": True},
-    {"TILE": 32, "num_warps": 4, "num_stages": 2, "ONE_LAUNCH": True},
-)
 
 
 def _layer_kind(features: LayerAttentionFeatures, block_size: int, layers: int, weight_mib: int) -> dict:
@@ -220,16 +199,10 @@ class PagedAttentionTuning:
             capturable = bucket["phase"] == "decode" and get_attention_backend(name).cuda_graph_safe
             found.append(Candidate(name, run, _backend_source(name), capturable=capturable, host_us=host_us))
         if "triton" in usable and heuristic is not None:
-            source = _backend_source("triton")
-            for splits in SPLITS:
-                # Only more splits than the heuristic's: a count tuned at TUNING_CONTEXT keys also runs far longer
-                # contexts, where fewer programs than the heuristic's two waves would leave the GPU idle.
-                if splits > heuristic:
-                    run = functools.partial(self._run, "triton", bucket, splits=splits)
-                    found.append(Candidate(f"triton-splits{splits}", run, source, {"splits": splits}))
-            for launch in decode_launches(bucket, heuristic, self._device):
-                run = functools.partial(self._run, "triton", bucket, splits=heuristic, launch=launch)
-                found.append(Candidate(launch_name(launch), run, source, {"launch": launch}))
+            for name, config in triton_decode_tuning.variants(bucket, heuristic, self._device):
+                run = functools.partial(self._run, "triton", bucket, splits=config.get("splits", heuristic),
+                                        launch=config.get("launch"))  # fmt: skip
+                found.append(Candidate(name, run, _backend_source("triton"), config))
         return found
 
     def heuristic(self, bucket: dict) -> str:
@@ -349,24 +322,6 @@ def _take_nearest_tuned(chosen: dict[tuple, dict[tuple, str]], choices: list, de
         backend = "triton" if nearest.winner.startswith("triton-") else nearest.winner
         chosen.setdefault(_kind_key(device, kind), {})[("decode", batch)] = backend
         choice.winner, choice.source = backend, "nearest"
-
-
-def decode_launches(bucket: dict, splits: int, device: torch.device) -> list[dict]:
-    """LAUNCHES but the default's at `splits` on `device`, for a decode bucket whose head takes a decode launch (not
-    a wide head's)."""
-    if triton_backend.wide_head(bucket["head_dim"]):
-        return []
-    programs = triton_backend.decode_programs_per_sm(bucket["batch"], bucket["heads"], bucket["kv_heads"],
-                                                     bucket["head_dim"], splits, device)  # fmt: skip
-    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]), splits, programs)
-    return [launch for launch in LAUNCHES if ({"ONE_LAUNCH": False} | launch) != default]
-
-
-def launch_name(launch: dict) -> str:
-    """{"TILE": 64, "num_warps": 4, "num_stages": 3} -> "triton-keys64-warps4-stages3" ("...-one-launch" with
-    ONE_LAUNCH)."""
-    one = "-one-launch" if launch.get("ONE_LAUNCH") else ""
-    return f"triton-keys{launch['TILE']}-warps{launch['num_warps']}-stages{launch['num_stages']}{one}"
 
 
 def unhidden_host_us(host_s: float, weight_bytes: int, read_bandwidth: float | None, layers: int) -> float:
