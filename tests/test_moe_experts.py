@@ -338,6 +338,32 @@ def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():
     assert tuning.tokens_for(1, 128, 8) == 1 and triton_moe.block_m_for(tuning.tokens_for(32, 128, 8) * 8, 128) == 32
 
 
+def test_experts_stored_transposed_keep_tensor_core_tiles_for_one_token():
+    """GPT-OSS stores its experts [E, K, N] and the op reads them transposed: K strided, so the one-token GEMV (whose
+    loads run along K) is neither the heuristic nor a candidate there, and its tuning bucket says so."""
+    from custom_ops.moe import tuning
+
+    stored = torch.empty(4, 32, 64)  # [E, K, N]
+    assert triton_moe.tile_for(torch.empty(1, 32), stored.transpose(1, 2), 1) == triton_moe.ONE_TOKEN_TILE
+    assert triton_moe.tile_for(torch.empty(1, 32), stored.transpose(1, 2).contiguous(), 1) == (
+        triton_moe.FLOAT_ONE_TOKEN_TILE
+    )  # fmt: skip
+    root = torch.nn.Module()
+    root.w = torch.nn.Parameter(stored, requires_grad=False)
+    graph = torch.fx.Graph()
+    view = graph.call_function(torch.ops.aten.transpose.int, (graph.get_attr("w"), 1, 2))
+    gm = torch.fx.GraphModule(root, graph)
+    assert tuning._weight_layout(gm, view) == (4, 64, 32, True)
+    assert tuning._weight_layout(gm, next(iter(gm.graph.nodes))) == (4, 32, 64, False)
+    moe = tuning.MoeGroupedGemmTuning()
+    for gated in (True, False):
+        bucket = {"experts": 4, "n": 64, "k": 32, "gated": gated, "fp8": False, "top_k": 2, "rows": 1}
+        names = {c.name for c in moe.candidates(dict(bucket, transposed=True))}
+        assert moe.heuristic(dict(bucket, transposed=True)) == tuning.tile_name(triton_moe.ONE_TOKEN_TILE)
+        assert not [name for name in names if name.startswith("gemv")] and names < {c.name for c in moe.candidates(bucket)}
+        assert gated or "sum-n32-k256-s4-w4" in names  # the tensor-core tiles that sum the pairs stay
+
+
 @pytest.mark.gpu
 def test_a_full_tuning_run_of_the_experts_keeps_the_logits(tmp_path, monkeypatch):
     """Every expert shape and row mode of the tiny Qwen3-MoE gets a winner checked against the reference; the tuned

@@ -265,12 +265,13 @@ def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return weighted.sum(dim=1, dtype=torch.float32).to(dtype)
 
 
-def heuristic_tile(mode: int, fmt: str = "float", gated: bool = True) -> dict:
+def heuristic_tile(mode: int, fmt: str = "float", gated: bool = True, k_contiguous: bool = True) -> dict:
     """What runs untuned in a row mode, for weights stored as `fmt` (weight_format), of the gate/up GEMM or (not
-    `gated`) the down one."""
+    `gated`) the down one; `k_contiguous`: a weight row's K values adjacent in memory (not GPT-OSS's transposed
+    storage, where the GEMV's loads along K would each gather a column: tensor-core tiles load along N there)."""
     if fmt == "mxfp4":
         return (MXFP4_ONE_TOKEN_TILE if gated else MXFP4_ONE_TOKEN_DOWN_TILE) if mode == 1 else MXFP4_TILE
-    if fmt == "float" and mode == 1:
+    if fmt == "float" and mode == 1 and k_contiguous:
         return FLOAT_ONE_TOKEN_TILE if gated else FLOAT_ONE_TOKEN_DOWN_TILE
     return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
 
@@ -283,7 +284,8 @@ def weight_format(w: torch.Tensor, mxfp4: bool = False) -> str:
 def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int, mxfp4: bool = False, gated: bool = True) -> dict:
     k = w.shape[2] * (2 if mxfp4 else 1)
     fmt = weight_format(w, mxfp4)
-    return TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], k, mode, fmt), heuristic_tile(mode, fmt, gated))
+    tuned = TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], k, mode, fmt))
+    return tuned if tuned is not None else heuristic_tile(mode, fmt, gated, k_contiguous=w.stride(2) == 1)
 
 
 def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params=(),

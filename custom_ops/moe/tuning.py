@@ -96,8 +96,9 @@ def tokens_for(mode: int, experts: int, top_k: int) -> int:
 
 class MoeGroupedGemmTuning:
     """autotune.tuner.OpTuning of triton_moe.grouped_gemm; bucket {"experts", "n", "k", "gated", "fp8", "top_k",
-    "rows"} and "mxfp4" where true: w [experts, n, k] (gated: n = 2I, [gate; up] rows; fp8: e4m3 rows and weights,
-    moe_experts_fp8's; mxfp4: MXFP4 weights, moe_experts_mxfp4's), `rows` the row mode."""
+    "rows"} and "mxfp4", "transposed" where true: w [experts, n, k] (gated: n = 2I, [gate; up] rows; fp8: e4m3 rows
+    and weights, moe_experts_fp8's; mxfp4: MXFP4 weights, moe_experts_mxfp4's; transposed: stored [experts, k, n], as
+    GPT-OSS's are, timed so), `rows` the row mode."""
 
     op = OP
 
@@ -106,17 +107,20 @@ class MoeGroupedGemmTuning:
         if bucket.get("mxfp4"):  # Triton's own upcast beside the kernel's decode, each tile
             tiles += [tile | {"dot_scaled": True} for tile in tiles]
         if bucket["rows"] == 1:
-            tiles += [triton_moe.DEFAULT_TILE | tile for tile in GEMV_TILES]
+            # The GEMV's tiles load along K: over transposed storage each load would gather a column
+            along_k = not bucket.get("transposed")
+            tiles += [triton_moe.DEFAULT_TILE | tile for tile in GEMV_TILES if along_k]
             if bucket.get("mxfp4"):
                 tiles += [triton_moe.DEFAULT_TILE | tile for tile in MMA_TILES]
             if not bucket["gated"]:
-                tiles += [triton_moe.DEFAULT_TILE | tile for tile in SUM_TILES]
+                tiles += [triton_moe.DEFAULT_TILE | tile for tile in SUM_TILES if along_k or not tile.get("gemv")]
         return [
             Candidate(tile_name(t), functools.partial(_run, gated=bucket["gated"], tile=t), _SOURCE, t) for t in tiles
         ]
 
     def heuristic(self, bucket: dict) -> str:
-        return tile_name(triton_moe.heuristic_tile(bucket["rows"], _format(bucket), bucket["gated"]))
+        fmt, k_contiguous = _format(bucket), not bucket.get("transposed")
+        return tile_name(triton_moe.heuristic_tile(bucket["rows"], fmt, bucket["gated"], k_contiguous=k_contiguous))
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
@@ -130,6 +134,8 @@ class MoeGroupedGemmTuning:
             rows = tokens if gated else tokens * top_k
             a = torch.randn(rows, k, device=device, dtype=dtype)
             w = torch.randn(experts, n, k, device=device, dtype=dtype) * k**-0.5
+            if bucket.get("transposed"):  # stored [E, K, N], as the model's parameter is
+                w = w.transpose(1, 2).contiguous().transpose(1, 2)
             route_weights = None if gated else torch.rand(tokens * top_k, device=device, dtype=dtype)
             if bucket["fp8"]:
                 (a8, a_scale), (w8, w_scale) = quantize_rows(a), fp8.quantize_experts(w)
@@ -170,16 +176,16 @@ class MoeGroupedGemmTuning:
                 continue
             fp8_op, mxfp4_op = node.target is experts_ops[1], node.target is experts_ops[2]
             top_k = _top_k(node.args[1])
-            w13, w2 = (_weight_shape(gm, arg) for arg in (node.args[3:6:2] if fp8_op or mxfp4_op else node.args[3:5]))
+            w13, w2 = (_weight_layout(gm, arg) for arg in (node.args[3:6:2] if fp8_op or mxfp4_op else node.args[3:5]))
             if top_k is None or w13 is None or w2 is None:
                 continue  # a graph this tuning cannot read: the calls run the default tile
             if mxfp4_op:  # bytes [E, N, K / 2]: the bucket names the weight's columns
-                w13, w2 = (*w13[:2], 2 * w13[2]), (*w2[:2], 2 * w2[2])
+                w13, w2 = (*w13[:2], 2 * w13[2], w13[3]), (*w2[:2], 2 * w2[2], w2[3])
             shapes |= {(*w13, True, fp8_op, mxfp4_op, top_k), (*w2, False, fp8_op, mxfp4_op, top_k)}
         return [
             {"experts": e, "n": n, "k": k, "gated": gated, "fp8": fp8_op, "top_k": top_k, "rows": rows,
-             **({"mxfp4": True} if mxfp4_op else {})}  # older buckets' keys unchanged
-            for e, n, k, gated, fp8_op, mxfp4_op, top_k in sorted(shapes)
+             **({"mxfp4": True} if mxfp4_op else {}), **({"transposed": True} if transposed else {})}  # older keys kept
+            for e, n, k, transposed, gated, fp8_op, mxfp4_op, top_k in sorted(shapes)
             for rows in ROW_MODES
         ]  # fmt: skip
 
@@ -214,16 +220,16 @@ def _top_k(ids: torch.fx.Node) -> int | None:
     return None
 
 
-def _weight_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, int, int] | None:
-    """[E, N, K] of an expert weight argument: a parameter, or a transposed view of one (read through the
-    parameter: a graph loaded from the cache has no fake values)."""
+def _weight_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, int, int, bool] | None:
+    """(E, N, K, transposed) of an expert weight argument [E, N, K]: a parameter, or a transposed view of one (read
+    through the parameter: a graph loaded from the cache has no fake values), whose K is then not contiguous."""
     if node.op == "get_attr":
-        return tuple(graph_value(gm, node).shape)
+        return (*graph_value(gm, node).shape, False)
     if node.op == "call_function" and node.target is torch.ops.aten.transpose.int and node.args[0].op == "get_attr":
         shape = list(graph_value(gm, node.args[0]).shape)
         dims = [d % 3 for d in node.args[1:3]]
         shape[dims[0]], shape[dims[1]] = shape[dims[1]], shape[dims[0]]
-        return tuple(shape)
+        return (*shape, 2 in dims)
     return None
 
 
