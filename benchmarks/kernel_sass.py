@@ -280,7 +280,8 @@ def decode_attention(out_dir: str) -> None:
                "cache_kv_stride", "cache_page_stride", "cache_head_stride", "merged_token_stride",
                "merged_head_stride"}  # fmt: skip
     for cache, splits in (("bf16", 1), ("fp8e4nv", 1), ("bf16", 4)):
-        launch = default_decode_launch(torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn)  # the backend's
+        # the backend's below triton.ONE_WARP_PROGRAMS_PER_SM programs an SM (4 warps)
+        launch = default_decode_launch(torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn)
         tile = launch.pop("TILE")
         types = {"out_ptr": "*bf16", "lse_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                  "slot_ptr": "*i64", "cache_ptr": f"*{cache}", "block_table_ptr": "*i32",

@@ -350,13 +350,14 @@ def test_the_launch_candidates_leave_out_the_default_and_wide_heads():
     assert names("float8_e4m3fn", 1, batch=batch - 1) == fp8
 
 
-def test_the_untuned_decode_launch_takes_one_warp_from_enough_programs_an_sm():
-    cpu = torch.device("cpu")  # 32 SMs to the backend
-    assert triton.decode_programs_per_sm(256, 32, 8, 128, 1, cpu) == 256 * 8 / 32
-    assert triton.decode_programs_per_sm(3, 32, 1, 576, 2, cpu) == 3 * 2 * 2 / 32  # 32 heads a KV head: 2 blocks
-    most = triton.ONE_WARP_PROGRAMS_PER_SM
-    assert triton.default_decode_launch(torch.bfloat16, 1, most)["num_warps"] == 1
-    assert triton.default_decode_launch(torch.bfloat16, 1, most - 0.5)["num_warps"] == 4
+def test_the_untuned_decode_launch_takes_one_warp_from_enough_programs_an_sm_of_small_tiles():
+    cpu, most = torch.device("cpu"), triton.ONE_WARP_PROGRAMS_PER_SM  # the CPU counts as 32 SMs
+    seqs = 32 * most // 8  # Llama-8B's layer: a program per sequence and KV head (its 4 query heads in 16 rows)
+    assert triton.decode_one_warp(seqs, 32, 8, 128, 1, cpu) and not triton.decode_one_warp(seqs - 1, 32, 8, 128, 1, cpu)
+    assert triton.decode_one_warp(seqs // 2, 32, 8, 128, 2, cpu)  # key splits are programs too
+    assert not triton.decode_one_warp(4 * seqs, 16, 8, 256, 1, cpu)  # Gemma's head_dim 256: 16 x 256 a tile
+    assert not triton.decode_one_warp(32 * seqs, 32, 1, 128, 1, cpu)  # one KV head of 32 query heads: 32 x 128
+    assert triton.default_decode_launch(torch.bfloat16, 1, one_warp=True)["num_warps"] == 1
     assert triton.default_decode_launch(torch.float8_e4m3fn, 1)["num_warps"] == 4
 
 

@@ -210,7 +210,7 @@ def with_tile(tile: dict, check, *args):
     """check(*args) with `tile` as what every untuned call runs (one token's GEMV tiles run only one token)."""
     heuristic = triton_moe.heuristic_tile
     try:
-        triton_moe.heuristic_tile = lambda mode, fmt="float", gated=True: triton_moe.DEFAULT_TILE | tile
+        triton_moe.heuristic_tile = lambda mode, *args, **kwargs: triton_moe.DEFAULT_TILE | tile
         return check(*args)
     finally:
         triton_moe.heuristic_tile = heuristic
@@ -336,6 +336,17 @@ def test_the_grouped_gemm_tuning_finds_both_expert_shapes_of_a_triton_graph():
     finally:
         triton_moe.TUNED_TILES.clear()
     assert tuning.tokens_for(1, 128, 8) == 1 and triton_moe.block_m_for(tuning.tokens_for(32, 128, 8) * 8, 128) == 32
+
+
+def test_the_float_one_token_gemv_is_the_default_only_where_its_k_loop_unrolls_and_its_pairs_fit():
+    heuristic, gemv, down = triton_moe.heuristic_tile, triton_moe.FLOAT_ONE_TOKEN_TILE, triton_moe.FLOAT_ONE_TOKEN_DOWN_TILE
+    steps = triton_moe.GEMV_UNROLLED_STEPS
+    assert heuristic(1, "float", True, True, steps * gemv["BLOCK_K"], 8) == gemv  # Mixtral's gate/up: 4 x 1,024
+    assert heuristic(1, "float", True, True, steps * gemv["BLOCK_K"] + 1, 8) == triton_moe.ONE_TOKEN_TILE
+    assert heuristic(1, "float", False, True, 768, triton_moe.SUM_GEMV_MAX_PAIRS) == down  # Qwen3-30B-A3B's down
+    assert heuristic(1, "float", False, True, 14336, 2) == triton_moe.ONE_TOKEN_TILE  # Mixtral's down: 28 steps
+    assert heuristic(1, "float", False, True, 768, triton_moe.SUM_GEMV_MAX_PAIRS + 1) == triton_moe.ONE_TOKEN_TILE
+    assert heuristic(16, "float", True, True, 768, 8) == triton_moe.DEFAULT_TILE
 
 
 def test_experts_stored_transposed_keep_tensor_core_tiles_for_one_token():

@@ -159,7 +159,8 @@ def test_mxfp4_through_tl_dot_scaled_on_the_gpu(monkeypatch):
 
     heuristic = triton_moe.heuristic_tile
     tensor_core_tile = {"gemv": False, "dot_scaled": True}
-    tiles = lambda mode, fmt="float", gated=True: heuristic(mode) | tensor_core_tile  # noqa: E731
+    # the tensor-core tiles of each row mode (a float heuristic not the one-token GEMV's, which tl.dot cannot take)
+    tiles = lambda mode, *args, **kwargs: heuristic(mode, k_contiguous=False) | tensor_core_tile  # noqa: E731
     monkeypatch.setattr(triton_moe, "heuristic_tile", tiles)
     check_mxfp4_triton_against_reference("cuda", torch.bfloat16)
 

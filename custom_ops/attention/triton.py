@@ -68,6 +68,10 @@ ONE_LAUNCH_MAX_SPLITS = 9
 # On an H100 (session 37, BENCHMARKS.md) at Llama-8B's layer, 192-2,048 keys: 1.26-1.33x at 256 and 512 rows (16 and
 # 31 programs an SM) over an fp8 cache, 1.03-1.07x over a bf16 one; 0.77-0.82x at 64 rows (4 an SM) over an fp8 cache.
 ONE_WARP_PROGRAMS_PER_SM = 8
+# ... and where a program's tile (query rows x padded head_dim) is at most the timed one, 4 heads of 128 in 16 rows: one
+# warp holds the whole float32 accumulator, 64 registers a thread there, 128 or more at head_dim 256 or in an MQA
+# group's 64 rows (untimed; the tuner still times one warp there).
+ONE_WARP_MAX_TILE = 16 * 128
 # Programs of one decode launch (tokens x KV-head blocks) that can count their finished splits (ONE_LAUNCH); a larger
 # launch merges in a second kernel. 64 KiB a layer's cache.
 MERGE_COUNTERS = 1 << 14
@@ -101,12 +105,11 @@ def wide_head(head_dim: int) -> bool:
     return padded_head_dim(head_dim) > 256
 
 
-def default_decode_launch(cache_dtype: torch.dtype, splits: int | None = None, programs_per_sm: float = 0.0) -> dict:
-    """The untuned launch of a decode step of `splits` key splits and `programs_per_sm` (decode_programs_per_sm) over
-    a cache of `cache_dtype`, every field named: DECODE_LAUNCH's, else Triton's own defaults (4 warps, 3 stages), one
-    warp from ONE_WARP_PROGRAMS_PER_SM programs an SM, FP8_CACHE_DECODE_STAGES over an fp8 cache, and ONE_LAUNCH at 2
-    to ONE_LAUNCH_MAX_SPLITS splits."""
-    warps = 1 if programs_per_sm >= ONE_WARP_PROGRAMS_PER_SM else 4
+def default_decode_launch(cache_dtype: torch.dtype, splits: int | None = None, one_warp: bool = False) -> dict:
+    """The untuned launch of a decode step of `splits` key splits over a cache of `cache_dtype`, every field named:
+    DECODE_LAUNCH's, else Triton's own defaults (4 warps, 3 stages), one warp where `one_warp` (decode_one_warp),
+    FP8_CACHE_DECODE_STAGES over an fp8 cache, and ONE_LAUNCH at 2 to ONE_LAUNCH_MAX_SPLITS splits."""
+    warps = 1 if one_warp else 4
     stages = FP8_CACHE_DECODE_STAGES if cache_dtype.itemsize == 1 else 3
     one_launch = splits is not None and 1 < splits <= ONE_LAUNCH_MAX_SPLITS
     return {"num_warps": warps, "num_stages": stages, "ONE_LAUNCH": one_launch} | DECODE_LAUNCH
@@ -134,12 +137,16 @@ def heuristic_decode_splits(num_seqs: int, num_heads: int, num_kv_heads: int, he
     return decode_splits(num_seqs, num_kv_heads, device, decode_head_blocks(num_seqs, num_heads, num_kv_heads, head_dim))
 
 
-def decode_programs_per_sm(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, splits: int,
-                           device: torch.device) -> float:  # fmt: skip
-    """Programs of a decode step's launch (a program per sequence, KV head, block of its query heads and key split)
-    an SM of `device`."""
-    heads = num_kv_heads * decode_head_blocks(num_seqs, num_heads, num_kv_heads, head_dim)
-    return num_seqs * heads * splits / _multiprocessors(device)
+def decode_one_warp(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, splits: int,
+                    device: torch.device) -> bool:  # fmt: skip
+    """Whether a decode step's untuned launch runs one warp a program: ONE_WARP_PROGRAMS_PER_SM or more programs an SM
+    of `device` (a program per sequence, KV head, block of its query heads and key split), each of a tile within
+    ONE_WARP_MAX_TILE."""
+    group = num_heads // num_kv_heads
+    block_m, _, group_block = tile_shape(num_seqs, num_seqs, group, head_dim)
+    programs = num_seqs * num_kv_heads * -(-group // group_block) * splits
+    fits = block_m * padded_head_dim(head_dim) <= ONE_WARP_MAX_TILE
+    return fits and programs >= ONE_WARP_PROGRAMS_PER_SM * _multiprocessors(device)
 
 
 def split_key(device_index: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -203,9 +210,8 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         if splits is None:
             splits = TUNED_DECODE_SPLITS.get(key) or decode_splits(num_seqs, num_kv_heads, q.device, head_blocks)
         if launch is None:
-            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(
-                kv_cache.dtype, splits, decode_programs_per_sm(num_tokens, num_heads, num_kv_heads, head_dim, splits, q.device)
-            )
+            one_warp = decode_one_warp(num_tokens, num_heads, num_kv_heads, head_dim, splits, q.device)
+            launch = TUNED_DECODE_LAUNCHES.get(key) or default_decode_launch(kv_cache.dtype, splits, one_warp)
     one_launch = decode and not wide_head(head_dim) and launch.get("ONE_LAUNCH", False)
     write_kv = splits > 1 or one_launch  # the kernel writes the cache itself (module docstring)
     if not write_kv:

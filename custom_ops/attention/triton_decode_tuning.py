@@ -37,9 +37,9 @@ def decode_launches(bucket: dict, splits: int, device: torch.device) -> list[dic
     a wide head's)."""
     if triton_backend.wide_head(bucket["head_dim"]):
         return []
-    programs = triton_backend.decode_programs_per_sm(bucket["batch"], bucket["heads"], bucket["kv_heads"],
-                                                     bucket["head_dim"], splits, device)  # fmt: skip
-    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]), splits, programs)
+    one_warp = triton_backend.decode_one_warp(bucket["batch"], bucket["heads"], bucket["kv_heads"], bucket["head_dim"],
+                                              splits, device)  # fmt: skip
+    default = triton_backend.default_decode_launch(getattr(torch, bucket["kv_cache"]), splits, one_warp)
     return [launch for launch in LAUNCHES if ({"ONE_LAUNCH": False} | launch) != default]
 
 

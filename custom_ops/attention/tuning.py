@@ -275,9 +275,8 @@ class PagedAttentionTuning:
         out = torch.empty_like(q)
         if splits is not None:  # Triton's decode at this count and launch (the default's), never what is installed
             num_tokens, num_heads, head_dim = q.shape
-            programs = triton_backend.decode_programs_per_sm(num_tokens, num_heads, cache.shape[3], head_dim, splits,
-                                                             q.device)  # fmt: skip
-            launch = launch or triton_backend.default_decode_launch(cache.dtype, splits, programs)
+            one_warp = triton_backend.decode_one_warp(num_tokens, num_heads, cache.shape[3], head_dim, splits, q.device)
+            launch = launch or triton_backend.default_decode_launch(cache.dtype, splits, one_warp)
             triton_backend.triton_paged_attention(out, q, k, v, cache, slots, table, query_start_loc, seq_lens, *layer,
                                                   splits=splits, launch=launch)  # fmt: skip
             return out

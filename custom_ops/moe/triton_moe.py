@@ -1,6 +1,6 @@
 """The `triton` backend of `compiled_llm::moe_experts`: the token-expert pairs sorted by expert into blocks of
 BLOCK_M rows (each block one expert's, padded), then two grouped GEMMs on tensor cores, one program per block and
-column tile:
+column tile (one token of float experts: the GEMV without tensor cores by default, one_token_gemv_kernel):
 
     gate_up: act[p] = act(x[p // k] @ w13[e]^T)          [S, I], S = T * k pairs, the activation in the epilogue
     down:    out[p] = (act[p] @ w2[e]^T) * weight[p]      [S, H], then summed over each token's k pairs
@@ -25,8 +25,9 @@ from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_
 ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
 INTERLEAVED = {"swiglu_oai"}
 DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-# One token of e4m3 experts: k blocks of one row each stream their experts' weights; narrower column tiles give the GPU
-# more programs (Qwen3-30B-A3B's gate_up: 8 x 768/64 = 96 programs for 132 SMs at the default, 192 at 32).
+# One token of e4m3 experts (and of float ones the GEMV below does not take): k blocks of one row each stream their
+# experts' weights; narrower column tiles give the GPU more programs (Qwen3-30B-A3B's gate_up: 8 x 768/64 = 96
+# programs for 132 SMs at the default, 192 at 32).
 ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 # One token of float (16-bit) experts: the GEMV without tensor cores in the dense GEMV's form, whole rows of 1,024
 # columns, 2 a program, all of a program's loads in flight at once; its down GEMM summed over the token's pairs in the
@@ -34,6 +35,11 @@ ONE_TOKEN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3
 # 23.2 us against 24.4 at ONE_TOKEN_TILE, down 13.2 us against 15.2 plus the sum's kernel; 1.075x end to end.
 FLOAT_ONE_TOKEN_TILE = {"gemv": True, "BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}
 FLOAT_ONE_TOKEN_DOWN_TILE = {"sum": True, "gemv": True, "BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
+# Their K loop is unrolled (one stage: each step's loads in flight together) up to this many steps; a longer K
+# (Mixtral's down: 14,336) would loop unpipelined, each step waiting out its load, so it keeps ONE_TOKEN_TILE. So do
+# more pairs than the 8 timed in one summing program (its accumulator holds every pair's tile).
+GEMV_UNROLLED_STEPS = 4
+SUM_GEMV_MAX_PAIRS = 8
 # One token of MXFP4 weights: the GEMV without tensor cores (one_token_gemv_kernel), whose decode costs fewer
 # instructions a weight than the tensor-core operand's; on an H200 at GPT-OSS-20B's shapes 1.3x the fastest tile
 # (benchmarks/moe_gemm_tiles.py, BENCHMARKS.md).
@@ -145,7 +151,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ou
                          "routing weights, not a gated GEMM")  # fmt: skip
     mxfp4 = mxfp4_scales is not None
     n = w.shape[1] // 2 if gated else w.shape[1]
-    tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4, gated))
+    tile = DEFAULT_TILE | (tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4, gated, blocks.top_k))
     if mxfp4 and tile["BLOCK_K"] % 32:
         raise ValueError(f"MXFP4 weights take column tiles of whole 32-column groups, not BLOCK_K={tile['BLOCK_K']}")
     if one_token and mxfp4 and tile.get("mma") and not sum_pairs:
@@ -234,7 +240,7 @@ def down_projection(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     (sum_pairs); else the weighted rows [T * k, N] in the promoted dtype of the model's and the routing weights',
     then sum_over_experts."""
     like = like if like is not None else a
-    tile = tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4_scales is not None, gated=False)
+    tile = tile if tile is not None else tile_for(a, w, blocks.mode, mxfp4_scales is not None, False, blocks.top_k)
     gemm = functools.partial(grouped_gemm, a, w, bias, route_weights=route_weights, blocks=blocks, gated=False,
                              a_per_token=False, tile=tile, scales=scales, mxfp4_scales=mxfp4_scales,
                              like=like)  # fmt: skip
@@ -265,14 +271,18 @@ def sum_over_experts(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return weighted.sum(dim=1, dtype=torch.float32).to(dtype)
 
 
-def heuristic_tile(mode: int, fmt: str = "float", gated: bool = True, k_contiguous: bool = True) -> dict:
+def heuristic_tile(mode: int, fmt: str = "float", gated: bool = True, k_contiguous: bool = True, k: int = 0,
+                   top_k: int = 1) -> dict:  # fmt: skip
     """What runs untuned in a row mode, for weights stored as `fmt` (weight_format), of the gate/up GEMM or (not
-    `gated`) the down one; `k_contiguous`: a weight row's K values adjacent in memory (not GPT-OSS's transposed
-    storage, where the GEMV's loads along K would each gather a column: tensor-core tiles load along N there)."""
+    `gated`) the down one, over K = `k` columns for `top_k` pairs a token; `k_contiguous`: a weight row's K values
+    adjacent in memory (not GPT-OSS's transposed storage, where the GEMV's loads along K would each gather a column:
+    tensor-core tiles load along N there)."""
     if fmt == "mxfp4":
         return (MXFP4_ONE_TOKEN_TILE if gated else MXFP4_ONE_TOKEN_DOWN_TILE) if mode == 1 else MXFP4_TILE
     if fmt == "float" and mode == 1 and k_contiguous:
-        return FLOAT_ONE_TOKEN_TILE if gated else FLOAT_ONE_TOKEN_DOWN_TILE
+        gemv = FLOAT_ONE_TOKEN_TILE if gated else FLOAT_ONE_TOKEN_DOWN_TILE
+        if k <= GEMV_UNROLLED_STEPS * gemv["BLOCK_K"] and (gated or top_k <= SUM_GEMV_MAX_PAIRS):
+            return gemv
     return ONE_TOKEN_TILE if mode == 1 else DEFAULT_TILE
 
 
@@ -281,11 +291,12 @@ def weight_format(w: torch.Tensor, mxfp4: bool = False) -> str:
     return "mxfp4" if mxfp4 else "fp8" if w.dtype == torch.float8_e4m3fn else "float"
 
 
-def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int, mxfp4: bool = False, gated: bool = True) -> dict:
+def tile_for(a: torch.Tensor, w: torch.Tensor, mode: int, mxfp4: bool = False, gated: bool = True,
+             top_k: int = 1) -> dict:  # fmt: skip
     k = w.shape[2] * (2 if mxfp4 else 1)
     fmt = weight_format(w, mxfp4)
     tuned = TUNED_TILES.get((a.get_device(), w.shape[0], w.shape[1], k, mode, fmt))
-    return tuned if tuned is not None else heuristic_tile(mode, fmt, gated, k_contiguous=w.stride(2) == 1)
+    return tuned if tuned is not None else heuristic_tile(mode, fmt, gated, w.stride(2) == 1, k, top_k)
 
 
 def fused_moe(x, topk_ids, topk_weights, w13, w2, b13, b2, activation: str, params=(),

@@ -8,9 +8,10 @@ import triton
 import triton.language as tl
 
 from custom_ops.linear.triton_int4_kernels import word_columns
+from custom_ops.moe.triton_moe import GEMV_UNROLLED_STEPS
 from custom_ops.moe.triton_moe_kernels import gated_epilogue, route_weighted
 
-UNROLLED_STEPS: tl.constexpr = tl.constexpr(4)  # one_token_pair's unrolled K loop, at most
+UNROLLED_STEPS: tl.constexpr = tl.constexpr(GEMV_UNROLLED_STEPS)  # one_token_pair's unrolled K loop, at most
 
 
 @triton.jit

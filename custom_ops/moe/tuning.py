@@ -27,7 +27,7 @@ OP = "moe_grouped_gemm"
 ROW_MODES = (1, 16, 32, 64)
 TILES = (
     triton_moe.DEFAULT_TILE,  # the fallback: first
-    triton_moe.ONE_TOKEN_TILE,  # e4m3 experts' heuristic for one token: more programs for a batch-1 step's few experts
+    triton_moe.ONE_TOKEN_TILE,  # a heuristic for one token (heuristic_tile): more programs for a batch-1 step's experts
     {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4},
     {"BLOCK_N": 64, "BLOCK_K": 128},
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 4},
@@ -39,7 +39,8 @@ TILES = (
 # pipelines its loads (1: not at all, each step waits out a load; the leaders of session 25 also at 2 and 3). The last
 # four are the dense GEMV's form (triton_gemv.gemv_config): a few rows a program, whole rows of up to 2,048 columns in
 # one load, so each program's weights are all in flight at once (on Llama-8B's linears 5-50% faster than steps of
-# 512-1,024 columns); float experts at one row read 2.6 TB/s on an H200 on tensor cores (BENCHMARKS.md, session 13).
+# 512-1,024 columns). Two of them are float experts' defaults now (triton_moe.FLOAT_ONE_TOKEN_TILE, ..._DOWN_TILE):
+# on an H100 at Qwen3-30B-A3B's shapes ahead of the tensor-core tiles (BENCHMARKS.md, session 37).
 GEMV_TILES = tuple(
     {"gemv": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
     for n, k, w, s in ((8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 1), (16, 1024, 8, 1),
@@ -119,8 +120,8 @@ class MoeGroupedGemmTuning:
         ]
 
     def heuristic(self, bucket: dict) -> str:
-        fmt, k_contiguous = _format(bucket), not bucket.get("transposed")
-        return tile_name(triton_moe.heuristic_tile(bucket["rows"], fmt, bucket["gated"], k_contiguous=k_contiguous))
+        rows, fmt, gated, k_contiguous = bucket["rows"], _format(bucket), bucket["gated"], not bucket.get("transposed")
+        return tile_name(triton_moe.heuristic_tile(rows, fmt, gated, k_contiguous, bucket["k"], bucket["top_k"]))
 
     def inputs(self, bucket: dict, dtype: torch.dtype, copies: int) -> list[tuple]:
         experts, n, k, top_k, gated = bucket["experts"], bucket["n"], bucket["k"], bucket["top_k"], bucket["gated"]
