@@ -126,15 +126,17 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device, head_b
     return max(1, min(MAX_SPLITS, -(-2 * _multiprocessors(device) // (num_seqs * num_kv_heads * head_blocks))))
 
 
-def decode_head_blocks(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
-    """Programs a (sequence, KV head) of a decode step takes for its query heads (tile_shape's blocks of them)."""
+def decode_tile(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """(query rows of a program's tile, programs a (sequence, KV head) takes for its query heads) of a decode step:
+    tile_shape's."""
     group = num_heads // num_kv_heads
-    return -(-group // tile_shape(num_seqs, num_seqs, group, head_dim)[2])
+    block_m, _, group_block = tile_shape(num_seqs, num_seqs, group, head_dim)
+    return block_m, -(-group // group_block)
 
 
 def heuristic_decode_splits(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device) -> int:
     """decode_splits for a decode step of this layer shape, with its blocks of query heads."""
-    return decode_splits(num_seqs, num_kv_heads, device, decode_head_blocks(num_seqs, num_heads, num_kv_heads, head_dim))
+    return decode_splits(num_seqs, num_kv_heads, device, decode_tile(num_seqs, num_heads, num_kv_heads, head_dim)[1])
 
 
 def decode_one_warp(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, splits: int,
@@ -142,9 +144,8 @@ def decode_one_warp(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: 
     """Whether a decode step's untuned launch runs one warp a program: ONE_WARP_PROGRAMS_PER_SM or more programs an SM
     of `device` (a program per sequence, KV head, block of its query heads and key split), each of a tile within
     ONE_WARP_MAX_TILE."""
-    group = num_heads // num_kv_heads
-    block_m, _, group_block = tile_shape(num_seqs, num_seqs, group, head_dim)
-    programs = num_seqs * num_kv_heads * -(-group // group_block) * splits
+    block_m, head_blocks = decode_tile(num_seqs, num_heads, num_kv_heads, head_dim)
+    programs = num_seqs * num_kv_heads * head_blocks * splits
     fits = block_m * padded_head_dim(head_dim) <= ONE_WARP_MAX_TILE
     return fits and programs >= ONE_WARP_PROGRAMS_PER_SM * _multiprocessors(device)
 
