@@ -25,6 +25,14 @@ import transformers as tf
 os.environ["COMPILED_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="compiled_llm_test_cache_")
 atexit.register(shutil.rmtree, os.environ["COMPILED_LLM_CACHE_DIR"], ignore_errors=True)
 
+# Each xdist worker takes its share of the cores (OMP_NUM_THREADS for the processes tests start): two workers at
+# torch's default of every core each oversubscribe a 2-core machine (CI's tests took 1,047 s so, 942 s with a thread
+# a worker).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 VOCAB = 256
 SLIDING_WINDOW = 8  # shorter than the test prompts, so the window matters
 
