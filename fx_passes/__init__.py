@@ -4,7 +4,6 @@ from fx_passes import (  # noqa: F401  (registers the passes)
     contiguous_constants,
     explicit_view_sizes,
     fold_weight_casts,
-    fuse_add_rms_norm_linear,
     fuse_all_reduce_rms_norm,
     fuse_linear_silu_mul,
     fuse_moe_routing,
@@ -39,20 +38,17 @@ from fx_passes.insert_paged_attention import PAGED_INPUTS, PagedLayer
 from fx_passes.registry import (
     DEFAULT_PIPELINE,
     FP8_PRODUCER_FUSIONS,
-    NORM_LINEAR_FUSIONS,
     REQUIRED_PASSES,
     PassResult,
     register_pass,
     registered_passes,
     run_passes,
     with_fp8_fusions,
-    with_norm_linear_fusion,
 )
 
 __all__ = [
     "DEFAULT_PIPELINE",
     "FP8_PRODUCER_FUSIONS",
-    "NORM_LINEAR_FUSIONS",
     "PAGED_INPUTS",
     "REQUIRED_PASSES",
     "PagedLayer",
@@ -61,5 +57,4 @@ __all__ = [
     "registered_passes",
     "run_passes",
     "with_fp8_fusions",
-    "with_norm_linear_fusion",
 ]

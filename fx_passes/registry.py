@@ -115,18 +115,6 @@ def with_fp8_fusions(pipeline: tuple[str, ...], fusions: tuple[str, ...] = FP8_P
     return (*pipeline[:after], *fusions, *pipeline[after:])
 
 
-# The residual add and RMSNorm in the GEMV of the linear that reads them (one kernel a norm at batch 1); its kernel
-# has run in Triton's interpreter only: opt-in (CompileConfig.passes, after fuse_all_reduce_rms_norm) until measured
-# end to end on a GPU.
-NORM_LINEAR_FUSIONS: tuple[str, ...] = ("fuse_add_rms_norm_linear",)
-
-
-def with_norm_linear_fusion(pipeline: tuple[str, ...]) -> tuple[str, ...]:
-    """`pipeline` with NORM_LINEAR_FUSIONS right after fuse_all_reduce_rms_norm (which takes the norms it fuses with
-    an all-reduce first) and the passes that insert the linear ops."""
-    after = pipeline.index("fuse_all_reduce_rms_norm") + 1
-    return (*pipeline[:after], *NORM_LINEAR_FUSIONS, *pipeline[after:])
-
 
 # The runtime cannot run a graph without these.
 REQUIRED_PASSES: tuple[str, ...] = ("insert_paged_attention",)

@@ -8,8 +8,6 @@ triton_silu_mul.py, and triton_decode_gemm.py: the tensor-core decode GEMM of 2 
 - int4.py: `compiled_llm::int4_linear`, 4-bit weights with group scales and zero points (W4A16: AWQ, GPTQ, GGUF),
   launched by triton_int4.py; nvfp4.py: `compiled_llm::nvfp4_linear`, E2M1 weights with e4m3 scales per 16 columns,
   launched by triton_nvfp4.py; both kernels' code in triton_int4_kernels.py;
-- norm_linear.py: `compiled_llm::add_rms_norm_linear`, a residual add and RMSNorm with the linear reading it, one
-  kernel at one row (the GEMV with the norm in its prologue);
 - int8.py: `compiled_llm::int8_linear`, SmoothQuant W8A8, on the W8A8 kernels as FP8; silu_mul_int8.py:
   `compiled_llm::silu_mul_int8`, the gated activation written as its input; int8_weight.py:
   `compiled_llm::int8_weight_linear`, 8-bit codes with group scales and offsets (W8A16: GGUF's Q5_K, Q6_K and Q8_0),
@@ -28,7 +26,6 @@ from custom_ops.linear import (  # noqa: F401
     int4_tuning,
     int8,
     int8_weight,
-    norm_linear,
     nvfp4,
     nvfp4_tuning,
     silu_mul_fp8,

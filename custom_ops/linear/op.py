@@ -68,7 +68,7 @@ def runs_other_than_torch(backend: str, weight: torch.Tensor) -> bool:
 
 def triton_linears(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, bool]]:
     """(weight node, silu_mul) of each `triton` linear of a graph, for the linear tunings: compiled_llm.linear and
-    linear_silu_mul, and the linear inside add_rms_norm_linear (norm_linear.py), which runs the same kernels."""
+    linear_silu_mul."""
     ops = torch.ops.compiled_llm
     found = []
     for node in graph.nodes:
@@ -76,8 +76,6 @@ def triton_linears(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, bool]]:
             continue
         if node.target in (ops.linear.default, ops.linear_silu_mul.default):
             found.append((node.args[1], node.target is ops.linear_silu_mul.default))
-        elif node.target is ops.add_rms_norm_linear.default:  # (x, residual, norm weight, eps, weight, bias, silu_mul)
-            found.append((node.args[4], node.args[6]))
     return found
 
 

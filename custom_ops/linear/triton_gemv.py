@@ -9,11 +9,6 @@ M rows of x, which it keeps in registers; no split-K, no second kernel.
 
 `silu_mul`: W is a gated MLP's [gate; up] and the output silu(x @ gate^T) * (x @ up^T): each program
 owns BLOCK_N rows of both halves, so the activation costs no kernel of its own.
-
-NORM (`compiled_llm::add_rms_norm_linear`, norm_linear.py): x is the residual add and RMSNorm of x and r,
-computed by every program from its inputs (a first pass over K for each row's sum of squares, then each
-step's columns normalized as they are loaded) in add_rms_norm's roundings, so the norm costs no kernel of its
-own either; program 0 also writes the norm's two outputs.
 """
 
 from __future__ import annotations
@@ -94,9 +89,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None,
-                silu_mul: bool, norm: tuple | None = None, **config) -> torch.Tensor:  # fmt: skip
-    """`gemv` without its checks, for callers that made them already (the linear ops, once per call). `norm`: (r,
-    norm weight, total, normed, r's row stride, eps), x the add's other term (NORM above; norm_linear.py)."""
+                silu_mul: bool, **config) -> torch.Tensor:  # fmt: skip
+    """`gemv` without its checks, for callers that made them already (the linear ops, once per call)."""
     import triton
 
     m, k = x.shape
@@ -111,7 +105,6 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     _kernel()[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, out, n, x.stride(0), weight.stride(0), out.stride(0),
         n * weight.stride(0),  # SILU_MUL: where the up rows start
-        *(norm if norm is not None else (x, x, x, x, 0, 0.0)), NORM=norm is not None,
         K=k, M=m, M_PADDED=triton.next_power_of_2(m), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
         EVEN_K=max(k - prefetch, 0) % config["BLOCK_K"] == 0, num_warps=num_warps, **config, **pdl_launch_options(x),
     )  # fmt: skip
