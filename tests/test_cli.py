@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from compiled_llm import compile_model
+from compiled_llm import CompileConfig, compile_model
 from compiled_llm.cli import main
 
 
@@ -61,6 +61,17 @@ def test_bench_throughput_runs_every_request_to_its_length(tmp_path, capsys):
     args[args.index("3")] = "4"
     assert main(args) == 2
     assert "has 3 prompts, fewer than --num-requests 4" in capsys.readouterr().err
+
+
+def test_a_throughput_run_takes_serving_limits_where_the_config_sets_none():
+    from compiled_llm.bench.throughput import throughput_config
+
+    serving = throughput_config(CompileConfig(), 3000)
+    assert (serving.max_batch_size, serving.max_num_tokens) == (512, 16384)
+    assert throughput_config(CompileConfig(), 6).max_batch_size == 64  # the default, never below it
+    assert throughput_config(CompileConfig(num_kv_blocks=100), 3000).max_batch_size == 100  # a block a sequence
+    given = throughput_config(CompileConfig(max_batch_size=4, max_num_tokens=256), 3000)
+    assert (given.max_batch_size, given.max_num_tokens) == (4, 256)
 
 
 def test_bench_latency_on_cpu_with_its_profile(tmp_path, capsys):
