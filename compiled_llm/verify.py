@@ -47,8 +47,8 @@ QUANTIZED_FLOOR_FACTOR = 2.0
 # table computed another way, so an FP8 rounding flips rarely: a correct graph equals its reference at most positions
 # and, where a flip lands on a large activation, is far off at one (SmolLM2-135M's real weights on 1 CPU thread: 13
 # of 20 positions equal, one at 1.10x the reference's distance from the unquantized module, which 2 threads did not
-# flip). A wrong weight scale moves every position instead (one linear's scales 10% too large: 0.77-0.84x on average,
-# 1.30-1.53x at most). So there a position may be WIDE_POSITION_ALLOWANCE times that distance and the mean over every
+# flip). A wrong weight scale moves every position instead (tests/test_quantize_fp8.py's nanoGPT with one linear's
+# scales 10% too large: 0.77-0.84x on average, 1.30-1.53x at most). So there a position may be WIDE_POSITION_ALLOWANCE times that distance and the mean over every
 # compared position WIDE_MEAN_ALLOWANCE times it.
 WIDE_POSITION_ALLOWANCE = 2.0
 WIDE_MEAN_ALLOWANCE = 0.5
