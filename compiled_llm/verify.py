@@ -12,13 +12,15 @@ linears rounded to float8 where `quantization="fp8"` rewrote them):
 the largest difference may be `TOLERANCE[dtype]` times the largest logit magnitude (at least 1), and the
 greedy token must be the module's wherever its best two logits are further apart than that. A graph whose
 activations are rounded to FP8 is held by each position's RMS difference instead, relative to what quantizing does
-to this model (quantized_bounds), and with float32 or wider activations by its mean over every position as well.
+to this model (QUANTIZED_ALLOWANCE); with float32 or wider activations one position of each run may take a rounding
+flip (FLIP_ALLOWANCE) while the others are also held on average (WIDE_MEAN_ALLOWANCE).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from typing import NoReturn
 
 import torch
 
@@ -46,11 +48,12 @@ QUANTIZED_FLOOR_FACTOR = 2.0
 # With float32 or wider activations the graph's values and the reference's differ only by summation order or a RoPE
 # table computed another way, so an FP8 rounding flips rarely: a correct graph equals its reference at most positions
 # and, where a flip lands on a large activation, is far off at one (SmolLM2-135M's real weights on 1 CPU thread: 13
-# of 20 positions equal, one at 1.10x the reference's distance from the unquantized module, which 2 threads did not
-# flip). A wrong weight scale moves every position instead (tests/test_quantize_fp8.py's nanoGPT with one linear's
-# scales 10% too large: 0.77-0.84x on average, 1.30-1.53x at most). So there a position may be WIDE_POSITION_ALLOWANCE times that distance and the mean over every
-# compared position WIDE_MEAN_ALLOWANCE times it.
-WIDE_POSITION_ALLOWANCE = 2.0
+# of 20 positions equal, one at 1.10x the bound above, its run's other positions at 0.13x on average). A wrong weight
+# scale moves every position instead (tests/test_quantize_fp8.py's nanoGPT, one linear's scales 10% too large: each
+# run's positions but the largest at 0.60-0.85x on average, or one of them above 1x). So there, in each run of a
+# prompt, the position furthest from its bound may be FLIP_ALLOWANCE times it, and the others' mean at most
+# WIDE_MEAN_ALLOWANCE times it.
+FLIP_ALLOWANCE = 2.0
 WIDE_MEAN_ALLOWANCE = 0.5
 PROMPT_LENGTHS = (6, 4)
 PREFILL_TOKENS = 2
@@ -122,39 +125,54 @@ def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return (actual - expected).pow(2).mean(-1).sqrt() / expected.pow(2).mean(-1).sqrt().clamp(min=1e-12)
 
 
-def _differences(
-    actual: torch.Tensor, expected: torch.Tensor, tolerance: float, rms_bound: float | None = None
-) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+def _differences(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, rms_bound: float | None = None,
+                 one_flip: bool = False) -> tuple[str, int, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(what is compared, how many allowances apart the best two logits must be for the greedy token to count, [L]
     allowed, [L] difference) of [L, V] logits: the largest difference against `tolerance` times the largest |logit|
     (at least 1), or with `rms_bound` (FP8 activations) each position's RMS difference against `rms_bound` times its
-    RMS logit."""
+    RMS logit, the position furthest from it allowed FLIP_ALLOWANCE times that where `one_flip` (wide activations)."""
     if rms_bound is None:
         allowed = torch.full((len(expected),), tolerance * max(1.0, expected.abs().max().item()))
         return "max |difference|", 2, allowed, (actual - expected).abs().amax(dim=-1)
     # a flip of a decisive token needs two logits each several RMS differences off
     allowed = rms_bound * expected.pow(2).mean(-1).sqrt()
-    return "RMS difference", 3, allowed, (actual - expected).pow(2).mean(-1).sqrt()
+    diff = (actual - expected).pow(2).mean(-1).sqrt()
+    if one_flip:
+        allowed[(diff / allowed.clamp(min=1e-30)).argmax()] *= FLIP_ALLOWANCE
+    return "RMS difference", 3, allowed, diff
+
+
+def _others_mean(diff: torch.Tensor, allowed: torch.Tensor) -> float:
+    """The mean share of their bound of every position but the one furthest from it (0 for one position): how far a
+    run is off where no single rounding flip explains it."""
+    shares = (diff / allowed.clamp(min=1e-30)).sort().values
+    return shares[:-1].mean().item() if len(shares) > 1 else 0.0
 
 
 def share_of_bound(actual: torch.Tensor, expected: torch.Tensor, tolerance: float,
-                   rms_bound: float | None = None) -> float:  # fmt: skip
-    """The largest difference of [L, V] logits as a share of what the check allows there (above 1 fails it)."""
-    _, _, allowed, diff = _differences(actual, expected, tolerance, rms_bound)
-    return (diff / allowed.clamp(min=1e-30)).max().item()
+                   rms_bound: float | None = None, one_flip: bool = False) -> float:  # fmt: skip
+    """The largest difference of [L, V] logits as a share of what the check allows there (above 1 fails it); with
+    `one_flip`, the others' mean as a share of WIDE_MEAN_ALLOWANCE if that is larger."""
+    _, _, allowed, diff = _differences(actual, expected, tolerance, rms_bound, one_flip)
+    share = (diff / allowed.clamp(min=1e-30)).max().item()
+    return max(share, _others_mean(diff, allowed) / WIDE_MEAN_ALLOWANCE) if one_flip else share
 
 
-def _mismatch(
-    actual: torch.Tensor, expected: torch.Tensor, tolerance: float, rms_bound: float | None = None
-) -> str | None:
-    """What differs between [L, V] logits, or None: the difference against what _differences allows, and the greedy
-    token wherever the best two logits are further apart than that allows."""
-    what, margin, allowed, diff = _differences(actual, expected, tolerance, rms_bound)
+def _mismatch(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, rms_bound: float | None = None,
+              one_flip: bool = False) -> str | None:  # fmt: skip
+    """What differs between [L, V] logits, or None: the difference against what _differences allows, the greedy
+    token wherever the best two logits are further apart than that allows, and with `one_flip` the mean of the
+    positions but the furthest (_others_mean) against WIDE_MEAN_ALLOWANCE."""
+    what, margin, allowed, diff = _differences(actual, expected, tolerance, rms_bound, one_flip)
     top2 = expected.topk(2, dim=-1).values
     decisive = (top2[:, 0] - top2[:, 1]) > margin * allowed
     wrong_token = decisive & (actual.argmax(-1) != expected.argmax(-1))
     bad = (diff > allowed) | wrong_token
     if not bad.any():
+        mean = _others_mean(diff, allowed) if one_flip else 0.0
+        if mean > WIDE_MEAN_ALLOWANCE:  # no single position is off by more than a flip, yet most are off
+            return (f"every position but the furthest: mean {what} {mean:.3g} of its bound (allowed "
+                    f"{WIDE_MEAN_ALLOWANCE:.3g})")  # fmt: skip
         return None
     first = int(bad.nonzero()[0])
     return (f"position {first}: {what} {diff[first].item():.3g} (allowed {allowed[first].item():.3g}), greedy token "
@@ -219,13 +237,15 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
     # FP8 and int8_sq round activations too, and a rounding that flips between two near values moves the logits more
     # than float summation order would; int4's reference rounds only the weights, the pass's own, so it is held as
     # tightly as an unquantized graph.
-    mean_bound, differences = None, []
+    one_flip = False
     if meta.get("fp8_weights") or meta.get("int8_weights"):
         unquantized = [reference_logits(model, signature, p, compiled.device).float().cpu() for p in prompts]
         moved = max(relative_rms(e, u).max().item() for e, u in zip(expected, unquantized))
-        rms_bound, mean_bound = quantized_bounds(dtype, moved, tolerance)
+        rms_bound = max(QUANTIZED_FLOOR_FACTOR * tolerance, QUANTIZED_ALLOWANCE * moved)
+        one_flip = dtype.itemsize >= 4  # float32 or wider: FLIP_ALLOWANCE
+        flip = f" ({FLIP_ALLOWANCE:g}x at one position a run)" if one_flip else ""
         log.info("self-check: quantizing activations moves this module's logits by up to %.3g (relative RMS); allowed "
-                 "%.3g a position%s", moved, rms_bound, "" if mean_bound is None else f", {mean_bound:.3g} on average")  # fmt: skip
+                 "%.3g%s", moved, rms_bound, flip)  # fmt: skip
         tolerance = rms_bound  # for the diagnosis of the first op that differs
     runner = compiled.runner
     together = compiled.config.max_batch_size >= len(prompts) and runner.kv_cache.allocator.num_free >= sum(
@@ -243,35 +263,18 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
             actuals.update(zip(group, _run(runner, [prompts[i] for i in group], first_step)))
         for i, reference in enumerate(expected):
             actual = actuals[i]
-            problem = _mismatch(actual, reference, tolerance, rms_bound)
+            problem = _mismatch(actual, reference, tolerance, rms_bound, one_flip)
             if problem:
                 where = _first_difference(compiled, captured, prompts[i], first_step, tolerance)
                 _fail(compiled, model, f"{what}, prompt {i}, {problem}", where, graph_cache_key)
-            closest = max(closest, (share_of_bound(actual, reference, tolerance, rms_bound), f"{what}, prompt {i}"))
-            if mean_bound is not None:
-                differences.append(relative_rms(actual, reference))
-    if mean_bound is not None:
-        mean = torch.cat(differences).mean().item()
-        if mean > mean_bound:  # no single position is to blame: no first op to look for
-            _fail(compiled, model, f"mean relative RMS difference over every position {mean:.3g} (allowed "
-                                   f"{mean_bound:.3g})", None, graph_cache_key)  # fmt: skip
-        closest = max(closest, (mean / mean_bound, "the mean over every position"))
+            share = share_of_bound(actual, reference, tolerance, rms_bound, one_flip)
+            closest = max(closest, (share, f"{what}, prompt {i}"), key=lambda c: c[0])
     log.info("self-check passed: the largest difference is %.1f%% of what it allows (%s)", 100 * closest[0],
              closest[1])  # fmt: skip
     return closest[0]
 
 
-def quantized_bounds(dtype: torch.dtype, moved: float, tolerance: float) -> tuple[float, float | None]:
-    """(each position's, the mean's or None) bound on the relative RMS difference of a graph with quantized
-    activations from its reference, whose distance from the unquantized module is `moved`: see QUANTIZED_ALLOWANCE
-    and WIDE_POSITION_ALLOWANCE."""
-    floor = QUANTIZED_FLOOR_FACTOR * tolerance
-    if dtype.itemsize < 4:
-        return max(floor, QUANTIZED_ALLOWANCE * moved), None
-    return max(floor, WIDE_POSITION_ALLOWANCE * moved), max(floor, WIDE_MEAN_ALLOWANCE * moved)
-
-
-def _fail(compiled, model, problem: str, where: str | None, graph_cache_key: str | None):
+def _fail(compiled, model, problem: str, where: str | None, graph_cache_key: str | None) -> NoReturn:
     """Raise the SelfCheckError for `problem`, after removing whatever would serve the same graph again."""
     suspects = position_suspects(compiled.graph_module)
     hint = f"; first op that differs: {where}" if where else ""

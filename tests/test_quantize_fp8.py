@@ -140,8 +140,8 @@ def test_the_self_check_holds_a_drop_in_module_to_its_quantized_self(quantizatio
     assert sites(compiled) == 8 and "self_check_s" in compiled.report.timings  # 2 layers x 4; the tied LM head kept
     after = DEFAULT_PIPELINE.index("quantize_fp8") + 1
     passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_fp8_weight", *DEFAULT_PIPELINE[after:])
-    # float32: no single position is off by twice the reference's own distance, every one is a little
-    with pytest.raises(SelfCheckError, match=r"differs from the module itself \(mean relative RMS difference"):
+    # float32: no position is off by more than a rounding flip would be, but every one is a little
+    with pytest.raises(SelfCheckError, match=r"differs from the module itself \(.*every position but the furthest"):
         compile_model(nanogpt(), compile_backend="eager", quantization=quantization, passes=passes)
 
 
@@ -274,11 +274,25 @@ def test_the_fp8_self_check_bound_passes_rounding_noise_and_fails_a_wrong_graph(
     assert "greedy token 8 vs 7" in _mismatch(flipped, decisive, 1e-2, rms_bound=0.47)
 
 
-def test_wider_activations_allow_a_flip_at_one_position_and_little_on_average():
-    """16-bit activations: every position within the reference's own distance from the unquantized module; float32
-    and wider: twice that at a position (a rare rounding flip) but half of it on average; at least twice TOLERANCE."""
-    from compiled_llm.verify import TOLERANCE, quantized_bounds
+def test_wider_activations_allow_one_flipped_position_a_run_and_little_elsewhere():
+    """Float32 and wider (one_flip): in a run, the position furthest from its bound may be twice off (a rare FP8
+    rounding flip on a large activation), the others only half of it on average; 16-bit activations hold every
+    position at the bound, which dense noise of 0.7x passes."""
+    from compiled_llm.verify import _mismatch
 
-    assert quantized_bounds(torch.bfloat16, 0.47, TOLERANCE[torch.bfloat16]) == (0.47, None)
-    assert quantized_bounds(torch.float32, 0.1, TOLERANCE[torch.float32]) == (0.2, 0.05)
-    assert quantized_bounds(torch.float64, 1e-9, TOLERANCE[torch.float64]) == (2e-6, 2e-6)
+    generator = torch.Generator().manual_seed(1)
+    expected = torch.randn(6, 1000, generator=generator)
+
+    def off_by(*shares):  # each position's relative RMS difference, as a share of the bound 0.1
+        noise = torch.randn(6, 1000, generator=generator)
+        noise *= expected.pow(2).mean(-1, keepdim=True).sqrt() / noise.pow(2).mean(-1, keepdim=True).sqrt()
+        return expected + noise * 0.1 * torch.tensor(shares)[:, None]
+
+    one_flip = off_by(0, 0.1, 1.8, 0.2, 0, 0.1)
+    assert _mismatch(one_flip, expected, 1e-3, rms_bound=0.1, one_flip=True) is None
+    assert "position 2: RMS difference" in _mismatch(one_flip, expected, 1e-3, rms_bound=0.1)
+    assert "position 3" in _mismatch(off_by(0, 0.1, 1.8, 1.2, 0, 0.1), expected, 1e-3, rms_bound=0.1, one_flip=True)
+    assert "position 2" in _mismatch(off_by(0, 0.1, 2.2, 0.2, 0, 0.1), expected, 1e-3, rms_bound=0.1, one_flip=True)
+    dense = off_by(0.7, 0.6, 0.8, 0.7, 0.6, 0.7)
+    assert _mismatch(dense, expected, 1e-3, rms_bound=0.1) is None
+    assert "every position but the furthest" in _mismatch(dense, expected, 1e-3, rms_bound=0.1, one_flip=True)
