@@ -63,5 +63,6 @@ PY
     wait $server && echo "in-process server exited with 0"
 fi
 
+# The server's limits (CompileConfig's defaults unless "$@" sets them), not bench's throughput limits: the same engine.
 python3 -m compiled_llm.cli bench "$model" --mode throughput --num-requests "${OFFLINE_REQUESTS:-1000}" --input-len 128 --output-len 128 \
-    --baselines none --json "$out/throughput.json" "$@"
+    --baselines none --json "$out/throughput.json" --max-batch-size 64 --max-num-tokens 8192 "$@"

@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--baselines", help="comma-separated, or none (default: latency hf-eager,hf-compile; "
                               "throughput hf-eager)")
     bench_parser.add_argument("--baseline-batch-size", type=int,
-                              help="throughput: HF generate's static batch (default: --max-batch-size)")
+                              help="throughput: HF generate's static batch (default: --max-batch-size as given, or "
+                                   "CompileConfig's 64)")
     bench_parser.add_argument("--baseline-num-requests", type=int,
                               help="throughput: run the HF baseline on the first N requests only (default: all)")
     bench_parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")

@@ -115,7 +115,6 @@ def with_fp8_fusions(pipeline: tuple[str, ...], fusions: tuple[str, ...] = FP8_P
     return (*pipeline[:after], *fusions, *pipeline[after:])
 
 
-
 # The runtime cannot run a graph without these.
 REQUIRED_PASSES: tuple[str, ...] = ("insert_paged_attention",)
 

@@ -166,7 +166,10 @@ def run_throughput_benchmark(
     """`model`: the model, or over several ranks its name (what each rank loads: `model_source.load_model`)."""
     from compiled_llm.llm import LLM
 
-    config = throughput_config(config or CompileConfig(), num_requests)
+    config = config or CompileConfig()
+    # HF's static batch stays at the caller's limit: at 512 sequences its whole-length KV cache may not fit the GPU
+    baseline_batch_size = baseline_batch_size or config.max_batch_size
+    config = throughput_config(config, num_requests)
     ranks = config.parallel_ranks
     check_baselines(baselines, BASELINES, "throughput", ranks)
     if num_requests < 1 or input_len < 1 or output_len < 1:
@@ -200,7 +203,7 @@ def run_throughput_benchmark(
     if "hf-eager" in baselines:
         _run_hf_eager(model, prompts[:1], min(output_len, 4), 1)  # warm-up
         subset = prompts[:baseline_num_requests] if baseline_num_requests else prompts
-        results.append(_run_hf_eager(model, subset, output_len, baseline_batch_size or config.max_batch_size))
+        results.append(_run_hf_eager(model, subset, output_len, baseline_batch_size))
     ceilings = {}
     if device.type == "cuda" and dataset is None:
         # Each rank reads its share of the weights and KV cache on its own GPU, and does 1/ranks of the FLOPs.
