@@ -2,8 +2,7 @@
 
     SET='{"fx_passes.quantize_int4:FIT_GRIDS": false}' python benchmarks/cli_with_settings.py bench random:llama-3.1-8b ...
 
-MARGIN=1 prints each self-check comparison's share of its bound (and its problem, if any; for float32 and wider
-activations also the mean's problem) and never fails the check:
+MARGIN=1 prints each self-check comparison's share of its bound (and its problem, if any) and never fails the check:
 a diagnostic for a graph near its bound, never for a figure that is reported."""
 import importlib
 import json
@@ -19,16 +18,12 @@ if os.environ.get("MARGIN"):
 
     original = verify._mismatch
 
-    def _mismatch(actual, expected, tolerance, rms_bound=None):
-        share = verify.share_of_bound(actual, expected, tolerance, rms_bound)
-        problem = original(actual, expected, tolerance, rms_bound)
+    def _mismatch(actual, expected, tolerance, rms_bound=None, one_flip=False):
+        share = verify.share_of_bound(actual, expected, tolerance, rms_bound, one_flip)
+        problem = original(actual, expected, tolerance, rms_bound, one_flip)
         print(f"MARGIN share={share:.3f} problem={problem}", flush=True)  # and no problem: the check goes on
 
-    def _fail(compiled, model, problem, where, graph_cache_key):  # the mean over every position (float32 and wider)
-        print(f"MARGIN problem={problem}", flush=True)
-
     verify._mismatch = _mismatch
-    verify._fail = _fail
 from compiled_llm.cli import main
 
 sys.exit(main(sys.argv[1:]))
