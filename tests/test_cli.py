@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -63,8 +64,9 @@ def test_bench_throughput_runs_every_request_to_its_length(tmp_path, capsys):
     assert "has 3 prompts, fewer than --num-requests 4" in capsys.readouterr().err
 
 
-def test_a_throughput_run_takes_serving_limits_where_the_config_sets_none():
+def test_a_throughput_run_takes_serving_limits_where_the_config_sets_none(tmp_path):
     from compiled_llm.bench.throughput import throughput_config
+    from compiled_llm.cli_config import config_from_args
 
     serving = throughput_config(CompileConfig(), 3000)
     assert (serving.max_batch_size, serving.max_num_tokens) == (512, 16384)
@@ -72,6 +74,13 @@ def test_a_throughput_run_takes_serving_limits_where_the_config_sets_none():
     assert throughput_config(CompileConfig(num_kv_blocks=100), 3000).max_batch_size == 100  # a block a sequence
     given = throughput_config(CompileConfig(max_batch_size=4, max_num_tokens=256), 3000)
     assert (given.max_batch_size, given.max_num_tokens) == (4, 256)
+    # the command line's: a flag or a --config file's field counts as set, even at the default's value
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("max_num_tokens: 8192\n")
+    args = argparse.Namespace(**dict.fromkeys(CompileConfig.model_fields), config=str(config_file))
+    args.max_batch_size = "64"
+    flagged = throughput_config(config_from_args(args), 3000)
+    assert (flagged.max_batch_size, flagged.max_num_tokens) == (64, 8192)
 
 
 def test_bench_latency_on_cpu_with_its_profile(tmp_path, capsys):
