@@ -114,11 +114,15 @@ def quantize_int8(gm: torch.fx.GraphModule, config) -> PassResult:
 
 def int8_module(model: torch.nn.Module, records: list):
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int8_weights"]`) compute as the
-    reference op over the same int8 tensors, for the self-check's reference logits."""
+    reference op, for the self-check's reference logits: with the pass's calibrated smooth, but their int8 weights and
+    scales quantized here from the module's own weight (per row, as the pass does a fused weight's), so a wrong tensor
+    the pass wrote cannot also be the reference's."""
+    quantized = {}  # module -> (W8, s_w): once a module, not once a forward
 
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
-        weight8, scale, smooth = tensors
-        return int8_linear_reference(x, weight8[first : first + count], scale[first : first + count], smooth,
-                                     module.bias)  # fmt: skip
+        smooth = tensors[2]
+        if module not in quantized:
+            quantized[module] = quantize_weight(module.weight, smooth)
+        return int8_linear_reference(x, *quantized[module], smooth, module.bias)
 
     return linears_computing_as(model, records, forward, "int8_sq")
