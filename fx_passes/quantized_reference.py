@@ -1,6 +1,9 @@
 """The self-check's reference for weight formats whose tensors the pass made from a search (int4_awq, int8_sq) or
 took from a checkpoint: the module's own nn.Linear layers compute as the format's reference op over the very tensors
-the rewritten graph reads, each layer its rows of them (a fused q/k/v or gate/up weight's parts share its storage)."""
+the rewritten graph reads, each layer its rows of them (a fused q/k/v or gate/up weight's parts share its storage).
+int8_sq's reference keeps only the graph's calibrated smooth and quantizes the module's weights itself
+(quantize_int8.int8_module), so a scale the pass wrote wrongly is not also the reference's; int4's and NVFP4's codes
+come from a search whose clips and grids the records do not keep, and are read as the graph holds them."""
 
 from __future__ import annotations
 
