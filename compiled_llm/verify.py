@@ -50,7 +50,7 @@ QUANTIZED_FLOOR_FACTOR = 2.0
 # and, where a flip lands on a large activation, is far off at one (SmolLM2-135M's real weights on 1 CPU thread: 13
 # of 20 positions equal, one at 1.10x the bound above, its run's other positions at 0.13x on average). A wrong weight
 # scale moves every position instead (tests/test_quantize_fp8.py's nanoGPT, one linear's scales 10% too large: each
-# run's positions but the largest at 0.60-0.85x on average, or one of them above 1x). So there, in each run of a
+# run's positions but the largest at 0.60-0.79x of the bound on average, one of them at 1.11x). So there, in each run of a
 # prompt, the position furthest from its bound may be FLIP_ALLOWANCE times it, and the others' mean at most
 # WIDE_MEAN_ALLOWANCE times it.
 FLIP_ALLOWANCE = 2.0
