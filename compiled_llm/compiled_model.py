@@ -11,7 +11,7 @@ from torch import nn
 
 from autotune.select import graph_value, select_kernels
 from compiled_llm.capture import capture_model
-from compiled_llm.capture.forward_signature import forward_signature
+from compiled_llm.capture.forward_signature import compute_dtype, forward_signature
 from compiled_llm.capture.graph_cache import GraphCache
 from compiled_llm.capture.module_state import release_replaced_caches
 from compiled_llm.capture.rewritten_graph import RewrittenGraphCache, removed_on_failure
@@ -163,7 +163,7 @@ class CompiledModel(CausalLMCalls):
                                         decode_batch_sizes=self._decode_batch_sizes(),
                                         weight_bytes=graph_weight_bytes(captured.gm))  # fmt: skip
                 kernels = select_kernels(captured.gm, config.autotune, config.cache_dir, self.device,
-                                         next(model.parameters()).dtype)  # fmt: skip
+                                         compute_dtype(model))  # fmt: skip
                 timings["autotune_s"] = time.perf_counter() - start
 
                 layers = captured.gm.meta["paged_attention"]
@@ -205,7 +205,7 @@ class CompiledModel(CausalLMCalls):
         del captured_graph
         released_cache = release_replaced_caches(model, captured.gm)
 
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = str(compute_dtype(model)).removeprefix("torch.")
         self.report = CompileReport(
             architecture=captured.architecture,
             device=str(self.device),

@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import torch
 
+from compiled_llm.capture.forward_signature import compute_dtype
 from compiled_llm.runtime import ScheduledChunk, Sequence
 from fx_passes.causal_mask import user_line
 from fx_passes.keep_gguf_int8_blocks import int8_block_module
@@ -217,7 +218,7 @@ def self_check(compiled, model, signature, captured=None, graph_cache_key: str |
     says how close a graph came. `captured`: the graph as captured, before the passes, to find the first op where
     they part. `graph_cache_key`: the graph cache entry the graph came from, removed if the check fails (the next
     compile captures afresh)."""
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)
     generator = torch.Generator().manual_seed(0)
     lengths = [min(n, compiled.max_seq_len) for n in PROMPT_LENGTHS]
     prompts = [torch.randint(0, compiled.vocab_size, (n,), generator=generator).tolist() for n in lengths]

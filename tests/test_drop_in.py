@@ -11,7 +11,7 @@ from torch import nn
 
 from compiled_llm import compile_model
 from compiled_llm.capture import CaptureError
-from compiled_llm.capture.forward_signature import forward_signature
+from compiled_llm.capture.forward_signature import compute_dtype, forward_signature
 from compiled_llm.verify import SelfCheckError, share_of_bound
 from drop_in_models import gptfast, gptfast_greedy, meta_greedy, meta_llama, mingpt, naive_greedy, nanogpt
 from fx_passes import DEFAULT_PIPELINE
@@ -338,3 +338,14 @@ def test_forward_signatures_by_name_and_annotation():
                        r"with token ids \[batch, seq\] and, optionally, positions \(position_ids, input_pos, start_pos, "
                        r"pos\)"):  # fmt: skip
         forward_signature(Forward(needs_a_mask))
+
+
+def test_the_compute_dtype_is_the_one_most_weights_hold():
+    # A float32 embedding (or norms) beside bfloat16 linears computes in bfloat16, whichever parameter comes first.
+    model = nn.Sequential(nn.Embedding(64, 8), nn.Linear(8, 32), nn.Linear(32, 8))
+    model[1].to(torch.bfloat16), model[2].to(torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32 and compute_dtype(model) == torch.bfloat16
+    model[0].to(torch.float16)
+    model.extend([nn.Linear(8, 256).double()])
+    assert compute_dtype(model) == torch.float64
+    assert compute_dtype(nn.Sequential()) == torch.get_default_dtype()

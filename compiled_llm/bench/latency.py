@@ -29,6 +29,7 @@ import torch.fx
 from compiled_llm.bench.ceilings import active_expert_share, embedding_rows_on_a_rank, routed_expert_share
 from compiled_llm.bench.decode_profile import profile_decode, profile_decode_cpu
 from compiled_llm.bench.measure import check_baselines, copy_bandwidth, median_time, timed
+from compiled_llm.capture.forward_signature import compute_dtype
 from compiled_llm.config import CompileConfig
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def run_latency_benchmark(
     out = {
         "model": model_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(compute_dtype(model)).removeprefix("torch."),
         "batch_size": batch_size,
         "input_len": input_len,
         "output_len": output_len,

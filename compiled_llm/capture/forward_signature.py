@@ -80,3 +80,16 @@ def output_logits(out, model: nn.Module) -> torch.Tensor:
             "float tensor, the first element of a tuple, or an object with .logits)"
         )
     return logits
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype that holds most of the module's parameter elements: what its activations compute in. Not
+    the first parameter's, which a model that keeps, say, its embedding or norms in float32 beside bfloat16 linears
+    would misreport (and the self-check would hold it to float32's tolerance)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:  # every weight quantized to integers, or no parameters: the default's
+        return torch.get_default_dtype()
+    return max(counts, key=counts.get)
