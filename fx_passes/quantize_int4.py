@@ -32,7 +32,13 @@ from fx_passes.awq_calibration import awq_search
 from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
-from fx_passes.quantized_reference import linears_computing_as, part_smooth
+from fx_passes.quantized_reference import (
+    check_kept,
+    linears_computing_as,
+    part_smooth,
+    rerounding,
+    rows_of,
+)
 from fx_passes.registry import PassResult, register_pass
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
@@ -54,25 +60,29 @@ def group_size_for(k: int) -> int | None:
 @recipe
 def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: int, smooth_name: str | None,
                             smooth_rows: list[int], clip_name: str | None, grid_name: str | None, stored: bool,
-                            qweight_name: str, scales_name: str, zeros_name: str) -> None:  # fmt: skip
+                            qweight_name: str, scales_name: str, zeros_name: str,
+                            keep_rounding: bool = True) -> None:  # fmt: skip
     """Register the parameter `target` in 4 bits with groups of `group_size` columns (each part of `smooth_rows`
     channels divided by its row of the graph's `smooth_name` tensor, and clipped to its `clip_name` one or rounded on
     its `grid_name` one, where given)
-    as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check.
-    `stored`: the tensors a checkpoint attached to the parameter (`int4_tensors`), taken as they are."""
+    as `qweight_name`, `scales_name`, `zeros_name`, and list it in `gm.meta["int4_weights"]` for the self-check, with
+    what int4_module rounds the module's weight again with (a Rerounding: the clip and grid, on the host, where
+    `keep_rounding`) or None for `stored`: the tensors a checkpoint attached to the parameter (`int4_tensors`), taken
+    as they are."""
     weight = gm.get_parameter(target)
     smooth = getattr(gm, smooth_name) if smooth_name else None
     if stored:
-        quantized = weight.int4_tensors[:3]
+        quantized, rounding = weight.int4_tensors[:3], None
     else:
         divided = (
             None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
         )
         clip, grid = (getattr(gm, name) if name else None for name in (clip_name, grid_name))
         quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=OFFSETS, grid=grid)
+        rounding = rerounding(clip, grid, OFFSETS, keep_rounding)
     for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-    gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size)))
+    gm.meta.setdefault("int4_weights", []).append((weight, (*quantized, smooth, smooth_rows, group_size, rounding)))
 
 
 def fused_parts(gm: torch.fx.GraphModule, target: str) -> list[int]:
@@ -146,8 +156,9 @@ def _rewrite(gm: torch.fx.GraphModule, config, sites: list[torch.fx.Node], searc
             smooth_name, clip_name, grid_name = (register_calibrated(gm, f"{target}_awq_{part}", t)
                                                  for part, t in (("smooth", smooth), ("clip", clip), ("grid", grid)))
             names = [free_name(gm, f"{target}_int4{part}") for part in ("", "_scales", "_zeros")]
+            # The self-check's reference rounds the module's weight again with the clip and grid (kept on the host)
             derive(gm, quantize_int4_parameter, target, group_size, smooth_name, smooth_rows, clip_name, grid_name,
-                   stored, *names)  # fmt: skip
+                   stored, *names, config.verify is not False)  # fmt: skip
             drop_calibrated(gm, clip_name, grid_name)
             converted[target] = (smooth_name, names)
         smooth_name, names = converted[target]
@@ -177,21 +188,44 @@ def register_calibrated(gm: torch.fx.GraphModule, name: str, tensor: torch.Tenso
 
 def drop_calibrated(gm: torch.fx.GraphModule, *names: str | None) -> None:
     """Remove calibrated buffers only a recipe read (clips, grids: 0.2 GB each on an 8B model's GPU). The graph is
-    never replayed (gm.meta["unstorable"]), so nothing reads them again."""
+    never replayed (gm.meta["unstorable"]), so nothing reads them again (the self-check's records keep a copy on the
+    host: quantized_reference.Rerounding)."""
     for name in names:
         if name is not None:
             delattr(gm, name)
 
 
+def rerounded(weight: torch.Tensor, tensors: tuple, first: int, count: int) -> tuple:
+    """(qweight, scales, zeros) of a module's own `weight`, rows `first:first + count` of a calibrated record's
+    (`tensors`, as quantize_int4_parameter lists them), rounded again as the pass rounded them: with its part's smooth
+    and its rows of the search's clip and grid. Rounding is per row (a group is a row's), so these are the graph's
+    rows bit for bit where the pass wrote them right."""
+    _, _, _, smooth, smooth_rows, group_size, rounding = tensors
+    check_kept(rounding, "int4_awq")
+    smooth, _ = part_smooth(smooth, smooth_rows, first, count)
+    clip, grid = (rows_of(t, first, count, weight.device) for t in (rounding.clip, rounding.grid))
+    return quantize_weight(weight, group_size, smooth, clip=clip, offsets=rounding.offsets, grid=grid)
+
+
 def int4_module(model: torch.nn.Module, records: list):
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int4_weights"]`) compute as the
-    reference op over the same 4-bit tensors (each its part's smooth), for the self-check's reference logits."""
+    reference op (each with its part's smooth), for the self-check's reference logits. A weight the pass rounded
+    (int4_awq): its 4-bit tensors rounded here from the module's own weight with the search's smooth, clip and grid
+    (`rerounded`; once a module), so that a code or scale the pass wrote wrongly is not also the reference's. A
+    checkpoint's stored codes (AWQ, GPTQ, GGUF; the module's weight is their dequantization): as the graph holds
+    them."""
+    quantized = {}  # module -> (qweight, scales, zeros): once a module, not once a forward
 
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
-        qweight, scales, zeros, smooth, smooth_rows, group_size = tensors
-        rows = slice(first, first + count)
+        qweight, scales, zeros, smooth, smooth_rows, group_size, rounding = tensors
+        if rounding is None:  # a checkpoint's codes
+            rows = slice(first, first + count)
+            stored = qweight[rows], scales[rows], zeros[rows]
+        else:
+            if module not in quantized:
+                quantized[module] = rerounded(module.weight, tensors, first, count)
+            stored = quantized[module]
         smooth, smooth_rows = part_smooth(smooth, smooth_rows, first, count)  # this module's part of the fused weight
-        return int4_linear_reference(x, qweight[rows], scales[rows], zeros[rows], smooth, smooth_rows, module.bias,
-                                     group_size)  # fmt: skip
+        return int4_linear_reference(x, *stored, smooth, smooth_rows, module.bias, group_size)
 
     return linears_computing_as(model, records, forward, "int4_awq or int4_gptq")

@@ -12,11 +12,13 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from compiled_llm import compile_model
+from compiled_llm.verify import SelfCheckError
 from custom_ops.linear.int4 import dequantize, fake_quantize, quantize_weight
-from fx_passes import calibration
+from fx_passes import DEFAULT_PIPELINE, PassResult, calibration, register_pass
 from fx_passes.awq_calibration import fit_grid, search_clip, search_scales
 from fx_passes.calibration import calibration_sequences
-from fx_passes.quantize_int4 import group_size_for, int4_module
+from fx_passes.quantize_int4 import group_size_for, int4_module, rerounded
+from fx_passes.quantized_reference import linear_parts
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
 # Widths that 128-column groups tile (the tiny models' 64 do not), and 96 for the down projection's input: groups of 32.
@@ -80,6 +82,52 @@ def test_logits_match_the_module_computing_with_the_same_4_bit_weights(llama_int
     # ~10% RMS a linear (a step of range / 15), 8 of them over random weights: ~30%. The real-weights bound is
     # test_int4_accuracy.py's perplexity.
     assert 0 < relative < 0.5
+
+
+def test_the_reference_rounds_the_module_s_own_weights_to_the_graph_s_tensors_bit_for_bit(llama_int4):
+    """The self-check's reference rounds each module's weight again (its rows of a fused q/k/v or gate/up, with its
+    part's smooth and rows of the search's grids, kept on the host): the graph's codes, scales and offsets exactly,
+    which the self-check of the fixture's compile (verify=True) held the graph to."""
+    model, compiled = llama_int4
+    assert compiled.report.self_check_share is not None and compiled.report.self_check_share < 1
+    records = compiled.graph_module.meta["int4_weights"]
+    # FIT_GRIDS: a grid for every weight
+    assert all(t[6] is not None and t[6].kept and t[6].grid is not None and t[6].grid.device.type == "cpu"
+               for _, t in records)  # fmt: skip
+    parts = linear_parts(model, records, "int4_awq")
+    assert len(parts) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down
+    for module, _, tensors, first, count in parts:
+        again = rerounded(module.weight, tensors, first, count)
+        for graph, mine in zip(tensors[:3], again):
+            assert mine.dtype == graph.dtype and torch.equal(mine, graph[first : first + count])
+
+
+@register_pass("test_misscale_an_int4_weight")
+def _misscale_an_int4_weight(gm, config):
+    """A wrong quantization: one int4 weight's scales 10% too large."""
+    name = next(n.args[2].target for n in gm.graph.nodes if n.target is INT4_LINEAR)
+    getattr(gm, name).data *= 1.1
+    return PassResult("test_misscale_an_int4_weight", 1)
+
+
+def test_the_self_check_fails_a_wrongly_scaled_int4_weight(llama_int4):
+    """The self-check's reference rounds the module's own weights, so a scale the pass wrote wrongly is not its
+    reference's too (the search's results from the fixture's calibration cache)."""
+    _, compiled = llama_int4
+    after = DEFAULT_PIPELINE.index("quantize_int4") + 1
+    passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_int4_weight", *DEFAULT_PIPELINE[after:])
+    with pytest.raises(SelfCheckError, match="differs from the module itself"):
+        compiled_int4("llama", compiled.config.cache_dir, verify=True, graph_cache=False, passes=passes)
+
+
+def test_without_the_self_check_the_records_keep_no_grids(llama_int4):
+    """verify=False: the search's grids are not kept past the rewrite (host memory), and a reference asked of the
+    records says why it cannot round the weights again."""
+    model, compiled = compiled_int4("llama", llama_int4[1].config.cache_dir, verify=False)
+    records = compiled.graph_module.meta["int4_weights"]
+    assert all(not t[6].kept and t[6].grid is None for _, t in records)
+    with pytest.raises(ValueError, match="verify=False"), torch.no_grad(), int4_module(model, records):
+        model(random_prompt(4), use_cache=False)
 
 
 def test_the_model_itself_is_left_as_it_was(llama_int4):

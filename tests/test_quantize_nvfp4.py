@@ -12,7 +12,11 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from compiled_llm import compile_model
+from compiled_llm.verify import SelfCheckError
 from custom_ops.linear.nvfp4 import dequantize, quantize_weight
+from fx_passes import DEFAULT_PIPELINE, PassResult, register_pass
+from fx_passes.quantize_nvfp4 import nvfp4_module, rerounded
+from fx_passes.quantized_reference import linear_parts, part_smooth
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
 FIELDS = {"compile_backend": "eager", "max_batch_size": 2, "max_seq_len": 64}
@@ -34,7 +38,9 @@ def dequantized_model(model: torch.nn.Module, records: list) -> torch.nn.Module:
     for (name, module), original in zip(copied.named_modules(), model.modules()):
         if not isinstance(module, torch.nn.Linear) or original.weight.untyped_storage().data_ptr() not in by_storage:
             continue
-        whole, (weight, scales, global_scale, smooth, smooth_rows) = by_storage[original.weight.untyped_storage().data_ptr()]
+        whole, (weight, scales, global_scale, smooth, smooth_rows, _) = by_storage[
+            original.weight.untyped_storage().data_ptr()
+        ]
         first = (original.weight.storage_offset() - whole.storage_offset()) // whole.stride(0)
         rounded = dequantize(weight, scales, global_scale)
         if smooth is not None:  # x * smooth @ W^T = x @ (W * smooth)^T, each part its row
@@ -74,6 +80,63 @@ def test_logits_match_the_module_with_the_dequantized_weights(llama_nvfp4):
     assert 0 < relative < 0.5  # E2M1: ~8% RMS a linear, 8 of them over random weights
 
 
+def test_the_reference_rounds_the_module_s_own_weights_to_the_graph_s_tensors_bit_for_bit(llama_nvfp4):
+    """The self-check's reference rounds each module's weight again (its rows of a fused q/k/v or gate/up, with its
+    part's smooth, rows of the search's clips, kept on the host, and the whole fused weight's global scale): the
+    graph's codes and scales exactly, which the self-check of the fixture's compile (verify=True) held the graph to.
+    A part rounded with its own global scale (its rows' max) would not be: the global scale is the fused weight's."""
+    model, compiled = llama_nvfp4
+    assert compiled.report.self_check_share is not None and compiled.report.self_check_share < 1
+    records = compiled.graph_module.meta["nvfp4_weights"]
+    assert all(t[5] is not None and t[5].kept for _, t in records)
+    assert any(t[5].clip is not None and t[5].clip.device.type == "cpu" for _, t in records)  # the search clipped some
+    parts = linear_parts(model, records, "nvfp4")
+    assert len(parts) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down
+    own_scale_differs = False
+    for module, whole, tensors, first, count in parts:
+        again = rerounded(module.weight, whole, tensors, first, count)
+        for graph, mine in zip(tensors[:3], again):
+            assert mine.dtype == graph.dtype and torch.equal(mine, graph[first : first + count])
+        if count < whole.shape[0]:
+            clip = tensors[5].clip
+            alone = quantize_weight(module.weight, part_smooth(tensors[3], tensors[4], first, count)[0],
+                                    None if clip is None else clip[first : first + count])  # fmt: skip
+            own_scale_differs |= not torch.equal(alone[2], again[2])
+    assert own_scale_differs
+
+
+@register_pass("test_misscale_an_nvfp4_weight")
+def _misscale_an_nvfp4_weight(gm, config):
+    """A wrong quantization: one NVFP4 weight's scales 10% too large (its global scale, float32, by which every block's
+    e4m3 scale is multiplied)."""
+    name = next(n.args[3].target for n in gm.graph.nodes if n.target is NVFP4_LINEAR)
+    getattr(gm, name).data *= 1.1
+    return PassResult("test_misscale_an_nvfp4_weight", 1)
+
+
+def test_the_self_check_fails_a_wrongly_scaled_nvfp4_weight(llama_nvfp4):
+    """The self-check's reference rounds the module's own weights, so a scale the pass wrote wrongly is not its
+    reference's too (the search's results from the fixture's calibration cache)."""
+    _, compiled = llama_nvfp4
+    after = DEFAULT_PIPELINE.index("quantize_nvfp4") + 1
+    passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_nvfp4_weight", *DEFAULT_PIPELINE[after:])
+    with pytest.raises(SelfCheckError, match="differs from the module itself"):
+        compile_model(tiny_model("llama"), quantization="nvfp4", verify=True, cache_dir=compiled.config.cache_dir,
+                      graph_cache=False, passes=passes, **FIELDS)  # fmt: skip
+
+
+def test_without_the_self_check_the_records_keep_no_clips(llama_nvfp4):
+    """verify=False: the search's clips are not kept past the rewrite (host memory), and a reference asked of the
+    records says why it cannot round the weights again."""
+    model = tiny_model("llama")
+    compiled = compile_model(model, quantization="nvfp4", verify=False, cache_dir=llama_nvfp4[1].config.cache_dir,
+                             **FIELDS)  # fmt: skip
+    records = compiled.graph_module.meta["nvfp4_weights"]
+    assert all(t[5].clip is None for _, t in records) and not all(t[5].kept for _, t in records)
+    with pytest.raises(ValueError, match="verify=False"), torch.no_grad(), nvfp4_module(model, records):
+        model(random_prompt(4), use_cache=False)
+
+
 def test_stored_tensors_are_taken_as_they_are_and_fuse_with_their_own_global_scales(tmp_path):
     """A checkpoint's tensors (as nvfp4_checkpoint.py attaches them) with a different global scale per projection:
     the fused q/k/v keeps each part's, and the graph computes the module's dequantized weights."""
@@ -91,6 +154,7 @@ def test_stored_tensors_are_taken_as_they_are_and_fuse_with_their_own_global_sca
     assert result.sites == 4 * model.config.num_hidden_layers and "as stored" in result.detail
     fused = [t for w, t in compiled.graph_module.meta["nvfp4_weights"] if w.shape[0] == 64 + 2 * 32]  # q/k/v
     assert fused and len(set(fused[0][2].tolist())) == 3  # q, k and v each their own global scale
+    assert all(t[5] is None for _, t in compiled.graph_module.meta["nvfp4_weights"])  # read as stored, not rounded
     # the parts' stored codes now view the fused ones: stored once
     q_codes = model.model.layers[0].self_attn.q_proj.weight.nvfp4_tensors[0]
     fused_codes = [t[0] for w, t in compiled.graph_module.meta["nvfp4_weights"] if w.shape[0] == 64 + 2 * 32]

@@ -92,12 +92,13 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, global_scale: torch.T
     return values * (scales.float() * global_scale.float()[:, None]).repeat_interleave(BLOCK, 1)
 
 
-def quantize_weight(weight: torch.Tensor, smooth: torch.Tensor | None = None,
-                    clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def quantize_weight(weight: torch.Tensor, smooth: torch.Tensor | None = None, clip: torch.Tensor | None = None,
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(weight uint8 [N, K/2], scales float8_e4m3fn [N, K/16], global_scale float32 [N], one value) of W [N, K] (divided
     by `smooth` [K] or [N, K] per column, each block's max bounded by `clip` [N, K/16], where given) by ModelOpt's
-    recipe (module docstring), on W's device."""
-    codes, scales, global_scale = _round(weight, smooth, clip)
+    recipe (module docstring), on W's device. `global_scale` [1]: the one to round with instead of W's own (rows of
+    a fused weight, rounded as the whole was: the whole's, global_scale_for its max)."""
+    codes, scales, global_scale = _round(weight, smooth, clip, global_scale=global_scale)
     return pack_codes(codes.view(weight.shape)), scales, global_scale.expand(weight.shape[0]).contiguous()
 
 
@@ -111,18 +112,24 @@ def fake_quantize(weight: torch.Tensor, group_size: int, smooth: torch.Tensor | 
     return (values * (scales.float() * global_scale)[..., None]).view(weight.shape)
 
 
-def _round(weight: torch.Tensor, smooth, clip, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def global_scale_for(weight_max: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's global scale [1] of a weight (divided by its smooth) whose largest magnitude is `weight_max` (float32):
+    max|W| / (6 * 448)."""
+    # An all-zero weight: any global scale (ModelOpt's 0 would make every block's scale 0 / 0)
+    return torch.where(weight_max > 0, weight_max / (E2M1_MAX * E4M3_MAX), 1.0).reshape(1)
+
+
+def _round(weight: torch.Tensor, smooth, clip, codes: bool = True,
+           global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """quantize_weight's codes [N, K/16, 16] (or with `codes` False their E2M1 values), e4m3 scales [N, K/16] and
-    global scale [1]."""
+    global scale [1] (W's own, or `global_scale`)."""
     n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"NVFP4 blocks of {BLOCK} columns do not tile a weight of {k} columns")
     w = weight.detach().float()
     if smooth is not None:
         w = w / smooth.float()
-    weight_max = w.abs().amax()
-    # An all-zero weight: any global scale (ModelOpt's 0 would make every block's scale 0 / 0)
-    global_scale = torch.where(weight_max > 0, weight_max / (E2M1_MAX * E4M3_MAX), 1.0).reshape(1)
+    global_scale = global_scale_for(w.abs().amax()) if global_scale is None else global_scale.float().reshape(1)
     blocks = w.view(n, k // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=-1)
     if clip is not None:
