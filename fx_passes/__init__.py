@@ -1,6 +1,7 @@
 """Graph passes of compiled-llm: one pass per module, registered by name (see `registry.py`)."""
 
 from fx_passes import (  # noqa: F401  (registers the passes)
+    complex_as_real_pairs,
     contiguous_constants,
     explicit_view_sizes,
     fold_weight_casts,

@@ -45,6 +45,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # Non-HF modules: positions from the runtime, logits of every row asked for (no-ops for HF models).
     "runtime_positions",
     "select_logits_rows",
+    # After runtime_positions, which indexes a complex RoPE table by the positions (then read as real pairs);
+    # before the matchers and fusions, which see only real ops.
+    "complex_as_real_pairs",
     # Before match_sdpa_attention, which pages the causal SDPA calls it leaves.
     "module_kv_cache",
     # Before insert_paged_attention: plain SDPA calls must become canonical attention ops to be paged.

@@ -116,6 +116,7 @@ def test_meta_reference_llama_start_pos_complex_rope_sliced_cache_and_repeat_kv(
     # start_pos is captured as 0; the cache reads at [0:T] become the keys and values just written.
     assert cm.report.pass_sites("module_kv_cache") == 4 and cm.report.pass_sites("match_explicit_attention") == 2
     assert cm.report.pass_sites("runtime_positions") == 1 and cm.max_seq_len == 128  # freqs_cis: 2 x max_seq_len
+    assert cm.report.pass_sites("complex_as_real_pairs") == 4  # its complex RoPE: q and k of 2 layers
     assert model.layers[1].attention.cache_v.numel() == 0 and "released (4 tensors" in str(cm.report)
     assert (cm(prompt).logits - logits).abs().max() < 1e-4
     assert_greedy_tokens(cm, prompts, expected)
