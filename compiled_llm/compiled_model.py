@@ -40,6 +40,7 @@ from compiled_llm.verify import self_check, self_check_wanted
 from custom_ops import get_attention_backend, planners_for
 from custom_ops.triton_runtime import kernel_launch_mode
 from fx_passes import run_passes
+from fx_passes.quantized_reference import release_roundings
 
 log = logging.getLogger("compiled_llm")
 
@@ -204,6 +205,7 @@ class CompiledModel(CausalLMCalls):
         # After the self-check, which runs the module with its cache.
         del captured_graph
         released_cache = release_replaced_caches(model, captured.gm)
+        release_roundings(captured.gm.meta)
 
         dtype = str(compute_dtype(model)).removeprefix("torch.")
         self.report = CompileReport(

@@ -211,10 +211,9 @@ def int4_module(model: torch.nn.Module, records: list):
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int4_weights"]`) compute as the
     reference op (each with its part's smooth), for the self-check's reference logits. A weight the pass rounded
     (int4_awq): its 4-bit tensors rounded here from the module's own weight with the search's smooth, clip and grid
-    (`rerounded`; once a module), so that a code or scale the pass wrote wrongly is not also the reference's. A
-    checkpoint's stored codes (AWQ, GPTQ, GGUF; the module's weight is their dequantization): as the graph holds
-    them."""
-    quantized = {}  # module -> (qweight, scales, zeros): once a module, not once a forward
+    (`rerounded`, at each forward: one layer's at a time on the device, whose memory the KV cache has taken by then),
+    so that a code or scale the pass wrote wrongly is not also the reference's. A checkpoint's stored codes (AWQ,
+    GPTQ, GGUF; the module's weight is their dequantization): as the graph holds them."""
 
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
         qweight, scales, zeros, smooth, smooth_rows, group_size, rounding = tensors
@@ -222,9 +221,7 @@ def int4_module(model: torch.nn.Module, records: list):
             rows = slice(first, first + count)
             stored = qweight[rows], scales[rows], zeros[rows]
         else:
-            if module not in quantized:
-                quantized[module] = rerounded(module.weight, tensors, first, count)
-            stored = quantized[module]
+            stored = rerounded(module.weight, tensors, first, count)
         smooth, smooth_rows = part_smooth(smooth, smooth_rows, first, count)  # this module's part of the fused weight
         return int4_linear_reference(x, *stored, smooth, smooth_rows, module.bias, group_size)
 

@@ -115,14 +115,12 @@ def quantize_int8(gm: torch.fx.GraphModule, config) -> PassResult:
 def int8_module(model: torch.nn.Module, records: list):
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["int8_weights"]`) compute as the
     reference op, for the self-check's reference logits: with the pass's calibrated smooth, but their int8 weights and
-    scales quantized here from the module's own weight (per row, as the pass does a fused weight's), so a wrong tensor
-    the pass wrote cannot also be the reference's."""
-    quantized = {}  # module -> (W8, s_w): once a module, not once a forward
+    scales quantized here from the module's own weight (per row, as the pass does a fused weight's; at each forward,
+    one layer's at a time on the device, whose memory the KV cache has taken by then), so a wrong tensor the pass wrote
+    cannot also be the reference's."""
 
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
         smooth = tensors[2]
-        if module not in quantized:
-            quantized[module] = quantize_weight(module.weight, smooth)
-        return int8_linear_reference(x, *quantized[module], smooth, module.bias)
+        return int8_linear_reference(x, *quantize_weight(module.weight, smooth), smooth, module.bias)
 
     return linears_computing_as(model, records, forward, "int8_sq")

@@ -149,12 +149,12 @@ def rerounded(weight: torch.Tensor, whole: torch.Tensor, tensors: tuple, first: 
 def nvfp4_module(model: torch.nn.Module, records: list):
     """The module's nn.Linear layers whose weights the pass quantized (`gm.meta["nvfp4_weights"]`) compute as the
     reference op (each with its part's smooth), for the self-check's reference logits. A weight the pass rounded: its
-    NVFP4 tensors rounded here from the module's own weight with the search's smooth and clip (`rerounded`; once a
-    module), so that a code or scale the pass wrote wrongly is not also the reference's. A checkpoint's stored tensors
-    (ModelOpt, compressed-tensors; the module's weight is their dequantization): as the graph holds them."""
+    NVFP4 tensors rounded here from the module's own weight with the search's smooth and clip (`rerounded`, at each
+    forward: one layer's at a time on the device, whose memory the KV cache has taken by then), so that a code or
+    scale the pass wrote wrongly is not also the reference's. A checkpoint's stored tensors (ModelOpt,
+    compressed-tensors; the module's weight is their dequantization): as the graph holds them."""
     wholes = {id(tensors): whole for whole, tensors in records}  # a part's fused weight: its global scale's
     global_scales = {}  # id(tensors) -> the whole weight's: once a fused weight, not once a part
-    quantized = {}  # module -> (weight, scales, global_scale): once a module, not once a forward
 
     def forward(module, x, tensors, first: int, count: int) -> torch.Tensor:
         weight, scales, global_scale, smooth, smooth_rows, rounding = tensors
@@ -162,13 +162,10 @@ def nvfp4_module(model: torch.nn.Module, records: list):
             rows = slice(first, first + count)
             stored = weight[rows], scales[rows], global_scale[rows]
         else:
-            if module not in quantized:
-                check_kept(rounding, "nvfp4")
-                if id(tensors) not in global_scales:
-                    global_scales[id(tensors)] = fused_global_scale(wholes[id(tensors)], smooth, smooth_rows)
-                quantized[module] = rerounded(module.weight, wholes[id(tensors)], tensors, first, count,
-                                              global_scales[id(tensors)])  # fmt: skip
-            stored = quantized[module]
+            check_kept(rounding, "nvfp4")
+            if id(tensors) not in global_scales:
+                global_scales[id(tensors)] = fused_global_scale(wholes[id(tensors)], smooth, smooth_rows)
+            stored = rerounded(module.weight, wholes[id(tensors)], tensors, first, count, global_scales[id(tensors)])
         smooth, smooth_rows = part_smooth(smooth, smooth_rows, first, count)  # this module's part of the fused weight
         return nvfp4_linear_reference(x, *stored, smooth, smooth_rows, module.bias)
 

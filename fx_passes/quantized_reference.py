@@ -31,7 +31,8 @@ class Rerounding(NamedTuple):
     records outlive the self-check (compiled_model keeps the graph's meta) and these are as large as 1/4 byte a
     weight (NVFP4's clips: 1.75 GB for an 8B model), which the GPU's memory would miss from the KV cache. `offsets`:
     int4's storage form (quantize_int4.OFFSETS). `kept` False: compiled with verify=False, the search's clips or
-    grids were not kept, and the reference cannot round the weight again."""
+    grids were not kept (or were released after the self-check: release_roundings), and the reference cannot round
+    the weight again."""
 
     clip: torch.Tensor | None = None
     grid: torch.Tensor | None = None
@@ -55,8 +56,25 @@ def rows_of(tensor: torch.Tensor | None, first: int, count: int, device: torch.d
 
 def check_kept(rounding: Rerounding, fmt: str) -> None:
     if not rounding.kept:
-        raise ValueError(f"the {fmt} graph was compiled with verify=False, which keeps none of AWQ's clips or grids "
-                         "for a reference that rounds the module's weights again; compile with verify=None or True")  # fmt: skip
+        raise ValueError(f"the {fmt} graph keeps none of AWQ's clips or grids for a reference that rounds the module's "
+                         "weights again: compiled with verify=False, or released after its self-check "
+                         "(release_roundings)")  # fmt: skip
+
+
+# Tests set it to keep the records' clips and grids past the self-check, to round the weights again themselves.
+KEEP_ROUNDINGS = False
+
+
+def release_roundings(meta: dict) -> None:
+    """Drop the clips and grids the graph's records keep for the self-check (`meta`: the graph's), once it has run or
+    will not: on the host, as large as 1/4 byte a weight, and nothing else reads them."""
+    if KEEP_ROUNDINGS:
+        return
+    for key in ("int4_weights", "nvfp4_weights"):  # the records that end in a Rerounding (or None)
+        records = meta.get(key) or []
+        for i, (weight, tensors) in enumerate(records):
+            if isinstance(tensors[-1], Rerounding):
+                records[i] = (weight, (*tensors[:-1], Rerounding(offsets=tensors[-1].offsets, kept=False)))
 
 
 # forward(module, x, tensors, first, count): the layer's output from the format's tensors, of whose rows it owns

@@ -18,6 +18,7 @@ from fx_passes import DEFAULT_PIPELINE, PassResult, calibration, register_pass
 from fx_passes.awq_calibration import fit_grid, search_clip, search_scales
 from fx_passes.calibration import calibration_sequences
 from fx_passes.quantize_int4 import group_size_for, int4_module, rerounded
+from fx_passes import quantized_reference
 from fx_passes.quantized_reference import linear_parts
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
@@ -34,16 +35,20 @@ def compiled_int4(arch: str, cache_dir, **fields):
 
 @pytest.fixture(scope="module")
 def llama_int4(tmp_path_factory):
-    """A tiny Llama compiled with int4_awq and the self-check on (eager: the rewritten graph, no Inductor)."""
-    return compiled_int4("llama", tmp_path_factory.mktemp("awq_cache"), verify=True)
+    """A tiny Llama compiled with int4_awq and the self-check on (eager: the rewritten graph, no Inductor), its records
+    keeping the search's grids past the self-check (for the tests that round the weights again)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized_reference, "KEEP_ROUNDINGS", True)
+        return compiled_int4("llama", tmp_path_factory.mktemp("awq_cache"), verify=True)
 
 
 def int4_ops(compiled) -> list[torch.fx.Node]:
     return [n for n in compiled.graph_module.graph.nodes if n.target is INT4_LINEAR]
 
 
-def test_qwen3_with_its_qk_norms(tmp_path):
+def test_qwen3_with_its_qk_norms(tmp_path, monkeypatch):
     """Another family: the q/k norms between the fused projection and attention stay as they were."""
+    monkeypatch.setattr(quantized_reference, "KEEP_ROUNDINGS", True)  # int4_module rounds the weights again below
     model, compiled = compiled_int4("qwen3", tmp_path)
     assert compiled.report.pass_sites("quantize_int4") == 4 * model.config.num_hidden_layers
     ids = random_prompt(9)
@@ -118,6 +123,13 @@ def test_the_self_check_fails_a_wrongly_scaled_int4_weight(llama_int4):
     passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_int4_weight", *DEFAULT_PIPELINE[after:])
     with pytest.raises(SelfCheckError, match="differs from the module itself"):
         compiled_int4("llama", compiled.config.cache_dir, verify=True, graph_cache=False, passes=passes)
+
+
+def test_the_grids_are_released_after_the_self_check(llama_int4):
+    """Nothing reads the search's grids after the self-check (host memory: 1/4 byte a weight)."""
+    _, compiled = compiled_int4("llama", llama_int4[1].config.cache_dir, verify=True)
+    assert compiled.report.self_check_share is not None
+    assert all(t[6].grid is None and not t[6].kept for _, t in compiled.graph_module.meta["int4_weights"])
 
 
 def test_without_the_self_check_the_records_keep_no_grids(llama_int4):
@@ -236,6 +248,7 @@ def test_int4_awq_with_fitted_grids_matches_the_module_and_keeps_no_grid_buffer(
     monkeypatch.setattr(quantize_int4, "FIT_GRIDS", False)
     _, plain = compiled_int4("llama", tmp_path, verify=False)
     monkeypatch.setattr(quantize_int4, "FIT_GRIDS", True)
+    monkeypatch.setattr(quantized_reference, "KEEP_ROUNDINGS", True)  # int4_module rounds the weights again below
     model, compiled = compiled_int4("llama", tmp_path, verify=True, graph_cache=False)
     (result,) = [p for p in compiled.report.passes if p.name == "quantize_int4"]
     assert "fitted grids searched" in result.detail and "from the cache" not in result.detail
@@ -288,11 +301,12 @@ def test_the_self_check_catches_a_rewrite_that_drops_the_awq_scales(tmp_path, mo
 
 
 @pytest.mark.gpu
-def test_int4_awq_on_the_gpu_matches_the_module_over_the_same_weights(own_cache_dir):
+def test_int4_awq_on_the_gpu_matches_the_module_over_the_same_weights(own_cache_dir, monkeypatch):
     """bf16 on CUDA, Inductor and CUDA graphs, the triton kernels (GEMV for decode, tensor-core GEMM for the prompt):
     the self-check passes, and each greedy token is the best of the module computing with the same 4-bit weights, fed
     the same tokens, or within bfloat16 rounding of it (the kernels round x * smooth to bfloat16 for the tensor cores,
     which can swap two near-tied tokens: a sequence compared whole would part there)."""
+    monkeypatch.setattr(quantized_reference, "KEEP_ROUNDINGS", True)  # int4_module rounds the weights again below
     model = tiny_model("llama", **SHAPES).to("cuda", torch.bfloat16)
     compiled = compile_model(model, quantization="int4_awq", max_batch_size=2, max_seq_len=64, verify=True,
                              cache_dir=own_cache_dir)  # fmt: skip

@@ -16,6 +16,7 @@ from compiled_llm.verify import SelfCheckError
 from custom_ops.linear.nvfp4 import dequantize, quantize_weight
 from fx_passes import DEFAULT_PIPELINE, PassResult, register_pass
 from fx_passes.quantize_nvfp4 import nvfp4_module, rerounded
+from fx_passes import quantized_reference
 from fx_passes.quantized_reference import linear_parts, part_smooth
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
@@ -24,10 +25,13 @@ FIELDS = {"compile_backend": "eager", "max_batch_size": 2, "max_seq_len": 64}
 
 @pytest.fixture(scope="module")
 def llama_nvfp4(tmp_path_factory):
-    """A tiny Llama compiled with nvfp4 and the self-check on (eager: the rewritten graph, no Inductor)."""
+    """A tiny Llama compiled with nvfp4 and the self-check on (eager: the rewritten graph, no Inductor), its records
+    keeping the search's clips past the self-check (for the tests that round the weights again)."""
     model = tiny_model("llama")
-    return model, compile_model(model, quantization="nvfp4", verify=True, cache_dir=tmp_path_factory.mktemp("c"),
-                                **FIELDS)  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized_reference, "KEEP_ROUNDINGS", True)
+        return model, compile_model(model, quantization="nvfp4", verify=True, cache_dir=tmp_path_factory.mktemp("c"),
+                                    **FIELDS)  # fmt: skip
 
 
 def dequantized_model(model: torch.nn.Module, records: list) -> torch.nn.Module:
@@ -123,6 +127,14 @@ def test_the_self_check_fails_a_wrongly_scaled_nvfp4_weight(llama_nvfp4):
     with pytest.raises(SelfCheckError, match="differs from the module itself"):
         compile_model(tiny_model("llama"), quantization="nvfp4", verify=True, cache_dir=compiled.config.cache_dir,
                       graph_cache=False, passes=passes, **FIELDS)  # fmt: skip
+
+
+def test_the_clips_are_released_after_the_self_check(llama_nvfp4):
+    """Nothing reads the search's clips after the self-check (host memory: NVFP4's are 1/4 byte a weight)."""
+    compiled = compile_model(tiny_model("llama"), quantization="nvfp4", verify=True,
+                             cache_dir=llama_nvfp4[1].config.cache_dir, **FIELDS)  # fmt: skip
+    assert compiled.report.self_check_share is not None
+    assert all(t[5].clip is None and not t[5].kept for _, t in compiled.graph_module.meta["nvfp4_weights"])
 
 
 def test_without_the_self_check_the_records_keep_no_clips(llama_nvfp4):
