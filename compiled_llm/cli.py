@@ -203,8 +203,10 @@ def byte_size(text: str) -> int:
 def convert(args: argparse.Namespace) -> int:
     from compiled_llm.model_source import convert_model
 
+    from compiled_llm.capture.forward_signature import compute_dtype
+
     loaded = convert_model(args.model, args.out_dir, torch_dtype(args.dtype))
-    print(f"wrote {loaded.source} to {args.out_dir} ({next(loaded.model.parameters()).dtype}, "
+    print(f"wrote {loaded.source} to {args.out_dir} ({compute_dtype(loaded.model)}, "
           f"{'with' if loaded.tokenizer is not None else 'without'} a tokenizer)")
     return 0
 

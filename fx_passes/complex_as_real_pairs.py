@@ -11,8 +11,11 @@ multiplications a layer, each an eager kernel between two of Inductor's (session
 strides, every view and index op over them stays the same op, and dimension arguments count from the front as
 before (a negative one moves one further left). Sites: the complex results turned back to real (`view_as_real`).
 
-Only the ops in REAL_PAIRS are rewritten; a graph with any other complex op (or a complex input, or output) is left
-whole, the log naming the op: it still runs, as ATen's complex kernels.
+Each op computes as ATen's does: in the result's dtype (operands cast to its component first), a real operand as
+x + 0i (inf * 0 is NaN in a complex product), and each `view_as_real` result in the layout ATen gives it (the real ops
+after it may view it). Only the ops in REAL_PAIRS are rewritten, complex64 and complex128 only; a graph with any other
+complex op (or a complex input, or output), or a result it cannot lay out as ATen does, is left whole, the log naming
+why: it still runs, as ATen's complex kernels.
 """
 
 from __future__ import annotations
@@ -40,37 +43,61 @@ def _pair_dim(dim: int) -> int:
     return dim if dim >= 0 else dim - 1
 
 
-def _parts(graph, pairs: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
-    return tuple(insert_call(graph, aten.select.int, (pairs, -1, i)) for i in (0, 1))
+def _cast_to(graph, value, dtype: torch.dtype):
+    """A tensor node in `dtype` (cast where it is not), anything else as it is."""
+    val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor) and val.dtype != dtype:
+        return insert_call(graph, aten._to_copy.default, (value,), {"dtype": dtype})
+    return value
 
 
-def _stack(graph, real: torch.fx.Node, imag: torch.fx.Node) -> torch.fx.Node:
+def _operand(graph, value, pairs, dtype: torch.dtype) -> tuple:
+    """(real part, imaginary part) of an elementwise op's operand, in the result's component `dtype` as ATen computes
+    (it promotes every operand to the result's dtype first): a complex node's pairs, a complex number's parts, and a
+    real tensor, symbolic or number `x` as x + 0i (so that inf * 0 gives NaN as ATen's complex product does)."""
+    if _complex(value):
+        both = _cast_to(graph, pairs[value], dtype)
+        return tuple(insert_call(graph, aten.select.int, (both, -1, i)) for i in (0, 1))
+    if isinstance(value, complex):
+        return value.real, value.imag
+    return _cast_to(graph, value, dtype), 0.0
+
+
+_PYTHON = {
+    aten.mul.Tensor: lambda x, y: x * y,
+    aten.add.Tensor: lambda x, y: x + y,
+    aten.sub.Tensor: lambda x, y: x - y,
+}
+
+
+def _binary(graph, op, x, y):
+    """op(x, y) for aten.mul/add/sub.Tensor, where either may be a number (these ops take a tensor first: a product
+    or sum is the same either way round, x - y is rsub(y, x))."""
+    if not isinstance(x, torch.fx.Node):
+        if not isinstance(y, torch.fx.Node):
+            return _PYTHON[op](x, y)
+        return insert_call(graph, aten.rsub.Scalar, (y, x)) if op is aten.sub.Tensor else insert_call(graph, op, (y, x))
+    return insert_call(graph, op, (x, y))
+
+
+def _stack(graph, real, imag) -> torch.fx.Node:
     return insert_call(graph, aten.stack.default, ([real, imag], -1))
 
 
-def _times(graph, a: torch.fx.Node, b: torch.fx.Node, c, d) -> torch.fx.Node:
-    """(a + bi)(c + di) from a's and b's nodes and c's and d's (nodes or numbers)."""
+def _mul(graph, node, pairs):
+    """(a + bi)(c + di) = (ac - bd) + (ad + bc)i, the operands in their order."""
+    dtype = COMPONENT[node.meta["val"].dtype]
+    (a, b), (c, d) = (_operand(graph, x, pairs, dtype) for x in node.args)
     mul, sub, add = aten.mul.Tensor, aten.sub.Tensor, aten.add.Tensor
-    real = insert_call(graph, sub, (insert_call(graph, mul, (a, c)), insert_call(graph, mul, (b, d))))
-    imag = insert_call(graph, add, (insert_call(graph, mul, (a, d)), insert_call(graph, mul, (b, c))))
+    real = _binary(graph, sub, _binary(graph, mul, a, c), _binary(graph, mul, b, d))
+    imag = _binary(graph, add, _binary(graph, mul, a, d), _binary(graph, mul, b, c))
     return _stack(graph, real, imag)
 
 
-def _mul(graph, node, pairs):
-    x, y = node.args
-    if not _complex(x):
-        x, y = y, x
-    if _complex(y):  # complex times complex
-        return _times(graph, *_parts(graph, pairs[x]), *_parts(graph, pairs[y]))
-    if isinstance(y, complex):
-        return _times(graph, *_parts(graph, pairs[x]), y.real, y.imag)
-    if isinstance(y, torch.fx.Node):  # a real tensor scales both parts
-        y = insert_call(graph, aten.unsqueeze.default, (y, -1))
-    return insert_call(graph, aten.mul.Tensor, (pairs[x], y))
-
-
 def _add_or_sub(graph, node, pairs):
-    return insert_call(graph, node.target, (pairs[node.args[0]], pairs[node.args[1]]))
+    dtype = COMPONENT[node.meta["val"].dtype]
+    (a, b), (c, d) = (_operand(graph, x, pairs, dtype) for x in node.args)
+    return _stack(graph, *(_binary(graph, node.target, x, y) for x, y in ((a, c), (b, d))))
 
 
 def _polar(graph, node, pairs):
@@ -105,6 +132,10 @@ def _same_op(graph, node, pairs, dims=(), shape=None):
     return insert_call(graph, node.target, tuple(args), kwargs)
 
 
+def _reshape(graph, node, pairs):
+    return insert_call(graph, aten.reshape.default, (pairs[node.args[0]], [*node.args[1], 2]))
+
+
 def _permute(graph, node, pairs):
     order = [_pair_dim(d) for d in node.args[1]]
     return insert_call(graph, aten.permute.default, (pairs[node.args[0]], [*order, len(order)]))
@@ -130,22 +161,27 @@ REAL_PAIRS = {
     aten.select.int: lambda g, n, p: _same_op(g, n, p, dims=(1,)),
     aten.transpose.int: lambda g, n, p: _same_op(g, n, p, dims=(1, 2)),
     aten.index.Tensor: _same_op,  # indices over the leading dimensions
-    aten.view.default: lambda g, n, p: _same_op(g, n, p, shape=1),
-    aten.reshape.default: lambda g, n, p: _same_op(g, n, p, shape=1),
-    aten._unsafe_view.default: lambda g, n, p: _same_op(g, n, p, shape=1),
+    # reshape, not view: the pairs of a complex value need not be laid out as ATen laid the value out (the graph is
+    # functional: a copy where a view cannot be is the same values)
+    aten.view.default: lambda g, n, p: _reshape(g, n, p),
+    aten.reshape.default: lambda g, n, p: _reshape(g, n, p),
+    aten._unsafe_view.default: lambda g, n, p: _reshape(g, n, p),
     aten.expand.default: lambda g, n, p: _same_op(g, n, p, shape=1),
     aten.permute.default: _permute,
 }
 
 
-# Ops whose complex argument must be the first, the others plain (a dimension, a size, indices, a dtype).
-_FIRST_COMPLEX = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.polar.default, aten.view_as_complex.default}
+_ELEMENTWISE = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor)
+_MADE_FROM_REALS = (aten.polar.default, aten.view_as_complex.default)
+_LAYOUTS = (None, torch.preserve_format, torch.contiguous_format)
 
 
 def _not_covered(complex_nodes: list[torch.fx.Node]) -> str | None:
     """Why the graph's complex ops cannot all be rewritten, or None."""
     for node in complex_nodes:
         name = f"{node.op} {getattr(node.target, '__name__', node.target)} ({node.name})"
+        if node.meta["val"].dtype not in (torch.complex64, torch.complex128):  # complex32: ATen sums in float32
+            return f"{name} in {node.meta['val'].dtype}"
         for user in node.users:
             if not _complex(user) and user.target is not aten.view_as_real.default:
                 return f"{user.op} {getattr(user.target, '__name__', user.target)} reading complex {node.name}"
@@ -154,14 +190,56 @@ def _not_covered(complex_nodes: list[torch.fx.Node]) -> str | None:
         if node.op != "call_function" or node.target not in REAL_PAIRS:
             return name
         inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
-        if node.target in (aten.add.Tensor, aten.sub.Tensor):
-            if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1 or not all(map(_complex, node.args)):
-                return f"{name} other than complex + complex"
-        elif node.target not in _FIRST_COMPLEX and any(_complex(a) for a in inputs[1:]):
-            return f"{name} with a complex argument past its first"
-        if node.target in (aten.polar.default, aten.view_as_complex.default) and any(map(_complex, inputs)):
-            return f"{name} of a complex tensor"
+        if node.target in _ELEMENTWISE:
+            if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+                return f"{name} with an alpha"
+        elif node.target in _MADE_FROM_REALS:
+            if any(map(_complex, inputs)):
+                return f"{name} of a complex tensor"
+        elif not _complex(node.args[0]) or any(_complex(a) for a in inputs[1:]):
+            return f"{name} of other than one complex tensor, its first argument"
+        if node.kwargs.get("memory_format") not in _LAYOUTS:
+            return f"{name} into {node.kwargs['memory_format']}"
     return None
+
+
+def _same_layout(real: torch.fx.Node, pairs: torch.fx.Node) -> bool:
+    """Whether the pairs are the view_as_real result `real` as ATen lays it out, for the real ops after it (a view
+    valid over one layout may not be over another): the same dtype, sizes and strides (but of a size-1 dimension)."""
+    a, b = real.meta["val"], pairs.meta["val"]
+    if a.dtype != b.dtype or [str(n) for n in a.shape] != [str(n) for n in b.shape]:
+        return False
+    return all(str(x) == str(y) for n, x, y in zip(a.shape, a.stride(), b.stride()) if str(n) != "1")
+
+
+def _in_layout(graph, pairs: torch.fx.Node, like: torch.Tensor) -> torch.fx.Node:
+    """The pairs copied into the dimension order of `like` (ATen's result: an elementwise op's output follows its
+    inputs' order, where `stack` writes its own): permute to that order, make contiguous, permute back."""
+    from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
+
+    order, _ = compute_elementwise_output_logical_to_physical_perm(like)
+    back = sorted(range(len(order)), key=order.__getitem__)
+    ordered = insert_call(graph, aten.permute.default, (pairs, order))
+    copied = insert_call(graph, aten.clone.default, (ordered,), {"memory_format": torch.contiguous_format})
+    return insert_call(graph, aten.permute.default, (copied, back))
+
+
+def _results(graph, reals: list[torch.fx.Node], pairs: dict) -> tuple[dict, str | None]:
+    """What replaces each view_as_real node: its complex input's pairs, in the layout ATen gave it; and why not, if
+    some cannot be."""
+    results = {}
+    for real in reals:
+        results[real] = pairs[real.args[0]]
+        if _same_layout(real, results[real]):
+            continue
+        try:
+            with graph.inserting_before(real):
+                results[real] = _in_layout(graph, results[real], real.meta["val"])
+        except Exception as error:  # noqa: BLE001  (an order it cannot decide over symbolic sizes: refused below)
+            log.debug("complex_as_real_pairs: no layout for %s: %s", real.name, error)
+        if not _same_layout(real, results[real]):
+            return results, f"{real.name} laid out otherwise than ATen's"
+    return results, None
 
 
 @register_pass("complex_as_real_pairs")
@@ -174,18 +252,27 @@ def complex_as_real_pairs(gm: torch.fx.GraphModule, config) -> PassResult:
     if why is not None:
         log.info("complex_as_real_pairs: left the graph's complex ops as they are: %s is not covered", why)
         return PassResult("complex_as_real_pairs", 0, f"kept complex: {why} is not covered")
-    pairs: dict[torch.fx.Node, torch.fx.Node] = {}
+    before, pairs, buffer_views = set(graph.nodes), {}, set()
     for node in complex_nodes:
         if node.op == "get_attr":  # a complex buffer (a RoPE table) is read through a real view of it
             with graph.inserting_after(node):
                 pairs[node] = insert_call(graph, aten.view_as_real.default, (node,))
+            buffer_views.add(pairs[node])
         else:
             with graph.inserting_before(node):
                 pairs[node] = REAL_PAIRS[node.target](graph, node, pairs)
-    made = set(pairs.values())
-    reals = [u for n in complex_nodes for u in n.users if u.target is aten.view_as_real.default and u not in made]
+    reals = [u for n in complex_nodes for u in n.users if u.target is aten.view_as_real.default]
+    reals = [u for u in reals if u not in buffer_views]
+    why = next((f"{pairs[n].meta['val'].dtype} pairs of {n.name} ({n.meta['val'].dtype})" for n in complex_nodes
+                if pairs[n].meta["val"].dtype != COMPONENT[n.meta["val"].dtype]), None)  # fmt: skip
+    results, why = _results(graph, reals, pairs) if why is None else ({}, why)
+    if why is not None:  # nothing reads the new nodes yet: remove them, last first
+        for new in [n for n in reversed(graph.nodes) if n not in before]:
+            graph.erase_node(new)
+        log.info("complex_as_real_pairs: left the graph's complex ops as they are: %s", why)
+        return PassResult("complex_as_real_pairs", 0, f"kept complex: {why}")
     for real in reals:
-        real.replace_all_uses_with(pairs[real.args[0]])
+        real.replace_all_uses_with(results[real])
     for node in [*reals, *reversed(complex_nodes)]:  # users before what they read
         if node.op != "get_attr":
             graph.erase_node(node)

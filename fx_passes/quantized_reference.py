@@ -27,9 +27,9 @@ WEIGHT_RECORDS = ("fp8_weights", "fp8_input_scales", "int4_weights", "int8_weigh
 class Rerounding(NamedTuple):
     """What a 4-bit pass rounded a float weight with besides its smooth, for the self-check's reference to round the
     module's own weight alike (int4_awq, nvfp4; a record's None: a checkpoint's stored codes, read as held). `clip`
-    [N, K / G] and `grid` [N, K / G, 2]: AWQ's search's (None where it chose none), float32 on the host, since the
-    records outlive the self-check (compiled_model keeps the graph's meta) and these are as large as 1/4 byte a
-    weight (NVFP4's clips: 1.75 GB for an 8B model), which the GPU's memory would miss from the KV cache. `offsets`:
+    [N, K / G] and `grid` [N, K / G, 2]: AWQ's search's (None where it chose none), float32 on the host until the
+    self-check has run (release_roundings), since they are as large as 1/4 byte a weight (NVFP4's clips: 1.75 GB for
+    an 8B model), which the GPU's memory would miss from the KV cache sized before the self-check. `offsets`:
     int4's storage form (quantize_int4.OFFSETS). `kept` False: compiled with verify=False, the search's clips or
     grids were not kept (or were released after the self-check: release_roundings), and the reference cannot round
     the weight again."""

@@ -54,6 +54,32 @@ def test_every_rewritten_op_computes_what_atens_complex_kernels_do():
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
 
 
+class AtensEdges(nn.Module):
+    """What ATen's complex ops do beyond finite values in one dtype: a 0-dim operand that does not promote, infinities
+    times a real (promoted to x + 0i: inf * 0 is NaN), a real first operand whose layout the result keeps (a view of it
+    is valid), and a complex value turned real and back."""
+
+    def forward(self, x, y, t):
+        z = torch.view_as_complex(x.reshape(4, 3, 2))  # complex64 [4, 3]
+        promoted = torch.view_as_real(z * t.double().sum() + z[1, 2].to(torch.complex128))  # complex64 still
+        kept = torch.view_as_real(y * z.transpose(0, 1)).view(12, 2)  # [3, 4] in y's layout
+        again = torch.view_as_real(torch.view_as_complex(torch.view_as_real(z * (1 - 2j))) * 2.5)
+        # ATen lays the product out as z (transposed), where a view back to [12, 2] is valid
+        ordered = torch.view_as_real(z.transpose(0, 1) * z.transpose(0, 1)).transpose(0, 1).view(12, 2)
+        return promoted, kept, again, ordered
+
+
+def test_dtypes_infinities_layouts_as_aten_gives_them():
+    x, y, t = torch.randn(4, 6), torch.randn(3, 4), torch.randn(5)
+    x[0, 1], x[2, 4] = float("inf"), float("-inf")
+    gm = _exported(AtensEdges(), x, y, t)
+    expected = gm(x, y, t)
+    assert complex_as_real_pairs(gm, CompileConfig()).sites == 5 and not _complex_nodes(gm)  # 5 view_as_real
+    for got, want in zip(gm(x, y, t), expected, strict=True):
+        assert got.dtype == want.dtype and got.stride() == want.stride()
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 class ComplexAbs(nn.Module):
     def forward(self, x):
         z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * (1 + 1j)
@@ -63,6 +89,17 @@ class ComplexAbs(nn.Module):
 class ComplexExp(nn.Module):
     def forward(self, x):
         return torch.view_as_real(torch.exp(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))))
+
+
+class RealToComplex(nn.Module):  # a complex value made from a real tensor by a cast
+    def forward(self, x):
+        return torch.view_as_real(x.to(torch.complex64) * (1 + 1j))
+
+
+class ChannelsLast(nn.Module):  # a layout the pairs (one more dimension) do not have
+    def forward(self, x):
+        z = torch.view_as_complex(x.reshape(2, 3, 4, 5, 2)).clone(memory_format=torch.channels_last)
+        return torch.view_as_real(z)
 
 
 class ComplexTableOut(nn.Module):  # a complex buffer the graph returns as it is
@@ -75,8 +112,10 @@ class ComplexTableOut(nn.Module):  # a complex buffer the graph returns as it is
 
 
 def test_a_complex_op_it_does_not_cover_leaves_the_graph_whole():
-    x = torch.randn(4, 8)
-    for module, named in ((ComplexAbs(), "abs"), (ComplexExp(), "exp"), (ComplexTableOut(), "output")):
+    cases = [(ComplexAbs(), "abs", (4, 8)), (ComplexExp(), "exp", (4, 8)), (ComplexTableOut(), "output", (4, 8)),
+             (RealToComplex(), "to.dtype", (4, 8)), (ChannelsLast(), "channels_last", (240,))]  # fmt: skip
+    for module, named, shape in cases:
+        x = torch.randn(shape)
         gm = _exported(module, x)
         expected, before = gm(x), len(gm.graph.nodes)
         result = complex_as_real_pairs(gm, CompileConfig())

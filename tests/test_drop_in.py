@@ -350,3 +350,7 @@ def test_the_compute_dtype_is_the_one_most_weights_hold():
     model.extend([nn.Linear(8, 256).double()])
     assert compute_dtype(model) == torch.float64
     assert compute_dtype(nn.Sequential()) == torch.get_default_dtype()
+    # float8 weights (a checkpoint's) compute in the dtype of the rest
+    fp8 = nn.Sequential(nn.Embedding(64, 8).to(torch.bfloat16), nn.Linear(8, 4096))
+    fp8[1].weight.data = fp8[1].weight.data.to(torch.float8_e4m3fn)
+    assert compute_dtype(fp8) == torch.float32  # the bias (float32) and the embedding (bfloat16): 4,096 against 512

@@ -88,7 +88,7 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     would misreport (and the self-check would hold it to float32's tolerance)."""
     counts: dict[torch.dtype, int] = {}
     for p in model.parameters():
-        if p.is_floating_point():
+        if p.is_floating_point() and p.dtype.itemsize >= 2:  # float8 weights compute in a wider dtype
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     if not counts:  # every weight quantized to integers, or no parameters: the default's
         return torch.get_default_dtype()
