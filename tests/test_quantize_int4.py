@@ -14,12 +14,12 @@ from conftest import random_prompt, tiny_model
 from compiled_llm import compile_model
 from compiled_llm.verify import SelfCheckError
 from custom_ops.linear.int4 import dequantize, fake_quantize, quantize_weight
-from fx_passes import DEFAULT_PIPELINE, PassResult, calibration, register_pass
+from fx_passes import calibration, quantized_reference
 from fx_passes.awq_calibration import fit_grid, search_clip, search_scales
 from fx_passes.calibration import calibration_sequences
 from fx_passes.quantize_int4 import group_size_for, int4_module, rerounded
-from fx_passes import quantized_reference
 from fx_passes.quantized_reference import linear_parts
+from tests.misscaled import pipeline_misscaling
 
 INT4_LINEAR = torch.ops.compiled_llm.int4_linear.default
 # Widths that 128-column groups tile (the tiny models' 64 do not), and 96 for the down projection's input: groups of 32.
@@ -107,20 +107,11 @@ def test_the_reference_rounds_the_module_s_own_weights_to_the_graph_s_tensors_bi
             assert mine.dtype == graph.dtype and torch.equal(mine, graph[first : first + count])
 
 
-@register_pass("test_misscale_an_int4_weight")
-def _misscale_an_int4_weight(gm, config):
-    """A wrong quantization: one int4 weight's scales 10% too large."""
-    name = next(n.args[2].target for n in gm.graph.nodes if n.target is INT4_LINEAR)
-    getattr(gm, name).data *= 1.1
-    return PassResult("test_misscale_an_int4_weight", 1)
-
-
 def test_the_self_check_fails_a_wrongly_scaled_int4_weight(llama_int4):
     """The self-check's reference rounds the module's own weights, so a scale the pass wrote wrongly is not its
     reference's too (the search's results from the fixture's calibration cache)."""
     _, compiled = llama_int4
-    after = DEFAULT_PIPELINE.index("quantize_int4") + 1
-    passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_int4_weight", *DEFAULT_PIPELINE[after:])
+    passes = pipeline_misscaling(INT4_LINEAR, 2, after="quantize_int4")  # one int4 weight's scales
     with pytest.raises(SelfCheckError, match="differs from the module itself"):
         compiled_int4("llama", compiled.config.cache_dir, verify=True, graph_cache=False, passes=passes)
 

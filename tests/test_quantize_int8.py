@@ -9,8 +9,8 @@ from conftest import random_prompt, tiny_model
 
 from compiled_llm import compile_model
 from compiled_llm.verify import SelfCheckError
-from fx_passes import DEFAULT_PIPELINE, PassResult, register_pass
 from fx_passes.quantize_int8 import int8_module, smoothquant_smooth
+from tests.misscaled import pipeline_misscaling
 
 INT8_LINEAR = torch.ops.compiled_llm.int8_linear.default
 
@@ -53,19 +53,10 @@ def test_every_decoder_linear_is_int8_and_matches_the_module_over_the_same_tenso
     assert 0 < ((expected - float_logits).norm() / float_logits.norm()).item() < 0.1  # 8 bits: a few percent
 
 
-@register_pass("test_misscale_an_int8_weight")
-def _misscale_an_int8_weight(gm, config):
-    """A wrong quantization: one int8 weight's scales 10% too large."""
-    name = next(n.args[2].target for n in gm.graph.nodes if n.target is INT8_LINEAR)
-    getattr(gm, name).data *= 1.1
-    return PassResult("test_misscale_an_int8_weight", 1)
-
-
 def test_the_self_check_fails_a_wrongly_scaled_int8_weight(tmp_path):
     """The self-check's reference quantizes the module's own weights, so a scale the pass wrote wrongly is not its
     reference's too."""
-    after = DEFAULT_PIPELINE.index("quantize_int8") + 1
-    passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_int8_weight", *DEFAULT_PIPELINE[after:])
+    passes = pipeline_misscaling(INT8_LINEAR, 2, after="quantize_int8")  # one int8 weight's scales
     with pytest.raises(SelfCheckError, match="differs from the module itself"):
         compiled_int8("llama", tmp_path, verify=True, passes=passes)
 

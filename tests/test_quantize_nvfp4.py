@@ -14,10 +14,10 @@ from conftest import random_prompt, tiny_model
 from compiled_llm import compile_model
 from compiled_llm.verify import SelfCheckError
 from custom_ops.linear.nvfp4 import dequantize, quantize_weight
-from fx_passes import DEFAULT_PIPELINE, PassResult, register_pass
-from fx_passes.quantize_nvfp4 import nvfp4_module, rerounded
 from fx_passes import quantized_reference
+from fx_passes.quantize_nvfp4 import nvfp4_module, rerounded
 from fx_passes.quantized_reference import linear_parts, part_smooth
+from tests.misscaled import pipeline_misscaling
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
 FIELDS = {"compile_backend": "eager", "max_batch_size": 2, "max_seq_len": 64}
@@ -109,21 +109,12 @@ def test_the_reference_rounds_the_module_s_own_weights_to_the_graph_s_tensors_bi
     assert own_scale_differs
 
 
-@register_pass("test_misscale_an_nvfp4_weight")
-def _misscale_an_nvfp4_weight(gm, config):
-    """A wrong quantization: one NVFP4 weight's scales 10% too large (its global scale, float32, by which every block's
-    e4m3 scale is multiplied)."""
-    name = next(n.args[3].target for n in gm.graph.nodes if n.target is NVFP4_LINEAR)
-    getattr(gm, name).data *= 1.1
-    return PassResult("test_misscale_an_nvfp4_weight", 1)
-
-
 def test_the_self_check_fails_a_wrongly_scaled_nvfp4_weight(llama_nvfp4):
     """The self-check's reference rounds the module's own weights, so a scale the pass wrote wrongly is not its
     reference's too (the search's results from the fixture's calibration cache)."""
     _, compiled = llama_nvfp4
-    after = DEFAULT_PIPELINE.index("quantize_nvfp4") + 1
-    passes = (*DEFAULT_PIPELINE[:after], "test_misscale_an_nvfp4_weight", *DEFAULT_PIPELINE[after:])
+    # its global scale (float32), by which every block's e4m3 scale is multiplied
+    passes = pipeline_misscaling(NVFP4_LINEAR, 3, after="quantize_nvfp4")
     with pytest.raises(SelfCheckError, match="differs from the module itself"):
         compile_model(tiny_model("llama"), quantization="nvfp4", verify=True, cache_dir=compiled.config.cache_dir,
                       graph_cache=False, passes=passes, **FIELDS)  # fmt: skip
