@@ -61,8 +61,7 @@ PREFILL_TOKENS = 2
 
 
 # Passes that change how a module computes its positions, which logits it computes or where its KV cache is.
-DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention",
-                    "complex_as_real_pairs")  # fmt: skip
+DROP_IN_REWRITES = ("runtime_positions", "select_logits_rows", "module_kv_cache", "match_explicit_attention")
 
 
 def self_check_wanted(
