@@ -201,9 +201,8 @@ def byte_size(text: str) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from compiled_llm.model_source import convert_model
-
     from compiled_llm.capture.forward_signature import compute_dtype
+    from compiled_llm.model_source import convert_model
 
     loaded = convert_model(args.model, args.out_dir, torch_dtype(args.dtype))
     print(f"wrote {loaded.source} to {args.out_dir} ({compute_dtype(loaded.model)}, "

@@ -163,9 +163,9 @@ REAL_PAIRS = {
     aten.index.Tensor: _same_op,  # indices over the leading dimensions
     # reshape, not view: the pairs of a complex value need not be laid out as ATen laid the value out (the graph is
     # functional: a copy where a view cannot be is the same values)
-    aten.view.default: lambda g, n, p: _reshape(g, n, p),
-    aten.reshape.default: lambda g, n, p: _reshape(g, n, p),
-    aten._unsafe_view.default: lambda g, n, p: _reshape(g, n, p),
+    aten.view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten._unsafe_view.default: _reshape,
     aten.expand.default: lambda g, n, p: _same_op(g, n, p, shape=1),
     aten.permute.default: _permute,
 }

@@ -34,6 +34,7 @@ from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantized_reference import (
     check_kept,
+    divided_smooth,
     linears_computing_as,
     part_smooth,
     rerounding,
@@ -74,10 +75,8 @@ def quantize_int4_parameter(gm: torch.fx.GraphModule, target: str, group_size: i
     if stored:
         quantized, rounding = weight.int4_tensors[:3], None
     else:
-        divided = (
-            None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
-        )
         clip, grid = (getattr(gm, name) if name else None for name in (clip_name, grid_name))
+        divided = divided_smooth(smooth, smooth_rows)
         quantized = quantize_weight(weight, group_size, divided, clip=clip, offsets=OFFSETS, grid=grid)
         rounding = rerounding(clip, grid, OFFSETS, keep_rounding)
     for name, tensor in zip((qweight_name, scales_name, zeros_name), quantized):

@@ -34,7 +34,14 @@ from fx_passes.calibration import calibration_sequences
 from fx_passes.derived_weights import derive, recipe
 from fx_passes.quantize_fp8 import free_name, keep_narrow, linear_weight, quantizable_linears, swap_linear
 from fx_passes.quantize_int4 import drop_calibrated, fused_parts, register_calibrated
-from fx_passes.quantized_reference import check_kept, linears_computing_as, part_smooth, rerounding, rows_of
+from fx_passes.quantized_reference import (
+    check_kept,
+    divided_smooth,
+    linears_computing_as,
+    part_smooth,
+    rerounding,
+    rows_of,
+)
 from fx_passes.registry import PassResult, register_pass
 
 NVFP4_LINEAR = torch.ops.compiled_llm.nvfp4_linear.default
@@ -60,11 +67,6 @@ def quantize_nvfp4_parameter(gm: torch.fx.GraphModule, target: str, stored: bool
     for name, tensor in zip((weight_name, scales_name, global_name), quantized):
         gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     gm.meta.setdefault("nvfp4_weights", []).append((weight, (*quantized, smooth, smooth_rows, rounding)))
-
-
-def divided_smooth(smooth: torch.Tensor | None, smooth_rows: list[int]) -> torch.Tensor | None:
-    """A fused weight's smooth [P, K] as a row for each output channel [N, K] (each part's channels its row)."""
-    return None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
 
 
 @register_pass("quantize_nvfp4")
@@ -162,7 +164,6 @@ def nvfp4_module(model: torch.nn.Module, records: list):
             rows = slice(first, first + count)
             stored = weight[rows], scales[rows], global_scale[rows]
         else:
-            check_kept(rounding, "nvfp4")
             if id(tensors) not in global_scales:
                 global_scales[id(tensors)] = fused_global_scale(wholes[id(tensors)], smooth, smooth_rows)
             stored = rerounded(module.weight, wholes[id(tensors)], tensors, first, count, global_scales[id(tensors)])

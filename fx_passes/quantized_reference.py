@@ -82,6 +82,11 @@ def release_roundings(meta: dict) -> None:
 PartForward = Callable[[torch.nn.Linear, torch.Tensor, tuple, int, int], torch.Tensor]
 
 
+def divided_smooth(smooth: torch.Tensor | None, smooth_rows: list[int]) -> torch.Tensor | None:
+    """A fused weight's smooth [P, K] as a row for each output channel [N, K] (each part's channels its row)."""
+    return None if smooth is None else smooth.repeat_interleave(torch.tensor(smooth_rows, device=smooth.device), 0)
+
+
 def part_smooth(smooth: torch.Tensor | None, smooth_rows: list[int], first: int,
                 count: int) -> tuple[torch.Tensor | None, list[int]]:  # fmt: skip
     """The (smooth, smooth_rows) of the part of a fused 4-bit weight's rows from `first` (`count` of them): its row of
