@@ -279,9 +279,10 @@ def decode_attention(out_dir: str) -> None:
                "v_head_stride", "out_token_stride", "out_head_stride", "out_split_stride", "cache_block_stride",
                "cache_kv_stride", "cache_page_stride", "cache_head_stride", "merged_token_stride",
                "merged_head_stride"}  # fmt: skip
-    for cache, splits in (("bf16", 1), ("fp8e4nv", 1), ("bf16", 4)):
-        # the backend's below triton.ONE_WARP_PROGRAMS_PER_SM programs an SM (4 warps)
-        launch = default_decode_launch(torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn)
+    for cache, splits, one_warp in (("bf16", 1, False), ("fp8e4nv", 1, False), ("bf16", 4, False), ("bf16", 1, True),
+                                    ("fp8e4nv", 1, True)):  # fmt: skip
+        # 4 warps: the backend's below triton.ONE_WARP_PROGRAMS_PER_SM programs an SM; one warp from there (large batches)
+        launch = default_decode_launch(torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn, one_warp=one_warp)
         tile = launch.pop("TILE")
         types = {"out_ptr": "*bf16", "lse_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                  "slot_ptr": "*i64", "cache_ptr": f"*{cache}", "block_table_ptr": "*i32",
@@ -291,11 +292,11 @@ def decode_attention(out_dir: str) -> None:
                       "HEAD_DIM_PADDED": 128, "USE_SOFTCAP": False, "USE_WINDOW": False, "USE_SINKS": False,
                       "IEEE_DOT": False, "NUM_SPLITS": splits, "WRITE_KV": splits > 1, "DECODE": True,
                       "SATURATE_AT": 448.0 if cache != "bf16" else 0.0, "USE_PDL": True, "BLOCK_SIZE": 16,
-                      "MERGE_IN_KERNEL": splits > 1}  # fmt: skip
+                      "MERGE_IN_KERNEL": splits > 1, "IN_PTX": True, "VALUES_IN_PTX": one_warp}  # fmt: skip
         kernel = compile_for_hopper(paged_attention_kernel, types, constexprs, strides, launch.get("num_warps", 4),
                                     launch.get("num_stages", 3))  # fmt: skip
-        report(kernel, f"decode_attention_{cache}_cache" + (f"_{splits}_splits_merged" if splits > 1 else ""), tile,
-               out_dir)  # fmt: skip
+        name = f"decode_attention_{cache}_cache" + (f"_{splits}_splits_merged" if splits > 1 else "")
+        report(kernel, name + ("_one_warp" if one_warp else ""), tile, out_dir)
 
 
 def decode_gemm(out_dir: str) -> None:

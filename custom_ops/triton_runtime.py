@@ -35,8 +35,9 @@ def triton_runs_on(tensor: torch.Tensor) -> bool:
 
 
 def runs_ptx(tensor: torch.Tensor) -> bool:
-    """Whether a kernel over `tensor` may hold inline PTX: on a GPU, where the interpreter runs none."""
-    return tensor.is_cuda and not _INTERPRETER
+    """Whether a kernel over `tensor` may hold inline PTX: on an NVIDIA GPU (not ROCm's), where the interpreter runs
+    none."""
+    return tensor.is_cuda and torch.version.hip is None and not _INTERPRETER
 
 
 # What our kernels take: they compute in float32, so float64 stays with torch.

@@ -405,6 +405,13 @@ def test_a_decode_step_launches_the_tuned_launch_of_its_shape_else_the_default(m
     with monkeypatch.context() as patch:  # this step's 2 x 2 programs on the CPU's 32 SMs as enough for one warp
         patch.setattr(triton, "ONE_WARP_PROGRAMS_PER_SM", 4 / 32)
         assert launch_options() == (triton.KEY_TILE, triton.FP8_CACHE_DECODE_STAGES if fp8 else 3, 1)
+    with monkeypatch.context() as patch:  # on a GPU, the values convert in PTX at one warp only (triton_kernel.py)
+        patch.setattr(triton, "runs_ptx", lambda tensor: True)
+        for share, warps in ((4 / 32, 1), (triton.ONE_WARP_PROGRAMS_PER_SM, 4)):
+            patch.setattr(triton, "ONE_WARP_PROGRAMS_PER_SM", share)
+            triton.triton_paged_attention(out, *args, 0, 0.125, 0, 0.0, None, splits=1)
+            options = kernel.options.pop()
+            assert (options["num_warps"], options["IN_PTX"], options["VALUES_IN_PTX"]) == (warps, True, warps == 1)
     key = triton.split_key(-1, 2, 8, 2, 64, 0, cache_dtype)
     triton.TUNED_DECODE_LAUNCHES[key] = {"TILE": 64, "num_warps": 4, "num_stages": 3}
     assert launch_options() == (64, 3, 4)

@@ -41,7 +41,7 @@ from custom_ops.attention.backends import (
 )
 from custom_ops.attention.kv_cache_write import write_kv_cache_fast
 from custom_ops.attention.paged import saturation_limit
-from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, triton_available
+from custom_ops.triton_runtime import KERNEL_DTYPES, pdl_launch_options, runs_ptx, triton_available
 
 KEY_TILE = 32  # keys per inner-loop step; any block size works, each key looks its block up
 # How a decode step's kernel launches (keys a loop step, and Triton's num_warps / num_stages where given): the
@@ -63,8 +63,9 @@ TUNED_DECODE_LAUNCHES: dict[tuple, dict] = {}
 # write in the kernel lost over an fp8 cache (up to 1.9x slower at 64-256 rows) and tied over a bf16 one.
 ONE_LAUNCH_MAX_SPLITS = 9
 # The untuned decode launch runs one warp a program where a launch has this many programs an SM: p stays in registers
-# (no shared-memory exchange between the two MMAs) and no row work is repeated by 4 warps (42 warp-instructions a key
-# over an fp8 cache against 57, benchmarks/kernel_sass.py), but an SM needs other programs' warps to hide its loads.
+# (no shared-memory exchange between the two MMAs) and no row work is repeated by 4 warps (24 warp-instructions a key
+# over an fp8 cache against 36; 42 against 57 when timed, before e4m3_to_float16 and the base-2 softmax;
+# benchmarks/kernel_sass.py), but an SM needs other programs' warps to hide its loads.
 # On an H100 (session 37, BENCHMARKS.md) at Llama-8B's layer, 192-2,048 keys: 1.26-1.33x at 256 and 512 rows (16 and
 # 31 programs an SM) over an fp8 cache, 1.03-1.07x over a bf16 one; 0.77-0.82x at 64 rows (4 an SM) over an fp8 cache.
 ONE_WARP_PROGRAMS_PER_SM = 8
@@ -245,7 +246,11 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
         SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], DECODE=decode,
-        MERGE_IN_KERNEL=counters is not None, **stages, **pdl,
+        MERGE_IN_KERNEL=counters is not None, IN_PTX=runs_ptx(q),
+        # One warp only: with it the one-warp launch gained 1.09x at 512 rows, but 4 warps lost 4% at 64 rows (H100,
+        # session 40, BENCHMARKS.md), where the converted tile's extra shared-memory round trip and 4-warp barrier
+        # add to each step's latency (the 4-warp launch without it is untimed)
+        VALUES_IN_PTX=runs_ptx(q) and stages.get("num_warps") == 1, **stages, **pdl,
     )  # fmt: skip
     if splits > 1 and counters is None:
         block_d = min(128, triton.next_power_of_2(head_dim))

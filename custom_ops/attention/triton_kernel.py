@@ -26,6 +26,36 @@ def find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr,
             hi = mid
     return lo - 1
 
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def exp2_flushed(x, IN_PTX: tl.constexpr):
+    """2**x. IN_PTX: as one ex2.approx.ftz: Triton's exp2 keeps results below 2**-126 (ex2 without .ftz: a compare and
+    two multiplies around each); a softmax weight there is nothing beside the row's largest, 1."""
+    if IN_PTX:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    return tl.exp2(x)
+
+
+@triton.jit
+def e4m3_to_float16(x, IN_PTX: tl.constexpr):
+    """e4m3 values as float16 (exact). IN_PTX: in PTX of Triton's, four values a register in two instructions, where
+    the values are: Triton moves its own conversion (and pure inline PTX) into the MMA operand's layout, after the
+    shared-memory handoff, so an fp8 value tile, whose MMA operand pairs keys that are a row apart in the cache, left
+    shared memory one byte a load and was repacked (the sm_90a decode loop at one warp: 1,353 instructions for 32 keys;
+    converted first, the float16 tile takes ldmatrix's transposed loads: 918; benchmarks/kernel_sass.py). The
+    interpreter runs no PTX."""
+    if IN_PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4,
+        )  # fmt: skip
+    return x.to(tl.float16)
+
+
 @triton.jit
 def as_cached(x, cache_ptr, SATURATE_AT: tl.constexpr):
     """x as the cache stores it: in its dtype, saturated at SATURATE_AT for fp8 (`to_cache_dtype`)."""
@@ -52,7 +82,11 @@ def paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, IEEE_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr, WRITE_KV: tl.constexpr, SATURATE_AT: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DECODE: tl.constexpr = False, MERGE_IN_KERNEL: tl.constexpr = False,
+    IN_PTX: tl.constexpr = False, VALUES_IN_PTX: tl.constexpr = False,
 ):  # fmt: skip
+    """IN_PTX: the kernel may hold inline PTX (a GPU; the interpreter runs none), see exp2_flushed; VALUES_IN_PTX: an
+    fp8 cache's values convert in PTX (e4m3_to_float16; one-warp launches, triton.py).
+    The softmax runs in base 2 (m and the sinks times log2(e)): a score's weight is one fused multiply-add and one ex2."""
     if USE_PDL:  # everything this kernel reads may be the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -126,7 +160,7 @@ def paged_attention_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     if USE_SINKS:
         if split == 0:  # the sink is a logit with no value: start the softmax from it (in one split only)
-            m = tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")).to(tl.float32)
+            m = tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")).to(tl.float32) * LOG2E
             l = tl.where(row_valid, 1.0, 0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
 
@@ -159,42 +193,47 @@ def paged_attention_kernel(
             s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
-        if FP16_MMA:  # q carries the scale, over q_factor (1 unless q is past float16's range)
-            s = s * q_factor
-        else:
-            s = s * scale
+        # s times to_log2 is the score in base 2; FP16_MMA: q carries the scale, over q_factor (1 unless q is past
+        # float16's range)
+        to_log2 = (q_factor if FP16_MMA else scale) * LOG2E
         if USE_SOFTCAP:
-            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-        allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s * (to_log2 / LOG2E) / softcap) - 1.0)  # softcap * tanh(s / softcap)
+            to_log2 = LOG2E
+        if BLOCK_Q == 1:  # a row's token comes after every key it may see (kv_end): causality is k_valid
+            allowed = k_valid[None, :] & (rows >= 0)[:, None]
+        else:
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         if USE_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(allowed, s, float("-inf"))
 
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_new = tl.maximum(m, tl.max(s, 1) * to_log2)  # to_log2 > 0: the largest score's
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays at 0
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
+        p = exp2_flushed(s * to_log2 - m_safe[:, None], IN_PTX)
+        alpha = exp2_flushed(m - m_safe, IN_PTX)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(
             cache_head + cache_kv_stride + slot[:, None] + dims[None, :],
             mask=cached[:, None] & dim_valid[None, :], other=0.0,
         )  # fmt: skip
+        if FP16_MMA:
+            v = e4m3_to_float16(v, VALUES_IN_PTX)
         if WRITE_KV:
             v_new = tl.load(v_ptr + fresh_rows[:, None] * v_token_stride + kv_head * v_head_stride + dims[None, :],
                             mask=fresh[:, None] & dim_valid[None, :], other=0.0)  # fmt: skip
             v = v.to(q.dtype) + as_cached(v_new, cache_ptr, SATURATE_AT).to(q.dtype)
+        acc = acc * alpha[:, None]
         if IEEE_DOT:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-        acc = acc * alpha[:, None] + pv
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
         m = m_new
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     out_rows = out_ptr + split * out_split_stride + q_rows[:, None] * out_token_stride + head[:, None] * out_head_stride
     tl.store(out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
     if NUM_SPLITS > 1:  # log of this split's softmax mass, for merge_splits_kernel
-        lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+        lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / LOG2E, float("-inf"))
         num_heads = GROUP * (tl.num_programs(1) // HEAD_BLOCKS)
         tl.store(lse_ptr + (split * num_tokens + q_rows) * num_heads + head, lse, mask=row_valid)
         if MERGE_IN_KERNEL:
