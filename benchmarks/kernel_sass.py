@@ -268,8 +268,9 @@ def _mma_study(out_dir: str, e2m1: bool, cases) -> None:
 
 def decode_attention(out_dir: str) -> None:
     """paged_attention_kernel's decode step at Llama-3.1-8B's layer, bf16 and fp8 caches, one split and 4 splits merged
-    by the last program (MERGE_IN_KERNEL); a unit is one key of the loop's tile (its key and value, for the GROUP query
-    heads of a KV head)."""
+    by the last program (MERGE_IN_KERNEL), at 4 warps and at the one warp of large batches, as the backend launches
+    them on a GPU (IN_PTX); a unit is one key of the loop's tile (its key and value, for the GROUP query heads of a KV
+    head)."""
     import torch
 
     from custom_ops.attention.triton import default_decode_launch
