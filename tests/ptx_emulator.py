@@ -1,21 +1,24 @@
 """A lockstep emulator of the PTX that Triton emits, so that a compiled Gluon kernel (which Triton's interpreter cannot
-run) can be checked on the CPU: `run_kernel` compiles a kernel for sm_90a (benchmarks/kernel_sass.py's
-compile_for_hopper, specialized as a launch would be), places its tensors in a flat memory, runs the whole grid and
-copies the tensors back.
+run) can be checked on the CPU, or a Triton kernel's inline PTX: `run_kernel` compiles a kernel for sm_90a
+(benchmarks/kernel_sass.py's compile_for_hopper, specialized as a launch would be), places its tensors in a flat
+memory, runs the whole grid (or each program of a 3-D grid alone) and copies the tensors back.
 
 Every thread of the grid is a lane of one numpy vector and all run each instruction together, so:
-- branches must be uniform over the grid (Triton's loops are); a divergent one raises. Barriers are no-ops, as every
-  store is visible to every thread before the next instruction.
-- warp-wide instructions (mma.sync m16n8k16 row.col with float32 accumulators, stmatrix, shfl.sync.bfly and .idx) take whole
-  warps of 32 lanes and no guard.
-- the PTX subset is the one Triton emits for gluon_int4_kernels.int4_mma_kernel; an instruction outside it (an opcode
+- branches must be uniform over the grid (Triton's loops are), or over a program where each runs alone; a divergent
+  one raises. Barriers are no-ops, as every store is visible to every thread before the next instruction, and so is
+  cp.async's copy (done at once): a race between warps is not seen.
+- warp-wide instructions (mma.sync m16n8k16 row.col with float32 accumulators, ldmatrix, stmatrix, shfl.sync.bfly and
+  .idx) take whole warps of 32 lanes and no guard.
+- the PTX subset is the one Triton emits for gluon_int4_kernels.int4_mma_kernel and the paged-attention decode kernel
+  (tests/test_decode_attention_ptx.py); an instruction outside it (an opcode
   or a modifier) raises NotImplementedError naming it, and an access outside the memory or the shared memory raises
   IndexError: nothing is skipped. (The memory holds the tensors' storages with a gap of 256 bytes or more after each:
   a small overrun reads zeros there rather than raising.)
 - numerics: float32 arithmetic goes through float64 and rounds once to float32 (fma.rn.f32 so rounds twice, which
   differs from the hardware in rare ties); the MMA adds its exact products in float64 (the hardware's order and
   rounding of the additions differ in the last bits); 16-bit pair arithmetic (the decode's fma) must be exact in
-  float32 before its one rounding to 16 bits, else it raises.
+  float32 before its one rounding to 16 bits, else it raises; ex2.approx and div.full round the exact result once (the
+  GPU's approximations are within 2 ulp).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ TYPE_BITS = {"pred": 1, "b8": 8, "u8": 8, "s8": 8, "b16": 16, "u16": 16, "s16": 
              "b32": 32, "u32": 32, "s32": 32, "f32": 32, "f16x2": 32, "bf16x2": 32, "b64": 64, "u64": 64, "s64": 64}  # fmt: skip
 INTEGER_TYPES = {name for name in TYPE_BITS if name[0] in "bus" and name[1:].isdigit()}
 TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
-                torch.int32: "*i32"}  # fmt: skip
+                torch.int32: "*i32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}  # fmt: skip
 # mma.m16n8k16's fragments: (row, column) of each register's low half, per lane (g = lane // 4, t = lane % 4)
 _LANE = np.arange(32)
 _G, _T = _LANE // 4, _LANE % 4
@@ -149,7 +152,9 @@ def parse_entry(ptx: str) -> tuple[list[Instruction], dict[str, int], list[str]]
 class Grid:
     """Every thread of a launch's grid as a lane: registers are uint64 (bool for predicates) vectors over them."""
 
-    def __init__(self, ptx: str, params: list[int], memory: np.ndarray, grid: int, threads: int, shared: int):
+    def __init__(self, ptx: str, params: list[int], memory: np.ndarray, grid: int, threads: int, shared: int,
+                 program_id: tuple[int, int, int] | None = None):  # fmt: skip
+        """`program_id`: run the one program (block) of that (x, y, z) id, `grid` 1."""
         self.program, self.labels, names = parse_entry(ptx)
         # the parameters after the kernel's own: Triton's scratch pointers, unused (run_kernel checks)
         self.params = dict(zip(names, [*params, *[0] * (len(names) - len(params))]))
@@ -163,6 +168,9 @@ class Grid:
         self.specials = {"%tid.x": self.tid, "%ctaid.x": self.ctaid, "%laneid": self.tid % U64(32)}
         for name in ("%tid.y", "%tid.z", "%ctaid.y", "%ctaid.z", "global_smem"):  # global_smem: shared offset 0
             self.specials[name] = np.zeros(lanes, U64)
+        if program_id is not None:
+            for axis, index in zip("xyz", program_id):
+                self.specials[f"%ctaid.{axis}"] = np.full(lanes, index, U64)
 
     def run(self, max_steps: int = 1_000_000) -> None:
         pc = 0
@@ -275,6 +283,9 @@ class Grid:
             self.set(destination, self.value(source), mask, ins.bits)
 
     def op_cvt(self, ins, mask):
+        if ins.opcode in ("cvt.rpi.f32.f32", "cvt.rpi.ftz.f32.f32"):  # rounded up to an integer
+            self.set(ins.args[0], bits_of_f32(np.ceil(flushed(f32_of(self.value(ins.args[1]))))), mask, 32)
+            return
         kinds = [part for part in ins.parts[1:] if part != "rn"]
         if len(kinds) != 2:
             raise unsupported(ins)
@@ -293,8 +304,9 @@ class Grid:
         elif to == "f32" and of in ("bf16", "f16"):
             self.set(destination, bits_of_f32(f32_of_half(self.value(sources[0]), of)), mask, 32)
         elif to == "f32" and of[0] in "us" and ins.parts[1] == "rn":
-            integer = signed(self.value(sources[0]), TYPE_BITS[of]) if of[0] == "s" else self.value(sources[0])
-            self.set(destination, bits_of_f32(mask_bits(integer, TYPE_BITS[of]).astype(np.float32)), mask, 32)
+            source, bits = self.value(sources[0]), TYPE_BITS[of]
+            integer = signed(source, bits) if of[0] == "s" else mask_bits(source, bits)
+            self.set(destination, bits_of_f32(integer.astype(np.float32)), mask, 32)
         elif to[0] in "us" and of[0] in "us" and ins.parts[1] != "rn":
             source = self.value(sources[0])
             extended = signed(source, TYPE_BITS[of]).astype(U64) if of[0] == "s" else mask_bits(source, TYPE_BITS[of])
@@ -328,9 +340,10 @@ class Grid:
             if (exact.astype(np.float32) != exact).any():
                 raise ArithmeticError(f"{ins.opcode}: a result not exact in float32 (its rounding is not emulated)")
             self.set(ins.args[0], half_of_f32(exact.astype(np.float32), ins.type), mask, 16)
-        elif ins.type == "f32" and "f32" in domains and modifiers in ([], ["rn"]):
-            result = function(*(f32_of(self.value(a)).astype(np.float64) for a in ins.args[1:]))
-            self.set(ins.args[0], bits_of_f32(result.astype(np.float32)), mask, 32)
+        elif ins.type == "f32" and "f32" in domains and modifiers in ([], ["rn"], ["ftz"], ["rn", "ftz"]):
+            flush = flushed if "ftz" in modifiers else lambda x: x
+            result = function(*(flush(f32_of(self.value(a))).astype(np.float64) for a in ins.args[1:]))
+            self.set(ins.args[0], bits_of_f32(flush(result.astype(np.float32))), mask, 32)
         elif ins.type in INTEGER_TYPES and "integer" in domains and modifiers in ([], ["lo"], ["wide"]):
             self.set(ins.args[0], function(*self.integers(ins)), mask, 64 if modifiers == ["wide"] else ins.bits)
         else:
@@ -347,6 +360,11 @@ class Grid:
         return [mask_bits(self.value(a), ins.bits).astype(np.int64) for a in ins.args[1:]]
 
     def op_div(self, ins, mask):  # div and rem of integers, as C's (the quotient truncated toward zero)
+        if ins.opcode in ("div.full.f32", "div.rn.f32"):  # div.full: within 2 ulp on the GPU; rounded once here
+            a, b = (f32_of(self.value(x)).astype(np.float64) for x in ins.args[1:3])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self.set(ins.args[0], bits_of_f32((a / b).astype(np.float32)), mask, 32)
+            return
         a, b = self.integer_operands(ins)
         b = np.where(b == 0, 1, b)  # inactive lanes may divide by 0; an active one is undefined in PTX anyway
         quotient = np.abs(a) // np.abs(b) * np.sign(a) * np.sign(b)
@@ -355,7 +373,12 @@ class Grid:
 
     op_rem = op_div
 
-    def op_min(self, ins, mask):  # min and max, of integers
+    def op_min(self, ins, mask):  # min and max, of integers or float32 (a NaN operand gives the other, as PTX's)
+        if ins.opcode in ("min.f32", "max.f32"):
+            a, b = (f32_of(self.value(x)) for x in ins.args[1:3])
+            result = np.fmin(a, b) if ins.parts[0] == "min" else np.fmax(a, b)
+            self.set(ins.args[0], bits_of_f32(result), mask, 32)
+            return
         a, b = self.integer_operands(ins)
         result = np.minimum(a, b) if ins.parts[0] == "min" else np.maximum(a, b)
         self.set(ins.args[0], result.astype(U64), mask, ins.bits)
@@ -408,10 +431,16 @@ class Grid:
         self.set(ins.args[0], result, mask, 32)
 
     def op_bfe(self, ins, mask):
-        if ins.type != "u32":
+        """The field of `length` bits at `position`; .s32 sign-extends it from its top bit (PTX: a field of length 0
+        is 0; the sign comes from bit min(position + length - 1, 31))."""
+        if ins.type not in ("u32", "s32"):
             raise unsupported(ins)
         a, position, length = (mask_bits(self.value(x), 8 if i else 32) for i, x in enumerate(ins.args[1:]))
         field = (a >> np.minimum(position, U64(63))) & ((U64(1) << np.minimum(length, U64(32))) - U64(1))
+        if ins.type == "s32":
+            top = np.minimum(position + length - U64(1), U64(31))
+            sign = ((a >> top) & U64(1)).astype(bool) & (length > 0)
+            field = np.where(sign, field | ~((U64(1) << np.minimum(length, U64(32))) - U64(1)), field)
         self.set(ins.args[0], field, mask, 32)
 
     def op_setp(self, ins, mask):
@@ -428,6 +457,24 @@ class Grid:
             result = compare(*(mask_bits(self.value(x), ins.bits) for x in ins.args[1:3]))
         self.set_predicate(ins.args[0], result, mask)
 
+    def op_abs(self, ins, mask):  # abs and neg of float32: the sign bit
+        if ins.opcode not in ("abs.f32", "neg.f32"):
+            raise unsupported(ins)
+        bits = mask_bits(self.value(ins.args[1]), 32)
+        self.set(ins.args[0], bits & U64(0x7FFFFFFF) if ins.parts[0] == "abs" else bits ^ U64(0x80000000), mask, 32)
+
+    op_neg = op_abs
+
+    def op_ex2(self, ins, mask):
+        """ex2.approx(.ftz).f32: 2**x, rounded once to float32 (the GPU's approximation is within 2 ulp), subnormal
+        inputs and results flushed with .ftz."""
+        if ins.opcode not in ("ex2.approx.f32", "ex2.approx.ftz.f32"):
+            raise unsupported(ins)
+        flush = flushed if "ftz" in ins.parts else lambda x: x
+        with np.errstate(over="ignore"):
+            result = np.exp2(flush(f32_of(self.value(ins.args[1]))).astype(np.float64)).astype(np.float32)
+        self.set(ins.args[0], bits_of_f32(flush(result)), mask, 32)
+
     def op_selp(self, ins, mask):
         destination, a, b, p = ins.args
         self.set(destination, np.where(self.predicate(p), self.value(a), self.value(b)), mask, ins.bits)
@@ -439,7 +486,23 @@ class Grid:
 
     def op_cp(self, ins, mask):
         """cp.async.bulk.prefetch.L2: a hint, so no effect here; but its source must lie in the memory, 16-byte aligned,
-        and its size be a multiple of 16 (PTX's rules for it)."""
+        and its size be a multiple of 16 (PTX's rules for it). cp.async.c[ag].shared.global: the copy at once (in
+        lockstep nothing reads the shared bytes before its wait), the bytes past src-size zeroed; its groups and waits:
+        nothing to do."""
+        if ins.parts[1] == "async" and ins.parts[2] in ("commit_group", "wait_group", "wait_all"):
+            return
+        if ins.parts[1] == "async" and ins.parts[2] in ("ca", "cg") and ins.parts[3:5] == ["shared", "global"]:
+            destination, source, size, *src_size = ins.args
+            size = constant(size)
+            read = self.value(src_size[0]).astype(np.int64) if src_size else np.full(len(self.tid), size)
+            for first in range(0, size, 8):  # in 8-byte pieces: load() and store() hold at most 64 bits
+                piece = min(8, size - first)
+                count = np.clip(read - first, 0, piece).astype(U64)
+                reading = (count > 0) & (True if mask is None else mask)  # a zero src-size reads nothing (masked)
+                value = np.where(reading, self.load("global", self.address(source) + first, piece, reading), U64(0))
+                kept = np.where(count >= 8, ~U64(0), (U64(1) << (U64(8) * np.minimum(count, U64(7)))) - U64(1))
+                self.store("shared", self.address(destination) + first, piece, value & kept, mask)
+            return
         if ins.parts[1:4] != ["async", "bulk", "prefetch"]:
             raise unsupported(ins)
         address, size = self.address(ins.args[0]), self.value(ins.args[1]).astype(np.int64)
@@ -487,6 +550,25 @@ class Grid:
                 at = addresses[:, 8 * j + row] + 2 * column
                 self.store("shared", at.reshape(-1), 2, (values >> U64(16 * half)).reshape(-1), None)
 
+    def op_ldmatrix(self, ins, mask):
+        """stmatrix's inverse: matrix j (8 x 8 16-bit values) to register j, its rows at the addresses of lanes 8 j to
+        8 j + 7; a lane gets (lane // 4, 2 (lane % 4) + half), or that transposed with .trans."""
+        count = int(ins.parts[4][1:])
+        if ins.opcode != f"ldmatrix.sync.aligned.m8n8.x{count}{'.trans' * ('trans' in ins.parts)}.shared.b16":
+            raise unsupported(ins)
+        if mask is not None and not mask.all():
+            raise NotImplementedError(f"a guarded {ins.opcode}")
+        addresses = self.address(ins.args[1]).reshape(-1, 32)
+        for j, register in enumerate(vector(ins.args[0])):
+            value = np.zeros(addresses.shape, U64)
+            for half in range(2):
+                row, column = _G, 2 * _T + half
+                if "trans" in ins.parts:
+                    row, column = column, row
+                at = addresses[:, 8 * j + row] + 2 * column
+                value |= self.load("shared", at.reshape(-1), 2, None).reshape(addresses.shape) << U64(16 * half)
+            self.set(register, value.reshape(-1), None, 32)
+
     def op_mma(self, ins, mask):
         kind = ins.parts[7]
         if ins.opcode != f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" or kind not in ("bf16", "f16"):
@@ -519,6 +601,12 @@ ARITHMETIC = {  # the function (over uint64 or float64 values) and the types it 
 LOGIC = {"and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "not": lambda a: ~a}
 
 
+def flushed(value) -> np.ndarray:
+    """float32 values with subnormals flushed to a zero of their sign (.ftz)."""
+    value = np.asarray(value, np.float32)
+    return np.where(np.abs(value) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), value), value)
+
+
 def vector(operand: str) -> list[str]:
     return [x.strip() for x in operand.strip("{} ").split(",")] if operand.startswith("{") else [operand]
 
@@ -534,22 +622,23 @@ def constant(operand: str) -> int:
 
 
 @functools.cache
-def _compile(fn, types: tuple, constexprs: tuple, multiples_of_16: tuple, num_warps: int) -> tuple[str, int, int]:
+def _compile(fn, types: tuple, constexprs: tuple, multiples_of_16: tuple, num_warps: int,
+             num_stages: int = 3) -> tuple[str, int, int]:  # fmt: skip
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from kernel_sass import compile_for_hopper
 
-    kernel = compile_for_hopper(fn, dict(types), dict(constexprs), multiples_of_16, num_warps)
+    kernel = compile_for_hopper(fn, dict(types), dict(constexprs), multiples_of_16, num_warps, num_stages)
     return kernel.asm["ptx"], kernel.metadata.shared, getattr(kernel.metadata, "global_scratch_size", 0)
 
 
-def run_kernel(fn, grid: int, num_warps: int, args: dict, constexprs: dict, edit_ptx=None) -> None:
-    """fn[(grid,)](**args, **constexprs, num_warps=num_warps) emulated: `args` are the runtime arguments in order
-    (CPU tensors, which get the kernel's writes, and ints); an int 1 becomes a constexpr and a multiple of 16 is
-    specialized, as at a launch. `edit_ptx`: applied to the compiled PTX before it runs (to break a kernel on purpose)."""
-    storages, size = (
-        {},
-        0,
-    )  # data_ptr -> (the storage's bytes, their offset in the memory): a storage passed twice is one
+def run_kernel(fn, grid, num_warps: int, args: dict, constexprs: dict, edit_ptx=None, num_stages: int = 3) -> None:
+    """fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages) emulated: `args` are the runtime
+    arguments in order (CPU tensors, which get the kernel's writes, ints and floats); an int 1 becomes a constexpr and a
+    multiple of 16 is specialized, as at a launch. `grid`: an int runs its programs together (their branches must
+    agree); a tuple (x, y, z) runs each program alone, so each may take its own branches (a loop of its own length).
+    `edit_ptx`: applied to the compiled PTX before it runs (to break a kernel on purpose)."""
+    # data_ptr -> (the storage's bytes, their offset in the memory): a storage passed twice is one
+    storages, size = {}, 0
     for value in args.values():
         if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in storages:
             data = torch.empty(0, dtype=torch.uint8).set_(value.untyped_storage()).numpy()
@@ -564,15 +653,23 @@ def run_kernel(fn, grid: int, num_warps: int, args: dict, constexprs: dict, edit
             params.append(GLOBAL_BASE + offset + value.storage_offset() * value.element_size())
             assert params[-1] % 16 == 0, f"{name}: compile_for_hopper takes every pointer as a multiple of 16"
             types[name] = TRITON_TYPES[value.dtype]
+        elif isinstance(value, float):
+            types[name] = "fp32"
+            params.append(int(bits_of_f32(np.float32(value))))
         elif value == 1:
             constexprs[name] = 1
         else:
             multiples += [name] if value % 16 == 0 else []
             params.append(value & 0xFFFFFFFF)
     ptx, shared, scratch = _compile(fn, tuple(sorted(types.items())), tuple(sorted(constexprs.items())),
-                                    tuple(multiples), num_warps)  # fmt: skip
+                                    tuple(multiples), num_warps, num_stages)  # fmt: skip
     if scratch:
         raise NotImplementedError("the kernel needs global scratch memory")
-    Grid(edit_ptx(ptx) if edit_ptx else ptx, params, memory, grid, 32 * num_warps, shared).run()
+    ptx = edit_ptx(ptx) if edit_ptx else ptx
+    if isinstance(grid, int):
+        Grid(ptx, params, memory, grid, 32 * num_warps, shared).run()
+    else:
+        for program_id in np.ndindex(*grid[::-1]):  # z, y, x
+            Grid(ptx, params, memory, 1, 32 * num_warps, shared, program_id[::-1]).run()
     for data, offset in storages.values():
         data[:] = memory[offset : offset + data.size]
