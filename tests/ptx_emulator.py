@@ -532,42 +532,35 @@ class Grid:
     def warps(self, operand: str) -> np.ndarray:
         return self.value(operand).reshape(-1, 32)
 
-    def op_stmatrix(self, ins, mask):
-        """Matrix j (8 x 8 16-bit values) from register j, its rows at the addresses of lanes 8 j to 8 j + 7; a lane
+    def matrix_fragments(self, ins, mask, rows: str):
+        """ldmatrix's and stmatrix's values: for matrix j (8 x 8 16-bit values in register j, its rows at the addresses
+        of lanes 8 j to 8 j + 7) and each half of a lane's register, (j, half, the value's shared address): the lane
         holds (lane // 4, 2 (lane % 4) + half), or that transposed with .trans."""
         count = int(ins.parts[4][1:])
-        if ins.opcode != f"stmatrix.sync.aligned.m8n8.x{count}{'.trans' * ('trans' in ins.parts)}.shared.b16":
+        if ins.opcode != f"{ins.parts[0]}.sync.aligned.m8n8.x{count}{'.trans' * ('trans' in ins.parts)}.shared.b16":
             raise unsupported(ins)
         if mask is not None and not mask.all():
             raise NotImplementedError(f"a guarded {ins.opcode}")
-        addresses = self.address(ins.args[0]).reshape(-1, 32)
-        for j, register in enumerate(vector(ins.args[1])):
-            values = self.warps(register)
+        addresses = self.address(rows).reshape(-1, 32)
+        for j in range(count):
             for half in range(2):
                 row, column = _G, 2 * _T + half
                 if "trans" in ins.parts:
                     row, column = column, row
-                at = addresses[:, 8 * j + row] + 2 * column
-                self.store("shared", at.reshape(-1), 2, (values >> U64(16 * half)).reshape(-1), None)
+                yield j, half, (addresses[:, 8 * j + row] + 2 * column).reshape(-1)
+
+    def op_stmatrix(self, ins, mask):
+        registers = vector(ins.args[1])
+        for j, half, at in self.matrix_fragments(ins, mask, ins.args[0]):
+            self.store("shared", at, 2, self.value(registers[j]) >> U64(16 * half), None)
 
     def op_ldmatrix(self, ins, mask):
-        """stmatrix's inverse: matrix j (8 x 8 16-bit values) to register j, its rows at the addresses of lanes 8 j to
-        8 j + 7; a lane gets (lane // 4, 2 (lane % 4) + half), or that transposed with .trans."""
-        count = int(ins.parts[4][1:])
-        if ins.opcode != f"ldmatrix.sync.aligned.m8n8.x{count}{'.trans' * ('trans' in ins.parts)}.shared.b16":
-            raise unsupported(ins)
-        if mask is not None and not mask.all():
-            raise NotImplementedError(f"a guarded {ins.opcode}")
-        addresses = self.address(ins.args[1]).reshape(-1, 32)
-        for j, register in enumerate(vector(ins.args[0])):
-            value = np.zeros(addresses.shape, U64)
-            for half in range(2):
-                row, column = _G, 2 * _T + half
-                if "trans" in ins.parts:
-                    row, column = column, row
-                at = addresses[:, 8 * j + row] + 2 * column
-                value |= self.load("shared", at.reshape(-1), 2, None).reshape(addresses.shape) << U64(16 * half)
-            self.set(register, value.reshape(-1), None, 32)
+        registers = vector(ins.args[0])
+        values = [np.zeros(len(self.tid), U64) for _ in registers]
+        for j, half, at in self.matrix_fragments(ins, mask, ins.args[1]):
+            values[j] |= self.load("shared", at, 2, None) << U64(16 * half)
+        for register, value in zip(registers, values):
+            self.set(register, value, None, 32)
 
     def op_mma(self, ins, mask):
         kind = ins.parts[7]
