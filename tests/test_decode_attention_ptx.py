@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import relative_error
 
 import custom_ops  # noqa: F401
 from custom_ops.attention import triton
@@ -47,7 +48,6 @@ def emulated_decode(monkeypatch, cache_dtype, sinks: bool, launch: str = "one wa
     emulated kernel's output, the reference op's and the seed."""
     from custom_ops.attention import triton_kernel
 
-    monkeypatch.syspath_prepend(__file__.rsplit("/", 1)[0])  # ptx_emulator
     monkeypatch.setattr(triton, "runs_ptx", lambda tensor: True)
     kernel = EmulatedKernel(edit_ptx)
     monkeypatch.setattr(triton_kernel, "paged_attention_kernel", kernel)
@@ -62,10 +62,6 @@ def emulated_decode(monkeypatch, cache_dtype, sinks: bool, launch: str = "one wa
     (options,) = kernel.launches
     assert (options["IN_PTX"], options["VALUES_IN_PTX"]) == (True, launch == "one warp")
     return out, expected, seed
-
-
-def relative_error(actual, expected) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 @pytest.mark.parametrize("launch", sorted(LAUNCHES))

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import relative_error
 
 import custom_ops  # noqa: F401
 from custom_ops import LayerAttentionFeatures, planned_step
@@ -17,10 +18,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="flashinfer is not installed"),
 ]
 ops = torch.ops.compiled_llm
-
-
-def relative_error(actual, expected) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def seeded_layer(shape: str, cache_dtype: torch.dtype = torch.bfloat16) -> tuple[int, random.Random, LayerAttentionFeatures]:

@@ -232,6 +232,7 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
     else:
         key_tile, stages = KEY_TILE, {}
     counters = None
+    in_ptx = runs_ptx(q)
     if splits > 1 and one_launch:
         counters = merge_counters(kv_cache, grid[0] * grid[1])
     paged_attention_kernel[grid](
@@ -246,11 +247,11 @@ def triton_paged_attention(out, q, k, v, kv_cache, slot_mapping, block_table, qu
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0, USE_SINKS=sinks is not None,
         IEEE_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, WRITE_KV=write_kv,
         SATURATE_AT=saturation_limit(kv_cache.dtype), BLOCK_SIZE=kv_cache.shape[2], DECODE=decode,
-        MERGE_IN_KERNEL=counters is not None, IN_PTX=runs_ptx(q),
+        MERGE_IN_KERNEL=counters is not None, IN_PTX=in_ptx,
         # One warp only: with it the one-warp launch gained 1.09x at 512 rows, but 4 warps lost 4% at 64 rows (H100,
         # session 40, BENCHMARKS.md), where the converted tile's extra shared-memory round trip and 4-warp barrier
         # add to each step's latency (the 4-warp launch without it is untimed)
-        VALUES_IN_PTX=runs_ptx(q) and stages.get("num_warps") == 1, **stages, **pdl,
+        VALUES_IN_PTX=in_ptx and stages.get("num_warps") == 1, **stages, **pdl,
     )  # fmt: skip
     if splits > 1 and counters is None:
         block_d = min(128, triton.next_power_of_2(head_dim))

@@ -195,12 +195,13 @@ def paged_attention_kernel(
             s = tl.dot(q, k.to(q.dtype))
         # s times to_log2 is the score in base 2; FP16_MMA: q carries the scale, over q_factor (1 unless q is past
         # float16's range)
-        to_log2 = (q_factor if FP16_MMA else scale) * LOG2E
+        s_scale = q_factor if FP16_MMA else scale
+        to_log2 = s_scale * LOG2E
         if USE_SOFTCAP:
-            s = softcap * (2.0 * tl.sigmoid(2.0 * s * (to_log2 / LOG2E) / softcap) - 1.0)  # softcap * tanh(s / softcap)
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s * s_scale / softcap) - 1.0)  # softcap * tanh(s / softcap)
             to_log2 = LOG2E
         if BLOCK_Q == 1:  # a row's token comes after every key it may see (kv_end): causality is k_valid
-            allowed = k_valid[None, :] & (rows >= 0)[:, None]
+            allowed = k_valid[None, :]
         else:
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         if USE_WINDOW:
